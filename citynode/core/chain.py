@@ -1,0 +1,158 @@
+"""Feed chains: where an incoming record fits, and portable proofs of equivocation.
+
+A feed is the chain of records of one (origin, feed) pair: seq 1, 2, 3 ..., each
+record's ``prev`` naming the id of the one before. A node stores each chain
+contiguously from seq 1; its **head** is the highest seq it holds with every seq below
+it held too. Given the head and (when needed) the id held at the record's seq, an
+incoming, already verified record:
+
+* ``EXTENDS`` the chain: ``seq == head.seq + 1`` and ``prev == head.id`` (or seq 1 on
+  an empty chain) -- store it;
+* is a ``DUPLICATE``: we already hold this very id at that seq -- drop it quietly;
+* is ``AHEAD``: ``seq > head.seq + 1`` -- hold it until the gap is fetched;
+* is an ``EQUIVOCATION``: same seq as a held record with a different id, or the next
+  seq with a ``prev`` that is not our head -- the origin signed two histories. The
+  first copy seen stays; the two signed envelopes form a :class:`ForkProof`.
+
+Time never orders records; seq does.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from citynode.core import encoding
+from citynode.core.keys import Verifier
+from citynode.core.records import (
+    DEFAULT_POLICY,
+    Record,
+    RecordPolicy,
+    decode_envelope,
+    open_record,
+)
+from citynode.errors import InvalidProof, InvalidRecord
+
+__all__ = ["Decision", "FeedHead", "ForkProof", "Verdict", "classify", "verify_fork_proof"]
+
+
+class Verdict(enum.Enum):
+    EXTENDS = "extends"
+    DUPLICATE = "duplicate"
+    AHEAD = "ahead"
+    EQUIVOCATION = "equivocation"
+
+
+@dataclass(frozen=True, slots=True)
+class FeedHead:
+    """The highest contiguous record held of one (origin, feed)."""
+
+    seq: int
+    id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a record fits. ``missing`` is the seq range ``(first, last)`` to fetch when
+    ``verdict`` is AHEAD. ``conflicts_with_seq`` names the held seq whose envelope,
+    together with the incoming one, proves an equivocation."""
+
+    verdict: Verdict
+    missing: tuple[int, int] | None = None
+    conflicts_with_seq: int | None = None
+
+
+_EXTENDS = Decision(Verdict.EXTENDS)
+_DUPLICATE = Decision(Verdict.DUPLICATE)
+
+
+def classify(record: Record, head: FeedHead | None, held_id_at_seq: bytes | None) -> Decision:
+    """Decide where a verified ``record`` fits its chain.
+
+    ``head`` is our contiguous head of the record's (origin, feed), or None if we hold
+    none of it. ``held_id_at_seq`` is the id we hold at ``record.seq`` (needed only when
+    ``record.seq <= head.seq``; pass None otherwise). Pure; never raises.
+    """
+    if head is None:
+        if record.seq == 1:
+            return _EXTENDS
+        return Decision(Verdict.AHEAD, missing=(1, record.seq - 1))
+    if record.seq == head.seq + 1:
+        if record.prev == head.id:
+            return _EXTENDS
+        return Decision(Verdict.EQUIVOCATION, conflicts_with_seq=head.seq)
+    if record.seq > head.seq + 1:
+        return Decision(Verdict.AHEAD, missing=(head.seq + 1, record.seq - 1))
+    if held_id_at_seq == record.id:
+        return _DUPLICATE
+    return Decision(Verdict.EQUIVOCATION, conflicts_with_seq=record.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class ForkProof:
+    """Two envelopes signed by one origin that cannot both belong to one chain.
+
+    Either both are at the same seq of the same feed with different ids, or ``b`` is at
+    ``a.seq + 1`` and its ``prev`` is not ``a``'s id. Anyone can check it offline with
+    :func:`verify_fork_proof`; no trust in the node that produced it is needed.
+    """
+
+    a: bytes  # envelope held first
+    b: bytes  # the conflicting envelope
+
+    def encode(self) -> bytes:
+        """Canonical msgpack map ``{"a": bin, "b": bin, "kind": "fork"}``."""
+        return encoding.encode({"kind": "fork", "a": self.a, "b": self.b})
+
+    @staticmethod
+    def decode(data: bytes) -> ForkProof:
+        """Decode a proof's bytes (not yet verified). Raises :class:`InvalidProof`."""
+        try:
+            v: Any = encoding.decode(data, encoding.Limits(max_bytes=140 * 1024))
+        except InvalidRecord as exc:
+            raise InvalidProof(f"fork proof is not canonical msgpack: {exc}") from exc
+        if (
+            type(v) is not dict
+            or set(v) != {"kind", "a", "b"}
+            or v["kind"] != "fork"
+            or type(v["a"]) is not bytes
+            or type(v["b"]) is not bytes
+        ):
+            raise InvalidProof("fork proof must be a map {kind: 'fork', a: bin, b: bin}")
+        return ForkProof(v["a"], v["b"])
+
+
+def verify_fork_proof(
+    proof: ForkProof,
+    verifier: Verifier,
+    *,
+    now_ms: int | None = None,
+    policy: RecordPolicy = DEFAULT_POLICY,
+) -> tuple[Record, Record]:
+    """Check that ``proof`` proves its origin equivocated; return the two records.
+
+    Both envelopes must verify (signature, canonical body); ``now_ms=None`` skips the
+    future-time check, since a proof stays true whenever it is read. Raises
+    :class:`InvalidProof` saying why the proof does not hold.
+    """
+    if now_ms is None:
+        now_ms = 2**62  # no record is "in the future" of this
+    recs = []
+    for name, env in (("a", proof.a), ("b", proof.b)):
+        try:
+            body, sig = decode_envelope(env)
+            recs.append(open_record(body, sig, now_ms=now_ms, verifier=verifier, policy=policy))
+        except InvalidRecord as exc:
+            raise InvalidProof(f"record {name} of the fork proof is invalid: {exc}") from exc
+    a, b = recs
+    if a.origin != b.origin or a.feed != b.feed:
+        raise InvalidProof("the two records are not of the same origin and feed")
+    if a.id == b.id:
+        raise InvalidProof("the two records are the same record")
+    if a.seq == b.seq:
+        return a, b
+    lo, hi = (a, b) if a.seq < b.seq else (b, a)
+    if hi.seq == lo.seq + 1 and hi.prev != lo.id:
+        return a, b
+    raise InvalidProof("the two records can belong to one chain: no equivocation")

@@ -1,0 +1,174 @@
+"""Canonical msgpack: the one encoding of every signed byte in citynode.
+
+Rules (docs/PROTOCOL.md, "Canonical msgpack"):
+
+* map keys are strings, sorted by their UTF-8 bytes, with no duplicates;
+* integers use their shortest msgpack encoding (what msgpack's packer emits);
+* no ext types at all (the timestamp ext included);
+* floats only as float64, never NaN or +-infinity;
+* strings are valid UTF-8 (``str`` family), byte strings are ``bin``;
+* nil, bool, array, map as usual.
+
+:func:`decode` is strict: it decodes, walks the value (types, key order, depth,
+counts), re-encodes and compares bytes. Anything else is an :class:`EncodingError`.
+Every limit is bounded before work proportional to it is done.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from citynode.errors import EncodingError
+
+__all__ = ["DEFAULT_LIMITS", "Limits", "decode", "encode"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied to every decoded value. All counts are per value decoded."""
+
+    max_bytes: int = 64 * 1024
+    max_depth: int = 16
+    max_items: int = 4096  # total of array elements + map entries, all levels
+
+
+DEFAULT_LIMITS = Limits()
+
+# One packer, reused: pack() runs entirely in C under the GIL, so sharing it is safe.
+_pack = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True).pack
+
+
+def _sorted(value: Any, depth: int = 0) -> Any:
+    """Return ``value`` with every map's keys sorted by UTF-8 bytes (recursively)."""
+    if depth > 64:
+        raise EncodingError("value nests too deeply to encode", "too_deep")
+    if isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise EncodingError(f"map key {k!r} is not a string", "non_canonical")
+            items.append((k.encode("utf-8"), k, _sorted(v, depth + 1)))
+        items.sort(key=lambda t: t[0])
+        return {k: v for _, k, v in items}
+    if isinstance(value, (list, tuple)):
+        return [_sorted(v, depth + 1) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EncodingError("NaN and infinity cannot be encoded", "non_canonical")
+    return value
+
+
+def encode(value: Any) -> bytes:
+    """Encode ``value`` canonically. Maps may be given in any key order.
+
+    Raises :class:`EncodingError` if ``value`` holds something the canonical subset
+    does not allow (non-string keys, NaN/infinity, sets, custom objects ...).
+    """
+    try:
+        return _pack(_sorted(value))
+    except EncodingError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodingError(f"value cannot be encoded: {exc}", "non_canonical") from exc
+
+
+_LEAF = frozenset({str, int, bool, bytes, type(None)})
+_SCALAR = _LEAF | {float}
+_INF = math.inf
+_join = "".join
+
+
+def _walk(v: dict[str, Any] | list[Any], depth: int, limits: Limits) -> int:
+    """Check one decoded container against the canonical rules; return its item count.
+
+    Hot path: set-of-types and ``"".join`` tricks keep per-item work in C.
+    """
+    if type(v) is dict:
+        keys = list(v)
+        try:
+            _join(keys)  # TypeError unless every key is a str
+        except TypeError:
+            raise EncodingError("map key is not a string", "non_canonical") from None
+        # Code point order of str equals byte order of their UTF-8 encodings.
+        if keys != sorted(keys):
+            raise EncodingError("map keys are not sorted by their UTF-8 bytes", "non_canonical")
+        vals: Any = v.values()
+    else:
+        vals = v
+    n = len(vals)
+    types = set(map(type, vals))
+    if types <= _LEAF:
+        return n
+    if float in types:
+        for x in vals:
+            if type(x) is float and (x != x or x == _INF or x == -_INF):
+                raise EncodingError("NaN or infinity in a float", "non_canonical")
+        if types <= _SCALAR:
+            return n
+    if depth + 1 >= limits.max_depth:
+        raise EncodingError(f"value nests deeper than {limits.max_depth} levels", "too_deep")
+    for x in vals:
+        tx = type(x)
+        if tx is dict or tx is list:
+            n += _walk(x, depth + 1, limits)
+            if n > limits.max_items:
+                raise EncodingError(f"more than {limits.max_items} items", "too_many_items")
+        elif tx not in _SCALAR:
+            # ExtType, Timestamp, ...
+            raise EncodingError(f"msgpack {tx.__name__} values are not allowed", "non_canonical")
+    return n
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Strictly decode canonical msgpack bytes.
+
+    Returns plain Python values (dict, list, str, bytes, int, float, bool, None).
+    Raises :class:`EncodingError` with a specific ``reason`` when the bytes are too
+    large (``too_large``), nest too deeply (``too_deep``), hold too many items
+    (``too_many_items``), are malformed or truncated (``malformed``), or are valid
+    msgpack but not the canonical encoding (``non_canonical``).
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    if len(data) > limits.max_bytes:
+        raise EncodingError(
+            f"{len(data)} bytes is over the limit of {limits.max_bytes}", "too_large"
+        )
+    try:
+        # Defaults are strict (raw=False, strict_map_key=True) and bound every length
+        # by len(data), which is already bounded; extra keywords cost measurable time.
+        value = msgpack.unpackb(data)
+    except EncodingError:
+        raise
+    except msgpack.ExtraData as exc:
+        raise EncodingError("trailing bytes after the value", "malformed") from exc
+    except UnicodeDecodeError as exc:
+        raise EncodingError("a string is not valid UTF-8", "malformed") from exc
+    except msgpack.StackError as exc:
+        raise EncodingError("value nests too deeply", "too_deep") from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # msgpack raises ValueError for truncated data and size limits, TypeError for
+        # unhashable or non-string map keys.
+        raise EncodingError(f"not valid msgpack: {exc}", "malformed") from exc
+    t = type(value)
+    if t is dict or t is list:
+        if limits.max_depth < 1:
+            raise EncodingError("containers are not allowed here", "too_deep")
+        if _walk(value, 0, limits) > limits.max_items:
+            raise EncodingError(f"more than {limits.max_items} items", "too_many_items")
+    elif t not in _SCALAR:
+        raise EncodingError(f"msgpack {t.__name__} values are not allowed", "non_canonical")
+    elif t is float and (value != value or value in (_INF, -_INF)):
+        raise EncodingError("NaN or infinity in a float", "non_canonical")
+    # The walk proved key order and types; re-encoding proves shortest integer and
+    # length encodings, float64 only, no duplicate keys (a dict would have merged them).
+    if _pack(value) != data:
+        raise EncodingError(
+            "not the canonical encoding (non-shortest integer or length, float32, "
+            "duplicate key, or str/bin mix-up)",
+            "non_canonical",
+        )
+    return value

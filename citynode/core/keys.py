@@ -1,0 +1,241 @@
+"""Node identity and the one place that signs and verifies with Ed25519.
+
+* A node's identity is its Ed25519 public key (32 bytes).
+* A **node id** is the printable form: ``cn1`` followed by lowercase RFC 4648 base32
+  (no padding) of ``public_key || checksum``, where ``checksum`` is the first 3 bytes of
+  ``SHA-256("citynode/node-id/v1" || public_key)``. 59 characters, copy-pasteable,
+  and a typo is caught by the checksum.
+* Every signature is over ``domain || message`` where ``domain`` is a fixed prefix per
+  purpose (records, node cards, HTTP requests, ...), so a signature made for one purpose
+  can never be replayed as another.
+* A secret key can be sealed with a passphrase (Argon2id + XSalsa20-Poly1305 SecretBox).
+  Reading and writing the file is the caller's job; this module only encodes and decodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.pwhash
+import nacl.secret
+import nacl.signing
+import nacl.utils
+
+from citynode.errors import InvalidNodeId, KeyFileError, SignatureError
+
+__all__ = [
+    "DOMAIN_CARD",
+    "DOMAIN_CHECKPOINT",
+    "DOMAIN_RECORD",
+    "DOMAIN_REQUEST",
+    "DOMAIN_VOUCH",
+    "NODE_ID_PREFIX",
+    "SigningKey",
+    "Verifier",
+    "node_id",
+    "parse_node_id",
+    "seal_secret_key",
+    "unseal_secret_key",
+    "verify",
+]
+
+NODE_ID_PREFIX = "cn1"
+_ID_CHECKSUM_DOMAIN = b"citynode/node-id/v1"
+
+DOMAIN_RECORD = b"citynode/record/v1\x00"
+DOMAIN_CARD = b"citynode/card/v1\x00"
+DOMAIN_REQUEST = b"citynode/request/v1\x00"
+DOMAIN_CHECKPOINT = b"citynode/checkpoint/v1\x00"
+DOMAIN_VOUCH = b"citynode/vouch/v1\x00"
+
+
+def _checksum(public_key: bytes) -> bytes:
+    return hashlib.sha256(_ID_CHECKSUM_DOMAIN + public_key).digest()[:3]
+
+
+def node_id(public_key: bytes) -> str:
+    """Return the printable node id of a 32-byte Ed25519 public key."""
+    if len(public_key) != 32:
+        raise InvalidNodeId(f"a public key is 32 bytes, not {len(public_key)}")
+    raw = public_key + _checksum(public_key)
+    return NODE_ID_PREFIX + base64.b32encode(raw).decode("ascii").lower()
+
+
+def parse_node_id(text: str) -> bytes:
+    """Return the 32-byte public key a node id stands for.
+
+    Raises :class:`InvalidNodeId` (with what is wrong) if the id is malformed or its
+    checksum does not match (a typo or a truncated copy).
+    """
+    if not isinstance(text, str):
+        raise InvalidNodeId("a node id is a string")
+    s = text.strip()
+    if not s.startswith(NODE_ID_PREFIX):
+        raise InvalidNodeId(f"node id {s[:16]!r}... does not start with {NODE_ID_PREFIX!r}")
+    body = s[len(NODE_ID_PREFIX) :]
+    if len(body) != 56:
+        raise InvalidNodeId(
+            f"node id has {len(s)} characters, expected 59: was it copied whole?"
+        )
+    try:
+        raw = base64.b32decode(body.upper(), casefold=False)
+    except (ValueError, base64.binascii.Error) as exc:  # type: ignore[attr-defined]
+        raise InvalidNodeId("node id holds characters outside a-z and 2-7") from exc
+    key, check = raw[:32], raw[32:]
+    if _checksum(key) != check:
+        raise InvalidNodeId("node id checksum does not match: check it for a typo")
+    return key
+
+
+class SigningKey:
+    """A node's Ed25519 secret key. The only object in citynode that signs."""
+
+    __slots__ = ("_sk", "public_key")
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise KeyFileError(f"a secret key seed is 32 bytes, not {len(seed)}")
+        self._sk = nacl.signing.SigningKey(seed)
+        self.public_key: bytes = bytes(self._sk.verify_key)
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        """A new random key (from the OS CSPRNG via libsodium)."""
+        return cls(nacl.utils.random(32))
+
+    @property
+    def seed(self) -> bytes:
+        """The 32-byte secret seed. Handle with care: whoever has it can sign as us."""
+        return bytes(self._sk)
+
+    @property
+    def node_id(self) -> str:
+        return node_id(self.public_key)
+
+    def sign(self, domain: bytes, message: bytes) -> bytes:
+        """Return the 64-byte Ed25519 signature of ``domain || message``."""
+        return self._sk.sign(domain + message).signature
+
+    def x25519_secret(self) -> bytes:
+        """The X25519 secret key derived from this Ed25519 key (for sealed payloads)."""
+        return nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
+            self.seed + self.public_key
+        )
+
+    def __repr__(self) -> str:  # never print the seed
+        return f"SigningKey({self.node_id})"
+
+
+def verify(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> None:
+    """Check an Ed25519 signature over ``domain || message``.
+
+    Raises :class:`SignatureError` if the key is malformed or the signature fails.
+    """
+    try:
+        nacl.signing.VerifyKey(public_key).verify(domain + message, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError) as exc:
+        raise SignatureError("signature does not verify against the origin key") from exc
+
+
+_sign_open = nacl.bindings.crypto_sign_open
+
+
+class Verifier:
+    """Verifies Ed25519 signatures with libsodium's ``crypto_sign_open``.
+
+    This is the lowest-overhead verification PyNaCl offers (``VerifyKey.verify`` adds
+    Python-level checks and copies around the same call). Kept as a class so a node has
+    one place to count verifications.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def verify(self, public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> None:
+        """As :func:`verify`; raises :class:`SignatureError`."""
+        self.count += 1
+        if len(signature) != 64 or len(public_key) != 32:
+            raise SignatureError("signature does not verify against the origin key")
+        try:
+            _sign_open(signature + domain + message, public_key)
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError) as exc:
+            raise SignatureError("signature does not verify against the origin key") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Secret key files (encoding only; the caller reads and writes the file)
+
+_KEY_HEADER = "citynode-secret-key-v1"
+
+
+def seal_secret_key(
+    seed: bytes,
+    passphrase: str | None,
+    *,
+    opslimit: int = nacl.pwhash.argon2id.OPSLIMIT_MODERATE,
+    memlimit: int = nacl.pwhash.argon2id.MEMLIMIT_MODERATE,
+) -> bytes:
+    """Encode a secret seed as the text of a key file, sealed if a passphrase is given.
+
+    Plain:  ``citynode-secret-key-v1 plain <base64 seed>``
+    Sealed: ``citynode-secret-key-v1 argon2id <opslimit> <memlimit> <b64 salt> <b64 box>``
+    where ``box`` is a SecretBox (nonce included) of the seed under the Argon2id key.
+    """
+    b64 = base64.b64encode
+    if not passphrase:
+        return f"{_KEY_HEADER} plain {b64(seed).decode()}\n".encode()
+    salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+    key = nacl.pwhash.argon2id.kdf(
+        nacl.secret.SecretBox.KEY_SIZE, passphrase.encode(), salt, opslimit, memlimit
+    )
+    box = nacl.secret.SecretBox(key).encrypt(seed)
+    return (
+        f"{_KEY_HEADER} argon2id {opslimit} {memlimit} {b64(salt).decode()} "
+        f"{b64(bytes(box)).decode()}\n"
+    ).encode()
+
+
+def unseal_secret_key(text: bytes, passphrase: str | None) -> bytes:
+    """Decode the text of a key file into the 32-byte seed.
+
+    Raises :class:`KeyFileError` if the file is not a citynode key, is corrupt, needs
+    a passphrase that was not given, or the passphrase is wrong.
+    """
+    try:
+        parts = text.decode("ascii").split()
+    except UnicodeDecodeError as exc:
+        raise KeyFileError("key file is not a citynode secret key") from exc
+    if len(parts) < 3 or parts[0] != _KEY_HEADER:
+        raise KeyFileError("key file is not a citynode secret key")
+    try:
+        if parts[1] == "plain" and len(parts) == 3:
+            seed = base64.b64decode(parts[2], validate=True)
+        elif parts[1] == "argon2id" and len(parts) == 6:
+            if not passphrase:
+                raise KeyFileError(
+                    "the key is protected by a passphrase: set CITYNODE_PASSPHRASE"
+                )
+            ops, mem = int(parts[2]), int(parts[3])
+            if not (1 <= ops <= 64 and 8192 <= mem <= 4 * 1024**3):
+                raise KeyFileError("key file has out-of-range Argon2id parameters")
+            salt = base64.b64decode(parts[4], validate=True)
+            box = base64.b64decode(parts[5], validate=True)
+            key = nacl.pwhash.argon2id.kdf(
+                nacl.secret.SecretBox.KEY_SIZE, passphrase.encode(), salt, ops, mem
+            )
+            try:
+                seed = nacl.secret.SecretBox(key).decrypt(box)
+            except nacl.exceptions.CryptoError as exc:
+                raise KeyFileError("wrong passphrase for the key file") from exc
+        else:
+            raise KeyFileError("key file is not a citynode secret key")
+    except (ValueError, nacl.exceptions.ValueError) as exc:
+        raise KeyFileError(f"key file is corrupt: {exc}") from exc
+    if len(seed) != 32:
+        raise KeyFileError("key file is corrupt: the seed is not 32 bytes")
+    return seed

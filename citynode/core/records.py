@@ -1,0 +1,348 @@
+"""Signed records: the body, the envelope, the record id, and verification.
+
+A record body is a canonical msgpack map (docs/PROTOCOL.md, "Record body")::
+
+    data        map       the payload (checked against ``type``)
+    dataschema  str       optional, URI of the payload's schema (CloudEvents name)
+    feed        str       feed name, ``[a-z0-9][a-z0-9._-]{0,63}``
+    origin      bin(32)   the signing node's Ed25519 public key
+    prev        bin(32)   id of the record at ``seq - 1``; absent when ``seq == 1``
+    seq         int       1, 2, 3 ... per (origin, feed)
+    subject     str       optional, what the record is about (a station id ...)
+    time        int       milliseconds since the Unix epoch, UTC
+    type        str       payload type (core/types.py)
+    version     int       body format version, 1
+
+The envelope is the canonical msgpack array ``[body: bin, signature: bin(64)]``. The
+signature is Ed25519 over ``DOMAIN_RECORD || body`` -- the body bytes exactly as sent,
+never a re-encoding. The record id is ``SHA-256(body)``, so no change to a signature can
+change an id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from citynode.core import encoding
+from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
+from citynode.core.types import validate_payload
+from citynode.errors import EncodingError, InvalidRecord
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DEFAULT_FUTURE_TOLERANCE_MS",
+    "Record",
+    "RecordPolicy",
+    "check_feed_name",
+    "decode_envelope",
+    "encode_envelope",
+    "make_body",
+    "open_record",
+    "record_id",
+    "sign_record",
+]
+
+FORMAT_VERSION = 1
+DEFAULT_FUTURE_TOLERANCE_MS = 15 * 60 * 1000
+MAX_SEQ = 2**63 - 1
+_FEED_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_REQUIRED = frozenset({"data", "feed", "origin", "seq", "time", "type", "version"})
+_OPTIONAL = frozenset({"dataschema", "prev", "subject"})
+_ALLOWED = _REQUIRED | _OPTIONAL
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPolicy:
+    """What a verifier accepts. ``now_ms`` is not here: time is passed per call."""
+
+    body_limits: encoding.Limits = encoding.DEFAULT_LIMITS
+    future_tolerance_ms: int = DEFAULT_FUTURE_TOLERANCE_MS
+    check_payload: bool = True
+
+
+DEFAULT_POLICY = RecordPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A verified record. Only :func:`open_record` and :func:`sign_record` make them."""
+
+    id: bytes
+    body: bytes
+    sig: bytes
+    origin: bytes
+    feed: str
+    seq: int
+    prev: bytes | None
+    time: int
+    type: str
+    data: Any = field(repr=False)
+    subject: str | None = None
+    dataschema: str | None = None
+
+    @property
+    def envelope(self) -> bytes:
+        """The canonical envelope bytes ``[body, sig]``."""
+        return encode_envelope(self.body, self.sig)
+
+    def fields(self) -> dict[str, Any]:
+        """The decoded body as a dict (a fresh copy)."""
+        out: dict[str, Any] = {
+            "version": FORMAT_VERSION,
+            "origin": self.origin,
+            "feed": self.feed,
+            "seq": self.seq,
+            "time": self.time,
+            "type": self.type,
+            "data": self.data,
+        }
+        if self.prev is not None:
+            out["prev"] = self.prev
+        if self.subject is not None:
+            out["subject"] = self.subject
+        if self.dataschema is not None:
+            out["dataschema"] = self.dataschema
+        return out
+
+
+def record_id(body: bytes) -> bytes:
+    """The record id: SHA-256 of the body bytes."""
+    return hashlib.sha256(body).digest()
+
+
+def check_feed_name(feed: str) -> str:
+    """Return ``feed`` if it is a valid feed name, else raise :class:`InvalidRecord`."""
+    if not isinstance(feed, str) or not _FEED_RE.fullmatch(feed):
+        raise InvalidRecord(
+            f"feed name {feed!r} is invalid: use 1-64 of a-z 0-9 . _ - (starting with a "
+            "letter or digit)",
+            "bad_field",
+        )
+    return feed
+
+
+def encode_envelope(body: bytes, sig: bytes) -> bytes:
+    """The canonical envelope: msgpack array of two bins."""
+    return encoding.encode([body, sig])
+
+
+def decode_envelope(
+    data: bytes, limits: encoding.Limits = encoding.DEFAULT_LIMITS
+) -> tuple[bytes, bytes]:
+    """Split canonical envelope bytes into ``(body, sig)``.
+
+    The envelope is exactly: ``0x92``, the body as bin with the shortest header
+    (``c4 LL`` / ``c5 LLLL`` / ``c6 LLLLLLLL``), then ``c4 40`` and the 64-byte signature.
+    Raises :class:`EncodingError` for anything else or a body over ``limits.max_bytes``.
+    """
+    n = len(data)
+    if n < 70 or data[0] != 0x92:
+        raise EncodingError("an envelope is a msgpack array [body, signature]", "bad_envelope")
+    tag = data[1]
+    if tag == 0xC4:
+        blen, start = data[2], 3
+    elif tag == 0xC5:
+        blen, start = int.from_bytes(data[2:4], "big"), 4
+        if blen < 0x100:
+            raise EncodingError("envelope body length is not in its shortest form")
+    elif tag == 0xC6:
+        blen, start = int.from_bytes(data[2:6], "big"), 6
+        if blen < 0x10000:
+            raise EncodingError("envelope body length is not in its shortest form")
+    else:
+        raise EncodingError("envelope body must be msgpack bin", "bad_envelope")
+    if blen > limits.max_bytes:
+        raise EncodingError(f"body of {blen} bytes is over the limit of {limits.max_bytes}",
+                            "too_large")
+    end = start + blen
+    if n != end + 66 or data[end] != 0xC4 or data[end + 1] != 64:
+        raise EncodingError(
+            "envelope must end with the 64-byte signature as bin, and nothing after it",
+            "bad_envelope",
+        )
+    return data[start:end], data[end + 2 :]
+
+
+def split_envelope(env: Any) -> tuple[bytes, bytes]:
+    """Check an already-decoded envelope value and return ``(body, sig)``."""
+    if type(env) is not list or len(env) != 2:
+        raise EncodingError("an envelope is an array [body, signature]", "bad_envelope")
+    body, sig = env
+    if type(body) is not bytes or type(sig) is not bytes:
+        raise EncodingError("envelope body and signature must be bin", "bad_envelope")
+    if len(sig) != 64:
+        raise EncodingError(f"signature is {len(sig)} bytes, not 64", "bad_envelope")
+    return body, sig
+
+
+def _fail(msg: str, reason: str = "bad_field") -> InvalidRecord:
+    return InvalidRecord(msg, reason)
+
+
+def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, Any]:
+    """Strictly decode a body and check its fields' presence and types (no signature,
+    no time, no payload checks). Raises :class:`InvalidRecord`."""
+    fields = encoding.decode(body, policy.body_limits)
+    if type(fields) is not dict:
+        raise EncodingError("a record body is a map", "bad_field")
+    version = fields.get("version")
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise _fail(
+            f"unknown body format version {version!r}: this node reads version "
+            f"{FORMAT_VERSION}; upgrade citynode if the origin is newer",
+            "unknown_version",
+        )
+    keys = fields.keys()
+    if not _REQUIRED <= keys:
+        missing = ", ".join(sorted(_REQUIRED - keys))
+        raise _fail(f"body lacks required field(s): {missing}", "missing_field")
+    if not keys <= _ALLOWED:
+        extra = ", ".join(sorted(keys - _ALLOWED))
+        raise _fail(f"body has unknown field(s): {extra}", "unknown_field")
+    origin = fields["origin"]
+    if type(origin) is not bytes or len(origin) != 32:
+        raise _fail("origin must be a 32-byte public key")
+    check_feed_name(fields["feed"])
+    seq = fields["seq"]
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        raise _fail(f"seq must be an integer from 1, not {seq!r}")
+    prev = fields.get("prev")
+    if seq == 1:
+        if prev is not None:
+            raise _fail("the first record of a feed (seq 1) has no prev", "bad_prev")
+    elif type(prev) is not bytes or len(prev) != 32:
+        raise _fail(f"record at seq {seq} must carry prev, the 32-byte id of seq {seq - 1}",
+                    "bad_prev")
+    t = fields["time"]
+    if type(t) is not int or t < 0:
+        raise _fail("time must be a non-negative integer (milliseconds since the epoch)")
+    if type(fields["type"]) is not str or not fields["type"]:
+        raise _fail("type must be a non-empty string")
+    if type(fields["data"]) is not dict:
+        raise _fail("data (the payload) must be a map")
+    for opt in ("subject", "dataschema"):
+        if opt in fields and (type(fields[opt]) is not str or not 0 < len(fields[opt]) <= 512):
+            raise _fail(f"{opt} must be a string of 1 to 512 characters")
+    return fields
+
+
+def _check_time(t: int, now_ms: int, policy: RecordPolicy) -> None:
+    if t > now_ms + policy.future_tolerance_ms:
+        raise InvalidRecord(
+            f"record is dated {(t - now_ms) // 1000} s in the future (tolerance "
+            f"{policy.future_tolerance_ms // 1000} s): check the origin's clock",
+            "future_time",
+        )
+
+
+def _build(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any]) -> Record:
+    return Record(
+        rid,
+        body,
+        sig,
+        f["origin"],
+        f["feed"],
+        f["seq"],
+        f.get("prev"),
+        f["time"],
+        f["type"],
+        f["data"],
+        f.get("subject"),
+        f.get("dataschema"),
+    )
+
+
+def open_record(
+    body: bytes,
+    sig: bytes,
+    *,
+    now_ms: int,
+    verifier: Verifier,
+    policy: RecordPolicy = DEFAULT_POLICY,
+    rid: bytes | None = None,
+) -> Record:
+    """Verify a record completely and return it.
+
+    Checks, in order: strict canonical decoding within limits, body fields, time not
+    too far in the future of ``now_ms``, the payload against its type, and the
+    signature over ``DOMAIN_RECORD || body`` by ``origin``. ``rid`` may be passed if
+    the caller already hashed the body. Raises :class:`InvalidRecord` (or a subclass)
+    with a specific ``reason``; nothing else.
+    """
+    if type(sig) is not bytes or len(sig) != 64:
+        raise EncodingError("signature must be 64 bytes", "bad_envelope")
+    f = parse_body(body, policy)
+    _check_time(f["time"], now_ms, policy)
+    if policy.check_payload:
+        validate_payload(f["type"], f["data"])
+    verifier.verify(f["origin"], DOMAIN_RECORD, body, sig)
+    return _build(rid if rid is not None else record_id(body), body, sig, f)
+
+
+def make_body(
+    *,
+    origin: bytes,
+    feed: str,
+    seq: int,
+    prev: bytes | None,
+    time_ms: int,
+    type: str,
+    data: dict[str, Any],
+    subject: str | None = None,
+    dataschema: str | None = None,
+) -> bytes:
+    """Encode a record body canonically (no signing). Raises :class:`InvalidRecord`
+    if a field or the payload is invalid, so nothing invalid is ever signed."""
+    fields: dict[str, Any] = {
+        "version": FORMAT_VERSION,
+        "origin": origin,
+        "feed": feed,
+        "seq": seq,
+        "time": time_ms,
+        "type": type,
+        "data": data,
+    }
+    if prev is not None:
+        fields["prev"] = prev
+    if subject is not None:
+        fields["subject"] = subject
+    if dataschema is not None:
+        fields["dataschema"] = dataschema
+    body = encoding.encode(fields)
+    parse_body(body)  # same checks a receiver makes: never sign what others reject
+    validate_payload(type, data)
+    return body
+
+
+def sign_record(
+    key: SigningKey,
+    *,
+    feed: str,
+    seq: int,
+    prev: bytes | None,
+    time_ms: int,
+    type: str,
+    data: dict[str, Any],
+    subject: str | None = None,
+    dataschema: str | None = None,
+) -> Record:
+    """Build, validate and sign a record of ``key``'s node. Raises :class:`InvalidRecord`
+    (typically :class:`PayloadError`) if the payload does not match ``type``."""
+    body = make_body(
+        origin=key.public_key,
+        feed=feed,
+        seq=seq,
+        prev=prev,
+        time_ms=time_ms,
+        type=type,
+        data=data,
+        subject=subject,
+        dataschema=dataschema,
+    )
+    sig = key.sign(DOMAIN_RECORD, body)
+    f = encoding.decode(body)
+    return _build(record_id(body), body, sig, f)
+

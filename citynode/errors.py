@@ -1,0 +1,139 @@
+"""The one error tree of citynode.
+
+Every error citynode raises on purpose is a :class:`CitynodeError`. Errors from the
+libraries underneath (msgpack, PyNaCl, sqlite3, aiohttp, ...) are caught where they
+enter and re-raised as one of these with ``raise ... from exc``, so callers handle one
+tree and users see one clear line.
+
+::
+
+    CitynodeError                    base; ``str(err)`` is one line a human can act on
+    ├── InvalidRecord                bytes from outside failed verification (``.reason``)
+    │   ├── EncodingError            not canonical msgpack, or over a size/depth/count limit
+    │   ├── SignatureError           the Ed25519 signature does not verify
+    │   ├── PayloadError             the payload does not match its record type
+    │   └── ChainError               the record does not fit the feed chain (wrong prev, ...)
+    ├── InvalidProof                 a fork / split-view / Merkle proof does not hold
+    ├── InvalidNodeId                a node id is malformed or has a bad checksum
+    ├── KeyFileError                 a key file is unreadable, too open, or the passphrase is wrong
+    ├── ConfigError                  node.toml has an unknown key, wrong type or bad value
+    ├── StorageError                 the database cannot be opened, migrated or written
+    ├── PublishRefused               this node will not sign on a feed right now (see message)
+    ├── AccessDenied                 the caller may not read or write this
+    └── PeerError                    talking to another node failed
+        └── PeerRejected             the other node answered with an error status
+
+``InvalidRecord.reason`` is a short stable code (``"bad_signature"``, ``"non_canonical"``,
+``"future_time"``, ...) used for metrics and logs; the message says what was wrong.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "ChainError",
+    "CitynodeError",
+    "ConfigError",
+    "EncodingError",
+    "InvalidNodeId",
+    "InvalidProof",
+    "InvalidRecord",
+    "KeyFileError",
+    "PayloadError",
+    "PeerError",
+    "PeerRejected",
+    "PublishRefused",
+    "SignatureError",
+    "StorageError",
+]
+
+
+class CitynodeError(Exception):
+    """Base of every error citynode raises on purpose."""
+
+
+class InvalidRecord(CitynodeError):
+    """A record, envelope or protocol message from outside failed verification.
+
+    Nothing that raised this was stored or forwarded. ``reason`` is a stable short code
+    (for metrics and the rejected-input log); the message explains it to a human.
+    """
+
+    default_reason = "invalid"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason: str = reason or self.default_reason
+
+
+class EncodingError(InvalidRecord):
+    """The bytes are not canonical msgpack as PROTOCOL.md defines it, or exceed a limit."""
+
+    default_reason = "non_canonical"
+
+
+class SignatureError(InvalidRecord):
+    """The signature does not verify against the origin key: the bytes were altered,
+    or the record was not signed by the node it claims to come from."""
+
+    default_reason = "bad_signature"
+
+
+class PayloadError(InvalidRecord):
+    """The payload does not satisfy its record type (a required field is missing,
+    a value has the wrong type or unit). Fix the data at its source and publish again."""
+
+    default_reason = "bad_payload"
+
+
+class ChainError(InvalidRecord):
+    """The record does not fit its feed chain (for example its ``prev`` does not match
+    the record held at ``seq - 1``)."""
+
+    default_reason = "bad_chain"
+
+
+class InvalidProof(CitynodeError):
+    """A fork proof, split-view proof or Merkle proof does not prove what it claims."""
+
+
+class InvalidNodeId(CitynodeError, ValueError):
+    """A node id is malformed: check that it was copied whole (it starts with ``cn1``)."""
+
+
+class KeyFileError(CitynodeError):
+    """A key or token file cannot be used: missing, unreadable, readable by others
+    (run ``chmod 600`` on it), corrupt, or the passphrase is wrong."""
+
+
+class ConfigError(CitynodeError):
+    """The configuration is wrong; the message names the file and the key."""
+
+
+class StorageError(CitynodeError):
+    """The database cannot be opened, migrated or written (disk full, permissions,
+    a newer schema than this version of citynode understands)."""
+
+
+class PublishRefused(CitynodeError):
+    """This node will not sign on the feed now, to avoid ever signing two different
+    records with the same seq (for example, a partner holds newer records of ours
+    than we do, as after a restore from an old backup)."""
+
+
+class AccessDenied(CitynodeError):
+    """The caller is not allowed to do this (wrong operator token, not a partner,
+    not a recipient of a restricted feed, stale or replayed request signature)."""
+
+
+class PeerError(CitynodeError):
+    """Talking to another node failed (unreachable, TLS fingerprint mismatch, timeout,
+    or an answer that does not follow the protocol)."""
+
+
+class PeerRejected(PeerError):
+    """The other node answered with an error status; ``status`` holds the HTTP code."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
