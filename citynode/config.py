@@ -1,0 +1,729 @@
+"""node.toml: load, validate and render the node configuration.
+
+A node's configuration is one TOML file (``DIR/node.toml``, written by ``citynode init``).
+:func:`load_config` reads it into frozen dataclasses. It is strict on purpose, because a
+typo in a limit or an access rule must not silently fall back to a default:
+
+* an unknown section or key is a :class:`ConfigError` with a did-you-mean suggestion;
+* a value of the wrong type is a :class:`ConfigError` (``true`` is not an integer, and
+  ``"64k"`` is not one either);
+* values are range-checked, URLs must be ``http``/``https``, ``listen`` must be
+  ``"HOST:PORT"``, node ids must carry a valid checksum, feed names must be valid.
+
+Every message names the file and the key, e.g.
+``node.toml: [limits] max_body_bytes: expected an integer, got "64k"``.
+
+The schema lives in one table (``_SCHEMA``) that drives loading *and*
+:func:`render_config`, so the commented file ``init`` writes can never drift from what
+the loader accepts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from citynode.core.keys import node_id, parse_node_id
+from citynode.core.records import check_feed_name
+from citynode.errors import ConfigError, InvalidNodeId, InvalidRecord
+
+__all__ = [
+    "ACCEPT_POLICIES",
+    "ACCESS_KINDS",
+    "FEEDS_MARKER",
+    "CheckpointsConfig",
+    "Config",
+    "FederationConfig",
+    "FeedConfig",
+    "LimitsConfig",
+    "LogConfig",
+    "NodeConfig",
+    "TlsConfig",
+    "is_dns_name",
+    "load_config",
+    "parse_config",
+    "render_config",
+    "split_listen",
+]
+
+ACCEPT_POLICIES = ("partners", "vouched", "any")
+ACCESS_KINDS = ("public", "partners", "restricted")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "json", "text")
+
+DEFAULT_LISTEN = "127.0.0.1:8443"
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+
+
+# ---------------------------------------------------------------------------------------
+# The dataclasses callers use
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """``[node]``: who this node is and where it listens."""
+
+    name: str
+    listen: str = DEFAULT_LISTEN
+    public_url: str = "https://" + DEFAULT_LISTEN
+    hosts: tuple[str, ...] = DEFAULT_HOSTS
+
+    @property
+    def listen_host(self) -> str:
+        """The host part of ``listen`` (IPv6 without brackets)."""
+        return split_listen(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        """The port part of ``listen`` (0 lets the OS choose one)."""
+        return split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[tls]``: serve HTTPS ourselves, or plaintext behind a reverse proxy."""
+
+    enabled: bool = True
+    trusted_proxy: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: bounds on everything a peer or client can make us hold or do."""
+
+    max_body_bytes: int = 65536
+    max_request_bytes: int = 8388608
+    max_batch_records: int = 1000
+    max_headers: int = 64
+    max_header_bytes: int = 8190
+    read_timeout_seconds: float = 30.0
+    future_tolerance_seconds: int = 900
+    request_max_age_seconds: int = 300
+    rejected_log_rows: int = 10000
+    pending_max_records: int = 10000
+    pending_max_bytes: int = 67108864
+
+
+@dataclass(frozen=True, slots=True)
+class FederationConfig:
+    """``[federation]``: whom we accept records from and how we exchange them."""
+
+    accept: str = "vouched"
+    vouch_hops: int = 3
+    push_batch: int = 256
+    push_queue_max: int = 10000
+    pull_interval_seconds: float = 10.0
+    backoff_max_seconds: float = 60.0
+    origin_quota_records_per_day: int = 1000000
+    origin_quota_bytes_per_day: int = 1073741824
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointsConfig:
+    """``[checkpoints]``: how often we sign a Merkle tree head of what we hold."""
+
+    interval_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedConfig:
+    """``[feeds.<name>]``: who may read one of our feeds."""
+
+    name: str
+    access: str = "public"
+    readers: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: how much we log and in what format."""
+
+    level: str = "info"
+    format: str = "auto"
+
+
+def _no_feeds() -> Mapping[str, FeedConfig]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated node.toml. ``feeds`` maps feed name to its :class:`FeedConfig`
+    (read-only, in file order); a feed not listed there has no configured access rule."""
+
+    node: NodeConfig
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    feeds: Mapping[str, FeedConfig] = field(default_factory=_no_feeds)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def feed(self, name: str) -> FeedConfig:
+        """The access rule of feed ``name``: its ``[feeds.<name>]`` table, or a public
+        feed with no description if it has none (the one place that default lives)."""
+        return self.feeds.get(name) or FeedConfig(name=name)
+
+
+# ---------------------------------------------------------------------------------------
+# Value checks shared with identity.py
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_dns_name(host: str) -> bool:
+    """True if ``host`` is an ASCII DNS name (labels of 1-63 letters, digits, hyphens)."""
+    if not host or len(host) > 253:
+        return False
+    return all(_DNS_LABEL.fullmatch(label) for label in host.split("."))
+
+
+def _host_error(host: str) -> str | None:
+    """None if ``host`` is an IP address or DNS name, else what is wrong with it."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        if is_dns_name(host):
+            return None
+        return f"{_show(host)} is neither an IP address nor a DNS name"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
+        return f"{_show(host)}: an IPv6 scope id (%...) is not allowed here"
+    return None
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split ``"HOST:PORT"`` (``"[v6]:PORT"`` for IPv6) into host and port.
+
+    Raises :class:`ValueError` with what is wrong (the loader adds file and key).
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'expected "HOST:PORT" (e.g. "{DEFAULT_LISTEN}"), got {_show(listen)}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ValueError(f"{_show(host)} in brackets is not an IPv6 address") from exc
+    elif ":" in host:
+        raise ValueError(f'put an IPv6 address in brackets, e.g. "[::1]:8443", got {_show(listen)}')
+    problem = _host_error(host)
+    if problem:
+        raise ValueError(problem)
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise ValueError(f"port {_show(port_text)} is not a number from 0 to 65535")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is not a number from 0 to 65535")
+    return host, port
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# The schema: one row per key, driving both loading and rendering
+
+_REQUIRED: Any = object()
+Check = Callable[[Any], str | None]  # returns what is wrong, or None
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _range(lo: float, hi: float, *, lo_open: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if (v <= lo if lo_open else v < lo) or v > hi:
+            low = f"greater than {_num(lo)}" if lo_open else f"at least {_num(lo)}"
+            return f"must be {low} and at most {_num(hi)}, got {_num(v)}"
+        return None
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(v: Any) -> str | None:
+        if v not in options:
+            listed = ", ".join(_show(o) for o in options)
+            return f"must be one of {listed}, got {_show(v)}"
+        return None
+
+    return check
+
+
+def _check_name(v: str) -> str | None:
+    if not v.strip():
+        return "must not be empty"
+    if len(v.encode("utf-8")) > 64:
+        # The name is the TLS certificate's common name, which X.509 caps at 64.
+        return f"must be at most 64 bytes of UTF-8, got {len(v.encode('utf-8'))}"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        return "must not contain control characters"
+    return None
+
+
+def _check_listen(v: str) -> str | None:
+    try:
+        split_listen(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_url(v: str) -> str | None:
+    try:
+        parts = urlsplit(v)
+        port = parts.port
+    except ValueError as exc:
+        return f"{_show(v)} is not a URL: {exc}"
+    if parts.scheme not in ("https", "http"):
+        return f'must start with "https://" (or "http://"), got {_show(v)}'
+    if not parts.hostname:
+        return f"{_show(v)} has no host"
+    if parts.username is not None or parts.query or parts.fragment:
+        return f"{_show(v)} must not contain user info, a query or a fragment"
+    problem = _host_error(parts.hostname)
+    if problem:
+        return problem
+    if _is_wildcard(parts.hostname):
+        return f"{_show(v)}: partners cannot reach a wildcard address; use a real host"
+    if port == 0:
+        return f"{_show(v)} has port 0"
+    return None
+
+
+def _check_hosts(v: list[str]) -> str | None:
+    if not v:
+        return "must list at least one host name or IP address"
+    for i, host in enumerate(v):
+        problem = _host_error(host)
+        if problem:
+            return f"[{i}] {problem}"
+    return None
+
+
+def _check_proxy(v: str) -> str | None:
+    if v == "":
+        return None
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return f"must be the IP address of the reverse proxy (or empty), got {_show(v)}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    name: str
+    kind: str  # "str" | "int" | "float" | "bool" | "strs"
+    default: Any
+    doc: str
+    check: Check | None = None
+
+
+_SCHEMA: dict[str, tuple[_Key, ...]] = {
+    "node": (
+        _Key("name", "str", _REQUIRED, "Name of this node, shown to partners and used as the "
+             "TLS certificate's common name (at most 64 bytes of UTF-8).", _check_name),
+        _Key("listen", "str", DEFAULT_LISTEN, 'Address to listen on, "HOST:PORT" '
+             '("[v6]:PORT" for IPv6; port 0 lets the OS choose).', _check_listen),
+        _Key("public_url", "str", None, "URL partners use to reach this node "
+             '(https or http). Default: "https://<listen>" ("http://<listen>" when '
+             "[tls] enabled = false); required when listening on 0.0.0.0 or [::].",
+             _check_url),
+        _Key("hosts", "strs", list(DEFAULT_HOSTS), "Host names and IP addresses written "
+             "into the TLS certificate by `citynode init` (changing this later does not "
+             "reissue the certificate).", _check_hosts),
+    ),
+    "tls": (
+        _Key("enabled", "bool", True, "Serve HTTPS with DIR/tls/cert.pem. Set to false only "
+             "behind a reverse proxy that terminates TLS: citynode then refuses to listen "
+             "on a non-loopback address unless trusted_proxy is set."),
+        _Key("trusted_proxy", "str", "", "IP address of the reverse proxy whose "
+             "X-Forwarded-For / X-Forwarded-Proto headers are trusted (empty: none).",
+             _check_proxy),
+    ),
+    "limits": (
+        _Key("max_body_bytes", "int", 65536, "Largest record body accepted or published, "
+             "in bytes.", _range(256, 16 * 1024**2)),
+        _Key("max_request_bytes", "int", 8388608, "Largest HTTP request body, in bytes "
+             "(a batch of records); at least max_body_bytes.", _range(1024, 1024**3)),
+        _Key("max_batch_records", "int", 1000, "Most records accepted in one batch.",
+             _range(1, 100_000)),
+        _Key("max_headers", "int", 64, "Most HTTP header fields in one request.",
+             _range(8, 1000)),
+        _Key("max_header_bytes", "int", 8190, "Longest HTTP request line or header field, "
+             "in bytes.", _range(256, 65536)),
+        _Key("read_timeout_seconds", "float", 30.0, "Seconds to wait for a slow client or "
+             "peer before dropping the connection.", _range(0, 3600, lo_open=True)),
+        _Key("future_tolerance_seconds", "int", 900, "How far in the future a record's "
+             "time may be (clock skew between cities) before it is rejected.",
+             _range(0, 86400)),
+        _Key("request_max_age_seconds", "int", 300, "How old a signed peer request may be "
+             "before it is refused as stale (replay protection).", _range(1, 86400)),
+        _Key("rejected_log_rows", "int", 10000, "Rows kept in the log of rejected input "
+             "(oldest dropped first; 0 keeps none).", _range(0, 10_000_000)),
+        _Key("pending_max_records", "int", 10000, "Most out-of-order records held while "
+             "waiting for the records before them.", _range(0, 10_000_000)),
+        _Key("pending_max_bytes", "int", 67108864, "Most bytes of out-of-order records "
+             "held while waiting for the records before them.", _range(0, 64 * 1024**3)),
+    ),
+    "federation": (
+        _Key("accept", "str", "vouched", 'Whose records we store: "partners" (only our '
+             'partners\' own records), "vouched" (also origins a partner vouches for), or '
+             '"any" (any origin a partner forwards).', _choice(ACCEPT_POLICIES)),
+        _Key("vouch_hops", "int", 3, 'With accept = "vouched": how many vouches away an '
+             "origin may be. 1: origins our partners vouch for; 2: also origins those "
+             "vouch for; and so on.", _range(1, 16)),
+        _Key("push_batch", "int", 256, "Records sent to a partner in one push.",
+             _range(1, 100_000)),
+        _Key("push_queue_max", "int", 10000, "Records queued per partner before we stop "
+             "pushing and let the partner pull instead.", _range(1, 10_000_000)),
+        _Key("pull_interval_seconds", "float", 10.0, "Seconds between pulls from each "
+             "partner.", _range(0.1, 86400)),
+        _Key("backoff_max_seconds", "float", 60.0, "Longest wait between retries when a "
+             "partner is unreachable.", _range(1, 86400)),
+        _Key("origin_quota_records_per_day", "int", 1000000, "Most records stored per "
+             "origin node per day.", _range(1, 10**12)),
+        _Key("origin_quota_bytes_per_day", "int", 1073741824, "Most bytes stored per origin "
+             "node per day.", _range(1, 2**50)),
+    ),
+    "checkpoints": (
+        _Key("interval_seconds", "float", 60.0, "Seconds between signed checkpoints "
+             "(Merkle tree heads) of what this node holds.", _range(1, 86400)),
+    ),
+    "log": (
+        _Key("level", "str", "info", 'Least severe messages logged: "debug", "info", '
+             '"warning", "error" or "critical".', _choice(LOG_LEVELS)),
+        _Key("format", "str", "auto", '"json" (one object a line), "text", or "auto" '
+             "(text on a terminal, else json).", _choice(LOG_FORMATS)),
+    ),
+}
+
+_FEED_KEYS: tuple[_Key, ...] = (
+    _Key("access", "str", "public", 'Who may read it: "public" (anyone), "partners" '
+         '(partner nodes only) or "restricted" (only the node ids in readers).',
+         _choice(ACCESS_KINDS)),
+    _Key("readers", "strs", [], 'Node ids allowed to read a "restricted" feed (required '
+         "then, and only then)."),
+    _Key("description", "str", "", "Free text shown to partners."),
+)
+
+# Section order in the file; [feeds.*] comes after [log] when rendered.
+_SECTIONS = ("node", "tls", "limits", "federation", "checkpoints", "log", "feeds")
+
+_KIND_TEXT = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "strs": "an array of strings",
+}
+
+
+def _show(value: Any) -> str:
+    """``value`` as an operator would write it in TOML (shortened if long)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, dict):
+        text = "a table"
+    elif isinstance(value, list):
+        text = "an array"
+    elif isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    # type() rather than isinstance(): a bool is an int in Python, never in node.toml.
+    t = type(value)
+    if kind == "int":
+        return t is int
+    if kind == "float":
+        return t is int or (t is float and math.isfinite(value))
+    if kind == "strs":
+        return t is list and all(type(v) is str for v in value)
+    return t is {"str": str, "bool": bool}[kind]
+
+
+def _suggest(word: str, options: list[str], fmt: str = "{}") -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {fmt.format(match[0])}?" if match else ""
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+class _Loader:
+    """Turns the parsed TOML of one file into a :class:`Config`, or one ConfigError."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: {message}")
+
+    def section(self, where: str, table: Any, keys: tuple[_Key, ...]) -> dict[str, Any]:
+        if not isinstance(table, dict):
+            raise self.fail(where, f"expected a table, got {_show(table)}")
+        known = [k.name for k in keys]
+        for name in table:
+            if name not in known:
+                raise self.fail(f"{where} {name}", "unknown key" + _suggest(name, known))
+        values: dict[str, Any] = {}
+        for key in keys:
+            path = f"{where} {key.name}"
+            if key.name not in table:
+                if key.default is _REQUIRED:
+                    raise self.fail(path, "is required")
+                values[key.name] = key.default
+                continue
+            value = table[key.name]
+            if not _type_ok(key.kind, value):
+                raise self.fail(path, f"expected {_KIND_TEXT[key.kind]}, got {_show(value)}")
+            if key.kind == "float":
+                value = float(value)
+            problem = key.check(value) if key.check else None
+            if problem:
+                raise self.fail(path, problem)
+            values[key.name] = value
+        return values
+
+    def load(self, doc: dict[str, Any]) -> Config:
+        for name, value in doc.items():
+            if name in _SCHEMA or name == "feeds":
+                continue
+            if not isinstance(value, dict):
+                owners = [s for s, keys in _SCHEMA.items() if any(k.name == name for k in keys)]
+                hint = f"; did you mean to put it under [{owners[0]}]?" if owners else ""
+                raise self.fail(name, "unknown top-level key" + hint)
+            raise self.fail(f"[{name}]", "unknown section" + _suggest(name, list(_SECTIONS),
+                                                                      "[{}]"))
+        if "node" not in doc:
+            raise self.fail("[node]", 'section is required (at least: name = "...")')
+
+        tls = TlsConfig(**self.section("[tls]", doc.get("tls", {}), _SCHEMA["tls"]))
+        node = self.node(doc["node"], tls)
+        limits = LimitsConfig(**self.section("[limits]", doc.get("limits", {}),
+                                             _SCHEMA["limits"]))
+        if limits.max_request_bytes < limits.max_body_bytes:
+            raise self.fail("[limits] max_request_bytes",
+                            f"must be at least max_body_bytes ({limits.max_body_bytes}), "
+                            f"got {limits.max_request_bytes}")
+        federation = FederationConfig(**self.section(
+            "[federation]", doc.get("federation", {}), _SCHEMA["federation"]))
+        checkpoints = CheckpointsConfig(**self.section(
+            "[checkpoints]", doc.get("checkpoints", {}), _SCHEMA["checkpoints"]))
+        log = LogConfig(**self.section("[log]", doc.get("log", {}), _SCHEMA["log"]))
+        feeds = self.feeds(doc.get("feeds", {}))
+        return Config(node=node, tls=tls, limits=limits, federation=federation,
+                      checkpoints=checkpoints, feeds=feeds, log=log)
+
+    def node(self, table: Any, tls: TlsConfig) -> NodeConfig:
+        v = self.section("[node]", table, _SCHEMA["node"])
+        host = split_listen(v["listen"])[0]
+        if v["public_url"] is None:
+            if _is_wildcard(host):
+                raise self.fail("[node] public_url", f"is required when listen is "
+                                f"{_show(v['listen'])}: set the URL partners reach this node at")
+            v["public_url"] = ("https://" if tls.enabled else "http://") + v["listen"]
+        v["public_url"] = v["public_url"].rstrip("/")
+        v["hosts"] = tuple(v["hosts"])
+        if not tls.enabled and not tls.trusted_proxy and not _is_loopback(host):
+            raise self.fail("[tls] enabled", f"refusing plaintext on a public address: listen "
+                            f"is {_show(v['listen'])}; listen on 127.0.0.1, or set "
+                            "trusted_proxy to the reverse proxy's IP address, or enable TLS")
+        return NodeConfig(**v)
+
+    def feeds(self, table: Any) -> Mapping[str, FeedConfig]:
+        if not isinstance(table, dict):
+            raise self.fail("[feeds]", f"expected tables like [feeds.air-quality], got "
+                            f"{_show(table)}")
+        out: dict[str, FeedConfig] = {}
+        for name, body in table.items():
+            where = f"[feeds.{name}]"
+            try:
+                check_feed_name(name)
+            except InvalidRecord as exc:
+                raise self.fail(where, str(exc)) from exc
+            v = self.section(where, body, _FEED_KEYS)
+            readers: list[str] = []
+            for i, text in enumerate(v["readers"]):
+                try:
+                    canonical = node_id(parse_node_id(text))
+                except InvalidNodeId as exc:
+                    raise self.fail(f"{where} readers[{i}]", str(exc)) from exc
+                if canonical in readers:
+                    raise self.fail(f"{where} readers[{i}]",
+                                    f"repeats readers[{readers.index(canonical)}]")
+                readers.append(canonical)
+            if v["access"] == "restricted" and not readers:
+                raise self.fail(f"{where} readers", 'access = "restricted" needs at least '
+                                "one reader node id")
+            if v["access"] != "restricted" and readers:
+                raise self.fail(f"{where} readers", 'only applies to access = "restricted" '
+                                f"(access is {_show(v['access'])})")
+            out[name] = FeedConfig(name=name, access=v["access"], readers=tuple(readers),
+                                   description=v["description"])
+        return MappingProxyType(out)
+
+
+def parse_config(text: str, source: str = "node.toml") -> Config:
+    """Parse and validate the text of a node.toml; ``source`` names it in messages.
+
+    Raises :class:`ConfigError` for invalid TOML, an unknown section or key, a value of
+    the wrong type, or a value out of range.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    return _Loader(source).load(doc)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the node.toml at ``path``.
+
+    Raises :class:`ConfigError` (naming the file and the key) if the file is missing,
+    unreadable, not UTF-8 TOML, or does not satisfy the schema.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found: run `citynode init -d {path.parent}` "
+                          "first") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_config(text, str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering the commented file `citynode init` writes
+
+
+def _toml_str(s: str) -> str:
+    """A TOML basic string. (json.dumps is close but would emit surrogate pairs.)"""
+    out = ['"']
+    for c in s:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(kind: str, value: Any) -> str:
+    if kind == "bool":
+        return "true" if value else "false"
+    if kind == "str":
+        return _toml_str(value)
+    if kind == "strs":
+        return "[" + ", ".join(_toml_str(v) for v in value) + "]"
+    if kind == "float":
+        return repr(float(value))
+    return str(value)
+
+
+def _wrap(text: str, width: int = 88) -> list[str]:
+    lines: list[str] = []
+    line = "#"
+    for word in text.split():
+        if len(line) + 1 + len(word) > width and line != "#":
+            lines.append(line)
+            line = "#"
+        line += " " + word
+    lines.append(line)
+    return lines
+
+
+_HEADER = """\
+# citynode node configuration (node.toml).
+#
+# Every key is listed with what it does and its default. Unknown keys and values of
+# the wrong type are errors, so a typo is reported instead of silently ignored.
+# Secrets are not kept here: see node.key, operator.token and tls/ next to this file.
+# A passphrase-sealed node.key is opened with the CITYNODE_PASSPHRASE environment variable.
+"""
+
+FEEDS_MARKER = "# ---- [feeds.<name>] "
+
+_FEEDS_HELP = (
+    FEEDS_MARKER + "-" * (88 - len(FEEDS_MARKER)) + "\n"
+    "# One table per feed this node publishes. Feed names: 1-64 of a-z 0-9 . _ -,\n"
+    "# starting with a letter or digit. A feed not listed here is public.\n"
+    "#\n"
+    + "\n".join(line for key in _FEED_KEYS for line in _wrap(
+        f"{key.name}: {key.doc} (Default: {_toml_value(key.kind, key.default)})")) + "\n"
+)
+
+_FEEDS_EXAMPLE = """\
+#
+# [feeds.air-quality]
+# access = "public"
+# description = "Hourly PM2.5, PM10, NO2 and O3 from city monitoring stations"
+#
+# [feeds.cyber-notices]
+# access = "restricted"
+# readers = ["cn1...", "cn1..."]   # node ids of the partners allowed to read it
+"""
+
+
+def render_config(name: str, listen: str, public_url: str, hosts: list[str]) -> str:
+    """Return the commented node.toml that ``citynode init`` writes.
+
+    Every key of every section is present with its default, under a comment saying
+    what it does. The result loads back (:func:`parse_config`) to the same values.
+    Raises :class:`ConfigError` if the arguments would make an invalid file.
+    """
+    given = {"name": name, "listen": listen, "public_url": public_url, "hosts": list(hosts)}
+    out = [_HEADER]
+    for section in _SECTIONS[:-1]:
+        out.append(f"[{section}]")
+        for key in _SCHEMA[section]:
+            value = given[key.name] if section == "node" else key.default
+            out.extend(_wrap(key.doc))
+            if key.default is _REQUIRED:
+                out.append("# Required.")
+            elif key.default is not None:  # None: the doc explains a computed default
+                out.append(f"# Default: {_toml_value(key.kind, key.default)}")
+            out.append(f"{key.name} = {_toml_value(key.kind, value)}")
+        out.append("")
+    out.append(_FEEDS_HELP + _FEEDS_EXAMPLE)
+    text = "\n".join(out)
+    parse_config(text)  # init must never write a file the node then refuses
+    return text

@@ -1,0 +1,294 @@
+"""identity.py: the data directory's key, token and TLS files, on real files."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import re
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from citynode.core.keys import SigningKey
+from citynode.errors import ConfigError, KeyFileError
+from citynode.identity import (
+    PASSPHRASE_ENV,
+    Identity,
+    cert_fingerprint,
+    check_token,
+    create_identity,
+    fingerprint_hex,
+    load_identity,
+    make_tls_certificate,
+)
+
+HOSTS = ["localhost", "127.0.0.1", "::1", "citynode.jakarta.example"]
+FAST_KDF = {"kdf_opslimit": 1, "kdf_memlimit": 8192}  # Argon2id minimums: tests stay fast
+
+
+@pytest.fixture(autouse=True)
+def _no_env_passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+
+
+def _create(d: Path, passphrase: str | None = None) -> Identity:
+    return create_identity(d, name="Jakarta", hosts=HOSTS, passphrase=passphrase, **FAST_KDF)
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+SECRETS = ["node.key", "operator.token", "tls/key.pem"]
+
+
+def test_create_then_load_round_trip(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    made = _create(d)
+    loaded = load_identity(d)
+    assert loaded.node_id == made.node_id == made.key.node_id
+    assert loaded.key.seed == made.key.seed
+    assert loaded.token == made.token
+    assert len(made.token) >= 43  # 32 random bytes, base64url
+    assert loaded.cert_fingerprint == made.cert_fingerprint
+    assert loaded.cert_pem == made.cert_pem == (d / "tls" / "cert.pem").read_bytes()
+    assert loaded.cert_path == d / "tls" / "cert.pem"
+    assert loaded.key_path == d / "tls" / "key.pem"
+    assert (d / "operator.token").read_text().strip() == made.token
+    assert made.token not in repr(made)
+
+
+def test_modes_are_tight_even_with_an_open_umask(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    old = os.umask(0)
+    try:
+        _create(d)
+    finally:
+        os.umask(old)
+    assert _mode(d) == 0o700
+    assert _mode(d / "tls") == 0o700
+    for name in SECRETS:
+        assert _mode(d / name) == 0o600, name
+    assert _mode(d / "tls" / "cert.pem") == 0o644
+    assert sorted(p.name for p in d.rglob("*")) == sorted(
+        ["node.key", "operator.token", "tls", "cert.pem", "key.pem"]
+    )  # no temp files left behind
+
+
+def test_create_refuses_an_existing_key_and_leaves_it_alone(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    first = _create(d)
+    before = (d / "node.key").read_bytes()
+    with pytest.raises(KeyFileError, match="already exists"):
+        _create(d)
+    assert (d / "node.key").read_bytes() == before
+    assert load_identity(d).node_id == first.node_id
+    assert load_identity(d).token == first.token
+
+
+def test_create_after_an_interrupted_init_replaces_leftovers(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    (d / "tls").mkdir(parents=True)
+    (d / "operator.token").write_text("stale\n")
+    (d / "tls" / "cert.pem").write_text("stale")
+    made = _create(d)
+    assert load_identity(d).token == made.token != "stale"
+
+
+@pytest.mark.parametrize("name", SECRETS)
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o610])
+def test_secret_file_open_to_others_is_refused(tmp_path: Path, name: str, mode: int) -> None:
+    d = tmp_path / "data"
+    _create(d)
+    path = d / name
+    path.chmod(mode)
+    with pytest.raises(KeyFileError) as info:
+        load_identity(d)
+    assert f"run `chmod 600 {path}`" in str(info.value)
+    path.chmod(0o600)
+    load_identity(d)  # and the advice works
+
+
+def test_public_certificate_may_be_world_readable(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    _create(d)
+    (d / "tls" / "cert.pem").chmod(0o644)
+    load_identity(d)
+
+
+@pytest.mark.parametrize("name", [*SECRETS, "tls/cert.pem"])
+def test_missing_file_says_to_run_init(tmp_path: Path, name: str) -> None:
+    d = tmp_path / "data"
+    _create(d)
+    (d / name).unlink()
+    with pytest.raises(KeyFileError) as info:
+        load_identity(d)
+    assert str(info.value) == f"{d / name} not found: run `citynode init -d {d}` first"
+
+
+def test_passphrase_sealed_key(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    made = _create(d, passphrase="correct horse")
+    text = (d / "node.key").read_bytes()
+    assert b" argon2id 1 8192 " in text  # the test limits were passed through
+    assert load_identity(d, "correct horse").key.seed == made.key.seed
+
+
+def test_wrong_passphrase_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    _create(d, passphrase="correct horse")
+    with pytest.raises(KeyFileError, match=r"node\.key: wrong passphrase"):
+        load_identity(d, "battery staple")
+
+
+def test_sealed_key_without_passphrase_names_the_env_variable(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    _create(d, passphrase="correct horse")
+    with pytest.raises(KeyFileError, match=PASSPHRASE_ENV):
+        load_identity(d)
+
+
+def test_passphrase_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "data"
+    made = _create(d, passphrase="correct horse")
+    monkeypatch.setenv(PASSPHRASE_ENV, "correct horse")
+    assert load_identity(d).node_id == made.node_id
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    with pytest.raises(KeyFileError, match="wrong passphrase"):
+        load_identity(d)
+
+
+def test_unsealed_key_file_is_plain(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    _create(d)
+    assert (d / "node.key").read_bytes().startswith(b"citynode-secret-key-v1 plain ")
+
+
+def test_corrupt_files_are_refused(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    _create(d)
+    (d / "operator.token").write_text("two words\n")
+    with pytest.raises(KeyFileError, match=r"operator\.token is corrupt"):
+        load_identity(d)
+    (d / "operator.token").write_text("tok\n")
+    (d / "node.key").write_text("not a key\n")
+    with pytest.raises(KeyFileError, match=r"node\.key: key file is not a citynode"):
+        load_identity(d)
+
+
+def test_tls_key_that_is_not_the_certificates_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    _create(d)
+    _, other_key = make_tls_certificate("Other", ["localhost"])
+    (d / "tls" / "key.pem").write_bytes(other_key)
+    with pytest.raises(KeyFileError, match="is not the key of"):
+        load_identity(d)
+
+
+def test_certificate_names_usage_and_validity(tmp_path: Path) -> None:
+    made = _create(tmp_path / "data")
+    cert = x509.load_pem_x509_certificate(made.cert_pem)
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert [a.value for a in cn] == ["Jakarta"]
+    assert cert.issuer == cert.subject
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "citynode.jakarta.example"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.value.ca is False and bc.critical
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not ku.key_cert_sign and not ku.key_encipherment
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    assert datetime.timedelta(minutes=59) <= now - start <= datetime.timedelta(minutes=61)
+    assert end - start == datetime.timedelta(days=3650)
+    tls_key = serialization.load_pem_private_key((tmp_path / "data/tls/key.pem").read_bytes(),
+                                                 None)
+    assert tls_key.public_key() == cert.public_key()
+
+
+def test_fingerprint_is_sha256_of_der(tmp_path: Path) -> None:
+    made = _create(tmp_path / "data")
+    der = x509.load_pem_x509_certificate(made.cert_pem).public_bytes(serialization.Encoding.DER)
+    assert made.cert_fingerprint == hashlib.sha256(der).digest()
+    assert cert_fingerprint(der) == cert_fingerprint(made.cert_pem) == made.cert_fingerprint
+    assert load_identity(tmp_path / "data").cert_fingerprint == hashlib.sha256(der).digest()
+    hx = fingerprint_hex(made.cert_fingerprint)
+    assert re.fullmatch(r"[0-9a-f]{64}", hx)
+    assert bytes.fromhex(hx) == made.cert_fingerprint
+
+
+def test_cert_fingerprint_rejects_a_bad_pem() -> None:
+    with pytest.raises(KeyFileError):
+        cert_fingerprint(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+
+
+def test_check_token() -> None:
+    assert check_token("s3cret-token", "s3cret-token")
+    assert not check_token("s3cret-token", "s3cret-tokeN")
+    assert not check_token("s3cret-token", "s3cret-token ")
+    assert not check_token("s3cret-token", "")
+    assert not check_token("s3cret-token", None)
+    assert not check_token("", "")
+    assert not check_token("s3cret-token", "s3cret-tokén")
+
+
+@pytest.mark.parametrize("hosts", [[], ["bad host"], ["-leading.example"], ["a..b"]])
+def test_unusable_hosts_are_config_errors(hosts: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        make_tls_certificate("Jakarta", hosts)
+
+
+def test_unusable_name_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="64 bytes"):
+        make_tls_certificate("é" * 33, ["localhost"])  # 66 bytes of UTF-8
+
+
+def test_ssl_accepts_the_certificate_for_each_host(tmp_path: Path) -> None:
+    """A real TLS handshake (in memory) against the certificate, by name and by IP."""
+    made = _create(tmp_path / "data")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(made.cert_path, made.key_path)
+    client = ssl.create_default_context(cadata=made.cert_pem.decode())
+    for host in ["localhost", "127.0.0.1", "citynode.jakarta.example"]:
+        _handshake(client, server, host)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(client, server, "elsewhere.example")
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, host: str) -> None:
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname=host)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"c": False, "s": False}
+    for _ in range(10):
+        for name, obj in (("c", c), ("s", s)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def test_seed_never_in_repr(tmp_path: Path) -> None:
+    made = _create(tmp_path / "data")
+    assert made.key.seed.hex() not in repr(made)
+    assert isinstance(made.key, SigningKey)
