@@ -1,0 +1,366 @@
+"""Node cards: a node's signed self-description, served at ``/.well-known/citynode``.
+
+A partner who knows only a node id (given out of band) fetches the card, checks that it
+is signed by that id's key (:func:`open_card` with ``expected_node_id``), and pins the
+TLS certificate fingerprint in it. A newer card (higher ``time``) replaces an older one.
+
+The card body is a canonical msgpack map (docs/PROTOCOL.md, "Node card")::
+
+    feeds     array     [{name: str, access: "public"|"partners"|"restricted"}, ...],
+                        sorted by name, no duplicates, at most 1000
+    kind      str       "card"
+    name      str       1-128 characters, no control characters (the city's name)
+    node      bin(32)   the node's Ed25519 public key
+    partners  array     [bin(32), ...] public keys of this node's partners, sorted, no
+                        duplicates, not the node itself, at most 10000. Also the node's
+                        "vouch" list: a node accepts records of origins its partners vouch for
+    software  str       1-128 characters, e.g. "citynode/0.1.0"
+    time      int       milliseconds since the Unix epoch, UTC, when the card was signed
+    tls       bin(32)   SHA-256 of the DER TLS certificate to pin; absent when TLS is
+                        terminated by a proxy with a CA-issued certificate (then the
+                        ``url`` must be https and the CA chain is checked instead)
+    url       str       where the node is reached: ``https://`` or ``http://`` URL, at
+                        most 512 ASCII characters; ``tls`` requires ``https://``
+    version   int       1
+
+The envelope is the canonical msgpack array ``[body: bin, sig: bin(64)]`` with the
+signature over ``DOMAIN_CARD || body``, exactly as for records. :func:`card_to_json`
+gives a JSON form carrying the same body and signature (base64) so a JSON-only client
+can verify it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+from citynode.core import encoding
+from citynode.core.keys import DOMAIN_CARD, SigningKey, Verifier, node_id, parse_node_id
+from citynode.core.records import (
+    DEFAULT_FUTURE_TOLERANCE_MS,
+    check_feed_name,
+    decode_envelope,
+    encode_envelope,
+)
+from citynode.errors import EncodingError, InvalidRecord, SignatureError
+
+__all__ = [
+    "ACCESS_LEVELS",
+    "CARD_LIMITS",
+    "CARD_VERSION",
+    "CardFeed",
+    "NodeCard",
+    "card_from_json",
+    "card_to_json",
+    "make_card",
+    "open_card",
+]
+
+CARD_VERSION = 1
+ACCESS_LEVELS = ("public", "partners", "restricted")
+MAX_NAME = 128
+MAX_URL = 512
+MAX_SOFTWARE = 128
+MAX_FEEDS = 1000
+MAX_PARTNERS = 10_000
+_MAX_TIME = 2**63 - 1
+
+# The record limits (64 KiB, 4096 items) are too small for a card listing 10,000
+# partners. A card at every maximum is about 431 KB and 13,010 items, nested 3 deep
+# (body map -> feeds array -> feed map); these bounds admit exactly that, with margin.
+CARD_LIMITS = encoding.Limits(max_bytes=512 * 1024, max_depth=3, max_items=13_100)
+
+_FIELDS = frozenset(
+    {"feeds", "kind", "name", "node", "partners", "software", "time", "url", "version"}
+)
+_OPTIONAL = frozenset({"tls"})
+_FEED_KEYS = frozenset({"name", "access"})
+# Visible ASCII only (spaces, controls or non-ASCII are copy-paste accidents) and no
+# userinfo: credentials have no place in a public card.
+_URL_RE = re.compile(r"https?://[A-Za-z0-9._~%:\[\]-]+(?:[/?#][\x21-\x7e]*)?")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Base64 of a body at CARD_LIMITS.max_bytes, plus padding.
+_MAX_B64 = 4 * (CARD_LIMITS.max_bytes // 3 + 1)
+
+
+class CardFeed(NamedTuple):
+    """One feed a node offers, and who may read it."""
+
+    name: str
+    access: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCard:
+    """A verified node card. Only :func:`make_card`, :func:`open_card` and
+    :func:`card_from_json` make them."""
+
+    node: bytes
+    name: str
+    url: str
+    tls: bytes | None
+    feeds: tuple[CardFeed, ...]
+    partners: tuple[bytes, ...] = field(repr=False)
+    software: str
+    time: int
+    body: bytes = field(repr=False)
+    sig: bytes = field(repr=False)
+
+    @property
+    def envelope(self) -> bytes:
+        """The canonical envelope bytes ``[body, sig]``."""
+        return encode_envelope(self.body, self.sig)
+
+    @property
+    def node_id(self) -> str:
+        """The printable id (``cn1...``) of the node that signed the card."""
+        return node_id(self.node)
+
+    def vouches_for(self, public_key: bytes) -> bool:
+        """True if ``public_key`` is one of this node's partners (O(log n))."""
+        i = bisect.bisect_left(self.partners, public_key)
+        return i < len(self.partners) and self.partners[i] == public_key
+
+
+def _fail(msg: str, reason: str = "bad_card") -> InvalidRecord:
+    return InvalidRecord(msg, reason)
+
+
+def _check_text(what: str, value: Any, max_len: int) -> str:
+    if type(value) is not str or not 0 < len(value) <= max_len:
+        raise _fail(f"card {what} must be a string of 1 to {max_len} characters")
+    if _CONTROL_RE.search(value):
+        raise _fail(f"card {what} must not contain control characters")
+    return value
+
+
+def _parse_body(body: bytes) -> NodeCard:
+    """Strictly decode a card body and check every field; the signature is not checked
+    (the returned card's ``sig`` is empty). Raises :class:`InvalidRecord`."""
+    f = encoding.decode(body, CARD_LIMITS)
+    if type(f) is not dict:
+        raise EncodingError("a card body is a map", "bad_card")
+    if f.get("kind") != "card":
+        raise _fail("this is not a node card (kind is not 'card')")
+    version = f.get("version")
+    if type(version) is not int or version != CARD_VERSION:
+        raise _fail(
+            f"unknown card format version {version!r}: this node reads version "
+            f"{CARD_VERSION}; upgrade citynode if the other node is newer",
+            "unknown_version",
+        )
+    keys = f.keys()
+    if not keys >= _FIELDS:
+        raise _fail(f"card lacks required field(s): {', '.join(sorted(_FIELDS - keys))}",
+                    "missing_field")
+    if not keys <= _FIELDS | _OPTIONAL:
+        extra = ", ".join(sorted(keys - _FIELDS - _OPTIONAL))
+        raise _fail(f"card has unknown field(s): {extra}", "unknown_field")
+    node = f["node"]
+    if type(node) is not bytes or len(node) != 32:
+        raise _fail("card node must be a 32-byte public key")
+    name = _check_text("name", f["name"], MAX_NAME)
+    url = f["url"]
+    if type(url) is not str or len(url) > MAX_URL or not _URL_RE.fullmatch(url):
+        raise _fail(
+            f"card url must be an http:// or https:// URL of at most {MAX_URL} visible "
+            "ASCII characters"
+        )
+    tls = f.get("tls")
+    if tls is not None:
+        if type(tls) is not bytes or len(tls) != 32:
+            raise _fail("card tls must be the 32-byte SHA-256 of the DER certificate")
+        if not url.startswith("https://"):
+            raise _fail("card has a TLS fingerprint but an http:// url: use https://")
+    software = _check_text("software", f["software"], MAX_SOFTWARE)
+    t = f["time"]
+    if type(t) is not int or not 0 <= t <= _MAX_TIME:
+        raise _fail("card time must be a non-negative integer (milliseconds since the epoch)")
+    return NodeCard(node, name, url, tls, _parse_feeds(f["feeds"]),
+                    _parse_partners(f["partners"], node), software, t, body, b"")
+
+
+def _parse_feeds(feeds: Any) -> tuple[CardFeed, ...]:
+    if type(feeds) is not list or len(feeds) > MAX_FEEDS:
+        raise _fail(f"card feeds must be an array of at most {MAX_FEEDS} entries")
+    out: list[CardFeed] = []
+    for entry in feeds:
+        if type(entry) is not dict or entry.keys() != _FEED_KEYS:
+            raise _fail("each card feed must be a map {name, access}")
+        name, access = entry["name"], entry["access"]
+        try:
+            check_feed_name(name)
+        except InvalidRecord as exc:
+            raise _fail(f"card {exc}") from exc
+        if access not in ACCESS_LEVELS:
+            raise _fail(f"feed {name!r} has access {access!r}: use one of "
+                        f"{', '.join(ACCESS_LEVELS)}")
+        # Sorted and unique: one set of feeds has exactly one encoding.
+        if out and name <= out[-1].name:
+            raise _fail(f"card feeds are not sorted by name without duplicates (at {name!r})")
+        out.append(CardFeed(name, access))
+    return tuple(out)
+
+
+def _parse_partners(partners: Any, node: bytes) -> tuple[bytes, ...]:
+    if type(partners) is not list or len(partners) > MAX_PARTNERS:
+        raise _fail(f"card partners must be an array of at most {MAX_PARTNERS} keys")
+    prev = b""
+    for pk in partners:
+        if type(pk) is not bytes or len(pk) != 32:
+            raise _fail("each card partner must be a 32-byte public key")
+        if pk <= prev:
+            raise _fail("card partners are not sorted without duplicates")
+        if pk == node:
+            raise _fail("a node does not list itself among its partners")
+        prev = pk
+    return tuple(partners)
+
+
+def make_card(
+    key: SigningKey,
+    *,
+    name: str,
+    url: str,
+    tls_fingerprint: bytes | None,
+    feeds: Iterable[tuple[str, str]],
+    partners: Iterable[bytes],
+    software: str,
+    now_ms: int,
+) -> NodeCard:
+    """Build and sign the card of ``key``'s node, dated ``now_ms``.
+
+    ``feeds`` are ``(name, access)`` pairs and ``partners`` public keys, in any order
+    (the card holds them sorted). Raises :class:`InvalidRecord` if any field is invalid
+    or repeated, with the same checks a receiver makes, so nothing is signed that
+    partners would reject.
+    """
+    try:
+        feed_list = [{"name": n, "access": a} for n, a in sorted(feeds)]
+        partner_list = sorted(partners)
+    except (TypeError, ValueError) as exc:
+        raise _fail(f"card feeds must be (name, access) pairs and partners keys: {exc}") from exc
+    fields: dict[str, Any] = {
+        "kind": "card",
+        "version": CARD_VERSION,
+        "node": key.public_key,
+        "name": name,
+        "url": url,
+        "feeds": feed_list,
+        "partners": partner_list,
+        "software": software,
+        "time": now_ms,
+    }
+    if tls_fingerprint is not None:
+        fields["tls"] = tls_fingerprint
+    body = encoding.encode(fields)
+    card = _parse_body(body)
+    sig = key.sign(DOMAIN_CARD, body)
+    return replace(card, sig=sig)
+
+
+def _open(
+    body: bytes,
+    sig: bytes,
+    expected_node_id: str | None,
+    verifier: Verifier,
+    now_ms: int | None,
+) -> NodeCard:
+    expected = parse_node_id(expected_node_id) if expected_node_id is not None else None
+    card = _parse_body(body)
+    if now_ms is not None and card.time > now_ms + DEFAULT_FUTURE_TOLERANCE_MS:
+        raise InvalidRecord(
+            f"the card of {card.node_id} is dated {(card.time - now_ms) // 1000} s in the "
+            f"future (tolerance {DEFAULT_FUTURE_TOLERANCE_MS // 1000} s): check that "
+            "node's clock",
+            "future_time",
+        )
+    verifier.verify(card.node, DOMAIN_CARD, body, sig)
+    # Compared after the signature so that "signed by" in the message is a fact.
+    if expected is not None and card.node != expected:
+        raise SignatureError(
+            f"the card at this URL is signed by {card.node_id}, not by the id you gave "
+            f"({node_id(expected)}): check the id with that city's operators",
+            "wrong_node",
+        )
+    return replace(card, sig=sig)
+
+
+def open_card(
+    envelope: bytes,
+    *,
+    expected_node_id: str | None,
+    verifier: Verifier,
+    now_ms: int | None = None,
+) -> NodeCard:
+    """Verify a card envelope completely and return the card.
+
+    Checks, in order: ``expected_node_id`` is a well-formed id (else
+    :class:`InvalidNodeId`), the envelope and body decode strictly within
+    :data:`CARD_LIMITS`, every field, the card is not dated more than 15 minutes after
+    ``now_ms`` (when given), the signature by the card's own key, and finally that key
+    is the expected one. Raises :class:`InvalidRecord` (:class:`EncodingError`,
+    :class:`SignatureError` -- reason ``"wrong_node"`` for another node's card).
+    """
+    body, sig = decode_envelope(envelope, CARD_LIMITS)
+    return _open(body, sig, expected_node_id, verifier, now_ms)
+
+
+def card_to_json(card: NodeCard) -> dict[str, Any]:
+    """The JSON form of a card: readable fields, plus the signed ``body`` and ``sig``
+    (standard base64) that a JSON client verifies. Node ids are ``cn1...`` strings and
+    the TLS fingerprint is lowercase hex (``null`` when absent)."""
+    return {
+        "kind": "card",
+        "version": CARD_VERSION,
+        "node": card.node_id,
+        "name": card.name,
+        "url": card.url,
+        "tls": card.tls.hex() if card.tls is not None else None,
+        "feeds": [{"name": f.name, "access": f.access} for f in card.feeds],
+        "partners": [node_id(pk) for pk in card.partners],
+        "software": card.software,
+        "time": card.time,
+        "body": base64.b64encode(card.body).decode("ascii"),
+        "sig": base64.b64encode(card.sig).decode("ascii"),
+    }
+
+
+def _b64(data: Mapping[str, Any], name: str) -> bytes:
+    value = data.get(name)
+    if type(value) is not str or len(value) > _MAX_B64:
+        raise _fail(f"JSON card {name} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _fail(f"JSON card {name} is not valid base64") from exc
+
+
+def card_from_json(
+    data: Mapping[str, Any],
+    *,
+    expected_node_id: str | None,
+    verifier: Verifier,
+    now_ms: int | None = None,
+) -> NodeCard:
+    """Verify the JSON form of a card (as :func:`card_to_json` makes it) and return it.
+
+    The signed ``body`` and ``sig`` are verified as by :func:`open_card`; then the
+    readable fields must be exactly those of the signed body, so a JSON card can never
+    show one thing and sign another. Raises as :func:`open_card`, and
+    :class:`InvalidRecord` if the JSON is not a card or its fields disagree.
+    """
+    if not isinstance(data, Mapping):
+        raise _fail("a JSON card is an object")
+    body, sig = _b64(data, "body"), _b64(data, "sig")
+    if len(sig) != 64:
+        raise EncodingError(f"card signature is {len(sig)} bytes, not 64", "bad_envelope")
+    card = _open(body, sig, expected_node_id, verifier, now_ms)
+    if card_to_json(card) != dict(data):
+        raise _fail("the readable fields of the JSON card do not match its signed body")
+    return card
