@@ -1,0 +1,1046 @@
+"""The replica on disk: SQLite schema, migrations, one writer thread, thread-safe reads.
+
+This is the only module of citynode that touches SQLite. It stores records the node has
+*already* verified and placed in their chains; it verifies nothing itself, except that it
+re-checks, inside the write transaction, that every appended record extends its chain
+(defence in depth: the chains on disk are always contiguous from seq 1).
+
+Threads, not coroutines: every method is synchronous. The node runs reads in an executor
+(each calling thread gets its own read connection) and awaits writes with
+``asyncio.wrap_future``. All writes go through one daemon writer thread that owns the only
+write connection. It takes every job queued (up to a bound), runs them in one transaction
+-- each job inside its own SAVEPOINT, so a failing job rolls back alone -- commits, and
+only then completes each job's :class:`concurrent.futures.Future`. A batch holding a
+``durable`` job (the node's own records) commits with ``PRAGMA synchronous=FULL``;
+others with ``NORMAL`` (in WAL mode: safe against a crash of the process, not of the
+machine).
+
+Invariants the schema relies on:
+
+* ``records`` of one (origin, feed) hold seq 1..head without gaps, so ``rowid`` order and
+  seq order agree within a feed, and a feed's record count is its head seq;
+* ``heads`` has one row per (origin, feed) held: the highest contiguous seq and its id;
+* ``rowid`` of ``records`` only grows: it is the cursor of pagination and live streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from citynode.core.keys import node_id
+from citynode.core.records import Record
+from citynode.core.types import point_of
+from citynode.errors import ChainError, CitynodeError, StorageError
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "FeedRow",
+    "ForkRow",
+    "PartnerRow",
+    "RejectedRow",
+    "Storage",
+    "StoredRow",
+    "WriterStats",
+]
+
+T = TypeVar("T")
+
+#: ``PRAGMA application_id`` of a citynode database ("cnod"), so another SQLite file in
+#: the data directory is refused with a clear message instead of being "migrated".
+APPLICATION_ID = 0x636E6F64
+
+_BUSY_TIMEOUT_MS = 5000
+_MAX_BATCH_JOBS = 1000
+_MAX_BATCH_WEIGHT = 20000  # records (or other jobs) per transaction
+_IN_CHUNK = 500  # at most this many ``?`` in one ``IN (...)``
+_IN_BUCKETS = (1, 8, 64, _IN_CHUNK)  # pad IN lists to these sizes: few distinct statements
+_ITER_CHUNK = 1000
+_MAX_TEXT = 2000  # rejected-log fields are attacker-influenced: bound them
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """One stored record, as :meth:`Storage.query` returns it."""
+
+    rowid: int
+    id: bytes
+    origin: bytes
+    feed: str
+    seq: int
+    type: str
+    time: int
+    lon: float | None
+    lat: float | None
+    received_at: int
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRow:
+    """One feed held: its head, record count and the time of its head record."""
+
+    origin: bytes
+    feed: str
+    seq: int  # the head: highest contiguous seq held
+    head: bytes  # id of the record at ``seq``
+    count: int
+    last_time: int  # ``time`` of the head record
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerRow:
+    """A partner node, as stored. ``card`` is the partner's signed card, if known."""
+
+    node_id: str
+    public_key: bytes
+    url: str
+    name: str
+    tls_fingerprint: bytes | None
+    card: bytes | None
+    added_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForkRow:
+    """A stored proof that ``origin`` signed two histories of ``feed`` at ``seq``."""
+
+    id: int
+    origin: bytes
+    feed: str
+    seq: int
+    kind: str
+    proof: bytes
+    found_at: int
+    reported_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """One entry of the bounded log of rejected input."""
+
+    id: int
+    at: int
+    source: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """Counters of the writer thread since open (for metrics and tests)."""
+
+    batches: int
+    durable_batches: int
+    jobs: int
+    failed_jobs: int
+    queued: int
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _storage_error(exc: BaseException, path: Path, action: str) -> StorageError:
+    """Turn a sqlite3/OS error into a one-line :class:`StorageError` an operator can act on."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return StorageError(
+                f"database {path} is locked while {action}: is another `citynode run` "
+                "using this directory?"
+            )
+        if code == sqlite3.SQLITE_FULL:
+            return StorageError(
+                f"disk full while {action} ({path}): free some space and try again"
+            )
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN,
+                    sqlite3.SQLITE_AUTH):
+            return StorageError(
+                f"cannot write database {path} while {action} (permission denied or "
+                "read-only file system): check the owner and mode of the data directory"
+            )
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return StorageError(
+                f"{path} is corrupt or not a SQLite database: restore it from a backup "
+                "or move it away"
+            )
+        if code == sqlite3.SQLITE_IOERR:
+            return StorageError(f"I/O error on {path} while {action}: check the disk ({exc})")
+        if isinstance(exc, sqlite3.IntegrityError):
+            return StorageError(f"database constraint failed while {action}: {exc}")
+        return StorageError(f"database error while {action} ({path}): {exc}")
+    if isinstance(exc, PermissionError):
+        return StorageError(
+            f"cannot open database {path}: permission denied: check the owner and mode "
+            "of the data directory"
+        )
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        return StorageError(
+            f"cannot open database {path}: {reason}: check that the data directory "
+            "exists and is writable"
+        )
+    return StorageError(f"unexpected error while {action} ({path}): {exc!r}")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _migrate_v1(db: sqlite_utils.Database) -> None:
+    """Schema v1. Tables in SQL (their constraints are the contract), indexes via sqlite-utils."""
+    db.execute(
+        """CREATE TABLE records (
+            rowid INTEGER PRIMARY KEY,
+            id BLOB NOT NULL UNIQUE,
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            time INTEGER NOT NULL,
+            lon REAL,
+            lat REAL,
+            received_at INTEGER NOT NULL,
+            envelope BLOB NOT NULL,
+            UNIQUE (origin, feed, seq)
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE heads (
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            id BLOB NOT NULL,
+            PRIMARY KEY (origin, feed)
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE partners (
+            node_id TEXT PRIMARY KEY,
+            public_key BLOB NOT NULL UNIQUE,
+            url TEXT NOT NULL,
+            name TEXT NOT NULL,
+            tls_fingerprint BLOB,
+            card BLOB,
+            added_at INTEGER NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE fork_proofs (
+            id INTEGER PRIMARY KEY,
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            proof BLOB NOT NULL UNIQUE,
+            found_at INTEGER NOT NULL,
+            reported_by TEXT
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE rejected (
+            id INTEGER PRIMARY KEY,
+            at INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE checkpoints (
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            root BLOB NOT NULL,
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (origin, feed, size)
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID")
+    # (origin, feed, seq) and id are indexed by their UNIQUE constraints.
+    records, forks = db.table("records"), db.table("fork_proofs")
+    records.create_index(["type", "time"], index_name="records_type_time")
+    records.create_index(["time"], index_name="records_time")
+    records.create_index(["lon", "lat"], index_name="records_lon_lat")
+    forks.create_index(["origin", "feed"], index_name="fork_proofs_feed")
+
+
+#: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
+#: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _bucket(n: int) -> int:
+    for b in _IN_BUCKETS:
+        if n <= b:
+            return b
+    return _IN_CHUNK
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    # mode=rw: SQLite must never create the file itself (it would not be 0600).
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+    conn = sqlite3.connect(
+        path.resolve().as_uri() + "?mode=rw",
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=busy_timeout_ms / 1000,
+        cached_statements=256,
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+_Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]", bool, int]
+_STOP = object()
+
+_INSERT_RECORD = (
+    "INSERT INTO records (id, origin, feed, seq, type, time, lon, lat, received_at, envelope)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_HEAD = (
+    "INSERT INTO heads (origin, feed, seq, id) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (origin, feed) DO UPDATE SET seq = excluded.seq, id = excluded.id"
+)
+_SELECT_HEAD = "SELECT seq, id FROM heads WHERE origin = ? AND feed = ?"
+
+
+def _append_job(
+    records: tuple[Record, ...], received_at: int
+) -> Callable[[sqlite3.Connection], None]:
+    def run(conn: sqlite3.Connection) -> None:
+        heads: dict[tuple[bytes, str], tuple[int, bytes] | None] = {}
+        rows = []
+        for r in records:
+            key = (r.origin, r.feed)
+            # one head lookup per feed per job, not per record
+            head = heads[key] if key in heads else conn.execute(_SELECT_HEAD, key).fetchone()
+            if head is None:
+                ok = r.seq == 1 and r.prev is None
+            else:
+                ok = r.seq == head[0] + 1 and r.prev == head[1]
+            if not ok:
+                held = "nothing" if head is None else f"up to seq {head[0]}"
+                raise ChainError(
+                    f"record seq {r.seq} of feed {r.feed!r} of {node_id(r.origin)} does "
+                    f"not extend the chain held ({held}): not stored",
+                    "bad_chain",
+                )
+            heads[key] = (r.seq, r.id)
+            pt = point_of(r.data)
+            lon, lat = (None, None) if pt is None else pt
+            rows.append(
+                (r.id, r.origin, r.feed, r.seq, r.type, r.time, lon, lat, received_at,
+                 r.envelope)
+            )
+        conn.executemany(_INSERT_RECORD, rows)
+        conn.executemany(
+            _UPSERT_HEAD,
+            [(o, f, h[0], h[1]) for (o, f), h in heads.items() if h is not None],
+        )
+
+    return run
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class Storage:
+    """The node's database. Make one with :meth:`open`; finish with :meth:`close`.
+
+    Write methods return a :class:`concurrent.futures.Future` completed after the commit
+    (its exception is a :class:`StorageError`, or :class:`ChainError` for an append that
+    does not extend its chain). Read methods are synchronous, thread-safe, and raise
+    :class:`StorageError`.
+    """
+
+    def __init__(
+        self, path: Path, wconn: sqlite3.Connection, rejected_log_rows: int, busy_timeout_ms: int
+    ) -> None:
+        """Internal: use :meth:`open`."""
+        self.path = path
+        self._wconn = wconn
+        self._rejected_rows = max(0, int(rejected_log_rows))
+        self._busy_timeout_ms = busy_timeout_ms
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._sync_full = False
+        self._batches = 0
+        self._durable_batches = 0
+        self._jobs = 0
+        self._failed_jobs = 0
+        self._queued = 0
+        self._thread = threading.Thread(
+            target=self._writer, name=f"citynode-storage-writer[{path.name}]", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ open / close
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        rejected_log_rows: int = 10000,
+        busy_timeout_ms: int = _BUSY_TIMEOUT_MS,
+    ) -> Storage:
+        """Open (creating with mode 0600 if missing) and migrate the database at ``path``.
+
+        Sets WAL mode, foreign keys and a busy timeout, then applies every migration the
+        file lacks in one transaction. ``rejected_log_rows`` bounds the rejected-input
+        log. Raises :class:`StorageError` if the file cannot be created or opened, is not
+        a citynode database, has a newer schema than this code, or is locked.
+        """
+        path = Path(path)
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                try:
+                    os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+                finally:
+                    os.close(fd)
+            if not path.is_file():
+                raise StorageError(f"database path {path} is not a regular file")
+        except OSError as exc:
+            raise _storage_error(exc, path, "creating the database") from exc
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(path, busy_timeout_ms)
+            _check_file(conn, path)  # before WAL: leave a file that is not ours untouched
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(
+                    f"cannot put database {path} in WAL mode (got {mode!r}): keep the "
+                    "data directory on a local file system"
+                )
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            conn.execute("PRAGMA cache_size=-32768")  # 32 MiB
+            _migrate(conn, path)
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, CitynodeError):
+                raise
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise _storage_error(exc, path, "opening the database") from exc
+            raise
+        return cls(path, conn, rejected_log_rows, busy_timeout_ms)
+
+    def close(self) -> None:
+        """Finish every write already submitted, stop the writer, close all connections.
+
+        Idempotent. Writes submitted after ``close`` began raise :class:`StorageError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join()
+        with self._lock:
+            readers, self._readers = self._readers, []
+        for c in readers:
+            c.close()
+        with contextlib.suppress(sqlite3.Error):  # only a hint for the query planner
+            self._wconn.execute("PRAGMA optimize")
+        self._wconn.close()  # the last connection: SQLite checkpoints and removes the WAL
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writer
+
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False, weight: int = 1
+    ) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise StorageError("storage is closed: the node is shutting down")
+            self._queued += 1
+            self._queue.put((fn, fut, durable, max(1, weight)))
+        return fut
+
+    def _writer(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch: list[_Job] = [first]
+            weight = first[3]
+            while len(batch) < _MAX_BATCH_JOBS and weight < _MAX_BATCH_WEIGHT:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stop = True  # finish this batch, then exit
+                    break
+                batch.append(job)
+                weight += job[3]
+            with self._lock:
+                self._queued -= len(batch)
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # never leave a caller waiting forever
+                err = _storage_error(exc, self.path, "writing")
+                for _fn, fut, _d, _w in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._wconn
+        jobs = [j for j in batch if j[1].set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        durable = any(j[2] for j in jobs)
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            if durable != self._sync_full:
+                conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self._sync_full = durable
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut, _d, _w in jobs:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = fn(conn)
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back (disk full ...)
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if isinstance(exc, sqlite3.Error):
+                        err: BaseException = _storage_error(exc, self.path, "writing")
+                        err.__cause__ = exc
+                    else:
+                        err = exc
+                    outcomes.append((fut, None, err))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((fut, result, None))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # report the original error
+                    conn.execute("ROLLBACK")
+            err = _storage_error(exc, self.path, "writing")
+            if err is not exc:
+                err.__cause__ = exc
+            self._batches += 1
+            self._jobs += len(jobs)
+            self._failed_jobs += len(jobs)
+            own = {id(fut): error for fut, _r, error in outcomes if error is not None}
+            for _fn, fut, _d, _w in jobs:
+                fut.set_exception(own.get(id(fut), err))  # a job's own error stays true
+            return
+        self._batches += 1
+        self._durable_batches += durable
+        self._jobs += len(jobs)
+        for fut, result, error in outcomes:
+            if error is None:
+                fut.set_result(result)
+            else:
+                self._failed_jobs += 1
+                fut.set_exception(error)
+
+    def stats(self) -> WriterStats:
+        """Writer counters since open, and the number of jobs waiting now."""
+        with self._lock:
+            return WriterStats(
+                self._batches, self._durable_batches, self._jobs, self._failed_jobs, self._queued
+            )
+
+    # ------------------------------------------------------------------ writes
+
+    def append(
+        self,
+        records: Sequence[Record],
+        *,
+        durable: bool = False,
+        received_at_ms: int | None = None,
+    ) -> Future[None]:
+        """Store verified ``records`` and advance their feeds' heads, atomically.
+
+        The caller orders them so each extends its chain (seq 1, or ``head.seq + 1`` with
+        ``prev == head.id``); the writer re-checks that in the transaction and fails the
+        whole job with :class:`ChainError` otherwise (nothing of it is stored). ``durable``
+        makes the commit survive power loss (use it for the node's own records).
+        ``received_at_ms`` defaults to the wall clock now.
+        """
+        recs = tuple(records)
+        at = _now_ms() if received_at_ms is None else received_at_ms
+        return self._submit(_append_job(recs, at), durable=durable, weight=len(recs))
+
+    def add_fork_proof(
+        self,
+        origin: bytes,
+        feed: str,
+        seq: int,
+        kind: str,
+        proof: bytes,
+        reported_by: str | None,
+        at_ms: int,
+    ) -> Future[bool]:
+        """Keep a (verified) fork proof. The future's result is False if already known."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO fork_proofs (origin, feed, seq, kind, proof, found_at, reported_by)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (proof) DO NOTHING",
+                (origin, feed, seq, kind, proof, at_ms, reported_by),
+            )
+            return cur.rowcount == 1
+
+        return self._submit(run)
+
+    def log_rejected(self, source: str, reason: str, detail: str, at_ms: int) -> Future[None]:
+        """Add to the rejected-input log, keeping only its newest ``rejected_log_rows``.
+
+        Fields longer than 2000 characters are cut (they may come from an attacker).
+        """
+        keep = self._rejected_rows
+        row = (at_ms, _clip(source), _clip(reason), _clip(detail))
+
+        def run(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "INSERT INTO rejected (at, source, reason, detail) VALUES (?, ?, ?, ?)", row
+            )
+            # ids only grow and are removed from the bottom: this keeps at most ``keep``
+            conn.execute("DELETE FROM rejected WHERE id <= ?", (int(cur.lastrowid or 0) - keep,))
+
+        return self._submit(run)
+
+    def put_partner(self, p: PartnerRow) -> Future[None]:
+        """Insert or replace the partner ``p.node_id`` with exactly the values of ``p``.
+
+        Fails with :class:`StorageError` if ``p.public_key`` belongs to another node id.
+        """
+        row = (p.node_id, p.public_key, p.url, p.name, p.tls_fingerprint, p.card, p.added_at)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO partners (node_id, public_key, url, name, tls_fingerprint, card,"
+                " added_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                " public_key = excluded.public_key, url = excluded.url, name = excluded.name,"
+                " tls_fingerprint = excluded.tls_fingerprint, card = excluded.card,"
+                " added_at = excluded.added_at",
+                row,
+            )
+
+        return self._submit(run)
+
+    def remove_partner(self, node_id: str) -> Future[bool]:
+        """Forget a partner. The future's result is False if it was not a partner."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM partners WHERE node_id = ?", (node_id,)).rowcount == 1
+
+        return self._submit(run)
+
+    def put_checkpoint(
+        self, origin: bytes, feed: str, size: int, root: bytes, envelope: bytes
+    ) -> Future[bool]:
+        """Keep a signed checkpoint of a feed. The result is False if one of that size is held
+        (the first one stays)."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO checkpoints (origin, feed, size, root, envelope)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (origin, feed, size, root, envelope),
+            )
+            return cur.rowcount == 1
+
+        return self._submit(run)
+
+    def set_meta(self, key: str, value: bytes) -> Future[None]:
+        """Set a node-wide value (insert or replace)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+        return self._submit(run)
+
+    def writable(self, timeout: float = 5.0) -> bool:
+        """True if the writer can take the write lock within ``timeout`` seconds.
+
+        Blocks the calling thread (run it in an executor). Never raises.
+        """
+        try:
+            fut = self._submit(lambda conn: None)
+            fut.result(timeout)
+        except (CitynodeError, FutureTimeoutError):
+            return False
+        return True
+
+    # ------------------------------------------------------------------ reads
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StorageError("storage is closed: the node is shutting down")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = _connect(self.path, self._busy_timeout_ms)
+                conn.execute("PRAGMA query_only=ON")
+            except sqlite3.Error as exc:
+                raise _storage_error(exc, self.path, "opening a read connection") from exc
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    raise StorageError("storage is closed: the node is shutting down")
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        conn = self._reader()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, self.path, "reading") from exc
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        conn = self._reader()
+        try:
+            return conn.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, self.path, "reading") from exc
+
+    def heads(self) -> dict[tuple[bytes, str], tuple[int, bytes]]:
+        """Every feed held: ``(origin, feed) -> (head seq, head id)``."""
+        rows = self._all("SELECT origin, feed, seq, id FROM heads")
+        return {(o, f): (s, i) for o, f, s, i in rows}
+
+    def head(self, origin: bytes, feed: str) -> tuple[int, bytes] | None:
+        """``(seq, id)`` of the highest contiguous record held of a feed, or None."""
+        row = self._one(_SELECT_HEAD, (origin, feed))
+        return None if row is None else (row[0], row[1])
+
+    def has_ids(self, ids: Sequence[bytes]) -> set[bytes]:
+        """The subset of ``ids`` held (queries of at most 500 ids each)."""
+        found: set[bytes] = set()
+        ids = list(dict.fromkeys(ids))
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            n = _bucket(len(chunk))
+            chunk += [chunk[-1]] * (n - len(chunk))  # padding keeps the statement cache warm
+            sql = f"SELECT id FROM records WHERE id IN ({','.join('?' * n)})"
+            found.update(r[0] for r in self._all(sql, chunk))
+        return found
+
+    def get_envelope(self, rid: bytes) -> bytes | None:
+        """The envelope of record ``rid``, or None if not held."""
+        row = self._one("SELECT envelope FROM records WHERE id = ?", (rid,))
+        return None if row is None else row[0]
+
+    def id_at(self, origin: bytes, feed: str, seq: int) -> bytes | None:
+        """The id held at ``seq`` of a feed, or None."""
+        row = self._one(
+            "SELECT id FROM records WHERE origin = ? AND feed = ? AND seq = ?", (origin, feed, seq)
+        )
+        return None if row is None else row[0]
+
+    def envelope_at(self, origin: bytes, feed: str, seq: int) -> bytes | None:
+        """The envelope held at ``seq`` of a feed, or None."""
+        row = self._one(
+            "SELECT envelope FROM records WHERE origin = ? AND feed = ? AND seq = ?",
+            (origin, feed, seq),
+        )
+        return None if row is None else row[0]
+
+    def range(
+        self, origin: bytes, feed: str, from_seq: int, to_seq: int, limit: int
+    ) -> list[bytes]:
+        """Envelopes of a feed with ``from_seq <= seq <= to_seq``, in seq order, at most
+        ``limit`` of them."""
+        if limit <= 0:
+            return []
+        rows = self._all(
+            "SELECT envelope FROM records WHERE origin = ? AND feed = ? AND seq BETWEEN ? AND ?"
+            " ORDER BY seq LIMIT ?",
+            (origin, feed, from_seq, to_seq, limit),
+        )
+        return [r[0] for r in rows]
+
+    def query(
+        self,
+        *,
+        origin: bytes | None = None,
+        feed: str | None = None,
+        type: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
+        seq_from: int | None = None,
+        seq_to: int | None = None,
+        after_rowid: int = 0,
+        limit: int = 100,
+    ) -> list[StoredRow]:
+        """Stored records matching every given filter, ordered by rowid, after ``after_rowid``.
+
+        ``since_ms <= time < until_ms``; ``seq_from <= seq <= seq_to``; ``bbox`` is
+        ``(min_lon, min_lat, max_lon, max_lat)`` inclusive, and a ``min_lon`` greater
+        than ``max_lon`` means the box crosses the antimeridian. Records without a
+        location never match a ``bbox``. Page on with the last row's ``rowid``.
+        """
+        if limit <= 0:
+            return []
+        where = ["rowid > ?"]
+        params: list[Any] = [after_rowid]
+        if origin is not None:
+            where.append("origin = ?")
+            params.append(origin)
+        if feed is not None:
+            where.append("feed = ?")
+            params.append(feed)
+        if type is not None:
+            where.append("type = ?")
+            params.append(type)
+        if since_ms is not None:
+            where.append("time >= ?")
+            params.append(since_ms)
+        if until_ms is not None:
+            where.append("time < ?")
+            params.append(until_ms)
+        if seq_from is not None:
+            where.append("seq >= ?")
+            params.append(seq_from)
+        if seq_to is not None:
+            where.append("seq <= ?")
+            params.append(seq_to)
+        if bbox is not None:
+            min_lon, min_lat, max_lon, max_lat = bbox
+            if min_lon <= max_lon:
+                where.append("lon BETWEEN ? AND ?")
+                params += [min_lon, max_lon]
+            else:
+                where.append("(lon >= ? OR lon <= ?)")
+                params += [min_lon, max_lon]
+            where.append("lat BETWEEN ? AND ?")
+            params += [min_lat, max_lat]
+        # Within one feed seq order is rowid order, and ordering by seq lets SQLite walk
+        # the (origin, feed, seq) index instead of sorting.
+        order = "seq" if origin is not None and feed is not None else "rowid"
+        sql = (
+            "SELECT rowid, id, origin, feed, seq, type, time, lon, lat, received_at, envelope"
+            f" FROM records WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+        )
+        params.append(limit)
+        return [StoredRow(*r) for r in self._all(sql, params)]
+
+    def feeds(self) -> list[FeedRow]:
+        """Every feed held, ordered by origin and feed name."""
+        rows = self._all(
+            "SELECT h.origin, h.feed, h.seq, h.id, r.time FROM heads AS h"
+            " JOIN records AS r ON r.id = h.id ORDER BY h.origin, h.feed"
+        )
+        # chains are contiguous from seq 1: the count is the head seq
+        return [FeedRow(o, f, s, i, s, t) for o, f, s, i, t in rows]
+
+    def partners(self) -> list[PartnerRow]:
+        """Every partner, ordered by node id."""
+        return [PartnerRow(*r) for r in self._all(_SELECT_PARTNER + " ORDER BY node_id")]
+
+    def partner(self, node_id: str) -> PartnerRow | None:
+        """The partner with this node id, or None."""
+        row = self._one(_SELECT_PARTNER + " WHERE node_id = ?", (node_id,))
+        return None if row is None else PartnerRow(*row)
+
+    def partner_by_key(self, public_key: bytes) -> PartnerRow | None:
+        """The partner with this public key, or None."""
+        row = self._one(_SELECT_PARTNER + " WHERE public_key = ?", (public_key,))
+        return None if row is None else PartnerRow(*row)
+
+    def fork_proofs(self) -> list[ForkRow]:
+        """Every fork proof held, oldest first."""
+        return [
+            ForkRow(*r)
+            for r in self._all(
+                "SELECT id, origin, feed, seq, kind, proof, found_at, reported_by"
+                " FROM fork_proofs ORDER BY id"
+            )
+        ]
+
+    def rejected(self, limit: int = 100) -> list[RejectedRow]:
+        """The newest ``limit`` entries of the rejected-input log, newest first."""
+        if limit <= 0:
+            return []
+        rows = self._all(
+            "SELECT id, at, source, reason, detail FROM rejected ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [RejectedRow(*r) for r in rows]
+
+    def checkpoints(self, origin: bytes, feed: str) -> list[tuple[int, bytes, bytes]]:
+        """``(size, root, envelope)`` of every checkpoint held of a feed, by size."""
+        rows = self._all(
+            "SELECT size, root, envelope FROM checkpoints WHERE origin = ? AND feed = ?"
+            " ORDER BY size",
+            (origin, feed),
+        )
+        return [(s, r, e) for s, r, e in rows]
+
+    def get_meta(self, key: str) -> bytes | None:
+        """A node-wide value, or None if unset."""
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else row[0]
+
+    def iter_envelopes(
+        self, origin: bytes | None = None, feed: str | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(rowid, envelope)`` of every record (of ``origin``, of ``feed``) in
+        rowid order, fetching 1000 at a time so no read transaction stays open between
+        chunks; each chunk is read on the connection of the thread asking for it."""
+        cond = ""
+        params: list[Any] = []
+        if origin is not None:
+            cond += " AND origin = ?"
+            params.append(origin)
+        if feed is not None:
+            cond += " AND feed = ?"
+            params.append(feed)
+        by_seq = origin is not None and feed is not None
+        # one feed: walk its index by seq (same order as rowid); else walk rowid
+        key_col = "seq" if by_seq else "rowid"
+        sql = (
+            f"SELECT rowid, envelope, {key_col} FROM records WHERE {key_col} > ?{cond}"
+            f" ORDER BY {key_col} LIMIT {_ITER_CHUNK}"
+        )
+        last = 0
+        while True:
+            rows = self._all(sql, [last, *params])
+            for rowid, env, _k in rows:
+                yield rowid, env
+            if len(rows) < _ITER_CHUNK:
+                return
+            last = rows[-1][2]
+
+    def max_rowid(self) -> int:
+        """The highest record rowid (0 when empty): the cursor of "now"."""
+        row = self._one("SELECT max(rowid) FROM records")
+        return int(row[0] or 0)
+
+    def count(self) -> int:
+        """The number of records held."""
+        return int(self._one("SELECT count(*) FROM records")[0])
+
+    def db_size_bytes(self) -> int:
+        """Bytes the database takes on disk (main file and write-ahead log)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _storage_error(exc, self.path, "measuring the database") from exc
+        return total
+
+
+_SELECT_PARTNER = (
+    "SELECT node_id, public_key, url, name, tls_fingerprint, card, added_at FROM partners"
+)
+
+
+def _check_file(conn: sqlite3.Connection, path: Path) -> int:
+    """Return the schema version of the file; raise :class:`StorageError` if it is newer
+    than this code or not a citynode database."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+    if app_id not in (0, APPLICATION_ID):
+        raise StorageError(
+            f"{path} is not a citynode database (application id {app_id:#x}): move it "
+            "away or choose another data directory"
+        )
+    latest = max(MIGRATIONS)
+    if version > latest:
+        raise StorageError(
+            f"database schema v{version} is newer than this citynode understands "
+            f"(v{latest}): upgrade citynode"
+        )
+    if version == 0:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+        if tables.fetchone()[0]:
+            raise StorageError(
+                f"{path} holds tables but no citynode schema: it is not a citynode "
+                "database; move it away or choose another data directory"
+            )
+    return version
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Apply every migration the file lacks, in one IMMEDIATE transaction (checking the
+    file again under the write lock: another process may have migrated it meanwhile).
+
+    Raises :class:`StorageError` if the file is newer than this code or not ours.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _check_file(conn, path)
+        latest = max(MIGRATIONS)
+        if version < latest:
+            db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+            for v in range(version + 1, latest + 1):
+                MIGRATIONS[v](db)
+                conn.execute(f"PRAGMA user_version = {int(v)}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,601 @@
+"""Storage: schema and migrations, the writer thread, reads, on real SQLite files."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlite_utils
+
+from citynode import storage as storage_mod
+from citynode.core.keys import SigningKey
+from citynode.core.records import Record, sign_record
+from citynode.errors import ChainError, StorageError
+from citynode.storage import PartnerRow, Storage
+
+T0 = 1_700_000_000_000
+KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(3)]
+A, B = KEYS[0].public_key, KEYS[1].public_key
+TABLES = {"records", "heads", "partners", "fork_proofs", "rejected", "checkpoints", "meta"}
+
+
+def make(
+    k: int,
+    feed: str,
+    seq: int,
+    prev: bytes | None,
+    *,
+    type: str = "org.example.Test",
+    time_ms: int | None = None,
+    lonlat: tuple[float, float] | None = None,
+) -> Record:
+    data: dict[str, Any] = {"n": seq}
+    if lonlat is not None:
+        data["location"] = {"type": "Point", "coordinates": [lonlat[0], lonlat[1]]}
+    return sign_record(
+        KEYS[k], feed=feed, seq=seq, prev=prev,
+        time_ms=T0 + seq if time_ms is None else time_ms, type=type, data=data,
+    )
+
+
+@functools.cache
+def chain(k: int, feed: str, n: int) -> tuple[Record, ...]:
+    """Records 1..n of one feed (cached: signing is the slow part of these tests)."""
+    out: list[Record] = []
+    prev = None
+    for seq in range(1, n + 1):
+        r = make(k, feed, seq, prev)
+        out.append(r)
+        prev = r.id
+    return tuple(out)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "citynode.db"
+
+
+@pytest.fixture
+def st(db_path: Path) -> Iterator[Storage]:
+    s = Storage.open(db_path)
+    yield s
+    s.close()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A connection of "another process" (the test's own, outside Storage)."""
+    return sqlite3.connect(path, isolation_level=None, timeout=0.1)
+
+
+@contextmanager
+def writer_held(s: Storage) -> Iterator[None]:
+    """Keep the writer busy inside a transaction, so the jobs submitted meanwhile are
+    queued and then run as one batch."""
+    started, release = threading.Event(), threading.Event()
+
+    def block(conn: Any) -> None:
+        started.set()
+        release.wait(10)
+
+    fut = s._submit(block)
+    assert started.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        fut.result(5)
+
+
+def error_of(fut: Future[Any]) -> BaseException | None:
+    return fut.exception(timeout=5)
+
+
+# --------------------------------------------------------------------------- open
+
+
+def test_new_database_has_schema_v1_wal_and_mode_0600(db_path: Path) -> None:
+    old = os.umask(0o277)  # would give 0400 without the explicit chmod
+    try:
+        s = Storage.open(db_path)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
+        s.append(chain(0, "f", 3)).result(5)
+        wal = Path(f"{db_path}-wal")
+        assert wal.exists()
+        assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
+        c = raw(db_path)
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 1
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
+        c.close()
+        assert set(sqlite_utils.Database(db_path).table_names()) == TABLES
+    finally:
+        s.close()
+
+
+def test_reopen_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
+    with Storage.open(db_path) as s:
+        s.append(chain(0, "f", 5)).result(5)
+        s.set_meta("k", b"v").result(5)
+    with Storage.open(db_path) as s:
+        assert s.head(A, "f") == (5, chain(0, "f", 5)[-1].id)
+        assert s.get_meta("k") == b"v"
+        assert s.count() == 5
+
+
+def test_migrations_apply_in_order_once(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Storage.open(db_path).close()
+    calls: list[int] = []
+
+    def v2(db: sqlite_utils.Database) -> None:
+        calls.append(2)
+        db.execute("CREATE TABLE extra (x INTEGER)")
+
+    def v3(db: sqlite_utils.Database) -> None:
+        calls.append(3)
+        assert "extra" in db.table_names()  # v2 ran first, in the same transaction
+        db["extra"].add_column("y", str)
+
+    monkeypatch.setattr(storage_mod, "MIGRATIONS", {**storage_mod.MIGRATIONS, 2: v2, 3: v3})
+    Storage.open(db_path).close()
+    Storage.open(db_path).close()
+    assert calls == [2, 3]
+    db = sqlite_utils.Database(db_path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert set(db["extra"].columns_dict) == {"x", "y"}
+
+
+def test_failing_migration_rolls_back_whole(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Storage.open(db_path).close()
+
+    def v2(db: sqlite_utils.Database) -> None:
+        db.execute("CREATE TABLE half (x INTEGER)")
+        db.execute("INSERT INTO no_such_table VALUES (1)")
+
+    monkeypatch.setattr(storage_mod, "MIGRATIONS", {**storage_mod.MIGRATIONS, 2: v2})
+    with pytest.raises(StorageError, match="no such table"):
+        Storage.open(db_path)
+    db = sqlite_utils.Database(db_path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert "half" not in db.table_names()
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    Storage.open(db_path).close()
+    c = raw(db_path)
+    c.execute("PRAGMA user_version = 7")
+    c.close()
+    with pytest.raises(StorageError) as info:
+        Storage.open(db_path)
+    assert str(info.value) == (
+        "database schema v7 is newer than this citynode understands (v1): upgrade citynode"
+    )
+    c = raw(db_path)
+    assert c.execute("PRAGMA user_version").fetchone()[0] == 7
+    c.close()
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    c = raw(other)
+    c.execute("CREATE TABLE notes (t TEXT)")
+    c.close()
+    with pytest.raises(StorageError, match="not a citynode database"):
+        Storage.open(other)
+    check = raw(other)
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # left untouched
+    check.close()
+
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite at all" * 200)
+    with pytest.raises(StorageError, match="corrupt or not a SQLite database"):
+        Storage.open(junk)
+
+
+def test_unwritable_location_is_a_storage_error(tmp_path: Path) -> None:
+    afile = tmp_path / "plain-file"
+    afile.write_text("x")
+    with pytest.raises(StorageError, match="cannot open database"):
+        Storage.open(afile / "citynode.db")  # parent is not a directory
+    with pytest.raises(StorageError, match="exists and is writable"):
+        Storage.open(tmp_path / "missing" / "citynode.db")
+    with pytest.raises(StorageError, match="not a regular file"):
+        Storage.open(tmp_path)
+
+
+def test_locked_by_another_process(db_path: Path) -> None:
+    Storage.open(db_path).close()
+    other = raw(db_path)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StorageError, match="another `citynode run`"):
+            Storage.open(db_path, busy_timeout_ms=50)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_append_heads_lookup_and_range(db_path: Path, st: Storage) -> None:
+    a, b = chain(0, "air", 30), chain(1, "air", 10)
+    noise = chain(0, "noise", 4)
+    assert st.max_rowid() == 0
+    assert st.append(a[:20]).result(5) is None
+    st.append(b).result(5)
+    st.append(noise + a[20:]).result(5)  # one job over two feeds
+
+    # acknowledged means committed: another connection sees it
+    c = raw(db_path)
+    assert c.execute("SELECT count(*) FROM records").fetchone()[0] == 44
+    c.close()
+
+    assert st.heads() == {(A, "air"): (30, a[-1].id), (B, "air"): (10, b[-1].id),
+                          (A, "noise"): (4, noise[-1].id)}
+    assert st.head(A, "air") == (30, a[-1].id)
+    assert st.head(B, "noise") is None
+    unknown = [bytes([9]) * 30 + i.to_bytes(2, "big") for i in range(600)]
+    wanted = [r.id for r in a + b + noise] + unknown + [a[0].id]  # > 500 ids, a duplicate
+    assert st.has_ids(wanted) == {r.id for r in a + b + noise}
+    assert st.has_ids([]) == set()
+    assert st.has_ids([noise[1].id]) == {noise[1].id}
+    assert st.get_envelope(b[3].id) == b[3].envelope
+    assert st.get_envelope(unknown[0]) is None
+    assert st.id_at(A, "air", 7) == a[6].id
+    assert st.id_at(A, "air", 31) is None
+    assert st.envelope_at(B, "air", 10) == b[9].envelope
+    assert st.envelope_at(B, "air", 11) is None
+    assert st.range(A, "air", 5, 12, 100) == [r.envelope for r in a[4:12]]
+    assert st.range(A, "air", 5, 12, 3) == [r.envelope for r in a[4:7]]
+    assert st.range(A, "air", 29, 40, 100) == [a[28].envelope, a[29].envelope]
+    assert st.range(A, "air", 1, 5, 0) == []
+    assert st.max_rowid() == 44
+    assert st.count() == 44
+    assert st.db_size_bytes() > 4096
+
+    feeds = st.feeds()
+    assert [(f.origin, f.feed, f.seq, f.head, f.count, f.last_time) for f in feeds] == sorted(
+        [(A, "air", 30, a[-1].id, 30, a[-1].time), (A, "noise", 4, noise[-1].id, 4,
+          noise[-1].time), (B, "air", 10, b[-1].id, 10, b[-1].time)]
+    )
+
+
+def test_iter_envelopes_streams_in_chunks(st: Storage) -> None:
+    big, other = chain(0, "big", 1203), chain(1, "small", 7)
+    st.append(big[:600]).result(5)
+    st.append(other).result(5)
+    st.append(big[600:]).result(5)
+    everything = list(st.iter_envelopes())
+    assert [e for _r, e in everything] == [r.envelope for r in big[:600] + other + big[600:]]
+    assert [r for r, _e in everything] == sorted(r for r, _e in everything)
+    assert [e for _r, e in st.iter_envelopes(A, "big")] == [r.envelope for r in big]
+    assert [e for _r, e in st.iter_envelopes(origin=B)] == [r.envelope for r in other]
+    assert list(st.iter_envelopes(A, "none")) == []
+
+
+def _query_fixture(st: Storage) -> list[Record]:
+    """Interleaved feeds with types, times and places; returns records in insert order."""
+    def feed(k: int, name: str, n: int, type: str, t: Callable[[int], int],
+             where: Callable[[int], tuple[float, float] | None]) -> list[Record]:
+        out: list[Record] = []
+        prev = None
+        for seq in range(1, n + 1):
+            r = make(k, name, seq, prev, type=type, time_ms=t(seq), lonlat=where(seq))
+            out.append(r)
+            prev = r.id
+        return out
+
+    air = feed(0, "air", 10, "org.example.Air", lambda i: T0 + i * 1000, lambda i: (10.0 + i, 50.0))
+    noise = feed(0, "noise", 5, "org.example.Noise", lambda i: T0 + i * 1000 + 500, lambda i: None)
+    lons = [178.0, 179.5, -179.5, -178.0, 0.0, 100.0]
+    bair = feed(1, "air", 6, "org.example.Air", lambda i: T0 + i * 1000,
+                lambda i: (lons[i - 1], -10.0 + i))
+    order = [air[:5], bair[:3], noise, air[5:], bair[3:]]
+    for part in order:
+        st.append(part).result(5)
+    return [r for part in order for r in part]
+
+
+def test_query_filters_and_cursor(st: Storage) -> None:
+    recs = _query_fixture(st)
+    every = st.query(limit=1000)
+    assert [r.id for r in every] == [r.id for r in recs]
+    assert [r.rowid for r in every] == sorted(r.rowid for r in every)
+    row0, rec0 = every[0], recs[0]
+    assert (row0.origin, row0.feed, row0.seq, row0.type, row0.time, row0.lon, row0.lat,
+            row0.envelope) == (A, "air", 1, "org.example.Air", rec0.time, 11.0, 50.0,
+                               rec0.envelope)
+    assert all(r.lon is None and r.lat is None for r in every if r.feed == "noise")
+
+    def ids(**kw: Any) -> list[bytes]:
+        return [r.id for r in st.query(limit=1000, **kw)]
+
+    def expect(pred: Callable[[Record], bool]) -> list[bytes]:
+        return [r.id for r in recs if pred(r)]
+
+    def loc(r: Record) -> tuple[float, float] | None:
+        c = r.data.get("location")
+        return None if c is None else (c["coordinates"][0], c["coordinates"][1])
+
+    assert ids(origin=B) == expect(lambda r: r.origin == B)
+    assert ids(feed="air") == expect(lambda r: r.feed == "air")
+    assert ids(origin=A, feed="air") == expect(lambda r: r.origin == A and r.feed == "air")
+    assert ids(type="org.example.Noise") == expect(lambda r: r.type == "org.example.Noise")
+    assert ids(since_ms=T0 + 3000, until_ms=T0 + 6000) == expect(
+        lambda r: T0 + 3000 <= r.time < T0 + 6000)
+    assert len(ids(since_ms=T0 + 3000, until_ms=T0 + 6000)) == 9
+    assert ids(type="org.example.Air", since_ms=T0 + 9000) == expect(
+        lambda r: r.type == "org.example.Air" and r.time >= T0 + 9000)
+    assert ids(origin=A, feed="air", seq_from=3, seq_to=7) == [r.id for r in recs
+        if r.origin == A and r.feed == "air" and 3 <= r.seq <= 7]
+    assert ids(origin=B, feed="air", seq_from=5) == expect(
+        lambda r: r.origin == B and r.seq >= 5)
+
+    box = (12.0, 49.0, 15.5, 51.0)
+    assert ids(bbox=box) == expect(
+        lambda r: (p := loc(r)) is not None and 12.0 <= p[0] <= 15.5 and 49.0 <= p[1] <= 51.0)
+    assert len(ids(bbox=box)) == 4
+    across = (179.0, -90.0, -179.0, 90.0)  # crosses the antimeridian
+    assert ids(bbox=across) == [r.id for r in recs if r.origin == B and r.seq in (2, 3)]
+    assert ids(bbox=(-1.0, -5.0, 1.0, -3.0)) == expect(lambda r: r.origin == B and r.seq == 5)
+    assert ids(bbox=(0.0, 0.0, 0.5, 0.5)) == []
+
+    # cursor pagination returns every match exactly once, in rowid order
+    for kw in ({}, {"type": "org.example.Air"}, {"origin": A, "feed": "air"}, {"feed": "air",
+               "since_ms": T0 + 2000}):
+        pages: list[bytes] = []
+        cursor = 0
+        while True:
+            page = st.query(after_rowid=cursor, limit=4, **kw)
+            pages += [r.id for r in page]
+            if len(page) < 4:
+                break
+            cursor = page[-1].rowid
+        assert pages == ids(**kw), kw
+    assert st.query(after_rowid=st.max_rowid()) == []
+    assert st.query(limit=0) == []
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def test_chain_recheck_fails_only_that_job_of_the_batch(st: Storage) -> None:
+    x, y = chain(0, "x", 3), chain(0, "y", 2)
+    st.append(x[:1]).result(5)
+    with writer_held(st):
+        batches0 = st.stats().batches
+        good1 = st.append(x[1:3])
+        gap = st.append([make(0, "x", 5, x[2].id)])  # seq 4 missing
+        wrong_prev = st.append([make(0, "x", 4, bytes(32))])
+        again = st.append(x[:1])  # already held: not an extension
+        no_start = st.append([make(1, "z", 2, bytes(32))])  # feed z has no seq 1
+        good2 = st.append(y)
+        half = st.append([*chain(1, "h", 2), make(1, "h", 4, bytes(32))])  # 2 good, 1 bad
+    assert good1.result(5) is None
+    assert good2.result(5) is None
+    for fut in (gap, wrong_prev, again, no_start, half):
+        err = error_of(fut)
+        assert isinstance(err, ChainError), err
+        assert err.reason == "bad_chain"
+    assert "does not extend the chain held" in str(error_of(gap))
+    stats = st.stats()
+    assert stats.batches == batches0 + 2  # the held batch, then all seven jobs in one
+    assert stats.failed_jobs == 5
+    assert st.heads() == {(A, "x"): (3, x[2].id), (A, "y"): (2, y[1].id)}
+    assert st.has_ids([r.id for r in chain(1, "h", 2)]) == set()  # the whole job rolled back
+    assert st.count() == 5
+
+
+def test_failing_job_rolls_back_alone_after_writing(st: Storage) -> None:
+    def write_then_fail(conn: Any) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half', x'00')")
+        raise ValueError("job bug")
+
+    def write_then_sql_error(conn: Any) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half2', x'00')")
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half2', x'01')")  # duplicate key
+
+    with writer_held(st):
+        before = st.set_meta("before", b"1")
+        bad = st._submit(write_then_fail)
+        bad_sql = st._submit(write_then_sql_error)
+        after = st.append(chain(0, "f", 2))
+    before.result(5)
+    after.result(5)
+    assert isinstance(error_of(bad), ValueError)
+    err = error_of(bad_sql)
+    assert isinstance(err, StorageError)
+    assert isinstance(err.__cause__, sqlite3.IntegrityError)
+    assert st.get_meta("before") == b"1"
+    assert st.get_meta("half") is None
+    assert st.get_meta("half2") is None
+    assert st.head(A, "f") == (2, chain(0, "f", 2)[-1].id)
+
+
+def test_durable_batches_commit_with_synchronous_full(st: Storage) -> None:
+    def sync_mode(conn: Any) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    full, normal = 2, 1
+    assert st._submit(sync_mode).result(5) == normal
+    assert st._submit(sync_mode, durable=True).result(5) == full
+    assert st._submit(sync_mode).result(5) == normal
+
+    d0 = st.stats().durable_batches
+    st.append(chain(0, "own", 2), durable=True).result(5)
+    assert st.stats().durable_batches == d0 + 1
+    st.append(chain(1, "theirs", 2)).result(5)
+    assert st.stats().durable_batches == d0 + 1
+    with writer_held(st):  # one durable job makes the whole batch durable
+        probe = st._submit(sync_mode)
+        st.append([make(1, "theirs", 3, chain(1, "theirs", 2)[-1].id)])
+        own = st.append([make(0, "own", 3, chain(0, "own", 2)[-1].id)], durable=True)
+    own.result(5)
+    assert probe.result(5) == full
+    assert st.stats().durable_batches == d0 + 2
+
+
+def test_cancelled_job_is_not_run(st: Storage) -> None:
+    with writer_held(st):
+        fut = st.set_meta("gone", b"1")
+        assert fut.cancel()
+        kept = st.set_meta("kept", b"2")
+    kept.result(5)
+    assert st.get_meta("gone") is None
+    assert st.get_meta("kept") == b"2"
+
+
+def test_close_drains_pending_writes(db_path: Path) -> None:
+    s = Storage.open(db_path)
+    recs = chain(0, "drain", 400)
+    futs: list[Future[Any]] = [s.append(recs[i : i + 20]) for i in range(0, 400, 20)]
+    futs.append(s.log_rejected("peer", "bad_signature", "x", T0))
+    s.close()
+    assert all(f.done() and f.exception() is None for f in futs)
+    s.close()  # idempotent
+    with pytest.raises(StorageError, match="closed"):
+        s.append(recs[:1])
+    with pytest.raises(StorageError, match="closed"):
+        s.heads()
+    assert not s.writable()
+    assert not Path(f"{db_path}-wal").exists() or Path(f"{db_path}-wal").stat().st_size == 0
+    with Storage.open(db_path) as again:
+        assert again.head(A, "drain") == (400, recs[-1].id)
+        assert len(again.rejected()) == 1
+
+
+def test_concurrent_reads_from_threads_during_writes(st: Storage) -> None:
+    recs = chain(2, "busy", 600)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen: list[list[int]] = [[] for _ in range(4)]
+
+    def reader(n: int) -> None:
+        try:
+            while not stop.is_set():
+                h = st.head(KEYS[2].public_key, "busy")
+                seq = 0 if h is None else h[0]
+                seen[n].append(seq)
+                # everything up to the head is readable, whatever the writer does now
+                assert len(st.has_ids([r.id for r in recs[:seq]])) == seq
+                if n % 2:
+                    assert len(st.query(origin=KEYS[2].public_key, feed="busy",
+                                        limit=1000)) >= seq
+                else:
+                    assert sum(1 for _ in st.iter_envelopes(KEYS[2].public_key, "busy")) >= seq
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(0, 600, 20):
+        st.append(recs[i : i + 20]).result(5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    for s in seen:
+        assert s and s == sorted(s)  # a thread never sees the head go back
+    assert len(st._readers) >= 4  # one connection per thread
+    assert st.head(KEYS[2].public_key, "busy") == (600, recs[-1].id)
+
+
+def test_writes_while_another_process_locks_the_database(db_path: Path) -> None:
+    s = Storage.open(db_path, busy_timeout_ms=50)
+    try:
+        assert s.writable()
+        other = raw(db_path)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            fut = s.append(chain(0, "f", 2))
+            err = error_of(fut)
+            assert isinstance(err, StorageError)
+            assert "another `citynode run`" in str(err)
+            assert not s.writable()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert s.writable()  # the writer thread survived
+        s.append(chain(0, "f", 2)).result(5)
+        assert s.head(A, "f") == (2, chain(0, "f", 2)[-1].id)
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- other tables
+
+
+def test_rejected_log_is_bounded(db_path: Path) -> None:
+    with Storage.open(db_path, rejected_log_rows=5) as s:
+        futs = [s.log_rejected(f"peer{i}", "bad_signature", f"detail {i}", T0 + i)
+                for i in range(12)]
+        for f in futs:
+            f.result(5)
+        rows = s.rejected()
+        assert [r.source for r in rows] == [f"peer{i}" for i in range(11, 6, -1)]
+        assert (rows[0].at, rows[0].reason, rows[0].detail) == (T0 + 11, "bad_signature",
+                                                                 "detail 11")
+        assert [r.source for r in s.rejected(limit=2)] == ["peer11", "peer10"]
+        s.log_rejected("x", "too_large", "d" * 10_000, T0).result(5)
+        assert len(s.rejected(1)[0].detail) == 2000
+    c = raw(db_path)
+    assert c.execute("SELECT count(*) FROM rejected").fetchone()[0] == 5
+    c.close()
+
+
+def test_partners_crud(st: Storage) -> None:
+    p1 = PartnerRow("cn1aaa", A, "https://a.example", "A-town", b"\x01" * 32, b"card", T0)
+    p2 = PartnerRow("cn1bbb", B, "https://b.example", "B-city", None, None, T0 + 1)
+    st.put_partner(p2).result(5)
+    st.put_partner(p1).result(5)
+    assert st.partners() == [p1, p2]
+    assert st.partner("cn1bbb") == p2
+    assert st.partner("cn1zzz") is None
+    assert st.partner_by_key(A) == p1
+    assert st.partner_by_key(bytes(32)) is None
+    moved = PartnerRow("cn1aaa", A, "https://new.example", "A-town", None, b"card2", T0)
+    st.put_partner(moved).result(5)
+    assert st.partner("cn1aaa") == moved
+    clash = PartnerRow("cn1ccc", A, "https://c.example", "C", None, None, T0)
+    err = error_of(st.put_partner(clash))
+    assert isinstance(err, StorageError)
+    assert "constraint" in str(err)
+    assert st.remove_partner("cn1aaa").result(5) is True
+    assert st.remove_partner("cn1aaa").result(5) is False
+    assert st.partners() == [p2]
+
+
+def test_fork_proofs_dedupe(st: Storage) -> None:
+    assert st.add_fork_proof(A, "f", 3, "fork", b"proof-1", "cn1rep", T0).result(5) is True
+    assert st.add_fork_proof(A, "f", 3, "fork", b"proof-1", None, T0 + 5).result(5) is False
+    assert st.add_fork_proof(A, "f", 4, "split", b"proof-2", None, T0 + 9).result(5) is True
+    rows = st.fork_proofs()
+    assert [(r.origin, r.feed, r.seq, r.kind, r.proof, r.found_at, r.reported_by)
+            for r in rows] == [(A, "f", 3, "fork", b"proof-1", T0, "cn1rep"),
+                               (A, "f", 4, "split", b"proof-2", T0 + 9, None)]
+
+
+def test_checkpoints_and_meta(st: Storage) -> None:
+    assert st.put_checkpoint(A, "f", 8, b"r8", b"env8").result(5) is True
+    assert st.put_checkpoint(A, "f", 4, b"r4", b"env4").result(5) is True
+    assert st.put_checkpoint(A, "f", 8, b"other", b"other").result(5) is False
+    assert st.put_checkpoint(B, "f", 8, b"b8", b"benv").result(5) is True
+    assert st.checkpoints(A, "f") == [(4, b"r4", b"env4"), (8, b"r8", b"env8")]
+    assert st.checkpoints(A, "g") == []
+    assert st.get_meta("x") is None
+    st.set_meta("x", b"1").result(5)
+    st.set_meta("x", b"2").result(5)
+    assert st.get_meta("x") == b"2"
