@@ -1,0 +1,737 @@
+"""Verification tools that trust nothing.
+
+* ``citynode check``: :func:`check_storage` re-verifies a data dir's database;
+* ``citynode audit``: :func:`audit_bundle` verifies an export bundle
+  (:mod:`citynode.bundle`) offline, with only the file and the origin's node id.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from citynode.bundle import (
+    CARD,
+    CHECKPOINT,
+    DEFAULT_BUNDLE_LIMITS,
+    END,
+    FORK,
+    HEADER,
+    RECORD,
+    SPLIT_VIEW,
+    BundleHeader,
+    BundleLimits,
+    Item,
+    iter_bundle,
+    read_item_at,
+)
+from citynode.core.cards import NodeCard, open_card
+from citynode.core.chain import ForkProof, verify_fork_proof
+from citynode.core.checkpoints import (
+    Checkpoint,
+    MerkleLog,
+    SplitViewProof,
+    open_checkpoint,
+    verify_split_view,
+)
+from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
+from citynode.core.records import (
+    DEFAULT_FUTURE_TOLERANCE_MS,
+    RecordPolicy,
+    decode_envelope,
+    open_record,
+    parse_body,
+)
+from citynode.core.types import validate_payload
+from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
+
+if TYPE_CHECKING:
+    from citynode.storage import Storage
+
+__all__ = [
+    "AuditReport",
+    "CheckReport",
+    "FeedAudit",
+    "Finding",
+    "audit_bundle",
+    "check_storage",
+]
+
+# Stored records were checked against the clock when they arrived; a re-check must not
+# reject them for the time that has passed since, so "now" is beyond any record's time.
+_NO_FUTURE = 2**62
+
+
+@dataclass
+class CheckReport:
+    records: int = 0
+    feeds: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"records": self.records, "feeds": self.feeds, "problems": self.problems,
+                "ok": not self.problems}
+
+
+def check_storage(st: Storage, *, progress: bool = False, batch: int = 2000) -> CheckReport:
+    """Re-verify every stored record (signature, canonical encoding, payload, chain link,
+    seq contiguity) and every feed head. Never raises for a bad record: reports it."""
+    rep = CheckReport()
+    verifier = Verifier()
+    policy = RecordPolicy(check_payload=True)
+    feeds = st.feeds()
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("checking", total=sum(f.count for f in feeds))
+    try:
+        for f in feeds:
+            rep.feeds += 1
+            name = f"{node_id(f.origin)[:14]}…/{f.feed}"
+            expect_seq, prev_id = 1, None
+            while True:
+                envs = st.range(f.origin, f.feed, expect_seq, expect_seq + batch - 1, batch)
+                if not envs:
+                    break
+                for env in envs:
+                    rep.records += 1
+                    try:
+                        body, sig = decode_envelope(env)
+                        rec = open_record(body, sig, now_ms=_NO_FUTURE, verifier=verifier,
+                                          policy=policy)
+                    except InvalidRecord as exc:
+                        rep.problems.append(f"{name} seq {expect_seq}: {exc} [{exc.reason}]")
+                        expect_seq += 1
+                        prev_id = None
+                        continue
+                    if rec.origin != f.origin or rec.feed != f.feed:
+                        rep.problems.append(f"{name} seq {expect_seq}: stored under the wrong feed")
+                    if rec.seq != expect_seq:
+                        rep.problems.append(f"{name}: seq {expect_seq} missing (found {rec.seq})")
+                    elif expect_seq > 1 and prev_id is not None and rec.prev != prev_id:
+                        rep.problems.append(f"{name} seq {rec.seq}: prev does not link to seq "
+                                            f"{rec.seq - 1}")
+                    expect_seq, prev_id = rec.seq + 1, rec.id
+                if bar is not None:
+                    bar.advance(task, len(envs))
+            if expect_seq - 1 != f.seq:
+                rep.problems.append(f"{name}: head says seq {f.seq} but the chain ends at "
+                                    f"{expect_seq - 1}")
+            elif prev_id is not None and prev_id != f.head:
+                rep.problems.append(f"{name}: head id does not match the record at seq {f.seq}")
+    finally:
+        if bar is not None:
+            bar.stop()
+    return rep
+
+
+# =========================================================================== offline audit
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+#: Findings kept per kind; the rest are only counted (a bundle of 100,000 bad records
+#: must not make a report of 100,000 lines).
+MAX_FINDINGS_PER_KIND = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing the audit found. ``severity`` is ``error`` (the bundle or the origin's
+    history fails), ``warning`` (could not be checked, or harmless oddity) or ``info``."""
+
+    severity: str
+    kind: str
+    feed: str | None
+    seq: int | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"severity": self.severity, "kind": self.kind, "feed": self.feed,
+                "seq": self.seq, "message": self.message}
+
+    def line(self) -> str:
+        where = ""
+        if self.feed is not None:
+            where = f"{self.feed}" + (f" seq {self.seq}" if self.seq is not None else "") + ": "
+        return f"{self.severity.upper():7} [{self.kind}] {where}{self.message}"
+
+
+@dataclass(slots=True)
+class FeedAudit:
+    """Per-feed figures of an audit (records of the audited origin only)."""
+
+    name: str
+    listed: bool = False  # named in the bundle header
+    records: int = 0  # distinct valid records
+    invalid: int = 0  # record items that failed verification
+    contiguous: int = 0  # every seq 1..contiguous is held (valid)
+    max_seq: int = 0
+    missing: int = 0  # seqs below max_seq with no valid record
+    checkpoints: int = 0  # valid checkpoints of the origin for this feed
+    checkpoints_matched: int = 0  # whose root equals the root of the bundle's records
+
+    def to_json(self) -> dict[str, Any]:
+        return {"feed": self.name, "listed": self.listed, "records": self.records,
+                "invalid": self.invalid, "contiguous": self.contiguous,
+                "max_seq": self.max_seq, "missing": self.missing,
+                "checkpoints": self.checkpoints,
+                "checkpoints_matched": self.checkpoints_matched}
+
+
+@dataclass
+class AuditReport:
+    """The result of :func:`audit_bundle`. ``ok`` is True when no finding is an error."""
+
+    path: str
+    origin: str
+    now_ms: int
+    header: BundleHeader | None = None
+    card: NodeCard | None = None
+    complete: bool = False  # the end item was read and matched
+    items: int = 0
+    record_items: int = 0
+    signatures: int = 0  # Ed25519 verifications made
+    bytes: int = 0
+    seconds: float = 0.0
+    feeds: dict[str, FeedAudit] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    kind_counts: dict[str, int] = field(default_factory=dict)  # every finding, kept or not
+    severity_counts: dict[str, int] = field(
+        default_factory=lambda: {ERROR: 0, WARNING: 0, INFO: 0})
+
+    @property
+    def ok(self) -> bool:
+        return self.severity_counts[ERROR] == 0
+
+    @property
+    def suppressed(self) -> int:
+        """Findings counted but not listed (over :data:`MAX_FINDINGS_PER_KIND` per kind)."""
+        return sum(self.severity_counts.values()) - len(self.findings)
+
+    def add(self, severity: str, kind: str, feed: str | None, seq: int | None,
+            message: str) -> None:
+        n = self.kind_counts.get(kind, 0) + 1
+        self.kind_counts[kind] = n
+        self.severity_counts[severity] += 1
+        if n <= MAX_FINDINGS_PER_KIND:
+            self.findings.append(Finding(severity, kind, feed, seq, message))
+
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+    def kinds(self) -> set[str]:
+        """Every finding kind seen (listed or only counted)."""
+        return set(self.kind_counts)
+
+    def to_json(self) -> dict[str, Any]:
+        h = self.header
+        return {
+            "ok": self.ok,
+            "bundle": self.path,
+            "origin": self.origin,
+            "header": None if h is None else {
+                "version": h.version, "origin": node_id(h.origin), "created": h.created,
+                "feeds": list(h.feeds)},
+            "card": None if self.card is None else {
+                "name": self.card.name, "url": self.card.url, "time": self.card.time},
+            "complete": self.complete,
+            "items": self.items,
+            "records": self.record_items,
+            "signatures_verified": self.signatures,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "records_per_s": round(self.record_items / self.seconds) if self.seconds else None,
+            "feeds": [f.to_json() for f in sorted(self.feeds.values(), key=lambda f: f.name)],
+            "errors": self.severity_counts[ERROR],
+            "warnings": self.severity_counts[WARNING],
+            "finding_counts": dict(sorted(self.kind_counts.items())),
+            "findings": [f.to_json() for f in self.findings],
+            "findings_not_listed": self.suppressed,
+        }
+
+    def render_text(self) -> str:
+        """The human report, plain text (one finding per line)."""
+        out = [f"bundle {self.path}", f"origin {self.origin}"]
+        if self.card is not None:
+            out.append(f"card   {self.card.name} ({self.card.url}), signed by the origin")
+        out.append(
+            f"read {self.record_items} record(s) in {self.items} item(s), "
+            f"{self.signatures} signature(s) verified in {self.seconds:.2f} s"
+            + ("" if self.complete else " -- bundle INCOMPLETE")
+        )
+        for f in sorted(self.feeds.values(), key=lambda f: f.name):
+            out.append(
+                f"  feed {f.name}: {f.records} record(s), seq 1..{f.contiguous} contiguous"
+                f" (max {f.max_seq}), {f.missing} missing, {f.invalid} invalid, "
+                f"{f.checkpoints_matched}/{f.checkpoints} checkpoint(s) matched"
+            )
+        order = {ERROR: 0, WARNING: 1, INFO: 2}
+        for fd in sorted(self.findings, key=lambda f: order[f.severity]):
+            out.append(fd.line())
+        if self.suppressed:
+            counts = ", ".join(f"{k} {n}" for k, n in sorted(self.kind_counts.items())
+                               if n > MAX_FINDINGS_PER_KIND)
+            out.append(f"... and {self.suppressed} more finding(s) not listed ({counts})")
+        e, w = self.severity_counts[ERROR], self.severity_counts[WARNING]
+        out.append(f"{'OK' if self.ok else 'FAILED'}: {e} error(s), {w} warning(s)")
+        return "\n".join(out)
+
+
+class _Feed:
+    """Working state of one feed of the audited origin during an audit."""
+
+    __slots__ = ("audit", "bad_seqs", "checkpoints", "held", "last_seq", "late")
+
+    def __init__(self, audit: FeedAudit) -> None:
+        self.audit = audit
+        # seq -> (id, prev, item offset) of the first valid record seen at that seq
+        self.held: dict[int, tuple[bytes, bytes | None, int]] = {}
+        self.last_seq = 0  # highest new seq seen so far, in bundle order
+        self.late = 0  # records that came after a higher seq (out of order)
+        self.bad_seqs: set[int] = set()  # seqs where an invalid record of ours was seen
+        self.checkpoints: list[Checkpoint] = []
+
+
+_sha256 = hashlib.sha256
+
+
+def _range_text(a: int, b: int) -> str:
+    return f"seq {a}" if a == b else f"seqs {a}..{b}"
+
+
+# A record read and parsed, waiting for (or back from) its signature check:
+# (id, parsed body, body, sig, item offset, envelope, repeat of a pending id?)
+_Cand = tuple[bytes, dict[str, Any], bytes, bytes, int, bytes, bool]
+_BATCH = 256  # records per verification job when verifying on worker threads
+
+
+def _verify_batch(origin: bytes, cands: list[_Cand]) -> tuple[list[InvalidRecord | None], int]:
+    """Verify the signatures of a batch (on a worker thread: libsodium releases the GIL).
+    Returns one error or None per candidate, and the number of verifications made."""
+    verifier = Verifier()
+    out: list[InvalidRecord | None] = []
+    for c in cands:
+        if c[6]:
+            out.append(None)  # a repeat: decided when its first copy is
+            continue
+        try:
+            verifier.verify(origin, DOMAIN_RECORD, c[2], c[3])
+            out.append(None)
+        except InvalidRecord as exc:
+            out.append(exc)
+    return out, verifier.count
+
+
+class _Audit:
+    """The state of one :func:`audit_bundle` run."""
+
+    def __init__(self, rep: AuditReport, path: str | os.PathLike[str], expected: bytes,
+                 now_ms: int, limits: BundleLimits) -> None:
+        self.rep = rep
+        self.path = path
+        self.expected = expected
+        self.now_ms = now_ms
+        self.limits = limits
+        self.verifier = Verifier()
+        self.extra_signatures = 0  # made on worker threads
+        self.feeds: dict[str, _Feed] = {}
+        self.seen: set[bytes] = set()  # ids of valid records: never verified again
+        self.pending: set[bytes] = set()  # ids parsed, signature not yet decided
+        self.conflicts: list[tuple[str, int, int, bytes]] = []  # feed, seq, 1st offset, env
+        self.foreign: dict[bytes, int] = {}  # other origin -> records
+        self.header_feeds: frozenset[str] = frozenset()
+        self.future_limit = now_ms + DEFAULT_FUTURE_TOLERANCE_MS
+
+    def feed(self, name: str) -> _Feed:
+        st = self.feeds.get(name)
+        if st is None:
+            fa = FeedAudit(name, listed=name in self.header_feeds)
+            self.rep.feeds[name] = fa
+            st = self.feeds[name] = _Feed(fa)
+            if self.rep.header is not None and not fa.listed:
+                self.rep.add(WARNING, "unlisted_feed", name, None, "the bundle holds "
+                             "records of this feed but its header does not list it")
+        return st
+
+    def _invalid(self, exc: InvalidRecord, f: dict[str, Any] | None, offset: int) -> None:
+        if f is None:
+            self.rep.add(ERROR, exc.reason, None, None,
+                         f"record item at byte {offset} is invalid: {exc}")
+            return
+        st = self.feed(f["feed"])
+        st.audit.invalid += 1
+        st.bad_seqs.add(f["seq"])
+        self.rep.add(ERROR, exc.reason, f["feed"], f["seq"], str(exc))
+
+    def parse(self, item: Item) -> _Cand | None:
+        """Everything about a record but its signature, cheapest first. Returns the
+        candidate to verify, or None when the record was settled here (invalid, of
+        another origin, or a repeat of a valid record)."""
+        env = item.data
+        f: dict[str, Any] | None = None
+        try:
+            body, sig = decode_envelope(env)
+            rid = _sha256(body).digest()
+            if rid in self.seen:
+                f = parse_body(body)  # valid already: parsed only to name it
+                self.rep.add(WARNING, "duplicate", f["feed"], f["seq"],
+                             "the same record appears twice in the bundle")
+                return None
+            f = parse_body(body)
+            origin = f["origin"]
+            if origin != self.expected:
+                self.foreign[origin] = self.foreign.get(origin, 0) + 1
+                return None
+            validate_payload(f["type"], f["data"])
+        except InvalidRecord as exc:
+            self._invalid(exc, f if f is not None and f["origin"] == self.expected else None,
+                          item.offset)
+            return None
+        repeat = rid in self.pending
+        self.pending.add(rid)
+        return (rid, f, body, sig, item.offset, env, repeat)
+
+    def settle(self, c: _Cand, error: InvalidRecord | None) -> None:
+        """Place a candidate whose signature was checked (in bundle order)."""
+        rid, f, body, sig, offset, env, repeat = c
+        if repeat:
+            if rid in self.seen:
+                self.rep.add(WARNING, "duplicate", f["feed"], f["seq"],
+                             "the same record appears twice in the bundle")
+                return
+            try:  # the first copy was invalid: this one is checked on its own
+                self.verifier.verify(self.expected, DOMAIN_RECORD, body, sig)
+                error = None
+            except InvalidRecord as exc:
+                error = exc
+        else:
+            self.pending.discard(rid)
+        if error is not None:
+            self._invalid(error, f, offset)
+            return
+        self.seen.add(rid)
+        name, seq = f["feed"], f["seq"]
+        st = self.feeds.get(name) or self.feed(name)
+        if f["time"] > self.future_limit:
+            self.rep.add(ERROR, "future_time", name, seq,
+                         f"record is dated {(f['time'] - self.now_ms) // 1000} s after the "
+                         f"audit time (tolerance {DEFAULT_FUTURE_TOLERANCE_MS // 1000} s)")
+        held = st.held
+        if seq in held:
+            # Same seq, different id (the same id was caught as a duplicate).
+            self.conflicts.append((name, seq, held[seq][2], env))
+            return
+        held[seq] = (rid, f.get("prev"), offset)
+        if seq < st.last_seq:
+            st.late += 1
+        else:
+            st.last_seq = seq
+
+
+def audit_bundle(
+    path: str | os.PathLike[str],
+    origin_node_id: str,
+    *,
+    now_ms: int,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 0,
+    limits: BundleLimits = DEFAULT_BUNDLE_LIMITS,
+) -> AuditReport:
+    """Verify a bundle offline against the origin's node id (obtained out of band).
+
+    Needs nothing but the file: no network, no data dir. Checks, streaming, each record
+    verified once (its id is looked up before any signature work): the header names the
+    origin; the card, if any, is signed by it; every record is a canonical envelope and
+    body of the origin with a valid payload and signature, not dated beyond ``now_ms``
+    + 15 minutes; per feed, seqs are contiguous from 1, in order, and each ``prev`` is
+    the id of the record below; two records for one seq are an equivocation (verified
+    as a fork proof); every checkpoint is signed by the origin and its root equals the
+    RFC 9162 Merkle root of the bundle's record ids at its size (when the bundle holds
+    that many); two checkpoints at one size with different roots are a split view;
+    every fork and split-view proof carried verifies.
+
+    ``workers`` > 0 verifies record signatures on that many threads while the calling
+    thread reads and parses (libsodium releases the GIL); 0 does everything on the
+    calling thread. The report is the same either way. ``progress(bytes_read,
+    bytes_total)`` is called now and then.
+
+    Never raises for anything inside the bundle (it becomes a finding); raises
+    :class:`InvalidNodeId` for a malformed ``origin_node_id`` and
+    :class:`CitynodeError` if the file cannot be read.
+    """
+    expected = parse_node_id(origin_node_id)
+    oid = node_id(expected)
+    started = time.perf_counter()
+    rep = AuditReport(os.fspath(path), oid, now_ms)
+    try:
+        total = os.path.getsize(path)
+    except OSError as exc:
+        raise CitynodeError(f"cannot read bundle {os.fspath(path)}: "
+                            f"{exc.strerror or exc}") from exc
+    a = _Audit(rep, path, expected, now_ms, limits)
+    pool = ThreadPoolExecutor(workers, "citynode-audit") if workers > 0 else None
+    inflight: deque[tuple[list[_Cand], Future[tuple[list[InvalidRecord | None], int]]]] = \
+        deque()
+
+    def drain(keep: int) -> None:
+        while len(inflight) > keep:
+            cands, fut = inflight.popleft()
+            errors, count = fut.result()
+            a.extra_signatures += count
+            for c, err in zip(cands, errors, strict=True):
+                a.settle(c, err)
+
+    parse, settle, verify = a.parse, a.settle, a.verifier.verify
+    batch: list[_Cand] = []
+    records = 0
+    next_progress = 0
+    try:
+        for item in iter_bundle(path, limits=limits):
+            rep.items += 1
+            kind = item.kind
+            if kind == RECORD:
+                records += 1
+                if progress is not None and records >= next_progress:
+                    progress(item.offset, total)
+                    next_progress = records + 2000
+                c = parse(item)
+                if c is None:
+                    continue
+                if pool is None:
+                    err: InvalidRecord | None = None
+                    if not c[6]:
+                        try:
+                            verify(expected, DOMAIN_RECORD, c[2], c[3])
+                        except InvalidRecord as exc:
+                            err = exc
+                    settle(c, err)
+                    continue
+                batch.append(c)
+                if len(batch) >= _BATCH:
+                    inflight.append((batch, pool.submit(_verify_batch, expected, batch)))
+                    batch = []
+                    drain(workers + 1)  # bounded memory; keeps every worker busy
+            elif kind == HEADER:
+                h = item.info
+                assert isinstance(h, BundleHeader)
+                rep.header = h
+                a.header_feeds = frozenset(h.feeds)
+                if h.origin != expected:
+                    rep.add(ERROR, "header_origin", None, None,
+                            f"the bundle header names origin {node_id(h.origin)}, not "
+                            f"{oid}: it is not a bundle of this origin")
+            elif kind == CARD:
+                try:
+                    rep.card = open_card(item.data, expected_node_id=oid,
+                                         verifier=a.verifier, now_ms=now_ms)
+                except InvalidRecord as exc:
+                    rep.add(ERROR, "bad_card", None, None,
+                            f"the bundle's card is refused: {exc}")
+            elif kind == CHECKPOINT:
+                _audit_checkpoint(rep, item, expected, a.verifier, now_ms, a.feed)
+            elif kind in (FORK, SPLIT_VIEW):
+                _audit_proof(rep, item, expected, a.verifier)
+            elif kind == END:
+                rep.complete = True
+    except InvalidRecord as exc:
+        what = {"truncated": "truncated", "bad_counts": "bad_counts"}.get(exc.reason,
+                                                                          "bad_bundle")
+        rep.add(ERROR, what, None, None,
+                f"{exc} (the audit covers the {rep.items} item(s) read before this)")
+    finally:
+        if pool is not None:
+            try:
+                if batch:
+                    inflight.append((batch, pool.submit(_verify_batch, expected, batch)))
+                drain(0)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    rep.record_items = records
+    _finish(a)
+    rep.signatures = a.verifier.count + a.extra_signatures
+    rep.bytes = total
+    rep.seconds = time.perf_counter() - started
+    if progress is not None:
+        progress(total, total)
+    return rep
+
+
+def _finish(a: _Audit) -> None:
+    """The checks that need every item: empty and foreign feeds, chains, equivocations."""
+    rep, add = a.rep, a.rep.add
+    if rep.header is not None:
+        for name in sorted(a.header_feeds - set(a.feeds)):
+            rep.feeds[name] = FeedAudit(name, listed=True)
+            add(INFO, "empty_feed", name, None, "listed in the header, but no record of it")
+    for other, n in a.foreign.items():
+        add(ERROR, "foreign_record", None, None,
+            f"{n} record(s) signed by another origin ({node_id(other)}): not part of "
+            f"{rep.origin}'s history (not verified)")
+    for name in sorted(a.feeds):
+        _finish_feed(rep, a.path, name, a.feeds[name], a.verifier, a.limits)
+    for name, seq, first_offset, env in a.conflicts:
+        if rep.kind_counts.get("equivocation", 0) >= MAX_FINDINGS_PER_KIND:
+            add(ERROR, "equivocation", name, seq, "two different records for this seq")
+            continue
+        first = read_item_at(a.path, first_offset, limits=a.limits).data
+        try:
+            verify_fork_proof(ForkProof(first, env), a.verifier)
+        except InvalidProof as exc:  # cannot happen for two valid records; say so if it does
+            add(ERROR, "equivocation", name, seq, f"two records at this seq: {exc}")
+            continue
+        add(ERROR, "equivocation", name, seq,
+            "two different records signed by the origin for this seq: the origin "
+            "equivocated (fork proof verified)")
+
+
+def _audit_checkpoint(
+    rep: AuditReport, item: Item, expected: bytes, verifier: Verifier, now_ms: int,
+    feed_state: Callable[[str], _Feed],
+) -> None:
+    try:
+        cp = open_checkpoint(item.data, verifier=verifier)  # time checked below
+    except InvalidRecord as exc:
+        rep.add(ERROR, "bad_checkpoint", None, None,
+                f"checkpoint at byte {item.offset} is invalid: {exc} [{exc.reason}]")
+        return
+    if cp.origin != expected:
+        rep.add(ERROR, "foreign_checkpoint", cp.feed, None,
+                f"checkpoint of size {cp.size} is signed by another origin "
+                f"({node_id(cp.origin)})")
+        return
+    if cp.time > now_ms + DEFAULT_FUTURE_TOLERANCE_MS:
+        rep.add(ERROR, "future_time", cp.feed, None,
+                f"checkpoint of size {cp.size} is dated {(cp.time - now_ms) // 1000} s after "
+                "the audit time")
+    st = feed_state(cp.feed)
+    st.checkpoints.append(cp)
+    st.audit.checkpoints += 1
+
+
+def _audit_proof(rep: AuditReport, item: Item, expected: bytes, verifier: Verifier) -> None:
+    try:
+        if item.kind == FORK:
+            a, _b = verify_fork_proof(ForkProof.decode(item.data), verifier)
+            origin, feed, seq = a.origin, a.feed, a.seq
+            what = f"fork proof: the origin signed two histories of this feed at seq {seq}"
+        else:
+            ca, _cb = verify_split_view(SplitViewProof.decode(item.data), verifier)
+            origin, feed, seq = ca.origin, ca.feed, None
+            what = (f"split-view proof: the origin signed two roots for size {ca.size} of "
+                    "this feed")
+    except InvalidProof as exc:
+        rep.add(ERROR, "bad_proof", None, None,
+                f"{item.kind} proof at byte {item.offset} does not hold: {exc}")
+        return
+    if origin != expected:
+        rep.add(WARNING, "foreign_proof", feed, seq,
+                f"the bundle carries a valid {item.kind} proof against another origin "
+                f"({node_id(origin)})")
+        return
+    rep.add(ERROR, "equivocation" if item.kind == FORK else "split_view", feed, seq,
+            f"{what} (carried in the bundle, verified)")
+
+
+def _finish_feed(
+    rep: AuditReport, path: str | os.PathLike[str], name: str, st: _Feed,
+    verifier: Verifier, limits: BundleLimits,
+) -> None:
+    """Chain, gap, order and checkpoint checks of one feed, once every item was read."""
+    fa, held = st.audit, st.held
+    fa.records = len(held)
+    seqs = sorted(held)
+    fa.max_seq = max(seqs[-1] if seqs else 0, max(st.bad_seqs, default=0))
+    if st.late:
+        rep.add(ERROR, "out_of_order", name, None,
+                f"{st.late} record(s) come after a record with a higher seq: the bundle's "
+                "records were reordered (a bundle lists each feed in seq order)")
+    # Gaps: seqs below the highest with no valid record, by ranges (a seq can be near
+    # 2**63: never step through a gap one seq at a time). Seqs where an invalid record
+    # of the origin stood were reported with it, so they are left out here.
+    fa.missing = fa.max_seq - len(held)
+    bad = sorted(s for s in st.bad_seqs if s not in held)
+    expect = 1
+    for s in [*seqs, fa.max_seq + 1]:
+        if s > expect:
+            lo = expect
+            i = bisect.bisect_left(bad, lo)
+            while lo < s:
+                hi = bad[i] - 1 if i < len(bad) and bad[i] < s else s - 1
+                if hi >= lo:
+                    rep.add(ERROR, "gap", name, lo,
+                            f"{_range_text(lo, hi)} missing: the bundle lacks "
+                            f"{hi - lo + 1} record(s) of the chain")
+                lo = hi + 2  # past the bad seq (or past s - 1: the loop ends)
+                i += 1
+        expect = s + 1
+    # Chain links.
+    contiguous = 0
+    for s in seqs:
+        if s == contiguous + 1:
+            contiguous = s
+        if s == 1:
+            continue
+        below = held.get(s - 1)
+        if below is None:
+            continue
+        _rid, prev, off = held[s]
+        if prev != below[0]:
+            how = "both are signed by the origin: it signed two histories"
+            # Only listed findings get the proof re-checked (bounded extra work).
+            if rep.kind_counts.get("broken_link", 0) < MAX_FINDINGS_PER_KIND:
+                env_lo = read_item_at(path, below[2], limits=limits).data
+                env_hi = read_item_at(path, off, limits=limits).data
+                try:
+                    verify_fork_proof(ForkProof(env_lo, env_hi), verifier)
+                    how += " (fork proof verified)"
+                except InvalidProof as exc:
+                    how = str(exc)
+            rep.add(ERROR, "broken_link", name, s,
+                    f"prev is not the id of the record at seq {s - 1}: {how}")
+    fa.contiguous = contiguous
+    if not st.checkpoints:
+        return
+    # Checkpoints: roots against the bundle's own record ids, then against each other.
+    cps = sorted(st.checkpoints, key=lambda c: c.size)
+    upto = min(contiguous, cps[-1].size)
+    log = MerkleLog(held[s][0] for s in range(1, upto + 1))
+    by_size: dict[int, Checkpoint] = {}
+    for cp in cps:
+        other = by_size.get(cp.size)
+        if other is not None and other.root != cp.root:
+            try:
+                verify_split_view(SplitViewProof(other.envelope, cp.envelope), verifier)
+                rep.add(ERROR, "split_view", name, None,
+                        f"two checkpoints of size {cp.size} with different roots: the "
+                        "origin showed two histories (split-view proof verified)")
+            except InvalidProof as exc:
+                rep.add(ERROR, "split_view", name, None, str(exc))
+        by_size.setdefault(cp.size, cp)
+        if cp.size <= upto:
+            if log.root(cp.size) == cp.root:
+                fa.checkpoints_matched += 1
+            else:
+                rep.add(ERROR, "checkpoint_mismatch", name, cp.size,
+                        f"the checkpoint of size {cp.size} signed by the origin does not "
+                        f"match the Merkle root of the bundle's first {cp.size} records: the "
+                        "records were altered, or the origin showed a split view")
+        else:
+            rep.add(WARNING, "checkpoint_beyond", name, cp.size,
+                    f"the checkpoint of size {cp.size} cannot be checked: the bundle holds "
+                    f"only seq 1..{contiguous} of this feed contiguously")
+    sizes = sorted(by_size)
+    for a, b in itertools.pairwise(sizes):
+        if by_size[b].time < by_size[a].time:
+            rep.add(WARNING, "checkpoint_time_order", name, b,
+                    f"the checkpoint of size {b} is dated before the one of size {a}: "
+                    "check the origin's clock")

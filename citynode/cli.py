@@ -1,0 +1,451 @@
+"""The ``citynode`` command line: thin click commands over the library.
+
+Every command takes the data dir as ``-d DIR`` (or ``CITYNODE_DIR``). Errors are one line
+on stderr and exit status 1 (2 for usage errors); never a traceback. Tables on a
+terminal, JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from citynode import __version__
+from citynode.errors import CitynodeError
+
+T = TypeVar("T")
+
+__all__ = ["main"]
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class _Group(click.Group):
+    """Turns every CitynodeError into one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CitynodeError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except OSError as exc:
+            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+
+
+DIR_OPTION = click.option(
+    "-d",
+    "--dir",
+    "data_dir",
+    envvar="CITYNODE_DIR",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The node's data directory (or set CITYNODE_DIR).",
+)
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _print_json(v: Any) -> None:
+    click.echo(json.dumps(v, indent=2, ensure_ascii=False))
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) if x is not None else "" for x in r])
+    Console().print(t)
+
+
+@asynccontextmanager
+async def _local_node(data_dir: Path) -> AsyncIterator[Any]:
+    """Open the data dir directly (no server, no partner tasks) for a one-shot command."""
+    from citynode.node import Node
+    from citynode.runner import run_lock
+
+    with run_lock(data_dir):
+        node = Node.load(data_dir)
+        await node.start(partners=False)
+        try:
+            yield node
+        finally:
+            await node.stop()
+
+
+def _is_running(data_dir: Path) -> bool:
+    from citynode.runner import is_running
+
+    if not (data_dir / "node.toml").exists():
+        raise click.ClickException(
+            f"{data_dir} is not a citynode data dir (no node.toml): run `citynode init -d {data_dir}`"
+        )
+    return is_running(data_dir)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="citynode")
+def main() -> None:
+    """citynode: share signed city data feeds directly with partner cities.
+
+    Start with `citynode init`, then `citynode run`; add partners with
+    `citynode partner add`. See README.md and docs/ for more.
+    """
+
+
+@main.command()
+@DIR_OPTION
+@click.option("--name", required=True, help="The city or node name, e.g. Jakarta.")
+@click.option("--listen", default="127.0.0.1:8443", show_default=True,
+              help="HOST:PORT the node serves HTTPS on.")
+@click.option("--public-url", default=None,
+              help="URL partners use to reach this node (default https://LISTEN).")
+@click.option("--host", "hosts", multiple=True,
+              help="Extra host name or IP for the TLS certificate (repeatable).")
+@click.option("--passphrase", is_flag=True,
+              help="Protect the node key with a passphrase (asked for now; give it in "
+                   "CITYNODE_PASSPHRASE when the node starts).")
+def init(data_dir: Path, name: str, listen: str, public_url: str | None,
+         hosts: tuple[str, ...], passphrase: bool) -> None:
+    """Create a new node: key, TLS certificate, operator token and node.toml."""
+    from citynode.datadir import init_data_dir
+
+    pw = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True) if passphrase else None
+    ident, cfg = init_data_dir(data_dir, name=name, listen=listen, public_url=public_url,
+                               hosts=hosts, passphrase=pw)
+    url = cfg.node.public_url
+    click.echo(f"created node {name} in {data_dir}")
+    click.echo(f"node id: {ident.node_id}")
+    click.echo("A partner city adds this node with:")
+    click.echo(f"  citynode partner add {url} --id {ident.node_id} -d THEIR_DIR")
+    click.echo(f"Start it with: citynode run -d {data_dir}")
+
+
+@main.command()
+@DIR_OPTION
+def run(data_dir: Path) -> None:
+    """Serve the node (HTTPS) until stopped with SIGTERM or Ctrl-C."""
+    from citynode.runner import run_node
+
+    run_node(data_dir)
+
+
+@main.command("id")
+@DIR_OPTION
+def show_id(data_dir: Path) -> None:
+    """Print this node's id (give it to partner cities out of band)."""
+    from citynode.identity import load_identity
+
+    click.echo(load_identity(data_dir).node_id)
+
+
+def _read_items(source: Any) -> list[dict[str, Any]]:
+    text = source.read()
+    text = text.strip()
+    if not text:
+        raise click.ClickException("no input: give a JSON object, a JSON array or JSON Lines")
+    try:
+        if text.startswith("["):
+            items = json.loads(text)
+        elif "\n" in text:
+            items = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise click.ClickException(f"line {n}: invalid JSON: {exc}") from None
+        else:
+            items = [json.loads(text)]
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"invalid JSON: {exc}") from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise click.ClickException("each item must be a JSON object")
+    return items
+
+
+@main.command()
+@DIR_OPTION
+@click.option("--feed", required=True, help="Feed name, e.g. air-quality.")
+@click.option("--type", "type_name", required=True,
+              help="Payload type, e.g. AirQualityObserved (see docs/PROTOCOL.md).")
+@click.option("--subject", default=None, help="Optional subject (e.g. a station id).")
+@JSON_OPTION
+@click.argument("source", type=click.File("r"), default="-")
+def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_json: bool,
+            source: Any) -> None:
+    """Sign and publish records from SOURCE (a JSON file or - for stdin).
+
+    SOURCE holds one JSON object, a JSON array of objects, or JSON Lines (one object per
+    line). Every payload is checked against TYPE first: if any is invalid nothing is
+    published.
+    """
+    items = _read_items(source)
+    if _is_running(data_dir):
+        from urllib.parse import urlencode
+
+        from citynode.runner import operator_request
+
+        q = {"feed": feed, "type": type_name} | ({"subject": subject} if subject else {})
+        body = "\n".join(json.dumps(i) for i in items).encode() + b"\n"
+        out = _run(operator_request(data_dir, "POST", f"/v1/publish?{urlencode(q)}", body=body))
+        ids, first = out["ids"], out["first_seq"]
+    else:
+        async def go() -> tuple[list[str], int]:
+            async with _local_node(data_dir) as node:
+                recs = await node.publish(
+                    feed, type_name, items, subjects=[subject] * len(items) if subject else None
+                )
+                return [r.id.hex() for r in recs], recs[0].seq
+
+        ids, first = _run(go())
+    if as_json:
+        _print_json({"feed": feed, "first_seq": first, "ids": ids})
+    else:
+        click.echo(f"published {len(ids)} record(s) on {feed}, seq {first}..{first + len(ids) - 1}")
+        if len(ids) <= 10:
+            for i in ids:
+                click.echo(i)
+
+
+@main.command()
+@DIR_OPTION
+@click.option("--origin", default=None, help="Only records of this node id.")
+@click.option("--feed", default=None, help="Only this feed.")
+@click.option("--type", "type_name", default=None, help="Only this payload type.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--after", default=0, type=click.IntRange(0), help="Cursor: show records after it.")
+@JSON_OPTION
+def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str | None,
+            limit: int, after: int, as_json: bool) -> None:
+    """List records held by this node (its own and its partners')."""
+    from citynode.core.keys import parse_node_id
+    from citynode.render import stored_record_json
+    from citynode.storage import Storage
+
+    _is_running(data_dir)
+    st = Storage.open(data_dir / "citynode.db")
+    try:
+        rows = st.query(
+            origin=parse_node_id(origin) if origin else None,
+            feed=feed, type=type_name, after_rowid=after, limit=limit,
+        )
+        recs = [stored_record_json(r.envelope, rowid=r.rowid) for r in rows]
+    finally:
+        st.close()
+    if as_json:
+        _print_json({"records": recs, "next": recs[-1]["cursor"] if len(recs) == limit else None})
+        return
+    _table(
+        f"{len(recs)} record(s)",
+        ["cursor", "origin", "feed", "seq", "time", "type", "subject", "id"],
+        [[r["cursor"], r["origin"][:14] + "…", r["feed"], r["seq"], r["time_iso"], r["type"],
+          r.get("subject"), r["id"][:16] + "…"] for r in recs],
+    )
+
+
+@main.command()
+@DIR_OPTION
+@JSON_OPTION
+def feeds(data_dir: Path, as_json: bool) -> None:
+    """List the feeds this node holds and their heads."""
+    from citynode.core.keys import node_id
+    from citynode.render import iso_time
+    from citynode.storage import Storage
+
+    _is_running(data_dir)
+    st = Storage.open(data_dir / "citynode.db")
+    try:
+        rows = st.feeds()
+    finally:
+        st.close()
+    out = [{"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "count": r.count,
+            "head": r.head.hex(), "last_time": r.last_time} for r in rows]
+    if as_json:
+        _print_json({"feeds": out})
+        return
+    _table("feeds", ["origin", "feed", "head seq", "records", "last record"],
+           [[o["origin"], o["feed"], o["seq"], o["count"],
+             iso_time(o["last_time"]) if o["last_time"] else ""] for o in out])
+
+
+@main.group()
+def partner() -> None:
+    """Add, list and remove partner nodes."""
+
+
+@partner.command("add")
+@DIR_OPTION
+@click.argument("url")
+@click.option("--id", "pid", required=True, help="The partner's node id (cn1...), got out of band.")
+def partner_add(data_dir: Path, url: str, pid: str) -> None:
+    """Add the partner at URL after checking its card is signed by --id."""
+    from citynode.core.keys import parse_node_id
+
+    parse_node_id(pid)
+    if _is_running(data_dir):
+        from citynode.runner import operator_request
+
+        out = _run(operator_request(data_dir, "POST", "/v1/admin/partners",
+                                    json_body={"url": url, "id": pid}))
+        name = out["name"]
+    else:
+        async def go() -> str:
+            async with _local_node(data_dir) as node:
+                row = await node.add_partner(url, pid)
+                return str(row.name)
+
+        name = _run(go())
+    click.echo(f"added partner {name} ({pid}) at {url}; its TLS certificate is pinned")
+
+
+@partner.command("list")
+@DIR_OPTION
+@JSON_OPTION
+def partner_list(data_dir: Path, as_json: bool) -> None:
+    """List partners, with live state when the node is running."""
+    from citynode.storage import Storage
+
+    live: dict[str, Any] = {}
+    if _is_running(data_dir):
+        from citynode.runner import operator_request
+
+        out = _run(operator_request(data_dir, "GET", "/v1/admin/partners"))
+        live = {p["node_id"]: p for p in out["partners"]}
+    st = Storage.open(data_dir / "citynode.db")
+    try:
+        rows = st.partners()
+    finally:
+        st.close()
+    out_rows = []
+    for r in rows:
+        item: dict[str, Any] = {"node_id": r.node_id, "name": r.name, "url": r.url,
+                                "tls_fingerprint": r.tls_fingerprint.hex() if r.tls_fingerprint
+                                else None}
+        if r.node_id in live:
+            lv = live[r.node_id]
+            item.update({k: lv[k] for k in ("up", "failures", "queue", "invalid", "last_error")})
+        out_rows.append(item)
+    if as_json:
+        _print_json({"partners": out_rows})
+        return
+    _table("partners", ["name", "node id", "url", "up", "queue", "invalid"],
+           [[p["name"], p["node_id"], p["url"], p.get("up", "(not running)"),
+             p.get("queue", ""), ", ".join(f"{k}={v}" for k, v in p.get("invalid", {}).items())]
+            for p in out_rows])
+
+
+@partner.command("remove")
+@DIR_OPTION
+@click.argument("pid")
+def partner_remove(data_dir: Path, pid: str) -> None:
+    """Remove the partner with node id PID."""
+    from citynode.core.keys import parse_node_id
+
+    parse_node_id(pid)
+    if _is_running(data_dir):
+        from citynode.runner import operator_request
+
+        _run(operator_request(data_dir, "DELETE", f"/v1/admin/partners/{pid}"))
+    else:
+        async def go() -> bool:
+            async with _local_node(data_dir) as node:
+                return bool(await node.remove_partner(pid))
+
+        if not _run(go()):
+            raise click.ClickException(f"no partner {pid}")
+    click.echo(f"removed partner {pid}")
+
+
+@main.command()
+@DIR_OPTION
+@JSON_OPTION
+def check(data_dir: Path, as_json: bool) -> None:
+    """Re-verify every stored record: signature, canonical encoding, chain links.
+
+    Exits with status 1 if any problem is found.
+    """
+    from citynode.audit import check_storage
+    from citynode.storage import Storage
+
+    _is_running(data_dir)
+    st = Storage.open(data_dir / "citynode.db")
+    try:
+        report = check_storage(st, progress=sys.stderr.isatty())
+    finally:
+        st.close()
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        click.echo(f"checked {report.records} record(s) in {report.feeds} feed(s): "
+                   f"{len(report.problems)} problem(s)")
+        for p in report.problems[:200]:
+            click.echo(f"  {p}")
+    if report.problems:
+        sys.exit(1)
+
+
+@main.command()
+@DIR_OPTION
+@JSON_OPTION
+def forks(data_dir: Path, as_json: bool) -> None:
+    """List equivocation proofs: origins that signed two different records for one seq."""
+    from citynode.core.keys import node_id
+    from citynode.render import b64, iso_time
+    from citynode.storage import Storage
+
+    _is_running(data_dir)
+    st = Storage.open(data_dir / "citynode.db")
+    try:
+        rows = st.fork_proofs()
+    finally:
+        st.close()
+    out = [{"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "kind": r.kind,
+            "found_at": r.found_at, "reported_by": r.reported_by, "proof": b64(r.proof)}
+           for r in rows]
+    if as_json:
+        _print_json({"forks": out})
+        return
+    if not out:
+        click.echo("no forks known")
+        return
+    _table("fork proofs", ["origin", "feed", "seq", "found", "reported by"],
+           [[o["origin"], o["feed"], o["seq"], iso_time(o["found_at"]) if o["found_at"] else "",
+             o["reported_by"]] for o in out])
+
+
+
+@main.command()
+@click.option("--duration", default=30.0, show_default=True, type=click.FloatRange(5, 3600),
+              help="Seconds of publishing before the demo winds down.")
+@click.option("--dir", "base", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Where to create the four data dirs (default: a new temporary dir).")
+def demo(duration: float, base: Path | None) -> None:
+    """Run four partner cities on this machine and watch records replicate.
+
+    Jakarta, Seoul, Surabaya and Singapore run as separate processes over HTTPS on
+    127.0.0.1, partnered Surabaya - Jakarta - Singapore - Seoul, each publishing air
+    quality, traffic and weather records. Stops by itself after --duration seconds.
+    """
+    from citynode.demo import run_demo
+
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        if any(base.iterdir()):
+            raise click.ClickException(f"{base} is not empty")
+    if not run_demo(duration, base):
+        raise click.ClickException("the nodes did not converge: see the node.log files")

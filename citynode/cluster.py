@@ -1,0 +1,224 @@
+"""Several real ``citynode`` processes on 127.0.0.1: used by the demo, the multi-node
+tests and the benchmarks, so all three exercise exactly what an operator runs.
+
+Each node is a separate ``python -m citynode run`` process with its own data dir, key
+and certificate; everything here talks to them over real HTTPS (pinned to each node's
+certificate) with the operator token, like the CLI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from citynode.datadir import init_data_dir
+from citynode.errors import PeerError, PeerRejected
+
+__all__ = ["Cluster", "LocalNode", "free_ports", "set_config"]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def set_config(path: Path, section: str, key: str, value: Any) -> None:
+    """Set ``key`` in ``[section]`` of a node.toml written by init (every key is there)."""
+    text = path.read_text()
+    lit = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+    start = text.index(f"[{section}]")
+    m = re.compile(rf"^{re.escape(key)} = .*$", re.M).search(text, start)
+    if m is None:
+        raise KeyError(f"{section}.{key}")
+    path.write_text(text[: m.start()] + f"{key} = {lit}" + text[m.end():])
+
+
+@dataclass
+class LocalNode:
+    """One node process on loopback."""
+
+    name: str
+    dir: Path
+    port: int
+    node_id: str
+    token: str
+    fingerprint: bytes
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start ``citynode run`` for this node (logs to DIR/node.log)."""
+        self.log_path = self.dir / "node.log"
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "citynode", "run", "-d", str(self.dir)],
+            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+        logf.close()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=120),
+                connector=aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(self.fingerprint)),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def api(
+        self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
+        operator: bool = True, raw: bool = False,
+    ) -> Any:
+        """Call the node's HTTPS API; JSON in and out unless ``raw``."""
+        headers = {"Accept": "application/msgpack" if raw else "application/json"}
+        if operator:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+        s = await self.session()
+        try:
+            async with s.request(method, self.url + path, data=body, headers=headers) as r:
+                data = await r.read()
+                if r.status >= 400:
+                    raise PeerRejected(f"{self.name} {path}: {r.status} {data[:300]!r}", r.status)
+                return data if raw else json.loads(data)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise PeerError(f"{self.name}: {exc}") from exc
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                                   f"{self.tail_log()}")
+            try:
+                out = await self.api("GET", "/readyz", operator=False)
+                if out.get("ready"):
+                    return
+            except (PeerError, PeerRejected) as exc:
+                last = exc
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s: {last}; {self.tail_log()}")
+
+    def tail_log(self, n: int = 20) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    async def publish(self, feed: str, type_name: str, items: list[dict[str, Any]],
+                      subject: str | None = None) -> dict[str, Any]:
+        q = f"/v1/publish?feed={feed}&type={type_name}" + (f"&subject={subject}" if subject
+                                                               else "")
+        body = "\n".join(json.dumps(i) for i in items).encode() + b"\n"
+        out: dict[str, Any] = await self.api("POST", q, body=body)
+        return out
+
+    async def feeds(self) -> list[dict[str, Any]]:
+        out = await self.api("GET", "/v1/feeds", operator=False)
+        return list(out["feeds"])
+
+    async def add_partner(self, other: LocalNode) -> None:
+        await self.api("POST", "/v1/admin/partners",
+                       json_body={"url": other.url, "id": other.node_id})
+
+
+class Cluster:
+    """A set of local nodes under one base directory."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.nodes: dict[str, LocalNode] = {}
+
+    def create(self, names: list[str], *, settings: dict[tuple[str, str], Any] | None = None
+               ) -> list[LocalNode]:
+        """``citynode init`` one node per name, on free loopback ports."""
+        from nacl.pwhash import argon2id
+
+        ports = free_ports(len(names))
+        out = []
+        for name, port in zip(names, ports, strict=True):
+            d = self.base / name.lower().replace(" ", "-")
+            ident, _cfg = init_data_dir(
+                d, name=name, listen=f"127.0.0.1:{port}",
+                kdf_opslimit=argon2id.OPSLIMIT_MIN, kdf_memlimit=argon2id.MEMLIMIT_MIN,
+            )
+            for (section, key), value in (settings or {}).items():
+                set_config(d / "node.toml", section, key, value)
+            n = LocalNode(name, d, port, ident.node_id, ident.token, ident.cert_fingerprint)
+            self.nodes[name] = n
+            out.append(n)
+        return out
+
+    async def start(self, nodes: list[LocalNode] | None = None) -> None:
+        nodes = nodes if nodes is not None else list(self.nodes.values())
+        for n in nodes:
+            n.start()
+        await asyncio.gather(*(n.wait_ready() for n in nodes))
+
+    async def link(self, a: LocalNode, b: LocalNode) -> None:
+        """Make a and b partners of each other (both must be running)."""
+        await a.add_partner(b)
+        await b.add_partner(a)
+
+    async def close(self) -> None:
+        for n in self.nodes.values():
+            await n.close()
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            n.stop()

@@ -1,0 +1,57 @@
+"""Prometheus metrics of one node, in a registry of its own (so tests can run several
+nodes in one process without their counters mixing)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """The node's metrics. ``render()`` gives the Prometheus text exposition format."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.stored = Counter(
+            "citynode_records_stored", "Records verified and stored", ["kind"], registry=r
+        )
+        self.rejected = Counter(
+            "citynode_records_rejected", "Records or messages rejected, by reason",
+            ["reason"], registry=r,
+        )
+        self.duplicates = Counter(
+            "citynode_records_duplicate", "Copies received of records already held", registry=r
+        )
+        self.received = Counter(
+            "citynode_records_received", "Record copies received from partners", registry=r
+        )
+        self.forks = Counter("citynode_forks_detected", "Equivocation proofs stored", registry=r)
+        self.published = Counter(
+            "citynode_records_published", "Records signed by this node", registry=r
+        )
+        self.partner_up = Gauge(
+            "citynode_partner_up", "1 if the last exchange with the partner succeeded",
+            ["partner"], registry=r,
+        )
+        self.partner_queue = Gauge(
+            "citynode_partner_queue", "Records waiting to be pushed to the partner",
+            ["partner"], registry=r,
+        )
+        self.partner_invalid = Counter(
+            "citynode_partner_invalid", "Invalid items received from a partner, by reason",
+            ["partner", "reason"], registry=r,
+        )
+        self.pending = Gauge(
+            "citynode_pending_records", "Records held until a gap in their chain is filled",
+            registry=r,
+        )
+        self.db_size = Gauge("citynode_db_size_bytes", "Size of the database file", registry=r)
+        self.feeds = Gauge("citynode_feeds", "Feeds held (own and replicated)", registry=r)
+        self.push_latency = Histogram(
+            "citynode_push_seconds", "Duration of a push request to a partner",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5), registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

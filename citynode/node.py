@@ -1,0 +1,897 @@
+"""The node: wires storage, the protocol core and the transport; owns every background task.
+
+Ingest pipeline for records from outside (push, fetch, subscribe)::
+
+    envelope bytes ──► split + id (SHA-256) ──► already held? ──yes──► duplicate (no verify)
+                                                   │ no
+                                      origin accepted by trust policy and quota?
+                                                   │ yes
+                         open_record (canonical decode, fields, time, payload, signature)
+                                                   │        (in a worker thread: PyNaCl
+                                                   ▼         releases the GIL)
+                       classify against the in-memory chain heads (event loop, no await)
+             EXTENDS ─► queue for the writer   AHEAD ─► pending buffer   EQUIVOCATION ─► proof
+                                                   │
+                                   writer commits ─► push to partners, wake subscribers
+
+Classification and the head update happen with no ``await`` in between, so two
+concurrent ingests can never both extend a chain from the same head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from citynode import __version__
+from citynode.config import Config, load_config
+from citynode.core import cards, sync
+from citynode.core.chain import FeedHead, ForkProof, Verdict, classify
+from citynode.core.encoding import Limits
+from citynode.core.keys import Verifier, node_id, parse_node_id
+from citynode.core.records import (
+    Record,
+    RecordPolicy,
+    check_feed_name,
+    decode_envelope,
+    open_record,
+    record_id,
+    sign_record,
+)
+from citynode.errors import (
+    CitynodeError,
+    InvalidRecord,
+    PeerError,
+    PublishRefused,
+    StorageError,
+)
+from citynode.identity import Identity, load_identity
+from citynode.logs import fields
+from citynode.metrics import Metrics
+from citynode.storage import PartnerRow, Storage
+from citynode.transport.client import PeerClient
+
+__all__ = ["IngestResult", "Node"]
+
+log = logging.getLogger("citynode.node")
+T = TypeVar("T")
+FeedKey = tuple[bytes, str]
+
+DB_NAME = "citynode.db"
+
+
+@dataclass
+class IngestResult:
+    """What became of a batch of envelopes."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    pending: int = 0
+    forks: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "pending": self.pending,
+            "forks": self.forks,
+            "rejected": [list(r) for r in self.rejected],
+        }
+
+
+class PartnerLink:
+    """Everything the node keeps about one partner while running."""
+
+    def __init__(self, row: PartnerRow, client: PeerClient, queue_max: int) -> None:
+        self.row = row
+        self.client = client
+        self.key = row.public_key
+        self.view = sync.PeerView()
+        self.queue: deque[Record] = deque()
+        self.queue_max = queue_max
+        self.overflowed = False  # push dropped something: pull must repair
+        self.wake = asyncio.Event()
+        self.sync_now = asyncio.Event()
+        self.up = False
+        self.failures = 0
+        self.last_ok_ms: int | None = None
+        self.last_error: str | None = None
+        self.invalid: dict[str, int] = {}
+        self.synced_once = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def enqueue(self, rec: Record) -> None:
+        if len(self.queue) >= self.queue_max:
+            self.queue.popleft()
+            self.overflowed = True
+            self.sync_now.set()
+        self.queue.append(rec)
+        self.wake.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.row.node_id,
+            "name": self.row.name,
+            "url": self.row.url,
+            "up": self.up,
+            "failures": self.failures,
+            "last_ok_ms": self.last_ok_ms,
+            "last_error": self.last_error,
+            "queue": len(self.queue),
+            "invalid": dict(self.invalid),
+        }
+
+
+class _RecentIds:
+    """A bounded set of ids recently committed, so a duplicate arriving while the database
+    is still being asked costs no signature verification."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self._d: OrderedDict[bytes, None] = OrderedDict()
+        self._size = size
+
+    def add(self, rid: bytes) -> None:
+        self._d[rid] = None
+        if len(self._d) > self._size:
+            self._d.popitem(last=False)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._d
+
+
+class Node:
+    """A running citynode. Create with :meth:`load`, then ``await start()``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        config: Config,
+        identity: Identity,
+        storage: Storage,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.identity = identity
+        self.key = identity.key
+        self.public_key = identity.key.public_key
+        self.node_id = identity.node_id
+        self.storage = storage
+        self.clock = clock
+        self.metrics = Metrics()
+        self.verifier = Verifier()
+        lim = config.limits
+        self.policy = RecordPolicy(
+            body_limits=Limits(max_bytes=lim.max_body_bytes),
+            future_tolerance_ms=int(lim.future_tolerance_seconds * 1000),
+        )
+        self.heads: dict[FeedKey, FeedHead] = {}
+        self.inflight: set[bytes] = set()
+        self.recent = _RecentIds()
+        self.pending = sync.PendingBuffer(lim.pending_max_records, lim.pending_max_bytes)
+        self.quota = sync.OriginQuota(
+            config.federation.origin_quota_records_per_day,
+            config.federation.origin_quota_bytes_per_day,
+        )
+        self.vouch = sync.VouchGraph()
+        self.links: dict[bytes, PartnerLink] = {}
+        self.own_blocked: dict[str, str] = {}  # feed -> why publishing is refused
+        self._own_targets: dict[str, int] = {}  # feed -> seq a partner holds of ours
+        self._trusted: set[bytes] | None = None  # cache of the trust policy's origin set
+        self.feed_locks: dict[str, asyncio.Lock] = {}
+        self.listeners: set[Callable[[Sequence[Record]], None]] = set()
+        self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._card: cards.NodeCard | None = None
+        self._stopping = False
+        self.ready = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def load(cls, data_dir: Path, *, passphrase: str | None = None) -> Node:
+        """Open a data dir made by ``citynode init``. Raises ConfigError, KeyFileError,
+        StorageError with a message naming what to fix."""
+        data_dir = Path(data_dir)
+        config = load_config(data_dir / "node.toml")
+        identity = load_identity(data_dir, passphrase)
+        storage = Storage.open(data_dir / DB_NAME, rejected_log_rows=config.limits.rejected_log_rows)
+        return cls(data_dir, config, identity, storage)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking storage read in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def start(self, *, partners: bool = True) -> None:
+        """Load state and (unless ``partners=False``, for one-shot CLI commands) start the
+        partner tasks. The HTTP server is the caller's."""
+        raw = await self._io(self.storage.heads)
+        self.heads = {k: FeedHead(seq, hid) for k, (seq, hid) in raw.items()}
+        if partners:
+            for row in await self._io(self.storage.partners):
+                self._start_link(row)
+        for k, env in await self._io(self._load_cards):
+            self._learn_card(env, k)
+        self.ready = True
+        self.metrics.feeds.set(len(self.heads))
+        log.info(
+            "node started",
+            extra=fields(node=self.node_id, feeds=len(self.heads), partners=len(self.links)),
+        )
+
+    def _load_cards(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        for row in self.storage.partners():
+            if row.card:
+                out.append((row.public_key, row.card))
+        return out
+
+    async def initial_sync(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until every partner was synced once, so own-feed safety checks
+        ran before we publish."""
+        waits = [link.synced_once.wait() for link in self.links.values()]
+        if waits:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+
+    async def stop(self) -> None:
+        """Stop background tasks and close storage; everything acknowledged is committed."""
+        self._stopping = True
+        self.ready = False
+        for link in list(self.links.values()):
+            await self._stop_link(link)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._io(self.storage.close)
+        log.info("node stopped", extra=fields(node=self.node_id))
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Start a background task owned by the node (kept until it ends)."""
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # ------------------------------------------------------------------ card
+
+    def card(self) -> cards.NodeCard:
+        """Our signed node card (re-signed when partners or feeds change)."""
+        if self._card is None:
+            feeds = sorted(
+                {f for (o, f) in self.heads if o == self.public_key} | set(self.config.feeds)
+            )
+            self._card = cards.make_card(
+                self.key,
+                name=self.config.node.name,
+                url=self.config.node.public_url,
+                tls_fingerprint=self.identity.cert_fingerprint if self.config.tls.enabled else None,
+                feeds=[(f, self._feed_access(f)) for f in feeds],
+                partners=sorted(self.links),
+                software=f"citynode/{__version__}",
+                now_ms=self.now_ms(),
+            )
+            self.storage.set_meta("card:" + self.public_key.hex(), self._card.envelope)
+        return self._card
+
+    def _feed_access(self, feed: str) -> str:
+        fc = self.config.feeds.get(feed)
+        return fc.access if fc is not None else "public"
+
+    def _learn_card(self, env: bytes, expected_key: bytes | None = None) -> bool:
+        try:
+            c = cards.open_card(
+                env,
+                expected_node_id=node_id(expected_key) if expected_key else None,
+                verifier=self.verifier,
+                now_ms=self.now_ms(),
+            )
+        except CitynodeError as exc:
+            log.info("ignored an invalid card", extra=fields(error=str(exc)))
+            return False
+        old = self.cards_seen.get(c.node)
+        if old is not None:
+            try:
+                prev = cards.open_card(old, expected_node_id=None, verifier=self.verifier)
+                if prev.time >= c.time:
+                    return False
+            except CitynodeError:
+                pass
+        if len(self.cards_seen) >= 10_000 and c.node not in self.cards_seen:
+            return False
+        self.cards_seen[c.node] = env
+        self.vouch.add_card(c.node, set(c.partners))
+        self._trusted = None
+        # Kept so `citynode export` can put the origin's card in an auditor's bundle.
+        self.storage.set_meta("card:" + c.node.hex(), env)
+        return True
+
+    def accepts_origin(self, origin: bytes) -> bool:
+        """Trust policy (config ``federation.accept``)."""
+        fed = self.config.federation
+        direct = set(self.links)
+        if self._trusted is None:
+            self._trusted = (
+                self.vouch.trusted(self.public_key, direct, fed.vouch_hops)
+                if fed.accept == "vouched"
+                else set()
+            )
+        return sync.accept_origin(
+            origin,
+            policy=fed.accept,
+            self_key=self.public_key,
+            partners=direct,
+            vouched=self._trusted,
+        )
+
+    # ------------------------------------------------------------------ ingest
+
+    async def ingest(
+        self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None
+    ) -> IngestResult:
+        """Verify and store records from outside. Never raises for bad records: each is
+        rejected with a reason (counted, logged in the bounded rejected log)."""
+        res = IngestResult()
+        src = source.row.node_id if source else "local"
+        now = self.now_ms()
+        todo: list[tuple[int, bytes, bytes, bytes]] = []
+        seen: set[bytes] = set()
+        for i, env in enumerate(envelopes):
+            self.metrics.received.inc()
+            try:
+                body, sig = decode_envelope(env, self.policy.body_limits)
+            except InvalidRecord as exc:
+                self._reject(res, i, exc, source)
+                continue
+            rid = record_id(body)
+            if rid in seen or rid in self.inflight or rid in self.recent:
+                res.duplicates += 1
+                continue
+            seen.add(rid)
+            todo.append((i, rid, body, sig))
+        if todo:
+            held = await self._io(self.storage.has_ids, [t[1] for t in todo])
+            fresh = []
+            for t in todo:
+                if t[1] in held:
+                    res.duplicates += 1
+                    self.recent.add(t[1])
+                else:
+                    fresh.append(t)
+            todo = fresh
+        self.metrics.duplicates.inc(res.duplicates)
+        if not todo:
+            return res
+        verified = await asyncio.get_running_loop().run_in_executor(
+            None, self._verify_batch, todo, now
+        )
+        to_store: list[Record] = []
+        forks: list[tuple[Record, int]] = []
+        for i, item in verified:
+            if isinstance(item, InvalidRecord):
+                self._reject(res, i, item, source)
+                continue
+            rec = item
+            key = (rec.origin, rec.feed)
+            if source is not None:
+                source.view.update(key, rec.seq)
+            if rec.id in self.inflight or rec.id in self.recent:
+                res.duplicates += 1
+                continue
+            if not self.accepts_origin(rec.origin):
+                self._reject(res, i, InvalidRecord(
+                    f"origin {node_id(rec.origin)} is not trusted by this node's policy "
+                    f"({self.config.federation.accept})", "untrusted_origin"), source)
+                continue
+            if not self.quota.allow(rec.origin, len(rec.body), now):
+                self._reject(
+                    res, i, InvalidRecord("origin over its daily quota", "quota"), source
+                )
+                continue
+            d = classify(rec, self.heads.get(key), None)
+            if d.verdict is Verdict.EXTENDS:
+                self._extend(rec, to_store)
+                res.accepted += 1
+            elif d.verdict is Verdict.AHEAD:
+                head = self.heads.get(key)
+                if self.pending.add(rec, head_seq=head.seq if head else 0):
+                    res.pending += 1
+                if source is not None:
+                    source.sync_now.set()
+            else:
+                forks.append((rec, d.conflicts_with_seq or rec.seq))
+        for rec in self.pending.take_conflicts():
+            key = (rec.origin, rec.feed)
+            d = classify(rec, self.heads.get(key), None)
+            if d.verdict is Verdict.EQUIVOCATION:
+                forks.append((rec, d.conflicts_with_seq or rec.seq))
+        self.metrics.pending.set(len(self.pending))
+        if to_store:
+            await self._commit(to_store, durable=False, source=source)
+        for rec, seq in forks:
+            if await self._equivocation(rec, seq, src):
+                res.forks += 1
+            else:
+                res.duplicates += 1
+        return res
+
+    def _verify_batch(
+        self, todo: list[tuple[int, bytes, bytes, bytes]], now: int
+    ) -> list[tuple[int, Record | InvalidRecord]]:
+        # Runs in a worker thread: the signature checks release the GIL.
+        out: list[tuple[int, Record | InvalidRecord]] = []
+        for i, rid, body, sig in todo:
+            try:
+                out.append(
+                    (i, open_record(body, sig, now_ms=now, verifier=self.verifier,
+                                    policy=self.policy, rid=rid))
+                )
+            except InvalidRecord as exc:
+                out.append((i, exc))
+        return out
+
+    def _extend(self, rec: Record, to_store: list[Record]) -> None:
+        """Append ``rec`` (which extends its chain) and any pending records it unblocks."""
+        key = (rec.origin, rec.feed)
+        for r in [rec, *self.pending.take_ready(key, rec.seq, rec.id)]:
+            self.heads[key] = FeedHead(r.seq, r.id)
+            self.inflight.add(r.id)
+            to_store.append(r)
+        # the last one appended is the head
+        last = to_store[-1]
+        self.heads[key] = FeedHead(last.seq, last.id)
+
+    async def _commit(
+        self, recs: list[Record], *, durable: bool, source: PartnerLink | None
+    ) -> None:
+        try:
+            await asyncio.wrap_future(self.storage.append(recs, durable=durable))
+        except CitynodeError:
+            # The writer refused (should not happen: defence in depth). Our in-memory heads
+            # may be ahead of the database: reload them.
+            for r in recs:
+                self.inflight.discard(r.id)
+            raw = await self._io(self.storage.heads)
+            self.heads = {k: FeedHead(s, h) for k, (s, h) in raw.items()}
+            raise
+        for r in recs:
+            self.inflight.discard(r.id)
+            self.recent.add(r.id)
+        self.metrics.stored.labels("own" if durable else "replica").inc(len(recs))
+        self.metrics.feeds.set(len(self.heads))
+        self._after_commit(recs, source)
+
+    def _after_commit(self, recs: Sequence[Record], source: PartnerLink | None) -> None:
+        for link in self.links.values():
+            if link is source:
+                continue
+            for r in recs:
+                key = (r.origin, r.feed)
+                if not link.view.knows(key, r.seq) and self._may_send(link, r):
+                    link.enqueue(r)
+        for fn in list(self.listeners):
+            try:
+                fn(recs)
+            except Exception:  # a subscriber's bug must not break ingest
+                log.exception("listener failed")
+        if any(r.origin == self.public_key and (r.origin, r.feed) not in self.heads
+               for r in recs):
+            self._card = None  # a new own feed: the card lists feeds
+
+    def _may_send(self, link: PartnerLink, rec: Record) -> bool:
+        """Access policy on the push path: a partners-only feed goes only to direct
+        partners (which every link is); restricted feeds only to their readers."""
+        if rec.origin == self.public_key:
+            fc = self.config.feeds.get(rec.feed)
+            if fc is not None and fc.access == "restricted":
+                return link.row.node_id in fc.readers
+        return True
+
+    async def _equivocation(self, rec: Record, seq: int, src: str) -> bool:
+        held = await self._io(self.storage.envelope_at, rec.origin, rec.feed, seq)
+        if held is None:
+            return False
+        proof = ForkProof(held, rec.envelope)
+        try:
+            from citynode.core.chain import verify_fork_proof
+
+            verify_fork_proof(proof, self.verifier)
+        except CitynodeError:
+            return False  # not a fork after all (e.g. same record)
+        new = await asyncio.wrap_future(
+            self.storage.add_fork_proof(
+                rec.origin, rec.feed, rec.seq, "fork", proof.encode(), src, self.now_ms()
+            )
+        )
+        if new:
+            self.metrics.forks.inc()
+            log.warning(
+                "equivocation detected: the origin signed two different records for one seq",
+                extra=fields(origin=node_id(rec.origin), feed=rec.feed, seq=rec.seq, by=src),
+            )
+            for link in self.links.values():
+                self.spawn(self._send_proof(link, proof.encode()), "send-proof")
+        return True
+
+    async def _send_proof(self, link: PartnerLink, proof: bytes) -> None:
+        with contextlib.suppress(PeerError):
+            await link.client.request("POST", "/v1/proofs", proof)
+
+    async def ingest_proof(self, data: bytes, src: str) -> bool:
+        """A fork proof from a partner: verify it offline, store and forward if new."""
+        from citynode.core.chain import verify_fork_proof
+
+        proof = ForkProof.decode(data)
+        a, _b = verify_fork_proof(proof, self.verifier)
+        new = await asyncio.wrap_future(
+            self.storage.add_fork_proof(
+                a.origin, a.feed, a.seq, "fork", proof.encode(), src, self.now_ms()
+            )
+        )
+        if new:
+            self.metrics.forks.inc()
+            for link in self.links.values():
+                if link.row.node_id != src:
+                    self.spawn(self._send_proof(link, proof.encode()), "send-proof")
+        return new
+
+    def _reject(
+        self, res: IngestResult, i: int, exc: InvalidRecord, source: PartnerLink | None
+    ) -> None:
+        res.rejected.append((i, exc.reason))
+        self.metrics.rejected.labels(exc.reason).inc()
+        src = source.row.node_id if source else "local"
+        if source is not None:
+            source.invalid[exc.reason] = source.invalid.get(exc.reason, 0) + 1
+            self.metrics.partner_invalid.labels(source.row.name, exc.reason).inc()
+        self.storage.log_rejected(src, exc.reason, str(exc)[:500], self.now_ms())
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        feed: str,
+        type_name: str,
+        items: Sequence[dict[str, Any]],
+        *,
+        subjects: Sequence[str | None] | None = None,
+    ) -> list[Record]:
+        """Sign, chain and durably commit records of our own feed; return them.
+
+        Raises :class:`PayloadError` (nothing is signed if any item is invalid),
+        :class:`PublishRefused` if the feed is blocked by own-feed safety.
+        """
+        check_feed_name(feed)
+        if feed in self.own_blocked:
+            raise PublishRefused(self.own_blocked[feed])
+        lock = self.feed_locks.setdefault(feed, asyncio.Lock())
+        async with lock:
+            if feed in self.own_blocked:
+                raise PublishRefused(self.own_blocked[feed])
+            key = (self.public_key, feed)
+            head = self.heads.get(key)
+            now = self.now_ms()
+            recs = await asyncio.get_running_loop().run_in_executor(
+                None, self._sign_batch, feed, type_name, items, subjects, head, now
+            )
+            for r in recs:
+                self.inflight.add(r.id)
+            self.heads[key] = FeedHead(recs[-1].seq, recs[-1].id)
+            await self._commit(recs, durable=True, source=None)
+            self.metrics.published.inc(len(recs))
+            self._card = None
+            return recs
+
+    def _sign_batch(
+        self,
+        feed: str,
+        type_name: str,
+        items: Sequence[dict[str, Any]],
+        subjects: Sequence[str | None] | None,
+        head: FeedHead | None,
+        now: int,
+    ) -> list[Record]:
+        seq, prev = (head.seq, head.id) if head else (0, None)
+        out = []
+        for n, data in enumerate(items):
+            seq += 1
+            r = sign_record(
+                self.key,
+                feed=feed,
+                seq=seq,
+                prev=prev,
+                time_ms=now,
+                type=type_name,
+                data=data,
+                subject=subjects[n] if subjects else None,
+            )
+            prev = r.id
+            out.append(r)
+        return out
+
+    # ------------------------------------------------------------------ partners
+
+    def _start_link(self, row: PartnerRow) -> PartnerLink:
+        client = PeerClient(
+            self.key,
+            row.url,
+            fingerprint=row.tls_fingerprint,
+            timeout=self.config.limits.read_timeout_seconds,
+            clock=self.clock,
+        )
+        link = PartnerLink(row, client, self.config.federation.push_queue_max)
+        self.links[row.public_key] = link
+        self._card = None
+        self._trusted = None
+        link.tasks.append(self.spawn(self._push_loop(link), f"push-{row.name}"))
+        link.tasks.append(self.spawn(self._sync_loop(link), f"sync-{row.name}"))
+        return link
+
+    async def _stop_link(self, link: PartnerLink) -> None:
+        for t in link.tasks:
+            t.cancel()
+        await asyncio.gather(*link.tasks, return_exceptions=True)
+        await link.client.close()
+
+    async def add_partner(self, url: str, partner_id: str) -> PartnerRow:
+        """Fetch and verify the card at ``url`` (must be signed by ``partner_id``), pin its
+        TLS fingerprint, store the partner and start exchanging records."""
+        from citynode.transport.client import fetch_card
+
+        pk = parse_node_id(partner_id)
+        if pk == self.public_key:
+            raise PeerError("that is this node's own id")
+        card = await fetch_card(url, partner_id, now_ms=self.now_ms())
+        row = PartnerRow(
+            node_id=partner_id,
+            public_key=pk,
+            url=url.rstrip("/"),
+            name=card.name,
+            tls_fingerprint=card.tls,
+            card=card.envelope,
+            added_at=self.now_ms(),
+        )
+        await asyncio.wrap_future(self.storage.put_partner(row))
+        old = self.links.pop(pk, None)
+        if old is not None:
+            await self._stop_link(old)
+        self._learn_card(card.envelope, pk)
+        self._start_link(row)
+        return row
+
+    async def remove_partner(self, partner_id: str) -> bool:
+        pk = parse_node_id(partner_id)
+        gone = await asyncio.wrap_future(self.storage.remove_partner(partner_id))
+        link = self.links.pop(pk, None)
+        if link is not None:
+            await self._stop_link(link)
+        self._card = None
+        self._trusted = None
+        return gone or link is not None
+
+    def link_for(self, public_key: bytes) -> PartnerLink | None:
+        return self.links.get(public_key)
+
+    def _backoff(self, link: PartnerLink) -> float:
+        cap = self.config.federation.backoff_max_seconds
+        base = min(cap, 0.2 * (2 ** min(link.failures, 16)))
+        return random.uniform(base / 2, base)  # full jitter on the upper half
+
+    def _mark(self, link: PartnerLink, ok: bool, err: str | None = None) -> None:
+        if ok:
+            link.up, link.failures, link.last_ok_ms = True, 0, self.now_ms()
+        else:
+            link.up, link.last_error = False, err
+            link.failures += 1
+        self.metrics.partner_up.labels(link.row.name).set(1 if link.up else 0)
+
+    async def _push_loop(self, link: PartnerLink) -> None:
+        batch_max = self.config.federation.push_batch
+        while True:
+            if not link.queue:
+                link.wake.clear()
+                await link.wake.wait()
+            batch: list[Record] = []
+            while link.queue and len(batch) < batch_max:
+                r = link.queue.popleft()
+                if not link.view.knows((r.origin, r.feed), r.seq):
+                    batch.append(r)
+            self.metrics.partner_queue.labels(link.row.name).set(len(link.queue))
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                await link.client.push([r.envelope for r in batch])
+            except PeerError as exc:
+                self._mark(link, False, str(exc))
+                # Put the batch back in front (bounded: the queue may overflow, pull repairs).
+                for r in reversed(batch):
+                    if len(link.queue) < link.queue_max:
+                        link.queue.appendleft(r)
+                    else:
+                        link.overflowed = True
+                await asyncio.sleep(self._backoff(link))
+                continue
+            self.metrics.push_latency.observe(time.perf_counter() - t0)
+            self._mark(link, True)
+            for r in batch:
+                link.view.update((r.origin, r.feed), r.seq)
+
+    async def _sync_loop(self, link: PartnerLink) -> None:
+        interval = self.config.federation.pull_interval_seconds
+        while True:
+            try:
+                await self.sync_with(link)
+                self._mark(link, True)
+                link.synced_once.set()
+                delay = interval
+            except PeerError as exc:
+                self._mark(link, False, str(exc))
+                log.info(
+                    "partner unreachable",
+                    extra=fields(partner=link.row.name, error=str(exc)),
+                )
+                delay = self._backoff(link)
+            except CitynodeError as exc:
+                self._mark(link, False, str(exc))
+                log.warning("sync failed", extra=fields(partner=link.row.name, error=str(exc)))
+                delay = self._backoff(link)
+            link.sync_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(link.sync_now.wait(), delay)
+
+    def frontier(self) -> sync.Frontier:
+        return {k: (h.seq, h.id) for k, h in self.heads.items()}
+
+    async def sync_with(self, link: PartnerLink, *, progress: Callable[[int], None] | None = None) -> int:
+        """One anti-entropy round with a partner; returns the number of records fetched."""
+        # Cards first: they carry the vouches the trust policy needs.
+        try:
+            for env in await link.client.cards():
+                self._learn_card(env)
+        except PeerError:
+            raise
+        theirs = sync.decode_frontier(await link.client.sync(sync.encode_frontier(self.frontier())))
+        link.view.update_frontier(theirs)
+        link.overflowed = False
+        now = self.now_ms()
+        plan = sync.plan_sync(
+            self.frontier(),
+            theirs,
+            accept=lambda o: self.accepts_origin(o) and not self.quota.exhausted(o, now),
+            batch=self.config.limits.max_batch_records,
+        )
+        self._own_feed_safety(theirs, link)
+        fetched = 0
+        for want in plan.wants:
+            fetched += await self._fetch_want(link, want, progress)
+        for key, their_seq in plan.offers:
+            await self._offer(link, key, max(their_seq, link.view.known(key)) + 1)
+        for key, seq in plan.forks:
+            await self._fetch_want(link, sync.Want(key[0], key[1], seq, seq), None)
+        for key, seq, their_id in plan.check:
+            mine = await self._io(self.storage.id_at, key[0], key[1], seq)
+            if mine is not None and mine != their_id:
+                await self._fetch_want(link, sync.Want(key[0], key[1], seq, seq), None)
+        # what the pending buffer still misses, ask this partner too
+        for want in self.pending.missing()[:64]:
+            await self._fetch_want(link, want, None)
+        self._release_own_blocks()
+        return fetched
+
+    async def _fetch_want(
+        self, link: PartnerLink, want: sync.Want, progress: Callable[[int], None] | None
+    ) -> int:
+        got = 0
+        start = want.from_seq
+        batch = self.config.limits.max_batch_records
+        while start <= want.to_seq:
+            w = sync.Want(want.origin, want.feed, start, min(want.to_seq, start + batch - 1))
+            envs = await link.client.fetch(sync.encode_wants([w]))
+            if not envs:
+                break
+            res = await self.ingest(envs, source=link)
+            got += res.accepted
+            if progress:
+                progress(res.accepted)
+            if res.accepted == 0 and res.duplicates == 0:
+                break
+            start += len(envs)
+        return got
+
+    async def _offer(self, link: PartnerLink, key: FeedKey, from_seq: int) -> None:
+        origin, feed = key
+        if not self._relayable(origin, feed, link):
+            return
+        batch = self.config.federation.push_batch
+        seq = from_seq
+        while True:
+            envs = await self._io(self.storage.range, origin, feed, seq, seq + batch - 1, batch)
+            if not envs:
+                return
+            await link.client.push(envs)
+            seq += len(envs)
+            link.view.update(key, seq - 1)
+            if len(envs) < batch:
+                return
+
+    def _relayable(self, origin: bytes, feed: str, link: PartnerLink) -> bool:
+        if origin == self.public_key:
+            fc = self.config.feeds.get(feed)
+            if fc is not None and fc.access == "restricted":
+                return link.row.node_id in fc.readers
+        return True
+
+    def _own_feed_safety(self, theirs: sync.Frontier, link: PartnerLink) -> None:
+        """If a partner holds later records of our own feeds than we do (e.g. we were
+        restored from an old backup), refuse to publish there until we caught up."""
+        for (origin, feed), (seq, _hid) in theirs.items():
+            if origin != self.public_key:
+                continue
+            mine = self.heads.get((origin, feed))
+            if mine is None or mine.seq < seq:
+                why = (
+                    f"feed {feed!r}: partner {link.row.name} holds our records up to seq {seq} "
+                    f"but this node has only {mine.seq if mine else 0} (restored from an old "
+                    "backup?): fetching them before publishing again, to never sign two "
+                    "records with one seq"
+                )
+                if feed not in self.own_blocked:
+                    log.warning("publishing paused", extra=fields(feed=feed, reason=why))
+                self.own_blocked[feed] = why
+                self._own_targets[feed] = max(self._own_targets.get(feed, 0), seq)
+
+    def _release_own_blocks(self) -> None:
+        for feed in list(self.own_blocked):
+            mine = self.heads.get((self.public_key, feed))
+            if mine is not None and mine.seq >= self._own_targets.get(feed, 0):
+                del self.own_blocked[feed]
+                log.info("publishing resumed", extra=fields(feed=feed))
+
+    # ------------------------------------------------------------------ serving partners
+
+    async def serve_fetch(self, wants: Iterable[sync.Want], requester: bytes) -> list[bytes]:
+        """Envelopes for a partner's wants, bounded, respecting feed access."""
+        out: list[bytes] = []
+        budget = self.config.limits.max_batch_records
+        link = self.links.get(requester)
+        for w in wants:
+            if budget <= 0:
+                break
+            if link is not None and not self._relayable(w.origin, w.feed, link):
+                continue
+            envs = await self._io(
+                self.storage.range, w.origin, w.feed, w.from_seq, w.to_seq, budget
+            )
+            out.extend(envs)
+            budget -= len(envs)
+        return out
+
+    def known_cards(self) -> list[bytes]:
+        return [self.card().envelope, *self.cards_seen.values()]
+
+    # ------------------------------------------------------------------ status
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            ok_db = await self._io(self.storage.writable)
+        except StorageError:
+            ok_db = False
+        ok = self.ready and ok_db
+        return ok, {"database_writable": ok_db, "key_loaded": True, "started": self.ready}
+
+    def partner_status(self) -> list[dict[str, Any]]:
+        return [link.status() for link in self.links.values()]

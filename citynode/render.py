@@ -1,0 +1,73 @@
+"""JSON views of records and other protocol objects (binary fields as base64 or hex).
+
+Msgpack envelopes are the canonical form; JSON is for humans and for clients that ask
+for it with ``Accept: application/json``. A JSON record carries the envelope in base64
+so a JSON client can still verify the signature itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+from typing import Any
+
+from citynode.core.keys import node_id
+from citynode.core.records import Record, decode_envelope, parse_body, record_id
+
+__all__ = ["b64", "iso_time", "jsonable", "record_json", "stored_record_json"]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def iso_time(ms: int) -> str:
+    """RFC 3339 UTC with milliseconds."""
+    t = _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def jsonable(v: Any) -> Any:
+    """Make a decoded msgpack value JSON-serialisable (bytes become base64 strings)."""
+    if isinstance(v, bytes):
+        return b64(v)
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def record_json(rec: Record, *, rowid: int | None = None) -> dict[str, Any]:
+    """The JSON view of a verified record."""
+    out: dict[str, Any] = {
+        "id": rec.id.hex(),
+        "origin": node_id(rec.origin),
+        "feed": rec.feed,
+        "seq": rec.seq,
+        "prev": rec.prev.hex() if rec.prev else None,
+        "time": rec.time,
+        "time_iso": iso_time(rec.time),
+        "type": rec.type,
+        "data": jsonable(rec.data),
+        "envelope": b64(rec.envelope),
+    }
+    if rec.subject is not None:
+        out["subject"] = rec.subject
+    if rec.dataschema is not None:
+        out["dataschema"] = rec.dataschema
+    if rowid is not None:
+        out["cursor"] = rowid
+    return out
+
+
+def stored_record_json(envelope: bytes, *, rowid: int | None = None) -> dict[str, Any]:
+    """JSON view of an envelope read from our own database (verified when it was stored;
+    decoded again here, not re-verified)."""
+    body, sig = decode_envelope(envelope)
+    f = parse_body(body)
+    rec = Record(
+        record_id(body), body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
+        f["time"], f["type"], f["data"], f.get("subject"), f.get("dataschema"),
+    )
+    return record_json(rec, rowid=rowid)

@@ -1,0 +1,462 @@
+"""The HTTPS API of a node (aiohttp). Thin: parse, authenticate, call the node, render.
+
+Three kinds of caller, three kinds of authentication:
+
+* anyone: the node card, health, and public feeds' records;
+* partners: ``/v1/push``, ``/v1/sync``, ``/v1/fetch``, ``/v1/cards``, ``/v1/proofs`` need a
+  request signed by a listed partner's node key (core/httpsig.py), at most
+  ``request_max_age_seconds`` old and never replayed;
+* the operator: ``/v1/publish``, ``/v1/admin/*`` and ``/metrics`` need
+  ``Authorization: Bearer <operator token>`` (compared in constant time).
+
+Every error is a JSON body ``{"error": reason, "message": text}`` with a 4xx/5xx status;
+nothing unverified is stored and one bad client cannot stop the server serving others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+from aiohttp import web
+
+from citynode import __version__
+from citynode.core import httpsig, sync
+from citynode.core.keys import parse_node_id
+from citynode.errors import (
+    AccessDenied,
+    CitynodeError,
+    InvalidNodeId,
+    InvalidProof,
+    InvalidRecord,
+    PayloadError,
+    PeerError,
+    PublishRefused,
+    StorageError,
+)
+from citynode.identity import check_token
+from citynode.logs import fields
+from citynode.node import Node
+from citynode.render import stored_record_json
+
+__all__ = ["build_app", "serve", "ssl_context"]
+
+log = logging.getLogger("citynode.http")
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
+REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("replay", httpsig.ReplayCache)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"error": reason, "message": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate our errors into HTTP answers; never leak a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != JSON:
+            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+        raise
+    except PayloadError as exc:
+        return _error(422, exc.reason, str(exc))
+    except InvalidRecord as exc:
+        return _error(400, exc.reason, str(exc))
+    except (InvalidProof, InvalidNodeId) as exc:
+        return _error(400, "invalid", str(exc))
+    except AccessDenied as exc:
+        return _error(403, "access_denied", str(exc))
+    except PublishRefused as exc:
+        return _error(409, "publish_refused", str(exc))
+    except StorageError as exc:
+        log.error("storage error", extra=fields(error=str(exc)))
+        return _error(503, "storage", str(exc))
+    except PeerError as exc:
+        return _error(502, "peer", str(exc))
+    except CitynodeError as exc:
+        return _error(400, "error", str(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error", extra=fields(path=request.path))
+        return _error(500, "internal", "internal error (see the node's log)")
+
+
+def _wants_json(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return JSON in accept and MSGPACK not in accept
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """Read the whole body within the configured deadline and size (413 when larger)."""
+    node = request.app[NODE_KEY]
+    try:
+        return await asyncio.wait_for(
+            request.read(), node.config.limits.read_timeout_seconds
+        )
+    except asyncio.TimeoutError:
+        raise web.HTTPRequestTimeout(text="request body not received in time") from None
+
+
+def _require_operator(request: web.Request) -> None:
+    node = request.app[NODE_KEY]
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:] if auth.startswith("Bearer ") else None
+    if not check_token(node.identity.token, given):
+        raise AccessDenied("operator token missing or wrong (Authorization: Bearer <token>)")
+
+
+async def _require_partner(request: web.Request, body: bytes) -> bytes:
+    """Verify the request signature; return the partner's public key."""
+    node = request.app[NODE_KEY]
+    key = httpsig.verify_request(
+        request.method,
+        request.rel_url.raw_path_qs,
+        request.headers,
+        body,
+        now_ms=node.now_ms(),
+        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+        replay=request.app[REPLAY_KEY],
+        verifier=node.verifier,
+    )
+    if key not in node.links:
+        raise AccessDenied("request signed by a node that is not a partner of this node")
+    return key
+
+
+def _pack(v: Any) -> web.Response:
+    return web.Response(body=msgpack.packb(v, use_bin_type=True), content_type=MSGPACK)
+
+
+# ------------------------------------------------------------------ public
+
+
+async def card(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    c = node.card()
+    if _wants_json(request):
+        from citynode.core.cards import card_to_json
+
+        return web.json_response(card_to_json(c))
+    return web.Response(body=c.envelope, content_type=MSGPACK)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ok, detail = await request.app[NODE_KEY].readiness()
+    return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    _require_operator(request)
+    node = request.app[NODE_KEY]
+    node.metrics.db_size.set(await node._io(node.storage.db_size_bytes))
+    return web.Response(body=node.metrics.render(), content_type="text/plain")
+
+
+def _int_arg(request: web.Request, name: str, default: int | None = None,
+             lo: int = 0, hi: int = 2**62) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"query parameter {name} must be an integer") from None
+    if not lo <= v <= hi:
+        raise web.HTTPBadRequest(text=f"query parameter {name} must be in {lo}..{hi}")
+    return v
+
+
+def _origin_arg(request: web.Request) -> bytes | None:
+    raw = request.query.get("origin")
+    return parse_node_id(raw) if raw else None
+
+
+def _bbox_arg(request: web.Request) -> tuple[float, float, float, float] | None:
+    raw = request.query.get("bbox")
+    if not raw:
+        return None
+    try:
+        parts = [float(x) for x in raw.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 4 or not (parts[0] <= parts[2] and parts[1] <= parts[3]):
+        raise web.HTTPBadRequest(text="bbox is min_lon,min_lat,max_lon,max_lat")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+async def get_record(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    try:
+        rid = bytes.fromhex(request.match_info["rid"])
+    except ValueError:
+        raise web.HTTPBadRequest(text="record id is 64 hex digits") from None
+    if len(rid) != 32:
+        raise web.HTTPBadRequest(text="record id is 64 hex digits")
+    env = await node._io(node.storage.get_envelope, rid)
+    if env is None:
+        raise web.HTTPNotFound(text="no such record here")
+    if _wants_json(request):
+        return web.json_response(stored_record_json(env))
+    return web.Response(body=env, content_type=MSGPACK)
+
+
+async def list_records(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    limit = _int_arg(request, "limit", 100, 1, 1000) or 100
+    feed = request.query.get("feed") or None
+    rows = await node._io(
+        lambda: node.storage.query(
+            origin=_origin_arg(request),
+            feed=feed,
+            type=request.query.get("type") or None,
+            since_ms=_int_arg(request, "since"),
+            until_ms=_int_arg(request, "until"),
+            bbox=_bbox_arg(request),
+            seq_from=_int_arg(request, "from_seq", None, 1),
+            seq_to=_int_arg(request, "to_seq", None, 1),
+            after_rowid=_int_arg(request, "after", 0) or 0,
+            limit=limit,
+        )
+    )
+    nxt = rows[-1].rowid if len(rows) == limit else None
+    if _wants_json(request):
+        return web.json_response(
+            {"records": [stored_record_json(r.envelope, rowid=r.rowid) for r in rows],
+             "next": nxt}
+        )
+    return _pack({"records": [r.envelope for r in rows], "next": nxt})
+
+
+async def list_feeds(request: web.Request) -> web.Response:
+    from citynode.core.keys import node_id
+
+    node = request.app[NODE_KEY]
+    rows = await node._io(node.storage.feeds)
+    out = [
+        {
+            "origin": node_id(r.origin),
+            "feed": r.feed,
+            "seq": r.seq,
+            "head": r.head.hex(),
+            "count": r.count,
+            "last_time": r.last_time,
+        }
+        for r in rows
+    ]
+    return web.json_response({"feeds": out})
+
+
+# ------------------------------------------------------------------ operator
+
+
+def _parse_items(raw: bytes) -> list[dict[str, Any]]:
+    """One JSON object, a JSON array of objects, or JSON Lines."""
+    text = raw.decode("utf-8").strip()
+    if not text:
+        raise web.HTTPBadRequest(text="empty body: send a JSON object or JSON Lines")
+    try:
+        if text.startswith("["):
+            items = json.loads(text)
+        elif "\n" in text:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            items = [json.loads(text)]
+    except json.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(text=f"invalid JSON: {exc}") from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise web.HTTPBadRequest(text="each item must be a JSON object")
+    return items
+
+
+async def publish(request: web.Request) -> web.Response:
+    _require_operator(request)
+    node = request.app[NODE_KEY]
+    feed = request.query.get("feed")
+    type_name = request.query.get("type")
+    if not feed or not type_name:
+        raise web.HTTPBadRequest(text="publish needs ?feed=...&type=...")
+    body = await _read_body(request)
+    try:
+        items = _parse_items(body)
+    except UnicodeDecodeError:
+        raise web.HTTPBadRequest(text="body is not UTF-8 JSON") from None
+    if len(items) > 100_000:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=100_000, actual_size=len(items), text="at most 100000 items per call"
+        )
+    subject = request.query.get("subject")
+    recs = await node.publish(
+        feed, type_name, items, subjects=[subject] * len(items) if subject else None
+    )
+    return web.json_response(
+        {"ids": [r.id.hex() for r in recs], "first_seq": recs[0].seq, "last_seq": recs[-1].seq}
+    )
+
+
+async def admin_partners(request: web.Request) -> web.Response:
+    _require_operator(request)
+    node = request.app[NODE_KEY]
+    if request.method == "POST":
+        body = await _read_body(request)
+        try:
+            req = json.loads(body)
+            url, pid = str(req["url"]), str(req["id"])
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='send {"url": "...", "id": "cn1..."}') from None
+        row = await node.add_partner(url, pid)
+        return web.json_response({"added": row.node_id, "name": row.name})
+    return web.json_response({"partners": node.partner_status()})
+
+
+async def admin_partner_delete(request: web.Request) -> web.Response:
+    _require_operator(request)
+    gone = await request.app[NODE_KEY].remove_partner(request.match_info["pid"])
+    if not gone:
+        raise web.HTTPNotFound(text="no such partner")
+    return web.json_response({"removed": request.match_info["pid"]})
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    _require_operator(request)
+    node = request.app[NODE_KEY]
+    return web.json_response(
+        {
+            "node_id": node.node_id,
+            "name": node.config.node.name,
+            "feeds": len(node.heads),
+            "pending": len(node.pending),
+            "own_blocked": node.own_blocked,
+            "partners": node.partner_status(),
+        }
+    )
+
+
+# ------------------------------------------------------------------ partners
+
+
+async def push(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await _read_body(request)
+    key = await _require_partner(request, body)
+    try:
+        envs = msgpack.unpackb(body, raw=False, max_array_len=node.config.limits.max_batch_records)
+    except Exception:  # msgpack raises many types on garbage
+        node.metrics.rejected.labels("malformed_batch").inc()
+        link = node.link_for(key)
+        if link is not None:
+            link.invalid["malformed_batch"] = link.invalid.get("malformed_batch", 0) + 1
+        raise web.HTTPBadRequest(
+            text=f"push body must be a msgpack array of at most "
+            f"{node.config.limits.max_batch_records} envelopes"
+        ) from None
+    if not isinstance(envs, list) or not all(type(e) is bytes for e in envs):
+        raise web.HTTPBadRequest(text="push body must be a msgpack array of bin envelopes")
+    res = await node.ingest(envs, source=node.link_for(key))
+    return _pack(res.to_wire())
+
+
+async def sync_handler(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await _read_body(request)
+    key = await _require_partner(request, body)
+    theirs = sync.decode_frontier(body)
+    link = node.link_for(key)
+    if link is not None:
+        link.view.update_frontier(theirs)
+        # They may hold what we lack: make our side's round happen now.
+        link.sync_now.set()
+    return web.Response(body=sync.encode_frontier(node.frontier()), content_type=MSGPACK)
+
+
+async def fetch(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await _read_body(request)
+    key = await _require_partner(request, body)
+    wants = sync.decode_wants(body)
+    envs = await node.serve_fetch(wants, key)
+    return _pack(envs)
+
+
+async def cards_handler(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    await _require_partner(request, b"")
+    return _pack(node.known_cards())
+
+
+async def proofs(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await _read_body(request)
+    key = await _require_partner(request, body)
+    link = node.link_for(key)
+    new = await node.ingest_proof(body, link.row.node_id if link else "?")
+    return web.json_response({"new": new})
+
+
+def build_app(node: Node) -> web.Application:
+    """The aiohttp application for ``node``."""
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=node.config.limits.max_request_bytes
+    )
+    app[NODE_KEY] = node
+    app[REPLAY_KEY] = httpsig.ReplayCache(
+        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000)
+    )
+    r = app.router
+    r.add_get("/.well-known/citynode", card)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/v1/records", list_records)
+    r.add_get("/v1/records/{rid}", get_record)
+    r.add_get("/v1/feeds", list_feeds)
+    r.add_post("/v1/publish", publish)
+    r.add_get("/v1/admin/status", admin_status)
+    r.add_route("GET", "/v1/admin/partners", admin_partners)
+    r.add_route("POST", "/v1/admin/partners", admin_partners)
+    r.add_delete("/v1/admin/partners/{pid}", admin_partner_delete)
+    r.add_post("/v1/push", push)
+    r.add_post("/v1/sync", sync_handler)
+    r.add_post("/v1/fetch", fetch)
+    r.add_get("/v1/cards", cards_handler)
+    r.add_post("/v1/proofs", proofs)
+    return app
+
+
+def ssl_context(node: Node) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(node.identity.cert_path, node.identity.key_path)
+    return ctx
+
+
+async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
+    """Start serving ``node`` on host:port (TLS unless disabled); return the runner."""
+    lim = node.config.limits
+    runner = web.AppRunner(
+        build_app(node),
+        access_log=None,
+        max_headers=lim.max_headers,
+        max_field_size=lim.max_header_bytes,
+        max_line_size=lim.max_header_bytes,
+        handler_cancellation=True,
+        shutdown_timeout=10.0,
+    )
+    await runner.setup()
+    ctx = ssl_context(node) if node.config.tls.enabled else None
+    site = web.TCPSite(runner, host, port, ssl_context=ctx)
+    await site.start()
+    return runner

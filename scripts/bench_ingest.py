@@ -1,0 +1,163 @@
+"""Ingest benchmark: a partner pushes pre-signed records to one running node over HTTPS.
+
+Prints verified-and-committed records per second of the node, the one-core pipeline
+limit measured in the same run (strict decode + verify + hash + batched SQLite insert,
+no HTTP), their ratio, and the bulk publish rate (sign + durable commit). Last line: one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nacl.pwhash import argon2id
+
+from citynode.cluster import Cluster, free_ports
+from citynode.core.keys import SigningKey, Verifier
+from citynode.core.records import decode_envelope, open_record, record_id, sign_record
+from citynode.datadir import init_data_dir
+from citynode.node import Node
+from citynode.storage import Storage
+from citynode.transport.client import PeerClient
+from citynode.transport.server import serve
+
+PAYLOAD = {
+    "dateObserved": "2026-11-28T07:00:00+07:00",
+    "location": {"type": "Point", "coordinates": [106.8230, -6.1950]},
+    "name": "DKI1 Bundaran HI",
+    "pm25": 35.5,
+    "pm10": 52.0,
+    "no2": {"value": 21.3, "unitCode": "GQ"},
+}
+
+
+def make_feeds(n: int, origins: int) -> list[list[bytes]]:
+    """Per origin, its records' envelopes in seq order (n records in all)."""
+    now = int(time.time() * 1000)
+    out = []
+    for o in range(origins):
+        key = SigningKey(bytes([o + 11]) * 32)
+        prev = None
+        envs = []
+        for seq in range(1, n // origins + 1):
+            r = sign_record(key, feed="air-quality", seq=seq, prev=prev, time_ms=now,
+                            type="AirQualityObserved", data=dict(PAYLOAD, pm25=float(seq % 90)))
+            prev = r.id
+            envs.append(r.envelope)
+        out.append(envs)
+    return out
+
+
+def pipeline_limit(feeds: list[list[bytes]], batch: int) -> float:
+    """One core, no HTTP: decode, hash, verify, classify-free append in batches."""
+    with tempfile.TemporaryDirectory() as d:
+        st = Storage.open(Path(d) / "bench.db")
+        v = Verifier()
+        now = int(time.time() * 1000) + 60_000
+        total = sum(len(f) for f in feeds)
+        t = time.perf_counter()
+        for envs in feeds:
+            for i in range(0, len(envs), batch):
+                recs = []
+                for env in envs[i : i + batch]:
+                    body, sig = decode_envelope(env)
+                    recs.append(open_record(body, sig, now_ms=now, verifier=v,
+                                            rid=record_id(body)))
+                st.append(recs).result()
+        rate = total / (time.perf_counter() - t)
+        st.close()
+    return rate
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    base = Path(tempfile.mkdtemp(prefix="citynode-bench-ingest-"))
+    cluster = Cluster(base)
+    (target,) = cluster.create(["Target"], settings={("federation", "accept"): "any"})
+    # The loader is a real node (it must serve a signed card for `partner add`).
+    lport = free_ports(1)[0]
+    init_data_dir(base / "loader", name="Loader", listen=f"127.0.0.1:{lport}",
+                  kdf_opslimit=argon2id.OPSLIMIT_MIN, kdf_memlimit=argon2id.MEMLIMIT_MIN)
+    loader = Node.load(base / "loader")
+    await loader.start(partners=False)
+    runner = await serve(loader, host="127.0.0.1", port=lport)
+    feeds = make_feeds(args.records, args.origins)
+    total = sum(len(f) for f in feeds)
+    limit_before = pipeline_limit(feeds, args.batch)
+    try:
+        await cluster.start()
+        await target.api("POST", "/v1/admin/partners",
+                         json_body={"url": f"https://127.0.0.1:{lport}", "id": loader.node_id})
+        client = PeerClient(loader.key, target.url, fingerprint=target.fingerprint,
+                            timeout=120)
+
+        async def pusher(my_feeds: list[list[bytes]]) -> int:
+            done = 0
+            for envs in my_feeds:
+                for i in range(0, len(envs), args.batch):
+                    out = await client.push(envs[i : i + args.batch])
+                    if out["rejected"]:
+                        raise SystemExit(f"rejected: {out['rejected'][:3]}")
+                    done += out["accepted"]
+            return done
+
+        groups = [feeds[i :: args.concurrency] for i in range(args.concurrency)]
+        t = time.perf_counter()
+        accepted = sum(await asyncio.gather(*(pusher(g) for g in groups)))
+        ingest = accepted / (time.perf_counter() - t)
+        if accepted != total:
+            raise SystemExit(f"only {accepted} of {total} accepted")
+        held = sum(f["count"] for f in await target.feeds())
+        if held != total:
+            raise SystemExit(f"node holds {held} of {total}")
+        await client.close()
+
+        # Bulk publish: sign + one durable transaction per call.
+        n_pub = args.publish
+        items = [dict(PAYLOAD, pm25=float(i % 90)) for i in range(args.publish_batch)]
+        t = time.perf_counter()
+        for _ in range(n_pub // args.publish_batch):
+            await target.publish("bulk", "AirQualityObserved", items)
+        publish = n_pub / (time.perf_counter() - t)
+    finally:
+        await cluster.close()
+        cluster.stop()
+        await runner.cleanup()
+        await loader.stop()
+    # The machines are shared and noisy: the limit is the best of a run before and after.
+    limit = max(limit_before, pipeline_limit(feeds, args.batch))
+    return {"ingest": ingest, "limit": limit, "publish": publish, "records": total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--records", type=int, default=50_000)
+    ap.add_argument("--origins", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--publish", type=int, default=20_000)
+    ap.add_argument("--publish-batch", type=int, default=1000)
+    args = ap.parse_args()
+    r = asyncio.run(run(args))
+    ratio = r["ingest"] / r["limit"]
+    print(f"records pushed: {r['records']:.0f} from {args.origins} origins, batches of "
+          f"{args.batch}, {args.concurrency} concurrent pushes over HTTPS")
+    print(f"node ingest (verified + committed): {r['ingest']:9.0f} records/s")
+    print(f"one-core pipeline limit (no HTTP):  {r['limit']:9.0f} records/s")
+    print(f"ratio:                              {ratio:9.3f}  (target >= 0.75)")
+    print(f"bulk publish (sign + durable commit): {r['publish']:7.0f} records/s")
+    print(json.dumps({
+        "bench": "ingest", "records": int(r["records"]),
+        "ingest_per_s": round(r["ingest"]), "pipeline_limit_per_s": round(r["limit"]),
+        "ratio": round(ratio, 3), "publish_per_s": round(r["publish"]),
+        "python": sys.version.split()[0],
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Shared fixtures: real nodes in temporary data dirs, real HTTPS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from nacl.pwhash import argon2id
+
+from citynode.cluster import Cluster, free_ports, set_config
+from citynode.datadir import init_data_dir
+from citynode.node import Node
+from citynode.transport.server import serve
+
+FAST_KDF = {"kdf_opslimit": argon2id.OPSLIMIT_MIN, "kdf_memlimit": argon2id.MEMLIMIT_MIN}
+
+
+def make_node_dir(base: Path, name: str, port: int | None = None,
+                  settings: dict[tuple[str, str], Any] | None = None) -> Path:
+    """``citynode init`` a data dir (fast KDF) and apply config settings."""
+    port = port or free_ports(1)[0]
+    d = base / name.lower()
+    init_data_dir(d, name=name, listen=f"127.0.0.1:{port}", **FAST_KDF)
+    for (section, key), value in (settings or {}).items():
+        set_config(d / "node.toml", section, key, value)
+    return d
+
+
+class InProc:
+    """A node running in the test's own event loop, serving real HTTPS."""
+
+    def __init__(self, node: Node, runner: Any) -> None:
+        self.node = node
+        self.runner = runner
+        self.port = node.config.node.listen_port
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                ssl=aiohttp.Fingerprint(node.identity.cert_fingerprint)
+            ),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+
+    @property
+    def token(self) -> str:
+        return self.node.identity.token
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.runner.cleanup()
+        await self.node.stop()
+
+
+@pytest.fixture
+async def inproc(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[InProc]]]:
+    """Factory: ``await inproc("Jakarta", settings={...})`` -> a running in-process node."""
+    made: list[InProc] = []
+
+    async def make(name: str, settings: dict[tuple[str, str], Any] | None = None) -> InProc:
+        d = make_node_dir(tmp_path, name, settings=settings)
+        node = Node.load(d)
+        await node.start()
+        runner = await serve(node, host="127.0.0.1", port=node.config.node.listen_port)
+        n = InProc(node, runner)
+        made.append(n)
+        return n
+
+    yield make
+    for n in reversed(made):
+        await n.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Real ``citynode run`` processes; all stopped at the end of the test."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+        c.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0,
+                     interval: float = 0.1) -> None:
+    """Wait until ``check()`` is true; fail the test with a clear message if it never is."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if await check():
+            return
+        if loop.time() > deadline:
+            pytest.fail(f"condition not reached within {timeout} s")
+        await asyncio.sleep(interval)

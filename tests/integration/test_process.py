@@ -1,0 +1,124 @@
+"""One real ``citynode run`` process, driven over HTTPS and through the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from citynode.cluster import Cluster
+from citynode.core.keys import Verifier
+from citynode.core.records import decode_envelope, open_record
+from citynode.errors import PeerRejected
+from citynode.transport.client import fetch_card
+
+pytestmark = pytest.mark.integration
+
+AIR = {
+    "dateObserved": "2026-11-28T07:00:00+07:00",
+    "location": {"type": "Point", "coordinates": [106.8230, -6.1950]},
+    "name": "DKI1 Bundaran HI",
+    "pm25": 35.2,
+    "pm10": 51.0,
+}
+
+
+def cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "citynode", *args], input=input,
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_run_serves_card_publish_and_reads(cluster: Cluster) -> None:
+    (n,) = cluster.create(["Jakarta"])
+    await cluster.start()
+
+    # The card verifies against the node id alone, and pins the served certificate.
+    card = await fetch_card(n.url, n.node_id, now_ms=int(__import__("time").time() * 1000))
+    assert card.name == "Jakarta" and card.tls == n.fingerprint
+
+    # Publishing through the CLI goes through the running node's operator API.
+    lines = "\n".join(json.dumps(dict(AIR, pm25=30 + i)) for i in range(5)) + "\n"
+    r = cli("publish", "-d", str(n.dir), "--feed", "air-quality", "--type",
+            "AirQualityObserved", "--json", "-", input=lines)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["first_seq"] == 1 and len(out["ids"]) == 5
+
+    # Read back as JSON and as msgpack; every envelope verifies independently.
+    page = await n.api("GET", "/v1/records?feed=air-quality&limit=3", operator=False)
+    assert [x["seq"] for x in page["records"]] == [1, 2, 3]
+    assert page["next"] is not None
+    page2 = await n.api("GET", f"/v1/records?feed=air-quality&after={page['next']}",
+                        operator=False)
+    assert [x["seq"] for x in page2["records"]] == [4, 5] and page2["next"] is None
+    raw = msgpack.unpackb(await n.api("GET", "/v1/records?limit=10", operator=False, raw=True))
+    v = Verifier()
+    recs = [open_record(*decode_envelope(e), now_ms=2**60, verifier=v) for e in raw["records"]]
+    assert [r.id.hex() for r in recs] == out["ids"]
+    assert recs[1].prev == recs[0].id
+    one = await n.api("GET", f"/v1/records/{out['ids'][2]}", operator=False)
+    assert one["seq"] == 3 and one["data"]["pm25"] == 32
+    with pytest.raises(PeerRejected) as e:
+        await n.api("GET", "/v1/records/" + "00" * 32, operator=False)
+    assert e.value.status == 404
+
+    # Metrics need the operator token.
+    with pytest.raises(PeerRejected) as e:
+        await n.api("GET", "/metrics", operator=False, raw=True)
+    assert e.value.status == 403
+    metrics = (await n.api("GET", "/metrics", raw=True)).decode()
+    assert 'citynode_records_stored_total{kind="own"} 5.0' in metrics
+
+    # CLI reads work while the node runs (WAL readers).
+    r = cli("records", "-d", str(n.dir), "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["records"]) == 5
+
+
+async def test_sigterm_loses_nothing_acknowledged(cluster: Cluster) -> None:
+    (n,) = cluster.create(["Seoul"])
+    await cluster.start()
+    acked = 0
+    for i in range(20):
+        out = await n.publish("air-quality", "AirQualityObserved",
+                              [dict(AIR, pm25=float(i))] * 50)
+        acked += len(out["ids"])
+    await n.close()
+    assert n.stop() == 0  # graceful exit on SIGTERM
+    r = cli("check", "-d", str(n.dir), "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["records"] == acked == 1000, report
+
+
+async def test_refuses_key_file_readable_by_others(cluster: Cluster) -> None:
+    (n,) = cluster.create(["Surabaya"])
+    os.chmod(n.dir / "node.key", 0o644)
+    r = cli("run", "-d", str(n.dir))
+    assert r.returncode == 1
+    assert "chmod 600" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+async def test_second_run_on_same_dir_is_refused(cluster: Cluster) -> None:
+    (n,) = cluster.create(["Singapore"])
+    await cluster.start()
+    r = await asyncio.to_thread(cli, "run", "-d", str(n.dir))
+    assert r.returncode == 1 and "in use by another" in r.stderr
+
+
+def test_init_prints_id_and_partner_command(tmp_path: Path) -> None:
+    d = tmp_path / "jkt"
+    r = cli("init", "-d", str(d), "--name", "Jakarta", "--listen", "127.0.0.1:18500")
+    assert r.returncode == 0, r.stderr
+    node_id = cli("id", "-d", str(d)).stdout.strip()
+    assert node_id.startswith("cn1") and node_id in r.stdout
+    assert f"citynode partner add https://127.0.0.1:18500 --id {node_id}" in r.stdout
+    for name, mode in [("node.key", 0o600), ("operator.token", 0o600), ("tls/key.pem", 0o600)]:
+        assert (d / name).stat().st_mode & 0o777 == mode
+    assert (d / "tls/cert.pem").exists() and (d / "node.toml").exists()

@@ -1,0 +1,170 @@
+"""The HTTPS API of one node, in-process (real TLS on 127.0.0.1, real SQLite): bad input
+gets a clear 4xx, nothing is stored, and the server keeps serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+
+import msgpack
+
+from citynode.core import httpsig
+from citynode.core.keys import SigningKey
+from citynode.core.records import sign_record
+from citynode.transport.client import PeerClient
+from tests.conftest import InProc
+
+AIR = {
+    "dateObserved": "2026-11-28T07:00:00Z",
+    "location": {"type": "Point", "coordinates": [126.9794, 37.5720]},
+    "pm25": 18.5,
+}
+
+Make = Callable[..., Awaitable[InProc]]
+
+
+async def _publish(n: InProc, body: bytes, *, feed: str = "air-quality",
+                   type_: str = "AirQualityObserved", token: str | None = None,
+                   ) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token if token is not None else n.token}"}
+    async with n.session.post(f"{n.url}/v1/publish?feed={feed}&type={type_}", data=body,
+                              headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def _count(n: InProc) -> int:
+    async with n.session.get(f"{n.url}/v1/feeds") as r:
+        return sum(f["count"] for f in (await r.json())["feeds"])
+
+
+async def _healthy(n: InProc) -> bool:
+    async with n.session.get(f"{n.url}/healthz") as r:
+        return r.status == 200
+
+
+async def test_publish_validates_and_authenticates(inproc: Make) -> None:
+    n = await inproc("Seoul")
+    ok = json.dumps(AIR).encode()
+    cases = [
+        (ok, {"token": "wrong"}, 403, "access_denied"),
+        (ok, {"token": ""}, 403, "access_denied"),
+        (b"{not json", {}, 400, "bad_request"),
+        (b"\xff\xfe", {}, 400, "bad_request"),
+        (json.dumps({"location": AIR["location"], "pm25": 1}).encode(), {}, 422, "missing_field"),
+        (ok, {"type_": "NoSuchType"}, 422, "unknown_type"),
+        (ok, {"feed": "Bad Feed!"}, 400, "bad_field"),
+        (json.dumps([AIR, {"pm25": "high"}]).encode(), {}, 422, None),
+    ]
+    for body, kw, status, reason in cases:
+        st, out = await _publish(n, body, **kw)
+        assert st == status, (kw, out)
+        if reason:
+            assert out["error"] == reason, out
+        assert out["message"]
+    assert await _count(n) == 0  # nothing of the above was stored
+    st, out = await _publish(n, ok)
+    assert st == 200 and out["first_seq"] == 1
+    assert await _count(n) == 1
+
+
+async def test_oversized_and_slow_requests(inproc: Make) -> None:
+    n = await inproc("Seoul", settings={("limits", "max_request_bytes"): 100_000,
+                                        ("limits", "read_timeout_seconds"): 1.0})
+    st, out = await _publish(n, b"[" + b" " * 200_000 + b"]")
+    assert st == 413, out
+    # A client that sends headers then stalls is cut off; others are still served.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection("127.0.0.1", n.port, ssl=ctx)
+    writer.write(b"POST /v1/publish?feed=a&type=AirQualityObserved HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + n.token.encode() + b"\r\n"
+                 b"Content-Length: 1000\r\n\r\n{")
+    await writer.drain()
+    assert await _healthy(n)  # served while the slow client hangs
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert b" 408 " in status_line, status_line
+    writer.close()
+    # Too many headers.
+    headers = {f"X-H{i}": "x" for i in range(100)}
+    async with n.session.get(f"{n.url}/healthz", headers=headers) as r:
+        assert r.status in (400, 431)
+    assert await _healthy(n)
+
+
+async def test_partner_endpoints_need_a_partner_signature(inproc: Make) -> None:
+    a = await inproc("Jakarta")
+    b = await inproc("Surabaya")
+    await a.node.add_partner(b.url, b.node.node_id)
+    await b.node.add_partner(a.url, a.node.node_id)
+    rec = sign_record(b.node.key, feed="air-quality", seq=1, prev=None,
+                      time_ms=b.node.now_ms(), type="AirQualityObserved", data=AIR)
+    batch = msgpack.packb([rec.envelope])
+
+    async def post(headers: dict[str, str], body: bytes = batch) -> tuple[int, dict]:
+        async with a.session.post(f"{a.url}/v1/push", data=body, headers=headers) as r:
+            raw = await r.read()
+            if r.content_type == "application/msgpack":
+                return r.status, msgpack.unpackb(raw)
+            return r.status, json.loads(raw)
+
+    # unsigned
+    assert (await post({}))[0] == 403
+    # signed by a stranger
+    stranger = SigningKey.generate()
+    st, out = await post(httpsig.sign_request(stranger, "POST", "/v1/push", batch, a.node.now_ms()))
+    assert st == 403 and "not a partner" in out["message"]
+    # stale
+    old = a.node.now_ms() - 10 * 60 * 1000
+    assert (await post(httpsig.sign_request(b.node.key, "POST", "/v1/push", batch, old)))[0] == 403
+    # body swapped after signing
+    h = httpsig.sign_request(b.node.key, "POST", "/v1/push", batch, a.node.now_ms())
+    assert (await post(h, msgpack.packb([rec.envelope, rec.envelope])))[0] == 403
+    # valid, then replayed
+    st, out = await post(h)
+    assert st == 200 and out["accepted"] == 1, out
+    st, out = await post(h)
+    assert st == 403 and "replay" in out["message"].lower()
+    # garbage from a partner: 400, counted, nothing stored
+    g = b"\xc1\xff garbage"
+    st, _ = await post(httpsig.sign_request(b.node.key, "POST", "/v1/push", g,
+                                            a.node.now_ms()), g)
+    assert st == 400
+    link = a.node.links[b.node.public_key]
+    assert link.invalid.get("malformed_batch") == 1
+    assert await _count(a) == 1 and await _healthy(a)
+
+
+async def test_push_rejects_bad_records_and_keeps_good_ones(inproc: Make) -> None:
+    a = await inproc("Jakarta")
+    b = await inproc("Singapore")
+    await a.node.add_partner(b.url, b.node.node_id)
+    await b.node.add_partner(a.url, a.node.node_id)
+    k = b.node.key
+    now = b.node.now_ms()
+    r1 = sign_record(k, feed="weather", seq=1, prev=None, time_ms=now,
+                     type="org.example.Test", data={"n": 1})
+    r2 = sign_record(k, feed="weather", seq=2, prev=r1.id, time_ms=now,
+                     type="org.example.Test", data={"n": 2})
+    tampered = bytearray(r2.envelope)
+    tampered[-1] ^= 1  # a signature byte
+    future = sign_record(k, feed="other", seq=1, prev=None, time_ms=now + 3600_000,
+                         type="org.example.Test", data={"n": 3})
+    client = PeerClient(k, a.url, fingerprint=a.node.identity.cert_fingerprint)
+    try:
+        out = await client.push([r1.envelope, bytes(tampered), future.envelope, b"\x00",
+                                 r1.envelope])
+        reasons = dict(out["rejected"])
+        assert out["accepted"] == 1 and out["duplicates"] == 1, out
+        assert set(reasons) == {1, 2, 3}
+        assert reasons[2] == "future_time" and reasons[3] == "bad_envelope"
+        assert reasons[1] == "bad_signature"
+        out = await client.push([r2.envelope])
+        assert out["accepted"] == 1
+    finally:
+        await client.close()
+    assert await _count(a) == 2
+    # rejected input is logged with reasons, bounded
+    rows = a.node.storage.rejected(10)
+    assert {r.reason for r in rows} >= {"future_time", "bad_envelope"}
