@@ -41,7 +41,8 @@ class _Group(click.Group):
             click.echo("interrupted", err=True)
             ctx.exit(130)
         except OSError as exc:
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
 
 DIR_OPTION = click.option(
@@ -92,7 +93,8 @@ def _is_running(data_dir: Path) -> bool:
 
     if not (data_dir / "node.toml").exists():
         raise click.ClickException(
-            f"{data_dir} is not a citynode data dir (no node.toml): run `citynode init -d {data_dir}`"
+            f"{data_dir} is not a citynode data dir (no node.toml): "
+            f"run `citynode init -d {data_dir}`"
         )
     return is_running(data_dir)
 
@@ -124,7 +126,8 @@ def init(data_dir: Path, name: str, listen: str, public_url: str | None,
     """Create a new node: key, TLS certificate, operator token and node.toml."""
     from citynode.datadir import init_data_dir
 
-    pw = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True) if passphrase else None
+    pw = (click.prompt("Passphrase", hide_input=True, confirmation_prompt=True)
+          if passphrase else None)
     ident, cfg = init_data_dir(data_dir, name=name, listen=listen, public_url=public_url,
                                hosts=hosts, passphrase=pw)
     url = cfg.node.public_url
@@ -449,3 +452,46 @@ def demo(duration: float, base: Path | None) -> None:
             raise click.ClickException(f"{base} is not empty")
     if not run_demo(duration, base):
         raise click.ClickException("the nodes did not converge: see the node.log files")
+
+
+@main.command()
+@click.argument("url")
+@click.option("--id", "nid", default=None,
+              help="The node's id: its card is checked and its TLS certificate pinned.")
+@click.option("--origin", default=None, help="Only records of this origin node id.")
+@click.option("--feed", default=None, help="Only this feed.")
+@click.option("--type", "type_name", default=None, help="Only this payload type.")
+@click.option("--after", default=None, type=click.IntRange(0),
+              help="Resume after this cursor (0: from the beginning). Default: from now.")
+@click.option("--count", default=None, type=click.IntRange(1),
+              help="Stop after this many records.")
+@click.option("-d", "--dir", "data_dir", envvar="CITYNODE_DIR", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Sign requests with this node's key (to read non-public feeds).")
+def subscribe(url: str, nid: str | None, origin: str | None, feed: str | None,
+              type_name: str | None, after: int | None, count: int | None,
+              data_dir: Path | None) -> None:
+    """Follow a node's records live; verify each one; print JSON Lines.
+
+    Reconnects by itself and resumes where it stopped, so nothing is missed or
+    printed twice. Each line carries a "cursor" to resume from with --after.
+    """
+    from citynode.client import Client, record_to_json
+
+    key = None
+    if data_dir is not None:
+        from citynode.identity import load_identity
+
+        key = load_identity(data_dir).key
+
+    async def go() -> None:
+        n = 0
+        async with Client(url, node_id=nid, key=key) as c:
+            async for cursor, rec in c.subscribe(origin=origin, feed=feed, type=type_name,
+                                                 last_event_id=after):
+                click.echo(json.dumps(record_to_json(rec, cursor), ensure_ascii=False))
+                n += 1
+                if count is not None and n >= count:
+                    return
+
+    _run(go())

@@ -15,6 +15,7 @@ cyber-security notice. A live table shows what each node holds from each origin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import tempfile
@@ -29,8 +30,10 @@ __all__ = ["run_demo"]
 
 CITIES: dict[str, dict[str, Any]] = {
     "Jakarta": {
-        "stations": [("DKI1 Bundaran HI", 106.8230, -6.1950), ("DKI4 Lubang Buaya", 106.9090, -6.2886)],
-        "roads": [("Jl. Jenderal Sudirman", 106.8219, -6.2146), ("Jl. M.H. Thamrin", 106.8229, -6.1862)],
+        "stations": [("DKI1 Bundaran HI", 106.8230, -6.1950),
+                     ("DKI4 Lubang Buaya", 106.9090, -6.2886)],
+        "roads": [("Jl. Jenderal Sudirman", 106.8219, -6.2146),
+                  ("Jl. M.H. Thamrin", 106.8229, -6.1862)],
         "pm25": 42.0, "temp": 31.0,
     },
     "Seoul": {
@@ -45,7 +48,8 @@ CITIES: dict[str, dict[str, Any]] = {
     },
     "Singapore": {
         "stations": [("Central", 103.8198, 1.3521), ("Jurong West", 103.7063, 1.3404)],
-        "roads": [("Pan Island Expressway", 103.8480, 1.3367), ("East Coast Parkway", 103.9006, 1.2976)],
+        "roads": [("Pan Island Expressway", 103.8480, 1.3367),
+                  ("East Coast Parkway", 103.9006, 1.2976)],
         "pm25": 14.0, "temp": 29.0,
     },
 }
@@ -88,7 +92,7 @@ def _traffic(road: tuple[str, float, float], t: float, rng: random.Random) -> di
 
 
 def _weather(city: dict[str, Any], t: float, rng: random.Random) -> dict[str, Any]:
-    name, lon, lat = city["stations"][0]
+    _name, lon, lat = city["stations"][0]
     return {
         "dateObserved": _iso(t),
         "location": {"type": "Point", "coordinates": [lon, lat]},
@@ -133,10 +137,8 @@ async def _publisher(node: LocalNode, city: dict[str, Any], stop: asyncio.Event,
             await node.publish("cyber-notices", "CyberSecurityNotice", [notice])
             counts[node.name] += 1
         tick += 1
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
-        except asyncio.TimeoutError:
-            pass
 
 
 async def _holdings(nodes: list[LocalNode]) -> dict[str, dict[str, int]]:

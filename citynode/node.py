@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from citynode import __version__
 from citynode.config import Config, load_config
-from citynode.core import cards, sync
+from citynode.core import access, cards, sync
 from citynode.core.chain import FeedHead, ForkProof, Verdict, classify
 from citynode.core.encoding import Limits
 from citynode.core.keys import Verifier, node_id, parse_node_id
@@ -43,6 +43,7 @@ from citynode.core.records import (
     check_feed_name,
     decode_envelope,
     open_record,
+    parse_body,
     record_id,
     sign_record,
 )
@@ -131,6 +132,15 @@ class PartnerLink:
         }
 
 
+class Subscriber:
+    """One live stream's view of the tail: new stored rows matching its filter."""
+
+    def __init__(self, match: Callable[[Any], bool], maxsize: int = 10_000) -> None:
+        self.match = match
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        self.lagging = False  # the queue overflowed: re-read from storage by cursor
+
+
 class _RecentIds:
     """A bounded set of ids recently committed, so a duplicate arriving while the database
     is still being asked costs no signature verification."""
@@ -191,7 +201,11 @@ class Node:
         self.feed_locks: dict[str, asyncio.Lock] = {}
         self.listeners: set[Callable[[Sequence[Record]], None]] = set()
         self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
+        self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.subscribers: set[Subscriber] = set()
+        self._tail_rowid = 0
+        self._tail_wake = asyncio.Event()
         self._card: cards.NodeCard | None = None
         self._stopping = False
         self.ready = False
@@ -205,7 +219,9 @@ class Node:
         data_dir = Path(data_dir)
         config = load_config(data_dir / "node.toml")
         identity = load_identity(data_dir, passphrase)
-        storage = Storage.open(data_dir / DB_NAME, rejected_log_rows=config.limits.rejected_log_rows)
+        storage = Storage.open(
+            data_dir / DB_NAME, rejected_log_rows=config.limits.rejected_log_rows
+        )
         return cls(data_dir, config, identity, storage)
 
     def now_ms(self) -> int:
@@ -225,6 +241,8 @@ class Node:
                 self._start_link(row)
         for k, env in await self._io(self._load_cards):
             self._learn_card(env, k)
+        self._tail_rowid = await self._io(self.storage.max_rowid)
+        self.spawn(self._tail_loop(), "tail")
         self.ready = True
         self.metrics.feeds.set(len(self.heads))
         log.info(
@@ -302,17 +320,13 @@ class Node:
         except CitynodeError as exc:
             log.info("ignored an invalid card", extra=fields(error=str(exc)))
             return False
-        old = self.cards_seen.get(c.node)
-        if old is not None:
-            try:
-                prev = cards.open_card(old, expected_node_id=None, verifier=self.verifier)
-                if prev.time >= c.time:
-                    return False
-            except CitynodeError:
-                pass
+        prev = self.card_info.get(c.node)
+        if prev is not None and prev.time >= c.time:
+            return False
         if len(self.cards_seen) >= 10_000 and c.node not in self.cards_seen:
             return False
         self.cards_seen[c.node] = env
+        self.card_info[c.node] = c
         self.vouch.add_card(c.node, set(c.partners))
         self._trusted = None
         # Kept so `citynode export` can put the origin's card in an auditor's bundle.
@@ -482,23 +496,37 @@ class Node:
                 key = (r.origin, r.feed)
                 if not link.view.knows(key, r.seq) and self._may_send(link, r):
                     link.enqueue(r)
+        self._tail_wake.set()
         for fn in list(self.listeners):
             try:
                 fn(recs)
             except Exception:  # a subscriber's bug must not break ingest
                 log.exception("listener failed")
-        if any(r.origin == self.public_key and (r.origin, r.feed) not in self.heads
-               for r in recs):
-            self._card = None  # a new own feed: the card lists feeds
+
+    def feed_policy(self, origin: bytes, feed: str) -> access.FeedPolicy:
+        """The access level of a feed: ours from node.toml, others' from their cards."""
+        if origin == self.public_key:
+            fc = self.config.feeds.get(feed)
+            level = fc.access if fc is not None else access.PUBLIC
+            readers = frozenset(parse_node_id(r) for r in fc.readers) if fc else frozenset()
+            return access.FeedPolicy(level, frozenset(self.links), readers)
+        c = self.card_info.get(origin)
+        if c is None:
+            return access.FeedPolicy(access.PARTNERS)
+        level = next((f.access for f in c.feeds if f.name == feed), access.PARTNERS)
+        return access.FeedPolicy(level, frozenset(c.partners))
 
     def _may_send(self, link: PartnerLink, rec: Record) -> bool:
-        """Access policy on the push path: a partners-only feed goes only to direct
-        partners (which every link is); restricted feeds only to their readers."""
-        if rec.origin == self.public_key:
-            fc = self.config.feeds.get(rec.feed)
-            if fc is not None and fc.access == "restricted":
-                return link.row.node_id in fc.readers
-        return True
+        """Access policy on the push path."""
+        return access.may_relay(self.feed_policy(rec.origin, rec.feed), rec.origin, link.key)
+
+    def may_read(self, origin: bytes, feed: str, caller: bytes | None,
+                 envelope: bytes | None = None) -> bool:
+        """Access policy on the read paths (get, query, stream, export)."""
+        pol = self.feed_policy(origin, feed)
+        if pol.access == access.RESTRICTED and origin != self.public_key and envelope:
+            pol = access.FeedPolicy(pol.access, pol.origin_partners, _readers_of(envelope))
+        return access.may_read(pol, origin, caller)
 
     async def _equivocation(self, rec: Record, seq: int, src: str) -> bool:
         held = await self._io(self.storage.envelope_at, rec.origin, rec.feed, seq)
@@ -583,6 +611,8 @@ class Node:
                 raise PublishRefused(self.own_blocked[feed])
             key = (self.public_key, feed)
             head = self.heads.get(key)
+            if head is None:
+                self._card = None  # a new feed of ours: the card lists our feeds
             now = self.now_ms()
             recs = await asyncio.get_running_loop().run_in_executor(
                 None, self._sign_batch, feed, type_name, items, subjects, head, now
@@ -592,7 +622,6 @@ class Node:
             self.heads[key] = FeedHead(recs[-1].seq, recs[-1].id)
             await self._commit(recs, durable=True, source=None)
             self.metrics.published.inc(len(recs))
-            self._card = None
             return recs
 
     def _sign_batch(
@@ -756,7 +785,9 @@ class Node:
     def frontier(self) -> sync.Frontier:
         return {k: (h.seq, h.id) for k, h in self.heads.items()}
 
-    async def sync_with(self, link: PartnerLink, *, progress: Callable[[int], None] | None = None) -> int:
+    async def sync_with(
+        self, link: PartnerLink, *, progress: Callable[[int], None] | None = None
+    ) -> int:
         """One anti-entropy round with a partner; returns the number of records fetched."""
         # Cards first: they carry the vouches the trust policy needs.
         try:
@@ -829,11 +860,7 @@ class Node:
                 return
 
     def _relayable(self, origin: bytes, feed: str, link: PartnerLink) -> bool:
-        if origin == self.public_key:
-            fc = self.config.feeds.get(feed)
-            if fc is not None and fc.access == "restricted":
-                return link.row.node_id in fc.readers
-        return True
+        return access.may_relay(self.feed_policy(origin, feed), origin, link.key)
 
     def _own_feed_safety(self, theirs: sync.Frontier, link: PartnerLink) -> None:
         """If a partner holds later records of our own feeds than we do (e.g. we were
@@ -883,6 +910,34 @@ class Node:
     def known_cards(self) -> list[bytes]:
         return [self.card().envelope, *self.cards_seen.values()]
 
+    # ------------------------------------------------------------------ live streams
+
+    async def _tail_loop(self) -> None:
+        """Read each newly committed row once and hand it to every matching stream, so
+        the cost per commit does not grow with the number of subscribers."""
+        while True:
+            await self._tail_wake.wait()
+            self._tail_wake.clear()
+            while True:
+                rows = await self._io(
+                    lambda: self.storage.query(after_rowid=self._tail_rowid, limit=1000)
+                )
+                for row in rows:
+                    self._tail_rowid = row.rowid
+                    for sub in self.subscribers:
+                        if sub.lagging or not sub.match(row):
+                            continue
+                        try:
+                            sub.queue.put_nowait(row)
+                        except asyncio.QueueFull:
+                            sub.lagging = True
+                if len(rows) < 1000:
+                    break
+
+    def tail_rowid(self) -> int:
+        """The cursor of the newest row handed to streams."""
+        return self._tail_rowid
+
     # ------------------------------------------------------------------ status
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -895,3 +950,15 @@ class Node:
 
     def partner_status(self) -> list[dict[str, Any]]:
         return [link.status() for link in self.links.values()]
+
+
+def _readers_of(envelope: bytes) -> frozenset[bytes]:
+    """The recipients a restricted record is sealed to (empty if it is not sealed)."""
+    try:
+        body, _sig = decode_envelope(envelope)
+        sealed = parse_body(body).get("sealed")
+    except InvalidRecord:
+        return frozenset()
+    if not isinstance(sealed, dict):
+        return frozenset()
+    return frozenset(r[0] for r in sealed.get("to", ()) if isinstance(r, list) and r)

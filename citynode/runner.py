@@ -26,7 +26,7 @@ from citynode.errors import CitynodeError, PeerError, PeerRejected, StorageError
 from citynode.identity import load_identity
 from citynode.logs import fields
 
-__all__ = ["is_running", "operator_request", "run_node", "run_lock"]
+__all__ = ["is_running", "operator_request", "run_lock", "run_node"]
 
 log = logging.getLogger("citynode.run")
 LOCK_NAME = "run.lock"
@@ -89,19 +89,21 @@ async def operator_request(
         body = json.dumps(json_body).encode()
         headers["Content-Type"] = "application/json"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-            async with s.request(method, url, data=body, headers=headers, ssl=ssl_arg) as resp:
-                data = await resp.read()
-                try:
-                    out = json.loads(data)
-                except ValueError:
-                    out = {"message": data.decode(errors="replace")}
-                if resp.status >= 400:
-                    raise PeerRejected(str(out.get("message", out)), resp.status)
-                return out
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+            s.request(method, url, data=body, headers=headers, ssl=ssl_arg) as resp,
+        ):
+            data = await resp.read()
+            try:
+                out = json.loads(data)
+            except ValueError:
+                out = {"message": data.decode(errors="replace")}
+            if resp.status >= 400:
+                raise PeerRejected(str(out.get("message", out)), resp.status)
+            return out
     except CitynodeError:
         raise
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise PeerError(f"cannot reach the running node at {url}: {exc}") from exc
 
 

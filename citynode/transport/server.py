@@ -28,6 +28,7 @@ from aiohttp import web
 from citynode import __version__
 from citynode.core import httpsig, sync
 from citynode.core.keys import parse_node_id
+from citynode.core.records import decode_envelope, parse_body
 from citynode.errors import (
     AccessDenied,
     CitynodeError,
@@ -103,7 +104,7 @@ async def _read_body(request: web.Request) -> bytes:
         return await asyncio.wait_for(
             request.read(), node.config.limits.read_timeout_seconds
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise web.HTTPRequestTimeout(text="request body not received in time") from None
 
 
@@ -131,6 +132,27 @@ async def _require_partner(request: web.Request, body: bytes) -> bytes:
     if key not in node.links:
         raise AccessDenied("request signed by a node that is not a partner of this node")
     return key
+
+
+async def _caller(request: web.Request) -> bytes | None:
+    """The node key that signed a read request, or None for an anonymous reader.
+
+    Any node may sign a read (not only partners): readers of a restricted feed, or
+    partners of the feed's origin, are often not partners of the node they read from.
+    """
+    if "Signature" not in request.headers and "Signature-Input" not in request.headers:
+        return None
+    node = request.app[NODE_KEY]
+    return httpsig.verify_request(
+        request.method,
+        request.rel_url.raw_path_qs,
+        request.headers,
+        b"",
+        now_ms=node.now_ms(),
+        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+        replay=request.app[REPLAY_KEY],
+        verifier=node.verifier,
+    )
 
 
 def _pack(v: Any) -> web.Response:
@@ -206,8 +228,14 @@ async def get_record(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="record id is 64 hex digits") from None
     if len(rid) != 32:
         raise web.HTTPBadRequest(text="record id is 64 hex digits")
+    caller = await _caller(request)
     env = await node._io(node.storage.get_envelope, rid)
     if env is None:
+        raise web.HTTPNotFound(text="no such record here")
+    body, _sig = decode_envelope(env)
+    f = parse_body(body)
+    if not node.may_read(f["origin"], f["feed"], caller, env):
+        # Same answer as a missing record: do not confirm that it exists.
         raise web.HTTPNotFound(text="no such record here")
     if _wants_json(request):
         return web.json_response(stored_record_json(env))
@@ -216,16 +244,12 @@ async def get_record(request: web.Request) -> web.Response:
 
 async def list_records(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
+    caller = await _caller(request)
     limit = _int_arg(request, "limit", 100, 1, 1000) or 100
-    feed = request.query.get("feed") or None
+    f = _filters(request)
     rows = await node._io(
         lambda: node.storage.query(
-            origin=_origin_arg(request),
-            feed=feed,
-            type=request.query.get("type") or None,
-            since_ms=_int_arg(request, "since"),
-            until_ms=_int_arg(request, "until"),
-            bbox=_bbox_arg(request),
+            **f,
             seq_from=_int_arg(request, "from_seq", None, 1),
             seq_to=_int_arg(request, "to_seq", None, 1),
             after_rowid=_int_arg(request, "after", 0) or 0,
@@ -233,6 +257,7 @@ async def list_records(request: web.Request) -> web.Response:
         )
     )
     nxt = rows[-1].rowid if len(rows) == limit else None
+    rows = [r for r in rows if node.may_read(r.origin, r.feed, caller, r.envelope)]
     if _wants_json(request):
         return web.json_response(
             {"records": [stored_record_json(r.envelope, rowid=r.rowid) for r in rows],
@@ -245,7 +270,11 @@ async def list_feeds(request: web.Request) -> web.Response:
     from citynode.core.keys import node_id
 
     node = request.app[NODE_KEY]
+    caller = await _caller(request)
     rows = await node._io(node.storage.feeds)
+    # Restricted feeds' heads (not their content) are shown to any authenticated node.
+    rows = [r for r in rows if node.may_read(r.origin, r.feed, caller)
+            or (caller is not None and node.feed_policy(r.origin, r.feed).access == "restricted")]
     out = [
         {
             "origin": node_id(r.origin),
@@ -258,6 +287,104 @@ async def list_feeds(request: web.Request) -> web.Response:
         for r in rows
     ]
     return web.json_response({"feeds": out})
+
+
+def _filters(request: web.Request) -> dict[str, Any]:
+    return {
+        "origin": _origin_arg(request),
+        "feed": request.query.get("feed") or None,
+        "type": request.query.get("type") or None,
+        "since_ms": _int_arg(request, "since"),
+        "until_ms": _int_arg(request, "until"),
+        "bbox": _bbox_arg(request),
+    }
+
+
+def _row_matcher(f: dict[str, Any]) -> Callable[[Any], bool]:
+    """The same filter as Storage.query, applied to one row in memory (live tail)."""
+
+    def match(row: Any) -> bool:
+        if f["origin"] is not None and row.origin != f["origin"]:
+            return False
+        if f["feed"] is not None and row.feed != f["feed"]:
+            return False
+        if f["type"] is not None and row.type != f["type"]:
+            return False
+        if f["since_ms"] is not None and row.time < f["since_ms"]:
+            return False
+        if f["until_ms"] is not None and row.time >= f["until_ms"]:
+            return False
+        if f["bbox"] is not None:
+            if row.lon is None or row.lat is None:
+                return False
+            x0, y0, x1, y1 = f["bbox"]
+            if not (y0 <= row.lat <= y1 and x0 <= row.lon <= x1):
+                return False
+        return True
+
+    return match
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events of stored records matching a filter, oldest first.
+
+    Each event: ``id`` = the record's cursor, ``event: record``, ``data`` = the JSON
+    record (with its signed envelope). Resume with ``Last-Event-ID`` (or ``?after=``):
+    the stream replays everything after that cursor from the database, then follows new
+    records live, so a reconnecting subscriber misses nothing and gets nothing twice.
+    Without either it starts with records stored from now on.
+    """
+    from aiohttp_sse import sse_response
+
+    node = request.app[NODE_KEY]
+    caller = await _caller(request)
+    f = _filters(request)
+    last = request.headers.get("Last-Event-ID") or request.query.get("after")
+    if last is not None:
+        try:
+            cursor = int(last)
+        except ValueError:
+            raise web.HTTPBadRequest(text="Last-Event-ID must be a cursor (an integer)") from None
+    else:
+        cursor = node.tail_rowid()
+    base_match = _row_matcher(f)
+
+    def match(row: Any) -> bool:
+        return base_match(row) and node.may_read(row.origin, row.feed, caller, row.envelope)
+
+    from citynode.node import Subscriber
+
+    sub = Subscriber(match)
+    node.subscribers.add(sub)  # before catching up, so nothing falls in between
+    try:
+        async with sse_response(request, ping_interval=15) as resp:
+            while True:
+                # Catch up from the database until the page is short.
+                while True:
+                    rows = await node._io(
+                        lambda c=cursor: node.storage.query(after_rowid=c, limit=500, **f)
+                    )
+                    for row in rows:
+                        if match(row):
+                            await resp.send(json.dumps(stored_record_json(row.envelope)),
+                                            id=str(row.rowid), event="record")
+                        cursor = row.rowid
+                    if len(rows) < 500:
+                        break
+                sub.lagging = False
+                # Live: rows from the tail, skipping what the catch-up already sent.
+                while not sub.lagging:
+                    row = await sub.queue.get()
+                    if row.rowid <= cursor:
+                        continue
+                    await resp.send(json.dumps(stored_record_json(row.envelope)),
+                                    id=str(row.rowid), event="record")
+                    cursor = row.rowid
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+    finally:
+        node.subscribers.discard(sub)
+    return resp
 
 
 # ------------------------------------------------------------------ operator
@@ -423,6 +550,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/records", list_records)
     r.add_get("/v1/records/{rid}", get_record)
     r.add_get("/v1/feeds", list_feeds)
+    r.add_get("/v1/stream", stream)
     r.add_post("/v1/publish", publish)
     r.add_get("/v1/admin/status", admin_status)
     r.add_route("GET", "/v1/admin/partners", admin_partners)

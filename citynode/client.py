@@ -1,0 +1,227 @@
+"""A small client for partner applications: get, query and subscribe, verified.
+
+Every record the client returns was verified by the client itself -- canonical
+encoding, signature by its origin, payload type -- so an application trusts the origin
+city, not the node it happens to read from::
+
+    import asyncio
+    from citynode.client import Client
+
+    async def main() -> None:
+        async with Client("https://citynode.jakarta.example:8443",
+                          node_id="cn1...") as c:          # pins the node's certificate
+            async for rec in c.query(feed="air-quality", type="AirQualityObserved"):
+                print(rec.seq, rec.data["pm25"])
+            async for cursor, rec in c.subscribe(feed="air-quality"):
+                print(cursor, rec.subject, rec.data)      # live; resumes after reconnects
+
+    asyncio.run(main())
+
+Reading a ``partners`` or ``restricted`` feed needs requests signed by a node key the
+origin allows: pass ``key=`` (e.g. ``identity.load_identity(DIR).key``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import msgpack
+from yarl import URL
+
+from citynode.core import httpsig
+from citynode.core.keys import SigningKey, Verifier
+from citynode.core.records import Record, decode_envelope, open_record
+from citynode.errors import CitynodeError, InvalidRecord, PeerError, PeerRejected
+
+__all__ = ["Client", "record_to_json"]
+
+
+class Client:
+    """Verified reads from one citynode over HTTPS."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node_id: str | None = None,
+        fingerprint: bytes | None = None,
+        key: SigningKey | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """``node_id``: fetch the node's card, check it is signed by this id, and pin the
+        TLS certificate it names. ``fingerprint``: pin this SHA-256 certificate digest.
+        With neither, the certificate is validated against the system CAs."""
+        self.url = url.rstrip("/")
+        self.node_id = node_id
+        self.fingerprint = fingerprint
+        self.key = key
+        self.timeout = timeout
+        self.verifier = Verifier()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Pin the node's certificate (via its card when ``node_id`` was given)."""
+        if self.node_id is not None and self.fingerprint is None:
+            from citynode.transport.client import fetch_card
+
+            card = await fetch_card(self.url, self.node_id, now_ms=_now_ms())
+            self.fingerprint = card.tls
+        ssl: Any = True
+        if self.url.startswith("https://") and self.fingerprint is not None:
+            ssl = aiohttp.Fingerprint(self.fingerprint)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
+                                          sock_read=None),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self, path_qs: str, accept: str) -> dict[str, str]:
+        h = {"Accept": accept}
+        if self.key is not None:
+            h.update(httpsig.sign_request(self.key, "GET", path_qs, b"", _now_ms()))
+        return h
+
+    def _verify(self, envelope: bytes) -> Record:
+        body, sig = decode_envelope(envelope)
+        # A record is checked against the clock when a node accepts it; a reader checks
+        # what the record is, not when it arrived.
+        return open_record(body, sig, now_ms=2**62, verifier=self.verifier)
+
+    async def _get(self, path_qs: str, accept: str = "application/msgpack") -> bytes:
+        if self._session is None:
+            await self.connect()
+        assert self._session is not None
+        url = URL(self.url + path_qs, encoded=True)
+        try:
+            async with self._session.get(
+                url, headers=self._headers(path_qs, accept),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as r:
+                data = await r.read()
+                if r.status >= 400:
+                    raise PeerRejected(f"{self.url}: HTTP {r.status}: "
+                                       f"{data[:300].decode(errors='replace')}", r.status)
+                return data
+        except CitynodeError:
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise PeerError(f"{self.url}: {exc}") from exc
+
+    async def get(self, record_id: bytes | str) -> Record:
+        """One record by id, verified. Raises PeerRejected (404) if the node lacks it,
+        InvalidRecord if what it sent does not verify or is not that record."""
+        rid = bytes.fromhex(record_id) if isinstance(record_id, str) else record_id
+        rec = self._verify(await self._get(f"/v1/records/{rid.hex()}"))
+        if rec.id != rid:
+            raise InvalidRecord("the node answered with a different record", "wrong_record")
+        return rec
+
+    async def query(self, *, origin: str | None = None, feed: str | None = None,
+                    type: str | None = None, since_ms: int | None = None,
+                    until_ms: int | None = None,
+                    bbox: tuple[float, float, float, float] | None = None,
+                    page_size: int = 500) -> AsyncIterator[Record]:
+        """All matching records, oldest first, page by page, each verified."""
+        q = _query(origin=origin, feed=feed, type=type, since=since_ms, until=until_ms,
+                   bbox=bbox)
+        after = 0
+        while True:
+            qs = urlencode({**q, "after": after, "limit": page_size})
+            page = msgpack.unpackb(await self._get(f"/v1/records?{qs}"), raw=False)
+            for env in page["records"]:
+                yield self._verify(env)
+            if page["next"] is None:
+                return
+            after = page["next"]
+
+    async def subscribe(self, *, origin: str | None = None, feed: str | None = None,
+                        type: str | None = None,
+                        bbox: tuple[float, float, float, float] | None = None,
+                        last_event_id: int | None = None,
+                        retry_seconds: float = 1.0) -> AsyncIterator[tuple[int, Record]]:
+        """Follow new records live (``last_event_id``: resume after that cursor; 0: from
+        the beginning). Reconnects by itself with ``Last-Event-ID``, so it misses nothing
+        and yields nothing twice. Yields ``(cursor, record)``."""
+        q = _query(origin=origin, feed=feed, type=type, bbox=bbox)
+        cursor = last_event_id
+        while True:
+            qs = "?" + urlencode(q) if q else ""
+            if cursor is not None:
+                qs += ("&" if qs else "?") + urlencode({"after": cursor})
+            try:
+                async for cur, rec in self._stream_once(f"/v1/stream{qs}"):
+                    cursor = cur
+                    yield cur, rec
+            except (PeerError, aiohttp.ClientPayloadError, ConnectionError):
+                pass  # reconnect below
+            await asyncio.sleep(retry_seconds)
+
+    async def _stream_once(self, path_qs: str) -> AsyncIterator[tuple[int, Record]]:
+        if self._session is None:
+            await self.connect()
+        assert self._session is not None
+        url = URL(self.url + path_qs, encoded=True)
+        try:
+            async with self._session.get(
+                url, headers=self._headers(path_qs, "text/event-stream")
+            ) as r:
+                if r.status >= 400:
+                    data = await r.read()
+                    raise PeerRejected(f"{self.url}: HTTP {r.status}: {data[:300]!r}", r.status)
+                event: dict[str, str] = {}
+                async for raw in r.content:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if line:
+                        k, _, v = line.partition(":")
+                        event[k] = v[1:] if v.startswith(" ") else v
+                        continue
+                    if event.get("event") == "record" and "data" in event:
+                        env = base64.b64decode(json.loads(event["data"])["envelope"])
+                        yield int(event["id"]), self._verify(env)
+                    event = {}
+        except CitynodeError:
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise PeerError(f"{self.url}: stream broke: {exc}") from exc
+
+
+def _query(**kw: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in kw.items():
+        if v is None:
+            continue
+        out[k] = ",".join(str(x) for x in v) if k == "bbox" else v
+    return out
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def record_to_json(rec: Record, cursor: int | None = None) -> dict[str, Any]:
+    """The JSON view of a verified record (as the node's API gives it)."""
+    from citynode.render import record_json
+
+    return record_json(rec, rowid=cursor)
+
