@@ -137,7 +137,7 @@ def verify_fork_proof(
     :class:`InvalidProof` saying why the proof does not hold.
     """
     if now_ms is None:
-        now_ms = 2**62  # no record is "in the future" of this
+        now_ms = 2**64  # above any msgpack integer: no record is "in the future" of it
     recs = []
     for name, env in (("a", proof.a), ("b", proof.b)):
         try:

@@ -55,9 +55,13 @@ def _sorted(value: Any, depth: int = 0) -> Any:
         items.sort(key=lambda t: t[0])
         return {k: v for _, k, v in items}
     if isinstance(value, (list, tuple)):
+        if type(value) is msgpack.ExtType:  # a namedtuple: would pass as an array
+            raise EncodingError("msgpack ext types are not allowed", "non_canonical")
         return [_sorted(v, depth + 1) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         raise EncodingError("NaN and infinity cannot be encoded", "non_canonical")
+    if type(value) is msgpack.Timestamp:  # the packer would write ext -1
+        raise EncodingError("msgpack timestamps are not allowed: use integer ms", "non_canonical")
     return value
 
 
@@ -150,8 +154,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     except msgpack.StackError as exc:
         raise EncodingError("value nests too deeply", "too_deep") from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # msgpack raises ValueError for truncated data and size limits, TypeError for
-        # unhashable or non-string map keys.
+        # msgpack raises ValueError for truncated data and size limits, and for a
+        # non-string map key (strict_map_key, kept: it stops hash flooding with crafted
+        # int keys). Such a map is valid msgpack, just not canonical.
+        if "map key" in str(exc):
+            raise EncodingError("map key is not a string", "non_canonical") from exc
         raise EncodingError(f"not valid msgpack: {exc}", "malformed") from exc
     t = type(value)
     if t is dict or t is list:

@@ -32,8 +32,8 @@ from citynode.core.types import validate_payload
 from citynode.errors import EncodingError, InvalidRecord
 
 __all__ = [
-    "FORMAT_VERSION",
     "DEFAULT_FUTURE_TOLERANCE_MS",
+    "FORMAT_VERSION",
     "Record",
     "RecordPolicy",
     "check_feed_name",
@@ -196,7 +196,7 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
             "unknown_version",
         )
     keys = fields.keys()
-    if not _REQUIRED <= keys:
+    if not keys >= _REQUIRED:
         missing = ", ".join(sorted(_REQUIRED - keys))
         raise _fail(f"body lacks required field(s): {missing}", "missing_field")
     if not keys <= _ALLOWED:
@@ -211,7 +211,8 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
         raise _fail(f"seq must be an integer from 1, not {seq!r}")
     prev = fields.get("prev")
     if seq == 1:
-        if prev is not None:
+        # "prev" present at all, even as nil: a second encoding of the same record.
+        if "prev" in fields:
             raise _fail("the first record of a feed (seq 1) has no prev", "bad_prev")
     elif type(prev) is not bytes or len(prev) != 32:
         raise _fail(f"record at seq {seq} must carry prev, the 32-byte id of seq {seq - 1}",

@@ -1,0 +1,477 @@
+"""Record bodies, envelopes, ids and verification (citynode.core.records)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from citynode.core import encoding
+from citynode.core.keys import DOMAIN_CARD, DOMAIN_RECORD, SigningKey, Verifier
+from citynode.core.records import (
+    DEFAULT_FUTURE_TOLERANCE_MS,
+    FORMAT_VERSION,
+    MAX_SEQ,
+    RecordPolicy,
+    check_feed_name,
+    decode_envelope,
+    encode_envelope,
+    make_body,
+    open_record,
+    parse_body,
+    record_id,
+    sign_record,
+    split_envelope,
+)
+from citynode.errors import (
+    EncodingError,
+    InvalidRecord,
+    PayloadError,
+    SignatureError,
+)
+
+KEY = SigningKey(bytes([1]) * 32)
+OTHER = SigningKey(bytes([2]) * 32)
+T0 = 1_735_689_600_000
+NOW = T0 + 3_600_000
+AIR = {
+    "dateObserved": "2025-01-01T00:00:00Z",
+    "location": {"type": "Point", "coordinates": [8.5417, 47.3769]},
+    "pm25": 12.5,
+    "no2": 31,
+    "stationName": "Zürich",
+}
+
+
+def _sign(**kw: Any) -> Any:
+    args: dict[str, Any] = {
+        "feed": "air", "seq": 1, "prev": None, "time_ms": T0, "type": "AirQualityObserved",
+        "data": AIR,
+    }
+    args.update(kw)
+    return sign_record(KEY, **args)
+
+
+def _fields(**kw: Any) -> dict[str, Any]:
+    f: dict[str, Any] = {
+        "version": 1, "origin": KEY.public_key, "feed": "test", "seq": 1, "time": T0,
+        "type": "org.example.Test", "data": {"reading": 42},
+    }
+    f.update(kw)
+    return {k: v for k, v in f.items() if v is not ...}
+
+
+def _open(body: bytes, sig: bytes | None = None, **kw: Any) -> Any:
+    if sig is None:
+        sig = KEY.sign(DOMAIN_RECORD, body)
+    return open_record(body, sig, now_ms=kw.pop("now_ms", NOW), verifier=Verifier(), **kw)
+
+
+def _reason(body: bytes, sig: bytes | None = None, **kw: Any) -> str:
+    with pytest.raises(InvalidRecord) as info:
+        _open(body, sig, **kw)
+    return info.value.reason
+
+
+# --------------------------------------------------------------------------- sign + open
+
+
+def test_sign_then_open_round_trip() -> None:
+    rec = _sign(subject="station-1", dataschema="https://example.org/s.json")
+    back = _open(rec.body, rec.sig)
+    assert back == rec
+    assert rec.id == record_id(rec.body) == hashlib.sha256(rec.body).digest()
+    assert rec.origin == KEY.public_key
+    assert (rec.feed, rec.seq, rec.prev, rec.time, rec.type) == (
+        "air", 1, None, T0, "AirQualityObserved"
+    )
+    assert rec.subject == "station-1"
+    assert rec.dataschema == "https://example.org/s.json"
+    assert rec.data == AIR
+    assert encoding.encode(rec.fields()) == rec.body
+    assert rec.fields()["version"] == FORMAT_VERSION == 1
+
+
+def test_chain_of_two() -> None:
+    r1 = _sign()
+    r2 = _sign(seq=2, prev=r1.id, time_ms=T0 + 1)
+    assert _open(r2.body, r2.sig).prev == r1.id
+
+
+def test_signature_covers_domain_and_body() -> None:
+    rec = _sign()
+    assert rec.sig == KEY.sign(DOMAIN_RECORD, rec.body)
+    # The same body signed for another purpose is not a record signature.
+    assert _reason(rec.body, KEY.sign(DOMAIN_CARD, rec.body)) == "bad_signature"
+    assert _reason(rec.body, KEY.sign(b"", rec.body)) == "bad_signature"
+
+
+def test_signature_by_another_key_fails() -> None:
+    rec = _sign()
+    with pytest.raises(SignatureError) as info:
+        _open(rec.body, OTHER.sign(DOMAIN_RECORD, rec.body))
+    assert info.value.reason == "bad_signature"
+
+
+def test_id_does_not_depend_on_the_signature() -> None:
+    rec = _sign()
+    given_rid = b"\x01" * 32
+    assert _open(rec.body, rec.sig, rid=given_rid).id == given_rid  # caller-hashed id
+    assert _open(rec.body, rec.sig).id == hashlib.sha256(rec.body).digest()
+
+
+def test_verifier_counts_each_verification() -> None:
+    rec = _sign()
+    v = Verifier()
+    open_record(rec.body, rec.sig, now_ms=NOW, verifier=v)
+    open_record(rec.body, rec.sig, now_ms=NOW, verifier=v)
+    assert v.count == 2
+
+
+_SIGNED = _sign(subject="s-1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_single_byte_change_to_body_or_signature_fails(data: st.DataObject) -> None:
+    body, sig = bytearray(_SIGNED.body), bytearray(_SIGNED.sig)
+    target = data.draw(st.sampled_from(["body", "sig"]), label="target")
+    buf = body if target == "body" else sig
+    i = data.draw(st.integers(0, len(buf) - 1), label="index")
+    buf[i] = data.draw(st.integers(0, 255).filter(lambda b: b != buf[i]), label="byte")
+    with pytest.raises(InvalidRecord) as info:
+        _open(bytes(body), bytes(sig))
+    if target == "sig":
+        assert type(info.value) is SignatureError
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_single_byte_change_to_an_envelope_fails(data: st.DataObject) -> None:
+    env = bytearray(_SIGNED.envelope)
+    i = data.draw(st.integers(0, len(env) - 1), label="index")
+    env[i] = data.draw(st.integers(0, 255).filter(lambda b: b != env[i]), label="byte")
+    with pytest.raises(InvalidRecord):
+        body, sig = decode_envelope(bytes(env))
+        _open(body, sig)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.binary(min_size=0, max_size=70))
+def test_open_record_on_arbitrary_bytes_raises_only_invalid_record(body: bytes, sig: bytes
+                                                                   ) -> None:
+    with pytest.raises(InvalidRecord):
+        open_record(body, sig, now_ms=NOW, verifier=Verifier())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_envelope_on_arbitrary_bytes_raises_only_encoding_error(data: bytes) -> None:
+    try:
+        body, sig = decode_envelope(data)
+    except EncodingError:
+        return
+    assert len(sig) == 64 and encode_envelope(body, sig) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_open_record_on_mutated_bodies_raises_only_invalid_record(data: st.DataObject) -> None:
+    """Mutations of a real body reach the field and payload checks, not just the decoder."""
+    body = bytearray(_SIGNED.body)
+    for _ in range(data.draw(st.integers(1, 4), label="changes")):
+        i = data.draw(st.integers(0, len(body) - 1))
+        body[i] = data.draw(st.integers(0, 255))
+    # Signed, so that a body that passes every other check is accepted.
+    b = bytes(body)
+    try:
+        rec = _open(b, KEY.sign(DOMAIN_RECORD, b))
+    except InvalidRecord:
+        return
+    assert encoding.encode(rec.fields()) == b
+
+
+_canonical_data = st.dictionaries(
+    st.text(min_size=1, max_size=10),
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+        | st.binary(max_size=20),
+        lambda inner: st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+        max_leaves=10,
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    _canonical_data,
+    st.integers(1, MAX_SEQ),
+    st.integers(0, NOW + DEFAULT_FUTURE_TOLERANCE_MS),
+    st.from_regex(r"[a-z0-9][a-z0-9._-]{0,63}", fullmatch=True),
+    st.none() | st.text(min_size=1, max_size=30),
+)
+def test_signed_records_always_open(data: dict[str, Any], seq: int, t: int, feed: str,
+                                    subject: str | None) -> None:
+    prev = None if seq == 1 else hashlib.sha256(b"%d" % seq).digest()
+    rec = sign_record(KEY, feed=feed, seq=seq, prev=prev, time_ms=t, type="org.example.Test",
+                      data=data, subject=subject)
+    assert _open(rec.body, rec.sig) == rec
+    assert encoding.encode(rec.fields()) == rec.body
+
+
+# --------------------------------------------------------------------------- body fields
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"version": 2}, "unknown_version"),
+        ({"version": 0}, "unknown_version"),
+        ({"version": True}, "unknown_version"),
+        ({"version": 1.0}, "unknown_version"),
+        ({"version": "1"}, "unknown_version"),
+        ({"version": ...}, "unknown_version"),
+        ({"origin": ...}, "missing_field"),
+        ({"feed": ...}, "missing_field"),
+        ({"seq": ...}, "missing_field"),
+        ({"time": ...}, "missing_field"),
+        ({"type": ...}, "missing_field"),
+        ({"data": ...}, "missing_field"),
+        ({"id": "x"}, "unknown_field"),
+        ({"source": "x"}, "unknown_field"),
+        ({"origin": b"\x00" * 33}, "bad_field"),
+        ({"origin": None}, "bad_field"),
+        ({"feed": ""}, "bad_field"),
+        ({"feed": b"test"}, "bad_field"),
+        ({"seq": 0}, "bad_field"),
+        ({"seq": -1}, "bad_field"),
+        ({"seq": MAX_SEQ + 1, "prev": b"\x00" * 32}, "bad_field"),
+        ({"seq": 1.0}, "bad_field"),
+        ({"seq": True}, "bad_field"),
+        ({"prev": b"\x00" * 32}, "bad_prev"),
+        ({"prev": None}, "bad_prev"),
+        ({"seq": 2}, "bad_prev"),
+        ({"seq": 2, "prev": None}, "bad_prev"),
+        ({"seq": 2, "prev": b"\x00" * 33}, "bad_prev"),
+        ({"seq": 2, "prev": "0" * 32}, "bad_prev"),
+        ({"time": -1}, "bad_field"),
+        ({"time": False}, "bad_field"),
+        ({"time": "2025-01-01T00:00:00Z"}, "bad_field"),
+        ({"type": ""}, "bad_field"),
+        ({"type": 7}, "bad_field"),
+        ({"data": None}, "bad_field"),
+        ({"data": "x"}, "bad_field"),
+        ({"subject": ""}, "bad_field"),
+        ({"subject": "x" * 513}, "bad_field"),
+        ({"subject": None}, "bad_field"),
+        ({"dataschema": 5}, "bad_field"),
+        ({"dataschema": "x" * 513}, "bad_field"),
+        ({"type": "NoSuchType"}, "unknown_type"),
+        ({"time": NOW + DEFAULT_FUTURE_TOLERANCE_MS + 1}, "future_time"),
+    ],
+    ids=repr,
+)
+def test_body_field_rules(changes: dict[str, Any], reason: str) -> None:
+    assert _reason(encoding.encode(_fields(**changes))) == reason
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"subject": "x" * 512, "dataschema": "é" * 512},
+        {"seq": MAX_SEQ, "prev": b"\x00" * 32},
+        {"time": 0},
+        {"time": 2**64 - 1, "seq": 3, "prev": b"\x00" * 32},
+        {"feed": "a"},
+        {"feed": "0" + "a._-" * 15 + "abc"},
+    ],
+    ids=repr,
+)
+def test_body_field_limits_that_are_valid(changes: dict[str, Any]) -> None:
+    big_now = 2**64 if changes.get("time", 0) > NOW else NOW
+    rec = _open(encoding.encode(_fields(**changes)), now_ms=big_now)
+    assert rec.seq == changes.get("seq", 1)
+
+
+def test_body_must_be_a_map() -> None:
+    assert _reason(encoding.encode([1, 2])) == "bad_field"
+    assert _reason(encoding.encode("body")) == "bad_field"
+
+
+def test_future_time_tolerance_is_inclusive_and_configurable() -> None:
+    assert DEFAULT_FUTURE_TOLERANCE_MS == 15 * 60 * 1000
+    at = encoding.encode(_fields(time=NOW + DEFAULT_FUTURE_TOLERANCE_MS))
+    assert _open(at).time == NOW + DEFAULT_FUTURE_TOLERANCE_MS
+    over = encoding.encode(_fields(time=NOW + DEFAULT_FUTURE_TOLERANCE_MS + 1))
+    assert _reason(over) == "future_time"
+    assert _open(over, now_ms=NOW + 1).time > NOW  # later, the same record is fine
+    strict = RecordPolicy(future_tolerance_ms=0)
+    assert _reason(encoding.encode(_fields(time=NOW + 1)), policy=strict) == "future_time"
+    assert _open(encoding.encode(_fields(time=NOW)), policy=strict).time == NOW
+    # The past is never checked.
+    assert _open(encoding.encode(_fields(time=0))).time == 0
+
+
+def test_payload_check_can_be_switched_off() -> None:
+    body = encoding.encode(_fields(type="NoSuchType"))
+    assert _reason(body) == "unknown_type"
+    off = RecordPolicy(check_payload=False)
+    assert _open(body, policy=off).type == "NoSuchType"
+
+
+def test_payload_errors_are_payload_errors() -> None:
+    data = dict(AIR)
+    del data["dateObserved"]
+    body = encoding.encode(_fields(type="AirQualityObserved", data=data))
+    with pytest.raises(PayloadError):
+        _open(body)
+
+
+def test_body_limits_come_from_the_policy() -> None:
+    body = encoding.encode(_fields(data={"v": [[[1]]]}))  # 5 levels with the body
+    assert _open(body).data == {"v": [[[1]]]}
+    shallow = RecordPolicy(body_limits=encoding.Limits(max_depth=4))
+    assert _reason(body, policy=shallow) == "too_deep"
+    small = RecordPolicy(body_limits=encoding.Limits(max_bytes=len(body) - 1))
+    assert _reason(body, policy=small) == "too_large"
+
+
+def test_signature_must_be_64_bytes() -> None:
+    rec = _sign()
+    for sig in (rec.sig[:63], rec.sig + b"\x00", b""):
+        assert _reason(rec.body, sig) == "bad_envelope"
+
+
+def test_parse_body_checks_fields_without_signature() -> None:
+    f = parse_body(encoding.encode(_fields()))
+    assert f["seq"] == 1 and f["origin"] == KEY.public_key
+    with pytest.raises(InvalidRecord):
+        parse_body(encoding.encode(_fields(seq=0)))
+
+
+# --------------------------------------------------------------------------- make_body
+
+
+@pytest.mark.parametrize(
+    ("kw", "error"),
+    [
+        ({"seq": 0}, InvalidRecord),
+        ({"seq": 1, "prev": b"\x00" * 32}, InvalidRecord),
+        ({"seq": 2, "prev": None}, InvalidRecord),
+        ({"feed": "Bad Feed"}, InvalidRecord),
+        ({"time_ms": -5}, InvalidRecord),
+        ({"type": "AirQualityObserved", "data": {"pm25": 1}}, PayloadError),
+        ({"type": "Nope"}, PayloadError),
+        ({"data": {"x": float("nan")}}, EncodingError),
+        ({"data": {"x": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}}, EncodingError),
+        ({"subject": ""}, InvalidRecord),
+    ],
+    ids=repr,
+)
+def test_never_signs_what_receivers_reject(kw: dict[str, Any], error: type[Exception]) -> None:
+    args: dict[str, Any] = {
+        "feed": "test", "seq": 1, "prev": None, "time_ms": T0, "type": "org.example.Test",
+        "data": {"reading": 1},
+    }
+    args.update(kw)
+    with pytest.raises(error):
+        sign_record(KEY, **args)
+    with pytest.raises(error):
+        make_body(origin=KEY.public_key, **args)
+
+
+def test_make_body_is_canonical_and_omits_absent_optionals() -> None:
+    body = make_body(origin=KEY.public_key, feed="test", seq=1, prev=None, time_ms=T0,
+                     type="org.example.Test", data={"b": 1, "a": 2})
+    assert body == encoding.encode(_fields(data={"a": 2, "b": 1}))
+    assert set(encoding.decode(body)) == {"data", "feed", "origin", "seq", "time", "type",
+                                          "version"}
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+@pytest.mark.parametrize(("size", "header"), [
+    (0, "c400"), (255, "c4ff"), (256, "c50100"), (65535, "c5ffff"), (65536, "c600010000"),
+])
+def test_envelope_layout(size: int, header: str) -> None:
+    body, sig = b"\xab" * size, bytes(range(64))
+    env = encode_envelope(body, sig)
+    assert env == b"\x92" + bytes.fromhex(header) + body + b"\xc4\x40" + sig
+    assert encoding.decode(env, encoding.Limits(max_bytes=70_000)) == [body, sig]
+    if size:  # an envelope is at least 70 bytes; an empty body is never a record
+        assert decode_envelope(env) == (body, sig)
+        assert split_envelope([body, sig]) == (body, sig)
+
+
+def test_envelope_body_size_limit() -> None:
+    sig = bytes(64)
+    env = encode_envelope(b"\x00" * 65537, sig)
+    with pytest.raises(EncodingError) as info:
+        decode_envelope(env)
+    assert info.value.reason == "too_large"
+    assert decode_envelope(env, encoding.Limits(max_bytes=65537)) == (b"\x00" * 65537, sig)
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        (b"\x92\xc5\x00\x10" + b"\x00" * 16 + b"\xc4\x40" + bytes(64), "non_canonical"),
+        (b"\x92\xc6\x00\x00\xff\xff" + b"\x00" * 65535 + b"\xc4\x40" + bytes(64),
+         "non_canonical"),
+        (b"\x91\xc4\x10" + b"\x00" * 16 + b"\xc4\x40" + bytes(64), "bad_envelope"),
+        (b"\x93\xc4\x10" + b"\x00" * 16 + b"\xc4\x40" + bytes(64) + b"\xc0", "bad_envelope"),
+        (b"\x92\xd9\x10" + b"\x00" * 16 + b"\xc4\x40" + bytes(64), "bad_envelope"),
+        (b"\x92\xc4\x10" + b"\x00" * 16 + b"\xc4\x3f" + bytes(63), "bad_envelope"),
+        (b"\x92\xc4\x10" + b"\x00" * 16 + b"\xc5\x00\x40" + bytes(64), "bad_envelope"),
+        (b"\x92\xc4\x10" + b"\x00" * 16 + b"\xc4\x40" + bytes(64) + b"\x00", "bad_envelope"),
+        (b"\x92\xc4\x10" + b"\x00" * 16 + b"\xc4\x40" + bytes(63), "bad_envelope"),
+        (b"\x92\xc4\x11" + b"\x00" * 16 + b"\xc4\x40" + bytes(64), "bad_envelope"),
+        (b"", "bad_envelope"),
+        (b"\x92", "bad_envelope"),
+    ],
+)
+def test_decode_envelope_rejects(env: bytes, reason: str) -> None:
+    with pytest.raises(EncodingError) as info:
+        decode_envelope(env)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[b"x"], [b"x", b"y" * 64, b"z"], [b"x", b"y" * 63], ["x", b"y" * 64], [b"x", "y" * 64],
+     (b"x", b"y" * 64), {"a": 1}],
+    ids=repr,
+)
+def test_split_envelope_rejects(value: Any) -> None:
+    with pytest.raises(EncodingError) as info:
+        split_envelope(value)
+    assert info.value.reason == "bad_envelope"
+
+
+# --------------------------------------------------------------------------- feed names
+
+
+@pytest.mark.parametrize("name", ["a", "0", "air-quality", "city.traffic_v2", "a" * 64,
+                                  "9._-"])
+def test_valid_feed_names(name: str) -> None:
+    assert check_feed_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "A", "Air", ".a", "-a", "_a", "a" * 65, "a b", "a/b", "ä", "a\n", "a\x00", "ａ", 5,
+     None, b"a"],
+    ids=repr,
+)
+def test_invalid_feed_names(name: Any) -> None:
+    with pytest.raises(InvalidRecord) as info:
+        check_feed_name(name)
+    assert info.value.reason == "bad_field"

@@ -1,0 +1,370 @@
+"""The committed test vectors (tests/vectors/) against the code and against PROTOCOL.md.
+
+(a) the generator, rerun in memory, reproduces the committed files byte for byte;
+(b) every vector, checked through the public API, gives its expected verdict and reason;
+(c) the auditor's recipe, extracted from docs/PROTOCOL.md, really verifies a record with
+    openssl (and really refuses a bad one), and the doc's worked examples are the vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import msgpack
+import pytest
+
+from citynode.core import encoding, keys
+from citynode.core import types as payload_types
+from citynode.core.chain import FeedHead, ForkProof, Verdict, classify, verify_fork_proof
+from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
+from citynode.core.records import decode_envelope, open_record
+from citynode.errors import InvalidNodeId, InvalidProof, InvalidRecord, SignatureError
+
+ROOT = Path(__file__).resolve().parents[2]
+VECTORS = ROOT / "tests" / "vectors"
+PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
+
+
+def _load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("citynode_vector_generator",
+                                                  VECTORS / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((VECTORS / name).read_text(encoding="utf-8"))
+    return data
+
+
+RECORDS = _load("records.json")
+CHAIN = _load("chain.json")
+KEYS = _load("keys.json")
+CASES = RECORDS["cases"]
+BY_NAME = {c["name"]: c for c in CASES}
+DOC = PROTOCOL.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- (a)
+
+
+def test_generator_reproduces_committed_files_byte_for_byte() -> None:
+    gen = _load_generator()
+    built = gen.build()
+    assert set(built) == {"records.json", "chain.json", "keys.json"}
+    for name, text in built.items():
+        committed = (VECTORS / name).read_text(encoding="utf-8")
+        assert text == committed, f"{name} is stale: run python tests/vectors/generate.py"
+    assert gen.build() == built  # deterministic within one process too
+
+
+# --------------------------------------------------------------------------- (b) records
+
+
+def test_case_names_are_unique_and_cover_every_kind() -> None:
+    names = [c["name"] for c in CASES]
+    assert len(names) == len(set(names))
+    reasons = {c["expect"]["error"] for c in CASES if c["expect"] != "valid"}
+    assert reasons >= {
+        "bad_envelope", "too_large", "too_deep", "too_many_items", "malformed",
+        "non_canonical", "unknown_version", "missing_field", "unknown_field", "bad_field",
+        "bad_prev", "future_time", "bad_signature", "unknown_type", "bad_value", "bad_unit",
+        "bad_key",
+    }
+    valid_types = {
+        encoding.decode(bytes.fromhex(c["body_hex"]))["type"]
+        for c in CASES if c["expect"] == "valid"
+    }
+    # One valid vector per built-in type: a type added to types.py needs a vector.
+    assert valid_types >= payload_types.BUILTIN_TYPES
+    assert "org.example.Test" in valid_types
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_record_vector(case: dict[str, Any]) -> None:
+    env = bytes.fromhex(case["envelope_hex"])
+    expect = case["expect"]
+    verifier = Verifier()
+    if case["body_hex"] is None:
+        # The envelope itself is to be rejected.
+        with pytest.raises(InvalidRecord) as info:
+            decode_envelope(env)
+        assert info.value.reason == expect["error"], str(info.value)
+        return
+    body, sig = decode_envelope(env)
+    assert body.hex() == case["body_hex"]
+    assert sig.hex() == case["sig_hex"]
+    if expect == "valid":
+        rec = open_record(body, sig, now_ms=case["now_ms"], verifier=verifier)
+        assert rec.id.hex() == case["id_hex"] == hashlib.sha256(body).hexdigest()
+        assert rec.origin.hex() == case["public_key_hex"]
+        assert node_id(rec.origin) == case["node_id"]
+        assert parse_node_id(case["node_id"]) == rec.origin
+        assert rec.envelope == env
+        assert encoding.encode(rec.fields()) == body
+        assert verifier.count == 1
+    else:
+        with pytest.raises(InvalidRecord) as info:
+            open_record(body, sig, now_ms=case["now_ms"], verifier=verifier)
+        assert info.value.reason == expect["error"], str(info.value)
+        assert case["id_hex"] is None
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c["body_hex"] is not None and c["expect"] != "valid"
+     and c["expect"]["error"] != "bad_signature"],
+    ids=lambda c: c["name"],
+)
+def test_invalid_vectors_are_correctly_signed(case: dict[str, Any]) -> None:
+    """Each invalid body carries a good signature, so it is rejected for its one fault
+    whatever order a verifier checks in."""
+    body, sig = bytes.fromhex(case["body_hex"]), bytes.fromhex(case["sig_hex"])
+    keys.verify(bytes.fromhex(case["public_key_hex"]), DOMAIN_RECORD, body, sig)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c["body_hex"] is not None and c["expect"] != "valid"
+     and c["expect"]["error"] == "non_canonical"],
+    ids=lambda c: c["name"],
+)
+def test_non_canonical_vectors_are_valid_msgpack(case: dict[str, Any]) -> None:
+    """A lenient decoder reads them: the rejection is the canonical rules' doing."""
+    msgpack.unpackb(bytes.fromhex(case["body_hex"]), strict_map_key=False)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c["expect"] != "valid" and c["expect"]["error"] == "malformed"],
+    ids=lambda c: c["name"],
+)
+def test_malformed_vectors_are_not_msgpack(case: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, msgpack.UnpackException)):
+        msgpack.unpackb(bytes.fromhex(case["body_hex"]), strict_map_key=False)
+
+
+def test_bad_signature_vectors_fail_only_the_signature() -> None:
+    for case in CASES:
+        if case["expect"] != {"error": "bad_signature"}:
+            continue
+        body, sig = bytes.fromhex(case["body_hex"]), bytes.fromhex(case["sig_hex"])
+        encoding.decode(body)  # canonical
+        with pytest.raises(SignatureError):
+            keys.verify(bytes.fromhex(case["public_key_hex"]), DOMAIN_RECORD, body, sig)
+
+
+# --------------------------------------------------------------------------- (b) chains
+
+
+def _record(name: str) -> Any:
+    env = bytes.fromhex(CHAIN["records"][name]["envelope_hex"])
+    body, sig = decode_envelope(env)
+    rec = open_record(body, sig, now_ms=RECORDS["cases"][0]["now_ms"], verifier=Verifier())
+    assert rec.id.hex() == CHAIN["records"][name]["id_hex"]
+    return rec
+
+
+@pytest.mark.parametrize("case", CHAIN["classify"], ids=[c["name"] for c in CHAIN["classify"]])
+def test_classify_vector(case: dict[str, Any]) -> None:
+    rec = _record(case["record"])
+    head = case["head"]
+    fh = None if head is None else FeedHead(head["seq"], bytes.fromhex(head["id_hex"]))
+    held = case["held_id_at_seq_hex"]
+    decision = classify(rec, fh, None if held is None else bytes.fromhex(held))
+    expect = case["expect"]
+    assert decision.verdict is Verdict(expect["verdict"])
+    missing = None if expect["missing"] is None else tuple(expect["missing"])
+    assert decision.missing == missing
+    assert decision.conflicts_with_seq == expect["conflicts_with_seq"]
+
+
+@pytest.mark.parametrize(
+    "case", CHAIN["fork_proofs"], ids=[c["name"] for c in CHAIN["fork_proofs"]]
+)
+def test_fork_proof_vector(case: dict[str, Any]) -> None:
+    raw = bytes.fromhex(case["proof_hex"])
+    if case["expect"] == "valid":
+        proof = ForkProof.decode(raw)
+        assert proof.encode() == raw
+        a, b = verify_fork_proof(proof, Verifier())
+        assert a.origin == b.origin and a.feed == b.feed and a.id != b.id
+        assert a.seq == b.seq or abs(a.seq - b.seq) == 1
+    else:
+        with pytest.raises(InvalidProof):
+            verify_fork_proof(ForkProof.decode(raw), Verifier())
+
+
+def test_chain_vectors_cover_both_proof_kinds() -> None:
+    kinds = set()
+    for case in CHAIN["fork_proofs"]:
+        if case["expect"] == "valid":
+            a, b = verify_fork_proof(ForkProof.decode(bytes.fromhex(case["proof_hex"])),
+                                     Verifier())
+            kinds.add("same_seq" if a.seq == b.seq else "prev_mismatch")
+    assert kinds == {"same_seq", "prev_mismatch"}
+
+
+# --------------------------------------------------------------------------- (b) keys
+
+
+@pytest.mark.parametrize("case", KEYS["node_ids"], ids=lambda c: c["seed"])
+def test_node_id_vector(case: dict[str, Any]) -> None:
+    key = keys.SigningKey(bytes.fromhex(case["seed_hex"]))
+    pk = bytes.fromhex(case["public_key_hex"])
+    assert key.public_key == pk
+    assert hashlib.sha256(b"citynode/node-id/v1" + pk).digest()[:3].hex() == case["checksum_hex"]
+    assert node_id(pk) == key.node_id == case["node_id"]
+    assert parse_node_id(case["node_id"]) == pk
+
+
+@pytest.mark.parametrize("case", KEYS["invalid"], ids=lambda c: c["name"])
+def test_invalid_node_id_vector(case: dict[str, Any]) -> None:
+    with pytest.raises(InvalidNodeId):
+        parse_node_id(case["text"])
+
+
+# --------------------------------------------------------------------------- (c) the doc
+
+
+def _fenced(info: str) -> str:
+    blocks = re.findall(r"^```" + re.escape(info) + r"\n(.*?)^```", DOC, re.S | re.M)
+    assert len(blocks) == 1, f"PROTOCOL.md needs exactly one ```{info} block"
+    return str(blocks[0])
+
+
+def test_doc_example_envelope_is_the_vector() -> None:
+    case = BY_NAME["valid/custom-seq1"]
+    assert "".join(_fenced("hex example-envelope").split()) == case["envelope_hex"]
+    assert case["id_hex"] in DOC
+    assert case["node_id"] in DOC
+
+
+def test_doc_byte_by_byte_listing_reassembles_the_envelope() -> None:
+    """Each line of the listing is hex, then (after two spaces) a comment; the one
+    ``...`` stands for the middle of the 32-byte key."""
+    case = BY_NAME["valid/custom-seq1"]
+    pieces = []
+    for line in _fenced("text envelope-bytes").splitlines():
+        hex_part = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        pieces.append(hex_part.replace(" ", ""))
+    joined = "".join(pieces)
+    head, tail = joined.split("...")
+    key = case["public_key_hex"]
+    assert head.endswith(key[:8]) and tail.startswith(key[-8:])
+    assert head + key[8:-8] + tail == case["envelope_hex"]
+
+
+def test_doc_node_id_worked_example_is_the_vector() -> None:
+    v = KEYS["node_ids"][0]
+    for text in (v["seed_hex"], v["public_key_hex"], v["node_id"], v["node_id"][3:]):
+        assert text in DOC
+    assert " ".join(textwrap.wrap(v["checksum_hex"], 2)) in DOC
+
+
+def test_doc_lists_every_domain_prefix_byte_for_byte() -> None:
+    domains = [getattr(keys, n) for n in keys.__all__ if n.startswith("DOMAIN_")]
+    assert len(domains) >= 5
+    for d in domains:
+        assert d.hex(" ") in DOC, f"PROTOCOL.md lacks the bytes of {d!r}"
+
+
+def test_doc_has_the_sections_others_will_fill() -> None:
+    assert re.search(r"^## Payload types$", DOC, re.M)
+    assert "describe_types()" in DOC
+    for title in ("Node cards", "Request signatures", "Sync messages and trust policy",
+                  "Checkpoints", "Export bundles", "Encrypted (restricted) records"):
+        assert re.search(rf"^## {re.escape(title)}$", DOC, re.M), title
+
+
+# --------------------------------------------------------------------------- (c) openssl
+
+
+def _openssl() -> str:
+    exe = shutil.which("openssl")
+    assert exe is not None, "openssl is needed for the auditor's recipe test"
+    out = subprocess.run([exe, "version"], capture_output=True, text=True, check=True).stdout
+    major = int(re.match(r"OpenSSL (\d+)\.", out).group(1))  # type: ignore[union-attr]
+    assert major >= 3, f"pkeyutl -rawin needs OpenSSL 3, found {out.strip()}"
+    return exe
+
+
+def _run_recipe(tmp: Path, envelope_hex: str, nid: str) -> subprocess.CompletedProcess[str]:
+    _openssl()
+    (tmp / "envelope.bin").write_bytes(bytes.fromhex(envelope_hex))
+    env = dict(os.environ)
+    # The recipe's python3 must have msgpack: use this interpreter's directory first.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["NODE_ID"] = nid
+    return subprocess.run(
+        ["sh", "-c", _fenced("sh auditor-recipe")],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["valid/custom-seq1", "valid/CyberSecurityNotice", "valid/body-64KiB"],
+)
+def test_auditor_recipe_verifies_a_valid_record(tmp_path: Path, name: str) -> None:
+    """bin8, bin16 and bin32 body headers, checked by openssl alone."""
+    case = BY_NAME[name]
+    p = _run_recipe(tmp_path, case["envelope_hex"], case["node_id"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Signature Verified Successfully" in p.stdout
+    assert f"{case['id_hex']} *body.bin" in p.stdout
+    assert (tmp_path / "body.bin").read_bytes().hex() == case["body_hex"]
+
+
+def test_recipe_covers_every_body_header_width() -> None:
+    tags = {bytes.fromhex(BY_NAME[n]["envelope_hex"])[1] for n in
+            ("valid/custom-seq1", "valid/CyberSecurityNotice", "valid/body-64KiB")}
+    assert tags == {0xC4, 0xC5, 0xC6}
+
+
+@pytest.mark.parametrize(
+    "name", ["signature/bad-signature", "signature/other-key", "signature/flipped-body-byte"]
+)
+def test_auditor_recipe_rejects_a_bad_signature(tmp_path: Path, name: str) -> None:
+    case = BY_NAME[name]
+    p = _run_recipe(tmp_path, case["envelope_hex"], case["node_id"])
+    assert p.returncode != 0
+    assert "Signature Verification Failure" in p.stdout + p.stderr
+    assert "*body.bin" not in p.stdout
+
+
+def test_auditor_recipe_rejects_the_wrong_node(tmp_path: Path) -> None:
+    case = BY_NAME["valid/custom-seq1"]
+    other = KEYS["node_ids"][1]["node_id"]
+    assert other != case["node_id"]
+    p = _run_recipe(tmp_path, case["envelope_hex"], other)
+    assert p.returncode != 0
+    assert "Signature Verification Failure" in p.stdout + p.stderr
+
+
+def test_auditor_recipe_rejects_a_mistyped_node_id(tmp_path: Path) -> None:
+    case = BY_NAME["valid/custom-seq1"]
+    typo = next(c["text"] for c in KEYS["invalid"] if c["name"] == "one-character-typo")
+    p = _run_recipe(tmp_path, case["envelope_hex"], typo)
+    assert p.returncode != 0
+    assert "checksum mismatch" in p.stdout + p.stderr
+
+
+def test_auditor_recipe_rejects_a_broken_envelope(tmp_path: Path) -> None:
+    case = BY_NAME["envelope/trailing-bytes"]
+    p = _run_recipe(tmp_path, case["envelope_hex"], case["node_id"])
+    assert p.returncode != 0
+    assert "envelope length does not match" in p.stdout + p.stderr

@@ -1,0 +1,975 @@
+#!/usr/bin/env python3
+"""Deterministic generator of citynode's protocol test vectors (docs/PROTOCOL.md).
+
+``python tests/vectors/generate.py`` rewrites, byte for byte identically on every run:
+
+* ``records.json``  envelopes to verify: valid ones, and invalid ones with the reason code;
+* ``chain.json``    where records fit a feed chain, and fork proofs (valid and not);
+* ``keys.json``     node ids derived from fixed seeds, and malformed node ids.
+
+Everything is fixed: the keys are ``SigningKey(bytes([1]) * 32)`` (origin A) and
+``SigningKey(bytes([2]) * 32)`` (B), times are constants, and Ed25519 signatures are
+deterministic. The expected verdicts are written out here by hand, never computed by the
+code under test; ``tests/core/test_vectors.py`` checks the code against them.
+
+Invalid bodies are signed correctly (the raw bytes, with ``DOMAIN_RECORD``) so that each
+is rejected for its one fault, whatever order a verifier checks things in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from citynode.core import encoding
+from citynode.core.keys import DOMAIN_RECORD, SigningKey, node_id
+
+HERE = Path(__file__).resolve().parent
+
+KEY_A = SigningKey(bytes([1]) * 32)
+KEY_B = SigningKey(bytes([2]) * 32)
+KEY_C = SigningKey(bytes(range(32)))
+
+T0 = 1_735_689_600_000  # 2025-01-01T00:00:00Z, in ms: every record is dated from here
+NOW = T0 + 3_600_000  # every vector is verified at 2025-01-01T01:00:00Z
+TOLERANCE_MS = 15 * 60 * 1000
+CUSTOM = "org.example.Test"
+
+Case = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- raw msgpack
+
+
+def enc(value: Any) -> bytes:
+    """Canonical msgpack of ``value``."""
+    return encoding.encode(value)
+
+
+def map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x80 | n])
+    if n < 0x10000:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
+def raw_map(entries: list[tuple[bytes, bytes]], header: bytes | None = None) -> bytes:
+    """A msgpack map from already encoded ``(key, value)`` pairs, in the order given."""
+    head = map_header(len(entries)) if header is None else header
+    return head + b"".join(k + v for k, v in entries)
+
+
+def bin_(data: bytes) -> bytes:
+    """Shortest msgpack bin of ``data``."""
+    n = len(data)
+    if n < 0x100:
+        return b"\xc4" + bytes([n]) + data
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big") + data
+    return b"\xc6" + n.to_bytes(4, "big") + data
+
+
+def envelope(body: bytes, sig: bytes) -> bytes:
+    """The envelope layout, written out: 0x92, bin(body), c4 40, signature."""
+    assert len(sig) == 64
+    return b"\x92" + bin_(body) + b"\xc4\x40" + sig
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def fields(
+    key: SigningKey = KEY_A,
+    *,
+    feed: str = "test",
+    seq: int = 1,
+    prev: bytes | None = None,
+    time: Any = T0,
+    type_: str = CUSTOM,
+    data: Any = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The fields of a record body; ``extra`` adds some; a field given as ``...`` is left out."""
+    f: dict[str, Any] = {
+        "version": 1,
+        "origin": key.public_key,
+        "feed": feed,
+        "seq": seq,
+        "time": time,
+        "type": type_,
+        "data": {"reading": 42} if data is None else data,
+    }
+    if prev is not None:
+        f["prev"] = prev
+    f.update(extra)
+    return {k: v for k, v in f.items() if v is not ...}
+
+
+def entries(f: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """Canonical ``(key, value)`` encodings of ``f``, in canonical (sorted) order."""
+    return [(enc(k), enc(f[k])) for k in sorted(f, key=lambda k: k.encode())]
+
+
+def replace_value(f: dict[str, Any], name: str, raw: bytes) -> bytes:
+    """The body of ``f`` with field ``name``'s value encoded as ``raw`` bytes."""
+    return raw_map([(k, raw if k == enc(name) else v) for k, v in entries(f)])
+
+
+def rid(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def case(
+    name: str,
+    description: str,
+    body: bytes,
+    *,
+    signer: SigningKey = KEY_A,
+    origin: SigningKey = KEY_A,
+    sig: bytes | None = None,
+    env: bytes | None = None,
+    expect: str | dict[str, str] = "valid",
+    split: bool = True,
+    now_ms: int = NOW,
+) -> Case:
+    """One vector. ``env`` overrides the envelope (for broken layouts); ``split=False``
+    says that the envelope itself must be rejected, so there is no body/sig to show."""
+    if sig is None:
+        sig = signer.sign(DOMAIN_RECORD, body)
+    if env is None:
+        env = envelope(body, sig)
+    valid = expect == "valid"
+    return {
+        "name": name,
+        "description": description,
+        "now_ms": now_ms,
+        "public_key_hex": origin.public_key.hex(),
+        "node_id": node_id(origin.public_key),
+        "envelope_hex": env.hex(),
+        "body_hex": body.hex() if split else None,
+        "sig_hex": sig.hex() if split else None,
+        "id_hex": rid(body).hex() if valid else None,
+        "expect": expect,
+    }
+
+
+def err(reason: str) -> dict[str, str]:
+    return {"error": reason}
+
+
+def point(lon: float, lat: float) -> dict[str, Any]:
+    return {"type": "Point", "coordinates": [lon, lat]}
+
+
+BUILTIN_PAYLOADS: list[tuple[str, str, dict[str, Any], str]] = [
+    (
+        "AirQualityObserved",
+        "air-quality",
+        {
+            "dateObserved": "2025-01-01T00:00:00Z",
+            "location": point(8.5417, 47.3769),
+            "stationName": "Zürich Stampfenbachstrasse",
+            "stationCode": "ZH-STA",
+            "pm25": 12.5,
+            "pm10": {"value": 20.1, "unitCode": "GQ"},
+            "no2": 31,
+            "o3": 48.2,
+            "co": 0.4,
+            "airQualityIndex": 42,
+            "temperature": -3.5,
+            "relativeHumidity": 0.81,
+            "reliability": 0.9,
+        },
+        "station-zh-sta",
+    ),
+    (
+        "TrafficFlowObserved",
+        "traffic",
+        {
+            "dateObservedFrom": "2024-12-31T23:45:00Z",
+            "dateObservedTo": "2025-01-01T00:00:00Z",
+            "location": {
+                "type": "LineString",
+                "coordinates": [[8.5381, 47.3781], [8.5403, 47.3797]],
+            },
+            "laneId": 1,
+            "laneDirection": "forward",
+            "intensity": 312,
+            "averageVehicleSpeed": 43.7,
+            "occupancy": 0.12,
+            "congested": False,
+        },
+        "segment-limmatquai-1",
+    ),
+    (
+        "WeatherObserved",
+        "weather",
+        {
+            "dateObserved": "2025-01-01T00:50:00+01:00",
+            "location": {"type": "Point", "coordinates": [8.5650, 47.3779, 556]},
+            "stationName": "Fluntern",
+            "temperature": -2.4,
+            "dewPoint": -4.1,
+            "relativeHumidity": {"value": 87, "unitCode": "P1"},
+            "atmosphericPressure": 1012.3,
+            "windSpeed": {"value": 3.2, "unitCode": "MTS"},
+            "windDirection": 225,
+            "precipitation": 0,
+            "weatherType": "fog",
+        },
+        "station-fluntern",
+    ),
+    (
+        "WaterQualityObserved",
+        "water",
+        {
+            "dateObserved": "2025-01-01T00:00:00Z",
+            "location": point(8.5434, 47.3663),
+            "name": "Zürichsee, Bellevue",
+            "temperature": 6.1,
+            "pH": 7.4,
+            "conductivity": 0.0451,
+            "O2": 10.8,
+            "turbidity": 1.9,
+        },
+        "lake-bellevue",
+    ),
+    (
+        "WasteContainer",
+        "waste",
+        {
+            "location": point(8.5312, 47.3726),
+            "serialNumber": "WC-00417",
+            "wasteType": "glass",
+            "fillingLevel": 0.65,
+            "status": "ok",
+            "dateLastEmptying": "2024-12-30T06:12:00Z",
+            "dateObserved": "2025-01-01T00:00:00Z",
+        },
+        "container-wc-00417",
+    ),
+    (
+        "CyberSecurityNotice",
+        "security",
+        {
+            "dateIssued": "2025-01-01T00:00:00Z",
+            "severity": "high",
+            "tlp": "TLP:GREEN",
+            "affectedSystem": "VPN gateways (PAN-OS GlobalProtect)",
+            "title": "Exploited command injection in VPN gateways",
+            "description": "Unauthenticated command injection is exploited in the wild; "
+            "partner cities running the affected firmware should patch now.",
+            "cve": ["CVE-2024-3400"],
+            "indicators": [
+                {"type": "ipv4", "value": "203.0.113.7"},
+                {"type": "domain", "value": "update.example.org"},
+                {"type": "sha256", "value": "ab" * 32},
+            ],
+            "mitigation": "Upgrade to a fixed release; rotate VPN credentials.",
+            "references": ["https://security.example.org/advisories/2024-3400"],
+        },
+        "CVE-2024-3400",
+    ),
+]
+
+
+def valid_cases() -> list[Case]:
+    out: list[Case] = []
+    s1 = enc(fields(data={"reading": 42, "unit": "dB"}))
+    out.append(case(
+        "valid/custom-seq1",
+        f"First record (seq 1, no prev) of feed 'test' of a custom type {CUSTOM}; the "
+        "envelope of docs/PROTOCOL.md's worked example.",
+        s1,
+    ))
+    s2 = enc(fields(
+        seq=2, prev=rid(s1), time=T0 + 60_000,
+        data={"reading": 43, "unit": "dB"},
+        subject="sensor-7", dataschema="https://example.org/schemas/test.json",
+    ))
+    out.append(case(
+        "valid/custom-seq2",
+        "seq 2 of the same feed: prev is the id of valid/custom-seq1; has subject and "
+        "dataschema.",
+        s2,
+    ))
+    for type_, feed, data, subject in BUILTIN_PAYLOADS:
+        body = enc(fields(feed=feed, type_=type_, data=data, subject=subject))
+        out.append(case(f"valid/{type_}", f"A realistic {type_} payload.", body))
+    out.append(case(
+        "valid/unicode",
+        "Non-ASCII strings (2-, 3- and 4-byte UTF-8) and keys whose UTF-8 byte order "
+        "differs from UTF-16 order: U+FB01 sorts before U+1F600 (bytes ef.. < f0..), "
+        "while UTF-16 would put the surrogate pair d83d.. first.",
+        enc(fields(data={
+            "a": "Zürich – Genève",
+            "Z": "東京都",
+            "ä": "😀 smog 🌫",
+            "é": "مرحبا",
+            "ﬁ": "ligature key",
+            "😀": "emoji key",
+            "日本": "e\u0301 (combining accent, not normalized)",
+            "z": "",
+        })),
+    ))
+    out.append(case(
+        "valid/floats",
+        "Floats are always float64 (0xcb), also when integral (1.0) or negative zero.",
+        enc(fields(data={
+            "tenth": 0.1, "negzero": -0.0, "one": 1.0, "max": 1.7976931348623157e308,
+            "tiny": 5e-324, "half": -21.5, "pi": 3.141592653589793,
+        })),
+    ))
+    out.append(case(
+        "valid/integers",
+        "Integers at every width boundary, negative and positive, in their shortest "
+        "encodings (positive values are always unsigned forms).",
+        enc(fields(data={
+            "neg": [-1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1,
+                    -(2**63)],
+            "pos": [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1],
+        })),
+    ))
+    out.append(case(
+        "valid/nested",
+        "Nested maps and arrays, empty containers, nil, booleans and bin.",
+        enc(fields(data={
+            "station": {"id": "s-1", "tags": ["urban", "traffic"], "meta": {}},
+            "series": [[1, 2.5], [2, None], [3, True, False]],
+            "raw": b"\x00\x01\xfe\xff",
+            "empty": [],
+            "deep": {"a": {"b": {"c": [{"d": None}]}}},
+        })),
+    ))
+    out.append(case(
+        "valid/length-boundaries",
+        "str/bin/array/map lengths at their header boundaries: fixstr 31 vs str8 32, "
+        "str8 255 vs str16 256, bin8 255 vs bin16 256, fixarray 15 vs array16 16, "
+        "fixmap 15 vs map16 16.",
+        enc(fields(data={
+            "s31": "x" * 31, "s32": "x" * 32, "s255": "y" * 255, "s256": "y" * 256,
+            "b255": b"\x07" * 255, "b256": b"\x07" * 256,
+            "a15": list(range(15)), "a16": list(range(16)),
+            "m15": {f"k{i:02}": i for i in range(15)},
+            "m16": {f"k{i:02}": i for i in range(16)},
+        })),
+    ))
+    out.append(case(
+        "valid/max-seq",
+        "seq at its maximum, 2^63-1 (a lone record verifies; the chain is a separate check).",
+        enc(fields(seq=2**63 - 1, prev=b"\x11" * 32)),
+    ))
+    out.append(case(
+        "valid/time-at-tolerance",
+        "Dated exactly 15 minutes after now_ms: still accepted (the bound is inclusive).",
+        enc(fields(time=NOW + TOLERANCE_MS)),
+    ))
+    out.append(case(
+        "valid/time-epoch",
+        "time 0 (1970-01-01) is valid: time is never checked against the past.",
+        enc(fields(time=0)),
+    ))
+    out.append(case(
+        "valid/feed-name-64",
+        "A feed name of the maximum 64 characters, using every allowed character class.",
+        enc(fields(feed="0city-node_feed.name" + "x" * 44)),
+    ))
+    out.append(case(
+        "valid/body-64KiB",
+        "A body of exactly 65536 bytes (the default limit, inclusive); its bin header is "
+        "therefore bin32 (c6 00 01 00 00).",
+        sized_body(65536),
+    ))
+    out.append(case(
+        "valid/depth-16",
+        "16 nested containers (the body map is level 1): the maximum depth.",
+        enc(fields(data=nest(15))),
+    ))
+    out.append(case(
+        "valid/items-4096",
+        "4096 items in all (7 body entries + 1 data entry + 4088 array elements): the "
+        "maximum.",
+        enc(fields(data={"values": [0] * 4088})),
+    ))
+    return out
+
+
+def nest(levels: int) -> Any:
+    """A map nested ``levels`` deep: ``nest(1) == {"n": 0}``, ``nest(2) == {"n": {"n": 0}}``."""
+    v: Any = 0
+    for _ in range(levels):
+        v = {"n": v}
+    return v
+
+
+def sized_body(size: int) -> bytes:
+    """A valid body of exactly ``size`` bytes (a ``blob`` string pads it)."""
+    base = len(enc(fields(data={"blob": ""})))
+    pad = size - base
+    for header in (1, 2, 3, 5):  # fixstr, str8, str16, str32 header sizes
+        body = enc(fields(data={"blob": "x" * (pad - header + 1)}))
+        if len(body) == size:
+            return body
+    raise AssertionError(f"cannot build a body of {size} bytes")
+
+
+def invalid_cases() -> list[Case]:
+    out: list[Case] = []
+    base = fields(data={"reading": 42, "unit": "dB"})
+    good = enc(base)
+    good_sig = KEY_A.sign(DOMAIN_RECORD, good)
+
+    # --- signature
+    bad_sig = good_sig[:-1] + bytes([good_sig[-1] ^ 0x01])
+    out.append(case(
+        "signature/bad-signature",
+        "valid/custom-seq1 with the last signature byte changed (xor 0x01).",
+        good, sig=bad_sig, expect=err("bad_signature"),
+    ))
+    out.append(case(
+        "signature/other-key",
+        "The body claims origin A but was signed by key B.",
+        good, signer=KEY_B, expect=err("bad_signature"),
+    ))
+    flipped = good.replace(b"\xa2dB", b"\xa2dC")
+    assert flipped != good and len(flipped) == len(good)
+    out.append(case(
+        "signature/flipped-body-byte",
+        "valid/custom-seq1 with one body byte changed ('dB' -> 'dC'): the body is still "
+        "canonical and well formed, but the signature no longer matches.",
+        flipped, sig=good_sig, expect=err("bad_signature"),
+    ))
+
+    # --- canonical msgpack: every body here decodes with a lenient msgpack decoder
+    nc = err("non_canonical")
+    ents = entries(base)
+    out.append(case(
+        "non-canonical/unsorted-keys",
+        "The body map's entries in insertion order (version first), not sorted.",
+        raw_map(ents[-1:] + ents[:-1]), expect=nc,
+    ))
+    with_subject = fields(data={"reading": 42, "unit": "dB"}, subject="a")
+    ents_s = entries(with_subject)
+    i = [k for k, _ in ents_s].index(enc("subject"))
+    out.append(case(
+        "non-canonical/duplicate-key",
+        "'subject' appears twice ('a' then 'b'); lenient decoders keep one or the other.",
+        raw_map([*ents_s[: i + 1], (enc("subject"), enc("b")), *ents_s[i + 1 :]]), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/non-shortest-int",
+        "seq 1 encoded as uint8 (cc 01) instead of positive fixint (01).",
+        replace_value(base, "seq", b"\xcc\x01"), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/signed-form-positive-int",
+        "version 1 encoded as int8 (d0 01): positive values use the unsigned forms.",
+        replace_value(base, "version", b"\xd0\x01"), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/float32",
+        "A float given as float32 (ca 41 ac 00 00 = 21.5); floats are float64 only.",
+        replace_value(base, "data", raw_map([
+            (enc("reading"), b"\xca" + struct.pack(">f", 21.5)),
+        ])), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/str8-for-fixstr",
+        "The key 'feed' as str8 (d9 04 feed) where fixstr (a4 feed) fits.",
+        raw_map([(b"\xd9\x04feed" if k == enc("feed") else k, v) for k, v in ents]),
+        expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/map16-for-fixmap",
+        "The data map with a map16 header (de 00 02) where fixmap (82) fits.",
+        replace_value(base, "data", b"\xde\x00\x02" + enc(base["data"])[1:]), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/ext-type",
+        "An ext value (fixext1, type 5: d4 05 00) in the payload.",
+        replace_value(base, "data", raw_map([(enc("reading"), b"\xd4\x05\x00")])),
+        expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/timestamp-ext",
+        "A msgpack timestamp (ext type -1, timestamp32: d6 ff + seconds) in the payload; "
+        "time is an integer of milliseconds instead.",
+        replace_value(base, "data", raw_map([
+            (enc("reading"), b"\xd6\xff" + struct.pack(">I", T0 // 1000)),
+        ])), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/nan",
+        "A NaN float64 (cb 7f f8 00 ..) in the payload.",
+        replace_value(base, "data", raw_map([
+            (enc("reading"), b"\xcb" + struct.pack(">d", float("nan"))),
+        ])), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/infinity",
+        "+infinity as float64 (cb 7f f0 00 ..) in the payload.",
+        replace_value(base, "data", raw_map([
+            (enc("reading"), b"\xcb" + struct.pack(">d", float("inf"))),
+        ])), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/int-key",
+        "A payload map with an integer key (01).",
+        replace_value(base, "data", raw_map([(b"\x01", enc("one"))])), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/bin-key",
+        "A payload map with a bin key (c4 01 6b); keys are strings.",
+        replace_value(base, "data", raw_map([(b"\xc4\x01k", enc("one"))])), expect=nc,
+    ))
+
+    # --- not msgpack at all
+    mal = err("malformed")
+    out.append(case(
+        "malformed/invalid-utf8",
+        "A string (a2 ff fe) that is not valid UTF-8.",
+        replace_value(base, "data", raw_map([(enc("unit"), b"\xa2\xff\xfe")])), expect=mal,
+    ))
+    out.append(case(
+        "malformed/truncated-body",
+        "valid/custom-seq1's body without its last byte (signed as is).",
+        good[:-1], expect=mal,
+    ))
+    out.append(case(
+        "malformed/trailing-bytes-body",
+        "valid/custom-seq1's body followed by one extra byte c0 (signed as is).",
+        good + b"\xc0", expect=mal,
+    ))
+
+    # --- limits
+    big = sized_body(65537)
+    out.append(case(
+        "limits/body-too-large",
+        "A body of 65537 bytes, one over the default limit; rejected from the envelope "
+        "header, before the body is read.",
+        big, expect=err("too_large"), split=False,
+    ))
+    out.append(case(
+        "limits/too-deep",
+        "17 nested containers (the body map is level 1), one over the limit of 16.",
+        enc(fields(data=nest(16))), expect=err("too_deep"),
+    ))
+    out.append(case(
+        "limits/too-many-items",
+        "4097 items in all (7 body entries + 1 data entry + 4089 array elements), one "
+        "over the limit of 4096.",
+        enc(fields(data={"values": [0] * 4089})), expect=err("too_many_items"),
+    ))
+
+    # --- body fields
+    out.append(case(
+        "fields/unknown-version",
+        "version 2: a verifier of version 1 cannot know what version 2 means.",
+        enc(fields(version=2)), expect=err("unknown_version"),
+    ))
+    out.append(case(
+        "fields/missing-field",
+        "No 'time' field.",
+        enc(fields(time=...)), expect=err("missing_field"),
+    ))
+    out.append(case(
+        "fields/missing-version",
+        "No 'version' field: reported as an unknown version (version is checked first).",
+        enc(fields(version=...)), expect=err("unknown_version"),
+    ))
+    out.append(case(
+        "fields/unknown-field",
+        "An extra top-level field 'source' (payload attributes belong in data).",
+        enc(fields(source="https://example.org")), expect=err("unknown_field"),
+    ))
+    out.append(case(
+        "fields/seq-0", "seq 0: seq starts at 1.",
+        enc(fields(seq=0)), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/seq-true", "seq given as the boolean true, not the integer 1.",
+        enc(fields(seq=True)), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/seq1-with-prev", "seq 1 carrying a prev.",
+        enc(fields(seq=1, prev=b"\x22" * 32)), expect=err("bad_prev"),
+    ))
+    out.append(case(
+        "fields/seq1-with-nil-prev",
+        "seq 1 carrying prev = nil: prev is absent at seq 1, not nil.",
+        enc(fields(seq=1, prev=None) | {"prev": None}), expect=err("bad_prev"),
+    ))
+    out.append(case(
+        "fields/seq2-without-prev", "seq 2 without prev.",
+        enc(fields(seq=2)), expect=err("bad_prev"),
+    ))
+    out.append(case(
+        "fields/prev-31-bytes", "seq 2 with a prev of 31 bytes.",
+        enc(fields(seq=2, prev=b"\x22" * 31)), expect=err("bad_prev"),
+    ))
+    out.append(case(
+        "fields/origin-31-bytes", "origin is 31 bytes, not a 32-byte public key.",
+        enc(fields(origin=KEY_A.public_key[:31])), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/origin-as-str", "origin as a str of 32 ASCII characters instead of bin.",
+        enc(fields(origin="x" * 32)), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/bad-feed-name", "Feed name 'Air Quality' (upper case and a space).",
+        enc(fields(feed="Air Quality")), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/feed-name-65", "Feed name of 65 characters, one over the maximum.",
+        enc(fields(feed="f" * 65)), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/negative-time", "time -1.",
+        enc(fields(time=-1)), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/float-time", "time as a float64 (milliseconds are an integer).",
+        enc(fields(time=float(T0))), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/empty-subject", "subject present but empty.",
+        enc(fields(subject="")), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/data-not-a-map", "data is an array.",
+        enc(fields(data=[1, 2, 3])), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/body-not-a-map", "The body is an array, not a map.",
+        enc([1, KEY_A.public_key, "test", 1]), expect=err("bad_field"),
+    ))
+
+    # --- time
+    out.append(case(
+        "time/future",
+        "Dated 15 minutes and 1 ms after now_ms: beyond the tolerance.",
+        enc(fields(time=NOW + TOLERANCE_MS + 1)), expect=err("future_time"),
+    ))
+
+    # --- payload (reason codes from citynode/core/types.py)
+    aq = dict(BUILTIN_PAYLOADS[0][2])
+    del aq["dateObserved"]
+    out.append(case(
+        "payload/missing-attribute",
+        "AirQualityObserved without its required dateObserved.",
+        enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
+        expect=err("missing_field"),
+    ))
+    aq = dict(BUILTIN_PAYLOADS[0][2], location=point(47.3769, 98.5417))
+    out.append(case(
+        "payload/latitude-out-of-range",
+        "AirQualityObserved whose location has latitude 98.5417 (lon/lat swapped and "
+        "out of range).",
+        enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
+        expect=err("bad_value"),
+    ))
+    aq = dict(BUILTIN_PAYLOADS[0][2], pm25={"value": 12.5, "unitCode": "KGM"})
+    out.append(case(
+        "payload/bad-unit",
+        "AirQualityObserved with pm25 in kilograms (unitCode KGM).",
+        enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
+        expect=err("bad_unit"),
+    ))
+    aq = dict(BUILTIN_PAYLOADS[0][2], **{"x" * 65: 1})
+    out.append(case(
+        "payload/bad-key",
+        "AirQualityObserved with an extra attribute whose name has 65 characters.",
+        enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
+        expect=err("bad_key"),
+    ))
+    out.append(case(
+        "payload/unknown-type",
+        "type 'Test': neither built in nor a namespaced custom type (org.example.Test).",
+        enc(fields(type_="Test")), expect=err("unknown_type"),
+    ))
+
+    # --- envelope layout
+    env_good = envelope(good, good_sig)
+    be = err("bad_envelope")
+    out.append(case(
+        "envelope/three-elements",
+        "The array has a third element (nil): 93 .. c0.",
+        good, env=b"\x93" + env_good[1:] + b"\xc0", expect=be, split=False,
+    ))
+    out.append(case(
+        "envelope/signature-63-bytes",
+        "The signature is 63 bytes (c4 3f ..).",
+        good, env=b"\x92" + bin_(good) + b"\xc4\x3f" + good_sig[:63], expect=be,
+        split=False,
+    ))
+    out.append(case(
+        "envelope/signature-as-str",
+        "The signature is a str8 (d9 40 ..), not bin.",
+        good, env=b"\x92" + bin_(good) + b"\xd9\x40" + good_sig, expect=be, split=False,
+    ))
+    out.append(case(
+        "envelope/body-as-str",
+        "The body is a str8 (d9 ..), not bin.",
+        good, env=b"\x92\xd9" + bytes([len(good)]) + good + b"\xc4\x40" + good_sig,
+        expect=be, split=False,
+    ))
+    out.append(case(
+        "envelope/non-shortest-bin-header",
+        "The body's length as bin16 (c5 00 LL) where bin8 (c4 LL) fits.",
+        good, env=b"\x92\xc5" + len(good).to_bytes(2, "big") + good + b"\xc4\x40" + good_sig,
+        expect=nc, split=False,
+    ))
+    out.append(case(
+        "envelope/truncated",
+        "valid/custom-seq1's envelope without its last byte.",
+        good, env=env_good[:-1], expect=be, split=False,
+    ))
+    out.append(case(
+        "envelope/trailing-bytes",
+        "valid/custom-seq1's envelope followed by one extra byte 00.",
+        good, env=env_good + b"\x00", expect=be, split=False,
+    ))
+    return out
+
+
+def records_file() -> dict[str, Any]:
+    return {
+        "about": (
+            "citynode record vectors (docs/PROTOCOL.md). For each case: split "
+            "envelope_hex by the envelope layout; if body_hex is null the envelope "
+            "itself must be rejected with expect.error; otherwise the split must give "
+            "body_hex and sig_hex, and full verification of the record at now_ms must "
+            "give expect: 'valid' (with record id id_hex = SHA-256(body)) or "
+            "{'error': reason code}. public_key_hex is the origin the body claims."
+        ),
+        "generator": "tests/vectors/generate.py",
+        "domain_record_hex": DOMAIN_RECORD.hex(),
+        "future_tolerance_ms": TOLERANCE_MS,
+        "limits": {"max_body_bytes": 65536, "max_depth": 16, "max_items": 4096},
+        "cases": valid_cases() + invalid_cases(),
+    }
+
+
+# --------------------------------------------------------------------------- chains
+
+
+def fork_proof(a: bytes, b: bytes) -> bytes:
+    """The fork proof layout, written out: map {a: bin, b: bin, kind: "fork"}."""
+    return b"\x83" + b"\xa1a" + bin_(a) + b"\xa1b" + bin_(b) + b"\xa4kind\xa4fork"
+
+
+def chain_file() -> dict[str, Any]:
+    def signed(key: SigningKey, **kw: Any) -> tuple[bytes, bytes]:
+        body = enc(fields(key, **kw))
+        return body, envelope(body, key.sign(DOMAIN_RECORD, body))
+
+    recs: dict[str, tuple[bytes, bytes]] = {}
+    notes: dict[str, str] = {}
+
+    def add(name: str, note: str, key: SigningKey = KEY_A, **kw: Any) -> bytes:
+        recs[name] = signed(key, **kw)
+        notes[name] = note
+        return rid(recs[name][0])
+
+    # Times deliberately out of order: seq orders a feed, time never does.
+    r1 = add("r1", "A, feed 'chain', seq 1", feed="chain", seq=1, time=T0 + 2000,
+             data={"n": 1})
+    r2 = add("r2", "A, feed 'chain', seq 2, prev r1 (dated before r1: time never orders)",
+             feed="chain", seq=2, prev=r1, time=T0 + 1000, data={"n": 2})
+    add("r3", "A, feed 'chain', seq 3, prev r2", feed="chain", seq=3, prev=r2,
+        time=T0 + 3000, data={"n": 3})
+    r2b = add("r2b", "A, feed 'chain', seq 2, prev r1: a second, different seq 2",
+              feed="chain", seq=2, prev=r1, time=T0 + 1000, data={"n": 20})
+    add("r3b", "A, feed 'chain', seq 3, prev r2b: extends the other branch",
+        feed="chain", seq=3, prev=r2b, time=T0 + 3000, data={"n": 30})
+    add("r2x", "A, feed 'chain', seq 2 whose prev is no record of A (ee * 32)",
+        feed="chain", seq=2, prev=b"\xee" * 32, time=T0 + 1000, data={"n": 2})
+    add("r1-other-feed", "A, feed 'chain-other', seq 1", feed="chain-other", seq=1,
+        time=T0 + 2000, data={"n": 1})
+    add("r1-key-b", "B, feed 'chain', seq 1", KEY_B, feed="chain", seq=1, time=T0 + 2000,
+        data={"n": 1})
+
+    def head(name: str | None, seq: int = 0) -> dict[str, Any] | None:
+        return None if name is None else {"seq": seq, "id_hex": rid(recs[name][0]).hex()}
+
+    def held(name: str | None) -> str | None:
+        return None if name is None else rid(recs[name][0]).hex()
+
+    def verdict(v: str, missing: list[int] | None = None, conflict: int | None = None
+                ) -> dict[str, Any]:
+        return {"verdict": v, "missing": missing, "conflicts_with_seq": conflict}
+
+    classify = [
+        ("seq1-on-empty", "r1 arrives; nothing of the feed is held", "r1", None, None,
+         verdict("extends")),
+        ("seq2-extends", "r2 on head r1", "r2", head("r1", 1), None, verdict("extends")),
+        ("seq3-extends", "r3 on head r2 (r2 is dated before r1: time never orders)", "r3",
+         head("r2", 2), None, verdict("extends")),
+        ("duplicate", "r2 again, head r3, r2 held at seq 2", "r2", head("r3", 3),
+         held("r2"), verdict("duplicate")),
+        ("duplicate-seq1", "r1 again, head r3", "r1", head("r3", 3), held("r1"),
+         verdict("duplicate")),
+        ("ahead-on-empty", "r3 arrives first: seqs 1..2 are missing", "r3", None, None,
+         verdict("ahead", [1, 2])),
+        ("ahead", "r3 on head r1: seq 2 is missing", "r3", head("r1", 1), None,
+         verdict("ahead", [2, 2])),
+        ("wrong-prev", "r2x on head r1: seq 2 whose prev is not r1's id", "r2x",
+         head("r1", 1), None, verdict("equivocation", conflict=1)),
+        ("same-seq", "r2b with r2 held at seq 2 (head r3)", "r2b", head("r3", 3),
+         held("r2"), verdict("equivocation", conflict=2)),
+        ("same-seq-at-head", "r2b on head r2", "r2b", head("r2", 2), held("r2"),
+         verdict("equivocation", conflict=2)),
+        ("first-copy-wins", "r2 after r2b was stored first: r2 is now the rival", "r2",
+         head("r2b", 2), held("r2b"), verdict("equivocation", conflict=2)),
+        ("prev-mismatch", "r3b on head r2: seq 3 whose prev is r2b, not r2", "r3b",
+         head("r2", 2), None, verdict("equivocation", conflict=2)),
+    ]
+
+    def proof(a: str, b: str) -> bytes:
+        return fork_proof(recs[a][1], recs[b][1])
+
+    tampered = bytearray(recs["r2b"][1])
+    tampered[-1] ^= 0x01
+    unsorted = (b"\x83" + b"\xa4kind\xa4fork" + b"\xa1a" + bin_(recs["r2"][1])
+                + b"\xa1b" + bin_(recs["r2b"][1]))
+    wrong_kind = enc({"kind": "split-view", "a": recs["r2"][1], "b": recs["r2b"][1]})
+    extra_key = enc({"kind": "fork", "a": recs["r2"][1], "b": recs["r2b"][1], "note": "x"})
+    proofs: list[tuple[str, str, bytes, str]] = [
+        ("same-seq", "r2 and r2b: two different records at seq 2", proof("r2", "r2b"),
+         "valid"),
+        ("prev-mismatch", "r2 and r3b: r3b is at seq 3 and its prev is not r2's id",
+         proof("r2", "r3b"), "valid"),
+        ("prev-mismatch-reversed", "r3b and r2: the order of a and b does not matter",
+         proof("r3b", "r2"), "valid"),
+        ("wrong-prev", "r1 and r2x: r2x's prev is not r1's id", proof("r1", "r2x"), "valid"),
+        ("same-record-twice", "r2 and r2: one record is no fork", proof("r2", "r2"),
+         "invalid"),
+        ("different-feeds", "r1 and r1-other-feed: both seq 1, but of different feeds",
+         proof("r1", "r1-other-feed"), "invalid"),
+        ("different-origins", "r1 and r1-key-b: both seq 1, but of different origins",
+         proof("r1", "r1-key-b"), "invalid"),
+        ("consistent-pair", "r1 and r2: r2 extends r1", proof("r1", "r2"), "invalid"),
+        ("seq-gap", "r1 and r3b: seq 1 and 3 can belong to one chain (via r2b)",
+         proof("r1", "r3b"), "invalid"),
+        ("tampered-record", "r2 and r2b with r2b's last signature byte changed",
+         fork_proof(recs["r2"][1], bytes(tampered)), "invalid"),
+        ("unsorted-keys", "the same-seq proof with its keys not sorted", unsorted, "invalid"),
+        ("wrong-kind", "kind is 'split-view', not 'fork'", wrong_kind, "invalid"),
+        ("extra-key", "an extra key 'note'", extra_key, "invalid"),
+    ]
+    return {
+        "about": (
+            "citynode feed chain vectors (docs/PROTOCOL.md, 'Feed chains' and 'Fork "
+            "proofs'). 'records' are valid envelopes by key A (or B). 'classify': given "
+            "the held contiguous head ({seq, id_hex} or null) and the id held at the "
+            "record's seq (held_id_at_seq_hex, or null when none is needed), where the "
+            "record fits. 'fork_proofs': proof bytes, to be checked offline "
+            "(no future-time check): 'valid' or 'invalid'."
+        ),
+        "generator": "tests/vectors/generate.py",
+        "records": {
+            name: {
+                "description": notes[name],
+                "envelope_hex": env.hex(),
+                "id_hex": rid(body).hex(),
+            }
+            for name, (body, env) in recs.items()
+        },
+        "classify": [
+            {
+                "name": n,
+                "description": d,
+                "record": r,
+                "head": h,
+                "held_id_at_seq_hex": hid,
+                "expect": e,
+            }
+            for n, d, r, h, hid, e in classify
+        ],
+        "fork_proofs": [
+            {"name": n, "description": d, "proof_hex": p.hex(), "expect": e}
+            for n, d, p, e in proofs
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def keys_file() -> dict[str, Any]:
+    out = []
+    for key, seed_note in (
+        (KEY_A, "01 * 32"),
+        (KEY_B, "02 * 32"),
+        (KEY_C, "00 01 02 .. 1f"),
+    ):
+        pk = key.public_key
+        out.append({
+            "seed_hex": key.seed.hex(),
+            "seed": seed_note,
+            "public_key_hex": pk.hex(),
+            "checksum_hex": hashlib.sha256(b"citynode/node-id/v1" + pk).digest()[:3].hex(),
+            "node_id": node_id(pk),
+        })
+    nid = node_id(KEY_A.public_key)
+    body = nid[3:]
+    typo = "b" if body[10] != "b" else "c"
+    j = next(i for i in range(20, 55) if body[i] != body[i + 1])
+    swapped = body[:j] + body[j + 1] + body[j] + body[j + 2 :]
+    invalid = [
+        ("one-character-typo", "cn1" + body[:10] + typo + body[11:]),
+        ("adjacent-swap", "cn1" + swapped),
+        ("wrong-prefix", "cn2" + body),
+        ("no-prefix", body),
+        ("truncated", nid[:-1]),
+        ("one-character-too-many", nid + "a"),
+        ("outside-alphabet", "cn1" + body[:20] + "1" + body[21:]),
+        ("checksum-of-other-key", nid[:-5] + node_id(KEY_B.public_key)[-5:]),
+        ("empty", ""),
+    ]
+    return {
+        "about": (
+            "citynode node id vectors (docs/PROTOCOL.md, 'Node identity'): node_id = "
+            "'cn1' + lowercase base32 (RFC 4648, no padding) of public_key || "
+            "checksum, checksum = SHA-256('citynode/node-id/v1' || public_key)[:3]. "
+            "Every string in 'invalid' must be rejected."
+        ),
+        "generator": "tests/vectors/generate.py",
+        "node_ids": out,
+        "invalid": [{"name": n, "text": t} for n, t in invalid],
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, ensure_ascii=True) + "\n"
+
+
+def build() -> dict[str, str]:
+    """File name -> exact file text. Pure: calling it twice gives equal results."""
+    return {
+        "records.json": dumps(records_file()),
+        "chain.json": dumps(chain_file()),
+        "keys.json": dumps(keys_file()),
+    }
+
+
+def main() -> int:
+    for name, text in build().items():
+        (HERE / name).write_text(text, encoding="utf-8", newline="\n")
+        print(f"wrote {HERE / name} ({len(text)} characters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
