@@ -558,6 +558,9 @@ def audit_bundle(
                 pool.shutdown(wait=True, cancel_futures=True)
     rep.record_items = records
     _finish(a)
+    # One order whatever the threading: bundle-level first, then by feed and seq.
+    rank = {ERROR: 0, WARNING: 1, INFO: 2}
+    rep.findings.sort(key=lambda f: (rank[f.severity], f.feed or "", f.seq or 0, f.kind))
     rep.signatures = a.verifier.count + a.extra_signatures
     rep.bytes = total
     rep.seconds = time.perf_counter() - started

@@ -125,7 +125,7 @@ class Client:
                 return data
         except CitynodeError:
             raise
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"{self.url}: {exc}") from exc
 
     async def get(self, record_id: bytes | str) -> Record:
@@ -202,7 +202,7 @@ class Client:
                     event = {}
         except CitynodeError:
             raise
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"{self.url}: stream broke: {exc}") from exc
 
 

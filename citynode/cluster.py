@@ -136,7 +136,7 @@ class LocalNode:
                 if r.status >= 400:
                     raise PeerRejected(f"{self.name} {path}: {r.status} {data[:300]!r}", r.status)
                 return data if raw else json.loads(data)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"{self.name}: {exc}") from exc
 
     async def wait_ready(self, timeout: float = 30.0) -> None:

@@ -513,7 +513,9 @@ class Node:
         c = self.card_info.get(origin)
         if c is None:
             return access.FeedPolicy(access.PARTNERS)
-        level = next((f.access for f in c.feeds if f.name == feed), access.PARTNERS)
+        # A card lists every feed its node has configured (and those it has published);
+        # an unconfigured feed is public by the origin's own default.
+        level = next((f.access for f in c.feeds if f.name == feed), access.PUBLIC)
         return access.FeedPolicy(level, frozenset(c.partners))
 
     def _may_send(self, link: PartnerLink, rec: Record) -> bool:

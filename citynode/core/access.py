@@ -12,8 +12,10 @@ signed node card):
   relayed to any partner, since a relay can verify but not read it -- so a reader that
   is reachable only through a third city still gets them.
 
-A feed whose level a node does not know (no card of the origin yet, or a feed the card
-does not list) is treated as ``partners``: unknown never means public.
+A node's card lists every feed configured in its node.toml (and every feed it has
+published); a feed it does not list is unconfigured, and unconfigured feeds are public by
+the origin's own default. A node that has no card of the origin at all treats its feeds
+as ``partners``: unknown never means public.
 """
 
 from __future__ import annotations

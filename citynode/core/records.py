@@ -13,6 +13,10 @@ A record body is a canonical msgpack map (docs/PROTOCOL.md, "Record body")::
     type        str       payload type (core/types.py)
     version     int       body format version, 1
 
+A record of a restricted feed carries ``sealed`` (core/sealed.py: the payload encrypted
+to its readers) INSTEAD of ``type``, ``data``, ``subject`` and ``dataschema``. Such a
+:class:`Record` has ``type == SEALED_TYPE``, empty ``data`` and the blob in ``sealed``.
+
 The envelope is the canonical msgpack array ``[body: bin, signature: bin(64)]``. The
 signature is Ed25519 over ``DOMAIN_RECORD || body`` -- the body bytes exactly as sent,
 never a re-encoding. The record id is ``SHA-256(body)``, so no change to a signature can
@@ -23,17 +27,20 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from citynode.core import encoding
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
+from citynode.core.sealed import check_sealed_shape
 from citynode.core.types import validate_payload
 from citynode.errors import EncodingError, InvalidRecord
 
 __all__ = [
     "DEFAULT_FUTURE_TOLERANCE_MS",
     "FORMAT_VERSION",
+    "SEALED_TYPE",
     "Record",
     "RecordPolicy",
     "check_feed_name",
@@ -52,6 +59,11 @@ _FEED_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _REQUIRED = frozenset({"data", "feed", "origin", "seq", "time", "type", "version"})
 _OPTIONAL = frozenset({"dataschema", "prev", "subject"})
 _ALLOWED = _REQUIRED | _OPTIONAL
+_SEALED_REQUIRED = frozenset({"feed", "origin", "sealed", "seq", "time", "version"})
+_SEALED_ALLOWED = _SEALED_REQUIRED | {"prev"}
+#: ``Record.type`` of a sealed record: relays cannot know the real type. Not a valid
+#: payload type name (built-ins are CamelCase, custom ones dotted), so it cannot clash.
+SEALED_TYPE = "sealed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +94,7 @@ class Record:
     data: Any = field(repr=False)
     subject: str | None = None
     dataschema: str | None = None
+    sealed: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def envelope(self) -> bytes:
@@ -96,9 +109,12 @@ class Record:
             "feed": self.feed,
             "seq": self.seq,
             "time": self.time,
-            "type": self.type,
-            "data": self.data,
         }
+        if self.sealed is not None:
+            out["sealed"] = self.sealed
+        else:
+            out["type"] = self.type
+            out["data"] = self.data
         if self.prev is not None:
             out["prev"] = self.prev
         if self.subject is not None:
@@ -196,12 +212,17 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
             "unknown_version",
         )
     keys = fields.keys()
-    if not keys >= _REQUIRED:
-        missing = ", ".join(sorted(_REQUIRED - keys))
+    sealed = "sealed" in fields
+    required, allowed = (_SEALED_REQUIRED, _SEALED_ALLOWED) if sealed else (_REQUIRED, _ALLOWED)
+    if not keys >= required:
+        missing = ", ".join(sorted(required - keys))
         raise _fail(f"body lacks required field(s): {missing}", "missing_field")
-    if not keys <= _ALLOWED:
-        extra = ", ".join(sorted(keys - _ALLOWED))
-        raise _fail(f"body has unknown field(s): {extra}", "unknown_field")
+    if not keys <= allowed:
+        extra = keys - allowed
+        if sealed and extra <= _ALLOWED:
+            raise _fail("a sealed record carries no type, data, subject or dataschema "
+                        f"in clear (found {', '.join(sorted(extra))})")
+        raise _fail(f"body has unknown field(s): {', '.join(sorted(extra))}", "unknown_field")
     origin = fields["origin"]
     if type(origin) is not bytes or len(origin) != 32:
         raise _fail("origin must be a 32-byte public key")
@@ -220,6 +241,9 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
     t = fields["time"]
     if type(t) is not int or t < 0:
         raise _fail("time must be a non-negative integer (milliseconds since the epoch)")
+    if sealed:
+        check_sealed_shape(fields["sealed"], origin=origin)
+        return fields
     if type(fields["type"]) is not str or not fields["type"]:
         raise _fail("type must be a non-empty string")
     if type(fields["data"]) is not dict:
@@ -240,6 +264,9 @@ def _check_time(t: int, now_ms: int, policy: RecordPolicy) -> None:
 
 
 def _build(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any]) -> Record:
+    if "sealed" in f:
+        return Record(rid, body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
+                      f["time"], SEALED_TYPE, {}, None, None, f["sealed"])
     return Record(
         rid,
         body,
@@ -277,7 +304,7 @@ def open_record(
         raise EncodingError("signature must be 64 bytes", "bad_envelope")
     f = parse_body(body, policy)
     _check_time(f["time"], now_ms, policy)
-    if policy.check_payload:
+    if policy.check_payload and "sealed" not in f:
         validate_payload(f["type"], f["data"])
     verifier.verify(f["origin"], DOMAIN_RECORD, body, sig)
     return _build(rid if rid is not None else record_id(body), body, sig, f)
@@ -290,31 +317,42 @@ def make_body(
     seq: int,
     prev: bytes | None,
     time_ms: int,
-    type: str,
-    data: dict[str, Any],
+    type: str | None = None,
+    data: dict[str, Any] | None = None,
     subject: str | None = None,
     dataschema: str | None = None,
+    sealed: dict[str, Any] | None = None,
 ) -> bytes:
-    """Encode a record body canonically (no signing). Raises :class:`InvalidRecord`
-    if a field or the payload is invalid, so nothing invalid is ever signed."""
+    """Encode a record body canonically (no signing): a plain one (``type`` + ``data``)
+    or a sealed one (``sealed`` only). Raises :class:`InvalidRecord` if a field or the
+    payload is invalid, so nothing invalid is ever signed."""
     fields: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "origin": origin,
         "feed": feed,
         "seq": seq,
         "time": time_ms,
-        "type": type,
-        "data": data,
     }
+    if sealed is not None:
+        if type is not None or data is not None or subject is not None or dataschema:
+            raise InvalidRecord("a sealed body carries its type and data inside the seal")
+        fields["sealed"] = sealed
+    else:
+        if type is None or data is None:
+            raise InvalidRecord("a record needs a type and data", "missing_field")
+        fields["type"] = type
+        fields["data"] = data
+        if subject is not None:
+            fields["subject"] = subject
+        if dataschema is not None:
+            fields["dataschema"] = dataschema
     if prev is not None:
         fields["prev"] = prev
-    if subject is not None:
-        fields["subject"] = subject
-    if dataschema is not None:
-        fields["dataschema"] = dataschema
     body = encoding.encode(fields)
     parse_body(body)  # same checks a receiver makes: never sign what others reject
-    validate_payload(type, data)
+    if sealed is None:
+        assert type is not None
+        validate_payload(type, data)
     return body
 
 
@@ -329,21 +367,32 @@ def sign_record(
     data: dict[str, Any],
     subject: str | None = None,
     dataschema: str | None = None,
+    readers: Iterable[bytes] | None = None,
 ) -> Record:
-    """Build, validate and sign a record of ``key``'s node. Raises :class:`InvalidRecord`
-    (typically :class:`PayloadError`) if the payload does not match ``type``."""
-    body = make_body(
-        origin=key.public_key,
-        feed=feed,
-        seq=seq,
-        prev=prev,
-        time_ms=time_ms,
-        type=type,
-        data=data,
-        subject=subject,
-        dataschema=dataschema,
-    )
+    """Build, validate and sign a record of ``key``'s node. With ``readers`` (public
+    keys) the payload is sealed to them and to us (a restricted feed). Raises
+    :class:`InvalidRecord` (typically :class:`PayloadError`) if the payload does not
+    match ``type``: nothing invalid is signed or sealed."""
+    if readers is not None:
+        from citynode.core.sealed import seal_payload
+
+        blob = seal_payload(origin_key=key.public_key, feed=feed, seq=seq, type=type,
+                            data=data, subject=subject, dataschema=dataschema,
+                            recipients=readers)
+        body = make_body(origin=key.public_key, feed=feed, seq=seq, prev=prev,
+                         time_ms=time_ms, sealed=blob)
+    else:
+        body = make_body(
+            origin=key.public_key,
+            feed=feed,
+            seq=seq,
+            prev=prev,
+            time_ms=time_ms,
+            type=type,
+            data=data,
+            subject=subject,
+            dataschema=dataschema,
+        )
     sig = key.sign(DOMAIN_RECORD, body)
     f = encoding.decode(body)
     return _build(record_id(body), body, sig, f)
-

@@ -108,7 +108,7 @@ class PeerClient:
                 return data
         except CitynodeError:
             raise
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
             raise _translate(exc, url) from exc
 
     async def push(self, envelopes: list[bytes]) -> dict[str, Any]:
@@ -180,6 +180,6 @@ async def fetch_card(
                     await resp.read()
     except CitynodeError:
         raise
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
         raise _translate(exc, base) from exc
     return card

@@ -1,0 +1,216 @@
+"""``citynode export`` and ``citynode audit``: click commands the main group registers.
+
+``export`` reads a data dir's database and writes an auditor's bundle of one origin's
+feeds (:mod:`citynode.bundle`). ``audit`` verifies a bundle with nothing but the file
+and the origin's node id (:func:`citynode.audit.audit_bundle`): no data dir, no network.
+Both turn :class:`CitynodeError` into one line themselves, so they also work outside
+the main group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from citynode.errors import CitynodeError
+
+__all__ = ["audit_cmd", "export_cmd"]
+
+# Bundles smaller than this finish before a progress bar would be worth drawing.
+_PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except CitynodeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _default_workers() -> int:
+    # One thread parses; the others verify signatures (libsodium releases the GIL).
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _pick_card(st: Any, origin: bytes) -> bytes | None:
+    """The newest valid card of ``origin`` this node holds (partner row or cards seen),
+    or None."""
+    from citynode.core.cards import open_card
+    from citynode.core.keys import Verifier, node_id
+
+    candidates: list[bytes] = []
+    row = st.partner_by_key(origin)
+    if row is not None and row.card:
+        candidates.append(row.card)
+    seen = st.get_meta("card:" + origin.hex())
+    if seen:
+        candidates.append(seen)
+    best: tuple[int, bytes] | None = None
+    verifier = Verifier()
+    for env in candidates:
+        try:
+            card = open_card(env, expected_node_id=node_id(origin), verifier=verifier)
+        except CitynodeError:
+            continue  # a stored card that no longer verifies is not exported
+        if best is None or card.time > best[0]:
+            best = (card.time, env)
+    return None if best is None else best[1]
+
+
+@click.command("export")
+@click.option("-d", "--dir", "data_dir", envvar="CITYNODE_DIR", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The node's data directory (or set CITYNODE_DIR).")
+@click.option("--origin", required=True, help="Node id (cn1...) whose records to export.")
+@click.option("--feed", "feeds", multiple=True,
+              help="Only this feed (repeatable); default: every feed of the origin held.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The bundle file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, force: bool,
+               as_json: bool) -> None:
+    """Write an auditor's bundle: ORIGIN's records, checkpoints, fork proofs and card.
+
+    An auditor checks it with `citynode audit BUNDLE --origin ID`, needing nothing
+    else. Runs alongside `citynode run` (it only reads the database).
+    """
+    from citynode.bundle import export_from_storage
+    from citynode.core.keys import parse_node_id
+    from citynode.storage import Storage
+
+    with _one_line_errors():
+        key = parse_node_id(origin)
+        db = data_dir / "citynode.db"
+        if not db.is_file():
+            raise click.ClickException(
+                f"{data_dir} holds no citynode database: check -d (run `citynode init` "
+                "and `citynode run` first)"
+            )
+        if out.exists() and not force:
+            raise click.ClickException(f"{out} exists: remove it, choose another --out, "
+                                       "or add --force")
+        st = Storage.open(db)
+        try:
+            card = _pick_card(st, key)
+            summary = export_from_storage(st, key, list(feeds) or None, out, card=card,
+                                          now_ms=_now_ms())
+        finally:
+            st.close()
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+        return
+    c = summary.counts
+    click.echo(
+        f"wrote {out}: {c.records} record(s) in {len(summary.feeds)} feed(s), "
+        f"{c.checkpoints} checkpoint(s), {c.forks + c.split_views} proof(s), "
+        f"{summary.bytes} bytes"
+    )
+    if not summary.has_card:
+        click.echo(f"note: no card of {summary.origin} is known here: the bundle has none "
+                   "(the audit still checks every record)", err=True)
+    if summary.skipped_proofs:
+        click.echo(f"note: {summary.skipped_proofs} stored proof(s) of an unknown kind "
+                   "were left out", err=True)
+
+
+def _rich_report(report: Any) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    console.print(f"[bold]bundle[/] {escape(report.path)}")
+    console.print(f"[bold]origin[/] {report.origin}")
+    if report.card is not None:
+        console.print(f"[bold]card[/]   {escape(report.card.name)} "
+                      f"({escape(report.card.url)}), signed by the origin")
+    rate = f", {report.record_items / report.seconds:,.0f} records/s" if report.seconds else ""
+    console.print(f"{report.record_items} record(s), {report.signatures} signature(s) "
+                  f"verified in {report.seconds:.2f} s{rate}"
+                  + ("" if report.complete else " [bold red](bundle incomplete)[/]"))
+    t = Table(title="feeds")
+    for col in ("feed", "records", "contiguous", "missing", "invalid", "checkpoints"):
+        t.add_column(col, justify="left" if col == "feed" else "right")
+    for f in sorted(report.feeds.values(), key=lambda f: f.name):
+        t.add_row(f.name, str(f.records), f"1..{f.contiguous}", str(f.missing),
+                  str(f.invalid), f"{f.checkpoints_matched}/{f.checkpoints} matched")
+    if report.feeds:
+        console.print(t)
+    style = {"error": "bold red", "warning": "yellow", "info": "dim"}
+    order = {"error": 0, "warning": 1, "info": 2}
+    for fd in sorted(report.findings, key=lambda f: order[f.severity]):
+        # Text, not markup: messages quote bundle content, which may hold "[...]".
+        console.print(Text(fd.line(), style=style[fd.severity]))
+    if report.suppressed:
+        console.print(f"... and {report.suppressed} more finding(s) not listed (use --json "
+                      "for counts by kind)")
+    e, w = report.severity_counts["error"], report.severity_counts["warning"]
+    verdict = "[bold green]OK[/]" if report.ok else "[bold red]FAILED[/]"
+    console.print(f"{verdict}: {e} error(s), {w} warning(s)")
+
+
+@contextmanager
+def _progress_bar(path: Path) -> Iterator[Callable[[int, int], None] | None]:
+    try:
+        big = path.stat().st_size >= _PROGRESS_MIN_BYTES
+    except OSError:
+        big = False  # the audit itself reports the unreadable file
+    if not (big and sys.stderr.isatty()):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("auditing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("audit", total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+@click.command("audit")
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--origin", required=True,
+              help="The origin's node id (cn1...), obtained from that city out of band.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--workers", type=click.IntRange(0, 64), default=None,
+              help="Threads verifying signatures besides the reading thread "
+                   "(default: CPUs - 1; 0: everything on one thread).")
+def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None) -> None:
+    """Verify BUNDLE offline against ORIGIN's node id: every signature, chain link,
+    checkpoint root and proof. Needs no data dir and no network.
+
+    Exits with status 1 if anything fails.
+    """
+    from citynode.audit import audit_bundle
+
+    with _one_line_errors(), _progress_bar(bundle) as progress:
+        report = audit_bundle(bundle, origin, now_ms=_now_ms(), progress=progress,
+                              workers=_default_workers() if workers is None else workers)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    elif sys.stdout.isatty():
+        _rich_report(report)
+    else:
+        click.echo(report.render_text())
+    if not report.ok:
+        sys.exit(1)
