@@ -237,6 +237,7 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
             limit: int, after: int, as_json: bool) -> None:
     """List records held by this node (its own and its partners')."""
     from citynode.core.keys import parse_node_id
+    from citynode.identity import load_identity
     from citynode.render import stored_record_json
     from citynode.storage import Storage
 
@@ -247,7 +248,8 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
             origin=parse_node_id(origin) if origin else None,
             feed=feed, type=type_name, after_rowid=after, limit=limit,
         )
-        recs = [stored_record_json(r.envelope, rowid=r.rowid) for r in rows]
+        key = load_identity(data_dir).key
+        recs = [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
     finally:
         st.close()
     if as_json:
@@ -489,7 +491,7 @@ def subscribe(url: str, nid: str | None, origin: str | None, feed: str | None,
         async with Client(url, node_id=nid, key=key) as c:
             async for cursor, rec in c.subscribe(origin=origin, feed=feed, type=type_name,
                                                  last_event_id=after):
-                click.echo(json.dumps(record_to_json(rec, cursor), ensure_ascii=False))
+                click.echo(json.dumps(record_to_json(rec, cursor, key), ensure_ascii=False))
                 n += 1
                 if count is not None and n >= count:
                     return

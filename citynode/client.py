@@ -41,7 +41,7 @@ from citynode.core.keys import SigningKey, Verifier
 from citynode.core.records import Record, decode_envelope, open_record
 from citynode.errors import CitynodeError, InvalidRecord, PeerError, PeerRejected
 
-__all__ = ["Client", "record_to_json"]
+__all__ = ["Client", "plaintext", "record_to_json"]
 
 
 class Client:
@@ -206,6 +206,17 @@ class Client:
             raise PeerError(f"{self.url}: stream broke: {exc}") from exc
 
 
+def plaintext(rec: Record, key: SigningKey) -> Any:
+    """Decrypt a sealed (restricted) record with a reader's key: returns its inner
+    ``type``, ``data``, ``subject``, ``dataschema``. Raises AccessDenied if ``key`` is
+    not a reader, InvalidRecord if the seal does not open."""
+    from citynode.core.sealed import open_payload
+
+    if rec.sealed is None:
+        raise InvalidRecord("record is not sealed", "bad_sealed")
+    return open_payload(rec.sealed, origin=rec.origin, feed=rec.feed, seq=rec.seq, key=key)
+
+
 def _query(**kw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in kw.items():
@@ -219,9 +230,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def record_to_json(rec: Record, cursor: int | None = None) -> dict[str, Any]:
-    """The JSON view of a verified record (as the node's API gives it)."""
+def record_to_json(rec: Record, cursor: int | None = None,
+                   key: SigningKey | None = None) -> dict[str, Any]:
+    """The JSON view of a verified record (as the node's API gives it); sealed records
+    are decrypted when ``key`` is one of their readers."""
     from citynode.render import record_json
 
-    return record_json(rec, rowid=cursor)
+    return record_json(rec, rowid=cursor, key=key)
 

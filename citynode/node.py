@@ -281,8 +281,15 @@ class Node:
         """Start a background task owned by the node (kept until it ends)."""
         t = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        t.add_done_callback(self._task_done)
         return t
+
+    def _task_done(self, t: asyncio.Task[Any]) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            # A background task must never die silently: say so loudly.
+            log.error("background task failed", exc_info=t.exception(),
+                      extra=fields(task=t.get_name()))
 
     # ------------------------------------------------------------------ card
 
@@ -616,8 +623,11 @@ class Node:
             if head is None:
                 self._card = None  # a new feed of ours: the card lists our feeds
             now = self.now_ms()
+            fc = self.config.feeds.get(feed)
+            readers = ([parse_node_id(r) for r in fc.readers]
+                       if fc is not None and fc.access == access.RESTRICTED else None)
             recs = await asyncio.get_running_loop().run_in_executor(
-                None, self._sign_batch, feed, type_name, items, subjects, head, now
+                None, self._sign_batch, feed, type_name, items, subjects, head, now, readers
             )
             for r in recs:
                 self.inflight.add(r.id)
@@ -634,6 +644,7 @@ class Node:
         subjects: Sequence[str | None] | None,
         head: FeedHead | None,
         now: int,
+        readers: list[bytes] | None = None,
     ) -> list[Record]:
         seq, prev = (head.seq, head.id) if head else (0, None)
         out = []
@@ -648,6 +659,7 @@ class Node:
                 type=type_name,
                 data=data,
                 subject=subjects[n] if subjects else None,
+                readers=readers,
             )
             prev = r.id
             out.append(r)

@@ -11,8 +11,10 @@ import base64
 import datetime as _dt
 from typing import Any
 
-from citynode.core.keys import node_id
-from citynode.core.records import Record, decode_envelope, parse_body, record_id
+from citynode.core.keys import SigningKey, node_id
+from citynode.core.records import SEALED_TYPE, Record, decode_envelope, parse_body, record_id
+from citynode.core.sealed import is_recipient, open_payload
+from citynode.errors import CitynodeError
 
 __all__ = ["b64", "iso_time", "jsonable", "record_json", "stored_record_json"]
 
@@ -38,8 +40,10 @@ def jsonable(v: Any) -> Any:
     return v
 
 
-def record_json(rec: Record, *, rowid: int | None = None) -> dict[str, Any]:
-    """The JSON view of a verified record."""
+def record_json(rec: Record, *, rowid: int | None = None,
+                key: SigningKey | None = None) -> dict[str, Any]:
+    """The JSON view of a verified record. A sealed record shows its recipients; with
+    ``key`` of one of them it is decrypted, and ``type``/``data`` are the plaintext."""
     out: dict[str, Any] = {
         "id": rec.id.hex(),
         "origin": node_id(rec.origin),
@@ -52,6 +56,22 @@ def record_json(rec: Record, *, rowid: int | None = None) -> dict[str, Any]:
         "data": jsonable(rec.data),
         "envelope": b64(rec.envelope),
     }
+    if rec.sealed is not None:
+        out["sealed"] = {"to": [node_id(r[0]) for r in rec.sealed.get("to", ())],
+                         "ciphertext_bytes": len(rec.sealed.get("ct", b""))}
+        del out["data"]
+        if key is not None and is_recipient(rec.sealed, key.public_key):
+            try:
+                inner = open_payload(rec.sealed, origin=rec.origin, feed=rec.feed,
+                                     seq=rec.seq, key=key)
+            except CitynodeError as exc:
+                out["decrypt_error"] = str(exc)
+            else:
+                out.update(type=inner.type, data=jsonable(inner.data), decrypted=True)
+                if inner.subject is not None:
+                    out["subject"] = inner.subject
+                if inner.dataschema is not None:
+                    out["dataschema"] = inner.dataschema
     if rec.subject is not None:
         out["subject"] = rec.subject
     if rec.dataschema is not None:
@@ -61,13 +81,21 @@ def record_json(rec: Record, *, rowid: int | None = None) -> dict[str, Any]:
     return out
 
 
-def stored_record_json(envelope: bytes, *, rowid: int | None = None) -> dict[str, Any]:
+def stored_record_json(envelope: bytes, *, rowid: int | None = None,
+                       key: SigningKey | None = None) -> dict[str, Any]:
     """JSON view of an envelope read from our own database (verified when it was stored;
     decoded again here, not re-verified)."""
     body, sig = decode_envelope(envelope)
+    return record_json(record_from_stored(body, sig), rowid=rowid, key=key)
+
+
+def record_from_stored(body: bytes, sig: bytes) -> Record:
+    """A Record from our own database's bytes (verified when stored; not re-verified)."""
     f = parse_body(body)
-    rec = Record(
+    if "sealed" in f:
+        return Record(record_id(body), body, sig, f["origin"], f["feed"], f["seq"],
+                      f.get("prev"), f["time"], SEALED_TYPE, {}, None, None, f["sealed"])
+    return Record(
         record_id(body), body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
         f["time"], f["type"], f["data"], f.get("subject"), f.get("dataschema"),
     )
-    return record_json(rec, rowid=rowid)

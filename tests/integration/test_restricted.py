@@ -1,0 +1,76 @@
+"""Restricted feeds end to end: sealed to named readers, relayed by a node that cannot
+read them, decrypted by the reader; never readable by anyone else."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from citynode.client import Client, plaintext
+from citynode.cluster import Cluster, LocalNode
+from citynode.errors import AccessDenied, PeerRejected
+from citynode.identity import load_identity
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+FAST = {("federation", "pull_interval_seconds"): 1.0}
+NOTICE = {
+    "severity": "high", "tlp": "TLP:AMBER", "affectedSystem": "SCADA gateway",
+    "description": "Exploited in the wild; patch now.", "dateIssued": "2026-11-28T07:00:00Z",
+}
+
+
+def add_feed(n: LocalNode, feed: str, access: str, readers: list[str]) -> None:
+    with open(n.dir / "node.toml", "a") as f:
+        f.write(f'\n[feeds.{feed}]\naccess = "{access}"\nreaders = {json.dumps(readers)}\n')
+
+
+async def test_relay_forwards_what_it_cannot_read(cluster: Cluster) -> None:
+    a, b, c = cluster.create(["Singapore", "Jakarta", "Seoul"], settings=FAST)
+    add_feed(a, "cyber-notices", "restricted", [c.node_id])
+    await cluster.start()
+    await cluster.link(a, b)  # Seoul reaches Singapore only through Jakarta
+    await cluster.link(b, c)
+    out = await a.publish("cyber-notices", "CyberSecurityNotice", [NOTICE])
+    rid = out["ids"][0]
+
+    async def at_seoul() -> bool:
+        feeds = await c.api("GET", "/v1/feeds")  # operator: sees restricted heads
+        return any(f["feed"] == "cyber-notices" and f["seq"] == 1 for f in feeds["feeds"])
+
+    await eventually(at_seoul, timeout=30)
+
+    # The relay holds it, verified, but neither it nor anonymous callers can read it.
+    r = subprocess.run([sys.executable, "-m", "citynode", "records", "-d", str(b.dir),
+                        "--feed", "cyber-notices", "--json"], capture_output=True, text=True)
+    (at_relay,) = json.loads(r.stdout)["records"]
+    assert at_relay["type"] == "sealed" and "data" not in at_relay
+    assert "Exploited" not in r.stdout and c.node_id in at_relay["sealed"]["to"]
+    for n in (a, b, c):
+        with pytest.raises(PeerRejected) as e:
+            await n.api("GET", f"/v1/records/{rid}", operator=False)
+        assert e.value.status == 404
+        page = await n.api("GET", "/v1/records?feed=cyber-notices", operator=False)
+        assert page["records"] == []
+
+    # The reader's own node decrypts for its operator ...
+    mine = await c.api("GET", f"/v1/records/{rid}")
+    assert mine["decrypted"] is True and mine["data"]["tlp"] == "TLP:AMBER"
+    # ... and a reader's application, signing as Seoul, can read it from the relay and
+    # decrypt it itself.
+    seoul_key = load_identity(c.dir).key
+    async with Client(b.url, fingerprint=b.fingerprint, key=seoul_key) as cl:
+        rec = await cl.get(rid)
+        assert rec.type == "sealed"
+        inner = plaintext(rec, seoul_key)
+        assert inner.type == "CyberSecurityNotice" and inner.data["severity"] == "high"
+        with pytest.raises(AccessDenied):
+            plaintext(rec, load_identity(b.dir).key)
+    # The relay signing as itself is not a reader.
+    async with Client(c.url, fingerprint=c.fingerprint, key=load_identity(b.dir).key) as cl:
+        with pytest.raises(PeerRejected):
+            await cl.get(rid)
