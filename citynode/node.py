@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from citynode import __version__
 from citynode.config import Config, load_config
-from citynode.core import access, cards, sync
+from citynode.core import access, cards, checkpoints, sync
 from citynode.core.chain import FeedHead, ForkProof, Verdict, classify
 from citynode.core.encoding import Limits
 from citynode.core.keys import Verifier, node_id, parse_node_id
@@ -48,7 +48,9 @@ from citynode.core.records import (
     sign_record,
 )
 from citynode.errors import (
+    ChainError,
     CitynodeError,
+    InvalidProof,
     InvalidRecord,
     PeerError,
     PublishRefused,
@@ -204,6 +206,7 @@ class Node:
         self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
         self._tasks: set[asyncio.Task[Any]] = set()
         self.subscribers: set[Subscriber] = set()
+        self.logs: dict[FeedKey, checkpoints.MerkleLog] = {}  # Merkle trees, built lazily
         self._tail_rowid = 0
         self._tail_wake = asyncio.Event()
         self._card: cards.NodeCard | None = None
@@ -243,6 +246,8 @@ class Node:
             self._learn_card(env, k)
         self._tail_rowid = await self._io(self.storage.max_rowid)
         self.spawn(self._tail_loop(), "tail")
+        if partners:
+            self.spawn(self._checkpoint_loop(), "checkpoints")
         self.ready = True
         self.metrics.feeds.set(len(self.heads))
         log.info(
@@ -568,21 +573,27 @@ class Node:
             await link.client.request("POST", "/v1/proofs", proof)
 
     async def ingest_proof(self, data: bytes, src: str) -> bool:
-        """A fork proof from a partner: verify it offline, store and forward if new."""
+        """A fork or split-view proof from a partner: verify it offline, store and
+        forward it if new. Raises InvalidProof if it proves nothing."""
         from citynode.core.chain import verify_fork_proof
 
-        proof = ForkProof.decode(data)
-        a, _b = verify_fork_proof(proof, self.verifier)
+        try:
+            proof = ForkProof.decode(data)
+        except InvalidProof:
+            sv = checkpoints.SplitViewProof.decode(data)
+            ca, _cb = checkpoints.verify_split_view(sv, self.verifier)
+            origin, feed, seq, kind, enc = ca.origin, ca.feed, ca.size, "split-view", sv.encode()
+        else:
+            a, _b = verify_fork_proof(proof, self.verifier)
+            origin, feed, seq, kind, enc = a.origin, a.feed, a.seq, "fork", proof.encode()
         new = await asyncio.wrap_future(
-            self.storage.add_fork_proof(
-                a.origin, a.feed, a.seq, "fork", proof.encode(), src, self.now_ms()
-            )
+            self.storage.add_fork_proof(origin, feed, seq, kind, enc, src, self.now_ms())
         )
         if new:
             self.metrics.forks.inc()
             for link in self.links.values():
                 if link.row.node_id != src:
-                    self.spawn(self._send_proof(link, proof.encode()), "send-proof")
+                    self.spawn(self._send_proof(link, enc), "send-proof")
         return new
 
     def _reject(
@@ -923,6 +934,96 @@ class Node:
 
     def known_cards(self) -> list[bytes]:
         return [self.card().envelope, *self.cards_seen.values()]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _read_ids(self, origin: bytes, feed: str, start: int, end: int) -> list[bytes]:
+        out: list[bytes] = []
+        while start <= end:
+            envs = self.storage.range(origin, feed, start, min(end, start + 4999), 5000)
+            if not envs:
+                break
+            out.extend(record_id(decode_envelope(e)[0]) for e in envs)
+            start += len(envs)
+        return out
+
+    async def merkle_log(self, origin: bytes, feed: str, size: int) -> checkpoints.MerkleLog:
+        """The Merkle tree of a feed held here, with at least ``size`` leaves. Raises
+        ChainError if this node holds fewer than ``size`` records of it."""
+        log_ = self.logs.setdefault((origin, feed), checkpoints.MerkleLog())
+        start = log_.size
+        if start < size:
+            ids = await self._io(self._read_ids, origin, feed, start + 1, size)
+            if start + len(ids) < size:
+                raise ChainError(f"this node holds only {start + len(ids)} records of "
+                                 f"that feed, not {size}")
+            # Another task may have extended the log while we read: add only the rest.
+            log_.extend(ids[log_.size - start:])
+        return log_
+
+    async def checkpoint_now(self) -> list[checkpoints.Checkpoint]:
+        """Sign a checkpoint of every own feed that grew since its last one, store it,
+        and send it to the partners."""
+        made = []
+        for (origin, feed), head in list(self.heads.items()):
+            if origin != self.public_key:
+                continue
+            held = await self._io(self.storage.checkpoints, origin, feed)
+            if held and held[-1][0] >= head.seq:
+                continue
+            log_ = await self.merkle_log(origin, feed, head.seq)
+            cp = checkpoints.sign_checkpoint(self.key, feed, head.seq, log_.root(head.seq),
+                                             self.now_ms())
+            await asyncio.wrap_future(
+                self.storage.put_checkpoint(origin, feed, cp.size, cp.root, cp.envelope))
+            made.append(cp)
+        for cp in made:
+            for link in self.links.values():
+                self.spawn(self._send_checkpoint(link, cp.envelope), "send-checkpoint")
+        return made
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoints.interval_seconds)
+            try:
+                await self.checkpoint_now()
+            except CitynodeError as exc:
+                log.warning("checkpoint failed", extra=fields(error=str(exc)))
+
+    async def _send_checkpoint(self, link: PartnerLink, env: bytes) -> None:
+        with contextlib.suppress(PeerError):
+            await link.client.request("POST", "/v1/checkpoints", env)
+
+    async def ingest_checkpoint(self, env: bytes, src: str) -> str:
+        """A checkpoint from a partner: verify, keep, forward if new. Two checkpoints of
+        one feed and size with different roots are a split view: kept as proof and
+        forwarded like a fork proof. Returns "new", "known" or "split-view"."""
+        cp = checkpoints.open_checkpoint(env, verifier=self.verifier, now_ms=self.now_ms())
+        if not self.accepts_origin(cp.origin):
+            raise InvalidRecord("checkpoint of an origin this node does not trust",
+                                "untrusted_origin")
+        new = await asyncio.wrap_future(
+            self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
+        if new:
+            for link in self.links.values():
+                if link.row.node_id != src:
+                    self.spawn(self._send_checkpoint(link, env), "send-checkpoint")
+            return "new"
+        held = await self._io(self.storage.checkpoints, cp.origin, cp.feed)
+        mine = next((e for s, r, e in held if s == cp.size and r != cp.root), None)
+        if mine is None:
+            return "known"
+        proof = checkpoints.SplitViewProof(mine, env)
+        checkpoints.verify_split_view(proof, self.verifier)
+        stored = await asyncio.wrap_future(self.storage.add_fork_proof(
+            cp.origin, cp.feed, cp.size, "split-view", proof.encode(), src, self.now_ms()))
+        if stored:
+            self.metrics.forks.inc()
+            log.warning("split view: the origin signed two different checkpoints of one size",
+                        extra=fields(origin=node_id(cp.origin), feed=cp.feed, size=cp.size))
+            for link in self.links.values():
+                self.spawn(self._send_proof(link, proof.encode()), "send-proof")
+        return "split-view"
 
     # ------------------------------------------------------------------ live streams
 

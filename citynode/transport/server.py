@@ -27,6 +27,7 @@ from aiohttp import web
 
 from citynode import __version__
 from citynode.core import httpsig, sync
+from citynode.core.checkpoints import encode_consistency, encode_inclusion
 from citynode.core.keys import parse_node_id
 from citynode.core.records import decode_envelope, parse_body
 from citynode.errors import (
@@ -43,7 +44,7 @@ from citynode.errors import (
 from citynode.identity import check_token
 from citynode.logs import fields
 from citynode.node import Node
-from citynode.render import stored_record_json
+from citynode.render import b64, stored_record_json
 
 __all__ = ["build_app", "serve", "ssl_context"]
 
@@ -553,6 +554,89 @@ async def cards_handler(request: web.Request) -> web.Response:
     return _pack(node.known_cards())
 
 
+async def post_checkpoint(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await _read_body(request)
+    key = await _require_partner(request, body)
+    link = node.link_for(key)
+    result = await node.ingest_checkpoint(body, link.row.node_id if link else "?")
+    return web.json_response({"result": result})
+
+
+async def get_checkpoints(request: web.Request) -> web.Response:
+    """Signed checkpoints held of a feed (any origin), by size."""
+    node = request.app[NODE_KEY]
+    caller = await _caller(request)
+    origin = _origin_arg(request)
+    feed = request.query.get("feed")
+    if origin is None or not feed:
+        raise web.HTTPBadRequest(text="checkpoints need ?origin=cn1...&feed=...")
+    if not _reader(request, caller)(origin, feed, None):
+        raise web.HTTPNotFound(text="no such feed here")
+    held = await node._io(node.storage.checkpoints, origin, feed)
+    if _wants_json(request):
+        return web.json_response({"checkpoints": [
+            {"size": s, "root": r.hex(), "envelope": b64(e)} for s, r, e in held]})
+    return _pack([e for _s, _r, e in held])
+
+
+async def inclusion_proof(request: web.Request) -> web.Response:
+    """Inclusion proof of a record in its feed's tree at ``size`` (default: the latest
+    checkpoint of that feed that covers the record)."""
+    node = request.app[NODE_KEY]
+    caller = await _caller(request)
+    try:
+        rid = bytes.fromhex(request.query.get("id", ""))
+    except ValueError:
+        rid = b""
+    if len(rid) != 32:
+        raise web.HTTPBadRequest(text="?id= must be a record id (64 hex digits)")
+    env = await node._io(node.storage.get_envelope, rid)
+    if env is None:
+        raise web.HTTPNotFound(text="no such record here")
+    f = parse_body(decode_envelope(env)[0])
+    if not _reader(request, caller)(f["origin"], f["feed"], env):
+        raise web.HTTPNotFound(text="no such record here")
+    size = _int_arg(request, "size", None, 1)
+    cp_env = None
+    if size is None:
+        held = await node._io(node.storage.checkpoints, f["origin"], f["feed"])
+        covering = [(s, e) for s, _r, e in held if s >= f["seq"]]
+        if not covering:
+            raise web.HTTPNotFound(text="no checkpoint covers this record yet")
+        size, cp_env = covering[-1]
+    log_ = await node.merkle_log(f["origin"], f["feed"], size)
+    path = log_.inclusion_proof(f["seq"] - 1, size)
+    if _wants_json(request):
+        return web.json_response({"index": f["seq"] - 1, "size": size,
+                                  "root": log_.root(size).hex(),
+                                  "path": [p.hex() for p in path],
+                                  "checkpoint": b64(cp_env) if cp_env else None})
+    return web.Response(body=encode_inclusion(f["seq"] - 1, size, path),
+                        content_type=MSGPACK)
+
+
+async def consistency_proof(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    caller = await _caller(request)
+    origin = _origin_arg(request)
+    feed = request.query.get("feed")
+    old = _int_arg(request, "old", None, 0)
+    new = _int_arg(request, "new", None, 0)
+    if origin is None or not feed or old is None or new is None or old > new:
+        raise web.HTTPBadRequest(text="need ?origin=&feed=&old=&new= with old <= new")
+    if not _reader(request, caller)(origin, feed, None):
+        raise web.HTTPNotFound(text="no such feed here")
+    log_ = await node.merkle_log(origin, feed, new)
+    path = log_.consistency_proof(old, new)
+    if _wants_json(request):
+        return web.json_response({"old_size": old, "new_size": new,
+                                  "old_root": log_.root(old).hex(),
+                                  "new_root": log_.root(new).hex(),
+                                  "path": [p.hex() for p in path]})
+    return web.Response(body=encode_consistency(old, new, path), content_type=MSGPACK)
+
+
 async def proofs(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     body = await _read_body(request)
@@ -590,6 +674,10 @@ def build_app(node: Node) -> web.Application:
     r.add_post("/v1/fetch", fetch)
     r.add_get("/v1/cards", cards_handler)
     r.add_post("/v1/proofs", proofs)
+    r.add_post("/v1/checkpoints", post_checkpoint)
+    r.add_get("/v1/checkpoints", get_checkpoints)
+    r.add_get("/v1/proofs/inclusion", inclusion_proof)
+    r.add_get("/v1/proofs/consistency", consistency_proof)
     return app
 
 

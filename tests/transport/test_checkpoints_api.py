@@ -1,0 +1,84 @@
+"""Signed checkpoints between real in-process nodes: gossip, proofs, split views."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from citynode.core import checkpoints as cps
+from citynode.core.keys import Verifier
+from citynode.core.records import record_id
+from citynode.transport.client import PeerClient
+from tests.conftest import InProc, eventually
+
+Make = Callable[..., Awaitable[InProc]]
+
+
+async def _get(n: InProc, path: str) -> dict:
+    async with n.session.get(n.url + path, headers={"Accept": "application/json"}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def test_checkpoints_gossip_and_prove(inproc: Make) -> None:
+    a = await inproc("Jakarta")
+    b = await inproc("Seoul")
+    await a.node.add_partner(b.url, b.node.node_id)
+    await b.node.add_partner(a.url, a.node.node_id)
+    recs = await a.node.publish("air", "org.example.Test", [{"n": i} for i in range(10)])
+    (cp10,) = await a.node.checkpoint_now()
+    more = await a.node.publish("air", "org.example.Test", [{"n": i} for i in range(10, 13)])
+    (cp13,) = await a.node.checkpoint_now()
+    assert cp10.size == 10 and cp13.size == 13
+    ids = [r.id for r in recs + more]
+    assert cp13.root == cps.root_of(ids)  # independent recomputation
+
+    origin = a.node.node_id
+
+    async def b_has_both() -> bool:
+        out = await _get(b, f"/v1/checkpoints?origin={origin}&feed=air")
+        return [c["size"] for c in out["checkpoints"]] == [10, 13]
+
+    await eventually(b_has_both, timeout=20)
+    # An inclusion proof served by the replica verifies against the origin's signature.
+    p = await _get(b, f"/v1/proofs/inclusion?id={ids[4].hex()}")
+    cp = cps.open_checkpoint(__import__("base64").b64decode(p["checkpoint"]), verifier=Verifier())
+    assert cp.size == 13 and cp.origin == a.node.public_key
+    cps.verify_inclusion(ids[4], p["index"], p["size"], [bytes.fromhex(x) for x in p["path"]],
+                         cp.root)
+    c = await _get(b, f"/v1/proofs/consistency?origin={origin}&feed=air&old=10&new=13")
+    cps.verify_consistency(10, 13, cp10.root, cp13.root, [bytes.fromhex(x) for x in c["path"]])
+    assert record_id(recs[0].body) == ids[0]
+
+
+async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
+    a = await inproc("Surabaya")
+    b = await inproc("Singapore")
+    await a.node.add_partner(b.url, b.node.node_id)
+    await b.node.add_partner(a.url, a.node.node_id)
+    await a.node.publish("w", "org.example.Test", [{"n": i} for i in range(4)])
+    (honest,) = await a.node.checkpoint_now()
+
+    async def b_has() -> bool:
+        return len(b.node.storage.checkpoints(a.node.public_key, "w")) == 1
+
+    await eventually(b_has, timeout=20)
+    # The origin (its key) signs a different tree of the same size and shows it to B.
+    forged = cps.sign_checkpoint(a.node.key, "w", 4, b"\x07" * 32, a.node.now_ms())
+    client = PeerClient(a.node.key, b.url, fingerprint=b.node.identity.cert_fingerprint)
+    try:
+        out = await client.request("POST", "/v1/checkpoints", forged.envelope)
+    finally:
+        await client.close()
+    assert b'"split-view"' in out
+    (row,) = b.node.storage.fork_proofs()
+    assert row.kind == "split-view" and row.seq == 4
+    ca, cb = cps.verify_split_view(cps.SplitViewProof.decode(row.proof), Verifier())
+    assert {ca.root, cb.root} == {honest.root, b"\x07" * 32}
+    # ... and B forwards the proof to its partners (A here).
+
+    async def a_knows() -> bool:
+        await asyncio.sleep(0)
+        return any(r.kind == "split-view" for r in a.node.storage.fork_proofs())
+
+    await eventually(a_knows, timeout=20)
