@@ -86,9 +86,11 @@ _join = "".join
 
 
 def _walk(v: dict[str, Any] | list[Any], depth: int, limits: Limits) -> int:
-    """Check one decoded container against the canonical rules; return its item count.
+    """Check one decoded container against the canonical rules; return its item count
+    (this container and everything below it).
 
-    Hot path: set-of-types and ``"".join`` tricks keep per-item work in C.
+    Hot path (every record received): a plain loop with exact type tests measured
+    fastest; ``"".join`` checks all keys are str in C.
     """
     if type(v) is dict:
         keys = list(v)
@@ -103,26 +105,25 @@ def _walk(v: dict[str, Any] | list[Any], depth: int, limits: Limits) -> int:
     else:
         vals = v
     n = len(vals)
-    types = set(map(type, vals))
-    if types <= _LEAF:
-        return n
-    if float in types:
-        for x in vals:
-            if type(x) is float and (x != x or x == _INF or x == -_INF):
-                raise EncodingError("NaN or infinity in a float", "non_canonical")
-        if types <= _SCALAR:
-            return n
-    if depth + 1 >= limits.max_depth:
-        raise EncodingError(f"value nests deeper than {limits.max_depth} levels", "too_deep")
     for x in vals:
         tx = type(x)
+        if tx in _LEAF:
+            continue
+        if tx is float:
+            if x != x or x == _INF or x == -_INF:
+                raise EncodingError("NaN or infinity in a float", "non_canonical")
+            continue
         if tx is dict or tx is list:
+            if depth + 1 >= limits.max_depth:
+                raise EncodingError(
+                    f"value nests deeper than {limits.max_depth} levels", "too_deep"
+                )
             n += _walk(x, depth + 1, limits)
             if n > limits.max_items:
                 raise EncodingError(f"more than {limits.max_items} items", "too_many_items")
-        elif tx not in _SCALAR:
-            # ExtType, Timestamp, ...
-            raise EncodingError(f"msgpack {tx.__name__} values are not allowed", "non_canonical")
+            continue
+        # ExtType, Timestamp, ...
+        raise EncodingError(f"msgpack {tx.__name__} values are not allowed", "non_canonical")
     return n
 
 

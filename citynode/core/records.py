@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from citynode.core import encoding
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
@@ -78,9 +78,12 @@ class RecordPolicy:
 DEFAULT_POLICY = RecordPolicy()
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A verified record. Only :func:`open_record` and :func:`sign_record` make them."""
+class Record(NamedTuple):
+    """A verified record. Only :func:`open_record` and :func:`sign_record` make them.
+
+    A NamedTuple rather than a frozen dataclass: just as immutable, and several times
+    cheaper to build, which matters on the per-record verification path.
+    """
 
     id: bytes
     body: bytes
@@ -91,10 +94,10 @@ class Record:
     prev: bytes | None
     time: int
     type: str
-    data: Any = field(repr=False)
+    data: Any
     subject: str | None = None
     dataschema: str | None = None
-    sealed: dict[str, Any] | None = field(default=None, repr=False)
+    sealed: dict[str, Any] | None = None
 
     @property
     def envelope(self) -> bytes:
