@@ -69,6 +69,11 @@ T = TypeVar("T")
 FeedKey = tuple[bytes, str]
 
 DB_NAME = "citynode.db"
+# How long a lazily announced record may take to arrive by the eager path before we
+# fetch it from the announcer and graft it back: a few eager hops on a loaded machine.
+GRAFT_DELAY = 0.25
+# How long a pull waits for records already on their way by push before fetching.
+PULL_SETTLE = 0.5
 
 
 @dataclass
@@ -80,11 +85,17 @@ class IngestResult:
     pending: int = 0
     forks: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+    dup: list[int] = field(default_factory=list)  # indexes of copies already held
+
+    def duplicate(self, i: int) -> None:
+        self.duplicates += 1
+        self.dup.append(i)
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "accepted": self.accepted,
             "duplicates": self.duplicates,
+            "dup": self.dup,
             "pending": self.pending,
             "forks": self.forks,
             "rejected": [list(r) for r in self.rejected],
@@ -111,6 +122,18 @@ class PartnerLink:
         self.invalid: dict[str, int] = {}
         self.synced_once = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        # Plumtree-style lazy push: origins whose records this partner already gets
+        # through someone else. For those we only announce (origin, feed, seq, head).
+        self.lazy: set[bytes] = set()
+        self.announce: dict[tuple[bytes, str], tuple[int, bytes]] = {}
+        self.graft_pending: set[tuple[bytes, str]] = set()
+
+    def announce_later(self, rec: Record) -> None:
+        key = (rec.origin, rec.feed)
+        old = self.announce.get(key)
+        if old is None or old[0] < rec.seq:
+            self.announce[key] = (rec.seq, rec.id)
+        self.wake.set()
 
     def enqueue(self, rec: Record) -> None:
         if len(self.queue) >= self.queue_max:
@@ -384,7 +407,7 @@ class Node:
                 continue
             rid = record_id(body)
             if rid in seen or rid in self.inflight or rid in self.recent:
-                res.duplicates += 1
+                res.duplicate(i)
                 continue
             seen.add(rid)
             todo.append((i, rid, body, sig))
@@ -393,7 +416,7 @@ class Node:
             fresh = []
             for t in todo:
                 if t[1] in held:
-                    res.duplicates += 1
+                    res.duplicate(t[0])
                     self.recent.add(t[1])
                 else:
                     fresh.append(t)
@@ -415,7 +438,7 @@ class Node:
             if source is not None:
                 source.view.update(key, rec.seq)
             if rec.id in self.inflight or rec.id in self.recent:
-                res.duplicates += 1
+                res.duplicate(i)
                 continue
             if not self.accepts_origin(rec.origin):
                 self._reject(res, i, InvalidRecord(
@@ -506,7 +529,11 @@ class Node:
                 continue
             for r in recs:
                 key = (r.origin, r.feed)
-                if not link.view.knows(key, r.seq) and self._may_send(link, r):
+                if link.view.knows(key, r.seq) or not self._may_send(link, r):
+                    continue
+                if r.origin in link.lazy:
+                    link.announce_later(r)
+                else:
                     link.enqueue(r)
         self._tail_wake.set()
         for fn in list(self.listeners):
@@ -755,9 +782,15 @@ class Node:
     async def _push_loop(self, link: PartnerLink) -> None:
         batch_max = self.config.federation.push_batch
         while True:
-            if not link.queue:
+            if not link.queue and not link.announce:
                 link.wake.clear()
                 await link.wake.wait()
+            if link.announce:
+                ann, link.announce = link.announce, {}
+                with contextlib.suppress(PeerError):
+                    await link.client.request("POST", "/v1/announce", sync.encode_frontier(ann))
+                    for key, (seq, _h) in ann.items():
+                        link.view.update(key, seq)
             batch: list[Record] = []
             while link.queue and len(batch) < batch_max:
                 r = link.queue.popleft()
@@ -768,7 +801,7 @@ class Node:
                 continue
             t0 = time.perf_counter()
             try:
-                await link.client.push([r.envelope for r in batch])
+                out = await link.client.push([r.envelope for r in batch])
             except PeerError as exc:
                 self._mark(link, False, str(exc))
                 # Put the batch back in front (bounded: the queue may overflow, pull repairs).
@@ -783,6 +816,47 @@ class Node:
             self._mark(link, True)
             for r in batch:
                 link.view.update((r.origin, r.feed), r.seq)
+            self._prune(link, batch, out.get("dup"))
+
+    def _prune(self, link: PartnerLink, batch: list[Record], dup: Any) -> None:
+        """Origins all of whose records in this push the partner already had: it gets
+        them through someone else, so from now on we only announce them (Plumtree's
+        prune). The partner grafts us back if the other path fails."""
+        if not isinstance(dup, list) or not dup:
+            return
+        dups = {i for i in dup if isinstance(i, int)}
+        by_origin: dict[bytes, bool] = {}
+        for i, r in enumerate(batch):
+            if r.origin == self.public_key:
+                continue  # our own records always go to every partner directly
+            by_origin[r.origin] = by_origin.get(r.origin, True) and i in dups
+        link.lazy.update(o for o, all_dup in by_origin.items() if all_dup)
+
+    async def on_announce(self, link: PartnerLink, theirs: sync.Frontier) -> None:
+        """A partner holds these heads. Where we are behind, give the eager path a moment,
+        then fetch from this partner and graft it (make it push that origin to us again)."""
+        link.view.update_frontier(theirs)
+        for key, (seq, _head) in theirs.items():
+            mine = self.heads.get(key)
+            if (mine is not None and mine.seq >= seq) or key in link.graft_pending:
+                continue
+            if not self.accepts_origin(key[0]):
+                continue
+            link.graft_pending.add(key)
+            self.spawn(self._graft_later(link, key, seq), "graft")
+
+    async def _graft_later(self, link: PartnerLink, key: FeedKey, seq: int) -> None:
+        try:
+            await asyncio.sleep(GRAFT_DELAY)
+            mine = self.heads.get(key)
+            have = mine.seq if mine else 0
+            if have >= seq:
+                return
+            with contextlib.suppress(PeerError):
+                await self._fetch_want(link, sync.Want(key[0], key[1], have + 1, seq), None)
+                await link.client.request("POST", "/v1/graft", key[0])
+        finally:
+            link.graft_pending.discard(key)
 
     async def _sync_loop(self, link: PartnerLink) -> None:
         interval = self.config.federation.pull_interval_seconds
@@ -831,11 +905,20 @@ class Node:
             batch=self.config.limits.max_batch_records,
         )
         self._own_feed_safety(theirs, link)
+        if plan.wants and not self.own_blocked and progress is None:
+            # Records still travelling by push would be fetched twice: let them land,
+            # then fetch only what is still missing.
+            await asyncio.sleep(PULL_SETTLE)
+            plan = sync.plan_sync(
+                self.frontier(), theirs,
+                accept=lambda o: self.accepts_origin(o) and not self.quota.exhausted(o, now),
+                batch=self.config.limits.max_batch_records,
+            )
         fetched = 0
+        # What they lack, they fetch themselves in their own round (our sync request
+        # wakes it): pushing it here too would only send copies twice.
         for want in plan.wants:
             fetched += await self._fetch_want(link, want, progress)
-        for key, their_seq in plan.offers:
-            await self._offer(link, key, max(their_seq, link.view.known(key)) + 1)
         for key, seq in plan.forks:
             await self._fetch_want(link, sync.Want(key[0], key[1], seq, seq), None)
         for key, seq, their_id in plan.check:
@@ -867,22 +950,6 @@ class Node:
                 break
             start += len(envs)
         return got
-
-    async def _offer(self, link: PartnerLink, key: FeedKey, from_seq: int) -> None:
-        origin, feed = key
-        if not self._relayable(origin, feed, link):
-            return
-        batch = self.config.federation.push_batch
-        seq = from_seq
-        while True:
-            envs = await self._io(self.storage.range, origin, feed, seq, seq + batch - 1, batch)
-            if not envs:
-                return
-            await link.client.push(envs)
-            seq += len(envs)
-            link.view.update(key, seq - 1)
-            if len(envs) < batch:
-                return
 
     def _relayable(self, origin: bytes, feed: str, link: PartnerLink) -> bool:
         return access.may_relay(self.feed_policy(origin, feed), origin, link.key)

@@ -548,6 +548,28 @@ async def fetch(request: web.Request) -> web.Response:
     return _pack(envs)
 
 
+async def announce(request: web.Request) -> web.Response:
+    """A partner's lazy push: heads (a frontier) of records it holds, without them."""
+    node = request.app[NODE_KEY]
+    body = await _read_body(request)
+    key = await _require_partner(request, body)
+    link = node.link_for(key)
+    if link is not None:
+        await node.on_announce(link, sync.decode_frontier(body))
+    return web.json_response({"ok": True})
+
+
+async def graft(request: web.Request) -> web.Response:
+    """A partner wants an origin's records pushed eagerly again (body: the origin key)."""
+    node = request.app[NODE_KEY]
+    body = await _read_body(request)
+    key = await _require_partner(request, body)
+    link = node.link_for(key)
+    if link is not None and len(body) == 32:
+        link.lazy.discard(body)
+    return web.json_response({"ok": True})
+
+
 async def cards_handler(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     await _require_partner(request, b"")
@@ -673,6 +695,8 @@ def build_app(node: Node) -> web.Application:
     r.add_post("/v1/sync", sync_handler)
     r.add_post("/v1/fetch", fetch)
     r.add_get("/v1/cards", cards_handler)
+    r.add_post("/v1/announce", announce)
+    r.add_post("/v1/graft", graft)
     r.add_post("/v1/proofs", proofs)
     r.add_post("/v1/checkpoints", post_checkpoint)
     r.add_get("/v1/checkpoints", get_checkpoints)

@@ -1,0 +1,192 @@
+"""Mesh benchmark: 10 ``citynode run`` processes in a degree-3 partial mesh over HTTPS.
+
+Prints publish-to-all latency (p50, p99) of single records on an idle mesh, sustained
+fully-replicated records per second, and copies received per record needed. Every node
+verifies every record it stores, so the mesh's throughput is bounded by the machine:
+the ceiling printed alongside is cores x raw verify rate / (nodes - 1). Last line: one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import nacl.bindings
+
+from citynode.cluster import Cluster, LocalNode
+from citynode.core.keys import DOMAIN_RECORD, SigningKey
+from citynode.core.records import sign_record
+
+
+def mesh_edges(n: int) -> list[tuple[int, int]]:
+    """A ring plus the diameters: every node has exactly 3 partners (n even)."""
+    edges = {(i, (i + 1) % n) for i in range(n)} | {(i, i + n // 2) for i in range(n // 2)}
+    return sorted((min(a, b), max(a, b)) for a, b in edges)
+
+
+class Watcher:
+    """One SSE stream per node (operator view): when did each record id arrive where."""
+
+    def __init__(self, nodes: list[LocalNode]) -> None:
+        self.nodes = nodes
+        self.seen: dict[str, dict[str, float]] = {}  # record id -> node name -> time
+        self.events: dict[str, asyncio.Event] = {}
+        self.want = len(nodes)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def expect(self, rid: str) -> asyncio.Event:
+        return self.events.setdefault(rid, asyncio.Event())
+
+    async def _follow(self, n: LocalNode) -> None:
+        s = await n.session()
+        headers = {"Authorization": f"Bearer {n.token}", "Accept": "text/event-stream"}
+        async with s.get(n.url + "/v1/stream", headers=headers,
+                         timeout=aiohttp.ClientTimeout(total=None)) as r:
+            data = None
+            async for raw in r.content:
+                line = raw.decode()
+                if line.startswith("data:"):
+                    data = line[5:].strip()
+                elif line.strip() == "" and data:
+                    rid = json.loads(data)["id"]
+                    t = time.perf_counter()
+                    where = self.seen.setdefault(rid, {})
+                    where.setdefault(n.name, t)
+                    if len(where) == self.want:
+                        self.expect(rid).set()
+                    data = None
+
+    async def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._follow(n)) for n in self.nodes]
+        await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def metric_sum(nodes: list[LocalNode], name: str) -> float:
+    total = 0.0
+    for n in nodes:
+        text = (await n.api("GET", "/metrics", raw=True)).decode()
+        for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M):
+            total += float(m.group(1))
+    return total
+
+
+def raw_verify_rate() -> float:
+    k = SigningKey(b"\x05" * 32)
+    r = sign_record(k, feed="x", seq=1, prev=None, time_ms=0, type="org.example.T", data={"n": 1})
+    sm = r.sig + DOMAIN_RECORD + r.body
+    t = time.perf_counter()
+    for _ in range(3000):
+        nacl.bindings.crypto_sign_open(sm, k.public_key)
+    return 3000 / (time.perf_counter() - t)
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    base = Path(tempfile.mkdtemp(prefix="citynode-bench-mesh-"))
+    cluster = Cluster(base)
+    names = [f"city{i}" for i in range(args.nodes)]
+    nodes = cluster.create(names, settings={
+        ("federation", "pull_interval_seconds"): 2.0,
+        ("federation", "push_batch"): 500,
+        ("checkpoints", "interval_seconds"): 3600.0,
+    })
+    try:
+        await cluster.start()
+        for a, b in mesh_edges(args.nodes):
+            await cluster.link(nodes[a], nodes[b])
+        watcher = Watcher(nodes)
+        await watcher.start()
+        # Warm up: every node publishes once, so every card and vouch has spread.
+        for n in nodes:
+            out = await n.publish("warmup", "org.example.Bench", [{"n": 0}])
+            await asyncio.wait_for(watcher.expect(out["ids"][0]).wait(), 60)
+        # 1. Latency of single records on an idle mesh.
+        lat = []
+        for i in range(args.latency_samples):
+            n = nodes[i % len(nodes)]
+            t0 = time.perf_counter()
+            out = await n.publish("latency", "org.example.Bench", [{"n": i}])
+            rid = out["ids"][0]
+            await asyncio.wait_for(watcher.expect(rid).wait(), 30)
+            lat.append(max(watcher.seen[rid].values()) - t0)
+            await asyncio.sleep(0.02)
+        lat.sort()
+        p50 = statistics.median(lat) * 1000
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+        # 2. Sustained throughput: publish many records on all nodes at once.
+        recv0 = await metric_sum(nodes, "citynode_records_received_total")
+        stored0 = await metric_sum(nodes, 'citynode_records_stored_total{kind="replica"}')
+        per_node = args.records // len(nodes)
+        batch = args.batch
+        last_ids: list[str] = []
+
+        async def publisher(n: LocalNode) -> None:
+            for j in range(0, per_node, batch):
+                out = await n.publish("load", "org.example.Bench",
+                                      [{"n": j + k} for k in range(min(batch, per_node - j))])
+                if j + batch >= per_node:
+                    last_ids.append(out["ids"][-1])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(publisher(n) for n in nodes))
+        for rid in last_ids:  # each node's last record everywhere => all of it (seq order)
+            await asyncio.wait_for(watcher.expect(rid).wait(), 600)
+        elapsed = time.perf_counter() - t0
+        total = per_node * len(nodes)
+        rate = total / elapsed
+        recv = await metric_sum(nodes, "citynode_records_received_total") - recv0
+        needed = total * (len(nodes) - 1)
+        stored = await metric_sum(
+            nodes, 'citynode_records_stored_total{kind="replica"}') - stored0
+        await watcher.stop()
+    finally:
+        await cluster.close()
+        cluster.stop()
+    return {"p50_ms": p50, "p99_ms": p99, "rate": rate, "records": total,
+            "copies": recv / needed, "stored_ok": stored == needed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument("--records", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--latency-samples", type=int, default=100)
+    args = ap.parse_args()
+    raw = raw_verify_rate()
+    r = asyncio.run(run(args))
+    cores = os.cpu_count() or 1
+    ceiling = cores * raw / (args.nodes - 1)
+    print(f"{args.nodes} nodes, degree-3 mesh ({len(mesh_edges(args.nodes))} links), HTTPS")
+    print(f"publish-to-all latency, idle: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms "
+          "(targets 10 / 50 ms)")
+    print(f"sustained, fully replicated:  {r['rate']:.0f} records/s over {r['records']:.0f} "
+          "records (target 2500)")
+    print(f"  machine ceiling (every node verifies every record): {cores} cores x "
+          f"{raw:.0f} verify/s / {args.nodes - 1} = {ceiling:.0f} records/s")
+    print(f"copies received per record needed: {r['copies']:.2f} (target <= 1.2)")
+    print(json.dumps({
+        "bench": "mesh", "nodes": args.nodes, "p50_ms": round(r["p50_ms"], 2),
+        "p99_ms": round(r["p99_ms"], 2), "records_per_s": round(r["rate"]),
+        "ceiling_records_per_s": round(ceiling), "copies_per_record": round(r["copies"], 3),
+        "raw_verify_per_s": round(raw), "all_stored": r["stored_ok"],
+        "python": sys.version.split()[0],
+    }))
+
+
+if __name__ == "__main__":
+    main()
