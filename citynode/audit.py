@@ -147,7 +147,10 @@ MAX_FINDINGS_PER_KIND = 100
 @dataclass(frozen=True, slots=True)
 class Finding:
     """One thing the audit found. ``severity`` is ``error`` (the bundle or the origin's
-    history fails), ``warning`` (could not be checked, or harmless oddity) or ``info``."""
+    history fails), ``warning`` (could not be checked, or harmless oddity) or ``info``.
+    ``kind`` is a stable code (docs/PROTOCOL.md, "Export bundles"); ``seq`` is the record
+    seq, or the checkpoint size for checkpoint findings; ``feed``/``seq`` are None when
+    the finding is about the whole bundle."""
 
     severity: str
     kind: str
@@ -290,12 +293,17 @@ class AuditReport:
 class _Feed:
     """Working state of one feed of the audited origin during an audit."""
 
-    __slots__ = ("audit", "bad_seqs", "checkpoints", "held", "last_seq", "late")
+    __slots__ = ("audit", "bad_seqs", "broken", "checkpoints", "held", "last_seq", "late",
+                 "unlinked")
 
     def __init__(self, audit: FeedAudit) -> None:
         self.audit = audit
-        # seq -> (id, prev, item offset) of the first valid record seen at that seq
-        self.held: dict[int, tuple[bytes, bytes | None, int]] = {}
+        # seq -> (id, item offset) of the first valid record seen at that seq
+        self.held: dict[int, tuple[bytes, int]] = {}
+        # Links are checked as records arrive, so a record's prev is kept only while the
+        # record below it has not been seen (about 250 bytes a record in all).
+        self.unlinked: dict[int, bytes] = {}  # seq -> prev, waiting for seq - 1
+        self.broken: list[int] = []  # seqs whose prev is not the id held at seq - 1
         self.last_seq = 0  # highest new seq seen so far, in bundle order
         self.late = 0  # records that came after a higher seq (out of order)
         self.bad_seqs: set[int] = set()  # seqs where an invalid record of ours was seen
@@ -392,7 +400,10 @@ class _Audit:
             if origin != self.expected:
                 self.foreign[origin] = self.foreign.get(origin, 0) + 1
                 return None
-            validate_payload(f["type"], f["data"])
+            # A sealed record's payload is encrypted to its readers: its shape was checked
+            # by parse_body; the payload itself only a reader can see (as open_record).
+            if "sealed" not in f:
+                validate_payload(f["type"], f["data"])
         except InvalidRecord as exc:
             self._invalid(exc, f if f is not None and f["origin"] == self.expected else None,
                           item.offset)
@@ -429,9 +440,18 @@ class _Audit:
         held = st.held
         if seq in held:
             # Same seq, different id (the same id was caught as a duplicate).
-            self.conflicts.append((name, seq, held[seq][2], env))
+            self.conflicts.append((name, seq, held[seq][1], env))
             return
-        held[seq] = (rid, f.get("prev"), offset)
+        held[seq] = (rid, offset)
+        if seq > 1:
+            below = held.get(seq - 1)
+            if below is None:
+                st.unlinked[seq] = f["prev"]
+            elif f["prev"] != below[0]:
+                st.broken.append(seq)
+        above = st.unlinked.pop(seq + 1, None)
+        if above is not None and above != rid:
+            st.broken.append(seq + 1)
         if seq < st.last_seq:
             st.late += 1
         else:
@@ -677,31 +697,26 @@ def _finish_feed(
                 lo = hi + 2  # past the bad seq (or past s - 1: the loop ends)
                 i += 1
         expect = s + 1
-    # Chain links.
     contiguous = 0
     for s in seqs:
-        if s == contiguous + 1:
-            contiguous = s
-        if s == 1:
-            continue
-        below = held.get(s - 1)
-        if below is None:
-            continue
-        _rid, prev, off = held[s]
-        if prev != below[0]:
-            how = "both are signed by the origin: it signed two histories"
-            # Only listed findings get the proof re-checked (bounded extra work).
-            if rep.kind_counts.get("broken_link", 0) < MAX_FINDINGS_PER_KIND:
-                env_lo = read_item_at(path, below[2], limits=limits).data
-                env_hi = read_item_at(path, off, limits=limits).data
-                try:
-                    verify_fork_proof(ForkProof(env_lo, env_hi), verifier)
-                    how += " (fork proof verified)"
-                except InvalidProof as exc:
-                    how = str(exc)
-            rep.add(ERROR, "broken_link", name, s,
-                    f"prev is not the id of the record at seq {s - 1}: {how}")
+        if s != contiguous + 1:
+            break
+        contiguous = s
     fa.contiguous = contiguous
+    # Chain links (found as records arrived).
+    for s in sorted(st.broken):
+        how = "both are signed by the origin: it signed two histories"
+        # Only listed findings get the proof re-checked (bounded extra work).
+        if rep.kind_counts.get("broken_link", 0) < MAX_FINDINGS_PER_KIND:
+            env_lo = read_item_at(path, held[s - 1][1], limits=limits).data
+            env_hi = read_item_at(path, held[s][1], limits=limits).data
+            try:
+                verify_fork_proof(ForkProof(env_lo, env_hi), verifier)
+                how += " (fork proof verified)"
+            except InvalidProof as exc:
+                how = str(exc)
+        rep.add(ERROR, "broken_link", name, s,
+                f"prev is not the id of the record at seq {s - 1}: {how}")
     if not st.checkpoints:
         return
     # Checkpoints: roots against the bundle's own record ids, then against each other.

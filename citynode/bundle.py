@@ -88,7 +88,7 @@ class BundleLimits:
     """Bounds the reader applies before doing work proportional to them."""
 
     max_item_bytes: int = 1024 * 1024  # a card at its maximum is about 431 KB
-    max_records: int = 50_000_000
+    max_records: int = 50_000_000  # the audit keeps about 250 bytes per record
     max_checkpoints: int = 10_000_000
     max_proofs: int = 100_000  # fork and split-view items together
 

@@ -157,28 +157,12 @@ def show_id(data_dir: Path) -> None:
 
 
 def _read_items(source: Any) -> list[dict[str, Any]]:
-    text = source.read()
-    text = text.strip()
-    if not text:
-        raise click.ClickException("no input: give a JSON object, a JSON array or JSON Lines")
+    from citynode.render import parse_json_items
+
     try:
-        if text.startswith("["):
-            items = json.loads(text)
-        elif "\n" in text:
-            items = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        items.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise click.ClickException(f"line {n}: invalid JSON: {exc}") from None
-        else:
-            items = [json.loads(text)]
-    except json.JSONDecodeError as exc:
-        raise click.ClickException(f"invalid JSON: {exc}") from None
-    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise click.ClickException("each item must be a JSON object")
-    return items
+        return parse_json_items(source.read())
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -230,7 +214,8 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
 @click.option("--origin", default=None, help="Only records of this node id.")
 @click.option("--feed", default=None, help="Only this feed.")
 @click.option("--type", "type_name", default=None, help="Only this payload type.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000),
+              help="At most this many records.")
 @click.option("--after", default=0, type=click.IntRange(0), help="Cursor: show records after it.")
 @JSON_OPTION
 def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str | None,

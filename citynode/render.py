@@ -16,7 +16,14 @@ from citynode.core.records import SEALED_TYPE, Record, decode_envelope, parse_bo
 from citynode.core.sealed import is_recipient, open_payload
 from citynode.errors import CitynodeError
 
-__all__ = ["b64", "iso_time", "jsonable", "record_json", "stored_record_json"]
+__all__ = [
+    "b64",
+    "iso_time",
+    "jsonable",
+    "parse_json_items",
+    "record_json",
+    "stored_record_json",
+]
 
 
 def b64(data: bytes) -> str:
@@ -99,3 +106,29 @@ def record_from_stored(body: bytes, sig: bytes) -> Record:
         record_id(body), body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
         f["time"], f["type"], f["data"], f.get("subject"), f.get("dataschema"),
     )
+
+
+def parse_json_items(text: str) -> list[dict[str, Any]]:
+    """Payloads to publish: one JSON object (pretty-printed or not), a JSON array of
+    objects, or JSON Lines. Raises ValueError saying what is wrong (and on which line)."""
+    import json
+
+    text = text.strip()
+    if not text:
+        raise ValueError("no input: give a JSON object, a JSON array or JSON Lines")
+    try:
+        whole = json.loads(text)
+        items = whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError as exc:
+        if "\n" not in text:
+            raise ValueError(f"invalid JSON: {exc}") from None
+        items = []  # JSON Lines
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as exc2:
+                    raise ValueError(f"line {n}: invalid JSON: {exc2}") from None
+    if not all(isinstance(i, dict) for i in items):
+        raise ValueError("each item must be a JSON object")
+    return items

@@ -44,7 +44,7 @@ from citynode.errors import (
 from citynode.identity import check_token
 from citynode.logs import fields
 from citynode.node import Node
-from citynode.render import b64, stored_record_json
+from citynode.render import b64, parse_json_items, stored_record_json
 
 __all__ = ["build_app", "serve", "ssl_context"]
 
@@ -420,25 +420,6 @@ async def stream(request: web.Request) -> web.StreamResponse:
 # ------------------------------------------------------------------ operator
 
 
-def _parse_items(raw: bytes) -> list[dict[str, Any]]:
-    """One JSON object, a JSON array of objects, or JSON Lines."""
-    text = raw.decode("utf-8").strip()
-    if not text:
-        raise web.HTTPBadRequest(text="empty body: send a JSON object or JSON Lines")
-    try:
-        if text.startswith("["):
-            items = json.loads(text)
-        elif "\n" in text:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            items = [json.loads(text)]
-    except json.JSONDecodeError as exc:
-        raise web.HTTPBadRequest(text=f"invalid JSON: {exc}") from None
-    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise web.HTTPBadRequest(text="each item must be a JSON object")
-    return items
-
-
 async def publish(request: web.Request) -> web.Response:
     _require_operator(request)
     node = request.app[NODE_KEY]
@@ -448,9 +429,11 @@ async def publish(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="publish needs ?feed=...&type=...")
     body = await _read_body(request)
     try:
-        items = _parse_items(body)
+        items = parse_json_items(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise web.HTTPBadRequest(text="body is not UTF-8 JSON") from None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
     if len(items) > 100_000:
         raise web.HTTPRequestEntityTooLarge(
             max_size=100_000, actual_size=len(items), text="at most 100000 items per call"

@@ -1,0 +1,577 @@
+"""The ``citynode`` command line, in process (click's CliRunner) on real data dirs.
+
+Real subprocess runs of init/run/publish are in tests/integration/test_process.py; this
+file covers every command's help and its behaviour with real files, real SQLite and,
+where a running peer is needed, a node serving HTTPS in the test's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from citynode.cli import main
+from citynode.core import checkpoints as cps
+from citynode.core.keys import Verifier
+from citynode.core.records import decode_envelope, open_record
+from citynode.node import Node
+from citynode.transport.server import serve
+from tests.conftest import InProc, eventually, make_node_dir
+
+Make = Callable[..., Awaitable[InProc]]
+
+ROOT = Path(__file__).resolve().parent.parent
+AIR_TYPE = "AirQualityObserved"
+NOISE_TYPE = "org.example.Noise"
+FAST = {("federation", "pull_interval_seconds"): 1.0, ("federation", "backoff_max_seconds"): 2.0}
+
+
+def air(pm25: float) -> dict[str, Any]:
+    return {
+        "dateObserved": "2026-11-28T07:00:00+07:00",
+        "location": {"type": "Point", "coordinates": [106.8230, -6.1950]},
+        "name": "DKI1 Bundaran HI",
+        "pm25": pm25,
+    }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    """Run ``citynode ARGS`` in process; fail the test on any uncaught exception."""
+    r = CliRunner().invoke(main, list(args), input=input, env=env)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        import traceback
+
+        tb = "".join(traceback.format_exception(*r.exc_info)) if r.exc_info else ""
+        pytest.fail(f"citynode {' '.join(args)} raised instead of a one-line error:\n{tb}")
+    return r
+
+
+def ok(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    r = cli(*args, input=input, env=env)
+    assert r.exit_code == 0, f"citynode {' '.join(args)} exited {r.exit_code}: {r.output}"
+    return r
+
+
+def ok_json(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Any:
+    return json.loads(ok(*args, input=input, env=env).stdout)
+
+
+def one_line_error(r: Result, *, codes: tuple[int, ...] = (1,)) -> str:
+    """Assert ``r`` failed with exactly one ``Error: ...`` line on stderr; return it."""
+    assert r.exit_code in codes, f"exit {r.exit_code}, expected {codes}: {r.output}"
+    assert "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    return lines[0]
+
+
+def walk(cmd: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
+                                                                           click.Command]]:
+    """Every command under ``cmd`` (groups included), with its name path."""
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in sorted(cmd.commands.items()):
+            yield from walk(sub, (*path, name))
+
+
+def docs_text() -> str:
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+    return "\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path) -> Path:
+    """A fresh, not running node (fast KDF) in a real temporary data dir."""
+    return make_node_dir(tmp_path, "Jakarta")
+
+
+def publish(d: Path, feed: str, type_name: str, items: list[dict[str, Any]]) -> list[str]:
+    body = "\n".join(json.dumps(i) for i in items) + "\n"
+    out = ok_json("publish", "-d", str(d), "--feed", feed, "--type", type_name, "--json", "-",
+                  input=body)
+    return list(out["ids"])
+
+
+def record_ids(d: Path, *extra: str) -> list[str]:
+    return [r["id"] for r in ok_json("records", "-d", str(d), "--json", "--limit", "1000",
+                                     *extra)["records"]]
+
+
+# ------------------------------------------------------------------- help and docs
+
+
+def test_every_command_has_help_and_help_exits_0() -> None:
+    cmds = list(walk(main))
+    names = {p for p, _ in cmds}
+    # The walk really covers the tree (a broken walk must not pass vacuously).
+    assert {("init",), ("publish",), ("partner",), ("partner", "add"), ("subscribe",)} <= names
+    problems = []
+    for path, cmd in cmds:
+        if not (cmd.help or "").strip():
+            problems.append(f"`citynode {' '.join(path)}` has no help text (docstring)")
+        r = CliRunner().invoke(main, [*path, "--help"])
+        if r.exit_code != 0 or "Usage:" not in r.stdout:
+            problems.append(f"`citynode {' '.join(path)} --help` exited {r.exit_code}: "
+                            f"{r.output[-300:]}")
+        elif (cmd.help or "").strip().split("\n")[0][:30] not in r.stdout:
+            problems.append(f"`citynode {' '.join(path)} --help` does not show its help text")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_command_is_documented() -> None:
+    text = docs_text()
+    missing = [" ".join(p) for p, _ in walk(main) if p and f"citynode {' '.join(p)}" not in text]
+    assert not missing, (
+        "commands never mentioned as `citynode CMD` in README.md or docs/: "
+        + ", ".join(missing)
+    )
+
+
+# ---------------------------------------------------------------------------- init
+
+
+def test_init_creates_files_with_private_modes(tmp_path: Path) -> None:
+    d = tmp_path / "sby"
+    r = ok("init", "-d", str(d), "--name", "Surabaya", "--listen", "127.0.0.1:18601",
+           "--host", "citynode.surabaya.example")
+    node_id = ok("id", "-d", str(d)).stdout.strip()
+    assert node_id.startswith("cn1") and f"node id: {node_id}" in r.stdout
+    assert f"citynode partner add https://127.0.0.1:18601 --id {node_id}" in r.stdout
+    modes = {"node.key": 0o600, "operator.token": 0o600, "tls/key.pem": 0o600,
+             "node.toml": 0o640}
+    for name, mode in modes.items():
+        assert (d / name).stat().st_mode & 0o777 == mode, name
+    assert d.stat().st_mode & 0o077 == 0  # the data dir itself is private
+    assert (d / "tls/cert.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+    toml = (d / "node.toml").read_text()
+    assert "Surabaya" in toml and "127.0.0.1:18601" in toml
+
+
+def test_init_refuses_an_existing_node_and_changes_nothing(node_dir: Path) -> None:
+    key = (node_dir / "node.key").read_bytes()
+    toml = (node_dir / "node.toml").read_bytes()
+    line = one_line_error(cli("init", "-d", str(node_dir), "--name", "Other"))
+    assert "already holds a node" in line and str(node_dir) in line
+    assert (node_dir / "node.key").read_bytes() == key
+    assert (node_dir / "node.toml").read_bytes() == toml
+
+
+@pytest.mark.parametrize(("listen", "says"), [
+    ("bogus", "HOST:PORT"),
+    ("127.0.0.1:99999", "99999"),
+    ("0.0.0.0:8443", "--public-url"),  # a wildcard address has no URL partners can use
+])
+def test_init_bad_listen_is_one_line_and_leaves_nothing(
+    tmp_path: Path, listen: str, says: str
+) -> None:
+    d = tmp_path / "bad"
+    line = one_line_error(cli("init", "-d", str(d), "--name", "X", "--listen", listen),
+                          codes=(1, 2))
+    assert says in line
+    assert not (d / "node.key").exists() and not (d / "node.toml").exists()
+
+
+# ---------------------------------------------------------------------- id, dirs, keys
+
+
+def test_id_and_citynode_dir_env(node_dir: Path) -> None:
+    nid = ok("id", "-d", str(node_dir)).stdout.strip()
+    assert nid == Node.load(node_dir).node_id
+    env = {"CITYNODE_DIR": str(node_dir)}
+    assert ok("id", env=env).stdout.strip() == nid
+    # Works for writes and reads alike.
+    ok("publish", "--feed", "air", "--type", AIR_TYPE, "-", input=json.dumps(air(1.0)), env=env)
+    assert [r["origin"] for r in ok_json("records", "--json", env=env)["records"]] == [nid]
+    # No -d and no CITYNODE_DIR: a usage error naming the option.
+    r = cli("id", env={"CITYNODE_DIR": ""})
+    assert r.exit_code == 2 and "--dir" in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args", [
+    ("id",), ("records",), ("feeds",), ("check",), ("forks",), ("partner", "list"),
+    ("publish", "--feed", "air", "--type", AIR_TYPE, "-"),
+])
+def test_missing_data_dir_is_one_clear_line(tmp_path: Path, args: tuple[str, ...]) -> None:
+    missing = tmp_path / "nowhere"
+    line = one_line_error(cli(*args, "-d", str(missing), input=json.dumps(air(1.0))))
+    assert str(missing) in line and "citynode init" in line
+    assert not missing.exists()  # a read or a failed write must not create the dir
+
+
+@pytest.mark.parametrize(("spoil", "args", "says"), [
+    ("toml", ("publish", "--feed", "air", "--type", AIR_TYPE, "-"), "not valid TOML"),
+    ("db", ("records",), "corrupt or not a SQLite database"),
+    ("db", ("check",), "corrupt or not a SQLite database"),
+    ("db", ("publish", "--feed", "air", "--type", AIR_TYPE, "-"),
+     "corrupt or not a SQLite database"),
+    ("key", ("id",), "not a citynode secret key"),
+])
+def test_garbage_in_data_dir_is_one_clear_line(
+    node_dir: Path, spoil: str, args: tuple[str, ...], says: str
+) -> None:
+    ok("records", "-d", str(node_dir))  # creates citynode.db
+    target = {"toml": "node.toml", "db": "citynode.db", "key": "node.key"}[spoil]
+    for stale in ("citynode.db-wal", "citynode.db-shm"):
+        (node_dir / stale).unlink(missing_ok=True)
+    (node_dir / target).write_bytes(b"this is not what you think it is [[\n" * 50)
+    line = one_line_error(cli(*args, "-d", str(node_dir), input=json.dumps(air(1.0))))
+    assert says in line and target in line
+
+
+@pytest.mark.parametrize("args", [
+    ("id",), ("records",),
+    ("publish", "--feed", "air", "--type", AIR_TYPE, "-"),
+])
+def test_key_file_readable_by_others_is_refused(node_dir: Path, args: tuple[str, ...]) -> None:
+    os.chmod(node_dir / "node.key", 0o644)
+    line = one_line_error(cli(*args, "-d", str(node_dir), input=json.dumps(air(1.0))))
+    assert "chmod 600" in line and "node.key" in line
+    os.chmod(node_dir / "node.key", 0o600)
+    assert record_ids(node_dir) == []  # the refused publish signed nothing
+
+
+# ---------------------------------------------------------------------------- publish
+
+
+def test_publish_object_array_and_json_lines(node_dir: Path, tmp_path: Path) -> None:
+    d = str(node_dir)
+    obj = tmp_path / "one.json"
+    obj.write_text(json.dumps(air(1.0)))
+    arr = tmp_path / "arr.json"
+    arr.write_text(json.dumps([air(2.0), air(3.0)]))
+    jl = tmp_path / "more.jsonl"
+    jl.write_text("".join(json.dumps(air(p)) + "\n\n" for p in (4.0, 5.0)))
+
+    base = ("publish", "-d", d, "--feed", "air", "--type", AIR_TYPE, "--json")
+    r1 = ok_json(*base, str(obj))
+    r2 = ok_json(*base, str(arr))
+    r3 = ok_json(*base, str(jl))
+    r4 = ok_json(*base, "-", input=json.dumps(air(6.0)) + "\n" + json.dumps(air(7.0)) + "\n")
+    r5 = ok_json(*base, input=json.dumps(air(8.0)))  # SOURCE defaults to stdin
+    assert [(r["feed"], r["first_seq"], len(r["ids"])) for r in (r1, r2, r3, r4, r5)] == [
+        ("air", 1, 1), ("air", 2, 2), ("air", 4, 2), ("air", 6, 2), ("air", 8, 1)]
+    ids = [i for r in (r1, r2, r3, r4, r5) for i in r["ids"]]
+    recs = ok_json("records", "-d", d, "--json")["records"]
+    assert [r["id"] for r in recs] == ids
+    assert [r["data"]["pm25"] for r in recs] == [float(i) for i in range(1, 9)]
+
+    # Without --json: a summary line and the ids.
+    out = ok("publish", "-d", d, "--feed", "air", "--type", AIR_TYPE, "--subject", "DKI1",
+             "-", input=json.dumps(air(9.0))).stdout
+    assert out.startswith("published 1 record(s) on air, seq 9..9\n")
+    (last,) = ok_json("records", "-d", d, "--json", "--after", str(recs[-1]["cursor"]))["records"]
+    assert last["id"] in out and last["subject"] == "DKI1"
+
+
+def test_publish_pretty_printed_json_object(node_dir: Path, tmp_path: Path) -> None:
+    # "one JSON object" includes the multi-line form `jq .` and most editors write.
+    obj = tmp_path / "one.json"
+    obj.write_text(json.dumps(air(1.0), indent=2) + "\n")
+    arr = tmp_path / "arr.json"
+    arr.write_text(json.dumps([air(2.0), air(3.0)], indent=2) + "\n")
+    base = ("publish", "-d", str(node_dir), "--feed", "air", "--type", AIR_TYPE, "--json")
+    r = cli(*base, str(obj))
+    assert r.exit_code == 0, (
+        "a pretty-printed JSON object is read as JSON Lines and refused (citynode/cli.py "
+        f"_read_items: parse the whole text as JSON first): {r.output}")
+    assert json.loads(r.stdout)["first_seq"] == 1
+    assert ok_json(*base, str(arr))["first_seq"] == 2
+    assert [x["data"]["pm25"] for x in ok_json("records", "-d", str(node_dir), "--json")
+            ["records"]] == [1.0, 2.0, 3.0]
+
+
+def test_publish_invalid_item_publishes_nothing_and_names_the_field(node_dir: Path) -> None:
+    d = str(node_dir)
+    publish(node_dir, "air", AIR_TYPE, [air(1.0)])
+    no_location = {k: v for k, v in air(2.0).items() if k != "location"}
+    bad_pm = dict(air(3.0), pm25="high")
+    for bad, field in [(no_location, "location"), (bad_pm, "pm25")]:
+        body = "\n".join(json.dumps(x) for x in (air(4.0), bad, air(5.0))) + "\n"
+        line = one_line_error(cli("publish", "-d", d, "--feed", "air", "--type", AIR_TYPE,
+                                  "-", input=body))
+        assert field in line, line
+    for body, says in [("", "no input"), ("{not json", "invalid JSON"),
+                       ('{"a": 1}\n{oops\n', "line 2"), ("[1, 2]", "JSON object")]:
+        line = one_line_error(cli("publish", "-d", d, "--feed", "n", "--type", NOISE_TYPE,
+                                  "-", input=body))
+        assert says in line, line
+    line = one_line_error(cli("publish", "-d", d, "--feed", "air", "--type", "NoSuchType",
+                              "-", input=json.dumps(air(6.0))))
+    assert "NoSuchType" in line
+    recs = ok_json("records", "-d", d, "--json")["records"]
+    assert [(r["feed"], r["seq"]) for r in recs] == [("air", 1)]
+    # The chain continues at seq 2: the refused batches took no seq numbers.
+    assert ok_json("publish", "-d", d, "--feed", "air", "--type", AIR_TYPE, "--json",
+                   input=json.dumps(air(7.0)))["first_seq"] == 2
+
+
+# ------------------------------------------------------------ records, feeds, forks
+
+
+def test_records_filters_and_cursor_paging(node_dir: Path, tmp_path: Path) -> None:
+    d = str(node_dir)
+    air_ids = publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(5)])
+    noise_ids = publish(node_dir, "noise", NOISE_TYPE, [{"db": 60 + i} for i in range(2)])
+    nid = ok("id", "-d", d).stdout.strip()
+    other = ok("id", "-d", str(make_node_dir(tmp_path, "Seoul"))).stdout.strip()
+
+    assert record_ids(node_dir) == air_ids + noise_ids
+    assert record_ids(node_dir, "--feed", "air") == air_ids
+    assert record_ids(node_dir, "--type", NOISE_TYPE) == noise_ids
+    assert record_ids(node_dir, "--feed", "air", "--type", NOISE_TYPE) == []
+    assert record_ids(node_dir, "--origin", nid) == air_ids + noise_ids
+    assert record_ids(node_dir, "--origin", other) == []
+    line = one_line_error(cli("records", "-d", d, "--origin", "cn1nonsense"))
+    assert "cn1nonsense" in line or "node id" in line
+
+    # Paging with the cursor: every record once, in order; "next" null at the end.
+    seen, after, pages = [], 0, 0
+    while True:
+        page = ok_json("records", "-d", d, "--feed", "air", "--limit", "2",
+                       "--after", str(after), "--json")
+        pages += 1
+        assert len(page["records"]) <= 2
+        seen += [r["id"] for r in page["records"]]
+        if page["next"] is None:
+            break
+        assert page["next"] == page["records"][-1]["cursor"]
+        after = page["next"]
+        assert pages < 10, "paging does not end"
+    assert seen == air_ids and pages == 3
+
+    # Each record carries its signed envelope: verify it independently of the node.
+    for r in ok_json("records", "-d", d, "--json")["records"]:
+        rec = open_record(*decode_envelope(base64.b64decode(r["envelope"])),
+                          now_ms=2**60, verifier=Verifier())
+        assert rec.id.hex() == r["id"] and rec.seq == r["seq"]
+
+    assert "7 record(s)" in ok("records", "-d", d).stdout  # the table
+    assert cli("records", "-d", d, "--limit", "0").exit_code == 2
+
+
+def test_feeds_and_forks_json(node_dir: Path) -> None:
+    d = str(node_dir)
+    assert ok_json("feeds", "-d", d, "--json") == {"feeds": []}
+    air_ids = publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(3)])
+    noise_ids = publish(node_dir, "noise", NOISE_TYPE, [{"db": 60}])
+    nid = ok("id", "-d", d).stdout.strip()
+    feeds = {f["feed"]: f for f in ok_json("feeds", "-d", d, "--json")["feeds"]}
+    assert set(feeds) == {"air", "noise"}
+    assert (feeds["air"]["origin"], feeds["air"]["seq"], feeds["air"]["count"],
+            feeds["air"]["head"]) == (nid, 3, 3, air_ids[-1])
+    assert (feeds["noise"]["seq"], feeds["noise"]["head"]) == (1, noise_ids[0])
+    assert "noise" in ok("feeds", "-d", d).stdout
+
+    assert ok_json("forks", "-d", d, "--json") == {"forks": []}
+    assert ok("forks", "-d", d).stdout.strip() == "no forks known"
+
+
+# ---------------------------------------------------------------------------- check
+
+
+def test_check_clean_then_tampered_envelope(node_dir: Path) -> None:
+    d = str(node_dir)
+    ids = publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(3)])
+    r = ok("check", "-d", d)
+    assert "checked 3 record(s) in 1 feed(s): 0 problem(s)" in r.stdout
+    assert ok_json("check", "-d", d, "--json")["problems"] == []
+
+    # Flip one byte of seq 2's stored envelope, straight in the SQLite file.
+    con = sqlite3.connect(node_dir / "citynode.db")
+    try:
+        (env,) = con.execute("SELECT envelope FROM records WHERE id = ?",
+                             (bytes.fromhex(ids[1]),)).fetchone()
+        spoiled = bytearray(env)
+        spoiled[-5] ^= 0x01  # inside the signature
+        with con:
+            con.execute("UPDATE records SET envelope = ? WHERE id = ?",
+                        (bytes(spoiled), bytes.fromhex(ids[1])))
+    finally:
+        con.close()
+
+    r = cli("check", "-d", d)
+    assert r.exit_code == 1, r.output
+    assert "1 problem(s)" in r.stdout and "Traceback" not in r.output
+    assert "/air seq 2:" in r.stdout and "bad_signature" in r.stdout
+    r = cli("check", "-d", d, "--json")
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert report["records"] == 3 and not report["ok"]
+    (problem,) = report["problems"]
+    assert "seq 2" in problem and "signature" in problem
+
+
+# ---------------------------------------------------------------------------- proof
+
+
+def test_proof_inclusion_and_consistency(node_dir: Path) -> None:
+    d = str(node_dir)
+    ids = publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(5)])
+    nid = ok("id", "-d", d).stdout.strip()
+
+    line = one_line_error(cli("proof", "-d", d, "--id", ids[2]))
+    assert "no checkpoint covers this record" in line
+
+    async def checkpoint() -> cps.Checkpoint:
+        node = Node.load(node_dir)
+        await node.start(partners=False)
+        try:
+            (cp,) = await node.checkpoint_now()
+            return cp
+        finally:
+            await node.stop()
+
+    cp = asyncio.run(checkpoint())
+    assert cp.size == 5
+    later = publish(node_dir, "air", AIR_TYPE, [air(9.0)])  # not covered by the checkpoint
+
+    p = ok_json("proof", "-d", d, "--id", ids[2])
+    assert (p["kind"], p["index"], p["size"], p["verified"]) == ("inclusion", 2, 5, True)
+    assert p["root"] == cp.root.hex() == cps.root_of([bytes.fromhex(i) for i in ids]).hex()
+    cps.verify_inclusion(bytes.fromhex(ids[2]), 2, 5, [bytes.fromhex(x) for x in p["path"]],
+                         cp.root)
+    line = one_line_error(cli("proof", "-d", d, "--id", later[0]))
+    assert "no checkpoint covers this record" in line
+    line = one_line_error(cli("proof", "-d", d, "--id", "00" * 32))
+    assert "no such record" in line
+
+    all_ids = [bytes.fromhex(i) for i in ids + later]
+    c = ok_json("proof", "-d", d, "--origin", nid, "--feed", "air", "--old", "2", "--new", "6")
+    assert (c["kind"], c["old_size"], c["new_size"], c["verified"]) == ("consistency", 2, 6,
+                                                                         True)
+    assert c["old_root"] == cps.root_of(all_ids[:2]).hex()
+    assert c["new_root"] == cps.root_of(all_ids).hex()
+    cps.verify_consistency(2, 6, cps.root_of(all_ids[:2]), cps.root_of(all_ids),
+                           [bytes.fromhex(x) for x in c["path"]])
+
+    line = one_line_error(cli("proof", "-d", d, "--origin", nid, "--feed", "air", "--old", "2",
+                              "--new", "7"))
+    assert "holds only 6 records" in line
+    r = cli("proof", "-d", d, "--origin", nid, "--feed", "air", "--old", "4", "--new", "2")
+    assert r.exit_code == 2 and "old <= new" in r.stderr
+    assert cli("proof", "-d", d).exit_code == 2
+
+
+# --------------------------------------------------------- partners (a live peer)
+
+
+async def test_partner_add_list_remove_against_a_live_node(
+    inproc: Make, tmp_path: Path
+) -> None:
+    seoul = await inproc("Seoul", settings=FAST)
+    seoul_ids = [r.id.hex() for r in await seoul.node.publish(
+        "noise", NOISE_TYPE, [{"db": 50 + i} for i in range(3)])]
+    local = make_node_dir(tmp_path / "cli", "Jakarta", settings=FAST)
+    d = str(local)
+    sid = seoul.node.node_id
+
+    def run(*args: str) -> Awaitable[Result]:
+        # The CLI runs its own event loop; ours keeps serving Seoul meanwhile.
+        return asyncio.to_thread(cli, *args)
+
+    assert json.loads((await run("partner", "list", "-d", d, "--json")).stdout) == {
+        "partners": []}
+    # A card not signed by the given id is refused, and nothing is stored.
+    wrong = ok("id", "-d", str(make_node_dir(tmp_path / "cli", "Busan"))).stdout.strip()
+    one_line_error(await run("partner", "add", seoul.url, "--id", wrong, "-d", d))
+    one_line_error(await run("partner", "add", seoul.url, "--id", "cn1garbage", "-d", d))
+
+    r = await run("partner", "add", seoul.url, "--id", sid, "-d", d)
+    assert r.exit_code == 0, r.output
+    assert f"added partner Seoul ({sid})" in r.stdout
+    (p,) = json.loads((await run("partner", "list", "-d", d, "--json")).stdout)["partners"]
+    assert p == {"node_id": sid, "name": "Seoul", "url": seoul.url,
+                 "tls_fingerprint": seoul.node.identity.cert_fingerprint.hex()}
+    assert "Seoul" in (await run("partner", "list", "-d", d)).stdout
+
+    # Serve the CLI's node for a moment so Seoul replicates to it: then `records
+    # --origin` filters real foreign records.
+    node = Node.load(local)
+    await node.start()
+    runner = await serve(node, host="127.0.0.1", port=node.config.node.listen_port)
+    try:
+        await seoul.node.add_partner(f"https://127.0.0.1:{node.config.node.listen_port}",
+                                     node.node_id)
+
+        async def replicated() -> bool:
+            return node.storage.head(seoul.node.public_key, "noise") is not None and \
+                node.storage.head(seoul.node.public_key, "noise")[0] == 3
+
+        await eventually(replicated, timeout=20)
+    finally:
+        await runner.cleanup()
+        await node.stop()
+    out = json.loads((await run("records", "-d", d, "--origin", sid, "--json")).stdout)
+    assert [r["id"] for r in out["records"]] == seoul_ids
+    assert json.loads((await run("records", "-d", d, "--origin", node.node_id, "--json")
+                       ).stdout)["records"] == []
+
+    r = await run("partner", "remove", sid, "-d", d)
+    assert r.exit_code == 0 and f"removed partner {sid}" in r.stdout, r.output
+    assert json.loads((await run("partner", "list", "-d", d, "--json")).stdout) == {
+        "partners": []}
+    line = one_line_error(await run("partner", "remove", sid, "-d", d))
+    assert f"no partner {sid}" in line
+
+
+# -------------------------------------------------------------------------- subscribe
+
+
+async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
+    n = await inproc("Singapore")
+    published = await n.node.publish("air", AIR_TYPE, [air(float(i)) for i in range(5)])
+    # A real process: if subscribe ever waited forever, the test can kill it.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "citynode", "subscribe", n.url, "--id", n.node.node_id,
+        "--after", "0", "--count", "3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail("citynode subscribe --count 3 did not stop after 3 records")
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert len(lines) == 3, lines
+    cursors = []
+    for line, rec in zip(lines, published[:3], strict=True):
+        j = json.loads(line)
+        assert {"id", "cursor", "origin"} <= j.keys()
+        assert (j["id"], j["origin"], j["seq"]) == (rec.id.hex(), n.node.node_id, rec.seq)
+        opened = open_record(*decode_envelope(base64.b64decode(j["envelope"])),
+                             now_ms=2**60, verifier=Verifier())
+        assert opened.id == rec.id
+        cursors.append(j["cursor"])
+    assert cursors == sorted(cursors) and len(set(cursors)) == 3
+
+    # Resuming after the last cursor gives the next records, none twice.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "citynode", "subscribe", n.url, "--id", n.node.node_id,
+        "--after", str(cursors[-1]), "--count", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail("citynode subscribe --after did not stop after 2 records")
+    assert proc.returncode == 0, err.decode()
+    assert [json.loads(x)["id"] for x in out.decode().splitlines()] == [
+        r.id.hex() for r in published[3:]]
