@@ -541,3 +541,39 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
                      "path": [p.hex() for p in path], "verified": True})
     finally:
         st.close()
+
+
+@main.command("sync")
+@DIR_OPTION
+def sync_cmd(data_dir: Path) -> None:
+    """Catch up with every partner now (a progress bar on a terminal).
+
+    Run it with the node stopped, e.g. after a long time offline or a restore from a
+    backup, to fetch everything missing before `citynode run`. A running node catches
+    up by itself; with one running, this asks it to sync with its partners now.
+    """
+    if _is_running(data_dir):
+        from citynode.runner import operator_request
+
+        out = _run(operator_request(data_dir, "POST", "/v1/admin/sync"))
+        click.echo(f"asked the running node to sync with {out['partners']} partner(s) now")
+        return
+
+    async def go() -> int:
+        if not sys.stderr.isatty():
+            async with _local_node(data_dir) as node:
+                return int(await node.catch_up())
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        with Progress(TextColumn("catching up"), BarColumn(), MofNCompleteColumn(),
+                      transient=True) as bar:
+            task = bar.add_task("sync", total=None)
+
+            def report(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total or None)
+
+            async with _local_node(data_dir) as node:
+                return int(await node.catch_up(report))
+
+    n = _run(go())
+    click.echo(f"fetched {n} record(s) from partners")

@@ -424,6 +424,7 @@ class Node:
         self.metrics.duplicates.inc(res.duplicates)
         if not todo:
             return res
+        self.accepts_origin(self.public_key)  # compute the trusted set here, not in the thread
         verified = await asyncio.get_running_loop().run_in_executor(
             None, self._verify_batch, todo, now
         )
@@ -440,7 +441,7 @@ class Node:
             if rec.id in self.inflight or rec.id in self.recent:
                 res.duplicate(i)
                 continue
-            if not self.accepts_origin(rec.origin):
+            if not self.accepts_origin(rec.origin):  # trust changed while verifying
                 self._reject(res, i, InvalidRecord(
                     f"origin {node_id(rec.origin)} is not trusted by this node's policy "
                     f"({self.config.federation.accept})", "untrusted_origin"), source)
@@ -486,7 +487,7 @@ class Node:
             try:
                 out.append(
                     (i, open_record(body, sig, now_ms=now, verifier=self.verifier,
-                                    policy=self.policy, rid=rid))
+                                    policy=self.policy, rid=rid, accept=self.accepts_origin))
                 )
             except InvalidRecord as exc:
                 out.append((i, exc))
@@ -705,7 +706,7 @@ class Node:
 
     # ------------------------------------------------------------------ partners
 
-    def _start_link(self, row: PartnerRow) -> PartnerLink:
+    def _start_link(self, row: PartnerRow, *, tasks: bool = True) -> PartnerLink:
         client = PeerClient(
             self.key,
             row.url,
@@ -717,9 +718,29 @@ class Node:
         self.links[row.public_key] = link
         self._card = None
         self._trusted = None
-        link.tasks.append(self.spawn(self._push_loop(link), f"push-{row.name}"))
-        link.tasks.append(self.spawn(self._sync_loop(link), f"sync-{row.name}"))
+        if tasks:
+            link.tasks.append(self.spawn(self._push_loop(link), f"push-{row.name}"))
+            link.tasks.append(self.spawn(self._sync_loop(link), f"sync-{row.name}"))
         return link
+
+    async def catch_up(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """One-shot (node not serving): sync once with every partner, fetching
+        everything missing; ``progress(done, total)`` is called as records arrive.
+        Returns the number of records fetched. Partners that cannot be reached are
+        skipped (logged); raises nothing for them."""
+        rows = await self._io(self.storage.partners)
+        links = [self._start_link(r, tasks=False) for r in rows]
+        for r in rows:
+            if r.card:
+                self._learn_card(r.card, r.public_key)
+        fetched = 0
+        for link in links:
+            try:
+                fetched += await self.sync_with(link, progress=progress)
+            except PeerError as exc:
+                log.warning("partner unreachable", extra=fields(partner=link.row.name,
+                                                                error=str(exc)))
+        return fetched
 
     async def _stop_link(self, link: PartnerLink) -> None:
         for t in link.tasks:
@@ -885,7 +906,7 @@ class Node:
         return {k: (h.seq, h.id) for k, h in self.heads.items()}
 
     async def sync_with(
-        self, link: PartnerLink, *, progress: Callable[[int], None] | None = None
+        self, link: PartnerLink, *, progress: Callable[[int, int], None] | None = None
     ) -> int:
         """One anti-entropy round with a partner; returns the number of records fetched."""
         # Cards first: they carry the vouches the trust policy needs.
@@ -915,6 +936,10 @@ class Node:
                 batch=self.config.limits.max_batch_records,
             )
         fetched = 0
+        total = sum(w.to_seq - w.from_seq + 1 for w in plan.wants)
+        if progress is not None:
+            progress(0, total)
+            progress = self._progress_adder(progress, total)
         # What they lack, they fetch themselves in their own round (our sync request
         # wakes it): pushing it here too would only send copies twice.
         for want in plan.wants:
@@ -931,8 +956,21 @@ class Node:
         self._release_own_blocks()
         return fetched
 
+    @staticmethod
+    def _progress_adder(
+        report: Callable[[int, int], None], total: int
+    ) -> Callable[[int, int], None]:
+        done = 0
+
+        def add(n: int, _total: int) -> None:
+            nonlocal done
+            done += n
+            report(done, total)
+
+        return add
+
     async def _fetch_want(
-        self, link: PartnerLink, want: sync.Want, progress: Callable[[int], None] | None
+        self, link: PartnerLink, want: sync.Want, progress: Callable[[int, int], None] | None
     ) -> int:
         got = 0
         start = want.from_seq
@@ -945,7 +983,7 @@ class Node:
             res = await self.ingest(envs, source=link)
             got += res.accepted
             if progress:
-                progress(res.accepted)
+                progress(res.accepted, 0)
             if res.accepted == 0 and res.duplicates == 0:
                 break
             start += len(envs)

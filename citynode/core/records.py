@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -294,6 +294,7 @@ def open_record(
     verifier: Verifier,
     policy: RecordPolicy = DEFAULT_POLICY,
     rid: bytes | None = None,
+    accept: Callable[[bytes], bool] | None = None,
 ) -> Record:
     """Verify a record completely and return it.
 
@@ -302,10 +303,15 @@ def open_record(
     signature over ``DOMAIN_RECORD || body`` by ``origin``. ``rid`` may be passed if
     the caller already hashed the body. Raises :class:`InvalidRecord` (or a subclass)
     with a specific ``reason``; nothing else.
+    ``accept``, when given, is the trust policy: a record whose origin it refuses fails
+    with reason ``untrusted_origin`` before its signature is checked.
     """
     if type(sig) is not bytes or len(sig) != 64:
         raise EncodingError("signature must be 64 bytes", "bad_envelope")
     f = parse_body(body, policy)
+    if accept is not None and not accept(f["origin"]):
+        # Before any signature work: a stranger's flood costs a decode, not a verify.
+        raise InvalidRecord("origin is not trusted by this node's policy", "untrusted_origin")
     _check_time(f["time"], now_ms, policy)
     if policy.check_payload and "sealed" not in f:
         validate_payload(f["type"], f["data"])

@@ -470,6 +470,14 @@ async def admin_partner_delete(request: web.Request) -> web.Response:
     return web.json_response({"removed": request.match_info["pid"]})
 
 
+async def admin_sync(request: web.Request) -> web.Response:
+    _require_operator(request)
+    node = request.app[NODE_KEY]
+    for link in node.links.values():
+        link.sync_now.set()
+    return web.json_response({"partners": len(node.links)})
+
+
 async def admin_status(request: web.Request) -> web.Response:
     _require_operator(request)
     node = request.app[NODE_KEY]
@@ -671,6 +679,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/stream", stream)
     r.add_post("/v1/publish", publish)
     r.add_get("/v1/admin/status", admin_status)
+    r.add_post("/v1/admin/sync", admin_sync)
     r.add_route("GET", "/v1/admin/partners", admin_partners)
     r.add_route("POST", "/v1/admin/partners", admin_partners)
     r.add_delete("/v1/admin/partners/{pid}", admin_partner_delete)

@@ -122,3 +122,20 @@ def test_init_prints_id_and_partner_command(tmp_path: Path) -> None:
     for name, mode in [("node.key", 0o600), ("operator.token", 0o600), ("tls/key.pem", 0o600)]:
         assert (d / name).stat().st_mode & 0o777 == mode
     assert (d / "tls/cert.pem").exists() and (d / "node.toml").exists()
+
+
+async def test_sync_command_catches_up_a_stopped_node(cluster: Cluster) -> None:
+    a, b = cluster.create(["Jakarta", "Seoul"])
+    await cluster.start()
+    await cluster.link(a, b)
+    await b.close()
+    assert b.stop() == 0
+    for i in range(3):
+        await a.publish("air-quality", "AirQualityObserved",
+                        [dict(AIR, pm25=float(j)) for j in range(100 * i, 100 * i + 100)])
+    r = await asyncio.to_thread(cli, "sync", "-d", str(b.dir))
+    assert r.returncode == 0, r.stderr
+    assert "fetched 300 record(s)" in r.stdout
+    r = cli("feeds", "-d", str(b.dir), "--json")
+    feeds = {(f["origin"], f["feed"]): f["seq"] for f in json.loads(r.stdout)["feeds"]}
+    assert feeds == {(a.node_id, "air-quality"): 300}
