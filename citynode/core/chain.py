@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from citynode.core import encoding
 from citynode.core.keys import Verifier
@@ -44,9 +44,9 @@ class Verdict(enum.Enum):
     EQUIVOCATION = "equivocation"
 
 
-@dataclass(frozen=True, slots=True)
-class FeedHead:
-    """The highest contiguous record held of one (origin, feed)."""
+class FeedHead(NamedTuple):
+    """The highest contiguous record held of one (origin, feed). (A NamedTuple: built
+    for every record a node stores, and several times cheaper than a frozen dataclass.)"""
 
     seq: int
     id: bytes
