@@ -577,3 +577,13 @@ def sync_cmd(data_dir: Path) -> None:
 
     n = _run(go())
     click.echo(f"fetched {n} record(s) from partners")
+
+
+def _register_audit_commands() -> None:
+    from citynode.cli_audit import audit_cmd, export_cmd
+
+    main.add_command(export_cmd, "export")
+    main.add_command(audit_cmd, "audit")
+
+
+_register_audit_commands()
