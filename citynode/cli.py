@@ -194,6 +194,9 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
     else:
         async def go() -> tuple[list[str], int]:
             async with _local_node(data_dir) as node:
+                # Own-feed safety with the node stopped: first learn from the partners
+                # whether they hold newer records of ours (after a restore, say).
+                await node.catch_up()
                 recs = await node.publish(
                     feed, type_name, items, subjects=[subject] * len(items) if subject else None
                 )

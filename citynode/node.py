@@ -121,6 +121,7 @@ class PartnerLink:
         self.last_error: str | None = None
         self.invalid: dict[str, int] = {}
         self.synced_once = asyncio.Event()
+        self.first_attempt = asyncio.Event()  # the first sync round ended, well or not
         self.tasks: list[asyncio.Task[None]] = []
         # Plumtree-style lazy push: origins whose records this partner already gets
         # through someone else. For those we only announce (origin, feed, seq, head).
@@ -284,14 +285,6 @@ class Node:
             if row.card:
                 out.append((row.public_key, row.card))
         return out
-
-    async def initial_sync(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) until every partner was synced once, so own-feed safety checks
-        ran before we publish."""
-        waits = [link.synced_once.wait() for link in self.links.values()]
-        if waits:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), timeout)
 
     async def stop(self) -> None:
         """Stop background tasks and close storage; everything acknowledged is committed."""
@@ -628,12 +621,17 @@ class Node:
         self, res: IngestResult, i: int, exc: InvalidRecord, source: PartnerLink | None
     ) -> None:
         res.rejected.append((i, exc.reason))
-        self.metrics.rejected.labels(exc.reason).inc()
+        self.count_invalid(source, exc.reason, str(exc))
+
+    def count_invalid(self, source: PartnerLink | None, reason: str, detail: str) -> None:
+        """Count one rejected item everywhere an operator looks: the metrics, the
+        partner's own tally (``citynode partner list``) and the bounded rejected log."""
+        self.metrics.rejected.labels(reason).inc()
         src = source.row.node_id if source else "local"
         if source is not None:
-            source.invalid[exc.reason] = source.invalid.get(exc.reason, 0) + 1
-            self.metrics.partner_invalid.labels(source.row.name, exc.reason).inc()
-        self.storage.log_rejected(src, exc.reason, str(exc)[:500], self.now_ms())
+            source.invalid[reason] = source.invalid.get(reason, 0) + 1
+            self.metrics.partner_invalid.labels(source.row.name, reason).inc()
+        self.storage.log_rejected(src, reason, detail[:500], self.now_ms())
 
     # ------------------------------------------------------------------ publish
 
@@ -653,6 +651,7 @@ class Node:
         check_feed_name(feed)
         if feed in self.own_blocked:
             raise PublishRefused(self.own_blocked[feed])
+        await self._await_first_sync()
         lock = self.feed_locks.setdefault(feed, asyncio.Lock())
         async with lock:
             if feed in self.own_blocked:
@@ -674,6 +673,25 @@ class Node:
             await self._commit(recs, durable=True, source=None)
             self.metrics.published.inc(len(recs))
             return recs
+
+    async def _await_first_sync(self, wait: float = 2.0) -> None:
+        """Own-feed safety at start: until every partner's first sync round has ended
+        (it may show that a partner holds newer records of ours, e.g. after we were
+        restored from an old backup), we do not sign anything."""
+        waiting = [link for link in self.links.values() if not link.first_attempt.is_set()]
+        if not waiting:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(link.first_attempt.wait() for link in waiting)), wait
+            )
+        late = [link.row.name for link in waiting if not link.first_attempt.is_set()]
+        if late:
+            raise PublishRefused(
+                "publishing waits for the first exchange with partner(s) "
+                f"{', '.join(late)} since start, so as never to re-sign a seq a partner "
+                "already holds (as after a restore from a backup): retry in a moment"
+            )
 
     def _sign_batch(
         self,
@@ -898,6 +916,7 @@ class Node:
                 self._mark(link, False, str(exc))
                 log.warning("sync failed", extra=fields(partner=link.row.name, error=str(exc)))
                 delay = self._backoff(link)
+            link.first_attempt.set()
             link.sync_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(link.sync_now.wait(), delay)

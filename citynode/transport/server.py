@@ -107,6 +107,10 @@ async def _read_body(request: web.Request) -> bytes:
         )
     except TimeoutError:
         raise web.HTTPRequestTimeout(text="request body not received in time") from None
+    except web.HTTPRequestEntityTooLarge:
+        # Not blamed on a partner: the signature cannot be checked without the body.
+        node.count_invalid(None, "too_large", f"request body over the limit on {request.path}")
+        raise
 
 
 def _require_operator(request: web.Request) -> None:
@@ -503,16 +507,12 @@ async def push(request: web.Request) -> web.Response:
     try:
         envs = msgpack.unpackb(body, raw=False, max_array_len=node.config.limits.max_batch_records)
     except Exception:  # msgpack raises many types on garbage
-        node.metrics.rejected.labels("malformed_batch").inc()
-        link = node.link_for(key)
-        if link is not None:
-            link.invalid["malformed_batch"] = link.invalid.get("malformed_batch", 0) + 1
-        raise web.HTTPBadRequest(
-            text=f"push body must be a msgpack array of at most "
-            f"{node.config.limits.max_batch_records} envelopes"
-        ) from None
+        envs = None
     if not isinstance(envs, list) or not all(type(e) is bytes for e in envs):
-        raise web.HTTPBadRequest(text="push body must be a msgpack array of bin envelopes")
+        msg = (f"push body must be a msgpack array of at most "
+               f"{node.config.limits.max_batch_records} bin envelopes")
+        node.count_invalid(node.link_for(key), "malformed_batch", msg)
+        raise web.HTTPBadRequest(text=msg)
     res = await node.ingest(envs, source=node.link_for(key))
     return _pack(res.to_wire())
 

@@ -1,28 +1,143 @@
-"""Federation with real ``citynode run`` processes over HTTPS on 127.0.0.1."""
+"""Federation with real ``citynode run`` processes over HTTPS on 127.0.0.1.
+
+Every test ends by asserting exact final states: the same (seq, count) per (origin, feed)
+on every node, the same record id at every seq 1..n on every node, and, once the nodes are
+stopped, ``citynode check --json`` (every record re-verified, chains contiguous, the exact
+number of records) and ``citynode forks --json`` (no equivocation proof) on each data dir.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
+import shutil
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from citynode.cli import main as cli_main
 from citynode.cluster import Cluster, LocalNode
-from tests.conftest import eventually
+from citynode.core.keys import parse_node_id
+from citynode.errors import PeerError, PeerRejected
+from tests.conftest import InProc, eventually
 
 pytestmark = pytest.mark.integration
 
 FAST = {("federation", "pull_interval_seconds"): 1.0, ("federation", "backoff_max_seconds"): 2.0}
+TYPE = "org.example.Test"
+FeedKey = tuple[str, str]  # (origin node id, feed)
+State = dict[FeedKey, tuple[int, int]]  # -> (head seq, count)
 
 
-def rec(i: int) -> dict:
+def rec(i: int) -> dict[str, Any]:
     return {"n": i, "station": "DKI1"}
 
 
 async def held(n: LocalNode) -> dict[tuple[str, str], int]:
     return {(f["origin"], f["feed"]): f["seq"] for f in await n.feeds()}
+
+
+async def state(n: LocalNode) -> State:
+    """(seq, count) per (origin, feed) as ``/v1/feeds`` reports it."""
+    return {(f["origin"], f["feed"]): (f["seq"], f["count"]) for f in await n.feeds()}
+
+
+async def holdings(n: LocalNode) -> dict[FeedKey, list[tuple[int, str]]]:
+    """Every record the node serves, as (seq, id) per (origin, feed), read page by page."""
+    out: dict[FeedKey, list[tuple[int, str]]] = {}
+    for origin, feed in await state(n):
+        rows: list[tuple[int, str]] = []
+        after = 0
+        while True:
+            page = await n.api(
+                "GET", f"/v1/records?origin={origin}&feed={feed}&limit=1000&after={after}",
+                operator=False,
+            )
+            rows.extend((r["seq"], r["id"]) for r in page["records"])
+            if page["next"] is None:
+                break
+            after = page["next"]
+        out[(origin, feed)] = rows
+    return out
+
+
+def expected(counts: dict[FeedKey, int]) -> State:
+    return {k: (v, v) for k, v in counts.items()}
+
+
+async def converge(nodes: list[LocalNode], want: State, timeout: float = 30.0) -> None:
+    """Wait until every node reports exactly ``want``; then check every node holds the
+    same records (same id at every seq, seqs 1..n once each)."""
+
+    async def done() -> bool:
+        states = await asyncio.gather(*(state(n) for n in nodes))
+        return all(s == want for s in states)
+
+    try:
+        await eventually(done, timeout=timeout, interval=0.2)
+    except pytest.fail.Exception:
+        states = {n.name: await state(n) for n in nodes}
+        pytest.fail(f"nodes did not converge to {want} within {timeout} s: {states}")
+    ref = await holdings(nodes[0])
+    for key, (seq, _count) in want.items():
+        assert [s for s, _ in ref[key]] == list(range(1, seq + 1)), (nodes[0].name, key)
+    for n in nodes[1:]:
+        assert await holdings(n) == ref, f"{n.name} holds other records than {nodes[0].name}"
+
+
+def cli_json(*args: str) -> tuple[int, Any, str]:
+    """Run a ``citynode`` command with ``--json`` (in this process: the same code as the
+    command line, without the cost of starting Python once per data dir)."""
+    r = CliRunner().invoke(cli_main, [*args, "--json"])
+    try:
+        out = json.loads(r.stdout)
+    except ValueError:
+        out = None
+    return r.exit_code, out, r.output
+
+
+async def stop_all(nodes: list[LocalNode]) -> None:
+    """SIGTERM each node; each must exit cleanly."""
+    for n in nodes:
+        await n.close()
+    rcs = await asyncio.gather(*(asyncio.to_thread(n.stop) for n in nodes))
+    assert list(rcs) == [0] * len(nodes), dict(zip([n.name for n in nodes], rcs, strict=True))
+
+
+async def verify_offline(dirs: dict[str, Path], records: int) -> None:
+    """``citynode check`` finds exactly ``records`` records and no problem in each data dir,
+    and ``citynode forks`` lists no fork proof."""
+
+    def one(name: str, d: Path) -> None:
+        rc, out, err = cli_json("check", "-d", str(d))
+        assert rc == 0 and out is not None, f"check {name}: rc {rc}: {err}"
+        assert out["ok"] and out["problems"] == [], f"check {name}: {out['problems']}"
+        assert out["records"] == records, f"check {name}: {out['records']} != {records}"
+        rc, out, err = cli_json("forks", "-d", str(d))
+        assert rc == 0 and out == {"forks": []}, f"forks {name}: {err}"
+
+    def all_dirs() -> None:
+        for k, v in dirs.items():
+            one(k, v)
+
+    await asyncio.to_thread(all_dirs)
+
+
+async def publish_raw(n: LocalNode, items: list[dict[str, Any]], feed: str = "test"
+                      ) -> tuple[int, dict[str, Any]]:
+    """POST /v1/publish; return (status, JSON answer) whatever the status."""
+    s = await n.session()
+    body = "\n".join(json.dumps(i) for i in items).encode() + b"\n"
+    async with s.post(f"{n.url}/v1/publish?feed={feed}&type={TYPE}", data=body,
+                      headers={"Authorization": f"Bearer {n.token}"}) as r:
+        return r.status, json.loads(await r.read())
+
+
+# ----------------------------------------------------------------------------- tests
 
 
 async def test_line_of_four_relays_end_to_end(cluster: Cluster) -> None:
@@ -41,3 +156,256 @@ async def test_line_of_four_relays_end_to_end(cluster: Cluster) -> None:
         return True
 
     await eventually(done, timeout=30)
+
+
+async def test_middle_node_sigkilled_while_both_ends_publish(cluster: Cluster) -> None:
+    """B, the second node of the line A-B-C-D, is SIGKILLed while A and D publish, then
+    restarted: every node ends with every record, once, and `check` finds no problem."""
+    nodes = cluster.create(["A", "B", "C", "D"], settings=FAST)
+    a, b, c, d = nodes
+    await cluster.start()
+    for x, y in [(a, b), (b, c), (c, d)]:
+        await cluster.link(x, y)
+    published = {a.name: 0, d.name: 0}
+    restarted = asyncio.Event()
+
+    async def publisher(n: LocalNode) -> None:
+        # before, during and after B's crash: at least 3 batches after B is back
+        after = 0
+        while after < 3:
+            i = published[n.name]
+            out = await n.publish("test", TYPE, [rec(i + j) for j in range(5)])
+            assert out["first_seq"] == i + 1
+            published[n.name] += 5
+            after += restarted.is_set()
+            await asyncio.sleep(0.05)
+
+    async def crash_b() -> None:
+        await eventually(lambda: _some_reached(b, a, 10), timeout=20)
+        b.kill()
+        await asyncio.sleep(1.0)
+        b.start()
+        await b.wait_ready()
+        restarted.set()
+
+    await asyncio.gather(publisher(a), publisher(d), crash_b())
+    na, nd = published[a.name], published[d.name]
+    await converge(nodes, expected({(a.node_id, "test"): na, (d.node_id, "test"): nd}))
+    await stop_all(nodes)
+    await verify_offline({n.name: n.dir for n in nodes}, records=na + nd)
+
+
+async def _some_reached(n: LocalNode, origin: LocalNode, seq: int) -> bool:
+    return (await held(n)).get((origin.node_id, "test"), 0) >= seq
+
+
+async def test_node_offline_during_1000_publishes_catches_up(cluster: Cluster) -> None:
+    """B is stopped while A publishes 1,000 records in batches; after restart B holds
+    exactly A's chain."""
+    a, b = cluster.create(["A", "B"], settings=FAST)
+    await cluster.start()
+    await cluster.link(a, b)
+    await a.publish("test", TYPE, [rec(0)])
+    await eventually(lambda: _some_reached(b, a, 1), timeout=20)
+    await stop_all([b])
+    for batch in range(10):
+        out = await a.publish("test", TYPE, [rec(1 + batch * 100 + j) for j in range(100)])
+        assert (out["first_seq"], out["last_seq"]) == (2 + batch * 100, 101 + batch * 100)
+    total = 1001
+    assert await state(a) == expected({(a.node_id, "test"): total})
+    b.start()
+    await b.wait_ready()
+    await converge([a, b], expected({(a.node_id, "test"): total}), timeout=40)
+    await stop_all([a, b])
+    await verify_offline({"A": a.dir, "B": b.dir}, records=total)
+
+
+async def test_partition_heals_without_duplicates(cluster: Cluster) -> None:
+    """{A,B} and {C,D} linked only by B-C: B and C drop each other, both sides publish,
+    nothing crosses; once B-C is re-added both sides end identical, without duplicates."""
+    nodes = cluster.create(["A", "B", "C", "D"], settings=FAST)
+    a, b, c, d = nodes
+    await cluster.start()
+    for x, y in [(a, b), (b, c), (c, d)]:
+        await cluster.link(x, y)
+    await asyncio.gather(a.publish("test", TYPE, [rec(i) for i in range(3)]),
+                         d.publish("test", TYPE, [rec(i) for i in range(3)]))
+    await converge(nodes, expected({(a.node_id, "test"): 3, (d.node_id, "test"): 3}))
+
+    # Partition: B and C forget each other (the only link between the groups).
+    await asyncio.gather(b.api("DELETE", f"/v1/admin/partners/{c.node_id}"),
+                         c.api("DELETE", f"/v1/admin/partners/{b.node_id}"))
+    assert [p["node_id"] for p in (await b.api("GET", "/v1/admin/partners"))["partners"]] \
+        == [a.node_id]
+    assert [p["node_id"] for p in (await c.api("GET", "/v1/admin/partners"))["partners"]] \
+        == [d.node_id]
+    for n, k in [(a, 10), (b, 4), (c, 4), (d, 10)]:
+        await n.publish("test", TYPE, [rec(100 + i) for i in range(k)])
+    left = expected({(a.node_id, "test"): 13, (b.node_id, "test"): 4, (d.node_id, "test"): 3})
+    right = expected({(a.node_id, "test"): 3, (c.node_id, "test"): 4, (d.node_id, "test"): 13})
+    await converge([a, b], left)
+    await converge([c, d], right)
+    # Several pull intervals later nothing crossed the partition.
+    await asyncio.sleep(2.5)
+    for n, want in [(a, left), (b, left), (c, right), (d, right)]:
+        assert await state(n) == want, f"{n.name} got records across the partition"
+
+    # Heal.
+    await cluster.link(b, c)
+    full = expected({(a.node_id, "test"): 13, (b.node_id, "test"): 4,
+                     (c.node_id, "test"): 4, (d.node_id, "test"): 13})
+    await converge(nodes, full)
+    await stop_all(nodes)
+    await verify_offline({n.name: n.dir for n in nodes}, records=34)
+
+
+# --------------------------------------------------------------------- own-feed safety
+
+
+async def _restored_from_old_backup(a: LocalNode, b_has: Callable[[int], Awaitable[bool]],
+                                    backup: Path) -> list[str]:
+    """A publishes 5, is stopped and copied (the backup), publishes 5 more that reach B,
+    is stopped and restored from the backup. Returns the ids of A's seqs 1..10."""
+    first = await a.publish("test", TYPE, [rec(i) for i in range(1, 6)])
+    assert first["first_seq"] == 1
+    await eventually(lambda: b_has(5), timeout=20)
+    await stop_all([a])
+    shutil.copytree(a.dir, backup)
+    a.start()
+    await a.wait_ready()
+    second = await a.publish("test", TYPE, [rec(i) for i in range(6, 11)])
+    assert (second["first_seq"], second["last_seq"]) == (6, 10)
+    await eventually(lambda: b_has(10), timeout=20)
+    await stop_all([a])
+    shutil.rmtree(a.dir)
+    shutil.copytree(backup, a.dir)
+    return list(first["ids"]) + list(second["ids"])
+
+
+async def _publish_until_allowed(a: LocalNode, timeout: float = 20.0) -> dict[str, Any]:
+    """Publish one record, retrying while refused by own-feed safety; return the answer.
+    Every refusal must be a 409 ``publish_refused`` with a one-line explanation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status, out = await publish_raw(a, [rec(11)])
+        if status == 200:
+            return out
+        assert status == 409 and out["error"] == "publish_refused", (status, out)
+        assert "\n" not in out["message"] and "test" in out["message"], out
+        assert loop.time() < deadline, f"A still refuses to publish after {timeout} s: {out}"
+        await asyncio.sleep(0.1)
+
+
+async def test_restored_node_refuses_to_publish_until_it_fetched_its_newer_records(
+    cluster: Cluster, inproc: Callable[..., Awaitable[InProc]], tmp_path: Path
+) -> None:
+    """A restored from a backup at seq 5 learns from B that B holds A's records up to
+    seq 10: it refuses to publish (409) until it has them back, then continues at 11."""
+    (a,) = cluster.create(["A"], settings=FAST)
+    await cluster.start()
+    b = await inproc("B", settings=FAST)
+    a_pk = parse_node_id(a.node_id)
+    await a.api("POST", "/v1/admin/partners", json_body={"url": b.url, "id": b.node.node_id})
+    await b.node.add_partner(a.url, a.node_id)
+
+    async def b_has(seq: int) -> bool:
+        h = b.node.heads.get((a_pk, "test"))
+        return h is not None and h.seq == seq
+
+    ids = await _restored_from_old_backup(a, b_has, tmp_path / "backup")
+
+    # B answers A's sync at once but is slow to serve records: A then knows that B holds
+    # its records up to seq 10 while A itself has only 5, and must not sign seq 6.
+    gate = asyncio.Event()
+    serve_fetch = b.node.serve_fetch
+
+    async def slow_serve_fetch(wants: Any, requester: bytes) -> list[bytes]:
+        await gate.wait()
+        return await serve_fetch(wants, requester)
+
+    b.node.serve_fetch = slow_serve_fetch  # type: ignore[method-assign]
+    a.start()
+    try:
+        await a.wait_ready()
+
+        async def blocked() -> bool:
+            return "test" in (await a.api("GET", "/v1/admin/status"))["own_blocked"]
+
+        await eventually(blocked, timeout=20)
+        status, out = await publish_raw(a, [rec(11)])
+        assert status == 409, f"restored A published while B holds its seqs 6-10: {out}"
+        assert out["error"] == "publish_refused", out
+        msg = out["message"]
+        assert "\n" not in msg and "'test'" in msg and "seq 10" in msg and "B" in msg, msg
+        assert await state(a) == expected({(a.node_id, "test"): 5})
+    finally:
+        gate.set()
+    out = await _publish_until_allowed(a)
+    assert out["first_seq"] == 11, f"A re-signed seq {out['first_seq']} (B holds 1-10)"
+    ids.append(out["ids"][0])
+
+    async def b_has_11() -> bool:
+        return await b_has(11)
+
+    await eventually(b_has_11, timeout=20)
+    got = await holdings(a)
+    assert got == {(a.node_id, "test"): list(enumerate(ids, start=1))}, \
+        "A's chain differs from what it signed before the restore"
+    assert b.node.storage.fork_proofs() == []
+    await stop_all([a])
+    await verify_offline({"A": a.dir}, records=11)
+
+
+async def test_restored_node_does_not_publish_before_its_first_sync(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Right after a restore, A cannot know whether a partner holds newer records of
+    its own feeds until it has synced with it once: it must not sign meanwhile."""
+    a, b = cluster.create(["A", "B"], settings=FAST)
+    await cluster.start()
+    await cluster.link(a, b)
+
+    async def b_has(seq: int) -> bool:
+        return (await held(b)).get((a.node_id, "test")) == seq
+
+    ids = await _restored_from_old_backup(a, b_has, tmp_path / "backup")
+    # B is frozen (unreachable) while the restored A starts; it is thawed once A has
+    # answered a publish request, or 3 s after it was sent.
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.start()
+        await _wait_serving(a)
+        first = asyncio.create_task(publish_raw(a, [rec(11)]))
+        await asyncio.wait({first}, timeout=3.0)
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    status, out = await first
+    assert status == 409 or (status == 200 and out["first_seq"] == 11), (
+        f"restored A signed seq {out.get('first_seq')} before it synced once with its "
+        f"partner B, which holds A's seqs 1-10: a fork (answer {status} {out})"
+    )
+    if status == 409:
+        assert out["error"] == "publish_refused" and "\n" not in out["message"], out
+        out = await _publish_until_allowed(a)
+    assert out["first_seq"] == 11
+    ids.append(out["ids"][0])
+    await converge([a, b], expected({(a.node_id, "test"): 11}))
+    assert await holdings(a) == {(a.node_id, "test"): list(enumerate(ids, start=1))}
+    await stop_all([a, b])
+    await verify_offline({"A": a.dir, "B": b.dir}, records=11)
+
+
+async def _wait_serving(n: LocalNode, timeout: float = 30.0) -> None:
+    """Wait until the node's process answers /healthz (ready or not)."""
+
+    async def serving() -> bool:
+        assert n.proc is not None and n.proc.poll() is None, n.tail_log()
+        try:
+            await n.api("GET", "/healthz", operator=False)
+        except (PeerError, PeerRejected):
+            return False
+        return True
+
+    await eventually(serving, timeout=timeout)
