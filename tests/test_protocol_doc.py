@@ -268,7 +268,8 @@ def scan_reason_codes() -> dict[str, set[str]]:
     """Every ``InvalidRecord.reason`` the code can produce, with where: literal reasons
     given to the error classes, to each module's ``_fail``/``_bad`` helpers and to the
     payload checker's ``_Problem``; the defaults of those helpers and classes where a
-    call gives none; and the labels of the ``rejected`` metric."""
+    call gives none; the labels of the ``rejected`` metric; and the reasons given to
+    ``Node.count_invalid``."""
     defaults = _default_reasons()
     found: dict[str, set[str]] = {}
 
@@ -305,6 +306,9 @@ def scan_reason_codes() -> dict[str, set[str]]:
             elif name == "_Problem" or _is_rejected_metric(node):
                 # The reason is the first argument of both.
                 add(_str_constants(node.args[0] if node.args else None), where)
+            elif name == "count_invalid" and len(node.args) > 1:
+                # Node.count_invalid(source, reason, detail)
+                add(_str_constants(node.args[1]), where)
     return found
 
 
