@@ -161,8 +161,12 @@ class PartnerLink:
 class Subscriber:
     """One live stream's view of the tail: new stored rows matching its filter."""
 
-    def __init__(self, match: Callable[[Any], bool], maxsize: int = 10_000) -> None:
+    def __init__(self, match: Callable[[Any], bool], maxsize: int = 10_000,
+                 render: Callable[[Any], str] | None = None) -> None:
         self.match = match
+        # A subscriber with its own rendering (the operator's, decrypted) gets rows and
+        # renders them itself; all others share one rendering per row.
+        self.render = render
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
         self.lagging = False  # the queue overflowed: re-read from storage by cursor
 
@@ -1163,11 +1167,18 @@ class Node:
                 )
                 for row in rows:
                     self._tail_rowid = row.rowid
+                    shared: str | None = None
                     for sub in self.subscribers:
                         if sub.lagging or not sub.match(row):
                             continue
+                        if sub.render is not None:
+                            text = sub.render(row)
+                        else:
+                            if shared is None:  # rendered once, for every subscriber
+                                shared = sse_event(row)
+                            text = shared
                         try:
-                            sub.queue.put_nowait(row)
+                            sub.queue.put_nowait((row.rowid, text))
                         except asyncio.QueueFull:
                             sub.lagging = True
                 if len(rows) < 1000:
@@ -1201,3 +1212,15 @@ def _readers_of(envelope: bytes) -> frozenset[bytes]:
     if not isinstance(sealed, dict):
         return frozenset()
     return frozenset(r[0] for r in sealed.get("to", ()) if isinstance(r, list) and r)
+
+
+def sse_event(row: Any, key: Any = None) -> str:
+    """One Server-Sent Event for a stored row: ``id`` (its cursor), ``event: record`` and
+    the JSON record as ``data`` (JSON has no raw newlines, so one data line)."""
+    import json
+
+    from citynode.render import stored_record_json
+
+    data = json.dumps(stored_record_json(row.envelope, key=key))
+    # CRLF, as aiohttp-sse frames its keep-alive pings on the same stream.
+    return f"id: {row.rowid}\r\nevent: record\r\ndata: {data}\r\n\r\n"

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 from typing import Any
 
+import msgpack
+
 from citynode.core.keys import SigningKey, node_id
-from citynode.core.records import SEALED_TYPE, Record, decode_envelope, parse_body, record_id
+from citynode.core.records import SEALED_TYPE, Record, decode_envelope, record_id
 from citynode.core.sealed import is_recipient, open_payload
 from citynode.errors import CitynodeError
 
@@ -47,13 +50,18 @@ def jsonable(v: Any) -> Any:
     return v
 
 
+@functools.lru_cache(maxsize=4096)
+def _node_id(key: bytes) -> str:
+    return node_id(key)
+
+
 def record_json(rec: Record, *, rowid: int | None = None,
-                key: SigningKey | None = None) -> dict[str, Any]:
+                key: SigningKey | None = None, envelope: bytes | None = None) -> dict[str, Any]:
     """The JSON view of a verified record. A sealed record shows its recipients; with
     ``key`` of one of them it is decrypted, and ``type``/``data`` are the plaintext."""
     out: dict[str, Any] = {
         "id": rec.id.hex(),
-        "origin": node_id(rec.origin),
+        "origin": _node_id(rec.origin),
         "feed": rec.feed,
         "seq": rec.seq,
         "prev": rec.prev.hex() if rec.prev else None,
@@ -61,7 +69,7 @@ def record_json(rec: Record, *, rowid: int | None = None,
         "time_iso": iso_time(rec.time),
         "type": rec.type,
         "data": jsonable(rec.data),
-        "envelope": b64(rec.envelope),
+        "envelope": b64(envelope if envelope is not None else rec.envelope),
     }
     if rec.sealed is not None:
         out["sealed"] = {"to": [node_id(r[0]) for r in rec.sealed.get("to", ())],
@@ -93,12 +101,13 @@ def stored_record_json(envelope: bytes, *, rowid: int | None = None,
     """JSON view of an envelope read from our own database (verified when it was stored;
     decoded again here, not re-verified)."""
     body, sig = decode_envelope(envelope)
-    return record_json(record_from_stored(body, sig), rowid=rowid, key=key)
+    return record_json(record_from_stored(body, sig), rowid=rowid, key=key, envelope=envelope)
 
 
 def record_from_stored(body: bytes, sig: bytes) -> Record:
-    """A Record from our own database's bytes (verified when stored; not re-verified)."""
-    f = parse_body(body)
+    """A Record from our own database's bytes: verified (strictly decoded, signature
+    checked) when it was stored, so decoded here without the strict checks again."""
+    f = msgpack.unpackb(body)
     if "sealed" in f:
         return Record(record_id(body), body, sig, f["origin"], f["feed"], f["seq"],
                       f.get("prev"), f["time"], SEALED_TYPE, {}, None, None, f["sealed"])

@@ -385,10 +385,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     def match(row: Any) -> bool:
         return base_match(row) and may(row.origin, row.feed, row.envelope)
 
-    from citynode.node import Subscriber
+    from citynode.node import Subscriber, sse_event
 
     key = _decrypt_key(request)
-    sub = Subscriber(match)
+    render = (lambda row: sse_event(row, key)) if key is not None else None
+    sub = Subscriber(match, render=render)
     node.subscribers.add(sub)  # before catching up, so nothing falls in between
     try:
         async with sse_response(request, ping_interval=15) as resp:
@@ -398,22 +399,24 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     rows = await node._io(
                         lambda c=cursor: node.storage.query(after_rowid=c, limit=500, **f)
                     )
-                    for row in rows:
-                        if match(row):
-                            await resp.send(json.dumps(stored_record_json(row.envelope, key=key)),
-                                            id=str(row.rowid), event="record")
-                        cursor = row.rowid
+                    out = [sse_event(row, key) for row in rows if match(row)]
+                    if out:
+                        await resp.write("".join(out).encode())
+                    if rows:
+                        cursor = rows[-1].rowid
                     if len(rows) < 500:
                         break
                 sub.lagging = False
-                # Live: rows from the tail, skipping what the catch-up already sent.
+                # Live: events from the shared tail, skipping what the catch-up sent;
+                # whatever has queued up meanwhile goes out in one write.
                 while not sub.lagging:
-                    row = await sub.queue.get()
-                    if row.rowid <= cursor:
-                        continue
-                    await resp.send(json.dumps(stored_record_json(row.envelope, key=key)),
-                                    id=str(row.rowid), event="record")
-                    cursor = row.rowid
+                    items = [await sub.queue.get()]
+                    while not sub.queue.empty() and len(items) < 1000:
+                        items.append(sub.queue.get_nowait())
+                    fresh = [(rid, text) for rid, text in items if rid > cursor]
+                    if fresh:
+                        await resp.write("".join(t for _r, t in fresh).encode())
+                        cursor = fresh[-1][0]
                 while not sub.queue.empty():
                     sub.queue.get_nowait()
     finally:

@@ -1,0 +1,371 @@
+"""Stream benchmark: many SSE subscribers on one ``citynode run`` process over HTTPS.
+
+One node; ``--subscribers`` anonymous subscribers of ``GET /v1/stream?feed=...`` (a public
+feed), spread over ``--procs`` subscriber processes, each parsing every event (SSE framing
+and the JSON record). A publisher drives the node through the operator publish API at
+``--rate`` records per second for ``--seconds`` seconds, a batch every ``--batch-ms``,
+paced by a monotonic clock (up to ``--max-inflight`` publish calls overlap). Each payload
+carries the wall time (``time.time()``) taken just before its batch's publish call; a
+subscriber's delivery latency is its receive time after parsing (``time.time()`` in its own
+process) minus that. Every subscriber must get every record exactly once (payload
+numbers) and in feed order (seq 1, 2, 3, ... without gaps).
+
+Prints records published, events delivered (and whether that is records x subscribers),
+p50 / p99 / max delivery latency, the achieved publish rate, the node's CPU use (utime +
+stime from /proc over the run), how long the node's event-loop thread was runnable but
+waiting for a CPU (/proc schedstat: the share of the machine other processes took), and
+the subscriber processes' CPU use. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from citynode.cluster import Cluster
+
+FEED = "stream-bench"
+TYPE = "org.example.Bench"
+
+
+# ------------------------------------------------------------------ subscriber processes
+
+
+class Sub:
+    """One subscriber's tally: payload numbers seen, feed order, and latencies."""
+
+    def __init__(self) -> None:
+        self.next_seq = 1  # the feed is new: in order means seq 1, 2, 3, ... without gaps
+        self.count = 0
+        self.out_of_order = 0  # events whose seq was not the one expected next
+        self.seen: set[int] = set()
+        self.dupes = 0
+        self.lat = array.array("d")
+
+
+async def _follow(session: aiohttp.ClientSession, url: str, sub: Sub,
+                  connected: asyncio.Event, counter: list[int], n_subs: int,
+                  progress: list[float]) -> None:
+    """Read one SSE stream until cancelled (or it fails).
+
+    Parses every event: ``\\r\\n``-framed fields, ``data`` as JSON, the record's payload.
+    """
+    async with session.get(url, headers={"Accept": "text/event-stream"},
+                           timeout=aiohttp.ClientTimeout(total=None)) as r:
+        if r.status != 200:
+            raise RuntimeError(f"stream answered {r.status}: {(await r.read())[:200]!r}")
+        # The node registers the subscriber before it sends the headers: from here on
+        # nothing published is missed.
+        counter[0] += 1
+        if counter[0] == n_subs:
+            connected.set()
+        buf = b""
+        while True:
+            chunk = await r.content.readany()
+            if not chunk:
+                raise RuntimeError("stream closed by the node")
+            buf += chunk
+            *events, buf = buf.split(b"\r\n\r\n")
+            for ev in events:
+                data = None
+                kind = "message"
+                for line in ev.split(b"\r\n"):
+                    if line.startswith(b"data:"):
+                        data = line[5:].lstrip(b" ")
+                    elif line.startswith(b"event:"):
+                        kind = line[6:].strip().decode()
+                    # "id:" (the cursor) and ": ping" comments need nothing here.
+                if kind != "record" or data is None:
+                    continue
+                rec = json.loads(data)
+                payload = rec["data"]
+                now = time.time()
+                n = payload["n"]
+                seq = rec["seq"]
+                sub.lat.append(now - payload["t"])
+                sub.count += 1
+                if n in sub.seen:
+                    sub.dupes += 1
+                sub.seen.add(n)
+                if seq != sub.next_seq:
+                    sub.out_of_order += 1
+                sub.next_seq = seq + 1
+                progress[0] = now
+
+
+async def _subscriber_main(wid: int, url: str, fingerprint: bytes, n_subs: int,
+                           idle_timeout: float, conn: Connection) -> None:
+    subs = [Sub() for _ in range(n_subs)]
+    connected = asyncio.Event()
+    counter = [0]
+    progress = [time.time()]
+    connector = aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(fingerprint), limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = [asyncio.create_task(_follow(session, url, s, connected, counter, n_subs,
+                                             progress)) for s in subs]
+        waiter = asyncio.create_task(connected.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], timeout=60,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            errs = [repr(t.exception()) for t in tasks if t.done() and t.exception()]
+            conn.send(("error", wid, f"subscribers not connected: {errs or 'timeout'}"))
+            for t in tasks:
+                t.cancel()
+            return
+        conn.send(("ready", wid, None))
+        cpu0 = time.process_time()
+        # When publishing is over the main process sends the number of records published;
+        # wait until every subscriber has that many, or until this process has received
+        # nothing for idle_timeout seconds. (Polling here only decides when to stop: each
+        # event's latency is taken when it is parsed.)
+        ctl = asyncio.create_task(asyncio.to_thread(conn.recv))
+        while True:
+            await asyncio.wait([ctl], timeout=0.2)
+            if ctl.done():
+                total = ctl.result()
+                if all(s.count >= total for s in subs) or all(t.done() for t in tasks):
+                    break
+                if time.time() - progress[0] > idle_timeout:
+                    break
+        errors = [repr(t.exception()) for t in tasks
+                  if t.done() and not t.cancelled() and t.exception()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        cpu = time.process_time() - cpu0
+    lat = array.array("d")
+    for s in subs:
+        lat.extend(s.lat)
+    conn.send(("result", wid, {
+        "subs": [{"count": s.count, "unique": len(s.seen), "dupes": s.dupes,
+                  "out_of_order": s.out_of_order} for s in subs],
+        "lat": lat.tobytes(), "last_recv": progress[0], "cpu_s": cpu, "errors": errors[:5],
+    }))
+
+
+def subscriber_process(wid: int, url: str, fingerprint: bytes, n_subs: int,
+                       idle_timeout: float, conn: Connection) -> None:
+    """Entry point of one subscriber process (multiprocessing, spawn)."""
+    try:
+        asyncio.run(_subscriber_main(wid, url, fingerprint, n_subs, idle_timeout, conn))
+    except Exception as exc:  # reported to the main process, which fails the run
+        conn.send(("error", wid, repr(exc)))
+
+
+# ------------------------------------------------------------------ main process
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` in seconds (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the main thread of ``pid`` spent runnable but not running (Linux schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
+async def recv(conn: Connection, timeout: float) -> tuple[str, int, Any]:
+    """The next message from a subscriber process, or TimeoutError."""
+    if not await asyncio.to_thread(conn.poll, timeout):
+        raise TimeoutError("a subscriber process did not answer in time")
+    msg: tuple[str, int, Any] = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"subscriber process {msg[1]}: {msg[2]}")
+    return msg
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="citynode-bench-stream-"))
+    cluster = Cluster(base)
+    (node,) = cluster.create(["bench"], settings={("checkpoints", "interval_seconds"): 3600.0})
+    batch = max(1, round(args.rate * args.batch_ms / 1000))
+    interval = batch / args.rate
+    batches = max(1, round(args.rate * args.seconds / batch))
+    ctx = mp.get_context("spawn")  # no fork of a process with a running event loop
+    procs: list[Any] = []
+    conns: list[Connection] = []
+    results: list[dict[str, Any]] = []
+    try:
+        await cluster.start()
+        assert node.proc is not None
+        pid = node.proc.pid
+        await node.publish("warmup", TYPE, [{"n": -1, "t": time.time()}])
+        url = f"{node.url}/v1/stream?feed={FEED}"
+        per = [args.subscribers // args.procs + (i < args.subscribers % args.procs)
+               for i in range(args.procs)]
+        for wid, k in enumerate(per):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=subscriber_process, daemon=True,
+                            args=(wid, url, node.fingerprint, k, args.idle_timeout, child))
+            p.start()
+            child.close()
+            procs.append(p)
+            conns.append(parent)
+        for c in conns:
+            await recv(c, 90)
+        # Publish: batch k is due at t0 + k * interval (monotonic). A durable commit can
+        # take longer than the interval, so up to --max-inflight calls overlap (the node
+        # serializes them on the feed's lock; the wait counts as latency). A batch that
+        # cannot start on time starts late, and none starts after --seconds: a node that
+        # cannot keep up publishes fewer records, and the achieved rate shows it.
+        cpu0, wait0 = cpu_seconds(pid), runqueue_wait_seconds(pid)
+        w0 = time.time()
+        t0 = time.monotonic()
+        publish_calls: list[float] = []
+        slots = asyncio.Semaphore(args.max_inflight)
+
+        async def publish_batch(k: int) -> None:
+            try:
+                ts = time.time()
+                c0 = time.perf_counter()
+                out = await node.publish(FEED, TYPE, [{"n": k * batch + j, "t": ts}
+                                                      for j in range(batch)])
+                publish_calls.append(time.perf_counter() - c0)
+                if len(out["ids"]) != batch:
+                    raise RuntimeError(f"publish returned {len(out['ids'])} ids for {batch}")
+            finally:
+                slots.release()
+
+        calls = []
+        for k in range(batches):
+            delay = t0 + k * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            if time.monotonic() - t0 >= args.seconds or any(
+                    c.done() and c.exception() for c in calls):
+                slots.release()
+                break
+            calls.append(asyncio.create_task(publish_batch(k)))
+        await asyncio.gather(*calls)
+        pub_elapsed = time.monotonic() - t0
+        w_pub_end = time.time()
+        total = len(calls) * batch
+        for c in conns:
+            c.send(total)
+        results = [(await recv(c, args.idle_timeout + 600))[2] for c in conns]
+        w1 = time.time()
+        cpu1, wait1 = cpu_seconds(pid), runqueue_wait_seconds(pid)
+    finally:
+        # After a failure the subscriber processes wait for a count that never comes.
+        for p in procs:
+            p.join(5 if results else 0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        for c in conns:
+            c.close()
+        await cluster.close()
+        cluster.stop()
+        if results:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"node data and log kept in {base}", file=sys.stderr)
+    subs = [s for r in results for s in r["subs"]]
+    lat = array.array("d")
+    for r in results:
+        lat.frombytes(r["lat"])
+    lat_ms = sorted(x * 1000 for x in lat)
+    last_recv = max(r["last_recv"] for r in results)
+    publish_calls.sort()
+    return {
+        "published": total, "scheduled": batches * batch, "batch": batch,
+        "pub_elapsed": pub_elapsed, "rate": total / pub_elapsed,
+        "delivered": sum(s["count"] for s in subs),
+        "complete_in_order": sum(s["unique"] == total and s["count"] == total
+                                 and s["out_of_order"] == 0 for s in subs),
+        "dupes": sum(s["dupes"] for s in subs),
+        "missing": sum(total - s["unique"] for s in subs),
+        "out_of_order": sum(s["out_of_order"] for s in subs),
+        "p50_ms": statistics.median(lat_ms) if lat_ms else float("nan"),
+        "p99_ms": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))] if lat_ms
+        else float("nan"),
+        "max_ms": lat_ms[-1] if lat_ms else float("nan"),
+        "publish_call_p50_ms": statistics.median(publish_calls) * 1000,
+        "publish_call_max_ms": publish_calls[-1] * 1000,
+        "tail_s": max(0.0, last_recv - w_pub_end),
+        "node_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
+        "node_wait_pct": 100 * (wait1 - wait0) / (w1 - w0),
+        "run_s": w1 - w0,
+        "sub_cpu_pct": [100 * r["cpu_s"] / (w1 - w0) for r in results],
+        "errors": [e for r in results for e in r["errors"]],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subscribers", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=1000.0, help="records per second")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--batch-ms", type=float, default=50.0,
+                    help="publish a batch every this many ms")
+    ap.add_argument("--max-inflight", type=int, default=4,
+                    help="publish calls allowed to overlap (1: strictly one after another)")
+    ap.add_argument("--procs", type=int, default=4, help="subscriber processes")
+    ap.add_argument("--idle-timeout", type=float, default=30.0,
+                    help="after publishing, a subscriber process stops waiting once it "
+                    "has received nothing for this many seconds")
+    args = ap.parse_args()
+    if args.max_inflight < 1:
+        ap.error("--max-inflight must be at least 1")
+    if not 1 <= args.procs <= args.subscribers:
+        ap.error("--procs must be between 1 and --subscribers")
+    r = asyncio.run(run(args))
+    n, subs = r["published"], args.subscribers
+    expected = n * subs
+    ok = r["delivered"] == expected and r["complete_in_order"] == subs
+    load = os.getloadavg()
+    print(f"1 node, {subs} SSE subscribers over HTTPS in {args.procs} subscriber processes, "
+          f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"published: {n} of {r['scheduled']} scheduled records in {r['pub_elapsed']:.1f} s "
+          f"= {r['rate']:.0f} records/s (target {args.rate:.0f}; batches of {r['batch']}; "
+          f"publish call p50 {r['publish_call_p50_ms']:.1f} ms, "
+          f"max {r['publish_call_max_ms']:.1f} ms)")
+    print(f"delivered: {r['delivered']} events of {expected} expected (records x subscribers); "
+          f"{r['complete_in_order']}/{subs} subscribers got every record exactly once in "
+          f"order; missing {r['missing']}, duplicates {r['dupes']}, out of order "
+          f"{r['out_of_order']}" + ("" if ok else "  <-- FAILED"))
+    print(f"delivery latency: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max "
+          f"{r['max_ms']:.1f} ms (target p99 <= 100 ms); last event {r['tail_s']:.1f} s "
+          "after the last publish")
+    print(f"node CPU: {r['node_cpu_pct']:.0f}% of one core over {r['run_s']:.1f} s (its event "
+          f"loop waited for a CPU {r['node_wait_pct']:.0f}% of that time); subscriber "
+          "processes: " + ", ".join(f"{c:.0f}%" for c in r["sub_cpu_pct"]))
+    for e in r["errors"]:
+        print(f"subscriber error: {e}")
+    print(json.dumps({
+        "bench": "stream", "subscribers": subs, "subscriber_procs": args.procs,
+        "records": n, "events_delivered": r["delivered"], "events_expected": expected,
+        "all_delivered_in_order": ok, "p50_ms": round(r["p50_ms"], 2),
+        "p99_ms": round(r["p99_ms"], 2), "max_ms": round(r["max_ms"], 2),
+        "publish_rate": round(r["rate"], 1), "target_rate": args.rate,
+        "tail_s": round(r["tail_s"], 2), "node_cpu_pct": round(r["node_cpu_pct"], 1),
+        "node_cpu_wait_pct": round(r["node_wait_pct"], 1),
+        "subscriber_cpu_pct": [round(c, 1) for c in r["sub_cpu_pct"]],
+        "load_avg_1m": round(load[0], 2), "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }))
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
