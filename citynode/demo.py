@@ -221,13 +221,25 @@ async def _demo(base: Path, duration: float) -> bool:
     finally:
         await cluster.close()
         cluster.stop()
+        console.print()
         console.print("stopped all node processes")
         console.print(f"data dirs are in {base}; look around with, for example:")
         d = nodes[1].dir
-        console.print(f"  citynode records -d {d} --feed air-quality --limit 5")
-        console.print(f"  citynode feeds -d {d}")
-        console.print(f"  citynode partner list -d {d}")
-        console.print(f"  citynode check -d {d}")
+        exe = _citynode_command()
+        for cmd in (f"records -d {d} --feed air-quality --limit 5", f"feeds -d {d}",
+                    f"partner list -d {d}", f"check -d {d}", f"forks -d {d}"):
+            console.print(f"  {exe} {cmd}", soft_wrap=True, highlight=False)
+
+
+def _citynode_command() -> str:
+    """How to call citynode from the user's shell (scripts/demo runs it from .venv)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).with_name("citynode")
+    if shutil.which("citynode") == str(beside) or not beside.exists():
+        return "citynode"
+    return str(beside)
 
 
 def run_demo(duration: float = 30.0, base: Path | None = None) -> bool:
