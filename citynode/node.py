@@ -227,7 +227,7 @@ class Node:
         self.links: dict[bytes, PartnerLink] = {}
         self.own_blocked: dict[str, str] = {}  # feed -> why publishing is refused
         self._own_targets: dict[str, int] = {}  # feed -> seq a partner holds of ours
-        self._trusted: set[bytes] | None = None  # cache of the trust policy's origin set
+        self._trusted: Callable[[bytes], bool] | None = None  # trust policy snapshot
         self.feed_locks: dict[str, asyncio.Lock] = {}
         self.listeners: set[Callable[[Sequence[Record]], None]] = set()
         self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
@@ -365,23 +365,29 @@ class Node:
         self.storage.set_meta("card:" + c.node.hex(), env)
         return True
 
-    def accepts_origin(self, origin: bytes) -> bool:
-        """Trust policy (config ``federation.accept``)."""
-        fed = self.config.federation
-        direct = set(self.links)
+    def trust_check(self) -> Callable[[bytes], bool]:
+        """The trust policy (config ``federation.accept``) as a function of an origin key,
+        over a frozen snapshot of partners and vouches: safe to call from worker threads,
+        rebuilt when partners or cards change."""
         if self._trusted is None:
-            self._trusted = (
-                self.vouch.trusted(self.public_key, direct, fed.vouch_hops)
-                if fed.accept == "vouched"
-                else set()
+            fed = self.config.federation
+            direct = frozenset(self.links)
+            vouched = frozenset(
+                self.vouch.trusted(self.public_key, set(direct), fed.vouch_hops)
+                if fed.accept == "vouched" else ()
             )
-        return sync.accept_origin(
-            origin,
-            policy=fed.accept,
-            self_key=self.public_key,
-            partners=direct,
-            vouched=self._trusted,
-        )
+            me, policy = self.public_key, fed.accept
+
+            def check(origin: bytes) -> bool:
+                return sync.accept_origin(origin, policy=policy, self_key=me,
+                                          partners=direct, vouched=vouched)
+
+            self._trusted = check
+        return self._trusted
+
+    def accepts_origin(self, origin: bytes) -> bool:
+        """Does the trust policy accept records of ``origin``?"""
+        return self.trust_check()(origin)
 
     # ------------------------------------------------------------------ ingest
 
@@ -421,9 +427,8 @@ class Node:
         self.metrics.duplicates.inc(res.duplicates)
         if not todo:
             return res
-        self.accepts_origin(self.public_key)  # compute the trusted set here, not in the thread
         verified = await asyncio.get_running_loop().run_in_executor(
-            None, self._verify_batch, todo, now
+            None, self._verify_batch, todo, now, self.trust_check()
         )
         to_store: list[Record] = []
         forks: list[tuple[Record, int]] = []
@@ -476,7 +481,8 @@ class Node:
         return res
 
     def _verify_batch(
-        self, todo: list[tuple[int, bytes, bytes, bytes]], now: int
+        self, todo: list[tuple[int, bytes, bytes, bytes]], now: int,
+        accept: Callable[[bytes], bool],
     ) -> list[tuple[int, Record | InvalidRecord]]:
         # Runs in a worker thread: the signature checks release the GIL.
         out: list[tuple[int, Record | InvalidRecord]] = []
@@ -484,7 +490,7 @@ class Node:
             try:
                 out.append(
                     (i, open_record(body, sig, now_ms=now, verifier=self.verifier,
-                                    policy=self.policy, rid=rid, accept=self.accepts_origin))
+                                    policy=self.policy, rid=rid, accept=accept))
                 )
             except InvalidRecord as exc:
                 out.append((i, exc))
@@ -762,6 +768,8 @@ class Node:
             except PeerError as exc:
                 log.warning("partner unreachable", extra=fields(partner=link.row.name,
                                                                 error=str(exc)))
+            finally:
+                link.first_attempt.set()
         return fetched
 
     async def _stop_link(self, link: PartnerLink) -> None:
@@ -919,6 +927,10 @@ class Node:
             except CitynodeError as exc:
                 self._mark(link, False, str(exc))
                 log.warning("sync failed", extra=fields(partner=link.row.name, error=str(exc)))
+                delay = self._backoff(link)
+            except Exception as exc:  # a bug must not end syncing with this partner
+                self._mark(link, False, f"internal error: {exc}")
+                log.exception("sync failed", extra=fields(partner=link.row.name))
                 delay = self._backoff(link)
             link.first_attempt.set()
             link.sync_now.clear()
@@ -1161,28 +1173,35 @@ class Node:
         while True:
             await self._tail_wake.wait()
             self._tail_wake.clear()
-            while True:
-                rows = await self._io(
-                    lambda: self.storage.query(after_rowid=self._tail_rowid, limit=1000)
-                )
-                for row in rows:
-                    self._tail_rowid = row.rowid
-                    shared: str | None = None
-                    for sub in self.subscribers:
-                        if sub.lagging or not sub.match(row):
-                            continue
-                        if sub.render is not None:
-                            text = sub.render(row)
-                        else:
-                            if shared is None:  # rendered once, for every subscriber
-                                shared = sse_event(row)
-                            text = shared
-                        try:
-                            sub.queue.put_nowait((row.rowid, text))
-                        except asyncio.QueueFull:
-                            sub.lagging = True
-                if len(rows) < 1000:
-                    break
+            try:
+                await self._tail_once()
+            except Exception:  # keep streams alive; the next commit retries
+                log.exception("live stream tail failed")
+                await asyncio.sleep(1.0)
+                self._tail_wake.set()
+
+    async def _tail_once(self) -> None:
+        while True:
+            rows = await self._io(
+                lambda: self.storage.query(after_rowid=self._tail_rowid, limit=1000)
+            )
+            if rows and self.subscribers:
+                # Rendering is the costly part: once per row, off the event loop.
+                texts = await self._io(_render_rows, rows)
+            else:
+                texts = []
+            for n, row in enumerate(rows):
+                self._tail_rowid = row.rowid
+                for sub in list(self.subscribers):
+                    if sub.lagging or not sub.match(row):
+                        continue
+                    text = sub.render(row) if sub.render is not None else texts[n]
+                    try:
+                        sub.queue.put_nowait((row.rowid, text))
+                    except asyncio.QueueFull:
+                        sub.lagging = True
+            if len(rows) < 1000:
+                return
 
     def tail_rowid(self) -> int:
         """The cursor of the newest row handed to streams."""
@@ -1224,3 +1243,7 @@ def sse_event(row: Any, key: Any = None) -> str:
     data = json.dumps(stored_record_json(row.envelope, key=key))
     # CRLF, as aiohttp-sse frames its keep-alive pings on the same stream.
     return f"id: {row.rowid}\r\nevent: record\r\ndata: {data}\r\n\r\n"
+
+
+def _render_rows(rows: Sequence[Any]) -> list[str]:
+    return [sse_event(r) for r in rows]

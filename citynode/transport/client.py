@@ -27,6 +27,21 @@ MSGPACK = "application/msgpack"
 _MAX_RESPONSE = 64 * 1024 * 1024
 
 
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole response body, refusing more than ``limit`` bytes. (StreamReader.read(n)
+    returns whatever is buffered, not everything up to n: a loop is needed.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise PeerError(f"{resp.url}: response larger than {limit} bytes")
+        chunks.append(chunk)
+
+
 def _ssl_for(url: str, fingerprint: bytes | None) -> Any:
     if not url.startswith("https://"):
         return None
@@ -98,10 +113,9 @@ class PeerClient:
             )
         try:
             sess = await self._sess()
-            async with sess.request(method, url, data=body, headers=headers) as resp:
-                data = await resp.content.read(_MAX_RESPONSE + 1)
-                if len(data) > _MAX_RESPONSE:
-                    raise PeerError(f"{url}: response larger than {_MAX_RESPONSE} bytes")
+            async with sess.request(method, url, data=body, headers=headers,
+                                    allow_redirects=False) as resp:
+                data = await read_bounded(resp, _MAX_RESPONSE)
                 if resp.status >= 400:
                     reason = data[:300].decode("utf-8", "replace").strip()
                     raise PeerRejected(f"{url}: HTTP {resp.status}: {reason}", resp.status)
@@ -167,9 +181,10 @@ async def fetch_card(
         async with aiohttp.ClientSession(timeout=t) as sess:
             ssl_first: Any = False if base.startswith("https://") else None
             async with sess.get(
-                base + "/.well-known/citynode", headers={"Accept": MSGPACK}, ssl=ssl_first
+                base + "/.well-known/citynode", headers={"Accept": MSGPACK}, ssl=ssl_first,
+                allow_redirects=False,
             ) as resp:
-                body = await resp.content.read(cards.CARD_LIMITS.max_bytes + 16)
+                body = await read_bounded(resp, cards.CARD_LIMITS.max_bytes + 16)
                 if resp.status != 200:
                     raise PeerError(f"{base}: no node card (HTTP {resp.status})")
             card = cards.open_card(
