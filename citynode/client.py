@@ -90,6 +90,14 @@ class Client:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
                                           sock_read=None),
         )
+        if self.key is not None and self.node_id is None:
+            # Signed requests name the node they are for: learn its id from its card
+            # (served over the connection pinned or validated above).
+            from citynode.core.cards import open_card
+
+            card = open_card(await self._get("/.well-known/citynode", unsigned=True),
+                             expected_node_id=None, verifier=self.verifier)
+            self.node_id = card.node_id
 
     async def close(self) -> None:
         if self._session is not None:
@@ -99,7 +107,9 @@ class Client:
     def _headers(self, path_qs: str, accept: str) -> dict[str, str]:
         h = {"Accept": accept}
         if self.key is not None:
-            h.update(httpsig.sign_request(self.key, "GET", path_qs, b"", _now_ms()))
+            assert self.node_id is not None  # learnt from the card in connect()
+            h.update(httpsig.sign_request(self.key, "GET", path_qs, b"", _now_ms(),
+                                          target=self.node_id))
         return h
 
     def _verify(self, envelope: bytes) -> Record:
@@ -108,14 +118,15 @@ class Client:
         # what the record is, not when it arrived.
         return open_record(body, sig, now_ms=2**62, verifier=self.verifier)
 
-    async def _get(self, path_qs: str, accept: str = "application/msgpack") -> bytes:
+    async def _get(self, path_qs: str, accept: str = "application/msgpack",
+                   unsigned: bool = False) -> bytes:
         if self._session is None:
             await self.connect()
         assert self._session is not None
         url = URL(self.url + path_qs, encoded=True)
         try:
             async with self._session.get(
-                url, headers=self._headers(path_qs, accept),
+                url, headers={"Accept": accept} if unsigned else self._headers(path_qs, accept),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as r:
                 data = await r.read()

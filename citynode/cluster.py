@@ -169,7 +169,8 @@ class LocalNode:
         return out
 
     async def feeds(self) -> list[dict[str, Any]]:
-        out = await self.api("GET", "/v1/feeds", operator=False)
+        """Every feed this node holds (the operator's view, whatever the access level)."""
+        out = await self.api("GET", "/v1/feeds")
         return list(out["feeds"])
 
     async def add_partner(self, other: LocalNode) -> None:

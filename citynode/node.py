@@ -232,6 +232,7 @@ class Node:
         self.listeners: set[Callable[[Sequence[Record]], None]] = set()
         self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
         self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
+        self._card_envs: set[bytes] = set()  # the envelopes in cards_seen
         self._tasks: set[asyncio.Task[Any]] = set()
         self.subscribers: set[Subscriber] = set()
         self.logs: dict[FeedKey, checkpoints.MerkleLog] = {}  # Merkle trees, built lazily
@@ -296,6 +297,9 @@ class Node:
         self.ready = False
         for link in list(self.links.values()):
             await self._stop_link(link)
+        commits = [t for t in self._tasks if t.get_name() == "commit"]
+        if commits:  # let writes already under way finish and be acknowledged
+            await asyncio.wait(commits, timeout=30)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -319,11 +323,12 @@ class Node:
     # ------------------------------------------------------------------ card
 
     def card(self) -> cards.NodeCard:
-        """Our signed node card (re-signed when partners or feeds change)."""
-        if self._card is None:
-            feeds = sorted(
-                {f for (o, f) in self.heads if o == self.public_key} | set(self.config.feeds)
-            )
+        """Our signed node card, re-signed whenever our partners or our feeds change (a
+        feed must be listed before partners relay it: unlisted feeds are not public)."""
+        feeds = sorted(
+            {f for (o, f) in self.heads if o == self.public_key} | set(self.config.feeds)
+        )
+        if self._card is None or [f.name for f in self._card.feeds] != feeds:
             self._card = cards.make_card(
                 self.key,
                 name=self.config.node.name,
@@ -342,6 +347,8 @@ class Node:
         return fc.access if fc is not None else "public"
 
     def _learn_card(self, env: bytes, expected_key: bytes | None = None) -> bool:
+        if env in self._card_envs:
+            return False  # seen exactly this one: no need to verify it again
         try:
             c = cards.open_card(
                 env,
@@ -357,6 +364,10 @@ class Node:
             return False
         if len(self.cards_seen) >= 10_000 and c.node not in self.cards_seen:
             return False
+        old = self.cards_seen.get(c.node)
+        if old is not None:
+            self._card_envs.discard(old)
+        self._card_envs.add(env)
         self.cards_seen[c.node] = env
         self.card_info[c.node] = c
         self.vouch.add_card(c.node, set(c.partners))
@@ -440,6 +451,10 @@ class Node:
             key = (rec.origin, rec.feed)
             if source is not None:
                 source.view.update(key, rec.seq)
+                c = self.card_info.get(rec.origin)
+                if c is not None and rec.origin != self.public_key and not any(
+                        f.name == rec.feed for f in c.feeds):
+                    source.sync_now.set()  # a feed newer than the card we hold: refresh
             if rec.id in self.inflight or rec.id in self.recent:
                 res.duplicate(i)
                 continue
@@ -448,12 +463,15 @@ class Node:
                     f"origin {node_id(rec.origin)} is not trusted by this node's policy "
                     f"({self.config.federation.accept})", "untrusted_origin"), source)
                 continue
-            if not self.quota.allow(rec.origin, len(rec.body), now):
+            d = classify(rec, self.heads.get(key), None)
+            if d.verdict is Verdict.EXTENDS and not self.quota.allow(
+                    rec.origin, len(rec.body), now):
+                # Charged only for records stored: re-sent or out-of-order copies cannot
+                # spend a third party's quota.
                 self._reject(
                     res, i, InvalidRecord("origin over its daily quota", "quota"), source
                 )
                 continue
-            d = classify(rec, self.heads.get(key), None)
             if d.verdict is Verdict.EXTENDS:
                 self._extend(rec, to_store)
                 res.accepted += 1
@@ -510,6 +528,14 @@ class Node:
     async def _commit(
         self, recs: list[Record], *, durable: bool, source: PartnerLink | None
     ) -> None:
+        """Commit records whose heads are already advanced in memory, then push and wake
+        streams. Shielded: a client that disconnects must not leave memory and database
+        apart (the write and everything after it run to the end regardless)."""
+        await asyncio.shield(self.spawn(self._commit_now(recs, durable, source), "commit"))
+
+    async def _commit_now(
+        self, recs: list[Record], durable: bool, source: PartnerLink | None
+    ) -> None:
         try:
             await asyncio.wrap_future(self.storage.append(recs, durable=durable))
         except CitynodeError:
@@ -517,6 +543,8 @@ class Node:
             # may be ahead of the database: reload them.
             for r in recs:
                 self.inflight.discard(r.id)
+            # Reload only after every write queued before ours has landed.
+            await asyncio.wrap_future(self.storage.set_meta("heads-reloaded", b""))
             raw = await self._io(self.storage.heads)
             self.heads = {k: FeedHead(s, h) for k, (s, h) in raw.items()}
             raise
@@ -556,9 +584,10 @@ class Node:
         c = self.card_info.get(origin)
         if c is None:
             return access.FeedPolicy(access.PARTNERS)
-        # A card lists every feed its node has configured (and those it has published);
-        # an unconfigured feed is public by the origin's own default.
-        level = next((f.access for f in c.feeds if f.name == feed), access.PUBLIC)
+        # A card lists every feed its node has configured or published when it signed
+        # it; a feed it does not list is newer than the card: unknown, so not public
+        # (the next card exchange tells).
+        level = next((f.access for f in c.feeds if f.name == feed), access.PARTNERS)
         return access.FeedPolicy(level, frozenset(c.partners))
 
     def _may_send(self, link: PartnerLink, rec: Record) -> bool:
@@ -617,6 +646,10 @@ class Node:
         else:
             a, _b = verify_fork_proof(proof, self.verifier)
             origin, feed, seq, kind, enc = a.origin, a.feed, a.seq, "fork", proof.encode()
+        if not self.accepts_origin(origin):
+            # Proofs about strangers are no business of ours (and would let anyone fill
+            # our database and our partners' with them).
+            raise InvalidProof("proof about an origin this node does not trust")
         new = await asyncio.wrap_future(
             self.storage.add_fork_proof(origin, feed, seq, kind, enc, src, self.now_ms())
         )
@@ -668,8 +701,6 @@ class Node:
                 raise PublishRefused(self.own_blocked[feed])
             key = (self.public_key, feed)
             head = self.heads.get(key)
-            if head is None:
-                self._card = None  # a new feed of ours: the card lists our feeds
             now = self.now_ms()
             fc = self.config.feeds.get(feed)
             readers = ([parse_node_id(r) for r in fc.readers]
@@ -738,6 +769,7 @@ class Node:
         client = PeerClient(
             self.key,
             row.url,
+            node_id=row.node_id,
             fingerprint=row.tls_fingerprint,
             timeout=self.config.limits.read_timeout_seconds,
             clock=self.clock,
@@ -893,6 +925,9 @@ class Node:
                 continue
             if not self.accepts_origin(key[0]):
                 continue
+            if len(link.graft_pending) >= 64:
+                link.sync_now.set()  # many gaps at once: one pull round instead
+                break
             link.graft_pending.add(key)
             self.spawn(self._graft_later(link, key, seq), "graft")
 
@@ -960,7 +995,7 @@ class Node:
             accept=lambda o: self.accepts_origin(o) and not self.quota.exhausted(o, now),
             batch=self.config.limits.max_batch_records,
         )
-        self._own_feed_safety(theirs, link)
+        await self._own_feed_safety(theirs, link)
         if plan.wants and not self.own_blocked and progress is None:
             # Records still travelling by push would be fetched twice: let them land,
             # then fetch only what is still missing.
@@ -1027,24 +1062,54 @@ class Node:
     def _relayable(self, origin: bytes, feed: str, link: PartnerLink) -> bool:
         return access.may_relay(self.feed_policy(origin, feed), origin, link.key)
 
-    def _own_feed_safety(self, theirs: sync.Frontier, link: PartnerLink) -> None:
+    async def _own_feed_safety(self, theirs: sync.Frontier, link: PartnerLink) -> None:
         """If a partner holds later records of our own feeds than we do (e.g. we were
-        restored from an old backup), refuse to publish there until we caught up."""
-        for (origin, feed), (seq, _hid) in theirs.items():
+        restored from an old backup), refuse to publish there until we caught up.
+
+        Publishing on the feed pauses at once. A frontier is not signed, though, so the
+        pause lasts only if the partner then shows the record at the head it claims,
+        signed by us; a false claim is counted and the pause lifted."""
+        for (origin, feed), (seq, hid) in theirs.items():
             if origin != self.public_key:
                 continue
             mine = self.heads.get((origin, feed))
-            if mine is None or mine.seq < seq:
-                why = (
-                    f"feed {feed!r}: partner {link.row.name} holds our records up to seq {seq} "
-                    f"but this node has only {mine.seq if mine else 0} (restored from an old "
-                    "backup?): fetching them before publishing again, to never sign two "
-                    "records with one seq"
-                )
-                if feed not in self.own_blocked:
-                    log.warning("publishing paused", extra=fields(feed=feed, reason=why))
-                self.own_blocked[feed] = why
-                self._own_targets[feed] = max(self._own_targets.get(feed, 0), seq)
+            have = mine.seq if mine else 0
+            if have >= seq or self._own_targets.get(feed, 0) >= seq:
+                continue
+            why = (
+                f"feed {feed!r}: partner {link.row.name} holds our records up to seq {seq} "
+                f"but this node has only {have} (restored from an old backup?): fetching "
+                "them before publishing again, to never sign two records with one seq"
+            )
+            if feed not in self.own_blocked:
+                log.warning("publishing paused", extra=fields(feed=feed, reason=why))
+            self.own_blocked[feed] = why
+            if await self._proves_own_record(link, feed, seq, hid):
+                self._own_targets[feed] = seq
+                continue
+            self.count_invalid(link, "false_claim",
+                               f"claims our feed {feed!r} up to seq {seq} but does not "
+                               "show that record signed by us")
+            if self._own_targets.get(feed, 0) <= have:
+                self.own_blocked.pop(feed, None)
+
+    async def _proves_own_record(self, link: PartnerLink, feed: str, seq: int,
+                                 head: bytes) -> bool:
+        try:
+            envs = await link.client.fetch(
+                sync.encode_wants([sync.Want(self.public_key, feed, seq, seq)]))
+        except PeerError:
+            return False
+        for env in envs[:1]:
+            try:
+                body, sig = decode_envelope(env, self.policy.body_limits)
+                rec = open_record(body, sig, now_ms=2**62, verifier=self.verifier,
+                                  policy=self.policy)
+            except InvalidRecord:
+                return False
+            return (rec.origin == self.public_key and rec.feed == feed and rec.seq == seq
+                    and rec.id == head)
+        return False
 
     def _release_own_blocks(self) -> None:
         for feed in list(self.own_blocked):
@@ -1090,6 +1155,10 @@ class Node:
     async def merkle_log(self, origin: bytes, feed: str, size: int) -> checkpoints.MerkleLog:
         """The Merkle tree of a feed held here, with at least ``size`` leaves. Raises
         ChainError if this node holds fewer than ``size`` records of it."""
+        head = self.heads.get((origin, feed))
+        if head is None or head.seq < size:
+            raise ChainError(f"this node holds {head.seq if head else 0} records of that "
+                             f"feed, not {size}")
         log_ = self.logs.setdefault((origin, feed), checkpoints.MerkleLog())
         start = log_.size
         if start < size:

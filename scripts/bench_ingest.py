@@ -93,7 +93,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         await cluster.start()
         await target.api("POST", "/v1/admin/partners",
                          json_body={"url": f"https://127.0.0.1:{lport}", "id": loader.node_id})
-        client = PeerClient(loader.key, target.url, fingerprint=target.fingerprint,
+        client = PeerClient(loader.key, target.url, node_id=target.node_id,
+                            fingerprint=target.fingerprint,
                             timeout=120)
 
         async def pusher(my_feeds: list[list[bytes]]) -> int:

@@ -63,8 +63,14 @@ async def inproc(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[InProc
     """Factory: ``await inproc("Jakarta", settings={...})`` -> a running in-process node."""
     made: list[InProc] = []
 
-    async def make(name: str, settings: dict[tuple[str, str], Any] | None = None) -> InProc:
+    async def make(name: str, settings: dict[tuple[str, str], Any] | None = None,
+                   feeds: dict[str, str] | None = None) -> InProc:
+        """``feeds``: feed name -> access level, written to node.toml (so the node's card
+        lists them, as it lists every feed it publishes through its own API)."""
         d = make_node_dir(tmp_path, name, settings=settings)
+        with open(d / "node.toml", "a") as f:
+            for feed, level in (feeds or {}).items():
+                f.write(f'\n[feeds.{feed}]\naccess = "{level}"\n')
         node = Node.load(d)
         await node.start()
         runner = await serve(node, host="127.0.0.1", port=node.config.node.listen_port)

@@ -446,7 +446,7 @@ def test_request_signature_example_is_what_the_code_signs() -> None:
     doc = _doc()
     body = encode_frontier({})
     headers = httpsig.sign_request(KEY_A, "POST", "/v1/sync", body, EXAMPLE_TIME_MS,
-                                   nonce="AAAAAAAAAAAAAAAAAAAAAA")
+                                   nonce="AAAAAAAAAAAAAAAAAAAAAA", target=KEY_B.node_id)
     shown = _fenced(doc, "http request-example")
     expected = "POST /v1/sync HTTP/1.1\n" + "".join(f"{k}: {v}\n" for k, v in headers.items())
     assert shown.startswith(expected)
@@ -456,7 +456,8 @@ def test_request_signature_example_is_what_the_code_signs() -> None:
     assert f"body `{body.hex()}`" in doc
     # The example verifies, as the request it shows, at its own time.
     key = httpsig.verify_request("POST", "/v1/sync", headers, body, now_ms=EXAMPLE_TIME_MS,
-                                 replay=httpsig.ReplayCache(), verifier=Verifier())
+                                 replay=httpsig.ReplayCache(), verifier=Verifier(),
+                                 expected_target=KEY_B.node_id)
     assert key == KEY_A.public_key
 
 

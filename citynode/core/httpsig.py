@@ -5,7 +5,7 @@ adds three headers (docs/PROTOCOL.md, "Request signatures")::
 
     Content-Digest: sha-256=:<base64 SHA-256 of the body>:            (RFC 9530)
     Signature-Input: cn=("@method" "@path" "@query" "content-digest");created=<s>;\
-keyid="cn1...";nonce="<base64url>";alg="ed25519"
+keyid="cn1...";nonce="<base64url>";alg="ed25519";tag="cn1...<target node>"
     Signature: cn=:<base64 Ed25519 signature>:
 
 The signature is over the RFC 9421 §2.5 signature base, e.g.::
@@ -14,7 +14,7 @@ The signature is over the RFC 9421 §2.5 signature base, e.g.::
     "@path": /v1/sync
     "@query": ?since=3
     "content-digest": sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:
-    "@signature-params": ("@method" "@path" "@query" "content-digest");created=...
+    "@signature-params": ("@method" "@path" "@query" "content-digest");created=...;tag="cn1..."
 
 (lines joined by LF, no LF after the last), with one departure from RFC 9421: what is
 signed is ``DOMAIN_REQUEST || base``, the domain prefix every citynode signature carries,
@@ -23,12 +23,16 @@ RFC 9421 verifier therefore does not verify these signatures as they stand.
 
 Rules: the covered components are exactly those four, in that order; the parameters
 are exactly ``created`` (integer seconds), ``keyid`` (the sender's node id), ``nonce``
-(16 to 64 base64url characters) and ``alg`` (``"ed25519"``), in any order, each once.
-A request is refused if ``created`` is more than ``max_age_ms`` in the past or more
-than 60 s in the future, or if its (key, nonce) was already seen (:class:`ReplayCache`).
+(16 to 64 base64url characters), ``alg`` (``"ed25519"``) and ``tag`` (the node id of
+the node the request is for, RFC 9421 §2.3), in any order, each once. A request is
+refused if its ``tag`` is not the receiving node's id (so a node cannot replay a
+request it received to a third node), if ``created`` is more than ``max_age_ms`` in
+the past or more than 60 s in the future, or if its (key, nonce) was already seen
+(:class:`ReplayCache`).
 
-This module only proves who signed a request; whether that node may do what it asks
-is the caller's decision.
+This module proves who signed a request and for which node; whether the signer may do
+what it asks is the caller's decision, which :func:`verify_request` takes as its
+``authorize`` callback so that refused signers never reach the replay cache.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import binascii
 import hashlib
 import heapq
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import nacl.utils
@@ -67,7 +71,10 @@ MAX_FUTURE_SKEW_MS = 60_000
 MAX_HEADER_LEN = 4096
 DEFAULT_REPLAY_ENTRIES = 100_000
 
+# ``tag`` is required too, but checked apart so that a request without one (signed for
+# no node in particular) is refused as signed for another node, saying why.
 _PARAMS = frozenset({"created", "keyid", "nonce", "alg"})
+_TAG = "tag"
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token (a method)
 _TARGET_RE = re.compile(r"/[\x21-\x7e]*")  # origin-form, visible ASCII: no line breaks
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -249,6 +256,14 @@ def signature_base(method: str, path_qs: str, content_digest: str, sig_params: s
     ).encode("ascii")
 
 
+def _canonical_node_id(text: str, what: str) -> str:
+    """``text`` as a canonical node id; :class:`ValueError` (a caller bug) if it is none."""
+    try:
+        return node_id(parse_node_id(text))
+    except InvalidNodeId as exc:
+        raise ValueError(f"{what} must be a node id (cn1...): {exc}") from exc
+
+
 def sign_request(
     key: SigningKey,
     method: str,
@@ -256,15 +271,21 @@ def sign_request(
     body: bytes,
     now_ms: int,
     nonce: str | None = None,
+    *,
+    target: str,
 ) -> dict[str, str]:
-    """Return the headers that sign this request as ``key``'s node, created at ``now_ms``.
+    """Return the headers that sign this request as ``key``'s node, created at ``now_ms``,
+    for the node whose id is ``target``.
 
     ``method`` is upper-cased (as aiohttp sends it); ``path_qs`` is the request target
     exactly as it goes on the wire (path and query, percent-encoded, starting with ``/``).
-    ``nonce`` defaults to 16 random bytes, base64url. Raises :class:`ValueError` if the
-    method, target, time or nonce is malformed -- a bug in the caller, never input from
+    ``nonce`` defaults to 16 random bytes, base64url. ``target`` is the node id of the
+    receiving node; it is signed as the ``tag`` parameter (in canonical form), and only
+    that node accepts the request. Raises :class:`ValueError` if the method, target,
+    time, nonce or ``target`` is malformed -- a bug in the caller, never input from
     another node.
     """
+    target = _canonical_node_id(target, "the target of a signed request")
     method = method.upper()
     if not _TOKEN_RE.fullmatch(method):
         raise ValueError(f"HTTP method {method!r} is not a token")
@@ -278,7 +299,13 @@ def sign_request(
         raise ValueError("nonce must be 16 to 64 base64url characters")
     digest = _content_digest(body)
     params = _serialize_params(
-        [("created", now_ms // 1000), ("keyid", key.node_id), ("nonce", nonce), ("alg", ALG)]
+        [
+            ("created", now_ms // 1000),
+            ("keyid", key.node_id),
+            ("nonce", nonce),
+            ("alg", ALG),
+            (_TAG, target),
+        ]
     )
     sig = key.sign(DOMAIN_REQUEST, signature_base(method, path_qs, digest, params))
     return {
@@ -333,6 +360,7 @@ class _SigInput(NamedTuple):
     keyid: str
     nonce: str
     alg: str
+    tag: str | None  # None: the signature names no target node
 
 
 def _parse_signature_input(value: str) -> _SigInput:
@@ -347,23 +375,27 @@ def _parse_signature_input(value: str) -> _SigInput:
             "the Signature-Input header must cover exactly "
             '("@method" "@path" "@query" "content-digest")'
         )
-    if params.keys() != _PARAMS:
+    if params.keys() - {_TAG} != _PARAMS:
         raise AccessDenied(
             "the Signature-Input header must have exactly the parameters "
-            "created, keyid, nonce and alg"
+            "created, keyid, nonce, alg and tag"
         )
     created = params["created"]
     if type(created) is not int or created < 0:
         raise AccessDenied("the Signature-Input created parameter must be an integer >= 0")
     strings: dict[str, str] = {}
-    for name in ("keyid", "nonce", "alg"):
+    for name in ("keyid", "nonce", "alg", _TAG):
+        if name not in params:  # only tag can be absent here
+            continue
         v = params[name]
         if type(v) is not str:
             raise AccessDenied(f"the Signature-Input {name} parameter must be a quoted string")
         strings[name] = v
     # Re-serialized in the order received, as RFC 9421 §2.3 asks.
     text = _serialize_params([(k, created if k == "created" else strings[k]) for k in params])
-    return _SigInput(text, created, strings["keyid"], strings["nonce"], strings["alg"])
+    return _SigInput(
+        text, created, strings["keyid"], strings["nonce"], strings["alg"], strings.get(_TAG)
+    )
 
 
 def verify_request(
@@ -376,21 +408,37 @@ def verify_request(
     max_age_ms: int = DEFAULT_MAX_AGE_MS,
     replay: ReplayCache,
     verifier: Verifier,
+    expected_target: str,
+    authorize: Callable[[bytes], bool] | None = None,
 ) -> bytes:
     """Check the signature of a received request; return the sender's public key.
 
     ``method`` and ``path_qs`` are as received (the raw, still percent-encoded target
     with its query string); ``headers`` is any mapping, looked up without regard to
-    case. Checks, cheapest first: the headers are present, short and well formed; the
-    algorithm is ed25519; keyid is a node id; ``created`` is at most ``max_age_ms`` old
-    and at most 60 s ahead of ``now_ms``; the body matches Content-Digest; the signature
-    verifies; and only then that the nonce is new (so unsigned junk never fills
-    ``replay``). Raises :class:`AccessDenied` with what was wrong, and nothing else for
-    any header values; :class:`ValueError` if ``max_age_ms`` exceeds the cache's (the
-    cache would forget nonces this call still accepts).
+    case; ``expected_target`` is this (the receiving) node's id. Checks, cheapest
+    first: the headers are present, short and well formed; the algorithm is ed25519;
+    keyid is a node id; the ``tag`` is ``expected_target`` (a request signed for
+    another node, or for none, is refused: this is what stops a node replaying a
+    request it received to a third node); ``created`` is at most ``max_age_ms`` old and
+    at most 60 s ahead of ``now_ms``; the body matches Content-Digest; the signature
+    verifies; then ``authorize(public_key)``, when given, must return ``True`` (anything
+    else refuses); and only then that the nonce is new, so neither unsigned junk nor
+    signers ``authorize`` refuses ever enter ``replay``.
+
+    Servers MUST pass ``authorize`` on partner endpoints (e.g. "is this key a partner"):
+    without it any node can mint keys and fill the shared replay cache with valid
+    signatures until every partner request is refused as "busy". An endpoint open to
+    any signer (signed reads) should use a :class:`ReplayCache` of its own, so that
+    filling it cannot block the partner endpoints.
+
+    Raises :class:`AccessDenied` with what was wrong, and nothing else for any header
+    values; :class:`ValueError` if ``max_age_ms`` exceeds the cache's (the cache would
+    forget nonces this call still accepts) or ``expected_target`` is not a node id --
+    both bugs in the caller. Whatever ``authorize`` raises propagates unchanged.
     """
     if max_age_ms > replay.max_age_ms:
         raise ValueError("max_age_ms is longer than the replay cache remembers nonces")
+    expected_target = _canonical_node_id(expected_target, "expected_target")
     h = _find_headers(headers)
     if not _TOKEN_RE.fullmatch(method) or not _TARGET_RE.fullmatch(path_qs):
         raise AccessDenied("the request method or target is malformed")
@@ -416,6 +464,17 @@ def verify_request(
         raise AccessDenied("the signature keyid is not a node id in its canonical form")
     if not _NONCE_RE.fullmatch(nonce):
         raise AccessDenied("the signature nonce must be 16 to 64 base64url characters")
+    if si.tag is None:
+        raise AccessDenied(
+            "request was signed for another node (its signature has no tag naming the "
+            f"node it is for; this node is {expected_target}): the sender must sign with "
+            'tag="<receiving node id>"'
+        )
+    if si.tag != expected_target:
+        raise AccessDenied(
+            f"request was signed for another node ({si.tag[:64]!r}, not this node "
+            f"{expected_target}): a signed request is accepted only by the node it names"
+        )
 
     created_ms = si.created * 1000
     if now_ms - created_ms > max_age_ms:
@@ -441,6 +500,10 @@ def verify_request(
             f"request signature does not verify against the key of {keyid}: the request "
             "was altered, or not signed by that node"
         ) from exc
+    # After the signature (the key is proven) and before the cache (a refused signer
+    # must not be able to fill it): see the docstring.
+    if authorize is not None and authorize(public_key) is not True:
+        raise AccessDenied(f"request signed by a node that is not allowed here ({keyid})")
     replay.check_and_add(public_key, nonce, created_ms, now_ms)
     return public_key
 
@@ -488,7 +551,8 @@ class ReplayCache:
             # Full of pairs that have not expired. Forgetting one would let an attacker
             # who floods us replay a captured request once its pair is gone, so we fail
             # closed: refuse new requests until pairs expire (at most max_age_ms). Only
-            # validly signed requests get here, so the flood comes from a partner's key.
+            # validly signed requests from signers the caller authorized get here, so on
+            # a partner endpoint the flood comes from a partner's key.
             raise AccessDenied(
                 "busy: too many recent signed requests to check for replays; retry shortly"
             )

@@ -74,11 +74,13 @@ class PeerClient:
         key: SigningKey,
         base_url: str,
         *,
+        node_id: str,
         fingerprint: bytes | None,
         timeout: float = 30.0,
         clock: Any = time.time,
     ) -> None:
         self.key = key
+        self.node_id = node_id  # the partner's: every request is signed for it alone
         self.base_url = base_url.rstrip("/")
         self._ssl = _ssl_for(self.base_url, fingerprint)
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(10.0, timeout))
@@ -109,7 +111,8 @@ class PeerClient:
         headers = {"Accept": MSGPACK, "Content-Type": MSGPACK}
         if signed:
             headers.update(
-                httpsig.sign_request(self.key, method, path, body, int(self._clock() * 1000))
+                httpsig.sign_request(self.key, method, path, body, int(self._clock() * 1000),
+                                     target=self.node_id)
             )
         try:
             sess = await self._sess()

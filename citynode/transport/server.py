@@ -53,6 +53,10 @@ MSGPACK = "application/msgpack"
 JSON = "application/json"
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
 REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("replay", httpsig.ReplayCache)
+# Signed reads accept any node's key: their nonces live in a cache of their own, so no
+# stranger can fill the one partner requests depend on.
+READ_REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("read_replay",
+                                                              httpsig.ReplayCache)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -122,9 +126,10 @@ def _require_operator(request: web.Request) -> None:
 
 
 async def _require_partner(request: web.Request, body: bytes) -> bytes:
-    """Verify the request signature; return the partner's public key."""
+    """Verify the request signature (made for this node, by a listed partner, fresh, not
+    replayed); return the partner's public key. Raises AccessDenied."""
     node = request.app[NODE_KEY]
-    key = httpsig.verify_request(
+    return httpsig.verify_request(
         request.method,
         request.rel_url.raw_path_qs,
         request.headers,
@@ -133,10 +138,9 @@ async def _require_partner(request: web.Request, body: bytes) -> bytes:
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
         replay=request.app[REPLAY_KEY],
         verifier=node.verifier,
+        expected_target=node.node_id,
+        authorize=lambda key: key in node.links,
     )
-    if key not in node.links:
-        raise AccessDenied("request signed by a node that is not a partner of this node")
-    return key
 
 
 def _is_operator(request: web.Request) -> bool:
@@ -172,8 +176,9 @@ async def _caller(request: web.Request) -> bytes | None:
         b"",
         now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
-        replay=request.app[REPLAY_KEY],
+        replay=request.app[READ_REPLAY_KEY],
         verifier=node.verifier,
+        expected_target=node.node_id,
     )
 
 
@@ -668,9 +673,9 @@ def build_app(node: Node) -> web.Application:
         middlewares=[errors_middleware], client_max_size=node.config.limits.max_request_bytes
     )
     app[NODE_KEY] = node
-    app[REPLAY_KEY] = httpsig.ReplayCache(
-        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000)
-    )
+    max_age = int(node.config.limits.request_max_age_seconds * 1000)
+    app[REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)
+    app[READ_REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)
     r = app.router
     r.add_get("/.well-known/citynode", card)
     r.add_get("/healthz", healthz)

@@ -1,11 +1,12 @@
 """Request signatures (citynode.core.httpsig): round trip, every tampering, time window,
-replays, the replay cache, header syntax, and robustness against arbitrary headers."""
+replays (also to another node), the authorize hook, the replay cache, header syntax, and
+robustness against arbitrary headers."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +27,8 @@ from citynode.errors import AccessDenied
 NOW = 1_732_780_000_123
 KEY = SigningKey(bytes(range(32)))
 OTHER = SigningKey(bytes(range(1, 33)))
+HERE = SigningKey(bytes([7]) * 32).node_id  # the node the requests are signed for
+ELSEWHERE = SigningKey(bytes([8]) * 32).node_id  # a third node
 NONCE = "AAECAwQFBgcICQoLDA0ODw"
 BODY = b'{"want": [1, 2, 3]}'
 TARGET = "/v1/sync?since=3&feed=air"
@@ -33,19 +36,21 @@ TARGET = "/v1/sync?since=3&feed=air"
 
 def _sign(
     method: str = "POST", target: str = TARGET, body: bytes = BODY, now: int = NOW,
-    nonce: str | None = NONCE, key: SigningKey = KEY,
+    nonce: str | None = NONCE, key: SigningKey = KEY, to: str = HERE,
 ) -> dict[str, str]:
-    return sign_request(key, method, target, body, now, nonce)
+    return sign_request(key, method, target, body, now, nonce, target=to)
 
 
 def _verify(
     headers: Mapping[str, str], method: str = "POST", target: str = TARGET,
     body: bytes = BODY, now: int = NOW, replay: ReplayCache | None = None,
-    max_age_ms: int = DEFAULT_MAX_AGE_MS,
+    max_age_ms: int = DEFAULT_MAX_AGE_MS, at: str = HERE,
+    authorize: Callable[[bytes], bool] | None = None,
 ) -> bytes:
     return verify_request(
         method, target, headers, body, now_ms=now, max_age_ms=max_age_ms,
         replay=replay if replay is not None else ReplayCache(), verifier=Verifier(),
+        expected_target=at, authorize=authorize,
     )
 
 
@@ -66,7 +71,8 @@ def _resign_with(sig_params: str, method: str = "POST", target: str = TARGET,
     }
 
 
-PARAMS = f'created={NOW // 1000};keyid="{KEY.node_id}";nonce="{NONCE}";alg="ed25519"'
+PARAMS = (f'created={NOW // 1000};keyid="{KEY.node_id}";nonce="{NONCE}";alg="ed25519";'
+          f'tag="{HERE}"')
 COVERED = '("@method" "@path" "@query" "content-digest")'
 
 
@@ -268,6 +274,169 @@ def test_keyid_not_a_node_id() -> None:
             "canonical form")
 
 
+# -- the target node (tag): no replay to another node --------------------------------------
+
+
+def test_tag_is_the_canonical_target_node_id() -> None:
+    assert f';tag="{HERE}"' in _sign()["Signature-Input"]
+    # Spelled otherwise (upper-case body, surrounding space), it is signed canonically.
+    sloppy = " cn1" + HERE[3:].upper() + " "
+    assert _sign(to=sloppy)["Signature-Input"] == _sign()["Signature-Input"]
+    assert _verify(_sign(), at=sloppy) == KEY.public_key
+
+
+def test_request_replayed_to_another_node_is_refused() -> None:
+    # A signs for B (HERE); B accepts it, then replays it to C (ELSEWHERE), whose
+    # replay cache has never seen the nonce.
+    h = _sign()
+    assert _verify(h, replay=ReplayCache(), at=HERE) == KEY.public_key
+    cache_c = ReplayCache()
+    _denied(h, f"signed for another node \\('{HERE}', not this node {ELSEWHERE}\\)",
+            replay=cache_c, at=ELSEWHERE)
+    assert len(cache_c) == 0
+    # Signed for C, the same request is accepted by C and refused by B.
+    assert _verify(_sign(to=ELSEWHERE), at=ELSEWHERE) == KEY.public_key
+    _denied(_sign(to=ELSEWHERE), "signed for another node", at=HERE)
+
+
+def test_missing_tag_is_refused_even_when_correctly_signed() -> None:
+    no_tag = PARAMS.replace(f';tag="{HERE}"', "")
+    assert "tag" not in no_tag
+    cache = ReplayCache()
+    _denied(_resign_with(f"{COVERED};{no_tag}"), "signed for another node \\(its signature "
+            f"has no tag naming the node it is for; this node is {HERE}\\)", replay=cache)
+    assert len(cache) == 0
+    _denied(_edit_input(f';tag="{HERE}"', ""), "signed for another node")
+
+
+def test_tampered_tag() -> None:
+    # B rewrites the tag to C's id to replay the request there: the signature breaks.
+    _denied(_edit_input(HERE, ELSEWHERE), f"does not verify against the key of {KEY.node_id}",
+            at=ELSEWHERE)
+    # Any other edit names another node than this one.
+    _denied(_edit_input(HERE, ELSEWHERE), "signed for another node", at=HERE)
+    _denied(_edit_input(f'tag="{HERE}"', 'tag="x"'), "signed for another node \\('x'")
+    # A correctly signed tag that is not even a node id is just another node's.
+    _denied(_resign_with(f"{COVERED};{PARAMS.replace(HERE, HERE[:-1])}"),
+            "signed for another node")
+
+
+@pytest.mark.parametrize(("old", "new", "match"), [
+    (f'tag="{HERE}"', "tag=1", "tag parameter must be a quoted string"),
+    (f'tag="{HERE}"', "tag=?1", "tag parameter must be a quoted string"),
+    (f'tag="{HERE}"', f'tag="{HERE}";tag="{HERE}"', "appears twice"),
+    (f'tag="{HERE}"', f'tagx="{HERE}"', "exactly the parameters created, keyid, nonce, alg "
+                                        "and tag"),
+])
+def test_malformed_tag(old: str, new: str, match: str) -> None:
+    _denied(_edit_input(old, new), match)
+
+
+@pytest.mark.parametrize("to", ["", "cn1", HERE[:-1] + "a", OTHER.node_id[3:], 42])
+def test_sign_request_needs_a_node_id_as_target(to: object) -> None:
+    with pytest.raises(ValueError, match="target of a signed request must be a node id"):
+        _sign(to=to)  # type: ignore[arg-type]
+
+
+def test_sign_request_target_is_required_and_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        sign_request(KEY, "POST", TARGET, BODY, NOW, NONCE)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        sign_request(KEY, "POST", TARGET, BODY, NOW, NONCE, HERE)  # type: ignore[call-arg]
+
+
+def test_expected_target_not_a_node_id_is_a_bug() -> None:
+    with pytest.raises(ValueError, match="expected_target must be a node id"):
+        _verify(_sign(), at=HERE[:-1])
+    with pytest.raises(TypeError):
+        verify_request("POST", TARGET, _sign(), BODY, now_ms=NOW,  # type: ignore[call-arg]
+                       replay=ReplayCache(), verifier=Verifier())
+
+
+# -- authorize: refused signers never reach the replay cache ------------------------------
+
+
+def test_authorize_false_refuses_without_touching_the_cache() -> None:
+    cache = ReplayCache()
+    assert _verify(_sign(nonce="Z" * 22), replay=cache) == KEY.public_key
+    seen: list[bytes] = []
+
+    def nobody(key: bytes) -> bool:
+        seen.append(key)
+        return False
+
+    h = _sign()
+    _denied(h, f"request signed by a node that is not allowed here \\({KEY.node_id}\\)",
+            replay=cache, authorize=nobody)
+    assert seen == [KEY.public_key]
+    assert len(cache) == 1
+    # The nonce was not used up: once the signer is allowed, the same request passes,
+    # and only then is it a replay.
+    assert _verify(h, replay=cache, authorize=lambda k: True) == KEY.public_key
+    assert len(cache) == 2
+    _denied(h, "replay", replay=cache, authorize=lambda k: True)
+
+
+def test_a_stranger_cannot_fill_the_cache_partners_need() -> None:
+    cache = ReplayCache(max_entries=3)
+
+    def partners(k: bytes) -> bool:
+        return k == KEY.public_key
+
+    for i in range(10):
+        stranger = SigningKey(bytes([100 + i]) * 32)
+        _denied(_sign(key=stranger), "not allowed here", replay=cache, authorize=partners)
+    assert len(cache) == 0
+    for i in range(3):
+        assert _verify(_sign(nonce=f"{i}" * 22), replay=cache,
+                       authorize=partners) == KEY.public_key
+    assert len(cache) == 3
+
+
+def test_authorize_true_accepts_and_is_given_the_signers_key() -> None:
+    cache = ReplayCache()
+    seen: list[bytes] = []
+
+    def everyone(key: bytes) -> bool:
+        seen.append(key)
+        return True
+
+    assert _verify(_sign(key=OTHER), replay=cache, authorize=everyone) == OTHER.public_key
+    assert seen == [OTHER.public_key]
+    assert len(cache) == 1
+
+
+@pytest.mark.parametrize("answer", [None, 1, "yes", object()])
+def test_authorize_anything_but_true_refuses(answer: object) -> None:
+    cache = ReplayCache()
+    _denied(_sign(), "not allowed here", replay=cache, authorize=lambda k: answer)
+    assert len(cache) == 0
+
+
+def test_authorize_is_not_asked_before_the_signature_verifies() -> None:
+    asked: list[bytes] = []
+
+    def spy(key: bytes) -> bool:
+        asked.append(key)
+        return True
+
+    _denied(_sign(), "does not verify", method="GET", authorize=spy)
+    _denied(_sign(), "signed for another node", at=ELSEWHERE, authorize=spy)
+    _denied(_sign(), "ago, more than", now=NOW + DEFAULT_MAX_AGE_MS + 1000, authorize=spy)
+    assert asked == []
+
+
+def test_authorize_errors_propagate_and_leave_the_cache_alone() -> None:
+    cache = ReplayCache()
+
+    def broken(key: bytes) -> bool:
+        raise RuntimeError("partner list unavailable")
+
+    with pytest.raises(RuntimeError, match="partner list unavailable"):
+        _verify(_sign(), replay=cache, authorize=broken)
+    assert len(cache) == 0
+
+
 # -- time window and replays ------------------------------------------------------------
 
 
@@ -376,7 +545,8 @@ def test_cache_parameters_must_be_positive(kw: dict[str, int]) -> None:
 
 
 def test_parameters_in_another_order_verify() -> None:
-    params = f'alg="ed25519";nonce="{NONCE}";created={NOW // 1000};keyid="{KEY.node_id}"'
+    params = (f'alg="ed25519";nonce="{NONCE}";tag="{HERE}";created={NOW // 1000};'
+              f'keyid="{KEY.node_id}"')
     assert _verify(_resign_with(f"{COVERED};{params}")) == KEY.public_key
 
 

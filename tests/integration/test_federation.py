@@ -55,7 +55,7 @@ async def holdings(n: LocalNode) -> dict[FeedKey, list[tuple[int, str]]]:
         while True:
             page = await n.api(
                 "GET", f"/v1/records?origin={origin}&feed={feed}&limit=1000&after={after}",
-                operator=False,
+                operator=True,  # what the node holds, whatever the feed's access level
             )
             rows.extend((r["seq"], r["id"]) for r in page["records"])
             if page["next"] is None:

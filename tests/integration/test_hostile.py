@@ -74,7 +74,7 @@ async def holdings(n: LocalNode) -> dict[tuple[str, str], list[tuple[int, str]]]
     out = {}
     for origin, feed in await state(n):
         page = await n.api("GET", f"/v1/records?origin={origin}&feed={feed}&limit=1000",
-                           operator=False)
+                           operator=True)
         assert page["next"] is None
         out[(origin, feed)] = [(r["seq"], r["id"]) for r in page["records"]]
     return out
@@ -130,9 +130,11 @@ async def arena(cluster: Cluster, inproc: Make, **h_limits: Any) -> AsyncIterato
         set_config(h.dir / "node.toml", "limits", k, v)
     await cluster.start()
     await cluster.link(h, y)
-    x = await inproc("Mallory", settings=FAST)
+    # Mallory's records are signed here, not published through its node, so its card
+    # must name their feeds (a feed no card lists is treated as partners-only).
+    x = await inproc("Mallory", settings=FAST, feeds={"x": "public", "evil": "public"})
     await h.api("POST", "/v1/admin/partners", json_body={"url": x.url, "id": x.node.node_id})
-    client = PeerClient(x.node.key, h.url, fingerprint=h.fingerprint)
+    client = PeerClient(x.node.key, h.url, node_id=h.node_id, fingerprint=h.fingerprint)
     ar = Arena(h, y, x, client)
     pubs = [asyncio.create_task(honest_publisher(ar, n)) for n in (h, y)]
     try:
@@ -189,7 +191,7 @@ async def test_tampered_and_forged_records_are_rejected_and_counted(
         for bad in (body, forged_body):
             with pytest.raises(PeerRejected) as e:
                 await h.api("GET", f"/v1/records/{hashlib.sha256(bad).hexdigest()}",
-                            operator=False)
+                            operator=True)
             assert e.value.status == 404
         assert (await state(h))[(ar.xid, "x")] == (2, 2)
         assert await invalid(h, ar.xid) == {"bad_signature": 3, "bad_envelope": 1}
@@ -228,10 +230,10 @@ async def test_equivocation_keeps_the_first_and_spreads_the_proof(
 
         for n in (h, y):
             page = await n.api("GET", f"/v1/records?origin={ar.xid}&feed=evil",
-                               operator=False)
+                               operator=True)
             assert [r["id"] for r in page["records"]] == [first.id.hex()], n.name
             with pytest.raises(PeerRejected) as e:
-                await n.api("GET", f"/v1/records/{second.id.hex()}", operator=False)
+                await n.api("GET", f"/v1/records/{second.id.hex()}", operator=True)
             assert e.value.status == 404
 
         def proof_ok(entry: dict[str, Any]) -> None:

@@ -35,7 +35,8 @@ async def _publish(n: InProc, body: bytes, *, feed: str = "air-quality",
 
 
 async def _count(n: InProc) -> int:
-    async with n.session.get(f"{n.url}/v1/feeds") as r:
+    """Records held (the operator's view: every feed, whatever its access level)."""
+    async with n.session.get(f"{n.url}/v1/feeds", headers=n.auth()) as r:
         return sum(f["count"] for f in (await r.json())["feeds"])
 
 
@@ -113,13 +114,20 @@ async def test_partner_endpoints_need_a_partner_signature(inproc: Make) -> None:
     assert (await post({}))[0] == 403
     # signed by a stranger
     stranger = SigningKey.generate()
-    st, out = await post(httpsig.sign_request(stranger, "POST", "/v1/push", batch, a.node.now_ms()))
-    assert st == 403 and "not a partner" in out["message"]
+    st, out = await post(httpsig.sign_request(stranger, "POST", "/v1/push", batch, a.node.now_ms(),
+                                            target=a.node.node_id))
+    assert st == 403 and "not allowed here" in out["message"]
+    # signed by a partner, but for another node (replayed from elsewhere)
+    st, out = await post(httpsig.sign_request(b.node.key, "POST", "/v1/push", batch,
+                                              a.node.now_ms(), target=b.node.node_id))
+    assert st == 403 and "another node" in out["message"]
     # stale
     old = a.node.now_ms() - 10 * 60 * 1000
-    assert (await post(httpsig.sign_request(b.node.key, "POST", "/v1/push", batch, old)))[0] == 403
+    assert (await post(httpsig.sign_request(b.node.key, "POST", "/v1/push", batch, old,
+                                        target=a.node.node_id)))[0] == 403
     # body swapped after signing
-    h = httpsig.sign_request(b.node.key, "POST", "/v1/push", batch, a.node.now_ms())
+    h = httpsig.sign_request(b.node.key, "POST", "/v1/push", batch, a.node.now_ms(),
+                             target=a.node.node_id)
     assert (await post(h, msgpack.packb([rec.envelope, rec.envelope])))[0] == 403
     # valid, then replayed
     st, out = await post(h)
@@ -129,7 +137,7 @@ async def test_partner_endpoints_need_a_partner_signature(inproc: Make) -> None:
     # garbage from a partner: 400, counted, nothing stored
     g = b"\xc1\xff garbage"
     st, _ = await post(httpsig.sign_request(b.node.key, "POST", "/v1/push", g,
-                                            a.node.now_ms()), g)
+                                            a.node.now_ms(), target=a.node.node_id), g)
     assert st == 400
     link = a.node.links[b.node.public_key]
     assert link.invalid.get("malformed_batch") == 1
@@ -151,7 +159,8 @@ async def test_push_rejects_bad_records_and_keeps_good_ones(inproc: Make) -> Non
     tampered[-1] ^= 1  # a signature byte
     future = sign_record(k, feed="other", seq=1, prev=None, time_ms=now + 3600_000,
                          type="org.example.Test", data={"n": 3})
-    client = PeerClient(k, a.url, fingerprint=a.node.identity.cert_fingerprint)
+    client = PeerClient(k, a.url, node_id=a.node.node_id,
+                        fingerprint=a.node.identity.cert_fingerprint)
     try:
         out = await client.push([r1.envelope, bytes(tampered), future.envelope, b"\x00",
                                  r1.envelope])

@@ -65,7 +65,8 @@ async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
     await eventually(b_has, timeout=20)
     # The origin (its key) signs a different tree of the same size and shows it to B.
     forged = cps.sign_checkpoint(a.node.key, "w", 4, b"\x07" * 32, a.node.now_ms())
-    client = PeerClient(a.node.key, b.url, fingerprint=b.node.identity.cert_fingerprint)
+    client = PeerClient(a.node.key, b.url, node_id=b.node.node_id,
+                        fingerprint=b.node.identity.cert_fingerprint)
     try:
         out = await client.request("POST", "/v1/checkpoints", forged.envelope)
     finally:
