@@ -219,7 +219,8 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
 @click.option("--type", "type_name", default=None, help="Only this payload type.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000),
               help="At most this many records.")
-@click.option("--after", default=0, type=click.IntRange(0), help="Cursor: show records after it.")
+@click.option("--after", default=0, type=click.IntRange(0, 2**63 - 1),
+              help="Cursor: show records after it.")
 @JSON_OPTION
 def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str | None,
             limit: int, after: int, as_json: bool) -> None:
@@ -514,7 +515,13 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
             return [record_id(decode_envelope(e)[0]) for e in envs]
 
         if rid is not None:
-            env = st.get_envelope(bytes.fromhex(rid))
+            try:
+                rid_bytes = bytes.fromhex(rid)
+            except ValueError:
+                rid_bytes = b""
+            if len(rid_bytes) != 32:
+                raise click.BadParameter("a record id is 64 hex digits", param_hint="--id")
+            env = st.get_envelope(rid_bytes)
             if env is None:
                 raise click.ClickException("no such record here")
             fl = parse_body(decode_envelope(env)[0])

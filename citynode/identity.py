@@ -109,7 +109,10 @@ def check_token(expected: str, given: str | None) -> bool:
     """
     if given is None or not expected:
         return False
-    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
+    # "replace": a header value that cannot be UTF-8 compares (unequal) instead
+    # of raising.
+    return hmac.compare_digest(expected.encode("utf-8"),
+                               given.encode("utf-8", "replace"))
 
 
 def make_tls_certificate(name: str, hosts: list[str], *, days: int = 3650) -> tuple[bytes, bytes]:

@@ -52,6 +52,7 @@ from citynode.errors import (
     CitynodeError,
     InvalidProof,
     InvalidRecord,
+    PayloadError,
     PeerError,
     PublishRefused,
     StorageError,
@@ -74,6 +75,8 @@ DB_NAME = "citynode.db"
 GRAFT_DELAY = 0.25
 # How long a pull waits for records already on their way by push before fetching.
 PULL_SETTLE = 0.5
+# The shortest time between two sync rounds with one partner.
+MIN_SYNC_GAP = 0.25
 
 
 @dataclass
@@ -692,6 +695,8 @@ class Node:
         :class:`PublishRefused` if the feed is blocked by own-feed safety.
         """
         check_feed_name(feed)
+        if not items:
+            raise PayloadError("nothing to publish: give at least one payload", "missing_field")
         if feed in self.own_blocked:
             raise PublishRefused(self.own_blocked[feed])
         await self._await_first_sync()
@@ -968,9 +973,19 @@ class Node:
                 log.exception("sync failed", extra=fields(partner=link.row.name))
                 delay = self._backoff(link)
             link.first_attempt.set()
+            # However often a round is asked for, rounds with one partner are spaced.
+            await asyncio.sleep(min(delay, MIN_SYNC_GAP))
             link.sync_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(link.sync_now.wait(), delay)
+                await asyncio.wait_for(link.sync_now.wait(), max(0.0, delay - MIN_SYNC_GAP))
+
+    def lacks_from(self, theirs: sync.Frontier) -> bool:
+        """Does a partner's frontier hold records (of origins we accept) that we lack?"""
+        for key, (seq, _h) in theirs.items():
+            mine = self.heads.get(key)
+            if (mine is None or mine.seq < seq) and self.accepts_origin(key[0]):
+                return True
+        return False
 
     def frontier(self) -> sync.Frontier:
         return {k: (h.seq, h.id) for k, h in self.heads.items()}

@@ -830,18 +830,29 @@ class Storage:
         seq_to: int | None = None,
         after_rowid: int = 0,
         limit: int = 100,
+        only_feeds: Sequence[tuple[bytes, str]] | None = None,
     ) -> list[StoredRow]:
         """Stored records matching every given filter, ordered by rowid, after ``after_rowid``.
+
+        ``only_feeds`` restricts the answer to those (origin, feed) pairs -- the feeds a
+        reader may see -- inside the query, so neither rows nor the cursor reveal others.
 
         ``since_ms <= time < until_ms``; ``seq_from <= seq <= seq_to``; ``bbox`` is
         ``(min_lon, min_lat, max_lon, max_lat)`` inclusive, and a ``min_lon`` greater
         than ``max_lon`` means the box crosses the antimeridian. Records without a
         location never match a ``bbox``. Page on with the last row's ``rowid``.
         """
-        if limit <= 0:
+        if limit <= 0 or (only_feeds is not None and not only_feeds):
             return []
+        if not (0 <= after_rowid < 2**63):
+            raise StorageError("cursor out of range")
         where = ["rowid > ?"]
         params: list[Any] = [after_rowid]
+        if only_feeds is not None:
+            where.append("(origin, feed) IN (VALUES "
+                         + ", ".join("(?, ?)" for _ in only_feeds) + ")")
+            for o, f in only_feeds:
+                params += [o, f]
         if origin is not None:
             where.append("origin = ?")
             params.append(origin)

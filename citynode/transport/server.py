@@ -275,29 +275,55 @@ async def get_record(request: web.Request) -> web.Response:
     return web.Response(body=env, content_type=MSGPACK)
 
 
+async def _readable_feeds(request: web.Request, caller: bytes | None
+                          ) -> list[tuple[bytes, str]] | None:
+    """The (origin, feed) pairs this caller may list (None: the operator, all of them).
+    Restricted feeds are included for authenticated callers; their records are then
+    filtered one by one (only their readers get them)."""
+    if _is_operator(request):
+        return None
+    node = request.app[NODE_KEY]
+    out = []
+    for r in await node._io(node.storage.feeds):
+        if node.may_read(r.origin, r.feed, caller) or (
+                caller is not None
+                and node.feed_policy(r.origin, r.feed).access == "restricted"):
+            out.append((r.origin, r.feed))
+    return out
+
+
+def _render_events(rows: list[Any], key: Any) -> list[str]:
+    from citynode.node import sse_event
+
+    return [sse_event(row, key) for row in rows]
+
+
+def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
+    return [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
+
+
 async def list_records(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     caller = await _caller(request)
     limit = _int_arg(request, "limit", 100, 1, 1000) or 100
     f = _filters(request)
+    seq_from = _int_arg(request, "from_seq", None, 1)
+    seq_to = _int_arg(request, "to_seq", None, 1)
+    after = _int_arg(request, "after", 0, 0, 2**63 - 1) or 0
+    # Access is applied inside the query, so rows a caller may not see can neither be
+    # returned nor move the cursor (which would reveal that they exist).
+    only = await _readable_feeds(request, caller)
     rows = await node._io(
-        lambda: node.storage.query(
-            **f,
-            seq_from=_int_arg(request, "from_seq", None, 1),
-            seq_to=_int_arg(request, "to_seq", None, 1),
-            after_rowid=_int_arg(request, "after", 0) or 0,
-            limit=limit,
-        )
+        lambda: node.storage.query(**f, seq_from=seq_from, seq_to=seq_to, after_rowid=after,
+                                   limit=limit, only_feeds=only)
     )
     nxt = rows[-1].rowid if len(rows) == limit else None
     may = _reader(request, caller)
     rows = [r for r in rows if may(r.origin, r.feed, r.envelope)]
     if _wants_json(request):
-        key = _decrypt_key(request)
-        return web.json_response(
-            {"records": [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows],
-             "next": nxt}
-        )
+        # Rendering a page can take a while (large payloads): not on the event loop.
+        page = await node._io(_render_page, rows, _decrypt_key(request))
+        return web.json_response({"records": page, "next": nxt})
     return _pack({"records": [r.envelope for r in rows], "next": nxt})
 
 
@@ -380,7 +406,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         try:
             cursor = int(last)
         except ValueError:
-            raise web.HTTPBadRequest(text="Last-Event-ID must be a cursor (an integer)") from None
+            cursor = -1
+        if not 0 <= cursor < 2**63:
+            raise web.HTTPBadRequest(text="Last-Event-ID must be a cursor (an integer)")
     else:
         cursor = node.tail_rowid()
     base_match = _row_matcher(f)
@@ -404,7 +432,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     rows = await node._io(
                         lambda c=cursor: node.storage.query(after_rowid=c, limit=500, **f)
                     )
-                    out = [sse_event(row, key) for row in rows if match(row)]
+                    visible = [row for row in rows if match(row)]
+                    out = await node._io(_render_events, visible, key) if visible else []
                     if out:
                         await resp.write("".join(out).encode())
                     if rows:
@@ -533,8 +562,10 @@ async def sync_handler(request: web.Request) -> web.Response:
     link = node.link_for(key)
     if link is not None:
         link.view.update_frontier(theirs)
-        # They may hold what we lack: make our side's round happen now.
-        link.sync_now.set()
+        if node.lacks_from(theirs):
+            # They hold what we lack: our side's round now rather than at its interval.
+            # (Only then: two partners waking each other's rounds would never rest.)
+            link.sync_now.set()
     return web.Response(body=sync.encode_frontier(node.frontier()), content_type=MSGPACK)
 
 
@@ -626,6 +657,8 @@ async def inclusion_proof(request: web.Request) -> web.Response:
         if not covering:
             raise web.HTTPNotFound(text="no checkpoint covers this record yet")
         size, cp_env = covering[-1]
+    if size < f["seq"]:
+        raise web.HTTPBadRequest(text=f"a tree of size {size} does not hold seq {f['seq']}")
     log_ = await node.merkle_log(f["origin"], f["feed"], size)
     path = log_.inclusion_proof(f["seq"] - 1, size)
     if _wants_json(request):
@@ -723,6 +756,7 @@ async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
         max_line_size=lim.max_header_bytes,
         handler_cancellation=True,
         shutdown_timeout=10.0,
+        keepalive_timeout=75.0,  # aiohttp's default keeps idle connections for an hour
     )
     await runner.setup()
     ctx = ssl_context(node) if node.config.tls.enabled else None

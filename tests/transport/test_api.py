@@ -177,3 +177,29 @@ async def test_push_rejects_bad_records_and_keeps_good_ones(inproc: Make) -> Non
     # rejected input is logged with reasons, bounded
     rows = a.node.storage.rejected(10)
     assert {r.reason for r in rows} >= {"future_time", "bad_envelope"}
+
+
+async def test_hidden_records_neither_listed_nor_counted_by_the_cursor(inproc: Make) -> None:
+    """Anonymous readers page through public records only; the cursor and filters do
+    not reveal that partners-only records exist (or where they are)."""
+    n = await inproc("Jakarta", feeds={"priv": "partners"})
+    await n.node.publish("pub", "AirQualityObserved", [AIR])
+    secret = dict(AIR, location={"type": "Point", "coordinates": [106.8229, -6.1944]})
+    await n.node.publish("priv", "AirQualityObserved", [secret] * 3)
+
+    async def page(q: str, headers: dict[str, str] | None = None) -> dict:
+        async with n.session.get(f"{n.url}/v1/records?{q}", headers={
+                "Accept": "application/json", **(headers or {})}) as r:
+            assert r.status == 200
+            return await r.json()
+
+    first = await page("limit=1")
+    assert [r["feed"] for r in first["records"]] == ["pub"]
+    rest = await page(f"limit=1&after={first['next']}")
+    assert rest == {"records": [], "next": None}
+    # A box around the hidden records only: nothing, and no cursor hinting at more.
+    box = await page("limit=1&bbox=106.82,-6.20,106.83,-6.19&feed=priv")
+    assert box == {"records": [], "next": None}
+    # The operator sees everything.
+    everything = await page("limit=10", n.auth())
+    assert sorted(r["feed"] for r in everything["records"]) == ["priv"] * 3 + ["pub"]
