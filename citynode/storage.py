@@ -405,6 +405,10 @@ class Storage:
         self._closed = False
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        # Reads under way in other threads: close() waits for them, since closing a
+        # connection while another thread uses it crashes the process.
+        self._reads = 0
+        self._reads_done = threading.Condition(self._lock)
         self._sync_full = False
         self._batches = 0
         self._durable_batches = 0
@@ -484,6 +488,7 @@ class Storage:
             self._queue.put(_STOP)
         self._thread.join()
         with self._lock:
+            self._reads_done.wait_for(lambda: self._reads == 0, timeout=60)
             readers, self._readers = self._readers, []
         for c in readers:
             c.close()
@@ -747,19 +752,36 @@ class Storage:
             self._local.conn = conn
         return conn
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        conn = self._reader()
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise StorageError("storage is closed: the node is shutting down")
+            self._reads += 1
         try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path, "reading") from exc
+            yield self._reader()
+        finally:
+            with self._lock:
+                self._reads -= 1
+                self._reads_done.notify_all()
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._reading() as conn:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise _storage_error(exc, self.path, "reading") from exc
+            except OverflowError as exc:
+                raise StorageError(f"a number in the query is out of range: {exc}") from exc
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        conn = self._reader()
-        try:
-            return conn.execute(sql, params).fetchone()
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path, "reading") from exc
+        with self._reading() as conn:
+            try:
+                return conn.execute(sql, params).fetchone()
+            except sqlite3.Error as exc:
+                raise _storage_error(exc, self.path, "reading") from exc
+            except OverflowError as exc:
+                raise StorageError(f"a number in the query is out of range: {exc}") from exc
 
     def heads(self) -> dict[tuple[bytes, str], tuple[int, bytes]]:
         """Every feed held: ``(origin, feed) -> (head seq, head id)``."""

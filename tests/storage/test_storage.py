@@ -599,3 +599,30 @@ def test_checkpoints_and_meta(st: Storage) -> None:
     st.set_meta("x", b"1").result(5)
     st.set_meta("x", b"2").result(5)
     assert st.get_meta("x") == b"2"
+
+
+def test_close_waits_for_reads_in_other_threads(tmp_path: Path) -> None:
+    """Closing a connection another thread is reading on crashes the process; close()
+    waits for reads under way, and later reads raise StorageError."""
+    for i in range(10):
+        s = Storage.open(tmp_path / f"r{i}.db")
+        s.append(chain(1, "f", 50)).result()
+        outcomes: list[str] = []
+        go = threading.Event()
+
+        def reader(s: Storage = s) -> None:
+            go.set()
+            try:
+                while True:
+                    s.query(limit=50)
+            except StorageError:
+                outcomes.append("closed")
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        go.wait()
+        s.close()
+        for t in threads:
+            t.join(10)
+        assert outcomes == ["closed"] * 4
