@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from citynode.core.keys import SigningKey, node_id
-from citynode.core.records import SEALED_TYPE, Record, decode_envelope, record_id
+from citynode.core.records import Record, decode_envelope, record_from_fields, record_id
 from citynode.core.sealed import is_recipient, open_payload
 from citynode.errors import CitynodeError
 
@@ -107,14 +107,7 @@ def stored_record_json(envelope: bytes, *, rowid: int | None = None,
 def record_from_stored(body: bytes, sig: bytes) -> Record:
     """A Record from our own database's bytes: verified (strictly decoded, signature
     checked) when it was stored, so decoded here without the strict checks again."""
-    f = msgpack.unpackb(body)
-    if "sealed" in f:
-        return Record(record_id(body), body, sig, f["origin"], f["feed"], f["seq"],
-                      f.get("prev"), f["time"], SEALED_TYPE, {}, None, None, f["sealed"])
-    return Record(
-        record_id(body), body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
-        f["time"], f["type"], f["data"], f.get("subject"), f.get("dataschema"),
-    )
+    return record_from_fields(record_id(body), body, sig, msgpack.unpackb(body))
 
 
 def parse_json_items(text: str) -> list[dict[str, Any]]:

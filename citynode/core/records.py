@@ -48,6 +48,7 @@ __all__ = [
     "encode_envelope",
     "make_body",
     "open_record",
+    "record_from_fields",
     "record_id",
     "sign_record",
 ]
@@ -274,7 +275,8 @@ def _check_time(t: int, now_ms: int, policy: RecordPolicy) -> None:
         )
 
 
-def _build(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any]) -> Record:
+def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any]) -> Record:
+    """A Record from a body's decoded fields (no checks: callers verified them)."""
     if "sealed" in f:
         return Record(rid, body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
                       f["time"], SEALED_TYPE, {}, None, None, f["sealed"])
@@ -324,7 +326,7 @@ def open_record(
     if policy.check_payload and "sealed" not in f:
         validate_payload(f["type"], f["data"])
     verifier.verify(f["origin"], DOMAIN_RECORD, body, sig)
-    return _build(rid if rid is not None else record_id(body), body, sig, f)
+    return record_from_fields(rid if rid is not None else record_id(body), body, sig, f)
 
 
 def make_body(
@@ -412,4 +414,4 @@ def sign_record(
         )
     sig = key.sign(DOMAIN_RECORD, body)
     f = encoding.decode(body)
-    return _build(record_id(body), body, sig, f)
+    return record_from_fields(record_id(body), body, sig, f)
