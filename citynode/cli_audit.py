@@ -40,9 +40,11 @@ def _one_line_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
-def _default_workers() -> int:
-    # One thread parses; the others verify signatures (libsodium releases the GIL).
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+def default_workers() -> int:
+    """Verifying threads for an audit: one per core. The parsing thread holds the GIL
+    most of the time, so each verifier only gets part of a core's worth of signature
+    checks done (measured on 2 cores: 1 worker 0.65x, 2 workers 0.86x the raw rate)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _pick_card(st: Any, origin: bytes) -> bytes | None:
@@ -205,7 +207,7 @@ def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None) -> 
 
     with _one_line_errors(), _progress_bar(bundle) as progress:
         report = audit_bundle(bundle, origin, now_ms=_now_ms(), progress=progress,
-                              workers=_default_workers() if workers is None else workers)
+                              workers=default_workers() if workers is None else workers)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     elif sys.stdout.isatty():

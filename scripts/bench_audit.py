@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ import nacl.bindings
 
 from citynode.audit import audit_bundle
 from citynode.bundle import write_bundle
+from citynode.cli_audit import default_workers
 from citynode.core.checkpoints import MerkleLog, sign_checkpoint
 from citynode.core.keys import DOMAIN_RECORD, SigningKey
 from citynode.core.records import decode_envelope, sign_record
@@ -78,8 +78,7 @@ def main() -> None:
         raws, threaded, single = [], [], []
         for _ in range(2):  # interleaved: the machines are shared and noisy
             raws.append(raw_rate(key, envs))
-            rep = audit_bundle(path, key.node_id, now_ms=now, workers=max(1, (os.cpu_count()
-                                                                                 or 2) - 1))
+            rep = audit_bundle(path, key.node_id, now_ms=now, workers=default_workers())
             assert rep.ok, rep.render_text()
             threaded.append(rep.record_items / rep.seconds)
             rep1 = audit_bundle(path, key.node_id, now_ms=now, workers=0)
@@ -89,7 +88,8 @@ def main() -> None:
         size = path.stat().st_size
     print(f"bundle: {args.records} records, {size / 1e6:.1f} MB (built in {build_s:.1f} s)")
     print(f"raw PyNaCl verify (1 core):     {raw:9.0f} /s")
-    print(f"citynode audit (as the CLI runs it, verify on a worker thread): {thr:9.0f} records/s"
+    print(f"citynode audit (as the CLI runs it, {default_workers()} verifying threads): "
+          f"{thr:9.0f} records/s"
           f"  ratio {thr / raw:.3f} (target >= 0.8)")
     print(f"citynode audit, single thread:  {one:9.0f} records/s  ratio {one / raw:.3f}")
     print(json.dumps({"bench": "audit", "records": args.records, "raw_verify_per_s": round(raw),
