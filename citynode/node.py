@@ -907,18 +907,14 @@ class Node:
             self._prune(link, batch, out.get("dup"))
 
     def _prune(self, link: PartnerLink, batch: list[Record], dup: Any) -> None:
-        """Origins all of whose records in this push the partner already had: it gets
-        them through someone else, so from now on we only announce them (Plumtree's
-        prune). The partner grafts us back if the other path fails."""
+        """Origins of which the partner already had a record we pushed: it gets them
+        through someone else, so from now on we only announce them (Plumtree's prune,
+        per origin, our own included). The partner grafts us back when an announced
+        record does not reach it by the other path in time."""
         if not isinstance(dup, list) or not dup:
             return
-        dups = {i for i in dup if isinstance(i, int)}
-        by_origin: dict[bytes, bool] = {}
-        for i, r in enumerate(batch):
-            if r.origin == self.public_key:
-                continue  # our own records always go to every partner directly
-            by_origin[r.origin] = by_origin.get(r.origin, True) and i in dups
-        link.lazy.update(o for o, all_dup in by_origin.items() if all_dup)
+        link.lazy.update(batch[i].origin for i in dup
+                         if isinstance(i, int) and 0 <= i < len(batch))
 
     async def on_announce(self, link: PartnerLink, theirs: sync.Frontier) -> None:
         """A partner holds these heads. Where we are behind, give the eager path a moment,
