@@ -533,14 +533,20 @@ class Node:
     ) -> None:
         """Commit records whose heads are already advanced in memory, then push and wake
         streams. Shielded: a client that disconnects must not leave memory and database
-        apart (the write and everything after it run to the end regardless)."""
-        await asyncio.shield(self.spawn(self._commit_now(recs, durable, source), "commit"))
+        apart (the write and everything after it run to the end regardless).
+
+        The write is queued now, before this returns to the event loop, so writes reach
+        the writer in the order their heads were advanced."""
+        fut = self.storage.append(recs, durable=durable)
+        await asyncio.shield(
+            self.spawn(self._commit_now(recs, durable, source, fut), "commit"))
 
     async def _commit_now(
-        self, recs: list[Record], durable: bool, source: PartnerLink | None
+        self, recs: list[Record], durable: bool, source: PartnerLink | None,
+        fut: Any,
     ) -> None:
         try:
-            await asyncio.wrap_future(self.storage.append(recs, durable=durable))
+            await asyncio.wrap_future(fut)
         except CitynodeError:
             # The writer refused (should not happen: defence in depth). Our in-memory heads
             # may be ahead of the database: reload them.
@@ -716,9 +722,14 @@ class Node:
             for r in recs:
                 self.inflight.add(r.id)
             self.heads[key] = FeedHead(recs[-1].seq, recs[-1].id)
-            await self._commit(recs, durable=True, source=None)
-            self.metrics.published.inc(len(recs))
-            return recs
+            # Queued in chain order while we hold the lock; waited for after releasing
+            # it, so concurrent publishes share one durable commit (group commit).
+            commit = self._commit(recs, durable=True, source=None)
+            waiter = asyncio.ensure_future(commit)
+            await asyncio.sleep(0)  # let _commit queue the write before the lock is free
+        await waiter
+        self.metrics.published.inc(len(recs))
+        return recs
 
     async def _await_first_sync(self, wait: float = 2.0) -> None:
         """Own-feed safety at start: until every partner's first sync round has ended
