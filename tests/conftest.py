@@ -37,7 +37,8 @@ class InProc:
         self.node = node
         self.runner = runner
         self.port = node.config.node.listen_port
-        self.url = f"https://127.0.0.1:{self.port}"
+        scheme = "https" if node.config.tls.enabled else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 ssl=aiohttp.Fingerprint(node.identity.cert_fingerprint)
