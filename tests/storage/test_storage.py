@@ -610,7 +610,8 @@ def test_close_waits_for_reads_in_other_threads(tmp_path: Path) -> None:
         outcomes: list[str] = []
         go = threading.Event()
 
-        def reader(s: Storage = s) -> None:
+        def reader(s: Storage = s, go: threading.Event = go,
+                   outcomes: list[str] = outcomes) -> None:
             go.set()
             try:
                 while True:

@@ -40,5 +40,5 @@ def test_plain_http_on_a_public_address_needs_a_trusted_proxy(tmp_path: Path) ->
     (d / "node.toml").write_text(text)
     from citynode.config import load_config
 
-    with pytest.raises(ConfigError, match="trusted_proxy|plaintext|public"):
+    with pytest.raises(ConfigError, match=r"trusted_proxy|plaintext|public"):
         load_config(d / "node.toml")
