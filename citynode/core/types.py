@@ -77,6 +77,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -251,16 +252,18 @@ def _check_str_or_list(v: Any) -> None:
 # --------------------------------------------------------------------------- attributes
 
 
-class _Attr:
+class _Attr(ABC):
     """One attribute's rule: a checking closure for the hot path, a description for docs."""
 
     __slots__ = ()
 
+    @abstractmethod
     def checker(self) -> Checker:
-        raise NotImplementedError
+        """The function that checks a value of this attribute."""
 
+    @abstractmethod
     def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The rule, for describe_types() and the docs."""
 
 
 class _Simple(_Attr):
