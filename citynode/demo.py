@@ -232,14 +232,14 @@ async def _demo(base: Path, duration: float) -> bool:
 
 
 def _citynode_command() -> str:
-    """How to call citynode from the user's shell (scripts/demo runs it from .venv)."""
-    import shutil
+    """How to call citynode from the user's shell: inside a virtualenv (scripts/demo
+    makes .venv), by its full path, which works whether or not the venv is activated."""
     import sys
 
     beside = Path(sys.executable).with_name("citynode")
-    if shutil.which("citynode") == str(beside) or not beside.exists():
-        return "citynode"
-    return str(beside)
+    if sys.prefix != sys.base_prefix and beside.exists():
+        return str(beside)
+    return "citynode"
 
 
 def run_demo(duration: float = 30.0, base: Path | None = None) -> bool:
