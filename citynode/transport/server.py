@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -141,6 +142,35 @@ async def _require_partner(request: web.Request, body: bytes) -> bytes:
         expected_target=node.node_id,
         authorize=lambda key: key in node.links,
     )
+
+
+_KEYID = re.compile(r'keyid="(cn1[a-z2-7]{56})"')
+_CREATED = re.compile(r";created=(\d{1,12})(?:;|$)")
+
+
+def _precheck_partner(request: web.Request) -> None:
+    """Refuse before reading the body what cannot be a partner's fresh request: no
+    strangers' megabytes are buffered. (The full check follows on the body.)"""
+    node = request.app[NODE_KEY]
+    head = request.headers.get("Signature-Input", "")[:4096]
+    m = _KEYID.search(head)
+    try:
+        key = parse_node_id(m.group(1)) if m else None
+    except InvalidNodeId:
+        key = None
+    if key is None or key not in node.links:
+        raise AccessDenied("request not signed by a partner of this node")
+    c = _CREATED.search(head)
+    max_age = node.config.limits.request_max_age_seconds
+    if c is None or abs(node.now_ms() / 1000 - int(c.group(1))) > max_age:
+        raise AccessDenied("request signature missing its creation time or too old")
+
+
+async def _partner_body(request: web.Request) -> tuple[bytes, bytes]:
+    """The body of a partner request and the partner's key, fully verified."""
+    _precheck_partner(request)
+    body = await _read_body(request)
+    return body, await _require_partner(request, body)
 
 
 def _is_operator(request: web.Request) -> bool:
@@ -539,8 +569,7 @@ async def admin_status(request: web.Request) -> web.Response:
 
 async def push(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    body = await _read_body(request)
-    key = await _require_partner(request, body)
+    body, key = await _partner_body(request)
     try:
         envs = msgpack.unpackb(body, raw=False, max_array_len=node.config.limits.max_batch_records)
     except Exception:  # msgpack raises many types on garbage
@@ -556,8 +585,7 @@ async def push(request: web.Request) -> web.Response:
 
 async def sync_handler(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    body = await _read_body(request)
-    key = await _require_partner(request, body)
+    body, key = await _partner_body(request)
     theirs = sync.decode_frontier(body)
     link = node.link_for(key)
     if link is not None:
@@ -571,8 +599,7 @@ async def sync_handler(request: web.Request) -> web.Response:
 
 async def fetch(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    body = await _read_body(request)
-    key = await _require_partner(request, body)
+    body, key = await _partner_body(request)
     wants = sync.decode_wants(body)
     envs = await node.serve_fetch(wants, key)
     return _pack(envs)
@@ -581,8 +608,7 @@ async def fetch(request: web.Request) -> web.Response:
 async def announce(request: web.Request) -> web.Response:
     """A partner's lazy push: heads (a frontier) of records it holds, without them."""
     node = request.app[NODE_KEY]
-    body = await _read_body(request)
-    key = await _require_partner(request, body)
+    body, key = await _partner_body(request)
     link = node.link_for(key)
     if link is not None:
         await node.on_announce(link, sync.decode_frontier(body))
@@ -592,8 +618,7 @@ async def announce(request: web.Request) -> web.Response:
 async def graft(request: web.Request) -> web.Response:
     """A partner wants an origin's records pushed eagerly again (body: the origin key)."""
     node = request.app[NODE_KEY]
-    body = await _read_body(request)
-    key = await _require_partner(request, body)
+    body, key = await _partner_body(request)
     link = node.link_for(key)
     if link is not None and len(body) == 32:
         link.lazy.discard(body)
@@ -608,8 +633,7 @@ async def cards_handler(request: web.Request) -> web.Response:
 
 async def post_checkpoint(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    body = await _read_body(request)
-    key = await _require_partner(request, body)
+    body, key = await _partner_body(request)
     link = node.link_for(key)
     result = await node.ingest_checkpoint(body, link.row.node_id if link else "?")
     return web.json_response({"result": result})
@@ -693,8 +717,7 @@ async def consistency_proof(request: web.Request) -> web.Response:
 
 async def proofs(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    body = await _read_body(request)
-    key = await _require_partner(request, body)
+    body, key = await _partner_body(request)
     link = node.link_for(key)
     new = await node.ingest_proof(body, link.row.node_id if link else "?")
     return web.json_response({"new": new})

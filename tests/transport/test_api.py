@@ -116,7 +116,12 @@ async def test_partner_endpoints_need_a_partner_signature(inproc: Make) -> None:
     stranger = SigningKey.generate()
     st, out = await post(httpsig.sign_request(stranger, "POST", "/v1/push", batch, a.node.now_ms(),
                                             target=a.node.node_id))
-    assert st == 403 and "not allowed here" in out["message"]
+    assert st == 403 and "not signed by a partner" in out["message"]
+    # ... and a stranger's large body is refused before it is read (403, not 413)
+    big = b"\x00" * (2 * 1024 * 1024)
+    st, out = await post(httpsig.sign_request(stranger, "POST", "/v1/push", big,
+                                              a.node.now_ms(), target=a.node.node_id), big)
+    assert st == 403, out
     # signed by a partner, but for another node (replayed from elsewhere)
     st, out = await post(httpsig.sign_request(b.node.key, "POST", "/v1/push", batch,
                                               a.node.now_ms(), target=b.node.node_id))
