@@ -77,6 +77,11 @@ GRAFT_DELAY = 0.25
 PULL_SETTLE = 0.5
 # The shortest time between two sync rounds with one partner.
 MIN_SYNC_GAP = 0.25
+# Bounds on the signed cards of other nodes kept (and served on /v1/cards).
+MAX_CARDS = 10_000
+MAX_CARD_BYTES = 32 * 1024 * 1024
+# Live streams served at once.
+MAX_SUBSCRIBERS = 1000
 
 
 @dataclass
@@ -236,6 +241,7 @@ class Node:
         self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
         self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
         self._card_envs: set[bytes] = set()  # the envelopes in cards_seen
+        self._cards_bytes = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.subscribers: set[Subscriber] = set()
         self.logs: dict[FeedKey, checkpoints.MerkleLog] = {}  # Merkle trees, built lazily
@@ -365,12 +371,15 @@ class Node:
         prev = self.card_info.get(c.node)
         if prev is not None and prev.time >= c.time:
             return False
-        if len(self.cards_seen) >= 10_000 and c.node not in self.cards_seen:
-            return False
+        if c.node not in self.cards_seen and (
+                len(self.cards_seen) >= MAX_CARDS or self._cards_bytes + len(env) > MAX_CARD_BYTES):
+            return False  # bounded: a flood of self-made cards cannot fill memory
         old = self.cards_seen.get(c.node)
         if old is not None:
             self._card_envs.discard(old)
+            self._cards_bytes -= len(old)
         self._card_envs.add(env)
+        self._cards_bytes += len(env)
         self.cards_seen[c.node] = env
         self.card_info[c.node] = c
         self.vouch.add_card(c.node, set(c.partners))

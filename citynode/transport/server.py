@@ -339,6 +339,9 @@ async def list_records(request: web.Request) -> web.Response:
     f = _filters(request)
     seq_from = _int_arg(request, "from_seq", None, 1)
     seq_to = _int_arg(request, "to_seq", None, 1)
+    if (seq_from is not None or seq_to is not None) and (f["origin"] is None or f["feed"] is None):
+        # Seq ranges are per feed; without one they would scan the whole table.
+        raise web.HTTPBadRequest(text="from_seq/to_seq need origin and feed")
     after = _int_arg(request, "after", 0, 0, 2**63 - 1) or 0
     # Access is applied inside the query, so rows a caller may not see can neither be
     # returned nor move the cursor (which would reveal that they exist).
@@ -448,8 +451,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     def match(row: Any) -> bool:
         return base_match(row) and may(row.origin, row.feed, row.envelope)
 
-    from citynode.node import Subscriber, sse_event
+    from citynode.node import MAX_SUBSCRIBERS, Subscriber, sse_event
 
+    if len(node.subscribers) >= MAX_SUBSCRIBERS:
+        raise web.HTTPServiceUnavailable(text="too many live streams on this node: retry later")
     key = _decrypt_key(request)
     render = (lambda row: sse_event(row, key)) if key is not None else None
     sub = Subscriber(match, render=render)

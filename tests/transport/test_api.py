@@ -208,3 +208,16 @@ async def test_hidden_records_neither_listed_nor_counted_by_the_cursor(inproc: M
     # The operator sees everything.
     everything = await page("limit=10", n.auth())
     assert sorted(r["feed"] for r in everything["records"]) == ["priv"] * 3 + ["pub"]
+
+
+async def test_seq_ranges_need_a_feed(inproc: Make) -> None:
+    n = await inproc("Seoul")
+    await n.node.publish("air", "AirQualityObserved", [AIR] * 3)
+    origin = n.node.node_id
+    async with n.session.get(f"{n.url}/v1/records?from_seq=2",
+                             headers={"Accept": "application/json"}) as r:
+        assert r.status == 400
+    async with n.session.get(f"{n.url}/v1/records?origin={origin}&feed=air&from_seq=2",
+                             headers={"Accept": "application/json"}) as r:
+        assert r.status == 200
+        assert [x["seq"] for x in (await r.json())["records"]] == [2, 3]
