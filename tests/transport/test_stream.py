@@ -49,20 +49,21 @@ async def test_subscriber_resumes_without_gaps_or_duplicates(inproc: Make) -> No
 
 async def test_stream_filters_and_other_feeds_do_not_leak(inproc: Make) -> None:
     n = await inproc("Seoul")
-    out: list[str] = []
+    await _publish(n, "wanted", [{"n": 0}])  # before the subscription's cursor
+    start = n.node.storage.max_rowid()
+    out: list[int] = []
     async with Client(n.url, fingerprint=n.node.identity.cert_fingerprint) as c:
         async def sub() -> None:
-            async for _cur, rec in c.subscribe(feed="wanted"):
-                out.append(rec.feed)
+            async for _cur, rec in c.subscribe(feed="wanted", last_event_id=start):
+                out.append(rec.data["n"])
                 if rec.data["n"] == 2:
                     return
 
         task = asyncio.create_task(sub())
-        await asyncio.sleep(0.3)  # subscribed from "now"
-        await _publish(n, "other", [{"n": 0}])
+        await _publish(n, "other", [{"n": 9}])
         await _publish(n, "wanted", [{"n": 1}, {"n": 2}])
         await asyncio.wait_for(task, 10)
-    assert out == ["wanted", "wanted"]
+    assert out == [1, 2]
 
 
 async def test_client_query_and_get_verify(inproc: Make) -> None:
