@@ -875,27 +875,18 @@ class Storage:
                          + ", ".join("(?, ?)" for _ in only_feeds) + ")")
             for o, f in only_feeds:
                 params += [o, f]
-        if origin is not None:
-            where.append("origin = ?")
-            params.append(origin)
-        if feed is not None:
-            where.append("feed = ?")
-            params.append(feed)
-        if type is not None:
-            where.append("type = ?")
-            params.append(type)
-        if since_ms is not None:
-            where.append("time >= ?")
-            params.append(since_ms)
-        if until_ms is not None:
-            where.append("time < ?")
-            params.append(until_ms)
-        if seq_from is not None:
-            where.append("seq >= ?")
-            params.append(seq_from)
-        if seq_to is not None:
-            where.append("seq <= ?")
-            params.append(seq_to)
+        for value, clause in (
+            (origin, "origin = ?"),
+            (feed, "feed = ?"),
+            (type, "type = ?"),
+            (since_ms, "time >= ?"),
+            (until_ms, "time < ?"),
+            (seq_from, "seq >= ?"),
+            (seq_to, "seq <= ?"),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
         if bbox is not None:
             min_lon, min_lat, max_lon, max_lat = bbox
             if min_lon <= max_lon:
