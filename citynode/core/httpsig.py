@@ -58,6 +58,7 @@ __all__ = [
     "MAX_FUTURE_SKEW_MS",
     "MAX_HEADER_LEN",
     "ReplayCache",
+    "claimed_signer",
     "sign_request",
     "signature_base",
     "verify_request",
@@ -396,6 +397,24 @@ def _parse_signature_input(value: str) -> _SigInput:
     return _SigInput(
         text, created, strings["keyid"], strings["nonce"], strings["alg"], strings.get(_TAG)
     )
+
+
+def claimed_signer(
+    headers: Mapping[str, str], *, now_ms: int, max_age_ms: int = DEFAULT_MAX_AGE_MS
+) -> bytes:
+    """The public key a request's Signature-Input *claims* signed it, if its creation
+    time is within the window. Nothing is verified: a server uses this to refuse a
+    stranger's or a stale request before reading its body, then calls
+    :func:`verify_request` on the body. Raises :class:`AccessDenied`."""
+    si = _parse_signature_input(_find_headers(headers)["signature-input"])
+    try:
+        key = parse_node_id(si.keyid)
+    except InvalidNodeId as exc:
+        raise AccessDenied(f"the signature keyid is not a node id: {exc}") from exc
+    age_ms = now_ms - si.created * 1000
+    if age_ms > max_age_ms or -age_ms > MAX_FUTURE_SKEW_MS:
+        raise AccessDenied("request signature is too old or dated in the future")
+    return key
 
 
 def verify_request(

@@ -17,6 +17,7 @@ from citynode.core.httpsig import (
     DEFAULT_MAX_AGE_MS,
     MAX_FUTURE_SKEW_MS,
     ReplayCache,
+    claimed_signer,
     sign_request,
     signature_base,
     verify_request,
@@ -689,3 +690,14 @@ def test_mutated_valid_headers_only_ever_raise_access_denied(
         return
     # Only an edit that leaves the meaning unchanged may verify (e.g. whitespace).
     assert key == KEY.public_key
+
+
+def test_claimed_signer_reads_keyid_and_window_without_the_body() -> None:
+    h = _sign()
+    assert claimed_signer(h, now_ms=NOW) == KEY.public_key
+    with pytest.raises(AccessDenied):
+        claimed_signer(h, now_ms=NOW + DEFAULT_MAX_AGE_MS + 2000)
+    with pytest.raises(AccessDenied):
+        claimed_signer(h, now_ms=NOW - MAX_FUTURE_SKEW_MS - 2000)
+    with pytest.raises(AccessDenied):
+        claimed_signer({}, now_ms=NOW)
