@@ -43,6 +43,7 @@ from citynode.core.records import (
     check_feed_name,
     decode_envelope,
     open_record,
+    open_records,
     parse_body,
     record_id,
     sign_record,
@@ -515,16 +516,9 @@ class Node:
         accept: Callable[[bytes], bool],
     ) -> list[tuple[int, Record | InvalidRecord]]:
         # Runs in a worker thread: the signature checks release the GIL.
-        out: list[tuple[int, Record | InvalidRecord]] = []
-        for i, rid, body, sig in todo:
-            try:
-                out.append(
-                    (i, open_record(body, sig, now_ms=now, verifier=self.verifier,
-                                    policy=self.policy, rid=rid, accept=accept))
-                )
-            except InvalidRecord as exc:
-                out.append((i, exc))
-        return out
+        results = open_records(((body, sig, rid) for _, rid, body, sig in todo), now_ms=now,
+                               verifier=self.verifier, policy=self.policy, accept=accept)
+        return [(t[0], r) for t, r in zip(todo, results, strict=True)]
 
     def _extend(self, rec: Record, to_store: list[Record]) -> None:
         """Append ``rec`` (which extends its chain) and any pending records it unblocks."""

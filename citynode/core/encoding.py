@@ -9,18 +9,33 @@ Rules (docs/PROTOCOL.md, "Canonical msgpack"):
 * strings are valid UTF-8 (``str`` family), byte strings are ``bin``;
 * nil, bool, array, map as usual.
 
-:func:`decode` is strict: it decodes, walks the value (types, key order, depth,
-counts), re-encodes and compares bytes. Anything else is an :class:`EncodingError`.
-Every limit is bounded before work proportional to it is done.
+:func:`decode` is strict: anything but the canonical encoding of a value within the
+limits is an :class:`EncodingError`. Every limit is bounded before work proportional to
+it is done.
+
+Two decoders give the same verdict on every input (a property test holds them to it):
+
+* the reference (:func:`_decode_reference`): msgpack's decoder, a walk over the value
+  (types, key order, depth, counts), then re-encode and compare bytes. It alone produces
+  rejection reasons.
+* the fast path, tried first: ormsgpack decodes and re-encodes with sorted keys, in
+  Rust. Equal bytes prove key order and type, no duplicate keys, shortest integers and
+  lengths, float64 only, no ext, no trailing bytes. Two cheap scans of the raw bytes then
+  bound what is left: no float64 NaN/infinity pattern, and at most ``max_depth``
+  container header bytes (so the nesting cannot be deeper); a body no longer than
+  ``max_items`` bytes cannot hold more items. When any of these does not prove the
+  value valid, the reference decides. The fast path only ever accepts.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import ormsgpack
 
 from citynode.errors import EncodingError
 
@@ -72,7 +87,8 @@ def encode(value: Any) -> bytes:
     does not allow (non-string keys, NaN/infinity, sets, custom objects ...).
     """
     try:
-        return _pack(_sorted(value))
+        out: bytes = _pack(_sorted(value))
+        return out
     except EncodingError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -127,6 +143,33 @@ def _walk(v: dict[str, Any] | list[Any], depth: int, limits: Limits) -> int:
     return n
 
 
+def _check(value: Any, limits: Limits) -> None:
+    """The canonical rules a re-encoding cannot see: types, key order, depth, counts,
+    NaN and infinity. Raises :class:`EncodingError`."""
+    t = type(value)
+    if t is dict or t is list:
+        if limits.max_depth < 1:
+            raise EncodingError("containers are not allowed here", "too_deep")
+        if _walk(value, 0, limits) > limits.max_items:
+            raise EncodingError(f"more than {limits.max_items} items", "too_many_items")
+    elif t not in _SCALAR:
+        raise EncodingError(f"msgpack {t.__name__} values are not allowed", "non_canonical")
+    elif t is float and (value != value or value in (_INF, -_INF)):
+        raise EncodingError("NaN or infinity in a float", "non_canonical")
+
+
+_SORT_KEYS = ormsgpack.OPT_SORT_KEYS
+_unpack_fast = ormsgpack.unpackb
+_pack_sorted = ormsgpack.packb
+# Every float64 NaN or infinity is encoded as cb 7f/ff f?/..: exponent bits all set.
+_NAN_OR_INF = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]").search
+# All bytes but container headers (fixmap, fixarray, array16/32, map16/32): deleting
+# them leaves at most one byte per container header, so its length bounds the nesting.
+_NOT_CONTAINER_HEADER = bytes(
+    b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF)
+)
+
+
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Strictly decode canonical msgpack bytes.
 
@@ -142,6 +185,56 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise EncodingError(
             f"{len(data)} bytes is over the limit of {limits.max_bytes}", "too_large"
         )
+    # The fast path (module docstring): it may accept, never reject.
+    try:
+        value = _unpack_fast(data)
+        same = _pack_sorted(value, option=_SORT_KEYS) == data
+    except Exception:  # anything at all: the reference decides, with a reason
+        same = False
+    if not same or _NAN_OR_INF(data) is not None:
+        return _decode_reference(data, limits)
+    if len(data) > limits.max_items:
+        _check(value, limits)
+    elif _header_bound(data, value) > limits.max_depth and (
+        not _nests_within(value, limits.max_depth - 1)
+    ):
+        _check(value, limits)  # raises too_deep, with the reference's message
+    return value
+
+
+def _header_bound(data: bytes, value: Any) -> int:
+    """An upper bound on the number of containers in ``data`` (canonical bytes of
+    ``value``): its container header bytes, less those inside the top-level map's
+    byte strings (keys and public keys are random bytes: they would often push the
+    count over the depth limit for nothing)."""
+    n = len(data.translate(None, _NOT_CONTAINER_HEADER))
+    if type(value) is dict:
+        for x in value.values():
+            if type(x) is bytes:
+                n -= len(x.translate(None, _NOT_CONTAINER_HEADER))
+    return n
+
+
+def _nests_within(v: Any, levels: int) -> bool:
+    """Whether containers nest at most ``levels`` further levels below ``v``.
+
+    Only depth: on the fast path every other rule is already proven.
+    """
+    if type(v) is not dict and type(v) is not list:
+        return True
+    if levels < 0:
+        return False
+    for x in v.values() if type(v) is dict else v:
+        if (type(x) is dict or type(x) is list) and (
+            levels == 0 or not _nests_within(x, levels - 1)
+        ):
+            return False
+    return True
+
+
+def _decode_reference(data: bytes, limits: Limits) -> Any:
+    """:func:`decode` the slow, obviously-correct way (see the module docstring);
+    ``data`` is bytes within ``limits.max_bytes``."""
     try:
         # Defaults are strict (raw=False, strict_map_key=True) and bound every length
         # by len(data), which is already bounded; extra keywords cost measurable time.
@@ -161,16 +254,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         if "map key" in str(exc):
             raise EncodingError("map key is not a string", "non_canonical") from exc
         raise EncodingError(f"not valid msgpack: {exc}", "malformed") from exc
-    t = type(value)
-    if t is dict or t is list:
-        if limits.max_depth < 1:
-            raise EncodingError("containers are not allowed here", "too_deep")
-        if _walk(value, 0, limits) > limits.max_items:
-            raise EncodingError(f"more than {limits.max_items} items", "too_many_items")
-    elif t not in _SCALAR:
-        raise EncodingError(f"msgpack {t.__name__} values are not allowed", "non_canonical")
-    elif t is float and (value != value or value in (_INF, -_INF)):
-        raise EncodingError("NaN or infinity in a float", "non_canonical")
+    _check(value, limits)
     # The walk proved key order and types; re-encoding proves shortest integer and
     # length encodings, float64 only, no duplicate keys (a dict would have merged them).
     if _pack(value) != data:

@@ -440,3 +440,82 @@ def test_decoded_values_are_plain_python_types() -> None:
     v = decode(encode({"a": [1, 2.5, "x", b"y", None, True, {}]}))
     assert type(v) is dict and type(v["a"]) is list
     assert [type(x) for x in v["a"]] == [int, float, str, bytes, type(None), bool, dict]
+
+
+# --------------------------------------------------------------------------- fast path
+# decode() first tries a fast path (ormsgpack decode + sorted re-encode + byte scans) and
+# falls back to the reference decoder. It must give the reference's verdict on every input:
+# the same value, or the same reason.
+
+TIGHT = [encoding.DEFAULT_LIMITS, ROOMY, Limits(max_depth=2), Limits(max_depth=1),
+         Limits(max_depth=0), Limits(max_items=5), Limits(max_items=40, max_depth=3)]
+
+
+def _verdict(fn: Any, data: bytes, limits: Limits) -> tuple[Any, ...]:
+    try:
+        v = fn(data, limits)
+    except EncodingError as exc:
+        return ("rejected", exc.reason)
+    return ("accepted", encode(v), type(v))
+
+
+def _same_verdicts(data: bytes) -> None:
+    for limits in TIGHT:
+        assert _verdict(decode, data, limits) == _verdict(
+            encoding._decode_reference, data, limits
+        ), (data.hex(), limits)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values)
+def test_fast_path_agrees_on_canonical_encodings(v: Any) -> None:
+    _same_verdicts(encode(v))
+
+
+@settings(max_examples=150, deadline=None)
+@given(values, st.data())
+def test_fast_path_agrees_on_non_canonical_alternatives(v: Any, data: st.DataObject) -> None:
+    n = count_nodes(v)
+    r = _Ref(deviate=(data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, 7))))
+    alt = r.enc(v)
+    assume(r.deviated)
+    _same_verdicts(alt)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values, st.data())
+def test_fast_path_agrees_on_mutated_encodings(v: Any, data: st.DataObject) -> None:
+    raw = bytearray(encode(v))
+    i = data.draw(st.integers(0, len(raw) - 1), label="index")
+    raw[i] = data.draw(st.integers(0, 255), label="byte")
+    _same_verdicts(bytes(raw))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12).map(b"".join) | st.binary(max_size=48))
+def test_fast_path_agrees_on_arbitrary_bytes(data: bytes) -> None:
+    _same_verdicts(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        struct.pack(">Bd", 0xCB, math.nan),
+        b"\x91" + struct.pack(">Bd", 0xCB, -math.inf),
+        b"\x81\xa1a" + struct.pack(">Bd", 0xCB, math.inf),
+        # a NaN pattern inside a string or bin: valid, only the scan is fooled
+        b"\xa3\xcb\x7f\xf8", b"\xc4\x03\xcb\xff\xff",
+        b"\x91" * 16 + b"\x01", b"\x91" * 17 + b"\x01", b"\x91" * 200 + b"\x01",
+        # container-header bytes inside a top-level bin: depth bound must stay sound
+        b"\x82\xa1a" + b"\x91" * 15 + b"\x01" + b"\xa1b\xc4\x20" + b"\x90" * 32,
+        b"\x82\xa1a" + b"\x91" * 16 + b"\x01" + b"\xa1b\xc4\x20" + b"\x90" * 32,
+        b"\x82\xa1a\xc4\x20" + b"\x90" * 32 + b"\xa1b" + b"\x91" * 16 + b"\x01",
+        # the same key twice, trailing bytes, a float32, a bin key, an ext, a timestamp
+        b"\x82\xa1a\x01\xa1a\x02", b"\x01\x02", b"\xca\x3f\x80\x00\x00", b"\x81\xc4\x01a\x01",
+        b"\xd4\x05\x00", msgpack.packb(msgpack.Timestamp(1, 0)),
+        # bodies longer than max_items bytes: counted, not assumed
+        encode(list(range(3000))), encode(["x" * 10] * 4000), encode([0] * 4097),
+    ],
+)
+def test_fast_path_agrees_on_traps(data: bytes) -> None:
+    _same_verdicts(data)

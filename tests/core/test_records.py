@@ -21,6 +21,7 @@ from citynode.core.records import (
     encode_envelope,
     make_body,
     open_record,
+    open_records,
     parse_body,
     record_id,
     sign_record,
@@ -475,3 +476,72 @@ def test_invalid_feed_names(name: Any) -> None:
     with pytest.raises(InvalidRecord) as info:
         check_feed_name(name)
     assert info.value.reason == "bad_field"
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _one(body: bytes, sig: bytes, accept: Any = None) -> Any:
+    try:
+        return open_record(body, sig, now_ms=NOW, verifier=Verifier(), accept=accept)
+    except InvalidRecord as exc:
+        return exc
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, InvalidRecord) or isinstance(b, InvalidRecord):
+        return type(a) is type(b) and a.reason == b.reason and str(a) == str(b)
+    return bool(a == b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 255), st.integers(0, 400)),
+                max_size=10))
+def test_open_records_gives_open_records_verdicts_in_order(plan: list[Any]) -> None:
+    """A batch mixes good records, bad signatures, broken bodies, future dates and
+    strangers; each item gets exactly what open_record gives it, in input order."""
+    good = [_sign(seq=1, data={**AIR, "pm25": float(i)}) for i in range(3)]
+    future = _sign(time_ms=NOW + DEFAULT_FUTURE_TOLERANCE_MS + 1)
+    stranger = sign_record(OTHER, feed="air", seq=1, prev=None, time_ms=T0,
+                           type="AirQualityObserved", data=AIR)
+    items = []
+    for kind, byte, pos in plan:
+        rec = good[pos % 3]
+        body, sig = rec.body, rec.sig
+        if kind == 1:  # signature changed
+            sig = sig[: pos % 64] + bytes([sig[pos % 64] ^ (byte | 1)]) + sig[pos % 64 + 1:]
+        elif kind == 2:  # body changed
+            b = bytearray(body)
+            b[pos % len(b)] = byte
+            body = bytes(b)
+        elif kind == 3:
+            body, sig = future.body, future.sig
+        elif kind == 4:
+            body, sig = stranger.body, stranger.sig
+        elif kind == 5:
+            sig = sig[:63]
+        items.append((body, sig, None if pos % 2 else record_id(body)))
+
+    def accept(origin: bytes) -> bool:
+        return origin == KEY.public_key
+
+    got = open_records(items, now_ms=NOW, verifier=Verifier(), accept=accept)
+    assert len(got) == len(items)
+    for (body, sig, _), result in zip(items, got, strict=True):
+        assert _same(result, _one(body, sig, accept)), (result, _one(body, sig, accept))
+    assert sum(not isinstance(r, InvalidRecord) for r in got) == sum(
+        not isinstance(_one(b, s, accept), InvalidRecord) for b, s, _ in items
+    )
+
+
+def test_open_records_checks_each_signature_once_and_only_after_the_checks() -> None:
+    good = _sign()
+    bad_body = make_body(origin=KEY.public_key, feed="air", seq=1, prev=None,
+                         time_ms=NOW + DEFAULT_FUTURE_TOLERANCE_MS + 1,
+                         type="AirQualityObserved", data=AIR)
+    v = Verifier()
+    got = open_records([(good.body, good.sig, None), (bad_body, good.sig, None)],
+                       now_ms=NOW, verifier=v)
+    assert got[0] == good
+    assert isinstance(got[1], InvalidRecord) and got[1].reason == "future_time"
+    assert v.count == 1  # the future-dated one never reached the signature check
