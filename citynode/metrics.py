@@ -48,6 +48,11 @@ class Metrics:
         )
         self.db_size = Gauge("citynode_db_size_bytes", "Size of the database file", registry=r)
         self.feeds = Gauge("citynode_feeds", "Feeds held (own and replicated)", registry=r)
+        self.streams = Gauge("citynode_live_streams", "Open live streams (SSE)", registry=r)
+        self.stream_lagged = Counter(
+            "citynode_stream_lagged", "Times a live stream fell behind and re-read from the "
+            "database (a subscriber slower than the feed)", registry=r,
+        )
         self.push_latency = Histogram(
             "citynode_push_seconds", "Duration of a push request to a partner",
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5), registry=r,

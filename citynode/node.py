@@ -26,10 +26,10 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from citynode import __version__
 from citynode.config import Config, load_config
@@ -83,6 +83,8 @@ MAX_CARDS = 10_000
 MAX_CARD_BYTES = 32 * 1024 * 1024
 # Live streams served at once.
 MAX_SUBSCRIBERS = 1000
+#: Tail batches a live stream may have waiting; past that it re-reads from the database.
+STREAM_QUEUE_BATCHES = 1000
 
 
 @dataclass
@@ -167,17 +169,50 @@ class PartnerLink:
         }
 
 
-class Subscriber:
-    """One live stream's view of the tail: new stored rows matching its filter."""
+class StreamBatch(NamedTuple):
+    """Consecutive tail rows for one live stream: their cursors, their SSE events, and
+    the events as one chunk ready to write (shared by every stream of the same group)."""
 
-    def __init__(self, match: Callable[[Any], bool], maxsize: int = 10_000,
-                 render: Callable[[Any], str] | None = None) -> None:
+    rowids: list[int]
+    texts: list[str]
+    chunk: bytes
+
+    def after(self, cursor: int) -> bytes:
+        """The events of rows after ``cursor`` (a stream that caught up from storage
+        must not send what it already sent)."""
+        if self.rowids[0] > cursor:
+            return self.chunk
+        return "".join(t for r, t in zip(self.rowids, self.texts, strict=True)
+                       if r > cursor).encode()
+
+
+class Subscriber:
+    """One live stream's view of the tail: batches of new stored rows matching its
+    filter.
+
+    Streams with the same ``group`` (same filter, same reader) see the same rows: the
+    tail matches and renders them once per group, not once per stream. A stream with its
+    own ``render`` (the operator's, decrypting) is a group of its own.
+    """
+
+    def __init__(self, match: Callable[[Any], bool],
+                 render: Callable[[Any], str] | None = None,
+                 group: Hashable | None = None,
+                 on_lag: Callable[[], None] | None = None) -> None:
         self.match = match
-        # A subscriber with its own rendering (the operator's, decrypted) gets rows and
-        # renders them itself; all others share one rendering per row.
         self.render = render
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        self.group: Hashable = group if group is not None and render is None else self
+        self.queue: asyncio.Queue[StreamBatch] = asyncio.Queue(STREAM_QUEUE_BATCHES)
         self.lagging = False  # the queue overflowed: re-read from storage by cursor
+        self._on_lag = on_lag
+
+    def offer(self, batch: StreamBatch) -> None:
+        try:
+            self.queue.put_nowait(batch)
+        except asyncio.QueueFull:
+            self.lagging = True
+            if self._on_lag is not None:
+                self._on_lag()
 
 
 class _RecentIds:
@@ -1276,26 +1311,44 @@ class Node:
 
     async def _tail_once(self) -> None:
         while True:
-            rows = await self._io(
-                lambda: self.storage.query(after_rowid=self._tail_rowid, limit=1000)
-            )
-            if rows and self.subscribers:
-                # Rendering is the costly part: once per row, off the event loop.
-                texts = await self._io(_render_rows, rows)
-            else:
-                texts = []
-            for n, row in enumerate(rows):
-                self._tail_rowid = row.rowid
-                for sub in list(self.subscribers):
-                    if sub.lagging or not sub.match(row):
-                        continue
-                    text = sub.render(row) if sub.render is not None else texts[n]
-                    try:
-                        sub.queue.put_nowait((row.rowid, text))
-                    except asyncio.QueueFull:
-                        sub.lagging = True
+            after = self._tail_rowid
+            rows, texts = await self._io(self._tail_read, after)
+            if not rows:
+                return
+            self._tail_rowid = rows[-1].rowid
+            if self.subscribers:
+                self._fan_out(rows, texts)
             if len(rows) < 1000:
                 return
+
+    def _tail_read(self, after: int) -> tuple[list[Any], list[str]]:
+        """In a worker thread: the next committed rows, and their events if anyone
+        listens (rendering is the costly part: once per row, off the event loop)."""
+        rows = self.storage.query(after_rowid=after, limit=1000)
+        return rows, _render_rows(rows) if rows and self.subscribers else []
+
+    def _fan_out(self, rows: list[Any], texts: list[str]) -> None:
+        """Hand new tail rows to every live stream whose filter and reader match them;
+        ``texts`` are the rows' shared events (empty: none were rendered)."""
+        groups: dict[Hashable, list[Subscriber]] = {}
+        for sub in self.subscribers:
+            if not sub.lagging:
+                groups.setdefault(sub.group, []).append(sub)
+        for members in groups.values():
+            first = members[0]
+            picked = [n for n, row in enumerate(rows) if first.match(row)]
+            if not picked:
+                continue
+            if first.render is not None:
+                chosen = [first.render(rows[n]) for n in picked]
+            elif texts:
+                chosen = [texts[n] for n in picked]
+            else:  # the first stream arrived while the rows were read
+                chosen = [sse_event(rows[n]) for n in picked]
+            batch = StreamBatch([rows[n].rowid for n in picked], chosen,
+                                "".join(chosen).encode())
+            for sub in members:
+                sub.offer(batch)
 
     def tail_rowid(self) -> int:
         """The cursor of the newest row handed to streams."""

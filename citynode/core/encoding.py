@@ -24,7 +24,8 @@ Two decoders give the same verdict on every input (a property test holds them to
   bound what is left: no float64 NaN/infinity pattern, and at most ``max_depth``
   container header bytes (so the nesting cannot be deeper); a body no longer than
   ``max_items`` bytes cannot hold more items. When any of these does not prove the
-  value valid, the reference decides. The fast path only ever accepts.
+  value valid, the reference decides. The fast path never rejects on grounds of its
+  own: what it refuses, the reference (or the reference's own walk) refuses.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class Limits:
     max_bytes: int = 64 * 1024
     max_depth: int = 16
     max_items: int = 4096  # total of array elements + map entries, all levels
+
+    def __post_init__(self) -> None:
+        # The walk recurses once per level: keep it far from Python's recursion limit.
+        if not self.max_depth <= MAX_DEPTH_LIMIT:
+            raise ValueError(f"max_depth {self.max_depth} is over {MAX_DEPTH_LIMIT}")
+
+
+#: The deepest nesting any :class:`Limits` may allow.
+MAX_DEPTH_LIMIT = 256
 
 
 DEFAULT_LIMITS = Limits()
@@ -185,7 +195,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise EncodingError(
             f"{len(data)} bytes is over the limit of {limits.max_bytes}", "too_large"
         )
-    # The fast path (module docstring): it may accept, never reject.
+    # The fast path (module docstring): what it cannot prove valid, the reference decides.
     try:
         value = _unpack_fast(data)
         same = _pack_sorted(value, option=_SORT_KEYS) == data

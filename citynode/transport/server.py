@@ -446,12 +446,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
         raise web.HTTPServiceUnavailable(text="too many live streams on this node: retry later")
     key = _decrypt_key(request)
     render = (lambda row: sse_event(row, key)) if key is not None else None
-    sub = Subscriber(match, render=render)
+    # Streams that see the same rows share the tail's matching and rendering.
+    group = (tuple(f.items()), caller, _is_operator(request))
+    sub = Subscriber(match, render=render, group=group, on_lag=node.metrics.stream_lagged.inc)
     node.subscribers.add(sub)  # before catching up, so nothing falls in between
+    node.metrics.streams.set(len(node.subscribers))
     try:
         async with sse_response(request, ping_interval=15) as resp:
             while True:
-                # Catch up from the database until the page is short.
+                # Catch up from the database until the page is short. The tail skips a
+                # lagging stream, so the flag is cleared BEFORE reading: rows the tail
+                # skipped are then in the pages read, and rows after them are queued
+                # (the cursor drops what both bring).
+                sub.lagging = False
                 while True:
                     rows = await node._io(
                         lambda c=cursor: node.storage.query(after_rowid=c, limit=500, **f)
@@ -464,21 +471,24 @@ async def stream(request: web.Request) -> web.StreamResponse:
                         cursor = rows[-1].rowid
                     if len(rows) < 500:
                         break
-                sub.lagging = False
                 # Live: events from the shared tail, skipping what the catch-up sent;
                 # whatever has queued up meanwhile goes out in one write.
                 while not sub.lagging:
-                    items = [await sub.queue.get()]
-                    while not sub.queue.empty() and len(items) < 1000:
-                        items.append(sub.queue.get_nowait())
-                    fresh = [(rid, text) for rid, text in items if rid > cursor]
-                    if fresh:
-                        await resp.write("".join(t for _r, t in fresh).encode())
-                        cursor = fresh[-1][0]
-                while not sub.queue.empty():
+                    batches = [await sub.queue.get()]
+                    while not sub.queue.empty() and len(batches) < 100:
+                        batches.append(sub.queue.get_nowait())
+                    chunks = []
+                    for b in batches:
+                        if b.rowids[-1] > cursor:
+                            chunks.append(b.after(cursor))
+                            cursor = b.rowids[-1]
+                    if chunks:
+                        await resp.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                while not sub.queue.empty():  # stale: the database has these rows
                     sub.queue.get_nowait()
     finally:
         node.subscribers.discard(sub)
+        node.metrics.streams.set(len(node.subscribers))
     return resp
 
 

@@ -519,3 +519,15 @@ def test_fast_path_agrees_on_arbitrary_bytes(data: bytes) -> None:
 )
 def test_fast_path_agrees_on_traps(data: bytes) -> None:
     _same_verdicts(data)
+
+
+def test_limits_refuse_a_depth_the_walk_cannot_reach() -> None:
+    """Deep nesting within a huge depth limit would overflow Python's stack in the walk:
+    such limits cannot be made."""
+    with pytest.raises(ValueError):
+        Limits(max_depth=encoding.MAX_DEPTH_LIMIT + 1)
+    deep = Limits(max_depth=encoding.MAX_DEPTH_LIMIT, max_items=10**6)
+    with pytest.raises(EncodingError) as info:
+        decode(b"\x91" * 1000 + b"\x01", deep)
+    assert info.value.reason == "too_deep"
+    assert decode(b"\x91" * 255 + b"\x01", deep) is not None

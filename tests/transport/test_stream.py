@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import aiohttp
+import pytest
+
 from citynode.client import Client
 from tests.conftest import InProc
 
@@ -74,3 +77,100 @@ async def test_client_query_and_get_verify(inproc: Make) -> None:
         assert [r.seq for r in recs] == list(range(1, 31))
         one = await c.get(recs[4].id)
         assert one.data == {"n": 4}
+
+
+async def _sse(n: InProc, query: str, want: int, out: list[tuple[int, str, int]],
+               headers: dict[str, str] | None = None) -> None:
+    """Read raw events of ``/v1/stream?query`` into ``out`` as (cursor, feed, n) until
+    ``want`` have come."""
+    import json
+
+    async with n.session.get(f"{n.url}/v1/stream?{query}", headers={
+            "Accept": "text/event-stream", **(headers or {})},
+            timeout=aiohttp.ClientTimeout(total=None)) as r:
+        assert r.status == 200
+        buf = b""
+        while len(out) < want:
+            buf += await r.content.readany()
+            *events, buf = buf.split(b"\r\n\r\n")
+            for ev in events:
+                if ev.startswith(b":"):
+                    continue
+                fields = dict(line.split(b": ", 1) for line in ev.split(b"\r\n"))
+                rec = json.loads(fields[b"data"])
+                out.append((int(fields[b"id"]), rec["feed"], rec["data"]["n"]))
+
+
+async def test_streams_share_the_tail_but_each_sees_only_its_own(inproc: Make) -> None:
+    """Streams with one filter and reader share the tail's batches; streams with other
+    filters or readers get exactly their own rows, in order, once each."""
+    n = await inproc("Jakarta", feeds={"priv": "partners"})
+    start = n.node.storage.max_rowid()
+    plan = [("a", 0), ("b", 1), ("priv", 2), ("a", 3), ("priv", 4), ("b", 5), ("a", 6)]
+    streams: dict[str, tuple[str, dict[str, str] | None, int]] = {
+        "a1": (f"feed=a&after={start}", None, 3),
+        "a2": (f"feed=a&after={start}", None, 3),
+        "a3": (f"feed=a&after={start}", None, 3),
+        "anyone": (f"after={start}", None, 5),
+        "operator": (f"after={start}", n.auth(), 7),
+        "priv-anon": (f"feed=priv&after={start}", None, 1),  # must stay empty
+    }
+    got: dict[str, list[tuple[int, str, int]]] = {k: [] for k in streams}
+    tasks = {k: asyncio.create_task(_sse(n, q, want, got[k], h))
+             for k, (q, h, want) in streams.items()}
+    while len(n.node.subscribers) < len(streams):
+        await asyncio.sleep(0.01)
+    for feed, i in plan:  # one commit each: many tail batches
+        await _publish(n, feed, [{"n": i}])
+    waited = [t for k, t in tasks.items() if k != "priv-anon"]
+    await asyncio.wait_for(asyncio.gather(*waited), 20)
+    await asyncio.sleep(0.3)  # a leak would have been written by now
+    assert not tasks["priv-anon"].done() and got["priv-anon"] == []
+    tasks["priv-anon"].cancel()
+    for k in ("a1", "a2", "a3"):
+        assert [(f, i) for _c, f, i in got[k]] == [("a", 0), ("a", 3), ("a", 6)]
+    assert [(f, i) for _c, f, i in got["anyone"]] == [p for p in plan if p[0] != "priv"]
+    assert [(f, i) for _c, f, i in got["operator"]] == plan
+    for events in got.values():
+        assert [c for c, _f, _i in events] == sorted({c for c, _f, _i in events})
+
+
+async def test_a_stream_that_falls_behind_rereads_the_database(
+        inproc: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow subscriber (every write takes 50 ms, as over a slow link) with room for one
+    waiting batch overflows; it must catch up from the database and still get every
+    record once, in order."""
+    from aiohttp_sse import EventSourceResponse
+
+    import citynode.node
+
+    monkeypatch.setattr(citynode.node, "STREAM_QUEUE_BATCHES", 1)
+    write = EventSourceResponse.write
+
+    async def slow_write(self: EventSourceResponse, data: bytes) -> None:
+        await asyncio.sleep(0.05)
+        await write(self, data)
+
+    monkeypatch.setattr(EventSourceResponse, "write", slow_write)
+    n = await inproc("Seoul")
+    start = n.node.storage.max_rowid()
+    out: list[tuple[int, str, int]] = []
+    task = asyncio.create_task(_sse(n, f"feed=f&after={start}", 60, out))
+    while not n.node.subscribers:
+        await asyncio.sleep(0.01)
+    for i in range(0, 60, 3):  # 20 commits, published without waiting for the stream
+        await _publish(n, "f", [{"n": i}, {"n": i + 1}, {"n": i + 2}])
+    await asyncio.wait_for(task, 20)
+    assert [i for _c, _f, i in out] == list(range(60))
+    lagged = n.node.metrics.stream_lagged._value.get()
+    assert lagged >= 1, "the stream never fell behind: the test did not test the fallback"
+
+
+def test_stream_batch_after_a_cursor() -> None:
+    from citynode.node import StreamBatch
+
+    b = StreamBatch([5, 7, 9], ["e5", "e7", "e9"], b"e5e7e9")
+    assert b.after(4) is b.chunk
+    assert b.after(5) == b"e7e9"
+    assert b.after(8) == b"e9"
+    assert b.after(9) == b""
