@@ -473,22 +473,19 @@ class Node:
                 continue
             seen.add(rid)
             todo.append((i, rid, body, sig))
+        verified: list[tuple[int, Record | InvalidRecord]] = []
         if todo:
-            held = await self._io(self.storage.has_ids, [t[1] for t in todo])
-            fresh = []
-            for t in todo:
-                if t[1] in held:
-                    res.duplicate(t[0])
-                    self.recent.add(t[1])
-                else:
-                    fresh.append(t)
-            todo = fresh
+            # One trip to a worker thread: the lookup, then verification of what is new
+            # (each thread hop is latency on every relay hop).
+            held, verified = await asyncio.get_running_loop().run_in_executor(
+                None, self._check_batch, todo, now, self.trust_check()
+            )
+            for i, rid in held:
+                res.duplicate(i)
+                self.recent.add(rid)
         self.metrics.duplicates.inc(res.duplicates)
-        if not todo:
+        if not verified:
             return res
-        verified = await asyncio.get_running_loop().run_in_executor(
-            None, self._verify_batch, todo, now, self.trust_check()
-        )
         to_store: list[Record] = []
         forks: list[tuple[Record, int]] = []
         for i, item in verified:
@@ -546,14 +543,19 @@ class Node:
                 res.duplicates += 1
         return res
 
-    def _verify_batch(
+    def _check_batch(
         self, todo: list[tuple[int, bytes, bytes, bytes]], now: int,
         accept: Callable[[bytes], bool],
-    ) -> list[tuple[int, Record | InvalidRecord]]:
-        # Runs in a worker thread: the signature checks release the GIL.
-        results = open_records(((body, sig, rid) for _, rid, body, sig in todo), now_ms=now,
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, Record | InvalidRecord]]]:
+        """In a worker thread (the signature checks release the GIL): ``(held, checked)``
+        -- the items already in the database as ``(index, id)``, and every other item
+        verified, as ``(index, Record or the InvalidRecord it failed with)``."""
+        in_db = self.storage.has_ids([t[1] for t in todo])
+        held = [(t[0], t[1]) for t in todo if t[1] in in_db]
+        fresh = [t for t in todo if t[1] not in in_db]
+        results = open_records(((body, sig, rid) for _, rid, body, sig in fresh), now_ms=now,
                                verifier=self.verifier, policy=self.policy, accept=accept)
-        return [(t[0], r) for t, r in zip(todo, results, strict=True)]
+        return held, [(t[0], r) for t, r in zip(fresh, results, strict=True)]
 
     def _extend(self, rec: Record, to_store: list[Record]) -> None:
         """Append ``rec`` (which extends its chain) and any pending records it unblocks."""
