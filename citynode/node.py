@@ -420,6 +420,15 @@ class Node:
         self.card_info[c.node] = c
         self.vouch.add_card(c.node, set(c.partners))
         self._trusted = None
+        if c.node != self.public_key and (
+                prev is None or prev.feeds != c.feeds or prev.partners != c.partners):
+            # Records of that node we may have held back (a feed its old card did not
+            # list, a partner it did not have) may now go on: a sync round with every
+            # partner now tells them of our heads, and they fetch what they lack (and
+            # this card first). Otherwise a new feed would cross one relay hop per pull
+            # interval.
+            for link in self.links.values():
+                link.sync_now.set()
         # Kept so `citynode export` can put the origin's card in an auditor's bundle.
         self.storage.set_meta("card:" + c.node.hex(), env)
         return True
@@ -999,6 +1008,9 @@ class Node:
     async def _sync_loop(self, link: PartnerLink) -> None:
         interval = self.config.federation.pull_interval_seconds
         while True:
+            # Cleared as the round starts: a wake-up that comes during the round (new
+            # heads, a new card) is for a later round, not lost.
+            link.sync_now.clear()
             try:
                 await self.sync_with(link)
                 self._mark(link, True)
@@ -1022,7 +1034,6 @@ class Node:
             link.first_attempt.set()
             # However often a round is asked for, rounds with one partner are spaced.
             await asyncio.sleep(min(delay, MIN_SYNC_GAP))
-            link.sync_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(link.sync_now.wait(), max(0.0, delay - MIN_SYNC_GAP))
 

@@ -409,3 +409,28 @@ async def _wait_serving(n: LocalNode, timeout: float = 30.0) -> None:
         return True
 
     await eventually(serving, timeout=timeout)
+
+
+async def test_a_new_feed_crosses_relays_without_waiting_for_pulls(cluster: Cluster) -> None:
+    """Relays hold records of a feed their origin's card does not list yet (unknown is
+    never public). Learning the card that lists it must send them on at once, not one
+    hop per pull interval (60 s here: three hops would take minutes)."""
+    slow = {("federation", "pull_interval_seconds"): 60.0,
+            ("federation", "backoff_max_seconds"): 2.0}
+    a, b, c, d = cluster.create(["A", "B", "C", "D"], settings=slow)
+    await cluster.start()
+    for x, y in [(a, b), (b, c), (c, d)]:
+        await cluster.link(x, y)
+    await a.publish("warm", TYPE, [rec(0)])  # every node learns A's first card
+
+    async def d_holds(feed: str, n: int) -> bool:
+        return (await held(d)).get((a.node_id, feed)) == n
+
+    await eventually(lambda: d_holds("warm", 1), timeout=120)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await a.publish("brand-new", TYPE, [rec(i) for i in range(3)])
+    await eventually(lambda: d_holds("brand-new", 3), timeout=30)
+    assert loop.time() - t0 < 30  # three hops at one pull each would be 120 s or more
+    await stop_all([a, b, c, d])
+    await verify_offline({n.name: n.dir for n in (a, b, c, d)}, 4)
