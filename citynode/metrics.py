@@ -24,7 +24,9 @@ class Metrics:
             "citynode_records_duplicate", "Copies received of records already held", registry=r
         )
         self.received = Counter(
-            "citynode_records_received", "Record copies received from partners", registry=r
+            "citynode_records_received", "Record copies received from partners, by how: "
+            "push (pushed to us), or fetched by us in a sync round (sync), after an "
+            "announcement (graft) or to fill a gap in a chain (gap)", ["via"], registry=r
         )
         self.forks = Counter("citynode_forks_detected", "Equivocation proofs stored", registry=r)
         self.published = Counter(

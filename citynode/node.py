@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import random
 import time
 from collections import OrderedDict, deque
@@ -74,10 +76,15 @@ DB_NAME = "citynode.db"
 # How long a lazily announced record may take to arrive by the eager path before we
 # fetch it from the announcer and graft it back: a few eager hops on a loaded machine.
 GRAFT_DELAY = 0.25
+# How long at most to keep waiting for an announced record while pushes still extend
+# its chain.
+GRAFT_PATIENCE = 2.0
 # How long a pull waits for records already on their way by push before fetching.
 PULL_SETTLE = 0.5
 # The shortest time between two sync rounds with one partner.
 MIN_SYNC_GAP = 0.25
+# A chain that a push extended this recently is flowing: a sync round leaves it to push.
+PUSH_FLOWING = 1.0
 # Bounds on the signed cards of other nodes kept (and served on /v1/cards).
 MAX_CARDS = 10_000
 MAX_CARD_BYTES = 32 * 1024 * 1024
@@ -260,6 +267,8 @@ class Node:
             future_tolerance_ms=int(lim.future_tolerance_seconds * 1000),
         )
         self.heads: dict[FeedKey, FeedHead] = {}
+        # When a push last extended each chain (monotonic seconds): see sync_with.
+        self.pushed_at: dict[FeedKey, float] = {}
         self.inflight: set[bytes] = set()
         self.recent = _RecentIds()
         self.pending = sync.PendingBuffer(lim.pending_max_records, lim.pending_max_bytes)
@@ -460,17 +469,19 @@ class Node:
     # ------------------------------------------------------------------ ingest
 
     async def ingest(
-        self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None
+        self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
+        via: str = "push",
     ) -> IngestResult:
         """Verify and store records from outside. Never raises for bad records: each is
         rejected with a reason (counted, logged in the bounded rejected log)."""
         res = IngestResult()
         src = source.row.node_id if source else "local"
         now = self.now_ms()
+        mono = time.monotonic()
         todo: list[tuple[int, bytes, bytes, bytes]] = []
         seen: set[bytes] = set()
+        self.metrics.received.labels(via).inc(len(envelopes))
         for i, env in enumerate(envelopes):
-            self.metrics.received.inc()
             try:
                 body, sig = decode_envelope(env, self.policy.body_limits)
             except InvalidRecord as exc:
@@ -529,6 +540,8 @@ class Node:
             if d.verdict is Verdict.EXTENDS:
                 self._extend(rec, to_store)
                 res.accepted += 1
+                if via == "push":
+                    self.pushed_at[key] = mono
             elif d.verdict is Verdict.AHEAD:
                 head = self.heads.get(key)
                 if self.pending.add(rec, head_seq=head.seq if head else 0):
@@ -994,13 +1007,23 @@ class Node:
 
     async def _graft_later(self, link: PartnerLink, key: FeedKey, seq: int) -> None:
         try:
-            await asyncio.sleep(GRAFT_DELAY)
-            mine = self.heads.get(key)
-            have = mine.seq if mine else 0
-            if have >= seq:
-                return
+            # While pushes keep extending the chain the eager path is only slow (a loaded
+            # partner), not broken: wait on (up to GRAFT_PATIENCE) instead of fetching
+            # copies that are already on their way.
+            waited = 0.0
+            while True:
+                await asyncio.sleep(GRAFT_DELAY)
+                waited += GRAFT_DELAY
+                mine = self.heads.get(key)
+                have = mine.seq if mine else 0
+                if have >= seq:
+                    return
+                pushed = self.pushed_at.get(key, -math.inf)
+                if waited >= GRAFT_PATIENCE or time.monotonic() - pushed > GRAFT_DELAY:
+                    break
             with contextlib.suppress(PeerError):
-                await self._fetch_want(link, sync.Want(key[0], key[1], have + 1, seq), None)
+                await self._fetch_want(link, sync.Want(key[0], key[1], have + 1, seq), None,
+                                       via="graft")
                 await link.client.request("POST", "/v1/graft", key[0])
         finally:
             link.graft_pending.discard(key)
@@ -1071,13 +1094,20 @@ class Node:
         await self._own_feed_safety(theirs, link)
         if plan.wants and not self.own_blocked and progress is None:
             # Records still travelling by push would be fetched twice: let them land,
-            # then fetch only what is still missing.
+            # then fetch only what is still missing -- and not at all for chains that
+            # pushes are extending right now (pull repairs stalls, not flows; a stalled
+            # chain is fetched in the next round).
             await asyncio.sleep(PULL_SETTLE)
+            flowing = time.monotonic() - PUSH_FLOWING
             plan = sync.plan_sync(
                 self.frontier(), theirs,
                 accept=lambda o: self.accepts_origin(o) and not self.quota.exhausted(o, now),
                 batch=self.config.limits.max_batch_records,
             )
+            plan = dataclasses.replace(plan, wants=[
+                w for w in plan.wants
+                if self.pushed_at.get((w.origin, w.feed), -math.inf) < flowing
+            ])
         fetched = 0
         total = sum(w.to_seq - w.from_seq + 1 for w in plan.wants)
         if progress is not None:
@@ -1095,7 +1125,7 @@ class Node:
                 await self._fetch_want(link, sync.Want(key[0], key[1], seq, seq), None)
         # what the pending buffer still misses, ask this partner too
         for want in self.pending.missing()[:64]:
-            await self._fetch_want(link, want, None)
+            await self._fetch_want(link, want, None, via="gap")
         self._release_own_blocks()
         return fetched
 
@@ -1113,8 +1143,11 @@ class Node:
         return add
 
     async def _fetch_want(
-        self, link: PartnerLink, want: sync.Want, progress: Callable[[int, int], None] | None
+        self, link: PartnerLink, want: sync.Want, progress: Callable[[int, int], None] | None,
+        via: str = "sync",
     ) -> int:
+        """Fetch a range from a partner and ingest it; ``via`` labels the copies received
+        (sync round, graft, gap in a chain). Returns the number of records accepted."""
         got = 0
         start = want.from_seq
         batch = self.config.limits.max_batch_records
@@ -1123,7 +1156,7 @@ class Node:
             envs = await link.client.fetch(sync.encode_wants([w]))
             if not envs:
                 break
-            res = await self.ingest(envs, source=link)
+            res = await self.ingest(envs, source=link, via=via)
             got += res.accepted
             if progress:
                 progress(res.accepted, 0)

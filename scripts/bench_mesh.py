@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import nacl.bindings
@@ -95,12 +96,12 @@ def raw_verify_rate() -> float:
     return 3000 / (time.perf_counter() - t)
 
 
-async def run(args: argparse.Namespace) -> dict[str, float]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="citynode-bench-mesh-"))
     cluster = Cluster(base)
     names = [f"city{i}" for i in range(args.nodes)]
     nodes = cluster.create(names, settings={
-        ("federation", "pull_interval_seconds"): 2.0,
+        ("federation", "pull_interval_seconds"): 10.0,  # the default
         ("federation", "push_batch"): 500,
         ("checkpoints", "interval_seconds"): 3600.0,
     })
@@ -143,6 +144,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
         # 2. Sustained throughput: publish many records on all nodes at once.
         recv0 = await metric_sum(nodes, "citynode_records_received_total")
+        vias = ("sync", "graft", "gap")
+        via0 = {v: await metric_sum(nodes, f'citynode_records_received_total{{via="{v}"}}')
+                for v in vias}
         stored0 = await metric_sum(nodes, 'citynode_records_stored_total{kind="replica"}')
         per_node = args.records // len(nodes)
         batch = args.batch
@@ -163,6 +167,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         total = per_node * len(nodes)
         rate = total / elapsed
         recv = await metric_sum(nodes, "citynode_records_received_total") - recv0
+        via1 = {v: await metric_sum(nodes, f'citynode_records_received_total{{via="{v}"}}')
+                for v in vias}
+        fetched = {v: (via1[v] - via0[v]) / total / (len(nodes) - 1) for v in vias}
         needed = total * (len(nodes) - 1)
         stored = await metric_sum(
             nodes, 'citynode_records_stored_total{kind="replica"}') - stored0
@@ -172,7 +179,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         cluster.stop()
     return {"p50_ms": p50, "p99_ms": p99, "hop50_ms": hop50, "publish50_ms": pub50, "rate": rate,
             "records": total,
-            "copies": recv / needed, "stored_ok": stored == needed}
+            "copies": recv / needed, "fetched": fetched, "stored_ok": stored == needed}
 
 
 def main() -> None:
@@ -197,13 +204,15 @@ def main() -> None:
           "records (target 2500)")
     print(f"  machine ceiling (every node verifies every record): {cores} cores x "
           f"{raw:.0f} verify/s / {args.nodes - 1} = {ceiling:.0f} records/s")
-    print(f"copies received per record needed: {r['copies']:.2f} (target <= 1.2)")
+    print(f"copies received per record needed: {r['copies']:.2f} (target <= 1.2); fetched: "
+          + ", ".join(f"{v} {x:.2f}" for v, x in r["fetched"].items()))
     print(json.dumps({
         "bench": "mesh", "nodes": args.nodes, "p50_ms": round(r["p50_ms"], 2),
         "p99_ms": round(r["p99_ms"], 2), "hop_p50_ms": round(r["hop50_ms"], 2),
         "publish_call_p50_ms": round(r["publish50_ms"], 2),
         "records_per_s": round(r["rate"]),
         "ceiling_records_per_s": round(ceiling), "copies_per_record": round(r["copies"], 3),
+        "fetched_per_record": {v: round(x, 3) for v, x in r["fetched"].items()},
         "raw_verify_per_s": round(raw), "all_stored": r["stored_ok"],
         "python": sys.version.split()[0],
     }))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 from collections.abc import Awaitable, Callable
@@ -156,6 +157,11 @@ async def test_line_of_four_relays_end_to_end(cluster: Cluster) -> None:
         return True
 
     await eventually(done, timeout=30)
+    # B got A's records pushed (not only fetched), and says so by path.
+    metrics = (await b.api("GET", "/metrics", raw=True)).decode()
+    pushed = re.search(r'^citynode_records_received_total\{via="push"\} ([0-9.]+)$', metrics,
+                       re.M)
+    assert pushed is not None and float(pushed[1]) >= 10, metrics[:2000]
 
 
 async def test_middle_node_sigkilled_while_both_ends_publish(cluster: Cluster) -> None:
