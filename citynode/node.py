@@ -430,9 +430,10 @@ class Node:
         self.vouch.add_card(c.node, set(c.partners))
         self._trusted = None
         if c.node != self.public_key and (
-                prev is None or prev.feeds != c.feeds or prev.partners != c.partners):
-            # Records of that node we may have held back (a feed its old card did not
-            # list, a partner it did not have) may now go on: a sync round with every
+                prev is None or prev.feeds != c.feeds or prev.partners != c.partners) and (
+                any(k[0] == c.node for k in self.heads)):
+            # Records of that node we hold and may have held back (a feed its old card
+            # did not list, a partner it did not have) may now go on: a sync round with every
             # partner now tells them of our heads, and they fetch what they lack (and
             # this card first). Otherwise a new feed would cross one relay hop per pull
             # interval.
@@ -1104,10 +1105,14 @@ class Node:
                 accept=lambda o: self.accepts_origin(o) and not self.quota.exhausted(o, now),
                 batch=self.config.limits.max_batch_records,
             )
-            plan = dataclasses.replace(plan, wants=[
-                w for w in plan.wants
-                if self.pushed_at.get((w.origin, w.feed), -math.inf) < flowing
-            ])
+            wants = [w for w in plan.wants
+                     if self.pushed_at.get((w.origin, w.feed), -math.inf) < flowing]
+            if len(wants) < len(plan.wants):
+                # Look again once those chains would count as stalled, not a pull
+                # interval later.
+                asyncio.get_running_loop().call_later(
+                    PUSH_FLOWING + MIN_SYNC_GAP, link.sync_now.set)
+            plan = dataclasses.replace(plan, wants=wants)
         fetched = 0
         total = sum(w.to_seq - w.from_seq + 1 for w in plan.wants)
         if progress is not None:
@@ -1361,9 +1366,11 @@ class Node:
             rows, texts = await self._io(self._tail_read, after)
             if not rows:
                 return
-            self._tail_rowid = rows[-1].rowid
             if self.subscribers:
+                # Before the tail moves on: if this raises, the rows are handed out again
+                # (streams drop by cursor what they already got).
                 self._fan_out(rows, texts)
+            self._tail_rowid = rows[-1].rowid
             if len(rows) < 1000:
                 return
 

@@ -174,3 +174,29 @@ def test_stream_batch_after_a_cursor() -> None:
     assert b.after(5) == b"e7e9"
     assert b.after(8) == b"e9"
     assert b.after(9) == b""
+
+
+async def test_a_failed_hand_out_is_retried_not_lost(inproc: Make) -> None:
+    """If handing rows to the streams fails once (a bug, say), the tail must not move
+    past them: they are handed out again, and each stream gets each row once."""
+    n = await inproc("Surabaya")
+    start = n.node.storage.max_rowid()
+    out: list[tuple[int, str, int]] = []
+    task = asyncio.create_task(_sse(n, f"feed=f&after={start}", 6, out))
+    while not n.node.subscribers:
+        await asyncio.sleep(0.01)
+    real = n.node._fan_out
+    calls: list[int] = []
+
+    def flaky(rows: list, texts: list[str]) -> None:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        real(rows, texts)
+
+    n.node._fan_out = flaky  # type: ignore[method-assign]
+    await _publish(n, "f", [{"n": i} for i in range(3)])
+    await _publish(n, "f", [{"n": i} for i in range(3, 6)])
+    await asyncio.wait_for(task, 20)
+    assert [i for _c, _f, i in out] == list(range(6))
+    assert len(calls) >= 2 and calls[0] >= 3  # the failed rows came round again
