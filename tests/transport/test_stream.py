@@ -101,6 +101,18 @@ async def _sse(n: InProc, query: str, want: int, out: list[tuple[int, str, int]]
                 out.append((int(fields[b"id"]), rec["feed"], rec["data"]["n"]))
 
 
+async def _follow_feed_f(n: InProc, want: int
+                         ) -> tuple[asyncio.Task[None], list[tuple[int, str, int]]]:
+    """A stream of feed ``f`` from now on, registered at the node when this returns;
+    the task ends once ``want`` events came (into the list returned)."""
+    start = n.node.storage.max_rowid()
+    out: list[tuple[int, str, int]] = []
+    task = asyncio.create_task(_sse(n, f"feed=f&after={start}", want, out))
+    while not n.node.subscribers:
+        await asyncio.sleep(0.01)
+    return task, out
+
+
 async def test_streams_share_the_tail_but_each_sees_only_its_own(inproc: Make) -> None:
     """Streams with one filter and reader share the tail's batches; streams with other
     filters or readers get exactly their own rows, in order, once each."""
@@ -153,11 +165,7 @@ async def test_a_stream_that_falls_behind_rereads_the_database(
 
     monkeypatch.setattr(EventSourceResponse, "write", slow_write)
     n = await inproc("Seoul")
-    start = n.node.storage.max_rowid()
-    out: list[tuple[int, str, int]] = []
-    task = asyncio.create_task(_sse(n, f"feed=f&after={start}", 60, out))
-    while not n.node.subscribers:
-        await asyncio.sleep(0.01)
+    task, out = await _follow_feed_f(n, 60)
     for i in range(0, 60, 3):  # 20 commits, published without waiting for the stream
         await _publish(n, "f", [{"n": i}, {"n": i + 1}, {"n": i + 2}])
     await asyncio.wait_for(task, 20)
@@ -180,11 +188,7 @@ async def test_a_failed_hand_out_is_retried_not_lost(inproc: Make) -> None:
     """If handing rows to the streams fails once (a bug, say), the tail must not move
     past them: they are handed out again, and each stream gets each row once."""
     n = await inproc("Surabaya")
-    start = n.node.storage.max_rowid()
-    out: list[tuple[int, str, int]] = []
-    task = asyncio.create_task(_sse(n, f"feed=f&after={start}", 6, out))
-    while not n.node.subscribers:
-        await asyncio.sleep(0.01)
+    task, out = await _follow_feed_f(n, 6)
     real = n.node._fan_out
     calls: list[int] = []
 
