@@ -21,7 +21,8 @@ class Metrics:
             ["reason"], registry=r,
         )
         self.duplicates = Counter(
-            "citynode_records_duplicate", "Copies received of records already held", registry=r
+            "citynode_records_duplicate", "Copies received of records already held, by how "
+            "they came (as citynode_records_received)", ["via"], registry=r
         )
         self.received = Counter(
             "citynode_records_received", "Record copies received from partners, by how: "

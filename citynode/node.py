@@ -84,7 +84,7 @@ PULL_SETTLE = 0.5
 # The shortest time between two sync rounds with one partner.
 MIN_SYNC_GAP = 0.25
 # A chain that a push extended this recently is flowing: a sync round leaves it to push.
-PUSH_FLOWING = 1.0
+PUSH_FLOWING = 3.0
 # Bounds on the signed cards of other nodes kept (and served on /v1/cards).
 MAX_CARDS = 10_000
 MAX_CARD_BYTES = 32 * 1024 * 1024
@@ -504,8 +504,8 @@ class Node:
             for i, rid in held:
                 res.duplicate(i)
                 self.recent.add(rid)
-        self.metrics.duplicates.inc(res.duplicates)
         if not verified:
+            self.metrics.duplicates.labels(via).inc(res.duplicates)
             return res
         to_store: list[Record] = []
         forks: list[tuple[Record, int]] = []
@@ -541,7 +541,7 @@ class Node:
             if d.verdict is Verdict.EXTENDS:
                 self._extend(rec, to_store)
                 res.accepted += 1
-                if via == "push":
+                if via in ("push", "graft"):
                     self.pushed_at[key] = mono
             elif d.verdict is Verdict.AHEAD:
                 head = self.heads.get(key)
@@ -564,6 +564,9 @@ class Node:
                 res.forks += 1
             else:
                 res.duplicates += 1
+        # Counted at the end: a copy that arrived by two paths at once is found out
+        # only after both were verified.
+        self.metrics.duplicates.labels(via).inc(res.duplicates)
         return res
 
     def _check_batch(

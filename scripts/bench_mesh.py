@@ -147,6 +147,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         vias = ("sync", "graft", "gap")
         via0 = {v: await metric_sum(nodes, f'citynode_records_received_total{{via="{v}"}}')
                 for v in vias}
+        dup0 = {v: await metric_sum(nodes, f'citynode_records_duplicate_total{{via="{v}"}}')
+                for v in ("push", *vias)}
         stored0 = await metric_sum(nodes, 'citynode_records_stored_total{kind="replica"}')
         per_node = args.records // len(nodes)
         batch = args.batch
@@ -170,6 +172,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         via1 = {v: await metric_sum(nodes, f'citynode_records_received_total{{via="{v}"}}')
                 for v in vias}
         fetched = {v: (via1[v] - via0[v]) / total / (len(nodes) - 1) for v in vias}
+        dup1 = {v: await metric_sum(nodes, f'citynode_records_duplicate_total{{via="{v}"}}')
+                for v in ("push", *vias)}
+        dups = {v: (dup1[v] - dup0[v]) / total / (len(nodes) - 1) for v in dup0}
         needed = total * (len(nodes) - 1)
         stored = await metric_sum(
             nodes, 'citynode_records_stored_total{kind="replica"}') - stored0
@@ -179,7 +184,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.stop()
     return {"p50_ms": p50, "p99_ms": p99, "hop50_ms": hop50, "publish50_ms": pub50, "rate": rate,
             "records": total,
-            "copies": recv / needed, "fetched": fetched, "stored_ok": stored == needed}
+            "copies": recv / needed, "fetched": fetched, "dups": dups,
+            "stored_ok": stored == needed}
 
 
 def main() -> None:
@@ -206,6 +212,8 @@ def main() -> None:
           f"{raw:.0f} verify/s / {args.nodes - 1} = {ceiling:.0f} records/s")
     print(f"copies received per record needed: {r['copies']:.2f} (target <= 1.2); fetched: "
           + ", ".join(f"{v} {x:.2f}" for v, x in r["fetched"].items()))
+    print("  duplicates (copies of records already held) per record needed: "
+          + ", ".join(f"{v} {x:.2f}" for v, x in r["dups"].items()))
     print(json.dumps({
         "bench": "mesh", "nodes": args.nodes, "p50_ms": round(r["p50_ms"], 2),
         "p99_ms": round(r["p99_ms"], 2), "hop_p50_ms": round(r["hop50_ms"], 2),
@@ -213,6 +221,7 @@ def main() -> None:
         "records_per_s": round(r["rate"]),
         "ceiling_records_per_s": round(ceiling), "copies_per_record": round(r["copies"], 3),
         "fetched_per_record": {v: round(x, 3) for v, x in r["fetched"].items()},
+        "duplicates_per_record": {v: round(x, 3) for v, x in r["dups"].items()},
         "raw_verify_per_s": round(raw), "all_stored": r["stored_ok"],
         "python": sys.version.split()[0],
     }))
