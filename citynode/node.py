@@ -75,12 +75,12 @@ FeedKey = tuple[bytes, str]
 DB_NAME = "citynode.db"
 # How long a lazily announced record may take to arrive by the eager path before we
 # fetch it from the announcer and graft it back: a few eager hops on a loaded machine.
-GRAFT_DELAY = 0.25
+GRAFT_DELAY = 0.5
 # How long at most to keep waiting for an announced record while pushes still extend
 # its chain.
 GRAFT_PATIENCE = 2.0
 # How long a pull waits for records already on their way by push before fetching.
-PULL_SETTLE = 0.5
+PULL_SETTLE = 1.0
 # The shortest time between two sync rounds with one partner.
 MIN_SYNC_GAP = 0.25
 # A chain that a push extended this recently is flowing: a sync round leaves it to push.
