@@ -39,7 +39,13 @@ from yarl import URL
 from citynode.core import httpsig
 from citynode.core.keys import SigningKey, Verifier
 from citynode.core.records import Record, decode_envelope, open_record
-from citynode.errors import CitynodeError, InvalidRecord, PeerError, PeerRejected
+from citynode.errors import (
+    CitynodeError,
+    InvalidRecord,
+    PeerError,
+    PeerRejected,
+    QueryTooSlow,
+)
 
 __all__ = ["Client", "plaintext", "record_to_json"]
 
@@ -184,6 +190,9 @@ class Client:
                 async for cur, rec in self._stream_once(f"/v1/stream{qs}"):
                     cursor = cur
                     yield cur, rec
+            except PeerRejected as exc:
+                if 400 <= exc.status < 500:
+                    raise  # refused (access, a bad filter): asking again would not help
             except (PeerError, aiohttp.ClientPayloadError, ConnectionError):
                 pass  # reconnect below
             await asyncio.sleep(retry_seconds)
@@ -210,11 +219,28 @@ class Client:
                     if event.get("event") == "record" and "data" in event:
                         env = base64.b64decode(json.loads(event["data"])["envelope"])
                         yield int(event["id"]), self._verify(env)
+                    elif event.get("event") == "error":
+                        # The node ended the stream on purpose, saying why.
+                        raise _stream_error(self.url, event.get("data", ""))
                     event = {}
         except CitynodeError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"{self.url}: stream broke: {exc}") from exc
+
+
+def _stream_error(url: str, data: str) -> CitynodeError:
+    """The error a node's ``event: error`` stands for: :class:`QueryTooSlow` (the
+    subscription's filter is too costly to catch up with: narrow it), else a
+    :class:`PeerError` (the stream is resumed)."""
+    try:
+        info = json.loads(data)
+        code, message = str(info["error"]), str(info["message"])
+    except (ValueError, KeyError, TypeError):
+        return PeerError(f"{url}: stream ended with an unreadable error: {data[:200]!r}")
+    if code == "query_too_slow":
+        return QueryTooSlow(f"{url}: {message}")
+    return PeerError(f"{url}: stream ended: {code}: {message}")
 
 
 def plaintext(rec: Record, key: SigningKey) -> Any:

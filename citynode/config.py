@@ -107,6 +107,7 @@ class LimitsConfig:
     max_headers: int = 64
     max_header_bytes: int = 8190
     read_timeout_seconds: float = 30.0
+    query_time_limit_seconds: float = 2.0
     future_tolerance_seconds: int = 900
     request_max_age_seconds: int = 300
     rejected_log_rows: int = 10000
@@ -381,6 +382,9 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
              "in bytes.", _range(256, 65536)),
         _Key("read_timeout_seconds", "float", 30.0, "Seconds to wait for a slow client or "
              "peer before dropping the connection.", _range(0, 3600, lo_open=True)),
+        _Key("query_time_limit_seconds", "float", 2.0, "Longest a reader's query (records, "
+             "a stream catching up) may run in the database before it is stopped.",
+             _range(0, 3600, lo_open=True)),
         _Key("future_tolerance_seconds", "int", 900, "How far in the future a record's "
              "time may be (clock skew between cities) before it is rejected.",
              _range(0, 86400)),

@@ -18,6 +18,7 @@ tree and users see one clear line.
     ├── KeyFileError                 a key file is unreadable, too open, or the passphrase is wrong
     ├── ConfigError                  node.toml has an unknown key, wrong type or bad value
     ├── StorageError                 the database cannot be opened, migrated or written
+    ├── QueryTooSlow                 a reader's query ran past its time limit and was stopped
     ├── PublishRefused               this node will not sign on a feed right now (see message)
     ├── AccessDenied                 the caller may not read or write this
     └── PeerError                    talking to another node failed
@@ -43,6 +44,7 @@ __all__ = [
     "PeerError",
     "PeerRejected",
     "PublishRefused",
+    "QueryTooSlow",
     "SignatureError",
     "StorageError",
 ]
@@ -113,6 +115,11 @@ class ConfigError(CitynodeError):
 class StorageError(CitynodeError):
     """The database cannot be opened, migrated or written (disk full, permissions,
     a newer schema than this version of citynode understands)."""
+
+
+class QueryTooSlow(CitynodeError):
+    """A read query ran past its time limit (``[limits] query_time_limit_seconds``) and
+    was stopped: narrow it (an origin, a feed, a time range) or ask for fewer rows."""
 
 
 class PublishRefused(CitynodeError):

@@ -43,7 +43,7 @@ import sqlite_utils
 from citynode.core.keys import node_id
 from citynode.core.records import Record
 from citynode.core.types import point_of
-from citynode.errors import ChainError, CitynodeError, StorageError
+from citynode.errors import ChainError, CitynodeError, QueryTooSlow, StorageError
 
 __all__ = [
     "APPLICATION_ID",
@@ -765,14 +765,30 @@ class Storage:
                 self._reads -= 1
                 self._reads_done.notify_all()
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    def _all(self, sql: str, params: Sequence[Any] = (),
+             time_limit: float | None = None) -> list[Any]:
         with self._reading() as conn:
+            if time_limit is not None:
+                deadline = time.monotonic() + time_limit
+                # SQLite calls this every 1,000 VM steps (a few % of the query's time);
+                # true stops the statement.
+                conn.set_progress_handler(lambda: time.monotonic() > deadline, 1_000)
             try:
                 return conn.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if time_limit is not None and "interrupted" in str(exc):
+                    raise QueryTooSlow(
+                        f"the query ran longer than {time_limit:g} s and was stopped: narrow "
+                        "it (an origin, a feed, a time range) or ask for fewer rows"
+                    ) from exc
+                raise _storage_error(exc, self.path, "reading") from exc
             except sqlite3.Error as exc:
                 raise _storage_error(exc, self.path, "reading") from exc
             except OverflowError as exc:
                 raise StorageError(f"a number in the query is out of range: {exc}") from exc
+            finally:
+                if time_limit is not None:
+                    conn.set_progress_handler(None, 0)
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         with self._reading() as conn:
@@ -853,8 +869,12 @@ class Storage:
         after_rowid: int = 0,
         limit: int = 100,
         only_feeds: Sequence[tuple[bytes, str]] | None = None,
+        time_limit: float | None = None,
     ) -> list[StoredRow]:
         """Stored records matching every given filter, ordered by rowid, after ``after_rowid``.
+
+        With ``time_limit`` (seconds) the query is stopped when it runs longer, raising
+        :class:`QueryTooSlow` (readers' queries: a filter no index serves scans the table).
 
         ``only_feeds`` restricts the answer to those (origin, feed) pairs -- the feeds a
         reader may see -- inside the query, so neither rows nor the cursor reveal others.
@@ -905,7 +925,7 @@ class Storage:
             f" FROM records WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
         )
         params.append(limit)
-        return [StoredRow(*r) for r in self._all(sql, params)]
+        return [StoredRow(*r) for r in self._all(sql, params, time_limit)]
 
     def feeds(self) -> list[FeedRow]:
         """Every feed held, ordered by origin and feed name."""

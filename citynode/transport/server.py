@@ -39,6 +39,7 @@ from citynode.errors import (
     PayloadError,
     PeerError,
     PublishRefused,
+    QueryTooSlow,
     StorageError,
 )
 from citynode.identity import check_token
@@ -83,6 +84,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(403, "access_denied", str(exc))
     except PublishRefused as exc:
         return _error(409, "publish_refused", str(exc))
+    except QueryTooSlow as exc:
+        return _error(503, "query_too_slow", str(exc))
     except StorageError as exc:
         log.error("storage error", extra=fields(error=str(exc)))
         return _error(503, "storage", str(exc))
@@ -337,7 +340,8 @@ async def list_records(request: web.Request) -> web.Response:
     only = await _readable_feeds(request, caller)
     rows = await node._io(
         lambda: node.storage.query(**f, seq_from=seq_from, seq_to=seq_to, after_rowid=after,
-                                   limit=limit, only_feeds=only)
+                                   limit=limit, only_feeds=only,
+                                   time_limit=node.config.limits.query_time_limit_seconds)
     )
     nxt = rows[-1].rowid if len(rows) == limit else None
     may = _reader(request, caller)
@@ -460,9 +464,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 # (the cursor drops what both bring).
                 sub.lagging = False
                 while True:
-                    rows = await node._io(
-                        lambda c=cursor: node.storage.query(after_rowid=c, limit=500, **f)
-                    )
+                    try:
+                        rows = await node._io(
+                            lambda c=cursor: node.storage.query(
+                                after_rowid=c, limit=500, **f,
+                                time_limit=node.config.limits.query_time_limit_seconds)
+                        )
+                    except QueryTooSlow as exc:
+                        # The answer has begun: say why it ends, as an event.
+                        err = json.dumps({"error": "query_too_slow", "message": str(exc)})
+                        await resp.write(f"event: error\r\ndata: {err}\r\n\r\n".encode())
+                        return resp
                     visible = [row for row in rows if match(row)]
                     out = await node._io(_render_events, visible, key) if visible else []
                     if out:

@@ -19,7 +19,7 @@ import sqlite_utils
 from citynode import storage as storage_mod
 from citynode.core.keys import SigningKey
 from citynode.core.records import Record, sign_record
-from citynode.errors import ChainError, StorageError
+from citynode.errors import ChainError, QueryTooSlow, StorageError
 from citynode.storage import PartnerRow, Storage
 
 T0 = 1_700_000_000_000
@@ -627,3 +627,14 @@ def test_close_waits_for_reads_in_other_threads(tmp_path: Path) -> None:
         for t in threads:
             t.join(10)
         assert outcomes == ["closed"] * 4
+
+
+def test_a_query_past_its_time_limit_is_stopped(st: Storage) -> None:
+    """A filter no index serves scans the table; with a time limit it is stopped with
+    QueryTooSlow, and the same connection answers the next query normally."""
+    st.append(list(chain(0, "big", 3000))).result(10)
+    with pytest.raises(QueryTooSlow, match="narrow it"):
+        st.query(feed="nothing", limit=10, time_limit=1e-9)
+    assert st.query(feed="nothing", limit=10, time_limit=30.0) == []
+    assert len(st.query(limit=5, time_limit=30.0)) == 5
+    assert st.query(feed="nothing", limit=10) == []  # no limit: runs to the end

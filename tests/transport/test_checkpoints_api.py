@@ -36,7 +36,13 @@ async def test_checkpoints_gossip_and_prove(inproc: Make) -> None:
     origin = a.node.node_id
 
     async def b_has_both() -> bool:
-        out = await _get(b, f"/v1/checkpoints?origin={origin}&feed=air")
+        # 404 until B holds the feed and knows (from A's newer card) that it is public.
+        async with b.session.get(f"{b.url}/v1/checkpoints?origin={origin}&feed=air",
+                                 headers={"Accept": "application/json"}) as r:
+            if r.status == 404:
+                return False
+            assert r.status == 200, await r.text()
+            out = await r.json()
         return [c["size"] for c in out["checkpoints"]] == [10, 13]
 
     await eventually(b_has_both, timeout=20)

@@ -204,3 +204,27 @@ async def test_a_failed_hand_out_is_retried_not_lost(inproc: Make) -> None:
     await asyncio.wait_for(task, 20)
     assert [i for _c, _f, i in out] == list(range(6))
     assert len(calls) >= 2 and calls[0] >= 3  # the failed rows came round again
+
+
+async def test_a_reader_query_past_the_time_limit_is_stopped_with_a_clear_answer(
+        inproc: Make) -> None:
+    """[limits] query_time_limit_seconds bounds readers' queries: /v1/records answers 503
+    query_too_slow, and a stream catching up ends with an error event that the client
+    raises as QueryTooSlow (not retried forever)."""
+    from citynode.errors import QueryTooSlow
+
+    n = await inproc("Jakarta", settings={("limits", "query_time_limit_seconds"): 1e-9})
+    await _publish(n, "f", [{"n": i} for i in range(1500)])
+    # The operator reads everything: no per-feed restriction narrows the scan.
+    async with n.session.get(f"{n.url}/v1/records?feed=nothing",
+                             headers={"Accept": "application/json", **n.auth()}) as r:
+        assert r.status == 503
+        assert (await r.json())["error"] == "query_too_slow"
+    async with Client(n.url, fingerprint=n.node.identity.cert_fingerprint) as c:
+        async def follow() -> None:
+            async for _ in c.subscribe(feed="nothing", last_event_id=0,
+                                       retry_seconds=0.1):
+                pass
+
+        with pytest.raises(QueryTooSlow, match="narrow it"):
+            await asyncio.wait_for(follow(), 10)
