@@ -108,6 +108,7 @@ class LimitsConfig:
     max_header_bytes: int = 8190
     read_timeout_seconds: float = 30.0
     query_time_limit_seconds: float = 2.0
+    max_connections: int = 2048
     future_tolerance_seconds: int = 900
     request_max_age_seconds: int = 300
     rejected_log_rows: int = 10000
@@ -385,6 +386,9 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _Key("query_time_limit_seconds", "float", 2.0, "Longest a reader's query (records, "
              "a stream catching up) may run in the database before it is stopped.",
              _range(0, 3600, lo_open=True)),
+        _Key("max_connections", "int", 2048, "Most client and partner connections open at "
+             "once; more are closed as they arrive (each live stream holds one).",
+             _range(1, 1_000_000)),
         _Key("future_tolerance_seconds", "int", 900, "How far in the future a record's "
              "time may be (clock skew between cities) before it is rejected.",
              _range(0, 86400)),

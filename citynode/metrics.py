@@ -52,6 +52,10 @@ class Metrics:
         self.db_size = Gauge("citynode_db_size_bytes", "Size of the database file", registry=r)
         self.feeds = Gauge("citynode_feeds", "Feeds held (own and replicated)", registry=r)
         self.streams = Gauge("citynode_live_streams", "Open live streams (SSE)", registry=r)
+        self.connections_refused = Counter(
+            "citynode_connections_refused", "Connections closed on arrival: max_connections "
+            "were open", registry=r,
+        )
         self.stream_lagged = Counter(
             "citynode_stream_lagged", "Times a live stream fell behind and re-read from the "
             "database (a subscriber slower than the feed)", registry=r,

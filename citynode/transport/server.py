@@ -784,6 +784,25 @@ def ssl_context(node: Node) -> ssl.SSLContext:
     return ctx
 
 
+def _cap_connections(server: Any, cap: int, refused: Callable[[], None]) -> None:
+    """Close each connection that arrives while ``cap`` are open.
+
+    aiohttp has no connection limit; every new connection's handler reports to its
+    server's ``connection_made`` (after the TLS handshake), so the check goes there.
+    """
+    if server is None:
+        return
+    made = server.connection_made
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        made(handler, transport)
+        if len(server.connections) > cap:
+            refused()
+            transport.close()
+
+    server.connection_made = connection_made
+
+
 async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
     """Start serving ``node`` on host:port (TLS unless disabled); return the runner."""
     lim = node.config.limits
@@ -798,6 +817,7 @@ async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
         keepalive_timeout=75.0,  # aiohttp's default keeps idle connections for an hour
     )
     await runner.setup()
+    _cap_connections(runner.server, lim.max_connections, node.metrics.connections_refused.inc)
     ctx = ssl_context(node) if node.config.tls.enabled else None
     site = web.TCPSite(runner, host, port, ssl_context=ctx)
     await site.start()

@@ -221,3 +221,27 @@ async def test_seq_ranges_need_a_feed(inproc: Make) -> None:
                              headers={"Accept": "application/json"}) as r:
         assert r.status == 200
         assert [x["seq"] for x in (await r.json())["records"]] == [2, 3]
+
+
+async def test_connections_over_the_cap_are_closed_as_they_arrive(inproc: Make) -> None:
+    """[limits] max_connections: with 3 connections open (idle, after TLS), a 4th is
+    closed at once and counted; once one closes, requests are served again."""
+    n = await inproc("Jakarta", settings={("limits", "max_connections"): 3})
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the node's self-signed certificate, on loopback
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", n.port, ssl=ctx)
+
+    held = [await connect() for _ in range(3)]
+    reader, writer = await connect()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the node
+    writer.close()
+    assert n.node.metrics.connections_refused._value.get() == 1
+    for _r, w in held:
+        w.close()
+        await w.wait_closed()
+    await asyncio.sleep(0.2)
+    async with n.session.get(f"{n.url}/healthz") as r:
+        assert r.status == 200
