@@ -528,7 +528,9 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
             held = [(s, e) for s, _r, e in st.checkpoints(fl["origin"], fl["feed"])
                     if s >= fl["seq"]]
             if not held:
-                raise click.ClickException("no checkpoint covers this record yet")
+                raise click.ClickException(
+                    "no checkpoint covers this record yet: its origin signs one every "
+                    "[checkpoints] interval_seconds (60 s by default); try again then")
             size, cp_env = held[-1]
             cp = cps.open_checkpoint(cp_env, verifier=Verifier())
             mlog = cps.MerkleLog(ids(fl["origin"], fl["feed"], size))

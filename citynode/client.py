@@ -46,6 +46,7 @@ from citynode.errors import (
     PeerRejected,
     QueryTooSlow,
 )
+from citynode.transport.client import translate_error
 
 __all__ = ["Client", "plaintext", "record_to_json"]
 
@@ -143,7 +144,7 @@ class Client:
         except CitynodeError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise PeerError(f"{self.url}: {exc}") from exc
+            raise translate_error(exc, self.url) from exc
 
     async def get(self, record_id: bytes | str) -> Record:
         """One record by id, verified. Raises PeerRejected (404) if the node lacks it,
@@ -182,22 +183,31 @@ class Client:
         and yields nothing twice. Yields ``(cursor, record)``."""
         q = _query(origin=origin, feed=feed, type=type, bbox=bbox)
         cursor = last_event_id
+        opened = [False]  # set once the node has answered a stream request with 200
         while True:
             qs = "?" + urlencode(q) if q else ""
             if cursor is not None:
                 qs += ("&" if qs else "?") + urlencode({"after": cursor})
             try:
-                async for cur, rec in self._stream_once(f"/v1/stream{qs}"):
+                async for cur, rec in self._stream_once(f"/v1/stream{qs}", opened):
                     cursor = cur
                     yield cur, rec
             except PeerRejected as exc:
                 if 400 <= exc.status < 500:
                     raise  # refused (access, a bad filter): asking again would not help
-            except (PeerError, aiohttp.ClientPayloadError, ConnectionError):
-                pass  # reconnect below
+                if not opened[0]:
+                    raise
+            except (PeerError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+                # A stream that never opened (wrong address, untrusted certificate) is a
+                # mistake to report, not an outage to wait out.
+                if not opened[0]:
+                    if isinstance(exc, PeerError):
+                        raise
+                    raise PeerError(f"{self.url}: cannot open the stream: {exc}") from exc
             await asyncio.sleep(retry_seconds)
 
-    async def _stream_once(self, path_qs: str) -> AsyncIterator[tuple[int, Record]]:
+    async def _stream_once(self, path_qs: str, opened: list[bool]
+                           ) -> AsyncIterator[tuple[int, Record]]:
         if self._session is None:
             await self.connect()
         assert self._session is not None
@@ -209,6 +219,7 @@ class Client:
                 if r.status >= 400:
                     data = await r.read()
                     raise PeerRejected(f"{self.url}: HTTP {r.status}: {data[:300]!r}", r.status)
+                opened[0] = True
                 event: dict[str, str] = {}
                 async for raw in r.content:
                     line = raw.decode("utf-8").rstrip("\r\n")
@@ -225,8 +236,13 @@ class Client:
                     event = {}
         except CitynodeError:
             raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise PeerError(
+                f"{self.url}: the node's TLS certificate is not trusted "
+                f"({exc.certificate_error}): give the node's id (cn1...) to pin it"
+            ) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise PeerError(f"{self.url}: stream broke: {exc}") from exc
+            raise PeerError(f"stream broke: {translate_error(exc, self.url)}") from exc
 
 
 def _stream_error(url: str, data: str) -> CitynodeError:

@@ -830,17 +830,15 @@ class Node:
         out = []
         for n, data in enumerate(items):
             seq += 1
-            r = sign_record(
-                self.key,
-                feed=feed,
-                seq=seq,
-                prev=prev,
-                time_ms=now,
-                type=type_name,
-                data=data,
-                subject=subjects[n] if subjects else None,
-                readers=readers,
-            )
+            try:
+                r = sign_record(self.key, feed=feed, seq=seq, prev=prev, time_ms=now,
+                                type=type_name, data=data, readers=readers,
+                                subject=subjects[n] if subjects else None)
+            except InvalidRecord as exc:
+                if len(items) == 1:
+                    raise
+                # Which one, in a file of hundreds: the n-th line or array item.
+                raise type(exc)(f"item {n + 1} of {len(items)}: {exc}", exc.reason) from exc
             prev = r.id
             out.append(r)
         return out

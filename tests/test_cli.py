@@ -304,6 +304,7 @@ def test_publish_invalid_item_publishes_nothing_and_names_the_field(node_dir: Pa
         line = one_line_error(cli("publish", "-d", d, "--feed", "air", "--type", AIR_TYPE,
                                   "-", input=body))
         assert field in line, line
+        assert "item 2 of 3" in line, line  # which one, in a file of hundreds
     for body, says in [("", "no input"), ("{not json", "invalid JSON"),
                        ('{"a": 1}\n{oops\n', "line 2"), ("[1, 2]", "JSON object")]:
         line = one_line_error(cli("publish", "-d", d, "--feed", "n", "--type", NOISE_TYPE,

@@ -50,13 +50,17 @@ def _ssl_for(url: str, fingerprint: bytes | None) -> Any:
     return aiohttp.Fingerprint(fingerprint)
 
 
-def _translate(exc: BaseException, url: str) -> PeerError:
+def translate_error(exc: BaseException, url: str) -> PeerError:
+    """Our one-line :class:`PeerError` for an aiohttp / TLS / socket error."""
     if isinstance(exc, aiohttp.ServerFingerprintMismatch):
         return PeerError(
             f"{url}: TLS certificate does not match the pinned fingerprint (the partner "
             "changed its certificate, or someone is in between): re-add the partner after "
             "checking with its operators"
         )
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and url.startswith("http://"):
+        return PeerError(f"{url}: the node closed the connection: nodes serve HTTPS unless "
+                         "configured otherwise, so try https://")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return PeerError(f"{url}: timed out")
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionError):
@@ -126,7 +130,7 @@ class PeerClient:
         except CitynodeError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
-            raise _translate(exc, url) from exc
+            raise translate_error(exc, url) from exc
 
     async def push(self, envelopes: list[bytes]) -> dict[str, Any]:
         """POST records; return the partner's summary (accepted, duplicates, rejected ...)."""
@@ -199,5 +203,5 @@ async def fetch_card(
     except CitynodeError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
-        raise _translate(exc, base) from exc
+        raise translate_error(exc, base) from exc
     return card

@@ -695,7 +695,9 @@ async def inclusion_proof(request: web.Request) -> web.Response:
         held = await node._io(node.storage.checkpoints, f["origin"], f["feed"])
         covering = [(s, e) for s, _r, e in held if s >= f["seq"]]
         if not covering:
-            raise web.HTTPNotFound(text="no checkpoint covers this record yet")
+            raise web.HTTPNotFound(
+                text="no checkpoint covers this record yet: its origin signs one every "
+                     "[checkpoints] interval_seconds (60 s by default); try again then")
         size, cp_env = covering[-1]
     if size < f["seq"]:
         raise web.HTTPBadRequest(text=f"a tree of size {size} does not hold seq {f['seq']}")

@@ -228,3 +228,32 @@ async def test_a_reader_query_past_the_time_limit_is_stopped_with_a_clear_answer
 
         with pytest.raises(QueryTooSlow, match="narrow it"):
             await asyncio.wait_for(follow(), 10)
+
+
+async def test_a_stream_that_cannot_open_fails_at_once_with_a_clear_error(
+        inproc: Make) -> None:
+    """Reconnecting is for streams that broke. One that never opened (the node's
+    self-signed certificate not pinned, nothing listening) is reported, not retried."""
+    from citynode.errors import PeerError
+
+    n = await inproc("Seoul")
+
+    async def first(c: Client) -> None:
+        async for _ in c.subscribe(feed="f", retry_seconds=0.1):
+            return
+
+    async with Client(n.url) as c:  # no node id or fingerprint: the system's CAs
+        with pytest.raises(PeerError, match="certificate is not trusted"):
+            await asyncio.wait_for(first(c), 10)
+    async with Client("https://127.0.0.1:9", fingerprint=b"\0" * 32) as c:
+        with pytest.raises(PeerError, match=r"127\.0\.0\.1:9"):
+            await asyncio.wait_for(first(c), 10)
+
+
+async def test_plain_http_to_a_tls_node_says_to_use_https(inproc: Make) -> None:
+    from citynode.errors import PeerError
+
+    n = await inproc("Surabaya")
+    async with Client(f"http://127.0.0.1:{n.port}") as c:
+        with pytest.raises(PeerError, match="try https://"):
+            await asyncio.wait_for(c.get("00" * 32), 10)
