@@ -67,7 +67,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
     t = Table(title=title)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # wrap long values (times, ids), never cut them
     for r in rows:
         t.add_row(*[str(x) if x is not None else "" for x in r])
     Console().print(t)

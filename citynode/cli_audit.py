@@ -148,7 +148,7 @@ def _rich_report(report: Any) -> None:
                   + ("" if report.complete else " [bold red](bundle incomplete)[/]"))
     t = Table(title="feeds")
     for col in ("feed", "records", "contiguous", "missing", "invalid", "checkpoints"):
-        t.add_column(col, justify="left" if col == "feed" else "right")
+        t.add_column(col, justify="left" if col == "feed" else "right", overflow="fold")
     for f in sorted(report.feeds.values(), key=lambda f: f.name):
         t.add_row(f.name, str(f.records), f"1..{f.contiguous}", str(f.missing),
                   str(f.invalid), f"{f.checkpoints_matched}/{f.checkpoints} matched")

@@ -576,3 +576,12 @@ async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
     assert proc.returncode == 0, err.decode()
     assert [json.loads(x)["id"] for x in out.decode().splitlines()] == [
         r.id.hex() for r in published[3:]]
+
+
+def test_readme_example_payload_publishes(node_dir: Path) -> None:
+    """The payload README.md shows for `citynode publish` is valid as it stands."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = text.split("```json\n", 1)[1].split("\n```", 1)[0]
+    publish(node_dir, "air-quality", "AirQualityObserved", [json.loads(example)])
+    recs = ok_json("records", "-d", str(node_dir), "--json")["records"]
+    assert [r["data"]["name"] for r in recs] == ["DKI1 Bundaran HI"]
