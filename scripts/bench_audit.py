@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import nacl.bindings
+from bench_data import PAYLOAD  # scripts/ is on sys.path when run as a script
 
 from citynode.audit import audit_bundle
 from citynode.bundle import write_bundle
@@ -23,15 +24,6 @@ from citynode.cli_audit import default_workers
 from citynode.core.checkpoints import MerkleLog, sign_checkpoint
 from citynode.core.keys import DOMAIN_RECORD, SigningKey
 from citynode.core.records import decode_envelope, sign_record
-
-PAYLOAD = {
-    "dateObserved": "2026-11-28T07:00:00+07:00",
-    "location": {"type": "Point", "coordinates": [106.8230, -6.1950]},
-    "name": "DKI1 Bundaran HI",
-    "pm25": 35.5,
-    "pm10": 52.0,
-    "no2": {"value": 21.3, "unitCode": "GQ"},
-}
 
 
 def build(path: Path, n: int) -> tuple[SigningKey, list[bytes]]:

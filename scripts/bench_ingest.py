@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_data import PAYLOAD  # scripts/ is on sys.path when run as a script
 from nacl.pwhash import argon2id
 
 from citynode.cluster import Cluster, free_ports
@@ -26,15 +27,6 @@ from citynode.node import Node
 from citynode.storage import Storage
 from citynode.transport.client import PeerClient
 from citynode.transport.server import serve
-
-PAYLOAD = {
-    "dateObserved": "2026-11-28T07:00:00+07:00",
-    "location": {"type": "Point", "coordinates": [106.8230, -6.1950]},
-    "name": "DKI1 Bundaran HI",
-    "pm25": 35.5,
-    "pm10": 52.0,
-    "no2": {"value": 21.3, "unitCode": "GQ"},
-}
 
 
 def make_feeds(n: int, origins: int) -> list[list[bytes]]:

@@ -532,13 +532,11 @@ async def test_partner_add_list_remove_against_a_live_node(
 # -------------------------------------------------------------------------- subscribe
 
 
-async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
-    n = await inproc("Singapore")
-    published = await n.node.publish("air", AIR_TYPE, [air(float(i)) for i in range(5)])
-    # A real process: if subscribe ever waited forever, the test can kill it.
+async def _subscribe_process(n: InProc, *args: str) -> str:
+    """Run ``citynode subscribe URL --id ID ARGS`` as a real process; its stdout. A
+    process, so that if subscribe ever waited forever the test can kill it."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "citynode", "subscribe", n.url, "--id", n.node.node_id,
-        "--after", "0", "--count", "3",
+        sys.executable, "-m", "citynode", "subscribe", n.url, "--id", n.node.node_id, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -546,9 +544,15 @@ async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        pytest.fail("citynode subscribe --count 3 did not stop after 3 records")
+        pytest.fail(f"citynode subscribe {' '.join(args)} did not stop")
     assert proc.returncode == 0, err.decode()
-    lines = out.decode().splitlines()
+    return out.decode()
+
+
+async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
+    n = await inproc("Singapore")
+    published = await n.node.publish("air", AIR_TYPE, [air(float(i)) for i in range(5)])
+    lines = (await _subscribe_process(n, "--after", "0", "--count", "3")).splitlines()
     assert len(lines) == 3, lines
     cursors = []
     for line, rec in zip(lines, published[:3], strict=True):
@@ -562,19 +566,8 @@ async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
     assert cursors == sorted(cursors) and len(set(cursors)) == 3
 
     # Resuming after the last cursor gives the next records, none twice.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "citynode", "subscribe", n.url, "--id", n.node.node_id,
-        "--after", str(cursors[-1]), "--count", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail("citynode subscribe --after did not stop after 2 records")
-    assert proc.returncode == 0, err.decode()
-    assert [json.loads(x)["id"] for x in out.decode().splitlines()] == [
+    out = await _subscribe_process(n, "--after", str(cursors[-1]), "--count", "2")
+    assert [json.loads(x)["id"] for x in out.splitlines()] == [
         r.id.hex() for r in published[3:]]
 
 

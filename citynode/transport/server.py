@@ -647,12 +647,17 @@ async def cards_handler(request: web.Request) -> web.Response:
     return _pack(node.known_cards())
 
 
-async def post_checkpoint(request: web.Request) -> web.Response:
+async def _partner_gossip(request: web.Request) -> tuple[Node, bytes, str]:
+    """``(node, body, sender's node id)`` of a signed partner request."""
     node = request.app[NODE_KEY]
     body, key = await _partner_body(request)
     link = node.link_for(key)
-    result = await node.ingest_checkpoint(body, link.row.node_id if link else "?")
-    return web.json_response({"result": result})
+    return node, body, link.row.node_id if link else "?"
+
+
+async def post_checkpoint(request: web.Request) -> web.Response:
+    node, body, src = await _partner_gossip(request)
+    return web.json_response({"result": await node.ingest_checkpoint(body, src)})
 
 
 async def get_checkpoints(request: web.Request) -> web.Response:
@@ -734,11 +739,8 @@ async def consistency_proof(request: web.Request) -> web.Response:
 
 
 async def proofs(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
-    body, key = await _partner_body(request)
-    link = node.link_for(key)
-    new = await node.ingest_proof(body, link.row.node_id if link else "?")
-    return web.json_response({"new": new})
+    node, body, src = await _partner_gossip(request)
+    return web.json_response({"new": await node.ingest_proof(body, src)})
 
 
 def build_app(node: Node) -> web.Application:
