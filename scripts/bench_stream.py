@@ -13,10 +13,11 @@ process) minus that. Every subscriber must get every record exactly once (payloa
 numbers) and in feed order (seq 1, 2, 3, ... without gaps).
 
 Prints records published, events delivered (and whether that is records x subscribers),
-p50 / p99 / max delivery latency, the achieved publish rate, the node's CPU use (utime +
-stime from /proc over the run), how long the node's event-loop thread was runnable but
-waiting for a CPU (/proc schedstat: the share of the machine other processes took), and
-the subscriber processes' CPU use. Last line: one JSON object.
+p50 / p99 / max delivery latency, per record the latency of its first and of its last
+subscriber (the node's own path, then the fan-out to every stream), the achieved publish
+rate, the node's CPU use (utime + stime from /proc over the run), how long the node's
+event-loop thread was runnable but waiting for a CPU (/proc schedstat: the share of the
+machine other processes took), and the subscriber processes' CPU use. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -310,6 +311,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     lat = array.array("d")
     for r in results:
         lat.frombytes(r["lat"])
+    first_ms, last_ms = _first_last(results, total)
     lat_ms = sorted(x * 1000 for x in lat)
     last_recv = max(r["last_recv"] for r in results)
     publish_calls.sort()
@@ -326,6 +328,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))] if lat_ms
         else float("nan"),
         "max_ms": lat_ms[-1] if lat_ms else float("nan"),
+        "first_p50_ms": _pct(first_ms, 0.5), "first_p99_ms": _pct(first_ms, 0.99),
+        "last_p50_ms": _pct(last_ms, 0.5), "last_p99_ms": _pct(last_ms, 0.99),
         "publish_call_p50_ms": statistics.median(publish_calls) * 1000,
         "publish_call_max_ms": publish_calls[-1] * 1000,
         "tail_s": max(0.0, last_recv - w_pub_end),
@@ -335,6 +339,34 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "sub_cpu_pct": [100 * r["cpu_s"] / (w1 - w0) for r in results],
         "errors": [e for r in results for e in r["errors"]],
     }
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+def _first_last(results: list[dict[str, Any]], total: int) -> tuple[list[float], list[float]]:
+    """Per record, the latency of the first and of the last subscriber to get it (ms,
+    each list sorted), if every subscriber got every record in order (a subscriber's
+    latencies are then in seq order); else two empty lists. The first is the node's
+    path (publish, commit, tail); the gap to the last is the fan-out to all streams."""
+    per_sub: list[array.array[float]] = []
+    for r in results:
+        lat = array.array("d")
+        lat.frombytes(r["lat"])
+        at = 0
+        for s in r["subs"]:
+            if s["count"] != total or s["out_of_order"] or s["unique"] != total:
+                return [], []
+            per_sub.append(lat[at: at + total])
+            at += total
+    if not per_sub:
+        return [], []
+    per_record = list(zip(*per_sub, strict=True))
+    return (sorted(min(x) * 1000 for x in per_record),
+            sorted(max(x) * 1000 for x in per_record))
 
 
 def main() -> None:
@@ -374,6 +406,10 @@ def main() -> None:
     print(f"delivery latency: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max "
           f"{r['max_ms']:.1f} ms (target p99 <= 100 ms); last event {r['tail_s']:.1f} s "
           "after the last publish")
+    print(f"per record: first subscriber p50 {r['first_p50_ms']:.1f} ms, p99 "
+          f"{r['first_p99_ms']:.1f} ms (publish, commit, tail); last of the {subs} p50 "
+          f"{r['last_p50_ms']:.1f} ms, p99 {r['last_p99_ms']:.1f} ms (+ fan-out to every "
+          "stream)")
     print(f"node CPU: {r['node_cpu_pct']:.0f}% of one core over {r['run_s']:.1f} s (its event "
           f"loop waited for a CPU {r['node_wait_pct']:.0f}% of that time); subscriber "
           "processes: " + ", ".join(f"{c:.0f}%" for c in r["sub_cpu_pct"]))
@@ -384,6 +420,10 @@ def main() -> None:
         "records": n, "events_delivered": r["delivered"], "events_expected": expected,
         "all_delivered_in_order": ok, "p50_ms": round(r["p50_ms"], 2),
         "p99_ms": round(r["p99_ms"], 2), "max_ms": round(r["max_ms"], 2),
+        "first_sub_p50_ms": round(r["first_p50_ms"], 2),
+        "first_sub_p99_ms": round(r["first_p99_ms"], 2),
+        "last_sub_p50_ms": round(r["last_p50_ms"], 2),
+        "last_sub_p99_ms": round(r["last_p99_ms"], 2),
         "publish_rate": round(r["rate"], 1), "target_rate": args.rate,
         "tail_s": round(r["tail_s"], 2), "node_cpu_pct": round(r["node_cpu_pct"], 1),
         "node_cpu_wait_pct": round(r["node_wait_pct"], 1),
