@@ -18,7 +18,13 @@ city, not the node it happens to read from::
     asyncio.run(main())
 
 Reading a ``partners`` or ``restricted`` feed needs requests signed by a node key the
-origin allows: pass ``key=`` (e.g. ``identity.load_identity(DIR).key``).
+origin allows: pass ``key=`` (e.g. ``identity.load_identity(DIR).key``). Records
+of a restricted feed are sealed to their readers' keys: when ``key`` is one of them, the
+records the client returns carry the decrypted ``type``, ``data``, ``subject`` and
+``dataschema`` (``rec.sealed`` is still set, and ``body``/``sig`` are the signed bytes);
+otherwise their ``type`` is ``"sealed"`` and ``data`` is empty. A node matches the
+``type`` filter against what it stores, so a restricted feed's records match
+``type="sealed"``, not their inner type: filter them by ``feed``.
 """
 
 from __future__ import annotations
@@ -123,7 +129,10 @@ class Client:
         body, sig = decode_envelope(envelope)
         # A record is checked against the clock when a node accepts it; a reader checks
         # what the record is, not when it arrived.
-        return open_record(body, sig, now_ms=2**62, verifier=self.verifier)
+        rec = open_record(body, sig, now_ms=2**62, verifier=self.verifier)
+        if rec.sealed is None or self.key is None:
+            return rec
+        return _opened(rec, self.key)
 
     async def _get(self, path_qs: str, accept: str = "application/msgpack",
                    unsigned: bool = False) -> bytes:
@@ -268,6 +277,24 @@ def plaintext(rec: Record, key: SigningKey) -> Any:
     if rec.sealed is None:
         raise InvalidRecord("record is not sealed", "bad_sealed")
     return open_payload(rec.sealed, origin=rec.origin, feed=rec.feed, seq=rec.seq, key=key)
+
+
+def _opened(rec: Record, key: SigningKey) -> Record:
+    """``rec`` (verified, sealed) with its plaintext ``type``, ``data``, ``subject`` and
+    ``dataschema`` when ``key`` is one of its readers; otherwise ``rec`` as it is (type
+    ``sealed``). ``body``, ``sig`` and ``sealed`` stay those of the signed record, so
+    it can still be re-verified or passed on. A seal that does not open for a reader
+    (a faulty origin) also leaves the record sealed: :func:`plaintext` says why."""
+    from citynode.core.sealed import is_recipient
+
+    if not is_recipient(rec.sealed, key.public_key):
+        return rec
+    try:
+        inner = plaintext(rec, key)
+    except CitynodeError:
+        return rec
+    return rec._replace(type=inner.type, data=inner.data, subject=inner.subject,
+                        dataschema=inner.dataschema)
 
 
 def _query(**kw: Any) -> dict[str, Any]:

@@ -321,8 +321,8 @@ def _read(path: Path, dir: Path, *, secret: bool) -> bytes:
         os.close(fd)
 
 
-def load_identity(dir: Path, passphrase: str | None = None) -> Identity:
-    """Load the identity ``create_identity`` wrote in ``dir``.
+def load_identity(dir: Path | str, passphrase: str | None = None) -> Identity:
+    """Load the identity ``create_identity`` wrote in ``dir`` (a path or a string).
 
     ``passphrase`` unseals node.key; if None, the ``CITYNODE_PASSPHRASE`` environment
     variable is used (if set). Raises :class:`KeyFileError` if a file is missing, a
@@ -330,6 +330,7 @@ def load_identity(dir: Path, passphrase: str | None = None) -> Identity:
     to run), a file is corrupt, the passphrase is missing or wrong, or the TLS key does
     not belong to the certificate.
     """
+    dir = Path(dir)
     if passphrase is None:
         passphrase = os.environ.get(PASSPHRASE_ENV) or None
     key_file = dir / KEY_FILE

@@ -15,7 +15,13 @@ from typing import Any
 import msgpack
 
 from citynode.core.keys import SigningKey, node_id
-from citynode.core.records import Record, decode_envelope, record_from_fields, record_id
+from citynode.core.records import (
+    SEALED_TYPE,
+    Record,
+    decode_envelope,
+    record_from_fields,
+    record_id,
+)
 from citynode.core.sealed import is_recipient, open_payload
 from citynode.errors import CitynodeError
 
@@ -74,8 +80,12 @@ def record_json(rec: Record, *, rowid: int | None = None,
     if rec.sealed is not None:
         out["sealed"] = {"to": [node_id(r[0]) for r in rec.sealed.get("to", ())],
                          "ciphertext_bytes": len(rec.sealed.get("ct", b""))}
-        del out["data"]
-        if key is not None and is_recipient(rec.sealed, key.public_key):
+        if rec.type != SEALED_TYPE:  # already opened (citynode.client does it for readers)
+            out["decrypted"] = True
+        else:
+            del out["data"]
+        if rec.type == SEALED_TYPE and key is not None and is_recipient(rec.sealed,
+                                                                       key.public_key):
             try:
                 inner = open_payload(rec.sealed, origin=rec.origin, feed=rec.feed,
                                      seq=rec.seq, key=key)

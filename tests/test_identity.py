@@ -60,6 +60,8 @@ def test_create_then_load_round_trip(tmp_path: Path) -> None:
     assert loaded.cert_fingerprint == made.cert_fingerprint
     assert loaded.cert_pem == made.cert_pem == (d / "tls" / "cert.pem").read_bytes()
     assert loaded.cert_path == d / "tls" / "cert.pem"
+    # As the client's docstring shows it: a directory given as a string.
+    assert load_identity(str(d)).key.seed == made.key.seed
     assert loaded.key_path == d / "tls" / "key.pem"
     assert (d / "operator.token").read_text().strip() == made.token
     assert made.token not in repr(made)

@@ -11,6 +11,8 @@ import pytest
 
 from citynode.client import Client, plaintext
 from citynode.cluster import Cluster, LocalNode
+from citynode.core.keys import Verifier
+from citynode.core.records import open_record
 from citynode.errors import AccessDenied, PeerRejected
 from citynode.identity import load_identity
 from tests.conftest import eventually
@@ -60,12 +62,21 @@ async def test_relay_forwards_what_it_cannot_read(cluster: Cluster) -> None:
     # The reader's own node decrypts for its operator ...
     mine = await c.api("GET", f"/v1/records/{rid}")
     assert mine["decrypted"] is True and mine["data"]["tlp"] == "TLP:AMBER"
-    # ... and a reader's application, signing as Seoul, can read it from the relay and
-    # decrypt it itself.
+    # ... and a reader's application, signing as Seoul, reads it from the relay: the
+    # client decrypts it by itself in get, query and subscribe, and the record is still
+    # the signed one.
     seoul_key = load_identity(c.dir).key
     async with Client(b.url, fingerprint=b.fingerprint, key=seoul_key) as cl:
         rec = await cl.get(rid)
-        assert rec.type == "sealed"
+        got = [r async for r in cl.query(feed="cyber-notices")]
+        stream = cl.subscribe(feed="cyber-notices", last_event_id=0)
+        _, streamed = await anext(stream)
+        await stream.aclose()
+        assert len(got) == 1
+        for r in (rec, *got, streamed):
+            assert r.id.hex() == rid and r.sealed is not None
+            assert r.type == "CyberSecurityNotice" and r.data["severity"] == "high"
+            assert open_record(r.body, r.sig, now_ms=2**62, verifier=Verifier()).id == r.id
         inner = plaintext(rec, seoul_key)
         assert inner.type == "CyberSecurityNotice" and inner.data["severity"] == "high"
         with pytest.raises(AccessDenied):

@@ -1,0 +1,41 @@
+"""A reader's client opens sealed records itself; the JSON view shows them once opened."""
+
+from __future__ import annotations
+
+from citynode.client import _opened, record_to_json
+from citynode.core.keys import SigningKey
+from citynode.core.records import SEALED_TYPE, Record, sign_record
+
+NOTICE = {
+    "severity": "high", "tlp": "TLP:AMBER", "affectedSystem": "SCADA gateway",
+    "description": "Exploited in the wild; patch now.", "dateIssued": "2026-11-28T07:00:00Z",
+}
+ORIGIN, READER, OTHER = (SigningKey(bytes([i]) * 32) for i in (1, 2, 3))
+
+
+def _sealed() -> Record:
+    return sign_record(ORIGIN, feed="cyber-notices", seq=1, prev=None, time_ms=1,
+                       type="CyberSecurityNotice", data=NOTICE, subject="gw-7",
+                       readers=[READER.public_key])
+
+
+def test_a_reader_gets_the_plaintext_and_the_signed_record() -> None:
+    rec = _sealed()
+    opened = _opened(rec, READER)
+    assert (opened.type, opened.data, opened.subject) == ("CyberSecurityNotice", NOTICE, "gw-7")
+    assert (opened.id, opened.body, opened.sig, opened.sealed) == (
+        rec.id, rec.body, rec.sig, rec.sealed)
+    j = record_to_json(opened, 7)
+    assert j["decrypted"] is True and j["data"] == NOTICE and j["type"] == "CyberSecurityNotice"
+    # Sealed to its readers and to its origin.
+    assert j["cursor"] == 7 and sorted(j["sealed"]["to"]) == sorted(
+        [READER.node_id, ORIGIN.node_id])
+    assert record_to_json(opened, 7, READER) == j  # opened once, not again
+
+
+def test_anyone_else_gets_the_sealed_record_as_it_is() -> None:
+    rec = _sealed()
+    assert _opened(rec, OTHER) is rec
+    j = record_to_json(rec, None, OTHER)
+    assert j["type"] == SEALED_TYPE and "data" not in j and "decrypted" not in j
+    assert "Exploited" not in str(j)
