@@ -178,8 +178,10 @@ class FeedAudit:
     records: int = 0  # distinct valid records
     invalid: int = 0  # record items that failed verification
     contiguous: int = 0  # every seq 1..contiguous is held (valid)
-    max_seq: int = 0
-    missing: int = 0  # seqs below max_seq with no valid record
+    max_seq: int = 0  # highest seq of a record of this feed in the bundle (valid or not)
+    # seqs with no valid record, up to max_seq or, beyond it, the largest checkpoint size
+    # (a checkpoint of size N proves the origin published seq 1..N)
+    missing: int = 0
     checkpoints: int = 0  # valid checkpoints of the origin for this feed
     checkpoints_matched: int = 0  # whose root equals the root of the bundle's records
 
@@ -189,6 +191,17 @@ class FeedAudit:
                 "max_seq": self.max_seq, "missing": self.missing,
                 "checkpoints": self.checkpoints,
                 "checkpoints_matched": self.checkpoints_matched}
+
+    def held_text(self) -> str:
+        """What the bundle holds of this feed, in words: ``"no records"`` when it holds
+        none, else the record count and the contiguous run from seq 1 (never
+        ``"seq 1..0"``)."""
+        if self.records == 0 and self.invalid == 0:
+            return "no records"
+        if self.contiguous == 0:
+            return f"{self.records} record(s), none contiguous from seq 1 (max {self.max_seq})"
+        return (f"{self.records} record(s), seq 1..{self.contiguous} contiguous "
+                f"(max {self.max_seq})")
 
 
 @dataclass
@@ -207,6 +220,9 @@ class AuditReport:
     bytes: int = 0
     seconds: float = 0.0
     feeds: dict[str, FeedAudit] = field(default_factory=dict)
+    # Feeds the origin's signed card lists of which the bundle holds no record: the
+    # audit says nothing about them (finding ``missing_feed``).
+    feeds_not_covered: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     kind_counts: dict[str, int] = field(default_factory=dict)  # every finding, kept or not
     severity_counts: dict[str, int] = field(
@@ -255,12 +271,29 @@ class AuditReport:
             "seconds": round(self.seconds, 3),
             "records_per_s": round(self.record_items / self.seconds) if self.seconds else None,
             "feeds": [f.to_json() for f in sorted(self.feeds.values(), key=lambda f: f.name)],
+            "feeds_not_covered": list(self.feeds_not_covered),
             "errors": self.severity_counts[ERROR],
             "warnings": self.severity_counts[WARNING],
             "finding_counts": dict(sorted(self.kind_counts.items())),
             "findings": [f.to_json() for f in self.findings],
             "findings_not_listed": self.suppressed,
         }
+
+    def coverage_text(self) -> str:
+        """One sentence saying which feeds of the origin the audit covers: only those the
+        bundle holds, and, when the bundle carries the origin's card, which feeds the
+        card lists that the bundle does not hold (or that it holds every one)."""
+        held = sorted(n for n, f in self.feeds.items() if f.records or f.invalid)
+        what = ", ".join(held) if held else "none"
+        if self.card is None:
+            return (f"the audit covers only the feeds the bundle holds ({what}); the bundle "
+                    "carries no valid card of the origin, so it cannot tell whether the "
+                    "origin has other feeds")
+        if self.feeds_not_covered:
+            return (f"the audit covers only the feeds the bundle holds ({what}); the "
+                    f"origin's card also lists {', '.join(self.feeds_not_covered)}, NOT in "
+                    "this bundle")
+        return f"the bundle holds every feed the origin's card lists ({what})"
 
     def render_text(self) -> str:
         """The human report, plain text (one finding per line)."""
@@ -274,10 +307,10 @@ class AuditReport:
         )
         for f in sorted(self.feeds.values(), key=lambda f: f.name):
             out.append(
-                f"  feed {f.name}: {f.records} record(s), seq 1..{f.contiguous} contiguous"
-                f" (max {f.max_seq}), {f.missing} missing, {f.invalid} invalid, "
+                f"  feed {f.name}: {f.held_text()}, {f.missing} missing, {f.invalid} invalid, "
                 f"{f.checkpoints_matched}/{f.checkpoints} checkpoint(s) matched"
             )
+        out.append(f"coverage: {self.coverage_text()}")
         order = {ERROR: 0, WARNING: 1, INFO: 2}
         for fd in sorted(self.findings, key=lambda f: order[f.severity]):
             out.append(fd.line())
@@ -368,7 +401,8 @@ class _Audit:
             st = self.feeds[name] = _Feed(fa)
             if self.rep.header is not None and not fa.listed:
                 self.rep.add(WARNING, "unlisted_feed", name, None, "the bundle holds "
-                             "records of this feed but its header does not list it")
+                             "records or checkpoints of this feed but its header does not "
+                             "list it")
         return st
 
     def _invalid(self, exc: InvalidRecord, f: dict[str, Any] | None, offset: int) -> None:
@@ -477,8 +511,12 @@ def audit_bundle(
     the id of the record below; two records for one seq are an equivocation (verified
     as a fork proof); every checkpoint is signed by the origin and its root equals the
     RFC 9162 Merkle root of the bundle's record ids at its size (when the bundle holds
-    that many); two checkpoints at one size with different roots are a split view;
-    every fork and split-view proof carried verifies.
+    that many contiguously); a checkpoint of size N proves the origin published seq
+    1..N, so a bundle whose records of that feed stop before N is missing records (an
+    error); two checkpoints at one size with different roots are a split view; every
+    fork and split-view proof carried verifies. Feeds the origin's card (if carried)
+    lists of which the bundle holds no record are a warning and listed in
+    :attr:`AuditReport.feeds_not_covered`: a bundle may cover only some feeds.
 
     ``workers`` > 0 verifies record signatures on that many threads while the calling
     thread reads and parses (libsodium releases the GIL); 0 does everything on the
@@ -549,14 +587,10 @@ def audit_bundle(
                 if h.origin != expected:
                     rep.add(ERROR, "header_origin", None, None,
                             f"the bundle header names origin {node_id(h.origin)}, not "
-                            f"{oid}: it is not a bundle of this origin")
+                            f"{oid}: it is not a bundle of this origin (or the id given "
+                            "is wrong: check it with that city's operators)")
             elif kind == CARD:
-                try:
-                    rep.card = open_card(item.data, expected_node_id=oid,
-                                         verifier=a.verifier, now_ms=now_ms)
-                except InvalidRecord as exc:
-                    rep.add(ERROR, "bad_card", None, None,
-                            f"the bundle's card is refused: {exc}")
+                _audit_card(rep, item, expected, a.verifier, now_ms)
             elif kind == CHECKPOINT:
                 _audit_checkpoint(rep, item, expected, a.verifier, now_ms, a.feed)
             elif kind in (FORK, SPLIT_VIEW):
@@ -590,12 +624,15 @@ def audit_bundle(
 
 
 def _finish(a: _Audit) -> None:
-    """The checks that need every item: empty and foreign feeds, chains, equivocations."""
+    """The checks that need every item: empty and foreign feeds, chains, equivocations,
+    and the feeds the origin's card lists that the bundle does not hold."""
     rep, add = a.rep, a.rep.add
+    card_feeds = {} if rep.card is None else {f.name: f.access for f in rep.card.feeds}
     if rep.header is not None:
         for name in sorted(a.header_feeds - set(a.feeds)):
             rep.feeds[name] = FeedAudit(name, listed=True)
-            add(INFO, "empty_feed", name, None, "listed in the header, but no record of it")
+            if name not in card_feeds:  # else reported as missing_feed below
+                add(INFO, "empty_feed", name, None, "listed in the header, but no record of it")
     for other, n in a.foreign.items():
         add(ERROR, "foreign_record", None, None,
             f"{n} record(s) signed by another origin ({node_id(other)}): not part of "
@@ -615,6 +652,40 @@ def _finish(a: _Audit) -> None:
         add(ERROR, "equivocation", name, seq,
             "two different records signed by the origin for this seq: the origin "
             "equivocated (fork proof verified)")
+    # A bundle may hold only some of the origin's feeds (export --feed, or feeds the
+    # exporting node may not read): not an error, but the report must say so.
+    for name, access in sorted(card_feeds.items()):
+        fa = rep.feeds.get(name)
+        if fa is not None and (fa.records or fa.invalid):
+            continue
+        rep.feeds_not_covered.append(name)
+        listed = " (its header lists it)" if fa is not None and fa.listed else ""
+        add(WARNING, "missing_feed", name, None,
+            f"the origin's signed card lists this feed (access {access}), but the bundle "
+            f"holds no record of it{listed}: this audit says nothing about it. The "
+            "exporting node may not be allowed to read it or may hold none of it yet, or "
+            "it was left out or removed; for an audit of it, ask for a bundle that holds "
+            f"it (citynode export --feed {name})")
+
+
+def _audit_card(rep: AuditReport, item: Item, expected: bytes, verifier: Verifier,
+                now_ms: int) -> None:
+    """Verify the bundle's card; keep it in ``rep.card`` only if the origin signed it.
+    A card that does not verify, or is signed by another node, is ``bad_card``."""
+    try:
+        # No expected id here: open_card's "wrong node" message speaks of a card fetched
+        # from a URL; an offline audit says where this card came from itself.
+        card = open_card(item.data, expected_node_id=None, verifier=verifier, now_ms=now_ms)
+    except InvalidRecord as exc:
+        rep.add(ERROR, "bad_card", None, None, f"the bundle's card is refused: {exc}")
+        return
+    if card.node != expected:
+        rep.add(ERROR, "bad_card", None, None,
+                f"the bundle's card is signed by {card.node_id}, not by the origin audited "
+                f"({rep.origin}): it is another node's card, or the id given for the "
+                "origin is wrong (check it with that city's operators)")
+        return
+    rep.card = card
 
 
 def _audit_checkpoint(
@@ -678,10 +749,12 @@ def _finish_feed(
         rep.add(ERROR, "out_of_order", name, None,
                 f"{st.late} record(s) come after a record with a higher seq: the bundle's "
                 "records were reordered (a bundle lists each feed in seq order)")
+    # A checkpoint the origin signed of size N proves it published seq 1..N.
+    proven = max((cp.size for cp in st.checkpoints), default=0)
     # Gaps: seqs below the highest with no valid record, by ranges (a seq can be near
     # 2**63: never step through a gap one seq at a time). Seqs where an invalid record
     # of the origin stood were reported with it, so they are left out here.
-    fa.missing = fa.max_seq - len(held)
+    fa.missing = max(fa.max_seq, proven) - len(held)
     bad = sorted(s for s in st.bad_seqs if s not in held)
     expect = 1
     for s in [*seqs, fa.max_seq + 1]:
@@ -697,6 +770,19 @@ def _finish_feed(
                 lo = hi + 2  # past the bad seq (or past s - 1: the loop ends)
                 i += 1
         expect = s + 1
+    if proven > fa.max_seq:
+        # The tail the origin signed for is not in the bundle: records removed (the
+        # "removed last record" tampering), or written by an exporter that had a newer
+        # checkpoint than records (citynode export leaves such checkpoints out).
+        lo = fa.max_seq + 1
+        held_text = (f"its last record of this feed is seq {fa.max_seq}" if fa.max_seq
+                     else "it holds no record of this feed")
+        rep.add(ERROR, "missing_records", name, lo,
+                f"{_range_text(lo, proven)} missing: the origin signed a checkpoint of size "
+                f"{proven}, so it published seq 1..{proven}, but {held_text}: "
+                f"{proven - lo + 1} record(s) the origin signed for were removed or left "
+                "out. Do not accept this bundle as the feed's history; ask for one "
+                "exported by a node that holds the whole feed")
     contiguous = 0
     for s in seqs:
         if s != contiguous + 1:
@@ -743,10 +829,14 @@ def _finish_feed(
                         f"the checkpoint of size {cp.size} signed by the origin does not "
                         f"match the Merkle root of the bundle's first {cp.size} records: the "
                         "records were altered, or the origin showed a split view")
-        else:
+        elif cp.size <= fa.max_seq:
+            # The hole below it was reported (gap, or the invalid record's reason).
+            held_run = f"seq 1..{contiguous}" if contiguous else "no record from seq 1"
             rep.add(WARNING, "checkpoint_beyond", name, cp.size,
                     f"the checkpoint of size {cp.size} cannot be checked: the bundle holds "
-                    f"only seq 1..{contiguous} of this feed contiguously")
+                    f"only {held_run} of this feed contiguously (the records missing or "
+                    "invalid below it are reported as errors)")
+        # else: beyond every record held, reported once as missing_records above
     sizes = sorted(by_size)
     for a, b in itertools.pairwise(sizes):
         if by_size[b].time < by_size[a].time:

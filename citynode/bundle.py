@@ -490,6 +490,11 @@ class ExportSummary:
     counts: BundleCounts = BundleCounts()
     bytes: int = 0
     skipped_proofs: int = 0  # stored proofs of a kind a bundle cannot carry
+    # checkpoints held but left out: of a size beyond the records written of their feed
+    skipped_checkpoints: int = 0
+    # feeds the card written lists of which the bundle holds no record (not held here,
+    # or not asked for with ``feeds``)
+    card_feeds_not_held: tuple[str, ...] = ()
 
     @property
     def has_card(self) -> bool:
@@ -498,7 +503,9 @@ class ExportSummary:
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "origin": self.origin, "feeds": dict(self.feeds),
                 **self.counts.to_json(), "bytes": self.bytes,
-                "skipped_proofs": self.skipped_proofs}
+                "skipped_proofs": self.skipped_proofs,
+                "skipped_checkpoints": self.skipped_checkpoints,
+                "card_feeds_not_held": list(self.card_feeds_not_held)}
 
 
 def export_from_storage(
@@ -512,7 +519,15 @@ def export_from_storage(
 ) -> ExportSummary:
     """Write a bundle of ``origin``'s records held in ``storage`` (a
     :class:`citynode.storage.Storage`): every record of each feed in seq order, every
-    checkpoint held of those feeds, and every fork / split-view proof held against them.
+    checkpoint held of those feeds whose size is at most the records written of its
+    feed, and every fork / split-view proof held against them.
+
+    A checkpoint of size N proves the origin published seq 1..N, so the audit fails a
+    bundle whose records stop before N; a replica may hold a checkpoint newer than its
+    records (still catching up): such checkpoints are left out and counted in
+    :attr:`ExportSummary.skipped_checkpoints`, so an honest export audits clean.
+    Feeds the card lists that the bundle does not hold are named in
+    :attr:`ExportSummary.card_feeds_not_held` (the audit warns about them).
 
     ``feeds`` None means every feed of ``origin`` held. ``card``, if given, must be the
     origin's own signed card (checked here, so a bundle never carries a card its
@@ -534,8 +549,10 @@ def export_from_storage(
                 f"no records of feed(s) {', '.join(missing)} of {oid} are held here "
                 f"(held: {', '.join(sorted(held)) or 'none'})"
             )
+    card_feeds: tuple[str, ...] = ()
     if card is not None:
-        open_card(card, expected_node_id=oid, verifier=Verifier())
+        card_feeds = tuple(f.name for f in open_card(card, expected_node_id=oid,
+                                                      verifier=Verifier()).feeds)
     written: dict[str, int] = {}
 
     def records(name: str) -> Iterator[bytes]:
@@ -546,7 +563,21 @@ def export_from_storage(
         written[name] = n
 
     wanted = set(names)
-    checkpoints = [env for name in names for _s, _r, env in storage.checkpoints(origin, name)]
+    held_cps = [(name, size, env) for name in names
+                for size, _r, env in storage.checkpoints(origin, name)]
+    skipped_cps = 0
+
+    def checkpoints() -> Iterator[bytes]:
+        # Consumed after the records (bundle order). Storage keeps each chain contiguous
+        # from seq 1 and only appends, so the bundle holds seq 1..written[name] of a feed
+        # (at least 1..held[name], the head read above, were it consumed before).
+        nonlocal skipped_cps
+        for name, size, env in held_cps:
+            if size <= written.get(name, held[name]):
+                yield env
+            else:
+                skipped_cps += 1
+
     forks: list[bytes] = []
     splits: list[bytes] = []
     skipped = 0
@@ -561,12 +592,13 @@ def export_from_storage(
             skipped += 1
     counts = write_bundle(
         path, origin=origin, card=card, feeds={n: records(n) for n in names},
-        checkpoints=checkpoints, forks=forks, split_views=splits, now_ms=now_ms,
+        checkpoints=checkpoints(), forks=forks, split_views=splits, now_ms=now_ms,
     )
     try:
         size = os.path.getsize(path)
     except OSError:
         size = 0
     return ExportSummary(os.fspath(path), oid, {n: written.get(n, 0) for n in names},
-                         counts, size, skipped)
+                         counts, size, skipped, skipped_cps,
+                         tuple(sorted(set(card_feeds) - wanted)))
 

@@ -125,6 +125,14 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
     if not summary.has_card:
         click.echo(f"note: no card of {summary.origin} is known here: the bundle has none "
                    "(the audit still checks every record)", err=True)
+    if summary.skipped_checkpoints:
+        click.echo(f"note: {summary.skipped_checkpoints} checkpoint(s) of a size beyond the "
+                   "records held here were left out (this node has not caught up with them "
+                   "yet; a bundle cannot prove records it does not hold)", err=True)
+    if summary.card_feeds_not_held and not feeds:
+        click.echo(f"note: the origin's card lists feed(s) "
+                   f"{', '.join(summary.card_feeds_not_held)} of which no record is held "
+                   "here: the bundle does not cover them (the audit will say so)", err=True)
     if summary.skipped_proofs:
         click.echo(f"note: {summary.skipped_proofs} stored proof(s) of an unknown kind "
                    "were left out", err=True)
@@ -150,10 +158,13 @@ def _rich_report(report: Any) -> None:
     for col in ("feed", "records", "contiguous", "missing", "invalid", "checkpoints"):
         t.add_column(col, justify="left" if col == "feed" else "right", overflow="fold")
     for f in sorted(report.feeds.values(), key=lambda f: f.name):
-        t.add_row(f.name, str(f.records), f"1..{f.contiguous}", str(f.missing),
-                  str(f.invalid), f"{f.checkpoints_matched}/{f.checkpoints} matched")
+        t.add_row(f.name, str(f.records), f"1..{f.contiguous}" if f.contiguous else "none",
+                  str(f.missing), str(f.invalid),
+                  f"{f.checkpoints_matched}/{f.checkpoints} matched")
     if report.feeds:
         console.print(t)
+    console.print(Text(f"coverage: {report.coverage_text()}",
+                       style="yellow" if report.feeds_not_covered else ""))
     style = {"error": "bold red", "warning": "yellow", "info": "dim"}
     order = {"error": 0, "warning": 1, "info": 2}
     for fd in sorted(report.findings, key=lambda f: order[f.severity]):

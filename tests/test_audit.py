@@ -93,9 +93,10 @@ def chain(k: int, feed: str, n: int) -> tuple[Record, ...]:
     return tuple(out)
 
 
-def card_env(key: SigningKey = KEY) -> bytes:
+def card_env(key: SigningKey = KEY,
+             feeds: tuple[tuple[str, str], ...] = (("noise", "public"),)) -> bytes:
     return make_card(key, name="Testville", url="https://testville.example:8443",
-                     tls_fingerprint=b"\x11" * 32, feeds=[("noise", "public")], partners=[],
+                     tls_fingerprint=b"\x11" * 32, feeds=list(feeds), partners=[],
                      software="citynode/test", now_ms=T0).envelope
 
 
@@ -348,6 +349,60 @@ def test_removed_first_records_and_tail_are_gaps(tmp_path: Path) -> None:
     assert rep.feeds["noise"].missing == 4
 
 
+def test_removed_last_record_with_its_checkpoint_kept(tmp_path: Path) -> None:
+    # The origin's checkpoint of size 8 proves seq 1..8 exist: a bundle stopping at 7
+    # lacks a record the origin signed for, whatever the (fixed) end counts say.
+    path = standard(tmp_path)
+    items = raw_items(path)
+    del items[index_of(items, "noise", 8)]
+    put_items(path, fix_end(items))
+    rep = audit(path)
+    assert not rep.ok
+    assert errors(rep) == {"missing_records"} and warnings(rep) == set()
+    [f] = rep.errors()
+    assert (f.feed, f.seq) == ("noise", 8)
+    assert "seq 8 missing" in f.message and "checkpoint of size 8" in f.message
+    noise = rep.feeds["noise"]
+    assert (noise.records, noise.contiguous, noise.max_seq, noise.missing) == (7, 7, 7, 1)
+    assert noise.checkpoints_matched == 2  # sizes 0 and 3 still match
+    assert rep.render_text().splitlines()[-1].startswith("FAILED: 1 error(s)")
+    # the whole tail, several records
+    path = standard(tmp_path)
+    items = raw_items(path)
+    items = [it for it in items if kind_of(it) != "record" or seq_of(it)[0] != "noise"
+             or seq_of(it)[1] < 4]
+    put_items(path, fix_end(items))
+    rep = audit(path)
+    assert [(f.kind, f.seq) for f in rep.errors()] == [("missing_records", 4)]
+    assert "seqs 4..8 missing" in rep.errors()[0].message
+    assert rep.feeds["noise"].missing == 5
+
+
+def test_removed_records_of_a_feed_with_its_checkpoint_kept(tmp_path: Path) -> None:
+    path = standard(tmp_path)
+    items = [it for it in raw_items(path)
+             if kind_of(it) != "record" or seq_of(it)[0] != "air-quality"]
+    put_items(path, fix_end(items))
+    rep = audit(path)
+    assert [(f.kind, f.feed, f.seq) for f in rep.errors()] == \
+        [("missing_records", "air-quality", 1)]
+    assert "holds no record of this feed" in rep.errors()[0].message
+    assert rep.feeds["air-quality"].missing == 4
+
+
+def test_checkpoint_beyond_a_hole_is_a_warning_beside_the_hole_error(tmp_path: Path) -> None:
+    # Seq 5 removed and seq 8 (the checkpoint's size) removed: the hole is a gap, the
+    # tail is missing_records; nothing is reported twice.
+    path = standard(tmp_path)
+    items = raw_items(path)
+    del items[index_of(items, "noise", 8)]
+    del items[index_of(items, "noise", 5)]
+    put_items(path, fix_end(items))
+    rep = audit(path)
+    assert [(f.kind, f.seq) for f in rep.errors()] == [("gap", 5), ("missing_records", 8)]
+    assert warnings(rep) == set()
+
+
 def test_reordered_records(tmp_path: Path) -> None:
     path = standard(tmp_path)
     items = raw_items(path)
@@ -537,6 +592,81 @@ def test_card_of_another_node_is_refused(tmp_path: Path) -> None:
     assert rep.card is None
 
 
+def test_wrong_origin_id_is_named_without_a_url(tmp_path: Path) -> None:
+    # Offline there is no URL: the message says whose card it is and what to check.
+    rep = audit(standard(tmp_path), OTHER)
+    [f] = [f for f in rep.findings if f.kind == "bad_card"]
+    assert "URL" not in f.message
+    assert KEY.node_id in f.message and OTHER.node_id in f.message
+    assert "id given for the origin is wrong" in f.message
+    [h] = [f for f in rep.findings if f.kind == "header_origin"]
+    assert "id given is wrong" in h.message
+    assert rep.card is None
+
+
+def test_feed_left_out_is_reported_against_the_signed_card(tmp_path: Path) -> None:
+    card = card_env(feeds=(("air-quality", "public"), ("noise", "public")))
+    clean = audit(standard(tmp_path, card=card))
+    assert clean.ok and clean.findings == [] and clean.feeds_not_covered == []
+    assert "coverage: the bundle holds every feed the origin's card lists" in \
+        clean.render_text()
+    # A whole feed dropped: its records, its checkpoint, its name in the header.
+    path = standard(tmp_path, card=card)
+    items = [it for it in raw_items(path)
+             if kind_of(it) not in ("record", "checkpoint") or
+             (kind_of(it) == "record" and seq_of(it)[0] == "noise") or
+             (kind_of(it) == "checkpoint" and b"air-quality" not in it)]
+    h = msgpack.unpackb(items[0])
+    h["feeds"] = ["noise"]
+    put_items(path, fix_end([msgpack.packb(dict(sorted(h.items()))), *items[1:]]))
+    rep = audit(path)
+    assert rep.ok  # a bundle may cover only some feeds: visible, not a failure
+    assert warnings(rep) == {"missing_feed"} and rep.feeds_not_covered == ["air-quality"]
+    [f] = rep.findings
+    assert f.feed == "air-quality" and "card lists this feed" in f.message
+    assert set(rep.feeds) == {"noise"}
+    text = rep.render_text()
+    assert ("coverage: the audit covers only the feeds the bundle holds (noise); the "
+            "origin's card also lists air-quality, NOT in this bundle") in text
+    assert "OK: 0 error(s), 1 warning(s)" in text
+    assert rep.to_json()["feeds_not_covered"] == ["air-quality"]
+    # records dropped but the name kept in the header: missing_feed, not empty_feed
+    path = standard(tmp_path, card=card, checkpoints=[])
+    items = [it for it in raw_items(path)
+             if kind_of(it) != "record" or seq_of(it)[0] == "noise"]
+    put_items(path, fix_end(items))
+    rep = audit(path)
+    assert rep.kinds() == {"missing_feed"} and "its header lists it" in rep.findings[0].message
+    # without a card the audit cannot know, and says so
+    rep = audit(standard(tmp_path, card=None))
+    assert rep.ok and rep.findings == []
+    assert "carries no valid card of the origin" in rep.render_text()
+
+
+def test_feed_text_for_no_records_and_no_contiguous_run(tmp_path: Path) -> None:
+    recs = chain(0, "noise", 5)
+    path = write(tmp_path / "b", {"empty": [], "noise": [r.envelope for r in recs[2:]]})
+    rep = audit(path)
+    text = rep.render_text()
+    assert "1..0" not in text
+    assert "feed empty: no records," in text
+    assert "feed noise: 3 record(s), none contiguous from seq 1 (max 5)" in text
+    full = audit(standard(tmp_path)).render_text()
+    assert "feed noise: 8 record(s), seq 1..8 contiguous (max 8)" in full
+
+
+def test_rich_report_shows_coverage_and_no_empty_range(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from citynode.cli_audit import _rich_report
+
+    path = write(tmp_path / "b", {"empty": [], "noise": [r.envelope for r in chain(0, "noise", 2)]},
+                 card=card_env(feeds=(("noise", "public"), ("permits", "partners"))))
+    _rich_report(audit(path))
+    out = capsys.readouterr().out
+    assert "1..0" not in out and "none" in out
+    assert "[missing_feed]" in out and "permits" in out and "coverage:" in out
+
+
 def test_proofs_carried_in_the_bundle(tmp_path: Path) -> None:
     recs = chain(0, "noise", 3)
     twin = _sign(KEY, "noise", 3, recs[1].id, T0, tag="-twin")
@@ -667,6 +797,47 @@ def test_export_carries_stored_fork_proofs(tmp_path: Path) -> None:
     assert errors(rep) == {"equivocation", "split_view"}
 
 
+def test_export_leaves_out_checkpoints_beyond_its_records(tmp_path: Path) -> None:
+    # A replica still catching up holds the origin's checkpoint of size 10 but records
+    # 1..8 only: its bundle must audit clean, so that checkpoint stays out.
+    st = _storage_with_chain(tmp_path / "citynode.db")
+    longer = chain(0, "noise", 10)
+    try:
+        st.put_checkpoint(KEY.public_key, "noise", 10, mth([r.id for r in longer]),
+                          cp_env(longer, 10)).result(10)
+        s = export_from_storage(st, KEY.public_key, None, tmp_path / "r.bundle",
+                                card=None, now_ms=NOW)
+    finally:
+        st.close()
+    assert (s.counts.checkpoints, s.skipped_checkpoints) == (2, 1)
+    assert s.to_json()["skipped_checkpoints"] == 1
+    rep = audit(tmp_path / "r.bundle")
+    assert rep.ok and rep.findings == [], rep.render_text()
+    assert rep.feeds["noise"].checkpoints_matched == 2
+
+
+def test_export_of_a_node_that_lacks_a_feed_audits_with_a_warning(tmp_path: Path) -> None:
+    # The origin's card lists "permits" (partners only): this node holds none of it.
+    card = card_env(feeds=(("air-quality", "public"), ("noise", "public"),
+                           ("permits", "partners")))
+    st = _storage_with_chain(tmp_path / "citynode.db")
+    try:
+        s = export_from_storage(st, KEY.public_key, None, tmp_path / "p.bundle", card=card,
+                                now_ms=NOW)
+        one = export_from_storage(st, KEY.public_key, ["noise"], tmp_path / "n.bundle",
+                                  card=card, now_ms=NOW)
+    finally:
+        st.close()
+    assert s.card_feeds_not_held == ("permits",)
+    assert one.card_feeds_not_held == ("air-quality", "permits")
+    rep = audit(tmp_path / "p.bundle")
+    assert rep.ok and warnings(rep) == {"missing_feed"}
+    assert rep.feeds_not_covered == ["permits"]
+    [f] = rep.findings
+    assert f.feed == "permits" and "access partners" in f.message
+    assert audit(tmp_path / "n.bundle").feeds_not_covered == ["air-quality", "permits"]
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -711,6 +882,42 @@ def test_cli_export_without_card_says_so(tmp_path: Path) -> None:
                                         "--feed", "noise", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "3 record(s) in 1 feed(s)" in r.output and "no card" in r.output
+
+
+def test_cli_audit_fails_a_bundle_missing_its_last_record(tmp_path: Path) -> None:
+    path = standard(tmp_path)
+    items = raw_items(path)
+    del items[index_of(items, "noise", 8)]
+    put_items(path, fix_end(items))
+    r = CliRunner().invoke(audit_cmd, [str(path), "--origin", KEY.node_id])
+    assert r.exit_code == 1, r.output
+    assert "ERROR   [missing_records] noise seq 8: seq 8 missing" in r.output
+    assert "checkpoint_beyond" not in r.output and "FAILED: 1 error(s)" in r.output
+
+
+def test_cli_export_notes_what_the_bundle_leaves_out(tmp_path: Path) -> None:
+    st = _storage_with_chain(tmp_path / "citynode.db")
+    longer = chain(0, "noise", 10)
+    st.put_checkpoint(KEY.public_key, "noise", 10, mth([r.id for r in longer]),
+                      cp_env(longer, 10)).result(10)
+    st.set_meta("card:" + KEY.public_key.hex(),
+                card_env(feeds=(("noise", "public"), ("permits", "partners")))).result(10)
+    st.close()
+    runner = CliRunner()
+    out = tmp_path / "k.bundle"
+    r = runner.invoke(export_cmd, ["-d", str(tmp_path), "--origin", KEY.node_id,
+                                   "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "1 checkpoint(s) of a size beyond the records held here were left out" in r.output
+    assert "card lists feed(s) permits of which no record is held here" in r.output
+    r = runner.invoke(audit_cmd, [str(out), "--origin", KEY.node_id])
+    assert r.exit_code == 0, r.output
+    assert "WARNING [missing_feed] permits:" in r.output
+    assert "origin's card also lists permits, NOT in this bundle" in r.output
+    # asked for one feed: the others are left out on purpose, no note about them
+    r = runner.invoke(export_cmd, ["-d", str(tmp_path), "--origin", KEY.node_id,
+                                   "--feed", "noise", "--out", str(out), "--force"])
+    assert r.exit_code == 0 and "card lists" not in r.output, r.output
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
