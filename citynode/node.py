@@ -209,17 +209,31 @@ class Subscriber:
         self.match = match
         self.render = render
         self.group: Hashable = group if group is not None and render is None else self
-        self.queue: asyncio.Queue[StreamBatch] = asyncio.Queue(STREAM_QUEUE_BATCHES)
+        # None in the queue: wake up, the stream is to end (see close()).
+        self.queue: asyncio.Queue[StreamBatch | None] = asyncio.Queue(STREAM_QUEUE_BATCHES)
         self.lagging = False  # the queue overflowed: re-read from storage by cursor
+        self.closed = False  # asked to end: the stream's handler ends its response
         self._on_lag = on_lag
 
     def offer(self, batch: StreamBatch) -> None:
+        if self.closed:
+            return
         try:
             self.queue.put_nowait(batch)
         except asyncio.QueueFull:
             self.lagging = True
             if self._on_lag is not None:
                 self._on_lag()
+
+    def close(self) -> None:
+        """Ask the stream to end: its handler stops waiting for batches, ends its response
+        and unregisters (the subscriber resumes by cursor, losing nothing). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        # A full queue: the handler is not waiting; it writes those, then sees ``closed``.
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)  # wakes a handler waiting for the next batch
 
 
 class _RecentIds:
@@ -294,6 +308,7 @@ class Node:
         self._tail_wake = asyncio.Event()
         self._card: cards.NodeCard | None = None
         self._stopping = False
+        self.streams_closed = False  # close_streams() was called: no new streams
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -349,6 +364,7 @@ class Node:
         """Stop background tasks and close storage; everything acknowledged is committed."""
         self._stopping = True
         self.ready = False
+        self.close_streams()
         for link in list(self.links.values()):
             await self._stop_link(link)
         commits = [t for t in self._tasks if t.get_name() == "commit"]
@@ -1403,6 +1419,14 @@ class Node:
                                 "".join(chosen).encode())
             for sub in members:
                 sub.offer(batch)
+
+    def close_streams(self) -> None:
+        """End every live stream promptly and refuse new ones (graceful shutdown: a live
+        stream would otherwise hold the server open until its shutdown timeout).
+        Subscribers lose nothing: they resume with ``Last-Event-ID``."""
+        self.streams_closed = True
+        for sub in list(self.subscribers):
+            sub.close()
 
     def tail_rowid(self) -> int:
         """The cursor of the newest row handed to streams."""

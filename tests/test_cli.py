@@ -532,9 +532,10 @@ async def test_partner_add_list_remove_against_a_live_node(
 # -------------------------------------------------------------------------- subscribe
 
 
-async def _subscribe_process(n: InProc, *args: str) -> str:
-    """Run ``citynode subscribe URL --id ID ARGS`` as a real process; its stdout. A
-    process, so that if subscribe ever waited forever the test can kill it."""
+async def _subscribe_run(n: InProc, *args: str) -> tuple[int, str, str]:
+    """Run ``citynode subscribe URL --id ID ARGS`` as a real process: its exit status,
+    stdout and stderr. A process, so that if subscribe ever waited forever the test can
+    kill it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "citynode", "subscribe", n.url, "--id", n.node.node_id, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -545,8 +546,15 @@ async def _subscribe_process(n: InProc, *args: str) -> str:
         proc.kill()
         await proc.wait()
         pytest.fail(f"citynode subscribe {' '.join(args)} did not stop")
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _subscribe_process(n: InProc, *args: str) -> str:
+    """Run ``citynode subscribe URL --id ID ARGS``; its stdout (it must succeed)."""
+    rc, out, err = await _subscribe_run(n, *args)
+    assert rc == 0, err
+    return out
 
 
 async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
@@ -569,6 +577,16 @@ async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
     out = await _subscribe_process(n, "--after", str(cursors[-1]), "--count", "2")
     assert [json.loads(x)["id"] for x in out.splitlines()] == [
         r.id.hex() for r in published[3:]]
+
+
+async def test_subscribe_to_an_invalid_feed_name_fails_at_once(inproc: Make) -> None:
+    """`--feed 'Bad Feed'` can match no feed: the node refuses it (400) and subscribe
+    says why in one line, rather than waiting silently forever."""
+    n = await inproc("Hanoi")
+    rc, out, err = await _subscribe_run(n, "--feed", "Bad Feed")
+    assert rc == 1 and out == ""
+    assert "400" in err and "query parameter feed is not a valid feed name: use 1-64" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_readme_example_payload_publishes(node_dir: Path) -> None:

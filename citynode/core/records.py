@@ -39,6 +39,7 @@ from citynode.errors import EncodingError, InvalidRecord
 
 __all__ = [
     "DEFAULT_FUTURE_TOLERANCE_MS",
+    "FEED_NAME_RULE",
     "FORMAT_VERSION",
     "SEALED_TYPE",
     "Record",
@@ -58,6 +59,8 @@ FORMAT_VERSION = 1
 DEFAULT_FUTURE_TOLERANCE_MS = 15 * 60 * 1000
 MAX_SEQ = 2**63 - 1
 _FEED_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+#: What a valid feed name is, in words (for error messages).
+FEED_NAME_RULE = "1-64 of a-z 0-9 . _ - (starting with a letter or digit)"
 _GOOD_FEEDS: set[str] = set()
 _REQUIRED = frozenset({"data", "feed", "origin", "seq", "time", "type", "version"})
 _OPTIONAL = frozenset({"dataschema", "prev", "subject"})
@@ -140,11 +143,8 @@ def check_feed_name(feed: str) -> str:
     if type(feed) is str and feed in _GOOD_FEEDS:
         return feed
     if not isinstance(feed, str) or not _FEED_RE.fullmatch(feed):
-        raise InvalidRecord(
-            f"feed name {feed!r} is invalid: use 1-64 of a-z 0-9 . _ - (starting with a "
-            "letter or digit)",
-            "bad_field",
-        )
+        raise InvalidRecord(f"feed name {feed!r} is invalid: use {FEED_NAME_RULE}",
+                            "bad_field")
     if len(_GOOD_FEEDS) < 4096:  # a node sees few feed names: skip the regex next time
         _GOOD_FEEDS.add(feed)
     return feed

@@ -29,7 +29,12 @@ from citynode import __version__
 from citynode.core import httpsig, sync
 from citynode.core.checkpoints import encode_consistency, encode_inclusion
 from citynode.core.keys import parse_node_id
-from citynode.core.records import decode_envelope, parse_body
+from citynode.core.records import (
+    FEED_NAME_RULE,
+    check_feed_name,
+    decode_envelope,
+    parse_body,
+)
 from citynode.errors import (
     AccessDenied,
     CitynodeError,
@@ -378,10 +383,28 @@ async def list_feeds(request: web.Request) -> web.Response:
 
 
 def _filters(request: web.Request) -> dict[str, Any]:
+    """The record filters of a query or stream, as keyword arguments of Storage.query.
+
+    Raises 400 for a filter given but not valid (an empty one included): a filter that
+    matched nothing without saying why would leave a stream silent forever.
+    """
+    for name in ("origin", "feed", "type", "since", "until", "bbox"):
+        if request.query.get(name) == "":
+            raise web.HTTPBadRequest(
+                text=f"query parameter {name} is empty (leave it out to match any)")
+    feed = request.query.get("feed")
+    if feed is not None:
+        try:
+            check_feed_name(feed)
+        except InvalidRecord:
+            # No echo of the value: clients quote the message, quotes and all.
+            raise web.HTTPBadRequest(
+                text=f"query parameter feed is not a valid feed name: use {FEED_NAME_RULE}"
+            ) from None
     return {
         "origin": _origin_arg(request),
-        "feed": request.query.get("feed") or None,
-        "type": request.query.get("type") or None,
+        "feed": feed,
+        "type": request.query.get("type"),
         "since_ms": _int_arg(request, "since"),
         "until_ms": _int_arg(request, "until"),
         "bbox": _bbox_arg(request),
@@ -420,7 +443,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     record (with its signed envelope). Resume with ``Last-Event-ID`` (or ``?after=``):
     the stream replays everything after that cursor from the database, then follows new
     records live, so a reconnecting subscriber misses nothing and gets nothing twice.
-    Without either it starts with records stored from now on.
+    Without either it starts with records stored from now on. An invalid filter is a 400
+    before the stream opens. When the node shuts down the stream ends (the response
+    completes normally) and the subscriber resumes by cursor.
     """
     from aiohttp_sse import sse_response
 
@@ -446,6 +471,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
     from citynode.node import MAX_SUBSCRIBERS, Subscriber, sse_event
 
+    if node.streams_closed:
+        raise web.HTTPServiceUnavailable(text="the node is shutting down: retry later")
     if len(node.subscribers) >= MAX_SUBSCRIBERS:
         raise web.HTTPServiceUnavailable(text="too many live streams on this node: retry later")
     key = _decrypt_key(request)
@@ -457,7 +484,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     node.metrics.streams.set(len(node.subscribers))
     try:
         async with sse_response(request, ping_interval=15) as resp:
-            while True:
+            # Until the node shuts down (sub.close()): then the response ends properly
+            # and the subscriber resumes by cursor (after the restart, or elsewhere).
+            while not sub.closed:
                 # Catch up from the database until the page is short. The tail skips a
                 # lagging stream, so the flag is cleared BEFORE reading: rows the tail
                 # skipped are then in the pages read, and rows after them are queued
@@ -481,17 +510,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
                         await resp.write("".join(out).encode())
                     if rows:
                         cursor = rows[-1].rowid
-                    if len(rows) < 500:
+                    if len(rows) < 500 or sub.closed:
                         break
                 # Live: events from the shared tail, skipping what the catch-up sent;
                 # whatever has queued up meanwhile goes out in one write.
-                while not sub.lagging:
+                while not sub.lagging and not sub.closed:
                     batches = [await sub.queue.get()]
                     while not sub.queue.empty() and len(batches) < 100:
                         batches.append(sub.queue.get_nowait())
                     chunks = []
                     for b in batches:
-                        if b.rowids[-1] > cursor:
+                        if b is not None and b.rowids[-1] > cursor:
                             chunks.append(b.after(cursor))
                             cursor = b.rowids[-1]
                     if chunks:
@@ -743,12 +772,20 @@ async def proofs(request: web.Request) -> web.Response:
     return web.json_response({"new": await node.ingest_proof(body, src)})
 
 
+async def _end_streams(app: web.Application) -> None:
+    """Graceful shutdown (aiohttp's on_shutdown: no new connections, requests under way
+    still run): end live streams now, or the server would wait its whole shutdown
+    timeout for them to finish, then cancel them mid-response."""
+    app[NODE_KEY].close_streams()
+
+
 def build_app(node: Node) -> web.Application:
     """The aiohttp application for ``node``."""
     app = web.Application(
         middlewares=[errors_middleware], client_max_size=node.config.limits.max_request_bytes
     )
     app[NODE_KEY] = node
+    app.on_shutdown.append(_end_streams)
     max_age = int(node.config.limits.request_max_age_seconds * 1000)
     app[REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)
     app[READ_REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)

@@ -223,6 +223,32 @@ async def test_seq_ranges_need_a_feed(inproc: Make) -> None:
         assert [x["seq"] for x in (await r.json())["records"]] == [2, 3]
 
 
+async def test_invalid_or_empty_filters_are_refused(inproc: Make) -> None:
+    """A filter that is given but not valid is a 400 saying which and why, not an empty
+    page: the feed must be a valid feed name, and an empty filter is no filter."""
+    n = await inproc("Seoul")
+    await n.node.publish("air", "AirQualityObserved", [AIR])
+    refused = {
+        "feed=BAD%20FEED": "feed is not a valid feed name: use 1-64 of a-z",
+        "feed=Air": "feed is not a valid feed name",
+        "feed=": "query parameter feed is empty",
+        "type=": "query parameter type is empty",
+        "bbox=": "query parameter bbox is empty",
+        "origin=": "query parameter origin is empty",
+        "since=": "query parameter since is empty",
+        "feed=air&bbox=1,2,3": "bbox is min_lon,min_lat,max_lon,max_lat",
+    }
+    for q, message in refused.items():
+        async with n.session.get(f"{n.url}/v1/records?{q}",
+                                 headers={"Accept": "application/json"}) as r:
+            assert r.status == 400, q
+            body = await r.json()
+        assert body["error"] == "bad_request" and message in body["message"], (q, body)
+    async with n.session.get(f"{n.url}/v1/records?feed=air&type=AirQualityObserved",
+                             headers={"Accept": "application/json"}) as r:
+        assert r.status == 200 and len((await r.json())["records"]) == 1
+
+
 async def test_connections_over_the_cap_are_closed_as_they_arrive(inproc: Make) -> None:
     """[limits] max_connections: with 3 connections open (idle, after TLS), a 4th is
     closed at once and counted; once one closes, requests are served again."""

@@ -257,3 +257,51 @@ async def test_plain_http_to_a_tls_node_says_to_use_https(inproc: Make) -> None:
     async with Client(f"http://127.0.0.1:{n.port}") as c:
         with pytest.raises(PeerError, match="try https://"):
             await asyncio.wait_for(c.get("00" * 32), 10)
+
+
+async def test_an_invalid_filter_is_refused_not_a_silent_stream(inproc: Make) -> None:
+    """A stream of a feed that cannot exist (not a valid feed name), or with an empty
+    filter, is a 400 at once; the client raises it rather than waiting forever."""
+    from citynode.errors import PeerRejected
+
+    n = await inproc("Jakarta")
+    for q, message in [("feed=BAD%20FEED", "feed is not a valid feed name"),
+                       ("type=", "query parameter type is empty"),
+                       ("bbox=", "query parameter bbox is empty")]:
+        async with n.session.get(f"{n.url}/v1/stream?{q}",
+                                 headers={"Accept": "text/event-stream"}) as r:
+            assert r.status == 400, q
+            body = await r.json()
+        assert body["error"] == "bad_request" and message in body["message"], (q, body)
+    assert not n.node.subscribers
+
+    async with Client(n.url, fingerprint=n.node.identity.cert_fingerprint) as c:
+        async def follow() -> None:
+            async for _ in c.subscribe(feed="Bad Feed", retry_seconds=0.1):
+                pass
+
+        with pytest.raises(PeerRejected, match="not a valid feed name") as e:
+            await asyncio.wait_for(follow(), 10)
+        assert e.value.status == 400
+
+
+async def test_shutdown_ends_live_streams_cleanly(inproc: Make) -> None:
+    """The server's shutdown (aiohttp on_shutdown, run by runner.cleanup()) ends live
+    streams at once: each response completes properly and the stream unregisters. A
+    stream asked for after that is refused (503) rather than held open."""
+    n = await inproc("Seoul")
+    await _publish(n, "f", [{"n": 0}])
+    async with n.session.get(f"{n.url}/v1/stream?after=0",
+                             headers={"Accept": "text/event-stream"},
+                             timeout=aiohttp.ClientTimeout(total=None)) as r:
+        assert r.status == 200 and len(n.node.subscribers) == 1
+        first = await asyncio.wait_for(r.content.readuntil(b"\r\n\r\n"), 5)
+        await n.runner.shutdown()
+        # EOF within moments; a response cut off mid-way would raise here.
+        rest = await asyncio.wait_for(r.content.read(), 5)
+    assert b"event: record" in first and b"event:" not in rest
+    assert not n.node.subscribers  # the handler's cleanup ran
+    async with n.session.get(f"{n.url}/v1/stream",
+                             headers={"Accept": "text/event-stream"}) as r:
+        assert r.status == 503
+        assert "shutting down" in (await r.json())["message"]
