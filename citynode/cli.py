@@ -500,7 +500,9 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
     """Print a Merkle proof (JSON), checked before it is printed.
 
     With --id: that record's inclusion in the newest signed checkpoint of its feed that
-    covers it. With --origin/--feed/--old/--new: consistency between two tree sizes.
+    covers it. With --origin/--feed/--old/--new: consistency between two tree sizes,
+    with ``signed_by_origin`` saying for each size whether the origin signed a
+    checkpoint of it that agrees (else the root is only what this node's records give).
     """
     from citynode.core import checkpoints as cps
     from citynode.core.keys import Verifier, parse_node_id
@@ -548,9 +550,22 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
             raise click.ClickException(f"this node holds only {mlog.size} records of that feed")
         path = mlog.consistency_proof(old, new)
         cps.verify_consistency(old, new, mlog.root(old), mlog.root(new), path)
+        # The roots are computed from the records held here: say which sizes the origin
+        # itself signed a checkpoint of (and that it agrees), so the proof is worth that.
+        signed = {s: e for s, _r, e in st.checkpoints(o, feed) if s in (old, new)}
+        anchored = {}
+        for label, n in (("old", old), ("new", new)):
+            if n in signed:
+                cp = cps.open_checkpoint(signed[n], verifier=Verifier())
+                if (cp.origin, cp.feed, cp.root) != (o, feed, mlog.root(n)):
+                    raise click.ClickException(
+                        f"the origin's signed checkpoint of size {n} does not match the "
+                        "records held here: run `citynode check` and look for a split view")
+            anchored[label] = n in signed or n == 0
         _print_json({"kind": "consistency", "old_size": old, "new_size": new,
                      "old_root": mlog.root(old).hex(), "new_root": mlog.root(new).hex(),
-                     "path": [p.hex() for p in path], "verified": True})
+                     "path": [p.hex() for p in path], "verified": True,
+                     "signed_by_origin": anchored})
     finally:
         st.close()
 

@@ -458,6 +458,11 @@ def test_proof_inclusion_and_consistency(node_dir: Path) -> None:
     assert c["new_root"] == cps.root_of(all_ids).hex()
     cps.verify_consistency(2, 6, cps.root_of(all_ids[:2]), cps.root_of(all_ids),
                            [bytes.fromhex(x) for x in c["path"]])
+    # No checkpoint of size 2 or 6 was signed: the roots are only this node's records.
+    assert c["signed_by_origin"] == {"old": False, "new": False}
+    c = ok_json("proof", "-d", d, "--origin", nid, "--feed", "air", "--old", "5", "--new", "6")
+    assert c["signed_by_origin"] == {"old": True, "new": False}
+    assert c["old_root"] == cp.root.hex()
 
     line = one_line_error(cli("proof", "-d", d, "--origin", nid, "--feed", "air", "--old", "2",
                               "--new", "7"))

@@ -724,9 +724,9 @@ async def inclusion_proof(request: web.Request) -> web.Response:
     if not _reader(request, caller)(f["origin"], f["feed"], env):
         raise web.HTTPNotFound(text="no such record here")
     size = _int_arg(request, "size", None, 1)
-    cp_env = None
+    held = await node._io(node.storage.checkpoints, f["origin"], f["feed"])
+    cp_env = next((e for s, _r, e in held if s == size), None)
     if size is None:
-        held = await node._io(node.storage.checkpoints, f["origin"], f["feed"])
         covering = [(s, e) for s, _r, e in held if s >= f["seq"]]
         if not covering:
             raise web.HTTPNotFound(
@@ -760,10 +760,14 @@ async def consistency_proof(request: web.Request) -> web.Response:
     log_ = await node.merkle_log(origin, feed, new)
     path = log_.consistency_proof(old, new)
     if _wants_json(request):
+        # The origin's own checkpoints of these sizes, when held: what anchors the roots.
+        held = {s: e for s, _r, e in await node._io(node.storage.checkpoints, origin, feed)}
         return web.json_response({"old_size": old, "new_size": new,
                                   "old_root": log_.root(old).hex(),
                                   "new_root": log_.root(new).hex(),
-                                  "path": [p.hex() for p in path]})
+                                  "path": [p.hex() for p in path],
+                                  "old_checkpoint": b64(held[old]) if old in held else None,
+                                  "new_checkpoint": b64(held[new]) if new in held else None})
     return web.Response(body=encode_consistency(old, new, path), content_type=MSGPACK)
 
 

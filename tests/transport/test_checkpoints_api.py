@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 
 from citynode.core import checkpoints as cps
@@ -48,12 +49,21 @@ async def test_checkpoints_gossip_and_prove(inproc: Make) -> None:
     await eventually(b_has_both, timeout=20)
     # An inclusion proof served by the replica verifies against the origin's signature.
     p = await _get(b, f"/v1/proofs/inclusion?id={ids[4].hex()}")
-    cp = cps.open_checkpoint(__import__("base64").b64decode(p["checkpoint"]), verifier=Verifier())
+    cp = cps.open_checkpoint(base64.b64decode(p["checkpoint"]), verifier=Verifier())
     assert cp.size == 13 and cp.origin == a.node.public_key
     cps.verify_inclusion(ids[4], p["index"], p["size"], [bytes.fromhex(x) for x in p["path"]],
                          cp.root)
+    # At a size given, the origin's checkpoint of that size comes with the proof too.
+    p10 = await _get(b, f"/v1/proofs/inclusion?id={ids[4].hex()}&size=10")
+    assert p10["size"] == 10 and base64.b64decode(p10["checkpoint"]) == cp10.envelope
+    p11 = await _get(b, f"/v1/proofs/inclusion?id={ids[4].hex()}&size=11")
+    assert p11["checkpoint"] is None  # none signed of that size
     c = await _get(b, f"/v1/proofs/consistency?origin={origin}&feed=air&old=10&new=13")
     cps.verify_consistency(10, 13, cp10.root, cp13.root, [bytes.fromhex(x) for x in c["path"]])
+    assert base64.b64decode(c["old_checkpoint"]) == cp10.envelope
+    assert base64.b64decode(c["new_checkpoint"]) == cp13.envelope
+    c = await _get(b, f"/v1/proofs/consistency?origin={origin}&feed=air&old=11&new=13")
+    assert c["old_checkpoint"] is None
     assert record_id(recs[0].body) == ids[0]
 
 
