@@ -136,6 +136,27 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
     if summary.skipped_proofs:
         click.echo(f"note: {summary.skipped_proofs} stored proof(s) of an unknown kind "
                    "were left out", err=True)
+    private = _not_public(card, key, list(summary.feeds))
+    if private:
+        click.echo("note: the bundle holds feed(s) that are not public: "
+                   + ", ".join(f"{f} ({a})" for f, a in private)
+                   + ". Records of `partners` feeds are in clear: give the bundle only to "
+                   "those the origin allows to read them, or export public feeds with "
+                   "--feed", err=True)
+
+
+def _not_public(card: bytes | None, origin: bytes, feeds: list[str]) -> list[tuple[str, str]]:
+    """``(feed, access)`` of the ``feeds`` the origin's card does not list as public
+    (access ``unknown`` when the card, or the card's entry, is missing: a node never
+    takes unknown access as public)."""
+    from citynode.core.cards import open_card
+    from citynode.core.keys import Verifier, node_id
+
+    access: dict[str, str] = {}
+    if card is not None:
+        opened = open_card(card, expected_node_id=node_id(origin), verifier=Verifier())
+        access = {f.name: f.access for f in opened.feeds}
+    return [(f, access.get(f, "unknown")) for f in feeds if access.get(f) != "public"]
 
 
 def _rich_report(report: Any) -> None:

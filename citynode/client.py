@@ -227,7 +227,8 @@ class Client:
             ) as r:
                 if r.status >= 400:
                     data = await r.read()
-                    raise PeerRejected(f"{self.url}: HTTP {r.status}: {data[:300]!r}", r.status)
+                    raise PeerRejected(f"{self.url}: HTTP {r.status}: "
+                                       f"{data[:300].decode(errors='replace')}", r.status)
                 opened[0] = True
                 event: dict[str, str] = {}
                 async for raw in r.content:

@@ -350,7 +350,9 @@ class Node:
         self.metrics.feeds.set(len(self.heads))
         log.info(
             "node started",
-            extra=fields(node=self.node_id, feeds=len(self.heads), partners=len(self.links)),
+            # Chains held (any origin) and own feeds configured: two different counts.
+            extra=fields(node=self.node_id, chains_held=len(self.heads),
+                         feeds_configured=len(self.config.feeds), partners=len(self.links)),
         )
 
     def _load_cards(self) -> list[tuple[bytes, bytes]]:

@@ -910,6 +910,8 @@ def test_cli_export_notes_what_the_bundle_leaves_out(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "1 checkpoint(s) of a size beyond the records held here were left out" in r.output
     assert "card lists feed(s) permits of which no record is held here" in r.output
+    # air-quality is not on the card: its access is unknown, so never taken as public
+    assert "not public: air-quality (unknown)." in r.output
     r = runner.invoke(audit_cmd, [str(out), "--origin", KEY.node_id])
     assert r.exit_code == 0, r.output
     assert "WARNING [missing_feed] permits:" in r.output
@@ -918,6 +920,21 @@ def test_cli_export_notes_what_the_bundle_leaves_out(tmp_path: Path) -> None:
     r = runner.invoke(export_cmd, ["-d", str(tmp_path), "--origin", KEY.node_id,
                                    "--feed", "noise", "--out", str(out), "--force"])
     assert r.exit_code == 0 and "card lists" not in r.output, r.output
+
+
+def test_cli_export_warns_when_the_bundle_holds_non_public_feeds(tmp_path: Path) -> None:
+    # A partner exporting another city's records: its partners-only feed is in clear.
+    st = _storage_with_chain(tmp_path / "citynode.db")
+    st.set_meta("card:" + KEY.public_key.hex(),
+                card_env(feeds=(("noise", "public"), ("air-quality", "partners")))).result(10)
+    st.close()
+    args = ["-d", str(tmp_path), "--origin", KEY.node_id, "--out", str(tmp_path / "b")]
+    r = CliRunner().invoke(export_cmd, args)
+    assert r.exit_code == 0, r.output
+    assert "not public: air-quality (partners). Records of `partners` feeds are in clear" \
+        in r.output
+    r = CliRunner().invoke(export_cmd, [*args, "--feed", "noise", "--force"])
+    assert r.exit_code == 0 and "not public" not in r.output, r.output
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

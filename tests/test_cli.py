@@ -592,6 +592,13 @@ async def test_subscribe_to_an_invalid_feed_name_fails_at_once(inproc: Make) -> 
     assert rc == 1 and out == ""
     assert "400" in err and "query parameter feed is not a valid feed name: use 1-64" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "b'" not in err  # the node's message, not a Python bytes repr
+
+
+def test_subscribe_to_an_address_without_scheme_says_so() -> None:
+    line = one_line_error(cli("subscribe", "127.0.0.1:9", "--count", "1"))
+    assert "not a node address" in line and "https://" in line
+    assert "NonHttpUrlClientError" not in line
 
 
 def test_readme_example_payload_publishes(node_dir: Path) -> None:

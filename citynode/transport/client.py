@@ -61,6 +61,9 @@ def translate_error(exc: BaseException, url: str) -> PeerError:
     if isinstance(exc, aiohttp.ServerDisconnectedError) and url.startswith("http://"):
         return PeerError(f"{url}: the node closed the connection: nodes serve HTTPS unless "
                          "configured otherwise, so try https://")
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return PeerError(f"{url}: not a node address: give its URL, "
+                         "e.g. https://citynode.example:8443")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return PeerError(f"{url}: timed out")
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionError):
