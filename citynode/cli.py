@@ -65,12 +65,21 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    cells = [[str(x) if x is not None else "" for x in r] for r in rows]
     t = Table(title=title)
-    for c in columns:
-        t.add_column(c, overflow="fold")  # wrap long values (times, ids), never cut them
-    for r in rows:
-        t.add_row(*[str(x) if x is not None else "" for x in r])
-    Console().print(t)
+    for i, c in enumerate(columns):
+        ids = [r[i] for r in cells if r[i].startswith("cn1")]
+        if ids and len(ids) == sum(1 for r in cells if r[i]):
+            # Node ids are copied and pasted: whole, on one line.
+            t.add_column(c, no_wrap=True, min_width=max(map(len, ids)))
+        else:
+            t.add_column(c, overflow="fold")  # wrap other long values, never cut them
+    for r in cells:
+        t.add_row(*r)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: no width to fit, so nothing wraps
+        console = Console(width=10_000)
+    console.print(t)
 
 
 @asynccontextmanager

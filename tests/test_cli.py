@@ -502,7 +502,9 @@ async def test_partner_add_list_remove_against_a_live_node(
     (p,) = json.loads((await run("partner", "list", "-d", d, "--json")).stdout)["partners"]
     assert p == {"node_id": sid, "name": "Seoul", "url": seoul.url,
                  "tls_fingerprint": seoul.node.identity.cert_fingerprint.hex()}
-    assert "Seoul" in (await run("partner", "list", "-d", d)).stdout
+    table = (await run("partner", "list", "-d", d)).stdout
+    # The id whole on one line, to copy and paste (was folded at 80 columns).
+    assert "Seoul" in table and any(sid in line for line in table.splitlines())
 
     # Serve the CLI's node for a moment so Seoul replicates to it: then `records
     # --origin` filters real foreign records.
