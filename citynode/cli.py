@@ -30,11 +30,19 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class _Group(click.Group):
-    """Turns every CitynodeError into one line and exit status 1."""
+    """Turns every CitynodeError into one line and exit status 1, and a usage error
+    into one line and exit status 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # One line, as every other error (click would print the usage lines first).
+            if exc.ctx is None:
+                raise
+            raise click.UsageError(
+                f"{exc.format_message()} (see '{exc.ctx.command_path} --help')"
+            ) from None
         except CitynodeError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:

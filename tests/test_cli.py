@@ -201,6 +201,16 @@ def test_id_and_citynode_dir_env(node_dir: Path) -> None:
     assert r.exit_code == 2 and "--dir" in r.stderr and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize(("args", "text"), [
+    (("records", "-d", "x", "--limit", "many"), "'--limit'"),
+    (("bogus",), "No such command 'bogus'"),
+    (("partner", "add"), "Missing argument 'URL'"),
+])
+def test_usage_errors_are_one_line_too(args: tuple[str, ...], text: str) -> None:
+    line = one_line_error(cli(*args, env={"CITYNODE_DIR": ""}), codes=(2,))
+    assert text in line and "--help" in line
+
+
 @pytest.mark.parametrize("args", [
     ("id",), ("records",), ("feeds",), ("check",), ("forks",), ("partner", "list"),
     ("publish", "--feed", "air", "--type", AIR_TYPE, "-"),
