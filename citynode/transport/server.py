@@ -319,9 +319,11 @@ async def _readable_feeds(request: web.Request, caller: bytes | None
     return out
 
 
-def _render_events(rows: list[Any], key: Any) -> list[str]:
-    from citynode.node import sse_event
+def _render_events(rows: list[Any], key: Any, envelope_only: bool = False) -> list[str]:
+    from citynode.node import sse_envelope_event, sse_event
 
+    if envelope_only:
+        return [sse_envelope_event(row) for row in rows]
     return [sse_event(row, key) for row in rows]
 
 
@@ -443,7 +445,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     record (with its signed envelope). Resume with ``Last-Event-ID`` (or ``?after=``):
     the stream replays everything after that cursor from the database, then follows new
     records live, so a reconnecting subscriber misses nothing and gets nothing twice.
-    Without either it starts with records stored from now on. An invalid filter is a 400
+    Without either it starts with records stored from now on. ``format=envelope``: each
+    event's ``data`` is the base64 envelope alone (the subscriber verifies and, if a
+    reader, opens it; the node decrypts nothing). An invalid filter is a 400
     before the stream opens. When the node shuts down the stream ends (the response
     completes normally) and the subscriber resumes by cursor.
     """
@@ -475,11 +479,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
         raise web.HTTPServiceUnavailable(text="the node is shutting down: retry later")
     if len(node.subscribers) >= MAX_SUBSCRIBERS:
         raise web.HTTPServiceUnavailable(text="too many live streams on this node: retry later")
-    key = _decrypt_key(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "envelope"):
+        raise web.HTTPBadRequest(text="format must be json (the default) or envelope")
+    envelope_only = fmt == "envelope"
+    # The compact format carries the sealed envelope: a reader decrypts it itself.
+    key = None if envelope_only else _decrypt_key(request)
     render = (lambda row: sse_event(row, key)) if key is not None else None
     # Streams that see the same rows share the tail's matching and rendering.
-    group = (tuple(f.items()), caller, _is_operator(request))
-    sub = Subscriber(match, render=render, group=group, on_lag=node.metrics.stream_lagged.inc)
+    group = (tuple(f.items()), caller, _is_operator(request), fmt)
+    sub = Subscriber(match, render=render, group=group, on_lag=node.metrics.stream_lagged.inc,
+                     envelope_only=envelope_only)
     node.subscribers.add(sub)  # before catching up, so nothing falls in between
     node.metrics.streams.set(len(node.subscribers))
     try:
@@ -505,7 +515,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
                         await resp.write(f"event: error\r\ndata: {err}\r\n\r\n".encode())
                         return resp
                     visible = [row for row in rows if match(row)]
-                    out = await node._io(_render_events, visible, key) if visible else []
+                    out = (await node._io(_render_events, visible, key, envelope_only)
+                           if visible else [])
                     if out:
                         await resp.write("".join(out).encode())
                     if rows:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 
 from citynode.client import Client
+from citynode.core.keys import Verifier
+from citynode.core.records import decode_envelope, open_record
 from tests.conftest import InProc
 
 Make = Callable[..., Awaitable[InProc]]
@@ -97,8 +100,13 @@ async def _sse(n: InProc, query: str, want: int, out: list[tuple[int, str, int]]
                 if ev.startswith(b":"):
                     continue
                 fields = dict(line.split(b": ", 1) for line in ev.split(b"\r\n"))
-                rec = json.loads(fields[b"data"])
-                out.append((int(fields[b"id"]), rec["feed"], rec["data"]["n"]))
+                if fields[b"data"].startswith(b"{"):
+                    rec = json.loads(fields[b"data"])
+                    out.append((int(fields[b"id"]), rec["feed"], rec["data"]["n"]))
+                else:  # ?format=envelope: the signed envelope alone, verified here
+                    opened = open_record(*decode_envelope(base64.b64decode(fields[b"data"])),
+                                         now_ms=2**62, verifier=Verifier())
+                    out.append((int(fields[b"id"]), opened.feed, opened.data["n"]))
 
 
 async def _follow_feed_f(n: InProc, want: int
@@ -305,3 +313,33 @@ async def test_shutdown_ends_live_streams_cleanly(inproc: Make) -> None:
                              headers={"Accept": "text/event-stream"}) as r:
         assert r.status == 503
         assert "shutting down" in (await r.json())["message"]
+
+
+async def test_the_compact_format_carries_the_envelope_alone(inproc: Make) -> None:
+    """?format=envelope: the same events (catch-up and live, same cursors, same access)
+    with only the signed envelope as data; a JSON stream beside it keeps its format."""
+    n = await inproc("Jakarta", feeds={"priv": "partners"})
+    start = n.node.storage.max_rowid()
+    await _publish(n, "a", [{"n": 0}, {"n": 1}])
+    await _publish(n, "priv", [{"n": 9}])
+    want = {"compact": 4, "json": 4, "priv-compact": 1}
+    queries = {"compact": f"feed=a&after={start}&format=envelope",
+               "json": f"feed=a&after={start}",
+               "priv-compact": f"feed=priv&after={start}&format=envelope"}
+    got: dict[str, list[tuple[int, str, int]]] = {k: [] for k in want}
+    tasks = {k: asyncio.create_task(_sse(n, queries[k], want[k], got[k])) for k in want}
+    while len(n.node.subscribers) < len(want):
+        await asyncio.sleep(0.01)
+    await _publish(n, "a", [{"n": 2}, {"n": 3}])  # live, from the shared tail
+    await asyncio.wait_for(asyncio.gather(tasks["compact"], tasks["json"]), 20)
+    await asyncio.sleep(0.3)
+    assert got["compact"] == got["json"] and [i for _c, _f, i in got["json"]] == [0, 1, 2, 3]
+    assert not tasks["priv-compact"].done() and got["priv-compact"] == []
+    tasks["priv-compact"].cancel()
+    # The compact event is about half the bytes of the JSON one.
+    row = n.node.storage.query(after_rowid=start, limit=1)[0]
+    from citynode.node import sse_envelope_event, sse_event
+
+    assert len(sse_envelope_event(row)) < 0.65 * len(sse_event(row))
+    async with n.session.get(f"{n.url}/v1/stream?format=xml") as r:
+        assert r.status == 400 and "format must be json" in await r.text()
