@@ -578,7 +578,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
                     raise click.ClickException(
                         f"the origin's signed checkpoint of size {n} does not match the "
                         "records held here: run `citynode check` and look for a split view")
-            anchored[label] = n in signed or n == 0
+            anchored[label] = n in signed
         _print_json({"kind": "consistency", "old_size": old, "new_size": new,
                      "old_root": mlog.root(old).hex(), "new_root": mlog.root(new).hex(),
                      "path": [p.hex() for p in path], "verified": True,

@@ -113,8 +113,11 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
                                           now_ms=_now_ms())
         finally:
             st.close()
+    private = _not_public(card, key, list(summary.feeds))
     if as_json:
-        click.echo(json.dumps(summary.to_json(), indent=2))
+        click.echo(json.dumps({**summary.to_json(),
+                               "not_public": [{"feed": f, "access": a} for f, a in private]},
+                              indent=2))
         return
     c = summary.counts
     click.echo(
@@ -136,7 +139,6 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
     if summary.skipped_proofs:
         click.echo(f"note: {summary.skipped_proofs} stored proof(s) of an unknown kind "
                    "were left out", err=True)
-    private = _not_public(card, key, list(summary.feeds))
     if private:
         click.echo("note: the bundle holds feed(s) that are not public: "
                    + ", ".join(f"{f} ({a})" for f, a in private)

@@ -18,13 +18,16 @@ city, not the node it happens to read from::
     asyncio.run(main())
 
 Reading a ``partners`` or ``restricted`` feed needs requests signed by a node key the
-origin allows: pass ``key=`` (e.g. ``identity.load_identity(DIR).key``). Records
-of a restricted feed are sealed to their readers' keys: when ``key`` is one of them, the
-records the client returns carry the decrypted ``type``, ``data``, ``subject`` and
-``dataschema`` (``rec.sealed`` is still set, and ``body``/``sig`` are the signed bytes);
-otherwise their ``type`` is ``"sealed"`` and ``data`` is empty. A node matches the
-``type`` filter against what it stores, so a restricted feed's records match
-``type="sealed"``, not their inner type: filter them by ``feed``.
+origin allows: pass ``key=`` (e.g. ``identity.load_identity(DIR).key``).
+
+Records of a restricted feed are sealed to their readers' keys. When ``key`` is one of
+them, the records the client returns carry the decrypted ``type``, ``data``,
+``subject`` and ``dataschema``; ``rec.sealed`` is still set, ``body``/``sig`` are the
+signed bytes and ``fields()`` is the signed, sealed body. A seal that does not open for
+its reader is an :class:`InvalidRecord`, like a record that does not verify. To anyone
+else the record stays sealed: ``type`` is ``"sealed"`` and ``data`` is empty. A node
+matches the ``type`` filter against what it stores, so a restricted feed's records
+match ``type="sealed"``, not their inner type: filter them by ``feed``.
 """
 
 from __future__ import annotations
@@ -289,16 +292,14 @@ def _opened(rec: Record, key: SigningKey) -> Record:
     """``rec`` (verified, sealed) with its plaintext ``type``, ``data``, ``subject`` and
     ``dataschema`` when ``key`` is one of its readers; otherwise ``rec`` as it is (type
     ``sealed``). ``body``, ``sig`` and ``sealed`` stay those of the signed record, so
-    it can still be re-verified or passed on. A seal that does not open for a reader
-    (a faulty origin) also leaves the record sealed: :func:`plaintext` says why."""
+    it can still be re-verified or passed on (``fields()`` is still the signed, sealed
+    body). Raises :class:`InvalidRecord` if the seal does not open for this reader or
+    its plaintext is not a valid payload (a faulty origin), as for a plain record."""
     from citynode.core.sealed import is_recipient
 
     if not is_recipient(rec.sealed, key.public_key):
         return rec
-    try:
-        inner = plaintext(rec, key)
-    except CitynodeError:
-        return rec
+    inner = plaintext(rec, key)
     return rec._replace(type=inner.type, data=inner.data, subject=inner.subject,
                         dataschema=inner.dataschema)
 

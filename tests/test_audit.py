@@ -935,6 +935,8 @@ def test_cli_export_warns_when_the_bundle_holds_non_public_feeds(tmp_path: Path)
         in r.output
     r = CliRunner().invoke(export_cmd, [*args, "--feed", "noise", "--force"])
     assert r.exit_code == 0 and "not public" not in r.output, r.output
+    r = CliRunner().invoke(export_cmd, [*args, "--force", "--json"])
+    assert json.loads(r.stdout)["not_public"] == [{"feed": "air-quality", "access": "partners"}]
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
 from citynode.client import _opened, record_to_json
-from citynode.core.keys import SigningKey
-from citynode.core.records import SEALED_TYPE, Record, sign_record
+from citynode.core import encoding
+from citynode.core.keys import DOMAIN_RECORD, SigningKey
+from citynode.core.records import (
+    SEALED_TYPE,
+    Record,
+    make_body,
+    parse_body,
+    record_from_fields,
+    record_id,
+    sign_record,
+)
+from citynode.errors import InvalidRecord
 
 NOTICE = {
     "severity": "high", "tlp": "TLP:AMBER", "affectedSystem": "SCADA gateway",
@@ -31,6 +43,23 @@ def test_a_reader_gets_the_plaintext_and_the_signed_record() -> None:
     assert j["cursor"] == 7 and sorted(j["sealed"]["to"]) == sorted(
         [READER.node_id, ORIGIN.node_id])
     assert record_to_json(opened, 7, READER) == j  # opened once, not again
+    # fields() is still what was signed: the seal, with no plaintext beside it.
+    assert encoding.encode(opened.fields()) == rec.body
+    assert "subject" not in opened.fields() and parse_body(rec.body) == opened.fields()
+
+
+def test_a_seal_that_does_not_open_for_its_reader_is_an_error() -> None:
+    # A faulty origin: a validly signed record whose ciphertext is garbage.
+    good = _sealed()
+    assert good.sealed is not None
+    broken = dict(good.sealed, ct=bytes(len(good.sealed["ct"])))
+    body = make_body(origin=ORIGIN.public_key, feed="cyber-notices", seq=1, prev=None,
+                     time_ms=1, sealed=broken)
+    rec = record_from_fields(record_id(body), body, ORIGIN.sign(DOMAIN_RECORD, body),
+                             encoding.decode(body))
+    with pytest.raises(InvalidRecord, match="does not decrypt"):
+        _opened(rec, READER)
+    assert _opened(rec, OTHER) is rec  # not a reader: nothing to open, nothing to say
 
 
 def test_anyone_else_gets_the_sealed_record_as_it_is() -> None:

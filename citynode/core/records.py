@@ -111,7 +111,8 @@ class Record(NamedTuple):
         return encode_envelope(self.body, self.sig)
 
     def fields(self) -> dict[str, Any]:
-        """The decoded body as a dict (a fresh copy)."""
+        """The decoded body as a dict (a fresh copy): what was signed. For a sealed record
+        that is the seal, never plaintext, even if the record was opened for a reader."""
         out: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "origin": self.origin,
@@ -126,10 +127,11 @@ class Record(NamedTuple):
             out["data"] = self.data
         if self.prev is not None:
             out["prev"] = self.prev
-        if self.subject is not None:
-            out["subject"] = self.subject
-        if self.dataschema is not None:
-            out["dataschema"] = self.dataschema
+        if self.sealed is None:
+            if self.subject is not None:
+                out["subject"] = self.subject
+            if self.dataschema is not None:
+                out["dataschema"] = self.dataschema
         return out
 
 

@@ -50,6 +50,14 @@ def _ssl_for(url: str, fingerprint: bytes | None) -> Any:
     return aiohttp.Fingerprint(fingerprint)
 
 
+# NonHttpUrlClientError is aiohttp 3.10+; with 3.9 an address without a scheme is
+# InvalidURL alone.
+_NOT_AN_ADDRESS: tuple[type[BaseException], ...] = tuple(
+    c for c in (aiohttp.InvalidURL, getattr(aiohttp, "NonHttpUrlClientError", None))
+    if c is not None
+)
+
+
 def translate_error(exc: BaseException, url: str) -> PeerError:
     """Our one-line :class:`PeerError` for an aiohttp / TLS / socket error."""
     if isinstance(exc, aiohttp.ServerFingerprintMismatch):
@@ -61,7 +69,7 @@ def translate_error(exc: BaseException, url: str) -> PeerError:
     if isinstance(exc, aiohttp.ServerDisconnectedError) and url.startswith("http://"):
         return PeerError(f"{url}: the node closed the connection: nodes serve HTTPS unless "
                          "configured otherwise, so try https://")
-    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+    if isinstance(exc, _NOT_AN_ADDRESS):
         return PeerError(f"{url}: not a node address: give its URL, "
                          "e.g. https://citynode.example:8443")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):

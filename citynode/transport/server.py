@@ -748,6 +748,7 @@ async def inclusion_proof(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"a tree of size {size} does not hold seq {f['seq']}")
     log_ = await node.merkle_log(f["origin"], f["feed"], size)
     path = log_.inclusion_proof(f["seq"] - 1, size)
+    _check_anchor(cp_env, log_.root(size), size)
     if _wants_json(request):
         return web.json_response({"index": f["seq"] - 1, "size": size,
                                   "root": log_.root(size).hex(),
@@ -755,6 +756,21 @@ async def inclusion_proof(request: web.Request) -> web.Response:
                                   "checkpoint": b64(cp_env) if cp_env else None})
     return web.Response(body=encode_inclusion(f["seq"] - 1, size, path),
                         content_type=MSGPACK)
+
+
+def _check_anchor(cp_env: bytes | None, root: bytes, size: int) -> None:
+    """A proof is served beside the origin's checkpoint of its size only if that
+    checkpoint's root is the one computed from the records held: else 409 (the origin
+    showed a different tree of this size somewhere: a split view)."""
+    if cp_env is None:
+        return
+    from citynode.core.checkpoints import open_checkpoint
+    from citynode.core.keys import Verifier
+
+    if open_checkpoint(cp_env, verifier=Verifier()).root != root:
+        raise web.HTTPConflict(
+            text=f"the origin's signed checkpoint of size {size} disagrees with the records "
+                 "held here: a split view (`citynode forks` lists such proofs)")
 
 
 async def consistency_proof(request: web.Request) -> web.Response:
@@ -773,6 +789,8 @@ async def consistency_proof(request: web.Request) -> web.Response:
     if _wants_json(request):
         # The origin's own checkpoints of these sizes, when held: what anchors the roots.
         held = {s: e for s, _r, e in await node._io(node.storage.checkpoints, origin, feed)}
+        _check_anchor(held.get(old), log_.root(old), old)
+        _check_anchor(held.get(new), log_.root(new), new)
         return web.json_response({"old_size": old, "new_size": new,
                                   "old_root": log_.root(old).hex(),
                                   "new_root": log_.root(new).hex(),

@@ -99,3 +99,39 @@ async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
         return any(r.kind == "split-view" for r in a.node.storage.fork_proofs())
 
     await eventually(a_knows, timeout=20)
+
+
+async def test_a_proof_is_not_served_beside_a_checkpoint_that_disagrees(inproc: Make) -> None:
+    """If the first checkpoint of a size a node was shown disagrees with the records it
+    holds, a proof at that size is a 409, never the records' root beside the origin's
+    signature on another root (which a client might take as an anchor)."""
+    slow = {("checkpoints", "interval_seconds"): 3600.0}
+    a = await inproc("Surabaya", settings=slow)
+    b = await inproc("Singapore", settings=slow)
+    await a.node.add_partner(b.url, b.node.node_id)
+    await b.node.add_partner(a.url, a.node.node_id)
+    recs = await a.node.publish("w", "org.example.Test", [{"n": i} for i in range(4)])
+
+    async def b_has_records() -> bool:
+        return b.node.heads.get((a.node.public_key, "w")) is not None and \
+            b.node.heads[(a.node.public_key, "w")].seq == 4
+
+    await eventually(b_has_records, timeout=20)
+    forged = cps.sign_checkpoint(a.node.key, "w", 4, b"\x07" * 32, a.node.now_ms())
+    client = PeerClient(a.node.key, b.url, node_id=b.node.node_id,
+                        fingerprint=b.node.identity.cert_fingerprint)
+    try:
+        await client.request("POST", "/v1/checkpoints", forged.envelope)
+    finally:
+        await client.close()
+    assert [s for s, _r, _e in b.node.storage.checkpoints(a.node.public_key, "w")] == [4]
+    origin = a.node.node_id
+    for path in (f"/v1/proofs/inclusion?id={recs[1].id.hex()}&size=4",
+                 f"/v1/proofs/inclusion?id={recs[1].id.hex()}",
+                 f"/v1/proofs/consistency?origin={origin}&feed=w&old=2&new=4"):
+        async with b.session.get(b.url + path, headers={"Accept": "application/json"}) as r:
+            assert r.status == 409, (path, r.status, await r.text())
+            assert "split view" in (await r.json())["message"]
+    # A size with no checkpoint is served, unanchored.
+    p = await _get(b, f"/v1/proofs/inclusion?id={recs[1].id.hex()}&size=3")
+    assert p["checkpoint"] is None and p["root"] == cps.root_of([r.id for r in recs[:3]]).hex()
