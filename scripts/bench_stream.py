@@ -3,7 +3,8 @@
 One node; ``--subscribers`` anonymous subscribers of ``GET /v1/stream?feed=...`` (a public
 feed), spread over ``--procs`` subscriber processes, each reading every event (SSE framing,
 the cursor, the record's seq and payload; one subscriber per process also parses every
-record as JSON and checks the others' reading). A publisher drives the node through the
+record as JSON and checks the others' reading; with ``--format envelope`` every
+subscriber decodes each signed envelope's body instead). A publisher drives the node through the
 operator publish API at ``--rate`` records per second for ``--seconds`` seconds, a batch
 every ``--batch-ms``,
 paced by a monotonic clock (up to ``--max-inflight`` publish calls overlap). Each payload
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import base64
 import gc
 import json
 import multiprocessing as mp
@@ -39,8 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 
 from citynode.cluster import Cluster
+from citynode.core.records import decode_envelope
 
 FEED = "stream-bench"
 TYPE = "org.example.Bench"
@@ -64,6 +68,23 @@ class Sub:
 _HEAD = b"event: record\r\ndata: {"
 _SEQ = b'"seq": '
 _PAYLOAD = b'"data": {"n": '
+
+
+_ENV_HEAD = b"\r\nevent: record\r\ndata: "
+
+
+def _read_envelope_event(ev: bytes) -> tuple[int, int, float] | None:
+    """``(seq, n, t)`` of one ``format=envelope`` event (its data: the base64 envelope,
+    whose body is decoded whole), or None for a keep-alive comment. Raises ValueError
+    otherwise."""
+    if ev.startswith(b":"):
+        return None
+    i = ev.find(_ENV_HEAD)
+    if not ev.startswith(b"id: ") or i < 0:
+        raise ValueError(f"unexpected event: {ev[:200]!r}")
+    body, _sig = decode_envelope(base64.b64decode(ev[i + len(_ENV_HEAD):], validate=True))
+    f = msgpack.unpackb(body)
+    return f["seq"], f["data"]["n"], f["data"]["t"]
 
 
 def _read_event(ev: bytes) -> tuple[int, int, float] | None:
@@ -101,6 +122,7 @@ async def _follow(session: aiohttp.ClientSession, url: str, sub: Sub,
         if counter[0] == n_subs:
             connected.set()
         buf = b""
+        envelope = "format=envelope" in url
         while True:
             chunk = await r.content.readany()
             if not chunk:
@@ -109,15 +131,23 @@ async def _follow(session: aiohttp.ClientSession, url: str, sub: Sub,
             *events, buf = buf.split(b"\r\n\r\n")
             now = time.time()
             for ev in events:
-                got = _read_event(ev)
-                if got is None:  # aiohttp-sse's keep-alive comment
-                    continue
-                seq, n, t = got
-                if full:
-                    rec = json.loads(ev[ev.index(b"data: ") + 6:])
-                    if (rec["seq"], rec["data"]["n"], rec["data"]["t"]) != (seq, n, t):
-                        raise RuntimeError(f"event misread: {ev[:200]!r}")
-                    now = time.time()
+                if envelope:
+                    # Every subscriber decodes the whole body (no shortcut to misread);
+                    # the signature is the client's own cost, not the node's: not checked.
+                    got_env = _read_envelope_event(ev)
+                    if got_env is None:
+                        continue
+                    seq, n, t = got_env
+                else:
+                    got = _read_event(ev)
+                    if got is None:  # aiohttp-sse's keep-alive comment
+                        continue
+                    seq, n, t = got
+                    if full:
+                        rj = json.loads(ev[ev.index(b"data: ") + 6:])
+                        if (rj["seq"], rj["data"]["n"], rj["data"]["t"]) != (seq, n, t):
+                            raise RuntimeError(f"event misread: {ev[:200]!r}")
+                        now = time.time()
                 sub.lat.append(now - t)
                 sub.count += 1
                 if n in sub.seen:
@@ -236,7 +266,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         assert node.proc is not None
         pid = node.proc.pid
         await node.publish("warmup", TYPE, [{"n": -1, "t": time.time()}])
-        url = f"{node.url}/v1/stream?feed={FEED}"
+        url = f"{node.url}/v1/stream?feed={FEED}" + (
+            "&format=envelope" if args.format == "envelope" else "")
         per = [args.subscribers // args.procs + (i < args.subscribers % args.procs)
                for i in range(args.procs)]
         for wid, k in enumerate(per):
@@ -380,6 +411,10 @@ def main() -> None:
     ap.add_argument("--max-inflight", type=int, default=4,
                     help="publish calls allowed to overlap (1: strictly one after another)")
     ap.add_argument("--procs", type=int, default=4, help="subscriber processes")
+    ap.add_argument("--format", choices=["json", "envelope"], default="json",
+                    help="the stream's event format: json (the node's JSON view, what any "
+                    "SSE consumer reads) or envelope (the signed envelope alone, what "
+                    "citynode.client and citynode subscribe read)")
     ap.add_argument("--idle-timeout", type=float, default=30.0,
                     help="after publishing, a subscriber process stops waiting once it "
                     "has received nothing for this many seconds")
@@ -393,7 +428,8 @@ def main() -> None:
     expected = n * subs
     ok = r["delivered"] == expected and r["complete_in_order"] == subs
     load = os.getloadavg()
-    print(f"1 node, {subs} SSE subscribers over HTTPS in {args.procs} subscriber processes, "
+    print(f"1 node, {subs} SSE subscribers ({args.format} events) over HTTPS in {args.procs} "
+          "subscriber processes, "
           f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"published: {n} of {r['scheduled']} scheduled records in {r['pub_elapsed']:.1f} s "
           f"= {r['rate']:.0f} records/s (target {args.rate:.0f}; batches of {r['batch']}; "
@@ -417,6 +453,7 @@ def main() -> None:
         print(f"subscriber error: {e}")
     print(json.dumps({
         "bench": "stream", "subscribers": subs, "subscriber_procs": args.procs,
+        "format": args.format,
         "records": n, "events_delivered": r["delivered"], "events_expected": expected,
         "all_delivered_in_order": ok, "p50_ms": round(r["p50_ms"], 2),
         "p99_ms": round(r["p99_ms"], 2), "max_ms": round(r["max_ms"], 2),

@@ -30,6 +30,10 @@ CASES = {
                          "--seconds", "1.5", "--idle-timeout", "20"],
                         {"p50_ms", "p99_ms", "first_sub_p99_ms", "last_sub_p99_ms",
                          "node_cpu_pct", "all_delivered_in_order"}),
+    "bench_stream.py --format envelope": (
+        ["--subscribers", "4", "--procs", "2", "--rate", "200", "--seconds", "1.5",
+         "--idle-timeout", "20", "--format", "envelope"],
+        {"p50_ms", "p99_ms", "format", "all_delivered_in_order"}),
     "bench_mesh.py": (["--nodes", "3", "--records", "200", "--batch", "50",
                        "--latency-samples", "5"],
                       {"p50_ms", "p99_ms", "records_per_s", "copies_per_record"}),
@@ -39,6 +43,7 @@ CASES = {
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
     args, keys = CASES[script]
+    script = script.split()[0]
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *args],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
@@ -49,6 +54,7 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
     assert figures["bench"] == script.removeprefix("bench_").removesuffix(".py")
     assert keys <= figures.keys(), f"missing {keys - figures.keys()} in {last}"
     if script == "bench_stream.py":
+        assert figures["format"] == ("envelope" if "envelope" in args else "json")
         # The stream benchmark checks delivery too: every event exactly once, in order.
         assert figures["all_delivered_in_order"] is True
         assert figures["events_delivered"] == figures["events_expected"] > 0
