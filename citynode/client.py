@@ -243,11 +243,7 @@ class Client:
                         event[k] = v[1:] if v.startswith(" ") else v
                         continue
                     if event.get("event") == "record" and "data" in event:
-                        data = event["data"]
-                        # A node older than ?format=envelope answers with the JSON record.
-                        env = base64.b64decode(json.loads(data)["envelope"]
-                                               if data.startswith("{") else data)
-                        yield int(event["id"]), self._verify(env)
+                        yield _event_cursor(event), self._verify(_event_envelope(event))
                     elif event.get("event") == "error":
                         # The node ended the stream on purpose, saying why.
                         raise _stream_error(self.url, event.get("data", ""))
@@ -261,6 +257,27 @@ class Client:
             ) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"stream broke: {translate_error(exc, self.url)}") from exc
+
+
+def _event_envelope(event: dict[str, str]) -> bytes:
+    """The envelope a record event carries: its data (``format=envelope``), or the JSON
+    record's ``envelope`` from a node older than that format. Raises
+    :class:`InvalidRecord` if it is neither (the node sent garbage)."""
+    data = event["data"]
+    try:
+        b64 = json.loads(data)["envelope"] if data.startswith("{") else data
+        return base64.b64decode(b64, validate=True)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRecord(f"the node sent an event that is not a record: {data[:80]!r}",
+                            "bad_envelope") from exc
+
+
+def _event_cursor(event: dict[str, str]) -> int:
+    try:
+        return int(event["id"])
+    except (KeyError, ValueError) as exc:
+        raise InvalidRecord("the node sent a record event without a cursor",
+                            "bad_envelope") from exc
 
 
 def _stream_error(url: str, data: str) -> CitynodeError:

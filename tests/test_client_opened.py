@@ -68,3 +68,26 @@ def test_anyone_else_gets_the_sealed_record_as_it_is() -> None:
     j = record_to_json(rec, None, OTHER)
     assert j["type"] == SEALED_TYPE and "data" not in j and "decrypted" not in j
     assert "Exploited" not in str(j)
+
+
+@pytest.mark.parametrize("data", ["!!!", "{bad json", '{"x": 1}', '{"envelope": 5}', "QUJD=x"])
+def test_a_stream_event_that_is_not_a_record_is_an_error_not_a_crash(data: str) -> None:
+    from citynode.client import _event_envelope
+
+    with pytest.raises(InvalidRecord, match="not a record"):
+        _event_envelope({"id": "1", "data": data})
+
+
+def test_a_stream_event_carries_the_envelope_in_either_format() -> None:
+    import base64
+    import json
+
+    from citynode.client import _event_cursor, _event_envelope
+
+    env = _sealed().envelope
+    b64 = base64.b64encode(env).decode()
+    assert _event_envelope({"data": b64}) == env  # format=envelope
+    assert _event_envelope({"data": json.dumps({"envelope": b64})}) == env  # JSON view
+    assert _event_cursor({"id": "42"}) == 42
+    with pytest.raises(InvalidRecord, match="cursor"):
+        _event_cursor({"id": "4x2"})
