@@ -786,11 +786,11 @@ async def consistency_proof(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="no such feed here")
     log_ = await node.merkle_log(origin, feed, new)
     path = log_.consistency_proof(old, new)
+    # The origin's own checkpoints of these sizes, when held: what anchors the roots.
+    held = {s: e for s, _r, e in await node._io(node.storage.checkpoints, origin, feed)}
+    _check_anchor(held.get(old), log_.root(old), old)
+    _check_anchor(held.get(new), log_.root(new), new)
     if _wants_json(request):
-        # The origin's own checkpoints of these sizes, when held: what anchors the roots.
-        held = {s: e for s, _r, e in await node._io(node.storage.checkpoints, origin, feed)}
-        _check_anchor(held.get(old), log_.root(old), old)
-        _check_anchor(held.get(new), log_.root(new), new)
         return web.json_response({"old_size": old, "new_size": new,
                                   "old_root": log_.root(old).hex(),
                                   "new_root": log_.root(new).hex(),

@@ -135,6 +135,9 @@ async def test_a_proof_is_not_served_beside_a_checkpoint_that_disagrees(inproc: 
                                                         **b.auth()}) as r:
             assert r.status == 409, (path, r.status, await r.text())
             assert "split view" in (await r.json())["message"]
+        # The binary (msgpack) answer is refused the same way.
+        async with b.session.get(b.url + path, headers=b.auth()) as r:
+            assert r.status == 409, (path, r.status)
     # A size with no checkpoint is served, unanchored.
     async with b.session.get(f"{b.url}/v1/proofs/inclusion?id={recs[1].id.hex()}&size=3",
                              headers={"Accept": "application/json", **b.auth()}) as r:
