@@ -386,26 +386,41 @@ def partner_remove(data_dir: Path, pid: str) -> None:
 @DIR_OPTION
 @JSON_OPTION
 def check(data_dir: Path, as_json: bool) -> None:
-    """Re-verify every stored record: signature, canonical encoding, chain links.
+    """Re-verify every stored record: signature, canonical encoding, chain links; and
+    look for proofs that this node's own feeds forked.
 
     Exits with status 1 if any problem is found.
     """
     from citynode.audit import check_storage
+    from citynode.identity import load_identity
     from citynode.storage import Storage
 
     _is_running(data_dir)
+    own = load_identity(data_dir).key.public_key
     st = Storage.open(data_dir / "citynode.db")
     try:
         report = check_storage(st, progress=sys.stderr.isatty())
+        forks = st.fork_proofs()
     finally:
         st.close()
+    # A proof that this node itself signed two histories is a problem of this node; proofs
+    # about other origins are evidence it keeps and passes on.
+    for f in forks:
+        if f.origin == own:
+            report.problems.append(
+                f"own feed {f.feed} seq {f.seq}: this node signed two histories ({f.kind} "
+                "proof held, see `citynode forks`): publishing on it is stopped")
+    others = sum(f.origin != own for f in forks)
     if as_json:
-        _print_json(report.to_json())
+        _print_json({**report.to_json(), "fork_proofs_about_others": others})
     else:
         click.echo(f"checked {report.records} record(s) in {report.feeds} feed(s): "
                    f"{len(report.problems)} problem(s)")
         for p in report.problems[:200]:
             click.echo(f"  {p}")
+        if others:
+            click.echo(f"note: {others} fork proof(s) held against other cities' feeds "
+                       "(`citynode forks`)")
     if report.problems:
         sys.exit(1)
 

@@ -295,6 +295,9 @@ class Node:
         self.vouch = sync.VouchGraph()
         self.links: dict[bytes, PartnerLink] = {}
         self.own_blocked: dict[str, str] = {}  # feed -> why publishing is refused
+        # Own feeds with a fork or split-view proof against them: this node signed two
+        # histories. Nothing more is signed on them, ever (feed -> the seq proven).
+        self.own_forked: dict[str, int] = {}
         self._own_targets: dict[str, int] = {}  # feed -> seq a partner holds of ours
         self._trusted: Callable[[bytes], bool] | None = None  # trust policy snapshot
         self.feed_locks: dict[str, asyncio.Lock] = {}
@@ -339,6 +342,8 @@ class Node:
         partner tasks. The HTTP server is the caller's."""
         raw = await self._io(self.storage.heads)
         self.heads = {k: FeedHead(seq, hid) for k, (seq, hid) in raw.items()}
+        for row in await self._io(self.storage.fork_proofs):
+            self._note_fork(row.origin, row.feed, row.seq)
         if partners:
             for row in await self._io(self.storage.partners):
                 self._start_link(row)
@@ -713,6 +718,7 @@ class Node:
                 rec.origin, rec.feed, rec.seq, "fork", proof.encode(), src, self.now_ms()
             )
         )
+        self._note_fork(rec.origin, rec.feed, rec.seq)
         if new:
             self.metrics.forks.inc()
             log.warning(
@@ -748,6 +754,7 @@ class Node:
         new = await asyncio.wrap_future(
             self.storage.add_fork_proof(origin, feed, seq, kind, enc, src, self.now_ms())
         )
+        self._note_fork(origin, feed, seq)
         if new:
             self.metrics.forks.inc()
             for link in self.links.values():
@@ -789,11 +796,13 @@ class Node:
         check_feed_name(feed)
         if not items:
             raise PayloadError("nothing to publish: give at least one payload", "missing_field")
+        self._refuse_if_forked(feed)
         if feed in self.own_blocked:
             raise PublishRefused(self.own_blocked[feed])
         await self._await_first_sync()
         lock = self.feed_locks.setdefault(feed, asyncio.Lock())
         async with lock:
+            self._refuse_if_forked(feed)
             if feed in self.own_blocked:
                 raise PublishRefused(self.own_blocked[feed])
             key = (self.public_key, feed)
@@ -816,6 +825,27 @@ class Node:
         await waiter
         self.metrics.published.inc(len(recs))
         return recs
+
+    def _note_fork(self, origin: bytes, feed: str, seq: int) -> None:
+        """A fork or split-view proof is held against ``origin``'s ``feed`` at ``seq``:
+        if the origin is this node, stop signing on that feed for good."""
+        if origin != self.public_key:
+            return
+        if feed not in self.own_forked:
+            log.error("own feed forked: publishing on it is stopped",
+                      extra=fields(feed=feed, seq=seq))
+        self.own_forked[feed] = min(seq, self.own_forked.get(feed, seq))
+
+    def _refuse_if_forked(self, feed: str) -> None:
+        """Raise PublishRefused if this node holds proof it signed two histories of
+        ``feed`` (e.g. it was restored from an old backup with no partner reachable)."""
+        if feed in self.own_forked:
+            raise PublishRefused(
+                f"feed {feed!r} of this node has forked: it signed two different histories "
+                f"at seq {self.own_forked[feed]} (`citynode forks` shows the proof, and its "
+                "partners hold it too). Nothing more is signed on it: publish on a new feed "
+                "name, and tell the partner cities why"
+            )
 
     async def _await_first_sync(self, wait: float = 2.0) -> None:
         """Own-feed safety at start: until every partner's first sync round has ended
@@ -1358,6 +1388,7 @@ class Node:
         checkpoints.verify_split_view(proof, self.verifier)
         stored = await asyncio.wrap_future(self.storage.add_fork_proof(
             cp.origin, cp.feed, cp.size, "split-view", proof.encode(), src, self.now_ms()))
+        self._note_fork(cp.origin, cp.feed, cp.size)
         if stored:
             self.metrics.forks.inc()
             log.warning("split view: the origin signed two different checkpoints of one size",

@@ -620,3 +620,46 @@ def test_readme_example_payload_publishes(node_dir: Path) -> None:
     publish(node_dir, "air-quality", "AirQualityObserved", [json.loads(example)])
     recs = ok_json("records", "-d", str(node_dir), "--json")["records"]
     assert [r["data"]["name"] for r in recs] == ["DKI1 Bundaran HI"]
+
+
+# ------------------------------------------------------------------ own feed forked
+
+
+def test_a_forked_own_feed_is_never_signed_on_again(node_dir: Path) -> None:
+    """Once this node holds proof that it signed two histories of one of its feeds (a
+    restore from an old backup with no partner reachable, say), it stops signing on
+    that feed, across restarts, and `check` reports it."""
+    from citynode.core.chain import ForkProof
+    from citynode.core.records import sign_record
+    from citynode.errors import PublishRefused
+
+    d = str(node_dir)
+    publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(3)])
+
+    async def fork() -> None:
+        node = Node.load(node_dir)
+        await node.start(partners=False)
+        try:
+            held = node.storage.envelope_at(node.public_key, "air", 2)
+            assert held is not None
+            prev = node.storage.envelope_at(node.public_key, "air", 1)
+            assert prev is not None
+            other = sign_record(node.key, feed="air", seq=2,
+                                prev=open_record(*decode_envelope(prev), now_ms=2**62,
+                                                 verifier=Verifier()).id,
+                                time_ms=node.now_ms(), type=AIR_TYPE, data=air(99.0))
+            assert await node.ingest_proof(ForkProof(held, other.envelope).encode(), "test")
+            with pytest.raises(PublishRefused, match="has forked"):
+                await node.publish("air", AIR_TYPE, [air(1.0)])
+            await node.publish("water", AIR_TYPE, [air(1.0)])  # other feeds go on
+        finally:
+            await node.stop()
+
+    asyncio.run(fork())
+    # After a restart too (the proof is in the database), and through the CLI.
+    line = one_line_error(cli("publish", "-d", d, "--feed", "air", "--type", AIR_TYPE, "-",
+                              input=json.dumps(air(2.0))))
+    assert "feed 'air' of this node has forked" in line and "new feed name" in line
+    r = cli("check", "-d", d)
+    assert r.exit_code == 1 and "own feed air seq 2: this node signed two histories" in r.stdout
+    assert publish(node_dir, "water", AIR_TYPE, [air(3.0)])

@@ -615,6 +615,7 @@ async def admin_status(request: web.Request) -> web.Response:
             "feeds": len(node.heads),
             "pending": len(node.pending),
             "own_blocked": node.own_blocked,
+            "own_forked": node.own_forked,
             "partners": node.partner_status(),
         }
     )
