@@ -403,12 +403,16 @@ def _filters(request: web.Request) -> dict[str, Any]:
             raise web.HTTPBadRequest(
                 text=f"query parameter feed is not a valid feed name: use {FEED_NAME_RULE}"
             ) from None
+    since, until = _int_arg(request, "since"), _int_arg(request, "until")
+    if since is not None and until is not None and since >= until:
+        raise web.HTTPBadRequest(
+            text="since must be before until (records match since <= time < until)")
     return {
         "origin": _origin_arg(request),
         "feed": feed,
         "type": request.query.get("type"),
-        "since_ms": _int_arg(request, "since"),
-        "until_ms": _int_arg(request, "until"),
+        "since_ms": since,
+        "until_ms": until,
         "bbox": _bbox_arg(request),
     }
 
@@ -492,6 +496,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                      envelope_only=envelope_only)
     node.subscribers.add(sub)  # before catching up, so nothing falls in between
     node.metrics.streams.set(len(node.subscribers))
+    resp: web.StreamResponse | None = None
     try:
         async with sse_response(request, ping_interval=15) as resp:
             # Until the node shuts down (sub.close()): then the response ends properly
@@ -538,6 +543,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
                         await resp.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 while not sub.queue.empty():  # stale: the database has these rows
                     sub.queue.get_nowait()
+    except ConnectionResetError:
+        # The subscriber hung up mid-write: nothing is wrong, and there is no one to
+        # answer (aiohttp's reset error is a ConnectionResetError too).
+        return resp if resp is not None else web.Response()
     finally:
         node.subscribers.discard(sub)
         node.metrics.streams.set(len(node.subscribers))
@@ -709,7 +718,8 @@ async def get_checkpoints(request: web.Request) -> web.Response:
     feed = request.query.get("feed")
     if origin is None or not feed:
         raise web.HTTPBadRequest(text="checkpoints need ?origin=cn1...&feed=...")
-    if not _reader(request, caller)(origin, feed, None):
+    # A feed not held answers as one the caller may not read: the two look alike.
+    if (origin, feed) not in node.heads or not _reader(request, caller)(origin, feed, None):
         raise web.HTTPNotFound(text="no such feed here")
     held = await node._io(node.storage.checkpoints, origin, feed)
     if _wants_json(request):
@@ -783,7 +793,7 @@ async def consistency_proof(request: web.Request) -> web.Response:
     new = _int_arg(request, "new", None, 0)
     if origin is None or not feed or old is None or new is None or old > new:
         raise web.HTTPBadRequest(text="need ?origin=&feed=&old=&new= with old <= new")
-    if not _reader(request, caller)(origin, feed, None):
+    if (origin, feed) not in node.heads or not _reader(request, caller)(origin, feed, None):
         raise web.HTTPNotFound(text="no such feed here")
     log_ = await node.merkle_log(origin, feed, new)
     path = log_.consistency_proof(old, new)
