@@ -198,6 +198,9 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
     line). Every payload is checked against TYPE first: if any is invalid nothing is
     published.
     """
+    if subject == "":
+        raise click.BadParameter("empty: give a subject or leave the option out",
+                                 param_hint="--subject")
     items = _read_items(source)
     if _is_running(data_dir):
         from urllib.parse import urlencode
@@ -220,6 +223,14 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
                 return [r.id.hex() for r in recs], recs[0].seq
 
         ids, first = _run(go())
+    from citynode.config import load_config
+
+    if feed not in load_config(data_dir / "node.toml").feeds:
+        # Fails open by design (an open-data default), so say it each time: a typo in
+        # --feed would publish to everyone what was meant for partners.
+        click.echo(f"note: feed {feed!r} is not in node.toml, so it is public (anyone may "
+                   f"read it); to limit it, add [feeds.{feed}] with access = \"partners\" "
+                   "or \"restricted\"", err=True)
     if as_json:
         _print_json({"feed": feed, "first_seq": first, "ids": ids})
     else:
@@ -355,7 +366,8 @@ def partner_list(data_dir: Path, as_json: bool) -> None:
         _print_json({"partners": out_rows})
         return
     _table("partners", ["name", "node id", "url", "up", "queue", "invalid"],
-           [[p["name"], p["node_id"], p["url"], p.get("up", "(not running)"),
+           [[p["name"], p["node_id"], p["url"],
+             {True: "yes", False: "no"}.get(p.get("up"), "(node not running)"),
              p.get("queue", ""), ", ".join(f"{k}={v}" for k, v in p.get("invalid", {}).items())]
             for p in out_rows])
 

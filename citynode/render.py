@@ -125,11 +125,21 @@ def parse_json_items(text: str) -> list[dict[str, Any]]:
     objects, or JSON Lines. Raises ValueError saying what is wrong (and on which line)."""
     import json
 
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # JSON allows a key twice (the last wins): a payload that says two things about
+        # one attribute is refused, as the canonical encoding refuses duplicate keys.
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"key {k!r} appears twice in one object")
+            out[k] = v
+        return out
+
     text = text.strip()
     if not text:
         raise ValueError("no input: give a JSON object, a JSON array or JSON Lines")
     try:
-        whole = json.loads(text)
+        whole = json.loads(text, object_pairs_hook=no_duplicates)
         items = whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError as exc:
         if "\n" not in text:
@@ -138,9 +148,11 @@ def parse_json_items(text: str) -> list[dict[str, Any]]:
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    items.append(json.loads(line))
+                    items.append(json.loads(line, object_pairs_hook=no_duplicates))
                 except json.JSONDecodeError as exc2:
                     raise ValueError(f"line {n}: invalid JSON: {exc2}") from None
+                except ValueError as exc2:
+                    raise ValueError(f"line {n}: {exc2}") from None
     if not all(isinstance(i, dict) for i in items):
         raise ValueError("each item must be a JSON object")
     return items

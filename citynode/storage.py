@@ -26,6 +26,7 @@ Invariants the schema relies on:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import sqlite3
@@ -44,6 +45,8 @@ from citynode.core.keys import node_id
 from citynode.core.records import Record
 from citynode.core.types import point_of
 from citynode.errors import ChainError, CitynodeError, QueryTooSlow, StorageError
+
+log = logging.getLogger("citynode.storage")
 
 __all__ = [
     "APPLICATION_ID",
@@ -442,7 +445,13 @@ class Storage:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                pass
+                # It holds partners-only data in clear: a copy restored with a looser
+                # mode (sqlite3 .backup writes 0644) is put back to 0600.
+                mode = path.stat().st_mode & 0o777
+                if mode & 0o077 and path.is_file():
+                    os.chmod(path, 0o600)
+                    log.warning("database file was readable by others: mode set to 0600",
+                                extra={"path": str(path), "was": oct(mode)})
             else:
                 try:
                     os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask

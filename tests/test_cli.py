@@ -316,7 +316,9 @@ def test_publish_invalid_item_publishes_nothing_and_names_the_field(node_dir: Pa
         assert field in line, line
         assert "item 2 of 3" in line, line  # which one, in a file of hundreds
     for body, says in [("", "no input"), ("{not json", "invalid JSON"),
-                       ('{"a": 1}\n{oops\n', "line 2"), ("[1, 2]", "JSON object")]:
+                       ('{"a": 1}\n{oops\n', "line 2"), ("[1, 2]", "JSON object"),
+                       ('{"db": 1, "db": 2}', "key 'db' appears twice"),
+                       ('{"db": 1}\n{"x": {"u": 1, "u": 2}}\n', "line 2: key 'u'")]:
         line = one_line_error(cli("publish", "-d", d, "--feed", "n", "--type", NOISE_TYPE,
                                   "-", input=body))
         assert says in line, line
@@ -663,3 +665,18 @@ def test_a_forked_own_feed_is_never_signed_on_again(node_dir: Path) -> None:
     r = cli("check", "-d", d)
     assert r.exit_code == 1 and "own feed air seq 2: this node signed two histories" in r.stdout
     assert publish(node_dir, "water", AIR_TYPE, [air(3.0)])
+
+
+def test_publish_says_when_a_feed_is_public_by_default(node_dir: Path) -> None:
+    d = str(node_dir)
+    with open(node_dir / "node.toml", "a") as f:
+        f.write('\n[feeds.permits]\naccess = "partners"\n')
+    r = ok("publish", "-d", d, "--feed", "permits", "--type", NOISE_TYPE, "-",
+           input=json.dumps({"db": 50}))
+    assert "note:" not in r.stderr
+    r = ok("publish", "-d", d, "--feed", "permitz", "--type", NOISE_TYPE, "-",
+           input=json.dumps({"db": 50}))  # a typo: public
+    assert "note: feed 'permitz' is not in node.toml, so it is public" in r.stderr
+    line = one_line_error(cli("publish", "-d", d, "--feed", "permits", "--type", NOISE_TYPE,
+                              "--subject", "", "-", input=json.dumps({"db": 50})), codes=(2,))
+    assert "--subject" in line and "empty" in line

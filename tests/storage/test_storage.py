@@ -102,6 +102,18 @@ def error_of(fut: Future[Any]) -> BaseException | None:
 # --------------------------------------------------------------------------- open
 
 
+def test_a_database_readable_by_others_is_put_back_to_0600(db_path: Path) -> None:
+    # As `sqlite3 citynode.db ".backup copy.db"` writes a copy restored later (0644).
+    Storage.open(db_path).close()
+    os.chmod(db_path, 0o644)
+    s = Storage.open(db_path)
+    try:
+        assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
+        s.append(chain(0, "f", 1)).result(5)  # and it works as before
+    finally:
+        s.close()
+
+
 def test_new_database_has_schema_v1_wal_and_mode_0600(db_path: Path) -> None:
     old = os.umask(0o277)  # would give 0400 without the explicit chmod
     try:
