@@ -104,8 +104,15 @@ async def operator_request(
             return out
     except CitynodeError:
         raise
+    except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+        # The lock says a node runs here, but it does not listen (yet): most often it is
+        # still starting (its first exchange with partners), or it is stopping.
+        raise PeerError(f"the node running on this data dir is not answering at {url} yet "
+                        "(still starting, or stopping): retry in a moment, or see its "
+                        "log") from exc
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise PeerError(f"cannot reach the running node at {url}: {exc}") from exc
+        raise PeerError(f"cannot reach the running node at {url}: "
+                        f"{exc.__class__.__name__}: {exc}") from exc
 
 
 async def _serve(data_dir: Path) -> None:

@@ -680,3 +680,15 @@ def test_publish_says_when_a_feed_is_public_by_default(node_dir: Path) -> None:
     line = one_line_error(cli("publish", "-d", d, "--feed", "permits", "--type", NOISE_TYPE,
                               "--subject", "", "-", input=json.dumps({"db": 50})), codes=(2,))
     assert "--subject" in line and "empty" in line
+
+
+def test_a_node_that_runs_but_does_not_answer_yet_is_said_plainly(node_dir: Path) -> None:
+    """The run lock is held (as by a `citynode run` still starting) but nothing listens:
+    the operator is told to retry, not shown an aiohttp repr."""
+    from citynode.runner import run_lock
+
+    with run_lock(node_dir):
+        line = one_line_error(cli("publish", "-d", str(node_dir), "--feed", "n", "--type",
+                                  NOISE_TYPE, "-", input=json.dumps({"db": 50})))
+    assert "not answering" in line and "retry in a moment" in line
+    assert "object at 0x" not in line
