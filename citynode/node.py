@@ -57,6 +57,7 @@ from citynode.errors import (
     InvalidRecord,
     PayloadError,
     PeerError,
+    PeerRejected,
     PublishRefused,
     StorageError,
 )
@@ -1093,8 +1094,12 @@ class Node:
                 delay = interval
             except PeerError as exc:
                 self._mark(link, False, str(exc))
+                # A 401/403 is an answer, not an outage: most often the partner has not
+                # added this node (yet), or has removed it.
+                refused = isinstance(exc, PeerRejected) and exc.status in (401, 403)
                 log.info(
-                    "partner unreachable",
+                    "partner refuses this node (has it added us as a partner?)" if refused
+                    else "partner unreachable",
                     extra=fields(partner=link.row.name, error=str(exc)),
                 )
                 delay = self._backoff(link)
