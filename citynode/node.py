@@ -707,7 +707,10 @@ class Node:
         held = await self._io(self.storage.envelope_at, rec.origin, rec.feed, seq)
         if held is None:
             return False
-        proof = ForkProof(held, rec.envelope)
+        # Two records at one seq: one proof whichever node saw which first (the order
+        # carries nothing then), so partners exchanging theirs store one row, not two.
+        proof = (ForkProof(*sorted((held, rec.envelope))) if rec.seq == seq
+                 else ForkProof(held, rec.envelope))
         try:
             from citynode.core.chain import verify_fork_proof
 
@@ -746,7 +749,9 @@ class Node:
             ca, _cb = checkpoints.verify_split_view(sv, self.verifier)
             origin, feed, seq, kind, enc = ca.origin, ca.feed, ca.size, "split-view", sv.encode()
         else:
-            a, _b = verify_fork_proof(proof, self.verifier)
+            a, b = verify_fork_proof(proof, self.verifier)
+            if a.seq == b.seq:  # as _equivocation stores it: one row per fork
+                proof = ForkProof(*sorted((proof.a, proof.b)))
             origin, feed, seq, kind, enc = a.origin, a.feed, a.seq, "fork", proof.encode()
         if not self.accepts_origin(origin):
             # Proofs about strangers are no business of ours (and would let anyone fill

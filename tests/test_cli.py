@@ -692,3 +692,26 @@ def test_a_node_that_runs_but_does_not_answer_yet_is_said_plainly(node_dir: Path
                                   NOISE_TYPE, "-", input=json.dumps({"db": 50})))
     assert "not answering" in line and "retry in a moment" in line
     assert "object at 0x" not in line
+
+
+def test_one_fork_is_one_proof_whichever_order_it_comes_in(node_dir: Path) -> None:
+    """Two nodes each find the same equivocation (each holding a different copy first)
+    and exchange proofs: each stores one row for it, not two."""
+    from citynode.core.chain import ForkProof
+    from citynode.core.records import sign_record
+
+    async def go() -> list[Any]:
+        node = Node.load(node_dir)
+        await node.start(partners=False)
+        try:
+            # The node's own key: an origin it trusts (a stranger's proof is refused).
+            x, y = (sign_record(node.key, feed="f", seq=1, prev=None, time_ms=1,
+                                type=NOISE_TYPE, data={"db": v}).envelope for v in (50, 60))
+            assert await node.ingest_proof(ForkProof(x, y).encode(), "a")
+            assert not await node.ingest_proof(ForkProof(y, x).encode(), "b")
+            return node.storage.fork_proofs()
+        finally:
+            await node.stop()
+
+    rows = asyncio.run(go())
+    assert len(rows) == 1 and rows[0].seq == 1
