@@ -128,11 +128,13 @@ def parse_json_items(text: str) -> list[dict[str, Any]]:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         # JSON allows a key twice (the last wins): a payload that says two things about
         # one attribute is refused, as the canonical encoding refuses duplicate keys.
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise ValueError(f"key {k!r} appears twice in one object")
-            out[k] = v
+        out = dict(pairs)
+        if len(out) != len(pairs):  # the rare case: find which key, for the message
+            seen: set[str] = set()
+            for k, _v in pairs:
+                if k in seen:
+                    raise ValueError(f"key {k!r} appears twice in one object")
+                seen.add(k)
         return out
 
     text = text.strip()
