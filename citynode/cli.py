@@ -210,9 +210,9 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
         q = {"feed": feed, "type": type_name} | ({"subject": subject} if subject else {})
         body = "\n".join(json.dumps(i) for i in items).encode() + b"\n"
         out = _run(operator_request(data_dir, "POST", f"/v1/publish?{urlencode(q)}", body=body))
-        ids, first = out["ids"], out["first_seq"]
+        ids, first, access = out["ids"], out["first_seq"], out.get("access")
     else:
-        async def go() -> tuple[list[str], int]:
+        async def go() -> tuple[list[str], int, str]:
             async with _local_node(data_dir) as node:
                 # Own-feed safety with the node stopped: first learn from the partners
                 # whether they hold newer records of ours (after a restore, say).
@@ -220,17 +220,16 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
                 recs = await node.publish(
                     feed, type_name, items, subjects=[subject] * len(items) if subject else None
                 )
-                return [r.id.hex() for r in recs], recs[0].seq
+                return [r.id.hex() for r in recs], recs[0].seq, node.feed_access(feed)
 
-        ids, first = _run(go())
-    from citynode.config import load_config
-
-    if feed not in load_config(data_dir / "node.toml").feeds:
-        # Fails open by design (an open-data default), so say it each time: a typo in
-        # --feed would publish to everyone what was meant for partners.
-        click.echo(f"note: feed {feed!r} is not in node.toml, so it is public (anyone may "
-                   f"read it); to limit it, add [feeds.{feed}] with access = \"partners\" "
-                   "or \"restricted\"", err=True)
+        ids, first, access = _run(go())
+    if access == "public":
+        # What the node applied (a running node's config is the one it started with).
+        # Public is the default for a feed not in node.toml, so say it each time: a typo
+        # in --feed would publish to everyone what was meant for partners.
+        click.echo(f"note: feed {feed!r} is public: anyone may read it (to limit it, give "
+                   f"[feeds.{feed}] access = \"partners\" or \"restricted\" in node.toml "
+                   "and restart the node)", err=True)
     if as_json:
         _print_json({"feed": feed, "first_seq": first, "ids": ids})
     else:
@@ -404,11 +403,16 @@ def check(data_dir: Path, as_json: bool) -> None:
     Exits with status 1 if any problem is found.
     """
     from citynode.audit import check_storage
+    from citynode.errors import KeyFileError
     from citynode.identity import load_identity
     from citynode.storage import Storage
 
     _is_running(data_dir)
-    own = load_identity(data_dir).key.public_key
+    try:
+        own: bytes | None = load_identity(data_dir).key.public_key
+        skipped = ""
+    except KeyFileError as exc:  # a sealed key with no passphrase given, a backup copy
+        own, skipped = None, str(exc)
     st = Storage.open(data_dir / "citynode.db")
     try:
         report = check_storage(st, progress=sys.stderr.isatty())
@@ -419,9 +423,10 @@ def check(data_dir: Path, as_json: bool) -> None:
     # about other origins are evidence it keeps and passes on.
     for f in forks:
         if f.origin == own:
+            at = f"seq {f.seq}" if f.kind == "fork" else f"a checkpoint of size {f.seq}"
             report.problems.append(
-                f"own feed {f.feed} seq {f.seq}: this node signed two histories ({f.kind} "
-                "proof held, see `citynode forks`): publishing on it is stopped")
+                f"own feed {f.feed}, {at}: this node signed two histories ({f.kind} proof "
+                "held, see `citynode forks`): publishing on it is stopped")
     others = sum(f.origin != own for f in forks)
     if as_json:
         _print_json({**report.to_json(), "fork_proofs_about_others": others})
@@ -431,8 +436,10 @@ def check(data_dir: Path, as_json: bool) -> None:
         for p in report.problems[:200]:
             click.echo(f"  {p}")
         if others:
-            click.echo(f"note: {others} fork proof(s) held against other cities' feeds "
-                       "(`citynode forks`)")
+            click.echo(f"note: {others} fork proof(s) held against "
+                       + ("other cities' feeds" if own else "feeds") + " (`citynode forks`)")
+        if own is None:
+            click.echo(f"note: own feeds not checked for forks ({skipped})")
     if report.problems:
         sys.exit(1)
 

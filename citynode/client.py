@@ -172,7 +172,11 @@ class Client:
                     until_ms: int | None = None,
                     bbox: tuple[float, float, float, float] | None = None,
                     page_size: int = 500) -> AsyncIterator[Record]:
-        """All matching records, oldest first, page by page, each verified."""
+        """All matching records, oldest first, page by page, each verified. A window
+        with ``since_ms >= until_ms`` holds nothing (``since <= time < until``): nothing
+        is asked."""
+        if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+            return
         q = _query(origin=origin, feed=feed, type=type, since=since_ms, until=until_ms,
                    bbox=bbox)
         after = 0

@@ -414,7 +414,7 @@ class Node:
                 name=self.config.node.name,
                 url=self.config.node.public_url,
                 tls_fingerprint=self.identity.cert_fingerprint if self.config.tls.enabled else None,
-                feeds=[(f, self._feed_access(f)) for f in feeds],
+                feeds=[(f, self.feed_access(f)) for f in feeds],
                 partners=sorted(self.links),
                 software=f"citynode/{__version__}",
                 now_ms=self.now_ms(),
@@ -422,7 +422,9 @@ class Node:
             self.storage.set_meta("card:" + self.public_key.hex(), self._card.envelope)
         return self._card
 
-    def _feed_access(self, feed: str) -> str:
+    def feed_access(self, feed: str) -> str:
+        """The access level of this node's own ``feed`` as configured when it started
+        (a feed not in node.toml is public)."""
         fc = self.config.feeds.get(feed)
         return fc.access if fc is not None else "public"
 
@@ -747,12 +749,18 @@ class Node:
         except InvalidProof:
             sv = checkpoints.SplitViewProof.decode(data)
             ca, _cb = checkpoints.verify_split_view(sv, self.verifier)
+            sv = checkpoints.SplitViewProof(*sorted((sv.a, sv.b)))  # one row per split
             origin, feed, seq, kind, enc = ca.origin, ca.feed, ca.size, "split-view", sv.encode()
         else:
             a, b = verify_fork_proof(proof, self.verifier)
-            if a.seq == b.seq:  # as _equivocation stores it: one row per fork
+            # As _equivocation stores it, so one fork is one row on every node: same seq
+            # in byte order; prev mismatch lower seq first, listed at the higher seq (the
+            # record whose prev breaks the chain).
+            if a.seq == b.seq:
                 proof = ForkProof(*sorted((proof.a, proof.b)))
-            origin, feed, seq, kind, enc = a.origin, a.feed, a.seq, "fork", proof.encode()
+            elif a.seq > b.seq:
+                proof, a, b = ForkProof(proof.b, proof.a), b, a
+            origin, feed, seq, kind, enc = a.origin, a.feed, b.seq, "fork", proof.encode()
         if not self.accepts_origin(origin):
             # Proofs about strangers are no business of ours (and would let anyone fill
             # our database and our partners' with them).
@@ -1394,7 +1402,7 @@ class Node:
         mine = next((e for s, r, e in held if s == cp.size and r != cp.root), None)
         if mine is None:
             return "known"
-        proof = checkpoints.SplitViewProof(mine, env)
+        proof = checkpoints.SplitViewProof(*sorted((mine, env)))  # as ingest_proof stores it
         checkpoints.verify_split_view(proof, self.verifier)
         stored = await asyncio.wrap_future(self.storage.add_fork_proof(
             cp.origin, cp.feed, cp.size, "split-view", proof.encode(), src, self.now_ms()))

@@ -105,6 +105,10 @@ async def operator_request(
     except CitynodeError:
         raise
     except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+        if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+                exc.os_error, ConnectionRefusedError):
+            raise PeerError(f"cannot reach the running node at {url}: "
+                            f"{exc.__class__.__name__}: {exc}") from exc
         # The lock says a node runs here, but it does not listen (yet): most often it is
         # still starting (its first exchange with partners), or it is stopping.
         raise PeerError(f"the node running on this data dir is not answering at {url} yet "

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -157,6 +158,24 @@ class WriterStats:
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def _tighten_modes(path: Path) -> None:
+    """Put the database (and its -wal/-shm) back to 0600 if others may read it: it holds
+    partners-only data in clear, and a copy restored from ``sqlite3 .backup`` is 0644.
+    Only regular files this user owns (not through a symlink); never raises."""
+    from citynode.logs import fields
+
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(p)
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+                    and st.st_mode & 0o077):
+                os.chmod(p, 0o600)
+                log.warning("database file was readable by others: mode set to 0600",
+                            extra=fields(path=str(p), was=oct(stat.S_IMODE(st.st_mode))))
+        except OSError:
+            continue  # absent (-wal/-shm), or not ours to change: the open goes on
 
 
 def _storage_error(exc: BaseException, path: Path, action: str) -> StorageError:
@@ -445,13 +464,7 @@ class Storage:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                # It holds partners-only data in clear: a copy restored with a looser
-                # mode (sqlite3 .backup writes 0644) is put back to 0600.
-                mode = path.stat().st_mode & 0o777
-                if mode & 0o077 and path.is_file():
-                    os.chmod(path, 0o600)
-                    log.warning("database file was readable by others: mode set to 0600",
-                                extra={"path": str(path), "was": oct(mode)})
+                pass
             else:
                 try:
                     os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
@@ -465,6 +478,7 @@ class Storage:
         try:
             conn = _connect(path, busy_timeout_ms)
             _check_file(conn, path)  # before WAL: leave a file that is not ours untouched
+            _tighten_modes(path)
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageError(

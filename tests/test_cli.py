@@ -663,7 +663,7 @@ def test_a_forked_own_feed_is_never_signed_on_again(node_dir: Path) -> None:
                               input=json.dumps(air(2.0))))
     assert "feed 'air' of this node has forked" in line and "new feed name" in line
     r = cli("check", "-d", d)
-    assert r.exit_code == 1 and "own feed air seq 2: this node signed two histories" in r.stdout
+    assert r.exit_code == 1 and "own feed air, seq 2: this node signed two histories" in r.stdout
     assert publish(node_dir, "water", AIR_TYPE, [air(3.0)])
 
 
@@ -676,7 +676,7 @@ def test_publish_says_when_a_feed_is_public_by_default(node_dir: Path) -> None:
     assert "note:" not in r.stderr
     r = ok("publish", "-d", d, "--feed", "permitz", "--type", NOISE_TYPE, "-",
            input=json.dumps({"db": 50}))  # a typo: public
-    assert "note: feed 'permitz' is not in node.toml, so it is public" in r.stderr
+    assert "note: feed 'permitz' is public: anyone may read it" in r.stderr
     line = one_line_error(cli("publish", "-d", d, "--feed", "permits", "--type", NOISE_TYPE,
                               "--subject", "", "-", input=json.dumps({"db": 50})), codes=(2,))
     assert "--subject" in line and "empty" in line
@@ -715,3 +715,45 @@ def test_one_fork_is_one_proof_whichever_order_it_comes_in(node_dir: Path) -> No
 
     rows = asyncio.run(go())
     assert len(rows) == 1 and rows[0].seq == 1
+
+
+def test_a_prev_mismatch_or_split_view_is_one_proof_too(node_dir: Path) -> None:
+    from citynode.core.chain import ForkProof
+    from citynode.core.records import sign_record
+
+    async def go() -> list[Any]:
+        node = Node.load(node_dir)
+        await node.start(partners=False)
+        try:
+            one = sign_record(node.key, feed="g", seq=1, prev=None, time_ms=1,
+                              type=NOISE_TYPE, data={"db": 1})
+            two = sign_record(node.key, feed="g", seq=2, prev=b"\x05" * 32, time_ms=2,
+                              type=NOISE_TYPE, data={"db": 2})  # its prev is not one's id
+            assert await node.ingest_proof(ForkProof(one.envelope, two.envelope).encode(), "a")
+            assert not await node.ingest_proof(
+                ForkProof(two.envelope, one.envelope).encode(), "b")
+            x, y = (cps.sign_checkpoint(node.key, "g", 2, root, 3).envelope
+                    for root in (b"\x01" * 32, b"\x02" * 32))
+            assert await node.ingest_proof(cps.SplitViewProof(x, y).encode(), "a")
+            assert not await node.ingest_proof(cps.SplitViewProof(y, x).encode(), "b")
+            return node.storage.fork_proofs()
+        finally:
+            await node.stop()
+
+    rows = asyncio.run(go())
+    # The prev mismatch is listed at seq 2 (the record whose prev breaks the chain).
+    assert [(r.kind, r.seq) for r in rows] == [("fork", 2), ("split-view", 2)]
+
+
+def test_check_works_without_the_passphrase(tmp_path: Path) -> None:
+    """Checking a node (or a backup copy) must not need its secret key: only the
+    own-fork part is skipped, and the output says so."""
+    from citynode.datadir import init_data_dir
+    from tests.conftest import FAST_KDF
+
+    d = tmp_path / "sealed"
+    init_data_dir(d, name="Sealed", listen="127.0.0.1:9", passphrase="correct horse",
+                  **FAST_KDF)
+    r = cli("check", "-d", str(d), env={"CITYNODE_PASSPHRASE": ""})
+    assert r.exit_code == 0, r.output
+    assert "0 problem(s)" in r.stdout and "own feeds not checked for forks" in r.stdout

@@ -98,8 +98,10 @@ class ForkProof:
     :func:`verify_fork_proof`; no trust in the node that produced it is needed.
     """
 
-    a: bytes  # envelope held first
-    b: bytes  # the conflicting envelope
+    # citynode stores a same-seq proof in byte order and a prev-mismatch one lower seq
+    # first (node.py), so one fork is one proof; verifiers accept either order.
+    a: bytes
+    b: bytes
 
     def encode(self) -> bytes:
         """Canonical msgpack map ``{"a": bin, "b": bin, "kind": "fork"}``."""

@@ -657,8 +657,8 @@ class SplitViewProof:
     that produced it is needed.
     """
 
-    a: bytes  # checkpoint envelope seen first
-    b: bytes  # the conflicting checkpoint envelope
+    a: bytes  # the two envelopes, in byte order as citynode stores them (either verifies)
+    b: bytes
 
     def encode(self) -> bytes:
         """Canonical msgpack map ``{"a": bin, "b": bin, "kind": "split-view"}``."""

@@ -579,7 +579,8 @@ async def publish(request: web.Request) -> web.Response:
         feed, type_name, items, subjects=[subject] * len(items) if subject else None
     )
     return web.json_response(
-        {"ids": [r.id.hex() for r in recs], "first_seq": recs[0].seq, "last_seq": recs[-1].seq}
+        {"ids": [r.id.hex() for r in recs], "first_seq": recs[0].seq, "last_seq": recs[-1].seq,
+         "access": node.feed_access(feed)}
     )
 
 
@@ -718,10 +719,14 @@ async def get_checkpoints(request: web.Request) -> web.Response:
     feed = request.query.get("feed")
     if origin is None or not feed:
         raise web.HTTPBadRequest(text="checkpoints need ?origin=cn1...&feed=...")
-    # A feed not held answers as one the caller may not read: the two look alike.
-    if (origin, feed) not in node.heads or not _reader(request, caller)(origin, feed, None):
+    # A feed of which nothing is held answers as one the caller may not read: the two
+    # look alike. (Checkpoints may come before records, or for a feed whose records are
+    # not relayed here: those are served.)
+    if not _reader(request, caller)(origin, feed, None):
         raise web.HTTPNotFound(text="no such feed here")
     held = await node._io(node.storage.checkpoints, origin, feed)
+    if not held and (origin, feed) not in node.heads:
+        raise web.HTTPNotFound(text="no such feed here")
     if _wants_json(request):
         return web.json_response({"checkpoints": [
             {"size": s, "root": r.hex(), "envelope": b64(e)} for s, r, e in held]})

@@ -104,12 +104,17 @@ def error_of(fut: Future[Any]) -> BaseException | None:
 
 def test_a_database_readable_by_others_is_put_back_to_0600(db_path: Path) -> None:
     # As `sqlite3 citynode.db ".backup copy.db"` writes a copy restored later (0644).
-    Storage.open(db_path).close()
-    os.chmod(db_path, 0o644)
+    s = Storage.open(db_path)
+    s.append(chain(0, "f", 1)).result(5)
+    s.close()
+    for p in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+        p.touch()
+        os.chmod(p, 0o644)
     s = Storage.open(db_path)
     try:
-        assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
-        s.append(chain(0, "f", 1)).result(5)  # and it works as before
+        for p in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+        s.append(chain(1, "f", 1)).result(5)  # and it works as before
     finally:
         s.close()
 
