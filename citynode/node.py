@@ -709,22 +709,19 @@ class Node:
         held = await self._io(self.storage.envelope_at, rec.origin, rec.feed, seq)
         if held is None:
             return False
-        # Two records at one seq: one proof whichever node saw which first (the order
-        # carries nothing then), so partners exchanging theirs store one row, not two.
-        proof = (ForkProof(*sorted((held, rec.envelope))) if rec.seq == seq
-                 else ForkProof(held, rec.envelope))
         try:
-            from citynode.core.chain import verify_fork_proof
+            from citynode.core.chain import canonical_fork_proof, verify_fork_proof
 
-            verify_fork_proof(proof, self.verifier)
+            proof, at = canonical_fork_proof(
+                *verify_fork_proof(ForkProof(held, rec.envelope), self.verifier))
         except CitynodeError:
             return False  # not a fork after all (e.g. same record)
         new = await asyncio.wrap_future(
             self.storage.add_fork_proof(
-                rec.origin, rec.feed, rec.seq, "fork", proof.encode(), src, self.now_ms()
+                rec.origin, rec.feed, at, "fork", proof.encode(), src, self.now_ms()
             )
         )
-        self._note_fork(rec.origin, rec.feed, rec.seq)
+        self._note_fork(rec.origin, rec.feed, at)
         if new:
             self.metrics.forks.inc()
             log.warning(
@@ -742,25 +739,19 @@ class Node:
     async def ingest_proof(self, data: bytes, src: str) -> bool:
         """A fork or split-view proof from a partner: verify it offline, store and
         forward it if new. Raises InvalidProof if it proves nothing."""
-        from citynode.core.chain import verify_fork_proof
+        from citynode.core.chain import canonical_fork_proof, verify_fork_proof
 
         try:
             proof = ForkProof.decode(data)
         except InvalidProof:
             sv = checkpoints.SplitViewProof.decode(data)
             ca, _cb = checkpoints.verify_split_view(sv, self.verifier)
-            sv = checkpoints.SplitViewProof(*sorted((sv.a, sv.b)))  # one row per split
-            origin, feed, seq, kind, enc = ca.origin, ca.feed, ca.size, "split-view", sv.encode()
+            origin, feed, seq, kind = ca.origin, ca.feed, ca.size, "split-view"
+            enc = sv.canonical().encode()
         else:
             a, b = verify_fork_proof(proof, self.verifier)
-            # As _equivocation stores it, so one fork is one row on every node: same seq
-            # in byte order; prev mismatch lower seq first, listed at the higher seq (the
-            # record whose prev breaks the chain).
-            if a.seq == b.seq:
-                proof = ForkProof(*sorted((proof.a, proof.b)))
-            elif a.seq > b.seq:
-                proof, a, b = ForkProof(proof.b, proof.a), b, a
-            origin, feed, seq, kind, enc = a.origin, a.feed, b.seq, "fork", proof.encode()
+            proof, seq = canonical_fork_proof(a, b)
+            origin, feed, kind, enc = a.origin, a.feed, "fork", proof.encode()
         if not self.accepts_origin(origin):
             # Proofs about strangers are no business of ours (and would let anyone fill
             # our database and our partners' with them).
@@ -1402,7 +1393,7 @@ class Node:
         mine = next((e for s, r, e in held if s == cp.size and r != cp.root), None)
         if mine is None:
             return "known"
-        proof = checkpoints.SplitViewProof(*sorted((mine, env)))  # as ingest_proof stores it
+        proof = checkpoints.SplitViewProof(mine, env).canonical()
         checkpoints.verify_split_view(proof, self.verifier)
         stored = await asyncio.wrap_future(self.storage.add_fork_proof(
             cp.origin, cp.feed, cp.size, "split-view", proof.encode(), src, self.now_ms()))

@@ -34,7 +34,15 @@ from citynode.core.records import (
 )
 from citynode.errors import InvalidProof, InvalidRecord
 
-__all__ = ["Decision", "FeedHead", "ForkProof", "Verdict", "classify", "verify_fork_proof"]
+__all__ = [
+    "Decision",
+    "FeedHead",
+    "ForkProof",
+    "Verdict",
+    "canonical_fork_proof",
+    "classify",
+    "verify_fork_proof",
+]
 
 
 class Verdict(enum.Enum):
@@ -98,8 +106,7 @@ class ForkProof:
     :func:`verify_fork_proof`; no trust in the node that produced it is needed.
     """
 
-    # citynode stores a same-seq proof in byte order and a prev-mismatch one lower seq
-    # first (node.py), so one fork is one proof; verifiers accept either order.
+    # Verifiers accept either order; citynode stores the one of canonical_fork_proof.
     a: bytes
     b: bytes
 
@@ -158,3 +165,16 @@ def verify_fork_proof(
     if hi.seq == lo.seq + 1 and hi.prev != lo.id:
         return a, b
     raise InvalidProof("the two records can belong to one chain: no equivocation")
+
+
+def canonical_fork_proof(a: Record, b: Record) -> tuple[ForkProof, int]:
+    """The one proof citynode keeps of the fork two verified records prove (as
+    :func:`verify_fork_proof` returns them), and the seq it is listed at. Same seq: the
+    envelopes in byte order, at that seq; prev mismatch: the lower seq first, listed at
+    the higher (the record whose prev breaks the chain). So nodes that found one fork
+    from either side hold, and exchange, one proof."""
+    if a.seq == b.seq:
+        x, y = sorted((a.envelope, b.envelope))
+        return ForkProof(x, y), a.seq
+    lo, hi = (a, b) if a.seq < b.seq else (b, a)
+    return ForkProof(lo.envelope, hi.envelope), hi.seq

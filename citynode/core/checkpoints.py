@@ -657,8 +657,13 @@ class SplitViewProof:
     that produced it is needed.
     """
 
-    a: bytes  # the two envelopes, in byte order as citynode stores them (either verifies)
+    a: bytes  # either order verifies; citynode stores the one of canonical()
     b: bytes
+
+    def canonical(self) -> SplitViewProof:
+        """The same proof with its envelopes in byte order: nodes that found one split
+        view from either side hold, and exchange, one proof."""
+        return SplitViewProof(*sorted((self.a, self.b)))
 
     def encode(self) -> bytes:
         """Canonical msgpack map ``{"a": bin, "b": bin, "kind": "split-view"}``."""

@@ -285,3 +285,24 @@ def test_fork_proof_decode_accepts_two_maximal_envelopes() -> None:
     env = encoding.encode([b"\x00" * 65536, b"\x01" * 64])
     p = ForkProof(env, env)
     assert ForkProof.decode(p.encode()) == p
+
+
+def test_canonical_fork_proof_is_one_proof_from_either_side() -> None:
+    from citynode.core.chain import canonical_fork_proof
+
+    key = SigningKey(b"\x03" * 32)
+
+    def rec(seq: int, prev: bytes | None, v: int) -> Record:
+        return sign_record(key, feed="f", seq=seq, prev=prev, time_ms=1, type="org.x.T",
+                           data={"v": v})
+
+    x, y = rec(1, None, 1), rec(1, None, 2)  # same seq
+    p1, at1 = canonical_fork_proof(x, y)
+    p2, at2 = canonical_fork_proof(y, x)
+    assert p1 == p2 and at1 == at2 == 1 and p1.a < p1.b
+    lo, hi = rec(1, None, 1), rec(2, b"\x07" * 32, 3)  # prev mismatch
+    p3, at3 = canonical_fork_proof(hi, lo)
+    assert p3 == canonical_fork_proof(lo, hi)[0] and at3 == 2
+    assert (p3.a, p3.b) == (lo.envelope, hi.envelope)
+    for p in (p1, p3):
+        verify_fork_proof(p, Verifier())
