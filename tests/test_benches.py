@@ -8,10 +8,13 @@ last line holding the figures it promises.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -58,3 +61,74 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
         # The stream benchmark checks delivery too: every event exactly once, in order.
         assert figures["all_delivered_in_order"] is True
         assert figures["events_delivered"] == figures["events_expected"] > 0
+
+
+# ------------------------------------------------------------------ the stream reader
+
+
+def _stream_reader() -> Any:
+    """scripts/bench_stream.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_stream", SCRIPTS / "bench_stream.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _events(n: int, start: int = 1, *, readers: list[bytes] | None = None) -> bytes:
+    """``n`` SSE events exactly as the node renders them, for a chain from ``start``."""
+    from citynode.core.keys import SigningKey
+    from citynode.core.records import sign_record
+    from citynode.node import sse_event
+
+    key = SigningKey(bytes([9]) * 32)
+    out, prev = [], None
+    for seq in range(1, start + n):
+        rec = sign_record(key, feed="stream-bench", seq=seq, prev=prev,
+                          time_ms=1_764_340_000_000 + seq, type="org.example.Bench",
+                          data={"n": seq - 1, "t": 1764340000.25 + seq}, readers=readers)
+        prev = rec.id
+        if seq >= start:
+            out.append(sse_event(SimpleNamespace(rowid=100 + seq, envelope=rec.envelope)))
+    return "".join(out).encode()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_stream_reader_reads_what_the_node_renders(full: bool) -> None:
+    bs = _stream_reader()
+    block = _events(3, start=5) + b": ping\r\n\r\n" + _events(1, start=8)
+    seqs, ns, ts = bs.read_json_events(block, full)
+    assert seqs == [5, 6, 7, 8]
+    assert ns == [4, 5, 6, 7]
+    assert [float(t) for t in ts] == [1764340000.25 + s for s in (5, 6, 7, 8)]
+    assert bs.read_json_events(b": ping\r\n\r\n", full) == ([], [], [])
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_stream_reader_refuses_an_event_it_cannot_read(full: bool) -> None:
+    """Every event must be read: a record of another shape (here sealed, so no payload)
+    or another kind of event fails the run instead of going uncounted."""
+    from citynode.core.keys import SigningKey
+
+    bs = _stream_reader()
+    sealed = _events(1, readers=[SigningKey(bytes([3]) * 32).public_key])
+    error = b'event: error\r\ndata: {"error": "query_too_slow"}\r\n\r\n'
+    for bad in (sealed, _events(2) + error):
+        with pytest.raises(ValueError):
+            bs.read_json_events(bad, full)
+
+
+def test_full_stream_reader_checks_framing_and_values() -> None:
+    """The full reader (one per process) refuses an event that is not a record event or
+    a keep-alive, and a scan that disagrees with the JSON."""
+    bs = _stream_reader()
+    stray = _events(2) + b"data: hello\r\n\r\n"
+    assert bs.read_json_events(stray, False)[0] == [1, 2]  # the fast reader cannot tell
+    with pytest.raises(ValueError, match="events"):
+        bs.read_json_events(stray, True)
+    # Same seq and payload text for the scan, another value for the JSON parser:
+    # a second "seq" key (JSON keeps the last) is invisible to the scan.
+    twisted = _events(1).replace(b'"envelope": ', b'"seq": 99, "envelope": ')
+    assert bs.read_json_events(twisted, False)[0] == [1]
+    with pytest.raises(ValueError, match="misread"):
+        bs.read_json_events(twisted, True)
