@@ -16,8 +16,10 @@ nothing unverified is stored and one bad client cannot stop the server serving o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -248,6 +250,39 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=node.metrics.render(), content_type="text/plain")
 
 
+def takes(*names: str) -> Callable[[Handler], Handler]:
+    """Wrap a handler so that a query parameter it does not take, or one given twice, is
+    a 400: a misspelt filter (``feeds=``) must not answer as if there were no filter,
+    and of two values only one would count."""
+    known = frozenset(names)
+    listed = ", ".join(names) or "none"
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> web.StreamResponse:
+            q = request.query
+            given = set(q.keys())
+            if not given <= known or len(given) != len(q):
+                for name in q:
+                    shown = name if _PARAM_NAME.fullmatch(name) else "(a name)"
+                    if name not in known:
+                        raise web.HTTPBadRequest(
+                            text=f"unknown query parameter {shown}: this endpoint takes "
+                                 f"{listed}")
+                    if len(q.getall(name)) > 1:
+                        raise web.HTTPBadRequest(text=f"query parameter {shown} given "
+                                                      "more than once")
+            return await handler(request)
+
+        return checked
+
+    return wrap
+
+
+# Names echoed in an error: short and plain only (clients quote the message verbatim).
+_PARAM_NAME = re.compile(r"[a-z_]{1,32}")
+
+
 def _int_arg(request: web.Request, name: str, default: int | None = None,
              lo: int = 0, hi: int = 2**62) -> int | None:
     raw = request.query.get(name)
@@ -331,6 +366,7 @@ def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
     return [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
 
 
+@takes("origin", "feed", "type", "since", "until", "bbox", "from_seq", "to_seq", "after", "limit")
 async def list_records(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     caller = await _caller(request)
@@ -442,6 +478,7 @@ def _row_matcher(f: dict[str, Any]) -> Callable[[Any], bool]:
     return match
 
 
+@takes("origin", "feed", "type", "since", "until", "bbox", "after", "format")
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events of stored records matching a filter, oldest first.
 
@@ -556,6 +593,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 # ------------------------------------------------------------------ operator
 
 
+@takes("feed", "type", "subject")
 async def publish(request: web.Request) -> web.Response:
     _require_operator(request)
     node = request.app[NODE_KEY]
@@ -575,6 +613,8 @@ async def publish(request: web.Request) -> web.Response:
             max_size=100_000, actual_size=len(items), text="at most 100000 items per call"
         )
     subject = request.query.get("subject")
+    if subject == "":
+        raise web.HTTPBadRequest(text="query parameter subject is empty (leave it out for none)")
     recs = await node.publish(
         feed, type_name, items, subjects=[subject] * len(items) if subject else None
     )
@@ -711,6 +751,7 @@ async def post_checkpoint(request: web.Request) -> web.Response:
     return web.json_response({"result": await node.ingest_checkpoint(body, src)})
 
 
+@takes("origin", "feed")
 async def get_checkpoints(request: web.Request) -> web.Response:
     """Signed checkpoints held of a feed (any origin), by size."""
     node = request.app[NODE_KEY]
@@ -733,6 +774,7 @@ async def get_checkpoints(request: web.Request) -> web.Response:
     return _pack([e for _s, _r, e in held])
 
 
+@takes("id", "size")
 async def inclusion_proof(request: web.Request) -> web.Response:
     """Inclusion proof of a record in its feed's tree at ``size`` (default: the latest
     checkpoint of that feed that covers the record)."""
@@ -789,6 +831,7 @@ def _check_anchor(cp_env: bytes | None, root: bytes, size: int) -> None:
                  "held here: a split view (`citynode forks` lists such proofs)")
 
 
+@takes("origin", "feed", "old", "new")
 async def consistency_proof(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     caller = await _caller(request)

@@ -57,6 +57,10 @@ async def test_publish_validates_and_authenticates(inproc: Make) -> None:
         (ok, {"type_": "NoSuchType"}, 422, "unknown_type"),
         (ok, {"feed": "Bad Feed!"}, 400, "bad_field"),
         (json.dumps([AIR, {"pm25": "high"}]).encode(), {}, 422, None),
+        # The query string: an empty subject, a misspelt one, a feed given twice.
+        (ok, {"type_": "AirQualityObserved&subject="}, 400, "bad_request"),
+        (ok, {"type_": "AirQualityObserved&subjct=s1"}, 400, "bad_request"),
+        (ok, {"type_": "AirQualityObserved&feed=other"}, 400, "bad_request"),
     ]
     for body, kw, status, reason in cases:
         st, out = await _publish(n, body, **kw)
