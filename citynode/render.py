@@ -143,15 +143,18 @@ def parse_json_items(text: str) -> list[dict[str, Any]]:
     try:
         whole = json.loads(text, object_pairs_hook=no_duplicates)
         items = whole if isinstance(whole, list) else [whole]
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # invalid JSON, or a key twice (in JSON Lines: which line?)
+        not_json = isinstance(exc, json.JSONDecodeError)
         if "\n" not in text:
-            raise ValueError(f"invalid JSON: {exc}") from None
+            raise ValueError(f"invalid JSON: {exc}" if not_json else str(exc)) from None
         items = []  # JSON Lines
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     items.append(json.loads(line, object_pairs_hook=no_duplicates))
                 except json.JSONDecodeError as exc2:
+                    if not not_json:  # one pretty-printed document, with a key twice
+                        raise ValueError(str(exc)) from None
                     raise ValueError(f"line {n}: invalid JSON: {exc2}") from None
                 except ValueError as exc2:
                     raise ValueError(f"line {n}: {exc2}") from None

@@ -318,7 +318,9 @@ def test_publish_invalid_item_publishes_nothing_and_names_the_field(node_dir: Pa
     for body, says in [("", "no input"), ("{not json", "invalid JSON"),
                        ('{"a": 1}\n{oops\n', "line 2"), ("[1, 2]", "JSON object"),
                        ('{"db": 1, "db": 2}', "key 'db' appears twice"),
-                       ('{"db": 1}\n{"x": {"u": 1, "u": 2}}\n', "line 2: key 'u'")]:
+                       ('{"db": 1}\n{"x": {"u": 1, "u": 2}}\n', "line 2: key 'u'"),
+                       ('{"u": 1, "u": 2}\n{"db": 1}\n', "line 1: key 'u'"),
+                       ('{\n  "u": 1,\n  "u": 2\n}\n', "key 'u' appears twice")]:
         line = one_line_error(cli("publish", "-d", d, "--feed", "n", "--type", NOISE_TYPE,
                                   "-", input=body))
         assert says in line, line
