@@ -118,12 +118,17 @@ def _is_running(data_dir: Path) -> bool:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="citynode")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """citynode: share signed city data feeds directly with partner cities.
 
     Start with `citynode init`, then `citynode run`; add partners with
     `citynode partner add`. See README.md and docs/ for more.
     """
+    if ctx.invoked_subcommand != "run":  # run sets up the node's own logging
+        from citynode.logs import setup_cli_logging
+
+        setup_cli_logging()
 
 
 @main.command()
@@ -397,13 +402,14 @@ def partner_remove(data_dir: Path, pid: str) -> None:
 @DIR_OPTION
 @JSON_OPTION
 def check(data_dir: Path, as_json: bool) -> None:
-    """Re-verify every stored record: signature, canonical encoding, chain links; and
-    look for proofs that this node's own feeds forked.
+    """Check the database file's structure (SQLite quick_check), re-verify every stored
+    record (signature, canonical encoding, chain links), and look for proofs that this
+    node's own feeds forked.
 
     Exits with status 1 if any problem is found.
     """
     from citynode.audit import check_storage
-    from citynode.errors import KeyFileError
+    from citynode.errors import KeyFileError, StorageError
     from citynode.identity import load_identity
     from citynode.storage import Storage
 
@@ -415,10 +421,22 @@ def check(data_dir: Path, as_json: bool) -> None:
         own, skipped = None, str(exc)
     st = Storage.open(data_dir / "citynode.db")
     try:
-        report = check_storage(st, progress=sys.stderr.isatty())
-        forks = st.fork_proofs()
+        # The file's own structure first: a damaged page can hide records from the
+        # record checks, which read through the indexes.
+        damage = st.quick_check()
+        try:
+            report = check_storage(st, progress=sys.stderr.isatty())
+            forks = st.fork_proofs()
+        except StorageError as exc:
+            if not damage:
+                raise
+            # The records cannot be read past the damage: say what quick_check found.
+            raise click.ClickException(
+                f"database file damaged ({damage[0]}; {len(damage)} finding(s)); the "
+                f"records cannot be checked: {exc}") from exc
     finally:
         st.close()
+    report.problems[:0] = [f"database file damaged: {d}" for d in damage]
     # A proof that this node itself signed two histories is a problem of this node; proofs
     # about other origins are evidence it keeps and passes on.
     for f in forks:

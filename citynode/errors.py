@@ -117,6 +117,11 @@ class StorageError(CitynodeError):
     a newer schema than this version of citynode understands)."""
 
 
+class DatabaseCorrupt(StorageError):
+    """SQLite found the database file damaged (or not a database): restore it from a
+    backup (``citynode restore``) or move it away."""
+
+
 class QueryTooSlow(CitynodeError):
     """A read query ran past its time limit (``[limits] query_time_limit_seconds``) and
     was stopped: narrow it (an origin, a feed, a time range) or ask for fewer rows."""

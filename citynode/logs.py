@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "fields", "setup_logging"]
+__all__ = ["JsonFormatter", "fields", "setup_cli_logging", "setup_logging"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,3 +60,29 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is noisy and may include query strings; ours is enough.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = f"{record.levelname.lower()}: {record.getMessage()}"
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict) and extra:
+            out += " (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")"
+        return out
+
+
+def setup_cli_logging() -> None:
+    """For the CLI's one-shot commands (not ``run``): warnings the library logs go to
+    stderr as one ``warning: message (facts)`` line each (unconfigured, Python would
+    print the bare message and drop the facts). Errors are left to the command, which
+    reports its failure as its one ``Error:`` line: logged too, they would say it twice.
+    Like ``logging.basicConfig``, it does nothing if logging is already set up (a host
+    program, a test runner)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliFormatter())
+    handler.addFilter(lambda record: record.levelno < logging.ERROR)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)

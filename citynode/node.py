@@ -1485,8 +1485,15 @@ class Node:
             ok_db = await self._io(self.storage.writable)
         except StorageError:
             ok_db = False
-        ok = self.ready and ok_db
-        return ok, {"database_writable": ok_db, "key_loaded": True, "started": self.ready}
+        # Damage SQLite reported while serving: the node answers, but not from a
+        # database it can trust (restore from a backup).
+        intact = self.storage.corrupt is None
+        ok = self.ready and ok_db and intact
+        out: dict[str, Any] = {"database_writable": ok_db, "database_intact": intact,
+                               "key_loaded": True, "started": self.ready}
+        if not intact:
+            out["database_error"] = self.storage.corrupt
+        return ok, out
 
     def partner_status(self) -> list[dict[str, Any]]:
         return [link.status() for link in self.links.values()]

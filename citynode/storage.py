@@ -45,7 +45,13 @@ import sqlite_utils
 from citynode.core.keys import node_id
 from citynode.core.records import Record
 from citynode.core.types import point_of
-from citynode.errors import ChainError, CitynodeError, QueryTooSlow, StorageError
+from citynode.errors import (
+    ChainError,
+    CitynodeError,
+    DatabaseCorrupt,
+    QueryTooSlow,
+    StorageError,
+)
 
 log = logging.getLogger("citynode.storage")
 
@@ -166,16 +172,20 @@ def _tighten_modes(path: Path) -> None:
     Only regular files this user owns (not through a symlink); never raises."""
     from citynode.logs import fields
 
+    loosened: dict[str, str] = {}
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         try:
             st = os.lstat(p)
             if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
                     and st.st_mode & 0o077):
                 os.chmod(p, 0o600)
-                log.warning("database file was readable by others: mode set to 0600",
-                            extra=fields(path=str(p), was=oct(stat.S_IMODE(st.st_mode))))
+                loosened[p.name] = oct(stat.S_IMODE(st.st_mode))
         except OSError:
             continue  # absent (-wal/-shm), or not ours to change: the open goes on
+    if loosened:  # one warning: SQLite gives -wal/-shm the database file's mode
+        log.warning("database file was readable by others: mode set to 0600",
+                    extra=fields(path=str(path), was=", ".join(
+                        f"{name} {mode}" for name, mode in loosened.items())))
 
 
 def _storage_error(exc: BaseException, path: Path, action: str) -> StorageError:
@@ -200,7 +210,7 @@ def _storage_error(exc: BaseException, path: Path, action: str) -> StorageError:
                 "read-only file system): check the owner and mode of the data directory"
             )
         if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-            return StorageError(
+            return DatabaseCorrupt(
                 f"{path} is corrupt or not a SQLite database: restore it from a backup "
                 "or move it away"
             )
@@ -437,6 +447,8 @@ class Storage:
         self._jobs = 0
         self._failed_jobs = 0
         self._queued = 0
+        # Set when SQLite first reports the file damaged: readiness fails from then on.
+        self.corrupt: str | None = None
         self._thread = threading.Thread(
             target=self._writer, name=f"citynode-storage-writer[{path.name}]", daemon=True
         )
@@ -498,6 +510,44 @@ class Storage:
                 raise _storage_error(exc, path, "opening the database") from exc
             raise
         return cls(path, conn, rejected_log_rows, busy_timeout_ms)
+
+    def _error(self, exc: BaseException, action: str, *, log_it: bool = True
+               ) -> StorageError:
+        """:func:`_storage_error`, noting a damaged file (once, in the log too unless the
+        caller reports it): a node whose database is corrupt must say so in its
+        readiness, not only per request."""
+        err = _storage_error(exc, self.path, action)
+        if isinstance(err, DatabaseCorrupt) and self.corrupt is None:
+            self.corrupt = str(err)
+            if log_it:
+                from citynode.logs import fields
+
+                log.error("database corrupt", extra=fields(error=str(err)))
+        return err
+
+    def quick_check(self, max_errors: int = 20) -> list[str]:
+        """SQLite's ``PRAGMA quick_check``: the damage it finds in the file's structure
+        (pages, b-trees, records), at most ``max_errors`` lines; empty if none. Reads
+        the whole file. Damage that stops the check is a finding too. Raises
+        :class:`StorageError` if it cannot run for another reason (storage closed, I/O)."""
+        with self._reading() as conn:
+            try:
+                rows = conn.execute(f"PRAGMA quick_check({int(max_errors)})").fetchall()
+            except sqlite3.Error as exc:
+                err = self._error(exc, "checking the database", log_it=False)
+                if not isinstance(err, DatabaseCorrupt):
+                    raise err from exc
+                # Damage that stops the check itself (a page it cannot even parse).
+                rows = [(f"the check itself stopped: {exc}",)]
+        # A row may hold several lines, under a "*** in database main ***" heading.
+        lines = [ln.strip() for r in rows for ln in str(r[0]).splitlines()
+                 if ln.strip() and not ln.startswith("***")][:max_errors]
+        if lines == ["ok"]:
+            return []
+        if self.corrupt is None:
+            self.corrupt = (f"{self.path} is damaged ({lines[0]}): restore it from a "
+                            "backup or move it away")
+        return lines
 
     def close(self) -> None:
         """Finish every write already submitted, stop the writer, close all connections.
@@ -561,7 +611,7 @@ class Storage:
             try:
                 self._run_batch(batch)
             except BaseException as exc:  # never leave a caller waiting forever
-                err = _storage_error(exc, self.path, "writing")
+                err = self._error(exc, "writing")
                 for _fn, fut, _d, _w in batch:
                     if not fut.done():
                         fut.set_exception(err)
@@ -588,7 +638,7 @@ class Storage:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     if isinstance(exc, sqlite3.Error):
-                        err: BaseException = _storage_error(exc, self.path, "writing")
+                        err: BaseException = self._error(exc, "writing")
                         err.__cause__ = exc
                     else:
                         err = exc
@@ -601,7 +651,7 @@ class Storage:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # report the original error
                     conn.execute("ROLLBACK")
-            err = _storage_error(exc, self.path, "writing")
+            err = self._error(exc, "writing")
             if err is not exc:
                 err.__cause__ = exc
             self._batches += 1
@@ -766,7 +816,7 @@ class Storage:
                 conn = _connect(self.path, self._busy_timeout_ms)
                 conn.execute("PRAGMA query_only=ON")
             except sqlite3.Error as exc:
-                raise _storage_error(exc, self.path, "opening a read connection") from exc
+                raise self._error(exc, "opening a read connection") from exc
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -804,9 +854,9 @@ class Storage:
                         f"the query ran longer than {time_limit:g} s and was stopped: narrow "
                         "it (an origin, a feed, a time range) or ask for fewer rows"
                     ) from exc
-                raise _storage_error(exc, self.path, "reading") from exc
+                raise self._error(exc, "reading") from exc
             except sqlite3.Error as exc:
-                raise _storage_error(exc, self.path, "reading") from exc
+                raise self._error(exc, "reading") from exc
             except OverflowError as exc:
                 raise StorageError(f"a number in the query is out of range: {exc}") from exc
             finally:
@@ -818,7 +868,7 @@ class Storage:
             try:
                 return conn.execute(sql, params).fetchone()
             except sqlite3.Error as exc:
-                raise _storage_error(exc, self.path, "reading") from exc
+                raise self._error(exc, "reading") from exc
             except OverflowError as exc:
                 raise StorageError(f"a number in the query is out of range: {exc}") from exc
 
@@ -1055,7 +1105,7 @@ class Storage:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise _storage_error(exc, self.path, "measuring the database") from exc
+                raise self._error(exc, "measuring the database") from exc
         return total
 
 

@@ -106,3 +106,32 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0
         if loop.time() > deadline:
             pytest.fail(f"condition not reached within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def damage_table(db: Path, table: str = "records", *, where: str = "root") -> None:
+    """Overwrite one b-tree page of ``table`` in the SQLite file ``db`` with garbage, as a
+    failing disk would (after folding the write-ahead log in, so the damage is what every
+    reader sees): its root page, or with ``where="middle"`` the middle child of its root
+    (a leaf, for a table of a few hundred records: lookups of the first and last rows
+    still work, a full scan meets it). The file header and other pages are left alone."""
+    import sqlite3
+    import struct
+
+    c = sqlite3.connect(db)
+    try:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = c.execute("PRAGMA page_size").fetchone()[0]
+        (page,) = c.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' "
+                            "AND name = ?", (table,)).fetchone()
+    finally:
+        c.close()
+    with open(db, "r+b") as f:
+        if where == "middle":
+            f.seek((page - 1) * page_size)
+            root = f.read(page_size)
+            assert root[0] == 0x05, "the root is not an interior table page: add rows"
+            (cells,) = struct.unpack(">H", root[3:5])
+            (cell,) = struct.unpack(">H", root[12 + 2 * (cells // 2): 14 + 2 * (cells // 2)])
+            (page,) = struct.unpack(">I", root[cell: cell + 4])
+        f.seek((page - 1) * page_size)
+        f.write(b"\xa5" * page_size)

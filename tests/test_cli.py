@@ -747,6 +747,25 @@ def test_a_prev_mismatch_or_split_view_is_one_proof_too(node_dir: Path) -> None:
     assert [(r.kind, r.seq) for r in rows] == [("fork", 2), ("split-view", 2)]
 
 
+def test_check_finds_a_damaged_database_file(node_dir: Path) -> None:
+    """SQLite's own structure check comes first: damage where no record lives is still a
+    problem (exit 1); damage under the records is one clear line, not a traceback."""
+    from tests.conftest import damage_table
+
+    d = str(node_dir)
+    publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(3)])
+    damage_table(node_dir / "citynode.db", "rejected")
+    r = cli("check", "-d", d)
+    assert r.exit_code == 1, r.output
+    assert "checked 3 record(s)" in r.stdout and "database file damaged: " in r.stdout, r.stdout
+    report = json.loads(cli("check", "-d", d, "--json").stdout)
+    assert not report["ok"] and report["problems"][0].startswith("database file damaged: ")
+
+    damage_table(node_dir / "citynode.db", "records")
+    line = one_line_error(cli("check", "-d", d))
+    assert "database file damaged" in line and "records cannot be checked" in line, line
+
+
 def test_check_works_without_the_passphrase(tmp_path: Path) -> None:
     """Checking a node (or a backup copy) must not need its secret key: only the
     own-fork part is skipped, and the output says so."""

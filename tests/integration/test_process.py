@@ -18,7 +18,7 @@ import pytest
 from citynode.cluster import Cluster
 from citynode.core.keys import Verifier
 from citynode.core.records import decode_envelope, open_record
-from citynode.errors import PeerRejected
+from citynode.errors import PeerError, PeerRejected
 from citynode.transport.client import fetch_card
 
 pytestmark = pytest.mark.integration
@@ -164,3 +164,71 @@ async def test_sync_command_catches_up_a_stopped_node(cluster: Cluster) -> None:
     r = cli("feeds", "-d", str(b.dir), "--json")
     feeds = {(f["origin"], f["feed"]): f["seq"] for f in json.loads(r.stdout)["feeds"]}
     assert feeds == {(a.node_id, "air-quality"): 300}
+
+
+async def test_a_damaged_database_makes_the_node_not_ready(cluster: Cluster) -> None:
+    """Disk damage among a node's records that its start does not meet (and one it does):
+    reads that meet it answer 503 with one line, and /readyz turns false for good,
+    naming the file, so a load balancer or an operator's monitor stops trusting this
+    replica; /healthz still answers (the process is alive)."""
+    from tests.conftest import damage_table, eventually
+
+    (n,) = cluster.create(["Seoul"])
+    await cluster.start()
+    await n.publish("air-quality", "AirQualityObserved", [dict(AIR, pm25=float(i))
+                                                          for i in range(300)])
+    await n.close()
+    assert n.stop() == 0
+    damage_table(n.dir / "citynode.db", where="middle")
+    n.start()
+
+    async def serving() -> bool:
+        assert n.proc is not None and n.proc.poll() is None, n.tail_log()
+        try:
+            return (await n.api("GET", "/healthz", operator=False))["status"] == "ok"
+        except (PeerError, PeerRejected):
+            return False
+
+    await eventually(serving, timeout=30)
+    with pytest.raises(PeerRejected) as caught:
+        await n.api("GET", "/v1/records?feed=air-quality&limit=1000", operator=False)
+    assert caught.value.status == 503 and b"corrupt" in str(caught.value).encode()
+    async with (await n.session()).get(n.url + "/readyz") as r:
+        assert r.status == 503
+        ready = await r.json()
+    assert ready["ready"] is False and ready["database_intact"] is False
+    assert "citynode.db" in ready["database_error"] and ready["database_writable"] is True
+    assert "database corrupt" in n.tail_log(50)
+
+    await n.close()
+    n.stop()
+    # Damage the start meets (the root of the records table): no start, one clear line.
+    damage_table(n.dir / "citynode.db")
+    r = cli("run", "-d", str(n.dir))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: ") and "corrupt" in r.stderr
+
+
+def test_one_shot_commands_print_warnings_as_one_line_with_their_facts(tmp_path: Path
+                                                                       ) -> None:
+    """A library warning in a one-shot command reaches the operator as one line with its
+    facts (unconfigured, Python printed the bare message); errors are left to the
+    command's own one ``Error:`` line, not said twice."""
+    from tests.conftest import damage_table, make_node_dir
+
+    d = make_node_dir(tmp_path, "Lima")
+    r = cli("publish", "-d", str(d), "--feed", "n", "--type", "org.example.Noise", "-",
+            input='{"x": 1}\n')
+    assert r.returncode == 0, r.stderr
+    os.chmod(d / "citynode.db", 0o644)  # as a copy restored with sqlite3 .backup is
+    r = cli("feeds", "-d", str(d))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "warning: database file was readable by others: mode set to 0600 "
+        f"(path={d / 'citynode.db'}, was=citynode.db 0o644, citynode.db-wal 0o644, "
+        "citynode.db-shm 0o644)"], r.stderr
+    damage_table(d / "citynode.db")
+    r = cli("records", "-d", str(d))
+    assert r.returncode == 1
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and "corrupt" in line, r.stderr

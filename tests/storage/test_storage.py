@@ -655,3 +655,35 @@ def test_a_query_past_its_time_limit_is_stopped(st: Storage) -> None:
     assert st.query(feed="nothing", limit=10, time_limit=30.0) == []
     assert len(st.query(limit=5, time_limit=30.0)) == 5
     assert st.query(feed="nothing", limit=10) == []  # no limit: runs to the end
+
+
+def test_a_damaged_file_is_found_and_remembered(db_path: Path) -> None:
+    """quick_check finds damage; a read that meets it is a DatabaseCorrupt, and the
+    storage remembers it (the node's readiness reads that)."""
+    from citynode.errors import DatabaseCorrupt
+    from tests.conftest import damage_table
+
+    s = Storage.open(db_path)
+    s.append(chain(0, "air", 300)).result(10)
+    assert s.quick_check() == [] and s.corrupt is None
+    assert len(s.query(limit=1000)) == 300
+    s.close()
+
+    damage_table(db_path)
+    s = Storage.open(db_path)  # the header and the schema are intact: it opens
+    try:
+        assert s.corrupt is None
+        with pytest.raises(DatabaseCorrupt, match="corrupt"):
+            s.query(limit=1000)
+        assert s.corrupt is not None and "corrupt" in s.corrupt
+        found = s.quick_check(max_errors=5)
+        assert 1 <= len(found) <= 5 and all("\n" not in f for f in found), found
+    finally:
+        s.close()
+    s = Storage.open(db_path)
+    try:  # a fresh open knows nothing yet; quick_check alone finds it
+        assert s.corrupt is None
+        assert s.quick_check()
+        assert s.corrupt is not None and "damaged" in s.corrupt
+    finally:
+        s.close()
