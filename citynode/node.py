@@ -694,15 +694,21 @@ class Node:
         return access.FeedPolicy(level, frozenset(c.partners))
 
     def _may_send(self, link: PartnerLink, rec: Record) -> bool:
-        """Access policy on the push path."""
-        return access.may_relay(self.feed_policy(rec.origin, rec.feed), rec.origin, link.key)
+        """Access policy on the push path, for this record (sealed or not)."""
+        pol = self.feed_policy(rec.origin, rec.feed)
+        if pol.access == access.RESTRICTED:
+            pol = access.for_record(pol, _sealed_to(rec.sealed))
+        return access.may_relay(pol, rec.origin, link.key)
 
     def may_read(self, origin: bytes, feed: str, caller: bytes | None,
                  envelope: bytes | None = None) -> bool:
-        """Access policy on the read paths (get, query, stream, export)."""
+        """Access policy on the read paths (get, query, stream, export): for a record when
+        its ``envelope`` is given (a restricted feed's record is readable by the nodes it
+        is sealed to, and one in clear is held to the partners rule), else for the feed
+        (for a restricted feed: its origin's readers, or none known here)."""
         pol = self.feed_policy(origin, feed)
-        if pol.access == access.RESTRICTED and origin != self.public_key and envelope:
-            pol = access.FeedPolicy(pol.access, pol.origin_partners, _readers_of(envelope))
+        if pol.access == access.RESTRICTED and envelope is not None:
+            pol = access.for_record(pol, _readers_of(envelope))
         return access.may_read(pol, origin, caller)
 
     async def _equivocation(self, rec: Record, seq: int, src: str) -> bool:
@@ -1230,9 +1236,6 @@ class Node:
             start += len(envs)
         return got
 
-    def _relayable(self, origin: bytes, feed: str, link: PartnerLink) -> bool:
-        return access.may_relay(self.feed_policy(origin, feed), origin, link.key)
-
     async def _own_feed_safety(self, theirs: sync.Frontier, link: PartnerLink) -> None:
         """If a partner holds later records of our own feeds than we do (e.g. we were
         restored from an old backup), refuse to publish there until we caught up.
@@ -1296,14 +1299,22 @@ class Node:
         out: list[bytes] = []
         budget = self.config.limits.max_batch_records
         link = self.links.get(requester)
+        if link is None:  # no longer a partner (removed while its request ran)
+            return out
         for w in wants:
             if budget <= 0:
                 break
-            if link is not None and not self._relayable(w.origin, w.feed, link):
+            pol = self.feed_policy(w.origin, w.feed)
+            if not access.may_relay(pol, w.origin, link.key):
                 continue
             envs = await self._io(
                 self.storage.range, w.origin, w.feed, w.from_seq, w.to_seq, budget
             )
+            if pol.access == access.RESTRICTED and not access.may_relay(
+                    access.for_record(pol, None), w.origin, link.key):
+                # Records of the feed in clear (signed before it was restricted) go
+                # where the partners rule lets them, and this partner is not there.
+                envs = [e for e in envs if _readers_of(e) is not None]
             out.extend(envs)
             budget -= len(envs)
         return out
@@ -1499,15 +1510,21 @@ class Node:
         return [link.status() for link in self.links.values()]
 
 
-def _readers_of(envelope: bytes) -> frozenset[bytes]:
-    """The recipients a restricted record is sealed to (empty if it is not sealed)."""
+def _readers_of(envelope: bytes) -> frozenset[bytes] | None:
+    """The recipients a record is sealed to; None if it is not sealed (its payload is in
+    clear), or cannot be read (it was verified when stored: not expected)."""
     try:
         body, _sig = decode_envelope(envelope)
         sealed = parse_body(body).get("sealed")
     except InvalidRecord:
-        return frozenset()
+        return None
+    return _sealed_to(sealed)
+
+
+def _sealed_to(sealed: Any) -> frozenset[bytes] | None:
+    """The recipients of a record's ``sealed`` field; None if there is none."""
     if not isinstance(sealed, dict):
-        return frozenset()
+        return None
     return frozenset(r[0] for r in sealed.get("to", ()) if isinstance(r, list) and r)
 
 

@@ -10,7 +10,9 @@ signed node card):
 * ``restricted``: the payload is sealed to named readers (core/sealed.py). Only those
   readers (and the origin) may read records through the read API; the ciphertext may be
   relayed to any partner, since a relay can verify but not read it -- so a reader that
-  is reachable only through a third city still gets them.
+  is reachable only through a third city still gets them. A record of a restricted feed
+  that is *not* sealed (signed before its origin restricted the feed) carries its
+  payload in clear: it is held to the ``partners`` rule (:func:`for_record`).
 
 A node's card lists every feed configured in its node.toml (and every feed it has
 published); a feed it does not list is unconfigured, and unconfigured feeds are public by
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PARTNERS", "PUBLIC", "RESTRICTED", "FeedPolicy", "may_read", "may_relay"]
+__all__ = ["PARTNERS", "PUBLIC", "RESTRICTED", "FeedPolicy", "for_record", "may_read",
+           "may_relay"]
 
 PUBLIC = "public"
 PARTNERS = "partners"
@@ -40,6 +43,24 @@ class FeedPolicy:
     access: str
     origin_partners: frozenset[bytes] = frozenset()
     readers: frozenset[bytes] = frozenset()
+
+
+def for_record(policy: FeedPolicy, readers: frozenset[bytes] | None) -> FeedPolicy:
+    """The policy that governs one record of a feed, given the recipients its payload is
+    sealed to (None: not sealed).
+
+    Only a sealed payload may go where a restricted feed's records go: a record in clear
+    in a restricted feed (signed while the feed was ``partners`` or ``public``; an
+    operator may change the level at any time) is held to the ``partners`` rule, or its
+    plaintext would be relayed to every partner of every relay. A sealed record is
+    readable by its own recipients (they alone can open it), whatever the feed's
+    current list of readers says.
+    """
+    if policy.access != RESTRICTED:
+        return policy
+    if readers is None:
+        return FeedPolicy(PARTNERS, policy.origin_partners)
+    return FeedPolicy(RESTRICTED, policy.origin_partners, readers)
 
 
 def may_read(policy: FeedPolicy, origin: bytes, caller: bytes | None) -> bool:

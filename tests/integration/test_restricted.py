@@ -3,6 +3,7 @@ read them, decrypted by the reader; never readable by anyone else."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -85,3 +86,48 @@ async def test_relay_forwards_what_it_cannot_read(cluster: Cluster) -> None:
     async with Client(c.url, fingerprint=c.fingerprint, key=load_identity(b.dir).key) as cl:
         with pytest.raises(PeerRejected):
             await cl.get(rid)
+
+
+async def test_records_signed_before_a_feed_was_restricted_keep_the_partners_rule(
+        cluster: Cluster) -> None:
+    """An operator turns a `partners` feed into a `restricted` one. Its earlier records
+    are in clear: they must not now travel where sealed records may (through a relay to
+    a node outside the origin's partners), nor be read by a reader who is not a
+    partner. Records signed after the change are sealed and go to their reader."""
+    a, b, c = cluster.create(["Lima", "Quito", "Bogota"], settings=FAST)
+    add_feed(a, "priv", "partners", [])
+    await cluster.start()
+    await cluster.link(a, b)  # Quito is Lima's partner
+    await cluster.link(b, c)  # Bogota is Quito's only: not Lima's
+    old = (await a.publish("priv", "org.example.Test", [{"secret": "partners-only"}]))["ids"][0]
+
+    async def held(n: LocalNode, seq: int) -> bool:
+        return any(f["origin"] == a.node_id and f["feed"] == "priv" and f["seq"] >= seq
+                   for f in await n.feeds())
+
+    await eventually(lambda: held(b, 1), timeout=30)
+    await a.close()
+    a.stop()
+    text = (a.dir / "node.toml").read_text().replace('access = "partners"\nreaders = []',
+                                                     'access = "restricted"\nreaders = '
+                                                     f'["{c.node_id}"]')
+    (a.dir / "node.toml").write_text(text)
+    await cluster.start([a])
+    new = (await a.publish("priv", "org.example.Test", [{"secret": "for Bogota"}]))["ids"][0]
+    await eventually(lambda: held(b, 2), timeout=30)  # the partner holds both
+    for _ in range(3):  # sync rounds every second: Bogota asks Quito, Quito pushes
+        await c.api("POST", "/v1/admin/sync", body=b"")
+        await b.api("POST", "/v1/admin/sync", body=b"")
+    await asyncio.sleep(2)
+    assert not await held(c, 1), "a record in clear travelled beyond the origin's partners"
+    # At the origin, the reader signing as itself gets the sealed record, not the old one.
+    async with Client(a.url, fingerprint=a.fingerprint, key=load_identity(c.dir).key) as cl:
+        with pytest.raises(PeerRejected) as e:
+            await cl.get(old)
+        assert e.value.status == 404
+        rec = await cl.get(new)
+        assert rec.sealed is not None and rec.data == {"secret": "for Bogota"}
+        assert [r.id.hex() async for r in cl.query(feed="priv")] == [new]
+    # The partner still reads the old record: the partners rule is what holds it.
+    async with Client(a.url, fingerprint=a.fingerprint, key=load_identity(b.dir).key) as cl:
+        assert (await cl.get(old)).data == {"secret": "partners-only"}
