@@ -11,11 +11,16 @@ city, not the node it happens to read from::
         async with Client("https://citynode.jakarta.example:8443",
                           node_id="cn1...") as c:          # pins the node's certificate
             async for rec in c.query(feed="air-quality", type="AirQualityObserved"):
-                print(rec.seq, rec.data["pm25"])
-            async for cursor, rec in c.subscribe(feed="air-quality"):
-                print(cursor, rec.subject, rec.data)      # live; resumes after reconnects
+                print(rec.seq, rec.data["pm25"])           # what the node holds now
+            async for cursor, rec in c.subscribe(feed="air-quality", last_event_id=0):
+                print(cursor, rec.subject, rec.data)      # all held, then live
 
     asyncio.run(main())
+
+``subscribe`` resumes by itself after a reconnect, missing nothing and repeating
+nothing. Without ``last_event_id`` it starts with records stored from the moment the
+node answers; to follow on from an earlier run, pass the last cursor it yielded (a
+query and a later subscribe from "now" would miss what came in between).
 
 Reading a ``partners`` or ``restricted`` feed needs requests signed by a node key the
 origin allows: pass ``key=`` (e.g. ``identity.load_identity(DIR).key``).
@@ -208,8 +213,9 @@ class Client:
                 qs += ("&" if qs else "?") + urlencode({"after": cursor})
             try:
                 async for cur, rec in self._stream_once(f"/v1/stream{qs}", opened):
-                    cursor = cur
-                    yield cur, rec
+                    cursor = cur  # the starting cursor too: a reconnect resumes there
+                    if rec is not None:
+                        yield cur, rec
             except PeerRejected as exc:
                 if 400 <= exc.status < 500:
                     raise  # refused (access, a bad filter): asking again would not help
@@ -225,7 +231,9 @@ class Client:
             await asyncio.sleep(retry_seconds)
 
     async def _stream_once(self, path_qs: str, opened: list[bool]
-                           ) -> AsyncIterator[tuple[int, Record]]:
+                           ) -> AsyncIterator[tuple[int, Record | None]]:
+        """``(cursor, record)`` per record event of one connection, and ``(cursor,
+        None)`` for the starting cursor the node sends first."""
         if self._session is None:
             await self.connect()
         assert self._session is not None
@@ -248,6 +256,8 @@ class Client:
                         continue
                     if event.get("event") == "record" and "data" in event:
                         yield _event_cursor(event), self._verify(_event_envelope(event))
+                    elif event.keys() == {"id"}:  # where the stream starts
+                        yield _event_cursor(event), None
                     elif event.get("event") == "error":
                         # The node ended the stream on purpose, saying why.
                         raise _stream_error(self.url, event.get("data", ""))
@@ -277,11 +287,11 @@ def _event_envelope(event: dict[str, str]) -> bytes:
 
 
 def _event_cursor(event: dict[str, str]) -> int:
-    try:
-        return int(event["id"])
-    except (KeyError, ValueError) as exc:
-        raise InvalidRecord("the node sent a record event without a cursor",
-                            "bad_envelope") from exc
+    """The cursor of an event: decimal digits (no sign, space or ``_``), below 2**63."""
+    raw = event.get("id", "")
+    if not (0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()) or int(raw) >= 2**63:
+        raise InvalidRecord("the node sent an event without a valid cursor", "bad_envelope")
+    return int(raw)
 
 
 def _stream_error(url: str, data: str) -> CitynodeError:

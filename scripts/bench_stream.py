@@ -83,14 +83,16 @@ _EVENT = re.compile(
 _EVENT_LINE = b"\r\nevent: "
 _RECORD_EVENT = b"\r\nevent: record\r\n"
 _PING = b": ping\r\n\r\n"  # aiohttp-sse's keep-alive comment
+# The node's first event: the cursor the stream starts after, alone.
+_CURSOR_ONLY = re.compile(rb"id: [0-9]+\r\n\r\n")
 _ENV_HEAD = b"\r\nevent: record\r\ndata: "
 
 
 def _read_envelope_event(ev: bytes) -> tuple[int, int, float] | None:
     """``(seq, n, t)`` of one ``format=envelope`` event (its data: the base64 envelope,
-    whose body is decoded whole), or None for a keep-alive comment. Raises ValueError
-    otherwise."""
-    if ev.startswith(b":"):
+    whose body is decoded whole), or None for a keep-alive comment or the starting
+    cursor. Raises ValueError otherwise."""
+    if ev.startswith(b":") or _CURSOR_ONLY.fullmatch(ev + b"\r\n\r\n"):
         return None
     i = ev.find(_ENV_HEAD)
     if not ev.startswith(b"id: ") or i < 0:
@@ -106,9 +108,9 @@ def read_json_events(block: bytes, full: bool) -> tuple[list[int], list[int], li
     an event is not read: every event must be a record event that matches.
 
     ``full`` (one subscriber per process): also check the framing (every event is a record
-    event or a keep-alive) and parse each event's data as JSON, checking the scan read the
-    same values. Every stream of one filter is written the same bytes, so the full
-    reader's checks hold for the others of its process.
+    event, a keep-alive or the starting cursor) and parse each event's data as JSON,
+    checking the scan read the same values. Every stream of one filter is written the
+    same bytes, so the full reader's checks hold for the others of its process.
     """
     found = _EVENT.findall(block)
     if block.count(_EVENT_LINE) != len(found):
@@ -121,8 +123,9 @@ def read_json_events(block: bytes, full: bool) -> tuple[list[int], list[int], li
     if full:
         events = block.count(b"\r\n\r\n")
         pings = block.count(_PING)
-        if block.count(_RECORD_EVENT) + pings != events:
-            raise ValueError(f"{events} events, {pings} keep-alives, of which "
+        cursors = len(_CURSOR_ONLY.findall(block))
+        if block.count(_RECORD_EVENT) + pings + cursors != events:
+            raise ValueError(f"{events} events, {pings} keep-alives, {cursors} cursors, "
                              f"{block.count(_RECORD_EVENT)} records: {block[:200]!r}")
         datas = [ev[ev.index(b"data: ") + 6:] for ev in block.split(b"\r\n\r\n")
                  if _RECORD_EVENT in ev]

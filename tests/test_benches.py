@@ -96,7 +96,7 @@ def _events(n: int, start: int = 1, *, readers: list[bytes] | None = None) -> by
 @pytest.mark.parametrize("full", [False, True])
 def test_stream_reader_reads_what_the_node_renders(full: bool) -> None:
     bs = _stream_reader()
-    block = _events(3, start=5) + b": ping\r\n\r\n" + _events(1, start=8)
+    block = b"id: 104\r\n\r\n" + _events(3, start=5) + b": ping\r\n\r\n" + _events(1, start=8)
     seqs, ns, ts = bs.read_json_events(block, full)
     assert seqs == [5, 6, 7, 8]
     assert ns == [4, 5, 6, 7]

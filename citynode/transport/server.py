@@ -486,7 +486,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     record (with its signed envelope). Resume with ``Last-Event-ID`` (or ``?after=``):
     the stream replays everything after that cursor from the database, then follows new
     records live, so a reconnecting subscriber misses nothing and gets nothing twice.
-    Without either it starts with records stored from now on. ``format=envelope``: each
+    Without either it starts with records stored from now on. The first event is that
+    starting cursor alone (``id`` and nothing else). ``format=envelope``: each
     event's ``data`` is the base64 envelope alone (the subscriber verifies and, if a
     reader, opens it; the node decrypts nothing). An invalid filter is a 400
     before the stream opens. When the node shuts down the stream ends (the response
@@ -536,6 +537,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     resp: web.StreamResponse | None = None
     try:
         async with sse_response(request, ping_interval=15) as resp:
+            # First, the cursor the stream starts after, as an event with an id alone
+            # (an EventSource takes it as its last event id; nothing is dispatched):
+            # a subscriber cut off before the first record resumes from here, not
+            # from "now" again, which would lose what came in between.
+            await resp.write(f"id: {cursor}\r\n\r\n".encode())
             # Until the node shuts down (sub.close()): then the response ends properly
             # and the subscriber resumes by cursor (after the restart, or elsewhere).
             while not sub.closed:

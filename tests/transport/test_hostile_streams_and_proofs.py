@@ -128,6 +128,8 @@ async def _collect(n: InProc, path_qs: str, out: list[tuple[int, bytes]],
                 if ev.startswith(b":"):
                     continue  # keep-alive ping
                 fields = dict(line.split(b": ", 1) for line in ev.split(b"\r\n"))
+                if fields.keys() == {b"id"}:  # the cursor the stream starts after
+                    continue
                 assert fields[b"event"] == b"record", ev
                 out.append((int(fields[b"id"]), fields[b"data"]))
 
