@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -84,6 +85,8 @@ GRAFT_PATIENCE = 2.0
 PULL_SETTLE = 1.0
 # The shortest time between two sync rounds with one partner.
 MIN_SYNC_GAP = 0.25
+# Checkpoints and proofs kept per partner while it is away (each a few hundred bytes).
+OUTBOX_MAX = 1000
 # A chain that a push extended this recently is flowing: a sync round leaves it to push.
 PUSH_FLOWING = 3.0
 # Bounds on the signed cards of other nodes kept (and served on /v1/cards).
@@ -147,6 +150,16 @@ class PartnerLink:
         self.lazy: set[bytes] = set()
         self.announce: dict[tuple[bytes, str], tuple[int, bytes]] = {}
         self.graft_pending: set[tuple[bytes, str]] = set()
+        # Checkpoints and proofs this partner has not taken yet (it was down): sent again
+        # after the next good sync round. path -> payloads, in order, bounded.
+        self.outbox: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+
+    def keep_for_later(self, path: str, payload: bytes) -> None:
+        """Send ``payload`` to ``path`` after the next good round (the oldest goes once
+        OUTBOX_MAX wait: a partner that long gone is caught up by a newer checkpoint)."""
+        self.outbox[hashlib.sha256(path.encode() + b"\0" + payload).digest()] = (path, payload)
+        while len(self.outbox) > OUTBOX_MAX:
+            self.outbox.popitem(last=False)
 
     def announce_later(self, rec: Record) -> None:
         key = (rec.origin, rec.feed)
@@ -739,8 +752,42 @@ class Node:
         return True
 
     async def _send_proof(self, link: PartnerLink, proof: bytes) -> None:
-        with contextlib.suppress(PeerError):
-            await link.client.request("POST", "/v1/proofs", proof)
+        await self._deliver(link, "/v1/proofs", proof)
+
+    async def _deliver(self, link: PartnerLink, path: str, payload: bytes) -> bool:
+        """POST a checkpoint or proof to a partner. Unreachable (or failing): kept for
+        after its next good sync round, so one that was down still gets it. Refused
+        (4xx, e.g. an origin it does not trust): that is its answer, not retried.
+        Returns True if the partner took it or refused it."""
+        try:
+            await link.client.request("POST", path, payload)
+        except PeerRejected as exc:
+            if 400 <= exc.status < 500:
+                return True
+            link.keep_for_later(path, payload)
+            return False
+        except PeerError:
+            link.keep_for_later(path, payload)
+            return False
+        return True
+
+    async def _flush_outbox(self, link: PartnerLink, first_round: bool) -> None:
+        """After a good sync round: what this partner missed while it was away. After the
+        first round since this node started, also the latest checkpoint of each own feed
+        and the proofs held (what it may have missed while this node was down), since
+        the outbox does not outlive the process."""
+        if first_round:
+            for (origin, feed) in [k for k in self.heads if k[0] == self.public_key]:
+                held = await self._io(self.storage.checkpoints, origin, feed)
+                if held:
+                    link.keep_for_later("/v1/checkpoints", held[-1][2])
+            for f in (await self._io(self.storage.fork_proofs))[:OUTBOX_MAX // 2]:
+                link.keep_for_later("/v1/proofs", f.proof)
+        while link.outbox:
+            key, (path, payload) = next(iter(link.outbox.items()))
+            del link.outbox[key]
+            if not await self._deliver(link, path, payload):
+                return  # away again: kept (at the end), tried after the next good round
 
     async def ingest_proof(self, data: bytes, src: str) -> bool:
         """A fork or split-view proof from a partner: verify it offline, store and
@@ -1100,6 +1147,11 @@ class Node:
             try:
                 await self.sync_with(link)
                 self._mark(link, True)
+                try:
+                    await self._flush_outbox(link, first_round=not link.synced_once.is_set())
+                except CitynodeError as exc:  # our storage: the round itself went well
+                    log.warning("resending checkpoints failed",
+                                extra=fields(partner=link.row.name, error=str(exc)))
                 link.synced_once.set()
                 delay = interval
             except PeerError as exc:
@@ -1382,8 +1434,7 @@ class Node:
                 log.warning("checkpoint failed", extra=fields(error=str(exc)))
 
     async def _send_checkpoint(self, link: PartnerLink, env: bytes) -> None:
-        with contextlib.suppress(PeerError):
-            await link.client.request("POST", "/v1/checkpoints", env)
+        await self._deliver(link, "/v1/checkpoints", env)
 
     async def ingest_checkpoint(self, env: bytes, src: str) -> str:
         """A checkpoint from a partner: verify, keep, forward if new. Two checkpoints of

@@ -440,3 +440,48 @@ async def test_a_new_feed_crosses_relays_without_waiting_for_pulls(cluster: Clus
     assert loop.time() - t0 < 30  # three hops at one pull each would be 120 s or more
     await stop_all([a, b, c, d])
     await verify_offline({n.name: n.dir for n in (a, b, c, d)}, 4)
+
+
+async def test_a_checkpoint_signed_while_a_partner_was_down_still_reaches_it(
+        cluster: Cluster) -> None:
+    """Checkpoints travel by push. One signed while the partner was down reaches it
+    after it comes back (resent after the next good round), and so does the latest one
+    after the origin itself restarts (the resend queue does not outlive a process)."""
+    settings = {**FAST, ("checkpoints", "interval_seconds"): 1.0}
+    a, b = cluster.create(["Lima", "Quito"], settings=settings)
+    await cluster.start()
+    await cluster.link(a, b)
+
+    async def sizes(n: LocalNode) -> list[int]:
+        try:
+            out = await n.api("GET", f"/v1/checkpoints?origin={a.node_id}&feed=air")
+        except PeerRejected:
+            return []
+        return [c["size"] for c in out["checkpoints"]]
+
+    async def b_holds(size: int) -> bool:
+        return size in await sizes(b)
+
+    await a.publish("air", TYPE, [rec(1)])
+    await eventually(lambda: b_holds(1), timeout=30)
+    await b.close()
+    b.stop()
+    await a.publish("air", TYPE, [rec(2), rec(3)])
+
+    async def a_signed(size: int) -> bool:
+        return size in await sizes(a)
+
+    await eventually(lambda: a_signed(3), timeout=30)
+    await cluster.start([b])
+    await eventually(lambda: b_holds(3), timeout=30)
+
+    # Both down; the origin signs while its partner is away, then restarts first.
+    await b.close()
+    b.stop()
+    await a.publish("air", TYPE, [rec(4)])
+    await eventually(lambda: a_signed(4), timeout=30)
+    await a.close()
+    a.stop()
+    await cluster.start([a])
+    await cluster.start([b])
+    await eventually(lambda: b_holds(4), timeout=30)
