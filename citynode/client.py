@@ -51,8 +51,8 @@ import msgpack
 from yarl import URL
 
 from citynode.core import httpsig
-from citynode.core.keys import SigningKey, Verifier
-from citynode.core.records import Record, decode_envelope, open_record
+from citynode.core.keys import SigningKey, Verifier, parse_node_id
+from citynode.core.records import SEALED_TYPE, Record, decode_envelope, open_record
 from citynode.errors import (
     CitynodeError,
     InvalidRecord,
@@ -184,12 +184,13 @@ class Client:
             return
         q = _query(origin=origin, feed=feed, type=type, since=since_ms, until=until_ms,
                    bbox=bbox)
+        asked = _Asked(origin, feed, type, since_ms, until_ms)
         after = 0
         while True:
             qs = urlencode({**q, "after": after, "limit": page_size})
             page = msgpack.unpackb(await self._get(f"/v1/records?{qs}"), raw=False)
             for env in page["records"]:
-                yield self._verify(env)
+                yield asked.check(self._verify(env))
             if page["next"] is None:
                 return
             after = page["next"]
@@ -205,6 +206,7 @@ class Client:
         # The envelope alone: the client verifies (and opens) each record itself, so the
         # node's JSON view would be half the bytes for nothing.
         q = {**_query(origin=origin, feed=feed, type=type, bbox=bbox), "format": "envelope"}
+        asked = _Asked(origin, feed, type)
         cursor = last_event_id
         opened = [False]  # set once the node has answered a stream request with 200
         while True:
@@ -215,7 +217,7 @@ class Client:
                 async for cur, rec in self._stream_once(f"/v1/stream{qs}", opened):
                     cursor = cur  # the starting cursor too: a reconnect resumes there
                     if rec is not None:
-                        yield cur, rec
+                        yield cur, asked.check(rec)
             except PeerRejected as exc:
                 if 400 <= exc.status < 500:
                     raise  # refused (access, a bad filter): asking again would not help
@@ -333,6 +335,33 @@ def _opened(rec: Record, key: SigningKey) -> Record:
     inner = plaintext(rec, key)
     return rec._replace(type=inner.type, data=inner.data, subject=inner.subject,
                         dataschema=inner.dataschema)
+
+
+class _Asked:
+    """The filter a query or subscription asked for, checked on each verified record: a
+    signature proves who wrote a record, not that it is the one asked for, and a
+    hostile node could answer "feed a of origin A" with some other feed's records.
+    (The area filter is the node's: it is not re-checked here.)"""
+
+    def __init__(self, origin: str | None, feed: str | None, type: str | None,
+                 since_ms: int | None = None, until_ms: int | None = None) -> None:
+        self.origin = parse_node_id(origin) if origin is not None else None
+        self.feed, self.type = feed, type
+        self.since, self.until = since_ms, until_ms
+
+    def check(self, rec: Record) -> Record:
+        """``rec``, or :class:`InvalidRecord` if it is outside the filter."""
+        # A node matches type against what it stores: a sealed record's type is "sealed".
+        stored_type = SEALED_TYPE if rec.sealed is not None else rec.type
+        wrong = ("origin" if self.origin is not None and rec.origin != self.origin else
+                 "feed" if self.feed is not None and rec.feed != self.feed else
+                 "type" if self.type is not None and stored_type != self.type else
+                 "time" if (self.since is not None and rec.time < self.since) or (
+                     self.until is not None and rec.time >= self.until) else None)
+        if wrong is not None:
+            raise InvalidRecord(f"the node sent a record outside the filter asked for "
+                                f"(its {wrong} does not match)", "not_asked_for")
+        return rec
 
 
 def _query(**kw: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -34,7 +35,7 @@ from aiohttp import web
 from citynode import __version__
 from citynode.client import Client
 from citynode.core.cards import make_card
-from citynode.core.keys import DOMAIN_RECORD, SigningKey
+from citynode.core.keys import DOMAIN_RECORD, SigningKey, node_id
 from citynode.core.records import (
     Record,
     encode_envelope,
@@ -304,6 +305,40 @@ async def test_subscribe_refuses_a_bad_record(hostile: Hostile, reader: SigningK
     assert [(cur, r.id) for cur, r in got] == [(1, GOOD1.id)]
     streams = [p for p in hostile.asked if p.startswith("/v1/stream")]
     assert len(streams) == 1 and "format=envelope" in streams[0], streams
+
+
+@pytest.mark.parametrize("wrong", ["origin", "feed", "type", "time"])
+async def test_records_outside_the_filter_asked_for_are_refused(hostile: Hostile,
+                                                                wrong: str) -> None:
+    """A signature proves who wrote a record, not that it is the one asked for: a node
+    answering "feed a of origin O" (of a type, in a time window) with another validly
+    signed record is refused by query and subscribe (``not_asked_for``)."""
+    other = {
+        "origin": sign_record(OTHER, feed=FEED, seq=1, prev=None, time_ms=NOW, type=TYPE,
+                              data={"n": 9}),
+        "feed": sign_record(ORIGIN, feed="b", seq=1, prev=None, time_ms=NOW, type=TYPE,
+                            data={"n": 9}),
+        "type": sign_record(ORIGIN, feed=FEED, seq=3, prev=GOOD2.id, time_ms=NOW,
+                            type="org.example.Noise", data={"x": 9}),
+        "time": sign_record(ORIGIN, feed=FEED, seq=3, prev=GOOD2.id, time_ms=NOW + 10_000,
+                            type=TYPE, data={"n": 9}),
+    }[wrong]
+    hostile.page = [GOOD1.envelope, other.envelope]
+    ask: dict[str, Any] = {"origin": node_id(ORIGIN.public_key), "feed": FEED, "type": TYPE}
+    async with Client(hostile.url, node_id=hostile.node_id) as c:
+        got = []
+        with pytest.raises(InvalidRecord, match=f"its {wrong} does not match") as e:
+            async for rec in c.query(**ask, since_ms=NOW - 1, until_ms=NOW + 1):
+                got.append(rec.id)
+        assert e.value.reason == "not_asked_for" and got == [GOOD1.id]
+        if wrong == "time":
+            return  # a subscription has no time window
+        got = []
+        with pytest.raises(InvalidRecord, match=f"its {wrong} does not match"):
+            async with asyncio.timeout(20):
+                async for _cur, rec in c.subscribe(**ask, last_event_id=0):
+                    got.append(rec.id)
+        assert got == [GOOD1.id]
 
 
 # ------------------------------------------------------------------ citynode subscribe
