@@ -83,13 +83,18 @@ def _pick_card(st: Any, origin: bytes) -> bytes | None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The bundle file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--include-partners", is_flag=True,
+              help="Also export feeds whose records are in clear but not public "
+                   "(access `partners`, or unknown here); by default they are left out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, force: bool,
-               as_json: bool) -> None:
+               include_partners: bool, as_json: bool) -> None:
     """Write an auditor's bundle: ORIGIN's records, checkpoints, fork proofs and card.
 
     An auditor checks it with `citynode audit BUNDLE --origin ID`, needing nothing
-    else. Runs alongside `citynode run` (it only reads the database).
+    else. Runs alongside `citynode run` (it only reads the database). Without --feed,
+    feeds whose records are in clear for the origin's partners only are left out unless
+    --include-partners is given (restricted feeds go in: their payloads are sealed).
     """
     from citynode.bundle import export_from_storage
     from citynode.core.keys import parse_node_id
@@ -109,15 +114,30 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
         st = Storage.open(db)
         try:
             card = _pick_card(st, key)
-            summary = export_from_storage(st, key, list(feeds) or None, out, card=card,
-                                          now_ms=_now_ms())
+            chosen: list[str] | None = list(feeds) or None
+            left_out: list[tuple[str, str]] = []
+            if chosen is None and not include_partners:
+                # A bundle goes to auditors: what only the origin's partners may read
+                # in clear goes in when asked for by name (or --include-partners).
+                held = [r.feed for r in st.feeds() if r.origin == key]
+                left_out = [(f, a) for f, a in _not_public(card, key, held)
+                            if a != "restricted"]
+                if left_out:
+                    chosen = [f for f in held if f not in dict(left_out)]
+                    if not chosen:
+                        raise click.ClickException(
+                            f"every feed of {origin} held here is in clear but not public "
+                            f"({_listed(left_out)}): name them with --feed, or add "
+                            "--include-partners, if the auditor may read them")
+            summary = export_from_storage(st, key, chosen, out, card=card, now_ms=_now_ms())
         finally:
             st.close()
     private = _not_public(card, key, list(summary.feeds))
     if as_json:
         click.echo(json.dumps({**summary.to_json(),
-                               "not_public": [{"feed": f, "access": a} for f, a in private]},
-                              indent=2))
+                               "not_public": [{"feed": f, "access": a} for f, a in private],
+                               "left_out_not_public": [{"feed": f, "access": a}
+                                                       for f, a in left_out]}, indent=2))
         return
     c = summary.counts
     click.echo(
@@ -132,19 +152,28 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
         click.echo(f"note: {summary.skipped_checkpoints} checkpoint(s) of a size beyond the "
                    "records held here were left out (this node has not caught up with them "
                    "yet; a bundle cannot prove records it does not hold)", err=True)
-    if summary.card_feeds_not_held and not feeds:
-        click.echo(f"note: the origin's card lists feed(s) "
-                   f"{', '.join(summary.card_feeds_not_held)} of which no record is held "
-                   "here: the bundle does not cover them (the audit will say so)", err=True)
+    if left_out:
+        click.echo(f"note: left out feed(s) in clear that are not public: {_listed(left_out)}."
+                   " Name them with --feed, or add --include-partners, if the auditor may "
+                   "read them (the audit will say the bundle does not cover them)", err=True)
+    not_held = [f for f in summary.card_feeds_not_held if f not in dict(left_out)]
+    if not_held and not feeds:
+        click.echo(f"note: the origin's card lists feed(s) {', '.join(not_held)} of which no "
+                   "record is held here: the bundle does not cover them (the audit will "
+                   "say so)", err=True)
     if summary.skipped_proofs:
         click.echo(f"note: {summary.skipped_proofs} stored proof(s) of an unknown kind "
                    "were left out", err=True)
     if private:
-        click.echo("note: the bundle holds feed(s) that are not public: "
-                   + ", ".join(f"{f} ({a})" for f, a in private)
-                   + ". Records of `partners` feeds are in clear: give the bundle only to "
-                   "those the origin allows to read them, or export public feeds with "
-                   "--feed", err=True)
+        clear = [f for f, a in private if a != "restricted"]
+        click.echo("note: the bundle holds feed(s) that are not public: " + _listed(private)
+                   + (". Records of " + ", ".join(clear) + " are in clear: give the bundle "
+                      "only to those the origin allows to read them" if clear else
+                      ": their payloads are sealed to their readers"), err=True)
+
+
+def _listed(feeds: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{f} ({a})" for f, a in feeds)
 
 
 def _not_public(card: bytes | None, origin: bytes, feeds: list[str]) -> list[tuple[str, str]]:

@@ -367,6 +367,9 @@ class Node:
         self.spawn(self._tail_loop(), "tail")
         if partners:
             self.spawn(self._checkpoint_loop(), "checkpoints")
+            # Signed (and kept) now, not first when served: an export of our own feeds
+            # carries it, and tells the feeds' access levels from it.
+            self.card()
         self.ready = True
         self.metrics.feeds.set(len(self.heads))
         log.info(
@@ -713,6 +716,27 @@ class Node:
             pol = access.for_record(pol, _sealed_to(rec.sealed))
         return access.may_relay(pol, rec.origin, link.key)
 
+    def may_pass(self, link: PartnerLink, origin: bytes, feed: str,
+                 proof: bytes | None = None) -> bool:
+        """May this partner be sent what names a feed -- its head in a frontier, its
+        checkpoints, a proof about it? As for the feed's records: a partners feed's
+        existence, seqs and roots stay with the origin's partners. A fork ``proof``
+        carries two records: of a restricted feed, ones in clear keep the partners
+        rule."""
+        pol = self.feed_policy(origin, feed)
+        if pol.access == access.RESTRICTED and proof is not None:
+            try:
+                sealed = _readers_of(ForkProof.decode(proof).a)
+            except InvalidProof:  # a split view: checkpoints, no record
+                sealed = frozenset()
+            pol = access.for_record(pol, sealed)
+        return access.may_relay(pol, origin, link.key)
+
+    def frontier_for(self, link: PartnerLink) -> sync.Frontier:
+        """Our heads, less the feeds this partner may not be sent."""
+        return {k: (h.seq, h.id) for k, h in self.heads.items()
+                if self.may_pass(link, k[0], k[1])}
+
     def may_read(self, origin: bytes, feed: str, caller: bytes | None,
                  envelope: bytes | None = None) -> bool:
         """Access policy on the read paths (get, query, stream, export): for a record when
@@ -747,8 +771,10 @@ class Node:
                 "equivocation detected: the origin signed two different records for one seq",
                 extra=fields(origin=node_id(rec.origin), feed=rec.feed, seq=rec.seq, by=src),
             )
+            enc = proof.encode()
             for link in self.links.values():
-                self.spawn(self._send_proof(link, proof.encode()), "send-proof")
+                if self.may_pass(link, rec.origin, rec.feed, enc):
+                    self.spawn(self._send_proof(link, enc), "send-proof")
         return True
 
     async def _send_proof(self, link: PartnerLink, proof: bytes) -> None:
@@ -782,7 +808,8 @@ class Node:
                 if held:
                     link.keep_for_later("/v1/checkpoints", held[-1][2])
             for f in (await self._io(self.storage.fork_proofs))[:OUTBOX_MAX // 2]:
-                link.keep_for_later("/v1/proofs", f.proof)
+                if self.may_pass(link, f.origin, f.feed, f.proof):
+                    link.keep_for_later("/v1/proofs", f.proof)
         while link.outbox:
             key, (path, payload) = next(iter(link.outbox.items()))
             del link.outbox[key]
@@ -816,7 +843,7 @@ class Node:
         if new:
             self.metrics.forks.inc()
             for link in self.links.values():
-                if link.row.node_id != src:
+                if link.row.node_id != src and self.may_pass(link, origin, feed, enc):
                     self.spawn(self._send_proof(link, enc), "send-proof")
         return new
 
@@ -882,6 +909,10 @@ class Node:
             await asyncio.sleep(0)  # let _commit queue the write before the lock is free
         await waiter
         self.metrics.published.inc(len(recs))
+        if head is None and feed not in self.config.feeds:
+            # A new feed: the card that lists it (and its access level) is signed and
+            # kept now, so an export made before anyone asks for the card has it.
+            self.card()
         return recs
 
     def _note_fork(self, origin: bytes, feed: str, seq: int) -> None:
@@ -1200,7 +1231,8 @@ class Node:
                 self._learn_card(env)
         except PeerError:
             raise
-        theirs = sync.decode_frontier(await link.client.sync(sync.encode_frontier(self.frontier())))
+        theirs = sync.decode_frontier(
+            await link.client.sync(sync.encode_frontier(self.frontier_for(link))))
         link.view.update_frontier(theirs)
         link.overflowed = False
         now = self.now_ms()
@@ -1448,7 +1480,7 @@ class Node:
             self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
         if new:
             for link in self.links.values():
-                if link.row.node_id != src:
+                if link.row.node_id != src and self.may_pass(link, cp.origin, cp.feed):
                     self.spawn(self._send_checkpoint(link, env), "send-checkpoint")
             return "new"
         held = await self._io(self.storage.checkpoints, cp.origin, cp.feed)
@@ -1465,7 +1497,8 @@ class Node:
             log.warning("split view: the origin signed two different checkpoints of one size",
                         extra=fields(origin=node_id(cp.origin), feed=cp.feed, size=cp.size))
             for link in self.links.values():
-                self.spawn(self._send_proof(link, proof.encode()), "send-proof")
+                if self.may_pass(link, cp.origin, cp.feed):
+                    self.spawn(self._send_proof(link, proof.encode()), "send-proof")
         return "split-view"
 
     # ------------------------------------------------------------------ live streams

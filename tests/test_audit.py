@@ -843,7 +843,8 @@ def test_export_of_a_node_that_lacks_a_feed_audits_with_a_warning(tmp_path: Path
 
 def test_cli_export_then_audit(tmp_path: Path) -> None:
     st = _storage_with_chain(tmp_path / "citynode.db")
-    st.set_meta("card:" + KEY.public_key.hex(), card_env()).result(10)
+    st.set_meta("card:" + KEY.public_key.hex(),
+                card_env(feeds=(("air-quality", "public"), ("noise", "public")))).result(10)
     st.close()
     out = tmp_path / "k.bundle"
     runner = CliRunner()
@@ -910,8 +911,10 @@ def test_cli_export_notes_what_the_bundle_leaves_out(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "1 checkpoint(s) of a size beyond the records held here were left out" in r.output
     assert "card lists feed(s) permits of which no record is held here" in r.output
-    # air-quality is not on the card: its access is unknown, so never taken as public
-    assert "not public: air-quality (unknown)." in r.output
+    # air-quality is not on the card: its access is unknown, so never taken as public;
+    # records in clear that are not public are left out unless asked for
+    assert "left out feed(s) in clear that are not public: air-quality (unknown)." in r.output
+    assert "8 record(s) in 1 feed(s)" in r.output
     r = runner.invoke(audit_cmd, [str(out), "--origin", KEY.node_id])
     assert r.exit_code == 0, r.output
     assert "WARNING [missing_feed] permits:" in r.output
@@ -929,14 +932,35 @@ def test_cli_export_warns_when_the_bundle_holds_non_public_feeds(tmp_path: Path)
                 card_env(feeds=(("noise", "public"), ("air-quality", "partners")))).result(10)
     st.close()
     args = ["-d", str(tmp_path), "--origin", KEY.node_id, "--out", str(tmp_path / "b")]
+    # By default it is left out, and the note says how to include it.
     r = CliRunner().invoke(export_cmd, args)
     assert r.exit_code == 0, r.output
-    assert "not public: air-quality (partners). Records of `partners` feeds are in clear" \
-        in r.output
+    assert "8 record(s) in 1 feed(s)" in r.output
+    assert "left out feed(s) in clear that are not public: air-quality (partners)" in r.output
+    r = CliRunner().invoke(export_cmd, [*args, "--force", "--json"])
+    out = json.loads(r.stdout)
+    assert out["not_public"] == [] and out["records"] == 8
+    assert out["left_out_not_public"] == [{"feed": "air-quality", "access": "partners"}]
+    # Named, or with --include-partners, it goes in, with a warning.
+    for extra in (["--feed", "air-quality", "--feed", "noise"], ["--include-partners"]):
+        r = CliRunner().invoke(export_cmd, [*args, "--force", *extra])
+        assert r.exit_code == 0 and "12 record(s) in 2 feed(s)" in r.output, r.output
+        assert ("not public: air-quality (partners). Records of air-quality are in clear"
+                in r.output), r.output
     r = CliRunner().invoke(export_cmd, [*args, "--feed", "noise", "--force"])
     assert r.exit_code == 0 and "not public" not in r.output, r.output
-    r = CliRunner().invoke(export_cmd, [*args, "--force", "--json"])
-    assert json.loads(r.stdout)["not_public"] == [{"feed": "air-quality", "access": "partners"}]
+    # Nothing left to export by default: one clear error, no empty bundle.
+    only = tmp_path / "only"
+    only.mkdir()
+    st = Storage.open(only / "citynode.db")
+    st.append(list(chain(0, "air-quality", 4))).result(10)
+    st.set_meta("card:" + KEY.public_key.hex(),
+                card_env(feeds=(("air-quality", "partners"),))).result(10)
+    st.close()
+    r = CliRunner().invoke(export_cmd, ["-d", str(only), "--origin", KEY.node_id,
+                                        "--out", str(only / "b")])
+    assert r.exit_code == 1 and "--include-partners" in r.output, r.output
+    assert not (only / "b").exists()
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

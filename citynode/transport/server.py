@@ -701,13 +701,17 @@ async def sync_handler(request: web.Request) -> web.Response:
     body, key = await _partner_body(request)
     theirs = sync.decode_frontier(body)
     link = node.link_for(key)
-    if link is not None:
-        link.view.update_frontier(theirs)
-        if node.lacks_from(theirs):
-            # They hold what we lack: our side's round now rather than at its interval.
-            # (Only then: two partners waking each other's rounds would never rest.)
-            link.sync_now.set()
-    return web.Response(body=sync.encode_frontier(node.frontier()), content_type=MSGPACK)
+    if link is None:  # removed while its request ran
+        raise web.HTTPForbidden(text="not a partner of this node")
+    link.view.update_frontier(theirs)
+    if node.lacks_from(theirs):
+        # They hold what we lack: our side's round now rather than at its interval.
+        # (Only then: two partners waking each other's rounds would never rest.)
+        link.sync_now.set()
+    # Only the feeds this partner may be sent: a partners feed's name and head stay
+    # with its origin's partners (and it would ask, every round, for what it cannot get).
+    return web.Response(body=sync.encode_frontier(node.frontier_for(link)),
+                        content_type=MSGPACK)
 
 
 async def fetch(request: web.Request) -> web.Response:

@@ -632,9 +632,9 @@ async def test_push_pull_and_export_keep_partners_records_with_the_origins_partn
     ``pub`` and ``sec`` (sealed, opened by its operator) and no byte of ``priv``, while
     Relay, Origin's partner, holds all three (``sec`` sealed). Relay's answers to Reader's
     signed /v1/fetch carry no ``priv`` record (to Origin they do); its /v1/sync answer
-    carries heads, never records. ``citynode export`` (an operator tool, not
-    access-checked) writes what the node holds: ``priv`` in clear with a note naming it,
-    ``sec`` sealed, and at Reader no ``priv`` at all."""
+    carries heads, never records. ``citynode export`` (an operator tool) leaves ``priv``
+    out unless given --include-partners (then in clear, with a note naming it), writes
+    ``sec`` sealed, and at Reader there is no ``priv`` at all."""
     w = await _world(cluster, ["origin", "relay", "reader"])
     relay, reader = w.nodes["relay"], w.nodes["reader"]
     origin = w.origin_id
@@ -731,38 +731,77 @@ async def test_push_pull_and_export_keep_partners_records_with_the_origins_partn
         finally:
             await peer.close()
 
-    # ---- citynode export at Origin and Relay (all three feeds) and Reader (no priv).
+    # ---- citynode export at Origin and Relay and Reader (which holds no priv): by
+    # default the partners feed (in clear) is left out; --include-partners puts it in.
     code, text_out, text_err = await _export(relay, origin, tmp_path / "text.bundle")
     assert code == 0, (text_out, text_err)
     for at in ("origin", "relay", "reader"):
-        path = tmp_path / f"{at}.bundle"
-        code, out, err = await _export(w.nodes[at], origin, path, "--json")
-        assert code == 0, (out, err)
-        summary = json.loads(out)
-        bundle = _bundle_records(path)
-        raw = path.read_bytes()
-        for feed, level in FEEDS.items():
-            async def exported(feed: str = feed, level: str = level, at: str = at,
-                               summary: dict[str, Any] = summary,
-                               bundle: dict[str, list[bytes]] = bundle,
-                               raw: bytes = raw) -> str | None:
-                held_here = at != "reader" or level != "partners"
-                expected = [w.envs[i] for i in w.ids[feed]] if held_here else []
-                if bundle.get(feed, []) != expected:
-                    return f"bundle holds {len(bundle.get(feed, []))} record(s)"
-                if summary["feeds"].get(feed, 0) != len(expected):
-                    return f"summary says {summary['feeds']}"
-                noted = {"feed": feed, "access": level} in summary["not_public"]
-                if noted != (level != "public" and held_here):
-                    return f"not_public is {summary['not_public']}"
-                # Documented: partners records in clear (hence the note), restricted sealed.
-                in_clear = MARK[feed].encode() in raw
-                if in_clear != (level != "restricted" and held_here):
-                    return f"payload in clear in the bundle: {in_clear}"
-                if level == "partners" and at == "relay" and \
-                        f"{feed} (partners)" not in text_err:
-                    return f"no note naming the partners feed: {text_err!r}"
-                return None
+        for include in (False, True):
+            path = tmp_path / f"{at}-{include}.bundle"
+            code, out, err = await _export(w.nodes[at], origin, path, "--json",
+                                           *(["--include-partners"] if include else []))
+            assert code == 0, (out, err)
+            summary = json.loads(out)
+            bundle = _bundle_records(path)
+            raw = path.read_bytes()
+            for feed, level in FEEDS.items():
+                async def exported(feed: str = feed, level: str = level, at: str = at,
+                                   include: bool = include,
+                                   summary: dict[str, Any] = summary,
+                                   bundle: dict[str, list[bytes]] = bundle,
+                                   raw: bytes = raw) -> str | None:
+                    held_here = at != "reader" or level != "partners"
+                    wanted = held_here and (include or level != "partners")
+                    expected = [w.envs[i] for i in w.ids[feed]] if wanted else []
+                    if bundle.get(feed, []) != expected:
+                        return f"bundle holds {len(bundle.get(feed, []))} record(s)"
+                    if summary["feeds"].get(feed, 0) != len(expected):
+                        return f"summary says {summary['feeds']}"
+                    noted = {"feed": feed, "access": level} in summary["not_public"]
+                    if noted != (level != "public" and wanted):
+                        return f"not_public is {summary['not_public']}"
+                    left = {"feed": feed, "access": level} in summary["left_out_not_public"]
+                    if left != (level == "partners" and held_here and not include):
+                        return f"left_out_not_public is {summary['left_out_not_public']}"
+                    # Partners records are in clear (when asked for), restricted sealed.
+                    in_clear = MARK[feed].encode() in raw
+                    if in_clear != (level != "restricted" and wanted):
+                        return f"payload in clear in the bundle: {in_clear}"
+                    if level == "partners" and at == "relay" and \
+                            f"{feed} (partners)" not in text_err:
+                        return f"no note naming the partners feed: {text_err!r}"
+                    return None
 
-            await m.cell(f"export x {level} x operator @{at}", exported)
-    m.verdict(expected_cells=2 * 3 + 2 * 3 + 2 + 3 * 3)
+                flag = " --include-partners" if include else ""
+                await m.cell(f"export{flag} x {level} x operator @{at}", exported)
+    m.verdict(expected_cells=2 * 3 + 2 * 3 + 2 + 3 * 3 * 2)
+
+
+async def test_a_partners_feed_is_not_even_named_beyond_the_origins_partners(
+        cluster: Cluster) -> None:
+    """Beyond the records: the relay's sync answer (its frontier) to Reader, and the
+    checkpoints it forwards, leave out the partners feed; the public and restricted
+    ones are there. (Named, Reader would also ask for it in vain every round.)"""
+    w = await _world(cluster, ["origin", "relay", "reader"])
+    relay, reader = w.nodes["relay"], w.nodes["reader"]
+    for feed in FEEDS:
+        await _publish(w, feed, range(1, 3))
+    await eventually(lambda: _holds(reader, w.origin_id, {"pub": 2, "sec": 2}), timeout=30)
+    await eventually(lambda: _checkpointed(reader, w.origin_id, "pub", 2), timeout=30)
+    await eventually(lambda: _checkpointed(reader, w.origin_id, "sec", 2), timeout=30)
+    assert await _checkpointed(relay, w.origin_id, "priv", 2)
+    origin = parse_node_id(w.origin_id)
+    for signer, answer_has_priv in (("reader", False), ("origin", True)):
+        key = w.keys[signer]
+        assert key is not None
+        peer = PeerClient(key, relay.url, node_id=relay.node_id, fingerprint=relay.fingerprint)
+        try:
+            got = sync.decode_frontier(await peer.sync(sync.encode_frontier({})))
+        finally:
+            await peer.close()
+        feeds = {f for (o, f) in got if o == origin}
+        assert feeds == ({"pub", "priv", "sec"} if answer_has_priv else {"pub", "sec"}), (
+            signer, feeds)
+    with pytest.raises(PeerRejected) as e:  # none held: as for a feed never heard of
+        await reader.api("GET", f"/v1/checkpoints?origin={w.origin_id}&feed=priv")
+    assert e.value.status == 404

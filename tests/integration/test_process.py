@@ -232,3 +232,21 @@ def test_one_shot_commands_print_warnings_as_one_line_with_their_facts(tmp_path:
     assert r.returncode == 1
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("Error: ") and "corrupt" in line, r.stderr
+
+
+async def test_an_export_of_a_nodes_own_feed_carries_its_card(cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    """The node keeps its signed card from its start (not first when some partner asks
+    for it): an export of its own feeds, right away, carries it, and so tells the
+    auditor and the export which feeds are public."""
+    (n,) = cluster.create(["Lima"])
+    await cluster.start()
+    await n.publish("air-quality", "AirQualityObserved", [AIR])
+    await n.close()
+    n.stop()
+    out = tmp_path / "own.bundle"
+    r = cli("export", "-d", str(n.dir), "--origin", n.node_id, "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["cards"] == 1 and summary["records"] == 1, summary
+    assert summary["left_out_not_public"] == [] and summary["not_public"] == []
