@@ -283,6 +283,7 @@ class Node:
     ) -> None:
         self.data_dir = data_dir
         self.config = config
+        self._own_readers: frozenset[bytes] | None = None
         self.identity = identity
         self.key = identity.key
         self.public_key = identity.key.public_key
@@ -731,6 +732,16 @@ class Node:
                 sealed = frozenset()
             pol = access.for_record(pol, sealed)
         return access.may_relay(pol, origin, link.key)
+
+    def knows_key(self, key: bytes) -> bool:
+        """Is ``key`` a node this one knows: a partner, a node whose card it holds (the
+        federation's members), or a reader of one of its own restricted feeds?"""
+        if key in self.links or key in self.card_info:
+            return True
+        if self._own_readers is None:  # node.toml is read once, at start
+            self._own_readers = frozenset(parse_node_id(r) for fc in self.config.feeds.values()
+                                          for r in fc.readers)
+        return key in self._own_readers
 
     def frontier_for(self, link: PartnerLink) -> sync.Frontier:
         """Our heads, less the feeds this partner may not be sent."""

@@ -58,6 +58,7 @@ __all__ = [
     "MAX_FUTURE_SKEW_MS",
     "MAX_HEADER_LEN",
     "ReplayCache",
+    "SplitReplayCache",
     "claimed_signer",
     "sign_request",
     "signature_base",
@@ -577,3 +578,30 @@ class ReplayCache:
             )
         expiry[pair] = expires
         heapq.heappush(heap, (expires, pair))
+
+
+class SplitReplayCache(ReplayCache):
+    """A replay cache for requests any key may sign (signed reads): keys ``known`` says
+    are known use this cache; all others share a smaller one of their own.
+
+    Keys cost nothing to make, so strangers can fill a cache; when one is full it fails
+    closed ("busy"). Split, a flood of strangers' signed requests refuses strangers
+    only: the partners and readers a node knows still get in.
+    """
+
+    __slots__ = ("known", "strangers")
+
+    def __init__(self, known: Callable[[bytes], bool], max_age_ms: int = DEFAULT_MAX_AGE_MS,
+                 max_entries: int = DEFAULT_REPLAY_ENTRIES,
+                 stranger_entries: int = DEFAULT_REPLAY_ENTRIES // 10) -> None:
+        super().__init__(max_age_ms, max_entries)
+        self.known = known
+        self.strangers = ReplayCache(max_age_ms, stranger_entries)
+
+    def check_and_add(self, keyid: bytes, nonce: str, created_ms: int, now_ms: int) -> None:
+        """As :meth:`ReplayCache.check_and_add`, in the known keys' cache or the
+        strangers'. Raises :class:`AccessDenied` as it does."""
+        if self.known(keyid):
+            super().check_and_add(keyid, nonce, created_ms, now_ms)
+        else:
+            self.strangers.check_and_add(keyid, nonce, created_ms, now_ms)

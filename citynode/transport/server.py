@@ -890,7 +890,9 @@ def build_app(node: Node) -> web.Application:
     app.on_shutdown.append(_end_streams)
     max_age = int(node.config.limits.request_max_age_seconds * 1000)
     app[REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)
-    app[READ_REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)
+    # Signed reads: strangers (any key) get a cache of their own, so that a flood of
+    # them cannot refuse the partners and readers this node knows.
+    app[READ_REPLAY_KEY] = httpsig.SplitReplayCache(node.knows_key, max_age_ms=max_age)
     r = app.router
     r.add_get("/.well-known/citynode", card)
     r.add_get("/healthz", healthz)

@@ -17,6 +17,7 @@ from citynode.core.httpsig import (
     DEFAULT_MAX_AGE_MS,
     MAX_FUTURE_SKEW_MS,
     ReplayCache,
+    SplitReplayCache,
     claimed_signer,
     sign_request,
     signature_base,
@@ -524,6 +525,29 @@ def test_cache_is_bounded_and_says_busy_rather_than_forgetting() -> None:
         c.check_and_add(b"k", "n4", created_ms=1001, now_ms=1001)
     c.check_and_add(b"k", "n4", created_ms=1201, now_ms=1201)  # n1, n2 gone
     assert len(c) == 2
+
+
+def test_strangers_filling_their_cache_do_not_lock_known_keys_out() -> None:
+    """Signed reads: any key may sign, and keys cost nothing to make. Strangers share a
+    cache of their own; once it is full they are refused ("busy"), while known keys
+    still get in, and replays are refused in both."""
+    known = {b"partner"}
+    c = SplitReplayCache(known.__contains__, max_age_ms=1000, max_entries=3,
+                         stranger_entries=2)
+    for i in range(2):
+        c.check_and_add(b"stranger%d" % i, "n", created_ms=0, now_ms=0)
+    with pytest.raises(AccessDenied, match="busy"):
+        c.check_and_add(b"stranger9", "n", created_ms=0, now_ms=0)
+    for i in range(3):
+        c.check_and_add(b"partner", f"n{i}", created_ms=0, now_ms=0)
+    with pytest.raises(AccessDenied, match="replay"):
+        c.check_and_add(b"partner", "n0", created_ms=0, now_ms=0)
+    with pytest.raises(AccessDenied, match="replay"):
+        c.check_and_add(b"stranger0", "n", created_ms=0, now_ms=0)
+    with pytest.raises(AccessDenied, match="busy"):  # the known keys' bound holds too
+        c.check_and_add(b"partner", "n3", created_ms=0, now_ms=0)
+    assert len(c) == 3
+    c.check_and_add(b"stranger9", "n", created_ms=1001, now_ms=1001)  # theirs expired
 
 
 def test_cache_expires_in_order_of_expiry_not_insertion() -> None:

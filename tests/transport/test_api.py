@@ -275,3 +275,34 @@ async def test_connections_over_the_cap_are_closed_as_they_arrive(inproc: Make) 
     await asyncio.sleep(0.2)
     async with n.session.get(f"{n.url}/healthz") as r:
         assert r.status == 200
+
+
+async def test_a_flood_of_strangers_signed_reads_does_not_lock_partners_out(
+        inproc: Make) -> None:
+    """Any key may sign a read, and keys cost nothing to make. Strangers' signatures
+    share a replay cache of their own: once a flood fills it they are refused ("busy"),
+    but the node's partners still read (here with the strangers' bound made small)."""
+    from citynode.transport.server import READ_REPLAY_KEY
+
+    a = await inproc("Seoul", feeds={"priv": "partners"})
+    b = await inproc("Busan")
+    await a.node.add_partner(b.url, b.node.node_id)
+    await a.node.publish("priv", "org.example.Test", [{"n": 1}])
+    cache = a.runner.app[READ_REPLAY_KEY]
+    assert isinstance(cache, httpsig.SplitReplayCache)
+    cache.strangers.max_entries = 20
+
+    async def read(key: SigningKey) -> tuple[int, dict]:
+        path = "/v1/records?feed=priv"
+        headers = httpsig.sign_request(key, "GET", path, b"", a.node.now_ms(),
+                                       target=a.node.node_id)
+        async with a.session.get(a.url + path, headers={
+                **headers, "Accept": "application/json"}) as r:
+            return r.status, await r.json()
+
+    answers = [await read(SigningKey(bytes([9, i]) + bytes(30))) for i in range(25)]
+    assert [s for s, _ in answers] == [200] * 20 + [403] * 5
+    assert all(body["records"] == [] for _s, body in answers[:20])  # strangers see none
+    assert "busy" in answers[-1][1]["message"]
+    status, body = await read(b.node.key)
+    assert status == 200 and [r["data"] for r in body["records"]] == [{"n": 1}]
