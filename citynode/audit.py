@@ -300,9 +300,10 @@ class AuditReport:
         out = [f"bundle {self.path}", f"origin {self.origin}"]
         if self.card is not None:
             out.append(f"card   {self.card.name} ({self.card.url}), signed by the origin")
+        rate = f" ({self.record_items / self.seconds:,.0f} records/s)" if self.seconds else ""
         out.append(
             f"read {self.record_items} record(s) in {self.items} item(s), "
-            f"{self.signatures} signature(s) verified in {self.seconds:.2f} s"
+            f"{self.signatures} signature(s) verified in {self.seconds:.2f} s{rate}"
             + ("" if self.complete else " -- bundle INCOMPLETE")
         )
         for f in sorted(self.feeds.values(), key=lambda f: f.name):

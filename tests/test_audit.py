@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +210,11 @@ def test_clean_bundle_passes(tmp_path: Path) -> None:
     out = rep.to_json()
     assert out["ok"] is True and out["errors"] == 0 and out["records"] == 12
     json.dumps(out)
-    assert rep.render_text().splitlines()[-1].startswith("OK")
+    text = rep.render_text().splitlines()
+    assert text[-1].startswith("OK")
+    # the rate, in the plain report too (what a script or a log keeps)
+    assert re.search(r"17 signature\(s\) verified in [0-9.]+ s \([0-9,]+ records/s\)",
+                     "\n".join(text)), text
 
 
 def test_reader_yields_items_in_order_with_header_and_counts(tmp_path: Path) -> None:
