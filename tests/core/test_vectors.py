@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from citynode.core import checkpoints as cps
 from citynode.core import encoding, keys
 from citynode.core import types as payload_types
 from citynode.core.chain import FeedHead, ForkProof, Verdict, classify, verify_fork_proof
@@ -53,6 +54,7 @@ def _load(name: str) -> dict[str, Any]:
 RECORDS = _load("records.json")
 CHAIN = _load("chain.json")
 KEYS = _load("keys.json")
+CHECKPOINTS = _load("checkpoints.json")
 CASES = RECORDS["cases"]
 BY_NAME = {c["name"]: c for c in CASES}
 DOC = PROTOCOL.read_text(encoding="utf-8")
@@ -64,7 +66,7 @@ DOC = PROTOCOL.read_text(encoding="utf-8")
 def test_generator_reproduces_committed_files_byte_for_byte() -> None:
     gen = _load_generator()
     built = gen.build()
-    assert set(built) == {"records.json", "chain.json", "keys.json"}
+    assert set(built) == {"records.json", "chain.json", "keys.json", "checkpoints.json"}
     for name, text in built.items():
         committed = (VECTORS / name).read_text(encoding="utf-8")
         assert text == committed, f"{name} is stale: run python tests/vectors/generate.py"
@@ -216,6 +218,74 @@ def test_chain_vectors_cover_both_proof_kinds() -> None:
                                      Verifier())
             kinds.add("same_seq" if a.seq == b.seq else "prev_mismatch")
     assert kinds == {"same_seq", "prev_mismatch"}
+
+
+# --------------------------------------------------------------------------- (b) checkpoints
+
+LEAVES = [bytes.fromhex(x) for x in CHECKPOINTS["leaves_hex"]]
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS["trees"], ids=lambda c: f"size-{c['size']}")
+def test_merkle_root_vector(case: dict[str, Any]) -> None:
+    n, root = case["size"], bytes.fromhex(case["root_hex"])
+    assert cps.root_of(LEAVES[:n]) == root
+    assert cps.MerkleLog(LEAVES).root(n) == root
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS["inclusion"],
+                         ids=lambda c: f"{c['index']}-of-{c['size']}")
+def test_inclusion_proof_vector(case: dict[str, Any]) -> None:
+    m, n = case["index"], case["size"]
+    path = [bytes.fromhex(x) for x in case["path_hex"]]
+    root = bytes.fromhex(CHECKPOINTS["trees"][n]["root_hex"])
+    assert cps.MerkleLog(LEAVES).inclusion_proof(m, n) == path
+    cps.verify_inclusion(LEAVES[m], m, n, path, root)
+    with pytest.raises(InvalidProof):  # another leaf at that index
+        cps.verify_inclusion(LEAVES[(m + 1) % n] if n > 1 else b"\0" * 32, m, n, path, root)
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS["consistency"],
+                         ids=lambda c: f"{c['old_size']}-to-{c['new_size']}")
+def test_consistency_proof_vector(case: dict[str, Any]) -> None:
+    m, n = case["old_size"], case["new_size"]
+    path = [bytes.fromhex(x) for x in case["path_hex"]]
+    old = bytes.fromhex(CHECKPOINTS["trees"][m]["root_hex"])
+    new = bytes.fromhex(CHECKPOINTS["trees"][n]["root_hex"])
+    assert cps.MerkleLog(LEAVES).consistency_proof(m, n) == path
+    cps.verify_consistency(m, n, old, new, path)
+    if m < n:  # an old tree that is not a prefix of the new one
+        with pytest.raises(InvalidProof):
+            cps.verify_consistency(m, n, bytes.fromhex(CHECKPOINTS["trees"][n - 1]["root_hex"])
+                                   if m != n - 1 else b"\0" * 32, new, path)
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS["checkpoints"], ids=lambda c: c["name"])
+def test_checkpoint_vector(case: dict[str, Any]) -> None:
+    env = bytes.fromhex(case["envelope_hex"])
+    expect = case["expect"]
+    if "error" in expect:
+        with pytest.raises(InvalidRecord) as e:
+            cps.open_checkpoint(env, verifier=Verifier(), now_ms=case["now_ms"])
+        assert e.value.reason == expect["error"]
+        return
+    cp = cps.open_checkpoint(env, verifier=Verifier(), now_ms=case["now_ms"])
+    assert (node_id(cp.origin), cp.feed, cp.size, cp.root.hex(), cp.time) == (
+        expect["origin"], expect["feed"], expect["size"], expect["root_hex"], expect["time"])
+    assert cp.envelope == env
+    assert cp.root == bytes.fromhex(CHECKPOINTS["trees"][cp.size]["root_hex"])
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS["split_views"], ids=lambda c: c["name"])
+def test_split_view_vector(case: dict[str, Any]) -> None:
+    raw = bytes.fromhex(case["proof_hex"])
+    proof = cps.SplitViewProof.decode(raw)
+    if case["expect"] == "valid":
+        assert proof.canonical().encode() == raw
+        a, b = cps.verify_split_view(proof, Verifier())
+        assert (a.origin, a.feed, a.size) == (b.origin, b.feed, b.size) and a.root != b.root
+    else:
+        with pytest.raises(InvalidProof):
+            cps.verify_split_view(proof, Verifier())
 
 
 # --------------------------------------------------------------------------- (b) keys

@@ -5,7 +5,9 @@
 
 * ``records.json``  envelopes to verify: valid ones, and invalid ones with the reason code;
 * ``chain.json``    where records fit a feed chain, and fork proofs (valid and not);
-* ``keys.json``     node ids derived from fixed seeds, and malformed node ids.
+* ``keys.json``     node ids derived from fixed seeds, and malformed node ids;
+* ``checkpoints.json``  Merkle roots, inclusion and consistency proofs (RFC 9162, by
+  a naive recursion written here), signed checkpoints (valid and not) and a split view.
 
 Everything is fixed: the keys are ``SigningKey(bytes([1]) * 32)`` (origin A) and
 ``SigningKey(bytes([2]) * 32)`` (B), times are constants, and Ed25519 signatures are
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from citynode.core import encoding
-from citynode.core.keys import DOMAIN_RECORD, SigningKey, node_id
+from citynode.core.keys import DOMAIN_CHECKPOINT, DOMAIN_RECORD, SigningKey, node_id
 
 HERE = Path(__file__).resolve().parent
 
@@ -948,6 +950,119 @@ def keys_file() -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _k(n: int) -> int:
+    """The largest power of two smaller than ``n`` (n > 1)."""
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    return k
+
+
+def _mth(d: list[bytes]) -> bytes:
+    """RFC 9162 2.1.1, as written there: MTH({}) = SHA-256(), leaves 0x00 || id, nodes
+    0x01 || left || right, split at the largest power of two below n."""
+    if not d:
+        return _sha(b"")
+    if len(d) == 1:
+        return _sha(b"\x00" + d[0])
+    k = _k(len(d))
+    return _sha(b"\x01" + _mth(d[:k]) + _mth(d[k:]))
+
+
+def _path(m: int, d: list[bytes]) -> list[bytes]:
+    """RFC 9162 2.1.3.1 PATH(m, D[n])."""
+    if len(d) == 1:
+        return []
+    k = _k(len(d))
+    if m < k:
+        return [*_path(m, d[:k]), _mth(d[k:])]
+    return [*_path(m - k, d[k:]), _mth(d[:k])]
+
+
+def _subproof(m: int, d: list[bytes], b: bool) -> list[bytes]:
+    """RFC 9162 2.1.4.1 SUBPROOF(m, D[n], b); PROOF(m, D[n]) = SUBPROOF(m, D[n], true)."""
+    if m == len(d):
+        return [] if b else [_mth(d)]
+    k = _k(len(d))
+    if m <= k:
+        return [*_subproof(m, d[:k], b), _mth(d[k:])]
+    return [*_subproof(m - k, d[k:], False), _mth(d[:k])]
+
+
+def _checkpoint(key: SigningKey, feed: str, size: int, root: bytes, time: int,
+                **over: Any) -> bytes:
+    """A checkpoint envelope: the canonical body map, signed with DOMAIN_CHECKPOINT."""
+    f: dict[str, Any] = {"kind": "checkpoint", "version": 1, "origin": key.public_key,
+                         "feed": feed, "size": size, "root": root, "time": time, **over}
+    body = enc(f)
+    return envelope(body, key.sign(DOMAIN_CHECKPOINT, body))
+
+
+def checkpoints_file() -> dict[str, Any]:
+    leaves = [_sha(b"citynode vector leaf %d" % i) for i in range(13)]
+    trees = [{"size": n, "root_hex": _mth(leaves[:n]).hex()} for n in range(14)]
+    inclusion = [{"index": m, "size": n, "path_hex": [h.hex() for h in _path(m, leaves[:n])]}
+                 for m, n in ((0, 1), (0, 2), (1, 2), (0, 7), (3, 7), (6, 7), (5, 8),
+                              (12, 13), (8, 13))]
+    consistency = [{"old_size": m, "new_size": n,
+                    "path_hex": [h.hex() for h in _subproof(m, leaves[:n], True)]}
+                   for m, n in ((1, 1), (1, 2), (1, 7), (3, 7), (4, 8), (6, 8), (7, 13),
+                                (8, 13), (12, 13), (13, 13))]
+    root7 = _mth(leaves[:7])
+    other7 = _mth([*leaves[:6], _sha(b"another seventh record")])
+    good = _checkpoint(KEY_A, "air-quality", 7, root7, T0 + 60_000)
+    split = _checkpoint(KEY_A, "air-quality", 7, other7, T0 + 120_000)
+    flipped = bytearray(good)
+    flipped[-1] ^= 0x01
+    a, b = sorted([good, split])
+    split_proof = b"\x83" + b"\xa1a" + bin_(a) + b"\xa1b" + bin_(b) + b"\xa4kind\xaasplit-view"
+    return {
+        "about": (
+            "citynode checkpoint vectors (docs/PROTOCOL.md, 'Checkpoints'). 'leaves_hex' "
+            "are the record ids of a feed in seq order (leaf i is seq i+1); 'trees' give "
+            "the Merkle tree hash of the first 'size' leaves, 'inclusion' PATH(index, "
+            "D[size]) and 'consistency' PROOF(old_size, D[new_size]) of RFC 9162 (hashes "
+            "in proof order). 'checkpoints' are envelopes signed with the checkpoint "
+            "domain prefix by node A, verified at now_ms; 'split_views' proofs hold two "
+            "valid checkpoints of one feed and size with different roots, in byte order."
+        ),
+        "generator": "tests/vectors/generate.py",
+        "leaves_hex": [x.hex() for x in leaves],
+        "trees": trees,
+        "inclusion": inclusion,
+        "consistency": consistency,
+        "checkpoints": [
+            {"name": "valid", "envelope_hex": good.hex(), "now_ms": NOW,
+             "expect": {"origin": node_id(KEY_A.public_key), "feed": "air-quality",
+                        "size": 7, "root_hex": root7.hex(), "time": T0 + 60_000}},
+            {"name": "bad-signature", "envelope_hex": bytes(flipped).hex(), "now_ms": NOW,
+             "expect": err("bad_signature")},
+            {"name": "future-dated", "now_ms": NOW, "expect": err("future_time"),
+             "envelope_hex": _checkpoint(KEY_A, "air-quality", 7, root7,
+                                         NOW + TOLERANCE_MS + 1).hex()},
+            {"name": "wrong-kind", "now_ms": NOW, "expect": err("bad_kind"),
+             "envelope_hex": _checkpoint(KEY_A, "air-quality", 7, root7, T0,
+                                         kind="record").hex()},
+            {"name": "root-not-32-bytes", "now_ms": NOW, "expect": err("bad_field"),
+             "envelope_hex": _checkpoint(KEY_A, "air-quality", 7, root7[:31], T0).hex()},
+        ],
+        "split_views": [
+            {"name": "two-roots-of-size-7", "proof_hex": split_proof.hex(),
+             "expect": "valid"},
+            {"name": "same-checkpoint-twice", "expect": "invalid",
+             "proof_hex": (b"\x83" + b"\xa1a" + bin_(good) + b"\xa1b" + bin_(good)
+                           + b"\xa4kind\xaasplit-view").hex()},
+        ],
+    }
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -961,6 +1076,7 @@ def build() -> dict[str, str]:
         "records.json": dumps(records_file()),
         "chain.json": dumps(chain_file()),
         "keys.json": dumps(keys_file()),
+        "checkpoints.json": dumps(checkpoints_file()),
     }
 
 
