@@ -151,7 +151,8 @@ class PartnerLink:
         self.announce: dict[tuple[bytes, str], tuple[int, bytes]] = {}
         self.graft_pending: set[tuple[bytes, str]] = set()
         # Checkpoints and proofs this partner has not taken yet (it was down): sent again
-        # after the next good sync round. path -> payloads, in order, bounded.
+        # after the next good sync round. Keyed by a hash of (path, payload), so one
+        # is kept once; oldest first; bounded.
         self.outbox: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
 
     def keep_for_later(self, path: str, payload: bytes) -> None:
