@@ -120,8 +120,11 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
                 # A bundle goes to auditors: what only the origin's partners may read
                 # in clear goes in when asked for by name (or --include-partners).
                 held = [r.feed for r in st.feeds() if r.origin == key]
-                left_out = [(f, a) for f, a in _not_public(card, key, held)
-                            if a != "restricted"]
+                # A restricted feed's sealed payloads may go; one holding records in
+                # clear (signed before it was restricted) is like a partners feed.
+                left_out = [(f, a if a != "restricted" else "restricted, with records in "
+                             "clear") for f, a in _not_public(card, key, held)
+                            if a != "restricted" or st.has_records_in_clear(key, f)]
                 if left_out:
                     chosen = [f for f in held if f not in dict(left_out)]
                     if not chosen:
@@ -130,6 +133,7 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
                             f"({_listed(left_out)}): name them with --feed, or add "
                             "--include-partners, if the auditor may read them")
             summary = export_from_storage(st, key, chosen, out, card=card, now_ms=_now_ms())
+            in_clear = {f for f in summary.feeds if st.has_records_in_clear(key, f)}
         finally:
             st.close()
     private = _not_public(card, key, list(summary.feeds))
@@ -165,7 +169,7 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
         click.echo(f"note: {summary.skipped_proofs} stored proof(s) of an unknown kind "
                    "were left out", err=True)
     if private:
-        clear = [f for f, a in private if a != "restricted"]
+        clear = [f for f, _a in private if f in in_clear]
         click.echo("note: the bundle holds feed(s) that are not public: " + _listed(private)
                    + (". Records of " + ", ".join(clear) + " are in clear: give the bundle "
                       "only to those the origin allows to read them" if clear else

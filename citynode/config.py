@@ -372,7 +372,8 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
     ),
     "limits": (
         _Key("max_body_bytes", "int", 65536, "Largest record body accepted or published, "
-             "in bytes.", _range(256, 16 * 1024**2)),
+             "in bytes; at most the protocol's limit, 65536 (larger records are refused "
+             "by every other node).", _range(256, 65536)),
         _Key("max_request_bytes", "int", 8388608, "Largest HTTP request body, in bytes "
              "(a batch of records); at least max_body_bytes.", _range(1024, 1024**3)),
         _Key("max_batch_records", "int", 1000, "Most records accepted in one batch.",

@@ -87,6 +87,7 @@ PULL_SETTLE = 1.0
 MIN_SYNC_GAP = 0.25
 # Checkpoints and proofs kept per partner while it is away (each a few hundred bytes).
 OUTBOX_MAX = 1000
+OUTBOX_PER_ROUND = 50
 # A chain that a push extended this recently is flowing: a sync round leaves it to push.
 PUSH_FLOWING = 3.0
 # Bounds on the signed cards of other nodes kept (and served on /v1/cards).
@@ -284,7 +285,6 @@ class Node:
     ) -> None:
         self.data_dir = data_dir
         self.config = config
-        self._own_readers: frozenset[bytes] | None = None
         self.identity = identity
         self.key = identity.key
         self.public_key = identity.key.public_key
@@ -316,6 +316,11 @@ class Node:
         self.own_forked: dict[str, int] = {}
         self._own_targets: dict[str, int] = {}  # feed -> seq a partner holds of ours
         self._trusted: Callable[[bytes], bool] | None = None  # trust policy snapshot
+        # Derived from cards and links, rebuilt after either changes (_forget_derived):
+        # feed policies asked for on every record pushed and every sync answer, and the
+        # keys this node knows (signed reads).
+        self._policies: dict[tuple[bytes, str], access.FeedPolicy] = {}
+        self._known: frozenset[bytes] | None = None
         self.feed_locks: dict[str, asyncio.Lock] = {}
         self.listeners: set[Callable[[Sequence[Record]], None]] = set()
         self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
@@ -474,7 +479,7 @@ class Node:
         self.cards_seen[c.node] = env
         self.card_info[c.node] = c
         self.vouch.add_card(c.node, set(c.partners))
-        self._trusted = None
+        self._forget_derived()
         if c.node != self.public_key and (
                 prev is None or prev.feeds != c.feeds or prev.partners != c.partners) and (
                 any(k[0] == c.node for k in self.heads)):
@@ -695,8 +700,23 @@ class Node:
             except Exception:  # a subscriber's bug must not break ingest
                 log.exception("listener failed")
 
+    def _forget_derived(self) -> None:
+        """Cards or partners changed: what was derived from them is rebuilt when asked."""
+        self._trusted = None
+        self._policies = {}
+        self._known = None
+
     def feed_policy(self, origin: bytes, feed: str) -> access.FeedPolicy:
         """The access level of a feed: ours from node.toml, others' from their cards."""
+        key = (origin, feed)
+        pol = self._policies.get(key)
+        if pol is None:
+            if len(self._policies) >= 100_000:  # bounded: feeds are many, cards change
+                self._policies = {}
+            pol = self._policies[key] = self._feed_policy(origin, feed)
+        return pol
+
+    def _feed_policy(self, origin: bytes, feed: str) -> access.FeedPolicy:
         if origin == self.public_key:
             fc = self.config.feeds.get(feed)
             level = fc.access if fc is not None else access.PUBLIC
@@ -720,29 +740,36 @@ class Node:
 
     def may_pass(self, link: PartnerLink, origin: bytes, feed: str,
                  proof: bytes | None = None) -> bool:
-        """May this partner be sent what names a feed -- its head in a frontier, its
+        """May this partner be sent what is about a feed -- its head in a frontier, its
         checkpoints, a proof about it? As for the feed's records: a partners feed's
-        existence, seqs and roots stay with the origin's partners. A fork ``proof``
-        carries two records: of a restricted feed, ones in clear keep the partners
-        rule."""
+        seqs, heads and roots stay with the origin's partners (its name and level are
+        in the origin's card, which is public). A fork ``proof`` carries two records: of
+        a restricted feed, if either is in clear, the partners rule holds."""
         pol = self.feed_policy(origin, feed)
         if pol.access == access.RESTRICTED and proof is not None:
             try:
-                sealed = _readers_of(ForkProof.decode(proof).a)
+                fp = ForkProof.decode(proof)
             except InvalidProof:  # a split view: checkpoints, no record
-                sealed = frozenset()
-            pol = access.for_record(pol, sealed)
+                return access.may_relay(pol, origin, link.key)
+            # Both records: the proof carries either one in clear if it is.
+            return all(access.may_relay(access.for_record(pol, _readers_of(env)), origin,
+                                        link.key) for env in (fp.a, fp.b))
         return access.may_relay(pol, origin, link.key)
 
     def knows_key(self, key: bytes) -> bool:
-        """Is ``key`` a node this one knows: a partner, a node whose card it holds (the
-        federation's members), or a reader of one of its own restricted feeds?"""
-        if key in self.links or key in self.card_info:
-            return True
-        if self._own_readers is None:  # node.toml is read once, at start
-            self._own_readers = frozenset(parse_node_id(r) for fc in self.config.feeds.values()
-                                          for r in fc.readers)
-        return key in self._own_readers
+        """Is ``key`` a node this one knows: a partner, a partner of a partner (listed in
+        that partner's signed card), or a reader of one of its own restricted feeds?
+        Not every card held: a member could gossip cards of keys it made up."""
+        if self._known is None:
+            known = set(self.links)
+            for pk in self.links:
+                c = self.card_info.get(pk)
+                if c is not None:
+                    known.update(c.partners)
+            known.update(parse_node_id(r) for fc in self.config.feeds.values()
+                         for r in fc.readers)
+            self._known = frozenset(known)
+        return key in self._known
 
     def frontier_for(self, link: PartnerLink) -> sync.Frontier:
         """Our heads, less the feeds this partner may not be sent."""
@@ -800,7 +827,7 @@ class Node:
         try:
             await link.client.request("POST", path, payload)
         except PeerRejected as exc:
-            if 400 <= exc.status < 500:
+            if _verdict_on_payload(exc):
                 return True
             link.keep_for_later(path, payload)
             return False
@@ -822,7 +849,9 @@ class Node:
             for f in (await self._io(self.storage.fork_proofs))[:OUTBOX_MAX // 2]:
                 if self.may_pass(link, f.origin, f.feed, f.proof):
                     link.keep_for_later("/v1/proofs", f.proof)
-        while link.outbox:
+        # A budget per round: a partner that answers slowly must not hold this link's
+        # sync rounds for the whole outbox (the rest goes after the next round).
+        for _ in range(min(len(link.outbox), OUTBOX_PER_ROUND)):
             key, (path, payload) = next(iter(link.outbox.items()))
             del link.outbox[key]
             if not await self._deliver(link, path, payload):
@@ -1008,7 +1037,7 @@ class Node:
         link = PartnerLink(row, client, self.config.federation.push_queue_max)
         self.links[row.public_key] = link
         self._card = None
-        self._trusted = None
+        self._forget_derived()
         if tasks:
             link.tasks.append(self.spawn(self._push_loop(link), f"push-{row.name}"))
             link.tasks.append(self.spawn(self._sync_loop(link), f"sync-{row.name}"))
@@ -1074,7 +1103,7 @@ class Node:
         if link is not None:
             await self._stop_link(link)
         self._card = None
-        self._trusted = None
+        self._forget_derived()
         return gone or link is not None
 
     def link_for(self, public_key: bytes) -> PartnerLink | None:
@@ -1604,6 +1633,17 @@ class Node:
 
     def partner_status(self) -> list[dict[str, Any]]:
         return [link.status() for link in self.links.values()]
+
+
+def _verdict_on_payload(exc: PeerRejected) -> bool:
+    """Is a partner's refusal of a checkpoint or proof about the payload itself (invalid,
+    too large), so that sending it again would get the same answer? Refusals about the
+    moment -- busy, clock skew, a slow body, an origin it does not trust yet (vouches
+    travel with cards, which may come later), a 5xx -- are not: it is sent again."""
+    if exc.status in (413, 422):
+        return True
+    text = str(exc)
+    return exc.status == 400 and "untrusted_origin" not in text and "not trust" not in text
 
 
 def _readers_of(envelope: bytes) -> frozenset[bytes] | None:

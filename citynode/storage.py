@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from citynode.core.keys import node_id
-from citynode.core.records import Record
+from citynode.core.records import SEALED_TYPE, Record
 from citynode.core.types import point_of
 from citynode.errors import (
     ChainError,
@@ -898,6 +898,13 @@ class Storage:
         """The envelope of record ``rid``, or None if not held."""
         row = self._one("SELECT envelope FROM records WHERE id = ?", (rid,))
         return None if row is None else row[0]
+
+    def has_records_in_clear(self, origin: bytes, feed: str) -> bool:
+        """Does the feed hold a record that is not sealed (for a restricted feed: one
+        signed before it was restricted)? Scans the feed's rows."""
+        return self._one(
+            "SELECT 1 FROM records WHERE origin = ? AND feed = ? AND type != ? LIMIT 1",
+            (origin, feed, SEALED_TYPE)) is not None
 
     def id_at(self, origin: bytes, feed: str, seq: int) -> bytes | None:
         """The id held at ``seq`` of a feed, or None."""

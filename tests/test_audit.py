@@ -968,6 +968,35 @@ def test_cli_export_warns_when_the_bundle_holds_non_public_feeds(tmp_path: Path)
     assert not (only / "b").exists()
 
 
+def test_cli_export_tells_a_restricted_feeds_sealed_records_from_ones_in_clear(
+        tmp_path: Path) -> None:
+    """A restricted feed goes into a default bundle when its payloads are sealed; one
+    that also holds records in clear (signed before it was restricted) is left out like
+    a partners feed, and the notes say which is which."""
+    st = Storage.open(tmp_path / "citynode.db")
+    sealed, prev = [], None
+    for seq in (1, 2):
+        r = sign_record(KEY, feed="sec", seq=seq, prev=prev, time_ms=T0 + seq * MIN,
+                        type="org.example.Test", data={"n": seq},
+                        readers=[OTHER.public_key])
+        sealed.append(r)
+        prev = r.id
+    st.append(sealed + list(chain(0, "was-partners", 3))).result(10)
+    st.set_meta("card:" + KEY.public_key.hex(), card_env(feeds=(
+        ("sec", "restricted"), ("was-partners", "restricted")))).result(10)
+    st.close()
+    args = ["-d", str(tmp_path), "--origin", KEY.node_id, "--out", str(tmp_path / "b")]
+    r = CliRunner().invoke(export_cmd, args)
+    assert r.exit_code == 0 and "2 record(s) in 1 feed(s)" in r.output, r.output
+    assert "left out feed(s) in clear that are not public: was-partners (restricted, " \
+        "with records in clear)" in r.output
+    assert "sec (restricted): their payloads are sealed to their readers" in r.output
+    r = CliRunner().invoke(export_cmd, [*args, "--force", "--include-partners"])
+    assert r.exit_code == 0 and "5 record(s) in 2 feed(s)" in r.output, r.output
+    assert "Records of was-partners are in clear" in r.output
+    assert "sealed to their readers" not in r.output
+
+
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     runner = CliRunner()
     typo = KEY.node_id[:-1] + ("b" if KEY.node_id.endswith("a") else "a")

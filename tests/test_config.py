@@ -212,9 +212,10 @@ def test_missing_file_says_to_run_init(tmp_path: Path) -> None:
     [
         ("[limits]\nmax_batch_records = 0", "[limits] max_batch_records", "at least 1"),
         ("[limits]\nmax_body_bytes = -5", "[limits] max_body_bytes", "at least 256"),
+        ("[limits]\nmax_body_bytes = 65537", "[limits] max_body_bytes", "at most 65536"),
         ("[limits]\nread_timeout_seconds = 0", "[limits] read_timeout_seconds",
          "greater than 0"),
-        ("[limits]\nmax_body_bytes = 100000\nmax_request_bytes = 99999",
+        ("[limits]\nmax_body_bytes = 65536\nmax_request_bytes = 65535",
          "[limits] max_request_bytes", "at least max_body_bytes"),
         ('[federation]\naccept = "everyone"', "[federation] accept", '"partners", "vouched"'),
         ('[log]\nformat = "xml"', "[log] format", '"auto", "json", "text"'),

@@ -582,26 +582,50 @@ class ReplayCache:
 
 class SplitReplayCache(ReplayCache):
     """A replay cache for requests any key may sign (signed reads): keys ``known`` says
-    are known use this cache; all others share a smaller one of their own.
+    are known use this cache, each at most ``per_key_entries`` of it; all others share a
+    smaller one of their own.
 
     Keys cost nothing to make, so strangers can fill a cache; when one is full it fails
     closed ("busy"). Split, a flood of strangers' signed requests refuses strangers
-    only: the partners and readers a node knows still get in.
+    only; and one known key that floods refuses itself, not the other known keys (unless
+    more than max_entries / per_key_entries of them flood together). A pair is refused
+    if either cache holds it: a key that turns known does not get its nonces back.
     """
 
-    __slots__ = ("known", "strangers")
+    __slots__ = ("_per_key", "known", "per_key_entries", "strangers")
 
     def __init__(self, known: Callable[[bytes], bool], max_age_ms: int = DEFAULT_MAX_AGE_MS,
                  max_entries: int = DEFAULT_REPLAY_ENTRIES,
-                 stranger_entries: int = DEFAULT_REPLAY_ENTRIES // 10) -> None:
+                 stranger_entries: int = DEFAULT_REPLAY_ENTRIES // 10,
+                 per_key_entries: int = DEFAULT_REPLAY_ENTRIES // 20) -> None:
         super().__init__(max_age_ms, max_entries)
         self.known = known
         self.strangers = ReplayCache(max_age_ms, stranger_entries)
+        self.per_key_entries = per_key_entries
+        self._per_key: dict[bytes, int] = {}
 
     def check_and_add(self, keyid: bytes, nonce: str, created_ms: int, now_ms: int) -> None:
         """As :meth:`ReplayCache.check_and_add`, in the known keys' cache or the
-        strangers'. Raises :class:`AccessDenied` as it does."""
-        if self.known(keyid):
-            super().check_and_add(keyid, nonce, created_ms, now_ms)
-        else:
+        strangers'. Raises :class:`AccessDenied` as it does, and "busy" for a known key
+        that holds its whole share."""
+        pair = (keyid, nonce)
+        if pair in self._expiry or pair in self.strangers._expiry:
+            raise AccessDenied("request refused as a replay: its nonce was already used")
+        if not self.known(keyid):
             self.strangers.check_and_add(keyid, nonce, created_ms, now_ms)
+            return
+        heap, expiry, counts = self._heap, self._expiry, self._per_key
+        while heap and heap[0][0] < now_ms:  # expire here, to keep the counts right
+            gone = heapq.heappop(heap)[1]
+            del expiry[gone]
+            left = counts[gone[0]] - 1
+            if left:
+                counts[gone[0]] = left
+            else:
+                del counts[gone[0]]
+        if counts.get(keyid, 0) >= self.per_key_entries:
+            raise AccessDenied(
+                "busy: too many recent signed requests from this key to check for "
+                "replays; retry shortly")
+        super().check_and_add(keyid, nonce, created_ms, now_ms)
+        counts[keyid] = counts.get(keyid, 0) + 1

@@ -708,8 +708,8 @@ async def sync_handler(request: web.Request) -> web.Response:
         # They hold what we lack: our side's round now rather than at its interval.
         # (Only then: two partners waking each other's rounds would never rest.)
         link.sync_now.set()
-    # Only the feeds this partner may be sent: a partners feed's name and head stay
-    # with its origin's partners (and it would ask, every round, for what it cannot get).
+    # Only the feeds this partner may be sent: a partners feed's head stays with its
+    # origin's partners (and it would ask, every round, for what it cannot get).
     return web.Response(body=sync.encode_frontier(node.frontier_for(link)),
                         content_type=MSGPACK)
 

@@ -550,6 +550,37 @@ def test_strangers_filling_their_cache_do_not_lock_known_keys_out() -> None:
     c.check_and_add(b"stranger9", "n", created_ms=1001, now_ms=1001)  # theirs expired
 
 
+def test_a_nonce_used_as_a_stranger_is_refused_once_the_key_is_known() -> None:
+    """A key becomes known (its card arrives, it is added as a partner) within a
+    signature's lifetime: the nonces it used as a stranger stay used."""
+    known: set[bytes] = set()
+    c = SplitReplayCache(known.__contains__, max_age_ms=1000)
+    c.check_and_add(b"k", "n", created_ms=0, now_ms=0)
+    known.add(b"k")
+    with pytest.raises(AccessDenied, match="replay"):
+        c.check_and_add(b"k", "n", created_ms=0, now_ms=10)
+    c.check_and_add(b"k", "m", created_ms=0, now_ms=10)
+    known.clear()  # and back: the known cache's nonces stay used too
+    with pytest.raises(AccessDenied, match="replay"):
+        c.check_and_add(b"k", "m", created_ms=0, now_ms=20)
+
+
+def test_one_known_key_cannot_lock_the_other_known_keys_out() -> None:
+    """Each known key holds at most its share of the known keys' cache: one that floods
+    is refused ("busy") itself; the others still get in; its share frees as its pairs
+    expire."""
+    c = SplitReplayCache(lambda k: True, max_age_ms=1000, max_entries=10,
+                         per_key_entries=3)
+    for i in range(3):
+        c.check_and_add(b"greedy", f"n{i}", created_ms=0, now_ms=0)
+    with pytest.raises(AccessDenied, match="busy: too many recent signed requests from "
+                                           "this key"):
+        c.check_and_add(b"greedy", "n3", created_ms=0, now_ms=0)
+    for i in range(3):
+        c.check_and_add(b"other", f"n{i}", created_ms=0, now_ms=0)
+    c.check_and_add(b"greedy", "n3", created_ms=1001, now_ms=1001)  # its first expired
+
+
 def test_cache_expires_in_order_of_expiry_not_insertion() -> None:
     c = ReplayCache(max_age_ms=1000, max_entries=10)
     c.check_and_add(b"k", "late", created_ms=500, now_ms=500)

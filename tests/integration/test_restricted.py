@@ -131,3 +131,61 @@ async def test_records_signed_before_a_feed_was_restricted_keep_the_partners_rul
     # The partner still reads the old record: the partners rule is what holds it.
     async with Client(a.url, fingerprint=a.fingerprint, key=load_identity(b.dir).key) as cl:
         assert (await cl.get(old)).data == {"secret": "partners-only"}
+
+
+async def test_a_fork_proof_with_a_record_in_clear_stays_with_the_origins_partners(
+        cluster: Cluster) -> None:
+    """An origin signs a sealed and an in-clear record at one seq of a restricted feed
+    (a restore from a backup taken while the feed was `partners`; or a faulty origin).
+    Its partner detects the fork and keeps the proof; the proof carries the record in
+    clear, so it goes no further than the origin's partners -- also when the sealed
+    record comes first in it (the clear one is longer)."""
+    import sqlite3
+    import time
+
+    from citynode.core.chain import ForkProof
+    from citynode.core.records import decode_envelope, parse_body, sign_record
+    from citynode.transport.client import PeerClient
+
+    secret = "PARTNERS-ONLY-" + "x" * 2000
+    a, b, c = cluster.create(["Lima", "Quito", "Bogota"], settings=FAST)
+    add_feed(a, "priv", "restricted", [c.node_id])
+    await cluster.start()
+    await cluster.link(a, b)  # Quito: Lima's partner
+    await cluster.link(b, c)  # Bogota: Quito's only, and a reader of priv
+    await a.publish("priv", "org.example.Test", [{"s": "for Bogota"}])
+
+    async def held(n: LocalNode) -> bool:
+        return any(f["origin"] == a.node_id and f["feed"] == "priv" for f in await n.feeds())
+
+    await eventually(lambda: held(b), timeout=30)
+    key = load_identity(a.dir).key
+    clear = sign_record(key, feed="priv", seq=1, prev=None, time_ms=int(time.time() * 1000),
+                        type="org.example.Test", data={"secret": secret})
+    pc = PeerClient(key, b.url, node_id=b.node_id, fingerprint=b.fingerprint)
+    try:
+        await pc.push([clear.envelope])
+    finally:
+        await pc.close()
+
+    def proofs(n: LocalNode) -> list[bytes]:
+        db = sqlite3.connect(n.dir / "citynode.db")
+        try:
+            return [r[0] for r in db.execute("SELECT proof FROM fork_proofs")]
+        finally:
+            db.close()
+
+    async def detected() -> bool:
+        return bool(proofs(b))
+
+    await eventually(detected, timeout=30)
+    (proof,) = proofs(b)
+    fp = ForkProof.decode(proof)
+    first = parse_body(decode_envelope(fp.a)[0])
+    assert "sealed" in first, "the case under test: the sealed record comes first"
+    for _ in range(3):
+        await b.api("POST", "/v1/admin/sync", body=b"")
+        await c.api("POST", "/v1/admin/sync", body=b"")
+    await asyncio.sleep(2)
+    assert not any(secret.encode() in p for p in proofs(c)), \
+        "a record in clear reached a node beyond the origin's partners in a fork proof"
