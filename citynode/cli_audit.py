@@ -111,6 +111,7 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
         if out.exists() and not force:
             raise click.ClickException(f"{out} exists: remove it, choose another --out, "
                                        "or add --force")
+        own = _own_levels(data_dir, key)
         st = Storage.open(db)
         try:
             card = _pick_card(st, key)
@@ -123,7 +124,7 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
                 # A restricted feed's sealed payloads may go; one holding records in
                 # clear (signed before it was restricted) is like a partners feed.
                 left_out = [(f, a if a != "restricted" else "restricted, with records in "
-                             "clear") for f, a in _not_public(card, key, held)
+                             "clear") for f, a in _not_public(card, key, held, own)
                             if a != "restricted" or st.has_records_in_clear(key, f)]
                 if left_out:
                     chosen = [f for f in held if f not in dict(left_out)]
@@ -136,7 +137,7 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
             in_clear = {f for f in summary.feeds if st.has_records_in_clear(key, f)}
         finally:
             st.close()
-    private = _not_public(card, key, list(summary.feeds))
+    private = _not_public(card, key, list(summary.feeds), own)
     if as_json:
         click.echo(json.dumps({**summary.to_json(),
                                "not_public": [{"feed": f, "access": a} for f, a in private],
@@ -180,10 +181,29 @@ def _listed(feeds: list[tuple[str, str]]) -> str:
     return ", ".join(f"{f} ({a})" for f, a in feeds)
 
 
-def _not_public(card: bytes | None, origin: bytes, feeds: list[str]) -> list[tuple[str, str]]:
+def _own_levels(data_dir: Path, origin: bytes) -> dict[str, str]:
+    """When ``origin`` is the node of ``data_dir``: the access levels its node.toml sets
+    now (the card kept may predate a change). Empty otherwise, or when the key or the
+    config cannot be read (a sealed key without its passphrase): the card decides."""
+    from citynode.config import load_config
+    from citynode.errors import CitynodeError
+    from citynode.identity import load_identity
+
+    try:
+        if load_identity(data_dir).key.public_key != origin:
+            return {}
+        feeds = load_config(data_dir / "node.toml").feeds
+    except CitynodeError:
+        return {}
+    return {name: fc.access for name, fc in feeds.items()}
+
+
+def _not_public(card: bytes | None, origin: bytes, feeds: list[str],
+                own: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """``(feed, access)`` of the ``feeds`` the origin's card does not list as public
     (access ``unknown`` when the card, or the card's entry, is missing: a node never
-    takes unknown access as public)."""
+    takes unknown access as public). ``own``: this node's own levels from node.toml,
+    which win when they are not public (a feed made partners-only since the card)."""
     from citynode.core.cards import open_card
     from citynode.core.keys import Verifier, node_id
 
@@ -191,6 +211,7 @@ def _not_public(card: bytes | None, origin: bytes, feeds: list[str]) -> list[tup
     if card is not None:
         opened = open_card(card, expected_node_id=node_id(origin), verifier=Verifier())
         access = {f.name: f.access for f in opened.feeds}
+    access.update({f: a for f, a in (own or {}).items() if a != "public"})
     return [(f, access.get(f, "unknown")) for f in feeds if access.get(f) != "public"]
 
 

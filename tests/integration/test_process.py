@@ -250,3 +250,25 @@ async def test_an_export_of_a_nodes_own_feed_carries_its_card(cluster: Cluster,
     summary = json.loads(r.stdout)
     assert summary["cards"] == 1 and summary["records"] == 1, summary
     assert summary["left_out_not_public"] == [] and summary["not_public"] == []
+
+
+async def test_an_export_of_a_nodes_own_feed_follows_its_node_toml(cluster: Cluster,
+                                                                   tmp_path: Path) -> None:
+    """The operator makes a public feed partners-only in node.toml and exports before the
+    node has run with it: the card kept still says public, node.toml wins (the feed is
+    left out of the default bundle)."""
+    (n,) = cluster.create(["Lima"])
+    await cluster.start()
+    await n.publish("air-quality", "AirQualityObserved", [AIR])
+    await n.close()
+    n.stop()
+    with open(n.dir / "node.toml", "a") as f:
+        f.write('\n[feeds.air-quality]\naccess = "partners"\n')
+    r = cli("export", "-d", str(n.dir), "--origin", n.node_id, "--out",
+            str(tmp_path / "b"), "--json")
+    assert r.returncode == 1 and "--include-partners" in r.stderr, (r.stdout, r.stderr)
+    r = cli("export", "-d", str(n.dir), "--origin", n.node_id, "--out",
+            str(tmp_path / "b"), "--json", "--include-partners")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["not_public"] == [{"feed": "air-quality",
+                                                    "access": "partners"}]
