@@ -88,6 +88,7 @@ MIN_SYNC_GAP = 0.25
 # Checkpoints and proofs kept per partner while it is away (each a few hundred bytes).
 OUTBOX_MAX = 1000
 OUTBOX_PER_ROUND = 50
+OUTBOX_REFUSALS = 5  # a checkpoint or proof refused for the moment this often is dropped
 # A chain that a push extended this recently is flowing: a sync round leaves it to push.
 PUSH_FLOWING = 3.0
 # Bounds on the signed cards of other nodes kept (and served on /v1/cards).
@@ -154,12 +155,17 @@ class PartnerLink:
         # Checkpoints and proofs this partner has not taken yet (it was down): sent again
         # after the next good sync round. Keyed by a hash of (path, payload), so one
         # is kept once; oldest first; bounded.
-        self.outbox: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        self.outbox: OrderedDict[bytes, tuple[str, bytes, int]] = OrderedDict()
 
-    def keep_for_later(self, path: str, payload: bytes) -> None:
+    def keep_for_later(self, path: str, payload: bytes, refusals: int = 0) -> None:
         """Send ``payload`` to ``path`` after the next good round (the oldest goes once
-        OUTBOX_MAX wait: a partner that long gone is caught up by a newer checkpoint)."""
-        self.outbox[hashlib.sha256(path.encode() + b"\0" + payload).digest()] = (path, payload)
+        OUTBOX_MAX wait: a partner that long gone is caught up by a newer checkpoint).
+        ``refusals``: how often the partner, reachable, refused it for the moment; at
+        OUTBOX_REFUSALS it is dropped (it may never trust that origin)."""
+        if refusals >= OUTBOX_REFUSALS:
+            return
+        key = hashlib.sha256(path.encode() + b"\0" + payload).digest()
+        self.outbox[key] = (path, payload, refusals)
         while len(self.outbox) > OUTBOX_MAX:
             self.outbox.popitem(last=False)
 
@@ -819,30 +825,37 @@ class Node:
     async def _send_proof(self, link: PartnerLink, proof: bytes) -> None:
         await self._deliver(link, "/v1/proofs", proof)
 
-    async def _deliver(self, link: PartnerLink, path: str, payload: bytes) -> bool:
-        """POST a checkpoint or proof to a partner. Unreachable (or failing): kept for
-        after its next good sync round, so one that was down still gets it. Refused
-        (4xx, e.g. an origin it does not trust): that is its answer, not retried.
-        Returns True if the partner took it or refused it."""
+    async def _deliver(self, link: PartnerLink, path: str, payload: bytes,
+                       refusals: int = 0) -> bool:
+        """POST a checkpoint or proof to a partner. Unreachable (or a 5xx): kept for
+        after its next good sync round, so one that was down still gets it; returns
+        False. Refused for the moment (busy, clock skew, an origin it does not trust
+        yet): kept, a few times; refused for what it is (invalid, too large): dropped.
+        Returns True when the partner answered."""
         try:
             await link.client.request("POST", path, payload)
         except PeerRejected as exc:
-            if _verdict_on_payload(exc):
-                return True
-            link.keep_for_later(path, payload)
-            return False
+            if exc.status >= 500:
+                link.keep_for_later(path, payload, refusals)
+                return False
+            if not _verdict_on_payload(exc):
+                link.keep_for_later(path, payload, refusals + 1)
+            return True
         except PeerError:
-            link.keep_for_later(path, payload)
+            link.keep_for_later(path, payload, refusals)
             return False
         return True
 
     async def _flush_outbox(self, link: PartnerLink, first_round: bool) -> None:
         """After a good sync round: what this partner missed while it was away. After the
-        first round since this node started, also the latest checkpoint of each own feed
-        and the proofs held (what it may have missed while this node was down), since
-        the outbox does not outlive the process."""
+        first round since this node started, also the latest checkpoint held of each
+        feed it may be sent, and the proofs held (what it may have missed while this
+        node was down, or before it was a partner), since the outbox does not outlive
+        the process."""
         if first_round:
-            for (origin, feed) in [k for k in self.heads if k[0] == self.public_key]:
+            for origin, feed in list(self.heads)[:OUTBOX_MAX // 2]:
+                if not self.may_pass(link, origin, feed):
+                    continue
                 held = await self._io(self.storage.checkpoints, origin, feed)
                 if held:
                     link.keep_for_later("/v1/checkpoints", held[-1][2])
@@ -852,9 +865,9 @@ class Node:
         # A budget per round: a partner that answers slowly must not hold this link's
         # sync rounds for the whole outbox (the rest goes after the next round).
         for _ in range(min(len(link.outbox), OUTBOX_PER_ROUND)):
-            key, (path, payload) = next(iter(link.outbox.items()))
+            key, (path, payload, refusals) = next(iter(link.outbox.items()))
             del link.outbox[key]
-            if not await self._deliver(link, path, payload):
+            if not await self._deliver(link, path, payload, refusals):
                 return  # away again: kept (at the end), tried after the next good round
 
     async def ingest_proof(self, data: bytes, src: str) -> bool:

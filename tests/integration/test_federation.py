@@ -485,3 +485,41 @@ async def test_a_checkpoint_signed_while_a_partner_was_down_still_reaches_it(
     await cluster.start([a])
     await cluster.start([b])
     await eventually(lambda: b_holds(4), timeout=30)
+
+
+async def test_a_new_partner_gets_the_checkpoints_its_relay_already_held(
+        cluster: Cluster) -> None:
+    """A relay that holds an origin's checkpoint when a new partner joins it sends that
+    partner the latest one held, though the origin signs nothing new (a feed that has
+    stopped growing would otherwise never be provable there)."""
+    settings = {**FAST, ("checkpoints", "interval_seconds"): 1.0}
+    a, b, c = cluster.create(["Lima", "Quito", "Bogota"], settings=settings)
+    await cluster.start()
+    await cluster.link(a, b)
+    await a.publish("air", TYPE, [rec(1), rec(2)])
+
+    async def holds_cp(n: LocalNode) -> bool:
+        try:
+            out = await n.api("GET", f"/v1/checkpoints?origin={a.node_id}&feed=air")
+        except PeerRejected:
+            return False
+        return 2 in [cp["size"] for cp in out["checkpoints"]]
+
+    await eventually(lambda: holds_cp(b), timeout=30)
+    await cluster.link(b, c)  # Bogota joins Quito after the checkpoint was signed
+    await eventually(lambda: holds_cp(c), timeout=30)
+
+
+def test_a_checkpoint_refused_for_the_moment_is_dropped_after_a_few_tries() -> None:
+    """A partner that never trusts an origin refuses its checkpoints "for the moment"
+    every time: after OUTBOX_REFUSALS such answers it is no longer kept."""
+    from citynode.node import OUTBOX_REFUSALS, PartnerLink
+    from citynode.storage import PartnerRow
+
+    row = PartnerRow("cn1x", b"\x01" * 32, "https://127.0.0.1:1", "x", None, None, 0)
+    link = PartnerLink(row, client=None, queue_max=10)  # type: ignore[arg-type]
+    for n in range(OUTBOX_REFUSALS):
+        link.keep_for_later("/v1/checkpoints", b"cp", n)
+        assert list(link.outbox.values()) == [("/v1/checkpoints", b"cp", n)]
+    link.keep_for_later("/v1/checkpoints", b"cp", OUTBOX_REFUSALS)
+    assert list(link.outbox.values()) == [("/v1/checkpoints", b"cp", OUTBOX_REFUSALS - 1)]
