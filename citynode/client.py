@@ -215,6 +215,10 @@ class Client:
                 qs += ("&" if qs else "?") + urlencode({"after": cursor})
             try:
                 async for cur, rec in self._stream_once(f"/v1/stream{qs}", opened):
+                    if cursor is not None and (cur < cursor or (rec and cur == cursor)):
+                        # A node's cursors only grow: going back would replay records.
+                        raise InvalidRecord(f"the node sent cursor {cur} after {cursor}: "
+                                            "its cursors go back", "bad_envelope")
                     cursor = cur  # the starting cursor too: a reconnect resumes there
                     if rec is not None:
                         yield cur, asked.check(rec)

@@ -189,6 +189,19 @@ def _reader(
     return lambda origin, feed, env=None: node.may_read(origin, feed, caller, env)
 
 
+async def _may_read_feed(request: web.Request, caller: bytes | None, origin: bytes,
+                         feed: str) -> bool:
+    """May the caller read what is about a whole feed (its checkpoints, consistency
+    proofs)? As it may read the feed's latest record held: for a restricted feed of
+    another origin, that record's recipients are the readers known here."""
+    node = request.app[NODE_KEY]
+    head = node.heads.get((origin, feed))
+    env = None
+    if head is not None and node.feed_policy(origin, feed).access == "restricted":
+        env = await node._io(node.storage.envelope_at, origin, feed, head.seq)
+    return _reader(request, caller)(origin, feed, env)
+
+
 async def _caller(request: web.Request) -> bytes | None:
     """The node key that signed a read request, or None for an anonymous reader.
 
@@ -773,7 +786,7 @@ async def get_checkpoints(request: web.Request) -> web.Response:
     # A feed of which nothing is held answers as one the caller may not read: the two
     # look alike. (Checkpoints may come before records, or for a feed whose records are
     # not relayed here: those are served.)
-    if not _reader(request, caller)(origin, feed, None):
+    if not await _may_read_feed(request, caller, origin, feed):
         raise web.HTTPNotFound(text="no such feed here")
     held = await node._io(node.storage.checkpoints, origin, feed)
     if not held and (origin, feed) not in node.heads:
@@ -851,7 +864,8 @@ async def consistency_proof(request: web.Request) -> web.Response:
     new = _int_arg(request, "new", None, 0)
     if origin is None or not feed or old is None or new is None or old > new:
         raise web.HTTPBadRequest(text="need ?origin=&feed=&old=&new= with old <= new")
-    if (origin, feed) not in node.heads or not _reader(request, caller)(origin, feed, None):
+    if (origin, feed) not in node.heads or not await _may_read_feed(request, caller, origin,
+                                                                     feed):
         raise web.HTTPNotFound(text="no such feed here")
     log_ = await node.merkle_log(origin, feed, new)
     path = log_.consistency_proof(old, new)

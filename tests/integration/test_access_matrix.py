@@ -22,8 +22,8 @@ stranger   a key no node knows
 =========  ===========================================================================
 
 Who may read (core/access.py): ``pub`` anyone; ``priv`` origin, relay, partner; ``sec``
-origin, reader -- except the checkpoint reads of ``sec`` at Relay, which has no record at
-hand there to name the readers: origin only (docs/PROTOCOL.md, "Feed access"). An
+origin, reader -- the checkpoint reads of a feed follow its latest record held, so at
+Relay too (docs/PROTOCOL.md, "Access levels"). An
 allowed cell must get the record (``sec`` sealed, and the caller must open it with its
 own key); any other cell gets exactly what a missing record or an unknown feed gets
 (404 / empty page / no event) and never a payload. ``/v1/feeds`` also lists ``sec``'s
@@ -92,11 +92,10 @@ def may_read(level: str, caller: str) -> bool:
 
 
 def may_read_feed(level: str, caller: str, at: str) -> bool:
-    """The checkpoint reads (``/v1/checkpoints``, consistency proofs) have no record at
-    hand: at a relay a restricted feed of another origin has no known readers, so only
-    its origin may read them there (docs/PROTOCOL.md, "Feed access")."""
-    if level == "restricted" and at == "relay":
-        return caller == "origin"
+    """The checkpoint reads (``/v1/checkpoints``, consistency proofs) follow the feed's
+    latest record held: at a relay, a restricted feed's readers are its recipients
+    (docs/PROTOCOL.md, "Access levels"), so the reader reads them there too."""
+    del at  # the same everywhere
     return may_read(level, caller)
 
 

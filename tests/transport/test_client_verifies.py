@@ -76,6 +76,7 @@ class Hostile:
     card: bytes = b""
     get_answer: bytes = b""  # served for GET /v1/records/{any id}
     page: list[bytes] = field(default_factory=list)  # served by query and stream
+    cursors: list[int] = field(default_factory=list)  # the stream's ids (default 1, 2, ..)
     asked: list[str] = field(default_factory=list)  # request paths, in order
 
 
@@ -177,7 +178,8 @@ async def hostile(tmp_path: Path) -> AsyncIterator[Hostile]:
         after = int(request.query.get("after", "0"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for cursor, env in enumerate(state.page, 1):
+        for cursor, env in zip(state.cursors or range(1, len(state.page) + 1), state.page,
+                               strict=True):
             if cursor > after:
                 data = base64.b64encode(env).decode()
                 await resp.write(f"id: {cursor}\r\nevent: record\r\ndata: {data}\r\n\r\n"
@@ -339,6 +341,20 @@ async def test_records_outside_the_filter_asked_for_are_refused(hostile: Hostile
                 async for _cur, rec in c.subscribe(**ask, last_event_id=0):
                     got.append(rec.id)
         assert got == [GOOD1.id]
+
+
+async def test_subscribe_refuses_a_cursor_that_goes_back(hostile: Hostile) -> None:
+    """A node's cursors only grow; one that goes back (a replay after the next
+    reconnect) is refused after the good records before it."""
+    hostile.page = [GOOD1.envelope, GOOD2.envelope]
+    hostile.cursors = [5, 3]
+    got = []
+    async with Client(hostile.url, node_id=hostile.node_id) as c:
+        with pytest.raises(InvalidRecord, match="cursor 3 after 5: its cursors go back"):
+            async with asyncio.timeout(20):
+                async for cur, rec in c.subscribe(feed=FEED, last_event_id=0):
+                    got.append((cur, rec.id))
+    assert got == [(5, GOOD1.id)]
 
 
 # ------------------------------------------------------------------ citynode subscribe
