@@ -665,8 +665,9 @@ def _finish(a: _Audit) -> None:
             f"the origin's signed card lists this feed (access {access}), but the bundle "
             f"holds no record of it{listed}: this audit says nothing about it. The "
             "exporting node may not be allowed to read it or may hold none of it yet, or "
-            "it was left out or removed; for an audit of it, ask for a bundle that holds "
-            f"it (citynode export --feed {name})")
+            "it was left out (export leaves feeds in clear that are not public out unless "
+            "asked) or removed; for an audit of it, ask for a bundle that holds it "
+            f"(citynode export ... --feed {name}, or --include-partners)")
 
 
 def _audit_card(rep: AuditReport, item: Item, expected: bytes, verifier: Verifier,
@@ -832,11 +833,12 @@ def _finish_feed(
                         "records were altered, or the origin showed a split view")
         elif cp.size <= fa.max_seq:
             # The hole below it was reported (gap, or the invalid record's reason).
-            held_run = f"seq 1..{contiguous}" if contiguous else "no record from seq 1"
+            held_run = (f"holds only seq 1..{contiguous} of this feed contiguously"
+                        if contiguous else "holds no valid seq 1 of this feed")
             rep.add(WARNING, "checkpoint_beyond", name, cp.size,
-                    f"the checkpoint of size {cp.size} cannot be checked: the bundle holds "
-                    f"only {held_run} of this feed contiguously (the records missing or "
-                    "invalid below it are reported as errors)")
+                    f"the checkpoint of size {cp.size} cannot be checked: the bundle "
+                    f"{held_run} (the records missing or invalid below it are reported "
+                    "as errors)")
         # else: beyond every record held, reported once as missing_records above
     sizes = sorted(by_size)
     for a, b in itertools.pairwise(sizes):

@@ -394,7 +394,7 @@ def partner_remove(data_dir: Path, pid: str) -> None:
                 return bool(await node.remove_partner(pid))
 
         if not _run(go()):
-            raise click.ClickException(f"no partner {pid}")
+            raise click.ClickException(f"no partner {pid} (see `citynode partner list`)")
     click.echo(f"removed partner {pid}")
 
 
@@ -520,7 +520,9 @@ def demo(duration: float, base: Path | None) -> None:
               help="The node's id: its card is checked and its TLS certificate pinned.")
 @click.option("--origin", default=None, help="Only records of this origin node id.")
 @click.option("--feed", default=None, help="Only this feed.")
-@click.option("--type", "type_name", default=None, help="Only this payload type.")
+@click.option("--type", "type_name", default=None,
+              help="Only this payload type (a restricted feed's records are type "
+                   "'sealed': select them by --feed).")
 @click.option("--after", default=None, type=click.IntRange(0),
               help="Resume after this cursor (0: from the beginning). Default: from now.")
 @click.option("--count", default=None, type=click.IntRange(1),
@@ -570,7 +572,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
 
     With --id: that record's inclusion in the newest signed checkpoint of its feed that
     covers it. With --origin/--feed/--old/--new: consistency between two tree sizes,
-    with ``signed_by_origin`` saying for each size whether the origin signed a
+    with signed_by_origin saying for each size whether the origin signed a
     checkpoint of it that agrees (else the root is only what this node's records give).
     """
     from citynode.core import checkpoints as cps

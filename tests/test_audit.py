@@ -923,6 +923,7 @@ def test_cli_export_notes_what_the_bundle_leaves_out(tmp_path: Path) -> None:
     r = runner.invoke(audit_cmd, [str(out), "--origin", KEY.node_id])
     assert r.exit_code == 0, r.output
     assert "WARNING [missing_feed] permits:" in r.output
+    assert "--feed permits, or --include-partners" in r.output
     assert "origin's card also lists permits, NOT in this bundle" in r.output
     # asked for one feed: the others are left out on purpose, no note about them
     r = runner.invoke(export_cmd, ["-d", str(tmp_path), "--origin", KEY.node_id,
@@ -946,6 +947,7 @@ def test_cli_export_warns_when_the_bundle_holds_non_public_feeds(tmp_path: Path)
     out = json.loads(r.stdout)
     assert out["not_public"] == [] and out["records"] == 8
     assert out["left_out_not_public"] == [{"feed": "air-quality", "access": "partners"}]
+    assert out["card_feeds_not_held"] == []  # left out on purpose, and held here
     # Named, or with --include-partners, it goes in, with a warning.
     for extra in (["--feed", "air-quality", "--feed", "noise"], ["--include-partners"]):
         r = CliRunner().invoke(export_cmd, [*args, "--force", *extra])
