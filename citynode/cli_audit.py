@@ -94,7 +94,8 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
     An auditor checks it with `citynode audit BUNDLE --origin ID`, needing nothing
     else. Runs alongside `citynode run` (it only reads the database). Without --feed,
     feeds whose records are in clear for the origin's partners only are left out unless
-    --include-partners is given (restricted feeds go in: their payloads are sealed).
+    --include-partners is given (restricted feeds go in, their payloads sealed, unless
+    they also hold records signed in clear before they were restricted).
     """
     from citynode.bundle import export_from_storage
     from citynode.core.keys import parse_node_id
@@ -115,17 +116,18 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
         st = Storage.open(db)
         try:
             card = _pick_card(st, key)
+            held = [r.feed for r in st.feeds() if r.origin == key]
+            in_clear = {f for f in held if st.has_records_in_clear(key, f)}
             chosen: list[str] | None = list(feeds) or None
             left_out: list[tuple[str, str]] = []
             if chosen is None and not include_partners:
                 # A bundle goes to auditors: what only the origin's partners may read
-                # in clear goes in when asked for by name (or --include-partners).
-                held = [r.feed for r in st.feeds() if r.origin == key]
-                # A restricted feed's sealed payloads may go; one holding records in
-                # clear (signed before it was restricted) is like a partners feed.
+                # in clear goes in when asked for by name (or --include-partners). A
+                # restricted feed's sealed payloads may go; one holding records in clear
+                # (signed before it was restricted) is like a partners feed.
                 left_out = [(f, a if a != "restricted" else "restricted, with records in "
                              "clear") for f, a in _not_public(card, key, held, own)
-                            if a != "restricted" or st.has_records_in_clear(key, f)]
+                            if a != "restricted" or f in in_clear]
                 if left_out:
                     chosen = [f for f in held if f not in dict(left_out)]
                     if not chosen:
@@ -134,7 +136,6 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
                             f"({_listed(left_out)}): name them with --feed, or add "
                             "--include-partners, if the auditor may read them")
             summary = export_from_storage(st, key, chosen, out, card=card, now_ms=_now_ms())
-            in_clear = {f for f in summary.feeds if st.has_records_in_clear(key, f)}
         finally:
             st.close()
     private = _not_public(card, key, list(summary.feeds), own)

@@ -782,6 +782,17 @@ class Node:
         return {k: (h.seq, h.id) for k, h in self.heads.items()
                 if self.may_pass(link, k[0], k[1])}
 
+    async def may_read_feed(self, origin: bytes, feed: str, caller: bytes | None) -> bool:
+        """May ``caller`` read what is about a whole feed (its checkpoints, consistency
+        proofs)? As it may read the feed's latest record held: for a restricted feed,
+        that record's recipients are the readers known here (in clear: the partners
+        rule); with no record held, the feed's policy alone."""
+        head = self.heads.get((origin, feed))
+        env = None
+        if head is not None and self.feed_policy(origin, feed).access == access.RESTRICTED:
+            env = await self._io(self.storage.envelope_at, origin, feed, head.seq)
+        return self.may_read(origin, feed, caller, env)
+
     def may_read(self, origin: bytes, feed: str, caller: bytes | None,
                  envelope: bytes | None = None) -> bool:
         """Access policy on the read paths (get, query, stream, export): for a record when

@@ -192,14 +192,10 @@ def _reader(
 async def _may_read_feed(request: web.Request, caller: bytes | None, origin: bytes,
                          feed: str) -> bool:
     """May the caller read what is about a whole feed (its checkpoints, consistency
-    proofs)? As it may read the feed's latest record held: for a restricted feed of
-    another origin, that record's recipients are the readers known here."""
-    node = request.app[NODE_KEY]
-    head = node.heads.get((origin, feed))
-    env = None
-    if head is not None and node.feed_policy(origin, feed).access == "restricted":
-        env = await node._io(node.storage.envelope_at, origin, feed, head.seq)
-    return _reader(request, caller)(origin, feed, env)
+    proofs)? The operator reads everything; anyone else as :meth:`Node.may_read_feed`."""
+    if _is_operator(request):
+        return True
+    return await request.app[NODE_KEY].may_read_feed(origin, feed, caller)
 
 
 async def _caller(request: web.Request) -> bytes | None:
@@ -292,6 +288,8 @@ def takes(*names: str) -> Callable[[Handler], Handler]:
     return wrap
 
 
+# The record filters of a query or a stream (_filters reads them).
+FILTERS = ("origin", "feed", "type", "since", "until", "bbox")
 # Names echoed in an error: short and plain only (clients quote the message verbatim).
 _PARAM_NAME = re.compile(r"[a-z_]{1,32}")
 
@@ -379,7 +377,7 @@ def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
     return [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
 
 
-@takes("origin", "feed", "type", "since", "until", "bbox", "from_seq", "to_seq", "after", "limit")
+@takes(*FILTERS, "from_seq", "to_seq", "after", "limit")
 async def list_records(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     caller = await _caller(request)
@@ -439,7 +437,7 @@ def _filters(request: web.Request) -> dict[str, Any]:
     Raises 400 for a filter given but not valid (an empty one included): a filter that
     matched nothing without saying why would leave a stream silent forever.
     """
-    for name in ("origin", "feed", "type", "since", "until", "bbox"):
+    for name in FILTERS:
         if request.query.get(name) == "":
             raise web.HTTPBadRequest(
                 text=f"query parameter {name} is empty (leave it out to match any)")
@@ -491,7 +489,7 @@ def _row_matcher(f: dict[str, Any]) -> Callable[[Any], bool]:
     return match
 
 
-@takes("origin", "feed", "type", "since", "until", "bbox", "after", "format")
+@takes(*FILTERS, "after", "format")
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events of stored records matching a filter, oldest first.
 
