@@ -376,7 +376,8 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
              "by every other node).", _range(256, 65536)),
         _Key("max_request_bytes", "int", 8388608, "Largest HTTP request body, in bytes "
              "(a batch of records); at least max_body_bytes.", _range(1024, 1024**3)),
-        _Key("max_batch_records", "int", 1000, "Most records accepted in one batch.",
+        _Key("max_batch_records", "int", 1000, "Most records in one batch between partners "
+             "(a push received, a fetch answered or asked for).",
              _range(1, 100_000)),
         _Key("max_headers", "int", 64, "Most HTTP header fields in one request.",
              _range(8, 1000)),

@@ -445,7 +445,7 @@ def test_proof_inclusion_and_consistency(node_dir: Path) -> None:
         node = Node.load(node_dir)
         await node.start(partners=False)
         try:
-            (cp,) = await node.checkpoint_now()
+            (cp,) = await node.checkpoints.checkpoint_now()
             return cp
         finally:
             await node.stop()
@@ -652,7 +652,7 @@ def test_a_forked_own_feed_is_never_signed_on_again(node_dir: Path) -> None:
                                 prev=open_record(*decode_envelope(prev), now_ms=2**62,
                                                  verifier=Verifier()).id,
                                 time_ms=node.now_ms(), type=AIR_TYPE, data=air(99.0))
-            assert await node.ingest_proof(ForkProof(held, other.envelope).encode(), "test")
+            assert await node.checkpoints.ingest_proof(ForkProof(held, other.envelope).encode(), "test")
             with pytest.raises(PublishRefused, match="has forked"):
                 await node.publish("air", AIR_TYPE, [air(1.0)])
             await node.publish("water", AIR_TYPE, [air(1.0)])  # other feeds go on
@@ -709,8 +709,8 @@ def test_one_fork_is_one_proof_whichever_order_it_comes_in(node_dir: Path) -> No
             # The node's own key: an origin it trusts (a stranger's proof is refused).
             x, y = (sign_record(node.key, feed="f", seq=1, prev=None, time_ms=1,
                                 type=NOISE_TYPE, data={"db": v}).envelope for v in (50, 60))
-            assert await node.ingest_proof(ForkProof(x, y).encode(), "a")
-            assert not await node.ingest_proof(ForkProof(y, x).encode(), "b")
+            assert await node.checkpoints.ingest_proof(ForkProof(x, y).encode(), "a")
+            assert not await node.checkpoints.ingest_proof(ForkProof(y, x).encode(), "b")
             return node.storage.fork_proofs()
         finally:
             await node.stop()
@@ -731,13 +731,13 @@ def test_a_prev_mismatch_or_split_view_is_one_proof_too(node_dir: Path) -> None:
                               type=NOISE_TYPE, data={"db": 1})
             two = sign_record(node.key, feed="g", seq=2, prev=b"\x05" * 32, time_ms=2,
                               type=NOISE_TYPE, data={"db": 2})  # its prev is not one's id
-            assert await node.ingest_proof(ForkProof(one.envelope, two.envelope).encode(), "a")
-            assert not await node.ingest_proof(
+            assert await node.checkpoints.ingest_proof(ForkProof(one.envelope, two.envelope).encode(), "a")
+            assert not await node.checkpoints.ingest_proof(
                 ForkProof(two.envelope, one.envelope).encode(), "b")
             x, y = (cps.sign_checkpoint(node.key, "g", 2, root, 3).envelope
                     for root in (b"\x01" * 32, b"\x02" * 32))
-            assert await node.ingest_proof(cps.SplitViewProof(x, y).encode(), "a")
-            assert not await node.ingest_proof(cps.SplitViewProof(y, x).encode(), "b")
+            assert await node.checkpoints.ingest_proof(cps.SplitViewProof(x, y).encode(), "a")
+            assert not await node.checkpoints.ingest_proof(cps.SplitViewProof(y, x).encode(), "b")
             return node.storage.fork_proofs()
         finally:
             await node.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from citynode.errors import PeerRejected
-from citynode.node import _verdict_on_payload
+from citynode.node.partners import verdict_on_payload as _verdict_on_payload
 
 BODY = 'Quito /v1/proofs: {} b\'{{"error": "{}", "message": "{}"}}\''
 

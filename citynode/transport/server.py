@@ -22,7 +22,7 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 from aiohttp import web
@@ -51,7 +51,7 @@ from citynode.errors import (
 )
 from citynode.identity import check_token
 from citynode.logs import fields
-from citynode.node import Node
+from citynode.node import Node, Subscriber
 from citynode.render import b64, parse_json_items, stored_record_json
 
 __all__ = ["build_app", "serve", "ssl_context"]
@@ -66,6 +66,7 @@ REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("replay", httpsig.Repla
 READ_REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("read_replay",
                                                               httpsig.ReplayCache)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def _error(status: int, reason: str, message: str) -> web.Response:
@@ -123,7 +124,8 @@ async def _read_body(request: web.Request) -> bytes:
         raise web.HTTPRequestTimeout(text="request body not received in time") from None
     except web.HTTPRequestEntityTooLarge:
         # Not blamed on a partner: the signature cannot be checked without the body.
-        node.count_invalid(None, "too_large", f"request body over the limit on {request.path}")
+        node.ingest_role.count_invalid(None, "too_large",
+                                       f"request body over the limit on {request.path}")
         raise
 
 
@@ -149,7 +151,7 @@ async def _require_partner(request: web.Request, body: bytes) -> bytes:
         replay=request.app[REPLAY_KEY],
         verifier=node.verifier,
         expected_target=node.node_id,
-        authorize=lambda key: key in node.links,
+        authorize=lambda key: node.partners.get(key) is not None,
     )
 
 
@@ -161,7 +163,7 @@ def _precheck_partner(request: web.Request) -> None:
         request.headers, now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
     )
-    if key not in node.links:
+    if key is None or node.partners.get(key) is None:
         raise AccessDenied("request not signed by a partner of this node")
 
 
@@ -186,7 +188,7 @@ def _reader(
     node = request.app[NODE_KEY]
     if _is_operator(request):
         return lambda origin, feed, env=None: True
-    return lambda origin, feed, env=None: node.may_read(origin, feed, caller, env)
+    return lambda origin, feed, env=None: node.policy.may_read(origin, feed, caller, env)
 
 
 async def _may_read_feed(request: web.Request, caller: bytes | None, origin: bytes,
@@ -195,7 +197,7 @@ async def _may_read_feed(request: web.Request, caller: bytes | None, origin: byt
     proofs)? The operator reads everything; anyone else as :meth:`Node.may_read_feed`."""
     if _is_operator(request):
         return True
-    return await request.app[NODE_KEY].may_read_feed(origin, feed, caller)
+    return await request.app[NODE_KEY].policy.may_read_feed(origin, feed, caller)
 
 
 async def _caller(request: web.Request) -> bytes | None:
@@ -235,7 +237,7 @@ def _pack(v: Any) -> web.Response:
 
 async def card(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    c = node.card()
+    c = node.policy.card()
     if _wants_json(request):
         from citynode.core.cards import card_to_json
 
@@ -255,7 +257,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     _require_operator(request)
     node = request.app[NODE_KEY]
-    node.metrics.db_size.set(await node._io(node.storage.db_size_bytes))
+    node.metrics.db_size.set(await node.reads.db_size())
     return web.Response(body=node.metrics.render(), content_type="text/plain")
 
 
@@ -335,7 +337,7 @@ async def get_record(request: web.Request) -> web.Response:
     if len(rid) != 32:
         raise web.HTTPBadRequest(text="record id is 64 hex digits")
     caller = await _caller(request)
-    env = await node._io(node.storage.get_envelope, rid)
+    env = await node.reads.envelope(rid)
     if env is None:
         raise web.HTTPNotFound(text="no such record here")
     body, _sig = decode_envelope(env)
@@ -355,22 +357,32 @@ async def _readable_feeds(request: web.Request, caller: bytes | None
     filtered one by one (only their readers get them)."""
     if _is_operator(request):
         return None
-    node = request.app[NODE_KEY]
-    out = []
-    for r in await node._io(node.storage.feeds):
-        if node.may_read(r.origin, r.feed, caller) or (
-                caller is not None
-                and node.feed_policy(r.origin, r.feed).access == "restricted"):
-            out.append((r.origin, r.feed))
-    return out
+    return await request.app[NODE_KEY].reads.readable_feeds(caller)
 
 
-def _render_events(rows: list[Any], key: Any, envelope_only: bool = False) -> list[str]:
-    from citynode.node import sse_envelope_event, sse_event
+def sse_event(row: Any, key: Any = None) -> str:
+    """One Server-Sent Event for a stored row: ``id`` (its cursor), ``event: record`` and
+    the JSON record as ``data`` (JSON has no raw newlines, so one data line)."""
+    data = json.dumps(stored_record_json(row.envelope, key=key))
+    # CRLF, as aiohttp-sse frames its keep-alive pings on the same stream.
+    return f"id: {row.rowid}\r\nevent: record\r\ndata: {data}\r\n\r\n"
 
-    if envelope_only:
-        return [sse_envelope_event(row) for row in rows]
-    return [sse_event(row, key) for row in rows]
+
+def sse_envelope_event(row: Any) -> str:
+    """The compact event for a stored row (``?format=envelope``): ``id`` and ``event``
+    as :func:`sse_event`, ``data`` = the signed envelope in base64 and nothing else --
+    what a subscriber that verifies records itself needs, in about half the bytes."""
+    return (f"id: {row.rowid}\r\nevent: record\r\n"
+            f"data: {b64(row.envelope)}\r\n\r\n")
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Rendering a page can take a while (large payloads): not on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _render_events(rows: list[Any], render: Callable[[Any], str]) -> list[str]:
+    return [render(row) for row in rows]
 
 
 def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
@@ -392,17 +404,14 @@ async def list_records(request: web.Request) -> web.Response:
     # Access is applied inside the query, so rows a caller may not see can neither be
     # returned nor move the cursor (which would reveal that they exist).
     only = await _readable_feeds(request, caller)
-    rows = await node._io(
-        lambda: node.storage.query(**f, seq_from=seq_from, seq_to=seq_to, after_rowid=after,
-                                   limit=limit, only_feeds=only,
-                                   time_limit=node.config.limits.query_time_limit_seconds)
-    )
+    rows = await node.reads.query(**f, seq_from=seq_from, seq_to=seq_to, after_rowid=after,
+                                  limit=limit, only_feeds=only)
     nxt = rows[-1].rowid if len(rows) == limit else None
     may = _reader(request, caller)
     rows = [r for r in rows if may(r.origin, r.feed, r.envelope)]
     if _wants_json(request):
         # Rendering a page can take a while (large payloads): not on the event loop.
-        page = await node._io(_render_page, rows, _decrypt_key(request))
+        page = await _in_thread(_render_page, rows, _decrypt_key(request))
         return web.json_response({"records": page, "next": nxt})
     return _pack({"records": [r.envelope for r in rows], "next": nxt})
 
@@ -412,11 +421,11 @@ async def list_feeds(request: web.Request) -> web.Response:
 
     node = request.app[NODE_KEY]
     caller = await _caller(request)
-    rows = await node._io(node.storage.feeds)
+    rows = await node.reads.feeds()
     # Restricted feeds' heads (not their content) are shown to any authenticated node.
     may = _reader(request, caller)
     rows = [r for r in rows if may(r.origin, r.feed, None)
-            or (caller is not None and node.feed_policy(r.origin, r.feed).access == "restricted")]
+            or (caller is not None and node.policy.is_restricted(r.origin, r.feed))]
     out = [
         {
             "origin": node_id(r.origin),
@@ -518,7 +527,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if not 0 <= cursor < 2**63:
             raise web.HTTPBadRequest(text="Last-Event-ID must be a cursor (an integer)")
     else:
-        cursor = node.tail_rowid()
+        cursor = node.streams.tail_rowid()
     base_match = _row_matcher(f)
 
     may = _reader(request, caller)
@@ -526,25 +535,28 @@ async def stream(request: web.Request) -> web.StreamResponse:
     def match(row: Any) -> bool:
         return base_match(row) and may(row.origin, row.feed, row.envelope)
 
-    from citynode.node import MAX_SUBSCRIBERS, Subscriber, sse_event
-
-    if node.streams_closed:
-        raise web.HTTPServiceUnavailable(text="the node is shutting down: retry later")
-    if len(node.subscribers) >= MAX_SUBSCRIBERS:
-        raise web.HTTPServiceUnavailable(text="too many live streams on this node: retry later")
+    refusal = node.streams.refusal()
+    if refusal is not None:
+        raise web.HTTPServiceUnavailable(text=refusal)
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "envelope"):
         raise web.HTTPBadRequest(text="format must be json (the default) or envelope")
     envelope_only = fmt == "envelope"
     # The compact format carries the sealed envelope: a reader decrypts it itself.
     key = None if envelope_only else _decrypt_key(request)
-    render = (lambda row: sse_event(row, key)) if key is not None else None
-    # Streams that see the same rows share the tail's matching and rendering.
-    group = (tuple(f.items()), caller, _is_operator(request), fmt)
-    sub = Subscriber(match, render=render, group=group, on_lag=node.metrics.stream_lagged.inc,
-                     envelope_only=envelope_only)
-    node.subscribers.add(sub)  # before catching up, so nothing falls in between
-    node.metrics.streams.set(len(node.subscribers))
+    render: Callable[[Any], str]
+    if envelope_only:
+        render = sse_envelope_event
+    elif key is not None:
+        render = functools.partial(sse_event, key=key)
+    else:
+        render = sse_event
+    # Streams that see the same rows share the tail's matching and rendering (the
+    # operator's, decrypting with its key, is a group of its own).
+    group = None if key is not None else (tuple(f.items()), caller, _is_operator(request),
+                                          fmt)
+    sub = Subscriber(match, render, group=group, on_lag=node.metrics.stream_lagged.inc)
+    node.streams.open(sub)  # before catching up, so nothing falls in between
     resp: web.StreamResponse | None = None
     try:
         async with sse_response(request, ping_interval=15) as resp:
@@ -563,18 +575,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 sub.lagging = False
                 while True:
                     try:
-                        rows = await node._io(
-                            lambda c=cursor: node.storage.query(
-                                after_rowid=c, limit=500, **f,
-                                time_limit=node.config.limits.query_time_limit_seconds)
-                        )
+                        rows = await node.reads.query(after_rowid=cursor, limit=500, **f)
                     except QueryTooSlow as exc:
                         # The answer has begun: say why it ends, as an event.
                         err = json.dumps({"error": "query_too_slow", "message": str(exc)})
                         await resp.write(f"event: error\r\ndata: {err}\r\n\r\n".encode())
                         return resp
                     visible = [row for row in rows if match(row)]
-                    out = (await node._io(_render_events, visible, key, envelope_only)
+                    out = (await _in_thread(_render_events, visible, render)
                            if visible else [])
                     if out:
                         await resp.write("".join(out).encode())
@@ -602,8 +610,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # answer (aiohttp's reset error is a ConnectionResetError too).
         return resp if resp is not None else web.Response()
     finally:
-        node.subscribers.discard(sub)
-        node.metrics.streams.set(len(node.subscribers))
+        node.streams.drop(sub)
     return resp
 
 
@@ -653,7 +660,7 @@ async def admin_partners(request: web.Request) -> web.Response:
             raise web.HTTPBadRequest(text='send {"url": "...", "id": "cn1..."}') from None
         row = await node.add_partner(url, pid)
         return web.json_response({"added": row.node_id, "name": row.name})
-    return web.json_response({"partners": node.partner_status()})
+    return web.json_response({"partners": node.partners.status()})
 
 
 async def admin_partner_delete(request: web.Request) -> web.Response:
@@ -666,26 +673,12 @@ async def admin_partner_delete(request: web.Request) -> web.Response:
 
 async def admin_sync(request: web.Request) -> web.Response:
     _require_operator(request)
-    node = request.app[NODE_KEY]
-    for link in node.links.values():
-        link.sync_now.set()
-    return web.json_response({"partners": len(node.links)})
+    return web.json_response({"partners": request.app[NODE_KEY].partners.sync_all()})
 
 
 async def admin_status(request: web.Request) -> web.Response:
     _require_operator(request)
-    node = request.app[NODE_KEY]
-    return web.json_response(
-        {
-            "node_id": node.node_id,
-            "name": node.config.node.name,
-            "feeds": len(node.heads),
-            "pending": len(node.pending),
-            "own_blocked": node.own_blocked,
-            "own_forked": node.own_forked,
-            "partners": node.partner_status(),
-        }
-    )
+    return web.json_response(request.app[NODE_KEY].status())
 
 
 # ------------------------------------------------------------------ partners
@@ -701,9 +694,9 @@ async def push(request: web.Request) -> web.Response:
     if not isinstance(envs, list) or not all(type(e) is bytes for e in envs):
         msg = (f"push body must be a msgpack array of at most "
                f"{node.config.limits.max_batch_records} bin envelopes")
-        node.count_invalid(node.link_for(key), "malformed_batch", msg)
+        node.ingest_role.count_invalid(node.partners.get(key), "malformed_batch", msg)
         raise web.HTTPBadRequest(text=msg)
-    res = await node.ingest(envs, source=node.link_for(key))
+    res = await node.ingest(envs, source=node.partners.get(key))
     return _pack(res.to_wire())
 
 
@@ -711,17 +704,12 @@ async def sync_handler(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     body, key = await _partner_body(request)
     theirs = sync.decode_frontier(body)
-    link = node.link_for(key)
+    link = node.partners.get(key)
     if link is None:  # removed while its request ran
         raise web.HTTPForbidden(text="not a partner of this node")
-    link.view.update_frontier(theirs)
-    if node.lacks_from(theirs):
-        # They hold what we lack: our side's round now rather than at its interval.
-        # (Only then: two partners waking each other's rounds would never rest.)
-        link.sync_now.set()
     # Only the feeds this partner may be sent: a partners feed's head stays with its
     # origin's partners (and it would ask, every round, for what it cannot get).
-    return web.Response(body=sync.encode_frontier(node.frontier_for(link)),
+    return web.Response(body=sync.encode_frontier(node.gossip.on_sync_request(link, theirs)),
                         content_type=MSGPACK)
 
 
@@ -729,7 +717,7 @@ async def fetch(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     body, key = await _partner_body(request)
     wants = sync.decode_wants(body)
-    envs = await node.serve_fetch(wants, key)
+    envs = await node.gossip.serve_fetch(wants, key)
     return _pack(envs)
 
 
@@ -737,9 +725,9 @@ async def announce(request: web.Request) -> web.Response:
     """A partner's lazy push: heads (a frontier) of records it holds, without them."""
     node = request.app[NODE_KEY]
     body, key = await _partner_body(request)
-    link = node.link_for(key)
+    link = node.partners.get(key)
     if link is not None:
-        await node.on_announce(link, sync.decode_frontier(body))
+        node.gossip.on_announce(link, sync.decode_frontier(body))
     return web.json_response({"ok": True})
 
 
@@ -747,29 +735,29 @@ async def graft(request: web.Request) -> web.Response:
     """A partner wants an origin's records pushed eagerly again (body: the origin key)."""
     node = request.app[NODE_KEY]
     body, key = await _partner_body(request)
-    link = node.link_for(key)
+    link = node.partners.get(key)
     if link is not None and len(body) == 32:
-        link.lazy.discard(body)
+        node.gossip.on_graft(link, body)
     return web.json_response({"ok": True})
 
 
 async def cards_handler(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     await _require_partner(request, b"")
-    return _pack(node.known_cards())
+    return _pack(node.policy.known_cards())
 
 
 async def _partner_gossip(request: web.Request) -> tuple[Node, bytes, str]:
     """``(node, body, sender's node id)`` of a signed partner request."""
     node = request.app[NODE_KEY]
     body, key = await _partner_body(request)
-    link = node.link_for(key)
+    link = node.partners.get(key)
     return node, body, link.row.node_id if link else "?"
 
 
 async def post_checkpoint(request: web.Request) -> web.Response:
     node, body, src = await _partner_gossip(request)
-    return web.json_response({"result": await node.ingest_checkpoint(body, src)})
+    return web.json_response({"result": await node.checkpoints.ingest_checkpoint(body, src)})
 
 
 @takes("origin", "feed")
@@ -786,8 +774,8 @@ async def get_checkpoints(request: web.Request) -> web.Response:
     # not relayed here: those are served.)
     if not await _may_read_feed(request, caller, origin, feed):
         raise web.HTTPNotFound(text="no such feed here")
-    held = await node._io(node.storage.checkpoints, origin, feed)
-    if not held and (origin, feed) not in node.heads:
+    held = await node.checkpoints.held(origin, feed)
+    if not held and node.chains.seq((origin, feed)) == 0:
         raise web.HTTPNotFound(text="no such feed here")
     if _wants_json(request):
         return web.json_response({"checkpoints": [
@@ -807,14 +795,14 @@ async def inclusion_proof(request: web.Request) -> web.Response:
         rid = b""
     if len(rid) != 32:
         raise web.HTTPBadRequest(text="?id= must be a record id (64 hex digits)")
-    env = await node._io(node.storage.get_envelope, rid)
+    env = await node.reads.envelope(rid)
     if env is None:
         raise web.HTTPNotFound(text="no such record here")
     f = parse_body(decode_envelope(env)[0])
     if not _reader(request, caller)(f["origin"], f["feed"], env):
         raise web.HTTPNotFound(text="no such record here")
     size = _int_arg(request, "size", None, 1)
-    held = await node._io(node.storage.checkpoints, f["origin"], f["feed"])
+    held = await node.checkpoints.held(f["origin"], f["feed"])
     cp_env = next((e for s, _r, e in held if s == size), None)
     if size is None:
         covering = [(s, e) for s, _r, e in held if s >= f["seq"]]
@@ -825,7 +813,7 @@ async def inclusion_proof(request: web.Request) -> web.Response:
         size, cp_env = covering[-1]
     if size < f["seq"]:
         raise web.HTTPBadRequest(text=f"a tree of size {size} does not hold seq {f['seq']}")
-    log_ = await node.merkle_log(f["origin"], f["feed"], size)
+    log_ = await node.checkpoints.merkle_log(f["origin"], f["feed"], size)
     path = log_.inclusion_proof(f["seq"] - 1, size)
     _check_anchor(cp_env, log_.root(size), size)
     if _wants_json(request):
@@ -862,13 +850,13 @@ async def consistency_proof(request: web.Request) -> web.Response:
     new = _int_arg(request, "new", None, 0)
     if origin is None or not feed or old is None or new is None or old > new:
         raise web.HTTPBadRequest(text="need ?origin=&feed=&old=&new= with old <= new")
-    if (origin, feed) not in node.heads or not await _may_read_feed(request, caller, origin,
+    if node.chains.seq((origin, feed)) == 0 or not await _may_read_feed(request, caller, origin,
                                                                      feed):
         raise web.HTTPNotFound(text="no such feed here")
-    log_ = await node.merkle_log(origin, feed, new)
+    log_ = await node.checkpoints.merkle_log(origin, feed, new)
     path = log_.consistency_proof(old, new)
     # The origin's own checkpoints of these sizes, when held: what anchors the roots.
-    held = {s: e for s, _r, e in await node._io(node.storage.checkpoints, origin, feed)}
+    held = {s: e for s, _r, e in await node.checkpoints.held(origin, feed)}
     _check_anchor(held.get(old), log_.root(old), old)
     _check_anchor(held.get(new), log_.root(new), new)
     if _wants_json(request):
@@ -883,14 +871,14 @@ async def consistency_proof(request: web.Request) -> web.Response:
 
 async def proofs(request: web.Request) -> web.Response:
     node, body, src = await _partner_gossip(request)
-    return web.json_response({"new": await node.ingest_proof(body, src)})
+    return web.json_response({"new": await node.checkpoints.ingest_proof(body, src)})
 
 
 async def _end_streams(app: web.Application) -> None:
     """Graceful shutdown (aiohttp's on_shutdown: no new connections, requests under way
     still run): end live streams now, or the server would wait its whole shutdown
     timeout for them to finish, then cancel them mid-response."""
-    app[NODE_KEY].close_streams()
+    app[NODE_KEY].streams.close()
 
 
 def build_app(node: Node) -> web.Application:
@@ -904,7 +892,8 @@ def build_app(node: Node) -> web.Application:
     app[REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)
     # Signed reads: strangers (any key) get a cache of their own, so that a flood of
     # them cannot refuse the partners and readers this node knows.
-    app[READ_REPLAY_KEY] = httpsig.SplitReplayCache(node.knows_key, max_age_ms=max_age)
+    app[READ_REPLAY_KEY] = httpsig.SplitReplayCache(node.policy.knows_key,
+                                                       max_age_ms=max_age)
     r = app.router
     r.add_get("/.well-known/citynode", card)
     r.add_get("/healthz", healthz)

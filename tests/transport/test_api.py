@@ -306,3 +306,19 @@ async def test_a_flood_of_strangers_signed_reads_does_not_lock_partners_out(
     assert "busy" in answers[-1][1]["message"]
     status, body = await read(b.node.key)
     assert status == 200 and [r["data"] for r in body["records"]] == [{"n": 1}]
+
+
+async def test_publish_applies_max_body_bytes(inproc: Make) -> None:
+    """[limits] max_body_bytes holds on publish as on ingest: a body this node's own
+    decoder (and every partner's) would refuse is never signed, and nothing of the batch
+    is stored; one under the limit is published as usual."""
+    n = await inproc("Seoul", settings={("limits", "max_body_bytes"): 1024})
+    big = dict(AIR, description="x" * 4000)
+    st, out = await _publish(n, json.dumps(big).encode())
+    assert st == 422 and out["error"] == "too_large", out
+    assert "max_body_bytes = 1024" in out["message"]
+    st, out = await _publish(n, json.dumps([AIR, big]).encode())
+    assert st == 422 and out["error"] == "too_large" and "item 2 of 2" in out["message"]
+    assert await _count(n) == 0
+    st, out = await _publish(n, json.dumps(AIR).encode())
+    assert st == 200 and out["first_seq"] == 1

@@ -28,9 +28,9 @@ async def test_checkpoints_gossip_and_prove(inproc: Make) -> None:
     await a.node.add_partner(b.url, b.node.node_id)
     await b.node.add_partner(a.url, a.node.node_id)
     recs = await a.node.publish("air", "org.example.Test", [{"n": i} for i in range(10)])
-    (cp10,) = await a.node.checkpoint_now()
+    (cp10,) = await a.node.checkpoints.checkpoint_now()
     more = await a.node.publish("air", "org.example.Test", [{"n": i} for i in range(10, 13)])
-    (cp13,) = await a.node.checkpoint_now()
+    (cp13,) = await a.node.checkpoints.checkpoint_now()
     assert cp10.size == 10 and cp13.size == 13
     ids = [r.id for r in recs + more]
     # the RFC 9162 definition, written out in the test (not the code under test)
@@ -75,7 +75,7 @@ async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
     await a.node.add_partner(b.url, b.node.node_id)
     await b.node.add_partner(a.url, a.node.node_id)
     await a.node.publish("w", "org.example.Test", [{"n": i} for i in range(4)])
-    (honest,) = await a.node.checkpoint_now()
+    (honest,) = await a.node.checkpoints.checkpoint_now()
 
     async def b_has() -> bool:
         return len(b.node.storage.checkpoints(a.node.public_key, "w")) == 1

@@ -67,7 +67,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         pub = await node.publish("a", TYPE, [{"n": i} for i in range(5)])
         priv = await node.publish("priv", TYPE, [{"n": i} for i in range(3)])
         sec = await node.publish("sec", TYPE, [{"n": i} for i in range(3)])
-        await node.checkpoint_now()
+        await node.checkpoints.checkpoint_now()
         yield World(n, reader, stranger, pub, priv, sec)
     finally:
         await n.close()
@@ -607,7 +607,7 @@ async def test_a_subscriber_hanging_up_is_not_an_internal_error(
 
 async def test_close_streams_ends_compact_and_filtered_streams_cleanly(world: World
                                                                       ) -> None:
-    """node.close_streams() (graceful shutdown) ends every kind of live stream at once:
+    """node.streams.close() (graceful shutdown) ends every kind of live stream at once:
     each response completes (EOF, not an error), every subscriber unregisters, and a
     stream asked for afterwards is a 503 JSON answer rather than a held connection."""
     n = world.n
@@ -621,7 +621,7 @@ async def test_close_streams_ends_compact_and_filtered_streams_cleanly(world: Wo
         return len(n.node.subscribers) == len(queries) and len(got[queries[0]]) == 5
 
     await eventually(all_open, timeout=10)
-    n.node.close_streams()
+    n.node.streams.close()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)  # each ended, none raised
     assert not n.node.subscribers
     status, ctype, body = await _get(n, "/v1/stream?format=envelope")

@@ -164,9 +164,9 @@ async def test_a_stream_that_falls_behind_rereads_the_database(
     record once, in order."""
     from aiohttp_sse import EventSourceResponse
 
-    import citynode.node
+    import citynode.node.streams
 
-    monkeypatch.setattr(citynode.node, "STREAM_QUEUE_BATCHES", 1)
+    monkeypatch.setattr(citynode.node.streams, "STREAM_QUEUE_BATCHES", 1)
     write = EventSourceResponse.write
 
     async def slow_write(self: EventSourceResponse, data: bytes) -> None:
@@ -199,16 +199,16 @@ async def test_a_failed_hand_out_is_retried_not_lost(inproc: Make) -> None:
     past them: they are handed out again, and each stream gets each row once."""
     n = await inproc("Surabaya")
     task, out = await _follow_feed_f(n, 6)
-    real = n.node._fan_out
+    real = n.node.streams.fan_out
     calls: list[int] = []
 
-    def flaky(rows: list, texts: list[str]) -> None:
+    def flaky(rows: list, texts: dict) -> None:
         calls.append(len(rows))
         if len(calls) == 1:
             raise RuntimeError("injected failure")
         real(rows, texts)
 
-    n.node._fan_out = flaky  # type: ignore[method-assign]
+    n.node.streams.fan_out = flaky  # type: ignore[method-assign]
     await _publish(n, "f", [{"n": i} for i in range(3)])
     await _publish(n, "f", [{"n": i} for i in range(3, 6)])
     await asyncio.wait_for(task, 20)
@@ -342,7 +342,7 @@ async def test_the_compact_format_carries_the_envelope_alone(inproc: Make) -> No
     tasks["priv-compact"].cancel()
     # The compact event is about half the bytes of the JSON one.
     row = n.node.storage.query(after_rowid=start, limit=1)[0]
-    from citynode.node import sse_envelope_event, sse_event
+    from citynode.transport.server import sse_envelope_event, sse_event
 
     assert len(sse_envelope_event(row)) < 0.65 * len(sse_event(row))
     async with n.session.get(f"{n.url}/v1/stream?format=xml") as r:

@@ -1,0 +1,229 @@
+"""Checkpoints and proofs: this node's signed Merkle checkpoints of its own feeds, the
+checkpoints and fork or split-view proofs partners send, and their forwarding.
+
+A proof is verified offline before it is kept; a new one is forwarded to every partner
+that may be told about its feed, with the partners role's outbox for one that is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from citynode.config import Config
+from citynode.core import checkpoints as cps
+from citynode.core.chain import (
+    ForkProof,
+    Verdict,
+    canonical_fork_proof,
+    classify,
+    verify_fork_proof,
+)
+from citynode.core.keys import SigningKey, Verifier, node_id
+from citynode.core.records import Record, decode_envelope, record_id
+from citynode.errors import ChainError, CitynodeError, InvalidProof, InvalidRecord
+from citynode.logs import fields
+from citynode.metrics import Metrics
+from citynode.node._base import FeedKey, in_thread
+from citynode.node.chains import Chains
+from citynode.node.partners import OUTBOX_MAX, PartnerLink, Partners
+from citynode.node.policy import Policy
+from citynode.storage import Storage
+
+__all__ = ["Checkpoints"]
+
+log = logging.getLogger("citynode.node")
+
+
+class Checkpoints:
+    """Sign, verify, keep and forward checkpoints and proofs. ``on_fork(origin, feed,
+    seq)`` is told of every fork or split view held (the publishing role stops signing
+    on an own feed that forked)."""
+
+    def __init__(self, *, config: Config, key: SigningKey, chains: Chains, policy: Policy,
+                 partners: Partners, storage: Storage, metrics: Metrics,
+                 verifier: Verifier, now_ms: Callable[[], int]) -> None:
+        self.config = config
+        self.key = key
+        self.chains = chains
+        self.policy = policy
+        self.partners = partners
+        self.storage = storage
+        self.metrics = metrics
+        self.verifier = verifier
+        self.now_ms = now_ms
+        self.logs: dict[FeedKey, cps.MerkleLog] = {}  # Merkle trees, built lazily
+        self.on_fork: Callable[[bytes, str, int], None] = lambda origin, feed, seq: None
+
+    # ------------------------------------------------------------------ trees
+
+    def _read_ids(self, origin: bytes, feed: str, start: int, end: int) -> list[bytes]:
+        out: list[bytes] = []
+        while start <= end:
+            envs = self.storage.range(origin, feed, start, min(end, start + 4999), 5000)
+            if not envs:
+                break
+            out.extend(record_id(decode_envelope(e)[0]) for e in envs)
+            start += len(envs)
+        return out
+
+    async def merkle_log(self, origin: bytes, feed: str, size: int) -> cps.MerkleLog:
+        """The Merkle tree of a feed held here, with at least ``size`` leaves. Raises
+        ChainError if this node holds fewer than ``size`` records of it."""
+        have = self.chains.seq((origin, feed))
+        if have < size:
+            raise ChainError(f"this node holds {have} records of that feed, not {size}")
+        log_ = self.logs.setdefault((origin, feed), cps.MerkleLog())
+        start = log_.size
+        if start < size:
+            ids = await in_thread(self._read_ids, origin, feed, start + 1, size)
+            if start + len(ids) < size:
+                raise ChainError(f"this node holds only {start + len(ids)} records of "
+                                 f"that feed, not {size}")
+            # Another task may have extended the log while we read: add only the rest.
+            log_.extend(ids[log_.size - start:])
+        return log_
+
+    async def held(self, origin: bytes, feed: str) -> list[tuple[int, bytes, bytes]]:
+        """The checkpoints held of a feed: ``(size, root, envelope)`` by size."""
+        return await in_thread(self.storage.checkpoints, origin, feed)
+
+    # ------------------------------------------------------------------ our checkpoints
+
+    async def checkpoint_now(self) -> list[cps.Checkpoint]:
+        """Sign a checkpoint of every own feed that grew since its last one, store it,
+        and send it to the partners."""
+        made = []
+        me = self.key.public_key
+        for (origin, feed), head in list(self.chains.heads.items()):
+            if origin != me:
+                continue
+            held = await self.held(origin, feed)
+            if held and held[-1][0] >= head.seq:
+                continue
+            log_ = await self.merkle_log(origin, feed, head.seq)
+            cp = cps.sign_checkpoint(self.key, feed, head.seq, log_.root(head.seq),
+                                     self.now_ms())
+            await asyncio.wrap_future(
+                self.storage.put_checkpoint(origin, feed, cp.size, cp.root, cp.envelope))
+            made.append(cp)
+        for cp in made:
+            for link in self.partners.links.values():
+                self.partners.send(link, "/v1/checkpoints", cp.envelope)
+        return made
+
+    async def run(self) -> None:
+        """Sign checkpoints every ``[checkpoints] interval_seconds``, until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.checkpoints.interval_seconds)
+            try:
+                await self.checkpoint_now()
+            except CitynodeError as exc:
+                log.warning("checkpoint failed", extra=fields(error=str(exc)))
+
+    # ------------------------------------------------------------------ from partners
+
+    def _forward(self, path: str, payload: bytes, origin: bytes, feed: str,
+                 src: str | None, proof: bytes | None = None) -> None:
+        for link in self.partners.links.values():
+            if link.row.node_id != src and self.policy.may_pass(link.key, origin, feed, proof):
+                self.partners.send(link, path, payload)
+
+    async def ingest_checkpoint(self, env: bytes, src: str) -> str:
+        """A checkpoint from a partner: verify, keep, forward if new. Two checkpoints of
+        one feed and size with different roots are a split view: kept as proof and
+        forwarded like a fork proof. Returns "new", "known" or "split-view"."""
+        cp = cps.open_checkpoint(env, verifier=self.verifier, now_ms=self.now_ms())
+        if not self.policy.accepts_origin(cp.origin):
+            raise InvalidRecord("checkpoint of an origin this node does not trust",
+                                "untrusted_origin")
+        new = await asyncio.wrap_future(
+            self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
+        if new:
+            self._forward("/v1/checkpoints", env, cp.origin, cp.feed, src)
+            return "new"
+        held = await self.held(cp.origin, cp.feed)
+        mine = next((e for s, r, e in held if s == cp.size and r != cp.root), None)
+        if mine is None:
+            return "known"
+        proof = cps.SplitViewProof(mine, env).canonical()
+        cps.verify_split_view(proof, self.verifier)
+        stored = await self._keep_proof(cp.origin, cp.feed, cp.size, "split-view",
+                                        proof.encode(), src)
+        if stored:
+            log.warning("split view: the origin signed two different checkpoints of one size",
+                        extra=fields(origin=node_id(cp.origin), feed=cp.feed, size=cp.size))
+            self._forward("/v1/proofs", proof.encode(), cp.origin, cp.feed, None)
+        return "split-view"
+
+    async def ingest_proof(self, data: bytes, src: str) -> bool:
+        """A fork or split-view proof from a partner: verify it offline, store and
+        forward it if new. Raises InvalidProof if it proves nothing."""
+        try:
+            proof = ForkProof.decode(data)
+        except InvalidProof:
+            sv = cps.SplitViewProof.decode(data)
+            ca, _cb = cps.verify_split_view(sv, self.verifier)
+            origin, feed, seq, kind = ca.origin, ca.feed, ca.size, "split-view"
+            enc = sv.canonical().encode()
+        else:
+            a, b = verify_fork_proof(proof, self.verifier)
+            proof, seq = canonical_fork_proof(a, b)
+            origin, feed, kind, enc = a.origin, a.feed, "fork", proof.encode()
+        if not self.policy.accepts_origin(origin):
+            # Proofs about strangers are no business of ours (and would let anyone fill
+            # our database and our partners' with them).
+            raise InvalidProof("proof about an origin this node does not trust")
+        new = await self._keep_proof(origin, feed, seq, kind, enc, src)
+        if new:
+            self._forward("/v1/proofs", enc, origin, feed, src, enc)
+        return new
+
+    async def on_conflict(self, rec: Record, seq: int, src: str) -> bool:
+        """A verified record at or below its chain's head (ingest): a copy of the one
+        held there (False), or an equivocation, proven, kept and forwarded (True)."""
+        held = await in_thread(self.storage.envelope_at, rec.origin, rec.feed, seq)
+        if held is None:
+            return False
+        head = self.chains.heads.get((rec.origin, rec.feed))
+        if seq == rec.seq and classify(rec, head, record_id(decode_envelope(held)[0])
+                                       ).verdict is Verdict.DUPLICATE:
+            return False
+        try:
+            proof, at = canonical_fork_proof(
+                *verify_fork_proof(ForkProof(held, rec.envelope), self.verifier))
+        except CitynodeError:
+            return False  # the two records do not prove a fork
+        enc = proof.encode()
+        if await self._keep_proof(rec.origin, rec.feed, at, "fork", enc, src):
+            log.warning(
+                "equivocation detected: the origin signed two different records for one seq",
+                extra=fields(origin=node_id(rec.origin), feed=rec.feed, seq=rec.seq, by=src),
+            )
+            self._forward("/v1/proofs", enc, rec.origin, rec.feed, None, enc)
+        return True
+
+    async def _keep_proof(self, origin: bytes, feed: str, seq: int, kind: str,
+                          enc: bytes, src: str) -> bool:
+        new = await asyncio.wrap_future(
+            self.storage.add_fork_proof(origin, feed, seq, kind, enc, src, self.now_ms()))
+        self.on_fork(origin, feed, seq)
+        if new:
+            self.metrics.forks.inc()
+        return new
+
+    async def fill_outbox(self, link: PartnerLink) -> None:
+        """After the first good round with a partner since start: the latest checkpoint
+        held of each feed it may be sent, and the proofs held (what it may have missed
+        while this node was down, or before it was a partner), since the outbox does not
+        outlive the process."""
+        for origin, feed in list(self.chains.heads)[:OUTBOX_MAX // 2]:
+            if not self.policy.may_pass(link.key, origin, feed):
+                continue
+            held = await self.held(origin, feed)
+            if held:
+                link.keep_for_later("/v1/checkpoints", held[-1][2])
+        for f in (await in_thread(self.storage.fork_proofs))[:OUTBOX_MAX // 2]:
+            if self.policy.may_pass(link.key, f.origin, f.feed, f.proof):
+                link.keep_for_later("/v1/proofs", f.proof)

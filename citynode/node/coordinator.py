@@ -1,0 +1,271 @@
+"""The node: builds the roles, wires them together, and owns every background task.
+
+    Node ── chains       heads, pending, quotas (the replication state)
+        ├── policy       cards, trust, access levels
+        ├── partners     links to partners, delivery of checkpoints and proofs
+        ├── ingest       verify + store records from outside
+        ├── publisher    sign own records, own-feed safety
+        ├── checkpoints  Merkle checkpoints, fork and split-view proofs
+        ├── gossip       push, lazy push + graft, sync rounds, serving fetches
+        ├── streams      live tail for SSE streams
+        └── reads        what readers are served from storage
+
+Each role is reached through its public methods; the HTTP layer calls roles, never
+storage. Storage is the only database code; the node is the only place tasks start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from citynode.config import Config, load_config
+from citynode.core import cards
+from citynode.core.chain import FeedHead
+from citynode.core.encoding import Limits
+from citynode.core.keys import Verifier
+from citynode.core.records import Record, RecordPolicy
+from citynode.errors import StorageError
+from citynode.identity import Identity, load_identity
+from citynode.logs import fields
+from citynode.metrics import Metrics
+from citynode.node.chains import Chains
+from citynode.node.checkpoints import Checkpoints
+from citynode.node.gossip import Gossip, Progress
+from citynode.node.ingest import Ingest
+from citynode.node.partners import PartnerLink, Partners
+from citynode.node.policy import Policy
+from citynode.node.publishing import Publisher
+from citynode.node.reads import Reads
+from citynode.node.streams import Streams, Subscriber
+from citynode.storage import PartnerRow, Storage
+
+__all__ = ["DB_NAME", "Node"]
+
+log = logging.getLogger("citynode.node")
+
+DB_NAME = "citynode.db"
+
+
+class Node:
+    """A running citynode. Create with :meth:`load`, then ``await start()``."""
+
+    def __init__(self, data_dir: Path, config: Config, identity: Identity, storage: Storage,
+                 *, clock: Callable[[], float] = time.time) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.identity = identity
+        self.key = identity.key
+        self.public_key = identity.key.public_key
+        self.node_id = identity.node_id
+        self.storage = storage
+        self.clock = clock
+        self.metrics = Metrics()
+        self.verifier = Verifier()
+        self.ready = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.listeners: set[Callable[[Sequence[Record]], None]] = set()
+        lim, fed = config.limits, config.federation
+        record_policy = RecordPolicy(
+            body_limits=Limits(max_bytes=lim.max_body_bytes),
+            future_tolerance_ms=int(lim.future_tolerance_seconds * 1000),
+        )
+        self.chains = Chains(
+            pending_max_records=lim.pending_max_records,
+            pending_max_bytes=lim.pending_max_bytes,
+            quota_records=fed.origin_quota_records_per_day,
+            quota_bytes=fed.origin_quota_bytes_per_day)
+        self.partners = Partners(config=config, key=self.key, storage=storage,
+                                 metrics=self.metrics, clock=clock, now_ms=self.now_ms,
+                                 spawn=self.spawn)
+        self.policy = Policy(config=config, identity=identity, storage=storage,
+                             chains=self.chains, verifier=self.verifier, now_ms=self.now_ms,
+                             partners=self.partners.keys)
+        self.ingest_role = Ingest(chains=self.chains, policy=self.policy,
+                                  partners=self.partners, storage=storage,
+                                  metrics=self.metrics, verifier=self.verifier,
+                                  record_policy=record_policy, now_ms=self.now_ms,
+                                  spawn=self.spawn)
+        self.publisher = Publisher(config=config, key=self.key, chains=self.chains,
+                                   ingest=self.ingest_role, policy=self.policy,
+                                   partners=self.partners, metrics=self.metrics,
+                                   verifier=self.verifier, record_policy=record_policy)
+        self.checkpoints = Checkpoints(config=config, key=self.key, chains=self.chains,
+                                       policy=self.policy, partners=self.partners,
+                                       storage=storage, metrics=self.metrics,
+                                       verifier=self.verifier, now_ms=self.now_ms)
+        self.gossip = Gossip(config=config, chains=self.chains, policy=self.policy,
+                             partners=self.partners, ingest=self.ingest_role,
+                             publisher=self.publisher, checkpoints=self.checkpoints,
+                             storage=storage, metrics=self.metrics, spawn=self.spawn)
+        self.streams = Streams(storage=storage, metrics=self.metrics, spawn=self.spawn)
+        self.reads = Reads(config=config, storage=storage, policy=self.policy)
+        self._wire()
+
+    def _wire(self) -> None:
+        """Connect the roles' outputs to the roles that act on them."""
+        self.partners.on_change = self.policy.partners_changed
+        self.partners.run_link = self.gossip.run_link
+        self.policy.on_card_news = self.gossip.wake_all
+        self.ingest_role.on_fork = self.checkpoints.on_conflict
+        self.ingest_role.on_commit = self._committed
+        self.checkpoints.on_fork = self.publisher.note_fork
+
+    def _committed(self, recs: Sequence[Record], source: PartnerLink | None) -> None:
+        self.gossip.offer(recs, source)
+        self.streams.wake()
+        for fn in list(self.listeners):
+            try:
+                fn(recs)
+            except Exception:  # a subscriber's bug must not break ingest
+                log.exception("listener failed")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def load(cls, data_dir: Path, *, passphrase: str | None = None) -> Node:
+        """Open a data dir made by ``citynode init``. Raises ConfigError, KeyFileError,
+        StorageError with a message naming what to fix."""
+        data_dir = Path(data_dir)
+        config = load_config(data_dir / "node.toml")
+        identity = load_identity(data_dir, passphrase)
+        storage = Storage.open(
+            data_dir / DB_NAME, rejected_log_rows=config.limits.rejected_log_rows
+        )
+        return cls(data_dir, config, identity, storage)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def start(self, *, partners: bool = True) -> None:
+        """Load state and (unless ``partners=False``, for one-shot CLI commands) start the
+        partner tasks. The HTTP server is the caller's."""
+        self.chains.load(await asyncio.get_running_loop().run_in_executor(
+            None, self.storage.heads))
+        for row in await asyncio.get_running_loop().run_in_executor(
+                None, self.storage.fork_proofs):
+            self.publisher.note_fork(row.origin, row.feed, row.seq)
+        if partners:
+            await self.partners.start()
+        await self.policy.load_cards()
+        await self.streams.start()
+        if partners:
+            self.spawn(self.checkpoints.run(), "checkpoints")
+            # Signed (and kept) now, not first when served: an export of our own feeds
+            # carries it, and tells the feeds' access levels from it.
+            self.policy.card()
+        self.ready = True
+        self.metrics.feeds.set(len(self.chains.heads))
+        log.info(
+            "node started",
+            # Chains held (any origin) and own feeds configured: two different counts.
+            extra=fields(node=self.node_id, chains_held=len(self.chains.heads),
+                         feeds_configured=len(self.config.feeds),
+                         partners=len(self.partners.links)),
+        )
+
+    async def stop(self) -> None:
+        """Stop background tasks and close storage; everything acknowledged is committed."""
+        self.ready = False
+        self.streams.close()
+        await self.partners.close_all()
+        commits = [t for t in self._tasks if t.get_name() == "commit"]
+        if commits:  # let writes already under way finish and be acknowledged
+            await asyncio.wait(commits, timeout=30)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.storage.close)
+        log.info("node stopped", extra=fields(node=self.node_id))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a background task owned by the node (kept until it ends)."""
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(t)
+        t.add_done_callback(self._task_done)
+        return t
+
+    def _task_done(self, t: asyncio.Task[Any]) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            # A background task must never die silently: say so loudly.
+            log.error("background task failed", exc_info=t.exception(),
+                      extra=fields(task=t.get_name()))
+
+    # ------------------------------------------------------------------ operator API
+
+    async def publish(self, feed: str, type_name: str, items: Sequence[dict[str, Any]], *,
+                      subjects: Sequence[str | None] | None = None) -> list[Record]:
+        """See :meth:`Publisher.publish`."""
+        return await self.publisher.publish(feed, type_name, items, subjects=subjects)
+
+    def feed_access(self, feed: str) -> str:
+        return self.policy.feed_access(feed)
+
+    def card(self) -> cards.NodeCard:
+        return self.policy.card()
+
+    async def add_partner(self, url: str, partner_id: str) -> PartnerRow:
+        """See :meth:`Partners.add`."""
+        return await self.partners.add(url, partner_id, self.policy.learn_card)
+
+    async def remove_partner(self, partner_id: str) -> bool:
+        return await self.partners.remove(partner_id)
+
+    async def catch_up(self, progress: Progress | None = None) -> int:
+        """See :meth:`Gossip.catch_up`."""
+        return await self.gossip.catch_up(progress)
+
+    async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
+                     via: str = "push") -> Any:
+        """See :meth:`Ingest.ingest`."""
+        return await self.ingest_role.ingest(envelopes, source=source, via=via)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def heads(self) -> dict[tuple[bytes, str], FeedHead]:
+        """The chain heads held (read-only use)."""
+        return self.chains.heads
+
+    @property
+    def links(self) -> dict[bytes, PartnerLink]:
+        """The partner links (read-only use)."""
+        return self.partners.links
+
+    @property
+    def subscribers(self) -> set[Subscriber]:
+        """The live streams (read-only use)."""
+        return self.streams.subscribers
+
+    def status(self) -> dict[str, Any]:
+        """What ``/v1/admin/status`` shows."""
+        return {
+            "node_id": self.node_id,
+            "name": self.config.node.name,
+            "feeds": len(self.chains.heads),
+            "pending": len(self.chains.pending),
+            "own_blocked": dict(self.publisher.blocked),
+            "own_forked": dict(self.publisher.forked),
+            "partners": self.partners.status(),
+        }
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            ok_db = await asyncio.get_running_loop().run_in_executor(
+                None, self.storage.writable)
+        except StorageError:
+            ok_db = False
+        # Damage SQLite reported while serving: the node answers, but not from a
+        # database it can trust (restore from a backup).
+        intact = self.storage.corrupt is None
+        ok = self.ready and ok_db and intact
+        out: dict[str, Any] = {"database_writable": ok_db, "database_intact": intact,
+                               "key_loaded": True, "started": self.ready}
+        if not intact:
+            out["database_error"] = self.storage.corrupt
+        return ok, out

@@ -1,0 +1,265 @@
+"""Ingest: records from outside (push, fetch, graft) become stored records, or are
+refused with a reason.
+
+    envelope bytes ──► split + id (SHA-256) ──► already held? ──yes──► duplicate (no verify)
+                                                   │ no
+                                      origin accepted by trust policy and quota?
+                                                   │ yes
+                         open_record (canonical decode, fields, time, payload, signature)
+                                                   │        (in a worker thread: PyNaCl
+                                                   ▼         releases the GIL)
+                       classify against the in-memory chain heads (event loop, no await)
+             EXTENDS ─► queue for the writer   AHEAD ─► pending buffer   EQUIVOCATION ─► proof
+                                                   │
+                                   writer commits ─► push to partners, wake subscribers
+
+Classification and the head update happen with no ``await`` in between, so two
+concurrent ingests can never both extend a chain from the same head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from citynode.core.chain import FeedHead, Verdict, classify
+from citynode.core.keys import Verifier
+from citynode.core.records import (
+    Record,
+    RecordPolicy,
+    decode_envelope,
+    open_records,
+    record_id,
+)
+from citynode.errors import CitynodeError, InvalidRecord
+from citynode.metrics import Metrics
+from citynode.node._base import Spawn, in_thread
+from citynode.node.chains import Chains
+from citynode.node.partners import PartnerLink, Partners
+from citynode.node.policy import Policy
+from citynode.storage import Storage
+
+__all__ = ["Ingest", "IngestResult"]
+
+log = logging.getLogger("citynode.node")
+
+
+@dataclass
+class IngestResult:
+    """What became of a batch of envelopes."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    pending: int = 0
+    forks: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+    dup: list[int] = field(default_factory=list)  # indexes of copies already held
+
+    def duplicate(self, i: int) -> None:
+        self.duplicates += 1
+        self.dup.append(i)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "dup": self.dup,
+            "pending": self.pending,
+            "forks": self.forks,
+            "rejected": [list(r) for r in self.rejected],
+        }
+
+
+#: ``(record, seq it conflicts at, source node id) -> is it a fork?`` (checkpoints role)
+ForkHandler = Callable[[Record, int, str], Awaitable[bool]]
+#: ``(records, source link)``: called once records are committed.
+CommitListener = Callable[[Sequence[Record], PartnerLink | None], None]
+
+
+class Ingest:
+    """Verify and store records; commit records whose heads already moved."""
+
+    def __init__(self, *, chains: Chains, policy: Policy, partners: Partners,
+                 storage: Storage, metrics: Metrics, verifier: Verifier,
+                 record_policy: RecordPolicy, now_ms: Callable[[], int],
+                 spawn: Spawn) -> None:
+        self.chains = chains
+        self.policy = policy
+        self.partners = partners
+        self.storage = storage
+        self.metrics = metrics
+        self.verifier = verifier
+        self.record_policy = record_policy
+        self.now_ms = now_ms
+        self.spawn = spawn
+        self.on_fork: ForkHandler | None = None
+        self.on_commit: CommitListener = lambda recs, source: None
+
+    async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
+                     via: str = "push") -> IngestResult:
+        """Verify and store records from outside. Never raises for bad records: each is
+        rejected with a reason (counted, logged in the bounded rejected log)."""
+        res = IngestResult()
+        chains = self.chains
+        src = source.row.node_id if source else "local"
+        now = self.now_ms()
+        mono = time.monotonic()
+        todo: list[tuple[int, bytes, bytes, bytes]] = []
+        seen: set[bytes] = set()
+        self.metrics.received.labels(via).inc(len(envelopes))
+        for i, env in enumerate(envelopes):
+            try:
+                body, sig = decode_envelope(env, self.record_policy.body_limits)
+            except InvalidRecord as exc:
+                self._reject(res, i, exc, source)
+                continue
+            rid = record_id(body)
+            if rid in seen or chains.holds(rid):
+                res.duplicate(i)
+                continue
+            seen.add(rid)
+            todo.append((i, rid, body, sig))
+        verified: list[tuple[int, Record | InvalidRecord]] = []
+        if todo:
+            # One trip to a worker thread: the lookup, then verification of what is new
+            # (each thread hop is latency on every relay hop).
+            held, verified = await in_thread(
+                self._check_batch, todo, now, self.policy.trust_check())
+            for i, rid in held:
+                res.duplicate(i)
+                chains.recent.add(rid)
+        if not verified:
+            self.metrics.duplicates.labels(via).inc(res.duplicates)
+            return res
+        to_store: list[Record] = []
+        forks: list[tuple[Record, int]] = []
+        for i, item in verified:
+            if isinstance(item, InvalidRecord):
+                self._reject(res, i, item, source)
+                continue
+            rec = item
+            key = (rec.origin, rec.feed)
+            if source is not None:
+                source.view.update(key, rec.seq)
+                if rec.origin != self.policy.public_key and \
+                        self.policy.card_lists(rec.origin, rec.feed) is False:
+                    source.sync_now.set()  # a feed newer than the card we hold: refresh
+            if chains.holds(rec.id):
+                res.duplicate(i)
+                continue
+            if not self.policy.accepts_origin(rec.origin):  # trust changed meanwhile
+                self._reject(res, i, self.policy.untrusted(rec.origin), source)
+                continue
+            d = classify(rec, chains.heads.get(key), None)
+            if d.verdict is Verdict.EXTENDS and not chains.quota.allow(
+                    rec.origin, len(rec.body), now):
+                # Charged only for records stored: re-sent or out-of-order copies cannot
+                # spend a third party's quota.
+                self._reject(res, i, InvalidRecord("origin over its daily quota", "quota"),
+                             source)
+                continue
+            if d.verdict is Verdict.EXTENDS:
+                self._extend(rec, to_store)
+                res.accepted += 1
+                if via in ("push", "graft"):
+                    chains.pushed_at[key] = mono
+            elif d.verdict is Verdict.AHEAD:
+                head = chains.heads.get(key)
+                if chains.pending.add(rec, head_seq=head.seq if head else 0):
+                    res.pending += 1
+                if source is not None:
+                    source.sync_now.set()
+            else:  # at or below the head: a copy of what we hold, or a fork
+                forks.append((rec, d.conflicts_with_seq or rec.seq))
+        for rec in chains.pending.take_conflicts():
+            d = classify(rec, chains.heads.get((rec.origin, rec.feed)), None)
+            if d.verdict is Verdict.EQUIVOCATION:
+                forks.append((rec, d.conflicts_with_seq or rec.seq))
+        self.metrics.pending.set(len(chains.pending))
+        if to_store:
+            await self.commit(to_store, durable=False, source=source)
+        for rec, seq in forks:
+            if self.on_fork is not None and await self.on_fork(rec, seq, src):
+                res.forks += 1
+            else:
+                res.duplicates += 1
+        # Counted at the end: a copy that arrived by two paths at once is found out
+        # only after both were verified.
+        self.metrics.duplicates.labels(via).inc(res.duplicates)
+        return res
+
+    def _check_batch(
+        self, todo: list[tuple[int, bytes, bytes, bytes]], now: int,
+        accept: Callable[[bytes], bool],
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, Record | InvalidRecord]]]:
+        """In a worker thread (the signature checks release the GIL): ``(held, checked)``
+        -- the items already in the database as ``(index, id)``, and every other item
+        verified, as ``(index, Record or the InvalidRecord it failed with)``."""
+        in_db = self.storage.has_ids([t[1] for t in todo])
+        held = [(t[0], t[1]) for t in todo if t[1] in in_db]
+        fresh = [t for t in todo if t[1] not in in_db]
+        results = open_records(((body, sig, rid) for _, rid, body, sig in fresh), now_ms=now,
+                               verifier=self.verifier, policy=self.record_policy,
+                               accept=accept)
+        return held, [(t[0], r) for t, r in zip(fresh, results, strict=True)]
+
+    def _extend(self, rec: Record, to_store: list[Record]) -> None:
+        """Append ``rec`` (which extends its chain) and any pending records it unblocks."""
+        key = (rec.origin, rec.feed)
+        chains = self.chains
+        for r in [rec, *chains.pending.take_ready(key, rec.seq, rec.id)]:
+            chains.heads[key] = FeedHead(r.seq, r.id)
+            chains.inflight.add(r.id)
+            to_store.append(r)
+
+    async def commit(self, recs: list[Record], *, durable: bool,
+                     source: PartnerLink | None) -> None:
+        """Commit records whose heads are already advanced in memory, then tell the
+        listeners (push, streams). Shielded: a client that disconnects must not leave
+        memory and database apart (the write and everything after it run to the end).
+
+        The write is queued now, before this returns to the event loop, so writes reach
+        the writer in the order their heads were advanced."""
+        fut = self.storage.append(recs, durable=durable)
+        await asyncio.shield(
+            self.spawn(self._commit_now(recs, durable, source, fut), "commit"))
+
+    async def _commit_now(self, recs: list[Record], durable: bool,
+                          source: PartnerLink | None, fut: Future[Any]) -> None:
+        chains = self.chains
+        try:
+            await asyncio.wrap_future(fut)
+        except CitynodeError:
+            # The writer refused (should not happen: defence in depth). Our in-memory
+            # heads may be ahead of the database: reload them, once every write queued
+            # before ours has landed.
+            for r in recs:
+                chains.inflight.discard(r.id)
+            await asyncio.wrap_future(self.storage.set_meta("heads-reloaded", b""))
+            chains.load(await in_thread(self.storage.heads))
+            raise
+        for r in recs:
+            chains.inflight.discard(r.id)
+            chains.recent.add(r.id)
+        self.metrics.stored.labels("own" if durable else "replica").inc(len(recs))
+        self.metrics.feeds.set(len(chains.heads))
+        self.on_commit(recs, source)
+
+    # ------------------------------------------------------------------ refusals
+
+    def _reject(self, res: IngestResult, i: int, exc: InvalidRecord,
+                source: PartnerLink | None) -> None:
+        res.rejected.append((i, exc.reason))
+        self.count_invalid(source, exc.reason, str(exc))
+
+    def count_invalid(self, source: PartnerLink | None, reason: str, detail: str) -> None:
+        """Count one rejected item everywhere an operator looks: the metrics, the
+        partner's own tally (``citynode partner list``) and the bounded rejected log."""
+        self.metrics.rejected.labels(reason).inc()
+        src = self.partners.count_invalid(source, reason)
+        self.storage.log_rejected(src, reason, detail[:500], self.now_ms())

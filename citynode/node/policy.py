@@ -1,0 +1,317 @@
+"""Who is trusted and who may see what: node cards (ours and others'), the trust policy,
+and every feed's access level on the push, sync and read paths.
+
+The rules themselves are the core's (``core.access``, ``core.sync.accept_origin``); this
+role holds what they are applied to -- the cards learned, the partners, node.toml's
+feeds -- and caches what it derives from them until either changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from citynode import __version__
+from citynode.config import Config
+from citynode.core import access, cards, sync
+from citynode.core.chain import ForkProof
+from citynode.core.keys import SigningKey, Verifier, node_id, parse_node_id
+from citynode.core.records import Record, decode_envelope, parse_body
+from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
+from citynode.identity import Identity
+from citynode.logs import fields
+from citynode.node._base import in_thread
+from citynode.node.chains import Chains
+from citynode.storage import Storage
+
+__all__ = ["Policy", "readers_of", "sealed_to"]
+
+log = logging.getLogger("citynode.node")
+
+# Bounds on the signed cards of other nodes kept (and served on /v1/cards).
+MAX_CARDS = 10_000
+MAX_CARD_BYTES = 32 * 1024 * 1024
+
+
+class Policy:
+    """Cards, trust and access. ``partners()`` gives the current partner keys;
+    ``on_card_news(origin)`` is called when a card that changes what may be relayed of
+    records held arrives (the gossip role then asks every partner for a round)."""
+
+    def __init__(self, *, config: Config, identity: Identity, storage: Storage,
+                 chains: Chains, verifier: Verifier, now_ms: Callable[[], int],
+                 partners: Callable[[], frozenset[bytes]]) -> None:
+        self.config = config
+        self.identity = identity
+        self.key: SigningKey = identity.key
+        self.public_key = identity.key.public_key
+        self.storage = storage
+        self.chains = chains
+        self.verifier = verifier
+        self.now_ms = now_ms
+        self.partners = partners
+        self.on_card_news: Callable[[bytes], None] = lambda origin: None
+        self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
+        self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
+        self.vouch = sync.VouchGraph()
+        self._card_envs: set[bytes] = set()  # the envelopes in cards_seen
+        self._cards_bytes = 0
+        self._card: cards.NodeCard | None = None
+        # Derived from cards and partners, rebuilt when asked after either changes.
+        self._trusted: Callable[[bytes], bool] | None = None
+        self._policies: dict[tuple[bytes, str], access.FeedPolicy] = {}
+        self._known: frozenset[bytes] | None = None
+
+    # ------------------------------------------------------------------ our card
+
+    def card(self) -> cards.NodeCard:
+        """Our signed node card, re-signed whenever our partners or our feeds change (a
+        feed must be listed before partners relay it: unlisted feeds are not public)."""
+        feeds = sorted(self.chains.feeds_of(self.public_key) | set(self.config.feeds))
+        if self._card is None or [f.name for f in self._card.feeds] != feeds:
+            self._card = cards.make_card(
+                self.key,
+                name=self.config.node.name,
+                url=self.config.node.public_url,
+                tls_fingerprint=self.identity.cert_fingerprint if self.config.tls.enabled else None,
+                feeds=[(f, self.feed_access(f)) for f in feeds],
+                partners=sorted(self.partners()),
+                software=f"citynode/{__version__}",
+                now_ms=self.now_ms(),
+            )
+            self.storage.set_meta("card:" + self.public_key.hex(), self._card.envelope)
+        return self._card
+
+    def feed_access(self, feed: str) -> str:
+        """The access level of this node's own ``feed`` as configured when it started
+        (a feed not in node.toml is public)."""
+        fc = self.config.feeds.get(feed)
+        return fc.access if fc is not None else "public"
+
+    def partners_changed(self) -> None:
+        """A partner was added or removed: our card and what was derived is re-made."""
+        self._card = None
+        self._forget_derived()
+
+    # ------------------------------------------------------------------ others' cards
+
+    def known_cards(self) -> list[bytes]:
+        """Our card and every card held, as envelopes (served on /v1/cards)."""
+        return [self.card().envelope, *self.cards_seen.values()]
+
+    async def load_cards(self) -> None:
+        """Learn the cards stored with the partners (at start)."""
+        for row in await in_thread(self.storage.partners):
+            if row.card:
+                self.learn_card(row.card, row.public_key)
+
+    def learn_card(self, env: bytes, expected_key: bytes | None = None) -> bool:
+        """Verify and keep a node card newer than the one held. Returns whether it was
+        kept; an invalid card is logged and ignored (never raises)."""
+        if env in self._card_envs:
+            return False  # seen exactly this one: no need to verify it again
+        try:
+            c = cards.open_card(
+                env,
+                expected_node_id=node_id(expected_key) if expected_key else None,
+                verifier=self.verifier,
+                now_ms=self.now_ms(),
+            )
+        except CitynodeError as exc:
+            log.info("ignored an invalid card", extra=fields(error=str(exc)))
+            return False
+        prev = self.card_info.get(c.node)
+        if prev is not None and prev.time >= c.time:
+            return False
+        if c.node not in self.cards_seen and (
+                len(self.cards_seen) >= MAX_CARDS
+                or self._cards_bytes + len(env) > MAX_CARD_BYTES):
+            return False  # bounded: a flood of self-made cards cannot fill memory
+        old = self.cards_seen.get(c.node)
+        if old is not None:
+            self._card_envs.discard(old)
+            self._cards_bytes -= len(old)
+        self._card_envs.add(env)
+        self._cards_bytes += len(env)
+        self.cards_seen[c.node] = env
+        self.card_info[c.node] = c
+        self.vouch.add_card(c.node, set(c.partners))
+        self._forget_derived()
+        if c.node != self.public_key and (
+                prev is None or prev.feeds != c.feeds or prev.partners != c.partners) and (
+                self.chains.holds_origin(c.node)):
+            # Records of that node we hold and may have held back (a feed its old card
+            # did not list, a partner it did not have) may now go on.
+            self.on_card_news(c.node)
+        # Kept so `citynode export` can put the origin's card in an auditor's bundle.
+        self.storage.set_meta("card:" + c.node.hex(), env)
+        return True
+
+    def card_lists(self, origin: bytes, feed: str) -> bool | None:
+        """Does the card held of ``origin`` list ``feed``? None: no card held."""
+        c = self.card_info.get(origin)
+        if c is None:
+            return None
+        return any(f.name == feed for f in c.feeds)
+
+    # ------------------------------------------------------------------ trust
+
+    def trust_check(self) -> Callable[[bytes], bool]:
+        """The trust policy (config ``federation.accept``) as a function of an origin key,
+        over a frozen snapshot of partners and vouches: safe to call from worker threads,
+        rebuilt when partners or cards change."""
+        if self._trusted is None:
+            fed = self.config.federation
+            direct = self.partners()
+            vouched = frozenset(
+                self.vouch.trusted(self.public_key, set(direct), fed.vouch_hops)
+                if fed.accept == "vouched" else ()
+            )
+            me, policy = self.public_key, fed.accept
+
+            def check(origin: bytes) -> bool:
+                return sync.accept_origin(origin, policy=policy, self_key=me,
+                                          partners=direct, vouched=vouched)
+
+            self._trusted = check
+        return self._trusted
+
+    def accepts_origin(self, origin: bytes) -> bool:
+        """Does the trust policy accept records of ``origin``?"""
+        return self.trust_check()(origin)
+
+    def untrusted(self, origin: bytes) -> InvalidRecord:
+        """The refusal of a record of an origin the trust policy does not accept."""
+        return InvalidRecord(
+            f"origin {node_id(origin)} is not trusted by this node's policy "
+            f"({self.config.federation.accept})", "untrusted_origin")
+
+    def knows_key(self, key: bytes) -> bool:
+        """Is ``key`` a node this one knows: a partner, a partner of a partner (listed in
+        that partner's signed card), or a reader of one of its own restricted feeds?
+        Not every card held: a member could gossip cards of keys it made up."""
+        if self._known is None:
+            partners = self.partners()
+            known = set(partners)
+            for pk in partners:
+                c = self.card_info.get(pk)
+                if c is not None:
+                    known.update(c.partners)
+            known.update(parse_node_id(r) for fc in self.config.feeds.values()
+                         for r in fc.readers)
+            self._known = frozenset(known)
+        return key in self._known
+
+    def _forget_derived(self) -> None:
+        """Cards or partners changed: what was derived from them is rebuilt when asked."""
+        self._trusted = None
+        self._policies = {}
+        self._known = None
+
+    # ------------------------------------------------------------------ access
+
+    def feed_policy(self, origin: bytes, feed: str) -> access.FeedPolicy:
+        """The access level of a feed: ours from node.toml, others' from their cards."""
+        key = (origin, feed)
+        pol = self._policies.get(key)
+        if pol is None:
+            if len(self._policies) >= 100_000:  # bounded: feeds are many, cards change
+                self._policies = {}
+            pol = self._policies[key] = self._feed_policy(origin, feed)
+        return pol
+
+    def _feed_policy(self, origin: bytes, feed: str) -> access.FeedPolicy:
+        if origin == self.public_key:
+            fc = self.config.feeds.get(feed)
+            level = fc.access if fc is not None else access.PUBLIC
+            readers = frozenset(parse_node_id(r) for r in fc.readers) if fc else frozenset()
+            return access.FeedPolicy(level, self.partners(), readers)
+        c = self.card_info.get(origin)
+        if c is None:
+            return access.FeedPolicy(access.PARTNERS)
+        # A card lists every feed its node has configured or published when it signed
+        # it; a feed it does not list is newer than the card: unknown, so not public
+        # (the next card exchange tells).
+        level = next((f.access for f in c.feeds if f.name == feed), access.PARTNERS)
+        return access.FeedPolicy(level, frozenset(c.partners))
+
+    def is_restricted(self, origin: bytes, feed: str) -> bool:
+        return self.feed_policy(origin, feed).access == access.RESTRICTED
+
+    def may_send(self, partner: bytes, rec: Record) -> bool:
+        """Access policy on the push path, for this record (sealed or not)."""
+        pol = self.feed_policy(rec.origin, rec.feed)
+        if pol.access == access.RESTRICTED:
+            pol = access.for_record(pol, sealed_to(rec.sealed))
+        return access.may_relay(pol, rec.origin, partner)
+
+    def may_relay_envelope(self, partner: bytes, origin: bytes, feed: str,
+                           envelope: bytes) -> bool:
+        """As :meth:`may_send`, for a stored envelope (the fetch path)."""
+        pol = self.feed_policy(origin, feed)
+        if pol.access == access.RESTRICTED:
+            pol = access.for_record(pol, readers_of(envelope))
+        return access.may_relay(pol, origin, partner)
+
+    def may_pass(self, partner: bytes, origin: bytes, feed: str,
+                 proof: bytes | None = None) -> bool:
+        """May this partner be sent what is about a feed -- its head in a frontier, its
+        checkpoints, a proof about it? As for the feed's records: a partners feed's
+        seqs, heads and roots stay with the origin's partners (its name and level are
+        in the origin's card, which is public). A fork ``proof`` carries two records: of
+        a restricted feed, if either is in clear, the partners rule holds."""
+        pol = self.feed_policy(origin, feed)
+        if pol.access == access.RESTRICTED and proof is not None:
+            try:
+                fp = ForkProof.decode(proof)
+            except InvalidProof:  # a split view: checkpoints, no record
+                return access.may_relay(pol, origin, partner)
+            # Both records: the proof carries either one in clear if it is.
+            return all(access.may_relay(access.for_record(pol, readers_of(env)), origin,
+                                        partner) for env in (fp.a, fp.b))
+        return access.may_relay(pol, origin, partner)
+
+    def frontier_for(self, partner: bytes) -> sync.Frontier:
+        """Our heads, less the feeds this partner may not be sent."""
+        return {k: (h.seq, h.id) for k, h in self.chains.heads.items()
+                if self.may_pass(partner, k[0], k[1])}
+
+    def may_read(self, origin: bytes, feed: str, caller: bytes | None,
+                 envelope: bytes | None = None) -> bool:
+        """Access policy on the read paths (get, query, stream, export): for a record when
+        its ``envelope`` is given (a restricted feed's record is readable by the nodes it
+        is sealed to, and one in clear is held to the partners rule), else for the feed
+        (for a restricted feed: its origin's readers, or none known here)."""
+        pol = self.feed_policy(origin, feed)
+        if pol.access == access.RESTRICTED and envelope is not None:
+            pol = access.for_record(pol, readers_of(envelope))
+        return access.may_read(pol, origin, caller)
+
+    async def may_read_feed(self, origin: bytes, feed: str, caller: bytes | None) -> bool:
+        """May ``caller`` read what is about a whole feed (its checkpoints, consistency
+        proofs)? As it may read the feed's latest record held: for a restricted feed,
+        that record's recipients are the readers known here (in clear: the partners
+        rule); with no record held, the feed's policy alone."""
+        head = self.chains.heads.get((origin, feed))
+        env = None
+        if head is not None and self.is_restricted(origin, feed):
+            env = await in_thread(self.storage.envelope_at, origin, feed, head.seq)
+        return self.may_read(origin, feed, caller, env)
+
+
+def readers_of(envelope: bytes) -> frozenset[bytes] | None:
+    """The recipients a record is sealed to; None if it is not sealed (its payload is in
+    clear), or cannot be read (it was verified when stored: not expected)."""
+    try:
+        body, _sig = decode_envelope(envelope)
+        sealed = parse_body(body).get("sealed")
+    except InvalidRecord:
+        return None
+    return sealed_to(sealed)
+
+
+def sealed_to(sealed: object) -> frozenset[bytes] | None:
+    """The recipients of a record's ``sealed`` field; None if there is none."""
+    if not isinstance(sealed, dict):
+        return None
+    return frozenset(r[0] for r in sealed.get("to", ()) if isinstance(r, list) and r)

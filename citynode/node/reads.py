@@ -1,0 +1,59 @@
+"""Reads: what the HTTP layer serves from storage to readers -- records by id, pages by
+filter, feed lists -- each read in a worker thread and bounded in time, with the read
+policy applied inside the query (rows a caller may not see neither come back nor move
+the cursor).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from citynode.config import Config
+from citynode.node._base import in_thread
+from citynode.node.policy import Policy
+from citynode.storage import FeedRow, RejectedRow, Storage, StoredRow
+
+__all__ = ["Reads"]
+
+
+class Reads:
+    """Reads for callers outside the node (HTTP, CLI)."""
+
+    def __init__(self, *, config: Config, storage: Storage, policy: Policy) -> None:
+        self.config = config
+        self.storage = storage
+        self.policy = policy
+
+    async def envelope(self, rid: bytes) -> bytes | None:
+        """The envelope of a record held, by id (no access check: see Policy)."""
+        return await in_thread(self.storage.get_envelope, rid)
+
+    async def query(self, *, limit: int, after_rowid: int = 0,
+                    only_feeds: list[tuple[bytes, str]] | None = None,
+                    **filters: Any) -> list[StoredRow]:
+        """Stored rows matching ``filters`` (Storage.query's), after ``after_rowid``, at
+        most ``limit``, bounded by ``[limits] query_time_limit_seconds`` (raises
+        QueryTooSlow past it)."""
+        tl = self.config.limits.query_time_limit_seconds
+        return await in_thread(lambda: self.storage.query(
+            after_rowid=after_rowid, limit=limit, only_feeds=only_feeds, time_limit=tl,
+            **filters))
+
+    async def feeds(self) -> list[FeedRow]:
+        """Every chain held: origin, feed, head, count, last time."""
+        return await in_thread(self.storage.feeds)
+
+    async def readable_feeds(self, caller: bytes | None) -> list[tuple[bytes, str]]:
+        """The (origin, feed) pairs ``caller`` may list. Restricted feeds are included
+        for authenticated callers; their records are then filtered one by one (only
+        their readers get them)."""
+        pol = self.policy
+        return [(r.origin, r.feed) for r in await self.feeds()
+                if pol.may_read(r.origin, r.feed, caller)
+                or (caller is not None and pol.is_restricted(r.origin, r.feed))]
+
+    async def db_size(self) -> int:
+        return await in_thread(self.storage.db_size_bytes)
+
+    async def rejected(self, limit: int = 100) -> list[RejectedRow]:
+        return await in_thread(self.storage.rejected, limit)
