@@ -232,11 +232,11 @@ def write_bundle(
                 decode_envelope(env)
                 f.write(_frame(encoding.encode({"kind": CHECKPOINT, "env": env}), limits))
                 counts["checkpoints"] += 1
-            for p in forks:
-                f.write(_frame(_proof_bytes(p, FORK), limits))
+            for fork in forks:
+                f.write(_frame(_proof_bytes(fork, FORK), limits))
                 counts["forks"] += 1
-            for p in split_views:
-                f.write(_frame(_proof_bytes(p, SPLIT_VIEW), limits))
+            for split in split_views:
+                f.write(_frame(_proof_bytes(split, SPLIT_VIEW), limits))
                 counts["split_views"] += 1
             f.write(_frame(encoding.encode({"kind": END, **counts}), limits))
             f.flush()

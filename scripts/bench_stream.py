@@ -343,7 +343,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 slots.release()
 
-        calls = []
+        calls: list[asyncio.Task[None]] = []
         for k in range(batches):
             delay = t0 + k * interval - time.monotonic()
             if delay > 0:
