@@ -38,7 +38,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from citynode.core import encoding
 from citynode.core.cards import open_card
@@ -47,6 +47,9 @@ from citynode.core.checkpoints import SplitViewProof
 from citynode.core.keys import Verifier, node_id
 from citynode.core.records import check_feed_name, decode_envelope
 from citynode.errors import CitynodeError, InvalidRecord
+
+if TYPE_CHECKING:
+    from citynode.storage import Storage
 
 __all__ = [
     "BUNDLE_VERSION",
@@ -232,11 +235,11 @@ def write_bundle(
                 decode_envelope(env)
                 f.write(_frame(encoding.encode({"kind": CHECKPOINT, "env": env}), limits))
                 counts["checkpoints"] += 1
-            for p in forks:
-                f.write(_frame(_proof_bytes(p, FORK), limits))
+            for fork in forks:
+                f.write(_frame(_proof_bytes(fork, FORK), limits))
                 counts["forks"] += 1
-            for p in split_views:
-                f.write(_frame(_proof_bytes(p, SPLIT_VIEW), limits))
+            for split in split_views:
+                f.write(_frame(_proof_bytes(split, SPLIT_VIEW), limits))
                 counts["split_views"] += 1
             f.write(_frame(encoding.encode({"kind": END, **counts}), limits))
             f.flush()
@@ -509,7 +512,7 @@ class ExportSummary:
 
 
 def export_from_storage(
-    storage: Any,
+    storage: Storage,
     origin: bytes,
     feeds: list[str] | None,
     path: str | os.PathLike[str],
@@ -517,10 +520,9 @@ def export_from_storage(
     card: bytes | None,
     now_ms: int,
 ) -> ExportSummary:
-    """Write a bundle of ``origin``'s records held in ``storage`` (a
-    :class:`citynode.storage.Storage`): every record of each feed in seq order, every
-    checkpoint held of those feeds whose size is at most the records written of its
-    feed, and every fork / split-view proof held against them.
+    """Write a bundle of ``origin``'s records held in ``storage``: every record of
+    each feed in seq order, every checkpoint held of those feeds whose size is at most
+    the records written of its feed, and every fork / split-view proof held against them.
 
     A checkpoint of size N proves the origin published seq 1..N, so the audit fails a
     bundle whose records stop before N; a replica may hold a checkpoint newer than its

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from citynode.core.keys import node_id, parse_node_id
@@ -250,7 +250,7 @@ def _is_wildcard(host: str) -> bool:
 # ---------------------------------------------------------------------------------------
 # The schema: one row per key, driving both loading and rendering
 
-_REQUIRED: Any = object()
+_REQUIRED: Final = object()  # the default of a key that has none
 Check = Callable[[Any], str | None]  # returns what is wrong, or None
 
 
@@ -343,7 +343,7 @@ def _check_proxy(v: str) -> str | None:
 class _Key:
     name: str
     kind: str  # "str" | "int" | "float" | "bool" | "strs"
-    default: Any
+    default: object  # of `kind`, None (computed, see doc) or _REQUIRED
     doc: str
     check: Check | None = None
 
@@ -456,7 +456,7 @@ _KIND_TEXT = {
 }
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     """``value`` as an operator would write it in TOML (shortened if long)."""
     if isinstance(value, bool):
         text = "true" if value else "false"
@@ -503,7 +503,7 @@ class _Loader:
     def fail(self, where: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {where}: {message}")
 
-    def section(self, where: str, table: Any, keys: tuple[_Key, ...]) -> dict[str, Any]:
+    def section(self, where: str, table: object, keys: tuple[_Key, ...]) -> dict[str, Any]:
         if not isinstance(table, dict):
             raise self.fail(where, f"expected a table, got {_show(table)}")
         known = [k.name for k in keys]
@@ -559,7 +559,7 @@ class _Loader:
         return Config(node=node, tls=tls, limits=limits, federation=federation,
                       checkpoints=checkpoints, feeds=feeds, log=log)
 
-    def node(self, table: Any, tls: TlsConfig) -> NodeConfig:
+    def node(self, table: object, tls: TlsConfig) -> NodeConfig:
         v = self.section("[node]", table, _SCHEMA["node"])
         host = split_listen(v["listen"])[0]
         if v["public_url"] is None:
@@ -575,7 +575,7 @@ class _Loader:
                             "trusted_proxy to the reverse proxy's IP address, or enable TLS")
         return NodeConfig(**v)
 
-    def feeds(self, table: Any) -> Mapping[str, FeedConfig]:
+    def feeds(self, table: object) -> Mapping[str, FeedConfig]:
         if not isinstance(table, dict):
             raise self.fail("[feeds]", f"expected tables like [feeds.air-quality], got "
                             f"{_show(table)}")

@@ -22,13 +22,26 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from citynode.cluster import Cluster, LocalNode
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
 __all__ = ["run_demo"]
 
-CITIES: dict[str, dict[str, Any]] = {
+Place = tuple[str, float, float]  # name, longitude, latitude
+
+
+class City(TypedDict):
+    stations: list[Place]  # air-quality stations; the first also reports the weather
+    roads: list[Place]
+    pm25: float  # typical PM2.5 in µg/m³
+    temp: float  # typical temperature in °C
+
+
+CITIES: dict[str, City] = {
     "Jakarta": {
         "stations": [("DKI1 Bundaran HI", 106.8230, -6.1950),
                      ("DKI4 Lubang Buaya", 106.9090, -6.2886)],
@@ -61,7 +74,7 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _air(city: dict[str, Any], station: tuple[str, float, float], t: float,
+def _air(city: City, station: Place, t: float,
          rng: random.Random) -> dict[str, Any]:
     name, lon, lat = station
     daily = 1 + 0.25 * math.sin(t / 3600)
@@ -77,7 +90,7 @@ def _air(city: dict[str, Any], station: tuple[str, float, float], t: float,
     }
 
 
-def _traffic(road: tuple[str, float, float], t: float, rng: random.Random) -> dict[str, Any]:
+def _traffic(road: Place, t: float, rng: random.Random) -> dict[str, Any]:
     name, lon, lat = road
     speed = rng.uniform(8, 55)
     return {
@@ -91,7 +104,7 @@ def _traffic(road: tuple[str, float, float], t: float, rng: random.Random) -> di
     }
 
 
-def _weather(city: dict[str, Any], t: float, rng: random.Random) -> dict[str, Any]:
+def _weather(city: City, t: float, rng: random.Random) -> dict[str, Any]:
     _name, lon, lat = city["stations"][0]
     return {
         "dateObserved": _iso(t),
@@ -117,7 +130,7 @@ NOTICE = {
 }
 
 
-async def _publisher(node: LocalNode, city: dict[str, Any], stop: asyncio.Event,
+async def _publisher(node: LocalNode, city: City, stop: asyncio.Event,
                      counts: dict[str, int], rng: random.Random) -> None:
     tick = 0
     while not stop.is_set():
@@ -158,7 +171,7 @@ async def _holdings(nodes: list[LocalNode]) -> dict[str, dict[str, int]]:
 
 
 def _table(nodes: list[LocalNode], held: dict[str, dict[str, int]], published: dict[str, int],
-           title: str) -> Any:
+           title: str) -> Table:
     from rich.table import Table
 
     t = Table(title=title, caption="every record verified (Ed25519 + chain) by every node "

@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 import time
-from typing import Any
 
 __all__ = ["JsonFormatter", "fields", "setup_cli_logging", "setup_logging"]
 
@@ -20,7 +19,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, msg, and any ``fields``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -45,7 +44,7 @@ class TextFormatter(logging.Formatter):
         return base
 
 
-def fields(**kw: Any) -> dict[str, Any]:
+def fields(**kw: object) -> dict[str, dict[str, object]]:
     """``extra=`` argument for a log call carrying structured fields."""
     return {"fields": kw}
 

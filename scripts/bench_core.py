@@ -14,7 +14,6 @@ import json
 import statistics
 import sys
 import time
-from typing import Any
 
 import msgpack
 import nacl.bindings
@@ -30,6 +29,7 @@ from citynode.core.records import (
     record_id,
     sign_record,
 )
+from citynode.errors import InvalidRecord
 
 STATIONS = [
     ("DKI1 Bundaran HI", 106.8229, -6.1944),
@@ -98,8 +98,8 @@ def pipeline_rate(envelopes: list[bytes], now_ms: int, batch: int) -> float:
                 continue
             todo.append((body, sig, rid))
         if batch == 1:
-            recs: list[Any] = [open_record(b, s, now_ms=now_ms, verifier=verifier, rid=r)
-                               for b, s, r in todo]
+            recs: list[Record | InvalidRecord] = [
+                open_record(b, s, now_ms=now_ms, verifier=verifier, rid=r) for b, s, r in todo]
         else:
             recs = open_records(todo, now_ms=now_ms, verifier=verifier)
         for rec in recs:

@@ -42,7 +42,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +177,7 @@ async def _follow(session: aiohttp.ClientSession, url: str, sub: Sub,
                        if e is not None]
                 seqs = [g[0] for g in got]
                 ns = [g[1] for g in got]
-                ts: list[Any] = [g[2] for g in got]
+                ts: Sequence[float | bytes] = [g[2] for g in got]  # bytes: JSON, as sent
             else:
                 seqs, ns, ts = read_json_events(block, full)
                 if full:
@@ -298,7 +300,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     interval = batch / args.rate
     batches = max(1, round(args.rate * args.seconds / batch))
     ctx = mp.get_context("spawn")  # no fork of a process with a running event loop
-    procs: list[Any] = []
+    procs: list[SpawnProcess] = []
     conns: list[Connection] = []
     results: list[dict[str, Any]] = []
     try:
@@ -343,7 +345,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 slots.release()
 
-        calls = []
+        calls: list[asyncio.Task[None]] = []
         for k in range(batches):
             delay = t0 + k * interval - time.monotonic()
             if delay > 0:
