@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -21,12 +20,26 @@ from citynode import __version__
 from citynode.errors import CitynodeError
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from citynode.operator import Operator
 
 __all__ = ["main"]
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+def _operate(data_dir: Path, op: Callable[[Operator], Awaitable[T]]) -> T:
+    """``op`` on the operator interface of the node of ``data_dir``, running or not
+    (citynode/operator.py): every command that changes a node is written once."""
+    from citynode.operator import Operator
+
+    async def go() -> T:
+        async with Operator.open(data_dir) as node:
+            return await op(node)
+
+    return asyncio.run(go())
 
 
 class _Group(click.Group):
@@ -90,30 +103,10 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     console.print(t)
 
 
-@asynccontextmanager
-async def _local_node(data_dir: Path) -> AsyncIterator[Any]:
-    """Open the data dir directly (no server, no partner tasks) for a one-shot command."""
-    from citynode.node import Node
-    from citynode.runner import run_lock
+def _require_dir(data_dir: Path) -> None:
+    from citynode.operator import require_data_dir
 
-    with run_lock(data_dir):
-        node = Node.load(data_dir)
-        await node.start(partners=False)
-        try:
-            yield node
-        finally:
-            await node.stop()
-
-
-def _is_running(data_dir: Path) -> bool:
-    from citynode.runner import is_running
-
-    if not (data_dir / "node.toml").exists():
-        raise click.ClickException(
-            f"{data_dir} is not a citynode data dir (no node.toml): "
-            f"run `citynode init -d {data_dir}`"
-        )
-    return is_running(data_dir)
+    require_data_dir(data_dir)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -207,27 +200,8 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
         raise click.BadParameter("empty: give a subject or leave the option out",
                                  param_hint="--subject")
     items = _read_items(source)
-    if _is_running(data_dir):
-        from urllib.parse import urlencode
-
-        from citynode.runner import operator_request
-
-        q = {"feed": feed, "type": type_name} | ({"subject": subject} if subject else {})
-        body = "\n".join(json.dumps(i) for i in items).encode() + b"\n"
-        out = _run(operator_request(data_dir, "POST", f"/v1/publish?{urlencode(q)}", body=body))
-        ids, first, access = out["ids"], out["first_seq"], out.get("access")
-    else:
-        async def go() -> tuple[list[str], int, str]:
-            async with _local_node(data_dir) as node:
-                # Own-feed safety with the node stopped: first learn from the partners
-                # whether they hold newer records of ours (after a restore, say).
-                await node.catch_up()
-                recs = await node.publish(
-                    feed, type_name, items, subjects=[subject] * len(items) if subject else None
-                )
-                return [r.id.hex() for r in recs], recs[0].seq, node.feed_access(feed)
-
-        ids, first, access = _run(go())
+    out = _operate(data_dir, lambda node: node.publish(feed, type_name, items, subject))
+    ids, first, access = out["ids"], out["first_seq"], out.get("access")
     if access == "public":
         # What the node applied (a running node's config is the one it started with).
         # Public is the default for a feed not in node.toml, so say it each time: a typo
@@ -262,7 +236,7 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
     from citynode.render import stored_record_json
     from citynode.storage import Storage
 
-    _is_running(data_dir)
+    _require_dir(data_dir)
     st = Storage.open(data_dir / "citynode.db")
     try:
         rows = st.query(
@@ -293,7 +267,7 @@ def feeds(data_dir: Path, as_json: bool) -> None:
     from citynode.render import iso_time
     from citynode.storage import Storage
 
-    _is_running(data_dir)
+    _require_dir(data_dir)
     st = Storage.open(data_dir / "citynode.db")
     try:
         rows = st.feeds()
@@ -323,19 +297,7 @@ def partner_add(data_dir: Path, url: str, pid: str) -> None:
     from citynode.core.keys import parse_node_id
 
     parse_node_id(pid)
-    if _is_running(data_dir):
-        from citynode.runner import operator_request
-
-        out = _run(operator_request(data_dir, "POST", "/v1/admin/partners",
-                                    json_body={"url": url, "id": pid}))
-        name = out["name"]
-    else:
-        async def go() -> str:
-            async with _local_node(data_dir) as node:
-                row = await node.add_partner(url, pid)
-                return str(row.name)
-
-        name = _run(go())
+    name = _operate(data_dir, lambda node: node.add_partner(url, pid))
     click.echo(f"added partner {name} ({pid}) at {url}; its TLS certificate is pinned")
 
 
@@ -346,12 +308,9 @@ def partner_list(data_dir: Path, as_json: bool) -> None:
     """List partners, with live state when the node is running."""
     from citynode.storage import Storage
 
-    live: dict[str, Any] = {}
-    if _is_running(data_dir):
-        from citynode.runner import operator_request
-
-        out = _run(operator_request(data_dir, "GET", "/v1/admin/partners"))
-        live = {p["node_id"]: p for p in out["partners"]}
+    # Stored partners from the database, their live state from the node (none when it
+    # is not running: a node started for this command has no partner tasks).
+    live = {p["node_id"]: p for p in _operate(data_dir, lambda node: node.partners())}
     st = Storage.open(data_dir / "citynode.db")
     try:
         rows = st.partners()
@@ -384,17 +343,8 @@ def partner_remove(data_dir: Path, pid: str) -> None:
     from citynode.core.keys import parse_node_id
 
     parse_node_id(pid)
-    if _is_running(data_dir):
-        from citynode.runner import operator_request
-
-        _run(operator_request(data_dir, "DELETE", f"/v1/admin/partners/{pid}"))
-    else:
-        async def go() -> bool:
-            async with _local_node(data_dir) as node:
-                return bool(await node.remove_partner(pid))
-
-        if not _run(go()):
-            raise click.ClickException(f"no partner {pid} (see `citynode partner list`)")
+    if not _operate(data_dir, lambda node: node.remove_partner(pid)):
+        raise click.ClickException(f"no partner {pid} (see `citynode partner list`)")
     click.echo(f"removed partner {pid}")
 
 
@@ -413,7 +363,7 @@ def check(data_dir: Path, as_json: bool) -> None:
     from citynode.identity import load_identity
     from citynode.storage import Storage
 
-    _is_running(data_dir)
+    _require_dir(data_dir)
     try:
         own: bytes | None = load_identity(data_dir).key.public_key
         skipped = ""
@@ -471,7 +421,7 @@ def forks(data_dir: Path, as_json: bool) -> None:
     from citynode.render import b64, iso_time
     from citynode.storage import Storage
 
-    _is_running(data_dir)
+    _require_dir(data_dir)
     st = Storage.open(data_dir / "citynode.db")
     try:
         rows = st.fork_proofs()
@@ -580,7 +530,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
     from citynode.core.records import decode_envelope, parse_body, record_id
     from citynode.storage import Storage
 
-    _is_running(data_dir)
+    _require_dir(data_dir)
     st = Storage.open(data_dir / "citynode.db")
     try:
         def ids(o: bytes, f: str, n: int) -> list[bytes]:
@@ -650,31 +600,26 @@ def sync_cmd(data_dir: Path) -> None:
     backup, to fetch everything missing before `citynode run`. A running node catches
     up by itself; with one running, this asks it to sync with its partners now.
     """
-    if _is_running(data_dir):
-        from citynode.runner import operator_request
+    def answer(out: dict[str, Any]) -> None:
+        if "fetched" in out:
+            click.echo(f"fetched {out['fetched']} record(s) from partners")
+        else:
+            click.echo(f"asked the running node to sync with {out['partners']} partner(s) now")
 
-        out = _run(operator_request(data_dir, "POST", "/v1/admin/sync"))
-        click.echo(f"asked the running node to sync with {out['partners']} partner(s) now")
+    if not sys.stderr.isatty():
+        answer(_operate(data_dir, lambda node: node.sync()))
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    async def go() -> int:
-        if not sys.stderr.isatty():
-            async with _local_node(data_dir) as node:
-                return int(await node.catch_up())
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    with Progress(TextColumn("catching up"), BarColumn(), MofNCompleteColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("sync", total=None)
 
-        with Progress(TextColumn("catching up"), BarColumn(), MofNCompleteColumn(),
-                      transient=True) as bar:
-            task = bar.add_task("sync", total=None)
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
 
-            def report(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total or None)
-
-            async with _local_node(data_dir) as node:
-                return int(await node.catch_up(report))
-
-    n = _run(go())
-    click.echo(f"fetched {n} record(s) from partners")
+        out = _operate(data_dir, lambda node: node.sync(report))
+    answer(out)
 
 
 def _register_audit_commands() -> None:

@@ -46,11 +46,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import msgpack
-from yarl import URL
 
-from citynode.core import httpsig
 from citynode.core.keys import SigningKey, Verifier, parse_node_id
 from citynode.core.records import SEALED_TYPE, Record, decode_envelope, open_record
 from citynode.errors import (
@@ -60,7 +57,14 @@ from citynode.errors import (
     PeerRejected,
     QueryTooSlow,
 )
-from citynode.transport.client import translate_error
+from citynode.transport.http import (
+    MSGPACK,
+    Auth,
+    HttpClient,
+    NoAuth,
+    NodeSignature,
+    parse_error_body,
+)
 
 __all__ = ["Client", "plaintext", "record_to_json"]
 
@@ -86,7 +90,8 @@ class Client:
         self.key = key
         self.timeout = timeout
         self.verifier = Verifier()
-        self._session: aiohttp.ClientSession | None = None
+        self._auth: Auth = NodeSignature(key, node_id) if key is not None else NoAuth()
+        self._http: HttpClient | None = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -103,35 +108,29 @@ class Client:
 
             card = await fetch_card(self.url, self.node_id, now_ms=_now_ms())
             self.fingerprint = card.tls
-        ssl: Any = True
-        if self.url.startswith("https://") and self.fingerprint is not None:
-            ssl = aiohttp.Fingerprint(self.fingerprint)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
-                                          sock_read=None),
+        self._http = HttpClient(
+            self.url, auth=self._auth, timeout=self.timeout, connect_timeout=self.timeout,
+            fingerprint=self.fingerprint if self.url.startswith("https://") else None,
         )
-        if self.key is not None and self.node_id is None:
+        if isinstance(self._auth, NodeSignature) and self.node_id is None:
             # Signed requests name the node they are for: learn its id from its card
             # (served over the connection pinned or validated above).
             from citynode.core.cards import open_card
 
             card = open_card(await self._get("/.well-known/citynode", unsigned=True),
                              expected_node_id=None, verifier=self.verifier)
-            self.node_id = card.node_id
+            self.node_id = self._auth.target = card.node_id
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
-    def _headers(self, path_qs: str, accept: str) -> dict[str, str]:
-        h = {"Accept": accept}
-        if self.key is not None:
-            assert self.node_id is not None  # learnt from the card in connect()
-            h.update(httpsig.sign_request(self.key, "GET", path_qs, b"", _now_ms(),
-                                          target=self.node_id))
-        return h
+    async def _client(self) -> HttpClient:
+        if self._http is None:
+            await self.connect()
+        assert self._http is not None  # set by connect()
+        return self._http
 
     def _verify(self, envelope: bytes) -> Record:
         body, sig = decode_envelope(envelope)
@@ -142,26 +141,12 @@ class Client:
             return rec
         return _opened(rec, self.key)
 
-    async def _get(self, path_qs: str, accept: str = "application/msgpack",
+    async def _get(self, path_qs: str, accept: str = MSGPACK,
                    unsigned: bool = False) -> bytes:
-        if self._session is None:
-            await self.connect()
-        assert self._session is not None
-        url = URL(self.url + path_qs, encoded=True)
-        try:
-            async with self._session.get(
-                url, headers={"Accept": accept} if unsigned else self._headers(path_qs, accept),
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as r:
-                data = await r.read()
-                if r.status >= 400:
-                    raise PeerRejected(f"{self.url}: HTTP {r.status}: "
-                                       f"{data[:300].decode(errors='replace')}", r.status)
-                return data
-        except CitynodeError:
-            raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise translate_error(exc, self.url) from exc
+        http = await self._client()
+        resp = await http.request("GET", path_qs, accept=accept,
+                                  auth=NoAuth() if unsigned else None)
+        return resp.body
 
     async def get(self, record_id: bytes | str) -> Record:
         """One record by id, verified. Raises PeerRejected (404) if the node lacks it,
@@ -227,56 +212,37 @@ class Client:
                     raise  # refused (access, a bad filter): asking again would not help
                 if not opened[0]:
                     raise
-            except (PeerError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+            except PeerError:
                 # A stream that never opened (wrong address, untrusted certificate) is a
                 # mistake to report, not an outage to wait out.
                 if not opened[0]:
-                    if isinstance(exc, PeerError):
-                        raise
-                    raise PeerError(f"{self.url}: cannot open the stream: {exc}") from exc
+                    raise
             await asyncio.sleep(retry_seconds)
 
     async def _stream_once(self, path_qs: str, opened: list[bool]
                            ) -> AsyncIterator[tuple[int, Record | None]]:
         """``(cursor, record)`` per record event of one connection, and ``(cursor,
         None)`` for the starting cursor the node sends first."""
-        if self._session is None:
-            await self.connect()
-        assert self._session is not None
-        url = URL(self.url + path_qs, encoded=True)
+        http = await self._client()
+
+        def on_open() -> None:
+            opened[0] = True
+
         try:
-            async with self._session.get(
-                url, headers=self._headers(path_qs, "text/event-stream")
-            ) as r:
-                if r.status >= 400:
-                    data = await r.read()
-                    raise PeerRejected(f"{self.url}: HTTP {r.status}: "
-                                       f"{data[:300].decode(errors='replace')}", r.status)
-                opened[0] = True
-                event: dict[str, str] = {}
-                async for raw in r.content:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                    if line:
-                        k, _, v = line.partition(":")
-                        event[k] = v[1:] if v.startswith(" ") else v
-                        continue
-                    if event.get("event") == "record" and "data" in event:
-                        yield _event_cursor(event), self._verify(_event_envelope(event))
-                    elif event.keys() == {"id"}:  # where the stream starts
-                        yield _event_cursor(event), None
-                    elif event.get("event") == "error":
-                        # The node ended the stream on purpose, saying why.
-                        raise _stream_error(self.url, event.get("data", ""))
-                    event = {}
-        except CitynodeError:
+            async for event in http.events(path_qs, opened=on_open):
+                if event.get("event") == "record" and "data" in event:
+                    yield _event_cursor(event), self._verify(_event_envelope(event))
+                elif event.keys() == {"id"}:  # where the stream starts
+                    yield _event_cursor(event), None
+                elif event.get("event") == "error":
+                    # The node ended the stream on purpose, saying why.
+                    raise _stream_error(self.url, event.get("data", ""))
+        except PeerRejected:
             raise
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise PeerError(
-                f"{self.url}: the node's TLS certificate is not trusted "
-                f"({exc.certificate_error}): give the node's id (cn1...) to pin it"
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise PeerError(f"stream broke: {translate_error(exc, self.url)}") from exc
+        except PeerError as exc:
+            if not opened[0]:
+                raise  # never opened: the mistake itself (wrong address, certificate)
+            raise PeerError(f"stream broke: {exc}") from exc
 
 
 def _event_envelope(event: dict[str, str]) -> bytes:
@@ -304,11 +270,10 @@ def _stream_error(url: str, data: str) -> CitynodeError:
     """The error a node's ``event: error`` stands for: :class:`QueryTooSlow` (the
     subscription's filter is too costly to catch up with: narrow it), else a
     :class:`PeerError` (the stream is resumed)."""
-    try:
-        info = json.loads(data)
-        code, message = str(info["error"]), str(info["message"])
-    except (ValueError, KeyError, TypeError):
+    parsed = parse_error_body(data.encode())
+    if parsed is None:
         return PeerError(f"{url}: stream ended with an unreadable error: {data[:200]!r}")
+    code, message = parsed
     if code == "query_too_slow":
         return QueryTooSlow(f"{url}: {message}")
     return PeerError(f"{url}: stream ended: {code}: {message}")

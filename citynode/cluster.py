@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from citynode.datadir import init_data_dir
-from citynode.errors import PeerError, PeerRejected
+from citynode.errors import PeerError
+from citynode.transport.http import JSON, MSGPACK, BearerToken, HttpClient, NoAuth
 
 __all__ = ["Cluster", "LocalNode", "free_ports", "set_config"]
 
@@ -66,7 +65,7 @@ class LocalNode:
     fingerprint: bytes
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
-    _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    _http: HttpClient | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -106,38 +105,30 @@ class LocalNode:
             self.proc.wait()
         self.proc = None
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=120),
-                connector=aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(self.fingerprint)),
-            )
-        return self._session
+    def _client(self) -> HttpClient:
+        if self._http is None:
+            self._http = HttpClient(self.url, fingerprint=self.fingerprint, timeout=120.0,
+                                    auth=BearerToken(self.token), where=self.name)
+        return self._http
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def api(
         self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
         operator: bool = True, raw: bool = False,
     ) -> Any:
-        """Call the node's HTTPS API; JSON in and out unless ``raw``."""
-        headers = {"Accept": "application/msgpack" if raw else "application/json"}
-        if operator:
-            headers["Authorization"] = f"Bearer {self.token}"
+        """Call the node's HTTPS API; JSON in and out unless ``raw``. Raises
+        :class:`PeerRejected` (with the node's status and reason) or :class:`PeerError`."""
         if json_body is not None:
             body = json.dumps(json_body).encode()
-        s = await self.session()
-        try:
-            async with s.request(method, self.url + path, data=body, headers=headers) as r:
-                data = await r.read()
-                if r.status >= 400:
-                    raise PeerRejected(f"{self.name} {path}: {r.status} {data[:300]!r}", r.status)
-                return data if raw else json.loads(data)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise PeerError(f"{self.name}: {exc}") from exc
+        resp = await self._client().request(
+            method, path, body or b"", accept=MSGPACK if raw else JSON,
+            content_type=JSON if json_body is not None else None,
+            auth=None if operator else NoAuth())
+        return resp.body if raw else resp.json()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -150,7 +141,7 @@ class LocalNode:
                 out = await self.api("GET", "/readyz", operator=False)
                 if out.get("ready"):
                     return
-            except (PeerError, PeerRejected) as exc:
+            except PeerError as exc:  # PeerRejected included (503: not ready)
                 last = exc
             await asyncio.sleep(0.1)
         raise TimeoutError(f"{self.name} not ready after {timeout} s: {last}; {self.tail_log()}")

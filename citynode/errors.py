@@ -23,9 +23,15 @@ tree and users see one clear line.
     ├── AccessDenied                 the caller may not read or write this
     └── PeerError                    talking to another node failed
         └── PeerRejected             the other node answered with an error status
+                                     (``.status``, ``.reason``, ``.detail``)
 
 ``InvalidRecord.reason`` is a short stable code (``"bad_signature"``, ``"non_canonical"``,
 ``"future_time"``, ...) used for metrics and logs; the message says what was wrong.
+
+``PeerRejected.reason`` is the ``"error"`` code of the other node's JSON error body
+(``{"error": reason, "message": text}``, see transport/server.py), parsed once where the
+answer enters (transport/http.py): decide on ``status`` and ``reason``, never on the
+message text.
 """
 
 from __future__ import annotations
@@ -144,8 +150,17 @@ class PeerError(CitynodeError):
 
 
 class PeerRejected(PeerError):
-    """The other node answered with an error status; ``status`` holds the HTTP code."""
+    """The other node answered with an error status.
 
-    def __init__(self, message: str, status: int) -> None:
+    ``status`` is the HTTP code; ``reason`` the stable code of its error body
+    (``"access_denied"``, ``"untrusted_origin"``, ``"bad_signature"``, ...;
+    ``"unknown"`` when the answer had no readable code, e.g. a proxy's error page);
+    ``detail`` the other node's own one-line explanation (``str(err)`` adds where).
+    """
+
+    def __init__(self, message: str, status: int, reason: str = "unknown",
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
+        self.detail = message if detail is None else detail

@@ -1,84 +1,32 @@
-"""The peer client: the only code that makes HTTP requests to other nodes.
+"""The peer client: requests from this node to its partners, over the one HTTP stack.
 
 Every request to a partner is signed with our node key (core/httpsig.py) and sent over
-TLS pinned to the certificate fingerprint from the partner's signed node card. aiohttp
-and ssl errors are translated into :class:`PeerError` here, so nothing above this module
-sees a library exception.
+TLS pinned to the certificate fingerprint from the partner's signed node card; both, and
+the translation of every error into :class:`PeerError` / :class:`PeerRejected` (with the
+partner's reason code), are transport/http.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import msgpack
-from yarl import URL
 
-from citynode.core import cards, httpsig
+from citynode.core import cards
 from citynode.core.keys import SigningKey, Verifier
-from citynode.errors import CitynodeError, PeerError, PeerRejected
-
-__all__ = ["MSGPACK", "PeerClient", "fetch_card"]
-
-MSGPACK = "application/msgpack"
-_MAX_RESPONSE = 64 * 1024 * 1024
-
-
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole response body, refusing more than ``limit`` bytes. (StreamReader.read(n)
-    returns whatever is buffered, not everything up to n: a loop is needed.)"""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await resp.content.readany()
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            raise PeerError(f"{resp.url}: response larger than {limit} bytes")
-        chunks.append(chunk)
-
-
-def _ssl_for(url: str, fingerprint: bytes | None) -> Any:
-    if not url.startswith("https://"):
-        return None
-    if fingerprint is None:
-        return True  # normal CA validation (node behind a proxy with a CA certificate)
-    return aiohttp.Fingerprint(fingerprint)
-
-
-# NonHttpUrlClientError is aiohttp 3.10+; with 3.9 an address without a scheme is
-# InvalidURL alone.
-_NOT_AN_ADDRESS: tuple[type[BaseException], ...] = tuple(
-    c for c in (aiohttp.InvalidURL, getattr(aiohttp, "NonHttpUrlClientError", None))
-    if c is not None
+from citynode.errors import PeerError
+from citynode.transport.http import (
+    MAX_RESPONSE,
+    MSGPACK,
+    HttpClient,
+    NoAuth,
+    NodeSignature,
+    translate_error,
 )
 
-
-def translate_error(exc: BaseException, url: str) -> PeerError:
-    """Our one-line :class:`PeerError` for an aiohttp / TLS / socket error."""
-    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
-        return PeerError(
-            f"{url}: TLS certificate does not match the pinned fingerprint (the partner "
-            "changed its certificate, or someone is in between): re-add the partner after "
-            "checking with its operators"
-        )
-    if isinstance(exc, aiohttp.ServerDisconnectedError) and url.startswith("http://"):
-        return PeerError(f"{url}: the node closed the connection: nodes serve HTTPS unless "
-                         "configured otherwise, so try https://")
-    if isinstance(exc, _NOT_AN_ADDRESS):
-        return PeerError(f"{url}: not a node address: give its URL, "
-                         "e.g. https://citynode.example:8443")
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return PeerError(f"{url}: timed out")
-    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionError):
-        return PeerError(f"{url}: cannot connect ({exc.__class__.__name__})")
-    if isinstance(exc, ssl.SSLError | aiohttp.ClientSSLError):
-        return PeerError(f"{url}: TLS failed: {exc}")
-    return PeerError(f"{url}: {exc.__class__.__name__}: {exc}")
+__all__ = ["MSGPACK", "PeerClient", "fetch_card", "translate_error"]
 
 
 class PeerClient:
@@ -92,60 +40,34 @@ class PeerClient:
         node_id: str,
         fingerprint: bytes | None,
         timeout: float = 30.0,
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.key = key
         self.node_id = node_id  # the partner's: every request is signed for it alone
         self.base_url = base_url.rstrip("/")
-        self._ssl = _ssl_for(self.base_url, fingerprint)
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(10.0, timeout))
-        self._session: aiohttp.ClientSession | None = None
-        self._clock = clock
-
-    async def _sess(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=8, ssl=self._ssl),
-                auto_decompress=False,
-            )
-        return self._session
+        self._http = HttpClient(self.base_url, fingerprint=fingerprint,
+                                auth=NodeSignature(key, node_id, clock), timeout=timeout,
+                                limit=8)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def request(
-        self, method: str, path: str, body: bytes = b"", *, signed: bool = True
+        self, method: str, path: str, body: bytes = b"", *, signed: bool = True,
+        max_bytes: int = MAX_RESPONSE,
     ) -> bytes:
-        """Send one request; return the response body. Raises :class:`PeerRejected` for an
-        error status (with the server's reason) and :class:`PeerError` for anything else."""
-        # Send exactly the target we signed: no re-encoding by aiohttp/yarl.
-        url = URL(self.base_url + path, encoded=True)
-        headers = {"Accept": MSGPACK, "Content-Type": MSGPACK}
-        if signed:
-            headers.update(
-                httpsig.sign_request(self.key, method, path, body, int(self._clock() * 1000),
-                                     target=self.node_id)
-            )
-        try:
-            sess = await self._sess()
-            async with sess.request(method, url, data=body, headers=headers,
-                                    allow_redirects=False) as resp:
-                data = await read_bounded(resp, _MAX_RESPONSE)
-                if resp.status >= 400:
-                    reason = data[:300].decode("utf-8", "replace").strip()
-                    raise PeerRejected(f"{url}: HTTP {resp.status}: {reason}", resp.status)
-                return data
-        except CitynodeError:
-            raise
-        except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
-            raise translate_error(exc, url) from exc
+        """Send one request; return the response body (at most ``max_bytes``). Raises
+        :class:`PeerRejected` for an error status (with the partner's ``status`` and
+        ``reason``) and :class:`PeerError` for anything else."""
+        resp = await self._http.request(method, path, body, content_type=MSGPACK,
+                                        auth=None if signed else NoAuth(),
+                                        max_bytes=max_bytes)
+        return resp.body
 
     async def push(self, envelopes: list[bytes]) -> dict[str, Any]:
         """POST records; return the partner's summary (accepted, duplicates, rejected ...)."""
-        out = await self.request("POST", "/v1/push", msgpack.packb(envelopes, use_bin_type=True))
+        out = await self.request("POST", "/v1/push", msgpack.packb(envelopes, use_bin_type=True),
+                                 max_bytes=4 * 1024 * 1024)
         return _map(out, self.base_url)
 
     async def sync(self, frontier: bytes) -> bytes:
@@ -191,28 +113,18 @@ async def fetch_card(
     The first request cannot be pinned (we do not know the certificate yet), so the card
     is trusted only because it is signed by ``expected_node_id``. A second request, pinned
     to the fingerprint the card names, proves the server really holds that certificate.
-    Raises :class:`PeerError` or :class:`SignatureError` (card signed by another key).
+    Raises :class:`PeerError` (:class:`PeerRejected` for an error status) or
+    :class:`SignatureError` (card signed by another key).
     """
     base = url.rstrip("/")
-    t = aiohttp.ClientTimeout(total=timeout)
-    try:
-        async with aiohttp.ClientSession(timeout=t) as sess:
-            ssl_first: Any = False if base.startswith("https://") else None
-            async with sess.get(
-                base + "/.well-known/citynode", headers={"Accept": MSGPACK}, ssl=ssl_first,
-                allow_redirects=False,
-            ) as resp:
-                body = await read_bounded(resp, cards.CARD_LIMITS.max_bytes + 16)
-                if resp.status != 200:
-                    raise PeerError(f"{base}: no node card (HTTP {resp.status})")
-            card = cards.open_card(
-                body, expected_node_id=expected_node_id, verifier=Verifier(), now_ms=now_ms
-            )
-            if base.startswith("https://"):
-                async with sess.get(base + "/healthz", ssl=_ssl_for(base, card.tls)) as resp:
-                    await resp.read()
-    except CitynodeError:
-        raise
-    except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
-        raise translate_error(exc, base) from exc
+    async with HttpClient(base, verify=False, timeout=timeout) as first:
+        resp = await first.request("GET", "/.well-known/citynode",
+                                   max_bytes=cards.CARD_LIMITS.max_bytes + 16)
+    card = cards.open_card(
+        resp.body, expected_node_id=expected_node_id, verifier=Verifier(), now_ms=now_ms
+    )
+    if base.startswith("https://"):
+        async with HttpClient(base, fingerprint=card.tls, timeout=timeout) as pinned:
+            await pinned.request("GET", "/healthz", accept="application/json",
+                                 max_bytes=64 * 1024)
     return card

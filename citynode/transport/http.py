@@ -1,0 +1,425 @@
+"""The one HTTP client stack of citynode: peer client, client library, CLI and cluster.
+
+Everything that makes an HTTP request goes through :class:`HttpClient`, which owns:
+
+* the connection: one aiohttp session, TLS pinned to a certificate fingerprint (or
+  validated against the system CAs, or, for the one unpinned card fetch, not checked),
+  or a Unix socket (the CLI's in-process node);
+* authentication, as one hook (:class:`Auth`) called with each request's exact bytes:
+  :class:`NoAuth` (public reads), :class:`NodeSignature` (RFC 9421-style request
+  signature by a node key, core/httpsig.py) or :class:`BearerToken` (the operator);
+* errors, mapped once: a non-2xx answer's ``{"error": reason, "message": text}`` body
+  becomes a :class:`PeerRejected` carrying ``status`` and ``reason``; aiohttp, ssl,
+  socket and timeout errors become a :class:`PeerError` (``raise ... from exc``), so no
+  library exception passes this module;
+* bounds: every body is read up to a size given per call, and a stream of server-sent
+  events up to a size per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple, Protocol
+
+import aiohttp
+from yarl import URL
+
+from citynode.core import httpsig
+from citynode.core.keys import SigningKey
+from citynode.errors import CitynodeError, PeerError, PeerRejected
+
+__all__ = [
+    "JSON",
+    "MAX_RESPONSE",
+    "MSGPACK",
+    "Auth",
+    "BearerToken",
+    "HttpClient",
+    "NoAuth",
+    "NodeSignature",
+    "Response",
+    "parse_error_body",
+    "refused_connection",
+    "rejection",
+    "translate_error",
+]
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+MAX_RESPONSE = 64 * 1024 * 1024  # default bound of one answer's body
+MAX_EVENT = 1024 * 1024  # default bound of one server-sent event
+_MAX_ERROR_BODY = 16 * 1024  # an error body is a short JSON object
+_REASON = re.compile(r"[a-z0-9_]{1,64}")
+
+
+# ------------------------------------------------------------------------------ auth
+
+
+class Auth(Protocol):
+    """The authentication hook: the headers that authenticate one request, given the
+    exact method, target (path and query, as sent) and body bytes."""
+
+    def headers(self, method: str, path_qs: str, body: bytes) -> dict[str, str]: ...
+
+
+class NoAuth:
+    """Anonymous: public reads (node card, health, public feeds)."""
+
+    def headers(self, method: str, path_qs: str, body: bytes) -> dict[str, str]:
+        return {}
+
+
+class BearerToken:
+    """The operator: ``Authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._value = f"Bearer {token}"
+
+    def headers(self, method: str, path_qs: str, body: bytes) -> dict[str, str]:
+        return {"Authorization": self._value}
+
+
+class NodeSignature:
+    """A request signed with a node key for the node ``target`` (core/httpsig.py).
+
+    ``target`` may be learnt after construction (a reader learns the node's id from its
+    card): signing before it is known raises :class:`PeerError`.
+    """
+
+    def __init__(self, key: SigningKey, target: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.key = key
+        self.target = target
+        self._clock = clock
+
+    def headers(self, method: str, path_qs: str, body: bytes) -> dict[str, str]:
+        if self.target is None:
+            raise PeerError("cannot sign a request before the node's id is known")
+        return httpsig.sign_request(self.key, method, path_qs, body,
+                                    int(self._clock() * 1000), target=self.target)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def parse_error_body(data: bytes) -> tuple[str, str] | None:
+    """``(reason, message)`` of a ``{"error": reason, "message": text}`` body, or None
+    if it is not one. Bounded: only the first 16 KiB are read, the reason must be a
+    short code and the message is cut to one line of at most 300 characters."""
+    try:
+        info = json.loads(data[:_MAX_ERROR_BODY])
+        reason, message = info["error"], info["message"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(reason, str) or not _REASON.fullmatch(reason):
+        return None
+    return reason, _one_line(str(message))
+
+
+def _one_line(text: str) -> str:
+    # The other side's words end up in one terminal line or one log field.
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:300]
+
+
+def rejection(status: int, data: bytes, where: str | None) -> PeerRejected:
+    """The :class:`PeerRejected` for an error answer: ``reason`` and ``detail`` from its
+    JSON error body, or ``"unknown"`` and the start of its text for anything else (a
+    proxy's error page). ``where`` (an URL) prefixes the message; None: the detail alone
+    (the operator talking to its own node)."""
+    parsed = parse_error_body(data)
+    if parsed is not None:
+        reason, detail = parsed
+    else:
+        reason, detail = "unknown", _one_line(data[:300].decode("utf-8", "replace"))
+    detail = detail or f"HTTP {status}"
+    msg = detail if where is None else f"{where}: HTTP {status} {reason}: {detail}"
+    return PeerRejected(msg, status, reason, detail)
+
+
+# NonHttpUrlClientError is aiohttp 3.10+; with 3.9 an address without a scheme is
+# InvalidURL alone.
+_NOT_AN_ADDRESS: tuple[type[BaseException], ...] = tuple(
+    c for c in (aiohttp.InvalidURL, getattr(aiohttp, "NonHttpUrlClientError", None))
+    if c is not None
+)
+
+
+def translate_error(exc: BaseException, url: str) -> PeerError:
+    """Our one-line :class:`PeerError` for an aiohttp / TLS / socket / timeout error."""
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        return PeerError(
+            f"{url}: TLS certificate does not match the pinned fingerprint (the partner "
+            "changed its certificate, or someone is in between): re-add the partner after "
+            "checking with its operators"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return PeerError(
+            f"{url}: the node's TLS certificate is not trusted "
+            f"({exc.certificate_error}): give the node's id (cn1...) to pin it"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and url.startswith("http://"):
+        return PeerError(f"{url}: the node closed the connection: nodes serve HTTPS unless "
+                         "configured otherwise, so try https://")
+    if isinstance(exc, _NOT_AN_ADDRESS):
+        return PeerError(f"{url}: not a node address: give its URL, "
+                         "e.g. https://citynode.example:8443")
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return PeerError(f"{url}: timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionError):
+        return PeerError(f"{url}: cannot connect ({exc.__class__.__name__})")
+    if isinstance(exc, ssl.SSLError | aiohttp.ClientSSLError):
+        return PeerError(f"{url}: TLS failed: {exc}")
+    return PeerError(f"{url}: {exc.__class__.__name__}: {exc}")
+
+
+# What enters from aiohttp and the layers under it, translated by translate_error.
+_LIBRARY_ERRORS = (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError, ValueError)
+
+
+def _refused_connection(exc: BaseException) -> bool:
+    """Did nothing listen at the address (as opposed to any other failure)?"""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return isinstance(exc.os_error, ConnectionRefusedError | FileNotFoundError)
+    return isinstance(exc, ConnectionRefusedError)
+
+
+# ---------------------------------------------------------------------------- client
+
+
+class Response(NamedTuple):
+    """A 2xx answer, read whole (within its bound)."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; :class:`PeerError` if it is not."""
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise PeerError("the answer is not JSON") from exc
+
+
+class HttpClient:
+    """Requests to one node (``base_url``), through one session.
+
+    ``fingerprint``: pin the TLS certificate to this SHA-256 digest; else, with
+    ``verify``, validate it against the system CAs; ``verify=False`` checks nothing
+    (only for a first, unpinned card fetch whose content is verified by signature).
+    ``unix_socket``: connect to this socket path instead of the URL's host.
+    ``auth``: the default authentication of every request (overridable per call).
+    ``where``: how errors name the other side (default ``base_url``; None: not named).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        fingerprint: bytes | None = None,
+        verify: bool = True,
+        auth: Auth | None = None,
+        timeout: float | None = 30.0,
+        connect_timeout: float = 10.0,
+        limit: int = 100,
+        unix_socket: str | None = None,
+        where: str | None = "",
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.auth: Auth = auth if auth is not None else NoAuth()
+        self.timeout = timeout
+        self.where = self.base_url if where == "" else where
+        self._connect_timeout = connect_timeout if timeout is None else min(connect_timeout,
+                                                                            timeout)
+        self._ssl: Any = (aiohttp.Fingerprint(fingerprint) if fingerprint is not None
+                          else bool(verify))
+        self._limit = limit
+        self._unix = unix_socket
+        self._session: aiohttp.ClientSession | None = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector: aiohttp.BaseConnector = (
+                aiohttp.UnixConnector(path=self._unix) if self._unix is not None
+                else aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl))
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+                # Bodies are read raw and bounded: nothing inflates behind the bound.
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session (idempotent; the client can be used again after)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> HttpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _prepare(self, method: str, path_qs: str, body: bytes, accept: str,
+                 content_type: str | None, auth: Auth | None) -> tuple[URL, dict[str, str]]:
+        # Send exactly the target that was signed: no re-encoding by aiohttp/yarl.
+        url = URL(self.base_url + path_qs, encoded=True)
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        headers.update((auth or self.auth).headers(method, path_qs, body))
+        return url, headers
+
+    def _edge(self, exc: BaseException) -> PeerError:
+        where = self.where or self.base_url
+        return translate_error(exc, where)
+
+    async def request(
+        self,
+        method: str,
+        path_qs: str,
+        body: bytes = b"",
+        *,
+        accept: str = MSGPACK,
+        content_type: str | None = None,
+        auth: Auth | None = None,
+        max_bytes: int = MAX_RESPONSE,
+        timeout: float | None = -1.0,
+    ) -> Response:
+        """Send one request; return its 2xx answer, read whole up to ``max_bytes``.
+
+        Raises :class:`PeerRejected` for any other status (``status``, ``reason``), and
+        :class:`PeerError` for an answer over ``max_bytes``, a timeout (``timeout``
+        seconds for the whole exchange; default the client's) or any failure to talk.
+        """
+        url, headers = self._prepare(method, path_qs, body, accept,
+                                     content_type if content_type is not None
+                                     else (MSGPACK if body else None), auth)
+        total = self.timeout if timeout == -1.0 else timeout
+        try:
+            async with self._sess().request(
+                method, url, data=body or None, headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout),
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
+                                                                     truncate=True),
+                                    self.where)
+                data = await _read_bounded(resp, max_bytes)
+                if data is None:
+                    raise PeerError(f"{self.where or self.base_url}: answer larger than "
+                                    f"{max_bytes} bytes")
+                return Response(resp.status, resp.content_type, data)
+        except CitynodeError:
+            raise
+        except _LIBRARY_ERRORS as exc:
+            raise self._edge(exc) from exc
+
+    async def events(
+        self, path_qs: str, *, method: str = "GET", accept: str = "text/event-stream",
+        auth: Auth | None = None, max_event_bytes: int = MAX_EVENT,
+        opened: Callable[[], None] | None = None,
+    ) -> AsyncIterator[dict[str, str]]:
+        """The server-sent events of one stream, each as ``{field: value}`` (``data``
+        lines joined by newlines), until the server ends the stream. A 2xx answer that
+        is not a stream (``accept`` allowed another type) is one event: ``{"data": its
+        body}``.
+
+        ``opened`` is called once the server answered 2xx. Raises :class:`PeerRejected`
+        for an error status, and :class:`PeerError` for an event over
+        ``max_event_bytes`` or a broken connection.
+        """
+        url, headers = self._prepare(method, path_qs, b"", accept, None, auth)
+        try:
+            async with self._sess().request(
+                method, url, headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
+                                                                     truncate=True),
+                                    self.where)
+                if opened is not None:
+                    opened()
+                if resp.content_type != "text/event-stream":
+                    data = await _read_bounded(resp, max_event_bytes)
+                    if data is None:
+                        raise PeerError(f"{self.where or self.base_url}: answer larger "
+                                        f"than {max_event_bytes} bytes")
+                    yield {"data": data.decode("utf-8", "replace")}
+                    return
+                async for event in _sse_events(resp, max_event_bytes, self.where or
+                                               self.base_url):
+                    yield event
+        except CitynodeError:
+            raise
+        except _LIBRARY_ERRORS as exc:
+            raise self._edge(exc) from exc
+
+
+def refused_connection(exc: BaseException) -> bool:
+    """Was ``exc`` (a :class:`PeerError`) caused by nothing listening at the address?"""
+    return exc.__cause__ is not None and _refused_connection(exc.__cause__)
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int,
+                        truncate: bool = False) -> Any:
+    """The whole body, or None if it is larger than ``limit`` (with ``truncate``: its
+    first ``limit`` bytes). (StreamReader.read(n) returns whatever is buffered, not
+    everything up to n: a loop is needed.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            if truncate:
+                chunks.append(chunk)
+                return b"".join(chunks)[:limit]
+            return None
+        chunks.append(chunk)
+
+
+async def _sse_events(resp: aiohttp.ClientResponse, limit: int, where: str
+                      ) -> AsyncIterator[dict[str, str]]:
+    """Parse ``text/event-stream``: one dict per blank-line-terminated event. Lines are
+    split here (not with ``readline``, whose bound is the reader's buffer) so that an
+    event, its lines included, never holds more than ``limit`` bytes."""
+    buf = b""
+    event: dict[str, str] = {}
+    size = 0
+    while True:
+        chunk = await resp.content.readany()
+        if not chunk:
+            return
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            raw, buf = buf[:nl], buf[nl + 1:]
+            size += nl + 1
+            if size > limit:
+                raise PeerError(f"{where}: stream event larger than {limit} bytes")
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            if not line:
+                if event:
+                    yield event
+                event, size = {}, 0
+                continue
+            if line.startswith(":"):
+                continue  # a comment (keep-alive)
+            k, _, v = line.partition(":")
+            v = v[1:] if v.startswith(" ") else v
+            event[k] = event[k] + "\n" + v if k == "data" and k in event else v
+        if size + len(buf) > limit:
+            raise PeerError(f"{where}: stream event larger than {limit} bytes")
