@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from citynode.datadir import init_data_dir
 from citynode.errors import PeerError
 from citynode.transport.http import JSON, MSGPACK, BearerToken, HttpClient, NoAuth
@@ -66,6 +68,7 @@ class LocalNode:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _http: HttpClient | None = field(default=None, repr=False)
+    _raw: aiohttp.ClientSession | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -111,10 +114,24 @@ class LocalNode:
                                     auth=BearerToken(self.token), where=self.name)
         return self._http
 
+    async def session(self) -> aiohttp.ClientSession:
+        """A bare aiohttp session pinned to this node: only for tests and benches that
+        craft requests below the client stack (hostile or malformed ones, raw timings).
+        Everything else goes through :meth:`api`."""
+        if self._raw is None or self._raw.closed:
+            self._raw = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=120),
+                connector=aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(self.fingerprint)),
+            )
+        return self._raw
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self._raw is not None:
+            await self._raw.close()
+            self._raw = None
 
     async def api(
         self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,

@@ -1,0 +1,170 @@
+"""The one HTTP client stack (transport/http.py) and the operator interface over it
+(operator.py), against real servers: a node over real HTTPS, and small aiohttp servers
+on 127.0.0.1 that answer what no node would (a proxy's page, oversized bodies/events)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from citynode.cluster import free_ports
+from citynode.core.keys import SigningKey, node_id
+from citynode.errors import PeerError, PeerRejected
+from citynode.operator import Operator
+from citynode.runner import is_running
+from citynode.transport.client import PeerClient
+from citynode.transport.http import (
+    BearerToken,
+    HttpClient,
+    NodeSignature,
+    parse_error_body,
+    refused_connection,
+)
+from tests.conftest import InProc, make_node_dir
+
+Make = Callable[..., Awaitable[InProc]]
+
+
+@pytest.fixture
+async def plain() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """Factory: serve an aiohttp app over plain HTTP on 127.0.0.1; return its URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_ports(1)[0]
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+async def test_a_refusal_carries_status_and_reason_code(inproc: Make) -> None:
+    """The node's {"error", "message"} body is parsed once: status and reason are data."""
+    a = await inproc("Jakarta")
+    stranger = PeerClient(SigningKey.generate(), a.url, node_id=a.node.node_id,
+                          fingerprint=a.node.identity.cert_fingerprint)
+    try:
+        with pytest.raises(PeerRejected) as e:
+            await stranger.push([])
+        assert (e.value.status, e.value.reason) == (403, "access_denied")
+        assert "partner" in e.value.detail and a.url in str(e.value)
+    finally:
+        await stranger.close()
+    async with HttpClient(a.url, fingerprint=a.node.identity.cert_fingerprint) as http:
+        with pytest.raises(PeerRejected) as e:
+            await http.request("GET", "/v1/records?feeds=x")
+        assert (e.value.status, e.value.reason) == (400, "bad_request")
+        assert "unknown query parameter" in e.value.detail
+        with pytest.raises(PeerRejected) as e:
+            await http.request("GET", "/v1/admin/status", auth=BearerToken("wrong"))
+        assert (e.value.status, e.value.reason) == (403, "access_denied")
+        # The right token passes the same hook.
+        ok = await http.request("GET", "/v1/admin/status", accept="application/json",
+                                auth=BearerToken(a.token))
+        assert ok.json()["node_id"] == a.node.node_id
+
+
+async def test_a_signed_read_needs_the_target_first(inproc: Make) -> None:
+    a = await inproc("Jakarta")
+    auth = NodeSignature(SigningKey.generate())
+    async with HttpClient(a.url, fingerprint=a.node.identity.cert_fingerprint,
+                          auth=auth) as http:
+        with pytest.raises(PeerError, match="before the node's id is known"):
+            await http.request("GET", "/v1/feeds")
+        auth.target = a.node.node_id
+        assert (await http.request("GET", "/v1/feeds", accept="application/json")
+                ).json() == {"feeds": []}
+
+
+async def test_an_answer_that_is_not_a_node_error_is_reason_unknown(plain: Callable[
+        [web.Application], Awaitable[str]]) -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>\nBad\tGateway " + "x" * 100_000,
+                            content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/p", page)
+    url = await plain(app)
+    async with HttpClient(url) as http:
+        with pytest.raises(PeerRejected) as e:
+            await http.request("GET", "/p")
+    assert (e.value.status, e.value.reason) == (502, "unknown")
+    assert e.value.detail.startswith("<html> Bad Gateway x") and len(e.value.detail) <= 300
+
+
+def test_error_bodies_are_parsed_with_bounds() -> None:
+    assert parse_error_body(b'{"error": "untrusted_origin", "message": "a\\nb"}') == (
+        "untrusted_origin", "a b")
+    assert parse_error_body(b'{"error": "Not A Code!", "message": "m"}') is None
+    assert parse_error_body(b'{"error": 3, "message": "m"}') is None
+    assert parse_error_body(b"[]") is None and parse_error_body(b"\xff") is None
+    long = json.dumps({"error": "x", "message": "m" * 10_000}).encode()
+    assert parse_error_body(long) == ("x", "m" * 300)
+
+
+async def test_bodies_and_events_are_read_within_their_bound(
+        plain: Callable[[web.Application], Awaitable[str]]) -> None:
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 200_000)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"id: 1\n\n: keep-alive\n\nevent: record\ndata: a\ndata: b\nid: 2\n\n")
+        await resp.write(b"data: " + b"y" * 5000)  # no end of line: must not buffer forever
+        await resp.write(b"y" * 5000 + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+    app.router.add_get("/stream", stream)
+    url = await plain(app)
+    async with HttpClient(url) as http:
+        assert len((await http.request("GET", "/big", max_bytes=200_000)).body) == 200_000
+        with pytest.raises(PeerError, match="larger than 199999 bytes"):
+            await http.request("GET", "/big", max_bytes=199_999)
+        got = []
+        with pytest.raises(PeerError, match="stream event larger than 4096 bytes"):
+            async for ev in http.events("/stream", max_event_bytes=4096):
+                got.append(ev)
+        assert got == [{"id": "1"}, {"event": "record", "data": "a\nb", "id": "2"}]
+
+
+async def test_nothing_listening_is_a_peer_error_from_the_library_error() -> None:
+    (port,) = free_ports(1)
+    async with HttpClient(f"http://127.0.0.1:{port}") as http:
+        with pytest.raises(PeerError, match="cannot connect") as e:
+            await http.request("GET", "/healthz")
+    assert e.value.__cause__ is not None and refused_connection(e.value)
+
+
+async def test_the_operator_of_a_stopped_node_is_served_in_process(tmp_path: Path) -> None:
+    """The same HTTP operator API, on a private Unix socket, while the run lock is held;
+    nothing is left behind."""
+    d = make_node_dir(tmp_path, "Jakarta")
+    before = set(Path(tempfile.gettempdir()).glob("citynode-*"))
+    async with Operator.open(d) as op:
+        assert not op.running and is_running(d)
+        status = await op.status()
+        assert status["name"] == "Jakarta" and status["partners"] == []
+        out = await op.publish("noise", "org.example.Noise", [{"db": 50}, {"db": 51}])
+        assert (out["first_seq"], out["last_seq"], out["access"]) == (1, 2, "public")
+        assert await op.partners() == []
+        assert await op.remove_partner(node_id(SigningKey.generate().public_key)) is False
+        assert await op.sync() == {"fetched": 0}
+        with pytest.raises(PeerRejected) as e:
+            await op.publish("air", "AirQualityObserved", [{"pm25": "high"}])
+        assert e.value.status == 422 and str(e.value) == e.value.detail
+    assert not is_running(d)
+    assert set(Path(tempfile.gettempdir()).glob("citynode-*")) <= before
