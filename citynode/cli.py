@@ -273,8 +273,9 @@ def feeds(data_dir: Path, as_json: bool) -> None:
         rows = st.feeds()
     finally:
         st.close()
-    out = [{"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "count": r.count,
-            "head": r.head.hex(), "last_time": r.last_time} for r in rows]
+    out: list[dict[str, Any]] = [
+        {"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "count": r.count,
+         "head": r.head.hex(), "last_time": r.last_time} for r in rows]
     if as_json:
         _print_json({"feeds": out})
         return
@@ -330,7 +331,7 @@ def partner_list(data_dir: Path, as_json: bool) -> None:
         return
     _table("partners", ["name", "node id", "url", "up", "queue", "invalid"],
            [[p["name"], p["node_id"], p["url"],
-             {True: "yes", False: "no"}.get(p.get("up"), "(node not running)"),
+             "(node not running)" if "up" not in p else "yes" if p["up"] else "no",
              p.get("queue", ""), ", ".join(f"{k}={v}" for k, v in p.get("invalid", {}).items())]
             for p in out_rows])
 
@@ -427,9 +428,10 @@ def forks(data_dir: Path, as_json: bool) -> None:
         rows = st.fork_proofs()
     finally:
         st.close()
-    out = [{"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "kind": r.kind,
-            "found_at": r.found_at, "reported_by": r.reported_by, "proof": b64(r.proof)}
-           for r in rows]
+    out: list[dict[str, Any]] = [
+        {"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "kind": r.kind,
+         "found_at": r.found_at, "reported_by": r.reported_by, "proof": b64(r.proof)}
+        for r in rows]
     if as_json:
         _print_json({"forks": out})
         return

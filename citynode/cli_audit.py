@@ -142,10 +142,10 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
     if as_json:
         # "not held" in the summary means "not in the bundle": those left out on purpose
         # are listed as such, not as missing here.
-        out = summary.to_json()
-        out["card_feeds_not_held"] = [f for f in out["card_feeds_not_held"]
-                                      if f not in dict(left_out)]
-        click.echo(json.dumps({**out,
+        report = summary.to_json()
+        report["card_feeds_not_held"] = [f for f in report["card_feeds_not_held"]
+                                         if f not in dict(left_out)]
+        click.echo(json.dumps({**report,
                                "not_public": [{"feed": f, "access": a} for f, a in private],
                                "left_out_not_public": [{"feed": f, "access": a}
                                                        for f, a in left_out]}, indent=2))

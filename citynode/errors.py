@@ -13,7 +13,7 @@ tree and users see one clear line.
     │   ├── SignatureError           the Ed25519 signature does not verify
     │   ├── PayloadError             the payload does not match its record type
     │   └── ChainError               the record does not fit the feed chain (wrong prev, ...)
-    ├── InvalidProof                 a fork / split-view / Merkle proof does not hold
+    ├── InvalidProof                 a fork / split-view / Merkle proof does not hold (``.reason``)
     ├── InvalidNodeId                a node id is malformed or has a bad checksum
     ├── KeyFileError                 a key file is unreadable, too open, or the passphrase is wrong
     ├── ConfigError                  node.toml has an unknown key, wrong type or bad value
@@ -102,7 +102,14 @@ class ChainError(InvalidRecord):
 
 
 class InvalidProof(CitynodeError):
-    """A fork proof, split-view proof or Merkle proof does not prove what it claims."""
+    """A fork proof, split-view proof or Merkle proof does not prove what it claims,
+    or is not one this node takes. ``reason`` is a stable short code sent as the
+    ``error`` of the HTTP answer: ``"invalid"`` (it proves nothing: final), or e.g.
+    ``"untrusted_origin"`` (about an origin not trusted yet: may be taken later)."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class InvalidNodeId(CitynodeError, ValueError):

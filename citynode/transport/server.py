@@ -86,7 +86,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(422, exc.reason, str(exc))
     except InvalidRecord as exc:
         return _error(400, exc.reason, str(exc))
-    except (InvalidProof, InvalidNodeId) as exc:
+    except InvalidProof as exc:
+        return _error(400, exc.reason, str(exc))
+    except InvalidNodeId as exc:
         return _error(400, "invalid", str(exc))
     except AccessDenied as exc:
         return _error(403, "access_denied", str(exc))

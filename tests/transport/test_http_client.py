@@ -168,3 +168,27 @@ async def test_the_operator_of_a_stopped_node_is_served_in_process(tmp_path: Pat
         assert e.value.status == 422 and str(e.value) == e.value.detail
     assert not is_running(d)
     assert set(Path(tempfile.gettempdir()).glob("citynode-*")) <= before
+
+
+async def test_refusals_of_gossip_say_why_as_a_reason_code(inproc: Make) -> None:
+    """What a sender needs to decide 'final, or again later': a checkpoint of an origin
+    the receiver does not trust (yet) and a proof that proves nothing differ by reason
+    code, not only by message text."""
+    from citynode.core import checkpoints as cps
+
+    a = await inproc("Surabaya")
+    b = await inproc("Singapore")
+    await b.node.add_partner(a.url, a.node.node_id)
+    stranger = SigningKey.generate()
+    cp = cps.sign_checkpoint(stranger, "w", 4, b"\x07" * 32, a.node.now_ms())
+    client = PeerClient(a.node.key, b.url, node_id=b.node.node_id,
+                        fingerprint=b.node.identity.cert_fingerprint)
+    try:
+        with pytest.raises(PeerRejected) as e:
+            await client.request("POST", "/v1/checkpoints", cp.envelope)
+        assert (e.value.status, e.value.reason) == (400, "untrusted_origin")
+        with pytest.raises(PeerRejected) as e:
+            await client.request("POST", "/v1/proofs", b"\x93\x01\x02\x03")
+        assert (e.value.status, e.value.reason) == (400, "invalid")
+    finally:
+        await client.close()
