@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from itertools import pairwise
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -192,3 +193,37 @@ async def test_refusals_of_gossip_say_why_as_a_reason_code(inproc: Make) -> None
         assert (e.value.status, e.value.reason) == (400, "invalid")
     finally:
         await client.close()
+
+
+async def test_a_stopped_node_syncs_through_the_operator_with_progress(
+        inproc: Make, tmp_path: Path) -> None:
+    """sync on a stopped node: fetched now, its progress streamed to the caller (the
+    CLI's progress bar), its count the answer."""
+    from citynode.node import Node
+    from citynode.transport.server import serve
+    from tests.conftest import eventually
+
+    a = await inproc("Seoul")
+    d = make_node_dir(tmp_path / "b", "Jakarta")
+    b = Node.load(d)
+    await b.start()
+    runner = await serve(b, host="127.0.0.1", port=b.config.node.listen_port)
+    try:
+        await b.add_partner(a.url, a.node.node_id)
+        await a.node.add_partner(f"https://127.0.0.1:{b.config.node.listen_port}",
+                                 b.node_id)
+
+        async def linked() -> bool:
+            return b.links[a.node.public_key].up
+
+        await eventually(linked)
+    finally:
+        await runner.cleanup()
+        await b.stop()
+    await a.node.publish("noise", "org.example.Noise", [{"db": i} for i in range(250)])
+    seen: list[tuple[int, int]] = []
+    async with Operator.open(d) as op:
+        out = await op.sync(lambda done, total: seen.append((done, total)))
+    assert out == {"fetched": 250}
+    assert seen and seen[-1] == (250, 250)
+    assert all(x[0] <= y[0] for x, y in pairwise(seen))
