@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from itertools import pairwise
 from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
