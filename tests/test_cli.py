@@ -652,7 +652,8 @@ def test_a_forked_own_feed_is_never_signed_on_again(node_dir: Path) -> None:
                                 prev=open_record(*decode_envelope(prev), now_ms=2**62,
                                                  verifier=Verifier()).id,
                                 time_ms=node.now_ms(), type=AIR_TYPE, data=air(99.0))
-            assert await node.checkpoints.ingest_proof(ForkProof(held, other.envelope).encode(), "test")
+            assert await node.checkpoints.ingest_proof(
+                ForkProof(held, other.envelope).encode(), "test")
             with pytest.raises(PublishRefused, match="has forked"):
                 await node.publish("air", AIR_TYPE, [air(1.0)])
             await node.publish("water", AIR_TYPE, [air(1.0)])  # other feeds go on
@@ -731,7 +732,8 @@ def test_a_prev_mismatch_or_split_view_is_one_proof_too(node_dir: Path) -> None:
                               type=NOISE_TYPE, data={"db": 1})
             two = sign_record(node.key, feed="g", seq=2, prev=b"\x05" * 32, time_ms=2,
                               type=NOISE_TYPE, data={"db": 2})  # its prev is not one's id
-            assert await node.checkpoints.ingest_proof(ForkProof(one.envelope, two.envelope).encode(), "a")
+            assert await node.checkpoints.ingest_proof(
+                ForkProof(one.envelope, two.envelope).encode(), "a")
             assert not await node.checkpoints.ingest_proof(
                 ForkProof(two.envelope, one.envelope).encode(), "b")
             x, y = (cps.sign_checkpoint(node.key, "g", 2, root, 3).envelope
