@@ -174,7 +174,8 @@ class Checkpoints:
         if not self.policy.accepts_origin(origin):
             # Proofs about strangers are no business of ours (and would let anyone fill
             # our database and our partners' with them).
-            raise InvalidProof("proof about an origin this node does not trust")
+            raise InvalidProof("proof about an origin this node does not trust",
+                               "untrusted_origin")
         new = await self._keep_proof(origin, feed, seq, kind, enc, src)
         if new:
             self._forward("/v1/proofs", enc, origin, feed, src, enc)

@@ -292,12 +292,17 @@ class Partners:
         return link.row.node_id
 
 
+# Refusals with these reason codes are about the moment, not the payload: an origin the
+# partner does not trust yet (vouches travel with cards, which may come later).
+_NOT_YET = frozenset({"untrusted_origin"})
+
+
 def verdict_on_payload(exc: PeerRejected) -> bool:
     """Is a partner's refusal of a checkpoint or proof about the payload itself (invalid,
     too large), so that sending it again would get the same answer? Refusals about the
-    moment -- busy, clock skew, a slow body, an origin it does not trust yet (vouches
-    travel with cards, which may come later), a 5xx -- are not: it is sent again."""
+    moment -- busy, clock skew, a slow body, an origin it does not trust yet, a 5xx --
+    are not: it is sent again. Decided on the status and the reason code the partner
+    sent, never on its message text."""
     if exc.status in (413, 422):
         return True
-    text = str(exc)
-    return exc.status == 400 and "untrusted_origin" not in text and "not trust" not in text
+    return exc.status == 400 and exc.reason not in _NOT_YET

@@ -191,6 +191,19 @@ async def test_refusals_of_gossip_say_why_as_a_reason_code(inproc: Make) -> None
         with pytest.raises(PeerRejected) as e:
             await client.request("POST", "/v1/proofs", b"\x93\x01\x02\x03")
         assert (e.value.status, e.value.reason) == (400, "invalid")
+        # A valid fork proof about that stranger: proves something, of an origin the
+        # receiver does not trust (yet) -- a refusal for the moment, as the checkpoint.
+        from citynode.core.chain import ForkProof
+        from citynode.core.records import sign_record
+        from citynode.node.partners import verdict_on_payload
+
+        x, y = (sign_record(stranger, feed="w", seq=1, prev=None, time_ms=1,
+                            type="org.example.Noise", data={"db": n}) for n in (1, 2))
+        with pytest.raises(PeerRejected) as e:
+            await client.request("POST", "/v1/proofs", ForkProof(x.envelope, y.envelope
+                                                                 ).encode())
+        assert (e.value.status, e.value.reason) == (400, "untrusted_origin")
+        assert verdict_on_payload(e.value) is False
     finally:
         await client.close()
 
