@@ -1064,6 +1064,13 @@ class Storage:
         row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else row[0]
 
+    def cards(self, limit: int) -> list[bytes]:
+        """The signed node cards kept (``card:<key hex>`` in meta: the newest learned of
+        each node, verified when learned), at most ``limit``."""
+        rows = self._all("SELECT value FROM meta WHERE key >= 'card:' AND key < 'card;'"
+                         " LIMIT ?", (limit,))
+        return [r[0] for r in rows]
+
     def iter_envelopes(
         self, origin: bytes | None = None, feed: str | None = None
     ) -> Iterator[tuple[int, bytes]]:

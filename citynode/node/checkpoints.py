@@ -214,6 +214,18 @@ class Checkpoints:
             self.metrics.forks.inc()
         return new
 
+    async def offer_latest(self, origin: bytes) -> None:
+        """A newer card of ``origin`` may let more partners be told about its feeds: put
+        the latest checkpoint held of each of its feeds in the outbox of every partner
+        that may now be sent it (one that has it already answers "known")."""
+        for feed in self.chains.feeds_of(origin):
+            held = await self.held(origin, feed)
+            if not held:
+                continue
+            for link in self.partners.links.values():
+                if self.policy.may_pass(link.key, origin, feed):
+                    link.keep_for_later("/v1/checkpoints", held[-1][2])
+
     async def fill_outbox(self, link: PartnerLink) -> None:
         """After the first good round with a partner since start: the latest checkpoint
         held of each feed it may be sent, and the proofs held (what it may have missed

@@ -110,10 +110,17 @@ class Node:
         """Connect the roles' outputs to the roles that act on them."""
         self.partners.on_change = self.policy.partners_changed
         self.partners.run_link = self.gossip.run_link
-        self.policy.on_card_news = self.gossip.wake_all
+        self.policy.on_card_news = self._card_news
         self.ingest_role.on_fork = self.checkpoints.on_conflict
         self.ingest_role.on_commit = self._committed
         self.checkpoints.on_fork = self.publisher.note_fork
+
+    def _card_news(self, origin: bytes) -> None:
+        """A card that changes what may be relayed of ``origin``'s records held: every
+        partner gets a sync round now (records held back may go), and its latest
+        checkpoints (they may go where they could not)."""
+        self.gossip.wake_all()
+        self.spawn(self.checkpoints.offer_latest(origin), "offer-checkpoints")
 
     def _committed(self, recs: Sequence[Record], source: PartnerLink | None) -> None:
         self.gossip.offer(recs, source)

@@ -77,7 +77,7 @@ class Gossip:
         return [self.spawn(self._push_loop(link), f"push-{link.row.name}"),
                 self.spawn(self._sync_loop(link), f"sync-{link.row.name}")]
 
-    def wake_all(self, origin: bytes | None = None) -> None:
+    def wake_all(self) -> None:
         """Ask every partner for a sync round now (a card changed what may be relayed)."""
         self.partners.sync_all()
 

@@ -100,10 +100,15 @@ class Policy:
         return [self.card().envelope, *self.cards_seen.values()]
 
     async def load_cards(self) -> None:
-        """Learn the cards stored with the partners (at start)."""
+        """At start: learn the cards pinned with the partners, then every newer card
+        learned since and kept. A relay restarted while an origin is down must judge that
+        origin's feeds by the newest card it had (a feed added after the partner was
+        pinned is otherwise unknown, so not relayed or listed)."""
         for row in await in_thread(self.storage.partners):
             if row.card:
                 self.learn_card(row.card, row.public_key)
+        for env in await in_thread(self.storage.cards, MAX_CARDS):
+            self.learn_card(env)  # verified again; an older one is ignored
 
     def learn_card(self, env: bytes, expected_key: bytes | None = None) -> bool:
         """Verify and keep a node card newer than the one held. Returns whether it was
@@ -120,6 +125,8 @@ class Policy:
         except CitynodeError as exc:
             log.info("ignored an invalid card", extra=fields(error=str(exc)))
             return False
+        if c.node == self.public_key:
+            return False  # ours, gossiped back (or kept): we sign our own
         prev = self.card_info.get(c.node)
         if prev is not None and prev.time >= c.time:
             return False
@@ -137,8 +144,7 @@ class Policy:
         self.card_info[c.node] = c
         self.vouch.add_card(c.node, set(c.partners))
         self._forget_derived()
-        if c.node != self.public_key and (
-                prev is None or prev.feeds != c.feeds or prev.partners != c.partners) and (
+        if (prev is None or prev.feeds != c.feeds or prev.partners != c.partners) and (
                 self.chains.holds_origin(c.node)):
             # Records of that node we hold and may have held back (a feed its old card
             # did not list, a partner it did not have) may now go on.

@@ -523,3 +523,32 @@ def test_a_checkpoint_refused_for_the_moment_is_dropped_after_a_few_tries() -> N
         assert list(link.outbox.values()) == [("/v1/checkpoints", b"cp", n)]
     link.keep_for_later("/v1/checkpoints", b"cp", OUTBOX_REFUSALS)
     assert list(link.outbox.values()) == [("/v1/checkpoints", b"cp", OUTBOX_REFUSALS - 1)]
+
+
+async def test_a_restarted_relay_serves_an_origin_that_is_down(cluster: Cluster) -> None:
+    """Serving a city's data while that city is offline is what relays are for. B holds
+    A's records of a feed A's card did not list when B added A (it learned the newer card
+    since). A goes down, B restarts: B must still know A's newer card (stored, not only
+    the one pinned when the partner was added), so it lists A's records and C, a partner
+    of B only, gets every one of them from B."""
+    a, b, c = cluster.create(["A", "B", "C"], settings=FAST)
+    await cluster.start()
+    await cluster.link(a, b)
+    await a.publish("late", TYPE, [rec(i) for i in range(10)])  # not in A's first card
+    await eventually(lambda: _holds(b, a, "late", 10), timeout=60)
+    await a.close()
+    assert await asyncio.to_thread(a.stop) == 0
+    await b.close()
+    assert await asyncio.to_thread(b.stop) == 0
+    b.start()
+    await b.wait_ready()
+    anyone = await b.api("GET", "/v1/records?feed=late&limit=100", operator=False)
+    assert len(anyone["records"]) == 10  # a public feed, listed to anyone again
+    await cluster.link(b, c)
+    await eventually(lambda: _holds(c, a, "late", 10), timeout=30)
+    await stop_all([b, c])
+    await verify_offline({n.name: n.dir for n in (b, c)}, 10)
+
+
+async def _holds(n: LocalNode, origin: LocalNode, feed: str, seq: int) -> bool:
+    return (await held(n)).get((origin.node_id, feed)) == seq
