@@ -166,9 +166,10 @@ class Client:
         against the filter asked for (core/filters.py). ``bbox`` is ``(min_lon,
         min_lat, max_lon, max_lat)``; a ``min_lon`` above ``max_lon`` crosses the
         antimeridian. A window with ``since_ms >= until_ms`` holds nothing (``since <=
-        time < until``): nothing is asked. Raises :class:`InvalidFilter` before asking
-        anything if a filter value is not valid (an empty or invalid feed name, a
-        malformed origin or bbox)."""
+        time < until``): nothing is asked. Raises, before asking anything,
+        :class:`InvalidNodeId` for a malformed ``origin`` and :class:`InvalidFilter` for
+        a time out of range or a ``bbox`` that is not a box; a feed name or type the node
+        refuses (empty, not a feed name) is its 400, :class:`PeerRejected`."""
         if since_ms is not None and until_ms is not None and since_ms >= until_ms:
             return
         asked = RecordFilter.of(origin=origin, feed=feed, type=type, since_ms=since_ms,
@@ -190,9 +191,9 @@ class Client:
                         retry_seconds: float = 1.0) -> AsyncIterator[tuple[int, Record]]:
         """Follow new records live (``last_event_id``: resume after that cursor; 0: from
         the beginning). Reconnects by itself with ``Last-Event-ID``, so it misses nothing
-        and yields nothing twice. Yields ``(cursor, record)``. The filter is checked on
-        every record received, and raises :class:`InvalidFilter` before asking anything
-        if it is not valid (see :meth:`query`)."""
+        and yields nothing twice. Yields ``(cursor, record)``. Each record received is
+        checked against the filter; a filter that is not valid is refused as by
+        :meth:`query`."""
         # The envelope alone: the client verifies (and opens) each record itself, so the
         # node's JSON view would be half the bytes for nothing.
         asked = RecordFilter.of(origin=origin, feed=feed, type=type, bbox=bbox)
