@@ -5,6 +5,7 @@ tests/storage/test_filter_agreement.py; over HTTPS in tests/transport/test_antim
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -333,3 +334,24 @@ def test_a_filter_written_back_parses_to_itself(f: RecordFilter) -> None:
     assert parse_filter(q(f.to_query()) if f.to_query() else []) == f
     assert parse_filter(f.params()) == f
     assert f.describe()  # never raises, whatever the values
+
+
+def test_the_reason_codes_raised_are_the_ones_documented() -> None:
+    """Every reason code core/filters.py can raise is in its docstring's table, and the
+    table lists nothing else."""
+    import ast
+    import re
+
+    import citynode.core.filters as mod
+
+    source = Path(mod.__file__).read_text(encoding="utf-8")
+    raised: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                "_refuse", "_int_in", "_parse_int", "int_of"):
+            last = node.args[-1] if node.args else None
+            if isinstance(last, ast.Constant) and isinstance(last.value, str):
+                raised.add(last.value)
+    documented = set(re.findall(r"^``(\w+)``", mod.__doc__ or "", re.M))
+    assert raised == documented, (raised - documented, documented - raised)
+    assert len(raised) == 11
