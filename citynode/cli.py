@@ -231,6 +231,7 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
 def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str | None,
             limit: int, after: int, as_json: bool) -> None:
     """List records held by this node (its own and its partners')."""
+    from citynode.core.filters import RecordFilter
     from citynode.core.keys import parse_node_id
     from citynode.identity import load_identity
     from citynode.render import stored_record_json
@@ -240,8 +241,9 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
     st = Storage.open(data_dir / "citynode.db")
     try:
         rows = st.query(
-            origin=parse_node_id(origin) if origin else None,
-            feed=feed, type=type_name, after_rowid=after, limit=limit,
+            RecordFilter(origin=parse_node_id(origin) if origin else None,
+                         feed=feed, type=type_name),
+            after_rowid=after, limit=limit,
         )
         key = load_identity(data_dir).key
         recs = [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]

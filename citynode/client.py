@@ -44,12 +44,12 @@ import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlencode
 
 import msgpack
 
-from citynode.core.keys import SigningKey, Verifier, parse_node_id
-from citynode.core.records import SEALED_TYPE, Record, decode_envelope, open_record
+from citynode.core.filters import RecordFilter
+from citynode.core.keys import SigningKey, Verifier
+from citynode.core.records import Record, decode_envelope, open_record
 from citynode.errors import (
     CitynodeError,
     InvalidRecord,
@@ -162,20 +162,24 @@ class Client:
                     until_ms: int | None = None,
                     bbox: tuple[float, float, float, float] | None = None,
                     page_size: int = 500) -> AsyncIterator[Record]:
-        """All matching records, oldest first, page by page, each verified. A window
-        with ``since_ms >= until_ms`` holds nothing (``since <= time < until``): nothing
-        is asked."""
+        """All matching records, oldest first, page by page, each verified and checked
+        against the filter asked for (core/filters.py). ``bbox`` is ``(min_lon,
+        min_lat, max_lon, max_lat)``; a ``min_lon`` above ``max_lon`` crosses the
+        antimeridian. A window with ``since_ms >= until_ms`` holds nothing (``since <=
+        time < until``): nothing is asked. Raises, before asking anything,
+        :class:`InvalidNodeId` for a malformed ``origin`` and :class:`InvalidFilter` for
+        a time out of range or a ``bbox`` that is not a box; a feed name or type the node
+        refuses (empty, not a feed name) is its 400, :class:`PeerRejected`."""
         if since_ms is not None and until_ms is not None and since_ms >= until_ms:
             return
-        q = _query(origin=origin, feed=feed, type=type, since=since_ms, until=until_ms,
-                   bbox=bbox)
-        asked = _Asked(origin, feed, type, since_ms, until_ms)
+        asked = RecordFilter.of(origin=origin, feed=feed, type=type, since_ms=since_ms,
+                                until_ms=until_ms, bbox=bbox)
         after = 0
         while True:
-            qs = urlencode({**q, "after": after, "limit": page_size})
-            page = msgpack.unpackb(await self._get(f"/v1/records?{qs}"), raw=False)
+            qs = _query_string(asked, after=after, limit=page_size)
+            page = msgpack.unpackb(await self._get(f"/v1/records{qs}"), raw=False)
             for env in page["records"]:
-                yield asked.check(self._verify(env))
+                yield _check_asked(asked, self._verify(env))
             if page["next"] is None:
                 return
             after = page["next"]
@@ -187,17 +191,16 @@ class Client:
                         retry_seconds: float = 1.0) -> AsyncIterator[tuple[int, Record]]:
         """Follow new records live (``last_event_id``: resume after that cursor; 0: from
         the beginning). Reconnects by itself with ``Last-Event-ID``, so it misses nothing
-        and yields nothing twice. Yields ``(cursor, record)``."""
+        and yields nothing twice. Yields ``(cursor, record)``. Each record received is
+        checked against the filter; a filter that is not valid is refused as by
+        :meth:`query`."""
         # The envelope alone: the client verifies (and opens) each record itself, so the
         # node's JSON view would be half the bytes for nothing.
-        q = {**_query(origin=origin, feed=feed, type=type, bbox=bbox), "format": "envelope"}
-        asked = _Asked(origin, feed, type)
+        asked = RecordFilter.of(origin=origin, feed=feed, type=type, bbox=bbox)
         cursor = last_event_id
         opened = [False]  # set once the node has answered a stream request with 200
         while True:
-            qs = "?" + urlencode(q) if q else ""
-            if cursor is not None:
-                qs += ("&" if qs else "?") + urlencode({"after": cursor})
+            qs = _query_string(asked, format="envelope", after=cursor)
             try:
                 async for cur, rec in self._stream_once(f"/v1/stream{qs}", opened):
                     if cursor is not None and (cur < cursor or (rec and cur == cursor)):
@@ -206,7 +209,7 @@ class Client:
                                             "its cursors go back", "bad_envelope")
                     cursor = cur  # the starting cursor too: a reconnect resumes there
                     if rec is not None:
-                        yield cur, asked.check(rec)
+                        yield cur, _check_asked(asked, rec)
             except PeerRejected as exc:
                 if 400 <= exc.status < 500:
                     raise  # refused (access, a bad filter): asking again would not help
@@ -306,40 +309,24 @@ def _opened(rec: Record, key: SigningKey) -> Record:
                         dataschema=inner.dataschema)
 
 
-class _Asked:
-    """The filter a query or subscription asked for, checked on each verified record: a
-    signature proves who wrote a record, not that it is the one asked for, and a
-    hostile node could answer "feed a of origin A" with some other feed's records.
-    (The area filter is the node's: it is not re-checked here.)"""
-
-    def __init__(self, origin: str | None, feed: str | None, type: str | None,
-                 since_ms: int | None = None, until_ms: int | None = None) -> None:
-        self.origin = parse_node_id(origin) if origin is not None else None
-        self.feed, self.type = feed, type
-        self.since, self.until = since_ms, until_ms
-
-    def check(self, rec: Record) -> Record:
-        """``rec``, or :class:`InvalidRecord` if it is outside the filter."""
-        # A node matches type against what it stores: a sealed record's type is "sealed".
-        stored_type = SEALED_TYPE if rec.sealed is not None else rec.type
-        wrong = ("origin" if self.origin is not None and rec.origin != self.origin else
-                 "feed" if self.feed is not None and rec.feed != self.feed else
-                 "type" if self.type is not None and stored_type != self.type else
-                 "time" if (self.since is not None and rec.time < self.since) or (
-                     self.until is not None and rec.time >= self.until) else None)
-        if wrong is not None:
-            raise InvalidRecord(f"the node sent a record outside the filter asked for "
-                                f"(its {wrong} does not match)", "not_asked_for")
-        return rec
+def _check_asked(asked: RecordFilter, rec: Record) -> Record:
+    """``rec``, or :class:`InvalidRecord` (``not_asked_for``) if it is outside the filter
+    asked for: a signature proves who wrote a record, not that it is the one asked for,
+    and a hostile node could answer "feed a of origin A" with some other feed's records.
+    The node's own filter decides (core/filters.py), on the record as the node stores
+    it (a sealed record is type "sealed", with no location)."""
+    wrong = asked.record_mismatch(rec)
+    if wrong is not None:
+        raise InvalidRecord(f"the node sent a record outside the filter asked for "
+                            f"(its {wrong} does not match)", "not_asked_for")
+    return rec
 
 
-def _query(**kw: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in kw.items():
-        if v is None:
-            continue
-        out[k] = ",".join(str(x) for x in v) if k == "bbox" else v
-    return out
+def _query_string(asked: RecordFilter, **extra: str | int | None) -> str:
+    """``?`` and the filter's query string, then ``extra`` (given ones only), or ``""``."""
+    parts = [asked.to_query()] if not asked.is_everything else []
+    parts += [f"{k}={v}" for k, v in extra.items() if v is not None]
+    return "?" + "&".join(parts) if parts else ""
 
 
 def _now_ms() -> int:

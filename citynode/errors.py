@@ -15,6 +15,7 @@ tree and users see one clear line.
     │   └── ChainError               the record does not fit the feed chain (wrong prev, ...)
     ├── InvalidProof                 a fork / split-view / Merkle proof does not hold (``.reason``)
     ├── InvalidNodeId                a node id is malformed or has a bad checksum
+    ├── InvalidFilter                a record filter (query parameters) is not valid (``.reason``)
     ├── KeyFileError                 a key file is unreadable, too open, or the passphrase is wrong
     ├── ConfigError                  node.toml has an unknown key, wrong type or bad value
     ├── StorageError                 the database cannot be opened, migrated or written
@@ -42,6 +43,7 @@ __all__ = [
     "CitynodeError",
     "ConfigError",
     "EncodingError",
+    "InvalidFilter",
     "InvalidNodeId",
     "InvalidProof",
     "InvalidRecord",
@@ -114,6 +116,19 @@ class InvalidProof(CitynodeError):
 
 class InvalidNodeId(CitynodeError, ValueError):
     """A node id is malformed: check that it was copied whole (it starts with ``cn1``)."""
+
+
+class InvalidFilter(CitynodeError, ValueError):
+    """A record filter is not valid: an unknown or repeated query parameter, an empty
+    one, or a malformed origin, feed, time, seq or bbox. ``reason`` is a stable short
+    code (``"bad_bbox"``, ``"empty_parameter"``, ... listed in citynode/core/filters.py);
+    the message names the parameter and the rule, never echoing its value."""
+
+    default_reason = "bad_filter"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason: str = reason or self.default_reason
 
 
 class KeyFileError(CitynodeError):

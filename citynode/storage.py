@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from citynode.core.filters import ALL_RECORDS, RecordFilter
 from citynode.core.keys import node_id
 from citynode.core.records import SEALED_TYPE, Record
 from citynode.core.types import point_of
@@ -410,6 +411,33 @@ def _append_job(
         )
 
     return run
+
+
+_SELECT_ROW = ("SELECT rowid, id, origin, feed, seq, type, time, lon, lat, received_at,"
+               " envelope FROM records")
+
+
+def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
+               only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
+    """The statement of :meth:`Storage.query`. Raises StorageError for a cursor out of
+    range."""
+    if not (0 <= after_rowid < 2**63):
+        raise StorageError("cursor out of range")
+    conds = ["rowid > ?"]
+    params: list[Any] = [after_rowid]
+    if only_feeds is not None:
+        conds.append("(origin, feed) IN (VALUES "
+                     + ", ".join("(?, ?)" for _ in only_feeds) + ")")
+        for o, f in only_feeds:
+            params += [o, f]
+    filter_conds, filter_params = where.sql()
+    conds += filter_conds
+    params += filter_params
+    # Within one feed seq order is rowid order, and ordering by seq lets SQLite walk
+    # the (origin, feed, seq) index instead of sorting.
+    order = "seq" if where.one_feed else "rowid"
+    params.append(limit)
+    return f"{_SELECT_ROW} WHERE {' AND '.join(conds)} ORDER BY {order} LIMIT ?", params
 
 
 # --------------------------------------------------------------------------- storage
@@ -937,75 +965,41 @@ class Storage:
 
     def query(
         self,
+        where: RecordFilter = ALL_RECORDS,
         *,
-        origin: bytes | None = None,
-        feed: str | None = None,
-        type: str | None = None,
-        since_ms: int | None = None,
-        until_ms: int | None = None,
-        bbox: tuple[float, float, float, float] | None = None,
-        seq_from: int | None = None,
-        seq_to: int | None = None,
         after_rowid: int = 0,
         limit: int = 100,
         only_feeds: Sequence[tuple[bytes, str]] | None = None,
         time_limit: float | None = None,
     ) -> list[StoredRow]:
-        """Stored records matching every given filter, ordered by rowid, after ``after_rowid``.
+        """Stored records matching ``where``, ordered by rowid, after ``after_rowid``, at
+        most ``limit`` of them. Page on with the last row's ``rowid``.
 
-        With ``time_limit`` (seconds) the query is stopped when it runs longer, raising
-        :class:`QueryTooSlow` (readers' queries: a filter no index serves scans the table).
+        The filter's own SQL rendering selects the rows (core/filters.py): they are the
+        rows its in-memory match accepts. With ``time_limit`` (seconds) the query is
+        stopped when it runs longer, raising :class:`QueryTooSlow` (readers' queries: a
+        filter no index serves scans the table).
 
         ``only_feeds`` restricts the answer to those (origin, feed) pairs -- the feeds a
         reader may see -- inside the query, so neither rows nor the cursor reveal others.
-
-        ``since_ms <= time < until_ms``; ``seq_from <= seq <= seq_to``; ``bbox`` is
-        ``(min_lon, min_lat, max_lon, max_lat)`` inclusive, and a ``min_lon`` greater
-        than ``max_lon`` means the box crosses the antimeridian. Records without a
-        location never match a ``bbox``. Page on with the last row's ``rowid``.
         """
         if limit <= 0 or (only_feeds is not None and not only_feeds):
             return []
-        if not (0 <= after_rowid < 2**63):
-            raise StorageError("cursor out of range")
-        where = ["rowid > ?"]
-        params: list[Any] = [after_rowid]
-        if only_feeds is not None:
-            where.append("(origin, feed) IN (VALUES "
-                         + ", ".join("(?, ?)" for _ in only_feeds) + ")")
-            for o, f in only_feeds:
-                params += [o, f]
-        for value, clause in (
-            (origin, "origin = ?"),
-            (feed, "feed = ?"),
-            (type, "type = ?"),
-            (since_ms, "time >= ?"),
-            (until_ms, "time < ?"),
-            (seq_from, "seq >= ?"),
-            (seq_to, "seq <= ?"),
-        ):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        if bbox is not None:
-            min_lon, min_lat, max_lon, max_lat = bbox
-            if min_lon <= max_lon:
-                where.append("lon BETWEEN ? AND ?")
-                params += [min_lon, max_lon]
-            else:
-                where.append("(lon >= ? OR lon <= ?)")
-                params += [min_lon, max_lon]
-            where.append("lat BETWEEN ? AND ?")
-            params += [min_lat, max_lat]
-        # Within one feed seq order is rowid order, and ordering by seq lets SQLite walk
-        # the (origin, feed, seq) index instead of sorting.
-        order = "seq" if origin is not None and feed is not None else "rowid"
-        sql = (
-            "SELECT rowid, id, origin, feed, seq, type, time, lon, lat, received_at, envelope"
-            f" FROM records WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
-        )
-        params.append(limit)
+        sql, params = _query_sql(where, after_rowid, limit, only_feeds)
         return [StoredRow(*r) for r in self._all(sql, params, time_limit)]
+
+    def query_plan(
+        self,
+        where: RecordFilter = ALL_RECORDS,
+        *,
+        after_rowid: int = 0,
+        limit: int = 100,
+        only_feeds: Sequence[tuple[bytes, str]] | None = None,
+    ) -> list[str]:
+        """How SQLite would run :meth:`query` with these arguments: the ``detail`` lines
+        of ``EXPLAIN QUERY PLAN`` (to check that a filter is served by an index)."""
+        sql, params = _query_sql(where, after_rowid, max(limit, 1), only_feeds or None)
+        return [str(r[3]) for r in self._all("EXPLAIN QUERY PLAN " + sql, params)]
 
     def feeds(self) -> list[FeedRow]:
         """Every feed held, ordered by origin and feed name."""

@@ -30,16 +30,16 @@ from aiohttp import web
 from citynode import __version__
 from citynode.core import httpsig, sync
 from citynode.core.checkpoints import encode_consistency, encode_inclusion
+from citynode.core.filters import FILTER_PARAMS, RecordFilter, parse_filter
 from citynode.core.keys import parse_node_id
 from citynode.core.records import (
-    FEED_NAME_RULE,
-    check_feed_name,
     decode_envelope,
     parse_body,
 )
 from citynode.errors import (
     AccessDenied,
     CitynodeError,
+    InvalidFilter,
     InvalidNodeId,
     InvalidProof,
     InvalidRecord,
@@ -292,8 +292,9 @@ def takes(*names: str) -> Callable[[Handler], Handler]:
     return wrap
 
 
-# The record filters of a query or a stream (_filters reads them).
-FILTERS = ("origin", "feed", "type", "since", "until", "bbox")
+# The record filters of a stream (core/filters.py reads them); a page of records also
+# takes a seq range of one feed.
+FILTERS = tuple(n for n in FILTER_PARAMS if n not in ("from_seq", "to_seq"))
 # Names echoed in an error: short and plain only (clients quote the message verbatim).
 _PARAM_NAME = re.compile(r"[a-z_]{1,32}")
 
@@ -317,17 +318,20 @@ def _origin_arg(request: web.Request) -> bytes | None:
     return parse_node_id(raw) if raw else None
 
 
-def _bbox_arg(request: web.Request) -> tuple[float, float, float, float] | None:
-    raw = request.query.get("bbox")
-    if not raw:
-        return None
+def _record_filter(request: web.Request, *, paging: tuple[str, ...]) -> RecordFilter:
+    """The record filter of a query or stream, parsed once (core/filters.py); the
+    parameters in ``paging`` are the handler's own.
+
+    Raises 400 for a filter given but not valid (an empty one included): a filter that
+    matched nothing without saying why would leave a stream silent forever. A malformed
+    origin is the ``invalid`` of a malformed node id, as everywhere.
+    """
     try:
-        parts = [float(x) for x in raw.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) != 4 or not (parts[0] <= parts[2] and parts[1] <= parts[3]):
-        raise web.HTTPBadRequest(text="bbox is min_lon,min_lat,max_lon,max_lat")
-    return parts[0], parts[1], parts[2], parts[3]
+        return parse_filter(request.query.items(), ignore=paging)
+    except InvalidFilter as exc:
+        if exc.reason == "bad_origin":
+            raise InvalidNodeId(str(exc)) from exc
+        raise web.HTTPBadRequest(text=str(exc)) from None
 
 
 async def get_record(request: web.Request) -> web.Response:
@@ -391,23 +395,18 @@ def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
     return [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
 
 
-@takes(*FILTERS, "from_seq", "to_seq", "after", "limit")
+@takes(*FILTER_PARAMS, "after", "limit")
 async def list_records(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     caller = await _caller(request)
     limit = _int_arg(request, "limit", 100, 1, 1000) or 100
-    f = _filters(request)
-    seq_from = _int_arg(request, "from_seq", None, 1)
-    seq_to = _int_arg(request, "to_seq", None, 1)
-    if (seq_from is not None or seq_to is not None) and (f["origin"] is None or f["feed"] is None):
-        # Seq ranges are per feed; without one they would scan the whole table.
-        raise web.HTTPBadRequest(text="from_seq/to_seq need origin and feed")
+    where = _record_filter(request, paging=("after", "limit"))
     after = _int_arg(request, "after", 0, 0, 2**63 - 1) or 0
     # Access is applied inside the query, so rows a caller may not see can neither be
     # returned nor move the cursor (which would reveal that they exist).
     only = await _readable_feeds(request, caller)
-    rows = await node.reads.query(**f, seq_from=seq_from, seq_to=seq_to, after_rowid=after,
-                                  limit=limit, only_feeds=only)
+    rows = await node.reads.query(where=where, after_rowid=after, limit=limit,
+                                  only_feeds=only)
     nxt = rows[-1].rowid if len(rows) == limit else None
     may = _reader(request, caller)
     rows = [r for r in rows if may(r.origin, r.feed, r.envelope)]
@@ -442,64 +441,6 @@ async def list_feeds(request: web.Request) -> web.Response:
     return web.json_response({"feeds": out})
 
 
-def _filters(request: web.Request) -> dict[str, Any]:
-    """The record filters of a query or stream, as keyword arguments of Storage.query.
-
-    Raises 400 for a filter given but not valid (an empty one included): a filter that
-    matched nothing without saying why would leave a stream silent forever.
-    """
-    for name in FILTERS:
-        if request.query.get(name) == "":
-            raise web.HTTPBadRequest(
-                text=f"query parameter {name} is empty (leave it out to match any)")
-    feed = request.query.get("feed")
-    if feed is not None:
-        try:
-            check_feed_name(feed)
-        except InvalidRecord:
-            # No echo of the value: clients quote the message, quotes and all.
-            raise web.HTTPBadRequest(
-                text=f"query parameter feed is not a valid feed name: use {FEED_NAME_RULE}"
-            ) from None
-    since, until = _int_arg(request, "since"), _int_arg(request, "until")
-    if since is not None and until is not None and since >= until:
-        raise web.HTTPBadRequest(
-            text="since must be before until (records match since <= time < until)")
-    return {
-        "origin": _origin_arg(request),
-        "feed": feed,
-        "type": request.query.get("type"),
-        "since_ms": since,
-        "until_ms": until,
-        "bbox": _bbox_arg(request),
-    }
-
-
-def _row_matcher(f: dict[str, Any]) -> Callable[[Any], bool]:
-    """The same filter as Storage.query, applied to one row in memory (live tail)."""
-
-    def match(row: Any) -> bool:
-        if f["origin"] is not None and row.origin != f["origin"]:
-            return False
-        if f["feed"] is not None and row.feed != f["feed"]:
-            return False
-        if f["type"] is not None and row.type != f["type"]:
-            return False
-        if f["since_ms"] is not None and row.time < f["since_ms"]:
-            return False
-        if f["until_ms"] is not None and row.time >= f["until_ms"]:
-            return False
-        if f["bbox"] is not None:
-            if row.lon is None or row.lat is None:
-                return False
-            x0, y0, x1, y1 = f["bbox"]
-            if not (y0 <= row.lat <= y1 and x0 <= row.lon <= x1):
-                return False
-        return True
-
-    return match
-
-
 @takes(*FILTERS, "after", "format")
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events of stored records matching a filter, oldest first.
@@ -519,7 +460,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
     node = request.app[NODE_KEY]
     caller = await _caller(request)
-    f = _filters(request)
+    where = _record_filter(request, paging=("after", "format"))
     last = request.headers.get("Last-Event-ID") or request.query.get("after")
     if last is not None:
         try:
@@ -530,12 +471,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
             raise web.HTTPBadRequest(text="Last-Event-ID must be a cursor (an integer)")
     else:
         cursor = node.streams.tail_rowid()
-    base_match = _row_matcher(f)
-
     may = _reader(request, caller)
+    matches = where.matches
 
     def match(row: Any) -> bool:
-        return base_match(row) and may(row.origin, row.feed, row.envelope)
+        return matches(row) and may(row.origin, row.feed, row.envelope)
 
     refusal = node.streams.refusal()
     if refusal is not None:
@@ -555,8 +495,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         render = sse_event
     # Streams that see the same rows share the tail's matching and rendering (the
     # operator's, decrypting with its key, is a group of its own).
-    group = None if key is not None else (tuple(f.items()), caller, _is_operator(request),
-                                          fmt)
+    group = None if key is not None else (where, caller, _is_operator(request), fmt)
     sub = Subscriber(match, render, group=group, on_lag=node.metrics.stream_lagged.inc)
     node.streams.open(sub)  # before catching up, so nothing falls in between
     resp: web.StreamResponse | None = None
@@ -577,7 +516,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 sub.lagging = False
                 while True:
                     try:
-                        rows = await node.reads.query(after_rowid=cursor, limit=500, **f)
+                        rows = await node.reads.query(where=where, after_rowid=cursor,
+                                                      limit=500)
                     except QueryTooSlow as exc:
                         # The answer has begun: say why it ends, as an event.
                         err = json.dumps({"error": "query_too_slow", "message": str(exc)})

@@ -17,6 +17,7 @@ import pytest
 import sqlite_utils
 
 from citynode import storage as storage_mod
+from citynode.core.filters import RecordFilter
 from citynode.core.keys import SigningKey
 from citynode.core.records import Record, sign_record
 from citynode.errors import ChainError, QueryTooSlow, StorageError
@@ -337,7 +338,7 @@ def test_query_filters_and_cursor(st: Storage) -> None:
     assert all(r.lon is None and r.lat is None for r in every if r.feed == "noise")
 
     def ids(**kw: Any) -> list[bytes]:
-        return [r.id for r in st.query(limit=1000, **kw)]
+        return [r.id for r in st.query(RecordFilter.of(**kw), limit=1000)]
 
     def expect(pred: Callable[[Record], bool]) -> list[bytes]:
         return [r.id for r in recs if pred(r)]
@@ -355,9 +356,9 @@ def test_query_filters_and_cursor(st: Storage) -> None:
     assert len(ids(since_ms=T0 + 3000, until_ms=T0 + 6000)) == 9
     assert ids(type="org.example.Air", since_ms=T0 + 9000) == expect(
         lambda r: r.type == "org.example.Air" and r.time >= T0 + 9000)
-    assert ids(origin=A, feed="air", seq_from=3, seq_to=7) == [r.id for r in recs
+    assert ids(origin=A, feed="air", from_seq=3, to_seq=7) == [r.id for r in recs
         if r.origin == A and r.feed == "air" and 3 <= r.seq <= 7]
-    assert ids(origin=B, feed="air", seq_from=5) == expect(
+    assert ids(origin=B, feed="air", from_seq=5) == expect(
         lambda r: r.origin == B and r.seq >= 5)
 
     box = (12.0, 49.0, 15.5, 51.0)
@@ -375,7 +376,7 @@ def test_query_filters_and_cursor(st: Storage) -> None:
         pages: list[bytes] = []
         cursor = 0
         while True:
-            page = st.query(after_rowid=cursor, limit=4, **kw)
+            page = st.query(RecordFilter.of(**kw), after_rowid=cursor, limit=4)
             pages += [r.id for r in page]
             if len(page) < 4:
                 break
@@ -508,7 +509,7 @@ def test_concurrent_reads_from_threads_during_writes(st: Storage) -> None:
                 # everything up to the head is readable, whatever the writer does now
                 assert len(st.has_ids([r.id for r in recs[:seq]])) == seq
                 if n % 2:
-                    assert len(st.query(origin=KEYS[2].public_key, feed="busy",
+                    assert len(st.query(RecordFilter(origin=KEYS[2].public_key, feed="busy"),
                                         limit=1000)) >= seq
                 else:
                     assert sum(1 for _ in st.iter_envelopes(KEYS[2].public_key, "busy")) >= seq
@@ -650,11 +651,12 @@ def test_a_query_past_its_time_limit_is_stopped(st: Storage) -> None:
     """A filter no index serves scans the table; with a time limit it is stopped with
     QueryTooSlow, and the same connection answers the next query normally."""
     st.append(list(chain(0, "big", 3000))).result(10)
+    nothing = RecordFilter(feed="nothing")
     with pytest.raises(QueryTooSlow, match="narrow it"):
-        st.query(feed="nothing", limit=10, time_limit=1e-9)
-    assert st.query(feed="nothing", limit=10, time_limit=30.0) == []
+        st.query(nothing, limit=10, time_limit=1e-9)
+    assert st.query(nothing, limit=10, time_limit=30.0) == []
     assert len(st.query(limit=5, time_limit=30.0)) == 5
-    assert st.query(feed="nothing", limit=10) == []  # no limit: runs to the end
+    assert st.query(nothing, limit=10) == []  # no limit: runs to the end
 
 
 def test_a_damaged_file_is_found_and_remembered(db_path: Path) -> None:

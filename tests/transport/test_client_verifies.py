@@ -343,6 +343,38 @@ async def test_records_outside_the_filter_asked_for_are_refused(hostile: Hostile
         assert got == [GOOD1.id]
 
 
+async def test_records_outside_the_box_asked_for_are_refused(hostile: Hostile) -> None:
+    """The area is checked by the client too, as the node's filter matches it: a box
+    across the antimeridian holds the record at 179.5, not the one at 0 (nor one
+    without a location)."""
+    def at(seq: int, prev: bytes | None, lon: float | None) -> Record:
+        data: dict[str, Any] = {"n": seq}
+        if lon is not None:
+            data["location"] = {"type": "Point", "coordinates": [lon, 0.0]}
+        return sign_record(ORIGIN, feed="geo", seq=seq, prev=prev, time_ms=NOW, type=TYPE,
+                           data=data)
+
+    inside = at(1, None, 179.5)
+    for outside in (at(2, inside.id, 0.0), at(2, inside.id, None)):
+        hostile.page = [inside.envelope, outside.envelope]
+        async with Client(hostile.url, node_id=hostile.node_id) as c:
+            got = []
+            with pytest.raises(InvalidRecord, match="its location does not match") as e:
+                async for rec in c.query(bbox=(170, -10, -170, 10)):
+                    got.append(rec.id)
+            assert e.value.reason == "not_asked_for" and got == [inside.id]
+            got = []
+            with pytest.raises(InvalidRecord, match="its location does not match"):
+                async with asyncio.timeout(20):
+                    async for _cur, rec in c.subscribe(bbox=(170, -10, -170, 10),
+                                                       last_event_id=0):
+                        got.append(rec.id)
+            assert got == [inside.id]
+    # What was asked: the box, written by the filter (it reads back as the same box).
+    assert "/v1/records?bbox=170.0,-10.0,-170.0,10.0&after=0&limit=500" in hostile.asked
+    assert "/v1/stream?bbox=170.0,-10.0,-170.0,10.0&format=envelope&after=0" in hostile.asked
+
+
 async def test_subscribe_refuses_a_cursor_that_goes_back(hostile: Hostile) -> None:
     """A node's cursors only grow; one that goes back (a replay after the next
     reconnect) is refused after the good records before it."""

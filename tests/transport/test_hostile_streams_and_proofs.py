@@ -169,8 +169,10 @@ BAD_FILTERS = [
     ("bbox=1,2,3", "bad_request", "bbox is min_lon,min_lat,max_lon,max_lat"),
     ("bbox=" + ",".join(["1"] * 1000), "bad_request", "bbox is min_lon"),
     ("bbox=a,b,c,d", "bad_request", "bbox is min_lon,min_lat,max_lon,max_lat"),
-    ("bbox=3,0,1,1", "bad_request", "bbox is min_lon,min_lat,max_lon,max_lat"),  # lon min>max
+    # (lon min > max is a box across the antimeridian: valid, see test_antimeridian.py)
     ("bbox=0,3,1,1", "bad_request", "bbox is min_lon,min_lat,max_lon,max_lat"),  # lat min>max
+    ("bbox=3,1,1,-inf", "bad_request", "bbox is min_lon,min_lat,max_lon,max_lat"),
+    ("bbox=1,2,3,4,", "bad_request", "bbox is min_lon,min_lat,max_lon,max_lat"),
     ("bbox=", "bad_request", "query parameter bbox is empty"),
 ]
 

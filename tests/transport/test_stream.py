@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from citynode.client import Client
+from citynode.core.filters import RecordFilter
 from citynode.core.keys import Verifier
 from citynode.core.records import decode_envelope, open_record
 from tests.conftest import InProc
@@ -443,7 +444,7 @@ async def test_last_event_id_header_resumes_after_that_cursor(inproc: Make) -> N
     not ?after=; the stream starts with that cursor, then the records after it."""
     n = await inproc("Jakarta")
     await _publish(n, "a", [{"n": i} for i in range(4)])
-    rows = n.node.storage.query(feed="a", limit=10)
+    rows = n.node.storage.query(RecordFilter(feed="a"), limit=10)
     async with n.session.get(f"{n.url}/v1/stream?feed=a", headers={
             "Accept": "text/event-stream", "Last-Event-ID": str(rows[1].rowid)},
             timeout=aiohttp.ClientTimeout(total=None)) as r:
