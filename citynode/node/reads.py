@@ -6,9 +6,8 @@ the cursor).
 
 from __future__ import annotations
 
-from typing import Any
-
 from citynode.config import Config
+from citynode.core.filters import ALL_RECORDS, RecordFilter
 from citynode.node._base import in_thread
 from citynode.node.policy import Policy
 from citynode.storage import FeedRow, RejectedRow, Storage, StoredRow
@@ -28,16 +27,16 @@ class Reads:
         """The envelope of a record held, by id (no access check: see Policy)."""
         return await in_thread(self.storage.get_envelope, rid)
 
-    async def query(self, *, limit: int, after_rowid: int = 0,
-                    only_feeds: list[tuple[bytes, str]] | None = None,
-                    **filters: Any) -> list[StoredRow]:
-        """Stored rows matching ``filters`` (Storage.query's), after ``after_rowid``, at
-        most ``limit``, bounded by ``[limits] query_time_limit_seconds`` (raises
-        QueryTooSlow past it)."""
+    async def query(self, where: RecordFilter = ALL_RECORDS, *, limit: int,
+                    after_rowid: int = 0,
+                    only_feeds: list[tuple[bytes, str]] | None = None) -> list[StoredRow]:
+        """Stored rows matching ``where``, after ``after_rowid``, at most ``limit``, only
+        of ``only_feeds`` when given, bounded by ``[limits] query_time_limit_seconds``
+        (raises QueryTooSlow past it)."""
         tl = self.config.limits.query_time_limit_seconds
         return await in_thread(lambda: self.storage.query(
-            after_rowid=after_rowid, limit=limit, only_feeds=only_feeds, time_limit=tl,
-            **filters))
+            where, after_rowid=after_rowid, limit=limit, only_feeds=only_feeds,
+            time_limit=tl))
 
     async def feeds(self) -> list[FeedRow]:
         """Every chain held: origin, feed, head, count, last time."""

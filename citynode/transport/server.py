@@ -52,6 +52,7 @@ from citynode.errors import (
 from citynode.identity import check_token
 from citynode.logs import fields
 from citynode.node import Node, Subscriber
+from citynode.node.policy import Policy
 from citynode.render import b64, parse_json_items, stored_record_json
 
 __all__ = ["build_app", "serve", "ssl_context"]
@@ -189,8 +190,17 @@ def _reader(
     and reads everything it holds; anyone else is held to each feed's access level."""
     node = request.app[NODE_KEY]
     if _is_operator(request):
-        return lambda origin, feed, env=None: True
-    return lambda origin, feed, env=None: node.policy.may_read(origin, feed, caller, env)
+        return _reads_all
+    return functools.partial(_may_read, node.policy, caller)
+
+
+def _reads_all(origin: bytes, feed: str, env: bytes | None = None) -> bool:
+    return True
+
+
+def _may_read(policy: Policy, caller: bytes | None, origin: bytes, feed: str,
+              env: bytes | None = None) -> bool:
+    return policy.may_read(origin, feed, caller, env)
 
 
 async def _may_read_feed(request: web.Request, caller: bytes | None, origin: bytes,
