@@ -80,7 +80,7 @@ def _events(n: int, start: int = 1, *, readers: list[bytes] | None = None) -> by
     """``n`` SSE events exactly as the node renders them, for a chain from ``start``."""
     from citynode.core.keys import SigningKey
     from citynode.core.records import sign_record
-    from citynode.transport.server import sse_event
+    from citynode.transport.api_stream import sse_event
 
     key = SigningKey(bytes([9]) * 32)
     out, prev = [], None

@@ -314,10 +314,10 @@ def scan_reason_codes() -> dict[str, set[str]]:
 
 def scan_http_errors() -> set[str]:
     """The ``error`` values the server's error middleware writes itself."""
-    tree = ast.parse((SOURCE / "transport" / "server.py").read_text(encoding="utf-8"))
+    tree = ast.parse((SOURCE / "transport" / "web.py").read_text(encoding="utf-8"))
     out: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _call_name(node) == "_error" and len(node.args) > 1:
+        if isinstance(node, ast.Call) and _call_name(node) == "error_response" and len(node.args) > 1:
             out |= _str_constants(node.args[1])
     return out
 

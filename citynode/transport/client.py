@@ -23,10 +23,10 @@ from citynode.transport.http import (
     HttpClient,
     NoAuth,
     NodeSignature,
-    translate_error,
 )
 
-__all__ = ["MSGPACK", "PeerClient", "fetch_card", "translate_error"]
+__all__ = [
+]
 
 
 class PeerClient:

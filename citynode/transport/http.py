@@ -34,19 +34,6 @@ from citynode.core.keys import SigningKey
 from citynode.errors import CitynodeError, PeerError, PeerRejected
 
 __all__ = [
-    "JSON",
-    "MAX_RESPONSE",
-    "MSGPACK",
-    "Auth",
-    "BearerToken",
-    "HttpClient",
-    "NoAuth",
-    "NodeSignature",
-    "Response",
-    "parse_error_body",
-    "refused_connection",
-    "rejection",
-    "translate_error",
 ]
 
 MSGPACK = "application/msgpack"

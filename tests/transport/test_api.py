@@ -282,7 +282,7 @@ async def test_a_flood_of_strangers_signed_reads_does_not_lock_partners_out(
     """Any key may sign a read, and keys cost nothing to make. Strangers' signatures
     share a replay cache of their own: once a flood fills it they are refused ("busy"),
     but the node's partners still read (here with the strangers' bound made small)."""
-    from citynode.transport.server import READ_REPLAY_KEY
+    from citynode.transport.web import READ_REPLAY_KEY
 
     a = await inproc("Seoul", feeds={"priv": "partners"})
     b = await inproc("Busan")

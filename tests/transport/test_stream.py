@@ -343,7 +343,7 @@ async def test_the_compact_format_carries_the_envelope_alone(inproc: Make) -> No
     tasks["priv-compact"].cancel()
     # The compact event is about half the bytes of the JSON one.
     row = n.node.storage.query(after_rowid=start, limit=1)[0]
-    from citynode.transport.server import sse_envelope_event, sse_event
+    from citynode.transport.api_stream import sse_envelope_event, sse_event
 
     assert len(sse_envelope_event(row)) < 0.65 * len(sse_event(row))
     async with n.session.get(f"{n.url}/v1/stream?format=xml") as r:

@@ -1,0 +1,94 @@
+"""The operator's API (bearer token): publish, partners, sync, status, metrics."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from citynode.render import parse_json_items
+from citynode.transport.web import (
+    NODE_KEY,
+    read_body,
+    require_operator,
+    takes,
+)
+
+__all__ = [
+    "admin_partner_delete",
+    "admin_partners",
+    "admin_status",
+    "admin_sync",
+    "metrics",
+    "publish",
+]
+
+async def metrics(request: web.Request) -> web.Response:
+    require_operator(request)
+    node = request.app[NODE_KEY]
+    node.metrics.db_size.set(await node.reads.db_size())
+    return web.Response(body=node.metrics.render(), content_type="text/plain")
+
+
+@takes("feed", "type", "subject")
+async def publish(request: web.Request) -> web.Response:
+    require_operator(request)
+    node = request.app[NODE_KEY]
+    feed = request.query.get("feed")
+    type_name = request.query.get("type")
+    if not feed or not type_name:
+        raise web.HTTPBadRequest(text="publish needs ?feed=...&type=...")
+    body = await read_body(request)
+    try:
+        items = parse_json_items(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise web.HTTPBadRequest(text="body is not UTF-8 JSON") from None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    if len(items) > 100_000:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=100_000, actual_size=len(items), text="at most 100000 items per call"
+        )
+    subject = request.query.get("subject")
+    if subject == "":
+        raise web.HTTPBadRequest(text="query parameter subject is empty (leave it out for none)")
+    recs = await node.publish(
+        feed, type_name, items, subjects=[subject] * len(items) if subject else None
+    )
+    return web.json_response(
+        {"ids": [r.id.hex() for r in recs], "first_seq": recs[0].seq, "last_seq": recs[-1].seq,
+         "access": node.feed_access(feed)}
+    )
+
+
+async def admin_partners(request: web.Request) -> web.Response:
+    require_operator(request)
+    node = request.app[NODE_KEY]
+    if request.method == "POST":
+        body = await read_body(request)
+        try:
+            req = json.loads(body)
+            url, pid = str(req["url"]), str(req["id"])
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='send {"url": "...", "id": "cn1..."}') from None
+        row = await node.add_partner(url, pid)
+        return web.json_response({"added": row.node_id, "name": row.name})
+    return web.json_response({"partners": node.partners.status()})
+
+
+async def admin_partner_delete(request: web.Request) -> web.Response:
+    require_operator(request)
+    gone = await request.app[NODE_KEY].remove_partner(request.match_info["pid"])
+    if not gone:
+        raise web.HTTPNotFound(text="no such partner")
+    return web.json_response({"removed": request.match_info["pid"]})
+
+
+async def admin_sync(request: web.Request) -> web.Response:
+    require_operator(request)
+    return web.json_response({"partners": request.app[NODE_KEY].partners.sync_all()})
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    require_operator(request)
+    return web.json_response(request.app[NODE_KEY].status())

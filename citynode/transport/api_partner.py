@@ -1,0 +1,108 @@
+"""The partner protocol (signed by a listed partner's node key): push, sync, fetch,
+announce, graft, cards, checkpoints and proofs."""
+
+from __future__ import annotations
+
+import msgpack
+from aiohttp import web
+
+from citynode.core import sync
+from citynode.node import Node
+from citynode.transport.web import (
+    MSGPACK,
+    NODE_KEY,
+    pack,
+    partner_body,
+    require_partner,
+)
+
+__all__ = [
+    "announce",
+    "cards_handler",
+    "fetch",
+    "graft",
+    "post_checkpoint",
+    "proofs",
+    "push",
+    "sync_handler",
+]
+
+async def push(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body, key = await partner_body(request)
+    try:
+        envs = msgpack.unpackb(body, raw=False, max_array_len=node.config.limits.max_batch_records)
+    except Exception:  # msgpack raises many types on garbage
+        envs = None
+    if not isinstance(envs, list) or not all(type(e) is bytes for e in envs):
+        msg = (f"push body must be a msgpack array of at most "
+               f"{node.config.limits.max_batch_records} bin envelopes")
+        node.ingest_role.count_invalid(node.partners.get(key), "malformed_batch", msg)
+        raise web.HTTPBadRequest(text=msg)
+    res = await node.ingest(envs, source=node.partners.get(key))
+    return pack(res.to_wire())
+
+
+async def sync_handler(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body, key = await partner_body(request)
+    theirs = sync.decode_frontier(body)
+    link = node.partners.get(key)
+    if link is None:  # removed while its request ran
+        raise web.HTTPForbidden(text="not a partner of this node")
+    # Only the feeds this partner may be sent: a partners feed's head stays with its
+    # origin's partners (and it would ask, every round, for what it cannot get).
+    return web.Response(body=sync.encode_frontier(node.gossip.on_sync_request(link, theirs)),
+                        content_type=MSGPACK)
+
+
+async def fetch(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body, key = await partner_body(request)
+    wants = sync.decode_wants(body)
+    envs = await node.gossip.serve_fetch(wants, key)
+    return pack(envs)
+
+
+async def announce(request: web.Request) -> web.Response:
+    """A partner's lazy push: heads (a frontier) of records it holds, without them."""
+    node = request.app[NODE_KEY]
+    body, key = await partner_body(request)
+    link = node.partners.get(key)
+    if link is not None:
+        node.gossip.on_announce(link, sync.decode_frontier(body))
+    return web.json_response({"ok": True})
+
+
+async def graft(request: web.Request) -> web.Response:
+    """A partner wants an origin's records pushed eagerly again (body: the origin key)."""
+    node = request.app[NODE_KEY]
+    body, key = await partner_body(request)
+    link = node.partners.get(key)
+    if link is not None and len(body) == 32:
+        node.gossip.on_graft(link, body)
+    return web.json_response({"ok": True})
+
+
+async def cards_handler(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    await require_partner(request, b"")
+    return pack(node.policy.known_cards())
+
+
+async def _partner_gossip(request: web.Request) -> tuple[Node, bytes, str]:
+    """``(node, body, sender's node id)`` of a signed partner request."""
+    node = request.app[NODE_KEY]
+    body, key = await partner_body(request)
+    link = node.partners.get(key)
+    return node, body, link.row.node_id if link else "?"
+
+
+async def post_checkpoint(request: web.Request) -> web.Response:
+    node, body, src = await _partner_gossip(request)
+    return web.json_response({"result": await node.checkpoints.ingest_checkpoint(body, src)})
+
+
+async def proofs(request: web.Request) -> web.Response:
+    node, body, src = await _partner_gossip(request)
+    return web.json_response({"new": await node.checkpoints.ingest_proof(body, src)})

@@ -1,0 +1,254 @@
+"""Public reads: the node card, health, records, feeds, checkpoints and proofs, each
+held to the read policy (a feed's access level; the operator reads everything)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from citynode import __version__
+from citynode.core.checkpoints import encode_consistency, encode_inclusion
+from citynode.core.filters import FILTER_PARAMS
+from citynode.core.records import (
+    decode_envelope,
+    parse_body,
+)
+from citynode.render import b64, stored_record_json
+from citynode.transport.web import (
+    MSGPACK,
+    NODE_KEY,
+    decrypt_key,
+    in_thread,
+    int_arg,
+    is_operator,
+    may_read_feed,
+    origin_arg,
+    pack,
+    read_check,
+    record_filter,
+    signed_caller,
+    takes,
+    wants_json,
+)
+
+__all__ = [
+    "card",
+    "consistency_proof",
+    "get_checkpoints",
+    "get_record",
+    "healthz",
+    "inclusion_proof",
+    "list_feeds",
+    "list_records",
+    "readyz",
+]
+
+async def card(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    c = node.policy.card()
+    if wants_json(request):
+        from citynode.core.cards import card_to_json
+
+        return web.json_response(card_to_json(c))
+    return web.Response(body=c.envelope, content_type=MSGPACK)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ok, detail = await request.app[NODE_KEY].readiness()
+    return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
+
+
+async def get_record(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    try:
+        rid = bytes.fromhex(request.match_info["rid"])
+    except ValueError:
+        raise web.HTTPBadRequest(text="record id is 64 hex digits") from None
+    if len(rid) != 32:
+        raise web.HTTPBadRequest(text="record id is 64 hex digits")
+    caller = await signed_caller(request)
+    env = await node.reads.envelope(rid)
+    if env is None:
+        raise web.HTTPNotFound(text="no such record here")
+    body, _sig = decode_envelope(env)
+    f = parse_body(body)
+    if not read_check(request, caller)(f["origin"], f["feed"], env):
+        # Same answer as a missing record: do not confirm that it exists.
+        raise web.HTTPNotFound(text="no such record here")
+    if wants_json(request):
+        return web.json_response(stored_record_json(env, key=decrypt_key(request)))
+    return web.Response(body=env, content_type=MSGPACK)
+
+
+async def _readable_feeds(request: web.Request, caller: bytes | None
+                          ) -> list[tuple[bytes, str]] | None:
+    """The (origin, feed) pairs this caller may list (None: the operator, all of them).
+    Restricted feeds are included for authenticated callers; their records are then
+    filtered one by one (only their readers get them)."""
+    if is_operator(request):
+        return None
+    return await request.app[NODE_KEY].reads.readable_feeds(caller)
+
+
+def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
+    return [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
+
+
+@takes(*FILTER_PARAMS, "after", "limit")
+async def list_records(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    caller = await signed_caller(request)
+    limit = int_arg(request, "limit", 100, 1, 1000) or 100
+    where = record_filter(request, paging=("after", "limit"))
+    after = int_arg(request, "after", 0, 0, 2**63 - 1) or 0
+    # Access is applied inside the query, so rows a caller may not see can neither be
+    # returned nor move the cursor (which would reveal that they exist).
+    only = await _readable_feeds(request, caller)
+    rows = await node.reads.query(where=where, after_rowid=after, limit=limit,
+                                  only_feeds=only)
+    nxt = rows[-1].rowid if len(rows) == limit else None
+    may = read_check(request, caller)
+    rows = [r for r in rows if may(r.origin, r.feed, r.envelope)]
+    if wants_json(request):
+        # Rendering a page can take a while (large payloads): not on the event loop.
+        page = await in_thread(_render_page, rows, decrypt_key(request))
+        return web.json_response({"records": page, "next": nxt})
+    return pack({"records": [r.envelope for r in rows], "next": nxt})
+
+
+async def list_feeds(request: web.Request) -> web.Response:
+    from citynode.core.keys import node_id
+
+    node = request.app[NODE_KEY]
+    caller = await signed_caller(request)
+    rows = await node.reads.feeds()
+    # Restricted feeds' heads (not their content) are shown to any authenticated node.
+    may = read_check(request, caller)
+    rows = [r for r in rows if may(r.origin, r.feed, None)
+            or (caller is not None and node.policy.is_restricted(r.origin, r.feed))]
+    out = [
+        {
+            "origin": node_id(r.origin),
+            "feed": r.feed,
+            "seq": r.seq,
+            "head": r.head.hex(),
+            "count": r.count,
+            "last_time": r.last_time,
+        }
+        for r in rows
+    ]
+    return web.json_response({"feeds": out})
+
+
+@takes("origin", "feed")
+async def get_checkpoints(request: web.Request) -> web.Response:
+    """Signed checkpoints held of a feed (any origin), by size."""
+    node = request.app[NODE_KEY]
+    caller = await signed_caller(request)
+    origin = origin_arg(request)
+    feed = request.query.get("feed")
+    if origin is None or not feed:
+        raise web.HTTPBadRequest(text="checkpoints need ?origin=cn1...&feed=...")
+    # A feed of which nothing is held answers as one the caller may not read: the two
+    # look alike. (Checkpoints may come before records, or for a feed whose records are
+    # not relayed here: those are served.)
+    if not await may_read_feed(request, caller, origin, feed):
+        raise web.HTTPNotFound(text="no such feed here")
+    held = await node.checkpoints.held(origin, feed)
+    if not held and node.chains.seq((origin, feed)) == 0:
+        raise web.HTTPNotFound(text="no such feed here")
+    if wants_json(request):
+        return web.json_response({"checkpoints": [
+            {"size": s, "root": r.hex(), "envelope": b64(e)} for s, r, e in held]})
+    return pack([e for _s, _r, e in held])
+
+
+@takes("id", "size")
+async def inclusion_proof(request: web.Request) -> web.Response:
+    """Inclusion proof of a record in its feed's tree at ``size`` (default: the latest
+    checkpoint of that feed that covers the record)."""
+    node = request.app[NODE_KEY]
+    caller = await signed_caller(request)
+    try:
+        rid = bytes.fromhex(request.query.get("id", ""))
+    except ValueError:
+        rid = b""
+    if len(rid) != 32:
+        raise web.HTTPBadRequest(text="?id= must be a record id (64 hex digits)")
+    env = await node.reads.envelope(rid)
+    if env is None:
+        raise web.HTTPNotFound(text="no such record here")
+    f = parse_body(decode_envelope(env)[0])
+    if not read_check(request, caller)(f["origin"], f["feed"], env):
+        raise web.HTTPNotFound(text="no such record here")
+    size = int_arg(request, "size", None, 1)
+    held = await node.checkpoints.held(f["origin"], f["feed"])
+    cp_env = next((e for s, _r, e in held if s == size), None)
+    if size is None:
+        covering = [(s, e) for s, _r, e in held if s >= f["seq"]]
+        if not covering:
+            raise web.HTTPNotFound(
+                text="no checkpoint covers this record yet: its origin signs one every "
+                     "[checkpoints] interval_seconds (60 s by default); try again then")
+        size, cp_env = covering[-1]
+    if size < f["seq"]:
+        raise web.HTTPBadRequest(text=f"a tree of size {size} does not hold seq {f['seq']}")
+    log_ = await node.checkpoints.merkle_log(f["origin"], f["feed"], size)
+    path = log_.inclusion_proof(f["seq"] - 1, size)
+    _check_anchor(cp_env, log_.root(size), size)
+    if wants_json(request):
+        return web.json_response({"index": f["seq"] - 1, "size": size,
+                                  "root": log_.root(size).hex(),
+                                  "path": [p.hex() for p in path],
+                                  "checkpoint": b64(cp_env) if cp_env else None})
+    return web.Response(body=encode_inclusion(f["seq"] - 1, size, path),
+                        content_type=MSGPACK)
+
+
+def _check_anchor(cp_env: bytes | None, root: bytes, size: int) -> None:
+    """A proof is served beside the origin's checkpoint of its size only if that
+    checkpoint's root is the one computed from the records held: else 409 (the origin
+    showed a different tree of this size somewhere: a split view)."""
+    if cp_env is None:
+        return
+    from citynode.core.checkpoints import open_checkpoint
+    from citynode.core.keys import Verifier
+
+    if open_checkpoint(cp_env, verifier=Verifier()).root != root:
+        raise web.HTTPConflict(
+            text=f"the origin's signed checkpoint of size {size} disagrees with the records "
+                 "held here: a split view (`citynode forks` lists such proofs)")
+
+
+@takes("origin", "feed", "old", "new")
+async def consistency_proof(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    caller = await signed_caller(request)
+    origin = origin_arg(request)
+    feed = request.query.get("feed")
+    old = int_arg(request, "old", None, 0)
+    new = int_arg(request, "new", None, 0)
+    if origin is None or not feed or old is None or new is None or old > new:
+        raise web.HTTPBadRequest(text="need ?origin=&feed=&old=&new= with old <= new")
+    if node.chains.seq((origin, feed)) == 0 or not await may_read_feed(request, caller, origin,
+                                                                     feed):
+        raise web.HTTPNotFound(text="no such feed here")
+    log_ = await node.checkpoints.merkle_log(origin, feed, new)
+    path = log_.consistency_proof(old, new)
+    # The origin's own checkpoints of these sizes, when held: what anchors the roots.
+    held = {s: e for s, _r, e in await node.checkpoints.held(origin, feed)}
+    _check_anchor(held.get(old), log_.root(old), old)
+    _check_anchor(held.get(new), log_.root(new), new)
+    if wants_json(request):
+        return web.json_response({"old_size": old, "new_size": new,
+                                  "old_root": log_.root(old).hex(),
+                                  "new_root": log_.root(new).hex(),
+                                  "path": [p.hex() for p in path],
+                                  "old_checkpoint": b64(held[old]) if old in held else None,
+                                  "new_checkpoint": b64(held[new]) if new in held else None})
+    return web.Response(body=encode_consistency(old, new, path), content_type=MSGPACK)

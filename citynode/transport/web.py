@@ -1,0 +1,327 @@
+"""What every route of the HTTPS API shares: the app keys, the error middleware (every
+error a JSON body ``{"error": reason, "message": text}``), bounded body reads, query
+parameters, and the three kinds of authentication:
+
+* anyone: public reads (a read may be signed by any node's key, to be told apart);
+* partners: requests signed by a listed partner's node key (core/httpsig.py), at most
+  ``request_max_age_seconds`` old and never replayed;
+* the operator: ``Authorization: Bearer <operator token>`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgpack
+from aiohttp import web
+
+from citynode.core import httpsig
+from citynode.core.filters import FILTER_PARAMS, RecordFilter, parse_filter
+from citynode.core.keys import parse_node_id
+from citynode.errors import (
+    AccessDenied,
+    CitynodeError,
+    InvalidFilter,
+    InvalidNodeId,
+    InvalidProof,
+    InvalidRecord,
+    PayloadError,
+    PeerError,
+    PublishRefused,
+    QueryTooSlow,
+    StorageError,
+)
+from citynode.identity import check_token
+from citynode.logs import fields
+from citynode.node import Node
+from citynode.node.policy import Policy
+
+__all__ = [
+    "FILTERS",
+    "decrypt_key",
+    "error_response",
+    "errors_middleware",
+    "in_thread",
+    "int_arg",
+    "is_operator",
+    "may_read_feed",
+    "origin_arg",
+    "pack",
+    "partner_body",
+    "read_body",
+    "read_check",
+    "record_filter",
+    "require_operator",
+    "require_partner",
+    "signed_caller",
+    "takes",
+    "wants_json",
+]
+
+log = logging.getLogger("citynode.http")
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
+REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("replay", httpsig.ReplayCache)
+# Signed reads accept any node's key: their nonces live in a cache of their own, so no
+# stranger can fill the one partner requests depend on.
+READ_REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("read_replay",
+                                                              httpsig.ReplayCache)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+
+def error_response(status: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"error": reason, "message": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate our errors into HTTP answers; never leak a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != JSON:
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"),
+                                  exc.text or exc.reason)
+        raise
+    except PayloadError as exc:
+        return error_response(422, exc.reason, str(exc))
+    except InvalidRecord as exc:
+        return error_response(400, exc.reason, str(exc))
+    except InvalidProof as exc:
+        return error_response(400, exc.reason, str(exc))
+    except InvalidNodeId as exc:
+        return error_response(400, "invalid", str(exc))
+    except AccessDenied as exc:
+        return error_response(403, "access_denied", str(exc))
+    except PublishRefused as exc:
+        return error_response(409, "publish_refused", str(exc))
+    except QueryTooSlow as exc:
+        return error_response(503, "query_too_slow", str(exc))
+    except StorageError as exc:
+        log.error("storage error", extra=fields(error=str(exc)))
+        return error_response(503, "storage", str(exc))
+    except PeerError as exc:
+        return error_response(502, "peer", str(exc))
+    except CitynodeError as exc:
+        return error_response(400, "error", str(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error", extra=fields(path=request.path))
+        return error_response(500, "internal", "internal error (see the node's log)")
+
+
+def wants_json(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return JSON in accept and MSGPACK not in accept
+
+
+async def read_body(request: web.Request) -> bytes:
+    """Read the whole body within the configured deadline and size (413 when larger)."""
+    node = request.app[NODE_KEY]
+    try:
+        return await asyncio.wait_for(
+            request.read(), node.config.limits.read_timeout_seconds
+        )
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="request body not received in time") from None
+    except web.HTTPRequestEntityTooLarge:
+        # Not blamed on a partner: the signature cannot be checked without the body.
+        node.ingest_role.count_invalid(None, "too_large",
+                                       f"request body over the limit on {request.path}")
+        raise
+
+
+def require_operator(request: web.Request) -> None:
+    node = request.app[NODE_KEY]
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:] if auth.startswith("Bearer ") else None
+    if not check_token(node.identity.token, given):
+        raise AccessDenied("operator token missing or wrong (Authorization: Bearer <token>)")
+
+
+async def require_partner(request: web.Request, body: bytes) -> bytes:
+    """Verify the request signature (made for this node, by a listed partner, fresh, not
+    replayed); return the partner's public key. Raises AccessDenied."""
+    node = request.app[NODE_KEY]
+    return httpsig.verify_request(
+        request.method,
+        request.rel_url.raw_path_qs,
+        request.headers,
+        body,
+        now_ms=node.now_ms(),
+        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+        replay=request.app[REPLAY_KEY],
+        verifier=node.verifier,
+        expected_target=node.node_id,
+        authorize=lambda key: node.partners.get(key) is not None,
+    )
+
+
+def _precheck_partner(request: web.Request) -> None:
+    """Refuse before reading the body what cannot be a partner's fresh request: no
+    strangers' megabytes are buffered. (The full check follows on the body.)"""
+    node = request.app[NODE_KEY]
+    key = httpsig.claimed_signer(
+        request.headers, now_ms=node.now_ms(),
+        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+    )
+    if key is None or node.partners.get(key) is None:
+        raise AccessDenied("request not signed by a partner of this node")
+
+
+async def partner_body(request: web.Request) -> tuple[bytes, bytes]:
+    """The body of a partner request and the partner's key, fully verified."""
+    _precheck_partner(request)
+    body = await read_body(request)
+    return body, await require_partner(request, body)
+
+
+def is_operator(request: web.Request) -> bool:
+    node = request.app[NODE_KEY]
+    auth = request.headers.get("Authorization", "")
+    return auth.startswith("Bearer ") and check_token(node.identity.token, auth[7:])
+
+
+def read_check(
+    request: web.Request, caller: bytes | None
+) -> Callable[[bytes, str, bytes | None], bool]:
+    """``may_read(origin, feed, envelope)`` for this request. The operator owns the node
+    and reads everything it holds; anyone else is held to each feed's access level."""
+    node = request.app[NODE_KEY]
+    if is_operator(request):
+        return _reads_all
+    return functools.partial(_may_read, node.policy, caller)
+
+
+def _reads_all(origin: bytes, feed: str, env: bytes | None = None) -> bool:
+    return True
+
+
+def _may_read(policy: Policy, caller: bytes | None, origin: bytes, feed: str,
+              env: bytes | None = None) -> bool:
+    return policy.may_read(origin, feed, caller, env)
+
+
+async def may_read_feed(request: web.Request, caller: bytes | None, origin: bytes,
+                         feed: str) -> bool:
+    """May the caller read what is about a whole feed (its checkpoints, consistency
+    proofs)? The operator reads everything; anyone else as :meth:`Node.may_read_feed`."""
+    if is_operator(request):
+        return True
+    return await request.app[NODE_KEY].policy.may_read_feed(origin, feed, caller)
+
+
+async def signed_caller(request: web.Request) -> bytes | None:
+    """The node key that signed a read request, or None for an anonymous reader.
+
+    Any node may sign a read (not only partners): readers of a restricted feed, or
+    partners of the feed's origin, are often not partners of the node they read from.
+    """
+    if "Signature" not in request.headers and "Signature-Input" not in request.headers:
+        return None
+    node = request.app[NODE_KEY]
+    return httpsig.verify_request(
+        request.method,
+        request.rel_url.raw_path_qs,
+        request.headers,
+        b"",
+        now_ms=node.now_ms(),
+        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+        replay=request.app[READ_REPLAY_KEY],
+        verifier=node.verifier,
+        expected_target=node.node_id,
+    )
+
+
+def decrypt_key(request: web.Request) -> Any:
+    """The node's key when the operator asks (its own applications read restricted
+    feeds it is a reader of in plaintext); None otherwise: others decrypt themselves."""
+    return request.app[NODE_KEY].key if is_operator(request) else None
+
+
+def pack(v: Any) -> web.Response:
+    return web.Response(body=msgpack.packb(v, use_bin_type=True), content_type=MSGPACK)
+
+
+def takes(*names: str) -> Callable[[Handler], Handler]:
+    """Wrap a handler so that a query parameter it does not take, or one given twice, is
+    a 400: a misspelt filter (``feeds=``) must not answer as if there were no filter,
+    and of two values only one would count."""
+    known = frozenset(names)
+    listed = ", ".join(names) or "none"
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> web.StreamResponse:
+            q = request.query
+            given = set(q.keys())
+            if not given <= known or len(given) != len(q):
+                for name in q:
+                    shown = name if _PARAM_NAME.fullmatch(name) else "(a name)"
+                    if name not in known:
+                        raise web.HTTPBadRequest(
+                            text=f"unknown query parameter {shown}: this endpoint takes "
+                                 f"{listed}")
+                    if len(q.getall(name)) > 1:
+                        raise web.HTTPBadRequest(text=f"query parameter {shown} given "
+                                                      "more than once")
+            return await handler(request)
+
+        return checked
+
+    return wrap
+
+
+# The record filters of a stream (core/filters.py reads them); a page of records also
+# takes a seq range of one feed.
+FILTERS = tuple(n for n in FILTER_PARAMS if n not in ("from_seq", "to_seq"))
+# Names echoed in an error: short and plain only (clients quote the message verbatim).
+_PARAM_NAME = re.compile(r"[a-z_]{1,32}")
+
+
+def int_arg(request: web.Request, name: str, default: int | None = None,
+             lo: int = 0, hi: int = 2**62) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"query parameter {name} must be an integer") from None
+    if not lo <= v <= hi:
+        raise web.HTTPBadRequest(text=f"query parameter {name} must be in {lo}..{hi}")
+    return v
+
+
+def origin_arg(request: web.Request) -> bytes | None:
+    raw = request.query.get("origin")
+    return parse_node_id(raw) if raw else None
+
+
+def record_filter(request: web.Request, *, paging: tuple[str, ...]) -> RecordFilter:
+    """The record filter of a query or stream, parsed once (core/filters.py); the
+    parameters in ``paging`` are the handler's own.
+
+    Raises 400 for a filter given but not valid (an empty one included): a filter that
+    matched nothing without saying why would leave a stream silent forever. A malformed
+    origin is the ``invalid`` of a malformed node id, as everywhere.
+    """
+    try:
+        return parse_filter(request.query.items(), ignore=paging)
+    except InvalidFilter as exc:
+        if exc.reason == "bad_origin":
+            raise InvalidNodeId(str(exc)) from exc
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Rendering a page can take a while (large payloads): not on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
