@@ -1,0 +1,1063 @@
+"""The replication state machine of one node, sans I/O (as h11's ``Connection``).
+
+Everything that decides what a node stores, pushes, fetches, grafts, reconciles and
+forwards lives here; the shell (the node, or :mod:`citynode.sim`) verifies signatures,
+reads and writes storage, talks HTTP, and carries out the actions this returns. Time is
+a parameter (``now_ms``); nothing sleeps: deadlines are recorded and acted on by
+:meth:`Replica.tick` (:meth:`Replica.next_deadline` says when to call it).
+
+Inputs (methods; each returns a list of actions, ``on_records`` also the outcomes):
+
+=============================================  ==========================================
+``load(heads, forks)``                         state from storage at start
+``add_partner(p, first_sync)`` / ``remove_partner``  partner set changes
+``partner_up(p, now)`` / ``partner_down(p)``   reachability
+``on_card(node, partners, now)``               a verified node card learned
+``known(rid)``                                 (query) id stored or being stored: skip it
+``on_records(p|None, records, now, via)``      records VERIFIED by the shell (push,
+                                               fetch answer, graft, local import)
+``on_committed(records, source, now)``         the shell committed a Store
+``on_push_result(p, dup, now)``                partner answered the Push in flight
+``on_push_failed(p, now)``                     the Push in flight failed
+``on_announce(p, heads, now)``                 partner's lazy push (heads only)
+``on_graft(p, origin)``                        partner asks us to push ``origin`` eagerly
+``on_sync(p, data, now, initiator)``           a reconciliation message from p
+``on_sync_failed(p, now)``                     our session's request failed
+``on_frontier(p, frontier, now)``              legacy full frontier from p
+``on_fetch_done(p, wants, got, now)``          a Fetch ended; ``got`` records received
+``on_lookup(origin, feed, seq, held, now)``    answer to a Lookup (record held or None)
+``on_proof(p, origin, feed, seq, kind, proof)`` a proof the shell verified
+``on_checkpoint(p, origin, feed, env)``        a NEW checkpoint the shell verified, stored
+``on_deliver_failed(p, kind, payload, refusals)`` a SendProof/SendCheckpoint did not land
+``check_publish(feed)`` / ``next_link(feed)`` / ``publish(records, now)``   own feeds
+``tick(now)``                                  timers due
+=============================================  ==========================================
+
+Actions (frozen dataclasses): :class:`Store`, :class:`Push`, :class:`Announce`,
+:class:`Fetch`, :class:`Graft`, :class:`SendSync`, :class:`Lookup`,
+:class:`StoreProof`, :class:`SendProof`, :class:`SendCheckpoint`, :class:`SendHeld`,
+:class:`WakeStreams`, :class:`Rejected`, :class:`ForkFound`, :class:`Paused`,
+:class:`Resumed`.
+
+Rules kept from the node: trust policy and access policy are injected predicates;
+quota is charged only for records stored (each one, also those released from the
+pending buffer; own records are never charged); a record is never pushed back to the
+partner it came from nor to one known to hold it; Plumtree per origin (a duplicate
+answer prunes the origin to lazy, a graft makes it eager again); a chain that pushes
+are extending is not pulled; own-feed safety (a partner claiming later records of our
+own feed pauses publishing on it until they are here; a fork proof against our own feed
+stops it for good; no signing before every partner's first round ended).
+
+Eager links start from a spanning tree of the card graph when ``tree`` is on: every
+node computes the same minimum spanning tree of mutual partnerships (edge weight: a
+hash of the two keys) and pushes eagerly only along its tree edges, so a record reaches
+each node once; links off the tree are lazy (announced when ``announce`` is on, else
+repaired by reconciliation and grafted). A partner whose card is unknown is eager.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from citynode.core import reconcile as rc
+from citynode.core.chain import FeedHead, Verdict, canonical_fork_proof, classify
+from citynode.core.records import Record
+from citynode.core.sync import FeedKey, OriginQuota, PeerView, PendingBuffer, Want
+from citynode.errors import ChainError, InvalidProof, PublishRefused
+
+__all__ = [
+    "Action",
+    "Announce",
+    "Fetch",
+    "ForkFound",
+    "Graft",
+    "Lookup",
+    "Paused",
+    "Push",
+    "Rejected",
+    "Replica",
+    "ReplicaConfig",
+    "Resumed",
+    "SendCheckpoint",
+    "SendHeld",
+    "SendProof",
+    "SendSync",
+    "Store",
+    "StoreProof",
+    "WakeStreams",
+]
+
+PROOFS_PATH = "/v1/proofs"
+CHECKPOINTS_PATH = "/v1/checkpoints"
+
+
+def _allow_send(peer: bytes, record: Record) -> bool:
+    return True
+
+
+def _allow_pass(peer: bytes, origin: bytes, feed: str) -> bool:
+    return True
+
+
+def _trust_all(origin: bytes) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """Limits, delays and the injected policies of one replica."""
+
+    self_key: bytes
+    trusted: Callable[[bytes], bool] = _trust_all
+    may_send: Callable[[bytes, Record], bool] = _allow_send
+    may_pass: Callable[[bytes, bytes, str], bool] = _allow_pass
+    quota_records_per_day: int = 1_000_000
+    quota_bytes_per_day: int = 1 << 40
+    pending_max_records: int = 10_000
+    pending_max_bytes: int = 64 << 20
+    push_batch: int = 100
+    push_queue_max: int = 10_000
+    batch: int = 500  # records per fetch want
+    sync_interval_ms: int = 30_000
+    min_sync_gap_ms: int = 250
+    settle_ms: int = 1000  # a pull waits this long for records already on their way
+    flowing_ms: int = 3000  # a chain pushed this recently is left to push
+    graft_delay_ms: int = 500
+    graft_patience_ms: int = 2000
+    fetch_timeout_ms: int = 10_000
+    backoff_max_ms: int = 60_000
+    outbox_max: int = 1000
+    outbox_per_round: int = 50
+    outbox_refusals: int = 5
+    recent_max: int = 200_000
+    max_session_rounds: int = 16
+    max_grafts: int = 64
+    announce: bool = True
+    tree: bool = True
+
+
+# ---------------------------------------------------------------------------------------
+# Actions
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Append these records (chain order; heads are already advanced). Then call
+    ``on_committed``. ``durable``: own records, fsync before acknowledging."""
+
+    records: tuple[Record, ...]
+    durable: bool
+    source: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Send these records to the partner; answer with on_push_result / on_push_failed."""
+
+    peer: bytes
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Tell the partner our heads ``(origin, feed, seq, head)`` (lazy push)."""
+
+    peer: bytes
+    heads: tuple[tuple[bytes, str, int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Ask the partner for these ranges; feed the records to on_records(via=via), then
+    call on_fetch_done."""
+
+    peer: bytes
+    wants: tuple[Want, ...]
+    via: str
+
+
+@dataclass(frozen=True, slots=True)
+class Graft:
+    """Ask the partner to push ``origin``'s records to us eagerly again."""
+
+    peer: bytes
+    origin: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendSync:
+    """A reconciliation message. ``initiator``: our session, send it as a request and
+    feed the answer to on_sync(initiator=True); else it is the answer to the request
+    the partner just made."""
+
+    peer: bytes
+    payload: bytes
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Read the record held at (origin, feed, seq); answer with on_lookup."""
+
+    origin: bytes
+    feed: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreProof:
+    """Keep this fork or split-view proof."""
+
+    origin: bytes
+    feed: str
+    seq: int
+    kind: str
+    proof: bytes
+    source: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class SendProof:
+    peer: bytes
+    proof: bytes
+    refusals: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SendCheckpoint:
+    peer: bytes
+    envelope: bytes
+    refusals: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SendHeld:
+    """First good round with this partner since start: send it the latest checkpoint of
+    each feed it may be sent and the proofs held (read from storage)."""
+
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WakeStreams:
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Count an item refused from ``peer`` (None: local) with this reason code."""
+
+    peer: bytes | None
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForkFound:
+    origin: bytes
+    feed: str
+    seq: int
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Paused:
+    feed: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    feed: str
+
+
+Action = (Store | Push | Announce | Fetch | Graft | SendSync | Lookup | StoreProof
+          | SendProof | SendCheckpoint | SendHeld | WakeStreams | Rejected | ForkFound
+          | Paused | Resumed)
+
+
+# ---------------------------------------------------------------------------------------
+# State
+
+
+@dataclass
+class _Session:
+    diff: rc.Diff
+    mine: rc.ChainSet
+    rounds: int = 0
+
+
+@dataclass
+class _Partner:
+    key: bytes
+    view: PeerView = field(default_factory=PeerView)
+    up: bool = True
+    queue: deque[Record] = field(default_factory=deque)
+    overflowed: bool = False
+    in_flight: tuple[Record, ...] | None = None
+    retry_at: int = 0
+    failures: int = 0
+    lazy: set[bytes] = field(default_factory=set)
+    grafted: set[bytes] = field(default_factory=set)
+    announce: dict[FeedKey, tuple[int, bytes]] = field(default_factory=dict)
+    graft_pending: dict[FeedKey, tuple[int, int, int]] = field(default_factory=dict)
+    outbox: OrderedDict[bytes, tuple[str, bytes, int]] = field(default_factory=OrderedDict)
+    next_sync: int = 0
+    session: _Session | None = None
+    answering: _Session | None = None
+    first_done: bool = False
+    hidden: set[bytes] | None = None
+
+
+class Replica:
+    """All replication state and decisions of one node. See the module docstring."""
+
+    def __init__(self, config: ReplicaConfig) -> None:
+        self.config = config
+        self.me = config.self_key
+        self.heads: dict[FeedKey, FeedHead] = {}
+        self.chains = rc.ChainSet()
+        self.pending = PendingBuffer(config.pending_max_records, config.pending_max_bytes)
+        self.quota = OriginQuota(config.quota_records_per_day, config.quota_bytes_per_day)
+        self.inflight: set[bytes] = set()
+        self._recent: OrderedDict[bytes, None] = OrderedDict()
+        self.partners: dict[bytes, _Partner] = {}
+        self.pushed_at: dict[FeedKey, int] = {}
+        self.fetching: dict[FeedKey, tuple[bytes, int, int]] = {}  # key -> peer, to, until
+        self.deferred: dict[FeedKey, tuple[bytes, int, int]] = {}  # key -> peer, seq, due
+        self._lookups: dict[tuple[bytes, str, int], list[tuple[str, object, bytes | None]]]
+        self._lookups = {}
+        self.proofs: OrderedDict[bytes, None] = OrderedDict()
+        self.forked: set[FeedKey] = set()
+        self.own_forked: dict[str, int] = {}
+        self.own_blocked: dict[str, str] = {}
+        self._own_targets: dict[str, int] = {}
+        self._own_claims: dict[str, tuple[bytes, int, bytes]] = {}
+        self.cards: dict[bytes, frozenset[bytes]] = {}
+        self._tree: set[bytes] | None = None
+        self._origins: set[bytes] = set()
+
+    # ------------------------------------------------------------------ queries
+
+    def known(self, rid: bytes) -> bool:
+        """Is this record id stored (recently) or being stored? Then skip verifying it."""
+        return rid in self.inflight or rid in self._recent
+
+    def head(self, key: FeedKey) -> FeedHead | None:
+        return self.heads.get(key)
+
+    def frontier_for(self, peer: bytes) -> dict[FeedKey, tuple[int, bytes]]:
+        """Our heads less the chains this partner may not be told of (legacy sync)."""
+        return {k: (h.seq, h.id) for k, h in self.heads.items()
+                if self.config.may_pass(peer, k[0], k[1])}
+
+    def first_round_pending(self) -> list[bytes]:
+        """Partners whose first sync round since start has not ended (publishing waits)."""
+        return [p.key for p in self.partners.values() if not p.first_done]
+
+    def next_deadline(self) -> int | None:
+        """The earliest time ``tick`` has something to do (None: nothing scheduled)."""
+        times: list[int] = []
+        for p in self.partners.values():
+            if p.up and p.session is None:
+                times.append(p.next_sync)
+            if p.up and p.queue and p.in_flight is None:
+                times.append(p.retry_at)
+            times.extend(d for _s, d, _f in p.graft_pending.values())
+        times.extend(d for _p, _s, d in self.deferred.values())
+        times.extend(u for _p, _t, u in self.fetching.values())
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------ setup
+
+    def load(self, heads: Mapping[FeedKey, tuple[int, bytes]],
+             forks: Iterable[tuple[bytes, str, int]] = ()) -> None:
+        """State from storage at start: every chain's head, and the proofs held."""
+        for key, (seq, hid) in heads.items():
+            self._set_head(key, seq, hid)
+        for origin, feed, seq in forks:
+            self._note_fork(origin, feed, seq)
+
+    def add_partner(self, peer: bytes, first_sync_ms: int) -> None:
+        """A new partner; the first round with it is due at ``first_sync_ms`` (call
+        ``tick``)."""
+        if peer not in self.partners:
+            self.partners[peer] = _Partner(peer, next_sync=first_sync_ms)
+            self._tree = None
+
+    def remove_partner(self, peer: bytes) -> None:
+        self.partners.pop(peer, None)
+        self._tree = None
+        for key in [k for k, v in self.fetching.items() if v[0] == peer]:
+            del self.fetching[key]
+
+    def partner_up(self, peer: bytes, now_ms: int) -> list[Action]:
+        p = self.partners.get(peer)
+        if p is None or p.up:
+            return []
+        p.up, p.failures, p.retry_at = True, 0, now_ms
+        p.next_sync = min(p.next_sync, now_ms)
+        return self.tick(now_ms)
+
+    def partner_down(self, peer: bytes) -> None:
+        p = self.partners.get(peer)
+        if p is None:
+            return
+        p.up = False
+        if p.in_flight:
+            self._requeue(p, p.in_flight)
+            p.in_flight = None
+        p.session = p.answering = None
+
+    def on_card(self, node: bytes, partners: Iterable[bytes], now_ms: int) -> list[Action]:
+        """A verified (and newer) node card: its partner list shapes the tree; records of
+        that node we may have held back may now go on (a round with every partner)."""
+        new = frozenset(partners)
+        if self.cards.get(node) == new:
+            return []
+        self.cards[node] = new
+        self._tree = None
+        if node != self.me and node in self._origins:
+            for p in self.partners.values():
+                p.next_sync = min(p.next_sync, now_ms)
+        return []
+
+    def access_changed(self) -> None:
+        """The access policy changed (cards, partners, config): recompute what each
+        partner may be told of."""
+        for p in self.partners.values():
+            p.hidden = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _set_head(self, key: FeedKey, seq: int, hid: bytes) -> None:
+        new = key not in self.heads
+        self.heads[key] = FeedHead(seq, hid)
+        self.chains.set(key[0], key[1], seq, hid)
+        if new:
+            self._origins.add(key[0])
+            kb = rc.key_bytes(*key)
+            for p in self.partners.values():
+                if p.hidden is not None and not self.config.may_pass(p.key, *key):
+                    p.hidden.add(kb)
+
+    def _remember(self, rid: bytes) -> None:
+        self._recent[rid] = None
+        if len(self._recent) > self.config.recent_max:
+            self._recent.popitem(last=False)
+
+    def _charge(self, rec: Record, now_ms: int) -> bool:
+        if rec.origin == self.me:
+            return True
+        return self.quota.allow(rec.origin, len(rec.body), now_ms)
+
+    def _backoff(self, p: _Partner) -> int:
+        return min(self.config.backoff_max_ms, 200 << min(p.failures, 16))
+
+    def _tree_nbrs(self) -> set[bytes]:
+        """Our neighbours in the minimum spanning tree of mutual partnerships known from
+        cards (our own partner set stands for our card)."""
+        if self._tree is None:
+            adj = dict(self.cards)
+            adj[self.me] = frozenset(self.partners)
+            edges = []
+            for a, ps in adj.items():
+                for b in ps:
+                    if a < b and a in adj.get(b, frozenset()):
+                        edges.append((hashlib.sha256(a + b).digest()[:8], a, b))
+            edges.sort()
+            parent: dict[bytes, bytes] = {}
+
+            def find(x: bytes) -> bytes:
+                while parent.get(x, x) != x:
+                    parent[x] = parent.get(parent[x], parent[x])
+                    x = parent[x]
+                return x
+
+            mine: set[bytes] = set()
+            for _w, a, b in edges:
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[ra] = rb
+                    if a == self.me:
+                        mine.add(b)
+                    elif b == self.me:
+                        mine.add(a)
+            self._tree = mine
+        return self._tree
+
+    def _eager(self, p: _Partner, origin: bytes) -> bool:
+        if origin in p.grafted:
+            return True
+        if origin in p.lazy:
+            return False
+        if self.config.tree and self.me in self.cards.get(p.key, frozenset()):
+            return p.key in self._tree_nbrs()
+        return True  # Plumtree: eager until pruned
+
+    def _requeue(self, p: _Partner, recs: Sequence[Record]) -> None:
+        for r in reversed(recs):
+            if len(p.queue) < self.config.push_queue_max:
+                p.queue.appendleft(r)
+            else:
+                p.overflowed = True
+
+    def _pump(self, p: _Partner, now_ms: int, out: list[Action]) -> None:
+        if not p.up:
+            return
+        if p.announce:
+            heads = tuple((k[0], k[1], s, h) for k, (s, h) in sorted(p.announce.items()))
+            p.announce = {}
+            for o, f, s, _h in heads:
+                p.view.update((o, f), s)
+            out.append(Announce(p.key, heads))
+        if p.in_flight is not None or now_ms < p.retry_at:
+            return
+        batch: list[Record] = []
+        while p.queue and len(batch) < self.config.push_batch:
+            r = p.queue.popleft()
+            if not p.view.knows((r.origin, r.feed), r.seq):
+                batch.append(r)
+        if batch:
+            p.in_flight = tuple(batch)
+            out.append(Push(p.key, p.in_flight))
+
+    def _want(self, peer: bytes, key: FeedKey, lo: int, hi: int, via: str, now_ms: int,
+              out: list[Action]) -> None:
+        """Fetch ``lo..hi`` of a chain from ``peer`` unless a fetch of it is in flight."""
+        if lo > hi:
+            return
+        f = self.fetching.get(key)
+        if f is not None and f[2] > now_ms and f[1] >= hi:
+            return
+        hi = min(hi, lo + self.config.batch - 1)
+        self.fetching[key] = (peer, hi, now_ms + self.config.fetch_timeout_ms)
+        out.append(Fetch(peer, (Want(key[0], key[1], lo, hi),), via))
+
+    # ------------------------------------------------------------------ records in
+
+    def on_records(self, peer: bytes | None, records: Sequence[Record], now_ms: int,
+                   via: str = "push") -> tuple[list[str], list[Action]]:
+        """Place records the shell verified. Returns one outcome per record
+        (``stored``, ``duplicate``, ``pending``, ``equivocation``: checked by a Lookup,
+        or ``rejected:<reason>``) and the actions."""
+        out: list[Action] = []
+        outcomes: list[str] = []
+        to_store: list[Record] = []
+        p = self.partners.get(peer) if peer is not None else None
+        gaps: set[FeedKey] = set()
+        for rec in records:
+            key = (rec.origin, rec.feed)
+            if p is not None:
+                # A node forwards only records it stores, and stores chains contiguously.
+                p.view.update(key, rec.seq)
+            if rec.id in self.inflight or rec.id in self._recent:
+                outcomes.append("duplicate")
+                continue
+            if not self.config.trusted(rec.origin):
+                outcomes.append("rejected:untrusted_origin")
+                out.append(Rejected(peer, "untrusted_origin", "origin not trusted"))
+                continue
+            head = self.heads.get(key)
+            d = classify(rec, head, None)
+            if d.verdict is Verdict.EXTENDS:
+                if not self._charge(rec, now_ms):
+                    outcomes.append("rejected:quota")
+                    out.append(Rejected(peer, "quota", "origin over its daily quota"))
+                    continue
+                self._extend(rec, to_store, now_ms, out)
+                outcomes.append("stored")
+                if via in ("push", "graft"):
+                    self.pushed_at[key] = now_ms
+            elif d.verdict is Verdict.AHEAD:
+                if self.pending.add(rec, head_seq=head.seq if head else 0):
+                    gaps.add(key)
+                outcomes.append("pending")
+            else:
+                self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
+                                 ("fork", rec, peer), out)
+                outcomes.append("equivocation")
+        for rec in self.pending.take_conflicts():
+            d = classify(rec, self.heads.get((rec.origin, rec.feed)), None)
+            if d.verdict is Verdict.EQUIVOCATION:
+                self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
+                                 ("fork", rec, None), out)
+        if to_store:
+            out.insert(0, Store(tuple(to_store), False, peer))
+            self._release_own_blocks(out)
+        if peer is not None and gaps:
+            for w in self.pending.missing():
+                if w.key in gaps and self.config.trusted(w.origin):
+                    self._want(peer, w.key, w.from_seq, w.to_seq, "gap", now_ms, out)
+        return outcomes, out
+
+    def _extend(self, rec: Record, to_store: list[Record], now_ms: int,
+                out: list[Action]) -> None:
+        key = (rec.origin, rec.feed)
+        chain = [rec]
+        for r in self.pending.take_ready(key, rec.seq, rec.id):
+            if not self._charge(r, now_ms):
+                out.append(Rejected(None, "quota", "origin over its daily quota"))
+                break  # the rest is fetched again another day
+            chain.append(r)
+        for r in chain:
+            self.inflight.add(r.id)
+            to_store.append(r)
+        last = chain[-1]
+        self._set_head(key, last.seq, last.id)
+
+    def on_committed(self, records: Sequence[Record], source: bytes | None,
+                     now_ms: int) -> list[Action]:
+        """The shell committed a Store: push to partners (eager or lazy), wake streams."""
+        out: list[Action] = []
+        for r in records:
+            self.inflight.discard(r.id)
+            self._remember(r.id)
+        for p in self.partners.values():
+            if p.key == source:
+                continue
+            for r in records:
+                key = (r.origin, r.feed)
+                if p.view.knows(key, r.seq) or not self.config.may_send(p.key, r):
+                    continue
+                if self._eager(p, r.origin):
+                    if len(p.queue) >= self.config.push_queue_max:
+                        p.queue.popleft()
+                        p.overflowed = True
+                        p.next_sync = min(p.next_sync, now_ms)
+                    p.queue.append(r)
+                elif self.config.announce:
+                    old = p.announce.get(key)
+                    if old is None or old[0] < r.seq:
+                        p.announce[key] = (r.seq, r.id)
+            self._pump(p, now_ms, out)
+        out.append(WakeStreams(tuple(records)))
+        return out
+
+    def on_push_result(self, peer: bytes, dup: Iterable[int], now_ms: int) -> list[Action]:
+        """The partner took the Push in flight; ``dup``: indexes it already held. Those
+        origins it gets through someone else: prune them to lazy (Plumtree)."""
+        p = self.partners.get(peer)
+        out: list[Action] = []
+        if p is None or p.in_flight is None:
+            return out
+        batch, p.in_flight = p.in_flight, None
+        p.failures = 0
+        for r in batch:
+            p.view.update((r.origin, r.feed), r.seq)
+        for i in dup:
+            if 0 <= i < len(batch):
+                p.lazy.add(batch[i].origin)
+                p.grafted.discard(batch[i].origin)
+        self._pump(p, now_ms, out)
+        return out
+
+    def on_push_failed(self, peer: bytes, now_ms: int) -> list[Action]:
+        p = self.partners.get(peer)
+        if p is None or p.in_flight is None:
+            return []
+        self._requeue(p, p.in_flight)
+        p.in_flight = None
+        p.failures += 1
+        p.retry_at = now_ms + self._backoff(p)
+        return []
+
+    def on_announce(self, peer: bytes, heads: Mapping[FeedKey, tuple[int, bytes]],
+                    now_ms: int) -> list[Action]:
+        """A partner holds these heads. Where we are behind, give the eager path
+        ``graft_delay_ms``, then fetch from this partner and graft it."""
+        p = self.partners.get(peer)
+        if p is None:
+            return []
+        p.view.update_frontier(heads)
+        for key, (seq, _h) in heads.items():
+            mine = self.heads.get(key)
+            if (mine is not None and mine.seq >= seq) or key in p.graft_pending:
+                continue
+            if not self.config.trusted(key[0]):
+                continue
+            if len(p.graft_pending) >= self.config.max_grafts:
+                p.next_sync = min(p.next_sync, now_ms)  # many gaps: one round instead
+                break
+            p.graft_pending[key] = (seq, now_ms + self.config.graft_delay_ms, now_ms)
+        return []
+
+    def on_graft(self, peer: bytes, origin: bytes) -> None:
+        p = self.partners.get(peer)
+        if p is not None:
+            p.lazy.discard(origin)
+            p.grafted.add(origin)
+
+    # ------------------------------------------------------------------ sync
+
+    def _mine_for(self, p: _Partner) -> rc.ChainSet:
+        if p.hidden is None:
+            p.hidden = {rc.key_bytes(*k) for k in self.heads
+                        if not self.config.may_pass(p.key, *k)}
+        return self.chains.copy_without(p.hidden) if p.hidden else self.chains
+
+    def _start_sync(self, p: _Partner, now_ms: int, out: list[Action]) -> None:
+        mine = self._mine_for(p)
+        p.session = _Session(rc.Diff(), mine)
+        p.next_sync = now_ms + self.config.sync_interval_ms
+        out.append(SendSync(p.key, rc.encode_message(rc.initial(mine)), True))
+
+    def sync_now(self, peer: bytes, now_ms: int) -> list[Action]:
+        """Start a round with this partner as soon as the spacing allows."""
+        p = self.partners.get(peer)
+        if p is not None:
+            p.next_sync = min(p.next_sync, now_ms)
+        return self.tick(now_ms)
+
+    def on_sync(self, peer: bytes, data: bytes, now_ms: int, *, initiator: bool
+                ) -> list[Action]:
+        """A reconciliation message from ``peer``: the answer to our session's request
+        (``initiator``) or a request of theirs (then the first action is the SendSync
+        answer, always present). Raises :class:`EncodingError` / ``InvalidRecord`` for a
+        malformed message (our session with it then ends)."""
+        p = self.partners.get(peer)
+        out: list[Action] = []
+        if p is None:
+            return out
+        sess = p.session if initiator else p.answering
+        if sess is None:
+            if initiator:
+                return out  # a late answer to a session that ended
+            sess = p.answering = _Session(rc.Diff(), self._mine_for(p))
+        try:
+            msg = rc.decode_message(data)
+        except Exception:
+            if initiator:
+                p.session = None
+            else:
+                p.answering = None
+            raise
+        reply = rc.respond(sess.mine, msg, sess.diff)
+        sess.rounds += 1
+        learnt, sess.diff.theirs = sess.diff.theirs, {}
+        if not initiator:
+            out.append(SendSync(peer, rc.encode_message(reply), False))
+            if not reply or sess.rounds >= self.config.max_session_rounds:
+                p.answering = None
+        self._consider(p, learnt, now_ms, out)
+        if initiator:
+            if reply and sess.rounds < self.config.max_session_rounds:
+                out.append(SendSync(peer, rc.encode_message(reply), True))
+            else:
+                p.session = None
+                self._round_done(p, now_ms, out)
+        return out
+
+    def on_sync_failed(self, peer: bytes, now_ms: int) -> list[Action]:
+        p = self.partners.get(peer)
+        if p is not None:
+            p.session = None
+            p.failures += 1
+            p.first_done = True
+            p.next_sync = now_ms + self._backoff(p)
+        return []
+
+    def on_frontier(self, peer: bytes, frontier: Mapping[FeedKey, tuple[int, bytes]],
+                    now_ms: int) -> list[Action]:
+        """A partner's full frontier (the legacy sync request or answer): one round."""
+        p = self.partners.get(peer)
+        out: list[Action] = []
+        if p is None:
+            return out
+        p.view.update_frontier(frontier)
+        theirs = {k: v for k, v in frontier.items() if self.heads.get(k) != v}
+        self._consider(p, theirs, now_ms, out)
+        self._round_done(p, now_ms, out)
+        return out
+
+    def lacks_from(self, frontier: Mapping[FeedKey, tuple[int, bytes]]) -> bool:
+        """Does a partner's frontier hold records (of origins we accept) that we lack?"""
+        for key, (seq, _h) in frontier.items():
+            mine = self.heads.get(key)
+            if (mine is None or mine.seq < seq) and self.config.trusted(key[0]):
+                return True
+        return False
+
+    def _consider(self, p: _Partner, theirs: Mapping[FeedKey, tuple[int, bytes]],
+                  now_ms: int, out: list[Action]) -> None:
+        """Act on the partner's chains that differ from ours: pull what we lack (after
+        the settle delay), find forks, check our own feeds' safety."""
+        for key, (seq, head) in theirs.items():
+            if seq == 0:
+                continue  # they hold none of it: they pull it themselves
+            p.view.update(key, seq)
+            mine = self.heads.get(key)
+            mseq = mine.seq if mine else 0
+            if key[0] == self.me:
+                self._own_claim(p, key[1], seq, head, mseq, now_ms, out)
+            if seq > mseq:
+                if not self.config.trusted(key[0]) or self.quota.exhausted(key[0], now_ms):
+                    continue
+                old = self.deferred.get(key)
+                if old is None or old[1] < seq:
+                    self.deferred[key] = (p.key, seq, now_ms + self.config.settle_ms)
+            elif key in self.forked:
+                continue
+            elif mine is not None and seq == mseq and head != mine.id:
+                self._want(p.key, key, seq, seq, "fork", now_ms, out)
+            elif seq < mseq:
+                self._ask_lookup(key[0], key[1], seq, ("check", head, p.key), out)
+
+    def _round_done(self, p: _Partner, now_ms: int, out: list[Action]) -> None:
+        first = not p.first_done
+        p.first_done = True
+        p.failures = 0
+        p.overflowed = False
+        if first:
+            out.append(SendHeld(p.key))
+        for _ in range(min(len(p.outbox), self.config.outbox_per_round)):
+            _k, (path, payload, refusals) = p.outbox.popitem(last=False)
+            if path == PROOFS_PATH:
+                out.append(SendProof(p.key, payload, refusals))
+            else:
+                out.append(SendCheckpoint(p.key, payload, refusals))
+        for w in self.pending.missing()[:64]:
+            self._want(p.key, w.key, w.from_seq, w.to_seq, "gap", now_ms, out)
+
+    def on_fetch_done(self, peer: bytes, wants: Sequence[Want], got: int, now_ms: int
+                      ) -> list[Action]:
+        """A Fetch ended with ``got`` records received. A full answer that did not reach
+        the end of a want is asked again from where it stopped."""
+        out: list[Action] = []
+        for w in wants:
+            f = self.fetching.get(w.key)
+            if f is not None and f[0] == peer:
+                del self.fetching[w.key]
+            h = self.heads.get(w.key)
+            have = h.seq if h else 0
+            if w.origin == self.me and w.feed in self._own_claims:
+                self._check_claim(w.feed, out)
+            p = self.partners.get(peer)
+            if p is None or got == 0:
+                continue
+            if w.from_seq <= have < w.to_seq:
+                self._want(peer, w.key, have + 1, w.to_seq, "sync", now_ms, out)
+            elif have >= w.from_seq and w.origin not in p.grafted and w.origin != self.me:
+                # The eager path did not bring these: this partner will push them.
+                out.append(Graft(peer, w.origin))
+        return out
+
+    # ------------------------------------------------------------------ own feeds
+
+    def _own_claim(self, p: _Partner, feed: str, seq: int, head: bytes, have: int,
+                   now_ms: int, out: list[Action]) -> None:
+        if have >= seq or self._own_targets.get(feed, 0) >= seq:
+            return
+        why = (f"feed {feed!r}: a partner holds our records up to seq {seq} but this node "
+               f"has only {have} (restored from an old backup?): fetching them before "
+               "publishing again, to never sign two records with one seq")
+        if feed not in self.own_blocked:
+            out.append(Paused(feed, why))
+        self.own_blocked[feed] = why
+        self._own_targets[feed] = seq
+        self._own_claims[feed] = (p.key, seq, head)
+        self._want(p.key, (self.me, feed), have + 1, seq, "own", now_ms, out)
+
+    def _check_claim(self, feed: str, out: list[Action]) -> None:
+        peer, seq, head = self._own_claims[feed]
+        h = self.heads.get((self.me, feed))
+        have = h.seq if h else 0
+        if have > seq or (h is not None and have == seq and h.id == head):
+            del self._own_claims[feed]
+            self._release_own_blocks(out)
+            return
+        if have < seq and self.fetching.get((self.me, feed)) is None:
+            del self._own_claims[feed]
+            out.append(Rejected(peer, "false_claim",
+                                f"claims our feed {feed!r} up to seq {seq} but does not "
+                                "show that record signed by us"))
+            self._own_targets[feed] = have
+            self._release_own_blocks(out)
+
+    def _release_own_blocks(self, out: list[Action]) -> None:
+        for feed in list(self.own_blocked):
+            mine = self.heads.get((self.me, feed))
+            have = mine.seq if mine else 0
+            if have >= self._own_targets.get(feed, 0):
+                del self.own_blocked[feed]
+                out.append(Resumed(feed))
+
+    def check_publish(self, feed: str) -> None:
+        """Raise :class:`PublishRefused` if own-feed safety forbids signing on ``feed``:
+        a proof that it forked, a partner holding later records of it, or a partner
+        whose first round since start has not ended."""
+        if feed in self.own_forked:
+            raise PublishRefused(
+                f"feed {feed!r} of this node has forked: it signed two different histories "
+                f"at seq {self.own_forked[feed]} (`citynode forks` shows the proof, and its "
+                "partners hold it too). Nothing more is signed on it: publish on a new feed "
+                "name, and tell the partner cities why")
+        if feed in self.own_blocked:
+            raise PublishRefused(self.own_blocked[feed])
+        late = self.first_round_pending()
+        if late:
+            raise PublishRefused(
+                f"publishing waits for the first exchange with {len(late)} partner(s) "
+                "since start, so as never to re-sign a seq a partner already holds (as "
+                "after a restore from a backup): retry in a moment")
+
+    def next_link(self, feed: str) -> tuple[int, bytes | None]:
+        """(seq, prev) the next record of our ``feed`` must carry."""
+        h = self.heads.get((self.me, feed))
+        return (h.seq + 1, h.id) if h else (1, None)
+
+    def publish(self, records: Sequence[Record], now_ms: int) -> list[Action]:
+        """Records of our own feed, signed by the shell at :meth:`next_link`: advance the
+        head and store them durably. Raises :class:`PublishRefused` (see
+        :meth:`check_publish`) or :class:`ChainError` if they do not extend the feed."""
+        if not records:
+            return []
+        feed = records[0].feed
+        self.check_publish(feed)
+        seq, prev = self.next_link(feed)
+        for r in records:
+            if r.origin != self.me or r.feed != feed or r.seq != seq or r.prev != prev:
+                raise ChainError("published records must extend our feed in order")
+            seq, prev = seq + 1, r.id
+        for r in records:
+            self.inflight.add(r.id)
+        self._set_head((self.me, feed), records[-1].seq, records[-1].id)
+        return [Store(tuple(records), True, None)]
+
+    # ------------------------------------------------------------------ forks, proofs
+
+    def _ask_lookup(self, origin: bytes, feed: str, seq: int,
+                    purpose: tuple[str, object, bytes | None], out: list[Action]) -> None:
+        k = (origin, feed, seq)
+        waiting = self._lookups.get(k)
+        if waiting is None:
+            if len(self._lookups) >= 1000:
+                return  # bounded: the next round finds it again
+            self._lookups[k] = [purpose]
+            out.append(Lookup(origin, feed, seq))
+        elif len(waiting) < 16:
+            waiting.append(purpose)
+
+    def on_lookup(self, origin: bytes, feed: str, seq: int, held: Record | None,
+                  now_ms: int) -> list[Action]:
+        """The record held at (origin, feed, seq), or None."""
+        out: list[Action] = []
+        for kind, item, peer in self._lookups.pop((origin, feed, seq), []):
+            if held is None:
+                continue
+            if kind == "fork" and isinstance(item, Record) and held.id != item.id:
+                self._fork(held, item, peer, out)
+            elif kind == "check" and held.id != item and peer in self.partners:
+                self._want(peer, (origin, feed), seq, seq, "fork", now_ms, out)
+        return out
+
+    def _fork(self, a: Record, b: Record, source: bytes | None, out: list[Action]) -> None:
+        if a.origin != b.origin or a.feed != b.feed or a.id == b.id:
+            return
+        lo, hi = (a, b) if a.seq <= b.seq else (b, a)
+        if lo.seq != hi.seq and not (hi.seq == lo.seq + 1 and hi.prev != lo.id):
+            return
+        proof, at = canonical_fork_proof(a, b)
+        self._proof(a.origin, a.feed, at, "fork", proof.encode(), source, out, echo=True)
+
+    def _proof(self, origin: bytes, feed: str, seq: int, kind: str, enc: bytes,
+               source: bytes | None, out: list[Action], *, echo: bool) -> bool:
+        h = hashlib.sha256(enc).digest()
+        if h in self.proofs:
+            return False
+        self.proofs[h] = None
+        if len(self.proofs) > 100_000:
+            self.proofs.popitem(last=False)
+        self._note_fork(origin, feed, seq)
+        out.append(StoreProof(origin, feed, seq, kind, enc, source))
+        out.append(ForkFound(origin, feed, seq, kind))
+        for p in self.partners.values():
+            if (echo or p.key != source) and self.config.may_pass(p.key, origin, feed):
+                out.append(SendProof(p.key, enc))
+        return True
+
+    def _note_fork(self, origin: bytes, feed: str, seq: int) -> None:
+        self.forked.add((origin, feed))
+        if origin == self.me:
+            self.own_forked[feed] = min(seq, self.own_forked.get(feed, seq))
+
+    def on_proof(self, peer: bytes | None, origin: bytes, feed: str, seq: int, kind: str,
+                 proof: bytes) -> list[Action]:
+        """A fork or split-view proof the shell verified (``proof`` in canonical form):
+        keep and forward it if new. Raises :class:`InvalidProof` for an origin we do not
+        trust (proofs about strangers are no business of ours)."""
+        if not self.config.trusted(origin):
+            raise InvalidProof("proof about an origin this node does not trust")
+        out: list[Action] = []
+        self._proof(origin, feed, seq, kind, proof, peer, out, echo=False)
+        return out
+
+    def on_checkpoint(self, peer: bytes | None, origin: bytes, feed: str, envelope: bytes
+                      ) -> list[Action]:
+        """A checkpoint new here (verified and stored by the shell): forward it to the
+        other partners that may be told of the feed (our own: to every partner)."""
+        return [SendCheckpoint(p.key, envelope) for p in self.partners.values()
+                if p.key != peer and (origin == self.me
+                                      or self.config.may_pass(p.key, origin, feed))]
+
+    def on_deliver_failed(self, peer: bytes, kind: str, payload: bytes, refusals: int
+                          ) -> None:
+        """A SendProof (``kind`` "proof") or SendCheckpoint did not land: keep it for
+        after the next good round, unless refused ``outbox_refusals`` times."""
+        p = self.partners.get(peer)
+        if p is None or refusals >= self.config.outbox_refusals:
+            return
+        path = PROOFS_PATH if kind == "proof" else CHECKPOINTS_PATH
+        k = hashlib.sha256(path.encode() + b"\0" + payload).digest()
+        p.outbox[k] = (path, payload, refusals)
+        while len(p.outbox) > self.config.outbox_max:
+            p.outbox.popitem(last=False)
+
+    # ------------------------------------------------------------------ timers
+
+    def tick(self, now_ms: int) -> list[Action]:
+        """Do what is due at ``now_ms``: sync rounds, grafts, settled pulls, retries."""
+        out: list[Action] = []
+        for key, (_peer, _to, until) in list(self.fetching.items()):
+            if until <= now_ms:
+                del self.fetching[key]
+        for key, (peer, seq, due) in list(self.deferred.items()):
+            if due > now_ms:
+                continue
+            h = self.heads.get(key)
+            have = h.seq if h else 0
+            if have >= seq or peer not in self.partners:
+                del self.deferred[key]
+                continue
+            pushed = self.pushed_at.get(key)
+            if pushed is not None and now_ms - pushed < self.config.flowing_ms:
+                self.deferred[key] = (peer, seq, pushed + self.config.flowing_ms)
+                continue
+            del self.deferred[key]
+            self._want(peer, key, have + 1, seq, "sync", now_ms, out)
+        for p in self.partners.values():
+            for key, (seq, due, since) in list(p.graft_pending.items()):
+                if due > now_ms:
+                    continue
+                h = self.heads.get(key)
+                have = h.seq if h else 0
+                if have >= seq:
+                    del p.graft_pending[key]
+                    continue
+                pushed = self.pushed_at.get(key)
+                if (now_ms - since < self.config.graft_patience_ms and pushed is not None
+                        and now_ms - pushed <= self.config.graft_delay_ms):
+                    p.graft_pending[key] = (seq, now_ms + self.config.graft_delay_ms, since)
+                    continue
+                del p.graft_pending[key]
+                self._want(p.key, key, have + 1, seq, "graft", now_ms, out)
+                out.append(Graft(p.key, key[0]))
+            if not p.up:
+                continue
+            if p.session is None and p.next_sync <= now_ms:
+                self._start_sync(p, now_ms, out)
+            self._pump(p, now_ms, out)
+        return out
