@@ -36,6 +36,8 @@ __all__ = ["BASE_MS", "Sim", "SimNode", "random_graph"]
 BASE_MS = 1_700_000_000_000
 TYPE = "org.example.Test"
 FRAME = 16  # bytes of framing counted per message
+# Answers, and the request each answers: a lost answer fails the request.
+_ANSWERS = {"sync_resp": "sync_req", "records": "fetch", "push_ack": "push"}
 
 
 @dataclass
@@ -227,7 +229,7 @@ class SimNode:
             self.run(r.on_push_failed(dst, now))
         elif kind == "sync_req":
             self.run(r.on_sync_failed(dst, now))
-        elif kind == "fetch":
+        elif kind == "fetch" or kind == "records":
             self.run(r.on_fetch_done(dst, payload[0], 0, now))
         elif kind == "proof":
             r.on_deliver_failed(dst, "proof", payload, 0)
@@ -266,8 +268,9 @@ class Sim:
         for nd in self.nodes:
             nd.learn_card(nd.pk, frozenset(nd.partners))
         for nd in self.nodes:
-            others = ([m for m in self.nodes] if cards == "all"
-                      else [self.by_pk[p] for p in nd.partners])
+            others = (list(self.nodes) if cards == "all"
+                      else [self.by_pk[p] for p in nd.partners] if cards == "partners"
+                      else [])
             for m in others:
                 nd.learn_card(m.pk, frozenset(m.partners))
             for p in sorted(nd.partners):
@@ -321,7 +324,13 @@ class Sim:
         lost = (target is None or not target.online or not src.online
                 or frozenset((src.pk, dst)) in self.blocked or self.rng.random() < self.loss)
         if lost:
-            self.at(self.now + self.timeout_ms, lambda: src.fail(kind, dst, payload))
+            if kind in _ANSWERS:  # the asker sees its request fail
+                if target is not None:
+                    waiter, peer = target, src.pk
+                    self.at(self.now + self.timeout_ms,
+                            lambda: waiter.fail(_ANSWERS[kind], peer, payload))
+            else:
+                self.at(self.now + self.timeout_ms, lambda: src.fail(kind, dst, payload))
             return
         assert target is not None
         delay = self.rng.randint(*self.latency)

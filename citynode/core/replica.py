@@ -530,6 +530,9 @@ class Replica:
         """Fetch ``lo..hi`` of a chain from ``peer`` unless a fetch of it is in flight."""
         if lo > hi:
             return
+        if key[0] != self.me and (not self.config.trusted(key[0])
+                                  or self.quota.exhausted(key[0], now_ms)):
+            return  # not stored if it came: do not ask (pull again another day)
         f = self.fetching.get(key)
         if f is not None and f[2] > now_ms and f[1] >= hi:
             return
