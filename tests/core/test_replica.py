@@ -1,0 +1,162 @@
+"""The replica alone, driven by hand: no event loop, no network, no simulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from citynode.core import replica as rp
+from citynode.core.keys import SigningKey
+from citynode.core.records import Record, sign_record
+from citynode.errors import PublishRefused
+
+ME = SigningKey(b"\x01" * 32)
+P = SigningKey(b"\x02" * 32).public_key
+Q = SigningKey(b"\x03" * 32).public_key
+ORIGIN = SigningKey(b"\x04" * 32)
+T = 1_700_000_000_000
+
+
+def chain(key: SigningKey, n: int, feed: str = "f", start: int = 1,
+          prev: bytes | None = None) -> list[Record]:
+    out = []
+    for seq in range(start, start + n):
+        r = sign_record(key, feed=feed, seq=seq, prev=prev, time_ms=T,
+                        type="org.example.Test", data={"n": seq})
+        out.append(r)
+        prev = r.id
+    return out
+
+
+def replica(**kw: object) -> rp.Replica:
+    r = rp.Replica(rp.ReplicaConfig(self_key=ME.public_key, **kw))  # type: ignore[arg-type]
+    r.add_partner(P, T)
+    r.add_partner(Q, T)
+    return r
+
+
+def of(kind: type, actions: list[rp.Action]) -> list[object]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def test_stores_in_order_and_never_pushes_back_to_the_source() -> None:
+    r = replica(tree=False)
+    recs = chain(ORIGIN, 3)
+    outcomes, acts = r.on_records(P, recs, T)
+    assert outcomes == ["stored"] * 3
+    (store,) = of(rp.Store, acts)
+    assert [x.seq for x in store.records] == [1, 2, 3]  # type: ignore[attr-defined]
+    after = r.on_committed(store.records, P, T)  # type: ignore[attr-defined]
+    pushes = of(rp.Push, after)
+    assert [p.peer for p in pushes] == [Q]  # type: ignore[attr-defined]
+    assert r.known(recs[0].id)
+    assert r.on_records(Q, recs[:1], T)[0] == ["duplicate"]
+
+
+def test_pending_records_wait_for_the_gap_and_ask_for_it() -> None:
+    r = replica()
+    recs = chain(ORIGIN, 4)
+    outcomes, acts = r.on_records(P, recs[2:], T)
+    assert outcomes == ["pending", "pending"]
+    (fetch,) = of(rp.Fetch, acts)
+    assert fetch.peer == P and fetch.wants[0].from_seq == 1  # type: ignore[attr-defined]
+    _, acts = r.on_records(P, recs[:2], T)
+    (store,) = of(rp.Store, acts)
+    assert [x.seq for x in store.records] == [1, 2, 3, 4]  # type: ignore[attr-defined]
+
+
+def test_quota_is_charged_for_every_record_stored_also_released_from_pending() -> None:
+    r = replica(quota_records_per_day=2)
+    recs = chain(ORIGIN, 4)
+    r.on_records(P, recs[1:], T)  # pending: not charged
+    assert r.quota.usage(ORIGIN.public_key, T) == (0, 0)
+    _outcomes, acts = r.on_records(P, recs[:1], T)
+    (store,) = of(rp.Store, acts)
+    assert len(store.records) == 2  # type: ignore[attr-defined]
+    assert r.quota.usage(ORIGIN.public_key, T)[0] == 2
+    assert of(rp.Rejected, acts)
+
+
+def test_duplicate_answer_prunes_and_graft_restores() -> None:
+    r = replica(tree=False, announce=True)
+    recs = chain(ORIGIN, 2)
+    _, acts = r.on_records(P, recs[:1], T)
+    acts = r.on_committed(recs[:1], P, T)
+    assert of(rp.Push, acts)
+    r.on_push_result(Q, [0], T)  # Q had it: prune ORIGIN on Q
+    _, acts = r.on_records(P, recs[1:], T)
+    acts = r.on_committed(recs[1:], P, T)
+    assert not of(rp.Push, acts) and of(rp.Announce, acts)
+    r.on_graft(Q, ORIGIN.public_key)
+    more = chain(ORIGIN, 1, start=3, prev=recs[1].id)
+    r.on_records(P, more, T)
+    assert of(rp.Push, r.on_committed(more, P, T))
+
+
+def test_announce_then_graft_after_delay() -> None:
+    r = replica(graft_delay_ms=500)
+    recs = chain(ORIGIN, 2)
+    r.on_announce(P, {(ORIGIN.public_key, "f"): (2, recs[1].id)}, T)
+    assert not of(rp.Fetch, r.tick(T + 100))
+    acts = r.tick(T + 600)
+    assert of(rp.Fetch, acts) and of(rp.Graft, acts)
+    assert r.next_deadline() is not None
+
+
+def test_publish_waits_for_first_rounds_and_own_feed_safety() -> None:
+    r = replica()
+    with pytest.raises(PublishRefused):
+        r.check_publish("mine")
+    for peer in (P, Q):
+        r.on_frontier(peer, {}, T)
+    mine = chain(ME, 2, feed="mine")
+    acts = r.publish(mine, T)
+    assert of(rp.Store, acts)[0].durable  # type: ignore[attr-defined]
+    # A partner claims seq 5 of our feed: publishing pauses, we fetch it from them.
+    acts = r.on_frontier(P, {(ME.public_key, "mine"): (5, b"\x09" * 32)}, T)
+    assert of(rp.Paused, acts) and of(rp.Fetch, acts)
+    with pytest.raises(PublishRefused):
+        r.check_publish("mine")
+    # It shows nothing: a false claim, counted, and publishing resumes.
+    (fetch,) = of(rp.Fetch, acts)
+    acts = r.on_fetch_done(P, fetch.wants, 0, T)  # type: ignore[attr-defined]
+    assert [a.reason for a in of(rp.Rejected, acts)] == ["false_claim"]  # type: ignore[attr-defined]
+    r.check_publish("mine")
+
+
+def test_equivocation_becomes_a_proof_sent_to_partners() -> None:
+    r = replica()
+    a = chain(ORIGIN, 1)
+    b = [sign_record(ORIGIN, feed="f", seq=1, prev=None, time_ms=T + 1, type="org.example.Test",
+                     data={"n": 99})]
+    r.on_records(P, a, T)
+    r.on_committed(a, P, T)
+    outcomes, acts = r.on_records(Q, b, T)
+    assert outcomes == ["equivocation"]
+    (look,) = of(rp.Lookup, acts)
+    acts = r.on_lookup(look.origin, look.feed, look.seq, a[0], T)  # type: ignore[attr-defined]
+    assert of(rp.StoreProof, acts)
+    assert {s.peer for s in of(rp.SendProof, acts)} == {P, Q}  # type: ignore[attr-defined]
+    # The same proof again from a partner: kept once, not forwarded again.
+    proof = of(rp.StoreProof, acts)[0].proof  # type: ignore[attr-defined]
+    assert r.on_proof(P, ORIGIN.public_key, "f", 1, "fork", proof) == []
+
+
+def test_sync_session_between_two_replicas() -> None:
+    a = rp.Replica(rp.ReplicaConfig(self_key=P))
+    b = rp.Replica(rp.ReplicaConfig(self_key=Q))
+    recs = chain(ORIGIN, 3)
+    a.load({(ORIGIN.public_key, "f"): (3, recs[2].id)})
+    b.load({(ORIGIN.public_key, "f"): (1, recs[0].id)})
+    a.add_partner(Q, T)
+    b.add_partner(P, T)
+    (req,) = of(rp.SendSync, a.tick(T))
+    acts: list[rp.Action] = []
+    t = T
+    while req is not None:
+        ans = of(rp.SendSync, b.on_sync(P, req.payload, t, initiator=False))[0]  # type: ignore[attr-defined]
+        acts += b.tick(t)
+        nxt = of(rp.SendSync, a.on_sync(Q, ans.payload, t, initiator=True))  # type: ignore[attr-defined]
+        req = nxt[0] if nxt else None
+    fetches = of(rp.Fetch, b.tick(T + 5000))
+    assert fetches and fetches[0].wants[0].from_seq == 2  # type: ignore[attr-defined]
+    assert not a.first_round_pending()
