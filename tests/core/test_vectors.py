@@ -66,7 +66,8 @@ DOC = PROTOCOL.read_text(encoding="utf-8")
 def test_generator_reproduces_committed_files_byte_for_byte() -> None:
     gen = _load_generator()
     built = gen.build()
-    assert set(built) == {"records.json", "chain.json", "keys.json", "checkpoints.json"}
+    assert set(built) == {"records.json", "chain.json", "keys.json", "checkpoints.json",
+                          "sync.json"}
     for name, text in built.items():
         committed = (VECTORS / name).read_text(encoding="utf-8")
         assert text == committed, f"{name} is stale: run python tests/vectors/generate.py"
@@ -438,3 +439,46 @@ def test_auditor_recipe_rejects_a_broken_envelope(tmp_path: Path) -> None:
     p = _run_recipe(tmp_path, case["envelope_hex"], case["node_id"])
     assert p.returncode != 0
     assert "envelope length does not match" in p.stdout + p.stderr
+
+
+# --------------------------------------------------------------------------- sync
+
+
+SYNC = _load("sync.json")
+
+
+def _chainset(items: list[dict[str, Any]]) -> Any:
+    from citynode.core import reconcile
+
+    return reconcile.ChainSet({(bytes.fromhex(i["origin"]), i["feed"]):
+                               (i["seq"], bytes.fromhex(i["head"])) for i in items})
+
+
+def test_sync_item_hash_vectors() -> None:
+    from citynode.core import reconcile
+
+    for c in SYNC["item_hashes"]:
+        key = reconcile.key_bytes(bytes.fromhex(c["origin"]), c["feed"])
+        assert f"{reconcile.item_hash(key, c['seq'], bytes.fromhex(c['head'])):032x}" == c["hash"]
+
+
+def test_sync_fingerprint_and_initial_vectors() -> None:
+    from citynode.core import reconcile
+
+    for c in SYNC["fingerprints"]:
+        s = _chainset(c["items"])
+        assert s.fp(0, len(s)).hex() == c["fingerprint"]
+    for c in SYNC["initial"]:
+        msg = reconcile.encode_message(reconcile.initial(_chainset(c["items"])))
+        assert msg.hex() == c["message_hex"], c["name"]
+        reconcile.decode_message(msg)
+
+
+def test_sync_invalid_vectors() -> None:
+    from citynode.core import reconcile
+    from citynode.errors import EncodingError
+
+    for c in SYNC["invalid"]:
+        with pytest.raises(EncodingError) as exc:
+            reconcile.decode_message(bytes.fromhex(c["message_hex"]))
+        assert exc.value.reason == c["reason"], c["name"]

@@ -6,6 +6,7 @@
 * ``records.json``  envelopes to verify: valid ones, and invalid ones with the reason code;
 * ``chain.json``    where records fit a feed chain, and fork proofs (valid and not);
 * ``keys.json``     node ids derived from fixed seeds, and malformed node ids;
+* ``sync.json``     reconciliation item hashes, fingerprints, first messages, refusals;
 * ``checkpoints.json``  Merkle roots, inclusion and consistency proofs (RFC 9162, by
   a naive recursion written here), signed checkpoints (valid and not) and a split view.
 
@@ -1063,6 +1064,68 @@ def checkpoints_file() -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- sync
+
+
+def _item_hash(origin: bytes, feed: str, seq: int, head: bytes) -> int:
+    key = origin + feed.encode()
+    h = hashlib.sha256(b"citynode-sync-item-v1\0" + bytes([len(key)]) + key
+                       + seq.to_bytes(8, "big") + head).digest()
+    return int.from_bytes(h[:16], "big")
+
+
+def _fp(items: list[tuple[bytes, str, int, bytes]]) -> bytes:
+    total = sum(_item_hash(*it) for it in items) % (1 << 128)
+    data = b"citynode-sync-fp-v1\0" + len(items).to_bytes(8, "big") + total.to_bytes(16, "big")
+    return hashlib.sha256(data).digest()[:16]
+
+
+def sync_file() -> dict[str, Any]:
+    """Reconciliation (docs/PROTOCOL.md, "Reconciliation"): item hashes, fingerprints,
+    first messages of a session, and messages a decoder must refuse."""
+    a, b = KEY_A.public_key, KEY_B.public_key
+    items = [(a if i % 2 else b, f"feed-{i:02d}", i + 1, hashlib.sha256(bytes([i])).digest())
+             for i in range(20)]
+    items.sort(key=lambda it: it[0] + it[1].encode())
+
+    def item(it: tuple[bytes, str, int, bytes]) -> dict[str, Any]:
+        return {"origin": it[0].hex(), "feed": it[1], "seq": it[2], "head": it[3].hex()}
+
+    few = items[:2]
+    h = b"\x02" * 32
+    bad = [
+        ("not_an_array", {}),
+        ("range_not_triple", [[None, 1]]),
+        ("empty_bound", [[b"", 0, None]]),
+        ("bounds_not_increasing", [[b"b", 0, None], [b"a", 0, None]]),
+        ("nil_bound_not_last", [[None, 0, None], [b"a", 0, None]]),
+        ("unknown_mode", [[None, 9, None]]),
+        ("short_fingerprint", [[None, 1, b"short"]]),
+        ("entry_seq_zero", [[None, 2, [[a, "f", 0, h]]]]),
+        ("entries_out_of_order", [[None, 2, [[a, "g", 1, h], [a, "f", 1, h]]]]),
+        ("entry_outside_range", [[b"\x01", 2, [[b"\x01" * 32, "f", 1, h]]]]),
+    ]
+    return {
+        "description": "Range reconciliation of chain heads. item_hash: 128-bit integer "
+                       "as 32 hex digits; fingerprint: of the items listed; initial: the "
+                       "first message of a session from a node holding the items; invalid: "
+                       "messages refused with reason bad_reconcile.",
+        "item_hashes": [dict(item(it), hash=f"{_item_hash(*it):032x}") for it in items[:4]],
+        "fingerprints": [
+            {"items": [], "fingerprint": _fp([]).hex()},
+            {"items": [item(it) for it in items], "fingerprint": _fp(items).hex()},
+        ],
+        "initial": [
+            {"name": "many_chains_one_fingerprint", "items": [item(it) for it in items],
+             "message_hex": enc([[None, 1, _fp(items)]]).hex()},
+            {"name": "few_chains_sent_whole", "items": [item(it) for it in few],
+             "message_hex": enc([[None, 2, [list(it) for it in few]]]).hex()},
+        ],
+        "invalid": [{"name": n, "message_hex": enc(v).hex(), "reason": "bad_reconcile"}
+                    for n, v in bad],
+    }
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -1077,6 +1140,7 @@ def build() -> dict[str, str]:
         "chain.json": dumps(chain_file()),
         "keys.json": dumps(keys_file()),
         "checkpoints.json": dumps(checkpoints_file()),
+        "sync.json": dumps(sync_file()),
     }
 
 
