@@ -201,7 +201,7 @@ class SimNode:
             self.ingest(s, recs, via)
             self.run(r.on_fetch_done(s, wants, len(recs), sim.now))
         elif kind in ("sync_req", "sync_resp"):
-            if kind == "sync_req":
+            if kind == "sync_req" and sim.gossip_cards:
                 for node, ps in src.cards().items():  # cards travel with sync rounds
                     self.learn_card(node, ps)
                 for node, ps in self.cards().items():
@@ -252,6 +252,8 @@ class Sim:
         self._verified: dict[bytes, Record | None] = {}
         self._sizes: dict[bytes, int] = {}
         self.blocked: set[frozenset[bytes]] = set()
+        self.gossip_cards = cards == "partners"  # else cards are known from the start
+        self.bytes_by_kind: Counter[str] = Counter()
         self.events: list[tuple[int, int, Callable[[], None]]] = []
         self._n = 0
         self.timeout_ms = 4 * latency[1] + 100
@@ -319,6 +321,7 @@ class Sim:
 
     def send(self, src: SimNode, dst: bytes, kind: str, payload: Any, nbytes: int) -> None:
         src.stats.bytes_sent += nbytes + FRAME
+        self.bytes_by_kind[kind] += nbytes + FRAME
         src.stats.messages["sent:" + kind] += 1
         target = self.by_pk.get(dst)
         lost = (target is None or not target.online or not src.online

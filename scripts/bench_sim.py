@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     forkers = rng.sample(range(n), min(args.forkers, n // 4))
     for i in forkers:
         sim.nodes[i].honest = False
+    kinds_before = dict(sim.bytes_by_kind)
     before = {nd.index: (nd.stats.bytes_sent, nd.stats.received) for nd in sim.nodes}
     for nd in sim.nodes:
         for f in range(args.feeds):
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     need = len(ids) * (len(honest) - 1)
     payload = sum(sim.size(nd.by_id[r]) for r in ids for nd in honest[:1]) * (len(honest) - 1)
     copies = received / need if need else 0.0
+    by_kind = {k: v - kinds_before.get(k, 0) for k, v in sorted(sim.bytes_by_kind.items())}
     sim.check_invariants()
 
     # One round between two honest partners in sync, in the simulator.
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "honest_nodes_with_every_proof": forks_everywhere,
         "honest_nodes": len(honest),
         "fork_rounds": None if fork_rounds is None else round(fork_rounds, 2),
+        "bytes_by_kind": by_kind,
         "setup_s": round(t_setup, 1),
         "wall_s": round(wall, 1),
         "result_hash": sim.result_hash()[:16],

@@ -49,8 +49,8 @@ own feed pauses publishing on it until they are here; a fork proof against our o
 stops it for good; no signing before every partner's first round ended).
 
 Eager links start from a spanning tree of the card graph when ``tree`` is on: every
-node computes the same minimum spanning tree of mutual partnerships (edge weight: a
-hash of the two keys) and pushes eagerly only along its tree edges, so a record reaches
+node computes the same shallow spanning tree of mutual partnerships (breadth first from
+the node of lowest key hash) and pushes eagerly only along its tree edges, so a record reaches
 each node once; links off the tree are lazy (announced when ``announce`` is on, else
 repaired by reconciliation and grafted). A partner whose card is unknown is eager.
 """
@@ -306,6 +306,7 @@ class _Partner:
     graft_pending: dict[FeedKey, tuple[int, int, int]] = field(default_factory=dict)
     outbox: OrderedDict[bytes, tuple[str, bytes, int]] = field(default_factory=OrderedDict)
     next_sync: int = 0
+    sync_due: int | None = None  # when the round now deferred was first due
     session: _Session | None = None
     answering: _Session | None = None
     first_done: bool = False
@@ -339,6 +340,7 @@ class Replica:
         self.cards: dict[bytes, frozenset[bytes]] = {}
         self._tree: set[bytes] | None = None
         self._origins: set[bytes] = set()
+        self._last_push = -(1 << 62)  # when a push last extended a chain here
 
     # ------------------------------------------------------------------ queries
 
@@ -458,34 +460,41 @@ class Replica:
         return min(self.config.backoff_max_ms, 200 << min(p.failures, 16))
 
     def _tree_nbrs(self) -> set[bytes]:
-        """Our neighbours in the minimum spanning tree of mutual partnerships known from
-        cards (our own partner set stands for our card)."""
+        """Our neighbours in the spanning tree of mutual partnerships known from cards
+        (our own partner set stands for our card). Every node computes the same tree
+        from the same cards: per connected part, a breadth-first tree from its node of
+        lowest ``SHA-256(key)``; each other node's parent is its neighbour one level
+        up with the lowest hash. Shallow (about 2 log N hops across), so a record
+        crosses it quickly."""
         if self._tree is None:
             adj = dict(self.cards)
             adj[self.me] = frozenset(self.partners)
-            edges = []
-            for a, ps in adj.items():
-                for b in ps:
-                    if a < b and a in adj.get(b, frozenset()):
-                        edges.append((hashlib.sha256(a + b).digest()[:8], a, b))
-            edges.sort()
-            parent: dict[bytes, bytes] = {}
+            mutual = {a: [b for b in ps if a in adj.get(b, frozenset())]
+                      for a, ps in adj.items()}
+            rank = {a: hashlib.sha256(a).digest()[:8] for a in mutual}
+            dist: dict[bytes, int] = {}
+            for root in sorted(mutual, key=rank.__getitem__):
+                if root in dist:
+                    continue
+                dist[root] = 0
+                level = [root]
+                while level:
+                    nxt = []
+                    for a in level:
+                        for b in mutual[a]:
+                            if b not in dist:
+                                dist[b] = dist[a] + 1
+                                nxt.append(b)
+                    level = nxt
 
-            def find(x: bytes) -> bytes:
-                while parent.get(x, x) != x:
-                    parent[x] = parent.get(parent[x], parent[x])
-                    x = parent[x]
-                return x
+            def parent(v: bytes) -> bytes | None:
+                up = [u for u in mutual.get(v, ()) if dist.get(u) == dist[v] - 1]
+                return min(up, key=rank.__getitem__) if up else None
 
-            mine: set[bytes] = set()
-            for _w, a, b in edges:
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[ra] = rb
-                    if a == self.me:
-                        mine.add(b)
-                    elif b == self.me:
-                        mine.add(a)
+            mine = {v for v in mutual[self.me] if parent(v) == self.me}
+            top = parent(self.me)
+            if top is not None:
+                mine.add(top)
             self._tree = mine
         return self._tree
 
@@ -575,6 +584,7 @@ class Replica:
                 outcomes.append("stored")
                 if via in ("push", "graft"):
                     self.pushed_at[key] = now_ms
+                    self._last_push = now_ms
             elif d.verdict is Verdict.AHEAD:
                 if self.pending.add(rec, head_seq=head.seq if head else 0):
                     gaps.add(key)
@@ -1061,6 +1071,17 @@ class Replica:
             if not p.up:
                 continue
             if p.session is None and p.next_sync <= now_ms:
-                self._start_sync(p, now_ms, out)
+                since = p.next_sync if p.sync_due is None else p.sync_due
+                if (now_ms - self._last_push < self.config.settle_ms
+                        and now_ms - since < self.config.sync_interval_ms
+                        and not p.overflowed and p.first_done):
+                    # Records are arriving by push: a round now would find differences
+                    # that are on their way. Wait for the wave to pass (an interval at
+                    # most: a round still happens at least every second interval).
+                    p.sync_due = since
+                    p.next_sync = max(now_ms + 1, self._last_push + self.config.settle_ms)
+                else:
+                    p.sync_due = None
+                    self._start_sync(p, now_ms, out)
             self._pump(p, now_ms, out)
         return out
