@@ -246,3 +246,38 @@ def test_plumtree_without_cards_prunes_duplicates() -> None:
     assert later < first
     assert later <= 19 * 1.5
     sim.check_invariants()
+
+
+@pytest.mark.slow
+def test_hundred_nodes_with_loss_churn_and_hostile_nodes() -> None:
+    """100 nodes at 10% loss; some offline for a while; a withholding node, a stale one,
+    a flooder held by quota, and a forking origin: every honest node still gets every
+    honest record and the fork proof."""
+    rng = random.Random(31)
+    sim = Sim(100, random_graph(rng, 100, 3, 8), seed=31, loss=0.1,
+              quota_records_per_day=50)
+    withholder, stale, flooder, forker = (sim.nodes[i] for i in (10, 20, 30, 40))
+    withholder.withhold = True
+    stale.stale = stale.replica.chains.copy_without(())
+    for bad in (withholder, stale, flooder, forker):
+        bad.honest = False
+    for i in (50, 60, 70):
+        sim.set_online(i, False)
+    for nd in sim.nodes:
+        if nd.online:
+            nd.publish(FEED, 2)
+    flooder.publish(FEED, 200)
+    sim.run_rounds(2)
+    for i in (50, 60, 70):
+        sim.set_online(i, True)
+        sim.nodes[i].publish(FEED, 2)
+    first = forker.store[(forker.pk, FEED)][0]
+    twin = sign(forker.key, FEED, 1, None, sim.now, {"n": -1})
+    assert twin.id != first.id
+    sim.send(forker, sim.nodes[99].pk, "push", [twin], sim.size(twin))
+    sim.run_until_converged(30)
+    sim.run_rounds(3)
+    for nd in sim.honest():
+        assert (forker.pk, FEED) in nd.proofs
+        assert len(nd.store[(flooder.pk, FEED)]) <= 50
+    sim.check_invariants()
