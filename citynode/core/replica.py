@@ -135,6 +135,7 @@ class ReplicaConfig:
     recent_max: int = 200_000
     max_session_rounds: int = 16
     max_grafts: int = 64
+    max_deferred: int = 100_000  # chains waiting for their settle delay before a pull
     announce: bool = True
     tree: bool = True
 
@@ -554,8 +555,9 @@ class Replica:
     def on_records(self, peer: bytes | None, records: Sequence[Record], now_ms: int,
                    via: str = "push") -> tuple[list[str], list[Action]]:
         """Place records the shell verified. Returns one outcome per record
-        (``stored``, ``duplicate``, ``pending``, ``equivocation``: checked by a Lookup,
-        or ``rejected:<reason>``) and the actions."""
+        (``stored``, ``duplicate``, ``pending``, ``ignored``: ahead of its chain but not
+        held, ``equivocation``: checked by a Lookup, or ``rejected:<reason>``) and the
+        actions."""
         out: list[Action] = []
         outcomes: list[str] = []
         to_store: list[Record] = []
@@ -588,7 +590,9 @@ class Replica:
             elif d.verdict is Verdict.AHEAD:
                 if self.pending.add(rec, head_seq=head.seq if head else 0):
                     gaps.add(key)
-                outcomes.append("pending")
+                    outcomes.append("pending")
+                else:
+                    outcomes.append("ignored")  # too far ahead, or no room: pull brings it
             else:
                 self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
                                  ("fork", rec, peer), out)
@@ -810,6 +814,8 @@ class Replica:
                 if not self.config.trusted(key[0]) or self.quota.exhausted(key[0], now_ms):
                     continue
                 old = self.deferred.get(key)
+                if old is None and len(self.deferred) >= self.config.max_deferred:
+                    continue  # bounded: a partner claiming endless chains; a later round
                 if old is None or old[1] < seq:
                     self.deferred[key] = (p.key, seq, now_ms + self.config.settle_ms)
             elif key in self.forked:

@@ -160,3 +160,12 @@ def test_sync_session_between_two_replicas() -> None:
     fetches = of(rp.Fetch, b.tick(T + 5000))
     assert fetches and fetches[0].wants[0].from_seq == 2  # type: ignore[attr-defined]
     assert not a.first_round_pending()
+
+
+def test_a_partner_claiming_endless_chains_costs_bounded_state() -> None:
+    r = replica(max_deferred=10)
+    claims = {(bytes([i]) * 32, "f"): (5, b"\x01" * 32) for i in range(5, 100)}
+    r.on_frontier(P, claims, T)
+    assert len(r.deferred) == 10
+    fetches = of(rp.Fetch, r.tick(T + 5000))
+    assert 0 < len(fetches) <= 10
