@@ -254,10 +254,11 @@ class Sim:
         self.blocked: set[frozenset[bytes]] = set()
         self.gossip_cards = cards == "partners"  # else cards are known from the start
         self.bytes_by_kind: Counter[str] = Counter()
+        self.sync_bytes: Counter[frozenset[int]] = Counter()  # per link, both ways
         self.events: list[tuple[int, int, Callable[[], None]]] = []
         self._n = 0
         self.timeout_ms = 4 * latency[1] + 100
-        cfg = {"sync_interval_ms": 1000, "settle_ms": 200, "flowing_ms": 500,
+        cfg = {"sync_interval_ms": 1000, "settle_ms": 1000, "flowing_ms": 1000,
                "graft_delay_ms": 200, "graft_patience_ms": 800, "fetch_timeout_ms": 1000,
                "announce": False, **config}
         self.interval: int = cfg["sync_interval_ms"]
@@ -322,6 +323,8 @@ class Sim:
     def send(self, src: SimNode, dst: bytes, kind: str, payload: Any, nbytes: int) -> None:
         src.stats.bytes_sent += nbytes + FRAME
         self.bytes_by_kind[kind] += nbytes + FRAME
+        if kind.startswith("sync"):
+            self.sync_bytes[frozenset((src.index, self.by_pk[dst].index))] += nbytes + FRAME
         src.stats.messages["sent:" + kind] += 1
         target = self.by_pk.get(dst)
         lost = (target is None or not target.online or not src.online

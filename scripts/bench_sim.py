@@ -60,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forkers", type=int, default=5, help="hostile cities that fork")
     ap.add_argument("--loss", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--announce", action="store_true",
+                    help="announce heads on lazy links (as the node does today)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     n = args.nodes
     rng = random.Random(args.seed)
     edges = random_graph(rng, n, 3, 8)
-    sim = Sim(n, edges, seed=args.seed, loss=args.loss)
+    sim = Sim(n, edges, seed=args.seed, loss=args.loss, announce=args.announce)
     t_setup = time.perf_counter() - t0
     forkers = rng.sample(range(n), min(args.forkers, n // 4))
     for i in forkers:
@@ -90,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     a = honest[0]
     b_pk = sorted(a.partners)[0]
     b = sim.by_pk[b_pk]
-    sim.quiet(5)
-    sync_before = a.stats.bytes_sent + b.stats.bytes_sent
+    sim.run_rounds(3)  # past any push wave: rounds are no longer deferred
+    link = frozenset((a.index, b.index))
+    sync_before = sim.sync_bytes[link]
     a.run(a.replica.sync_now(b_pk, sim.now))
-    sim.quiet(5)
-    pair_bytes = a.stats.bytes_sent + b.stats.bytes_sent - sync_before
+    sim.step_to(sim.now + 4 * sim.latency[1] + 2 * sim.tick_ms)
+    pair_bytes = sim.sync_bytes[link] - sync_before
     chains_held = len(a.replica.heads)
     sync_bytes, sync_msgs = in_sync_round_bytes(1000, 5, args.seed)
 

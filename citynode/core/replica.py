@@ -299,6 +299,7 @@ class _Partner:
     queue: deque[Record] = field(default_factory=deque)
     overflowed: bool = False
     in_flight: tuple[Record, ...] | None = None
+    resent: set[bytes] = field(default_factory=set)  # ids pushed again after a failure
     retry_at: int = 0
     failures: int = 0
     lazy: set[bytes] = field(default_factory=set)
@@ -458,7 +459,7 @@ class Replica:
         return self.quota.allow(rec.origin, len(rec.body), now_ms)
 
     def _backoff(self, p: _Partner) -> int:
-        return min(self.config.backoff_max_ms, 200 << min(p.failures, 16))
+        return min(self.config.backoff_max_ms, 100 << min(p.failures, 16))
 
     def _tree_nbrs(self) -> set[bytes]:
         """Our neighbours in the spanning tree of mutual partnerships known from cards
@@ -509,6 +510,10 @@ class Replica:
         return True  # Plumtree: eager until pruned
 
     def _requeue(self, p: _Partner, recs: Sequence[Record]) -> None:
+        # A push whose answer was lost may have landed: a duplicate answer to the resend
+        # says nothing about another path, so it must not prune (bounded set).
+        if len(p.resent) < self.config.push_queue_max:
+            p.resent.update(r.id for r in recs)
         for r in reversed(recs):
             if len(p.queue) < self.config.push_queue_max:
                 p.queue.appendleft(r)
@@ -666,9 +671,11 @@ class Replica:
         for r in batch:
             p.view.update((r.origin, r.feed), r.seq)
         for i in dup:
-            if 0 <= i < len(batch):
+            if 0 <= i < len(batch) and batch[i].id not in p.resent:
                 p.lazy.add(batch[i].origin)
                 p.grafted.discard(batch[i].origin)
+        if p.resent:
+            p.resent.difference_update(r.id for r in batch)
         self._pump(p, now_ms, out)
         return out
 
@@ -1079,7 +1086,7 @@ class Replica:
             if p.session is None and p.next_sync <= now_ms:
                 since = p.next_sync if p.sync_due is None else p.sync_due
                 if (now_ms - self._last_push < self.config.settle_ms
-                        and now_ms - since < self.config.sync_interval_ms
+                        and now_ms - since < 2 * self.config.sync_interval_ms
                         and not p.overflowed and p.first_done):
                     # Records are arriving by push: a round now would find differences
                     # that are on their way. Wait for the wave to pass (an interval at
