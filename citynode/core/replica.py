@@ -8,30 +8,31 @@ a parameter (``now_ms``); nothing sleeps: deadlines are recorded and acted on by
 
 Inputs (methods; each returns a list of actions, ``on_records`` also the outcomes):
 
-=============================================  ==========================================
-``load(heads, forks)``                         state from storage at start
-``add_partner(p, first_sync)`` / ``remove_partner``  partner set changes
-``partner_up(p, now)`` / ``partner_down(p)``   reachability
-``on_card(node, partners, now)``               a verified node card learned
-``known(rid)``                                 (query) id stored or being stored: skip it
-``on_records(p|None, records, now, via)``      records VERIFIED by the shell (push,
-                                               fetch answer, graft, local import)
-``on_committed(records, source, now)``         the shell committed a Store
-``on_push_result(p, dup, now)``                partner answered the Push in flight
-``on_push_failed(p, now)``                     the Push in flight failed
-``on_announce(p, heads, now)``                 partner's lazy push (heads only)
-``on_graft(p, origin)``                        partner asks us to push ``origin`` eagerly
-``on_sync(p, data, now, initiator)``           a reconciliation message from p
-``on_sync_failed(p, now)``                     our session's request failed
-``on_frontier(p, frontier, now)``              legacy full frontier from p
-``on_fetch_done(p, wants, got, now)``          a Fetch ended; ``got`` records received
-``on_lookup(origin, feed, seq, held, now)``    answer to a Lookup (record held or None)
-``on_proof(p, origin, feed, seq, kind, proof)`` a proof the shell verified
-``on_checkpoint(p, origin, feed, env)``        a NEW checkpoint the shell verified, stored
-``on_deliver_failed(p, kind, payload, refusals)`` a SendProof/SendCheckpoint did not land
-``check_publish(feed)`` / ``next_link(feed)`` / ``publish(records, now)``   own feeds
-``tick(now)``                                  timers due
-=============================================  ==========================================
+* ``load(heads, forks)``: state from storage at start.
+* ``add_partner(p, first_sync)``, ``remove_partner(p)``: the partner set changes.
+* ``partner_up(p, now)``, ``partner_down(p)``: reachability.
+* ``on_card(node, partners, now)``: a verified, newer node card.
+* ``on_records(p | None, records, now, via)``: records the shell VERIFIED (a push, the
+  answer to a Fetch, a graft, a local import); returns outcomes and actions.
+* ``on_committed(records, source, now)``: the shell committed a Store.
+* ``on_push_result(p, dup, now)`` / ``on_push_failed(p, now)``: the Push in flight.
+* ``on_announce(p, heads, now)``: a partner's lazy push (heads only).
+* ``on_graft(p, origin)``: a partner asks us to push ``origin`` eagerly again.
+* ``on_sync(p, data, now, initiator=...)``: a reconciliation message (its request, or
+  the answer to ours); ``on_sync_failed(p, now)``: our request failed.
+* ``on_frontier(p, frontier, now)``: a legacy full frontier (request or answer).
+* ``on_fetch_done(p, wants, got, now)``: a Fetch ended, ``got`` records received.
+* ``on_lookup(origin, feed, seq, held, now)``: the record held there, or None.
+* ``on_proof(p, origin, feed, seq, kind, proof)``: a proof the shell verified.
+* ``on_checkpoint(p, origin, feed, envelope)``: a checkpoint new here (verified, stored).
+* ``on_deliver_failed(p, kind, payload, refusals)``: a SendProof/SendCheckpoint failed.
+* ``check_publish(feed)``, ``next_link(feed)``, ``publish(records, now)``: own feeds.
+* ``tick(now)``: what is due; ``sync_now(p, now)``: a round with p soon.
+* ``access_changed()``: the access policy changed.
+
+Queries: ``known(rid)`` (stored or being stored: skip verifying it), ``head(key)``,
+``frontier_for(p)``, ``lacks_from(frontier)``, ``first_round_pending()``,
+``next_deadline()``.
 
 Actions (frozen dataclasses): :class:`Store`, :class:`Push`, :class:`Announce`,
 :class:`Fetch`, :class:`Graft`, :class:`SendSync`, :class:`Lookup`,
@@ -53,6 +54,12 @@ node computes the same shallow spanning tree of mutual partnerships (breadth fir
 the node of lowest key hash) and pushes eagerly only along its tree edges, so a record reaches
 each node once; links off the tree are lazy (announced when ``announce`` is on, else
 repaired by reconciliation and grafted). A partner whose card is unknown is eager.
+
+Sync rounds (range reconciliation, :mod:`citynode.core.reconcile`) run every
+``sync_interval_ms`` per partner, but yield to a push wave: while pushes are extending
+chains here, a due round waits (two intervals at most), since it would only find
+differences already on their way. What a round finds missing is pulled after
+``settle_ms``, unless pushes are still extending that chain.
 """
 
 from __future__ import annotations
