@@ -558,9 +558,10 @@ class Replica:
         f = self.fetching.get(key)
         if f is not None and f[2] > now_ms and f[1] >= hi:
             return
-        hi = min(hi, lo + self.config.batch - 1)
+        # One answer holds at most ``batch`` records; on_fetch_done asks for the rest.
         self.fetching[key] = (peer, hi, now_ms + self.config.fetch_timeout_ms)
-        out.append(Fetch(peer, (Want(key[0], key[1], lo, hi),), via))
+        out.append(Fetch(peer, (Want(key[0], key[1], lo, min(hi, lo + self.config.batch - 1)),),
+                         via))
 
     # ------------------------------------------------------------------ records in
 
@@ -862,20 +863,21 @@ class Replica:
         out: list[Action] = []
         for w in wants:
             f = self.fetching.get(w.key)
+            target = w.to_seq
             if f is not None and f[0] == peer:
                 del self.fetching[w.key]
+                target = max(target, f[1])
             h = self.heads.get(w.key)
             have = h.seq if h else 0
+            p = self.partners.get(peer)
+            if p is not None and got > 0:
+                if w.from_seq <= have < target:
+                    self._want(peer, w.key, have + 1, target, "sync", now_ms, out)
+                elif have >= w.from_seq and w.origin not in p.grafted and w.origin != self.me:
+                    # The eager path did not bring these: this partner will push them.
+                    out.append(Graft(peer, w.origin))
             if w.origin == self.me and w.feed in self._own_claims:
                 self._check_claim(w.feed, out)
-            p = self.partners.get(peer)
-            if p is None or got == 0:
-                continue
-            if w.from_seq <= have < w.to_seq:
-                self._want(peer, w.key, have + 1, w.to_seq, "sync", now_ms, out)
-            elif have >= w.from_seq and w.origin not in p.grafted and w.origin != self.me:
-                # The eager path did not bring these: this partner will push them.
-                out.append(Graft(peer, w.origin))
         return out
 
     # ------------------------------------------------------------------ own feeds

@@ -7,6 +7,7 @@ import pytest
 from citynode.core import replica as rp
 from citynode.core.keys import SigningKey
 from citynode.core.records import Record, sign_record
+from citynode.core.sync import Want
 from citynode.errors import PublishRefused
 
 ME = SigningKey(b"\x01" * 32)
@@ -169,3 +170,30 @@ def test_a_partner_claiming_endless_chains_costs_bounded_state() -> None:
     assert len(r.deferred) == 10
     fetches = of(rp.Fetch, r.tick(T + 5000))
     assert 0 < len(fetches) <= 10
+
+
+def test_a_long_range_is_fetched_in_answers_of_at_most_batch() -> None:
+    r = replica(batch=2)
+    recs = chain(ORIGIN, 5)
+    r.on_frontier(P, {(ORIGIN.public_key, "f"): (5, recs[4].id)}, T)
+    (fetch,) = of(rp.Fetch, r.tick(T + 5000))
+    assert (fetch.wants[0].from_seq, fetch.wants[0].to_seq) == (1, 2)  # type: ignore[attr-defined]
+    r.on_records(P, recs[:2], T + 5000, "sync")
+    (again,) = of(rp.Fetch, r.on_fetch_done(P, fetch.wants, 2, T + 5000))  # type: ignore[attr-defined]
+    assert (again.wants[0].from_seq, again.wants[0].to_seq) == (3, 4)  # type: ignore[attr-defined]
+
+
+def test_own_feed_claim_longer_than_one_answer_is_not_called_false() -> None:
+    r = replica(batch=2)
+    for peer in (P, Q):
+        r.on_frontier(peer, {}, T)
+    mine = chain(ME, 4, feed="mine")
+    r.on_frontier(P, {(ME.public_key, "mine"): (4, mine[3].id)}, T)
+    for step in range(2):
+        part = mine[2 * step:2 * step + 2]
+        _, acts = r.on_records(P, part, T, "own")
+        r.on_committed(part, P, T)
+        acts = r.on_fetch_done(P, [Want(ME.public_key, "mine", 2 * step + 1, 2 * step + 2)],
+                               2, T)
+        assert not of(rp.Rejected, acts)
+    r.check_publish("mine")  # caught up: publishing resumes
