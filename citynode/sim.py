@@ -370,7 +370,7 @@ class Sim:
     def set_online(self, i: int, online: bool) -> None:
         nd = self.nodes[i]
         nd.online = online
-        for p in nd.partners:
+        for p in sorted(nd.partners):
             other = self.by_pk[p]
             if online:
                 nd.run(nd.replica.partner_up(p, self.now))

@@ -281,3 +281,35 @@ def test_hundred_nodes_with_loss_churn_and_hostile_nodes() -> None:
         assert (forker.pk, FEED) in nd.proofs
         assert len(nd.store[(flooder.pk, FEED)]) <= 50
     sim.check_invariants()
+
+
+_SCENARIO = """
+import random
+from citynode.sim import Sim, random_graph
+rng = random.Random(5)
+sim = Sim(25, random_graph(rng, 25, 3, 6), seed=5, loss=0.15)
+sim.set_online(3, False)
+for nd in sim.nodes:
+    if nd.online:
+        nd.publish("test", 2)
+sim.run_rounds(2)
+sim.set_online(3, True)
+sim.run_until_converged(30)
+print(sim.result_hash())
+"""
+
+
+def test_same_seed_same_hash_in_other_processes() -> None:
+    """Nothing depends on set order or str hashing: another process, another
+    PYTHONHASHSEED, the same run."""
+    import os
+    import subprocess
+    import sys
+
+    hashes = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", _SCENARIO], capture_output=True,
+                             text=True, env=env, timeout=120, check=True)
+        hashes.add(out.stdout.strip())
+    assert len(hashes) == 1 and len(next(iter(hashes))) == 64
