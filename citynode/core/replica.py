@@ -21,7 +21,7 @@ Inputs (methods; each returns a list of actions, ``on_records`` also the outcome
 * ``on_sync(p, data, now, initiator=...)``: a reconciliation message (its request, or
   the answer to ours); ``on_sync_failed(p, now)``: our request failed.
 * ``on_frontier(p, frontier, now)``: a legacy full frontier (request or answer).
-* ``on_fetch_done(p, wants, got, now)``: a Fetch ended, ``got`` records received.
+* ``on_fetch_done(p, wants, got, now, failed=...)``: a Fetch ended (``got`` records).
 * ``on_lookup(origin, feed, seq, held, now)``: the record held there, or None.
 * ``on_proof(p, origin, feed, seq, kind, proof)``: a proof the shell verified.
 * ``on_checkpoint(p, origin, feed, envelope)``: a checkpoint new here (verified, stored).
@@ -856,10 +856,12 @@ class Replica:
         for w in self.pending.missing()[:64]:
             self._want(p.key, w.key, w.from_seq, w.to_seq, "gap", now_ms, out)
 
-    def on_fetch_done(self, peer: bytes, wants: Sequence[Want], got: int, now_ms: int
-                      ) -> list[Action]:
+    def on_fetch_done(self, peer: bytes, wants: Sequence[Want], got: int, now_ms: int,
+                      *, failed: bool = False) -> list[Action]:
         """A Fetch ended with ``got`` records received. A full answer that did not reach
-        the end of a want is asked again from where it stopped."""
+        the end of a want is asked again from where it stopped. ``failed``: the request
+        itself failed (no answer): asked again after the settle delay, not a round later
+        (an empty answer is not retried: the partner does not hold them, or withholds)."""
         out: list[Action] = []
         for w in wants:
             f = self.fetching.get(w.key)
@@ -870,6 +872,8 @@ class Replica:
             h = self.heads.get(w.key)
             have = h.seq if h else 0
             p = self.partners.get(peer)
+            if p is not None and failed and have < target and w.key not in self.deferred:
+                self.deferred[w.key] = (peer, target, now_ms + self.config.settle_ms)
             if p is not None and got > 0:
                 if w.from_seq <= have < target:
                     self._want(peer, w.key, have + 1, target, "sync", now_ms, out)

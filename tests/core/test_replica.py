@@ -197,3 +197,15 @@ def test_own_feed_claim_longer_than_one_answer_is_not_called_false() -> None:
                                2, T)
         assert not of(rp.Rejected, acts)
     r.check_publish("mine")  # caught up: publishing resumes
+
+
+def test_a_failed_fetch_is_asked_again_after_the_settle_delay_an_empty_one_is_not() -> None:
+    r = replica(settle_ms=100)
+    recs = chain(ORIGIN, 2)
+    r.on_frontier(P, {(ORIGIN.public_key, "f"): (2, recs[1].id)}, T)
+    (fetch,) = of(rp.Fetch, r.tick(T + 100))
+    r.on_fetch_done(P, fetch.wants, 0, T + 200, failed=True)  # type: ignore[attr-defined]
+    (again,) = of(rp.Fetch, r.tick(T + 300))  # no answer at all: asked again soon
+    assert again.wants == fetch.wants  # type: ignore[attr-defined]
+    r.on_fetch_done(P, again.wants, 0, T + 400)  # type: ignore[attr-defined]
+    assert not r.deferred and not of(rp.Fetch, r.tick(T + 600))  # answered empty: not
