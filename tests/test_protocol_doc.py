@@ -317,7 +317,8 @@ def scan_http_errors() -> set[str]:
     tree = ast.parse((SOURCE / "transport" / "web.py").read_text(encoding="utf-8"))
     out: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _call_name(node) == "error_response" and len(node.args) > 1:
+        if (isinstance(node, ast.Call) and _call_name(node) == "error_response"
+                and len(node.args) > 1):
             out |= _str_constants(node.args[1])
     return out
 
