@@ -289,6 +289,16 @@ def test_migration_to_v2_builds_the_trees_of_the_feeds_held(
         assert s.tree(B, "other", 3).root() == cps.root_of(_ids(chain(1, "other", 3)))
 
 
+def test_tree_reads_are_index_searches(st: Storage) -> None:
+    st.append(chain(0, "f", 5)).result(5)
+    c = raw(st.path)
+    for sql, params in ((storage_mod._SELECT_IDS, (A, "f", 1, 4)),
+                        (storage_mod._SELECT_SUBTREES, (A, "f", 8, 0, 3))):
+        plan = " ".join(r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert plan.startswith("SEARCH") and "SCAN" not in plan and "TEMP" not in plan, plan
+    c.close()
+
+
 def test_a_tree_larger_than_the_feed_is_refused(st: Storage) -> None:
     st.append(chain(0, "f", 5)).result(5)
     tree = st.tree(A, "f", 9)
