@@ -42,6 +42,12 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from citynode.core.checkpoints import (
+    TILE_HEIGHT,
+    StoredTree,
+    stored_subtree_hash,
+    subtrees_completed,
+)
 from citynode.core.filters import ALL_RECORDS, RecordFilter
 from citynode.core.keys import node_id
 from citynode.core.records import SEALED_TYPE, Record
@@ -315,9 +321,33 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
     forks.create_index(["origin", "feed"], index_name="fork_proofs_feed")
 
 
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """Schema v2: the Merkle trees of the feeds live on disk (``merkle``), not in memory.
+
+    One row per complete subtree whose height is a positive multiple of
+    :data:`~citynode.core.checkpoints.TILE_HEIGHT` (about one per 255 records); the
+    leaves are the record ids already in ``records``. Filled here for the feeds already
+    held, then kept by every append in the same transaction.
+    """
+    db.execute(
+        """CREATE TABLE merkle (
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            height INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            hash BLOB NOT NULL,
+            PRIMARY KEY (origin, feed, height, idx)
+        ) WITHOUT ROWID"""
+    )
+    conn = db.conn
+    for origin, feed, seq in conn.execute("SELECT origin, feed, seq FROM heads").fetchall():
+        _grow_tree(conn, origin, feed, 0, seq, {})
+
+
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1}
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_v1, 2: _migrate_v2}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -374,6 +404,40 @@ _UPSERT_HEAD = (
     " ON CONFLICT (origin, feed) DO UPDATE SET seq = excluded.seq, id = excluded.id"
 )
 _SELECT_HEAD = "SELECT seq, id FROM heads WHERE origin = ? AND feed = ?"
+_SELECT_IDS = (
+    "SELECT id FROM records WHERE origin = ? AND feed = ? AND seq BETWEEN ? AND ? ORDER BY seq"
+)
+_SELECT_SUBTREES = (
+    "SELECT hash FROM merkle WHERE origin = ? AND feed = ? AND height = ?"
+    " AND idx BETWEEN ? AND ? ORDER BY idx"
+)
+_INSERT_SUBTREE = "INSERT INTO merkle (origin, feed, height, idx, hash) VALUES (?, ?, ?, ?, ?)"
+
+
+def _grow_tree(conn: sqlite3.Connection, origin: bytes, feed: str, old: int, new: int,
+               fresh: dict[int, bytes]) -> None:
+    """Store the subtree hashes of a feed's tree that complete as it grows from ``old``
+    to ``new`` records (inside the caller's transaction, after the records are in).
+    ``fresh`` maps seq -> id of records of this feed the caller has in hand (saves
+    reading them back)."""
+    made: dict[tuple[int, int], bytes] = {}
+    for height, j in subtrees_completed(old, new, TILE_HEIGHT):
+        lo, n = j << height, 1 << TILE_HEIGHT
+        if height == TILE_HEIGHT:
+            children = [fresh.get(s) for s in range(lo + 1, lo + n + 1)]
+            if None in children:
+                children = [r[0] for r in conn.execute(
+                    _SELECT_IDS, (origin, feed, lo + 1, lo + n)).fetchall()]
+        else:
+            below = height - TILE_HEIGHT
+            first = j << TILE_HEIGHT
+            children = [made.get((below, k)) for k in range(first, first + n)]
+            if None in children:
+                children = [r[0] for r in conn.execute(
+                    _SELECT_SUBTREES, (origin, feed, below, first, first + n - 1)).fetchall()]
+        h = stored_subtree_hash(height, children, TILE_HEIGHT)  # type: ignore[arg-type]
+        made[(height, j)] = h
+        conn.execute(_INSERT_SUBTREE, (origin, feed, height, j, h))
 
 
 def _append_job(
@@ -409,6 +473,18 @@ def _append_job(
             _UPSERT_HEAD,
             [(o, f, h[0], h[1]) for (o, f), h in heads.items() if h is not None],
         )
+        # The feeds' Merkle trees grow in the same transaction: a tree on disk always
+        # covers exactly the records held.
+        for (o, f), h in heads.items():
+            if h is None:
+                continue
+            if len(heads) == 1:
+                fresh = {r.seq: r.id for r in records}
+            else:
+                fresh = {r.seq: r.id for r in records if r.origin == o and r.feed == f}
+            first = min(fresh)
+            if (h[0] >> TILE_HEIGHT) > ((first - 1) >> TILE_HEIGHT):
+                _grow_tree(conn, o, f, first - 1, h[0], fresh)
 
     return run
 
@@ -1044,6 +1120,15 @@ class Storage:
         )
         return [RejectedRow(*r) for r in rows]
 
+    def tree(self, origin: bytes, feed: str, size: int) -> StoredTree:
+        """The Merkle tree of the first ``size`` records of a feed, read from disk on
+        demand (O(log size) small indexed reads per root or proof; nothing cached).
+
+        The caller checks that the feed holds ``size`` records (its head): asking for
+        more makes the tree's methods raise :class:`ValueError`. Its reads raise
+        :class:`StorageError`; run them off the event loop where latency matters."""
+        return StoredTree(_TreeReads(self, origin, feed), size, TILE_HEIGHT)
+
     def checkpoints(self, origin: bytes, feed: str) -> list[tuple[int, bytes, bytes]]:
         """``(size, root, envelope)`` of every checkpoint held of a feed, by size."""
         rows = self._all(
@@ -1104,6 +1189,13 @@ class Storage:
         """The number of records held."""
         return int(self._one("SELECT count(*) FROM records")[0])
 
+    def space(self) -> tuple[int, int]:
+        """``(records held, bytes of their envelopes)``: with :meth:`db_size_bytes`, what
+        the database costs per record beyond the signed bytes themselves. Scans the
+        table."""
+        row = self._one("SELECT count(*), coalesce(sum(length(envelope)), 0) FROM records")
+        return int(row[0]), int(row[1])
+
     def db_size_bytes(self) -> int:
         """Bytes the database takes on disk (main file and write-ahead log)."""
         total = 0
@@ -1120,6 +1212,24 @@ class Storage:
 _SELECT_PARTNER = (
     "SELECT node_id, public_key, url, name, tls_fingerprint, card, added_at FROM partners"
 )
+
+
+class _TreeReads:
+    """A feed's leaves and stored subtree hashes, as a :class:`StoredTree` reads them."""
+
+    __slots__ = ("_feed", "_origin", "_storage")
+
+    def __init__(self, storage: Storage, origin: bytes, feed: str) -> None:
+        self._storage, self._origin, self._feed = storage, origin, feed
+
+    def leaf_ids(self, start: int, end: int) -> list[bytes]:
+        rows = self._storage._all(_SELECT_IDS, (self._origin, self._feed, start + 1, end))
+        return [r[0] for r in rows]
+
+    def subtree_hashes(self, height: int, start: int, end: int) -> list[bytes]:
+        rows = self._storage._all(
+            _SELECT_SUBTREES, (self._origin, self._feed, height, start, end - 1))
+        return [r[0] for r in rows]
 
 
 def _check_file(conn: sqlite3.Connection, path: Path) -> int:

@@ -44,6 +44,10 @@ CASES = {
     "bench_mesh.py": (["--nodes", "3", "--records", "200", "--batch", "50",
                        "--latency-samples", "5"],
                       {"p50_ms", "p99_ms", "records_per_s", "copies_per_record"}),
+    "bench_storage.py": (["--records", "3000", "--batch", "500", "--window", "1000"],
+                         {"records", "envelope_bytes_per_record", "rss_mb", "rss_peak_mb",
+                          "rate_start_per_s", "rate_per_s", "rate_ratio",
+                          "disk_bytes_per_record", "disk_ratio", "pass"}),
 }
 
 
@@ -60,6 +64,11 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
     figures = json.loads(last)
     assert figures["bench"] == script.removeprefix("bench_").removesuffix(".py")
     assert keys <= figures.keys(), f"missing {keys - figures.keys()} in {last}"
+    if script == "bench_storage.py":
+        # Every record published is held, and measured at the end.
+        assert figures["records"] == 3000
+        assert figures["envelope_bytes_per_record"] > 100
+        assert set(figures["rss_mb"]) == {"3000"}
     if script == "bench_stream.py":
         assert figures["format"] == ("envelope" if "envelope" in args else "json")
         # The stream benchmark checks delivery too: every event exactly once, in order.

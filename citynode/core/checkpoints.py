@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from citynode.core import encoding
 from citynode.core.keys import DOMAIN_CHECKPOINT, SigningKey, Verifier
@@ -53,11 +53,14 @@ __all__ = [
     "HASH_SIZE",
     "MAX_PROOF_HASHES",
     "MAX_TREE_SIZE",
+    "TILE_HEIGHT",
     "Checkpoint",
     "ConsistencyProof",
     "InclusionProof",
     "MerkleLog",
     "SplitViewProof",
+    "StoredTree",
+    "SubtreeSource",
     "decode_consistency",
     "decode_inclusion",
     "encode_consistency",
@@ -68,6 +71,8 @@ __all__ = [
     "parse_checkpoint_body",
     "root_of",
     "sign_checkpoint",
+    "stored_subtree_hash",
+    "subtrees_completed",
     "verify_consistency",
     "verify_inclusion",
     "verify_split_view",
@@ -77,6 +82,9 @@ HASH_SIZE = 32
 MAX_TREE_SIZE = 2**62  # exclusive bound on every tree size and leaf index
 MAX_PROOF_HASHES = 64  # a tree below 2**62 leaves never needs more than 62
 CHECKPOINT_VERSION = 1
+#: A tree kept on disk stores the hashes of its complete subtrees whose height is a
+#: positive multiple of this (as the tiles of C2SP tlog-tiles, 256 hashes wide).
+TILE_HEIGHT = 8
 
 _sha256 = hashlib.sha256
 EMPTY_ROOT: bytes = _sha256(b"").digest()
@@ -107,80 +115,22 @@ def _check_leaf_id(record_id: object) -> bytes:
 # Building trees and proofs
 
 
-class MerkleLog:
-    """An append-only Merkle tree of record ids, able to answer for any past size.
+class _Tree:
+    """The RFC 9162 recursion (MTH, PATH, PROOF) over a tree that can give the hash of
+    any complete, aligned subtree (:meth:`_perfect`): subclasses say where those come
+    from (memory, or a store on disk)."""
 
-    Every complete (perfect, aligned) subtree hash is kept: ``level h`` holds the hashes
-    of the subtrees covering leaves ``[j * 2**h, (j + 1) * 2**h)``, packed 32 bytes each
-    in one bytearray per level (about 64 bytes of memory per leaf in total).
-
-    Complexity: ``append`` is amortised O(1) hashes (two per leaf overall);
-    ``root(size)``, ``inclusion_proof`` and ``consistency_proof`` are O(log n) hashes
-    at any past size, because every subtree of the RFC recursion is either a stored
-    perfect subtree or folds from at most ``log2(n)`` of them.
-
-    Arguments outside the tree (an index not below the size, a size above
-    :attr:`size`, a leaf that is not 32 bytes) raise :class:`ValueError`: they are the
-    caller's mistake, so check untrusted numbers against :attr:`size` first.
-    """
-
-    __slots__ = ("_levels",)
-
-    def __init__(self, leaf_ids: Iterable[bytes] = ()) -> None:
-        self._levels: list[bytearray] = [bytearray()]
-        self.extend(leaf_ids)
+    __slots__ = ()
 
     @property
     def size(self) -> int:
-        """The number of leaves appended so far."""
-        return len(self._levels[0]) >> 5
+        """The number of leaves."""
+        raise NotImplementedError
 
-    def append(self, record_id: bytes) -> int:
-        """Append one record id; return its leaf index. Raises :class:`ValueError`."""
-        _check_leaf_id(record_id)
-        levels = self._levels
-        lvl = levels[0]
-        lvl += _sha256(b"\x00" + record_id).digest()
-        count = len(lvl) >> 5
-        index = count - 1
-        h = 0
-        # An even count at a level means its last two hashes just became a complete
-        # pair: hash them into the level above (they sit side by side in the buffer).
-        while not count & 1:
-            parent = _sha256(b"\x01" + lvl[-64:]).digest()
-            h += 1
-            if h == len(levels):
-                levels.append(bytearray())
-            lvl = levels[h]
-            lvl += parent
-            count = len(lvl) >> 5
-        return index
-
-    def extend(self, leaf_ids: Iterable[bytes]) -> None:
-        """Append many record ids in order (faster than repeated :meth:`append`).
-
-        Raises :class:`ValueError` before appending anything if one is not 32 bytes.
-        """
-        ids = list(leaf_ids)
-        for rid in ids:
-            _check_leaf_id(rid)
-        if not ids:
-            return
-        levels = self._levels
-        levels[0] += b"".join([_sha256(b"\x00" + rid).digest() for rid in ids])
-        h = 0
-        while len(levels[h]) >= 64:
-            lower = levels[h]
-            if h + 1 == len(levels):
-                levels.append(bytearray())
-            upper = levels[h + 1]
-            done, want = len(upper) >> 5, len(lower) >> 6
-            if want > done:
-                upper += b"".join(
-                    [_sha256(b"\x01" + lower[64 * j : 64 * j + 64]).digest()
-                     for j in range(done, want)]
-                )
-            h += 1
+    def _perfect(self, start: int, height: int) -> bytes:
+        """Hash of the perfect subtree of ``2**height`` leaves from ``start`` (a multiple
+        of ``2**height``), within :attr:`size`."""
+        raise NotImplementedError
 
     def _size_arg(self, size: int | None) -> int:
         if size is None:
@@ -189,16 +139,11 @@ class MerkleLog:
             raise ValueError(f"tree size {size!r} is not between 0 and {self.size}")
         return size
 
-    def _perfect(self, start: int, height: int) -> bytes:
-        """Hash of the stored perfect subtree of ``2**height`` leaves from ``start``."""
-        off = (start >> height) << 5
-        return bytes(self._levels[height][off : off + 32])
-
     def _mth(self, start: int, end: int) -> bytes:
         """MTH(D[start:end]) for a subtree the RFC recursion can reach.
 
         Such a range starts at a multiple of a power of two at least its length, so it
-        splits into stored perfect subtrees of decreasing sizes, one per set bit of
+        splits into perfect subtrees of decreasing sizes, one per set bit of
         ``end - start``, and MTH folds them from the right.
         """
         parts = []
@@ -272,6 +217,199 @@ class MerkleLog:
                 whole = False
         proof.reverse()
         return proof
+
+
+class MerkleLog(_Tree):
+    """An append-only Merkle tree of record ids held in memory, able to answer for any
+    past size (for offline tools: a running node keeps its trees on disk, see
+    :class:`StoredTree`).
+
+    Every complete (perfect, aligned) subtree hash is kept: ``level h`` holds the hashes
+    of the subtrees covering leaves ``[j * 2**h, (j + 1) * 2**h)``, packed 32 bytes each
+    in one bytearray per level (about 64 bytes of memory per leaf in total).
+
+    Complexity: ``append`` is amortised O(1) hashes (two per leaf overall);
+    ``root(size)``, ``inclusion_proof`` and ``consistency_proof`` are O(log n) hashes
+    at any past size, because every subtree of the RFC recursion is either a stored
+    perfect subtree or folds from at most ``log2(n)`` of them.
+
+    Arguments outside the tree (an index not below the size, a size above
+    :attr:`size`, a leaf that is not 32 bytes) raise :class:`ValueError`: they are the
+    caller's mistake, so check untrusted numbers against :attr:`size` first.
+    """
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, leaf_ids: Iterable[bytes] = ()) -> None:
+        self._levels: list[bytearray] = [bytearray()]
+        self.extend(leaf_ids)
+
+    @property
+    def size(self) -> int:
+        """The number of leaves appended so far."""
+        return len(self._levels[0]) >> 5
+
+    def append(self, record_id: bytes) -> int:
+        """Append one record id; return its leaf index. Raises :class:`ValueError`."""
+        _check_leaf_id(record_id)
+        levels = self._levels
+        lvl = levels[0]
+        lvl += _sha256(b"\x00" + record_id).digest()
+        count = len(lvl) >> 5
+        index = count - 1
+        h = 0
+        # An even count at a level means its last two hashes just became a complete
+        # pair: hash them into the level above (they sit side by side in the buffer).
+        while not count & 1:
+            parent = _sha256(b"\x01" + lvl[-64:]).digest()
+            h += 1
+            if h == len(levels):
+                levels.append(bytearray())
+            lvl = levels[h]
+            lvl += parent
+            count = len(lvl) >> 5
+        return index
+
+    def extend(self, leaf_ids: Iterable[bytes]) -> None:
+        """Append many record ids in order (faster than repeated :meth:`append`).
+
+        Raises :class:`ValueError` before appending anything if one is not 32 bytes.
+        """
+        ids = list(leaf_ids)
+        for rid in ids:
+            _check_leaf_id(rid)
+        if not ids:
+            return
+        levels = self._levels
+        levels[0] += b"".join([_sha256(b"\x00" + rid).digest() for rid in ids])
+        h = 0
+        while len(levels[h]) >= 64:
+            lower = levels[h]
+            if h + 1 == len(levels):
+                levels.append(bytearray())
+            upper = levels[h + 1]
+            done, want = len(upper) >> 5, len(lower) >> 6
+            if want > done:
+                upper += b"".join(
+                    [_sha256(b"\x01" + lower[64 * j : 64 * j + 64]).digest()
+                     for j in range(done, want)]
+                )
+            h += 1
+
+    def _perfect(self, start: int, height: int) -> bytes:
+        off = (start >> height) << 5
+        return bytes(self._levels[height][off : off + 32])
+
+
+# ---------------------------------------------------------------------------------------
+# Trees kept on disk
+#
+# A store keeps, per feed, the hash of every complete subtree whose height is a positive
+# multiple of TILE_HEIGHT (8, 16, 24, ...): about one hash per 255 leaves, so a feed of
+# 10M records costs ~40,000 hashes on disk and nothing in memory. Leaves are not stored
+# again: they are the record ids, which the store already holds. Any perfect subtree of
+# height h folds from at most 2**(TILE_HEIGHT - 1) stored hashes (or record ids) of the
+# level below it, so a root or proof costs O(log n) reads of at most 128 hashes each.
+
+
+def _fold_perfect(hashes: Sequence[bytes]) -> bytes:
+    """The root of a perfect subtree given the ``2**k`` hashes of its nodes at one level,
+    left to right (k >= 0)."""
+    level = list(hashes)
+    while len(level) > 1:
+        level = [_sha256(b"\x01" + level[i] + level[i + 1]).digest()
+                 for i in range(0, len(level), 2)]
+    return level[0]
+
+
+def subtrees_completed(
+    old_size: int, new_size: int, tile_height: int = TILE_HEIGHT
+) -> list[tuple[int, int]]:
+    """``(height, index)`` of every stored subtree (height a positive multiple of
+    ``tile_height``) that becomes complete when a tree grows from ``old_size`` to
+    ``new_size`` leaves, lower heights first: each one's children are leaves or stored
+    subtrees already complete, or listed before it.
+
+    Raises :class:`ValueError` unless ``0 <= old_size <= new_size``.
+    """
+    if not 0 <= old_size <= new_size or tile_height < 1:
+        raise ValueError(f"cannot grow a tree from {old_size} to {new_size} leaves")
+    out: list[tuple[int, int]] = []
+    height = tile_height
+    while new_size >> height:
+        out.extend((height, j) for j in range(old_size >> height, new_size >> height))
+        height += tile_height
+    return out
+
+
+def stored_subtree_hash(
+    height: int, children: Sequence[bytes], tile_height: int = TILE_HEIGHT
+) -> bytes:
+    """The hash of the stored subtree of ``height`` (a positive multiple of
+    ``tile_height``) from its ``2**tile_height`` children, left to right: record ids
+    when ``height == tile_height``, else the stored hashes ``tile_height`` below.
+
+    Raises :class:`ValueError` for a wrong number of children or a leaf not 32 bytes.
+    """
+    if height < tile_height or height % tile_height or len(children) != 1 << tile_height:
+        raise ValueError(f"a stored subtree of height {height} has {1 << tile_height} "
+                         f"children, not {len(children)}")
+    if height == tile_height:
+        return _fold_perfect([_sha256(b"\x00" + _check_leaf_id(c)).digest()
+                              for c in children])
+    return _fold_perfect(children)
+
+
+class SubtreeSource(Protocol):
+    """Where a :class:`StoredTree` reads from (the node's storage implements it)."""
+
+    def leaf_ids(self, start: int, end: int) -> Sequence[bytes]:
+        """The record ids of leaves ``start <= i < end``, in order."""
+        ...
+
+    def subtree_hashes(self, height: int, start: int, end: int) -> Sequence[bytes]:
+        """The stored hashes at ``height`` of the subtrees ``start <= j < end``, in order."""
+        ...
+
+
+class StoredTree(_Tree):
+    """The Merkle tree of the first ``size`` leaves of a feed, read from a store that
+    keeps the subtree hashes :func:`subtrees_completed` names (and the record ids): the
+    same roots and proofs as :class:`MerkleLog`, with nothing held in memory.
+
+    Each root or proof reads O(log n) ranges of at most ``2**(tile_height - 1)`` hashes
+    from ``source``. Arguments outside the tree raise :class:`ValueError`, and so does a
+    source that returns fewer hashes than asked (a store that does not hold the tree).
+    """
+
+    __slots__ = ("_size", "_source", "_tile")
+
+    def __init__(self, source: SubtreeSource, size: int,
+                 tile_height: int = TILE_HEIGHT) -> None:
+        if type(size) is not int or not 0 <= size < MAX_TREE_SIZE or tile_height < 1:
+            raise ValueError(f"tree size {size!r} is out of range")
+        self._source = source
+        self._size = size
+        self._tile = tile_height
+
+    @property
+    def size(self) -> int:
+        """The number of leaves of this tree (it answers for any size up to it)."""
+        return self._size
+
+    def _perfect(self, start: int, height: int) -> bytes:
+        below = height // self._tile * self._tile  # highest stored level at or below
+        count = 1 << (height - below)
+        first = start >> below
+        if below == 0:
+            got = self._source.leaf_ids(start, start + count)
+            hashes = [_sha256(b"\x00" + _check_leaf_id(rid)).digest() for rid in got]
+        else:
+            hashes = list(self._source.subtree_hashes(below, first, first + count))
+        if len(hashes) != count:
+            raise ValueError(f"the store holds {len(hashes)} of the {count} hashes of "
+                             f"height {below} from {first}: it does not hold this tree")
+        return _fold_perfect(hashes)
 
 
 def root_of(leaf_ids: Iterable[bytes]) -> bytes:

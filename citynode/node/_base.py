@@ -4,7 +4,6 @@ spawner's signature, and the bounded cache of ids recently committed."""
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -22,16 +21,26 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 class RecentIds:
     """A bounded set of ids recently committed, so a duplicate arriving while the database
-    is still being asked costs no signature verification."""
+    is still being asked costs no signature verification.
+
+    Two generations of plain sets, at most ``size`` ids in all: when the young one is
+    full the old one is dropped whole. Half the memory of an ordered dict (no links, no
+    values), O(1) per id, and an id stays for at least ``size // 2`` additions."""
+
+    __slots__ = ("_half", "_old", "_young")
 
     def __init__(self, size: int = 200_000) -> None:
-        self._d: OrderedDict[bytes, None] = OrderedDict()
-        self._size = size
+        self._young: set[bytes] = set()
+        self._old: set[bytes] = set()
+        self._half = max(1, size // 2)
 
     def add(self, rid: bytes) -> None:
-        self._d[rid] = None
-        if len(self._d) > self._size:
-            self._d.popitem(last=False)
+        if len(self._young) >= self._half:
+            self._old, self._young = self._young, set()
+        self._young.add(rid)
 
     def __contains__(self, rid: object) -> bool:
-        return rid in self._d
+        return rid in self._young or rid in self._old
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)

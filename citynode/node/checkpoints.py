@@ -25,7 +25,7 @@ from citynode.core.records import Record, decode_envelope, record_id
 from citynode.errors import ChainError, CitynodeError, InvalidProof, InvalidRecord
 from citynode.logs import fields
 from citynode.metrics import Metrics
-from citynode.node._base import FeedKey, in_thread
+from citynode.node._base import in_thread
 from citynode.node.chains import Chains
 from citynode.node.partners import OUTBOX_MAX, PartnerLink, Partners
 from citynode.node.policy import Policy
@@ -53,37 +53,26 @@ class Checkpoints:
         self.metrics = metrics
         self.verifier = verifier
         self.now_ms = now_ms
-        self.logs: dict[FeedKey, cps.MerkleLog] = {}  # Merkle trees, built lazily
         self.on_fork: Callable[[bytes, str, int], None] = lambda origin, feed, seq: None
 
     # ------------------------------------------------------------------ trees
 
-    def _read_ids(self, origin: bytes, feed: str, start: int, end: int) -> list[bytes]:
-        out: list[bytes] = []
-        while start <= end:
-            envs = self.storage.range(origin, feed, start, min(end, start + 4999), 5000)
-            if not envs:
-                break
-            out.extend(record_id(decode_envelope(e)[0]) for e in envs)
-            start += len(envs)
-        return out
-
-    async def merkle_log(self, origin: bytes, feed: str, size: int) -> cps.MerkleLog:
+    async def merkle_log(self, origin: bytes, feed: str, size: int) -> cps.StoredTree:
         """The Merkle tree of a feed held here, with at least ``size`` leaves. Raises
-        ChainError if this node holds fewer than ``size`` records of it."""
+        ChainError if this node holds fewer than ``size`` records of it.
+
+        The tree lives on disk (storage grows it with the records): nothing is held in
+        memory, and each root or proof of the tree returned reads O(log n) stored hashes
+        (a few ms at most; call it from a worker thread where that matters)."""
         have = self.chains.seq((origin, feed))
         if have < size:
             raise ChainError(f"this node holds {have} records of that feed, not {size}")
-        log_ = self.logs.setdefault((origin, feed), cps.MerkleLog())
-        start = log_.size
-        if start < size:
-            ids = await in_thread(self._read_ids, origin, feed, start + 1, size)
-            if start + len(ids) < size:
-                raise ChainError(f"this node holds only {start + len(ids)} records of "
-                                 f"that feed, not {size}")
-            # Another task may have extended the log while we read: add only the rest.
-            log_.extend(ids[log_.size - start:])
-        return log_
+        # The head in memory may run ahead of the commit: the tree is what is on disk.
+        held = await in_thread(self.storage.head, origin, feed)
+        if held is None or held[0] < size:
+            raise ChainError(f"this node holds only {held[0] if held else 0} records of "
+                             f"that feed, not {size}")
+        return self.storage.tree(origin, feed, held[0])
 
     async def held(self, origin: bytes, feed: str) -> list[tuple[int, bytes, bytes]]:
         """The checkpoints held of a feed: ``(size, root, envelope)`` by size."""

@@ -21,11 +21,13 @@ from citynode.core.checkpoints import (
     EMPTY_ROOT,
     MAX_PROOF_HASHES,
     MAX_TREE_SIZE,
+    TILE_HEIGHT,
     Checkpoint,
     ConsistencyProof,
     InclusionProof,
     MerkleLog,
     SplitViewProof,
+    StoredTree,
     decode_consistency,
     decode_inclusion,
     encode_consistency,
@@ -33,6 +35,8 @@ from citynode.core.checkpoints import (
     open_checkpoint,
     root_of,
     sign_checkpoint,
+    stored_subtree_hash,
+    subtrees_completed,
     verify_consistency,
     verify_inclusion,
     verify_split_view,
@@ -220,6 +224,100 @@ def test_builder_rejects_arguments_outside_the_tree() -> None:
     assert log.size == 0  # nothing appended when one id of a batch is bad
     with pytest.raises(ValueError):
         root_of([IDS[0], "not bytes"])  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------------------------
+# StoredTree: the same roots and proofs from stored subtree hashes (as storage keeps them)
+
+
+class DictStore:
+    """A store as storage.py keeps one: the record ids, plus every subtree hash that
+    ``subtrees_completed`` names, computed with ``stored_subtree_hash`` as the tree
+    grows in uneven steps. Counts what it is asked for."""
+
+    def __init__(self, ids: list[bytes], tile: int, steps: tuple[int, ...] = (1, 7, 64)) -> None:
+        self.ids = ids
+        self.tile = tile
+        self.hashes: dict[tuple[int, int], bytes] = {}
+        self.reads = 0
+        size, k = 0, 0
+        while size < len(ids):
+            new = min(len(ids), size + steps[k % len(steps)])
+            for height, j in subtrees_completed(size, new, tile):
+                n = 1 << tile
+                if height == tile:
+                    children = ids[j << height: (j << height) + n]
+                else:
+                    children = [self.hashes[(height - tile, c)]
+                                for c in range(j << tile, (j << tile) + n)]
+                self.hashes[(height, j)] = stored_subtree_hash(height, children, tile)
+            size, k = new, k + 1
+
+    def leaf_ids(self, start: int, end: int) -> list[bytes]:
+        self.reads += 1
+        return self.ids[start:end]
+
+    def subtree_hashes(self, height: int, start: int, end: int) -> list[bytes]:
+        self.reads += 1
+        return [self.hashes[(height, j)] for j in range(start, end) if (height, j) in self.hashes]
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3])
+def test_stored_tree_gives_the_same_roots_and_proofs_as_merkle_log(tile: int) -> None:
+    store = DictStore(IDS, tile)
+    tree = StoredTree(store, N, tile)
+    assert tree.size == N
+    for n in range(N + 1):
+        assert tree.root(n) == ROOTS[n], n
+        for i in range(n):
+            assert tree.inclusion_proof(i, n) == LOG.inclusion_proof(i, n), (i, n)
+        for m in range(n + 1):
+            assert tree.consistency_proof(m, n) == LOG.consistency_proof(m, n), (m, n)
+
+
+def test_stored_tree_at_the_default_tile_height() -> None:
+    ids = [sha(i.to_bytes(4, "big")) for i in range(70_000)]
+    log = MerkleLog(ids)
+    store = DictStore(ids, TILE_HEIGHT, steps=(1000, 1, 333))
+    assert len(store.hashes) == 70_000 // 256 + 70_000 // 65536
+    tree = StoredTree(store, len(ids))
+    for n in (1, 255, 256, 257, 65_535, 65_536, 65_537, 70_000):
+        assert tree.root(n) == log.root(n), n
+        for i in (0, n // 3, n - 1):
+            store.reads = 0
+            assert tree.inclusion_proof(i, n) == log.inclusion_proof(i, n), (i, n)
+            # O(log n) reads, not O(n): one per perfect subtree of the path at most.
+            assert store.reads <= 2 * n.bit_length(), (i, n, store.reads)
+        for m in (1, n // 2, n - 1):
+            if m:
+                assert tree.consistency_proof(m, n) == log.consistency_proof(m, n), (m, n)
+
+
+def test_subtrees_completed_lists_each_stored_subtree_once_children_first() -> None:
+    seen: list[tuple[int, int]] = []
+    for old, new in ((0, 3), (3, 4), (4, 4), (4, 17), (17, 64), (64, 65)):
+        seen += subtrees_completed(old, new, 2)
+    assert seen == [(2, 0), (2, 1), (2, 2), (2, 3), (4, 0), (2, 4), (2, 5), (2, 6), (2, 7),
+                    (2, 8), (2, 9), (2, 10), (2, 11), (2, 12), (2, 13), (2, 14), (2, 15),
+                    (4, 1), (4, 2), (4, 3), (6, 0)]
+    with pytest.raises(ValueError):
+        subtrees_completed(5, 4)
+
+
+def test_stored_tree_refuses_a_store_that_lacks_the_tree() -> None:
+    store = DictStore(IDS[:40], 2)
+    tree = StoredTree(store, N, 2)  # claims more than the store holds
+    assert tree.root(40) == ROOTS[40]
+    with pytest.raises(ValueError, match="does not hold this tree"):
+        tree.root(N)
+    with pytest.raises(ValueError):
+        tree.root(N + 1)
+    with pytest.raises(ValueError):
+        StoredTree(store, -1)
+    with pytest.raises(ValueError):
+        stored_subtree_hash(2, IDS[:3], 2)  # four children, not three
+    with pytest.raises(ValueError):
+        stored_subtree_hash(3, IDS[:4], 2)  # not a stored height
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 import sqlite_utils
 
 from citynode import storage as storage_mod
+from citynode.core import checkpoints as cps
 from citynode.core.filters import RecordFilter
 from citynode.core.keys import SigningKey
 from citynode.core.records import Record, sign_record
@@ -26,7 +27,8 @@ from citynode.storage import PartnerRow, Storage
 T0 = 1_700_000_000_000
 KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(3)]
 A, B = KEYS[0].public_key, KEYS[1].public_key
-TABLES = {"records", "heads", "partners", "fork_proofs", "rejected", "checkpoints", "meta"}
+TABLES = {"records", "heads", "partners", "fork_proofs", "rejected", "checkpoints", "meta",
+          "merkle"}
 
 
 def make(
@@ -120,7 +122,7 @@ def test_a_database_readable_by_others_is_put_back_to_0600(db_path: Path) -> Non
         s.close()
 
 
-def test_new_database_has_schema_v1_wal_and_mode_0600(db_path: Path) -> None:
+def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> None:
     old = os.umask(0o277)  # would give 0400 without the explicit chmod
     try:
         s = Storage.open(db_path)
@@ -133,7 +135,7 @@ def test_new_database_has_schema_v1_wal_and_mode_0600(db_path: Path) -> None:
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 1
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 2
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()
@@ -154,38 +156,41 @@ def test_reopen_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
 
 def test_migrations_apply_in_order_once(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Storage.open(db_path).close()
+    latest = storage_mod.SCHEMA_VERSION
     calls: list[int] = []
 
     def v2(db: sqlite_utils.Database) -> None:
-        calls.append(2)
+        calls.append(latest + 1)
         db.execute("CREATE TABLE extra (x INTEGER)")
 
     def v3(db: sqlite_utils.Database) -> None:
-        calls.append(3)
+        calls.append(latest + 2)
         assert "extra" in db.table_names()  # v2 ran first, in the same transaction
         db["extra"].add_column("y", str)
 
-    monkeypatch.setattr(storage_mod, "MIGRATIONS", {**storage_mod.MIGRATIONS, 2: v2, 3: v3})
+    monkeypatch.setattr(storage_mod, "MIGRATIONS",
+                        {**storage_mod.MIGRATIONS, latest + 1: v2, latest + 2: v3})
     Storage.open(db_path).close()
     Storage.open(db_path).close()
-    assert calls == [2, 3]
+    assert calls == [latest + 1, latest + 2]
     db = sqlite_utils.Database(db_path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == latest + 2
     assert set(db["extra"].columns_dict) == {"x", "y"}
 
 
 def test_failing_migration_rolls_back_whole(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Storage.open(db_path).close()
+    latest = storage_mod.SCHEMA_VERSION
 
     def v2(db: sqlite_utils.Database) -> None:
         db.execute("CREATE TABLE half (x INTEGER)")
         db.execute("INSERT INTO no_such_table VALUES (1)")
 
-    monkeypatch.setattr(storage_mod, "MIGRATIONS", {**storage_mod.MIGRATIONS, 2: v2})
+    monkeypatch.setattr(storage_mod, "MIGRATIONS", {**storage_mod.MIGRATIONS, latest + 1: v2})
     with pytest.raises(StorageError, match="no such table"):
         Storage.open(db_path)
     db = sqlite_utils.Database(db_path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == latest
     assert "half" not in db.table_names()
 
 
@@ -197,11 +202,109 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
     with pytest.raises(StorageError) as info:
         Storage.open(db_path)
     assert str(info.value) == (
-        "database schema v7 is newer than this citynode understands (v1): upgrade citynode"
+        f"database schema v7 is newer than this citynode understands "
+        f"(v{storage_mod.SCHEMA_VERSION}): upgrade citynode"
     )
     c = raw(db_path)
     assert c.execute("PRAGMA user_version").fetchone()[0] == 7
     c.close()
+
+
+# --------------------------------------------------------------------------- Merkle trees
+
+
+def _ids(recs: tuple[Record, ...]) -> list[bytes]:
+    return [r.id for r in recs]
+
+
+def test_the_tree_on_disk_gives_the_roots_and_proofs_of_the_tree_in_memory(
+        st: Storage) -> None:
+    recs = chain(0, "t", 600)
+    # Uneven appends, interleaved with another feed, cross the 256-leaf boundaries
+    # inside a job and between jobs.
+    for lo, hi in ((0, 1), (1, 255), (255, 256), (256, 300), (300, 600)):
+        st.append(recs[lo:hi]).result(5)
+        st.append(chain(1, "t", hi)[lo:hi]).result(5)
+    log = cps.MerkleLog(_ids(recs))
+    tree = st.tree(A, "t", 600)
+    for n in (1, 2, 255, 256, 257, 511, 512, 513, 600):
+        assert tree.root(n) == log.root(n), n
+        for i in {0, 1, n // 2, n - 1} & set(range(n)):
+            assert tree.inclusion_proof(i, n) == log.inclusion_proof(i, n), (i, n)
+        for m in (1, n // 3, n - 1):
+            if m:
+                assert tree.consistency_proof(m, n) == log.consistency_proof(m, n), (m, n)
+    assert st.tree(B, "t", 600).root() == cps.root_of(_ids(chain(1, "t", 600)))
+    # about one stored hash per 256 records: the leaves are the ids already held
+    assert raw(st.path).execute("SELECT count(*) FROM merkle").fetchone()[0] == 4
+
+
+def test_higher_stored_levels_fold_from_lower_ones(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tile of 2 levels stands for 8: heights 2, 4, 6 are stored (16 of 4 records).
+    monkeypatch.setattr(storage_mod, "TILE_HEIGHT", 2)
+    recs = chain(0, "small", 70)
+    with Storage.open(db_path) as s:
+        for lo, hi in ((0, 3), (3, 16), (16, 17), (17, 64), (64, 70)):
+            s.append(recs[lo:hi]).result(5)
+        log = cps.MerkleLog(_ids(recs))
+        tree = s.tree(A, "small", 70)
+        for n in range(71):
+            assert tree.root(n) == log.root(n), n
+            for i in range(n):
+                assert tree.inclusion_proof(i, n) == log.inclusion_proof(i, n), (i, n)
+        heights = raw(db_path).execute(
+            "SELECT height, count(*) FROM merkle GROUP BY height").fetchall()
+        assert heights == [(2, 17), (4, 4), (6, 1)]
+
+
+def test_a_failed_append_leaves_no_subtree_behind(st: Storage) -> None:
+    recs = chain(0, "f", 300)
+    st.append(recs[:200]).result(5)
+    bad = (*recs[200:299], make(0, "f", 999, recs[298].id))  # does not extend the chain
+    assert isinstance(error_of(st.append(bad)), ChainError)
+    assert raw(st.path).execute("SELECT count(*) FROM merkle").fetchone()[0] == 0
+    st.append(recs[200:]).result(5)
+    assert st.tree(A, "f", 300).root() == cps.root_of(_ids(recs))
+
+
+def test_migration_to_v2_builds_the_trees_of_the_feeds_held(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = chain(0, "old", 600)
+    with monkeypatch.context() as m:
+        # A database of schema v1, written by the code of v1 (no trees kept).
+        m.setattr(storage_mod, "MIGRATIONS", {1: storage_mod.MIGRATIONS[1]})
+        m.setattr(storage_mod, "_grow_tree", lambda *a: None)
+        with Storage.open(db_path) as s:
+            s.append(recs[:520]).result(5)
+            s.append(chain(1, "other", 3)).result(5)
+        assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 1
+    with Storage.open(db_path) as s:
+        assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 2
+        s.append(recs[520:]).result(5)
+        log = cps.MerkleLog(_ids(recs))
+        tree = s.tree(A, "old", 600)
+        assert tree.root() == log.root()
+        assert tree.inclusion_proof(300, 513) == log.inclusion_proof(300, 513)
+        assert s.tree(B, "other", 3).root() == cps.root_of(_ids(chain(1, "other", 3)))
+
+
+def test_tree_reads_are_index_searches(st: Storage) -> None:
+    st.append(chain(0, "f", 5)).result(5)
+    c = raw(st.path)
+    for sql, params in ((storage_mod._SELECT_IDS, (A, "f", 1, 4)),
+                        (storage_mod._SELECT_SUBTREES, (A, "f", 8, 0, 3))):
+        plan = " ".join(r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert plan.startswith("SEARCH") and "SCAN" not in plan and "TEMP" not in plan, plan
+    c.close()
+
+
+def test_a_tree_larger_than_the_feed_is_refused(st: Storage) -> None:
+    st.append(chain(0, "f", 5)).result(5)
+    tree = st.tree(A, "f", 9)
+    assert tree.root(5) == cps.root_of(_ids(chain(0, "f", 5)))
+    with pytest.raises(ValueError, match="does not hold this tree"):
+        tree.inclusion_proof(0, 9)
 
 
 def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
