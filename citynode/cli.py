@@ -531,15 +531,19 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
     """
     from citynode.core import checkpoints as cps
     from citynode.core.keys import Verifier, parse_node_id
-    from citynode.core.records import decode_envelope, parse_body, record_id
+    from citynode.core.records import decode_envelope, parse_body
     from citynode.storage import Storage
 
     _require_dir(data_dir)
     st = Storage.open(data_dir / "citynode.db")
     try:
-        def ids(o: bytes, f: str, n: int) -> list[bytes]:
-            envs = st.range(o, f, 1, n, n)
-            return [record_id(decode_envelope(e)[0]) for e in envs]
+        def tree(o: bytes, f: str, n: int) -> cps.StoredTree:
+            """The feed's tree of size ``n``, read from disk (O(log n) reads a proof)."""
+            head = st.head(o, f)
+            held = head[0] if head is not None else 0
+            if held < n:
+                raise click.ClickException(f"this node holds only {held} records of that feed")
+            return st.tree(o, f, n)
 
         if rid is not None:
             try:
@@ -560,7 +564,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
                     "[checkpoints] interval_seconds (60 s by default); try again then")
             size, cp_env = held[-1]
             cp = cps.open_checkpoint(cp_env, verifier=Verifier())
-            mlog = cps.MerkleLog(ids(fl["origin"], fl["feed"], size))
+            mlog = tree(fl["origin"], fl["feed"], size)
             path = mlog.inclusion_proof(fl["seq"] - 1, size)
             cps.verify_inclusion(bytes.fromhex(rid), fl["seq"] - 1, size, path, cp.root)
             _print_json({"kind": "inclusion", "id": rid, "index": fl["seq"] - 1,
@@ -570,9 +574,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
         if origin is None or feed is None or old is None or new is None or old > new:
             raise click.UsageError("give --id, or --origin, --feed, --old and --new (old <= new)")
         o = parse_node_id(origin)
-        mlog = cps.MerkleLog(ids(o, feed, new))
-        if mlog.size < new:
-            raise click.ClickException(f"this node holds only {mlog.size} records of that feed")
+        mlog = tree(o, feed, new)
         path = mlog.consistency_proof(old, new)
         cps.verify_consistency(old, new, mlog.root(old), mlog.root(new), path)
         # The roots are computed from the records held here: say which sizes the origin

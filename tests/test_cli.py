@@ -477,6 +477,9 @@ def test_proof_inclusion_and_consistency(node_dir: Path) -> None:
     c = ok_json("proof", "-d", d, "--origin", nid, "--feed", "air", "--old", "5", "--new", "6")
     assert c["signed_by_origin"] == {"old": True, "new": False}
     assert c["old_root"] == cp.root.hex()
+    line = one_line_error(cli("proof", "-d", d, "--origin", nid, "--feed", "air", "--old",
+                              "2", "--new", "7"))
+    assert "holds only 6 records" in line
 
     line = one_line_error(cli("proof", "-d", d, "--origin", nid, "--feed", "air", "--old", "2",
                               "--new", "7"))

@@ -74,6 +74,22 @@ class Checkpoints:
                              f"that feed, not {size}")
         return self.storage.tree(origin, feed, held[0])
 
+    async def inclusion(self, origin: bytes, feed: str, seq: int, size: int
+                        ) -> tuple[list[bytes], bytes]:
+        """``(path, root)``: the inclusion proof of the record at ``seq`` in the feed's
+        tree of ``size``, and that tree's root, read off the event loop. Raises
+        ChainError if fewer than ``size`` records are held."""
+        tree = await self.merkle_log(origin, feed, size)
+        return await in_thread(lambda: (tree.inclusion_proof(seq - 1, size), tree.root(size)))
+
+    async def consistency(self, origin: bytes, feed: str, old: int, new: int
+                          ) -> tuple[list[bytes], bytes, bytes]:
+        """``(path, old root, new root)`` of the feed's trees of ``old`` and ``new``
+        leaves, read off the event loop. Raises ChainError as :meth:`inclusion`."""
+        tree = await self.merkle_log(origin, feed, new)
+        return await in_thread(lambda: (tree.consistency_proof(old, new), tree.root(old),
+                                        tree.root(new)))
+
     async def held(self, origin: bytes, feed: str) -> list[tuple[int, bytes, bytes]]:
         """The checkpoints held of a feed: ``(size, root, envelope)`` by size."""
         return await in_thread(self.storage.checkpoints, origin, feed)
@@ -91,9 +107,9 @@ class Checkpoints:
             held = await self.held(origin, feed)
             if held and held[-1][0] >= head.seq:
                 continue
-            log_ = await self.merkle_log(origin, feed, head.seq)
-            cp = cps.sign_checkpoint(self.key, feed, head.seq, log_.root(head.seq),
-                                     self.now_ms())
+            tree = await self.merkle_log(origin, feed, head.seq)
+            root = await in_thread(tree.root, head.seq)
+            cp = cps.sign_checkpoint(self.key, feed, head.seq, root, self.now_ms())
             await asyncio.wrap_future(
                 self.storage.put_checkpoint(origin, feed, cp.size, cp.root, cp.envelope))
             made.append(cp)

@@ -198,12 +198,11 @@ async def inclusion_proof(request: web.Request) -> web.Response:
         size, cp_env = covering[-1]
     if size < f["seq"]:
         raise web.HTTPBadRequest(text=f"a tree of size {size} does not hold seq {f['seq']}")
-    log_ = await node.checkpoints.merkle_log(f["origin"], f["feed"], size)
-    path = log_.inclusion_proof(f["seq"] - 1, size)
-    _check_anchor(cp_env, log_.root(size), size)
+    path, root = await node.checkpoints.inclusion(f["origin"], f["feed"], f["seq"], size)
+    _check_anchor(cp_env, root, size)
     if wants_json(request):
         return web.json_response({"index": f["seq"] - 1, "size": size,
-                                  "root": log_.root(size).hex(),
+                                  "root": root.hex(),
                                   "path": [p.hex() for p in path],
                                   "checkpoint": b64(cp_env) if cp_env else None})
     return web.Response(body=encode_inclusion(f["seq"] - 1, size, path),
@@ -238,16 +237,15 @@ async def consistency_proof(request: web.Request) -> web.Response:
     if node.chains.seq((origin, feed)) == 0 or not await may_read_feed(request, caller, origin,
                                                                      feed):
         raise web.HTTPNotFound(text="no such feed here")
-    log_ = await node.checkpoints.merkle_log(origin, feed, new)
-    path = log_.consistency_proof(old, new)
+    path, old_root, new_root = await node.checkpoints.consistency(origin, feed, old, new)
     # The origin's own checkpoints of these sizes, when held: what anchors the roots.
     held = {s: e for s, _r, e in await node.checkpoints.held(origin, feed)}
-    _check_anchor(held.get(old), log_.root(old), old)
-    _check_anchor(held.get(new), log_.root(new), new)
+    _check_anchor(held.get(old), old_root, old)
+    _check_anchor(held.get(new), new_root, new)
     if wants_json(request):
         return web.json_response({"old_size": old, "new_size": new,
-                                  "old_root": log_.root(old).hex(),
-                                  "new_root": log_.root(new).hex(),
+                                  "old_root": old_root.hex(),
+                                  "new_root": new_root.hex(),
                                   "path": [p.hex() for p in path],
                                   "old_checkpoint": b64(held[old]) if old in held else None,
                                   "new_checkpoint": b64(held[new]) if new in held else None})
