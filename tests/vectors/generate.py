@@ -937,6 +937,12 @@ def keys_file() -> dict[str, Any]:
         ("outside-alphabet", "cn1" + body[:20] + "1" + body[21:]),
         ("checksum-of-other-key", nid[:-5] + node_id(KEY_B.public_key)[-5:]),
         ("empty", ""),
+        # Non-ASCII look-alikes that Unicode case mapping or stripping would turn into
+        # this very id: refused before any folding, so one node has one spelling.
+        ("dotless-i", nid.replace("i", "\u0131")),
+        ("long-s", "cn1" + body.replace("s", "\u017f")),
+        ("no-break-space-around", "\u00a0" + nid + "\u00a0"),
+        ("fullwidth-digit", nid.replace("7", "\uff17", 1)),
     ]
     return {
         "about": (
