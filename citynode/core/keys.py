@@ -139,6 +139,9 @@ class SigningKey:
 def verify(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> None:
     """Check an Ed25519 signature over ``domain || message``.
 
+    The rules are libsodium's strict ones (docs/PROTOCOL.md, "Signature"): S < L, a
+    canonical key, neither the key nor R one of the 14 small-order encodings, then the
+    cofactorless equation with R compared as bytes; no subgroup check.
     Raises :class:`SignatureError` if the key is malformed or the signature fails.
     """
     try:

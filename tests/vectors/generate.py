@@ -743,6 +743,244 @@ def invalid_cases() -> list[Case]:
     return out
 
 
+# --------------------------------------------------------------------------- Ed25519 edges
+# Signatures on the edge of the strict Ed25519 rules (docs/PROTOCOL.md, 'Signature'),
+# made by hand with the curve arithmetic below (affine twisted Edwards, RFC 8032 5.1),
+# never by the code under test. Each one either satisfies the plain RFC 8032 equation
+# encode([S]B - [h]A) == R (so a lax verifier such as OpenSSL's accepts it and only the
+# strict rules refuse it), or is said not to.
+
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+Point = tuple[int, int]
+_O: Point = (0, 1)
+
+
+def _inv(x: int) -> int:
+    return pow(x, _P - 2, _P)
+
+
+def _add(p: Point, q: Point) -> Point:
+    (x1, y1), (x2, y2) = p, q
+    t = _D * x1 * x2 * y1 * y2 % _P
+    return ((x1 * y2 + x2 * y1) * _inv(1 + t) % _P, (y1 * y2 + x1 * x2) * _inv(1 - t) % _P)
+
+
+def _mul(k: int, p: Point) -> Point:
+    acc = _O
+    while k:
+        if k & 1:
+            acc = _add(acc, p)
+        p, k = _add(p, p), k >> 1
+    return acc
+
+
+def _neg(p: Point) -> Point:
+    return (-p[0] % _P, p[1])
+
+
+def _x_of(y: int, sign: int) -> int | None:
+    """The x with this sign bit on the curve at y (mod p), or None if there is none."""
+    x2 = (y * y - 1) * _inv(_D * y * y + 1) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P:
+        return None
+    return x if x % 2 == sign else -x % _P
+
+
+def _decode(enc_: bytes) -> Point:
+    """Decode leniently, as a lax verifier does: y taken mod p, x = 0 with sign 1 let be."""
+    n = int.from_bytes(enc_, "little")
+    y = (n & (2**255 - 1)) % _P
+    x = _x_of(y, n >> 255)
+    assert x is not None, enc_.hex()
+    return (x, y)
+
+
+def _encode(p: Point) -> bytes:
+    return (p[1] | (p[0] & 1) << 255).to_bytes(32, "little")
+
+
+_B: Point = (_x_of(4 * _inv(5) % _P, 0) or 0, 4 * _inv(5) % _P)
+
+# The y coordinates (little-endian, bit 255 clear) that libsodium refuses for A and R,
+# with either sign bit: 14 encodings of the 8 points of order 1, 2, 4 and 8.
+SMALL_ORDER_Y = [
+    ("order-4-y0", "00" * 32),
+    ("order-1-y1", "01" + "00" * 31),
+    ("order-8-a", "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    ("order-8-b", "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    ("order-2-y-1", "ec" + "ff" * 30 + "7f"),
+    ("order-4-y-p", "ed" + "ff" * 30 + "7f"),
+    ("order-1-y-p+1", "ee" + "ff" * 30 + "7f"),
+]
+
+
+def _small_order_encodings() -> list[tuple[str, bytes]]:
+    out = []
+    for name, y in SMALL_ORDER_Y:
+        for sign in (0, 1):
+            e = bytearray(bytes.fromhex(y))
+            e[31] |= sign << 7
+            out.append((f"{name}-sign{sign}", bytes(e)))
+    return out
+
+
+def _order(p: Point) -> int:
+    return next(n for n in (1, 2, 4, 8) if _mul(n, p) == _O)
+
+
+def _scalar(seed: bytes) -> int:
+    """RFC 8032 5.1.5: the secret scalar of a seed."""
+    a = int.from_bytes(hashlib.sha512(seed).digest()[:32], "little")
+    return (a & ((1 << 254) - 8)) | (1 << 254)
+
+
+def _h(r: bytes, a: bytes, body: bytes) -> int:
+    return int.from_bytes(hashlib.sha512(r + a + DOMAIN_RECORD + body).digest(), "little") % _L
+
+
+def _nonce(label: str) -> int:
+    return int.from_bytes(hashlib.sha512(b"citynode vector nonce " + label.encode()).digest(),
+                          "little") % _L
+
+
+def _s(n: int) -> bytes:
+    return n.to_bytes(32, "little")
+
+
+def sig_case(name: str, description: str, body: bytes, public_key: bytes, sig: bytes,
+             *, holds: bool, expect: str | dict[str, str] = "valid") -> Case:
+    """A record vector with a raw origin key and signature; ``holds`` says whether the
+    plain RFC 8032 equation encode([S]B - [h]A) == R holds (S as an integer)."""
+    return {
+        "name": name,
+        "description": description,
+        "now_ms": NOW,
+        "public_key_hex": public_key.hex(),
+        "node_id": node_id(public_key),
+        "envelope_hex": envelope(body, sig).hex(),
+        "body_hex": body.hex(),
+        "sig_hex": sig.hex(),
+        "id_hex": rid(body).hex() if expect == "valid" else None,
+        "expect": expect,
+        "equation_holds": holds,
+    }
+
+
+def _ground(public_key: bytes, r: bytes, ok: Any) -> bytes:
+    """The first body of origin ``public_key`` (data.try = 0, 1, ..) whose h satisfies
+    ``ok(h)``: h depends on the whole body, so a few tries meet any condition mod 8."""
+    for t in range(256):
+        body = enc(fields(origin=public_key, data={"reading": 42, "try": t}))
+        if ok(_h(r, public_key, body)):
+            return body
+    raise AssertionError("no body found")
+
+
+def signature_edge_cases() -> list[Case]:
+    out: list[Case] = []
+    bs = err("bad_signature")
+    a = _scalar(KEY_A.seed)
+    pub_a = KEY_A.public_key
+    assert _encode(_mul(a, _B)) == pub_a
+    small = _small_order_encodings()
+
+    # A small-order key: [h]A is the identity whenever h is a multiple of A's order,
+    # so S = k, R = [k]B "verifies" for a lax verifier, for any message: a forgery.
+    for label, key in small:
+        order = _order(_decode(key))
+        k = _nonce(label)
+        r = _encode(_mul(k, _B))
+        body = _ground(key, r, lambda h, n=order: h % n == 0)
+        out.append(sig_case(
+            f"signature/small-order-key/{label}",
+            f"origin {key.hex()}: a point of order {order} (one of libsodium's 14 "
+            "blocked encodings). R = [k]B, S = k and h is a multiple of the order, so "
+            "the plain equation holds for anyone: a forgery, refused.",
+            body, key, r + _s(k), holds=True, expect=bs,
+        ))
+
+    # A small-order R. R = identity with key A: S = h*a gives [S]B - [h]A = identity.
+    # Any other small-order R = T needs a key with a torsion part: A' = [a]B - T and
+    # h = 1 mod the order of T, then [S]B - [h]A' = [h]T = T with S = h*a.
+    for label, r in small:
+        t = _decode(r)
+        n = _order(t)
+        key = pub_a if n == 1 else _encode(_add(_mul(a, _B), _neg(t)))
+        body = _ground(key, r, lambda h, n=n: n == 1 or h % n == 1)
+        holds = _encode(t) == r  # a lax verifier compares R's bytes with a canonical encoding
+        out.append(sig_case(
+            f"signature/small-order-r/{label}",
+            f"R = {r.hex()}: a point of order {n} (blocked); "
+            + ("the plain equation holds, refused for R alone." if holds else
+               "not the canonical encoding of its point either, so even a lax verifier "
+               "refuses it."),
+            body, key, r + _s(_h(r, key, body) * a % _L), holds=holds, expect=bs,
+        ))
+
+    # Non-canonical encodings (y >= p) of points that are not small-order: nobody knows
+    # their discrete log, so no signature can satisfy the equation; refused either way.
+    y3 = (_P + 3).to_bytes(32, "little")
+    assert _x_of(3, 0) is not None and _x_of(2, 0) is None
+    body = enc(fields(origin=y3))
+    k = _nonce("non-canonical-key")
+    out.append(sig_case(
+        "signature/non-canonical-key",
+        "origin encodes y = p + 3 (y >= p: the point y = 3 written non-canonically).",
+        body, y3, _encode(_mul(k, _B)) + _s(k), holds=False, expect=bs,
+    ))
+    y2 = (2).to_bytes(32, "little")
+    body = enc(fields(origin=y2))
+    out.append(sig_case(
+        "signature/key-not-a-point",
+        "origin encodes y = 2, for which no x exists: not a curve point.",
+        body, y2, _encode(_mul(k, _B)) + _s(k), holds=False, expect=bs,
+    ))
+    good = enc(fields(data={"reading": 42, "unit": "dB"}))
+    honest = KEY_A.sign(DOMAIN_RECORD, good)
+    s_honest = int.from_bytes(honest[32:], "little")
+    out.append(sig_case(
+        "signature/non-canonical-r",
+        "valid/custom-seq1's S with R = y = p + 3 (non-canonical): refused.",
+        good, pub_a, y3 + honest[32:], holds=False, expect=bs,
+    ))
+
+    # S out of range. S + L satisfies the equation (it is S mod L) but S >= L is refused.
+    for label, s, holds, note in (
+        ("s-plus-l", s_honest + _L, True,
+         "valid/custom-seq1's signature with S + L: the equation holds mod L, but S >= L."),
+        ("s-equals-l", _L, False, "S = L exactly (the smallest S out of range)."),
+        ("s-max", 2**256 - 1, False, "S = 2^256 - 1."),
+        ("s-l-minus-1", _L - 1, False,
+         "S = L - 1, the largest S in range: it passes the range check and fails the "
+         "equation. (No valid signature with a chosen S can be made: S follows from R, A "
+         "and the message through SHA-512.)"),
+    ):
+        out.append(sig_case(f"signature/{label}", note, good, pub_a,
+                            honest[:32] + _s(s), holds=holds, expect=bs))
+
+    # A key with a torsion part (order 8L) is NOT refused: no subgroup check, and the
+    # equation is the cofactorless one. With h a multiple of 8, S = k + h*a verifies.
+    t8 = _decode(bytes.fromhex(SMALL_ORDER_Y[2][1]))
+    mixed = _encode(_add(_mul(a, _B), t8))
+    k = _nonce("mixed-order-key")
+    r = _encode(_mul(k, _B))
+    body = _ground(mixed, r, lambda h: h % 8 == 0)
+    out.append(sig_case(
+        "signature/mixed-order-key-valid",
+        "origin = A + T, T of order 8: not a blocked encoding, so accepted; h is a "
+        "multiple of 8 so [S]B - [h](A + T) = R. Verifiers MUST NOT add a subgroup check.",
+        body, mixed, r + _s((k + _h(r, mixed, body) * a) % _L), holds=True,
+    ))
+    assert s_honest < _L
+    return out
+
+
 def records_file() -> dict[str, Any]:
     return {
         "about": (
@@ -751,13 +989,16 @@ def records_file() -> dict[str, Any]:
             "itself must be rejected with expect.error; otherwise the split must give "
             "body_hex and sig_hex, and full verification of the record at now_ms must "
             "give expect: 'valid' (with record id id_hex = SHA-256(body)) or "
-            "{'error': reason code}. public_key_hex is the origin the body claims."
+            "{'error': reason code}. public_key_hex is the origin the body claims. "
+            "Cases made by hand on the edge of the strict Ed25519 rules also carry "
+            "equation_holds: whether the plain RFC 8032 equation encode([S]B - [h]A) "
+            "== R holds (S as an integer), i.e. whether only the strict rules refuse it."
         ),
         "generator": "tests/vectors/generate.py",
         "domain_record_hex": DOMAIN_RECORD.hex(),
         "future_tolerance_ms": TOLERANCE_MS,
         "limits": {"max_body_bytes": 65536, "max_depth": 16, "max_items": 4096},
-        "cases": valid_cases() + invalid_cases(),
+        "cases": valid_cases() + invalid_cases() + signature_edge_cases(),
     }
 
 
