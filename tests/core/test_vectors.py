@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import msgpack
+import ormsgpack
 import pytest
 
 from citynode.core import checkpoints as cps
@@ -147,7 +148,13 @@ def test_invalid_vectors_are_correctly_signed(case: dict[str, Any]) -> None:
 )
 def test_non_canonical_vectors_are_valid_msgpack(case: dict[str, Any]) -> None:
     """A lenient decoder reads them: the rejection is the canonical rules' doing."""
-    msgpack.unpackb(bytes.fromhex(case["body_hex"]), strict_map_key=False)
+    body = bytes.fromhex(case["body_hex"])
+    if "ext" in case["name"]:
+        # Python's msgpack refuses reserved ext types and odd timestamps itself;
+        # ormsgpack with an ext hook reads any ext as (type, data).
+        ormsgpack.unpackb(body, ext_hook=lambda t, d: (t, d))
+        return
+    msgpack.unpackb(body, strict_map_key=False)
 
 
 @pytest.mark.parametrize(

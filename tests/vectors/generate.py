@@ -510,6 +510,20 @@ def invalid_cases() -> list[Case]:
         ])), expect=nc,
     ))
     out.append(case(
+        "non-canonical/ext-reserved-type",
+        "An ext of the reserved type -2 (fixext1: d4 fe 00) in the payload: every ext is "
+        "non_canonical, whatever its type.",
+        replace_value(base, "data", raw_map([(enc("reading"), b"\xd4\xfe\x00")])),
+        expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/timestamp-ext-bad-length",
+        "An ext -1 of 1 byte (d4 ff 00), a length no msgpack timestamp has: still just an "
+        "ext, so non_canonical (not malformed).",
+        replace_value(base, "data", raw_map([(enc("reading"), b"\xd4\xff\x00")])),
+        expect=nc,
+    ))
+    out.append(case(
         "non-canonical/nan",
         "A NaN float64 (cb 7f f8 00 ..) in the payload.",
         replace_value(base, "data", raw_map([
