@@ -28,7 +28,14 @@ import pytest
 from citynode.core import checkpoints as cps
 from citynode.core import encoding, keys
 from citynode.core import types as payload_types
-from citynode.core.chain import FeedHead, ForkProof, Verdict, classify, verify_fork_proof
+from citynode.core.chain import (
+    FeedHead,
+    ForkProof,
+    Verdict,
+    canonical_fork_proof,
+    classify,
+    verify_fork_proof,
+)
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
 from citynode.core.records import decode_envelope, open_record
 from citynode.errors import InvalidNodeId, InvalidProof, InvalidRecord, SignatureError
@@ -213,6 +220,11 @@ def test_fork_proof_vector(case: dict[str, Any]) -> None:
         a, b = verify_fork_proof(proof, Verifier())
         assert a.origin == b.origin and a.feed == b.feed and a.id != b.id
         assert a.seq == b.seq or abs(a.seq - b.seq) == 1
+        # The one form nodes store and send, whichever order the proof came in.
+        for x, y in ((a, b), (b, a)):
+            kept, at = canonical_fork_proof(x, y)
+            assert (kept.encode().hex(), at) == (case["canonical_hex"], case["listed_at_seq"])
+        verify_fork_proof(ForkProof.decode(bytes.fromhex(case["canonical_hex"])), Verifier())
     else:
         with pytest.raises(InvalidProof):
             verify_fork_proof(ForkProof.decode(raw), Verifier())

@@ -1024,6 +1024,18 @@ def fork_proof(a: bytes, b: bytes) -> bytes:
     return b"\x83" + b"\xa1a" + bin_(a) + b"\xa1b" + bin_(b) + b"\xa4kind\xa4fork"
 
 
+def _padded_proof(a: bytes, b: bytes, size: int) -> bytes:
+    """A proof map of a, b, kind and a 'pad' bin (sorted between 'kind' and nothing
+    else) making it exactly ``size`` bytes."""
+    base = fork_proof(a, b)
+    for header in (2, 3, 5):  # bin8, bin16, bin32 header sizes
+        pad = size - len(base) - 4 - header  # a3 'pad' key is 4 bytes
+        raw = b"\x84" + base[1:] + b"\xa3pad" + bin_(b"\x00" * pad)
+        if pad >= 0 and len(raw) == size:
+            return raw
+    raise AssertionError(f"cannot build a proof of {size} bytes")
+
+
 def chain_file() -> dict[str, Any]:
     def signed(key: SigningKey, **kw: Any) -> tuple[bytes, bytes]:
         body = enc(fields(key, **kw))
@@ -1122,7 +1134,25 @@ def chain_file() -> dict[str, Any]:
         ("unsorted-keys", "the same-seq proof with its keys not sorted", unsorted, "invalid"),
         ("wrong-kind", "kind is 'split-view', not 'fork'", wrong_kind, "invalid"),
         ("extra-key", "an extra key 'note'", extra_key, "invalid"),
+        ("too-large", "143361 bytes, one over the size limit: r2 and r2b, then a "
+         "padding key", _padded_proof(recs["r2"][1], recs["r2b"][1], 140 * 1024 + 1),
+         "invalid"),
+        ("too-deep", "a and b as arrays of one bin: depth 2, over the limit of 1",
+         enc({"kind": "fork", "a": [recs["r2"][1]], "b": [recs["r2b"][1]]}), "invalid"),
+        ("too-many-items", "a fourth entry: 4 items, over the limit of 3 (an extra key "
+         "as well)", enc({"kind": "fork", "a": recs["r2"][1], "b": recs["r2b"][1], "c": 0}),
+         "invalid"),
     ]
+
+    # The one order nodes store and send (docs/PROTOCOL.md, 'Fork proofs'), written out:
+    # same seq: the envelopes in byte order, listed at that seq; prev mismatch: the
+    # lower seq first, listed at the higher.
+    canonical = {
+        "same-seq": (fork_proof(*sorted((recs["r2"][1], recs["r2b"][1]))), 2),
+        "prev-mismatch": (proof("r2", "r3b"), 3),
+        "prev-mismatch-reversed": (proof("r2", "r3b"), 3),
+        "wrong-prev": (proof("r1", "r2x"), 2),
+    }
     return {
         "about": (
             "citynode feed chain vectors (docs/PROTOCOL.md, 'Feed chains' and 'Fork "
@@ -1130,7 +1160,9 @@ def chain_file() -> dict[str, Any]:
             "the held contiguous head ({seq, id_hex} or null) and the id held at the "
             "record's seq (held_id_at_seq_hex, or null when none is needed), where the "
             "record fits. 'fork_proofs': proof bytes, to be checked offline "
-            "(no future-time check): 'valid' or 'invalid'."
+            "(no future-time check): 'valid' or 'invalid'; a valid proof also gives "
+            "the one form nodes store and send (canonical_hex) and the seq it is "
+            "listed at."
         ),
         "generator": "tests/vectors/generate.py",
         "records": {
@@ -1154,6 +1186,8 @@ def chain_file() -> dict[str, Any]:
         ],
         "fork_proofs": [
             {"name": n, "description": d, "proof_hex": p.hex(), "expect": e}
+            | ({"canonical_hex": canonical[n][0].hex(), "listed_at_seq": canonical[n][1]}
+               if e == "valid" else {})
             for n, d, p, e in proofs
         ],
     }
