@@ -28,6 +28,7 @@ import pytest
 from citynode.core import checkpoints as cps
 from citynode.core import encoding, keys
 from citynode.core import types as payload_types
+from citynode.core.cards import card_from_json, open_card
 from citynode.core.chain import (
     FeedHead,
     ForkProof,
@@ -63,6 +64,7 @@ RECORDS = _load("records.json")
 CHAIN = _load("chain.json")
 KEYS = _load("keys.json")
 CHECKPOINTS = _load("checkpoints.json")
+CARDS = _load("cards.json")
 CASES = RECORDS["cases"]
 BY_NAME = {c["name"]: c for c in CASES}
 DOC = PROTOCOL.read_text(encoding="utf-8")
@@ -75,7 +77,7 @@ def test_generator_reproduces_committed_files_byte_for_byte() -> None:
     gen = _load_generator()
     built = gen.build()
     assert set(built) == {"records.json", "chain.json", "keys.json", "checkpoints.json",
-                          "sync.json"}
+                          "sync.json", "cards.json"}
     for name, text in built.items():
         committed = (VECTORS / name).read_text(encoding="utf-8")
         assert text == committed, f"{name} is stale: run python tests/vectors/generate.py"
@@ -325,6 +327,36 @@ def test_node_id_vector(case: dict[str, Any]) -> None:
 def test_invalid_node_id_vector(case: dict[str, Any]) -> None:
     with pytest.raises(InvalidNodeId):
         parse_node_id(case["text"])
+
+
+# --------------------------------------------------------------------------- (b) cards
+
+
+def _card_verdict(fn: Any, data: Any, expected: str | None) -> Any:
+    try:
+        fn(data, expected_node_id=expected, verifier=Verifier(), now_ms=CARDS["now_ms"])
+    except InvalidNodeId:
+        return {"error_class": "InvalidNodeId"}
+    except InvalidRecord as exc:
+        return {"error": exc.reason}
+    return "valid"
+
+
+@pytest.mark.parametrize("case", CARDS["open"], ids=lambda c: c["name"])
+def test_card_open_vector(case: dict[str, Any]) -> None:
+    env = bytes.fromhex(case["envelope_hex"])
+    assert _card_verdict(open_card, env, case["expected_node_id"]) == case["expect"]
+
+
+@pytest.mark.parametrize("case", CARDS["json"], ids=lambda c: c["name"])
+def test_card_json_vector(case: dict[str, Any]) -> None:
+    got = _card_verdict(card_from_json, case["json"], case["expected_node_id"])
+    assert got == case["expect"]
+
+
+def test_card_vector_is_the_docs_card_example() -> None:
+    env = next(c["envelope_hex"] for c in CARDS["open"] if c["name"] == "valid")
+    assert "".join(_fenced("hex card-example").split()) == env
 
 
 # --------------------------------------------------------------------------- (c) the doc

@@ -7,6 +7,8 @@
 * ``chain.json``    where records fit a feed chain, and fork proofs (valid and not);
 * ``keys.json``     node ids derived from fixed seeds, and malformed node ids;
 * ``sync.json``     reconciliation item hashes, fingerprints, first messages, refusals;
+* ``cards.json``  a node card to open (for its id, another id, a malformed id) and
+  its JSON form, exact and with lookalike values (``true`` or ``1.0`` for ``1``);
 * ``checkpoints.json``  Merkle roots, inclusion and consistency proofs (RFC 9162, by
   a naive recursion written here), signed checkpoints (valid and not) and a split view.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from citynode.core import encoding
+from citynode.core.cards import card_to_json, make_card
 from citynode.core.keys import DOMAIN_CHECKPOINT, DOMAIN_RECORD, SigningKey, node_id
 
 HERE = Path(__file__).resolve().parent
@@ -1246,6 +1249,68 @@ def keys_file() -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- cards
+
+
+def cards_file() -> dict[str, Any]:
+    card = make_card(KEY_A, name="Example City", url="https://node.example.org",
+                     tls_fingerprint=bytes(range(32)),
+                     feeds=[("air", "public"), ("cert", "restricted")],
+                     partners=[KEY_B.public_key], software="citynode/0.1.0", now_ms=T0)
+    j = card_to_json(card)
+    bad_card = err("bad_card")
+    json_cases: list[tuple[str, str, dict[str, Any], Any]] = [
+        ("valid", "The JSON form of the card, as card_to_json writes it.", j, "valid"),
+        ("version-true", "version true: equal to 1 for a lax comparison, not the same "
+         "JSON value.", {**j, "version": True}, bad_card),
+        ("version-1.0", "version 1.0: a JSON number with a fraction is not the integer 1.",
+         {**j, "version": 1.0}, bad_card),
+        ("time-float", "time as a number with a fraction (.0): not the integer signed.",
+         {**j, "time": float(T0)}, bad_card),
+        ("name-differs", "A readable field that is not the signed one.",
+         {**j, "name": "Other City"}, bad_card),
+        ("extra-member", "A member the JSON form does not have.", {**j, "note": "x"},
+         bad_card),
+    ]
+    nid = node_id(KEY_A.public_key)
+    bad_id = nid[:-1] + ("a" if nid[-1] != "a" else "b")
+    open_cases: list[tuple[str, str, bytes, str | None, Any]] = [
+        ("valid", "The card, for the id of its own key.", card.envelope, nid, "valid"),
+        ("valid-no-id", "The card, with no expected id (cards learned from partners).",
+         card.envelope, None, "valid"),
+        ("wrong-node", "A valid card, fetched for B's id.", card.envelope,
+         node_id(KEY_B.public_key), err("wrong_node")),
+        ("bad-id-before-bad-envelope", "A malformed expected id (checksum) and an "
+         "envelope that is not one: the id is checked first (step 1).", b"\x00" * 10,
+         bad_id, {"error_class": "InvalidNodeId"}),
+        ("bad-id-before-good-card", "A malformed expected id with a valid card.",
+         card.envelope, bad_id, {"error_class": "InvalidNodeId"}),
+        ("bad-envelope", "An envelope that is not one, with a good id.", b"\x00" * 10,
+         nid, err("bad_envelope")),
+    ]
+    return {
+        "about": (
+            "citynode node card vectors (docs/PROTOCOL.md, 'Node cards'). 'open': verify "
+            "envelope_hex with expected_node_id (null: none) at now_ms; expect 'valid', "
+            "{'error': reason code} or {'error_class': 'InvalidNodeId'} (the expected id "
+            "is checked before anything else). 'json': verify the JSON form (the same "
+            "steps, then the whole object must equal the card's JSON form with exact "
+            "JSON types: true is not 1, 1.0 is not 1)."
+        ),
+        "generator": "tests/vectors/generate.py",
+        "now_ms": NOW,
+        "open": [
+            {"name": n, "description": d, "envelope_hex": e.hex(), "expected_node_id": i,
+             "expect": x}
+            for n, d, e, i, x in open_cases
+        ],
+        "json": [
+            {"name": n, "description": d, "json": v, "expected_node_id": nid, "expect": x}
+            for n, d, v, x in json_cases
+        ],
+    }
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -1436,6 +1501,7 @@ def build() -> dict[str, str]:
         "keys.json": dumps(keys_file()),
         "checkpoints.json": dumps(checkpoints_file()),
         "sync.json": dumps(sync_file()),
+        "cards.json": dumps(cards_file()),
     }
 
 
