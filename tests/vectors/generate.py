@@ -368,6 +368,39 @@ def valid_cases() -> list[Case]:
             "m16": {f"k{i:02}": i for i in range(16)},
         })),
     ))
+    aq = dict(BUILTIN_PAYLOADS[0][2], location={
+        "type": "Point", "coordinates": [8.5417, 47.3769],
+        "bbox": [8.5, 47.3, 8.6, 47.4], "crs": "any value: foreign members are unchecked",
+    })
+    out.append(case(
+        "valid/geometry-foreign-members",
+        "A Point with a bbox and a foreign member 'crs' (RFC 7946 sections 5 and 6): "
+        "members other than type and coordinates are allowed and not checked.",
+        enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
+    ))
+    notice = dict(BUILTIN_PAYLOADS[-1][2], indicators=[
+        {"type": "domain", "value": "xn--mnchen-3ya.example."},
+        {"type": "domain", "value": "a-1.b2.example"},
+        {"type": "url", "value": "https://example.org/\u00e4\u00a0x"},
+        {"type": "email", "value": "\u00fc@example.org"},
+    ])
+    out.append(case(
+        "valid/indicator-edge-forms",
+        "Indicators at the edge of their rules: a punycode domain with a final dot, "
+        "labels with hyphens and digits; a url and an email holding non-ASCII "
+        "characters, U+00A0 included (only the six ASCII whitespace characters are "
+        "whitespace for these rules).",
+        enc(fields(feed="security", type_="CyberSecurityNotice", data=notice)),
+    ))
+    flow = dict(BUILTIN_PAYLOADS[1][2], dateObservedFrom="2016-12-31T23:59:60Z",
+                dateObservedTo="2017-01-01T00:00:00Z")
+    out.append(case(
+        "valid/leap-second-interval",
+        "dateObservedFrom 2016-12-31T23:59:60Z and dateObservedTo 2017-01-01T00:00:00Z: "
+        "second 60 orders as second 0 of the next minute, so the two are the same "
+        "instant, in order.",
+        enc(fields(feed="traffic", type_="TrafficFlowObserved", data=flow)),
+    ))
     out.append(case(
         "valid/max-seq",
         "seq at its maximum, 2^63-1 (a lone record verifies; the chain is a separate check).",
@@ -710,6 +743,67 @@ def invalid_cases() -> list[Case]:
         enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
         expect=err("bad_key"),
     ))
+    def payload(name: str, description: str, base_index: int, reason: str,
+                **attrs: Any) -> None:
+        type_, feed, data, _subject = BUILTIN_PAYLOADS[base_index]
+        d = dict(data, **attrs)
+        for k in [k for k, v in d.items() if v is ...]:
+            del d[k]
+        out.append(case(name, description,
+                        enc(fields(feed=feed, type_=type_, data=d)), expect=err(reason)))
+
+    payload("payload/normalized-without-value",
+            "pm25 as {unitCode: GQ}: a normalized value without 'value' is bad_value.",
+            0, "bad_value", pm25={"unitCode": "GQ"})
+    payload("payload/unit-code-not-a-string",
+            "pm25 as {value: 12.5, unitCode: 5}: any unitCode not accepted, whatever "
+            "its type, is bad_unit.", 0, "bad_unit", pm25={"value": 12.5, "unitCode": 5})
+    payload("payload/leap-second-after-to",
+            "dateObservedFrom 2016-12-31T23:59:60.5Z is 2017-01-01T00:00:00.5Z, after "
+            "dateObservedTo 2017-01-01T00:00:00.25Z.", 1, "bad_value",
+            dateObservedFrom="2016-12-31T23:59:60.5Z", dateObservedTo="2017-01-01T00:00:00.25Z")
+    for name, kind, value, why in (
+        ("domain-one-label", "domain", "localhost", "a domain has two labels or more"),
+        ("domain-hyphen-start", "domain", "-bad.example.org", "a label never starts "
+         "with a hyphen"),
+        ("domain-digit-tld", "domain", "example.123", "the last label starts with a "
+         "letter"),
+        ("domain-non-ascii", "domain", "m\u00fcnchen.example", "a domain is ASCII "
+         "(punycode for IDNs)"),
+        ("url-with-tab", "url", "https://example.org/a\tb", "a url holds no ASCII "
+         "whitespace"),
+        ("email-with-space", "email", "a b@example.org", "an email holds no ASCII "
+         "whitespace"),
+    ):
+        payload(f"payload/{name}", f"An indicator of type {kind} {value!r}: {why}.", -1,
+                "bad_value", indicators=[{"type": kind, "value": value}])
+
+    # Several faults in one payload: the order of docs/PROTOCOL.md ('Payload types',
+    # which fault is reported) decides the reason; every one is signed correctly.
+    payload("payload-order/required-first",
+            "No location (missing_field) and pm25 in kg (bad_unit): required attributes "
+            "are checked first.", 0, "missing_field", location=...,
+            pm25={"value": 1, "unitCode": "KGM"})
+    payload("payload-order/key-order-1",
+            "co = -1 (bad_value) and pm25 in kg (bad_unit): attributes in key order, "
+            "co before pm25.", 0, "bad_value", co=-1, pm25={"value": 1, "unitCode": "KGM"})
+    payload("payload-order/key-order-2",
+            "co in kg (bad_unit) and pm25 = -1 (bad_value): attributes in key order, "
+            "co before pm25.", 0, "bad_unit", co={"value": 1, "unitCode": "KGM"}, pm25=-1)
+    payload("payload-order/unit-before-value",
+            "pm25 as {value: 'x', unitCode: KGM}: within a normalized value, unitCode "
+            "before value.", 0, "bad_unit", pm25={"value": "x", "unitCode": "KGM"})
+    payload("payload-order/attributes-before-measurements",
+            "No measurement (missing_field) and an attribute name of 65 characters "
+            "(bad_key): attributes before the at-least-one-measurement rule.", 0,
+            "bad_key", **{"x" * 65: 1, **{m: ... for m in ("pm25", "pm10", "no2", "o3",
+                                                            "co")}})
+    payload("payload-order/measurements-before-interval",
+            "No measurement (missing_field) and dateObservedTo before dateObservedFrom "
+            "(bad_value): the interval is checked last.", 1, "missing_field",
+            dateObservedFrom="2025-01-01T00:00:00Z", dateObservedTo="2024-12-31T23:45:00Z",
+            **{m: ... for m in ("intensity", "averageVehicleSpeed", "occupancy",
+                                "congested")})
     out.append(case(
         "payload/unknown-type",
         "type 'Test': neither built in nor a namespaced custom type (org.example.Test).",
