@@ -18,7 +18,10 @@ deterministic. The expected verdicts are written out here by hand, never compute
 code under test; ``tests/core/test_vectors.py`` checks the code against them.
 
 Invalid bodies are signed correctly (the raw bytes, with ``DOMAIN_RECORD``) so that each
-is rejected for its one fault, whatever order a verifier checks things in.
+is rejected for its one fault, whatever order a verifier checks things in; the
+``payload-order/*`` ones hold several payload faults on purpose (the spec fixes their
+order), and the ``signature/*`` edge cases are signed by hand, with curve arithmetic
+written here (``equation_holds`` says whether the plain RFC 8032 equation holds).
 """
 
 from __future__ import annotations
