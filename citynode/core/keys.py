@@ -75,13 +75,14 @@ def parse_node_id(text: str) -> bytes:
     """
     if not isinstance(text, str):
         raise InvalidNodeId("a node id is a string")
-    # Refused before any case folding or stripping: Unicode upper-cases U+0131 to "I"
-    # and U+017F to "S", and strips U+00A0, so two different strings would name one node.
-    if not text.isascii():
-        raise InvalidNodeId("node id holds a non-ASCII character: copy it again as plain text")
-    s = text.strip(_ID_WHITESPACE)
+    s = text.strip(_ID_WHITESPACE)  # ASCII characters only: no Unicode rule applies
     if not s.startswith(NODE_ID_PREFIX):
         raise InvalidNodeId(f"node id {s[:16]!r}... does not start with {NODE_ID_PREFIX!r}")
+    # Refused before any case folding: Unicode upper-cases U+0131 to "I" and U+017F to
+    # "S" (and str.strip() would drop U+00A0), so two different strings would name one
+    # node.
+    if not s.isascii():
+        raise InvalidNodeId("node id holds a non-ASCII character: copy it again as plain text")
     body = s[len(NODE_ID_PREFIX) :]
     if len(body) != 56:
         raise InvalidNodeId(
