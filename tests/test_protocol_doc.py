@@ -539,3 +539,18 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def test_indicator_patterns_are_the_ones_the_doc_states() -> None:
+    """The domain pattern and the whitespace of the url and email rules, as written in
+    'Payload types', are the code's own (issue 12, point 9)."""
+    doc = _doc()
+    domain = payload_types._DOMAIN_RE.pattern
+    lookahead = r"(?=.{1,253}\Z)"
+    assert domain.startswith(lookahead)
+    assert f"`{domain.removeprefix(lookahead)}`" in doc
+    assert "1 to\n    253 characters in all" in doc
+    whitespace = r"\t\n\v\f\r "
+    assert f"(`{whitespace}`)" in doc
+    assert payload_types._URL_RE.pattern.endswith(f"://[^{whitespace}]+")
+    assert payload_types._EMAIL_RE.pattern == f"[^@{whitespace}]+@[^@{whitespace}]+"

@@ -267,11 +267,11 @@ def make_card(
 def _open(
     body: bytes,
     sig: bytes,
-    expected_node_id: str | None,
+    expected: bytes | None,
     verifier: Verifier,
     now_ms: int | None,
 ) -> NodeCard:
-    expected = parse_node_id(expected_node_id) if expected_node_id is not None else None
+    """Steps 3-8 of verifying a card; ``expected`` is the parsed expected key."""
     card = _parse_body(body)
     if now_ms is not None and card.time > now_ms + DEFAULT_FUTURE_TOLERANCE_MS:
         raise InvalidRecord(
@@ -307,8 +307,15 @@ def open_card(
     is the expected one. Raises :class:`InvalidRecord` (:class:`EncodingError`,
     :class:`SignatureError` -- reason ``"wrong_node"`` for another node's card).
     """
+    # The caller's own input first: a malformed id is the caller's mistake, whatever
+    # the partner sent.
+    expected = _expected_key(expected_node_id)
     body, sig = decode_envelope(envelope, CARD_LIMITS)
-    return _open(body, sig, expected_node_id, verifier, now_ms)
+    return _open(body, sig, expected, verifier, now_ms)
+
+
+def _expected_key(expected_node_id: str | None) -> bytes | None:
+    return None if expected_node_id is None else parse_node_id(expected_node_id)
 
 
 def card_to_json(card: NodeCard) -> dict[str, Any]:
@@ -355,12 +362,25 @@ def card_from_json(
     show one thing and sign another. Raises as :func:`open_card`, and
     :class:`InvalidRecord` if the JSON is not a card or its fields disagree.
     """
+    expected = _expected_key(expected_node_id)
     if not isinstance(data, Mapping):
         raise _fail("a JSON card is an object")
     body, sig = _b64(data, "body"), _b64(data, "sig")
     if len(sig) != 64:
         raise EncodingError(f"card signature is {len(sig)} bytes, not 64", "bad_envelope")
-    card = _open(body, sig, expected_node_id, verifier, now_ms)
-    if card_to_json(card) != dict(data):
+    card = _open(body, sig, expected, verifier, now_ms)
+    if not _same_json(card_to_json(card), dict(data)):
         raise _fail("the readable fields of the JSON card do not match its signed body")
     return card
+
+
+def _same_json(want: Any, got: Any) -> bool:
+    """JSON equality with exact types: Python's ``==`` holds ``True == 1 == 1.0``, so
+    ``"version": true`` or ``"time": 1.7e12`` would pass for the integers signed."""
+    if type(want) is not type(got):
+        return False
+    if type(want) is dict:
+        return want.keys() == got.keys() and all(_same_json(want[k], got[k]) for k in want)
+    if type(want) is list:
+        return len(want) == len(got) and all(map(_same_json, want, got))
+    return bool(want == got)

@@ -35,6 +35,7 @@ from citynode.core.records import (
 from citynode.errors import InvalidProof, InvalidRecord
 
 __all__ = [
+    "FORK_PROOF_LIMITS",
     "Decision",
     "FeedHead",
     "ForkProof",
@@ -97,6 +98,12 @@ def classify(record: Record, head: FeedHead | None, held_id_at_seq: bytes | None
     return Decision(Verdict.EQUIVOCATION, conflicts_with_seq=record.seq)
 
 
+# A proof is a flat map of 3 entries (two bin envelopes and "fork"): exactly what it
+# needs, so a hostile proof costs no more than reading 140 KiB (two envelopes at the
+# default 64 KiB body limit are at most 131,241 bytes with their headers).
+FORK_PROOF_LIMITS = encoding.Limits(max_bytes=140 * 1024, max_depth=1, max_items=3)
+
+
 @dataclass(frozen=True, slots=True)
 class ForkProof:
     """Two envelopes signed by one origin that cannot both belong to one chain.
@@ -106,7 +113,8 @@ class ForkProof:
     :func:`verify_fork_proof`; no trust in the node that produced it is needed.
     """
 
-    # Verifiers accept either order; citynode stores the one of canonical_fork_proof.
+    # Verifiers accept either order; nodes store, list and send the one of
+    # canonical_fork_proof.
     a: bytes
     b: bytes
 
@@ -116,9 +124,11 @@ class ForkProof:
 
     @staticmethod
     def decode(data: bytes) -> ForkProof:
-        """Decode a proof's bytes (not yet verified). Raises :class:`InvalidProof`."""
+        """Decode a proof's bytes (not yet verified) within :data:`FORK_PROOF_LIMITS`.
+
+        Raises :class:`InvalidProof`."""
         try:
-            v: Any = encoding.decode(data, encoding.Limits(max_bytes=140 * 1024))
+            v: Any = encoding.decode(data, FORK_PROOF_LIMITS)
         except InvalidRecord as exc:
             raise InvalidProof(f"fork proof is not canonical msgpack: {exc}") from exc
         if (

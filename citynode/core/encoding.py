@@ -258,11 +258,16 @@ def _decode_reference(data: bytes, limits: Limits) -> Any:
     except msgpack.StackError as exc:
         raise EncodingError("value nests too deeply", "too_deep") from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # msgpack raises ValueError for truncated data and size limits, and for a
-        # non-string map key (strict_map_key, kept: it stops hash flooding with crafted
-        # int keys). Such a map is valid msgpack, just not canonical.
-        if "map key" in str(exc):
-            raise EncodingError("map key is not a string", "non_canonical") from exc
+        # msgpack raises ValueError for truncated data, but also for input that is one
+        # complete msgpack value it will not build: a non-string map key (strict_map_key,
+        # kept: it stops hash flooding with crafted int keys), an ext of a reserved type
+        # (-128..-2) or a timestamp (-1) of a length or content no timestamp has. Those
+        # are valid msgpack, just not canonical: the structure alone decides.
+        if _one_complete_value(data):
+            raise EncodingError(
+                f"valid msgpack but not canonical (ext or non-string map key): {exc}",
+                "non_canonical",
+            ) from exc
         raise EncodingError(f"not valid msgpack: {exc}", "malformed") from exc
     _check(value, limits)
     # The walk proved key order and types; re-encoding proves shortest integer and
@@ -274,3 +279,68 @@ def _decode_reference(data: bytes, limits: Limits) -> Any:
             "non_canonical",
         )
     return value
+
+
+# Header bytes c4..df: (size of the length field, or 0 for fixed; fixed payload size;
+# what follows: "bin", "str", "ext", "array", "map" or "" for a scalar).
+_HEADERS: dict[int, tuple[int, int, str]] = {
+    0xC4: (1, 0, "bin"), 0xC5: (2, 0, "bin"), 0xC6: (4, 0, "bin"),
+    0xC7: (1, 1, "ext"), 0xC8: (2, 1, "ext"), 0xC9: (4, 1, "ext"),
+    0xCA: (0, 4, ""), 0xCB: (0, 8, ""),
+    0xCC: (0, 1, ""), 0xCD: (0, 2, ""), 0xCE: (0, 4, ""), 0xCF: (0, 8, ""),
+    0xD0: (0, 1, ""), 0xD1: (0, 2, ""), 0xD2: (0, 4, ""), 0xD3: (0, 8, ""),
+    0xD4: (0, 2, ""), 0xD5: (0, 3, ""), 0xD6: (0, 5, ""), 0xD7: (0, 9, ""),
+    0xD8: (0, 17, ""),
+    0xD9: (1, 0, "str"), 0xDA: (2, 0, "str"), 0xDB: (4, 0, "str"),
+    0xDC: (2, 0, "array"), 0xDD: (4, 0, "array"), 0xDE: (2, 0, "map"), 0xDF: (4, 0, "map"),
+}
+
+
+def _one_complete_value(data: bytes) -> bool:
+    """Whether ``data`` is exactly one well-formed msgpack value: not truncated, no
+    trailing bytes, no reserved byte ``c1``, every str valid UTF-8. Ext values of any
+    type and length and map keys of any type are well formed (the canonical rules
+    refuse them, as ``non_canonical``). Error path only; iterative, linear in
+    ``len(data)``."""
+    pos, end, pending = 0, len(data), 1  # pending: values still to read
+    while pending:
+        if pending > end - pos:  # every value takes at least one byte
+            return False
+        b = data[pos]
+        pos += 1
+        pending -= 1
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            continue
+        if b <= 0x8F:
+            pending += 2 * (b & 0x0F)
+            continue
+        if b <= 0x9F:
+            pending += b & 0x0F
+            continue
+        if b <= 0xBF:
+            size, kind = b & 0x1F, "str"
+        elif b == 0xC1:
+            return False
+        else:
+            width, size, kind = _HEADERS[b]
+            if width:
+                if pos + width > end:
+                    return False
+                count = int.from_bytes(data[pos : pos + width], "big")
+                pos += width
+                if kind == "array":
+                    pending += count
+                    continue
+                if kind == "map":
+                    pending += 2 * count
+                    continue
+                size += count  # bin, str; ext: its type byte and its data
+        if pos + size > end:
+            return False
+        if kind == "str":
+            try:
+                data[pos : pos + size].decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+        pos += size
+    return pos == end

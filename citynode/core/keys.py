@@ -44,6 +44,7 @@ __all__ = [
 
 NODE_ID_PREFIX = "cn1"
 _ID_CHECKSUM_DOMAIN = b"citynode/node-id/v1"
+_ID_WHITESPACE = " \t\r\n"  # the only characters tolerated around a node id
 
 DOMAIN_RECORD = b"citynode/record/v1\x00"
 DOMAIN_CARD = b"citynode/card/v1\x00"
@@ -67,14 +68,21 @@ def node_id(public_key: bytes) -> str:
 def parse_node_id(text: str) -> bytes:
     """Return the 32-byte public key a node id stands for.
 
-    Raises :class:`InvalidNodeId` (with what is wrong) if the id is malformed or its
-    checksum does not match (a typo or a truncated copy).
+    Tolerates surrounding ASCII whitespace (space, tab, CR, LF) and upper-case base32
+    letters. Raises :class:`InvalidNodeId` (with what is wrong) if the id is malformed
+    or its checksum does not match (a typo or a truncated copy), and for any non-ASCII
+    character anywhere in ``text``.
     """
     if not isinstance(text, str):
         raise InvalidNodeId("a node id is a string")
-    s = text.strip()
+    s = text.strip(_ID_WHITESPACE)  # ASCII characters only: no Unicode rule applies
     if not s.startswith(NODE_ID_PREFIX):
         raise InvalidNodeId(f"node id {s[:16]!r}... does not start with {NODE_ID_PREFIX!r}")
+    # Refused before any case folding: Unicode upper-cases U+0131 to "I" and U+017F to
+    # "S" (and str.strip() would drop U+00A0), so two different strings would name one
+    # node.
+    if not s.isascii():
+        raise InvalidNodeId("node id holds a non-ASCII character: copy it again as plain text")
     body = s[len(NODE_ID_PREFIX) :]
     if len(body) != 56:
         raise InvalidNodeId(
@@ -132,6 +140,9 @@ class SigningKey:
 def verify(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> None:
     """Check an Ed25519 signature over ``domain || message``.
 
+    The rules are libsodium's strict ones (docs/PROTOCOL.md, "Signature"): S < L, a
+    canonical key, neither the key nor R one of the 14 small-order encodings, then the
+    cofactorless equation with R compared as bytes; no subgroup check.
     Raises :class:`SignatureError` if the key is malformed or the signature fails.
     """
     try:

@@ -132,8 +132,11 @@ _DOMAIN_RE = re.compile(
     r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?",
     re.ASCII,
 )
-_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", re.ASCII)
-_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+", re.ASCII)
+# "Whitespace" in the url and email rules is the six ASCII characters tab, LF, VT, FF,
+# CR and space, written out (not \s, whose meaning varies between regex engines);
+# non-ASCII characters, U+00A0 included, are allowed.
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\t\n\v\f\r ]+", re.ASCII)
+_EMAIL_RE = re.compile(r"[^@\t\n\v\f\r ]+@[^@\t\n\v\f\r ]+", re.ASCII)
 
 
 class _Problem(Exception):

@@ -173,6 +173,20 @@ def test_malformed_expected_id() -> None:
         open_card(_card().envelope, expected_node_id=KEY.node_id[:-1] + "a", verifier=V)
 
 
+@pytest.mark.parametrize(
+    "env", [b"", b"\x92", b"\x00" * 100, b"\x92\xc4\x01a\xc4\x40" + b"\0" * 64]
+)
+def test_expected_id_is_checked_before_the_envelope_is_decoded(env: bytes) -> None:
+    """Step 1 first: the caller's malformed id is reported, not the partner's bytes."""
+    bad_id = KEY.node_id[:-1] + "a"
+    with pytest.raises(InvalidNodeId):
+        open_card(env, expected_node_id=bad_id, verifier=V)
+    with pytest.raises(InvalidNodeId):
+        card_from_json({"body": "!!"}, expected_node_id=bad_id, verifier=V)
+    with pytest.raises(InvalidRecord):  # and the envelope alone is refused
+        open_card(env, expected_node_id=KEY.node_id, verifier=V)
+
+
 # -- tampering -------------------------------------------------------------------------
 
 
@@ -214,6 +228,22 @@ def test_json_readable_field_disagreeing_with_the_body() -> None:
             card_from_json(bad, expected_node_id=None, verifier=V)
     with pytest.raises(InvalidRecord, match="do not match"):
         card_from_json({**j, "extra": 1}, expected_node_id=None, verifier=V)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("version", True), ("version", 1.0), ("time", float(NOW))],
+    ids=["version-true", "version-1.0", "time-float"],
+)
+def test_json_fields_must_equal_with_exact_types(field: str, value: Any) -> None:
+    """Python's == holds True == 1 == 1.0: the comparison is type-exact instead."""
+    card = _card()
+    j = card_to_json(card)
+    assert j[field] == value  # equal for Python, yet another JSON value
+    with pytest.raises(InvalidRecord, match="do not match its signed body") as info:
+        card_from_json({**j, field: value}, expected_node_id=None, verifier=V)
+    assert info.value.reason == "bad_card"
+    assert card_from_json(json.loads(json.dumps(j)), expected_node_id=None, verifier=V) == card
 
 
 def test_json_body_or_sig_tampered_or_malformed() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from citynode.core import encoding
 from citynode.core.chain import (
+    FORK_PROOF_LIMITS,
     Decision,
     FeedHead,
     ForkProof,
@@ -19,7 +20,7 @@ from citynode.core.chain import (
 )
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
 from citynode.core.records import Record, decode_envelope, open_record, sign_record
-from citynode.errors import InvalidProof
+from citynode.errors import InvalidProof, InvalidRecord
 
 A = SigningKey(bytes([1]) * 32)
 B = SigningKey(bytes([2]) * 32)
@@ -279,6 +280,23 @@ def test_fork_proof_decode_rejects_wrong_shapes(value: Any) -> None:
 def test_fork_proof_decode_rejects_non_canonical_bytes(raw: bytes) -> None:
     with pytest.raises(InvalidProof):
         ForkProof.decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ({"kind": "fork", "a": [b"x"], "b": b"y"}, "too_deep"),
+        ({"kind": "fork", "a": b"x", "b": b"y", "c": 0}, "too_many_items"),
+        ({"kind": "fork", "a": b"x" * 72_000, "b": b"y" * 72_000}, "too_large"),
+    ],
+    ids=["depth-2", "4-items", "over-140KiB"],
+)
+def test_fork_proof_decode_limits_are_140kib_depth_1_3_items(value: Any, reason: str) -> None:
+    assert encoding.Limits(max_bytes=143_360, max_depth=1, max_items=3) == FORK_PROOF_LIMITS
+    with pytest.raises(InvalidProof) as info:
+        ForkProof.decode(encoding.encode(value))
+    cause = info.value.__cause__
+    assert isinstance(cause, InvalidRecord) and cause.reason == reason
 
 
 def test_fork_proof_decode_accepts_two_maximal_envelopes() -> None:

@@ -344,12 +344,38 @@ def test_encode_refuses_what_has_no_canonical_form(value: Any) -> None:
         ("91 d6 ff 00 00 00 01", "non_canonical"),
         ("81 a1 61 d4 05 00", "non_canonical"),
         ("c7 00 05", "non_canonical"),
+        # Every ext is non_canonical, whatever its type and length (issue 12, point 9):
+        ("d4 fe 00", "non_canonical"),  # reserved type -2
+        ("d4 80 00", "non_canonical"),  # reserved type -128
+        ("d4 ff 00", "non_canonical"),  # timestamp ext of a length no timestamp has
+        ("c7 00 ff", "non_canonical"),  # ... of length 0
+        ("d7 ff ff ff ff fc 00 00 00 00", "non_canonical"),  # nanoseconds over 999999999
+        ("81 a1 61 d4 fe 00", "non_canonical"),
+        # ... but a fault of structure anywhere still makes the input malformed:
+        ("92 d4 fe 00", "malformed"),  # truncated after it
+        ("d4 fe 00 00", "malformed"),  # trailing byte
+        ("92 d4 fe 00 a1 ff", "malformed"),  # invalid UTF-8 after it
+        ("92 d4 fe 00 c1", "malformed"),  # reserved byte after it
+        ("d4 fe", "malformed"),  # truncated inside it
+        ("dd ff ff ff ff", "malformed"),  # a count no input can hold
     ],
 )
 def test_decode_reasons(hex_: str, reason: str) -> None:
     with pytest.raises(EncodingError) as info:
         decode(bytes.fromhex(hex_.replace(" ", "")))
     assert info.value.reason == reason
+
+
+@settings(max_examples=150, deadline=None)
+@given(values)
+def test_structure_check_knows_a_complete_value_from_a_broken_one(v: Any) -> None:
+    """The structural check behind malformed vs non_canonical: a complete value is
+    well formed; every strict prefix, and the value with a byte after it, is not."""
+    data = ref_encode(v)
+    assert encoding._one_complete_value(data)
+    assert not encoding._one_complete_value(data + b"\xc0")
+    for cut in range(len(data)):
+        assert not encoding._one_complete_value(data[:cut])
 
 
 # --------------------------------------------------------------------------- limits

@@ -100,6 +100,29 @@ def test_malformed_node_ids(text: str) -> None:
         parse_node_id(text)
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("i", "\u0131"), ("s", "\u017f"), ("k", "\u212a"), ("7", "\uff17")],
+    ids=["dotless-i", "long-s", "kelvin-sign", "fullwidth-7"],
+)
+def test_non_ascii_look_alikes_are_refused_before_case_folding(old: str, new: str) -> None:
+    """Each of these folds (upper() or NFKC) to the real id's character: an id that
+    folded first would give one node two spellings."""
+    nid = KEY.node_id
+    assert old in nid[3:]
+    text = nid[:3] + nid[3:].replace(old, new)
+    assert text != nid and text.isascii() is False
+    with pytest.raises(InvalidNodeId, match="non-ASCII"):
+        parse_node_id(text)
+
+
+@pytest.mark.parametrize("pad", ["\u00a0", "\u2003", "\u3000", "\x1c", "\x0b"])
+def test_only_ascii_space_tab_cr_lf_are_tolerated_around_an_id(pad: str) -> None:
+    with pytest.raises(InvalidNodeId):
+        parse_node_id(pad + KEY.node_id + pad)
+    assert parse_node_id(" \t\r\n" + KEY.node_id + "\r\n") == KEY.public_key
+
+
 @pytest.mark.parametrize("value", [None, b"cn1", 5])
 def test_parse_node_id_needs_a_string(value: object) -> None:
     with pytest.raises(InvalidNodeId):

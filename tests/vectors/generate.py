@@ -7,6 +7,8 @@
 * ``chain.json``    where records fit a feed chain, and fork proofs (valid and not);
 * ``keys.json``     node ids derived from fixed seeds, and malformed node ids;
 * ``sync.json``     reconciliation item hashes, fingerprints, first messages, refusals;
+* ``cards.json``  a node card to open (for its id, another id, a malformed id) and
+  its JSON form, exact and with lookalike values (``true`` or ``1.0`` for ``1``);
 * ``checkpoints.json``  Merkle roots, inclusion and consistency proofs (RFC 9162, by
   a naive recursion written here), signed checkpoints (valid and not) and a split view.
 
@@ -16,7 +18,10 @@ deterministic. The expected verdicts are written out here by hand, never compute
 code under test; ``tests/core/test_vectors.py`` checks the code against them.
 
 Invalid bodies are signed correctly (the raw bytes, with ``DOMAIN_RECORD``) so that each
-is rejected for its one fault, whatever order a verifier checks things in.
+is rejected for its one fault, whatever order a verifier checks things in; the
+``payload-order/*`` ones hold several payload faults on purpose (the spec fixes their
+order), and the ``signature/*`` edge cases are signed by hand, with curve arithmetic
+written here (``equation_holds`` says whether the plain RFC 8032 equation holds).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from citynode.core import encoding
+from citynode.core.cards import card_to_json, make_card
 from citynode.core.keys import DOMAIN_CHECKPOINT, DOMAIN_RECORD, SigningKey, node_id
 
 HERE = Path(__file__).resolve().parent
@@ -365,6 +371,39 @@ def valid_cases() -> list[Case]:
             "m16": {f"k{i:02}": i for i in range(16)},
         })),
     ))
+    aq = dict(BUILTIN_PAYLOADS[0][2], location={
+        "type": "Point", "coordinates": [8.5417, 47.3769],
+        "bbox": [8.5, 47.3, 8.6, 47.4], "crs": "any value: foreign members are unchecked",
+    })
+    out.append(case(
+        "valid/geometry-foreign-members",
+        "A Point with a bbox and a foreign member 'crs' (RFC 7946 sections 5 and 6): "
+        "members other than type and coordinates are allowed and not checked.",
+        enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
+    ))
+    notice = dict(BUILTIN_PAYLOADS[-1][2], indicators=[
+        {"type": "domain", "value": "xn--mnchen-3ya.example."},
+        {"type": "domain", "value": "a-1.b2.example"},
+        {"type": "url", "value": "https://example.org/\u00e4\u00a0x"},
+        {"type": "email", "value": "\u00fc@example.org"},
+    ])
+    out.append(case(
+        "valid/indicator-edge-forms",
+        "Indicators at the edge of their rules: a punycode domain with a final dot, "
+        "labels with hyphens and digits; a url and an email holding non-ASCII "
+        "characters, U+00A0 included (only the six ASCII whitespace characters are "
+        "whitespace for these rules).",
+        enc(fields(feed="security", type_="CyberSecurityNotice", data=notice)),
+    ))
+    flow = dict(BUILTIN_PAYLOADS[1][2], dateObservedFrom="2016-12-31T23:59:60Z",
+                dateObservedTo="2017-01-01T00:00:00Z")
+    out.append(case(
+        "valid/leap-second-interval",
+        "dateObservedFrom 2016-12-31T23:59:60Z and dateObservedTo 2017-01-01T00:00:00Z: "
+        "second 60 orders as second 0 of the next minute, so the two are the same "
+        "instant, in order.",
+        enc(fields(feed="traffic", type_="TrafficFlowObserved", data=flow)),
+    ))
     out.append(case(
         "valid/max-seq",
         "seq at its maximum, 2^63-1 (a lone record verifies; the chain is a separate check).",
@@ -508,6 +547,20 @@ def invalid_cases() -> list[Case]:
         replace_value(base, "data", raw_map([
             (enc("reading"), b"\xd6\xff" + struct.pack(">I", T0 // 1000)),
         ])), expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/ext-reserved-type",
+        "An ext of the reserved type -2 (fixext1: d4 fe 00) in the payload: every ext is "
+        "non_canonical, whatever its type.",
+        replace_value(base, "data", raw_map([(enc("reading"), b"\xd4\xfe\x00")])),
+        expect=nc,
+    ))
+    out.append(case(
+        "non-canonical/timestamp-ext-bad-length",
+        "An ext -1 of 1 byte (d4 ff 00), a length no msgpack timestamp has: still just an "
+        "ext, so non_canonical (not malformed).",
+        replace_value(base, "data", raw_map([(enc("reading"), b"\xd4\xff\x00")])),
+        expect=nc,
     ))
     out.append(case(
         "non-canonical/nan",
@@ -693,6 +746,67 @@ def invalid_cases() -> list[Case]:
         enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
         expect=err("bad_key"),
     ))
+    def payload(name: str, description: str, base_index: int, reason: str,
+                **attrs: Any) -> None:
+        type_, feed, data, _subject = BUILTIN_PAYLOADS[base_index]
+        d = dict(data, **attrs)
+        for k in [k for k, v in d.items() if v is ...]:
+            del d[k]
+        out.append(case(name, description,
+                        enc(fields(feed=feed, type_=type_, data=d)), expect=err(reason)))
+
+    payload("payload/normalized-without-value",
+            "pm25 as {unitCode: GQ}: a normalized value without 'value' is bad_value.",
+            0, "bad_value", pm25={"unitCode": "GQ"})
+    payload("payload/unit-code-not-a-string",
+            "pm25 as {value: 12.5, unitCode: 5}: any unitCode not accepted, whatever "
+            "its type, is bad_unit.", 0, "bad_unit", pm25={"value": 12.5, "unitCode": 5})
+    payload("payload/leap-second-after-to",
+            "dateObservedFrom 2016-12-31T23:59:60.5Z is 2017-01-01T00:00:00.5Z, after "
+            "dateObservedTo 2017-01-01T00:00:00.25Z.", 1, "bad_value",
+            dateObservedFrom="2016-12-31T23:59:60.5Z", dateObservedTo="2017-01-01T00:00:00.25Z")
+    for name, kind, value, why in (
+        ("domain-one-label", "domain", "localhost", "a domain has two labels or more"),
+        ("domain-hyphen-start", "domain", "-bad.example.org", "a label never starts "
+         "with a hyphen"),
+        ("domain-digit-tld", "domain", "example.123", "the last label starts with a "
+         "letter"),
+        ("domain-non-ascii", "domain", "m\u00fcnchen.example", "a domain is ASCII "
+         "(punycode for IDNs)"),
+        ("url-with-tab", "url", "https://example.org/a\tb", "a url holds no ASCII "
+         "whitespace"),
+        ("email-with-space", "email", "a b@example.org", "an email holds no ASCII "
+         "whitespace"),
+    ):
+        payload(f"payload/{name}", f"An indicator of type {kind} {value!r}: {why}.", -1,
+                "bad_value", indicators=[{"type": kind, "value": value}])
+
+    # Several faults in one payload: the order of docs/PROTOCOL.md ('Payload types',
+    # which fault is reported) decides the reason; every one is signed correctly.
+    payload("payload-order/required-first",
+            "No location (missing_field) and pm25 in kg (bad_unit): required attributes "
+            "are checked first.", 0, "missing_field", location=...,
+            pm25={"value": 1, "unitCode": "KGM"})
+    payload("payload-order/key-order-1",
+            "co = -1 (bad_value) and pm25 in kg (bad_unit): attributes in key order, "
+            "co before pm25.", 0, "bad_value", co=-1, pm25={"value": 1, "unitCode": "KGM"})
+    payload("payload-order/key-order-2",
+            "co in kg (bad_unit) and pm25 = -1 (bad_value): attributes in key order, "
+            "co before pm25.", 0, "bad_unit", co={"value": 1, "unitCode": "KGM"}, pm25=-1)
+    payload("payload-order/unit-before-value",
+            "pm25 as {value: 'x', unitCode: KGM}: within a normalized value, unitCode "
+            "before value.", 0, "bad_unit", pm25={"value": "x", "unitCode": "KGM"})
+    payload("payload-order/attributes-before-measurements",
+            "No measurement (missing_field) and an attribute name of 65 characters "
+            "(bad_key): attributes before the at-least-one-measurement rule.", 0,
+            "bad_key", **{"x" * 65: 1, **{m: ... for m in ("pm25", "pm10", "no2", "o3",
+                                                            "co")}})
+    payload("payload-order/measurements-before-interval",
+            "No measurement (missing_field) and dateObservedTo before dateObservedFrom "
+            "(bad_value): the interval is checked last.", 1, "missing_field",
+            dateObservedFrom="2025-01-01T00:00:00Z", dateObservedTo="2024-12-31T23:45:00Z",
+            **{m: ... for m in ("intensity", "averageVehicleSpeed", "occupancy",
+                                "congested")})
     out.append(case(
         "payload/unknown-type",
         "type 'Test': neither built in nor a namespaced custom type (org.example.Test).",
@@ -743,6 +857,244 @@ def invalid_cases() -> list[Case]:
     return out
 
 
+# --------------------------------------------------------------------------- Ed25519 edges
+# Signatures on the edge of the strict Ed25519 rules (docs/PROTOCOL.md, 'Signature'),
+# made by hand with the curve arithmetic below (affine twisted Edwards, RFC 8032 5.1),
+# never by the code under test. Each one either satisfies the plain RFC 8032 equation
+# encode([S]B - [h]A) == R (so a lax verifier such as OpenSSL's accepts it and only the
+# strict rules refuse it), or is said not to.
+
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+Point = tuple[int, int]
+_O: Point = (0, 1)
+
+
+def _inv(x: int) -> int:
+    return pow(x, _P - 2, _P)
+
+
+def _add(p: Point, q: Point) -> Point:
+    (x1, y1), (x2, y2) = p, q
+    t = _D * x1 * x2 * y1 * y2 % _P
+    return ((x1 * y2 + x2 * y1) * _inv(1 + t) % _P, (y1 * y2 + x1 * x2) * _inv(1 - t) % _P)
+
+
+def _mul(k: int, p: Point) -> Point:
+    acc = _O
+    while k:
+        if k & 1:
+            acc = _add(acc, p)
+        p, k = _add(p, p), k >> 1
+    return acc
+
+
+def _neg(p: Point) -> Point:
+    return (-p[0] % _P, p[1])
+
+
+def _x_of(y: int, sign: int) -> int | None:
+    """The x with this sign bit on the curve at y (mod p), or None if there is none."""
+    x2 = (y * y - 1) * _inv(_D * y * y + 1) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P:
+        return None
+    return x if x % 2 == sign else -x % _P
+
+
+def _decode(enc_: bytes) -> Point:
+    """Decode leniently, as a lax verifier does: y taken mod p, x = 0 with sign 1 let be."""
+    n = int.from_bytes(enc_, "little")
+    y = (n & (2**255 - 1)) % _P
+    x = _x_of(y, n >> 255)
+    assert x is not None, enc_.hex()
+    return (x, y)
+
+
+def _encode(p: Point) -> bytes:
+    return (p[1] | (p[0] & 1) << 255).to_bytes(32, "little")
+
+
+_B: Point = (_x_of(4 * _inv(5) % _P, 0) or 0, 4 * _inv(5) % _P)
+
+# The y coordinates (little-endian, bit 255 clear) that libsodium refuses for A and R,
+# with either sign bit: 14 encodings of the 8 points of order 1, 2, 4 and 8.
+SMALL_ORDER_Y = [
+    ("order-4-y0", "00" * 32),
+    ("order-1-y1", "01" + "00" * 31),
+    ("order-8-a", "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    ("order-8-b", "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    ("order-2-y-1", "ec" + "ff" * 30 + "7f"),
+    ("order-4-y-p", "ed" + "ff" * 30 + "7f"),
+    ("order-1-y-p+1", "ee" + "ff" * 30 + "7f"),
+]
+
+
+def _small_order_encodings() -> list[tuple[str, bytes]]:
+    out = []
+    for name, y in SMALL_ORDER_Y:
+        for sign in (0, 1):
+            e = bytearray(bytes.fromhex(y))
+            e[31] |= sign << 7
+            out.append((f"{name}-sign{sign}", bytes(e)))
+    return out
+
+
+def _order(p: Point) -> int:
+    return next(n for n in (1, 2, 4, 8) if _mul(n, p) == _O)
+
+
+def _scalar(seed: bytes) -> int:
+    """RFC 8032 5.1.5: the secret scalar of a seed."""
+    a = int.from_bytes(hashlib.sha512(seed).digest()[:32], "little")
+    return (a & ((1 << 254) - 8)) | (1 << 254)
+
+
+def _h(r: bytes, a: bytes, body: bytes) -> int:
+    return int.from_bytes(hashlib.sha512(r + a + DOMAIN_RECORD + body).digest(), "little") % _L
+
+
+def _nonce(label: str) -> int:
+    return int.from_bytes(hashlib.sha512(b"citynode vector nonce " + label.encode()).digest(),
+                          "little") % _L
+
+
+def _s(n: int) -> bytes:
+    return n.to_bytes(32, "little")
+
+
+def sig_case(name: str, description: str, body: bytes, public_key: bytes, sig: bytes,
+             *, holds: bool, expect: str | dict[str, str] = "valid") -> Case:
+    """A record vector with a raw origin key and signature; ``holds`` says whether the
+    plain RFC 8032 equation encode([S]B - [h]A) == R holds (S as an integer)."""
+    return {
+        "name": name,
+        "description": description,
+        "now_ms": NOW,
+        "public_key_hex": public_key.hex(),
+        "node_id": node_id(public_key),
+        "envelope_hex": envelope(body, sig).hex(),
+        "body_hex": body.hex(),
+        "sig_hex": sig.hex(),
+        "id_hex": rid(body).hex() if expect == "valid" else None,
+        "expect": expect,
+        "equation_holds": holds,
+    }
+
+
+def _ground(public_key: bytes, r: bytes, ok: Any) -> bytes:
+    """The first body of origin ``public_key`` (data.try = 0, 1, ..) whose h satisfies
+    ``ok(h)``: h depends on the whole body, so a few tries meet any condition mod 8."""
+    for t in range(256):
+        body = enc(fields(origin=public_key, data={"reading": 42, "try": t}))
+        if ok(_h(r, public_key, body)):
+            return body
+    raise AssertionError("no body found")
+
+
+def signature_edge_cases() -> list[Case]:
+    out: list[Case] = []
+    bs = err("bad_signature")
+    a = _scalar(KEY_A.seed)
+    pub_a = KEY_A.public_key
+    assert _encode(_mul(a, _B)) == pub_a
+    small = _small_order_encodings()
+
+    # A small-order key: [h]A is the identity whenever h is a multiple of A's order,
+    # so S = k, R = [k]B "verifies" for a lax verifier, for any message: a forgery.
+    for label, key in small:
+        order = _order(_decode(key))
+        k = _nonce(label)
+        r = _encode(_mul(k, _B))
+        body = _ground(key, r, lambda h, n=order: h % n == 0)
+        out.append(sig_case(
+            f"signature/small-order-key/{label}",
+            f"origin {key.hex()}: a point of order {order} (one of libsodium's 14 "
+            "blocked encodings). R = [k]B, S = k and h is a multiple of the order, so "
+            "the plain equation holds for anyone: a forgery, refused.",
+            body, key, r + _s(k), holds=True, expect=bs,
+        ))
+
+    # A small-order R. R = identity with key A: S = h*a gives [S]B - [h]A = identity.
+    # Any other small-order R = T needs a key with a torsion part: A' = [a]B - T and
+    # h = 1 mod the order of T, then [S]B - [h]A' = [h]T = T with S = h*a.
+    for label, r in small:
+        t = _decode(r)
+        n = _order(t)
+        key = pub_a if n == 1 else _encode(_add(_mul(a, _B), _neg(t)))
+        body = _ground(key, r, lambda h, n=n: n == 1 or h % n == 1)
+        holds = _encode(t) == r  # a lax verifier compares R's bytes with a canonical encoding
+        out.append(sig_case(
+            f"signature/small-order-r/{label}",
+            f"R = {r.hex()}: a point of order {n} (blocked); "
+            + ("the plain equation holds, refused for R alone." if holds else
+               "not the canonical encoding of its point either, so even a lax verifier "
+               "refuses it."),
+            body, key, r + _s(_h(r, key, body) * a % _L), holds=holds, expect=bs,
+        ))
+
+    # Non-canonical encodings (y >= p) of points that are not small-order: nobody knows
+    # their discrete log, so no signature can satisfy the equation; refused either way.
+    y3 = (_P + 3).to_bytes(32, "little")
+    assert _x_of(3, 0) is not None and _x_of(2, 0) is None
+    body = enc(fields(origin=y3))
+    k = _nonce("non-canonical-key")
+    out.append(sig_case(
+        "signature/non-canonical-key",
+        "origin encodes y = p + 3 (y >= p: the point y = 3 written non-canonically).",
+        body, y3, _encode(_mul(k, _B)) + _s(k), holds=False, expect=bs,
+    ))
+    y2 = (2).to_bytes(32, "little")
+    body = enc(fields(origin=y2))
+    out.append(sig_case(
+        "signature/key-not-a-point",
+        "origin encodes y = 2, for which no x exists: not a curve point.",
+        body, y2, _encode(_mul(k, _B)) + _s(k), holds=False, expect=bs,
+    ))
+    good = enc(fields(data={"reading": 42, "unit": "dB"}))
+    honest = KEY_A.sign(DOMAIN_RECORD, good)
+    s_honest = int.from_bytes(honest[32:], "little")
+    out.append(sig_case(
+        "signature/non-canonical-r",
+        "valid/custom-seq1's S with R = y = p + 3 (non-canonical): refused.",
+        good, pub_a, y3 + honest[32:], holds=False, expect=bs,
+    ))
+
+    # S out of range. S + L satisfies the equation (it is S mod L) but S >= L is refused.
+    for label, s, holds, note in (
+        ("s-plus-l", s_honest + _L, True,
+         "valid/custom-seq1's signature with S + L: the equation holds mod L, but S >= L."),
+        ("s-equals-l", _L, False, "S = L exactly (the smallest S out of range)."),
+        ("s-max", 2**256 - 1, False, "S = 2^256 - 1."),
+        ("s-l-minus-1", _L - 1, False,
+         "S = L - 1, the largest S in range: it passes the range check and fails the "
+         "equation. (No valid signature with a chosen S can be made: S follows from R, A "
+         "and the message through SHA-512.)"),
+    ):
+        out.append(sig_case(f"signature/{label}", note, good, pub_a,
+                            honest[:32] + _s(s), holds=holds, expect=bs))
+
+    # A key with a torsion part (order 8L) is NOT refused: no subgroup check, and the
+    # equation is the cofactorless one. With h a multiple of 8, S = k + h*a verifies.
+    t8 = _decode(bytes.fromhex(SMALL_ORDER_Y[2][1]))
+    mixed = _encode(_add(_mul(a, _B), t8))
+    k = _nonce("mixed-order-key")
+    r = _encode(_mul(k, _B))
+    body = _ground(mixed, r, lambda h: h % 8 == 0)
+    out.append(sig_case(
+        "signature/mixed-order-key-valid",
+        "origin = A + T, T of order 8: not a blocked encoding, so accepted; h is a "
+        "multiple of 8 so [S]B - [h](A + T) = R. Verifiers MUST NOT add a subgroup check.",
+        body, mixed, r + _s((k + _h(r, mixed, body) * a) % _L), holds=True,
+    ))
+    assert s_honest < _L
+    return out
+
+
 def records_file() -> dict[str, Any]:
     return {
         "about": (
@@ -751,13 +1103,16 @@ def records_file() -> dict[str, Any]:
             "itself must be rejected with expect.error; otherwise the split must give "
             "body_hex and sig_hex, and full verification of the record at now_ms must "
             "give expect: 'valid' (with record id id_hex = SHA-256(body)) or "
-            "{'error': reason code}. public_key_hex is the origin the body claims."
+            "{'error': reason code}. public_key_hex is the origin the body claims. "
+            "Cases made by hand on the edge of the strict Ed25519 rules also carry "
+            "equation_holds: whether the plain RFC 8032 equation encode([S]B - [h]A) "
+            "== R holds (S as an integer), i.e. whether only the strict rules refuse it."
         ),
         "generator": "tests/vectors/generate.py",
         "domain_record_hex": DOMAIN_RECORD.hex(),
         "future_tolerance_ms": TOLERANCE_MS,
         "limits": {"max_body_bytes": 65536, "max_depth": 16, "max_items": 4096},
-        "cases": valid_cases() + invalid_cases(),
+        "cases": valid_cases() + invalid_cases() + signature_edge_cases(),
     }
 
 
@@ -767,6 +1122,18 @@ def records_file() -> dict[str, Any]:
 def fork_proof(a: bytes, b: bytes) -> bytes:
     """The fork proof layout, written out: map {a: bin, b: bin, kind: "fork"}."""
     return b"\x83" + b"\xa1a" + bin_(a) + b"\xa1b" + bin_(b) + b"\xa4kind\xa4fork"
+
+
+def _padded_proof(a: bytes, b: bytes, size: int) -> bytes:
+    """A proof map of a, b, kind and a 'pad' bin (sorted between 'kind' and nothing
+    else) making it exactly ``size`` bytes."""
+    base = fork_proof(a, b)
+    for header in (2, 3, 5):  # bin8, bin16, bin32 header sizes
+        pad = size - len(base) - 4 - header  # a3 'pad' key is 4 bytes
+        raw = b"\x84" + base[1:] + b"\xa3pad" + bin_(b"\x00" * pad)
+        if pad >= 0 and len(raw) == size:
+            return raw
+    raise AssertionError(f"cannot build a proof of {size} bytes")
 
 
 def chain_file() -> dict[str, Any]:
@@ -867,7 +1234,25 @@ def chain_file() -> dict[str, Any]:
         ("unsorted-keys", "the same-seq proof with its keys not sorted", unsorted, "invalid"),
         ("wrong-kind", "kind is 'split-view', not 'fork'", wrong_kind, "invalid"),
         ("extra-key", "an extra key 'note'", extra_key, "invalid"),
+        ("too-large", "143361 bytes, one over the size limit: r2 and r2b, then a "
+         "padding key", _padded_proof(recs["r2"][1], recs["r2b"][1], 140 * 1024 + 1),
+         "invalid"),
+        ("too-deep", "a and b as arrays of one bin: depth 2, over the limit of 1",
+         enc({"kind": "fork", "a": [recs["r2"][1]], "b": [recs["r2b"][1]]}), "invalid"),
+        ("too-many-items", "a fourth entry: 4 items, over the limit of 3 (an extra key "
+         "as well)", enc({"kind": "fork", "a": recs["r2"][1], "b": recs["r2b"][1], "c": 0}),
+         "invalid"),
     ]
+
+    # The one order nodes store and send (docs/PROTOCOL.md, 'Fork proofs'), written out:
+    # same seq: the envelopes in byte order, listed at that seq; prev mismatch: the
+    # lower seq first, listed at the higher.
+    canonical = {
+        "same-seq": (fork_proof(*sorted((recs["r2"][1], recs["r2b"][1]))), 2),
+        "prev-mismatch": (proof("r2", "r3b"), 3),
+        "prev-mismatch-reversed": (proof("r2", "r3b"), 3),
+        "wrong-prev": (proof("r1", "r2x"), 2),
+    }
     return {
         "about": (
             "citynode feed chain vectors (docs/PROTOCOL.md, 'Feed chains' and 'Fork "
@@ -875,7 +1260,9 @@ def chain_file() -> dict[str, Any]:
             "the held contiguous head ({seq, id_hex} or null) and the id held at the "
             "record's seq (held_id_at_seq_hex, or null when none is needed), where the "
             "record fits. 'fork_proofs': proof bytes, to be checked offline "
-            "(no future-time check): 'valid' or 'invalid'."
+            "(no future-time check): 'valid' or 'invalid'; a valid proof also gives "
+            "the one form nodes store and send (canonical_hex) and the seq it is "
+            "listed at."
         ),
         "generator": "tests/vectors/generate.py",
         "records": {
@@ -899,6 +1286,8 @@ def chain_file() -> dict[str, Any]:
         ],
         "fork_proofs": [
             {"name": n, "description": d, "proof_hex": p.hex(), "expect": e}
+            | ({"canonical_hex": canonical[n][0].hex(), "listed_at_seq": canonical[n][1]}
+               if e == "valid" else {})
             for n, d, p, e in proofs
         ],
     }
@@ -937,6 +1326,12 @@ def keys_file() -> dict[str, Any]:
         ("outside-alphabet", "cn1" + body[:20] + "1" + body[21:]),
         ("checksum-of-other-key", nid[:-5] + node_id(KEY_B.public_key)[-5:]),
         ("empty", ""),
+        # Non-ASCII look-alikes that Unicode case mapping or stripping would turn into
+        # this very id: refused before any folding, so one node has one spelling.
+        ("dotless-i", nid.replace("i", "\u0131")),
+        ("long-s", "cn1" + body.replace("s", "\u017f")),
+        ("no-break-space-around", "\u00a0" + nid + "\u00a0"),
+        ("fullwidth-digit", nid.replace("7", "\uff17", 1)),
     ]
     return {
         "about": (
@@ -948,6 +1343,68 @@ def keys_file() -> dict[str, Any]:
         "generator": "tests/vectors/generate.py",
         "node_ids": out,
         "invalid": [{"name": n, "text": t} for n, t in invalid],
+    }
+
+
+# --------------------------------------------------------------------------- cards
+
+
+def cards_file() -> dict[str, Any]:
+    card = make_card(KEY_A, name="Example City", url="https://node.example.org",
+                     tls_fingerprint=bytes(range(32)),
+                     feeds=[("air", "public"), ("cert", "restricted")],
+                     partners=[KEY_B.public_key], software="citynode/0.1.0", now_ms=T0)
+    j = card_to_json(card)
+    bad_card = err("bad_card")
+    json_cases: list[tuple[str, str, dict[str, Any], Any]] = [
+        ("valid", "The JSON form of the card, as card_to_json writes it.", j, "valid"),
+        ("version-true", "version true: equal to 1 for a lax comparison, not the same "
+         "JSON value.", {**j, "version": True}, bad_card),
+        ("version-1.0", "version 1.0: a JSON number with a fraction is not the integer 1.",
+         {**j, "version": 1.0}, bad_card),
+        ("time-float", "time as a number with a fraction (.0): not the integer signed.",
+         {**j, "time": float(T0)}, bad_card),
+        ("name-differs", "A readable field that is not the signed one.",
+         {**j, "name": "Other City"}, bad_card),
+        ("extra-member", "A member the JSON form does not have.", {**j, "note": "x"},
+         bad_card),
+    ]
+    nid = node_id(KEY_A.public_key)
+    bad_id = nid[:-1] + ("a" if nid[-1] != "a" else "b")
+    open_cases: list[tuple[str, str, bytes, str | None, Any]] = [
+        ("valid", "The card, for the id of its own key.", card.envelope, nid, "valid"),
+        ("valid-no-id", "The card, with no expected id (cards learned from partners).",
+         card.envelope, None, "valid"),
+        ("wrong-node", "A valid card, fetched for B's id.", card.envelope,
+         node_id(KEY_B.public_key), err("wrong_node")),
+        ("bad-id-before-bad-envelope", "A malformed expected id (checksum) and an "
+         "envelope that is not one: the id is checked first (step 1).", b"\x00" * 10,
+         bad_id, {"error_class": "InvalidNodeId"}),
+        ("bad-id-before-good-card", "A malformed expected id with a valid card.",
+         card.envelope, bad_id, {"error_class": "InvalidNodeId"}),
+        ("bad-envelope", "An envelope that is not one, with a good id.", b"\x00" * 10,
+         nid, err("bad_envelope")),
+    ]
+    return {
+        "about": (
+            "citynode node card vectors (docs/PROTOCOL.md, 'Node cards'). 'open': verify "
+            "envelope_hex with expected_node_id (null: none) at now_ms; expect 'valid', "
+            "{'error': reason code} or {'error_class': 'InvalidNodeId'} (the expected id "
+            "is checked before anything else). 'json': verify the JSON form (the same "
+            "steps, then the whole object must equal the card's JSON form with exact "
+            "JSON types: true is not 1, 1.0 is not 1)."
+        ),
+        "generator": "tests/vectors/generate.py",
+        "now_ms": NOW,
+        "open": [
+            {"name": n, "description": d, "envelope_hex": e.hex(), "expected_node_id": i,
+             "expect": x}
+            for n, d, e, i, x in open_cases
+        ],
+        "json": [
+            {"name": n, "description": d, "json": v, "expected_node_id": nid, "expect": x}
+            for n, d, v, x in json_cases
+        ],
     }
 
 
@@ -1141,6 +1598,7 @@ def build() -> dict[str, str]:
         "keys.json": dumps(keys_file()),
         "checkpoints.json": dumps(checkpoints_file()),
         "sync.json": dumps(sync_file()),
+        "cards.json": dumps(cards_file()),
     }
 
 
