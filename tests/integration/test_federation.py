@@ -535,7 +535,14 @@ async def test_a_restarted_relay_serves_an_origin_that_is_down(cluster: Cluster)
     await cluster.start()
     await cluster.link(a, b)
     await a.publish("late", TYPE, [rec(i) for i in range(10)])  # not in A's first card
-    await eventually(lambda: _holds(b, a, "late", 10), timeout=60)
+
+    async def b_lists_late() -> bool:
+        # Anyone may read a public feed's records: B lists them once it holds them AND
+        # has learned A's newer card, which says the feed is public.
+        out = await b.api("GET", "/v1/records?feed=late&limit=100", operator=False)
+        return len(out["records"]) == 10
+
+    await eventually(b_lists_late, timeout=60)
     await a.close()
     assert await asyncio.to_thread(a.stop) == 0
     await b.close()
