@@ -597,6 +597,30 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
         st.close()
 
 
+@main.group()
+def service() -> None:
+    """Run the node as a system service."""
+
+
+@service.command("systemd")
+@DIR_OPTION
+@click.option("--user", default="citynode", show_default=True,
+              help="The dedicated system user the node runs as.")
+@click.option("--exec", "executable", type=click.Path(path_type=Path), default=None,
+              help="Path of the citynode command (default: this installation's).")
+def service_systemd(data_dir: Path, user: str, executable: Path | None) -> None:
+    """Print a hardened systemd unit for this node (install steps in its comments).
+
+    The node runs as USER, may write only its data dir (ProtectSystem=strict),
+    gains no privileges, opens only IP and Unix sockets, restarts on failure and
+    stops gracefully on SIGTERM; its JSON logs go to the journal.
+    """
+    from citynode.service import systemd_unit
+
+    _require_dir(data_dir)
+    click.echo(systemd_unit(data_dir, user=user, executable=executable).text, nl=False)
+
+
 @main.command("sync")
 @DIR_OPTION
 def sync_cmd(data_dir: Path) -> None:

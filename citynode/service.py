@@ -1,0 +1,129 @@
+"""Run a node as a service: a hardened systemd unit for one data dir.
+
+The unit runs ``citynode run -d DIR`` as a dedicated system user that owns nothing but
+the data dir: the rest of the file system is read-only to it (``ProtectSystem=strict``
+with ``ReadWritePaths`` the data dir alone), it gains no privileges, may open only
+IP and Unix sockets, and is restarted if it fails. ``systemctl stop`` sends SIGTERM,
+which the node handles gracefully (acknowledged records are committed, live streams end
+so subscribers resume by cursor). Logs are JSON lines on stdout and stderr, which
+systemd hands to the journal: ``journalctl -u UNIT`` reads them and the journal
+rotates them, so no log file needs rotating.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from citynode.config import load_config
+from citynode.errors import ConfigError
+
+__all__ = ["SystemdUnit", "systemd_unit"]
+
+_USER_RULE = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
+# Where users' homes live: ProtectHome=yes would hide a data dir there, so it is made
+# read-only instead (and the data dir writable by ReadWritePaths).
+_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
+# Ports below this need CAP_NET_BIND_SERVICE, granted only then.
+_PRIVILEGED_PORTS = 1024
+
+
+@dataclass(frozen=True)
+class SystemdUnit:
+    """A unit's file name and text, and the shell commands that prepare its user."""
+
+    name: str
+    text: str
+    setup: list[str]
+
+
+def systemd_unit(data_dir: Path, *, user: str = "citynode",
+                 executable: Path | None = None) -> SystemdUnit:
+    """The hardened unit that runs the node of ``data_dir`` as ``user``. Raises
+    ConfigError if the data dir has no valid node.toml or the user name is not a valid
+    system user name."""
+    data_dir = data_dir.resolve()
+    cfg = load_config(data_dir / "node.toml")  # a data dir, and a valid one
+    if not _USER_RULE.fullmatch(user):
+        raise ConfigError(f"{user!r} is not a valid system user name (lower case letters, "
+                          "digits, _ and -; at most 31 characters)")
+    exe = (executable or _citynode_executable()).resolve()
+    slug = re.sub(r"[^a-z0-9]+", "-", cfg.node.name.lower()).strip("-") or "node"
+    under_home = any(data_dir == h or h in data_dir.parents for h in _HOMES)
+    caps = ("CAP_NET_BIND_SERVICE" if cfg.node.listen_port < _PRIVILEGED_PORTS else "")
+    q = shlex.quote
+    lines = [
+        "[Unit]",
+        f"Description=citynode {cfg.node.name}: signed city data feeds",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"User={user}",
+        f"Group={user}",
+        f"ExecStart={q(str(exe))} run -d {q(str(data_dir))}",
+        # SIGTERM: the node commits what it acknowledged and ends its streams.
+        "KillSignal=SIGTERM",
+        "TimeoutStopSec=45",
+        "Restart=on-failure",
+        "RestartSec=5",
+        "UMask=0077",
+        f"ReadWritePaths={data_dir}",
+        "ProtectSystem=strict",
+        f"ProtectHome={'read-only' if under_home else 'yes'}",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "NoNewPrivileges=yes",
+        f"CapabilityBoundingSet={caps}",
+        f"AmbientCapabilities={caps}",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service",
+        "SystemCallErrorNumber=EPERM",
+        # Partners' and subscribers' connections, plus the database and its WAL.
+        "LimitNOFILE=65536",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    setup = [
+        f"useradd --system --home-dir {q(str(data_dir))} --no-create-home "
+        f"--shell /usr/sbin/nologin {user}",
+        f"chown -R {user}:{user} {q(str(data_dir))}",
+    ]
+    name = f"citynode-{slug}.service"
+    head = [
+        f"# {name}: citynode {cfg.node.name} as a hardened service. Install, as root:",
+        *(f"#   {c}" for c in setup),
+        f"#   citynode service systemd -d {q(str(data_dir))} > /etc/systemd/system/{name}",
+        f"#   systemctl daemon-reload && systemctl enable --now {name}",
+        f"# Logs (JSON lines, rotated by the journal): journalctl -u {name}",
+    ]
+    return SystemdUnit(name, "\n".join(head + lines) + "\n", setup)
+
+
+def _citynode_executable() -> Path:
+    """The ``citynode`` command of this installation (beside the running Python)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "citynode"
+    if beside.exists():
+        return beside
+    found = shutil.which("citynode")
+    if found is None:
+        raise ConfigError("cannot find the citynode command: give its path with --exec")
+    return Path(found)
