@@ -364,7 +364,7 @@ def check(data_dir: Path, as_json: bool) -> None:
     from citynode.audit import check_storage
     from citynode.errors import KeyFileError, StorageError
     from citynode.identity import load_identity
-    from citynode.storage import Storage
+    from citynode.storage import SCHEMA_VERSION, Storage
 
     _require_dir(data_dir)
     try:
@@ -400,8 +400,11 @@ def check(data_dir: Path, as_json: bool) -> None:
                 "held, see `citynode forks`): publishing on it is stopped")
     others = sum(f.origin != own for f in forks)
     if as_json:
-        _print_json({**report.to_json(), "fork_proofs_about_others": others})
+        # Opening the file brought its schema up to this version (see storage.MIGRATIONS).
+        _print_json({**report.to_json(), "fork_proofs_about_others": others,
+                     "schema_version": SCHEMA_VERSION, "version": __version__})
     else:
+        click.echo(f"citynode {__version__}, database schema version {SCHEMA_VERSION}")
         click.echo(f"checked {report.records} record(s) in {report.feeds} feed(s): "
                    f"{len(report.problems)} problem(s)")
         for p in report.problems[:200]:

@@ -403,7 +403,13 @@ def test_check_clean_then_tampered_envelope(node_dir: Path) -> None:
     ids = publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(3)])
     r = ok("check", "-d", d)
     assert "checked 3 record(s) in 1 feed(s): 0 problem(s)" in r.stdout
-    assert ok_json("check", "-d", d, "--json")["problems"] == []
+    from citynode import __version__
+    from citynode.storage import SCHEMA_VERSION
+
+    assert f"citynode {__version__}, database schema version {SCHEMA_VERSION}" in r.stdout
+    report = ok_json("check", "-d", d, "--json")
+    assert report["problems"] == [] and report["schema_version"] == SCHEMA_VERSION
+    assert report["version"] == __version__
 
     # Flip one byte of seq 2's stored envelope, straight in the SQLite file.
     con = sqlite3.connect(node_dir / "citynode.db")
