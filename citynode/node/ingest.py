@@ -34,6 +34,7 @@ from citynode.core.records import (
     RecordPolicy,
     decode_envelope,
     open_records,
+    parse_body,
     record_id,
 )
 from citynode.errors import CitynodeError, InvalidRecord
@@ -44,9 +45,15 @@ from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.storage import Storage
 
-__all__ = ["Ingest", "IngestResult"]
+__all__ = ["INLINE_VERIFY_MAX", "Ingest", "IngestResult"]
 
 log = logging.getLogger("citynode.node")
+
+#: At most this many new records are verified on the event loop rather than in a
+#: worker thread (see :meth:`Ingest._open`).
+INLINE_VERIFY_MAX = 4
+#: ``(index in the batch, record id, body, signature)``
+_Item = tuple[int, bytes, bytes, bytes]
 
 
 @dataclass
@@ -99,6 +106,8 @@ class Ingest:
         self.spawn = spawn
         self.on_fork: ForkHandler | None = None
         self.on_commit: CommitListener = lambda recs, source: None
+        # Record ids being checked by an ingest now, with the future of its verdict.
+        self._checking: dict[bytes, asyncio.Future[bool]] = {}
 
     async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
                      via: str = "push") -> IngestResult:
@@ -109,7 +118,10 @@ class Ingest:
         src = source.row.node_id if source else "local"
         now = self.now_ms()
         mono = time.monotonic()
-        todo: list[tuple[int, bytes, bytes, bytes]] = []
+        todo: list[_Item] = []
+        # Copies of records another ingest is checking right now: they wait for its
+        # verdict instead of checking the signature a second time.
+        waits: list[tuple[_Item, asyncio.Future[bool]]] = []
         seen: set[bytes] = set()
         self.metrics.received.labels(via).inc(len(envelopes))
         for i, env in enumerate(envelopes):
@@ -123,19 +135,77 @@ class Ingest:
                 res.duplicate(i)
                 continue
             seen.add(rid)
-            todo.append((i, rid, body, sig))
-        verified: list[tuple[int, Record | InvalidRecord]] = []
-        if todo:
-            # One trip to a worker thread: the lookup, then verification of what is new
-            # (each thread hop is latency on every relay hop).
-            held, verified = await in_thread(
-                self._check_batch, todo, now, self.policy.trust_check())
+            other = self._checking.get(rid)
+            if other is not None:
+                waits.append(((i, rid, body, sig), other))
+            else:
+                todo.append((i, rid, body, sig))
+        mine = self._claim(todo)
+        try:
+            verified = await self._open(todo, now, res)
+            if waits:
+                # The other ingest's verdict (a result, never an exception: see
+                # _release). A copy whose first check failed is checked here: its
+                # signature may differ.
+                again: list[_Item] = []
+                for item, fut in waits:
+                    if await asyncio.shield(fut):
+                        res.duplicate(item[0])
+                    else:
+                        again.append(item)
+                verified += await self._open(again, now, res)
+            if not verified:
+                self.metrics.duplicates.labels(via).inc(res.duplicates)
+                return res
+            return await self._place(verified, res, source, via, src, now, mono)
+        finally:
+            # Only now: until the records are placed (in flight to the writer), a copy
+            # that arrives must find their verdict here.
+            self._release(mine)
+
+    async def _open(self, todo: list[_Item], now: int, res: IngestResult
+                    ) -> list[tuple[int, Record | InvalidRecord]]:
+        """Verify what of ``todo`` is not in the database; count the rest as duplicates.
+
+        A few records that cannot be in the database (each names a seq above the head
+        held of its chain) are verified right here, on the event loop: the trip to a
+        worker thread and back costs more than their signatures (and is latency on every
+        record pushed live). Others make one trip to a worker thread: the lookup, then
+        the verification of what is new (PyNaCl releases the GIL there)."""
+        if not todo:
+            return []
+        accept = self.policy.trust_check()
+        held: list[tuple[int, bytes]] = []
+        if len(todo) <= INLINE_VERIFY_MAX and all(self._beyond_head(t[2]) for t in todo):
+            verified = self._verify(todo, now, accept)
+        else:
+            held, verified = await in_thread(self._check_batch, todo, now, accept)
             for i, rid in held:
                 res.duplicate(i)
-                chains.recent.add(rid)
-        if not verified:
-            self.metrics.duplicates.labels(via).inc(res.duplicates)
-            return res
+                self.chains.recent.add(rid)
+        self.metrics.verified.inc(len(verified))
+        self._settle({rid for _i, rid in held} |
+                     {item.id for _i, item in verified if isinstance(item, Record)})
+        return verified
+
+    def _beyond_head(self, body: bytes) -> bool:
+        """Is this a record the database cannot hold: one whose seq is above the head
+        held of its chain? Chains are stored contiguous from seq 1, and heads move in
+        memory before their records are queued for the writer, so the database never
+        holds a seq above the head in memory. False for a body that does not decode (it
+        takes the other path, and fails the same strict decode there)."""
+        try:
+            f = parse_body(body, self.record_policy)
+        except InvalidRecord:
+            return False
+        return bool(f["seq"] > self.chains.seq((f["origin"], f["feed"])))
+
+    async def _place(self, verified: list[tuple[int, Record | InvalidRecord]],
+                     res: IngestResult, source: PartnerLink | None, via: str, src: str,
+                     now: int, mono: float) -> IngestResult:
+        """Classify verified records against the heads, queue what extends a chain for
+        the writer, and return once it is committed."""
+        chains = self.chains
         to_store: list[Record] = []
         forks: list[tuple[Record, int]] = []
         for i, item in verified:
@@ -194,19 +264,50 @@ class Ingest:
         return res
 
     def _check_batch(
-        self, todo: list[tuple[int, bytes, bytes, bytes]], now: int,
-        accept: Callable[[bytes], bool],
+        self, todo: list[_Item], now: int, accept: Callable[[bytes], bool],
     ) -> tuple[list[tuple[int, bytes]], list[tuple[int, Record | InvalidRecord]]]:
         """In a worker thread (the signature checks release the GIL): ``(held, checked)``
         -- the items already in the database as ``(index, id)``, and every other item
         verified, as ``(index, Record or the InvalidRecord it failed with)``."""
         in_db = self.storage.has_ids([t[1] for t in todo])
         held = [(t[0], t[1]) for t in todo if t[1] in in_db]
-        fresh = [t for t in todo if t[1] not in in_db]
-        results = open_records(((body, sig, rid) for _, rid, body, sig in fresh), now_ms=now,
+        return held, self._verify([t for t in todo if t[1] not in in_db], now, accept)
+
+    def _verify(self, items: list[_Item], now: int, accept: Callable[[bytes], bool]
+                ) -> list[tuple[int, Record | InvalidRecord]]:
+        """Open (decode, check, verify) each item: ``(index, Record or InvalidRecord)``."""
+        results = open_records(((body, sig, rid) for _, rid, body, sig in items), now_ms=now,
                                verifier=self.verifier, policy=self.record_policy,
                                accept=accept)
-        return held, [(t[0], r) for t, r in zip(fresh, results, strict=True)]
+        return [(t[0], r) for t, r in zip(items, results, strict=True)]
+
+    # ------------------------------------------------------------------ one check per record
+
+    def _claim(self, todo: list[_Item]) -> list[tuple[bytes, asyncio.Future[bool]]]:
+        """Mark ``todo``'s records as being checked by this ingest (no await since the
+        lookup in :attr:`_checking`: no other ingest can claim them meanwhile)."""
+        loop = asyncio.get_running_loop()
+        mine = [(t[1], loop.create_future()) for t in todo]
+        self._checking.update(mine)
+        return mine
+
+    def _settle(self, good: set[bytes]) -> None:
+        """Give copies waiting on this ingest their verdict: True for a record held or
+        just verified (a copy is a duplicate, whatever becomes of the record), False for
+        one that failed (the copy is checked on its own: its signature may differ)."""
+        for rid in good:
+            fut = self._checking.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_result(True)
+
+    def _release(self, mine: list[tuple[bytes, asyncio.Future[bool]]]) -> None:
+        """Forget this ingest's claims; a verdict still open (the record failed, or the
+        ingest failed or was cancelled) is False, so that no copy waits forever."""
+        for rid, fut in mine:
+            if self._checking.get(rid) is fut:
+                del self._checking[rid]
+            if not fut.done():
+                fut.set_result(False)
 
     def _extend(self, rec: Record, to_store: list[Record]) -> None:
         """Append ``rec`` (which extends its chain) and any pending records it unblocks."""

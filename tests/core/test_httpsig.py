@@ -19,6 +19,7 @@ from citynode.core.httpsig import (
     ReplayCache,
     SplitReplayCache,
     claimed_signer,
+    read_signature,
     sign_request,
     signature_base,
     verify_request,
@@ -756,3 +757,23 @@ def test_claimed_signer_reads_keyid_and_window_without_the_body() -> None:
         claimed_signer(h, now_ms=NOW - MAX_FUTURE_SKEW_MS - 2000)
     with pytest.raises(AccessDenied):
         claimed_signer({}, now_ms=NOW)
+
+
+def test_headers_read_once_serve_the_precheck_and_the_verification() -> None:
+    """A server reads and parses the headers once (read_signature), pre-checks the
+    claimed signer, then verifies: with the same verdicts as from the raw headers."""
+    h = _sign()
+    parsed = read_signature(CIMultiDict(h))
+    assert claimed_signer(parsed, now_ms=NOW) == KEY.public_key
+    assert _verify(parsed) == KEY.public_key  # type: ignore[arg-type]
+    replay = ReplayCache()
+    _verify(parsed, replay=replay)  # type: ignore[arg-type]
+    _denied(parsed, "replay", replay=replay)  # type: ignore[arg-type]
+    # Everything not in the parsed headers is still checked against the request.
+    _denied(parsed, "Content-Digest", body=BODY + b" ")  # type: ignore[arg-type]
+    _denied(parsed, "does not verify", target="/v1/sync?since=4&feed=air")  # type: ignore[arg-type]
+    _denied(read_signature(_sign(to=ELSEWHERE)), "another node")  # type: ignore[arg-type]
+    with pytest.raises(AccessDenied, match="missing"):
+        read_signature({"Signature": h["Signature"]})
+    with pytest.raises(AccessDenied, match="malformed"):
+        read_signature(dict(h, **{"Signature-Input": "cn=(;"}))

@@ -1,0 +1,86 @@
+"""A relay checks each record's signature once: copies of a record already held, on its
+way to the database, or being checked for another copy right now are not checked again
+(citynode_records_verified counts the checks). A copy whose first check failed is checked
+on its own: its signature may be the valid one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from citynode.core.keys import SigningKey
+from citynode.core.records import Record, sign_record
+from citynode.node._base import RecentIds
+from tests.conftest import InProc
+
+Make = Callable[..., Awaitable[InProc]]
+
+
+def _chain(key: SigningKey, n: int, now: int, feed: str = "weather") -> list[Record]:
+    out: list[Record] = []
+    for seq in range(1, n + 1):
+        out.append(sign_record(key, feed=feed, seq=seq, prev=out[-1].id if out else None,
+                               time_ms=now, type="org.example.Test", data={"n": seq}))
+    return out
+
+
+def _verified(n: InProc) -> float:
+    return n.node.metrics.verified._value.get()  # type: ignore[attr-defined, no-any-return]
+
+
+async def _pair(inproc: Make) -> tuple[InProc, InProc, InProc]:
+    a = await inproc("Jakarta", settings={("federation", "accept"): "any"})
+    b = await inproc("Singapore")
+    c = await inproc("Manila")
+    for x, y in ((a, b), (a, c)):
+        await x.node.add_partner(y.url, y.node.node_id)
+        await y.node.add_partner(x.url, x.node.node_id)
+    return a, b, c
+
+
+async def test_copies_arriving_together_are_verified_once(inproc: Make) -> None:
+    a, b, c = await _pair(inproc)
+    recs = _chain(SigningKey(b"\x21" * 32), 12, a.node.now_ms())
+    envs = [r.envelope for r in recs]
+    from_b, from_c = a.node.links[b.node.public_key], a.node.links[c.node.public_key]
+    # Batches large enough to be checked in a worker thread: the second ingest starts
+    # while the first is checking, and finds the same ids being checked.
+    outs = await asyncio.gather(
+        a.node.ingest(envs[:8], source=from_b), a.node.ingest(envs[:8], source=from_c),
+        a.node.ingest(envs[:8], source=from_b))
+    assert sum(o.accepted for o in outs) == 8
+    assert sum(o.duplicates for o in outs) == 16
+    assert _verified(a) == 8
+    # A single live record at a time (checked on the event loop), and its copies.
+    for env in envs[8:]:
+        outs = await asyncio.gather(a.node.ingest([env], source=from_b),
+                                    a.node.ingest([env], source=from_c))
+        assert sorted(o.accepted for o in outs) == [0, 1]
+    assert _verified(a) == 12
+    # Copies of records in the database, though no longer among those committed lately
+    # (as after a restart): looked up, not verified.
+    a.node.chains.recent = RecentIds()
+    out = await a.node.ingest(envs[:3], source=from_c)
+    assert out.duplicates == 3 and out.accepted == 0
+    out = await a.node.ingest([envs[5]], source=from_b)
+    assert out.duplicates == 1
+    assert _verified(a) == 12
+    assert sum(f.count for f in await a.node.reads.feeds()) == 12
+
+
+async def test_a_bad_copy_does_not_shadow_a_good_one(inproc: Make) -> None:
+    a, b, c = await _pair(inproc)
+    recs = _chain(SigningKey(b"\x22" * 32), 6, a.node.now_ms())
+    good = [r.envelope for r in recs]
+    bad = []
+    for env in good:
+        t = bytearray(env)
+        t[-1] ^= 1  # a signature byte: same body, same id
+        bad.append(bytes(t))
+    from_b, from_c = a.node.links[b.node.public_key], a.node.links[c.node.public_key]
+    first, second = await asyncio.gather(a.node.ingest(bad, source=from_b),
+                                         a.node.ingest(good, source=from_c))
+    assert [r for _i, r in first.rejected] == ["bad_signature"] * 6
+    assert second.accepted == 6 and not second.rejected
+    assert _verified(a) == 12  # each copy that had to be checked, once
+    assert sum(f.count for f in await a.node.reads.feeds()) == 6
