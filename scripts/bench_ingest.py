@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -53,6 +54,16 @@ def make_feeds(n: int, origins: int) -> list[list[bytes]]:
             envs.append(r.envelope)
         out.append(envs)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (0.0 elsewhere):
+    the cost per request, which the machine's load changes far less than the rate."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pipeline_limit(feeds: list[list[bytes]], batch: int) -> float:
@@ -119,22 +130,25 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
         # Warm the connections (TLS handshakes are not what is measured).
         await asyncio.gather(*(floor_requests(k, 2) for k in range(len(groups))))
-        floor = 0.0
+        pid = target.proc.pid if target.proc is not None else 0
+        floor = floor_cpu = 0.0
         if args.batch == 1:
             n_floor = max(1, total // len(groups) // 2)
-            t = time.perf_counter()
+            c, t = cpu_seconds(pid), time.perf_counter()
             await asyncio.gather(*(floor_requests(k, n_floor) for k in range(len(groups))))
             floor = n_floor * len(groups) / (time.perf_counter() - t)
-        t = time.perf_counter()
+            floor_cpu = (cpu_seconds(pid) - c) / (n_floor * len(groups))
+        c, t = cpu_seconds(pid), time.perf_counter()
         accepted = sum(await asyncio.gather(*(pusher(k, g) for k, g in enumerate(groups))))
         ingest = accepted / (time.perf_counter() - t)
+        ingest_cpu = (cpu_seconds(pid) - c) / (accepted / args.batch)
         if accepted != total:
             raise SystemExit(f"only {accepted} of {total} accepted")
         held = sum(f["count"] for f in await target.feeds())
         if held != total:
             raise SystemExit(f"node holds {held} of {total}")
-        for c in clients:
-            await c.close()
+        for client in clients:
+            await client.close()
 
         # Bulk publish: sign + one durable transaction per call.
         n_pub = args.publish
@@ -151,7 +165,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     # The machines are shared and noisy: the limit is the best of a run before and after.
     limit = max(limit_before, pipeline_limit(feeds, args.batch))
     return {"ingest": ingest, "limit": limit, "publish": publish, "records": total,
-            "floor": floor, "in_flight": len(groups)}
+            "floor": floor, "in_flight": len(groups), "ingest_cpu": ingest_cpu,
+            "floor_cpu": floor_cpu}
 
 
 def main() -> None:
@@ -180,6 +195,8 @@ def main() -> None:
               f"{floor:9.0f} requests/s")
         print(f"ingest per request / no-op request: {r['ingest'] / floor:9.3f}"
               + (f"  (target {target} records/s)" if target else ""))
+    print(f"node CPU per push request: {r['ingest_cpu'] * 1e6:9.0f} us"
+          + (f"; per no-op request: {r['floor_cpu'] * 1e6:.0f} us" if floor else ""))
     print(f"bulk publish (sign + durable commit): {r['publish']:7.0f} records/s")
     print(json.dumps({
         "bench": "ingest", "records": int(r["records"]), "batch": args.batch,
@@ -188,6 +205,8 @@ def main() -> None:
         "ratio": round(ratio, 3),
         "noop_requests_per_s": round(floor) if floor else None,
         "ratio_to_noop": round(r["ingest"] / floor, 3) if floor else None,
+        "node_cpu_us_per_push": round(r["ingest_cpu"] * 1e6),
+        "node_cpu_us_per_noop": round(r["floor_cpu"] * 1e6) if floor else None,
         "publish_per_s": round(r["publish"]),
         "python": sys.version.split()[0],
     }))

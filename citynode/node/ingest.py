@@ -184,7 +184,7 @@ class Ingest:
                 res.duplicate(i)
                 self.chains.recent.add(rid)
         self.metrics.verified.inc(len(verified))
-        self._settle({rid for _i, rid in held} |
+        self._settle(todo, {rid for _i, rid in held} |
                      {item.id for _i, item in verified if isinstance(item, Record)})
         return verified
 
@@ -291,14 +291,16 @@ class Ingest:
         self._checking.update(mine)
         return mine
 
-    def _settle(self, good: set[bytes]) -> None:
-        """Give copies waiting on this ingest their verdict: True for a record held or
-        just verified (a copy is a duplicate, whatever becomes of the record), False for
-        one that failed (the copy is checked on its own: its signature may differ)."""
-        for rid in good:
-            fut = self._checking.get(rid)
+    def _settle(self, todo: list[_Item], good: set[bytes]) -> None:
+        """Give copies waiting on these records their verdict as soon as it is known
+        (not when this ingest ends): True for a record held or just verified (a copy is
+        a duplicate, whatever becomes of the record), False for one that failed (a copy
+        is checked on its own: its signature may differ). An ingest only waits on ids
+        claimed before its own, so no two ever wait on each other."""
+        for t in todo:
+            fut = self._checking.get(t[1])
             if fut is not None and not fut.done():
-                fut.set_result(True)
+                fut.set_result(t[1] in good)
 
     def _release(self, mine: list[tuple[bytes, asyncio.Future[bool]]]) -> None:
         """Forget this ingest's claims; a verdict still open (the record failed, or the

@@ -84,3 +84,4 @@ async def test_a_bad_copy_does_not_shadow_a_good_one(inproc: Make) -> None:
     assert second.accepted == 6 and not second.rejected
     assert _verified(a) == 12  # each copy that had to be checked, once
     assert sum(f.count for f in await a.node.reads.feeds()) == 6
+
