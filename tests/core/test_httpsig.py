@@ -777,3 +777,39 @@ def test_headers_read_once_serve_the_precheck_and_the_verification() -> None:
         read_signature({"Signature": h["Signature"]})
     with pytest.raises(AccessDenied, match="malformed"):
         read_signature(dict(h, **{"Signature-Input": "cn=(;"}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.binary(min_size=32, max_size=32), to=st.binary(min_size=32, max_size=32),
+       now=st.integers(0, 10**15), nonce=st.from_regex(r"[A-Za-z0-9_-]{16,64}", fullmatch=True),
+       body=st.binary(max_size=64))
+def test_fast_header_paths_read_what_the_full_parser_reads(
+        seed: bytes, to: bytes, now: int, nonce: str, body: bytes) -> None:
+    """The headers sign_request writes are read by a fast path: it must give exactly
+    what the general RFC 8941 parser gives for them."""
+    from citynode.core import httpsig as hs
+    from citynode.core.keys import node_id
+
+    h = sign_request(SigningKey(seed), "POST", TARGET, body, now, nonce, target=node_id(to))
+    si = h["Signature-Input"]
+    assert hs._fast_signature_input(si) == hs._parse_signature_input_in_full(si)
+    assert hs._fast_bytes(hs._FAST_SIG_RE, h["Signature"]) == \
+        hs._parse("Signature", h["Signature"])[hs.LABEL][0]
+    assert hs._fast_bytes(hs._FAST_DIGEST_RE, h["Content-Digest"]) == \
+        hs._parse("Content-Digest", h["Content-Digest"])["sha-256"][0]
+
+
+@pytest.mark.parametrize("value", [
+    ' cn=("@method" "@path" "@query" "content-digest");created=1;keyid="a";'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b"',  # a leading space: valid, not fast
+    'cn=("@method" "@path" "@query" "content-digest");created=01;keyid="a";'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b"',  # a leading zero
+    'cn=("@method" "@path" "@query" "content-digest");keyid="a";created=1;'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b"',  # another order
+    'cn=("@method" "@path" "@query" "content-digest");created=1;keyid="a";'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b", x=1',  # another member
+])
+def test_other_forms_take_the_full_parser(value: str) -> None:
+    from citynode.core import httpsig as hs
+
+    assert hs._fast_signature_input(value) is None
