@@ -54,6 +54,9 @@ log = logging.getLogger("citynode.node")
 INLINE_VERIFY_MAX = 4
 #: ``(index in the batch, record id, body, signature)``
 _Item = tuple[int, bytes, bytes, bytes]
+#: Items verified together with other ingests': ``(items, now_ms, accept, result)``
+_Together = tuple[list[_Item], int, Callable[[bytes], bool],
+                  "asyncio.Future[list[tuple[int, Record | InvalidRecord]]]"]
 
 
 @dataclass
@@ -108,6 +111,9 @@ class Ingest:
         self.on_commit: CommitListener = lambda recs, source: None
         # Record ids being checked by an ingest now, with the future of its verdict.
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
+        self._ingesting = 0  # ingests under way
+        self._together: list[_Together] = []  # waiting for the next trip to a thread
+        self._drainer: asyncio.Task[None] | None = None
 
     async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
                      via: str = "push") -> IngestResult:
@@ -141,6 +147,7 @@ class Ingest:
             else:
                 todo.append((i, rid, body, sig))
         mine = self._claim(todo)
+        self._ingesting += 1
         try:
             verified = await self._open(todo, now, res)
             if waits:
@@ -159,25 +166,66 @@ class Ingest:
                 return res
             return await self._place(verified, res, source, via, src, now, mono)
         finally:
+            self._ingesting -= 1
             # Only now: until the records are placed (in flight to the writer), a copy
             # that arrives must find their verdict here.
             self._release(mine)
+
+    async def _verify_together(self, items: list[_Item], now: int,
+                               accept: Callable[[bytes], bool]
+                               ) -> list[tuple[int, Record | InvalidRecord]]:
+        """:meth:`_verify` in a worker thread, with the items of every other ingest that
+        asks meanwhile: one thread hop for all of them."""
+        fut: asyncio.Future[list[tuple[int, Record | InvalidRecord]]] = \
+            asyncio.get_running_loop().create_future()
+        self._together.append((items, now, accept, fut))
+        if self._drainer is None:
+            self._drainer = self.spawn(self._drain(), "verify")
+        return await fut
+
+    async def _drain(self) -> None:
+        """Verify what :meth:`_verify_together` gathered, in trips to a worker thread,
+        until nothing is left. Every waiting ingest gets a result or an exception."""
+        jobs: list[_Together] = []
+        try:
+            while self._together:
+                jobs, self._together = self._together, []
+                results = await in_thread(self._verify_jobs, jobs)
+                for job, result in zip(jobs, results, strict=True):
+                    if not job[3].done():  # its request may be gone
+                        job[3].set_result(result)
+                jobs = []
+        except BaseException as exc:
+            err = exc if isinstance(exc, Exception) else CitynodeError("node stopping")
+            for job in [*jobs, *self._together]:
+                if not job[3].done():
+                    job[3].set_exception(err)
+            self._together = []
+            raise
+        finally:
+            self._drainer = None
 
     async def _open(self, todo: list[_Item], now: int, res: IngestResult
                     ) -> list[tuple[int, Record | InvalidRecord]]:
         """Verify what of ``todo`` is not in the database; count the rest as duplicates.
 
         A few records that cannot be in the database (each names a seq above the head
-        held of its chain) are verified right here, on the event loop: the trip to a
-        worker thread and back costs more than their signatures (and is latency on every
-        record pushed live). Others make one trip to a worker thread: the lookup, then
-        the verification of what is new (PyNaCl releases the GIL there)."""
+        held of its chain) need no lookup. When no other ingest is under way they are
+        verified right here, on the event loop: the trip to a worker thread and back
+        costs more than their signatures (and is latency on every record pushed live).
+        When others are, the event loop is the bottleneck: they are verified in a worker
+        thread, in one trip with those of every other ingest waiting for one. Others
+        make one trip to a worker thread: the lookup, then the verification of what is
+        new (PyNaCl releases the GIL there)."""
         if not todo:
             return []
         accept = self.policy.trust_check()
         held: list[tuple[int, bytes]] = []
         if len(todo) <= INLINE_VERIFY_MAX and all(self._beyond_head(t[2]) for t in todo):
-            verified = self._verify(todo, now, accept)
+            if self._ingesting == 1:  # alone: a thread hop would cost more than this
+                verified = self._verify(todo, now, accept)
+            else:  # others are at work on the event loop: one hop for all of them
+                verified = await self._verify_together(todo, now, accept)
         else:
             held, verified = await in_thread(self._check_batch, todo, now, accept)
             for i, rid in held:
@@ -262,6 +310,11 @@ class Ingest:
         # only after both were verified.
         self.metrics.duplicates.labels(via).inc(res.duplicates)
         return res
+
+    def _verify_jobs(self, jobs: list[_Together]
+                     ) -> list[list[tuple[int, Record | InvalidRecord]]]:
+        """In a worker thread: :meth:`_verify` each job's items."""
+        return [self._verify(items, now, accept) for items, now, accept, _f in jobs]
 
     def _check_batch(
         self, todo: list[_Item], now: int, accept: Callable[[bytes], bool],

@@ -85,3 +85,22 @@ async def test_a_bad_copy_does_not_shadow_a_good_one(inproc: Make) -> None:
     assert _verified(a) == 12  # each copy that had to be checked, once
     assert sum(f.count for f in await a.node.reads.feeds()) == 6
 
+
+
+async def test_live_records_arriving_together_are_verified_together(inproc: Make) -> None:
+    """Single live records of many partners' pushes at once: verified in shared trips
+    to a worker thread, each with its own verdict."""
+    a, b, _c = await _pair(inproc)
+    now = a.node.now_ms()
+    chains = [_chain(SigningKey(bytes([0x30 + k]) * 32), 3, now) for k in range(8)]
+    from_b = a.node.links[b.node.public_key]
+    for seq in range(3):
+        envs = [ch[seq].envelope for ch in chains]
+        t = bytearray(envs[5])
+        t[-1] ^= 1
+        envs[5] = bytes(t)  # its chain stops here: later records of it wait in pending
+        outs = await asyncio.gather(*(a.node.ingest([e], source=from_b) for e in envs))
+        assert [o.accepted + o.pending for o in outs] == [1, 1, 1, 1, 1, 0, 1, 1]
+        assert [r for _i, r in outs[5].rejected] == ["bad_signature"]
+    assert _verified(a) == 24
+    assert sum(f.count for f in await a.node.reads.feeds()) == 7 * 3
