@@ -1,13 +1,17 @@
 """Ingest: records from outside (push, fetch, graft) become stored records, or are
 refused with a reason.
 
-    envelope bytes ──► split + id (SHA-256) ──► already held? ──yes──► duplicate (no verify)
-                                                   │ no
+    envelope bytes ──► split + id (SHA-256) ──► held, or being checked? ──yes──► duplicate
+                                                   │ no                 (no verify; a copy
+                                                   │                     being checked waits
+                                                   │                     for its verdict)
                                       origin accepted by trust policy and quota?
                                                    │ yes
                          open_record (canonical decode, fields, time, payload, signature)
-                                                   │        (in a worker thread: PyNaCl
-                                                   ▼         releases the GIL)
+                                                   │  a few live records (seq above the head:
+                                                   │  no lookup) on the event loop when alone,
+                                                   │  else in a worker thread, PyNaCl
+                                                   ▼  releasing the GIL (see Ingest._open)
                        classify against the in-memory chain heads (event loop, no await)
              EXTENDS ─► queue for the writer   AHEAD ─► pending buffer   EQUIVOCATION ─► proof
                                                    │
