@@ -88,14 +88,19 @@ async def metric_sum(nodes: list[LocalNode], name: str) -> float:
     return total
 
 
-def raw_verify_rate() -> float:
+def raw_verify_rate(rounds: int = 5) -> float:
+    """Ed25519 verifications per second on one core: the best of ``rounds`` short
+    runs (the machines are shared: the best run is closest to what a core can do)."""
     k = SigningKey(b"\x05" * 32)
     r = sign_record(k, feed="x", seq=1, prev=None, time_ms=0, type="org.example.T", data={"n": 1})
     sm = r.sig + DOMAIN_RECORD + r.body
-    t = time.perf_counter()
-    for _ in range(3000):
-        nacl.bindings.crypto_sign_open(sm, k.public_key)
-    return 3000 / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(1000):
+            nacl.bindings.crypto_sign_open(sm, k.public_key)
+        best = max(best, 1000 / (time.perf_counter() - t))
+    return best
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,6 +232,7 @@ def main() -> None:
     args = ap.parse_args()
     raw = raw_verify_rate()
     r = asyncio.run(run(args))
+    raw = max(raw, raw_verify_rate())  # before and after the run, as the rest is noisy
     cores = os.cpu_count() or 1
     ceiling = cores * raw / (args.nodes - 1)
     print(f"{args.nodes} nodes, degree-3 mesh ({len(mesh_edges(args.nodes))} links), HTTPS")
