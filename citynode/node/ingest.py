@@ -56,6 +56,8 @@ log = logging.getLogger("citynode.node")
 #: At most this many new records are verified on the event loop rather than in a
 #: worker thread (see :meth:`Ingest._open`).
 INLINE_VERIFY_MAX = 4
+# Where a record can be (Ingest._where).
+_NEW, _PENDING, _MAYBE_HELD = object(), object(), object()
 #: ``(index in the batch, record id, body, signature)``
 _Item = tuple[int, bytes, bytes, bytes]
 #: Items verified together with other ingests': ``(items, now_ms, accept, result)``
@@ -224,33 +226,48 @@ class Ingest:
         if not todo:
             return []
         accept = self.policy.trust_check()
-        held: list[tuple[int, bytes]] = []
-        if len(todo) <= INLINE_VERIFY_MAX and all(self._beyond_head(t[2]) for t in todo):
-            if self._ingesting == 1:  # alone: a thread hop would cost more than this
-                verified = self._verify(todo, now, accept)
+        held: list[tuple[int, bytes]] = []  # in the database
+        pending: list[tuple[int, bytes]] = []  # copies of records held ahead of a gap
+        where = [self._where(t[2], t[1]) for t in todo] \
+            if len(todo) <= INLINE_VERIFY_MAX else [_MAYBE_HELD]
+        if _MAYBE_HELD not in where:
+            pending = [(t[0], t[1]) for t, w in zip(todo, where, strict=True) if w is _PENDING]
+            fresh = [t for t, w in zip(todo, where, strict=True) if w is _NEW]
+            if not fresh:
+                verified = []
+            elif self._ingesting == 1:  # alone: a thread hop would cost more than this
+                verified = self._verify(fresh, now, accept)
             else:  # others are at work on the event loop: one hop for all of them
-                verified = await self._verify_together(todo, now, accept)
+                verified = await self._verify_together(fresh, now, accept)
         else:
-            held, verified = await in_thread(self._check_batch, todo, now, accept)
-            for i, rid in held:
-                res.duplicate(i)
+            held, pending, verified = await in_thread(self._check_batch, todo, now, accept)
+            for _i, rid in held:
                 self.chains.recent.add(rid)
+        for i, _rid in held + pending:
+            res.duplicate(i)
         self.metrics.verified.inc(len(verified))
-        self._settle(todo, {rid for _i, rid in held} |
+        self._settle(todo, {rid for _i, rid in held + pending} |
                      {item.id for _i, item in verified if isinstance(item, Record)})
         return verified
 
-    def _beyond_head(self, body: bytes) -> bool:
-        """Is this a record the database cannot hold: one whose seq is above the head
-        held of its chain? Chains are stored contiguous from seq 1, and heads move in
-        memory before their records are queued for the writer, so the database never
-        holds a seq above the head in memory. False for a body that does not decode (it
-        takes the other path, and fails the same strict decode there)."""
+    def _where(self, body: bytes, rid: bytes) -> object:
+        """Where a record (not among those committed lately) can be: :data:`_PENDING`
+        (a copy of one held ahead of a gap), :data:`_NEW` (nowhere: its seq is above the
+        head held of its chain -- chains are stored contiguous from seq 1, and heads move
+        in memory before their records are queued for the writer, so the database never
+        holds a seq above the head in memory), or :data:`_MAYBE_HELD` (in the database,
+        perhaps; also for a body that does not decode: the lookup path then fails it on
+        the same strict decode). Reads memory the event loop changes: from a worker
+        thread, a stale answer costs a verification or a lookup, never a wrong record."""
         try:
             f = parse_body(body, self.record_policy)
         except InvalidRecord:
-            return False
-        return bool(f["seq"] > self.chains.seq((f["origin"], f["feed"])))
+            return _MAYBE_HELD
+        key, seq = (f["origin"], f["feed"]), f["seq"]
+        if seq <= self.chains.seq(key):
+            return _MAYBE_HELD
+        held = self.chains.pending.get(key, seq)
+        return _PENDING if held is not None and held.id == rid else _NEW
 
     async def _place(self, verified: list[tuple[int, Record | InvalidRecord]],
                      res: IngestResult, source: PartnerLink | None, via: str, src: str,
@@ -322,13 +339,21 @@ class Ingest:
 
     def _check_batch(
         self, todo: list[_Item], now: int, accept: Callable[[bytes], bool],
-    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, Record | InvalidRecord]]]:
-        """In a worker thread (the signature checks release the GIL): ``(held, checked)``
-        -- the items already in the database as ``(index, id)``, and every other item
-        verified, as ``(index, Record or the InvalidRecord it failed with)``."""
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]],
+               list[tuple[int, Record | InvalidRecord]]]:
+        """In a worker thread (the signature checks release the GIL): ``(held, pending,
+        checked)`` -- the items already in the database and those held ahead of a gap,
+        as ``(index, id)``, and every other item verified, as ``(index, Record or the
+        InvalidRecord it failed with)``."""
         in_db = self.storage.has_ids([t[1] for t in todo])
         held = [(t[0], t[1]) for t in todo if t[1] in in_db]
-        return held, self._verify([t for t in todo if t[1] not in in_db], now, accept)
+        rest = [t for t in todo if t[1] not in in_db]
+        if not len(self.chains.pending):  # the usual case: no decoding twice
+            return held, [], self._verify(rest, now, accept)
+        where = [self._where(t[2], t[1]) for t in rest]
+        pending = [(t[0], t[1]) for t, w in zip(rest, where, strict=True) if w is _PENDING]
+        fresh = [t for t, w in zip(rest, where, strict=True) if w is not _PENDING]
+        return held, pending, self._verify(fresh, now, accept)
 
     def _verify(self, items: list[_Item], now: int, accept: Callable[[bytes], bool]
                 ) -> list[tuple[int, Record | InvalidRecord]]:

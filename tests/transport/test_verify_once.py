@@ -104,3 +104,24 @@ async def test_live_records_arriving_together_are_verified_together(inproc: Make
         assert [r for _i, r in outs[5].rejected] == ["bad_signature"]
     assert _verified(a) == 24
     assert sum(f.count for f in await a.node.reads.feeds()) == 7 * 3
+
+
+async def test_copies_of_records_held_ahead_of_a_gap_are_not_verified_again(
+        inproc: Make) -> None:
+    a, b, c = await _pair(inproc)
+    recs = _chain(SigningKey(b"\x24" * 32), 12, a.node.now_ms())
+    envs = [r.envelope for r in recs]
+    from_b, from_c = a.node.links[b.node.public_key], a.node.links[c.node.public_key]
+    out = await a.node.ingest(envs[1:3], source=from_b)  # seq 2, 3: a gap before them
+    assert out.pending == 2
+    out = await a.node.ingest(envs[1:3], source=from_c)  # checked alone, on the loop
+    assert out.duplicates == 2 and out.pending == 0
+    out = await a.node.ingest(envs[3:10], source=from_b)  # seq 4-10: pending too
+    assert out.pending == 7
+    out = await a.node.ingest(envs[2:10], source=from_c)  # a batch: in a worker thread
+    assert out.duplicates == 8
+    assert _verified(a) == 9
+    out = await a.node.ingest(envs[:1], source=from_c)  # the gap is filled: all stored
+    assert out.accepted == 1
+    assert _verified(a) == 10
+    assert sum(f.count for f in await a.node.reads.feeds()) == 10
