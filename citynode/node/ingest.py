@@ -43,7 +43,7 @@ from citynode.core.records import (
 )
 from citynode.errors import CitynodeError, InvalidRecord
 from citynode.metrics import Metrics
-from citynode.node._base import Spawn, in_thread
+from citynode.node._base import FeedKey, Spawn, in_thread
 from citynode.node.chains import Chains
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
@@ -56,8 +56,9 @@ log = logging.getLogger("citynode.node")
 #: At most this many new records are verified on the event loop rather than in a
 #: worker thread (see :meth:`Ingest._open`).
 INLINE_VERIFY_MAX = 4
-# Where a record can be (Ingest._where).
-_NEW, _PENDING, _MAYBE_HELD = object(), object(), object()
+#: Ids of records held ahead of a gap that ingest remembers, at most (beyond, it
+#: forgets them all: their copies are then verified, as they were before).
+AHEAD_IDS_MAX = 100_000
 #: ``(index in the batch, record id, body, signature)``
 _Item = tuple[int, bytes, bytes, bytes]
 #: Items verified together with other ingests': ``(items, now_ms, accept, result)``
@@ -120,6 +121,8 @@ class Ingest:
         self._ingesting = 0  # ingests under way
         self._together: list[_Together] = []  # waiting for the next trip to a thread
         self._drainer: asyncio.Task[None] | None = None
+        # Records held ahead of a gap: id -> (chain, seq), to find their copies by id.
+        self._ahead: dict[bytes, tuple[FeedKey, int]] = {}
 
     async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
                      via: str = "push") -> IngestResult:
@@ -143,7 +146,7 @@ class Ingest:
                 self._reject(res, i, exc, source)
                 continue
             rid = record_id(body)
-            if rid in seen or chains.holds(rid):
+            if rid in seen or chains.holds(rid) or self._held_ahead(rid):
                 res.duplicate(i)
                 continue
             seen.add(rid)
@@ -226,48 +229,45 @@ class Ingest:
         if not todo:
             return []
         accept = self.policy.trust_check()
-        held: list[tuple[int, bytes]] = []  # in the database
-        pending: list[tuple[int, bytes]] = []  # copies of records held ahead of a gap
-        where = [self._where(t[2], t[1]) for t in todo] \
-            if len(todo) <= INLINE_VERIFY_MAX else [_MAYBE_HELD]
-        if _MAYBE_HELD not in where:
-            pending = [(t[0], t[1]) for t, w in zip(todo, where, strict=True) if w is _PENDING]
-            fresh = [t for t, w in zip(todo, where, strict=True) if w is _NEW]
-            if not fresh:
-                verified = []
-            elif self._ingesting == 1:  # alone: a thread hop would cost more than this
-                verified = self._verify(fresh, now, accept)
+        held: list[tuple[int, bytes]] = []
+        if len(todo) <= INLINE_VERIFY_MAX and all(self._beyond_head(t[2]) for t in todo):
+            if self._ingesting == 1:  # alone: a thread hop would cost more than this
+                verified = self._verify(todo, now, accept)
             else:  # others are at work on the event loop: one hop for all of them
-                verified = await self._verify_together(fresh, now, accept)
+                verified = await self._verify_together(todo, now, accept)
         else:
-            held, pending, verified = await in_thread(self._check_batch, todo, now, accept)
-            for _i, rid in held:
+            held, verified = await in_thread(self._check_batch, todo, now, accept)
+            for i, rid in held:
+                res.duplicate(i)
                 self.chains.recent.add(rid)
-        for i, _rid in held + pending:
-            res.duplicate(i)
         self.metrics.verified.inc(len(verified))
-        self._settle(todo, {rid for _i, rid in held + pending} |
+        self._settle(todo, {rid for _i, rid in held} |
                      {item.id for _i, item in verified if isinstance(item, Record)})
         return verified
 
-    def _where(self, body: bytes, rid: bytes) -> object:
-        """Where a record (not among those committed lately) can be: :data:`_PENDING`
-        (a copy of one held ahead of a gap), :data:`_NEW` (nowhere: its seq is above the
-        head held of its chain -- chains are stored contiguous from seq 1, and heads move
-        in memory before their records are queued for the writer, so the database never
-        holds a seq above the head in memory), or :data:`_MAYBE_HELD` (in the database,
-        perhaps; also for a body that does not decode: the lookup path then fails it on
-        the same strict decode). Reads memory the event loop changes: from a worker
-        thread, a stale answer costs a verification or a lookup, never a wrong record."""
+    def _beyond_head(self, body: bytes) -> bool:
+        """Is this a record the database cannot hold: one whose seq is above the head
+        held of its chain? Chains are stored contiguous from seq 1, and heads move in
+        memory before their records are queued for the writer, so the database never
+        holds a seq above the head in memory. False for a body that does not decode (it
+        takes the other path, and fails the same strict decode there)."""
         try:
             f = parse_body(body, self.record_policy)
         except InvalidRecord:
-            return _MAYBE_HELD
-        key, seq = (f["origin"], f["feed"]), f["seq"]
-        if seq <= self.chains.seq(key):
-            return _MAYBE_HELD
-        held = self.chains.pending.get(key, seq)
-        return _PENDING if held is not None and held.id == rid else _NEW
+            return False
+        return bool(f["seq"] > self.chains.seq((f["origin"], f["feed"])))
+
+    def _held_ahead(self, rid: bytes) -> bool:
+        """Is this a copy of a record held ahead of a gap (verified already)? Checked
+        against the pending buffer itself, which may have dropped it since."""
+        where = self._ahead.get(rid)
+        if where is None:
+            return False
+        held = self.chains.pending.get(*where)
+        if held is not None and held.id == rid:
+            return True
+        del self._ahead[rid]
+        return False
 
     async def _place(self, verified: list[tuple[int, Record | InvalidRecord]],
                      res: IngestResult, source: PartnerLink | None, via: str, src: str,
@@ -311,6 +311,9 @@ class Ingest:
                 head = chains.heads.get(key)
                 if chains.pending.add(rec, head_seq=head.seq if head else 0):
                     res.pending += 1
+                    if len(self._ahead) >= AHEAD_IDS_MAX:
+                        self._ahead.clear()
+                    self._ahead[rec.id] = (key, rec.seq)
                 if source is not None:
                     source.sync_now.set()
             else:  # at or below the head: a copy of what we hold, or a fork
@@ -339,21 +342,13 @@ class Ingest:
 
     def _check_batch(
         self, todo: list[_Item], now: int, accept: Callable[[bytes], bool],
-    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]],
-               list[tuple[int, Record | InvalidRecord]]]:
-        """In a worker thread (the signature checks release the GIL): ``(held, pending,
-        checked)`` -- the items already in the database and those held ahead of a gap,
-        as ``(index, id)``, and every other item verified, as ``(index, Record or the
-        InvalidRecord it failed with)``."""
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, Record | InvalidRecord]]]:
+        """In a worker thread (the signature checks release the GIL): ``(held, checked)``
+        -- the items already in the database as ``(index, id)``, and every other item
+        verified, as ``(index, Record or the InvalidRecord it failed with)``."""
         in_db = self.storage.has_ids([t[1] for t in todo])
         held = [(t[0], t[1]) for t in todo if t[1] in in_db]
-        rest = [t for t in todo if t[1] not in in_db]
-        if not len(self.chains.pending):  # the usual case: no decoding twice
-            return held, [], self._verify(rest, now, accept)
-        where = [self._where(t[2], t[1]) for t in rest]
-        pending = [(t[0], t[1]) for t, w in zip(rest, where, strict=True) if w is _PENDING]
-        fresh = [t for t, w in zip(rest, where, strict=True) if w is not _PENDING]
-        return held, pending, self._verify(fresh, now, accept)
+        return held, self._verify([t for t in todo if t[1] not in in_db], now, accept)
 
     def _verify(self, items: list[_Item], now: int, accept: Callable[[bytes], bool]
                 ) -> list[tuple[int, Record | InvalidRecord]]:
@@ -398,6 +393,7 @@ class Ingest:
         key = (rec.origin, rec.feed)
         chains = self.chains
         for r in [rec, *chains.pending.take_ready(key, rec.seq, rec.id)]:
+            self._ahead.pop(r.id, None)
             chains.heads[key] = FeedHead(r.seq, r.id)
             chains.inflight.add(r.id)
             to_store.append(r)
