@@ -29,6 +29,12 @@ class Metrics:
             "push (pushed to us), or fetched by us in a sync round (sync), after an "
             "announcement (graft) or to fill a gap in a chain (gap)", ["via"], registry=r
         )
+        self.verified = Counter(
+            "citynode_records_verified", "Records from outside whose signature this node "
+            "checked (decoded, checked, verified). A record held, or being checked for "
+            "another copy, is not checked again: at most once per record, unless a copy "
+            "failed", registry=r,
+        )
         self.forks = Counter("citynode_forks_detected", "Equivocation proofs stored", registry=r)
         self.published = Counter(
             "citynode_records_published", "Records signed by this node", registry=r

@@ -1,9 +1,18 @@
 """Ingest benchmark: a partner pushes pre-signed records to one running node over HTTPS.
 
 Prints verified-and-committed records per second of the node, the one-core pipeline
-limit measured in the same run (strict decode + verify + hash + batched SQLite insert,
-no HTTP), their ratio, and the bulk publish rate (sign + durable commit). Last line: one
-JSON object.
+limit measured in the same run (strict decode + verify + hash + SQLite insert in batches
+of the same size, no HTTP), their ratio, and the bulk publish rate (sign + durable
+commit). Last line: one JSON object.
+
+``--batch 1`` is a partner pushing live, one record per HTTPS request: there the
+figure that matters is requests per second, so the run also times, with the same
+client and the same number in flight, signed requests the node answers without
+ingesting anything (``GET /v1/cards``: TLS, HTTP, the request signature checked, a
+small msgpack answer), and prints the ingest rate as a ratio to that floor too.
+``--concurrency N`` keeps N requests in flight on N connections (each client holds at
+most 8: ``ceil(N / 8)`` clients); give ``--origins >= N`` so that N pushers have a
+chain each (the records of one chain are pushed in order, one request at a time).
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,6 +56,16 @@ def make_feeds(n: int, origins: int) -> list[list[bytes]]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (0.0 elsewhere):
+    the cost per request, which the machine's load changes far less than the rate."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pipeline_limit(feeds: list[list[bytes]], batch: int) -> float:
     """One core, no HTTP: decode, hash, verify, classify-free append in batches."""
     with tempfile.TemporaryDirectory() as d:
@@ -79,17 +99,21 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     await loader.start(partners=False)
     runner = await serve(loader, host="127.0.0.1", port=lport)
     feeds = make_feeds(args.records, args.origins)
+    groups = [g for g in (feeds[i :: args.concurrency] for i in range(args.concurrency)) if g]
     total = sum(len(f) for f in feeds)
     limit_before = pipeline_limit(feeds, args.batch)
     try:
         await cluster.start()
         await target.api("POST", "/v1/admin/partners",
                          json_body={"url": f"https://127.0.0.1:{lport}", "id": loader.node_id})
-        client = PeerClient(loader.key, target.url, node_id=target.node_id,
-                            fingerprint=target.fingerprint,
-                            timeout=120)
+        # PeerClient keeps at most 8 connections: one client per 8 pushers, so that
+        # every pusher has a connection of its own (N in flight means N on the wire).
+        clients = [PeerClient(loader.key, target.url, node_id=target.node_id,
+                              fingerprint=target.fingerprint, timeout=120)
+                   for _ in range((len(groups) + 7) // 8)]
 
-        async def pusher(my_feeds: list[list[bytes]]) -> int:
+        async def pusher(k: int, my_feeds: list[list[bytes]]) -> int:
+            client = clients[k // 8]
             done = 0
             for envs in my_feeds:
                 for i in range(0, len(envs), args.batch):
@@ -99,16 +123,32 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                     done += out["accepted"]
             return done
 
-        groups = [feeds[i :: args.concurrency] for i in range(args.concurrency)]
-        t = time.perf_counter()
-        accepted = sum(await asyncio.gather(*(pusher(g) for g in groups)))
+        async def floor_requests(k: int, n: int) -> None:
+            client = clients[k // 8]
+            for _ in range(n):
+                await client.cards()
+
+        # Warm the connections (TLS handshakes are not what is measured).
+        await asyncio.gather(*(floor_requests(k, 2) for k in range(len(groups))))
+        pid = target.proc.pid if target.proc is not None else 0
+        floor = floor_cpu = 0.0
+        if args.batch == 1:
+            n_floor = max(1, total // len(groups) // 2)
+            c, t = cpu_seconds(pid), time.perf_counter()
+            await asyncio.gather(*(floor_requests(k, n_floor) for k in range(len(groups))))
+            floor = n_floor * len(groups) / (time.perf_counter() - t)
+            floor_cpu = (cpu_seconds(pid) - c) / (n_floor * len(groups))
+        c, t = cpu_seconds(pid), time.perf_counter()
+        accepted = sum(await asyncio.gather(*(pusher(k, g) for k, g in enumerate(groups))))
         ingest = accepted / (time.perf_counter() - t)
+        ingest_cpu = (cpu_seconds(pid) - c) / (accepted / args.batch)
         if accepted != total:
             raise SystemExit(f"only {accepted} of {total} accepted")
         held = sum(f["count"] for f in await target.feeds())
         if held != total:
             raise SystemExit(f"node holds {held} of {total}")
-        await client.close()
+        for client in clients:
+            await client.close()
 
         # Bulk publish: sign + one durable transaction per call.
         n_pub = args.publish
@@ -124,30 +164,50 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         await loader.stop()
     # The machines are shared and noisy: the limit is the best of a run before and after.
     limit = max(limit_before, pipeline_limit(feeds, args.batch))
-    return {"ingest": ingest, "limit": limit, "publish": publish, "records": total}
+    return {"ingest": ingest, "limit": limit, "publish": publish, "records": total,
+            "floor": floor, "in_flight": len(groups), "ingest_cpu": ingest_cpu,
+            "floor_cpu": floor_cpu}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--records", type=int, default=50_000)
+    ap.add_argument("--records", type=int, default=None,
+                    help="records pushed (default 50,000; 5,000 with --batch 1)")
     ap.add_argument("--origins", type=int, default=8)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--publish", type=int, default=20_000)
     ap.add_argument("--publish-batch", type=int, default=1000)
     args = ap.parse_args()
+    if args.records is None:
+        args.records = 5_000 if args.batch == 1 else 50_000
     r = asyncio.run(run(args))
     ratio = r["ingest"] / r["limit"]
+    floor = r["floor"]
     print(f"records pushed: {r['records']:.0f} from {args.origins} origins, batches of "
-          f"{args.batch}, {args.concurrency} concurrent pushes over HTTPS")
+          f"{args.batch}, {r['in_flight']} concurrent pushes over HTTPS")
     print(f"node ingest (verified + committed): {r['ingest']:9.0f} records/s")
     print(f"one-core pipeline limit (no HTTP):  {r['limit']:9.0f} records/s")
     print(f"ratio:                              {ratio:9.3f}  (target >= 0.75)")
+    if floor:
+        target = 1200 if r["in_flight"] == 1 else 2100 if r["in_flight"] >= 64 else None
+        print(f"signed no-op requests (GET /v1/cards), same client, same in flight: "
+              f"{floor:9.0f} requests/s")
+        print(f"ingest per request / no-op request: {r['ingest'] / floor:9.3f}"
+              + (f"  (target {target} records/s)" if target else ""))
+    print(f"node CPU per push request: {r['ingest_cpu'] * 1e6:9.0f} us"
+          + (f"; per no-op request: {r['floor_cpu'] * 1e6:.0f} us" if floor else ""))
     print(f"bulk publish (sign + durable commit): {r['publish']:7.0f} records/s")
     print(json.dumps({
-        "bench": "ingest", "records": int(r["records"]),
+        "bench": "ingest", "records": int(r["records"]), "batch": args.batch,
+        "in_flight": r["in_flight"], "origins": args.origins,
         "ingest_per_s": round(r["ingest"]), "pipeline_limit_per_s": round(r["limit"]),
-        "ratio": round(ratio, 3), "publish_per_s": round(r["publish"]),
+        "ratio": round(ratio, 3),
+        "noop_requests_per_s": round(floor) if floor else None,
+        "ratio_to_noop": round(r["ingest"] / floor, 3) if floor else None,
+        "node_cpu_us_per_push": round(r["ingest_cpu"] * 1e6),
+        "node_cpu_us_per_noop": round(r["floor_cpu"] * 1e6) if floor else None,
+        "publish_per_s": round(r["publish"]),
         "python": sys.version.split()[0],
     }))
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import heapq
 import re
@@ -58,8 +59,10 @@ __all__ = [
     "MAX_FUTURE_SKEW_MS",
     "MAX_HEADER_LEN",
     "ReplayCache",
+    "SignatureHeaders",
     "SplitReplayCache",
     "claimed_signer",
+    "read_signature",
     "sign_request",
     "signature_base",
     "verify_request",
@@ -261,9 +264,21 @@ def signature_base(method: str, path_qs: str, content_digest: str, sig_params: s
 def _canonical_node_id(text: str, what: str) -> str:
     """``text`` as a canonical node id; :class:`ValueError` (a caller bug) if it is none."""
     try:
-        return node_id(parse_node_id(text))
+        return _canonical(text)
     except InvalidNodeId as exc:
         raise ValueError(f"{what} must be a node id (cn1...): {exc}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _id_of(public_key: bytes) -> str:
+    # Cached: node_id encodes base32 on every call, and a node signs with one key.
+    return node_id(public_key)
+
+
+@functools.lru_cache(maxsize=256)
+def _canonical(text: str) -> str:
+    # Cached: a node signs for, and is the target of, the same few ids on every request.
+    return node_id(parse_node_id(text))
 
 
 def sign_request(
@@ -303,7 +318,7 @@ def sign_request(
     params = _serialize_params(
         [
             ("created", now_ms // 1000),
-            ("keyid", key.node_id),
+            ("keyid", _id_of(key.public_key)),
             ("nonce", nonce),
             ("alg", ALG),
             (_TAG, target),
@@ -365,7 +380,37 @@ class _SigInput(NamedTuple):
     tag: str | None  # None: the signature names no target node
 
 
+# Fast paths for the exact forms sign_request writes (one member, no optional spaces,
+# the parameters in its order, nothing to unescape). For those strings they give what
+# the general parser gives (tests/core/test_httpsig.py compares the two); any other
+# string, valid or not, goes to the general parser.
+_FAST_SI_RE = re.compile(
+    r'cn=(\("@method" "@path" "@query" "content-digest"\);created=(0|[1-9][0-9]{0,14})'
+    r';keyid="([a-z0-9]{1,128})";nonce="([A-Za-z0-9_-]{16,64})";alg="(ed25519)"'
+    r';tag="([a-z0-9]{1,128})")'
+)
+_FAST_SIG_RE = re.compile(r"cn=:([A-Za-z0-9+/]{86}==):")
+_FAST_DIGEST_RE = re.compile(r"sha-256=:([A-Za-z0-9+/]{43}=):")
+
+
+def _fast_signature_input(value: str) -> _SigInput | None:
+    m = _FAST_SI_RE.fullmatch(value)
+    if m is None:
+        return None
+    return _SigInput(m[1], int(m[2]), m[3], m[4], m[5], m[6])
+
+
+def _fast_bytes(rx: re.Pattern[str], value: str) -> bytes | None:
+    m = rx.fullmatch(value)
+    return None if m is None else base64.b64decode(m[1], validate=True)
+
+
 def _parse_signature_input(value: str) -> _SigInput:
+    fast = _fast_signature_input(value)
+    return fast if fast is not None else _parse_signature_input_in_full(value)
+
+
+def _parse_signature_input_in_full(value: str) -> _SigInput:
     member = _parse("Signature-Input", value).get(LABEL)
     if member is None:
         raise AccessDenied(f"the Signature-Input header has no {LABEL!r} signature")
@@ -400,14 +445,49 @@ def _parse_signature_input(value: str) -> _SigInput:
     )
 
 
+class SignatureHeaders(NamedTuple):
+    """A request's three signature headers, found and their Signature-Input parsed
+    (nothing verified): what :func:`read_signature` returns, so that a server that
+    pre-checks a request (:func:`claimed_signer`) then verifies it
+    (:func:`verify_request`) reads and parses them once."""
+
+    found: dict[str, str]  # lower-case name -> value
+    params: _SigInput
+
+
+def read_signature(headers: Mapping[str, str] | SignatureHeaders) -> SignatureHeaders:
+    """Find the signature headers of a request (see :func:`verify_request`) and parse
+    its Signature-Input. Raises :class:`AccessDenied` if they are missing, repeated,
+    too long or malformed."""
+    if isinstance(headers, SignatureHeaders):
+        return headers
+    found = _find_headers(headers)
+    return SignatureHeaders(found, _parse_signature_input(found["signature-input"]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_of(keyid: str) -> bytes:
+    """The public key of a keyid in canonical node-id form (cached: partners sign every
+    request with the same few). Raises :class:`AccessDenied`."""
+    try:
+        public_key = parse_node_id(keyid)
+    except InvalidNodeId as exc:
+        raise AccessDenied(f"the signature keyid is not a node id: {exc}") from exc
+    if keyid != node_id(public_key):
+        raise AccessDenied("the signature keyid is not a node id in its canonical form")
+    return public_key
+
+
 def claimed_signer(
-    headers: Mapping[str, str], *, now_ms: int, max_age_ms: int = DEFAULT_MAX_AGE_MS
+    headers: Mapping[str, str] | SignatureHeaders, *, now_ms: int,
+    max_age_ms: int = DEFAULT_MAX_AGE_MS,
 ) -> bytes:
     """The public key a request's Signature-Input *claims* signed it, if its creation
     time is within the window. Nothing is verified: a server uses this to refuse a
     stranger's or a stale request before reading its body, then calls
-    :func:`verify_request` on the body. Raises :class:`AccessDenied`."""
-    si = _parse_signature_input(_find_headers(headers)["signature-input"])
+    :func:`verify_request` on the body (pass both the :func:`read_signature` of the
+    headers to parse them once). Raises :class:`AccessDenied`."""
+    si = read_signature(headers).params
     try:
         key = parse_node_id(si.keyid)
     except InvalidNodeId as exc:
@@ -421,7 +501,7 @@ def claimed_signer(
 def verify_request(
     method: str,
     path_qs: str,
-    headers: Mapping[str, str],
+    headers: Mapping[str, str] | SignatureHeaders,
     body: bytes,
     *,
     now_ms: int,
@@ -435,7 +515,8 @@ def verify_request(
 
     ``method`` and ``path_qs`` are as received (the raw, still percent-encoded target
     with its query string); ``headers`` is any mapping, looked up without regard to
-    case; ``expected_target`` is this (the receiving) node's id. Checks, cheapest
+    case, or what :func:`read_signature` made of them; ``expected_target`` is this (the
+    receiving) node's id. Checks, cheapest
     first: the headers are present, short and well formed; the algorithm is ed25519;
     keyid is a node id; the ``tag`` is ``expected_target`` (a request signed for
     another node, or for none, is refused: this is what stops a node replaying a
@@ -459,29 +540,29 @@ def verify_request(
     if max_age_ms > replay.max_age_ms:
         raise ValueError("max_age_ms is longer than the replay cache remembers nonces")
     expected_target = _canonical_node_id(expected_target, "expected_target")
-    h = _find_headers(headers)
+    parsed = read_signature(headers)
+    h, si = parsed.found, parsed.params
     if not _TOKEN_RE.fullmatch(method) or not _TARGET_RE.fullmatch(path_qs):
         raise AccessDenied("the request method or target is malformed")
-    si = _parse_signature_input(h["signature-input"])
-    sig_member = _parse("Signature", h["signature"]).get(LABEL)
-    if sig_member is None:
-        raise AccessDenied(f"the Signature header has no {LABEL!r} signature")
-    sig = sig_member[0]
+    sig: object = _fast_bytes(_FAST_SIG_RE, h["signature"])
+    if sig is None:
+        sig_member = _parse("Signature", h["signature"]).get(LABEL)
+        if sig_member is None:
+            raise AccessDenied(f"the Signature header has no {LABEL!r} signature")
+        sig = sig_member[0]
     if type(sig) is not bytes or len(sig) != 64:
         raise AccessDenied("the Signature header must hold a 64-byte Ed25519 signature")
-    digest_member = _parse("Content-Digest", h["content-digest"]).get("sha-256")
-    if digest_member is None or type(digest_member[0]) is not bytes:
-        raise AccessDenied("the Content-Digest header must have a sha-256 byte sequence")
+    digest: object = _fast_bytes(_FAST_DIGEST_RE, h["content-digest"])
+    if digest is None:
+        digest_member = _parse("Content-Digest", h["content-digest"]).get("sha-256")
+        if digest_member is None or type(digest_member[0]) is not bytes:
+            raise AccessDenied("the Content-Digest header must have a sha-256 byte sequence")
+        digest = digest_member[0]
 
     keyid, nonce = si.keyid, si.nonce
     if si.alg != ALG:
         raise AccessDenied(f"signature algorithm {si.alg[:32]!r} is not supported: use ed25519")
-    try:
-        public_key = parse_node_id(keyid)
-    except InvalidNodeId as exc:
-        raise AccessDenied(f"the signature keyid is not a node id: {exc}") from exc
-    if keyid != node_id(public_key):
-        raise AccessDenied("the signature keyid is not a node id in its canonical form")
+    public_key = _key_of(keyid)
     if not _NONCE_RE.fullmatch(nonce):
         raise AccessDenied("the signature nonce must be 16 to 64 base64url characters")
     if si.tag is None:
@@ -508,7 +589,7 @@ def verify_request(
             f"the future, more than the {MAX_FUTURE_SKEW_MS // 1000} s allowed: check the "
             "sender's clock and this node's"
         )
-    if digest_member[0] != hashlib.sha256(body).digest():
+    if digest != hashlib.sha256(body).digest():
         raise AccessDenied("the request body does not match its Content-Digest: altered or "
                            "truncated in transit")
 

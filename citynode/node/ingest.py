@@ -1,13 +1,17 @@
 """Ingest: records from outside (push, fetch, graft) become stored records, or are
 refused with a reason.
 
-    envelope bytes ──► split + id (SHA-256) ──► already held? ──yes──► duplicate (no verify)
-                                                   │ no
+    envelope bytes ──► split + id (SHA-256) ──► held, or being checked? ──yes──► duplicate
+                                                   │ no                 (no verify; a copy
+                                                   │                     being checked waits
+                                                   │                     for its verdict)
                                       origin accepted by trust policy and quota?
                                                    │ yes
                          open_record (canonical decode, fields, time, payload, signature)
-                                                   │        (in a worker thread: PyNaCl
-                                                   ▼         releases the GIL)
+                                                   │  a few live records (seq above the head:
+                                                   │  no lookup) on the event loop when alone,
+                                                   │  else in a worker thread, PyNaCl
+                                                   ▼  releasing the GIL (see Ingest._open)
                        classify against the in-memory chain heads (event loop, no await)
              EXTENDS ─► queue for the writer   AHEAD ─► pending buffer   EQUIVOCATION ─► proof
                                                    │
@@ -34,19 +38,32 @@ from citynode.core.records import (
     RecordPolicy,
     decode_envelope,
     open_records,
+    parse_body,
     record_id,
 )
 from citynode.errors import CitynodeError, InvalidRecord
 from citynode.metrics import Metrics
-from citynode.node._base import Spawn, in_thread
+from citynode.node._base import FeedKey, Spawn, in_thread
 from citynode.node.chains import Chains
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.storage import Storage
 
-__all__ = ["Ingest", "IngestResult"]
+__all__ = ["INLINE_VERIFY_MAX", "Ingest", "IngestResult"]
 
 log = logging.getLogger("citynode.node")
+
+#: At most this many new records are verified on the event loop rather than in a
+#: worker thread (see :meth:`Ingest._open`).
+INLINE_VERIFY_MAX = 4
+#: Ids of records held ahead of a gap that ingest remembers, at most (beyond, it
+#: forgets them all: their copies are then verified, as they were before).
+AHEAD_IDS_MAX = 100_000
+#: ``(index in the batch, record id, body, signature)``
+_Item = tuple[int, bytes, bytes, bytes]
+#: Items verified together with other ingests': ``(items, now_ms, accept, result)``
+_Together = tuple[list[_Item], int, Callable[[bytes], bool],
+                  "asyncio.Future[list[tuple[int, Record | InvalidRecord]]]"]
 
 
 @dataclass
@@ -99,6 +116,13 @@ class Ingest:
         self.spawn = spawn
         self.on_fork: ForkHandler | None = None
         self.on_commit: CommitListener = lambda recs, source: None
+        # Record ids being checked by an ingest now, with the future of its verdict.
+        self._checking: dict[bytes, asyncio.Future[bool]] = {}
+        self._ingesting = 0  # ingests under way
+        self._together: list[_Together] = []  # waiting for the next trip to a thread
+        self._drainer: asyncio.Task[None] | None = None
+        # Records held ahead of a gap: id -> (chain, seq), to find their copies by id.
+        self._ahead: dict[bytes, tuple[FeedKey, int]] = {}
 
     async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
                      via: str = "push") -> IngestResult:
@@ -109,7 +133,10 @@ class Ingest:
         src = source.row.node_id if source else "local"
         now = self.now_ms()
         mono = time.monotonic()
-        todo: list[tuple[int, bytes, bytes, bytes]] = []
+        todo: list[_Item] = []
+        # Copies of records another ingest is checking right now: they wait for its
+        # verdict instead of checking the signature a second time.
+        waits: list[tuple[_Item, asyncio.Future[bool]]] = []
         seen: set[bytes] = set()
         self.metrics.received.labels(via).inc(len(envelopes))
         for i, env in enumerate(envelopes):
@@ -119,23 +146,135 @@ class Ingest:
                 self._reject(res, i, exc, source)
                 continue
             rid = record_id(body)
-            if rid in seen or chains.holds(rid):
+            if rid in seen or chains.holds(rid) or self._held_ahead(rid):
                 res.duplicate(i)
                 continue
             seen.add(rid)
-            todo.append((i, rid, body, sig))
-        verified: list[tuple[int, Record | InvalidRecord]] = []
-        if todo:
-            # One trip to a worker thread: the lookup, then verification of what is new
-            # (each thread hop is latency on every relay hop).
-            held, verified = await in_thread(
-                self._check_batch, todo, now, self.policy.trust_check())
+            other = self._checking.get(rid)
+            if other is not None:
+                waits.append(((i, rid, body, sig), other))
+            else:
+                todo.append((i, rid, body, sig))
+        mine = self._claim(todo)
+        self._ingesting += 1
+        try:
+            verified = await self._open(todo, now, res)
+            if waits:
+                # The other ingest's verdict (a result, never an exception: see
+                # _release). A copy whose first check failed is checked here: its
+                # signature may differ.
+                again: list[_Item] = []
+                for item, fut in waits:
+                    if await asyncio.shield(fut):
+                        res.duplicate(item[0])
+                    else:
+                        again.append(item)
+                verified += await self._open(again, now, res)
+            if not verified:
+                self.metrics.duplicates.labels(via).inc(res.duplicates)
+                return res
+            return await self._place(verified, res, source, via, src, now, mono)
+        finally:
+            self._ingesting -= 1
+            # Only now: until the records are placed (in flight to the writer), a copy
+            # that arrives must find their verdict here.
+            self._release(mine)
+
+    async def _verify_together(self, items: list[_Item], now: int,
+                               accept: Callable[[bytes], bool]
+                               ) -> list[tuple[int, Record | InvalidRecord]]:
+        """:meth:`_verify` in a worker thread, with the items of every other ingest that
+        asks meanwhile: one thread hop for all of them."""
+        fut: asyncio.Future[list[tuple[int, Record | InvalidRecord]]] = \
+            asyncio.get_running_loop().create_future()
+        self._together.append((items, now, accept, fut))
+        if self._drainer is None:
+            self._drainer = self.spawn(self._drain(), "verify")
+        return await fut
+
+    async def _drain(self) -> None:
+        """Verify what :meth:`_verify_together` gathered, in trips to a worker thread,
+        until nothing is left. Every waiting ingest gets a result or an exception."""
+        jobs: list[_Together] = []
+        try:
+            while self._together:
+                jobs, self._together = self._together, []
+                results = await in_thread(self._verify_jobs, jobs)
+                for job, result in zip(jobs, results, strict=True):
+                    if not job[3].done():  # its request may be gone
+                        job[3].set_result(result)
+                jobs = []
+        except BaseException as exc:
+            err = exc if isinstance(exc, Exception) else CitynodeError("node stopping")
+            for job in [*jobs, *self._together]:
+                if not job[3].done():
+                    job[3].set_exception(err)
+            self._together = []
+            raise
+        finally:
+            self._drainer = None
+
+    async def _open(self, todo: list[_Item], now: int, res: IngestResult
+                    ) -> list[tuple[int, Record | InvalidRecord]]:
+        """Verify what of ``todo`` is not in the database; count the rest as duplicates.
+
+        A few records that cannot be in the database (each names a seq above the head
+        held of its chain) need no lookup. When no other ingest is under way they are
+        verified right here, on the event loop: the trip to a worker thread and back
+        costs more than their signatures (and is latency on every record pushed live).
+        When others are, the event loop is the bottleneck: they are verified in a worker
+        thread, in one trip with those of every other ingest waiting for one. Others
+        make one trip to a worker thread: the lookup, then the verification of what is
+        new (PyNaCl releases the GIL there)."""
+        if not todo:
+            return []
+        accept = self.policy.trust_check()
+        held: list[tuple[int, bytes]] = []
+        if len(todo) <= INLINE_VERIFY_MAX and all(self._beyond_head(t[2]) for t in todo):
+            if self._ingesting == 1:  # alone: a thread hop would cost more than this
+                verified = self._verify(todo, now, accept)
+            else:  # others are at work on the event loop: one hop for all of them
+                verified = await self._verify_together(todo, now, accept)
+        else:
+            held, verified = await in_thread(self._check_batch, todo, now, accept)
             for i, rid in held:
                 res.duplicate(i)
-                chains.recent.add(rid)
-        if not verified:
-            self.metrics.duplicates.labels(via).inc(res.duplicates)
-            return res
+                self.chains.recent.add(rid)
+        self.metrics.verified.inc(len(verified))
+        self._settle(todo, {rid for _i, rid in held} |
+                     {item.id for _i, item in verified if isinstance(item, Record)})
+        return verified
+
+    def _beyond_head(self, body: bytes) -> bool:
+        """Is this a record the database cannot hold: one whose seq is above the head
+        held of its chain? Chains are stored contiguous from seq 1, and heads move in
+        memory before their records are queued for the writer, so the database never
+        holds a seq above the head in memory. False for a body that does not decode (it
+        takes the other path, and fails the same strict decode there)."""
+        try:
+            f = parse_body(body, self.record_policy)
+        except InvalidRecord:
+            return False
+        return bool(f["seq"] > self.chains.seq((f["origin"], f["feed"])))
+
+    def _held_ahead(self, rid: bytes) -> bool:
+        """Is this a copy of a record held ahead of a gap (verified already)? Checked
+        against the pending buffer itself, which may have dropped it since."""
+        where = self._ahead.get(rid)
+        if where is None:
+            return False
+        held = self.chains.pending.get(*where)
+        if held is not None and held.id == rid:
+            return True
+        del self._ahead[rid]
+        return False
+
+    async def _place(self, verified: list[tuple[int, Record | InvalidRecord]],
+                     res: IngestResult, source: PartnerLink | None, via: str, src: str,
+                     now: int, mono: float) -> IngestResult:
+        """Classify verified records against the heads, queue what extends a chain for
+        the writer, and return once it is committed."""
+        chains = self.chains
         to_store: list[Record] = []
         forks: list[tuple[Record, int]] = []
         for i, item in verified:
@@ -172,6 +311,9 @@ class Ingest:
                 head = chains.heads.get(key)
                 if chains.pending.add(rec, head_seq=head.seq if head else 0):
                     res.pending += 1
+                    if len(self._ahead) >= AHEAD_IDS_MAX:
+                        self._ahead.clear()
+                    self._ahead[rec.id] = (key, rec.seq)
                 if source is not None:
                     source.sync_now.set()
             else:  # at or below the head: a copy of what we hold, or a fork
@@ -193,26 +335,65 @@ class Ingest:
         self.metrics.duplicates.labels(via).inc(res.duplicates)
         return res
 
+    def _verify_jobs(self, jobs: list[_Together]
+                     ) -> list[list[tuple[int, Record | InvalidRecord]]]:
+        """In a worker thread: :meth:`_verify` each job's items."""
+        return [self._verify(items, now, accept) for items, now, accept, _f in jobs]
+
     def _check_batch(
-        self, todo: list[tuple[int, bytes, bytes, bytes]], now: int,
-        accept: Callable[[bytes], bool],
+        self, todo: list[_Item], now: int, accept: Callable[[bytes], bool],
     ) -> tuple[list[tuple[int, bytes]], list[tuple[int, Record | InvalidRecord]]]:
         """In a worker thread (the signature checks release the GIL): ``(held, checked)``
         -- the items already in the database as ``(index, id)``, and every other item
         verified, as ``(index, Record or the InvalidRecord it failed with)``."""
         in_db = self.storage.has_ids([t[1] for t in todo])
         held = [(t[0], t[1]) for t in todo if t[1] in in_db]
-        fresh = [t for t in todo if t[1] not in in_db]
-        results = open_records(((body, sig, rid) for _, rid, body, sig in fresh), now_ms=now,
+        return held, self._verify([t for t in todo if t[1] not in in_db], now, accept)
+
+    def _verify(self, items: list[_Item], now: int, accept: Callable[[bytes], bool]
+                ) -> list[tuple[int, Record | InvalidRecord]]:
+        """Open (decode, check, verify) each item: ``(index, Record or InvalidRecord)``."""
+        results = open_records(((body, sig, rid) for _, rid, body, sig in items), now_ms=now,
                                verifier=self.verifier, policy=self.record_policy,
                                accept=accept)
-        return held, [(t[0], r) for t, r in zip(fresh, results, strict=True)]
+        return [(t[0], r) for t, r in zip(items, results, strict=True)]
+
+    # ------------------------------------------------------------------ one check per record
+
+    def _claim(self, todo: list[_Item]) -> list[tuple[bytes, asyncio.Future[bool]]]:
+        """Mark ``todo``'s records as being checked by this ingest (no await since the
+        lookup in :attr:`_checking`: no other ingest can claim them meanwhile)."""
+        loop = asyncio.get_running_loop()
+        mine = [(t[1], loop.create_future()) for t in todo]
+        self._checking.update(mine)
+        return mine
+
+    def _settle(self, todo: list[_Item], good: set[bytes]) -> None:
+        """Give copies waiting on these records their verdict as soon as it is known
+        (not when this ingest ends): True for a record held or just verified (a copy is
+        a duplicate, whatever becomes of the record), False for one that failed (a copy
+        is checked on its own: its signature may differ). An ingest only waits on ids
+        claimed before its own, so no two ever wait on each other."""
+        for t in todo:
+            fut = self._checking.get(t[1])
+            if fut is not None and not fut.done():
+                fut.set_result(t[1] in good)
+
+    def _release(self, mine: list[tuple[bytes, asyncio.Future[bool]]]) -> None:
+        """Forget this ingest's claims; a verdict still open (the record failed, or the
+        ingest failed or was cancelled) is False, so that no copy waits forever."""
+        for rid, fut in mine:
+            if self._checking.get(rid) is fut:
+                del self._checking[rid]
+            if not fut.done():
+                fut.set_result(False)
 
     def _extend(self, rec: Record, to_store: list[Record]) -> None:
         """Append ``rec`` (which extends its chain) and any pending records it unblocks."""
         key = (rec.origin, rec.feed)
         chains = self.chains
         for r in [rec, *chains.pending.take_ready(key, rec.seq, rec.id)]:
+            self._ahead.pop(r.id, None)
             chains.heads[key] = FeedHead(r.seq, r.id)
             chains.inflight.add(r.id)
             to_store.append(r)

@@ -147,14 +147,16 @@ def require_operator(request: web.Request) -> None:
         raise AccessDenied("operator token missing or wrong (Authorization: Bearer <token>)")
 
 
-async def require_partner(request: web.Request, body: bytes) -> bytes:
+async def require_partner(request: web.Request, body: bytes,
+                          signature: httpsig.SignatureHeaders | None = None) -> bytes:
     """Verify the request signature (made for this node, by a listed partner, fresh, not
-    replayed); return the partner's public key. Raises AccessDenied."""
+    replayed); return the partner's public key. ``signature``: the request's headers as
+    :func:`_precheck_partner` read them (else read here). Raises AccessDenied."""
     node = request.app[NODE_KEY]
     return httpsig.verify_request(
         request.method,
         request.rel_url.raw_path_qs,
-        request.headers,
+        request.headers if signature is None else signature,
         body,
         now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
@@ -165,23 +167,26 @@ async def require_partner(request: web.Request, body: bytes) -> bytes:
     )
 
 
-def _precheck_partner(request: web.Request) -> None:
+def _precheck_partner(request: web.Request) -> httpsig.SignatureHeaders:
     """Refuse before reading the body what cannot be a partner's fresh request: no
-    strangers' megabytes are buffered. (The full check follows on the body.)"""
+    strangers' megabytes are buffered. (The full check follows on the body, with the
+    headers as read here: they are parsed once.)"""
     node = request.app[NODE_KEY]
+    signature = httpsig.read_signature(request.headers)
     key = httpsig.claimed_signer(
-        request.headers, now_ms=node.now_ms(),
+        signature, now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
     )
     if key is None or node.partners.get(key) is None:
         raise AccessDenied("request not signed by a partner of this node")
+    return signature
 
 
 async def partner_body(request: web.Request) -> tuple[bytes, bytes]:
     """The body of a partner request and the partner's key, fully verified."""
-    _precheck_partner(request)
+    signature = _precheck_partner(request)
     body = await read_body(request)
-    return body, await require_partner(request, body)
+    return body, await require_partner(request, body, signature)
 
 
 def is_operator(request: web.Request) -> bool:

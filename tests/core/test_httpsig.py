@@ -19,6 +19,7 @@ from citynode.core.httpsig import (
     ReplayCache,
     SplitReplayCache,
     claimed_signer,
+    read_signature,
     sign_request,
     signature_base,
     verify_request,
@@ -756,3 +757,59 @@ def test_claimed_signer_reads_keyid_and_window_without_the_body() -> None:
         claimed_signer(h, now_ms=NOW - MAX_FUTURE_SKEW_MS - 2000)
     with pytest.raises(AccessDenied):
         claimed_signer({}, now_ms=NOW)
+
+
+def test_headers_read_once_serve_the_precheck_and_the_verification() -> None:
+    """A server reads and parses the headers once (read_signature), pre-checks the
+    claimed signer, then verifies: with the same verdicts as from the raw headers."""
+    h = _sign()
+    parsed = read_signature(CIMultiDict(h))
+    assert claimed_signer(parsed, now_ms=NOW) == KEY.public_key
+    assert _verify(parsed) == KEY.public_key  # type: ignore[arg-type]
+    replay = ReplayCache()
+    _verify(parsed, replay=replay)  # type: ignore[arg-type]
+    _denied(parsed, "replay", replay=replay)  # type: ignore[arg-type]
+    # Everything not in the parsed headers is still checked against the request.
+    _denied(parsed, "Content-Digest", body=BODY + b" ")  # type: ignore[arg-type]
+    _denied(parsed, "does not verify", target="/v1/sync?since=4&feed=air")  # type: ignore[arg-type]
+    _denied(read_signature(_sign(to=ELSEWHERE)), "another node")  # type: ignore[arg-type]
+    with pytest.raises(AccessDenied, match="missing"):
+        read_signature({"Signature": h["Signature"]})
+    with pytest.raises(AccessDenied, match="malformed"):
+        read_signature(dict(h, **{"Signature-Input": "cn=(;"}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.binary(min_size=32, max_size=32), to=st.binary(min_size=32, max_size=32),
+       now=st.integers(0, 10**15), nonce=st.from_regex(r"[A-Za-z0-9_-]{16,64}", fullmatch=True),
+       body=st.binary(max_size=64))
+def test_fast_header_paths_read_what_the_full_parser_reads(
+        seed: bytes, to: bytes, now: int, nonce: str, body: bytes) -> None:
+    """The headers sign_request writes are read by a fast path: it must give exactly
+    what the general RFC 8941 parser gives for them."""
+    from citynode.core import httpsig as hs
+    from citynode.core.keys import node_id
+
+    h = sign_request(SigningKey(seed), "POST", TARGET, body, now, nonce, target=node_id(to))
+    si = h["Signature-Input"]
+    assert hs._fast_signature_input(si) == hs._parse_signature_input_in_full(si)
+    assert hs._fast_bytes(hs._FAST_SIG_RE, h["Signature"]) == \
+        hs._parse("Signature", h["Signature"])[hs.LABEL][0]
+    assert hs._fast_bytes(hs._FAST_DIGEST_RE, h["Content-Digest"]) == \
+        hs._parse("Content-Digest", h["Content-Digest"])["sha-256"][0]
+
+
+@pytest.mark.parametrize("value", [
+    ' cn=("@method" "@path" "@query" "content-digest");created=1;keyid="a";'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b"',  # a leading space: valid, not fast
+    'cn=("@method" "@path" "@query" "content-digest");created=01;keyid="a";'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b"',  # a leading zero
+    'cn=("@method" "@path" "@query" "content-digest");keyid="a";created=1;'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b"',  # another order
+    'cn=("@method" "@path" "@query" "content-digest");created=1;keyid="a";'
+    'nonce="AAAAAAAAAAAAAAAA";alg="ed25519";tag="b", x=1',  # another member
+])
+def test_other_forms_take_the_full_parser(value: str) -> None:
+    from citynode.core import httpsig as hs
+
+    assert hs._fast_signature_input(value) is None
