@@ -601,6 +601,44 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
 
 
 @main.group()
+def policy() -> None:
+    """What of a payload may leave the city ([feeds.NAME.egress] in node.toml)."""
+
+
+@policy.command("check")
+@DIR_OPTION
+@click.option("--feed", required=True, help="The feed whose egress policy applies.")
+@click.option("--type", "type_name", required=True, help="The payload type.")
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+def policy_check(data_dir: Path, feed: str, type_name: str, source: Any) -> None:
+    """Show what each payload of SOURCE would become if published on FEED (JSON): the
+    payload as it would leave, what the policy changed, or why it would be refused.
+    Nothing is signed or stored. Exits with status 1 if any payload would be refused.
+    """
+    from citynode.config import load_config
+    from citynode.core import egress
+    from citynode.core.types import validate_payload
+    from citynode.errors import PayloadError
+
+    _require_dir(data_dir)
+    fc = load_config(data_dir / "node.toml").feeds.get(feed)
+    rules = fc.egress if fc is not None else egress.OPEN
+    results: list[dict[str, Any]] = []
+    for n, item in enumerate(_read_items(source), 1):
+        try:
+            out = egress.apply(rules, type_name, item)
+            validate_payload(type_name, out.data)  # what publishing would check next
+        except PayloadError as exc:
+            results.append({"item": n, "refused": str(exc), "reason": exc.reason})
+        else:
+            results.append({"item": n, "data": out.data, "changes": list(out.changes)})
+    _print_json({"feed": feed, "policy": rules.settings(),
+                 "policy_digest": rules.digest().hex(), "payloads": results})
+    if any("refused" in r for r in results):
+        sys.exit(1)
+
+
+@main.group()
 def service() -> None:
     """Run the node as a system service."""
 

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from citynode.core.egress import DEFAULT_TEXT_ATTRIBUTES, OPEN, EgressPolicy, parse_policy
 from citynode.core.keys import node_id, parse_node_id
 from citynode.core.records import check_feed_name
 from citynode.errors import ConfigError, InvalidNodeId, InvalidRecord
@@ -145,6 +146,8 @@ class FeedConfig:
     access: str = "public"
     readers: tuple[str, ...] = ()
     description: str = ""
+    #: ``[feeds.<name>.egress]``: what of a payload may leave (default: all of it).
+    egress: EgressPolicy = OPEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +447,23 @@ _FEED_KEYS: tuple[_Key, ...] = (
     _Key("description", "str", "", "Free text shown to partners."),
 )
 
+_EGRESS_KEYS: tuple[_Key, ...] = (
+    _Key("types", "strs", None, "Only these payload types may be published on the feed."),
+    _Key("allow", "strs", None, "Only these attributes leave the city; others are removed."),
+    _Key("deny", "strs", None, "Attributes that must never leave: a payload holding one is "
+         "refused, naming it."),
+    _Key("location_decimals", "int", None, "Round location coordinates to this many "
+         "decimals (3: about 110 m)."),
+    _Key("location_grid_degrees", "float", None, "Or snap location coordinates to a grid "
+         "of this step, in degrees."),
+    _Key("time_resolution_seconds", "int", None, "Round date-times down to a multiple of "
+         "this many seconds."),
+    _Key("text_max_chars", "int", None, "Cut free-text attributes to this length (0 "
+         "removes them)."),
+    _Key("text_attributes", "strs", list(DEFAULT_TEXT_ATTRIBUTES), "The free-text "
+         "attributes text_max_chars applies to."),
+)
+
 # Section order in the file; [feeds.*] comes after [log] when rendered.
 _SECTIONS = ("node", "tls", "limits", "federation", "checkpoints", "log", "feeds")
 
@@ -586,6 +606,13 @@ class _Loader:
                 check_feed_name(name)
             except InvalidRecord as exc:
                 raise self.fail(where, str(exc)) from exc
+            if isinstance(body, dict) and "egress" in body:
+                body = dict(body)
+                rules = self.section(f"{where[:-1]}.egress]", body.pop("egress"),
+                                     _EGRESS_KEYS)
+                egress = parse_policy(rules, f"{where[:-1]}.egress]")
+            else:
+                egress = OPEN
             v = self.section(where, body, _FEED_KEYS)
             readers: list[str] = []
             for i, text in enumerate(v["readers"]):
@@ -604,7 +631,7 @@ class _Loader:
                 raise self.fail(f"{where} readers", 'only applies to access = "restricted" '
                                 f"(access is {_show(v['access'])})")
             out[name] = FeedConfig(name=name, access=v["access"], readers=tuple(readers),
-                                   description=v["description"])
+                                   description=v["description"], egress=egress)
         return MappingProxyType(out)
 
 

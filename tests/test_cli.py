@@ -789,3 +789,47 @@ def test_check_works_without_the_passphrase(tmp_path: Path) -> None:
     r = cli("check", "-d", str(d), env={"CITYNODE_PASSPHRASE": ""})
     assert r.exit_code == 0, r.output
     assert "0 problem(s)" in r.stdout and "own feeds not checked for forks" in r.stdout
+
+
+# ---------------------------------------------------------------------------- egress
+
+
+EGRESS = ('\n[feeds.air]\naccess = "public"\n[feeds.air.egress]\n'
+          'deny = ["operatorPhone"]\nlocation_decimals = 2\ntime_resolution_seconds = 3600\n')
+
+
+def test_egress_policy_applies_before_signing_and_policy_check_shows_it(
+        node_dir: Path) -> None:
+    """A payload with a personal-data field is refused (naming it) and nothing of its
+    batch is signed; one without is published coarsened; `policy check` shows the same
+    outcome beforehand without signing anything."""
+    with open(node_dir / "node.toml", "a") as f:
+        f.write(EGRESS)
+    d = str(node_dir)
+    leaky = dict(air(12.0), operatorPhone="+62 21 555 0100")
+    body = "\n".join(json.dumps(i) for i in (air(11.0), leaky)) + "\n"
+    checked = cli("policy", "check", "-d", d, "--feed", "air", "--type", AIR_TYPE, "-",
+                  input=body)
+    assert checked.exit_code == 1
+    report = json.loads(checked.stdout)
+    first, second = report["payloads"]
+    assert first["data"]["location"]["coordinates"] == [106.82, -6.2]
+    assert first["data"]["dateObserved"] == "2026-11-28T07:00:00+07:00"
+    assert first["changes"] == ["location coarsened to 2 decimals"]
+    assert second["reason"] == "egress_denied" and "operatorPhone" in second["refused"]
+    assert report["policy"] == {"deny": ["operatorPhone"], "location_decimals": 2,
+                                "time_resolution_seconds": 3600}
+    assert record_ids(node_dir) == []  # policy check signs nothing
+
+    line = one_line_error(cli("publish", "-d", d, "--feed", "air", "--type", AIR_TYPE, "-",
+                              input=body))
+    assert "item 2 of 2" in line and "operatorPhone" in line
+    assert record_ids(node_dir) == []  # nothing of the batch was signed
+    (rid,) = publish(node_dir, "air", AIR_TYPE, [air(11.0)])
+    (rec,) = ok_json("records", "-d", d, "--json")["records"]
+    assert rec["id"] == rid
+    assert rec["data"]["location"]["coordinates"] == [106.82, -6.2]  # as it left
+    # A feed with no egress table publishes payloads unchanged.
+    publish(node_dir, "other", AIR_TYPE, [air(1.0)])
+    (other,) = ok_json("records", "-d", d, "--feed", "other", "--json")["records"]
+    assert other["data"]["location"]["coordinates"] == [106.8230, -6.1950]

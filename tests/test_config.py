@@ -399,3 +399,26 @@ def test_reference_is_the_rendered_file_plus_one_feed_per_access_kind() -> None:
     assert dataclasses.replace(cfg, feeds=parse_config(rendered).feeds) == parse_config(rendered)
     assert sorted(f.access for f in cfg.feeds.values()) == ["partners", "public", "restricted"]
     assert "EXAMPLE" in text
+
+
+def test_feed_egress_rules_parse_and_bad_ones_name_their_key() -> None:
+    from citynode.core.egress import OPEN, EgressPolicy
+
+    cfg = parse_config(MIN + '[feeds.air]\naccess = "public"\n[feeds.air.egress]\n'
+                       'types = ["AirQualityObserved"]\ndeny = ["operatorPhone"]\n'
+                       'location_decimals = 3\ntime_resolution_seconds = 300\n')
+    assert cfg.feeds["air"].egress == EgressPolicy(
+        types=frozenset({"AirQualityObserved"}), deny=frozenset({"operatorPhone"}),
+        location_decimals=3, time_resolution_seconds=300)
+    assert parse_config(MIN + '[feeds.w]\naccess = "public"\n').feeds["w"].egress == OPEN
+    for body, where, what in [
+        ("locaton_decimals = 3", "[feeds.air.egress] locaton_decimals",
+         "did you mean location_decimals?"),
+        ('deny = "phone"', "[feeds.air.egress] deny", "expected an array of strings"),
+        ("location_decimals = 2\nlocation_grid_degrees = 0.1", "[feeds.air.egress]",
+         "not both"),
+        ('allow = ["a"]\ndeny = ["a"]', "[feeds.air.egress]", "both allowed and denied"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_config(MIN + f'[feeds.air]\n[feeds.air.egress]\n{body}\n')
+        assert where in str(e.value) and what in str(e.value), str(e.value)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from citynode.config import Config
-from citynode.core import access, sync
+from citynode.core import access, egress, sync
 from citynode.core.chain import FeedHead
 from citynode.core.keys import SigningKey, Verifier, parse_node_id
 from citynode.core.records import (
@@ -68,9 +68,10 @@ class Publisher:
                       subjects: Sequence[str | None] | None = None) -> list[Record]:
         """Sign, chain and durably commit records of our own feed; return them.
 
-        Raises :class:`PayloadError` (nothing is signed if any item is invalid, or
-        larger than ``[limits] max_body_bytes``), :class:`PublishRefused` if the feed is
-        blocked by own-feed safety.
+        Each payload first passes the feed's egress policy (``[feeds.NAME.egress]``).
+        Raises :class:`PayloadError` (nothing is signed if any item is invalid, may not
+        leave the city, or is larger than ``[limits] max_body_bytes``),
+        :class:`PublishRefused` if the feed is blocked by own-feed safety.
         """
         check_feed_name(feed)
         if not items:
@@ -108,12 +109,16 @@ class Publisher:
                     readers: list[bytes] | None = None) -> list[Record]:
         seq, prev = (head.seq, head.id) if head else (0, None)
         limit = self.record_policy.body_limits.max_bytes
+        fc = self.config.feeds.get(feed)
+        rules = fc.egress if fc is not None else egress.OPEN
         out = []
         for n, data in enumerate(items):
             seq += 1
             try:
+                # What may leave the city, applied before anything is signed.
+                leaving = data if rules.is_open else egress.apply(rules, type_name, data).data
                 r = sign_record(self.key, feed=feed, seq=seq, prev=prev, time_ms=now,
-                                type=type_name, data=data, readers=readers,
+                                type=type_name, data=leaving, readers=readers,
                                 subject=subjects[n] if subjects else None)
                 if len(r.body) > limit:
                     # The limit every node applies on ingest: a body our own decoder (and

@@ -1,0 +1,253 @@
+"""Egress policy: what of a payload may leave the city, applied before it is signed.
+
+A city states per feed (``[feeds.NAME.egress]`` in node.toml) what its records may
+carry. Publishing applies the policy to each payload, deterministically, in this order:
+
+1. ``types``: only these payload types may be published on the feed; another type is
+   refused (``egress_type``).
+2. ``deny``: attributes that must never leave (personal data, internal identifiers). A
+   payload holding one is refused, naming it (``egress_denied``): never silently
+   dropped, since the system that produced it must be fixed.
+3. ``allow``: when given, only these attributes leave; the others are removed.
+4. Location coarsening of ``location`` (every GeoJSON position's longitude and
+   latitude): ``location_decimals`` rounds to N decimals (3 is about 110 m), or
+   ``location_grid_degrees`` snaps to the nearest multiple of a grid step.
+5. Time coarsening: ``time_resolution_seconds`` rounds every top-level RFC 3339
+   date-time attribute down to a multiple of that many seconds since the Unix epoch,
+   written in the same UTC offset, without fractions.
+6. Free text: ``text_max_chars`` cuts the string attributes named in
+   ``text_attributes`` to that many characters; 0 removes those attributes.
+
+The result is then validated against its payload type like any payload: a policy that
+removes a required attribute makes publishing fail with that attribute's name.
+
+The policy has a digest (:meth:`EgressPolicy.digest`): SHA-256 over the domain
+``citynode/egress-policy/v1`` and the canonical msgpack of its settings, so partners
+and auditors can tell which rules applied.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from citynode.core import encoding
+from citynode.errors import ConfigError, PayloadError
+
+__all__ = ["DEFAULT_TEXT_ATTRIBUTES", "OPEN", "Applied", "EgressPolicy", "apply"]
+
+DOMAIN = b"citynode/egress-policy/v1\x00"
+#: The free-text attributes of the built-in payload types.
+DEFAULT_TEXT_ATTRIBUTES = ("alternateName", "description", "name", "stationName")
+_MAX_DECIMALS = 12
+
+# The same RFC 3339 form payload types accept (core/types.py), split into its parts.
+_DATETIME = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]{1,9})?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))",
+    re.ASCII,
+)
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """One feed's egress rules (see the module docstring). The default lets everything
+    through unchanged."""
+
+    types: frozenset[str] | None = None
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = frozenset()
+    location_decimals: int | None = None
+    location_grid_degrees: float | None = None
+    time_resolution_seconds: int | None = None
+    text_max_chars: int | None = None
+    text_attributes: tuple[str, ...] = field(default=DEFAULT_TEXT_ATTRIBUTES)
+
+    def __post_init__(self) -> None:
+        if self.location_decimals is not None and self.location_grid_degrees is not None:
+            raise ConfigError("give location_decimals or location_grid_degrees, not both")
+        if self.location_decimals is not None and not (
+                0 <= self.location_decimals <= _MAX_DECIMALS):
+            raise ConfigError(f"location_decimals must be 0 to {_MAX_DECIMALS}")
+        g = self.location_grid_degrees
+        if g is not None and not (math.isfinite(g) and 0 < g <= 90):
+            raise ConfigError("location_grid_degrees must be above 0 and at most 90")
+        if self.time_resolution_seconds is not None and not (
+                1 <= self.time_resolution_seconds <= 366 * 86400):
+            raise ConfigError("time_resolution_seconds must be 1 to 31622400 (a year)")
+        if self.text_max_chars is not None and self.text_max_chars < 0:
+            raise ConfigError("text_max_chars must be 0 (remove) or more")
+        both = (self.allow or frozenset()) & self.deny
+        if both:
+            raise ConfigError(f"attributes both allowed and denied: {', '.join(sorted(both))}")
+
+    @property
+    def is_open(self) -> bool:
+        """Does this policy let every payload through unchanged?"""
+        return self == OPEN
+
+    def settings(self) -> dict[str, Any]:
+        """The rules as a plain map (sorted lists; unset rules left out): what the
+        digest covers, and what ``citynode policy check`` shows."""
+        out: dict[str, Any] = {}
+        if self.types is not None:
+            out["types"] = sorted(self.types)
+        if self.allow is not None:
+            out["allow"] = sorted(self.allow)
+        if self.deny:
+            out["deny"] = sorted(self.deny)
+        if self.location_decimals is not None:
+            out["location_decimals"] = self.location_decimals
+        if self.location_grid_degrees is not None:
+            out["location_grid_degrees"] = self.location_grid_degrees
+        if self.time_resolution_seconds is not None:
+            out["time_resolution_seconds"] = self.time_resolution_seconds
+        if self.text_max_chars is not None:
+            out["text_max_chars"] = self.text_max_chars
+            out["text_attributes"] = sorted(self.text_attributes)
+        return out
+
+    def digest(self) -> bytes:
+        """SHA-256 of the domain and the canonical msgpack of :meth:`settings`."""
+        return hashlib.sha256(DOMAIN + encoding.encode(self.settings())).digest()
+
+
+OPEN = EgressPolicy()
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A payload as it leaves the city, and what the policy changed (in words)."""
+
+    data: dict[str, Any]
+    changes: tuple[str, ...]
+
+
+def apply(policy: EgressPolicy, type_name: str, data: Mapping[str, Any]) -> Applied:
+    """Apply ``policy`` to one payload of ``type_name``. Pure and deterministic; the input
+    is not modified. Raises :class:`PayloadError` (``egress_type``, ``egress_denied``) if
+    the payload may not leave at all."""
+    if policy.types is not None and type_name not in policy.types:
+        raise PayloadError(
+            f"type {type_name} may not be published on this feed (its egress policy "
+            f"allows {', '.join(sorted(policy.types)) or 'no type'})", "egress_type")
+    denied = sorted(k for k in data if k in policy.deny)
+    if denied:
+        raise PayloadError(
+            f"attribute {', '.join(denied)} may not leave this city (the feed's egress "
+            "policy denies it): remove it at the source", "egress_denied")
+    changes: list[str] = []
+    out = dict(data)
+    if policy.allow is not None:
+        dropped = sorted(k for k in out if k not in policy.allow)
+        for k in dropped:
+            del out[k]
+        if dropped:
+            changes.append(f"removed {', '.join(dropped)} (not on the allow-list)")
+    if "location" in out and (policy.location_decimals is not None
+                              or policy.location_grid_degrees is not None):
+        coarse = _coarsen_geometry(out["location"], policy)
+        if coarse != out["location"]:
+            out["location"] = coarse
+            changes.append("location coarsened to " + (
+                f"{policy.location_decimals} decimals" if policy.location_decimals is not None
+                else f"a grid of {policy.location_grid_degrees} degrees"))
+    if policy.time_resolution_seconds is not None:
+        for k in sorted(out):
+            v = out[k]
+            if isinstance(v, str):
+                floored = _floor_datetime(v, policy.time_resolution_seconds)
+                if floored is not None and floored != v:
+                    out[k] = floored
+                    changes.append(f"{k} rounded down to {policy.time_resolution_seconds} s")
+    if policy.text_max_chars is not None:
+        for k in sorted(set(policy.text_attributes) & set(out)):
+            v = out[k]
+            if policy.text_max_chars == 0:
+                del out[k]
+                changes.append(f"removed {k} (free text)")
+            elif isinstance(v, str) and len(v) > policy.text_max_chars:
+                out[k] = v[:policy.text_max_chars]
+                changes.append(f"{k} cut to {policy.text_max_chars} characters")
+    return Applied(out, tuple(changes))
+
+
+def parse_policy(table: Mapping[str, Any], where: str) -> EgressPolicy:
+    """An :class:`EgressPolicy` from the values of a node.toml ``egress`` table, already
+    type-checked by the config loader. Raises ConfigError naming ``where``."""
+    def names(key: str) -> frozenset[str] | None:
+        v = table.get(key)
+        return None if v is None else frozenset(_names(v, f"{where} {key}"))
+
+    try:
+        return EgressPolicy(
+            types=names("types"),
+            allow=names("allow"),
+            deny=names("deny") or frozenset(),
+            location_decimals=table.get("location_decimals"),
+            location_grid_degrees=table.get("location_grid_degrees"),
+            time_resolution_seconds=table.get("time_resolution_seconds"),
+            text_max_chars=table.get("text_max_chars"),
+            text_attributes=tuple(table.get("text_attributes", DEFAULT_TEXT_ATTRIBUTES)),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _names(values: Iterable[str], where: str) -> list[str]:
+    out = list(values)
+    for v in out:
+        if not v or len(v) > 64:
+            raise ConfigError(f"{where}: {v!r} is not an attribute or type name")
+    return out
+
+
+def _coarsen_geometry(v: Any, policy: EgressPolicy) -> Any:
+    """``v`` with every position's first two numbers coarsened (GeoJSON nests positions
+    in lists; other members, and altitude, are kept)."""
+    if isinstance(v, dict):
+        return {k: (_coarsen_geometry(x, policy) if k == "coordinates" else x)
+                for k, x in v.items()}
+    if isinstance(v, list):
+        if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return [_coarsen(x, policy) if i < 2 else x for i, x in enumerate(v)]
+        return [_coarsen_geometry(x, policy) for x in v]
+    return v
+
+
+def _coarsen(x: float, policy: EgressPolicy) -> float:
+    if policy.location_decimals is not None:
+        return float(round(x, policy.location_decimals))
+    g = policy.location_grid_degrees
+    assert g is not None
+    # round() twice: the grid step, then away the binary noise of multiplying by it.
+    return float(round(round(x / g) * g, _MAX_DECIMALS))
+
+
+def _floor_datetime(v: str, resolution: int) -> str | None:
+    """An RFC 3339 date-time rounded down to ``resolution`` seconds since the Unix epoch,
+    in its own offset; None if ``v`` is not one."""
+    m = _DATETIME.fullmatch(v)
+    if m is None:
+        return None
+    y, mo, d, hh, mi, ss = (int(m[i]) for i in range(1, 7))
+    if m[7]:
+        tz = dt.UTC
+    else:
+        delta = dt.timedelta(hours=int(m[9]), minutes=int(m[10]))
+        tz = dt.timezone(delta if m[8] == "+" else -delta)
+    try:
+        # A leap second (:60) is second 0 of the next minute, as payload types order it.
+        when = dt.datetime(y, mo, d, hh, mi, min(ss, 59), tzinfo=tz) + dt.timedelta(
+            seconds=1 if ss == 60 else 0)
+    except ValueError:
+        return None  # not a calendar date: the payload type refuses it
+    epoch = int(when.timestamp())
+    floored = dt.datetime.fromtimestamp(epoch - epoch % resolution, tz)
+    suffix = "Z" if m[7] else floored.strftime("%z")[:3] + ":" + floored.strftime("%z")[3:]
+    return floored.strftime("%Y-%m-%dT%H:%M:%S") + suffix

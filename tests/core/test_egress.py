@@ -1,0 +1,113 @@
+"""Egress policy (core/egress.py): what of a payload may leave the city. Pure."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from citynode.core.egress import OPEN, EgressPolicy, apply, parse_policy
+from citynode.core.types import validate_payload
+from citynode.errors import ConfigError, PayloadError
+
+AIR = {
+    "dateObserved": "2026-11-28T07:03:27.250+07:00",
+    "location": {"type": "Point", "coordinates": [106.822912, -6.194417, 12.5]},
+    "name": "DKI1 Bundaran HI, next to the house of Ibu Sari",
+    "pm25": 35.5,
+    "operatorPhone": "+62 21 555 0100",
+}
+
+
+def test_the_open_policy_changes_nothing() -> None:
+    out = apply(OPEN, "AirQualityObserved", AIR)
+    assert out.data == AIR and out.changes == ()
+    assert OPEN.is_open and OPEN.settings() == {}
+
+
+def test_a_personal_data_field_is_refused_by_name_never_dropped() -> None:
+    policy = EgressPolicy(deny=frozenset({"operatorPhone", "email"}))
+    with pytest.raises(PayloadError) as e:
+        apply(policy, "AirQualityObserved", AIR)
+    assert e.value.reason == "egress_denied"
+    assert "operatorPhone" in str(e.value) and "email" not in str(e.value)
+    without = {k: v for k, v in AIR.items() if k != "operatorPhone"}
+    assert apply(policy, "AirQualityObserved", without).data == without
+
+
+def test_a_type_not_allowed_is_refused() -> None:
+    policy = EgressPolicy(types=frozenset({"WeatherObserved"}))
+    with pytest.raises(PayloadError) as e:
+        apply(policy, "AirQualityObserved", AIR)
+    assert e.value.reason == "egress_type" and "WeatherObserved" in str(e.value)
+
+
+def test_coarsening_location_time_and_text() -> None:
+    policy = EgressPolicy(allow=frozenset({"dateObserved", "location", "name", "pm25"}),
+                          location_decimals=2, time_resolution_seconds=900,
+                          text_max_chars=12)
+    out = apply(policy, "AirQualityObserved", AIR)
+    assert out.data == {
+        "dateObserved": "2026-11-28T07:00:00+07:00",
+        "location": {"type": "Point", "coordinates": [106.82, -6.19, 12.5]},  # altitude kept
+        "name": "DKI1 Bundara",
+        "pm25": 35.5,
+    }
+    assert out.changes == (
+        "removed operatorPhone (not on the allow-list)",
+        "location coarsened to 2 decimals",
+        "dateObserved rounded down to 900 s",
+        "name cut to 12 characters",
+    )
+    validate_payload("AirQualityObserved", out.data)  # still a valid payload
+    assert AIR["name"].startswith("DKI1 Bundaran HI")  # the input is not modified
+
+
+def test_grid_snapping_and_text_removal() -> None:
+    policy = EgressPolicy(location_grid_degrees=0.05, text_max_chars=0)
+    line = {"type": "LineString", "coordinates": [[106.8229, -6.1944], [106.874, -6.126]]}
+    out = apply(policy, "TrafficFlowObserved", {"location": line, "name": "x"})
+    assert out.data == {"location": {"type": "LineString",
+                                     "coordinates": [[106.8, -6.2], [106.85, -6.15]]}}
+
+
+@pytest.mark.parametrize(("given_", "res", "expected"), [
+    ("2026-11-28T07:03:27Z", 60, "2026-11-28T07:03:00Z"),
+    ("2026-11-28T07:03:27.999999999-03:30", 3600, "2026-11-28T06:30:00-03:30"),
+    ("2026-11-28T23:59:60Z", 60, "2026-11-29T00:00:00Z"),  # a leap second: next minute
+    ("2026-11-28T07:03:27z", 86400, "2026-11-28T00:00:00Z"),
+])
+def test_time_is_floored_to_the_epoch_grid_in_its_own_offset(given_: str, res: int,
+                                                              expected: str) -> None:
+    out = apply(EgressPolicy(time_resolution_seconds=res), "X", {"t": given_, "n": "7"})
+    assert out.data == {"t": expected, "n": "7"}
+
+
+def test_the_digest_covers_every_rule_and_nothing_else() -> None:
+    a = EgressPolicy(deny=frozenset({"phone"}), location_decimals=3)
+    assert a.digest() == EgressPolicy(location_decimals=3, deny=frozenset({"phone"})).digest()
+    others = [EgressPolicy(deny=frozenset({"email"}), location_decimals=3),
+              EgressPolicy(deny=frozenset({"phone"}), location_decimals=2),
+              EgressPolicy(deny=frozenset({"phone"}), location_grid_degrees=0.001),
+              EgressPolicy(deny=frozenset({"phone"}), location_decimals=3,
+                           time_resolution_seconds=60), OPEN]
+    assert len({a.digest(), *(o.digest() for o in others)}) == 1 + len(others)
+
+
+def test_bad_policies_are_config_errors() -> None:
+    for bad in ({"location_decimals": 2, "location_grid_degrees": 0.1},
+                {"location_decimals": 13}, {"location_grid_degrees": 0.0},
+                {"time_resolution_seconds": 0}, {"text_max_chars": -1},
+                {"allow": ["a"], "deny": ["a"]}, {"deny": [""]}):
+        with pytest.raises(ConfigError, match=r"\[feeds.f.egress\]"):
+            parse_policy(bad, "[feeds.f.egress]")
+
+
+@given(st.floats(-180, 180), st.floats(-90, 90), st.integers(0, 12))
+def test_rounding_is_idempotent_and_close(lon: float, lat: float, n: int) -> None:
+    policy = EgressPolicy(location_decimals=n)
+    once = apply(policy, "X", {"location": {"type": "Point", "coordinates": [lon, lat]}})
+    twice = apply(policy, "X", once.data)
+    assert twice.data == once.data
+    got = once.data["location"]["coordinates"]
+    assert abs(got[0] - lon) <= 10 ** -n and abs(got[1] - lat) <= 10 ** -n
