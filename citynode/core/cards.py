@@ -73,6 +73,10 @@ _MAX_TIME = 2**63 - 1
 # The record limits (64 KiB, 4096 items) are too small for a card listing 10,000
 # partners. A card at every maximum is about 431 KB and 13,010 items, nested 3 deep
 # (body map -> feeds array -> feed map); these bounds admit exactly that, with margin.
+#: Bounds on the cards of other nodes a node keeps (and serves on /v1/cards, so also
+#: what it accepts in one answer): a flood of self-made cards cannot fill its memory.
+MAX_CARDS_KEPT = 10_000
+MAX_CARDS_KEPT_BYTES = 32 * 1024 * 1024
 CARD_LIMITS = encoding.Limits(max_bytes=512 * 1024, max_depth=3, max_items=13_100)
 
 _FIELDS = frozenset(

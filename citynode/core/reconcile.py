@@ -281,6 +281,8 @@ def decode_message(data: bytes, *, max_ranges: int = MAX_RANGES,
                 raise _bad(f"range {i}: bounds must strictly increase")
         elif i != len(value) - 1:
             raise _bad(f"range {i}: only the last range may end at nil")
+        if type(mode) is not int:  # not true, 1.0 ...: the mode is an integer
+            raise _bad(f"range {i}: mode must be an integer")
         if mode == SKIP:
             if payload is not None:
                 raise _bad(f"range {i}: a skip carries nil")
@@ -298,7 +300,7 @@ def decode_message(data: bytes, *, max_ranges: int = MAX_RANGES,
                                     "too_many_items")
             out.append(Range(bound, mode, entries=_entries(payload, i, lower, bound)))
         else:
-            raise _bad(f"range {i}: unknown mode {mode!r}")
+            raise _bad(f"range {i}: unknown mode {str(mode)[:20]}")
         if bound is not None:
             lower = bound
     return out

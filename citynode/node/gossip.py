@@ -247,8 +247,7 @@ class Gossip:
     async def sync_with(self, link: PartnerLink, *, progress: Progress | None = None) -> int:
         """One anti-entropy round with a partner; returns the number of records fetched."""
         # Cards first: they carry the vouches the trust policy needs.
-        for env in await link.client.cards():
-            self.policy.learn_card(env)
+        await self.policy.learn_cards(await link.client.cards())
         theirs = sync.decode_frontier(
             await link.client.sync(sync.encode_frontier(self.policy.frontier_for(link.key))))
         link.view.update_frontier(theirs)

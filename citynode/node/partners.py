@@ -162,6 +162,7 @@ class Partners:
             fingerprint=row.tls_fingerprint,
             timeout=self.config.limits.read_timeout_seconds,
             clock=self.clock,
+            max_batch=self.config.limits.max_batch_records,
         )
         link = PartnerLink(row, client, self.config.federation.push_queue_max)
         self.links[row.public_key] = link

@@ -29,8 +29,8 @@ __all__ = ["Policy", "readers_of", "sealed_to"]
 log = logging.getLogger("citynode.node")
 
 # Bounds on the signed cards of other nodes kept (and served on /v1/cards).
-MAX_CARDS = 10_000
-MAX_CARD_BYTES = 32 * 1024 * 1024
+MAX_CARDS = cards.MAX_CARDS_KEPT
+MAX_CARD_BYTES = cards.MAX_CARDS_KEPT_BYTES
 
 
 class Policy:
@@ -110,21 +110,41 @@ class Policy:
         for env in await in_thread(self.storage.cards, MAX_CARDS):
             self.learn_card(env)  # verified again; an older one is ignored
 
+    async def learn_cards(self, envelopes: list[bytes]) -> int:
+        """Learn the cards a partner served: those not seen before are verified in a
+        worker thread (a partner may serve thousands: their signature checks must not
+        hold the event loop), then kept when newer. Returns how many were kept."""
+        fresh = [e for e in dict.fromkeys(envelopes) if e not in self._card_envs]
+        if not fresh:
+            return 0
+        now = self.now_ms()
+        opened = await in_thread(lambda: [self._open(e, None, now) for e in fresh])
+        return sum(self._keep(c, e) for c, e in zip(opened, fresh, strict=True)
+                   if c is not None)
+
     def learn_card(self, env: bytes, expected_key: bytes | None = None) -> bool:
         """Verify and keep a node card newer than the one held. Returns whether it was
         kept; an invalid card is logged and ignored (never raises)."""
         if env in self._card_envs:
             return False  # seen exactly this one: no need to verify it again
+        c = self._open(env, expected_key, self.now_ms())
+        return c is not None and self._keep(c, env)
+
+    def _open(self, env: bytes, expected_key: bytes | None, now: int) -> cards.NodeCard | None:
+        """The verified card, or None (logged) if it is invalid. Thread-safe."""
         try:
-            c = cards.open_card(
+            return cards.open_card(
                 env,
                 expected_node_id=node_id(expected_key) if expected_key else None,
                 verifier=self.verifier,
-                now_ms=self.now_ms(),
+                now_ms=now,
             )
         except CitynodeError as exc:
             log.info("ignored an invalid card", extra=fields(error=str(exc)))
-            return False
+            return None
+
+    def _keep(self, c: cards.NodeCard, env: bytes) -> bool:
+        """Keep a verified card if it is newer than the one held (and within bounds)."""
         if c.node == self.public_key:
             return False  # ours, gossiped back (or kept): we sign our own
         prev = self.card_info.get(c.node)

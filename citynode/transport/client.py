@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 
 from citynode.core import cards
+from citynode.core.encoding import Limits
 from citynode.core.keys import SigningKey, Verifier
 from citynode.errors import PeerError
 from citynode.transport.http import (
@@ -25,8 +26,12 @@ from citynode.transport.http import (
     NodeSignature,
 )
 
-__all__ = [
-]
+__all__ = ["PeerClient", "fetch_card"]
+
+#: The largest envelope: a body at the protocol's limit, its signature and framing.
+MAX_ENVELOPE = Limits().max_bytes + 128
+#: A /v1/cards answer: the cards a node keeps of others, and its own.
+MAX_CARDS_ANSWER = cards.MAX_CARDS_KEPT_BYTES + cards.CARD_LIMITS.max_bytes + 1024
 
 
 class PeerClient:
@@ -41,8 +46,10 @@ class PeerClient:
         fingerprint: bytes | None,
         timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
+        max_batch: int = 1000,
     ) -> None:
         self.key = key
+        self.max_batch = max_batch  # envelopes accepted in one fetch answer
         self.node_id = node_id  # the partner's: every request is signed for it alone
         self.base_url = base_url.rstrip("/")
         self._http = HttpClient(self.base_url, fingerprint=fingerprint,
@@ -75,14 +82,18 @@ class PeerClient:
         return await self.request("POST", "/v1/sync", frontier)
 
     async def fetch(self, wants: bytes) -> list[bytes]:
-        """POST encoded wants; return the envelopes the partner sent (unverified)."""
-        out = await self.request("POST", "/v1/fetch", wants)
-        return _envelopes(out, self.base_url)
+        """POST encoded wants; return the envelopes the partner sent (unverified): at
+        most ``max_batch`` of at most a record's size each, or PeerError."""
+        out = await self.request("POST", "/v1/fetch", wants,
+                                 max_bytes=self.max_batch * (MAX_ENVELOPE + 8) + 16)
+        return _envelopes(out, self.base_url, self.max_batch, MAX_ENVELOPE)
 
     async def cards(self) -> list[bytes]:
-        """The signed node cards the partner knows (unverified)."""
-        out = await self.request("GET", "/v1/cards")
-        return _envelopes(out, self.base_url)
+        """The signed node cards the partner knows (unverified), bounded as a node keeps
+        them: at most MAX_CARDS (+ its own) of at most a card's size."""
+        out = await self.request("GET", "/v1/cards", max_bytes=MAX_CARDS_ANSWER)
+        return _envelopes(out, self.base_url, cards.MAX_CARDS_KEPT + 1,
+                          cards.CARD_LIMITS.max_bytes)
 
 
 def _map(data: bytes, url: str) -> dict[str, Any]:
@@ -95,11 +106,17 @@ def _map(data: bytes, url: str) -> dict[str, Any]:
     return v
 
 
-def _envelopes(data: bytes, url: str) -> list[bytes]:
+def _envelopes(data: bytes, url: str, max_items: int, max_item_bytes: int) -> list[bytes]:
+    """A msgpack array of at most ``max_items`` byte strings of at most ``max_item_bytes``
+    each; PeerError otherwise. (A few MB of empty byte strings would otherwise be
+    millions of items for the node to refuse one by one.)"""
     try:
-        v = msgpack.unpackb(data, raw=False)
-    except Exception as exc:
-        raise PeerError(f"{url}: answer is not msgpack") from exc
+        v = msgpack.unpackb(data, raw=False, max_array_len=max_items,
+                            max_bin_len=max_item_bytes, max_map_len=0, max_str_len=0,
+                            max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types, over a bound too
+        raise PeerError(f"{url}: answer is not a msgpack array of at most {max_items} "
+                        "envelopes") from exc
     if not isinstance(v, list) or not all(type(x) is bytes for x in v):
         raise PeerError(f"{url}: answer is not a list of envelopes")
     return v

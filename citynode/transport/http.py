@@ -388,13 +388,17 @@ async def _sse_events(resp: aiohttp.ClientResponse, limit: int, where: str
         chunk = await resp.content.readany()
         if not chunk:
             return
-        buf += chunk
+        # One copy per chunk, however many lines it holds (slicing the buffer line by
+        # line would copy it once per line: quadratic in a stream of short lines).
+        buf = buf + chunk if buf else chunk
+        start = 0
         while True:
-            nl = buf.find(b"\n")
+            nl = buf.find(b"\n", start)
             if nl < 0:
                 break
-            raw, buf = buf[:nl], buf[nl + 1:]
-            size += nl + 1
+            raw = buf[start:nl]
+            size += nl + 1 - start
+            start = nl + 1
             if size > limit:
                 raise PeerError(f"{where}: stream event larger than {limit} bytes")
             line = raw.decode("utf-8", "replace").rstrip("\r")
@@ -408,5 +412,6 @@ async def _sse_events(resp: aiohttp.ClientResponse, limit: int, where: str
             k, _, v = line.partition(":")
             v = v[1:] if v.startswith(" ") else v
             event[k] = event[k] + "\n" + v if k == "data" and k in event else v
+        buf = buf[start:]
         if size + len(buf) > limit:
             raise PeerError(f"{where}: stream event larger than {limit} bytes")

@@ -165,3 +165,19 @@ def test_random_bytes_never_crash() -> None:
         except (EncodingError, InvalidRecord):
             continue
         rc.respond(rc.ChainSet(chains(rng, 2)), msg, rc.Diff())
+
+
+def test_a_mode_is_an_integer_not_a_look_alike() -> None:
+    """true == 1 and 1.0 == 1 in Python: the decoder must not take them for FINGERPRINT
+    (another implementation following the spec refuses them); an unknown mode's echo in
+    the error is short."""
+    from citynode.core import encoding, reconcile
+    from citynode.errors import EncodingError
+
+    for mode in (True, 1.0, False):
+        with pytest.raises(EncodingError) as e:
+            reconcile.decode_message(encoding.encode([[None, mode, b"\x00" * 16]]))
+        assert e.value.reason == "bad_reconcile"
+    with pytest.raises(EncodingError) as e:
+        reconcile.decode_message(encoding.encode([[None, 10**18, None]]))
+    assert len(str(e.value)) < 200

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import pairwise
 from pathlib import Path
 
+import msgpack
 import pytest
 from aiohttp import web
 
@@ -240,3 +241,38 @@ async def test_a_stopped_node_syncs_through_the_operator_with_progress(
     assert out == {"fetched": 250}
     assert seen and seen[-1] == (250, 250)
     assert all(x[0] <= y[0] for x, y in pairwise(seen))
+
+
+async def test_a_partners_answers_are_bounded_in_items_not_only_bytes(plain: Callable[
+        [web.Application], Awaitable[str]]) -> None:
+    """4 MB of empty byte strings is two million 'envelopes': a hostile partner's fetch
+    answer must not make the node decode, refuse and log each one. Answers hold at most
+    max_batch envelopes (cards: the cards a node keeps), each at most a record's size."""
+    n = 2_000_000
+    flood = b"\xdd" + n.to_bytes(4, "big") + b"\xc4\x00" * n
+    fair = msgpack.packb([b"\x01" * 10] * 3)
+    huge_item = msgpack.packb([b"\x02" * (70 * 1024)])
+    answers = {"/v1/fetch": flood, "/v1/cards": flood}
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=answers[request.path], content_type="application/msgpack")
+
+    app = web.Application()
+    app.router.add_post("/v1/fetch", answer)
+    app.router.add_get("/v1/cards", answer)
+    url = await plain(app)
+    me = SigningKey.generate()
+    client = PeerClient(me, url, node_id=node_id(SigningKey.generate().public_key),
+                        fingerprint=None, max_batch=1000)
+    try:
+        with pytest.raises(PeerError, match="at most 1000 envelopes"):
+            await client.fetch(b"")
+        with pytest.raises(PeerError, match="at most 10001 envelopes"):
+            await client.cards()
+        answers["/v1/fetch"] = huge_item  # one item over the largest envelope
+        with pytest.raises(PeerError):
+            await client.fetch(b"")
+        answers["/v1/fetch"] = fair
+        assert await client.fetch(b"") == [b"\x01" * 10] * 3
+    finally:
+        await client.close()
