@@ -101,15 +101,21 @@ class Checkpoints:
         and send it to the partners."""
         made = []
         me = self.key.public_key
-        for (origin, feed), head in list(self.chains.heads.items()):
+        for (origin, feed) in list(self.chains.heads):
             if origin != me:
                 continue
-            held = await self.held(origin, feed)
-            if held and held[-1][0] >= head.seq:
+            # The head on disk, not in memory: while a publish is being committed the
+            # memory runs ahead, and a checkpoint covers committed records only (under
+            # steady publishing, waiting for the two to meet could wait forever).
+            committed = await in_thread(self.storage.head, origin, feed)
+            if committed is None:
                 continue
-            tree = await self.merkle_log(origin, feed, head.seq)
-            root = await in_thread(tree.root, head.seq)
-            cp = cps.sign_checkpoint(self.key, feed, head.seq, root, self.now_ms())
+            size = committed[0]
+            held = await self.held(origin, feed)
+            if held and held[-1][0] >= size:
+                continue
+            root = await in_thread(self.storage.tree(origin, feed, size).root, size)
+            cp = cps.sign_checkpoint(self.key, feed, size, root, self.now_ms())
             await asyncio.wrap_future(
                 self.storage.put_checkpoint(origin, feed, cp.size, cp.root, cp.envelope))
             made.append(cp)

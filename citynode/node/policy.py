@@ -313,6 +313,13 @@ class Policy:
             pol = access.for_record(pol, readers_of(envelope))
         return access.may_read(pol, origin, caller)
 
+    def may_list(self, origin: bytes, feed: str, caller: bytes | None) -> bool:
+        """May ``caller`` see that this feed is held here, and its head (not its
+        content)? Where it may read the feed; and a restricted feed, to any node that
+        signs its request (its records are then given to their readers alone)."""
+        return self.may_read(origin, feed, caller) or (
+            caller is not None and self.is_restricted(origin, feed))
+
     async def may_read_feed(self, origin: bytes, feed: str, caller: bytes | None) -> bool:
         """May ``caller`` read what is about a whole feed (its checkpoints, consistency
         proofs)? As it may read the feed's latest record held: for a restricted feed,

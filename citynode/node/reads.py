@@ -42,14 +42,14 @@ class Reads:
         """Every chain held: origin, feed, head, count, last time."""
         return await in_thread(self.storage.feeds)
 
-    async def readable_feeds(self, caller: bytes | None) -> list[tuple[bytes, str]]:
-        """The (origin, feed) pairs ``caller`` may list. Restricted feeds are included
-        for authenticated callers; their records are then filtered one by one (only
-        their readers get them)."""
-        pol = self.policy
-        return [(r.origin, r.feed) for r in await self.feeds()
-                if pol.may_read(r.origin, r.feed, caller)
-                or (caller is not None and pol.is_restricted(r.origin, r.feed))]
+    async def listable_feeds(self, caller: bytes | None, *, operator: bool = False
+                             ) -> list[FeedRow]:
+        """The chains held that ``caller`` may see listed (Policy.may_list); the
+        operator sees every one."""
+        rows = await self.feeds()
+        if operator:
+            return rows
+        return [r for r in rows if self.policy.may_list(r.origin, r.feed, caller)]
 
     async def db_size(self) -> int:
         return await in_thread(self.storage.db_size_bytes)

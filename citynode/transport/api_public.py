@@ -92,7 +92,8 @@ async def _readable_feeds(request: web.Request, caller: bytes | None
     filtered one by one (only their readers get them)."""
     if is_operator(request):
         return None
-    return await request.app[NODE_KEY].reads.readable_feeds(caller)
+    return [(r.origin, r.feed) for r in await request.app[NODE_KEY].reads.listable_feeds(
+        caller)]
 
 
 def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
@@ -126,11 +127,7 @@ async def list_feeds(request: web.Request) -> web.Response:
 
     node = request.app[NODE_KEY]
     caller = await signed_caller(request)
-    rows = await node.reads.feeds()
-    # Restricted feeds' heads (not their content) are shown to any authenticated node.
-    may = read_check(request, caller)
-    rows = [r for r in rows if may(r.origin, r.feed, None)
-            or (caller is not None and node.policy.is_restricted(r.origin, r.feed))]
+    rows = await node.reads.listable_feeds(caller, operator=is_operator(request))
     out = [
         {
             "origin": node_id(r.origin),

@@ -146,3 +146,22 @@ async def test_a_proof_is_not_served_beside_a_checkpoint_that_disagrees(inproc: 
         assert r.status == 200, await r.text()
         p = await r.json()
     assert p["checkpoint"] is None and p["root"] == cps.root_of([r.id for r in recs[:3]]).hex()
+
+
+async def test_a_checkpoint_covers_what_is_committed_while_a_publish_is_in_flight(
+        inproc: Make) -> None:
+    """Under steady publishing a commit is often under way, its head already moved in
+    memory: the checkpoint is signed at the committed size (the tree on disk), not
+    refused until memory and disk meet."""
+    from citynode.core.chain import FeedHead
+
+    a = await inproc("Lima")
+    recs = await a.node.publish("air", "org.example.Test", [{"n": i} for i in range(5)])
+    key = (a.node.public_key, "air")
+    # As when the next publish's records are signed and queued, not yet committed.
+    a.node.heads[key] = FeedHead(7, b"\x09" * 32)
+    try:
+        (cp,) = await a.node.checkpoints.checkpoint_now()
+    finally:
+        a.node.heads[key] = FeedHead(5, recs[-1].id)
+    assert cp.size == 5 and cp.root == mth([r.id for r in recs])
