@@ -105,6 +105,9 @@ class Streams:
         self.subscribers: set[Subscriber] = set()
         self.closed = False  # close() was called: no new streams
         self._tail_rowid = 0
+        # Rows were committed while no stream listened: the tail was not read (nobody
+        # to hand rows to); the cursor is read again when a stream asks for "now".
+        self._stale = False
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
@@ -112,11 +115,20 @@ class Streams:
         self.spawn(self._tail_loop(), "tail")
 
     def wake(self) -> None:
-        """New rows were committed."""
+        """New rows were committed. With no stream open there is nothing to hand them
+        to: no read at all (a commit costs no tail read on a node nobody follows)."""
+        if not self.subscribers:
+            self._stale = True
+            return
         self._wake.set()
 
-    def tail_rowid(self) -> int:
-        """The cursor of the newest row handed to streams."""
+    async def cursor(self) -> int:
+        """The cursor of the newest committed row: where a stream that starts "now"
+        starts."""
+        if self._stale:
+            self._stale = False
+            latest = await in_thread(self.storage.max_rowid)
+            self._tail_rowid = max(self._tail_rowid, latest)
         return self._tail_rowid
 
     def refusal(self) -> str | None:
@@ -128,8 +140,12 @@ class Streams:
             return "too many live streams on this node: retry later"
         return None
 
-    def open(self, sub: Subscriber) -> None:
-        """Register a live stream (see :meth:`refusal` first)."""
+    async def open(self, sub: Subscriber) -> None:
+        """Register a live stream (see :meth:`refusal` first). The tail is brought up to
+        date first if nobody listened lately, so it hands the stream rows from now on
+        rather than re-reading what was committed meanwhile (the stream's own catch-up,
+        which starts after this, reads those)."""
+        await self.cursor()
         self.subscribers.add(sub)
         self.metrics.streams.set(len(self.subscribers))
 

@@ -82,7 +82,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if not 0 <= cursor < 2**63:
             raise web.HTTPBadRequest(text="Last-Event-ID must be a cursor (an integer)")
     else:
-        cursor = node.streams.tail_rowid()
+        cursor = await node.streams.cursor()
     may = read_check(request, caller)
     matches = where.matches
 
@@ -109,7 +109,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     # operator's, decrypting with its key, is a group of its own).
     group = None if key is not None else (where, caller, is_operator(request), fmt)
     sub = Subscriber(match, render, group=group, on_lag=node.metrics.stream_lagged.inc)
-    node.streams.open(sub)  # before catching up, so nothing falls in between
+    await node.streams.open(sub)  # before catching up, so nothing falls in between
     resp: web.StreamResponse | None = None
     try:
         async with sse_response(request, ping_interval=15) as resp:

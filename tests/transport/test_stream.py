@@ -456,3 +456,28 @@ async def test_last_event_id_header_resumes_after_that_cursor(inproc: Make) -> N
     assert [e.split(b"\r\n")[0] for e in events] == [f"id: {x.rowid}".encode()
                                                       for x in rows[2:4]]
     assert all(b'"data": {"n": ' in e for e in events)
+
+
+async def test_commits_cost_no_tail_read_while_nobody_streams(
+        inproc: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tail reads new rows to hand them to live streams: with none open, a commit
+    reads nothing; a stream opened later starts after the newest record and gets what
+    comes next, once."""
+    n = await inproc("Quito")
+    reads: list[int] = []
+    real = n.node.streams._tail_read
+
+    def counted(after: int, renders: set) -> tuple:
+        reads.append(after)
+        return real(after, renders)
+
+    monkeypatch.setattr(n.node.streams, "_tail_read", counted)
+    for i in range(3):
+        await _publish(n, "f", [{"n": i}])
+    await asyncio.sleep(0.2)
+    assert reads == []
+    task, out = await _follow_feed_f(n, 2)
+    await _publish(n, "f", [{"n": 10}, {"n": 11}])
+    await asyncio.wait_for(task, 20)
+    assert [i for _c, _f, i in out] == [10, 11]
+    assert reads  # now someone listens: the tail reads
