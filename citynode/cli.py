@@ -326,16 +326,28 @@ def partner_list(data_dir: Path, as_json: bool) -> None:
                                 else None}
         if r.node_id in live:
             lv = live[r.node_id]
-            item.update({k: lv[k] for k in ("up", "failures", "queue", "invalid", "last_error")})
+            item.update({k: lv.get(k) for k in ("up", "failures", "queue", "invalid",
+                                                "last_error", "clock_offset_s")})
         out_rows.append(item)
     if as_json:
         _print_json({"partners": out_rows})
         return
-    _table("partners", ["name", "node id", "url", "up", "queue", "invalid"],
+    _table("partners", ["name", "node id", "url", "up", "queue", "invalid", "clock"],
            [[p["name"], p["node_id"], p["url"],
              "(node not running)" if "up" not in p else "yes" if p["up"] else "no",
-             p.get("queue", ""), ", ".join(f"{k}={v}" for k, v in p.get("invalid", {}).items())]
+             p.get("queue", ""),
+             ", ".join(f"{k}={v}" for k, v in (p.get("invalid") or {}).items()),
+             _clock_text(p.get("clock_offset_s"))]
             for p in out_rows])
+
+
+def _clock_text(offset: int | None) -> str:
+    """A partner's clock against ours, as `partner list` shows it."""
+    if offset is None:
+        return ""
+    if offset == 0:
+        return "same"
+    return f"{abs(offset)} s {'ahead' if offset > 0 else 'behind'}"
 
 
 @partner.command("remove")

@@ -166,6 +166,16 @@ class AccessDenied(CitynodeError):
     not a recipient of a restricted feed, stale or replayed request signature)."""
 
 
+class ClockSkew(AccessDenied):
+    """A signed request was dated too far from this node's clock: one of the two clocks
+    is wrong (run NTP on both). ``skew_s``: how far the request's time was ahead of this
+    node's clock (negative: behind)."""
+
+    def __init__(self, message: str, skew_s: int) -> None:
+        super().__init__(message)
+        self.skew_s = skew_s
+
+
 class PeerError(CitynodeError):
     """Talking to another node failed (unreachable, TLS fingerprint mismatch, timeout,
     or an answer that does not follow the protocol)."""

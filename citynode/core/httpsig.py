@@ -49,7 +49,7 @@ from typing import NamedTuple
 import nacl.utils
 
 from citynode.core.keys import DOMAIN_REQUEST, SigningKey, Verifier, node_id, parse_node_id
-from citynode.errors import AccessDenied, InvalidNodeId, SignatureError
+from citynode.errors import AccessDenied, ClockSkew, InvalidNodeId, SignatureError
 
 __all__ = [
     "ALG",
@@ -480,7 +480,7 @@ def _key_of(keyid: str) -> bytes:
 
 def claimed_signer(
     headers: Mapping[str, str] | SignatureHeaders, *, now_ms: int,
-    max_age_ms: int = DEFAULT_MAX_AGE_MS,
+    max_age_ms: int = DEFAULT_MAX_AGE_MS, max_future_ms: int = MAX_FUTURE_SKEW_MS,
 ) -> bytes:
     """The public key a request's Signature-Input *claims* signed it, if its creation
     time is within the window. Nothing is verified: a server uses this to refuse a
@@ -492,10 +492,23 @@ def claimed_signer(
         key = parse_node_id(si.keyid)
     except InvalidNodeId as exc:
         raise AccessDenied(f"the signature keyid is not a node id: {exc}") from exc
-    age_ms = now_ms - si.created * 1000
-    if age_ms > max_age_ms or -age_ms > MAX_FUTURE_SKEW_MS:
-        raise AccessDenied("request signature is too old or dated in the future")
+    _check_created(si.keyid, si.created * 1000, now_ms, max_age_ms, max_future_ms)
     return key
+
+
+def _check_created(keyid: str, created_ms: int, now_ms: int, max_age_ms: int,
+                   max_future_ms: int) -> None:
+    """Refuse (ClockSkew) a request created too long ago or too far in the future."""
+    if now_ms - created_ms > max_age_ms:
+        raise ClockSkew(
+            f"request signature by {keyid[:64]} was created {(now_ms - created_ms) // 1000} s "
+            f"ago, more than the {max_age_ms // 1000} s allowed: check the sender's clock",
+            (created_ms - now_ms) // 1000)
+    if created_ms - now_ms > max_future_ms:
+        raise ClockSkew(
+            f"request signature by {keyid[:64]} was created {(created_ms - now_ms) // 1000} s "
+            f"in the future, more than the {max_future_ms // 1000} s allowed: check the "
+            "sender's clock and this node's", (created_ms - now_ms) // 1000)
 
 
 def verify_request(
@@ -510,6 +523,7 @@ def verify_request(
     verifier: Verifier,
     expected_target: str,
     authorize: Callable[[bytes], bool] | None = None,
+    max_future_ms: int = MAX_FUTURE_SKEW_MS,
 ) -> bytes:
     """Check the signature of a received request; return the sender's public key.
 
@@ -521,10 +535,11 @@ def verify_request(
     keyid is a node id; the ``tag`` is ``expected_target`` (a request signed for
     another node, or for none, is refused: this is what stops a node replaying a
     request it received to a third node); ``created`` is at most ``max_age_ms`` old and
-    at most 60 s ahead of ``now_ms``; the body matches Content-Digest; the signature
-    verifies; then ``authorize(public_key)``, when given, must return ``True`` (anything
-    else refuses); and only then that the nonce is new, so neither unsigned junk nor
-    signers ``authorize`` refuses ever enter ``replay``.
+    at most ``max_future_ms`` ahead of ``now_ms`` (else :class:`ClockSkew`); the body
+    matches Content-Digest; the signature verifies; then ``authorize(public_key)``, when
+    given, must return ``True`` (anything else refuses); and only then that the nonce is
+    new, so neither unsigned junk nor signers ``authorize`` refuses ever enter
+    ``replay``.
 
     Servers MUST pass ``authorize`` on partner endpoints (e.g. "is this key a partner"):
     without it any node can mint keys and fill the shared replay cache with valid
@@ -532,7 +547,8 @@ def verify_request(
     any signer (signed reads) should use a :class:`ReplayCache` of its own, so that
     filling it cannot block the partner endpoints.
 
-    Raises :class:`AccessDenied` with what was wrong, and nothing else for any header
+    Raises :class:`AccessDenied` (:class:`ClockSkew` for the time) with what was wrong,
+    and nothing else for any header
     values; :class:`ValueError` if ``max_age_ms`` exceeds the cache's (the cache would
     forget nonces this call still accepts) or ``expected_target`` is not a node id --
     both bugs in the caller. Whatever ``authorize`` raises propagates unchanged.
@@ -578,17 +594,7 @@ def verify_request(
         )
 
     created_ms = si.created * 1000
-    if now_ms - created_ms > max_age_ms:
-        raise AccessDenied(
-            f"request signature by {keyid} was created {(now_ms - created_ms) // 1000} s ago, "
-            f"more than the {max_age_ms // 1000} s allowed: check the sender's clock"
-        )
-    if created_ms - now_ms > MAX_FUTURE_SKEW_MS:
-        raise AccessDenied(
-            f"request signature by {keyid} was created {(created_ms - now_ms) // 1000} s in "
-            f"the future, more than the {MAX_FUTURE_SKEW_MS // 1000} s allowed: check the "
-            "sender's clock and this node's"
-        )
+    _check_created(keyid, created_ms, now_ms, max_age_ms, max_future_ms)
     if digest != hashlib.sha256(body).digest():
         raise AccessDenied("the request body does not match its Content-Digest: altered or "
                            "truncated in transit")

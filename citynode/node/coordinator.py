@@ -134,16 +134,18 @@ class Node:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def load(cls, data_dir: Path, *, passphrase: str | None = None) -> Node:
-        """Open a data dir made by ``citynode init``. Raises ConfigError, KeyFileError,
-        StorageError with a message naming what to fix."""
+    def load(cls, data_dir: Path, *, passphrase: str | None = None,
+             clock: Callable[[], float] = time.time) -> Node:
+        """Open a data dir made by ``citynode init``. ``clock``: seconds since the epoch
+        (tests give a skewed one). Raises ConfigError, KeyFileError, StorageError with a
+        message naming what to fix."""
         data_dir = Path(data_dir)
         config = load_config(data_dir / "node.toml")
         identity = load_identity(data_dir, passphrase)
         storage = Storage.open(
             data_dir / DB_NAME, rejected_log_rows=config.limits.rejected_log_rows
         )
-        return cls(data_dir, config, identity, storage)
+        return cls(data_dir, config, identity, storage, clock=clock)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

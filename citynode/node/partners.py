@@ -35,6 +35,8 @@ log = logging.getLogger("citynode.node")
 OUTBOX_MAX = 1000
 OUTBOX_PER_ROUND = 50
 OUTBOX_REFUSALS = 5  # a checkpoint or proof refused for the moment this often is dropped
+# A partner's clock this far from ours (s) is logged: time-based refusals are near.
+CLOCK_WARN_S = 10
 
 
 class PartnerLink:
@@ -63,6 +65,7 @@ class PartnerLink:
         self.lazy: set[bytes] = set()
         self.announce: dict[tuple[bytes, str], tuple[int, bytes]] = {}
         self.graft_pending: set[tuple[bytes, str]] = set()
+        self.clock_warned: int | None = None  # the clock offset last logged
         # Checkpoints and proofs this partner has not taken yet (it was down): sent again
         # after the next good sync round. Keyed by a hash of (path, payload), so one
         # is kept once; oldest first; bounded.
@@ -106,6 +109,9 @@ class PartnerLink:
             "last_error": self.last_error,
             "queue": len(self.queue),
             "invalid": dict(self.invalid),
+            # The partner's clock minus ours (s), from its latest answer: past
+            # [limits] future_tolerance_seconds, records and requests are refused.
+            "clock_offset_s": self.client.clock_offset_s,
         }
 
 
@@ -235,6 +241,25 @@ class Partners:
             link.up, link.last_error = False, err
             link.failures += 1
         self.metrics.partner_up.labels(link.row.name).set(1 if link.up else 0)
+        self._check_clock(link)
+
+    def _check_clock(self, link: PartnerLink) -> None:
+        """Say it once (and again when it changes by as much) when this node's clock and
+        a partner's differ by CLOCK_WARN_S or more: past the tolerance, records or
+        requests are refused for their time, and the operator must know whose clock."""
+        offset = link.client.clock_offset_s
+        if offset is None or abs(offset) < CLOCK_WARN_S:
+            link.clock_warned = None
+            return
+        if link.clock_warned is not None and abs(offset - link.clock_warned) < CLOCK_WARN_S:
+            return
+        link.clock_warned = offset
+        tolerance = self.config.limits.future_tolerance_seconds
+        log.warning(
+            f"this node's clock is {abs(offset)} s {'behind' if offset > 0 else 'ahead of'} "
+            f"partner {link.row.name}'s (records and requests are refused past "
+            f"{tolerance} s ahead; run NTP on both)",
+            extra=fields(partner=link.row.name, clock_offset_s=offset))
 
     # ------------------------------------------------------------------ delivery
 

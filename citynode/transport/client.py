@@ -54,7 +54,12 @@ class PeerClient:
         self.base_url = base_url.rstrip("/")
         self._http = HttpClient(self.base_url, fingerprint=fingerprint,
                                 auth=NodeSignature(key, node_id, clock), timeout=timeout,
-                                limit=8)
+                                limit=8, clock=clock)
+
+    @property
+    def clock_offset_s(self) -> int | None:
+        """The partner's clock minus ours, in whole seconds (its latest answer's Date)."""
+        return self._http.clock_offset_s
 
     async def close(self) -> None:
         await self._http.close()

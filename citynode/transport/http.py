@@ -216,8 +216,13 @@ class HttpClient:
         limit: int = 100,
         unix_socket: str | None = None,
         where: str | None = "",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._clock = clock
+        #: The other node's clock minus ours, in whole seconds, from the Date header of
+        #: its latest answer (1 s resolution; None until it answered with one).
+        self.clock_offset_s: int | None = None
         self.auth: Auth = auth if auth is not None else NoAuth()
         self.timeout = timeout
         self.where = self.base_url if where == "" else where
@@ -295,6 +300,7 @@ class HttpClient:
                 method, url, data=body or None, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout),
             ) as resp:
+                self._note_date(resp.headers.get("Date"))
                 if not 200 <= resp.status < 300:
                     raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
                                                                      truncate=True),
@@ -308,6 +314,18 @@ class HttpClient:
             raise
         except _LIBRARY_ERRORS as exc:
             raise self._edge(exc) from exc
+
+    def _note_date(self, date: str | None) -> None:
+        """Keep the other side's clock offset from its answer's Date header."""
+        if date is None:
+            return
+        from email.utils import parsedate_to_datetime
+
+        try:
+            theirs = parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return  # not a date: nothing learned
+        self.clock_offset_s = round(theirs - self._clock())
 
     async def events(
         self, path_qs: str, *, method: str = "GET", accept: str = "text/event-stream",
@@ -329,6 +347,7 @@ class HttpClient:
                 method, url, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
             ) as resp:
+                self._note_date(resp.headers.get("Date"))
                 if not 200 <= resp.status < 300:
                     raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
                                                                      truncate=True),

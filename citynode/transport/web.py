@@ -26,6 +26,7 @@ from citynode.core.keys import parse_node_id
 from citynode.errors import (
     AccessDenied,
     CitynodeError,
+    ClockSkew,
     InvalidFilter,
     InvalidNodeId,
     InvalidProof,
@@ -98,6 +99,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(400, exc.reason, str(exc))
     except InvalidNodeId as exc:
         return error_response(400, "invalid", str(exc))
+    except ClockSkew as exc:
+        return error_response(403, "clock_skew", str(exc))
     except AccessDenied as exc:
         return error_response(403, "access_denied", str(exc))
     except PublishRefused as exc:
@@ -160,11 +163,19 @@ async def require_partner(request: web.Request, body: bytes,
         body,
         now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+        max_future_ms=_future_ms(node),
         replay=request.app[REPLAY_KEY],
         verifier=node.verifier,
         expected_target=node.node_id,
         authorize=lambda key: node.partners.get(key) is not None,
     )
+
+
+def _future_ms(node: Node) -> int:
+    """How far ahead of this node's clock a signed request may be dated: the one clock
+    tolerance that governs records and cards too ([limits] future_tolerance_seconds).
+    (How far behind is the replay window, request_max_age_seconds: see PROTOCOL.md.)"""
+    return int(node.config.limits.future_tolerance_seconds * 1000)
 
 
 def _precheck_partner(request: web.Request) -> httpsig.SignatureHeaders:
@@ -176,6 +187,7 @@ def _precheck_partner(request: web.Request) -> httpsig.SignatureHeaders:
     key = httpsig.claimed_signer(
         signature, now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+        max_future_ms=_future_ms(node),
     )
     if key is None or node.partners.get(key) is None:
         raise AccessDenied("request not signed by a partner of this node")
@@ -240,6 +252,7 @@ async def signed_caller(request: web.Request) -> bytes | None:
         b"",
         now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+        max_future_ms=_future_ms(node),
         replay=request.app[READ_REPLAY_KEY],
         verifier=node.verifier,
         expected_target=node.node_id,
