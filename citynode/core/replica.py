@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from citynode.core import reconcile as rc
 from citynode.core.chain import FeedHead, Verdict, canonical_fork_proof, classify
 from citynode.core.records import Record
-from citynode.core.sync import FeedKey, OriginQuota, PeerView, PendingBuffer, Want
+from citynode.core.sync import MAX_WANTS, FeedKey, OriginQuota, PeerView, PendingBuffer, Want
 from citynode.errors import ChainError, InvalidProof, PublishRefused
 
 __all__ = [
@@ -143,6 +143,10 @@ class ReplicaConfig:
     max_session_rounds: int = 16
     max_grafts: int = 64
     max_deferred: int = 100_000  # chains waiting for their settle delay before a pull
+    max_deferred_per_peer: int = 20_000  # of those, named by one partner
+    max_view_unheld: int = 10_000  # chains not held here recorded in one partner's view
+    max_grafted: int = 1024  # origins not held here one partner may graft
+    own_fetch_retries: int = 5  # failed fetches of a claim on our own feed before giving up
     announce: bool = True
     tree: bool = True
 
@@ -338,6 +342,7 @@ class Replica:
         self.pushed_at: dict[FeedKey, int] = {}
         self.fetching: dict[FeedKey, tuple[bytes, int, int]] = {}  # key -> peer, to, until
         self.deferred: dict[FeedKey, tuple[bytes, int, int]] = {}  # key -> peer, seq, due
+        self._deferred_by: dict[bytes, int] = {}  # peer -> entries of deferred naming it
         self._lookups: dict[tuple[bytes, str, int], list[tuple[str, object, bytes | None]]]
         self._lookups = {}
         self.proofs: OrderedDict[bytes, None] = OrderedDict()
@@ -345,7 +350,8 @@ class Replica:
         self.own_forked: dict[str, int] = {}
         self.own_blocked: dict[str, str] = {}
         self._own_targets: dict[str, int] = {}
-        self._own_claims: dict[str, tuple[bytes, int, bytes]] = {}
+        # feed -> (peer, seq, head, failed fetches so far)
+        self._own_claims: dict[str, tuple[bytes, int, bytes, int]] = {}
         self.cards: dict[bytes, frozenset[bytes]] = {}
         self._tree: set[bytes] | None = None
         self._origins: set[bytes] = set()
@@ -548,8 +554,11 @@ class Replica:
             out.append(Push(p.key, p.in_flight))
 
     def _want(self, peer: bytes, key: FeedKey, lo: int, hi: int, via: str, now_ms: int,
-              out: list[Action]) -> None:
-        """Fetch ``lo..hi`` of a chain from ``peer`` unless a fetch of it is in flight."""
+              out: list[Action],
+              group: dict[tuple[bytes, str], list[Want]] | None = None) -> None:
+        """Fetch ``lo..hi`` of a chain from ``peer`` unless a fetch of it is in flight.
+        With ``group``, the want is collected there (see :meth:`_flush_wants`) instead of
+        becoming a Fetch of its own."""
         if lo > hi:
             return
         if key[0] != self.me and (not self.config.trusted(key[0])
@@ -560,8 +569,51 @@ class Replica:
             return
         # One answer holds at most ``batch`` records; on_fetch_done asks for the rest.
         self.fetching[key] = (peer, hi, now_ms + self.config.fetch_timeout_ms)
-        out.append(Fetch(peer, (Want(key[0], key[1], lo, min(hi, lo + self.config.batch - 1)),),
-                         via))
+        want = Want(key[0], key[1], lo, min(hi, lo + self.config.batch - 1))
+        if group is not None:
+            group.setdefault((peer, via), []).append(want)
+        else:
+            out.append(Fetch(peer, (want,), via))
+
+    def _defer(self, key: FeedKey, peer: bytes, seq: int, due: int) -> None:
+        old = self.deferred.get(key)
+        if old is not None:
+            self._deferred_by[old[0]] -= 1
+        self.deferred[key] = (peer, seq, due)
+        self._deferred_by[peer] = self._deferred_by.get(peer, 0) + 1
+
+    def _undefer(self, key: FeedKey) -> None:
+        old = self.deferred.pop(key, None)
+        if old is not None:
+            left = self._deferred_by[old[0]] - 1
+            if left:
+                self._deferred_by[old[0]] = left
+            else:
+                del self._deferred_by[old[0]]
+
+    def _may_defer(self, key: FeedKey, peer: bytes) -> bool:
+        """Room for a new deferred pull of ``key`` named by ``peer``: bounded overall and
+        per partner, so one partner claiming endless chains crowds out no other."""
+        return key in self.deferred or (
+            len(self.deferred) < self.config.max_deferred
+            and self._deferred_by.get(peer, 0) < self.config.max_deferred_per_peer)
+
+    def _note_view(self, p: _Partner, key: FeedKey, seq: int) -> None:
+        """Record that ``p`` holds ``key`` up to ``seq``: always for a chain held here
+        (bounded by our own state), for another only if its origin is trusted and the
+        partner's view has room (a claim is not evidence: made-up chains must not grow
+        our state)."""
+        if (key in self.heads or p.view.known(key)
+                or (self.config.trusted(key[0])
+                    and len(p.view) < len(self.heads) + self.config.max_view_unheld)):
+            p.view.update(key, seq)
+
+    def _flush_wants(self, group: dict[tuple[bytes, str], list[Want]],
+                     out: list[Action]) -> None:
+        """One Fetch per partner and purpose, of at most ``MAX_WANTS`` wants each."""
+        for (peer, via), wants in group.items():
+            for i in range(0, len(wants), MAX_WANTS):
+                out.append(Fetch(peer, tuple(wants[i:i + MAX_WANTS]), via))
 
     # ------------------------------------------------------------------ records in
 
@@ -580,7 +632,7 @@ class Replica:
             key = (rec.origin, rec.feed)
             if p is not None:
                 # A node forwards only records it stores, and stores chains contiguously.
-                p.view.update(key, rec.seq)
+                self._note_view(p, key, rec.seq)
             if rec.id in self.inflight or rec.id in self._recent:
                 outcomes.append("duplicate")
                 continue
@@ -589,7 +641,8 @@ class Replica:
                 out.append(Rejected(peer, "untrusted_origin", "origin not trusted"))
                 continue
             head = self.heads.get(key)
-            d = classify(rec, head, None)
+            # At our head the id is known: an old copy is a duplicate, not a Lookup.
+            d = classify(rec, head, head.id if head and rec.seq == head.seq else None)
             if d.verdict is Verdict.EXTENDS:
                 if not self._charge(rec, now_ms):
                     outcomes.append("rejected:quota")
@@ -606,12 +659,15 @@ class Replica:
                     outcomes.append("pending")
                 else:
                     outcomes.append("ignored")  # too far ahead, or no room: pull brings it
+            elif d.verdict is Verdict.DUPLICATE:
+                outcomes.append("duplicate")
             else:
                 self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
                                  ("fork", rec, peer), out)
                 outcomes.append("equivocation")
         for rec in self.pending.take_conflicts():
-            d = classify(rec, self.heads.get((rec.origin, rec.feed)), None)
+            h = self.heads.get((rec.origin, rec.feed))
+            d = classify(rec, h, h.id if h and rec.seq == h.seq else None)
             if d.verdict is Verdict.EQUIVOCATION:
                 self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
                                  ("fork", rec, None), out)
@@ -704,8 +760,10 @@ class Replica:
         p = self.partners.get(peer)
         if p is None:
             return []
-        p.view.update_frontier(heads)
         for key, (seq, _h) in heads.items():
+            if not self.config.may_pass(peer, key[0], key[1]):
+                continue  # a chain this partner may not be told of: no claim taken
+            self._note_view(p, key, seq)
             mine = self.heads.get(key)
             if (mine is not None and mine.seq >= seq) or key in p.graft_pending:
                 continue
@@ -718,10 +776,18 @@ class Replica:
         return []
 
     def on_graft(self, peer: bytes, origin: bytes) -> None:
+        """The partner asks for ``origin`` eagerly again. Kept for an origin held here,
+        or a trusted one while the partner's grafts of origins not held stay under
+        ``max_grafted`` (made-up origins must not grow our state)."""
         p = self.partners.get(peer)
-        if p is not None:
-            p.lazy.discard(origin)
-            p.grafted.add(origin)
+        if p is None:
+            return
+        if origin not in self._origins and (
+                not self.config.trusted(origin)
+                or len(p.grafted) >= len(self._origins) + self.config.max_grafted):
+            return
+        p.lazy.discard(origin)
+        p.grafted.add(origin)
 
     # ------------------------------------------------------------------ sync
 
@@ -799,8 +865,10 @@ class Replica:
         out: list[Action] = []
         if p is None:
             return out
-        p.view.update_frontier(frontier)
         theirs = {k: v for k, v in frontier.items() if self.heads.get(k) != v}
+        for key, (seq, _h) in frontier.items():
+            if key not in theirs and self.config.may_pass(peer, key[0], key[1]):
+                self._note_view(p, key, seq)  # the others: in _consider
         self._consider(p, theirs, now_ms, out)
         self._round_done(p, now_ms, out)
         return out
@@ -817,10 +885,15 @@ class Replica:
                   now_ms: int, out: list[Action]) -> None:
         """Act on the partner's chains that differ from ours: pull what we lack (after
         the settle delay), find forks, check our own feeds' safety."""
+        group: dict[tuple[bytes, str], list[Want]] = {}
         for key, (seq, head) in theirs.items():
             if seq == 0:
                 continue  # they hold none of it: they pull it themselves
-            p.view.update(key, seq)
+            if not self.config.may_pass(p.key, key[0], key[1]):
+                # A chain this partner may not be told of: acting on its claim (a pull
+                # from our head, a fork check at an exact seq) would tell it our head.
+                continue
+            self._note_view(p, key, seq)
             mine = self.heads.get(key)
             mseq = mine.seq if mine else 0
             if key[0] == self.me:
@@ -829,16 +902,17 @@ class Replica:
                 if not self.config.trusted(key[0]) or self.quota.exhausted(key[0], now_ms):
                     continue
                 old = self.deferred.get(key)
-                if old is None and len(self.deferred) >= self.config.max_deferred:
+                if not self._may_defer(key, p.key):
                     continue  # bounded: a partner claiming endless chains; a later round
                 if old is None or old[1] < seq:
-                    self.deferred[key] = (p.key, seq, now_ms + self.config.settle_ms)
+                    self._defer(key, p.key, seq, now_ms + self.config.settle_ms)
             elif key in self.forked:
                 continue
             elif mine is not None and seq == mseq and head != mine.id:
-                self._want(p.key, key, seq, seq, "fork", now_ms, out)
+                self._want(p.key, key, seq, seq, "fork", now_ms, out, group)
             elif seq < mseq:
                 self._ask_lookup(key[0], key[1], seq, ("check", head, p.key), out)
+        self._flush_wants(group, out)
 
     def _round_done(self, p: _Partner, now_ms: int, out: list[Action]) -> None:
         first = not p.first_done
@@ -861,8 +935,13 @@ class Replica:
         """A Fetch ended with ``got`` records received. A full answer that did not reach
         the end of a want is asked again from where it stopped. ``failed``: the request
         itself failed (no answer): asked again after the settle delay, not a round later
-        (an empty answer is not retried: the partner does not hold them, or withholds)."""
+        (an empty answer is not retried: the partner does not hold them, or withholds).
+        A failed fetch of a claim on our own feed proves nothing: publishing on it stays
+        paused and the fetch is retried (``own_fetch_retries`` times, then it stays
+        paused until the records come or a new claim is answered); only an answer can
+        show a claim false."""
         out: list[Action] = []
+        group: dict[tuple[bytes, str], list[Want]] = {}
         for w in wants:
             f = self.fetching.get(w.key)
             target = w.to_seq
@@ -872,24 +951,35 @@ class Replica:
             h = self.heads.get(w.key)
             have = h.seq if h else 0
             p = self.partners.get(peer)
-            if p is not None and failed and have < target and w.key not in self.deferred:
-                self.deferred[w.key] = (peer, target, now_ms + self.config.settle_ms)
+            own = w.origin == self.me and w.feed in self._own_claims
+            if own and failed:
+                self._own_fetch_failed(w.feed, peer, target, have, now_ms)
+                continue
+            if (p is not None and failed and have < target and w.key not in self.deferred
+                    and self._may_defer(w.key, peer)):
+                self._defer(w.key, peer, target, now_ms + self.config.settle_ms)
             if p is not None and got > 0:
                 if w.from_seq <= have < target:
-                    self._want(peer, w.key, have + 1, target, "sync", now_ms, out)
+                    via = "own" if w.origin == self.me else "sync"
+                    self._want(peer, w.key, have + 1, target, via, now_ms, out, group)
                 elif have >= w.from_seq and w.origin not in p.grafted and w.origin != self.me:
                     # The eager path did not bring these: this partner will push them.
                     out.append(Graft(peer, w.origin))
-            if w.origin == self.me and w.feed in self._own_claims:
+            if own and not failed:
                 self._check_claim(w.feed, out)
+        self._flush_wants(group, out)
         return out
 
     # ------------------------------------------------------------------ own feeds
 
     def _own_claim(self, p: _Partner, feed: str, seq: int, head: bytes, have: int,
                    now_ms: int, out: list[Action]) -> None:
-        if have >= seq or self._own_targets.get(feed, 0) >= seq:
+        if have >= seq:
             return
+        claim = self._own_claims.get(feed)
+        if self._own_targets.get(feed, 0) >= seq and (
+                claim is None or claim[3] <= self.config.own_fetch_retries):
+            return  # being fetched (a claim whose retries ran out is asked again)
         why = (f"feed {feed!r}: a partner holds our records up to seq {seq} but this node "
                f"has only {have} (restored from an old backup?): fetching them before "
                "publishing again, to never sign two records with one seq")
@@ -897,11 +987,26 @@ class Replica:
             out.append(Paused(feed, why))
         self.own_blocked[feed] = why
         self._own_targets[feed] = seq
-        self._own_claims[feed] = (p.key, seq, head)
+        self._own_claims[feed] = (p.key, seq, head, 0)
         self._want(p.key, (self.me, feed), have + 1, seq, "own", now_ms, out)
 
+    def _own_fetch_failed(self, feed: str, peer: bytes, target: int, have: int,
+                          now_ms: int) -> None:
+        """A fetch of a claim on our own feed got no answer: silence proves nothing, so
+        the feed stays paused; asked again after the settle delay, a bounded number of
+        times (then the feed stays paused: never resumed on silence)."""
+        cpeer, seq, head, tries = self._own_claims[feed]
+        tries += 1
+        self._own_claims[feed] = (cpeer, seq, head, tries)
+        key = (self.me, feed)
+        if have >= target or peer not in self.partners:
+            return
+        if tries <= self.config.own_fetch_retries:
+            # Own-feed safety is not subject to the deferred caps.
+            self._defer(key, peer, target, now_ms + self.config.settle_ms)
+
     def _check_claim(self, feed: str, out: list[Action]) -> None:
-        peer, seq, head = self._own_claims[feed]
+        peer, seq, head, _tries = self._own_claims[feed]
         h = self.heads.get((self.me, feed))
         have = h.seq if h else 0
         if have > seq or (h is not None and have == seq and h.id == head):
@@ -1063,20 +1168,22 @@ class Replica:
         for key, (_peer, _to, until) in list(self.fetching.items()):
             if until <= now_ms:
                 del self.fetching[key]
+        group: dict[tuple[bytes, str], list[Want]] = {}
         for key, (peer, seq, due) in list(self.deferred.items()):
             if due > now_ms:
                 continue
             h = self.heads.get(key)
             have = h.seq if h else 0
             if have >= seq or peer not in self.partners:
-                del self.deferred[key]
+                self._undefer(key)
                 continue
             pushed = self.pushed_at.get(key)
             if pushed is not None and now_ms - pushed < self.config.flowing_ms:
                 self.deferred[key] = (peer, seq, pushed + self.config.flowing_ms)
                 continue
-            del self.deferred[key]
-            self._want(peer, key, have + 1, seq, "sync", now_ms, out)
+            self._undefer(key)
+            via = "own" if key[0] == self.me else "sync"
+            self._want(peer, key, have + 1, seq, via, now_ms, out, group)
         for p in self.partners.values():
             for key, (seq, due, since) in list(p.graft_pending.items()):
                 if due > now_ms:
@@ -1092,8 +1199,10 @@ class Replica:
                     p.graft_pending[key] = (seq, now_ms + self.config.graft_delay_ms, since)
                     continue
                 del p.graft_pending[key]
-                self._want(p.key, key, have + 1, seq, "graft", now_ms, out)
+                self._want(p.key, key, have + 1, seq, "graft", now_ms, out, group)
                 out.append(Graft(p.key, key[0]))
+        self._flush_wants(group, out)
+        for p in self.partners.values():
             if not p.up:
                 continue
             if p.session is None and p.next_sync <= now_ms:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
+from citynode.core import reconcile as rc
 from citynode.core import replica as rp
 from citynode.core.keys import SigningKey
 from citynode.core.records import Record, sign_record
@@ -164,12 +167,137 @@ def test_sync_session_between_two_replicas() -> None:
 
 
 def test_a_partner_claiming_endless_chains_costs_bounded_state() -> None:
-    r = replica(max_deferred=10)
+    r = replica(max_deferred=10, max_view_unheld=20)
     claims = {(bytes([i]) * 32, "f"): (5, b"\x01" * 32) for i in range(5, 100)}
     r.on_frontier(P, claims, T)
+    r.on_announce(P, claims, T)
     assert len(r.deferred) == 10
-    fetches = of(rp.Fetch, r.tick(T + 5000))
-    assert 0 < len(fetches) <= 10
+    assert len(r.partners[P].view) == 20  # what we keep about P's made-up chains
+    fetches = of(rp.Fetch, r.tick(T + 5000))  # one request per purpose, not per chain
+    assert sorted(f.via for f in fetches) == ["graft", "sync"]  # type: ignore[attr-defined]
+    assert sum(len(f.wants) for f in fetches) <= 10 + r.config.max_grafts  # type: ignore[attr-defined]
+
+
+def _ready(r: rp.Replica) -> None:
+    for peer in (P, Q):
+        r.on_frontier(peer, {}, T)
+
+
+def test_own_feed_claim_stays_paused_when_the_fetch_merely_failed() -> None:
+    """Restored from an old backup: P really holds our 'mine' up to 4. Fetches of it
+    fail (timeout, network): that proves nothing, so publishing stays paused, the fetch
+    is retried, and when the records come publishing resumes at the right seq."""
+    r = replica(settle_ms=100, own_fetch_retries=2)
+    _ready(r)
+    mine = chain(ME, 4, feed="mine")
+    r.publish(mine[:2], T)
+    r.on_committed(mine[:2], None, T)
+    acts = r.on_frontier(P, {(ME.public_key, "mine"): (4, mine[3].id)}, T)
+    assert of(rp.Paused, acts)
+    (fetch,) = of(rp.Fetch, acts)
+    t = T
+    for _ in range(2):
+        acts = r.on_fetch_done(P, fetch.wants, 0, t + 10, failed=True)  # type: ignore[attr-defined]
+        assert not of(rp.Resumed, acts) and not of(rp.Rejected, acts)
+        with pytest.raises(PublishRefused):
+            r.check_publish("mine")
+        (fetch,) = of(rp.Fetch, r.tick(t + 200))  # asked again after the settle delay
+        assert fetch.peer == P and fetch.wants[0].from_seq == 3  # type: ignore[attr-defined]
+        t += 200
+    # Retries run out: still paused, nothing more asked, never resumed on silence.
+    acts = r.on_fetch_done(P, fetch.wants, 0, t + 10, failed=True)  # type: ignore[attr-defined]
+    assert not of(rp.Resumed, acts) and not of(rp.Fetch, r.tick(t + 1000))
+    with pytest.raises(PublishRefused):
+        r.check_publish("mine")
+    # The next round's claim is fetched again; the records come; publishing resumes.
+    (fetch,) = of(rp.Fetch, r.on_frontier(P, {(ME.public_key, "mine"): (4, mine[3].id)},
+                                          t + 2000))
+    _, acts = r.on_records(P, mine[2:], t + 2000, "own")
+    assert of(rp.Resumed, acts)
+    r.check_publish("mine")
+    assert r.next_link("mine")[0] == 5
+
+
+def _entries_msg(origin: bytes, n: int, tag: int) -> bytes:
+    ents = sorted((rc.key_bytes(origin, f"x{tag}-{i}"), 2**40,
+                   hashlib.sha256(b"%d-%d" % (tag, i)).digest()) for i in range(n))
+    return rc.encode_message([rc.Range(None, rc.ENTRIES, entries=tuple(ents))])
+
+
+def test_hostile_partner_cannot_grow_peer_view_without_bound() -> None:
+    """P (its own origin trusted) sends reconciliation requests naming 8000 made-up
+    chains each time: what we keep about P stays bounded."""
+    r = replica(tree=False)
+    _ready(r)
+    for k in range(6):
+        r.on_sync(P, _entries_msg(P, 8000, k), T + k, initiator=False)
+    assert len(r.partners[P].view) <= r.config.max_view_unheld
+    assert len(r.deferred) <= r.config.max_deferred_per_peer
+
+
+def test_untrusted_claims_are_not_recorded() -> None:
+    stranger = (b"\x07" * 32, "f")
+    r = replica(trusted=lambda o: o != stranger[0])
+    r.on_frontier(P, {stranger: (9, b"\x01" * 32)}, T)
+    r.on_announce(P, {stranger: (9, b"\x01" * 32)}, T)
+    assert len(r.partners[P].view) == 0 and not r.deferred
+
+
+def test_one_hostile_message_does_not_fan_out_into_thousands_of_fetches() -> None:
+    r = replica(tree=False, settle_ms=1, max_deferred_per_peer=6000)
+    _ready(r)
+    r.on_sync(P, _entries_msg(P, 8000, 99), T, initiator=False)
+    assert len(r.deferred) == 6000  # per partner cap
+    fetches = of(rp.Fetch, r.tick(T + 10_000))
+    assert len(fetches) == 2  # grouped: at most MAX_WANTS wants per Fetch
+    assert sum(len(f.wants) for f in fetches) == 6000  # type: ignore[attr-defined]
+    # Another partner still gets room.
+    r.on_frontier(Q, {(ORIGIN.public_key, "f"): (3, b"\x01" * 32)}, T)
+    assert (ORIGIN.public_key, "f") in r.deferred
+
+
+def test_partner_not_allowed_to_know_a_chain_cannot_learn_our_head_by_claiming_it() -> None:
+    secret = (ORIGIN.public_key, "secret")
+    recs = chain(ORIGIN, 7, feed="secret")
+    r = replica(tree=False, settle_ms=1,
+                may_pass=lambda peer, o, f: not (peer == P and (o, f) == secret))
+    r.load({secret: (7, recs[6].id)})
+    _ready(r)
+    acts = r.on_frontier(P, {secret: (1000, b"\x05" * 32)}, T)  # ahead: a pull
+    acts += r.on_frontier(P, {secret: (7, b"\x05" * 32)}, T)  # same seq: a fork check
+    acts += r.on_frontier(P, {secret: (3, b"\x05" * 32)}, T)  # behind: a lookup
+    acts += r.on_announce(P, {secret: (1000, b"\x05" * 32)}, T)
+    acts += r.tick(T + 10_000)
+    assert not of(rp.Fetch, acts) and not of(rp.Lookup, acts) and not of(rp.Graft, acts)
+    assert r.partners[P].view.known(secret) == 0
+    # Q may be told of it: its claim is acted on.
+    r.on_frontier(Q, {secret: (9, b"\x05" * 32)}, T)
+    (fetch,) = of(rp.Fetch, r.tick(T + 20_000))
+    assert fetch.peer == Q and fetch.wants[0].from_seq == 8  # type: ignore[attr-defined]
+
+
+def test_grafts_of_made_up_origins_do_not_grow_state() -> None:
+    r = replica(tree=False, max_grafted=100)
+    r.load({(ORIGIN.public_key, "f"): (1, chain(ORIGIN, 1)[0].id)})
+    for i in range(5000):
+        r.on_graft(P, hashlib.sha256(b"%d" % i).digest())
+    assert len(r.partners[P].grafted) <= 101
+    r.on_graft(P, ORIGIN.public_key)  # an origin held here is always taken
+    assert ORIGIN.public_key in r.partners[P].grafted
+    untrusting = replica(trusted=lambda o: False)
+    untrusting.on_graft(P, b"\x07" * 32)
+    assert not untrusting.partners[P].grafted
+
+
+def test_an_old_copy_of_the_head_is_a_duplicate_not_a_lookup() -> None:
+    r = replica(recent_max=1)  # the head's id leaves the recent-ids window
+    recs = chain(ORIGIN, 3)
+    other = chain(ORIGIN, 1, feed="g")
+    r.on_records(P, recs + other, T)
+    r.on_committed(recs + other, P, T)
+    assert not r.known(recs[2].id)
+    outcomes, acts = r.on_records(Q, recs[2:], T)
+    assert outcomes == ["duplicate"] and not of(rp.Lookup, acts)
 
 
 def test_a_long_range_is_fetched_in_answers_of_at_most_batch() -> None:
