@@ -7,7 +7,12 @@ run however many nodes receive it), keeps a store in memory, answers fetches and
 lookups from it, and carries out the replica's actions as messages on the network.
 The network has a latency (uniform in a range), loss, partitions (pairs that cannot
 talk) and churn (nodes offline for a while); hostile nodes fork their feeds, withhold
-records, flood, or answer syncs from a stale snapshot of their chains.
+records, flood, answer syncs from a stale snapshot of their chains, and, each time they
+start a round with a partner, claim later records of the partner's own feeds than exist
+(``false_claims``), send malformed or oversized reconciliation messages (``junk_sync``;
+the shell counts them as ``bad_sync`` and carries on, as the real shell does) or graft
+made-up origins (``graft_flood``). A request whose answer is lost fails as it would over
+the network (a fetch: ``on_fetch_done(failed=True)``).
 
 Everything random comes from one seeded :class:`random.Random`; the same seed gives the
 same run and the same :meth:`Sim.result_hash`. Bytes are counted as the wire would
@@ -25,11 +30,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from citynode.core import reconcile as rc
 from citynode.core import replica as rp
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.keys import SigningKey, Verifier
 from citynode.core.records import Record, open_record, sign_record
 from citynode.core.sync import VouchGraph, Want, accept_origin, encode_frontier, encode_wants
+from citynode.errors import InvalidRecord
 
 __all__ = ["BASE_MS", "Sim", "SimNode", "random_graph"]
 
@@ -72,6 +79,9 @@ class SimNode:
         self.honest = True
         self.withhold = False  # hostile: serves no records, pushes nothing
         self.stale: Any = None  # hostile: syncs from this old ChainSet
+        self.false_claims = False  # hostile: claims partners' own feeds beyond their heads
+        self.junk_sync = False  # hostile: malformed and oversized reconciliation requests
+        self.graft_flood = 0  # hostile: grafts of this many made-up origins per round
 
     # -- trust -----------------------------------------------------------------------
 
@@ -161,6 +171,8 @@ class SimNode:
             elif isinstance(a, rp.SendSync):
                 kind = "sync_req" if a.initiator else "sync_resp"
                 sim.send(self, a.peer, kind, a.payload, len(a.payload))
+                if a.initiator:
+                    self.misbehave(a.peer)
             elif isinstance(a, rp.Announce):
                 heads = {(o, f): (s, h) for o, f, s, h in a.heads}
                 sim.send(self, a.peer, "announce", heads, len(encode_frontier(heads)))
@@ -180,6 +192,22 @@ class SimNode:
             elif isinstance(a, rp.Rejected):
                 self.stats.rejected[a.reason] += 1
             # SendHeld, SendCheckpoint, WakeStreams, ForkFound, Paused, Resumed: no-ops
+
+    def misbehave(self, peer: bytes) -> None:
+        """What a hostile node sends a partner at the start of each round with it."""
+        sim = self.sim
+        if self.false_claims:
+            claims = {k: (len(c) + 3, sim.rng.randbytes(32))
+                      for k, c in sorted(self.store.items()) if k[0] == peer}
+            claims[(peer, "f")] = (len(self.store.get((peer, "f"), [])) + 3,
+                                   sim.rng.randbytes(32))
+            sim.send(self, peer, "frontier", claims, len(encode_frontier(claims)))
+        if self.junk_sync:
+            junk = (sim.rng.randbytes(sim.rng.randint(1, 64)) if sim.rng.random() < 0.5
+                    else bytes(rc.MAX_MESSAGE_BYTES + 1))
+            sim.send(self, peer, "sync_req", junk, len(junk))
+        for _ in range(self.graft_flood):
+            sim.send(self, peer, "graft", sim.rng.randbytes(32), 32)
 
     def handle(self, kind: str, src: SimNode, payload: Any) -> None:
         sim, r, s = self.sim, self.replica, src.pk
@@ -211,10 +239,18 @@ class SimNode:
                 r.chains = self.stale
             try:
                 self.run(r.on_sync(s, payload, sim.now, initiator=kind == "sync_resp"))
+            except InvalidRecord:
+                # As the real shell: a malformed message is counted, never a crash; the
+                # replica ended that session (ours: the round failed, retried later).
+                self.stats.rejected["bad_sync"] += 1
+                if kind == "sync_resp":
+                    self.run(r.on_sync_failed(s, sim.now))
             finally:
                 r.chains = saved
         elif kind == "announce":
             self.run(r.on_announce(s, payload, sim.now))
+        elif kind == "frontier":
+            self.run(r.on_frontier(s, payload, sim.now))
         elif kind == "graft":
             r.on_graft(s, payload)
         elif kind == "proof":
@@ -230,7 +266,7 @@ class SimNode:
         elif kind == "sync_req":
             self.run(r.on_sync_failed(dst, now))
         elif kind == "fetch" or kind == "records":
-            self.run(r.on_fetch_done(dst, payload[0], 0, now))
+            self.run(r.on_fetch_done(dst, payload[0], 0, now, failed=True))
         elif kind == "proof":
             r.on_deliver_failed(dst, "proof", payload, 0)
 

@@ -5,6 +5,7 @@ latency, partitions, churn and hostile nodes. Every run is reproducible from its
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.keys import Verifier
 from citynode.core.sync import DAY_MS
+from citynode.errors import PublishRefused
 from citynode.sim import Sim, random_graph, sign
 
 FEED = "test"
@@ -157,6 +159,51 @@ def test_withholding_and_stale_nodes_do_not_stop_the_others() -> None:
         nd.publish(FEED, 2)
     sim.run_until_converged(10)
     sim.check_invariants()
+
+
+def _hostile_run(seed: int) -> Sim:
+    rng = random.Random(seed)
+    sim = Sim(20, random_graph(rng, 20, 3, 6), seed=seed, loss=0.1)
+    claimer, junk, grafter = sim.nodes[2], sim.nodes[5], sim.nodes[8]
+    claimer.false_claims = junk.junk_sync = True
+    grafter.graft_flood = 300
+    for bad in (claimer, junk, grafter):
+        bad.honest = False
+    for _ in range(4):
+        for nd in sim.honest():
+            # Paused for a moment while a claim is checked: it publishes next time.
+            with contextlib.suppress(PublishRefused):
+                nd.publish(FEED)
+        sim.run_rounds(1)
+    claimer.false_claims = junk.junk_sync = False
+    grafter.graft_flood = 0
+    sim.run_rounds(3)
+    return sim
+
+
+def test_false_claims_junk_sync_and_graft_floods_do_not_stop_the_others() -> None:
+    """A partner claiming later records of our own feeds than exist, one sending
+    malformed and oversized reconciliation messages, one grafting made-up origins, over
+    a lossy network (failed fetches included): the honest nodes still converge, count
+    what was refused, keep bounded state, and publish again afterwards."""
+    sim = _hostile_run(41)
+    claimer, junk, grafter = sim.nodes[2], sim.nodes[5], sim.nodes[8]
+    sim.run_until_converged(20)
+    sim.check_invariants()
+    assert sum(sim.by_pk[p].stats.rejected["false_claim"] for p in claimer.partners) > 0
+    assert sum(sim.by_pk[p].stats.rejected["bad_sync"] for p in junk.partners) > 0
+    for p in grafter.partners:
+        r = sim.by_pk[p].replica
+        assert len(r.partners[grafter.pk].grafted) <= len(r._origins) + r.config.max_grafted
+    for nd in sim.honest():
+        assert not nd.replica.own_blocked  # paused only while a claim was checked
+        nd.publish(FEED)
+    sim.run_until_converged(10)
+
+
+def test_hostile_kinds_keep_the_run_reproducible() -> None:
+    assert _hostile_run(41).result_hash() == _hostile_run(41).result_hash()
+    assert _hostile_run(41).result_hash() != _hostile_run(42).result_hash()
 
 
 def test_churn_and_partition_heal() -> None:
