@@ -141,6 +141,7 @@ class ReplicaConfig:
     outbox_refusals: int = 5
     recent_max: int = 200_000
     max_session_rounds: int = 16
+    max_answers_per_interval: int = 64  # reconciliation requests answered per partner
     max_grafts: int = 64
     max_deferred: int = 100_000  # chains waiting for their settle delay before a pull
     max_deferred_per_peer: int = 20_000  # of those, named by one partner
@@ -322,6 +323,8 @@ class _Partner:
     sync_due: int | None = None  # when the round now deferred was first due
     session: _Session | None = None
     answering: _Session | None = None
+    answered: int = 0  # requests answered since answered_since (the answering budget)
+    answered_since: int = -(1 << 62)
     first_done: bool = False
     hidden: set[bytes] | None = None
 
@@ -814,13 +817,26 @@ class Replica:
                 ) -> list[Action]:
         """A reconciliation message from ``peer``: the answer to our session's request
         (``initiator``) or a request of theirs (then the first action is the SendSync
-        answer, always present). Raises :class:`EncodingError` / ``InvalidRecord`` for a
-        malformed message (our session with it then ends)."""
+        answer, always present; past ``max_answers_per_interval`` requests from this
+        partner in one ``sync_interval_ms`` it is empty: nothing more). Raises
+        :class:`EncodingError` / ``InvalidRecord`` for a malformed message (our session
+        with it then ends)."""
         p = self.partners.get(peer)
         out: list[Action] = []
         if p is None:
             return out
         sess = p.session if initiator else p.answering
+        if not initiator:
+            # A session ends after max_session_rounds messages, but a partner could start
+            # session after session: the answering side is bounded per partner too.
+            if now_ms - p.answered_since >= self.config.sync_interval_ms:
+                p.answered, p.answered_since = 0, now_ms
+            if p.answered >= self.config.max_answers_per_interval:
+                p.answering = None
+                return [SendSync(peer, rc.encode_message([]), False),
+                        Rejected(peer, "sync_budget", "too many reconciliation requests "
+                                 "this sync interval: answered with nothing more")]
+            p.answered += 1
         if sess is None:
             if initiator:
                 return out  # a late answer to a session that ended

@@ -337,3 +337,19 @@ def test_a_failed_fetch_is_asked_again_after_the_settle_delay_an_empty_one_is_no
     assert again.wants == fetch.wants  # type: ignore[attr-defined]
     r.on_fetch_done(P, again.wants, 0, T + 400)  # type: ignore[attr-defined]
     assert not r.deferred and not of(rp.Fetch, r.tick(T + 600))  # answered empty: not
+
+
+def test_the_answering_side_is_bounded_per_partner_not_per_session() -> None:
+    """A session ends after max_session_rounds messages, but a partner starting session
+    after session gets at most max_answers_per_interval answers per sync interval."""
+    r = replica(max_answers_per_interval=5, sync_interval_ms=1000)
+    recs = chain(ORIGIN, 1)
+    r.load({(ORIGIN.public_key, "f"): (1, recs[0].id)})
+    req = rc.encode_message(rc.initial(rc.ChainSet()))  # an empty side: we answer ours
+    answers = [r.on_sync(P, req, T + i, initiator=False) for i in range(8)]
+    sizes = [len(of(rp.SendSync, a)[0].payload) for a in answers]  # type: ignore[attr-defined]
+    assert all(n > 1 for n in sizes[:5]) and sizes[5:] == [1, 1, 1]  # 1 byte: nothing
+    assert all(of(rp.Rejected, a) for a in answers[5:])
+    assert len(of(rp.SendSync, r.on_sync(Q, req, T, initiator=False))[0].payload) > 1  # type: ignore[attr-defined]
+    later = r.on_sync(P, req, T + 1000, initiator=False)  # a new interval: answered again
+    assert len(of(rp.SendSync, later)[0].payload) > 1  # type: ignore[attr-defined]
