@@ -46,8 +46,14 @@ pending buffer; own records are never charged); a record is never pushed back to
 partner it came from nor to one known to hold it; Plumtree per origin (a duplicate
 answer prunes the origin to lazy, a graft makes it eager again); a chain that pushes
 are extending is not pulled; own-feed safety (a partner claiming later records of our
-own feed pauses publishing on it until they are here; a fork proof against our own feed
-stops it for good; no signing before every partner's first round ended).
+own feed pauses publishing on it until they are here, or until an answer shows the claim
+false: a failed fetch proves nothing and keeps it paused; a fork proof against our own
+feed stops it for good; no signing before every partner's first round ended).
+
+Everything a partner claims is hostile until shown: claims on chains it may not be told
+of (``may_pass``) are ignored; what is kept per partner about chains not held here (its
+view, deferred pulls, grafts) is bounded; pulls are grouped into one Fetch per partner;
+reconciliation requests answered are bounded per partner per sync interval.
 
 Eager links start from a spanning tree of the card graph when ``tree`` is on: every
 node computes the same shallow spanning tree of mutual partnerships (breadth first from
