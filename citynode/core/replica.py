@@ -949,8 +949,10 @@ class Replica:
                 out.append(SendProof(p.key, payload, refusals))
             else:
                 out.append(SendCheckpoint(p.key, payload, refusals))
+        group: dict[tuple[bytes, str], list[Want]] = {}
         for w in self.pending.missing()[:64]:
-            self._want(p.key, w.key, w.from_seq, w.to_seq, "gap", now_ms, out)
+            self._want(p.key, w.key, w.from_seq, w.to_seq, "gap", now_ms, out, group)
+        self._flush_wants(group, out)
 
     def on_fetch_done(self, peer: bytes, wants: Sequence[Want], got: int, now_ms: int,
                       *, failed: bool = False) -> list[Action]:
