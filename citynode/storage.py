@@ -17,10 +17,18 @@ machine).
 
 Invariants the schema relies on:
 
-* ``records`` of one (origin, feed) hold seq 1..head without gaps, so ``rowid`` order and
-  seq order agree within a feed, and a feed's record count is its head seq;
-* ``heads`` has one row per (origin, feed) held: the highest contiguous seq and its id;
+* ``chains`` has one row per (origin, feed) held: a small integer id, the highest
+  contiguous seq (``head_seq``) and its id (``head_id``);
+* ``records`` of one chain hold seq 1..head without gaps, so ``rowid`` order and seq
+  order agree within a feed, and a feed's record count is its head seq;
 * ``rowid`` of ``records`` only grows: it is the cursor of pagination and live streams.
+
+Layout (schema v3): a record row names its chain and its type by small integers
+(``chains``, ``types``) instead of repeating a 32-byte origin, a feed name and a type
+name in the row and in every index; the record id is indexed by its first 8 bytes (the
+row holds the whole id, compared after the index search). Readers see the logical
+columns through one join (:data:`_ROWS`): ``origin``, ``feed``, ``type``, ``seq``,
+``time``, ``lon``, ``lat`` -- the names the record filter's SQL uses.
 """
 
 from __future__ import annotations
@@ -86,6 +94,9 @@ _MAX_BATCH_WEIGHT = 20000  # records (or other jobs) per transaction
 _IN_CHUNK = 500  # at most this many ``?`` in one ``IN (...)``
 _IN_BUCKETS = (1, 8, 64, _IN_CHUNK)  # pad IN lists to these sizes: few distinct statements
 _ITER_CHUNK = 1000
+#: Page size of a new database. Larger pages waste less of each page on the tail of
+#: ~400-byte rows and hold more index entries per level (measured: scripts/bench-storage).
+_PAGE_SIZE = 16384
 _MAX_TEXT = 2000  # rejected-log fields are attacker-influenced: bound them
 
 
@@ -341,13 +352,90 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     )
     conn = db.conn
     for origin, feed, seq in conn.execute("SELECT origin, feed, seq FROM heads").fetchall():
-        _grow_tree(conn, origin, feed, 0, seq, {})
+        def leaves(lo: int, hi: int, origin: bytes = origin, feed: str = feed
+                   ) -> list[bytes]:
+            # the records table of v2 (later versions read leaves by chain)
+            return [r[0] for r in conn.execute(
+                "SELECT id FROM records WHERE origin = ? AND feed = ?"
+                " AND seq BETWEEN ? AND ? ORDER BY seq", (origin, feed, lo, hi))]
+
+        _grow_tree(conn, origin, feed, 0, seq, {}, leaves)
+
+
+_V3_INDEXES = (
+    # Chains are contiguous: (chain, seq) is unique, and serves one feed in seq order.
+    "CREATE UNIQUE INDEX records_chain_seq ON records (chain, seq)",
+    # Ids are random: an index on their first 8 bytes is a third of the size of one on
+    # all 32 and as selective; readers compare the whole id in the row it points to.
+    "CREATE INDEX records_id8 ON records (substr(id, 1, 8))",
+    "CREATE INDEX records_type_time ON records (type_id, time)",
+    "CREATE INDEX records_time ON records (time)",
+    # Only located records: a box never matches a record without a location.
+    "CREATE INDEX records_lon_lat ON records (lon, lat) WHERE lat IS NOT NULL",
+)
+
+
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    """Schema v3: records name their chain and type by small integers.
+
+    ``chains`` (one row per feed held, replacing ``heads``) and ``types`` are filled
+    from the rows held; ``records`` is copied into the new layout in rowid order (the
+    cursors of readers stay valid) and its indexes are rebuilt. About 1.4x less disk per
+    record than v2 (origin, feed and type no longer repeated in the row and in three
+    indexes; the id index keeps 8 bytes of each id instead of 32).
+    """
+    conn = db.conn
+    conn.execute(
+        """CREATE TABLE chains (
+            id INTEGER PRIMARY KEY,
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            head_seq INTEGER NOT NULL,
+            head_id BLOB NOT NULL,
+            UNIQUE (origin, feed)
+        )"""
+    )
+    conn.execute("CREATE TABLE types (id INTEGER PRIMARY KEY, type TEXT NOT NULL UNIQUE)")
+    conn.execute(
+        """CREATE TABLE records_v3 (
+            rowid INTEGER PRIMARY KEY,
+            chain INTEGER NOT NULL REFERENCES chains (id),
+            seq INTEGER NOT NULL,
+            type_id INTEGER NOT NULL REFERENCES types (id),
+            time INTEGER NOT NULL,
+            lon REAL,
+            lat REAL,
+            received_at INTEGER NOT NULL,
+            id BLOB NOT NULL,
+            envelope BLOB NOT NULL
+        )"""
+    )
+    conn.execute("INSERT INTO chains (origin, feed, head_seq, head_id)"
+                 " SELECT origin, feed, seq, id FROM heads ORDER BY origin, feed")
+    conn.execute("INSERT INTO types (type) SELECT DISTINCT type FROM records ORDER BY type")
+    copied = conn.execute(
+        "INSERT INTO records_v3 (rowid, chain, seq, type_id, time, lon, lat, received_at,"
+        " id, envelope)"
+        " SELECT r.rowid, c.id, r.seq, t.id, r.time, r.lon, r.lat, r.received_at, r.id,"
+        " r.envelope FROM records AS r"
+        " JOIN chains AS c ON c.origin = r.origin AND c.feed = r.feed"
+        " JOIN types AS t ON t.type = r.type ORDER BY r.rowid").rowcount
+    held = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+    if copied != held:  # a record of a feed without a head: the v2 invariant is broken
+        raise StorageError(
+            f"cannot migrate: {held - copied} records belong to no feed head; restore "
+            "the database from a backup")
+    conn.execute("DROP TABLE records")  # and its indexes
+    conn.execute("DROP TABLE heads")
+    conn.execute("ALTER TABLE records_v3 RENAME TO records")
+    for sql in _V3_INDEXES:
+        conn.execute(sql)
 
 
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migrate_v1, 2: _migrate_v2}
+    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -396,17 +484,24 @@ _Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]", bool, int]
 _STOP = object()
 
 _INSERT_RECORD = (
-    "INSERT INTO records (id, origin, feed, seq, type, time, lon, lat, received_at, envelope)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO records (chain, seq, type_id, time, lon, lat, received_at, id, envelope)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_UPSERT_HEAD = (
-    "INSERT INTO heads (origin, feed, seq, id) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (origin, feed) DO UPDATE SET seq = excluded.seq, id = excluded.id"
-)
-_SELECT_HEAD = "SELECT seq, id FROM heads WHERE origin = ? AND feed = ?"
-_SELECT_IDS = (
-    "SELECT id FROM records WHERE origin = ? AND feed = ? AND seq BETWEEN ? AND ? ORDER BY seq"
-)
+#: The chain id of ``(origin, feed)`` as a scalar subquery (NULL, matching nothing, for a
+#: feed not held): two parameters, origin and feed.
+_CHAIN_OF = "(SELECT id FROM chains WHERE origin = ? AND feed = ?)"
+_SELECT_CHAIN = "SELECT id, head_seq, head_id FROM chains WHERE origin = ? AND feed = ?"
+_INSERT_CHAIN = ("INSERT INTO chains (origin, feed, head_seq, head_id) VALUES (?, ?, 0, x'')")
+_UPDATE_HEAD = "UPDATE chains SET head_seq = ?, head_id = ? WHERE id = ?"
+_SELECT_TYPE = "SELECT id FROM types WHERE type = ?"
+_INSERT_TYPE = "INSERT INTO types (type) VALUES (?)"
+_SELECT_HEAD = "SELECT head_seq, head_id FROM chains WHERE origin = ? AND feed = ?"
+_SELECT_IDS = (f"SELECT id FROM records WHERE chain = {_CHAIN_OF} AND seq BETWEEN ? AND ?"
+               " ORDER BY seq")
+_SELECT_CHAIN_IDS = "SELECT id FROM records WHERE chain = ? AND seq BETWEEN ? AND ? ORDER BY seq"
+#: The id index holds the first 8 bytes of each id (:data:`_V3_INDEXES`): search it,
+#: then compare the whole id.
+_BY_ID = "substr(id, 1, 8) = ? AND id = ?"
 _SELECT_SUBTREES = (
     "SELECT hash FROM merkle WHERE origin = ? AND feed = ? AND height = ?"
     " AND idx BETWEEN ? AND ? ORDER BY idx"
@@ -415,19 +510,18 @@ _INSERT_SUBTREE = "INSERT INTO merkle (origin, feed, height, idx, hash) VALUES (
 
 
 def _grow_tree(conn: sqlite3.Connection, origin: bytes, feed: str, old: int, new: int,
-               fresh: dict[int, bytes]) -> None:
+               fresh: dict[int, bytes], leaves: Callable[[int, int], list[bytes]]) -> None:
     """Store the subtree hashes of a feed's tree that complete as it grows from ``old``
     to ``new`` records (inside the caller's transaction, after the records are in).
     ``fresh`` maps seq -> id of records of this feed the caller has in hand (saves
-    reading them back)."""
+    reading them back); ``leaves(lo, hi)`` reads the ids of seqs lo..hi held."""
     made: dict[tuple[int, int], bytes] = {}
     for height, j in subtrees_completed(old, new, TILE_HEIGHT):
         lo, n = j << height, 1 << TILE_HEIGHT
         if height == TILE_HEIGHT:
             children = [fresh.get(s) for s in range(lo + 1, lo + n + 1)]
             if None in children:
-                children = [r[0] for r in conn.execute(
-                    _SELECT_IDS, (origin, feed, lo + 1, lo + n)).fetchall()]
+                children = list(leaves(lo + 1, lo + n))
         else:
             below = height - TILE_HEIGHT
             first = j << TILE_HEIGHT
@@ -444,53 +538,68 @@ def _append_job(
     records: tuple[Record, ...], received_at: int
 ) -> Callable[[sqlite3.Connection], None]:
     def run(conn: sqlite3.Connection) -> None:
-        heads: dict[tuple[bytes, str], tuple[int, bytes] | None] = {}
+        # (origin, feed) -> [chain id, head seq, head id]; one lookup per feed per job
+        heads: dict[tuple[bytes, str], list[Any]] = {}
+        types: dict[str, int] = {}
         rows = []
         for r in records:
             key = (r.origin, r.feed)
-            # one head lookup per feed per job, not per record
-            head = heads[key] if key in heads else conn.execute(_SELECT_HEAD, key).fetchone()
+            head = heads.get(key)
             if head is None:
+                row = conn.execute(_SELECT_CHAIN, key).fetchone()
+                if row is None:  # a new feed: its row is written before its records
+                    cur = conn.execute(_INSERT_CHAIN, key)
+                    row = (cur.lastrowid, 0, None)
+                head = heads[key] = list(row)
+            if head[1] == 0:
                 ok = r.seq == 1 and r.prev is None
             else:
-                ok = r.seq == head[0] + 1 and r.prev == head[1]
+                ok = r.seq == head[1] + 1 and r.prev == head[2]
             if not ok:
-                held = "nothing" if head is None else f"up to seq {head[0]}"
+                held = "nothing" if head[1] == 0 else f"up to seq {head[1]}"
                 raise ChainError(
                     f"record seq {r.seq} of feed {r.feed!r} of {node_id(r.origin)} does "
                     f"not extend the chain held ({held}): not stored",
                     "bad_chain",
                 )
-            heads[key] = (r.seq, r.id)
+            head[1], head[2] = r.seq, r.id
+            type_id = types.get(r.type)
+            if type_id is None:
+                row = conn.execute(_SELECT_TYPE, (r.type,)).fetchone()
+                type_id = types[r.type] = int(
+                    row[0] if row is not None
+                    else conn.execute(_INSERT_TYPE, (r.type,)).lastrowid or 0)
             pt = point_of(r.data)
             lon, lat = (None, None) if pt is None else pt
-            rows.append(
-                (r.id, r.origin, r.feed, r.seq, r.type, r.time, lon, lat, received_at,
-                 r.envelope)
-            )
+            rows.append((head[0], r.seq, type_id, r.time, lon, lat, received_at, r.id,
+                         r.envelope))
         conn.executemany(_INSERT_RECORD, rows)
-        conn.executemany(
-            _UPSERT_HEAD,
-            [(o, f, h[0], h[1]) for (o, f), h in heads.items() if h is not None],
-        )
+        conn.executemany(_UPDATE_HEAD, [(h[1], h[2], h[0]) for h in heads.values()])
         # The feeds' Merkle trees grow in the same transaction: a tree on disk always
         # covers exactly the records held.
-        for (o, f), h in heads.items():
-            if h is None:
-                continue
+        for (o, f), (chain, seq, _id) in heads.items():
             if len(heads) == 1:
                 fresh = {r.seq: r.id for r in records}
             else:
                 fresh = {r.seq: r.id for r in records if r.origin == o and r.feed == f}
             first = min(fresh)
-            if (h[0] >> TILE_HEIGHT) > ((first - 1) >> TILE_HEIGHT):
-                _grow_tree(conn, o, f, first - 1, h[0], fresh)
+            if (seq >> TILE_HEIGHT) > ((first - 1) >> TILE_HEIGHT):
+                def leaves(lo: int, hi: int, chain: int = chain) -> list[bytes]:
+                    return [r[0] for r in conn.execute(_SELECT_CHAIN_IDS, (chain, lo, hi))]
+
+                _grow_tree(conn, o, f, first - 1, seq, fresh, leaves)
 
     return run
 
 
-_SELECT_ROW = ("SELECT rowid, id, origin, feed, seq, type, time, lon, lat, received_at,"
-               " envelope FROM records")
+#: Records with their logical columns: the relation the record filter's conditions
+#: (``RecordFilter.sql``) name unqualified -- ``origin``, ``feed`` (of ``chains``),
+#: ``type`` (of ``types``), ``seq``, ``time``, ``lon``, ``lat`` (of ``records``): each
+#: name belongs to one table only.
+_ROWS = ("records AS r JOIN chains AS c ON c.id = r.chain"
+         " JOIN types AS t ON t.id = r.type_id")
+_SELECT_ROW = ("SELECT r.rowid, r.id, c.origin, c.feed, r.seq, t.type, r.time, r.lon, r.lat,"
+               f" r.received_at, r.envelope FROM {_ROWS}")
 
 
 def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
@@ -499,10 +608,10 @@ def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
     range."""
     if not (0 <= after_rowid < 2**63):
         raise StorageError("cursor out of range")
-    conds = ["rowid > ?"]
+    conds = ["r.rowid > ?"]
     params: list[Any] = [after_rowid]
     if only_feeds is not None:
-        conds.append("(origin, feed) IN (VALUES "
+        conds.append("(c.origin, c.feed) IN (VALUES "
                      + ", ".join("(?, ?)" for _ in only_feeds) + ")")
         for o, f in only_feeds:
             params += [o, f]
@@ -511,7 +620,7 @@ def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
     params += filter_params
     # Within one feed seq order is rowid order, and ordering by seq lets SQLite walk
     # the (origin, feed, seq) index instead of sorting.
-    order = "seq" if where.one_feed else "rowid"
+    order = "r.seq" if where.one_feed else "r.rowid"
     params.append(limit)
     return f"{_SELECT_ROW} WHERE {' AND '.join(conds)} ORDER BY {order} LIMIT ?", params
 
@@ -595,6 +704,9 @@ class Storage:
             conn = _connect(path, busy_timeout_ms)
             _check_file(conn, path)  # before WAL: leave a file that is not ours untouched
             _tighten_modes(path)
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new file: fixed before WAL mode (which cannot change it).
+                conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageError(
@@ -978,7 +1090,7 @@ class Storage:
 
     def heads(self) -> dict[tuple[bytes, str], tuple[int, bytes]]:
         """Every feed held: ``(origin, feed) -> (head seq, head id)``."""
-        rows = self._all("SELECT origin, feed, seq, id FROM heads")
+        rows = self._all("SELECT origin, feed, head_seq, head_id FROM chains")
         return {(o, f): (s, i) for o, f, s, i in rows}
 
     def head(self, origin: bytes, feed: str) -> tuple[int, bytes] | None:
@@ -994,33 +1106,35 @@ class Storage:
             chunk = ids[start : start + _IN_CHUNK]
             n = _bucket(len(chunk))
             chunk += [chunk[-1]] * (n - len(chunk))  # padding keeps the statement cache warm
-            sql = f"SELECT id FROM records WHERE id IN ({','.join('?' * n)})"
-            found.update(r[0] for r in self._all(sql, chunk))
-        return found
+            # the index holds 8 bytes of each id: keep only the whole ids asked for
+            sql = f"SELECT id FROM records WHERE substr(id, 1, 8) IN ({','.join('?' * n)})"
+            found.update(r[0] for r in self._all(sql, [i[:8] for i in chunk]))
+        return found & set(ids)
 
     def get_envelope(self, rid: bytes) -> bytes | None:
         """The envelope of record ``rid``, or None if not held."""
-        row = self._one("SELECT envelope FROM records WHERE id = ?", (rid,))
+        row = self._one(f"SELECT envelope FROM records WHERE {_BY_ID}", (rid[:8], rid))
         return None if row is None else row[0]
 
     def has_records_in_clear(self, origin: bytes, feed: str) -> bool:
         """Does the feed hold a record that is not sealed (for a restricted feed: one
         signed before it was restricted)? Scans the feed's rows."""
         return self._one(
-            "SELECT 1 FROM records WHERE origin = ? AND feed = ? AND type != ? LIMIT 1",
+            f"SELECT 1 FROM records WHERE chain = {_CHAIN_OF}"
+            " AND type_id IS NOT (SELECT id FROM types WHERE type = ?) LIMIT 1",
             (origin, feed, SEALED_TYPE)) is not None
 
     def id_at(self, origin: bytes, feed: str, seq: int) -> bytes | None:
         """The id held at ``seq`` of a feed, or None."""
         row = self._one(
-            "SELECT id FROM records WHERE origin = ? AND feed = ? AND seq = ?", (origin, feed, seq)
+            f"SELECT id FROM records WHERE chain = {_CHAIN_OF} AND seq = ?", (origin, feed, seq)
         )
         return None if row is None else row[0]
 
     def envelope_at(self, origin: bytes, feed: str, seq: int) -> bytes | None:
         """The envelope held at ``seq`` of a feed, or None."""
         row = self._one(
-            "SELECT envelope FROM records WHERE origin = ? AND feed = ? AND seq = ?",
+            f"SELECT envelope FROM records WHERE chain = {_CHAIN_OF} AND seq = ?",
             (origin, feed, seq),
         )
         return None if row is None else row[0]
@@ -1033,7 +1147,7 @@ class Storage:
         if limit <= 0:
             return []
         rows = self._all(
-            "SELECT envelope FROM records WHERE origin = ? AND feed = ? AND seq BETWEEN ? AND ?"
+            f"SELECT envelope FROM records WHERE chain = {_CHAIN_OF} AND seq BETWEEN ? AND ?"
             " ORDER BY seq LIMIT ?",
             (origin, feed, from_seq, to_seq, limit),
         )
@@ -1080,8 +1194,9 @@ class Storage:
     def feeds(self) -> list[FeedRow]:
         """Every feed held, ordered by origin and feed name."""
         rows = self._all(
-            "SELECT h.origin, h.feed, h.seq, h.id, r.time FROM heads AS h"
-            " JOIN records AS r ON r.id = h.id ORDER BY h.origin, h.feed"
+            "SELECT c.origin, c.feed, c.head_seq, c.head_id, r.time FROM chains AS c"
+            " JOIN records AS r ON r.chain = c.id AND r.seq = c.head_seq"
+            " ORDER BY c.origin, c.feed"
         )
         # chains are contiguous from seq 1: the count is the head seq
         return [FeedRow(o, f, s, i, s, t) for o, f, s, i, t in rows]
@@ -1158,11 +1273,14 @@ class Storage:
         chunks; each chunk is read on the connection of the thread asking for it."""
         cond = ""
         params: list[Any] = []
-        if origin is not None:
-            cond += " AND origin = ?"
+        if origin is not None and feed is not None:
+            cond = f" AND chain = {_CHAIN_OF}"
+            params += [origin, feed]
+        elif origin is not None:
+            cond = " AND chain IN (SELECT id FROM chains WHERE origin = ?)"
             params.append(origin)
-        if feed is not None:
-            cond += " AND feed = ?"
+        elif feed is not None:
+            cond = " AND chain IN (SELECT id FROM chains WHERE feed = ?)"
             params.append(feed)
         by_seq = origin is not None and feed is not None
         # one feed: walk its index by seq (same order as rowid); else walk rowid

@@ -7,8 +7,9 @@ home of the filter's rules (in the spirit of datasette's ``filters.py``):
   docs/API.md): an unknown or repeated parameter, an empty value, or a malformed
   origin, feed, time, seq or bbox is an :class:`~citynode.errors.InvalidFilter` whose
   ``reason`` says which;
-* :meth:`RecordFilter.sql` renders it as conditions over the ``records`` table (plain
-  SQL text and parameters: storage runs them);
+* :meth:`RecordFilter.sql` renders it as conditions over a stored record's columns
+  (plain SQL text and parameters: storage runs them over the relation it builds with
+  those column names);
 * :meth:`RecordFilter.mismatch` / :meth:`RecordFilter.matches` apply it to one stored
   row in memory (live tails), and :meth:`RecordFilter.record_mismatch` to a verified
   :class:`~citynode.core.records.Record` (the verifying client);
@@ -279,8 +280,9 @@ class RecordFilter:
     # ------------------------------------------------------------------ SQL
 
     def sql(self) -> tuple[list[str], list[Any]]:
-        """``(conditions, parameters)`` over the ``records`` table's columns (``origin``,
-        ``feed``, ``type``, ``time``, ``seq``, ``lon``, ``lat``): the rows that satisfy
+        """``(conditions, parameters)`` over a stored record's columns, named unqualified:
+        ``origin``, ``feed``, ``type``, ``time``, ``seq``, ``lon``, ``lat`` (storage joins
+        its tables so that each name is one column of one of them). The rows that satisfy
         every condition (``AND``) are those :meth:`matches` accepts. Each condition
         compares one indexed column with ``?`` so SQLite can use the indexes."""
         where: list[str] = []

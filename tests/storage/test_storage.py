@@ -7,7 +7,7 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,16 +19,17 @@ import sqlite_utils
 from citynode import storage as storage_mod
 from citynode.core import checkpoints as cps
 from citynode.core.filters import RecordFilter
-from citynode.core.keys import SigningKey
-from citynode.core.records import Record, sign_record
+from citynode.core.keys import SigningKey, Verifier
+from citynode.core.records import Record, decode_envelope, open_record, sign_record
+from citynode.core.types import point_of
 from citynode.errors import ChainError, QueryTooSlow, StorageError
-from citynode.storage import PartnerRow, Storage
+from citynode.storage import PartnerRow, Storage, StoredRow
 
 T0 = 1_700_000_000_000
 KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(3)]
 A, B = KEYS[0].public_key, KEYS[1].public_key
-TABLES = {"records", "heads", "partners", "fork_proofs", "rejected", "checkpoints", "meta",
-          "merkle"}
+TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "checkpoints",
+          "meta", "merkle"}
 
 
 def make(
@@ -135,7 +136,7 @@ def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> 
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 2
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 3
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()
@@ -268,25 +269,119 @@ def test_a_failed_append_leaves_no_subtree_behind(st: Storage) -> None:
     assert st.tree(A, "f", 300).root() == cps.root_of(_ids(recs))
 
 
+def write_v2_rows(path: Path, recs: Sequence[Record], received_at: int = T0) -> None:
+    """Append ``recs`` to a database of schema v1 or v2 as the code of those versions
+    did (that code is gone; its statements are here), without the v2 trees."""
+    c = raw(path)
+    c.execute("BEGIN")
+    for r in recs:
+        pt = point_of(r.data)
+        lon, lat = (None, None) if pt is None else pt
+        c.execute("INSERT INTO records (id, origin, feed, seq, type, time, lon, lat,"
+                  " received_at, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (r.id, r.origin, r.feed, r.seq, r.type, r.time, lon, lat, received_at,
+                   r.envelope))
+        c.execute("INSERT INTO heads (origin, feed, seq, id) VALUES (?, ?, ?, ?)"
+                  " ON CONFLICT (origin, feed) DO UPDATE SET seq = excluded.seq,"
+                  " id = excluded.id", (r.origin, r.feed, r.seq, r.id))
+    c.execute("COMMIT")
+    c.close()
+
+
+def make_v2_database(path: Path, monkeypatch: pytest.MonkeyPatch,
+                     recs: Sequence[Record]) -> None:
+    """A database of schema v2 holding ``recs`` and their trees: rows written by the v1
+    code, then migrated to v2 (which builds the trees of the feeds held)."""
+    migrations = storage_mod.MIGRATIONS
+    with monkeypatch.context() as m:
+        m.setattr(storage_mod, "MIGRATIONS", {1: migrations[1]})
+        Storage.open(path).close()
+        write_v2_rows(path, recs)
+        assert raw(path).execute("PRAGMA user_version").fetchone()[0] == 1
+        m.setattr(storage_mod, "MIGRATIONS", {1: migrations[1], 2: migrations[2]})
+        Storage.open(path).close()
+        assert raw(path).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 def test_migration_to_v2_builds_the_trees_of_the_feeds_held(
         db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recs = chain(0, "old", 600)
-    with monkeypatch.context() as m:
-        # A database of schema v1, written by the code of v1 (no trees kept).
-        m.setattr(storage_mod, "MIGRATIONS", {1: storage_mod.MIGRATIONS[1]})
-        m.setattr(storage_mod, "_grow_tree", lambda *a: None)
-        with Storage.open(db_path) as s:
-            s.append(recs[:520]).result(5)
-            s.append(chain(1, "other", 3)).result(5)
-        assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 1
+    make_v2_database(db_path, monkeypatch, [*recs[:520], *chain(1, "other", 3)])
+    assert raw(db_path).execute("SELECT count(*) FROM merkle").fetchone()[0] == 2
     with Storage.open(db_path) as s:
-        assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 3
         s.append(recs[520:]).result(5)
         log = cps.MerkleLog(_ids(recs))
         tree = s.tree(A, "old", 600)
         assert tree.root() == log.root()
         assert tree.inclusion_proof(300, 513) == log.inclusion_proof(300, 513)
         assert s.tree(B, "other", 3).root() == cps.root_of(_ids(chain(1, "other", 3)))
+
+
+def test_migration_to_v3_keeps_every_record_cursor_and_tree(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database made by the v2 schema: after the migration the same records are held
+    under the same rowids, each still verifies, reads and filters answer as before, the
+    trees still match, and the feeds grow on."""
+    recs = list(chain(0, "old", 600))
+    # Other feeds, types, places, and a sealed record (type "sealed", no location).
+    others: list[Record] = []
+    prev = None
+    for seq in range(1, 6):
+        r = make(1, "mixed", seq, prev, type=f"org.example.T{seq % 2}",
+                 lonlat=None if seq == 3 else (170.0 + seq, -seq / 3))
+        others.append(r)
+        prev = r.id
+    sealed = sign_record(KEYS[2], feed="sealed", seq=1, prev=None, time_ms=T0,
+                         type="org.example.Test", data={"n": 1}, readers=[A])
+    held = [*recs[:300], *others, sealed, *recs[300:520]]
+    make_v2_database(db_path, monkeypatch, held)
+    c = raw(db_path)
+    before_rows = c.execute(
+        "SELECT rowid, id, origin, feed, seq, type, time, lon, lat, received_at, envelope"
+        " FROM records ORDER BY rowid").fetchall()
+    before_trees = sorted(c.execute("SELECT origin, feed, height, idx, hash FROM merkle"))
+    c.close()
+    assert len(before_rows) == len(held)
+
+    with Storage.open(db_path) as s:
+        c = raw(db_path)
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == TABLES
+        assert sorted(c.execute("SELECT origin, feed, height, idx, hash FROM merkle")) == (
+            before_trees)
+        c.close()
+        rows = s.query(limit=10_000)
+        assert [tuple(r.__getattribute__(f) for f in StoredRow.__slots__) for r in rows] == [
+            tuple(r) for r in before_rows]
+        for r, rec in zip(rows, held, strict=True):
+            body, sig = decode_envelope(r.envelope)
+            again = open_record(body, sig, now_ms=T0 + 10**6, verifier=Verifier())
+            assert again.id == rec.id == r.id
+        assert s.heads() == {(A, "old"): (520, recs[519].id), (B, "mixed"): (5, others[-1].id),
+                             (KEYS[2].public_key, "sealed"): (1, sealed.id)}
+        assert [(f.origin, f.feed, f.count, f.last_time) for f in s.feeds()] == sorted(
+            [(A, "old", 520, recs[519].time), (B, "mixed", 5, others[-1].time),
+             (KEYS[2].public_key, "sealed", 1, sealed.time)])
+        assert s.has_ids([recs[0].id, sealed.id, recs[599].id]) == {recs[0].id, sealed.id}
+        assert s.get_envelope(others[2].id) == others[2].envelope
+        typed = s.query(RecordFilter(type="org.example.T1"), limit=100)
+        assert [r.id for r in typed] == [r.id for r in others if r.type == "org.example.T1"]
+        assert [r.id for r in s.query(RecordFilter(type="sealed"))] == [sealed.id]
+        boxed = s.query(RecordFilter.of(bbox=(172.5, -2, 180, 0)), limit=100)
+        assert [r.seq for r in boxed] == [4, 5]
+        assert s.has_records_in_clear(B, "mixed")
+        assert not s.has_records_in_clear(KEYS[2].public_key, "sealed")
+        # The trees match, and grow on from the migrated rows.
+        s.append(recs[520:]).result(5)
+        log = cps.MerkleLog(_ids(recs))
+        tree = s.tree(A, "old", 600)
+        assert tree.root() == log.root()
+        assert tree.inclusion_proof(300, 513) == log.inclusion_proof(300, 513)
+        assert tree.consistency_proof(300, 600) == log.consistency_proof(300, 600)
+        assert s.query(after_rowid=before_rows[-1][0], limit=1)[0].id == recs[520].id
+        assert s.range(A, "old", 519, 522, 10) == [r.envelope for r in recs[518:522]]
 
 
 def test_tree_reads_are_index_searches(st: Storage) -> None:
