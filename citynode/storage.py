@@ -94,9 +94,12 @@ _MAX_BATCH_WEIGHT = 20000  # records (or other jobs) per transaction
 _IN_CHUNK = 500  # at most this many ``?`` in one ``IN (...)``
 _IN_BUCKETS = (1, 8, 64, _IN_CHUNK)  # pad IN lists to these sizes: few distinct statements
 _ITER_CHUNK = 1000
+_NAMES_MAX = 100_000  # chain and type names kept by readers
 #: Page size of a new database. Larger pages waste less of each page on the tail of
-#: ~400-byte rows and hold more index entries per level (measured: scripts/bench-storage).
-_PAGE_SIZE = 16384
+#: ~400-byte rows (4 KiB: ~6%) but make each scattered row read copy more: at 1M records
+#: 8 KiB took 559 bytes a record, 16 KiB 550 and 4 KiB 581, and reads of one feed's
+#: rows (scattered among other feeds) were ~15% slower at 16 KiB than at 8 KiB.
+_PAGE_SIZE = 8192
 _MAX_TEXT = 2000  # rejected-log fields are attacker-influenced: bound them
 
 
@@ -369,7 +372,9 @@ _V3_INDEXES = (
     # all 32 and as selective; readers compare the whole id in the row it points to.
     "CREATE INDEX records_id8 ON records (substr(id, 1, 8))",
     "CREATE INDEX records_type_time ON records (type_id, time)",
-    "CREATE INDEX records_time ON records (time)",
+    # No index on time alone (v2 had one): no query chose it -- a time window with the
+    # rowid order and LIMIT of every query is planned as a walk by rowid -- and it cost
+    # 17 bytes a record.
     # Only located records: a box never matches a record without a location.
     "CREATE INDEX records_lon_lat ON records (lon, lat) WHERE lat IS NOT NULL",
 )
@@ -595,10 +600,13 @@ def _append_job(
 #: Records with their logical columns: the relation the record filter's conditions
 #: (``RecordFilter.sql``) name unqualified -- ``origin``, ``feed`` (of ``chains``),
 #: ``type`` (of ``types``), ``seq``, ``time``, ``lon``, ``lat`` (of ``records``): each
-#: name belongs to one table only.
-_ROWS = ("records AS r JOIN chains AS c ON c.id = r.chain"
-         " JOIN types AS t ON t.id = r.type_id")
-_SELECT_ROW = ("SELECT r.rowid, r.id, c.origin, c.feed, r.seq, t.type, r.time, r.lon, r.lat,"
+#: name belongs to one table only. LEFT JOINs (every record has its chain and type):
+#: SQLite leaves out a join whose columns the statement does not use, so rows are not
+#: looked up in ``chains``/``types`` one by one unless the filter names them; the
+#: reader maps ``chain`` and ``type_id`` to names from a cache (:class:`_Names`).
+_ROWS = ("records AS r LEFT JOIN chains AS c ON c.id = r.chain"
+         " LEFT JOIN types AS t ON t.id = r.type_id")
+_SELECT_ROW = ("SELECT r.rowid, r.id, r.chain, r.seq, r.type_id, r.time, r.lon, r.lat,"
                f" r.received_at, r.envelope FROM {_ROWS}")
 
 
@@ -611,8 +619,11 @@ def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
     conds = ["r.rowid > ?"]
     params: list[Any] = [after_rowid]
     if only_feeds is not None:
-        conds.append("(c.origin, c.feed) IN (VALUES "
-                     + ", ".join("(?, ?)" for _ in only_feeds) + ")")
+        # each pair is searched in chains' (origin, feed) index, however many chains
+        conds.append("r.chain IN (SELECT c.id FROM (VALUES "
+                     + ", ".join("(?, ?)" for _ in only_feeds)
+                     + ") AS v JOIN chains AS c ON c.origin = v.column1"
+                     " AND c.feed = v.column2)")
         for o, f in only_feeds:
             params += [o, f]
     filter_conds, filter_params = where.sql()
@@ -660,6 +671,7 @@ class Storage:
         self._jobs = 0
         self._failed_jobs = 0
         self._queued = 0
+        self._names = _Names(self)
         # Set when SQLite first reports the file damaged: readiness fails from then on.
         self.corrupt: str | None = None
         self._thread = threading.Thread(
@@ -716,7 +728,9 @@ class Storage:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA temp_store=MEMORY")
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB
-            _migrate(conn, path)
+            found = _migrate(conn, path)
+            if 0 < found < _COMPACTED_AT <= SCHEMA_VERSION:
+                _compact(conn, path)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -1176,7 +1190,10 @@ class Storage:
         if limit <= 0 or (only_feeds is not None and not only_feeds):
             return []
         sql, params = _query_sql(where, after_rowid, limit, only_feeds)
-        return [StoredRow(*r) for r in self._all(sql, params, time_limit)]
+        rows = self._all(sql, params, time_limit)
+        names = self._names
+        return [StoredRow(rowid, rid, *names.chain(chain), seq, names.type(type_id), *rest)
+                for rowid, rid, chain, seq, type_id, *rest in rows]
 
     def query_plan(
         self,
@@ -1332,6 +1349,43 @@ _SELECT_PARTNER = (
 )
 
 
+class _Names:
+    """Chain ids -> (origin, feed) and type ids -> names, read on first use and kept.
+
+    Safe to keep: an id is never reused nor renamed once committed, and a reader only
+    sees committed ids. Bounded: emptied when it holds more than ``_NAMES_MAX`` entries
+    (types come from records, so from others)."""
+
+    __slots__ = ("_chains", "_storage", "_types")
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._chains: dict[int, tuple[bytes, str]] = {}
+        self._types: dict[int, str] = {}
+
+    def chain(self, chain: int) -> tuple[bytes, str]:
+        got = self._chains.get(chain)
+        if got is None:
+            row = self._storage._one("SELECT origin, feed FROM chains WHERE id = ?", (chain,))
+            if row is None:
+                raise StorageError(f"record of unknown chain {chain}: the database is damaged")
+            if len(self._chains) >= _NAMES_MAX:
+                self._chains.clear()
+            got = self._chains[chain] = (row[0], row[1])
+        return got
+
+    def type(self, type_id: int) -> str:
+        got = self._types.get(type_id)
+        if got is None:
+            row = self._storage._one("SELECT type FROM types WHERE id = ?", (type_id,))
+            if row is None:
+                raise StorageError(f"record of unknown type {type_id}: the database is damaged")
+            if len(self._types) >= _NAMES_MAX:
+                self._types.clear()
+            got = self._types[type_id] = str(row[0])
+        return got
+
+
 class _TreeReads:
     """A feed's leaves and stored subtree hashes, as a :class:`StoredTree` reads them."""
 
@@ -1376,9 +1430,10 @@ def _check_file(conn: sqlite3.Connection, path: Path) -> int:
     return version
 
 
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path) -> int:
     """Apply every migration the file lacks, in one IMMEDIATE transaction (checking the
     file again under the write lock: another process may have migrated it meanwhile).
+    Returns the schema version the file had (0: a new file).
 
     Raises :class:`StorageError` if the file is newer than this code or not ours.
     """
@@ -1397,3 +1452,30 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return version
+
+
+#: Migrating across this schema version rewrites every record (v3): the file is then
+#: compacted once (:func:`_compact`).
+_COMPACTED_AT = 3
+
+
+def _compact(conn: sqlite3.Connection, path: Path) -> None:
+    """Give the pages a migration freed back to the file system and take the page size
+    of new databases: ``VACUUM``, outside WAL mode (the only way to change the page
+    size). Needs free disk space about the size of the database, once. A failure (disk
+    full, another process holding the file) leaves the file valid, only larger: logged,
+    not raised. Raises :class:`StorageError` if WAL mode cannot be restored."""
+    from citynode.logs import fields
+
+    log.info("compacting the database after its migration", extra=fields(path=str(path)))
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+        conn.execute("VACUUM")
+    except sqlite3.Error as exc:
+        log.warning("database not compacted after its migration",
+                    extra=fields(path=str(path), error=str(exc)))
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StorageError(f"cannot put database {path} back in WAL mode (got {mode!r})")

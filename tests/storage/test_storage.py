@@ -294,6 +294,7 @@ def make_v2_database(path: Path, monkeypatch: pytest.MonkeyPatch,
     code, then migrated to v2 (which builds the trees of the feeds held)."""
     migrations = storage_mod.MIGRATIONS
     with monkeypatch.context() as m:
+        m.setattr(storage_mod, "_PAGE_SIZE", 4096)  # as new files of v1 and v2 had
         m.setattr(storage_mod, "MIGRATIONS", {1: migrations[1]})
         Storage.open(path).close()
         write_v2_rows(path, recs)
@@ -341,12 +342,17 @@ def test_migration_to_v3_keeps_every_record_cursor_and_tree(
         "SELECT rowid, id, origin, feed, seq, type, time, lon, lat, received_at, envelope"
         " FROM records ORDER BY rowid").fetchall()
     before_trees = sorted(c.execute("SELECT origin, feed, height, idx, hash FROM merkle"))
+    assert c.execute("PRAGMA page_size").fetchone()[0] == 4096
     c.close()
     assert len(before_rows) == len(held)
 
     with Storage.open(db_path) as s:
         c = raw(db_path)
         assert c.execute("PRAGMA user_version").fetchone()[0] == 3
+        # compacted once: the old rows' pages are given back, in pages of the new size
+        assert c.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert c.execute("PRAGMA page_size").fetchone()[0] == storage_mod._PAGE_SIZE
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert tables == TABLES
         assert sorted(c.execute("SELECT origin, feed, height, idx, hash FROM merkle")) == (
@@ -469,6 +475,11 @@ def test_append_heads_lookup_and_range(db_path: Path, st: Storage) -> None:
     assert st.has_ids([noise[1].id]) == {noise[1].id}
     assert st.get_envelope(b[3].id) == b[3].envelope
     assert st.get_envelope(unknown[0]) is None
+    # The id index keeps 8 bytes of each id: an id sharing them with one held is not held.
+    twin = b[3].id[:8] + bytes(24)
+    assert st.has_ids([twin]) == set()
+    assert st.has_ids([twin, b[3].id]) == {b[3].id}
+    assert st.get_envelope(twin) is None
     assert st.id_at(A, "air", 7) == a[6].id
     assert st.id_at(A, "air", 31) is None
     assert st.envelope_at(B, "air", 10) == b[9].envelope
