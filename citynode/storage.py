@@ -1296,8 +1296,8 @@ class Storage:
         elif origin is not None:
             cond = " AND chain IN (SELECT id FROM chains WHERE origin = ?)"
             params.append(origin)
-        elif feed is not None:
-            cond = " AND chain IN (SELECT id FROM chains WHERE feed = ?)"
+        elif feed is not None:  # walked by rowid (``+``: not by the chains' index)
+            cond = " AND +chain IN (SELECT id FROM chains WHERE feed = ?)"
             params.append(feed)
         by_seq = origin is not None and feed is not None
         # one feed: walk its index by seq (same order as rowid); else walk rowid
