@@ -1192,8 +1192,14 @@ class Storage:
         sql, params = _query_sql(where, after_rowid, limit, only_feeds)
         rows = self._all(sql, params, time_limit)
         names = self._names
-        return [StoredRow(rowid, rid, *names.chain(chain), seq, names.type(type_id), *rest)
-                for rowid, rid, chain, seq, type_id, *rest in rows]
+        chains, types = names.chains, names.types  # the cache's dicts: the common case
+        out = []
+        for r in rows:
+            origin, feed = chains.get(r[2]) or names.chain(r[2])
+            out.append(StoredRow(r[0], r[1], origin, feed, r[3],
+                                 types.get(r[4]) or names.type(r[4]),
+                                 r[5], r[6], r[7], r[8], r[9]))
+        return out
 
     def query_plan(
         self,
@@ -1356,33 +1362,33 @@ class _Names:
     sees committed ids. Bounded: emptied when it holds more than ``_NAMES_MAX`` entries
     (types come from records, so from others)."""
 
-    __slots__ = ("_chains", "_storage", "_types")
+    __slots__ = ("_storage", "chains", "types")
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        self._chains: dict[int, tuple[bytes, str]] = {}
-        self._types: dict[int, str] = {}
+        self.chains: dict[int, tuple[bytes, str]] = {}
+        self.types: dict[int, str] = {}
 
     def chain(self, chain: int) -> tuple[bytes, str]:
-        got = self._chains.get(chain)
+        got = self.chains.get(chain)
         if got is None:
             row = self._storage._one("SELECT origin, feed FROM chains WHERE id = ?", (chain,))
             if row is None:
                 raise StorageError(f"record of unknown chain {chain}: the database is damaged")
-            if len(self._chains) >= _NAMES_MAX:
-                self._chains.clear()
-            got = self._chains[chain] = (row[0], row[1])
+            if len(self.chains) >= _NAMES_MAX:
+                self.chains.clear()
+            got = self.chains[chain] = (row[0], row[1])
         return got
 
     def type(self, type_id: int) -> str:
-        got = self._types.get(type_id)
+        got = self.types.get(type_id)
         if got is None:
             row = self._storage._one("SELECT type FROM types WHERE id = ?", (type_id,))
             if row is None:
                 raise StorageError(f"record of unknown type {type_id}: the database is damaged")
-            if len(self._types) >= _NAMES_MAX:
-                self._types.clear()
-            got = self._types[type_id] = str(row[0])
+            if len(self.types) >= _NAMES_MAX:
+                self.types.clear()
+            got = self.types[type_id] = str(row[0])
         return got
 
 
