@@ -1370,25 +1370,25 @@ class _Names:
         self.types: dict[int, str] = {}
 
     def chain(self, chain: int) -> tuple[bytes, str]:
-        got = self.chains.get(chain)
-        if got is None:
-            row = self._storage._one("SELECT origin, feed FROM chains WHERE id = ?", (chain,))
-            if row is None:
-                raise StorageError(f"record of unknown chain {chain}: the database is damaged")
-            if len(self.chains) >= _NAMES_MAX:
-                self.chains.clear()
-            got = self.chains[chain] = (row[0], row[1])
-        return got
+        """``(origin, feed)`` of a chain id; raises :class:`StorageError`."""
+        return self._get(self.chains, "chains", "origin, feed", chain,
+                         lambda row: (row[0], row[1]))
 
     def type(self, type_id: int) -> str:
-        got = self.types.get(type_id)
+        """The name of a type id; raises :class:`StorageError`."""
+        return self._get(self.types, "types", "type", type_id, lambda row: str(row[0]))
+
+    def _get(self, cache: dict[int, T], table: str, columns: str, key: int,
+             make: Callable[[Any], T]) -> T:
+        got = cache.get(key)
         if got is None:
-            row = self._storage._one("SELECT type FROM types WHERE id = ?", (type_id,))
+            row = self._storage._one(f"SELECT {columns} FROM {table} WHERE id = ?", (key,))
             if row is None:
-                raise StorageError(f"record of unknown type {type_id}: the database is damaged")
-            if len(self.types) >= _NAMES_MAX:
-                self.types.clear()
-            got = self.types[type_id] = str(row[0])
+                raise StorageError(f"a record names id {key} of {table}, which does not "
+                                   "hold it: the database is damaged")
+            if len(cache) >= _NAMES_MAX:
+                cache.clear()
+            got = cache[key] = make(row)
         return got
 
 

@@ -596,8 +596,10 @@ def _held_rows(n: LocalNode, origin: str) -> dict[str, list[tuple[int, str, byte
     """(seq, stored type, envelope) per feed of ``origin`` in the node's SQLite file."""
     db = sqlite3.connect(f"file:{n.dir / 'citynode.db'}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT feed, seq, type, envelope FROM records WHERE origin = ? "
-                          "ORDER BY feed, seq", (parse_node_id(origin),)).fetchall()
+        rows = db.execute("SELECT c.feed, r.seq, t.type, r.envelope FROM records AS r"
+                          " JOIN chains AS c ON c.id = r.chain JOIN types AS t"
+                          " ON t.id = r.type_id WHERE c.origin = ? ORDER BY c.feed, r.seq",
+                          (parse_node_id(origin),)).fetchall()
     finally:
         db.close()
     out: dict[str, list[tuple[int, str, bytes]]] = {}

@@ -298,19 +298,31 @@ def make_v2_database(path: Path, monkeypatch: pytest.MonkeyPatch,
         m.setattr(storage_mod, "MIGRATIONS", {1: migrations[1]})
         Storage.open(path).close()
         write_v2_rows(path, recs)
-        assert raw(path).execute("PRAGMA user_version").fetchone()[0] == 1
+        assert user_version(path) == 1
         m.setattr(storage_mod, "MIGRATIONS", {1: migrations[1], 2: migrations[2]})
         Storage.open(path).close()
-        assert raw(path).execute("PRAGMA user_version").fetchone()[0] == 2
+        assert user_version(path) == 2
+
+
+def user_version(path: Path) -> int:
+    """The file's schema version, read on a connection closed at once (an open one would
+    keep the migration from compacting the file: WAL mode gives it a shared lock)."""
+    c = raw(path)
+    try:
+        return int(c.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        c.close()
 
 
 def test_migration_to_v2_builds_the_trees_of_the_feeds_held(
         db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recs = chain(0, "old", 600)
     make_v2_database(db_path, monkeypatch, [*recs[:520], *chain(1, "other", 3)])
-    assert raw(db_path).execute("SELECT count(*) FROM merkle").fetchone()[0] == 2
+    c = raw(db_path)
+    assert c.execute("SELECT count(*) FROM merkle").fetchone()[0] == 2
+    c.close()
     with Storage.open(db_path) as s:
-        assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 3
+        assert user_version(db_path) == 3
         s.append(recs[520:]).result(5)
         log = cps.MerkleLog(_ids(recs))
         tree = s.tree(A, "old", 600)
