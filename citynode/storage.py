@@ -714,22 +714,25 @@ class Storage:
         conn: sqlite3.Connection | None = None
         try:
             conn = _connect(path, busy_timeout_ms)
-            _check_file(conn, path)  # before WAL: leave a file that is not ours untouched
+            # before WAL: leave a file that is not ours untouched
+            rewrite = 0 < _check_file(conn, path) < _COMPACTED_AT <= SCHEMA_VERSION
             _tighten_modes(path)
             if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
                 # A new file: fixed before WAL mode (which cannot change it).
                 conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StorageError(
-                    f"cannot put database {path} in WAL mode (got {mode!r}): keep the "
-                    "data directory on a local file system"
-                )
+            if rewrite:
+                # A migration that rewrites every record runs in a rollback journal: in
+                # WAL mode its transaction would grow a WAL as large as the database,
+                # and SQLite then frees the old table's pages in memory (~800 MB at 1M
+                # records). _compact puts the file in WAL mode after.
+                conn.execute("PRAGMA journal_mode=DELETE")
+            else:
+                _wal(conn, path)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA temp_store=MEMORY")
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB
-            found = _migrate(conn, path)
-            if 0 < found < _COMPACTED_AT <= SCHEMA_VERSION:
+            _migrate(conn, path)
+            if rewrite:
                 _compact(conn, path)
         except BaseException as exc:
             if conn is not None:
@@ -1469,19 +1472,33 @@ _COMPACTED_AT = 3
 def _compact(conn: sqlite3.Connection, path: Path) -> None:
     """Give the pages a migration freed back to the file system and take the page size
     of new databases: ``VACUUM``, outside WAL mode (the only way to change the page
-    size). Needs free disk space about the size of the database, once. A failure (disk
+    size). Needs free disk space about twice the size of the database, once (SQLite's
+    temporary directory: ``$TMPDIR`` or /var/tmp). A failure (disk
     full, another process holding the file) leaves the file valid, only larger: logged,
-    not raised. Raises :class:`StorageError` if WAL mode cannot be restored."""
+    not raised. Ends in WAL mode; raises :class:`StorageError` if it cannot."""
     from citynode.logs import fields
 
     log.info("compacting the database after its migration", extra=fields(path=str(path)))
     try:
+        # VACUUM copies the database into a temporary one: on disk, not in memory
+        # (temp_store=MEMORY would hold the whole database in RAM meanwhile).
+        conn.execute("PRAGMA temp_store=FILE")
         conn.execute("PRAGMA journal_mode=DELETE")
         conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
         conn.execute("VACUUM")
     except sqlite3.Error as exc:
         log.warning("database not compacted after its migration",
                     extra=fields(path=str(path), error=str(exc)))
+    finally:
+        conn.execute("PRAGMA temp_store=MEMORY")
+    _wal(conn, path)
+
+
+def _wal(conn: sqlite3.Connection, path: Path) -> None:
+    """Put the database in WAL mode; raise :class:`StorageError` if it cannot be."""
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
-        raise StorageError(f"cannot put database {path} back in WAL mode (got {mode!r})")
+        raise StorageError(
+            f"cannot put database {path} in WAL mode (got {mode!r}): keep the "
+            "data directory on a local file system"
+        )
