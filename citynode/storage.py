@@ -545,10 +545,14 @@ def _append_job(
     def run(conn: sqlite3.Connection) -> None:
         # (origin, feed) -> [chain id, head seq, head id]; one lookup per feed per job
         heads: dict[tuple[bytes, str], list[Any]] = {}
+        # (origin, feed) -> {seq: id} of this job's records: the new leaves of its tree,
+        # gathered in the one pass (not one scan of the job per feed it holds).
+        fresh_by_key: dict[tuple[bytes, str], dict[int, bytes]] = {}
         types: dict[str, int] = {}
         rows = []
         for r in records:
             key = (r.origin, r.feed)
+            fresh_by_key.setdefault(key, {})[r.seq] = r.id
             head = heads.get(key)
             if head is None:
                 row = conn.execute(_SELECT_CHAIN, key).fetchone()
@@ -583,11 +587,8 @@ def _append_job(
         # The feeds' Merkle trees grow in the same transaction: a tree on disk always
         # covers exactly the records held.
         for (o, f), (chain, seq, _id) in heads.items():
-            if len(heads) == 1:
-                fresh = {r.seq: r.id for r in records}
-            else:
-                fresh = {r.seq: r.id for r in records if r.origin == o and r.feed == f}
-            first = min(fresh)
+            fresh = fresh_by_key[(o, f)]
+            first = seq - len(fresh) + 1  # a job's records of a feed are consecutive
             if (seq >> TILE_HEIGHT) > ((first - 1) >> TILE_HEIGHT):
                 def leaves(lo: int, hi: int, chain: int = chain) -> list[bytes]:
                     return [r[0] for r in conn.execute(_SELECT_CHAIN_IDS, (chain, lo, hi))]
