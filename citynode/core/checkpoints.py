@@ -33,6 +33,7 @@ the origin showed two different histories.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -115,7 +116,7 @@ def _check_leaf_id(record_id: object) -> bytes:
 # Building trees and proofs
 
 
-class _Tree:
+class _Tree(ABC):
     """The RFC 9162 recursion (MTH, PATH, PROOF) over a tree that can give the hash of
     any complete, aligned subtree (:meth:`_perfect`): subclasses say where those come
     from (memory, or a store on disk)."""
@@ -123,14 +124,14 @@ class _Tree:
     __slots__ = ()
 
     @property
+    @abstractmethod
     def size(self) -> int:
         """The number of leaves."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _perfect(self, start: int, height: int) -> bytes:
         """Hash of the perfect subtree of ``2**height`` leaves from ``start`` (a multiple
         of ``2**height``), within :attr:`size`."""
-        raise NotImplementedError
 
     def _size_arg(self, size: int | None) -> int:
         if size is None:
