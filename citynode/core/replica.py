@@ -28,10 +28,12 @@ Inputs (methods; each returns a list of actions, ``on_records`` also the outcome
 * ``on_deliver_failed(p, kind, payload, refusals)``: a SendProof/SendCheckpoint failed.
 * ``check_publish(feed)``, ``next_link(feed)``, ``publish(records, now)``: own feeds.
 * ``tick(now)``: what is due; ``sync_now(p, now)``: a round with p soon.
+* ``pull_now(now)``: fetch at once what rounds found missing (a one-shot catch-up,
+  with no push on its way: no settle delay).
 * ``access_changed()``: the access policy changed.
 
 Queries: ``known(rid)`` (stored or being stored: skip verifying it), ``head(key)``,
-``frontier_for(p)``, ``lacks_from(frontier)``, ``first_round_pending()``,
+``queued(p)``, ``frontier_for(p)``, ``lacks_from(frontier)``, ``first_round_pending()``,
 ``next_deadline()``.
 
 Actions (frozen dataclasses): :class:`Store`, :class:`Push`, :class:`Announce`,
@@ -119,6 +121,10 @@ def _trust_all(origin: bytes) -> bool:
     return True
 
 
+def _short_name(peer: bytes) -> str:
+    return peer.hex()[:12]
+
+
 @dataclass(frozen=True)
 class ReplicaConfig:
     """Limits, delays and the injected policies of one replica."""
@@ -127,6 +133,7 @@ class ReplicaConfig:
     trusted: Callable[[bytes], bool] = _trust_all
     may_send: Callable[[bytes, Record], bool] = _allow_send
     may_pass: Callable[[bytes, bytes, str], bool] = _allow_pass
+    name_of: Callable[[bytes], str] = _short_name  # a partner, as messages name it
     quota_records_per_day: int = 1_000_000
     quota_bytes_per_day: int = 1 << 40
     pending_max_records: int = 10_000
@@ -331,7 +338,8 @@ class _Partner:
     answering: _Session | None = None
     answered: int = 0  # requests answered since answered_since (the answering budget)
     answered_since: int = -(1 << 62)
-    first_done: bool = False
+    first_done: bool = False  # a first round since start ended, well or not
+    held_sent: bool = False  # a first round since start ended well (SendHeld given)
     hidden: set[bytes] | None = None
 
 
@@ -374,6 +382,11 @@ class Replica:
 
     def head(self, key: FeedKey) -> FeedHead | None:
         return self.heads.get(key)
+
+    def queued(self, peer: bytes) -> int:
+        """Records waiting to be pushed to this partner (0 for one unknown)."""
+        p = self.partners.get(peer)
+        return len(p.queue) if p is not None else 0
 
     def frontier_for(self, peer: bytes) -> dict[FeedKey, tuple[int, bytes]]:
         """Our heads less the chains this partner may not be told of (legacy sync)."""
@@ -440,12 +453,12 @@ class Replica:
 
     def on_card(self, node: bytes, partners: Iterable[bytes], now_ms: int) -> list[Action]:
         """A verified (and newer) node card: its partner list shapes the tree; records of
-        that node we may have held back may now go on (a round with every partner)."""
+        that node we may have held back may now go on (a round with every partner), also
+        when only its feeds changed (a feed it did not list, now listed)."""
         new = frozenset(partners)
-        if self.cards.get(node) == new:
-            return []
-        self.cards[node] = new
-        self._tree = None
+        if self.cards.get(node) != new:
+            self.cards[node] = new
+            self._tree = None
         if node != self.me and node in self._origins:
             for p in self.partners.values():
                 p.next_sync = min(p.next_sync, now_ms)
@@ -819,6 +832,21 @@ class Replica:
             p.next_sync = min(p.next_sync, now_ms)
         return self.tick(now_ms)
 
+    def pull_now(self, now_ms: int) -> list[Action]:
+        """Fetch now every chain a round found missing, without waiting for the settle
+        delay or for pushes extending it (a one-shot catch-up: nothing is on its way)."""
+        out: list[Action] = []
+        group: dict[tuple[bytes, str], list[Want]] = {}
+        for key, (peer, seq, _due) in list(self.deferred.items()):
+            self._undefer(key)
+            h = self.heads.get(key)
+            have = h.seq if h else 0
+            if have < seq and peer in self.partners:
+                via = "own" if key[0] == self.me else "sync"
+                self._want(peer, key, have + 1, seq, via, now_ms, out, group)
+        self._flush_wants(group, out)
+        return out
+
     def on_sync(self, peer: bytes, data: bytes, now_ms: int, *, initiator: bool
                 ) -> list[Action]:
         """A reconciliation message from ``peer``: the answer to our session's request
@@ -937,11 +965,11 @@ class Replica:
         self._flush_wants(group, out)
 
     def _round_done(self, p: _Partner, now_ms: int, out: list[Action]) -> None:
-        first = not p.first_done
         p.first_done = True
         p.failures = 0
         p.overflowed = False
-        if first:
+        if not p.held_sent:  # the first GOOD round: one that failed sent nothing
+            p.held_sent = True
             out.append(SendHeld(p.key))
         for _ in range(min(len(p.outbox), self.config.outbox_per_round)):
             _k, (path, payload, refusals) = p.outbox.popitem(last=False)
@@ -1004,7 +1032,8 @@ class Replica:
         if self._own_targets.get(feed, 0) >= seq and (
                 claim is None or claim[3] <= self.config.own_fetch_retries):
             return  # being fetched (a claim whose retries ran out is asked again)
-        why = (f"feed {feed!r}: a partner holds our records up to seq {seq} but this node "
+        why = (f"feed {feed!r}: partner {self.config.name_of(p.key)} holds our records up "
+               f"to seq {seq} but this node "
                f"has only {have} (restored from an old backup?): fetching them before "
                "publishing again, to never sign two records with one seq")
         if feed not in self.own_blocked:

@@ -353,3 +353,65 @@ def test_the_answering_side_is_bounded_per_partner_not_per_session() -> None:
     assert len(of(rp.SendSync, r.on_sync(Q, req, T, initiator=False))[0].payload) > 1  # type: ignore[attr-defined]
     later = r.on_sync(P, req, T + 1000, initiator=False)  # a new interval: answered again
     assert len(of(rp.SendSync, later)[0].payload) > 1  # type: ignore[attr-defined]
+
+
+def test_pull_now_fetches_what_a_round_found_missing_without_the_settle_delay() -> None:
+    r = replica(settle_ms=10_000)
+    recs = chain(ORIGIN, 3)
+    r.on_frontier(P, {(ORIGIN.public_key, "f"): (3, recs[2].id)}, T)
+    assert not of(rp.Fetch, r.tick(T + 1))  # the node waits for pushes on their way
+    (fetch,) = of(rp.Fetch, r.pull_now(T + 1))  # a one-shot catch-up does not
+    assert (fetch.wants[0].from_seq, fetch.wants[0].to_seq) == (1, 3)  # type: ignore[attr-defined]
+    assert not r.deferred and not r._deferred_by and not r.pull_now(T + 2)
+
+
+def test_queued_counts_records_waiting_for_a_push_in_flight() -> None:
+    r = replica(tree=False, push_batch=1)
+    recs = chain(ORIGIN, 3)
+    _o, acts = r.on_records(None, recs, T, "local")
+    (store,) = of(rp.Store, acts)
+    r.on_committed(store.records, None, T)  # type: ignore[attr-defined]
+    assert r.queued(P) == 2 and r.queued(Q) == 2  # one batch of one in flight each
+    assert r.queued(b"\x09" * 32) == 0
+
+
+def test_a_delivery_refused_too_often_is_dropped() -> None:
+    """A partner that never trusts an origin refuses its checkpoints "for the moment"
+    every time: after ``outbox_refusals`` such answers it is no longer kept."""
+    r = replica()
+    for n in range(r.config.outbox_refusals):
+        r.on_deliver_failed(P, "checkpoint", b"cp", n)
+        assert list(r.partners[P].outbox.values()) == [("/v1/checkpoints", b"cp", n)]
+    r.on_deliver_failed(P, "checkpoint", b"cp", r.config.outbox_refusals)
+    assert list(r.partners[P].outbox.values()) == [
+        ("/v1/checkpoints", b"cp", r.config.outbox_refusals - 1)]
+
+
+def test_a_newer_card_with_the_same_partners_still_starts_a_round_with_every_partner() -> None:
+    """A card that lists a feed the old one did not (same partners) may let records held
+    back go on: every partner gets a round at once."""
+    r = replica()
+    recs = chain(ORIGIN, 1)
+    r.load({(ORIGIN.public_key, "f"): (1, recs[0].id)})
+    r.on_card(ORIGIN.public_key, [P], T)
+    for p in (P, Q):
+        r.on_frontier(p, {(ORIGIN.public_key, "f"): (1, recs[0].id)}, T)
+    assert len(of(rp.SendSync, r.tick(T))) == 2  # the rounds due at start
+    for p in (P, Q):  # each answered: nothing differs
+        r.on_sync(p, rc.encode_message([]), T, initiator=True)
+    assert not of(rp.SendSync, r.tick(T + 1000))  # next round an interval away
+    r.on_card(ORIGIN.public_key, [P], T + 1000)  # newer, same partners
+    assert {a.peer for a in of(rp.SendSync, r.tick(T + 1000))} == {P, Q}  # type: ignore[attr-defined]
+
+
+def test_held_checkpoints_go_after_the_first_good_round_even_if_one_failed_before() -> None:
+    r = replica()
+    assert of(rp.SendSync, r.tick(T))
+    r.on_sync_failed(P, T)  # the partner was down at our start
+    assert P not in r.first_round_pending()  # publishing does not wait for it
+    assert P in [a.peer for a in of(rp.SendSync, r.tick(T + 60_000))]  # type: ignore[attr-defined]
+    acts = r.on_sync(P, rc.encode_message([]), T + 60_000, initiator=True)
+    assert [a.peer for a in of(rp.SendHeld, acts)] == [P]  # type: ignore[attr-defined]
+    r.sync_now(P, T + 120_000)
+    again = r.on_sync(P, rc.encode_message([]), T + 120_000, initiator=True)
+    assert not of(rp.SendHeld, again)  # once per start
