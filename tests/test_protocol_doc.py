@@ -306,8 +306,9 @@ def scan_reason_codes() -> dict[str, set[str]]:
             elif name == "_Problem" or _is_rejected_metric(node):
                 # The reason is the first argument of both.
                 add(_str_constants(node.args[0] if node.args else None), where)
-            elif name == "count_invalid" and len(node.args) > 1:
-                # Node.count_invalid(source, reason, detail)
+            elif name in ("count_invalid", "Rejected") and len(node.args) > 1:
+                # Node.count_invalid(source, reason, detail); the replica's
+                # Rejected(peer, reason, detail) action, counted the same way
                 add(_str_constants(node.args[1]), where)
     return found
 

@@ -92,6 +92,7 @@ __all__ = [
     "Lookup",
     "Paused",
     "Push",
+    "RecentIds",
     "Rejected",
     "Replica",
     "ReplicaConfig",
@@ -309,6 +310,38 @@ Action = (Store | Push | Announce | Fetch | Graft | SendSync | Lookup | StorePro
 # State
 
 
+class RecentIds:
+    """A bounded set of ids recently stored, so a copy arriving while the database is
+    still being asked costs no signature verification.
+
+    Two generations of plain sets, at most ``size`` ids in all: when the young one is
+    full the old one is dropped whole. Half the memory of an ordered dict (no links, no
+    values), O(1) per id, and an id stays for at least ``size // 2`` additions."""
+
+    __slots__ = ("_half", "_keep_old", "_old", "_young")
+
+    def __init__(self, size: int = 200_000) -> None:
+        self._young: set[bytes] = set()
+        self._old: set[bytes] = set()
+        self._half = max(1, size // 2)
+        self._keep_old = size >= 2  # a window of one keeps no old generation
+
+    def add(self, rid: bytes) -> None:
+        if len(self._young) >= self._half:
+            self._old = self._young if self._keep_old else set()
+            self._young = set()
+        self._young.add(rid)
+
+    def clear(self) -> None:
+        self._young, self._old = set(), set()
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._young or rid in self._old
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
+
+
 @dataclass
 class _Session:
     diff: rc.Diff
@@ -354,7 +387,7 @@ class Replica:
         self.pending = PendingBuffer(config.pending_max_records, config.pending_max_bytes)
         self.quota = OriginQuota(config.quota_records_per_day, config.quota_bytes_per_day)
         self.inflight: set[bytes] = set()
-        self._recent: OrderedDict[bytes, None] = OrderedDict()
+        self._recent = RecentIds(config.recent_max)
         self.partners: dict[bytes, _Partner] = {}
         self.pushed_at: dict[FeedKey, int] = {}
         self.fetching: dict[FeedKey, tuple[bytes, int, int]] = {}  # key -> peer, to, until
@@ -484,9 +517,7 @@ class Replica:
                     p.hidden.add(kb)
 
     def _remember(self, rid: bytes) -> None:
-        self._recent[rid] = None
-        if len(self._recent) > self.config.recent_max:
-            self._recent.popitem(last=False)
+        self._recent.add(rid)
 
     def _charge(self, rec: Record, now_ms: int) -> bool:
         if rec.origin == self.me:

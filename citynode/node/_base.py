@@ -1,5 +1,5 @@
-"""What every role of the node shares: the worker-thread hop, the feed key, the task
-spawner's signature, and the bounded cache of ids recently committed."""
+"""What every role of the node shares: the worker-thread hop, the feed key and the task
+spawner's signature. (The ids recently committed are the replica's: core/replica.py.)"""
 
 from __future__ import annotations
 
@@ -17,30 +17,3 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run a blocking call (a storage read, a batch of signature checks) in a worker
     thread, so the event loop never waits on SQLite or PyNaCl."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
-class RecentIds:
-    """A bounded set of ids recently committed, so a duplicate arriving while the database
-    is still being asked costs no signature verification.
-
-    Two generations of plain sets, at most ``size`` ids in all: when the young one is
-    full the old one is dropped whole. Half the memory of an ordered dict (no links, no
-    values), O(1) per id, and an id stays for at least ``size // 2`` additions."""
-
-    __slots__ = ("_half", "_old", "_young")
-
-    def __init__(self, size: int = 200_000) -> None:
-        self._young: set[bytes] = set()
-        self._old: set[bytes] = set()
-        self._half = max(1, size // 2)
-
-    def add(self, rid: bytes) -> None:
-        if len(self._young) >= self._half:
-            self._old, self._young = self._young, set()
-        self._young.add(rid)
-
-    def __contains__(self, rid: object) -> bool:
-        return rid in self._young or rid in self._old
-
-    def __len__(self) -> int:
-        return len(self._young) + len(self._old)

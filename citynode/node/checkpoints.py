@@ -1,35 +1,33 @@
 """Checkpoints and proofs: this node's signed Merkle checkpoints of its own feeds, the
 checkpoints and fork or split-view proofs partners send, and their forwarding.
 
-A proof is verified offline before it is kept; a new one is forwarded to every partner
-that may be told about its feed, with the partners role's outbox for one that is away.
+A proof or checkpoint is verified offline before it is kept; whether it is new and
+where it goes on is the replica's (``on_proof``, ``on_checkpoint``); the gossip role
+carries out the sending.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from citynode.config import Config
 from citynode.core import checkpoints as cps
-from citynode.core.chain import (
-    ForkProof,
-    Verdict,
-    canonical_fork_proof,
-    classify,
-    verify_fork_proof,
-)
-from citynode.core.keys import SigningKey, Verifier, node_id
-from citynode.core.records import Record, decode_envelope, record_id
+from citynode.core import replica as rp
+from citynode.core.chain import ForkProof, canonical_fork_proof, verify_fork_proof
+from citynode.core.keys import SigningKey, Verifier
 from citynode.errors import ChainError, CitynodeError, InvalidProof, InvalidRecord
 from citynode.logs import fields
 from citynode.metrics import Metrics
 from citynode.node._base import in_thread
-from citynode.node.chains import Chains
-from citynode.node.partners import OUTBOX_MAX, PartnerLink, Partners
+from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.storage import Storage
+
+#: Checkpoints, and proofs, sent to a partner after the first good round since start.
+HELD_MAX = 500
+
 
 __all__ = ["Checkpoints"]
 
@@ -41,12 +39,12 @@ class Checkpoints:
     seq)`` is told of every fork or split view held (the publishing role stops signing
     on an own feed that forked)."""
 
-    def __init__(self, *, config: Config, key: SigningKey, chains: Chains, policy: Policy,
-                 partners: Partners, storage: Storage, metrics: Metrics,
+    def __init__(self, *, config: Config, key: SigningKey, replica: rp.Replica,
+                 policy: Policy, partners: Partners, storage: Storage, metrics: Metrics,
                  verifier: Verifier, now_ms: Callable[[], int]) -> None:
         self.config = config
         self.key = key
-        self.chains = chains
+        self.replica = replica
         self.policy = policy
         self.partners = partners
         self.storage = storage
@@ -54,6 +52,8 @@ class Checkpoints:
         self.verifier = verifier
         self.now_ms = now_ms
         self.on_fork: Callable[[bytes, str, int], None] = lambda origin, feed, seq: None
+        # The gossip role's: carry out actions (and wait for those touching storage).
+        self.execute: Callable[[Sequence[rp.Action]], Awaitable[None]] = _nothing
 
     # ------------------------------------------------------------------ trees
 
@@ -64,7 +64,8 @@ class Checkpoints:
         The tree lives on disk (storage grows it with the records): nothing is held in
         memory, and each root or proof of the tree returned reads O(log n) stored hashes
         (a few ms at most; call it from a worker thread where that matters)."""
-        have = self.chains.seq((origin, feed))
+        h = self.replica.head((origin, feed))
+        have = h.seq if h else 0
         if have < size:
             raise ChainError(f"this node holds {have} records of that feed, not {size}")
         # The head in memory may run ahead of the commit: the tree is what is on disk.
@@ -101,7 +102,7 @@ class Checkpoints:
         and send it to the partners."""
         made = []
         me = self.key.public_key
-        for (origin, feed) in list(self.chains.heads):
+        for (origin, feed) in list(self.replica.heads):
             if origin != me:
                 continue
             # The head on disk, not in memory: while a publish is being committed the
@@ -120,8 +121,7 @@ class Checkpoints:
                 self.storage.put_checkpoint(origin, feed, cp.size, cp.root, cp.envelope))
             made.append(cp)
         for cp in made:
-            for link in self.partners.links.values():
-                self.partners.send(link, "/v1/checkpoints", cp.envelope)
+            await self.execute(self.replica.on_checkpoint(None, me, cp.feed, cp.envelope))
         return made
 
     async def run(self) -> None:
@@ -135,16 +135,11 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ from partners
 
-    def _forward(self, path: str, payload: bytes, origin: bytes, feed: str,
-                 src: str | None, proof: bytes | None = None) -> None:
-        for link in self.partners.links.values():
-            if link.row.node_id != src and self.policy.may_pass(link.key, origin, feed, proof):
-                self.partners.send(link, path, payload)
-
-    async def ingest_checkpoint(self, env: bytes, src: str) -> str:
-        """A checkpoint from a partner: verify, keep, forward if new. Two checkpoints of
-        one feed and size with different roots are a split view: kept as proof and
-        forwarded like a fork proof. Returns "new", "known" or "split-view"."""
+    async def ingest_checkpoint(self, env: bytes, src: bytes | None) -> str:
+        """A checkpoint from partner ``src``: verify, keep, forward if new. Two
+        checkpoints of one feed and size with different roots are a split view: kept as
+        proof and forwarded like a fork proof. Returns "new", "known" or
+        "split-view"."""
         cp = cps.open_checkpoint(env, verifier=self.verifier, now_ms=self.now_ms())
         if not self.policy.accepts_origin(cp.origin):
             raise InvalidRecord("checkpoint of an origin this node does not trust",
@@ -152,7 +147,7 @@ class Checkpoints:
         new = await asyncio.wrap_future(
             self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
         if new:
-            self._forward("/v1/checkpoints", env, cp.origin, cp.feed, src)
+            await self.execute(self.replica.on_checkpoint(src, cp.origin, cp.feed, env))
             return "new"
         held = await self.held(cp.origin, cp.feed)
         mine = next((e for s, r, e in held if s == cp.size and r != cp.root), None)
@@ -160,15 +155,25 @@ class Checkpoints:
             return "known"
         proof = cps.SplitViewProof(mine, env).canonical()
         cps.verify_split_view(proof, self.verifier)
-        stored = await self._keep_proof(cp.origin, cp.feed, cp.size, "split-view",
-                                        proof.encode(), src)
-        if stored:
-            log.warning("split view: the origin signed two different checkpoints of one size",
-                        extra=fields(origin=node_id(cp.origin), feed=cp.feed, size=cp.size))
-            self._forward("/v1/proofs", proof.encode(), cp.origin, cp.feed, None)
+        # Built here (from the partner's checkpoint and ours): every partner that may
+        # be told gets it, the one that showed us the checkpoint too.
+        await self._on_proof(None, cp.origin, cp.feed, cp.size, "split-view",
+                             proof.encode())
         return "split-view"
 
-    async def ingest_proof(self, data: bytes, src: str) -> bool:
+    async def _on_proof(self, src: bytes | None, origin: bytes, feed: str, seq: int,
+                        kind: str, enc: bytes) -> bool:
+        """Hand a verified proof to the replica; True if it was new and kept."""
+        actions = self.replica.on_proof(src, origin, feed, seq, kind, enc)
+        new = False
+        for a in actions:
+            if isinstance(a, rp.StoreProof):
+                new = await self.keep_proof(a.origin, a.feed, a.seq, a.kind, a.proof,
+                                            a.source) or new
+        await self.execute([a for a in actions if not isinstance(a, rp.StoreProof)])
+        return new
+
+    async def ingest_proof(self, data: bytes, src: bytes | None) -> bool:
         """A fork or split-view proof from a partner: verify it offline, store and
         forward it if new. Raises InvalidProof if it proves nothing."""
         try:
@@ -187,67 +192,49 @@ class Checkpoints:
             # our database and our partners' with them).
             raise InvalidProof("proof about an origin this node does not trust",
                                "untrusted_origin")
-        new = await self._keep_proof(origin, feed, seq, kind, enc, src)
-        if new:
-            self._forward("/v1/proofs", enc, origin, feed, src, enc)
-        return new
+        return await self._on_proof(src, origin, feed, seq, kind, enc)
 
-    async def on_conflict(self, rec: Record, seq: int, src: str) -> bool:
-        """A verified record at or below its chain's head (ingest): a copy of the one
-        held there (False), or an equivocation, proven, kept and forwarded (True)."""
-        held = await in_thread(self.storage.envelope_at, rec.origin, rec.feed, seq)
-        if held is None:
-            return False
-        head = self.chains.heads.get((rec.origin, rec.feed))
-        if seq == rec.seq and classify(rec, head, record_id(decode_envelope(held)[0])
-                                       ).verdict is Verdict.DUPLICATE:
-            return False
-        try:
-            proof, at = canonical_fork_proof(
-                *verify_fork_proof(ForkProof(held, rec.envelope), self.verifier))
-        except CitynodeError:
-            return False  # the two records do not prove a fork
-        enc = proof.encode()
-        if await self._keep_proof(rec.origin, rec.feed, at, "fork", enc, src):
-            log.warning(
-                "equivocation detected: the origin signed two different records for one seq",
-                extra=fields(origin=node_id(rec.origin), feed=rec.feed, seq=rec.seq, by=src),
-            )
-            self._forward("/v1/proofs", enc, rec.origin, rec.feed, None, enc)
-        return True
-
-    async def _keep_proof(self, origin: bytes, feed: str, seq: int, kind: str,
-                          enc: bytes, src: str) -> bool:
-        new = await asyncio.wrap_future(
-            self.storage.add_fork_proof(origin, feed, seq, kind, enc, src, self.now_ms()))
+    async def keep_proof(self, origin: bytes, feed: str, seq: int, kind: str,
+                         enc: bytes, src: bytes | None) -> bool:
+        """Store a proof the replica found new (a StoreProof); True if the database did
+        not hold it yet."""
+        by = self.partners.get(src) if src is not None else None
+        new = await asyncio.wrap_future(self.storage.add_fork_proof(
+            origin, feed, seq, kind, enc, by.row.node_id if by else "local", self.now_ms()))
         self.on_fork(origin, feed, seq)
         if new:
             self.metrics.forks.inc()
         return new
 
     async def offer_latest(self, origin: bytes) -> None:
-        """A newer card of ``origin`` may let more partners be told about its feeds: put
-        the latest checkpoint held of each of its feeds in the outbox of every partner
-        that may now be sent it (one that has it already answers "known")."""
-        for feed in self.chains.feeds_of(origin):
+        """A newer card of ``origin`` may let more partners be told about its feeds: the
+        latest checkpoint held of each of its feeds waits for the next round with every
+        partner that may now be sent it (one that has it already answers "known")."""
+        for feed in {f for (o, f) in list(self.replica.heads) if o == origin}:
             held = await self.held(origin, feed)
             if not held:
                 continue
-            for link in self.partners.links.values():
+            for link in list(self.partners.links.values()):
                 if self.policy.may_pass(link.key, origin, feed):
-                    link.keep_for_later("/v1/checkpoints", held[-1][2])
+                    self.replica.on_deliver_failed(link.key, "checkpoint", held[-1][2], 0)
 
-    async def fill_outbox(self, link: PartnerLink) -> None:
-        """After the first good round with a partner since start: the latest checkpoint
-        held of each feed it may be sent, and the proofs held (what it may have missed
-        while this node was down, or before it was a partner), since the outbox does not
-        outlive the process."""
-        for origin, feed in list(self.chains.heads)[:OUTBOX_MAX // 2]:
+    async def held_for(self, link: PartnerLink) -> list[tuple[str, bytes]]:
+        """What to send a partner after the first good round with it since start: the
+        latest checkpoint held of each feed it may be sent, and the proofs held (what it
+        may have missed while this node was down, or before it was a partner), as
+        ``(kind, payload)``."""
+        out: list[tuple[str, bytes]] = []
+        for origin, feed in list(self.replica.heads)[:HELD_MAX]:
             if not self.policy.may_pass(link.key, origin, feed):
                 continue
             held = await self.held(origin, feed)
             if held:
-                link.keep_for_later("/v1/checkpoints", held[-1][2])
-        for f in (await in_thread(self.storage.fork_proofs))[:OUTBOX_MAX // 2]:
+                out.append(("checkpoint", held[-1][2]))
+        for f in (await in_thread(self.storage.fork_proofs))[:HELD_MAX]:
             if self.policy.may_pass(link.key, f.origin, f.feed, f.proof):
-                link.keep_for_later("/v1/proofs", f.proof)
+                out.append(("proof", f.proof))
+        return out
+
+
+async def _nothing(actions: Sequence[rp.Action]) -> None:
+    return None

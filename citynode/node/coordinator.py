@@ -1,12 +1,16 @@
 """The node: builds the roles, wires them together, and owns every background task.
 
-    Node ── chains       heads, pending, quotas (the replication state)
-        ├── policy       cards, trust, access levels
-        ├── partners     links to partners, delivery of checkpoints and proofs
-        ├── ingest       verify + store records from outside
-        ├── publisher    sign own records, own-feed safety
-        ├── checkpoints  Merkle checkpoints, fork and split-view proofs
-        ├── gossip       push, lazy push + graft, sync rounds, serving fetches
+    Node ── replica      ALL replication state and decisions (core/replica.py, pure):
+        │                heads, pending, quotas, push queues, eager/lazy links, sync
+        │                sessions, outbox, own-feed safety; returns actions
+        ├── gossip       the replica's shell: carries out its actions (one timer task,
+        │                a task per partner request), feeds it outcomes and partners'
+        │                messages, serves fetches
+        ├── policy       cards, trust, access levels (the replica's injected predicates)
+        ├── partners     links to partners, their health, delivery of checkpoints/proofs
+        ├── ingest       verify records (threads) + hand them to the replica; commits
+        ├── publisher    sign own records (the replica says if and at which seq)
+        ├── checkpoints  Merkle checkpoints, verify fork and split-view proofs
         ├── streams      live tail for SSE streams
         └── reads        what readers are served from storage
 
@@ -28,14 +32,15 @@ from citynode.core import cards
 from citynode.core.chain import FeedHead
 from citynode.core.encoding import Limits
 from citynode.core.keys import Verifier
+from citynode.core.keys import node_id as cards_node_id
 from citynode.core.records import Record, RecordPolicy
+from citynode.core.replica import Replica
 from citynode.errors import StorageError
 from citynode.identity import Identity, load_identity
 from citynode.logs import fields
 from citynode.metrics import Metrics
-from citynode.node.chains import Chains
 from citynode.node.checkpoints import Checkpoints
-from citynode.node.gossip import Gossip, Progress
+from citynode.node.gossip import Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
@@ -69,61 +74,71 @@ class Node:
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.listeners: set[Callable[[Sequence[Record]], None]] = set()
-        lim, fed = config.limits, config.federation
+        lim = config.limits
         record_policy = RecordPolicy(
             body_limits=Limits(max_bytes=lim.max_body_bytes),
             future_tolerance_ms=int(lim.future_tolerance_seconds * 1000),
         )
-        self.chains = Chains(
-            pending_max_records=lim.pending_max_records,
-            pending_max_bytes=lim.pending_max_bytes,
-            quota_records=fed.origin_quota_records_per_day,
-            quota_bytes=fed.origin_quota_bytes_per_day)
+        self.replica = Replica(replica_config(config, self.public_key, lambda: self.policy,
+                                              self._partner_name))
         self.partners = Partners(config=config, key=self.key, storage=storage,
                                  metrics=self.metrics, clock=clock, now_ms=self.now_ms,
                                  spawn=self.spawn)
         self.policy = Policy(config=config, identity=identity, storage=storage,
-                             chains=self.chains, verifier=self.verifier, now_ms=self.now_ms,
+                             replica=self.replica, verifier=self.verifier,
+                             now_ms=self.now_ms,
                              partners=self.partners.keys)
-        self.ingest_role = Ingest(chains=self.chains, policy=self.policy,
+        self.ingest_role = Ingest(replica=self.replica, policy=self.policy,
                                   partners=self.partners, storage=storage,
                                   metrics=self.metrics, verifier=self.verifier,
                                   record_policy=record_policy, now_ms=self.now_ms,
                                   spawn=self.spawn)
-        self.publisher = Publisher(config=config, key=self.key, chains=self.chains,
+        self.publisher = Publisher(config=config, key=self.key, replica=self.replica,
                                    ingest=self.ingest_role, policy=self.policy,
                                    partners=self.partners, metrics=self.metrics,
                                    verifier=self.verifier, record_policy=record_policy)
-        self.checkpoints = Checkpoints(config=config, key=self.key, chains=self.chains,
+        self.checkpoints = Checkpoints(config=config, key=self.key, replica=self.replica,
                                        policy=self.policy, partners=self.partners,
                                        storage=storage, metrics=self.metrics,
                                        verifier=self.verifier, now_ms=self.now_ms)
-        self.gossip = Gossip(config=config, chains=self.chains, policy=self.policy,
+        self.gossip = Gossip(config=config, replica=self.replica, policy=self.policy,
                              partners=self.partners, ingest=self.ingest_role,
                              publisher=self.publisher, checkpoints=self.checkpoints,
-                             storage=storage, metrics=self.metrics, spawn=self.spawn)
+                             storage=storage, metrics=self.metrics, now_ms=self.now_ms,
+                             spawn=self.spawn)
         self.streams = Streams(storage=storage, metrics=self.metrics, spawn=self.spawn)
         self.reads = Reads(config=config, storage=storage, policy=self.policy)
         self._wire()
 
+    def _partner_name(self, key: bytes) -> str:
+        link = self.partners.get(key)
+        return link.row.name if link is not None else cards_node_id(key)
+
     def _wire(self) -> None:
         """Connect the roles' outputs to the roles that act on them."""
+        g = self.gossip
         self.partners.on_change = self.policy.partners_changed
-        self.partners.run_link = self.gossip.run_link
+        self.partners.on_open = g.link_opened
+        self.partners.on_close = g.link_closed
+        self.partners.on_sync_now = g.sync_now
+        self.partners.queued = self.replica.queued
+        self.policy.on_card = g.card_learnt
         self.policy.on_card_news = self._card_news
-        self.ingest_role.on_fork = self.checkpoints.on_conflict
-        self.ingest_role.on_commit = self._committed
+        self.policy.on_access_change = self.replica.access_changed
+        self.ingest_role.execute = g.execute
+        self.ingest_role.on_commit = g.committed
+        self.ingest_role.on_new_feed = g.cards_stale
+        self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
+        g.on_wake = self._committed
 
     def _card_news(self, origin: bytes) -> None:
-        """A card that changes what may be relayed of ``origin``'s records held: every
-        partner gets a sync round now (records held back may go), and its latest
-        checkpoints (they may go where they could not)."""
-        self.gossip.wake_all()
+        """A card that changes what may be relayed of ``origin``'s records held: its
+        latest checkpoints may go where they could not (after the round the replica
+        starts with every partner)."""
         self.spawn(self.checkpoints.offer_latest(origin), "offer-checkpoints")
 
-    def _committed(self, recs: Sequence[Record], source: PartnerLink | None) -> None:
-        self.gossip.offer(recs, source)
+    def _committed(self, recs: Sequence[Record]) -> None:
         self.streams.wake()
         for fn in list(self.listeners):
             try:
@@ -153,26 +168,28 @@ class Node:
     async def start(self, *, partners: bool = True) -> None:
         """Load state and (unless ``partners=False``, for one-shot CLI commands) start the
         partner tasks. The HTTP server is the caller's."""
-        self.chains.load(await asyncio.get_running_loop().run_in_executor(
-            None, self.storage.heads))
-        for row in await asyncio.get_running_loop().run_in_executor(
-                None, self.storage.fork_proofs):
-            self.publisher.note_fork(row.origin, row.feed, row.seq)
+        loop = asyncio.get_running_loop()
+        heads = await loop.run_in_executor(None, self.storage.heads)
+        forks = await loop.run_in_executor(None, self.storage.fork_proofs)
+        self.replica.load(heads, [(f.origin, f.feed, f.seq) for f in forks])
+        for f in forks:
+            self.publisher.note_fork(f.origin, f.feed, f.seq)
         if partners:
             await self.partners.start()
         await self.policy.load_cards()
         await self.streams.start()
         if partners:
+            self.spawn(self.gossip.run(), "replica-timer")
             self.spawn(self.checkpoints.run(), "checkpoints")
             # Signed (and kept) now, not first when served: an export of our own feeds
             # carries it, and tells the feeds' access levels from it.
             self.policy.card()
         self.ready = True
-        self.metrics.feeds.set(len(self.chains.heads))
+        self.metrics.feeds.set(len(self.replica.heads))
         log.info(
             "node started",
             # Chains held (any origin) and own feeds configured: two different counts.
-            extra=fields(node=self.node_id, chains_held=len(self.chains.heads),
+            extra=fields(node=self.node_id, chains_held=len(self.replica.heads),
                          feeds_configured=len(self.config.feeds),
                          partners=len(self.partners.links)),
         )
@@ -239,7 +256,12 @@ class Node:
     @property
     def heads(self) -> dict[tuple[bytes, str], FeedHead]:
         """The chain heads held (read-only use)."""
-        return self.chains.heads
+        return self.replica.heads
+
+    def seq(self, key: tuple[bytes, str]) -> int:
+        """The seq held of a chain (0: none)."""
+        h = self.replica.head(key)
+        return h.seq if h is not None else 0
 
     @property
     def links(self) -> dict[bytes, PartnerLink]:
@@ -256,8 +278,8 @@ class Node:
         return {
             "node_id": self.node_id,
             "name": self.config.node.name,
-            "feeds": len(self.chains.heads),
-            "pending": len(self.chains.pending),
+            "feeds": len(self.replica.heads),
+            "pending": len(self.replica.pending),
             "own_blocked": dict(self.publisher.blocked),
             "own_forked": dict(self.publisher.forked),
             "partners": self.partners.status(),

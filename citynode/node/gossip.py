@@ -1,32 +1,42 @@
-"""Gossip: how records travel between partners.
+"""Gossip: the shell around the replica (:mod:`citynode.core.replica`).
 
-* **Push** (eager): each committed record is queued for every partner that may be sent
-  it and does not hold it yet; a loop per partner sends the queue in batches.
-* **Lazy push** (Plumtree): an origin whose records a partner already gets from someone
-  else is only announced to it; the partner grafts us back (eager again) if an announced
-  record does not reach it by the other path in time.
-* **Sync rounds** (anti-entropy): frontiers are exchanged with each partner at an
-  interval, or at once when something suggests a gap; what is missing is fetched.
+The replica holds all replication state and makes every decision -- what to store,
+push, announce, fetch, graft, reconcile and forward. This role only carries out its
+actions and feeds it what happened:
+
+* one timer task (:meth:`Gossip.run`) sleeps until the replica's next deadline (or a
+  wake-up), then runs ``tick`` and carries out what is due;
+* each action that talks to a partner runs as a task of its own (push, announce, graft,
+  fetch, a reconciliation request, a checkpoint or proof), and reports its outcome back
+  to the replica (``on_push_result``, ``on_fetch_done``, ``on_sync`` ...);
+* the partner routes of the HTTP layer call :meth:`on_reconcile`, :meth:`on_frontier`,
+  :meth:`on_announce`, :meth:`on_graft` and :meth:`serve_fetch`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from citynode.config import Config
+from citynode.core import replica as rp
 from citynode.core import sync
-from citynode.core.records import Record
-from citynode.errors import CitynodeError, PeerError, PeerRejected
+from citynode.core.chain import ForkProof
+from citynode.core.keys import node_id
+from citynode.core.records import (
+    Record,
+    decode_envelope,
+    parse_body,
+    record_from_fields,
+    record_id,
+)
+from citynode.errors import AccessDenied, CitynodeError, InvalidProof, PeerError, PeerRejected
 from citynode.logs import fields
 from citynode.metrics import Metrics
-from citynode.node._base import FeedKey, Spawn, in_thread
-from citynode.node.chains import Chains
+from citynode.node._base import Spawn, in_thread
 from citynode.node.checkpoints import Checkpoints
 from citynode.node.ingest import Ingest
 from citynode.node.partners import PartnerLink, Partners
@@ -34,35 +44,52 @@ from citynode.node.policy import Policy, readers_of
 from citynode.node.publishing import Publisher
 from citynode.storage import Storage
 
-__all__ = ["Gossip"]
+__all__ = ["Gossip", "Progress", "replica_config"]
 
 log = logging.getLogger("citynode.node")
 
-# How long a lazily announced record may take to arrive by the eager path before we
-# fetch it from the announcer and graft it back: a few eager hops on a loaded machine.
-GRAFT_DELAY = 0.5
-# How long at most to keep waiting for an announced record while pushes still extend
-# its chain.
-GRAFT_PATIENCE = 2.0
-# How long a pull waits for records already on their way by push before fetching.
-PULL_SETTLE = 1.0
-# The shortest time between two sync rounds with one partner.
-MIN_SYNC_GAP = 0.25
-# A chain that a push extended this recently is flowing: a sync round leaves it to push.
-PUSH_FLOWING = 3.0
-
 Progress = Callable[[int, int], None]
+
+#: The shortest sleep of the timer task: a deadline already past never spins it.
+MIN_TICK = 0.005
+
+
+def replica_config(config: Config, self_key: bytes, policy: Callable[[], Policy],
+                   name_of: Callable[[bytes], str]) -> rp.ReplicaConfig:
+    """node.toml's ``[federation]`` and ``[limits]`` as the replica's settings, with the
+    trust and access policies read live from ``policy()`` (the node's policy role), and
+    partners named in messages by ``name_of``."""
+    fed, lim = config.federation, config.limits
+    return rp.ReplicaConfig(
+        self_key=self_key,
+        trusted=lambda origin: policy().trust_check()(origin),
+        may_send=lambda peer, rec: policy().may_send(peer, rec),
+        may_pass=lambda peer, origin, feed: policy().may_pass(peer, origin, feed),
+        name_of=name_of,
+        quota_records_per_day=fed.origin_quota_records_per_day,
+        quota_bytes_per_day=fed.origin_quota_bytes_per_day,
+        pending_max_records=lim.pending_max_records,
+        pending_max_bytes=lim.pending_max_bytes,
+        push_batch=fed.push_batch,
+        push_queue_max=fed.push_queue_max,
+        batch=lim.max_batch_records,
+        sync_interval_ms=int(fed.pull_interval_seconds * 1000),
+        backoff_max_ms=int(fed.backoff_max_seconds * 1000),
+        announce=False,
+        tree=True,
+    )
 
 
 class Gossip:
-    """Push, announce, graft and sync with every partner."""
+    """Carry out the replica's actions; feed it their outcomes and the partners'
+    messages."""
 
-    def __init__(self, *, config: Config, chains: Chains, policy: Policy,
+    def __init__(self, *, config: Config, replica: rp.Replica, policy: Policy,
                  partners: Partners, ingest: Ingest, publisher: Publisher,
                  checkpoints: Checkpoints, storage: Storage, metrics: Metrics,
-                 spawn: Spawn) -> None:
+                 now_ms: Callable[[], int], spawn: Spawn) -> None:
         self.config = config
-        self.chains = chains
+        self.replica = replica
         self.policy = policy
         self.partners = partners
         self.ingest = ingest
@@ -70,270 +97,370 @@ class Gossip:
         self.checkpoints = checkpoints
         self.storage = storage
         self.metrics = metrics
+        self.now_ms = now_ms
         self.spawn = spawn
+        self._wake = asyncio.Event()
+        # Off for a one-shot catch-up: records fetched are not pushed on, nothing is sent
+        # but the requests of the catch-up itself.
+        self.serving = True
+        self._cards_at: dict[bytes, float] = {}  # partner -> when its cards were fetched
+        self._cards_busy: set[bytes] = set()  # partners whose cards are being fetched
+        self._cards_again: set[bytes] = set()  # ... and asked for again meanwhile
+        #: Records committed: wake the streams and listeners (the node's).
+        self.on_wake: Callable[[Sequence[Record]], None] = lambda records: None
 
-    def run_link(self, link: PartnerLink) -> list[asyncio.Task[None]]:
-        """Start a partner's push and sync loops."""
-        return [self.spawn(self._push_loop(link), f"push-{link.row.name}"),
-                self.spawn(self._sync_loop(link), f"sync-{link.row.name}")]
+    def committed(self, records: Sequence[Record], source: PartnerLink | None) -> None:
+        """A Store is committed: the replica pushes, announces, wakes streams."""
+        self.act(self.replica.on_committed(records, source.key if source else None,
+                                           self.now_ms()))
 
-    def wake_all(self) -> None:
-        """Ask every partner for a sync round now (a card changed what may be relayed)."""
-        self.partners.sync_all()
+    # ------------------------------------------------------------------ the timer task
 
-    # ------------------------------------------------------------------ push
+    def wake(self) -> None:
+        """The replica's deadlines may have changed: the timer task looks again."""
+        self._wake.set()
 
-    def offer(self, recs: Sequence[Record], source: PartnerLink | None) -> None:
-        """Committed records: queue (or announce) them for every partner but their
-        source that may be sent them and does not hold them."""
-        for link in self.partners.links.values():
-            if link is source:
-                continue
-            for r in recs:
-                if link.view.knows((r.origin, r.feed), r.seq) or \
-                        not self.policy.may_send(link.key, r):
-                    continue
-                if r.origin in link.lazy:
-                    link.announce_later(r)
-                else:
-                    link.enqueue(r)
-
-    async def _push_loop(self, link: PartnerLink) -> None:
-        batch_max = self.config.federation.push_batch
+    async def run(self) -> None:
+        """The one timer task: sleep until the replica's next deadline or a wake-up,
+        then carry out what is due. Until cancelled."""
         while True:
-            if not link.queue and not link.announce:
-                link.wake.clear()
-                await link.wake.wait()
-            if link.announce:
-                ann, link.announce = link.announce, {}
-                with contextlib.suppress(PeerError):
-                    await link.client.request("POST", "/v1/announce", sync.encode_frontier(ann))
-                    for key, (seq, _h) in ann.items():
-                        link.view.update(key, seq)
-            batch: list[Record] = []
-            while link.queue and len(batch) < batch_max:
-                r = link.queue.popleft()
-                if not link.view.knows((r.origin, r.feed), r.seq):
-                    batch.append(r)
-            self.metrics.partner_queue.labels(link.row.name).set(len(link.queue))
-            if not batch:
-                continue
-            t0 = time.perf_counter()
+            deadline = self.replica.next_deadline()
+            delay = None if deadline is None else max(
+                MIN_TICK, (deadline - self.now_ms()) / 1000)
+            cards = self._refresh_due()
+            if cards is not None:
+                delay = max(MIN_TICK, cards) if delay is None else min(delay, max(MIN_TICK,
+                                                                                  cards))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
             try:
-                out = await link.client.push([r.envelope for r in batch])
-            except PeerError as exc:
-                self.partners.mark(link, False, str(exc))
-                # Put the batch back in front (bounded: the queue may overflow, pull repairs).
-                for r in reversed(batch):
-                    if len(link.queue) < link.queue_max:
-                        link.queue.appendleft(r)
-                    else:
-                        link.overflowed = True
-                await asyncio.sleep(self.partners.backoff(link))
-                continue
-            self.metrics.push_latency.observe(time.perf_counter() - t0)
-            self.partners.mark(link, True)
-            for r in batch:
-                link.view.update((r.origin, r.feed), r.seq)
-            dup = out.get("dup")
-            if isinstance(dup, list) and dup:
-                # Origins of which the partner already had a record we pushed: it gets
-                # them through someone else, so from now on we only announce them
-                # (Plumtree's prune, per origin, our own included).
-                link.lazy.update(batch[i].origin for i in dup
-                                 if isinstance(i, int) and 0 <= i < len(batch))
+                self.act(self.replica.tick(self.now_ms()))
+            except Exception:  # a bug must not stop replication
+                log.exception("replica tick failed")
+                await asyncio.sleep(1)
+            # Cleared after the tick (no await since it ran): its own wake-up is not one,
+            # the next deadline is read afresh.
+            self._wake.clear()
 
-    # ------------------------------------------------------------------ lazy push
-
-    def on_announce(self, link: PartnerLink, theirs: sync.Frontier) -> None:
-        """A partner holds these heads. Where we are behind, give the eager path a moment,
-        then fetch from this partner and graft it (make it push that origin to us again)."""
-        link.view.update_frontier(theirs)
-        for key, (seq, _head) in theirs.items():
-            if self.chains.seq(key) >= seq or key in link.graft_pending:
-                continue
-            if not self.policy.accepts_origin(key[0]):
-                continue
-            if len(link.graft_pending) >= 64:
-                link.sync_now.set()  # many gaps at once: one pull round instead
-                break
-            link.graft_pending.add(key)
-            self.spawn(self._graft_later(link, key, seq), "graft")
-
-    @staticmethod
-    def on_graft(link: PartnerLink, origin: bytes) -> None:
-        """A partner wants ``origin``'s records pushed eagerly again."""
-        link.lazy.discard(origin)
-
-    async def _graft_later(self, link: PartnerLink, key: FeedKey, seq: int) -> None:
-        try:
-            # While pushes keep extending the chain the eager path is only slow (a loaded
-            # partner), not broken: wait on (up to GRAFT_PATIENCE) instead of fetching
-            # copies that are already on their way.
-            waited = 0.0
-            while True:
-                await asyncio.sleep(GRAFT_DELAY)
-                waited += GRAFT_DELAY
-                have = self.chains.seq(key)
-                if have >= seq:
-                    return
-                pushed = self.chains.pushed_at.get(key, -math.inf)
-                if waited >= GRAFT_PATIENCE or time.monotonic() - pushed > GRAFT_DELAY:
-                    break
-            with contextlib.suppress(PeerError):
-                await self._fetch_want(link, sync.Want(key[0], key[1], have + 1, seq), None,
-                                       via="graft")
-                await link.client.request("POST", "/v1/graft", key[0])
-        finally:
-            link.graft_pending.discard(key)
-
-    # ------------------------------------------------------------------ sync rounds
-
-    def on_sync_request(self, link: PartnerLink, theirs: sync.Frontier) -> sync.Frontier:
-        """A partner's sync request: note what it holds, start our own round at once if
-        it holds what we lack, and answer with our heads it may be sent."""
-        link.view.update_frontier(theirs)
-        if self.chains.lacks_from(theirs, self.policy.accepts_origin):
-            # (Only then: two partners waking each other's rounds would never rest.)
-            link.sync_now.set()
-        return self.policy.frontier_for(link.key)
-
-    async def _sync_loop(self, link: PartnerLink) -> None:
+    def _refresh_due(self) -> float | None:
+        """Start a card refresh with every partner whose cards are an interval old (a
+        newer card changes trust and access: learnt whether or not rounds run, as they
+        wait while pushes flow); return the seconds until the next one is due."""
         interval = self.config.federation.pull_interval_seconds
-        while True:
-            # Cleared as the round starts: a wake-up that comes during the round (new
-            # heads, a new card) is for a later round, not lost.
-            link.sync_now.clear()
-            try:
-                await self.sync_with(link)
-                self.partners.mark(link, True)
-                await self.partners.flush_outbox(
-                    link, None if link.synced_once.is_set() else self.checkpoints.fill_outbox)
-                link.synced_once.set()
-                delay = interval
-            except PeerError as exc:
-                self.partners.mark(link, False, str(exc))
-                # A 401/403 is an answer, not an outage: most often the partner has not
-                # added this node (yet), or has removed it.
-                refused = isinstance(exc, PeerRejected) and exc.status in (401, 403)
-                log.info(
-                    "partner refuses this node (has it added us as a partner?)" if refused
-                    else "partner unreachable",
-                    extra=fields(partner=link.row.name, error=str(exc)),
-                )
-                delay = self.partners.backoff(link)
-            except CitynodeError as exc:
-                self.partners.mark(link, False, str(exc))
-                log.warning("sync failed", extra=fields(partner=link.row.name, error=str(exc)))
-                delay = self.partners.backoff(link)
-            except Exception as exc:  # a bug must not end syncing with this partner
-                self.partners.mark(link, False, f"internal error: {exc}")
-                log.exception("sync failed", extra=fields(partner=link.row.name))
-                delay = self.partners.backoff(link)
-            link.first_attempt.set()
-            # However often a round is asked for, rounds with one partner are spaced.
-            await asyncio.sleep(min(delay, MIN_SYNC_GAP))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(link.sync_now.wait(), max(0.0, delay - MIN_SYNC_GAP))
+        now = time.monotonic()
+        nxt: float | None = None
+        for link in list(self.partners.links.values()):
+            last = self._cards_at.get(link.key)
+            if last is None:
+                continue  # the first round with it fetches them, before reconciling
+            due = last + interval - now
+            if due <= 0 and self.serving:
+                self._cards_at[link.key] = now
+                self.spawn(self._refresh_cards(link, force=True), "cards")
+                due = interval
+            nxt = due if nxt is None else min(nxt, due)
+        return nxt
 
-    def _plan(self, theirs: sync.Frontier, now: int) -> sync.SyncPlan:
-        quota = self.chains.quota
-        return sync.plan_sync(
-            self.chains.frontier(), theirs,
-            accept=lambda o: self.policy.accepts_origin(o) and not quota.exhausted(o, now),
-            batch=self.config.limits.max_batch_records,
-        )
+    # ------------------------------------------------------------------ partners
 
-    async def sync_with(self, link: PartnerLink, *, progress: Progress | None = None) -> int:
-        """One anti-entropy round with a partner; returns the number of records fetched."""
-        # Cards first: they carry the vouches the trust policy needs.
-        await self.policy.learn_cards(await link.client.cards())
-        theirs = sync.decode_frontier(
-            await link.client.sync(sync.encode_frontier(self.policy.frontier_for(link.key))))
-        link.view.update_frontier(theirs)
-        link.overflowed = False
-        now = self.ingest.now_ms()
-        plan = self._plan(theirs, now)
-        await self.publisher.check_partner_heads(theirs, link)
-        if plan.wants and not self.publisher.blocked and progress is None:
-            # Records still travelling by push would be fetched twice: let them land,
-            # then fetch only what is still missing -- and not at all for chains that
-            # pushes are extending right now (pull repairs stalls, not flows; a stalled
-            # chain is fetched in the next round).
-            await asyncio.sleep(PULL_SETTLE)
-            flowing = time.monotonic() - PUSH_FLOWING
-            plan = self._plan(theirs, now)
-            wants = [w for w in plan.wants
-                     if self.chains.pushed_at.get((w.origin, w.feed), -math.inf) < flowing]
-            if len(wants) < len(plan.wants):
-                # Look again once those chains would count as stalled, not a pull
-                # interval later.
-                asyncio.get_running_loop().call_later(
-                    PUSH_FLOWING + MIN_SYNC_GAP, link.sync_now.set)
-            plan = dataclasses.replace(plan, wants=wants)
-        fetched = 0
-        total = sum(w.to_seq - w.from_seq + 1 for w in plan.wants)
-        if progress is not None:
-            progress(0, total)
-            progress = _progress_adder(progress, total)
-        # What they lack, they fetch themselves in their own round (our sync request
-        # wakes it): pushing it here too would only send copies twice.
-        for want in plan.wants:
-            fetched += await self._fetch_want(link, want, progress)
-        for key, seq in plan.forks:
-            await self._fetch_want(link, sync.Want(key[0], key[1], seq, seq), None)
-        for key, seq, their_id in plan.check:
-            mine = await in_thread(self.storage.id_at, key[0], key[1], seq)
-            if mine is not None and mine != their_id:
-                await self._fetch_want(link, sync.Want(key[0], key[1], seq, seq), None)
-        # what the pending buffer still misses, ask this partner too
-        for want in self.chains.pending.missing()[:64]:
-            await self._fetch_want(link, want, None, via="gap")
-        self.publisher.release_blocks()
-        return fetched
+    def link_opened(self, link: PartnerLink) -> None:
+        """A partner link opened: the replica syncs with it at once."""
+        now = self.now_ms()
+        # A one-shot catch-up runs its rounds itself, one partner after the other.
+        self.replica.add_partner(link.key, now if self.serving else now + (1 << 40))
+        self.replica.access_changed()
+        self.wake()
 
-    async def _fetch_want(self, link: PartnerLink, want: sync.Want,
-                          progress: Progress | None, via: str = "sync") -> int:
-        """Fetch a range from a partner and ingest it; ``via`` labels the copies received
-        (sync round, graft, gap in a chain). Returns the number of records accepted."""
-        got = 0
-        start = want.from_seq
-        batch = self.config.limits.max_batch_records
-        while start <= want.to_seq:
-            w = sync.Want(want.origin, want.feed, start, min(want.to_seq, start + batch - 1))
-            envs = await link.client.fetch(sync.encode_wants([w]))
-            if not envs:
-                break
-            res = await self.ingest.ingest(envs, source=link, via=via)
-            got += res.accepted
-            if progress:
+    def link_closed(self, link: PartnerLink) -> None:
+        self.replica.remove_partner(link.key)
+        self.replica.access_changed()
+        self._cards_at.pop(link.key, None)
+
+    def sync_now(self, link: PartnerLink) -> None:
+        """A sync round with this partner as soon as the spacing allows."""
+        self.act(self.replica.sync_now(link.key, self.now_ms()))
+
+    def card_learnt(self, node: bytes, partners: frozenset[bytes]) -> None:
+        self.act(self.replica.on_card(node, partners, self.now_ms()))
+        self.wake()
+
+    def _mark(self, link: PartnerLink, ok: bool, err: str | None = None) -> None:
+        was_up = link.up
+        self.partners.mark(link, ok, err)
+        if ok and not was_up:
+            self.act(self.replica.partner_up(link.key, self.now_ms()))
+
+    # ------------------------------------------------------------------ actions
+
+    def act(self, actions: Sequence[rp.Action]) -> None:
+        """Carry out actions from a synchronous caller: what needs awaiting (a store, a
+        lookup, a proof kept) runs in a task, in order. (The call that returned them
+        may have moved a deadline: the timer task looks again.)"""
+        self.wake()
+        if not actions:
+            return
+        slow = [a for a in actions if isinstance(a, rp.Store | rp.Lookup | rp.StoreProof)]
+        # A Store's write is queued first and now (the replica already moved the heads):
+        # writes reach the writer in the order the heads moved.
+        waits = [self._store(a) if isinstance(a, rp.Store) else None for a in slow]
+        for a in actions:
+            if not isinstance(a, rp.Store | rp.Lookup | rp.StoreProof):
+                self._now(a)
+        if slow:
+            self.spawn(self._slow(slow, waits), "actions")
+
+    async def execute(self, actions: Sequence[rp.Action]) -> None:
+        """Carry out actions and wait for those that touch storage (a store is committed,
+        a lookup answered, a proof kept) before returning."""
+        self.wake()
+        if not actions:
+            return
+        waits = [self._store(a) if isinstance(a, rp.Store) else None for a in actions]
+        for a in actions:
+            if not isinstance(a, rp.Store | rp.Lookup | rp.StoreProof):
+                self._now(a)
+        self.wake()
+        await self._slow([a for a in actions if isinstance(a, rp.Store | rp.Lookup
+                                                          | rp.StoreProof)],
+                         [w for a, w in zip(actions, waits, strict=True)
+                          if isinstance(a, rp.Store | rp.Lookup | rp.StoreProof)])
+
+    def _store(self, a: rp.Action) -> asyncio.Task[None] | None:
+        assert isinstance(a, rp.Store)
+        return self.ingest.start_commit(list(a.records), durable=a.durable,
+                                        source=self.partners.get(a.source)
+                                        if a.source else None)
+
+    async def _slow(self, actions: Sequence[rp.Action],
+                    waits: Sequence[asyncio.Task[None] | None]) -> None:
+        for a, w in zip(actions, waits, strict=True):
+            if w is not None:
+                await asyncio.shield(w)
+            elif isinstance(a, rp.Lookup):
+                env = await in_thread(self.storage.envelope_at, a.origin, a.feed, a.seq)
+                held = _stored_record(env) if env is not None else None
+                await self.execute(self.replica.on_lookup(a.origin, a.feed, a.seq, held,
+                                                          self.now_ms()))
+            elif isinstance(a, rp.StoreProof):
+                await self.checkpoints.keep_proof(a.origin, a.feed, a.seq, a.kind,
+                                                  a.proof, a.source)
+
+    def _now(self, a: rp.Action) -> None:
+        """Carry out one action that needs no waiting (tasks for the network)."""
+        if isinstance(a, rp.WakeStreams):
+            self.on_wake(a.records)
+        elif isinstance(a, rp.Rejected):
+            self.ingest.count_invalid(self.partners.get(a.peer) if a.peer else None,
+                                      a.reason, a.detail)
+        elif isinstance(a, rp.ForkFound):
+            if a.kind == "fork":
+                log.warning("equivocation detected: the origin signed two different "
+                            "records for one seq",
+                            extra=fields(origin=node_id(a.origin), feed=a.feed, seq=a.seq))
+            else:
+                log.warning("split view: the origin signed two different checkpoints of "
+                            "one size",
+                            extra=fields(origin=node_id(a.origin), feed=a.feed, size=a.seq))
+            self.publisher.note_fork(a.origin, a.feed, a.seq)
+        elif isinstance(a, rp.Paused):
+            log.warning("publishing paused", extra=fields(feed=a.feed, reason=a.reason))
+        elif isinstance(a, rp.Resumed):
+            log.info("publishing resumed", extra=fields(feed=a.feed))
+        else:
+            self._send(a)
+
+    def _send(self, a: rp.Action) -> None:
+        peer = getattr(a, "peer", None)
+        link = self.partners.get(peer) if isinstance(peer, bytes) else None
+        if link is None:
+            return  # removed meanwhile
+        if isinstance(a, rp.Fetch):
+            self.spawn(self._fetch(link, a), "fetch")
+        elif isinstance(a, rp.SendSync):
+            if a.initiator and self.serving:
+                self.spawn(self._reconcile(link, a.payload), "sync")
+        elif not self.serving:
+            return  # a one-shot catch-up sends only its own requests
+        elif isinstance(a, rp.Push):
+            self.spawn(self._push(link, a.records), "push")
+        elif isinstance(a, rp.Announce):
+            heads = {(o, f): (s, h) for o, f, s, h in a.heads}
+            self.spawn(self._post(link, "/v1/announce", sync.encode_frontier(heads)),
+                       "announce")
+        elif isinstance(a, rp.Graft):
+            self.spawn(self._post(link, "/v1/graft", a.origin), "graft")
+        elif isinstance(a, rp.SendProof):
+            self.spawn(self._deliver(link, "proof", a.proof, a.refusals), "send-proofs")
+        elif isinstance(a, rp.SendCheckpoint):
+            self.spawn(self._deliver(link, "checkpoint", a.envelope, a.refusals),
+                       "send-checkpoints")
+        elif isinstance(a, rp.SendHeld):
+            self.spawn(self._send_held(link), "send-held")
+
+    # ------------------------------------------------------------------ partner I/O
+
+    async def _push(self, link: PartnerLink, records: Sequence[Record]) -> None:
+        t0 = time.perf_counter()
+        try:
+            out = await link.client.push([r.envelope for r in records])
+        except PeerError as exc:
+            self._mark(link, False, str(exc))
+            self.act(self.replica.on_push_failed(link.key, self.now_ms()))
+            return
+        self.metrics.push_latency.observe(time.perf_counter() - t0)
+        self._mark(link, True)
+        dup = out.get("dup")
+        idx = [i for i in dup if isinstance(i, int)] if isinstance(dup, list) else []
+        self.act(self.replica.on_push_result(link.key, idx, self.now_ms()))
+        self.metrics.partner_queue.labels(link.row.name).set(self.replica.queued(link.key))
+
+    async def _post(self, link: PartnerLink, path: str, body: bytes) -> None:
+        """An announcement or a graft: not retried (pull repairs)."""
+        try:
+            await link.client.request("POST", path, body)
+        except PeerError as exc:
+            self._mark(link, False, str(exc))
+
+    async def _fetch(self, link: PartnerLink, a: rp.Fetch,
+                     progress: Progress | None = None) -> None:
+        try:
+            envs = await link.client.fetch(sync.encode_wants(a.wants))
+        except PeerError as exc:
+            self._mark(link, False, str(exc))
+            await self.execute(self.replica.on_fetch_done(link.key, a.wants, 0,
+                                                          self.now_ms(), failed=True))
+            return
+        self._mark(link, True)
+        if envs:
+            res = await self.ingest.ingest(envs, source=link, via=a.via)
+            if progress is not None:
                 progress(res.accepted, 0)
-            if res.accepted == 0 and res.duplicates == 0:
-                break
-            start += len(envs)
-        return got
+        await self.execute(self.replica.on_fetch_done(link.key, a.wants, len(envs),
+                                                      self.now_ms()))
 
-    async def catch_up(self, progress: Progress | None = None) -> int:
-        """One-shot (node not serving): sync once with every partner, fetching
-        everything missing; ``progress(done, total)`` is called as records arrive.
-        Returns the number of records fetched. Partners that cannot be reached are
-        skipped (logged); raises nothing for them."""
-        links = await self.partners.start(tasks=False)
-        await self.policy.load_cards()
-        fetched = 0
-        for link in links:
-            try:
-                fetched += await self.sync_with(link, progress=progress)
-            except PeerError as exc:
-                log.warning("partner unreachable", extra=fields(partner=link.row.name,
-                                                                error=str(exc)))
-            finally:
-                link.first_attempt.set()
-        return fetched
+    def cards_stale(self, link: PartnerLink) -> None:
+        """This partner sent a record of a feed its origin's card held does not list: a
+        newer card may change trust and let records held back go on, so its cards are
+        fetched now (one fetch in flight per partner, and one more after it if asked
+        meanwhile: a partner sending many such records costs no more)."""
+        if link.key in self._cards_busy:
+            self._cards_again.add(link.key)
+            return
+        self.spawn(self._refresh_cards(link, force=True), "cards")
 
-    # ------------------------------------------------------------------ serving partners
+    async def _refresh_cards(self, link: PartnerLink, *, force: bool = False) -> None:
+        if link.key in self._cards_busy:
+            return
+        self._cards_busy.add(link.key)
+        try:
+            await self._learn_cards(link, force=force)
+        except PeerError as exc:
+            self._mark(link, False, str(exc))
+        finally:
+            self._cards_busy.discard(link.key)
+        if link.key in self._cards_again and self.partners.get(link.key) is link:
+            self._cards_again.discard(link.key)
+            self.spawn(self._refresh_cards(link, force=True), "cards")
 
-    async def serve_fetch(self, wants: Iterable[sync.Want], requester: bytes) -> list[bytes]:
+    async def _learn_cards(self, link: PartnerLink, *, force: bool = False) -> None:
+        """The partner's cards (they carry the vouches the trust policy needs), at most
+        once per half interval unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._cards_at.get(link.key, -1e9) < \
+                self.config.federation.pull_interval_seconds / 2:
+            return
+        self._cards_at[link.key] = now
+        await self.policy.learn_cards(await link.client.cards())
+
+    async def _reconcile(self, link: PartnerLink, payload: bytes) -> None:
+        """One message of our reconciliation session with a partner; its answer goes to
+        the replica."""
+        try:
+            await self._learn_cards(link)
+            answer = await link.client.reconcile(payload)
+        except PeerError as exc:
+            self._mark(link, False, str(exc))
+            # A 401/403 is an answer, not an outage: most often the partner has not
+            # added this node (yet), or has removed it.
+            refused = isinstance(exc, PeerRejected) and exc.status in (401, 403)
+            log.info("partner refuses this node (has it added us as a partner?)" if refused
+                     else "partner unreachable",
+                     extra=fields(partner=link.row.name, error=str(exc)))
+            self.act(self.replica.on_sync_failed(link.key, self.now_ms()))
+            return
+        self._mark(link, True)
+        try:
+            actions = self.replica.on_sync(link.key, answer, self.now_ms(), initiator=True)
+        except CitynodeError as exc:
+            log.warning("sync failed", extra=fields(partner=link.row.name, error=str(exc)))
+            self.ingest.count_invalid(link, getattr(exc, "reason", "invalid"), str(exc))
+            self.act(self.replica.on_sync_failed(link.key, self.now_ms()))
+            return
+        await self.execute(actions)
+
+    async def _deliver(self, link: PartnerLink, kind: str, payload: bytes,
+                       refusals: int) -> None:
+        if kind == "proof" and not self._may_forward_proof(link, payload):
+            return
+        path = "/v1/proofs" if kind == "proof" else "/v1/checkpoints"
+        keep = await self.partners.deliver(link, path, payload, refusals)
+        if keep is not None:
+            self.replica.on_deliver_failed(link.key, kind, payload, keep)
+
+    def _may_forward_proof(self, link: PartnerLink, proof: bytes) -> bool:
+        """The replica's access check has no proof: a fork proof of a restricted feed is
+        checked again against the two records it carries."""
+        try:
+            a = ForkProof.decode(proof).a
+            f = parse_body(decode_envelope(a)[0])
+        except (InvalidProof, CitynodeError):
+            return True  # a split view: the feed's rule, already applied
+        return self.policy.may_pass(link.key, f["origin"], f["feed"], proof)
+
+    async def _send_held(self, link: PartnerLink) -> None:
+        """After the first good round with a partner since start: the latest checkpoint
+        of each feed it may be sent, and the proofs held."""
+        try:
+            held = await self.checkpoints.held_for(link)
+        except CitynodeError as exc:  # our storage: the round itself went well
+            log.warning("resending checkpoints failed",
+                        extra=fields(partner=link.row.name, error=str(exc)))
+            return
+        for i, (kind, payload) in enumerate(held):
+            path = "/v1/proofs" if kind == "proof" else "/v1/checkpoints"
+            keep = await self.partners.deliver(link, path, payload, 0)
+            if keep is not None:
+                self.replica.on_deliver_failed(link.key, kind, payload, keep)
+                if keep == 0:  # away again: the rest waits for the next round
+                    for k, p in held[i + 1:]:
+                        self.replica.on_deliver_failed(link.key, k, p, 0)
+                    return
+
+    # ------------------------------------------------------------------ from partners
+
+    def on_reconcile(self, peer: bytes, body: bytes) -> bytes:
+        """A partner's reconciliation request: our answer. Raises
+        :class:`EncodingError` for a malformed message."""
+        actions = self.replica.on_sync(peer, body, self.now_ms(), initiator=False)
+        if not actions or not isinstance(actions[0], rp.SendSync):
+            raise AccessDenied("not a partner of this node")
+        self.act(actions[1:])
+        return actions[0].payload
+
+    def on_frontier(self, peer: bytes, theirs: sync.Frontier) -> sync.Frontier:
+        """A partner's legacy sync request (a full frontier): act on it, answer with our
+        heads it may be told of."""
+        self.act(self.replica.on_frontier(peer, theirs, self.now_ms()))
+        return self.replica.frontier_for(peer)
+
+    def on_announce(self, peer: bytes, theirs: sync.Frontier) -> None:
+        self.act(self.replica.on_announce(peer, theirs, self.now_ms()))
+
+    def on_graft(self, peer: bytes, origin: bytes) -> None:
+        self.replica.on_graft(peer, origin)
+
+    async def serve_fetch(self, wants: Sequence[sync.Want], requester: bytes
+                          ) -> list[bytes]:
         """Envelopes for a partner's wants, bounded, respecting feed access."""
         out: list[bytes] = []
         budget = self.config.limits.max_batch_records
@@ -356,13 +483,97 @@ class Gossip:
             budget -= len(envs)
         return out
 
+    # ------------------------------------------------------------------ one-shot
 
-def _progress_adder(report: Progress, total: int) -> Progress:
-    done = 0
+    async def catch_up(self, progress: Progress | None = None) -> int:
+        """One-shot (node not serving): reconcile once with every partner and fetch
+        everything missing at once; ``progress(done, total)`` is called as records
+        arrive. Returns the number of records fetched. Partners that cannot be reached
+        are skipped (logged); raises nothing for them."""
+        self.serving = False
+        if not self.partners.links:
+            await self.partners.start()
+            await self.policy.load_cards()
+        links = list(self.partners.links.values())
+        fetched = 0
+        done = 0
 
-    def add(n: int, _total: int) -> None:
-        nonlocal done
-        done += n
-        report(done, total)
+        def count(n: int, _total: int) -> None:
+            nonlocal done, fetched
+            done += n
+            fetched += n
+            if progress is not None:
+                progress(done, total)
 
-    return add
+        total = 0
+        for link in links:
+            try:
+                await self._learn_cards(link)
+                todo = await self._session(link)
+            except PeerError as exc:
+                log.warning("partner unreachable", extra=fields(partner=link.row.name,
+                                                                error=str(exc)))
+                self.replica.on_sync_failed(link.key, self.now_ms())
+                continue
+            except CitynodeError as exc:
+                log.warning("sync failed", extra=fields(partner=link.row.name,
+                                                        error=str(exc)))
+                self.replica.on_sync_failed(link.key, self.now_ms())
+                continue
+            todo.extend(self.replica.pull_now(self.now_ms()))
+            total += sum(_span(self.replica, a) for a in todo)
+            if progress is not None:
+                progress(done, total)
+            while todo:
+                a = todo.pop(0)
+                if not isinstance(a, rp.Fetch):
+                    await self.execute([a])
+                    continue
+                more = await self._fetch_direct(link, a, count)
+                todo.extend(more)
+        return fetched
+
+    async def _session(self, link: PartnerLink) -> list[rp.Action]:
+        """A whole reconciliation session with a partner, request after request; returns
+        the fetches it asked for."""
+        actions = self.replica.sync_now(link.key, self.now_ms())
+        fetches: list[rp.Action] = []
+        while True:
+            req = next((a for a in actions if isinstance(a, rp.SendSync) and a.initiator
+                        and a.peer == link.key), None)
+            fetches += [a for a in actions if isinstance(a, rp.Fetch)]
+            await self.execute([a for a in actions if a is not req
+                                and not isinstance(a, rp.Fetch)])
+            if req is None:
+                return fetches
+            answer = await link.client.reconcile(req.payload)
+            actions = self.replica.on_sync(link.key, answer, self.now_ms(), initiator=True)
+
+    async def _fetch_direct(self, link: PartnerLink, a: rp.Fetch, count: Progress
+                            ) -> list[rp.Action]:
+        try:
+            envs = await link.client.fetch(sync.encode_wants(a.wants))
+        except PeerError as exc:
+            log.warning("fetch failed", extra=fields(partner=link.row.name, error=str(exc)))
+            return []
+        if envs:
+            res = await self.ingest.ingest(envs, source=link, via=a.via)
+            count(res.accepted, 0)
+        return self.replica.on_fetch_done(link.key, a.wants, len(envs), self.now_ms())
+
+
+def _span(replica: rp.Replica, a: rp.Action) -> int:
+    """Records a Fetch is after, up to the end of its chain's range (not one answer)."""
+    if not isinstance(a, rp.Fetch):
+        return 0
+    n = 0
+    for w in a.wants:
+        f = replica.fetching.get(w.key)
+        n += max(w.to_seq, f[1] if f else 0) - w.from_seq + 1
+    return n
+
+
+def _stored_record(env: bytes) -> Record:
+    """A record read back from our database (verified when it was stored)."""
+    body, sig = decode_envelope(env)
+    return record_from_fields(record_id(body), body, sig, parse_body(body))

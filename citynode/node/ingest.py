@@ -12,26 +12,25 @@ refused with a reason.
                                                    │  no lookup) on the event loop when alone,
                                                    │  else in a worker thread, PyNaCl
                                                    ▼  releasing the GIL (see Ingest._open)
-                       classify against the in-memory chain heads (event loop, no await)
-             EXTENDS ─► queue for the writer   AHEAD ─► pending buffer   EQUIVOCATION ─► proof
-                                                   │
-                                   writer commits ─► push to partners, wake subscribers
+                    the replica places them (core/replica.py, event loop, no await)
+             stored ─► Store: queue for the writer   pending ─► its buffer   equivocation
+                                                   │                     ─► Lookup ─► proof
+                        writer commits ─► replica.on_committed: push to partners, wake streams
 
-Classification and the head update happen with no ``await`` in between, so two
-concurrent ingests can never both extend a chain from the same head.
+The replica's decision and the write being queued happen with no ``await`` in between,
+so writes reach the writer in the order the heads moved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from citynode.core.chain import FeedHead, Verdict, classify
+from citynode.core import replica as rp
 from citynode.core.keys import Verifier
 from citynode.core.records import (
     Record,
@@ -44,7 +43,6 @@ from citynode.core.records import (
 from citynode.errors import CitynodeError, InvalidRecord
 from citynode.metrics import Metrics
 from citynode.node._base import FeedKey, Spawn, in_thread
-from citynode.node.chains import Chains
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.storage import Storage
@@ -92,20 +90,20 @@ class IngestResult:
         }
 
 
-#: ``(record, seq it conflicts at, source node id) -> is it a fork?`` (checkpoints role)
-ForkHandler = Callable[[Record, int, str], Awaitable[bool]]
 #: ``(records, source link)``: called once records are committed.
 CommitListener = Callable[[Sequence[Record], PartnerLink | None], None]
+#: ``(actions) -> awaitable``: carry out the replica's actions (the gossip role's).
+Execute = Callable[[Sequence[rp.Action]], Awaitable[None]]
 
 
 class Ingest:
     """Verify and store records; commit records whose heads already moved."""
 
-    def __init__(self, *, chains: Chains, policy: Policy, partners: Partners,
+    def __init__(self, *, replica: rp.Replica, policy: Policy, partners: Partners,
                  storage: Storage, metrics: Metrics, verifier: Verifier,
                  record_policy: RecordPolicy, now_ms: Callable[[], int],
                  spawn: Spawn) -> None:
-        self.chains = chains
+        self.replica = replica
         self.policy = policy
         self.partners = partners
         self.storage = storage
@@ -114,8 +112,10 @@ class Ingest:
         self.record_policy = record_policy
         self.now_ms = now_ms
         self.spawn = spawn
-        self.on_fork: ForkHandler | None = None
         self.on_commit: CommitListener = lambda recs, source: None
+        self.execute: Execute = _nothing
+        #: A partner sent a record of a feed its origin's card (as held) does not list.
+        self.on_new_feed: Callable[[PartnerLink], None] = lambda link: None
         # Record ids being checked by an ingest now, with the future of its verdict.
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._ingesting = 0  # ingests under way
@@ -129,10 +129,8 @@ class Ingest:
         """Verify and store records from outside. Never raises for bad records: each is
         rejected with a reason (counted, logged in the bounded rejected log)."""
         res = IngestResult()
-        chains = self.chains
-        src = source.row.node_id if source else "local"
+        replica = self.replica
         now = self.now_ms()
-        mono = time.monotonic()
         todo: list[_Item] = []
         # Copies of records another ingest is checking right now: they wait for its
         # verdict instead of checking the signature a second time.
@@ -146,7 +144,7 @@ class Ingest:
                 self._reject(res, i, exc, source)
                 continue
             rid = record_id(body)
-            if rid in seen or chains.holds(rid) or self._held_ahead(rid):
+            if rid in seen or replica.known(rid) or self._held_ahead(rid):
                 res.duplicate(i)
                 continue
             seen.add(rid)
@@ -173,7 +171,7 @@ class Ingest:
             if not verified:
                 self.metrics.duplicates.labels(via).inc(res.duplicates)
                 return res
-            return await self._place(verified, res, source, via, src, now, mono)
+            return await self._place(verified, res, source, via, now)
         finally:
             self._ingesting -= 1
             # Only now: until the records are placed (in flight to the writer), a copy
@@ -237,9 +235,8 @@ class Ingest:
                 verified = await self._verify_together(todo, now, accept)
         else:
             held, verified = await in_thread(self._check_batch, todo, now, accept)
-            for i, rid in held:
+            for i, _rid in held:
                 res.duplicate(i)
-                self.chains.recent.add(rid)
         self.metrics.verified.inc(len(verified))
         self._settle(todo, {rid for _i, rid in held} |
                      {item.id for _i, item in verified if isinstance(item, Record)})
@@ -255,7 +252,8 @@ class Ingest:
             f = parse_body(body, self.record_policy)
         except InvalidRecord:
             return False
-        return bool(f["seq"] > self.chains.seq((f["origin"], f["feed"])))
+        head = self.replica.head((f["origin"], f["feed"]))
+        return bool(f["seq"] > (head.seq if head is not None else 0))
 
     def _held_ahead(self, rid: bytes) -> bool:
         """Is this a copy of a record held ahead of a gap (verified already)? Checked
@@ -263,73 +261,47 @@ class Ingest:
         where = self._ahead.get(rid)
         if where is None:
             return False
-        held = self.chains.pending.get(*where)
+        held = self.replica.pending.get(*where)
         if held is not None and held.id == rid:
             return True
         del self._ahead[rid]
         return False
 
     async def _place(self, verified: list[tuple[int, Record | InvalidRecord]],
-                     res: IngestResult, source: PartnerLink | None, via: str, src: str,
-                     now: int, mono: float) -> IngestResult:
-        """Classify verified records against the heads, queue what extends a chain for
-        the writer, and return once it is committed."""
-        chains = self.chains
-        to_store: list[Record] = []
-        forks: list[tuple[Record, int]] = []
+                     res: IngestResult, source: PartnerLink | None, via: str,
+                     now: int) -> IngestResult:
+        """Hand verified records to the replica, carry out what it decides (the write
+        is queued before any await) and return once it is committed."""
+        recs: list[Record] = []
+        index: list[int] = []
         for i, item in verified:
             if isinstance(item, InvalidRecord):
                 self._reject(res, i, item, source)
                 continue
-            rec = item
-            key = (rec.origin, rec.feed)
-            if source is not None:
-                source.view.update(key, rec.seq)
-                if rec.origin != self.policy.public_key and \
-                        self.policy.card_lists(rec.origin, rec.feed) is False:
-                    source.sync_now.set()  # a feed newer than the card we hold: refresh
-            if chains.holds(rec.id):
-                res.duplicate(i)
-                continue
-            if not self.policy.accepts_origin(rec.origin):  # trust changed meanwhile
-                self._reject(res, i, self.policy.untrusted(rec.origin), source)
-                continue
-            d = classify(rec, chains.heads.get(key), None)
-            if d.verdict is Verdict.EXTENDS and not chains.quota.allow(
-                    rec.origin, len(rec.body), now):
-                # Charged only for records stored: re-sent or out-of-order copies cannot
-                # spend a third party's quota.
-                self._reject(res, i, InvalidRecord("origin over its daily quota", "quota"),
-                             source)
-                continue
-            if d.verdict is Verdict.EXTENDS:
-                self._extend(rec, to_store)
+            if source is not None and item.origin != self.policy.public_key and \
+                    self.policy.card_lists(item.origin, item.feed) is False:
+                self.on_new_feed(source)  # a feed newer than the card we hold: refresh
+            recs.append(item)
+            index.append(i)
+        outcomes, actions = self.replica.on_records(
+            source.key if source is not None else None, recs, now, via)
+        for i, rec, outcome in zip(index, recs, outcomes, strict=True):
+            if outcome == "stored":
                 res.accepted += 1
-                if via in ("push", "graft"):
-                    chains.pushed_at[key] = mono
-            elif d.verdict is Verdict.AHEAD:
-                head = chains.heads.get(key)
-                if chains.pending.add(rec, head_seq=head.seq if head else 0):
-                    res.pending += 1
-                    if len(self._ahead) >= AHEAD_IDS_MAX:
-                        self._ahead.clear()
-                    self._ahead[rec.id] = (key, rec.seq)
-                if source is not None:
-                    source.sync_now.set()
-            else:  # at or below the head: a copy of what we hold, or a fork
-                forks.append((rec, d.conflicts_with_seq or rec.seq))
-        for rec in chains.pending.take_conflicts():
-            d = classify(rec, chains.heads.get((rec.origin, rec.feed)), None)
-            if d.verdict is Verdict.EQUIVOCATION:
-                forks.append((rec, d.conflicts_with_seq or rec.seq))
-        self.metrics.pending.set(len(chains.pending))
-        if to_store:
-            await self.commit(to_store, durable=False, source=source)
-        for rec, seq in forks:
-            if self.on_fork is not None and await self.on_fork(rec, seq, src):
+            elif outcome == "duplicate":
+                res.duplicate(i)
+            elif outcome == "pending":
+                res.pending += 1
+                if len(self._ahead) >= AHEAD_IDS_MAX:
+                    self._ahead.clear()
+                self._ahead[rec.id] = ((rec.origin, rec.feed), rec.seq)
+            elif outcome == "equivocation":
                 res.forks += 1
-            else:
-                res.duplicates += 1
+            elif outcome.startswith("rejected:"):
+                # Counted by the replica's Rejected action.
+                res.rejected.append((i, outcome.split(":", 1)[1]))
+        self.metrics.pending.set(len(self.replica.pending))
+        await self.execute(actions)
         # Counted at the end: a copy that arrived by two paths at once is found out
         # only after both were verified.
         self.metrics.duplicates.labels(via).inc(res.duplicates)
@@ -388,47 +360,30 @@ class Ingest:
             if not fut.done():
                 fut.set_result(False)
 
-    def _extend(self, rec: Record, to_store: list[Record]) -> None:
-        """Append ``rec`` (which extends its chain) and any pending records it unblocks."""
-        key = (rec.origin, rec.feed)
-        chains = self.chains
-        for r in [rec, *chains.pending.take_ready(key, rec.seq, rec.id)]:
-            self._ahead.pop(r.id, None)
-            chains.heads[key] = FeedHead(r.seq, r.id)
-            chains.inflight.add(r.id)
-            to_store.append(r)
-
-    async def commit(self, recs: list[Record], *, durable: bool,
-                     source: PartnerLink | None) -> None:
-        """Commit records whose heads are already advanced in memory, then tell the
-        listeners (push, streams). Shielded: a client that disconnects must not leave
-        memory and database apart (the write and everything after it run to the end).
-
-        The write is queued now, before this returns to the event loop, so writes reach
-        the writer in the order their heads were advanced."""
+    def start_commit(self, recs: list[Record], *, durable: bool,
+                     source: PartnerLink | None) -> asyncio.Task[None]:
+        """Queue the write of records whose heads the replica already advanced, now
+        (before returning to the event loop, so writes reach the writer in the order
+        their heads moved), and commit them in a task of the node's: await it shielded,
+        so that a client that disconnects does not leave memory and database apart."""
         fut = self.storage.append(recs, durable=durable)
-        await asyncio.shield(
-            self.spawn(self._commit_now(recs, durable, source, fut), "commit"))
+        return self.spawn(self._commit_now(recs, durable, source, fut), "commit")
 
     async def _commit_now(self, recs: list[Record], durable: bool,
                           source: PartnerLink | None, fut: Future[Any]) -> None:
-        chains = self.chains
         try:
             await asyncio.wrap_future(fut)
         except CitynodeError:
-            # The writer refused (should not happen: defence in depth). Our in-memory
+            # The writer refused (should not happen: defence in depth). The replica's
             # heads may be ahead of the database: reload them, once every write queued
             # before ours has landed.
             for r in recs:
-                chains.inflight.discard(r.id)
+                self.replica.inflight.discard(r.id)
             await asyncio.wrap_future(self.storage.set_meta("heads-reloaded", b""))
-            chains.load(await in_thread(self.storage.heads))
+            self.replica.load(await in_thread(self.storage.heads))
             raise
-        for r in recs:
-            chains.inflight.discard(r.id)
-            chains.recent.add(r.id)
         self.metrics.stored.labels("own" if durable else "replica").inc(len(recs))
-        self.metrics.feeds.set(len(chains.heads))
+        self.metrics.feeds.set(len(self.replica.heads))
         self.on_commit(recs, source)
 
     # ------------------------------------------------------------------ refusals
@@ -444,3 +399,7 @@ class Ingest:
         self.metrics.rejected.labels(reason).inc()
         src = self.partners.count_invalid(source, reason)
         self.storage.log_rejected(src, reason, detail[:500], self.now_ms())
+
+
+async def _nothing(actions: Sequence[rp.Action]) -> None:
+    return None

@@ -1,104 +1,50 @@
-"""Partners: the links to the nodes this one exchanges records with, their state while
-running (up or down, queues, what they are known to hold), and the delivery of
-checkpoints and proofs with an outbox for a partner that is away.
+"""Partners: the links to the nodes this one exchanges records with, how each one is
+doing (up or down, failures, invalid items sent), and the delivery of checkpoints and
+proofs.
 
-The gossip role runs each link's push and sync loops; this role starts and stops them,
-adds and removes partners, and says how each one is doing.
+What is queued for a partner, what it holds and when to sync with it are the replica's
+(core/replica.py); the gossip role carries out its actions over these links.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import random
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from citynode.config import Config
-from citynode.core import sync
 from citynode.core.keys import SigningKey, parse_node_id
-from citynode.core.records import Record
-from citynode.errors import CitynodeError, PeerError, PeerRejected
+from citynode.errors import PeerError, PeerRejected
 from citynode.logs import fields
 from citynode.metrics import Metrics
 from citynode.node._base import Spawn, in_thread
 from citynode.storage import PartnerRow, Storage
 from citynode.transport.client import PeerClient
 
-__all__ = ["OUTBOX_MAX", "OUTBOX_PER_ROUND", "OUTBOX_REFUSALS", "PartnerLink", "Partners"]
+__all__ = ["PartnerLink", "Partners", "verdict_on_payload"]
 
 log = logging.getLogger("citynode.node")
 
-# Checkpoints and proofs kept per partner while it is away (each a few hundred bytes).
-OUTBOX_MAX = 1000
-OUTBOX_PER_ROUND = 50
-OUTBOX_REFUSALS = 5  # a checkpoint or proof refused for the moment this often is dropped
 # A partner's clock this far from ours (s) is logged: time-based refusals are near.
 CLOCK_WARN_S = 10
 
 
 class PartnerLink:
-    """Everything the node keeps about one partner while running."""
+    """A partner's connection and health while running."""
 
-    def __init__(self, row: PartnerRow, client: PeerClient, queue_max: int) -> None:
+    def __init__(self, row: PartnerRow, client: PeerClient) -> None:
         self.row = row
         self.client = client
         self.key = row.public_key
-        self.view = sync.PeerView()
-        self.queue: deque[Record] = deque()
-        self.queue_max = queue_max
-        self.overflowed = False  # push dropped something: pull must repair
-        self.wake = asyncio.Event()
-        self.sync_now = asyncio.Event()
         self.up = False
         self.failures = 0
         self.last_ok_ms: int | None = None
         self.last_error: str | None = None
         self.invalid: dict[str, int] = {}
-        self.synced_once = asyncio.Event()
-        self.first_attempt = asyncio.Event()  # the first sync round ended, well or not
-        self.tasks: list[asyncio.Task[None]] = []
-        # Plumtree-style lazy push: origins whose records this partner already gets
-        # through someone else. For those we only announce (origin, feed, seq, head).
-        self.lazy: set[bytes] = set()
-        self.announce: dict[tuple[bytes, str], tuple[int, bytes]] = {}
-        self.graft_pending: set[tuple[bytes, str]] = set()
         self.clock_warned: int | None = None  # the clock offset last logged
-        # Checkpoints and proofs this partner has not taken yet (it was down): sent again
-        # after the next good sync round. Keyed by a hash of (path, payload), so one
-        # is kept once; oldest first; bounded.
-        self.outbox: OrderedDict[bytes, tuple[str, bytes, int]] = OrderedDict()
 
-    def keep_for_later(self, path: str, payload: bytes, refusals: int = 0) -> None:
-        """Send ``payload`` to ``path`` after the next good round (the oldest goes once
-        OUTBOX_MAX wait: a partner that long gone is caught up by a newer checkpoint).
-        ``refusals``: how often the partner, reachable, refused it for the moment; at
-        OUTBOX_REFUSALS it is dropped (it may never trust that origin)."""
-        if refusals >= OUTBOX_REFUSALS:
-            return
-        key = hashlib.sha256(path.encode() + b"\0" + payload).digest()
-        self.outbox[key] = (path, payload, refusals)
-        while len(self.outbox) > OUTBOX_MAX:
-            self.outbox.popitem(last=False)
-
-    def announce_later(self, rec: Record) -> None:
-        key = (rec.origin, rec.feed)
-        old = self.announce.get(key)
-        if old is None or old[0] < rec.seq:
-            self.announce[key] = (rec.seq, rec.id)
-        self.wake.set()
-
-    def enqueue(self, rec: Record) -> None:
-        if len(self.queue) >= self.queue_max:
-            self.queue.popleft()
-            self.overflowed = True
-            self.sync_now.set()
-        self.queue.append(rec)
-        self.wake.set()
-
-    def status(self) -> dict[str, Any]:
+    def status(self, queued: int = 0) -> dict[str, Any]:
         return {
             "node_id": self.row.node_id,
             "name": self.row.name,
@@ -107,16 +53,12 @@ class PartnerLink:
             "failures": self.failures,
             "last_ok_ms": self.last_ok_ms,
             "last_error": self.last_error,
-            "queue": len(self.queue),
+            "queue": queued,
             "invalid": dict(self.invalid),
             # The partner's clock minus ours (s), from its latest answer: past
             # [limits] future_tolerance_seconds, records and requests are refused.
             "clock_offset_s": self.client.clock_offset_s,
         }
-
-
-#: Starts a link's loops: ``(link) -> tasks`` (the gossip role's push and sync loops).
-LinkRunner = Callable[[PartnerLink], list["asyncio.Task[None]"]]
 
 
 class Partners:
@@ -136,7 +78,11 @@ class Partners:
         self.links: dict[bytes, PartnerLink] = {}
         self._keys: frozenset[bytes] = frozenset()
         self.on_change: Callable[[], None] = lambda: None
-        self.run_link: LinkRunner = lambda link: []
+        # The gossip role: a link opened or closed, a round asked for, records queued.
+        self.on_open: Callable[[PartnerLink], None] = lambda link: None
+        self.on_close: Callable[[PartnerLink], None] = lambda link: None
+        self.on_sync_now: Callable[[PartnerLink], None] = lambda link: None
+        self.queued: Callable[[bytes], int] = lambda key: 0
 
     def keys(self) -> frozenset[bytes]:
         """The partners' public keys."""
@@ -146,21 +92,21 @@ class Partners:
         return self.links.get(public_key)
 
     def status(self) -> list[dict[str, Any]]:
-        return [link.status() for link in self.links.values()]
+        return [link.status(self.queued(link.key)) for link in self.links.values()]
 
     def sync_all(self) -> int:
         """Ask every partner for a sync round now; returns how many there are."""
-        for link in self.links.values():
-            link.sync_now.set()
+        for link in list(self.links.values()):
+            self.on_sync_now(link)
         return len(self.links)
 
     # ------------------------------------------------------------------ links
 
-    async def start(self, *, tasks: bool = True) -> list[PartnerLink]:
-        """Open a link to every stored partner (with its loops unless ``tasks=False``)."""
-        return [self.open(row, tasks=tasks) for row in await in_thread(self.storage.partners)]
+    async def start(self) -> list[PartnerLink]:
+        """Open a link to every stored partner."""
+        return [self.open(row) for row in await in_thread(self.storage.partners)]
 
-    def open(self, row: PartnerRow, *, tasks: bool = True) -> PartnerLink:
+    def open(self, row: PartnerRow) -> PartnerLink:
         client = PeerClient(
             self.key,
             row.url,
@@ -170,17 +116,14 @@ class Partners:
             clock=self.clock,
             max_batch=self.config.limits.max_batch_records,
         )
-        link = PartnerLink(row, client, self.config.federation.push_queue_max)
+        link = PartnerLink(row, client)
         self.links[row.public_key] = link
         self._changed()
-        if tasks:
-            link.tasks.extend(self.run_link(link))
+        self.on_open(link)
         return link
 
     async def close(self, link: PartnerLink) -> None:
-        for t in link.tasks:
-            t.cancel()
-        await asyncio.gather(*link.tasks, return_exceptions=True)
+        self.on_close(link)
         await link.client.close()
 
     async def close_all(self) -> None:
@@ -229,11 +172,6 @@ class Partners:
 
     # ------------------------------------------------------------------ health
 
-    def backoff(self, link: PartnerLink) -> float:
-        cap = self.config.federation.backoff_max_seconds
-        base = min(cap, 0.2 * (2 ** min(link.failures, 16)))
-        return random.uniform(base / 2, base)  # full jitter on the upper half
-
     def mark(self, link: PartnerLink, ok: bool, err: str | None = None) -> None:
         if ok:
             link.up, link.failures, link.last_ok_ms = True, 0, self.now_ms()
@@ -263,50 +201,24 @@ class Partners:
 
     # ------------------------------------------------------------------ delivery
 
-    def send(self, link: PartnerLink, path: str, payload: bytes) -> None:
-        """Deliver a checkpoint or proof to a partner in the background."""
-        self.spawn(self.deliver(link, path, payload), "send-" + path.rsplit("/", 1)[-1])
-
     async def deliver(self, link: PartnerLink, path: str, payload: bytes,
-                      refusals: int = 0) -> bool:
-        """POST a checkpoint or proof to a partner. Unreachable (or a 5xx): kept for
-        after its next good sync round, so one that was down still gets it; returns
-        False. Refused for the moment (busy, clock skew, an origin it does not trust
-        yet): kept, a few times; refused for what it is (invalid, too large): dropped.
-        Returns True when the partner answered."""
+                      refusals: int = 0) -> int | None:
+        """POST a checkpoint or proof to a partner. Returns None when it is done with
+        (taken, or refused for what it is: invalid, too large), else the refusal count
+        to keep it with for after the next good round: unreachable or a 5xx (as it was),
+        refused for the moment -- busy, clock skew, an origin it does not trust yet
+        (one more)."""
         try:
             await link.client.request("POST", path, payload)
         except PeerRejected as exc:
             if exc.status >= 500:
-                link.keep_for_later(path, payload, refusals)
-                return False
+                return refusals
             if not verdict_on_payload(exc):
-                link.keep_for_later(path, payload, refusals + 1)
-            return True
+                return refusals + 1
+            return None
         except PeerError:
-            link.keep_for_later(path, payload, refusals)
-            return False
-        return True
-
-    async def flush_outbox(self, link: PartnerLink,
-                           first_round: Callable[[PartnerLink], Awaitable[None]] | None
-                           ) -> None:
-        """After a good sync round: what this partner missed while it was away.
-        ``first_round`` (after the first good round since start) first fills the outbox
-        with what it may have missed while this node was down."""
-        try:
-            if first_round is not None:
-                await first_round(link)
-            # A budget per round: a partner that answers slowly must not hold this
-            # link's sync rounds for the whole outbox (the rest goes next round).
-            for _ in range(min(len(link.outbox), OUTBOX_PER_ROUND)):
-                key, (path, payload, refusals) = next(iter(link.outbox.items()))
-                del link.outbox[key]
-                if not await self.deliver(link, path, payload, refusals):
-                    return  # away again: kept (at the end), tried after the next round
-        except CitynodeError as exc:  # our storage: the round itself went well
-            log.warning("resending checkpoints failed",
-                        extra=fields(partner=link.row.name, error=str(exc)))
+            return refusals
+        return None
 
     def count_invalid(self, link: PartnerLink | None, reason: str) -> str:
         """Count one item refused from ``link`` on its tally; returns its node id (or

@@ -17,11 +17,11 @@ from citynode.core import access, cards, sync
 from citynode.core.chain import ForkProof
 from citynode.core.keys import SigningKey, Verifier, node_id, parse_node_id
 from citynode.core.records import Record, decode_envelope, parse_body
+from citynode.core.replica import Replica
 from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
 from citynode.identity import Identity
 from citynode.logs import fields
 from citynode.node._base import in_thread
-from citynode.node.chains import Chains
 from citynode.storage import Storage
 
 __all__ = ["Policy", "readers_of", "sealed_to"]
@@ -39,18 +39,22 @@ class Policy:
     records held arrives (the gossip role then asks every partner for a round)."""
 
     def __init__(self, *, config: Config, identity: Identity, storage: Storage,
-                 chains: Chains, verifier: Verifier, now_ms: Callable[[], int],
+                 replica: Replica, verifier: Verifier, now_ms: Callable[[], int],
                  partners: Callable[[], frozenset[bytes]]) -> None:
         self.config = config
         self.identity = identity
         self.key: SigningKey = identity.key
         self.public_key = identity.key.public_key
         self.storage = storage
-        self.chains = chains
+        self.replica = replica
         self.verifier = verifier
         self.now_ms = now_ms
         self.partners = partners
         self.on_card_news: Callable[[bytes], None] = lambda origin: None
+        #: Every card learnt (newer than the one held): ``(node, its partners)``.
+        self.on_card: Callable[[bytes, frozenset[bytes]], None] = lambda node, ps: None
+        #: Cards or partners changed what may be sent where.
+        self.on_access_change: Callable[[], None] = lambda: None
         self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
         self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
         self.vouch = sync.VouchGraph()
@@ -67,7 +71,7 @@ class Policy:
     def card(self) -> cards.NodeCard:
         """Our signed node card, re-signed whenever our partners or our feeds change (a
         feed must be listed before partners relay it: unlisted feeds are not public)."""
-        feeds = sorted(self.chains.feeds_of(self.public_key) | set(self.config.feeds))
+        feeds = sorted(self._feeds_of(self.public_key) | set(self.config.feeds))
         if self._card is None or [f.name for f in self._card.feeds] != feeds:
             self._card = cards.make_card(
                 self.key,
@@ -164,14 +168,19 @@ class Policy:
         self.card_info[c.node] = c
         self.vouch.add_card(c.node, set(c.partners))
         self._forget_derived()
+        self.on_card(c.node, frozenset(c.partners))
         if (prev is None or prev.feeds != c.feeds or prev.partners != c.partners) and (
-                self.chains.holds_origin(c.node)):
+                self._feeds_of(c.node)):
             # Records of that node we hold and may have held back (a feed its old card
             # did not list, a partner it did not have) may now go on.
             self.on_card_news(c.node)
         # Kept so `citynode export` can put the origin's card in an auditor's bundle.
         self.storage.set_meta("card:" + c.node.hex(), env)
         return True
+
+    def _feeds_of(self, origin: bytes) -> set[str]:
+        """The feeds of ``origin`` of which a record is held."""
+        return {f for (o, f) in self.replica.heads if o == origin}
 
     def card_lists(self, origin: bytes, feed: str) -> bool | None:
         """Does the card held of ``origin`` list ``feed``? None: no card held."""
@@ -233,6 +242,7 @@ class Policy:
         self._trusted = None
         self._policies = {}
         self._known = None
+        self.on_access_change()
 
     # ------------------------------------------------------------------ access
 
@@ -297,11 +307,6 @@ class Policy:
                                         partner) for env in (fp.a, fp.b))
         return access.may_relay(pol, origin, partner)
 
-    def frontier_for(self, partner: bytes) -> sync.Frontier:
-        """Our heads, less the feeds this partner may not be sent."""
-        return {k: (h.seq, h.id) for k, h in self.chains.heads.items()
-                if self.may_pass(partner, k[0], k[1])}
-
     def may_read(self, origin: bytes, feed: str, caller: bytes | None,
                  envelope: bytes | None = None) -> bool:
         """Access policy on the read paths (get, query, stream, export): for a record when
@@ -325,7 +330,7 @@ class Policy:
         proofs)? As it may read the feed's latest record held: for a restricted feed,
         that record's recipients are the readers known here (in clear: the partners
         rule); with no record held, the feed's policy alone."""
-        head = self.chains.heads.get((origin, feed))
+        head = self.replica.head((origin, feed))
         env = None
         if head is not None and self.is_restricted(origin, feed):
             env = await in_thread(self.storage.envelope_at, origin, feed, head.seq)

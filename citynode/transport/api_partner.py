@@ -1,5 +1,6 @@
-"""The partner protocol (signed by a listed partner's node key): push, sync, fetch,
-announce, graft, cards, checkpoints and proofs."""
+"""The partner protocol (signed by a listed partner's node key): push, reconcile, sync
+(the legacy frontier exchange), fetch, announce, graft, cards, checkpoints and proofs.
+What they mean for replication is the replica's (through the gossip role)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import msgpack
 from aiohttp import web
 
 from citynode.core import sync
+from citynode.core.reconcile import MAX_MESSAGE_BYTES
+from citynode.errors import InvalidRecord
 from citynode.node import Node
 from citynode.transport.web import (
     MSGPACK,
@@ -24,6 +27,7 @@ __all__ = [
     "post_checkpoint",
     "proofs",
     "push",
+    "reconcile",
     "sync_handler",
 ]
 
@@ -43,16 +47,35 @@ async def push(request: web.Request) -> web.Response:
     return pack(res.to_wire())
 
 
-async def sync_handler(request: web.Request) -> web.Response:
+async def reconcile(request: web.Request) -> web.Response:
+    """One message of a partner's reconciliation session; the answer is ours."""
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    theirs = sync.decode_frontier(body)
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_MESSAGE_BYTES, actual_size=len(body),
+            text=f"a reconciliation message is at most {MAX_MESSAGE_BYTES} bytes")
     link = node.partners.get(key)
     if link is None:  # removed while its request ran
         raise web.HTTPForbidden(text="not a partner of this node")
+    try:
+        answer = node.gossip.on_reconcile(key, body)
+    except InvalidRecord as exc:  # a malformed message: counted on the partner, a 400
+        node.ingest_role.count_invalid(link, exc.reason, str(exc))
+        raise
+    return web.Response(body=answer, content_type=MSGPACK)
+
+
+async def sync_handler(request: web.Request) -> web.Response:
+    """The legacy frontier exchange (a partner on the previous version still syncs)."""
+    node = request.app[NODE_KEY]
+    body, key = await partner_body(request)
+    theirs = sync.decode_frontier(body)
+    if node.partners.get(key) is None:  # removed while its request ran
+        raise web.HTTPForbidden(text="not a partner of this node")
     # Only the feeds this partner may be sent: a partners feed's head stays with its
     # origin's partners (and it would ask, every round, for what it cannot get).
-    return web.Response(body=sync.encode_frontier(node.gossip.on_sync_request(link, theirs)),
+    return web.Response(body=sync.encode_frontier(node.gossip.on_frontier(key, theirs)),
                         content_type=MSGPACK)
 
 
@@ -68,9 +91,8 @@ async def announce(request: web.Request) -> web.Response:
     """A partner's lazy push: heads (a frontier) of records it holds, without them."""
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    link = node.partners.get(key)
-    if link is not None:
-        node.gossip.on_announce(link, sync.decode_frontier(body))
+    if node.partners.get(key) is not None:
+        node.gossip.on_announce(key, sync.decode_frontier(body))
     return web.json_response({"ok": True})
 
 
@@ -78,9 +100,8 @@ async def graft(request: web.Request) -> web.Response:
     """A partner wants an origin's records pushed eagerly again (body: the origin key)."""
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    link = node.partners.get(key)
-    if link is not None and len(body) == 32:
-        node.gossip.on_graft(link, body)
+    if node.partners.get(key) is not None and len(body) == 32:
+        node.gossip.on_graft(key, body)
     return web.json_response({"ok": True})
 
 
@@ -90,12 +111,11 @@ async def cards_handler(request: web.Request) -> web.Response:
     return pack(node.policy.known_cards())
 
 
-async def _partner_gossip(request: web.Request) -> tuple[Node, bytes, str]:
-    """``(node, body, sender's node id)`` of a signed partner request."""
+async def _partner_gossip(request: web.Request) -> tuple[Node, bytes, bytes]:
+    """``(node, body, sender's key)`` of a signed partner request."""
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    link = node.partners.get(key)
-    return node, body, link.row.node_id if link else "?"
+    return node, body, key
 
 
 async def post_checkpoint(request: web.Request) -> web.Response:

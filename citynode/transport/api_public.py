@@ -157,7 +157,7 @@ async def get_checkpoints(request: web.Request) -> web.Response:
     if not await may_read_feed(request, caller, origin, feed):
         raise web.HTTPNotFound(text="no such feed here")
     held = await node.checkpoints.held(origin, feed)
-    if not held and node.chains.seq((origin, feed)) == 0:
+    if not held and node.seq((origin, feed)) == 0:
         raise web.HTTPNotFound(text="no such feed here")
     if wants_json(request):
         return web.json_response({"checkpoints": [
@@ -231,7 +231,7 @@ async def consistency_proof(request: web.Request) -> web.Response:
     new = int_arg(request, "new", None, 0)
     if origin is None or not feed or old is None or new is None or old > new:
         raise web.HTTPBadRequest(text="need ?origin=&feed=&old=&new= with old <= new")
-    if node.chains.seq((origin, feed)) == 0 or not await may_read_feed(request, caller, origin,
+    if node.seq((origin, feed)) == 0 or not await may_read_feed(request, caller, origin,
                                                                      feed):
         raise web.HTTPNotFound(text="no such feed here")
     path, old_root, new_root = await node.checkpoints.consistency(origin, feed, old, new)

@@ -17,6 +17,7 @@ import msgpack
 from citynode.core import cards
 from citynode.core.encoding import Limits
 from citynode.core.keys import SigningKey, Verifier
+from citynode.core.reconcile import MAX_MESSAGE_BYTES
 from citynode.errors import PeerError
 from citynode.transport.http import (
     MAX_RESPONSE,
@@ -85,6 +86,12 @@ class PeerClient:
     async def sync(self, frontier: bytes) -> bytes:
         """POST our frontier; return the partner's encoded frontier."""
         return await self.request("POST", "/v1/sync", frontier)
+
+    async def reconcile(self, message: bytes) -> bytes:
+        """POST a reconciliation message (core/reconcile.py); return the partner's answer
+        (unverified, at most one message's bound)."""
+        return await self.request("POST", "/v1/reconcile", message,
+                                  max_bytes=MAX_MESSAGE_BYTES)
 
     async def fetch(self, wants: bytes) -> list[bytes]:
         """POST encoded wants; return the envelopes the partner sent (unverified): at

@@ -10,8 +10,8 @@ authenticate, call the node's roles, render. The routes live by caller:
 Three kinds of caller, three kinds of authentication:
 
 * anyone: the node card, health, and public feeds' records;
-* partners: ``/v1/push``, ``/v1/sync``, ``/v1/fetch``, ``/v1/cards``, ``/v1/proofs`` need a
-  request signed by a listed partner's node key (core/httpsig.py), at most
+* partners: ``/v1/push``, ``/v1/reconcile``, ``/v1/sync``, ``/v1/fetch``, ``/v1/cards``,
+  ``/v1/proofs`` need a request signed by a listed partner's node key (core/httpsig.py), at most
   ``request_max_age_seconds`` old and never replayed;
 * the operator: ``/v1/publish``, ``/v1/admin/*`` and ``/metrics`` need
   ``Authorization: Bearer <operator token>`` (compared in constant time).
@@ -82,6 +82,7 @@ def build_app(node: Node) -> web.Application:
     r.add_delete("/v1/admin/partners/{pid}", api_operator.admin_partner_delete)
     r.add_post("/v1/push", api_partner.push)
     r.add_post("/v1/sync", api_partner.sync_handler)
+    r.add_post("/v1/reconcile", api_partner.reconcile)
     r.add_post("/v1/fetch", api_partner.fetch)
     r.add_get("/v1/cards", api_partner.cards_handler)
     r.add_post("/v1/announce", api_partner.announce)

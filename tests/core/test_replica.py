@@ -415,3 +415,17 @@ def test_held_checkpoints_go_after_the_first_good_round_even_if_one_failed_befor
     r.sync_now(P, T + 120_000)
     again = r.on_sync(P, rc.encode_message([]), T + 120_000, initiator=True)
     assert not of(rp.SendHeld, again)  # once per start
+
+
+def test_recent_ids_are_bounded_and_each_stays_for_half_the_bound() -> None:
+    recent = rp.RecentIds(10)
+    ids = [bytes([i]) * 32 for i in range(40)]
+    for n, rid in enumerate(ids):
+        recent.add(rid)
+        assert len(recent) <= 10
+        assert all(x in recent for x in ids[max(0, n - 4):n + 1])  # the last 5 at least
+    assert ids[0] not in recent
+    one = rp.RecentIds(1)
+    for rid in ids[:3]:
+        one.add(rid)
+    assert len(one) == 1 and ids[2] in one

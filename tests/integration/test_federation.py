@@ -510,21 +510,6 @@ async def test_a_new_partner_gets_the_checkpoints_its_relay_already_held(
     await eventually(lambda: holds_cp(c), timeout=30)
 
 
-def test_a_checkpoint_refused_for_the_moment_is_dropped_after_a_few_tries() -> None:
-    """A partner that never trusts an origin refuses its checkpoints "for the moment"
-    every time: after OUTBOX_REFUSALS such answers it is no longer kept."""
-    from citynode.node import OUTBOX_REFUSALS, PartnerLink
-    from citynode.storage import PartnerRow
-
-    row = PartnerRow("cn1x", b"\x01" * 32, "https://127.0.0.1:1", "x", None, None, 0)
-    link = PartnerLink(row, client=None, queue_max=10)  # type: ignore[arg-type]
-    for n in range(OUTBOX_REFUSALS):
-        link.keep_for_later("/v1/checkpoints", b"cp", n)
-        assert list(link.outbox.values()) == [("/v1/checkpoints", b"cp", n)]
-    link.keep_for_later("/v1/checkpoints", b"cp", OUTBOX_REFUSALS)
-    assert list(link.outbox.values()) == [("/v1/checkpoints", b"cp", OUTBOX_REFUSALS - 1)]
-
-
 async def test_a_restarted_relay_serves_an_origin_that_is_down(cluster: Cluster) -> None:
     """Serving a city's data while that city is offline is what relays are for. B holds
     A's records of a feed A's card did not list when B added A (it learned the newer card

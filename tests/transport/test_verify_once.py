@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 
 from citynode.core.keys import SigningKey
 from citynode.core.records import Record, sign_record
-from citynode.node._base import RecentIds
 from tests.conftest import InProc
 
 Make = Callable[..., Awaitable[InProc]]
@@ -59,7 +58,7 @@ async def test_copies_arriving_together_are_verified_once(inproc: Make) -> None:
     assert _verified(a) == 12
     # Copies of records in the database, though no longer among those committed lately
     # (as after a restart): looked up, not verified.
-    a.node.chains.recent = RecentIds()
+    a.node.replica._recent.clear()
     out = await a.node.ingest(envs[:3], source=from_c)
     assert out.duplicates == 3 and out.accepted == 0
     out = await a.node.ingest([envs[5]], source=from_b)
