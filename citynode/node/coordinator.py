@@ -198,13 +198,15 @@ class Node:
         """Stop background tasks and close storage; everything acknowledged is committed."""
         self.ready = False
         self.streams.close()
-        await self.partners.close_all()
+        self.gossip.stop()  # no new requests to partners from here on
         commits = [t for t in self._tasks if t.get_name() == "commit"]
         if commits:  # let writes already under way finish and be acknowledged
             await asyncio.wait(commits, timeout=30)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Only now: no task of ours is using a partner's connection any more.
+        await self.partners.close_all()
         await asyncio.get_running_loop().run_in_executor(None, self.storage.close)
         log.info("node stopped", extra=fields(node=self.node_id))
 

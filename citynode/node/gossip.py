@@ -103,6 +103,7 @@ class Gossip:
         # Off for a one-shot catch-up: records fetched are not pushed on, nothing is sent
         # but the requests of the catch-up itself.
         self.serving = True
+        self._stopped = False
         self._cards_at: dict[bytes, float] = {}  # partner -> when its cards were fetched
         self._cards_busy: set[bytes] = set()  # partners whose cards are being fetched
         self._cards_again: set[bytes] = set()  # ... and asked for again meanwhile
@@ -116,6 +117,12 @@ class Gossip:
 
     # ------------------------------------------------------------------ the timer task
 
+    def stop(self) -> None:
+        """The node is stopping: no new request to a partner starts (those under way are
+        the node's to cancel)."""
+        self.serving = False
+        self._stopped = True
+
     def wake(self) -> None:
         """The replica's deadlines may have changed: the timer task looks again."""
         self._wake.set()
@@ -123,7 +130,7 @@ class Gossip:
     async def run(self) -> None:
         """The one timer task: sleep until the replica's next deadline or a wake-up,
         then carry out what is due. Until cancelled."""
-        while True:
+        while not self._stopped:
             deadline = self.replica.next_deadline()
             delay = None if deadline is None else max(
                 MIN_TICK, (deadline - self.now_ms()) / 1000)
@@ -150,6 +157,8 @@ class Gossip:
         now = time.monotonic()
         nxt: float | None = None
         for link in list(self.partners.links.values()):
+            if self._stopped:
+                break
             last = self._cards_at.get(link.key)
             if last is None:
                 continue  # the first round with it fetches them, before reconciling
@@ -270,6 +279,8 @@ class Gossip:
             self._send(a)
 
     def _send(self, a: rp.Action) -> None:
+        if self._stopped:
+            return
         peer = getattr(a, "peer", None)
         link = self.partners.get(peer) if isinstance(peer, bytes) else None
         if link is None:
@@ -346,7 +357,8 @@ class Gossip:
         if link.key in self._cards_busy:
             self._cards_again.add(link.key)
             return
-        self.spawn(self._refresh_cards(link, force=True), "cards")
+        if not self._stopped:
+            self.spawn(self._refresh_cards(link, force=True), "cards")
 
     async def _refresh_cards(self, link: PartnerLink, *, force: bool = False) -> None:
         if link.key in self._cards_busy:
@@ -358,7 +370,8 @@ class Gossip:
             self._mark(link, False, str(exc))
         finally:
             self._cards_busy.discard(link.key)
-        if link.key in self._cards_again and self.partners.get(link.key) is link:
+        if link.key in self._cards_again and self.partners.get(link.key) is link \
+                and not self._stopped:
             self._cards_again.discard(link.key)
             self.spawn(self._refresh_cards(link, force=True), "cards")
 
