@@ -458,6 +458,11 @@ class Gossip:
         if not actions or not isinstance(actions[0], rp.SendSync):
             raise AccessDenied("not a partner of this node")
         self.act(actions[1:])
+        link = self.partners.get(peer)
+        if link is not None and time.monotonic() - self._cards_at.get(peer, -1e9) >= 1.0:
+            # Cards travel with rounds both ways (as the initiator's do): the partner's
+            # chains we are not told of yet may need a card it holds and we do not.
+            self.cards_stale(link)
         return actions[0].payload
 
     def on_frontier(self, peer: bytes, theirs: sync.Frontier) -> sync.Frontier:
