@@ -245,8 +245,10 @@ class Node:
         return await self.partners.remove(partner_id)
 
     async def catch_up(self, progress: Progress | None = None) -> int:
-        """See :meth:`Gossip.catch_up`."""
-        return await self.gossip.catch_up(progress)
+        """See :meth:`CatchUp.catch_up`."""
+        from citynode.node.catchup import CatchUp
+
+        return await CatchUp(self.gossip).catch_up(progress)
 
     async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
                      via: str = "push") -> Any:

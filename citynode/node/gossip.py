@@ -40,7 +40,7 @@ from citynode.node._base import Spawn, in_thread
 from citynode.node.checkpoints import Checkpoints
 from citynode.node.ingest import Ingest
 from citynode.node.partners import PartnerLink, Partners
-from citynode.node.policy import Policy, readers_of
+from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
 from citynode.storage import Storage
 
@@ -365,7 +365,7 @@ class Gossip:
             return
         self._cards_busy.add(link.key)
         try:
-            await self._learn_cards(link, force=force)
+            await self.learn_cards(link, force=force)
         except PeerError as exc:
             self._mark(link, False, str(exc))
         finally:
@@ -375,7 +375,7 @@ class Gossip:
             self._cards_again.discard(link.key)
             self.spawn(self._refresh_cards(link, force=True), "cards")
 
-    async def _learn_cards(self, link: PartnerLink, *, force: bool = False) -> None:
+    async def learn_cards(self, link: PartnerLink, *, force: bool = False) -> None:
         """The partner's cards (they carry the vouches the trust policy needs), at most
         once per half interval unless ``force``."""
         now = time.monotonic()
@@ -389,7 +389,7 @@ class Gossip:
         """One message of our reconciliation session with a partner; its answer goes to
         the replica."""
         try:
-            await self._learn_cards(link)
+            await self.learn_cards(link)
             answer = await link.client.reconcile(payload)
         except PeerError as exc:
             self._mark(link, False, str(exc))
@@ -476,119 +476,6 @@ class Gossip:
 
     def on_graft(self, peer: bytes, origin: bytes) -> None:
         self.replica.on_graft(peer, origin)
-
-    async def serve_fetch(self, wants: Sequence[sync.Want], requester: bytes
-                          ) -> list[bytes]:
-        """Envelopes for a partner's wants, bounded, respecting feed access."""
-        out: list[bytes] = []
-        budget = self.config.limits.max_batch_records
-        link = self.partners.get(requester)
-        if link is None:  # no longer a partner (removed while its request ran)
-            return out
-        for w in wants:
-            if budget <= 0:
-                break
-            if not self.policy.may_pass(link.key, w.origin, w.feed):
-                continue
-            envs = await in_thread(
-                self.storage.range, w.origin, w.feed, w.from_seq, w.to_seq, budget)
-            if self.policy.is_restricted(w.origin, w.feed):
-                # Records of the feed in clear (signed before it was restricted) go
-                # where the partners rule lets them.
-                envs = [e for e in envs if readers_of(e) is not None
-                        or self.policy.may_relay_envelope(link.key, w.origin, w.feed, e)]
-            out.extend(envs)
-            budget -= len(envs)
-        return out
-
-    # ------------------------------------------------------------------ one-shot
-
-    async def catch_up(self, progress: Progress | None = None) -> int:
-        """One-shot (node not serving): reconcile once with every partner and fetch
-        everything missing at once; ``progress(done, total)`` is called as records
-        arrive. Returns the number of records fetched. Partners that cannot be reached
-        are skipped (logged); raises nothing for them."""
-        self.serving = False
-        if not self.partners.links:
-            await self.partners.start()
-            await self.policy.load_cards()
-        links = list(self.partners.links.values())
-        fetched = 0
-        done = 0
-
-        def count(n: int, _total: int) -> None:
-            nonlocal done, fetched
-            done += n
-            fetched += n
-            if progress is not None:
-                progress(done, total)
-
-        total = 0
-        for link in links:
-            try:
-                await self._learn_cards(link)
-                todo = await self._session(link)
-            except PeerError as exc:
-                log.warning("partner unreachable", extra=fields(partner=link.row.name,
-                                                                error=str(exc)))
-                self.replica.on_sync_failed(link.key, self.now_ms())
-                continue
-            except CitynodeError as exc:
-                log.warning("sync failed", extra=fields(partner=link.row.name,
-                                                        error=str(exc)))
-                self.replica.on_sync_failed(link.key, self.now_ms())
-                continue
-            todo.extend(self.replica.pull_now(self.now_ms()))
-            total += sum(_span(self.replica, a) for a in todo)
-            if progress is not None:
-                progress(done, total)
-            while todo:
-                a = todo.pop(0)
-                if not isinstance(a, rp.Fetch):
-                    await self.execute([a])
-                    continue
-                more = await self._fetch_direct(link, a, count)
-                todo.extend(more)
-        return fetched
-
-    async def _session(self, link: PartnerLink) -> list[rp.Action]:
-        """A whole reconciliation session with a partner, request after request; returns
-        the fetches it asked for."""
-        actions = self.replica.sync_now(link.key, self.now_ms())
-        fetches: list[rp.Action] = []
-        while True:
-            req = next((a for a in actions if isinstance(a, rp.SendSync) and a.initiator
-                        and a.peer == link.key), None)
-            fetches += [a for a in actions if isinstance(a, rp.Fetch)]
-            await self.execute([a for a in actions if a is not req
-                                and not isinstance(a, rp.Fetch)])
-            if req is None:
-                return fetches
-            answer = await link.client.reconcile(req.payload)
-            actions = self.replica.on_sync(link.key, answer, self.now_ms(), initiator=True)
-
-    async def _fetch_direct(self, link: PartnerLink, a: rp.Fetch, count: Progress
-                            ) -> list[rp.Action]:
-        try:
-            envs = await link.client.fetch(sync.encode_wants(a.wants))
-        except PeerError as exc:
-            log.warning("fetch failed", extra=fields(partner=link.row.name, error=str(exc)))
-            return []
-        if envs:
-            res = await self.ingest.ingest(envs, source=link, via=a.via)
-            count(res.accepted, 0)
-        return self.replica.on_fetch_done(link.key, a.wants, len(envs), self.now_ms())
-
-
-def _span(replica: rp.Replica, a: rp.Action) -> int:
-    """Records a Fetch is after, up to the end of its chain's range (not one answer)."""
-    if not isinstance(a, rp.Fetch):
-        return 0
-    n = 0
-    for w in a.wants:
-        f = replica.fetching.get(w.key)
-        n += max(w.to_seq, f[1] if f else 0) - w.from_seq + 1
-    return n
 
 
 def _stored_record(env: bytes) -> Record:

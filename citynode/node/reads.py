@@ -6,10 +6,13 @@ the cursor).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from citynode.config import Config
+from citynode.core import sync
 from citynode.core.filters import ALL_RECORDS, RecordFilter
 from citynode.node._base import in_thread
-from citynode.node.policy import Policy
+from citynode.node.policy import Policy, readers_of
 from citynode.storage import FeedRow, RejectedRow, Storage, StoredRow
 
 __all__ = ["Reads"]
@@ -50,6 +53,28 @@ class Reads:
         if operator:
             return rows
         return [r for r in rows if self.policy.may_list(r.origin, r.feed, caller)]
+
+    async def serve_fetch(self, wants: Sequence[sync.Want], requester: bytes
+                          ) -> list[bytes]:
+        """Envelopes for a partner's wants (the caller checked it is one), bounded in
+        count, respecting feed access: what that partner may be sent."""
+        out: list[bytes] = []
+        budget = self.config.limits.max_batch_records
+        for w in wants:
+            if budget <= 0:
+                break
+            if not self.policy.may_pass(requester, w.origin, w.feed):
+                continue
+            envs = await in_thread(
+                self.storage.range, w.origin, w.feed, w.from_seq, w.to_seq, budget)
+            if self.policy.is_restricted(w.origin, w.feed):
+                # Records of the feed in clear (signed before it was restricted) go
+                # where the partners rule lets them.
+                envs = [e for e in envs if readers_of(e) is not None
+                        or self.policy.may_relay_envelope(requester, w.origin, w.feed, e)]
+            out.extend(envs)
+            budget -= len(envs)
+        return out
 
     async def db_size(self) -> int:
         return await in_thread(self.storage.db_size_bytes)

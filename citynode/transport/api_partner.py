@@ -83,7 +83,9 @@ async def fetch(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
     wants = sync.decode_wants(body)
-    envs = await node.gossip.serve_fetch(wants, key)
+    if node.partners.get(key) is None:  # removed while its request ran
+        return pack([])
+    envs = await node.reads.serve_fetch(wants, key)
     return pack(envs)
 
 

@@ -324,13 +324,13 @@ async def test_restored_node_refuses_to_publish_until_it_fetched_its_newer_recor
     # B answers A's sync at once but is slow to serve records: A then knows that B holds
     # its records up to seq 10 while A itself has only 5, and must not sign seq 6.
     gate = asyncio.Event()
-    serve_fetch = b.node.gossip.serve_fetch
+    serve_fetch = b.node.reads.serve_fetch
 
     async def slow_serve_fetch(wants: Any, requester: bytes) -> list[bytes]:
         await gate.wait()
         return await serve_fetch(wants, requester)
 
-    b.node.gossip.serve_fetch = slow_serve_fetch  # type: ignore[method-assign]
+    b.node.reads.serve_fetch = slow_serve_fetch  # type: ignore[method-assign]
     a.start()
     try:
         await a.wait_ready()
