@@ -392,6 +392,10 @@ class Replica:
         self.pushed_at: dict[FeedKey, int] = {}
         self.fetching: dict[FeedKey, tuple[bytes, int, int]] = {}  # key -> peer, to, until
         self.deferred: dict[FeedKey, tuple[bytes, int, int]] = {}  # key -> peer, seq, due
+        # Chains whose fetched records were all refused (dated in the future, say): how
+        # often in a row, and until when no fetch of them is asked (a back-off, not a
+        # fetch and a refusal on every round). Cleared when the chain grows.
+        self.stalled: dict[FeedKey, tuple[int, int]] = {}
         self._deferred_by: dict[bytes, int] = {}  # peer -> entries of deferred naming it
         self._lookups: dict[tuple[bytes, str, int], list[tuple[str, object, bytes | None]]]
         self._lookups = {}
@@ -506,6 +510,7 @@ class Replica:
     # ------------------------------------------------------------------ internals
 
     def _set_head(self, key: FeedKey, seq: int, hid: bytes) -> None:
+        self.stalled.pop(key, None)
         new = key not in self.heads
         self.heads[key] = FeedHead(seq, hid)
         self.chains.set(key[0], key[1], seq, hid)
@@ -620,6 +625,12 @@ class Replica:
         f = self.fetching.get(key)
         if f is not None and f[2] > now_ms and f[1] >= hi:
             return
+        stalled = self.stalled.get(key)
+        if stalled is not None and now_ms < stalled[1]:
+            # Its records were refused lately: asked again when the back-off ends.
+            if self._may_defer(key, peer):
+                self._defer(key, peer, hi, stalled[1])
+            return
         # One answer holds at most ``batch`` records; on_fetch_done asks for the rest.
         self.fetching[key] = (peer, hi, now_ms + self.config.fetch_timeout_ms)
         want = Want(key[0], key[1], lo, min(hi, lo + self.config.batch - 1))
@@ -627,6 +638,17 @@ class Replica:
             group.setdefault((peer, via), []).append(want)
         else:
             out.append(Fetch(peer, (want,), via))
+
+    def _stall(self, key: FeedKey, now_ms: int) -> int | None:
+        """A fetch of ``key`` was answered but nothing of it was stored (refused: dated
+        in the future, over quota, invalid): the next fetch waits settle_ms, doubling
+        each time in a row, at most backoff_max_ms. Bounded like deferred pulls."""
+        n = self.stalled[key][0] + 1 if key in self.stalled else 0
+        if key not in self.stalled and len(self.stalled) >= self.config.max_deferred:
+            return None
+        delay = min(self.config.settle_ms << min(n, 20), self.config.backoff_max_ms)
+        self.stalled[key] = (n, now_ms + delay)
+        return now_ms + delay
 
     def _defer(self, key: FeedKey, peer: bytes, seq: int, due: int) -> None:
         old = self.deferred.get(key)
@@ -1037,6 +1059,12 @@ class Replica:
             own = w.origin == self.me and w.feed in self._own_claims
             if own and failed:
                 self._own_fetch_failed(w.feed, peer, target, have, now_ms)
+                continue
+            if got > 0 and not failed and have < w.from_seq and p is not None and not own:
+                # An answer, none of it stored: asked again when the back-off ends.
+                until = self._stall(w.key, now_ms)
+                if until is not None and self._may_defer(w.key, peer):
+                    self._defer(w.key, peer, target, until)
                 continue
             if (p is not None and failed and have < target and w.key not in self.deferred
                     and self._may_defer(w.key, peer)):

@@ -429,3 +429,28 @@ def test_recent_ids_are_bounded_and_each_stays_for_half_the_bound() -> None:
     for rid in ids[:3]:
         one.add(rid)
     assert len(one) == 1 and ids[2] in one
+
+
+def test_a_chain_whose_records_are_refused_is_fetched_again_on_a_back_off() -> None:
+    """Issue 16: a record dated in the future (refused by the shell's verification, so
+    never handed to the replica) with later records behind it was fetched and refused
+    again every 0.6 s. An answer none of which was stored backs the chain off: settle,
+    then twice that, ... at most backoff_max; the chain growing ends it."""
+    r = replica(settle_ms=100, backoff_max_ms=1000)
+    recs = chain(ORIGIN, 3)
+    r.on_frontier(P, {(ORIGIN.public_key, "f"): (3, recs[2].id)}, T)
+    (fetch,) = of(rp.Fetch, r.tick(T + 100))
+    t = T + 200
+    delays = []
+    for _ in range(5):
+        # The answer held 3 records; the shell refused them all (future_time).
+        assert not of(rp.Fetch, r.on_fetch_done(P, fetch.wants, 3, t))  # type: ignore[attr-defined]
+        due = r.next_deadline()
+        assert due is not None and not of(rp.Fetch, r.tick(due - 1))
+        (fetch,) = of(rp.Fetch, r.tick(due))
+        delays.append(due - t)
+        t = due + 10
+    assert delays == [100, 200, 400, 800, 1000]
+    # Now the records are acceptable: the chain grows and the back-off is gone.
+    r.on_records(P, recs, t, "sync")
+    assert (ORIGIN.public_key, "f") not in r.stalled
