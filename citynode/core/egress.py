@@ -101,12 +101,11 @@ class EgressPolicy:
             out["allow"] = sorted(self.allow)
         if self.deny:
             out["deny"] = sorted(self.deny)
-        if self.location_decimals is not None:
-            out["location_decimals"] = self.location_decimals
-        if self.location_grid_degrees is not None:
-            out["location_grid_degrees"] = self.location_grid_degrees
-        if self.time_resolution_seconds is not None:
-            out["time_resolution_seconds"] = self.time_resolution_seconds
+        for name in ("location_decimals", "location_grid_degrees",
+                     "time_resolution_seconds"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
         if self.text_max_chars is not None:
             out["text_max_chars"] = self.text_max_chars
             out["text_attributes"] = sorted(self.text_attributes)
