@@ -145,6 +145,11 @@ class StorageError(CitynodeError):
     a newer schema than this version of citynode understands)."""
 
 
+class DiskFull(StorageError):
+    """The disk holding the database is full: nothing of the write was kept (SQLite
+    rolled it back). Free some space; the node resumes by itself."""
+
+
 class DatabaseCorrupt(StorageError):
     """SQLite found the database file damaged (or not a database): restore it from a
     backup (``citynode restore``) or move it away."""

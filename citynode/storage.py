@@ -64,6 +64,7 @@ from citynode.errors import (
     ChainError,
     CitynodeError,
     DatabaseCorrupt,
+    DiskFull,
     QueryTooSlow,
     StorageError,
 )
@@ -101,6 +102,9 @@ _NAMES_MAX = 100_000  # chain and type names kept by readers
 #: rows (scattered among other feeds) were ~15% slower at 16 KiB than at 8 KiB.
 _PAGE_SIZE = 8192
 _MAX_TEXT = 2000  # rejected-log fields are attacker-influenced: bound them
+#: After a write failed for a full disk, the node counts as writable again once this
+#: much is free (or a real write lands).
+FREE_MARGIN = 2 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- rows
@@ -221,7 +225,7 @@ def _storage_error(exc: BaseException, path: Path, action: str) -> StorageError:
                 "using this directory?"
             )
         if code == sqlite3.SQLITE_FULL:
-            return StorageError(
+            return DiskFull(
                 f"disk full while {action} ({path}): free some space and try again"
             )
         if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN,
@@ -669,6 +673,8 @@ class Storage:
         self._sync_full = False
         self._batches = 0
         self._durable_batches = 0
+        #: The last write failed for a full disk, and none has committed since.
+        self.disk_full = False
         self._jobs = 0
         self._failed_jobs = 0
         self._queued = 0
@@ -862,6 +868,7 @@ class Storage:
                 conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
                 self._sync_full = durable
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
             for fn, fut, _d, _w in jobs:
                 conn.execute("SAVEPOINT job")
                 try:
@@ -892,9 +899,14 @@ class Storage:
             self._jobs += len(jobs)
             self._failed_jobs += len(jobs)
             own = {id(fut): error for fut, _r, error in outcomes if error is not None}
+            if isinstance(err, DiskFull) or any(isinstance(e, DiskFull)
+                                                for e in own.values()):
+                self.disk_full = True
             for _fn, fut, _d, _w in jobs:
                 fut.set_exception(own.get(id(fut), err))  # a job's own error stays true
             return
+        if conn.total_changes > changes:
+            self.disk_full = False  # a write committed: there is room again
         self._batches += 1
         self._durable_batches += durable
         self._jobs += len(jobs)
@@ -1027,17 +1039,43 @@ class Storage:
 
         return self._submit(run)
 
+    def barrier(self) -> Future[None]:
+        """Done once every write queued before it has landed (it writes nothing: it
+        completes on a full disk too)."""
+        return self._submit(lambda conn: None)
+
     def writable(self, timeout: float = 5.0) -> bool:
-        """True if the writer can take the write lock within ``timeout`` seconds.
+        """True if the writer can commit a small write within ``timeout`` seconds (it
+        also clears :attr:`disk_full` when space came back).
 
         Blocks the calling thread (run it in an executor). Never raises.
         """
+        # A real write (a few bytes in meta), not an empty transaction: on a full disk
+        # an empty commit succeeds while every insert fails.
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('writable-probe', ?)"
+                         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         (os.urandom(16),))
+
+        was_full = self.disk_full
         try:
-            fut = self._submit(lambda conn: None)
+            fut = self._submit(probe)
             fut.result(timeout)
         except (CitynodeError, FutureTimeoutError):
             return False
-        return True
+        if was_full and self.free_bytes() < FREE_MARGIN:
+            # A few bytes fit in the write-ahead log's slack; a batch of records did
+            # not: full until the file system has room again (or a real write lands).
+            self.disk_full = True
+        return not self.disk_full
+
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the database's file system."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
 
     # ------------------------------------------------------------------ reads
 

@@ -457,6 +457,23 @@ class Replica:
         for origin, feed, seq in forks:
             self._note_fork(origin, feed, seq)
 
+    def rewind(self, records: Iterable[Record],
+               stored: Mapping[FeedKey, tuple[int, bytes]]) -> None:
+        """A Store of these records failed (the disk is full, say): they are no longer on
+        their way, and their chains' heads go back to what storage holds (``stored``),
+        or are forgotten where it holds none, so the next record signed or stored
+        follows what is on disk."""
+        keys = set()
+        for r in records:
+            self.inflight.discard(r.id)
+            keys.add((r.origin, r.feed))
+        for key in keys:
+            if key in stored:
+                self._set_head(key, *stored[key])
+            elif key in self.heads:
+                del self.heads[key]
+                self.chains.remove(*key)
+
     def add_partner(self, peer: bytes, first_sync_ms: int) -> None:
         """A new partner; the first round with it is due at ``first_sync_ms`` (call
         ``tick``)."""

@@ -300,6 +300,7 @@ class Node:
         intact = self.storage.corrupt is None
         ok = self.ready and ok_db and intact
         out: dict[str, Any] = {"database_writable": ok_db, "database_intact": intact,
+                               "disk_full": self.storage.disk_full,
                                "key_loaded": True, "started": self.ready}
         if not intact:
             out["database_error"] = self.storage.corrupt

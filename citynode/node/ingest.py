@@ -374,13 +374,12 @@ class Ingest:
         try:
             await asyncio.wrap_future(fut)
         except CitynodeError:
-            # The writer refused (should not happen: defence in depth). The replica's
-            # heads may be ahead of the database: reload them, once every write queued
-            # before ours has landed.
-            for r in recs:
-                self.replica.inflight.discard(r.id)
-            await asyncio.wrap_future(self.storage.set_meta("heads-reloaded", b""))
-            self.replica.load(await in_thread(self.storage.heads))
+            # The write failed (a full disk; or a bug the writer refused). The replica's
+            # heads of these chains are ahead of the database: take them back to what
+            # it holds, once every write queued before ours has landed.
+            await asyncio.wrap_future(self.storage.barrier())  # writes nothing: a full
+            # disk does not stop it
+            self.replica.rewind(recs, await in_thread(self.storage.heads))
             raise
         self.metrics.stored.labels("own" if durable else "replica").inc(len(recs))
         self.metrics.feeds.set(len(self.replica.heads))

@@ -27,6 +27,7 @@ from citynode.errors import (
     AccessDenied,
     CitynodeError,
     ClockSkew,
+    DiskFull,
     InvalidFilter,
     InvalidNodeId,
     InvalidProof,
@@ -107,6 +108,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(409, "publish_refused", str(exc))
     except QueryTooSlow as exc:
         return error_response(503, "query_too_slow", str(exc))
+    except DiskFull as exc:
+        log.error("disk full", extra=fields(error=str(exc)))
+        return error_response(507, "disk_full", str(exc))
     except StorageError as exc:
         log.error("storage error", extra=fields(error=str(exc)))
         return error_response(503, "storage", str(exc))

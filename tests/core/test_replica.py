@@ -454,3 +454,18 @@ def test_a_chain_whose_records_are_refused_is_fetched_again_on_a_back_off() -> N
     # Now the records are acceptable: the chain grows and the back-off is gone.
     r.on_records(P, recs, t, "sync")
     assert (ORIGIN.public_key, "f") not in r.stalled
+
+
+def test_a_failed_store_rewinds_the_heads_to_what_storage_holds() -> None:
+    r = replica()
+    recs = chain(ORIGIN, 4)
+    r.on_records(P, recs[:2], T, "push")
+    r.on_committed(recs[:2], P, T)
+    r.on_records(P, recs[2:], T, "push")  # heads move to 4; this Store then fails
+    other = chain(SigningKey(b"\x05" * 32), 1, feed="g")
+    r.on_records(P, other, T, "push")  # a new chain whose first Store fails too
+    r.rewind([*recs[2:], *other], {(ORIGIN.public_key, "f"): (2, recs[1].id)})
+    assert r.head((ORIGIN.public_key, "f")) == (2, recs[1].id)
+    assert r.head((other[0].origin, "g")) is None
+    stored, _ = r.on_records(P, recs[2:], T, "push")  # the same records extend it again
+    assert stored == ["stored", "stored"]
