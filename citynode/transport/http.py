@@ -300,11 +300,7 @@ class HttpClient:
                 method, url, data=body or None, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout),
             ) as resp:
-                self._note_date(resp.headers.get("Date"))
-                if not 200 <= resp.status < 300:
-                    raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
-                                                                     truncate=True),
-                                    self.where)
+                await self._answered(resp)
                 data = await _read_bounded(resp, max_bytes)
                 if data is None:
                     raise PeerError(f"{self.where or self.base_url}: answer larger than "
@@ -314,6 +310,14 @@ class HttpClient:
             raise
         except _LIBRARY_ERRORS as exc:
             raise self._edge(exc) from exc
+
+    async def _answered(self, resp: aiohttp.ClientResponse) -> None:
+        """Note the other side's clock from its answer; raise PeerRejected (its status
+        and reason code) unless the answer is 2xx."""
+        self._note_date(resp.headers.get("Date"))
+        if not 200 <= resp.status < 300:
+            raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
+                                                             truncate=True), self.where)
 
     def _note_date(self, date: str | None) -> None:
         """Keep the other side's clock offset from its answer's Date header."""
@@ -347,11 +351,7 @@ class HttpClient:
                 method, url, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
             ) as resp:
-                self._note_date(resp.headers.get("Date"))
-                if not 200 <= resp.status < 300:
-                    raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
-                                                                     truncate=True),
-                                    self.where)
+                await self._answered(resp)
                 if opened is not None:
                     opened()
                 if resp.content_type != "text/event-stream":

@@ -14,7 +14,7 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import msgpack
@@ -160,18 +160,29 @@ async def require_partner(request: web.Request, body: bytes,
     replayed); return the partner's public key. ``signature``: the request's headers as
     :func:`_precheck_partner` read them (else read here). Raises AccessDenied."""
     node = request.app[NODE_KEY]
+    return _verify(request, body, request.headers if signature is None else signature,
+                   request.app[REPLAY_KEY],
+                   authorize=lambda key: node.partners.get(key) is not None)
+
+
+def _verify(request: web.Request, body: bytes,
+            headers: Mapping[str, str] | httpsig.SignatureHeaders,
+            replay: httpsig.ReplayCache,
+            authorize: Callable[[bytes], bool] | None = None) -> bytes:
+    """httpsig.verify_request with this node's clock, id and limits."""
+    node = request.app[NODE_KEY]
     return httpsig.verify_request(
         request.method,
         request.rel_url.raw_path_qs,
-        request.headers if signature is None else signature,
+        headers,
         body,
         now_ms=node.now_ms(),
         max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
         max_future_ms=_future_ms(node),
-        replay=request.app[REPLAY_KEY],
+        replay=replay,
         verifier=node.verifier,
         expected_target=node.node_id,
-        authorize=lambda key: node.partners.get(key) is not None,
+        authorize=authorize,
     )
 
 
@@ -248,19 +259,7 @@ async def signed_caller(request: web.Request) -> bytes | None:
     """
     if "Signature" not in request.headers and "Signature-Input" not in request.headers:
         return None
-    node = request.app[NODE_KEY]
-    return httpsig.verify_request(
-        request.method,
-        request.rel_url.raw_path_qs,
-        request.headers,
-        b"",
-        now_ms=node.now_ms(),
-        max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
-        max_future_ms=_future_ms(node),
-        replay=request.app[READ_REPLAY_KEY],
-        verifier=node.verifier,
-        expected_target=node.node_id,
-    )
+    return _verify(request, b"", request.headers, request.app[READ_REPLAY_KEY])
 
 
 def decrypt_key(request: web.Request) -> Any:
