@@ -301,9 +301,17 @@ class Resumed:
     feed: str
 
 
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """A restored node's heads were confirmed by ``peer``'s first good round: the shell
+    clears the durable "restored" mark, and own feeds may be signed on again."""
+
+    peer: bytes
+
+
 Action = (Store | Push | Announce | Fetch | Graft | SendSync | Lookup | StoreProof
           | SendProof | SendCheckpoint | SendHeld | WakeStreams | Rejected | ForkFound
-          | Paused | Resumed)
+          | Paused | Resumed | Confirmed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,6 +391,11 @@ class Replica:
         self.config = config
         self.me = config.self_key
         self.heads: dict[FeedKey, FeedHead] = {}
+        #: The database was restored (from a backup, or copied back by hand): our own
+        #: feeds may be behind what partners hold, and a failed first round proves
+        #: nothing, so nothing is signed on them until a partner's good round confirms
+        #: the heads (:class:`Confirmed`). See :meth:`mark_restored`.
+        self.restored = False
         self.chains = rc.ChainSet()
         self.pending = PendingBuffer(config.pending_max_records, config.pending_max_bytes)
         self.quota = OriginQuota(config.quota_records_per_day, config.quota_bytes_per_day)
@@ -429,6 +442,11 @@ class Replica:
         """Our heads less the chains this partner may not be told of (legacy sync)."""
         return {k: (h.seq, h.id) for k, h in self.heads.items()
                 if self.config.may_pass(peer, k[0], k[1])}
+
+    def mark_restored(self) -> None:
+        """This node's database was restored: refuse to sign on own feeds until a
+        partner completes a good round with us (a failed round does not count)."""
+        self.restored = True
 
     def first_round_pending(self) -> list[bytes]:
         """Partners whose first sync round since start has not ended (publishing waits)."""
@@ -1036,6 +1054,12 @@ class Replica:
 
     def _round_done(self, p: _Partner, now_ms: int, out: list[Action]) -> None:
         p.first_done = True
+        if self.restored:
+            # This round compared every chain with the partner, ours included: any
+            # later record of ours it holds is now an own claim being fetched (and
+            # publishing on that feed stays paused until it is here).
+            self.restored = False
+            out.append(Confirmed(p.key))
         p.failures = 0
         p.overflowed = False
         if not p.held_sent:  # the first GOOD round: one that failed sent nothing
@@ -1170,6 +1194,13 @@ class Replica:
                 "name, and tell the partner cities why")
         if feed in self.own_blocked:
             raise PublishRefused(self.own_blocked[feed])
+        if self.restored:
+            raise PublishRefused(
+                "this node's database was restored (from a backup or a copy): it may hold "
+                "fewer of its own records than its partners do, so it signs nothing on its "
+                "own feeds until a partner confirms its heads. Wait for a partner to be "
+                "reachable, or, if no partner holds any record of this node, start it with "
+                "--accept-fork-risk")
         late = self.first_round_pending()
         if late:
             raise PublishRefused(

@@ -469,3 +469,36 @@ def test_a_failed_store_rewinds_the_heads_to_what_storage_holds() -> None:
     assert r.head((other[0].origin, "g")) is None
     stored, _ = r.on_records(P, recs[2:], T, "push")  # the same records extend it again
     assert stored == ["stored", "stored"]
+
+
+def test_a_restored_node_signs_nothing_until_a_partner_confirms_its_heads() -> None:
+    """A failed first round lets a normal start publish (partners down must not stop a
+    city's own data), but not a restored one: its own feeds may be behind."""
+    r = replica()
+    r.mark_restored()
+    assert of(rp.SendSync, r.tick(T))
+    r.on_sync_failed(P, T)
+    r.on_sync_failed(Q, T)
+    assert not r.first_round_pending()
+    with pytest.raises(PublishRefused, match="restored"):
+        r.check_publish("f")
+    assert P in [a.peer for a in of(rp.SendSync, r.tick(T + 60_000))]  # type: ignore[attr-defined]
+    acts = r.on_sync(P, rc.encode_message([]), T + 60_000, initiator=True)
+    assert [a.peer for a in of(rp.Confirmed, acts)] == [P]  # type: ignore[attr-defined]
+    r.check_publish("f")  # confirmed: nothing of ours is newer at P
+    assert not of(rp.Confirmed, r.on_frontier(Q, {}, T + 61_000))  # once
+
+
+def test_a_restored_node_confirmed_by_a_partner_holding_newer_records_fetches_them_first(
+) -> None:
+    r = replica()
+    mine = chain(ME, 5)
+    r.load({(ME.public_key, "f"): (3, mine[2].id)})  # the copy stopped at seq 3
+    r.mark_restored()
+    acts = r.on_frontier(P, {(ME.public_key, "f"): (5, mine[4].id)}, T)
+    assert of(rp.Confirmed, acts) and of(rp.Paused, acts)
+    with pytest.raises(PublishRefused, match="holds our records up to seq 5"):
+        r.check_publish("f")
+    wants = [w for a in of(rp.Fetch, acts + r.tick(T + 5_000))
+             for w in a.wants]  # type: ignore[attr-defined]
+    assert any(w.origin == ME.public_key and w.from_seq == 4 for w in wants)
