@@ -155,11 +155,20 @@ def init(data_dir: Path, name: str, listen: str, public_url: str | None,
 
 @main.command()
 @DIR_OPTION
-def run(data_dir: Path) -> None:
-    """Serve the node (HTTPS) until stopped with SIGTERM or Ctrl-C."""
+@click.option("--accept-fork-risk", is_flag=True,
+              help="The database was restored (from a backup or a copy) and no partner "
+                   "can confirm its heads: sign on own feeds anyway. If a partner holds "
+                   "later records of this node, its feeds fork for good.")
+def run(data_dir: Path, accept_fork_risk: bool) -> None:
+    """Serve the node (HTTPS) until stopped with SIGTERM or Ctrl-C.
+
+    A node whose database was restored (by `citynode restore`, or its file copied back
+    by hand) signs nothing on its own feeds until a partner confirms its heads, so it
+    never signs a seq a partner already holds.
+    """
     from citynode.runner import run_node
 
-    run_node(data_dir)
+    run_node(data_dir, accept_fork_risk=accept_fork_risk)
 
 
 @main.command("id")

@@ -67,20 +67,26 @@ class LocalNode:
     fingerprint: bytes
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: Where the node listens (a network namespace's address in scripts/chaos).
+    host: str = "127.0.0.1"
+    #: A command the node runs under (``ip netns exec NS``), and extra environment
+    #: (libfaketime's): for fault scenarios only.
+    wrap: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
     _http: HttpClient | None = field(default=None, repr=False)
     _raw: aiohttp.ClientSession | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
     def start(self) -> None:
         """Start ``citynode run`` for this node (logs to DIR/node.log)."""
         self.log_path = self.dir / "node.log"
         logf = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "citynode", "run", "-d", str(self.dir)],
+            [*self.wrap, sys.executable, "-m", "citynode", "run", "-d", str(self.dir)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )
@@ -193,22 +199,25 @@ class Cluster:
         self.base = base
         self.nodes: dict[str, LocalNode] = {}
 
-    def create(self, names: list[str], *, settings: dict[tuple[str, str], Any] | None = None
-               ) -> list[LocalNode]:
-        """``citynode init`` one node per name, on free loopback ports."""
+    def create(self, names: list[str], *, settings: dict[tuple[str, str], Any] | None = None,
+               hosts: list[str] | None = None) -> list[LocalNode]:
+        """``citynode init`` one node per name, on free loopback ports (or on ``hosts``,
+        one address per name, each on port 8443)."""
         from nacl.pwhash import argon2id
 
-        ports = free_ports(len(names))
+        ports = free_ports(len(names)) if hosts is None else [8443] * len(names)
+        addrs = hosts or ["127.0.0.1"] * len(names)
         out = []
-        for name, port in zip(names, ports, strict=True):
+        for name, port, host in zip(names, ports, addrs, strict=True):
             d = self.base / name.lower().replace(" ", "-")
             ident, _cfg = init_data_dir(
-                d, name=name, listen=f"127.0.0.1:{port}",
+                d, name=name, listen=f"{host}:{port}", hosts=[host],
                 kdf_opslimit=argon2id.OPSLIMIT_MIN, kdf_memlimit=argon2id.MEMLIMIT_MIN,
             )
             for (section, key), value in (settings or {}).items():
                 set_config(d / "node.toml", section, key, value)
-            n = LocalNode(name, d, port, ident.node_id, ident.token, ident.cert_fingerprint)
+            n = LocalNode(name, d, port, ident.node_id, ident.token, ident.cert_fingerprint,
+                          host=host)
             self.nodes[name] = n
             out.append(n)
         return out

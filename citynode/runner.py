@@ -63,7 +63,7 @@ def is_running(data_dir: Path) -> bool:
     return False
 
 
-async def _serve(data_dir: Path) -> None:
+async def _serve(data_dir: Path, accept_fork_risk: bool = False) -> None:
     from citynode.node import Node
     from citynode.transport.server import serve
 
@@ -75,7 +75,7 @@ async def _serve(data_dir: Path) -> None:
         loop.add_signal_handler(sig, stop.set)
     runner = None
     try:
-        await node.start()
+        await node.start(accept_fork_risk=accept_fork_risk)
         runner = await serve(node, host=host, port=port)
         log.info(
             "serving",
@@ -97,11 +97,13 @@ async def _serve(data_dir: Path) -> None:
         await node.stop()
 
 
-def run_node(data_dir: Path) -> None:
-    """Serve the node until SIGTERM/SIGINT; shut down gracefully. Raises CitynodeError."""
+def run_node(data_dir: Path, *, accept_fork_risk: bool = False) -> None:
+    """Serve the node until SIGTERM/SIGINT; shut down gracefully. Raises CitynodeError.
+    ``accept_fork_risk``: sign on own feeds at once even if the database was restored
+    (see :meth:`Node.start`)."""
     from citynode.logs import setup_logging
 
     cfg = load_config(data_dir / "node.toml")
     setup_logging(cfg.log.level, cfg.log.format)
     with run_lock(data_dir):
-        asyncio.run(_serve(data_dir))
+        asyncio.run(_serve(data_dir, accept_fork_risk))

@@ -741,6 +741,7 @@ class Storage:
             _migrate(conn, path)
             if rewrite:
                 _compact(conn, path)
+            _note_file_identity(conn, path)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -1036,6 +1037,27 @@ class Storage:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+        return self._submit(run)
+
+    # ------------------------------------------------------------------ restored mark
+
+    def restored(self) -> str | None:
+        """Why this database counts as restored (its own feeds may be behind what
+        partners hold), or None. Set by :meth:`mark_restored` or when the file is not the
+        one last opened here (see :func:`_note_file_identity`)."""
+        value = self.get_meta(_RESTORED)
+        return value.decode("utf-8", "replace") if value is not None else None
+
+    def mark_restored(self, why: str) -> Future[None]:
+        """Mark the database restored (``citynode restore`` does)."""
+        return self.set_meta(_RESTORED, why.encode())
+
+    def clear_restored(self) -> Future[None]:
+        """A partner confirmed this node's heads (or the operator took the risk)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM meta WHERE key = ?", (_RESTORED,))
 
         return self._submit(run)
 
@@ -1476,6 +1498,52 @@ def _check_file(conn: sqlite3.Connection, path: Path) -> int:
                 "database; move it away or choose another data directory"
             )
     return version
+
+
+_RESTORED = "restored"
+_FILE_IDENTITY = "file-identity"
+_XATTR = "user.citynode.tag"
+
+
+def _note_file_identity(conn: sqlite3.Connection, path: Path) -> None:
+    """Mark the database restored if its file is not the one last opened here.
+
+    A data dir copied back by hand (``cp``, ``rsync``, a restore tool) puts a new file
+    where the old one was, while the content still names the file it was last opened
+    as: here its inode number and a random tag that is also kept as an extended
+    attribute (``user.citynode.tag``) of the file itself. A crash, a restart or an
+    ``mv`` keep both; a copy changes the inode (unless the old number is reused at
+    once) and drops the attribute (unless copied with ``cp -a`` / ``rsync -X``), so
+    only a copy that keeps both goes unseen. A whole-machine snapshot rolled back is
+    not seen either: ``citynode restore`` marks explicitly. The device number is not
+    used: it may change across reboots, which would mark every restart.
+
+    The mark makes the node wait for a partner's confirmation before it signs on its
+    own feeds, so a stale copy never re-signs a seq that partners hold.
+    """
+    st = os.stat(path)
+    try:
+        tag: bytes | None = os.getxattr(path, _XATTR)
+    except OSError:
+        tag = None  # none set, or a filesystem without user xattrs: the inode decides
+    now = f"{st.st_ino}".encode()
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_FILE_IDENTITY,)).fetchone()
+    if row is not None:
+        ino, _, want = bytes(row[0]).partition(b" ")
+        if ino != now or (want and tag != want):
+            # The mark first: a crash before the identity is updated marks again.
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                         "DO NOTHING", (_RESTORED, b"the database file was copied back "
+                                        b"(a new file where another was)"))
+        elif not want or tag == want:
+            return  # the file last opened here
+    fresh = os.urandom(8).hex().encode()
+    try:
+        os.setxattr(path, _XATTR, fresh)
+    except OSError:
+        fresh = b""
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO "
+                 "UPDATE SET value = excluded.value", (_FILE_IDENTITY, now + b" " + fresh))
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> int:

@@ -1196,7 +1196,8 @@ class Replica:
             raise PublishRefused(self.own_blocked[feed])
         if self.restored:
             raise PublishRefused(
-                "this node's database was restored (from a backup or a copy): it may hold "
+                f"feed {feed!r}: this node's database was restored (from a backup or a "
+                "copy): it may hold "
                 "fewer of its own records than its partners do, so it signs nothing on its "
                 "own feeds until a partner confirms its heads. Wait for a partner to be "
                 "reachable, or, if no partner holds any record of this node, start it with "

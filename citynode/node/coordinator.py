@@ -165,10 +165,23 @@ class Node:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    async def start(self, *, partners: bool = True) -> None:
+    async def start(self, *, partners: bool = True, accept_fork_risk: bool = False) -> None:
         """Load state and (unless ``partners=False``, for one-shot CLI commands) start the
-        partner tasks. The HTTP server is the caller's."""
+        partner tasks. The HTTP server is the caller's.
+
+        A database marked restored (Storage.restored) makes the replica refuse to sign
+        on own feeds until a partner confirms the heads; ``accept_fork_risk`` clears the
+        mark instead (the operator's explicit choice)."""
         loop = asyncio.get_running_loop()
+        restored = await loop.run_in_executor(None, self.storage.restored)
+        if restored is not None and accept_fork_risk:
+            await asyncio.wrap_future(self.storage.clear_restored())
+            log.warning("database restored, and --accept-fork-risk given: signing on own "
+                        "feeds without a partner's confirmation", extra=fields(why=restored))
+        elif restored is not None:
+            self.replica.mark_restored()
+            log.warning("database restored: own feeds wait for a partner to confirm "
+                        "their heads before anything is signed", extra=fields(why=restored))
         heads = await loop.run_in_executor(None, self.storage.heads)
         forks = await loop.run_in_executor(None, self.storage.fork_proofs)
         self.replica.load(heads, [(f.origin, f.feed, f.seq) for f in forks])
@@ -286,6 +299,7 @@ class Node:
             "pending": len(self.replica.pending),
             "own_blocked": dict(self.publisher.blocked),
             "own_forked": dict(self.publisher.forked),
+            "restored_unconfirmed": self.replica.restored,
             "partners": self.partners.status(),
         }
 

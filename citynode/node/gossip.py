@@ -275,6 +275,10 @@ class Gossip:
             log.warning("publishing paused", extra=fields(feed=a.feed, reason=a.reason))
         elif isinstance(a, rp.Resumed):
             log.info("publishing resumed", extra=fields(feed=a.feed))
+        elif isinstance(a, rp.Confirmed):
+            self.storage.clear_restored()
+            log.info("a partner confirmed this restored node's heads: publishing allowed",
+                     extra=fields(partner=node_id(a.peer)))
         else:
             self._send(a)
 

@@ -1,0 +1,553 @@
+"""Fault scenarios with real ``citynode`` processes (scripts/chaos).
+
+Each scenario starts real nodes (``citynode run``, real HTTPS, real SQLite files),
+injects one kind of fault, and measures what an operator cares about:
+
+* ``kill9``      -- kill -9 of the publishing node at random moments while a client
+                    publishes one record per request and notes every acknowledged id;
+                    then of the receiving partner. Acknowledged records lost, own-feed
+                    forks, ``citynode check`` failures, time for the partner to converge.
+* ``partition``  -- two nodes in Linux network namespaces joined by veth pairs (made and
+                    removed here; root), with ``tc netem`` latency and loss on the links;
+                    the link is cut while the origin publishes, then healed.
+* ``disk_full``  -- a small tmpfs under the publisher, then under the receiving partner.
+* ``clock_skew`` -- a node whose clock runs ahead and behind by more than the tolerance
+                    (libfaketime, Debian's ``faketime``), then within it.
+* ``restore``    -- a data dir copied back from a stale copy, with the partner up and
+                    with it down: no seq is signed twice.
+* ``relay``      -- line A-B-C: A down, B restarted: C gets A's records from B.
+
+Targets: 0 acknowledged records lost, 0 forks, 0 duplicates, convergence within two
+sync intervals (the interval here is 1 s). Prints figures per scenario, then one JSON
+line. ``--small`` is the short run the test suite uses; the default is the full run
+(100 kill -9 cycles). Needs root for namespaces, tc and tmpfs (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from citynode.cluster import Cluster, LocalNode  # noqa: E402
+from citynode.errors import PeerError, PeerRejected  # noqa: E402
+
+SYNC_S = 1.0
+FAST = {("federation", "pull_interval_seconds"): SYNC_S,
+        ("federation", "backoff_max_seconds"): 2.0}
+TYPE = "org.example.Test"
+FEED = "chaos"
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "citynode", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=check)
+
+
+async def held(node: LocalNode, origin: LocalNode, feed: str = FEED) -> tuple[int, int]:
+    """(head seq, records held) of ``origin``'s ``feed`` at ``node`` (0, 0 if none)."""
+    for f in await node.feeds():
+        if f["origin"] == origin.node_id and f["feed"] == feed:
+            return int(f["seq"]), int(f["count"])
+    return 0, 0
+
+
+async def ids_held(node: LocalNode, origin: LocalNode, feed: str = FEED) -> set[str]:
+    """Every record id of ``origin``'s ``feed`` held at ``node``."""
+    out: set[str] = set()
+    after: str | None = None
+    while True:
+        q = f"/v1/records?origin={origin.node_id}&feed={feed}&limit=1000"
+        page = await node.api("GET", q + (f"&after={after}" if after else ""))
+        out.update(r["id"] for r in page["records"])
+        after = page.get("next")
+        if not after or not page["records"]:
+            return out
+
+
+async def converge(node: LocalNode, origin: LocalNode, seq: int, timeout: float) -> float:
+    """Seconds until ``node`` holds ``origin``'s feed up to ``seq`` (inf on timeout)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        with contextlib.suppress(PeerError):
+            if (await held(node, origin))[0] >= seq:
+                return time.monotonic() - start
+        await asyncio.sleep(0.05)
+    return float("inf")
+
+
+def forks_at(node: LocalNode) -> int:
+    """Fork and split-view proofs ``node`` holds (`citynode forks --json`)."""
+    r = cli("forks", "-d", str(node.dir), "--json")
+    if r.returncode != 0:
+        raise RuntimeError(f"citynode forks failed: {r.stderr.strip()}")
+    return len(json.loads(r.stdout)["forks"])
+
+
+def check_ok(node: LocalNode) -> bool:
+    """`citynode check` on a stopped node's data dir."""
+    return cli("check", "-d", str(node.dir), timeout=300).returncode == 0
+
+
+class Publisher:
+    """A client publishing one record per request to ``node`` until stopped, noting
+    every acknowledged (seq, id); failures (the node killed mid-request) are retried."""
+
+    def __init__(self, node: LocalNode) -> None:
+        self.node = node
+        self.acked: dict[int, str] = {}
+        self.failures = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.n = 0
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            self.n += 1
+            try:
+                out = await self.node.publish(FEED, TYPE, [{"n": self.n}])
+            except (TimeoutError, PeerError, OSError):
+                self.failures += 1
+                await asyncio.sleep(0.05)
+                continue
+            for i, rid in enumerate(out["ids"]):
+                seq = out["first_seq"] + i
+                if seq in self.acked and self.acked[seq] != rid:
+                    raise AssertionError(f"seq {seq} acknowledged twice with two ids")
+                self.acked[seq] = rid
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+
+@contextlib.asynccontextmanager
+async def cluster_of(base: Path, names: list[str], **kw: Any) -> AsyncIterator[Cluster]:
+    c = Cluster(base)
+    c.create(names, settings=FAST, **kw)
+    try:
+        yield c
+    finally:
+        await c.close()
+        c.stop()
+
+
+async def restart(node: LocalNode, *, kill: bool) -> None:
+    await node.close()
+    node.kill() if kill else node.stop()
+    node.start()
+    await node.wait_ready(60)
+
+
+# ---- scenarios ------------------------------------------------------------------------
+
+
+async def kill9(base: Path, cycles: int, rng: random.Random) -> dict[str, Any]:
+    """kill -9 of the publisher (``cycles``), then of the receiving partner."""
+    async with cluster_of(base, ["A", "B"]) as c:
+        a, b = c.nodes["A"], c.nodes["B"]
+        await c.start()
+        await c.link(a, b)
+        pub = Publisher(a)
+        pub.start()
+        check_failures = 0
+        for i in range(cycles):
+            await asyncio.sleep(rng.uniform(0.1, 0.6))
+            await a.close()
+            a.kill()
+            if i % 10 == 9:  # every tenth cycle: check the crashed file itself
+                check_failures += not check_ok(a)
+            a.start()
+            await a.wait_ready(60)
+        for _ in range(max(1, cycles // 4)):  # now the receiving partner dies
+            await asyncio.sleep(rng.uniform(0.1, 0.6))
+            await restart(b, kill=True)
+        await asyncio.sleep(0.3)
+        await pub.stop()
+        head, _count = await held(a, a)
+        t = await converge(b, a, head, 30)
+        have = await ids_held(a, a)
+        lost = sum(rid not in have for rid in pub.acked.values())
+        at_b = await ids_held(b, a)
+        own_forked = len((await a.api("GET", "/v1/admin/status"))["own_forked"])
+        await c.close()
+        c.stop()
+        forks = forks_at(a) + forks_at(b)
+        check_failures += (not check_ok(a)) + (not check_ok(b))
+        return {"cycles": cycles, "acknowledged": len(pub.acked), "lost": lost,
+                "forks": forks + own_forked, "check_failures": check_failures,
+                "partner_missing": len(have - at_b), "converge_s": round(t, 2),
+                "failed_requests": pub.failures}
+
+
+@contextlib.contextmanager
+def namespaces(n: int, prefix: str) -> Iterator[list[str]]:
+    """``n`` network namespaces, each joined to a bridge in this one by a veth pair,
+    at 10.231.0.(i+1)/24 (this namespace is 10.231.0.254). Removed on exit."""
+    br = f"{prefix}br"
+    made: list[str] = []
+    try:
+        sh("ip", "link", "add", br, "type", "bridge")
+        sh("ip", "addr", "add", "10.231.0.254/24", "dev", br)
+        sh("ip", "link", "set", br, "up")
+        for i in range(n):
+            ns, host, peer = f"{prefix}{i}", f"{prefix}h{i}", f"{prefix}p{i}"
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+            sh("ip", "link", "set", peer, "netns", ns)
+            sh("ip", "link", "set", host, "master", br)
+            sh("ip", "link", "set", host, "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.231.0.{i + 1}/24",
+               "dev", peer)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield made
+    finally:
+        for ns in made:
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", br, check=False)
+
+
+def netem(ns: str, dev: str, spec: list[str]) -> str | None:
+    """Latency on ``dev`` inside ``ns`` with ``tc netem``; returns why not, if the
+    kernel has no netem (CONFIG_NET_SCH_NETEM unset, as on some VM kernels)."""
+    r = sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "netem",
+           *spec, check=False)
+    return None if r.returncode == 0 else f"tc netem refused: {r.stderr.strip()}"
+
+
+def nft(ns: str, *rule: str) -> None:
+    sh("ip", "netns", "exec", ns, "nft", *rule)
+
+
+def lossy(ns: str, other_ip: str, percent: int) -> None:
+    """Drop ``percent``% of packets from ``ns`` to ``other_ip`` (nftables), and make an
+    empty ``cut`` chain that :func:`cut` fills to partition."""
+    nft(ns, "add", "table", "inet", "chaos")
+    nft(ns, "add", "chain", "inet", "chaos", "out",
+        "{ type filter hook output priority 0; }")
+    nft(ns, "add", "chain", "inet", "chaos", "cut")
+    nft(ns, "add", "rule", "inet", "chaos", "out", "jump", "cut")
+    nft(ns, "add", "rule", "inet", "chaos", "out", "ip", "daddr", other_ip, "numgen",
+        "random", "mod", "100", "<", str(percent), "drop")
+
+
+def cut(ns: str, other_ip: str, on: bool) -> None:
+    """Drop everything from ``ns`` to ``other_ip`` (a partition), or heal it."""
+    if on:
+        nft(ns, "add", "rule", "inet", "chaos", "cut", "ip", "daddr", other_ip, "drop")
+    else:
+        nft(ns, "flush", "chain", "inet", "chaos", "cut")
+
+
+async def partition(base: Path, rounds: int, rng: random.Random) -> dict[str, Any]:
+    """A and B in namespaces, 20 ms +- 5 ms (tc netem, where the kernel has it) and 2%
+    loss (nftables) each way; the A-B path is cut while A publishes, then healed: time
+    for B to hold everything, duplicates."""
+    prefix = f"cn{os.getpid() % 10000}"
+    with namespaces(2, prefix) as (nsa, nsb):
+        ips = ["10.231.0.1", "10.231.0.2"]
+        async with cluster_of(base, ["A", "B"], hosts=ips) as c:
+            a, b = c.nodes["A"], c.nodes["B"]
+            a.wrap, b.wrap = ("ip", "netns", "exec", nsa), ("ip", "netns", "exec", nsb)
+            latency = None
+            for ns, i, other in ((nsa, 0, ips[1]), (nsb, 1, ips[0])):
+                latency = netem(ns, f"{prefix}p{i}", ["delay", "20ms", "5ms"]) or latency
+                lossy(ns, other, 2)
+            await c.start()
+            await c.link(a, b)
+            heals: list[float] = []
+            published = 0
+            for _ in range(rounds):
+                cut(nsa, ips[1], True)
+                cut(nsb, ips[0], True)
+                for _ in range(rng.randint(5, 20)):
+                    await a.publish(FEED, TYPE, [{"n": published}])
+                    published += 1
+                await asyncio.sleep(rng.uniform(0.5, 2.0))
+                cut(nsa, ips[1], False)
+                cut(nsb, ips[0], False)
+                heals.append(await converge(b, a, published, 30))
+            seq, count = await held(b, a)
+            await c.close()
+            c.stop()
+            forks = forks_at(a) + forks_at(b)
+    return {"rounds": rounds, "published": published, "held_by_partner": seq,
+            "latency": "20ms+-5ms" if latency is None else f"none ({latency})", "loss": "2%",
+            "duplicates": count - seq, "forks": forks,
+            "within_two_intervals": max(heals) <= 2 * SYNC_S,
+            "heal_s_max": round(max(heals), 2),
+            "heal_s_median": round(sorted(heals)[len(heals) // 2], 2)}
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    sh("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        sh("umount", "-l", str(path), check=False)
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Fill ``fs`` but ``leave`` bytes; returns the filler file."""
+    st = os.statvfs(fs)
+    filler = fs / "filler"
+    filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+async def disk_full(base: Path) -> dict[str, Any]:
+    """The publisher's disk fills, then the receiving partner's (a small tmpfs under
+    each): refusals are clear (507), nothing acknowledged is lost, nothing is stored
+    twice, and everything flows again when space returns."""
+    with tmpfs(base / "a", "24m") as fs_a, tmpfs(base / "b", "24m") as fs_b:
+        c = Cluster(base)
+        c.create(["A", "B"], settings=FAST)
+        a, b = c.nodes["A"], c.nodes["B"]
+        body = [{"n": i, "note": "x" * 300} for i in range(100)]
+        acked: list[str] = []
+        refused: dict[str, int] = {}
+
+        async def publish(items: list[dict[str, Any]]) -> bool:
+            try:
+                acked.extend((await a.publish(FEED, TYPE, items))["ids"])
+                return True
+            except PeerRejected as exc:
+                k = f"{exc.status} {exc.reason}"
+                refused[k] = refused.get(k, 0) + 1
+                return False
+
+        try:
+            await c.start()
+            await c.link(a, b)
+            filler = fill(fs_a, 2 << 20)  # 1: the publisher's disk
+            for _ in range(400):
+                if not await publish(body) and sum(refused.values()) >= 3:
+                    break
+            filler.unlink()
+            for _ in range(50):  # resumes by itself
+                if await publish(body[:10]):
+                    break
+                await asyncio.sleep(0.2)
+            t_a = await converge(b, a, (await held(a, a))[0], 60)
+            filler = fill(fs_b, 1 << 20)  # 2: the receiving partner's disk
+            for _ in range(40):
+                await publish(body)
+            behind = (await held(a, a))[0] - (await held(b, a))[0]
+            filler.unlink()
+            t_b = await converge(b, a, (await held(a, a))[0], 60)
+            lost = len(set(acked) - await ids_held(a, a))
+            missing = len(set(acked) - await ids_held(b, a))
+            seq, count = await held(b, a)
+        finally:
+            await c.close()
+            c.stop()
+        checks = check_ok(a) + check_ok(b)
+        del fs_a, fs_b
+    return {"acknowledged": len(acked), "lost": lost, "refusals": refused,
+            "partner_behind_while_full": behind,
+            "partner_converge_s": [round(t_a, 2), round(t_b, 2)],
+            "partner_missing": missing, "duplicates": count - seq,
+            "check_failures": 2 - checks}
+
+
+def _skew_view(p: dict[str, Any]) -> dict[str, Any]:
+    """What a partner list shows of a skewed partner: its clock offset, the last error
+    (reason code first) and refusals by reason."""
+    err = p.get("last_error") or ""
+    return {"clock_offset_s": p.get("clock_offset_s"), "failures": p.get("failures"),
+            "last_error": err[:60], "invalid": p.get("invalid")}
+
+
+async def clock_skew(base: Path) -> dict[str, Any]:
+    """A's clock 20 min ahead (beyond the 15 min tolerance), then 20 min behind (beyond
+    the request signature's 5 min), then 2 min ahead (within): refusals are counted
+    with a clear reason and do not storm; within tolerance records flow."""
+    if not Path(FAKETIME_LIB).exists():
+        raise RuntimeError(f"{FAKETIME_LIB} missing: apt-get install faketime")
+    out: dict[str, Any] = {}
+    for label, offset, flows in (("ahead_20m", "+20m", False), ("behind_20m", "-20m", False),
+                                 ("ahead_2m", "+2m", True)):
+        async with cluster_of(base / label, ["A", "B"]) as c:
+            a, b = c.nodes["A"], c.nodes["B"]
+            await c.start()
+            await c.link(a, b)  # partners first; then A's clock goes wrong
+            a.env = {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": offset,
+                     "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+            await restart(a, kill=False)
+            for i in range(20):
+                await a.publish(FEED, TYPE, [{"n": i}])
+            t = await converge(b, a, 20, 4 * SYNC_S if not flows else 10)
+            await asyncio.sleep(5)
+            (seen_by_b,) = (await b.api("GET", "/v1/admin/partners"))["partners"]
+            (seen_by_a,) = (await a.api("GET", "/v1/admin/partners"))["partners"]
+            out[label] = {"flows": t != float("inf"), "expected_to_flow": flows,
+                          "converge_s": round(t, 2) if t != float("inf") else None,
+                          "b_sees": _skew_view(seen_by_b), "a_sees": _skew_view(seen_by_a)}
+    out["ok"] = all(v["flows"] == v["expected_to_flow"] for v in out.values()
+                    if isinstance(v, dict))
+    return out
+
+
+async def restore(base: Path) -> dict[str, Any]:
+    """A's data dir is copied back from a stale copy, with B up, then with B down."""
+    out: dict[str, Any] = {}
+    async with cluster_of(base, ["A", "B"]) as c:
+        a, b = c.nodes["A"], c.nodes["B"]
+        await c.start()
+        await c.link(a, b)
+        for i in range(20):
+            await a.publish(FEED, TYPE, [{"n": i}])
+        await converge(b, a, 20, 30)
+        await a.close()
+        a.stop()
+        stale = base / "stale"
+        shutil.copytree(a.dir, stale)
+        a.start()
+        await a.wait_ready()
+        for i in range(10):
+            await a.publish(FEED, TYPE, [{"n": 100 + i}])
+        await converge(b, a, 30, 30)
+        for case, partner_up in (("partner_up", True), ("partner_down", False)):
+            await a.close()
+            a.stop()
+            if not partner_up:
+                await b.close()
+                b.stop()
+            shutil.rmtree(a.dir)
+            shutil.copytree(stale, a.dir)  # copied back by hand: seq 20, B holds 30+
+            a.start()
+            await a.wait_ready()
+            refused_first = False
+            try:
+                got = await a.publish(FEED, TYPE, [{"n": 999}])
+            except PeerRejected:
+                refused_first, got = True, None
+            if not partner_up:
+                b.start()
+                await b.wait_ready()
+            for _ in range(100):  # publishing resumes once the heads are confirmed
+                if got is not None:
+                    break
+                await asyncio.sleep(0.2)
+                with contextlib.suppress(PeerRejected):
+                    got = await a.publish(FEED, TYPE, [{"n": 999}])
+            out[case] = {"refused_until_confirmed": refused_first,
+                         "next_seq": got["first_seq"] if got else None}
+        await asyncio.sleep(2 * SYNC_S)
+        await c.close()
+        c.stop()
+        forks = forks_at(a) + forks_at(b)
+    out["forks"] = forks
+    out["ok"] = forks == 0 and all(isinstance(v, dict) and (v["next_seq"] or 0) > 30
+                                   for k, v in out.items() if k.startswith("partner"))
+    return out
+
+
+async def relay(base: Path) -> dict[str, Any]:
+    """Line A-B-C; A goes down, B restarts: C gets A's records from B."""
+    async with cluster_of(base, ["A", "B", "C"]) as c:
+        a, b, cc = c.nodes["A"], c.nodes["B"], c.nodes["C"]
+        await c.start([a, b])
+        await c.link(a, b)
+        for i in range(10):
+            await a.publish(FEED, TYPE, [{"n": i}])
+        await converge(b, a, 10, 30)
+        await a.close()
+        a.stop()
+        await restart(b, kill=False)
+        await c.start([cc])
+        await c.link(b, cc)
+        t = await converge(cc, a, 10, 30)
+        return {"converge_s": round(t, 2), "within_two_intervals": t <= 2 * SYNC_S}
+
+
+SCENARIOS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
+    "kill9": kill9, "partition": partition, "disk_full": disk_full,
+    "clock_skew": clock_skew, "restore": restore, "relay": relay,
+}
+
+
+async def main_async(a: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(a.seed)
+    base = Path(tempfile.mkdtemp(prefix="citynode-chaos-"))
+    results: dict[str, Any] = {}
+    try:
+        for name in a.scenario or list(SCENARIOS):
+            start = time.monotonic()
+            d = base / name
+            d.mkdir()
+            if name == "kill9":
+                r = await kill9(d, a.cycles, rng)
+            elif name == "partition":
+                r = await partition(d, a.rounds, rng)
+            else:
+                r = await SCENARIOS[name](d)
+            r["seconds"] = round(time.monotonic() - start, 1)
+            results[name] = r
+            print(f"{name:<11} " + "  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    finally:
+        if not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def verdict(results: dict[str, Any]) -> bool:
+    ok = True
+    for r in results.values():
+        ok &= r.get("lost", 0) == 0 and r.get("forks", 0) == 0
+        ok &= r.get("duplicates", 0) == 0 and r.get("check_failures", 0) == 0
+        ok &= r.get("ok", True) is True and r.get("partner_missing", 0) == 0
+        ok &= r.get("within_two_intervals", True) is True
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    ap.add_argument("--cycles", type=int, default=100, help="kill -9 cycles of the publisher")
+    ap.add_argument("--rounds", type=int, default=10, help="partition and heal rounds")
+    ap.add_argument("--small", action="store_true", help="the short run the suite uses")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
+    a = ap.parse_args()
+    if a.small:
+        a.cycles, a.rounds = min(a.cycles, 4), min(a.rounds, 2)
+    if os.geteuid() != 0:
+        print("scripts/chaos needs root (network namespaces, tc, tmpfs)", file=sys.stderr)
+        return 2
+    results = asyncio.run(main_async(a))
+    ok = verdict(results)
+    print(json.dumps({"bench": "chaos", "ok": ok, **results}, default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

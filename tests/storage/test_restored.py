@@ -1,0 +1,69 @@
+"""A database copied back by hand, or restored, is marked: the node signs nothing on its
+own feeds until a partner confirms its heads (issue 16: a stale copy re-signed seqs)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from citynode.errors import PublishRefused
+from citynode.node import Node
+from citynode.storage import Storage
+from tests.conftest import make_node_dir
+
+
+def test_reopening_the_same_file_is_not_a_restore(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    Storage.open(path).close()
+    st = Storage.open(path)
+    try:
+        assert st.restored() is None
+    finally:
+        st.close()
+
+
+def test_a_file_copied_back_is_marked_restored_until_cleared(tmp_path: Path) -> None:
+    path, copy = tmp_path / "node.db", tmp_path / "copy.db"
+    Storage.open(path).close()
+    shutil.copyfile(path, copy)
+    path.unlink()
+    shutil.copyfile(copy, path)  # a new file (new inode) where the old one was
+    st = Storage.open(path)
+    try:
+        assert "copied back" in (st.restored() or "")
+        st.clear_restored().result()
+        assert st.restored() is None
+    finally:
+        st.close()
+    st = Storage.open(path)  # the copy is now the file of record
+    try:
+        assert st.restored() is None
+        st.mark_restored("citynode restore from backup.cnbk").result()
+        assert st.restored() == "citynode restore from backup.cnbk"
+    finally:
+        st.close()
+
+
+async def _publish_refused(d: Path, **start: bool) -> bool:
+    node = Node.load(d)
+    await node.start(partners=False, **start)
+    try:
+        await node.publish("air", "org.example.Test", [{"n": 1}])
+        return False
+    except PublishRefused as exc:
+        assert "restored" in str(exc)
+        return True
+    finally:
+        await node.stop()
+
+
+async def test_a_restored_node_refuses_to_sign_unless_the_operator_takes_the_risk(
+        tmp_path: Path) -> None:
+    d = make_node_dir(tmp_path, "Jakarta")
+    st = Storage.open(d / "citynode.db")
+    st.mark_restored("test").result()
+    st.close()
+    assert await _publish_refused(d)
+    assert await _publish_refused(d)  # still marked: refusing is not confirming
+    assert not await _publish_refused(d, accept_fork_risk=True)
+    assert not await _publish_refused(d)  # the mark is gone for good
