@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""Deterministic generator of the version 2 identity vectors (docs/PROTOCOL.md, "Key
+events and witnesses (version 2 identity)").
+
+``python tests/vectors/generate_keylog.py`` rewrites, byte for byte identically:
+
+* ``keylog.json``  the worked example of a cn2 id; key logs to verify from the id alone
+  (valid histories, a forged rotation by a stolen key, a recovery without the recovery
+  key, and one log per structural fault) with the expected state or reason; key
+  verdicts after a recovery (backdated records by the superseded key); and pairs of
+  logs (held, received) with the expected decision;
+* ``cosign.json``  a checkpoint, cosignatures of it (valid, bad signature, non-witness,
+  another checkpoint) with the quorum verdicts, and a split view between two witnesses.
+
+Kept apart from ``generate.py`` (a separate file, a separate test:
+``tests/core/test_keylog_vectors.py``). Bodies are built here field by field, and ids,
+commitments and checksums computed here with hashlib; the expected verdicts are written
+out by hand, never computed by the code under test.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from citynode.core import encoding
+from citynode.core.keys import DOMAIN_CHECKPOINT, SigningKey
+
+HERE = Path(__file__).resolve().parent
+
+T0 = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+NOW = T0 + 3_600_000
+
+DOMAIN_KEY_EVENT = b"citynode/key-event/v1\x00"
+DOMAIN_IDENTITY = b"citynode/identity/v1\x00"
+DOMAIN_COMMIT = b"citynode/key-commitment/v1\x00"
+DOMAIN_COSIGNATURE = b"citynode/cosignature/v1\x00"
+ID_CHECKSUM_DOMAIN = b"citynode/node-id/v2"
+
+# Signing keys K0.. (K0 is origin A of the other vectors), recovery keys Q0.., a thief's X.
+K = [SigningKey(bytes([1]) * 32), SigningKey(bytes([2]) * 32),
+     *(SigningKey(bytes([0x10 + i]) * 32) for i in range(2, 8))]
+Q = [SigningKey(bytes([0x40 + i]) * 32) for i in range(3)]
+X = SigningKey(bytes([0x66]) * 32)
+WITNESSES = [SigningKey(bytes([0x70 + i]) * 32) for i in range(3)]
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def commit(key: SigningKey) -> bytes:
+    return sha(DOMAIN_COMMIT + key.public_key)
+
+
+def cn2(identity: bytes) -> str:
+    raw = identity + sha(ID_CHECKSUM_DOMAIN + identity)[:3]
+    return "cn2" + base64.b32encode(raw).decode("ascii").lower()
+
+
+def envelope(body: bytes, sig: bytes) -> bytes:
+    """0x92, bin(body) with the shortest header, c4 40, signature."""
+    n = len(body)
+    head = b"\xc4" + bytes([n]) if n < 256 else b"\xc5" + n.to_bytes(2, "big")
+    return b"\x92" + head + body + b"\xc4\x40" + sig
+
+
+def rid(n: int) -> bytes:
+    """The stand-in record id of seq ``n`` of a feed."""
+    return sha(b"citynode vector record %d" % n)
+
+
+class Ev:
+    """One event as built here: its body, envelope and id."""
+
+    def __init__(self, signer: SigningKey, fields: dict[str, Any]) -> None:
+        self.fields = {"kind": "key-event", "version": 1, **fields}
+        self.body = encoding.encode(self.fields)
+        self.env = envelope(self.body, signer.sign(DOMAIN_KEY_EVENT, self.body))
+        self.id = sha(self.body)
+
+
+def inception(time: int = T0) -> Ev:
+    return Ev(K[0], {"type": "inception", "seq": 0, "time": time, "key": K[0].public_key,
+                     "next": commit(K[1]), "recovery": commit(Q[0])})
+
+
+INC = inception()
+D = sha(DOMAIN_IDENTITY + INC.body)
+
+
+def rotation(after: Ev, signer: SigningKey, key: SigningKey, nxt: SigningKey, time: int,
+             heads: dict[str, list[Any]], **over: Any) -> Ev:
+    f = {"type": "rotation", "seq": after.fields["seq"] + 1, "time": time, "identity": D,
+         "prev": after.id, "key": key.public_key, "next": commit(nxt), "heads": heads}
+    return Ev(signer, {**f, **over})
+
+
+def recovery(prev: Ev, q: SigningKey, key: SigningKey, nxt: SigningKey, q_next: SigningKey,
+             time: int, heads: dict[str, list[Any]]) -> Ev:
+    return Ev(q, {"type": "recovery", "seq": prev.fields["seq"] + 1, "time": time,
+                  "identity": D, "prev": prev.id, "key": key.public_key, "next": commit(nxt),
+                  "recovery": commit(q_next), "recovery_key": q.public_key, "heads": heads})
+
+
+# The histories: R1 (K0 -> K1, air up to 10), R2 (K1 -> K2, air up to 20, water up to 5).
+R1 = rotation(INC, K[1], K[1], K[2], T0 + 60_000, {"air": [10, rid(10)]})
+R2 = rotation(R1, K[2], K[2], K[3], T0 + 120_000,
+              {"air": [20, rid(20)], "water": [5, rid(105)]})
+# K1 and K2 are stolen: the thief rotates to their own key, claiming air up to 90.
+THIEF = rotation(R1, K[2], K[2], X, T0 + 130_000, {"air": [90, rid(90)]})
+# The owner recovers from R1 (the last good event) with Q0, keeping air up to 15.
+REC = recovery(R1, Q[0], K[4], K[5], Q[1], T0 + 180_000, {"air": [15, rid(15)]})
+# A second, different recovery from R1 by Q0: the recovery key used twice.
+REC2 = recovery(R1, Q[0], K[6], K[7], Q[2], T0 + 190_000, {})
+
+
+def hexes(*evs: Ev) -> list[str]:
+    return [e.env.hex() for e in evs]
+
+
+def state(seq: int, key: SigningKey, nxt: SigningKey, q: SigningKey, head: Ev) -> dict[str, Any]:
+    return {"seq": seq, "key_hex": key.public_key.hex(), "next_hex": commit(nxt).hex(),
+            "recovery_hex": commit(q).hex(), "head_id_hex": head.id.hex()}
+
+
+def err(reason: str) -> dict[str, str]:
+    return {"error": reason}
+
+
+def _resigned(ev: Ev, signer: SigningKey, **over: Any) -> Ev:
+    return Ev(signer, {**{k: v for k, v in ev.fields.items() if k not in ("kind", "version")},
+                       **over})
+
+
+def keylog_file() -> dict[str, Any]:
+    forged_k1 = _resigned(R1, K[0])  # the stolen current key signs the planned rotation
+    forged_x = rotation(INC, X, X, X, T0 + 60_000, {})  # or rotates to the thief's key
+    rec_by_x = recovery(INC, X, K[4], K[5], Q[1], T0 + 60_000, {})
+    logs = [
+        ("inception", "The inception alone.", [INC], state(0, K[0], K[1], Q[0], INC)),
+        ("two-rotations", "Two planned rotations: K0 -> K1 -> K2.", [INC, R1, R2],
+         state(2, K[2], K[3], Q[0], R2)),
+        ("recovery-after-theft", "K1 and K2 stolen; the owner recovers from seq 1 with Q0, "
+         "naming K4, committing to K5 and Q1, keeping air up to seq 15.", [INC, R1, REC],
+         state(2, K[4], K[5], Q[1], REC)),
+        ("thief-rotation", "The thief's rotation (K2 was stolen with K1): valid on its own; "
+         "see 'compare' for why the recovery beats it.", [INC, R1, THIEF],
+         state(2, K[2], X, Q[0], THIEF)),
+        ("forged-rotation-stolen-key", "A thief holding only K0 signs the planned rotation "
+         "with it: the rotation is signed by the new key.", [INC, forged_k1],
+         err("bad_signature")),
+        ("forged-rotation-own-key", "A thief rotates to their own key, self-signed: it was "
+         "not pre-committed.", [INC, forged_x], err("not_precommitted")),
+        ("recovery-without-recovery-key", "A recovery signed by a key that does not hash "
+         "to the recovery commitment.", [INC, rec_by_x], err("bad_recovery")),
+        ("no-inception", "A log that does not start with its inception.", [R1],
+         err("key_event_order")),
+        ("gap", "Seq 2 right after seq 0.", [INC, R2], err("key_event_order")),
+        ("replayed-event", "Seq 1 twice.", [INC, R1, R1], err("key_event_order")),
+        ("time-goes-back", "A rotation dated before the inception.",
+         [INC, rotation(INC, K[1], K[1], K[2], T0 - 1, {})], err("key_event_order")),
+        ("bad-prev", "A rotation naming another prev.",
+         [INC, rotation(INC, K[1], K[1], K[2], T0 + 1, {}, prev=sha(b"x"))], err("bad_prev")),
+        ("wrong-identity", "A rotation naming another identity.",
+         [INC, rotation(INC, K[1], K[1], K[2], T0 + 1, {}, identity=sha(b"x"))],
+         err("wrong_identity")),
+        ("heads-regress", "A rotation whose air head goes back from 10 to 9.",
+         [INC, R1, rotation(R1, K[2], K[2], K[3], T0 + 120_000, {"air": [9, rid(9)]})],
+         err("heads_regress")),
+        ("key-reused", "A recovery naming K0 again as its signing key.",
+         [INC, recovery(INC, Q[0], K[0], K[5], Q[1], T0 + 1, {})], err("key_reused")),
+        ("future-dated", "A rotation dated beyond now_ms + 900000.",
+         [INC, rotation(INC, K[1], K[1], K[2], NOW + 900_001, {})], err("future_time")),
+        ("other-inception", "An inception of another identity.",
+         [Ev(K[3], {"type": "inception", "seq": 0, "time": T0, "key": K[3].public_key,
+                    "next": commit(K[1]), "recovery": commit(Q[0])})],
+         err("wrong_identity")),
+    ]
+    k0, k1, k2, k4 = (k.public_key.hex() for k in (K[0], K[1], K[2], K[4]))
+    verdicts = [
+        # After recovery-after-theft. Record times are shown to make the point: the
+        # verdict never reads them.
+        (k0, "air", 10, rid(10), T0, "valid"),
+        (k0, "air", 10, rid(11), T0, "wrong_head"),
+        (k0, "air", 11, None, T0, "beyond_last_good"),
+        (k1, "air", 10, None, T0, "before_key"),
+        (k1, "air", 15, rid(15), T0 + 100_000, "valid"),
+        (k1, "air", 16, None, T0 + 100_000, "beyond_last_good"),
+        (k1, "air", 17, None, T0 - 86_400_000, "beyond_last_good"),  # backdated a day
+        (k1, "water", 1, None, T0, "beyond_last_good"),  # a feed the recovery did not name
+        (k2, "air", 16, None, T0 + 100_000, "unknown_key"),  # the thief's rotation's key
+        (X.public_key.hex(), "air", 16, None, T0, "unknown_key"),
+        (k4, "air", 15, None, T0 + 200_000, "before_key"),
+        (k4, "air", 16, None, T0 + 200_000, "valid"),
+        (k4, "water", 1, None, T0 + 200_000, "valid"),
+    ]
+    key_fork_proof = {"kind": "key-fork", "prefix": [INC.env, R1.env],
+                      "a": [min(R2.env, THIEF.env)], "b": [max(R2.env, THIEF.env)]}
+    dead_proof = {"kind": "recovery-equivocation", "prefix": [INC.env, R1.env],
+                  "a": [min(REC.env, REC2.env)], "b": [max(REC.env, REC2.env)]}
+    compare = [
+        ("truncated", [INC, R1, R2], [INC, R1], "stale", "stale_key_log", None),
+        ("replayed-inception", [INC, R1], [INC], "stale", "stale_key_log", None),
+        ("same", [INC, R1], [INC, R1], "same", None, None),
+        ("extends", [INC, R1], [INC, R1, R2], "extends", None, None),
+        ("recovery-beats-thief", [INC, R1, THIEF], [INC, R1, REC], "recovered", None, None),
+        ("thief-after-recovery", [INC, R1, REC], [INC, R1, THIEF], "superseded",
+         "superseded_key_log", None),
+        ("key-fork", [INC, R1, R2], [INC, R1, THIEF], "key-fork", "key_fork",
+         encoding.encode(key_fork_proof)),
+        ("recovery-equivocation", [INC, R1, REC], [INC, R1, REC2], "dead",
+         "recovery_equivocation", encoding.encode(dead_proof)),
+    ]
+    checksum = sha(ID_CHECKSUM_DOMAIN + D)[:3]
+    return {
+        "about": (
+            "citynode key log vectors (docs/PROTOCOL.md, 'Key events and witnesses'). "
+            "'example': the worked example of a cn2 id. 'logs': envelopes in seq order, "
+            "verified from 'node_id' alone at now_ms; expect the folded state (seq, "
+            "current key, next and recovery commitments, id of the last event) or "
+            "{error: reason}. 'verdicts': key_verdict(key, feed, seq, record id) after "
+            "the log 'recovery-after-theft' (record_time is never read). 'compare': a "
+            "held and a received log (both valid) and the decision; 'proof_hex' the "
+            "equivocation proof, branches in byte order."
+        ),
+        "generator": "tests/vectors/generate_keylog.py",
+        "now_ms": NOW,
+        "keys": {
+            **{f"K{i}": k.public_key.hex() for i, k in enumerate(K)},
+            **{f"Q{i}": q.public_key.hex() for i, q in enumerate(Q)},
+            "X": X.public_key.hex(),
+        },
+        "seeds": {
+            **{f"K{i}": k.seed.hex() for i, k in enumerate(K)},
+            **{f"Q{i}": q.seed.hex() for i, q in enumerate(Q)},
+            "X": X.seed.hex(),
+        },
+        "example": {
+            "inception_body_hex": INC.body.hex(),
+            "inception_envelope_hex": INC.env.hex(),
+            "next_commitment_hex": commit(K[1]).hex(),
+            "recovery_commitment_hex": commit(Q[0]).hex(),
+            "identity_hex": D.hex(),
+            "checksum_hex": checksum.hex(),
+            "node_id": cn2(D),
+        },
+        "logs": [{"name": n, "description": d, "node_id": cn2(D), "events_hex": hexes(*evs),
+                  "now_ms": NOW, "expect": x} for n, d, evs, x in logs],
+        "verdicts": [{"log": "recovery-after-theft", "key_hex": k, "feed": f, "seq": s,
+                      "record_id_hex": None if r is None else r.hex(), "record_time": t,
+                      "expect": x} for k, f, s, r, t, x in verdicts],
+        "compare": [{"name": n, "held_hex": hexes(*h), "received_hex": hexes(*r),
+                     "outcome": o, "reason": why,
+                     "proof_hex": None if p is None else p.hex()}
+                    for n, h, r, o, why, p in compare],
+    }
+
+
+# --------------------------------------------------------------------------- cosign
+
+
+def _mth(d: list[bytes]) -> bytes:
+    if not d:
+        return sha(b"")
+    if len(d) == 1:
+        return sha(b"\x00" + d[0])
+    k = 1 << ((len(d) - 1).bit_length() - 1)
+    return sha(b"\x01" + _mth(d[:k]) + _mth(d[k:]))
+
+
+def _checkpoint(size: int, root: bytes, time: int) -> bytes:
+    f = {"kind": "checkpoint", "version": 1, "origin": K[0].public_key, "feed": "air",
+         "size": size, "root": root, "time": time}
+    body = encoding.encode(f)
+    return envelope(body, K[0].sign(DOMAIN_CHECKPOINT, body))
+
+
+def _cosig(signer: SigningKey, witness: bytes, size: int, root: bytes, time: int) -> bytes:
+    f = {"kind": "cosignature", "version": 1, "origin": K[0].public_key, "feed": "air",
+         "size": size, "root": root, "time": time, "witness": witness,
+         "key": signer.public_key}
+    body = encoding.encode(f)
+    return envelope(body, signer.sign(DOMAIN_COSIGNATURE, body))
+
+
+def cosign_file() -> dict[str, Any]:
+    leaves = [sha(b"citynode vector leaf %d" % i) for i in range(7)]
+    root = _mth(leaves)
+    other = _mth([*leaves[:6], sha(b"another seventh record")])
+    cp = _checkpoint(7, root, T0 + 60_000)
+    cp_other = _checkpoint(7, other, T0 + 61_000)
+    w0, w1, w2 = WITNESSES
+    stranger = SigningKey(bytes([0x55]) * 32)
+    good = [_cosig(w, w.public_key, 7, root, T0 + 70_000) for w in (w0, w1, w2)]
+    flipped = bytearray(good[1])
+    flipped[-1] ^= 0x01
+    cosigs = {
+        "w0": good[0], "w1": good[1], "w2": good[2],
+        "w1-bad-signature": bytes(flipped),
+        "stranger": _cosig(stranger, stranger.public_key, 7, root, T0 + 70_000),
+        "w2-id-stranger-key": _cosig(stranger, w2.public_key, 7, root, T0 + 70_000),
+        "w2-other-root": _cosig(w2, w2.public_key, 7, other, T0 + 70_000),
+        "w0-future": _cosig(w0, w0.public_key, 7, root, NOW + 900_001),
+    }
+    quorum = [
+        ("three-of-three", ["w0", "w1", "w2"], 3, ["W0", "W1", "W2"], []),
+        ("bad-cosignature", ["w0", "w1-bad-signature"], 2, ["W0"],
+         [[1, "bad_cosignature"]]),
+        ("non-witness", ["w0", "stranger"], 2, ["W0"], [[1, "not_witness"]]),
+        ("witness-id-wrong-key", ["w0", "w2-id-stranger-key"], 2, ["W0"],
+         [[1, "wrong_key"]]),
+        ("other-checkpoint", ["w0", "w2-other-root"], 2, ["W0"], [[1, "wrong_checkpoint"]]),
+        ("one-witness-twice", ["w1", "w1"], 2, ["W1"], [[1, "duplicate"]]),
+        ("future-dated", ["w0-future", "w1"], 1, ["W1"], [[0, "future_time"]]),
+    ]
+    a, b = sorted([cp, cp_other])
+    split = encoding.encode({"kind": "split-view", "a": a, "b": b})
+    return {
+        "about": (
+            "citynode cosignature vectors (docs/PROTOCOL.md, 'Key events and witnesses'). "
+            "'checkpoint_hex' is origin K0's checkpoint of feed air at size 7; "
+            "'cosignatures' name envelopes; each 'quorum' case checks the named "
+            "cosignatures of that checkpoint against the witnesses W0, W1, W2 (each "
+            "named by its key, the key accepted for it) at now_ms, with quorum k: "
+            "'ok', the witnesses counted and the [index, reason] of each not counted. "
+            "'split_view': W0 cosigned one root at size 7 and W2 another; the proof is "
+            "the origin's two checkpoints in byte order."
+        ),
+        "generator": "tests/vectors/generate_keylog.py",
+        "now_ms": NOW,
+        "origin_hex": K[0].public_key.hex(),
+        "witnesses": {f"W{i}": w.public_key.hex() for i, w in enumerate(WITNESSES)},
+        "checkpoint_hex": cp.hex(),
+        "cosignatures": {n: e.hex() for n, e in cosigs.items()},
+        "quorum": [{"name": n, "cosignatures": c, "k": k,
+                    "expect": {"ok": len(counted) >= k, "witnesses": counted,
+                               "rejected": rej}}
+                   for n, c, k, counted, rej in quorum],
+        "split_view": {
+            "a": {"checkpoint_hex": cp.hex(), "cosignatures_hex": [good[0].hex()]},
+            "b": {"checkpoint_hex": cp_other.hex(),
+                  "cosignatures_hex": [cosigs["w2-other-root"].hex()]},
+            "proof_hex": split.hex(),
+        },
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, ensure_ascii=True) + "\n"
+
+
+def build() -> dict[str, str]:
+    """File name -> exact file text. Pure."""
+    return {"keylog.json": dumps(keylog_file()), "cosign.json": dumps(cosign_file())}
+
+
+def main() -> int:
+    for name, text in build().items():
+        (HERE / name).write_text(text, encoding="utf-8", newline="\n")
+        print(f"wrote {HERE / name} ({len(text)} characters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
