@@ -141,3 +141,47 @@ def test_split_view_vector() -> None:
     proof = split_view(a, b, verifier=Verifier())
     assert proof is not None and proof.encode().hex() == sv["proof_hex"]
     verify_split_view(SplitViewProof.decode(bytes.fromhex(sv["proof_hex"])), Verifier())
+
+
+# --------------------------------------------------------------------------- the doc
+
+PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+
+
+def _section() -> str:
+    doc = PROTOCOL.read_text(encoding="utf-8")
+    start = doc.index("\n## Key events and witnesses (version 2 identity)\n")
+    return doc[start:doc.index("\n## Test vectors\n")]
+
+
+def test_worked_example_in_the_doc_is_the_vector() -> None:
+    sec = _section()
+    ex = KEYLOG["example"]
+    body = ex["inception_body_hex"]
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    assert "```\n" + "\n".join(lines) + "\n```" in sec
+    assert f"The {len(body) // 2}-byte inception body" in sec
+    assert f"D           {ex['identity_hex']}" in sec
+    assert f"node id     {ex['node_id']}" in sec
+    assert f"checksum    {bytes.fromhex(ex['checksum_hex']).hex(' ')}" in sec
+    assert f"next        {ex['next_commitment_hex']}" in sec
+    assert f"recovery    {ex['recovery_commitment_hex']}" in sec
+    assert f"key         {KEYLOG['keys']['K0']}" in sec
+
+
+def test_constants_in_the_doc_are_the_codes() -> None:
+    from citynode.core import cosign
+
+    doc = PROTOCOL.read_text(encoding="utf-8")
+    sec = _section()
+    for prefix in (keylog.DOMAIN_KEY_EVENT, cosign.DOMAIN_COSIGNATURE):
+        assert f"`{prefix.hex(' ')}` ({len(prefix)} bytes)" in doc
+    assert keylog.DOMAIN_IDENTITY == b"citynode/identity/v1\x00"
+    assert '"citynode/identity/v1" || 00' in sec
+    assert keylog.DOMAIN_KEY_COMMITMENT == b"citynode/key-commitment/v1\x00"
+    assert '"citynode/key-commitment/v1" || 00' in sec
+    assert f"decoded within {keylog.MAX_EVENT_BYTES} bytes, depth 3, " \
+           f"{keylog._EVENT_LIMITS.max_items} items" in sec
+    assert f"1 to {keylog.MAX_LOG_EVENTS} events, at most {keylog.MAX_LOG_BYTES} bytes" in sec
+    assert f"at most {keylog.MAX_HEAD_FEEDS} feeds" in sec
+    assert f"(at most\n{cosign.MAX_COSIGNATURES} looked at)" in sec
