@@ -15,6 +15,8 @@ key could never be read as two witnesses.
   (``not_consistent``); otherwise sign. The caller fetches the proof.
 * :func:`check_quorum` counts valid cosignatures of one checkpoint by distinct named
   witnesses; every cosignature it does not count carries a reason code.
+* :func:`verify_witness_equivocation` checks that one witness key cosigned two roots at
+  one size (an honest witness never does: :func:`cosign` refuses it).
 * :func:`split_view` turns two cosigned checkpoints of one size with different roots into
   the origin-signed :class:`~citynode.core.checkpoints.SplitViewProof`, which anyone
   checks offline without trusting any witness.
@@ -57,6 +59,7 @@ __all__ = [
     "open_cosignature",
     "sign_cosignature",
     "split_view",
+    "verify_witness_equivocation",
 ]
 
 #: Signature prefix of a cosignature body.
@@ -291,3 +294,22 @@ def split_view(a: CosignedCheckpoint, b: CosignedCheckpoint, *,
     if (ca.origin, ca.feed, ca.size) != (cb.origin, cb.feed, cb.size) or ca.root == cb.root:
         return None
     return SplitViewProof(ca.envelope, cb.envelope).canonical()
+
+
+def verify_witness_equivocation(a: bytes, b: bytes, *, verifier: Verifier) -> bytes:
+    """Check that cosignature envelopes ``a`` and ``b`` are signed by one key, for one
+    witness, origin, feed and size, with different roots: that witness vouched for two
+    histories (an honest one refuses the second, see :func:`cosign`). Return the key.
+    Raises :class:`InvalidProof`."""
+    try:
+        ca = open_cosignature(a, verifier=verifier)
+        cb = open_cosignature(b, verifier=verifier)
+    except InvalidRecord as exc:
+        raise InvalidProof(f"a cosignature of the witness proof is invalid: {exc}") from exc
+    if (ca.key, ca.witness, ca.origin, ca.feed, ca.size) != (cb.key, cb.witness, cb.origin,
+                                                             cb.feed, cb.size):
+        raise InvalidProof("the cosignatures are not by one witness key for one checkpoint "
+                           "position")
+    if ca.root == cb.root:
+        raise InvalidProof("the cosignatures agree on the root")
+    return ca.key

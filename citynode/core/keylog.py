@@ -522,12 +522,13 @@ def verify_log(identity: bytes | str, log: bytes | Sequence[bytes], *, verifier:
 
 
 def verified_events(identity: bytes | str, log: bytes | Sequence[bytes], *,
-                    verifier: Verifier) -> tuple[KeyState, list[KeyEvent]]:
+                    verifier: Verifier,
+                    now_ms: int | None = None) -> tuple[KeyState, list[KeyEvent]]:
     """As :func:`verify_log`, also returning the opened events (for
     :func:`compare_logs`)."""
     envelopes = decode_log(log) if isinstance(log, bytes) else log
     events = _open_all(envelopes, verifier)
-    return _fold(_identity_arg(identity), events, None), events
+    return _fold(_identity_arg(identity), events, now_ms), events
 
 
 # ---------------------------------------------------------------------------------------
@@ -790,7 +791,8 @@ def parse_recovery_phrase(text: str) -> bytes:
     ignored, ASCII only. Raises :class:`KeyFileError` (with what is wrong)."""
     if not isinstance(text, str) or not text.isascii():
         raise KeyFileError("a recovery phrase is plain ASCII text: type it again")
-    flat = "".join(text.replace("-", " ").split())
+    # ASCII only (checked above), so lower() folds nothing but A-Z.
+    flat = "".join(text.replace("-", " ").split()).lower()
     try:
         raw = _parse_b32(flat, _PHRASE_PREFIX, 35, "recovery phrase")
     except InvalidNodeId as exc:

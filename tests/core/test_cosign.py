@@ -20,10 +20,11 @@ from citynode.core.cosign import (
     open_cosignature,
     sign_cosignature,
     split_view,
+    verify_witness_equivocation,
 )
 from citynode.core.keys import SigningKey, Verifier
 from citynode.core.records import encode_envelope
-from citynode.errors import InvalidRecord
+from citynode.errors import InvalidProof, InvalidRecord
 
 T0 = 1_735_689_600_000
 ORIGIN = SigningKey(bytes([1]) * 32)
@@ -157,3 +158,15 @@ def test_cosigned_checkpoint_decoding_is_bounded() -> None:
     for bad in (too_many, {"checkpoint": c.envelope}, [c.envelope]):
         with pytest.raises(InvalidRecord):
             CosignedCheckpoint.decode(encoding.encode(bad))
+
+
+def test_a_witness_cosigning_two_roots_at_one_size_is_caught() -> None:
+    c7, other7 = cp_of(7), cp_of(7, [*LEAVES[:6], b"\x09" * 32])
+    a = sign_cosignature(W[0], W[0].public_key, c7, T0).envelope
+    b = sign_cosignature(W[0], W[0].public_key, other7, T0).envelope
+    assert verify_witness_equivocation(a, b, verifier=V) == W[0].public_key
+    c = sign_cosignature(W[1], W[1].public_key, other7, T0).envelope
+    d = sign_cosignature(W[0], W[0].public_key, cp_of(8), T0).envelope
+    for x, y in ((a, a), (a, c), (a, d), (a, b"\x92")):
+        with pytest.raises(InvalidProof):
+            verify_witness_equivocation(x, y, verifier=V)
