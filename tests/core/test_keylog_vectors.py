@@ -4,6 +4,7 @@ expected verdict through the public API."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -11,8 +12,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from citynode.core import keylog
+from citynode.core import cosign, keylog
 from citynode.core.checkpoints import SplitViewProof, open_checkpoint, verify_split_view
 from citynode.core.cosign import CosignedCheckpoint, check_quorum, split_view
 from citynode.core.keylog import (
@@ -25,7 +28,7 @@ from citynode.core.keylog import (
     verify_log,
 )
 from citynode.core.keys import Verifier
-from citynode.errors import InvalidRecord
+from citynode.errors import InvalidProof, InvalidRecord
 
 VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors"
 KEYLOG: dict[str, Any] = json.loads((VECTORS / "keylog.json").read_text(encoding="utf-8"))
@@ -170,8 +173,6 @@ def test_worked_example_in_the_doc_is_the_vector() -> None:
 
 
 def test_constants_in_the_doc_are_the_codes() -> None:
-    from citynode.core import cosign
-
     doc = PROTOCOL.read_text(encoding="utf-8")
     sec = _section()
     for prefix in (keylog.DOMAIN_KEY_EVENT, cosign.DOMAIN_COSIGNATURE):
@@ -185,3 +186,34 @@ def test_constants_in_the_doc_are_the_codes() -> None:
     assert f"1 to {keylog.MAX_LOG_EVENTS} events, at most {keylog.MAX_LOG_BYTES} bytes" in sec
     assert f"at most {keylog.MAX_HEAD_FEEDS} feeds" in sec
     assert f"(at most\n{cosign.MAX_COSIGNATURES} looked at)" in sec
+
+
+# --------------------------------------------------------------------------- hostile bytes
+
+_SEEDS = [bytes.fromhex(h) for c in KEYLOG["logs"] for h in c["events_hex"]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_SEEDS), st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)),
+                                        max_size=4), st.binary(max_size=64))
+def test_mutated_events_and_logs_only_ever_raise_our_errors(
+        seed: bytes, flips: list[tuple[int, int]], tail: bytes) -> None:
+    """Every byte from outside is hostile: whatever the bytes, opening an event, a log,
+    a proof, a cosignature or a cosigned checkpoint raises InvalidRecord/InvalidProof
+    or succeeds, nothing else."""
+    data = bytearray(seed)
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    mutated = bytes(data) + tail
+    ident = KEYLOG["example"]["node_id"]
+    for attempt in (
+        lambda: keylog.open_event(mutated, verifier=Verifier()),
+        lambda: verify_log(ident, [_SEEDS[0], mutated], verifier=Verifier()),
+        lambda: verify_log(ident, mutated, verifier=Verifier()),
+        lambda: cosign.open_cosignature(mutated, verifier=Verifier()),
+        lambda: CosignedCheckpoint.decode(mutated),
+    ):
+        with contextlib.suppress(InvalidRecord):
+            attempt()
+    with contextlib.suppress(InvalidProof):
+        verify_equivocation(ident, EquivocationProof.decode(mutated), verifier=Verifier())
