@@ -248,6 +248,41 @@ def t_filter(data: bytes) -> None:
         raise Disagreement(f"filter does not round-trip through its query string: {again!r}")
 
 
+def _first_identity() -> bytes:
+    from citynode.core.keylog import parse_identity_id
+
+    logs = json.loads((ROOT / "tests" / "vectors" / "keylog.json").read_text())["logs"]
+    return parse_identity_id(logs[0]["node_id"])
+
+
+def t_keylog(data: bytes) -> None:
+    """A key event log (version 2 identity) of the vectors' first identity, one event
+    alone, and a cn2 id: a log that verifies folds to a state whose every event opens
+    alone too."""
+    from citynode.core import keylog
+    from citynode.core.keys import Verifier
+
+    verifier = Verifier()
+    _verdict(lambda: keylog.open_event(data, verifier=verifier))
+    _verdict(lambda: keylog.parse_identity_id(data.decode("latin-1")))
+    kind, events = _verdict(lambda: keylog.decode_log(data))
+    if kind != "ok":
+        return
+    state = _verdict(lambda: keylog.verify_log(_first_identity(), events, verifier=verifier))
+    if state[0] == "ok":
+        for env in events:
+            if _verdict(lambda e=env: keylog.open_event(e, verifier=verifier))[0] != "ok":
+                raise Disagreement("a verified log holds an event that does not open alone")
+
+
+def t_cosign(data: bytes) -> None:
+    """A witness cosignature envelope."""
+    from citynode.core import cosign
+    from citynode.core.keys import Verifier
+
+    _verdict(lambda: cosign.open_cosignature(data, verifier=Verifier()))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "msgpack": t_msgpack,
     "envelope": t_envelope,
@@ -260,6 +295,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "bundle": t_bundle,
     "config": t_config,
     "filter": t_filter,
+    "keylog": t_keylog,
+    "cosign": t_cosign,
 }
 
 if os.environ.get("CITYNODE_FUZZ_CANARY") == "1":
@@ -315,6 +352,11 @@ def seeds(target: str) -> list[bytes]:
                              NOW_MS, nonce=f"fuzz-seed-nonce-{i:04d}", target=_SEED_ORIGIN)
             out.append("\n".join(f"{k}: {v}" for k, v in h.items()).encode())
         return out  # header text only: the vectors' binary strings teach it nothing
+    elif target == "keylog":
+        from citynode.core.keylog import encode_log
+
+        for log in json.loads((vec / "keylog.json").read_text())["logs"]:
+            out.append(encode_log([bytes.fromhex(h) for h in log["events_hex"]]))
     elif target == "canary":
         return [b"CRASH"]
     elif target == "bundle":
@@ -351,6 +393,8 @@ def _main() -> None:
         import citynode.core.reconcile
         import citynode.core.records
         import citynode.core.sync
+        import citynode.core.cosign
+        import citynode.core.keylog
         import citynode.core.types  # noqa: F401
     atheris.Setup(sys.argv, target)
     atheris.Fuzz()
