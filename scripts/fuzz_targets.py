@@ -261,6 +261,7 @@ def t_keylog(data: bytes) -> None:
     alone too."""
     from citynode.core import keylog
     from citynode.core.keys import Verifier
+    from citynode.errors import CitynodeError
 
     verifier = Verifier()
     _verdict(lambda: keylog.open_event(data, verifier=verifier))
@@ -271,8 +272,11 @@ def t_keylog(data: bytes) -> None:
     state = _verdict(lambda: keylog.verify_log(_first_identity(), events, verifier=verifier))
     if state[0] == "ok":
         for env in events:
-            if _verdict(lambda e=env: keylog.open_event(e, verifier=verifier))[0] != "ok":
-                raise Disagreement("a verified log holds an event that does not open alone")
+            try:
+                keylog.open_event(env, verifier=verifier)
+            except CitynodeError as exc:
+                raise Disagreement("a verified log holds an event that does not open "
+                                   f"alone: {exc}") from exc
 
 
 def t_cosign(data: bytes) -> None:
@@ -387,14 +391,14 @@ def _main() -> None:
         import citynode.core.cards
         import citynode.core.chain
         import citynode.core.checkpoints
+        import citynode.core.cosign
         import citynode.core.encoding
         import citynode.core.filters
         import citynode.core.httpsig
+        import citynode.core.keylog
         import citynode.core.reconcile
         import citynode.core.records
         import citynode.core.sync
-        import citynode.core.cosign
-        import citynode.core.keylog
         import citynode.core.types  # noqa: F401
     atheris.Setup(sys.argv, target)
     atheris.Fuzz()

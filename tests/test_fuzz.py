@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_targets  # noqa: E402
 
-RUNS = 2000
+RUNS = 1000
 
 
 def _fuzz(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
@@ -31,7 +31,9 @@ def test_every_decoder_survives_generated_inputs(tmp_path: Path) -> None:
     assert set(targets) == set(fuzz_targets.TARGETS)
     for name, figures in targets.items():
         assert figures["crashes"] == 0, (name, sorted(tmp_path.glob(f"{name}/crash-*")))
-        assert figures["inputs"] == RUNS, (name, figures)
+        # libFuzzer counts the seed inputs it runs first among its runs, so a target
+        # with a large seed corpus may run more than asked; never fewer.
+        assert figures["inputs"] >= RUNS, (name, figures)
         assert figures["coverage"] > 50, (name, figures)  # the target reached its decoder
     assert result["ok"] is True and code == 0
 
