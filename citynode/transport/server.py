@@ -5,6 +5,7 @@ authenticate, call the node's roles, render. The routes live by caller:
 * ``api_stream``: live Server-Sent Event streams;
 * ``api_operator``: publish, partners, sync, status, metrics (operator token);
 * ``api_partner``: the partner protocol (signed requests);
+* ``api_console``: the web console at ``/`` (docs/CONSOLE.md);
 * ``web``: what they share (errors, bodies, parameters, authentication).
 
 Three kinds of caller, three kinds of authentication:
@@ -31,7 +32,13 @@ from aiohttp import web
 
 from citynode.core import httpsig
 from citynode.node import Node
-from citynode.transport import api_operator, api_partner, api_public, api_stream
+from citynode.transport import (
+    api_console,
+    api_operator,
+    api_partner,
+    api_public,
+    api_stream,
+)
 from citynode.transport.web import (
     NODE_KEY,
     READ_REPLAY_KEY,
@@ -92,6 +99,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/checkpoints", api_public.get_checkpoints)
     r.add_get("/v1/proofs/inclusion", api_public.inclusion_proof)
     r.add_get("/v1/proofs/consistency", api_public.consistency_proof)
+    api_console.add_routes(app)  # the web console at / (docs/CONSOLE.md)
     return app
 
 

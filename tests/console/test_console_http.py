@@ -1,0 +1,227 @@
+"""The web console over real HTTPS (an in-process node): the page and its assets, the
+security headers on every answer, the session cookie's flags, and the refusals:
+wrong token, missing or wrong CSRF token, foreign Origin, no session, and a session
+cookie that must not open the bearer-token operator API."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from http.cookies import SimpleCookie
+from typing import Any
+
+import aiohttp
+import pytest
+
+from citynode.transport.api_console import CSP, SECURITY_HEADERS, Sessions
+from tests.conftest import InProc
+
+Make = Callable[..., Awaitable[InProc]]
+
+
+def assert_secure_headers(resp: aiohttp.ClientResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        assert resp.headers.get(name) == value, name
+    csp = resp.headers["Content-Security-Policy"]
+    for directive in ("default-src 'none'", "script-src 'self'", "style-src 'self'",
+                      "connect-src 'self'", "frame-ancestors 'none'", "base-uri 'none'",
+                      "form-action 'self'"):
+        assert directive in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+
+
+def jar(cookies: dict[str, str]) -> dict[str, str]:
+    """A Cookie header (sent as is: aiohttp's cookie jars keep none for an IP host)."""
+    return {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
+
+
+def set_cookies(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The Set-Cookie headers of an answer, parsed: name -> Morsel."""
+    out: dict[str, Any] = {}
+    for raw in resp.headers.getall("Set-Cookie", []):
+        c: SimpleCookie = SimpleCookie()
+        c.load(raw)
+        out.update(c)
+    return out
+
+
+async def csrf(n: InProc, session: aiohttp.ClientSession) -> tuple[str, str]:
+    """A CSRF token from the console: (body value, cookie value)."""
+    async with session.get(n.url + "/console/api/csrf") as r:
+        assert r.status == 200
+        assert_secure_headers(r)
+        token = (await r.json())["csrf"]
+        cookie = set_cookies(r)["__Host-cn_csrf"]
+    assert cookie["httponly"] and cookie["secure"] and cookie["samesite"] == "Strict"
+    return token, cookie.value
+
+
+async def sign_in(n: InProc, session: aiohttp.ClientSession, token: str, *,
+                  origin: str | None = "self", csrf_header: str | None = "good",
+                  csrf_cookie: str | None = "good") -> aiohttp.ClientResponse:
+    good, cookie = await csrf(n, session)
+    headers = {"Content-Type": "application/json"}
+    if origin is not None:
+        headers["Origin"] = n.url if origin == "self" else origin
+    if csrf_header is not None:
+        headers["X-CSRF-Token"] = good if csrf_header == "good" else csrf_header
+    cookies = {}
+    if csrf_cookie is not None:
+        cookies["__Host-cn_csrf"] = cookie if csrf_cookie == "good" else csrf_cookie
+    r = await session.post(n.url + "/console/session", json={"token": token},
+                           headers={**headers, **jar(cookies)})
+    await r.read()
+    return r
+
+
+def pinned(n: InProc) -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(n.node.identity.cert_fingerprint))
+
+
+@pytest.fixture
+async def node(inproc: Make) -> InProc:
+    return await inproc("Jakarta")
+
+
+async def test_page_and_assets_with_security_headers(node: InProc) -> None:
+    s = node.session
+    async with s.get(node.url + "/") as r:
+        assert r.status == 200
+        assert r.content_type == "text/html"
+        page = await r.text()
+        assert_secure_headers(r)
+    # No inline script or style: the CSP would block them, so there must be none.
+    assert "<style" not in page and " style=" not in page
+    assert "<script>" not in page and "<script " in page
+    assert "/console/app.js" in page and "/console/uPlot.iife.min.js" in page
+    for name, ctype in [("app.js", "text/javascript"), ("app.css", "text/css"),
+                        ("uPlot.iife.min.js", "text/javascript"),
+                        ("land-110m.json", "application/json"),
+                        ("LICENSE.uPlot", "text/plain"), ("LICENSES.md", "text/plain")]:
+        async with s.get(node.url + "/console/" + name) as r:
+            assert r.status == 200, name
+            assert r.content_type == ctype
+            assert_secure_headers(r)
+            assert len(await r.read()) > 100
+    # Nothing outside the package's file list is reachable, and the 404 carries the
+    # headers too (made by the error middleware, after the handler).
+    for bad in ("/console/nope.js", "/console/..%2Fserver.py", "/console/__init__.py"):
+        async with s.get(node.url + bad) as r:
+            assert r.status == 404, bad
+            assert_secure_headers(r)
+    # The node's other answers are not the console's: no console CSP on them.
+    async with s.get(node.url + "/healthz") as r:
+        assert r.status == 200
+        assert "Content-Security-Policy" not in r.headers
+
+
+async def test_public_info_names_the_node(node: InProc) -> None:
+    async with node.session.get(node.url + "/console/api/public") as r:
+        assert r.status == 200
+        body = await r.json()
+    assert body["node"] == node.node.node_id
+    assert body["name"] == "Jakarta"
+    assert body["names"] == {node.node.node_id: "Jakarta"}
+
+
+async def test_sign_in_sets_a_strict_session_cookie(node: InProc) -> None:
+    async with aiohttp.ClientSession(
+            connector=pinned(node),
+            cookie_jar=aiohttp.DummyCookieJar()) as s:
+        r = await sign_in(node, s, node.token)
+        assert r.status == 200
+        assert_secure_headers(r)
+        assert r.headers["Cache-Control"] == "no-store"
+        cookies = set_cookies(r)
+        sid = cookies["__Host-cn_session"]
+        assert sid["httponly"] and sid["secure"] and sid["samesite"] == "Strict"
+        assert sid["path"] == "/" and not sid["domain"]
+        assert int(sid["max-age"]) > 0
+        # The session id is opaque: not the token, nothing derived from it in sight.
+        assert node.token not in sid.value and len(sid.value) >= 40
+        body = await r.json()
+        assert node.token not in str(body)
+        # The session opens the console's operator view ...
+        own = jar({"__Host-cn_session": sid.value})
+        async with s.get(node.url + "/console/api/operator", headers=own) as v:
+            assert v.status == 200
+            assert_secure_headers(v)
+            view = await v.json()
+        assert view["name"] == "Jakarta" and view["partners"] == []
+        assert "citynode_records_stored" in view["metrics"]
+        assert view["csrf"] == body["csrf"]
+        # ... and nothing else: the operator API keeps requiring the bearer token.
+        for method, path in [("GET", "/v1/admin/status"), ("GET", "/v1/admin/partners"),
+                             ("GET", "/metrics"), ("POST", "/v1/admin/sync"),
+                             ("POST", "/v1/publish?feed=f&type=org.example.T")]:
+            async with s.request(method, node.url + path, data=b"{}",
+                                 headers={**own, "Origin": node.url,
+                                          "X-CSRF-Token": body["csrf"]}) as a:
+                assert a.status == 403, path
+        # Signing out ends the session on the server (the old cookie is worthless).
+        async with s.post(node.url + "/console/session/end",
+                          headers={**own, "Origin": node.url,
+                                   "X-CSRF-Token": body["csrf"]}) as o:
+            assert o.status == 200
+            assert set_cookies(o)["__Host-cn_session"].value == ""
+        async with s.get(node.url + "/console/api/operator", headers=own) as v:
+            assert v.status == 403
+
+
+async def test_refusals(node: InProc) -> None:
+    async with aiohttp.ClientSession(
+            connector=pinned(node),
+            cookie_jar=aiohttp.DummyCookieJar()) as s:
+        async def refused(r: aiohttp.ClientResponse, reason: str) -> None:
+            assert r.status == 403
+            assert (await r.json())["error"] == reason
+            assert "__Host-cn_session" not in set_cookies(r)
+            assert_secure_headers(r)
+
+        await refused(await sign_in(node, s, "wrong-" + node.token), "access_denied")
+        await refused(await sign_in(node, s, ""), "access_denied")
+        await refused(await sign_in(node, s, node.token, csrf_header=None), "bad_csrf")
+        await refused(await sign_in(node, s, node.token, csrf_header="x" * 43), "bad_csrf")
+        await refused(await sign_in(node, s, node.token, csrf_cookie=None), "bad_csrf")
+        await refused(await sign_in(node, s, node.token, origin=None), "bad_origin")
+        await refused(await sign_in(node, s, node.token, origin="https://evil.example"),
+                      "bad_origin")
+        await refused(await sign_in(node, s, node.token, origin="null"), "bad_origin")
+        # No cookie, a made-up one, or the bearer token: the console's view is refused.
+        for headers in [{}, jar({"__Host-cn_session": "x" * 43}), node.auth()]:
+            async with s.get(node.url + "/console/api/operator", headers=headers) as v:
+                assert v.status == 403
+        # Sign-out without the session's CSRF token does not end the session.
+        ok = await sign_in(node, s, node.token)
+        sid = set_cookies(ok)["__Host-cn_session"].value
+        own = jar({"__Host-cn_session": sid})
+        async with s.post(node.url + "/console/session/end",
+                          headers={**own, "Origin": node.url}) as o:
+            await refused(o, "bad_csrf")
+        async with s.get(node.url + "/console/api/operator", headers=own) as v:
+            assert v.status == 200
+        # An oversized body is refused before it is parsed.
+        good, cookie = await csrf(node, s)
+        async with s.post(node.url + "/console/session", data=b"{" + b" " * 10_000 + b"}",
+                          headers={**jar({"__Host-cn_csrf": cookie}),
+                                   "Origin": node.url, "X-CSRF-Token": good}) as r:
+            assert r.status == 413
+
+
+def test_sessions_expire_and_are_bounded() -> None:
+    now = [1000.0]
+    s = Sessions(clock=lambda: now[0], ttl=60)
+    sid, token = s.create()
+    live = s.get(sid)
+    assert live is not None and live.csrf == token
+    assert s.get(None) is None and s.get("") is None and s.get("other") is None
+    now[0] += 61
+    assert s.get(sid) is None and len(s) == 0
+    ids = [s.create()[0] for _ in range(200)]
+    assert len(s) == 64
+    assert s.get(ids[0]) is None and s.get(ids[-1]) is not None
+    s.end(ids[-1])
+    assert s.get(ids[-1]) is None
+
+
+def test_csp_has_no_unsafe_source() -> None:
+    assert "unsafe" not in CSP and "*" not in CSP and "http:" not in CSP
