@@ -372,7 +372,8 @@
       const width = Math.max(240, p.chart.clientWidth || 300);
       p.u = new uPlot({
         width, height: 200, cursor: { drag: { x: false, y: false } },
-        scales: { x: { time: true } },
+        // One reading alone: an hour either side (uPlot would widen it to years).
+        scales: { x: { time: true, range: (u, lo, hi) => (u.data[0].length === 1 ? [u.data[0][0] - 3600, u.data[0][0] + 3600] : [lo, hi]) } },
         series: [{}, ...names.map((n) => ({ label: POLLUTANTS[n].label, stroke: SERIES_COLOURS[n], width: 1.5, spanGaps: true, points: { size: 5 } }))],
         axes: [{}, { size: 46 }],
       }, data, p.chart);
@@ -428,8 +429,18 @@
   // ------------------------------------------------------------------ live data
 
   function redraw(changed) {
+    // The table and the map are redrawn whole: keep the keyboard focus where it was
+    // (the same station's link or marker), or a live update would throw it away.
+    const a = document.activeElement;
+    const where = a && a.closest ? (a.closest("#map") ? "#map a" : a.closest("#stations") ? "#stations tr" : null) : null;
+    const key = where ? (a.dataset.station || (a.closest("tr") && a.closest("tr").dataset.station)) : null;
     drawStations(changed);
     drawMap();
+    if (where && key) {
+      const sel = where + '[data-station="' + CSS.escape(key) + '"]';
+      const back = document.querySelector(where === "#map a" ? sel : sel + " a");
+      if (back) back.focus();
+    }
     for (const st of state.stations.values()) if (!changed || changed.has(st.key)) drawPlot(st);
   }
 
@@ -582,7 +593,10 @@
     let from = { since: Date.now() - DAY_MS, cursor: null };
     try { from = await loadRecent(); } catch (e) { $("#live-status").textContent = "Could not load records: " + e.message; }
     connect(from);
-    loadOperator();
+    try {
+      if ((await getJSON("/console/api/session")).signed_in) await loadOperator();
+      else showSignedIn(false);
+    } catch (e) { showSignedIn(false); }
     document.body.dataset.ready = "1";
   }
 

@@ -8,6 +8,7 @@ Routes (docs/CONSOLE.md):
   read from the package at start (nothing else on disk is reachable);
 * ``GET /console/api/public``: who this node is and the names of the partners whose
   feeds it replicates (what its public card and its partners' cards already say);
+* ``GET /console/api/session``: ``{"signed_in": bool}`` for the caller's cookie;
 * ``GET /console/api/csrf``: a fresh anti-CSRF token, in the body and in an HttpOnly
   cookie (double submit: a cross-site page can read neither);
 * ``POST /console/session``: the operator token (JSON ``{"token": ...}``) exchanged for
@@ -156,6 +157,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/", index)
     r.add_get(_PREFIX + "/api/public", public_info)
     r.add_get(_PREFIX + "/api/csrf", csrf_token)
+    r.add_get(_PREFIX + "/api/session", session_state)
     r.add_get(_PREFIX + "/api/operator", operator_view)
     r.add_post(_PREFIX + "/session", sign_in)
     r.add_post(_PREFIX + "/session/end", sign_out)
@@ -254,6 +256,13 @@ def _check_post(request: web.Request, expected: str | None) -> web.Response | No
         return error_response(403, "bad_csrf",
                               "missing or stale CSRF token: reload the console page")
     return None
+
+
+async def session_state(request: web.Request) -> web.Response:
+    """Whether the caller's session cookie names a live session (so that the page
+    asks for the operator view only when it will get it)."""
+    live = request.app[SESSIONS_KEY].get(request.cookies.get(SESSION_COOKIE)) is not None
+    return web.json_response({"signed_in": live}, headers={"Cache-Control": "no-store"})
 
 
 async def sign_in(request: web.Request) -> web.Response:
