@@ -7,8 +7,8 @@ test's profile only), loads the console, and the test checks: no console error a
 CSP violation; the map's markers are the stations published (with the AQI the EPA
 breakpoints give); a record published at the partner shows on the live view within
 2 s; the operator view is guarded by the sign-in. It saves desktop and phone-width
-screenshots under the test's tmp dir (``CITYNODE_SCREENSHOT=1`` also copies the
-desktop one to docs/console.png) and prints the console's time to first paint.
+screenshots under the test's tmp dir (``CITYNODE_SCREENSHOT=1`` also copies them to
+docs/console.png and docs/console-phone.png) and prints the console's time to first paint.
 """
 
 from __future__ import annotations
@@ -279,6 +279,7 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     print(f"screenshots: {shots / 'console-desktop.png'}, {shots / 'console-phone.png'}")
     if os.environ.get("CITYNODE_SCREENSHOT") == "1":
         shutil.copy(shots / "console-desktop.png", REPO / "docs" / "console.png")
+        shutil.copy(shots / "console-phone.png", REPO / "docs" / "console-phone.png")
 
     # Sign out: the view closes and the old session is refused.
     b.driver.set_window_size(1280, 900)
