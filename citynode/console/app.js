@@ -460,6 +460,19 @@
     return { since, cursor: complete ? cursor : null };
   }
 
+  // Live records are drawn in batches, at most five times a second: a busy feed
+  // must not redraw the table, the map and the plots for every record.
+  const pending = new Set();
+  let scheduled = null;
+  function schedule() {
+    if (scheduled !== null) return;
+    scheduled = setTimeout(() => {
+      scheduled = null;
+      if (pending.size) { const changed = new Set(pending); pending.clear(); redraw(changed); }
+      drawFeeds();
+    }, 200);
+  }
+
   function connect(from) {
     const status = $("#live-status");
     let url = "/v1/stream?type=AirQualityObserved&format=json&since=" + from.since;
@@ -472,8 +485,8 @@
       try { rec = JSON.parse(ev.data); } catch (e) { return; }
       noteFeed(rec);
       const key = addRecord(rec);
-      if (key !== null) redraw(new Set([key]));
-      drawFeeds();
+      if (key !== null) pending.add(key);
+      schedule();
     });
   }
 

@@ -31,6 +31,7 @@ script or style anywhere in the page) and the other security headers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import secrets
@@ -270,8 +271,8 @@ async def sign_in(request: web.Request) -> web.Response:
     refused = _check_post(request, request.cookies.get(CSRF_COOKIE))
     if refused is not None:
         return refused
-    body = await request.content.read(MAX_SIGN_IN_BYTES + 1)
-    if len(body) > MAX_SIGN_IN_BYTES:
+    body = await _small_body(request)
+    if body is None:
         return error_response(413, "too_large", "sign-in body too large")
     try:
         token = json.loads(body)["token"]
@@ -287,6 +288,28 @@ async def sign_in(request: web.Request) -> web.Response:
     _cookie(resp, SESSION_COOKIE, sid, SESSION_SECONDS)
     _cookie(resp, CSRF_COOKIE, csrf, SESSION_SECONDS)
     return resp
+
+
+async def _small_body(request: web.Request) -> bytes | None:
+    """The body, read within the node's read timeout (408 past it); None when it is
+    over ``MAX_SIGN_IN_BYTES`` (nothing more than that is buffered)."""
+    if (request.content_length or 0) > MAX_SIGN_IN_BYTES:
+        return None
+    node = request.app[NODE_KEY]
+    out = bytearray()
+
+    async def read() -> None:
+        while len(out) <= MAX_SIGN_IN_BYTES:
+            chunk = await request.content.read(MAX_SIGN_IN_BYTES + 1 - len(out))
+            if not chunk:
+                return
+            out.extend(chunk)
+
+    try:
+        await asyncio.wait_for(read(), node.config.limits.read_timeout_seconds)
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="request body not received in time") from None
+    return None if len(out) > MAX_SIGN_IN_BYTES else bytes(out)
 
 
 async def sign_out(request: web.Request) -> web.Response:

@@ -206,6 +206,31 @@ async def test_refusals(node: InProc) -> None:
                                    "Origin": node.url, "X-CSRF-Token": good}) as r:
             assert r.status == 413
 
+        async def chunks() -> Any:
+            for _ in range(10):
+                yield b" " * 1000
+
+        async with s.post(node.url + "/console/session", data=chunks(),
+                          headers={**jar({"__Host-cn_csrf": cookie}),
+                                   "Origin": node.url, "X-CSRF-Token": good}) as r:
+            assert r.status == 413
+
+
+def test_every_console_file_ships_in_the_wheel() -> None:
+    """A file the package-data patterns miss would be served from a checkout but be
+    missing from an installed node."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["citynode.console"]
+    files = [p.name for p in (root / "citynode" / "console").iterdir()
+             if p.is_file() and p.suffix != ".py"]
+    assert "app.js" in files and "LICENSE.uPlot" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)] == []
+
 
 def test_sessions_expire_and_are_bounded() -> None:
     now = [1000.0]
