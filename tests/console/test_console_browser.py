@@ -184,6 +184,16 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
           f"contentful paint {paints['first-contentful-paint']:.0f} ms, DOM ready "
           f"{nav[1]:.0f} ms, load {nav[2]:.0f} ms (headless Chromium, 127.0.0.1)")
     assert b.js("return document.title").startswith("Jakarta")
+    # Keyboard: the first Tab reaches the skip link; markers and station names are
+    # links (focusable, with a name); every form field has a label.
+    from selenium.webdriver.common.keys import Keys
+
+    b.driver.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    assert b.js("return document.activeElement.className") == "skip"
+    assert b.js("return [...document.querySelectorAll('input, select, textarea')]"
+                ".every(i => i.labels && i.labels.length > 0)")
+    assert b.js("return [...document.querySelectorAll('#map a')].every(a =>"
+                " a.getAttribute('href').startsWith('#plot-') && a.tabIndex === 0)")
     # Loading the page, signed out, logs nothing: no error, no CSP violation.
     assert errors_in(b.logs()) == []
 
@@ -248,8 +258,6 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     assert not b.driver.find_element(By.ID, "op-view").is_displayed()
     assert b.fetch_status("/console/api/operator") == 403
     # The right token (typed, then Enter: the form works from the keyboard).
-    from selenium.webdriver.common.keys import Keys
-
     token_input.send_keys(jakarta.token + Keys.ENTER)
     b.wait(lambda d: d.find_element(By.ID, "op-view").is_displayed(),
            what="the operator view after signing in")
