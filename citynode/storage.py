@@ -34,11 +34,13 @@ columns through one join (:data:`_ROWS`): ``origin``, ``feed``, ``type``, ``seq`
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import queue
 import sqlite3
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1505,38 +1507,57 @@ _FILE_IDENTITY = "file-identity"
 _XATTR = "user.citynode.tag"
 
 
+def _birth_time(path: Path) -> str | None:
+    """The file's creation time from statx(2) (``sec.nsec``), or None where the kernel,
+    the C library or the filesystem does not keep one. No copy tool can set it: a copy
+    is a new file with a new birth time."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(256)  # struct statx
+        # AT_FDCWD, no flags, STATX_INO | STATX_BTIME
+        if libc.statx(-100, os.fsencode(path), 0, 0x100 | 0x800, buf) != 0:
+            return None
+    except (AttributeError, OSError):
+        return None
+    (mask,) = struct.unpack_from("<I", buf, 0)
+    if not mask & 0x800:
+        return None
+    sec, nsec = struct.unpack_from("<qI", buf, 80)  # stx_btime
+    return f"{sec}.{nsec:09d}"
+
+
 def _note_file_identity(conn: sqlite3.Connection, path: Path) -> None:
     """Mark the database restored if its file is not the one last opened here.
 
-    A data dir copied back by hand (``cp``, ``rsync``, a restore tool) puts a new file
-    where the old one was, while the content still names the file it was last opened
-    as: here its inode number and a random tag that is also kept as an extended
-    attribute (``user.citynode.tag``) of the file itself. A crash, a restart or an
-    ``mv`` keep both; a copy changes the inode (unless the old number is reused at
-    once) and drops the attribute (unless copied with ``cp -a`` / ``rsync -X``), so
-    only a copy that keeps both goes unseen. A whole-machine snapshot rolled back is
-    not seen either: ``citynode restore`` marks explicitly. The device number is not
-    used: it may change across reboots, which would mark every restart.
+    A data dir copied back by hand (``cp -a``, ``rsync``, a restore tool) puts a new
+    file where the old one was, while the content still names the file it was last
+    opened as: its birth time (statx) and inode number, and a random tag also kept as
+    an extended attribute (``user.citynode.tag``) of the file. A crash, a restart or an
+    ``mv`` keep all three; a copy always has a new birth time (where the filesystem
+    keeps one: ext4, xfs, btrfs, tmpfs), usually a new inode (the old number may be
+    reused at once) and no tag (unless copied with ``cp -a`` / ``rsync -X``). A
+    whole-machine snapshot rolled back is not seen: ``citynode restore`` marks
+    explicitly. The device number is not used: it may change across reboots, which
+    would mark every restart.
 
     The mark makes the node wait for a partner's confirmation before it signs on its
     own feeds, so a stale copy never re-signs a seq that partners hold.
     """
-    st = os.stat(path)
     try:
         tag: bytes | None = os.getxattr(path, _XATTR)
     except OSError:
-        tag = None  # none set, or a filesystem without user xattrs: the inode decides
-    now = f"{st.st_ino}".encode()
+        tag = None  # none set, or a filesystem without user xattrs
+    now = f"{os.stat(path).st_ino} {_birth_time(path) or '-'}".encode()
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (_FILE_IDENTITY,)).fetchone()
     if row is not None:
-        ino, _, want = bytes(row[0]).partition(b" ")
-        if ino != now or (want and tag != want):
-            # The mark first: a crash before the identity is updated marks again.
-            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
-                         "DO NOTHING", (_RESTORED, b"the database file was copied back "
-                                        b"(a new file where another was)"))
-        elif not want or tag == want:
+        held = bytes(row[0]).split(b" ")
+        want = held[2] if len(held) == 3 else b""
+        if b" ".join(held[:2]) == now and (not want or tag == want):
             return  # the file last opened here
+        # The mark first: a crash before the identity is updated marks again.
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                     "DO NOTHING", (_RESTORED, b"the database file was copied back "
+                                    b"(a new file where another was)"))
     fresh = os.urandom(8).hex().encode()
     try:
         os.setxattr(path, _XATTR, fresh)

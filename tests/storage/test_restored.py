@@ -4,7 +4,10 @@ own feeds until a partner confirms its heads (issue 16: a stale copy re-signed s
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from citynode.errors import PublishRefused
 from citynode.node import Node
@@ -22,12 +25,15 @@ def test_reopening_the_same_file_is_not_a_restore(tmp_path: Path) -> None:
         st.close()
 
 
-def test_a_file_copied_back_is_marked_restored_until_cleared(tmp_path: Path) -> None:
-    path, copy = tmp_path / "node.db", tmp_path / "copy.db"
+@pytest.mark.parametrize("copy", [shutil.copyfile, shutil.copy2],
+                         ids=["cp", "cp-a"])  # copy2 keeps xattrs and times, like cp -a
+def test_a_file_copied_back_is_marked_restored_until_cleared(
+        tmp_path: Path, copy: Callable[[Path, Path], object]) -> None:
+    path, backup = tmp_path / "node.db", tmp_path / "copy.db"
     Storage.open(path).close()
-    shutil.copyfile(path, copy)
+    copy(path, backup)
     path.unlink()
-    shutil.copyfile(copy, path)  # a new file (new inode) where the old one was
+    copy(backup, path)  # a new file where the old one was (its inode may be reused)
     st = Storage.open(path)
     try:
         assert "copied back" in (st.restored() or "")
