@@ -295,6 +295,40 @@ def feeds(data_dir: Path, as_json: bool) -> None:
              iso_time(o["last_time"]) if o["last_time"] else ""] for o in out])
 
 
+@main.command()
+@DIR_OPTION
+@click.option("--dead-letters", "limit", default=20, show_default=True,
+              type=click.IntRange(0, 1000), help="How many of the newest dead letters.")
+@JSON_OPTION
+def bridges(data_dir: Path, limit: int, as_json: bool) -> None:
+    """Show the bridges of node.toml ([[bridges.mqtt]]) and their dead letters.
+
+    While the node runs: whether each is connected, and messages received, published,
+    duplicates and dead-lettered since it started. Dead letters (messages that could
+    not become a record, with the reason) are shown whether the node runs or not.
+    """
+    from citynode.render import iso_time
+
+    out = _operate(data_dir, lambda node: node.bridges(limit))
+    if as_json:
+        _print_json(out)
+        return
+
+    def state(b: dict[str, Any]) -> str:
+        if not b["running"]:
+            return "node not running"
+        return "connected" if b["connected"] else f"down: {b['last_error'] or 'connecting'}"
+
+    _table("bridges", ["name", "broker", "state", "received", "published", "duplicates",
+                       "dead letters (dropped)"],
+           [[b["name"], b["broker"], state(b), b.get("received", ""), b.get("published", ""),
+             b.get("duplicates", ""), f"{b['dead_letters_held']} ({b['dead_letters_dropped']})"]
+            for b in out["bridges"]])
+    _table("dead letters", ["at", "bridge", "topic", "reason", "bytes", "detail"],
+           [[iso_time(d["at_ms"]), d["bridge"], d["topic"], d["reason"], d["size"],
+             d["detail"]] for d in out["dead_letters"]])
+
+
 @main.group()
 def partner() -> None:
     """Add, list and remove partner nodes."""

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from citynode.bridges.config import BridgesConfig, parse_bridges
 from citynode.core.egress import DEFAULT_TEXT_ATTRIBUTES, OPEN, EgressPolicy, parse_policy
 from citynode.core.keys import node_id, parse_node_id
 from citynode.core.records import check_feed_name
@@ -174,6 +175,8 @@ class Config:
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     feeds: Mapping[str, FeedConfig] = field(default_factory=_no_feeds)
     log: LogConfig = field(default_factory=LogConfig)
+    #: ``[[bridges.mqtt]]`` ...: parsed and checked by citynode/bridges/config.py.
+    bridges: BridgesConfig = field(default_factory=BridgesConfig)
 
     def feed(self, name: str) -> FeedConfig:
         """The access rule of feed ``name``: its ``[feeds.<name>]`` table, or a public
@@ -551,7 +554,7 @@ class _Loader:
 
     def load(self, doc: dict[str, Any]) -> Config:
         for name, value in doc.items():
-            if name in _SCHEMA or name == "feeds":
+            if name in _SCHEMA or name in ("feeds", "bridges"):
                 continue
             if not isinstance(value, dict):
                 owners = [s for s, keys in _SCHEMA.items() if any(k.name == name for k in keys)]
@@ -576,8 +579,9 @@ class _Loader:
             "[checkpoints]", doc.get("checkpoints", {}), _SCHEMA["checkpoints"]))
         log = LogConfig(**self.section("[log]", doc.get("log", {}), _SCHEMA["log"]))
         feeds = self.feeds(doc.get("feeds", {}))
+        bridges = parse_bridges(doc.get("bridges", {}), self.source, limits.max_body_bytes)
         return Config(node=node, tls=tls, limits=limits, federation=federation,
-                      checkpoints=checkpoints, feeds=feeds, log=log)
+                      checkpoints=checkpoints, feeds=feeds, log=log, bridges=bridges)
 
     def node(self, table: object, tls: TlsConfig) -> NodeConfig:
         v = self.section("[node]", table, _SCHEMA["node"])
@@ -740,6 +744,26 @@ _FEEDS_EXAMPLE = """\
 """
 
 
+BRIDGES_HELP = """\
+# ---- [[bridges.mqtt]] -------------------------------------------------------------------
+# MQTT in: the node subscribes to a broker (QoS 1, persistent session) and publishes each
+# message as a record of a feed, once. See docs/BRIDGES.md for every key.
+#
+# [[bridges.mqtt]]
+# name = "air"                        # 1-32 of a-z 0-9 _ -
+# host = "broker.example.org"
+# ca_file = "broker-ca.pem"           # TLS, on when a CA file is given (port 8883)
+# username = "citynode"               # and password_file = "mqtt-password"
+#
+# [[bridges.mqtt.routes]]
+# topic = "city/air/+/reading"        # + one level, # the rest
+# feed = "air-quality"
+# type = "AirQualityObserved"
+# subject = "station-{topic.2}"       # {topic.N}: level N from 0; {a.b}: a message field
+# fields = { pm25 = "values.pm25", dateObserved = "ts", location = "geo" }
+"""
+
+
 def render_config(name: str, listen: str, public_url: str, hosts: list[str]) -> str:
     """Return the commented node.toml that ``citynode init`` writes.
 
@@ -761,6 +785,7 @@ def render_config(name: str, listen: str, public_url: str, hosts: list[str]) -> 
             out.append(f"{key.name} = {_toml_value(key.kind, value)}")
         out.append("")
     out.append(_FEEDS_HELP + _FEEDS_EXAMPLE)
+    out.append(BRIDGES_HELP)
     text = "\n".join(out)
     parse_config(text)  # init must never write a file the node then refuses
     return text

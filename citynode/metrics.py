@@ -71,5 +71,24 @@ class Metrics:
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5), registry=r,
         )
 
+        # Bridges (citynode/bridges/), by bridge name.
+        self.bridge_received = Counter(
+            "citynode_bridge_messages_received", "Messages a bridge received from its "
+            "broker (redelivered copies included)", ["bridge"], registry=r)
+        self.bridge_published = Counter(
+            "citynode_bridge_messages_published", "Messages a bridge made records of",
+            ["bridge"], registry=r)
+        self.bridge_duplicates = Counter(
+            "citynode_bridge_messages_duplicate", "Messages a bridge had already made a "
+            "record or dead letter of (a redelivery after a crash or reconnect)",
+            ["bridge"], registry=r)
+        self.bridge_dead_lettered = Counter(
+            "citynode_bridge_messages_dead_lettered", "Messages a bridge could not make a "
+            "record of, kept in its dead-letter table, by reason", ["bridge", "reason"],
+            registry=r)
+        self.bridge_connected = Gauge(
+            "citynode_bridge_connected", "1 while the bridge is connected to its broker",
+            ["bridge"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

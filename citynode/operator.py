@@ -91,6 +91,13 @@ class Operator:
         out: dict[str, Any] = await self._call("GET", "/v1/admin/status")
         return out
 
+    async def bridges(self, dead_letters: int = 20) -> dict[str, Any]:
+        """Each bridge's state (live only while the node runs) and the newest
+        ``dead_letters`` messages the bridges could not make records of."""
+        out: dict[str, Any] = await self._call(
+            "GET", f"/v1/admin/bridges?dead_letters={int(dead_letters)}")
+        return out
+
     async def partners(self) -> list[dict[str, Any]]:
         """Live state of the partners the node exchanges with now (none for a node that
         is not running: it has no partner tasks)."""

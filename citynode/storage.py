@@ -443,10 +443,90 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
         conn.execute(sql)
 
 
+# --------------------------------------------------------------------------- bridges (v4)
+# The bridges' schema and rows (citynode/bridges/); their Storage methods are the
+# "bridges (v4)" block at the end of the class.
+
+
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    """Schema v4: the bridges' message identities and dead letters.
+
+    ``bridge_messages``: one row per message identity a bridge has taken on (SHA-256 of
+    bridge, topic and bytes): claimed before its record is published (with the own
+    feed's head then), published (with the record id) or dead-lettered. Kept for the
+    bridge's ``dedupe_hours``. ``bridge_dead_letters``: messages that could not become a
+    record, bounded per bridge (``bridge_counters`` counts those dropped beyond it).
+    """
+    conn = db.conn
+    conn.execute(
+        """CREATE TABLE bridge_messages (
+            key BLOB PRIMARY KEY,
+            bridge TEXT NOT NULL,
+            state INTEGER NOT NULL,
+            feed TEXT NOT NULL,
+            after_seq INTEGER NOT NULL,
+            record_id BLOB,
+            at INTEGER NOT NULL
+        ) WITHOUT ROWID"""
+    )
+    conn.execute("CREATE INDEX bridge_messages_at ON bridge_messages (at)")
+    conn.execute("CREATE INDEX bridge_messages_record ON bridge_messages (record_id)"
+                 " WHERE record_id IS NOT NULL")
+    conn.execute(
+        """CREATE TABLE bridge_dead_letters (
+            id INTEGER PRIMARY KEY,
+            bridge TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            topic TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            excerpt BLOB NOT NULL
+        )"""
+    )
+    conn.execute("CREATE INDEX bridge_dead_letters_bridge ON bridge_dead_letters (bridge, id)")
+    conn.execute("CREATE TABLE bridge_counters (bridge TEXT PRIMARY KEY,"
+                 " dead_dropped INTEGER NOT NULL)")
+
+
+#: ``bridge_messages.state``
+BRIDGE_CLAIMED, BRIDGE_PUBLISHED, BRIDGE_DEAD = 0, 1, 2
+_BRIDGE_PRUNE = 1000  # identities past their age removed per claim (bounded work)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeMessageRow:
+    """A message identity a bridge has taken on (``state``: BRIDGE_*)."""
+
+    key: bytes
+    bridge: str
+    state: int
+    feed: str
+    after_seq: int
+    record_id: bytes | None
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    """A message a bridge could not make a record of, and why (``reason``: a code)."""
+
+    id: int
+    bridge: str
+    at: int
+    topic: str
+    reason: str
+    detail: str
+    size: int
+    excerpt: bytes
+
+
+
+
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
+    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1414,6 +1494,123 @@ class Storage:
             except OSError as exc:
                 raise self._error(exc, "measuring the database") from exc
         return total
+
+
+    # ------------------------------------------------------------------ bridges (v4)
+
+    def bridge_lookup(self, keys: Sequence[bytes]) -> dict[bytes, BridgeMessageRow]:
+        """The rows of the message identities ``keys`` held (absent: never taken on, or
+        older than the bridge's ``dedupe_hours``)."""
+        out: dict[bytes, BridgeMessageRow] = {}
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[start : start + _IN_CHUNK]
+            rows = self._all(
+                "SELECT key, bridge, state, feed, after_seq, record_id, at FROM bridge_messages"
+                f" WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+            out.update((r[0], BridgeMessageRow(*r)) for r in rows)
+        return out
+
+
+    def bridge_claim(self, bridge: str, claims: Sequence[tuple[bytes, str, int]],
+                      at_ms: int, keep_ms: int) -> Future[None]:
+        """Durably note that messages ``(key, feed, own feed head seq now)`` are about to be
+        published (a claim already held is renewed), and forget at most a thousand
+        identities of ``bridge`` older than ``keep_ms``."""
+        rows = [(k, bridge, BRIDGE_CLAIMED, f, s, at_ms) for k, f, s in claims]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO bridge_messages (key, bridge, state, feed, after_seq, at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                " feed = excluded.feed, after_seq = excluded.after_seq, at = excluded.at"
+                " WHERE state = 0", rows)
+            conn.execute(
+                "DELETE FROM bridge_messages WHERE key IN (SELECT key FROM bridge_messages"
+                " WHERE at < ? AND bridge = ? LIMIT ?)", (at_ms - keep_ms, bridge, _BRIDGE_PRUNE))
+
+        return self._submit(run, durable=True, weight=len(rows))
+
+
+    def bridge_published(self, done: Sequence[tuple[bytes, bytes]], at_ms: int
+                          ) -> Future[None]:
+        """Note that claimed messages ``(key, record id)`` are records now."""
+        rows = [(rid, at_ms, key) for key, rid in done]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE bridge_messages SET state = 1, record_id = ?, at = ?"
+                             " WHERE key = ?", rows)
+
+        return self._submit(run, weight=len(rows))
+
+
+    def bridge_dead_letter(self, bridge: str, key: bytes, feed: str, topic: str,
+                            reason: str, detail: str, excerpt: bytes, size: int, at_ms: int,
+                            keep_rows: int) -> Future[None]:
+        """Durably keep a dead letter (and its message identity, so a redelivered copy is
+        not kept twice), dropping ``bridge``'s oldest beyond ``keep_rows`` (counted).
+        ``topic`` and ``detail`` are cut to 2000 characters."""
+        row = (bridge, at_ms, _clip(topic), _clip(reason), _clip(detail), size, excerpt)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO bridge_messages (key, bridge, state, feed, after_seq, at)"
+                " VALUES (?, ?, 2, ?, 0, ?) ON CONFLICT (key) DO UPDATE SET state = 2,"
+                " at = excluded.at", (key, bridge, feed, at_ms))
+            conn.execute("INSERT INTO bridge_dead_letters (bridge, at, topic, reason, detail,"
+                         " size, excerpt) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            gone = conn.execute(
+                "DELETE FROM bridge_dead_letters WHERE bridge = ? AND id <= (SELECT id FROM"
+                " bridge_dead_letters WHERE bridge = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (bridge, bridge, keep_rows)).rowcount
+            if gone:
+                conn.execute(
+                    "INSERT INTO bridge_counters (bridge, dead_dropped) VALUES (?, ?)"
+                    " ON CONFLICT (bridge) DO UPDATE SET dead_dropped = dead_dropped + ?",
+                    (bridge, gone, gone))
+
+        return self._submit(run, durable=True)
+
+
+    def bridge_accounted(self, record_ids: Sequence[bytes]) -> set[bytes]:
+        """The subset of ``record_ids`` some bridge message is already the record of."""
+        ids = list(dict.fromkeys(record_ids))
+        found: set[bytes] = set()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            found.update(r[0] for r in self._all(
+                "SELECT record_id FROM bridge_messages WHERE record_id IN"
+                f" ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+
+    def bridge_records_after(self, origin: bytes, feed: str, after_seq: int, limit: int
+                             ) -> list[bytes]:
+        """Envelopes of a feed after seq ``after_seq``, in seq order, at most ``limit``
+        (where a bridge looks for the record of a message claimed before a crash)."""
+        return self.range(origin, feed, after_seq + 1, 2**62, limit)
+
+    def bridge_dead_letters(self, bridge: str | None = None, limit: int = 100
+                             ) -> list[DeadLetterRow]:
+        """The newest ``limit`` dead letters (of ``bridge``), newest first."""
+        if limit <= 0:
+            return []
+        cond, params = ("WHERE bridge = ?", [bridge]) if bridge is not None else ("", [])
+        rows = self._all(
+            "SELECT id, bridge, at, topic, reason, detail, size, excerpt FROM"
+            f" bridge_dead_letters {cond} ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [DeadLetterRow(*r) for r in rows]
+
+
+    def bridge_dead_counts(self) -> dict[str, tuple[int, int]]:
+        """bridge -> (dead letters held, dead letters dropped beyond the bound)."""
+        out: dict[str, tuple[int, int]] = {}
+        for bridge, n in self._all("SELECT bridge, count(*) FROM bridge_dead_letters"
+                                   " GROUP BY bridge"):
+            out[bridge] = (int(n), 0)
+        for bridge, dropped in self._all("SELECT bridge, dead_dropped FROM bridge_counters"):
+            out[bridge] = (out.get(bridge, (0, 0))[0], int(dropped))
+        return out
 
 
 _SELECT_PARTNER = (

@@ -12,7 +12,8 @@
         ├── publisher    sign own records (the replica says if and at which seq)
         ├── checkpoints  Merkle checkpoints, verify fork and split-view proofs
         ├── streams      live tail for SSE streams
-        └── reads        what readers are served from storage
+        ├── reads        what readers are served from storage
+        └── bridges      MQTT in (citynode/bridges/): publish through the publisher
 
 Each role is reached through its public methods; the HTTP layer calls roles, never
 storage. Storage is the only database code; the node is the only place tasks start.
@@ -27,6 +28,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from citynode.bridges.service import Bridges
 from citynode.config import Config, load_config
 from citynode.core import cards
 from citynode.core.chain import FeedHead
@@ -108,6 +110,10 @@ class Node:
                              spawn=self.spawn)
         self.streams = Streams(storage=storage, metrics=self.metrics, spawn=self.spawn)
         self.reads = Reads(config=config, storage=storage, policy=self.policy)
+        self.bridges = Bridges(config=config, data_dir=data_dir, origin=self.public_key,
+                               publish=self.publish, storage=storage, metrics=self.metrics,
+                               own_seq=lambda feed: self.seq((self.public_key, feed)),
+                               now_ms=self.now_ms)
         self._wire()
 
     def _partner_name(self, key: bytes) -> str:
@@ -194,6 +200,7 @@ class Node:
         if partners:
             self.spawn(self.gossip.run(), "replica-timer")
             self.spawn(self.checkpoints.run(), "checkpoints")
+            self.bridges.start(self.spawn)  # [[bridges.*]]: a task each
             # Signed (and kept) now, not first when served: an export of our own feeds
             # carries it, and tells the feeds' access levels from it.
             self.policy.card()

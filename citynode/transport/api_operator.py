@@ -15,6 +15,7 @@ from citynode.transport.web import (
 )
 
 __all__ = [
+    "admin_bridges",
     "admin_partner_delete",
     "admin_partners",
     "admin_status",
@@ -92,3 +93,13 @@ async def admin_sync(request: web.Request) -> web.Response:
 async def admin_status(request: web.Request) -> web.Response:
     require_operator(request)
     return web.json_response(request.app[NODE_KEY].status())
+
+
+@takes("dead_letters")
+async def admin_bridges(request: web.Request) -> web.Response:
+    """The bridges' state and their newest dead letters (``?dead_letters=N``, 0-1000)."""
+    require_operator(request)
+    text = request.query.get("dead_letters", "20")
+    if not text.isascii() or not text.isdigit() or int(text) > 1000:
+        raise web.HTTPBadRequest(text="dead_letters must be a number from 0 to 1000")
+    return web.json_response(await request.app[NODE_KEY].bridges.status(int(text)))

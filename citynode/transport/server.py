@@ -83,6 +83,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/stream", api_stream.stream)
     r.add_post("/v1/publish", api_operator.publish)
     r.add_get("/v1/admin/status", api_operator.admin_status)
+    r.add_get("/v1/admin/bridges", api_operator.admin_bridges)
     r.add_post("/v1/admin/sync", api_operator.admin_sync)
     r.add_route("GET", "/v1/admin/partners", api_operator.admin_partners)
     r.add_route("POST", "/v1/admin/partners", api_operator.admin_partners)

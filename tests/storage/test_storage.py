@@ -136,7 +136,7 @@ def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> 
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 3
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 4
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()
@@ -322,7 +322,7 @@ def test_migration_to_v2_builds_the_trees_of_the_feeds_held(
     assert c.execute("SELECT count(*) FROM merkle").fetchone()[0] == 2
     c.close()
     with Storage.open(db_path) as s:
-        assert user_version(db_path) == 3
+        assert user_version(db_path) == storage_mod.SCHEMA_VERSION
         s.append(recs[520:]).result(5)
         log = cps.MerkleLog(_ids(recs))
         tree = s.tree(A, "old", 600)
@@ -360,7 +360,7 @@ def test_migration_to_v3_keeps_every_record_cursor_and_tree(
 
     with Storage.open(db_path) as s:
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION
         # compacted once: the old rows' pages are given back, in pages of the new size
         assert c.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert c.execute("PRAGMA page_size").fetchone()[0] == storage_mod._PAGE_SIZE
