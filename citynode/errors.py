@@ -21,6 +21,7 @@ tree and users see one clear line.
     ├── StorageError                 the database cannot be opened, migrated or written
     ├── QueryTooSlow                 a reader's query ran past its time limit and was stopped
     ├── PublishRefused               this node will not sign on a feed right now (see message)
+    ├── UnmappableMessage            a bridge's message cannot become a payload (``.reason``)
     ├── AccessDenied                 the caller may not read or write this
     └── PeerError                    talking to another node failed
         └── PeerRejected             the other node answered with an error status
@@ -55,6 +56,7 @@ __all__ = [
     "QueryTooSlow",
     "SignatureError",
     "StorageError",
+    "UnmappableMessage",
 ]
 
 
@@ -164,6 +166,16 @@ class PublishRefused(CitynodeError):
     """This node will not sign on the feed now, to avoid ever signing two different
     records with the same seq (for example, a partner holds newer records of ours
     than we do, as after a restore from an old backup)."""
+
+
+class UnmappableMessage(CitynodeError):
+    """A message a bridge received (MQTT, ...) cannot become a payload: too large, not
+    JSON, not shaped as its route's mapping says. It is kept as a dead letter; ``reason``
+    is a stable code (docs/BRIDGES.md lists them)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason: str = reason
 
 
 class AccessDenied(CitynodeError):

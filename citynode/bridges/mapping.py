@@ -2,7 +2,7 @@
 
 Every byte of a message is hostile: its size is checked before it is parsed, JSON is
 parsed strictly (no NaN or Infinity, bounded nesting), and every failure is a
-:class:`PayloadError` whose ``reason`` is a stable code the dead-letter table keeps:
+:class:`UnmappableMessage` whose ``reason`` is a stable code the dead-letter table keeps:
 
     too_large      the message is over max_message_bytes
     not_json       not UTF-8 JSON (or nested too deep)
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from citynode.bridges.config import Path, Route, Template
-from citynode.errors import PayloadError
+from citynode.errors import UnmappableMessage
 
 __all__ = ["Mapped", "map_message", "message_key", "topic_matches"]
 
@@ -86,11 +86,11 @@ def _parse(payload: bytes) -> dict[str, Any]:
     try:
         value = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PayloadError(f"not UTF-8 JSON: {exc}", "not_json") from None
+        raise UnmappableMessage(f"not UTF-8 JSON: {exc}", "not_json") from None
     if not _depth_ok(value):
-        raise PayloadError(f"JSON nested deeper than {_MAX_DEPTH}", "not_json")
+        raise UnmappableMessage(f"JSON nested deeper than {_MAX_DEPTH}", "not_json")
     if not isinstance(value, dict):
-        raise PayloadError(f"the message is JSON {type(value).__name__}, not an object",
+        raise UnmappableMessage(f"the message is JSON {type(value).__name__}, not an object",
                            "not_object")
     return value
 
@@ -101,17 +101,17 @@ def _get(doc: Any, path: Path) -> Any:
         shown = ".".join(str(p) for p in path[: n + 1])
         if isinstance(part, int) and isinstance(here, list):
             if part >= len(here):
-                raise PayloadError(f"field {shown} is absent from the message",
+                raise UnmappableMessage(f"field {shown} is absent from the message",
                                    "missing_field")
             here = here[part]
         elif isinstance(here, dict):
             key = str(part)
             if key not in here:
-                raise PayloadError(f"field {shown} is absent from the message",
+                raise UnmappableMessage(f"field {shown} is absent from the message",
                                    "missing_field")
             here = here[key]
         else:
-            raise PayloadError(f"field {shown}: its parent is not an object or array",
+            raise UnmappableMessage(f"field {shown}: its parent is not an object or array",
                                "not_object")
     return here
 
@@ -126,13 +126,13 @@ def _subject(template: Template, levels: list[str], doc: dict[str, Any]) -> str:
         if kind == "topic":
             assert isinstance(ref, int)
             if ref >= len(levels):
-                raise PayloadError(f"subject: the topic has no level {ref}", "missing_field")
+                raise UnmappableMessage(f"subject: the topic has no level {ref}", "missing_field")
             out.append(levels[ref])
             continue
         assert isinstance(ref, tuple)
         value = _get(doc, ref)
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise PayloadError(f"subject: field {'.'.join(map(str, ref))} is "
+            raise UnmappableMessage(f"subject: field {'.'.join(map(str, ref))} is "
                                f"{type(value).__name__}, not text or a number", "bad_subject")
         out.append(str(value))
     return "".join(out)
@@ -142,13 +142,13 @@ def map_message(routes: tuple[Route, ...], topic: str, payload: bytes,
                 max_bytes: int) -> Mapped:
     """Map one message by the first route whose filter matches ``topic``.
 
-    Raises :class:`PayloadError` (``reason`` as in the module docstring)."""
+    Raises :class:`UnmappableMessage` (``reason`` as in the module docstring)."""
     if len(payload) > max_bytes:
-        raise PayloadError(f"message of {len(payload)} bytes is over max_message_bytes "
+        raise UnmappableMessage(f"message of {len(payload)} bytes is over max_message_bytes "
                            f"({max_bytes})", "too_large")
     route = next((r for r in routes if topic_matches(r.topic, topic)), None)
     if route is None:
-        raise PayloadError(f"no route matches topic {topic[:200]!r}", "no_route")
+        raise UnmappableMessage(f"no route matches topic {topic[:200]!r}", "no_route")
     doc = _parse(payload)
     data = (doc if route.fields is None
             else {name: _get(doc, path) for name, path in route.fields})

@@ -45,7 +45,7 @@ from citynode.bridges.mapping import Mapped, map_message, message_key
 from citynode.config import Config
 from citynode.core import egress
 from citynode.core.records import Record, decode_envelope, parse_body, record_id
-from citynode.errors import CitynodeError, ConfigError, InvalidRecord
+from citynode.errors import CitynodeError, ConfigError, InvalidRecord, UnmappableMessage
 from citynode.logs import fields
 from citynode.metrics import Metrics
 from citynode.storage import BRIDGE_CLAIMED, BridgeMessageRow, Storage
@@ -179,6 +179,10 @@ class MqttBridge:
                 log.warning("bridge disconnected" if was else "bridge cannot connect",
                             extra=fields(bridge=c.name, error=self.last_error,
                                          retry_in=round(delay, 2)))
+            except Exception as exc:  # a bug must not stop the bridge for good
+                self.last_error = f"internal error: {exc!r}"
+                self._set_connected(False)
+                log.exception("bridge failed; reconnecting", extra=fields(bridge=c.name))
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, c.backoff_max_seconds)
 
@@ -225,7 +229,7 @@ class MqttBridge:
             try:
                 item.mapped = map_message(self.cfg.routes, item.topic, item.payload,
                                           self.cfg.max_message_bytes)
-            except InvalidRecord as exc:
+            except UnmappableMessage as exc:
                 await self._dead(item, exc)
                 continue
             (claimed if item.row is not None else fresh).append(item)
@@ -269,7 +273,7 @@ class MqttBridge:
             [(i.key, r.id) for i, r in zip(run, recs, strict=True)], self.now_ms()))
         self._count("published", len(recs))
 
-    async def _dead(self, item: _Item, exc: InvalidRecord) -> None:
+    async def _dead(self, item: _Item, exc: InvalidRecord | UnmappableMessage) -> None:
         """Keep ``item`` as a dead letter (durably), with its reason code."""
         feed = item.mapped.feed if item.mapped is not None else ""
         try:

@@ -123,7 +123,13 @@ topic = "city/air/+/reading"
 feed = "air-quality"
 type = "AirQualityObserved"
 subject = "station-{{topic.2}}"
-fields = {{ pm25 = "values.pm25", no2 = "values.no2", dateObserved = "ts", location = "geo", name = "label" }}
+
+[bridges.mqtt.routes.fields]
+pm25 = "values.pm25"
+no2 = "values.no2"
+dateObserved = "ts"
+location = "geo"
+name = "label"
 """
 
 

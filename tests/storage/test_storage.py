@@ -29,7 +29,9 @@ T0 = 1_700_000_000_000
 KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(3)]
 A, B = KEYS[0].public_key, KEYS[1].public_key
 TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "checkpoints",
-          "meta", "merkle"}
+          "meta", "merkle",
+          # v4: the bridges' message identities and dead letters (citynode/bridges/)
+          "bridge_messages", "bridge_dead_letters", "bridge_counters"}
 
 
 def make(

@@ -1,0 +1,115 @@
+"""The bridge's exactly-once rules on a real node (real SQLite, real publishing path),
+driven message by message without a broker: what a copy of a message becomes after a
+crash at each point between claiming it and marking its record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiomqtt
+
+from citynode.bridges.mapping import map_message, message_key
+from citynode.bridges.mqtt import MqttBridge
+from citynode.node import Node
+from citynode.storage import BRIDGE_CLAIMED, BRIDGE_DEAD, BRIDGE_PUBLISHED
+from tests.bridges.broker import bridge_toml, reading
+from tests.conftest import make_node_dir
+
+TOPIC = "city/air/st1/reading"
+
+
+def message(payload: bytes, mid: int = 1) -> aiomqtt.Message:
+    return aiomqtt.Message(TOPIC, payload, qos=1, retain=False, mid=mid, properties=None)
+
+
+async def started(tmp_path: Path) -> tuple[Node, MqttBridge]:
+    d = make_node_dir(tmp_path, "Jakarta")
+    with open(d / "node.toml", "a") as f:
+        f.write(bridge_toml(1883))
+    node = Node.load(d)
+    await node.start(partners=False)  # no bridge task: the test hands it messages
+    return node, node.bridges.mqtt[0]
+
+
+async def feed_records(node: Node) -> list[str]:
+    rows = await node.reads.query(limit=1000)
+    return [r.id.hex() for r in rows]
+
+
+async def test_a_message_claimed_and_published_before_a_crash_is_not_published_again(
+        tmp_path: Path) -> None:
+    node, bridge = await started(tmp_path)
+    try:
+        st = node.storage
+        # Before the crash: claimed, its record committed, not yet marked published.
+        payload = reading(1)
+        key = message_key("air", TOPIC, payload)
+        m = map_message(bridge.cfg.routes, TOPIC, payload, 65536)
+        st.bridge_claim("air", [(key, "air-quality", 0)], node.now_ms(), 3_600_000).result(5)
+        # Another publisher's record on the same feed after the claim: not this message's.
+        await node.publish("air-quality", "AirQualityObserved",
+                           [dict(m.data, name="someone-else")], subjects=[m.subject])
+        (rec,) = await node.publish("air-quality", "AirQualityObserved", [m.data],
+                                    subjects=[m.subject])
+        assert st.bridge_lookup([key])[key].state == BRIDGE_CLAIMED
+
+        # After the restart the broker delivers it again: a duplicate, now marked.
+        await bridge.handle([message(payload)])
+        assert len(await feed_records(node)) == 2
+        row = st.bridge_lookup([key])[key]
+        assert row.state == BRIDGE_PUBLISHED and row.record_id == rec.id
+        assert bridge.counts["duplicates"] == 1 and bridge.counts["published"] == 0
+
+        # Claimed before the crash, record never committed: published now, once.
+        payload2 = reading(2)
+        key2 = message_key("air", TOPIC, payload2)
+        st.bridge_claim("air", [(key2, "air-quality", 2)], node.now_ms(), 3_600_000).result(5)
+        await bridge.handle([message(payload2), message(payload2, mid=2)])
+        assert len(await feed_records(node)) == 3
+        assert st.bridge_lookup([key2])[key2].state == BRIDGE_PUBLISHED
+        assert bridge.counts["published"] == 1 and bridge.counts["duplicates"] == 2
+
+        # A copy of a published message, or of a dead letter, is a duplicate.
+        await bridge.handle([message(payload2), message(b"[]"), message(b"[]")])
+        assert len(await feed_records(node)) == 3
+        assert st.bridge_lookup([message_key("air", TOPIC, b"[]")]).popitem()[1].state \
+            == BRIDGE_DEAD
+        assert bridge.counts["dead_lettered"] == 1 and bridge.counts["duplicates"] == 4
+    finally:
+        await node.stop()
+
+
+async def test_one_bad_payload_in_a_batch_is_a_dead_letter_and_the_rest_records(
+        tmp_path: Path) -> None:
+    node, bridge = await started(tmp_path)
+    try:
+        batch = [message(reading(i), mid=i + 1) for i in range(5)]
+        batch.insert(2, message(reading(99, values={"pm25": 1.0, "no2": "x"}), mid=9))
+        await bridge.handle(batch)
+        assert len(await feed_records(node)) == 5
+        (dead,) = node.storage.bridge_dead_letters()
+        assert dead.reason == "bad_value" and dead.topic == TOPIC
+        assert bridge.counts == {"received": 6, "published": 5, "duplicates": 0,
+                                 "dead_lettered": 1}
+    finally:
+        await node.stop()
+
+
+async def test_dead_letters_are_bounded_and_the_dropped_counted(tmp_path: Path) -> None:
+    node, bridge = await started(tmp_path)
+    try:
+        limit = bridge.cfg.dead_letter_rows
+        st = node.storage
+        for i in range(limit + 3):  # straight to storage: 10,000 messages take long
+            st.bridge_dead_letter("air", i.to_bytes(32, "big"), "", TOPIC, "not_json",
+                                  "x", b"x", 1, i, limit)
+        st.barrier().result(30)
+        assert st.bridge_dead_counts() == {"air": (limit, 3)}
+        newest = st.bridge_dead_letters("air", 1)[0]
+        assert newest.at == limit + 2
+        out = await node.bridges.status(5)
+        (b,) = out["bridges"]
+        assert b["dead_letters_held"] == limit and b["dead_letters_dropped"] == 3
+        assert len(out["dead_letters"]) == 5
+    finally:
+        await node.stop()
