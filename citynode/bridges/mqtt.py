@@ -45,7 +45,13 @@ from citynode.bridges.mapping import Mapped, map_message, message_key
 from citynode.config import Config
 from citynode.core import egress
 from citynode.core.records import Record, decode_envelope, parse_body, record_id
-from citynode.errors import CitynodeError, ConfigError, InvalidRecord, UnmappableMessage
+from citynode.errors import (
+    ChainError,
+    CitynodeError,
+    ConfigError,
+    InvalidRecord,
+    UnmappableMessage,
+)
 from citynode.logs import fields
 from citynode.metrics import Metrics
 from citynode.storage import BRIDGE_CLAIMED, BridgeMessageRow, Storage
@@ -259,6 +265,8 @@ class MqttBridge:
                 self.cfg.name, [(i.key, feed, head) for i in run], self.now_ms(), keep_ms))
             recs = await self.publish(feed, type_name, [_mapped(i).data for i in run],
                                       subjects=[_mapped(i).subject for i in run])
+        except ChainError as exc:  # not the message's fault: the feed's chain moved
+            raise _Retry(f"cannot publish on feed {feed} now: {exc}") from exc
         except InvalidRecord as exc:
             if len(run) == 1:
                 await self._dead(run[0], exc)

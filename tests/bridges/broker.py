@@ -29,13 +29,15 @@ class Broker:
     """One ``mosquitto`` process on 127.0.0.1 (``port``; ``tls_port`` too when given
     certificate files)."""
 
-    def __init__(self, base: Path, *, tls: tuple[Path, Path, Path | None] | None = None
-                 ) -> None:
+    def __init__(self, base: Path, *, tls: list[str] | None = None) -> None:
+        """``tls``: lines of mosquitto.conf for a second listener on ``tls_port``
+        (certfile, keyfile, ...); the plain listener stays open to anyone."""
         self.dir = base / "mosquitto"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port, self.tls_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
         lines = [
+            "per_listener_settings true",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             "persistence true",
@@ -51,11 +53,7 @@ class Broker:
             "log_type notice",
         ]
         if tls is not None:
-            cert, key, ca = tls
-            lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {cert}",
-                      f"keyfile {key}", f"cafile {ca or cert}"]
-            if ca is not None:
-                lines += ["require_certificate true"]
+            lines += [f"listener {self.tls_port} 127.0.0.1", *tls]
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.log = self.dir / "mosquitto.log"

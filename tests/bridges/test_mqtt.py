@@ -187,3 +187,57 @@ async def _at_least(n: LocalNode, count: int) -> bool:
 
 async def _not(aw: Any) -> bool:
     return not await aw
+
+
+async def test_tls_with_a_client_certificate_and_a_password(
+        cluster: Cluster, tmp_path: Path) -> None:
+    from citynode.identity import make_tls_certificate
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    made = {}
+    for name, host in (("broker", "127.0.0.1"), ("bridge", "localhost"), ("other", "127.0.0.1")):
+        cert, key = make_tls_certificate(name, [host])
+        (certs / f"{name}.pem").write_bytes(cert)
+        (certs / f"{name}.key").write_bytes(key)
+        made[name] = certs / f"{name}.pem"
+    passwords = certs / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "city", "s3cret"],
+                   check=True, capture_output=True)
+    broker = Broker(tmp_path, tls=[
+        f"certfile {certs / 'broker.pem'}", f"keyfile {certs / 'broker.key'}",
+        f"cafile {certs / 'bridge.pem'}",  # the clients it trusts
+        "require_certificate true", "allow_anonymous false", f"password_file {passwords}"])
+    broker.start()
+    try:
+        (n,) = cluster.create(["Jakarta"])
+        (n.dir / "mqtt-password").write_text("s3cret\n")
+        for name in ("broker.pem", "bridge.pem", "bridge.key", "other.pem"):
+            (n.dir / name).write_bytes((certs / name).read_bytes())
+        with open(n.dir / "node.toml", "a") as f:
+            f.write(bridge_toml(broker.tls_port, extra=(
+                'ca_file = "broker.pem"\ncert_file = "bridge.pem"\nkey_file = "bridge.key"\n'
+                'username = "city"\npassword_file = "mqtt-password"')))
+            # The same broker, but a CA that did not sign its certificate: never connects.
+            f.write(bridge_toml(broker.tls_port, name="wrongca", extra=(
+                'ca_file = "other.pem"\ncert_file = "bridge.pem"\nkey_file = "bridge.key"\n'
+                'username = "city"\npassword_file = "mqtt-password"')).replace(
+                    "city/air/+/reading", "nowhere/+/x"))
+        await cluster.start()
+        await wait_for(lambda: _up(n, "air"), what="TLS bridge connected")
+        # Published over the plain listener; delivered to the bridge over TLS.
+        await broker.publish([(f"city/air/st{i}/reading", reading(i)) for i in range(5)])
+        await wait_for(lambda: _at_least(n, 5), what="5 records")
+        out = json.loads(cli("bridges", "-d", str(n.dir), "--json").stdout)
+        by_name = {b["name"]: b for b in out["bridges"]}
+        assert by_name["air"]["tls"] is True and by_name["air"]["published"] == 5
+        wrong = by_name["wrongca"]
+        assert wrong["connected"] is False and wrong["connects"] == 0
+        assert "CERTIFICATE_VERIFY_FAILED" in (wrong["last_error"] or "")
+    finally:
+        broker.stop()
+
+
+async def _up(n: LocalNode, bridge: str) -> bool:
+    text = (await n.api("GET", "/metrics", raw=True)).decode()
+    return f'citynode_bridge_connected{{bridge="{bridge}"}} 1.0' in text
