@@ -1514,9 +1514,13 @@ class Storage:
 
     def bridge_claim(self, bridge: str, claims: Sequence[tuple[bytes, str, int]],
                       at_ms: int, keep_ms: int) -> Future[None]:
-        """Durably note that messages ``(key, feed, own feed head seq now)`` are about to be
+        """Note that messages ``(key, feed, own feed head seq now)`` are about to be
         published (a claim already held is renewed), and forget at most a thousand
-        identities of ``bridge`` older than ``keep_ms``."""
+        identities of ``bridge`` older than ``keep_ms``.
+
+        Not synced to disk by itself: the durable commit of the records that follow it
+        syncs the write-ahead log, this commit's frames included (a claim can only be
+        lost together with the records claimed)."""
         rows = [(k, bridge, BRIDGE_CLAIMED, f, s, at_ms) for k, f, s in claims]
 
         def run(conn: sqlite3.Connection) -> None:
@@ -1529,7 +1533,7 @@ class Storage:
                 "DELETE FROM bridge_messages WHERE key IN (SELECT key FROM bridge_messages"
                 " WHERE at < ? AND bridge = ? LIMIT ?)", (at_ms - keep_ms, bridge, _BRIDGE_PRUNE))
 
-        return self._submit(run, durable=True, weight=len(rows))
+        return self._submit(run, weight=len(rows))
 
 
     def bridge_published(self, done: Sequence[tuple[bytes, bytes]], at_ms: int

@@ -21,6 +21,9 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 CASES = {
+    "bench_bridge.py": (["--messages", "200", "--latency-messages", "20", "--rate", "100"],
+                        {"bulk_publish_per_s", "mqtt_in_per_s", "ratio", "p50_ms", "p99_ms",
+                         "exactly_once"}),
     "bench_core.py": (["--records", "300", "--rounds", "1", "--what-if-free-decode"],
                       {"raw_verify_per_s", "pipeline_per_s", "ratio", "paired_ratio_median",
                        "what_if_free_decode_paired_ratio_median"}),
@@ -75,6 +78,9 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
         assert figures["records"] == 3000
         assert figures["envelope_bytes_per_record"] > 100
         assert set(figures["rss_mb"]) == {"3000"}
+    if script == "bench_bridge.py":
+        # Every message became exactly one record (the bridge's promise, measured).
+        assert figures["exactly_once"] is True
     if script == "bench_stream.py":
         assert figures["format"] == ("envelope" if "envelope" in args else "json")
         # The stream benchmark checks delivery too: every event exactly once, in order.

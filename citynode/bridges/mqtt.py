@@ -277,9 +277,19 @@ class MqttBridge:
             return
         except CitynodeError as exc:
             raise _Retry(f"cannot publish on feed {feed} now: {exc}") from exc
-        await _done(self.storage.bridge_published(
-            [(i.key, r.id) for i, r in zip(run, recs, strict=True)], self.now_ms()))
+        # Not waited for: the claim and the durable record are enough to acknowledge
+        # (a copy of a message whose mark was lost is reconciled), and the mark shares
+        # the writer's next transaction.
+        mark = self.storage.bridge_published(
+            [(i.key, r.id) for i, r in zip(run, recs, strict=True)], self.now_ms())
+        mark.add_done_callback(self._mark_failed)
         self._count("published", len(recs))
+
+    def _mark_failed(self, fut: Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("bridge could not mark messages published (their copies will be "
+                        "reconciled)", extra=fields(bridge=self.cfg.name,
+                                                    error=str(fut.exception())))
 
     async def _dead(self, item: _Item, exc: InvalidRecord | UnmappableMessage) -> None:
         """Keep ``item`` as a dead letter (durably), with its reason code."""

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from citynode.bridges.mosquitto import Broker, bridge_toml, reading, wait_for
 from citynode.cluster import Cluster, LocalNode
-from tests.bridges.broker import Broker, bridge_toml, reading, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -1,8 +1,10 @@
-"""A real Mosquitto broker for tests: started on a free loopback port in a temp dir with a
-generated config (persistence in that dir), stopped (or restarted) by the test.
+"""A local Mosquitto broker for the tests and the bridge benchmark (as cluster.py is for
+nodes): started on a free loopback port in a directory of its own with a generated
+config (persistence in that directory), stopped or restarted by its caller; plus the
+station messages and [[bridges.mqtt]] table they use.
 
-Mosquitto is a test dependency (.ci/run installs the Debian package): a missing broker is
-a failure, never a skip.
+Mosquitto (the Debian package) is a test dependency that .ci/run installs: a missing
+broker is an error, never a skip.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from citynode.cluster import free_ports
+
+__all__ = ["Broker", "bridge_toml", "reading", "wait_for"]
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -61,7 +66,8 @@ class Broker:
     def start(self) -> None:
         """Start mosquitto and wait until it accepts connections (fails the test if it
         cannot: no skip)."""
-        assert Path(MOSQUITTO).exists(), "mosquitto is not installed: apt-get install mosquitto"
+        if not Path(MOSQUITTO).exists():
+            raise RuntimeError("mosquitto is not installed: apt-get install mosquitto")
         logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=logf,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -89,13 +95,18 @@ class Broker:
                 self.proc.wait()
         self.proc = None
 
-    async def publish(self, messages: list[tuple[str, bytes]], *, client_id: str = "test-pub"
-                      ) -> None:
-        """Publish ``(topic, payload)`` at QoS 1, each acknowledged by the broker."""
+    async def publish(self, messages: list[tuple[str, bytes]], *, client_id: str = "test-pub",
+                      in_flight: int = 1) -> None:
+        """Publish ``(topic, payload)`` at QoS 1, each acknowledged by the broker, in
+        order (``in_flight`` > 1: that many awaiting their acknowledgement at once)."""
         async with aiomqtt.Client("127.0.0.1", self.port, identifier=client_id,
-                                  timeout=30) as c:
-            for topic, payload in messages:
-                await c.publish(topic, payload, qos=1)
+                                  timeout=60, max_inflight_messages=in_flight) as c:
+            c.pending_calls_threshold = 10**9  # warns of many publishes in flight: wanted
+            if in_flight == 1:
+                for topic, payload in messages:
+                    await c.publish(topic, payload, qos=1)
+                return
+            await asyncio.gather(*(c.publish(t, p, qos=1) for t, p in messages))
 
 
 def reading(i: int, **extra: Any) -> bytes:
@@ -131,7 +142,10 @@ name = "label"
 """
 
 
-async def wait_for(check: Any, timeout: float = 30.0, what: str = "condition") -> None:
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 30.0,
+                   what: str = "condition") -> None:
+    """Wait until ``check()`` is true; raise AssertionError naming ``what`` if it is not
+    within ``timeout`` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         if await check():
