@@ -67,6 +67,7 @@ _BATCH = 256  # messages handled (and committed) together when they queue up
 _EXCERPT = 1024  # bytes of a dead message kept
 _RECONCILE_SCAN = 10_000  # records after a claim looked at, at most
 _BACKOFF_MIN = 0.5
+_MAX_QUEUED = 10_000  # messages received and not yet handled, at most
 
 
 class _Retry(Exception):
@@ -150,7 +151,10 @@ class MqttBridge:
         client = aiomqtt.Client(
             c.host, c.port, identifier=c.client_id, clean_session=False,
             username=c.username or None, password=password, keepalive=c.keepalive_seconds,
-            tls_context=ctx, timeout=30, logger=log)
+            tls_context=ctx, timeout=30, logger=log,
+            # Memory bound: QoS 1 messages are bounded by the broker's in-flight window
+            # (unacknowledged ones); this bounds a flood of QoS 0 ones too.
+            max_queued_incoming_messages=_MAX_QUEUED)
         # Acknowledge only after commit (see the module docstring): aiomqtt has no option
         # for it, the paho client under it has.
         _paho(client).manual_ack_set(True)
@@ -169,7 +173,8 @@ class MqttBridge:
                 async with client:
                     self.connects += 1
                     for t in topics:
-                        await client.subscribe(t, qos=1)
+                        granted = await client.subscribe(t, qos=1)
+                        _check_granted(t, granted)
                     self._set_connected(True)
                     delay = _BACKOFF_MIN
                     log.info("bridge connected", extra=fields(
@@ -240,8 +245,9 @@ class MqttBridge:
                 continue
             (claimed if item.row is not None else fresh).append(item)
         if claimed:
-            fresh = await self._reconcile(claimed) + fresh
-            fresh.sort(key=lambda i: items.index(i))
+            order = {id(item): n for n, item in enumerate(items)}
+            fresh = sorted(await self._reconcile(claimed) + fresh,
+                           key=lambda i: order[id(i)])
         await self._publish_all(fresh)
 
     async def _publish_all(self, items: list[_Item]) -> None:
@@ -357,6 +363,19 @@ class MqttBridge:
 def _paho(client: aiomqtt.Client) -> Any:
     """The paho client under an aiomqtt client (see the module docstring)."""
     return client._client
+
+
+def _check_granted(topic: str, granted: Any) -> None:
+    """Raise :class:`_Retry` if the broker refused the subscription (not authorised,
+    say); log if it granted QoS 0 (at most once: a crash may then lose messages)."""
+    for code in granted:
+        value = getattr(code, "value", code)
+        if value >= 0x80:
+            raise _Retry(f"the broker refused the subscription to {topic!r} "
+                         f"({code}): check the broker's access rules for this user")
+        if value == 0:
+            log.warning("broker granted QoS 0 only: messages may be lost in a crash",
+                        extra=fields(topic=topic))
 
 
 def _mapped(item: _Item) -> Mapped:

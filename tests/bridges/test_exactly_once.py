@@ -114,3 +114,22 @@ async def test_dead_letters_are_bounded_and_the_dropped_counted(tmp_path: Path) 
         assert len(out["dead_letters"]) == 5
     finally:
         await node.stop()
+
+
+def test_a_refused_subscription_is_an_error_the_status_shows() -> None:
+    # Mosquitto grants every subscription and filters on delivery; other brokers answer
+    # a subscription their access rules refuse with 0x80, which must not pass silently.
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from citynode.bridges.mqtt import _check_granted, _Retry
+
+    _check_granted("a/#", [1])
+    _check_granted("a/#", [ReasonCode(PacketTypes.SUBACK, identifier=1)])
+    for refused in (0x80, ReasonCode(PacketTypes.SUBACK, identifier=0x87)):
+        try:
+            _check_granted("a/#", [refused])
+        except _Retry as exc:
+            assert "refused the subscription to 'a/#'" in str(exc)
+        else:
+            raise AssertionError("a refused subscription passed")
