@@ -325,13 +325,12 @@ class MqttBridge:
             after = min(i.row.after_seq for i in group if i.row is not None)
             envs = await _in_thread(self.storage.bridge_records_after, self.origin, feed,
                                     after, _RECONCILE_SCAN)
-            cands = [(record_id(body), _fields(body)) for body in
-                     (decode_envelope(e)[0] for e in envs)]
+            cands = [_held(e) for e in envs]
             taken = await _in_thread(self.storage.bridge_accounted, [c[0] for c in cands])
             for item in group:
                 want = self._expected(_mapped(item))
                 hit = next((rid for rid, f in cands if rid not in taken
-                            and (f.get("sealed") is not None or want == _view(f))), None)
+                            and (f is _SEALED or want == f)), None)
                 if hit is None:
                     left.append(item)
                 else:
@@ -388,12 +387,18 @@ def _group(item: _Item) -> tuple[str, str]:
     return (m.feed, m.type)
 
 
-def _fields(body: bytes) -> dict[str, Any]:
+_SEALED = ("sealed", None, None)
+
+
+def _held(envelope: bytes) -> tuple[bytes, tuple[Any, Any, Any]]:
+    """``(record id, (type, subject, payload))`` of one of our own records held, or
+    ``_SEALED`` for its view when it is sealed for a restricted feed's readers. The one
+    place the bridge reads a record's fields (the record format is core/records.py's)."""
+    body = decode_envelope(envelope)[0]
     try:
-        return parse_body(body)
+        f = parse_body(body)
     except InvalidRecord:  # our own record: cannot happen, and then matches nothing
-        return {}
-
-
-def _view(f: dict[str, Any]) -> tuple[Any, Any, Any]:
-    return (f.get("type"), f.get("subject"), f.get("data"))
+        return record_id(body), (None, None, None)
+    if f.get("sealed") is not None:
+        return record_id(body), _SEALED
+    return record_id(body), (f.get("type"), f.get("subject"), f.get("data"))

@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiomqtt
+import pytest
 
 from citynode.bridges.mapping import map_message, message_key
 from citynode.bridges.mosquitto import bridge_toml, reading
 from citynode.bridges.mqtt import MqttBridge
+from citynode.core.keys import SigningKey
 from citynode.node import Node
 from citynode.storage import BRIDGE_CLAIMED, BRIDGE_DEAD, BRIDGE_PUBLISHED
 from tests.conftest import make_node_dir
@@ -22,10 +24,10 @@ def message(payload: bytes, mid: int = 1) -> aiomqtt.Message:
     return aiomqtt.Message(TOPIC, payload, qos=1, retain=False, mid=mid, properties=None)
 
 
-async def started(tmp_path: Path) -> tuple[Node, MqttBridge]:
+async def started(tmp_path: Path, feed_toml: str = "") -> tuple[Node, MqttBridge]:
     d = make_node_dir(tmp_path, "Jakarta")
     with open(d / "node.toml", "a") as f:
-        f.write(bridge_toml(1883))
+        f.write(feed_toml + bridge_toml(1883))
     node = Node.load(d)
     await node.start(partners=False)  # no bridge task: the test hands it messages
     return node, node.bridges.mqtt[0]
@@ -76,6 +78,39 @@ async def test_a_message_claimed_and_published_before_a_crash_is_not_published_a
         assert st.bridge_lookup([message_key("air", TOPIC, b"[]")]).popitem()[1].state \
             == BRIDGE_DEAD
         assert bridge.counts["dead_lettered"] == 1 and bridge.counts["duplicates"] == 4
+    finally:
+        await node.stop()
+
+
+@pytest.mark.parametrize("feed_toml", [
+    # What leaves the city is coarsened: the record holds less than the message says.
+    '[feeds.air-quality]\naccess = "public"\n[feeds.air-quality.egress]\n'
+    'location_decimals = 1\ntime_resolution_seconds = 3600\n',
+    # Sealed for its readers: the node cannot compare what it holds with the message.
+    '[feeds.air-quality]\naccess = "restricted"\n'
+    f'readers = ["{SigningKey(bytes([2]) * 32).node_id}"]\n',
+], ids=["egress", "restricted"])
+async def test_the_record_of_a_claimed_message_is_found_whatever_the_feed_rules(
+        tmp_path: Path, feed_toml: str) -> None:
+    node, bridge = await started(tmp_path, feed_toml)
+    try:
+        st = node.storage
+        payloads = [reading(i) for i in range(3)]
+        keys = [message_key("air", TOPIC, p) for p in payloads]
+        st.bridge_claim("air", [(k, "air-quality", 0) for k in keys], node.now_ms(),
+                        3_600_000).result(5)
+        mapped = [map_message(bridge.cfg.routes, TOPIC, p, 65536) for p in payloads]
+        # The node died after the first two were committed, before they were marked.
+        recs = await node.publish("air-quality", "AirQualityObserved",
+                                  [m.data for m in mapped[:2]],
+                                  subjects=[m.subject for m in mapped[:2]])
+        await bridge.handle([message(p, mid=n + 1) for n, p in enumerate(payloads)])
+        st.barrier().result(5)
+        assert len(await feed_records(node)) == 3
+        rows = st.bridge_lookup(keys)
+        assert [rows[k].record_id for k in keys[:2]] == [r.id for r in recs]
+        assert rows[keys[2]].state == BRIDGE_PUBLISHED
+        assert bridge.counts["duplicates"] == 2 and bridge.counts["published"] == 1
     finally:
         await node.stop()
 
