@@ -313,6 +313,9 @@ def bridges(data_dir: Path, limit: int, as_json: bool) -> None:
     if as_json:
         _print_json(out)
         return
+    if not out["bridges"] and not out["dead_letters"]:
+        click.echo("no bridges in node.toml: see docs/BRIDGES.md ([[bridges.mqtt]])")
+        return
 
     def state(b: dict[str, Any]) -> str:
         if not b["running"]:
