@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from citynode.bridges.config import BridgesConfig, parse_bridges
+from citynode.bridges.config import BRIDGES_HELP, BridgesConfig, parse_bridges
 from citynode.core.egress import DEFAULT_TEXT_ATTRIBUTES, OPEN, EgressPolicy, parse_policy
 from citynode.core.keys import node_id, parse_node_id
 from citynode.core.records import check_feed_name
@@ -741,26 +741,6 @@ _FEEDS_EXAMPLE = """\
 # [feeds.cyber-notices]
 # access = "restricted"
 # readers = ["cn1...", "cn1..."]   # node ids of the partners allowed to read it
-"""
-
-
-BRIDGES_HELP = """\
-# ---- [[bridges.mqtt]] -------------------------------------------------------------------
-# MQTT in: the node subscribes to a broker (QoS 1, persistent session) and publishes each
-# message as a record of a feed, once. See docs/BRIDGES.md for every key.
-#
-# [[bridges.mqtt]]
-# name = "air"                        # 1-32 of a-z 0-9 _ -
-# host = "broker.example.org"
-# ca_file = "broker-ca.pem"           # TLS, on when a CA file is given (port 8883)
-# username = "citynode"               # and password_file = "mqtt-password"
-#
-# [[bridges.mqtt.routes]]
-# topic = "city/air/+/reading"        # + one level, # the rest
-# feed = "air-quality"
-# type = "AirQualityObserved"
-# subject = "station-{topic.2}"       # {topic.N}: level N from 0; {a.b}: a message field
-# fields = { pm25 = "values.pm25", dateObserved = "ts", location = "geo" }
 """
 
 

@@ -35,6 +35,7 @@ from citynode.core.types import BUILTIN_TYPES, is_custom_type
 from citynode.errors import ConfigError, InvalidRecord
 
 __all__ = [
+    "BRIDGES_HELP",
     "BridgesConfig",
     "MqttBridgeConfig",
     "Path",
@@ -50,6 +51,27 @@ __all__ = [
 Path = tuple[str | int, ...]
 #: A subject template: literal text, ("topic", level) or ("field", path) parts.
 Template = tuple[str | tuple[str, int] | tuple[str, Path], ...]
+
+#: The commented example `citynode init` writes at the end of node.toml.
+BRIDGES_HELP = """\
+# ---- [[bridges.mqtt]] -------------------------------------------------------------------
+# MQTT in: the node subscribes to a broker (QoS 1, persistent session) and publishes each
+# message as a record of a feed, once. See docs/BRIDGES.md for every key.
+#
+# [[bridges.mqtt]]
+# name = "air"                        # 1-32 of a-z 0-9 _ -
+# host = "broker.example.org"
+# ca_file = "broker-ca.pem"           # TLS, on when a CA file is given (port 8883)
+# username = "citynode"               # and password_file = "mqtt-password"
+#
+# [[bridges.mqtt.routes]]
+# topic = "city/air/+/reading"        # + one level, # the rest
+# feed = "air-quality"
+# type = "AirQualityObserved"
+# subject = "station-{topic.2}"       # {topic.N}: level N from 0; {a.b}: a message field
+# fields = { pm25 = "values.pm25", dateObserved = "ts", location = "geo" }
+"""
+
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
