@@ -42,15 +42,17 @@ from citynode.core.checkpoints import (
     open_checkpoint,
     verify_split_view,
 )
+from citynode.core.erasure import past_retention
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
     RecordPolicy,
-    decode_envelope,
+    check_payload,
+    decode_record,
     open_record,
     parse_body,
 )
-from citynode.core.types import validate_payload
+from citynode.core.types import ERASURE_TYPE, validate_erasure
 from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
 
 if TYPE_CHECKING:
@@ -107,9 +109,9 @@ def check_storage(st: Storage, *, progress: bool = False, batch: int = 2000) -> 
                 for env in envs:
                     rep.records += 1
                     try:
-                        body, sig = decode_envelope(env)
-                        rec = open_record(body, sig, now_ms=_NO_FUTURE, verifier=verifier,
-                                          policy=policy)
+                        body, sig, payload = decode_record(env)
+                        rec = open_record(body, sig, payload, now_ms=_NO_FUTURE,
+                                          verifier=verifier, policy=policy)
                     except InvalidRecord as exc:
                         rep.problems.append(f"{name} seq {expect_seq}: {exc} [{exc.reason}]")
                         expect_seq += 1
@@ -184,13 +186,16 @@ class FeedAudit:
     missing: int = 0
     checkpoints: int = 0  # valid checkpoints of the origin for this feed
     checkpoints_matched: int = 0  # whose root equals the root of the bundle's records
+    erased: int = 0  # valid records held without payload: an erasure request names them
+    pruned: int = 0  # ... past the retention the origin's card declares for the feed
 
     def to_json(self) -> dict[str, Any]:
         return {"feed": self.name, "listed": self.listed, "records": self.records,
                 "invalid": self.invalid, "contiguous": self.contiguous,
                 "max_seq": self.max_seq, "missing": self.missing,
                 "checkpoints": self.checkpoints,
-                "checkpoints_matched": self.checkpoints_matched}
+                "checkpoints_matched": self.checkpoints_matched,
+                "erased": self.erased, "pruned": self.pruned}
 
     def held_text(self) -> str:
         """What the bundle holds of this feed, in words: ``"no records"`` when it holds
@@ -202,6 +207,28 @@ class FeedAudit:
             return f"{self.records} record(s), none contiguous from seq 1 (max {self.max_seq})"
         return (f"{self.records} record(s), seq 1..{self.contiguous} contiguous "
                 f"(max {self.max_seq})")
+
+
+#: Tombstones listed one by one in a report (the rest are counted per feed).
+MAX_TOMBSTONES_LISTED = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A valid record the bundle holds without its payload, and why: ``erased`` (``by``
+    the id of the origin's erasure request, which gives ``reason``) or ``pruned`` (past
+    the feed's retention)."""
+
+    feed: str
+    seq: int
+    id: bytes
+    why: str
+    by: bytes | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"feed": self.feed, "seq": self.seq, "id": self.id.hex(), "why": self.why,
+                "by": None if self.by is None else self.by.hex(), "reason": self.reason}
 
 
 @dataclass
@@ -224,6 +251,9 @@ class AuditReport:
     # audit says nothing about them (finding ``missing_feed``).
     feeds_not_covered: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    # Records held as tombstones with an erasure request or retention behind them
+    # (at most MAX_TOMBSTONES_LISTED; FeedAudit counts them all).
+    tombstones: list[Tombstone] = field(default_factory=list)
     kind_counts: dict[str, int] = field(default_factory=dict)  # every finding, kept or not
     severity_counts: dict[str, int] = field(
         default_factory=lambda: {ERROR: 0, WARNING: 0, INFO: 0})
@@ -272,6 +302,9 @@ class AuditReport:
             "records_per_s": round(self.record_items / self.seconds) if self.seconds else None,
             "feeds": [f.to_json() for f in sorted(self.feeds.values(), key=lambda f: f.name)],
             "feeds_not_covered": list(self.feeds_not_covered),
+            "erased": sum(f.erased for f in self.feeds.values()),
+            "pruned": sum(f.pruned for f in self.feeds.values()),
+            "tombstones": [t.to_json() for t in self.tombstones],
             "errors": self.severity_counts[ERROR],
             "warnings": self.severity_counts[WARNING],
             "finding_counts": dict(sorted(self.kind_counts.items())),
@@ -310,8 +343,17 @@ class AuditReport:
             out.append(
                 f"  feed {f.name}: {f.held_text()}, {f.missing} missing, {f.invalid} invalid, "
                 f"{f.checkpoints_matched}/{f.checkpoints} checkpoint(s) matched"
+                + (f", {f.erased} erased, {f.pruned} pruned (chains verified across "
+                   "them)" if f.erased or f.pruned else "")
             )
         out.append(f"coverage: {self.coverage_text()}")
+        for t in self.tombstones[:100]:
+            why = (f"erased by {t.by.hex()[:16]}...: {t.reason}" if t.by is not None
+                   else f"pruned ({t.reason})")
+            out.append(f"  tombstone {t.feed} seq {t.seq} {t.id.hex()[:16]}...: {why}")
+        if len(self.tombstones) > 100:
+            out.append(f"  ... and {len(self.tombstones) - 100} more tombstone(s) listed "
+                       "in --json")
         order = {ERROR: 0, WARNING: 1, INFO: 2}
         for fd in sorted(self.findings, key=lambda f: order[f.severity]):
             out.append(fd.line())
@@ -352,8 +394,9 @@ def _range_text(a: int, b: int) -> str:
 
 
 # A record read and parsed, waiting for (or back from) its signature check:
-# (id, parsed body, body, sig, item offset, envelope, repeat of a pending id?)
-_Cand = tuple[bytes, dict[str, Any], bytes, bytes, int, bytes, bool]
+# (id, parsed body, body, sig, item offset, envelope, repeat of a pending id?, what its
+# payload says: None, ("tombstone",) or ("erasure", entries, reason))
+_Cand = tuple[bytes, dict[str, Any], bytes, bytes, int, bytes, bool, tuple[Any, ...] | None]
 _BATCH = 256  # records per verification job when verifying on worker threads
 
 
@@ -393,6 +436,10 @@ class _Audit:
         self.foreign: dict[bytes, int] = {}  # other origin -> records
         self.header_feeds: frozenset[str] = frozenset()
         self.future_limit = now_ms + DEFAULT_FUTURE_TOLERANCE_MS
+        # valid tombstones (feed, seq, id, time), decided once every erasure is read
+        self.tombstones: list[tuple[str, int, bytes, int]] = []
+        # (feed, seq, id) -> (erasure request id, reason), of the origin's valid requests
+        self.erasures: dict[tuple[str, int, bytes], tuple[bytes, str]] = {}
 
     def feed(self, name: str) -> _Feed:
         st = self.feeds.get(name)
@@ -423,7 +470,7 @@ class _Audit:
         env = item.data
         f: dict[str, Any] | None = None
         try:
-            body, sig = decode_envelope(env)
+            body, sig, payload = decode_record(env)
             rid = _sha256(body).digest()
             if rid in self.seen:
                 f = parse_body(body)  # valid already: parsed only to name it
@@ -435,21 +482,27 @@ class _Audit:
             if origin != self.expected:
                 self.foreign[origin] = self.foreign.get(origin, 0) + 1
                 return None
-            # A sealed record's payload is encrypted to its readers: its shape was checked
-            # by parse_body; the payload itself only a reader can see (as open_record).
-            if "sealed" not in f:
-                validate_payload(f["type"], f["data"])
+            # The payload against the body's digest, then its type (a sealed one: its
+            # shape; what it holds only a reader can see, as open_record). A tombstone is
+            # placed by settle(): erased or pruned, or a finding.
+            info: tuple[Any, ...] | None = None
+            if payload is None:
+                info = ("tombstone",)
+            else:
+                value = check_payload(f, payload)
+                if f.get("type") == ERASURE_TYPE:
+                    info = ("erasure", validate_erasure(value), value["reason"])
         except InvalidRecord as exc:
             self._invalid(exc, f if f is not None and f["origin"] == self.expected else None,
                           item.offset)
             return None
         repeat = rid in self.pending
         self.pending.add(rid)
-        return (rid, f, body, sig, item.offset, env, repeat)
+        return (rid, f, body, sig, item.offset, env, repeat, info)
 
     def settle(self, c: _Cand, error: InvalidRecord | None) -> None:
         """Place a candidate whose signature was checked (in bundle order)."""
-        rid, f, body, sig, offset, env, repeat = c
+        rid, f, body, sig, offset, env, repeat, info = c
         if repeat:
             if rid in self.seen:
                 self.rep.add(WARNING, "duplicate", f["feed"], f["seq"],
@@ -468,6 +521,12 @@ class _Audit:
         self.seen.add(rid)
         name, seq = f["feed"], f["seq"]
         st = self.feeds.get(name) or self.feed(name)
+        if info is not None:
+            if info[0] == "tombstone":
+                self.tombstones.append((name, seq, rid, f["time"]))
+            else:
+                for entry in info[1]:
+                    self.erasures.setdefault(entry, (rid, info[2]))
         if f["time"] > self.future_limit:
             self.rep.add(ERROR, "future_time", name, seq,
                          f"record is dated {(f['time'] - self.now_ms) // 1000} s after the "
@@ -640,6 +699,7 @@ def _finish(a: _Audit) -> None:
             f"{rep.origin}'s history (not verified)")
     for name in sorted(a.feeds):
         _finish_feed(rep, a.path, name, a.feeds[name], a.verifier, a.limits)
+    _finish_tombstones(a)
     for name, seq, first_offset, env in a.conflicts:
         if rep.kind_counts.get("equivocation", 0) >= MAX_FINDINGS_PER_KIND:
             add(ERROR, "equivocation", name, seq, "two different records for this seq")
@@ -736,6 +796,42 @@ def _audit_proof(rep: AuditReport, item: Item, expected: bytes, verifier: Verifi
         return
     rep.add(ERROR, "equivocation" if item.kind == FORK else "split_view", feed, seq,
             f"{what} (carried in the bundle, verified)")
+
+
+def _finish_tombstones(a: _Audit) -> None:
+    """Why each record held without its payload may be so: an erasure request of the
+    origin in the bundle naming it exactly, or the retention the origin's card declares
+    for its feed; else ``payload_missing``, an error (a payload withheld and passed off
+    as removed). Erasure entries naming a position held under another id are
+    ``erasure_mismatch`` (a warning: that entry erases nothing)."""
+    rep = a.rep
+    retention = {} if rep.card is None else {f.name: f.retention_days for f in rep.card.feeds}
+    for name, seq, rid, t in sorted(a.tombstones):
+        fa = rep.feeds[name]
+        by = a.erasures.get((name, seq, rid))
+        days = retention.get(name)
+        if by is not None:
+            fa.erased += 1
+            tomb = Tombstone(name, seq, rid, "erased", by[0], by[1])
+        elif past_retention(t, days, a.now_ms):
+            fa.pruned += 1
+            tomb = Tombstone(name, seq, rid, "pruned", None,
+                             f"older than the feed's retention of {days} day(s)")
+        else:
+            rep.add(ERROR, "payload_missing", name, seq,
+                    "held without its payload, but no erasure request of the origin in "
+                    "the bundle names it and the origin's card declares no retention it "
+                    "is past: its payload was withheld")
+            continue
+        if len(rep.tombstones) < MAX_TOMBSTONES_LISTED:
+            rep.tombstones.append(tomb)
+    for (name, seq, rid), (request, _reason) in sorted(a.erasures.items()):
+        st = a.feeds.get(name)
+        held = None if st is None else st.held.get(seq)
+        if held is not None and held[0] != rid:
+            rep.add(WARNING, "erasure_mismatch", name, seq,
+                    f"erasure request {request.hex()[:16]}... names this seq under another id: "
+                    "that entry erases nothing")
 
 
 def _finish_feed(

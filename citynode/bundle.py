@@ -45,7 +45,7 @@ from citynode.core.cards import open_card
 from citynode.core.chain import ForkProof
 from citynode.core.checkpoints import SplitViewProof
 from citynode.core.keys import Verifier, node_id
-from citynode.core.records import check_feed_name, decode_envelope
+from citynode.core.records import check_feed_name, decode_envelope, decode_record
 from citynode.errors import CitynodeError, InvalidRecord
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def write_bundle(
             n = 0
             for name in names:
                 for env in feeds[name]:
-                    decode_envelope(env)
+                    decode_record(env)
                     f.write(_frame(_record_item(env), limits))
                     n += 1
             counts["records"] = n

@@ -229,6 +229,36 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
 
 @main.command()
 @DIR_OPTION
+@click.option("--id", "ids", required=True, multiple=True,
+              help="Id of a record of this node to erase (64 hex digits); repeat for more.")
+@click.option("--reason", required=True,
+              help="Why, in 1 to 1000 characters (partners and auditors see it).")
+@JSON_OPTION
+def erase(data_dir: Path, ids: tuple[str, ...], reason: str, as_json: bool) -> None:
+    """Publish a signed erasure request for records of this node.
+
+    Every node that holds them (this one included) drops their payloads and keeps their
+    signed skeletons, so chains, checkpoints and audits still verify; the request is
+    gossiped like any record. Only a record's origin can erase it.
+    """
+    for i in ids:
+        try:
+            ok = len(bytes.fromhex(i)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise click.BadParameter(f"{i!r} is not a record id (64 hex digits)",
+                                     param_hint="--id")
+    out = _operate(data_dir, lambda node: node.erase(list(ids), reason))
+    if as_json:
+        _print_json(out)
+    else:
+        click.echo(f"erasure request {out['id']} (seq {out['seq']}) published for "
+                   f"{len(out['erased'])} record(s)")
+
+
+@main.command()
+@DIR_OPTION
 @click.option("--origin", default=None, help="Only records of this node id.")
 @click.option("--feed", default=None, help="Only this feed.")
 @click.option("--type", "type_name", default=None, help="Only this payload type.")
@@ -243,7 +273,7 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
     from citynode.core.filters import RecordFilter
     from citynode.core.keys import parse_node_id
     from citynode.identity import load_identity
-    from citynode.render import stored_record_json
+    from citynode.render import row_json
     from citynode.storage import Storage
 
     _require_dir(data_dir)
@@ -255,7 +285,7 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
             after_rowid=after, limit=limit,
         )
         key = load_identity(data_dir).key
-        recs = [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
+        recs = [row_json(r, key=key) for r in rows]
     finally:
         st.close()
     if as_json:
@@ -592,7 +622,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
     """
     from citynode.core import checkpoints as cps
     from citynode.core.keys import Verifier, parse_node_id
-    from citynode.core.records import decode_envelope, parse_body
+    from citynode.core.records import decode_record, parse_body
     from citynode.storage import Storage
 
     _require_dir(data_dir)
@@ -616,7 +646,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
             env = st.get_envelope(rid_bytes)
             if env is None:
                 raise click.ClickException("no such record here")
-            fl = parse_body(decode_envelope(env)[0])
+            fl = parse_body(decode_record(env)[0])
             held = [(s, e) for s, _r, e in st.checkpoints(fl["origin"], fl["feed"])
                     if s >= fl["seq"]]
             if not held:

@@ -49,7 +49,7 @@ import msgpack
 
 from citynode.core.filters import RecordFilter
 from citynode.core.keys import SigningKey, Verifier
-from citynode.core.records import Record, decode_envelope, open_record
+from citynode.core.records import Record, decode_record, open_record
 from citynode.errors import (
     CitynodeError,
     InvalidRecord,
@@ -133,10 +133,10 @@ class Client:
         return self._http
 
     def _verify(self, envelope: bytes) -> Record:
-        body, sig = decode_envelope(envelope)
+        body, sig, payload = decode_record(envelope)
         # A record is checked against the clock when a node accepts it; a reader checks
         # what the record is, not when it arrived.
-        rec = open_record(body, sig, now_ms=2**62, verifier=self.verifier)
+        rec = open_record(body, sig, payload, now_ms=2**62, verifier=self.verifier)
         if rec.sealed is None or self.key is None:
             return rec
         return _opened(rec, self.key)

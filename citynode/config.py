@@ -147,6 +147,9 @@ class FeedConfig:
     access: str = "public"
     readers: tuple[str, ...] = ()
     description: str = ""
+    #: Days the payloads of this feed are kept (by us and, as our card declares it, by
+    #: every node holding them); None: for ever.
+    retention_days: int | None = None
     #: ``[feeds.<name>.egress]``: what of a payload may leave (default: all of it).
     egress: EgressPolicy = OPEN
 
@@ -448,6 +451,9 @@ _FEED_KEYS: tuple[_Key, ...] = (
     _Key("readers", "strs", [], 'Node ids allowed to read a "restricted" feed (required '
          "then, and only then)."),
     _Key("description", "str", "", "Free text shown to partners."),
+    _Key("retention_days", "int", None, "Days the payloads are kept, here and (declared "
+         "in this node's card) at every node holding them; older records keep only their "
+         "signed skeleton. None: kept for ever.", _range(1, 36500)),
 )
 
 _EGRESS_KEYS: tuple[_Key, ...] = (
@@ -635,7 +641,8 @@ class _Loader:
                 raise self.fail(f"{where} readers", 'only applies to access = "restricted" '
                                 f"(access is {_show(v['access'])})")
             out[name] = FeedConfig(name=name, access=v["access"], readers=tuple(readers),
-                                   description=v["description"], egress=egress)
+                                   description=v["description"], egress=egress,
+                                   retention_days=v["retention_days"])
         return MappingProxyType(out)
 
 

@@ -130,6 +130,14 @@ class Operator:
                                                content_type="application/x-ndjson")
         return out
 
+    async def erase(self, ids: list[str], reason: str) -> dict[str, Any]:
+        """Publish an erasure request for records of this node (ids in hex); the node's
+        answer: the request's ``id`` and ``seq``, and the ``erased`` ids."""
+        body = json.dumps({"ids": ids, "reason": reason}).encode()
+        out: dict[str, Any] = await self._call("POST", "/v1/admin/erase", body,
+                                               content_type=JSON)
+        return out
+
     async def sync(self, progress: Progress | None = None) -> dict[str, Any]:
         """Sync with every partner now. A running node answers ``{"partners": n}`` (its
         rounds start at once); a one-shot node fetches everything missing first,

@@ -12,15 +12,11 @@ import datetime as _dt
 import functools
 from typing import Any
 
-import msgpack
-
 from citynode.core.keys import SigningKey, node_id
 from citynode.core.records import (
     SEALED_TYPE,
     Record,
-    decode_envelope,
-    record_from_fields,
-    record_id,
+    stored_record,
 )
 from citynode.core.sealed import is_recipient, open_payload
 from citynode.errors import CitynodeError
@@ -31,6 +27,7 @@ __all__ = [
     "jsonable",
     "parse_json_items",
     "record_json",
+    "row_json",
     "stored_record_json",
 ]
 
@@ -62,9 +59,13 @@ def _node_id(key: bytes) -> str:
 
 
 def record_json(rec: Record, *, rowid: int | None = None,
-                key: SigningKey | None = None, envelope: bytes | None = None) -> dict[str, Any]:
+                key: SigningKey | None = None, envelope: bytes | None = None,
+                erased: tuple[bytes, str] | None = None) -> dict[str, Any]:
     """The JSON view of a verified record. A sealed record shows its recipients; with
-    ``key`` of one of them it is decrypted, and ``type``/``data`` are the plaintext."""
+    ``key`` of one of them it is decrypted, and ``type``/``data`` are the plaintext.
+    A tombstone (payload removed) has no ``data``; it says why: ``"erased": {"by":
+    erasure request id, "reason": text}`` (``erased``) or else ``"pruned": true``
+    (past its feed's retention)."""
     out: dict[str, Any] = {
         "id": rec.id.hex(),
         "origin": _node_id(rec.origin),
@@ -97,6 +98,12 @@ def record_json(rec: Record, *, rowid: int | None = None,
                     out["subject"] = inner.subject
                 if inner.dataschema is not None:
                     out["dataschema"] = inner.dataschema
+    if rec.payload is None:
+        out.pop("data", None)
+        if erased is not None:
+            out["erased"] = {"by": erased[0].hex(), "reason": erased[1]}
+        else:
+            out["pruned"] = True
     if rec.subject is not None:
         out["subject"] = rec.subject
     if rec.dataschema is not None:
@@ -107,17 +114,21 @@ def record_json(rec: Record, *, rowid: int | None = None,
 
 
 def stored_record_json(envelope: bytes, *, rowid: int | None = None,
-                       key: SigningKey | None = None) -> dict[str, Any]:
+                       key: SigningKey | None = None,
+                       erased: tuple[bytes, str] | None = None) -> dict[str, Any]:
     """JSON view of an envelope read from our own database (verified when it was stored;
-    decoded again here, not re-verified)."""
-    body, sig = decode_envelope(envelope)
-    return record_json(record_from_stored(body, sig), rowid=rowid, key=key, envelope=envelope)
+    decoded again here, not re-verified). ``erased``: see :func:`record_json`."""
+    return record_json(stored_record(envelope), rowid=rowid, key=key, envelope=envelope,
+                       erased=erased)
 
 
-def record_from_stored(body: bytes, sig: bytes) -> Record:
-    """A Record from our own database's bytes: verified (strictly decoded, signature
-    checked) when it was stored, so decoded here without the strict checks again."""
-    return record_from_fields(record_id(body), body, sig, msgpack.unpackb(body))
+def row_json(row: Any, *, key: SigningKey | None = None, cursor: bool = True
+             ) -> dict[str, Any]:
+    """JSON view of a stored row (:class:`citynode.storage.StoredRow`), tombstones
+    saying why their payload is gone."""
+    erased = (row.erased_by, row.erased_reason) if row.erased_by is not None else None
+    return stored_record_json(row.envelope, rowid=row.rowid if cursor else None, key=key,
+                              erased=erased)
 
 
 def parse_json_items(text: str) -> list[dict[str, Any]]:

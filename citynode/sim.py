@@ -343,7 +343,7 @@ class Sim:
         """Real verification of the envelope's bytes, once per record id per run."""
         if r.id not in self._verified:
             try:
-                ok: Record | None = open_record(r.body, r.sig, now_ms=self.now + 60_000,
+                ok: Record | None = open_record(r.body, r.sig, r.payload, now_ms=self.now + 60_000,
                                                 verifier=self.verifier)
                 if ok is not None and ok.id != r.id:
                     ok = None

@@ -29,6 +29,14 @@ name in the row and in every index; the record id is indexed by its first 8 byte
 row holds the whole id, compared after the index search). Readers see the logical
 columns through one join (:data:`_ROWS`): ``origin``, ``feed``, ``type``, ``seq``,
 ``time``, ``lon``, ``lat`` -- the names the record filter's SQL uses.
+
+Payloads (schema v5): ``records.envelope`` holds the record's envelope with its payload
+removed (nil: the tombstone, body and signature whole) and ``payloads`` the payload bytes
+under the record's rowid, so erasing or pruning a payload is one row deleted and whole
+pages are given back (``auto_vacuum = INCREMENTAL``). A reader gets the full envelope
+rebuilt (:func:`citynode.core.records.with_payload`). ``erasures`` holds every position
+an erasure request named (applied, or waiting for its record); ``records.erased_by``
+the erasure request that removed a record's payload (NULL for a pruned one).
 """
 
 from __future__ import annotations
@@ -60,8 +68,14 @@ from citynode.core.checkpoints import (
 )
 from citynode.core.filters import ALL_RECORDS, RecordFilter
 from citynode.core.keys import node_id
-from citynode.core.records import SEALED_TYPE, Record
-from citynode.core.types import point_of
+from citynode.core.records import (
+    SEALED_TYPE,
+    Record,
+    decode_record,
+    encode_record,
+    with_payload,
+)
+from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, point_of, validate_erasure
 from citynode.errors import (
     ChainError,
     CitynodeError,
@@ -126,7 +140,15 @@ class StoredRow:
     lon: float | None
     lat: float | None
     received_at: int
-    envelope: bytes
+    envelope: bytes  # the full envelope, or the tombstone when the payload is gone
+    erased_by: bytes | None = None  # the erasure request that removed the payload
+    erased_reason: str | None = None  # the reason it gives
+
+    @property
+    def tombstone(self) -> bool:
+        """True if the payload is not held (erased, or pruned when ``erased_by`` is
+        None)."""
+        return self.envelope[-1] == 0xC0
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,12 +543,52 @@ class DeadLetterRow:
     excerpt: bytes
 
 
+def _migrate_v5(db: sqlite_utils.Database) -> None:
+    """Schema v5: payloads apart from the signed skeletons (record format 2).
+
+    Every record's payload moves to ``payloads`` (same rowid) and ``records.envelope``
+    keeps the tombstone; ``erasures`` and ``records.erased_by`` are new. A database
+    holding records of format 1 (never deployed: a development database) is refused:
+    they cannot be split, and no version-2 node would accept them.
+    """
+    conn = db.conn
+    conn.execute("CREATE TABLE payloads (rowid INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+    conn.execute(
+        """CREATE TABLE erasures (
+            id BLOB NOT NULL,
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            by BLOB NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (id, origin, feed, seq)
+        ) WITHOUT ROWID"""
+    )
+    conn.execute("ALTER TABLE records ADD COLUMN erased_by BLOB")
+    last = 0
+    while True:
+        rows = conn.execute("SELECT rowid, envelope FROM records WHERE rowid > ?"
+                            " ORDER BY rowid LIMIT 1000", (last,)).fetchall()
+        if not rows:
+            return
+        for rowid, env in rows:
+            if env[:1] != b"\x93":
+                raise StorageError(
+                    "cannot migrate: the database holds records of format 1, which was "
+                    "never deployed; move it away and start from an empty database")
+            body, sig, payload = decode_record(env)
+            if payload is not None:
+                conn.execute("INSERT INTO payloads (rowid, payload) VALUES (?, ?)",
+                             (rowid, payload))
+                conn.execute("UPDATE records SET envelope = ? WHERE rowid = ?",
+                             (encode_record(body, sig, None), rowid))
+        last = rows[-1][0]
 
 
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4}
+    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -625,10 +687,44 @@ def _grow_tree(conn: sqlite3.Connection, origin: bytes, feed: str, old: int, new
         conn.execute(_INSERT_SUBTREE, (origin, feed, height, j, h))
 
 
+_INSERT_PAYLOAD = "INSERT INTO payloads (rowid, payload) VALUES (?, ?)"
+_INSERT_ERASURE = ("INSERT OR IGNORE INTO erasures (id, origin, feed, seq, by, reason)"
+                   " VALUES (?, ?, ?, ?, ?, ?)")
+_SELECT_ERASED = "SELECT by FROM erasures WHERE id = ? AND origin = ? AND feed = ? AND seq = ?"
+#: Drop a payload, keep the skeleton: what erasing and pruning do to one row. A tombstone
+#: has no location either (filters on payload fields match no tombstone).
+_DROP_PAYLOAD = "DELETE FROM payloads WHERE rowid = ?"
+_MARK_ERASED = "UPDATE records SET erased_by = ?, lon = NULL, lat = NULL WHERE rowid = ?"
+
+
+def _erase_row(conn: sqlite3.Connection, rowid: int, by: bytes) -> None:
+    conn.execute(_DROP_PAYLOAD, (rowid,))
+    conn.execute(_MARK_ERASED, (by, rowid))
+
+
+def _apply_erasure(conn: sqlite3.Connection, r: Record) -> list[tuple[str, int]]:
+    """Record the positions erasure request ``r`` names and drop the payloads held
+    there whose id matches. Returns the positions held under another id (ignored)."""
+    mismatched = []
+    for feed, seq, rid in validate_erasure(r.data):
+        conn.execute(_INSERT_ERASURE, (rid, r.origin, feed, seq, r.id, r.data["reason"]))
+        row = conn.execute(f"SELECT rowid, id, erased_by FROM records WHERE chain = {_CHAIN_OF}"
+                           " AND seq = ?", (r.origin, feed, seq)).fetchone()
+        if row is None:
+            continue  # not held yet: dropped on arrival (the erasures row waits for it)
+        if row[1] != rid:
+            mismatched.append((feed, seq))
+        elif row[2] is None:
+            _erase_row(conn, row[0], r.id)
+    return mismatched
+
+
 def _append_job(
     records: tuple[Record, ...], received_at: int
-) -> Callable[[sqlite3.Connection], None]:
-    def run(conn: sqlite3.Connection) -> None:
+) -> Callable[[sqlite3.Connection], list[tuple[bytes, str, int]]]:
+    """The write of :meth:`Storage.append`; its result lists the erasure entries that
+    named a position held under another id ``(erasure id, feed, seq)``."""
+    def run(conn: sqlite3.Connection) -> list[tuple[bytes, str, int]]:
         # (origin, feed) -> [chain id, head seq, head id]; one lookup per feed per job
         heads: dict[tuple[bytes, str], list[Any]] = {}
         # (origin, feed) -> {seq: id} of this job's records: the new leaves of its tree,
@@ -667,8 +763,24 @@ def _append_job(
             pt = point_of(r.data)
             lon, lat = (None, None) if pt is None else pt
             rows.append((head[0], r.seq, type_id, r.time, lon, lat, received_at, r.id,
-                         r.envelope))
+                         encode_record(r.body, r.sig, None)))
+        first_rowid = int(conn.execute("SELECT coalesce(max(rowid), 0) FROM records")
+                          .fetchone()[0]) + 1
         conn.executemany(_INSERT_RECORD, rows)
+        # rowids are given in order (max + 1: rows are never deleted)
+        conn.executemany(_INSERT_PAYLOAD, [(first_rowid + i, r.payload)
+                                           for i, r in enumerate(records)
+                                           if r.payload is not None])
+        mismatched: list[tuple[bytes, str, int]] = []
+        if conn.execute("SELECT 1 FROM erasures LIMIT 1").fetchone() is not None:
+            # A record named by an erasure request held: its payload goes at once.
+            for i, r in enumerate(records):
+                by = conn.execute(_SELECT_ERASED, (r.id, r.origin, r.feed, r.seq)).fetchone()
+                if by is not None:
+                    _erase_row(conn, first_rowid + i, by[0])
+        for r in records:
+            if r.type == ERASURE_TYPE and r.feed == ERASURE_FEED and r.payload is not None:
+                mismatched += [(r.id, f, s) for f, s in _apply_erasure(conn, r)]
         conn.executemany(_UPDATE_HEAD, [(h[1], h[2], h[0]) for h in heads.values()])
         # The feeds' Merkle trees grow in the same transaction: a tree on disk always
         # covers exactly the records held.
@@ -680,6 +792,7 @@ def _append_job(
                     return [r[0] for r in conn.execute(_SELECT_CHAIN_IDS, (chain, lo, hi))]
 
                 _grow_tree(conn, o, f, first - 1, seq, fresh, leaves)
+        return mismatched
 
     return run
 
@@ -692,9 +805,16 @@ def _append_job(
 #: looked up in ``chains``/``types`` one by one unless the filter names them; the
 #: reader maps ``chain`` and ``type_id`` to names from a cache (:class:`_Names`).
 _ROWS = ("records AS r LEFT JOIN chains AS c ON c.id = r.chain"
-         " LEFT JOIN types AS t ON t.id = r.type_id")
+         " LEFT JOIN types AS t ON t.id = r.type_id"
+         " LEFT JOIN payloads AS p ON p.rowid = r.rowid")
 _SELECT_ROW = ("SELECT r.rowid, r.id, r.chain, r.seq, r.type_id, r.time, r.lon, r.lat,"
-               f" r.received_at, r.envelope FROM {_ROWS}")
+               " r.received_at, r.envelope, p.payload, r.erased_by,"
+               " CASE WHEN r.erased_by IS NULL THEN NULL ELSE (SELECT e.reason FROM"
+               " erasures AS e WHERE e.id = r.id AND e.by = r.erased_by) END"
+               f" FROM {_ROWS}")
+#: A record's envelope as stored: the tombstone and the payload, joined by
+#: :func:`with_payload` (the SELECT lists ``r.envelope, p.payload`` from :data:`_ENV_FROM`).
+_ENV_FROM = "records AS r LEFT JOIN payloads AS p ON p.rowid = r.rowid"
 
 
 def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
@@ -807,8 +927,10 @@ class Storage:
             rewrite = 0 < _check_file(conn, path) < _COMPACTED_AT <= SCHEMA_VERSION
             _tighten_modes(path)
             if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
-                # A new file: fixed before WAL mode (which cannot change it).
+                # A new file: fixed before WAL mode (which cannot change it). Pages freed
+                # by pruned and erased payloads go back to the file system on reclaim().
                 conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             if rewrite:
                 # A migration that rewrites every record runs in a rollback journal: in
                 # WAL mode its transaction would grow a WAL as large as the database,
@@ -1015,8 +1137,14 @@ class Storage:
         *,
         durable: bool = False,
         received_at_ms: int | None = None,
-    ) -> Future[None]:
+    ) -> Future[list[tuple[bytes, str, int]]]:
         """Store verified ``records`` and advance their feeds' heads, atomically.
+
+        A record that is a tombstone (no payload) is stored as one; a record named by an
+        erasure request held is stored without its payload; an erasure request among
+        ``records`` drops the payloads it names (same id at that position). The result
+        lists the erasure entries ignored for naming a position held under another id:
+        ``(erasure request id, feed, seq)``.
 
         The caller orders them so each extends its chain (seq 1, or ``head.seq + 1`` with
         ``prev == head.id``); the writer re-checks that in the transaction and fails the
@@ -1027,6 +1155,39 @@ class Storage:
         recs = tuple(records)
         at = _now_ms() if received_at_ms is None else received_at_ms
         return self._submit(_append_job(recs, at), durable=durable, weight=len(recs))
+
+    def prune(self, origin: bytes, feed: str, before_ms: int, *, after_seq: int = 0,
+              limit: int = 5000) -> Future[tuple[int, int | None]]:
+        """Drop the payloads of a feed's records dated before ``before_ms``, keeping their
+        skeletons (retention). Examines at most ``limit`` records, those above
+        ``after_seq`` in seq order, in one transaction: call again from the seq returned
+        until it is None. The result is ``(payloads dropped, last seq examined or None
+        when the feed's end was reached)``. The erasure-request feed is never pruned."""
+        def run(conn: sqlite3.Connection) -> tuple[int, int | None]:
+            if feed == ERASURE_FEED:
+                return 0, None
+            rows = conn.execute(
+                f"SELECT r.rowid, r.seq, r.time, p.rowid FROM {_ENV_FROM}"
+                f" WHERE r.chain = {_CHAIN_OF} AND r.seq > ? ORDER BY r.seq LIMIT ?",
+                (origin, feed, after_seq, limit)).fetchall()
+            old = [(r[0],) for r in rows if r[2] < before_ms and r[3] is not None]
+            conn.executemany(_DROP_PAYLOAD, old)
+            conn.executemany("UPDATE records SET lon = NULL, lat = NULL WHERE rowid = ?"
+                             " AND lat IS NOT NULL", old)
+            return len(old), (rows[-1][1] if len(rows) == limit else None)
+
+        return self._submit(run, weight=max(1, limit // 4))
+
+    def reclaim(self, max_pages: int = 0) -> Future[int]:
+        """Give the database's free pages back to the file system (``PRAGMA
+        incremental_vacuum``; 0: all of them); returns the pages freed. After prunes and
+        erasures: their pages are free inside the file until this runs."""
+        def run(conn: sqlite3.Connection) -> int:
+            before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            conn.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
+            return before - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+        return self._submit(run)
 
     def add_fork_proof(
         self,
@@ -1273,8 +1434,33 @@ class Storage:
 
     def get_envelope(self, rid: bytes) -> bytes | None:
         """The envelope of record ``rid``, or None if not held."""
-        row = self._one(f"SELECT envelope FROM records WHERE {_BY_ID}", (rid[:8], rid))
-        return None if row is None else row[0]
+        row = self._one(f"SELECT r.envelope, p.payload FROM {_ENV_FROM} WHERE"
+                        " substr(r.id, 1, 8) = ? AND r.id = ?", (rid[:8], rid))
+        return None if row is None else with_payload(row[0], row[1])
+
+    def erased_by(self, named: Sequence[tuple[bytes, bytes, str, int]]) -> dict[bytes, bytes]:
+        """For ``(id, origin, feed, seq)`` positions: record id -> the id of an erasure
+        request held that names exactly that record at that position (only those
+        named)."""
+        out: dict[bytes, bytes] = {}
+        for rid, origin, feed, seq in named:
+            row = self._one(_SELECT_ERASED, (rid, origin, feed, seq))
+            if row is not None:
+                out[rid] = row[0]
+        return out
+
+    def erasure_of(self, rid: bytes) -> tuple[bytes, str] | None:
+        """``(erasure request id, its reason)`` if record ``rid``'s payload was erased."""
+        row = self._one("SELECT e.by, e.reason FROM records AS r JOIN erasures AS e ON"
+                        " e.id = r.id AND e.by = r.erased_by WHERE substr(r.id, 1, 8) = ?"
+                        " AND r.id = ?", (rid[:8], rid))
+        return None if row is None else (row[0], row[1])
+
+    def tombstones(self) -> tuple[int, int]:
+        """``(records erased, records pruned)`` held: skeletons without their payload."""
+        row = self._one("SELECT count(*), count(r.erased_by) FROM records AS r WHERE NOT"
+                        " EXISTS (SELECT 1 FROM payloads AS p WHERE p.rowid = r.rowid)")
+        return int(row[1]), int(row[0]) - int(row[1])
 
     def has_records_in_clear(self, origin: bytes, feed: str) -> bool:
         """Does the feed hold a record that is not sealed (for a restricted feed: one
@@ -1294,10 +1480,11 @@ class Storage:
     def envelope_at(self, origin: bytes, feed: str, seq: int) -> bytes | None:
         """The envelope held at ``seq`` of a feed, or None."""
         row = self._one(
-            f"SELECT envelope FROM records WHERE chain = {_CHAIN_OF} AND seq = ?",
+            f"SELECT r.envelope, p.payload FROM {_ENV_FROM} WHERE r.chain = {_CHAIN_OF}"
+            " AND r.seq = ?",
             (origin, feed, seq),
         )
-        return None if row is None else row[0]
+        return None if row is None else with_payload(row[0], row[1])
 
     def range(
         self, origin: bytes, feed: str, from_seq: int, to_seq: int, limit: int
@@ -1307,11 +1494,11 @@ class Storage:
         if limit <= 0:
             return []
         rows = self._all(
-            f"SELECT envelope FROM records WHERE chain = {_CHAIN_OF} AND seq BETWEEN ? AND ?"
-            " ORDER BY seq LIMIT ?",
+            f"SELECT r.envelope, p.payload FROM {_ENV_FROM} WHERE r.chain = {_CHAIN_OF}"
+            " AND r.seq BETWEEN ? AND ? ORDER BY r.seq LIMIT ?",
             (origin, feed, from_seq, to_seq, limit),
         )
-        return [r[0] for r in rows]
+        return [with_payload(r[0], r[1]) for r in rows]
 
     def query(
         self,
@@ -1344,7 +1531,8 @@ class Storage:
             origin, feed = chains.get(r[2]) or names.chain(r[2])
             out.append(StoredRow(r[0], r[1], origin, feed, r[3],
                                  types.get(r[4]) or names.type(r[4]),
-                                 r[5], r[6], r[7], r[8], r[9]))
+                                 r[5], r[6], r[7], r[8], with_payload(r[9], r[10]), r[11],
+                                 r[12]))
         return out
 
     def query_plan(
@@ -1443,29 +1631,29 @@ class Storage:
         cond = ""
         params: list[Any] = []
         if origin is not None and feed is not None:
-            cond = f" AND chain = {_CHAIN_OF}"
+            cond = f" AND r.chain = {_CHAIN_OF}"
             params += [origin, feed]
         elif origin is not None:
-            cond = " AND chain IN (SELECT id FROM chains WHERE origin = ?)"
+            cond = " AND r.chain IN (SELECT id FROM chains WHERE origin = ?)"
             params.append(origin)
         elif feed is not None:  # walked by rowid (``+``: not by the chains' index)
-            cond = " AND +chain IN (SELECT id FROM chains WHERE feed = ?)"
+            cond = " AND +r.chain IN (SELECT id FROM chains WHERE feed = ?)"
             params.append(feed)
         by_seq = origin is not None and feed is not None
         # one feed: walk its index by seq (same order as rowid); else walk rowid
-        key_col = "seq" if by_seq else "rowid"
+        key_col = "r.seq" if by_seq else "r.rowid"
         sql = (
-            f"SELECT rowid, envelope, {key_col} FROM records WHERE {key_col} > ?{cond}"
-            f" ORDER BY {key_col} LIMIT {_ITER_CHUNK}"
+            f"SELECT r.rowid, r.envelope, p.payload, {key_col} FROM {_ENV_FROM}"
+            f" WHERE {key_col} > ?{cond} ORDER BY {key_col} LIMIT {_ITER_CHUNK}"
         )
         last = 0
         while True:
             rows = self._all(sql, [last, *params])
-            for rowid, env, _k in rows:
-                yield rowid, env
+            for rowid, env, payload, _k in rows:
+                yield rowid, with_payload(env, payload)
             if len(rows) < _ITER_CHUNK:
                 return
-            last = rows[-1][2]
+            last = rows[-1][3]
 
     def max_rowid(self) -> int:
         """The highest record rowid (0 when empty): the cursor of "now"."""
@@ -1481,7 +1669,8 @@ class Storage:
         the database costs per record beyond the signed bytes themselves. Scans the
         table."""
         row = self._one("SELECT count(*), coalesce(sum(length(envelope)), 0) FROM records")
-        return int(row[0]), int(row[1])
+        held = self._one("SELECT coalesce(sum(length(payload)), 0) FROM payloads")
+        return int(row[0]), int(row[1]) + int(held[0])
 
     def db_size_bytes(self) -> int:
         """Bytes the database takes on disk (main file and write-ahead log)."""
@@ -1793,9 +1982,9 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> int:
     return version
 
 
-#: Migrating across this schema version rewrites every record (v3): the file is then
-#: compacted once (:func:`_compact`).
-_COMPACTED_AT = 3
+#: Migrating across this schema version rewrites every record (v3, v5): the file is then
+#: compacted once (:func:`_compact`), which also turns incremental vacuum on.
+_COMPACTED_AT = 5
 
 
 def _compact(conn: sqlite3.Connection, path: Path) -> None:
@@ -1814,6 +2003,7 @@ def _compact(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute("PRAGMA temp_store=FILE")
         conn.execute("PRAGMA journal_mode=DELETE")
         conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("VACUUM")
     except sqlite3.Error as exc:
         log.warning("database not compacted after its migration",

@@ -27,7 +27,7 @@ from citynode.bundle import write_bundle
 from citynode.cli_audit import default_workers
 from citynode.core.checkpoints import MerkleLog, sign_checkpoint
 from citynode.core.keys import DOMAIN_RECORD, SigningKey
-from citynode.core.records import decode_envelope, sign_record
+from citynode.core.records import decode_record, sign_record
 
 
 def build(path: Path, n: int) -> tuple[SigningKey, list[bytes]]:
@@ -52,7 +52,7 @@ def build(path: Path, n: int) -> tuple[SigningKey, list[bytes]]:
 def raw_rate(key: SigningKey, envs: list[bytes]) -> float:
     msgs = []
     for e in envs:
-        body, sig = decode_envelope(e)
+        body, sig, _payload = decode_record(e)
         msgs.append(sig + DOMAIN_RECORD + body)
     pk, op = key.public_key, nacl.bindings.crypto_sign_open
     t = time.perf_counter()
@@ -66,7 +66,7 @@ def raw_rate_all_cores(key: SigningKey, envs: list[bytes]) -> float:
     in libsodium): what any threaded audit on this machine could reach at most."""
     msgs = []
     for e in envs:
-        body, sig = decode_envelope(e)
+        body, sig, _payload = decode_record(e)
         msgs.append(sig + DOMAIN_RECORD + body)
     pk, op = key.public_key, nacl.bindings.crypto_sign_open
     cores = os.cpu_count() or 1

@@ -23,7 +23,7 @@ from citynode.core.chain import FeedHead, Verdict, classify
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
 from citynode.core.records import (
     Record,
-    decode_envelope,
+    decode_record,
     open_record,
     open_records,
     record_id,
@@ -92,14 +92,15 @@ def pipeline_rate(envelopes: list[bytes], now_ms: int, batch: int) -> float:
     for i in range(0, len(envelopes), batch):
         todo = []
         for env in envelopes[i : i + batch]:
-            body, sig = decode_envelope(env)
+            body, sig, payload = decode_record(env)
             rid = record_id(body)
             if rid in verified:  # verify only once per record id
                 continue
-            todo.append((body, sig, rid))
+            todo.append((body, sig, payload, rid))
         if batch == 1:
             recs: list[Record | InvalidRecord] = [
-                open_record(b, s, now_ms=now_ms, verifier=verifier, rid=r) for b, s, r in todo]
+                open_record(b, s, p, now_ms=now_ms, verifier=verifier, rid=r)
+                for b, s, p, r in todo]
         else:
             recs = open_records(todo, now_ms=now_ms, verifier=verifier)
         for rec in recs:
@@ -129,7 +130,7 @@ def main() -> None:
     msgs = []
     pks = []
     for env in envs:
-        body, sig = decode_envelope(env)
+        body, sig, _payload = decode_record(env)
         msgs.append((sig + DOMAIN_RECORD + body, body))
         pks.append(msgpack.unpackb(body)["origin"])
     now = 1_800_000_000_000
@@ -137,7 +138,7 @@ def main() -> None:
     paired: list[float] = []  # each pipeline round against the raw rounds either side
     raws.append(raw_rate(msgs, pks))
     real_decode = encoding.decode
-    decoded = ({body: real_decode(body) for body, _ in map(decode_envelope, envs)}
+    decoded = ({body: real_decode(body) for body, _s, _p in map(decode_record, envs)}
                if args.what_if_free_decode else {})
     free_paired: list[float] = []
     for _ in range(args.rounds):

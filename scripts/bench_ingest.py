@@ -31,7 +31,7 @@ from nacl.pwhash import argon2id
 
 from citynode.cluster import Cluster, free_ports
 from citynode.core.keys import SigningKey, Verifier
-from citynode.core.records import decode_envelope, open_record, record_id, sign_record
+from citynode.core.records import decode_record, open_record, record_id, sign_record
 from citynode.datadir import init_data_dir
 from citynode.node import Node
 from citynode.storage import Storage
@@ -78,8 +78,8 @@ def pipeline_limit(feeds: list[list[bytes]], batch: int) -> float:
             for i in range(0, len(envs), batch):
                 recs = []
                 for env in envs[i : i + batch]:
-                    body, sig = decode_envelope(env)
-                    recs.append(open_record(body, sig, now_ms=now, verifier=v,
+                    body, sig, payload = decode_record(env)
+                    recs.append(open_record(body, sig, payload, now_ms=now, verifier=v,
                                             rid=record_id(body)))
                 st.append(recs).result()
         rate = total / (time.perf_counter() - t)

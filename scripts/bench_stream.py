@@ -52,7 +52,7 @@ import aiohttp
 import msgpack
 
 from citynode.cluster import Cluster
-from citynode.core.records import decode_envelope
+from citynode.core.records import decode_record
 
 FEED = "stream-bench"
 TYPE = "org.example.Bench"
@@ -99,7 +99,7 @@ def _read_envelope_event(ev: bytes) -> tuple[int, int, float] | None:
     i = ev.find(_ENV_HEAD)
     if not ev.startswith(b"id: ") or i < 0:
         raise ValueError(f"unexpected event: {ev[:200]!r}")
-    body, _sig = decode_envelope(base64.b64decode(ev[i + len(_ENV_HEAD):], validate=True))
+    body, _sig, _payload = decode_record(base64.b64decode(ev[i + len(_ENV_HEAD):], validate=True))
     f = msgpack.unpackb(body)
     return f["seq"], f["data"]["n"], f["data"]["t"]
 

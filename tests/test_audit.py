@@ -31,7 +31,14 @@ from citynode.core.cards import make_card
 from citynode.core.chain import ForkProof
 from citynode.core.checkpoints import EMPTY_ROOT, MerkleLog, SplitViewProof, sign_checkpoint
 from citynode.core.keys import SigningKey
-from citynode.core.records import Record, decode_envelope, encode_envelope, sign_record
+from citynode.core.records import (
+    Record,
+    decode_envelope,
+    decode_record,
+    encode_envelope,
+    encode_record,
+    sign_record,
+)
 from citynode.errors import CitynodeError, InvalidNodeId, InvalidProof, InvalidRecord
 from citynode.storage import Storage
 
@@ -180,7 +187,7 @@ def fix_end(items: list[bytes]) -> list[bytes]:
 
 
 def seq_of(item: bytes) -> tuple[str, int]:
-    body, _sig = decode_envelope(msgpack.unpackb(item)["env"])
+    body, _sig, _payload = decode_record(msgpack.unpackb(item)["env"])
     f = msgpack.unpackb(body)
     return f["feed"], f["seq"]
 
@@ -297,7 +304,9 @@ def test_writer_never_writes_what_the_reader_refuses(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- tampering
 
 
-def test_flipped_byte_in_a_body(tmp_path: Path) -> None:
+def test_flipped_byte_in_a_payload(tmp_path: Path) -> None:
+    """The payload travels beside the signed body: a changed byte no longer matches the
+    digest the body carries."""
     path = standard(tmp_path)
     data = path.read_bytes()
     assert data.count(b"reading-0003") == 2  # air-quality seq 3 (first), noise seq 3
@@ -305,8 +314,8 @@ def test_flipped_byte_in_a_body(tmp_path: Path) -> None:
     path.write_bytes(data[:i] + b"rXading-0003" + data[i + 12:])  # same length: still msgpack
     rep = audit(path)
     assert not rep.ok
-    assert errors(rep) == {"bad_signature"}
-    [f] = [f for f in rep.findings if f.kind == "bad_signature"]
+    assert errors(rep) == {"payload_mismatch"}
+    [f] = [f for f in rep.findings if f.kind == "payload_mismatch"]
     assert (f.feed, f.seq) == ("noise", 3)
     assert rep.feeds["noise"].invalid == 1 and rep.feeds["noise"].contiguous == 2
     assert "gap" not in rep.kinds()  # the bad record is reported once, not also as a gap
@@ -319,8 +328,9 @@ def test_flipped_byte_in_a_signature(tmp_path: Path) -> None:
     items = raw_items(path)
     i = index_of(items, "air-quality", 2)
     env = msgpack.unpackb(items[i])["env"]
-    body, sig = decode_envelope(env)
-    items[i] = record_item(encode_envelope(body, sig[:10] + bytes([sig[10] ^ 1]) + sig[11:]))
+    body, sig, payload = decode_record(env)
+    items[i] = record_item(encode_record(body, sig[:10] + bytes([sig[10] ^ 1]) + sig[11:],
+                                         payload))
     put_items(path, items)
     rep = audit(path)
     assert errors(rep) == {"bad_signature"}
@@ -545,7 +555,7 @@ def test_broken_link_is_a_proven_fork(tmp_path: Path) -> None:
 def test_duplicate_record_is_verified_once(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     recs = list(chain(0, "noise", 3))
-    bad = encode_envelope(decode_envelope(recs[2].envelope)[0], bytes(64))
+    bad = encode_record(recs[2].body, bytes(64), recs[2].payload)
     path = write(tmp_path / "b", {"noise": [r.envelope for r in recs] + [recs[1].envelope]
                                   + [recs[1].envelope]})
     for workers in (0, 2):
@@ -585,8 +595,8 @@ def test_sealed_records_are_verified_without_reading_them(tmp_path: Path) -> Non
     # the signature still covers the sealed blob
     items = raw_items(path)
     i = index_of(items, "permits", 2)
-    body, sig = decode_envelope(msgpack.unpackb(items[i])["env"])
-    items[i] = record_item(encode_envelope(body, sig[:-1] + bytes([sig[-1] ^ 0x80])))
+    body, sig, payload = decode_record(msgpack.unpackb(items[i])["env"])
+    items[i] = record_item(encode_record(body, sig[:-1] + bytes([sig[-1] ^ 0x80]), payload))
     put_items(path, items)
     assert errors(audit(path)) == {"bad_signature"}
 
@@ -706,8 +716,8 @@ def test_worker_threads_give_the_same_report(tmp_path: Path,
     items = raw_items(path)
     i = index_of(items, "noise", 6)
     env = msgpack.unpackb(items[i])["env"]
-    body, _sig = decode_envelope(env)
-    items[i] = record_item(encode_envelope(body, bytes(64)))
+    body, _sig, payload = decode_record(env)
+    items[i] = record_item(encode_record(body, bytes(64), payload))
     del items[index_of(items, "noise", 2)]
     put_items(path, fix_end(items))
     reps = [audit(path, workers=w) for w in (0, 1, 3)]
@@ -723,8 +733,8 @@ def test_worker_threads_give_the_same_report(tmp_path: Path,
 
 def test_findings_are_bounded_per_kind(tmp_path: Path) -> None:
     env = chain(0, "noise", 1)[0].envelope
-    body, _sig = decode_envelope(env)
-    bad = encode_envelope(body, bytes(64))
+    body, _sig, payload = decode_record(env)
+    bad = encode_record(body, bytes(64), payload)
     path = write(tmp_path / "b", {"noise": [bad] * (MAX_FINDINGS_PER_KIND + 20)})
     rep = audit(path)
     assert rep.kind_counts["bad_signature"] == MAX_FINDINGS_PER_KIND + 20
@@ -876,7 +886,7 @@ def test_cli_export_then_audit(tmp_path: Path) -> None:
     out.write_bytes(data[:i] + b"X" + data[i + 1:])
     r = runner.invoke(audit_cmd, [str(out), "--origin", KEY.node_id])
     assert r.exit_code == 1
-    assert "[bad_signature]" in r.output and "FAILED" in r.output
+    assert "[payload_mismatch]" in r.output and "FAILED" in r.output
     r = runner.invoke(audit_cmd, [str(out), "--origin", KEY.node_id, "--json",
                                   "--workers", "0"])
     assert r.exit_code == 1 and json.loads(r.output)["ok"] is False

@@ -24,7 +24,7 @@ from click.testing import CliRunner, Result
 from citynode.cli import main
 from citynode.core import checkpoints as cps
 from citynode.core.keys import Verifier
-from citynode.core.records import decode_envelope, open_record
+from citynode.core.records import decode_record, open_record
 from citynode.node import Node
 from citynode.transport.server import serve
 from tests.conftest import InProc, eventually, make_node_dir
@@ -370,7 +370,7 @@ def test_records_filters_and_cursor_paging(node_dir: Path, tmp_path: Path) -> No
 
     # Each record carries its signed envelope: verify it independently of the node.
     for r in ok_json("records", "-d", d, "--json")["records"]:
-        rec = open_record(*decode_envelope(base64.b64decode(r["envelope"])),
+        rec = open_record(*decode_record(base64.b64decode(r["envelope"])),
                           now_ms=2**60, verifier=Verifier())
         assert rec.id.hex() == r["id"] and rec.seq == r["seq"]
 
@@ -597,7 +597,7 @@ async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
         j = json.loads(line)
         assert {"id", "cursor", "origin"} <= j.keys()
         assert (j["id"], j["origin"], j["seq"]) == (rec.id.hex(), n.node.node_id, rec.seq)
-        opened = open_record(*decode_envelope(base64.b64decode(j["envelope"])),
+        opened = open_record(*decode_record(base64.b64decode(j["envelope"])),
                              now_ms=2**60, verifier=Verifier())
         assert opened.id == rec.id
         cursors.append(j["cursor"])
@@ -658,7 +658,7 @@ def test_a_forked_own_feed_is_never_signed_on_again(node_dir: Path) -> None:
             prev = node.storage.envelope_at(node.public_key, "air", 1)
             assert prev is not None
             other = sign_record(node.key, feed="air", seq=2,
-                                prev=open_record(*decode_envelope(prev), now_ms=2**62,
+                                prev=open_record(*decode_record(prev), now_ms=2**62,
                                                  verifier=Verifier()).id,
                                 time_ms=node.now_ms(), type=AIR_TYPE, data=air(99.0))
             assert await node.checkpoints.ingest_proof(

@@ -2,9 +2,10 @@
 
 The ```sh auditor-recipe block is extracted from the doc and run by a real shell (POSIX
 ``sh`` and ``bash``) with the machine's ``openssl`` on every signature vector of
-tests/vectors/records.json: every valid record and every ``bad_signature`` one,
-including the hand-made Ed25519 edge cases (small-order keys and R, non-canonical
-encodings, S out of range). Its verdict must equal the node's for each one.
+tests/vectors/records.json: every valid record (tombstones included) and every
+``bad_signature`` one, including the hand-made Ed25519 edge cases (small-order keys and
+R, non-canonical encodings, S out of range), and every ``payload_mismatch`` one (the
+recipe's payload digest check). Its verdict must equal the node's for each one.
 
 A second test shows the recipe's strict step is load-bearing: openssl alone accepts
 exactly the vectors whose plain RFC 8032 equation holds with S < L, forgeries included.
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 
 from citynode.core.keys import DOMAIN_RECORD, Verifier
-from citynode.core.records import decode_envelope, open_record
+from citynode.core.records import decode_record, open_record
 from citynode.errors import InvalidRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +35,10 @@ CASES: list[dict[str, Any]] = json.loads(
 )["cases"]
 L = 2**252 + 27742317777372353535851937790883648493
 
+_RECIPE_REASONS = ("bad_signature", "payload_mismatch")
 SIGNATURE_VECTORS = [
-    c for c in CASES if c["expect"] == "valid" or c["expect"] == {"error": "bad_signature"}
+    c for c in CASES if c["expect"] == "valid"
+    or c["expect"] in ({"error": r} for r in _RECIPE_REASONS)
 ]
 EDGE_VECTORS = [c for c in CASES if "equation_holds" in c]
 
@@ -56,11 +59,11 @@ def _openssl() -> str:
 
 
 def _node_accepts(case: dict[str, Any]) -> bool:
-    body, sig = decode_envelope(bytes.fromhex(case["envelope_hex"]))
+    body, sig, payload = decode_record(bytes.fromhex(case["envelope_hex"]))
     try:
-        open_record(body, sig, now_ms=case["now_ms"], verifier=Verifier())
+        open_record(body, sig, payload, now_ms=case["now_ms"], verifier=Verifier())
     except InvalidRecord as exc:
-        assert exc.reason == "bad_signature", exc.reason  # a signature vector
+        assert exc.reason in _RECIPE_REASONS, exc.reason  # a signature or payload vector
         return False
     return True
 
@@ -76,6 +79,8 @@ def test_the_signature_vectors_include_every_edge_case() -> None:
                    "signature/mixed-order-key-valid"):
         assert needed in names
     assert sum(c["expect"] == "valid" for c in SIGNATURE_VECTORS) >= 20
+    assert any(c["payload_hex"] is None for c in SIGNATURE_VECTORS if c["expect"] == "valid")
+    assert sum(c["expect"] == {"error": "payload_mismatch"} for c in SIGNATURE_VECTORS) >= 2
 
 
 @pytest.mark.parametrize("shell", ["sh", "bash"])
@@ -98,6 +103,9 @@ def test_recipe_verdict_equals_the_nodes(tmp_path: Path, shell: str,
     if node:
         assert "Signature Verified Successfully" in p.stdout
         assert f"{case['id_hex']} *body.bin" in p.stdout
+    elif case["expect"] == {"error": "payload_mismatch"}:
+        assert "Signature Verified Successfully" in p.stdout  # the body is authentic
+        assert "the payload does not match its digest" in out
     else:
         assert "Signature Verification Failure" in out
         assert "*body.bin" not in p.stdout

@@ -6,8 +6,10 @@ TLS certificate fingerprint in it. A newer card (higher ``time``) replaces an ol
 
 The card body is a canonical msgpack map (docs/PROTOCOL.md, "Node card")::
 
-    feeds     array     [{name: str, access: "public"|"partners"|"restricted"}, ...],
-                        sorted by name, no duplicates, at most 1000
+    feeds     array     [{name: str, access: "public"|"partners"|"restricted",
+                        [retention_days: int 1..36500]}, ...], sorted by name, no
+                        duplicates, at most 1000; retention_days: every node holding
+                        the feed's records drops payloads older than that
     kind      str       "card"
     name      str       1-128 characters, no control characters (the city's name)
     node      bin(32)   the node's Ed25519 public key
@@ -84,6 +86,8 @@ _FIELDS = frozenset(
 )
 _OPTIONAL = frozenset({"tls"})
 _FEED_KEYS = frozenset({"name", "access"})
+_FEED_OPTIONAL = frozenset({"retention_days"})
+MAX_RETENTION_DAYS = 36_500
 # Visible ASCII only (spaces, controls or non-ASCII are copy-paste accidents) and no
 # userinfo: credentials have no place in a public card.
 _URL_RE = re.compile(r"https?://[A-Za-z0-9._~%:\[\]-]+(?:[/?#][\x21-\x7e]*)?")
@@ -97,6 +101,7 @@ class CardFeed(NamedTuple):
 
     name: str
     access: str
+    retention_days: int | None = None  # payloads older than this are pruned everywhere
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +199,16 @@ def _parse_feeds(feeds: Any) -> tuple[CardFeed, ...]:
         raise _fail(f"card feeds must be an array of at most {MAX_FEEDS} entries")
     out: list[CardFeed] = []
     for entry in feeds:
-        if type(entry) is not dict or entry.keys() != _FEED_KEYS:
-            raise _fail("each card feed must be a map {name, access}")
+        if type(entry) is not dict or not (
+                _FEED_KEYS <= entry.keys() <= _FEED_KEYS | _FEED_OPTIONAL):
+            raise _fail("each card feed must be a map {name, access} (and optionally "
+                        "retention_days)")
         name, access = entry["name"], entry["access"]
+        days = entry.get("retention_days")
+        if "retention_days" in entry and (
+                type(days) is not int or not 1 <= days <= MAX_RETENTION_DAYS):
+            raise _fail(f"feed {name!r} has retention_days {days!r}: an integer from 1 to "
+                        f"{MAX_RETENTION_DAYS}")
         try:
             check_feed_name(name)
         except InvalidRecord as exc:
@@ -207,7 +219,7 @@ def _parse_feeds(feeds: Any) -> tuple[CardFeed, ...]:
         # Sorted and unique: one set of feeds has exactly one encoding.
         if out and name <= out[-1].name:
             raise _fail(f"card feeds are not sorted by name without duplicates (at {name!r})")
-        out.append(CardFeed(name, access))
+        out.append(CardFeed(name, access, days))
     return tuple(out)
 
 
@@ -226,26 +238,38 @@ def _parse_partners(partners: Any, node: bytes) -> tuple[bytes, ...]:
     return tuple(partners)
 
 
+def _retention(feed: tuple[Any, ...]) -> dict[str, Any]:
+    """The card feed entry's optional ``retention_days`` from a ``make_card`` tuple."""
+    if not 2 <= len(feed) <= 3:
+        raise ValueError(f"{feed!r} is not (name, access[, retention_days])")
+    days = feed[2] if len(feed) == 3 else None
+    if days is not None and type(days) is not int:
+        raise TypeError(f"retention_days must be an integer, not {days!r}")
+    return {} if days is None else {"retention_days": days}
+
+
 def make_card(
     key: SigningKey,
     *,
     name: str,
     url: str,
     tls_fingerprint: bytes | None,
-    feeds: Iterable[tuple[str, str]],
+    feeds: Iterable[tuple[str, str] | tuple[str, str, int | None]],
     partners: Iterable[bytes],
     software: str,
     now_ms: int,
 ) -> NodeCard:
     """Build and sign the card of ``key``'s node, dated ``now_ms``.
 
-    ``feeds`` are ``(name, access)`` pairs and ``partners`` public keys, in any order
+    ``feeds`` are ``(name, access)`` or ``(name, access, retention_days or None)`` and
+    ``partners`` public keys, in any order
     (the card holds them sorted). Raises :class:`InvalidRecord` if any field is invalid
     or repeated, with the same checks a receiver makes, so nothing is signed that
     partners would reject.
     """
     try:
-        feed_list = [{"name": n, "access": a} for n, a in sorted(feeds)]
+        feed_list = [{"name": f[0], "access": f[1]} | _retention(f)
+                     for f in sorted(feeds, key=lambda f: f[0])]
         partner_list = sorted(partners)
     except (TypeError, ValueError) as exc:
         raise _fail(f"card feeds must be (name, access) pairs and partners keys: {exc}") from exc
@@ -333,7 +357,9 @@ def card_to_json(card: NodeCard) -> dict[str, Any]:
         "name": card.name,
         "url": card.url,
         "tls": card.tls.hex() if card.tls is not None else None,
-        "feeds": [{"name": f.name, "access": f.access} for f in card.feeds],
+        "feeds": [{"name": f.name, "access": f.access}
+                  | ({} if f.retention_days is None else {"retention_days": f.retention_days})
+                  for f in card.feeds],
         "partners": [node_id(pk) for pk in card.partners],
         "software": card.software,
         "time": card.time,

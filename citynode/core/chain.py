@@ -29,7 +29,8 @@ from citynode.core.records import (
     DEFAULT_POLICY,
     Record,
     RecordPolicy,
-    decode_envelope,
+    decode_record,
+    encode_record,
     open_record,
 )
 from citynode.errors import InvalidProof, InvalidRecord
@@ -160,8 +161,9 @@ def verify_fork_proof(
     recs = []
     for name, env in (("a", proof.a), ("b", proof.b)):
         try:
-            body, sig = decode_envelope(env)
-            recs.append(open_record(body, sig, now_ms=now_ms, verifier=verifier, policy=policy))
+            body, sig, payload = decode_record(env)
+            recs.append(open_record(body, sig, payload, now_ms=now_ms, verifier=verifier,
+                                    policy=policy))
         except InvalidRecord as exc:
             raise InvalidProof(f"record {name} of the fork proof is invalid: {exc}") from exc
     a, b = recs
@@ -183,8 +185,10 @@ def canonical_fork_proof(a: Record, b: Record) -> tuple[ForkProof, int]:
     envelopes in byte order, at that seq; prev mismatch: the lower seq first, listed at
     the higher (the record whose prev breaks the chain). So nodes that found one fork
     from either side hold, and exchange, one proof."""
+    # Without their payloads: a proof needs only bodies and signatures, stays small, and
+    # carries nothing an erasure would have to reach (a proof is kept forever).
+    ea, eb = encode_record(a.body, a.sig, None), encode_record(b.body, b.sig, None)
     if a.seq == b.seq:
-        x, y = sorted((a.envelope, b.envelope))
+        x, y = sorted((ea, eb))
         return ForkProof(x, y), a.seq
-    lo, hi = (a, b) if a.seq < b.seq else (b, a)
-    return ForkProof(lo.envelope, hi.envelope), hi.seq
+    return (ForkProof(ea, eb), b.seq) if a.seq < b.seq else (ForkProof(eb, ea), a.seq)

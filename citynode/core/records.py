@@ -1,26 +1,31 @@
 """Signed records: the body, the envelope, the record id, and verification.
 
-A record body is a canonical msgpack map (docs/PROTOCOL.md, "Record body")::
+A record body (format version 2) is a canonical msgpack map (docs/PROTOCOL.md, "Record
+body")::
 
-    data        map       the payload (checked against ``type``)
-    dataschema  str       optional, URI of the payload's schema (CloudEvents name)
-    feed        str       feed name, ``[a-z0-9][a-z0-9._-]{0,63}``
-    origin      bin(32)   the signing node's Ed25519 public key
-    prev        bin(32)   id of the record at ``seq - 1``; absent when ``seq == 1``
-    seq         int       1, 2, 3 ... per (origin, feed)
-    subject     str       optional, what the record is about (a station id ...)
-    time        int       milliseconds since the Unix epoch, UTC
-    type        str       payload type (core/types.py)
-    version     int       body format version, 1
+    data_digest  bin(32)   SHA-256 of the payload bytes (canonical msgpack of ``data``)
+    dataschema   str       optional, URI of the payload's schema (CloudEvents name)
+    feed         str       feed name, ``[a-z0-9][a-z0-9._-]{0,63}``
+    origin       bin(32)   the signing node's Ed25519 public key
+    prev         bin(32)   id of the record at ``seq - 1``; absent when ``seq == 1``
+    seq          int       1, 2, 3 ... per (origin, feed)
+    subject      str       optional, what the record is about (a station id ...)
+    time         int       milliseconds since the Unix epoch, UTC
+    type         str       payload type (core/types.py)
+    version      int       body format version, 2
 
-A record of a restricted feed carries ``sealed`` (core/sealed.py: the payload encrypted
-to its readers) INSTEAD of ``type``, ``data``, ``subject`` and ``dataschema``. Such a
-:class:`Record` has ``type == SEALED_TYPE``, empty ``data`` and the blob in ``sealed``.
+A record of a restricted feed carries ``sealed_digest`` (the SHA-256 of the canonical
+``sealed`` map, core/sealed.py) INSTEAD of ``type``, ``data_digest``, ``subject`` and
+``dataschema``. Such a :class:`Record` has ``type == SEALED_TYPE``, empty ``data`` and
+the sealed map in ``sealed`` (when its payload is held).
 
-The envelope is the canonical msgpack array ``[body: bin, signature: bin(64)]``. The
+The signed body holds only a digest of the payload: the payload travels beside it, so it
+can be dropped (erasure, retention) while the signature, id, chain link and checkpoint
+inclusion still verify. The envelope is the canonical msgpack array
+``[body: bin, signature: bin(64), payload: bin | nil]`` (nil: a tombstone). The
 signature is Ed25519 over ``DOMAIN_RECORD || body`` -- the body bytes exactly as sent,
-never a re-encoding. The record id is ``SHA-256(body)``, so no change to a signature can
-change an id.
+never a re-encoding. The record id is ``SHA-256(body)``, so neither a signature nor the
+presence of the payload can change an id.
 """
 
 from __future__ import annotations
@@ -34,38 +39,49 @@ from typing import Any, NamedTuple
 from citynode.core import encoding
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
 from citynode.core.sealed import check_sealed_shape
-from citynode.core.types import validate_payload
+from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, validate_payload
 from citynode.errors import EncodingError, InvalidRecord
 
 __all__ = [
     "DEFAULT_FUTURE_TOLERANCE_MS",
     "FEED_NAME_RULE",
     "FORMAT_VERSION",
+    "MAX_PAYLOAD_BYTES",
     "SEALED_TYPE",
     "Record",
     "RecordPolicy",
     "check_feed_name",
     "decode_envelope",
+    "decode_record",
     "encode_envelope",
+    "encode_record",
     "make_body",
     "open_record",
     "open_records",
+    "payload_digest",
     "record_from_fields",
     "record_id",
+    "sealed_of",
     "sign_record",
+    "stored_record",
+    "tombstone_of",
+    "with_payload",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_FUTURE_TOLERANCE_MS = 15 * 60 * 1000
+#: The largest payload (the canonical bytes of ``data`` or ``sealed``) a node accepts:
+#: the size limit of a body before the payload moved out of it.
+MAX_PAYLOAD_BYTES = encoding.DEFAULT_LIMITS.max_bytes
 MAX_SEQ = 2**63 - 1
 _FEED_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 #: What a valid feed name is, in words (for error messages).
 FEED_NAME_RULE = "1-64 of a-z 0-9 . _ - (starting with a letter or digit)"
 _GOOD_FEEDS: set[str] = set()
-_REQUIRED = frozenset({"data", "feed", "origin", "seq", "time", "type", "version"})
+_REQUIRED = frozenset({"data_digest", "feed", "origin", "seq", "time", "type", "version"})
 _OPTIONAL = frozenset({"dataschema", "prev", "subject"})
 _ALLOWED = _REQUIRED | _OPTIONAL
-_SEALED_REQUIRED = frozenset({"feed", "origin", "sealed", "seq", "time", "version"})
+_SEALED_REQUIRED = frozenset({"feed", "origin", "sealed_digest", "seq", "time", "version"})
 _SEALED_ALLOWED = _SEALED_REQUIRED | {"prev"}
 #: ``Record.type`` of a sealed record: relays cannot know the real type. Not a valid
 #: payload type name (built-ins are CamelCase, custom ones dotted), so it cannot clash.
@@ -74,7 +90,8 @@ SEALED_TYPE = "sealed"
 
 @dataclass(frozen=True, slots=True)
 class RecordPolicy:
-    """What a verifier accepts. ``now_ms`` is not here: time is passed per call."""
+    """What a verifier accepts. ``now_ms`` is not here: time is passed per call.
+    ``body_limits`` bound the body and the payload alike (each is decoded on its own)."""
 
     body_limits: encoding.Limits = encoding.DEFAULT_LIMITS
     future_tolerance_ms: int = DEFAULT_FUTURE_TOLERANCE_MS
@@ -86,6 +103,11 @@ DEFAULT_POLICY = RecordPolicy()
 
 class Record(NamedTuple):
     """A verified record. Only :func:`open_record` and :func:`sign_record` make them.
+
+    ``payload`` is the payload bytes as they travel (canonical msgpack of ``data``, or
+    of ``sealed``), or None for a tombstone: a record whose payload was erased or pruned
+    (its ``data`` is then empty and ``sealed`` None; its body, signature and id are
+    whole). ``digest`` is the payload digest the body carries.
 
     A NamedTuple rather than a frozen dataclass: just as immutable, and several times
     cheaper to build, which matters on the per-record verification path.
@@ -104,40 +126,35 @@ class Record(NamedTuple):
     subject: str | None = None
     dataschema: str | None = None
     sealed: dict[str, Any] | None = None
+    payload: bytes | None = None
+    digest: bytes = b""
 
     @property
     def envelope(self) -> bytes:
-        """The canonical envelope bytes ``[body, sig]``."""
-        return encode_envelope(self.body, self.sig)
+        """The canonical envelope bytes ``[body, sig, payload | nil]``."""
+        return encode_record(self.body, self.sig, self.payload)
+
+    @property
+    def is_tombstone(self) -> bool:
+        """True if the payload is not held (erased or pruned)."""
+        return self.payload is None
 
     def fields(self) -> dict[str, Any]:
-        """The decoded body as a dict (a fresh copy): what was signed. For a sealed record
-        that is the seal, never plaintext, even if the record was opened for a reader."""
-        out: dict[str, Any] = {
-            "version": FORMAT_VERSION,
-            "origin": self.origin,
-            "feed": self.feed,
-            "seq": self.seq,
-            "time": self.time,
-        }
-        if self.sealed is not None:
-            out["sealed"] = self.sealed
-        else:
-            out["type"] = self.type
-            out["data"] = self.data
-        if self.prev is not None:
-            out["prev"] = self.prev
-        if self.sealed is None:
-            if self.subject is not None:
-                out["subject"] = self.subject
-            if self.dataschema is not None:
-                out["dataschema"] = self.dataschema
+        """The decoded body as a dict (a fresh copy): what was signed (the payload's
+        digest, never the payload itself)."""
+        out: dict[str, Any] = encoding.decode(self.body)
         return out
 
 
 def record_id(body: bytes) -> bytes:
     """The record id: SHA-256 of the body bytes."""
     return hashlib.sha256(body).digest()
+
+
+def payload_digest(payload: bytes) -> bytes:
+    """The payload digest a body carries: plain SHA-256 of the payload bytes (no domain
+    prefix, so ``openssl dgst -sha256`` checks it; docs/PROTOCOL.md says why)."""
+    return hashlib.sha256(payload).digest()
 
 
 def check_feed_name(feed: str) -> str:
@@ -152,23 +169,91 @@ def check_feed_name(feed: str) -> str:
     return feed
 
 
-def encode_envelope(body: bytes, sig: bytes) -> bytes:
-    """The canonical envelope: msgpack array of two bins (built directly: it is made
-    for every record pushed or served)."""
-    n = len(body)
+def _bin_header(n: int) -> bytes:
     if n < 0x100:
-        head = b"\x92\xc4" + bytes((n,))
-    elif n < 0x10000:
-        head = b"\x92\xc5" + n.to_bytes(2, "big")
+        return b"\xc4" + bytes((n,))
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encode_envelope(body: bytes, sig: bytes) -> bytes:
+    """The two-element signed envelope ``[body, sig]`` of cards and checkpoints (records
+    use :func:`encode_record`)."""
+    return b"\x92" + _bin_header(len(body)) + body + b"\xc4\x40" + sig
+
+
+def encode_record(body: bytes, sig: bytes, payload: bytes | None) -> bytes:
+    """The canonical record envelope: msgpack array ``[body, sig, payload | nil]`` (built
+    directly: it is made for every record pushed or served)."""
+    tail = b"\xc0" if payload is None else _bin_header(len(payload)) + payload
+    return b"\x93" + _bin_header(len(body)) + body + b"\xc4\x40" + sig + tail
+
+
+def tombstone_of(envelope: bytes) -> bytes:
+    """The same record envelope with its payload removed (nil). ``envelope`` must be a
+    canonical record envelope (read from our own storage, or already decoded)."""
+    body, sig, _payload = decode_record(envelope)
+    return encode_record(body, sig, None)
+
+
+def with_payload(tombstone: bytes, payload: bytes | None) -> bytes:
+    """A record envelope from its tombstone (payload nil, as storage keeps it) and its
+    payload bytes (None: the tombstone itself)."""
+    if payload is None:
+        return tombstone
+    return tombstone[:-1] + _bin_header(len(payload)) + payload
+
+
+def stored_record(envelope: bytes) -> Record:
+    """A Record from an envelope this node verified before storing it (its database, its
+    own answers): decoded again, strictly, but neither the payload against its type nor
+    the signature is checked again. Raises :class:`InvalidRecord` if it does not
+    decode."""
+    body, sig, payload = decode_record(envelope)
+    f = parse_body(body)
+    value = None if payload is None else encoding.decode(payload)
+    return record_from_fields(record_id(body), body, sig, f, payload, value)
+
+
+def sealed_of(envelope: bytes) -> dict[str, Any] | None:
+    """The ``sealed`` map of a stored record envelope: None for a plain record, an empty
+    map for a sealed record whose payload is gone (a tombstone: sealed to nobody now).
+    Raises :class:`InvalidRecord` if it does not decode."""
+    body, _sig, payload = decode_record(envelope)
+    if "sealed_digest" not in parse_body(body):
+        return None
+    if payload is None:
+        return {}
+    value = encoding.decode(payload)
+    return value if type(value) is dict else {}
+
+
+def _bin_at(data: bytes, i: int, what: str, limit: int) -> tuple[int, int]:
+    """``(start, length)`` of the shortest-form bin at ``data[i]``."""
+    tag = data[i] if i < len(data) else -1
+    if tag == 0xC4 and i + 2 <= len(data):
+        n, start = data[i + 1], i + 2
+    elif tag == 0xC5 and i + 3 <= len(data):
+        n, start = int.from_bytes(data[i + 1:i + 3], "big"), i + 3
+        if n < 0x100:
+            raise EncodingError(f"envelope {what} length is not in its shortest form")
+    elif tag == 0xC6 and i + 5 <= len(data):
+        n, start = int.from_bytes(data[i + 1:i + 5], "big"), i + 5
+        if n < 0x10000:
+            raise EncodingError(f"envelope {what} length is not in its shortest form")
     else:
-        head = b"\x92\xc6" + n.to_bytes(4, "big")
-    return head + body + b"\xc4\x40" + sig
+        raise EncodingError(f"envelope {what} must be msgpack bin", "bad_envelope")
+    if n > limit:
+        raise EncodingError(f"{what} of {n} bytes is over the limit of {limit}", "too_large")
+    return start, n
 
 
 def decode_envelope(
     data: bytes, limits: encoding.Limits = encoding.DEFAULT_LIMITS
 ) -> tuple[bytes, bytes]:
-    """Split canonical envelope bytes into ``(body, sig)``.
+    """Split a two-element signed envelope (a card's, a checkpoint's) into
+    ``(body, sig)``.
 
     The envelope is exactly: ``0x92``, the body as bin with the shortest header
     (``c4 LL`` / ``c5 LLLL`` / ``c6 LLLLLLLL``), then ``c4 40`` and the 64-byte signature.
@@ -177,22 +262,7 @@ def decode_envelope(
     n = len(data)
     if n < 70 or data[0] != 0x92:
         raise EncodingError("an envelope is a msgpack array [body, signature]", "bad_envelope")
-    tag = data[1]
-    if tag == 0xC4:
-        blen, start = data[2], 3
-    elif tag == 0xC5:
-        blen, start = int.from_bytes(data[2:4], "big"), 4
-        if blen < 0x100:
-            raise EncodingError("envelope body length is not in its shortest form")
-    elif tag == 0xC6:
-        blen, start = int.from_bytes(data[2:6], "big"), 6
-        if blen < 0x10000:
-            raise EncodingError("envelope body length is not in its shortest form")
-    else:
-        raise EncodingError("envelope body must be msgpack bin", "bad_envelope")
-    if blen > limits.max_bytes:
-        raise EncodingError(f"body of {blen} bytes is over the limit of {limits.max_bytes}",
-                            "too_large")
+    start, blen = _bin_at(data, 1, "body", limits.max_bytes)
     end = start + blen
     if n != end + 66 or data[end] != 0xC4 or data[end + 1] != 64:
         raise EncodingError(
@@ -202,8 +272,42 @@ def decode_envelope(
     return data[start:end], data[end + 2 :]
 
 
+def decode_record(
+    data: bytes, limits: encoding.Limits = encoding.DEFAULT_LIMITS
+) -> tuple[bytes, bytes, bytes | None]:
+    """Split canonical record envelope bytes into ``(body, sig, payload or None)``.
+
+    The envelope is exactly: ``0x93``; the body as bin with the shortest header
+    (``c4 LL`` / ``c5 LLLL`` / ``c6 LLLLLLLL``); ``c4 40`` and the 64-byte signature;
+    then the payload as bin (shortest header) or ``c0`` (nil: a tombstone), and nothing
+    after it. Raises :class:`EncodingError` for anything else, or a body or payload over
+    ``limits.max_bytes`` (decided from its header alone).
+    """
+    n = len(data)
+    if n < 70 or data[0] != 0x93:
+        raise EncodingError("a record envelope is a msgpack array [body, signature, payload]",
+                            "bad_envelope")
+    start, blen = _bin_at(data, 1, "body", limits.max_bytes)
+    end = start + blen
+    if n < end + 67 or data[end] != 0xC4 or data[end + 1] != 64:
+        raise EncodingError("the body must be followed by the 64-byte signature as bin, "
+                            "then the payload", "bad_envelope")
+    sig = data[end + 2:end + 66]
+    p = end + 66
+    if data[p] == 0xC0:
+        if n != p + 1:
+            raise EncodingError("nothing may follow the envelope's payload", "bad_envelope")
+        return data[start:end], sig, None
+    pstart, plen = _bin_at(data, p, "payload", limits.max_bytes)
+    if n != pstart + plen:
+        raise EncodingError("the envelope's payload length does not match (nothing may "
+                            "follow it)", "bad_envelope")
+    return data[start:end], sig, data[pstart:]
+
+
 def split_envelope(env: Any) -> tuple[bytes, bytes]:
-    """Check an already-decoded envelope value and return ``(body, sig)``."""
+    """Check an already-decoded two-element signed envelope value and return
+    ``(body, sig)``."""
     if type(env) is not list or len(env) != 2:
         raise EncodingError("an envelope is an array [body, signature]", "bad_envelope")
     body, sig = env
@@ -232,7 +336,7 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
             "unknown_version",
         )
     keys = fields.keys()
-    sealed = "sealed" in fields
+    sealed = "sealed_digest" in fields
     required, allowed = (_SEALED_REQUIRED, _SEALED_ALLOWED) if sealed else (_REQUIRED, _ALLOWED)
     if not keys >= required:
         missing = ", ".join(sorted(required - keys))
@@ -240,13 +344,13 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
     if not keys <= allowed:
         extra = keys - allowed
         if sealed and extra <= _ALLOWED:
-            raise _fail("a sealed record carries no type, data, subject or dataschema "
-                        f"in clear (found {', '.join(sorted(extra))})")
+            raise _fail("a sealed record carries no type, data_digest, subject or "
+                        f"dataschema in clear (found {', '.join(sorted(extra))})")
         raise _fail(f"body has unknown field(s): {', '.join(sorted(extra))}", "unknown_field")
     origin = fields["origin"]
     if type(origin) is not bytes or len(origin) != 32:
         raise _fail("origin must be a 32-byte public key")
-    check_feed_name(fields["feed"])
+    feed = check_feed_name(fields["feed"])
     seq = fields["seq"]
     if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
         raise _fail(f"seq must be an integer from 1, not {seq!r}")
@@ -261,13 +365,19 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
     t = fields["time"]
     if type(t) is not int or t < 0:
         raise _fail("time must be a non-negative integer (milliseconds since the epoch)")
+    digest = fields["sealed_digest" if sealed else "data_digest"]
+    if type(digest) is not bytes or len(digest) != 32:
+        raise _fail("the payload digest must be 32 bytes (SHA-256)")
     if sealed:
-        check_sealed_shape(fields["sealed"], origin=origin)
+        if feed == ERASURE_FEED:
+            raise _fail(f"feed {ERASURE_FEED} holds erasure requests, never sealed",
+                        "bad_erasure")
         return fields
     if type(fields["type"]) is not str or not fields["type"]:
         raise _fail("type must be a non-empty string")
-    if type(fields["data"]) is not dict:
-        raise _fail("data (the payload) must be a map")
+    if (feed == ERASURE_FEED) != (fields["type"] == ERASURE_TYPE):
+        raise _fail(f"type {ERASURE_TYPE} is published in feed {ERASURE_FEED} only, and "
+                    "that feed holds nothing else", "bad_erasure")
     for opt in ("subject", "dataschema"):
         if opt in fields and (type(fields[opt]) is not str or not 0 < len(fields[opt]) <= 512):
             raise _fail(f"{opt} must be a string of 1 to 512 characters")
@@ -283,11 +393,36 @@ def _check_time(t: int, now_ms: int, policy: RecordPolicy) -> None:
         )
 
 
-def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any]) -> Record:
-    """A Record from a body's decoded fields (no checks: callers verified them)."""
-    if "sealed" in f:
+def check_payload(f: dict[str, Any], payload: bytes, policy: RecordPolicy = DEFAULT_POLICY
+                  ) -> Any:
+    """Check ``payload`` against a parsed body ``f`` and return its decoded value: the
+    digest first (``payload_mismatch``), then strict canonical decoding, then the sealed
+    shape (``bad_sealed``), or the payload against ``type`` (when ``policy.check_payload``).
+    Raises :class:`InvalidRecord`."""
+    sealed = "sealed_digest" in f
+    if hashlib.sha256(payload).digest() != f["sealed_digest" if sealed else "data_digest"]:
+        raise InvalidRecord("the payload does not match the digest the record's body "
+                            "carries: it is not the payload that was signed",
+                            "payload_mismatch")
+    value = encoding.decode(payload, policy.body_limits)
+    if sealed:
+        check_sealed_shape(value, origin=f["origin"])
+        return value
+    if type(value) is not dict:
+        raise _fail("data (the payload) must be a map")
+    if policy.check_payload or f["type"] == ERASURE_TYPE:
+        validate_payload(f["type"], value)
+    return value
+
+
+def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
+                       payload: bytes | None = None, value: Any = None) -> Record:
+    """A Record from a body's decoded fields and its payload (bytes and decoded value,
+    or None and None for a tombstone). No checks: callers verified them."""
+    if "sealed_digest" in f:
         return Record(rid, body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
-                      f["time"], SEALED_TYPE, {}, None, None, f["sealed"])
+                      f["time"], SEALED_TYPE, {}, None, None, value, payload,
+                      f["sealed_digest"])
     return Record(
         rid,
         body,
@@ -298,15 +433,19 @@ def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any]) -
         f.get("prev"),
         f["time"],
         f["type"],
-        f["data"],
+        value if value is not None else {},
         f.get("subject"),
         f.get("dataschema"),
+        None,
+        payload,
+        f["data_digest"],
     )
 
 
 def open_record(
     body: bytes,
     sig: bytes,
+    payload: bytes | None,
     *,
     now_ms: int,
     verifier: Verifier,
@@ -317,12 +456,14 @@ def open_record(
     """Verify a record completely and return it.
 
     Checks, in order: strict canonical decoding within limits, body fields, time not
-    too far in the future of ``now_ms``, the payload against its type, and the
-    signature over ``DOMAIN_RECORD || body`` by ``origin``. ``rid`` may be passed if
-    the caller already hashed the body. Raises :class:`InvalidRecord` (or a subclass)
-    with a specific ``reason``; nothing else.
-    ``accept``, when given, is the trust policy: a record whose origin it refuses fails
-    with reason ``untrusted_origin`` before its signature is checked.
+    too far in the future of ``now_ms``, the payload (if present) against the body's
+    digest and then its type, and the signature over ``DOMAIN_RECORD || body`` by
+    ``origin``. ``payload`` None is a tombstone: valid on its own here; whether a node
+    takes it (an erasure or retention behind it) is a separate decision
+    (core/erasure.py). ``rid`` may be passed if the caller already hashed the body.
+    Raises :class:`InvalidRecord` (or a subclass) with a specific ``reason``; nothing
+    else. ``accept``, when given, is the trust policy: a record whose origin it refuses
+    fails with reason ``untrusted_origin`` before its signature is checked.
     """
     if type(sig) is not bytes or len(sig) != 64:
         raise EncodingError("signature must be 64 bytes", "bad_envelope")
@@ -331,32 +472,32 @@ def open_record(
         # Before any signature work: a stranger's flood costs a decode, not a verify.
         raise InvalidRecord("origin is not trusted by this node's policy", "untrusted_origin")
     _check_time(f["time"], now_ms, policy)
-    if policy.check_payload and "sealed" not in f:
-        validate_payload(f["type"], f["data"])
+    value = check_payload(f, payload, policy) if payload is not None else None
     verifier.verify(f["origin"], DOMAIN_RECORD, body, sig)
-    return record_from_fields(rid if rid is not None else record_id(body), body, sig, f)
+    return record_from_fields(rid if rid is not None else record_id(body), body, sig, f,
+                              payload, value)
 
 
 def open_records(
-    items: Iterable[tuple[bytes, bytes, bytes | None]],
+    items: Iterable[tuple[bytes, bytes, bytes | None, bytes | None]],
     *,
     now_ms: int,
     verifier: Verifier,
     policy: RecordPolicy = DEFAULT_POLICY,
     accept: Callable[[bytes], bool] | None = None,
 ) -> list[Record | InvalidRecord]:
-    """:func:`open_record` for a batch of ``(body, sig, rid or None)``: the same checks
-    and verdicts, one result per item in order -- the :class:`Record`, or the
-    :class:`InvalidRecord` it failed with. Never raises :class:`InvalidRecord`.
+    """:func:`open_record` for a batch of ``(body, sig, payload or None, rid or None)``:
+    the same checks and verdicts, one result per item in order -- the :class:`Record`,
+    or the :class:`InvalidRecord` it failed with. Never raises :class:`InvalidRecord`.
 
     All decoding and field checks run first, then the signatures in one tight loop:
     interleaving Python work with each verification measurably slows libsodium
     (its tables and code fall out of the CPU caches), by about a sixth per record.
     """
     out: list[Any] = []  # None until the item's signature is checked
-    checked: list[tuple[int, bytes, bytes, bytes | None, dict[str, Any]]] = []
-    check_payload = policy.check_payload
-    for body, sig, rid in items:
+    checked: list[tuple[int, bytes, bytes, bytes | None, dict[str, Any], bytes | None,
+                        Any]] = []
+    for body, sig, payload, rid in items:
         try:
             if type(sig) is not bytes or len(sig) != 64:
                 raise EncodingError("signature must be 64 bytes", "bad_envelope")
@@ -365,12 +506,11 @@ def open_records(
                 raise InvalidRecord("origin is not trusted by this node's policy",
                                     "untrusted_origin")
             _check_time(f["time"], now_ms, policy)
-            if check_payload and "sealed" not in f:
-                validate_payload(f["type"], f["data"])
+            value = check_payload(f, payload, policy) if payload is not None else None
         except InvalidRecord as exc:
             out.append(exc)
             continue
-        checked.append((len(out), body, sig, rid, f))
+        checked.append((len(out), body, sig, rid, f, payload, value))
         out.append(None)
     verify = verifier.verify
     good = []
@@ -381,9 +521,15 @@ def open_records(
             out[item[0]] = exc
             continue
         good.append(item)
-    for i, body, sig, rid, f in good:
-        out[i] = record_from_fields(rid if rid is not None else record_id(body), body, sig, f)
+    for i, body, sig, rid, f, payload, value in good:
+        out[i] = record_from_fields(rid if rid is not None else record_id(body), body, sig, f,
+                                    payload, value)
     return out
+
+
+def make_payload(value: dict[str, Any]) -> bytes:
+    """The payload bytes of ``data`` (or of a ``sealed`` map): its canonical msgpack."""
+    return encoding.encode(value)
 
 
 def make_body(
@@ -398,10 +544,11 @@ def make_body(
     subject: str | None = None,
     dataschema: str | None = None,
     sealed: dict[str, Any] | None = None,
-) -> bytes:
-    """Encode a record body canonically (no signing): a plain one (``type`` + ``data``)
-    or a sealed one (``sealed`` only). Raises :class:`InvalidRecord` if a field or the
-    payload is invalid, so nothing invalid is ever signed."""
+) -> tuple[bytes, bytes]:
+    """Encode a record body canonically and its payload (no signing): a plain one
+    (``type`` + ``data``) or a sealed one (``sealed`` only). Returns ``(body, payload)``.
+    Raises :class:`InvalidRecord` if a field or the payload is invalid, so nothing
+    invalid is ever signed."""
     fields: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "origin": origin,
@@ -412,12 +559,14 @@ def make_body(
     if sealed is not None:
         if type is not None or data is not None or subject is not None or dataschema:
             raise InvalidRecord("a sealed body carries its type and data inside the seal")
-        fields["sealed"] = sealed
+        payload = make_payload(sealed)
+        fields["sealed_digest"] = payload_digest(payload)
     else:
         if type is None or data is None:
             raise InvalidRecord("a record needs a type and data", "missing_field")
+        payload = make_payload(data)
         fields["type"] = type
-        fields["data"] = data
+        fields["data_digest"] = payload_digest(payload)
         if subject is not None:
             fields["subject"] = subject
         if dataschema is not None:
@@ -425,11 +574,9 @@ def make_body(
     if prev is not None:
         fields["prev"] = prev
     body = encoding.encode(fields)
-    parse_body(body)  # same checks a receiver makes: never sign what others reject
-    if sealed is None:
-        assert type is not None
-        validate_payload(type, data)
-    return body
+    # the same checks a receiver makes: never sign what others reject
+    check_payload(parse_body(body), payload)
+    return body, payload
 
 
 def sign_record(
@@ -455,10 +602,10 @@ def sign_record(
         blob = seal_payload(origin_key=key.public_key, feed=feed, seq=seq, type=type,
                             data=data, subject=subject, dataschema=dataschema,
                             recipients=readers)
-        body = make_body(origin=key.public_key, feed=feed, seq=seq, prev=prev,
-                         time_ms=time_ms, sealed=blob)
+        body, payload = make_body(origin=key.public_key, feed=feed, seq=seq, prev=prev,
+                                  time_ms=time_ms, sealed=blob)
     else:
-        body = make_body(
+        body, payload = make_body(
             origin=key.public_key,
             feed=feed,
             seq=seq,
@@ -471,4 +618,5 @@ def sign_record(
         )
     sig = key.sign(DOMAIN_RECORD, body)
     f = encoding.decode(body)
-    return record_from_fields(record_id(body), body, sig, f)
+    return record_from_fields(record_id(body), body, sig, f, payload,
+                              encoding.decode(payload))

@@ -11,6 +11,7 @@ nothing else; ``PayloadError.reason`` is one of:
 ``bad_value``      an attribute has the wrong type, shape or range
 ``bad_unit``       a normalized measurement names a unit code not accepted for it
 ``bad_key``        an extra attribute name is not a string of 1 to 64 characters
+``bad_erasure``    a ``citynode.Erasure`` payload is not exactly as specified
 
 Built-in types are the key-values form of FIWARE Smart Data Models
 (AirQualityObserved, TrafficFlowObserved, WeatherObserved, WaterQualityObserved,
@@ -86,9 +87,13 @@ from citynode.errors import PayloadError
 __all__ = [
     "BUILTIN_TYPES",
     "CUSTOM_TYPE_PATTERN",
+    "ERASURE_FEED",
+    "ERASURE_TYPE",
+    "MAX_ERASURE_ENTRIES",
     "describe_types",
     "is_custom_type",
     "point_of",
+    "validate_erasure",
     "validate_payload",
 ]
 
@@ -1079,6 +1084,60 @@ def _unknown_type(type_name: Any) -> PayloadError:
     )
 
 
+#: The payload type of an erasure request (docs/PROTOCOL.md, "Payloads, retention and
+#: erasure"): reserved, neither CamelCase-only like the built-ins nor a custom name.
+ERASURE_TYPE = "citynode.Erasure"
+#: The feed in which a node publishes its erasure requests, and nothing else.
+ERASURE_FEED = "citynode.erasures"
+MAX_ERASURE_ENTRIES = 1000
+_MAX_ERASURE_REASON = 1000
+_ERASURE_KEYS = frozenset({"erase", "reason"})
+_ENTRY_KEYS = frozenset({"feed", "id", "seq"})
+_FEED_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
+
+
+def _bad_erasure(detail: str) -> PayloadError:
+    return PayloadError(f"{ERASURE_TYPE} payload: {detail}", "bad_erasure")
+
+
+def validate_erasure(data: Any) -> list[tuple[str, int, bytes]]:
+    """Check an erasure request's payload and return its entries ``(feed, seq, id)``.
+
+    The payload is exactly ``{"erase": [{"feed", "seq", "id"}, ...], "reason": str}``:
+    1 to :data:`MAX_ERASURE_ENTRIES` entries, each a feed name of the signer's (never
+    :data:`ERASURE_FEED`: an erasure request is never erased), a seq from 1 to 2^63-1
+    and a 32-byte record id, no position twice; a reason of 1 to 1000 characters.
+    Raises :class:`PayloadError` with reason ``bad_erasure``; nothing else.
+    """
+    if type(data) is not dict or data.keys() != _ERASURE_KEYS:
+        raise _bad_erasure("a map of exactly erase and reason")
+    reason = data["reason"]
+    if type(reason) is not str or not 0 < len(reason) <= _MAX_ERASURE_REASON:
+        raise _bad_erasure(f"reason must be a string of 1 to {_MAX_ERASURE_REASON} characters")
+    entries = data["erase"]
+    if type(entries) is not list or not 0 < len(entries) <= MAX_ERASURE_ENTRIES:
+        raise _bad_erasure(f"erase must be a list of 1 to {MAX_ERASURE_ENTRIES} entries")
+    out: list[tuple[str, int, bytes]] = []
+    seen: set[tuple[str, int]] = set()
+    for n, e in enumerate(entries):
+        if type(e) is not dict or e.keys() != _ENTRY_KEYS:
+            raise _bad_erasure(f"erase[{n}] must be a map of exactly feed, seq and id")
+        feed, seq, rid = e["feed"], e["seq"], e["id"]
+        if type(feed) is not str or not _FEED_NAME_RE.fullmatch(feed):
+            raise _bad_erasure(f"erase[{n}].feed is not a feed name")
+        if feed == ERASURE_FEED:
+            raise _bad_erasure(f"erase[{n}] names an erasure request: those are never erased")
+        if type(seq) is not int or not 1 <= seq <= 2**63 - 1:
+            raise _bad_erasure(f"erase[{n}].seq must be an integer from 1 to 2^63-1")
+        if type(rid) is not bytes or len(rid) != 32:
+            raise _bad_erasure(f"erase[{n}].id must be 32 bytes (a record id)")
+        if (feed, seq) in seen:
+            raise _bad_erasure(f"erase[{n}] names {feed} seq {seq} a second time")
+        seen.add((feed, seq))
+        out.append((feed, seq, rid))
+    return out
+
+
 def validate_payload(type_name: str, data: Any) -> None:
     """Check that ``data`` is a valid payload of type ``type_name``.
 
@@ -1090,6 +1149,9 @@ def validate_payload(type_name: str, data: Any) -> None:
     """
     spec = _SPECS.get(type_name) if type(type_name) is str else None
     if spec is None:
+        if type_name == ERASURE_TYPE:
+            validate_erasure(data)
+            return
         if not is_custom_type(type_name):
             raise _unknown_type(type_name)
         if type(data) is not dict:

@@ -48,6 +48,7 @@ from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
 from citynode.node.reads import Reads
+from citynode.node.retention import Retention
 from citynode.node.streams import Streams, Subscriber
 from citynode.storage import PartnerRow, Storage
 
@@ -114,6 +115,9 @@ class Node:
                                publish=self.publish, storage=storage, metrics=self.metrics,
                                own_seq=lambda feed: self.seq((self.public_key, feed)),
                                now_ms=self.now_ms)
+        self.retention = Retention(config=config, public_key=self.public_key,
+                                   policy=self.policy, replica=self.replica, storage=storage,
+                                   now_ms=self.now_ms)
         self._wire()
 
     def _partner_name(self, key: bytes) -> str:
@@ -134,6 +138,7 @@ class Node:
         self.ingest_role.execute = g.execute
         self.ingest_role.on_commit = g.committed
         self.ingest_role.on_new_feed = g.cards_stale
+        self.ingest_role.retention_of = self.retention.retention_of
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
         g.on_wake = self._committed
@@ -201,6 +206,7 @@ class Node:
             self.spawn(self.gossip.run(), "replica-timer")
             self.spawn(self.checkpoints.run(), "checkpoints")
             self.bridges.start(self.spawn)  # [[bridges.*]]: a task each
+            self.spawn(self.retention.run(), "prune")
             # Signed (and kept) now, not first when served: an export of our own feeds
             # carries it, and tells the feeds' access levels from it.
             self.policy.card()
@@ -250,6 +256,14 @@ class Node:
                       subjects: Sequence[str | None] | None = None) -> list[Record]:
         """See :meth:`Publisher.publish`."""
         return await self.publisher.publish(feed, type_name, items, subjects=subjects)
+
+    async def erase(self, ids: Sequence[bytes], reason: str) -> Record:
+        """See :meth:`Publisher.erase`."""
+        return await self.publisher.erase(ids, reason)
+
+    async def prune(self, now_ms: int | None = None) -> int:
+        """See :meth:`Retention.prune` (the prune task runs it hourly)."""
+        return await self.retention.prune(now_ms)
 
     def feed_access(self, feed: str) -> str:
         return self.policy.feed_access(feed)

@@ -28,10 +28,9 @@ from citynode.core.chain import ForkProof
 from citynode.core.keys import node_id
 from citynode.core.records import (
     Record,
-    decode_envelope,
+    decode_record,
     parse_body,
-    record_from_fields,
-    record_id,
+    stored_record,
 )
 from citynode.errors import AccessDenied, CitynodeError, InvalidProof, PeerError, PeerRejected
 from citynode.logs import fields
@@ -429,7 +428,7 @@ class Gossip:
         checked again against the two records it carries."""
         try:
             a = ForkProof.decode(proof).a
-            f = parse_body(decode_envelope(a)[0])
+            f = parse_body(decode_record(a)[0])
         except (InvalidProof, CitynodeError):
             return True  # a split view: the feed's rule, already applied
         return self.policy.may_pass(link.key, f["origin"], f["feed"], proof)
@@ -484,5 +483,4 @@ class Gossip:
 
 def _stored_record(env: bytes) -> Record:
     """A record read back from our database (verified when it was stored)."""
-    body, sig = decode_envelope(env)
-    return record_from_fields(record_id(body), body, sig, parse_body(body))
+    return stored_record(env)

@@ -30,12 +30,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from citynode.core import erasure
 from citynode.core import replica as rp
 from citynode.core.keys import Verifier
 from citynode.core.records import (
     Record,
     RecordPolicy,
-    decode_envelope,
+    decode_record,
     open_records,
     parse_body,
     record_id,
@@ -57,8 +58,8 @@ INLINE_VERIFY_MAX = 4
 #: Ids of records held ahead of a gap that ingest remembers, at most (beyond, it
 #: forgets them all: their copies are then verified, as they were before).
 AHEAD_IDS_MAX = 100_000
-#: ``(index in the batch, record id, body, signature)``
-_Item = tuple[int, bytes, bytes, bytes]
+#: ``(index in the batch, record id, body, signature, payload or None)``
+_Item = tuple[int, bytes, bytes, bytes, bytes | None]
 #: Items verified together with other ingests': ``(items, now_ms, accept, result)``
 _Together = tuple[list[_Item], int, Callable[[bytes], bool],
                   "asyncio.Future[list[tuple[int, Record | InvalidRecord]]]"]
@@ -116,6 +117,8 @@ class Ingest:
         self.execute: Execute = _nothing
         #: A partner sent a record of a feed its origin's card (as held) does not list.
         self.on_new_feed: Callable[[PartnerLink], None] = lambda link: None
+        #: The retention (days) ``origin`` declares for ``feed``, or None (the node's).
+        self.retention_of: Callable[[bytes, str], int | None] = lambda origin, feed: None
         # Record ids being checked by an ingest now, with the future of its verdict.
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._ingesting = 0  # ingests under way
@@ -139,7 +142,7 @@ class Ingest:
         self.metrics.received.labels(via).inc(len(envelopes))
         for i, env in enumerate(envelopes):
             try:
-                body, sig = decode_envelope(env, self.record_policy.body_limits)
+                body, sig, payload = decode_record(env, self.record_policy.body_limits)
             except InvalidRecord as exc:
                 self._reject(res, i, exc, source)
                 continue
@@ -150,9 +153,9 @@ class Ingest:
             seen.add(rid)
             other = self._checking.get(rid)
             if other is not None:
-                waits.append(((i, rid, body, sig), other))
+                waits.append(((i, rid, body, sig, payload), other))
             else:
-                todo.append((i, rid, body, sig))
+                todo.append((i, rid, body, sig, payload))
         mine = self._claim(todo)
         self._ingesting += 1
         try:
@@ -274,7 +277,15 @@ class Ingest:
         is queued before any await) and return once it is committed."""
         recs: list[Record] = []
         index: list[int] = []
+        erased = await self._erased(verified)
         for i, item in verified:
+            if not isinstance(item, InvalidRecord) and item.payload is None:
+                try:
+                    erasure.tombstone_verdict(item, erased=erased, now_ms=now,
+                                              retention_days=self.retention_of(
+                                                  item.origin, item.feed))
+                except InvalidRecord as exc:
+                    item = exc
             if isinstance(item, InvalidRecord):
                 self._reject(res, i, item, source)
                 continue
@@ -307,6 +318,30 @@ class Ingest:
         self.metrics.duplicates.labels(via).inc(res.duplicates)
         return res
 
+    async def _erased(self, verified: list[tuple[int, Record | InvalidRecord]]
+                      ) -> dict[bytes, bytes]:
+        """For the tombstones among ``verified``: record id -> the erasure request of its
+        origin that names it, arriving in this batch or held (one lookup in a worker
+        thread, only when a batch holds tombstones)."""
+        recs = [r for _i, r in verified if isinstance(r, Record)]
+        tombs = [r for r in recs if r.payload is None]
+        if not tombs:
+            return {}
+        found = erasure.named_by(erasure.erasures_in(recs), tombs)
+        ask = [(r.id, r.origin, r.feed, r.seq) for r in tombs if r.id not in found]
+        if ask:
+            found.update(await in_thread(self.storage.erased_by, ask))
+        return found
+
+    def count_erasure_mismatches(self, mismatched: Sequence[tuple[bytes, str, int]],
+                                 source: PartnerLink | None) -> None:
+        """Erasure entries that named a position held under another id (ignored, that
+        entry only): counted as ``erasure_mismatch``."""
+        for by, feed, seq in mismatched:
+            self.count_invalid(source, "erasure_mismatch",
+                               f"erasure request {by.hex()} names {feed} seq {seq}, held "
+                               "under another id: that entry is ignored")
+
     def _verify_jobs(self, jobs: list[_Together]
                      ) -> list[list[tuple[int, Record | InvalidRecord]]]:
         """In a worker thread: :meth:`_verify` each job's items."""
@@ -325,7 +360,8 @@ class Ingest:
     def _verify(self, items: list[_Item], now: int, accept: Callable[[bytes], bool]
                 ) -> list[tuple[int, Record | InvalidRecord]]:
         """Open (decode, check, verify) each item: ``(index, Record or InvalidRecord)``."""
-        results = open_records(((body, sig, rid) for _, rid, body, sig in items), now_ms=now,
+        results = open_records(((body, sig, payload, rid)
+                                for _, rid, body, sig, payload in items), now_ms=now,
                                verifier=self.verifier, policy=self.record_policy,
                                accept=accept)
         return [(t[0], r) for t, r in zip(items, results, strict=True)]
@@ -372,7 +408,7 @@ class Ingest:
     async def _commit_now(self, recs: list[Record], durable: bool,
                           source: PartnerLink | None, fut: Future[Any]) -> None:
         try:
-            await asyncio.wrap_future(fut)
+            mismatched = await asyncio.wrap_future(fut)
         except CitynodeError:
             # The write failed (a full disk; or a bug the writer refused). The replica's
             # heads of these chains are ahead of the database: take them back to what
@@ -383,6 +419,8 @@ class Ingest:
             raise
         self.metrics.stored.labels("own" if durable else "replica").inc(len(recs))
         self.metrics.feeds.set(len(self.replica.heads))
+        if mismatched:
+            self.count_erasure_mismatches(mismatched, source)
         self.on_commit(recs, source)
 
     # ------------------------------------------------------------------ refusals

@@ -16,7 +16,7 @@ from citynode.config import Config
 from citynode.core import access, cards, sync
 from citynode.core.chain import ForkProof
 from citynode.core.keys import SigningKey, Verifier, node_id, parse_node_id
-from citynode.core.records import Record, decode_envelope, parse_body
+from citynode.core.records import Record, sealed_of
 from citynode.core.replica import Replica
 from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
 from citynode.identity import Identity
@@ -78,7 +78,7 @@ class Policy:
                 name=self.config.node.name,
                 url=self.config.node.public_url,
                 tls_fingerprint=self.identity.cert_fingerprint if self.config.tls.enabled else None,
-                feeds=[(f, self.feed_access(f)) for f in feeds],
+                feeds=[(f, self.feed_access(f), getattr(self.config.feeds.get(f), "retention_days", None)) for f in feeds],  # noqa: E501
                 partners=sorted(self.partners()),
                 software=f"citynode/{__version__}",
                 now_ms=self.now_ms(),
@@ -341,11 +341,10 @@ def readers_of(envelope: bytes) -> frozenset[bytes] | None:
     """The recipients a record is sealed to; None if it is not sealed (its payload is in
     clear), or cannot be read (it was verified when stored: not expected)."""
     try:
-        body, _sig = decode_envelope(envelope)
-        sealed = parse_body(body).get("sealed")
+        sealed = sealed_of(envelope)
     except InvalidRecord:
         return None
-    return sealed_to(sealed)
+    return frozenset() if sealed == {} else sealed_to(sealed)
 
 
 def sealed_to(sealed: object) -> frozenset[bytes] | None:

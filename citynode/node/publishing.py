@@ -19,7 +19,14 @@ from citynode.core import access, egress
 from citynode.core import replica as rp
 from citynode.core.chain import FeedHead
 from citynode.core.keys import SigningKey, Verifier, parse_node_id
-from citynode.core.records import Record, RecordPolicy, check_feed_name, sign_record
+from citynode.core.records import (
+    Record,
+    RecordPolicy,
+    check_feed_name,
+    sign_record,
+    stored_record,
+)
+from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, MAX_ERASURE_ENTRIES
 from citynode.errors import InvalidRecord, PayloadError, PublishRefused
 from citynode.logs import fields
 from citynode.metrics import Metrics
@@ -72,8 +79,11 @@ class Publisher:
             head = FeedHead(seq - 1, prev) if prev is not None else None
             now = self.ingest.now_ms()
             fc = self.config.feeds.get(feed)
+            # Erasure requests are never sealed: every node holding what they name must
+            # read them.
             readers = ([parse_node_id(r) for r in fc.readers]
-                       if fc is not None and fc.access == access.RESTRICTED else None)
+                       if fc is not None and fc.access == access.RESTRICTED
+                       and feed != ERASURE_FEED else None)
             recs = await in_thread(self._sign_batch, feed, type_name, items, subjects, head,
                                    now, readers)
             # The replica refuses (PublishRefused) if own-feed safety changed meanwhile.
@@ -102,15 +112,19 @@ class Publisher:
             seq += 1
             try:
                 # What may leave the city, applied before anything is signed.
-                leaving = data if rules.is_open else egress.apply(rules, type_name, data).data
+                # What may leave the city (an erasure request says only what to drop).
+                leaving = (data if rules.is_open or type_name == ERASURE_TYPE
+                           else egress.apply(rules, type_name, data).data)
                 r = sign_record(self.key, feed=feed, seq=seq, prev=prev, time_ms=now,
                                 type=type_name, data=leaving, readers=readers,
                                 subject=subjects[n] if subjects else None)
-                if len(r.body) > limit:
-                    # The limit every node applies on ingest: a body our own decoder (and
-                    # every partner's) refuses is never signed and kept.
+                size = max(len(r.body), len(r.payload or b""))
+                if size > limit:
+                    # The limit every node applies on ingest (to the body and to the
+                    # payload): what our own decoder (and every partner's) refuses is
+                    # never signed and kept.
                     raise PayloadError(
-                        f"record body is {len(r.body)} bytes, over this node's "
+                        f"record payload is {size} bytes, over this node's "
                         f"[limits] max_body_bytes = {limit}", "too_large")
             except InvalidRecord as exc:
                 if len(items) == 1:
@@ -120,6 +134,36 @@ class Publisher:
             prev = r.id
             out.append(r)
         return out
+
+    async def erase(self, ids: Sequence[bytes], reason: str) -> Record:
+        """Publish an erasure request for records of ours (``ids``): every node holding
+        them drops their payloads and keeps their signed skeletons.
+
+        Raises :class:`PublishRefused` if a record is not held here or is not ours (only
+        its origin can erase a record), :class:`PayloadError` (``bad_erasure``) for an
+        erasure request (never erased), too many ids, or a reason that is not 1 to 1000
+        characters; as :meth:`publish` otherwise.
+        """
+        if not 0 < len(ids) <= MAX_ERASURE_ENTRIES:
+            raise PayloadError(f"name 1 to {MAX_ERASURE_ENTRIES} records to erase",
+                               "bad_erasure")
+        entries = []
+        for rid in dict.fromkeys(ids):
+            env = await in_thread(self.ingest.storage.get_envelope, rid)
+            if env is None:
+                raise PublishRefused(f"record {rid.hex()} is not held here: check its id")
+            rec = stored_record(env)
+            if rec.origin != self.public_key:
+                raise PublishRefused(
+                    f"record {rid.hex()} was published by another node: only its origin "
+                    "can erase it (ask that city's operators)")
+            if rec.feed == ERASURE_FEED:
+                raise PayloadError("an erasure request is never erased", "bad_erasure")
+            entries.append({"feed": rec.feed, "seq": rec.seq, "id": rec.id})
+        [rec] = await self.publish(ERASURE_FEED, ERASURE_TYPE,
+                                   [{"erase": entries, "reason": reason}])
+        log.info("erasure requested", extra=fields(records=len(entries), id=rec.id.hex()))
+        return rec
 
     # ------------------------------------------------------------------ own-feed safety
 

@@ -30,6 +30,10 @@ class Reads:
         """The envelope of a record held, by id (no access check: see Policy)."""
         return await in_thread(self.storage.get_envelope, rid)
 
+    async def erasure_of(self, rid: bytes) -> tuple[bytes, str] | None:
+        """``(erasure request id, reason)`` if record ``rid``'s payload was erased."""
+        return await in_thread(self.storage.erasure_of, rid)
+
     async def query(self, where: RecordFilter = ALL_RECORDS, *, limit: int,
                     after_rowid: int = 0,
                     only_feeds: list[tuple[bytes, str]] | None = None) -> list[StoredRow]:

@@ -1,4 +1,4 @@
-"""The operator's API (bearer token): publish, partners, sync, status, metrics."""
+"""The operator's API (bearer token): publish, erase, partners, sync, status, metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from citynode.transport.web import (
 
 __all__ = [
     "admin_bridges",
+    "admin_erase",
     "admin_partner_delete",
     "admin_partners",
     "admin_status",
@@ -60,6 +61,27 @@ async def publish(request: web.Request) -> web.Response:
         {"ids": [r.id.hex() for r in recs], "first_seq": recs[0].seq, "last_seq": recs[-1].seq,
          "access": node.feed_access(feed)}
     )
+
+
+async def admin_erase(request: web.Request) -> web.Response:
+    """``POST {"ids": [record id hex, ...], "reason": text}``: publish an erasure request
+    for records of this node; answers the request's ``id``, ``seq`` and the ``erased``
+    ids."""
+    require_operator(request)
+    body = await read_body(request)
+    try:
+        req = json.loads(body)
+        ids = [bytes.fromhex(str(i)) for i in req["ids"]]
+        reason = req["reason"]
+    except (ValueError, KeyError, TypeError):
+        raise web.HTTPBadRequest(
+            text='send {"ids": ["<record id, 64 hex digits>", ...], "reason": "..."}'
+        ) from None
+    if any(len(i) != 32 for i in ids) or not isinstance(reason, str):
+        raise web.HTTPBadRequest(text="a record id is 64 hex digits; reason is text")
+    rec = await request.app[NODE_KEY].erase(ids, reason)
+    return web.json_response({"id": rec.id.hex(), "seq": rec.seq,
+                              "erased": [i.hex() for i in dict.fromkeys(ids)]})
 
 
 async def admin_partners(request: web.Request) -> web.Response:

@@ -11,10 +11,10 @@ from citynode import __version__
 from citynode.core.checkpoints import encode_consistency, encode_inclusion
 from citynode.core.filters import FILTER_PARAMS
 from citynode.core.records import (
-    decode_envelope,
+    decode_record,
     parse_body,
 )
-from citynode.render import b64, stored_record_json
+from citynode.render import b64, row_json, stored_record_json
 from citynode.transport.web import (
     MSGPACK,
     NODE_KEY,
@@ -75,13 +75,15 @@ async def get_record(request: web.Request) -> web.Response:
     env = await node.reads.envelope(rid)
     if env is None:
         raise web.HTTPNotFound(text="no such record here")
-    body, _sig = decode_envelope(env)
+    body, _sig, _payload = decode_record(env)
     f = parse_body(body)
     if not read_check(request, caller)(f["origin"], f["feed"], env):
         # Same answer as a missing record: do not confirm that it exists.
         raise web.HTTPNotFound(text="no such record here")
     if wants_json(request):
-        return web.json_response(stored_record_json(env, key=decrypt_key(request)))
+        erased = await node.reads.erasure_of(rid) if env[-1] == 0xC0 else None
+        return web.json_response(stored_record_json(env, key=decrypt_key(request),
+                                                    erased=erased))
     return web.Response(body=env, content_type=MSGPACK)
 
 
@@ -97,7 +99,7 @@ async def _readable_feeds(request: web.Request, caller: bytes | None
 
 
 def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
-    return [stored_record_json(r.envelope, rowid=r.rowid, key=key) for r in rows]
+    return [row_json(r, key=key) for r in rows]
 
 
 @takes(*FILTER_PARAMS, "after", "limit")
@@ -180,7 +182,7 @@ async def inclusion_proof(request: web.Request) -> web.Response:
     env = await node.reads.envelope(rid)
     if env is None:
         raise web.HTTPNotFound(text="no such record here")
-    f = parse_body(decode_envelope(env)[0])
+    f = parse_body(decode_record(env)[0])
     if not read_check(request, caller)(f["origin"], f["feed"], env):
         raise web.HTTPNotFound(text="no such record here")
     size = int_arg(request, "size", None, 1)

@@ -14,7 +14,7 @@ from citynode.errors import (
     QueryTooSlow,
 )
 from citynode.node import Subscriber
-from citynode.render import b64, stored_record_json
+from citynode.render import b64, row_json
 from citynode.transport.web import (
     FILTERS,
     NODE_KEY,
@@ -36,7 +36,7 @@ __all__ = [
 def sse_event(row: Any, key: Any = None) -> str:
     """One Server-Sent Event for a stored row: ``id`` (its cursor), ``event: record`` and
     the JSON record as ``data`` (JSON has no raw newlines, so one data line)."""
-    data = json.dumps(stored_record_json(row.envelope, key=key))
+    data = json.dumps(row_json(row, key=key, cursor=False))
     # CRLF, as aiohttp-sse frames its keep-alive pings on the same stream.
     return f"id: {row.rowid}\r\nevent: record\r\ndata: {data}\r\n\r\n"
 

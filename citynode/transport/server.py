@@ -82,6 +82,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/feeds", api_public.list_feeds)
     r.add_get("/v1/stream", api_stream.stream)
     r.add_post("/v1/publish", api_operator.publish)
+    r.add_post("/v1/admin/erase", api_operator.admin_erase)
     r.add_get("/v1/admin/status", api_operator.admin_status)
     r.add_get("/v1/admin/bridges", api_operator.admin_bridges)
     r.add_post("/v1/admin/sync", api_operator.admin_sync)

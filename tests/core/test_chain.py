@@ -19,7 +19,7 @@ from citynode.core.chain import (
     verify_fork_proof,
 )
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
-from citynode.core.records import Record, decode_envelope, open_record, sign_record
+from citynode.core.records import Record, decode_record, encode_record, open_record, sign_record
 from citynode.errors import InvalidProof, InvalidRecord
 
 A = SigningKey(bytes([1]) * 32)
@@ -130,12 +130,19 @@ def proof(a: Record, b: Record) -> ForkProof:
     return ForkProof(a.envelope, b.envelope)
 
 
+def _tomb(r: Record) -> bytes:
+    return encode_record(r.body, r.sig, None)
+
+
 def test_fork_proof_encoding_is_exact() -> None:
-    p = proof(M[2], F[0])
-    a, b = M[2].envelope, F[0].envelope
-    assert len(a) < 256 and len(b) < 256
-    raw = (b"\x83\xa1a\xc4" + bytes([len(a)]) + a + b"\xa1b\xc4" + bytes([len(b)]) + b
-           + b"\xa4kind\xa4fork")
+    a, b = _tomb(M[2]), _tomb(F[0])
+    p = ForkProof(a, b)
+    assert 256 <= len(a) < 65536 and 256 <= len(b) < 65536  # bin16 headers
+
+    def bin16(x: bytes) -> bytes:
+        return b"\xc5" + len(x).to_bytes(2, "big") + x
+
+    raw = b"\x83\xa1a" + bin16(a) + b"\xa1b" + bin16(b) + b"\xa4kind\xa4fork"
     assert p.encode() == raw
     assert ForkProof.decode(raw) == p
 
@@ -212,7 +219,7 @@ def test_same_body_with_another_valid_signature_is_the_same_record() -> None:
     r = M[2]
     sig2 = _second_signature(A, DOMAIN_RECORD + r.body)
     assert sig2 != r.sig
-    twin = open_record(r.body, sig2, now_ms=T0, verifier=Verifier())
+    twin = open_record(r.body, sig2, r.payload, now_ms=T0, verifier=Verifier())
     assert twin.id == r.id
     assert classify(twin, FeedHead(3, r.id), r.id) == Decision(Verdict.DUPLICATE)
     with pytest.raises(InvalidProof):
@@ -221,9 +228,9 @@ def test_same_body_with_another_valid_signature_is_the_same_record() -> None:
 
 def test_unsigned_claims_are_not_proofs() -> None:
     """A record 'by A' signed by B is no evidence against A."""
-    body = M[2].body.replace(b"\xa1n\x03", b"\xa1n\x04")
+    body = M[2].body.replace(b"\xa5chain", b"\xa5chaim")
     assert body != M[2].body
-    forged = encoding.encode([body, B.sign(DOMAIN_RECORD, body)])
+    forged = encode_record(body, B.sign(DOMAIN_RECORD, body), None)
     with pytest.raises(InvalidProof):
         verify_fork_proof(ForkProof(M[2].envelope, forged), Verifier())
 
@@ -243,8 +250,12 @@ def test_proof_records_are_fully_verified() -> None:
     verify_fork_proof(proof(M[2], F[0]), v)
     assert v.count == 2
     # Records are checked against the policy too (e.g. payload types).
-    body, sig = decode_envelope(M[2].envelope)
-    assert open_record(body, sig, now_ms=T0, verifier=v) == M[2]
+    body, sig, payload = decode_record(M[2].envelope)
+    assert open_record(body, sig, payload, now_ms=T0, verifier=v) == M[2]
+    # A proof's records may come without their payloads (the canonical form): the
+    # signatures, ids and chain links are all a proof needs.
+    a, b = verify_fork_proof(ForkProof(_tomb(M[2]), _tomb(F[0])), v)
+    assert (a.id, b.id) == (M[2].id, F[0].id) and a.payload is None is b.payload
 
 
 @pytest.mark.parametrize(
@@ -321,6 +332,8 @@ def test_canonical_fork_proof_is_one_proof_from_either_side() -> None:
     lo, hi = rec(1, None, 1), rec(2, b"\x07" * 32, 3)  # prev mismatch
     p3, at3 = canonical_fork_proof(hi, lo)
     assert p3 == canonical_fork_proof(lo, hi)[0] and at3 == 2
-    assert (p3.a, p3.b) == (lo.envelope, hi.envelope)
+    # the records without their payloads: a proof carries nothing an erasure must reach
+    assert (p3.a, p3.b) == (encode_record(lo.body, lo.sig, None),
+                            encode_record(hi.body, hi.sig, None))
     for p in (p1, p3):
         verify_fork_proof(p, Verifier())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,9 @@ from citynode.core.records import (
     RecordPolicy,
     check_feed_name,
     decode_envelope,
+    decode_record,
     encode_envelope,
+    encode_record,
     make_body,
     open_record,
     open_records,
@@ -47,28 +50,58 @@ AIR = {
 }
 
 
+#: Payload digest -> payload bytes, of every payload _fields and _sign made: _open finds
+#: a body's payload by the digest it carries.
+_PAYLOADS: dict[bytes, bytes] = {}
+_AUTO: Any = object()
+
+
 def _sign(**kw: Any) -> Any:
     args: dict[str, Any] = {
         "feed": "air", "seq": 1, "prev": None, "time_ms": T0, "type": "AirQualityObserved",
         "data": AIR,
     }
     args.update(kw)
-    return sign_record(KEY, **args)
+    rec = sign_record(KEY, **args)
+    _PAYLOADS[rec.digest] = rec.payload
+    return rec
 
 
 def _fields(**kw: Any) -> dict[str, Any]:
+    """A body's fields; ``data`` (the payload) is taken out and replaced by its digest
+    (``data_digest`` given explicitly wins)."""
     f: dict[str, Any] = {
-        "version": 1, "origin": KEY.public_key, "feed": "test", "seq": 1, "time": T0,
+        "version": 2, "origin": KEY.public_key, "feed": "test", "seq": 1, "time": T0,
         "type": "org.example.Test", "data": {"reading": 42},
     }
     f.update(kw)
+    data = f.pop("data")
+    if data is not ... and "data_digest" not in f:
+        payload = encoding.encode(data)
+        f["data_digest"] = hashlib.sha256(payload).digest()
+        _PAYLOADS[f["data_digest"]] = payload
     return {k: v for k, v in f.items() if v is not ...}
 
 
-def _open(body: bytes, sig: bytes | None = None, **kw: Any) -> Any:
+def _payload_of(body: bytes) -> bytes | None:
+    try:
+        f = msgpack.unpackb(body, strict_map_key=False)
+    except Exception:  # not msgpack at all: there is no digest to find
+        return None
+    if not isinstance(f, dict):
+        return None
+    digest = f.get("data_digest", f.get("sealed_digest"))
+    return _PAYLOADS.get(digest) if isinstance(digest, bytes) else None
+
+
+def _open(body: bytes, sig: bytes | None = None, payload: bytes | None = _AUTO,
+          **kw: Any) -> Any:
     if sig is None:
         sig = KEY.sign(DOMAIN_RECORD, body)
-    return open_record(body, sig, now_ms=kw.pop("now_ms", NOW), verifier=Verifier(), **kw)
+    if payload is _AUTO:
+        payload = _payload_of(body)
+    return open_record(body, sig, payload, now_ms=kw.pop("now_ms", NOW), verifier=Verifier(),
+                       **kw)
 
 
 def _reason(body: bytes, sig: bytes | None = None, **kw: Any) -> str:
@@ -93,7 +126,9 @@ def test_sign_then_open_round_trip() -> None:
     assert rec.dataschema == "https://example.org/s.json"
     assert rec.data == AIR
     assert encoding.encode(rec.fields()) == rec.body
-    assert rec.fields()["version"] == FORMAT_VERSION == 1
+    assert rec.fields()["version"] == FORMAT_VERSION == 2
+    assert rec.payload == encoding.encode(AIR)
+    assert rec.digest == hashlib.sha256(rec.payload).digest() == rec.fields()["data_digest"]
 
 
 def test_chain_of_two() -> None:
@@ -127,8 +162,8 @@ def test_id_does_not_depend_on_the_signature() -> None:
 def test_verifier_counts_each_verification() -> None:
     rec = _sign()
     v = Verifier()
-    open_record(rec.body, rec.sig, now_ms=NOW, verifier=v)
-    open_record(rec.body, rec.sig, now_ms=NOW, verifier=v)
+    open_record(rec.body, rec.sig, rec.payload, now_ms=NOW, verifier=v)
+    open_record(rec.body, rec.sig, None, now_ms=NOW, verifier=v)
     assert v.count == 2
 
 
@@ -137,16 +172,20 @@ _SIGNED = _sign(subject="s-1")
 
 @settings(max_examples=300, deadline=None)
 @given(st.data())
-def test_any_single_byte_change_to_body_or_signature_fails(data: st.DataObject) -> None:
+def test_any_single_byte_change_to_body_signature_or_payload_fails(data: st.DataObject
+                                                                   ) -> None:
     body, sig = bytearray(_SIGNED.body), bytearray(_SIGNED.sig)
-    target = data.draw(st.sampled_from(["body", "sig"]), label="target")
-    buf = body if target == "body" else sig
+    payload = bytearray(_SIGNED.payload)
+    target = data.draw(st.sampled_from(["body", "sig", "payload"]), label="target")
+    buf = {"body": body, "sig": sig, "payload": payload}[target]
     i = data.draw(st.integers(0, len(buf) - 1), label="index")
     buf[i] = data.draw(st.integers(0, 255).filter(lambda b: b != buf[i]), label="byte")
     with pytest.raises(InvalidRecord) as info:
-        _open(bytes(body), bytes(sig))
+        _open(bytes(body), bytes(sig), bytes(payload))
     if target == "sig":
         assert type(info.value) is SignatureError
+    if target == "payload":
+        assert info.value.reason == "payload_mismatch"
 
 
 @settings(max_examples=300, deadline=None)
@@ -156,8 +195,8 @@ def test_any_single_byte_change_to_an_envelope_fails(data: st.DataObject) -> Non
     i = data.draw(st.integers(0, len(env) - 1), label="index")
     env[i] = data.draw(st.integers(0, 255).filter(lambda b: b != env[i]), label="byte")
     with pytest.raises(InvalidRecord):
-        body, sig = decode_envelope(bytes(env))
-        _open(body, sig)
+        body, sig, payload = decode_record(bytes(env))
+        _open(body, sig, payload)
 
 
 @settings(max_examples=400, deadline=None)
@@ -165,7 +204,9 @@ def test_any_single_byte_change_to_an_envelope_fails(data: st.DataObject) -> Non
 def test_open_record_on_arbitrary_bytes_raises_only_invalid_record(body: bytes, sig: bytes
                                                                    ) -> None:
     with pytest.raises(InvalidRecord):
-        open_record(body, sig, now_ms=NOW, verifier=Verifier())
+        open_record(body, sig, None, now_ms=NOW, verifier=Verifier())
+    with pytest.raises(InvalidRecord):
+        open_record(body, sig, body, now_ms=NOW, verifier=Verifier())
 
 
 @settings(max_examples=400, deadline=None)
@@ -176,6 +217,16 @@ def test_decode_envelope_on_arbitrary_bytes_raises_only_encoding_error(data: byt
     except EncodingError:
         return
     assert len(sig) == 64 and encode_envelope(body, sig) == data
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_record_on_arbitrary_bytes_raises_only_encoding_error(data: bytes) -> None:
+    try:
+        body, sig, payload = decode_record(data)
+    except EncodingError:
+        return
+    assert len(sig) == 64 and encode_record(body, sig, payload) == data
 
 
 @settings(max_examples=200, deadline=None)
@@ -222,7 +273,7 @@ def test_signed_records_always_open(data: dict[str, Any], seq: int, t: int, feed
     prev = None if seq == 1 else hashlib.sha256(b"%d" % seq).digest()
     rec = sign_record(KEY, feed=feed, seq=seq, prev=prev, time_ms=t, type="org.example.Test",
                       data=data, subject=subject)
-    assert _open(rec.body, rec.sig) == rec
+    assert _open(rec.body, rec.sig, rec.payload) == rec
     assert encoding.encode(rec.fields()) == rec.body
 
 
@@ -232,7 +283,8 @@ def test_signed_records_always_open(data: dict[str, Any], seq: int, t: int, feed
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"version": 2}, "unknown_version"),
+        ({"version": 3}, "unknown_version"),
+        ({"version": 1}, "unknown_version"),
         ({"version": 0}, "unknown_version"),
         ({"version": True}, "unknown_version"),
         ({"version": 1.0}, "unknown_version"),
@@ -244,6 +296,9 @@ def test_signed_records_always_open(data: dict[str, Any], seq: int, t: int, feed
         ({"time": ...}, "missing_field"),
         ({"type": ...}, "missing_field"),
         ({"data": ...}, "missing_field"),
+        ({"data_digest": b"\x00" * 31}, "bad_field"),
+        ({"data_digest": "0" * 32}, "bad_field"),
+        ({"sealed_digest": b"\x00" * 32}, "bad_field"),
         ({"id": "x"}, "unknown_field"),
         ({"source": "x"}, "unknown_field"),
         ({"origin": b"\x00" * 33}, "bad_field"),
@@ -336,9 +391,9 @@ def test_payload_errors_are_payload_errors() -> None:
 
 
 def test_body_limits_come_from_the_policy() -> None:
-    body = encoding.encode(_fields(data={"v": [[[1]]]}))  # 5 levels with the body
+    body = encoding.encode(_fields(data={"v": [[[1]]]}))  # a payload 4 levels deep
     assert _open(body).data == {"v": [[[1]]]}
-    shallow = RecordPolicy(body_limits=encoding.Limits(max_depth=4))
+    shallow = RecordPolicy(body_limits=encoding.Limits(max_depth=3))
     assert _reason(body, policy=shallow) == "too_deep"
     small = RecordPolicy(body_limits=encoding.Limits(max_bytes=len(body) - 1))
     assert _reason(body, policy=small) == "too_large"
@@ -389,11 +444,12 @@ def test_never_signs_what_receivers_reject(kw: dict[str, Any], error: type[Excep
 
 
 def test_make_body_is_canonical_and_omits_absent_optionals() -> None:
-    body = make_body(origin=KEY.public_key, feed="test", seq=1, prev=None, time_ms=T0,
-                     type="org.example.Test", data={"b": 1, "a": 2})
+    body, payload = make_body(origin=KEY.public_key, feed="test", seq=1, prev=None,
+                              time_ms=T0, type="org.example.Test", data={"b": 1, "a": 2})
     assert body == encoding.encode(_fields(data={"a": 2, "b": 1}))
-    assert set(encoding.decode(body)) == {"data", "feed", "origin", "seq", "time", "type",
-                                          "version"}
+    assert payload == encoding.encode({"a": 2, "b": 1})
+    assert set(encoding.decode(body)) == {"data_digest", "feed", "origin", "seq", "time",
+                                          "type", "version"}
 
 
 # --------------------------------------------------------------------------- envelope
@@ -481,9 +537,10 @@ def test_invalid_feed_names(name: Any) -> None:
 # --------------------------------------------------------------------------- batches
 
 
-def _one(body: bytes, sig: bytes, accept: Any = None) -> Any:
+def _one(body: bytes, sig: bytes, payload: bytes | None, accept: Any = None) -> Any:
     try:
-        return open_record(body, sig, now_ms=NOW, verifier=Verifier(), accept=accept)
+        return open_record(body, sig, payload, now_ms=NOW, verifier=Verifier(),
+                           accept=accept)
     except InvalidRecord as exc:
         return exc
 
@@ -495,11 +552,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 255), st.integers(0, 400)),
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 255), st.integers(0, 400)),
                 max_size=10))
 def test_open_records_gives_open_records_verdicts_in_order(plan: list[Any]) -> None:
-    """A batch mixes good records, bad signatures, broken bodies, future dates and
-    strangers; each item gets exactly what open_record gives it, in input order."""
+    """A batch mixes good records, bad signatures, broken bodies, future dates,
+    strangers, tombstones and payloads that do not match; each item gets exactly what
+    open_record gives it, in input order."""
     good = [_sign(seq=1, data={**AIR, "pm25": float(i)}) for i in range(3)]
     future = _sign(time_ms=NOW + DEFAULT_FUTURE_TOLERANCE_MS + 1)
     stranger = sign_record(OTHER, feed="air", seq=1, prev=None, time_ms=T0,
@@ -507,7 +565,7 @@ def test_open_records_gives_open_records_verdicts_in_order(plan: list[Any]) -> N
     items = []
     for kind, byte, pos in plan:
         rec = good[pos % 3]
-        body, sig = rec.body, rec.sig
+        body, sig, payload = rec.body, rec.sig, rec.payload
         if kind == 1:  # signature changed
             sig = sig[: pos % 64] + bytes([sig[pos % 64] ^ (byte | 1)]) + sig[pos % 64 + 1:]
         elif kind == 2:  # body changed
@@ -520,28 +578,33 @@ def test_open_records_gives_open_records_verdicts_in_order(plan: list[Any]) -> N
             body, sig = stranger.body, stranger.sig
         elif kind == 5:
             sig = sig[:63]
-        items.append((body, sig, None if pos % 2 else record_id(body)))
+        elif kind == 6:
+            payload = None
+        elif kind == 7:
+            payload = good[(pos + 1) % 3].payload
+        items.append((body, sig, payload, None if pos % 2 else record_id(body)))
 
     def accept(origin: bytes) -> bool:
         return origin == KEY.public_key
 
     got = open_records(items, now_ms=NOW, verifier=Verifier(), accept=accept)
     assert len(got) == len(items)
-    for (body, sig, _), result in zip(items, got, strict=True):
-        assert _same(result, _one(body, sig, accept)), (result, _one(body, sig, accept))
+    for (body, sig, payload, _), result in zip(items, got, strict=True):
+        one = _one(body, sig, payload, accept)
+        assert _same(result, one), (result, one)
     assert sum(not isinstance(r, InvalidRecord) for r in got) == sum(
-        not isinstance(_one(b, s, accept), InvalidRecord) for b, s, _ in items
+        not isinstance(_one(b, s, p, accept), InvalidRecord) for b, s, p, _ in items
     )
 
 
 def test_open_records_checks_each_signature_once_and_only_after_the_checks() -> None:
     good = _sign()
-    bad_body = make_body(origin=KEY.public_key, feed="air", seq=1, prev=None,
-                         time_ms=NOW + DEFAULT_FUTURE_TOLERANCE_MS + 1,
-                         type="AirQualityObserved", data=AIR)
+    bad_body, payload = make_body(origin=KEY.public_key, feed="air", seq=1, prev=None,
+                                  time_ms=NOW + DEFAULT_FUTURE_TOLERANCE_MS + 1,
+                                  type="AirQualityObserved", data=AIR)
     v = Verifier()
-    got = open_records([(good.body, good.sig, None), (bad_body, good.sig, None)],
-                       now_ms=NOW, verifier=v)
+    got = open_records([(good.body, good.sig, good.payload, None),
+                        (bad_body, good.sig, payload, None)], now_ms=NOW, verifier=v)
     assert got[0] == good
     assert isinstance(got[1], InvalidRecord) and got[1].reason == "future_time"
     assert v.count == 1  # the future-dated one never reached the signature check

@@ -38,7 +38,7 @@ from citynode.core.chain import (
     verify_fork_proof,
 )
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
-from citynode.core.records import decode_envelope, open_record
+from citynode.core.records import decode_record, open_record
 from citynode.errors import InvalidNodeId, InvalidProof, InvalidRecord, SignatureError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def test_generator_reproduces_committed_files_byte_for_byte() -> None:
     gen = _load_generator()
     built = gen.build()
     assert set(built) == {"records.json", "chain.json", "keys.json", "checkpoints.json",
-                          "sync.json", "cards.json"}
+                          "sync.json", "cards.json", "payloads.json"}
     for name, text in built.items():
         committed = (VECTORS / name).read_text(encoding="utf-8")
         assert text == committed, f"{name} is stale: run python tests/vectors/generate.py"
@@ -95,7 +95,7 @@ def test_case_names_are_unique_and_cover_every_kind() -> None:
         "bad_envelope", "too_large", "too_deep", "too_many_items", "malformed",
         "non_canonical", "unknown_version", "missing_field", "unknown_field", "bad_field",
         "bad_prev", "future_time", "bad_signature", "unknown_type", "bad_value", "bad_unit",
-        "bad_key",
+        "bad_key", "payload_mismatch",
     }
     valid_types = {
         encoding.decode(bytes.fromhex(c["body_hex"]))["type"]
@@ -114,14 +114,15 @@ def test_record_vector(case: dict[str, Any]) -> None:
     if case["body_hex"] is None:
         # The envelope itself is to be rejected.
         with pytest.raises(InvalidRecord) as info:
-            decode_envelope(env)
+            decode_record(env)
         assert info.value.reason == expect["error"], str(info.value)
         return
-    body, sig = decode_envelope(env)
+    body, sig, payload = decode_record(env)
     assert body.hex() == case["body_hex"]
     assert sig.hex() == case["sig_hex"]
+    assert (None if payload is None else payload.hex()) == case["payload_hex"]
     if expect == "valid":
-        rec = open_record(body, sig, now_ms=case["now_ms"], verifier=verifier)
+        rec = open_record(body, sig, payload, now_ms=case["now_ms"], verifier=verifier)
         assert rec.id.hex() == case["id_hex"] == hashlib.sha256(body).hexdigest()
         assert rec.origin.hex() == case["public_key_hex"]
         assert node_id(rec.origin) == case["node_id"]
@@ -131,7 +132,7 @@ def test_record_vector(case: dict[str, Any]) -> None:
         assert verifier.count == 1
     else:
         with pytest.raises(InvalidRecord) as info:
-            open_record(body, sig, now_ms=case["now_ms"], verifier=verifier)
+            open_record(body, sig, payload, now_ms=case["now_ms"], verifier=verifier)
         assert info.value.reason == expect["error"], str(info.value)
         assert case["id_hex"] is None
 
@@ -156,8 +157,12 @@ def test_invalid_vectors_are_correctly_signed(case: dict[str, Any]) -> None:
     ids=lambda c: c["name"],
 )
 def test_non_canonical_vectors_are_valid_msgpack(case: dict[str, Any]) -> None:
-    """A lenient decoder reads them: the rejection is the canonical rules' doing."""
+    """A lenient decoder reads them: the rejection is the canonical rules' doing (in the
+    body or in the payload)."""
     body = bytes.fromhex(case["body_hex"])
+    if case["payload_hex"] is not None:
+        msgpack.unpackb(body, strict_map_key=False)
+        body = bytes.fromhex(case["payload_hex"])
     if "ext" in case["name"]:
         # Python's msgpack refuses reserved ext types and odd timestamps itself;
         # ormsgpack with an ext hook reads any ext as (type, data).
@@ -172,8 +177,16 @@ def test_non_canonical_vectors_are_valid_msgpack(case: dict[str, Any]) -> None:
     ids=lambda c: c["name"],
 )
 def test_malformed_vectors_are_not_msgpack(case: dict[str, Any]) -> None:
+    """The body, or else the payload, is not one msgpack value."""
+    def lenient(hex_: str) -> None:
+        msgpack.unpackb(bytes.fromhex(hex_), strict_map_key=False)
+
+    try:
+        lenient(case["body_hex"])
+    except (ValueError, msgpack.UnpackException):
+        return
     with pytest.raises((ValueError, msgpack.UnpackException)):
-        msgpack.unpackb(bytes.fromhex(case["body_hex"]), strict_map_key=False)
+        lenient(case["payload_hex"])
 
 
 def test_bad_signature_vectors_fail_only_the_signature() -> None:
@@ -191,8 +204,9 @@ def test_bad_signature_vectors_fail_only_the_signature() -> None:
 
 def _record(name: str) -> Any:
     env = bytes.fromhex(CHAIN["records"][name]["envelope_hex"])
-    body, sig = decode_envelope(env)
-    rec = open_record(body, sig, now_ms=RECORDS["cases"][0]["now_ms"], verifier=Verifier())
+    body, sig, payload = decode_record(env)
+    rec = open_record(body, sig, payload, now_ms=RECORDS["cases"][0]["now_ms"],
+                      verifier=Verifier())
     assert rec.id.hex() == CHAIN["records"][name]["id_hex"]
     return rec
 
@@ -439,22 +453,40 @@ def _run_recipe(tmp: Path, envelope_hex: str, nid: str) -> subprocess.CompletedP
 
 @pytest.mark.parametrize(
     "name",
-    ["valid/custom-seq1", "valid/CyberSecurityNotice", "valid/body-64KiB"],
+    ["valid/custom-seq1", "valid/CyberSecurityNotice", "valid/payload-64KiB",
+     "valid/tombstone"],
 )
 def test_auditor_recipe_verifies_a_valid_record(tmp_path: Path, name: str) -> None:
-    """bin8, bin16 and bin32 body headers, checked by openssl alone."""
+    """bin8, bin16 and bin32 payload headers, and no payload, checked by openssl alone."""
     case = BY_NAME[name]
     p = _run_recipe(tmp_path, case["envelope_hex"], case["node_id"])
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Signature Verified Successfully" in p.stdout
     assert f"{case['id_hex']} *body.bin" in p.stdout
     assert (tmp_path / "body.bin").read_bytes().hex() == case["body_hex"]
+    if case["payload_hex"] is None:
+        assert "no payload: a tombstone" in p.stdout
+    else:
+        assert "payload matches its digest" in p.stdout
+        assert (tmp_path / "payload.bin").read_bytes().hex() == case["payload_hex"]
 
 
-def test_recipe_covers_every_body_header_width() -> None:
-    tags = {bytes.fromhex(BY_NAME[n]["envelope_hex"])[1] for n in
-            ("valid/custom-seq1", "valid/CyberSecurityNotice", "valid/body-64KiB")}
-    assert tags == {0xC4, 0xC5, 0xC6}
+def test_recipe_covers_every_payload_header_width() -> None:
+    def payload_tag(env: bytes) -> int:
+        body, _sig, _payload = decode_record(env)
+        return env[1 + {0xC4: 2, 0xC5: 3, 0xC6: 5}[env[1]] + len(body) + 66]
+
+    tags = {payload_tag(bytes.fromhex(BY_NAME[n]["envelope_hex"])) for n in
+            ("valid/custom-seq1", "valid/CyberSecurityNotice", "valid/payload-64KiB",
+             "valid/tombstone")}
+    assert tags == {0xC4, 0xC5, 0xC6, 0xC0}
+
+
+def test_auditor_recipe_rejects_a_payload_that_does_not_match(tmp_path: Path) -> None:
+    case = BY_NAME["payload/flipped-byte"]
+    p = _run_recipe(tmp_path, case["envelope_hex"], case["node_id"])
+    assert p.returncode != 0
+    assert "the payload does not match its digest" in p.stdout + p.stderr
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ from citynode.core.checkpoints import (
     verify_inclusion,
 )
 from citynode.core.keys import SigningKey, Verifier, parse_node_id
-from citynode.core.records import Record, decode_envelope, open_record
+from citynode.core.records import Record, decode_record, open_record
 from citynode.core.sealed import is_recipient
 from citynode.errors import PeerRejected
 from citynode.identity import load_identity
@@ -202,8 +202,8 @@ async def _get(n: LocalNode, key: SigningKey | None, path_qs: str, accept: str =
 
 
 def _open(env: bytes) -> Record:
-    body, sig = decode_envelope(env)
-    return open_record(body, sig, now_ms=2**62, verifier=Verifier())
+    body, sig, payload = decode_record(env)
+    return open_record(body, sig, payload, now_ms=2**62, verifier=Verifier())
 
 
 def _payload_problem(rec: Record, feed: str, key: SigningKey | None) -> str | None:

@@ -144,7 +144,7 @@ async def test_a_fork_proof_with_a_record_in_clear_stays_with_the_origins_partne
     import time
 
     from citynode.core.chain import ForkProof
-    from citynode.core.records import decode_envelope, parse_body, sign_record
+    from citynode.core.records import decode_record, parse_body, sign_record
     from citynode.transport.client import PeerClient
 
     secret = "PARTNERS-ONLY-" + "x" * 2000
@@ -181,7 +181,7 @@ async def test_a_fork_proof_with_a_record_in_clear_stays_with_the_origins_partne
     await eventually(detected, timeout=30)
     (proof,) = proofs(b)
     fp = ForkProof.decode(proof)
-    first = parse_body(decode_envelope(fp.a)[0])
+    first = parse_body(decode_record(fp.a)[0])
     assert "sealed" in first, "the case under test: the sealed record comes first"
     for _ in range(3):
         await b.api("POST", "/v1/admin/sync", body=b"")

@@ -191,12 +191,16 @@ def test_the_indexes_serve_the_filters(corpus: Any) -> None:
     st = corpus[0]
     a = ORIGINS[0]
     find_chain = "SEARCH c USING COVERING INDEX sqlite_autoindex_chains_1 (origin=? AND feed=?)"
-    assert st.query_plan() == ["SEARCH r USING INTEGER PRIMARY KEY (rowid>?)"]
+    # Each row's payload, if held, by its rowid (one primary-key search per row).
+    payload = "SEARCH p USING INTEGER PRIMARY KEY (rowid=?) LEFT-JOIN"
+    assert st.query_plan() == ["SEARCH r USING INTEGER PRIMARY KEY (rowid>?)", payload]
     one_feed = st.query_plan(RecordFilter(origin=a, feed="air"))
-    assert one_feed == [find_chain, "SEARCH r USING INDEX records_chain_seq (chain=?)"]
+    assert one_feed == [find_chain, "SEARCH r USING INDEX records_chain_seq (chain=?)",
+                        payload]
     seqs = st.query_plan(RecordFilter(origin=a, feed="air", from_seq=2, to_seq=5))
     assert seqs == [find_chain,
-                    "SEARCH r USING INDEX records_chain_seq (chain=? AND seq>? AND seq<?)"]
+                    "SEARCH r USING INDEX records_chain_seq (chain=? AND seq>? AND seq<?)",
+                    payload]
     find_type = "SEARCH t USING COVERING INDEX sqlite_autoindex_types_1 (type=?)"
     assert st.query_plan(RecordFilter(type="org.example.Air"))[:2] == [
         find_type, "SEARCH r USING INDEX records_type_time (type_id=?)"]
@@ -210,7 +214,7 @@ def test_the_indexes_serve_the_filters(corpus: Any) -> None:
     # A time window alone is walked in rowid order, as in schema v2 (whose index on time
     # no plan chose: v3 has none); no join is made for names the filter does not use.
     assert st.query_plan(RecordFilter(since_ms=T0, until_ms=T0 + 9)) == [
-        "SEARCH r USING INTEGER PRIMARY KEY (rowid>?)"]
+        "SEARCH r USING INTEGER PRIMARY KEY (rowid>?)", payload]
     # A reader limited to one feed: searched by the feed index, whatever the filter adds.
     for f in (RecordFilter(), RecordFilter(bbox=BBox(170, -10, -170, 10)),
               RecordFilter(since_ms=T0)):

@@ -20,7 +20,7 @@ from citynode import storage as storage_mod
 from citynode.core import checkpoints as cps
 from citynode.core.filters import RecordFilter
 from citynode.core.keys import SigningKey, Verifier
-from citynode.core.records import Record, decode_envelope, open_record, sign_record
+from citynode.core.records import Record, decode_record, open_record, sign_record
 from citynode.core.types import point_of
 from citynode.errors import ChainError, QueryTooSlow, StorageError
 from citynode.storage import PartnerRow, Storage, StoredRow
@@ -31,7 +31,9 @@ A, B = KEYS[0].public_key, KEYS[1].public_key
 TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "checkpoints",
           "meta", "merkle",
           # v4: the bridges' message identities and dead letters (citynode/bridges/)
-          "bridge_messages", "bridge_dead_letters", "bridge_counters"}
+          "bridge_messages", "bridge_dead_letters", "bridge_counters",
+          # v5: payloads apart from the signed skeletons, erasure requests' entries
+          "payloads", "erasures"}
 
 
 def make(
@@ -138,7 +140,7 @@ def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> 
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 4
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 5
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()
@@ -373,11 +375,12 @@ def test_migration_to_v3_keeps_every_record_cursor_and_tree(
             before_trees)
         c.close()
         rows = s.query(limit=10_000)
-        assert [tuple(r.__getattribute__(f) for f in StoredRow.__slots__) for r in rows] == [
-            tuple(r) for r in before_rows]
+        width = len(before_rows[0])  # the columns v2 had (v4 adds erased_by)
+        assert [tuple(r.__getattribute__(f) for f in StoredRow.__slots__[:width])
+                for r in rows] == [tuple(r) for r in before_rows]
         for r, rec in zip(rows, held, strict=True):
-            body, sig = decode_envelope(r.envelope)
-            again = open_record(body, sig, now_ms=T0 + 10**6, verifier=Verifier())
+            body, sig, payload = decode_record(r.envelope)
+            again = open_record(body, sig, payload, now_ms=T0 + 10**6, verifier=Verifier())
             assert again.id == rec.id == r.id
         assert s.heads() == {(A, "old"): (520, recs[519].id), (B, "mixed"): (5, others[-1].id),
                              (KEYS[2].public_key, "sealed"): (1, sealed.id)}
@@ -469,7 +472,7 @@ def test_append_heads_lookup_and_range(db_path: Path, st: Storage) -> None:
     a, b = chain(0, "air", 30), chain(1, "air", 10)
     noise = chain(0, "noise", 4)
     assert st.max_rowid() == 0
-    assert st.append(a[:20]).result(5) is None
+    assert st.append(a[:20]).result(5) == []
     st.append(b).result(5)
     st.append(noise + a[20:]).result(5)  # one job over two feeds
 
@@ -624,8 +627,8 @@ def test_chain_recheck_fails_only_that_job_of_the_batch(st: Storage) -> None:
         no_start = st.append([make(1, "z", 2, bytes(32))])  # feed z has no seq 1
         good2 = st.append(y)
         half = st.append([*chain(1, "h", 2), make(1, "h", 4, bytes(32))])  # 2 good, 1 bad
-    assert good1.result(5) is None
-    assert good2.result(5) is None
+    assert good1.result(5) == []
+    assert good2.result(5) == []
     for fut in (gap, wrong_prev, again, no_start, half):
         err = error_of(fut)
         assert isinstance(err, ChainError), err

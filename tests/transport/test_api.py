@@ -12,7 +12,7 @@ import msgpack
 
 from citynode.core import httpsig
 from citynode.core.keys import SigningKey
-from citynode.core.records import sign_record
+from citynode.core.records import encode_record, sign_record
 from citynode.transport.client import PeerClient
 from tests.conftest import InProc
 
@@ -164,8 +164,7 @@ async def test_push_rejects_bad_records_and_keeps_good_ones(inproc: Make) -> Non
                      type="org.example.Test", data={"n": 1})
     r2 = sign_record(k, feed="weather", seq=2, prev=r1.id, time_ms=now,
                      type="org.example.Test", data={"n": 2})
-    tampered = bytearray(r2.envelope)
-    tampered[-1] ^= 1  # a signature byte
+    tampered = encode_record(r2.body, r2.sig[:-1] + bytes([r2.sig[-1] ^ 1]), r2.payload)
     future = sign_record(k, feed="other", seq=1, prev=None, time_ms=now + 3600_000,
                          type="org.example.Test", data={"n": 3})
     client = PeerClient(k, a.url, node_id=a.node.node_id,

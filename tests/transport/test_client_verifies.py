@@ -4,10 +4,11 @@ The hostile node here is a real HTTPS server on 127.0.0.1 with its own self-sign
 certificate and a card signed by its own node key that names that certificate, so a
 client pinning it by node id (or by fingerprint) connects -- and every answer is
 otherwise valid: the right content type, a well-formed envelope, a good record first.
-Only one record is bad: a signature byte flipped, a body byte flipped, a whole valid
-signature by a key other than the origin the body names, a validly signed body that is
-not canonical msgpack, a sealed record whose ciphertext does not open for its reader,
-or (for ``get``) another valid record than the one asked for.
+Only one record is bad: a signature byte flipped, a body byte flipped, a payload that is
+not the one whose digest was signed, a whole valid signature by a key other than the
+origin the body names, a validly signed body that is not canonical msgpack, a sealed
+record whose ciphertext does not open for its reader, or (for ``get``) another valid
+record than the one asked for.
 
 ``Client.get``, ``Client.query``, ``Client.subscribe`` and ``citynode subscribe`` must
 refuse it with :class:`InvalidRecord` (one error line and exit status 1 for the CLI) and
@@ -38,7 +39,7 @@ from citynode.core.cards import make_card
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, node_id
 from citynode.core.records import (
     Record,
-    encode_envelope,
+    encode_record,
     make_body,
     record_id,
     sign_record,
@@ -95,12 +96,15 @@ def _flip(data: bytes, i: int) -> bytes:
 
 def _bad_records(reader: SigningKey) -> dict[str, Bad]:
     """Every bad record, built from GOOD2 (seq 2 of the same feed)."""
-    # One payload byte changed (n: 2 -> 3), still canonical and a valid payload: only the
+    # One body byte changed (feed a -> b), still canonical and a valid body: only the
     # signature no longer matches.
-    body3 = make_body(origin=ORIGIN.public_key, feed=FEED, seq=2, prev=GOOD1.id,
-                      time_ms=NOW, type=TYPE, data={"n": 3})
+    body3 = GOOD2.body.replace(b"\xa4feed\xa1a", b"\xa4feed\xa1b")
     assert len(body3) == len(GOOD2.body)
     assert sum(a != b for a, b in zip(body3, GOOD2.body, strict=True)) == 1
+    # One payload byte changed (n: 2 -> 3), still canonical and a valid payload: the
+    # digest the body carries no longer matches.
+    payload3 = GOOD2.payload.replace(b"\xa1n\x02", b"\xa1n\x03")
+    assert payload3 != GOOD2.payload
     # The same fields in another key order, signed by the origin: a second encoding.
     fields = GOOD2.fields()
     unsorted = msgpack.packb({k: fields[k] for k in sorted(fields, reverse=True)},
@@ -112,26 +116,32 @@ def _bad_records(reader: SigningKey) -> dict[str, Bad]:
                          data={"n": 2}, readers=[reader.public_key])
     assert sealed.sealed is not None
     broken = dict(sealed.sealed, ct=_flip(sealed.sealed["ct"], 0))
-    sealed_body = make_body(origin=ORIGIN.public_key, feed=FEED, seq=2, prev=GOOD1.id,
-                            time_ms=NOW, sealed=broken)
+    sealed_body, sealed_payload = make_body(origin=ORIGIN.public_key, feed=FEED, seq=2,
+                                            prev=GOOD1.id, time_ms=NOW, sealed=broken)
     bad_sig = "signature does not verify against the origin key"
+    payload = GOOD2.payload
     return {
-        "signature_byte": Bad(encode_envelope(GOOD2.body, _flip(GOOD2.sig, 10)), GOOD2.id,
-                              "bad_signature", bad_sig),
-        "body_byte": Bad(encode_envelope(body3, GOOD2.sig), record_id(body3),
+        "signature_byte": Bad(encode_record(GOOD2.body, _flip(GOOD2.sig, 10), payload),
+                              GOOD2.id, "bad_signature", bad_sig),
+        "body_byte": Bad(encode_record(body3, GOOD2.sig, payload), record_id(body3),
                          "bad_signature", bad_sig),
-        "other_signer": Bad(encode_envelope(GOOD2.body, OTHER.sign(DOMAIN_RECORD, GOOD2.body)),
-                            GOOD2.id, "bad_signature", bad_sig),
-        "non_canonical": Bad(encode_envelope(unsorted, ORIGIN.sign(DOMAIN_RECORD, unsorted)),
+        "payload_byte": Bad(encode_record(GOOD2.body, GOOD2.sig, payload3), GOOD2.id,
+                            "payload_mismatch", "does not match the digest"),
+        "other_signer": Bad(encode_record(GOOD2.body, OTHER.sign(DOMAIN_RECORD, GOOD2.body),
+                                          payload), GOOD2.id, "bad_signature", bad_sig),
+        "non_canonical": Bad(encode_record(unsorted, ORIGIN.sign(DOMAIN_RECORD, unsorted),
+                                           payload),
                              record_id(unsorted), "non_canonical",
                              "map keys are not sorted"),
-        "seal": Bad(encode_envelope(sealed_body, ORIGIN.sign(DOMAIN_RECORD, sealed_body)),
+        "seal": Bad(encode_record(sealed_body, ORIGIN.sign(DOMAIN_RECORD, sealed_body),
+                                  sealed_payload),
                     record_id(sealed_body), "bad_sealed", "does not decrypt",
                     needs_reader=True),
     }
 
 
-KINDS = ["signature_byte", "body_byte", "other_signer", "non_canonical", "seal"]
+KINDS = ["signature_byte", "body_byte", "payload_byte", "other_signer", "non_canonical",
+         "seal"]
 
 
 @pytest.fixture

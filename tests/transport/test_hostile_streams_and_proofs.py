@@ -24,7 +24,7 @@ from yarl import URL
 
 from citynode.core import httpsig
 from citynode.core.keys import SigningKey
-from citynode.core.records import Record, decode_envelope, parse_body
+from citynode.core.records import Record, decode_record, parse_body
 from citynode.node import Node
 from citynode.transport.server import serve
 from tests.conftest import InProc, eventually, make_node_dir
@@ -107,7 +107,7 @@ def _feed_of(data: bytes) -> str:
     """The feed of an SSE event's data: a JSON record or a base64 envelope."""
     if data.startswith(b"{"):
         return str(json.loads(data)["feed"])
-    return str(parse_body(decode_envelope(base64.b64decode(data))[0])["feed"])
+    return str(parse_body(decode_record(base64.b64decode(data))[0])["feed"])
 
 
 async def _collect(n: InProc, path_qs: str, out: list[tuple[int, bytes]],
@@ -526,8 +526,9 @@ async def test_compact_streams_of_hidden_feeds_carry_nothing(world: World) -> No
             assert {_feed_of(d) for _c, d in got[k]} == {"a"}, k
         # The reader's compact events carry the record sealed: it opens them itself.
         for _c, d in got["reader-sec-envelope"]:
-            body = parse_body(decode_envelope(base64.b64decode(d))[0])
-            assert body["feed"] == "sec" and "sealed" in body
+            body_bytes, _sig, payload = decode_record(base64.b64decode(d))
+            body = parse_body(body_bytes)
+            assert body["feed"] == "sec" and "sealed_digest" in body and payload is not None
         assert [c for c, _d in got["reader-sec-envelope"]] == \
             [c for c, _d in got["reader-sec-json"]]
     finally:

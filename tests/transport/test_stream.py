@@ -12,7 +12,7 @@ import pytest
 from citynode.client import Client
 from citynode.core.filters import RecordFilter
 from citynode.core.keys import Verifier
-from citynode.core.records import decode_envelope, open_record
+from citynode.core.records import decode_record, open_record
 from tests.conftest import InProc
 
 Make = Callable[..., Awaitable[InProc]]
@@ -107,7 +107,7 @@ async def _sse(n: InProc, query: str, want: int, out: list[tuple[int, str, int]]
                     rec = json.loads(fields[b"data"])
                     out.append((int(fields[b"id"]), rec["feed"], rec["data"]["n"]))
                 else:  # ?format=envelope: the signed envelope alone, verified here
-                    opened = open_record(*decode_envelope(base64.b64decode(fields[b"data"])),
+                    opened = open_record(*decode_record(base64.b64decode(fields[b"data"])),
                                          now_ms=2**62, verifier=Verifier())
                     out.append((int(fields[b"id"]), opened.feed, opened.data["n"]))
 

@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from citynode.core.keys import SigningKey
-from citynode.core.records import Record, sign_record
+from citynode.core.records import Record, encode_record, sign_record
 from tests.conftest import InProc
 
 Make = Callable[..., Awaitable[InProc]]
@@ -72,10 +72,8 @@ async def test_a_bad_copy_does_not_shadow_a_good_one(inproc: Make) -> None:
     recs = _chain(SigningKey(b"\x22" * 32), 6, a.node.now_ms())
     good = [r.envelope for r in recs]
     bad = []
-    for env in good:
-        t = bytearray(env)
-        t[-1] ^= 1  # a signature byte: same body, same id
-        bad.append(bytes(t))
+    for r in recs:  # a signature byte changed: same body, same id
+        bad.append(encode_record(r.body, r.sig[:-1] + bytes([r.sig[-1] ^ 1]), r.payload))
     from_b, from_c = a.node.links[b.node.public_key], a.node.links[c.node.public_key]
     first, second = await asyncio.gather(a.node.ingest(bad, source=from_b),
                                          a.node.ingest(good, source=from_c))
@@ -95,9 +93,9 @@ async def test_live_records_arriving_together_are_verified_together(inproc: Make
     from_b = a.node.links[b.node.public_key]
     for seq in range(3):
         envs = [ch[seq].envelope for ch in chains]
-        t = bytearray(envs[5])
-        t[-1] ^= 1
-        envs[5] = bytes(t)  # its chain stops here: later records of it wait in pending
+        r = chains[5][seq]
+        # a signature byte changed: its chain stops here, later records of it wait
+        envs[5] = encode_record(r.body, r.sig[:-1] + bytes([r.sig[-1] ^ 1]), r.payload)
         outs = await asyncio.gather(*(a.node.ingest([e], source=from_b) for e in envs))
         assert [o.accepted + o.pending for o in outs] == [1, 1, 1, 1, 1, 0, 1, 1]
         assert [r for _i, r in outs[5].rejected] == ["bad_signature"]

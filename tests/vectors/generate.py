@@ -83,10 +83,96 @@ def bin_(data: bytes) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big") + data
 
 
-def envelope(body: bytes, sig: bytes) -> bytes:
-    """The envelope layout, written out: 0x92, bin(body), c4 40, signature."""
+_AUTO: Any = object()
+#: Record body -> its payload bytes, for every body :func:`detach` made.
+_PAYLOADS: dict[bytes, bytes] = {}
+
+
+def envelope(body: bytes, sig: bytes, payload: bytes | None = _AUTO) -> bytes:
+    """The record envelope layout, written out: 0x93, bin(body), c4 40, signature, then
+    bin(payload) or c0 (nil: a tombstone). The payload defaults to the one
+    :func:`detach` took out of ``body``, else nil."""
+    assert len(sig) == 64
+    if payload is _AUTO:
+        payload = _PAYLOADS.get(body)
+    return b"\x93" + bin_(body) + b"\xc4\x40" + sig + (b"\xc0" if payload is None
+                                                      else bin_(payload))
+
+
+def signed_envelope(body: bytes, sig: bytes) -> bytes:
+    """The two-element envelope of cards and checkpoints: 0x92, bin(body), c4 40, sig."""
     assert len(sig) == 64
     return b"\x92" + bin_(body) + b"\xc4\x40" + sig
+
+
+def _skip(b: bytes, i: int) -> int:
+    """The index after the msgpack value at ``b[i]`` (raw: no checks of content)."""
+    t = b[i]
+    if t <= 0x7F or t >= 0xE0 or t in (0xC0, 0xC2, 0xC3):
+        return i + 1
+    if 0x80 <= t <= 0x9F:
+        n = (t & 0x0F) * (2 if t < 0x90 else 1)
+        i += 1
+        for _ in range(n):
+            i = _skip(b, i)
+        return i
+    if 0xA0 <= t <= 0xBF:
+        return i + 1 + (t & 0x1F)
+    fixed = {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3,
+             0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}
+    if t in fixed:
+        return i + fixed[t]
+    width = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC7: 1, 0xC8: 2,
+             0xC9: 4}
+    if t in width:
+        w = width[t]
+        n = int.from_bytes(b[i + 1:i + 1 + w], "big")
+        return i + 1 + w + n + (1 if t in (0xC7, 0xC8, 0xC9) else 0)
+    w = 2 if t in (0xDC, 0xDE) else 4
+    n = int.from_bytes(b[i + 1:i + 1 + w], "big") * (2 if t in (0xDE, 0xDF) else 1)
+    i += 1 + w
+    for _ in range(n):
+        i = _skip(b, i)
+    return i
+
+
+_PAYLOAD_KEYS = {enc("data"): enc("data_digest"), enc("sealed"): enc("sealed_digest")}
+
+
+def detach(raw: bytes) -> bytes:
+    """A format-2 body from a record map written with its payload inline (``data`` or
+    ``sealed``, as the fields below are written): that entry's value bytes, exactly as
+    written (faults included), become the payload, and the entry becomes the payload's
+    digest under ``data_digest`` / ``sealed_digest`` (same place in key order). Returns
+    the body; :func:`envelope` finds the payload. A value that is not such a map is
+    returned unchanged."""
+    try:
+        t = raw[0]
+        if 0x80 <= t <= 0x8F:
+            n, i = t & 0x0F, 1
+        elif t == 0xDE:
+            n, i = int.from_bytes(raw[1:3], "big"), 3
+        else:
+            return raw
+        out = raw[:i]
+        payload = None
+        for _ in range(n):
+            k_end = _skip(raw, i)
+            v_end = _skip(raw, k_end)
+            key = raw[i:k_end]
+            if payload is None and key in _PAYLOAD_KEYS:
+                payload = raw[k_end:v_end]
+                out += _PAYLOAD_KEYS[key] + bin_(hashlib.sha256(payload).digest())
+            else:
+                out += raw[i:v_end]
+            i = v_end
+        if payload is None or v_end > len(raw):
+            return raw
+        body = out + raw[i:]
+    except IndexError:
+        return raw
+    _PAYLOADS[body] = payload
+    return body
 
 
 # --------------------------------------------------------------------------- bodies
@@ -105,7 +191,7 @@ def fields(
 ) -> dict[str, Any]:
     """The fields of a record body; ``extra`` adds some; a field given as ``...`` is left out."""
     f: dict[str, Any] = {
-        "version": 1,
+        "version": 2,
         "origin": key.public_key,
         "feed": feed,
         "seq": seq,
@@ -148,13 +234,18 @@ def case(
     expect: str | dict[str, str] = "valid",
     split: bool = True,
     now_ms: int = NOW,
+    payload: bytes | None = _AUTO,
 ) -> Case:
-    """One vector. ``env`` overrides the envelope (for broken layouts); ``split=False``
-    says that the envelope itself must be rejected, so there is no body/sig to show."""
+    """One vector. ``body`` may hold its payload inline (:func:`detach` takes it out);
+    ``payload`` overrides the payload (None: a tombstone). ``env`` overrides the envelope
+    (for broken layouts); ``split=False`` says that the envelope itself must be
+    rejected, so there is no body/sig/payload to show."""
+    if payload is _AUTO:
+        body = detach(body)
     if sig is None:
         sig = signer.sign(DOMAIN_RECORD, body)
     if env is None:
-        env = envelope(body, sig)
+        env = envelope(body, sig, payload)
     valid = expect == "valid"
     return {
         "name": name,
@@ -165,9 +256,15 @@ def case(
         "envelope_hex": env.hex(),
         "body_hex": body.hex() if split else None,
         "sig_hex": sig.hex() if split else None,
+        "payload_hex": (_payload_hex(body, payload) if split else None),
         "id_hex": rid(body).hex() if valid else None,
         "expect": expect,
     }
+
+
+def _payload_hex(body: bytes, payload: bytes | None) -> str | None:
+    p = _PAYLOADS.get(body) if payload is _AUTO else payload
+    return None if p is None else p.hex()
 
 
 def err(reason: str) -> dict[str, str]:
@@ -425,21 +522,29 @@ def valid_cases() -> list[Case]:
         enc(fields(feed="0city-node_feed.name" + "x" * 44)),
     ))
     out.append(case(
-        "valid/body-64KiB",
-        "A body of exactly 65536 bytes (the default limit, inclusive); its bin header is "
-        "therefore bin32 (c6 00 01 00 00).",
-        sized_body(65536),
+        "valid/payload-64KiB",
+        "A payload of exactly 65536 bytes (the default limit, inclusive); its bin header "
+        "in the envelope is therefore bin32 (c6 00 01 00 00).",
+        sized_record(65536),
     ))
     out.append(case(
         "valid/depth-16",
-        "16 nested containers (the body map is level 1): the maximum depth.",
-        enc(fields(data=nest(15))),
+        "16 nested containers in the payload (the data map is level 1): the maximum "
+        "depth.",
+        enc(fields(data=nest(16))),
     ))
     out.append(case(
         "valid/items-4096",
-        "4096 items in all (7 body entries + 1 data entry + 4088 array elements): the "
-        "maximum.",
-        enc(fields(data={"values": [0] * 4088})),
+        "4096 items in the payload (1 data entry + 4095 array elements): the maximum.",
+        enc(fields(data={"values": [0] * 4095})),
+    ))
+    plain = detach(enc(fields(data={"reading": 42, "unit": "dB"})))
+    out.append(case(
+        "valid/tombstone",
+        "valid/custom-seq1 with its payload removed (nil): body, signature and id are "
+        "whole, so the record verifies on its own. Whether a node takes it is decided "
+        "by payloads.json (an erasure request or retention must be behind it).",
+        plain, payload=None,
     ))
     return out
 
@@ -452,21 +557,46 @@ def nest(levels: int) -> Any:
     return v
 
 
-def sized_body(size: int) -> bytes:
-    """A valid body of exactly ``size`` bytes (a ``blob`` string pads it)."""
-    base = len(enc(fields(data={"blob": ""})))
-    pad = size - base
-    for header in (1, 2, 3, 5):  # fixstr, str8, str16, str32 header sizes
-        body = enc(fields(data={"blob": "x" * (pad - header + 1)}))
-        if len(body) == size:
-            return body
+def raw_entries(body: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``(key, value)`` encodings of a map of at most 15 entries, as written."""
+    assert 0x80 <= body[0] <= 0x8F
+    out, i = [], 1
+    for _ in range(body[0] & 0x0F):
+        k_end = _skip(body, i)
+        v_end = _skip(body, k_end)
+        out.append((body[i:k_end], body[k_end:v_end]))
+        i = v_end
+    return out
+
+
+def sized_pad(size: int) -> bytes:
+    """A record map whose body (once its payload is detached) is exactly ``size`` bytes:
+    an extra field ``pad`` (a bin; an unknown field, but the size is refused first)."""
+    for header in (2, 3, 5):  # bin8, bin16, bin32 header sizes
+        probe = detach(enc(fields(pad=b"")))
+        n = size - len(probe) - header + 2
+        raw = enc(fields(pad=b"\x00" * n))
+        if n >= 0 and len(detach(raw)) == size:
+            return raw
     raise AssertionError(f"cannot build a body of {size} bytes")
+
+
+def sized_record(size: int) -> bytes:
+    """A valid record map whose payload is exactly ``size`` bytes (a ``blob`` string
+    pads it)."""
+    pad = size - len(enc({"blob": ""}))
+    for header in (1, 2, 3, 5):  # fixstr, str8, str16, str32 header sizes
+        data = {"blob": "x" * (pad - header + 1)}
+        if len(enc(data)) == size:
+            return enc(fields(data=data))
+    raise AssertionError(f"cannot build a payload of {size} bytes")
 
 
 def invalid_cases() -> list[Case]:
     out: list[Case] = []
     base = fields(data={"reading": 42, "unit": "dB"})
-    good = enc(base)
+    good = detach(enc(base))
+    good_payload = _PAYLOADS[good]
     good_sig = KEY_A.sign(DOMAIN_RECORD, good)
 
     # --- signature
@@ -481,13 +611,35 @@ def invalid_cases() -> list[Case]:
         "The body claims origin A but was signed by key B.",
         good, signer=KEY_B, expect=err("bad_signature"),
     ))
-    flipped = good.replace(b"\xa2dB", b"\xa2dC")
+    flipped = good.replace(b"\xa4test", b"\xa4tesu")
     assert flipped != good and len(flipped) == len(good)
     out.append(case(
         "signature/flipped-body-byte",
-        "valid/custom-seq1 with one body byte changed ('dB' -> 'dC'): the body is still "
-        "canonical and well formed, but the signature no longer matches.",
-        flipped, sig=good_sig, expect=err("bad_signature"),
+        "valid/custom-seq1 with one body byte changed (feed 'test' -> 'tesu'): the body "
+        "is still canonical and well formed, but the signature no longer matches.",
+        flipped, sig=good_sig, payload=good_payload, expect=err("bad_signature"),
+    ))
+
+    # --- the payload beside the body
+    pm = err("payload_mismatch")
+    out.append(case(
+        "payload/flipped-byte",
+        "valid/custom-seq1 with one payload byte changed ('dB' -> 'dC'): signature and "
+        "body are whole, but the payload is not the one whose digest was signed.",
+        good, sig=good_sig, payload=good_payload.replace(b"\xa2dB", b"\xa2dC"), expect=pm,
+    ))
+    out.append(case(
+        "payload/other-records-payload",
+        "valid/custom-seq1's body and signature with the payload of valid/custom-seq2 "
+        "(itself a valid payload of the same type).",
+        good, sig=good_sig, payload=enc({"reading": 43, "unit": "dB"}), expect=pm,
+    ))
+    out.append(case(
+        "payload/digest-31-bytes",
+        "data_digest of 31 bytes: a digest is a 32-byte SHA-256.",
+        raw_map([(k, bin_(hashlib.sha256(good_payload).digest()[:31]))
+                 if k == enc("data_digest") else (k, v) for k, v in raw_entries(good)]),
+        payload=good_payload, expect=err("bad_field"),
     ))
 
     # --- canonical msgpack: every body here decodes with a lenient msgpack decoder
@@ -513,8 +665,8 @@ def invalid_cases() -> list[Case]:
     ))
     out.append(case(
         "non-canonical/signed-form-positive-int",
-        "version 1 encoded as int8 (d0 01): positive values use the unsigned forms.",
-        replace_value(base, "version", b"\xd0\x01"), expect=nc,
+        "version 2 encoded as int8 (d0 02): positive values use the unsigned forms.",
+        replace_value(base, "version", b"\xd0\x02"), expect=nc,
     ))
     out.append(case(
         "non-canonical/float32",
@@ -597,39 +749,62 @@ def invalid_cases() -> list[Case]:
     out.append(case(
         "malformed/truncated-body",
         "valid/custom-seq1's body without its last byte (signed as is).",
-        good[:-1], expect=mal,
+        good[:-1], payload=good_payload, expect=mal,
     ))
     out.append(case(
         "malformed/trailing-bytes-body",
         "valid/custom-seq1's body followed by one extra byte c0 (signed as is).",
-        good + b"\xc0", expect=mal,
+        good + b"\xc0", payload=good_payload, expect=mal,
+    ))
+    bad_payload = good_payload + b"\xc0"
+    out.append(case(
+        "malformed/trailing-bytes-payload",
+        "A payload followed by one extra byte c0, and a body whose digest is of those "
+        "bytes (so the digest matches): the payload is not one msgpack value.",
+        raw_map([(k, bin_(hashlib.sha256(bad_payload).digest()))
+                 if k == enc("data_digest") else (k, v) for k, v in raw_entries(good)]),
+        payload=bad_payload, expect=mal,
     ))
 
     # --- limits
-    big = sized_body(65537)
+    out.append(case(
+        "limits/payload-too-large",
+        "A payload of 65537 bytes, one over the default limit; rejected from the "
+        "envelope's payload header, before the payload is read.",
+        sized_record(65537), expect=err("too_large"), split=False,
+    ))
     out.append(case(
         "limits/body-too-large",
-        "A body of 65537 bytes, one over the default limit; rejected from the envelope "
-        "header, before the body is read.",
-        big, expect=err("too_large"), split=False,
+        "A body of 65537 bytes (an extra field pads it), one over the default limit; "
+        "rejected from the envelope header, before the body is read.",
+        sized_pad(65537), expect=err("too_large"), split=False,
     ))
     out.append(case(
         "limits/too-deep",
-        "17 nested containers (the body map is level 1), one over the limit of 16.",
-        enc(fields(data=nest(16))), expect=err("too_deep"),
+        "17 nested containers in the payload (the data map is level 1), one over the "
+        "limit of 16.",
+        enc(fields(data=nest(17))), expect=err("too_deep"),
     ))
     out.append(case(
         "limits/too-many-items",
-        "4097 items in all (7 body entries + 1 data entry + 4089 array elements), one "
-        "over the limit of 4096.",
-        enc(fields(data={"values": [0] * 4089})), expect=err("too_many_items"),
+        "4097 items in the payload (1 data entry + 4096 array elements), one over the "
+        "limit of 4096.",
+        enc(fields(data={"values": [0] * 4096})), expect=err("too_many_items"),
     ))
 
     # --- body fields
     out.append(case(
         "fields/unknown-version",
-        "version 2: a verifier of version 1 cannot know what version 2 means.",
-        enc(fields(version=2)), expect=err("unknown_version"),
+        "version 3: a verifier of version 2 cannot know what version 3 means.",
+        enc(fields(version=3)), expect=err("unknown_version"),
+    ))
+    v1 = enc(fields(version=1, data={"reading": 42, "unit": "dB"}))
+    out.append(case(
+        "fields/version-1",
+        "A body of format 1 (never deployed: the payload inside the body as 'data'), "
+        "in a format-2 envelope with no payload: unknown_version.",
+        v1, payload=None, env=envelope(v1, KEY_A.sign(DOMAIN_RECORD, v1), None),
+        expect=err("unknown_version"),
     ))
     out.append(case(
         "fields/missing-field",
@@ -700,8 +875,14 @@ def invalid_cases() -> list[Case]:
         enc(fields(subject="")), expect=err("bad_field"),
     ))
     out.append(case(
-        "fields/data-not-a-map", "data is an array.",
+        "fields/data-not-a-map", "The payload is an array, not a map.",
         enc(fields(data=[1, 2, 3])), expect=err("bad_field"),
+    ))
+    out.append(case(
+        "fields/data-inline", "The payload inside the body as 'data' (format 1's place), "
+        "besides data_digest: an unknown field.",
+        raw_map([(enc("data"), good_payload), *raw_entries(good)]),
+        payload=good_payload, expect=err("unknown_field"),
     ))
     out.append(case(
         "fields/body-not-a-map", "The body is an array, not a map.",
@@ -816,33 +997,59 @@ def invalid_cases() -> list[Case]:
     # --- envelope layout
     env_good = envelope(good, good_sig)
     be = err("bad_envelope")
+    tail = bin_(good_payload)
     out.append(case(
-        "envelope/three-elements",
-        "The array has a third element (nil): 93 .. c0.",
-        good, env=b"\x93" + env_good[1:] + b"\xc0", expect=be, split=False,
+        "envelope/four-elements",
+        "The array has a fourth element (nil): 94 .. c0.",
+        good, env=b"\x94" + env_good[1:] + b"\xc0", expect=be, split=False,
+    ))
+    out.append(case(
+        "envelope/format-1-layout",
+        "The envelope of format 1: [body, signature], no payload element (92 ..).",
+        good, env=signed_envelope(good, good_sig), expect=be, split=False,
     ))
     out.append(case(
         "envelope/signature-63-bytes",
         "The signature is 63 bytes (c4 3f ..).",
-        good, env=b"\x92" + bin_(good) + b"\xc4\x3f" + good_sig[:63], expect=be,
+        good, env=b"\x93" + bin_(good) + b"\xc4\x3f" + good_sig[:63] + tail, expect=be,
         split=False,
     ))
     out.append(case(
         "envelope/signature-as-str",
         "The signature is a str8 (d9 40 ..), not bin.",
-        good, env=b"\x92" + bin_(good) + b"\xd9\x40" + good_sig, expect=be, split=False,
+        good, env=b"\x93" + bin_(good) + b"\xd9\x40" + good_sig + tail, expect=be,
+        split=False,
     ))
     out.append(case(
         "envelope/body-as-str",
         "The body is a str8 (d9 ..), not bin.",
-        good, env=b"\x92\xd9" + bytes([len(good)]) + good + b"\xc4\x40" + good_sig,
+        good, env=b"\x93\xd9" + bytes([len(good)]) + good + b"\xc4\x40" + good_sig + tail,
         expect=be, split=False,
+    ))
+    out.append(case(
+        "envelope/payload-as-str",
+        "The payload is a str8 (d9 ..), not bin nor nil.",
+        good, env=b"\x93" + bin_(good) + b"\xc4\x40" + good_sig + b"\xd9"
+        + bytes([len(good_payload)]) + good_payload, expect=be, split=False,
+    ))
+    out.append(case(
+        "envelope/payload-as-map",
+        "The payload embedded as a msgpack map instead of bin: it must stay the exact "
+        "bytes its digest was made of.",
+        good, env=b"\x93" + bin_(good) + b"\xc4\x40" + good_sig + good_payload, expect=be,
+        split=False,
     ))
     out.append(case(
         "envelope/non-shortest-bin-header",
         "The body's length as bin16 (c5 00 LL) where bin8 (c4 LL) fits.",
-        good, env=b"\x92\xc5" + len(good).to_bytes(2, "big") + good + b"\xc4\x40" + good_sig,
-        expect=nc, split=False,
+        good, env=b"\x93\xc5" + len(good).to_bytes(2, "big") + good + b"\xc4\x40" + good_sig
+        + tail, expect=nc, split=False,
+    ))
+    out.append(case(
+        "envelope/non-shortest-payload-header",
+        "The payload's length as bin16 (c5 00 LL) where bin8 (c4 LL) fits.",
+        good, env=b"\x93" + bin_(good) + b"\xc4\x40" + good_sig + b"\xc5"
+        + len(good_payload).to_bytes(2, "big") + good_payload, expect=nc, split=False,
     ))
     out.append(case(
         "envelope/truncated",
@@ -980,6 +1187,7 @@ def sig_case(name: str, description: str, body: bytes, public_key: bytes, sig: b
         "envelope_hex": envelope(body, sig).hex(),
         "body_hex": body.hex(),
         "sig_hex": sig.hex(),
+        "payload_hex": _payload_hex(body, _AUTO),
         "id_hex": rid(body).hex() if expect == "valid" else None,
         "expect": expect,
         "equation_holds": holds,
@@ -990,7 +1198,7 @@ def _ground(public_key: bytes, r: bytes, ok: Any) -> bytes:
     """The first body of origin ``public_key`` (data.try = 0, 1, ..) whose h satisfies
     ``ok(h)``: h depends on the whole body, so a few tries meet any condition mod 8."""
     for t in range(256):
-        body = enc(fields(origin=public_key, data={"reading": 42, "try": t}))
+        body = detach(enc(fields(origin=public_key, data={"reading": 42, "try": t})))
         if ok(_h(r, public_key, body)):
             return body
     raise AssertionError("no body found")
@@ -1041,7 +1249,7 @@ def signature_edge_cases() -> list[Case]:
     # their discrete log, so no signature can satisfy the equation; refused either way.
     y3 = (_P + 3).to_bytes(32, "little")
     assert _x_of(3, 0) is not None and _x_of(2, 0) is None
-    body = enc(fields(origin=y3))
+    body = detach(enc(fields(origin=y3)))
     k = _nonce("non-canonical-key")
     out.append(sig_case(
         "signature/non-canonical-key",
@@ -1049,13 +1257,13 @@ def signature_edge_cases() -> list[Case]:
         body, y3, _encode(_mul(k, _B)) + _s(k), holds=False, expect=bs,
     ))
     y2 = (2).to_bytes(32, "little")
-    body = enc(fields(origin=y2))
+    body = detach(enc(fields(origin=y2)))
     out.append(sig_case(
         "signature/key-not-a-point",
         "origin encodes y = 2, for which no x exists: not a curve point.",
         body, y2, _encode(_mul(k, _B)) + _s(k), holds=False, expect=bs,
     ))
-    good = enc(fields(data={"reading": 42, "unit": "dB"}))
+    good = detach(enc(fields(data={"reading": 42, "unit": "dB"})))
     honest = KEY_A.sign(DOMAIN_RECORD, good)
     s_honest = int.from_bytes(honest[32:], "little")
     out.append(sig_case(
@@ -1138,7 +1346,7 @@ def _padded_proof(a: bytes, b: bytes, size: int) -> bytes:
 
 def chain_file() -> dict[str, Any]:
     def signed(key: SigningKey, **kw: Any) -> tuple[bytes, bytes]:
-        body = enc(fields(key, **kw))
+        body = detach(enc(fields(key, **kw)))
         return body, envelope(body, key.sign(DOMAIN_RECORD, body))
 
     recs: dict[str, tuple[bytes, bytes]] = {}
@@ -1244,14 +1452,19 @@ def chain_file() -> dict[str, Any]:
          "invalid"),
     ]
 
-    # The one order nodes store and send (docs/PROTOCOL.md, 'Fork proofs'), written out:
-    # same seq: the envelopes in byte order, listed at that seq; prev mismatch: the
-    # lower seq first, listed at the higher.
+    # The one form nodes store and send (docs/PROTOCOL.md, 'Fork proofs'), written out:
+    # the records without their payloads; same seq: the envelopes in byte order, listed
+    # at that seq; prev mismatch: the lower seq first, listed at the higher.
+    # The records in it as tombstones (payload nil): a proof needs no payload.
+    def tomb(name: str) -> bytes:
+        body = recs[name][0]
+        return envelope(body, KEY_A.sign(DOMAIN_RECORD, body), None)
+
     canonical = {
-        "same-seq": (fork_proof(*sorted((recs["r2"][1], recs["r2b"][1]))), 2),
-        "prev-mismatch": (proof("r2", "r3b"), 3),
-        "prev-mismatch-reversed": (proof("r2", "r3b"), 3),
-        "wrong-prev": (proof("r1", "r2x"), 2),
+        "same-seq": (fork_proof(*sorted((tomb("r2"), tomb("r2b")))), 2),
+        "prev-mismatch": (fork_proof(tomb("r2"), tomb("r3b")), 3),
+        "prev-mismatch-reversed": (fork_proof(tomb("r2"), tomb("r3b")), 3),
+        "wrong-prev": (fork_proof(tomb("r1"), tomb("r2x")), 2),
     }
     return {
         "about": (
@@ -1290,6 +1503,180 @@ def chain_file() -> dict[str, Any]:
                if e == "valid" else {})
             for n, d, p, e in proofs
         ],
+    }
+
+
+# --------------------------------------------------------------------------- payloads
+
+DAY = 86_400_000
+ERASURE_FEED = "citynode.erasures"
+ERASURE_TYPE = "citynode.Erasure"
+
+
+def _sealed_vector() -> dict[str, Any]:
+    """The sealed value of tests/core/test_sealed.py's VECTOR_HEX (same inputs and
+    random draws: SHA-256 of label || counter)."""
+    from citynode.core.sealed import seal_payload
+
+    counter = [0]
+
+    def rng(n: int) -> bytes:
+        counter[0] += 1
+        return hashlib.sha256(b"citynode/test/sealed-vector"
+                              + counter[0].to_bytes(4, "big")).digest()[:n]
+
+    return seal_payload(origin_key=KEY_A.public_key, feed="cert.alerts", seq=3,
+                        type="org.example.Notice",
+                        data={"level": "high", "text": "patch now"},
+                        subject="CVE-2025-0001", dataschema=None,
+                        recipients=[SigningKey(bytes([3]) * 32).public_key,
+                                    KEY_B.public_key], _rng=rng)
+
+
+def payloads_file() -> dict[str, Any]:
+    recs: dict[str, tuple[bytes, bytes, bytes | None, str]] = {}
+
+    def add(name: str, note: str, raw: bytes, key: SigningKey = KEY_A,
+            tombstone: bool = False) -> bytes:
+        body = detach(raw)
+        recs[name] = (body, key.sign(DOMAIN_RECORD, body),
+                      None if tombstone else _PAYLOADS[body], note)
+        return rid(body)
+
+    plain = add("plain", "A, feed 'test', seq 1: a payload with a name in it, published "
+                "by mistake", enc(fields(data={"reading": 42, "unit": "dB",
+                                              "reported_by": "J. Doe"})))
+    add("plain-tombstone", "'plain' with its payload removed (nil)",
+        enc(fields(data={"reading": 42, "unit": "dB", "reported_by": "J. Doe"})),
+        tombstone=True)
+    sealed_raw = enc(fields(feed="cert.alerts", seq=3, prev=b"\x33" * 32, type_=...,
+                            data=..., sealed=_sealed_vector()))
+    add("sealed", "A, feed 'cert.alerts', seq 3: a sealed record (the sealed value of "
+        "tests/core/test_sealed.py's vector) whose body holds sealed_digest", sealed_raw)
+    add("sealed-tombstone", "'sealed' with its payload removed", sealed_raw, tombstone=True)
+
+    def erasure(entries: list[tuple[str, int, bytes]], reason: str, *, seq: int = 1,
+                prev: bytes | None = None) -> bytes:
+        return enc(fields(feed=ERASURE_FEED, seq=seq, prev=prev, type_=ERASURE_TYPE,
+                          time=T0 + DAY, data={
+                              "erase": [{"feed": f, "seq": q, "id": i} for f, q, i in entries],
+                              "reason": reason}))
+
+    er = add("erasure", "A's erasure request (feed citynode.erasures, seq 1) naming "
+             "'plain' at (test, 1)", erasure([("test", 1, plain)],
+                                              "personal data published by mistake"))
+    add("erasure-wrong-id", "A's erasure request (seq 2) naming (test, 1) with an id "
+        "that is not the record held there (44 * 32)",
+        erasure([("test", 1, b"\x44" * 32)], "wrong id", seq=2, prev=er))
+    add("erasure-by-b", "B's erasure request naming (test, 1) with the id of A's "
+        "'plain': an entry names a position of the signer's own feeds, so this names "
+        "B's (test, 1), never A's record", erasure([("test", 1, plain)], "not mine"),
+        key=KEY_B)
+    add("erasure-tombstone", "'erasure' with its payload removed",
+        erasure([("test", 1, plain)], "personal data published by mistake"),
+        tombstone=True)
+
+    invalid: list[tuple[str, str, bytes, str]] = []
+    body, sig, _payload, _n = recs["plain"]
+    invalid.append(("payload-mismatch", "'plain' with the payload of another record "
+                    "({reading: 42, unit: dB}): the digest in the body does not match",
+                    envelope(body, sig, enc({"reading": 42, "unit": "dB"})),
+                    "payload_mismatch"))
+    for name, note, raw in (
+        ("erasure-names-erasure-feed", "An erasure request naming a position of "
+         "citynode.erasures: an erasure request is never erased",
+         erasure([(ERASURE_FEED, 1, b"\x55" * 32)], "x")),
+        ("erasure-no-entries", "An erasure request naming nothing",
+         erasure([], "x")),
+        ("erasure-same-position-twice", "An erasure request naming (test, 1) twice",
+         erasure([("test", 1, plain), ("test", 1, b"\x44" * 32)], "x")),
+        ("erasure-empty-reason", "An erasure request whose reason is empty",
+         erasure([("test", 1, plain)], "")),
+        ("erasure-in-other-feed", "type citynode.Erasure in feed 'test'",
+         enc(fields(type_=ERASURE_TYPE, data={"erase": [{"feed": "test", "seq": 1,
+                                                          "id": plain}], "reason": "x"}))),
+        ("other-type-in-erasure-feed", "A record of type org.example.Test in feed "
+         "citynode.erasures", enc(fields(feed=ERASURE_FEED))),
+    ):
+        b = detach(raw)
+        invalid.append((name, note, envelope(b, KEY_A.sign(DOMAIN_RECORD, b)), "bad_erasure"))
+
+    def ingest(name: str, note: str, record: str, expect: str | dict[str, str], *,
+               held: list[str] | None = None, batch: list[str] | None = None,
+               retention_days: int | None = None, now: int = NOW) -> dict[str, Any]:
+        return {"name": name, "description": note, "record": record,
+                "erasures_held": held or [], "same_batch": batch or [],
+                "retention_days": retention_days, "now_ms": now, "expect": expect}
+
+    missing = err("payload_missing")
+    cases = [
+        ingest("full-record", "'plain' with its payload, nothing else held", "plain",
+               "stored"),
+        ingest("tombstone-alone", "a tombstone with no request behind it, no retention",
+               "plain-tombstone", missing),
+        ingest("tombstone-erasure-held", "the tombstone, with A's erasure request held",
+               "plain-tombstone", "erased", held=["erasure"]),
+        ingest("tombstone-erasure-same-batch", "the tombstone, A's erasure request "
+               "arriving in the same batch", "plain-tombstone", "erased", batch=["erasure"]),
+        ingest("tombstone-erasure-by-other", "the tombstone, with B's erasure request "
+               "naming A's id held: not the origin's request", "plain-tombstone", missing,
+               held=["erasure-by-b"]),
+        ingest("tombstone-erasure-wrong-id", "the tombstone, with an erasure request "
+               "naming its position under another id", "plain-tombstone", missing,
+               held=["erasure-wrong-id"]),
+        ingest("tombstone-past-retention", "retention 30 days, now 31 days after the "
+               "record's time", "plain-tombstone", "pruned", retention_days=30,
+               now=T0 + 31 * DAY),
+        ingest("tombstone-within-retention", "retention 30 days, now 29 days after the "
+               "record's time", "plain-tombstone", missing, retention_days=30,
+               now=T0 + 29 * DAY),
+        ingest("sealed-tombstone-alone", "a sealed record's tombstone, nothing behind it",
+               "sealed-tombstone", missing),
+        ingest("erasure-tombstone-past-retention", "an erasure request without its "
+               "payload, far past the feed's retention: never erased nor pruned",
+               "erasure-tombstone", missing, retention_days=1, now=T0 + 400 * DAY),
+        ingest("full-record-erasure-held", "'plain' with its payload arriving after A's "
+               "erasure request: stored as a tombstone (the payload dropped at ingest, "
+               "after verification)", "plain", "erased", held=["erasure"]),
+    ]
+    applying = [
+        {"name": "erasure-drops-payload", "description": "A's erasure request arrives at a "
+         "node holding 'plain' with its payload", "held": ["plain"], "erasure": "erasure",
+         "expect": {"dropped": ["plain"], "ignored": []}},
+        {"name": "erasure-wrong-id", "description": "an erasure request naming (test, 1) "
+         "under another id: that entry is ignored and counted", "held": ["plain"],
+         "erasure": "erasure-wrong-id",
+         "expect": {"dropped": [], "ignored": [{"feed": "test", "seq": 1,
+                                                "reason": "erasure_mismatch"}]}},
+        {"name": "erasure-by-other-origin", "description": "B's erasure request naming A's "
+         "record's id: it names B's (test, 1), not held; A's record stays whole",
+         "held": ["plain"], "erasure": "erasure-by-b",
+         "expect": {"dropped": [], "ignored": []}},
+    ]
+    return {
+        "about": (
+            "citynode payload vectors (docs/PROTOCOL.md, 'Payloads, retention and "
+            "erasure'). 'records': envelopes valid on their own (a null payload_hex is a "
+            "tombstone), with their ids. 'invalid': envelopes refused with expect.error. "
+            "'ingest': whether a node takes 'record' (verified) given the erasure "
+            "requests it holds, those arriving in the same batch, the retention its "
+            "origin declares for the feed (days, or null) and now_ms: 'stored' (with its "
+            "payload), 'erased' or 'pruned' (stored as a tombstone), or {'error': "
+            "reason} (nothing stored). 'erasures': an erasure request arriving at a node "
+            "holding 'held' (with payloads): which payloads it drops, which entries it "
+            "ignores."
+        ),
+        "generator": "tests/vectors/generate.py",
+        "records": {
+            name: {"description": note, "envelope_hex": envelope(b, sg, pl).hex(),
+                   "body_hex": b.hex(), "sig_hex": sg.hex(),
+                   "payload_hex": None if pl is None else pl.hex(), "id_hex": rid(b).hex()}
+            for name, (b, sg, pl, note) in recs.items()
+        },
+        "invalid": [{"name": n, "description": d, "envelope_hex": e.hex(),
+                     "now_ms": NOW + DAY, "expect": err(r)} for n, d, e, r in invalid],
+        "ingest": cases,
+        "erasures": applying,
     }
 
 
@@ -1460,7 +1847,7 @@ def _checkpoint(key: SigningKey, feed: str, size: int, root: bytes, time: int,
     f: dict[str, Any] = {"kind": "checkpoint", "version": 1, "origin": key.public_key,
                          "feed": feed, "size": size, "root": root, "time": time, **over}
     body = enc(f)
-    return envelope(body, key.sign(DOMAIN_CHECKPOINT, body))
+    return signed_envelope(body, key.sign(DOMAIN_CHECKPOINT, body))
 
 
 def checkpoints_file() -> dict[str, Any]:
@@ -1599,6 +1986,7 @@ def build() -> dict[str, str]:
         "checkpoints.json": dumps(checkpoints_file()),
         "sync.json": dumps(sync_file()),
         "cards.json": dumps(cards_file()),
+        "payloads.json": dumps(payloads_file()),
     }
 
 

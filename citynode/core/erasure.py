@@ -1,0 +1,118 @@
+"""Erasure requests, retention, and when a node takes a record without its payload. Pure.
+
+A record's payload travels beside its signed body (core/records.py), so a node may hold
+a record as a **tombstone**: body and signature whole (id, chain link and checkpoint
+inclusion still verify), payload gone. A payload goes for one of two reasons
+(docs/PROTOCOL.md, "Payloads, retention and erasure"):
+
+* **erased**: the origin published an erasure request, a record of type
+  ``citynode.Erasure`` in its feed ``citynode.erasures``, naming the record's exact
+  position and id. Only the origin's own request counts: an entry names a position of
+  the signer's feeds, so nobody can erase another node's record.
+* **pruned**: the record is older than the retention its origin declares for the feed
+  (``retention_days`` in its signed card; for our own feeds, node.toml), so every node
+  drops the payload.
+
+A tombstone arriving from outside is taken only if one of these holds; otherwise it is
+refused with ``payload_missing`` and nothing is stored (:func:`tombstone_verdict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from citynode.core.records import Record
+from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, validate_erasure
+from citynode.errors import InvalidRecord
+
+__all__ = [
+    "DAY_MS",
+    "MAX_RETENTION_DAYS",
+    "Erasure",
+    "erasures_in",
+    "past_retention",
+    "retention_cutoff",
+    "tombstone_verdict",
+]
+
+DAY_MS = 86_400_000
+#: The largest retention a feed may declare (100 years): bounds arithmetic on it.
+MAX_RETENTION_DAYS = 36_500
+
+
+class Erasure(NamedTuple):
+    """One position an erasure request names: ``origin``'s ``feed`` at ``seq`` holds the
+    record ``id``; ``by`` is the id of the erasure request."""
+
+    origin: bytes
+    feed: str
+    seq: int
+    id: bytes
+    by: bytes
+
+
+def is_erasure(rec: Record) -> bool:
+    """True if ``rec`` is an erasure request with its payload (what has effect)."""
+    return rec.type == ERASURE_TYPE and rec.feed == ERASURE_FEED and rec.payload is not None
+
+
+def erasures_in(records: Iterable[Record]) -> list[Erasure]:
+    """Every position named by the erasure requests among ``records`` (verified records:
+    their payload was validated, so this does not raise)."""
+    out = []
+    for r in records:
+        if is_erasure(r):
+            out += [Erasure(r.origin, f, s, i, r.id) for f, s, i in validate_erasure(r.data)]
+    return out
+
+
+def retention_cutoff(retention_days: int, now_ms: int) -> int:
+    """Records dated before this instant are past a retention of ``retention_days``."""
+    return now_ms - retention_days * DAY_MS
+
+
+def past_retention(time_ms: int, retention_days: int | None, now_ms: int) -> bool:
+    """Is a record dated ``time_ms`` past its feed's retention at ``now_ms``? (Never when
+    the feed declares none.)"""
+    return retention_days is not None and time_ms < retention_cutoff(retention_days, now_ms)
+
+
+def tombstone_verdict(
+    rec: Record,
+    *,
+    erased: Mapping[bytes, bytes],
+    retention_days: int | None,
+    now_ms: int,
+) -> str:
+    """Why a node may take ``rec``, a verified tombstone: ``"erased"`` or ``"pruned"``.
+
+    ``erased`` maps record ids to the erasure request that names that exact record at
+    its position, signed by its origin (as held, or arriving in the same batch);
+    ``retention_days`` is what the origin declares for the feed (None: no retention).
+    Raises :class:`InvalidRecord` ``payload_missing`` when neither holds: a tombstone
+    with no request behind it, which would let a relay withhold a payload and pass the
+    skeleton off as an erasure. An erasure request itself is never erased nor pruned.
+    """
+    if rec.feed != ERASURE_FEED:
+        if rec.id in erased:
+            return "erased"
+        if past_retention(rec.time, retention_days, now_ms):
+            return "pruned"
+    raise InvalidRecord(
+        f"record seq {rec.seq} of feed {rec.feed!r} came without its payload, but no "
+        "erasure request of its origin names it and it is within its feed's retention",
+        "payload_missing",
+    )
+
+
+def named_by(erasures: Iterable[Erasure], records: Iterable[Record]) -> dict[bytes, bytes]:
+    """Record id -> erasure request id, for each of ``records`` that one of
+    ``erasures`` names exactly (same origin, feed, seq and id)."""
+    index = {(e.origin, e.feed, e.seq, e.id): e.by for e in erasures}
+    out = {}
+    for r in records:
+        by = index.get((r.origin, r.feed, r.seq, r.id))
+        if by is not None:
+            out[r.id] = by
+    return out
