@@ -293,9 +293,11 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
         return
     _table(
         f"{len(recs)} record(s)",
-        ["cursor", "origin", "feed", "seq", "time", "type", "subject", "id"],
+        ["cursor", "origin", "feed", "seq", "time", "type", "subject", "id", "payload"],
         [[r["cursor"], r["origin"][:14] + "…", r["feed"], r["seq"], r["time_iso"], r["type"],
-          r.get("subject"), r["id"][:16] + "…"] for r in recs],
+          r.get("subject"), r["id"][:16] + "…",
+          "erased" if "erased" in r else "pruned" if r.get("pruned") else "held"]
+         for r in recs],
     )
 
 

@@ -942,6 +942,8 @@ class Storage:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA temp_store=MEMORY")
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB
+            # An erased payload's bytes are overwritten, not left in a free page.
+            conn.execute("PRAGMA secure_delete=ON")
             _migrate(conn, path)
             if rewrite:
                 _compact(conn, path)
@@ -1184,7 +1186,11 @@ class Storage:
         erasures: their pages are free inside the file until this runs."""
         def run(conn: sqlite3.Connection) -> int:
             before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-            conn.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
+            n = before if max_pages <= 0 else min(before, max_pages)
+            # Each step of the pragma frees one page, and Python's sqlite3 steps a
+            # statement that returns no row once: one execute per page.
+            for _ in range(n):
+                conn.execute("PRAGMA incremental_vacuum(1)")
             return before - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
 
         return self._submit(run)

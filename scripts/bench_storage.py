@@ -14,6 +14,12 @@ proportional to chains and partners, not to records); disk <= 1.5 x envelope byt
 publish rate at the end >= 0.8 x the rate at the start. The last line is one JSON
 object with the figures and ``pass`` per target.
 
+Then retention (issue 13, point 3): with the node stopped, every record is pruned as a
+retention that they are all past would (``Storage.prune`` in bounded batches, as the
+node's prune task does, then ``Storage.reclaim``), and the database size before and
+after is printed, in bytes and per record: the skeletons (signed bodies, the chain, the
+Merkle tree, the indexes) stay, the payloads go. ``--no-prune`` skips it.
+
 A 10M run (RSS must stay flat from 1M to 10M; about 30-60 minutes on a 2-core machine
 and ~6 GB of disk under $TMPDIR)::
 
@@ -114,10 +120,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         st_.close()
     final_disk = disk_bytes(db)
+    pruned = None if args.no_prune else prune_all(db)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return {"idle_rss": idle, "at": at, "rate0": rate0, "count": count,
-            "env_bytes": env_bytes, "final_disk": final_disk}
+            "env_bytes": env_bytes, "final_disk": final_disk, "prune": pruned}
+
+
+def prune_all(db: Path) -> dict[str, Any]:
+    """Prune every payload of the database (a retention every record is past), give the
+    pages back, and measure the file before and after (each after a clean close)."""
+    before = disk_bytes(db)
+    st = Storage.open(db)
+    t = time.perf_counter()
+    dropped = 0
+    try:
+        for (origin, feed) in st.heads():
+            after: int | None = 0
+            while after is not None:
+                n, after = st.prune(origin, feed, 2**62, after_seq=after,
+                                    limit=5000).result()
+                dropped += n
+        freed_pages = st.reclaim().result()
+        seconds = time.perf_counter() - t
+        erased, pruned = st.tombstones()
+        count = st.count()
+    finally:
+        st.close()
+    after_bytes = disk_bytes(db)
+    return {"records": count, "dropped": dropped, "pruned": pruned, "erased": erased,
+            "pages_freed": freed_pages, "seconds": seconds,
+            "before_bytes": before, "after_bytes": after_bytes}
 
 
 def main() -> None:
@@ -131,6 +164,8 @@ def main() -> None:
     ap.add_argument("--checkpoint-seconds", type=float, default=10.0)
     ap.add_argument("--dir", default=None, help="where the node's data directory goes")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    ap.add_argument("--no-prune", action="store_true",
+                    help="skip pruning every payload by retention at the end")
     args = ap.parse_args()
     r = asyncio.run(run(args))
     n, at = args.records, r["at"]
@@ -171,6 +206,23 @@ def main() -> None:
         },
         "python": sys.version.split()[0],
     }
+    p = r["prune"]
+    if p is not None:
+        c = max(p["records"], 1)
+        print(f"retention: pruned {p['dropped']:,} payloads in {p['seconds']:.1f} s; database "
+              f"{p['before_bytes'] / MB:.1f} MB ({p['before_bytes'] / c:.0f} B/record) before, "
+              f"{p['after_bytes'] / MB:.1f} MB ({p['after_bytes'] / c:.0f} B/record) after = "
+              f"{p['after_bytes'] / max(p['before_bytes'], 1):.2f} x")
+        figures["prune"] = {
+            "records": p["records"], "payloads_dropped": p["dropped"],
+            "pruned": p["pruned"], "seconds": round(p["seconds"], 2),
+            "pages_freed": p["pages_freed"],
+            "db_bytes_before": p["before_bytes"], "db_bytes_after": p["after_bytes"],
+            "bytes_per_record_before": round(p["before_bytes"] / c, 1),
+            "bytes_per_record_after": round(p["after_bytes"] / c, 1),
+            "ratio": round(p["after_bytes"] / max(p["before_bytes"], 1), 3),
+        }
+        figures["pass"]["prune_shrinks"] = p["after_bytes"] < p["before_bytes"]
     print(json.dumps(figures))
 
 

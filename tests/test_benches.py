@@ -78,6 +78,10 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
         assert figures["records"] == 3000
         assert figures["envelope_bytes_per_record"] > 100
         assert set(figures["rss_mb"]) == {"3000"}
+        # Then every payload pruned by retention: all gone, the file smaller.
+        p = figures["prune"]
+        assert p["payloads_dropped"] == p["pruned"] == p["records"] == 3000
+        assert p["db_bytes_after"] < p["db_bytes_before"]
     if script == "bench_bridge.py":
         # Every message became exactly one record (the bridge's promise, measured).
         assert figures["exactly_once"] is True

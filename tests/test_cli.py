@@ -833,3 +833,27 @@ def test_egress_policy_applies_before_signing_and_policy_check_shows_it(
     publish(node_dir, "other", AIR_TYPE, [air(1.0)])
     (other,) = ok_json("records", "-d", d, "--feed", "other", "--json")["records"]
     assert other["data"]["location"]["coordinates"] == [106.8230, -6.1950]
+
+
+def test_erase_drops_the_payload_keeps_the_record_and_refuses_what_it_cannot_erase(
+        node_dir: Path) -> None:
+    """``citynode erase`` on a stopped node (the operator API in process): the record is
+    then a tombstone saying why; the erasure request is a record of feed
+    citynode.erasures; an id not held, or of the request itself, is refused in one line."""
+    d = str(node_dir)
+    ids = publish(node_dir, "air", AIR_TYPE, [air(1.0), air(2.0)])
+    out = ok_json("erase", "-d", d, "--id", ids[0], "--reason", "wrong station", "--json")
+    assert out["erased"] == [ids[0]] and out["seq"] == 1
+    recs = {r["id"]: r for r in ok_json("records", "-d", d, "--json")["records"]}
+    assert recs[ids[0]]["erased"] == {"by": out["id"], "reason": "wrong station"}
+    assert "data" not in recs[ids[0]] and recs[ids[1]]["data"]["pm25"] == 2.0
+    assert recs[out["id"]]["feed"] == "citynode.erasures"
+    assert recs[out["id"]]["data"]["reason"] == "wrong station"
+    table = ok("records", "-d", d).stdout
+    assert "erased" in table and "held" in table
+    line = one_line_error(cli("erase", "-d", d, "--id", "ab" * 32, "--reason", "x"))
+    assert "not held here" in line
+    line = one_line_error(cli("erase", "-d", d, "--id", out["id"], "--reason", "x"))
+    assert "never erased" in line
+    r = cli("erase", "-d", d, "--id", "xyz", "--reason", "x")
+    assert r.exit_code == 2 and "not a record id" in r.output

@@ -59,7 +59,7 @@ from citynode.core.checkpoints import (
     verify_inclusion,
 )
 from citynode.core.keys import SigningKey, Verifier, parse_node_id
-from citynode.core.records import Record, decode_record, open_record
+from citynode.core.records import Record, decode_record, open_record, with_payload
 from citynode.core.sealed import is_recipient
 from citynode.errors import PeerRejected
 from citynode.identity import load_identity
@@ -596,15 +596,17 @@ def _held_rows(n: LocalNode, origin: str) -> dict[str, list[tuple[int, str, byte
     """(seq, stored type, envelope) per feed of ``origin`` in the node's SQLite file."""
     db = sqlite3.connect(f"file:{n.dir / 'citynode.db'}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT c.feed, r.seq, t.type, r.envelope FROM records AS r"
-                          " JOIN chains AS c ON c.id = r.chain JOIN types AS t"
-                          " ON t.id = r.type_id WHERE c.origin = ? ORDER BY c.feed, r.seq",
+        # the skeleton and, in its own table, the payload (storage.py, schema v4)
+        rows = db.execute("SELECT c.feed, r.seq, t.type, r.envelope, p.payload FROM records"
+                          " AS r JOIN chains AS c ON c.id = r.chain JOIN types AS t"
+                          " ON t.id = r.type_id LEFT JOIN payloads AS p ON p.rowid = r.rowid"
+                          " WHERE c.origin = ? ORDER BY c.feed, r.seq",
                           (parse_node_id(origin),)).fetchall()
     finally:
         db.close()
     out: dict[str, list[tuple[int, str, bytes]]] = {}
-    for feed, seq, type_, env in rows:
-        out.setdefault(feed, []).append((seq, type_, bytes(env)))
+    for feed, seq, type_, env, payload in rows:
+        out.setdefault(feed, []).append((seq, type_, with_payload(bytes(env), payload)))
     return out
 
 

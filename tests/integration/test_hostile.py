@@ -27,7 +27,7 @@ from citynode.cli import main as cli_main
 from citynode.cluster import Cluster, LocalNode, set_config
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
-from citynode.core.records import Record, encode_envelope, make_body, sign_record
+from citynode.core.records import Record, encode_record, make_body, sign_record
 from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
 from tests.conftest import InProc, eventually
@@ -168,22 +168,28 @@ async def test_tampered_and_forged_records_are_rejected_and_counted(
         h, y = ar.h, ar.y
         r1 = ar.sign("x", 1, None, {"n": 1, "s": "aaaa"})
         r2 = ar.sign("x", 2, r1.id, {"n": 2, "s": "aaaa"})
-        body = r2.body.replace(b"aaaa", b"aaab")
+        body = r2.body.replace(b"\xa4feed\xa1x", b"\xa4feed\xa1y")
         assert body != r2.body
-        tampered_body = encode_envelope(body, r2.sig)
-        tampered_sig = encode_envelope(r2.body, r2.sig[:10] + bytes([r2.sig[10] ^ 1])
-                                       + r2.sig[11:])
+        tampered_body = encode_record(body, r2.sig, r2.payload)
+        tampered_sig = encode_record(r2.body, r2.sig[:10] + bytes([r2.sig[10] ^ 1])
+                                     + r2.sig[11:], r2.payload)
         # claims Y's origin (which H accepts), signed with X's key
-        forged_body = make_body(origin=parse_node_id(y.node_id), feed="test", seq=10_000,
-                                prev=b"\x01" * 32, time_ms=ar.x.node.now_ms(), type=TYPE,
-                                data={"n": 666})
-        forged = encode_envelope(forged_body, ar.x.node.key.sign(DOMAIN_RECORD, forged_body))
+        forged_body, forged_payload = make_body(
+            origin=parse_node_id(y.node_id), feed="test", seq=10_000, prev=b"\x01" * 32,
+            time_ms=ar.x.node.now_ms(), type=TYPE, data={"n": 666})
+        forged = encode_record(forged_body, ar.x.node.key.sign(DOMAIN_RECORD, forged_body),
+                               forged_payload)
         garbage = b"\x00" * 80
+        # the signed body whole, the payload beside it not the one its digest names
+        tampered_payload = encode_record(r2.body, r2.sig, r2.payload.replace(b"aaaa", b"aaab"))
         out = await ar.client.push([r1.envelope, tampered_body, tampered_sig, forged, garbage])
         assert summary(out) == {
             "accepted": 1, "duplicates": 0, "pending": 0, "forks": 0,
             "rejected": [[1, "bad_signature"], [2, "bad_signature"], [3, "bad_signature"],
                          [4, "bad_envelope"]]}, out
+        # (alone: in one batch it would be a copy of tampered_sig's id, checked once)
+        out = await ar.client.push([tampered_payload])
+        assert out["rejected"] == [[0, "payload_mismatch"]] and out["accepted"] == 0, out
         # the genuine record the tampered copies came from is still accepted
         out = await ar.client.push([r2.envelope])
         assert out["accepted"] == 1 and out["rejected"] == [], out
@@ -194,14 +200,15 @@ async def test_tampered_and_forged_records_are_rejected_and_counted(
                             operator=True)
             assert e.value.status == 404
         assert (await state(h))[(ar.xid, "x")] == (2, 2)
-        assert await invalid(h, ar.xid) == {"bad_signature": 3, "bad_envelope": 1}
+        assert await invalid(h, ar.xid) == {"bad_signature": 3, "bad_envelope": 1,
+                                            "payload_mismatch": 1}
         m = await metrics(h)
-        for reason, n in [("bad_signature", 3), ("bad_envelope", 1)]:
+        for reason, n in [("bad_signature", 3), ("bad_envelope", 1), ("payload_mismatch", 1)]:
             assert total(m, "citynode_partner_invalid_total", partner="Mallory",
                          reason=reason) == n, reason
             assert total(m, "citynode_records_rejected_total", reason=reason) == n, reason
-        assert total(m, "citynode_partner_invalid_total") == 4
-        assert total(m, "citynode_records_rejected_total") == 4
+        assert total(m, "citynode_partner_invalid_total") == 5
+        assert total(m, "citynode_records_rejected_total") == 5
 
     # Y never saw any of it; it holds X's two genuine records, relayed by H.
     sy = await state(y)
@@ -240,7 +247,8 @@ async def test_equivocation_keeps_the_first_and_spreads_the_proof(
             assert (entry["origin"], entry["feed"], entry["seq"], entry["kind"]) == \
                 (ar.xid, "evil", 1, "fork"), entry
             p = ForkProof.decode(base64.b64decode(entry["proof"]))
-            assert {p.a, p.b} == {first.envelope, second.envelope}
+            # the canonical proof: both records without their payloads
+            assert {p.a, p.b} == {encode_record(r.body, r.sig, None) for r in (first, second)}
             a, b = verify_fork_proof(p, Verifier())
             assert {a.id, b.id} == {first.id, second.id}
 

@@ -1556,8 +1556,8 @@ def payloads_file() -> dict[str, Any]:
     add("sealed-tombstone", "'sealed' with its payload removed", sealed_raw, tombstone=True)
 
     def erasure(entries: list[tuple[str, int, bytes]], reason: str, *, seq: int = 1,
-                prev: bytes | None = None) -> bytes:
-        return enc(fields(feed=ERASURE_FEED, seq=seq, prev=prev, type_=ERASURE_TYPE,
+                prev: bytes | None = None, key: SigningKey = KEY_A) -> bytes:
+        return enc(fields(key, feed=ERASURE_FEED, seq=seq, prev=prev, type_=ERASURE_TYPE,
                           time=T0 + DAY, data={
                               "erase": [{"feed": f, "seq": q, "id": i} for f, q, i in entries],
                               "reason": reason}))
@@ -1570,8 +1570,8 @@ def payloads_file() -> dict[str, Any]:
         erasure([("test", 1, b"\x44" * 32)], "wrong id", seq=2, prev=er))
     add("erasure-by-b", "B's erasure request naming (test, 1) with the id of A's "
         "'plain': an entry names a position of the signer's own feeds, so this names "
-        "B's (test, 1), never A's record", erasure([("test", 1, plain)], "not mine"),
-        key=KEY_B)
+        "B's (test, 1), never A's record",
+        erasure([("test", 1, plain)], "not mine", key=KEY_B), key=KEY_B)
     add("erasure-tombstone", "'erasure' with its payload removed",
         erasure([("test", 1, plain)], "personal data published by mistake"),
         tombstone=True)

@@ -1,0 +1,165 @@
+"""Erasure and retention across real nodes over HTTPS (in process, real TLS on 127.0.0.1).
+
+A line A - B - C: C is no partner of A and gets A's records through B. A publishes, B
+and C hold the records; A erases one (``Node.erase``, what ``citynode erase`` calls):
+the erasure request travels by gossip like any record, and B and C drop that payload
+and keep its tombstone. Queries and streams show the tombstone with its reason; a
+bundle exported at C audits clean with the erased record reported; a tombstone pushed
+with no request behind it is refused. Retention declared in A's card prunes at B and C
+too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from citynode.audit import audit_bundle
+from citynode.bundle import export_from_storage
+from citynode.core.records import encode_record, sign_record
+from citynode.core.types import ERASURE_FEED
+from citynode.errors import PublishRefused
+from citynode.node import Node
+from citynode.transport.server import serve
+from tests.conftest import InProc, eventually, make_node_dir
+
+DAY = 86_400_000
+REASON = "a resident's name was published by mistake"
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[InProc]]]:
+    """Factory: a node serving HTTPS in process, with extra node.toml text."""
+    made: list[InProc] = []
+
+    async def make(name: str, toml: str = "") -> InProc:
+        d = make_node_dir(tmp_path, name)
+        with open(d / "node.toml", "a") as f:
+            f.write(toml)
+        n = Node.load(d)
+        await n.start()
+        runner = await serve(n, host="127.0.0.1", port=n.config.node.listen_port)
+        made.append(InProc(n, runner))
+        return made[-1]
+
+    yield make
+    for n in reversed(made):
+        await n.close()
+
+
+async def _json(n: InProc, path: str) -> Any:
+    async with n.session.get(f"{n.url}{path}", headers={"Accept": "application/json",
+                                                         **n.auth()}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def _stream(n: InProc, query: str, want: int) -> list[dict[str, Any]]:
+    """The JSON records of ``/v1/stream?query`` until ``want`` have come."""
+    out: list[dict[str, Any]] = []
+    async with n.session.get(f"{n.url}/v1/stream?{query}",
+                             headers={"Accept": "text/event-stream", **n.auth()},
+                             timeout=aiohttp.ClientTimeout(total=30)) as r:
+        assert r.status == 200
+        buf = b""
+        while len(out) < want:
+            buf += await r.content.readany()
+            *events, buf = buf.split(b"\r\n\r\n")
+            for ev in events:
+                fields = dict(line.split(b": ", 1) for line in ev.split(b"\r\n")
+                              if b": " in line)
+                if b"data" in fields:
+                    out.append(json.loads(fields[b"data"]))
+    return out
+
+
+async def test_an_erasure_reaches_every_holder_and_retention_prunes_at_partners(
+        node: Callable[..., Awaitable[InProc]], tmp_path: Path) -> None:
+    a = await node("Aachen", '\n[feeds.reports]\naccess = "public"\n'
+                             '\n[feeds.daily]\naccess = "public"\nretention_days = 1\n')
+    b = await node("Bonn")
+    c = await node("Celle")
+    for x, y in ((a, b), (b, a), (b, c), (c, b)):
+        await x.node.add_partner(y.url, y.node.node_id)
+    assert [f.retention_days for f in a.node.card().feeds] == [1, None]  # daily, reports
+    origin = a.node.public_key
+    reports = await a.node.publish("reports", "org.example.Report",
+                                   [{"n": i, "reported_by": f"person {i}"} for i in (1, 2, 3)])
+    daily = await a.node.publish("daily", "org.example.Daily", [{"n": 1}, {"n": 2}])
+
+    async def holds(n: InProc, feed: str, seq: int) -> bool:
+        return n.node.seq((origin, feed)) >= seq
+
+    for n in (b, c):
+        await eventually(lambda n=n: holds(n, "reports", 3), timeout=30)
+        await eventually(lambda n=n: holds(n, "daily", 2), timeout=30)
+    victim = reports[1]
+    assert c.node.storage.get_envelope(victim.id) == victim.envelope
+
+    # Only the origin can erase its record.
+    with pytest.raises(PublishRefused, match="only its origin"):
+        await b.node.erase([victim.id], REASON)
+    request = await a.node.erase([victim.id], REASON)
+    assert request.feed == ERASURE_FEED and request.origin == origin
+
+    async def erased(n: InProc) -> bool:
+        return n.node.storage.erasure_of(victim.id) == (request.id, REASON)
+
+    for n in (a, b, c):
+        await eventually(lambda n=n: erased(n), timeout=30)
+        env = n.node.storage.get_envelope(victim.id)
+        assert env is not None and env == encode_record(victim.body, victim.sig, None)
+        assert n.node.storage.get_envelope(reports[0].id) == reports[0].envelope
+
+    # Queries and streams at C show the tombstone, with its reason, among the others.
+    page = await _json(c, f"/v1/records?origin={a.node.node_id}&feed=reports")
+    by_seq = {r["seq"]: r for r in page["records"]}
+    assert sorted(by_seq) == [1, 2, 3]
+    assert by_seq[2]["erased"] == {"by": request.id.hex(), "reason": REASON}
+    assert "data" not in by_seq[2] and by_seq[2]["id"] == victim.id.hex()
+    assert by_seq[1]["data"]["n"] == 1 and "erased" not in by_seq[1]
+    one = await _json(c, f"/v1/records/{victim.id.hex()}")
+    assert one["erased"]["reason"] == REASON
+    events = await _stream(c, f"origin={a.node.node_id}&feed=reports&after=0", 3)
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    assert events[1]["erased"]["by"] == request.id.hex() and "data" not in events[1]
+
+    # An auditor's bundle exported at C verifies across the tombstone and reports it.
+    out = tmp_path / "a.bundle"
+    export_from_storage(c.node.storage, origin, None, out,
+                        card=a.node.card().envelope, now_ms=c.node.now_ms())
+    rep = audit_bundle(out, a.node.node_id, now_ms=c.node.now_ms())
+    assert rep.ok, rep.render_text()
+    assert rep.feeds["reports"].erased == 1 and rep.feeds["reports"].records == 3
+    [tomb] = rep.tombstones
+    assert (tomb.feed, tomb.seq, tomb.id, tomb.by, tomb.reason) == (
+        "reports", 2, victim.id, request.id, REASON)
+    assert "1 erased" in rep.render_text()
+
+    # A tombstone with no request behind it is refused, and nothing of it is stored.
+    fresh = sign_record(a.node.key, feed="reports", seq=4, prev=reports[2].id,
+                        time_ms=a.node.now_ms(), type="org.example.Report", data={"n": 4})
+    link = c.node.links[b.node.public_key]
+    res = await c.node.ingest([encode_record(fresh.body, fresh.sig, None)], source=link)
+    assert res.rejected == [(0, "payload_missing")] and res.accepted == 0
+    assert c.node.storage.get_envelope(fresh.id) is None
+    assert link.invalid.get("payload_missing") == 1  # counted against the partner
+
+    # Retention: A's card declares 1 day for "daily"; two days on, every holder prunes it
+    # (A by its node.toml, B and C by A's card), and "reports" (no retention) stays.
+    later = a.node.now_ms() + 2 * DAY
+    for n in (a, b, c):
+        assert await n.node.prune(now_ms=later) == 2
+        assert await n.node.prune(now_ms=later) == 0
+        for r in daily:
+            assert n.node.storage.get_envelope(r.id) == encode_record(r.body, r.sig, None)
+        assert n.node.storage.get_envelope(reports[2].id) == reports[2].envelope
+    page = await _json(c, f"/v1/records?origin={a.node.node_id}&feed=daily")
+    assert [r.get("pruned") for r in page["records"]] == [True, True]
+    # A pruned skeleton from a partner is taken once past retention (not before).
+    assert c.node.storage.tombstones() == (1, 2)
