@@ -76,15 +76,17 @@ def t_envelope(data: bytes) -> None:
 
     verifier = Verifier()
 
-    def split() -> tuple[bytes, bytes]:
-        return records.decode_envelope(data)
+    def split() -> tuple[bytes, bytes, bytes | None]:
+        return records.decode_record(data)
 
     kind, parts = _verdict(split)
     if kind != "ok":
         return
-    body, sig = parts[0], parts[1]
-    one = _verdict(lambda: records.open_record(body, sig, now_ms=NOW_MS, verifier=verifier))
-    batch = records.open_records([(body, sig, None)], now_ms=NOW_MS, verifier=verifier)[0]
+    body, sig, payload = parts[0], parts[1], parts[2]
+    one = _verdict(lambda: records.open_record(body, sig, payload, now_ms=NOW_MS,
+                                               verifier=verifier))
+    batch = records.open_records([(body, sig, payload, None)], now_ms=NOW_MS,
+                                 verifier=verifier)[0]
     two = ("refused", batch.reason) if isinstance(batch, Exception) else ("ok", batch)
     if one[0] != two[0] or (one[0] == "refused" and one[1] != two[1]):
         raise Disagreement(f"open_record says {one[:1]} {one[1] if one[0] != 'ok' else ''}, "
@@ -94,14 +96,17 @@ def t_envelope(data: bytes) -> None:
 
 
 def t_body(data: bytes) -> None:
-    """A record body alone (no signature to stop the fuzzer early): field rules and
-    payload validation."""
-    from citynode.core import records
-    from citynode.core.types import validate_payload
+    """A record body alone (no signature to stop the fuzzer early): field rules; and
+    the same bytes as a payload (format 2 carries it beside the body): its decoding and
+    validation as a built-in type and as an erasure request."""
+    from citynode.core import encoding, records
+    from citynode.core.types import ERASURE_TYPE, validate_payload
 
-    kind, f = _verdict(lambda: records.parse_body(data))
-    if kind == "ok" and "type" in f and "data" in f:
-        _verdict(lambda: validate_payload(f["type"], f["data"]))
+    _verdict(lambda: records.parse_body(data))
+    kind, value = _verdict(lambda: encoding.decode(data))
+    if kind == "ok":
+        for type_name in ("AirQualityObserved", ERASURE_TYPE):
+            _verdict(lambda t=type_name: validate_payload(t, value))
 
 
 def t_card(data: bytes) -> None:
