@@ -16,6 +16,7 @@ scripts/fuzz_targets.py TARGET [libFuzzer flags] CORPUS_DIR``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -106,7 +107,7 @@ def t_body(data: bytes) -> None:
     kind, value = _verdict(lambda: encoding.decode(data))
     if kind == "ok":
         for type_name in ("AirQualityObserved", ERASURE_TYPE):
-            _verdict(lambda t=type_name: validate_payload(t, value))
+            _verdict(functools.partial(validate_payload, type_name, value))
 
 
 def t_card(data: bytes) -> None:
