@@ -126,7 +126,8 @@ def row_json(row: Any, *, key: SigningKey | None = None, cursor: bool = True
              ) -> dict[str, Any]:
     """JSON view of a stored row (:class:`citynode.storage.StoredRow`), tombstones
     saying why their payload is gone."""
-    erased = (row.erased_by, row.erased_reason) if row.erased_by is not None else None
+    by = getattr(row, "erased_by", None)  # rows of other shapes carry full records
+    erased = (by, row.erased_reason) if by is not None else None
     return stored_record_json(row.envelope, rowid=row.rowid if cursor else None, key=key,
                               erased=erased)
 

@@ -808,10 +808,8 @@ _ROWS = ("records AS r LEFT JOIN chains AS c ON c.id = r.chain"
          " LEFT JOIN types AS t ON t.id = r.type_id"
          " LEFT JOIN payloads AS p ON p.rowid = r.rowid")
 _SELECT_ROW = ("SELECT r.rowid, r.id, r.chain, r.seq, r.type_id, r.time, r.lon, r.lat,"
-               " r.received_at, r.envelope, p.payload, r.erased_by,"
-               " CASE WHEN r.erased_by IS NULL THEN NULL ELSE (SELECT e.reason FROM"
-               " erasures AS e WHERE e.id = r.id AND e.by = r.erased_by) END"
-               f" FROM {_ROWS}")
+               f" r.received_at, r.envelope, p.payload, r.erased_by FROM {_ROWS}")
+_SELECT_REASON = "SELECT reason FROM erasures WHERE id = ? AND by = ?"
 #: A record's envelope as stored: the tombstone and the payload, joined by
 #: :func:`with_payload` (the SELECT lists ``r.envelope, p.payload`` from :data:`_ENV_FROM`).
 _ENV_FROM = "records AS r LEFT JOIN payloads AS p ON p.rowid = r.rowid"
@@ -1535,10 +1533,12 @@ class Storage:
         out = []
         for r in rows:
             origin, feed = chains.get(r[2]) or names.chain(r[2])
+            # the reason of an erased record (rare): one primary-key search each
+            reason = None if r[11] is None else self._one(_SELECT_REASON, (r[1], r[11]))[0]
             out.append(StoredRow(r[0], r[1], origin, feed, r[3],
                                  types.get(r[4]) or names.type(r[4]),
                                  r[5], r[6], r[7], r[8], with_payload(r[9], r[10]), r[11],
-                                 r[12]))
+                                 reason))
         return out
 
     def query_plan(

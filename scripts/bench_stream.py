@@ -92,16 +92,19 @@ _ENV_HEAD = b"\r\nevent: record\r\ndata: "
 
 def _read_envelope_event(ev: bytes) -> tuple[int, int, float] | None:
     """``(seq, n, t)`` of one ``format=envelope`` event (its data: the base64 envelope,
-    whose body is decoded whole), or None for a keep-alive comment or the starting
+    whose body and payload are decoded whole), or None for a keep-alive comment or the starting
     cursor. Raises ValueError otherwise."""
     if ev.startswith(b":") or _CURSOR_ONLY.fullmatch(ev + b"\r\n\r\n"):
         return None
     i = ev.find(_ENV_HEAD)
     if not ev.startswith(b"id: ") or i < 0:
         raise ValueError(f"unexpected event: {ev[:200]!r}")
-    body, _sig, _payload = decode_record(base64.b64decode(ev[i + len(_ENV_HEAD):], validate=True))
-    f = msgpack.unpackb(body)
-    return f["seq"], f["data"]["n"], f["data"]["t"]
+    body, _sig, payload = decode_record(base64.b64decode(ev[i + len(_ENV_HEAD):],
+                                                       validate=True))
+    if payload is None:
+        raise ValueError("a record event without its payload")
+    f, data = msgpack.unpackb(body), msgpack.unpackb(payload)
+    return f["seq"], data["n"], data["t"]
 
 
 def read_json_events(block: bytes, full: bool) -> tuple[list[int], list[int], list[bytes]]:

@@ -53,10 +53,10 @@ def test_a_seal_that_does_not_open_for_its_reader_is_an_error() -> None:
     good = _sealed()
     assert good.sealed is not None
     broken = dict(good.sealed, ct=bytes(len(good.sealed["ct"])))
-    body = make_body(origin=ORIGIN.public_key, feed="cyber-notices", seq=1, prev=None,
-                     time_ms=1, sealed=broken)
+    body, payload = make_body(origin=ORIGIN.public_key, feed="cyber-notices", seq=1,
+                              prev=None, time_ms=1, sealed=broken)
     rec = record_from_fields(record_id(body), body, ORIGIN.sign(DOMAIN_RECORD, body),
-                             encoding.decode(body))
+                             encoding.decode(body), payload, encoding.decode(payload))
     with pytest.raises(InvalidRecord, match="does not decrypt"):
         _opened(rec, READER)
     assert _opened(rec, OTHER) is rec  # not a reader: nothing to open, nothing to say
