@@ -21,6 +21,7 @@ import pytest
 
 from citynode.audit import audit_bundle
 from citynode.bundle import export_from_storage
+from citynode.client import Client
 from citynode.core.records import encode_record, sign_record
 from citynode.core.types import ERASURE_FEED
 from citynode.errors import PublishRefused
@@ -128,6 +129,13 @@ async def test_an_erasure_reaches_every_holder_and_retention_prunes_at_partners(
     events = await _stream(c, f"origin={a.node.node_id}&feed=reports&after=0", 3)
     assert [e["seq"] for e in events] == [1, 2, 3]
     assert events[1]["erased"]["by"] == request.id.hex() and "data" not in events[1]
+
+    # citynode.client verifies what C serves itself, and hands the tombstone out as one.
+    async with Client(c.url, node_id=c.node.node_id) as client:
+        got = await client.get(victim.id)
+        assert got.is_tombstone and got.id == victim.id and got.data == {}
+        page_recs = [r async for r in client.query(origin=a.node.node_id, feed="reports")]
+        assert [r.is_tombstone for r in page_recs] == [False, True, False]
 
     # An auditor's bundle exported at C verifies across the tombstone and reports it.
     out = tmp_path / "a.bundle"
