@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from citynode.config import Config
 from citynode.core import sync
 from citynode.core.filters import ALL_RECORDS, RecordFilter
+from citynode.core.records import decode_record, parse_body, record_id
+from citynode.core.types import ERASURE_FEED
 from citynode.node._base import in_thread
 from citynode.node.policy import Policy, readers_of
 from citynode.storage import FeedRow, RejectedRow, Storage, StoredRow
@@ -78,7 +80,33 @@ class Reads:
                         or self.policy.may_relay_envelope(requester, w.origin, w.feed, e)]
             out.extend(envs)
             budget -= len(envs)
-        return out
+        return await self._with_erasures(out, requester)
+
+    async def _with_erasures(self, envs: list[bytes], requester: bytes) -> list[bytes]:
+        """``envs`` and, after them, the erasure request behind each erased tombstone
+        among them (if the requester may be sent it): a node takes a tombstone only with
+        its origin's request held or in the same batch, so it is sent along. The answer
+        stays within ``max_batch_records`` (records at the end wait for the next fetch)."""
+        tombs = [e for e in envs if e[-1] == 0xC0]
+        if not tombs:
+            return envs
+
+        def requests() -> list[bytes]:
+            found: dict[bytes, bytes] = {}
+            for env in tombs:
+                rid = record_id(decode_record(env)[0])
+                by = self.storage.erasure_of(rid)
+                if by is not None and by[0] not in found:
+                    req = self.storage.get_envelope(by[0])
+                    if req is not None:
+                        found[by[0]] = req
+            return list(found.values())
+
+        extra = [e for e in await in_thread(requests) if e not in envs
+                 and self.policy.may_pass(requester, parse_body(decode_record(e)[0])["origin"],
+                                          ERASURE_FEED)]
+        limit = self.config.limits.max_batch_records
+        return envs[:max(0, limit - len(extra))] + extra[:limit]
 
     async def db_size(self) -> int:
         return await in_thread(self.storage.db_size_bytes)

@@ -23,6 +23,7 @@ from citynode.audit import audit_bundle
 from citynode.bundle import export_from_storage
 from citynode.client import Client
 from citynode.core.records import encode_record, sign_record
+from citynode.core.sync import Want
 from citynode.core.types import ERASURE_FEED
 from citynode.errors import PublishRefused
 from citynode.node import Node
@@ -38,8 +39,9 @@ async def node(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[InProc]]
     """Factory: a node serving HTTPS in process, with extra node.toml text."""
     made: list[InProc] = []
 
-    async def make(name: str, toml: str = "") -> InProc:
-        d = make_node_dir(tmp_path, name)
+    async def make(name: str, toml: str = "",
+                   settings: dict[tuple[str, str], Any] | None = None) -> InProc:
+        d = make_node_dir(tmp_path, name, settings=settings)
         with open(d / "node.toml", "a") as f:
             f.write(toml)
         n = Node.load(d)
@@ -148,6 +150,22 @@ async def test_an_erasure_reaches_every_holder_and_retention_prunes_at_partners(
     assert (tomb.feed, tomb.seq, tomb.id, tomb.by, tomb.reason) == (
         "reports", 2, victim.id, request.id, REASON)
     assert "1 erased" in rep.render_text()
+
+    # A fetch answer carries the erasure request behind each erased tombstone, so a node
+    # that never saw the request takes the tombstone in the same batch (D: no partner
+    # of anyone, accepting any origin, fed C's answer to B's wants directly).
+    answer = await c.node.reads.serve_fetch([Want(origin, "reports", 1, 3)],
+                                            b.node.public_key)
+    assert answer[:3] == [reports[0].envelope, encode_record(victim.body, victim.sig, None),
+                          reports[2].envelope] and answer[3:] == [request.envelope]
+    d = await node("Dessau", settings={("federation", "accept"): "any"})
+    res = await d.node.ingest(answer)
+    assert res.rejected == [] and res.accepted + res.pending == 4, res
+    assert d.node.storage.get_envelope(victim.id) == encode_record(victim.body, victim.sig,
+                                                                   None)
+    alone = await d.node.ingest([encode_record(reports[0].body, reports[0].sig, None)])
+    assert alone.duplicates == 1  # held whole: a tombstone of it changes nothing
+    assert d.node.storage.get_envelope(reports[0].id) == reports[0].envelope
 
     # A tombstone with no request behind it is refused, and nothing of it is stored.
     fresh = sign_record(a.node.key, feed="reports", seq=4, prev=reports[2].id,
