@@ -44,7 +44,13 @@ from citynode.bridges.config import MqttBridgeConfig
 from citynode.bridges.mapping import Mapped, map_message, message_key
 from citynode.config import Config
 from citynode.core import egress
-from citynode.core.records import Record, decode_envelope, parse_body, record_id
+from citynode.core.records import (
+    SEALED_TYPE,
+    Record,
+    decode_record,
+    record_id,
+    stored_record,
+)
 from citynode.errors import (
     ChainError,
     CitynodeError,
@@ -394,11 +400,12 @@ def _held(envelope: bytes) -> tuple[bytes, tuple[Any, Any, Any]]:
     """``(record id, (type, subject, payload))`` of one of our own records held, or
     ``_SEALED`` for its view when it is sealed for a restricted feed's readers. The one
     place the bridge reads a record's fields (the record format is core/records.py's)."""
-    body = decode_envelope(envelope)[0]
+    body = decode_record(envelope)[0]
     try:
-        f = parse_body(body)
+        rec = stored_record(envelope)
     except InvalidRecord:  # our own record: cannot happen, and then matches nothing
         return record_id(body), (None, None, None)
-    if f.get("sealed") is not None:
-        return record_id(body), _SEALED
-    return record_id(body), (f.get("type"), f.get("subject"), f.get("data"))
+    if rec.type == SEALED_TYPE:
+        return rec.id, _SEALED
+    # a tombstone (payload erased or pruned) has no data: it matches no message
+    return rec.id, (rec.type, rec.subject, None if rec.payload is None else rec.data)
