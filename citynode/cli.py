@@ -783,6 +783,112 @@ def sync_cmd(data_dir: Path) -> None:
     answer(out)
 
 
+@main.command()
+@DIR_OPTION
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--with-secrets", is_flag=True,
+              help="Also the node key, TLS key and operator token, sealed with a "
+                   "passphrase (asked twice, or CITYNODE_BACKUP_PASSPHRASE).")
+def backup(data_dir: Path, file: Path, with_secrets: bool) -> None:
+    """Back up the node into FILE (one file, with a manifest and checksums), while it
+    runs: the database (a consistent snapshot), node.toml and the TLS certificate.
+
+    Without --with-secrets, keep the data dir's node.key, operator.token and
+    tls/key.pem safe elsewhere: a restore of FILE needs them in place.
+    """
+    import os
+
+    from citynode.backup import PASSPHRASE_ENV, make_backup
+
+    pw = None
+    if with_secrets:
+        pw = os.environ.get(PASSPHRASE_ENV) or click.prompt(
+            "Backup passphrase", hide_input=True, confirmation_prompt=True, err=True)
+    db = data_dir / "citynode.db"
+    big = db.exists() and db.stat().st_size >= _BAR_BYTES
+    with _Bars(show=big and sys.stderr.isatty()) as bars:
+        out = make_backup(data_dir, file, passphrase=pw, progress=bars.update)
+    m = out.manifest
+    click.echo(f"backed up {m.node_name} ({m.node_id}) to {file}: {m.records} records, "
+               f"{out.size / 1e6:.1f} MB in {out.seconds:.1f} s, "
+               + ("secrets sealed in it" if m.secrets else
+                  "no secrets (keep node.key, operator.token and tls/key.pem safe)"))
+
+
+@main.command()
+@DIR_OPTION
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--replace", is_flag=True,
+              help="DIR holds files: move them aside to DIR.replaced-<time> first "
+                   "(nothing is deleted).")
+def restore(data_dir: Path, file: Path, replace: bool) -> None:
+    """Restore the backup FILE into DIR (the node must be stopped), after checking all
+    of it. The restored node then signs nothing on its own feeds until a partner
+    confirms its heads (or it is started with `citynode run --accept-fork-risk`).
+
+    A backup made without --with-secrets needs DIR to hold the node's key already
+    (the database was lost, the key was not): pass --replace.
+    """
+    import os
+
+    from citynode.backup import PASSPHRASE_ENV, restore_backup
+    from citynode.errors import BackupError
+
+    def passphrase() -> str:
+        pw = os.environ.get(PASSPHRASE_ENV)
+        if pw:
+            return pw
+        if not sys.stdin.isatty():
+            raise BackupError(f"{file} holds sealed secrets: set {PASSPHRASE_ENV}",
+                              "no_passphrase")
+        return str(click.prompt("Backup passphrase", hide_input=True, err=True))
+
+    big = file.stat().st_size >= _BAR_BYTES
+    with _Bars(show=big and sys.stderr.isatty()) as bars:
+        out = restore_backup(file, data_dir, replace=replace, passphrase=passphrase,
+                             progress=bars.update)
+    m = out.manifest
+    click.echo(f"restored {m.node_name} ({m.node_id}) into {data_dir}: {m.records} "
+               f"records, backup made at {m.created}")
+    if out.moved_aside is not None:
+        click.echo(f"the old files are in {out.moved_aside}")
+    if out.secrets_from_dir:
+        click.echo("kept the node key, operator token and TLS key of the data dir")
+    click.echo("The node will sign nothing on its own feeds until a partner confirms its "
+               "heads (after `citynode run`, at its first good exchange with a partner). "
+               "If no partner ever held its records, start it with "
+               "`citynode run --accept-fork-risk`.")
+
+
+_BAR_BYTES = 64 * 1024 * 1024  # a progress bar for databases this large or larger
+
+
+class _Bars:
+    """One click progress bar per phase of a backup or restore, on stderr."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self.phase = ""
+        self.bar: Any = None
+
+    def __enter__(self) -> _Bars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if not self.show:
+            return
+        if phase != self.phase:
+            self.__exit__()
+            self.phase = phase
+            self.bar = click.progressbar(length=max(1, total), label=phase, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+
 def _register_audit_commands() -> None:
     from citynode.cli_audit import audit_cmd, export_cmd
 

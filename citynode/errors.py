@@ -19,6 +19,7 @@ tree and users see one clear line.
     ├── KeyFileError                 a key file is unreadable, too open, or the passphrase is wrong
     ├── ConfigError                  node.toml has an unknown key, wrong type or bad value
     ├── StorageError                 the database cannot be opened, migrated or written
+    ├── BackupError                  a backup cannot be made, verified or restored (``.reason``)
     ├── QueryTooSlow                 a reader's query ran past its time limit and was stopped
     ├── PublishRefused               this node will not sign on a feed right now (see message)
     ├── UnmappableMessage            a bridge's message cannot become a payload (``.reason``)
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "BackupError",
     "ChainError",
     "CitynodeError",
     "ConfigError",
@@ -155,6 +157,20 @@ class DiskFull(StorageError):
 class DatabaseCorrupt(StorageError):
     """SQLite found the database file damaged (or not a database): restore it from a
     backup (``citynode restore``) or move it away."""
+
+
+class BackupError(CitynodeError):
+    """``citynode backup`` or ``citynode restore`` cannot go on; nothing was half done
+    (a restore that fails leaves the data dir as it was). ``reason`` is a short stable
+    code (``"running"``, ``"not_empty"``, ``"truncated"``, ``"checksum"``,
+    ``"unsafe_member"``, ``"wrong_passphrase"``, ``"wrong_node"``, ...); the message
+    says what to do."""
+
+    default_reason = "backup"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason: str = reason or self.default_reason
 
 
 class QueryTooSlow(CitynodeError):

@@ -90,6 +90,7 @@ log = logging.getLogger("citynode.storage")
 __all__ = [
     "APPLICATION_ID",
     "SCHEMA_VERSION",
+    "BackupCopy",
     "FeedRow",
     "ForkRow",
     "PartnerRow",
@@ -97,6 +98,7 @@ __all__ = [
     "Storage",
     "StoredRow",
     "WriterStats",
+    "backup_database",
 ]
 
 T = TypeVar("T")
@@ -2027,3 +2029,78 @@ def _wal(conn: sqlite3.Connection, path: Path) -> None:
             f"cannot put database {path} in WAL mode (got {mode!r}): keep the "
             "data directory on a local file system"
         )
+
+
+# --------------------------------------------------------------------------- online backup
+
+
+@dataclass(frozen=True, slots=True)
+class BackupCopy:
+    """What :func:`backup_database` copied: the copy's schema version, records, bytes."""
+
+    schema_version: int
+    records: int
+    size: int
+
+
+def backup_database(src: Path, dest: Path,
+                    progress: Callable[[int, int], None] | None = None, *,
+                    pages_per_step: int = 4096) -> BackupCopy:
+    """Copy the database at ``src`` into a new file ``dest`` (mode 0600) with SQLite's
+    online backup API, while a node may be writing to ``src``.
+
+    The copy is one snapshot: the source connection holds one read transaction across
+    every step, so the steps all read the same WAL snapshot (a write by the node between
+    steps neither restarts the copy nor mixes two states into it). In WAL mode a reader
+    never blocks the node's writer; only checkpoints wait for the copy to end (the WAL
+    grows meanwhile). ``progress(pages_done, pages_total)`` is called after each step of
+    ``pages_per_step`` pages. ``dest`` must not exist. Raises :class:`StorageError` if
+    ``src`` is missing, not a citynode database or cannot be read, or ``dest`` cannot be
+    written (:class:`DiskFull` on a full disk); a partial ``dest`` is removed.
+    """
+    src, dest = Path(src), Path(dest)
+    if not src.is_file():
+        raise StorageError(f"no database at {src}: nothing to back up")
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise _storage_error(exc, dest, "creating the backup copy") from exc
+    sconn: sqlite3.Connection | None = None
+    dconn: sqlite3.Connection | None = None
+    try:
+        sconn = _connect(src, _BUSY_TIMEOUT_MS)
+        sconn.execute("PRAGMA query_only=ON")
+        _check_file(sconn, src)
+        sconn.execute("BEGIN")
+        sconn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot
+        dconn = _connect(dest, _BUSY_TIMEOUT_MS)
+
+        def step(_status: int, remaining: int, total: int) -> None:
+            if progress is not None:
+                progress(total - remaining, total)
+
+        sconn.backup(dconn, pages=max(1, int(pages_per_step)), progress=step)
+        sconn.execute("COMMIT")
+        sconn.close()
+        sconn = None
+        # A copy of a WAL database is in WAL mode: leave one self-contained file.
+        dconn.execute("PRAGMA journal_mode=DELETE")
+        version = int(dconn.execute("PRAGMA user_version").fetchone()[0])
+        has = dconn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'records'").fetchone()[0]
+        records = int(dconn.execute("SELECT count(*) FROM records").fetchone()[0]) if has else 0
+        dconn.close()
+        dconn = None
+        return BackupCopy(version, records, dest.stat().st_size)
+    except BaseException as exc:
+        for c in (sconn, dconn):
+            if c is not None:
+                c.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{dest}{suffix}")
+        if isinstance(exc, sqlite3.Error | OSError):
+            raise _storage_error(exc, src, "backing up the database") from exc
+        raise
