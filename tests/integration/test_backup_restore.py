@@ -1,0 +1,183 @@
+"""``citynode backup`` of a running node, then ``citynode restore`` of that (by then
+stale) backup, with real ``citynode run`` processes over HTTPS on 127.0.0.1.
+
+A publishes 20 records (its partner B holds them), is backed up while it runs, publishes
+10 more (B holds 30), stops, and is restored from the stale backup. The restored A must
+never sign a seq B already holds: with B up, publishing is refused until B confirms A's
+heads, then goes on after B's head; with B down, publishing is refused for as long as B
+is down. No fork proof anywhere at the end. Then a backup with secrets is restored into
+an empty directory "on a new machine": the same node, which goes on the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from citynode.cluster import Cluster, LocalNode
+from citynode.errors import PeerError, PeerRejected
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+FAST = {("federation", "pull_interval_seconds"): 1.0, ("federation", "backoff_max_seconds"): 2.0}
+FEED, TYPE = "air", "org.example.Test"
+PASSPHRASE = "a passphrase for the test"
+
+
+def citynode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "citynode", *args], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, **(env or {})})
+    assert r.returncode == 0, f"citynode {' '.join(args)}: {r.stderr}"
+    assert "Traceback" not in r.stderr
+    return r
+
+
+async def head_at(n: LocalNode, origin: LocalNode) -> int:
+    for f in await n.feeds():
+        if f["origin"] == origin.node_id and f["feed"] == FEED:
+            return int(f["seq"])
+    return 0
+
+
+async def holds(n: LocalNode, origin: LocalNode, seq: int) -> None:
+    async def check() -> bool:
+        try:
+            return await head_at(n, origin) >= seq
+        except PeerError:
+            return False
+
+    await eventually(check, timeout=60)
+
+
+async def refused(a: LocalNode) -> PeerRejected:
+    """Publishing at ``a`` is refused as a restored node's is; returns the refusal."""
+    with pytest.raises(PeerRejected) as e:
+        await a.publish(FEED, TYPE, [{"n": -1}])
+    assert e.value.status == 409 and e.value.reason == "publish_refused", e.value
+    return e.value
+
+
+async def next_publish(a: LocalNode, timeout: float = 60) -> dict[str, Any]:
+    """Publish one record as soon as ``a`` signs again; its answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await a.publish(FEED, TYPE, [{"n": 999}])
+        except PeerRejected as exc:
+            assert exc.status == 409 and exc.reason == "publish_refused", exc
+            if time.monotonic() > deadline:
+                pytest.fail(f"publishing still refused after {timeout} s: {exc}")
+        await asyncio.sleep(0.2)
+
+
+def no_forks(n: LocalNode) -> None:
+    out = json.loads(citynode("forks", "-d", str(n.dir), "--json").stdout)
+    assert out == {"forks": []}, (n.name, out)
+
+
+async def test_restore_a_stale_backup_with_the_partner_up_then_down(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    a, b = c.create(["A", "B"], settings=FAST)
+    stale = tmp_path / "a-stale.cnbackup"
+    try:
+        await c.start()
+        await c.link(a, b)
+        out = await a.publish(FEED, TYPE, [{"n": i} for i in range(20)])
+        assert out["last_seq"] == 20
+        await holds(b, a, 20)
+        made = citynode("backup", "-d", str(a.dir), str(stale))  # A is running
+        assert "20 records" in made.stdout
+        out = await a.publish(FEED, TYPE, [{"n": 20 + i} for i in range(10)])
+        assert out["last_seq"] == 30
+        await holds(b, a, 30)
+        await a.close()
+        a.stop()
+
+        # (1) The partner is up: nothing is signed until B confirms A's heads (B's
+        # first sync round, often done before the first publish arrives), then seq 31.
+        r = citynode("restore", "-d", str(a.dir), "--replace", str(stale))
+        assert "--accept-fork-risk" in r.stdout and "replaced-" in r.stdout
+        a.start()
+        await a.wait_ready()
+        got = await next_publish(a)
+        assert got["first_seq"] == 31
+        log = (a.dir / "node.log").read_text()  # a new file: the old one was moved aside
+        marked = log.index("database restored: own feeds wait for a partner")
+        assert str(stale) in log[marked:]
+        assert marked < log.index("a partner confirmed this restored node's heads")
+        await holds(b, a, 31)
+        await a.close()
+        a.stop()
+
+        # (2) The partner is down: refused for as long as it is down.
+        await b.close()
+        b.stop()
+        citynode("restore", "-d", str(a.dir), "--replace", str(stale))
+        a.start()
+        await a.wait_ready()
+        end = time.monotonic() + 8  # several of A's sync intervals
+        tries = 0
+        while time.monotonic() < end:
+            err = await refused(a)
+            assert "restored" in err.detail, err.detail
+            tries += 1
+            await asyncio.sleep(0.5)
+        assert tries >= 5
+        status = await a.api("GET", "/v1/admin/status")
+        assert status.get("restored_unconfirmed") is True, status
+        assert await head_at(a, a) == 20  # nothing signed meanwhile
+        b.start()
+        await b.wait_ready()
+        got = await next_publish(a)
+        assert got["first_seq"] == 32  # after B's 31: nothing B held was signed again
+        await holds(b, a, 32)
+    finally:
+        await c.close()
+        c.stop()
+    no_forks(a)
+    no_forks(b)
+
+
+async def test_backup_with_secrets_restored_on_a_new_machine(tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "old")
+    a, b = c.create(["A", "B"], settings=FAST)
+    file = tmp_path / "a.cnbackup"
+    moved: LocalNode | None = None
+    env = {"CITYNODE_BACKUP_PASSPHRASE": PASSPHRASE}
+    try:
+        await c.start()
+        await c.link(a, b)
+        await a.publish(FEED, TYPE, [{"n": i} for i in range(5)])
+        await holds(b, a, 5)
+        r = citynode("backup", "-d", str(a.dir), "--with-secrets", str(file), env=env)
+        assert "secrets sealed" in r.stdout
+        await a.close()
+        a.stop()
+        new = tmp_path / "new-machine" / "a"  # not there yet: restore makes it
+        citynode("restore", "-d", str(new), str(file), env=env)
+        assert citynode("id", "-d", str(new)).stdout.strip() == a.node_id
+        moved = LocalNode("A on the new machine", new, a.port, a.node_id, a.token,
+                          a.fingerprint)
+        moved.start()
+        await moved.wait_ready()
+        got = await next_publish(moved)
+        assert got["first_seq"] == 6
+        await holds(b, moved, 6)
+    finally:
+        if moved is not None:
+            await moved.close()
+            moved.stop()
+        await c.close()
+        c.stop()
+    assert moved is not None
+    no_forks(moved)
+    no_forks(b)
