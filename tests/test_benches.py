@@ -21,6 +21,9 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 CASES = {
+    "bench_backup.py": (["--records", "2000"],
+                        {"records", "backup_s", "backup_bytes", "copy_s", "ratio_to_copy",
+                         "writer_max_ms_during", "restore_s", "pass"}),
     "bench_bridge.py": (["--messages", "200", "--latency-messages", "20", "--rate", "100"],
                         {"bulk_publish_per_s", "mqtt_in_per_s", "ratio", "p50_ms", "p99_ms",
                          "exactly_once"}),
