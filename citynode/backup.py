@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import nacl.exceptions
 import nacl.pwhash
@@ -485,12 +485,14 @@ def _read_into(file: Path, dest: Path, passphrase: Callable[[], str] | None,
     with f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise _bad(f"{file} is not a regular file")
+        bounded = _Bounded(f, where)
         try:
-            tar = tarfile.open(fileobj=f, mode="r|")  # noqa: SIM115 - closed below
+            tar = tarfile.open(fileobj=cast(IO[bytes], bounded),  # noqa: SIM115 - closed
+                               mode="r|")  # below
         except tarfile.ReadError as exc:
             raise _bad(f"{file} is not a citynode backup (not a tar file: {exc})") from exc
         try:
-            return _read_members(tar, where, dest, passphrase, progress)
+            return _read_members(tar, where, dest, passphrase, progress, bounded)
         except (tarfile.ReadError, tarfile.HeaderError, EOFError) as exc:
             raise _bad(f"{file} is damaged or truncated ({exc}): the file is incomplete "
                        "or was changed", "truncated") from exc
@@ -500,9 +502,33 @@ def _read_into(file: Path, dest: Path, passphrase: Callable[[], str] | None,
             tar.close()
 
 
+class _Bounded:
+    """The backup file, read by tarfile: refuses to read past a limit (raised once the
+    manifest says how much the file holds), so no header of a hostile file (a huge pax
+    or long-name header, which tarfile reads whole into memory) costs more than that."""
+
+    #: Before the manifest: its header and itself. After: tar headers (a pax header per
+    #: member at most), padding and the end blocks, beyond the members' own bytes.
+    SLACK = 64 * 1024
+
+    def __init__(self, f: IO[bytes], where: str) -> None:
+        self.f, self.where, self.done = f, where, 0
+        self.limit = _SMALL_MAX + self.SLACK
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or self.done + n > self.limit + tarfile.RECORDSIZE:
+            n = max(0, self.limit + tarfile.RECORDSIZE - self.done)
+            if n == 0:
+                raise _bad(f"{self.where} holds more than its manifest lists: refusing "
+                           "the file", "unsafe_member")
+        data = self.f.read(n)
+        self.done += len(data)
+        return data
+
+
 def _read_members(tar: tarfile.TarFile, where: str, dest: Path,
-                  passphrase: Callable[[], str] | None, progress: Progress | None
-                  ) -> tuple[Manifest, dict[str, bytes]]:
+                  passphrase: Callable[[], str] | None, progress: Progress | None,
+                  bounded: _Bounded) -> tuple[Manifest, dict[str, bytes]]:
     first = tar.next()
     if first is None:
         raise _bad(f"{where} is empty or truncated: no manifest", "truncated")
@@ -514,6 +540,8 @@ def _read_members(tar: tarfile.TarFile, where: str, dest: Path,
     assert src is not None  # a regular file
     _, data = _copy_member(src, first.size, None, None, where, MANIFEST)
     m = parse_manifest(data, where)
+    bounded.limit = bounded.done + sum(size for size, _ in m.files.values()) \
+        + (len(m.files) + 2) * _Bounded.SLACK
     small: dict[str, bytes] = {}
     seen: set[str] = set()
     while (member := tar.next()) is not None:

@@ -386,6 +386,22 @@ def test_hostile_members_are_refused(made: dict[str, Path], tmp_path: Path, labe
     assert not (tmp_path / "evil").exists() and not Path("/tmp/citynode-evil").exists()
 
 
+def test_a_huge_header_is_refused_before_it_is_read_whole(made: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """tarfile reads a pax header whole: one of 8 MiB before the manifest is refused
+    at the bound (1 MiB and some), not read into memory."""
+    bad = tmp_path / "pax.cnbackup"
+    with tarfile.open(made["plain"]) as t:
+        parts = [(m, t.extractfile(m).read()) for m in t.getmembers()]  # type: ignore[union-attr]
+    with tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as t:
+        for info, data in parts:
+            if info.name == "manifest.json":
+                info.pax_headers = {"comment": "x" * (8 * 1024 * 1024)}
+            t.addfile(info, io.BytesIO(data))
+    err = refused("unsafe_member", bad, tmp_path / "new")
+    assert "holds more than" in str(err)
+
+
 def test_a_member_larger_than_its_manifest_says(made: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "big.cnbackup"
     with tarfile.open(made["plain"]) as t:
