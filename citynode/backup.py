@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -342,6 +343,9 @@ def make_backup(
     started = time.monotonic()
     data_dir, file = Path(data_dir), Path(file)
     require_data_dir(data_dir)
+    if not file.parent.is_dir():
+        raise BackupError(f"{file.parent} is not a directory: create it, or choose "
+                          "another place for the backup", "io")
     cfg = load_config(data_dir / CONFIG)
     ident = load_identity(data_dir)  # the node id; checks the secret files' modes too
     created_s = time.time()
@@ -354,6 +358,10 @@ def make_backup(
             {name: _read_small(data_dir / name) for name in SECRET_FILES},
             node_id=ident.node_id, created_ms=created_ms, passphrase=passphrase,
             opslimit=kdf_opslimit, memlimit=kdf_memlimit)
+    if not (data_dir / DB).exists():  # a node never started: an empty database
+        from citynode.storage import Storage
+
+        Storage.open(data_dir / DB).close()
     part = file.with_name(file.name + ".part")
     db_copy = file.with_name(f".{file.name}.{secrets.token_hex(4)}.db")
     try:
@@ -401,8 +409,6 @@ def make_backup(
 
 
 def _bytes_reader(data: bytes) -> IO[bytes]:
-    import io
-
     return io.BytesIO(data)
 
 
@@ -718,7 +724,10 @@ def restore_backup(
                 cert = _read_small(cert_path) if cert_path.exists() else small[CERT]
             _write(tmp / CERT, cert, 0o644)
             load_config(tmp / CONFIG)
-            ident = load_identity(tmp)
+            try:
+                ident = load_identity(tmp)
+            except KeyFileError as exc:  # name the data dir, not the temporary one
+                raise KeyFileError(str(exc).replace(str(tmp), str(data_dir))) from exc
             if ident.node_id != m.node_id:
                 raise BackupError(
                     f"{file}: its node key is node {ident.node_id}, its manifest names "

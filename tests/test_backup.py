@@ -185,6 +185,7 @@ def test_restore_with_secrets_into_a_new_machines_empty_dir(made: dict[str, Path
     assert out.moved_aside is None and not out.secrets_from_dir
     assert load_identity(new).node_id == load_identity(made["dir"]).node_id
     assert stat.S_IMODE(new.stat().st_mode) == 0o700
+    assert stat.S_IMODE((new / "tls").stat().st_mode) == 0o700
     for secret in ("node.key", "operator.token", "tls/key.pem"):
         assert stat.S_IMODE((new / secret).stat().st_mode) == 0o600
         assert (new / secret).read_bytes() == (made["dir"] / secret).read_bytes()
@@ -218,6 +219,31 @@ def test_restore_without_secrets_keeps_the_dirs_key_and_moves_the_old_files_asid
     out2 = bk.restore_backup(made["plain"], d, replace=True, now=lambda: 1_800_000_000.0)
     assert out2.moved_aside is not None and out2.moved_aside != out.moved_aside
     assert out.moved_aside.exists() and out2.moved_aside.exists()
+
+
+def test_a_passphrase_sealed_node_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node key sealed with its own passphrase stays sealed in the backup; naming the
+    node needs that passphrase (CITYNODE_PASSPHRASE), as starting the node does."""
+    from citynode.datadir import init_data_dir
+    from citynode.errors import KeyFileError
+
+    d = tmp_path / "sealed-node"
+    ident, _ = init_data_dir(d, name="Seoul", listen="127.0.0.1:18999", passphrase="k",
+                             **FAST)
+    with pytest.raises(KeyFileError, match="CITYNODE_PASSPHRASE"):
+        bk.make_backup(d, tmp_path / "b.cnbackup")
+    monkeypatch.setenv("CITYNODE_PASSPHRASE", "k")
+    bk.make_backup(d, tmp_path / "b.cnbackup", passphrase=PW, **FAST)
+    new = tmp_path / "new"
+    bk.restore_backup(tmp_path / "b.cnbackup", new, passphrase=pw)
+    assert (new / "node.key").read_bytes() == (d / "node.key").read_bytes()
+    assert b"argon2id" in (new / "node.key").read_bytes()  # still sealed with its own
+    monkeypatch.delenv("CITYNODE_PASSPHRASE")
+    with pytest.raises(KeyFileError, match="CITYNODE_PASSPHRASE") as e:
+        bk.restore_backup(tmp_path / "b.cnbackup", tmp_path / "new2", passphrase=pw)
+    assert ".restoring-" not in str(e.value)  # names the data dir, not a temporary one
+    assert not (tmp_path / "new2").exists() and nothing_beside(tmp_path) == []
+    assert load_identity(new, "k").node_id == ident.node_id
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -328,6 +354,15 @@ def test_not_a_backup(tmp_path: Path) -> None:
         info.size = 2
         t.addfile(info, io.BytesIO(b"hi"))
     refused("not_a_backup", other, tmp_path / "new")
+
+
+def test_a_newer_backup_format_says_to_upgrade(made: dict[str, Path]) -> None:
+    m = manifest_of(made["plain"])
+    m.pop("checksum")
+    m["format_version"] = 2
+    with pytest.raises(BackupError) as e:
+        bk.parse_manifest(json.dumps(m).encode(), "x.cnbackup")
+    assert e.value.reason == "newer_format" and "newer citynode" in str(e.value)
 
 
 # ------------------------------------------------------------------ hostile tar members
@@ -472,3 +507,14 @@ def test_cli_backup_and_restore(made: dict[str, Path], tmp_path: Path) -> None:
     assert "restored Jakarta" in r.stdout and "5 records" in r.stdout
     assert "--accept-fork-risk" in r.stdout and "partner confirms" in r.stdout
     assert "jakarta.replaced-" in r.stdout
+
+
+def test_cli_backup_refusals(made: dict[str, Path], tmp_path: Path) -> None:
+    r = cli("backup", "-d", str(tmp_path / "nothing"), str(tmp_path / "x.cnbackup"))
+    assert "not a citynode data dir" in one_line_error(r)
+    r = cli("backup", "-d", str(made["dir"]), str(tmp_path / "no" / "x.cnbackup"))
+    assert "is not a directory" in one_line_error(r)
+    r = cli("backup", "-d", str(made["dir"]), "--with-secrets", str(tmp_path / "x.cnbackup"),
+            input="one\ntwo\n")  # the two passphrases differ: asked again, then no input
+    assert r.exit_code != 0 and not (tmp_path / "x.cnbackup").exists()
+    assert list(tmp_path.iterdir()) == []  # no .part, no database copy left behind
