@@ -55,6 +55,7 @@ import nacl.utils
 
 from citynode import __version__
 from citynode.errors import BackupError, CitynodeError, KeyFileError, StorageError
+from citynode.identity import _fsync_dir  # the data dir's one way to fsync a directory
 
 __all__ = [
     "PASSPHRASE_ENV",
@@ -310,14 +311,6 @@ def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_backup(
