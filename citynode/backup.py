@@ -32,10 +32,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import hashlib
-import io
 import json
 import os
 import secrets
@@ -279,30 +279,13 @@ class BackupResult:
     manifest: Manifest
 
 
-def _sha256_file(path: Path, progress: Progress | None, phase: str) -> str:
-    h = hashlib.sha256()
-    total, done = path.stat().st_size, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(phase, done, total)
-    return h.hexdigest()
+def _header(name: str, size: int, mtime: int) -> bytes:
+    """The tar header block(s) of a regular file ``name`` of ``size`` bytes."""
+    return _member(name, size, mtime).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-class _Counting:
-    """A file reader reporting bytes read (tarfile copies a member through ``read``)."""
-
-    def __init__(self, f: IO[bytes], total: int, progress: Progress | None) -> None:
-        self.f, self.total, self.done, self.progress = f, total, 0, progress
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.done += len(data)
-        if self.progress is not None:
-            self.progress("writing", self.done, self.total)
-        return data
+def _pad(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
 
 
 def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:
@@ -363,9 +346,8 @@ def make_backup(
                 progress("copying database", done, total)
 
         copy = backup_database(data_dir / DB, db_copy, pages)
-        digest = _sha256_file(db_copy, progress, "verifying")
         files = {name: (len(b), hashlib.sha256(b).hexdigest()) for name, b in small.items()}
-        files[DB] = (copy.size, digest)
+        files[DB] = (copy.size, _UNKNOWN)  # hashed while written: see _write_tar
         manifest = Manifest(
             node_id=ident.node_id, node_name=cfg.node.name, created=created,
             created_ms=created_ms, citynode_version=__version__,
@@ -374,21 +356,7 @@ def make_backup(
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
             os.fchmod(out.fileno(), 0o600)
-            mtime = created_ms // 1000
-            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                data = render_manifest(manifest)
-                tar.addfile(_member(MANIFEST, len(data), mtime), _bytes_reader(data))
-                for name in _MEMBERS:
-                    if name in small:
-                        b = small[name]
-                        tar.addfile(_member(name, len(b), mtime), _bytes_reader(b))
-                with open(db_copy, "rb") as src:
-                    reader = _Counting(src, copy.size, progress)
-                    tar.addfile(_member(DB, copy.size, mtime), reader)
-                if reader.done != copy.size:
-                    raise BackupError(f"{db_copy} changed while it was written", "damaged")
-            out.flush()
-            os.fsync(out.fileno())
+            manifest = _write_tar(out, manifest, small, db_copy, progress)
         os.replace(part, file)
         _fsync_dir(file.parent)
     except BaseException as exc:
@@ -401,8 +369,57 @@ def make_backup(
     return BackupResult(file, file.stat().st_size, time.monotonic() - started, manifest)
 
 
-def _bytes_reader(data: bytes) -> IO[bytes]:
-    return io.BytesIO(data)
+_UNKNOWN = "0" * 64
+_SYNC_EVERY = 256 * 1024 * 1024  # bytes written between fdatasyncs: no burst at the end
+
+
+def _write_tar(out: IO[bytes], manifest: Manifest, small: dict[str, bytes], db_copy: Path,
+               progress: Progress | None) -> Manifest:
+    """Write the backup tar to ``out`` (at its start) and fsync it; returns the manifest
+    completed with the database's SHA-256.
+
+    The manifest goes first, but the database's digest is known only once its bytes
+    have been read: the manifest is written with a placeholder digest of the same
+    length, and overwritten in place at the end (one read of the copy instead of two).
+    """
+    mtime = manifest.created_ms // 1000
+    placeholder = render_manifest(manifest)
+    out.write(_header(MANIFEST, len(placeholder), mtime))
+    at = out.tell()
+    out.write(placeholder + _pad(len(placeholder)))
+    for name in _MEMBERS:
+        if name in small:
+            data = small[name]
+            out.write(_header(name, len(data), mtime) + data + _pad(len(data)))
+    size = manifest.files[DB][0]
+    out.write(_header(DB, size, mtime))
+    h = hashlib.sha256()
+    done = synced = 0
+    with open(db_copy, "rb") as src:
+        while chunk := src.read(_CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+            done += len(chunk)
+            if done - synced >= _SYNC_EVERY:
+                out.flush()
+                os.fdatasync(out.fileno())
+                synced = done
+            if progress is not None:
+                progress("writing", done, size)
+    if done != size:
+        raise BackupError(f"{db_copy} changed while it was written", "damaged")
+    end = out.tell() + len(_pad(size)) + 2 * tarfile.BLOCKSIZE
+    out.write(_pad(size) + b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+    files = dict(manifest.files)
+    files[DB] = (size, h.hexdigest())
+    done_manifest = dataclasses.replace(manifest, files=files)
+    final = render_manifest(done_manifest)
+    assert len(final) == len(placeholder)  # only hex digits of a fixed length changed
+    out.seek(at)
+    out.write(final)
+    out.flush()
+    os.fsync(out.fileno())
+    return done_manifest
 
 
 def _read_small(path: Path) -> bytes:

@@ -2054,7 +2054,8 @@ def backup_database(src: Path, dest: Path,
     steps neither restarts the copy nor mixes two states into it). In WAL mode a reader
     never blocks the node's writer; only checkpoints wait for the copy to end (the WAL
     grows meanwhile). ``progress(pages_done, pages_total)`` is called after each step of
-    ``pages_per_step`` pages. ``dest`` must not exist. Raises :class:`StorageError` if
+    ``pages_per_step`` pages. ``dest`` must not exist; it is not fsynced (a working
+    copy: make it durable, or what is made of it, yourself). Raises :class:`StorageError` if
     ``src`` is missing, not a citynode database or cannot be read, or ``dest`` cannot be
     written (:class:`DiskFull` on a full disk); a partial ``dest`` is removed.
     """
@@ -2076,6 +2077,8 @@ def backup_database(src: Path, dest: Path,
         sconn.execute("BEGIN")
         sconn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot
         dconn = _connect(dest, _BUSY_TIMEOUT_MS)
+        # A working copy, read back at once by the caller: no fsync of its own.
+        dconn.execute("PRAGMA synchronous=OFF")
 
         def step(_status: int, remaining: int, total: int) -> None:
             if progress is not None:

@@ -4,21 +4,25 @@
 Builds the data dir directly (signed AirQualityObserved records of 4 origins appended
 through Storage, as a node stores them), then measures, in the same run:
 
-* a plain file copy of the database (the peer: what any backup must at least cost);
+* a plain file copy of the database, fsynced (the peer: what any durable backup must
+  at least cost; the backup itself copies the database twice: SQLite's page copy into
+  a working file, then into the tar, hashing it on the way);
 * ``make_backup`` (what ``citynode backup`` runs) of the idle node: time, file size;
 * ``make_backup`` again while a writer appends 10 records at a time, as a busy node
   does: the writer's latency before and during the backup (the backup must not block
   the node's writer for long: in WAL mode readers never wait for it, nor it for them);
 * ``restore_backup`` into a new directory (verify every checksum, quick_check, mark).
 
-Last line: one JSON object; ``pass`` holds if the backup costs at most 6 times the plain
-copy and the writer's worst append during it stays under 1 s.
+Last line: one JSON object; ``pass`` holds if the backup costs at most 4 times the plain
+copy (two copies and a hash, with room for SQLite's page-by-page work) and the
+writer's worst append during it stays under 1 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -116,6 +120,8 @@ def main() -> None:
 
         t = time.perf_counter()
         shutil.copyfile(db, base / "plain-copy.db")
+        with open(base / "plain-copy.db", "rb+") as f:
+            os.fsync(f.fileno())  # a backup is durable: so is the peer
         copy_s = time.perf_counter() - t
         (base / "plain-copy.db").unlink()
 
@@ -165,7 +171,7 @@ def main() -> None:
           f"max {worst * 1e3:.1f} ms")
     print(f"restore (verify, check, mark): {restore_s:6.2f} s, "
           f"{restored.manifest.records:,} records")
-    ok = ratio <= 6 and worst < 1.0
+    ok = ratio <= 4 and worst < 1.0
     print(json.dumps({
         "bench": "backup", "records": m.records, "db_bytes": db_bytes,
         "backup_s": round(idle.seconds, 3), "backup_bytes": idle.size,
