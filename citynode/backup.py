@@ -56,6 +56,7 @@ import nacl.utils
 from citynode import __version__
 from citynode.errors import BackupError, CitynodeError, KeyFileError, StorageError
 from citynode.identity import _fsync_dir  # the data dir's one way to fsync a directory
+from citynode.runner import LOCK_NAME as _LOCK
 
 __all__ = [
     "PASSPHRASE_ENV",
@@ -88,11 +89,10 @@ _DB_MAX = 1 << 40  # 1 TiB: far above any city's database, far below a hostile s
 _CHUNK = 1024 * 1024
 _KDF_OPS_MAX = 64
 _KDF_MEM_MAX = 1 << 30  # Argon2id memory a backup file may ask of this machine
-_LOCK = "run.lock"  # citynode/runner.py's lock file
 
 Progress = Callable[[str, int, int], None]
-"""``progress(phase, done, total)``: phases ``"copying database"`` (pages), ``"writing"``
-and ``"verifying"`` (bytes)."""
+"""``progress(phase, done, total)``: a backup's phases ``"copying database"`` (pages)
+and ``"writing"`` (bytes), a restore's ``"verifying"`` (bytes of the database read)."""
 
 
 # --------------------------------------------------------------------------- manifest
