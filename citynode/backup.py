@@ -556,6 +556,12 @@ def _read_members(tar: tarfile.TarFile, where: str, dest: Path,
     assert src is not None  # a regular file
     _, data = _copy_member(src, first.size, None, None, where, MANIFEST)
     m = parse_manifest(data, where)
+    from citynode.storage import SCHEMA_VERSION
+
+    if m.schema_version > SCHEMA_VERSION:
+        raise _bad(f"{where} was made by citynode {m.citynode_version}, with database "
+                   f"schema v{m.schema_version}; this citynode reads up to "
+                   f"v{SCHEMA_VERSION}: upgrade citynode, then restore", "newer_format")
     bounded.limit = bounded.done + sum(size for size, _ in m.files.values()) \
         + (len(m.files) + 2) * _Bounded.SLACK
     small: dict[str, bytes] = {}

@@ -365,6 +365,40 @@ def test_a_newer_backup_format_says_to_upgrade(made: dict[str, Path]) -> None:
     assert e.value.reason == "newer_format" and "newer citynode" in str(e.value)
 
 
+def test_a_newer_database_schema_says_to_upgrade(made: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    bad = tmp_path / "future.cnbackup"
+    with tarfile.open(made["plain"]) as t:
+        parts = [(m, t.extractfile(m).read()) for m in t.getmembers()]  # type: ignore[union-attr]
+    m = json.loads(parts[0][1])
+    m.pop("checksum")
+    m["schema_version"] += 1
+    body = bk.render_manifest(bk.parse_manifest(json.dumps({**m, "checksum": hashlib.sha256(
+        json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()}).encode(),
+        "x"))
+    with tarfile.open(bad, "w") as t:
+        for info, data in [(parts[0][0], body), *parts[1:]]:
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    err = refused("newer_format", bad, tmp_path / "new")
+    assert "upgrade citynode" in str(err)
+
+
+def test_progress_bars_one_per_phase(capsys: pytest.CaptureFixture[str]) -> None:
+    from citynode.cli import _Bars
+
+    with _Bars(show=True) as bars:
+        bars.update("copying database", 3, 10)
+        bars.update("copying database", 10, 10)
+        bars.update("writing", 500, 1000)
+        assert bars.bar is not None and bars.bar.pos == 500
+    err = capsys.readouterr().err
+    assert "copying database" in err and "writing" in err
+    with _Bars(show=False) as bars:
+        bars.update("writing", 1, 2)
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------ hostile tar members
 
 
