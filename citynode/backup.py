@@ -137,7 +137,8 @@ def render_manifest(m: Manifest) -> bytes:
                       indent=2, sort_keys=True).encode() + b"\n"
 
 
-def _bad(what: str, reason: str = "not_a_backup") -> BackupError:
+def _refusal(what: str, reason: str = "not_a_backup") -> BackupError:
+    """A refused backup file (a local error, not one of PROTOCOL.md's reason codes)."""
     return BackupError(what, reason)
 
 
@@ -147,19 +148,19 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad(f"{where}: its manifest is not JSON (damaged?)", "damaged") from exc
+        raise _refusal(f"{where}: its manifest is not JSON (damaged?)", "damaged") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise _bad(f"{where} is not a citynode backup (no citynode manifest)")
+        raise _refusal(f"{where} is not a citynode backup (no citynode manifest)")
     version = obj.get("format_version")
     if type(version) is not int or version < 1:
-        raise _bad(f"{where}: manifest has no valid format_version", "damaged")
+        raise _refusal(f"{where}: manifest has no valid format_version", "damaged")
     if version > FORMAT_VERSION:
-        raise _bad(f"{where} is a backup format v{version}, newer than this citynode "
+        raise _refusal(f"{where} is a backup format v{version}, newer than this citynode "
                    f"reads (v{FORMAT_VERSION}): restore it with a newer citynode",
                    "newer_format")
     checksum = obj.pop("checksum", None)
     if not isinstance(checksum, str) or hashlib.sha256(_canonical(obj)).hexdigest() != checksum:
-        raise _bad(f"{where}: the manifest's checksum does not match (the file is "
+        raise _refusal(f"{where}: the manifest's checksum does not match (the file is "
                    "damaged)", "checksum")
     try:
         files_obj = obj["files"]
@@ -182,10 +183,10 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             schema_version=_int(obj["schema_version"]), records=_int(obj["records"]),
             secrets=obj["secrets"] is True, files=files)
     except (KeyError, TypeError, ValueError) as exc:
-        raise _bad(f"{where}: the manifest is malformed ({exc})", "damaged") from exc
+        raise _refusal(f"{where}: the manifest is malformed ({exc})", "damaged") from exc
     needed = {CONFIG, CERT, DB} | ({SECRETS} if m.secrets else set())
     if set(files) != needed:
-        raise _bad(f"{where}: the manifest lists {sorted(files)}, expected "
+        raise _refusal(f"{where}: the manifest lists {sorted(files)}, expected "
                    f"{sorted(needed)}", "damaged")
     return m
 
@@ -243,25 +244,25 @@ def open_secrets(data: bytes, m: Manifest, passphrase: str, where: str) -> dict[
         if len(salt) != nacl.pwhash.argon2id.SALTBYTES:
             raise ValueError("bad salt")
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-        raise _bad(f"{where}: the sealed secrets are damaged ({exc})", "damaged") from exc
+        raise _refusal(f"{where}: the sealed secrets are damaged ({exc})", "damaged") from exc
     key = nacl.pwhash.argon2id.kdf(nacl.secret.SecretBox.KEY_SIZE, passphrase.encode(),
                                    salt, ops, mem)
     try:
         plain = nacl.secret.SecretBox(key).decrypt(box)
     except nacl.exceptions.CryptoError as exc:
-        raise _bad(f"{where}: wrong passphrase for the backup's secrets",
+        raise _refusal(f"{where}: wrong passphrase for the backup's secrets",
                    "wrong_passphrase") from exc
     try:
         inner = json.loads(plain)
         out = {k: base64.b64decode(v, validate=True) for k, v in inner["files"].items()}
         node, created = inner["node_id"], inner["created_ms"]
     except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
-        raise _bad(f"{where}: the sealed secrets are damaged ({exc})", "damaged") from exc
+        raise _refusal(f"{where}: the sealed secrets are damaged ({exc})", "damaged") from exc
     if node != m.node_id or created != m.created_ms:
-        raise _bad(f"{where}: the sealed secrets belong to another backup (node {node})",
+        raise _refusal(f"{where}: the sealed secrets belong to another backup (node {node})",
                    "wrong_node")
     if set(out) != set(SECRET_FILES) or any(len(v) > _SMALL_MAX for v in out.values()):
-        raise _bad(f"{where}: the sealed secrets do not hold {', '.join(SECRET_FILES)}",
+        raise _refusal(f"{where}: the sealed secrets do not hold {', '.join(SECRET_FILES)}",
                    "damaged")
     return out
 
@@ -447,19 +448,19 @@ def _check_member(m: tarfile.TarInfo, where: str) -> None:
     """Refuse a member that is not a plain file with a plain relative name."""
     name = m.name
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise _bad(f"{where}: member {name!r} has an absolute path: refusing the file",
+        raise _refusal(f"{where}: member {name!r} has an absolute path: refusing the file",
                    "unsafe_member")
     if ".." in name.replace("\\", "/").split("/"):
-        raise _bad(f"{where}: member {name!r} climbs out of the directory (..): refusing "
+        raise _refusal(f"{where}: member {name!r} climbs out of the directory (..): refusing "
                    "the file", "unsafe_member")
     if m.issym() or m.islnk():
-        raise _bad(f"{where}: member {name!r} is a link: refusing the file",
+        raise _refusal(f"{where}: member {name!r} is a link: refusing the file",
                    "unsafe_member")
     if m.ischr() or m.isblk() or m.isfifo():
-        raise _bad(f"{where}: member {name!r} is a device or a pipe: refusing the file",
+        raise _refusal(f"{where}: member {name!r} is a device or a pipe: refusing the file",
                    "unsafe_member")
     if not m.isreg():
-        raise _bad(f"{where}: member {name!r} is not a regular file: refusing the file",
+        raise _refusal(f"{where}: member {name!r} is not a regular file: refusing the file",
                    "unsafe_member")
 
 
@@ -473,7 +474,7 @@ def _copy_member(src: IO[bytes], size: int, dest: IO[bytes] | None,
     while done < size:
         chunk = src.read(min(_CHUNK, size - done))
         if not chunk:
-            raise _bad(f"{where} is truncated (member {name} ends early): the file is "
+            raise _refusal(f"{where} is truncated (member {name} ends early): the file is "
                        "incomplete", "truncated")
         h.update(chunk)
         done += len(chunk)
@@ -495,22 +496,22 @@ def _read_into(file: Path, dest: Path, passphrase: Callable[[], str] | None,
     try:
         f = open(file, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError as exc:
-        raise _bad(f"{file} not found", "not_found") from exc
+        raise _refusal(f"{file} not found", "not_found") from exc
     except OSError as exc:
         raise _os_error(exc, f"reading {file}") from exc
     with f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise _bad(f"{file} is not a regular file")
+            raise _refusal(f"{file} is not a regular file")
         bounded = _Bounded(f, where)
         try:
             tar = tarfile.open(fileobj=cast(IO[bytes], bounded),  # noqa: SIM115 - closed
                                mode="r|")  # below
         except tarfile.ReadError as exc:
-            raise _bad(f"{file} is not a citynode backup (not a tar file: {exc})") from exc
+            raise _refusal(f"{file} is not a citynode backup (not a tar file: {exc})") from exc
         try:
             return _read_members(tar, where, dest, passphrase, progress, bounded)
         except (tarfile.ReadError, tarfile.HeaderError, EOFError) as exc:
-            raise _bad(f"{file} is damaged or truncated ({exc}): the file is incomplete "
+            raise _refusal(f"{file} is damaged or truncated ({exc}): the file is incomplete "
                        "or was changed", "truncated") from exc
         except OSError as exc:
             raise _os_error(exc, f"reading {file}") from exc
@@ -535,7 +536,7 @@ class _Bounded:
         if n < 0 or self.done + n > self.limit + tarfile.RECORDSIZE:
             n = max(0, self.limit + tarfile.RECORDSIZE - self.done)
             if n == 0:
-                raise _bad(f"{self.where} holds more than its manifest lists: refusing "
+                raise _refusal(f"{self.where} holds more than its manifest lists: refusing "
                            "the file", "unsafe_member")
         data = self.f.read(n)
         self.done += len(data)
@@ -547,10 +548,10 @@ def _read_members(tar: tarfile.TarFile, where: str, dest: Path,
                   bounded: _Bounded) -> tuple[Manifest, dict[str, bytes]]:
     first = tar.next()
     if first is None:
-        raise _bad(f"{where} is empty or truncated: no manifest", "truncated")
+        raise _refusal(f"{where} is empty or truncated: no manifest", "truncated")
     _check_member(first, where)
     if first.name != MANIFEST or first.size > _SMALL_MAX:
-        raise _bad(f"{where} is not a citynode backup (its first member is not a "
+        raise _refusal(f"{where} is not a citynode backup (its first member is not a "
                    "manifest)")
     src = tar.extractfile(first)
     assert src is not None  # a regular file
@@ -559,7 +560,7 @@ def _read_members(tar: tarfile.TarFile, where: str, dest: Path,
     from citynode.storage import SCHEMA_VERSION
 
     if m.schema_version > SCHEMA_VERSION:
-        raise _bad(f"{where} was made by citynode {m.citynode_version}, with database "
+        raise _refusal(f"{where} was made by citynode {m.citynode_version}, with database "
                    f"schema v{m.schema_version}; this citynode reads up to "
                    f"v{SCHEMA_VERSION}: upgrade citynode, then restore", "newer_format")
     bounded.limit = bounded.done + sum(size for size, _ in m.files.values()) \
@@ -570,12 +571,12 @@ def _read_members(tar: tarfile.TarFile, where: str, dest: Path,
         _check_member(member, where)
         name = member.name
         if name not in m.files or name in seen:
-            raise _bad(f"{where}: unexpected member {name!r} (not in its manifest, or "
+            raise _refusal(f"{where}: unexpected member {name!r} (not in its manifest, or "
                        "twice): refusing the file", "unsafe_member")
         seen.add(name)
         size, digest = m.files[name]
         if member.size != size:
-            raise _bad(f"{where}: member {name} is {member.size} bytes, its manifest says "
+            raise _refusal(f"{where}: member {name} is {member.size} bytes, its manifest says "
                        f"{size}: the file is damaged", "checksum")
         src = tar.extractfile(member)
         assert src is not None
@@ -589,14 +590,14 @@ def _read_members(tar: tarfile.TarFile, where: str, dest: Path,
         else:
             got, small[name] = _copy_member(src, size, None, None, where, name)
         if got != digest:
-            raise _bad(f"{where}: checksum mismatch in {name}: the file is damaged or "
+            raise _refusal(f"{where}: checksum mismatch in {name}: the file is damaged or "
                        "was changed", "checksum")
         if name == SECRETS and passphrase is not None:
             for k, v in open_secrets(small.pop(SECRETS), m, passphrase(), where).items():
                 small[k] = v
     missing = sorted(set(m.files) - seen)
     if missing:
-        raise _bad(f"{where} is truncated: {', '.join(missing)} missing", "truncated")
+        raise _refusal(f"{where} is truncated: {', '.join(missing)} missing", "truncated")
     return m, small
 
 
