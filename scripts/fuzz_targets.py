@@ -244,8 +244,11 @@ def t_filter(data: bytes) -> None:
     that parses to the same filter."""
     from citynode.core.filters import parse_filter
 
-    pairs = parse_qsl(data.decode("utf-8", "replace"), keep_blank_values=True,
-                      max_num_fields=64)
+    try:
+        pairs = parse_qsl(data.decode("utf-8", "replace"), keep_blank_values=True,
+                          max_num_fields=64)
+    except ValueError:
+        return  # more than 64 fields: the test's own query parser refuses it
     kind, flt = _verdict(lambda: parse_filter(pairs))
     if kind != "ok":
         return
