@@ -305,12 +305,17 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
 @DIR_OPTION
 @JSON_OPTION
 def feeds(data_dir: Path, as_json: bool) -> None:
-    """List the feeds this node holds and their heads."""
+    """List the feeds this node holds or hears of: heads, terms and completeness state.
+
+    The state (live, silent, lagging, withheld, dead, unknown) is the running node's;
+    a node that is not running has heard nothing since it stopped ("unknown" for the
+    feeds of other nodes)."""
     from citynode.core.keys import node_id
     from citynode.render import iso_time
     from citynode.storage import Storage
 
     _require_dir(data_dir)
+    live = {(f["origin"], f["feed"]): f for f in _operate(data_dir, lambda n: n.liveness())}
     st = Storage.open(data_dir / "citynode.db")
     try:
         rows = st.feeds()
@@ -319,12 +324,34 @@ def feeds(data_dir: Path, as_json: bool) -> None:
     out: list[dict[str, Any]] = [
         {"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "count": r.count,
          "head": r.head.hex(), "last_time": r.last_time} for r in rows]
+    held = {(o["origin"], o["feed"]) for o in out}
+    # Feeds heard of (a signed statement, a card) of which no record is held.
+    out += [{"origin": o, "feed": f, "seq": 0, "count": 0, "head": None, "last_time": None}
+            for (o, f) in sorted(live) if (o, f) not in held]
+    for o in out:
+        lv = live.get((o["origin"], o["feed"]), {})
+        o["terms"] = lv.get("terms")
+        o["completeness"] = {k: lv.get(k) for k in ("state", "signed_size", "signed_time",
+                                                     "cadence_s", "behind_since")}
+        o["completeness"]["state"] = lv.get("state", "unknown")
     if as_json:
         _print_json({"feeds": out})
         return
-    _table("feeds", ["origin", "feed", "head seq", "records", "last record"],
+    _table("feeds", ["origin", "feed", "head seq", "records", "last record", "state",
+                     "signed", "license"],
            [[o["origin"], o["feed"], o["seq"], o["count"],
-             iso_time(o["last_time"]) if o["last_time"] else ""] for o in out])
+             iso_time(o["last_time"]) if o["last_time"] else "",
+             o["completeness"]["state"],
+             "" if o["completeness"]["signed_size"] is None
+             else o["completeness"]["signed_size"],
+             _terms_text(o["terms"])] for o in out])
+
+
+def _terms_text(terms: dict[str, Any] | None) -> str:
+    if not terms:
+        return ""
+    parts = [terms["license"] or "", terms["terms_url"] or ""]
+    return " + ".join(p for p in parts if p) or "(not stated)"
 
 
 @main.command()

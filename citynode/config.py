@@ -34,6 +34,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from citynode.bridges.config import BRIDGES_HELP, BridgesConfig, parse_bridges
+from citynode.core.cards import MAX_CADENCE_S, CardFeed, check_card_feed
 from citynode.core.egress import DEFAULT_TEXT_ATTRIBUTES, OPEN, EgressPolicy, parse_policy
 from citynode.core.keys import node_id, parse_node_id
 from citynode.core.records import check_feed_name
@@ -130,6 +131,7 @@ class FederationConfig:
     backoff_max_seconds: float = 60.0
     origin_quota_records_per_day: int = 1000000
     origin_quota_bytes_per_day: int = 1073741824
+    sync_bound_seconds: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,22 @@ class FeedConfig:
     retention_days: int | None = None
     #: ``[feeds.<name>.egress]``: what of a payload may leave (default: all of it).
     egress: EgressPolicy = OPEN
+    #: The terms stated in our signed card (core/cards.py ``CardFeed``); None: unstated.
+    license: str | None = None
+    attribution: str | None = None
+    terms_url: str | None = None
+    terms_digest: bytes | None = None
+    #: Expected cadence: a checkpoint is signed at least this often (liveness).
+    cadence_seconds: int | None = None
+
+    def card_feed(self) -> CardFeed:
+        """This feed's entry in our signed card: access, retention, terms, the egress
+        policy's digest (when the policy is not the open one) and cadence."""
+        return CardFeed(self.name, self.access, retention_days=self.retention_days,
+                        license=self.license, terms_url=self.terms_url,
+                        terms_digest=self.terms_digest, attribution=self.attribution,
+                        policy=None if self.egress.is_open else self.egress.digest(),
+                        cadence_s=self.cadence_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +449,9 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
              "origin node per day.", _range(1, 10**12)),
         _Key("origin_quota_bytes_per_day", "int", 1073741824, "Most bytes stored per origin "
              "node per day.", _range(1, 2**50)),
+        _Key("sync_bound_seconds", "float", 120.0, "How long records an origin signed "
+             "(in a checkpoint) may take to reach us before the feed shows as withheld "
+             "rather than lagging.", _range(1, 7 * 86400)),
     ),
     "checkpoints": (
         _Key("interval_seconds", "float", 60.0, "Seconds between signed checkpoints "
@@ -454,6 +475,17 @@ _FEED_KEYS: tuple[_Key, ...] = (
     _Key("retention_days", "int", None, "Days the payloads are kept, here and (declared "
          "in this node's card) at every node holding them; older records keep only their "
          "signed skeleton. None: kept for ever.", _range(1, 36500)),
+    _Key("license", "str", None, "SPDX license identifier of the data, signed in the node "
+         'card, e.g. "CC-BY-4.0", "ODbL-1.0", "CC0-1.0" or "LicenseRef-...".'),
+    _Key("attribution", "str", None, "Attribution text readers must show (at most 512 "
+         "characters), signed in the node card."),
+    _Key("terms_url", "str", None, "https:// URL of the terms of use, signed in the node "
+         "card with terms_digest (both or neither)."),
+    _Key("terms_digest", "str", None, "SHA-256 of the terms document at terms_url, as 64 "
+         "hex digits (sha256sum FILE)."),
+    _Key("cadence_seconds", "int", None, "Expected cadence: the node signs a checkpoint of "
+         "the feed at least this often, even with no new record, so partners can tell "
+         "silence from loss (1 to 604800).", _range(1, MAX_CADENCE_S)),
 )
 
 _EGRESS_KEYS: tuple[_Key, ...] = (
@@ -640,9 +672,24 @@ class _Loader:
             if v["access"] != "restricted" and readers:
                 raise self.fail(f"{where} readers", 'only applies to access = "restricted" '
                                 f"(access is {_show(v['access'])})")
-            out[name] = FeedConfig(name=name, access=v["access"], readers=tuple(readers),
-                                   description=v["description"], egress=egress,
-                                   retention_days=v["retention_days"])
+            digest = v["terms_digest"]
+            if digest is not None:
+                if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    raise self.fail(f"{where} terms_digest", "must be the SHA-256 of the terms "
+                                    "document as 64 lowercase hex digits, got "
+                                    f"{_show(digest)}")
+                digest = bytes.fromhex(digest)
+            fc = FeedConfig(name=name, access=v["access"], readers=tuple(readers),
+                            description=v["description"], egress=egress,
+                            license=v["license"], attribution=v["attribution"],
+                            terms_url=v["terms_url"], terms_digest=digest,
+                            cadence_seconds=v["cadence_seconds"],
+                            retention_days=v["retention_days"])
+            try:
+                check_card_feed(fc.card_feed())
+            except InvalidRecord as exc:
+                raise self.fail(where, str(exc).replace("card feed", "feed")) from exc
+            out[name] = fc
         return MappingProxyType(out)
 
 
@@ -736,7 +783,9 @@ _FEEDS_HELP = (
     "# starting with a letter or digit. A feed not listed here is public.\n"
     "#\n"
     + "\n".join(line for key in _FEED_KEYS for line in _wrap(
-        f"{key.name}: {key.doc} (Default: {_toml_value(key.kind, key.default)})")) + "\n"
+        f"{key.name}: {key.doc}" + ("" if key.default is None else
+                                    f" (Default: {_toml_value(key.kind, key.default)})")))
+    + "\n"
 )
 
 _FEEDS_EXAMPLE = """\
@@ -744,6 +793,9 @@ _FEEDS_EXAMPLE = """\
 # [feeds.air-quality]
 # access = "public"
 # description = "Hourly PM2.5, PM10, NO2 and O3 from city monitoring stations"
+# license = "CC-BY-4.0"
+# attribution = "Ciudad Ejemplo, air quality network"
+# cadence_seconds = 300
 #
 # [feeds.cyber-notices]
 # access = "restricted"

@@ -57,6 +57,11 @@ class Metrics:
         )
         self.db_size = Gauge("citynode_db_size_bytes", "Size of the database file", registry=r)
         self.feeds = Gauge("citynode_feeds", "Feeds held (own and replicated)", registry=r)
+        self.liveness = Gauge(
+            "citynode_feed_liveness", "Feeds held or heard of, by liveness state (live, "
+            "silent, lagging, withheld, dead, unknown: docs/PROTOCOL.md, Liveness)",
+            ["state"], registry=r,
+        )
         self.streams = Gauge("citynode_live_streams", "Open live streams (SSE)", registry=r)
         self.connections_refused = Counter(
             "citynode_connections_refused", "Connections closed on arrival: max_connections "

@@ -103,6 +103,12 @@ class Operator:
         is not running: it has no partner tasks)."""
         return list((await self._call("GET", "/v1/admin/partners"))["partners"])
 
+    async def liveness(self) -> list[dict[str, Any]]:
+        """Every feed held or heard of, with its liveness state and terms
+        (``GET /v1/liveness``). A node that is not running has heard no statement of
+        another node's feed since it stopped: those are "unknown"."""
+        return list((await self._call("GET", "/v1/liveness"))["feeds"])
+
     async def add_partner(self, url: str, partner_id: str) -> str:
         """Add the partner at ``url`` whose card must be signed by ``partner_id``;
         return its name."""

@@ -587,10 +587,29 @@ def _migrate_v5(db: sqlite_utils.Database) -> None:
         last = rows[-1][0]
 
 
+#: How many signed cards of each node the card history keeps (the newest, by time).
+CARD_HISTORY_MAX = 64
+
+
+def _migrate_card_history(db: sqlite_utils.Database) -> None:
+    """Card history (issue 13, terms bound to the data): the last CARD_HISTORY_MAX signed
+    cards of each node, verified before they are kept, so the terms in force for a
+    record are those of the card with the greatest time at most the record's time."""
+    db.conn.execute(
+        """CREATE TABLE card_history (
+            node BLOB NOT NULL,
+            time INTEGER NOT NULL,
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (node, time)
+        ) WITHOUT ROWID"""
+    )
+
+
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5}
+    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5,
+    6: _migrate_card_history}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1281,6 +1300,28 @@ class Storage:
             return cur.rowcount == 1
 
         return self._submit(run)
+
+    def add_card_history(self, node: bytes, time: int, envelope: bytes) -> Future[bool]:
+        """Keep a verified card of ``node`` signed at ``time`` in its card history (the
+        first one of a (node, time) stays), dropping all but its newest
+        CARD_HISTORY_MAX. The result is False if one of that time was held."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            new = conn.execute(
+                "INSERT INTO card_history (node, time, envelope) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING", (node, time, envelope)).rowcount == 1
+            conn.execute(
+                "DELETE FROM card_history WHERE node = ? AND time < (SELECT min(time) FROM"
+                " (SELECT time FROM card_history WHERE node = ? ORDER BY time DESC LIMIT ?))",
+                (node, node, CARD_HISTORY_MAX))
+            return new
+
+        return self._submit(run)
+
+    def card_history(self, node: bytes) -> list[bytes]:
+        """The card envelopes kept of ``node``, oldest first (at most CARD_HISTORY_MAX)."""
+        return [r[0] for r in self._all(
+            "SELECT envelope FROM card_history WHERE node = ? ORDER BY time", (node,))]
 
     def set_meta(self, key: str, value: bytes) -> Future[None]:
         """Set a node-wide value (insert or replace)."""

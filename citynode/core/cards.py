@@ -6,10 +6,9 @@ TLS certificate fingerprint in it. A newer card (higher ``time``) replaces an ol
 
 The card body is a canonical msgpack map (docs/PROTOCOL.md, "Node card")::
 
-    feeds     array     [{name: str, access: "public"|"partners"|"restricted",
-                        [retention_days: int 1..36500]}, ...], sorted by name, no
-                        duplicates, at most 1000; retention_days: every node holding
-                        the feed's records drops payloads older than that
+    feeds     array     [{name: str, access: "public"|"partners"|"restricted", and the
+                        optional retention, terms and liveness fields below}, ...],
+                        sorted by name, no duplicates, at most 1000
     kind      str       "card"
     name      str       1-128 characters, no control characters (the city's name)
     node      bin(32)   the node's Ed25519 public key
@@ -23,7 +22,20 @@ The card body is a canonical msgpack map (docs/PROTOCOL.md, "Node card")::
                         ``url`` must be https and the CA chain is checked instead)
     url       str       where the node is reached: ``https://`` or ``http://`` URL, at
                         most 512 ASCII characters; ``tls`` requires ``https://``
-    version   int       1
+    version   int       2
+
+Each feed entry may also state, all optional (docs/PROTOCOL.md, "Feed terms")::
+
+    retention_days int      1-36500: every node holding the feed's records drops
+                            payloads older than that
+    attribution   str       1-512 characters, no control characters
+    cadence_s     int       1-604800: the feed's expected cadence; the origin signs a
+                            checkpoint of it at least that often (core/liveness.py)
+    license       str       an SPDX license identifier (``CC-BY-4.0``, ``LicenseRef-x``)
+    policy        bin(32)   the digest of the egress policy in force (core/egress.py);
+                            present whenever that policy is not the open one
+    terms_digest  bin(32)   SHA-256 of the terms document at ``terms_url``
+    terms_url     str       https:// URL of the terms document (with ``terms_digest``)
 
 The envelope is the canonical msgpack array ``[body: bin, sig: bin(64)]`` with the
 signature over ``DOMAIN_CARD || body``, exactly as for records. :func:`card_to_json`
@@ -36,6 +48,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -55,39 +68,57 @@ __all__ = [
     "ACCESS_LEVELS",
     "CARD_LIMITS",
     "CARD_VERSION",
+    "MAX_CADENCE_S",
     "CardFeed",
     "NodeCard",
     "card_from_json",
     "card_to_json",
+    "check_card_feed",
+    "check_terms_document",
     "make_card",
     "open_card",
+    "terms_in_force",
 ]
 
-CARD_VERSION = 1
+CARD_VERSION = 2
 ACCESS_LEVELS = ("public", "partners", "restricted")
 MAX_NAME = 128
 MAX_URL = 512
 MAX_SOFTWARE = 128
 MAX_FEEDS = 1000
 MAX_PARTNERS = 10_000
+MAX_ATTRIBUTION = 512
+MAX_LICENSE = 64
+#: The longest expected cadence a card may state: a week.
+MAX_CADENCE_S = 7 * 86400
 _MAX_TIME = 2**63 - 1
 
 # The record limits (64 KiB, 4096 items) are too small for a card listing 10,000
-# partners. A card at every maximum is about 431 KB and 13,010 items, nested 3 deep
-# (body map -> feeds array -> feed map); these bounds admit exactly that, with margin.
+# partners. A card of 1000 feeds with every optional field and 10,000 partners has
+# 27,022 items, nested 3 deep (body map -> feeds array -> feed map); the item bound admits
+# exactly that, with margin. Its bytes are bounded by the body limit, not field by field:
+# 1000 feeds each with 512-character terms URLs and attributions do not fit (make_card
+# refuses to sign what does not), while any realistic card does, and an envelope at the
+# limit still fits an export bundle item (1 MiB).
 #: Bounds on the cards of other nodes a node keeps (and serves on /v1/cards, so also
 #: what it accepts in one answer): a flood of self-made cards cannot fill its memory.
 MAX_CARDS_KEPT = 10_000
 MAX_CARDS_KEPT_BYTES = 32 * 1024 * 1024
-CARD_LIMITS = encoding.Limits(max_bytes=512 * 1024, max_depth=3, max_items=13_100)
+CARD_LIMITS = encoding.Limits(max_bytes=1024 * 1024 - 1024, max_depth=3, max_items=27_100)
 
 _FIELDS = frozenset(
     {"feeds", "kind", "name", "node", "partners", "software", "time", "url", "version"}
 )
 _OPTIONAL = frozenset({"tls"})
 _FEED_KEYS = frozenset({"name", "access"})
-_FEED_OPTIONAL = frozenset({"retention_days"})
+_FEED_OPTIONAL = frozenset({"attribution", "cadence_s", "license", "policy",
+                            "retention_days", "terms_digest", "terms_url"})
 MAX_RETENTION_DAYS = 36_500
+# SPDX short identifiers: idstring = 1*(ALPHA / DIGIT / "-" / ".") (SPDX 2.3, annex D),
+# a listed licence optionally followed by "+" (or later), or "LicenseRef-" idstring.
+# One identifier, not an expression: "MIT OR Apache-2.0" is not a licence id.
+_SPDX_RE = re.compile(r"LicenseRef-[A-Za-z0-9.-]+|(?!LicenseRef-)[A-Za-z0-9.-]+\+?",
+                      re.ASCII | re.IGNORECASE)
 # Visible ASCII only (spaces, controls or non-ASCII are copy-paste accidents) and no
 # userinfo: credentials have no place in a public card.
 _URL_RE = re.compile(r"https?://[A-Za-z0-9._~%:\[\]-]+(?:[/?#][\x21-\x7e]*)?")
@@ -97,11 +128,41 @@ _MAX_B64 = 4 * (CARD_LIMITS.max_bytes // 3 + 1)
 
 
 class CardFeed(NamedTuple):
-    """One feed a node offers, and who may read it."""
+    """One feed a node offers, who may read it, on what terms, and how often its origin
+    says it is alive. The optional fields are None when the card does not state them."""
 
     name: str
     access: str
     retention_days: int | None = None  # payloads older than this are pruned everywhere
+    license: str | None = None
+    terms_url: str | None = None
+    terms_digest: bytes | None = None
+    attribution: str | None = None
+    policy: bytes | None = None
+    cadence_s: int | None = None
+
+    def terms(self) -> dict[str, Any]:
+        """The feed's terms as JSON (hex digests; unset ones are null): what the read
+        API, streams, bundles and ``citynode audit`` show."""
+        return {
+            "license": self.license,
+            "terms_url": self.terms_url,
+            "terms_digest": self.terms_digest.hex() if self.terms_digest else None,
+            "attribution": self.attribution,
+            "policy": self.policy.hex() if self.policy else None,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The feed's entry in the JSON form of a card: only the fields present."""
+        out: dict[str, Any] = {"name": self.name, "access": self.access}
+        for k, v in self._asdict().items():
+            if k not in out and v is not None:
+                out[k] = v.hex() if type(v) is bytes else v
+        return out
+
+    def to_body(self) -> dict[str, Any]:
+        """The feed's map in a card body: only the fields present."""
+        return {k: v for k, v in self._asdict().items() if v is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +207,73 @@ def _check_text(what: str, value: Any, max_len: int) -> str:
     if _CONTROL_RE.search(value):
         raise _fail(f"card {what} must not contain control characters")
     return value
+
+
+def _check_https(what: str, value: Any) -> str:
+    if (type(value) is not str or len(value) > MAX_URL or not _URL_RE.fullmatch(value)
+            or not value.startswith("https://")):
+        raise _fail(f"card {what} must be an https:// URL of at most {MAX_URL} visible "
+                    "ASCII characters")
+    return value
+
+
+def _check_digest(what: str, value: Any) -> bytes:
+    if type(value) is not bytes or len(value) != 32:
+        raise _fail(f"card {what} must be 32 bytes (a SHA-256 digest)")
+    return value
+
+
+def _parse_feed(entry: Any) -> CardFeed:
+    """One feed map of a card body, every field checked (the ``name`` first)."""
+    if type(entry) is not dict or not entry.keys() >= _FEED_KEYS:
+        raise _fail("each card feed must be a map with name and access")
+    name, access = entry["name"], entry["access"]
+    try:
+        check_feed_name(name)
+    except InvalidRecord as exc:
+        raise _fail(f"card {exc}") from exc
+    extra = entry.keys() - _FEED_KEYS - _FEED_OPTIONAL
+    if extra:
+        raise _fail(f"card feed {name!r} has unknown field(s): {', '.join(sorted(extra))}")
+    if access not in ACCESS_LEVELS:
+        raise _fail(f"feed {name!r} has access {access!r}: use one of "
+                    f"{', '.join(ACCESS_LEVELS)}")
+    days = entry.get("retention_days")
+    if "retention_days" in entry and (
+            type(days) is not int or not 1 <= days <= MAX_RETENTION_DAYS):
+        raise _fail(f"feed {name!r} has retention_days {days!r}: an integer from 1 to "
+                    f"{MAX_RETENTION_DAYS}")
+    lic = entry.get("license")
+    if lic is not None and (type(lic) is not str or not 0 < len(lic) <= MAX_LICENSE
+                            or not _SPDX_RE.fullmatch(lic)):
+        raise _fail(f"feed {name!r} license must be one SPDX license identifier (letters, "
+                    f"digits, '-' and '.', at most {MAX_LICENSE}), e.g. CC-BY-4.0 or "
+                    "LicenseRef-city-terms")
+    url, digest = entry.get("terms_url"), entry.get("terms_digest")
+    if (url is None) != (digest is None):
+        raise _fail(f"feed {name!r} needs both terms_url and terms_digest, or neither")
+    if url is not None:
+        url = _check_https(f"feed {name!r} terms_url", url)
+        digest = _check_digest(f"feed {name!r} terms_digest", digest)
+    attribution = entry.get("attribution")
+    if attribution is not None:
+        attribution = _check_text(f"feed {name!r} attribution", attribution, MAX_ATTRIBUTION)
+    policy = entry.get("policy")
+    if policy is not None:
+        policy = _check_digest(f"feed {name!r} policy", policy)
+    cadence = entry.get("cadence_s")
+    # type() is int: a msgpack bool or float never stands for a cadence.
+    if cadence is not None and (type(cadence) is not int
+                                or not 1 <= cadence <= MAX_CADENCE_S):
+        raise _fail(f"feed {name!r} cadence_s must be an integer of 1 to {MAX_CADENCE_S} "
+                    "seconds")
+    return CardFeed(name, access, days, lic, url, digest, attribution, policy, cadence)
+
+
+def check_card_feed(feed: CardFeed) -> None:
+    """Check one feed entry with the rules a receiver applies (so a configuration can
+    be refused before anything is signed). Raises :class:`InvalidRecord`."""
+    _parse_feed(feed.to_body())
 
 
 def _parse_body(body: bytes) -> NodeCard:
@@ -199,27 +327,12 @@ def _parse_feeds(feeds: Any) -> tuple[CardFeed, ...]:
         raise _fail(f"card feeds must be an array of at most {MAX_FEEDS} entries")
     out: list[CardFeed] = []
     for entry in feeds:
-        if type(entry) is not dict or not (
-                _FEED_KEYS <= entry.keys() <= _FEED_KEYS | _FEED_OPTIONAL):
-            raise _fail("each card feed must be a map {name, access} (and optionally "
-                        "retention_days)")
-        name, access = entry["name"], entry["access"]
-        days = entry.get("retention_days")
-        if "retention_days" in entry and (
-                type(days) is not int or not 1 <= days <= MAX_RETENTION_DAYS):
-            raise _fail(f"feed {name!r} has retention_days {days!r}: an integer from 1 to "
-                        f"{MAX_RETENTION_DAYS}")
-        try:
-            check_feed_name(name)
-        except InvalidRecord as exc:
-            raise _fail(f"card {exc}") from exc
-        if access not in ACCESS_LEVELS:
-            raise _fail(f"feed {name!r} has access {access!r}: use one of "
-                        f"{', '.join(ACCESS_LEVELS)}")
+        feed = _parse_feed(entry)
         # Sorted and unique: one set of feeds has exactly one encoding.
-        if out and name <= out[-1].name:
-            raise _fail(f"card feeds are not sorted by name without duplicates (at {name!r})")
-        out.append(CardFeed(name, access, days))
+        if out and feed.name <= out[-1].name:
+            raise _fail(f"card feeds are not sorted by name without duplicates "
+                        f"(at {feed.name!r})")
+        out.append(feed)
     return tuple(out)
 
 
@@ -238,40 +351,28 @@ def _parse_partners(partners: Any, node: bytes) -> tuple[bytes, ...]:
     return tuple(partners)
 
 
-def _retention(feed: tuple[Any, ...]) -> dict[str, Any]:
-    """The card feed entry's optional ``retention_days`` from a ``make_card`` tuple."""
-    if not 2 <= len(feed) <= 3:
-        raise ValueError(f"{feed!r} is not (name, access[, retention_days])")
-    days = feed[2] if len(feed) == 3 else None
-    if days is not None and type(days) is not int:
-        raise TypeError(f"retention_days must be an integer, not {days!r}")
-    return {} if days is None else {"retention_days": days}
-
-
 def make_card(
     key: SigningKey,
     *,
     name: str,
     url: str,
     tls_fingerprint: bytes | None,
-    feeds: Iterable[tuple[str, str] | tuple[str, str, int | None]],
+    feeds: Iterable[CardFeed | tuple[str, str] | tuple[str, str, int | None]],
     partners: Iterable[bytes],
     software: str,
     now_ms: int,
 ) -> NodeCard:
     """Build and sign the card of ``key``'s node, dated ``now_ms``.
 
-    ``feeds`` are ``(name, access)`` or ``(name, access, retention_days or None)`` and
-    ``partners`` public keys, in any order
-    (the card holds them sorted). Raises :class:`InvalidRecord` if any field is invalid
-    or repeated, with the same checks a receiver makes, so nothing is signed that
-    partners would reject.
+    ``feeds`` are :class:`CardFeed` (or ``(name, access[, retention_days])``) and ``partners``
+    public keys, in any order (the card holds them sorted). Raises
+    :class:`InvalidRecord` if any field is invalid or repeated, with the same checks a
+    receiver makes, so nothing is signed that partners would reject.
     """
     try:
-        feed_list = [{"name": f[0], "access": f[1]} | _retention(f)
-                     for f in sorted(feeds, key=lambda f: f[0])]
+        feed_list = [_card_feed(f).to_body() for f in sorted(feeds, key=lambda f: f[0])]
         partner_list = sorted(partners)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise _fail(f"card feeds must be (name, access) pairs and partners keys: {exc}") from exc
     fields: dict[str, Any] = {
         "kind": "card",
@@ -290,6 +391,18 @@ def make_card(
     card = _parse_body(body)
     sig = key.sign(DOMAIN_CARD, body)
     return replace(card, sig=sig)
+
+
+def _card_feed(f: CardFeed | tuple[str, str] | tuple[str, str, int | None]) -> CardFeed:
+    if isinstance(f, CardFeed):
+        return f
+    # (name, access) or (name, access, retention_days): a longer tuple is a mistake.
+    if not 2 <= len(f) <= 3:
+        raise ValueError(f"{f!r} is not (name, access[, retention_days])")
+    days = f[2] if len(f) == 3 else None
+    if days is not None and type(days) is not int:
+        raise TypeError(f"retention_days must be an integer, not {days!r}")
+    return CardFeed(f[0], f[1], days)
 
 
 def _open(
@@ -357,9 +470,7 @@ def card_to_json(card: NodeCard) -> dict[str, Any]:
         "name": card.name,
         "url": card.url,
         "tls": card.tls.hex() if card.tls is not None else None,
-        "feeds": [{"name": f.name, "access": f.access}
-                  | ({} if f.retention_days is None else {"retention_days": f.retention_days})
-                  for f in card.feeds],
+        "feeds": [f.to_json() for f in card.feeds],
         "partners": [node_id(pk) for pk in card.partners],
         "software": card.software,
         "time": card.time,
@@ -414,3 +525,31 @@ def _same_json(want: Any, got: Any) -> bool:
     if type(want) is list:
         return len(want) == len(got) and all(map(_same_json, want, got))
     return bool(want == got)
+
+
+def terms_in_force(history: Iterable[NodeCard], feed: str, time_ms: int) -> CardFeed | None:
+    """The entry of ``feed`` in the card in force at ``time_ms``: of the cards of one
+    node in ``history`` (any order), the one with the greatest ``time`` at most
+    ``time_ms``. None if no such card, or that card does not list the feed (its terms
+    are then unknown, not "none")."""
+    best: NodeCard | None = None
+    for c in history:
+        if c.time <= time_ms and (best is None or c.time > best.time):
+            best = c
+    if best is None:
+        return None
+    return next((f for f in best.feeds if f.name == feed), None)
+
+
+def check_terms_document(feed: CardFeed, document: bytes) -> None:
+    """Check a terms document fetched from ``feed.terms_url`` against the digest the
+    card signed. Raises :class:`InvalidRecord` (reason ``terms_mismatch``) if it does
+    not match, or ``no_terms`` if the feed states no terms document."""
+    if feed.terms_digest is None:
+        raise InvalidRecord(f"feed {feed.name!r} states no terms document", "no_terms")
+    got = hashlib.sha256(document).digest()
+    if got != feed.terms_digest:
+        raise InvalidRecord(
+            f"the terms document of feed {feed.name!r} has SHA-256 {got.hex()}, not the "
+            f"{feed.terms_digest.hex()} its card signed: the terms changed without a new "
+            "card, or the copy is not the origin's", "terms_mismatch")

@@ -4,6 +4,10 @@ checkpoints and fork or split-view proofs partners send, and their forwarding.
 A proof or checkpoint is verified offline before it is kept; whether it is new and
 where it goes on is the replica's (``on_proof``, ``on_checkpoint``); the gossip role
 carries out the sending.
+
+Checkpoints are also liveness statements (core/liveness.py): an own feed with a cadence
+gets one at least every half cadence, grown or not; the newest statement of every
+(origin, feed) is held in memory, forwarded when newer, and gives the feed's state.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from citynode.config import Config
 from citynode.core import checkpoints as cps
+from citynode.core import liveness as lv
 from citynode.core import replica as rp
 from citynode.core.chain import ForkProof, canonical_fork_proof, verify_fork_proof
 from citynode.core.keys import SigningKey, Verifier
@@ -27,6 +32,9 @@ from citynode.storage import Storage
 
 #: Checkpoints, and proofs, sent to a partner after the first good round since start.
 HELD_MAX = 500
+#: Feeds whose newest liveness statement is held (memory bound; further feeds are
+#: stored and forwarded as before, and show as "unknown").
+LIVENESS_MAX = 100_000
 
 
 __all__ = ["Checkpoints"]
@@ -52,6 +60,10 @@ class Checkpoints:
         self.verifier = verifier
         self.now_ms = now_ms
         self.on_fork: Callable[[bytes, str, int], None] = lambda origin, feed, seq: None
+        #: The cadence of a feed from the card in force (ours: node.toml); None: none.
+        self.cadence_of: Callable[[bytes, str], int | None] = lambda origin, feed: None
+        #: Per (origin, feed): the newest liveness statement held (core/liveness.py).
+        self.liveness: dict[tuple[bytes, str], lv.FeedLiveness] = {}
         # The gossip role's: carry out actions (and wait for those touching storage).
         self.execute: Callable[[Sequence[rp.Action]], Awaitable[None]] = _nothing
 
@@ -97,61 +109,140 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ our checkpoints
 
-    async def checkpoint_now(self) -> list[cps.Checkpoint]:
-        """Sign a checkpoint of every own feed that grew since its last one, store it,
-        and send it to the partners."""
+    async def checkpoint_now(self, *, grown: bool = True) -> list[cps.Checkpoint]:
+        """Sign a checkpoint of every own feed that grew since its last one (when
+        ``grown``) and of every own feed with a cadence whose last statement is half a
+        cadence old (a heartbeat, grown or not), store it, and send it to the
+        partners."""
         made = []
         me = self.key.public_key
-        for (origin, feed) in list(self.replica.heads):
-            if origin != me:
-                continue
+        now = self.now_ms()
+        cadenced = {f: fc.cadence_seconds for f, fc in self.config.feeds.items()
+                    if fc.cadence_seconds is not None}
+        own = {f for (o, f) in list(self.replica.heads) if o == me} | set(cadenced)
+        for feed in sorted(own):
             # The head on disk, not in memory: while a publish is being committed the
             # memory runs ahead, and a checkpoint covers committed records only (under
             # steady publishing, waiting for the two to meet could wait forever).
-            committed = await in_thread(self.storage.head, origin, feed)
-            if committed is None:
+            committed = await in_thread(self.storage.head, me, feed)
+            size = committed[0] if committed is not None else 0
+            held = await self.held(me, feed)
+            grew = size > (held[-1][0] if held else 0)
+            fl = self.liveness.get((me, feed))
+            last = fl.newest.time if fl is not None and fl.newest is not None else None
+            cadence = cadenced.get(feed)
+            # Half a cadence: the statement reaches partners (a hop or two, a sync
+            # round) before a whole cadence has passed since the last one.
+            beat = cadence is not None and (last is None or now - last >= cadence * 500)
+            if not (beat or (grown and grew)):
                 continue
-            size = committed[0]
-            held = await self.held(origin, feed)
-            if held and held[-1][0] >= size:
-                continue
-            root = await in_thread(self.storage.tree(origin, feed, size).root, size)
-            cp = cps.sign_checkpoint(self.key, feed, size, root, self.now_ms())
+            root = (cps.EMPTY_ROOT if size == 0 else
+                    await in_thread(self.storage.tree(me, feed, size).root, size))
+            cp = cps.sign_checkpoint(self.key, feed, size, root, max(now, (last or 0) + 1))
             await asyncio.wrap_future(
-                self.storage.put_checkpoint(origin, feed, cp.size, cp.root, cp.envelope))
+                self.storage.put_checkpoint(me, feed, cp.size, cp.root, cp.envelope))
+            self._observe(me, feed, cp, now)
             made.append(cp)
         for cp in made:
             await self.execute(self.replica.on_checkpoint(None, me, cp.feed, cp.envelope))
         return made
 
     async def run(self) -> None:
-        """Sign checkpoints every ``[checkpoints] interval_seconds``, until cancelled."""
+        """Sign checkpoints of grown feeds every ``[checkpoints] interval_seconds``, and
+        heartbeats of feeds with a cadence every half cadence, until cancelled."""
+        interval = self.config.checkpoints.interval_seconds
+        tick = min([interval, *(fc.cadence_seconds / 2 for fc in self.config.feeds.values()
+                                if fc.cadence_seconds is not None)])
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + interval
         while True:
-            await asyncio.sleep(self.config.checkpoints.interval_seconds)
+            await asyncio.sleep(tick)
+            full = loop.time() >= next_full - tick / 10
+            if full:
+                next_full = loop.time() + interval
             try:
-                await self.checkpoint_now()
+                await self.checkpoint_now(grown=full)
             except CitynodeError as exc:
                 log.warning("checkpoint failed", extra=fields(error=str(exc)))
+
+    # ------------------------------------------------------------------ liveness
+
+    def _observe(self, origin: bytes, feed: str, cp: cps.Checkpoint, now: int) -> bool:
+        """Take a verified checkpoint as a liveness statement: True if newer than the
+        one held. Raises InvalidRecord (checkpoint_older, checkpoint_smaller)."""
+        fl = self.liveness.get((origin, feed))
+        if fl is None:
+            if len(self.liveness) >= LIVENESS_MAX:
+                return False
+            fl = self.liveness[(origin, feed)] = lv.FeedLiveness()
+        return fl.observe(lv.Statement(cp.size, cp.time, cp.root, cp.envelope), now)
+
+    def newest(self, origin: bytes, feed: str) -> bytes | None:
+        """The envelope of the newest liveness statement held of a feed, if any."""
+        fl = self.liveness.get((origin, feed))
+        return fl.newest.envelope if fl is not None and fl.newest is not None else None
+
+    def states(self) -> list[dict[str, object]]:
+        """Every feed held or heard of, with its liveness state (core/liveness.py):
+        ``origin`` (key), ``feed``, ``state``, ``head`` (records held here),
+        ``signed_size`` and ``signed_time`` of the newest statement (None: none),
+        ``cadence_s`` and ``behind_since`` (ms; None unless behind)."""
+        now = self.now_ms()
+        bound = int(self.config.federation.sync_bound_seconds * 1000)
+        out: list[dict[str, object]] = []
+        keys = set(self.liveness) | set(self.replica.heads)
+        for origin, feed in sorted(keys):
+            h = self.replica.head((origin, feed))
+            head = h.seq if h else 0
+            fl = self.liveness.get((origin, feed)) or lv.FeedLiveness()
+            cadence = self.cadence_of(origin, feed)
+            n = fl.newest
+            out.append({
+                "origin": origin, "feed": feed,
+                "state": fl.state(cadence_s=cadence, head=head, now_ms=now,
+                                  sync_bound_ms=bound),
+                "head": head, "signed_size": n.size if n else None,
+                "signed_time": n.time if n else None, "cadence_s": cadence,
+                "behind_since": fl.behind_since(head) if n and head < n.size else None,
+            })
+        return out
 
     # ------------------------------------------------------------------ from partners
 
     async def ingest_checkpoint(self, env: bytes, src: bytes | None) -> str:
         """A checkpoint from partner ``src``: verify, keep, forward if new. Two
         checkpoints of one feed and size with different roots are a split view: kept as
-        proof and forwarded like a fork proof. Returns "new", "known" or
-        "split-view"."""
-        cp = cps.open_checkpoint(env, verifier=self.verifier, now_ms=self.now_ms())
+        proof and forwarded like a fork proof. A newer liveness statement (same size,
+        later time) is forwarded too. Returns "new", "known" or "split-view".
+
+        Raises InvalidRecord, counted on ``src``'s tally: ``future_time``,
+        ``untrusted_origin``, ``checkpoint_older`` or ``checkpoint_smaller`` (a
+        statement going backwards: nothing is stored or forwarded), or any reason
+        :func:`cps.open_checkpoint` gives."""
+        try:
+            return await self._ingest_checkpoint(env, src)
+        except InvalidRecord as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            self.partners.count_invalid(self.partners.get(src) if src else None, exc.reason)
+            raise
+
+    async def _ingest_checkpoint(self, env: bytes, src: bytes | None) -> str:
+        now = self.now_ms()
+        cp = cps.open_checkpoint(env, verifier=self.verifier, now_ms=now)
         if not self.policy.accepts_origin(cp.origin):
             raise InvalidRecord("checkpoint of an origin this node does not trust",
                                 "untrusted_origin")
-        new = await asyncio.wrap_future(
-            self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
-        if new:
-            await self.execute(self.replica.on_checkpoint(src, cp.origin, cp.feed, env))
-            return "new"
         held = await self.held(cp.origin, cp.feed)
         mine = next((e for s, r, e in held if s == cp.size and r != cp.root), None)
         if mine is None:
+            # Evidence of a split view first (above): going backwards in time does not
+            # hide it. Then the liveness rules; a refusal changes nothing.
+            newer = self._observe(cp.origin, cp.feed, cp, now)
+            new = await asyncio.wrap_future(
+                self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
+            if new or newer:
+                await self.execute(self.replica.on_checkpoint(src, cp.origin, cp.feed, env))
+                return "new"
             return "known"
         proof = cps.SplitViewProof(mine, env).canonical()
         cps.verify_split_view(proof, self.verifier)
@@ -211,12 +302,15 @@ class Checkpoints:
         latest checkpoint held of each of its feeds waits for the next round with every
         partner that may now be sent it (one that has it already answers "known")."""
         for feed in {f for (o, f) in list(self.replica.heads) if o == origin}:
-            held = await self.held(origin, feed)
-            if not held:
-                continue
+            env = self.newest(origin, feed)
+            if env is None:
+                held = await self.held(origin, feed)
+                if not held:
+                    continue
+                env = held[-1][2]
             for link in list(self.partners.links.values()):
                 if self.policy.may_pass(link.key, origin, feed):
-                    self.replica.on_deliver_failed(link.key, "checkpoint", held[-1][2], 0)
+                    self.replica.on_deliver_failed(link.key, "checkpoint", env, 0)
 
     async def held_for(self, link: PartnerLink) -> list[tuple[str, bytes]]:
         """What to send a partner after the first good round with it since start: the
@@ -224,12 +318,18 @@ class Checkpoints:
         may have missed while this node was down, or before it was a partner), as
         ``(kind, payload)``."""
         out: list[tuple[str, bytes]] = []
-        for origin, feed in list(self.replica.heads)[:HELD_MAX]:
+        feeds = list(dict.fromkeys([*self.replica.heads, *self.liveness]))
+        for origin, feed in feeds[:HELD_MAX]:
             if not self.policy.may_pass(link.key, origin, feed):
                 continue
-            held = await self.held(origin, feed)
-            if held:
-                out.append(("checkpoint", held[-1][2]))
+            # The newest statement (a heartbeat may be newer than the first checkpoint
+            # of its size, which is what storage keeps).
+            env = self.newest(origin, feed)
+            if env is None:
+                held = await self.held(origin, feed)
+                env = held[-1][2] if held else None
+            if env is not None:
+                out.append(("checkpoint", env))
         for f in (await in_thread(self.storage.fork_proofs))[:HELD_MAX]:
             if self.policy.may_pass(link.key, f.origin, f.feed, f.proof):
                 out.append(("proof", f.proof))

@@ -141,6 +141,7 @@ class Node:
         self.ingest_role.retention_of = self.retention.retention_of
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
+        self.checkpoints.cadence_of = self.policy.cadence_of
         g.on_wake = self._committed
 
     def _card_news(self, origin: bytes) -> None:

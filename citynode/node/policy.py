@@ -31,6 +31,8 @@ log = logging.getLogger("citynode.node")
 # Bounds on the signed cards of other nodes kept (and served on /v1/cards).
 MAX_CARDS = cards.MAX_CARDS_KEPT
 MAX_CARD_BYTES = cards.MAX_CARDS_KEPT_BYTES
+#: Card histories held parsed in memory (the rest are read from storage when asked).
+HISTORY_CACHE = 256
 
 
 class Policy:
@@ -61,6 +63,7 @@ class Policy:
         self._card_envs: set[bytes] = set()  # the envelopes in cards_seen
         self._cards_bytes = 0
         self._card: cards.NodeCard | None = None
+        self._history: dict[bytes, tuple[cards.NodeCard, ...]] = {}  # origin -> cards
         # Derived from cards and partners, rebuilt when asked after either changes.
         self._trusted: Callable[[bytes], bool] | None = None
         self._policies: dict[tuple[bytes, str], access.FeedPolicy] = {}
@@ -71,19 +74,23 @@ class Policy:
     def card(self) -> cards.NodeCard:
         """Our signed node card, re-signed whenever our partners or our feeds change (a
         feed must be listed before partners relay it: unlisted feeds are not public)."""
-        feeds = sorted(self._feeds_of(self.public_key) | set(self.config.feeds))
-        if self._card is None or [f.name for f in self._card.feeds] != feeds:
+        names = sorted(self._feeds_of(self.public_key) | set(self.config.feeds))
+        # Each feed with its access, terms, egress policy digest and cadence: a change
+        # of any of them (node.toml is read at start) is a new signed card.
+        feeds = [self.config.feed(f).card_feed() for f in names]
+        if self._card is None or list(self._card.feeds) != feeds:
             self._card = cards.make_card(
                 self.key,
                 name=self.config.node.name,
                 url=self.config.node.public_url,
                 tls_fingerprint=self.identity.cert_fingerprint if self.config.tls.enabled else None,
-                feeds=[(f, self.feed_access(f), getattr(self.config.feeds.get(f), "retention_days", None)) for f in feeds],  # noqa: E501
+                feeds=feeds,
                 partners=sorted(self.partners()),
                 software=f"citynode/{__version__}",
                 now_ms=self.now_ms(),
             )
             self.storage.set_meta("card:" + self.public_key.hex(), self._card.envelope)
+            self._add_history(self._card)
         return self._card
 
     def feed_access(self, feed: str) -> str:
@@ -134,7 +141,8 @@ class Policy:
         c = self._open(env, expected_key, self.now_ms())
         return c is not None and self._keep(c, env)
 
-    def _open(self, env: bytes, expected_key: bytes | None, now: int) -> cards.NodeCard | None:
+    def _open(self, env: bytes, expected_key: bytes | None, now: int | None
+              ) -> cards.NodeCard | None:
         """The verified card, or None (logged) if it is invalid. Thread-safe."""
         try:
             return cards.open_card(
@@ -176,7 +184,55 @@ class Policy:
             self.on_card_news(c.node)
         # Kept so `citynode export` can put the origin's card in an auditor's bundle.
         self.storage.set_meta("card:" + c.node.hex(), env)
+        self._add_history(c)
         return True
+
+    # ------------------------------------------------------------------ terms and cadence
+
+    def _add_history(self, c: cards.NodeCard) -> None:
+        """A verified card (ours or another node's) enters its node's card history."""
+        self.storage.add_card_history(c.node, c.time, c.envelope)
+        self._history.pop(c.node, None)
+
+    async def card_history(self, origin: bytes) -> tuple[cards.NodeCard, ...]:
+        """The cards kept of ``origin`` (ours too), oldest first: what decides the terms
+        in force for its records. Verified again when read from storage (a few per
+        origin, cached for the most recent origins)."""
+        hist = self._history.get(origin)
+        if hist is not None:
+            return hist
+        envs = await in_thread(self.storage.card_history, origin)
+
+        def parse() -> tuple[cards.NodeCard, ...]:
+            out = []
+            for e in envs:
+                c = self._open(e, origin, None)
+                if c is not None:
+                    out.append(c)
+            return tuple(out)
+
+        hist = await in_thread(parse)
+        if len(self._history) >= HISTORY_CACHE:
+            self._history.pop(next(iter(self._history)))
+        self._history[origin] = hist
+        return hist
+
+    async def terms_in_force(self, origin: bytes, feed: str, time_ms: int
+                             ) -> cards.CardFeed | None:
+        """The entry of ``feed`` in ``origin``'s card in force at ``time_ms`` (the card
+        with the greatest time at most ``time_ms``); None: unknown."""
+        return cards.terms_in_force(await self.card_history(origin), feed, time_ms)
+
+    def current_terms(self, origin: bytes, feed: str) -> cards.CardFeed | None:
+        """The entry of ``feed`` in the newest card held of ``origin`` (ours: as signed
+        now); None if no card held lists it."""
+        c = self.card() if origin == self.public_key else self.card_info.get(origin)
+        return next((f for f in c.feeds if f.name == feed), None) if c else None
+
+    def cadence_of(self, origin: bytes, feed: str) -> int | None:
+        """The cadence the newest card of ``origin`` states for ``feed`` (seconds)."""
+        t = self.current_terms(origin, feed)
+        return t.cadence_s if t is not None else None
 
     def _feeds_of(self, origin: bytes) -> set[str]:
         """The feeds of ``origin`` of which a record is held."""

@@ -1,4 +1,6 @@
-"""The operator's API (bearer token): publish, erase, partners, sync, status, metrics."""
+"""The operator's API (bearer token): publish, erase, partners, sync, status, metrics;
+and the feeds' terms and liveness (``/v1/liveness``: anyone, for the feeds they may
+list)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,15 @@ import json
 
 from aiohttp import web
 
+from citynode.core.keys import node_id
+from citynode.core.liveness import STATES
 from citynode.render import parse_json_items
 from citynode.transport.web import (
     NODE_KEY,
+    is_operator,
     read_body,
     require_operator,
+    signed_caller,
     takes,
 )
 
@@ -21,6 +27,7 @@ __all__ = [
     "admin_partners",
     "admin_status",
     "admin_sync",
+    "liveness",
     "metrics",
     "publish",
 ]
@@ -29,6 +36,11 @@ async def metrics(request: web.Request) -> web.Response:
     require_operator(request)
     node = request.app[NODE_KEY]
     node.metrics.db_size.set(await node.reads.db_size())
+    counts = dict.fromkeys(STATES, 0)
+    for f in node.checkpoints.states():
+        counts[str(f["state"])] += 1
+    for state, n in counts.items():
+        node.metrics.liveness.labels(state).set(n)
     return web.Response(body=node.metrics.render(), content_type="text/plain")
 
 
@@ -125,3 +137,23 @@ async def admin_bridges(request: web.Request) -> web.Response:
     if not text.isascii() or not text.isdigit() or int(text) > 1000:
         raise web.HTTPBadRequest(text="dead_letters must be a number from 0 to 1000")
     return web.json_response(await request.app[NODE_KEY].bridges.status(int(text)))
+
+
+async def liveness(request: web.Request) -> web.Response:
+    """Every feed held or heard of that the caller may list (the operator: all), with
+    its liveness state and the terms of the newest card of its origin:
+    ``{"feeds": [{origin, feed, state, head, signed_size, signed_time, cadence_s,
+    behind_since, terms}]}`` (docs/API.md)."""
+    node = request.app[NODE_KEY]
+    operator = is_operator(request)
+    caller = None if operator else await signed_caller(request)
+    out = []
+    for f in node.checkpoints.states():
+        origin, feed = f["origin"], f["feed"]
+        assert isinstance(origin, bytes) and isinstance(feed, str)
+        if not operator and not node.policy.may_list(origin, feed, caller):
+            continue
+        terms = node.policy.current_terms(origin, feed)
+        out.append({**f, "origin": node_id(origin),
+                    "terms": terms.terms() if terms is not None else None})
+    return web.json_response({"feeds": out})

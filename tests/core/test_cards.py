@@ -18,8 +18,10 @@ from citynode.core.cards import (
     NodeCard,
     card_from_json,
     card_to_json,
+    check_terms_document,
     make_card,
     open_card,
+    terms_in_force,
 )
 from citynode.core.keys import DOMAIN_CARD, DOMAIN_RECORD, SigningKey, Verifier, node_id
 from citynode.core.records import encode_envelope
@@ -52,7 +54,7 @@ def _fields(**changes: Any) -> dict[str, Any]:
     """The body fields of a valid card, with changes (a value of None removes a key)."""
     f: dict[str, Any] = {
         "kind": "card",
-        "version": 1,
+        "version": 2,
         "node": KEY.public_key,
         "name": "Ciudad Ejemplo",
         "url": "https://node.example.org",
@@ -110,7 +112,7 @@ def test_body_is_the_documented_canonical_map() -> None:
         "time": NOW,
         "tls": FPR,
         "url": "https://node.example.org:8443",
-        "version": 1,
+        "version": 2,
     }
     assert card.envelope == encoding.encode([card.body, card.sig])
 
@@ -232,8 +234,8 @@ def test_json_readable_field_disagreeing_with_the_body() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("version", True), ("version", 1.0), ("time", float(NOW))],
-    ids=["version-true", "version-1.0", "time-float"],
+    [("version", 2.0), ("time", float(NOW))],
+    ids=["version-2.0", "time-float"],
 )
 def test_json_fields_must_equal_with_exact_types(field: str, value: Any) -> None:
     """Python's == holds True == 1 == 1.0: the comparison is type-exact instead."""
@@ -301,7 +303,8 @@ def test_future_dated_card() -> None:
 BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"kind": "record"}, "not a node card"),
     ({"kind": None}, "not a node card"),
-    ({"version": 2}, "version 2"),
+    ({"version": 1}, "version 1"),
+    ({"version": 3}, "version 3"),
     ({"version": True}, "version True"),
     ({"name": None}, "lacks required field"),
     ({"extra": 1}, "unknown field"),
@@ -325,9 +328,9 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
      "not sorted"),
     ({"feeds": [{"name": "a", "access": "everyone"}]}, "access 'everyone'"),
     ({"feeds": [{"name": "A!", "access": "public"}]}, "feed name 'A!' is invalid"),
-    ({"feeds": [{"name": "a"}]}, "map {name, access}"),
-    ({"feeds": [{"name": "a", "access": "public", "x": 1}]}, "map {name, access}"),
-    ({"feeds": [[]]}, "map {name, access}"),
+    ({"feeds": [{"name": "a"}]}, "map with name and access"),
+    ({"feeds": [{"name": "a", "access": "public", "x": 1}]}, "unknown field.*: x"),
+    ({"feeds": [[]]}, "map with name and access"),
     ({"partners": [P1, P1]}, "not sorted without duplicates"),
     ({"partners": sorted([P1, P2], reverse=True)}, "not sorted"),
     ({"partners": [KEY.public_key]}, "does not list itself"),
@@ -422,3 +425,132 @@ def test_nesting_deeper_than_a_card_needs_is_refused() -> None:
     with pytest.raises(EncodingError) as info:
         open_card(env, expected_node_id=None, verifier=V)
     assert info.value.reason == "too_deep"
+
+
+# -- feed terms and cadence ----------------------------------------------------------------
+
+TERMS_DOC = b"Terms of use of the air-quality feed of Ciudad Ejemplo.\n"
+TERMS = CardFeed("air", "public", license="CC-BY-4.0", attribution="\u00a9 Ciudad Ejemplo",
+                 policy=hashlib.sha256(b"policy").digest(), cadence_s=300)
+DOC_TERMS = CardFeed("water", "partners", terms_url="https://example.org/terms/v2",
+                     terms_digest=hashlib.sha256(TERMS_DOC).digest())
+
+
+def test_feed_terms_are_signed_and_read_back() -> None:
+    card = _card(feeds=[DOC_TERMS, TERMS, ("zz", "public")])
+    opened = open_card(card.envelope, expected_node_id=KEY.node_id, verifier=V, now_ms=NOW)
+    assert opened.feeds == (TERMS, DOC_TERMS, CardFeed("zz", "public"))
+    body = encoding.decode(card.body, CARD_LIMITS)
+    assert body["feeds"][0] == {"name": "air", "access": "public", "license": "CC-BY-4.0",
+                                "attribution": "\u00a9 Ciudad Ejemplo", "policy": TERMS.policy,
+                                "cadence_s": 300}
+    assert body["feeds"][2] == {"name": "zz", "access": "public"}  # nothing unset is written
+    j = card_to_json(card)
+    assert j["feeds"][1] == {"name": "water", "access": "partners",
+                             "terms_url": "https://example.org/terms/v2",
+                             "terms_digest": hashlib.sha256(TERMS_DOC).hexdigest()}
+    assert card_from_json(json.loads(json.dumps(j)), expected_node_id=None, verifier=V) == card
+    assert TERMS.terms() == {"license": "CC-BY-4.0", "terms_url": None, "terms_digest": None,
+                             "attribution": "\u00a9 Ciudad Ejemplo",
+                             "policy": hashlib.sha256(b"policy").hexdigest()}
+
+
+@pytest.mark.parametrize(("field", "value"), [("cadence_s", True), ("cadence_s", 1.0)])
+def test_json_feed_fields_must_equal_with_exact_types(field: str, value: Any) -> None:
+    card = _card(feeds=[CardFeed("air", "public", cadence_s=1)])
+    j = json.loads(json.dumps(card_to_json(card)))
+    assert j["feeds"][0][field] == value  # equal for Python, yet another JSON value
+    j["feeds"][0][field] = value
+    with pytest.raises(InvalidRecord, match="do not match its signed body"):
+        card_from_json(j, expected_node_id=None, verifier=V)
+
+
+def _feed(**kw: Any) -> list[dict[str, Any]]:
+    return [{"name": "air", "access": "public", **kw}]
+
+
+BAD_TERMS: list[tuple[dict[str, Any], str]] = [
+    ({"license": ""}, "one SPDX license identifier"),
+    ({"license": "MIT OR Apache-2.0"}, "one SPDX"),
+    ({"license": "CC BY 4.0"}, "one SPDX"),
+    ({"license": "LicenseRef-"}, "one SPDX"),
+    ({"license": "LicenseRef-x+"}, "one SPDX"),
+    ({"license": "DocumentRef-a:LicenseRef-b"}, "one SPDX"),
+    ({"license": "CC-BY-4.0\n"}, "one SPDX"),
+    ({"license": "Licen\u0455e"}, "one SPDX"),  # a Cyrillic look-alike
+    ({"license": "x" * 65}, "at most 64"),
+    ({"license": b"MIT"}, "one SPDX"),
+    ({"terms_url": "https://example.org/t"}, "both terms_url and terms_digest"),
+    ({"terms_digest": bytes(32)}, "both terms_url and terms_digest"),
+    ({"terms_url": "http://example.org/t", "terms_digest": bytes(32)}, "https:// URL"),
+    ({"terms_url": "https://example.org/" + "t" * 493, "terms_digest": bytes(32)}, "https://"),
+    ({"terms_url": "https://example.org/t", "terms_digest": bytes(31)}, "32 bytes"),
+    ({"terms_url": "https://example.org/t", "terms_digest": "00" * 32}, "32 bytes"),
+    ({"attribution": ""}, "attribution must be a string of 1 to 512"),
+    ({"attribution": "a" * 513}, "1 to 512"),
+    ({"attribution": "a\x00b"}, "control characters"),
+    ({"policy": bytes(33)}, "policy must be 32 bytes"),
+    ({"cadence_s": 0}, "cadence_s must be an integer of 1 to 604800"),
+    ({"cadence_s": 604801}, "cadence_s"),
+    ({"cadence_s": True}, "cadence_s"),
+    ({"cadence_s": 60.0}, "cadence_s"),
+    ({"cadence_s": "60"}, "cadence_s"),
+    ({"terms": "CC0"}, "unknown field.*: terms"),
+]
+
+
+@pytest.mark.parametrize(("kw", "match"), BAD_TERMS)
+def test_bad_terms_are_refused_and_never_signed(kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidRecord, match=match) as info:
+        open_card(_signed(_fields(feeds=_feed(**kw))), expected_node_id=None, verifier=V)
+    assert info.value.reason == "bad_card"
+    if kw.keys() <= set(CardFeed._fields):
+        with pytest.raises(InvalidRecord, match=match):
+            _card(feeds=[CardFeed("air", "public", **kw)])
+
+
+@pytest.mark.parametrize("lic", ["CC-BY-4.0", "ODbL-1.0", "CC0-1.0", "GPL-2.0+",
+                                 "LicenseRef-city-terms.v2", "x" * 64])
+def test_valid_spdx_ids(lic: str) -> None:
+    card = open_card(_signed(_fields(feeds=_feed(license=lic))), expected_node_id=None,
+                     verifier=V)
+    assert card.feeds[0].license == lic
+
+
+def test_a_card_with_every_field_at_its_item_maximum_opens() -> None:
+    partners = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(MAX_PARTNERS)]
+    feeds = [CardFeed(f"{i:04d}", "public", "MIT", "https://t.example/", bytes(32), "a",
+                      bytes(32), 60) for i in range(MAX_FEEDS)]
+    card = _card(feeds=feeds, partners=partners)
+    opened = open_card(card.envelope, expected_node_id=None, verifier=V)
+    assert opened.feeds[-1] == feeds[-1]
+    # The body limit bounds the bytes: 1000 feeds of 512-character attributions do not
+    # fit, and are not signed.
+    big = [f._replace(attribution="a" * 512, terms_url="https://t.example/" + "u" * 494)
+           for f in feeds]
+    with pytest.raises(EncodingError) as info:
+        _card(feeds=big, partners=partners)
+    assert info.value.reason == "too_large"
+
+
+def test_terms_in_force_is_the_newest_card_not_after_the_time() -> None:
+    old = _card(feeds=[CardFeed("air", "public", license="CC0-1.0")], now_ms=NOW)
+    new = _card(feeds=[CardFeed("air", "public", license="CC-BY-4.0")], now_ms=NOW + 1000)
+    gone = _card(feeds=[("water", "public")], now_ms=NOW + 2000)
+    history = [gone, new, old]  # any order
+    assert terms_in_force(history, "air", NOW - 1) is None  # before any card
+    assert terms_in_force(history, "air", NOW) == old.feeds[0]
+    assert terms_in_force(history, "air", NOW + 999) == old.feeds[0]
+    assert terms_in_force(history, "air", NOW + 1000) == new.feeds[0]
+    assert terms_in_force(history, "air", NOW + 5000) is None  # no longer listed: unknown
+    assert terms_in_force([], "air", NOW) is None
+
+
+def test_terms_document_must_match_its_digest() -> None:
+    check_terms_document(DOC_TERMS, TERMS_DOC)
+    with pytest.raises(InvalidRecord, match=r"not the .* its card signed") as info:
+        check_terms_document(DOC_TERMS, TERMS_DOC + b" ")
+    assert info.value.reason == "terms_mismatch"
+    with pytest.raises(InvalidRecord) as info:
+        check_terms_document(TERMS, TERMS_DOC)
+    assert info.value.reason == "no_terms"

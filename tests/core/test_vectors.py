@@ -26,9 +26,9 @@ import ormsgpack
 import pytest
 
 from citynode.core import checkpoints as cps
-from citynode.core import encoding, keys
+from citynode.core import encoding, keys, liveness
 from citynode.core import types as payload_types
-from citynode.core.cards import card_from_json, open_card
+from citynode.core.cards import card_from_json, check_terms_document, open_card
 from citynode.core.chain import (
     FeedHead,
     ForkProof,
@@ -37,6 +37,7 @@ from citynode.core.chain import (
     classify,
     verify_fork_proof,
 )
+from citynode.core.egress import EgressPolicy
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
 from citynode.core.records import decode_record, open_record
 from citynode.errors import InvalidNodeId, InvalidProof, InvalidRecord, SignatureError
@@ -365,6 +366,50 @@ def test_card_open_vector(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", CARDS["json"], ids=lambda c: c["name"])
 def test_card_json_vector(case: dict[str, Any]) -> None:
     got = _card_verdict(card_from_json, case["json"], case["expected_node_id"])
+    assert got == case["expect"]
+
+
+def test_policy_digest_vector() -> None:
+    v = CARDS["policy_digest"]
+    st = v["settings"]
+    policy = EgressPolicy(types=frozenset(st["types"]), deny=frozenset(st["deny"]),
+                          location_decimals=st["location_decimals"])
+    assert policy.settings() == st
+    assert encoding.encode(policy.settings()).hex() == v["settings_msgpack_hex"]
+    assert policy.digest().hex() == v["digest_hex"]
+    card = open_card(bytes.fromhex(CARDS["open"][0]["envelope_hex"]), expected_node_id=None,
+                     verifier=Verifier())
+    assert card.feeds[0].policy == policy.digest()
+
+
+@pytest.mark.parametrize("case", CARDS["terms_documents"], ids=lambda c: c["name"])
+def test_terms_document_vector(case: dict[str, Any]) -> None:
+    card = open_card(bytes.fromhex(CARDS["open"][0]["envelope_hex"]), expected_node_id=None,
+                     verifier=Verifier())
+    doc = bytes.fromhex(case["document_hex"])
+    if case["expect"] == "valid":
+        check_terms_document(card.feeds[1], doc)
+    else:
+        with pytest.raises(InvalidRecord) as e:
+            check_terms_document(card.feeds[1], doc)
+        assert e.value.reason == case["expect"]["error"]
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS["liveness"], ids=lambda c: c["name"])
+def test_liveness_vector(case: dict[str, Any]) -> None:
+    def statement(hex_: str) -> liveness.Statement:
+        cp = cps.open_checkpoint(bytes.fromhex(hex_), verifier=Verifier(),
+                                 now_ms=case["now_ms"])
+        return liveness.Statement(cp.size, cp.time, cp.root, cp.envelope)
+
+    f = liveness.FeedLiveness()
+    held = statement(case["held_hex"])
+    assert f.observe(held, case["now_ms"])
+    try:
+        got: Any = "new" if f.observe(statement(case["offered_hex"]), case["now_ms"]) else "known"
+    except InvalidRecord as exc:
+        got = {"error": exc.reason}
+        assert f.newest == held  # a refusal changes nothing
     assert got == case["expect"]
 
 

@@ -33,7 +33,9 @@ TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "
           # v4: the bridges' message identities and dead letters (citynode/bridges/)
           "bridge_messages", "bridge_dead_letters", "bridge_counters",
           # v5: payloads apart from the signed skeletons, erasure requests' entries
-          "payloads", "erasures"}
+          "payloads", "erasures",
+          # v6: card history (issue 13: the terms in force for a record)
+          "card_history"}
 
 
 def make(
@@ -140,7 +142,7 @@ def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> 
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 5
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 6
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()
@@ -915,3 +917,16 @@ def test_a_damaged_file_is_found_and_remembered(db_path: Path) -> None:
         assert s.corrupt is not None and "damaged" in s.corrupt
     finally:
         s.close()
+
+
+def test_card_history_keeps_the_newest_64_of_each_node(db_path: Path) -> None:
+    with Storage.open(db_path) as s:
+        for t in range(70):
+            assert s.add_card_history(A, 1000 + t, b"card-a-%d" % t).result(5)
+        assert not s.add_card_history(A, 1069, b"another").result(5)  # the first stays
+        s.add_card_history(b"\x09" * 32, 5, b"card-b").result(5)
+        kept = s.card_history(A)
+        assert kept == [b"card-a-%d" % t for t in range(6, 70)]
+        assert len(kept) == storage_mod.CARD_HISTORY_MAX
+        assert s.card_history(b"\x09" * 32) == [b"card-b"]
+        assert s.card_history(b"\x08" * 32) == []

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from citynode.core import encoding
-from citynode.core.cards import card_to_json, make_card
-from citynode.core.keys import DOMAIN_CHECKPOINT, DOMAIN_RECORD, SigningKey, node_id
+from citynode.core.cards import CardFeed, card_to_json, make_card
+from citynode.core.keys import DOMAIN_CARD, DOMAIN_CHECKPOINT, DOMAIN_RECORD, SigningKey, node_id
 
 HERE = Path(__file__).resolve().parent
 
@@ -1736,19 +1736,46 @@ def keys_file() -> dict[str, Any]:
 # --------------------------------------------------------------------------- cards
 
 
+# The egress policy of the example's "air" feed, as settings (core/egress.py
+# EgressPolicy.settings: sorted lists, unset rules left out), and its digest computed
+# here from the spec's definition: SHA-256("citynode/egress-policy/v1" || 00 || msgpack).
+POLICY_SETTINGS: dict[str, Any] = {"deny": ["operatorPhone"], "location_decimals": 3,
+                                   "types": ["AirQualityObserved"]}
+POLICY_DIGEST = hashlib.sha256(b"citynode/egress-policy/v1\x00" + enc(POLICY_SETTINGS)).digest()
+TERMS_DOC = b"Terms of use of the cert feed of Example City, version 2.\n"
+
+
+def _signed_card(feeds: list[dict[str, Any]]) -> bytes:
+    """A card envelope of A with these raw feed maps, signed as is (checked or not)."""
+    body = enc({"feeds": feeds, "kind": "card", "name": "Example City",
+                "node": KEY_A.public_key, "partners": [], "software": "citynode/0.1.0",
+                "time": T0, "url": "https://node.example.org", "version": 2})
+    return envelope(body, KEY_A.sign(DOMAIN_CARD, body))
+
+
 def cards_file() -> dict[str, Any]:
     card = make_card(KEY_A, name="Example City", url="https://node.example.org",
                      tls_fingerprint=bytes(range(32)),
-                     feeds=[("air", "public"), ("cert", "restricted")],
+                     feeds=[CardFeed("air", "public", license="CC-BY-4.0",
+                                     attribution="Example City air network",
+                                     policy=POLICY_DIGEST, cadence_s=300),
+                            CardFeed("cert", "restricted",
+                                     terms_url="https://node.example.org/terms/cert-v2",
+                                     terms_digest=hashlib.sha256(TERMS_DOC).digest())],
                      partners=[KEY_B.public_key], software="citynode/0.1.0", now_ms=T0)
     j = card_to_json(card)
     bad_card = err("bad_card")
     json_cases: list[tuple[str, str, dict[str, Any], Any]] = [
         ("valid", "The JSON form of the card, as card_to_json writes it.", j, "valid"),
-        ("version-true", "version true: equal to 1 for a lax comparison, not the same "
-         "JSON value.", {**j, "version": True}, bad_card),
-        ("version-1.0", "version 1.0: a JSON number with a fraction is not the integer 1.",
-         {**j, "version": 1.0}, bad_card),
+        ("version-2.0", "version 2.0: a JSON number with a fraction is not the integer 2.",
+         {**j, "version": 2.0}, bad_card),
+        ("cadence-float", "A feed's cadence_s as 300.0: not the integer signed.",
+         {**j, "feeds": [{**j["feeds"][0], "cadence_s": 300.0}, j["feeds"][1]]}, bad_card),
+        ("license-differs", "A feed's readable license that is not the signed one.",
+         {**j, "feeds": [{**j["feeds"][0], "license": "CC0-1.0"}, j["feeds"][1]]},
+         bad_card),
+        ("terms-left-out", "A feed's readable form without its signed terms.",
+         {**j, "feeds": [{"name": "air", "access": "public"}, j["feeds"][1]]}, bad_card),
         ("time-float", "time as a number with a fraction (.0): not the integer signed.",
          {**j, "time": float(T0)}, bad_card),
         ("name-differs", "A readable field that is not the signed one.",
@@ -1772,6 +1799,39 @@ def cards_file() -> dict[str, Any]:
         ("bad-envelope", "An envelope that is not one, with a good id.", b"\x00" * 10,
          nid, err("bad_envelope")),
     ]
+    air = {"access": "public", "name": "air"}
+    bad_terms: list[tuple[str, str, dict[str, Any]]] = [
+        ("license-expression", "An SPDX expression, not one identifier.",
+         {**air, "license": "MIT OR Apache-2.0"}),
+        ("license-space", "A licence name with spaces.", {**air, "license": "CC BY 4.0"}),
+        ("license-empty-ref", "LicenseRef- with no idstring.", {**air, "license": "LicenseRef-"}),
+        ("license-too-long", "65 characters.", {**air, "license": "x" * 65}),
+        ("terms-url-without-digest", "terms_url alone.",
+         {**air, "terms_url": "https://node.example.org/terms"}),
+        ("terms-digest-without-url", "terms_digest alone.", {**air, "terms_digest": bytes(32)}),
+        ("terms-url-http", "A terms URL that is not https.",
+         {**air, "terms_url": "http://node.example.org/terms", "terms_digest": bytes(32)}),
+        ("terms-digest-31-bytes", "A terms digest of 31 bytes.",
+         {**air, "terms_url": "https://node.example.org/terms", "terms_digest": bytes(31)}),
+        ("attribution-control", "Attribution with a control character.",
+         {**air, "attribution": "Example\nCity"}),
+        ("policy-31-bytes", "A policy digest of 31 bytes.", {**air, "policy": bytes(31)}),
+        ("cadence-zero", "cadence_s 0.", {**air, "cadence_s": 0}),
+        ("cadence-over-a-week", "cadence_s 604801.", {**air, "cadence_s": 604801}),
+        ("cadence-bool", "cadence_s true (msgpack c3).", {**air, "cadence_s": True}),
+        ("cadence-float", "cadence_s 60.0 (float64).", {**air, "cadence_s": 60.0}),
+        ("feed-unknown-field", "A feed field outside the table.", {**air, "terms": "CC0"}),
+    ]
+    open_cases += [(f"terms/{n}", d, _signed_card([f]), None, bad_card)
+                   for n, d, f in bad_terms]
+    open_cases.append(("terms/every-field-at-its-bound", "A feed with every optional field: "
+                       "a 64-character LicenseRef, a 512-character terms URL and "
+                       "attribution, cadence 604800.",
+                       _signed_card([{**air, "license": "LicenseRef-" + "a" * 53,
+                                      "terms_url": "https://e.org/" + "t" * 498,
+                                      "terms_digest": bytes(32), "attribution": "\u00e9" * 512,
+                                      "policy": bytes(32), "cadence_s": 604800}]),
+                       None, "valid"))
     return {
         "about": (
             "citynode node card vectors (docs/PROTOCOL.md, 'Node cards'). 'open': verify "
@@ -1779,10 +1839,22 @@ def cards_file() -> dict[str, Any]:
             "{'error': reason code} or {'error_class': 'InvalidNodeId'} (the expected id "
             "is checked before anything else). 'json': verify the JSON form (the same "
             "steps, then the whole object must equal the card's JSON form with exact "
-            "JSON types: true is not 1, 1.0 is not 1)."
+            "JSON types: true is not 1, 1.0 is not 1). 'terms/*' open cases are cards "
+            "whose feed terms break a rule (bad_card) or sit on every bound (valid). "
+            "'policy_digest': the egress policy settings of the example's air feed and "
+            "its digest. 'terms_documents': documents checked against the cert feed's "
+            "terms_digest."
         ),
         "generator": "tests/vectors/generate.py",
         "now_ms": NOW,
+        "policy_digest": {"settings": POLICY_SETTINGS,
+                          "settings_msgpack_hex": enc(POLICY_SETTINGS).hex(),
+                          "digest_hex": POLICY_DIGEST.hex()},
+        "terms_documents": [
+            {"name": "matches", "document_hex": TERMS_DOC.hex(), "expect": "valid"},
+            {"name": "one-byte-more", "document_hex": (TERMS_DOC + b" ").hex(),
+             "expect": err("terms_mismatch")},
+        ],
         "open": [
             {"name": n, "description": d, "envelope_hex": e.hex(), "expected_node_id": i,
              "expect": x}
@@ -1850,6 +1922,43 @@ def _checkpoint(key: SigningKey, feed: str, size: int, root: bytes, time: int,
     return signed_envelope(body, key.sign(DOMAIN_CHECKPOINT, body))
 
 
+def liveness_cases(root7: bytes) -> list[dict[str, Any]]:
+    """A node holds ``held`` (the newest liveness statement of A's feed) and is offered
+    ``offered`` at ``now_ms``: "new" (newer: kept and forwarded), "known" (the one held)
+    or refused with its reason, changing nothing."""
+    root8 = _sha(b"root of 8")
+
+    def cp(size: int, root: bytes, time: int) -> str:
+        return _checkpoint(KEY_A, "air-quality", size, root, time).hex()
+
+    held = cp(7, root7, T0 + 60_000)
+    return [
+        {"name": "heartbeat", "description": "Same size and root, signed later: new.",
+         "held_hex": held, "offered_hex": cp(7, root7, T0 + 120_000), "now_ms": NOW,
+         "expect": "new"},
+        {"name": "grown", "description": "More records, signed later: new.",
+         "held_hex": held, "offered_hex": cp(8, root8, T0 + 120_000), "now_ms": NOW,
+         "expect": "new"},
+        {"name": "same", "description": "The statement held, again.", "held_hex": held,
+         "offered_hex": held, "now_ms": NOW, "expect": "known"},
+        {"name": "older-time", "description": "Signed before the one held (same size).",
+         "held_hex": held, "offered_hex": cp(7, root7, T0 + 59_999), "now_ms": NOW,
+         "expect": err("checkpoint_older")},
+        {"name": "older-time-larger", "description": "A larger size signed before the "
+         "one held: going back in time all the same.", "held_hex": held,
+         "offered_hex": cp(8, root8, T0), "now_ms": NOW, "expect": err("checkpoint_older")},
+        {"name": "smaller-size", "description": "Fewer records, signed later.",
+         "held_hex": held, "offered_hex": cp(6, _sha(b"root of 6"), T0 + 120_000),
+         "now_ms": NOW, "expect": err("checkpoint_smaller")},
+        {"name": "from-the-future", "description": "Signed more than 900 s after now_ms.",
+         "held_hex": held, "offered_hex": cp(8, root8, NOW + TOLERANCE_MS + 1),
+         "now_ms": NOW, "expect": err("future_time")},
+        {"name": "future-within-tolerance", "description": "Signed exactly 900 s after "
+         "now_ms: accepted.", "held_hex": held,
+         "offered_hex": cp(8, root8, NOW + TOLERANCE_MS), "now_ms": NOW, "expect": "new"},
+    ]
+
+
 def checkpoints_file() -> dict[str, Any]:
     leaves = [_sha(b"citynode vector leaf %d" % i) for i in range(13)]
     trees = [{"size": n, "root_hex": _mth(leaves[:n]).hex()} for n in range(14)]
@@ -1876,7 +1985,9 @@ def checkpoints_file() -> dict[str, Any]:
             "D[size]) and 'consistency' PROOF(old_size, D[new_size]) of RFC 9162 (hashes "
             "in proof order). 'checkpoints' are envelopes signed with the checkpoint "
             "domain prefix by node A, verified at now_ms; 'split_views' proofs hold two "
-            "valid checkpoints of one feed and size with different roots, in byte order."
+            "valid checkpoints of one feed and size with different roots, in byte order. "
+            "'liveness': a held statement, one offered, and the verdict (docs/PROTOCOL.md, "
+            "'Liveness')."
         ),
         "generator": "tests/vectors/generate.py",
         "leaves_hex": [x.hex() for x in leaves],
@@ -1898,6 +2009,7 @@ def checkpoints_file() -> dict[str, Any]:
             {"name": "root-not-32-bytes", "now_ms": NOW, "expect": err("bad_field"),
              "envelope_hex": _checkpoint(KEY_A, "air-quality", 7, root7[:31], T0).hex()},
         ],
+        "liveness": liveness_cases(root7),
         "split_views": [
             {"name": "two-roots-of-size-7", "proof_hex": split_proof.hex(),
              "expect": "valid"},

@@ -1,0 +1,140 @@
+"""Liveness: telling a quiet feed from a withheld or dead one (docs/PROTOCOL.md,
+"Liveness").
+
+An origin whose card gives a feed a cadence (``cadence_s``) signs a checkpoint of that
+feed at least that often, even when nothing was published: the checkpoint is its
+signed statement "feed F had N records at time T". Every node keeps, per (origin,
+feed), the newest statement it holds (:class:`FeedLiveness`) and derives a state from
+it, its own head and the clock (:func:`feed_state`):
+
+* ``unknown``   no statement held yet;
+* ``dead``      the newest statement is older than ``DEAD_AFTER_CADENCES`` cadences;
+* ``lagging``   the origin signed more records than we hold, and we first learnt so
+                less than the sync bound ago (they are on their way);
+* ``withheld``  the origin signed more records than we hold, and we first learnt so
+                more than the sync bound ago: no path delivered them in time;
+* ``silent``    we hold everything the origin signed, and it signed nothing new for
+                more than a cadence (the sync bound for a feed without a cadence);
+* ``live``      we hold everything the origin signed, and the feed grew recently (or
+                we hold records newer than its last statement).
+
+A statement older (by its signed time) or smaller (by size) than the newest held is
+refused (``checkpoint_older``, ``checkpoint_smaller``) and changes nothing; one from
+the future is refused before it gets here (``future_time``, core/checkpoints.py).
+Everything here is pure: times are parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from citynode.errors import InvalidRecord
+
+__all__ = [
+    "DEAD_AFTER_CADENCES",
+    "STATES",
+    "FeedLiveness",
+    "Statement",
+    "feed_state",
+]
+
+#: A feed with a cadence is dead when its newest statement is older than this many
+#: cadences: one missed heartbeat is a hiccup, three are an outage.
+DEAD_AFTER_CADENCES = 3
+#: Every state, in the order ``citynode feeds`` and the metrics list them.
+STATES = ("live", "silent", "lagging", "withheld", "dead", "unknown")
+#: Sizes remembered with the moment we first learnt of them (to date "behind since").
+_SEEN_MAX = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A verified checkpoint seen as a liveness statement."""
+
+    size: int
+    time: int  # ms, as signed by the origin
+    root: bytes
+    envelope: bytes = field(repr=False)
+
+
+def feed_state(
+    *,
+    cadence_s: int | None,
+    newest_size: int | None,
+    newest_time: int,
+    grew_at: int,
+    head: int,
+    behind_since: int | None,
+    now_ms: int,
+    sync_bound_ms: int,
+) -> str:
+    """The state of one (origin, feed) (see the module docstring).
+
+    ``newest_size``/``newest_time``: the newest statement held (None: none);
+    ``grew_at``: the signed time of the first statement of that size; ``head``: the
+    records held here; ``behind_since``: when this node first learnt of a signed size
+    above ``head`` (None: not known, taken as now). Never raises."""
+    if newest_size is None:
+        return "unknown"
+    if cadence_s is not None and now_ms - newest_time > DEAD_AFTER_CADENCES * cadence_s * 1000:
+        return "dead"
+    if head < newest_size:
+        since = now_ms if behind_since is None else behind_since
+        return "withheld" if now_ms - since > sync_bound_ms else "lagging"
+    quiet_ms = cadence_s * 1000 if cadence_s is not None else sync_bound_ms
+    if head > newest_size or now_ms - grew_at <= quiet_ms:
+        return "live"
+    return "silent"
+
+
+class FeedLiveness:
+    """The newest statement held of one (origin, feed), and when each size was first
+    learnt here. Small and bounded (at most 64 remembered sizes)."""
+
+    __slots__ = ("_seen", "grew_at", "newest")
+
+    def __init__(self) -> None:
+        self.newest: Statement | None = None
+        self.grew_at = 0
+        self._seen: list[tuple[int, int]] = []  # (size, first learnt at), sizes ascending
+
+    def observe(self, st: Statement, now_ms: int) -> bool:
+        """Take a verified statement received at ``now_ms``. Returns True if it is newer
+        than the one held (by time), False if it is the one held.
+
+        Raises :class:`InvalidRecord` -- ``checkpoint_older`` if signed before the one
+        held, ``checkpoint_smaller`` if of fewer records -- and then changes nothing.
+        Two statements of one time and size with different roots are a split view: not
+        this function's business (returns False; the caller holds the proof)."""
+        held = self.newest
+        if held is not None:
+            if st.size < held.size:
+                raise InvalidRecord(
+                    f"checkpoint of {st.size} records, after one of {held.size}: a feed "
+                    "never shrinks", "checkpoint_smaller")
+            if st.time < held.time:
+                raise InvalidRecord(
+                    f"checkpoint signed at {st.time}, before the one held ({held.time}): "
+                    "a liveness statement never goes back in time", "checkpoint_older")
+            if st.size == held.size and (st.time == held.time or st.root != held.root):
+                return False
+        if held is None or st.size > held.size:
+            self.grew_at = st.time
+            self._seen.append((st.size, now_ms))
+            del self._seen[:-_SEEN_MAX]
+        self.newest = st
+        return True
+
+    def behind_since(self, head: int) -> int | None:
+        """When this node first learnt of a signed size above ``head`` (None: it holds
+        every size it learnt of)."""
+        return next((t for size, t in self._seen if size > head), None)
+
+    def state(self, *, cadence_s: int | None, head: int, now_ms: int,
+              sync_bound_ms: int) -> str:
+        """:func:`feed_state` of this feed."""
+        n = self.newest
+        return feed_state(cadence_s=cadence_s, newest_size=n.size if n else None,
+                          newest_time=n.time if n else 0, grew_at=self.grew_at, head=head,
+                          behind_since=self.behind_since(head), now_ms=now_ms,
+                          sync_bound_ms=sync_bound_ms)
