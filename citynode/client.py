@@ -47,6 +47,7 @@ from typing import Any
 
 import msgpack
 
+from citynode.core.cards import CardFeed, NodeCard, open_card, terms_in_force
 from citynode.core.filters import RecordFilter
 from citynode.core.keys import SigningKey, Verifier
 from citynode.core.records import Record, decode_record, open_record
@@ -92,6 +93,7 @@ class Client:
         self.verifier = Verifier()
         self._auth: Auth = NodeSignature(key, node_id) if key is not None else NoAuth()
         self._http: HttpClient | None = None
+        self._cards: dict[str, tuple[NodeCard, ...]] = {}  # origin id -> card history
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -115,8 +117,6 @@ class Client:
         if isinstance(self._auth, NodeSignature) and self.node_id is None:
             # Signed requests name the node they are for: learn its id from its card
             # (served over the connection pinned or validated above).
-            from citynode.core.cards import open_card
-
             card = open_card(await self._get("/.well-known/citynode", unsigned=True),
                              expected_node_id=None, verifier=self.verifier)
             self.node_id = self._auth.target = card.node_id
@@ -156,6 +156,34 @@ class Client:
         if rec.id != rid:
             raise InvalidRecord("the node answered with a different record", "wrong_record")
         return rec
+
+    async def card_history(self, origin: str) -> tuple[NodeCard, ...]:
+        """The cards of ``origin`` the node holds (its card history), oldest first, each
+        verified here as signed by ``origin``; cached for the client's life. Raises
+        PeerRejected (404) if the node holds nothing of that origin you may list,
+        InvalidRecord if a card does not verify or is not ``origin``'s."""
+        hist = self._cards.get(origin)
+        if hist is None:
+            raw = msgpack.unpackb(await self._get(f"/v1/card-history?origin={origin}"),
+                                  raw=False)
+            if type(raw) is not list or not all(type(e) is bytes for e in raw):
+                raise InvalidRecord("the node's card history is not a list of cards",
+                                    "bad_card")
+            hist = tuple(open_card(e, expected_node_id=origin, verifier=self.verifier)
+                         for e in raw)
+            self._cards[origin] = hist
+        return hist
+
+    async def terms(self, rec: Record) -> CardFeed | None:
+        """The terms of ``rec``'s feed in force when it was signed: its entry (license,
+        terms_url/terms_digest, attribution, policy, cadence_s) in the card of its
+        origin with the greatest time at most the record's (docs/PROTOCOL.md, "Feed
+        terms"), from cards this client verified; None if unknown. Check a fetched
+        terms document with :func:`citynode.core.cards.check_terms_document`."""
+        from citynode.core.keys import node_id
+
+        return terms_in_force(await self.card_history(node_id(rec.origin)), rec.feed,
+                              rec.time)
 
     async def query(self, *, origin: str | None = None, feed: str | None = None,
                     type: str | None = None, since_ms: int | None = None,

@@ -64,6 +64,9 @@ class Policy:
         self._cards_bytes = 0
         self._card: cards.NodeCard | None = None
         self._history: dict[bytes, tuple[cards.NodeCard, ...]] = {}  # origin -> cards
+        #: Counts the cards kept (ours and others'): streams compare it to tell that
+        #: terms may have changed.
+        self.cards_version = 0
         # Derived from cards and partners, rebuilt when asked after either changes.
         self._trusted: Callable[[bytes], bool] | None = None
         self._policies: dict[tuple[bytes, str], access.FeedPolicy] = {}
@@ -193,6 +196,7 @@ class Policy:
         """A verified card (ours or another node's) enters its node's card history."""
         self.storage.add_card_history(c.node, c.time, c.envelope)
         self._history.pop(c.node, None)
+        self.cards_version += 1
 
     async def card_history(self, origin: bytes) -> tuple[cards.NodeCard, ...]:
         """The cards kept of ``origin`` (ours too), oldest first: what decides the terms
@@ -222,6 +226,38 @@ class Policy:
         """The entry of ``feed`` in ``origin``'s card in force at ``time_ms`` (the card
         with the greatest time at most ``time_ms``); None: unknown."""
         return cards.terms_in_force(await self.card_history(origin), feed, time_ms)
+
+    async def terms_json(self, items: list[tuple[bytes, str, int]]
+                         ) -> list[dict[str, object] | None]:
+        """For each ``(origin, feed, time)``: the terms in force (``CardFeed.terms()``
+        plus ``card_time``, the time of the card they come from), or None (unknown)."""
+        out: list[dict[str, object] | None] = []
+        for origin, feed, t in items:
+            hist = await self.card_history(origin)
+            best = max((c for c in hist if c.time <= t), key=lambda c: c.time, default=None)
+            entry = cards.terms_in_force(hist, feed, t)
+            out.append(None if entry is None or best is None
+                       else {**entry.terms(), "card_time": best.time})
+        return out
+
+    def feed_terms(self, origin: bytes | None, feed: str | None, caller: bytes | None,
+                   operator: bool) -> list[dict[str, object]]:
+        """The current terms (newest card) of every feed held of ``origin`` and named
+        ``feed`` (None: any) that ``caller`` may list (the operator: all): what a
+        stream's ``terms`` event carries. ``[{origin (id), feed, terms, card_time}]``."""
+        out: list[dict[str, object]] = []
+        for o, f in sorted(set(self.replica.heads)):
+            if (origin is not None and o != origin) or (feed is not None and f != feed):
+                continue
+            if not operator and not self.may_list(o, f, caller):
+                continue
+            c = self.card() if o == self.public_key else self.card_info.get(o)
+            entry = next((x for x in c.feeds if x.name == f), None) if c else None
+            out.append({"origin": node_id(o), "feed": f,
+                        "terms": entry.terms() if entry is not None else None,
+                        "card_time": c.time if c is not None and entry is not None
+                        else None})
+        return out
 
     def current_terms(self, origin: bytes, feed: str) -> cards.CardFeed | None:
         """The entry of ``feed`` in the newest card held of ``origin`` (ours: as signed

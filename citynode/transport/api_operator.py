@@ -8,16 +8,20 @@ import json
 
 from aiohttp import web
 
+from citynode.core.cards import card_to_json
 from citynode.core.keys import node_id
 from citynode.core.liveness import STATES
 from citynode.render import parse_json_items
 from citynode.transport.web import (
     NODE_KEY,
     is_operator,
+    origin_arg,
+    pack,
     read_body,
     require_operator,
     signed_caller,
     takes,
+    wants_json,
 )
 
 __all__ = [
@@ -27,6 +31,7 @@ __all__ = [
     "admin_partners",
     "admin_status",
     "admin_sync",
+    "card_history",
     "liveness",
     "metrics",
     "publish",
@@ -157,3 +162,25 @@ async def liveness(request: web.Request) -> web.Response:
         out.append({**f, "origin": node_id(origin),
                     "terms": terms.terms() if terms is not None else None})
     return web.json_response({"feeds": out})
+
+
+@takes("origin")
+async def card_history(request: web.Request) -> web.Response:
+    """The card history held of an origin (``?origin=cn1...``): its last signed cards,
+    oldest first, which decide the terms in force for its records (docs/PROTOCOL.md,
+    "Feed terms"). A msgpack array of card envelopes, or ``{"cards": [JSON cards]}``.
+    Served to whoever may list one of the origin's feeds held here (the operator:
+    always); otherwise 404, as for an origin of which nothing is held."""
+    node = request.app[NODE_KEY]
+    origin = origin_arg(request)
+    if origin is None:
+        raise web.HTTPBadRequest(text="card history needs ?origin=cn1...")
+    if not is_operator(request) and origin != node.policy.public_key:
+        caller = await signed_caller(request)
+        feeds = {f for (o, f) in list(node.replica.heads) if o == origin}
+        if not any(node.policy.may_list(origin, f, caller) for f in feeds):
+            raise web.HTTPNotFound(text="no card history of that origin here")
+    hist = await node.policy.card_history(origin)
+    if wants_json(request):
+        return web.json_response({"cards": [card_to_json(c) for c in hist]})
+    return pack([c.envelope for c in hist])

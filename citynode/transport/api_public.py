@@ -120,6 +120,10 @@ async def list_records(request: web.Request) -> web.Response:
     if wants_json(request):
         # Rendering a page can take a while (large payloads): not on the event loop.
         page = await in_thread(_render_page, rows, decrypt_key(request))
+        # Issue 13: each record with the terms in force when it was signed.
+        terms = await node.policy.terms_json([(r.origin, r.feed, r.time) for r in rows])
+        for item, t in zip(page, terms, strict=True):
+            item["terms"] = t
         return web.json_response({"records": page, "next": nxt})
     return pack({"records": [r.envelope for r in rows], "next": nxt})
 

@@ -41,6 +41,19 @@ def sse_event(row: Any, key: Any = None) -> str:
     return f"id: {row.rowid}\r\nevent: record\r\ndata: {data}\r\n\r\n"
 
 
+async def _write_terms(resp: web.StreamResponse, node: Any, where: Any, caller: Any,
+                       operator: bool, before: Any) -> tuple[Any, int]:
+    """Write an ``event: terms`` (data: ``{"feeds": [{origin, feed, terms,
+    card_time}]}``) if the terms of the feeds streamed differ from ``before``; returns
+    the terms and the cards version they were read at."""
+    version = node.policy.cards_version
+    terms = node.policy.feed_terms(where.origin, where.feed, caller, operator)
+    if terms != before:
+        data = json.dumps({"feeds": terms})
+        await resp.write(f"event: terms\r\ndata: {data}\r\n\r\n".encode())
+    return terms, version
+
+
 def sse_envelope_event(row: Any) -> str:
     """The compact event for a stored row (``?format=envelope``): ``id`` and ``event``
     as :func:`sse_event`, ``data`` = the signed envelope in base64 and nothing else --
@@ -53,7 +66,7 @@ def _render_events(rows: list[Any], render: Callable[[Any], str]) -> list[str]:
     return [render(row) for row in rows]
 
 
-@takes(*FILTERS, "after", "format")
+@takes(*FILTERS, "after", "format", "terms")
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events of stored records matching a filter, oldest first.
 
@@ -66,13 +79,15 @@ async def stream(request: web.Request) -> web.StreamResponse:
     event's ``data`` is the base64 envelope alone (the subscriber verifies and, if a
     reader, opens it; the node decrypts nothing). An invalid filter is a 400
     before the stream opens. When the node shuts down the stream ends (the response
-    completes normally) and the subscriber resumes by cursor.
+    completes normally) and the subscriber resumes by cursor. ``terms=1``: after the
+    starting cursor, an ``event: terms`` with the current terms of the feeds streamed,
+    and another before records whenever a card changed them (docs/API.md).
     """
     from aiohttp_sse import sse_response
 
     node = request.app[NODE_KEY]
     caller = await signed_caller(request)
-    where = record_filter(request, paging=("after", "format"))
+    where = record_filter(request, paging=("after", "format", "terms"))
     last = request.headers.get("Last-Event-ID") or request.query.get("after")
     if last is not None:
         try:
@@ -96,6 +111,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if fmt not in ("json", "envelope"):
         raise web.HTTPBadRequest(text="format must be json (the default) or envelope")
     envelope_only = fmt == "envelope"
+    if request.query.get("terms", "0") not in ("0", "1"):
+        raise web.HTTPBadRequest(text="terms must be 1 (send terms events) or 0")
+    with_terms = request.query.get("terms") == "1"
+    terms: Any = None
     # The compact format carries the sealed envelope: a reader decrypts it itself.
     key = None if envelope_only else decrypt_key(request)
     render: Callable[[Any], str]
@@ -118,6 +137,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
             # a subscriber cut off before the first record resumes from here, not
             # from "now" again, which would lose what came in between.
             await resp.write(f"id: {cursor}\r\n\r\n".encode())
+            # Issue 13, with ?terms=1: the terms of the feeds streamed, now and whenever
+            # a card changes (opt-in: a subscriber that parses only record events is
+            # not surprised by another kind).
+            version = -1
+            if with_terms:
+                terms, version = await _write_terms(resp, node, where, caller,
+                                                    is_operator(request), None)
             # Until the node shuts down (sub.close()): then the response ends properly
             # and the subscriber resumes by cursor (after the restart, or elsewhere).
             while not sub.closed:
@@ -155,6 +181,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
                         if b is not None and b.rowids[-1] > cursor:
                             chunks.append(b.after(cursor))
                             cursor = b.rowids[-1]
+                    if chunks and with_terms and node.policy.cards_version != version:
+                        terms, version = await _write_terms(resp, node, where, caller,
+                                                            is_operator(request), terms)
                     if chunks:
                         await resp.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 while not sub.queue.empty():  # stale: the database has these rows

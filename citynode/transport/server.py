@@ -81,6 +81,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/records/{rid}", api_public.get_record)
     r.add_get("/v1/feeds", api_public.list_feeds)
     r.add_get("/v1/liveness", api_operator.liveness)
+    r.add_get("/v1/card-history", api_operator.card_history)
     r.add_get("/v1/stream", api_stream.stream)
     r.add_post("/v1/publish", api_operator.publish)
     r.add_post("/v1/admin/erase", api_operator.admin_erase)
