@@ -54,6 +54,7 @@ from citynode.core.records import (
 )
 from citynode.core.types import ERASURE_TYPE, validate_erasure
 from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
+from citynode.render import iso_time
 
 if TYPE_CHECKING:
     from citynode.storage import Storage
@@ -65,6 +66,7 @@ __all__ = [
     "Finding",
     "audit_bundle",
     "check_storage",
+    "terms_periods",
 ]
 
 # Stored records were checked against the clock when they arrived; a re-check must not
@@ -240,6 +242,8 @@ class AuditReport:
     now_ms: int
     header: BundleHeader | None = None
     card: NodeCard | None = None
+    #: Every valid card of the origin the bundle carries (its card history), by time.
+    cards: list[NodeCard] = field(default_factory=list)
     complete: bool = False  # the end item was read and matched
     items: int = 0
     record_items: int = 0
@@ -305,6 +309,7 @@ class AuditReport:
             "erased": sum(f.erased for f in self.feeds.values()),
             "pruned": sum(f.pruned for f in self.feeds.values()),
             "tombstones": [t.to_json() for t in self.tombstones],
+            "terms": terms_periods(self.cards),
             "errors": self.severity_counts[ERROR],
             "warnings": self.severity_counts[WARNING],
             "finding_counts": dict(sorted(self.kind_counts.items())),
@@ -354,6 +359,14 @@ class AuditReport:
         if len(self.tombstones) > 100:
             out.append(f"  ... and {len(self.tombstones) - 100} more tombstone(s) listed "
                        "in --json")
+        for name, periods in terms_periods(self.cards).items():
+            for p in periods:
+                tm = p["terms"]
+                what = ("not listed" if tm is None else
+                        ", ".join(f"{k} {v}" for k, v in tm.items() if v is not None)
+                        or "no terms stated")
+                until = "now" if p["until"] is None else iso_time(p["until"])
+                out.append(f"  terms {name}: {what} (from {iso_time(p['from'])} to {until})")
         order = {ERROR: 0, WARNING: 1, INFO: 2}
         for fd in sorted(self.findings, key=lambda f: order[f.severity]):
             out.append(fd.line())
@@ -747,7 +760,30 @@ def _audit_card(rep: AuditReport, item: Item, expected: bytes, verifier: Verifie
                 f"({rep.origin}): it is another node's card, or the id given for the "
                 "origin is wrong (check it with that city's operators)")
         return
-    rep.card = card
+    rep.cards = sorted([*(c for c in rep.cards if c.time != card.time), card],
+                       key=lambda c: c.time)
+    rep.card = rep.cards[-1]
+
+
+def terms_periods(cards: list[NodeCard]) -> dict[str, list[dict[str, Any]]]:
+    """Issue 13: per feed, the terms each card stated and the period they applied --
+    from that card's time until the next card that changed them (``until`` None: still
+    in force) -- from an origin's cards sorted by time. A feed a card does not list has
+    unknown terms in that period (``terms`` None)."""
+    names = sorted({f.name for c in cards for f in c.feeds})
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        periods: list[dict[str, Any]] = []
+        for c in cards:
+            entry = next((f for f in c.feeds if f.name == name), None)
+            terms = entry.terms() if entry is not None else None
+            if periods and periods[-1]["terms"] == terms:
+                continue
+            if periods:
+                periods[-1]["until"] = c.time
+            periods.append({"from": c.time, "until": None, "terms": terms})
+        out[name] = periods
+    return out
 
 
 def _audit_checkpoint(

@@ -14,7 +14,8 @@ kind           map (keys in canonical order)                                   h
 =============  ==============================================================  =========
 header         ``{created: int ms, feeds: [str], kind, origin: bin32,          first, 1
                version: 1}`` -- feeds sorted, unique
-card           ``{env: bin, kind}`` -- the origin's signed card envelope        0 or 1
+card           ``{env: bin, kind}`` -- the origin's signed card envelopes: its  0 to 65
+               card history, oldest first, the last one its newest card
 record         ``{env: bin, kind}`` -- a record envelope, feeds in name order,  any
                seq order within a feed
 checkpoint     ``{env: bin, kind}`` -- a signed checkpoint envelope             any
@@ -77,6 +78,8 @@ HEADER, CARD, RECORD, CHECKPOINT, FORK, SPLIT_VIEW, END = (
 _ENV_KINDS = frozenset({CARD, RECORD, CHECKPOINT})
 _PROOF_KINDS = frozenset({FORK, SPLIT_VIEW})
 _END_FIELDS = ("cards", "checkpoints", "forks", "records", "split_views")
+#: Card items a bundle may hold: the card history kept (64) and the current card.
+MAX_CARD_ITEMS = 65
 
 # The canonical encoding of {"env": <bin>, "kind": "record"} is exactly this prefix, the
 # bin header and envelope, and this suffix ("env" sorts before "kind"). Records are
@@ -184,6 +187,7 @@ def write_bundle(
     origin: bytes,
     card: bytes | None,
     feeds: Mapping[str, Iterable[bytes]],
+    card_history: Iterable[bytes] = (),
     checkpoints: Iterable[bytes] = (),
     forks: Iterable[bytes | ForkProof] = (),
     split_views: Iterable[bytes | SplitViewProof] = (),
@@ -220,10 +224,14 @@ def write_bundle(
                 "kind": HEADER, "version": BUNDLE_VERSION, "origin": origin,
                 "created": now_ms, "feeds": names,
             }), limits))
-            if card is not None:
-                decode_envelope(card, encoding.Limits(max_bytes=limits.max_item_bytes))
-                f.write(_frame(encoding.encode({"kind": CARD, "env": card}), limits))
-                counts["cards"] = 1
+            # Issue 13: the origin's earlier cards (which decide the terms in force for
+            # its older records), oldest first, then its newest card last.
+            for env in [*(e for e in card_history if e != card), card][-MAX_CARD_ITEMS:]:
+                if env is None:
+                    continue
+                decode_envelope(env, encoding.Limits(max_bytes=limits.max_item_bytes))
+                f.write(_frame(encoding.encode({"kind": CARD, "env": env}), limits))
+                counts["cards"] += 1
             n = 0
             for name in names:
                 for env in feeds[name]:
@@ -432,8 +440,8 @@ def _iter(f: IO[bytes], limits: BundleLimits) -> Iterator[Item]:
         first = False
         if kind == CARD:
             counts["cards"] += 1
-            if counts["cards"] > 1:
-                raise _bad("the bundle has more than one card item")
+            if counts["cards"] > MAX_CARD_ITEMS:
+                raise _bad(f"the bundle has more than {MAX_CARD_ITEMS} card items")
         elif kind == CHECKPOINT:
             counts["checkpoints"] += 1
             if counts["checkpoints"] > limits.max_checkpoints:
@@ -501,7 +509,7 @@ class ExportSummary:
 
     @property
     def has_card(self) -> bool:
-        return self.counts.cards == 1
+        return self.counts.cards >= 1
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "origin": self.origin, "feeds": dict(self.feeds),
@@ -593,7 +601,8 @@ def export_from_storage(
         else:
             skipped += 1
     counts = write_bundle(
-        path, origin=origin, card=card, feeds={n: records(n) for n in names},
+        path, origin=origin, card=card, card_history=storage.card_history(origin),
+        feeds={n: records(n) for n in names},
         checkpoints=checkpoints(), forks=forks, split_views=splits, now_ms=now_ms,
     )
     try:

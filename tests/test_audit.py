@@ -267,7 +267,9 @@ def test_reader_refuses_malformed_streams(tmp_path: Path) -> None:
     for its, reason in [
         (items[1:], "bad_bundle"),  # no header first
         ([items[0], *items], "bad_bundle"),  # two headers
-        ([items[0], items[1], *items[1:]], "bad_bundle"),  # two cards
+        # more card items than a card history (64) and the current card
+        ([items[0], *[items[1]] * 66, *items[2:]], "bad_bundle"),
+        ([items[0], items[1], *items[1:]], "bad_counts"),  # two cards, end says one
         ([*items[:2], non_canonical, *items[2:]], "non_canonical"),
         ([*items[:2], msgpack.packb({"env": b"x", "kind": "photo"}), *items[2:]], "bad_bundle"),
         ([items[0], *items[2:]], "bad_counts"),  # card removed, end not fixed

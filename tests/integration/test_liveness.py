@@ -11,11 +11,14 @@ A's heartbeats. Stopping A, C shows both ``dead`` after three cadences.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from citynode.client import Client
 from citynode.cluster import Cluster, LocalNode
 from tests.conftest import eventually
 from tests.integration.test_federation import FAST, TYPE, cli_json, rec
@@ -93,3 +96,105 @@ async def test_withheld_at_the_far_end_then_dead(cluster: Cluster) -> None:
     anon = await c.api("GET", "/v1/liveness", operator=False)
     assert {(f["feed"], f["state"]) for f in anon["feeds"] if f["origin"] == a.node_id} == {
         ("air", "dead"), ("quiet", "dead")}
+
+
+def _set_terms(n: LocalNode, text: str) -> None:
+    toml = n.dir / "node.toml"
+    body = toml.read_text()
+    if "[feeds.air]" in body:
+        body = body[:body.index("[feeds.air]")]
+    toml.write_text(body + "[feeds.air]\n" + text)
+
+
+async def _first_events(n: LocalNode, path_qs: str, want: int) -> list[tuple[str, Any]]:
+    """The first ``want`` named events of an SSE stream, as (event, parsed data)."""
+    s = await n.session()
+    out: list[tuple[str, Any]] = []
+    async with s.get(n.url + path_qs, headers={"Accept": "text/event-stream"}) as r:
+        assert r.status == 200
+        buf = b""
+        while len(out) < want:
+            chunk = await asyncio.wait_for(r.content.readany(), 10)
+            assert chunk, "the stream ended early"
+            buf += chunk
+            *events, buf = buf.split(b"\r\n\r\n")
+            for ev in events:
+                fields = dict(line.split(b": ", 1) for line in ev.split(b"\r\n")
+                              if b": " in line)
+                if b"event" in fields:
+                    out.append((fields[b"event"].decode(), json.loads(fields[b"data"])))
+    return out[:want]
+
+
+async def test_a_change_of_terms_is_a_new_card_and_old_records_keep_theirs(
+        cluster: Cluster, tmp_path: Path) -> None:
+    a, b = cluster.create(["A", "B"], settings=FAST)
+    _set_terms(a, 'license = "CC0-1.0"\n')
+    await cluster.start()
+    await cluster.link(a, b)
+    await a.publish("air", TYPE, [rec(0), rec(1)])
+
+    async def b_holds(n: int) -> bool:
+        return any(f["origin"] == a.node_id and f["feed"] == "air" and f["seq"] == n
+                   for f in await b.feeds())
+
+    await eventually(lambda: b_holds(2), timeout=30)
+    # New terms: node.toml changed, the node restarted, a new card signed.
+    await a.close()
+    assert a.stop() == 0
+    _set_terms(a, 'license = "CC-BY-4.0"\nattribution = "A city, air network"\n')
+    a.start()
+    await a.wait_ready()
+    await a.publish("air", TYPE, [rec(2), rec(3)])
+
+    async def new_terms_at_b() -> bool:
+        if not await b_holds(4):
+            return False
+        page = await b.api("GET", f"/v1/records?origin={a.node_id}&feed=air")
+        t = page["records"][-1]["terms"]
+        return t is not None and t["license"] == "CC-BY-4.0"
+
+    await eventually(new_terms_at_b, timeout=40, interval=0.3)
+    # The read API: each record with the terms in force when it was signed.
+    page = await b.api("GET", f"/v1/records?origin={a.node_id}&feed=air", operator=False)
+    got = [(r["seq"], r["terms"]["license"], r["terms"]["attribution"])
+           for r in page["records"]]
+    assert got == [(1, "CC0-1.0", None), (2, "CC0-1.0", None),
+                   (3, "CC-BY-4.0", "A city, air network"),
+                   (4, "CC-BY-4.0", "A city, air network")]
+    assert page["records"][0]["terms"]["card_time"] < page["records"][2]["terms"]["card_time"]
+
+    # The client verifies the origin's cards itself and gives each record its terms.
+    async with Client(b.url, fingerprint=b.fingerprint) as c:
+        recs = [r async for r in c.query(origin=a.node_id, feed="air")]
+        terms = [await c.terms(r) for r in recs]
+        assert [t.license if t else None for t in terms] == [
+            "CC0-1.0", "CC0-1.0", "CC-BY-4.0", "CC-BY-4.0"]
+        hist = await c.card_history(a.node_id)
+        assert len(hist) >= 2 and all(h.node_id == a.node_id for h in hist)
+
+    # A stream, asked for terms: the current terms of the feeds it serves first.
+    events = await _first_events(b, f"/v1/stream?origin={a.node_id}&after=0&terms=1", 3)
+    assert events[0][0] == "terms"
+    assert events[0][1]["feeds"] == [{"origin": a.node_id, "feed": "air",
+                                      "terms": {"license": "CC-BY-4.0", "terms_url": None,
+                                                "terms_digest": None,
+                                                "attribution": "A city, air network",
+                                                "policy": None},
+                                      "card_time": events[0][1]["feeds"][0]["card_time"]}]
+    assert [e for e, _ in events[1:]] == ["record", "record"]
+
+    # An export bundle carries the card history; the audit reports each period's terms.
+    out = tmp_path / "a.bundle"
+    rc, summary, err = await asyncio.to_thread(
+        cli_json, "export", "-d", str(b.dir), "--origin", a.node_id, "--out", str(out))
+    assert rc == 0, err
+    assert summary["cards"] >= 2  # A's cards before and after the change
+    rc, report, err = await asyncio.to_thread(cli_json, "audit", str(out), "--origin",
+                                              a.node_id)
+    assert rc == 0 and report["ok"], err
+    periods = report["terms"]["air"]
+    assert [p["terms"]["license"] for p in periods] == ["CC0-1.0", "CC-BY-4.0"]
+    assert periods[0]["until"] == periods[1]["from"] and periods[1]["until"] is None
+    assert periods[0]["from"] <= page["records"][0]["time"] < periods[1]["from"]
+    assert periods[1]["from"] <= page["records"][2]["time"]
