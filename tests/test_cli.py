@@ -390,6 +390,19 @@ def test_feeds_and_forks_json(node_dir: Path) -> None:
             feeds["air"]["head"]) == (nid, 3, 3, air_ids[-1])
     assert (feeds["noise"]["seq"], feeds["noise"]["head"]) == (1, noise_ids[0])
     assert "noise" in ok("feeds", "-d", d).stdout
+    # Terms (from the node's signed card) and completeness; a node that is not running
+    # has heard no liveness statement since it stopped.
+    assert feeds["air"]["terms"] == {"license": None, "terms_url": None,
+                                     "terms_digest": None, "attribution": None,
+                                     "policy": None}
+    assert feeds["air"]["completeness"]["state"] == "unknown"
+    with (node_dir / "node.toml").open("a") as f:
+        f.write('[feeds.air]\nlicense = "ODbL-1.0"\nattribution = "Jakarta"\n'
+                "cadence_seconds = 60\n")
+    feeds = {f["feed"]: f for f in ok_json("feeds", "-d", d, "--json")["feeds"]}
+    assert (feeds["air"]["terms"]["license"], feeds["air"]["terms"]["attribution"],
+            feeds["air"]["completeness"]["cadence_s"]) == ("ODbL-1.0", "Jakarta", 60)
+    assert "ODbL-1.0" in ok("feeds", "-d", d).stdout
 
     assert ok_json("forks", "-d", d, "--json") == {"forks": []}
     assert ok("forks", "-d", d).stdout.strip() == "no forks known"

@@ -422,3 +422,42 @@ def test_feed_egress_rules_parse_and_bad_ones_name_their_key() -> None:
         with pytest.raises(ConfigError) as e:
             parse_config(MIN + f'[feeds.air]\n[feeds.air.egress]\n{body}\n')
         assert where in str(e.value) and what in str(e.value), str(e.value)
+
+
+def test_feed_terms_and_cadence_parse_into_the_card_entry() -> None:
+    from citynode.core.cards import CardFeed
+    from citynode.core.egress import EgressPolicy
+
+    digest = "ab" * 32
+    cfg = parse_config(MIN + '[feeds.air]\nlicense = "CC-BY-4.0"\nattribution = "City"\n'
+                       f'terms_url = "https://e.org/t"\nterms_digest = "{digest}"\n'
+                       "cadence_seconds = 300\n[feeds.air.egress]\ndeny = [\"phone\"]\n"
+                       "[feeds.plain]\n")
+    air = cfg.feeds["air"]
+    assert air.card_feed() == CardFeed(
+        "air", "public", "CC-BY-4.0", "https://e.org/t", bytes.fromhex(digest), "City",
+        EgressPolicy(deny=frozenset({"phone"})).digest(), 300)
+    # No egress rule: no policy digest; nothing stated: nothing in the card.
+    assert cfg.feeds["plain"].card_feed() == CardFeed("plain", "public")
+    assert cfg.federation.sync_bound_seconds == 120.0
+
+
+@pytest.mark.parametrize(("body", "where", "what"), [
+    ('license = "MIT OR Apache-2.0"', "[feeds.air]", "one SPDX license identifier"),
+    ('license = "CC BY"', "[feeds.air]", "one SPDX"),
+    ("license = 4", "[feeds.air] license", "expected a string"),
+    ('terms_url = "https://e.org/t"', "[feeds.air]", "both terms_url and terms_digest"),
+    (f'terms_url = "http://e.org/t"\nterms_digest = "{"00" * 32}"', "[feeds.air]",
+     "https:// URL"),
+    ('terms_url = "https://e.org/t"\nterms_digest = "AB"', "[feeds.air] terms_digest",
+     "64 lowercase hex digits"),
+    ('attribution = ""', "[feeds.air]", "attribution must be a string of 1 to 512"),
+    ("cadence_seconds = 0", "[feeds.air] cadence_seconds", "at least 1 and at most 604800"),
+    ("cadence_seconds = 1.5", "[feeds.air] cadence_seconds", "expected an integer"),
+    ("cadence_seconds = true", "[feeds.air] cadence_seconds", "expected an integer"),
+    ("licence = \"MIT\"", "[feeds.air] licence", "did you mean license?"),
+])
+def test_bad_feed_terms_name_their_key(body: str, where: str, what: str) -> None:
+    msg = _err(MIN + f"[feeds.air]\n{body}\n")
+    assert msg.startswith(f"node.toml: {where}"), msg
+    assert what in msg, msg

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from citynode.core import checkpoints as cps
 from citynode.core.keys import Verifier
 from citynode.core.records import record_id
+from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
 from tests.conftest import InProc, eventually
 from tests.core.test_checkpoints import mth
@@ -165,3 +166,57 @@ async def test_a_checkpoint_covers_what_is_committed_while_a_publish_is_in_fligh
     finally:
         a.node.heads[key] = FeedHead(5, recs[-1].id)
     assert cp.size == 5 and cp.root == mth([r.id for r in recs])
+
+
+async def test_liveness_statements_backwards_or_from_the_future_are_refused(
+        inproc: Make) -> None:
+    """Issue 13, bad input: a checkpoint older, smaller or from the future than the
+    newest statement held is refused with its own reason, counted on the partner that
+    sent it, and changes nothing; a later one of the same size is a new heartbeat."""
+    a = await inproc("Jakarta")
+    b = await inproc("Seoul")
+    await a.node.add_partner(b.url, b.node.node_id)
+    await b.node.add_partner(a.url, a.node.node_id)
+    recs = await a.node.publish("w", "org.example.Test", [{"n": i} for i in range(3)])
+    (cp3,) = await a.node.checkpoints.checkpoint_now()
+    pk = a.node.public_key
+
+    async def b_has() -> bool:
+        return b.node.checkpoints.newest(pk, "w") == cp3.envelope
+
+    await eventually(b_has, timeout=20)
+    now = a.node.now_ms()
+    root2 = mth([r.id for r in recs[:2]])
+    client = PeerClient(a.node.key, b.url, node_id=b.node.node_id,
+                        fingerprint=b.node.identity.cert_fingerprint)
+    try:
+        for cp, reason in [
+            (cps.sign_checkpoint(a.node.key, "w", 3, cp3.root, cp3.time - 1), "checkpoint_older"),
+            (cps.sign_checkpoint(a.node.key, "w", 2, root2, now + 1000), "checkpoint_smaller"),
+            (cps.sign_checkpoint(a.node.key, "w", 9, b"\x05" * 32, now + 16 * 60_000),
+             "future_time"),
+        ]:
+            try:
+                await client.request("POST", "/v1/checkpoints", cp.envelope)
+            except PeerRejected as exc:
+                assert (exc.status, exc.reason) == (400, reason)
+            else:
+                raise AssertionError(f"{reason}: accepted")
+        # Nothing changed: the same newest statement, the same checkpoints stored.
+        assert b.node.checkpoints.newest(pk, "w") == cp3.envelope
+        assert [s for s, _r, _e in b.node.storage.checkpoints(pk, "w")] == [3]
+        link = b.node.partners.get(pk)
+        assert link is not None
+        assert link.invalid == {"checkpoint_older": 1, "checkpoint_smaller": 1,
+                                "future_time": 1}
+        # A heartbeat: same size and root, later: new, held as the newest statement.
+        beat = cps.sign_checkpoint(a.node.key, "w", 3, cp3.root, now + 2000)
+        out = await client.request("POST", "/v1/checkpoints", beat.envelope)
+        assert b'"new"' in out
+        assert b.node.checkpoints.newest(pk, "w") == beat.envelope
+        out = await client.request("POST", "/v1/checkpoints", beat.envelope)
+        assert b'"known"' in out
+    finally:
+        await client.close()
+    states = {(s["origin"], s["feed"]): s for s in b.node.checkpoints.states()}
+    assert states[(pk, "w")]["signed_size"] == 3 and states[(pk, "w")]["head"] == 3
