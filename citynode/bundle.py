@@ -93,7 +93,7 @@ _REC_SUFFIX = b"\xa4kind\xa6record"
 class BundleLimits:
     """Bounds the reader applies before doing work proportional to them."""
 
-    max_item_bytes: int = 1024 * 1024  # a card at its maximum is about 431 KB
+    max_item_bytes: int = 1024 * 1024  # a card body is at most 1 MiB - 1024 (cards.py)
     max_records: int = 50_000_000  # the audit keeps about 250 bytes per record
     max_checkpoints: int = 10_000_000
     max_proofs: int = 100_000  # fork and split-view items together
