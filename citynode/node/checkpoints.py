@@ -182,6 +182,18 @@ class Checkpoints:
         fl = self.liveness.get((origin, feed))
         return fl.newest.envelope if fl is not None and fl.newest is not None else None
 
+    async def latest(self, origin: bytes, feed: str) -> bytes | None:
+        """The checkpoint to offer of a feed: the newest liveness statement held (a
+        heartbeat is newer than the first checkpoint of its size, which is what storage
+        keeps), unless storage holds one of a larger size (the statements held in
+        memory start again after a restart: a partner may have shown us an old one)."""
+        held = await self.held(origin, feed)
+        fl = self.liveness.get((origin, feed))
+        if fl is not None and fl.newest is not None and (
+                not held or fl.newest.size >= held[-1][0]):
+            return fl.newest.envelope
+        return held[-1][2] if held else None
+
     def states(self) -> list[dict[str, object]]:
         """Every feed held or heard of, with its liveness state (core/liveness.py):
         ``origin`` (key), ``feed``, ``state``, ``head`` (records held here),
@@ -302,12 +314,9 @@ class Checkpoints:
         latest checkpoint held of each of its feeds waits for the next round with every
         partner that may now be sent it (one that has it already answers "known")."""
         for feed in {f for (o, f) in list(self.replica.heads) if o == origin}:
-            env = self.newest(origin, feed)
+            env = await self.latest(origin, feed)
             if env is None:
-                held = await self.held(origin, feed)
-                if not held:
-                    continue
-                env = held[-1][2]
+                continue
             for link in list(self.partners.links.values()):
                 if self.policy.may_pass(link.key, origin, feed):
                     self.replica.on_deliver_failed(link.key, "checkpoint", env, 0)
@@ -322,12 +331,7 @@ class Checkpoints:
         for origin, feed in feeds[:HELD_MAX]:
             if not self.policy.may_pass(link.key, origin, feed):
                 continue
-            # The newest statement (a heartbeat may be newer than the first checkpoint
-            # of its size, which is what storage keeps).
-            env = self.newest(origin, feed)
-            if env is None:
-                held = await self.held(origin, feed)
-                env = held[-1][2] if held else None
+            env = await self.latest(origin, feed)
             if env is not None:
                 out.append(("checkpoint", env))
         for f in (await in_thread(self.storage.fork_proofs))[:HELD_MAX]:
