@@ -1750,7 +1750,7 @@ def _signed_card(feeds: list[dict[str, Any]]) -> bytes:
     body = enc({"feeds": feeds, "kind": "card", "name": "Example City",
                 "node": KEY_A.public_key, "partners": [], "software": "citynode/0.1.0",
                 "time": T0, "url": "https://node.example.org", "version": 2})
-    return envelope(body, KEY_A.sign(DOMAIN_CARD, body))
+    return signed_envelope(body, KEY_A.sign(DOMAIN_CARD, body))
 
 
 def cards_file() -> dict[str, Any]:
