@@ -435,8 +435,9 @@ def test_feed_terms_and_cadence_parse_into_the_card_entry() -> None:
                        "[feeds.plain]\n")
     air = cfg.feeds["air"]
     assert air.card_feed() == CardFeed(
-        "air", "public", "CC-BY-4.0", "https://e.org/t", bytes.fromhex(digest), "City",
-        EgressPolicy(deny=frozenset({"phone"})).digest(), 300)
+        "air", "public", license="CC-BY-4.0", terms_url="https://e.org/t",
+        terms_digest=bytes.fromhex(digest), attribution="City",
+        policy=EgressPolicy(deny=frozenset({"phone"})).digest(), cadence_s=300)
     # No egress rule: no policy digest; nothing stated: nothing in the card.
     assert cfg.feeds["plain"].card_feed() == CardFeed("plain", "public")
     assert cfg.federation.sync_bound_seconds == 120.0

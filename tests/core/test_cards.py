@@ -519,8 +519,10 @@ def test_valid_spdx_ids(lic: str) -> None:
 
 def test_a_card_with_every_field_at_its_item_maximum_opens() -> None:
     partners = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(MAX_PARTNERS)]
-    feeds = [CardFeed(f"{i:04d}", "public", "MIT", "https://t.example/", bytes(32), "a",
-                      bytes(32), 60) for i in range(MAX_FEEDS)]
+    feeds = [CardFeed(f"{i:04d}", "public", retention_days=36500, license="MIT",
+                      terms_url="https://t.example/", terms_digest=bytes(32),
+                      attribution="a", policy=bytes(32), cadence_s=60)
+             for i in range(MAX_FEEDS)]
     card = _card(feeds=feeds, partners=partners)
     opened = open_card(card.envelope, expected_node_id=None, verifier=V)
     assert opened.feeds[-1] == feeds[-1]
