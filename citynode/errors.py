@@ -24,6 +24,7 @@ tree and users see one clear line.
     ├── PublishRefused               this node will not sign on a feed right now (see message)
     ├── UnmappableMessage            a bridge's message cannot become a payload (``.reason``)
     ├── AccessDenied                 the caller may not read or write this
+    │   └── ReplayedRequest          a signed request seen before (``.public_key``: signer)
     └── PeerError                    talking to another node failed
         └── PeerRejected             the other node answered with an error status
                                      (``.status``, ``.reason``, ``.detail``)
@@ -56,6 +57,7 @@ __all__ = [
     "PeerRejected",
     "PublishRefused",
     "QueryTooSlow",
+    "ReplayedRequest",
     "SignatureError",
     "StorageError",
     "UnmappableMessage",
@@ -197,6 +199,17 @@ class UnmappableMessage(CitynodeError):
 class AccessDenied(CitynodeError):
     """The caller is not allowed to do this (wrong operator token, not a partner,
     not a recipient of a restricted feed, stale or replayed request signature)."""
+
+
+class ReplayedRequest(AccessDenied):
+    """A signed request arrived again: its (key, nonce) was already used. Its signature
+    verified and its signer was allowed, so it is a copy of a request ``public_key``'s
+    node really sent (re-sent by it, or by whoever captured it): a partner's refusals
+    count it as ``replayed``."""
+
+    def __init__(self, message: str, public_key: bytes) -> None:
+        super().__init__(message)
+        self.public_key = public_key
 
 
 class ClockSkew(AccessDenied):

@@ -49,7 +49,13 @@ from typing import NamedTuple
 import nacl.utils
 
 from citynode.core.keys import DOMAIN_REQUEST, SigningKey, Verifier, node_id, parse_node_id
-from citynode.errors import AccessDenied, ClockSkew, InvalidNodeId, SignatureError
+from citynode.errors import (
+    AccessDenied,
+    ClockSkew,
+    InvalidNodeId,
+    ReplayedRequest,
+    SignatureError,
+)
 
 __all__ = [
     "ALG",
@@ -641,7 +647,8 @@ class ReplayCache:
     def check_and_add(self, keyid: bytes, nonce: str, created_ms: int, now_ms: int) -> None:
         """Remember ``(keyid, nonce)`` until ``created_ms + max_age_ms``.
 
-        Raises :class:`AccessDenied` if the pair is already remembered (a replay), if
+        Raises :class:`ReplayedRequest` (an :class:`AccessDenied`) if the pair is
+        already remembered (a replay), :class:`AccessDenied` if
         ``created_ms`` is already too old to be remembered, or if the cache is full of
         unexpired pairs ("busy").
         """
@@ -653,7 +660,8 @@ class ReplayCache:
             del expiry[heapq.heappop(heap)[1]]
         pair = (keyid, nonce)
         if pair in expiry:
-            raise AccessDenied("request refused as a replay: its nonce was already used")
+            raise ReplayedRequest("request refused as a replay: its nonce was already used",
+                                  keyid)
         if len(expiry) >= self.max_entries:
             # Full of pairs that have not expired. Forgetting one would let an attacker
             # who floods us replay a captured request once its pair is gone, so we fail
@@ -697,7 +705,8 @@ class SplitReplayCache(ReplayCache):
         that holds its whole share."""
         pair = (keyid, nonce)
         if pair in self._expiry or pair in self.strangers._expiry:
-            raise AccessDenied("request refused as a replay: its nonce was already used")
+            raise ReplayedRequest("request refused as a replay: its nonce was already used",
+                                  keyid)
         if not self.known(keyid):
             self.strangers.check_and_add(keyid, nonce, created_ms, now_ms)
             return

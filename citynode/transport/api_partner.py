@@ -10,7 +10,7 @@ from aiohttp import web
 from citynode.core import sync
 from citynode.core.reconcile import MAX_MESSAGE_BYTES
 from citynode.errors import InvalidRecord
-from citynode.node import Node
+from citynode.node import Node, PartnerLink
 from citynode.transport.web import (
     MSGPACK,
     NODE_KEY,
@@ -66,13 +66,24 @@ async def reconcile(request: web.Request) -> web.Response:
     return web.Response(body=answer, content_type=MSGPACK)
 
 
+def _frontier(node: Node, link: PartnerLink, body: bytes) -> sync.Frontier:
+    """A partner's frontier, decoded; a malformed one is counted on the partner (by its
+    reason, like every refusal: ``/v1/admin/partners``), then refused with a 400."""
+    try:
+        return sync.decode_frontier(body)
+    except InvalidRecord as exc:
+        node.ingest_role.count_invalid(link, exc.reason, str(exc))
+        raise
+
+
 async def sync_handler(request: web.Request) -> web.Response:
     """The legacy frontier exchange (a partner on the previous version still syncs)."""
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    theirs = sync.decode_frontier(body)
-    if node.partners.get(key) is None:  # removed while its request ran
+    link = node.partners.get(key)
+    if link is None:  # removed while its request ran
         raise web.HTTPForbidden(text="not a partner of this node")
+    theirs = _frontier(node, link, body)
     # Only the feeds this partner may be sent: a partners feed's head stays with its
     # origin's partners (and it would ask, every round, for what it cannot get).
     return web.Response(body=sync.encode_frontier(node.gossip.on_frontier(key, theirs)),
@@ -93,8 +104,9 @@ async def announce(request: web.Request) -> web.Response:
     """A partner's lazy push: heads (a frontier) of records it holds, without them."""
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    if node.partners.get(key) is not None:
-        node.gossip.on_announce(key, sync.decode_frontier(body))
+    link = node.partners.get(key)
+    if link is not None:
+        node.gossip.on_announce(key, _frontier(node, link, body))
     return web.json_response({"ok": True})
 
 

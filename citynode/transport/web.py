@@ -36,6 +36,7 @@ from citynode.errors import (
     PeerError,
     PublishRefused,
     QueryTooSlow,
+    ReplayedRequest,
     StorageError,
 )
 from citynode.identity import check_token
@@ -160,9 +161,18 @@ async def require_partner(request: web.Request, body: bytes,
     replayed); return the partner's public key. ``signature``: the request's headers as
     :func:`_precheck_partner` read them (else read here). Raises AccessDenied."""
     node = request.app[NODE_KEY]
-    return _verify(request, body, request.headers if signature is None else signature,
-                   request.app[REPLAY_KEY],
-                   authorize=lambda key: node.partners.get(key) is not None)
+    try:
+        return _verify(request, body, request.headers if signature is None else signature,
+                       request.app[REPLAY_KEY],
+                       authorize=lambda key: node.partners.get(key) is not None)
+    except ReplayedRequest as exc:
+        # Signed by the partner and allowed, but already used: counted on that partner
+        # like every other refusal (a hostile partner re-sending its requests shows up
+        # in /v1/admin/partners), then refused as before.
+        link = node.partners.get(exc.public_key)
+        if link is not None:
+            node.ingest_role.count_invalid(link, "replayed", str(exc))
+        raise
 
 
 def _verify(request: web.Request, body: bytes,

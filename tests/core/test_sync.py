@@ -14,6 +14,7 @@ from citynode.core.records import MAX_SEQ, Record, sign_record
 from citynode.core.sync import (
     DAY_MS,
     DEFAULT_BATCH,
+    MAX_FRONTIER_FEEDS,
     MAX_WANTS,
     FeedKey,
     Frontier,
@@ -138,6 +139,22 @@ def test_decode_frontier_feed_limit() -> None:
         decode_frontier(data, max_feeds=9)
     assert info.value.reason in ("too_large", "too_many_items")
     assert "9 entries" in str(info.value)
+
+
+@pytest.mark.parametrize("header", [
+    b"\x9a",  # fixarray of 10
+    b"\xdc" + (10).to_bytes(2, "big"),
+    b"\xdd" + (MAX_FRONTIER_FEEDS + 1).to_bytes(4, "big"),
+])
+def test_decode_frontier_refuses_an_over_long_array_from_its_header(header: bytes) -> None:
+    # The count in the header is enough: the body is not decoded (here it is garbage,
+    # which decoding would call malformed). A hostile partner's 7.7 MB frontier of
+    # 100,001 entries cost ~130 ms of the event loop to decode before this.
+    limit = 9 if header[0] != 0xDD else MAX_FRONTIER_FEEDS
+    with pytest.raises(EncodingError) as info:
+        decode_frontier(header + b"\xc1" * 64, max_feeds=limit)
+    assert info.value.reason == "too_many_items"
+    assert f"over the limit of {limit}" in str(info.value)
 
 
 def test_largest_entries_fit_the_byte_bound() -> None:
