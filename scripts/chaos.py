@@ -514,6 +514,15 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def p99(xs: list[float]) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(0.99 * len(s)))] if s else float("inf")
@@ -579,6 +588,9 @@ async def _hostile_run(base: Path, seconds: float, attack: bool) -> dict[str, An
                 failed += 1
 
         start = time.monotonic()
+        cpu0 = {"a": cpu_s(a.proc.pid), "b": cpu_s(b.proc.pid)}  # type: ignore[union-attr]
+        if hproc is not None:
+            cpu0["h"] = cpu_s(hproc.pid)
         pubs = []
         for n in range(int(seconds * HOSTILE_RATE)):
             await asyncio.sleep(max(0.0, start + n / HOSTILE_RATE - time.monotonic()))
@@ -594,13 +606,15 @@ async def _hostile_run(base: Path, seconds: float, attack: bool) -> dict[str, An
         follow.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await follow
+        pids = {"a": a.proc.pid, "b": b.proc.pid, "h": hproc.pid if hproc else 0}  # type: ignore[union-attr]
+        cpu = {k: round(cpu_s(pids[k]) - v, 1) for k, v in cpu0.items()}
         lat = [got[n] - sent[n] for n in got]
         out: dict[str, Any] = {
             "published": len(sent), "failed_publishes": failed,
             "partner_missing": len(sent) - failed - len(got),
             "p50_ms": round(1000 * sorted(lat)[len(lat) // 2], 1) if lat else None,
             "p99_ms": round(1000 * p99(lat), 1), "rss_peak_mb": round(max(rss) / 1024, 1),
-            "a_alive": a.proc.poll() is None}
+            "a_alive": a.proc.poll() is None, "cpu_s": cpu}
         if hproc is not None:
             stdout, _ = await asyncio.wait_for(hproc.communicate(), 60)
             lines = stdout.decode().strip().splitlines()

@@ -764,7 +764,13 @@ class Replica:
                     self.pushed_at[key] = now_ms
                     self._last_push = now_ms
             elif d.verdict is Verdict.AHEAD:
-                if self.pending.add(rec, head_seq=head.seq if head else 0):
+                if rec.origin != self.me and self.quota.exhausted(rec.origin, now_ms):
+                    # It could never be stored today (its chain cannot extend), so it is
+                    # not held: an origin flooding past its quota filled the shared
+                    # pending buffer with such records (scripts/chaos.py, ``hostile``).
+                    outcomes.append("rejected:quota")
+                    out.append(Rejected(peer, "quota", "origin over its daily quota"))
+                elif self.pending.add(rec, head_seq=head.seq if head else 0):
                     gaps.add(key)
                     outcomes.append("pending")
                 else:

@@ -80,6 +80,23 @@ def test_quota_is_charged_for_every_record_stored_also_released_from_pending() -
     assert of(rp.Rejected, acts)
 
 
+def test_records_ahead_of_an_origin_over_its_quota_are_refused_not_held() -> None:
+    # Past its quota an origin's chain cannot extend today, so what comes after is
+    # refused rather than kept in the pending buffer it shares with every origin.
+    r = replica(quota_records_per_day=2)
+    recs = chain(ORIGIN, 6)
+    outcomes, _acts = r.on_records(P, recs[:3], T)
+    assert outcomes == ["stored", "stored", "rejected:quota"]
+    outcomes, acts = r.on_records(P, recs[3:], T)
+    assert outcomes == ["rejected:quota"] * 3
+    reasons = [a.reason for a in of(rp.Rejected, acts)]  # type: ignore[attr-defined]
+    assert reasons == ["quota"] * 3
+    assert len(r.pending) == 0
+    # The next day the same records are taken again, in order, up to the quota.
+    outcomes, _acts = r.on_records(P, recs[2:], T + 86_400_000)
+    assert outcomes == ["stored", "stored", "rejected:quota", "rejected:quota"]
+
+
 def test_duplicate_answer_prunes_and_graft_restores() -> None:
     r = replica(tree=False, announce=True)
     recs = chain(ORIGIN, 2)
