@@ -67,6 +67,11 @@ class Metrics:
             "citynode_connections_refused", "Connections closed on arrival: max_connections "
             "were open", registry=r,
         )
+        self.connections_stalled = Counter(
+            "citynode_connections_stalled", "Connections closed for completing no request "
+            "head within read_timeout_seconds while none was served (slow clients, "
+            "slowloris)", registry=r,
+        )
         self.stream_lagged = Counter(
             "citynode_stream_lagged", "Times a live stream fell behind and re-read from the "
             "database (a subscriber slower than the feed)", registry=r,

@@ -114,11 +114,19 @@ def ssl_context(node: Node) -> ssl.SSLContext:
     return ctx
 
 
-def _cap_connections(server: Any, cap: int, refused: Callable[[], None]) -> None:
-    """Close each connection that arrives while ``cap`` are open.
+def _cap_connections(server: Any, cap: int, refused: Callable[[], None],
+                     deadline_s: float, stalled: Callable[[], None]) -> None:
+    """Close each connection that arrives while ``cap`` are open, and each connection
+    that completes no request head in ``deadline_s`` while none is being served.
 
-    aiohttp has no connection limit; every new connection's handler reports to its
-    server's ``connection_made`` (after the TLS handshake), so the check goes there.
+    aiohttp has no connection limit and no deadline for a request's head: a client
+    sending its headers one byte every few seconds (slowloris) held a connection and
+    ~280 KB for as long as it liked (scripts/chaos --scenario hostile). Every new
+    connection's handler reports to its server's ``connection_made`` (after the TLS
+    handshake), so the checks go there. The deadline also ends idle keep-alive
+    connections after one to two deadlines; a request being served (an SSE stream, a
+    long upload) is never cut by it. It reads two private counters of aiohttp's
+    handler; if they ever disappear the check does nothing (tests/transport tests it).
     """
     if server is None:
         return
@@ -129,6 +137,22 @@ def _cap_connections(server: Any, cap: int, refused: Callable[[], None]) -> None
         if len(server.connections) > cap:
             refused()
             transport.close()
+            return
+        loop = asyncio.get_running_loop()
+
+        def watch(last: int) -> None:
+            if transport.is_closing():
+                return
+            count = getattr(handler, "_request_count", None)
+            if count is None:
+                return
+            if count == last and not getattr(handler, "_request_in_progress", True):
+                stalled()
+                transport.close()
+                return
+            loop.call_later(deadline_s, watch, count)
+
+        loop.call_later(deadline_s, watch, getattr(handler, "_request_count", 0))
 
     server.connection_made = connection_made
 
@@ -147,7 +171,8 @@ async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
         keepalive_timeout=75.0,  # aiohttp's default keeps idle connections for an hour
     )
     await runner.setup()
-    _cap_connections(runner.server, lim.max_connections, node.metrics.connections_refused.inc)
+    _cap_connections(runner.server, lim.max_connections, node.metrics.connections_refused.inc,
+                     lim.read_timeout_seconds, node.metrics.connections_stalled.inc)
     ctx = ssl_context(node) if node.config.tls.enabled else None
     site = web.TCPSite(runner, host, port, ssl_context=ctx)
     await site.start()

@@ -276,6 +276,45 @@ async def test_connections_over_the_cap_are_closed_as_they_arrive(inproc: Make) 
         assert r.status == 200
 
 
+async def test_a_client_trickling_its_request_head_is_cut_off_but_streams_are_not(
+        inproc: Make) -> None:
+    """Slowloris: a connection that completes no request head within
+    read_timeout_seconds is closed and counted, however slowly it keeps sending; a
+    live stream being served stays open past that deadline."""
+    n = await inproc("Jakarta", settings={("limits", "read_timeout_seconds"): 1.0})
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the node's self-signed certificate, on loopback
+    reader, writer = await asyncio.open_connection("127.0.0.1", n.port, ssl=ctx)
+    closed_after = None
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40:
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                closed_after = loop.time() - start
+                break
+        except TimeoutError:
+            continue  # not closed yet: the next byte
+        except ConnectionError:  # closed while writing, or reset by the TLS layer
+            closed_after = loop.time() - start
+            break
+    writer.close()
+    assert closed_after is not None and closed_after < 4.0, closed_after
+    assert n.node.metrics.connections_stalled._value.get() == 1
+    async with n.session.get(f"{n.url}/v1/stream?feed=air",
+                             headers={"Accept": "text/event-stream"}) as r:
+        assert r.status == 200
+        await asyncio.sleep(3.0)  # three deadlines, the stream being served
+        await n.node.publish("air", "org.example.Test", [{"n": 1}])
+        got = b""
+        while b"data:" not in got:
+            got += await asyncio.wait_for(r.content.readany(), 5)
+    assert n.node.metrics.connections_stalled._value.get() == 1
+
+
 async def test_a_flood_of_strangers_signed_reads_does_not_lock_partners_out(
         inproc: Make) -> None:
     """Any key may sign a read, and keys cost nothing to make. Strangers' signatures
