@@ -1,5 +1,9 @@
 """Running a node as a process (``citynode run``) and talking to a running one.
 
+SIGTERM and SIGINT stop it gracefully; SIGHUP reloads node.toml (``Node.reload``). The
+lock file holds the process id: ``kill -HUP "$(cat DIR/run.lock)"`` reloads a node that
+systemd does not run (``systemctl reload UNIT`` one that it does).
+
 A running node holds an exclusive lock on ``DIR/run.lock`` (so two processes never share
 one data dir). Commands that change state (publish, partner add/remove, sync) go through
 the node's operator API, the running node's or one started for the command
@@ -17,10 +21,14 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from citynode.config import load_config
 from citynode.errors import StorageError
 from citynode.logs import fields
+
+if TYPE_CHECKING:
+    from citynode.node import Node
 
 __all__ = ["is_running", "run_lock", "run_node"]
 
@@ -73,6 +81,8 @@ async def _serve(data_dir: Path, accept_fork_risk: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (`systemctl reload`, `kill -HUP PID`): node.toml again, without a restart.
+    loop.add_signal_handler(signal.SIGHUP, lambda: node.spawn(_reload(node), "reload"))
     runner = None
     try:
         await node.start(accept_fork_risk=accept_fork_risk)
@@ -95,6 +105,13 @@ async def _serve(data_dir: Path, accept_fork_risk: bool = False) -> None:
         if runner is not None:
             await runner.cleanup()
         await node.stop()
+
+
+async def _reload(node: Node) -> None:
+    """Reload node.toml into the running node, then apply its ``[log] level``."""
+    diff = await node.reload()
+    if diff is not None:
+        logging.getLogger().setLevel(node.config.log.level.upper())
 
 
 def run_node(data_dir: Path, *, accept_fork_risk: bool = False) -> None:

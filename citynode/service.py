@@ -7,7 +7,8 @@ IP and Unix sockets, and is restarted if it fails. ``systemctl stop`` sends SIGT
 which the node handles gracefully (acknowledged records are committed, live streams end
 so subscribers resume by cursor). Logs are JSON lines on stdout and stderr, which
 systemd hands to the journal: ``journalctl -u UNIT`` reads them and the journal
-rotates them, so no log file needs rotating.
+rotates them, so no log file needs rotating. ``systemctl reload`` sends SIGHUP: the node
+re-reads node.toml and applies what can change live (citynode/reload.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def systemd_unit(data_dir: Path, *, user: str = "citynode",
         f"User={user}",
         f"Group={user}",
         f"ExecStart={q(str(exe))} run -d {q(str(data_dir))}",
+        # SIGHUP: node.toml's feeds, log level and trust settings again, and the
+        # partner links from the database, without a restart (`systemctl reload`).
+        "ExecReload=/bin/kill -HUP $MAINPID",
         # SIGTERM: the node commits what it acknowledged and ends its streams.
         "KillSignal=SIGTERM",
         "TimeoutStopSec=45",

@@ -48,6 +48,7 @@ def test_the_unit_is_hardened_and_systemd_accepts_it(tmp_path: Path) -> None:
     assert s["NoNewPrivileges"] == "yes"
     assert s["RestrictAddressFamilies"].split() == ["AF_INET", "AF_INET6", "AF_UNIX"]
     assert s["Restart"] == "on-failure" and s["KillSignal"] == "SIGTERM"
+    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"  # systemctl reload: SIGHUP
     assert s["CapabilityBoundingSet"] == ""  # port 1024 or above: no capability at all
     assert s["ProtectHome"] == "yes"  # the data dir is not under /home or /root
     # The install steps are in the comments: a dedicated user owning the data dir.

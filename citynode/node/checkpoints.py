@@ -150,12 +150,15 @@ class Checkpoints:
     async def run(self) -> None:
         """Sign checkpoints of grown feeds every ``[checkpoints] interval_seconds``, and
         heartbeats of feeds with a cadence every half cadence, until cancelled."""
-        interval = self.config.checkpoints.interval_seconds
-        tick = min([interval, *(fc.cadence_seconds / 2 for fc in self.config.feeds.values()
-                                if fc.cadence_seconds is not None)])
         loop = asyncio.get_running_loop()
-        next_full = loop.time() + interval
+        next_full = loop.time() + self.config.checkpoints.interval_seconds
         while True:
+            # Read each time round: a reload may change the interval or a cadence.
+            interval = self.config.checkpoints.interval_seconds
+            tick = min([interval, *(fc.cadence_seconds / 2
+                                    for fc in self.config.feeds.values()
+                                    if fc.cadence_seconds is not None)])
+            next_full = min(next_full, loop.time() + interval)
             await asyncio.sleep(tick)
             full = loop.time() >= next_full - tick / 10
             if full:

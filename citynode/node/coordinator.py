@@ -37,10 +37,11 @@ from citynode.core.keys import Verifier
 from citynode.core.keys import node_id as cards_node_id
 from citynode.core.records import Record, RecordPolicy
 from citynode.core.replica import Replica
-from citynode.errors import StorageError
+from citynode.errors import ConfigError, StorageError
 from citynode.identity import Identity, load_identity
 from citynode.logs import fields
 from citynode.metrics import Metrics
+from citynode.node._base import in_thread
 from citynode.node.checkpoints import Checkpoints
 from citynode.node.gossip import Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
@@ -50,6 +51,7 @@ from citynode.node.publishing import Publisher
 from citynode.node.reads import Reads
 from citynode.node.retention import Retention
 from citynode.node.streams import Streams, Subscriber
+from citynode.reload import ConfigDiff, diff_config, live_config, shown
 from citynode.storage import PartnerRow, Storage
 
 __all__ = ["DB_NAME", "Node"]
@@ -76,6 +78,7 @@ class Node:
         self.verifier = Verifier()
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()  # one reload at a time (SIGHUPs may pile up)
         self.listeners: set[Callable[[Sequence[Record]], None]] = set()
         lim = config.limits
         record_policy = RecordPolicy(
@@ -236,6 +239,52 @@ class Node:
         await self.partners.close_all()
         await asyncio.get_running_loop().run_in_executor(None, self.storage.close)
         log.info("node stopped", extra=fields(node=self.node_id))
+
+    async def reload(self) -> ConfigDiff | None:
+        """Re-read node.toml (SIGHUP) and apply what can change live (citynode/reload.py
+        says what): one ``config changed`` line per setting applied, one ``needs a
+        restart`` warning per setting not applied. Our card is re-signed if its feeds
+        changed (partners learn it at their next card refresh). Then the partner links
+        are made to match the stored partners. An invalid node.toml is one error line
+        and changes nothing. Returns the differences, or None if the file was invalid;
+        never raises a CitynodeError."""
+        async with self._reload_lock:
+            try:
+                new = await in_thread(load_config, self.data_dir / "node.toml")
+            except ConfigError as exc:
+                log.error("reload refused: node.toml is invalid, the running config is "
+                          "kept", extra=fields(error=str(exc)))
+                return None
+            diff = diff_config(self.config, new)
+            for c in diff.changes:
+                facts = fields(key=c.key, old=shown(c.old), new=shown(c.new))
+                if c.live:
+                    log.info(f"config changed: {c.key}", extra=facts)
+                else:
+                    log.warning(f"config change needs a restart, not applied: {c.key}",
+                                extra=facts)
+            cfg = live_config(self.config, new)
+            self.config = cfg
+            for role in (self.partners, self.publisher, self.checkpoints, self.gossip,
+                         self.reads, self.retention, self.bridges):
+                role.config = cfg
+            self.policy.reconfigure(cfg)
+            if self.ready and diff.live:
+                self.policy.card()  # re-signed now, if its feeds changed
+            opened, closed = await self.partners.reload()
+            for row in closed:
+                log.info("partner link closed on reload", extra=fields(
+                    partner=row.node_id, name=row.name, url=row.url))
+            for row in opened:
+                if row.card:
+                    self.policy.learn_card(row.card, row.public_key)
+                log.info("partner link opened on reload", extra=fields(
+                    partner=row.node_id, name=row.name, url=row.url))
+            log.info("reloaded", extra=fields(applied=len(diff.live),
+                                               need_restart=len(diff.restart),
+                                               partners_opened=len(opened),
+                                               partners_closed=len(closed)))
+            return diff
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Start a background task owned by the node (kept until it ends)."""

@@ -161,6 +161,29 @@ class Partners:
         self.open(row)
         return row
 
+    async def reload(self) -> tuple[list[PartnerRow], list[PartnerRow]]:
+        """Make the links match the stored partners (the table changed behind the node's
+        back: a restored or edited database): open a link to each partner stored and not
+        linked, or stored with another URL or certificate; close the others. Returns the
+        partners (opened, closed)."""
+        rows = {r.public_key: r for r in await in_thread(self.storage.partners)}
+        opened: list[PartnerRow] = []
+        closed: list[PartnerRow] = []
+        for pk, link in list(self.links.items()):
+            row = rows.get(pk)
+            if row is None or (row.url, row.tls_fingerprint) != (link.row.url,
+                                                                  link.row.tls_fingerprint):
+                del self.links[pk]
+                await self.close(link)
+                closed.append(link.row)
+        if closed:
+            self._changed()
+        for pk, row in rows.items():
+            if pk not in self.links:
+                self.open(row)
+                opened.append(row)
+        return opened, closed
+
     async def remove(self, partner_id: str) -> bool:
         pk = parse_node_id(partner_id)
         gone = await asyncio.wrap_future(self.storage.remove_partner(partner_id))

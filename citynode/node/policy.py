@@ -97,10 +97,17 @@ class Policy:
         return self._card
 
     def feed_access(self, feed: str) -> str:
-        """The access level of this node's own ``feed`` as configured when it started
-        (a feed not in node.toml is public)."""
+        """The access level of this node's own ``feed`` as configured (at start or the
+        last reload; a feed not in node.toml is public)."""
         fc = self.config.feeds.get(feed)
         return fc.access if fc is not None else "public"
+
+    def reconfigure(self, config: Config) -> None:
+        """node.toml was reloaded: access levels, readers and the trust policy are derived
+        again from ``config``; our card is re-signed when next asked if its feeds
+        changed."""
+        self.config = config
+        self._forget_derived()
 
     def partners_changed(self) -> None:
         """A partner was added or removed: our card and what was derived is re-made."""
