@@ -41,6 +41,7 @@ async def test_sighup_reloads_feed_terms_into_the_served_card(cluster: Cluster) 
         f.write('\n[feeds.air-quality]\naccess = "public"\nlicense = "CC-BY-4.0"\n')
     await cluster.start()
     assert n.proc is not None and n.log_path is not None
+    log = n.log_path
 
     async def card() -> NodeCard:
         return await fetch_card(n.url, n.node_id, now_ms=int(time.time() * 1000))
@@ -62,10 +63,10 @@ async def test_sighup_reloads_feed_terms_into_the_served_card(cluster: Cluster) 
     await eventually(changed)
     (air,) = [f for f in (await card()).feeds if f.name == "air-quality"]
     assert air.license == "ODbL-1.0"
-    assert _logged(n.log_path, key="feeds.air-quality.access", old="public", new="partners")
-    assert _logged(n.log_path, key="feeds.air-quality.license", old="CC-BY-4.0",
+    assert _logged(log, key="feeds.air-quality.access", old="public", new="partners")
+    assert _logged(log, key="feeds.air-quality.license", old="CC-BY-4.0",
                    new="ODbL-1.0")
-    (restart,) = _logged(n.log_path, key="limits.max_body_bytes")
+    (restart,) = _logged(log, key="limits.max_body_bytes")
     assert restart["level"] == "warning" and "needs a restart" in str(restart["msg"])
     assert n.proc.poll() is None and n.proc.pid == pid  # the same process, not a restart
 
@@ -75,10 +76,10 @@ async def test_sighup_reloads_feed_terms_into_the_served_card(cluster: Cluster) 
     n.proc.send_signal(signal.SIGHUP)
 
     async def refused() -> bool:
-        return bool(_logged(n.log_path, level="error"))
+        return bool(_logged(log, level="error"))
 
     await eventually(refused)
-    (err,) = _logged(n.log_path, level="error")
+    (err,) = _logged(log, level="error")
     assert "node.toml is invalid" in str(err["msg"]) and "everyone" in str(err["error"])
     assert n.proc.poll() is None
     (air,) = [f for f in (await card()).feeds if f.name == "air-quality"]
