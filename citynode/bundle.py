@@ -340,6 +340,8 @@ def _parse_item(data: bytes, offset: int, limits: BundleLimits) -> Item:
         return Item(RECORD, env, offset)
     v = encoding.decode(data, _item_limits(limits))
     kind = v.get("kind") if type(v) is dict else None
+    if type(kind) is not str:  # a list or map is unhashable: `in` a set would raise
+        raise _bad(f"bundle item at byte {offset} is not a known item (no string kind)")
     if kind in _ENV_KINDS:
         if set(v) != {"kind", "env"} or type(v["env"]) is not bytes:
             raise _bad(f"bundle {kind} item must be {{env: bin, kind}}")

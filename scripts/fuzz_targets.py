@@ -376,6 +376,9 @@ def seeds(target: str) -> list[bytes]:
         out.append(_seed_bundle())
     for d in docs:
         out.extend(_hex_strings(d))
+    # Inputs that once crashed this target (kept as regression tests, tests/test_fuzz.py).
+    out += [p.read_bytes() for p in sorted((ROOT / "tests" / "fuzz_regressions" / target)
+                                          .glob("*.bin"))]
     # Distinct, and small enough for libFuzzer's default max_len to matter little.
     return sorted(set(s for s in out if len(s) <= 1 << 16))
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz_targets  # noqa: E402
@@ -52,3 +54,14 @@ def test_seed_corpora_come_from_the_vectors() -> None:
     envelope_seeds = set(fuzz_targets.seeds("envelope"))
     chain = json.loads((ROOT / "tests/vectors/chain.json").read_text())["records"]
     assert bytes.fromhex(chain["r1"]["envelope_hex"]) in envelope_seeds
+
+
+REGRESSIONS = sorted((ROOT / "tests" / "fuzz_regressions").glob("*/*.bin"))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_inputs_that_once_crashed_a_decoder_are_refused_cleanly(path: Path) -> None:
+    """Each input the fuzzer found a crash with (tests/fuzz_regressions/TARGET/) stays
+    fixed: its target raises nothing but a citynode refusal. They also seed the corpus."""
+    fuzz_targets.TARGETS[path.parent.name](path.read_bytes())
+    assert path.read_bytes() in fuzz_targets.seeds(path.parent.name)
