@@ -490,15 +490,16 @@ _FEED_KEYS: tuple[_Key, ...] = (
 
 _EGRESS_KEYS: tuple[_Key, ...] = (
     _Key("types", "strs", None, "Only these payload types may be published on the feed."),
-    _Key("allow", "strs", None, "Only these attributes leave the city; others are removed."),
-    _Key("deny", "strs", None, "Attributes that must never leave: a payload holding one is "
-         "refused, naming it."),
+    _Key("allow", "strs", None, "Only these top-level attributes leave the city; others "
+         "are removed."),
+    _Key("deny", "strs", None, "Attributes that must never leave: a payload holding one, "
+         "at any depth and in any case, is refused, naming its path."),
     _Key("location_decimals", "int", None, "Round location coordinates to this many "
          "decimals (3: about 110 m)."),
     _Key("location_grid_degrees", "float", None, "Or snap location coordinates to a grid "
          "of this step, in degrees."),
-    _Key("time_resolution_seconds", "int", None, "Round date-times down to a multiple of "
-         "this many seconds."),
+    _Key("time_resolution_seconds", "int", None, "Round date-times, at any depth, down to "
+         "a multiple of this many seconds."),
     _Key("text_max_chars", "int", None, "Cut free-text attributes to this length (0 "
          "removes them)."),
     _Key("text_attributes", "strs", list(DEFAULT_TEXT_ATTRIBUTES), "The free-text "

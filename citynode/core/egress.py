@@ -6,17 +6,27 @@ carry. Publishing applies the policy to each payload, deterministically, in this
 1. ``types``: only these payload types may be published on the feed; another type is
    refused (``egress_type``).
 2. ``deny``: attributes that must never leave (personal data, internal identifiers). A
-   payload holding one is refused, naming it (``egress_denied``): never silently
+   deny name matches an attribute at any depth (``contact.email`` and
+   ``items[2].email`` as well as ``email``) and regardless of case (names are compared
+   after Unicode case folding, so ``Email`` and ``EMAIL`` match ``email``). A payload
+   holding one is refused, naming its full path (``egress_denied``): never silently
    dropped, since the system that produced it must be fixed.
-3. ``allow``: when given, only these attributes leave; the others are removed.
+3. ``allow``: when given, only these top-level attributes leave; the others are
+   removed. It names attributes exactly (case-sensitive) and does not look inside
+   them: an allowed attribute leaves whole, after the deny check and the coarsening
+   below have looked inside it.
 4. Location coarsening of ``location`` (every GeoJSON position's longitude and
    latitude): ``location_decimals`` rounds to N decimals (3 is about 110 m), or
    ``location_grid_degrees`` snaps to the nearest multiple of a grid step.
-5. Time coarsening: ``time_resolution_seconds`` rounds every top-level RFC 3339
-   date-time attribute down to a multiple of that many seconds since the Unix epoch,
-   written in the same UTC offset, without fractions.
-6. Free text: ``text_max_chars`` cuts the string attributes named in
+5. Time coarsening: ``time_resolution_seconds`` rounds every RFC 3339 date-time string,
+   at any depth (``dateObserved``, but also an NGSI ``observedAt`` inside an attribute
+   or a date-time in a list), down to a multiple of that many seconds since the Unix
+   epoch, written in the same UTC offset, without fractions.
+6. Free text: ``text_max_chars`` cuts the top-level string attributes named in
    ``text_attributes`` to that many characters; 0 removes those attributes.
+
+Walking inside a payload is bounded: one nested deeper than :data:`MAX_DEPTH` levels
+is refused (``too_deep``); the record decoder's own limit is far below it.
 
 The result is then validated against its payload type like any payload: a policy that
 removes a required attribute makes publishing fail with that attribute's name.
@@ -39,12 +49,14 @@ from typing import Any
 from citynode.core import encoding
 from citynode.errors import ConfigError, PayloadError
 
-__all__ = ["DEFAULT_TEXT_ATTRIBUTES", "OPEN", "Applied", "EgressPolicy", "apply"]
+__all__ = ["DEFAULT_TEXT_ATTRIBUTES", "MAX_DEPTH", "OPEN", "Applied", "EgressPolicy", "apply"]
 
 DOMAIN = b"citynode/egress-policy/v1\x00"
 #: The free-text attributes of the built-in payload types.
 DEFAULT_TEXT_ATTRIBUTES = ("alternateName", "description", "name", "stationName")
 _MAX_DECIMALS = 12
+#: The deepest nesting the deny check and time coarsening walk (see the docstring).
+MAX_DEPTH = 64
 
 # The same RFC 3339 form payload types accept (core/types.py), split into its parts.
 _DATETIME = re.compile(
@@ -82,7 +94,10 @@ class EgressPolicy:
             raise ConfigError("time_resolution_seconds must be 1 to 31622400 (a year)")
         if self.text_max_chars is not None and self.text_max_chars < 0:
             raise ConfigError("text_max_chars must be 0 (remove) or more")
-        both = (self.allow or frozenset()) & self.deny
+        # Deny matches case-insensitively, so an allowed name that folds to a denied one
+        # could never leave either: say so at load time.
+        denied = {d.casefold() for d in self.deny}
+        both = {a for a in self.allow or () if a.casefold() in denied}
         if both:
             raise ConfigError(f"attributes both allowed and denied: {', '.join(sorted(both))}")
 
@@ -135,7 +150,7 @@ def apply(policy: EgressPolicy, type_name: str, data: Mapping[str, Any]) -> Appl
         raise PayloadError(
             f"type {type_name} may not be published on this feed (its egress policy "
             f"allows {', '.join(sorted(policy.types)) or 'no type'})", "egress_type")
-    denied = sorted(k for k in data if k in policy.deny)
+    denied = _denied_paths(data, frozenset(d.casefold() for d in policy.deny))
     if denied:
         raise PayloadError(
             f"attribute {', '.join(denied)} may not leave this city (the feed's egress "
@@ -157,13 +172,11 @@ def apply(policy: EgressPolicy, type_name: str, data: Mapping[str, Any]) -> Appl
                 f"{policy.location_decimals} decimals" if policy.location_decimals is not None
                 else f"a grid of {policy.location_grid_degrees} degrees"))
     if policy.time_resolution_seconds is not None:
+        rounded: list[str] = []
         for k in sorted(out):
-            v = out[k]
-            if isinstance(v, str):
-                floored = _floor_datetime(v, policy.time_resolution_seconds)
-                if floored is not None and floored != v:
-                    out[k] = floored
-                    changes.append(f"{k} rounded down to {policy.time_resolution_seconds} s")
+            out[k] = _floor_times(out[k], policy.time_resolution_seconds, k, rounded, 1)
+        changes.extend(f"{path} rounded down to {policy.time_resolution_seconds} s"
+                       for path in rounded)
     if policy.text_max_chars is not None:
         for k in sorted(set(policy.text_attributes) & set(out)):
             v = out[k]
@@ -204,6 +217,57 @@ def _names(values: Iterable[str], where: str) -> list[str]:
         if not v or len(v) > 64:
             raise ConfigError(f"{where}: {v!r} is not an attribute or type name")
     return out
+
+
+def _denied_paths(data: Mapping[str, Any], deny: frozenset[str]) -> list[str]:
+    """The paths (``a.b``, ``a[0].b``) of every attribute, at any depth, whose
+    case-folded name is in ``deny`` (already case-folded), sorted. Raises PayloadError
+    (``too_deep``) past :data:`MAX_DEPTH`."""
+    found: list[str] = []
+    if not deny:
+        return found
+
+    def walk(v: Any, path: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise PayloadError(f"{path} nests deeper than {MAX_DEPTH} levels", "too_deep")
+        if isinstance(v, Mapping):
+            for k, x in v.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str) and k.casefold() in deny:
+                    found.append(sub)  # refused whole: no need to look inside it
+                else:
+                    walk(x, sub, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{path}[{i}]", depth + 1)
+
+    walk(data, "", 0)
+    return sorted(found)
+
+
+def _floor_times(v: Any, resolution: int, path: str, rounded: list[str],
+                 depth: int) -> Any:
+    """``v`` with every RFC 3339 date-time string in it, at any depth, rounded down to
+    ``resolution`` seconds; the path of each one changed is appended to ``rounded``, in
+    sorted key order, so the changes read the same for the same payload. Raises
+    PayloadError (``too_deep``) past :data:`MAX_DEPTH`."""
+    if depth > MAX_DEPTH:
+        raise PayloadError(f"{path} nests deeper than {MAX_DEPTH} levels", "too_deep")
+    if isinstance(v, str):
+        floored = _floor_datetime(v, resolution)
+        if floored is None or floored == v:
+            return v
+        rounded.append(path)
+        return floored
+    if isinstance(v, Mapping):
+        # Visit in sorted key order (the changes' order), keep the map's own order.
+        done = {k: _floor_times(v[k], resolution, f"{path}.{k}", rounded, depth + 1)
+                for k in sorted(v, key=str)}
+        return {k: done[k] for k in v}
+    if isinstance(v, list):
+        return [_floor_times(x, resolution, f"{path}[{i}]", rounded, depth + 1)
+                for i, x in enumerate(v)]
+    return v
 
 
 def _coarsen_geometry(v: Any, policy: EgressPolicy) -> Any:

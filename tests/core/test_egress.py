@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from citynode.core.egress import OPEN, EgressPolicy, apply, parse_policy
+from citynode.core.egress import MAX_DEPTH, OPEN, EgressPolicy, apply, parse_policy
 from citynode.core.types import validate_payload
 from citynode.errors import ConfigError, PayloadError
 
@@ -33,6 +33,46 @@ def test_a_personal_data_field_is_refused_by_name_never_dropped() -> None:
     assert "operatorPhone" in str(e.value) and "email" not in str(e.value)
     without = {k: v for k, v in AIR.items() if k != "operatorPhone"}
     assert apply(policy, "AirQualityObserved", without).data == without
+
+
+@pytest.mark.parametrize(("payload", "path"), [
+    ({"contact": {"email": "sari@example.id"}}, "contact.email"),
+    ({"location": {"type": "Point", "coordinates": [1, 2], "email": "x"}}, "location.email"),
+    ({"Email": "sari@example.id"}, "Email"),
+    ({"owners": [{"name": "a"}, {"contact": {"EMAIL": "x"}}]}, "owners[1].contact.EMAIL"),
+    ({"a": {"b": {"c": {"d": {"e": {"ſtraße": 1}}}}}}, "a.b.c.d.e.ſtraße"),  # casefold
+])
+def test_a_denied_attribute_is_refused_at_any_depth_and_in_any_case(
+        payload: dict[str, object], path: str) -> None:
+    policy = EgressPolicy(deny=frozenset({"email", "STRASSE"}))
+    with pytest.raises(PayloadError) as e:
+        apply(policy, "X", {"pm25": 3, **payload})
+    assert e.value.reason == "egress_denied"
+    assert f"attribute {path} may not leave" in str(e.value)
+
+
+def test_every_denied_path_is_named_and_a_clean_nested_payload_passes() -> None:
+    policy = EgressPolicy(deny=frozenset({"email", "phone"}))
+    with pytest.raises(PayloadError, match=r"attribute a\.Phone, b\[0\]\.email may not"):
+        apply(policy, "X", {"b": [{"email": 1}], "a": {"Phone": 2}})
+    clean = {"contact": {"emails": 1, "name": "x"}, "list": [[{"mail": 2}]]}
+    assert apply(policy, "X", clean).data == clean
+
+
+def test_walking_a_payload_is_bounded() -> None:
+    deep: dict[str, object] = {"x": 1}
+    for _ in range(MAX_DEPTH + 1):
+        deep = {"n": deep}
+    for policy in (EgressPolicy(deny=frozenset({"email"})),
+                   EgressPolicy(time_resolution_seconds=60)):
+        with pytest.raises(PayloadError) as e:
+            apply(policy, "X", deep)
+        assert e.value.reason == "too_deep"
+
+
+def test_an_allowed_name_that_folds_to_a_denied_one_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="both allowed and denied: Email"):
+        EgressPolicy(allow=frozenset({"Email", "pm25"}), deny=frozenset({"email"}))
 
 
 def test_a_type_not_allowed_is_refused() -> None:
@@ -81,6 +121,35 @@ def test_time_is_floored_to_the_epoch_grid_in_its_own_offset(given_: str, res: i
                                                               expected: str) -> None:
     out = apply(EgressPolicy(time_resolution_seconds=res), "X", {"t": given_, "n": "7"})
     assert out.data == {"t": expected, "n": "7"}
+
+
+def test_time_is_coarsened_at_any_depth_deterministically() -> None:
+    payload = {
+        "dateObserved": "2026-11-28T07:03:27Z",
+        "pm25": {"value": 35.5, "observedAt": "2026-11-28T07:04:59.5+07:00",
+                 "metadata": {"since": "2026-11-28T07:01:00Z", "note": "07:01"}},
+        "readings": [{"at": "2026-11-28T07:02:10Z"}, "2026-11-28T07:09:00Z", 4],
+    }
+    policy = EgressPolicy(time_resolution_seconds=300)
+    out = apply(policy, "X", payload)
+    assert out.data == {
+        "dateObserved": "2026-11-28T07:00:00Z",
+        "pm25": {"value": 35.5, "observedAt": "2026-11-28T07:00:00+07:00",
+                 "metadata": {"since": "2026-11-28T07:00:00Z", "note": "07:01"}},
+        "readings": [{"at": "2026-11-28T07:00:00Z"}, "2026-11-28T07:05:00Z", 4],
+    }
+    assert out.changes == (
+        "dateObserved rounded down to 300 s",
+        "pm25.metadata.since rounded down to 300 s",
+        "pm25.observedAt rounded down to 300 s",
+        "readings[0].at rounded down to 300 s",
+        "readings[1] rounded down to 300 s",
+    )
+    assert payload["pm25"]["observedAt"].endswith("59.5+07:00")  # type: ignore[index]
+    # The same payload with its keys in another order gives the same result.
+    again = apply(policy, "X", dict(reversed(list(payload.items()))))
+    assert again.data == out.data and again.changes == out.changes
+    assert apply(policy, "X", out.data).changes == ()  # idempotent
 
 
 def test_the_digest_covers_every_rule_and_nothing_else() -> None:
