@@ -47,6 +47,7 @@ from citynode.core.chain import ForkProof
 from citynode.core.checkpoints import SplitViewProof
 from citynode.core.keys import Verifier, node_id
 from citynode.core.records import check_feed_name, decode_envelope, decode_record
+from citynode.core.types import ERASURE_FEED
 from citynode.errors import CitynodeError, InvalidRecord
 
 if TYPE_CHECKING:
@@ -508,6 +509,9 @@ class ExportSummary:
     # feeds the card written lists of which the bundle holds no record (not held here,
     # or not asked for with ``feeds``)
     card_feeds_not_held: tuple[str, ...] = ()
+    # the origin's citynode.erasures feed went in, not asked for, because a feed written
+    # holds records its requests erased (the audit checks them against the requests)
+    erasures_added: bool = False
 
     @property
     def has_card(self) -> bool:
@@ -518,7 +522,8 @@ class ExportSummary:
                 **self.counts.to_json(), "bytes": self.bytes,
                 "skipped_proofs": self.skipped_proofs,
                 "skipped_checkpoints": self.skipped_checkpoints,
-                "card_feeds_not_held": list(self.card_feeds_not_held)}
+                "card_feeds_not_held": list(self.card_feeds_not_held),
+                "erasures_added": self.erasures_added}
 
 
 def export_from_storage(
@@ -541,6 +546,11 @@ def export_from_storage(
     Feeds the card lists that the bundle does not hold are named in
     :attr:`ExportSummary.card_feeds_not_held` (the audit warns about them).
 
+    A record whose payload was erased is checked by the audit against the origin's
+    erasure request, so whenever a feed written holds one, the origin's whole
+    ``citynode.erasures`` feed goes in too, asked for or not (a chain is only verified
+    from seq 1): :attr:`ExportSummary.erasures_added` says so.
+
     ``feeds`` None means every feed of ``origin`` held. ``card``, if given, must be the
     origin's own signed card (checked here, so a bundle never carries a card its
     auditor will reject). Raises :class:`CitynodeError` if a requested feed is not held
@@ -561,6 +571,11 @@ def export_from_storage(
                 f"no records of feed(s) {', '.join(missing)} of {oid} are held here "
                 f"(held: {', '.join(sorted(held)) or 'none'})"
             )
+    # The erasure requests behind the tombstones written (see the docstring).
+    erasures_added = (ERASURE_FEED in held and ERASURE_FEED not in names
+                      and bool(storage.erased_feeds(origin) & set(names)))
+    if erasures_added:
+        names = sorted([*names, ERASURE_FEED])
     card_feeds: tuple[str, ...] = ()
     if card is not None:
         card_feeds = tuple(f.name for f in open_card(card, expected_node_id=oid,
@@ -613,5 +628,5 @@ def export_from_storage(
         size = 0
     return ExportSummary(os.fspath(path), oid, {n: written.get(n, 0) for n in names},
                          counts, size, skipped, skipped_cps,
-                         tuple(sorted(set(card_feeds) - wanted)))
+                         tuple(sorted(set(card_feeds) - wanted)), erasures_added)
 

@@ -99,6 +99,7 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
     """
     from citynode.bundle import export_from_storage
     from citynode.core.keys import parse_node_id
+    from citynode.core.types import ERASURE_FEED
     from citynode.storage import Storage
 
     with _one_line_errors():
@@ -138,7 +139,11 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
             summary = export_from_storage(st, key, chosen, out, card=card, now_ms=_now_ms())
         finally:
             st.close()
-    private = _not_public(card, key, list(summary.feeds), own)
+    # The erasure requests may have gone in after all, behind the tombstones exported.
+    left_out = [(f, a) for f, a in left_out if f not in summary.feeds]
+    # The erasure requests go in only behind tombstones of feeds exported (noted below);
+    # never sealed, they are read by every node holding what they name.
+    private = _not_public(card, key, [f for f in summary.feeds if f != ERASURE_FEED], own)
     if as_json:
         # "not held" in the summary means "not in the bundle": those left out on purpose
         # are listed as such, not as missing here.
@@ -172,6 +177,10 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
         click.echo(f"note: the origin's card lists feed(s) {', '.join(not_held)} of which no "
                    "record is held here: the bundle does not cover them (the audit will "
                    "say so)", err=True)
+    if summary.erasures_added:
+        click.echo(f"note: added feed {ERASURE_FEED} ({summary.feeds[ERASURE_FEED]} "
+                   "record(s)): the erasure requests behind the erased records of the "
+                   "feeds exported, which the audit checks them against", err=True)
     if summary.skipped_proofs:
         click.echo(f"note: {summary.skipped_proofs} stored proof(s) of an unknown kind "
                    "were left out", err=True)

@@ -1508,6 +1508,15 @@ class Storage:
                         " AND r.id = ?", (rid[:8], rid))
         return None if row is None else (row[0], row[1])
 
+    def erased_feeds(self, origin: bytes) -> set[str]:
+        """The feeds of ``origin`` holding at least one record whose payload an erasure
+        request held here erased (what an export must carry the requests of). Reads
+        the ``erasures`` table, which holds only positions requests named (few)."""
+        rows = self._all("SELECT DISTINCT e.feed FROM erasures AS e JOIN records AS r ON"
+                         " substr(r.id, 1, 8) = substr(e.id, 1, 8) AND r.id = e.id AND"
+                         " r.erased_by = e.by WHERE e.origin = ?", (origin,))
+        return {row[0] for row in rows}
+
     def tombstones(self) -> tuple[int, int]:
         """``(records erased, records pruned)`` held: skeletons without their payload."""
         row = self._one("SELECT count(*), count(r.erased_by) FROM records AS r WHERE NOT"

@@ -848,6 +848,45 @@ def test_egress_policy_applies_before_signing_and_policy_check_shows_it(
     assert other["data"]["location"]["coordinates"] == [106.8230, -6.1950]
 
 
+def test_a_single_feed_export_carries_the_erasure_requests_and_audits_clean(
+        node_dir: Path, tmp_path: Path) -> None:
+    """``citynode export --feed F`` of a feed with an erased record adds the origin's
+    citynode.erasures feed (the audit checks each tombstone against its request), and
+    not for a feed with none; the audit of the bundle is clean and reports the erasure."""
+    d = str(node_dir)
+    nid = ok("id", "-d", d).stdout.strip()
+    ids = publish(node_dir, "air", AIR_TYPE, [air(1.0), air(2.0), air(3.0)])
+    publish(node_dir, "other", AIR_TYPE, [air(4.0)])
+    req = ok_json("erase", "-d", d, "--id", ids[1], "--reason", "wrong station", "--json")
+    out = tmp_path / "air.bundle"
+    r = ok("export", "-d", d, "--origin", nid, "--feed", "air", "--out", str(out), "--json")
+    summary = json.loads(r.stdout)
+    assert summary["feeds"] == {"air": 3, "citynode.erasures": 1}
+    assert summary["erasures_added"] is True
+    assert "citynode.erasures" not in {f["feed"] for f in summary["not_public"]}
+    rep = ok_json("audit", str(out), "--origin", nid, "--json")
+    assert rep["ok"] is True and rep["errors"] == 0 and rep["erased"] == 1
+    assert rep["tombstones"] == [{"feed": "air", "seq": 2, "id": ids[1], "why": "erased",
+                                  "by": req["id"], "reason": "wrong station"}]
+    # The human summary says why a feed not asked for went in.
+    r = ok("export", "-d", d, "--origin", nid, "--feed", "air", "--out", str(out), "--force")
+    assert "added feed citynode.erasures (1 record(s))" in r.stderr
+    # A feed with nothing erased goes alone.
+    r = ok("export", "-d", d, "--origin", nid, "--feed", "other", "--out",
+           str(tmp_path / "o.bundle"), "--json")
+    assert json.loads(r.stdout)["feeds"] == {"other": 1}
+    assert json.loads(r.stdout)["erasures_added"] is False
+    assert ok_json("audit", str(tmp_path / "o.bundle"), "--origin", nid, "--json")["ok"]
+    # Every feed: the erasure feed goes in once, and is not said to be left out.
+    r = ok("export", "-d", d, "--origin", nid, "--out", str(tmp_path / "all.bundle"),
+           "--json")
+    summary = json.loads(r.stdout)
+    assert summary["feeds"] == {"air": 3, "citynode.erasures": 1, "other": 1}
+    assert summary["erasures_added"] is False and summary["left_out_not_public"] == []
+    rep = ok_json("audit", str(tmp_path / "all.bundle"), "--origin", nid, "--json")
+    assert rep["ok"] is True and rep["erased"] == 1
+
+
 def test_erase_drops_the_payload_keeps_the_record_and_refuses_what_it_cannot_erase(
         node_dir: Path) -> None:
     """``citynode erase`` on a stopped node (the operator API in process): the record is
