@@ -907,5 +907,13 @@ def test_erase_drops_the_payload_keeps_the_record_and_refuses_what_it_cannot_era
     assert "not held here" in line
     line = one_line_error(cli("erase", "-d", d, "--id", out["id"], "--reason", "x"))
     assert "never erased" in line
+    # Erasing it again would publish a request that erases nothing: refused, and nothing
+    # is published (the erasure feed still holds one request).
+    line = one_line_error(cli("erase", "-d", d, "--id", ids[1], "--id", ids[0],
+                              "--reason", "again"))
+    assert f"record {ids[0]} is already erased (by request {out['id']}: wrong station)" in line
+    assert record_ids(node_dir, "--feed", "citynode.erasures") == [out["id"]]
+    recs = {r["id"]: r for r in ok_json("records", "-d", d, "--json")["records"]}
+    assert recs[ids[1]]["data"]["pm25"] == 2.0  # the other record named is untouched
     r = cli("erase", "-d", d, "--id", "xyz", "--reason", "x")
     assert r.exit_code == 2 and "not a record id" in r.output

@@ -139,10 +139,10 @@ class Publisher:
         """Publish an erasure request for records of ours (``ids``): every node holding
         them drops their payloads and keeps their signed skeletons.
 
-        Raises :class:`PublishRefused` if a record is not held here or is not ours (only
-        its origin can erase a record), :class:`PayloadError` (``bad_erasure``) for an
-        erasure request (never erased), too many ids, or a reason that is not 1 to 1000
-        characters; as :meth:`publish` otherwise.
+        Raises :class:`PublishRefused` if a record is not held here, is not ours (only
+        its origin can erase a record) or is already erased, :class:`PayloadError`
+        (``bad_erasure``) for an erasure request (never erased), too many ids, or a
+        reason that is not 1 to 1000 characters; as :meth:`publish` otherwise.
         """
         if not 0 < len(ids) <= MAX_ERASURE_ENTRIES:
             raise PayloadError(f"name 1 to {MAX_ERASURE_ENTRIES} records to erase",
@@ -159,6 +159,13 @@ class Publisher:
                     "can erase it (ask that city's operators)")
             if rec.feed == ERASURE_FEED:
                 raise PayloadError("an erasure request is never erased", "bad_erasure")
+            # A second request would erase nothing, yet be signed, kept and forwarded
+            # by every holder for ever.
+            done = await in_thread(self.ingest.storage.erasure_of, rid)
+            if done is not None:
+                raise PublishRefused(
+                    f"record {rid.hex()} is already erased (by request {done[0].hex()}: "
+                    f"{done[1]}): nothing is left to erase")
             entries.append({"feed": rec.feed, "seq": rec.seq, "id": rec.id})
         [rec] = await self.publish(ERASURE_FEED, ERASURE_TYPE,
                                    [{"erase": entries, "reason": reason}])
