@@ -44,6 +44,7 @@ __all__ = [
     "ACCEPT_POLICIES",
     "ACCESS_KINDS",
     "FEEDS_MARKER",
+    "AlertsConfig",
     "CheckpointsConfig",
     "Config",
     "FederationConfig",
@@ -65,6 +66,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "text")
 
 DEFAULT_LISTEN = "127.0.0.1:8443"
+ALERT_URLS_MAX = 8  # webhook URLs in [alerts]
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
 
@@ -180,6 +182,22 @@ class LogConfig:
     format: str = "auto"
 
 
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """``[alerts]``: signed webhook alerts (docs/ALERTS.md)."""
+
+    webhook_urls: tuple[str, ...] = ()
+    allow_http_loopback: bool = False
+    partner_down_minutes: float = 10.0
+    disk_free_percent: float = 10.0
+    invalid_rate_per_minute: int = 100
+    check_interval_seconds: float = 30.0
+    retry_attempts: int = 6
+    retry_base_seconds: float = 2.0
+    queue_max: int = 1000
+    timeout_seconds: float = 10.0
+
+
 def _no_feeds() -> Mapping[str, FeedConfig]:
     return MappingProxyType({})
 
@@ -196,6 +214,7 @@ class Config:
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     feeds: Mapping[str, FeedConfig] = field(default_factory=_no_feeds)
     log: LogConfig = field(default_factory=LogConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     #: ``[[bridges.mqtt]]`` ...: parsed and checked by citynode/bridges/config.py.
     bridges: BridgesConfig = field(default_factory=BridgesConfig)
 
@@ -463,6 +482,32 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _Key("format", "str", "auto", '"json" (one object a line), "text", or "auto" '
              "(text on a terminal, else json).", _choice(LOG_FORMATS)),
     ),
+    "alerts": (
+        _Key("webhook_urls", "strs", [], "https:// URLs that receive signed JSON alerts "
+             "(a fork or split view, a partner down, an own feed late, the disk nearly "
+             f"full, a spike of invalid input; docs/ALERTS.md). At most {ALERT_URLS_MAX}; "
+             "empty: no alerts."),
+        _Key("allow_http_loopback", "bool", False, "Also allow http:// webhook URLs on a "
+             "loopback address (127.0.0.1, ::1, localhost): for tests and a local relay."),
+        _Key("partner_down_minutes", "float", 10.0, "Alert when a partner has been "
+             "unreachable for longer than this.", _range(0, 10080, lo_open=True)),
+        _Key("disk_free_percent", "float", 10.0, "Alert when less than this share of the "
+             "data dir's file system is free (or the database found the disk full).",
+             _range(0, 99)),
+        _Key("invalid_rate_per_minute", "int", 100, "Alert when more records or messages "
+             "than this were refused as invalid in the last minute.", _range(1, 10**9)),
+        _Key("check_interval_seconds", "float", 30.0, "Seconds between checks of the "
+             "alert conditions.", _range(0.05, 3600)),
+        _Key("retry_attempts", "int", 6, "Attempts to deliver one alert to one URL before "
+             "giving up (logged and counted).", _range(1, 20)),
+        _Key("retry_base_seconds", "float", 2.0, "Wait before the first retry; each "
+             "further retry waits twice as long (at most 10 minutes).",
+             _range(0.01, 600)),
+        _Key("queue_max", "int", 1000, "Alerts waiting for delivery, at most; beyond, the "
+             "oldest are dropped (counted).", _range(1, 100000)),
+        _Key("timeout_seconds", "float", 10.0, "Seconds one delivery attempt may take.",
+             _range(0.1, 120)),
+    ),
 }
 
 _FEED_KEYS: tuple[_Key, ...] = (
@@ -507,7 +552,8 @@ _EGRESS_KEYS: tuple[_Key, ...] = (
 )
 
 # Section order in the file; [feeds.*] comes after [log] when rendered.
-_SECTIONS = ("node", "tls", "limits", "federation", "checkpoints", "log", "feeds")
+_SECTIONS = ("node", "tls", "limits", "federation", "checkpoints", "log", "alerts",
+             "feeds")
 
 _KIND_TEXT = {
     "str": "a string",
@@ -617,10 +663,30 @@ class _Loader:
         checkpoints = CheckpointsConfig(**self.section(
             "[checkpoints]", doc.get("checkpoints", {}), _SCHEMA["checkpoints"]))
         log = LogConfig(**self.section("[log]", doc.get("log", {}), _SCHEMA["log"]))
+        alerts = self.alerts(doc.get("alerts", {}))
         feeds = self.feeds(doc.get("feeds", {}))
         bridges = parse_bridges(doc.get("bridges", {}), self.source, limits.max_body_bytes)
         return Config(node=node, tls=tls, limits=limits, federation=federation,
-                      checkpoints=checkpoints, feeds=feeds, log=log, bridges=bridges)
+                      checkpoints=checkpoints, feeds=feeds, log=log, alerts=alerts,
+                      bridges=bridges)
+
+    def alerts(self, table: object) -> AlertsConfig:
+        v = self.section("[alerts]", table, _SCHEMA["alerts"])
+        urls = v["webhook_urls"]
+        if len(urls) > ALERT_URLS_MAX:
+            raise self.fail("[alerts] webhook_urls",
+                            f"at most {ALERT_URLS_MAX} URLs, got {len(urls)}")
+        for i, url in enumerate(urls):
+            problem = _check_url(url)
+            if problem is None and urlsplit(url).scheme != "https":
+                host = urlsplit(url).hostname or ""
+                if not (v["allow_http_loopback"] and _is_loopback(host)):
+                    problem = (f'must start with "https://", got {_show(url)} (http:// only '
+                               "on a loopback address with allow_http_loopback = true)")
+            if problem:
+                raise self.fail(f"[alerts] webhook_urls[{i}]", problem)
+        v["webhook_urls"] = tuple(urls)
+        return AlertsConfig(**v)
 
     def node(self, table: object, tls: TlsConfig) -> NodeConfig:
         v = self.section("[node]", table, _SCHEMA["node"])

@@ -100,5 +100,19 @@ class Metrics:
             "citynode_bridge_connected", "1 while the bridge is connected to its broker",
             ["bridge"], registry=r)
 
+        # Alerts (citynode/node/alerts.py, docs/ALERTS.md).
+        self.alerts = Counter(
+            "citynode_alerts", "Alert events raised, by alert code and status (firing, "
+            "resolved)", ["alert", "status"], registry=r)
+        self.alert_deliveries = Counter(
+            "citynode_alert_deliveries", "Alert delivery attempts to webhooks, by outcome: "
+            "ok, retry (failed, will retry), failed (gave up), dropped (queue full)",
+            ["outcome"], registry=r)
+
+    def rejected_total(self) -> int:
+        """Everything counted in ``citynode_records_rejected``, all reasons together."""
+        return int(sum(s.value for m in self.rejected.collect() for s in m.samples
+                       if s.name.endswith("_total")))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

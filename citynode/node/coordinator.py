@@ -13,7 +13,9 @@
         ├── checkpoints  Merkle checkpoints, verify fork and split-view proofs
         ├── streams      live tail for SSE streams
         ├── reads        what readers are served from storage
-        └── bridges      MQTT in (citynode/bridges/): publish through the publisher
+        ├── bridges      MQTT in (citynode/bridges/): publish through the publisher
+        └── alerts       signed webhook alerts on forks, partners down, late feeds,
+                         a full disk, invalid input (one task)
 
 Each role is reached through its public methods; the HTTP layer calls roles, never
 storage. Storage is the only database code; the node is the only place tasks start.
@@ -42,6 +44,7 @@ from citynode.identity import Identity, load_identity
 from citynode.logs import fields
 from citynode.metrics import Metrics
 from citynode.node._base import in_thread
+from citynode.node.alerts import Alerts
 from citynode.node.checkpoints import Checkpoints
 from citynode.node.gossip import Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
@@ -121,6 +124,10 @@ class Node:
         self.retention = Retention(config=config, public_key=self.public_key,
                                    policy=self.policy, replica=self.replica, storage=storage,
                                    now_ms=self.now_ms)
+        self.alerts = Alerts(config=config, key=self.key, data_dir=data_dir,
+                             partners=self.partners, checkpoints=self.checkpoints,
+                             replica=self.replica, storage=storage, metrics=self.metrics,
+                             now_ms=self.now_ms)
         self._wire()
 
     def _partner_name(self, key: bytes) -> str:
@@ -211,6 +218,8 @@ class Node:
             self.spawn(self.checkpoints.run(), "checkpoints")
             self.bridges.start(self.spawn)  # [[bridges.*]]: a task each
             self.spawn(self.retention.run(), "prune")
+            if self.alerts.enabled:  # [alerts] webhook_urls
+                self.spawn(self.alerts.run(), "alerts")
             # Signed (and kept) now, not first when served: an export of our own feeds
             # carries it, and tells the feeds' access levels from it.
             self.policy.card()

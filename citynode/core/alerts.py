@@ -1,0 +1,262 @@
+"""Operator alerts: what is wrong, said once, and signed (docs/ALERTS.md).
+
+Everything here is pure: the node's shell (citynode/node/alerts.py) takes a
+:class:`Snapshot` of what it sees, :func:`conditions` turns it into the conditions
+that hold, and a :class:`Tracker` turns successive sets of conditions into events: a
+condition that appears *fires* once, stays quiet while it holds, and *resolves* once
+when it clears (no storm). :func:`alert_body` gives an event's JSON bytes, signed
+with the node key over ``DOMAIN_ALERT || body`` (:func:`signature_header`), and
+:func:`verify_alert` is what a receiver runs.
+
+Conditions (``alert`` codes, stable):
+
+* ``fork``, ``split_view``  a proof held that an origin signed two histories of a feed
+  (records, resp. checkpoints); proofs are kept for ever, so these never resolve;
+* ``partner_down``  a partner unreachable for longer than the threshold;
+* ``feed_late``     an own feed with a cadence whose liveness state (core/liveness.py)
+  is ``silent`` or ``dead``: nothing new signed for more than its cadence;
+* ``disk_low``      free space of the data dir below the threshold, or the database
+  refused a write for a full disk;
+* ``invalid_spike`` more input refused (records, messages) in the last minute than the
+  threshold.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from citynode.core.keys import SigningKey, node_id, parse_node_id, verify
+from citynode.errors import InvalidNodeId, SignatureError
+
+__all__ = [
+    "ALERT_KIND",
+    "CODES",
+    "DOMAIN_ALERT",
+    "LATE_STATES",
+    "SIGNATURE_HEADER",
+    "Condition",
+    "Event",
+    "OwnFeed",
+    "PartnerSeen",
+    "RateWindow",
+    "Snapshot",
+    "Thresholds",
+    "Tracker",
+    "alert_body",
+    "conditions",
+    "signature_header",
+    "verify_alert",
+]
+
+#: Signature prefix of an alert body (docs/PROTOCOL.md, "Domain separation").
+DOMAIN_ALERT = b"citynode/alert/v1\x00"
+ALERT_KIND = "citynode.alert"
+VERSION = 1
+#: The HTTP header carrying the signature: ``keyid=<node id>, sig=<base64>``.
+SIGNATURE_HEADER = "Citynode-Signature"
+CODES = ("fork", "split_view", "partner_down", "feed_late", "disk_low", "invalid_spike")
+SEVERITY = {"fork": "critical", "split_view": "critical", "partner_down": "warning",
+            "feed_late": "warning", "disk_low": "critical", "invalid_spike": "warning"}
+#: Liveness states of an own feed that count as late against its cadence.
+LATE_STATES = frozenset({"silent", "dead"})
+#: The window of the invalid-input rate.
+RATE_WINDOW_MS = 60_000
+_MAX_SIGNATURE_HEADER = 256
+_HEADER_RE = re.compile(r"keyid=(cn1[a-z2-7]{56}), sig=([A-Za-z0-9+/]{86}==)")
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One thing wrong. ``key`` names it among others of its code (a partner's node
+    id, a feed, ...): ``code`` and ``key`` together are its stable identity."""
+
+    code: str
+    key: str
+    subject: dict[str, Any] = field(hash=False, compare=False)
+    message: str = field(hash=False, compare=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.code}:{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A condition that fired (``status`` "firing") or cleared ("resolved") at ``time``
+    (ms); ``since``: when it fired."""
+
+    condition: Condition
+    status: str
+    time: int
+    since: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerSeen:
+    node_id: str
+    name: str
+    up: bool
+    last_ok_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class OwnFeed:
+    feed: str
+    cadence_s: int | None
+    state: str  # core/liveness.py
+    signed_time: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the node sees at ``now_ms``. ``forks``: (origin node id, feed, seq, kind)
+    of every proof held; ``started_ms``: when the node started (a partner never
+    reached counts as down from then); ``free_percent``: of the data dir's file
+    system; ``invalid_last_minute``: input refused in the last minute."""
+
+    now_ms: int
+    started_ms: int
+    partners: Sequence[PartnerSeen] = ()
+    own_feeds: Sequence[OwnFeed] = ()
+    forks: Sequence[tuple[str, str, int, str]] = ()
+    free_percent: float = 100.0
+    disk_full: bool = False
+    invalid_last_minute: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    partner_down_ms: int
+    disk_free_percent: float
+    invalid_per_minute: int
+
+
+def conditions(s: Snapshot, t: Thresholds) -> list[Condition]:
+    """Every condition that holds in ``s`` (at most one per code and key). Never
+    raises."""
+    out: list[Condition] = []
+    for origin, feed, seq, kind in s.forks:
+        code = "fork" if kind == "fork" else "split_view"  # stored as "split-view"
+        what = ("two different checkpoints of one size" if code == "split_view"
+                else "two different records for one seq")
+        out.append(Condition(code, f"{origin}/{feed}",
+                             {"origin": origin, "feed": feed, "seq": seq},
+                             f"origin {origin} signed {what} of feed {feed!r} (at {seq})"))
+    for p in s.partners:
+        since = p.last_ok_ms if p.last_ok_ms is not None else s.started_ms
+        if not p.up and s.now_ms - since > t.partner_down_ms:
+            out.append(Condition("partner_down", p.node_id,
+                                 {"partner": p.node_id, "name": p.name,
+                                  "last_ok": p.last_ok_ms},
+                                 f"partner {p.name} unreachable for "
+                                 f"{(s.now_ms - since) // 1000} s"))
+    for f in s.own_feeds:
+        if f.cadence_s is not None and f.state in LATE_STATES:
+            out.append(Condition("feed_late", f.feed,
+                                 {"feed": f.feed, "cadence_s": f.cadence_s,
+                                  "state": f.state, "signed_time": f.signed_time},
+                                 f"own feed {f.feed!r} is {f.state}: nothing new signed "
+                                 f"for more than its cadence of {f.cadence_s} s"))
+    if s.disk_full or s.free_percent < t.disk_free_percent:
+        out.append(Condition("disk_low", "data_dir",
+                             {"free_percent": round(s.free_percent, 2),
+                              "disk_full": s.disk_full},
+                             f"disk {'full' if s.disk_full else 'nearly full'}: "
+                             f"{s.free_percent:.1f}% free in the data dir"))
+    if s.invalid_last_minute > t.invalid_per_minute:
+        out.append(Condition("invalid_spike", "input",
+                             {"count": s.invalid_last_minute, "window_s": 60,
+                              "threshold": t.invalid_per_minute},
+                             f"{s.invalid_last_minute} inputs refused in the last minute "
+                             f"(threshold {t.invalid_per_minute})"))
+    return out
+
+
+class Tracker:
+    """Dedup: each condition fires once while it holds and resolves once when it
+    clears. Holds at most ``max_active`` conditions (further ones are ignored until
+    room is made: a flood of forks must not grow memory without bound)."""
+
+    def __init__(self, max_active: int = 10_000) -> None:
+        self.active: dict[str, tuple[Condition, int]] = {}
+        self.max_active = max_active
+
+    def update(self, held: Iterable[Condition], now_ms: int) -> list[Event]:
+        """The events that take the tracked set to ``held``: new ones fire, gone ones
+        resolve; those still holding say nothing."""
+        now = {c.id: c for c in held}
+        out: list[Event] = []
+        for cid in [c for c in self.active if c not in now]:
+            cond, since = self.active.pop(cid)
+            out.append(Event(cond, "resolved", now_ms, since))
+        for cid, cond in now.items():
+            if cid not in self.active and len(self.active) < self.max_active:
+                self.active[cid] = (cond, now_ms)
+                out.append(Event(cond, "firing", now_ms, now_ms))
+        return out
+
+
+class RateWindow:
+    """The increase of a cumulative count over the last minute, from samples taken
+    at any pace (bounded: one sample per ``add`` within the window, at most
+    ``max_samples``)."""
+
+    def __init__(self, window_ms: int = RATE_WINDOW_MS, max_samples: int = 4096) -> None:
+        self.window_ms = window_ms
+        self._samples: deque[tuple[int, int]] = deque(maxlen=max_samples)
+
+    def add(self, now_ms: int, total: int) -> int:
+        """Record ``total`` at ``now_ms``; return its increase over the window (since
+        the newest sample at least a window old, else the oldest held)."""
+        self._samples.append((now_ms, total))
+        while len(self._samples) > 1 and self._samples[1][0] <= now_ms - self.window_ms:
+            self._samples.popleft()
+        return max(0, total - self._samples[0][1])
+
+
+def alert_body(node: str, ev: Event) -> bytes:
+    """The JSON bytes of an event (docs/ALERTS.md): compact, keys sorted, UTF-8."""
+    c = ev.condition
+    doc = {"kind": ALERT_KIND, "version": VERSION, "node": node, "alert": c.code,
+           "severity": SEVERITY.get(c.code, "warning"), "status": ev.status,
+           "subject": c.subject, "message": c.message, "time": ev.time,
+           "since": ev.since, "id": c.id}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def signature_header(key: SigningKey, body: bytes) -> str:
+    """The value of :data:`SIGNATURE_HEADER` for ``body`` signed by ``key``."""
+    sig = base64.b64encode(key.sign(DOMAIN_ALERT, body)).decode("ascii")
+    return f"keyid={node_id(key.public_key)}, sig={sig}"
+
+
+def verify_alert(body: bytes, header: str, expected_node: str | None = None) -> Any:
+    """Check an alert as a receiver does: the header's signature over
+    ``DOMAIN_ALERT || body`` by the key of its ``keyid``, which must be
+    ``expected_node`` when given and the body's ``node``. Returns the parsed body.
+
+    Raises :class:`SignatureError` for anything that does not verify."""
+    m = _HEADER_RE.fullmatch(header.strip()) if len(header) <= _MAX_SIGNATURE_HEADER else None
+    if m is None:
+        raise SignatureError("malformed alert signature header", "bad_signature")
+    try:
+        key = parse_node_id(m.group(1))
+    except InvalidNodeId as exc:
+        raise SignatureError("alert signed by a malformed node id", "bad_signature") from exc
+    if expected_node is not None and m.group(1) != expected_node:
+        raise SignatureError("alert signed by another node", "bad_signature")
+    verify(key, DOMAIN_ALERT, body, base64.b64decode(m.group(2)))
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise SignatureError("alert body is not JSON", "bad_signature") from exc
+    if not isinstance(doc, dict) or doc.get("node") != m.group(1):
+        raise SignatureError("alert body names another node", "bad_signature")
+    return doc
