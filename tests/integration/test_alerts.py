@@ -1,0 +1,209 @@
+"""Alerts end to end: a real HTTP receiver on 127.0.0.1 gets signed alerts it verifies
+(core/alerts.py ``verify_alert``), retried after it answered 500, once per condition,
+then resolved. Seconds-scale thresholds ([alerts] in node.toml)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from citynode.cluster import free_ports
+from citynode.core.alerts import SIGNATURE_HEADER, verify_alert
+from citynode.core.records import sign_record
+from citynode.node import Node
+from citynode.transport.server import serve
+from tests.conftest import InProc, eventually, make_node_dir
+
+pytestmark = pytest.mark.integration
+
+
+class Receiver:
+    """A webhook: keeps every alert whose signature verifies; answers 500 to the first
+    ``fail_first`` requests."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.requests = 0
+        self.alerts: list[dict[str, Any]] = []
+        self.bad: list[str] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if self.requests <= self.fail_first:
+            return web.json_response({"error": "busy", "message": "try later"}, status=500)
+        body = await request.read()
+        try:
+            self.alerts.append(verify_alert(body, request.headers.get(SIGNATURE_HEADER, "")))
+        except Exception as exc:  # the test asserts none came
+            self.bad.append(repr(exc))
+            return web.Response(status=400)
+        return web.Response(status=204)
+
+    def of(self, alert: str, status: str = "firing") -> list[dict[str, Any]]:
+        return [a for a in self.alerts if a["alert"] == alert and a["status"] == status]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    rec.url = f"http://127.0.0.1:{port}/hook"
+    try:
+        yield rec
+    finally:
+        await runner.cleanup()
+
+
+def alert_settings(url: str, **more: Any) -> dict[tuple[str, str], Any]:
+    s: dict[tuple[str, str], Any] = {
+        ("alerts", "webhook_urls"): [url], ("alerts", "allow_http_loopback"): True,
+        ("alerts", "check_interval_seconds"): 0.1, ("alerts", "retry_base_seconds"): 0.05,
+        ("alerts", "partner_down_minutes"): 0.02,  # 1.2 s
+        ("federation", "pull_interval_seconds"): 0.5,
+        ("federation", "backoff_max_seconds"): 1.0,
+    }
+    s.update({("alerts", k): v for k, v in more.items()})
+    return s
+
+
+async def start(d: Path) -> InProc:
+    node = Node.load(d)
+    await node.start()
+    return InProc(node, await serve(node, host="127.0.0.1",
+                                    port=node.config.node.listen_port))
+
+
+async def test_partner_down_is_alerted_once_after_retries_then_resolved(
+        tmp_path: Path, receiver: Receiver) -> None:
+    receiver.fail_first = 2
+    a = await start(make_node_dir(tmp_path, "Athens", settings=alert_settings(receiver.url)))
+    b = await start(make_node_dir(tmp_path, "Berlin"))
+    try:
+        await b.node.add_partner(a.url, a.node.node_id)
+        await a.node.add_partner(b.url, b.node.node_id)
+        link = a.node.partners.get(b.node.public_key)
+        assert link is not None
+
+        async def up() -> bool:
+            return link.up
+
+        await eventually(up)
+        b_dir = b.node.data_dir
+        await b.close()
+
+        async def alerted() -> bool:
+            return bool(receiver.of("partner_down"))
+
+        await eventually(alerted, timeout=30)
+        assert receiver.bad == []
+        [alert] = receiver.of("partner_down")
+        assert alert["node"] == a.node.node_id and alert["kind"] == "citynode.alert"
+        assert alert["subject"]["partner"] == b.node.node_id
+        assert alert["id"] == f"partner_down:{b.node.node_id}"
+        # Two 500s were retried: the third attempt got through.
+        assert receiver.requests >= 3
+        assert total_deliveries(a, "retry") >= 2 and total_deliveries(a, "ok") >= 1
+        # Still down: no storm, the same condition is not alerted again.
+        await asyncio.sleep(1.0)
+        assert len(receiver.of("partner_down")) == 1
+
+        b = await start(b_dir)  # back on the same port
+
+        async def resolved() -> bool:
+            return bool(receiver.of("partner_down", "resolved"))
+
+        await eventually(resolved, timeout=30)
+        assert receiver.of("partner_down", "resolved")[0]["id"] == alert["id"]
+        assert len(receiver.of("partner_down")) == 1
+    finally:
+        await b.close()
+        await a.close()
+
+
+def total_deliveries(n: InProc, outcome: str) -> float:
+    v = n.node.metrics.registry.get_sample_value("citynode_alert_deliveries_total",
+                                                 {"outcome": outcome})
+    return v or 0.0
+
+
+async def test_a_fork_of_a_held_feed_is_alerted(tmp_path: Path, receiver: Receiver) -> None:
+    a = await start(make_node_dir(tmp_path, "Athens", settings=alert_settings(receiver.url)))
+    try:
+        recs = await a.node.publish("air", "org.example.T", [{"n": 1}])
+        other = sign_record(a.node.key, feed="air", seq=1, prev=None,
+                            time_ms=a.node.now_ms(), type="org.example.T",
+                            payload=json.dumps({"n": 2}).encode())
+        assert other.id != recs[0].id
+        await a.node.ingest([other.envelope])
+
+        async def alerted() -> bool:
+            return bool(receiver.of("fork"))
+
+        await eventually(alerted, timeout=20)
+        [alert] = receiver.of("fork")
+        assert alert["severity"] == "critical"
+        assert alert["subject"] == {"origin": a.node.node_id, "feed": "air", "seq": 1}
+        assert receiver.bad == []
+        await asyncio.sleep(0.5)
+        assert len(receiver.of("fork")) == 1  # proofs stay: never again, never resolved
+    finally:
+        await a.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs mounted for this test (root only: CI runs as root)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("mounting a small tmpfs needs root, and CI runs as root")
+        pytest.skip("mounting a small tmpfs needs root (CI runs this test)")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_disk_low_is_alerted_and_resolved(small_fs: Path, receiver: Receiver) -> None:
+    a = await start(make_node_dir(small_fs, "Athens",
+                                  settings=alert_settings(receiver.url,
+                                                          disk_free_percent=50.0)))
+    filler = small_fs / "filler"
+    try:
+        await asyncio.sleep(0.5)
+        assert receiver.of("disk_low") == []
+        st = os.statvfs(small_fs)
+        filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize * 3 // 4))
+
+        async def alerted() -> bool:
+            return bool(receiver.of("disk_low"))
+
+        await eventually(alerted, timeout=20)
+        [alert] = receiver.of("disk_low")
+        assert alert["subject"]["free_percent"] < 50.0
+        filler.unlink()
+
+        async def resolved() -> bool:
+            return bool(receiver.of("disk_low", "resolved"))
+
+        await eventually(resolved, timeout=20)
+        assert len(receiver.of("disk_low")) == 1 and receiver.bad == []
+    finally:
+        filler.unlink(missing_ok=True)
+        await a.close()
