@@ -5,7 +5,6 @@ then resolved. Seconds-scale thresholds ([alerts] in node.toml)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -146,7 +145,7 @@ async def test_a_fork_of_a_held_feed_is_alerted(tmp_path: Path, receiver: Receiv
         recs = await a.node.publish("air", "org.example.T", [{"n": 1}])
         other = sign_record(a.node.key, feed="air", seq=1, prev=None,
                             time_ms=a.node.now_ms(), type="org.example.T",
-                            payload=json.dumps({"n": 2}).encode())
+                            data={"n": 2})
         assert other.id != recs[0].id
         await a.node.ingest([other.envelope])
 
@@ -206,4 +205,30 @@ async def test_disk_low_is_alerted_and_resolved(small_fs: Path, receiver: Receiv
         assert len(receiver.of("disk_low")) == 1 and receiver.bad == []
     finally:
         filler.unlink(missing_ok=True)
+        await a.close()
+
+
+async def test_a_spike_of_invalid_input_is_alerted(tmp_path: Path, receiver: Receiver) -> None:
+    a = await start(make_node_dir(tmp_path, "Athens", settings=alert_settings(
+        receiver.url, invalid_rate_per_minute=3)))
+    try:
+        good = sign_record(a.node.key, feed="air", seq=1, prev=None, time_ms=a.node.now_ms(),
+                           type="org.example.T", data={"n": 1})
+        await asyncio.sleep(0.5)  # the alerts task took its first count
+        out = await a.node.ingest([good.envelope[:-1] + bytes([good.envelope[-1] ^ 1]),
+                                   b"\x93garbage"])
+        assert len(out.rejected) == 2
+        await asyncio.sleep(0.5)
+        assert receiver.of("invalid_spike") == []  # 2 in the last minute: not more than 3
+        out = await a.node.ingest([b"\xc1", good.envelope[:-2]])
+        assert len(out.rejected) == 2
+
+        async def alerted() -> bool:
+            return bool(receiver.of("invalid_spike"))
+
+        await eventually(alerted, timeout=20)
+        [alert] = receiver.of("invalid_spike")
+        assert alert["subject"]["count"] == 4 and alert["subject"]["threshold"] == 3
+        assert receiver.bad == []
+    finally:
         await a.close()
