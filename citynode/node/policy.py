@@ -63,6 +63,7 @@ class Policy:
         self._card_envs: set[bytes] = set()  # the envelopes in cards_seen
         self._cards_bytes = 0
         self._card: cards.NodeCard | None = None
+        self._card_stale = False  # partners changed: compare our card's content again
         self._history: dict[bytes, tuple[cards.NodeCard, ...]] = {}  # origin -> cards
         #: Counts the cards kept (ours and others'): streams compare it to tell that
         #: terms may have changed.
@@ -75,26 +76,36 @@ class Policy:
     # ------------------------------------------------------------------ our card
 
     def card(self) -> cards.NodeCard:
-        """Our signed node card, re-signed whenever our partners or our feeds change (a
-        feed must be listed before partners relay it: unlisted feeds are not public)."""
+        """Our signed node card. It is signed again only when its content (everything
+        but the signing time: name, url, TLS pin, feeds, partners, software) changes; at
+        start the newest card we signed before is reused if its content is what would be
+        signed now. (Re-signing at every start or partner round-trip would fill the card
+        history, which decides the terms in force for our records, with copies.)"""
         names = sorted(self._feeds_of(self.public_key) | set(self.config.feeds))
         # Each feed with its access, terms, egress policy digest and cadence: a change
         # of any of them (node.toml is read at start) is a new signed card.
-        feeds = [self.config.feed(f).card_feed() for f in names]
-        if self._card is None or list(self._card.feeds) != feeds:
+        feeds = tuple(self.config.feed(f).card_feed() for f in names)
+        if self._card is not None and not self._card_stale and self._card.feeds == feeds:
+            return self._card
+        tls = self.identity.cert_fingerprint if self.config.tls.enabled else None
+        want = (self.config.node.name, self.config.node.public_url, tls, feeds,
+                tuple(sorted(self.partners())), f"citynode/{__version__}")
+        held = self._card if self._card is not None else self._stored_own_card()
+        if held is not None and _content(held) == want:
+            self._card = held
+        else:
             self._card = cards.make_card(
-                self.key,
-                name=self.config.node.name,
-                url=self.config.node.public_url,
-                tls_fingerprint=self.identity.cert_fingerprint if self.config.tls.enabled else None,
-                feeds=feeds,
-                partners=sorted(self.partners()),
-                software=f"citynode/{__version__}",
-                now_ms=self.now_ms(),
-            )
+                self.key, name=want[0], url=want[1], tls_fingerprint=tls, feeds=feeds,
+                partners=want[4], software=want[5], now_ms=self.now_ms())
             self.storage.set_meta("card:" + self.public_key.hex(), self._card.envelope)
             self._add_history(self._card)
+        self._card_stale = False
         return self._card
+
+    def _stored_own_card(self) -> cards.NodeCard | None:
+        """The newest card we signed and kept (verified again), or None."""
+        env = self.storage.get_meta("card:" + self.public_key.hex())
+        return None if env is None else self._open(env, self.public_key, None)
 
     def feed_access(self, feed: str) -> str:
         """The access level of this node's own ``feed`` as configured (at start or the
@@ -110,8 +121,9 @@ class Policy:
         self._forget_derived()
 
     def partners_changed(self) -> None:
-        """A partner was added or removed: our card and what was derived is re-made."""
-        self._card = None
+        """A partner was added or removed: our card (if its partners changed) and what was
+        derived is re-made."""
+        self._card_stale = True
         self._forget_derived()
 
     # ------------------------------------------------------------------ others' cards
@@ -434,6 +446,11 @@ class Policy:
         if head is not None and self.is_restricted(origin, feed):
             env = await in_thread(self.storage.envelope_at, origin, feed, head.seq)
         return self.may_read(origin, feed, caller, env)
+
+
+def _content(c: cards.NodeCard) -> tuple[object, ...]:
+    """What a card states, apart from when it was signed."""
+    return (c.name, c.url, c.tls, c.feeds, c.partners, c.software)
 
 
 def readers_of(envelope: bytes) -> frozenset[bytes] | None:
