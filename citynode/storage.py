@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from citynode.core.cards import terms_key
 from citynode.core.checkpoints import (
     TILE_HEIGHT,
     StoredTree,
@@ -1303,17 +1304,39 @@ class Storage:
 
     def add_card_history(self, node: bytes, time: int, envelope: bytes) -> Future[bool]:
         """Keep a verified card of ``node`` signed at ``time`` in its card history (the
-        first one of a (node, time) stays), dropping all but its newest
-        CARD_HISTORY_MAX. The result is False if one of that time was held."""
+        first one of a (node, time) stays), at most CARD_HISTORY_MAX of them. The result
+        is False if one of that time was held.
+
+        Over the bound, one card goes: the oldest that states the same feeds as the card
+        just before it (:func:`citynode.core.cards.terms_key`), else the oldest of all.
+        The terms in force at time t are those of the card with the greatest time <= t.
+        Dropping card k moves the records of [time_k, time_k+1) to card k-1: the same
+        terms exactly when k-1 states the same feeds as k, so nothing changes but the
+        ``card_time`` shown (that of k-1, which stated those terms first). Dropping the
+        oldest card, or a card that states the same as its *successor*, would change the
+        terms of the records it covers. So the terms in force for every record are kept
+        as long as the node has at most CARD_HISTORY_MAX distinct terms periods; beyond
+        that the oldest periods go (their records show unknown terms)."""
 
         def run(conn: sqlite3.Connection) -> bool:
             new = conn.execute(
                 "INSERT INTO card_history (node, time, envelope) VALUES (?, ?, ?)"
                 " ON CONFLICT DO NOTHING", (node, time, envelope)).rowcount == 1
-            conn.execute(
-                "DELETE FROM card_history WHERE node = ? AND time < (SELECT min(time) FROM"
-                " (SELECT time FROM card_history WHERE node = ? ORDER BY time DESC LIMIT ?))",
-                (node, node, CARD_HISTORY_MAX))
+            (n,) = conn.execute("SELECT count(*) FROM card_history WHERE node = ?",
+                                (node,)).fetchone()
+            if n > CARD_HISTORY_MAX:
+                rows = conn.execute("SELECT time, envelope FROM card_history WHERE"
+                                    " node = ? ORDER BY time", (node,)).fetchall()
+                keys = [terms_key(e) for _t, e in rows]
+                drop = [rows[i][0] for i in range(1, len(rows))
+                        if keys[i] is not None and keys[i] == keys[i - 1]]
+                # Only one card comes in at a time, so one over the bound at most
+                # (more only if CARD_HISTORY_MAX was lowered: then the oldest go too).
+                over = len(rows) - CARD_HISTORY_MAX
+                gone = drop[:over]
+                gone += [t for t, _e in rows if t not in gone][:over - len(gone)]
+                conn.executemany("DELETE FROM card_history WHERE node = ? AND time = ?",
+                                 [(node, t) for t in gone])
             return new
 
         return self._submit(run)

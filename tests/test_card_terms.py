@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from citynode.core import cards
+from citynode.core.keys import SigningKey, Verifier, node_id
 from citynode.node import Node
+from citynode.storage import CARD_HISTORY_MAX, Storage
 from tests.conftest import make_node_dir
 
 
@@ -44,3 +47,46 @@ async def test_a_restart_reuses_the_card_and_a_change_signs_a_new_one(tmp_path: 
     second, n = await _card_after_start(d)
     assert second != first and n == 2
     assert await _card_after_start(d) == (second, 2)
+
+
+def _card(key: SigningKey, t: int, license: str, partner: int = 1) -> bytes:
+    return cards.make_card(
+        key, name="Jakarta", url="https://127.0.0.1:1", tls_fingerprint=None,
+        feeds=[cards.CardFeed("air", "public", license=license)],
+        partners=[bytes([partner]) * 32], software="citynode/test", now_ms=t).envelope
+
+
+def _history(s: Storage, key: SigningKey) -> list[cards.NodeCard]:
+    return [cards.open_card(e, expected_node_id=node_id(key.public_key),
+                            verifier=Verifier()) for e in s.card_history(key.public_key)]
+
+
+def test_the_card_history_keeps_the_card_in_force_for_old_records(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    with Storage.open(tmp_path / "citynode.db") as s:
+        # One card under CC0, then many that change only the partners (a restart of a
+        # node before it stopped re-signing, a partner added and removed ...).
+        s.add_card_history(key.public_key, 1000, _card(key, 1000, "CC0-1.0")).result(5)
+        for i in range(1, CARD_HISTORY_MAX + 20):
+            s.add_card_history(key.public_key, 1000 + i,
+                               _card(key, 1000 + i, "CC-BY-4.0", partner=1 + i % 2)
+                               ).result(5)
+        hist = _history(s, key)
+        assert len(hist) == CARD_HISTORY_MAX
+        terms = [cards.terms_in_force(hist, "air", t) for t in range(999, 1000 + 90)]
+        assert terms[0] is None  # before the first card: unknown, as before
+        assert [t.license if t else None for t in terms[1:]] == (
+            ["CC0-1.0"] + ["CC-BY-4.0"] * 89)
+        # What went are the copies the first CC-BY-4.0 card already stated.
+        assert [c.time for c in hist[:2]] == [1000, 1001]
+        assert hist[-1].time == 1000 + CARD_HISTORY_MAX + 19
+
+
+def test_the_card_history_of_distinct_terms_keeps_the_newest(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    with Storage.open(tmp_path / "citynode.db") as s:
+        for i in range(CARD_HISTORY_MAX + 5):
+            s.add_card_history(key.public_key, 1000 + i,
+                               _card(key, 1000 + i, f"LicenseRef-{i}")).result(5)
+        hist = _history(s, key)
+        assert [c.time for c in hist] == list(range(1005, 1005 + CARD_HISTORY_MAX))

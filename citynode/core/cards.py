@@ -78,6 +78,7 @@ __all__ = [
     "make_card",
     "open_card",
     "terms_in_force",
+    "terms_key",
 ]
 
 CARD_VERSION = 2
@@ -539,6 +540,20 @@ def terms_in_force(history: Iterable[NodeCard], feed: str, time_ms: int) -> Card
     if best is None:
         return None
     return next((f for f in best.feeds if f.name == feed), None)
+
+
+def terms_key(envelope: bytes) -> bytes | None:
+    """A digest of everything a card states of its feeds (every field of every entry, in
+    order): two cards of one node with the same key make :func:`terms_in_force` give the
+    same answer for every feed. None if ``envelope`` is not a well-formed card. The
+    signature is not checked: this is for cards that were verified before they were
+    kept."""
+    try:
+        body, _sig = decode_envelope(envelope, CARD_LIMITS)
+        card = _parse_body(body)
+    except InvalidRecord:
+        return None
+    return hashlib.sha256(encoding.encode([f.to_body() for f in card.feeds])).digest()
 
 
 def check_terms_document(feed: CardFeed, document: bytes) -> None:
