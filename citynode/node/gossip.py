@@ -49,6 +49,9 @@ log = logging.getLogger("citynode.node")
 
 Progress = Callable[[int, int], None]
 
+#: How many (partner, origin) card-history requests are remembered (to ask once each).
+MAX_HISTORY_ASKED = 10_000
+
 #: The shortest sleep of the timer task: a deadline already past never spins it.
 MIN_TICK = 0.005
 
@@ -106,6 +109,8 @@ class Gossip:
         self._cards_at: dict[bytes, float] = {}  # partner -> when its cards were fetched
         self._cards_busy: set[bytes] = set()  # partners whose cards are being fetched
         self._cards_again: set[bytes] = set()  # ... and asked for again meanwhile
+        # (partner, origin) -> the oldest record time we asked its card history for.
+        self._history_asked: dict[tuple[bytes, bytes], int] = {}
         #: Records committed: wake the streams and listeners (the node's).
         self.on_wake: Callable[[Sequence[Record]], None] = lambda records: None
 
@@ -113,6 +118,36 @@ class Gossip:
         """A Store is committed: the replica pushes, announces, wakes streams."""
         self.act(self.replica.on_committed(records, source.key if source else None,
                                            self.now_ms()))
+        if source is not None and records:
+            oldest: dict[bytes, int] = {}
+            for r in records:
+                if r.time < oldest.get(r.origin, r.time + 1):
+                    oldest[r.origin] = r.time
+            for origin, t in oldest.items():
+                asked = self._history_asked.get((source.key, origin))
+                if (asked is None or t < asked) and origin != self.policy.public_key \
+                        and not self._stopped:
+                    if len(self._history_asked) >= MAX_HISTORY_ASKED:
+                        self._history_asked.clear()  # bounded: at worst, asked again
+                    self._history_asked[(source.key, origin)] = t
+                    self.spawn(self._fetch_history(source, origin, t), "card-history")
+
+    async def _fetch_history(self, link: PartnerLink, origin: bytes, time_ms: int) -> None:
+        """Issue 13: records of ``origin`` from ``link`` older than every card of it held
+        (we learnt the origin later) would show unknown terms: fetch the origin's card
+        history from that partner, verify each card as the origin's, keep them. Asked
+        once per partner and origin, again only for still older records."""
+        if not await self.policy.lacks_history(origin, time_ms):
+            return
+        try:
+            envs = await link.client.card_history(node_id(origin))
+        except PeerError as exc:
+            log.info("card history not fetched", extra=fields(
+                partner=link.row.name, origin=node_id(origin), error=str(exc)))
+            return
+        n = await self.policy.learn_history(origin, envs)
+        log.debug("card history fetched", extra=fields(
+            partner=link.row.name, origin=node_id(origin), cards=n))
 
     # ------------------------------------------------------------------ the timer task
 

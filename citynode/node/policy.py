@@ -240,6 +240,34 @@ class Policy:
         self._history[origin] = hist
         return hist
 
+    async def lacks_history(self, origin: bytes, time_ms: int) -> bool:
+        """True if no card of ``origin`` held is dated at most ``time_ms``: the terms in
+        force for its records of that time are unknown here (we learnt the origin after
+        they were signed), and its card history is worth asking the partners for."""
+        if origin == self.public_key:
+            return False
+        hist = await self.card_history(origin)
+        return not hist or hist[0].time > time_ms
+
+    async def learn_history(self, origin: bytes, envelopes: list[bytes]) -> int:
+        """Keep the cards of ``origin``'s card history a partner served: each verified
+        (in a worker thread) as signed by ``origin`` and not dated in the future; the
+        others are logged and ignored. The newest also replaces the card held if it is
+        newer. Returns how many verified."""
+        if origin == self.public_key:
+            return 0  # we sign our own
+        envs = list(dict.fromkeys(envelopes))
+        now = self.now_ms()
+        opened = await in_thread(lambda: [self._open(e, origin, now) for e in envs])
+        n = 0
+        for c, env in zip(opened, envs, strict=True):
+            if c is None:
+                continue
+            n += 1
+            if not self._keep(c, env):
+                self._add_history(c)  # an older card: for the terms of older records
+        return n
+
     async def terms_in_force(self, origin: bytes, feed: str, time_ms: int
                              ) -> cards.CardFeed | None:
         """The entry of ``feed`` in ``origin``'s card in force at ``time_ms`` (the card

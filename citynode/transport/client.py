@@ -33,6 +33,8 @@ __all__ = ["PeerClient", "fetch_card"]
 MAX_ENVELOPE = Limits().max_bytes + 128
 #: A /v1/cards answer: the cards a node keeps of others, and its own.
 MAX_CARDS_ANSWER = cards.MAX_CARDS_KEPT_BYTES + cards.CARD_LIMITS.max_bytes + 1024
+#: A /v1/card-history answer: at most this many cards (a node keeps 64 of each origin).
+MAX_HISTORY_CARDS = 64
 
 
 class PeerClient:
@@ -106,6 +108,15 @@ class PeerClient:
         out = await self.request("GET", "/v1/cards", max_bytes=MAX_CARDS_ANSWER)
         return _envelopes(out, self.base_url, cards.MAX_CARDS_KEPT + 1,
                           cards.CARD_LIMITS.max_bytes)
+
+    async def card_history(self, origin_id: str) -> list[bytes]:
+        """The cards the partner holds of ``origin_id`` (its card history, oldest first),
+        unverified: at most MAX_HISTORY_CARDS of at most a card's size each, and no more
+        bytes in all than a /v1/cards answer. PeerRejected (404) if the partner holds
+        nothing of that origin it lets us list; PeerError otherwise."""
+        out = await self.request("GET", f"/v1/card-history?origin={origin_id}",
+                                 max_bytes=MAX_CARDS_ANSWER)
+        return _envelopes(out, self.base_url, MAX_HISTORY_CARDS, cards.CARD_LIMITS.max_bytes)
 
 
 def _map(data: bytes, url: str) -> dict[str, Any]:
