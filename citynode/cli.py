@@ -163,7 +163,7 @@ def run(data_dir: Path, accept_fork_risk: bool) -> None:
     """Serve the node (HTTPS) until stopped with SIGTERM or Ctrl-C.
 
     A node whose database was restored (by `citynode restore`, or its file copied back
-    by hand) signs nothing on its own feeds until a partner confirms its heads, so it
+    by hand) signs nothing on its own feeds until every partner confirms its heads, so it
     never signs a seq a partner already holds.
     """
     from citynode.runner import run_node
@@ -881,8 +881,8 @@ def restore(data_dir: Path, file: Path, replace: bool) -> None:
         click.echo(f"the old files are in {out.moved_aside}")
     if out.secrets_from_dir:
         click.echo("kept the node key, operator token and TLS key of the data dir")
-    click.echo("The node will sign nothing on its own feeds until a partner confirms its "
-               "heads (after `citynode run`, at its first good exchange with a partner). "
+    click.echo("The node will sign nothing on its own feeds until every partner confirms its "
+               "heads (after `citynode run`, once each partner has had a good exchange with it). "
                "If no partner ever held its records, start it with "
                "`citynode run --accept-fork-risk`.")
 

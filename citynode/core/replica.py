@@ -393,9 +393,11 @@ class Replica:
         self.heads: dict[FeedKey, FeedHead] = {}
         #: The database was restored (from a backup, or copied back by hand): our own
         #: feeds may be behind what partners hold, and a failed first round proves
-        #: nothing, so nothing is signed on them until a partner's good round confirms
-        #: the heads (:class:`Confirmed`). See :meth:`mark_restored`.
+        #: nothing, so nothing is signed on them until every partner's good round has
+        #: confirmed the heads (:class:`Confirmed`). See :meth:`mark_restored`.
         self.restored = False
+        self._awaiting: set[bytes] = set()  # partners that have not confirmed yet
+        self._confirmed_by: bytes | None = None  # the last partner that did
         self.chains = rc.ChainSet()
         self.pending = PendingBuffer(config.pending_max_records, config.pending_max_bytes)
         self.quota = OriginQuota(config.quota_records_per_day, config.quota_bytes_per_day)
@@ -444,9 +446,23 @@ class Replica:
                 if self.config.may_pass(peer, k[0], k[1])}
 
     def mark_restored(self) -> None:
-        """This node's database was restored: refuse to sign on own feeds until a
-        partner completes a good round with us (a failed round does not count)."""
+        """This node's database was restored: refuse to sign on own feeds until EVERY
+        partner has completed a good round with us (a failed round does not count).
+        One is not enough: a partner that is up may be behind one that is down, which
+        holds later records of ours. A partner added meanwhile must confirm too; one
+        removed no longer counts. With no partner at all nothing can confirm: the
+        operator decides (``--accept-fork-risk``)."""
         self.restored = True
+        self._awaiting = set(self.partners)
+
+    def awaiting_confirmation(self) -> list[bytes]:
+        """Partners a restored node still waits for (empty when not restored)."""
+        return sorted(self._awaiting) if self.restored else []
+
+    def _confirm_if_done(self, out: list[Action]) -> None:
+        if self.restored and not self._awaiting and self._confirmed_by is not None:
+            self.restored = False
+            out.append(Confirmed(self._confirmed_by))
 
     def first_round_pending(self) -> list[bytes]:
         """Partners whose first sync round since start has not ended (publishing waits)."""
@@ -498,9 +514,12 @@ class Replica:
         if peer not in self.partners:
             self.partners[peer] = _Partner(peer, next_sync=first_sync_ms)
             self._tree = None
+            if self.restored:
+                self._awaiting.add(peer)
 
     def remove_partner(self, peer: bytes) -> None:
         self.partners.pop(peer, None)
+        self._awaiting.discard(peer)  # the next tick confirms if it was the last
         self._tree = None
         for key in [k for k, v in self.fetching.items() if v[0] == peer]:
             del self.fetching[key]
@@ -1060,12 +1079,13 @@ class Replica:
 
     def _round_done(self, p: _Partner, now_ms: int, out: list[Action]) -> None:
         p.first_done = True
-        if self.restored:
+        if self.restored and p.key in self._awaiting:
             # This round compared every chain with the partner, ours included: any
             # later record of ours it holds is now an own claim being fetched (and
             # publishing on that feed stays paused until it is here).
-            self.restored = False
-            out.append(Confirmed(p.key))
+            self._awaiting.discard(p.key)
+            self._confirmed_by = p.key
+            self._confirm_if_done(out)
         p.failures = 0
         p.overflowed = False
         if not p.held_sent:  # the first GOOD round: one that failed sent nothing
@@ -1201,13 +1221,14 @@ class Replica:
         if feed in self.own_blocked:
             raise PublishRefused(self.own_blocked[feed])
         if self.restored:
+            waiting = ", ".join(self.config.name_of(k) for k in sorted(self._awaiting))
             raise PublishRefused(
                 f"feed {feed!r}: this node's database was restored (from a backup or a "
-                "copy): it may hold "
-                "fewer of its own records than its partners do, so it signs nothing on its "
-                "own feeds until a partner confirms its heads. Wait for a partner to be "
-                "reachable, or, if no partner holds any record of this node, start it with "
-                "--accept-fork-risk")
+                "copy): it may hold fewer of its own records than its partners do, so it "
+                "signs nothing on its own feeds until every partner has confirmed its heads"
+                + (f" (still waiting for {waiting})" if waiting else " (it has no partner)")
+                + ". Wait for them to be reachable, or, if none of them holds any record "
+                "of this node that this copy lacks, start it with --accept-fork-risk")
         late = self.first_round_pending()
         if late:
             raise PublishRefused(
@@ -1332,6 +1353,7 @@ class Replica:
     def tick(self, now_ms: int) -> list[Action]:
         """Do what is due at ``now_ms``: sync rounds, grafts, settled pulls, retries."""
         out: list[Action] = []
+        self._confirm_if_done(out)  # a restored node whose last awaited partner was removed
         for key, (_peer, _to, until) in list(self.fetching.items()):
             if until <= now_ms:
                 del self.fetching[key]

@@ -202,7 +202,7 @@ class Node:
                         "feeds without a partner's confirmation", extra=fields(why=restored))
         elif restored is not None:
             self.replica.mark_restored()
-            log.warning("database restored: own feeds wait for a partner to confirm "
+            log.warning("database restored: own feeds wait for every partner to confirm "
                         "their heads before anything is signed", extra=fields(why=restored))
         heads = await loop.run_in_executor(None, self.storage.heads)
         forks = await loop.run_in_executor(None, self.storage.fork_proofs)
@@ -380,6 +380,8 @@ class Node:
             "own_blocked": dict(self.publisher.blocked),
             "own_forked": dict(self.publisher.forked),
             "restored_unconfirmed": self.replica.restored,
+            "restored_awaiting": [self._partner_name(k)
+                                  for k in self.replica.awaiting_confirmation()],
             "partners": self.partners.status(),
         }
 
@@ -398,4 +400,10 @@ class Node:
                                "key_loaded": True, "started": self.ready}
         if not intact:
             out["database_error"] = self.storage.corrupt
+        # A restored node serves and relays, but signs nothing on its own feeds yet:
+        # say so (and whom it waits for), without calling the node unready.
+        out["own_publishing"] = not self.replica.restored
+        if self.replica.restored:
+            out["restored_awaiting"] = [self._partner_name(k)
+                                        for k in self.replica.awaiting_confirmation()]
         return ok, out

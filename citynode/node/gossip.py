@@ -311,7 +311,7 @@ class Gossip:
             log.info("publishing resumed", extra=fields(feed=a.feed))
         elif isinstance(a, rp.Confirmed):
             self.storage.clear_restored()
-            log.info("a partner confirmed this restored node's heads: publishing allowed",
+            log.info("every partner confirmed this restored node's heads: publishing allowed",
                      extra=fields(partner=node_id(a.peer)))
         else:
             self._send(a)

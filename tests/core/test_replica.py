@@ -488,9 +488,11 @@ def test_a_failed_store_rewinds_the_heads_to_what_storage_holds() -> None:
     assert stored == ["stored", "stored"]
 
 
-def test_a_restored_node_signs_nothing_until_a_partner_confirms_its_heads() -> None:
+def test_a_restored_node_signs_nothing_until_every_partner_confirms_its_heads() -> None:
     """A failed first round lets a normal start publish (partners down must not stop a
-    city's own data), but not a restored one: its own feeds may be behind."""
+    city's own data), but not a restored one: its own feeds may be behind. One partner's
+    confirmation is not enough: the one that is up may be behind the one that is down
+    (a reviewer re-signed a seq that way)."""
     r = replica()
     r.mark_restored()
     assert of(rp.SendSync, r.tick(T))
@@ -501,9 +503,31 @@ def test_a_restored_node_signs_nothing_until_a_partner_confirms_its_heads() -> N
         r.check_publish("f")
     assert P in [a.peer for a in of(rp.SendSync, r.tick(T + 60_000))]  # type: ignore[attr-defined]
     acts = r.on_sync(P, rc.encode_message([]), T + 60_000, initiator=True)
-    assert [a.peer for a in of(rp.Confirmed, acts)] == [P]  # type: ignore[attr-defined]
-    r.check_publish("f")  # confirmed: nothing of ours is newer at P
-    assert not of(rp.Confirmed, r.on_frontier(Q, {}, T + 61_000))  # once
+    assert not of(rp.Confirmed, acts)  # Q, which may hold later records, is still down
+    with pytest.raises(PublishRefused, match="still waiting for"):
+        r.check_publish("f")
+    assert r.awaiting_confirmation() == [Q]
+    acts = r.on_frontier(Q, {}, T + 61_000)
+    assert [a.peer for a in of(rp.Confirmed, acts)] == [Q]  # type: ignore[attr-defined]
+    r.check_publish("f")
+    assert not of(rp.Confirmed, r.on_frontier(P, {}, T + 62_000))  # once
+
+
+def test_a_restored_node_stops_waiting_for_a_partner_removed_by_its_operator() -> None:
+    r = replica()
+    r.mark_restored()
+    r.on_frontier(P, {}, T)
+    r.remove_partner(Q)
+    assert [a.peer for a in of(rp.Confirmed, r.tick(T + 1))] == [P]  # type: ignore[attr-defined]
+    r.check_publish("f")
+
+
+def test_a_restored_node_with_no_partner_waits_for_its_operator() -> None:
+    r = rp.Replica(rp.ReplicaConfig(self_key=ME.public_key))
+    r.mark_restored()
+    assert not of(rp.Confirmed, r.tick(T))
+    with pytest.raises(PublishRefused, match="no partner"):
+        r.check_publish("f")
 
 
 def test_a_restored_node_confirmed_by_a_partner_holding_newer_records_fetches_them_first(
@@ -512,6 +536,7 @@ def test_a_restored_node_confirmed_by_a_partner_holding_newer_records_fetches_th
     mine = chain(ME, 5)
     r.load({(ME.public_key, "f"): (3, mine[2].id)})  # the copy stopped at seq 3
     r.mark_restored()
+    r.on_frontier(Q, {}, T)  # Q holds nothing newer
     acts = r.on_frontier(P, {(ME.public_key, "f"): (5, mine[4].id)}, T)
     assert of(rp.Confirmed, acts) and of(rp.Paused, acts)
     with pytest.raises(PublishRefused, match="holds our records up to seq 5"):

@@ -111,9 +111,9 @@ async def test_restore_a_stale_backup_with_the_partner_up_then_down(tmp_path: Pa
         got = await next_publish(a)
         assert got["first_seq"] == 31
         log = (a.dir / "node.log").read_text()  # a new file: the old one was moved aside
-        marked = log.index("database restored: own feeds wait for a partner")
+        marked = log.index("database restored: own feeds wait for every partner")
         assert str(stale) in log[marked:]
-        assert marked < log.index("a partner confirmed this restored node's heads")
+        assert marked < log.index("every partner confirmed this restored node's heads")
         await holds(b, a, 31)
         await a.close()
         a.stop()
