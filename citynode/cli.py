@@ -472,14 +472,15 @@ def partner_remove(data_dir: Path, pid: str) -> None:
 @DIR_OPTION
 @JSON_OPTION
 def check(data_dir: Path, as_json: bool) -> None:
-    """Check the database file's structure (SQLite quick_check), re-verify every stored
-    record (signature, canonical encoding, chain links), and look for proofs that this
-    node's own feeds forked.
+    """Check node.toml, the database file's structure (SQLite quick_check), re-verify
+    every stored record (signature, canonical encoding, chain links), and look for
+    proofs that this node's own feeds forked.
 
     Exits with status 1 if any problem is found.
     """
     from citynode.audit import check_storage
-    from citynode.errors import KeyFileError, StorageError
+    from citynode.config import load_config
+    from citynode.errors import ConfigError, KeyFileError, StorageError
     from citynode.identity import load_identity
     from citynode.storage import SCHEMA_VERSION, Storage
 
@@ -507,6 +508,12 @@ def check(data_dir: Path, as_json: bool) -> None:
     finally:
         st.close()
     report.problems[:0] = [f"database file damaged: {d}" for d in damage]
+    # The config too: `run` and a SIGHUP reload refuse an invalid node.toml, so a check
+    # that passed it would send the operator the wrong way.
+    try:
+        load_config(data_dir / "node.toml")
+    except ConfigError as exc:
+        report.problems.insert(0, f"node.toml: {exc}")
     # A proof that this node itself signed two histories is a problem of this node; proofs
     # about other origins are evidence it keeps and passes on.
     for f in forks:

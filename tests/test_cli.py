@@ -771,6 +771,16 @@ def test_a_prev_mismatch_or_split_view_is_one_proof_too(node_dir: Path) -> None:
     assert [(r.kind, r.seq) for r in rows] == [("fork", 2), ("split-view", 2)]
 
 
+def test_check_reports_a_node_toml_that_run_would_refuse(node_dir: Path) -> None:
+    """`run` and a SIGHUP reload refuse an invalid node.toml: check says so too."""
+    toml = node_dir / "node.toml"
+    toml.write_text(toml.read_text().replace("pull_interval_seconds = 10.0",
+                                             "pull_interval_seconds = -1.0"))
+    r = cli("check", "-d", str(node_dir))
+    assert r.exit_code == 1, r.output
+    assert "node.toml:" in r.output and "pull_interval_seconds" in r.output
+
+
 def test_check_finds_a_damaged_database_file(node_dir: Path) -> None:
     """SQLite's own structure check comes first: damage where no record lives is still a
     problem (exit 1); damage under the records is one clear line, not a traceback."""

@@ -237,10 +237,13 @@ def signature_header(key: SigningKey, body: bytes) -> str:
     return f"keyid={node_id(key.public_key)}, sig={sig}"
 
 
-def verify_alert(body: bytes, header: str, expected_node: str | None = None) -> Any:
+def verify_alert(body: bytes, header: str, *, expected_node: str | None) -> Any:
     """Check an alert as a receiver does: the header's signature over
-    ``DOMAIN_ALERT || body`` by the key of its ``keyid``, which must be
-    ``expected_node`` when given and the body's ``node``. Returns the parsed body.
+    ``DOMAIN_ALERT || body`` by the key of its ``keyid``, which must be the body's
+    ``node`` and ``expected_node``. A receiver passes the node id it trusts; passing
+    None (explicitly: there is no default) accepts an alert signed by ANY node that
+    names itself, and is only for tools that check the node afterwards. Returns the
+    parsed body.
 
     Raises :class:`SignatureError` for anything that does not verify."""
     m = _HEADER_RE.fullmatch(header.strip()) if len(header) <= _MAX_SIGNATURE_HEADER else None

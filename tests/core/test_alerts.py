@@ -106,20 +106,22 @@ def test_signed_body_verifies_and_tampering_fails() -> None:
                    "subject": {"free_percent": 3.0, "disk_full": False}, "message": "low",
                    "time": NOW, "since": NOW, "id": "disk_low:data_dir"}
     header = ca.signature_header(key, body)
-    assert ca.verify_alert(body, header, me) == doc
+    assert ca.verify_alert(body, header, expected_node=me) == doc
     with pytest.raises(SignatureError):
-        ca.verify_alert(body.replace(b"low", b"lot"), header)
+        ca.verify_alert(body.replace(b"low", b"lot"), header, expected_node=me)
     other = SigningKey.generate()
     with pytest.raises(SignatureError):  # signed by another node than expected
-        ca.verify_alert(body, header, node_id(other.public_key))
+        ca.verify_alert(body, header, expected_node=node_id(other.public_key))
     with pytest.raises(SignatureError):  # a valid signature by a node the body does not name
-        ca.verify_alert(body, ca.signature_header(other, body))
+        ca.verify_alert(body, ca.signature_header(other, body),
+                        expected_node=node_id(other.public_key))
     with pytest.raises(SignatureError):  # not one of our signature prefixes
         sig = key.sign(b"citynode/request/v1\x00", body)
-        ca.verify_alert(body, f"keyid={me}, sig={base64.b64encode(sig).decode()}")
+        ca.verify_alert(body, f"keyid={me}, sig={base64.b64encode(sig).decode()}",
+                        expected_node=me)
     for bad in ["", "keyid=x, sig=y", header + "x", "k" * 5000]:
         with pytest.raises(SignatureError):
-            ca.verify_alert(body, bad)
+            ca.verify_alert(body, bad, expected_node=me)
 
 
 def test_domain_prefix_is_distinct() -> None:

@@ -41,7 +41,10 @@ class Receiver:
             return web.json_response({"error": "busy", "message": "try later"}, status=500)
         body = await request.read()
         try:
-            self.alerts.append(verify_alert(body, request.headers.get(SIGNATURE_HEADER, "")))
+            # Any node the tests start may alert here; each alert's `node` is checked by
+            # the test that expects it.
+            self.alerts.append(verify_alert(body, request.headers.get(SIGNATURE_HEADER, ""),
+                                            expected_node=None))
         except Exception as exc:  # the test asserts none came
             self.bad.append(repr(exc))
             return web.Response(status=400)
