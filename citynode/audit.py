@@ -504,7 +504,7 @@ class _Audit:
             else:
                 value = check_payload(f, payload)
                 if f.get("type") == ERASURE_TYPE:
-                    info = ("erasure", validate_erasure(value), value["reason"])
+                    info = ("erasure", validate_erasure(value["data"]), value["data"]["reason"])
         except InvalidRecord as exc:
             self._invalid(exc, f if f is not None and f["origin"] == self.expected else None,
                           item.offset)

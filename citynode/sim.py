@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from citynode.core import encoding
 from citynode.core import reconcile as rc
 from citynode.core import replica as rp
 from citynode.core.chain import ForkProof, verify_fork_proof
@@ -109,8 +110,8 @@ class SimNode:
         recs = []
         seq, prev = self.replica.next_link(feed)
         for i in range(n):
-            r = sign_record(self.key, feed=feed, seq=seq, prev=prev, time_ms=self.sim.now,
-                            type=TYPE, data=data if data is not None else {"n": seq + i})
+            r = sign(self.key, feed, seq, prev, self.sim.now,
+                     data if data is not None else {"n": seq + i})
             recs.append(r)
             seq, prev = seq + 1, r.id
         self.run(self.replica.publish(recs, self.sim.now))
@@ -507,5 +508,11 @@ def random_graph(rng: random.Random, n: int, lo: int = 3, hi: int = 8
 
 def sign(key: SigningKey, feed: str, seq: int, prev: bytes | None, now: int,
          data: dict[str, Any]) -> Record:
-    """Sign a record for a simulated origin (hostile nodes build forks with it)."""
-    return sign_record(key, feed=feed, seq=seq, prev=prev, time_ms=now, type=TYPE, data=data)
+    """Sign a record for a simulated origin (hostile nodes build forks with it). The
+    payload salt is derived from everything signed, not drawn at random, so that a seed
+    gives the same run (a real node's salt is random)."""
+    salt = hashlib.sha256(b"citynode/sim/salt" + key.public_key + feed.encode()
+                          + seq.to_bytes(8, "big") + now.to_bytes(8, "big")
+                          + encoding.encode(data)).digest()[:16]
+    return sign_record(key, feed=feed, seq=seq, prev=prev, time_ms=now, type=TYPE, data=data,
+                       salt=salt)

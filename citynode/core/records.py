@@ -3,7 +3,9 @@
 A record body (format version 2) is a canonical msgpack map (docs/PROTOCOL.md, "Record
 body")::
 
-    data_digest  bin(32)   SHA-256 of the payload bytes (canonical msgpack of ``data``)
+    data_digest  bin(32)   SHA-256 of the payload bytes (canonical msgpack of the map
+                           ``{"data": <map>, "salt": <bin(16)>}``: the salt is random, so
+                           the digest says nothing of ``data`` once the payload is gone)
     dataschema   str       optional, URI of the payload's schema (CloudEvents name)
     feed         str       feed name, ``[a-z0-9][a-z0-9._-]{0,63}``
     origin       bin(32)   the signing node's Ed25519 public key
@@ -36,6 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import nacl.utils
+
 from citynode.core import encoding
 from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
 from citynode.core.sealed import check_sealed_shape
@@ -47,6 +51,7 @@ __all__ = [
     "FEED_NAME_RULE",
     "FORMAT_VERSION",
     "MAX_PAYLOAD_BYTES",
+    "SALT_BYTES",
     "SEALED_TYPE",
     "Record",
     "RecordPolicy",
@@ -76,6 +81,10 @@ DEFAULT_FUTURE_TOLERANCE_MS = 15 * 60 * 1000
 #: the size limit of a body before the payload moved out of it.
 MAX_PAYLOAD_BYTES = encoding.DEFAULT_LIMITS.max_bytes
 MAX_SEQ = 2**63 - 1
+#: Length of the random salt in a plain record's payload map.
+SALT_BYTES = 16
+_PAYLOAD_REQUIRED = frozenset({"data", "salt"})
+_PAYLOAD_ALLOWED = _PAYLOAD_REQUIRED
 _FEED_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 #: What a valid feed name is, in words (for error messages).
 FEED_NAME_RULE = "1-64 of a-z 0-9 . _ - (starting with a letter or digit)"
@@ -106,10 +115,10 @@ DEFAULT_POLICY = RecordPolicy()
 class Record(NamedTuple):
     """A verified record. Only :func:`open_record` and :func:`sign_record` make them.
 
-    ``payload`` is the payload bytes as they travel (canonical msgpack of ``data``, or
-    of ``sealed``), or None for a tombstone: a record whose payload was erased or pruned
-    (its ``data`` is then empty and ``sealed`` None; its body, signature and id are
-    whole). ``digest`` is the payload digest the body carries.
+    ``payload`` is the payload bytes as they travel (canonical msgpack of the salted
+    map ``{"data", "salt"}``, or of ``sealed``), or None for a tombstone: a record
+    whose payload was erased or pruned (its ``data`` is then empty and ``sealed`` None;
+    its body, signature and id are whole). ``digest`` is the payload digest the body carries.
 
     A NamedTuple rather than a frozen dataclass: just as immutable, and several times
     cheaper to build, which matters on the per-record verification path.
@@ -410,17 +419,36 @@ def check_payload(f: dict[str, Any], payload: bytes, policy: RecordPolicy = DEFA
     if sealed:
         check_sealed_shape(value, origin=f["origin"])
         return value
-    if type(value) is not dict:
-        raise _fail("data (the payload) must be a map")
+    _check_payload_map(value)
     if policy.check_payload or f["type"] == ERASURE_TYPE:
-        validate_payload(f["type"], value)
+        validate_payload(f["type"], value["data"])
     return value
+
+
+def _check_payload_map(value: Any) -> None:
+    """Check the shape of a plain record's decoded payload: a map of ``data`` (a map)
+    and ``salt`` (bin of :data:`SALT_BYTES`), nothing else. Raises :class:`InvalidRecord`."""
+    if type(value) is not dict:
+        raise _fail("the payload must be a map {data, salt}")
+    keys = value.keys()
+    if not keys >= _PAYLOAD_REQUIRED:
+        missing = ", ".join(sorted(_PAYLOAD_REQUIRED - keys))
+        raise _fail(f"the payload lacks required field(s): {missing}", "missing_field")
+    if not keys <= _PAYLOAD_ALLOWED:
+        extra = ", ".join(sorted(keys - _PAYLOAD_ALLOWED))
+        raise _fail(f"the payload has unknown field(s): {extra}", "unknown_field")
+    salt = value["salt"]
+    if type(salt) is not bytes or len(salt) != SALT_BYTES:
+        raise _fail(f"the payload's salt must be {SALT_BYTES} bytes")
+    if type(value["data"]) is not dict:
+        raise _fail("data (in the payload) must be a map")
 
 
 def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
                        payload: bytes | None = None, value: Any = None) -> Record:
-    """A Record from a body's decoded fields and its payload (bytes and decoded value,
-    or None and None for a tombstone). No checks: callers verified them."""
+    """A Record from a body's decoded fields and its payload (bytes and decoded value --
+    the whole payload map -- or None and None for a tombstone). No checks: callers
+    verified them."""
     if "sealed_digest" in f:
         return Record(rid, body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
                       f["time"], SEALED_TYPE, {}, None, None, value, payload,
@@ -435,7 +463,7 @@ def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
         f.get("prev"),
         f["time"],
         f["type"],
-        value if value is not None else {},
+        value["data"] if type(value) is dict else {},
         f.get("subject"),
         f.get("dataschema"),
         None,
@@ -529,9 +557,13 @@ def open_records(
     return out
 
 
-def make_payload(value: dict[str, Any]) -> bytes:
-    """The payload bytes of ``data`` (or of a ``sealed`` map): its canonical msgpack."""
-    return encoding.encode(value)
+def make_payload(data: dict[str, Any], salt: bytes | None = None) -> bytes:
+    """The payload bytes of a plain record: the canonical msgpack map
+    ``{"data": data, "salt": salt}``. ``salt`` defaults to :data:`SALT_BYTES` random
+    bytes (libsodium's CSPRNG); pass one only to make fixed test vectors."""
+    if salt is None:
+        salt = nacl.utils.random(SALT_BYTES)
+    return encoding.encode({"data": data, "salt": salt})
 
 
 def make_body(
@@ -546,9 +578,12 @@ def make_body(
     subject: str | None = None,
     dataschema: str | None = None,
     sealed: dict[str, Any] | None = None,
+    salt: bytes | None = None,
 ) -> tuple[bytes, bytes]:
     """Encode a record body canonically and its payload (no signing): a plain one
-    (``type`` + ``data``) or a sealed one (``sealed`` only). Returns ``(body, payload)``.
+    (``type`` + ``data``, salted with ``salt`` or fresh random bytes) or a sealed one
+    (``sealed`` only: its nonces and ephemeral keys are random already, so no salt).
+    Returns ``(body, payload)``.
     Raises :class:`InvalidRecord` if a field or the payload is invalid, so nothing
     invalid is ever signed."""
     fields: dict[str, Any] = {
@@ -561,12 +596,12 @@ def make_body(
     if sealed is not None:
         if type is not None or data is not None or subject is not None or dataschema:
             raise InvalidRecord("a sealed body carries its type and data inside the seal")
-        payload = make_payload(sealed)
+        payload = encoding.encode(sealed)
         fields["sealed_digest"] = payload_digest(payload)
     else:
         if type is None or data is None:
             raise InvalidRecord("a record needs a type and data", "missing_field")
-        payload = make_payload(data)
+        payload = make_payload(data, salt)
         fields["type"] = type
         fields["data_digest"] = payload_digest(payload)
         if subject is not None:
@@ -593,11 +628,13 @@ def sign_record(
     subject: str | None = None,
     dataschema: str | None = None,
     readers: Iterable[bytes] | None = None,
+    salt: bytes | None = None,
 ) -> Record:
     """Build, validate and sign a record of ``key``'s node. With ``readers`` (public
     keys) the payload is sealed to them and to us (a restricted feed). Raises
     :class:`InvalidRecord` (typically :class:`PayloadError`) if the payload does not
-    match ``type``: nothing invalid is signed or sealed."""
+    match ``type``: nothing invalid is signed or sealed. ``salt`` (tests and vectors
+    only) fixes the payload salt of a plain record; by default it is random."""
     if readers is not None:
         from citynode.core.sealed import seal_payload
 
@@ -617,6 +654,7 @@ def sign_record(
             data=data,
             subject=subject,
             dataschema=dataschema,
+            salt=salt,
         )
     sig = key.sign(DOMAIN_RECORD, body)
     f = encoding.decode(body)

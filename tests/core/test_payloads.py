@@ -73,7 +73,9 @@ def _open(env: bytes, now: int = T0 + DAY) -> Record:
 
 def test_the_body_signs_the_payload_digest_and_the_payload_travels_beside_it() -> None:
     r = _rec(data={"reading": 42, "unit": "dB"})
-    assert r.payload == encoding.encode({"reading": 42, "unit": "dB"})
+    salt = encoding.decode(r.payload)["salt"]
+    assert len(salt) == 16
+    assert r.payload == encoding.encode({"data": {"reading": 42, "unit": "dB"}, "salt": salt})
     assert r.digest == hashlib.sha256(r.payload).digest()
     assert encoding.decode(r.body)["data_digest"] == r.digest
     assert "data" not in encoding.decode(r.body)
@@ -117,7 +119,7 @@ def test_a_payload_is_checked_against_its_type_when_present() -> None:
     assert _open(r.envelope).data == good
     # A body whose digest names a payload invalid for its type: signed, digest right,
     # still refused for the payload (and its tombstone verifies on its own).
-    bad = encoding.encode({"pm25": 1.0})
+    bad = encoding.encode({"data": {"pm25": 1.0}, "salt": bytes(16)})
     body = encoding.encode({**encoding.decode(r.body), "data_digest":
                             hashlib.sha256(bad).digest()})
     from citynode.core.keys import DOMAIN_RECORD

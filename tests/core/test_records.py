@@ -54,6 +54,8 @@ AIR = {
 #: a body's payload by the digest it carries.
 _PAYLOADS: dict[bytes, bytes] = {}
 _AUTO: Any = object()
+#: The salt of every payload _fields makes (fixed, so bodies compare equal).
+SALT = bytes(range(16))
 
 
 def _sign(**kw: Any) -> Any:
@@ -77,7 +79,7 @@ def _fields(**kw: Any) -> dict[str, Any]:
     f.update(kw)
     data = f.pop("data")
     if data is not ... and "data_digest" not in f:
-        payload = encoding.encode(data)
+        payload = encoding.encode({"data": data, "salt": SALT})
         f["data_digest"] = hashlib.sha256(payload).digest()
         _PAYLOADS[f["data_digest"]] = payload
     return {k: v for k, v in f.items() if v is not ...}
@@ -127,7 +129,7 @@ def test_sign_then_open_round_trip() -> None:
     assert rec.data == AIR
     assert encoding.encode(rec.fields()) == rec.body
     assert rec.fields()["version"] == FORMAT_VERSION == 2
-    assert rec.payload == encoding.encode(AIR)
+    assert encoding.decode(rec.payload) == {"data": AIR, "salt": rec.payload[-16:]}
     assert rec.digest == hashlib.sha256(rec.payload).digest() == rec.fields()["data_digest"]
 
 
@@ -445,11 +447,49 @@ def test_never_signs_what_receivers_reject(kw: dict[str, Any], error: type[Excep
 
 def test_make_body_is_canonical_and_omits_absent_optionals() -> None:
     body, payload = make_body(origin=KEY.public_key, feed="test", seq=1, prev=None,
-                              time_ms=T0, type="org.example.Test", data={"b": 1, "a": 2})
+                              time_ms=T0, type="org.example.Test", data={"b": 1, "a": 2},
+                              salt=SALT)
     assert body == encoding.encode(_fields(data={"a": 2, "b": 1}))
-    assert payload == encoding.encode({"a": 2, "b": 1})
+    assert payload == encoding.encode({"data": {"a": 2, "b": 1}, "salt": SALT})
     assert set(encoding.decode(body)) == {"data_digest", "feed", "origin", "seq", "time",
                                           "type", "version"}
+
+
+def test_the_digest_is_not_reproducible_from_the_data_alone() -> None:
+    """The payload is salted: the same data signed twice gets two payloads and two
+    digests, and neither digest is the hash of the data (or of the data with any
+    other salt), so a tombstone's digest cannot confirm a guess of erased data."""
+    args: dict[str, Any] = {"origin": KEY.public_key, "feed": "test", "seq": 1,
+                            "prev": None, "time_ms": T0, "type": "org.example.Test",
+                            "data": {"reading": 42}}
+    body1, p1 = make_body(**args)
+    body2, p2 = make_body(**args)
+    d1, d2 = encoding.decode(body1)["data_digest"], encoding.decode(body2)["data_digest"]
+    assert d1 != d2 and p1 != p2
+    guesses = [encoding.encode({"reading": 42}),
+               encoding.encode({"data": {"reading": 42}, "salt": bytes(16)}),
+               encoding.encode({"data": {"reading": 42}, "salt": SALT})]
+    assert not {hashlib.sha256(g).digest() for g in guesses} & {d1, d2}
+    assert encoding.decode(p1)["data"] == encoding.decode(p2)["data"] == {"reading": 42}
+    # with the salt the digest is reproduced, which is how a payload is checked
+    salt1 = encoding.decode(p1)["salt"]
+    assert hashlib.sha256(encoding.encode({"data": {"reading": 42}, "salt": salt1})
+                          ).digest() == d1
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    ({"data": {"reading": 42}}, "missing_field"),
+    ({"salt": SALT}, "missing_field"),
+    ({"data": {"reading": 42}, "salt": SALT[:15]}, "bad_field"),
+    ({"data": {"reading": 42}, "salt": "0" * 16}, "bad_field"),
+    ({"data": [42], "salt": SALT}, "bad_field"),
+    ({"data": {"reading": 42}, "salt": SALT, "pepper": 1}, "unknown_field"),
+    ({"reading": 42}, "missing_field"),
+])
+def test_payload_map_shape(payload: dict[str, Any], reason: str) -> None:
+    raw = encoding.encode(payload)
+    f = _fields(data=..., data_digest=hashlib.sha256(raw).digest())
+    assert _reason(encoding.encode(f), payload=raw) == reason
 
 
 # --------------------------------------------------------------------------- envelope

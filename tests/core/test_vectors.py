@@ -610,3 +610,15 @@ def test_sync_invalid_vectors() -> None:
         with pytest.raises(EncodingError) as exc:
             reconcile.decode_message(bytes.fromhex(c["message_hex"]))
         assert exc.value.reason == c["reason"], c["name"]
+
+
+def test_two_records_with_the_same_data_have_different_digests() -> None:
+    """The salt vector: the data is identical, the payloads and digests are not, and
+    the digest is not the hash of the data alone."""
+    a, b = BY_NAME["valid/custom-seq1"], BY_NAME["valid/same-data-other-salt"]
+    pa, pb = (encoding.decode(bytes.fromhex(c["payload_hex"])) for c in (a, b))
+    assert pa["data"] == pb["data"] == {"reading": 42, "unit": "dB"}
+    assert pa["salt"] != pb["salt"] and len(pa["salt"]) == len(pb["salt"]) == 16
+    da, db = (encoding.decode(bytes.fromhex(c["body_hex"]))["data_digest"] for c in (a, b))
+    assert da != db
+    assert hashlib.sha256(encoding.encode(pa["data"])).digest() not in (da, db)

@@ -139,10 +139,24 @@ def _skip(b: bytes, i: int) -> int:
 _PAYLOAD_KEYS = {enc("data"): enc("data_digest"), enc("sealed"): enc("sealed_digest")}
 
 
+def vector_salt(raw: bytes) -> bytes:
+    """The fixed salt of a vector's payload: 16 bytes derived from the record map as
+    written (so two records differing anywhere, seq included, get different salts; a
+    real node draws them at random)."""
+    return hashlib.sha256(b"citynode/test/payload-salt" + raw).digest()[:16]
+
+
+def salted(data_raw: bytes, salt: bytes) -> bytes:
+    """A plain record's payload: the map ``{"data": <data_raw as written>, "salt":
+    bin(salt)}`` (canonical key order)."""
+    return b"\x82" + enc("data") + data_raw + enc("salt") + bin_(salt)
+
+
 def detach(raw: bytes) -> bytes:
     """A format-2 body from a record map written with its payload inline (``data`` or
     ``sealed``, as the fields below are written): that entry's value bytes, exactly as
-    written (faults included), become the payload, and the entry becomes the payload's
+    written (faults included), become the payload (``data`` wrapped with a fixed
+    salt, :func:`salted`), and the entry becomes the payload's
     digest under ``data_digest`` / ``sealed_digest`` (same place in key order). Returns
     the body; :func:`envelope` finds the payload. A value that is not such a map is
     returned unchanged."""
@@ -162,6 +176,8 @@ def detach(raw: bytes) -> bytes:
             key = raw[i:k_end]
             if payload is None and key in _PAYLOAD_KEYS:
                 payload = raw[k_end:v_end]
+                if key == enc("data"):
+                    payload = salted(payload, vector_salt(raw))
                 out += _PAYLOAD_KEYS[key] + bin_(hashlib.sha256(payload).digest())
             else:
                 out += raw[i:v_end]
@@ -407,6 +423,14 @@ def valid_cases() -> list[Case]:
         "dataschema.",
         s2,
     ))
+    out.append(case(
+        "valid/same-data-other-salt",
+        "seq 3 of the same feed with exactly the data of valid/custom-seq1 ({reading: "
+        "42, unit: dB}): the payloads differ in their salt only, so the two data_digest "
+        "values differ, and neither can be recomputed from the data alone.",
+        enc(fields(seq=3, prev=b"\x33" * 32, time=T0 + 120_000,
+                   data={"reading": 42, "unit": "dB"})),
+    ))
     for type_, feed, data, subject in BUILTIN_PAYLOADS:
         body = enc(fields(feed=feed, type_=type_, data=data, subject=subject))
         out.append(case(f"valid/{type_}", f"A realistic {type_} payload.", body))
@@ -529,14 +553,15 @@ def valid_cases() -> list[Case]:
     ))
     out.append(case(
         "valid/depth-16",
-        "16 nested containers in the payload (the data map is level 1): the maximum "
-        "depth.",
-        enc(fields(data=nest(16))),
+        "16 nested containers in the payload (the payload map is level 1, the data map "
+        "level 2): the maximum depth.",
+        enc(fields(data=nest(15))),
     ))
     out.append(case(
         "valid/items-4096",
-        "4096 items in the payload (1 data entry + 4095 array elements): the maximum.",
-        enc(fields(data={"values": [0] * 4095})),
+        "4096 items in the payload (2 payload map entries, data and salt, + 1 data "
+        "entry + 4093 array elements): the maximum.",
+        enc(fields(data={"values": [0] * 4093})),
     ))
     plain = detach(enc(fields(data={"reading": 42, "unit": "dB"})))
     out.append(case(
@@ -583,7 +608,8 @@ def sized_pad(size: int) -> bytes:
 
 def sized_record(size: int) -> bytes:
     """A valid record map whose payload is exactly ``size`` bytes (a ``blob`` string
-    pads it)."""
+    in ``data`` pads it; the salted map around ``data`` is counted)."""
+    size -= len(salted(b"", bytes(16)))
     pad = size - len(enc({"blob": ""}))
     for header in (1, 2, 3, 5):  # fixstr, str8, str16, str32 header sizes
         data = {"blob": "x" * (pad - header + 1)}
@@ -630,9 +656,12 @@ def invalid_cases() -> list[Case]:
     ))
     out.append(case(
         "payload/other-records-payload",
-        "valid/custom-seq1's body and signature with the payload of valid/custom-seq2 "
-        "(itself a valid payload of the same type).",
-        good, sig=good_sig, payload=enc({"reading": 43, "unit": "dB"}), expect=pm,
+        "valid/custom-seq1's body and signature with the payload of "
+        "valid/same-data-other-salt: the same data under another salt, so not the "
+        "payload whose digest was signed.",
+        good, sig=good_sig, payload=bytes.fromhex(
+            next(c for c in valid_cases() if c["name"] == "valid/same-data-other-salt"
+                 )["payload_hex"]), expect=pm,
     ))
     out.append(case(
         "payload/digest-31-bytes",
@@ -781,15 +810,15 @@ def invalid_cases() -> list[Case]:
     ))
     out.append(case(
         "limits/too-deep",
-        "17 nested containers in the payload (the data map is level 1), one over the "
-        "limit of 16.",
-        enc(fields(data=nest(17))), expect=err("too_deep"),
+        "17 nested containers in the payload (the payload map is level 1, the data map "
+        "level 2), one over the limit of 16.",
+        enc(fields(data=nest(16))), expect=err("too_deep"),
     ))
     out.append(case(
         "limits/too-many-items",
-        "4097 items in the payload (1 data entry + 4096 array elements), one over the "
-        "limit of 4096.",
-        enc(fields(data={"values": [0] * 4096})), expect=err("too_many_items"),
+        "4097 items in the payload (2 payload map entries + 1 data entry + 4094 array "
+        "elements), one over the limit of 4096.",
+        enc(fields(data={"values": [0] * 4094})), expect=err("too_many_items"),
     ))
 
     # --- body fields
@@ -1579,8 +1608,10 @@ def payloads_file() -> dict[str, Any]:
     invalid: list[tuple[str, str, bytes, str]] = []
     body, sig, _payload, _n = recs["plain"]
     invalid.append(("payload-mismatch", "'plain' with the payload of another record "
-                    "({reading: 42, unit: dB}): the digest in the body does not match",
-                    envelope(body, sig, enc({"reading": 42, "unit": "dB"})),
+                    "({data: {reading: 42, unit: dB}, salt: 16 bytes 00}): the digest in "
+                    "the body does not match",
+                    envelope(body, sig, salted(enc({"reading": 42, "unit": "dB"}),
+                                               bytes(16))),
                     "payload_mismatch"))
     for name, note, raw in (
         ("erasure-names-erasure-feed", "An erasure request naming a position of "
