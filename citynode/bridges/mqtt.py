@@ -407,5 +407,6 @@ def _held(envelope: bytes) -> tuple[bytes, tuple[Any, Any, Any]]:
         return record_id(body), (None, None, None)
     if rec.type == SEALED_TYPE:
         return rec.id, _SEALED
-    # a tombstone (payload erased or pruned) has no data: it matches no message
+    # a tombstone (payload erased or pruned) has no data nor subject (both were in the
+    # payload): it matches no message
     return rec.id, (rec.type, rec.subject, None if rec.payload is None else rec.data)

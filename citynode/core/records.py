@@ -4,26 +4,27 @@ A record body (format version 2) is a canonical msgpack map (docs/PROTOCOL.md, "
 body")::
 
     data_digest  bin(32)   SHA-256 of the payload bytes (canonical msgpack of the map
-                           ``{"data": <map>, "salt": <bin(16)>}``: the salt is random, so
-                           the digest says nothing of ``data`` once the payload is gone)
-    dataschema   str       optional, URI of the payload's schema (CloudEvents name)
+                           ``{"data": <map>, "salt": <bin(16)>}`` plus ``subject`` and
+                           ``dataschema`` when given: the salt is random, so the digest
+                           says nothing of them once the payload is gone)
     feed         str       feed name, ``[a-z0-9][a-z0-9._-]{0,63}``
     origin       bin(32)   the signing node's Ed25519 public key
     prev         bin(32)   id of the record at ``seq - 1``; absent when ``seq == 1``
     seq          int       1, 2, 3 ... per (origin, feed)
-    subject      str       optional, what the record is about (a station id ...)
     time         int       milliseconds since the Unix epoch, UTC
     type         str       payload type (core/types.py)
     version      int       body format version, 2
 
 A record of a restricted feed carries ``sealed_digest`` (the SHA-256 of the canonical
-``sealed`` map, core/sealed.py) INSTEAD of ``type``, ``data_digest``, ``subject`` and
-``dataschema``. Such a :class:`Record` has ``type == SEALED_TYPE``, empty ``data`` and
-the sealed map in ``sealed`` (when its payload is held).
+``sealed`` map, core/sealed.py) INSTEAD of ``type`` and ``data_digest``. Such a
+:class:`Record` has ``type == SEALED_TYPE``, empty ``data`` and the sealed map in
+``sealed`` (when its payload is held).
 
-The signed body holds only a digest of the payload: the payload travels beside it, so it
-can be dropped (erasure, retention) while the signature, id, chain link and checkpoint
-inclusion still verify. The envelope is the canonical msgpack array
+The signed body holds only a digest of the payload: the payload (``data``, ``subject``,
+``dataschema`` and the salt) travels beside it, so it can be dropped (erasure,
+retention) while the signature, id, chain link and checkpoint inclusion still verify;
+what survives is origin, feed, seq, prev, time, type and the digest.
+The envelope is the canonical msgpack array
 ``[body: bin, signature: bin(64), payload: bin | nil]`` (nil: a tombstone). The
 signature is Ed25519 over ``DOMAIN_RECORD || body`` -- the body bytes exactly as sent,
 never a re-encoding. The record id is ``SHA-256(body)``, so neither a signature nor the
@@ -84,13 +85,13 @@ MAX_SEQ = 2**63 - 1
 #: Length of the random salt in a plain record's payload map.
 SALT_BYTES = 16
 _PAYLOAD_REQUIRED = frozenset({"data", "salt"})
-_PAYLOAD_ALLOWED = _PAYLOAD_REQUIRED
+_PAYLOAD_ALLOWED = _PAYLOAD_REQUIRED | {"dataschema", "subject"}
 _FEED_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 #: What a valid feed name is, in words (for error messages).
 FEED_NAME_RULE = "1-64 of a-z 0-9 . _ - (starting with a letter or digit)"
 _GOOD_FEEDS: set[str] = set()
 _REQUIRED = frozenset({"data_digest", "feed", "origin", "seq", "time", "type", "version"})
-_OPTIONAL = frozenset({"dataschema", "prev", "subject"})
+_OPTIONAL = frozenset({"prev"})
 _ALLOWED = _REQUIRED | _OPTIONAL
 _SEALED_REQUIRED = frozenset({"feed", "origin", "sealed_digest", "seq", "time", "version"})
 _SEALED_ALLOWED = _SEALED_REQUIRED | {"prev"}
@@ -355,8 +356,8 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
     if not keys <= allowed:
         extra = keys - allowed
         if sealed and extra <= _ALLOWED:
-            raise _fail("a sealed record carries no type, data_digest, subject or "
-                        f"dataschema in clear (found {', '.join(sorted(extra))})")
+            raise _fail("a sealed record carries no type or data_digest in clear "
+                        f"(found {', '.join(sorted(extra))})")
         raise _fail(f"body has unknown field(s): {', '.join(sorted(extra))}", "unknown_field")
     origin = fields["origin"]
     if type(origin) is not bytes or len(origin) != 32:
@@ -389,9 +390,6 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
     if (feed == ERASURE_FEED) != (fields["type"] == ERASURE_TYPE):
         raise _fail(f"type {ERASURE_TYPE} is published in feed {ERASURE_FEED} only, and "
                     "that feed holds nothing else", "bad_erasure")
-    for opt in ("subject", "dataschema"):
-        if opt in fields and (type(fields[opt]) is not str or not 0 < len(fields[opt]) <= 512):
-            raise _fail(f"{opt} must be a string of 1 to 512 characters")
     return fields
 
 
@@ -426,8 +424,9 @@ def check_payload(f: dict[str, Any], payload: bytes, policy: RecordPolicy = DEFA
 
 
 def _check_payload_map(value: Any) -> None:
-    """Check the shape of a plain record's decoded payload: a map of ``data`` (a map)
-    and ``salt`` (bin of :data:`SALT_BYTES`), nothing else. Raises :class:`InvalidRecord`."""
+    """Check the shape of a plain record's decoded payload: a map of ``data`` (a map),
+    ``salt`` (bin of :data:`SALT_BYTES`), optionally ``subject`` and ``dataschema``
+    (str of 1 to 512 characters), nothing else. Raises :class:`InvalidRecord`."""
     if type(value) is not dict:
         raise _fail("the payload must be a map {data, salt}")
     keys = value.keys()
@@ -442,6 +441,9 @@ def _check_payload_map(value: Any) -> None:
         raise _fail(f"the payload's salt must be {SALT_BYTES} bytes")
     if type(value["data"]) is not dict:
         raise _fail("data (in the payload) must be a map")
+    for opt in ("subject", "dataschema"):
+        if opt in value and (type(value[opt]) is not str or not 0 < len(value[opt]) <= 512):
+            raise _fail(f"{opt} must be a string of 1 to 512 characters")
 
 
 def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
@@ -453,6 +455,7 @@ def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
         return Record(rid, body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
                       f["time"], SEALED_TYPE, {}, None, None, value, payload,
                       f["sealed_digest"])
+    held = type(value) is dict
     return Record(
         rid,
         body,
@@ -463,9 +466,9 @@ def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
         f.get("prev"),
         f["time"],
         f["type"],
-        value["data"] if type(value) is dict else {},
-        f.get("subject"),
-        f.get("dataschema"),
+        value["data"] if held else {},
+        value.get("subject") if held else None,  # in the payload: gone with it
+        value.get("dataschema") if held else None,
         None,
         payload,
         f["data_digest"],
@@ -557,13 +560,20 @@ def open_records(
     return out
 
 
-def make_payload(data: dict[str, Any], salt: bytes | None = None) -> bytes:
+def make_payload(data: dict[str, Any], salt: bytes | None = None, *,
+                 subject: str | None = None, dataschema: str | None = None) -> bytes:
     """The payload bytes of a plain record: the canonical msgpack map
-    ``{"data": data, "salt": salt}``. ``salt`` defaults to :data:`SALT_BYTES` random
-    bytes (libsodium's CSPRNG); pass one only to make fixed test vectors."""
+    ``{"data": data, "salt": salt}``, with ``subject`` and ``dataschema`` when given.
+    ``salt`` defaults to :data:`SALT_BYTES` random bytes (libsodium's CSPRNG); pass one
+    only to make fixed test vectors."""
     if salt is None:
         salt = nacl.utils.random(SALT_BYTES)
-    return encoding.encode({"data": data, "salt": salt})
+    value: dict[str, Any] = {"data": data, "salt": salt}
+    if subject is not None:
+        value["subject"] = subject
+    if dataschema is not None:
+        value["dataschema"] = dataschema
+    return encoding.encode(value)
 
 
 def make_body(
@@ -601,13 +611,9 @@ def make_body(
     else:
         if type is None or data is None:
             raise InvalidRecord("a record needs a type and data", "missing_field")
-        payload = make_payload(data, salt)
+        payload = make_payload(data, salt, subject=subject, dataschema=dataschema)
         fields["type"] = type
         fields["data_digest"] = payload_digest(payload)
-        if subject is not None:
-            fields["subject"] = subject
-        if dataschema is not None:
-            fields["dataschema"] = dataschema
     if prev is not None:
         fields["prev"] = prev
     body = encoding.encode(fields)

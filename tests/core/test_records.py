@@ -70,16 +70,18 @@ def _sign(**kw: Any) -> Any:
 
 
 def _fields(**kw: Any) -> dict[str, Any]:
-    """A body's fields; ``data`` (the payload) is taken out and replaced by its digest
-    (``data_digest`` given explicitly wins)."""
+    """A body's fields; ``data``, ``subject`` and ``dataschema`` (the payload, salted)
+    are taken out and replaced by its digest (``data_digest`` given explicitly wins)."""
     f: dict[str, Any] = {
         "version": 2, "origin": KEY.public_key, "feed": "test", "seq": 1, "time": T0,
         "type": "org.example.Test", "data": {"reading": 42},
     }
     f.update(kw)
     data = f.pop("data")
+    # subject and dataschema travel in the payload, beside data
+    extra = {k: f.pop(k) for k in ("subject", "dataschema") if k in f}
     if data is not ... and "data_digest" not in f:
-        payload = encoding.encode({"data": data, "salt": SALT})
+        payload = encoding.encode({"data": data, "salt": SALT} | extra)
         f["data_digest"] = hashlib.sha256(payload).digest()
         _PAYLOADS[f["data_digest"]] = payload
     return {k: v for k, v in f.items() if v is not ...}
@@ -129,7 +131,10 @@ def test_sign_then_open_round_trip() -> None:
     assert rec.data == AIR
     assert encoding.encode(rec.fields()) == rec.body
     assert rec.fields()["version"] == FORMAT_VERSION == 2
-    assert encoding.decode(rec.payload) == {"data": AIR, "salt": rec.payload[-16:]}
+    assert encoding.decode(rec.payload) == {
+        "data": AIR, "salt": encoding.decode(rec.payload)["salt"], "subject": "station-1",
+        "dataschema": "https://example.org/s.json"}
+    assert "subject" not in rec.fields() and "dataschema" not in rec.fields()
     assert rec.digest == hashlib.sha256(rec.payload).digest() == rec.fields()["data_digest"]
 
 
@@ -475,6 +480,21 @@ def test_the_digest_is_not_reproducible_from_the_data_alone() -> None:
     salt1 = encoding.decode(p1)["salt"]
     assert hashlib.sha256(encoding.encode({"data": {"reading": 42}, "salt": salt1})
                           ).digest() == d1
+
+
+def test_subject_and_dataschema_go_with_the_payload() -> None:
+    """Erasing or pruning the payload removes what the record is about: a tombstone
+    keeps origin, feed, seq, prev, time, type and the digest, nothing more."""
+    rec = _sign(subject="Jane Doe +41 79 000 00 00", dataschema="https://example.org/s")
+    assert rec.subject not in repr(rec.fields()) and b"Jane" not in rec.body
+    tomb = _open(rec.body, rec.sig, None)
+    assert tomb.is_tombstone and tomb.subject is None and tomb.dataschema is None
+    assert set(rec.fields()) == {"data_digest", "feed", "origin", "seq", "time", "type",
+                                 "version"}
+    # a body that still carries them is refused: they are not body fields any more
+    for k in ("subject", "dataschema"):
+        body = encoding.encode(rec.fields() | {k: "s"})
+        assert _reason(body, payload=rec.payload) == "unknown_field"
 
 
 @pytest.mark.parametrize(("payload", "reason"), [

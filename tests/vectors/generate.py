@@ -146,20 +146,27 @@ def vector_salt(raw: bytes) -> bytes:
     return hashlib.sha256(b"citynode/test/payload-salt" + raw).digest()[:16]
 
 
-def salted(data_raw: bytes, salt: bytes) -> bytes:
+def salted(data_raw: bytes, salt: bytes,
+           moved: list[tuple[bytes, bytes]] | None = None) -> bytes:
     """A plain record's payload: the map ``{"data": <data_raw as written>, "salt":
-    bin(salt)}`` (canonical key order)."""
-    return b"\x82" + enc("data") + data_raw + enc("salt") + bin_(salt)
+    bin(salt)}`` plus the ``moved`` entries (``subject``, ``dataschema``, as written),
+    in canonical key order (data, dataschema, salt, subject)."""
+    ents = [(enc("data"), data_raw), (enc("salt"), bin_(salt)), *(moved or [])]
+    ents.sort(key=lambda e: encoding.decode(e[0]).encode())
+    return map_header(len(ents)) + b"".join(k + v for k, v in ents)
+
+
+_MOVED = (enc("dataschema"), enc("subject"))
 
 
 def detach(raw: bytes) -> bytes:
     """A format-2 body from a record map written with its payload inline (``data`` or
     ``sealed``, as the fields below are written): that entry's value bytes, exactly as
-    written (faults included), become the payload (``data`` wrapped with a fixed
-    salt, :func:`salted`), and the entry becomes the payload's
-    digest under ``data_digest`` / ``sealed_digest`` (same place in key order). Returns
-    the body; :func:`envelope` finds the payload. A value that is not such a map is
-    returned unchanged."""
+    written (faults included), become the payload (``data`` is wrapped, with
+    ``subject`` and ``dataschema`` moved out of the body and a fixed salt, by
+    :func:`salted`), and the entry becomes the payload's digest under ``data_digest`` /
+    ``sealed_digest`` (same place in key order). Returns the body; :func:`envelope`
+    finds the payload. A value that is not such a map is returned unchanged."""
     try:
         t = raw[0]
         if 0x80 <= t <= 0x8F:
@@ -168,25 +175,36 @@ def detach(raw: bytes) -> bytes:
             n, i = int.from_bytes(raw[1:3], "big"), 3
         else:
             return raw
-        out = raw[:i]
-        payload = None
+        ents = []
         for _ in range(n):
             k_end = _skip(raw, i)
             v_end = _skip(raw, k_end)
-            key = raw[i:k_end]
+            ents.append((raw[i:k_end], raw[k_end:v_end]))
+            i = v_end
+        if i > len(raw):
+            return raw
+        keys = [k for k, _v in ents]
+        if enc("data") not in keys and enc("sealed") not in keys:
+            return raw
+        plain = enc("data") in keys
+        moved = [(k, v) for k, v in ents if plain and k in _MOVED]
+        kept = [(k, v) for k, v in ents if not (plain and k in _MOVED)]
+        out = b""
+        payload = None
+        for key, value in kept:
             if payload is None and key in _PAYLOAD_KEYS:
-                payload = raw[k_end:v_end]
+                payload = value
                 if key == enc("data"):
-                    payload = salted(payload, vector_salt(raw))
+                    payload = salted(payload, vector_salt(raw), moved)
                 out += _PAYLOAD_KEYS[key] + bin_(hashlib.sha256(payload).digest())
             else:
-                out += raw[i:v_end]
-            i = v_end
-        if payload is None or v_end > len(raw):
-            return raw
-        body = out + raw[i:]
+                out += key + value
+        head = (bytes([0x80 | len(kept)]) if t != 0xDE
+                else b"\xde" + len(kept).to_bytes(2, "big"))
+        body = head + out + raw[i:]
     except IndexError:
         return raw
+    assert payload is not None
     _PAYLOADS[body] = payload
     return body
 
@@ -679,13 +697,13 @@ def invalid_cases() -> list[Case]:
         "The body map's entries in insertion order (version first), not sorted.",
         raw_map(ents[-1:] + ents[:-1]), expect=nc,
     ))
-    with_subject = fields(data={"reading": 42, "unit": "dB"}, subject="a")
-    ents_s = entries(with_subject)
-    i = [k for k, _ in ents_s].index(enc("subject"))
+    ents_s = entries(base)
+    i = [k for k, _ in ents_s].index(enc("feed"))
     out.append(case(
         "non-canonical/duplicate-key",
-        "'subject' appears twice ('a' then 'b'); lenient decoders keep one or the other.",
-        raw_map([*ents_s[: i + 1], (enc("subject"), enc("b")), *ents_s[i + 1 :]]), expect=nc,
+        "'feed' appears twice ('test' then 'tesu'); lenient decoders keep one or the "
+        "other.",
+        raw_map([*ents_s[: i + 1], (enc("feed"), enc("tesu")), *ents_s[i + 1 :]]), expect=nc,
     ))
     out.append(case(
         "non-canonical/non-shortest-int",
@@ -900,9 +918,19 @@ def invalid_cases() -> list[Case]:
         enc(fields(time=float(T0))), expect=err("bad_field"),
     ))
     out.append(case(
-        "fields/empty-subject", "subject present but empty.",
+        "fields/empty-subject", "subject (in the payload) present but empty.",
         enc(fields(subject="")), expect=err("bad_field"),
     ))
+    for name in ("subject", "dataschema"):
+        clear = detach(enc(fields()))
+        out.append(case(
+            f"fields/{name}-in-body",
+            f"{name} in the signed body (where format 2 had it before it moved into the "
+            "payload): an unknown body field, so it could not survive an erasure.",
+            raw_map(sorted([*raw_entries(clear), (enc(name), enc("sensor-7"))],
+                           key=lambda e: encoding.decode(e[0]).encode())),
+            payload=_PAYLOADS[clear], expect=err("unknown_field"),
+        ))
     out.append(case(
         "fields/data-not-a-map", "The payload is an array, not a map.",
         enc(fields(data=[1, 2, 3])), expect=err("bad_field"),
