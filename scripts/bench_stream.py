@@ -103,7 +103,8 @@ def _read_envelope_event(ev: bytes) -> tuple[int, int, float] | None:
                                                        validate=True))
     if payload is None:
         raise ValueError("a record event without its payload")
-    f, data = msgpack.unpackb(body), msgpack.unpackb(payload)
+    # the payload is the salted map {data, salt, ...} (docs/PROTOCOL.md)
+    f, data = msgpack.unpackb(body), msgpack.unpackb(payload)["data"]
     return f["seq"], data["n"], data["t"]
 
 
