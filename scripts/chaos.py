@@ -64,8 +64,25 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout, cwd=ROOT)
 
 
+#: Administration tools live in /usr/sbin, which a non-login PATH may lack.
+_SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+_TOOLS = ("ip", "nft", "tc", "mount", "umount")
+
+
+def _tool(name: str) -> str:
+    return shutil.which(name, path=_SBIN_PATH) or name
+
+
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check)
+    """Run a command (its administration tools found in /usr/sbin too, also after
+    ``ip netns exec NS``); a failure raises with the command's stderr in the message."""
+    args = list(cmd)
+    for i in (0, 4) if cmd[1:3] == ("netns", "exec") else (0,):
+        args[i] = _tool(args[i]) if args[i] in _TOOLS else args[i]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
 
 
 async def held(node: LocalNode, origin: LocalNode, feed: str = FEED) -> tuple[int, int]:
