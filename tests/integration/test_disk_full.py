@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,22 +17,6 @@ from citynode.transport.server import serve
 from tests.conftest import make_node_dir
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs mounted for this test (root only: CI runs as root)."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("mounting a small tmpfs needs root, and CI runs as root")
-        pytest.skip("mounting a small tmpfs needs root (CI runs this test)")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_a_full_disk_is_a_clear_507_readiness_says_so_and_the_node_resumes(

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -164,22 +163,6 @@ async def test_a_fork_of_a_held_feed_is_alerted(tmp_path: Path, receiver: Receiv
         assert len(receiver.of("fork")) == 1  # proofs stay: never again, never resolved
     finally:
         await a.close()
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs mounted for this test (root only: CI runs as root)."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("mounting a small tmpfs needs root, and CI runs as root")
-        pytest.skip("mounting a small tmpfs needs root (CI runs this test)")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_disk_low_is_alerted_and_resolved(small_fs: Path, receiver: Receiver) -> None:
