@@ -733,11 +733,15 @@ def policy() -> None:
 @DIR_OPTION
 @click.option("--feed", required=True, help="The feed whose egress policy applies.")
 @click.option("--type", "type_name", required=True, help="The payload type.")
+@click.option("--subject", default=None,
+              help="The records' subject, as given to publish (the policy applies to it).")
 @click.argument("source", type=click.File("r", encoding="utf-8"))
-def policy_check(data_dir: Path, feed: str, type_name: str, source: Any) -> None:
-    """Show what each payload of SOURCE would become if published on FEED (JSON): the
-    payload as it would leave, what the policy changed, or why it would be refused.
-    Nothing is signed or stored. Exits with status 1 if any payload would be refused.
+def policy_check(data_dir: Path, feed: str, type_name: str, subject: str | None,
+                 source: Any) -> None:
+    """Show what each payload of SOURCE (and its SUBJECT) would become if published on
+    FEED (JSON): the payload as it would leave, what the policy changed, or why it
+    would be refused. Nothing is signed or stored. Exits with status 1 if any payload
+    would be refused.
     """
     from citynode.config import load_config
     from citynode.core import egress
@@ -750,12 +754,13 @@ def policy_check(data_dir: Path, feed: str, type_name: str, source: Any) -> None
     results: list[dict[str, Any]] = []
     for n, item in enumerate(_read_items(source), 1):
         try:
-            out = egress.apply(rules, type_name, item)
+            out = egress.apply(rules, type_name, item, subject)
             validate_payload(type_name, out.data)  # what publishing would check next
         except PayloadError as exc:
             results.append({"item": n, "refused": str(exc), "reason": exc.reason})
         else:
-            results.append({"item": n, "data": out.data, "changes": list(out.changes)})
+            results.append({"item": n, "data": out.data, "subject": out.subject,
+                            "changes": list(out.changes)})
     _print_json({"feed": feed, "policy": rules.settings(),
                  "policy_digest": rules.digest().hex(), "payloads": results})
     if any("refused" in r for r in results):

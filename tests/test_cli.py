@@ -858,6 +858,38 @@ def test_egress_policy_applies_before_signing_and_policy_check_shows_it(
     assert other["data"]["location"]["coordinates"] == [106.8230, -6.1950]
 
 
+def test_egress_rules_reach_the_records_subject(node_dir: Path) -> None:
+    """The subject leaves the city in the payload map: a feed denying it refuses a
+    record with one (naming it, nothing signed); a feed removing free text publishes
+    the record without it; `policy check --subject` shows both beforehand."""
+    with open(node_dir / "node.toml", "a") as f:
+        f.write('\n[feeds.closed]\naccess = "public"\n[feeds.closed.egress]\n'
+                'deny = ["subject"]\n'
+                '\n[feeds.plain]\naccess = "public"\n[feeds.plain.egress]\n'
+                'text_max_chars = 0\n')
+    d = str(node_dir)
+    body = json.dumps(air(1.0)) + "\n"
+    who = "house of Ibu Sari"
+    checked = cli("policy", "check", "-d", d, "--feed", "closed", "--type", AIR_TYPE,
+                  "--subject", who, "-", input=body)
+    assert checked.exit_code == 1
+    (refused,) = json.loads(checked.stdout)["payloads"]
+    assert refused["reason"] == "egress_denied" and "subject" in refused["refused"]
+    line = one_line_error(cli("publish", "-d", d, "--feed", "closed", "--type", AIR_TYPE,
+                              "--subject", who, "-", input=body))
+    assert "attribute subject (the record's subject) may not leave" in line
+    assert record_ids(node_dir) == []
+    (shown,) = ok_json("policy", "check", "-d", d, "--feed", "plain", "--type", AIR_TYPE,
+                       "--subject", who, "-", input=body)["payloads"]
+    assert shown["subject"] is None
+    assert "removed subject (the record's subject) (free text)" in shown["changes"]
+    ok("publish", "-d", d, "--feed", "plain", "--type", AIR_TYPE, "--subject", who, "-",
+       input=body)
+    (rec,) = ok_json("records", "-d", d, "--feed", "plain", "--json")["records"]
+    assert rec.get("subject") is None and "name" not in rec["data"]
+    assert who not in json.dumps(rec)
+
+
 def test_a_single_feed_export_carries_the_erasure_requests_and_audits_clean(
         node_dir: Path, tmp_path: Path) -> None:
     """``citynode export --feed F`` of a feed with an erased record adds the origin's

@@ -353,8 +353,10 @@ class MqttBridge:
         """What a record of ``m`` holds: its payload after the feed's egress policy (as
         the publishing role applies it)."""
         rules = self.config.feed(m.feed).egress
-        data = m.data if rules.is_open else egress.apply(rules, m.type, m.data).data
-        return (m.type, m.subject, data)
+        if rules.is_open:
+            return (m.type, m.subject, m.data)
+        out = egress.apply(rules, m.type, m.data, m.subject)
+        return (m.type, out.subject, out.data)
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n

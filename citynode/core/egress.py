@@ -25,6 +25,13 @@ carry. Publishing applies the policy to each payload, deterministically, in this
 6. Free text: ``text_max_chars`` cuts the top-level string attributes named in
    ``text_attributes`` to that many characters; 0 removes those attributes.
 
+The record's ``subject`` leaves the city too (in the salted payload map, beside the
+data), so every rule applies to it as to a top-level attribute named ``subject``: a
+deny-list naming ``subject`` refuses a record that has one (``egress_denied``); an
+allow-list that does not name it removes it; time coarsening rounds it if it is a
+date-time; and it is free text (in :data:`DEFAULT_TEXT_ATTRIBUTES`), so
+``text_max_chars`` cuts or removes it.
+
 Walking inside a payload is bounded: one nested deeper than :data:`MAX_DEPTH` levels
 is refused (``too_deep``); the record decoder's own limit is far below it.
 
@@ -53,7 +60,10 @@ __all__ = ["DEFAULT_TEXT_ATTRIBUTES", "MAX_DEPTH", "OPEN", "Applied", "EgressPol
 
 DOMAIN = b"citynode/egress-policy/v1\x00"
 #: The free-text attributes of the built-in payload types.
-DEFAULT_TEXT_ATTRIBUTES = ("alternateName", "description", "name", "stationName")
+#: ``subject`` is the record's subject (any text its publisher gives).
+DEFAULT_TEXT_ATTRIBUTES = ("alternateName", "description", "name", "stationName", "subject")
+#: The name the rules know the record's subject by.
+SUBJECT = "subject"
 _MAX_DECIMALS = 12
 #: The deepest nesting the deny check and time coarsening walk (see the docstring).
 MAX_DEPTH = 64
@@ -136,21 +146,28 @@ OPEN = EgressPolicy()
 
 @dataclass(frozen=True)
 class Applied:
-    """A payload as it leaves the city, and what the policy changed (in words)."""
+    """A payload as it leaves the city (its data and its subject: None when it has
+    none or the policy removed it), and what the policy changed (in words)."""
 
     data: dict[str, Any]
     changes: tuple[str, ...]
+    subject: str | None = None
 
 
-def apply(policy: EgressPolicy, type_name: str, data: Mapping[str, Any]) -> Applied:
-    """Apply ``policy`` to one payload of ``type_name``. Pure and deterministic; the input
-    is not modified. Raises :class:`PayloadError` (``egress_type``, ``egress_denied``) if
-    the payload may not leave at all."""
+def apply(policy: EgressPolicy, type_name: str, data: Mapping[str, Any],
+          subject: str | None = None) -> Applied:
+    """Apply ``policy`` to one payload of ``type_name`` and its record's ``subject``
+    (see the module docstring). Pure and deterministic; the input is not modified.
+    Raises :class:`PayloadError` (``egress_type``, ``egress_denied``) if the payload may
+    not leave at all."""
     if policy.types is not None and type_name not in policy.types:
         raise PayloadError(
             f"type {type_name} may not be published on this feed (its egress policy "
             f"allows {', '.join(sorted(policy.types)) or 'no type'})", "egress_type")
-    denied = _denied_paths(data, frozenset(d.casefold() for d in policy.deny))
+    deny = frozenset(d.casefold() for d in policy.deny)
+    denied = _denied_paths(data, deny)
+    if subject is not None and SUBJECT in deny:
+        denied = sorted([*denied, f"{SUBJECT} (the record's subject)"])
     if denied:
         raise PayloadError(
             f"attribute {', '.join(denied)} may not leave this city (the feed's egress "
@@ -186,7 +203,32 @@ def apply(policy: EgressPolicy, type_name: str, data: Mapping[str, Any]) -> Appl
             elif isinstance(v, str) and len(v) > policy.text_max_chars:
                 out[k] = v[:policy.text_max_chars]
                 changes.append(f"{k} cut to {policy.text_max_chars} characters")
-    return Applied(out, tuple(changes))
+    leaving = _subject(policy, subject, changes)
+    return Applied(out, tuple(changes), leaving)
+
+
+def _subject(policy: EgressPolicy, subject: str | None, changes: list[str]) -> str | None:
+    """The record's subject as it leaves, by the rules of a top-level attribute named
+    ``subject`` (the deny check was made with the data's); changes appended."""
+    if subject is None:
+        return None
+    what = f"{SUBJECT} (the record's subject)"
+    if policy.allow is not None and SUBJECT not in policy.allow:
+        changes.append(f"removed {what} (not on the allow-list)")
+        return None
+    if policy.time_resolution_seconds is not None:
+        floored = _floor_datetime(subject, policy.time_resolution_seconds)
+        if floored is not None and floored != subject:
+            changes.append(f"{what} rounded down to {policy.time_resolution_seconds} s")
+            subject = floored
+    if policy.text_max_chars is not None and SUBJECT in policy.text_attributes:
+        if policy.text_max_chars == 0:
+            changes.append(f"removed {what} (free text)")
+            return None
+        if len(subject) > policy.text_max_chars:
+            changes.append(f"{what} cut to {policy.text_max_chars} characters")
+            return subject[:policy.text_max_chars]
+    return subject
 
 
 def parse_policy(table: Mapping[str, Any], where: str) -> EgressPolicy:

@@ -111,13 +111,15 @@ class Publisher:
         for n, data in enumerate(items):
             seq += 1
             try:
-                # What may leave the city, applied before anything is signed.
-                # What may leave the city (an erasure request says only what to drop).
-                leaving = (data if rules.is_open or type_name == ERASURE_TYPE
-                           else egress.apply(rules, type_name, data).data)
+                # What may leave the city, the data and the subject, applied before
+                # anything is signed (an erasure request says only what to drop).
+                subject = subjects[n] if subjects else None
+                if not (rules.is_open or type_name == ERASURE_TYPE):
+                    leaving = egress.apply(rules, type_name, data, subject)
+                    data, subject = leaving.data, leaving.subject
                 r = sign_record(self.key, feed=feed, seq=seq, prev=prev, time_ms=now,
-                                type=type_name, data=leaving, readers=readers,
-                                subject=subjects[n] if subjects else None)
+                                type=type_name, data=data, readers=readers,
+                                subject=subject)
                 size = max(len(r.body), len(r.payload or b""))
                 if size > limit:
                     # The limit every node applies on ingest (to the body and to the

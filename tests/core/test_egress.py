@@ -180,3 +180,46 @@ def test_rounding_is_idempotent_and_close(lon: float, lat: float, n: int) -> Non
     assert twice.data == once.data
     got = once.data["location"]["coordinates"]
     assert abs(got[0] - lon) <= 10 ** -n and abs(got[1] - lat) <= 10 ** -n
+
+
+# ------------------------------------------------------------------ the record's subject
+
+
+def test_a_denied_subject_is_refused_naming_it() -> None:
+    """The subject leaves in the payload map: a deny-list naming it refuses the record,
+    never drops the subject silently; a record without a subject passes."""
+    policy = EgressPolicy(deny=frozenset({"Subject"}))
+    with pytest.raises(PayloadError) as e:
+        apply(policy, "X", {"pm25": 3}, "Ibu Sari's house")
+    assert e.value.reason == "egress_denied"
+    assert "attribute subject (the record's subject) may not leave" in str(e.value)
+    assert apply(policy, "X", {"pm25": 3}).subject is None
+    both = EgressPolicy(deny=frozenset({"subject", "phone"}))
+    with pytest.raises(PayloadError, match=r"attribute phone, subject \(the record's"):
+        apply(both, "X", {"phone": 1}, "s")
+
+
+def test_free_text_rules_cut_or_remove_the_subject() -> None:
+    long = "DKI1 next to the house of Ibu Sari"
+    cut = apply(EgressPolicy(text_max_chars=4), "X", {"pm25": 3}, long)
+    assert cut.subject == "DKI1"
+    assert cut.changes == ("subject (the record's subject) cut to 4 characters",)
+    gone = apply(EgressPolicy(text_max_chars=0), "X", {"pm25": 3}, long)
+    assert gone.subject is None
+    assert gone.changes == ("removed subject (the record's subject) (free text)",)
+    # Not a free-text attribute when the operator's list leaves it out.
+    kept = apply(EgressPolicy(text_max_chars=0, text_attributes=("name",)), "X", {}, long)
+    assert kept.subject == long and kept.changes == ()
+    assert apply(EgressPolicy(text_max_chars=40), "X", {}, "DKI1").subject == "DKI1"
+
+
+def test_an_allow_list_without_subject_removes_it_and_time_rules_round_it() -> None:
+    out = apply(EgressPolicy(allow=frozenset({"pm25"})), "X", {"pm25": 3}, "DKI1")
+    assert out.subject is None
+    assert out.changes == ("removed subject (the record's subject) (not on the allow-list)",)
+    assert apply(EgressPolicy(allow=frozenset({"pm25", "subject"})), "X", {"pm25": 3},
+                 "DKI1").subject == "DKI1"
+    timed = apply(EgressPolicy(time_resolution_seconds=3600), "X", {},
+                  "2026-11-28T07:03:27+07:00")
+    assert timed.subject == "2026-11-28T07:00:00+07:00"
+    assert timed.changes == ("subject (the record's subject) rounded down to 3600 s",)
