@@ -67,6 +67,7 @@ from citynode.core.checkpoints import (
     stored_subtree_hash,
     subtrees_completed,
 )
+from citynode.core.erasure import entry_effect, erasures_in
 from citynode.core.filters import ALL_RECORDS, RecordFilter
 from citynode.core.keys import node_id
 from citynode.core.records import (
@@ -76,12 +77,13 @@ from citynode.core.records import (
     encode_record,
     with_payload,
 )
-from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, point_of, validate_erasure
+from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, point_of
 from citynode.errors import (
     ChainError,
     CitynodeError,
     DatabaseCorrupt,
     DiskFull,
+    InvalidRecord,
     QueryTooSlow,
     StorageError,
 )
@@ -713,6 +715,9 @@ _INSERT_PAYLOAD = "INSERT INTO payloads (rowid, payload) VALUES (?, ?)"
 _INSERT_ERASURE = ("INSERT OR IGNORE INTO erasures (id, origin, feed, seq, by, reason)"
                    " VALUES (?, ?, ?, ?, ?, ?)")
 _SELECT_ERASED = "SELECT by FROM erasures WHERE id = ? AND origin = ? AND feed = ? AND seq = ?"
+#: Entries of other origins' requests naming a record id (refused when it arrives).
+_SELECT_FOREIGN = "SELECT by, feed, seq FROM erasures WHERE id = ? AND origin != ?"
+_DELETE_FOREIGN = "DELETE FROM erasures WHERE id = ? AND origin != ?"
 #: Drop a payload, keep the skeleton: what erasing and pruning do to one row. A tombstone
 #: has no location either (filters on payload fields match no tombstone).
 _DROP_PAYLOAD = "DELETE FROM payloads WHERE rowid = ?"
@@ -724,29 +729,39 @@ def _erase_row(conn: sqlite3.Connection, rowid: int, by: bytes) -> None:
     conn.execute(_MARK_ERASED, (by, rowid))
 
 
-def _apply_erasure(conn: sqlite3.Connection, r: Record) -> list[tuple[str, int]]:
+def _apply_erasure(conn: sqlite3.Connection, r: Record) -> list[tuple[str, int, str]]:
     """Record the positions erasure request ``r`` names and drop the payloads held
-    there whose id matches. Returns the positions held under another id (ignored)."""
-    mismatched = []
-    for feed, seq, rid in validate_erasure(r.data):
-        conn.execute(_INSERT_ERASURE, (rid, r.origin, feed, seq, r.id, r.data["reason"]))
-        row = conn.execute(f"SELECT rowid, id, erased_by FROM records WHERE chain = {_CHAIN_OF}"
-                           " AND seq = ?", (r.origin, feed, seq)).fetchone()
-        if row is None:
-            continue  # not held yet: dropped on arrival (the erasures row waits for it)
-        if row[1] != rid:
-            mismatched.append((feed, seq))
-        elif row[2] is None:
-            _erase_row(conn, row[0], r.id)
-    return mismatched
+    there whose id matches (:func:`citynode.core.erasure.entry_effect`). Returns the
+    entries refused, ``(feed, seq, reason)``: they erase nothing."""
+    refused = []
+    for e in erasures_in([r]):
+        held = conn.execute(f"SELECT rowid, id, erased_by FROM records WHERE chain = "
+                            f"{_CHAIN_OF} AND seq = ?", (r.origin, e.feed, e.seq)).fetchone()
+        other = conn.execute("SELECT c.origin FROM records AS r JOIN chains AS c ON"
+                             " c.id = r.chain WHERE substr(r.id, 1, 8) = ? AND r.id = ?",
+                             (e.id[:8], e.id)).fetchone()
+        try:
+            effect = entry_effect(e, held_at_position=None if held is None else held[1],
+                                  origin_of_id=None if other is None else other[0])
+        except InvalidRecord as exc:
+            refused.append((e.feed, e.seq, exc.reason))
+            if exc.reason == "erasure_not_origin":
+                continue  # not remembered: it may never erase that record
+            effect = "wait"
+        conn.execute(_INSERT_ERASURE, (e.id, r.origin, e.feed, e.seq, r.id,
+                                       r.data["reason"]))
+        if effect == "drop" and held[2] is None:
+            _erase_row(conn, held[0], r.id)
+    return refused
 
 
 def _append_job(
     records: tuple[Record, ...], received_at: int
-) -> Callable[[sqlite3.Connection], list[tuple[bytes, str, int]]]:
-    """The write of :meth:`Storage.append`; its result lists the erasure entries that
-    named a position held under another id ``(erasure id, feed, seq)``."""
-    def run(conn: sqlite3.Connection) -> list[tuple[bytes, str, int]]:
+) -> Callable[[sqlite3.Connection], list[tuple[bytes, str, int, str]]]:
+    """The write of :meth:`Storage.append`; its result lists the erasure entries
+    refused, ``(erasure id, feed, seq, reason)`` (:func:`_apply_erasure`), and those
+    of another origin's requests naming a record that arrived (``erasure_not_origin``)."""
+    def run(conn: sqlite3.Connection) -> list[tuple[bytes, str, int, str]]:
         # (origin, feed) -> [chain id, head seq, head id]; one lookup per feed per job
         heads: dict[tuple[bytes, str], list[Any]] = {}
         # (origin, feed) -> {seq: id} of this job's records: the new leaves of its tree,
@@ -793,16 +808,21 @@ def _append_job(
         conn.executemany(_INSERT_PAYLOAD, [(first_rowid + i, r.payload)
                                            for i, r in enumerate(records)
                                            if r.payload is not None])
-        mismatched: list[tuple[bytes, str, int]] = []
+        mismatched: list[tuple[bytes, str, int, str]] = []
         if conn.execute("SELECT 1 FROM erasures LIMIT 1").fetchone() is not None:
             # A record named by an erasure request held: its payload goes at once.
             for i, r in enumerate(records):
                 by = conn.execute(_SELECT_ERASED, (r.id, r.origin, r.feed, r.seq)).fetchone()
                 if by is not None:
                     _erase_row(conn, first_rowid + i, by[0])
+                # Another origin's request named this record before it arrived: it
+                # erases nothing, and is refused now that it is known to be foreign.
+                foreign = conn.execute(_SELECT_FOREIGN, (r.id, r.origin)).fetchall()
+                mismatched += [(b, f, q, "erasure_not_origin") for b, f, q in foreign]
+                conn.execute(_DELETE_FOREIGN, (r.id, r.origin))
         for r in records:
             if r.type == ERASURE_TYPE and r.feed == ERASURE_FEED and r.payload is not None:
-                mismatched += [(r.id, f, s) for f, s in _apply_erasure(conn, r)]
+                mismatched += [(r.id, f, q, why) for f, q, why in _apply_erasure(conn, r)]
         conn.executemany(_UPDATE_HEAD, [(h[1], h[2], h[0]) for h in heads.values()])
         # The feeds' Merkle trees grow in the same transaction: a tree on disk always
         # covers exactly the records held.
@@ -1164,14 +1184,15 @@ class Storage:
         *,
         durable: bool = False,
         received_at_ms: int | None = None,
-    ) -> Future[list[tuple[bytes, str, int]]]:
+    ) -> Future[list[tuple[bytes, str, int, str]]]:
         """Store verified ``records`` and advance their feeds' heads, atomically.
 
         A record that is a tombstone (no payload) is stored as one; a record named by an
         erasure request held is stored without its payload; an erasure request among
         ``records`` drops the payloads it names (same id at that position). The result
-        lists the erasure entries ignored for naming a position held under another id:
-        ``(erasure request id, feed, seq)``.
+        lists the erasure entries refused, which erase nothing: ``(erasure request id,
+        feed, seq, reason)``, reason ``erasure_mismatch`` (a position held under another
+        id) or ``erasure_not_origin`` (a record of another origin named).
 
         The caller orders them so each extends its chain (seq 1, or ``head.seq + 1`` with
         ``prev == head.id``); the writer re-checks that in the transaction and fails the

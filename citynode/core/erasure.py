@@ -15,6 +15,11 @@ inclusion still verify), payload gone. A payload goes for one of two reasons
 
 A tombstone arriving from outside is taken only if one of these holds; otherwise it is
 refused with ``payload_missing`` and nothing is stored (:func:`tombstone_verdict`).
+
+What one entry of an erasure request does at a node is :func:`entry_effect`: drop the
+payload held at its position, wait for that record, or be refused (``erasure_mismatch``:
+another record is held there; ``erasure_not_origin``: the id it names is a record of
+another origin, which only that origin can erase).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "DAY_MS",
     "MAX_RETENTION_DAYS",
     "Erasure",
+    "entry_effect",
     "erasures_in",
     "past_retention",
     "retention_cutoff",
@@ -104,6 +110,31 @@ def tombstone_verdict(
         "erasure request of its origin names it and it is within its feed's retention",
         "payload_missing",
     )
+
+
+def entry_effect(e: Erasure, *, held_at_position: bytes | None,
+                 origin_of_id: bytes | None) -> str:
+    """What entry ``e`` of an erasure request does at a node: ``"drop"`` (the record it
+    names is held at its position: drop the payload) or ``"wait"`` (nothing is held
+    there yet: a record arriving there with that id is stored as a tombstone).
+
+    ``held_at_position``: the id of the record held at ``(e.origin, e.feed, e.seq)``
+    (None: none); ``origin_of_id``: the origin of the record held with id ``e.id``
+    (None: none held). Raises :class:`InvalidRecord`, and the entry erases nothing:
+    ``erasure_not_origin`` if ``e.id`` is a record of another origin than the
+    request's signer (only a record's origin can erase it), ``erasure_mismatch`` if
+    another record is held at the position."""
+    if origin_of_id is not None and origin_of_id != e.origin:
+        raise InvalidRecord(
+            f"erasure request {e.by.hex()} names record {e.id.hex()}, which another "
+            "origin published: only a record's origin can erase it", "erasure_not_origin")
+    if held_at_position is None:
+        return "wait"
+    if held_at_position != e.id:
+        raise InvalidRecord(
+            f"erasure request {e.by.hex()} names {e.feed} seq {e.seq} under id "
+            f"{e.id.hex()}, held here under another id", "erasure_mismatch")
+    return "drop"
 
 
 def named_by(erasures: Iterable[Erasure], records: Iterable[Record]) -> dict[bytes, bytes]:

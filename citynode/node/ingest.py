@@ -333,14 +333,17 @@ class Ingest:
             found.update(await in_thread(self.storage.erased_by, ask))
         return found
 
-    def count_erasure_mismatches(self, mismatched: Sequence[tuple[bytes, str, int]],
+    def count_erasure_mismatches(self, mismatched: Sequence[tuple[bytes, str, int, str]],
                                  source: PartnerLink | None) -> None:
-        """Erasure entries that named a position held under another id (ignored, that
-        entry only): counted as ``erasure_mismatch``."""
-        for by, feed, seq in mismatched:
-            self.count_invalid(source, "erasure_mismatch",
-                               f"erasure request {by.hex()} names {feed} seq {seq}, held "
-                               "under another id: that entry is ignored")
+        """Erasure entries refused (that entry only; it erases nothing), counted under
+        their reason: ``erasure_mismatch`` (a position held under another id) or
+        ``erasure_not_origin`` (a record of another origin named)."""
+        for by, feed, seq, reason in mismatched:
+            what = ("held under another id" if reason == "erasure_mismatch" else
+                    "naming a record of another origin, which only that origin can erase")
+            self.count_invalid(source, reason,
+                               f"erasure request {by.hex()} names {feed} seq {seq}, "
+                               f"{what}: that entry is refused")
 
     def _verify_jobs(self, jobs: list[_Together]
                      ) -> list[list[tuple[int, Record | InvalidRecord]]]:

@@ -284,15 +284,22 @@ def test_ingest_vector(case: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", VECTORS["erasures"], ids=lambda c: c["name"])
 def test_erasure_vector(case: dict[str, Any]) -> None:
-    held = {(r.origin, r.feed, r.seq): r for r in map(_vrec, case["held"])}
+    recs = list(map(_vrec, case["held"]))
+    held = {(r.origin, r.feed, r.seq): r for r in recs}
+    by_id = {r.id: r for r in recs}
     e = _vrec(case["erasure"])
     dropped, ignored = [], []
     for x in er.erasures_in([e]):
-        r = held.get((x.origin, x.feed, x.seq))
-        if r is None:
+        at = held.get((x.origin, x.feed, x.seq))
+        named = by_id.get(x.id)
+        try:
+            effect = er.entry_effect(x, held_at_position=None if at is None else at.id,
+                                     origin_of_id=None if named is None else named.origin)
+        except InvalidRecord as exc:
+            ignored.append({"feed": x.feed, "seq": x.seq, "reason": exc.reason})
             continue
-        if r.id == x.id:
-            dropped.append(next(n for n in case["held"] if _vrec(n).id == r.id))
+        if effect == "drop":
+            dropped.append(next(n for n in case["held"] if _vrec(n).id == x.id))
         else:
-            ignored.append({"feed": x.feed, "seq": x.seq, "reason": "erasure_mismatch"})
+            assert effect == "wait" and at is None
     assert {"dropped": dropped, "ignored": ignored} == case["expect"]

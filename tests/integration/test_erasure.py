@@ -189,3 +189,46 @@ async def test_an_erasure_reaches_every_holder_and_retention_prunes_at_partners(
     assert [r.get("pruned") for r in page["records"]] == [True, True]
     # A pruned skeleton from a partner is taken once past retention (not before).
     assert c.node.storage.tombstones() == (1, 2)
+
+
+async def test_an_erasure_request_naming_another_origins_record_is_refused_and_counted(
+        node: Callable[..., Awaitable[InProc]]) -> None:
+    """B signs an erasure request naming A's record (only A may erase it): A, holding
+    the record, refuses that entry with ``erasure_not_origin``, counted against B, and
+    keeps the payload; a node that receives B's request before A's record refuses the
+    entry when the record arrives, and keeps that payload too."""
+    a = await node("Aachen", '\n[feeds.reports]\naccess = "public"\n')
+    b = await node("Bonn")
+    for x, y in ((a, b), (b, a)):
+        await x.node.add_partner(y.url, y.node.node_id)
+    [victim] = await a.node.publish("reports", "org.example.Report", [{"n": 1}])
+    foreign = sign_record(b.node.key, feed=ERASURE_FEED, seq=1, prev=None,
+                          time_ms=b.node.now_ms(), type="citynode.Erasure",
+                          data={"erase": [{"feed": "reports", "seq": 1, "id": victim.id}],
+                                "reason": "not mine to erase"})
+    link = a.node.links[b.node.public_key]
+    res = await a.node.ingest([foreign.envelope], source=link)
+    assert res.rejected == [] and res.accepted == 1  # the request itself is B's record
+
+    async def refused(n: InProc, by: Any) -> bool:
+        return by.invalid.get("erasure_not_origin") == 1
+    await eventually(lambda: refused(a, link), timeout=10)
+    assert a.node.storage.get_envelope(victim.id) == victim.envelope
+    assert a.node.storage.erasure_of(victim.id) is None
+    rejected = a.node.storage.rejected(10)
+    assert any(r.reason == "erasure_not_origin" and "another origin" in r.detail
+               for r in rejected), rejected
+
+    # The request first, the record after: refused when the record arrives.
+    c = await node("Celle", settings={("federation", "accept"): "any"})
+    first = await c.node.ingest([foreign.envelope])
+    assert first.accepted == 1
+    assert c.node.metrics.rejected.labels("erasure_not_origin")._value.get() == 0
+    then = await c.node.ingest([victim.envelope])
+    assert then.accepted == 1
+    await eventually(lambda: _counted(c, "erasure_not_origin"), timeout=10)
+    assert c.node.storage.get_envelope(victim.id) == victim.envelope
+
+
+async def _counted(n: InProc, reason: str) -> bool:
+    return bool(n.node.metrics.rejected.labels(reason)._value.get() == 1)

@@ -115,16 +115,32 @@ def test_another_nodes_erasure_erases_nothing_of_ours(st: Storage) -> None:
     st.append(recs).result(5)
     mine_b = _chain(B, "reports", 1)
     st.append(mine_b).result(5)
-    # B names (reports, 2) with A's id: that is B's position, which B's record is not at.
-    assert st.append([_erasure(B, [("reports", 2, recs[1].id)])]).result(5) == []
+    # B names (reports, 2) with A's id: that is B's position, which B's record is not
+    # at; the id is a record of A, held here: refused (only A can erase it), reported.
+    first = _erasure(B, [("reports", 2, recs[1].id)])
+    assert st.append([first]).result(5) == [(first.id, "reports", 2, "erasure_not_origin")]
     assert st.get_envelope(recs[1].id) == recs[1].envelope
     assert st.tombstones() == (0, 0)
-    # B names its own (reports, 1) under A's id: held under another id, ignored, reported.
-    wrong = _erasure(B, [("reports", 1, recs[0].id)], seq=2,
-                     prev=st.head(B.public_key, ERASURE_FEED)[1])  # type: ignore[index]
-    assert st.append([wrong]).result(5) == [(wrong.id, "reports", 1)]
+    # B names its own (reports, 1) under A's id: refused for the same reason first.
+    wrong = _erasure(B, [("reports", 1, recs[0].id)], seq=2, prev=first.id)
+    assert st.append([wrong]).result(5) == [(wrong.id, "reports", 1, "erasure_not_origin")]
     assert st.get_envelope(mine_b[0].id) == mine_b[0].envelope
     assert st.get_envelope(recs[0].id) == recs[0].envelope
+    # B names its own (reports, 1) under an id held nowhere: held under another id.
+    odd = _erasure(B, [("reports", 1, bytes(32))], seq=3, prev=wrong.id)
+    assert st.append([odd]).result(5) == [(odd.id, "reports", 1, "erasure_mismatch")]
+    assert st.get_envelope(mine_b[0].id) == mine_b[0].envelope
+    assert st.tombstones() == (0, 0)
+
+
+def test_another_nodes_erasure_waiting_for_a_record_is_refused_when_it_arrives(
+        st: Storage) -> None:
+    recs = _chain(A, "reports", 1)
+    early = _erasure(B, [("reports", 1, recs[0].id)])
+    assert st.append([early]).result(5) == []  # A's record not held: cannot tell yet
+    assert st.append(recs).result(5) == [(early.id, "reports", 1, "erasure_not_origin")]
+    assert st.get_envelope(recs[0].id) == recs[0].envelope
+    assert st.tombstones() == (0, 0)
 
 
 def test_prune_drops_old_payloads_in_bounded_batches_and_never_erasure_requests(

@@ -1708,8 +1708,15 @@ def payloads_file() -> dict[str, Any]:
          "expect": {"dropped": [], "ignored": [{"feed": "test", "seq": 1,
                                                 "reason": "erasure_mismatch"}]}},
         {"name": "erasure-by-other-origin", "description": "B's erasure request naming A's "
-         "record's id: it names B's (test, 1), not held; A's record stays whole",
+         "record's id (at B's (test, 1), not held): a record of another origin, which only "
+         "its origin can erase; that entry is refused and counted, A's record stays whole",
          "held": ["plain"], "erasure": "erasure-by-b",
+         "expect": {"dropped": [], "ignored": [{"feed": "test", "seq": 1,
+                                                "reason": "erasure_not_origin"}]}},
+        {"name": "erasure-by-other-origin-not-held", "description": "B's erasure request "
+         "naming A's record's id at a node holding nothing: it waits at B's (test, 1) "
+         "(refused as erasure_not_origin when A's record arrives; it never erases it)",
+         "held": [], "erasure": "erasure-by-b",
          "expect": {"dropped": [], "ignored": []}},
     ]
     return {
@@ -1723,7 +1730,7 @@ def payloads_file() -> dict[str, Any]:
             "payload), 'erased' or 'pruned' (stored as a tombstone), or {'error': "
             "reason} (nothing stored). 'erasures': an erasure request arriving at a node "
             "holding 'held' (with payloads): which payloads it drops, which entries it "
-            "ignores."
+            "refuses (reason erasure_mismatch or erasure_not_origin)."
         ),
         "generator": "tests/vectors/generate.py",
         "records": {
