@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -221,7 +222,13 @@ class Client:
         the beginning). Reconnects by itself with ``Last-Event-ID``, so it misses nothing
         and yields nothing twice. Yields ``(cursor, record)``. Each record received is
         checked against the filter; a filter that is not valid is refused as by
-        :meth:`query`."""
+        :meth:`query`.
+
+        When the origin erases a record this stream yielded with its payload, the
+        record's verified tombstone is yielded once more (``rec.is_tombstone``, the same
+        ``id``), with the cursor unchanged: drop what you kept of its payload. (While
+        disconnected, erasures are not replayed: to catch them all, follow the origin's
+        ``citynode.erasures`` feed too.)"""
         # The envelope alone: the client verifies (and opens) each record itself, so the
         # node's JSON view would be half the bytes for nothing.
         asked = RecordFilter.of(origin=origin, feed=feed, type=type, bbox=bbox)
@@ -231,6 +238,10 @@ class Client:
             qs = _query_string(asked, format="envelope", after=cursor)
             try:
                 async for cur, rec in self._stream_once(f"/v1/stream{qs}", opened):
+                    if cur == _ERASED:
+                        if rec is not None and cursor is not None:
+                            yield cursor, _check_erased(asked, rec)
+                        continue
                     if cursor is not None and (cur < cursor or (rec and cur == cursor)):
                         # A node's cursors only grow: going back would replay records.
                         raise InvalidRecord(f"the node sent cursor {cur} after {cursor}: "
@@ -252,8 +263,9 @@ class Client:
 
     async def _stream_once(self, path_qs: str, opened: list[bool]
                            ) -> AsyncIterator[tuple[int, Record | None]]:
-        """``(cursor, record)`` per record event of one connection, and ``(cursor,
-        None)`` for the starting cursor the node sends first."""
+        """``(cursor, record)`` per record event of one connection, ``(cursor, None)``
+        for the starting cursor the node sends first, and ``(_ERASED, tombstone)`` per
+        erased event."""
         http = await self._client()
 
         def on_open() -> None:
@@ -265,6 +277,8 @@ class Client:
                     yield _event_cursor(event), self._verify(_event_envelope(event))
                 elif event.keys() == {"id"}:  # where the stream starts
                     yield _event_cursor(event), None
+                elif event.get("event") == "erased" and "data" in event:
+                    yield _ERASED, self._verify(_event_envelope(event))
                 elif event.get("event") == "error":
                     # The node ended the stream on purpose, saying why.
                     raise _stream_error(self.url, event.get("data", ""))
@@ -335,6 +349,22 @@ def _opened(rec: Record, key: SigningKey) -> Record:
     inner = plaintext(rec, key)
     return rec._replace(type=inner.type, data=inner.data, subject=inner.subject,
                         dataschema=inner.dataschema)
+
+
+#: What :meth:`Client._stream_once` gives as the cursor of an erased event (it has none).
+_ERASED = -1
+
+
+def _check_erased(asked: RecordFilter, rec: Record) -> Record:
+    """``rec``, the tombstone an erased event carries, or :class:`InvalidRecord`
+    (``not_asked_for``) if it is not a tombstone or outside the filter asked for (its
+    box aside: a tombstone has no location). A node cannot make a client drop a payload
+    the origin did not sign away: the tombstone is only the record's signed body, and
+    the client keeps whatever it wants of what it was sent."""
+    if not rec.is_tombstone:
+        raise InvalidRecord("the node announced an erasure with a record that still has "
+                            "its payload", "not_asked_for")
+    return _check_asked(dataclasses.replace(asked, bbox=None), rec)
 
 
 def _check_asked(asked: RecordFilter, rec: Record) -> Record:

@@ -1628,7 +1628,19 @@ class Storage:
         if limit <= 0 or (only_feeds is not None and not only_feeds):
             return []
         sql, params = _query_sql(where, after_rowid, limit, only_feeds)
-        rows = self._all(sql, params, time_limit)
+        return self._stored_rows(self._all(sql, params, time_limit))
+
+    def erased_rows(self, by: bytes, ids: Sequence[bytes]) -> list[StoredRow]:
+        """The rows of ``ids`` (at most 1000, what an erasure request names) whose
+        payload erasure request ``by`` removed, by rowid: what live streams announce."""
+        rows = []
+        for rid in ids[:1000]:
+            rows += self._all(f"{_SELECT_ROW} WHERE substr(r.id, 1, 8) = ? AND r.id = ?"
+                              " AND r.erased_by = ?", (rid[:8], rid, by))
+        return sorted(self._stored_rows(rows), key=lambda r: r.rowid)
+
+    def _stored_rows(self, rows: list[Any]) -> list[StoredRow]:
+        """:class:`StoredRow` of rows selected by :data:`_SELECT_ROW`."""
         names = self._names
         chains, types = names.chains, names.types  # the cache's dicts: the common case
         out = []

@@ -32,7 +32,7 @@ from typing import Any
 
 from citynode.bridges.service import Bridges
 from citynode.config import Config, load_config
-from citynode.core import cards
+from citynode.core import cards, erasure
 from citynode.core.chain import FeedHead
 from citynode.core.encoding import Limits
 from citynode.core.keys import Verifier
@@ -162,6 +162,11 @@ class Node:
 
     def _committed(self, recs: Sequence[Record]) -> None:
         self.streams.wake()
+        for r in recs:
+            if erasure.is_erasure(r) and self.streams.subscribers:
+                # Live streams may have sent what this request just erased: tell them.
+                named = [e.id for e in erasure.erasures_in([r])]
+                self.spawn(self.streams.erased(r.id, named), "stream-erased")
         for fn in list(self.listeners):
             try:
                 fn(recs)

@@ -2,6 +2,11 @@
 whose filter and reader match it, so the cost per commit does not grow with the number
 of subscribers. How a row becomes an event (SSE text) is the HTTP layer's: each
 subscriber brings its ``render``.
+
+When an erasure request drops payloads already stored, each live stream whose filter
+(its payload conditions aside: a tombstone has no location) and reader match an erased
+row is handed that row as :class:`Erased`: the stream tells its subscriber, who may
+have been sent the payload already (docs/API.md, ``event: erased``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from citynode.metrics import Metrics
 from citynode.node._base import Spawn, in_thread
 from citynode.storage import Storage
 
-__all__ = ["MAX_SUBSCRIBERS", "STREAM_QUEUE_BATCHES", "StreamBatch", "Streams", "Subscriber"]
+__all__ = ["MAX_SUBSCRIBERS", "STREAM_QUEUE_BATCHES", "Erased", "StreamBatch", "Streams",
+           "Subscriber"]
 
 log = logging.getLogger("citynode.node")
 
@@ -47,6 +53,13 @@ class StreamBatch(NamedTuple):
                        if r > cursor).encode()
 
 
+class Erased(NamedTuple):
+    """Stored rows (tombstones now) whose payload an erasure request just removed, for
+    one live stream: it announces those it already sent (cursor at most its own)."""
+
+    rows: list[Any]
+
+
 class Subscriber:
     """One live stream's view of the tail: batches of new stored rows matching its
     filter, rendered by ``render``.
@@ -60,12 +73,16 @@ class Subscriber:
 
     def __init__(self, match: Callable[[Any], bool], render: Render,
                  group: Hashable | None = None,
-                 on_lag: Callable[[], None] | None = None) -> None:
+                 on_lag: Callable[[], None] | None = None,
+                 match_erased: Callable[[Any], bool] | None = None) -> None:
         self.match = match
+        #: Which erased rows (tombstones) concern this stream: by default ``match``.
+        self.match_erased = match_erased if match_erased is not None else match
         self.render = render
         self.group: Hashable = group if group is not None else self
         # None in the queue: wake up, the stream is to end (see close()).
-        self.queue: asyncio.Queue[StreamBatch | None] = asyncio.Queue(STREAM_QUEUE_BATCHES)
+        self.queue: asyncio.Queue[StreamBatch | Erased | None] = asyncio.Queue(
+            STREAM_QUEUE_BATCHES)
         self.lagging = False  # the queue overflowed: re-read from storage by cursor
         self.closed = False  # asked to end: the stream's handler ends its response
         self._on_lag = on_lag
@@ -74,7 +91,7 @@ class Subscriber:
     def shared(self) -> bool:
         return self.group is not self
 
-    def offer(self, batch: StreamBatch) -> None:
+    def offer(self, batch: StreamBatch | Erased) -> None:
         if self.closed:
             return
         try:
@@ -160,6 +177,18 @@ class Streams:
         self.closed = True
         for sub in list(self.subscribers):
             sub.close()
+
+    async def erased(self, by: bytes, ids: list[bytes]) -> None:
+        """Erasure request ``by``, naming ``ids``, was committed: hand the rows whose
+        payload it removed to every live stream they concern (nothing is read when no
+        stream is open)."""
+        if not self.subscribers:
+            return
+        rows = await in_thread(self.storage.erased_rows, by, ids)
+        for sub in list(self.subscribers):
+            mine = [row for row in rows if sub.match_erased(row)]
+            if mine:
+                sub.offer(Erased(mine))
 
     async def _tail_loop(self) -> None:
         while True:

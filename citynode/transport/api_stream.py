@@ -3,6 +3,7 @@ Streams role feeds them; rendering events is this layer's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from aiohttp import web
 from citynode.errors import (
     QueryTooSlow,
 )
-from citynode.node import Subscriber
+from citynode.node import Erased, Subscriber
 from citynode.render import b64, row_json
 from citynode.transport.web import (
     FILTERS,
@@ -29,6 +30,7 @@ from citynode.transport.web import (
 
 __all__ = [
     "sse_envelope_event",
+    "sse_erased_event",
     "sse_event",
     "stream",
 ]
@@ -62,6 +64,14 @@ def sse_envelope_event(row: Any) -> str:
             f"data: {b64(row.envelope)}\r\n\r\n")
 
 
+def sse_erased_event(row: Any) -> str:
+    """The event announcing that a row already sent lost its payload to an erasure
+    request: ``event: erased``, no ``id`` (it is no new cursor: the subscriber's last
+    event id stays), ``data`` = the JSON tombstone (with its ``cursor``, ``id``,
+    ``erased: {by, reason}`` and signed ``envelope``), in every ``format``."""
+    return f"event: erased\r\ndata: {json.dumps(row_json(row, cursor=True))}\r\n\r\n"
+
+
 def _render_events(rows: list[Any], render: Callable[[Any], str]) -> list[str]:
     return [render(row) for row in rows]
 
@@ -81,7 +91,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     before the stream opens. When the node shuts down the stream ends (the response
     completes normally) and the subscriber resumes by cursor. ``terms=1``: after the
     starting cursor, an ``event: terms`` with the current terms of the feeds streamed,
-    and another before records whenever a card changed them (docs/API.md).
+    and another before records whenever a card changed them (docs/API.md). When an
+    erasure request removes the payload of a record this stream already sent, an
+    ``event: erased`` (no ``id``; ``data`` the JSON tombstone) says so
+    (:func:`sse_erased_event`).
     """
     from aiohttp_sse import sse_response
 
@@ -100,9 +113,15 @@ async def stream(request: web.Request) -> web.StreamResponse:
         cursor = await node.streams.cursor()
     may = read_check(request, caller)
     matches = where.matches
+    # A tombstone has no location: an erased row concerns the stream if it matches but
+    # for the box (the subscriber may have been sent it while it had its payload).
+    matches_erased = dataclasses.replace(where, bbox=None).matches
 
     def match(row: Any) -> bool:
         return matches(row) and may(row.origin, row.feed, row.envelope)
+
+    def match_erased(row: Any) -> bool:
+        return matches_erased(row) and may(row.origin, row.feed, row.envelope)
 
     refusal = node.streams.refusal()
     if refusal is not None:
@@ -127,7 +146,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     # Streams that see the same rows share the tail's matching and rendering (the
     # operator's, decrypting with its key, is a group of its own).
     group = None if key is not None else (where, caller, is_operator(request), fmt)
-    sub = Subscriber(match, render, group=group, on_lag=node.metrics.stream_lagged.inc)
+    sub = Subscriber(match, render, group=group, on_lag=node.metrics.stream_lagged.inc,
+                     match_erased=match_erased)
     await node.streams.open(sub)  # before catching up, so nothing falls in between
     resp: web.StreamResponse | None = None
     try:
@@ -178,7 +198,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
                         batches.append(sub.queue.get_nowait())
                     chunks = []
                     for b in batches:
-                        if b is not None and b.rowids[-1] > cursor:
+                        if isinstance(b, Erased):
+                            # Only rows already sent: a later one goes out as the
+                            # tombstone it now is, in its turn.
+                            chunks += [sse_erased_event(row).encode() for row in b.rows
+                                       if row.rowid <= cursor]
+                        elif b is not None and b.rowids[-1] > cursor:
                             chunks.append(b.after(cursor))
                             cursor = b.rowids[-1]
                     if chunks and with_terms and node.policy.cards_version != version:

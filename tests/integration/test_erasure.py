@@ -232,3 +232,98 @@ async def test_an_erasure_request_naming_another_origins_record_is_refused_and_c
 
 async def _counted(n: InProc, reason: str) -> bool:
     return bool(n.node.metrics.rejected.labels(reason)._value.get() == 1)
+
+
+async def _events(n: InProc, query: str, until: Callable[[list[tuple[str, Any]]], bool],
+                  out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``(event type, JSON data)`` of ``/v1/stream?query`` (events with data only; a
+    record's ``cursor`` taken from its ``id``), appended to ``out`` as they come, until
+    ``until`` holds of them."""
+    async with n.session.get(f"{n.url}/v1/stream?{query}",
+                             headers={"Accept": "text/event-stream", **n.auth()},
+                             timeout=aiohttp.ClientTimeout(total=30)) as r:
+        assert r.status == 200
+        buf = b""
+        while not until(out):
+            buf += await r.content.readany()
+            *events, buf = buf.split(b"\r\n\r\n")
+            for ev in events:
+                fields = dict(line.split(b": ", 1) for line in ev.split(b"\r\n")
+                              if b": " in line)
+                if b"data" in fields:
+                    data = json.loads(fields[b"data"])
+                    if fields[b"event"] == b"erased":
+                        assert b"id" not in fields  # no new cursor
+                    else:
+                        data["cursor"] = int(fields[b"id"])
+                    out.append((fields[b"event"].decode(), data))
+    return out
+
+
+async def test_live_streams_are_told_when_a_record_they_sent_is_erased(
+        node: Callable[..., Awaitable[InProc]]) -> None:
+    """Subscribers following B live (raw SSE, one with a box around the record's
+    location; and citynode.client) get A's record with its payload; when A erases it,
+    each gets an ``erased`` event with the verified tombstone, naming the request and
+    its reason, and no new cursor. A stream that never sent the record is not told."""
+    import asyncio
+
+    a = await node("Aachen", '\n[feeds.reports]\naccess = "public"\n')
+    b = await node("Bonn")
+    for x, y in ((a, b), (b, a)):
+        await x.node.add_partner(y.url, y.node.node_id)
+    origin = a.node.node_id
+    item = {"n": 1, "reported_by": "J. Doe",
+            "location": {"type": "Point", "coordinates": [6.08, 50.77]}}
+
+    def erased_seen(evs: list[tuple[str, Any]]) -> bool:
+        return any(kind == "erased" for kind, _ in evs)
+
+    seen: list[list[Any]] = [[], [], [], []]
+    plain = asyncio.ensure_future(_events(b, f"origin={origin}&feed=reports", erased_seen,
+                                          seen[0]))
+    boxed = asyncio.ensure_future(_events(b, f"origin={origin}&bbox=6,50,7,51", erased_seen,
+                                          seen[1]))
+    other = asyncio.ensure_future(_events(b, "feed=elsewhere", erased_seen, seen[2]))
+
+    async def follow() -> list[tuple[int, Any]]:
+        got = seen[3]
+        async with Client(b.url, node_id=b.node.node_id) as client:
+            async for cur, rec in client.subscribe(origin=origin, feed="reports"):
+                got.append((cur, rec))
+                if rec.is_tombstone:
+                    return got
+        return got
+
+    followed = asyncio.ensure_future(follow())
+    await eventually(lambda: _streams_open(b, 4), timeout=10)
+    [rec] = await a.node.publish("reports", "org.example.Report", [item])
+    # The erasure comes once every stream sent the record with its payload.
+    for i in (0, 1, 3):
+        await eventually(lambda i=i: _nonempty(seen[i]), timeout=30)
+    request = await a.node.erase([rec.id], REASON)
+
+    for task in (plain, boxed):
+        evs = await asyncio.wait_for(task, 30)
+        (kind1, sent), (kind2, tomb) = evs
+        assert kind1 == "record" and sent["data"]["reported_by"] == "J. Doe"
+        assert kind2 == "erased" and tomb["id"] == rec.id.hex()
+        assert tomb["erased"] == {"by": request.id.hex(), "reason": REASON}
+        assert "data" not in tomb and tomb["cursor"] == sent["cursor"]
+    (cur1, first), (cur2, tombstone) = await asyncio.wait_for(followed, 30)
+    assert first.id == rec.id and first.data["reported_by"] == "J. Doe"
+    assert tombstone.id == rec.id and tombstone.is_tombstone and cur2 == cur1
+    assert not other.done()  # nothing it may see was erased
+    other.cancel()
+
+
+async def _streams_open(n: InProc, count: int) -> bool:
+    return len(n.node.streams.subscribers) >= count
+
+
+async def _holds(n: InProc, rid: bytes) -> bool:
+    return n.node.storage.get_envelope(rid) is not None
+
+
+async def _nonempty(xs: list[Any]) -> bool:
+    return bool(xs)
