@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from citynode.bundle import (
     iter_bundle,
     read_item_at,
 )
-from citynode.core.cards import NodeCard, open_card
+from citynode.core.cards import NodeCard, check_terms_document, open_card
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.checkpoints import (
     Checkpoint,
@@ -66,6 +66,7 @@ __all__ = [
     "Finding",
     "audit_bundle",
     "check_storage",
+    "check_terms",
     "terms_periods",
 ]
 
@@ -573,6 +574,7 @@ def audit_bundle(
     progress: Callable[[int, int], None] | None = None,
     workers: int = 0,
     limits: BundleLimits = DEFAULT_BUNDLE_LIMITS,
+    terms_documents: Mapping[str, bytes] | None = None,
 ) -> AuditReport:
     """Verify a bundle offline against the origin's node id (obtained out of band).
 
@@ -594,7 +596,9 @@ def audit_bundle(
     ``workers`` > 0 verifies record signatures on that many threads while the calling
     thread reads and parses (libsodium releases the GIL); 0 does everything on the
     calling thread. The report is the same either way. ``progress(bytes_read,
-    bytes_total)`` is called now and then.
+    bytes_total)`` is called now and then. ``terms_documents`` (feed -> the bytes of a
+    terms document, e.g. fetched from the feed's ``terms_url``) are checked against the
+    terms digest the origin's card signed (:func:`check_terms`).
 
     Never raises for anything inside the bundle (it becomes a finding); raises
     :class:`InvalidNodeId` for a malformed ``origin_node_id`` and
@@ -685,6 +689,7 @@ def audit_bundle(
                 pool.shutdown(wait=True, cancel_futures=True)
     rep.record_items = records
     _finish(a)
+    check_terms(rep, terms_documents or {})
     # One order whatever the threading: bundle-level first, then by feed and seq.
     rank = {ERROR: 0, WARNING: 1, INFO: 2}
     rep.findings.sort(key=lambda f: (rank[f.severity], f.feed or "", f.seq or 0, f.kind))
@@ -694,6 +699,33 @@ def audit_bundle(
     if progress is not None:
         progress(total, total)
     return rep
+
+
+def check_terms(rep: AuditReport, documents: Mapping[str, bytes]) -> None:
+    """Issue 13: check each terms document (feed -> its bytes) against the
+    ``terms_digest`` the origin's newest card in the bundle signed for that feed
+    (:func:`citynode.core.cards.check_terms_document`): ``terms_ok`` (info) if it
+    matches; else an error, ``terms_mismatch`` (another document: changed without a new
+    card, or not the origin's) or ``no_terms`` (the card states no terms document for
+    the feed, does not list it, or the bundle carries no card of the origin)."""
+    for name, doc in sorted(documents.items()):
+        entry = None if rep.card is None else next(
+            (f for f in rep.card.feeds if f.name == name), None)
+        if entry is None:
+            rep.add(ERROR, "no_terms", name, None,
+                    "a terms document was given for this feed, but " + (
+                        "the bundle carries no card of the origin to check it against"
+                        if rep.card is None else "the origin's card does not list it"))
+            continue
+        try:
+            check_terms_document(entry, doc)
+        except InvalidRecord as exc:
+            rep.add(ERROR, exc.reason, name, None, str(exc))
+        else:
+            digest = entry.terms_digest.hex() if entry.terms_digest else ""
+            rep.add(INFO, "terms_ok", name, None,
+                    f"the terms document given ({len(doc)} bytes) is the one the "
+                    f"origin's card signed (SHA-256 {digest})")
 
 
 def _finish(a: _Audit) -> None:

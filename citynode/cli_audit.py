@@ -301,17 +301,25 @@ def _progress_bar(path: Path) -> Iterator[Callable[[int, int], None] | None]:
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="Threads verifying signatures besides the reading thread "
                    "(default: CPUs - 1; 0: everything on one thread).")
-def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None) -> None:
+@click.option("--terms", "terms", multiple=True, metavar="FEED=FILE",
+              help="Check FILE (the terms document fetched from FEED's terms_url) "
+                   "against the terms digest the origin's card signed. Repeatable.")
+def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None,
+              terms: tuple[str, ...]) -> None:
     """Verify BUNDLE offline against ORIGIN's node id: every signature, chain link,
-    checkpoint root and proof. Needs no data dir and no network.
+    checkpoint root and proof. Needs no data dir and no network. With --terms, each
+    terms document given is checked against its feed's signed terms digest
+    (terms_mismatch if it differs).
 
     Exits with status 1 if anything fails.
     """
     from citynode.audit import audit_bundle
 
+    documents = _terms_documents(terms)
     with _one_line_errors(), _progress_bar(bundle) as progress:
         report = audit_bundle(bundle, origin, now_ms=_now_ms(), progress=progress,
-                              workers=default_workers() if workers is None else workers)
+                              workers=default_workers() if workers is None else workers,
+                              terms_documents=documents)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     elif sys.stdout.isatty():
@@ -320,3 +328,31 @@ def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None) -> 
         click.echo(report.render_text())
     if not report.ok:
         sys.exit(1)
+
+
+#: A terms document is a page of text: one larger than this is not one.
+MAX_TERMS_BYTES = 16 * 1024 * 1024
+
+
+def _terms_documents(specs: tuple[str, ...]) -> dict[str, bytes]:
+    """``FEED=FILE`` options -> feed -> the file's bytes. Raises click.BadParameter for
+    a malformed option, a feed given twice, or a file that cannot be read or is over
+    MAX_TERMS_BYTES."""
+    out: dict[str, bytes] = {}
+    for spec in specs:
+        feed, sep, name = spec.partition("=")
+        if not sep or not feed or not name:
+            raise click.BadParameter(f"{spec!r}: give FEED=FILE", param_hint="--terms")
+        if feed in out:
+            raise click.BadParameter(f"feed {feed!r} given twice", param_hint="--terms")
+        try:
+            with open(name, "rb") as f:
+                doc = f.read(MAX_TERMS_BYTES + 1)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {name}: {exc.strerror or exc}",
+                                     param_hint="--terms") from None
+        if len(doc) > MAX_TERMS_BYTES:
+            raise click.BadParameter(f"{name} is over {MAX_TERMS_BYTES} bytes: not a terms "
+                                     "document", param_hint="--terms")
+        out[feed] = doc
+    return out

@@ -890,6 +890,59 @@ def test_egress_rules_reach_the_records_subject(node_dir: Path) -> None:
     assert who not in json.dumps(rec)
 
 
+def test_audit_checks_terms_documents_against_the_signed_digest(
+        node_dir: Path, tmp_path: Path) -> None:
+    """`citynode audit --terms FEED=FILE` checks a terms document against the digest the
+    origin's card signed: the document itself passes (terms_ok), one changed by a byte
+    is refused with terms_mismatch (exit 1), and a feed whose card states no terms
+    document is no_terms."""
+    import hashlib
+
+    doc = b"Terms of use of the air feed of Jakarta, version 3.\n"
+    with open(node_dir / "node.toml", "a") as f:
+        f.write('\n[feeds.air]\naccess = "public"\nterms_url = "https://e.org/terms"\n'
+                f'terms_digest = "{hashlib.sha256(doc).hexdigest()}"\n'
+                '\n[feeds.other]\naccess = "public"\nlicense = "CC0-1.0"\n')
+    d = str(node_dir)
+    nid = ok("id", "-d", d).stdout.strip()
+    publish(node_dir, "air", AIR_TYPE, [air(1.0)])
+    publish(node_dir, "other", AIR_TYPE, [air(2.0)])
+    asyncio.run(_sign_card(node_dir))  # what a running node does: the bundle carries it
+    out = tmp_path / "all.bundle"
+    ok("export", "-d", d, "--origin", nid, "--out", str(out))
+    good, bad = tmp_path / "terms.txt", tmp_path / "changed.txt"
+    good.write_bytes(doc)
+    bad.write_bytes(doc.replace(b"version 3", b"version 4"))
+
+    rep = ok_json("audit", str(out), "--origin", nid, "--terms", f"air={good}", "--json")
+    assert rep["ok"] is True
+    assert [(f["kind"], f["feed"]) for f in rep["findings"] if f["kind"].startswith("terms")
+            ] == [("terms_ok", "air")]
+    for spec, kind in ((f"air={bad}", "terms_mismatch"), (f"other={good}", "no_terms"),
+                       (f"nosuch={good}", "no_terms")):
+        r = cli("audit", str(out), "--origin", nid, "--terms", spec, "--json")
+        assert r.exit_code == 1, r.output
+        rep = json.loads(r.stdout)
+        assert rep["ok"] is False
+        assert [(f["severity"], f["kind"]) for f in rep["findings"]
+                if f["severity"] == "error"] == [("error", kind)]
+    r = cli("audit", str(out), "--origin", nid, "--terms", f"air={good}")
+    assert r.exit_code == 0 and "terms_ok" in r.stdout, r.output
+    assert cli("audit", str(out), "--origin", nid, "--terms", "air").exit_code == 2
+
+
+async def _sign_card(d: Path) -> None:
+    from citynode.node import Node
+
+    node = Node.load(d)
+    await node.start(partners=False)
+    try:
+        node.policy.card()
+        node.storage.set_meta("test:barrier", b"").result(10)  # the card's write is done
+    finally:
+        await node.stop()
+
+
 def test_a_single_feed_export_carries_the_erasure_requests_and_audits_clean(
         node_dir: Path, tmp_path: Path) -> None:
     """``citynode export --feed F`` of a feed with an erased record adds the origin's
