@@ -308,8 +308,8 @@ def feeds(data_dir: Path, as_json: bool) -> None:
     """List the feeds this node holds or hears of: heads, terms and completeness state.
 
     The state (live, silent, lagging, withheld, dead, unknown) is the running node's;
-    a node that is not running has heard nothing since it stopped ("unknown" for the
-    feeds of other nodes)."""
+    of a node that is not running, from the newest liveness statements it kept (it
+    heard nothing since it stopped)."""
     from citynode.core.keys import node_id
     from citynode.render import iso_time
     from citynode.storage import Storage

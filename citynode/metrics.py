@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["FEED_STATE_SERIES_MAX", "Metrics"]
+
+#: Feeds with a ``citynode_feed_state`` series (one series each): bounds the metric's
+#: cardinality on a node hearing of many feeds.
+FEED_STATE_SERIES_MAX = 1000
 
 
 class Metrics:
@@ -62,6 +66,12 @@ class Metrics:
             "silent, lagging, withheld, dead, unknown: docs/PROTOCOL.md, Liveness)",
             ["state"], registry=r,
         )
+        self.feed_state = Gauge(
+            "citynode_feed_state", "1 per feed, labelled with its origin (node id), feed "
+            "and liveness state (docs/PROTOCOL.md, Liveness); one series per feed, at most "
+            f"{FEED_STATE_SERIES_MAX} feeds (own feeds first, then by origin and feed)",
+            ["origin", "feed", "state"], registry=r,
+        )
         self.streams = Gauge("citynode_live_streams", "Open live streams (SSE)", registry=r)
         self.connections_refused = Counter(
             "citynode_connections_refused", "Connections closed on arrival: max_connections "
@@ -113,6 +123,15 @@ class Metrics:
         """Everything counted in ``citynode_records_rejected``, all reasons together."""
         return int(sum(s.value for m in self.rejected.collect() for s in m.samples
                        if s.name.endswith("_total")))
+
+    def set_feed_states(self, states: list[tuple[str, str, str]], own: str) -> None:
+        """``citynode_feed_state`` from ``(origin node id, feed, state)`` of every feed:
+        one series per feed (a feed that changed state loses its old series), the feeds
+        of ``own`` (this node's id) first, at most FEED_STATE_SERIES_MAX."""
+        self.feed_state.clear()
+        ranked = sorted(states, key=lambda s: (s[0] != own, s[0], s[1]))
+        for origin, feed, state in ranked[:FEED_STATE_SERIES_MAX]:
+            self.feed_state.labels(origin, feed, state).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

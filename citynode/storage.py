@@ -608,11 +608,30 @@ def _migrate_card_history(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_liveness(db: sqlite_utils.Database) -> None:
+    """Liveness kept across restarts (issue 13): per (origin, feed) the newest verified
+    liveness statement (a checkpoint envelope, its size, signed time and root) and
+    ``grew_at``, the signed time of the first statement of that size. Plain SQL (no
+    SQLite-only clause), so that another backend can mirror it."""
+    db.conn.execute(
+        """CREATE TABLE liveness (
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            time INTEGER NOT NULL,
+            root BLOB NOT NULL,
+            envelope BLOB NOT NULL,
+            grew_at INTEGER NOT NULL,
+            PRIMARY KEY (origin, feed)
+        )"""
+    )
+
+
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5,
-    6: _migrate_card_history}
+    6: _migrate_card_history, 7: _migrate_liveness}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1322,6 +1341,29 @@ class Storage:
             return cur.rowcount == 1
 
         return self._submit(run)
+
+    def put_liveness(self, origin: bytes, feed: str, size: int, time: int, root: bytes,
+                     envelope: bytes, grew_at: int) -> Future[None]:
+        """Keep the newest liveness statement of a feed (verified by the caller) and
+        ``grew_at``; one signed before the one kept changes nothing."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO liveness (origin, feed, size, time, root, envelope, grew_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (origin, feed) DO UPDATE SET"
+                " size = excluded.size, time = excluded.time, root = excluded.root,"
+                " envelope = excluded.envelope, grew_at = excluded.grew_at"
+                " WHERE excluded.time >= liveness.time",
+                (origin, feed, size, time, root, envelope, grew_at))
+
+        return self._submit(run)
+
+    def liveness(self, limit: int) -> list[tuple[bytes, str, int, int, bytes, bytes, int]]:
+        """At most ``limit`` kept liveness statements: ``(origin, feed, size, time, root,
+        envelope, grew_at)``, newest first (by signed time)."""
+        rows = self._all("SELECT origin, feed, size, time, root, envelope, grew_at FROM"
+                         " liveness ORDER BY time DESC LIMIT ?", (limit,))
+        return [tuple(r) for r in rows]
 
     def add_card_history(self, node: bytes, time: int, envelope: bytes) -> Future[bool]:
         """Keep a verified card of ``node`` signed at ``time`` in its card history (the

@@ -125,6 +125,18 @@ class FeedLiveness:
         self.newest = st
         return True
 
+    @classmethod
+    def restored(cls, st: Statement, grew_at: int, now_ms: int) -> FeedLiveness:
+        """The liveness of a feed as a node kept it across a restart: the newest
+        statement and ``grew_at`` as held before; its size learnt at ``now_ms`` (the
+        restart: while the node was down no path could deliver anything, so the sync
+        bound starts again)."""
+        fl = cls()
+        fl.newest = st
+        fl.grew_at = grew_at
+        fl._seen = [(st.size, now_ms)]
+        return fl
+
     def behind_since(self, head: int) -> int | None:
         """When this node first learnt of a signed size above ``head`` (None: it holds
         every size it learnt of)."""

@@ -7,7 +7,8 @@ carries out the sending.
 
 Checkpoints are also liveness statements (core/liveness.py): an own feed with a cadence
 gets one at least every half cadence, grown or not; the newest statement of every
-(origin, feed) is held in memory, forwarded when newer, and gives the feed's state.
+(origin, feed) is held in memory, forwarded when newer, and gives the feed's state. It
+is kept in storage too (``liveness``), so a restarted node knows the states at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
 
 from citynode.config import Config
 from citynode.core import checkpoints as cps
@@ -170,15 +172,31 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ liveness
 
+    async def load_liveness(self) -> int:
+        """At start: the newest liveness statement of each feed as kept before the
+        restart (at most LIVENESS_MAX, the newest), so states are known at once rather
+        than "unknown" until the next statements arrive. Returns how many."""
+        rows = await in_thread(self.storage.liveness, LIVENESS_MAX)
+        now = self.now_ms()
+        for origin, feed, size, t, root, env, grew_at in rows:
+            self.liveness[(origin, feed)] = lv.FeedLiveness.restored(
+                lv.Statement(size, t, root, env), grew_at, now)
+        return len(rows)
+
     def _observe(self, origin: bytes, feed: str, cp: cps.Checkpoint, now: int) -> bool:
         """Take a verified checkpoint as a liveness statement: True if newer than the
-        one held. Raises InvalidRecord (checkpoint_older, checkpoint_smaller)."""
+        one held (then kept in storage too; the write is queued, not awaited). Raises
+        InvalidRecord (checkpoint_older, checkpoint_smaller)."""
         fl = self.liveness.get((origin, feed))
         if fl is None:
             if len(self.liveness) >= LIVENESS_MAX:
                 return False
             fl = self.liveness[(origin, feed)] = lv.FeedLiveness()
-        return fl.observe(lv.Statement(cp.size, cp.time, cp.root, cp.envelope), now)
+        newer = fl.observe(lv.Statement(cp.size, cp.time, cp.root, cp.envelope), now)
+        if newer:
+            self.storage.put_liveness(origin, feed, cp.size, cp.time, cp.root, cp.envelope,
+                                      fl.grew_at).add_done_callback(_log_failed_write)
+        return newer
 
     def newest(self, origin: bytes, feed: str) -> bytes | None:
         """The envelope of the newest liveness statement held of a feed, if any."""
@@ -188,8 +206,8 @@ class Checkpoints:
     async def latest(self, origin: bytes, feed: str) -> bytes | None:
         """The checkpoint to offer of a feed: the newest liveness statement held (a
         heartbeat is newer than the first checkpoint of its size, which is what storage
-        keeps), unless storage holds one of a larger size (the statements held in
-        memory start again after a restart: a partner may have shown us an old one)."""
+        keeps), unless storage holds one of a larger size (a checkpoint of a larger
+        size may have been kept when the statement of it was not: LIVENESS_MAX)."""
         held = await self.held(origin, feed)
         fl = self.liveness.get((origin, feed))
         if fl is not None and fl.newest is not None and (
@@ -345,3 +363,11 @@ class Checkpoints:
 
 async def _nothing(actions: Sequence[rp.Action]) -> None:
     return None
+
+
+def _log_failed_write(fut: Future[None]) -> None:
+    """A liveness statement that could not be kept (a full disk): the one in memory
+    stands; after a restart the feed shows the older one kept, or "unknown"."""
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("liveness statement not kept", extra=fields(error=str(exc)))

@@ -217,6 +217,7 @@ class Node:
         if partners:
             await self.partners.start()
         await self.policy.load_cards()
+        await self.checkpoints.load_liveness()
         await self.streams.start()
         if partners:
             self.spawn(self.gossip.run(), "replica-timer")

@@ -5,6 +5,7 @@ list)."""
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from aiohttp import web
 
@@ -42,10 +43,13 @@ async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     node.metrics.db_size.set(await node.reads.db_size())
     counts = dict.fromkeys(STATES, 0)
-    for f in node.checkpoints.states():
+    states = node.checkpoints.states()
+    for f in states:
         counts[str(f["state"])] += 1
     for state, n in counts.items():
         node.metrics.liveness.labels(state).set(n)
+    node.metrics.set_feed_states([(node_id(cast(bytes, f["origin"])), str(f["feed"]),
+                                   str(f["state"])) for f in states], node.node_id)
     return web.Response(body=node.metrics.render(), content_type="text/plain")
 
 

@@ -99,3 +99,19 @@ def test_remembered_sizes_are_bounded() -> None:
     assert len(f._seen) == 64
     assert f.behind_since(0) == T + 136  # the oldest remembered: an underestimate
     assert f.behind_since(150) == T + 151
+
+
+def test_a_restored_feed_keeps_its_statement_and_restarts_the_sync_bound() -> None:
+    """What a node kept across a restart: the newest statement and when the feed grew;
+    a size above the head counts as learnt at the restart (lagging, then withheld)."""
+    st = Statement(10, 5_000, b"r" * 32, b"env")
+    fl = FeedLiveness.restored(st, grew_at=4_000, now_ms=100_000)
+    assert fl.newest == st and fl.grew_at == 4_000
+    assert fl.behind_since(2) == 100_000 and fl.behind_since(10) is None
+    assert fl.state(cadence_s=None, head=2, now_ms=100_500, sync_bound_ms=1_000) == "lagging"
+    assert fl.state(cadence_s=None, head=2, now_ms=102_000, sync_bound_ms=1_000) == "withheld"
+    assert fl.state(cadence_s=1, head=10, now_ms=100_000, sync_bound_ms=1_000) == "dead"
+    # Going backwards is refused as before.
+    with pytest.raises(InvalidRecord) as info:
+        fl.observe(Statement(10, 4_999, b"r" * 32, b"e2"), 100_001)
+    assert info.value.reason == "checkpoint_older"

@@ -76,6 +76,14 @@ async def test_withheld_at_the_far_end_then_dead(cluster: Cluster) -> None:
     metrics = (await c.api("GET", "/metrics", raw=True)).decode()
     m = re.search(r'^citynode_feed_liveness\{state="withheld"\} ([0-9.]+)$', metrics, re.M)
     assert m is not None and float(m[1]) == 1.0, metrics[-3000:]
+    # And one series per origin and feed, labelled with its state.
+    per_feed = {}
+    for labels, value in re.findall(r'^citynode_feed_state\{(.*)\} ([0-9.]+)$', metrics, re.M):
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if lab["origin"] == a.node_id:
+            assert float(value) == 1.0 and lab["feed"] not in per_feed
+            per_feed[lab["feed"]] = lab["state"]
+    assert per_feed == {"air": "withheld", "quiet": "silent"}, metrics[-3000:]
     # `citynode feeds --json` on the running node: terms and completeness per feed.
     rc, out, err = await asyncio.to_thread(cli_json, "feeds", "-d", str(c.dir))
     assert rc == 0, err
@@ -96,6 +104,18 @@ async def test_withheld_at_the_far_end_then_dead(cluster: Cluster) -> None:
     anon = await c.api("GET", "/v1/liveness", operator=False)
     assert {(f["feed"], f["state"]) for f in anon["feeds"] if f["origin"] == a.node_id} == {
         ("air", "dead"), ("quiet", "dead")}
+
+    # C restarts with no path to A (B stopped too): the statements it kept tell the
+    # states at once, not "unknown" until new ones arrive.
+    await b.close()
+    assert b.stop() == 0
+    await c.close()
+    assert c.stop() == 0
+    c.start()
+    await c.wait_ready()
+    lv = await liveness(c, a)
+    assert (lv["air"]["state"], lv["air"]["signed_size"], lv["air"]["head"]) == ("dead", 10, 2)
+    assert (lv["quiet"]["state"], lv["quiet"]["signed_size"]) == ("dead", 1)
 
 
 def _set_terms(n: LocalNode, text: str) -> None:

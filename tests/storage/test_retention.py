@@ -195,3 +195,14 @@ def test_pruning_gives_the_space_back(tmp_path: Path) -> None:
         assert st.tree(A.public_key, "big", 1500).root() == cps.root_of([r.id for r in recs])
     finally:
         st.close()
+
+
+def test_the_newest_liveness_statement_is_kept_and_an_older_one_changes_nothing(
+        st: Storage) -> None:
+    st.put_liveness(A.public_key, "air", 5, T0, b"r" * 32, b"env5", T0).result(5)
+    st.put_liveness(A.public_key, "air", 6, T0 + 10, b"s" * 32, b"env6", T0 + 10).result(5)
+    st.put_liveness(A.public_key, "air", 5, T0 + 5, b"r" * 32, b"old", T0).result(5)
+    st.put_liveness(B.public_key, "air", 1, T0 + 1, b"t" * 32, b"envb", T0 + 1).result(5)
+    assert st.liveness(10) == [(A.public_key, "air", 6, T0 + 10, b"s" * 32, b"env6", T0 + 10),
+                               (B.public_key, "air", 1, T0 + 1, b"t" * 32, b"envb", T0 + 1)]
+    assert st.liveness(1) == [(A.public_key, "air", 6, T0 + 10, b"s" * 32, b"env6", T0 + 10)]

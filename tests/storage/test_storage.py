@@ -36,7 +36,9 @@ TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "
           # v5: payloads apart from the signed skeletons, erasure requests' entries
           "payloads", "erasures",
           # v6: card history (issue 13: the terms in force for a record)
-          "card_history"}
+          "card_history",
+          # v7: the newest liveness statement of each feed, kept across restarts
+          "liveness"}
 
 
 def make(
@@ -147,7 +149,7 @@ def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> 
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 6
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 7
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()
@@ -209,16 +211,17 @@ def test_failing_migration_rolls_back_whole(db_path: Path, monkeypatch: pytest.M
 def test_newer_schema_is_refused(db_path: Path) -> None:
     Storage.open(db_path).close()
     c = raw(db_path)
-    c.execute("PRAGMA user_version = 7")
+    newer = storage_mod.SCHEMA_VERSION + 1
+    c.execute(f"PRAGMA user_version = {newer}")
     c.close()
     with pytest.raises(StorageError) as info:
         Storage.open(db_path)
     assert str(info.value) == (
-        f"database schema v7 is newer than this citynode understands "
+        f"database schema v{newer} is newer than this citynode understands "
         f"(v{storage_mod.SCHEMA_VERSION}): upgrade citynode"
     )
     c = raw(db_path)
-    assert c.execute("PRAGMA user_version").fetchone()[0] == 7
+    assert c.execute("PRAGMA user_version").fetchone()[0] == newer
     c.close()
 
 

@@ -59,6 +59,9 @@ def test_an_earlier_release_database_opens_migrated_and_intact(db: Path, tmp_pat
                 assert cps.open_checkpoint(env, verifier=verifier).root == root
                 ids = [decode_record(e)[0] for e in st.range(f.origin, f.feed, 1, size, size)]
                 assert cps.root_of(hashlib.sha256(b).digest() for b in ids) == root
+        kept = {f"{node_id(o)}/{f}": [size, t] for o, f, size, t, _r, _e, _g
+                in st.liveness(1000)}
+        assert kept == facts.get("liveness", {})  # none before schema 7
         for rid in facts["erased"]:
             env = st.get_envelope(bytes.fromhex(rid))
             assert env is not None and decode_record(env)[2] is None  # still a tombstone
