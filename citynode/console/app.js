@@ -10,7 +10,7 @@
   const MAX_POINTS = 2000;       // per station kept for the plots
   const MAX_PLOTS = 24;          // stations beyond this are in the table only
   const state = {
-    names: {}, self: null, feeds: [], stations: new Map(), plots: new Map(),
+    names: {}, self: null, feeds: [], liveness: new Map(), stations: new Map(), plots: new Map(),
     csrf: null, opTimer: null, land: null, firstPaint: null,
   };
 
@@ -390,14 +390,50 @@
 
   // ------------------------------------------------------------------ feeds and freshness
 
+  // The terms of a feed (its origin's signed card): the licence, and a link to the
+  // terms document (https only: the card allows nothing else, checked again here).
+  function termsCell(t) {
+    const td = el("td");
+    if (!t) { td.textContent = "unknown"; td.className = "muted"; return td; }
+    if (t.license) td.appendChild(el("span", t.license, "license"));
+    if (t.terms_url && /^https:\/\//.test(t.terms_url)) {
+      if (t.license) td.appendChild(document.createTextNode(" + "));
+      const a = el("a", "terms");
+      a.href = t.terms_url;
+      a.rel = "noopener noreferrer";
+      a.title = "SHA-256 " + (t.terms_digest || "");
+      td.appendChild(a);
+    }
+    if (!td.firstChild) { td.textContent = "not stated"; td.className = "muted"; }
+    return td;
+  }
+
   function drawFeeds() {
     const now = Date.now();
     const tb = $("#feeds tbody");
     clear(tb);
-    const feeds = state.feeds.slice().sort((a, b) => cityName(a.origin).localeCompare(cityName(b.origin)) || a.feed.localeCompare(b.feed));
-    for (const f of feeds) tb.appendChild(row([cityName(f.origin), f.feed, f.seq, f.count, iso(f.last_time)]));
+    const feeds = state.feeds.slice();
+    // Feeds heard of (a heartbeat, a card) of which no record is held yet, or any more.
+    for (const [key, lv] of state.liveness) {
+      if (!feeds.some((f) => f.origin + "|" + f.feed === key)) {
+        feeds.push({ origin: lv.origin, feed: lv.feed, seq: lv.head, count: lv.head, last_time: null, heard: true });
+      }
+    }
+    feeds.sort((a, b) => cityName(a.origin).localeCompare(cityName(b.origin)) || a.feed.localeCompare(b.feed));
+    for (const f of feeds) {
+      const lv = state.liveness.get(f.origin + "|" + f.feed);
+      const st = lv ? lv.state : "unknown";
+      const stCell = cell(st, "state state-" + st);
+      if (lv && lv.signed_size !== null && lv.signed_size !== undefined) stCell.title = "the origin signed " + lv.signed_size + " records" + (lv.cadence_s ? "; heartbeat every " + lv.cadence_s + " s" : "");
+      const terms = lv ? lv.terms : null;
+      const tr = row([cityName(f.origin), f.feed, f.seq, f.count, iso(f.last_time), stCell, termsCell(terms), terms && terms.attribution ? terms.attribution : "—"]);
+      tr.dataset.feed = f.origin + "|" + f.feed;
+      tr.dataset.state = st;
+      tb.appendChild(tr);
+    }
     const byOrigin = new Map();
     for (const f of feeds) {
+      if (f.heard) continue;
       const o = byOrigin.get(f.origin) || { feeds: 0, last: 0 };
       o.feeds += 1; o.last = Math.max(o.last, f.last_time);
       byOrigin.set(f.origin, o);
@@ -413,8 +449,13 @@
   async function loadFeeds() {
     try {
       state.feeds = (await getJSON("/v1/feeds")).feeds || [];
-      drawFeeds();
     } catch (e) { /* shown as stale ages; the live status says if the node is gone */ }
+    try {
+      // Completeness and terms of every feed this page may list (docs/API.md).
+      const lv = (await getJSON("/v1/liveness")).feeds || [];
+      state.liveness = new Map(lv.map((f) => [f.origin + "|" + f.feed, f]));
+    } catch (e) { /* the states stay as last shown */ }
+    drawFeeds();
   }
 
   function noteFeed(rec) {
@@ -515,7 +556,11 @@
     clear(fb);
     for (const f of v.feeds) {
       const late = f.late_s === null ? cell("no cadence declared", "muted") : cell(f.late_s > 0 ? ago(f.late_s * 1000) : "on time", f.late_s > 0 ? "late" : "");
-      fb.appendChild(row([cityName(f.origin) + (f.own ? " (own)" : ""), f.feed, f.access || "—", f.seq, f.count, f.cadence_s === null ? "—" : ago(f.cadence_s * 1000), ago(f.age_s * 1000), late]));
+      const st = f.state || "unknown";
+      const tr = row([cityName(f.origin) + (f.own ? " (own)" : ""), f.feed, f.access || "—", f.seq, f.count, f.cadence_s === null || f.cadence_s === undefined ? "—" : ago(f.cadence_s * 1000), ago(f.age_s * 1000), late, cell(st, "state state-" + st)]);
+      tr.dataset.feed = f.origin + "|" + f.feed;
+      tr.dataset.state = st;
+      fb.appendChild(tr);
     }
     const blocked = Object.keys(v.own_blocked || {}), forked = Object.keys(v.own_forked || {});
     $("#op-blocked").textContent = (forked.length ? "Publishing stopped (fork of an own feed): " + forked.join(", ") + ". " : "") + (blocked.length ? "Publishing paused until partners' records are fetched: " + blocked.join(", ") + "." : "") || "Publishing is open on every own feed.";

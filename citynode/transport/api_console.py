@@ -344,10 +344,13 @@ async def operator_view(request: web.Request) -> web.Response:
     me = node.public_key
     feeds = []
     checkpoints = []
+    # Issue 13: each feed's completeness state, and a partner's feed's cadence from
+    # its origin's signed card.
+    states = {(f["origin"], f["feed"]): f["state"] for f in node.checkpoints.states()}
     for r in rows:
         own = r.origin == me
         cfg = node.config.feeds.get(r.feed) if own else None
-        cadence = _cadence_seconds(cfg)
+        cadence = _cadence_seconds(cfg) if own else node.policy.cadence_of(r.origin, r.feed)
         age_s = max(0.0, (now - r.last_time) / 1000)
         feeds.append({
             "origin": node_id(r.origin), "feed": r.feed, "own": own, "seq": r.seq,
@@ -355,6 +358,7 @@ async def operator_view(request: web.Request) -> web.Response:
             "age_s": age_s, "access": node.feed_access(r.feed) if own else None,
             "cadence_s": cadence,
             "late_s": max(0.0, age_s - cadence) if cadence is not None else None,
+            "state": states.get((r.origin, r.feed), "unknown"),
         })
         if own:
             held = await node.checkpoints.held(r.origin, r.feed)

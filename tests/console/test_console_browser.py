@@ -147,6 +147,11 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     from selenium.webdriver.common.by import By
 
     jakarta, surabaya = cluster.create(["Jakarta", "Surabaya"])
+    # Issue 13: the partner's feed states its terms and a heartbeat cadence; the
+    # console shows both, and the feed's completeness state.
+    with (surabaya.dir / "node.toml").open("a") as f:
+        f.write(f'\n[feeds.{FEED}]\naccess = "public"\nlicense = "CC-BY-4.0"\n'
+                'attribution = "Surabaya air network"\ncadence_seconds = 2\n')
     await cluster.start()
     await cluster.link(jakarta, surabaya)
     # Stations: three at the partner, one of the node's own. Expected AQI (EPA 2024):
@@ -222,6 +227,20 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     freshness = b.driver.find_element(By.ID, "freshness").text
     assert "Jakarta (this node)" in freshness and "Surabaya" in freshness
 
+    # Completeness and terms per origin and feed: the partner's feed is live or silent
+    # (its heartbeats arrive), with its licence and attribution; the node's own feed
+    # states no terms.
+    def feed_row(d: Any, origin: LocalNode) -> Any:
+        return d.find_element(By.CSS_SELECTOR, f'#feeds tr[data-feed="{origin.node_id}|{FEED}"]')
+
+    b.wait(lambda d: feed_row(d, surabaya).get_attribute("data-state") in ("live", "silent"),
+           timeout=30, what="the partner's feed with a known completeness state")
+    cells = [c.text for c in feed_row(b.driver, surabaya).find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == "Surabaya" and cells[5] in ("live", "silent"), cells
+    assert cells[6] == "CC-BY-4.0" and cells[7] == "Surabaya air network", cells
+    own = [c.text for c in feed_row(b.driver, jakarta).find_elements(By.TAG_NAME, "td")]
+    assert own[6] == "not stated" and own[7] == "—", own
+
     # Live: a record published at the partner appears here within 2 s.
     live = station_key(surabaya, "SBY-Live")
     start = time.monotonic()
@@ -275,6 +294,11 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     assert jakarta.token not in b.driver.page_source
     feeds_text = b.driver.find_element(By.ID, "op-feeds").text
     assert FEED in feeds_text and "(own)" in feeds_text
+    # The operator's view of every feed: the partner's cadence (from its card) and state.
+    op_row = b.driver.find_element(By.CSS_SELECTOR,
+                                   f'#op-feeds tr[data-feed="{surabaya.node_id}|{FEED}"]')
+    op_cells = [c.text for c in op_row.find_elements(By.TAG_NAME, "td")]
+    assert op_cells[5] == "2 s" and op_cells[8] in ("live", "silent", "lagging"), op_cells
     assert "citynode_records_stored" in b.driver.find_element(By.ID, "op-metrics").text
 
     shots = tmp_path / "screenshots"
