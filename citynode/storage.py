@@ -734,9 +734,9 @@ _INSERT_PAYLOAD = "INSERT INTO payloads (rowid, payload) VALUES (?, ?)"
 _INSERT_ERASURE = ("INSERT OR IGNORE INTO erasures (id, origin, feed, seq, by, reason)"
                    " VALUES (?, ?, ?, ?, ?, ?)")
 _SELECT_ERASED = "SELECT by FROM erasures WHERE id = ? AND origin = ? AND feed = ? AND seq = ?"
-#: Entries of other origins' requests naming a record id (refused when it arrives).
-_SELECT_FOREIGN = "SELECT by, feed, seq FROM erasures WHERE id = ? AND origin != ?"
-_DELETE_FOREIGN = "DELETE FROM erasures WHERE id = ? AND origin != ?"
+#: The entries naming a record id (its origin's, or another's: refused on arrival).
+_SELECT_NAMING = "SELECT by, origin, feed, seq FROM erasures WHERE id = ?"
+_DELETE_NAMING = "DELETE FROM erasures WHERE id = ? AND origin = ? AND feed = ? AND seq = ?"
 #: Drop a payload, keep the skeleton: what erasing and pruning do to one row. A tombstone
 #: has no location either (filters on payload fields match no tombstone).
 _DROP_PAYLOAD = "DELETE FROM payloads WHERE rowid = ?"
@@ -831,14 +831,16 @@ def _append_job(
         if conn.execute("SELECT 1 FROM erasures LIMIT 1").fetchone() is not None:
             # A record named by an erasure request held: its payload goes at once.
             for i, r in enumerate(records):
-                by = conn.execute(_SELECT_ERASED, (r.id, r.origin, r.feed, r.seq)).fetchone()
-                if by is not None:
-                    _erase_row(conn, first_rowid + i, by[0])
-                # Another origin's request named this record before it arrived: it
-                # erases nothing, and is refused now that it is known to be foreign.
-                foreign = conn.execute(_SELECT_FOREIGN, (r.id, r.origin)).fetchall()
-                mismatched += [(b, f, q, "erasure_not_origin") for b, f, q in foreign]
-                conn.execute(_DELETE_FOREIGN, (r.id, r.origin))
+                # One primary-key search: every entry naming this record's id.
+                for by, o, f, q in conn.execute(_SELECT_NAMING, (r.id,)).fetchall():
+                    if (o, f, q) == (r.origin, r.feed, r.seq):
+                        _erase_row(conn, first_rowid + i, by)
+                    elif o != r.origin:
+                        # Another origin's request named this record before it
+                        # arrived: it erases nothing, and is refused now that it is
+                        # known to be foreign (and forgotten: counted once).
+                        mismatched.append((by, f, q, "erasure_not_origin"))
+                        conn.execute(_DELETE_NAMING, (r.id, o, f, q))
         for r in records:
             if r.type == ERASURE_TYPE and r.feed == ERASURE_FEED and r.payload is not None:
                 mismatched += [(r.id, f, q, why) for f, q, why in _apply_erasure(conn, r)]
