@@ -617,7 +617,9 @@ def subscribe(url: str, nid: str | None, origin: str | None, feed: str | None,
     """Follow a node's records live; verify each one; print JSON Lines.
 
     Reconnects by itself and resumes where it stopped, so nothing is missed or
-    printed twice. Each line carries a "cursor" to resume from with --after.
+    printed twice. Each line carries a "cursor" to resume from with --after. A record
+    its origin erases after it was printed is printed again as its tombstone
+    ("tombstone": true, no "data", the same "id"): drop what you kept of it.
     """
     from citynode.client import Client, record_to_json
 

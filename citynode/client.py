@@ -394,8 +394,14 @@ def _now_ms() -> int:
 def record_to_json(rec: Record, cursor: int | None = None,
                    key: SigningKey | None = None) -> dict[str, Any]:
     """The JSON view of a verified record (as the node's API gives it); sealed records
-    are decrypted when ``key`` is one of their readers."""
+    are decrypted when ``key`` is one of their readers. A tombstone has no ``data`` and
+    says ``"tombstone": true``: why its payload is gone (erased or pruned) is the node's
+    word, not something its signature proves."""
     from citynode.render import record_json
 
-    return record_json(rec, rowid=cursor, key=key)
+    out = record_json(rec, rowid=cursor, key=key)
+    if rec.payload is None:
+        del out["pruned"]  # record_json's guess for a tombstone not known erased
+        out["tombstone"] = True
+    return out
 

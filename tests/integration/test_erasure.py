@@ -21,7 +21,7 @@ import pytest
 
 from citynode.audit import audit_bundle
 from citynode.bundle import export_from_storage
-from citynode.client import Client
+from citynode.client import Client, record_to_json
 from citynode.core.records import encode_record, sign_record
 from citynode.core.sync import Want
 from citynode.core.types import ERASURE_FEED
@@ -313,6 +313,10 @@ async def test_live_streams_are_told_when_a_record_they_sent_is_erased(
     (cur1, first), (cur2, tombstone) = await asyncio.wait_for(followed, 30)
     assert first.id == rec.id and first.data["reported_by"] == "J. Doe"
     assert tombstone.id == rec.id and tombstone.is_tombstone and cur2 == cur1
+    # As `citynode subscribe` prints it: a tombstone, no data, no guess at why.
+    shown = record_to_json(tombstone, cur2)
+    assert shown["tombstone"] is True and shown["id"] == rec.id.hex()
+    assert "data" not in shown and "pruned" not in shown and shown["cursor"] == cur1
     assert not other.done()  # nothing it may see was erased
     other.cancel()
 
