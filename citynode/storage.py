@@ -37,6 +37,9 @@ pages are given back (``auto_vacuum = INCREMENTAL``). A reader gets the full env
 rebuilt (:func:`citynode.core.records.with_payload`). ``erasures`` holds every position
 an erasure request named (applied, or waiting for its record); ``records.erased_by``
 the erasure request that removed a record's payload (NULL for a pruned one).
+
+Liveness (schema v7): ``liveness`` keeps the newest verified liveness statement of each
+(origin, feed) (core/liveness.py), so a restarted node knows every feed's state at once.
 """
 
 from __future__ import annotations
