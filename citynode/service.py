@@ -9,6 +9,15 @@ so subscribers resume by cursor). Logs are JSON lines on stdout and stderr, whic
 systemd hands to the journal: ``journalctl -u UNIT`` reads them and the journal
 rotates them, so no log file needs rotating. ``systemctl reload`` sends SIGHUP: the node
 re-reads node.toml and applies what can change live (citynode/reload.py).
+
+Where things live matters to the sandbox. A normal install (``/usr/local``, ``/opt``, a
+venv under either, a data dir under ``/var/lib``) gets ``ProtectHome=yes``: users' homes
+are invisible to the service. When the data dir, the citynode command, its Python or its
+venv is under a home (``/home``, ``/root``, ``/run/user``), homes are made read-only
+instead of invisible (``ProtectHome=yes`` would hide the command, and the unit would
+fail with status 203/EXEC), and the unit says why in a comment. Under a temporary dir
+(``/tmp``, ``/var/tmp``, ``/dev/shm``) nothing is generated: the service's private
+``/tmp`` hides it, and systemd-tmpfiles empties those dirs, a data dir with them.
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ _USER_RULE = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
 # Where users' homes live: ProtectHome=yes would hide a data dir there, so it is made
 # read-only instead (and the data dir writable by ReadWritePaths).
 _HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
+# Temporary dirs: PrivateTmp gives the service its own empty /tmp and /var/tmp, and
+# systemd-tmpfiles ages their files out; /dev/shm is emptied at boot.
+_TEMP = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))
 # Ports below this need CAP_NET_BIND_SERVICE, granted only then.
 _PRIVILEGED_PORTS = 1024
 
@@ -43,8 +55,8 @@ class SystemdUnit:
 def systemd_unit(data_dir: Path, *, user: str = "citynode",
                  executable: Path | None = None) -> SystemdUnit:
     """The hardened unit that runs the node of ``data_dir`` as ``user``. Raises
-    ConfigError if the data dir has no valid node.toml or the user name is not a valid
-    system user name."""
+    ConfigError if the data dir has no valid node.toml, the user name is not a valid
+    system user name, or the data dir or the installation is under a temporary dir."""
     data_dir = data_dir.resolve()
     cfg = load_config(data_dir / "node.toml")  # a data dir, and a valid one
     if not _USER_RULE.fullmatch(user):
@@ -52,7 +64,20 @@ def systemd_unit(data_dir: Path, *, user: str = "citynode",
                           "digits, _ and -; at most 31 characters)")
     exe = (executable or _citynode_executable()).resolve()
     slug = re.sub(r"[^a-z0-9]+", "-", cfg.node.name.lower()).strip("-") or "node"
-    under_home = any(data_dir == h or h in data_dir.parents for h in _HOMES)
+    install = _install_paths(exe)
+    if executable is None:  # this installation: its code too (an editable install's)
+        install.append(("the citynode package", Path(__file__).resolve().parent))
+    in_temp = [f"{what} ({path})" for what, path in [("the data dir", data_dir), *install]
+               if _under(path, _TEMP)]
+    if in_temp:
+        raise ConfigError(
+            f"{', '.join(in_temp)} {'is' if len(in_temp) == 1 else 'are'} under a "
+            "temporary dir, which a service cannot use: its private /tmp hides it, and "
+            "systemd-tmpfiles empties it. Put the data dir under e.g. /var/lib/citynode, "
+            "and install citynode outside /tmp, e.g. python3 -m venv /opt/citynode && "
+            "/opt/citynode/bin/pip install citynode")
+    in_home = [(what, path) for what, path in [("the data dir", data_dir), *install]
+               if _under(path, _HOMES)]
     caps = ("CAP_NET_BIND_SERVICE" if cfg.node.listen_port < _PRIVILEGED_PORTS else "")
     q = shlex.quote
     lines = [
@@ -77,7 +102,7 @@ def systemd_unit(data_dir: Path, *, user: str = "citynode",
         "UMask=0077",
         f"ReadWritePaths={data_dir}",
         "ProtectSystem=strict",
-        f"ProtectHome={'read-only' if under_home else 'yes'}",
+        f"ProtectHome={'read-only' if in_home else 'yes'}",
         "PrivateTmp=yes",
         "PrivateDevices=yes",
         "NoNewPrivileges=yes",
@@ -115,8 +140,39 @@ def systemd_unit(data_dir: Path, *, user: str = "citynode",
         f"#   citynode service systemd -d {q(str(data_dir))} > /etc/systemd/system/{name}",
         f"#   systemctl daemon-reload && systemctl enable --now {name}",
         f"# Logs (JSON lines, rotated by the journal): journalctl -u {name}",
+        *(["# ProtectHome=read-only, not yes: the service must reach "
+           + ", ".join(f"{what} ({path})" for what, path in in_home)
+           + " under a home dir. Installing under /opt or /usr/local, with the data dir "
+           "under /var/lib, hides every home from it."] if in_home else []),
     ]
     return SystemdUnit(name, "\n".join(head + lines) + "\n", setup)
+
+
+def _under(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _install_paths(exe: Path) -> list[tuple[str, Path]]:
+    """What the service must be able to read to start ``exe`` (a resolved path): the
+    command, the venv it belongs to, and the interpreter of its ``#!`` line (as named,
+    and where its symlinks lead). A missing or unreadable command adds nothing more
+    (systemd-analyze reports it)."""
+    out: list[tuple[str, Path]] = [("the citynode command", exe)]
+    if (exe.parent.parent / "pyvenv.cfg").is_file():
+        out.append(("its venv", exe.parent.parent))
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return out
+    if first.startswith(b"#!"):
+        words = first[2:].decode("utf-8", "replace").split()
+        if words and words[0].startswith("/"):
+            python = Path(words[0])
+            out.append(("its Python", python))
+            if python.resolve() != python:
+                out.append(("its Python", python.resolve()))
+    return out
 
 
 def _citynode_executable() -> Path:
