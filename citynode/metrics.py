@@ -110,6 +110,12 @@ class Metrics:
             "citynode_bridge_connected", "1 while the bridge is connected to its broker",
             ["bridge"], registry=r)
 
+        # Console sign-ins (citynode/transport/api_console.py, docs/CONSOLE.md).
+        self.console_sign_ins = Counter(
+            "citynode_console_sign_ins", "Console sign-in attempts, by outcome: ok, "
+            "wrong_token, throttled (refused unread while the client's wait lasts)",
+            ["outcome"], registry=r)
+
         # Alerts (citynode/node/alerts.py, docs/ALERTS.md).
         self.alerts = Counter(
             "citynode_alerts", "Alert events raised, by alert code and status (firing, "

@@ -611,7 +611,9 @@
       });
       input.value = "";   // the token is not kept anywhere in the page
       if (!r.ok) {
-        err.textContent = r.status === 403 ? "Sign-in refused: wrong operator token." : "Sign-in failed (" + r.status + ").";
+        err.textContent = r.status === 403 ? "Sign-in refused: wrong operator token."
+          : r.status === 429 ? "Too many wrong tokens from this address: try again in " + (r.headers.get("Retry-After") || "a few") + " s."
+          : "Sign-in failed (" + r.status + ").";
         input.focus();
         return;
       }

@@ -14,7 +14,7 @@ Routes (docs/CONSOLE.md):
 * ``POST /console/session``: the operator token (JSON ``{"token": ...}``) exchanged for
   a session: an opaque random id in an HttpOnly, Secure, SameSite=Strict cookie; the
   session is kept in memory here and expires (``SESSION_SECONDS``);
-* ``POST /console/session/end``: sign out;
+* ``POST /console/session/end``: sign out (both cookies cleared);
 * ``GET /console/api/operator``: the operator's overview (partners, feeds, forks,
   checkpoints, metrics), read-only, for a signed-in session only.
 
@@ -23,17 +23,24 @@ The session cookie is honoured by ``/console/api/operator`` ALONE: the operator 
 browser session can never publish, add or remove partners. Both POSTs (the only
 state-changing actions) need the CSRF token in ``X-CSRF-Token`` equal to the cookie's,
 and an ``Origin`` that is this node's own; the token is compared in constant time
-(identity.check_token, as the bearer token is).
+(identity.check_token, as the bearer token is). Wrong tokens are counted
+(``citynode_console_sign_ins{outcome}``), logged, and throttled per client address
+(:class:`SignInThrottle`: a few free tries, then a wait that doubles with each further
+failure; while it lasts, sign-in answers 429 without looking at the token).
 
 Every answer under these paths carries a strict Content-Security-Policy (no inline
-script or style anywhere in the page) and the other security headers.
+script or style anywhere in the page) and the other security headers, HSTS included
+(the node serves only HTTPS; docs/CONSOLE.md says why it is left out for ``localhost``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
+import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -46,13 +53,16 @@ from aiohttp import web
 from citynode import __version__
 from citynode.core.keys import node_id
 from citynode.identity import check_token
+from citynode.logs import fields
 from citynode.transport.web import NODE_KEY, error_response, in_thread
 
 __all__ = [
     "CSP",
+    "HSTS",
     "SECURITY_HEADERS",
     "SESSION_COOKIE",
     "Sessions",
+    "SignInThrottle",
     "add_routes",
 ]
 
@@ -67,8 +77,10 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
-    "Strict-Transport-Security": "max-age=31536000",
 }
+# A year, this host name only: no includeSubDomains (a node does not own its sibling
+# names) and no preload (that is a promise for the whole registrable domain).
+HSTS = "max-age=31536000"
 # __Host-: the browser keeps such a cookie only if Secure, Path=/ and without Domain,
 # so no other site (a sibling host included) can plant or overwrite it.
 SESSION_COOKIE = "__Host-cn_session"
@@ -79,6 +91,16 @@ MAX_SIGN_IN_BYTES = 4096
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
           ".json": "application/json", ".svg": "image/svg+xml", ".md": "text/plain"}
 _PREFIX = "/console"
+# Sign-in throttle: wrong tokens one client address may send before it must wait; the
+# first wait, doubled for each further wrong token, up to the cap; an address's count is
+# forgotten this long after its last wrong token; at most this many addresses tracked.
+FREE_FAILURES = 3
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 900.0
+FORGET_SECONDS = 3600.0
+MAX_TRACKED = 4096
+
+log = logging.getLogger("citynode.console")
 
 
 @dataclass(slots=True)
@@ -131,7 +153,66 @@ class Sessions:
             del self._by_id[sid]
 
 
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    not_before: float
+    last: float
+
+
+class SignInThrottle:
+    """Wrong operator tokens, counted per client address: after ``FREE_FAILURES`` of
+    them, the address must wait ``BACKOFF_FIRST_SECONDS``, doubled for each further
+    wrong token, at most ``BACKOFF_MAX_SECONDS``. A right token clears its count; a
+    count is forgotten ``FORGET_SECONDS`` after its last wrong token. Bounded: at most
+    ``MAX_TRACKED`` addresses (the least recently failed dropped first). ``clock``:
+    seconds, monotonic.
+
+    The wait is per address, not global, so a stranger's guesses cannot lock the
+    operator out of the console (the CLI's bearer token is never throttled)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self._by_addr: dict[str, _Failures] = {}
+
+    def wait(self, addr: str) -> float:
+        """Seconds ``addr`` must still wait before its next try (0: it may try now)."""
+        f = self._by_addr.get(addr)
+        if f is None:
+            return 0.0
+        now = float(self.clock())
+        if now - f.last >= FORGET_SECONDS:
+            del self._by_addr[addr]
+            return 0.0
+        return max(0.0, f.not_before - now)
+
+    def failed(self, addr: str) -> tuple[int, float]:
+        """Count a wrong token from ``addr``: ``(its wrong tokens so far, the wait it
+        now has before its next try)``."""
+        now = float(self.clock())
+        f = self._by_addr.pop(addr, None)
+        if f is None or now - f.last >= FORGET_SECONDS:
+            f = _Failures(0, now, now)
+        while len(self._by_addr) >= MAX_TRACKED:
+            del self._by_addr[next(iter(self._by_addr))]
+        f.count += 1
+        f.last = now
+        over = f.count - FREE_FAILURES
+        wait = (0.0 if over <= 0 else
+                min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2.0 ** min(over - 1, 30)))
+        f.not_before = now + wait
+        self._by_addr[addr] = f  # re-inserted: the most recently failed is kept longest
+        return f.count, wait
+
+    def succeeded(self, addr: str) -> None:
+        self._by_addr.pop(addr, None)
+
+    def __len__(self) -> int:
+        return len(self._by_addr)
+
+
 SESSIONS_KEY: web.AppKey[Sessions] = web.AppKey("console_sessions", Sessions)
+THROTTLE_KEY: web.AppKey[SignInThrottle] = web.AppKey("console_throttle", SignInThrottle)
 ASSETS_KEY: web.AppKey[dict[str, tuple[bytes, str]]] = web.AppKey("console_assets", dict)
 
 
@@ -152,6 +233,7 @@ def _load_assets() -> dict[str, tuple[bytes, str]]:
 def add_routes(app: web.Application) -> None:
     """Serve the console from ``app`` (the node's application)."""
     app[SESSIONS_KEY] = Sessions()
+    app[THROTTLE_KEY] = SignInThrottle()
     app[ASSETS_KEY] = _load_assets()
     app.on_response_prepare.append(_add_headers)
     r = app.router
@@ -176,8 +258,21 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
         return
     for k, v in SECURITY_HEADERS.items():
         response.headers[k] = v
+    if not _is_localhost(request.host):
+        response.headers["Strict-Transport-Security"] = HSTS
     if "Cache-Control" not in response.headers:
         response.headers["Cache-Control"] = "no-cache"
+
+
+def _is_localhost(host: str) -> bool:
+    """Is ``host`` (a Host header, port and all) the name ``localhost`` or a name under
+    it? HSTS binds a host NAME, every port of it: sent for localhost, it would make the
+    browser refuse plain HTTP to every other local service (a developer's, a device's
+    set-up page) for a year. An IP address is safe to send it to (browsers ignore HSTS
+    from IP literals, RFC 6797 section 8.1), as is every real host name."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip().rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
 
 
 # ------------------------------------------------------------------ the page
@@ -271,6 +366,19 @@ async def sign_in(request: web.Request) -> web.Response:
     refused = _check_post(request, request.cookies.get(CSRF_COOKIE))
     if refused is not None:
         return refused
+    node = request.app[NODE_KEY]
+    throttle = request.app[THROTTLE_KEY]
+    addr = _client_address(request)
+    wait = throttle.wait(addr)
+    if wait > 0:
+        # Refused before the body is read: a throttled client learns nothing of its
+        # token, right or wrong.
+        node.metrics.console_sign_ins.labels("throttled").inc()
+        resp = error_response(429, "too_many_attempts",
+                              f"too many wrong tokens from {addr}: try again in "
+                              f"{math.ceil(wait)} s")
+        resp.headers["Retry-After"] = str(math.ceil(wait))
+        return resp
     body = await _small_body(request)
     if body is None:
         return error_response(413, "too_large", "sign-in body too large")
@@ -278,9 +386,15 @@ async def sign_in(request: web.Request) -> web.Response:
         token = json.loads(body)["token"]
     except (ValueError, KeyError, TypeError):
         return error_response(400, "bad_request", 'send {"token": "..."}')
-    node = request.app[NODE_KEY]
     if not isinstance(token, str) or not check_token(node.identity.token, token):
+        count, wait = throttle.failed(addr)
+        node.metrics.console_sign_ins.labels("wrong_token").inc()
+        log.warning("console sign-in refused: wrong operator token",
+                    extra=fields(client=addr, failures=count, wait_s=wait))
         return error_response(403, "access_denied", "wrong operator token")
+    throttle.succeeded(addr)
+    node.metrics.console_sign_ins.labels("ok").inc()
+    log.info("console sign-in", extra=fields(client=addr))
     sid, csrf = request.app[SESSIONS_KEY].create()
     resp = web.json_response({"signed_in": True, "csrf": csrf,
                               "expires_in": SESSION_SECONDS},
@@ -313,17 +427,57 @@ async def _small_body(request: web.Request) -> bytes | None:
 
 
 async def sign_out(request: web.Request) -> web.Response:
+    """End the caller's session and clear every console cookie (session and CSRF).
+    A live session needs its CSRF token (a cross-site page must not sign the operator
+    out); a dead one (expired, or the node restarted) has nothing to protect, so its
+    stale cookies are cleared on a same-origin request alone."""
     sessions = request.app[SESSIONS_KEY]
     sid = request.cookies.get(SESSION_COOKIE)
     session = sessions.get(sid)
-    refused = _check_post(request, session.csrf if session else None)
+    if session is not None:
+        refused = _check_post(request, session.csrf)
+    elif not _same_origin(request):
+        refused = error_response(403, "bad_origin",
+                                 "this action must come from this node's own console page")
+    else:
+        refused = None
     if refused is not None:
         return refused
     sessions.end(sid)
     resp = web.json_response({"signed_in": False}, headers={"Cache-Control": "no-store"})
-    resp.del_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True,
-                    samesite="Strict")
+    for name in (SESSION_COOKIE, CSRF_COOKIE):
+        # The same attributes as when set: a __Host- cookie is only replaced by one
+        # that is Secure, Path=/ and without Domain.
+        resp.del_cookie(name, path="/", secure=True, httponly=True, samesite="Strict")
     return resp
+
+
+def _client_address(request: web.Request) -> str:
+    """The address sign-in failures are counted against: the peer's, or, from the
+    ``[tls] trusted_proxy``, the address that proxy appended to ``X-Forwarded-For``
+    (else every client behind it would share one count). IPv6 by /64: one host is
+    usually given a whole /64."""
+    peer = request.remote or ""
+    proxy = request.app[NODE_KEY].config.tls.trusted_proxy
+    if proxy and _ip(peer) is not None and _ip(peer) == _ip(proxy):
+        forwarded = request.headers.get("X-Forwarded-For", "")[-1024:].split(",")[-1].strip()
+        if _ip(forwarded) is not None:
+            peer = forwarded
+    ip = _ip(peer)
+    if ip is None:
+        return peer[:64] or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------ operator view
@@ -401,7 +555,8 @@ _WANTED = ("citynode_records_stored", "citynode_records_rejected",
            "citynode_records_received", "citynode_records_duplicate",
            "citynode_forks_detected", "citynode_partner_up", "citynode_partner_invalid",
            "citynode_pending_records", "citynode_live_streams", "citynode_stream_lagged",
-           "citynode_connections_refused", "citynode_db_size_bytes", "citynode_feeds")
+           "citynode_connections_refused", "citynode_db_size_bytes", "citynode_feeds",
+           "citynode_console_sign_ins")
 
 
 def _metrics(registry: Any) -> dict[str, list[dict[str, Any]]]:

@@ -1,10 +1,13 @@
 """The web console over real HTTPS (an in-process node): the page and its assets, the
-security headers on every answer, the session cookie's flags, and the refusals:
-wrong token, missing or wrong CSRF token, foreign Origin, no session, and a session
-cookie that must not open the bearer-token operator API."""
+security headers on every answer (HSTS but for localhost), the session cookie's flags,
+sign-out clearing every console cookie, wrong tokens counted, logged and throttled per
+client address, and the refusals: wrong token, missing or wrong CSRF token, foreign
+Origin, no session, and a session cookie that must not open the bearer-token operator
+API."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from http.cookies import SimpleCookie
 from typing import Any
@@ -12,7 +15,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from citynode.transport.api_console import CSP, SECURITY_HEADERS, Sessions
+from citynode.transport.api_console import (
+    CSP,
+    FREE_FAILURES,
+    HSTS,
+    SECURITY_HEADERS,
+    THROTTLE_KEY,
+    Sessions,
+    SignInThrottle,
+)
 from tests.conftest import InProc
 
 Make = Callable[..., Awaitable[InProc]]
@@ -21,6 +32,9 @@ Make = Callable[..., Awaitable[InProc]]
 def assert_secure_headers(resp: aiohttp.ClientResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         assert resp.headers.get(name) == value, name
+    # Served to 127.0.0.1 here (browsers ignore HSTS from an IP literal, but a name
+    # would keep it: see test_hsts_for_every_host_name_but_localhost).
+    assert resp.headers.get("Strict-Transport-Security") == HSTS
     csp = resp.headers["Content-Security-Policy"]
     for directive in ("default-src 'none'", "script-src 'self'", "style-src 'self'",
                       "connect-src 'self'", "frame-ancestors 'none'", "base-uri 'none'",
@@ -157,14 +171,186 @@ async def test_sign_in_sets_a_strict_session_cookie(node: InProc) -> None:
                                  headers={**own, "Origin": node.url,
                                           "X-CSRF-Token": body["csrf"]}) as a:
                 assert a.status == 403, path
-        # Signing out ends the session on the server (the old cookie is worthless).
+        # Signing out ends the session on the server (the old cookie is worthless) and
+        # clears every console cookie in the browser, with the attributes a __Host-
+        # cookie is only replaced with.
         async with s.post(node.url + "/console/session/end",
                           headers={**own, "Origin": node.url,
                                    "X-CSRF-Token": body["csrf"]}) as o:
             assert o.status == 200
-            assert set_cookies(o)["__Host-cn_session"].value == ""
+            assert_cleared(o)
         async with s.get(node.url + "/console/api/operator", headers=own) as v:
             assert v.status == 403
+
+
+def assert_cleared(resp: aiohttp.ClientResponse) -> None:
+    """The answer deletes both console cookies (empty, expired now)."""
+    cookies = set_cookies(resp)
+    for name in ("__Host-cn_session", "__Host-cn_csrf"):
+        assert name in cookies, (name, resp.headers.getall("Set-Cookie", []))
+        c = cookies[name]
+        assert c.value == "" and c["max-age"] == "0", name
+        assert c["secure"] and c["path"] == "/" and not c["domain"], name
+
+
+async def test_sign_out_of_a_dead_session_still_clears_the_cookies(node: InProc) -> None:
+    """After a restart or expiry the browser still holds stale cookies: signing out
+    clears them (same origin required; no session left to need a CSRF token)."""
+    async with aiohttp.ClientSession(connector=pinned(node),
+                                     cookie_jar=aiohttp.DummyCookieJar()) as s:
+        stale = jar({"__Host-cn_session": "x" * 43, "__Host-cn_csrf": "y" * 43})
+        async with s.post(node.url + "/console/session/end",
+                          headers={**stale, "Origin": "https://evil.example"}) as o:
+            assert o.status == 403 and (await o.json())["error"] == "bad_origin"
+            assert set_cookies(o) == {}
+        async with s.post(node.url + "/console/session/end",
+                          headers={**stale, "Origin": node.url}) as o:
+            assert o.status == 200
+            assert_cleared(o)
+
+
+async def test_hsts_for_every_host_name_but_localhost(node: InProc) -> None:
+    """HSTS binds a host name on every port: sent for localhost it would force HTTPS
+    on every other local service for a year, so localhost (and *.localhost) is spared;
+    any other name or address gets it, errors included."""
+    for host, sent in [("city.example.org", True), ("city.example.org:8443", True),
+                       ("127.0.0.1:8443", True), ("[::1]:8443", True),
+                       ("localhost", False), (f"localhost:{node.port}", False),
+                       ("LOCALHOST.:1", False), ("console.localhost", False)]:
+        for path in ("/", "/console/nope.js", "/console/api/public"):
+            async with node.session.get(node.url + path, headers={"Host": host}) as r:
+                assert r.status in (200, 404)
+                got = r.headers.get("Strict-Transport-Security")
+                assert got == (HSTS if sent else None), (host, path, got)
+                # The other headers do not depend on the name.
+                assert r.headers["Content-Security-Policy"] == CSP
+    assert "includeSubDomains" not in HSTS and "preload" not in HSTS
+
+
+def sign_ins(n: InProc, outcome: str) -> float:
+    v = n.node.metrics.registry.get_sample_value("citynode_console_sign_ins_total",
+                                                 {"outcome": outcome})
+    return v or 0.0
+
+
+async def test_wrong_tokens_are_counted_logged_and_throttled_per_address(
+        node: InProc, caplog: pytest.LogCaptureFixture) -> None:
+    now = [5000.0]
+    runner: Any = node.runner
+    runner.app[THROTTLE_KEY].clock = lambda: now[0]
+    caplog.set_level(logging.INFO, logger="citynode.console")
+
+    async def attempt(s: aiohttp.ClientSession, token: str,
+                      extra: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        good, cookie = await csrf(node, s)
+        r = await s.post(node.url + "/console/session", json={"token": token},
+                         headers={"Origin": node.url, "X-CSRF-Token": good,
+                                  **jar({"__Host-cn_csrf": cookie}), **(extra or {})})
+        await r.read()
+        return r
+
+    wrong = "wrong-" + node.token
+    async with aiohttp.ClientSession(connector=pinned(node),
+                                     cookie_jar=aiohttp.DummyCookieJar()) as s, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                ssl=aiohttp.Fingerprint(node.node.identity.cert_fingerprint),
+                local_addr=("127.0.0.2", 0)), cookie_jar=aiohttp.DummyCookieJar()) as other:
+        # The free tries: refused as wrong, no wait.
+        for _ in range(FREE_FAILURES):
+            r = await attempt(s, wrong)
+            assert r.status == 403 and "Retry-After" not in r.headers
+        # One more wrong token: refused, and now 127.0.0.1 must wait 1 s ...
+        assert (await attempt(s, wrong)).status == 403
+        r = await attempt(s, node.token)
+        assert r.status == 429, "the right token too: not even looked at while waiting"
+        assert (await r.json())["error"] == "too_many_attempts"
+        assert r.headers["Retry-After"] == "1"
+        assert_secure_headers(r)
+        assert "__Host-cn_session" not in set_cookies(r)
+        # ... whatever X-Forwarded-For it claims (no trusted proxy: not believed) ...
+        r = await attempt(s, node.token, {"X-Forwarded-For": "203.0.113.9"})
+        assert r.status == 429
+        # ... while another address signs in at once.
+        assert (await attempt(other, node.token)).status == 200
+        # The wait doubles with each further wrong token.
+        now[0] += 1.0
+        assert (await attempt(s, wrong)).status == 403
+        r = await attempt(s, wrong)
+        assert r.status == 429 and r.headers["Retry-After"] == "2"
+        now[0] += 2.0
+        assert (await attempt(s, wrong)).status == 403
+        r = await attempt(s, node.token)
+        assert r.status == 429 and r.headers["Retry-After"] == "4"
+        # After the wait, the right token signs in and clears the count: the next
+        # wrong token is a free one again.
+        now[0] += 4.0
+        assert (await attempt(s, node.token)).status == 200
+        r = await attempt(s, wrong)
+        assert r.status == 403 and "Retry-After" not in r.headers
+        assert (await attempt(s, wrong)).status == 403  # free, not 429
+
+    assert sign_ins(node, "wrong_token") == FREE_FAILURES + 1 + 2 + 2
+    assert sign_ins(node, "throttled") == 4
+    assert sign_ins(node, "ok") == 2
+    refused = [r for r in caplog.records if "sign-in refused" in r.getMessage()]
+    assert len(refused) == FREE_FAILURES + 1 + 2 + 2
+    assert {r.fields["client"] for r in refused} == {"127.0.0.1"}  # type: ignore[attr-defined]
+    assert [r.fields["wait_s"] for r in refused[:5]] == [0, 0, 0, 1, 2]  # type: ignore[attr-defined]
+    assert all(node.token not in r.getMessage() and node.token not in str(r.__dict__)
+               for r in caplog.records)
+    # The operator's view lists the counts with the metrics that matter.
+    async with aiohttp.ClientSession(connector=pinned(node),
+                                     cookie_jar=aiohttp.DummyCookieJar()) as s:
+        sid = set_cookies(await sign_in(node, s, node.token))["__Host-cn_session"].value
+        async with s.get(node.url + "/console/api/operator",
+                         headers=jar({"__Host-cn_session": sid})) as v:
+            shown = (await v.json())["metrics"]["citynode_console_sign_ins"]
+    assert {x["labels"]["outcome"]: x["value"] for x in shown}["throttled"] == 4
+
+
+async def test_behind_the_trusted_proxy_each_forwarded_client_has_its_own_count(
+        inproc: Make) -> None:
+    n = await inproc("Lima", settings={("tls", "trusted_proxy"): "127.0.0.1"})
+    async with aiohttp.ClientSession(connector=pinned(n),
+                                     cookie_jar=aiohttp.DummyCookieJar()) as s:
+        async def attempt(token: str, client: str) -> int:
+            good, cookie = await csrf(n, s)
+            # The proxy appends the address it saw: the last one counts, not what a
+            # client wrote before it.
+            async with s.post(n.url + "/console/session", json={"token": token},
+                              headers={"Origin": n.url, "X-CSRF-Token": good,
+                                       "X-Forwarded-For": f"10.0.0.1, {client}",
+                                       **jar({"__Host-cn_csrf": cookie})}) as r:
+                return r.status
+
+        for _ in range(FREE_FAILURES + 1):
+            assert await attempt("wrong", "198.51.100.7") == 403
+        assert await attempt(n.token, "198.51.100.7") == 429
+        assert await attempt(n.token, "198.51.100.8") == 200
+        # IPv6 clients are counted by /64.
+        for _ in range(FREE_FAILURES + 1):
+            assert await attempt("wrong", "2001:db8:1:2::5") == 403
+        assert await attempt(n.token, "2001:db8:1:2:ffff::1") == 429
+        assert await attempt(n.token, "2001:db8:1:3::5") == 200
+
+
+def test_throttle_forgets_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import citynode.transport.api_console as console
+
+    now = [0.0]
+    t = SignInThrottle(clock=lambda: now[0])
+    waits = [t.failed("a")[1] for _ in range(FREE_FAILURES + 12)]
+    assert waits[:FREE_FAILURES] == [0.0] * FREE_FAILURES
+    assert waits[FREE_FAILURES:FREE_FAILURES + 4] == [1.0, 2.0, 4.0, 8.0]
+    assert waits[-1] == console.BACKOFF_MAX_SECONDS  # capped
+    assert t.wait("a") == console.BACKOFF_MAX_SECONDS and t.wait("b") == 0.0
+    now[0] += console.FORGET_SECONDS
+    assert t.wait("a") == 0.0 and len(t) == 0  # forgotten an hour after the last
+    assert t.failed("a") == (1, 0.0)
+    monkeypatch.setattr(console, "MAX_TRACKED", 8)
+    for i in range(100):
+        t.failed(f"10.0.0.{i}")
+    assert len(t) == 8 and t.wait("10.0.0.99") == 0.0 and "10.0.0.99" in t._by_addr
 
 
 async def test_refusals(node: InProc) -> None:
