@@ -1,6 +1,7 @@
 """Alerts end to end: a real HTTP receiver on 127.0.0.1 gets signed alerts it verifies
 (core/alerts.py ``verify_alert``), retried after it answered 500, once per condition,
-then resolved. Seconds-scale thresholds ([alerts] in node.toml)."""
+then resolved: partner down, fork, disk low, invalid-input spike, own feed late against
+its cadence. Seconds-scale thresholds ([alerts] in node.toml)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from aiohttp import web
 
 from citynode.cluster import free_ports
 from citynode.core.alerts import SIGNATURE_HEADER, verify_alert
+from citynode.core.keys import SigningKey, node_id
 from citynode.core.records import sign_record
+from citynode.errors import SignatureError
 from citynode.node import Node
 from citynode.transport.server import serve
 from tests.conftest import InProc, eventually, make_node_dir
@@ -31,6 +34,8 @@ class Receiver:
         self.fail_first = fail_first
         self.requests = 0
         self.alerts: list[dict[str, Any]] = []
+        #: The raw (body, signature header) of each alert in ``alerts``, same order.
+        self.raw: list[tuple[bytes, str]] = []
         self.bad: list[str] = []
         self.url = ""
 
@@ -42,8 +47,9 @@ class Receiver:
         try:
             # Any node the tests start may alert here; each alert's `node` is checked by
             # the test that expects it.
-            self.alerts.append(verify_alert(body, request.headers.get(SIGNATURE_HEADER, ""),
-                                            expected_node=None))
+            header = request.headers.get(SIGNATURE_HEADER, "")
+            self.alerts.append(verify_alert(body, header, expected_node=None))
+            self.raw.append((body, header))
         except Exception as exc:  # the test asserts none came
             self.bad.append(repr(exc))
             return web.Response(status=400)
@@ -215,6 +221,57 @@ async def test_a_spike_of_invalid_input_is_alerted(tmp_path: Path, receiver: Rec
         await eventually(alerted, timeout=20)
         [alert] = receiver.of("invalid_spike")
         assert alert["subject"]["count"] == 4 and alert["subject"]["threshold"] == 3
+        assert receiver.bad == []
+    finally:
+        await a.close()
+
+
+async def test_an_own_feed_late_against_its_cadence_is_alerted_then_resolved(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """Feed ``air`` declares a 1 s cadence, ``slow`` an hour's; both get one record. Once
+    ``air`` has signed nothing new for longer than its cadence, the receiver gets one
+    ``feed_late`` alert for it, signed by this node (checked here against the node id
+    the receiver trusts, and refused when a byte of it changes); ``slow`` is never
+    alerted. A new record on ``air`` resolves it."""
+    d = make_node_dir(tmp_path, "Athens", settings=alert_settings(receiver.url))
+    with open(d / "node.toml", "a") as f:
+        f.write("\n[feeds.air]\ncadence_seconds = 1\n\n[feeds.slow]\ncadence_seconds = 3600\n")
+    a = await start(d)
+    try:
+        await a.node.publish("air", "org.example.T", [{"n": 1}])
+        await a.node.publish("slow", "org.example.T", [{"n": 1}])
+
+        async def alerted() -> bool:
+            return bool(receiver.of("feed_late"))
+
+        await eventually(alerted, timeout=30)
+        [alert] = receiver.of("feed_late")
+        assert alert["node"] == a.node.node_id and alert["severity"] == "warning"
+        assert alert["id"] == "feed_late:air"
+        assert alert["subject"]["feed"] == "air" and alert["subject"]["cadence_s"] == 1
+        assert alert["subject"]["state"] in ("silent", "dead")
+        # The receiver's view: the raw request verifies against THIS node's id ...
+        body, header = receiver.raw[receiver.alerts.index(alert)]
+        assert verify_alert(body, header, expected_node=a.node.node_id)["id"] == alert["id"]
+        # ... and not against another node's, nor with one byte changed.
+        with pytest.raises(SignatureError):
+            verify_alert(body, header, expected_node=node_id(SigningKey.generate().public_key))
+        with pytest.raises(SignatureError):
+            verify_alert(body.replace(b'"air"', b'"aiR"'), header,
+                         expected_node=a.node.node_id)
+        await asyncio.sleep(1.0)  # ten more checks: still late, not alerted again
+        assert len(receiver.of("feed_late")) == 1
+
+        await a.node.publish("air", "org.example.T", [{"n": 2}])
+
+        async def resolved() -> bool:
+            return bool(receiver.of("feed_late", "resolved"))
+
+        await eventually(resolved, timeout=30)
+        assert receiver.of("feed_late", "resolved")[0]["id"] == "feed_late:air"
+        # The hour-cadence feed, published once like the other, was never late.
+        assert all(x["subject"]["feed"] == "air" for x in receiver.alerts
+                   if x["alert"] == "feed_late")
         assert receiver.bad == []
     finally:
         await a.close()
