@@ -80,13 +80,14 @@ class LocalNode:
     def url(self) -> str:
         return f"https://{self.host}:{self.port}"
 
-    def start(self) -> None:
-        """Start ``citynode run`` for this node (logs to DIR/node.log)."""
+    def start(self, *args: str) -> None:
+        """Start ``citynode run`` for this node (logs to DIR/node.log); ``args`` are
+        more options of ``citynode run`` (``--accept-fork-risk``)."""
         self.log_path = self.dir / "node.log"
         logf = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
-            [*self.wrap, sys.executable, "-m", "citynode", "run", "-d", str(self.dir)],
+            [*self.wrap, sys.executable, "-m", "citynode", "run", "-d", str(self.dir), *args],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )

@@ -7,6 +7,12 @@ never sign a seq B already holds: with B up, publishing is refused until B confi
 heads, then goes on after B's head; with B down, publishing is refused for as long as B
 is down. No fork proof anywhere at the end. Then a backup with secrets is restored into
 an empty directory "on a new machine": the same node, which goes on the same way.
+
+With two partners (city A with partners B and C, which are not each other's): a restore
+with every partner down refuses to sign until EVERY partner has confirmed A's heads (B
+coming back, behind C, is not enough); a restore with both partners up waits for both,
+then signs after their heads; and the operator's explicit ``--accept-fork-risk`` lets a
+restored A sign with every partner down.
 """
 
 from __future__ import annotations
@@ -77,6 +83,12 @@ async def next_publish(a: LocalNode, timeout: float = 60) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 pytest.fail(f"publishing still refused after {timeout} s: {exc}")
         await asyncio.sleep(0.2)
+
+
+async def awaiting(a: LocalNode) -> list[str]:
+    """The partners a restored ``a`` still waits for ([] once it signs again)."""
+    status = await a.api("GET", "/v1/admin/status")
+    return sorted(status["restored_awaiting"]) if status["restored_unconfirmed"] else []
 
 
 def no_forks(n: LocalNode) -> None:
@@ -181,3 +193,116 @@ async def test_backup_with_secrets_restored_on_a_new_machine(tmp_path: Path) -> 
     assert moved is not None
     no_forks(moved)
     no_forks(b)
+
+
+async def test_restore_with_two_partners_down_then_up(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    a, b, cc = c.create(["A", "B", "C"], settings=FAST)
+    stale = tmp_path / "a-stale.cnbackup"
+    fresh = tmp_path / "a-fresh.cnbackup"
+    try:
+        await c.start()
+        await c.link(a, b)
+        await c.link(a, cc)
+        await a.publish(FEED, TYPE, [{"n": i} for i in range(20)])
+        await holds(b, a, 20)
+        await holds(cc, a, 20)
+        citynode("backup", "-d", str(a.dir), str(stale))
+        # B goes down; A signs 21..30, which only C holds: B is now behind C.
+        await b.close()
+        b.stop()
+        out = await a.publish(FEED, TYPE, [{"n": 20 + i} for i in range(10)])
+        assert out["last_seq"] == 30
+        await holds(cc, a, 30)
+        for n in (a, cc):
+            await n.close()
+            n.stop()
+
+        # (1) Every partner down: A, restored from the stale backup (head 20), signs
+        # nothing however long it waits.
+        citynode("restore", "-d", str(a.dir), "--replace", str(stale))
+        a.start()
+        await a.wait_ready()
+        end = time.monotonic() + 6  # several of A's sync intervals
+        tries = 0
+        while time.monotonic() < end:
+            err = await refused(a)
+            assert "still waiting for" in err.detail and "B" in err.detail, err.detail
+            tries += 1
+            await asyncio.sleep(0.5)
+        assert tries >= 5
+        assert await awaiting(a) == ["B", "C"]
+        ready = await a.api("GET", "/readyz")
+        assert ready["own_publishing"] is False
+        assert sorted(ready["restored_awaiting"]) == ["B", "C"]
+        # B comes back: it confirms what it holds (seq 20), but C, still down, holds
+        # 21..30: A goes on refusing, now waiting for C alone.
+        b.start()
+        await b.wait_ready()
+
+        async def b_confirmed() -> bool:
+            return await awaiting(a) == ["C"]
+
+        await eventually(b_confirmed, timeout=60)
+        for _ in range(4):
+            err = await refused(a)
+            assert "still waiting for C" in err.detail, err.detail
+            await asyncio.sleep(0.5)
+        assert await head_at(a, a) == 20  # nothing signed, nothing to fetch from B
+        # C comes back: A fetches 21..30 from it, and only then signs, at 31.
+        cc.start()
+        await cc.wait_ready()
+        got = await next_publish(a)
+        assert got["first_seq"] == 31
+        assert await awaiting(a) == []
+        log = (a.dir / "node.log").read_text()
+        marked = log.index("database restored: own feeds wait for every partner")
+        assert marked < log.index("every partner confirmed this restored node's heads")
+        await holds(b, a, 31)  # B caught up through A, with no fork
+        await holds(cc, a, 31)
+        await a.close()
+        a.stop()
+
+        # (2) Both partners up (both hold 31): A restored from the same stale backup
+        # waits for both, fetches 21..31, then signs at 32.
+        citynode("restore", "-d", str(a.dir), "--replace", str(stale))
+        a.start()
+        await a.wait_ready()
+        got = await next_publish(a)
+        assert got["first_seq"] == 32
+        log = (a.dir / "node.log").read_text()
+        marked = log.index("database restored: own feeds wait for every partner")
+        assert marked < log.index("every partner confirmed this restored node's heads")
+        await holds(b, a, 32)
+        await holds(cc, a, 32)
+
+        # (3) The operator's explicit risk: a backup as new as anything partners hold
+        # (seq 32), restored with every partner down. Refused without the flag ...
+        citynode("backup", "-d", str(a.dir), str(fresh))
+        for n in (a, b, cc):
+            await n.close()
+            n.stop()
+        citynode("restore", "-d", str(a.dir), "--replace", str(fresh))
+        a.start()
+        await a.wait_ready()
+        await refused(a)
+        await a.close()
+        a.stop()
+        # ... signed at once with it (partners still down), the choice logged.
+        a.start("--accept-fork-risk")
+        await a.wait_ready()
+        got = await a.publish(FEED, TYPE, [{"n": 1000}])
+        assert got["first_seq"] == 33
+        assert "--accept-fork-risk given" in (a.dir / "node.log").read_text()
+        assert await awaiting(a) == []
+        for n in (b, cc):
+            n.start()
+        for n in (b, cc):
+            await n.wait_ready()
+        await holds(b, a, 33)
+        await holds(cc, a, 33)
+    finally:
+        await c.close()
+        c.stop()
+    for n in (a, b, cc):
+        no_forks(n)
