@@ -85,6 +85,32 @@ async def next_publish(a: LocalNode, timeout: float = 60) -> dict[str, Any]:
         await asyncio.sleep(0.2)
 
 
+async def stop(*nodes: LocalNode) -> None:
+    for n in nodes:
+        await n.close()
+        n.stop()
+
+
+async def restore_and_start(a: LocalNode, backup: Path, *run_args: str) -> None:
+    """Restore ``a`` (stopped) from ``backup`` over its data dir, and start it."""
+    citynode("restore", "-d", str(a.dir), "--replace", str(backup))
+    a.start(*run_args)
+    await a.wait_ready()
+
+
+async def refused_for(a: LocalNode, seconds: float, says: str) -> None:
+    """Publishing at ``a`` is refused, with ``says`` in the refusal, every half second
+    for ``seconds`` (several of its sync intervals)."""
+    end = time.monotonic() + seconds
+    tries = 0
+    while time.monotonic() < end:
+        err = await refused(a)
+        assert says in err.detail, err.detail
+        tries += 1
+        await asyncio.sleep(0.5)
+    assert tries >= seconds  # not one slow refusal
+
+
 async def awaiting(a: LocalNode) -> list[str]:
     """The partners a restored ``a`` still waits for ([] once it signs again)."""
     status = await a.api("GET", "/v1/admin/status")
@@ -131,19 +157,9 @@ async def test_restore_a_stale_backup_with_the_partner_up_then_down(tmp_path: Pa
         a.stop()
 
         # (2) The partner is down: refused for as long as it is down.
-        await b.close()
-        b.stop()
-        citynode("restore", "-d", str(a.dir), "--replace", str(stale))
-        a.start()
-        await a.wait_ready()
-        end = time.monotonic() + 8  # several of A's sync intervals
-        tries = 0
-        while time.monotonic() < end:
-            err = await refused(a)
-            assert "restored" in err.detail, err.detail
-            tries += 1
-            await asyncio.sleep(0.5)
-        assert tries >= 5
+        await stop(b)
+        await restore_and_start(a, stale)
+        await refused_for(a, 8, "restored")
         status = await a.api("GET", "/v1/admin/status")
         assert status.get("restored_unconfirmed") is True, status
         assert await head_at(a, a) == 20  # nothing signed meanwhile
@@ -214,23 +230,12 @@ async def test_restore_with_two_partners_down_then_up(tmp_path: Path) -> None:
         out = await a.publish(FEED, TYPE, [{"n": 20 + i} for i in range(10)])
         assert out["last_seq"] == 30
         await holds(cc, a, 30)
-        for n in (a, cc):
-            await n.close()
-            n.stop()
+        await stop(a, cc)
 
         # (1) Every partner down: A, restored from the stale backup (head 20), signs
         # nothing however long it waits.
-        citynode("restore", "-d", str(a.dir), "--replace", str(stale))
-        a.start()
-        await a.wait_ready()
-        end = time.monotonic() + 6  # several of A's sync intervals
-        tries = 0
-        while time.monotonic() < end:
-            err = await refused(a)
-            assert "still waiting for" in err.detail and "B" in err.detail, err.detail
-            tries += 1
-            await asyncio.sleep(0.5)
-        assert tries >= 5
+        await restore_and_start(a, stale)
+        await refused_for(a, 6, "still waiting for")
         assert await awaiting(a) == ["B", "C"]
         ready = await a.api("GET", "/readyz")
         assert ready["own_publishing"] is False
@@ -244,10 +249,7 @@ async def test_restore_with_two_partners_down_then_up(tmp_path: Path) -> None:
             return await awaiting(a) == ["C"]
 
         await eventually(b_confirmed, timeout=60)
-        for _ in range(4):
-            err = await refused(a)
-            assert "still waiting for C" in err.detail, err.detail
-            await asyncio.sleep(0.5)
+        await refused_for(a, 2, "still waiting for C")
         assert await head_at(a, a) == 20  # nothing signed, nothing to fetch from B
         # C comes back: A fetches 21..30 from it, and only then signs, at 31.
         cc.start()
@@ -260,14 +262,11 @@ async def test_restore_with_two_partners_down_then_up(tmp_path: Path) -> None:
         assert marked < log.index("every partner confirmed this restored node's heads")
         await holds(b, a, 31)  # B caught up through A, with no fork
         await holds(cc, a, 31)
-        await a.close()
-        a.stop()
+        await stop(a)
 
         # (2) Both partners up (both hold 31): A restored from the same stale backup
         # waits for both, fetches 21..31, then signs at 32.
-        citynode("restore", "-d", str(a.dir), "--replace", str(stale))
-        a.start()
-        await a.wait_ready()
+        await restore_and_start(a, stale)
         got = await next_publish(a)
         assert got["first_seq"] == 32
         log = (a.dir / "node.log").read_text()
@@ -279,18 +278,12 @@ async def test_restore_with_two_partners_down_then_up(tmp_path: Path) -> None:
         # (3) The operator's explicit risk: a backup as new as anything partners hold
         # (seq 32), restored with every partner down. Refused without the flag ...
         citynode("backup", "-d", str(a.dir), str(fresh))
-        for n in (a, b, cc):
-            await n.close()
-            n.stop()
-        citynode("restore", "-d", str(a.dir), "--replace", str(fresh))
-        a.start()
-        await a.wait_ready()
+        await stop(a, b, cc)
+        await restore_and_start(a, fresh)
         await refused(a)
-        await a.close()
-        a.stop()
+        await stop(a)
         # ... signed at once with it (partners still down), the choice logged.
-        a.start("--accept-fork-risk")
-        await a.wait_ready()
+        await restore_and_start(a, fresh, "--accept-fork-risk")
         got = await a.publish(FEED, TYPE, [{"n": 1000}])
         assert got["first_seq"] == 33
         assert "--accept-fork-risk given" in (a.dir / "node.log").read_text()
