@@ -6,9 +6,12 @@ The browser trusts exactly the node's certificate (by its public key hash, for t
 test's profile only), loads the console, and the test checks: no console error and no
 CSP violation; the map's markers are the stations published (with the AQI the EPA
 breakpoints give); a record published at the partner shows on the live view within
-2 s; the operator view is guarded by the sign-in. It saves desktop and phone-width
-screenshots under the test's tmp dir (``CITYNODE_SCREENSHOT=1`` also copies them to
-docs/console.png and docs/console-phone.png) and prints the console's time to first paint.
+2 s; the operator view is guarded by the sign-in, and signing out leaves no console
+cookie in the browser. It saves desktop and phone-width screenshots to
+``build/screenshots/`` in the checkout (``SCREENSHOTS``; ``CITYNODE_SCREENSHOT_DIR``
+moves them; ``CITYNODE_SCREENSHOT=1`` also copies them to docs/console.png and
+docs/console-phone.png) and prints the console's time to first paint
+(``scripts/bench-console`` measures it properly).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 FEED = "air-quality"
 AQ = "AirQualityObserved"
 REPO = Path(__file__).resolve().parents[2]
+#: Where the screenshots go (CI keeps this dir as an artifact); build/ is not tracked.
+SCREENSHOTS = Path(os.environ.get("CITYNODE_SCREENSHOT_DIR", REPO / "build" / "screenshots"))
 
 
 def spki_hash(node: LocalNode) -> str:
@@ -301,24 +306,34 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     assert op_cells[5] == "2 s" and op_cells[8] in ("live", "silent", "lagging"), op_cells
     assert "citynode_records_stored" in b.driver.find_element(By.ID, "op-metrics").text
 
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+    shots = SCREENSHOTS
+    shots.mkdir(parents=True, exist_ok=True)
+    for old in ("console-desktop.png", "console-phone.png"):
+        (shots / old).unlink(missing_ok=True)  # a stale file must not pass for a new one
     b.screenshot(shots / "console-desktop.png", 1280)
     b.screenshot(shots / "console-phone.png", 390)
     # Usable at phone width: nothing wider than the screen but the scrolling tables.
     overflow = b.js("return document.documentElement.scrollWidth")
     assert overflow <= 390, overflow
+    for shot in ("console-desktop.png", "console-phone.png"):
+        assert (shots / shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot
     print(f"screenshots: {shots / 'console-desktop.png'}, {shots / 'console-phone.png'}")
     if os.environ.get("CITYNODE_SCREENSHOT") == "1":
         shutil.copy(shots / "console-desktop.png", REPO / "docs" / "console.png")
         shutil.copy(shots / "console-phone.png", REPO / "docs" / "console-phone.png")
 
-    # Sign out: the view closes and the old session is refused.
+    # Sign out: the view closes, the old session is refused, the cookies are gone
+    # (both were there: the session's and its CSRF token's).
     b.driver.set_window_size(1280, 900)
+    assert {c["name"] for c in b.driver.get_cookies()} >= {
+        "__Host-cn_session", "__Host-cn_csrf"}, b.driver.get_cookies()
     b.driver.find_element(By.ID, "signout").click()
     b.wait(lambda d: not d.find_element(By.ID, "op-view").is_displayed(),
            what="signed out")
     assert b.fetch_status("/console/api/operator") == 403
+    # No console cookie is left in the browser (Selenium sees HttpOnly ones too).
+    assert {c["name"] for c in b.driver.get_cookies()} & {
+        "__Host-cn_session", "__Host-cn_csrf"} == set(), b.driver.get_cookies()
 
     # Since the live part, the only errors are the refusals asked for above (Chromium
     # logs every 4xx answer): nothing else failed, nothing was blocked.
