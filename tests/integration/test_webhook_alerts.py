@@ -1,6 +1,6 @@
 """Alerts end to end: a real HTTP receiver on 127.0.0.1 gets signed alerts it verifies
 (core/alerts.py ``verify_alert``), retried after it answered 500, once per condition,
-then resolved: partner down, fork, disk low, invalid-input spike, own feed late against
+then resolved: partner down, fork, split view, disk low, invalid-input spike, own feed late against
 its cadence. Seconds-scale thresholds ([alerts] in node.toml)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from citynode.errors import SignatureError
 from citynode.node import Node
 from citynode.transport.server import serve
 from tests.conftest import InProc, eventually, make_node_dir
+from tests.transport.test_checkpoints_api import show_split_view
 
 pytestmark = pytest.mark.integration
 
@@ -274,4 +275,28 @@ async def test_an_own_feed_late_against_its_cadence_is_alerted_then_resolved(
                    if x["alert"] == "feed_late")
         assert receiver.bad == []
     finally:
+        await a.close()
+
+
+async def test_a_split_view_of_a_held_feed_is_alerted(tmp_path: Path,
+                                                      receiver: Receiver) -> None:
+    """A partner's origin shows this node a checkpoint of a size it already signed
+    with another root: one critical ``split_view`` alert naming the origin."""
+    a = await start(make_node_dir(tmp_path, "Athens"))
+    b = await start(make_node_dir(tmp_path, "Berlin", settings=alert_settings(receiver.url)))
+    try:
+        await show_split_view(a, b)
+
+        async def alerted() -> bool:
+            return bool(receiver.of("split_view"))
+
+        await eventually(alerted, timeout=20)
+        [alert] = receiver.of("split_view")
+        body, header = receiver.raw[receiver.alerts.index(alert)]
+        verify_alert(body, header, expected_node=b.node.node_id)
+        assert alert["severity"] == "critical" and alert["node"] == b.node.node_id
+        assert alert["subject"] == {"origin": a.node.node_id, "feed": "w", "seq": 4}
+        assert receiver.of("fork") == [] and receiver.bad == []
+    finally:
+        await b.close()
         await a.close()

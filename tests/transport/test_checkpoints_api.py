@@ -70,9 +70,11 @@ async def test_checkpoints_gossip_and_prove(inproc: Make) -> None:
     assert record_id(recs[0].body) == ids[0]
 
 
-async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
-    a = await inproc("Surabaya")
-    b = await inproc("Singapore")
+async def show_split_view(a: InProc, b: InProc) -> tuple[cps.Checkpoint, bytes]:
+    """Partners ``a`` and ``b``: ``a`` publishes 4 records on feed ``w`` and
+    checkpoints them; once ``b`` holds that checkpoint, ``a``'s key signs another
+    tree of the same size (root 07..07) and shows it to ``b``. Returns the honest
+    checkpoint and ``b``'s answer."""
     await a.node.add_partner(b.url, b.node.node_id)
     await b.node.add_partner(a.url, a.node.node_id)
     await a.node.publish("w", "org.example.Test", [{"n": i} for i in range(4)])
@@ -82,14 +84,18 @@ async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
         return len(b.node.storage.checkpoints(a.node.public_key, "w")) == 1
 
     await eventually(b_has, timeout=20)
-    # The origin (its key) signs a different tree of the same size and shows it to B.
     forged = cps.sign_checkpoint(a.node.key, "w", 4, b"\x07" * 32, a.node.now_ms())
     client = PeerClient(a.node.key, b.url, node_id=b.node.node_id,
                         fingerprint=b.node.identity.cert_fingerprint)
     try:
-        out = await client.request("POST", "/v1/checkpoints", forged.envelope)
+        return honest, await client.request("POST", "/v1/checkpoints", forged.envelope)
     finally:
         await client.close()
+
+
+async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
+    honest, out = await show_split_view(a := await inproc("Surabaya"),
+                                        b := await inproc("Singapore"))
     assert b'"split-view"' in out
     (row,) = b.node.storage.fork_proofs()
     assert row.kind == "split-view" and row.seq == 4
