@@ -785,7 +785,10 @@ def service_systemd(data_dir: Path, user: str, executable: Path | None) -> None:
 
     The node runs as USER, may write only its data dir (ProtectSystem=strict),
     gains no privileges, opens only IP and Unix sockets, restarts on failure and
-    stops gracefully on SIGTERM; its JSON logs go to the journal.
+    stops gracefully on SIGTERM; its JSON logs go to the journal. Install citynode
+    under /opt or /usr/local and keep the data dir under /var/lib: homes are then
+    hidden from it (a venv, Python or data dir in a home makes them read-only
+    instead; one under /tmp is refused).
     """
     from citynode.service import systemd_unit
 
