@@ -395,18 +395,10 @@ def _write_tar(out: IO[bytes], manifest: Manifest, small: dict[str, bytes], db_c
             out.write(_header(name, len(data), mtime) + data + _pad(len(data)))
     size = manifest.files[DB][0]
     out.write(_header(DB, size, mtime))
-    h = hashlib.sha256()
     done = synced = 0
-    # Each chunk is hashed in a second thread while it is written (hashlib and file
-    # writes both release the GIL): the hash costs as much as the write, so the two
-    # side by side take about half the time of one after the other. Chunks are
-    # hashed in order: the next is handed over only once the last is done.
-    with open(db_copy, "rb") as src, ThreadPoolExecutor(1, "backup-hash") as hasher:
-        hashed: Future[None] | None = None
+    with open(db_copy, "rb") as src, _Sha256Beside() as h:
         while chunk := src.read(_CHUNK):
-            if hashed is not None:
-                hashed.result()
-            hashed = hasher.submit(h.update, chunk)
+            h.update(chunk)
             out.write(chunk)
             done += len(chunk)
             if done - synced >= _SYNC_EVERY:
@@ -415,14 +407,13 @@ def _write_tar(out: IO[bytes], manifest: Manifest, small: dict[str, bytes], db_c
                 synced = done
             if progress is not None:
                 progress("writing", done, size)
-        if hashed is not None:
-            hashed.result()
+        digest = h.hexdigest()
     if done != size:
         raise BackupError(f"{db_copy} changed while it was written", "damaged")
     end = out.tell() + len(_pad(size)) + 2 * tarfile.BLOCKSIZE
     out.write(_pad(size) + b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
     files = dict(manifest.files)
-    files[DB] = (size, h.hexdigest())
+    files[DB] = (size, digest)
     done_manifest = dataclasses.replace(manifest, files=files)
     final = render_manifest(done_manifest)
     assert len(final) == len(placeholder)  # only hex digits of a fixed length changed
@@ -478,23 +469,52 @@ def _copy_member(src: IO[bytes], size: int, dest: IO[bytes] | None,
                  progress: Progress | None, where: str, name: str) -> tuple[str, bytes]:
     """Copy a member of ``size`` bytes to ``dest`` (or keep it, if None); return its
     SHA-256 and the bytes kept."""
-    h = hashlib.sha256()
     kept: list[bytes] = []
     done = 0
-    while done < size:
-        chunk = src.read(min(_CHUNK, size - done))
-        if not chunk:
-            raise _refusal(f"{where} is truncated (member {name} ends early): the file is "
-                       "incomplete", "truncated")
-        h.update(chunk)
-        done += len(chunk)
-        if dest is None:
-            kept.append(chunk)
-        else:
-            dest.write(chunk)
-            if progress is not None:
-                progress("verifying", done, size)
-    return h.hexdigest(), b"".join(kept)
+    with _Sha256Beside() as h:
+        while done < size:
+            chunk = src.read(min(_CHUNK, size - done))
+            if not chunk:
+                raise _refusal(f"{where} is truncated (member {name} ends early): the file "
+                               "is incomplete", "truncated")
+            h.update(chunk)
+            done += len(chunk)
+            if dest is None:
+                kept.append(chunk)
+            else:
+                dest.write(chunk)
+                if progress is not None:
+                    progress("verifying", done, size)
+        return h.hexdigest(), b"".join(kept)
+
+
+class _Sha256Beside:
+    """SHA-256 computed in a second thread while the caller reads and writes the same
+    chunks: hashlib and file I/O both release the GIL, and the hash costs about as
+    much as the copy, so side by side they take about half the time of one after the
+    other. Chunks are hashed in the order given (each waits for the one before)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, "backup-hash")
+        self._last: Future[None] | None = None
+
+    def __enter__(self) -> _Sha256Beside:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+
+    def update(self, chunk: bytes) -> None:
+        if self._last is not None:
+            self._last.result()
+        self._last = self._pool.submit(self._h.update, chunk)
+
+    def hexdigest(self) -> str:
+        if self._last is not None:
+            self._last.result()
+            self._last = None
+        return self._h.hexdigest()
 
 
 def _read_into(file: Path, dest: Path, passphrase: Callable[[], str] | None,
