@@ -7,6 +7,7 @@ API."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from http.cookies import SimpleCookie
@@ -306,6 +307,26 @@ async def test_wrong_tokens_are_counted_logged_and_throttled_per_address(
                          headers=jar({"__Host-cn_session": sid})) as v:
             shown = (await v.json())["metrics"]["citynode_console_sign_ins"]
     assert {x["labels"]["outcome"]: x["value"] for x in shown}["throttled"] == 4
+
+
+async def test_guesses_sent_side_by_side_are_throttled_too(node: InProc) -> None:
+    """Twenty wrong tokens sent at once from one address: they all pass the check made
+    before their bodies are read, but only the free tries and the one that starts the
+    wait are compared; the rest are refused 429 (the check is made again, after the
+    read, with no await before the failure is counted)."""
+    async with aiohttp.ClientSession(connector=pinned(node),
+                                     cookie_jar=aiohttp.DummyCookieJar()) as s:
+        tokens = [await csrf(node, s) for _ in range(20)]
+
+        async def guess(good: str, cookie: str) -> int:
+            async with s.post(node.url + "/console/session", json={"token": "wrong"},
+                              headers={"Origin": node.url, "X-CSRF-Token": good,
+                                       **jar({"__Host-cn_csrf": cookie})}) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(guess(g, c) for g, c in tokens))
+    assert sorted(statuses) == [403] * (FREE_FAILURES + 1) + [429] * (20 - FREE_FAILURES - 1)
+    assert sign_ins(node, "wrong_token") == FREE_FAILURES + 1
 
 
 async def test_behind_the_trusted_proxy_each_forwarded_client_has_its_own_count(
