@@ -5,7 +5,10 @@ refused with a reason.
                                                    │ no                 (no verify; a copy
                                                    │                     being checked waits
                                                    │                     for its verdict)
-                                      origin accepted by trust policy and quota?
+                   from a partner, a new record of an origin over its quota? ──yes──► quota
+                                                   │ no      (refused before any signature
+                                                   │          is checked: see Ingest._admit)
+                                      origin accepted by trust policy?
                                                    │ yes
                          open_record (canonical decode, fields, time, payload, signature)
                                                    │  a few live records (seq above the head:
@@ -24,7 +27,9 @@ so writes reach the writer in the order the heads moved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -58,6 +63,16 @@ INLINE_VERIFY_MAX = 4
 #: Ids of records held ahead of a gap that ingest remembers, at most (beyond, it
 #: forgets them all: their copies are then verified, as they were before).
 AHEAD_IDS_MAX = 100_000
+#: Batches of one partner verified in worker threads at once, at most (the others
+#: wait their turn; see Ingest._open).
+VERIFY_TRIPS_PER_SOURCE = 2
+#: Rows of the rejected log a second, at most, per source and reason.
+LOG_ROWS_PER_SECOND = 10
+_LOG_RATE_KEYS_MAX = 10_000
+#: The log's detail of items refused before their signature was checked, by reason.
+_REFUSED_UNCHECKED = {
+    "quota": "origin over its daily quota (refused before checking signatures)",
+}
 #: ``(index in the batch, record id, body, signature, payload or None)``
 _Item = tuple[int, bytes, bytes, bytes, bytes | None]
 #: Items verified together with other ingests': ``(items, now_ms, accept, result)``
@@ -75,6 +90,10 @@ class IngestResult:
     forks: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
     dup: list[int] = field(default_factory=list)  # indexes of copies already held
+    #: Seconds this ingest kept the event loop busy (decoding, checks, placing; not
+    #: the waits for worker threads or the writer): what the HTTP layer charges to
+    #: the sending partner's share of the node's time. Not sent.
+    loop_s: float = 0.0
 
     def duplicate(self, i: int) -> None:
         self.duplicates += 1
@@ -126,12 +145,17 @@ class Ingest:
         self._drainer: asyncio.Task[None] | None = None
         # Records held ahead of a gap: id -> (chain, seq), to find their copies by id.
         self._ahead: dict[bytes, tuple[FeedKey, int]] = {}
+        # Per partner, the batches it may have in worker threads (see _open).
+        self._gates: dict[bytes, asyncio.Semaphore] = {}
+        # (source, reason) -> (second, rows logged in it, items not logged since a row)
+        self._log_rate: dict[tuple[str, str], tuple[int, int, int]] = {}
 
     async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
                      via: str = "push") -> IngestResult:
         """Verify and store records from outside. Never raises for bad records: each is
         rejected with a reason (counted, logged in the bounded rejected log)."""
         res = IngestResult()
+        t0 = time.perf_counter()
         replica = self.replica
         now = self.now_ms()
         todo: list[_Item] = []
@@ -139,6 +163,10 @@ class Ingest:
         # verdict instead of checking the signature a second time.
         waits: list[tuple[_Item, asyncio.Future[bool]]] = []
         seen: set[bytes] = set()
+        # Admission before any signature is checked: what this batch may still store
+        # per origin today, and the items refused for it, by reason.
+        budget: dict[bytes, tuple[int, int]] = {}
+        refused: dict[str, list[int]] = {}
         self.metrics.received.labels(via).inc(len(envelopes))
         for i, env in enumerate(envelopes):
             try:
@@ -151,15 +179,24 @@ class Ingest:
                 res.duplicate(i)
                 continue
             seen.add(rid)
+            refusal = self._admit(body, source, now, budget)
+            if refusal is not None:
+                refused.setdefault(refusal, []).append(i)
+                continue
             other = self._checking.get(rid)
             if other is not None:
                 waits.append(((i, rid, body, sig, payload), other))
             else:
                 todo.append((i, rid, body, sig, payload))
+        for reason, idx in refused.items():
+            res.rejected.extend((i, reason) for i in idx)
+            self.count_invalid(source, reason, _REFUSED_UNCHECKED[reason], n=len(idx))
         mine = self._claim(todo)
         self._ingesting += 1
+        res.loop_s += time.perf_counter() - t0
         try:
-            verified = await self._open(todo, now, res)
+            key = source.key if source is not None else None
+            verified = await self._open(todo, now, res, key)
             if waits:
                 # The other ingest's verdict (a result, never an exception: see
                 # _release). A copy whose first check failed is checked here: its
@@ -170,7 +207,7 @@ class Ingest:
                         res.duplicate(item[0])
                     else:
                         again.append(item)
-                verified += await self._open(again, now, res)
+                verified += await self._open(again, now, res, key)
             if not verified:
                 self.metrics.duplicates.labels(via).inc(res.duplicates)
                 return res
@@ -180,6 +217,46 @@ class Ingest:
             # Only now: until the records are placed (in flight to the writer), a copy
             # that arrives must find their verdict here.
             self._release(mine)
+
+    def _admit(self, body: bytes, source: PartnerLink | None, now: int,
+               budget: dict[bytes, tuple[int, int]]) -> str | None:
+        """Refuse, before its signature is checked, a record from a partner that could
+        not be stored today whatever its signature: a new record (its seq above the head
+        held) of another origin that is over its daily quota, or that would go over it
+        with the records of this batch admitted before it. ``budget``: per origin, the
+        records and bytes of today's quota this batch has left (filled here). Returns
+        the reason (``quota``) or None.
+
+        The replica charges the quota only when it stores a record, after verification:
+        a flood past the quota cost one Ed25519 check per record, then one refusal each
+        (scripts/chaos --scenario hostile). Records at or below the head are admitted
+        (a copy, or an equivocation whose proof the node keeps over any quota); so is
+        a body that does not decode (the strict decode after refuses it for what it is).
+        """
+        if source is None:
+            return None
+        try:
+            f = parse_body(body, self.record_policy)
+        except InvalidRecord:
+            return None
+        origin = f["origin"]
+        replica = self.replica
+        if origin == replica.me:
+            return None
+        head = replica.head((origin, f["feed"]))
+        if f["seq"] <= (head.seq if head is not None else 0):
+            return None
+        left = budget.get(origin)
+        if left is None:
+            quota = replica.quota
+            used_records, used_bytes = quota.usage(origin, now)
+            left = (quota.records_per_day - used_records, quota.bytes_per_day - used_bytes)
+        records, nbytes = left[0] - 1, left[1] - len(body)
+        if records < 0 or nbytes < 0:
+            budget[origin] = left
+            return "quota"
+        budget[origin] = (records, nbytes)
+        return None
 
     async def _verify_together(self, items: list[_Item], now: int,
                                accept: Callable[[bytes], bool]
@@ -215,7 +292,8 @@ class Ingest:
         finally:
             self._drainer = None
 
-    async def _open(self, todo: list[_Item], now: int, res: IngestResult
+    async def _open(self, todo: list[_Item], now: int, res: IngestResult,
+                    source_key: bytes | None = None
                     ) -> list[tuple[int, Record | InvalidRecord]]:
         """Verify what of ``todo`` is not in the database; count the rest as duplicates.
 
@@ -233,11 +311,20 @@ class Ingest:
         held: list[tuple[int, bytes]] = []
         if len(todo) <= INLINE_VERIFY_MAX and all(self._beyond_head(t[2]) for t in todo):
             if self._ingesting == 1:  # alone: a thread hop would cost more than this
+                t0 = time.perf_counter()
                 verified = self._verify(todo, now, accept)
+                res.loop_s += time.perf_counter() - t0
             else:  # others are at work on the event loop: one hop for all of them
                 verified = await self._verify_together(todo, now, accept)
         else:
-            held, verified = await in_thread(self._check_batch, todo, now, accept)
+            # At most VERIFY_TRIPS_PER_SOURCE batches of one partner in worker threads at
+            # once: the threads are shared, first come first served, and one partner's
+            # flood of large batches took them all while others' records waited.
+            gate = self._gates.get(source_key) if source_key is not None else None
+            if gate is None and source_key is not None:
+                gate = self._gates[source_key] = asyncio.Semaphore(VERIFY_TRIPS_PER_SOURCE)
+            async with gate if gate is not None else contextlib.nullcontext():
+                held, verified = await in_thread(self._check_batch, todo, now, accept)
             for i, _rid in held:
                 res.duplicate(i)
         self.metrics.verified.inc(len(verified))
@@ -278,6 +365,7 @@ class Ingest:
         recs: list[Record] = []
         index: list[int] = []
         erased = await self._erased(verified)
+        t0 = time.perf_counter()
         for i, item in verified:
             if not isinstance(item, InvalidRecord) and item.payload is None:
                 try:
@@ -312,6 +400,7 @@ class Ingest:
                 # Counted by the replica's Rejected action.
                 res.rejected.append((i, outcome.split(":", 1)[1]))
         self.metrics.pending.set(len(self.replica.pending))
+        res.loop_s += time.perf_counter() - t0
         await self.execute(actions)
         # Counted at the end: a copy that arrived by two paths at once is found out
         # only after both were verified.
@@ -433,12 +522,35 @@ class Ingest:
         res.rejected.append((i, exc.reason))
         self.count_invalid(source, exc.reason, str(exc))
 
-    def count_invalid(self, source: PartnerLink | None, reason: str, detail: str) -> None:
-        """Count one rejected item everywhere an operator looks: the metrics, the
-        partner's own tally (``citynode partner list``) and the bounded rejected log."""
-        self.metrics.rejected.labels(reason).inc()
-        src = self.partners.count_invalid(source, reason)
-        self.storage.log_rejected(src, reason, detail[:500], self.now_ms())
+    def count_invalid(self, source: PartnerLink | None, reason: str, detail: str,
+                      n: int = 1) -> None:
+        """Count ``n`` rejected items (of one kind) everywhere an operator looks: the
+        metrics and the partner's own tally (``citynode partner list``) count each; the
+        bounded rejected log gets one row for them, at most :data:`LOG_ROWS_PER_SECOND`
+        a second per source and reason (a row after a pause notes how many were not
+        logged). Each row is a write on the one writer thread that also commits honest
+        records: a partner sending refusals by the thousand a second must not queue
+        thousands of writes ahead of them."""
+        if n < 1:
+            return
+        self.metrics.rejected.labels(reason).inc(n)
+        src = self.partners.count_invalid(source, reason, n)
+        now = self.now_ms()
+        second = now // 1000
+        at, rows, skipped = self._log_rate.get((src, reason), (second, 0, 0))
+        if at != second:
+            at, rows = second, 0
+        if rows >= LOG_ROWS_PER_SECOND:
+            self._log_rate[(src, reason)] = (at, rows, skipped + n)
+            return
+        if len(self._log_rate) >= _LOG_RATE_KEYS_MAX:
+            self._log_rate.clear()  # (a bound: partners x reasons, never reached)
+        self._log_rate[(src, reason)] = (at, rows + 1, 0)
+        if n > 1:
+            detail = f"{n} items: {detail}"
+        if skipped:
+            detail = f"({skipped} more like it not logged) {detail}"
+        self.storage.log_rejected(src, reason, detail[:500], now)
 
 
 async def _nothing(actions: Sequence[rp.Action]) -> None:

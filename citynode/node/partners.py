@@ -243,13 +243,13 @@ class Partners:
             return refusals
         return None
 
-    def count_invalid(self, link: PartnerLink | None, reason: str) -> str:
-        """Count one item refused from ``link`` on its tally; returns its node id (or
+    def count_invalid(self, link: PartnerLink | None, reason: str, n: int = 1) -> str:
+        """Count ``n`` items refused from ``link`` on its tally; returns its node id (or
         "local")."""
         if link is None:
             return "local"
-        link.invalid[reason] = link.invalid.get(reason, 0) + 1
-        self.metrics.partner_invalid.labels(link.row.name, reason).inc()
+        link.invalid[reason] = link.invalid.get(reason, 0) + n
+        self.metrics.partner_invalid.labels(link.row.name, reason).inc(n)
         return link.row.node_id
 
 
