@@ -77,6 +77,10 @@ class Metrics:
             "citynode_connections_refused", "Connections closed on arrival: max_connections "
             "were open", registry=r,
         )
+        self.connections_refused_address = Counter(
+            "citynode_connections_refused_address", "Connections closed on arrival: "
+            "max_connections_per_address were open from the same address", registry=r,
+        )
         self.connections_stalled = Counter(
             "citynode_connections_stalled", "Connections closed for completing no request "
             "head within read_timeout_seconds while none was served (slow clients, "

@@ -14,6 +14,8 @@ from citynode.node import Node, PartnerLink
 from citynode.transport.web import (
     MSGPACK,
     NODE_KEY,
+    charge,
+    charged,
     pack,
     partner_body,
     require_partner,
@@ -34,16 +36,19 @@ __all__ = [
 async def push(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    try:
-        envs = msgpack.unpackb(body, raw=False, max_array_len=node.config.limits.max_batch_records)
-    except Exception:  # msgpack raises many types on garbage
-        envs = None
+    with charged(request):
+        try:
+            envs = msgpack.unpackb(body, raw=False,
+                                   max_array_len=node.config.limits.max_batch_records)
+        except Exception:  # msgpack raises many types on garbage
+            envs = None
     if not isinstance(envs, list) or not all(type(e) is bytes for e in envs):
         msg = (f"push body must be a msgpack array of at most "
                f"{node.config.limits.max_batch_records} bin envelopes")
         node.ingest_role.count_invalid(node.partners.get(key), "malformed_batch", msg)
         raise web.HTTPBadRequest(text=msg)
     res = await node.ingest(envs, source=node.partners.get(key))
+    charge(request, res.loop_s)
     return pack(res.to_wire())
 
 
@@ -59,7 +64,8 @@ async def reconcile(request: web.Request) -> web.Response:
     if link is None:  # removed while its request ran
         raise web.HTTPForbidden(text="not a partner of this node")
     try:
-        answer = node.gossip.on_reconcile(key, body)
+        with charged(request):
+            answer = node.gossip.on_reconcile(key, body)
     except InvalidRecord as exc:  # a malformed message: counted on the partner, a 400
         node.ingest_role.count_invalid(link, exc.reason, str(exc))
         raise
@@ -83,21 +89,24 @@ async def sync_handler(request: web.Request) -> web.Response:
     link = node.partners.get(key)
     if link is None:  # removed while its request ran
         raise web.HTTPForbidden(text="not a partner of this node")
-    theirs = _frontier(node, link, body)
-    # Only the feeds this partner may be sent: a partners feed's head stays with its
-    # origin's partners (and it would ask, every round, for what it cannot get).
-    return web.Response(body=sync.encode_frontier(node.gossip.on_frontier(key, theirs)),
-                        content_type=MSGPACK)
+    with charged(request):
+        theirs = _frontier(node, link, body)
+        # Only the feeds this partner may be sent: a partners feed's head stays with its
+        # origin's partners (and it would ask, every round, for what it cannot get).
+        answer = sync.encode_frontier(node.gossip.on_frontier(key, theirs))
+    return web.Response(body=answer, content_type=MSGPACK)
 
 
 async def fetch(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
-    wants = sync.decode_wants(body)
+    with charged(request):
+        wants = sync.decode_wants(body)
     if node.partners.get(key) is None:  # removed while its request ran
         return pack([])
     envs = await node.reads.serve_fetch(wants, key)
-    return pack(envs)
+    with charged(request):
+        return pack(envs)
 
 
 async def announce(request: web.Request) -> web.Response:
@@ -106,7 +115,8 @@ async def announce(request: web.Request) -> web.Response:
     body, key = await partner_body(request)
     link = node.partners.get(key)
     if link is not None:
-        node.gossip.on_announce(key, _frontier(node, link, body))
+        with charged(request):
+            node.gossip.on_announce(key, _frontier(node, link, body))
     return web.json_response({"ok": True})
 
 
@@ -122,7 +132,8 @@ async def graft(request: web.Request) -> web.Response:
 async def cards_handler(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     await require_partner(request, b"")
-    return pack(node.policy.known_cards())
+    with charged(request):
+        return pack(node.policy.known_cards())
 
 
 async def _partner_gossip(request: web.Request) -> tuple[Node, bytes, bytes]:

@@ -50,14 +50,17 @@ class PeerClient:
         timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         max_batch: int = 1000,
+        local_addr: str | None = None,
     ) -> None:
+        """``local_addr``: the IP address to connect from (default: the system's
+        choice)."""
         self.key = key
         self.max_batch = max_batch  # envelopes accepted in one fetch answer
         self.node_id = node_id  # the partner's: every request is signed for it alone
         self.base_url = base_url.rstrip("/")
         self._http = HttpClient(self.base_url, fingerprint=fingerprint,
                                 auth=NodeSignature(key, node_id, clock), timeout=timeout,
-                                limit=8, clock=clock)
+                                limit=8, clock=clock, local_addr=local_addr)
 
     @property
     def clock_offset_s(self) -> int | None:

@@ -202,6 +202,7 @@ class HttpClient:
     ``unix_socket``: connect to this socket path instead of the URL's host.
     ``auth``: the default authentication of every request (overridable per call).
     ``where``: how errors name the other side (default ``base_url``; None: not named).
+    ``local_addr``: the IP address to connect from (default: the system's choice).
     """
 
     def __init__(
@@ -217,8 +218,10 @@ class HttpClient:
         unix_socket: str | None = None,
         where: str | None = "",
         clock: Callable[[], float] = time.time,
+        local_addr: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._local_addr = (local_addr, 0) if local_addr is not None else None
         self._clock = clock
         #: The other node's clock minus ours, in whole seconds, from the Date header of
         #: its latest answer (1 s resolution; None until it answered with one).
@@ -238,7 +241,8 @@ class HttpClient:
         if self._session is None or self._session.closed:
             connector: aiohttp.BaseConnector = (
                 aiohttp.UnixConnector(path=self._unix) if self._unix is not None
-                else aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl))
+                else aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl,
+                                          local_addr=self._local_addr))
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),

@@ -24,6 +24,8 @@ nothing unverified is stored and one bad client cannot stop the server serving o
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +41,14 @@ from citynode.transport import (
     api_public,
     api_stream,
 )
+from citynode.transport.limits import AddressCounts, PartnerRates
 from citynode.transport.web import (
     NODE_KEY,
+    RATES_KEY,
     READ_REPLAY_KEY,
     REPLAY_KEY,
     errors_middleware,
+    partners_middleware,
 )
 
 __all__ = [
@@ -62,12 +67,16 @@ async def _end_streams(app: web.Application) -> None:
 def build_app(node: Node) -> web.Application:
     """The aiohttp application for ``node``."""
     app = web.Application(
-        middlewares=[errors_middleware], client_max_size=node.config.limits.max_request_bytes
+        middlewares=[errors_middleware, partners_middleware],
+        client_max_size=node.config.limits.max_request_bytes
     )
     app[NODE_KEY] = node
     app.on_shutdown.append(_end_streams)
     max_age = int(node.config.limits.request_max_age_seconds * 1000)
     app[REPLAY_KEY] = httpsig.ReplayCache(max_age_ms=max_age)
+    lim = node.config.limits
+    app[RATES_KEY] = PartnerRates(lim.partner_requests_per_second, lim.partner_request_burst,
+                                  lim.partner_loop_share, lim.partner_max_in_flight)
     # Signed reads: strangers (any key) get a cache of their own, so that a flood of
     # them cannot refuse the partners and readers this node knows.
     app[READ_REPLAY_KEY] = httpsig.SplitReplayCache(node.policy.knows_key,
@@ -114,23 +123,54 @@ def ssl_context(node: Node) -> ssl.SSLContext:
     return ctx
 
 
+#: The TLS read buffer of each connection the server accepts, in bytes. asyncio gives
+#: every TLS connection a 256 KiB buffer, zero-filled (so resident) for the connection's
+#: whole life: 64 slow or idle connections held 16 MiB (scripts/chaos --scenario
+#: hostile). Two TLS records' worth reads a large body in more, smaller reads.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def _shrink_tls_buffer(transport: asyncio.BaseTransport) -> None:
+    """Give an accepted TLS connection a :data:`TLS_READ_BUFFER` read buffer, once its
+    handshake is done (the handshake's bytes were copied out of the old one). It sets
+    two attributes of asyncio's SSLProtocol; without them (another event loop) it does
+    nothing (tests/transport tests it)."""
+    proto = getattr(transport, "_ssl_protocol", None)
+    buf = getattr(proto, "_ssl_buffer", None)
+    if not isinstance(buf, bytearray) or not hasattr(proto, "_ssl_buffer_view") or \
+            len(buf) <= TLS_READ_BUFFER:
+        return
+    proto.max_size = TLS_READ_BUFFER  # type: ignore[union-attr]
+    proto._ssl_buffer = bytearray(TLS_READ_BUFFER)  # type: ignore[union-attr]
+    proto._ssl_buffer_view = memoryview(proto._ssl_buffer)  # type: ignore[union-attr]
+
+
 def _cap_connections(server: Any, cap: int, refused: Callable[[], None],
-                     deadline_s: float, stalled: Callable[[], None]) -> None:
-    """Close each connection that arrives while ``cap`` are open, and each connection
-    that completes no request head in ``deadline_s`` while none is being served.
+                     deadline_s: float, stalled: Callable[[], None],
+                     per_address: AddressCounts | None = None,
+                     refused_address: Callable[[], None] = lambda: None) -> None:
+    """Close each connection that arrives while ``cap`` are open, or while
+    ``per_address.cap`` are open from its IP address, and each connection that completes
+    no request head in ``deadline_s`` while none is being served.
 
     aiohttp has no connection limit and no deadline for a request's head: a client
     sending its headers one byte every few seconds (slowloris) held a connection and
-    ~280 KB for as long as it liked (scripts/chaos --scenario hostile). Every new
-    connection's handler reports to its server's ``connection_made`` (after the TLS
-    handshake), so the checks go there. The deadline also ends idle keep-alive
-    connections after one to two deadlines; a request being served (an SSE stream, a
-    long upload) is never cut by it. It reads two private counters of aiohttp's
-    handler; if they ever disappear the check does nothing (tests/transport tests it).
+    ~280 KB for as long as it liked (scripts/chaos --scenario hostile). The deadline
+    alone still let one host hold ``cap`` connections (and their memory) for a deadline
+    at a time, and lock everyone else out meanwhile: hence the cap per address. Every
+    new connection's handler reports to its server's ``connection_made`` (after the TLS
+    handshake), and every closed one to ``connection_lost``, so the checks go there. The
+    deadline also ends idle keep-alive connections after one to two deadlines; a request
+    being served (an SSE stream, a long upload) is never cut by it. It reads two private
+    counters of aiohttp's handler; if they ever disappear the check does nothing
+    (tests/transport tests it).
     """
     if server is None:
         return
     made = server.connection_made
+    lost = server.connection_lost
+    # handler -> the address it was counted under in per_address (admitted ones only)
+    counted: dict[Any, str | None] = {}
 
     def connection_made(handler: Any, transport: asyncio.Transport) -> None:
         made(handler, transport)
@@ -138,6 +178,15 @@ def _cap_connections(server: Any, cap: int, refused: Callable[[], None],
             refused()
             transport.close()
             return
+        if per_address is not None:
+            peer = transport.get_extra_info("peername")
+            addr = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            if not per_address.admit(addr):
+                refused_address()
+                transport.close()
+                return
+            counted[handler] = addr
+        _shrink_tls_buffer(transport)
         loop = asyncio.get_running_loop()
 
         def watch(last: int) -> None:
@@ -154,7 +203,13 @@ def _cap_connections(server: Any, cap: int, refused: Callable[[], None],
 
         loop.call_later(deadline_s, watch, getattr(handler, "_request_count", 0))
 
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        if handler in counted and per_address is not None:
+            per_address.release(counted.pop(handler))
+        lost(handler, exc)
+
     server.connection_made = connection_made
+    server.connection_lost = connection_lost
 
 
 async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
@@ -171,9 +226,89 @@ async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
         keepalive_timeout=75.0,  # aiohttp's default keeps idle connections for an hour
     )
     await runner.setup()
+    proxy = node.config.tls.trusted_proxy
+    # (the peer address is compared as Python writes it: normalise the configured one)
+    proxy = str(ipaddress.ip_address(proxy)) if proxy else ""
+    # (not capped at max_connections: above it, that cap is reached first)
+    per_address = AddressCounts(lim.max_connections_per_address,
+                                frozenset({proxy}) if proxy else frozenset())
     _cap_connections(runner.server, lim.max_connections, node.metrics.connections_refused.inc,
-                     lim.read_timeout_seconds, node.metrics.connections_stalled.inc)
+                     lim.read_timeout_seconds, node.metrics.connections_stalled.inc,
+                     per_address, node.metrics.connections_refused_address.inc)
     ctx = ssl_context(node) if node.config.tls.enabled else None
-    site = web.TCPSite(runner, host, port, ssl_context=ctx)
-    await site.start()
+    for sock in _listen(host, port, per_address, node.metrics.connections_refused_address.inc):
+        await _Site(runner, sock, ssl_context=ctx,
+                    handshake_timeout=lim.read_timeout_seconds).start()
     return runner
+
+
+class _Listener(socket.socket):
+    """A listening socket whose ``accept`` closes each connection from an address that
+    has its cap of connections open already, before anything is read from it: no TLS
+    handshake is spent on it (a refused client that connects again at once otherwise
+    cost a handshake each time: scripts/chaos --scenario hostile). Connections still in
+    their handshake are not counted yet: the cap in ``connection_made`` catches those
+    once it is done, and the handshake itself has a deadline (:class:`_Site`)."""
+
+    counts: AddressCounts | None = None
+    refused: Callable[[], None] = staticmethod(lambda: None)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        # (asyncio calls this until it raises BlockingIOError: a refused connection
+        # is followed by the next one waiting, or by that.)
+        while True:
+            conn, addr = super().accept()
+            counts = self.counts
+            if counts is not None and isinstance(addr, tuple) and addr and \
+                    addr[0] not in counts.exempt and \
+                    counts.open_from(str(addr[0])) >= counts.cap:
+                conn.close()
+                self.refused()
+                continue
+            return conn, addr
+
+
+def _listen(host: str, port: int, counts: AddressCounts,
+            refused: Callable[[], None]) -> list[_Listener]:
+    """Listening sockets on every address ``host`` names (as asyncio's create_server
+    makes them: SO_REUSEADDR, IPv6 sockets IPv6-only), each refusing at ``accept``
+    what ``counts`` has no room for. Raises OSError if one cannot be bound."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    out: list[_Listener] = []
+    try:
+        for family, kind, proto, _name, addr in dict.fromkeys(
+                (i[0], i[1], i[2], i[3], i[4]) for i in infos):
+            sock = _Listener(family, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.setblocking(False)
+            sock.counts = counts
+            sock.refused = refused
+    except OSError:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
+class _Site(web.SockSite):
+    """aiohttp's SockSite, with a deadline for the TLS handshake (asyncio's default is
+    60 s, during which a connection that sends nothing holds its buffers)."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, *,
+                 ssl_context: ssl.SSLContext | None, handshake_timeout: float) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # (registers the site with its runner)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context is not None
+            else None)

@@ -11,10 +11,14 @@ parameters, and the three kinds of authentication:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
 import logging
+import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import msgpack
@@ -43,9 +47,12 @@ from citynode.identity import check_token
 from citynode.logs import fields
 from citynode.node import Node
 from citynode.node.policy import Policy
+from citynode.transport.limits import PartnerRates
 
 __all__ = [
     "FILTERS",
+    "charge",
+    "charged",
     "decrypt_key",
     "error_response",
     "errors_middleware",
@@ -56,6 +63,7 @@ __all__ = [
     "origin_arg",
     "pack",
     "partner_body",
+    "partners_middleware",
     "read_body",
     "read_check",
     "record_filter",
@@ -71,6 +79,11 @@ MSGPACK = "application/msgpack"
 JSON = "application/json"
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
 REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("replay", httpsig.ReplayCache)
+#: Each partner's token bucket of signed requests ([limits] partner_requests_per_second),
+#: share of the event loop and requests under way (transport/limits.py).
+RATES_KEY: web.AppKey[PartnerRates] = web.AppKey("rates", PartnerRates)
+#: The key of the partner whose verified request this is, counted as under way.
+_ADMITTED = "citynode.partner"
 # Signed reads accept any node's key: their nonces live in a cache of their own, so no
 # stranger can fill the one partner requests depend on.
 READ_REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("read_replay",
@@ -161,10 +174,20 @@ async def require_partner(request: web.Request, body: bytes,
     replayed); return the partner's public key. ``signature``: the request's headers as
     :func:`_precheck_partner` read them (else read here). Raises AccessDenied."""
     node = request.app[NODE_KEY]
+    if signature is None:  # (else _precheck_partner looked at the partner's bucket)
+        try:
+            claimed: bytes | None = httpsig.claimed_signer(
+                request.headers, now_ms=node.now_ms(),
+                max_age_ms=int(node.config.limits.request_max_age_seconds * 1000),
+                max_future_ms=_future_ms(node))
+        except CitynodeError:
+            claimed = None  # the check below says what is wrong with it
+        if claimed is not None and node.partners.get(claimed) is not None:
+            _limit_rate(request, claimed, take=False)
     try:
-        return _verify(request, body, request.headers if signature is None else signature,
-                       request.app[REPLAY_KEY],
-                       authorize=lambda key: node.partners.get(key) is not None)
+        key = _verify(request, body, request.headers if signature is None else signature,
+                      request.app[REPLAY_KEY],
+                      authorize=lambda key: node.partners.get(key) is not None)
     except ReplayedRequest as exc:
         # Signed by the partner and allowed, but already used: counted on that partner
         # like every other refusal (a hostile partner re-sending its requests shows up
@@ -173,6 +196,86 @@ async def require_partner(request: web.Request, body: bytes,
         if link is not None:
             node.ingest_role.count_invalid(link, "replayed", str(exc))
         raise
+    # Spent only now, by a request the partner signed: claiming its key costs it nothing.
+    _limit_rate(request, key, take=True)
+    if request.get(_ADMITTED) is None:  # (a handler may check twice)
+        if not request.app[RATES_KEY].enter(key):
+            lim = node.config.limits
+            _refuse(request, key, "too_many_in_flight",
+                    f"more than {lim.partner_max_in_flight} requests of this partner under "
+                    "way at once", 1.0)
+        request[_ADMITTED] = key
+    return key
+
+
+def charge(request: web.Request, seconds: float) -> None:
+    """The partner whose verified request this is kept the event loop busy ``seconds``:
+    charged to its share ([limits] partner_loop_share). Nothing for other callers."""
+    key = request.get(_ADMITTED)
+    if key is not None:
+        request.app[RATES_KEY].charge(key, seconds, time.monotonic())
+
+
+@contextlib.contextmanager
+def charged(request: web.Request) -> Iterator[None]:
+    """Charge the time the enclosed code (no ``await`` in it: event-loop time) takes to
+    the partner of the request (see :func:`charge`)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        charge(request, time.perf_counter() - t0)
+
+
+@web.middleware
+async def partners_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A verified partner request counts as under way until its handler is done."""
+    try:
+        return await handler(request)
+    finally:
+        key = request.get(_ADMITTED)
+        if key is not None:
+            request.app[RATES_KEY].leave(key)
+
+
+def _refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float) -> None:
+    """Count a refusal of the partner ``key`` for its load (``reason``) and raise the
+    429 that says so, with Retry-After in whole seconds."""
+    node = request.app[NODE_KEY]
+    link = node.partners.get(key)
+    msg = f"{msg}: retry after {wait:.2f} s"
+    if link is not None:
+        node.ingest_role.count_invalid(link, reason, f"{request.path}: {msg}")
+    rates = request.app[RATES_KEY]
+    if len(rates) > len(node.partners.links) + 16:
+        rates.forget(set(node.partners.links))  # partners removed since
+    raise web.HTTPTooManyRequests(
+        text=json.dumps({"error": reason, "message": msg}), content_type=JSON,
+        headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def _limit_rate(request: web.Request, key: bytes, *, take: bool) -> None:
+    """Raise 429 if the partner ``key`` is over its request rate (``rate_limited``:
+    [limits] partner_requests_per_second, partner_request_burst) or over its share of
+    the event loop (``over_loop_share``: partner_loop_share); the refusal is counted
+    on the partner. ``take``: spend one request (a verified one) rather than only look
+    (before the body is read)."""
+    node = request.app[NODE_KEY]
+    lim = node.config.limits
+    rates = request.app[RATES_KEY]
+    rates.configure(lim.partner_requests_per_second, lim.partner_request_burst,
+                    lim.partner_loop_share, lim.partner_max_in_flight)
+    now = time.monotonic()
+    wait = rates.busy_wait(key, now)
+    if wait > 0.0:
+        _refuse(request, key, "over_loop_share",
+                f"this partner's requests took more than {lim.partner_loop_share:g} of "
+                "this node's time", wait)
+    wait = rates.take(key, now) if take else rates.wait(key, now)
+    if wait > 0.0:
+        _refuse(request, key, "rate_limited",
+                f"more than {lim.partner_requests_per_second:g} requests a second from "
+                f"this partner (burst {lim.partner_request_burst})", wait)
 
 
 def _verify(request: web.Request, body: bytes,
@@ -216,6 +319,8 @@ def _precheck_partner(request: web.Request) -> httpsig.SignatureHeaders:
     )
     if key is None or node.partners.get(key) is None:
         raise AccessDenied("request not signed by a partner of this node")
+    # Before the body is read: a partner over its rate costs no more than this.
+    _limit_rate(request, key, take=False)
     return signature
 
 
