@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -82,8 +83,11 @@ REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("replay", httpsig.Repla
 #: Each partner's token bucket of signed requests ([limits] partner_requests_per_second),
 #: share of the event loop and requests under way (transport/limits.py).
 RATES_KEY: web.AppKey[PartnerRates] = web.AppKey("rates", PartnerRates)
-#: The key of the partner whose verified request this is, counted as under way.
-_ADMITTED = "citynode.partner"
+#: The key of the partner whose verified request the current one is (counted as under
+#: way), in the request's own task (a context variable: aiohttp 3.9 has no typed
+#: request keys, and a string key warns on newer ones).
+_ADMITTED: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
+    "citynode_partner", default=None)
 # Signed reads accept any node's key: their nonces live in a cache of their own, so no
 # stranger can fill the one partner requests depend on.
 READ_REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("read_replay",
@@ -198,20 +202,20 @@ async def require_partner(request: web.Request, body: bytes,
         raise
     # Spent only now, by a request the partner signed: claiming its key costs it nothing.
     _limit_rate(request, key, take=True)
-    if request.get(_ADMITTED) is None:  # (a handler may check twice)
+    if _ADMITTED.get() is None:  # (a handler may check twice)
         if not request.app[RATES_KEY].enter(key):
             lim = node.config.limits
             _refuse(request, key, "too_many_in_flight",
                     f"more than {lim.partner_max_in_flight} requests of this partner under "
                     "way at once", 1.0)
-        request[_ADMITTED] = key
+        _ADMITTED.set(key)
     return key
 
 
 def charge(request: web.Request, seconds: float) -> None:
     """The partner whose verified request this is kept the event loop busy ``seconds``:
     charged to its share ([limits] partner_loop_share). Nothing for other callers."""
-    key = request.get(_ADMITTED)
+    key = _ADMITTED.get()
     if key is not None:
         request.app[RATES_KEY].charge(key, seconds, time.monotonic())
 
@@ -230,12 +234,14 @@ def charged(request: web.Request) -> Iterator[None]:
 @web.middleware
 async def partners_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A verified partner request counts as under way until its handler is done."""
+    token = _ADMITTED.set(None)
     try:
         return await handler(request)
     finally:
-        key = request.get(_ADMITTED)
+        key = _ADMITTED.get()
         if key is not None:
             request.app[RATES_KEY].leave(key)
+        _ADMITTED.reset(token)
 
 
 def _refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float) -> None:

@@ -195,3 +195,62 @@ async def test_a_connection_that_never_starts_its_tls_handshake_is_dropped(
     writer.close()
     async with n.session.get(f"{n.url}/healthz") as r:
         assert r.status == 200
+
+
+async def test_a_partner_over_its_share_of_the_loop_or_its_requests_in_flight_waits(
+        inproc: Make) -> None:
+    """partner_loop_share: the event-loop time a partner's requests take is charged to
+    it, and one in debt is answered 429 ``over_loop_share`` (before its body is read)
+    until it is paid back. partner_max_in_flight: requests of one partner beyond it at
+    once are answered 429 ``too_many_in_flight``; each one done frees its place."""
+    import time
+
+    from citynode.transport.web import RATES_KEY
+
+    a = await inproc("Jakarta", settings={("limits", "partner_max_in_flight"): 1,
+                                          ("limits", "partner_loop_share"): 0.5})
+    b = await inproc("Surabaya")
+    await a.node.add_partner(b.url, b.node.node_id)
+    k, now = b.node.key, b.node.now_ms()
+    batches = []
+    for f in range(12):
+        prev, batch = None, []
+        for seq in range(1, 101):
+            r = sign_record(k, feed=f"f{f}", seq=seq, prev=prev, time_ms=now,
+                            type="org.example.Test", data={"n": seq})
+            prev = r.id
+            batch.append(r.envelope)
+        batches.append(batch)
+    clients = [PeerClient(k, a.url, node_id=a.node.node_id,
+                          fingerprint=a.node.identity.cert_fingerprint) for _ in batches]
+    rates = a.runner.app[RATES_KEY]
+    try:
+        outs = await asyncio.gather(*(c.push(bt) for c, bt in zip(clients, batches,
+                                                                  strict=True)),
+                                    return_exceptions=True)
+        refused = [o for o in outs if isinstance(o, PeerRejected)]
+        assert refused and all(o.status == 429 and o.reason == "too_many_in_flight"
+                               for o in refused), outs
+        taken = [o for o in outs if isinstance(o, dict)]
+        assert taken and all(o["accepted"] == 100 for o in taken), outs
+        link = a.node.links[b.node.public_key]
+        assert link.invalid.get("too_many_in_flight") == len(refused)
+        # each request done freed its place: one at a time, all are taken
+        for bt, o in zip(batches, outs, strict=True):
+            if isinstance(o, PeerRejected):
+                assert (await clients[0].push(bt))["accepted"] == 100
+        # the decoding and placing of those batches was charged to b
+        assert rates.busy_wait(b.node.public_key, time.monotonic()) == 0.0
+        assert rates._work[b.node.public_key]._balance < 1.0
+        # in debt: refused for its share until paid back, counted
+        rates.charge(b.node.public_key, 3.0, time.monotonic())
+        try:
+            await clients[0].cards()
+        except PeerRejected as exc:
+            assert exc.status == 429 and exc.reason == "over_loop_share", exc
+        else:
+            raise AssertionError("a partner in debt of loop time was served")
+        assert link.invalid.get("over_loop_share") == 1
+    finally:
+        for c in clients:
+            await c.close()
