@@ -114,10 +114,10 @@ class LimitsConfig:
     read_timeout_seconds: float = 30.0
     query_time_limit_seconds: float = 2.0
     max_connections: int = 2048
-    max_connections_per_address: int = 64
+    max_connections_per_address: int = 128
     partner_requests_per_second: float = 50.0
     partner_request_burst: int = 200
-    partner_loop_share: float = 0.1
+    partner_loop_share: float = 0.05
     partner_max_in_flight: int = 8
     future_tolerance_seconds: int = 900
     request_max_age_seconds: int = 300
@@ -442,7 +442,7 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _Key("max_connections", "int", 2048, "Most client and partner connections open at "
              "once; more are closed as they arrive (each live stream holds one).",
              _range(1, 1_000_000)),
-        _Key("max_connections_per_address", "int", 64, "Most connections open at once from "
+        _Key("max_connections_per_address", "int", 128, "Most connections open at once from "
              "one IP address (the reverse proxy's, trusted_proxy, excepted); more are "
              "closed as they arrive, so that one host holding connections open cannot take "
              "max_connections from everyone else (a value above max_connections acts as "
@@ -457,15 +457,16 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _Key("partner_request_burst", "int", 200, "Signed requests a partner may make at "
              "once above partner_requests_per_second (the bucket's size).",
              _range(1, 1_000_000)),
-        _Key("partner_loop_share", "float", 0.1, "Share of this node's time (its event "
+        _Key("partner_loop_share", "float", 0.05, "Share of this node's time (its event "
              "loop: decoding batches, answering reconciliation messages) the requests of "
              "one partner may take on average, with one second saved up at most. A "
              "partner over it is answered 429 (over_loop_share) until it is back under, "
              "so that no partner's costly requests can slow what this node does for the "
-             "others. An honest partner takes a few percent.", _range(0, 1, lo_open=True)),
+             "others. An honest partner takes about 1%.", _range(0, 1, lo_open=True)),
         _Key("partner_max_in_flight", "int", 8, "Signed requests of one partner under way "
-             "at once, at most (a node's client of a partner keeps at most 8); more are "
-             "answered 429 (too_many_in_flight).", _range(1, 10_000)),
+             "at once, at most (a node's client of a partner keeps at most 8), of which "
+             "at most 2 pushes (a node pushes one batch at a time); more are answered 429 "
+             "(too_many_in_flight).", _range(1, 10_000)),
         _Key("future_tolerance_seconds", "int", 900, "How far in the future a record's "
              "time may be (clock skew between cities) before it is rejected.",
              _range(0, 86400)),

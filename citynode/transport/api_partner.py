@@ -14,10 +14,12 @@ from citynode.node import Node, PartnerLink
 from citynode.transport.web import (
     MSGPACK,
     NODE_KEY,
+    RATES_KEY,
     charge,
     charged,
     pack,
     partner_body,
+    refuse,
     require_partner,
 )
 
@@ -33,9 +35,27 @@ __all__ = [
     "sync_handler",
 ]
 
+#: A partner's pushes under way at once, at most: a node pushes one batch at a time to
+#: each partner (one more may still be finishing here after its client gave up on it).
+#: Concurrent batches of one partner queued thousands of its records ahead of this
+#: node's own writes (scripts/chaos --scenario hostile).
+PUSHES_IN_FLIGHT = 2
+
+
 async def push(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
+    rates = request.app[RATES_KEY]
+    if not rates.enter(key, "push", PUSHES_IN_FLIGHT):
+        refuse(request, key, "too_many_in_flight",
+               f"more than {PUSHES_IN_FLIGHT} pushes of this partner under way at once", 1.0)
+    try:
+        return await _push(request, node, body, key)
+    finally:
+        rates.leave(key, "push")
+
+
+async def _push(request: web.Request, node: Node, body: bytes, key: bytes) -> web.Response:
     with charged(request):
         try:
             envs = msgpack.unpackb(body, raw=False,

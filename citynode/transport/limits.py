@@ -106,7 +106,7 @@ class PartnerRates:
         self.rate, self.burst, self.share, self.in_flight = 0.0, 0, 0.0, 0  # (configure)
         self._buckets: dict[bytes, TokenBucket] = {}
         self._work: dict[bytes, WorkBudget] = {}
-        self._busy: dict[bytes, int] = {}
+        self._busy: dict[tuple[bytes, str], int] = {}
         self.configure(rate, burst, share, in_flight)
 
     def configure(self, rate: float, burst: int, share: float = 1.0,
@@ -136,21 +136,22 @@ class PartnerRates:
             w = self._work[key] = WorkBudget(self.share, WORK_BURST_S, now)
         w.spend(seconds, now)
 
-    def enter(self, key: bytes) -> bool:
-        """One more request of ``key`` under way (True), or False (counting nothing)
-        when ``in_flight`` are already; :meth:`leave` when it is done."""
-        n = self._busy.get(key, 0)
-        if n >= self.in_flight:
+    def enter(self, key: bytes, kind: str = "", cap: int | None = None) -> bool:
+        """One more request of ``key`` (of ``kind``: counted apart, at most ``cap``;
+        default: any request, at most ``in_flight``) under way (True), or False
+        (counting nothing) when that many are already; :meth:`leave` it when done."""
+        n = self._busy.get((key, kind), 0)
+        if n >= (self.in_flight if cap is None else cap):
             return False
-        self._busy[key] = n + 1
+        self._busy[(key, kind)] = n + 1
         return True
 
-    def leave(self, key: bytes) -> None:
-        n = self._busy.get(key, 0) - 1
+    def leave(self, key: bytes, kind: str = "") -> None:
+        n = self._busy.get((key, kind), 0) - 1
         if n > 0:
-            self._busy[key] = n
+            self._busy[(key, kind)] = n
         else:
-            self._busy.pop(key, None)
+            self._busy.pop((key, kind), None)
 
     def _bucket(self, key: bytes, now: float) -> TokenBucket:
         b = self._buckets.get(key)

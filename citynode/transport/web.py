@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import msgpack
 from aiohttp import web
@@ -68,6 +68,7 @@ __all__ = [
     "read_body",
     "read_check",
     "record_filter",
+    "refuse",
     "require_operator",
     "require_partner",
     "signed_caller",
@@ -205,7 +206,7 @@ async def require_partner(request: web.Request, body: bytes,
     if _ADMITTED.get() is None:  # (a handler may check twice)
         if not request.app[RATES_KEY].enter(key):
             lim = node.config.limits
-            _refuse(request, key, "too_many_in_flight",
+            refuse(request, key, "too_many_in_flight",
                     f"more than {lim.partner_max_in_flight} requests of this partner under "
                     "way at once", 1.0)
         _ADMITTED.set(key)
@@ -244,7 +245,7 @@ async def partners_middleware(request: web.Request, handler: Handler) -> web.Str
         _ADMITTED.reset(token)
 
 
-def _refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float) -> None:
+def refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float) -> NoReturn:
     """Count a refusal of the partner ``key`` for its load (``reason``) and raise the
     429 that says so, with Retry-After in whole seconds."""
     node = request.app[NODE_KEY]
@@ -274,12 +275,12 @@ def _limit_rate(request: web.Request, key: bytes, *, take: bool) -> None:
     now = time.monotonic()
     wait = rates.busy_wait(key, now)
     if wait > 0.0:
-        _refuse(request, key, "over_loop_share",
+        refuse(request, key, "over_loop_share",
                 f"this partner's requests took more than {lim.partner_loop_share:g} of "
                 "this node's time", wait)
     wait = rates.take(key, now) if take else rates.wait(key, now)
     if wait > 0.0:
-        _refuse(request, key, "rate_limited",
+        refuse(request, key, "rate_limited",
                 f"more than {lim.partner_requests_per_second:g} requests a second from "
                 f"this partner (burst {lim.partner_request_burst})", wait)
 

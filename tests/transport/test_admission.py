@@ -32,8 +32,9 @@ def _tls() -> ssl.SSLContext:
 
 async def test_connections_are_capped_per_address_others_still_served(inproc: Make) -> None:
     """[limits] max_connections_per_address: with 2 connections open from 127.0.0.2, a
-    third from it is closed on arrival (before its TLS handshake) and counted; clients on 127.0.0.1 are served
-    meanwhile, and 127.0.0.2 may connect again once one of its connections closed."""
+    third from it is closed on arrival (before its TLS handshake) and counted; clients
+    on 127.0.0.1 are served meanwhile, and 127.0.0.2 may connect again once one of its
+    connections closed."""
     n = await inproc("Jakarta", settings={("limits", "max_connections_per_address"): 2})
 
     async def connect(src: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -197,18 +198,18 @@ async def test_a_connection_that_never_starts_its_tls_handshake_is_dropped(
         assert r.status == 200
 
 
-async def test_a_partner_over_its_share_of_the_loop_or_its_requests_in_flight_waits(
+async def test_a_partner_over_its_share_of_the_loop_or_its_pushes_in_flight_waits(
         inproc: Make) -> None:
     """partner_loop_share: the event-loop time a partner's requests take is charged to
     it, and one in debt is answered 429 ``over_loop_share`` (before its body is read)
-    until it is paid back. partner_max_in_flight: requests of one partner beyond it at
-    once are answered 429 ``too_many_in_flight``; each one done frees its place."""
+    until it is paid back. Pushes of one partner beyond 2 at once (a node pushes one
+    batch at a time) are answered 429 ``too_many_in_flight``; each one done frees its
+    place."""
     import time
 
     from citynode.transport.web import RATES_KEY
 
-    a = await inproc("Jakarta", settings={("limits", "partner_max_in_flight"): 1,
-                                          ("limits", "partner_loop_share"): 0.5})
+    a = await inproc("Jakarta", settings={("limits", "partner_loop_share"): 0.5})
     b = await inproc("Surabaya")
     await a.node.add_partner(b.url, b.node.node_id)
     k, now = b.node.key, b.node.now_ms()

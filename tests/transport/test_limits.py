@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from citynode.transport.limits import AddressCounts, PartnerRates, TokenBucket
+from citynode.transport.limits import AddressCounts, PartnerRates, TokenBucket, WorkBudget
 
 
 def test_a_bucket_gives_its_burst_then_its_rate_and_says_how_long_to_wait() -> None:
@@ -63,3 +63,35 @@ def test_address_counts_cap_each_address_and_exempt_the_proxy() -> None:
     assert len(c) == 0  # nothing kept for addresses with no connection
     with pytest.raises(ValueError):
         AddressCounts(0)
+
+
+def test_requests_in_flight_are_counted_per_key_and_kind() -> None:
+    r = PartnerRates(rate=1.0, burst=1, in_flight=2)
+    a, b = b"a" * 32, b"b" * 32
+    assert r.enter(a) and r.enter(a) and not r.enter(a)  # in_flight, for any request
+    assert r.enter(b)  # another partner's are its own
+    assert r.enter(a, "push", 1) and not r.enter(a, "push", 1)  # a kind has its own cap
+    r.leave(a)
+    assert r.enter(a)
+    r.leave(a, "push")
+    assert r.enter(a, "push", 1)
+    with pytest.raises(ValueError):
+        PartnerRates(1.0, 1, in_flight=0)
+
+
+def test_a_work_budget_is_charged_after_the_fact_and_paid_back_at_its_share() -> None:
+    w = WorkBudget(share=0.1, burst=1.0, now=0.0)
+    assert w.wait(0.0) == 0.0
+    w.spend(0.6, 0.0)
+    assert w.wait(0.0) == 0.0  # 0.4 s left of the burst
+    w.spend(0.9, 0.0)  # done before it was known: the balance goes below zero
+    assert w.wait(0.0) == pytest.approx(5.0)  # 0.5 s of debt at 0.1 s a second
+    assert w.wait(5.0) == 0.0
+    assert w.wait(1000.0) == 0.0
+    w.spend(1.0, 1000.0)
+    assert w.wait(1000.0) == 0.0  # at most the burst saved up: back at zero, not above
+    w.spend(0.1, 1000.0)
+    assert w.wait(1000.0) == pytest.approx(1.0)
+    for share, burst in ((0.0, 1.0), (0.1, 0.0)):
+        with pytest.raises(ValueError):
+            WorkBudget(share, burst, 0.0)
