@@ -119,6 +119,7 @@ class LimitsConfig:
     partner_request_burst: int = 200
     partner_loop_share: float = 0.05
     partner_max_in_flight: int = 8
+    partner_max_pushes_in_flight: int = 2
     future_tolerance_seconds: int = 900
     request_max_age_seconds: int = 300
     rejected_log_rows: int = 10000
@@ -464,9 +465,12 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
              "so that no partner's costly requests can slow what this node does for the "
              "others. An honest partner takes about 1%.", _range(0, 1, lo_open=True)),
         _Key("partner_max_in_flight", "int", 8, "Signed requests of one partner under way "
-             "at once, at most (a node's client of a partner keeps at most 8), of which "
-             "at most 2 pushes (a node pushes one batch at a time); more are answered 429 "
-             "(too_many_in_flight).", _range(1, 10_000)),
+             "at once, at most (a node's client of a partner keeps at most 8); more are "
+             "answered 429 (too_many_in_flight).", _range(1, 10_000)),
+        _Key("partner_max_pushes_in_flight", "int", 2, "Of those, pushes (batches of "
+             "records) at most: a node pushes one batch at a time to each partner, and "
+             "concurrent batches of one partner queue its records ahead of everyone "
+             "else's writes.", _range(1, 10_000)),
         _Key("future_tolerance_seconds", "int", 900, "How far in the future a record's "
              "time may be (clock skew between cities) before it is rejected.",
              _range(0, 86400)),

@@ -90,7 +90,15 @@ def pipeline_limit(feeds: list[list[bytes]], batch: int) -> float:
 async def run(args: argparse.Namespace) -> dict[str, float]:
     base = Path(tempfile.mkdtemp(prefix="citynode-bench-ingest-"))
     cluster = Cluster(base)
-    (target,) = cluster.create(["Target"], settings={("federation", "accept"): "any"})
+    # One partner pushing as fast as it can is what is measured here, not what the
+    # per-partner admission limits allow: they are lifted.
+    (target,) = cluster.create(["Target"], settings={
+        ("federation", "accept"): "any",
+        ("limits", "partner_requests_per_second"): 1_000_000.0,
+        ("limits", "partner_request_burst"): 1_000_000,
+        ("limits", "partner_loop_share"): 1.0,
+        ("limits", "partner_max_in_flight"): 10_000,
+        ("limits", "partner_max_pushes_in_flight"): 10_000})
     # The loader is a real node (it must serve a signed card for `partner add`).
     lport = free_ports(1)[0]
     init_data_dir(base / "loader", name="Loader", listen=f"127.0.0.1:{lport}",

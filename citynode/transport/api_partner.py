@@ -35,20 +35,19 @@ __all__ = [
     "sync_handler",
 ]
 
-#: A partner's pushes under way at once, at most: a node pushes one batch at a time to
-#: each partner (one more may still be finishing here after its client gave up on it).
-#: Concurrent batches of one partner queued thousands of its records ahead of this
-#: node's own writes (scripts/chaos --scenario hostile).
-PUSHES_IN_FLIGHT = 2
-
-
 async def push(request: web.Request) -> web.Response:
+    """A batch of records from a partner. At most [limits] partner_max_pushes_in_flight
+    of one partner at once: a node pushes one batch at a time to each partner (one more
+    may still be finishing here after its client gave up on it), and concurrent batches
+    of one partner queued thousands of its records ahead of this node's own writes
+    (scripts/chaos --scenario hostile)."""
     node = request.app[NODE_KEY]
     body, key = await partner_body(request)
     rates = request.app[RATES_KEY]
-    if not rates.enter(key, "push", PUSHES_IN_FLIGHT):
+    cap = node.config.limits.partner_max_pushes_in_flight
+    if not rates.enter(key, "push", cap):
         refuse(request, key, "too_many_in_flight",
-               f"more than {PUSHES_IN_FLIGHT} pushes of this partner under way at once", 1.0)
+               f"more than {cap} pushes of this partner under way at once", 1.0)
     try:
         return await _push(request, node, body, key)
     finally:
