@@ -16,7 +16,8 @@ off) runs concurrently:
 * ``frontiers`` -- stale frontiers (``/v1/sync``), over-long frontiers and reconcile
                    messages (too many ranges), and huge claims (seq 2^63-1);
 * ``replay``    -- signed requests it sent before, re-sent byte for byte;
-* ``slowloris`` -- many connections sending a request one byte at a time;
+* ``slowloris`` -- many connections sending a request one byte at a time (each one
+                   closed by the target is opened again a second later);
 * ``ghosts``    -- announces and reconcile entries for records it never serves.
 
 It counts what it sent per attack, and how the target answered (HTTP status or error
@@ -86,7 +87,7 @@ def _answer(exc: BaseException) -> str:
 
 class Hostile:
     def __init__(self, node: Node, target: str, target_id: str, fingerprint: bytes,
-                 deadline: float) -> None:
+                 deadline: float, source: str | None = None) -> None:
         self.node = node
         self.key = node.key
         self.target = target.rstrip("/")
@@ -94,11 +95,13 @@ class Hostile:
         self.fingerprint = fingerprint
         self.deadline = deadline
         self.tally = Tally()
+        self.source = source
         self.client = PeerClient(self.key, self.target, node_id=target_id,
-                                 fingerprint=fingerprint, timeout=10.0)
+                                 fingerprint=fingerprint, timeout=10.0, local_addr=source)
         self.raw = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=10),
-            connector=aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(fingerprint)))
+            connector=aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(fingerprint),
+                                           local_addr=(source, 0) if source else None))
 
     def live(self) -> bool:
         return time.monotonic() < self.deadline
@@ -211,39 +214,53 @@ class Hostile:
                 try:
                     async with self.raw.post(self.target + "/v1/push", data=body,
                                              headers=headers) as resp:
-                        await resp.read()
-                        self.tally.note("replay", f"{what} {resp.status}")
+                        data = await resp.read()
+                        reason = ""
+                        if resp.status >= 400:  # the error's reason code, if it gave one
+                            with contextlib.suppress(ValueError, TypeError, KeyError):
+                                reason = " " + str(json.loads(data)["error"])
+                        self.tally.note("replay", f"{what} {resp.status}{reason}")
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     self.tally.note("replay", f"{what} {type(exc).__name__}")
             await asyncio.sleep(0.1)
 
     async def _slow_conn(self, ctx: ssl.SSLContext, host: str, port: int) -> None:
+        """One connection trickling a request a byte every 0.5 s; when the target closes
+        it, another one a second later (an attacker keeps up the pressure)."""
         request = (f"POST /v1/reconcile HTTP/1.1\r\nHost: {host}\r\n"
                    "Content-Type: application/msgpack\r\nContent-Length: 100000\r\n\r\n"
                    ).encode() + b"\x90" * 100_000
-        try:
-            reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
-        except OSError as exc:
-            self.tally.note("slowloris", f"connect {type(exc).__name__}")
-            return
-        self.tally.note("slowloris", "opened")
-        try:
-            for i in range(len(request)):
-                if not self.live():
-                    self.tally.note("slowloris", "held to the end", 0)
-                    return
-                writer.write(request[i:i + 1])
-                await writer.drain()
-                if reader.at_eof():
-                    break
-                await asyncio.sleep(0.5)
-            self.tally.note("slowloris", "closed by target", 0)
-        except (OSError, ConnectionError):
-            self.tally.note("slowloris", "closed by target", 0)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1)
+        while self.live():
+            try:
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=ctx,
+                    local_addr=(self.source, 0) if self.source else None)
+            except OSError as exc:
+                self.tally.note("slowloris", f"connect {type(exc).__name__}")
+                await asyncio.sleep(1.0)
+                continue
+            self.tally.note("slowloris", "opened")
+            sent = 0
+            try:
+                for i in range(len(request)):
+                    if not self.live():
+                        self.tally.note("slowloris", "held to the end", 0)
+                        return
+                    writer.write(request[i:i + 1])
+                    await writer.drain()
+                    if reader.at_eof():
+                        break
+                    sent += 1
+                    await asyncio.sleep(0.5)
+            except (OSError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1)
+            self.tally.note("slowloris", "closed by target" if sent > 1 else
+                            "refused on arrival", 0)
+            await asyncio.sleep(1.0)
 
     async def slowloris(self, conns: int) -> None:
         ctx = ssl.create_default_context()
@@ -333,7 +350,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     await site.start()
     print(json.dumps({"serving": True, "id": node.node_id}), flush=True)
     h = Hostile(node, a.target, a.target_id, bytes.fromhex(a.target_fingerprint),
-                time.monotonic() + a.wait + a.seconds)
+                time.monotonic() + a.wait + a.seconds, a.source)
     h.tally = tally
     out: dict[str, Any] = {"bench": "hostile_partner", "id": node.node_id}
     try:
@@ -372,6 +389,8 @@ def main() -> int:
     ap.add_argument("--wait", type=float, default=30.0,
                     help="how long to wait for the target to add us as a partner")
     ap.add_argument("--conns", type=int, default=100, help="slowloris connections")
+    ap.add_argument("--source", help="the IP address to attack from (e.g. 127.0.0.2: "
+                    "another host than the honest nodes on 127.0.0.1, as an attacker is)")
     for name in ATTACKS:
         ap.add_argument(f"--no-{name}", dest=name, action="store_false",
                         help=f"do not run the {name} attack")
