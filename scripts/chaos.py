@@ -8,7 +8,9 @@ injects one kind of fault, and measures what an operator cares about:
                     then of the receiving partner. Acknowledged records lost, own-feed
                     forks, ``citynode check`` failures, time for the partner to converge.
 * ``partition``  -- two nodes in Linux network namespaces joined by veth pairs (made and
-                    removed here; root), with ``tc netem`` latency and loss on the links;
+                    removed here; root), with latency (``tc netem``, or where the kernel
+                    lacks it a userspace delaying relay, scripts/chaos_delay.py: it
+                    delays the data, not each packet) and loss (nftables) on the links;
                     the link is cut while the origin publishes, then healed.
 * ``disk_full``  -- a small tmpfs under the publisher, then under the receiving partner.
 * ``clock_skew`` -- a node whose clock runs ahead and behind by more than the tolerance
@@ -263,6 +265,45 @@ def netem(ns: str, dev: str, spec: list[str]) -> str | None:
     return None if r.returncode == 0 else f"tc netem refused: {r.stderr.strip()}"
 
 
+def delay_links(prefix: str, links: list[tuple[str, str, str, int]], delay_ms: float,
+                jitter_ms: float) -> list[subprocess.Popen[bytes]]:
+    """Latency without ``tc netem``: for each ``(ns, own_ip, other_ip, other_port)``, a
+    delaying TCP relay (scripts/chaos_delay.py) inside ``ns``, and an nftables redirect
+    sending the node's connections to ``other_ip:other_port`` through it. The relay
+    connects on from an address of its own (own_ip + 100), which the redirect leaves
+    alone; its packets take the real link, so nftables loss and cuts still apply to
+    them. Returns the relay processes (kill them when done)."""
+    out: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, (ns, own, other, port) in enumerate(links):
+            src = own.rsplit(".", 1)[0] + f".{int(own.rsplit('.', 1)[1]) + 100}"
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{src}/24", "dev",
+               f"{prefix}p{i}")
+            nft(ns, "add", "table", "ip", "chaosnat")
+            nft(ns, "add", "chain", "ip", "chaosnat", "out",
+                "{ type nat hook output priority -100; }")
+            relay_port = 40000 + i
+            nft(ns, "add", "rule", "ip", "chaosnat", "out", "ip", "saddr", "!=", src,
+                "ip", "daddr", other, "tcp", "dport", str(port), "redirect", "to",
+                f":{relay_port}")
+            proc = subprocess.Popen(
+                [_tool("ip"), "netns", "exec", ns, sys.executable,
+                 str(ROOT / "scripts" / "chaos_delay.py"), "--listen",
+                 f"0.0.0.0:{relay_port}", "--to", f"{other}:{port}", "--source", src,
+                 "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms),
+                 "--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            out.append(proc)
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the delaying relay in {ns} did not start")
+    except BaseException:
+        for p in out:
+            p.kill()
+            p.wait()
+        raise
+    return out
+
+
 def nft(ns: str, *rule: str) -> None:
     sh("ip", "netns", "exec", ns, "nft", *rule)
 
@@ -288,9 +329,10 @@ def cut(ns: str, other_ip: str, on: bool) -> None:
 
 
 async def partition(base: Path, rounds: int, rng: random.Random) -> dict[str, Any]:
-    """A and B in namespaces, 20 ms +- 5 ms (tc netem, where the kernel has it) and 2%
-    loss (nftables) each way; the A-B path is cut while A publishes, then healed: time
-    for B to hold everything, duplicates."""
+    """A and B in namespaces, 20 ms +- 5 ms each way (tc netem; where the kernel has
+    no netem, a userspace relay delaying the data of each connection: :func:`delay_links`)
+    and 2% loss (nftables) each way; the A-B path is cut while A publishes, then healed:
+    time for B to hold everything, duplicates."""
     prefix = f"cn{os.getpid() % 10000}"
     with namespaces(2, prefix) as (nsa, nsb):
         ips = ["10.231.0.1", "10.231.0.2"]
@@ -301,6 +343,10 @@ async def partition(base: Path, rounds: int, rng: random.Random) -> dict[str, An
             for ns, i, other in ((nsa, 0, ips[1]), (nsb, 1, ips[0])):
                 latency = netem(ns, f"{prefix}p{i}", ["delay", "20ms", "5ms"]) or latency
                 lossy(ns, other, 2)
+            relays: list[subprocess.Popen[bytes]] = []
+            if latency is not None:  # no netem here: delaying relays instead
+                relays = delay_links(prefix, [(nsa, ips[0], ips[1], b.port),
+                                              (nsb, ips[1], ips[0], a.port)], 20.0, 5.0)
             await c.start()
             await c.link(a, b)
             heals: list[float] = []
@@ -318,9 +364,17 @@ async def partition(base: Path, rounds: int, rng: random.Random) -> dict[str, An
             seq, count = await held(b, a)
             await c.close()
             c.stop()
+            relayed = 0
+            for r in relays:
+                r.kill()
+                out, _ = r.communicate()
+                relayed += out.count(b"connection")
             forks = forks_at(a) + forks_at(b)
     return {"rounds": rounds, "published": published, "held_by_partner": seq,
-            "latency": "20ms+-5ms" if latency is None else f"none ({latency})", "loss": "2%",
+            "latency": "20ms+-5ms" if latency is None else
+            "20ms+0-5ms on the data of each way, by a userspace relay (scripts/"
+            f"chaos_delay.py: {latency}; {relayed} connections relayed)" if relays else
+            f"none ({latency})", "loss": "2%",
             "duplicates": count - seq, "forks": forks,
             "within_two_intervals": max(heals) <= 2 * SYNC_S,
             "heal_s_max": round(max(heals), 2),
