@@ -142,6 +142,35 @@ def test_wrong_types(snippet: str, message: str) -> None:
     assert _err(MIN + snippet + "\n") == f"node.toml: {message}"
 
 
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ("max_connections_per_address = 0",
+         "max_connections_per_address: must be at least 1 and at most 1000000, got 0"),
+        ("partner_requests_per_second = 0",
+         "partner_requests_per_second: must be at least 0.1 and at most 1000000, got 0"),
+        ("partner_request_burst = 0",
+         "partner_request_burst: must be at least 1 and at most 1000000, got 0"),
+        ("partner_loop_share = 0",
+         "partner_loop_share: must be greater than 0 and at most 1, got 0"),
+        ("partner_loop_share = 1.5",
+         "partner_loop_share: must be greater than 0 and at most 1, got 1.5"),
+        ("partner_max_in_flight = 0",
+         "partner_max_in_flight: must be at least 1 and at most 10000, got 0"),
+        ("partner_max_pushes_in_flight = 0",
+         "partner_max_pushes_in_flight: must be at least 1 and at most 10000, got 0"),
+    ],
+)
+def test_admission_limits_are_checked(snippet: str, message: str) -> None:
+    """The per-caller limits (issue 16) are refused out of range, as `citynode check`,
+    run and reload refuse them; their defaults hold what an honest partner does."""
+    assert _err(MIN + "[limits]\n" + snippet + "\n") == f"node.toml: [limits] {message}"
+    lim = parse_config(MIN).limits
+    assert (lim.max_connections_per_address, lim.partner_requests_per_second,
+            lim.partner_request_burst, lim.partner_loop_share, lim.partner_max_in_flight,
+            lim.partner_max_pushes_in_flight) == (128, 50.0, 200, 0.05, 8, 2)
+
+
 def test_section_must_be_a_table() -> None:
     assert _err("limits = 5\n" + MIN) == "node.toml: [limits]: expected a table, got 5"
 
