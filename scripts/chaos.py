@@ -569,6 +569,9 @@ async def relay(base: Path) -> dict[str, Any]:
 
 HOSTILE_RATE = 20.0  # records/s A publishes, one a request, while B's stream times them
 HOSTILE_QUOTA = 5000  # A's per-origin quota (records a day): H's flood must stop there
+#: The quota of the short run (--small): reached within its 12 s on a loaded machine,
+#: where a partner's pushes are admitted one or two at a time.
+HOSTILE_QUOTA_SMALL = 1000
 #: An absolute allowance on top of the 2x p99 target: on a small shared machine the
 #: attacker's own CPU (signing thousands of records a second) competes with the honest
 #: nodes for the same cores, which no node-side defence can give back.
@@ -621,14 +624,15 @@ async def _stream_times(b: LocalNode, origin: LocalNode, sent: dict[int, float],
                     raise AssertionError(f"record {n} received but never sent")
 
 
-async def _hostile_run(base: Path, seconds: float, attack: bool) -> dict[str, Any]:
+async def _hostile_run(base: Path, seconds: float, attack: bool,
+                       quota: int = HOSTILE_QUOTA) -> dict[str, Any]:
     names = ["A", "B", "H"] if attack else ["A", "B"]
     async with cluster_of(base, names) as c:
         a, b = c.nodes["A"], c.nodes["B"]
         from citynode.cluster import set_config
 
         set_config(a.dir / "node.toml", "federation", "origin_quota_records_per_day",
-                   HOSTILE_QUOTA)
+                   quota)
         await c.start([a, b])
         await c.link(a, b)
         assert a.proc is not None
@@ -708,7 +712,7 @@ async def _hostile_run(base: Path, seconds: float, attack: bool) -> dict[str, An
             lines = stdout.decode().strip().splitlines()
             out["hostile"] = json.loads(lines[-1]) if lines else {"error": "no output"}
             out["hostile_rc"] = hproc.returncode
-            out.update(await _what_a_holds_of(a, b, c.nodes["H"]))
+            out.update(await _what_a_holds_of(a, b, c.nodes["H"], quota))
         out["own_forked"] = len((await a.api("GET", "/v1/admin/status"))["own_forked"])
         await c.close()
         c.stop()
@@ -716,7 +720,8 @@ async def _hostile_run(base: Path, seconds: float, attack: bool) -> dict[str, An
         return out
 
 
-async def _what_a_holds_of(a: LocalNode, b: LocalNode, h: LocalNode) -> dict[str, Any]:
+async def _what_a_holds_of(a: LocalNode, b: LocalNode, h: LocalNode,
+                           quota: int) -> dict[str, Any]:
     """H's feeds as A and B hold them, A's refusals of H by reason, and what is wrong."""
     held_at: dict[str, dict[str, list[int]]] = {}
     for n in (a, b):
@@ -736,8 +741,8 @@ async def _what_a_holds_of(a: LocalNode, b: LocalNode, h: LocalNode) -> dict[str
             if feed in ("gap", "ghost"):
                 wrong.append(f"{name}: holds {count} of H's never-valid feed {feed}")
         flood = feeds.get("flood", [0, 0])[1]
-        if name == "A" and flood > HOSTILE_QUOTA:
-            wrong.append(f"A holds {flood} flood records, over its quota {HOSTILE_QUOTA}")
+        if name == "A" and flood > quota:
+            wrong.append(f"A holds {flood} flood records, over its quota {quota}")
     return {"held_of_hostile": held_at, "refused_by_reason": invalid,
             "invalid_stored": wrong, "hostile_fork_proofs": forks_at(a)}
 
@@ -764,7 +769,8 @@ def uncounted(counts: dict[str, Any], invalid: dict[str, int]) -> dict[str, list
     return {r: [n, invalid.get(r, 0)] for r, n in given.items() if invalid.get(r, 0) < n}
 
 
-async def hostile(base: Path, seconds: float, rounds: int = 1) -> dict[str, Any]:
+async def hostile(base: Path, seconds: float, rounds: int = 1,
+                  quota: int = HOSTILE_QUOTA) -> dict[str, Any]:
     """A and B publish-to-receive latency (A publishes 20 records/s, one a request; B's
     live stream times them) without, then with, a hostile partner process
     (scripts/hostile_partner.py) partnered with A and running every attack; ``rounds``
@@ -776,8 +782,8 @@ async def hostile(base: Path, seconds: float, rounds: int = 1) -> dict[str, Any]
     counted per partner at A."""
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for k in range(rounds):
-        calm = await _hostile_run(base / f"calm{k}", seconds, attack=False)
-        war = await _hostile_run(base / f"attacked{k}", seconds, attack=True)
+        calm = await _hostile_run(base / f"calm{k}", seconds, attack=False, quota=quota)
+        war = await _hostile_run(base / f"attacked{k}", seconds, attack=True, quota=quota)
         pairs.append((calm, war))
     ratios = [w["p99_ms"] / max(c["p99_ms"], 1.0) for c, w in pairs]
     rss_ratios = [w["rss_peak_mb"] / c["rss_peak_mb"] for c, w in pairs]
@@ -836,7 +842,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             elif name == "partition":
                 r = await partition(d, a.rounds, rng)
             elif name == "hostile":
-                r = await hostile(d, a.hostile_seconds, a.hostile_rounds)
+                r = await hostile(d, a.hostile_seconds, a.hostile_rounds,
+                                  HOSTILE_QUOTA_SMALL if a.small else HOSTILE_QUOTA)
             else:
                 r = await SCENARIOS[name](d)
             r["seconds"] = round(time.monotonic() - start, 1)
