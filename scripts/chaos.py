@@ -712,7 +712,8 @@ async def _hostile_run(base: Path, seconds: float, attack: bool,
             lines = stdout.decode().strip().splitlines()
             out["hostile"] = json.loads(lines[-1]) if lines else {"error": "no output"}
             out["hostile_rc"] = hproc.returncode
-            out.update(await _what_a_holds_of(a, b, c.nodes["H"], quota))
+            out.update(await _what_a_holds_of(a, b, c.nodes["H"], quota,
+                                              set(out["hostile"].get("proven_forks", []))))
         out["own_forked"] = len((await a.api("GET", "/v1/admin/status"))["own_forked"])
         await c.close()
         c.stop()
@@ -720,9 +721,11 @@ async def _hostile_run(base: Path, seconds: float, attack: bool,
         return out
 
 
-async def _what_a_holds_of(a: LocalNode, b: LocalNode, h: LocalNode,
-                           quota: int) -> dict[str, Any]:
-    """H's feeds as A and B hold them, A's refusals of H by reason, and what is wrong."""
+async def _what_a_holds_of(a: LocalNode, b: LocalNode, h: LocalNode, quota: int,
+                           proven: set[str]) -> dict[str, Any]:
+    """H's feeds as A and B hold them, A's refusals of H by reason, and what is wrong.
+    ``proven``: H's fork feeds A answered with a fork proof (A saw both sides; when
+    one side was refused for H's load, 429, the other is a chain like any)."""
     held_at: dict[str, dict[str, list[int]]] = {}
     for n in (a, b):
         held_at[n.name] = {f["feed"]: [int(f["seq"]), int(f["count"])]
@@ -736,7 +739,7 @@ async def _what_a_holds_of(a: LocalNode, b: LocalNode, h: LocalNode,
         for feed, (seq, count) in feeds.items():
             if count > seq:
                 wrong.append(f"{name}: {feed} holds {count} records for head seq {seq}")
-            if feed.startswith("fork") and seq > 1:
+            if feed in proven and seq > 1:
                 wrong.append(f"{name}: {feed} grew past its fork (seq {seq})")
             if feed in ("gap", "ghost"):
                 wrong.append(f"{name}: holds {count} of H's never-valid feed {feed}")

@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import msgpack  # noqa: E402
 from aiohttp import web  # noqa: E402
+from yarl import URL  # noqa: E402
 
 from citynode.core import httpsig, reconcile, sync  # noqa: E402
 from citynode.core.keys import parse_node_id  # noqa: E402
@@ -95,6 +96,7 @@ class Hostile:
         self.fingerprint = fingerprint
         self.deadline = deadline
         self.tally = Tally()
+        self.proven: list[str] = []  # fork feeds the target answered with a proof
         self.source = source
         self.client = PeerClient(self.key, self.target, node_id=target_id,
                                  fingerprint=fingerprint, timeout=10.0, local_addr=source)
@@ -154,7 +156,11 @@ class Hostile:
             a = self.sign(feed, 1, None, {"n": 1, "side": "a"})
             b = self.sign(feed, 1, None, {"n": 1, "side": "b"})
             await self.push("forks", [a.envelope])
-            await self.push("forks", [b.envelope])
+            answer = await self.push("forks", [b.envelope])
+            if answer is not None and answer.get("forks"):
+                # The target saw both sides (either push may have been refused for the
+                # load, 429, and then there was no fork to see): it must not grow.
+                self.proven.append(feed)
             # after the proof: a record built on the second side
             await self.push("forks", [self.sign(feed, 2, b.id, {"n": 2}).envelope])
             i += 1
@@ -266,7 +272,7 @@ class Hostile:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # (the fingerprint is irrelevant to an attacker)
-        u = aiohttp.client.URL(self.target)
+        u = URL(self.target)
         host, port = u.host or "127.0.0.1", u.port or 443
         tasks = []
         for _ in range(conns):
@@ -371,6 +377,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
         out["attacks"] = [n for n in ATTACKS if getattr(a, n)]
         out["seconds"] = round(time.monotonic() - started, 1)
         out["counts"] = tally.as_json()
+        out["proven_forks"] = h.proven
         return out
     finally:
         await h.close()
