@@ -9,10 +9,16 @@ recipe's payload digest check). Its verdict must equal the node's for each one.
 
 A second test shows the recipe's strict step is load-bearing: openssl alone accepts
 exactly the vectors whose plain RFC 8032 equation holds with S < L, forgeries included.
+
+The ```sh auditor-recipe-key-log block (key logs of version 2 identities) is run the same
+way on every log of tests/vectors/keylog.json, the signature/* ones (the same Ed25519
+edge cases, as key events) included: its verdict equals the node's, except for the
+faults the doc says it does not check (heads going back, the clock), which it accepts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,10 +28,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
+from citynode.core import keylog
 from citynode.core.keys import DOMAIN_RECORD, Verifier
-from citynode.core.records import decode_record, open_record
+from citynode.core.records import decode_envelope, decode_record, open_record
 from citynode.errors import InvalidRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +49,29 @@ SIGNATURE_VECTORS = [
     or c["expect"] in ({"error": r} for r in _RECIPE_REASONS)
 ]
 EDGE_VECTORS = [c for c in CASES if "equation_holds" in c]
+KEY_LOGS: list[dict[str, Any]] = json.loads(
+    (ROOT / "tests" / "vectors" / "keylog.json").read_text(encoding="utf-8")
+)["logs"]
+KEY_EDGE_LOGS = [c for c in KEY_LOGS if "equation_holds" in c]
+# What the key log recipe says it does not check: these it accepts, the node refuses.
+_NOT_IN_KEY_RECIPE = frozenset({"heads_regress", "future_time"})
 
 
-def _recipe() -> str:
-    blocks = re.findall(r"^```sh auditor-recipe\n(.*?)^```", DOC, re.S | re.M)
-    assert len(blocks) == 1, "PROTOCOL.md needs exactly one ```sh auditor-recipe block"
+def _recipe(info: str = "sh auditor-recipe") -> str:
+    blocks = re.findall(r"^```" + re.escape(info) + r"\n(.*?)^```", DOC, re.S | re.M)
+    assert len(blocks) == 1, f"PROTOCOL.md needs exactly one ```{info} block"
     return str(blocks[0])
+
+
+def _run(shell: str, script: str, cwd: Path, node_id: str) -> subprocess.CompletedProcess[str]:
+    _openssl()
+    exe = shutil.which(shell)
+    assert exe is not None, f"{shell} is needed to run the recipe"
+    env = dict(os.environ, NODE_ID=node_id, LC_ALL="C")
+    # The recipes' msgpack steps use python3 with msgpack: this interpreter's first.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return subprocess.run([exe, "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 def _openssl() -> str:
@@ -87,17 +112,10 @@ def test_the_signature_vectors_include_every_edge_case() -> None:
 @pytest.mark.parametrize("case", SIGNATURE_VECTORS, ids=lambda c: c["name"])
 def test_recipe_verdict_equals_the_nodes(tmp_path: Path, shell: str,
                                          case: dict[str, Any]) -> None:
-    _openssl()
-    exe = shutil.which(shell)
-    assert exe is not None, f"{shell} is needed to run the recipe"
     node = _node_accepts(case)
     assert node == (case["expect"] == "valid")
     (tmp_path / "envelope.bin").write_bytes(bytes.fromhex(case["envelope_hex"]))
-    env = dict(os.environ, NODE_ID=case["node_id"], LC_ALL="C")
-    # The recipe's step 6 uses python3 with msgpack: this interpreter's first.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    p = subprocess.run([exe, "-c", _recipe()], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=60)
+    p = _run(shell, _recipe(), tmp_path, case["node_id"])
     out = p.stdout + p.stderr
     assert (p.returncode == 0) == node, f"recipe {'refused' if node else 'accepted'}:\n{out}"
     if node:
@@ -117,16 +135,93 @@ def test_openssl_alone_accepts_exactly_the_equation_holders(tmp_path: Path,
     """Without the recipe's step 3, openssl would accept every forgery whose plain
     equation holds (small-order keys and R): the strict step is what refuses them."""
     sig = bytes.fromhex(case["sig_hex"])
-    der = bytes.fromhex("302a300506032b6570032100" + case["public_key_hex"])
+    msg = DOMAIN_RECORD + bytes.fromhex(case["body_hex"])
+    s_in_range = int.from_bytes(sig[32:], "little") < L
+    assert _openssl_alone(tmp_path, case["public_key_hex"], msg, sig) == (
+        case["equation_holds"] and s_in_range)
+    if case["equation_holds"] and s_in_range and case["expect"] != "valid":
+        assert not _node_accepts(case)  # a forgery openssl takes and the node refuses
+
+
+def _openssl_alone(tmp_path: Path, key_hex: str, msg: bytes, sig: bytes) -> bool:
+    """Whether ``openssl pkeyutl -verify`` alone (no strict step) accepts ``sig``."""
+    der = bytes.fromhex("302a300506032b6570032100" + key_hex)
     (tmp_path / "key.der").write_bytes(der)
-    (tmp_path / "msg.bin").write_bytes(DOMAIN_RECORD + bytes.fromhex(case["body_hex"]))
+    (tmp_path / "msg.bin").write_bytes(msg)
     (tmp_path / "sig.bin").write_bytes(sig)
     p = subprocess.run(
         [_openssl(), "pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey",
          "key.der", "-rawin", "-in", "msg.bin", "-sigfile", "sig.bin"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )
+    assert p.returncode == 0 or "Signature Verification Failure" in p.stdout + p.stderr, (
+        p.stdout + p.stderr)
+    return p.returncode == 0
+
+
+# --------------------------------------------------------------------------- key logs
+
+
+def _node_reason(case: dict[str, Any]) -> str | None:
+    """None if the node accepts the log, else its reason code."""
+    envs = [bytes.fromhex(h) for h in case["events_hex"]]
+    try:
+        keylog.verify_log(case["node_id"], envs, verifier=Verifier(), now_ms=case["now_ms"])
+    except InvalidRecord as exc:
+        return exc.reason
+    return None
+
+
+def test_the_key_logs_include_every_edge_case() -> None:
+    names = {c["name"] for c in KEY_EDGE_LOGS}
+    assert sum(n.startswith("signature/small-order-key/") for n in names) == 14
+    assert sum(n.startswith("signature/small-order-r/") for n in names) == 14
+    for needed in ("signature/non-canonical-key", "signature/non-canonical-r",
+                   "signature/s-plus-l", "signature/s-l-minus-1",
+                   "signature/mixed-order-key-valid",
+                   "signature/rotation-by-small-order-key",
+                   "signature/recovery-by-small-order-key"):
+        assert needed in names
+    # The recipe is held to the node on signatures, order and commitments, and every
+    # fault it does not check has a log, which it must accept (so the doc is exact).
+    reasons = {_node_reason(c) for c in KEY_LOGS}
+    assert {None, "bad_signature", "not_precommitted", "bad_recovery", "key_event_order",
+            "wrong_identity", "bad_prev", "key_reused"} | _NOT_IN_KEY_RECIPE <= reasons
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+@pytest.mark.parametrize("case", KEY_LOGS, ids=lambda c: c["name"])
+def test_key_log_recipe_verdict_equals_the_nodes(tmp_path: Path, shell: str,
+                                                 case: dict[str, Any]) -> None:
+    reason = _node_reason(case)
+    envs = [bytes.fromhex(h) for h in case["events_hex"]]
+    # The wire form of a log, written here with msgpack (not the code under test).
+    (tmp_path / "keylog.bin").write_bytes(msgpack.packb(envs, use_bin_type=True))
+    p = _run(shell, _recipe("sh auditor-recipe-key-log"), tmp_path, case["node_id"])
+    out = p.stdout + p.stderr
+    accepts = reason is None or reason in _NOT_IN_KEY_RECIPE
+    assert (p.returncode == 0) == accepts, (
+        f"node: {reason or 'valid'}; recipe {'refused' if accepts else 'accepted'}:\n{out}")
+    if accepts:
+        assert f"key log of {case['node_id']} verified: {len(envs)} events" in p.stdout
+        last = envs[-1]
+        body, _sig = decode_envelope(last)
+        assert f"id {hashlib.sha256(body).hexdigest()}," in p.stdout
+    elif reason == "bad_signature":
+        assert "Signature Verification Failure" in out
+    else:
+        assert "key log refused" in out and "Signature Verification Failure" not in out
+
+
+@pytest.mark.parametrize("case", KEY_EDGE_LOGS, ids=lambda c: c["name"])
+def test_openssl_alone_accepts_exactly_the_key_event_equation_holders(
+        tmp_path: Path, case: dict[str, Any]) -> None:
+    """As for records: openssl without the recipe's strict step would accept every
+    key event forgery whose plain equation holds."""
+    body, sig = decode_envelope(bytes.fromhex(case["events_hex"][-1]))
+    msg = keylog.DOMAIN_KEY_EVENT + body
     s_in_range = int.from_bytes(sig[32:], "little") < L
-    assert (p.returncode == 0) == (case["equation_holds"] and s_in_range), p.stdout + p.stderr
-    if case["equation_holds"] and s_in_range and case["expect"] != "valid":
-        assert not _node_accepts(case)  # a forgery openssl takes and the node refuses
+    assert _openssl_alone(tmp_path, case["signer_hex"], msg, sig) == (
+        case["equation_holds"] and s_in_range)
+    if case["equation_holds"] and s_in_range and "error" in case["expect"]:
+        assert _node_reason(case) == "bad_signature"  # openssl takes it, the node does not

@@ -9,6 +9,10 @@ events and witnesses (version 2 identity)").
   key, and one log per structural fault) with the expected state or reason; key
   verdicts after a recovery (backdated records by the superseded key); and pairs of
   logs (held, received) with the expected decision;
+  The ``signature/*`` logs carry key events signed by hand on the edge of the strict
+  Ed25519 rules (small-order keys and R, non-canonical encodings, S out of range), with
+  the curve arithmetic of ``generate.py``; ``equation_holds`` says whether the plain
+  RFC 8032 equation holds for the last event (so a lax verifier, openssl's, accepts it);
 * ``cosign.json``  a checkpoint, cosignatures of it (valid, bad signature, non-witness,
   another checkpoint) with the quorum verdicts, and a split view between two witnesses.
 
@@ -22,9 +26,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from citynode.core import encoding
@@ -137,6 +144,177 @@ def _resigned(ev: Ev, signer: SigningKey, **over: Any) -> Ev:
                        **over})
 
 
+# --------------------------------------------------------------------------- Ed25519 edges
+
+
+def _curve() -> ModuleType:
+    """generate.py, for its curve arithmetic (written there by hand, never the code under
+    test) and libsodium's list of small-order encodings."""
+    spec = importlib.util.spec_from_file_location("citynode_record_vectors",
+                                                  HERE / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def commit_raw(public_key: bytes) -> bytes:
+    return sha(DOMAIN_COMMIT + public_key)
+
+
+def _edge_h(r: bytes, a: bytes, body: bytes, c: ModuleType) -> int:
+    h = hashlib.sha512(r + a + DOMAIN_KEY_EVENT + body).digest()
+    return int.from_bytes(h, "little") % int(c._L)
+
+
+def _edge_ground(make: Callable[[int], dict[str, Any]], key: bytes, r: bytes,
+                 ok: Callable[[int], bool], c: ModuleType) -> bytes:
+    """The first event body made by ``make(t)`` (t = 0, 1, .. moves its time) whose h
+    satisfies ``ok(h)``: h depends on the whole body, so a few tries meet any condition
+    mod 8."""
+    for t in range(256):
+        body = encoding.encode({"kind": "key-event", "version": 1, **make(t)})
+        if ok(_edge_h(r, key, body, c)):
+            return body
+    raise AssertionError("no body found")
+
+
+def _residue(n: int, want: int) -> Callable[[int], bool]:
+    return lambda h: h % n == want
+
+
+def _edge_inception(key: bytes, nxt: bytes, rec: bytes) -> Callable[[int], dict[str, Any]]:
+    return lambda t: {"type": "inception", "seq": 0, "time": T0 + t, "key": key,
+                      "next": nxt, "recovery": rec}
+
+
+def signature_edge_logs() -> list[dict[str, Any]]:
+    """Key event logs whose last event is signed on the edge of the strict Ed25519
+    rules (docs/PROTOCOL.md, 'Signature'); the same cases as records.json's
+    signature/*, for key events."""
+    c = _curve()
+    out: list[dict[str, Any]] = []
+    bs = err("bad_signature")
+    a = c._scalar(K[0].seed)
+    pub_a = K[0].public_key
+    s32 = c._s
+    nk1, rq0 = commit(K[1]), commit(Q[0])
+
+    def case(name: str, note: str, events: list[bytes], signer: bytes, *, holds: bool,
+             expect: dict[str, Any]) -> None:
+        first = events[0]
+        assert first[:2] == b"\x92\xc4"  # an inception body is under 256 bytes
+        ident = sha(DOMAIN_IDENTITY + first[3:3 + first[2]])
+        out.append({"name": name, "description": note, "node_id": cn2(ident),
+                    "events_hex": [e.hex() for e in events], "now_ms": NOW,
+                    "expect": expect, "signer_hex": signer.hex(), "equation_holds": holds})
+
+    # A small-order key: S = k, R = [k]B and h a multiple of the key's order make the
+    # plain equation hold for anyone, on any body: a forgery, refused.
+    small = c._small_order_encodings()
+    for label, key in small:
+        order = c._order(c._decode(key))
+        k = c._nonce("key-event " + label)
+        r = c._encode(c._mul(k, c._B))
+        body = _edge_ground(_edge_inception(key, nk1, rq0), key, r,
+                            _residue(order, 0), c)
+        case(f"signature/small-order-key/{label}",
+             f"An inception naming key {key.hex()}, a point of order {order} (blocked), "
+             "signed with R = [k]B, S = k, h a multiple of the order: the plain equation "
+             "holds for anyone. Refused.", [envelope(body, r + s32(k))], key,
+             holds=True, expect=bs)
+
+    # A small-order R = T: the key A' = [a]B - T and h = 1 mod the order of T give
+    # [S]B - [h]A' = [h]T = T with S = h*a (A itself when T is the identity).
+    for label, r in small:
+        t = c._decode(r)
+        n = c._order(t)
+        key = pub_a if n == 1 else c._encode(c._add(c._mul(a, c._B), c._neg(t)))
+        body = _edge_ground(_edge_inception(key, nk1, rq0), key, r,
+                            _residue(n, 1 % n), c)
+        holds = c._encode(t) == r
+        case(f"signature/small-order-r/{label}",
+             f"An inception whose signature has R = {r.hex()}, a point of order {n} "
+             "(blocked); " + ("the plain equation holds: refused for R alone." if holds
+                              else "not the canonical encoding of its point either."),
+             [envelope(body, r + s32(_edge_h(r, key, body, c) * a % c._L))], key,
+             holds=holds, expect=bs)
+
+    # Non-canonical keys and R, S out of range, on the worked example's inception.
+    y3 = (c._P + 3).to_bytes(32, "little")
+    k = c._nonce("key-event non-canonical-key")
+    kb = c._encode(c._mul(k, c._B))
+    for name, key, note in (
+        ("non-canonical-key", y3, "names key y = p + 3 (y >= p: y = 3 written "
+         "non-canonically)"),
+        ("key-not-a-point", (2).to_bytes(32, "little"), "names key y = 2, not a point"),
+    ):
+        body = encoding.encode({"kind": "key-event", "version": 1,
+                                **_edge_inception(key, nk1, rq0)(0)})
+        case(f"signature/{name}", f"An inception that {note}. Refused.",
+             [envelope(body, kb + s32(k))], key, holds=False, expect=bs)
+    honest = K[0].sign(DOMAIN_KEY_EVENT, INC.body)
+    s_honest = int.from_bytes(honest[32:], "little")
+    assert s_honest < c._L
+    case("signature/non-canonical-r", "The worked example's inception with R = y = p + 3 "
+         "(non-canonical) and its S. Refused.", [envelope(INC.body, y3 + honest[32:])],
+         pub_a, holds=False, expect=bs)
+    for label, s, holds, note in (
+        ("s-plus-l", s_honest + c._L, True, "its S + L: the equation holds mod L, but "
+         "S >= L."),
+        ("s-equals-l", c._L, False, "S = L exactly."),
+        ("s-max", 2**256 - 1, False, "S = 2^256 - 1."),
+        ("s-l-minus-1", c._L - 1, False, "S = L - 1: in range, the equation fails."),
+    ):
+        case(f"signature/{label}", f"The worked example's inception signed with {note} "
+             "Refused.", [envelope(INC.body, honest[:32] + s32(s))], pub_a, holds=holds,
+             expect=bs)
+
+    # A key with a torsion part (order 8L) is not refused (no subgroup check).
+    t8 = c._decode(bytes.fromhex(c.SMALL_ORDER_Y[2][1]))
+    mixed = c._encode(c._add(c._mul(a, c._B), t8))
+    k = c._nonce("key-event mixed-order-key")
+    r = c._encode(c._mul(k, c._B))
+    body = _edge_ground(_edge_inception(mixed, nk1, rq0), mixed, r, lambda h: h % 8 == 0, c)
+    case("signature/mixed-order-key-valid",
+         "An inception naming key A + T, T of order 8 (not a blocked encoding), h a "
+         "multiple of 8, S = k + h*a: valid. Verifiers MUST NOT add a subgroup check.",
+         [envelope(body, r + s32((k + _edge_h(r, mixed, body, c) * a) % c._L))], mixed,
+         holds=True, expect={"seq": 0, "key_hex": mixed.hex(), "next_hex": nk1.hex(),
+                             "recovery_hex": rq0.hex(), "head_id_hex": sha(body).hex()})
+
+    # The signer of a later event: a rotation's new key, a recovery's recovery key, each
+    # pre-committed by an honest inception and small-order: the rotation or recovery is
+    # a forgery anyone could sign.
+    tkey = bytes.fromhex(c.SMALL_ORDER_Y[3][1])
+    k = c._nonce("key-event later-signer")
+    r = c._encode(c._mul(k, c._B))
+    for name, what, nxt, rec in (
+        ("rotation-by-small-order-key", "a rotation to", commit_raw(tkey), rq0),
+        ("recovery-by-small-order-key", "a recovery by", nk1, commit_raw(tkey)),
+    ):
+        inc = Ev(K[0], {"type": "inception", "seq": 0, "time": T0, "key": pub_a,
+                        "next": nxt, "recovery": rec})
+        ident = sha(DOMAIN_IDENTITY + inc.body)
+        later = {"seq": 1, "identity": ident, "prev": inc.id, "heads": {}}
+        if name.startswith("rotation"):
+            def make(t: int, later: dict[str, Any] = later) -> dict[str, Any]:
+                return {**later, "type": "rotation", "time": T0 + 60_000 + t, "key": tkey,
+                        "next": commit(K[2])}
+        else:
+            def make(t: int, later: dict[str, Any] = later) -> dict[str, Any]:
+                return {**later, "type": "recovery", "time": T0 + 60_000 + t,
+                        "key": K[4].public_key, "next": commit(K[5]),
+                        "recovery": commit(Q[1]), "recovery_key": tkey}
+        body = _edge_ground(make, tkey, r, lambda h: h % 8 == 0, c)
+        case(f"signature/{name}",
+             f"An honest inception pre-committing {tkey.hex()} (order 8), then {what} "
+             "that key, signed with R = [k]B, S = k, h a multiple of 8: a forgery anyone "
+             "could sign. Refused.", [inc.env, envelope(body, r + s32(k))], tkey,
+             holds=True, expect=bs)
+    return out
+
+
 def keylog_file() -> dict[str, Any]:
     forged_k1 = _resigned(R1, K[0])  # the stolen current key signs the planned rotation
     forged_x = rotation(INC, X, X, X, T0 + 60_000, {})  # or rotates to the thief's key
@@ -226,7 +404,11 @@ def keylog_file() -> dict[str, Any]:
             "{error: reason}. 'verdicts': key_verdict(key, feed, seq, record id) after "
             "the log 'recovery-after-theft' (record_time is never read). 'compare': a "
             "held and a received log (both valid) and the decision; 'proof_hex' the "
-            "equivocation proof, branches in byte order."
+            "equivocation proof, branches in byte order. The 'signature/*' logs also give "
+            "signer_hex, the key that signs their last event (its key, or a recovery's "
+            "recovery_key), and equation_holds: whether the plain RFC 8032 equation "
+            "encode([S]B - [h]A) == R holds for it (S as an integer), i.e. whether only "
+            "the strict rules refuse it."
         ),
         "generator": "tests/vectors/generate_keylog.py",
         "now_ms": NOW,
@@ -250,7 +432,8 @@ def keylog_file() -> dict[str, Any]:
             "node_id": cn2(D),
         },
         "logs": [{"name": n, "description": d, "node_id": cn2(D), "events_hex": hexes(*evs),
-                  "now_ms": NOW, "expect": x} for n, d, evs, x in logs],
+                  "now_ms": NOW, "expect": x} for n, d, evs, x in logs]
+        + signature_edge_logs(),
         "verdicts": [{"log": "recovery-after-theft", "key_hex": k, "feed": f, "seq": s,
                       "record_id_hex": None if r is None else r.hex(), "record_time": t,
                       "expect": x} for k, f, s, r, t, x in verdicts],
