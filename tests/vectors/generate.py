@@ -1849,6 +1849,20 @@ def cards_file() -> dict[str, Any]:
         ("extra-member", "A member the JSON form does not have.", {**j, "note": "x"},
          bad_card),
     ]
+    # A card whose signed cadence is 1: true (and 1.0) equal 1 under a lax comparison.
+    one = card_to_json(make_card(KEY_A, name="Example City", url="https://node.example.org",
+                                 tls_fingerprint=None,
+                                 feeds=[CardFeed("air", "public", cadence_s=1)],
+                                 partners=[], software="citynode/0.1.0", now_ms=T0))
+    json_cases += [
+        ("cadence-1-valid", "Another card of A, its air feed's cadence_s the integer 1.", one,
+         "valid"),
+        ("cadence-true", "That card with cadence_s true: a JSON boolean is not the integer "
+         "1 signed (Python's True == 1 would pass it).",
+         {**one, "feeds": [{**one["feeds"][0], "cadence_s": True}]}, bad_card),
+        ("cadence-1.0", "That card with cadence_s 1.0.",
+         {**one, "feeds": [{**one["feeds"][0], "cadence_s": 1.0}]}, bad_card),
+    ]
     nid = node_id(KEY_A.public_key)
     bad_id = nid[:-1] + ("a" if nid[-1] != "a" else "b")
     open_cases: list[tuple[str, str, bytes, str | None, Any]] = [
@@ -1864,6 +1878,16 @@ def cards_file() -> dict[str, Any]:
          card.envelope, bad_id, {"error_class": "InvalidNodeId"}),
         ("bad-envelope", "An envelope that is not one, with a good id.", b"\x00" * 10,
          nid, err("bad_envelope")),
+        # The body's size is decided from its bin32 header alone (CARD_LIMITS: 1047552
+        # bytes), before the bytes are there: 70 bytes stand for the whole envelope.
+        ("body-over-the-limit", "An envelope whose body header (c6) claims 1047553 "
+         "bytes, one over the card limit: too_large from the header alone.",
+         (b"\x92\xc6" + (1047553).to_bytes(4, "big")).ljust(70, b"\x00"), nid,
+         err("too_large")),
+        ("body-at-the-limit-truncated", "An envelope whose body header claims 1047552 "
+         "bytes, exactly the limit, and that ends there: not too large, but truncated.",
+         (b"\x92\xc6" + (1047552).to_bytes(4, "big")).ljust(70, b"\x00"), nid,
+         err("bad_envelope")),
     ]
     air = {"access": "public", "name": "air"}
     bad_terms: list[tuple[str, str, dict[str, Any]]] = [
