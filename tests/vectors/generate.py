@@ -793,6 +793,24 @@ def invalid_cases() -> list[Case]:
         "A string (a2 ff fe) that is not valid UTF-8.",
         replace_value(base, "data", raw_map([(enc("unit"), b"\xa2\xff\xfe")])), expect=mal,
     ))
+    # A fault of structure anywhere makes the input malformed, whatever else it holds:
+    # an ext or a non-string key beside it does not make it non_canonical.
+    out.append(case(
+        "malformed/ext-then-invalid-utf8",
+        "An ext of the reserved type -2 (d4 fe 00), then a string (a2 ff fe) that is not "
+        "valid UTF-8: malformed, not non_canonical.",
+        replace_value(base, "data", raw_map([(enc("a"), b"\xd4\xfe\x00"),
+                                             (enc("unit"), b"\xa2\xff\xfe")])),
+        expect=mal,
+    ))
+    out.append(case(
+        "malformed/int-key-then-invalid-utf8",
+        "A map with an integer key (01), then a string (a2 ff fe) that is not valid UTF-8: "
+        "malformed, not non_canonical.",
+        replace_value(base, "data", raw_map([(b"\x01", enc("one")),
+                                             (enc("unit"), b"\xa2\xff\xfe")])),
+        expect=mal,
+    ))
     out.append(case(
         "malformed/truncated-body",
         "valid/custom-seq1's body without its last byte (signed as is).",
