@@ -520,6 +520,15 @@ def valid_cases() -> list[Case]:
         "members other than type and coordinates are allowed and not checked.",
         enc(fields(feed="air-quality", type_="AirQualityObserved", data=aq)),
     ))
+    ring = {"type": "Polygon", "coordinates": [[[8, 47], [8.5, 47.0], [8.5, 47.5],
+                                                 [8.0, 47.0]]]}
+    out.append(case(
+        "valid/polygon-ring-closed-as-numbers",
+        "A Polygon ring that starts at [8, 47] (integers) and ends at [8.0, 47.0] "
+        "(floats): closed, since positions compare as numbers.",
+        enc(fields(feed="air-quality", type_="AirQualityObserved",
+                   data=dict(aq, location=ring))),
+    ))
     notice = dict(BUILTIN_PAYLOADS[-1][2], indicators=[
         {"type": "domain", "value": "xn--mnchen-3ya.example."},
         {"type": "domain", "value": "a-1.b2.example"},
@@ -1021,6 +1030,11 @@ def invalid_cases() -> list[Case]:
             "dateObservedFrom 2016-12-31T23:59:60.5Z is 2017-01-01T00:00:00.5Z, after "
             "dateObservedTo 2017-01-01T00:00:00.25Z.", 1, "bad_value",
             dateObservedFrom="2016-12-31T23:59:60.5Z", dateObservedTo="2017-01-01T00:00:00.25Z")
+    payload("payload/polygon-ring-open-by-altitude",
+            "A Polygon ring from [8, 47] to [8, 47, 0]: a position with an altitude is not "
+            "one without, so the ring is not closed.", 0, "bad_value",
+            location={"type": "Polygon", "coordinates": [[[8, 47], [8.5, 47], [8.5, 47.5],
+                                                          [8, 47, 0]]]})
     for name, kind, value, why in (
         ("domain-one-label", "domain", "localhost", "a domain has two labels or more"),
         ("domain-hyphen-start", "domain", "-bad.example.org", "a label never starts "
