@@ -25,7 +25,9 @@ from typing import Any
 
 from citynode.core import checkpoints, httpsig
 from citynode.core import types as payload_types
-from citynode.core.cards import card_from_json, card_to_json, open_card
+from citynode.core.cards import CARD_LIMITS, card_from_json, card_to_json, open_card
+from citynode.core.chain import FORK_PROOF_LIMITS
+from citynode.core.encoding import DEFAULT_LIMITS
 from citynode.core.keys import SigningKey, Verifier
 from citynode.core.sync import encode_frontier
 
@@ -555,3 +557,27 @@ def test_indicator_patterns_are_the_ones_the_doc_states() -> None:
     assert f"(`{whitespace}`)" in doc
     assert payload_types._URL_RE.pattern.endswith(f"://[^{whitespace}]+")
     assert payload_types._EMAIL_RE.pattern == f"[^@{whitespace}]+@[^@{whitespace}]+"
+
+
+def test_decode_limits_in_the_doc_are_the_codes() -> None:
+    """Every decode limit the doc states (records, fork proofs, cards) is the one the
+    code applies, wherever the doc states it (issue 12, point 9: the fork proof limits
+    were unstated, and 'Verifying a card' kept a card size the code had left)."""
+    doc = _doc()
+    flat = " ".join(doc.split())
+    d = DEFAULT_LIMITS
+    limits = _subsection(_section(doc, "Canonical msgpack"), "Limits")
+    assert f"| size | {d.max_bytes} bytes (64 KiB), inclusive |" in limits
+    assert f"| depth | {d.max_depth} |" in limits and f"| items | {d.max_items} |" in limits
+    f = FORK_PROOF_LIMITS
+    proof = (f"**{f.max_bytes} bytes ({f.max_bytes // 1024} KiB), depth {f.max_depth}, "
+             f"{f.max_items} items**")
+    assert proof in flat
+    assert (f"(a fork proof: {f.max_bytes // 1024} KiB, depth {f.max_depth}, "
+            f"{f.max_items} items") in flat
+    c = CARD_LIMITS
+    assert (f"**{c.max_bytes} bytes (1 MiB - 1024), depth {c.max_depth}, "
+            f"{c.max_items} items** (`CARD_LIMITS`)") in flat
+    verifying = " ".join(_subsection(_section(doc, "Node cards"), "Verifying a card").split())
+    sizes = {int(n) for n in re.findall(r"\b(\d{5,}) bytes", verifying)}
+    assert sizes == {c.max_bytes}, sizes
