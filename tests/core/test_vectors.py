@@ -38,6 +38,7 @@ from citynode.core.chain import (
     verify_fork_proof,
 )
 from citynode.core.egress import EgressPolicy
+from citynode.core.keylog import identity_id, parse_identity_id
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
 from citynode.core.records import decode_record, open_record
 from citynode.errors import InvalidNodeId, InvalidProof, InvalidRecord, SignatureError
@@ -342,6 +343,24 @@ def test_node_id_vector(case: dict[str, Any]) -> None:
 def test_invalid_node_id_vector(case: dict[str, Any]) -> None:
     with pytest.raises(InvalidNodeId):
         parse_node_id(case["text"])
+
+
+@pytest.mark.parametrize("case", KEYS["cn2_ids"], ids=lambda c: c["node_id"])
+def test_cn2_id_vector(case: dict[str, Any]) -> None:
+    ident = bytes.fromhex(case["identity_hex"])
+    check = hashlib.sha256(b"citynode/node-id/v2" + ident).digest()[:3]
+    assert check.hex() == case["checksum_hex"]
+    assert identity_id(ident) == case["node_id"]
+    assert parse_identity_id(case["node_id"]) == ident
+    assert parse_identity_id(" " + case["node_id"].upper().replace("CN2", "cn2") + "\n") == ident
+
+
+@pytest.mark.parametrize("case", KEYS["invalid_cn2"], ids=lambda c: c["name"])
+def test_invalid_cn2_id_vector(case: dict[str, Any]) -> None:
+    with pytest.raises(InvalidNodeId) as info:
+        parse_identity_id(case["text"])
+    if not case["text"].isascii():  # refused for that, before any case folding
+        assert "non-ASCII" in str(info.value)
 
 
 # --------------------------------------------------------------------------- (b) cards

@@ -26,6 +26,7 @@ written here (``equation_holds`` says whether the plain RFC 8032 equation holds)
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import struct
@@ -1818,16 +1819,38 @@ def keys_file() -> dict[str, Any]:
         ("no-break-space-around", "\u00a0" + nid + "\u00a0"),
         ("fullwidth-digit", nid.replace("7", "\uff17", 1)),
     ]
+    # A cn2 id (version 2 identity) follows the same reading rules: any 32 bytes stand
+    # for the identity D here, the checksum is under 'citynode/node-id/v2'.
+    ident = hashlib.sha256(b"citynode vector identity").digest()
+    raw2 = ident + hashlib.sha256(b"citynode/node-id/v2" + ident).digest()[:3]
+    nid2 = "cn2" + base64.b32encode(raw2).decode("ascii").lower()
+    invalid2 = [
+        ("dotless-i", nid2[:3] + nid2[3:].replace("i", "\u0131")),
+        ("long-s", nid2[:3] + nid2[3:].replace("s", "\u017f")),
+        ("no-break-space-around", "\u00a0" + nid2 + "\u00a0"),
+        ("fullwidth-digit", nid2[:3] + nid2[3:].replace("7", "\uff17", 1)),
+        ("checksum-of-cn1-domain", "cn2" + base64.b32encode(
+            ident + hashlib.sha256(b"citynode/node-id/v1" + ident).digest()[:3]
+        ).decode("ascii").lower()),
+    ]
+    # Each look-alike is this very id after Unicode case mapping or stripping.
+    assert all(not t.isascii() for _, t in invalid2[:4]) and invalid2[4][1] != nid2
     return {
         "about": (
             "citynode node id vectors (docs/PROTOCOL.md, 'Node identity'): node_id = "
             "'cn1' + lowercase base32 (RFC 4648, no padding) of public_key || "
             "checksum, checksum = SHA-256('citynode/node-id/v1' || public_key)[:3]. "
-            "Every string in 'invalid' must be rejected."
+            "Every string in 'invalid' must be rejected. 'cn2_ids': an id of a version 2 "
+            "identity D ('cn2' + base32 of D || SHA-256('citynode/node-id/v2' || D)[:3]); "
+            "every string in 'invalid_cn2' must be rejected (the same reading rules: "
+            "ASCII only, before any case folding)."
         ),
         "generator": "tests/vectors/generate.py",
         "node_ids": out,
         "invalid": [{"name": n, "text": t} for n, t in invalid],
+        "cn2_ids": [{"identity_hex": ident.hex(), "checksum_hex": raw2[32:].hex(),
+                     "node_id": nid2}],
+        "invalid_cn2": [{"name": n, "text": t} for n, t in invalid2],
     }
 
 
