@@ -704,8 +704,20 @@ def point_of(data: Any) -> tuple[float, float] | None:
 _INDICATOR_TYPES = ("ipv4", "ipv6", "domain", "url", "sha256", "md5", "cve", "email", "other")
 
 
+# A prefix length: decimal, no leading zero (its range is ipaddress's check).
+_PREFIX_LEN_RE = re.compile(r"0|[1-9][0-9]{0,2}", re.ASCII)
+
+
 def _ip_checker(version: int) -> Callable[[str], bool]:
+    """The ipv4/ipv6 rule of docs/PROTOCOL.md: an address, optionally ``/`` and a prefix
+    length. ``ipaddress`` alone also takes a netmask or hostmask after the ``/``, leading
+    zeros in the prefix length and an IPv6 zone index (``%`` and any text, non-ASCII
+    included), which the rule does not: those are refused first."""
+
     def ok(s: str) -> bool:
+        addr, slash, prefix = s.partition("/")
+        if not s.isascii() or "%" in addr or (slash and not _PREFIX_LEN_RE.fullmatch(prefix)):
+            return False
         try:
             net = ipaddress.ip_network(s, strict=False)
         except ValueError:

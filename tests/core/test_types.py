@@ -443,6 +443,13 @@ def test_every_waste_container_status_is_accepted(status: str) -> None:
         ({"type": "ipv4", "value": "010.1.1.1"}, ".value"),  # leading zeros are ambiguous
         ({"type": "ipv4", "value": "2001:db8::1"}, ".value"),
         ({"type": "ipv6", "value": "203.0.113.45"}, ".value"),
+        # What ipaddress alone would take, and the rule does not (issue 12, point 9):
+        ({"type": "ipv4", "value": "192.0.2.0/255.255.255.0"}, ".value"),  # a netmask
+        ({"type": "ipv4", "value": "192.0.2.0/0.0.0.255"}, ".value"),  # a hostmask
+        ({"type": "ipv4", "value": "192.0.2.0/024"}, ".value"),
+        ({"type": "ipv6", "value": "fe80::1%eth0"}, ".value"),  # a zone index
+        ({"type": "ipv6", "value": "fe80::1%\u00e9 x/64"}, ".value"),  # ... of any text
+        ({"type": "ipv6", "value": "::1/0128"}, ".value"),
         ({"type": "sha256", "value": "9f86d081"}, ".value"),
         ({"type": "md5", "value": "z" * 32}, ".value"),
         ({"type": "cve", "value": "CVE-2024"}, ".value"),

@@ -544,6 +544,20 @@ def valid_cases() -> list[Case]:
         "whitespace for these rules).",
         enc(fields(feed="security", type_="CyberSecurityNotice", data=notice)),
     ))
+    ips = dict(BUILTIN_PAYLOADS[-1][2], indicators=[
+        {"type": "ipv4", "value": "203.0.113.7/24"},
+        {"type": "ipv4", "value": "0.0.0.0/0"},
+        {"type": "ipv6", "value": "::ffff:192.0.2.1"},
+        {"type": "ipv6", "value": "2001:DB8::1/128"},
+        {"type": "ipv6", "value": "1:2:3:4:5:6:7::"},
+    ])
+    out.append(case(
+        "valid/indicator-ip-forms",
+        "ipv4 and ipv6 indicators at the edge of their rules: bits set after the prefix, "
+        "prefix 0, an ipv4 address in the last 32 bits, upper-case hex with a prefix of "
+        "128, '::' standing for a single zero group.",
+        enc(fields(feed="security", type_="CyberSecurityNotice", data=ips)),
+    ))
     flow = dict(BUILTIN_PAYLOADS[1][2], dateObservedFrom="2016-12-31T23:59:60Z",
                 dateObservedTo="2017-01-01T00:00:00Z")
     out.append(case(
@@ -1048,6 +1062,14 @@ def invalid_cases() -> list[Case]:
          "whitespace"),
         ("email-with-space", "email", "a b@example.org", "an email holds no ASCII "
          "whitespace"),
+        ("ipv4-netmask", "ipv4", "192.0.2.0/255.255.255.0", "a prefix length is a "
+         "number, not a netmask"),
+        ("ipv4-prefix-leading-zero", "ipv4", "192.0.2.0/024", "a prefix length has no "
+         "leading zero"),
+        ("ipv4-leading-zero", "ipv4", "010.1.1.1", "no number of an ipv4 address has a "
+         "leading zero"),
+        ("ipv6-zone-index", "ipv6", "fe80::1%eth0", "an ipv6 indicator has no zone index"),
+        ("ipv6-two-runs", "ipv6", "1::2::3", "'::' stands once at most"),
     ):
         payload(f"payload/{name}", f"An indicator of type {kind} {value!r}: {why}.", -1,
                 "bad_value", indicators=[{"type": kind, "value": value}])
