@@ -535,13 +535,17 @@ def valid_cases() -> list[Case]:
         {"type": "domain", "value": "a-1.b2.example"},
         {"type": "url", "value": "https://example.org/\u00e4\u00a0x"},
         {"type": "email", "value": "\u00fc@example.org"},
+        {"type": "sha256", "value": "9F86D081884C7D659A2FEAA0C55AD015"
+                                    "a3bf4f1b2b0b822cd15d6c15b0f00a08"},
+        {"type": "cve", "value": "CVE-2024-" + "1" * 19},
     ])
     out.append(case(
         "valid/indicator-edge-forms",
         "Indicators at the edge of their rules: a punycode domain with a final dot, "
         "labels with hyphens and digits; a url and an email holding non-ASCII "
         "characters, U+00A0 included (only the six ASCII whitespace characters are "
-        "whitespace for these rules).",
+        "whitespace for these rules); a sha256 in mixed case; a CVE number of 19 "
+        "digits.",
         enc(fields(feed="security", type_="CyberSecurityNotice", data=notice)),
     ))
     ips = dict(BUILTIN_PAYLOADS[-1][2], indicators=[
@@ -1070,6 +1074,8 @@ def invalid_cases() -> list[Case]:
          "leading zero"),
         ("ipv6-zone-index", "ipv6", "fe80::1%eth0", "an ipv6 indicator has no zone index"),
         ("ipv6-two-runs", "ipv6", "1::2::3", "'::' stands once at most"),
+        ("cve-20-digits", "cve", "CVE-2024-" + "1" * 20, "a CVE number has 4 to 19 "
+         "digits"),
     ):
         payload(f"payload/{name}", f"An indicator of type {kind} {value!r}: {why}.", -1,
                 "bad_value", indicators=[{"type": kind, "value": value}])
