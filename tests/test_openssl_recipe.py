@@ -32,6 +32,7 @@ import msgpack
 import pytest
 
 from citynode.core import keylog
+from citynode.core.encoding import Limits
 from citynode.core.keys import DOMAIN_RECORD, Verifier
 from citynode.core.records import decode_envelope, decode_record, open_record
 from citynode.errors import InvalidRecord
@@ -182,6 +183,9 @@ def test_the_key_logs_include_every_edge_case() -> None:
                    "signature/rotation-by-small-order-key",
                    "signature/recovery-by-small-order-key"):
         assert needed in names
+    # Every width of the body's bin header (bin8, bin16, bin32) is split by the recipe.
+    widths = {h[2:4] for c in KEY_LOGS if _node_reason(c) is None for h in c["events_hex"]}
+    assert widths == {"c4", "c5", "c6"}, widths
     # The recipe is held to the node on signatures, order and commitments, and every
     # fault it does not check has a log, which it must accept (so the doc is exact).
     reasons = {_node_reason(c) for c in KEY_LOGS}
@@ -204,8 +208,7 @@ def test_key_log_recipe_verdict_equals_the_nodes(tmp_path: Path, shell: str,
         f"node: {reason or 'valid'}; recipe {'refused' if accepts else 'accepted'}:\n{out}")
     if accepts:
         assert f"key log of {case['node_id']} verified: {len(envs)} events" in p.stdout
-        last = envs[-1]
-        body, _sig = decode_envelope(last)
+        body, _sig = decode_envelope(envs[-1], Limits(max_bytes=keylog.MAX_EVENT_BYTES))
         assert f"id {hashlib.sha256(body).hexdigest()}," in p.stdout
     elif reason == "bad_signature":
         assert "Signature Verification Failure" in out
@@ -218,7 +221,8 @@ def test_openssl_alone_accepts_exactly_the_key_event_equation_holders(
         tmp_path: Path, case: dict[str, Any]) -> None:
     """As for records: openssl without the recipe's strict step would accept every
     key event forgery whose plain equation holds."""
-    body, sig = decode_envelope(bytes.fromhex(case["events_hex"][-1]))
+    body, sig = decode_envelope(bytes.fromhex(case["events_hex"][-1]),
+                                Limits(max_bytes=keylog.MAX_EVENT_BYTES))
     msg = keylog.DOMAIN_KEY_EVENT + body
     s_in_range = int.from_bytes(sig[32:], "little") < L
     assert _openssl_alone(tmp_path, case["signer_hex"], msg, sig) == (

@@ -72,7 +72,8 @@ def cn2(identity: bytes) -> str:
 def envelope(body: bytes, sig: bytes) -> bytes:
     """0x92, bin(body) with the shortest header, c4 40, signature."""
     n = len(body)
-    head = b"\xc4" + bytes([n]) if n < 256 else b"\xc5" + n.to_bytes(2, "big")
+    head = (b"\xc4" + bytes([n]) if n < 0x100 else b"\xc5" + n.to_bytes(2, "big")
+            if n < 0x10000 else b"\xc6" + n.to_bytes(4, "big"))
     return b"\x92" + head + body + b"\xc4\x40" + sig
 
 
@@ -315,6 +316,19 @@ def signature_edge_logs() -> list[dict[str, Any]]:
     return out
 
 
+def wide_logs() -> list[dict[str, Any]]:
+    """A rotation whose heads make its body longer than 65535 bytes (a bin32 header in
+    its envelope): valid, so every envelope header width occurs in the vectors."""
+    heads = {f"f{n:03d}-" + "x" * 59: [n + 1, rid(n + 1)] for n in range(700)}
+    rot = rotation(INC, K[1], K[1], K[2], T0 + 60_000, heads)
+    assert len(rot.body) > 0xFFFF and rot.env[1] == 0xC6
+    return [{"name": "rotation-heads-over-64-kib", "description": "A rotation naming 700 "
+             "feed heads (64-character names): a body of more than 65535 bytes, so its "
+             "envelope has a bin32 header.", "node_id": cn2(D),
+             "events_hex": hexes(INC, rot), "now_ms": NOW,
+             "expect": state(1, K[1], K[2], Q[0], rot)}]
+
+
 def keylog_file() -> dict[str, Any]:
     forged_k1 = _resigned(R1, K[0])  # the stolen current key signs the planned rotation
     forged_x = rotation(INC, X, X, X, T0 + 60_000, {})  # or rotates to the thief's key
@@ -433,7 +447,7 @@ def keylog_file() -> dict[str, Any]:
         },
         "logs": [{"name": n, "description": d, "node_id": cn2(D), "events_hex": hexes(*evs),
                   "now_ms": NOW, "expect": x} for n, d, evs, x in logs]
-        + signature_edge_logs(),
+        + wide_logs() + signature_edge_logs(),
         "verdicts": [{"log": "recovery-after-theft", "key_hex": k, "feed": f, "seq": s,
                       "record_id_hex": None if r is None else r.hex(), "record_time": t,
                       "expect": x} for k, f, s, r, t, x in verdicts],
