@@ -360,7 +360,8 @@ def _terms_text(terms: dict[str, Any] | None) -> str:
               type=click.IntRange(0, 1000), help="How many of the newest dead letters.")
 @JSON_OPTION
 def bridges(data_dir: Path, limit: int, as_json: bool) -> None:
-    """Show the bridges of node.toml ([[bridges.mqtt]]) and their dead letters.
+    """Show the bridges of node.toml ([[bridges.mqtt]], [[bridges.ngsi]]) and their
+    dead letters.
 
     While the node runs: whether each is connected, and messages received, published,
     duplicates and dead-lettered since it started. Dead letters (messages that could
@@ -379,12 +380,15 @@ def bridges(data_dir: Path, limit: int, as_json: bool) -> None:
     def state(b: dict[str, Any]) -> str:
         if not b["running"]:
             return "node not running"
+        if b["kind"] == "ngsi":
+            return "listening" if not b["last_error"] else f"last refused: {b['last_error']}"
         return "connected" if b["connected"] else f"down: {b['last_error'] or 'connecting'}"
 
     _table("bridges", ["name", "broker", "state", "received", "published", "duplicates",
                        "dead letters (dropped)"],
-           [[b["name"], b["broker"], state(b), b.get("received", ""), b.get("published", ""),
-             b.get("duplicates", ""), f"{b['dead_letters_held']} ({b['dead_letters_dropped']})"]
+           [[b["name"], b.get("broker") or b.get("endpoint"), state(b),
+             b.get("received", ""), b.get("published", ""), b.get("duplicates", ""),
+             f"{b['dead_letters_held']} ({b['dead_letters_dropped']})"]
             for b in out["bridges"]])
     _table("dead letters", ["at", "bridge", "topic", "reason", "bytes", "detail"],
            [[iso_time(d["at_ms"]), d["bridge"], d["topic"], d["reason"], d["size"],

@@ -38,6 +38,7 @@ __all__ = [
     "BRIDGES_HELP",
     "BridgesConfig",
     "MqttBridgeConfig",
+    "NgsiBridgeConfig",
     "Path",
     "Route",
     "Template",
@@ -116,10 +117,44 @@ class MqttBridgeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NgsiBridgeConfig:
+    """One ``[[bridges.ngsi]]`` table: the endpoint ``POST /v1/bridges/ngsi/<name>``
+    takes the notifications of an NGSI-LD or NGSI-v2 context broker (docs/BRIDGES.md)."""
+
+    name: str
+    feed: str
+    #: entity type -> feed, for entity types not on ``feed``
+    feeds: tuple[tuple[str, str], ...]
+    #: entity type -> payload type; the built-in Smart Data Models types map to
+    #: themselves unless listed
+    types: tuple[tuple[str, str], ...]
+    #: context URLs (besides the NGSI-LD core and Smart Data Models ones) whose terms
+    #: are the Smart Data Models'
+    contexts: tuple[str, ...]
+    #: "+hh:mm" given to date-times that have no offset ("" : such a date-time is refused)
+    local_time_offset: str
+    max_notification_bytes: int
+    max_entities: int
+    dedupe_hours: float
+    dead_letter_rows: int
+
+    def feed_of(self, entity_type: str) -> str:
+        return dict(self.feeds).get(entity_type, self.feed)
+
+    def type_of(self, entity_type: str) -> str | None:
+        """The payload type of an entity type, or None if this bridge takes none."""
+        mapped = dict(self.types).get(entity_type)
+        if mapped is not None:
+            return mapped
+        return entity_type if entity_type in BUILTIN_TYPES else None
+
+
+@dataclass(frozen=True, slots=True)
 class BridgesConfig:
     """The ``[bridges]`` section: every bridge the node runs."""
 
     mqtt: tuple[MqttBridgeConfig, ...] = ()
+    ngsi: tuple[NgsiBridgeConfig, ...] = ()
 
 
 # (name, type, default, check) of the keys of one [[bridges.mqtt]] table; default None:
@@ -142,6 +177,21 @@ _MQTT_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "dead_letter_rows": (int, 10000),
     "routes": (list, ...),
 }
+_NGSI_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "name": (str, ...),
+    "feed": (str, ...),
+    "feeds": (dict, None),
+    "types": (dict, None),
+    "contexts": (list, None),
+    "local_time_offset": (str, ""),
+    "max_notification_bytes": (int, None),
+    "max_entities": (int, 1000),
+    "dedupe_hours": ((int, float), 168.0),
+    "dead_letter_rows": (int, 10000),
+}
+_OFFSET_RE = re.compile(r"[+-](?:[01][0-9]|2[0-3]):[0-5][0-9]|Z", re.ASCII)
+_ENTITY_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}", re.ASCII)
+_MAX_CONTEXTS = 64
 _ROUTE_KEYS: dict[str, tuple[type, Any]] = {
     "topic": (str, ...),
     "feed": (str, ...),
@@ -149,7 +199,7 @@ _ROUTE_KEYS: dict[str, tuple[type, Any]] = {
     "subject": (str, None),
     "fields": (dict, None),
 }
-_KIND = {str: "a string", int: "an integer", bool: "true or false", list: "an array of tables",
+_KIND = {str: "a string", int: "an integer", bool: "true or false", list: "an array",
          dict: "a table", (int, float): "a number"}
 
 
@@ -246,8 +296,8 @@ def parse_bridges(table: object, source: str, max_body_bytes: int) -> BridgesCon
     if not isinstance(table, dict):
         raise r.fail("[bridges]", "expected tables like [[bridges.mqtt]]")
     for kind in table:
-        if kind != "mqtt":
-            raise r.fail(f"[bridges.{kind}]", 'unknown bridge kind (known: "mqtt")')
+        if kind not in ("mqtt", "ngsi"):
+            raise r.fail(f"[bridges.{kind}]", 'unknown bridge kind (known: "mqtt", "ngsi")')
     items = table.get("mqtt", [])
     if not isinstance(items, list):
         raise r.fail("[bridges.mqtt]", "write it as [[bridges.mqtt]] (an array of tables)")
@@ -261,15 +311,95 @@ def parse_bridges(table: object, source: str, max_body_bytes: int) -> BridgesCon
             raise r.fail(f"[[bridges.mqtt]] {b.name} client_id",
                          f"{b.client_id!r} is used by another bridge to the same broker")
         bridges.append(b)
-    return BridgesConfig(mqtt=tuple(bridges))
+    ngsi_items = table.get("ngsi", [])
+    if not isinstance(ngsi_items, list):
+        raise r.fail("[bridges.ngsi]", "write it as [[bridges.ngsi]] (an array of tables)")
+    ngsi: list[NgsiBridgeConfig] = []
+    for i, item in enumerate(ngsi_items):
+        n = _ngsi(r, i, item, max_body_bytes)
+        if n.name in {o.name for o in bridges} | {o.name for o in ngsi}:
+            # dead letters and metrics are kept by bridge name, whatever its kind
+            raise r.fail(f"[[bridges.ngsi]] #{i + 1} name", f"{n.name!r} is used twice")
+        ngsi.append(n)
+    return BridgesConfig(mqtt=tuple(bridges), ngsi=tuple(ngsi))
+
+
+def _feed_name(r: _Reader, where: str, name: object) -> str:
+    if type(name) is not str:
+        raise r.fail(where, f"expected a feed name, got {name!r}")
+    try:
+        check_feed_name(name)
+    except InvalidRecord as exc:
+        raise r.fail(where, str(exc)) from exc
+    return name
+
+
+def _ngsi(r: _Reader, i: int, item: object, max_body_bytes: int) -> NgsiBridgeConfig:
+    where, v = _named(r, "ngsi", i, item, _NGSI_KEYS)
+    feed = _feed_name(r, f"{where} feed", v["feed"])
+    feeds = tuple((_entity_type(r, f"{where} feeds", k), _feed_name(r, f"{where} feeds {k}", f))
+                  for k, f in (v["feeds"] or {}).items())
+    types: list[tuple[str, str]] = []
+    for k, t in (v["types"] or {}).items():
+        _entity_type(r, f"{where} types", k)
+        if type(t) is not str or (t not in BUILTIN_TYPES and not is_custom_type(t)):
+            raise r.fail(f"{where} types {k}", f"unknown payload type {t!r}: use one of "
+                         f"{', '.join(sorted(BUILTIN_TYPES))}, or a custom type such as "
+                         "org.example.Noise")
+        types.append((k, t))
+    contexts = v["contexts"] or []
+    if len(contexts) > _MAX_CONTEXTS:
+        raise r.fail(f"{where} contexts", f"at most {_MAX_CONTEXTS}")
+    for c in contexts:
+        if type(c) is not str or not c.startswith(("https://", "http://")) or \
+                any(ch.isspace() for ch in c) or len(c) > 2000:
+            raise r.fail(f"{where} contexts", f"expected http(s) URLs, got {c!r}")
+    offset = v["local_time_offset"]
+    if offset and not _OFFSET_RE.fullmatch(offset):
+        raise r.fail(f"{where} local_time_offset", f'expected "+hh:mm", "-hh:mm" or "Z", '
+                     f"got {offset!r}")
+    limit = (v["max_notification_bytes"] if v["max_notification_bytes"] is not None
+             else max_body_bytes)
+    if not 1 <= limit <= max_body_bytes:
+        raise r.fail(f"{where} max_notification_bytes",
+                     f"must be 1 to [limits] max_body_bytes ({max_body_bytes}), got {limit}")
+    if not 1 <= v["max_entities"] <= 100_000:
+        raise r.fail(f"{where} max_entities", "must be 1 to 100000")
+    _check_keeping(r, where, v)
+    return NgsiBridgeConfig(
+        name=v["name"], feed=feed, feeds=feeds, types=tuple(types), contexts=tuple(contexts),
+        local_time_offset=offset, max_notification_bytes=limit,
+        max_entities=v["max_entities"], dedupe_hours=v["dedupe_hours"],
+        dead_letter_rows=v["dead_letter_rows"])
+
+
+def _named(r: _Reader, kind: str, i: int, item: object,
+           keys: dict[str, tuple[Any, Any]]) -> tuple[str, dict[str, Any]]:
+    """The keys of the ``i``-th ``[[bridges.<kind>]]``, its name checked; and the
+    ``where`` of its errors ("[[bridges.mqtt]] air")."""
+    where = f"[[bridges.{kind}]] #{i + 1}"
+    v = r.table(where, item, keys)
+    if not _NAME_RE.fullmatch(v["name"]):
+        raise r.fail(f"{where} name", f"must be 1-32 of a-z 0-9 _ -, got {v['name']!r}")
+    return f"[[bridges.{kind}]] {v['name']}", v
+
+
+def _check_keeping(r: _Reader, where: str, v: dict[str, Any]) -> None:
+    """What every bridge keeps: message identities, and dead letters."""
+    if not 1 / 60 <= v["dedupe_hours"] <= 24 * 365:
+        raise r.fail(f"{where} dedupe_hours", "must be 1/60 to 8760 (a year)")
+    if not 1 <= v["dead_letter_rows"] <= 10_000_000:
+        raise r.fail(f"{where} dead_letter_rows", "must be 1 to 10000000")
+
+
+def _entity_type(r: _Reader, where: str, name: str) -> str:
+    if not _ENTITY_TYPE_RE.fullmatch(name):
+        raise r.fail(where, f"{name!r} is not an entity type name")
+    return name
 
 
 def _mqtt(r: _Reader, i: int, item: object, max_body_bytes: int) -> MqttBridgeConfig:
-    where = f"[[bridges.mqtt]] #{i + 1}"
-    v = r.table(where, item, _MQTT_KEYS)
-    if not _NAME_RE.fullmatch(v["name"]):
-        raise r.fail(f"{where} name", f"must be 1-32 of a-z 0-9 _ -, got {v['name']!r}")
-    where = f"[[bridges.mqtt]] {v['name']}"
+    where, v = _named(r, "mqtt", i, item, _MQTT_KEYS)
     if not v["host"] or any(c.isspace() or c in "/@" for c in v["host"]):
         raise r.fail(f"{where} host", f"must be a host name or IP address, got {v['host']!r}")
     tls = v["tls"] if v["tls"] is not None else bool(v["ca_file"])
@@ -296,10 +426,7 @@ def _mqtt(r: _Reader, i: int, item: object, max_body_bytes: int) -> MqttBridgeCo
                      f"must be 1 to [limits] max_body_bytes ({max_body_bytes}), got {limit}")
     if not 0.1 <= v["backoff_max_seconds"] <= 3600:
         raise r.fail(f"{where} backoff_max_seconds", "must be 0.1 to 3600")
-    if not 1 / 60 <= v["dedupe_hours"] <= 24 * 365:
-        raise r.fail(f"{where} dedupe_hours", "must be 1/60 to 8760 (a year)")
-    if not 1 <= v["dead_letter_rows"] <= 10_000_000:
-        raise r.fail(f"{where} dead_letter_rows", "must be 1 to 10000000")
+    _check_keeping(r, where, v)
     routes = v["routes"]
     if not routes or len(routes) > _MAX_ROUTES:
         raise r.fail(f"{where} routes", f"give 1 to {_MAX_ROUTES} [[bridges.mqtt.routes]]")

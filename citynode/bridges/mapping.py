@@ -24,7 +24,7 @@ from typing import Any
 from citynode.bridges.config import Path, Route, Template
 from citynode.errors import UnmappableMessage
 
-__all__ = ["Mapped", "map_message", "message_key", "topic_matches"]
+__all__ = ["Mapped", "depth_ok", "map_message", "message_key", "topic_matches"]
 
 _MAX_DEPTH = 64
 
@@ -69,7 +69,8 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _depth_ok(value: Any, limit: int = _MAX_DEPTH) -> bool:
+def depth_ok(value: Any, limit: int = _MAX_DEPTH) -> bool:
+    """Whether parsed JSON ``value`` nests at most ``limit`` deep (without recursion)."""
     stack = [(value, 1)]
     while stack:
         v, d = stack.pop()
@@ -87,7 +88,7 @@ def _parse(payload: bytes) -> dict[str, Any]:
         value = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UnmappableMessage(f"not UTF-8 JSON: {exc}", "not_json") from None
-    if not _depth_ok(value):
+    if not depth_ok(value):
         raise UnmappableMessage(f"JSON nested deeper than {_MAX_DEPTH}", "not_json")
     if not isinstance(value, dict):
         raise UnmappableMessage(f"the message is JSON {type(value).__name__}, not an object",

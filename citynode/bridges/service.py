@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from citynode.bridges.mqtt import MqttBridge, Publish
+from citynode.bridges.ngsi_in import NgsiBridge
 from citynode.config import Config
 from citynode.metrics import Metrics
 from citynode.node._base import Spawn, in_thread
@@ -30,6 +31,10 @@ class Bridges:
                                 publish=publish, own_seq=own_seq, storage=storage,
                                 metrics=metrics, now_ms=now_ms)
                      for cfg in config.bridges.mqtt]
+        self.ngsi = {cfg.name: NgsiBridge(cfg, config=config, origin=origin, publish=publish,
+                                          own_seq=own_seq, storage=storage, metrics=metrics,
+                                          now_ms=now_ms)
+                     for cfg in config.bridges.ngsi}
 
     def start(self, spawn: Spawn) -> None:
         """Start one task per bridge (they reconnect by themselves until cancelled)."""
@@ -49,6 +54,14 @@ class Bridges:
                 "name": c.name, "kind": "mqtt", "broker": f"{c.host}:{c.port}",
                 "tls": c.tls, "client_id": c.client_id, "running": False})
             held, dropped = counts.get(c.name, (0, 0))
+            entry["dead_letters_held"] = held
+            entry["dead_letters_dropped"] = dropped
+            out.append(entry)
+        for n in self.ngsi.values():
+            entry = (n.status() if self.running else {
+                "name": n.cfg.name, "kind": "ngsi", "running": False,
+                "endpoint": f"/v1/bridges/ngsi/{n.cfg.name}"})
+            held, dropped = counts.get(n.cfg.name, (0, 0))
             entry["dead_letters_held"] = held
             entry["dead_letters_dropped"] = dropped
             out.append(entry)

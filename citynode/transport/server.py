@@ -35,6 +35,7 @@ from aiohttp import web
 from citynode.core import httpsig
 from citynode.node import Node
 from citynode.transport import (
+    api_bridges,
     api_console,
     api_operator,
     api_partner,
@@ -113,6 +114,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/proofs/inclusion", api_public.inclusion_proof)
     r.add_get("/v1/proofs/consistency", api_public.consistency_proof)
     api_console.add_routes(app)  # the web console at / (docs/CONSOLE.md)
+    api_bridges.add_routes(app)  # bridges in: /v1/bridges/* (docs/BRIDGES.md)
     return app
 
 
