@@ -942,6 +942,9 @@ def _register_audit_commands() -> None:
 
     main.add_command(export_cmd, "export")
     main.add_command(audit_cmd, "audit")
+    from citynode.cli_import import import_group  # bridges in: citynode import csv
+
+    main.add_command(import_group, "import")
 
 
 _register_audit_commands()

@@ -136,6 +136,17 @@ class Operator:
                                                content_type="application/x-ndjson")
         return out
 
+    async def publish_batch(self, feed: str, type_name: str, items: list[dict[str, Any]],
+                            subjects: list[str | None]) -> dict[str, Any]:
+        """Publish ``items`` (each with its own subject) as one batch: all or none (the
+        node's answer as :meth:`publish`'s)."""
+        q = {"feed": feed, "type": type_name}
+        body = "\n".join(json.dumps({"subject": s, "data": i})
+                         for i, s in zip(items, subjects, strict=True)).encode() + b"\n"
+        out: dict[str, Any] = await self._call("POST", f"/v1/bridges/publish?{urlencode(q)}",
+                                               body, content_type="application/x-ndjson")
+        return out
+
     async def erase(self, ids: list[str], reason: str) -> dict[str, Any]:
         """Publish an erasure request for records of this node (ids in hex); the node's
         answer: the request's ``id`` and ``seq``, and the ``erased`` ids."""

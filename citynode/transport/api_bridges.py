@@ -1,5 +1,9 @@
 """Routes of the bridges in (citynode/bridges/): the endpoints other systems POST to.
 
+``POST /v1/bridges/publish?feed=F&type=T`` (operator token): JSON Lines of
+``{"subject": text or null, "data": {...}}``, published as one batch: all of them, or
+none if any is refused (what ``citynode import csv`` sends, a batch at a time).
+
 ``POST /v1/bridges/ngsi/<name>``: the notifications of an NGSI-LD or NGSI-v2 context
 broker for a ``[[bridges.ngsi]]`` (operator token: the subscription sends it as a
 header). 200 once every entity is a record or a dead letter (the answer says which);
@@ -9,17 +13,23 @@ now (the broker retries).
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from aiohttp import web
 
 from citynode.bridges.ngsi_in import NotificationRefused, Retry
 from citynode.transport.web import NODE_KEY, error_response, read_body, require_operator
 
-__all__ = ["add_routes", "ngsi_notify"]
+__all__ = ["add_routes", "ngsi_notify", "publish_batch"]
+
+_MAX_ITEMS = 100_000
 
 
 def add_routes(app: web.Application) -> None:
     """Register the bridges' routes on ``app``."""
     app.router.add_post("/v1/bridges/ngsi/{name}", ngsi_notify)
+    app.router.add_post("/v1/bridges/publish", publish_batch)
 
 
 async def ngsi_notify(request: web.Request) -> web.Response:
@@ -40,3 +50,45 @@ async def ngsi_notify(request: web.Request) -> web.Response:
         resp.headers["Retry-After"] = "5"
         return resp
     return web.json_response(out)
+
+
+def _batch_items(body: bytes) -> tuple[list[dict[str, Any]], list[str | None]]:
+    """The payloads and subjects of a batch body. Raises HTTPBadRequest."""
+    items: list[dict[str, Any]] = []
+    subjects: list[str | None] = []
+    try:
+        lines = body.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise web.HTTPBadRequest(text="body is not UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise web.HTTPBadRequest(text=f"line {n}: not JSON") from None
+        if not isinstance(item, dict) or set(item) - {"subject", "data"} or \
+                not isinstance(item.get("data"), dict):
+            raise web.HTTPBadRequest(text=f'line {n}: expected {{"subject", "data": {{...}}}}')
+        subject = item.get("subject")
+        if subject is not None and (not isinstance(subject, str) or not subject):
+            raise web.HTTPBadRequest(text=f"line {n}: subject is text (or null)")
+        items.append(item["data"])
+        subjects.append(subject)
+        if len(items) > _MAX_ITEMS:
+            raise web.HTTPRequestEntityTooLarge(max_size=_MAX_ITEMS, actual_size=len(items),
+                                                text=f"at most {_MAX_ITEMS} items a batch")
+    return items, subjects
+
+
+async def publish_batch(request: web.Request) -> web.Response:
+    require_operator(request)
+    node = request.app[NODE_KEY]
+    feed, type_name = request.query.get("feed"), request.query.get("type")
+    if not feed or not type_name:
+        raise web.HTTPBadRequest(text="publish needs ?feed=...&type=...")
+    items, subjects = _batch_items(await read_body(request))
+    recs = await node.publish(feed, type_name, items, subjects=subjects)
+    return web.json_response({"ids": [r.id.hex() for r in recs],
+                              "first_seq": recs[0].seq, "last_seq": recs[-1].seq,
+                              "access": node.feed_access(feed)})

@@ -1,0 +1,185 @@
+"""``citynode import csv``: rows of a CSV file published as records, in batches.
+
+Each batch of rows is mapped (:mod:`citynode.bridges.csvmap`) and checked against the
+payload type here first; a batch with a bad row is not sent at all, and its bad rows are
+reported by line number (the file's physical line: a quoted cell may span lines). A
+batch that is sent is published whole or not at all (``POST /v1/bridges/publish``). The
+run goes on after a failed batch, and exits 1 if any row was not published; the report
+says the lines to fix, and ``--start-line`` resumes after the last batch published.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from citynode.bridges.csvmap import CsvMapping, RowError, map_row, parse_csv_mapping
+from citynode.core.types import validate_payload
+from citynode.errors import ConfigError, PayloadError
+
+__all__ = ["import_group"]
+
+_MAX_CELL = 1 << 20  # bytes of one cell, at most (csv's own limit is 128 KiB)
+_MAX_REPORTED = 1000  # bad rows listed, at most (all are counted)
+
+
+@click.group("import")
+def import_group() -> None:
+    """Publish records from files other systems export (CSV)."""
+
+
+def _load_mapping(path: Path) -> CsvMapping:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_csv_mapping(doc, str(path))
+
+
+def _rows(f: Any, start_line: int) -> Iterator[tuple[int, dict[str, str] | RowError]]:
+    """``(line, row)`` of each data row at or after ``start_line``; a row that does not
+    fit the header is a RowError."""
+    reader = csv.reader(f)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    width = len(header)
+    line = reader.line_num + 1
+    for cells in reader:
+        at, line = line, reader.line_num + 1
+        if at < start_line or not any(c.strip() for c in cells):
+            continue
+        if len(cells) != width:
+            yield at, RowError(f"{len(cells)} cells, the header has {width}", "bad_row")
+            continue
+        yield at, dict(zip(header, cells, strict=True))
+
+
+@import_group.command("csv")
+@click.option("-d", "--dir", "data_dir", envvar="CITYNODE_DIR", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The node's data directory (or set CITYNODE_DIR).")
+@click.option("--feed", required=True, help="Feed name, e.g. air-quality.")
+@click.option("--type", "type_name", required=True, help="Payload type, e.g. "
+              "AirQualityObserved.")
+@click.option("--map", "mapping_path", required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Mapping file (TOML): columns -> attributes (docs/BRIDGES.md).")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10000),
+              help="Rows published together (all or none).")
+@click.option("--start-line", default=2, show_default=True, type=click.IntRange(2),
+              help="Skip the rows before this line (to resume a run).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def import_csv(data_dir: Path, feed: str, type_name: str, mapping_path: Path,
+               batch_size: int, start_line: int, as_json: bool, file: Path) -> None:
+    """Publish each row of FILE (CSV with a header line, UTF-8) as a record of FEED.
+
+    Rows go in batches of --batch-size: a batch with a bad row publishes nothing, and
+    its bad rows are reported by line number; the other batches are published. Exit
+    status 1 if any row was not published.
+    """
+    from citynode.cli import _operate, _print_json
+    from citynode.operator import Operator
+
+    mapping = _load_mapping(mapping_path)
+    csv.field_size_limit(_MAX_CELL)
+    with open(file, encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f), [])
+        missing = sorted(mapping.needs() - set(header))
+        if missing:
+            raise ConfigError(f"{file}: the header has no column {', '.join(map(repr, missing))}"
+                              f" (the mapping {mapping_path} reads them)")
+        total = sum(1 for _ in f)
+    report: dict[str, Any] = {"published": 0, "batches": 0, "failed_batches": 0,
+                              "bad_rows": 0, "refused_rows": 0, "errors": [],
+                              "last_line_published": None}
+
+    def bad(line: int, reason: str, message: str) -> None:
+        report["bad_rows"] += 1
+        if len(report["errors"]) < _MAX_REPORTED:
+            report["errors"].append({"line": line, "reason": reason, "message": message})
+
+    async def run(op: Operator) -> None:
+        with open(file, encoding="utf-8-sig", newline="") as f, click.progressbar(
+                length=total, label=f"importing {file.name}", file=sys.stderr,
+                show_pos=True) as bar:
+            batch: list[tuple[int, str | None, dict[str, Any]]] = []
+            failed = False
+            count = 0  # rows of the batch, good and bad
+            done = 1
+
+            async def flush() -> None:
+                nonlocal batch, failed, count
+                if failed:
+                    report["failed_batches"] += 1
+                    report["refused_rows"] += len(batch)
+                elif batch:
+                    await _send(op, feed, type_name, batch, report, bad)
+                batch, failed, count = [], False, 0
+
+            for line, row in _rows(f, start_line):
+                bar.update(line - done)
+                done = line
+                count += 1
+                try:
+                    if isinstance(row, RowError):
+                        raise row
+                    subject, data = map_row(mapping, row)
+                    validate_payload(type_name, data)
+                except (RowError, PayloadError) as exc:
+                    bad(line, exc.reason, str(exc))
+                    failed = True
+                else:
+                    batch.append((line, subject, data))
+                if count >= batch_size:
+                    await flush()
+            await flush()
+            bar.update(total + 1 - done)
+
+    _operate(data_dir, run)
+    if as_json:
+        _print_json(report)
+    else:
+        for e in report["errors"]:
+            click.echo(f"line {e['line']}: {e['message']} ({e['reason']})", err=True)
+        click.echo(f"published {report['published']} row(s) on {feed} in "
+                   f"{report['batches']} batch(es)")
+        if report["bad_rows"]:
+            click.echo(f"not published: {report['bad_rows']} bad row(s), and "
+                       f"{report['refused_rows']} good row(s) of the "
+                       f"{report['failed_batches']} batch(es) they were in: fix them and "
+                       "run again on those lines", err=True)
+    if report["bad_rows"]:
+        sys.exit(1)
+
+
+async def _send(op: Any, feed: str, type_name: str,
+                batch: list[tuple[int, str | None, dict[str, Any]]], report: dict[str, Any],
+                bad: Any) -> None:
+    """Publish one batch (all or none); a refusal by the node (the feed's egress policy,
+    say) fails the batch, reported on its first line."""
+    from citynode.errors import PeerRejected
+
+    try:
+        await op.publish_batch(feed, type_name, [d for _, _, d in batch],
+                               [s for _, s, _ in batch])
+    except PeerRejected as exc:
+        if exc.status >= 500:
+            raise
+        bad(batch[0][0], exc.reason or "refused", f"batch of lines {batch[0][0]}.."
+            f"{batch[-1][0]} refused by the node: {exc.detail or exc}")
+        report["failed_batches"] += 1
+        report["refused_rows"] += len(batch) - 1
+        return
+    report["published"] += len(batch)
+    report["batches"] += 1
+    report["last_line_published"] = batch[-1][0]
