@@ -942,9 +942,10 @@ def _register_audit_commands() -> None:
 
     main.add_command(export_cmd, "export")
     main.add_command(audit_cmd, "audit")
-    from citynode.cli_import import import_group  # bridges in: citynode import csv
+    from citynode.cli_bridges import import_group, sinks_group  # bridges in, sinks out
 
     main.add_command(import_group, "import")
+    main.add_command(sinks_group, "sinks")
 
 
 _register_audit_commands()

@@ -39,6 +39,7 @@ from citynode.core.egress import DEFAULT_TEXT_ATTRIBUTES, OPEN, EgressPolicy, pa
 from citynode.core.keys import node_id, parse_node_id
 from citynode.core.records import check_feed_name
 from citynode.errors import ConfigError, InvalidNodeId, InvalidRecord
+from citynode.sinks.config import SINKS_HELP, SinksConfig, parse_sinks
 
 __all__ = [
     "ACCEPT_POLICIES",
@@ -223,6 +224,8 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     #: ``[[bridges.mqtt]]`` ...: parsed and checked by citynode/bridges/config.py.
     bridges: BridgesConfig = field(default_factory=BridgesConfig)
+    #: ``[[sinks.cloudevents]]`` ...: parsed and checked by citynode/sinks/config.py.
+    sinks: SinksConfig = field(default_factory=SinksConfig)
 
     def feed(self, name: str) -> FeedConfig:
         """The access rule of feed ``name``: its ``[feeds.<name>]`` table, or a public
@@ -673,7 +676,7 @@ class _Loader:
 
     def load(self, doc: dict[str, Any]) -> Config:
         for name, value in doc.items():
-            if name in _SCHEMA or name in ("feeds", "bridges"):
+            if name in _SCHEMA or name in ("feeds", "bridges", "sinks"):
                 continue
             if not isinstance(value, dict):
                 owners = [s for s, keys in _SCHEMA.items() if any(k.name == name for k in keys)]
@@ -702,7 +705,7 @@ class _Loader:
         bridges = parse_bridges(doc.get("bridges", {}), self.source, limits.max_body_bytes)
         return Config(node=node, tls=tls, limits=limits, federation=federation,
                       checkpoints=checkpoints, feeds=feeds, log=log, alerts=alerts,
-                      bridges=bridges)
+                      bridges=bridges, sinks=parse_sinks(doc.get("sinks", {}), self.source))
 
     def alerts(self, table: object) -> AlertsConfig:
         v = self.section("[alerts]", table, _SCHEMA["alerts"])
@@ -925,7 +928,8 @@ def render_config(name: str, listen: str, public_url: str, hosts: list[str]) -> 
             out.append(f"{key.name} = {_toml_value(key.kind, value)}")
         out.append("")
     out.append(_FEEDS_HELP + _FEEDS_EXAMPLE)
-    out.append(BRIDGES_HELP)
+    out.append(SINKS_HELP)
+    out.append(BRIDGES_HELP)  # last: its example runs to the end of the file
     text = "\n".join(out)
     parse_config(text)  # init must never write a file the node then refuses
     return text

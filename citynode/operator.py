@@ -98,6 +98,11 @@ class Operator:
             "GET", f"/v1/admin/bridges?dead_letters={int(dead_letters)}")
         return out
 
+    async def sinks(self, refused: int = 10) -> dict[str, Any]:
+        """Each sink's state and the newest ``refused`` deliveries it gave up."""
+        out: dict[str, Any] = await self._call("GET", f"/v1/admin/sinks?refused={int(refused)}")
+        return out
+
     async def partners(self) -> list[dict[str, Any]]:
         """Live state of the partners the node exchanges with now (none for a node that
         is not running: it has no partner tasks)."""

@@ -630,11 +630,39 @@ def _migrate_liveness(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_sinks(db: sqlite_utils.Database) -> None:
+    """Schema v8, sinks out (issue 15): each ``[[sinks.*]]`` keeps a cursor over ``records`` (the
+    rowid of the last record it took on) and an outbox of the records it has still to
+    deliver, in order per lane (one origin's feed). ``state``: SINK_PENDING or
+    SINK_DEAD (the receiver refused it for good; kept, bounded, for the operator).
+    ``next_at`` (ms) is when a lane's head may be tried again."""
+    conn = db.conn
+    conn.execute(
+        """CREATE TABLE sink_cursors (
+            sink TEXT PRIMARY KEY,
+            after_rowid INTEGER NOT NULL
+        ) WITHOUT ROWID""")
+    conn.execute(
+        """CREATE TABLE sink_outbox (
+            id INTEGER PRIMARY KEY,
+            sink TEXT NOT NULL,
+            lane TEXT NOT NULL,
+            record_id BLOB NOT NULL,
+            record_rowid INTEGER NOT NULL,
+            state INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            UNIQUE (sink, record_id)
+        )""")
+    conn.execute("CREATE INDEX sink_outbox_lanes ON sink_outbox (sink, state, lane, id)")
+
+
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5,
-    6: _migrate_card_history, 7: _migrate_liveness}
+    6: _migrate_card_history, 7: _migrate_liveness, 8: _migrate_sinks}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1970,6 +1998,110 @@ class Storage:
         for bridge, dropped in self._all("SELECT bridge, dead_dropped FROM bridge_counters"):
             out[bridge] = (out.get(bridge, (0, 0))[0], int(dropped))
         return out
+
+
+    # ------------------------------------------------------------------ sinks (v7)
+
+    def sink_cursor(self, sink: str) -> int | None:
+        """The rowid of the last record ``sink`` took on (None: it never ran)."""
+        row = self._one("SELECT after_rowid FROM sink_cursors WHERE sink = ?", (sink,))
+        return None if row is None else int(row[0])
+
+    def sink_enqueue(self, sink: str, rows: Sequence[tuple[bytes, int, str]],
+                     after_rowid: int) -> Future[None]:
+        """Put records ``(record id, rowid, lane)`` in ``sink``'s outbox (a record already
+        there is not put twice) and move its cursor to ``after_rowid``, in one
+        transaction: a record is taken on once."""
+        params = [(sink, lane, rid, rowid) for rid, rowid, lane in rows]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR IGNORE INTO sink_outbox (sink, lane, record_id,"
+                             " record_rowid) VALUES (?, ?, ?, ?)", params)
+            conn.execute("INSERT INTO sink_cursors (sink, after_rowid) VALUES (?, ?)"
+                         " ON CONFLICT (sink) DO UPDATE SET after_rowid ="
+                         " max(after_rowid, excluded.after_rowid)", (sink, after_rowid))
+
+        return self._submit(run, weight=max(1, len(params)))
+
+    def sink_due(self, sink: str, now_ms: int, lanes: int, per_lane: int
+                 ) -> list[list[OutboxRow]]:
+        """At most ``lanes`` lanes of ``sink`` whose head may be tried at ``now_ms``, each
+        its first ``per_lane`` pending records in order."""
+        due = self._all(
+            "SELECT h.lane FROM (SELECT lane, min(id) AS hid FROM sink_outbox WHERE"
+            " sink = ? AND state = 0 GROUP BY lane) AS h JOIN sink_outbox AS o ON"
+            " o.id = h.hid WHERE o.next_at <= ? ORDER BY o.next_at LIMIT ?",
+            (sink, now_ms, lanes))
+        out = []
+        for (lane,) in due:
+            rows = self._all(
+                "SELECT o.id, o.lane, o.record_id, o.attempts, r.envelope, p.payload FROM"
+                " sink_outbox AS o JOIN records AS r ON r.rowid = o.record_rowid LEFT JOIN"
+                " payloads AS p ON p.rowid = r.rowid WHERE o.sink = ? AND o.state = 0 AND"
+                " o.lane = ? ORDER BY o.id LIMIT ?",
+                (sink, lane, per_lane))
+            out.append([OutboxRow(r[0], r[1], r[2], r[3], with_payload(r[4], r[5]))
+                        for r in rows])
+        return [lane for lane in out if lane]
+
+    def sink_next_due(self, sink: str) -> int | None:
+        """The earliest ``next_at`` of a lane head of ``sink`` (None: nothing pending)."""
+        row = self._one(
+            "SELECT min(o.next_at) FROM (SELECT min(id) AS hid FROM sink_outbox WHERE"
+            " sink = ? AND state = 0 GROUP BY lane) AS h JOIN sink_outbox AS o ON"
+            " o.id = h.hid", (sink,))
+        return None if row is None or row[0] is None else int(row[0])
+
+    def sink_settle(self, sink: str, delivered: Sequence[int],
+                    retry: Sequence[tuple[int, int, int, str]],
+                    dead: Sequence[tuple[int, str]]) -> Future[None]:
+        """After a round of deliveries of ``sink``: outbox entries ``delivered`` are
+        removed; ``retry`` ``(id, attempts, next_at, error)`` wait; ``dead`` ``(id,
+        error)`` were refused for good (kept, at most 10000 a sink)."""
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM sink_outbox WHERE id = ?", [(i,) for i in delivered])
+            conn.executemany("UPDATE sink_outbox SET attempts = ?, next_at = ?, last_error = ?"
+                             " WHERE id = ?", [(a, t, _clip(e), i) for i, a, t, e in retry])
+            conn.executemany("UPDATE sink_outbox SET state = 2, attempts = attempts + 1,"
+                             " last_error = ? WHERE id = ?", [(_clip(e), i) for i, e in dead])
+            if dead:
+                conn.execute(
+                    "DELETE FROM sink_outbox WHERE sink = ? AND state = 2 AND id <= (SELECT"
+                    " id FROM sink_outbox WHERE sink = ? AND state = 2 ORDER BY id DESC"
+                    " LIMIT 1 OFFSET ?)", (sink, sink, _SINK_DEAD_KEPT))
+
+        return self._submit(run, weight=max(1, len(delivered) + len(retry) + len(dead)))
+
+    def sink_counts(self) -> dict[str, tuple[int, int]]:
+        """sink -> (records pending, deliveries refused for good and kept)."""
+        out: dict[str, tuple[int, int]] = {}
+        for sink, state, n in self._all("SELECT sink, state, count(*) FROM sink_outbox"
+                                        " GROUP BY sink, state"):
+            p, d = out.get(sink, (0, 0))
+            out[sink] = (p + int(n), d) if state == SINK_PENDING else (p, d + int(n))
+        return out
+
+    def sink_dead(self, sink: str, limit: int) -> list[tuple[bytes, int, str]]:
+        """The newest ``limit`` deliveries ``sink`` gave up: (record id, attempts, error)."""
+        return [(r[0], int(r[1]), str(r[2])) for r in self._all(
+            "SELECT record_id, attempts, last_error FROM sink_outbox WHERE sink = ? AND"
+            " state = 2 ORDER BY id DESC LIMIT ?", (sink, limit))]
+
+
+#: ``sink_outbox.state``
+SINK_PENDING, SINK_DEAD = 0, 2
+_SINK_DEAD_KEPT = 10_000  # refused deliveries kept per sink (the oldest dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A record a sink has to deliver: its outbox entry and its envelope as stored."""
+
+    id: int
+    lane: str
+    record_id: bytes
+    attempts: int
+    envelope: bytes
 
 
 _SELECT_PARTNER = (

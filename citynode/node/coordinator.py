@@ -14,6 +14,7 @@
         ├── streams      live tail for SSE streams
         ├── reads        what readers are served from storage
         ├── bridges      MQTT in (citynode/bridges/): publish through the publisher
+        ├── sinks        CloudEvents / NGSI-LD out (citynode/sinks/): woken on commits
         └── alerts       signed webhook alerts on forks, partners down, late feeds,
                          a full disk, invalid input (one task)
 
@@ -55,6 +56,7 @@ from citynode.node.reads import Reads
 from citynode.node.retention import Retention
 from citynode.node.streams import Streams, Subscriber
 from citynode.reload import ConfigDiff, diff_config, live_config, shown
+from citynode.sinks.service import Sinks
 from citynode.storage import PartnerRow, Storage
 
 __all__ = ["DB_NAME", "Node"]
@@ -121,6 +123,9 @@ class Node:
                                publish=self.publish, storage=storage, metrics=self.metrics,
                                own_seq=lambda feed: self.seq((self.public_key, feed)),
                                now_ms=self.now_ms)
+        self.sinks = Sinks(config=config, data_dir=data_dir, storage=storage,
+                           now_ms=self.now_ms)
+        self.listeners.add(self.sinks.committed)
         self.retention = Retention(config=config, public_key=self.public_key,
                                    policy=self.policy, replica=self.replica, storage=storage,
                                    now_ms=self.now_ms)
@@ -223,6 +228,7 @@ class Node:
             self.spawn(self.gossip.run(), "replica-timer")
             self.spawn(self.checkpoints.run(), "checkpoints")
             self.bridges.start(self.spawn)  # [[bridges.*]]: a task each
+            await self.sinks.start(self.spawn)  # [[sinks.*]]: a task each
             self.spawn(self.retention.run(), "prune")
             if self.alerts.enabled:  # [alerts] webhook_urls
                 self.spawn(self.alerts.run(), "alerts")

@@ -1,5 +1,7 @@
 """Routes of the bridges in (citynode/bridges/): the endpoints other systems POST to.
 
+``GET /v1/admin/sinks``: the sinks out (citynode/sinks/), their outboxes and refusals.
+
 ``POST /v1/bridges/publish?feed=F&type=T`` (operator token): JSON Lines of
 ``{"subject": text or null, "data": {...}}``, published as one batch: all of them, or
 none if any is refused (what ``citynode import csv`` sends, a batch at a time).
@@ -21,7 +23,7 @@ from aiohttp import web
 from citynode.bridges.ngsi_in import NotificationRefused, Retry
 from citynode.transport.web import NODE_KEY, error_response, read_body, require_operator
 
-__all__ = ["add_routes", "ngsi_notify", "publish_batch"]
+__all__ = ["add_routes", "admin_sinks", "ngsi_notify", "publish_batch"]
 
 _MAX_ITEMS = 100_000
 
@@ -30,6 +32,7 @@ def add_routes(app: web.Application) -> None:
     """Register the bridges' routes on ``app``."""
     app.router.add_post("/v1/bridges/ngsi/{name}", ngsi_notify)
     app.router.add_post("/v1/bridges/publish", publish_batch)
+    app.router.add_get("/v1/admin/sinks", admin_sinks)
 
 
 async def ngsi_notify(request: web.Request) -> web.Response:
@@ -92,3 +95,12 @@ async def publish_batch(request: web.Request) -> web.Response:
     return web.json_response({"ids": [r.id.hex() for r in recs],
                               "first_seq": recs[0].seq, "last_seq": recs[-1].seq,
                               "access": node.feed_access(feed)})
+
+
+async def admin_sinks(request: web.Request) -> web.Response:
+    """The sinks' state and their newest refused deliveries (``?refused=N``, 0-1000)."""
+    require_operator(request)
+    text = request.query.get("refused", "10")
+    if not text.isascii() or not text.isdigit() or int(text) > 1000:
+        raise web.HTTPBadRequest(text="refused must be a number from 0 to 1000")
+    return web.json_response(await request.app[NODE_KEY].sinks.status(int(text)))

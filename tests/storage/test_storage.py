@@ -38,7 +38,9 @@ TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "
           # v6: card history (issue 13: the terms in force for a record)
           "card_history",
           # v7: the newest liveness statement of each feed, kept across restarts
-          "liveness"}
+          "liveness",
+          # v8: the sinks' cursors and outboxes (issue 15)
+          "sink_cursors", "sink_outbox"}
 
 
 def make(
@@ -149,7 +151,7 @@ def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> 
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 7
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 8
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()

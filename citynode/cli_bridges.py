@@ -1,4 +1,6 @@
-"""``citynode import csv``: rows of a CSV file published as records, in batches.
+"""``citynode import csv`` and ``citynode sinks``: click groups the main group registers.
+
+``import csv``: rows of a CSV file published as records, in batches.
 
 Each batch of rows is mapped (:mod:`citynode.bridges.csvmap`) and checked against the
 payload type here first; a batch with a bad row is not sent at all, and its bad rows are
@@ -23,7 +25,7 @@ from citynode.bridges.csvmap import CsvMapping, RowError, map_row, parse_csv_map
 from citynode.core.types import validate_payload
 from citynode.errors import ConfigError, PayloadError
 
-__all__ = ["import_group"]
+__all__ = ["import_group", "sinks_group"]
 
 _MAX_CELL = 1 << 20  # bytes of one cell, at most (csv's own limit is 128 KiB)
 _MAX_REPORTED = 1000  # bad rows listed, at most (all are counted)
@@ -183,3 +185,37 @@ async def _send(op: Any, feed: str, type_name: str,
     report["published"] += len(batch)
     report["batches"] += 1
     report["last_line_published"] = batch[-1][0]
+
+
+@click.group("sinks")
+def sinks_group() -> None:
+    """Deliveries to other systems ([[sinks.cloudevents]], [[sinks.ngsi_ld]])."""
+
+
+@sinks_group.command("status")
+@click.option("-d", "--dir", "data_dir", envvar="CITYNODE_DIR", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The node's data directory (or set CITYNODE_DIR).")
+@click.option("--refused", "limit", default=10, show_default=True,
+              type=click.IntRange(0, 1000), help="How many refused deliveries to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def sinks_status(data_dir: Path, limit: int, as_json: bool) -> None:
+    """Show each sink: records waiting in its outbox, deliveries since the node started,
+    the last error, and the deliveries its receiver refused for good."""
+    from citynode.cli import _operate, _print_json, _table
+
+    out = _operate(data_dir, lambda node: node.sinks(limit))
+    if as_json:
+        _print_json(out)
+        return
+    if not out["sinks"]:
+        click.echo("no sinks in node.toml: see docs/BRIDGES.md ([[sinks.cloudevents]])")
+        return
+    _table("sinks", ["name", "kind", "url", "waiting", "delivered", "retries", "refused",
+                     "last error"],
+           [[s["name"], s["kind"], s["url"], s["pending"], s["delivered"], s["retries"],
+             s["refused_held"], s["last_error"] or ""] for s in out["sinks"]])
+    for s in out["sinks"]:
+        for r in s["refused_recent"]:
+            click.echo(f"{s['name']}: refused {r['record']} after {r['attempts']} "
+                       f"attempt(s): {r['error']}")
