@@ -10,6 +10,7 @@ from typing import Any
 from citynode.config import Config
 from citynode.node._base import Spawn, in_thread
 from citynode.sinks.cloudevents import CloudEventsSink
+from citynode.sinks.ngsild import NgsiLdSink
 from citynode.sinks.outbox import Sink
 from citynode.storage import Storage
 
@@ -26,6 +27,8 @@ class Sinks:
         self.sinks: list[Sink] = [
             CloudEventsSink(c, data_dir=data_dir, storage=storage, now_ms=now_ms)
             for c in config.sinks.cloudevents]
+        self.sinks += [NgsiLdSink(c, data_dir=data_dir, storage=storage, now_ms=now_ms)
+                       for c in config.sinks.ngsi_ld]
 
     async def start(self, spawn: Spawn) -> None:
         """Start one task per sink. A sink that never ran starts from now (or from the

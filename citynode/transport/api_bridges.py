@@ -21,9 +21,18 @@ from typing import Any
 from aiohttp import web
 
 from citynode.bridges.ngsi_in import NotificationRefused, Retry
-from citynode.transport.web import NODE_KEY, error_response, read_body, require_operator
+from citynode.core.records import stored_record
+from citynode.sinks.config import SDM_CONTEXT
+from citynode.sinks.ngsild import context_of, entity_of
+from citynode.transport.web import (
+    NODE_KEY,
+    error_response,
+    in_thread,
+    read_body,
+    require_operator,
+)
 
-__all__ = ["add_routes", "admin_sinks", "ngsi_notify", "publish_batch"]
+__all__ = ["add_routes", "admin_sinks", "ngsi_ld_page", "ngsi_notify", "publish_batch"]
 
 _MAX_ITEMS = 100_000
 
@@ -104,3 +113,36 @@ async def admin_sinks(request: web.Request) -> web.Response:
     if not text.isascii() or not text.isdigit() or int(text) > 1000:
         raise web.HTTPBadRequest(text="refused must be a number from 0 to 1000")
     return web.json_response(await request.app[NODE_KEY].sinks.status(int(text)))
+
+
+def _entities(rows: list[Any], with_context: bool) -> list[dict[str, Any]]:
+    ctx = context_of(SDM_CONTEXT)
+    out = []
+    for r in rows:
+        ent = entity_of(stored_record(r.envelope), r.envelope)
+        out.append({**ent, "@context": ctx} if with_context else ent)
+    return out
+
+
+async def ngsi_ld_page(request: web.Request, rows: list[Any], nxt: int | None
+                       ) -> web.Response:
+    """``GET /v1/records?format=ngsi-ld``: a page of records as NGSI-LD entities
+    (normalized; citynode/sinks/ngsild.py), as the NGSI-LD API answers a query:
+    ``application/ld+json`` with the ``@context`` in each entity, or, when the client
+    accepts only ``application/json``, the context in a ``Link`` header. The next page,
+    if any, is the ``Link`` with ``rel="next"``."""
+    accept = request.headers.get("Accept", "")
+    ld = "application/ld+json" in accept or "application/json" not in accept
+    body = await in_thread(_entities, rows, ld)
+    links = []
+    if not ld:
+        links.append(f'<{SDM_CONTEXT}>; rel="http://www.w3.org/ns/json-ld#context"; '
+                     'type="application/ld+json"')
+    if nxt is not None:
+        query = {**request.query, "after": str(nxt)}
+        links.append(f'<{request.rel_url.with_query(query)}>; rel="next"')
+    resp = web.json_response(body, content_type="application/ld+json" if ld
+                             else "application/json")
+    if links:
+        resp.headers["Link"] = ", ".join(links)
+    return resp

@@ -102,12 +102,15 @@ def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
     return [row_json(r, key=key) for r in rows]
 
 
-@takes(*FILTER_PARAMS, "after", "limit")
+@takes(*FILTER_PARAMS, "after", "limit", "format")
 async def list_records(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     caller = await signed_caller(request)
     limit = int_arg(request, "limit", 100, 1, 1000) or 100
-    where = record_filter(request, paging=("after", "limit"))
+    where = record_filter(request, paging=("after", "limit", "format"))
+    fmt = request.query.get("format")
+    if fmt not in (None, "ngsi-ld"):
+        raise web.HTTPBadRequest(text='format is "ngsi-ld" (or left out)')
     after = int_arg(request, "after", 0, 0, 2**63 - 1) or 0
     # Access is applied inside the query, so rows a caller may not see can neither be
     # returned nor move the cursor (which would reveal that they exist).
@@ -117,6 +120,10 @@ async def list_records(request: web.Request) -> web.Response:
     nxt = rows[-1].rowid if len(rows) == limit else None
     may = read_check(request, caller)
     rows = [r for r in rows if may(r.origin, r.feed, r.envelope)]
+    if fmt == "ngsi-ld":  # NGSI-LD entities (citynode/sinks/ngsild.py)
+        from citynode.transport.api_bridges import ngsi_ld_page
+
+        return await ngsi_ld_page(request, rows, nxt)
     if wants_json(request):
         # Rendering a page can take a while (large payloads): not on the event loop.
         page = await in_thread(_render_page, rows, decrypt_key(request))

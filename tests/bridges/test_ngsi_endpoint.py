@@ -4,6 +4,7 @@ entity state a record once, and keeps what it refuses as dead letters."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,11 +27,12 @@ max_notification_bytes = 20000
 """
 
 
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[InProc]:
-    d = make_node_dir(tmp_path, "Seoul")
+@contextlib.asynccontextmanager
+async def serving(base: Path, toml: str = "") -> AsyncIterator[InProc]:
+    """A node named Seoul with ``toml`` added to its node.toml, serving HTTPS here."""
+    d = make_node_dir(base, "Seoul")
     with open(d / "node.toml", "a") as f:
-        f.write(NGSI_TOML)
+        f.write(toml)
     n = Node.load(d)
     await n.start()
     runner = await serve(n, host="127.0.0.1", port=n.config.node.listen_port)
@@ -39,6 +41,12 @@ async def node(tmp_path: Path) -> AsyncIterator[InProc]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[InProc]:
+    async with serving(tmp_path, NGSI_TOML) as p:
+        yield p
 
 
 async def notify(n: InProc, body: bytes, ctype: str = LD, *, token: str | None = None,
