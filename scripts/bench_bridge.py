@@ -12,7 +12,14 @@ Measured in the same run:
   publisher on the same machine (about 900 messages/s here) is slower than the bridge;
 * latency from broker to record at a steady ``--rate`` (``--latency-messages`` of them):
   each message carries the time it was sent, the record the time the node signed it
-  (committed right after); p50 and p99 in milliseconds.
+  (committed right after); p50 and p99 in milliseconds;
+* CloudEvents out: ``--messages`` records of one feed published (bulk) while the
+  ``[[sinks.cloudevents]]`` receiver (a local aiohttp server parsing each event with the
+  official SDK) is away, then delivered when it is back: deliveries per second (first to
+  last acknowledged event) and the ratio to the bulk publish rate. One feed: the ordered,
+  one-at-a-time case (feeds are delivered to at once, so more feeds go faster).
+
+Each figure is also given as a ratio to the bulk publish rate of the same run.
 
 Last line: one JSON object.
 """
@@ -31,6 +38,7 @@ import aiomqtt
 
 from citynode.bridges.mosquitto import Broker, bridge_toml, reading, wait_for
 from citynode.cluster import Cluster, LocalNode
+from citynode.sinks.receiver import Receiver
 
 
 async def records_after(n: LocalNode, feed: str) -> list[dict[str, Any]]:
@@ -62,10 +70,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         broker = Broker(base)
         broker.start()
         cluster = Cluster(base)
+        receiver = Receiver()  # not started yet: away while the records are published
         try:
             (n,) = cluster.create(["Jakarta"])
             with open(n.dir / "node.toml", "a") as f:
                 f.write(bridge_toml(broker.port))
+                f.write(f'''
+[[sinks.cloudevents]]
+name = "bench"
+url = "{receiver.url}"
+filter = "feed=ce"
+retry_min_seconds = 0.05
+retry_max_seconds = 0.2
+''')
             await cluster.start()
 
             async def up() -> bool:
@@ -107,16 +124,34 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                    if int(r["data"]["name"].split("-")[1]) >= args.messages]
             names = [r["data"]["name"] for r in recs]
             exactly_once = sorted(names) == sorted(sent)
+
+            # CloudEvents out: published while the receiver is away, then delivered.
+            for start in range(0, len(items), args.batch):
+                await n.publish("ce", "AirQualityObserved", items[start:start + args.batch])
+            await receiver.start()
+
+            async def delivered() -> bool:
+                return len(receiver.events) >= len(items)
+            await wait_for(delivered, timeout=900, what="every record delivered")
+            ce_rate = (len(receiver.times) - 1) / max(1e-3, receiver.times[-1]
+                                                      - receiver.times[0])
+            seqs = [int(e.get_extension("citynodeseq")) for e in receiver.events]
+            ce_in_order_once = seqs == list(range(1, len(items) + 1))
             await n.close()
         finally:
             cluster.stop()
             broker.stop()
+            await receiver.stop()
     out = {"bench": "bridge", "messages": args.messages, "bulk_publish_per_s": round(bulk_rate, 1),
            "mqtt_in_per_s": round(mqtt_rate, 1),
            "ratio": round(mqtt_rate / bulk_rate, 3), "target_ratio": 0.5,
            "latency_rate_per_s": args.rate,
            "p50_ms": round(pct(lat, 0.5), 1), "p99_ms": round(pct(lat, 0.99), 1),
-           "exactly_once": exactly_once}
+           "exactly_once": exactly_once,
+           "cloudevents_per_s": round(ce_rate, 1),
+           "cloudevents_ratio": round(ce_rate / bulk_rate, 3),
+           "cloudevents_in_order_once": ce_in_order_once,
+           "cloudevents_sdk_errors": len(receiver.errors)}
     print(f"bulk publish: {out['bulk_publish_per_s']} records/s "
           f"(batches of {args.batch})")
     print(f"MQTT in: {out['mqtt_in_per_s']} messages/s to committed records, "
@@ -124,6 +159,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"broker -> record latency at {args.rate} messages/s: p50 {out['p50_ms']} ms, "
           f"p99 {out['p99_ms']} ms")
     print(f"every message exactly one record: {exactly_once}")
+    print(f"CloudEvents out (one feed, in order): {out['cloudevents_per_s']} deliveries/s, "
+          f"ratio {out['cloudevents_ratio']}; each once, in order: {ce_in_order_once}")
     return out
 
 

@@ -94,6 +94,9 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
     if script == "bench_bridge.py":
         # Every message became exactly one record (the bridge's promise, measured).
         assert figures["exactly_once"] is True
+        # CloudEvents out: every record delivered once, in order, each event the SDK reads.
+        assert figures["cloudevents_in_order_once"] is True
+        assert figures["cloudevents_sdk_errors"] == 0 and figures["cloudevents_per_s"] > 0
     if script == "bench_stream.py":
         assert figures["format"] == ("envelope" if "envelope" in args else "json")
         # The stream benchmark checks delivery too: every event exactly once, in order.

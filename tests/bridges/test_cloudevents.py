@@ -17,7 +17,7 @@ from citynode.core.keys import Verifier, node_id
 from citynode.core.records import decode_record, open_record
 from citynode.node import Node
 from citynode.sinks.cloudevents import EVENT_TYPE
-from tests.bridges.receiver import Receiver
+from citynode.sinks.receiver import Receiver
 from tests.conftest import eventually, make_node_dir
 
 # How long the receiver is away in the outage tests (the issue says a minute; any time

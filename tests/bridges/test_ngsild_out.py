@@ -18,7 +18,7 @@ from citynode.core.keys import SigningKey, Verifier, node_id
 from citynode.core.records import decode_record, open_record, sign_record
 from citynode.node import Node
 from citynode.sinks.ngsild import CORE_CONTEXT, entity_of, upsert_request
-from tests.bridges.receiver import Receiver
+from citynode.sinks.receiver import Receiver
 from tests.bridges.test_ngsi import LD, TYPES, config, entity, ld_note
 from tests.bridges.test_ngsi_endpoint import serving
 from tests.conftest import InProc, eventually, make_node_dir

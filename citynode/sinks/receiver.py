@@ -1,12 +1,16 @@
 """A real HTTP receiver for the sinks' tests and scripts/bench-bridge: an aiohttp server
 on a loopback port that parses each request with the official CloudEvents SDK (or keeps
 NGSI-LD upserts), and can be told to fail (answer 500, refuse with 400) or to go away
-for a while and come back on the same port."""
+for a while and come back on the same port.
+
+A tool for tests and benchmarks (as citynode/bridges/mosquitto.py): it needs the
+``cloudevents`` SDK of the test extra; the node never imports it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -14,6 +18,8 @@ from aiohttp import web
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
 from citynode.cluster import free_ports
+
+__all__ = ["Receiver"]
 
 
 class Receiver:
@@ -23,6 +29,7 @@ class Receiver:
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}/events"
         self.events: list[Any] = []  # CloudEvents acknowledged (2xx), in arrival order
+        self.times: list[float] = []  # when each of them arrived (time.perf_counter())
         self.upserts: list[tuple[dict[str, str], Any]] = []  # NGSI-LD (headers, body)
         self.requests = 0
         self.seen: Counter[str] = Counter()  # every event id received, answered or not
@@ -38,7 +45,7 @@ class Receiver:
         body = await request.read()
         try:
             event = from_http_event(HTTPMessage(dict(request.headers), body))
-        except Exception as exc:  # the SDK's refusal is the test's finding
+        except Exception as exc:  # the SDK's refusal (any kind) is the test's finding
             self.errors.append(f"{type(exc).__name__}: {exc}")
             return web.Response(status=400, text=str(exc))
         self.seen[event.get_id()] += 1
@@ -48,6 +55,7 @@ class Receiver:
         if event.get_id() in self.refuse:
             return web.Response(status=400, text="not for us")
         self.events.append(event)
+        self.times.append(time.perf_counter())
         self.arrived.set()
         return web.Response(status=204)
 
