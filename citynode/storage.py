@@ -631,11 +631,12 @@ def _migrate_liveness(db: sqlite_utils.Database) -> None:
 
 
 def _migrate_sinks(db: sqlite_utils.Database) -> None:
-    """Schema v8, sinks out (issue 15): each ``[[sinks.*]]`` keeps a cursor over ``records`` (the
-    rowid of the last record it took on) and an outbox of the records it has still to
-    deliver, in order per lane (one origin's feed). ``state``: SINK_PENDING or
-    SINK_DEAD (the receiver refused it for good; kept, bounded, for the operator).
-    ``next_at`` (ms) is when a lane's head may be tried again."""
+    """Schema v8, sinks out (issue 15): each ``[[sinks.*]]`` keeps a cursor over
+    ``records`` (the rowid of the last record it took on), an outbox of the records it
+    has still to deliver, in order per lane (one origin's feed), and its lanes with pending records
+    (``next_at``, ms: when the lane's head may be tried again), so that finding what to
+    send costs the number of lanes, not of records waiting. ``sink_outbox.state``:
+    SINK_PENDING or SINK_DEAD (the receiver refused it for good; kept, bounded)."""
     conn = db.conn
     conn.execute(
         """CREATE TABLE sink_cursors (
@@ -651,11 +652,18 @@ def _migrate_sinks(db: sqlite_utils.Database) -> None:
             record_rowid INTEGER NOT NULL,
             state INTEGER NOT NULL DEFAULT 0,
             attempts INTEGER NOT NULL DEFAULT 0,
-            next_at INTEGER NOT NULL DEFAULT 0,
             last_error TEXT,
             UNIQUE (sink, record_id)
         )""")
     conn.execute("CREATE INDEX sink_outbox_lanes ON sink_outbox (sink, state, lane, id)")
+    conn.execute(
+        """CREATE TABLE sink_lanes (
+            sink TEXT NOT NULL,
+            lane TEXT NOT NULL,
+            next_at INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (sink, lane)
+        ) WITHOUT ROWID""")
+    conn.execute("CREATE INDEX sink_lanes_due ON sink_lanes (sink, next_at)")
 
 
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
@@ -2013,10 +2021,13 @@ class Storage:
         there is not put twice) and move its cursor to ``after_rowid``, in one
         transaction: a record is taken on once."""
         params = [(sink, lane, rid, rowid) for rid, rowid, lane in rows]
+        lanes = [(sink, lane) for lane in {lane for _r, _i, lane in rows}]
 
         def run(conn: sqlite3.Connection) -> None:
             conn.executemany("INSERT OR IGNORE INTO sink_outbox (sink, lane, record_id,"
                              " record_rowid) VALUES (?, ?, ?, ?)", params)
+            conn.executemany("INSERT OR IGNORE INTO sink_lanes (sink, lane) VALUES (?, ?)",
+                             lanes)
             conn.execute("INSERT INTO sink_cursors (sink, after_rowid) VALUES (?, ?)"
                          " ON CONFLICT (sink) DO UPDATE SET after_rowid ="
                          " max(after_rowid, excluded.after_rowid)", (sink, after_rowid))
@@ -2025,13 +2036,10 @@ class Storage:
 
     def sink_due(self, sink: str, now_ms: int, lanes: int, per_lane: int
                  ) -> list[list[OutboxRow]]:
-        """At most ``lanes`` lanes of ``sink`` whose head may be tried at ``now_ms``, each
-        its first ``per_lane`` pending records in order."""
-        due = self._all(
-            "SELECT h.lane FROM (SELECT lane, min(id) AS hid FROM sink_outbox WHERE"
-            " sink = ? AND state = 0 GROUP BY lane) AS h JOIN sink_outbox AS o ON"
-            " o.id = h.hid WHERE o.next_at <= ? ORDER BY o.next_at LIMIT ?",
-            (sink, now_ms, lanes))
+        """At most ``lanes`` lanes of ``sink`` that may be tried at ``now_ms``, each its
+        first ``per_lane`` pending records in order."""
+        due = self._all("SELECT lane FROM sink_lanes WHERE sink = ? AND next_at <= ?"
+                        " ORDER BY next_at LIMIT ?", (sink, now_ms, lanes))
         out = []
         for (lane,) in due:
             rows = self._all(
@@ -2045,25 +2053,34 @@ class Storage:
         return [lane for lane in out if lane]
 
     def sink_next_due(self, sink: str) -> int | None:
-        """The earliest ``next_at`` of a lane head of ``sink`` (None: nothing pending)."""
-        row = self._one(
-            "SELECT min(o.next_at) FROM (SELECT min(id) AS hid FROM sink_outbox WHERE"
-            " sink = ? AND state = 0 GROUP BY lane) AS h JOIN sink_outbox AS o ON"
-            " o.id = h.hid", (sink,))
+        """When the next lane of ``sink`` may be tried (None: nothing pending)."""
+        row = self._one("SELECT min(next_at) FROM sink_lanes WHERE sink = ?", (sink,))
         return None if row is None or row[0] is None else int(row[0])
 
+    def sink_pending(self, sink: str) -> int:
+        """How many records wait in ``sink``'s outbox."""
+        return int(self._one("SELECT count(*) FROM sink_outbox WHERE sink = ? AND"
+                             " state = 0", (sink,))[0])
+
     def sink_settle(self, sink: str, delivered: Sequence[int],
-                    retry: Sequence[tuple[int, int, int, str]],
-                    dead: Sequence[tuple[int, str]]) -> Future[None]:
-        """After a round of deliveries of ``sink``: outbox entries ``delivered`` are
-        removed; ``retry`` ``(id, attempts, next_at, error)`` wait; ``dead`` ``(id,
-        error)`` were refused for good (kept, at most 10000 a sink)."""
+                    retry: Sequence[tuple[int, str, int, int, str]],
+                    dead: Sequence[tuple[int, str]], lanes: Sequence[str]) -> Future[None]:
+        """After a round of deliveries of ``sink`` to ``lanes``: outbox entries
+        ``delivered`` are removed; ``retry`` ``(id, lane, attempts, next_at, error)``
+        wait (their lane until ``next_at``); ``dead`` ``(id, error)`` were refused for
+        good (kept, at most 10000 a sink); a lane with nothing pending is dropped."""
         def run(conn: sqlite3.Connection) -> None:
             conn.executemany("DELETE FROM sink_outbox WHERE id = ?", [(i,) for i in delivered])
-            conn.executemany("UPDATE sink_outbox SET attempts = ?, next_at = ?, last_error = ?"
-                             " WHERE id = ?", [(a, t, _clip(e), i) for i, a, t, e in retry])
+            conn.executemany("UPDATE sink_outbox SET attempts = ?, last_error = ? WHERE id = ?",
+                             [(a, _clip(e), i) for i, _l, a, _t, e in retry])
+            conn.executemany("UPDATE sink_lanes SET next_at = ? WHERE sink = ? AND lane = ?",
+                             [(t, sink, lane) for _i, lane, _a, t, _e in retry])
             conn.executemany("UPDATE sink_outbox SET state = 2, attempts = attempts + 1,"
                              " last_error = ? WHERE id = ?", [(_clip(e), i) for i, e in dead])
+            conn.executemany(
+                "DELETE FROM sink_lanes WHERE sink = ? AND lane = ? AND NOT EXISTS (SELECT"
+                " 1 FROM sink_outbox WHERE sink = ? AND state = 0 AND lane = ?)",
+                [(sink, lane, sink, lane) for lane in lanes])
             if dead:
                 conn.execute(
                     "DELETE FROM sink_outbox WHERE sink = ? AND state = 2 AND id <= (SELECT"

@@ -13,11 +13,12 @@ Measured in the same run:
 * latency from broker to record at a steady ``--rate`` (``--latency-messages`` of them):
   each message carries the time it was sent, the record the time the node signed it
   (committed right after); p50 and p99 in milliseconds;
-* CloudEvents out: ``--messages`` records of one feed published (bulk) while the
+* CloudEvents out: ``--messages`` records published (bulk) while the
   ``[[sinks.cloudevents]]`` receiver (a local aiohttp server parsing each event with the
   official SDK) is away, then delivered when it is back: deliveries per second (first to
-  last acknowledged event) and the ratio to the bulk publish rate. One feed: the ordered,
-  one-at-a-time case (feeds are delivered to at once, so more feeds go faster).
+  last acknowledged event) and the ratio to the bulk publish rate; on one feed (the
+  ordered, one-event-at-a-time case), then spread over ``--ce-feeds`` feeds (feeds are
+  delivered to at once).
 
 Each figure is also given as a ratio to the bulk publish rate of the same run.
 
@@ -79,7 +80,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 [[sinks.cloudevents]]
 name = "bench"
 url = "{receiver.url}"
-filter = "feed=ce"
+filter = "type=WeatherObserved"
 retry_min_seconds = 0.05
 retry_max_seconds = 0.2
 ''')
@@ -125,18 +126,18 @@ retry_max_seconds = 0.2
             names = [r["data"]["name"] for r in recs]
             exactly_once = sorted(names) == sorted(sent)
 
-            # CloudEvents out: published while the receiver is away, then delivered.
-            for start in range(0, len(items), args.batch):
-                await n.publish("ce", "AirQualityObserved", items[start:start + args.batch])
-            await receiver.start()
-
-            async def delivered() -> bool:
-                return len(receiver.events) >= len(items)
-            await wait_for(delivered, timeout=900, what="every record delivered")
-            ce_rate = (len(receiver.times) - 1) / max(1e-3, receiver.times[-1]
-                                                      - receiver.times[0])
-            seqs = [int(e.get_extension("citynodeseq")) for e in receiver.events]
-            ce_in_order_once = seqs == list(range(1, len(items) + 1))
+            # CloudEvents out: published while the receiver is away, then delivered:
+            # one feed (in order, one event at a time), then --ce-feeds feeds at once.
+            ce: dict[int, tuple[float, bool]] = {}
+            weather = [{"temperature": 27.0 + i % 10, "relativeHumidity": 0.8,
+                        "dateObserved": "2026-12-07T07:00:00+07:00",
+                        "location": {"type": "Point", "coordinates": [106.823, -6.195]}}
+                       for i in range(args.messages)]
+            for feeds in (1, args.ce_feeds):
+                ce[feeds] = await _cloudevents(n, receiver, weather, feeds, args.batch)
+            ce_rate, ce_in_order_once = ce[1]
+            ce_many_rate, many_ok = ce[args.ce_feeds]
+            ce_in_order_once = ce_in_order_once and many_ok
             await n.close()
         finally:
             cluster.stop()
@@ -150,6 +151,9 @@ retry_max_seconds = 0.2
            "exactly_once": exactly_once,
            "cloudevents_per_s": round(ce_rate, 1),
            "cloudevents_ratio": round(ce_rate / bulk_rate, 3),
+           "cloudevents_feeds": args.ce_feeds,
+           "cloudevents_many_feeds_per_s": round(ce_many_rate, 1),
+           "cloudevents_many_feeds_ratio": round(ce_many_rate / bulk_rate, 3),
            "cloudevents_in_order_once": ce_in_order_once,
            "cloudevents_sdk_errors": len(receiver.errors)}
     print(f"bulk publish: {out['bulk_publish_per_s']} records/s "
@@ -159,9 +163,38 @@ retry_max_seconds = 0.2
     print(f"broker -> record latency at {args.rate} messages/s: p50 {out['p50_ms']} ms, "
           f"p99 {out['p99_ms']} ms")
     print(f"every message exactly one record: {exactly_once}")
-    print(f"CloudEvents out (one feed, in order): {out['cloudevents_per_s']} deliveries/s, "
-          f"ratio {out['cloudevents_ratio']}; each once, in order: {ce_in_order_once}")
+    print(f"CloudEvents out, one feed (in order): {out['cloudevents_per_s']} deliveries/s, "
+          f"ratio {out['cloudevents_ratio']}")
+    print(f"CloudEvents out, {args.ce_feeds} feeds: {out['cloudevents_many_feeds_per_s']} "
+          f"deliveries/s, ratio {out['cloudevents_many_feeds_ratio']}")
+    print(f"every record delivered once, in order per feed: {ce_in_order_once}")
     return out
+
+
+async def _cloudevents(n: LocalNode, receiver: Receiver, items: list[dict[str, Any]],
+                       feeds: int, batch: int) -> tuple[float, bool]:
+    """Publish ``items`` on ``feeds`` feeds while the receiver is away, start it, wait
+    for every event; deliveries per second (first to last event) and whether each
+    feed's records came once each, in order."""
+    await receiver.stop()
+    receiver.events.clear()
+    receiver.times.clear()
+    names = [f"ce{feeds}-{k}" for k in range(feeds)]
+    for k, feed in enumerate(names):
+        mine = items[k::feeds]
+        for start in range(0, len(mine), batch):
+            await n.publish(feed, "WeatherObserved", mine[start:start + batch])
+    await receiver.start()
+
+    async def delivered() -> bool:
+        return len(receiver.events) >= len(items)
+    await wait_for(delivered, timeout=900, what="every record delivered")
+    rate = (len(receiver.times) - 1) / max(1e-3, receiver.times[-1] - receiver.times[0])
+    seqs: dict[str, list[int]] = {}
+    for e in receiver.events:
+        seqs.setdefault(e.get_source(), []).append(int(e.get_extension("citynodeseq")))
+    ok = len(seqs) == feeds and all(v == list(range(1, len(v) + 1)) for v in seqs.values())
+    return rate, ok and len(receiver.events) == len(items)
 
 
 async def _send(broker: Broker, which: range, in_flight: int, sent: dict[str, int],
@@ -190,4 +223,6 @@ if __name__ == "__main__":
     p.add_argument("--rate", type=float, default=50.0,
                    help="messages per second for the latency run")
     p.add_argument("--latency-messages", type=int, default=500)
+    p.add_argument("--ce-feeds", type=int, default=8,
+                   help="feeds of the second CloudEvents measurement")
     print(json.dumps(asyncio.run(main(p.parse_args()))))

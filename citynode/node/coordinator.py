@@ -124,7 +124,7 @@ class Node:
                                own_seq=lambda feed: self.seq((self.public_key, feed)),
                                now_ms=self.now_ms)
         self.sinks = Sinks(config=config, data_dir=data_dir, storage=storage,
-                           now_ms=self.now_ms)
+                           metrics=self.metrics, now_ms=self.now_ms)
         self.listeners.add(self.sinks.committed)
         self.retention = Retention(config=config, public_key=self.public_key,
                                    policy=self.policy, replica=self.replica, storage=storage,

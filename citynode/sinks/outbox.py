@@ -81,6 +81,8 @@ class Sink:
         self.now_ms = now_ms
         self._wake = asyncio.Event()
         self.counts = {"delivered": 0, "retries": 0, "refused": 0}
+        #: Prometheus children for the same counts (set by the Sinks role)
+        self.counters: dict[str, Any] = {}
         self.last_error: str | None = None
         self.running = False
 
@@ -173,15 +175,16 @@ class Sink:
 
     async def _enqueue(self, cursor: int) -> int:
         """Take on the records committed after ``cursor`` that the filter selects."""
+        checked = False
         while True:
-            pending, _refused = (await in_thread(self.storage.sink_counts)).get(
-                self.cfg.name, (0, 0))
-            if pending >= _MAX_PENDING:
-                return cursor
             rows = await in_thread(lambda c=cursor: self.storage.query(
                 self.cfg.filter, after_rowid=c, limit=_SCAN))
             if not rows:
                 return cursor
+            if not checked:  # counted only when there is something to take on
+                checked = True
+                if await in_thread(self.storage.sink_pending, self.cfg.name) >= _MAX_PENDING:
+                    return cursor
             # The rows come in rowid order, but for a one-feed filter in seq order (the
             # same order within a feed): the cursor is the greatest rowid seen.
             cursor = max(cursor, max(r.rowid for r in rows))
@@ -195,22 +198,25 @@ class Sink:
                        lanes: list[list[OutboxRow]]) -> None:
         results = await asyncio.gather(*(self._lane(session, rows) for rows in lanes))
         delivered: list[int] = []
-        retry: list[tuple[int, int, int, str]] = []
+        retry: list[tuple[int, str, int, int, str]] = []
         dead: list[tuple[int, str]] = []
         for d, r, x in results:
             delivered += d
             retry += r
             dead += x
-        await asyncio.wrap_future(self.storage.sink_settle(self.cfg.name, delivered, retry,
-                                                           dead))
-        self.counts["delivered"] += len(delivered)
-        self.counts["retries"] += len(retry)
-        self.counts["refused"] += len(dead)
+        await asyncio.wrap_future(self.storage.sink_settle(
+            self.cfg.name, delivered, retry, dead, [rows[0].lane for rows in lanes]))
+        for key, n in (("delivered", len(delivered)), ("retries", len(retry)),
+                       ("refused", len(dead))):
+            self.counts[key] += n
+            if n and key in self.counters:
+                self.counters[key].inc(n)
 
     async def _lane(self, session: aiohttp.ClientSession, rows: list[OutboxRow]
-                    ) -> tuple[list[int], list[tuple[int, int, int, str]], list[tuple[int, str]]]:
+                    ) -> tuple[list[int], list[tuple[int, str, int, int, str]],
+                               list[tuple[int, str]]]:
         delivered: list[int] = []
-        retry: list[tuple[int, int, int, str]] = []
+        retry: list[tuple[int, str, int, int, str]] = []
         dead: list[tuple[int, str]] = []
         try:
             outcomes = await self.send(session, rows)
@@ -231,8 +237,8 @@ class Sink:
             wait *= 0.5 + random.random() / 2
             if out.after is not None:
                 wait = max(wait, min(out.after, self.cfg.retry_max_seconds))
-            retry.append((row.id, row.attempts + 1, self.now_ms() + int(wait * 1000),
-                          out.error))
+            retry.append((row.id, row.lane, row.attempts + 1,
+                          self.now_ms() + int(wait * 1000), out.error))
             break  # the rest of the lane waits for this one
         return delivered, retry, dead
 

@@ -34,6 +34,7 @@ class Receiver:
         self.requests = 0
         self.seen: Counter[str] = Counter()  # every event id received, answered or not
         self.fail_next = 0  # answer this many requests with 500
+        self.delay = 0.0  # seconds before each answer (a slow receiver)
         self.refuse: set[str] = set()  # event ids answered 400
         self.max_field_size = max_field_size
         self.errors: list[str] = []  # requests the SDK could not parse
@@ -49,6 +50,8 @@ class Receiver:
             self.errors.append(f"{type(exc).__name__}: {exc}")
             return web.Response(status=400, text=str(exc))
         self.seen[event.get_id()] += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.Response(status=500, text="try again")

@@ -7,7 +7,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
 from citynode.config import Config
+from citynode.metrics import Metrics
 from citynode.node._base import Spawn, in_thread
 from citynode.sinks.cloudevents import CloudEventsSink
 from citynode.sinks.ngsild import NgsiLdSink
@@ -21,14 +24,27 @@ class Sinks:
     """Every ``[[sinks.*]]`` of node.toml."""
 
     def __init__(self, *, config: Config, data_dir: Path, storage: Storage,
-                 now_ms: Callable[[], int]) -> None:
+                 metrics: Metrics, now_ms: Callable[[], int]) -> None:
         self.config = config
         self.storage = storage
+        # In the node's own registry (so /metrics shows them), by sink name.
+        r = metrics.registry
+        counters = {
+            "delivered": Counter("citynode_sink_delivered", "Records a sink's receiver "
+                                 "acknowledged", ["sink"], registry=r),
+            "retries": Counter("citynode_sink_retries", "Deliveries a sink will try again "
+                               "(5xx, 408, 429, the receiver unreachable)", ["sink"],
+                               registry=r),
+            "refused": Counter("citynode_sink_refused", "Records a sink's receiver refused "
+                               "for good (another 4xx)", ["sink"], registry=r),
+        }
         self.sinks: list[Sink] = [
             CloudEventsSink(c, data_dir=data_dir, storage=storage, now_ms=now_ms)
             for c in config.sinks.cloudevents]
         self.sinks += [NgsiLdSink(c, data_dir=data_dir, storage=storage, now_ms=now_ms)
                        for c in config.sinks.ngsi_ld]
+        for sink in self.sinks:
+            sink.counters = {k: c.labels(sink.cfg.name) for k, c in counters.items()}
 
     async def start(self, spawn: Spawn) -> None:
         """Start one task per sink. A sink that never ran starts from now (or from the

@@ -40,7 +40,7 @@ TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "
           # v7: the newest liveness statement of each feed, kept across restarts
           "liveness",
           # v8: the sinks' cursors and outboxes (issue 15)
-          "sink_cursors", "sink_outbox"}
+          "sink_cursors", "sink_outbox", "sink_lanes"}
 
 
 def make(
