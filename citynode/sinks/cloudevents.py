@@ -27,6 +27,7 @@ envelope then travels in a header, as large as the record (receivers must accept
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from typing import Any
 from urllib.parse import quote
@@ -47,7 +48,9 @@ EVENT_TYPE = "org.citynode.record"
 _SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 
 
+@functools.lru_cache(maxsize=4096)
 def source_of(origin: bytes, feed: str) -> str:
+    """``urn:citynode:<origin node id>:<feed>`` (cached: one per feed, every event)."""
     return f"urn:citynode:{node_id(origin)}:{feed}"
 
 
