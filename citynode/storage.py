@@ -636,13 +636,15 @@ def _migrate_sinks(db: sqlite_utils.Database) -> None:
     has still to deliver, in order per lane (one origin's feed), and its lanes with pending records
     (``next_at``, ms: when the lane's head may be tried again), so that finding what to
     send costs the number of lanes, not of records waiting. ``sink_outbox.state``:
-    SINK_PENDING or SINK_DEAD (the receiver refused it for good; kept, bounded)."""
+    SINK_PENDING or SINK_DEAD (the receiver refused it for good; kept, bounded). Plain SQL
+    (no SQLite-only clause, here and in the sink_* statements), so that another backend
+    can mirror it."""
     conn = db.conn
     conn.execute(
         """CREATE TABLE sink_cursors (
             sink TEXT PRIMARY KEY,
             after_rowid INTEGER NOT NULL
-        ) WITHOUT ROWID""")
+        )""")
     conn.execute(
         """CREATE TABLE sink_outbox (
             id INTEGER PRIMARY KEY,
@@ -662,7 +664,7 @@ def _migrate_sinks(db: sqlite_utils.Database) -> None:
             lane TEXT NOT NULL,
             next_at INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (sink, lane)
-        ) WITHOUT ROWID""")
+        )""")
     conn.execute("CREATE INDEX sink_lanes_due ON sink_lanes (sink, next_at)")
 
 
@@ -2024,13 +2026,15 @@ class Storage:
         lanes = [(sink, lane) for lane in {lane for _r, _i, lane in rows}]
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT OR IGNORE INTO sink_outbox (sink, lane, record_id,"
-                             " record_rowid) VALUES (?, ?, ?, ?)", params)
-            conn.executemany("INSERT OR IGNORE INTO sink_lanes (sink, lane) VALUES (?, ?)",
-                             lanes)
+            conn.executemany("INSERT INTO sink_outbox (sink, lane, record_id, record_rowid)"
+                             " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", params)
+            conn.executemany("INSERT INTO sink_lanes (sink, lane) VALUES (?, ?)"
+                             " ON CONFLICT DO NOTHING", lanes)
             conn.execute("INSERT INTO sink_cursors (sink, after_rowid) VALUES (?, ?)"
-                         " ON CONFLICT (sink) DO UPDATE SET after_rowid ="
-                         " max(after_rowid, excluded.after_rowid)", (sink, after_rowid))
+                         " ON CONFLICT (sink) DO UPDATE SET after_rowid = CASE WHEN"
+                         " excluded.after_rowid > sink_cursors.after_rowid THEN"
+                         " excluded.after_rowid ELSE sink_cursors.after_rowid END",
+                         (sink, after_rowid))
 
         return self._submit(run, weight=max(1, len(params)))
 
