@@ -42,7 +42,7 @@ from citynode.core.checkpoints import (
     open_checkpoint,
     verify_split_view,
 )
-from citynode.core.erasure import past_retention
+from citynode.core.erasure import past_retention, retention_in_force
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
@@ -867,17 +867,16 @@ def _audit_proof(rep: AuditReport, item: Item, expected: bytes, verifier: Verifi
 
 
 def _finish_tombstones(a: _Audit) -> None:
-    """Why each record held without its payload may be so: an erasure request of the
-    origin in the bundle naming it exactly, or the retention the origin's card declares
-    for its feed; else ``payload_missing``, an error (a payload withheld and passed off
-    as removed). Erasure entries naming a position held under another id are
-    ``erasure_mismatch`` (a warning: that entry erases nothing)."""
+    """Why each record held without its payload may be so: an erasure request of the origin in the
+    bundle naming it exactly, or the retention the origin's card in force when it was signed
+    (of the cards the bundle carries) declares for its feed; else ``payload_missing``, an
+    error (a payload withheld and passed off as removed). Erasure entries naming a position
+    held under another id are ``erasure_mismatch`` (a warning: that entry erases nothing)."""
     rep = a.rep
-    retention = {} if rep.card is None else {f.name: f.retention_days for f in rep.card.feeds}
     for name, seq, rid, t in sorted(a.tombstones):
         fa = rep.feeds[name]
         by = a.erasures.get((name, seq, rid))
-        days = retention.get(name)
+        days = retention_in_force(rep.cards, name, t)
         if by is not None:
             fa.erased += 1
             tomb = Tombstone(name, seq, rid, "erased", by[0], by[1])
@@ -888,8 +887,8 @@ def _finish_tombstones(a: _Audit) -> None:
         else:
             rep.add(ERROR, "payload_missing", name, seq,
                     "held without its payload, but no erasure request of the origin in "
-                    "the bundle names it and the origin's card declares no retention it "
-                    "is past: its payload was withheld")
+                    "the bundle names it and the origin's card in force when it was "
+                    "signed declares no retention it is past: its payload was withheld")
             continue
         if len(rep.tombstones) < MAX_TOMBSTONES_LISTED:
             rep.tombstones.append(tomb)

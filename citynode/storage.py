@@ -1266,9 +1266,10 @@ class Storage:
         at = _now_ms() if received_at_ms is None else received_at_ms
         return self._submit(_append_job(recs, at), durable=durable, weight=len(recs))
 
-    def prune(self, origin: bytes, feed: str, before_ms: int, *, after_seq: int = 0,
-              limit: int = 5000) -> Future[tuple[int, int | None]]:
-        """Drop the payloads of a feed's records dated before ``before_ms``, keeping their
+    def prune(self, origin: bytes, feed: str, before_ms: int, *, since_ms: int = 0,
+              after_seq: int = 0, limit: int = 5000) -> Future[tuple[int, int | None]]:
+        """Drop the payloads of a feed's records dated in ``[since_ms, before_ms)`` (the
+        records signed under one card of the origin, past its retention), keeping their
         skeletons (retention). Examines at most ``limit`` records, those above
         ``after_seq`` in seq order, in one transaction: call again from the seq returned
         until it is None. The result is ``(payloads dropped, last seq examined or None
@@ -1280,7 +1281,8 @@ class Storage:
                 f"SELECT r.rowid, r.seq, r.time, p.rowid FROM {_ENV_FROM}"
                 f" WHERE r.chain = {_CHAIN_OF} AND r.seq > ? ORDER BY r.seq LIMIT ?",
                 (origin, feed, after_seq, limit)).fetchall()
-            old = [(r[0],) for r in rows if r[2] < before_ms and r[3] is not None]
+            old = [(r[0],) for r in rows
+                   if since_ms <= r[2] < before_ms and r[3] is not None]
             conn.executemany(_DROP_PAYLOAD, old)
             conn.executemany("UPDATE records SET lon = NULL, lat = NULL WHERE rowid = ?"
                              " AND lat IS NOT NULL", old)

@@ -9,9 +9,13 @@ inclusion still verify), payload gone. A payload goes for one of two reasons
   ``citynode.Erasure`` in its feed ``citynode.erasures``, naming the record's exact
   position and id. Only the origin's own request counts: an entry names a position of
   the signer's feeds, so nobody can erase another node's record.
-* **pruned**: the record is older than the retention its origin declares for the feed
-  (``retention_days`` in its signed card; for our own feeds, node.toml), so every node
-  drops the payload.
+* **pruned**: the record is older than the retention its origin declared for the feed
+  in the card in force when the record was signed (``retention_days`` of the origin's
+  card with the greatest time at most the record's time; :func:`retention_in_force`),
+  so every node drops the payload. A later card changes the retention of the records
+  signed after it only: raising it does not bring back payloads pruned under the old
+  one, and lowering it does not prune records signed under the longer one (erase
+  those).
 
 A tombstone arriving from outside is taken only if one of these holds; otherwise it is
 refused with ``payload_missing`` and nothing is stored (:func:`tombstone_verdict`).
@@ -27,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+from citynode.core.cards import NodeCard, terms_in_force
 from citynode.core.records import Record
 from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, validate_erasure
 from citynode.errors import InvalidRecord
@@ -39,6 +44,8 @@ __all__ = [
     "erasures_in",
     "past_retention",
     "retention_cutoff",
+    "retention_in_force",
+    "retention_periods",
     "tombstone_verdict",
 ]
 
@@ -84,18 +91,44 @@ def past_retention(time_ms: int, retention_days: int | None, now_ms: int) -> boo
     return retention_days is not None and time_ms < retention_cutoff(retention_days, now_ms)
 
 
+def retention_in_force(history: Iterable[NodeCard], feed: str, time_ms: int) -> int | None:
+    """The retention (days) of a record of ``feed`` signed at ``time_ms``: that of the
+    origin's card in force then (of ``history``, the origin's cards, the one with the
+    greatest time at most ``time_ms``). None: that card declares none, does not list
+    the feed, or no card of that time is known (the record is then never past it)."""
+    entry = terms_in_force(history, feed, time_ms)
+    return entry.retention_days if entry is not None else None
+
+
+def retention_periods(history: Iterable[NodeCard], feed: str
+                      ) -> list[tuple[int, int | None, int]]:
+    """What a prune of ``feed`` applies, from the origin's cards ``history``: for each
+    card that declares a retention for it, ``(since_ms, until_ms, days)``: the records
+    dated in ``[since_ms, until_ms)`` (``until_ms`` None: no end) were signed under
+    that card and keep their payloads ``days`` days (:func:`retention_in_force` for
+    every record, a range at a time)."""
+    cards = sorted(history, key=lambda c: c.time)
+    out = []
+    for i, c in enumerate(cards):
+        days = retention_in_force([c], feed, c.time)
+        if days is not None:
+            out.append((c.time, cards[i + 1].time if i + 1 < len(cards) else None, days))
+    return out
+
+
 def tombstone_verdict(
     rec: Record,
     *,
     erased: Mapping[bytes, bytes],
-    retention_days: int | None,
+    history: Iterable[NodeCard],
     now_ms: int,
 ) -> str:
     """Why a node may take ``rec``, a verified tombstone: ``"erased"`` or ``"pruned"``.
 
     ``erased`` maps record ids to the erasure request that names that exact record at
     its position, signed by its origin (as held, or arriving in the same batch);
-    ``retention_days`` is what the origin declares for the feed (None: no retention).
+    ``history`` is the origin's cards held (its card history): the retention is the
+    one in force when ``rec`` was signed (:func:`retention_in_force`), not the newest.
     Raises :class:`InvalidRecord` ``payload_missing`` when neither holds: a tombstone
     with no request behind it, which would let a relay withhold a payload and pass the
     skeleton off as an erasure. An erasure request itself is never erased nor pruned.
@@ -103,11 +136,13 @@ def tombstone_verdict(
     if rec.feed != ERASURE_FEED:
         if rec.id in erased:
             return "erased"
-        if past_retention(rec.time, retention_days, now_ms):
+        if past_retention(rec.time, retention_in_force(history, rec.feed, rec.time),
+                          now_ms):
             return "pruned"
     raise InvalidRecord(
         f"record seq {rec.seq} of feed {rec.feed!r} came without its payload, but no "
-        "erasure request of its origin names it and it is within its feed's retention",
+        "erasure request of its origin names it and it is within the retention its "
+        "origin's card declared when it was signed",
         "payload_missing",
     )
 

@@ -150,6 +150,10 @@ class ReplicaConfig:
     graft_patience_ms: int = 2000
     fetch_timeout_ms: int = 10_000
     backoff_max_ms: int = 60_000
+    # A chain whose fetched records were all refused (a payload withheld, dated in the
+    # future, over quota) is asked again on a back-off up to this: not endlessly at
+    # backoff_max (what makes them acceptable, a request or a card, comes by itself).
+    stall_max_ms: int = 3_600_000
     outbox_max: int = 1000
     outbox_per_round: int = 50
     outbox_refusals: int = 5
@@ -696,11 +700,12 @@ class Replica:
     def _stall(self, key: FeedKey, now_ms: int) -> int | None:
         """A fetch of ``key`` was answered but nothing of it was stored (refused: dated
         in the future, over quota, invalid): the next fetch waits settle_ms, doubling
-        each time in a row, at most backoff_max_ms. Bounded like deferred pulls."""
+        each time in a row, at most stall_max_ms (an hour by default: a payload refused
+        is not fetched again every minute for ever). Bounded like deferred pulls."""
         n = self.stalled[key][0] + 1 if key in self.stalled else 0
         if key not in self.stalled and len(self.stalled) >= self.config.max_deferred:
             return None
-        delay = min(self.config.settle_ms << min(n, 20), self.config.backoff_max_ms)
+        delay = min(self.config.settle_ms << min(n, 32), self.config.stall_max_ms)
         self.stalled[key] = (n, now_ms + delay)
         return now_ms + delay
 

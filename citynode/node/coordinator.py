@@ -153,7 +153,6 @@ class Node:
         self.ingest_role.execute = g.execute
         self.ingest_role.on_commit = g.committed
         self.ingest_role.on_new_feed = g.cards_stale
-        self.ingest_role.retention_of = self.retention.retention_of
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
         self.checkpoints.cadence_of = self.policy.cadence_of

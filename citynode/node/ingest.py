@@ -136,8 +136,6 @@ class Ingest:
         self.execute: Execute = _nothing
         #: A partner sent a record of a feed its origin's card (as held) does not list.
         self.on_new_feed: Callable[[PartnerLink], None] = lambda link: None
-        #: The retention (days) ``origin`` declares for ``feed``, or None (the node's).
-        self.retention_of: Callable[[bytes, str], int | None] = lambda origin, feed: None
         # Record ids being checked by an ingest now, with the future of its verdict.
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._ingesting = 0  # ingests under way
@@ -369,9 +367,11 @@ class Ingest:
         for i, item in verified:
             if not isinstance(item, InvalidRecord) and item.payload is None:
                 try:
-                    erasure.tombstone_verdict(item, erased=erased, now_ms=now,
-                                              retention_days=self.retention_of(
-                                                  item.origin, item.feed))
+                    # The retention in force when it was signed (the origin's card
+                    # history), not the newest card's: a later card may raise it.
+                    erasure.tombstone_verdict(
+                        item, erased=erased, now_ms=now,
+                        history=await self.policy.card_history(item.origin))
                 except InvalidRecord as exc:
                     item = exc
             if isinstance(item, InvalidRecord):

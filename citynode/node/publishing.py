@@ -77,6 +77,9 @@ class Publisher:
             self.replica.check_publish(feed)
             seq, prev = self.replica.next_link(feed)
             head = FeedHead(seq - 1, prev) if prev is not None else None
+            # Our card as node.toml states it now, signed before the records: the card
+            # in force at their time (their terms and retention) is then this one.
+            self.policy.card()
             now = self.ingest.now_ms()
             fc = self.config.feeds.get(feed)
             # Erasure requests are never sealed: every node holding what they name must

@@ -1,10 +1,12 @@
 """Retention: payloads older than their origin's declared retention are dropped here too.
 
-Every node prunes: the origin (its own feeds, by node.toml) and every partner holding
-the origin's records (by the ``retention_days`` of the feed in the origin's card in
-force). Pruning keeps each record's signed skeleton (the tombstone), so chains,
-checkpoints and proofs still verify. It runs in a task the node owns, a bounded batch
-per transaction, then gives the freed pages back to the file system.
+Every node prunes: the origin (its own feeds) and every partner holding the origin's
+records, each record by the ``retention_days`` of its feed in the origin's card in force
+when it was signed (the card history; node.toml states ours, signed into our card),
+never by the newest card alone. Pruning keeps each record's signed skeleton (the
+tombstone), so chains, checkpoints and proofs still verify. It runs in a task the node
+owns, a bounded batch per transaction, then gives the freed pages back to the file
+system.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from citynode.config import Config
-from citynode.core.erasure import retention_cutoff
+from citynode.core.erasure import retention_cutoff, retention_in_force, retention_periods
 from citynode.core.replica import Replica
 from citynode.core.types import ERASURE_FEED
 from citynode.logs import fields
@@ -45,37 +47,39 @@ class Retention:
         self.now_ms = now_ms
         self.pruned = 0  # payloads dropped since start
 
-    def retention_of(self, origin: bytes, feed: str) -> int | None:
-        """Days ``origin`` keeps the payloads of ``feed``: node.toml for our own feeds,
-        else the card held of the origin (None: no retention declared, or no card)."""
+    async def retention_of(self, origin: bytes, feed: str, time_ms: int) -> int | None:
+        """Days ``origin`` keeps the payloads of its records of ``feed`` signed at
+        ``time_ms``: the retention of its card in force then (ours too: node.toml is
+        signed into our card). None: none declared, or no card of that time held."""
         if feed == ERASURE_FEED:
             return None  # erasure requests are kept for ever
-        if origin == self.public_key:
-            fc = self.config.feeds.get(feed)
-            return fc.retention_days if fc is not None else None
-        card = self.policy.card_info.get(origin)
-        if card is None:
-            return None
-        for f in card.feeds:
-            if f.name == feed:
-                return f.retention_days
-        return None
+        return retention_in_force(await self.policy.card_history(origin), feed, time_ms)
 
     async def prune(self, now_ms: int | None = None) -> int:
-        """Drop every payload past its feed's retention at ``now_ms`` (default: now);
-        return how many. Then give the freed pages back (incremental vacuum)."""
+        """Drop every payload past the retention in force when its record was signed,
+        at ``now_ms`` (default: now); return how many. Then give the freed pages back
+        (incremental vacuum)."""
         now = self.now_ms() if now_ms is None else now_ms
+        self.policy.card()  # our card as node.toml states it now, in our card history
         total = 0
         for origin, feed in list(self.replica.heads):
-            days = self.retention_of(origin, feed)
-            if days is None:
+            if feed == ERASURE_FEED:
                 continue
-            before = retention_cutoff(days, now)
-            after: int | None = 0
-            while after is not None:
-                n, after = await asyncio.wrap_future(self.storage.prune(
-                    origin, feed, before, after_seq=after, limit=PRUNE_BATCH))
-                total += n
+            for since, until, days in retention_periods(
+                    await self.policy.card_history(origin), feed):
+                # The records of [since, until) were signed under a card keeping them
+                # `days` days: past it are those dated before the cutoff.
+                before = retention_cutoff(days, now)
+                if until is not None:
+                    before = min(before, until)
+                if before <= since:
+                    continue
+                after: int | None = 0
+                while after is not None:
+                    n, after = await asyncio.wrap_future(self.storage.prune(
+                        origin, feed, before, since_ms=since, after_seq=after,
+                        limit=PRUNE_BATCH))
+                    total += n
         if total:
             pages = await asyncio.wrap_future(self.storage.reclaim())
             self.pruned += total

@@ -18,6 +18,7 @@ import pytest
 
 from citynode.core import encoding
 from citynode.core import erasure as er
+from citynode.core.cards import NodeCard, make_card
 from citynode.core.chain import ForkProof, canonical_fork_proof, verify_fork_proof
 from citynode.core.checkpoints import MerkleLog
 from citynode.core.keys import SigningKey, Verifier
@@ -43,6 +44,7 @@ from citynode.errors import InvalidRecord, PayloadError
 
 A = SigningKey(bytes([1]) * 32)
 B = SigningKey(bytes([2]) * 32)
+KEYS = {A.public_key: A, B.public_key: B}  # the vectors' signers (KEY_A, KEY_B)
 T0 = 1_735_689_600_000
 DAY = er.DAY_MS
 VECTORS = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "payloads.json")
@@ -209,7 +211,8 @@ def test_a_tombstone_needs_its_origins_erasure_or_retention() -> None:
     def verdict(erasures: list[Record], days: int | None = None, now: int = T0) -> str:
         named = er.named_by(er.erasures_in(erasures), [t])
         try:
-            return er.tombstone_verdict(t, erased=named, retention_days=days, now_ms=now)
+            return er.tombstone_verdict(t, erased=named, now_ms=now,
+                                        history=[_card(T0 - DAY, t.feed, days)])
         except InvalidRecord as exc:
             return exc.reason
 
@@ -223,9 +226,36 @@ def test_a_tombstone_needs_its_origins_erasure_or_retention() -> None:
     # An erasure request is never erased nor pruned.
     et = _open(tombstone_of(mine.envelope))
     with pytest.raises(InvalidRecord) as info:
-        er.tombstone_verdict(et, erased={et.id: mine.id}, retention_days=1,
-                             now_ms=T0 + 999 * DAY)
+        er.tombstone_verdict(et, erased={et.id: mine.id}, now_ms=T0 + 999 * DAY,
+                             history=[_card(T0 - DAY, et.feed, 1)])
     assert info.value.reason == "payload_missing"
+
+
+def _card(time_ms: int, feed: str, days: int | None, key: SigningKey = A) -> NodeCard:
+    """A card of ``key`` dated ``time_ms`` listing ``feed`` with ``days`` of retention."""
+    return make_card(key, name="a", url="https://a.example", tls_fingerprint=None,
+                     feeds=[(feed, "public", days)], partners=[], software="t",
+                     now_ms=time_ms)
+
+
+def test_retention_is_the_one_in_force_when_the_record_was_signed() -> None:
+    # Pruned under a card keeping payloads 1 day; the origin then raised it to 30: the
+    # tombstone still has the retention it was signed under behind it.
+    t = _open(tombstone_of(_rec().envelope))
+    short, long_ = _card(T0 - DAY, t.feed, 1), _card(T0 + 2 * DAY, t.feed, 30)
+    now = T0 + 3 * DAY
+    assert er.retention_in_force([long_, short], t.feed, t.time) == 1
+    assert er.tombstone_verdict(t, erased={}, history=[short, long_], now_ms=now) == "pruned"
+    # Lowered later: the record signed under 30 days is not past it.
+    with pytest.raises(InvalidRecord) as info:
+        er.tombstone_verdict(t, erased={}, now_ms=now, history=[
+            _card(T0 - DAY, t.feed, 30), _card(T0 + 2 * DAY, t.feed, 1)])
+    assert info.value.reason == "payload_missing"
+    # What a prune applies: each card's records, with that card's retention.
+    assert er.retention_periods([long_, short], t.feed) == [
+        (T0 - DAY, T0 + 2 * DAY, 1), (T0 + 2 * DAY, None, 30)]
+    assert er.retention_periods([_card(T0, t.feed, None), long_], t.feed) == [
+        (T0 + 2 * DAY, None, 30)]
 
 
 def test_erasures_in_ignores_tombstones_and_other_types() -> None:
@@ -275,8 +305,10 @@ def test_ingest_vector(case: dict[str, Any]) -> None:
         got: Any = "erased" if rec.id in named else "stored"
     else:
         try:
+            history = [_card(c["time_ms"], rec.feed, c["retention_days"], KEYS[rec.origin])
+                       for c in case["cards"]]
             got = er.tombstone_verdict(rec, erased=named, now_ms=case["now_ms"],
-                                       retention_days=case["retention_days"])
+                                       history=history)
         except InvalidRecord as exc:
             got = {"error": exc.reason}
     assert got == case["expect"]

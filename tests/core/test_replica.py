@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 
@@ -448,29 +449,51 @@ def test_recent_ids_are_bounded_and_each_stays_for_half_the_bound() -> None:
     assert len(one) == 1 and ids[2] in one
 
 
+def _refused_answers(r: rp.Replica, recs: list[Any], n: int) -> tuple[int, list[int]]:
+    """A partner claims ``recs``; each of ``n`` answers is refused whole by the shell
+    (nothing handed to the replica). Returns the time after and the delays between
+    the answers and the fetches that follow."""
+    settle = r.config.settle_ms
+    r.on_frontier(P, {(ORIGIN.public_key, "f"): (len(recs), recs[-1].id)}, T)
+    (fetch,) = of(rp.Fetch, r.tick(T + settle))
+    t = T + 2 * settle
+    delays = []
+    for _ in range(n):
+        assert not of(rp.Fetch, r.on_fetch_done(P, fetch.wants, len(recs), t))  # type: ignore[attr-defined]
+        due = r.next_deadline()
+        assert due is not None and not of(rp.Fetch, r.tick(due - 1))
+        while due is not None and not of(rp.Fetch, acts := r.tick(due)):
+            due = r.next_deadline()  # a sync round meanwhile asks nothing of it
+        assert due is not None
+        (fetch,) = of(rp.Fetch, acts)
+        delays.append(due - t)
+        t = due + 10
+    return t, delays
+
+
 def test_a_chain_whose_records_are_refused_is_fetched_again_on_a_back_off() -> None:
     """Issue 16: a record dated in the future (refused by the shell's verification, so
     never handed to the replica) with later records behind it was fetched and refused
     again every 0.6 s. An answer none of which was stored backs the chain off: settle,
-    then twice that, ... at most backoff_max; the chain growing ends it."""
-    r = replica(settle_ms=100, backoff_max_ms=1000)
+    then twice that, ... at most stall_max; the chain growing ends it."""
+    r = replica(settle_ms=100, stall_max_ms=1000)
     recs = chain(ORIGIN, 3)
-    r.on_frontier(P, {(ORIGIN.public_key, "f"): (3, recs[2].id)}, T)
-    (fetch,) = of(rp.Fetch, r.tick(T + 100))
-    t = T + 200
-    delays = []
-    for _ in range(5):
-        # The answer held 3 records; the shell refused them all (future_time).
-        assert not of(rp.Fetch, r.on_fetch_done(P, fetch.wants, 3, t))  # type: ignore[attr-defined]
-        due = r.next_deadline()
-        assert due is not None and not of(rp.Fetch, r.tick(due - 1))
-        (fetch,) = of(rp.Fetch, r.tick(due))
-        delays.append(due - t)
-        t = due + 10
+    t, delays = _refused_answers(r, recs, 5)
     assert delays == [100, 200, 400, 800, 1000]
     # Now the records are acceptable: the chain grows and the back-off is gone.
     r.on_records(P, recs, t, "sync")
     assert (ORIGIN.public_key, "f") not in r.stalled
+
+
+def test_a_refused_payload_is_not_fetched_again_every_backoff_max_for_ever() -> None:
+    """Issue 13 review: a tombstone refused (payload_missing) was fetched again every
+    ~30 s for ever. The back-off of a chain whose records are refused keeps doubling
+    past backoff_max, up to stall_max (an hour by default)."""
+    r = replica(settle_ms=1000, backoff_max_ms=60_000)
+    assert r.config.stall_max_ms == 3_600_000
+    _t, delays = _refused_answers(r, chain(ORIGIN, 3), 14)
+    assert delays[6] == 64_000 and delays[-1] == 3_600_000  # past backoff_max, capped
+    assert sum(delays) > 3 * 3_600_000  # 14 refused answers span hours, not minutes
 
 
 def test_a_failed_store_rewinds_the_heads_to_what_storage_holds() -> None:

@@ -12,6 +12,7 @@ too.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,44 @@ async def test_an_erasure_reaches_every_holder_and_retention_prunes_at_partners(
     assert [r.get("pruned") for r in page["records"]] == [True, True]
     # A pruned skeleton from a partner is taken once past retention (not before).
     assert c.node.storage.tombstones() == (1, 2)
+
+
+async def test_records_pruned_under_an_older_card_stay_pruned_when_retention_is_raised(
+        node: Callable[..., Awaitable[InProc]], tmp_path: Path) -> None:
+    """A feed kept 1 day is pruned; the origin then raises its retention to 30 days (a
+    new card). The tombstones keep the retention they were signed under: the origin's
+    export audits clean (pruned, not payload_missing), and a node that learns the
+    origin's card history takes them from a partner."""
+    a = await node("Aachen", '\n[feeds.old]\naccess = "public"\nretention_days = 1\n')
+    old = await a.node.publish("old", "org.example.Daily", [{"n": i} for i in range(5)])
+    later = a.node.now_ms() + 2 * DAY
+    assert await a.node.prune(now_ms=later) == 5
+    toml = a.node.data_dir / "node.toml"
+    toml.write_text(toml.read_text().replace("retention_days = 1", "retention_days = 30"))
+    assert await a.node.reload() is not None
+    assert [f.retention_days for f in a.node.card().feeds] == [30]
+    origin = a.node.public_key
+    history = a.node.storage.card_history(origin)
+    assert len(history) == 2
+    assert await a.node.prune(now_ms=later) == 0  # nothing left to prune, none restored
+
+    out = tmp_path / "a.bundle"
+    export_from_storage(a.node.storage, origin, None, out, card=a.node.card().envelope,
+                        now_ms=later)
+    rep = audit_bundle(out, a.node.node_id, now_ms=later)
+    assert rep.ok, rep.render_text()
+    assert rep.feeds["old"].pruned == 5
+
+    # A node two days on, that learns the origin's cards, takes the tombstones.
+    d_dir = make_node_dir(tmp_path, "Dessau", settings={("federation", "accept"): "any"})
+    d = Node.load(d_dir, clock=lambda: time.time() + 2 * DAY / 1000)
+    await d.start()
+    try:
+        assert await d.policy.learn_history(origin, history) == 2
+        res = await d.ingest([encode_record(r.body, r.sig, None) for r in old])
+        assert res.rejected == [] and res.accepted == 5, res
+    finally:
+        await d.stop()
 
 
 async def test_an_erasure_request_naming_another_origins_record_is_refused_and_counted(

@@ -1723,12 +1723,15 @@ def payloads_file() -> dict[str, Any]:
 
     def ingest(name: str, note: str, record: str, expect: str | dict[str, str], *,
                held: list[str] | None = None, batch: list[str] | None = None,
-               retention_days: int | None = None, now: int = NOW) -> dict[str, Any]:
+               cards: list[tuple[int, int | None]] | None = None,
+               now: int = NOW) -> dict[str, Any]:
         return {"name": name, "description": note, "record": record,
                 "erasures_held": held or [], "same_batch": batch or [],
-                "retention_days": retention_days, "now_ms": now, "expect": expect}
+                "cards": [{"time_ms": t, "retention_days": d} for t, d in cards or []],
+                "now_ms": now, "expect": expect}
 
     missing = err("payload_missing")
+    before = T0 - DAY  # a card signed before the records
     cases = [
         ingest("full-record", "'plain' with its payload, nothing else held", "plain",
                "stored"),
@@ -1745,16 +1748,28 @@ def payloads_file() -> dict[str, Any]:
                "naming its position under another id", "plain-tombstone", missing,
                held=["erasure-wrong-id"]),
         ingest("tombstone-past-retention", "retention 30 days, now 31 days after the "
-               "record's time", "plain-tombstone", "pruned", retention_days=30,
+               "record's time", "plain-tombstone", "pruned", cards=[(before, 30)],
                now=T0 + 31 * DAY),
         ingest("tombstone-within-retention", "retention 30 days, now 29 days after the "
-               "record's time", "plain-tombstone", missing, retention_days=30,
+               "record's time", "plain-tombstone", missing, cards=[(before, 30)],
                now=T0 + 29 * DAY),
+        ingest("tombstone-pruned-then-retention-raised", "signed under a card keeping "
+               "payloads 1 day, pruned; a later card raised the retention to 30 days: "
+               "the card in force when it was signed decides, not the newest",
+               "plain-tombstone", "pruned", cards=[(before, 1), (T0 + 2 * DAY, 30)],
+               now=T0 + 3 * DAY),
+        ingest("tombstone-retention-lowered-later", "signed under a card keeping "
+               "payloads 30 days; a later card lowered it to 1 day: still within the "
+               "30 days it was signed under", "plain-tombstone", missing,
+               cards=[(before, 30), (T0 + 2 * DAY, 1)], now=T0 + 3 * DAY),
+        ingest("tombstone-no-card-in-force", "the only card held is dated after the "
+               "record (its retention is not the record's): never past retention",
+               "plain-tombstone", missing, cards=[(T0 + DAY, 1)], now=T0 + 400 * DAY),
         ingest("sealed-tombstone-alone", "a sealed record's tombstone, nothing behind it",
                "sealed-tombstone", missing),
         ingest("erasure-tombstone-past-retention", "an erasure request without its "
                "payload, far past the feed's retention: never erased nor pruned",
-               "erasure-tombstone", missing, retention_days=1, now=T0 + 400 * DAY),
+               "erasure-tombstone", missing, cards=[(before, 1)], now=T0 + 400 * DAY),
         ingest("full-record-erasure-held", "'plain' with its payload arriving after A's "
                "erasure request: stored as a tombstone (the payload dropped at ingest, "
                "after verification)", "plain", "erased", held=["erasure"]),
@@ -1786,8 +1801,10 @@ def payloads_file() -> dict[str, Any]:
             "erasure'). 'records': envelopes valid on their own (a null payload_hex is a "
             "tombstone), with their ids. 'invalid': envelopes refused with expect.error. "
             "'ingest': whether a node takes 'record' (verified) given the erasure "
-            "requests it holds, those arriving in the same batch, the retention its "
-            "origin declares for the feed (days, or null) and now_ms: 'stored' (with its "
+            "requests it holds, those arriving in the same batch, the origin's cards "
+            "('cards': each card's time_ms and the retention_days it declares for the "
+            "record's feed, or null; the card with the greatest time_ms at most the "
+            "record's time is in force, not the newest) and now_ms: 'stored' (with its "
             "payload), 'erased' or 'pruned' (stored as a tombstone), or {'error': "
             "reason} (nothing stored). 'erasures': an erasure request arriving at a node "
             "holding 'held' (with payloads): which payloads it drops, which entries it "
