@@ -18,9 +18,14 @@ it, its own head and the clock (:func:`feed_state`):
 * ``live``      we hold everything the origin signed, and the feed grew recently (or
                 we hold records newer than its last statement).
 
-A statement older (by its signed time) or smaller (by size) than the newest held is
-refused (``checkpoint_older``, ``checkpoint_smaller``) and changes nothing; one from
-the future is refused before it gets here (``future_time``, core/checkpoints.py).
+A statement signed before the newest held and of no more records is **stale**: what an
+honest origin signed earlier, arriving late (a heartbeat queued while a partner was
+down, or over a slower path). It changes nothing and is not misbehaviour. A statement
+inconsistent with the newest held is refused and changes nothing: fewer records signed
+later (``checkpoint_smaller``: a feed never shrinks), or more records signed earlier
+(``checkpoint_older``: the origin's statements cannot go back in time and forward in
+size). One from the future is refused before it gets here (``future_time``,
+core/checkpoints.py).
 Everything here is pure: times are parameters.
 """
 
@@ -98,26 +103,42 @@ class FeedLiveness:
         self.grew_at = 0
         self._seen: list[tuple[int, int]] = []  # (size, first learnt at), sizes ascending
 
+    def verdict(self, st: Statement) -> str:
+        """What a verified statement is to the newest held: ``"new"`` (signed no earlier
+        and of no fewer records: it replaces it), ``"known"`` (the one held, or one of
+        its size and time; also one of its size with another root, a split view, which
+        is not this function's business: the caller holds the proof) or ``"stale"``
+        (signed earlier, of no more records: an honest statement arriving late).
+
+        Raises :class:`InvalidRecord` for a statement no honest origin signs beside the
+        one held: ``checkpoint_smaller`` (fewer records, signed no earlier),
+        ``checkpoint_older`` (more records, signed earlier)."""
+        held = self.newest
+        if held is None:
+            return "new"
+        if st.size == held.size and (st.time == held.time or st.root != held.root):
+            return "known"
+        if st.time < held.time:
+            if st.size > held.size:
+                raise InvalidRecord(
+                    f"checkpoint of {st.size} records signed at {st.time}, before one "
+                    f"of {held.size} records ({held.time}): the origin's statements "
+                    "never go back in time and forward in size", "checkpoint_older")
+            return "stale"
+        if st.size < held.size:
+            raise InvalidRecord(
+                f"checkpoint of {st.size} records, signed after one of {held.size}: a "
+                "feed never shrinks", "checkpoint_smaller")
+        return "new"
+
     def observe(self, st: Statement, now_ms: int) -> bool:
         """Take a verified statement received at ``now_ms``. Returns True if it is newer
-        than the one held (by time), False if it is the one held.
-
-        Raises :class:`InvalidRecord` -- ``checkpoint_older`` if signed before the one
-        held, ``checkpoint_smaller`` if of fewer records -- and then changes nothing.
-        Two statements of one time and size with different roots are a split view: not
-        this function's business (returns False; the caller holds the proof)."""
+        than the one held (:meth:`verdict` ``"new"``: then held), False if it is known
+        or stale (nothing changes). Raises as :meth:`verdict`, and then changes
+        nothing."""
+        if self.verdict(st) != "new":
+            return False
         held = self.newest
-        if held is not None:
-            if st.size < held.size:
-                raise InvalidRecord(
-                    f"checkpoint of {st.size} records, after one of {held.size}: a feed "
-                    "never shrinks", "checkpoint_smaller")
-            if st.time < held.time:
-                raise InvalidRecord(
-                    f"checkpoint signed at {st.time}, before the one held ({held.time}): "
-                    "a liveness statement never goes back in time", "checkpoint_older")
-            if st.size == held.size and (st.time == held.time or st.root != held.root):
-                return False
         if held is None or st.size > held.size:
             self.grew_at = st.time
             self._seen.append((st.size, now_ms))

@@ -183,20 +183,22 @@ class Checkpoints:
                 lv.Statement(size, t, root, env), grew_at, now)
         return len(rows)
 
-    def _observe(self, origin: bytes, feed: str, cp: cps.Checkpoint, now: int) -> bool:
-        """Take a verified checkpoint as a liveness statement: True if newer than the
+    def _observe(self, origin: bytes, feed: str, cp: cps.Checkpoint, now: int) -> str:
+        """Take a verified checkpoint as a liveness statement: its
+        :meth:`~citynode.core.liveness.FeedLiveness.verdict`, "new" if newer than the
         one held (then kept in storage too; the write is queued, not awaited). Raises
         InvalidRecord (checkpoint_older, checkpoint_smaller)."""
         fl = self.liveness.get((origin, feed))
         if fl is None:
             if len(self.liveness) >= LIVENESS_MAX:
-                return False
+                return "known"
             fl = self.liveness[(origin, feed)] = lv.FeedLiveness()
-        newer = fl.observe(lv.Statement(cp.size, cp.time, cp.root, cp.envelope), now)
-        if newer:
+        st = lv.Statement(cp.size, cp.time, cp.root, cp.envelope)
+        verdict = fl.verdict(st)
+        if verdict == "new" and fl.observe(st, now):
             self.storage.put_liveness(origin, feed, cp.size, cp.time, cp.root, cp.envelope,
                                       fl.grew_at).add_done_callback(_log_failed_write)
-        return newer
+        return verdict
 
     def newest(self, origin: bytes, feed: str) -> bytes | None:
         """The envelope of the newest liveness statement held of a feed, if any."""
@@ -246,12 +248,15 @@ class Checkpoints:
         """A checkpoint from partner ``src``: verify, keep, forward if new. Two
         checkpoints of one feed and size with different roots are a split view: kept as
         proof and forwarded like a fork proof. A newer liveness statement (same size,
-        later time) is forwarded too. Returns "new", "known" or "split-view".
+        later time) is forwarded too. Returns "new", "known" or "split-view"; a stale
+        one (signed before the newest statement held, of no more records: an honest
+        heartbeat arriving late, queued or by a slower path) is "known": kept if of a
+        size not held (evidence for split views), not forwarded, not counted.
 
         Raises InvalidRecord, counted on ``src``'s tally: ``future_time``,
         ``untrusted_origin``, ``checkpoint_older`` or ``checkpoint_smaller`` (a
-        statement going backwards: nothing is stored or forwarded), or any reason
-        :func:`cps.open_checkpoint` gives."""
+        statement inconsistent with the newest held: nothing is stored or forwarded),
+        or any reason :func:`cps.open_checkpoint` gives."""
         try:
             return await self._ingest_checkpoint(env, src)
         except InvalidRecord as exc:
@@ -270,10 +275,10 @@ class Checkpoints:
         if mine is None:
             # Evidence of a split view first (above): going backwards in time does not
             # hide it. Then the liveness rules; a refusal changes nothing.
-            newer = self._observe(cp.origin, cp.feed, cp, now)
+            verdict = self._observe(cp.origin, cp.feed, cp, now)
             new = await asyncio.wrap_future(
                 self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
-            if new or newer:
+            if verdict == "new" or (new and verdict != "stale"):
                 await self.execute(self.replica.on_checkpoint(src, cp.origin, cp.feed, env))
                 return "new"
             return "known"

@@ -78,8 +78,8 @@ def test_the_same_statement_twice_is_known() -> None:
 
 @pytest.mark.parametrize(("size", "time", "reason"), [
     (4, T + 1000, "checkpoint_smaller"),
+    (4, T, "checkpoint_smaller"),
     (6, T - 1, "checkpoint_older"),
-    (5, T - 1, "checkpoint_older"),
 ])
 def test_going_backwards_is_refused_and_changes_nothing(size: int, time: int,
                                                         reason: str) -> None:
@@ -88,6 +88,20 @@ def test_going_backwards_is_refused_and_changes_nothing(size: int, time: int,
     with pytest.raises(InvalidRecord) as info:
         f.observe(st(size, time), T + 2)
     assert info.value.reason == reason
+    assert f.newest == st(5, T)
+    assert f.grew_at == T and f.behind_since(4) == T
+
+
+@pytest.mark.parametrize(("size", "time"), [(5, T - 1), (4, T - 1), (0, T - 60_000)])
+def test_an_honest_statement_arriving_late_is_stale_not_invalid(size: int,
+                                                               time: int) -> None:
+    """Issue 13 review: heartbeats a partner queued while down (or that took a slower
+    path) arrive after a newer one; signed earlier, of no more records, they are what
+    an honest origin signs: stale, changing nothing, not refused."""
+    f = FeedLiveness()
+    f.observe(st(5, T), T)
+    assert f.verdict(st(size, time)) == "stale"
+    assert f.observe(st(size, time), T + 2) is False
     assert f.newest == st(5, T)
     assert f.grew_at == T and f.behind_since(4) == T
 
@@ -113,5 +127,5 @@ def test_a_restored_feed_keeps_its_statement_and_restarts_the_sync_bound() -> No
     assert fl.state(cadence_s=1, head=10, now_ms=100_000, sync_bound_ms=1_000) == "dead"
     # Going backwards is refused as before.
     with pytest.raises(InvalidRecord) as info:
-        fl.observe(Statement(10, 4_999, b"r" * 32, b"e2"), 100_001)
+        fl.observe(Statement(11, 4_999, b"s" * 32, b"e2"), 100_001)
     assert info.value.reason == "checkpoint_older"

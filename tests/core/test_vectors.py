@@ -425,7 +425,9 @@ def test_liveness_vector(case: dict[str, Any]) -> None:
     held = statement(case["held_hex"])
     assert f.observe(held, case["now_ms"])
     try:
-        got: Any = "new" if f.observe(statement(case["offered_hex"]), case["now_ms"]) else "known"
+        offered = statement(case["offered_hex"])
+        got: Any = f.verdict(offered)
+        assert f.observe(offered, case["now_ms"]) is (got == "new")
     except InvalidRecord as exc:
         got = {"error": exc.reason}
         assert f.newest == held  # a refusal changes nothing

@@ -197,7 +197,8 @@ async def test_liveness_statements_backwards_or_from_the_future_are_refused(
                         fingerprint=b.node.identity.cert_fingerprint)
     try:
         for cp, reason in [
-            (cps.sign_checkpoint(a.node.key, "w", 3, cp3.root, cp3.time - 1), "checkpoint_older"),
+            (cps.sign_checkpoint(a.node.key, "w", 4, b"\x04" * 32, cp3.time - 1),
+             "checkpoint_older"),
             (cps.sign_checkpoint(a.node.key, "w", 2, root2, now + 1000), "checkpoint_smaller"),
             (cps.sign_checkpoint(a.node.key, "w", 9, b"\x05" * 32, now + 16 * 60_000),
              "future_time"),
@@ -215,6 +216,16 @@ async def test_liveness_statements_backwards_or_from_the_future_are_refused(
         assert link is not None
         assert link.invalid == {"checkpoint_older": 1, "checkpoint_smaller": 1,
                                 "future_time": 1}
+        # Issue 13 review: an earlier heartbeat arriving late (queued while a partner
+        # was down) is stale: answered known, not counted, changing nothing.
+        for late in (cps.sign_checkpoint(a.node.key, "w", 3, cp3.root, cp3.time - 1),
+                     cps.sign_checkpoint(a.node.key, "w", 2, root2, cp3.time - 2)):
+            out = await client.request("POST", "/v1/checkpoints", late.envelope)
+            assert b'"known"' in out
+        assert b.node.checkpoints.newest(pk, "w") == cp3.envelope
+        assert link.invalid == {"checkpoint_older": 1, "checkpoint_smaller": 1,
+                                "future_time": 1}
+        assert b.node.metrics.rejected.labels("checkpoint_older")._value.get() == 1
         # A heartbeat: same size and root, later: new, held as the newest statement.
         beat = cps.sign_checkpoint(a.node.key, "w", 3, cp3.root, now + 2000)
         out = await client.request("POST", "/v1/checkpoints", beat.envelope)

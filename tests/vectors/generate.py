@@ -2114,8 +2114,9 @@ def _checkpoint(key: SigningKey, feed: str, size: int, root: bytes, time: int,
 
 def liveness_cases(root7: bytes) -> list[dict[str, Any]]:
     """A node holds ``held`` (the newest liveness statement of A's feed) and is offered
-    ``offered`` at ``now_ms``: "new" (newer: kept and forwarded), "known" (the one held)
-    or refused with its reason, changing nothing."""
+    ``offered`` at ``now_ms``: "new" (newer: kept and forwarded), "known" (the one held),
+    "stale" (signed earlier, of no more records: an honest statement arriving late,
+    changing nothing) or refused with its reason, changing nothing."""
     root8 = _sha(b"root of 8")
 
     def cp(size: int, root: bytes, time: int) -> str:
@@ -2131,12 +2132,21 @@ def liveness_cases(root7: bytes) -> list[dict[str, Any]]:
          "expect": "new"},
         {"name": "same", "description": "The statement held, again.", "held_hex": held,
          "offered_hex": held, "now_ms": NOW, "expect": "known"},
-        {"name": "older-time", "description": "Signed before the one held (same size).",
+        {"name": "older-time", "description": "Signed before the one held (same size "
+         "and root): an earlier heartbeat arriving late, stale (not refused).",
          "held_hex": held, "offered_hex": cp(7, root7, T0 + 59_999), "now_ms": NOW,
-         "expect": err("checkpoint_older")},
+         "expect": "stale"},
+        {"name": "older-time-smaller", "description": "Fewer records, signed before the "
+         "one held: an earlier statement arriving late, stale (not refused).",
+         "held_hex": held, "offered_hex": cp(6, _sha(b"root of 6"), T0), "now_ms": NOW,
+         "expect": "stale"},
         {"name": "older-time-larger", "description": "A larger size signed before the "
-         "one held: going back in time all the same.", "held_hex": held,
+         "one held: no honest origin signs both.", "held_hex": held,
          "offered_hex": cp(8, root8, T0), "now_ms": NOW, "expect": err("checkpoint_older")},
+        {"name": "same-time-smaller", "description": "Fewer records, signed at the same "
+         "time as the one held.", "held_hex": held,
+         "offered_hex": cp(6, _sha(b"root of 6"), T0 + 60_000), "now_ms": NOW,
+         "expect": err("checkpoint_smaller")},
         {"name": "smaller-size", "description": "Fewer records, signed later.",
          "held_hex": held, "offered_hex": cp(6, _sha(b"root of 6"), T0 + 120_000),
          "now_ms": NOW, "expect": err("checkpoint_smaller")},
