@@ -502,7 +502,7 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _Key("backoff_max_seconds", "float", 60.0, "Longest wait between retries when a "
              "partner is unreachable.", _range(1, 86400)),
         _Key("origin_quota_records_per_day", "int", 1000000, "Most records stored per "
-             "origin node per day.", _range(1, 10**12)),
+             "origin node per day (its erasure requests always pass).", _range(1, 10**12)),
         _Key("origin_quota_bytes_per_day", "int", 1073741824, "Most bytes stored per origin "
              "node per day.", _range(1, 2**50)),
         _Key("sync_bound_seconds", "float", 120.0, "How long records an origin signed "

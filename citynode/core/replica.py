@@ -44,7 +44,9 @@ Actions (frozen dataclasses): :class:`Store`, :class:`Push`, :class:`Announce`,
 
 Rules kept from the node: trust policy and access policy are injected predicates;
 quota is charged only for records stored (each one, also those released from the
-pending buffer; own records are never charged); a record is never pushed back to the
+pending buffer; own records are never charged; erasure requests, feed
+``citynode.erasures``, always pass it: a node over an origin's quota must still drop
+the personal data that origin asks it to erase); a record is never pushed back to the
 partner it came from nor to one known to hold it; Plumtree per origin (a duplicate
 answer prunes the origin to lazy, a graft makes it eager again); a chain that pushes
 are extending is not pulled; own-feed safety (a partner claiming later records of our
@@ -81,6 +83,7 @@ from citynode.core import reconcile as rc
 from citynode.core.chain import FeedHead, Verdict, canonical_fork_proof, classify
 from citynode.core.records import Record
 from citynode.core.sync import MAX_WANTS, FeedKey, OriginQuota, PeerView, PendingBuffer, Want
+from citynode.core.types import ERASURE_FEED
 from citynode.errors import ChainError, InvalidProof, PublishRefused
 
 __all__ = [
@@ -583,9 +586,17 @@ class Replica:
         self._recent.add(rid)
 
     def _charge(self, rec: Record, now_ms: int) -> bool:
-        if rec.origin == self.me:
+        if rec.origin == self.me or rec.feed == ERASURE_FEED:
+            # An erasure request always passes the quota (small, each naming records
+            # its origin published): refusing it would keep personal data here.
             return True
         return self.quota.allow(rec.origin, len(rec.body), now_ms)
+
+    def _over_quota(self, key: FeedKey, now_ms: int) -> bool:
+        """No record of this chain can be stored today: its origin is another node's,
+        over its quota, and the chain is not its erasure requests (those always pass)."""
+        return (key[0] != self.me and key[1] != ERASURE_FEED
+                and self.quota.exhausted(key[0], now_ms))
 
     def _backoff(self, p: _Partner) -> int:
         return min(self.config.backoff_max_ms, 100 << min(p.failures, 16))
@@ -677,8 +688,8 @@ class Replica:
         becoming a Fetch of its own."""
         if lo > hi:
             return
-        if key[0] != self.me and (not self.config.trusted(key[0])
-                                  or self.quota.exhausted(key[0], now_ms)):
+        if (key[0] != self.me and not self.config.trusted(key[0])) or \
+                self._over_quota(key, now_ms):
             return  # not stored if it came: do not ask (pull again another day)
         f = self.fetching.get(key)
         if f is not None and f[2] > now_ms and f[1] >= hi:
@@ -788,7 +799,7 @@ class Replica:
                     self.pushed_at[key] = now_ms
                     self._last_push = now_ms
             elif d.verdict is Verdict.AHEAD:
-                if rec.origin != self.me and self.quota.exhausted(rec.origin, now_ms):
+                if self._over_quota(key, now_ms):
                     # It could never be stored today (its chain cannot extend), so it is
                     # not held: an origin flooding past its quota filled the shared
                     # pending buffer with such records (scripts/chaos.py, ``hostile``).
@@ -1067,7 +1078,7 @@ class Replica:
             if key[0] == self.me:
                 self._own_claim(p, key[1], seq, head, mseq, now_ms, out)
             if seq > mseq:
-                if not self.config.trusted(key[0]) or self.quota.exhausted(key[0], now_ms):
+                if not self.config.trusted(key[0]) or self._over_quota(key, now_ms):
                     continue
                 old = self.deferred.get(key)
                 if not self._may_defer(key, p.key):

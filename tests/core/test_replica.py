@@ -12,6 +12,7 @@ from citynode.core import replica as rp
 from citynode.core.keys import SigningKey
 from citynode.core.records import Record, sign_record
 from citynode.core.sync import Want
+from citynode.core.types import ERASURE_FEED, ERASURE_TYPE
 from citynode.errors import PublishRefused
 
 ME = SigningKey(b"\x01" * 32)
@@ -79,6 +80,41 @@ def test_quota_is_charged_for_every_record_stored_also_released_from_pending() -
     assert len(store.records) == 2  # type: ignore[attr-defined]
     assert r.quota.usage(ORIGIN.public_key, T)[0] == 2
     assert of(rp.Rejected, acts)
+
+
+def test_erasure_requests_always_pass_the_origin_quota() -> None:
+    """Issue 13 review: with an origin's quota spent, its erasure request was refused
+    (quota) and the personal data it names kept until the next day."""
+    r = replica(quota_records_per_day=1)
+    recs = chain(ORIGIN, 2)
+    assert r.on_records(P, recs, T)[0] == ["stored", "rejected:quota"]
+
+    def requests_(n: int, start: int = 1, prev: bytes | None = None) -> list[Record]:
+        out = []
+        for seq in range(start, start + n):
+            out.append(sign_record(
+                ORIGIN, feed=ERASURE_FEED, seq=seq, prev=prev, time_ms=T, type=ERASURE_TYPE,
+                data={"erase": [{"feed": "f", "seq": 1, "id": recs[0].id}],
+                      "reason": "personal data"}))
+            prev = out[-1].id
+        return out
+
+    requests = requests_(3)
+    # In order, and ahead of a gap (held, then released), and asked for by a pull.
+    assert r.on_records(P, requests[1:], T)[0] == ["pending", "pending"]
+    outcomes, acts = r.on_records(P, requests[:1], T)
+    assert outcomes == ["stored"]
+    (store,) = of(rp.Store, acts)
+    assert [x.seq for x in store.records] == [1, 2, 3]  # type: ignore[attr-defined]
+    assert not of(rp.Rejected, acts)
+    r.on_committed(store.records, P, T)  # type: ignore[attr-defined]
+    more = requests_(2, start=4, prev=requests[-1].id)
+    r.on_frontier(P, {(ORIGIN.public_key, ERASURE_FEED): (5, more[-1].id)}, T)
+    fetches = [f for t in (T + 1000, T + 5000) for f in of(rp.Fetch, r.tick(t))]
+    assert [w.key for f in fetches for w in f.wants] == [  # type: ignore[attr-defined]
+        (ORIGIN.public_key, ERASURE_FEED)]
+    # The origin's other feeds stay over quota.
+    assert r.on_records(P, chain(ORIGIN, 1, feed="g"), T)[0] == ["rejected:quota"]
 
 
 def test_records_ahead_of_an_origin_over_its_quota_are_refused_not_held() -> None:
