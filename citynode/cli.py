@@ -621,7 +621,9 @@ def subscribe(url: str, nid: str | None, origin: str | None, feed: str | None,
     """Follow a node's records live; verify each one; print JSON Lines.
 
     Reconnects by itself and resumes where it stopped, so nothing is missed or
-    printed twice. Each line carries a "cursor" to resume from with --after. A record
+    printed twice. Each line carries a "cursor" to resume from with --after, and
+    "terms": the licence, terms and attribution of the record's feed in force when it
+    was signed (from its origin's cards, verified here; null: unknown). A record
     its origin erases after it was printed is printed again as its tombstone
     ("tombstone": true, no "data", the same "id"): drop what you kept of it.
     """
@@ -638,7 +640,13 @@ def subscribe(url: str, nid: str | None, origin: str | None, feed: str | None,
         async with Client(url, node_id=nid, key=key) as c:
             async for cursor, rec in c.subscribe(origin=origin, feed=feed, type=type_name,
                                                  last_event_id=after):
-                click.echo(json.dumps(record_to_json(rec, cursor, key), ensure_ascii=False))
+                line = record_to_json(rec, cursor, key)
+                try:
+                    terms = await c.terms(rec)
+                except CitynodeError:  # the node serves no card history of it
+                    terms = None
+                line["terms"] = terms.terms() if terms is not None else None
+                click.echo(json.dumps(line, ensure_ascii=False))
                 n += 1
                 if count is not None and n >= count:
                     return

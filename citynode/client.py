@@ -95,6 +95,7 @@ class Client:
         self._auth: Auth = NodeSignature(key, node_id) if key is not None else NoAuth()
         self._http: HttpClient | None = None
         self._cards: dict[str, tuple[NodeCard, ...]] = {}  # origin id -> card history
+        self._cards_at: dict[str, float] = {}  # origin id -> when it was fetched (s)
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -158,12 +159,14 @@ class Client:
             raise InvalidRecord("the node answered with a different record", "wrong_record")
         return rec
 
-    async def card_history(self, origin: str) -> tuple[NodeCard, ...]:
+    async def card_history(self, origin: str, *, refresh: bool = False
+                           ) -> tuple[NodeCard, ...]:
         """The cards of ``origin`` the node holds (its card history), oldest first, each
-        verified here as signed by ``origin``; cached for the client's life. Raises
+        verified here as signed by ``origin``; cached for the client's life (``refresh``:
+        fetched again). Raises
         PeerRejected (404) if the node holds nothing of that origin you may list,
         InvalidRecord if a card does not verify or is not ``origin``'s."""
-        hist = self._cards.get(origin)
+        hist = None if refresh else self._cards.get(origin)
         if hist is None:
             raw = msgpack.unpackb(await self._get(f"/v1/card-history?origin={origin}"),
                                   raw=False)
@@ -173,6 +176,7 @@ class Client:
             hist = tuple(open_card(e, expected_node_id=origin, verifier=self.verifier)
                          for e in raw)
             self._cards[origin] = hist
+            self._cards_at[origin] = time.time()
         return hist
 
     async def terms(self, rec: Record) -> CardFeed | None:
@@ -180,10 +184,16 @@ class Client:
         terms_url/terms_digest, attribution, policy, cadence_s) in the card of its
         origin with the greatest time at most the record's (docs/PROTOCOL.md, "Feed
         terms"), from cards this client verified; None if unknown. Check a fetched
-        terms document with :func:`citynode.core.cards.check_terms_document`."""
+        terms document with :func:`citynode.core.cards.check_terms_document`. A record
+        signed after the cached history was fetched may be under a newer card: the
+        history is fetched again then (at most every 30 s per origin, for a live
+        stream)."""
         from citynode.core.keys import node_id
 
-        return terms_in_force(await self.card_history(node_id(rec.origin)), rec.feed,
+        origin = node_id(rec.origin)
+        at = self._cards_at.get(origin)
+        refresh = at is not None and rec.time >= at * 1000 and time.time() - at >= 30
+        return terms_in_force(await self.card_history(origin, refresh=refresh), rec.feed,
                               rec.time)
 
     async def query(self, *, origin: str | None = None, feed: str | None = None,

@@ -8,6 +8,7 @@ feeds -- and caches what it derives from them until either changes.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -65,6 +66,7 @@ class Policy:
         self._card: cards.NodeCard | None = None
         self._card_stale = False  # partners changed: compare our card's content again
         self._history: dict[bytes, tuple[cards.NodeCard, ...]] = {}  # origin -> cards
+        self._history_stale: set[bytes] = set()  # written since cached: read again
         #: Counts the cards kept (ours and others'): streams compare it to tell that
         #: terms may have changed.
         self.cards_version = 0
@@ -213,14 +215,21 @@ class Policy:
 
     def _add_history(self, c: cards.NodeCard) -> None:
         """A verified card (ours or another node's) enters its node's card history."""
-        self.storage.add_card_history(c.node, c.time, c.envelope)
+        done = self.storage.add_card_history(c.node, c.time, c.envelope)
         self._history.pop(c.node, None)
+        # A read of the history may run before the write commits and cache it without
+        # this card: once written, the cached copy is read again (a set's add is
+        # atomic: the writer thread may call this).
+        done.add_done_callback(functools.partial(_mark_stale, self._history_stale, c.node))
         self.cards_version += 1
 
     async def card_history(self, origin: bytes) -> tuple[cards.NodeCard, ...]:
         """The cards kept of ``origin`` (ours too), oldest first: what decides the terms
         in force for its records. Verified again when read from storage (a few per
         origin, cached for the most recent origins)."""
+        if origin in self._history_stale:
+            self._history_stale.discard(origin)
+            self._history.pop(origin, None)
         hist = self._history.get(origin)
         if hist is not None:
             return hist
@@ -285,25 +294,6 @@ class Policy:
             entry = cards.terms_in_force(hist, feed, t)
             out.append(None if entry is None or best is None
                        else {**entry.terms(), "card_time": best.time})
-        return out
-
-    def feed_terms(self, origin: bytes | None, feed: str | None, caller: bytes | None,
-                   operator: bool) -> list[dict[str, object]]:
-        """The current terms (newest card) of every feed held of ``origin`` and named
-        ``feed`` (None: any) that ``caller`` may list (the operator: all): what a
-        stream's ``terms`` event carries. ``[{origin (id), feed, terms, card_time}]``."""
-        out: list[dict[str, object]] = []
-        for o, f in sorted(set(self.replica.heads)):
-            if (origin is not None and o != origin) or (feed is not None and f != feed):
-                continue
-            if not operator and not self.may_list(o, f, caller):
-                continue
-            c = self.card() if o == self.public_key else self.card_info.get(o)
-            entry = next((x for x in c.feeds if x.name == f), None) if c else None
-            out.append({"origin": node_id(o), "feed": f,
-                        "terms": entry.terms() if entry is not None else None,
-                        "card_time": c.time if c is not None and entry is not None
-                        else None})
         return out
 
     def current_terms(self, origin: bytes, feed: str) -> cards.CardFeed | None:
@@ -496,3 +486,8 @@ def sealed_to(sealed: object) -> frozenset[bytes] | None:
     if not isinstance(sealed, dict):
         return None
     return frozenset(r[0] for r in sealed.get("to", ()) if isinstance(r, list) and r)
+
+
+def _mark_stale(stale: set[bytes], node: bytes, _done: object) -> None:
+    """A card of ``node`` was written: its cached history is read again."""
+    stale.add(node)

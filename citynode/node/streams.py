@@ -43,6 +43,8 @@ class StreamBatch(NamedTuple):
     rowids: list[int]
     texts: list[str]
     chunk: bytes
+    #: (origin, feed, time) of each row: what decides the terms in force for it.
+    keys: list[tuple[bytes, str, int]]
 
     def after(self, cursor: int) -> bytes:
         """The events of rows after ``cursor`` (a stream that caught up from storage
@@ -240,6 +242,8 @@ class Streams:
             else:  # its own rendering, or the stream arrived while the rows were read
                 chosen = [first.render(rows[n]) for n in picked]
             batch = StreamBatch([rows[n].rowid for n in picked], chosen,
-                                "".join(chosen).encode())
+                                "".join(chosen).encode(),
+                                [(rows[n].origin, rows[n].feed, rows[n].time)
+                                 for n in picked])
             for sub in members:
                 sub.offer(batch)

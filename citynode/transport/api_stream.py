@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from citynode.core.keys import node_id
 from citynode.errors import (
     QueryTooSlow,
 )
@@ -43,17 +44,34 @@ def sse_event(row: Any, key: Any = None) -> str:
     return f"id: {row.rowid}\r\nevent: record\r\ndata: {data}\r\n\r\n"
 
 
-async def _write_terms(resp: web.StreamResponse, node: Any, where: Any, caller: Any,
-                       operator: bool, before: Any) -> tuple[Any, int]:
-    """Write an ``event: terms`` (data: ``{"feeds": [{origin, feed, terms,
-    card_time}]}``) if the terms of the feeds streamed differ from ``before``; returns
-    the terms and the cards version they were read at."""
-    version = node.policy.cards_version
-    terms = node.policy.feed_terms(where.origin, where.feed, caller, operator)
-    if terms != before:
-        data = json.dumps({"feeds": terms})
-        await resp.write(f"event: terms\r\ndata: {data}\r\n\r\n".encode())
-    return terms, version
+class _TermsInForce:
+    """With ``?terms=1``: the terms in force for each record streamed (those of its
+    origin's card in force when it was signed, as ``GET /v1/records`` gives per record),
+    announced by an ``event: terms`` before the first record of each (origin, feed) and
+    again before a record whose terms in force differ from the last announced for its
+    feed (a record signed under another card)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.sent: dict[tuple[bytes, str], Any] = {}
+
+    async def interleave(self, keys: list[tuple[bytes, str, int]], texts: list[str]) -> str:
+        """``texts`` (the events of rows with ``keys``: origin, feed, time), each
+        preceded by an ``event: terms`` (data: ``{"feeds": [{origin, feed, terms,
+        card_time}]}``) when its terms in force are not those last announced."""
+        terms = await self.node.policy.terms_json(keys)
+        out = []
+        for (origin, feed, _t), text, t in zip(keys, texts, terms, strict=True):
+            k = (origin, feed)
+            if k not in self.sent or self.sent[k] != t:
+                self.sent[k] = t
+                entry = {"origin": node_id(origin), "feed": feed,
+                         "terms": None if t is None
+                         else {x: y for x, y in t.items() if x != "card_time"},
+                         "card_time": None if t is None else t["card_time"]}
+                out.append(f"event: terms\r\ndata: {json.dumps({'feeds': [entry]})}\r\n\r\n")
+            out.append(text)
+        return "".join(out)
 
 
 def sse_envelope_event(row: Any) -> str:
@@ -89,9 +107,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     event's ``data`` is the base64 envelope alone (the subscriber verifies and, if a
     reader, opens it; the node decrypts nothing). An invalid filter is a 400
     before the stream opens. When the node shuts down the stream ends (the response
-    completes normally) and the subscriber resumes by cursor. ``terms=1``: after the
-    starting cursor, an ``event: terms`` with the current terms of the feeds streamed,
-    and another before records whenever a card changed them (docs/API.md). When an
+    completes normally) and the subscriber resumes by cursor. ``terms=1``: an ``event:
+    terms`` with the terms in force for the next record (those it was signed under)
+    before the first record of each feed and whenever they change from one record to
+    the next (docs/API.md; :class:`_TermsInForce`). When an
     erasure request removes the payload of a record this stream already sent, an
     ``event: erased`` (no ``id``; ``data`` the JSON tombstone) says so
     (:func:`sse_erased_event`).
@@ -132,8 +151,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     envelope_only = fmt == "envelope"
     if request.query.get("terms", "0") not in ("0", "1"):
         raise web.HTTPBadRequest(text="terms must be 1 (send terms events) or 0")
-    with_terms = request.query.get("terms") == "1"
-    terms: Any = None
+    terms = _TermsInForce(node) if request.query.get("terms") == "1" else None
     # The compact format carries the sealed envelope: a reader decrypts it itself.
     key = None if envelope_only else decrypt_key(request)
     render: Callable[[Any], str]
@@ -157,13 +175,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
             # a subscriber cut off before the first record resumes from here, not
             # from "now" again, which would lose what came in between.
             await resp.write(f"id: {cursor}\r\n\r\n".encode())
-            # Issue 13, with ?terms=1: the terms of the feeds streamed, now and whenever
-            # a card changes (opt-in: a subscriber that parses only record events is
-            # not surprised by another kind).
-            version = -1
-            if with_terms:
-                terms, version = await _write_terms(resp, node, where, caller,
-                                                    is_operator(request), None)
+            # Issue 13, with ?terms=1: the terms each record was signed under, as an
+            # event before it when they change (opt-in: a subscriber that parses only
+            # record events is not surprised by another kind).
             # Until the node shuts down (sub.close()): then the response ends properly
             # and the subscriber resumes by cursor (after the restart, or elsewhere).
             while not sub.closed:
@@ -184,6 +198,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     visible = [row for row in rows if match(row)]
                     out = (await in_thread(_render_events, visible, render)
                            if visible else [])
+                    if out and terms is not None:
+                        out = [await terms.interleave(
+                            [(r.origin, r.feed, r.time) for r in visible], out)]
                     if out:
                         await resp.write("".join(out).encode())
                     if rows:
@@ -204,11 +221,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
                             chunks += [sse_erased_event(row).encode() for row in b.rows
                                        if row.rowid <= cursor]
                         elif b is not None and b.rowids[-1] > cursor:
-                            chunks.append(b.after(cursor))
+                            if terms is None:
+                                chunks.append(b.after(cursor))
+                            else:
+                                new = [n for n, r in enumerate(b.rowids) if r > cursor]
+                                chunks.append((await terms.interleave(
+                                    [b.keys[n] for n in new],
+                                    [b.texts[n] for n in new])).encode())
                             cursor = b.rowids[-1]
-                    if chunks and with_terms and node.policy.cards_version != version:
-                        terms, version = await _write_terms(resp, node, where, caller,
-                                                            is_operator(request), terms)
                     if chunks:
                         await resp.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 while not sub.queue.empty():  # stale: the database has these rows

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,16 +194,36 @@ async def test_a_change_of_terms_is_a_new_card_and_old_records_keep_theirs(
         hist = await c.card_history(a.node_id)
         assert len(hist) >= 2 and all(h.node_id == a.node_id for h in hist)
 
-    # A stream, asked for terms: the current terms of the feeds it serves first.
-    events = await _first_events(b, f"/v1/stream?origin={a.node_id}&after=0&terms=1", 3)
-    assert events[0][0] == "terms"
-    assert events[0][1]["feeds"] == [{"origin": a.node_id, "feed": "air",
-                                      "terms": {"license": "CC-BY-4.0", "terms_url": None,
-                                                "terms_digest": None,
-                                                "attribution": "A city, air network",
-                                                "policy": None},
-                                      "card_time": events[0][1]["feeds"][0]["card_time"]}]
-    assert [e for e, _ in events[1:]] == ["record", "record"]
+    # A stream, asked for terms: before each record whose terms in force differ from
+    # the last announced for its feed, an event with the terms it was signed under
+    # (issue 13 review: not the current terms before records signed under older ones).
+    events = await _first_events(b, f"/v1/stream?origin={a.node_id}&after=0&terms=1", 6)
+    assert [e for e, _ in events] == ["terms", "record", "record", "terms", "record",
+                                      "record"]
+    for n, rec_ in ((0, 0), (3, 2)):
+        want = page["records"][rec_]["terms"]
+        assert events[n][1]["feeds"] == [{
+            "origin": a.node_id, "feed": "air", "card_time": want["card_time"],
+            "terms": {k: v for k, v in want.items() if k != "card_time"}}]
+    assert events[0][1]["feeds"][0]["terms"]["license"] == "CC0-1.0"
+    assert events[3][1]["feeds"][0]["terms"]["license"] == "CC-BY-4.0"
+    assert [e[1]["seq"] for e in events if e[0] == "record"] == [1, 2, 3, 4]
+
+    # citynode subscribe prints each record with the terms it was signed under.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "citynode", "subscribe", b.url, "--id", b.node_id,
+        "--origin", a.node_id, "--feed", "air", "--after", "0", "--count", "4",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out_, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(x) for x in out_.decode().splitlines()]
+    assert [x["terms"]["license"] for x in lines] == [
+        "CC0-1.0", "CC0-1.0", "CC-BY-4.0", "CC-BY-4.0"]
 
     # An export bundle carries the card history; the audit reports each period's terms.
     out = tmp_path / "a.bundle"

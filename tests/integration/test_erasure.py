@@ -11,6 +11,7 @@ too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -291,12 +292,36 @@ async def _events(n: InProc, query: str, until: Callable[[list[tuple[str, Any]]]
                               if b": " in line)
                 if b"data" in fields:
                     data = json.loads(fields[b"data"])
-                    if fields[b"event"] == b"erased":
+                    if fields[b"event"] in (b"erased", b"terms"):
                         assert b"id" not in fields  # no new cursor
                     else:
                         data["cursor"] = int(fields[b"id"])
                     out.append((fields[b"event"].decode(), data))
     return out
+
+
+async def test_a_live_stream_announces_the_terms_each_record_was_signed_under(
+        node: Callable[..., Awaitable[InProc]]) -> None:
+    """Issue 13 review: with ``terms=1`` a stream announced the current terms once.
+    Live, a record signed under a new card (its licence changed, SIGHUP) is preceded
+    by an ``event: terms`` with the terms it was signed under, and the next record
+    under the same terms is not."""
+    a = await node("Aachen", '\n[feeds.air]\naccess = "public"\nlicense = "CC0-1.0"\n')
+    out: list[tuple[str, Any]] = []
+    task = asyncio.create_task(_events(a, "feed=air&terms=1", lambda o: len(o) >= 5, out))
+    await eventually(lambda: _streams_open(a, 1), timeout=10)
+    await a.node.publish("air", "org.example.Air", [{"n": 1}])
+    toml = a.node.data_dir / "node.toml"
+    toml.write_text(toml.read_text().replace('"CC0-1.0"', '"CC-BY-4.0"'))
+    assert await a.node.reload() is not None
+    await a.node.publish("air", "org.example.Air", [{"n": 2}])
+    await a.node.publish("air", "org.example.Air", [{"n": 3}])
+    await asyncio.wait_for(task, 30)
+    assert [e for e, _ in out] == ["terms", "record", "terms", "record", "record"]
+    assert [d["feeds"][0]["terms"]["license"] for e, d in out if e == "terms"] == [
+        "CC0-1.0", "CC-BY-4.0"]
+    assert out[0][1]["feeds"][0]["card_time"] <= out[1][1]["time"]
+    assert out[1][1]["time"] < out[2][1]["feeds"][0]["card_time"] <= out[3][1]["time"]
 
 
 async def test_live_streams_are_told_when_a_record_they_sent_is_erased(

@@ -188,7 +188,7 @@ async def test_a_stream_that_falls_behind_rereads_the_database(
 def test_stream_batch_after_a_cursor() -> None:
     from citynode.node import StreamBatch
 
-    b = StreamBatch([5, 7, 9], ["e5", "e7", "e9"], b"e5e7e9")
+    b = StreamBatch([5, 7, 9], ["e5", "e7", "e9"], b"e5e7e9", [])
     assert b.after(4) is b.chunk
     assert b.after(5) == b"e7e9"
     assert b.after(8) == b"e9"
