@@ -29,6 +29,7 @@ from citynode.core.cards import CARD_LIMITS, card_from_json, card_to_json, open_
 from citynode.core.chain import FORK_PROOF_LIMITS
 from citynode.core.encoding import DEFAULT_LIMITS
 from citynode.core.keys import SigningKey, Verifier
+from citynode.core.records import decode_record, open_record
 from citynode.core.sync import encode_frontier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,6 @@ END = "<!-- END payload-types -->"
 KEY_A = SigningKey(bytes([1]) * 32)
 KEY_B = SigningKey(bytes([2]) * 32)
 EXAMPLE_TIME_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
-EXAMPLE_RECORD_ID = "33d8f65a0f53e36b8f3b46757edc7d6cdfe6ad0876c59f15bc267a341a73325e"
 
 
 # --------------------------------------------------------------------------- generator
@@ -483,16 +483,26 @@ def test_card_example_verifies_as_the_doc_says() -> None:
 
 
 def test_checkpoint_example_verifies_and_commits_to_the_example_record() -> None:
+    """The record is the doc's own Envelope example, decoded here (not an id pinned
+    in this test, which let the example go stale when the envelope changed)."""
     doc = _doc()
+    rec_env = bytes.fromhex("".join(_fenced(doc, "hex example-envelope").split()))
+    rid = open_record(*decode_record(rec_env), verifier=Verifier(),
+                      now_ms=EXAMPLE_TIME_MS).id
     env = bytes.fromhex("".join(_fenced(doc, "hex checkpoint-example").split()))
     cp = checkpoints.open_checkpoint(env, verifier=Verifier(), now_ms=EXAMPLE_TIME_MS)
     assert (cp.origin, cp.feed, cp.size, cp.time) == (KEY_A.public_key, "test", 1,
                                                       EXAMPLE_TIME_MS)
-    leaf = checkpoints.leaf_hash(bytes.fromhex(EXAMPLE_RECORD_ID))
-    assert cp.root == leaf == checkpoints.root_of([bytes.fromhex(EXAMPLE_RECORD_ID)])
+    leaf = checkpoints.leaf_hash(rid)
+    assert cp.root == leaf == checkpoints.root_of([rid])
     assert leaf.hex() in doc
     assert checkpoints.EMPTY_ROOT.hex() in doc
-    checkpoints.verify_inclusion(bytes.fromhex(EXAMPLE_RECORD_ID), 0, 1, [], cp.root)
+    checkpoints.verify_inclusion(rid, 0, 1, [], cp.root)
+    # The prose names that record, and the example is what signing it gives now.
+    example = doc[doc.index("The checkpoint of origin A's feed `test` at size 1"):]
+    assert f"(id `{rid.hex()[:8]}...{rid.hex()[-6:]}`)" in example[:300]
+    assert checkpoints.sign_checkpoint(KEY_A, "test", 1, leaf, EXAMPLE_TIME_MS).envelope == env
+    assert f"The {len(env)}-byte envelope" in example
 
 
 def _slug(title: str) -> str:
