@@ -584,8 +584,10 @@ _EGRESS_KEYS: tuple[_Key, ...] = (
          "a multiple of this many seconds."),
     _Key("text_max_chars", "int", None, "Cut free-text attributes to this length (0 "
          "removes them)."),
-    _Key("text_attributes", "strs", list(DEFAULT_TEXT_ATTRIBUTES), "The free-text "
-         "attributes text_max_chars applies to."),
+    _Key("text_attributes", "strs", list(DEFAULT_TEXT_ATTRIBUTES), "The top-level "
+         "free-text attributes text_max_chars applies to (subject: the record's subject); "
+         "other text, e.g. dataProvider, only if listed; nested text "
+         "(address.streetAddress) never: keep it out with allow or deny."),
 )
 
 # Section order in the file; [feeds.*] comes after [log] when rendered.
@@ -881,14 +883,26 @@ _HEADER = """\
 
 FEEDS_MARKER = "# ---- [feeds.<name>] "
 
+
+def _keys_help(keys: tuple[_Key, ...]) -> str:
+    """Comment lines explaining ``keys``: name, what it does, its default."""
+    return "\n".join(line for key in keys for line in _wrap(
+        f"{key.name}: {key.doc}" + ("" if key.default is None else
+                                    f" (Default: {_toml_value(key.kind, key.default)})")))
+
+
 _FEEDS_HELP = (
     FEEDS_MARKER + "-" * (88 - len(FEEDS_MARKER)) + "\n"
     "# One table per feed this node publishes. Feed names: 1-64 of a-z 0-9 . _ -,\n"
     "# starting with a letter or digit. A feed not listed here is public.\n"
     "#\n"
-    + "\n".join(line for key in _FEED_KEYS for line in _wrap(
-        f"{key.name}: {key.doc}" + ("" if key.default is None else
-                                    f" (Default: {_toml_value(key.kind, key.default)})")))
+    + _keys_help(_FEED_KEYS)
+    + "\n#\n"
+    "# [feeds.<name>.egress]: what may leave the city, applied before each record is\n"
+    "# signed (README; its digest is signed in the card: docs/PROTOCOL.md).\n"
+    "# Without the table the feed publishes payloads as given.\n"
+    "#\n"
+    + _keys_help(_EGRESS_KEYS)
     + "\n"
 )
 
@@ -900,6 +914,14 @@ _FEEDS_EXAMPLE = """\
 # license = "CC-BY-4.0"
 # attribution = "Ciudad Ejemplo, air quality network"
 # cadence_seconds = 300
+# retention_days = 365
+#
+# [feeds.air-quality.egress]
+# types = ["AirQualityObserved"]
+# deny = ["operatorPhone", "email"]
+# location_decimals = 3
+# time_resolution_seconds = 300
+# text_max_chars = 0
 #
 # [feeds.cyber-notices]
 # access = "restricted"
