@@ -331,6 +331,7 @@ def feeds(data_dir: Path, as_json: bool) -> None:
     for o in out:
         lv = live.get((o["origin"], o["feed"]), {})
         o["terms"] = lv.get("terms")
+        o["retention_days"] = lv.get("retention_days")  # the newest card's (None: none)
         o["completeness"] = {k: lv.get(k) for k in ("state", "signed_size", "signed_time",
                                                      "cadence_s", "behind_since")}
         o["completeness"]["state"] = lv.get("state", "unknown")

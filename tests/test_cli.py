@@ -398,10 +398,11 @@ def test_feeds_and_forks_json(node_dir: Path) -> None:
     assert feeds["air"]["completeness"]["state"] == "unknown"
     with (node_dir / "node.toml").open("a") as f:
         f.write('[feeds.air]\nlicense = "ODbL-1.0"\nattribution = "Jakarta"\n'
-                "cadence_seconds = 60\n")
+                "cadence_seconds = 60\nretention_days = 90\n")
     feeds = {f["feed"]: f for f in ok_json("feeds", "-d", d, "--json")["feeds"]}
     assert (feeds["air"]["terms"]["license"], feeds["air"]["terms"]["attribution"],
             feeds["air"]["completeness"]["cadence_s"]) == ("ODbL-1.0", "Jakarta", 60)
+    assert (feeds["air"]["retention_days"], feeds["noise"]["retention_days"]) == (90, None)
     assert "ODbL-1.0" in ok("feeds", "-d", d).stdout
 
     assert ok_json("forks", "-d", d, "--json") == {"forks": []}

@@ -150,9 +150,9 @@ async def admin_bridges(request: web.Request) -> web.Response:
 
 async def liveness(request: web.Request) -> web.Response:
     """Every feed held or heard of that the caller may list (the operator: all), with
-    its liveness state and the terms of the newest card of its origin:
+    its liveness state and the terms and retention of the newest card of its origin:
     ``{"feeds": [{origin, feed, state, head, signed_size, signed_time, cadence_s,
-    behind_since, terms}]}`` (docs/API.md)."""
+    behind_since, terms, retention_days}]}`` (docs/API.md)."""
     node = request.app[NODE_KEY]
     operator = is_operator(request)
     caller = None if operator else await signed_caller(request)
@@ -164,7 +164,8 @@ async def liveness(request: web.Request) -> web.Response:
             continue
         terms = node.policy.current_terms(origin, feed)
         out.append({**f, "origin": node_id(origin),
-                    "terms": terms.terms() if terms is not None else None})
+                    "terms": terms.terms() if terms is not None else None,
+                    "retention_days": terms.retention_days if terms is not None else None})
     return web.json_response({"feeds": out})
 
 
