@@ -217,7 +217,7 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
         # in --feed would publish to everyone what was meant for partners.
         click.echo(f"note: feed {feed!r} is public: anyone may read it (to limit it, give "
                    f"[feeds.{feed}] access = \"partners\" or \"restricted\" in node.toml "
-                   "and restart the node)", err=True)
+                   "and reload it: kill -HUP the node, or restart it)", err=True)
     if as_json:
         _print_json({"feed": feed, "first_seq": first, "ids": ids})
     else:
@@ -232,7 +232,9 @@ def publish(data_dir: Path, feed: str, type_name: str, subject: str | None, as_j
 @click.option("--id", "ids", required=True, multiple=True,
               help="Id of a record of this node to erase (64 hex digits); repeat for more.")
 @click.option("--reason", required=True,
-              help="Why, in 1 to 1000 characters (partners and auditors see it).")
+              help="Why, in 1 to 1000 characters. PUBLIC: the request is a public record "
+                   "(feed citynode.erasures) even when the erased record was restricted; "
+                   "never put personal data in it.")
 @JSON_OPTION
 def erase(data_dir: Path, ids: tuple[str, ...], reason: str, as_json: bool) -> None:
     """Publish a signed erasure request for records of this node.
@@ -240,6 +242,10 @@ def erase(data_dir: Path, ids: tuple[str, ...], reason: str, as_json: bool) -> N
     Every node that holds them (this one included) drops their payloads and keeps their
     signed skeletons, so chains, checkpoints and audits still verify; the request is
     gossiped like any record. Only a record's origin can erase it.
+
+    The request, its reason included, is public: feed citynode.erasures is never sealed
+    (every node holding the records must read it), even for a restricted feed's records.
+    Write a reason that names no person ("personal data published by mistake").
     """
     for i in ids:
         try:
@@ -255,6 +261,10 @@ def erase(data_dir: Path, ids: tuple[str, ...], reason: str, as_json: bool) -> N
     else:
         click.echo(f"erasure request {out['id']} (seq {out['seq']}) published for "
                    f"{len(out['erased'])} record(s)")
+    # Said in both forms (on stderr): the reason went out to every node.
+    click.echo("note: the erasure request and its reason are public (feed "
+               "citynode.erasures is never sealed), even for records of a restricted feed",
+               err=True)
 
 
 @main.command()

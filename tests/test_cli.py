@@ -703,6 +703,7 @@ def test_publish_says_when_a_feed_is_public_by_default(node_dir: Path) -> None:
     r = ok("publish", "-d", d, "--feed", "permitz", "--type", NOISE_TYPE, "-",
            input=json.dumps({"db": 50}))  # a typo: public
     assert "note: feed 'permitz' is public: anyone may read it" in r.stderr
+    assert "kill -HUP" in r.stderr  # a reload suffices (issue 13 review), not a restart
     line = one_line_error(cli("publish", "-d", d, "--feed", "permits", "--type", NOISE_TYPE,
                               "--subject", "", "-", input=json.dumps({"db": 50})), codes=(2,))
     assert "--subject" in line and "empty" in line
@@ -990,8 +991,13 @@ def test_erase_drops_the_payload_keeps_the_record_and_refuses_what_it_cannot_era
     citynode.erasures; an id not held, or of the request itself, is refused in one line."""
     d = str(node_dir)
     ids = publish(node_dir, "air", AIR_TYPE, [air(1.0), air(2.0)])
-    out = ok_json("erase", "-d", d, "--id", ids[0], "--reason", "wrong station", "--json")
+    r = ok("erase", "-d", d, "--id", ids[0], "--reason", "wrong station", "--json")
+    out = json.loads(r.stdout)
     assert out["erased"] == [ids[0]] and out["seq"] == 1
+    # Issue 13 review: the reason is public, even for a restricted record: said, in the
+    # help too.
+    assert "reason are public" in r.stderr
+    assert "PUBLIC" in ok("erase", "--help").stdout
     recs = {r["id"]: r for r in ok_json("records", "-d", d, "--json")["records"]}
     assert recs[ids[0]]["erased"] == {"by": out["id"], "reason": "wrong station"}
     assert "data" not in recs[ids[0]] and recs[ids[1]]["data"]["pm25"] == 2.0
