@@ -46,6 +46,7 @@ from citynode.core.records import (
     parse_body,
     record_id,
 )
+from citynode.core.types import ERASURE_FEED
 from citynode.errors import CitynodeError, InvalidRecord
 from citynode.metrics import Metrics
 from citynode.node._base import FeedKey, Spawn, in_thread
@@ -223,7 +224,8 @@ class Ingest:
         held) of another origin that is over its daily quota, or that would go over it
         with the records of this batch admitted before it. ``budget``: per origin, the
         records and bytes of today's quota this batch has left (filled here). Returns
-        the reason (``quota``) or None.
+        the reason (``quota``) or None. An erasure request (feed citynode.erasures)
+        is never refused here: it must reach the payloads it names.
 
         The replica charges the quota only when it stores a record, after verification:
         a flood past the quota cost one Ed25519 check per record, then one refusal each
@@ -239,8 +241,8 @@ class Ingest:
             return None
         origin = f["origin"]
         replica = self.replica
-        if origin == replica.me:
-            return None
+        if origin == replica.me or f["feed"] == ERASURE_FEED:
+            return None  # an erasure request always passes the quota (core/replica.py)
         head = replica.head((origin, f["feed"]))
         if f["seq"] <= (head.seq if head is not None else 0):
             return None

@@ -231,6 +231,33 @@ async def test_records_pruned_under_an_older_card_stay_pruned_when_retention_is_
         await d.stop()
 
 
+async def test_an_erasure_request_passes_an_origin_quota_already_spent(
+        node: Callable[..., Awaitable[InProc]]) -> None:
+    """Issue 13 review: B, with A's daily quota spent (1 record), refused A's erasure
+    request (quota) and kept the personal data until the next day. Through B's ingest
+    from its partner A (admission before signatures, then the replica), the request is
+    stored and the payload dropped; A's other new records stay refused."""
+    a = await node("Aachen", '\n[feeds.reports]\naccess = "public"\n')
+    b = await node("Bonn", settings={("federation", "origin_quota_records_per_day"): 1})
+    for x, y in ((a, b), (b, a)):
+        await x.node.add_partner(y.url, y.node.node_id)
+    [victim] = await a.node.publish("reports", "org.example.Report",
+                                    [{"n": 1, "reported_by": "a person"}])
+    await eventually(lambda: _holds(b, victim.id), timeout=30)
+    link = b.node.links[a.node.public_key]
+    [more] = await a.node.publish("reports", "org.example.Report", [{"n": 2}])
+    res = await b.node.ingest([more.envelope], source=link)
+    assert res.rejected == [(0, "quota")] and res.accepted == 0
+    request = await a.node.erase([victim.id], REASON)
+    res = await b.node.ingest([request.envelope], source=link)
+    # (Gossip may have brought it first, by the same admission: then a duplicate.)
+    assert res.rejected == [] and res.accepted + res.duplicates == 1, res
+    await eventually(lambda: _erased_at(b, victim.id), timeout=10)
+    assert b.node.storage.get_envelope(victim.id) == encode_record(victim.body, victim.sig,
+                                                                   None)
+    assert b.node.storage.erasure_of(victim.id) is not None
+
+
 async def test_an_erasure_request_naming_another_origins_record_is_refused_and_counted(
         node: Callable[..., Awaitable[InProc]]) -> None:
     """B signs an erasure request naming A's record (only A may erase it): A, holding
@@ -383,6 +410,10 @@ async def test_live_streams_are_told_when_a_record_they_sent_is_erased(
     assert "data" not in shown and "pruned" not in shown and shown["cursor"] == cur1
     assert not other.done()  # nothing it may see was erased
     other.cancel()
+
+
+async def _erased_at(n: InProc, rid: bytes) -> bool:
+    return n.node.storage.erasure_of(rid) is not None
 
 
 async def _streams_open(n: InProc, count: int) -> bool:
