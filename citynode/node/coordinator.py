@@ -153,6 +153,7 @@ class Node:
         self.ingest_role.execute = g.execute
         self.ingest_role.on_commit = g.committed
         self.ingest_role.on_new_feed = g.cards_stale
+        self.ingest_role.on_history_wanted = g.history_wanted
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
         self.checkpoints.cadence_of = self.policy.cadence_of

@@ -124,13 +124,20 @@ class Gossip:
                 if r.time < oldest.get(r.origin, r.time + 1):
                     oldest[r.origin] = r.time
             for origin, t in oldest.items():
-                asked = self._history_asked.get((source.key, origin))
-                if (asked is None or t < asked) and origin != self.policy.public_key \
-                        and not self._stopped:
-                    if len(self._history_asked) >= MAX_HISTORY_ASKED:
-                        self._history_asked.clear()  # bounded: at worst, asked again
-                    self._history_asked[(source.key, origin)] = t
-                    self.spawn(self._fetch_history(source, origin, t), "card-history")
+                self.history_wanted(source, origin, t)
+
+    def history_wanted(self, source: PartnerLink, origin: bytes, t: int) -> None:
+        """Records of ``origin`` signed at ``t`` came from ``source`` (committed, or
+        tombstones refused for want of the retention in force then): ask ``source`` for
+        the origin's card history if no card of that time is held. Once per partner and
+        origin, again only for older records (bounded)."""
+        asked = self._history_asked.get((source.key, origin))
+        if (asked is None or t < asked) and origin != self.policy.public_key \
+                and not self._stopped:
+            if len(self._history_asked) >= MAX_HISTORY_ASKED:
+                self._history_asked.clear()  # bounded: at worst, asked again
+            self._history_asked[(source.key, origin)] = t
+            self.spawn(self._fetch_history(source, origin, t), "card-history")
 
     async def _fetch_history(self, link: PartnerLink, origin: bytes, time_ms: int) -> None:
         """Issue 13: records of ``origin`` from ``link`` older than every card of it held

@@ -137,6 +137,10 @@ class Ingest:
         self.execute: Execute = _nothing
         #: A partner sent a record of a feed its origin's card (as held) does not list.
         self.on_new_feed: Callable[[PartnerLink], None] = lambda link: None
+        #: A partner sent a tombstone refused (payload_missing) of this origin and time:
+        #: the card in force then (its retention) may be one not held yet.
+        self.on_history_wanted: Callable[[PartnerLink, bytes, int], None] = \
+            lambda link, origin, time: None
         # Record ids being checked by an ingest now, with the future of its verdict.
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._ingesting = 0  # ingests under way
@@ -375,6 +379,10 @@ class Ingest:
                         item, erased=erased, now_ms=now,
                         history=await self.policy.card_history(item.origin))
                 except InvalidRecord as exc:
+                    if source is not None:
+                        # A node that learnt the origin after the card in force then
+                        # asks for its card history: the fetch again may then take it.
+                        self.on_history_wanted(source, item.origin, item.time)
                     item = exc
             if isinstance(item, InvalidRecord):
                 self._reject(res, i, item, source)
