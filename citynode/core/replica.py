@@ -364,12 +364,75 @@ class _Session:
     rounds: int = 0
 
 
+class PushQueue:
+    """Records waiting to be pushed to one partner, one FIFO per origin, taken round-robin.
+
+    A partner flooding its own valid records within quota must not delay everyone
+    else's: one FIFO would relay its backlog to the next partner ahead of our own
+    records and other origins'. Order within an origin is kept (a chain is pushed in
+    sequence order); across origins each batch takes one record from each in turn.
+    When full, the oldest record of the origin holding the most is dropped (the flood
+    pays for the overflow, not the others)."""
+
+    def __init__(self) -> None:
+        self._by_origin: OrderedDict[bytes, deque[Record]] = OrderedDict()
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def append(self, r: Record) -> None:
+        """Queue ``r`` behind its origin's records."""
+        self._by_origin.setdefault(r.origin, deque()).append(r)
+        self._n += 1
+
+    def appendleft(self, r: Record) -> None:
+        """Queue ``r`` ahead of its origin's records (a failed push sent again)."""
+        q = self._by_origin.get(r.origin)
+        if q is None:
+            q = self._by_origin[r.origin] = deque()
+            self._by_origin.move_to_end(r.origin, last=False)
+        q.appendleft(r)
+        self._n += 1
+
+    def drop_one(self) -> None:
+        """Drop the oldest record of the origin with the most queued (no-op if empty)."""
+        if not self._n:
+            return
+        origin = max(self._by_origin, key=lambda o: len(self._by_origin[o]))
+        q = self._by_origin[origin]
+        q.popleft()
+        self._n -= 1
+        if not q:
+            del self._by_origin[origin]
+
+    def take(self, n: int) -> list[Record]:
+        """Remove and return up to ``n`` records, one per origin in turn; the origins
+        served last go to the back so that the next batch starts with the others."""
+        out: list[Record] = []
+        while self._n and len(out) < n:
+            for origin in list(self._by_origin):
+                if len(out) >= n:
+                    break
+                q = self._by_origin[origin]
+                out.append(q.popleft())
+                self._n -= 1
+                if q:
+                    self._by_origin.move_to_end(origin)
+                else:
+                    del self._by_origin[origin]
+        return out
+
+
 @dataclass
 class _Partner:
     key: bytes
     view: PeerView = field(default_factory=PeerView)
     up: bool = True
-    queue: deque[Record] = field(default_factory=deque)
+    queue: PushQueue = field(default_factory=PushQueue)
     overflowed: bool = False
     in_flight: tuple[Record, ...] | None = None
     resent: set[bytes] = field(default_factory=set)  # ids pushed again after a failure
@@ -673,9 +736,9 @@ class Replica:
             return
         batch: list[Record] = []
         while p.queue and len(batch) < self.config.push_batch:
-            r = p.queue.popleft()
-            if not p.view.knows((r.origin, r.feed), r.seq):
-                batch.append(r)
+            for r in p.queue.take(self.config.push_batch - len(batch)):
+                if not p.view.knows((r.origin, r.feed), r.seq):
+                    batch.append(r)
         if batch:
             p.in_flight = tuple(batch)
             out.append(Push(p.key, p.in_flight))
@@ -862,7 +925,7 @@ class Replica:
                     continue
                 if self._eager(p, r.origin):
                     if len(p.queue) >= self.config.push_queue_max:
-                        p.queue.popleft()
+                        p.queue.drop_one()
                         p.overflowed = True
                         p.next_sync = min(p.next_sync, now_ms)
                     p.queue.append(r)

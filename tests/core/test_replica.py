@@ -603,3 +603,44 @@ def test_a_restored_node_confirmed_by_a_partner_holding_newer_records_fetches_th
     wants = [w for a in of(rp.Fetch, acts + r.tick(T + 5_000))
              for w in a.wants]  # type: ignore[attr-defined]
     assert any(w.origin == ME.public_key and w.from_seq == 4 for w in wants)
+
+
+def test_a_flood_relayed_from_one_origin_does_not_delay_our_own_records() -> None:
+    # P floods records of its origin (within quota); they are relayed to Q. Our own
+    # records published meanwhile go out in the very next push to Q, not behind the flood.
+    r = replica(tree=False, push_batch=4)
+    for peer in (P, Q):
+        r.on_frontier(peer, {}, T)
+    flood = chain(ORIGIN, 20)
+    _o, acts = r.on_records(P, flood, T)
+    (store,) = of(rp.Store, acts)
+    first = of(rp.Push, r.on_committed(store.records, P, T))  # type: ignore[attr-defined]
+    assert [len(x.records) for x in first] == [4]  # type: ignore[attr-defined]
+    assert r.queued(Q) == 16
+    mine = chain(ME, 3, feed="mine")
+    acts = r.publish(mine, T)
+    (own,) = of(rp.Store, acts)
+    r.on_committed(own.records, None, T)  # type: ignore[attr-defined]
+    (nxt,) = of(rp.Push, r.on_push_result(Q, [], T))
+    got = [(x.origin, x.seq) for x in nxt.records]  # type: ignore[attr-defined]
+    # One record of each origin in turn; each origin's records stay in order.
+    assert got == [(ORIGIN.public_key, 5), (ME.public_key, 1), (ORIGIN.public_key, 6),
+                   (ME.public_key, 2)]
+    (last,) = of(rp.Push, r.on_push_result(Q, [], T))
+    assert [(x.origin, x.seq) for x in last.records][:2] == [  # type: ignore[attr-defined]
+        (ORIGIN.public_key, 7), (ME.public_key, 3)]
+
+
+def test_a_full_push_queue_drops_from_the_origin_holding_the_most() -> None:
+    q = rp.PushQueue()
+    flood, mine = chain(ORIGIN, 5), chain(ME, 2, feed="mine")
+    for x in flood + mine:
+        q.append(x)
+    q.drop_one()
+    q.drop_one()
+    assert len(q) == 5
+    got = q.take(10)
+    assert [(x.origin, x.seq) for x in got] == [
+        (ORIGIN.public_key, 3), (ME.public_key, 1), (ORIGIN.public_key, 4),
+        (ME.public_key, 2), (ORIGIN.public_key, 5)]
+    assert not q and q.take(3) == []
