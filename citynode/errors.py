@@ -233,12 +233,15 @@ class PeerRejected(PeerError):
     ``status`` is the HTTP code; ``reason`` the stable code of its error body
     (``"access_denied"``, ``"untrusted_origin"``, ``"bad_signature"``, ...;
     ``"unknown"`` when the answer had no readable code, e.g. a proxy's error page);
-    ``detail`` the other node's own one-line explanation (``str(err)`` adds where).
+    ``detail`` the other node's own one-line explanation (``str(err)`` adds where);
+    ``retry_after_s`` the seconds its ``Retry-After`` header asked to wait (a 429 or 503
+    from a busy node), None when it gave none.
     """
 
     def __init__(self, message: str, status: int, reason: str = "unknown",
-                 detail: str | None = None) -> None:
+                 detail: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.detail = message if detail is None else detail
+        self.retry_after_s = retry_after_s

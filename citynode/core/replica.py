@@ -967,6 +967,18 @@ class Replica:
         p.retry_at = now_ms + self._backoff(p)
         return []
 
+    def on_push_busy(self, peer: bytes, retry_after_ms: int, now_ms: int) -> list[Action]:
+        """The partner answered the Push in flight "busy, retry after" (a 429): it is up
+        and refused nothing, so no failure is counted and no back-off grows; the batch
+        goes again (first) once ``retry_after_ms`` (at least 100 ms) has passed."""
+        p = self.partners.get(peer)
+        if p is None or p.in_flight is None:
+            return []
+        self._requeue(p, p.in_flight)
+        p.in_flight = None
+        p.retry_at = now_ms + max(100, retry_after_ms)
+        return []
+
     def on_announce(self, peer: bytes, heads: Mapping[FeedKey, tuple[int, bytes]],
                     now_ms: int) -> list[Action]:
         """A partner holds these heads. Where we are behind, give the eager path
@@ -1091,13 +1103,20 @@ class Replica:
                 self._round_done(p, now_ms, out)
         return out
 
-    def on_sync_failed(self, peer: bytes, now_ms: int) -> list[Action]:
+    def on_sync_failed(self, peer: bytes, now_ms: int,
+                       busy_ms: int | None = None) -> list[Action]:
+        """Our round with this partner failed. ``busy_ms``: it answered "busy, retry
+        after" (a 429): not a failure (no back-off grows), the next round is due then
+        (at least 100 ms)."""
         p = self.partners.get(peer)
         if p is not None:
             p.session = None
-            p.failures += 1
             p.first_done = True
-            p.next_sync = now_ms + self._backoff(p)
+            if busy_ms is None:
+                p.failures += 1
+                p.next_sync = now_ms + self._backoff(p)
+            else:
+                p.next_sync = now_ms + max(100, busy_ms)
         return []
 
     def on_frontier(self, peer: bytes, frontier: Mapping[FeedKey, tuple[int, bytes]],

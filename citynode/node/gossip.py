@@ -51,6 +51,8 @@ Progress = Callable[[int, int], None]
 
 #: How many (partner, origin) card-history requests are remembered (to ask once each).
 MAX_HISTORY_ASKED = 10_000
+#: A partner answered 429 without a (readable) Retry-After: wait this long.
+BUSY_DEFAULT_MS = 1000
 
 #: The shortest sleep of the timer task: a deadline already past never spins it.
 MIN_TICK = 0.005
@@ -234,6 +236,18 @@ class Gossip:
         self.act(self.replica.on_card(node, partners, self.now_ms()))
         self.wake()
 
+    def _failed(self, link: PartnerLink, exc: PeerError) -> int | None:
+        """A request to this partner failed. A 429 is "busy, retry after": the partner
+        is up and refused nothing, so it is not marked down; the milliseconds to wait
+        (its Retry-After, else BUSY_DEFAULT_MS) are returned. Anything else marks it
+        down and returns None."""
+        if isinstance(exc, PeerRejected) and exc.status == 429:
+            if exc.retry_after_s is None:
+                return BUSY_DEFAULT_MS
+            return int(exc.retry_after_s * 1000)
+        self._mark(link, False, str(exc))
+        return None
+
     def _mark(self, link: PartnerLink, ok: bool, err: str | None = None) -> None:
         was_up = link.up
         self.partners.mark(link, ok, err)
@@ -360,8 +374,9 @@ class Gossip:
         try:
             out = await link.client.push([r.envelope for r in records])
         except PeerError as exc:
-            self._mark(link, False, str(exc))
-            self.act(self.replica.on_push_failed(link.key, self.now_ms()))
+            busy = self._failed(link, exc)
+            self.act(self.replica.on_push_failed(link.key, self.now_ms()) if busy is None
+                     else self.replica.on_push_busy(link.key, busy, self.now_ms()))
             return
         self.metrics.push_latency.observe(time.perf_counter() - t0)
         self._mark(link, True)
@@ -375,14 +390,15 @@ class Gossip:
         try:
             await link.client.request("POST", path, body)
         except PeerError as exc:
-            self._mark(link, False, str(exc))
+            self._failed(link, exc)
 
     async def _fetch(self, link: PartnerLink, a: rp.Fetch,
                      progress: Progress | None = None) -> None:
         try:
             envs = await link.client.fetch(sync.encode_wants(a.wants))
         except PeerError as exc:
-            self._mark(link, False, str(exc))
+            # Busy or not, this fetch is over: failed=True asks it again after a delay.
+            self._failed(link, exc)
             await self.execute(self.replica.on_fetch_done(link.key, a.wants, 0,
                                                           self.now_ms(), failed=True))
             return
@@ -412,7 +428,7 @@ class Gossip:
         try:
             await self.learn_cards(link, force=force)
         except PeerError as exc:
-            self._mark(link, False, str(exc))
+            self._failed(link, exc)
         finally:
             self._cards_busy.discard(link.key)
         if link.key in self._cards_again and self.partners.get(link.key) is link \
@@ -437,14 +453,15 @@ class Gossip:
             await self.learn_cards(link)
             answer = await link.client.reconcile(payload)
         except PeerError as exc:
-            self._mark(link, False, str(exc))
+            busy = self._failed(link, exc)
             # A 401/403 is an answer, not an outage: most often the partner has not
             # added this node (yet), or has removed it.
             refused = isinstance(exc, PeerRejected) and exc.status in (401, 403)
-            log.info("partner refuses this node (has it added us as a partner?)" if refused
-                     else "partner unreachable",
+            log.info("partner busy, round again after its Retry-After" if busy is not None
+                     else "partner refuses this node (has it added us as a partner?)"
+                     if refused else "partner unreachable",
                      extra=fields(partner=link.row.name, error=str(exc)))
-            self.act(self.replica.on_sync_failed(link.key, self.now_ms()))
+            self.act(self.replica.on_sync_failed(link.key, self.now_ms(), busy))
             return
         self._mark(link, True)
         try:

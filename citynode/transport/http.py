@@ -113,11 +113,26 @@ def _one_line(text: str) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:300]
 
 
-def rejection(status: int, data: bytes, where: str | None) -> PeerRejected:
+#: A Retry-After longer than this is taken as this (a hostile or broken partner must not
+#: silence us for a day).
+MAX_RETRY_AFTER_S = 300.0
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` header in its delay-seconds form, at most
+    MAX_RETRY_AFTER_S; None when absent or not a small whole number (the HTTP-date
+    form is not sent by nodes)."""
+    if value is None or not value.strip().isdigit() or len(value.strip()) > 9:
+        return None
+    return min(float(value.strip()), MAX_RETRY_AFTER_S)
+
+
+def rejection(status: int, data: bytes, where: str | None,
+              retry_after_s: float | None = None) -> PeerRejected:
     """The :class:`PeerRejected` for an error answer: ``reason`` and ``detail`` from its
     JSON error body, or ``"unknown"`` and the start of its text for anything else (a
     proxy's error page). ``where`` (an URL) prefixes the message; None: the detail alone
-    (the operator talking to its own node)."""
+    (the operator talking to its own node). ``retry_after_s``: see :func:`retry_after`."""
     parsed = parse_error_body(data)
     if parsed is not None:
         reason, detail = parsed
@@ -125,7 +140,7 @@ def rejection(status: int, data: bytes, where: str | None) -> PeerRejected:
         reason, detail = "unknown", _one_line(data[:300].decode("utf-8", "replace"))
     detail = detail or f"HTTP {status}"
     msg = detail if where is None else f"{where}: HTTP {status} {reason}: {detail}"
-    return PeerRejected(msg, status, reason, detail)
+    return PeerRejected(msg, status, reason, detail, retry_after_s)
 
 
 # NonHttpUrlClientError is aiohttp 3.10+; with 3.9 an address without a scheme is
@@ -321,7 +336,8 @@ class HttpClient:
         self._note_date(resp.headers.get("Date"))
         if not 200 <= resp.status < 300:
             raise rejection(resp.status, await _read_bounded(resp, _MAX_ERROR_BODY,
-                                                             truncate=True), self.where)
+                                                             truncate=True), self.where,
+                            retry_after(resp.headers.get("Retry-After")))
 
     def _note_date(self, date: str | None) -> None:
         """Keep the other side's clock offset from its answer's Date header."""

@@ -644,3 +644,22 @@ def test_a_full_push_queue_drops_from_the_origin_holding_the_most() -> None:
         (ORIGIN.public_key, 3), (ME.public_key, 1), (ORIGIN.public_key, 4),
         (ME.public_key, 2), (ORIGIN.public_key, 5)]
     assert not q and q.take(3) == []
+
+
+def test_a_busy_partner_is_retried_after_its_wait_without_a_failure_counted() -> None:
+    r = replica(tree=False)
+    recs = chain(ORIGIN, 2)
+    _o, acts = r.on_records(P, recs, T)
+    (store,) = of(rp.Store, acts)
+    (push,) = of(rp.Push, r.on_committed(store.records, P, T))  # type: ignore[attr-defined]
+    assert r.on_push_busy(Q, 2000, T) == []
+    q = r.partners[Q]
+    assert q.failures == 0 and q.in_flight is None and r.queued(Q) == 2
+    assert not of(rp.Push, r.tick(T + 1999))
+    (again,) = of(rp.Push, r.tick(T + 2000))
+    assert again.records == push.records  # type: ignore[attr-defined]
+    # a busy round: due after the wait, no back-off grown; a failed one counts
+    r.on_sync_failed(P, T, busy_ms=5000)
+    assert r.partners[P].failures == 0 and r.partners[P].next_sync == T + 5000
+    r.on_sync_failed(P, T)
+    assert r.partners[P].failures == 1

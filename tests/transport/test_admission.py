@@ -18,7 +18,7 @@ from citynode.core.keys import SigningKey
 from citynode.core.records import sign_record
 from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
-from tests.conftest import InProc
+from tests.conftest import InProc, eventually
 
 Make = Callable[..., Awaitable[InProc]]
 
@@ -255,3 +255,35 @@ async def test_a_partner_over_its_share_of_the_loop_or_its_pushes_in_flight_wait
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_an_honest_node_answered_429_waits_its_retry_after_and_keeps_the_partner_up(
+        inproc: Make) -> None:
+    """An honest node's gossip takes a partner's 429 as "busy, retry after Retry-After":
+    the partner is not marked down, no failure is counted nor back-off grown, and what
+    was refused goes again once the wait is over, so every record arrives."""
+    from citynode.transport.http import retry_after
+
+    a = await inproc("Jakarta", settings={("limits", "partner_requests_per_second"): 2.0,
+                                          ("limits", "partner_request_burst"): 2})
+    b = await inproc("Surabaya")
+    for x, y in ((a, b), (b, a)):
+        await x.node.add_partner(y.url, y.node.node_id)
+    link = b.node.links[a.node.public_key]
+    for i in range(12):
+        await b.node.publish("air", "org.example.Test", [{"n": i}])
+        await asyncio.sleep(0.05)
+        # sampled while b is being refused: a busy partner is never down
+        assert link.up and link.failures == 0, link.last_error
+        assert b.node.replica.partners[a.node.public_key].failures == 0
+    refused_at = dict(a.node.links[b.node.public_key].invalid)
+    assert refused_at.get("rate_limited", 0) >= 1, refused_at  # b was told to wait
+
+    async def arrived() -> bool:
+        return a.node.seq((b.node.public_key, "air")) >= 12
+
+    await eventually(arrived, timeout=30)
+    assert link.up and link.failures == 0
+    # the header as sent, bounded: a partner cannot silence us for a day
+    assert retry_after("1") == 1.0 and retry_after("86400") == 300.0
+    assert retry_after(None) is None and retry_after("Wed, 21 Oct 2026 07:28:00 GMT") is None
