@@ -15,6 +15,13 @@ only then completes each job's :class:`concurrent.futures.Future`. A batch holdi
 others with ``NORMAL`` (in WAL mode: safe against a crash of the process, not of the
 machine).
 
+Durable jobs go first: the node's own publishes (acknowledged only once on disk) must not
+wait behind partners' batches queued before them (issue 16: a hostile partner's flood).
+A durable job overtakes the other jobs waiting, except those writing a chain of its own
+origins (a chain is written in the order its heads moved); no job overtakes a durable
+one queued before it (so :meth:`Storage.barrier` still waits for everything before it);
+and while both kinds wait, batches alternate, so partners' writes are never starved.
+
 Invariants the schema relies on:
 
 * ``chains`` has one row per (origin, feed) held: a small integer id, the highest
@@ -48,12 +55,12 @@ import contextlib
 import ctypes
 import logging
 import os
-import queue
 import sqlite3
 import stat
 import struct
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -718,7 +725,6 @@ def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
 
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]", bool, int]
-_STOP = object()
 
 _INSERT_RECORD = (
     "INSERT INTO records (chain, seq, type_id, time, lon, lat, received_at, id, envelope)"
@@ -965,8 +971,16 @@ class Storage:
         self._wconn = wconn
         self._rejected_rows = max(0, int(rejected_log_rows))
         self._busy_timeout_ms = busy_timeout_ms
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        # The writer's two lanes, of (submission number, job, origins written): see the
+        # module docstring. ``_normal_origins`` counts the origins of the normal lane.
+        self._urgent: deque[tuple[int, _Job, frozenset[bytes]]] = deque()
+        self._normal: deque[tuple[int, _Job, frozenset[bytes]]] = deque()
+        self._normal_origins: Counter[bytes] = Counter()
+        self._submitted = 0
+        self._last_urgent = False
+        self._stopping = False
+        self._jobs_ready = threading.Condition(self._lock)
         self._closed = False
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -1112,7 +1126,8 @@ class Storage:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
+            self._stopping = True  # the writer finishes what is queued, then exits
+            self._jobs_ready.notify()
         self._thread.join()
         with self._lock:
             self._reads_done.wait_for(lambda: self._reads == 0, timeout=60)
@@ -1132,36 +1147,62 @@ class Storage:
     # ------------------------------------------------------------------ writer
 
     def _submit(
-        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False, weight: int = 1
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False, weight: int = 1,
+        origins: frozenset[bytes] = frozenset(),
     ) -> Future[T]:
+        """Queue a write job; ``origins``: those whose chains it writes (a durable job
+        does not overtake a waiting job writing one of them)."""
         fut: Future[T] = Future()
         with self._lock:
             if self._closed:
                 raise StorageError("storage is closed: the node is shutting down")
             self._queued += 1
-            self._queue.put((fn, fut, durable, max(1, weight)))
+            self._submitted += 1
+            entry = (self._submitted, (fn, fut, durable, max(1, weight)), origins)
+            if durable and not any(o in self._normal_origins for o in origins):
+                self._urgent.append(entry)
+            else:
+                self._normal.append(entry)
+                self._normal_origins.update(origins)
+            self._jobs_ready.notify()
         return fut
 
-    def _writer(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            batch: list[_Job] = [first]
-            weight = first[3]
-            while len(batch) < _MAX_BATCH_JOBS and weight < _MAX_BATCH_WEIGHT:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
+    def _next_batch(self) -> list[_Job] | None:
+        """Wait for jobs and take the next batch (None: closed and nothing is left).
+        Durable jobs first; a normal batch holds only jobs queued before every durable
+        job waiting, and follows a durable batch when both wait (none starves)."""
+        with self._jobs_ready:
+            self._jobs_ready.wait_for(lambda: bool(self._urgent or self._normal
+                                                   or self._stopping))
+            if not self._urgent and not self._normal:
+                return None
+            urgent = bool(self._urgent) and (not self._normal or not self._last_urgent
+                                             or self._normal[0][0] > self._urgent[0][0])
+            lane = self._urgent if urgent else self._normal
+            before = self._urgent[0][0] if self._urgent and not urgent else None
+            batch: list[_Job] = []
+            weight = 0
+            while lane and len(batch) < _MAX_BATCH_JOBS and weight < _MAX_BATCH_WEIGHT:
+                n, job, origins = lane[0]
+                if before is not None and n > before:
                     break
-                if job is _STOP:
-                    stop = True  # finish this batch, then exit
-                    break
+                lane.popleft()
                 batch.append(job)
                 weight += job[3]
-            with self._lock:
-                self._queued -= len(batch)
+                if not urgent:
+                    self._normal_origins.subtract(origins)
+                    for o in origins:
+                        if self._normal_origins[o] <= 0:
+                            del self._normal_origins[o]
+            self._last_urgent = urgent
+            self._queued -= len(batch)
+            return batch
+
+    def _writer(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                break
             try:
                 self._run_batch(batch)
             except BaseException as exc:  # never leave a caller waiting forever
@@ -1264,7 +1305,8 @@ class Storage:
         """
         recs = tuple(records)
         at = _now_ms() if received_at_ms is None else received_at_ms
-        return self._submit(_append_job(recs, at), durable=durable, weight=len(recs))
+        return self._submit(_append_job(recs, at), durable=durable, weight=len(recs),
+                            origins=frozenset(r.origin for r in recs))
 
     def prune(self, origin: bytes, feed: str, before_ms: int, *, since_ms: int = 0,
               after_seq: int = 0, limit: int = 5000) -> Future[tuple[int, int | None]]:

@@ -654,6 +654,35 @@ def test_chain_recheck_fails_only_that_job_of_the_batch(st: Storage) -> None:
     assert st.count() == 5
 
 
+def test_own_durable_writes_overtake_partner_batches_queued_before_them(st: Storage) -> None:
+    """Issue 16: a node's own publish (durable) is not queued behind partners' batches;
+    but it does not overtake a job writing a chain of its own origin (that chain is
+    written in order), a job queued after it does not overtake it (a barrier waits for
+    everything before it), and partner batches all land."""
+    done: list[str] = []
+
+    def note(name: str, fut: Future[Any]) -> Future[Any]:
+        fut.add_done_callback(lambda _f: done.append(name))
+        return fut
+
+    own_chain, back = chain(0, "own", 2), chain(0, "back", 3)
+    with writer_held(st):
+        partner = [note(f"partner{i}", st.append(chain(1, f"p{i}", 50))) for i in range(3)]
+        own = note("own", st.append(own_chain[:1], durable=True))
+        # our origin's chain fetched back (a restored node): written before what extends it
+        fetched = note("fetched", st.append(back[:2]))
+        extends = note("extends", st.append(back[2:], durable=True))
+        last = note("barrier", st.barrier())
+        own2 = note("own2", st.append(own_chain[1:], durable=True))
+    for fut in (*partner, own, fetched, extends, last, own2):
+        assert error_of(fut) is None
+    assert done.index("own") < min(done.index(f"partner{i}") for i in range(3))
+    assert done.index("fetched") < done.index("extends")
+    assert done.index("own") < done.index("barrier")
+    assert max(done.index(f"partner{i}") for i in range(3)) < done.index("barrier")
+    assert st.heads()[(A, "own")][0] == 2 and st.count() == 3 * 50 + 2 + 3
+
+
 def test_failing_job_rolls_back_alone_after_writing(st: Storage) -> None:
     def write_then_fail(conn: Any) -> None:
         conn.execute("INSERT INTO meta (key, value) VALUES ('half', x'00')")
@@ -694,13 +723,26 @@ def test_durable_batches_commit_with_synchronous_full(st: Storage) -> None:
     assert st.stats().durable_batches == d0 + 1
     st.append(chain(1, "theirs", 2)).result(5)
     assert st.stats().durable_batches == d0 + 1
-    with writer_held(st):  # one durable job makes the whole batch durable
+    own3 = make(0, "own", 3, chain(0, "own", 2)[-1].id)
+    # A durable job kept behind a job writing its origin's chain shares its batch: one
+    # durable job makes the whole batch durable.
+    with writer_held(st):
         probe = st._submit(sync_mode)
-        st.append([make(1, "theirs", 3, chain(1, "theirs", 2)[-1].id)])
-        own = st.append([make(0, "own", 3, chain(0, "own", 2)[-1].id)], durable=True)
+        st.append([own3])  # our own record fetched back (not durable)
+        own = st.append([make(0, "own", 4, own3.id)], durable=True)
     own.result(5)
     assert probe.result(5) == full
     assert st.stats().durable_batches == d0 + 2
+    # A durable job that overtakes the others commits in a batch of its own; theirs stay
+    # NORMAL.
+    with writer_held(st):
+        probe = st._submit(sync_mode)
+        theirs = st.append([make(1, "theirs", 3, chain(1, "theirs", 2)[-1].id)])
+        own = st.append([make(0, "other", 1, None)], durable=True)
+    own.result(5)
+    theirs.result(5)
+    assert probe.result(5) == normal
+    assert st.stats().durable_batches == d0 + 3
 
 
 def test_cancelled_job_is_not_run(st: Storage) -> None:
