@@ -85,7 +85,7 @@ def _config(ok: bool, message: str) -> None:
 # Wire encodings
 
 
-def _announced_length(data: bytes) -> int | None:
+def announced_length(data: bytes) -> int | None:
     """The element count a msgpack array header at the start of ``data`` announces
     (None if ``data`` does not start with one)."""
     if not data:
@@ -107,7 +107,7 @@ def _decode_entries(data: bytes, max_count: int, entry_max: int, what: str) -> l
     # limit); decoding it whole only to refuse it blocked the event loop ~130 ms a time,
     # and a hostile partner sending a few a second multiplied honest partners' latency
     # by ten (scripts/chaos.py, scenario ``hostile``). The header names the count.
-    announced = _announced_length(data)
+    announced = announced_length(data)
     if announced is not None and announced > max_count:
         raise EncodingError(
             f"{what} has {announced} entries, over the limit of {max_count} entries",

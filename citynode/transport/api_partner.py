@@ -104,7 +104,7 @@ def _frontier(node: Node, link: PartnerLink, body: bytes) -> sync.Frontier:
 async def sync_handler(request: web.Request) -> web.Response:
     """The legacy frontier exchange (a partner on the previous version still syncs)."""
     node = request.app[NODE_KEY]
-    body, key = await partner_body(request)
+    body, key = await partner_body(request, sync.MAX_FRONTIER_FEEDS, "frontier")
     link = node.partners.get(key)
     if link is None:  # removed while its request ran
         raise web.HTTPForbidden(text="not a partner of this node")
@@ -131,7 +131,7 @@ async def fetch(request: web.Request) -> web.Response:
 async def announce(request: web.Request) -> web.Response:
     """A partner's lazy push: heads (a frontier) of records it holds, without them."""
     node = request.app[NODE_KEY]
-    body, key = await partner_body(request)
+    body, key = await partner_body(request, sync.MAX_FRONTIER_FEEDS, "frontier")
     link = node.partners.get(key)
     if link is not None:
         with charged(request):

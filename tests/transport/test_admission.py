@@ -287,3 +287,40 @@ async def test_an_honest_node_answered_429_waits_its_retry_after_and_keeps_the_p
     # the header as sent, bounded: a partner cannot silence us for a day
     assert retry_after("1") == 1.0 and retry_after("86400") == 300.0
     assert retry_after(None) is None and retry_after("Wed, 21 Oct 2026 07:28:00 GMT") is None
+
+
+async def test_a_frontier_announcing_too_many_entries_is_refused_before_its_body_is_read(
+        inproc: Make) -> None:
+    """A legacy frontier (or an announce) whose msgpack header announces more than
+    MAX_FRONTIER_FEEDS entries is refused (400 ``too_many_items``) from its first bytes,
+    while the rest of its 7.7 MB is not even sent; counted with the address, not on the
+    partner it claims to be (its signature covers the body, unread)."""
+    from citynode.core import sync
+
+    a = await inproc("Jakarta")
+    b = await inproc("Surabaya")
+    await a.node.add_partner(b.url, b.node.node_id)
+    n = sync.MAX_FRONTIER_FEEDS + 1
+    head = b"\xdd" + n.to_bytes(4, "big")
+    body = head + b"\x00" * (77 * n)  # what a full frontier of that count would weigh
+    before = a.node.metrics.rejected.labels("too_many_items")._value.get()
+    for path in ("/v1/sync", "/v1/announce"):
+        h = httpsig.sign_request(b.node.key, "POST", path, body, a.node.now_ms(),
+                                 target=a.node.node_id)
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.port, ssl=_tls())
+        lines = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}",
+                 "Content-Type: application/msgpack", "Connection: close",
+                 *(f"{k}: {v}" for k, v in h.items())]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + head)
+        await writer.drain()
+        # only the header was sent: the answer comes without the rest of the body
+        status = await asyncio.wait_for(reader.readline(), 10)
+        assert status.startswith(b"HTTP/1.1 400"), status
+        rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(next(ln for ln in rest.split(b"\r\n")
+                          if ln.lower().startswith(b"content-length:")).split(b":")[1])
+        answer = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+        assert answer["error"] == "too_many_items", answer
+        writer.close()
+    assert a.node.metrics.rejected.labels("too_many_items")._value.get() == before + 2
+    assert a.node.links[b.node.public_key].invalid == {}
