@@ -316,10 +316,11 @@ def _future_ms(node: Node) -> int:
     return int(node.config.limits.future_tolerance_seconds * 1000)
 
 
-def _precheck_partner(request: web.Request) -> httpsig.SignatureHeaders:
+def _precheck_partner(request: web.Request) -> tuple[httpsig.SignatureHeaders, bytes]:
     """Refuse before reading the body what cannot be a partner's fresh request: no
     strangers' megabytes are buffered. (The full check follows on the body, with the
-    headers as read here: they are parsed once.)"""
+    headers as read here: they are parsed once.) Returns them and the partner's key
+    they claim (not verified yet: the signature covers the body)."""
     node = request.app[NODE_KEY]
     signature = httpsig.read_signature(request.headers)
     key = httpsig.claimed_signer(
@@ -331,7 +332,7 @@ def _precheck_partner(request: web.Request) -> httpsig.SignatureHeaders:
         raise AccessDenied("request not signed by a partner of this node")
     # Before the body is read: a partner over its rate costs no more than this.
     _limit_rate(request, key, take=False)
-    return signature
+    return signature, key
 
 
 async def partner_body(request: web.Request, max_array: int | None = None,
@@ -341,20 +342,23 @@ async def partner_body(request: web.Request, max_array: int | None = None,
     ``max_array``: the body is a msgpack array of at most that many items (``what``
     names it): one whose header announces more is refused (EncodingError
     ``too_many_items``, a 400) before the rest of it is read."""
-    signature = _precheck_partner(request)
-    head = b"" if max_array is None else await _array_head(request, max_array, what)
+    signature, claimed = _precheck_partner(request)
+    head = (b"" if max_array is None
+            else await _array_head(request, claimed, max_array, what))
     body = head + await read_body(request)
     return body, await require_partner(request, body, signature)
 
 
-async def _array_head(request: web.Request, max_items: int, what: str) -> bytes:
+async def _array_head(request: web.Request, claimed: bytes, max_items: int,
+                      what: str) -> bytes:
     """The first bytes of the body (a msgpack array header at most), read; raise
     EncodingError ``too_many_items`` if they announce over ``max_items`` items.
 
     Why: a legacy frontier of 100,001 short entries is 7.7 MB under the request limit;
     a hostile partner sending them was read in full (memory, and the time to read it)
-    only to be refused for its count. The signature covers the whole body, so the
-    refusal cannot be blamed on a verified partner: it is counted with the address."""
+    only to be refused for its count. The signature covers the whole body, unread, so
+    the refusal is counted on the partner the request claims to be (fresh headers
+    naming it, as the 429s before the body), the address in its log row."""
     node = request.app[NODE_KEY]
     head = b""
     try:
@@ -370,8 +374,9 @@ async def _array_head(request: web.Request, max_items: int, what: str) -> bytes:
     if announced is not None and announced > max_items:
         msg = (f"{what} has {announced} entries, over the limit of {max_items} entries "
                "(refused before its body was read)")
-        node.ingest_role.count_invalid(None, "too_many_items",
-                                       f"{request.path} from {request.remote}: {msg}")
+        node.ingest_role.count_invalid(
+            node.partners.get(claimed), "too_many_items",
+            f"{request.path} from {request.remote} (signature not checked): {msg}")
         raise EncodingError(msg, "too_many_items")
     return head
 

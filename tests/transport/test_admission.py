@@ -293,8 +293,8 @@ async def test_a_frontier_announcing_too_many_entries_is_refused_before_its_body
         inproc: Make) -> None:
     """A legacy frontier (or an announce) whose msgpack header announces more than
     MAX_FRONTIER_FEEDS entries is refused (400 ``too_many_items``) from its first bytes,
-    while the rest of its 7.7 MB is not even sent; counted with the address, not on the
-    partner it claims to be (its signature covers the body, unread)."""
+    while the rest of its 7.7 MB is not even sent; counted on the partner its fresh
+    signature headers name (as a 429 before the body is)."""
     from citynode.core import sync
 
     a = await inproc("Jakarta")
@@ -323,4 +323,4 @@ async def test_a_frontier_announcing_too_many_entries_is_refused_before_its_body
         assert answer["error"] == "too_many_items", answer
         writer.close()
     assert a.node.metrics.rejected.labels("too_many_items")._value.get() == before + 2
-    assert a.node.links[b.node.public_key].invalid == {}
+    assert a.node.links[b.node.public_key].invalid == {"too_many_items": 2}
