@@ -30,6 +30,7 @@ from citynode.transport.web import (
     in_thread,
     read_body,
     require_operator,
+    takes,
 )
 
 __all__ = ["add_routes", "admin_sinks", "ngsi_ld_page", "ngsi_notify", "publish_batch"]
@@ -93,6 +94,7 @@ def _batch_items(body: bytes) -> tuple[list[dict[str, Any]], list[str | None]]:
     return items, subjects
 
 
+@takes("feed", "type")
 async def publish_batch(request: web.Request) -> web.Response:
     require_operator(request)
     node = request.app[NODE_KEY]
@@ -106,6 +108,7 @@ async def publish_batch(request: web.Request) -> web.Response:
                               "access": node.feed_access(feed)})
 
 
+@takes("refused")
 async def admin_sinks(request: web.Request) -> web.Response:
     """The sinks' state and their newest refused deliveries (``?refused=N``, 0-1000)."""
     require_operator(request)
