@@ -173,6 +173,31 @@ async def test_a_receiver_away_for_a_while_gets_everything_when_back(
     assert receiver.acked_ids() == ids  # in order, each once
 
 
+@pytest.mark.slow
+async def test_a_receiver_down_for_a_minute_gets_everything_in_order_when_back(
+        node_with_sink: Make, receiver: Receiver) -> None:
+    """The issue's outage, in real time: the receiver is gone for 60 s while records
+    keep coming. The test mostly sleeps (under xdist the other worker goes on), so it
+    costs the suite about half a minute of wall time, not a minute of CPU."""
+    n = await node_with_sink(sink_toml(receiver.url).replace(
+        "retry_max_seconds = 0.4", "retry_max_seconds = 5"))
+    ids = await publish(n, "air-quality", 3)
+    await all_acked(receiver, ids)
+    await receiver.stop()
+    for half in range(2):  # records committed at the start and in the middle of it
+        ids += await publish(n, "air-quality", 5, start=3 + 5 * half)
+        await asyncio.sleep(30)
+    st = (await n.sinks.status())["sinks"][0]
+    assert st["pending"] == 10 and st["delivered"] == 3 and st["refused"] == 0
+    # capped backoff: it kept trying (at least every 5 s, after 7 doublings from
+    # 0.05 s), and did not spin (at least 2.5 s apart once capped)
+    assert 10 <= st["retries"] <= 40, st["retries"]
+    await receiver.start()
+    await all_acked(receiver, ids)
+    assert receiver.acked_ids() == ids  # in order, each once
+    assert (await n.sinks.status())["sinks"][0]["pending"] == 0
+
+
 async def test_a_refused_event_is_kept_and_its_feed_goes_on(node_with_sink: Make,
                                                             receiver: Receiver) -> None:
     n = await node_with_sink(sink_toml(receiver.url))
