@@ -95,9 +95,14 @@ class MqttBridge(Pipeline):
         p = Path(name)
         return str(p if p.is_absolute() else self.data_dir / p)
 
-    def _client(self) -> aiomqtt.Client:
-        """A client for one connection. Raises :class:`ConfigError` for a certificate or
-        password file that cannot be read."""
+    def check_files(self) -> None:
+        """Raise :class:`ConfigError` if a certificate or password file cannot be read
+        now: at start, a missing file is a mistake in node.toml to report, not an outage
+        to wait out."""
+        self._secrets()
+
+    def _secrets(self) -> tuple[ssl.SSLContext | None, str | None]:
+        """The TLS context and password of a connection. Raises ConfigError."""
         c = self.cfg
         ctx = None
         try:
@@ -112,6 +117,13 @@ class MqttBridge(Pipeline):
                     password = f.read().rstrip("\r\n")
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError(f"bridge {c.name}: {exc}") from exc
+        return ctx, password
+
+    def _client(self) -> aiomqtt.Client:
+        """A client for one connection. Raises :class:`ConfigError` for a certificate or
+        password file that cannot be read."""
+        c = self.cfg
+        ctx, password = self._secrets()
         client = aiomqtt.Client(
             c.host, c.port, identifier=c.client_id, clean_session=False,
             username=c.username or None, password=password, keepalive=c.keepalive_seconds,

@@ -37,7 +37,11 @@ class Bridges:
                      for cfg in config.bridges.ngsi}
 
     def start(self, spawn: Spawn) -> None:
-        """Start one task per bridge (they reconnect by themselves until cancelled)."""
+        """Start one task per bridge (they reconnect by themselves until cancelled).
+        Raises ConfigError, before any starts, if a bridge's password, certificate or
+        CA file cannot be read."""
+        for b in self.mqtt:
+            b.check_files()
         for b in self.mqtt:
             spawn(b.run(), f"bridge-{b.cfg.name}")
         self.running = True

@@ -114,12 +114,23 @@ class Sink:
             raise ConfigError(f"sink {self.cfg.name}: token_file: {exc}") from exc
         return {"Authorization": f"Bearer {token}"}
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _ssl(self) -> ssl.SSLContext:
+        """The TLS trust for the receiver. Raises ConfigError."""
         try:
-            ctx = ssl.create_default_context(
+            return ssl.create_default_context(
                 cafile=str(self._file(self.cfg.ca_file)) if self.cfg.ca_file else None)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"sink {self.cfg.name}: ca_file: {exc}") from exc
+
+    def check_files(self) -> None:
+        """Raise ConfigError if the token or CA file cannot be read now: at start, a
+        missing file is a mistake in node.toml to report, not an outage to wait out
+        (while running, a file gone is retried: it may be being replaced)."""
+        self.headers()
+        self._ssl()
+
+    def _session(self) -> aiohttp.ClientSession:
+        ctx = self._ssl()
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=ctx, limit=self.cfg.lanes),
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),

@@ -49,7 +49,10 @@ class Sinks:
     async def start(self, spawn: Spawn) -> None:
         """Start one task per sink. A sink that never ran starts from now (or from the
         first record held, with ``from_start``): its cursor is placed before this
-        returns, so records published after the node started are its."""
+        returns, so records published after the node started are its. Raises
+        ConfigError, before any starts, if a sink's token or CA file cannot be read."""
+        for s in self.sinks:
+            s.check_files()
         for s in self.sinks:
             await s.place_cursor()
             spawn(s.run(), f"sink-{s.cfg.name}")

@@ -15,6 +15,7 @@ import pytest
 
 from citynode.core.keys import Verifier, node_id
 from citynode.core.records import decode_record, open_record
+from citynode.errors import ConfigError
 from citynode.node import Node
 from citynode.sinks.cloudevents import EVENT_TYPE
 from citynode.sinks.receiver import Receiver
@@ -252,6 +253,27 @@ async def test_a_new_sink_starts_from_now_unless_from_start(node_with_sink: Make
 async def _count(r: Receiver, ids: list[str], times: int) -> bool:
     acked = r.acked_ids()
     return all(acked.count(i) == times for i in ids)
+
+
+async def test_a_sink_whose_token_file_is_missing_stops_the_start(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """A secret file not there at start is a mistake in node.toml: said at once, by
+    name, rather than a node that runs and retries a sink that can never deliver."""
+    d = make_node_dir(tmp_path, "Jakarta")
+    with open(d / "node.toml", "a") as f:
+        f.write(sink_toml(receiver.url, extra='token_file = "bus-token"'))
+    n = Node.load(d)
+    with pytest.raises(ConfigError, match=r"sink bus: token_file: .*bus-token"):
+        await n.start()
+    await n.stop()
+    (d / "bus-token").write_text("s3cret\n")
+    n = Node.load(d)
+    await n.start()
+    try:
+        ids = await publish(n, "air-quality", 1)
+        await all_acked(receiver, ids)
+    finally:
+        await n.stop()
 
 
 def test_the_rendered_template_shows_a_sink_and_still_loads() -> None:

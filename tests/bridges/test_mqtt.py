@@ -245,3 +245,22 @@ async def test_tls_with_a_client_certificate_and_a_password(
 async def _up(n: LocalNode, bridge: str) -> bool:
     text = (await n.api("GET", "/metrics", raw=True)).decode()
     return f'citynode_bridge_connected{{bridge="{bridge}"}} 1.0' in text
+
+
+async def test_a_password_file_missing_at_start_is_said_at_once(tmp_path: Path) -> None:
+    """Not a node that runs and reconnects for ever with a password it cannot read: the
+    start fails with the bridge's name and the file (``citynode run`` prints it)."""
+    from citynode.errors import ConfigError
+    from citynode.node import Node
+    from tests.conftest import make_node_dir
+
+    d = make_node_dir(tmp_path, "Jakarta")
+    with open(d / "node.toml", "a") as f:
+        f.write(bridge_toml(1, extra='username = "citynode"\npassword_file = "mqtt-pw"'))
+    n = Node.load(d)
+    try:
+        with pytest.raises(ConfigError, match=r"bridge air: .*mqtt-pw"):
+            await n.start()
+        assert not n.ready
+    finally:
+        await n.stop()
