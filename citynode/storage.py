@@ -1952,8 +1952,8 @@ class Storage:
     def bridge_claim(self, bridge: str, claims: Sequence[tuple[bytes, str, int]],
                       at_ms: int, keep_ms: int) -> Future[None]:
         """Note that messages ``(key, feed, own feed head seq now)`` are about to be
-        published (a claim already held is renewed), and forget at most a thousand
-        identities of ``bridge`` older than ``keep_ms``.
+        published (a claim already held is renewed, a dead letter's becomes one), and
+        forget at most a thousand identities of ``bridge`` older than ``keep_ms``.
 
         Not synced to disk by itself: the durable commit of the records that follow it
         syncs the write-ahead log, this commit's frames included (a claim can only be
@@ -1963,9 +1963,9 @@ class Storage:
         def run(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "INSERT INTO bridge_messages (key, bridge, state, feed, after_seq, at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET state = 0,"
                 " feed = excluded.feed, after_seq = excluded.after_seq, at = excluded.at"
-                " WHERE state = 0", rows)
+                " WHERE state <> 1", rows)
             conn.execute(
                 "DELETE FROM bridge_messages WHERE key IN (SELECT key FROM bridge_messages"
                 " WHERE at < ? AND bridge = ? LIMIT ?)", (at_ms - keep_ms, bridge, _BRIDGE_PRUNE))

@@ -7,8 +7,12 @@ the bridge's own), and makes it a record or a dead letter, durably, once:
 * A message's identity is SHA-256 over bridge name, topic and bytes
   (:func:`~citynode.bridges.mapping.message_key`). Before its record is published the
   identity is durably *claimed* with the own feed's head seq then; after, it is marked
-  published with the record id. A copy of a published (or dead-lettered) message is a
-  duplicate: nothing published.
+  published with the record id. A copy of a published message is a duplicate: nothing
+  published.
+* A copy of a dead-lettered message is mapped and checked again (its type, the feed's
+  egress policy): node.toml may have been fixed since (a route, ``fields``,
+  ``local_time_offset``), and the message must not stay lost for good. Still refused,
+  it is a duplicate (no second dead letter); accepted, it is claimed and published.
 * A copy of a message still *claimed* (the node died between claiming and marking) is
   reconciled: the records of the feed after the claimed head that no message accounts
   for are compared with what the message maps to (type, subject, payload after the
@@ -42,6 +46,7 @@ from citynode.core.records import (
     record_id,
     stored_record,
 )
+from citynode.core.types import validate_payload
 from citynode.errors import (
     ChainError,
     CitynodeError,
@@ -50,7 +55,7 @@ from citynode.errors import (
 )
 from citynode.logs import fields
 from citynode.metrics import Metrics
-from citynode.storage import BRIDGE_CLAIMED, BridgeMessageRow, Storage
+from citynode.storage import BRIDGE_CLAIMED, BRIDGE_DEAD, BridgeMessageRow, Storage
 
 __all__ = ["Incoming", "Outcome", "Pipeline", "Publish", "Retry"]
 
@@ -161,18 +166,25 @@ class Pipeline:
         batch_keys: set[bytes] = set()
         for item in items:
             item.row = seen.get(item.key)
-            if (item.row is not None and item.row.state != BRIDGE_CLAIMED) or \
-                    item.key in batch_keys:
+            was_dead = item.row is not None and item.row.state == BRIDGE_DEAD
+            if (item.row is not None and item.row.state not in (BRIDGE_CLAIMED, BRIDGE_DEAD)
+                    ) or item.key in batch_keys:
                 self._count("duplicates")
                 item.outcome = "duplicate"
                 continue
             batch_keys.add(item.key)
             try:
                 item.mapped = self.map_incoming(item.message, item.topic, item.payload)
-            except UnmappableMessage as exc:
-                await self._dead(item, exc)
+                if was_dead:
+                    self._check(item.mapped)
+            except (UnmappableMessage, InvalidRecord) as exc:
+                if was_dead:  # refused again: it is a dead letter already
+                    self._count("duplicates")
+                    item.outcome = "duplicate"
+                else:
+                    await self._dead(item, exc)
                 continue
-            (claimed if item.row is not None else fresh).append(item)
+            (claimed if item.row is not None and not was_dead else fresh).append(item)
         if claimed:
             order = {id(item): n for n, item in enumerate(items)}
             fresh = sorted(await self._reconcile(claimed) + fresh,
@@ -283,6 +295,12 @@ class Pipeline:
             return (m.type, m.subject, m.data)
         out = egress.apply(rules, m.type, m.data, m.subject)
         return (m.type, out.subject, out.data)
+
+    def _check(self, m: Mapped) -> None:
+        """Raise InvalidRecord if ``m`` would be refused when published (its type's
+        validation after the feed's egress policy), before anything is claimed."""
+        type_name, _subject, data = self._expected(m)
+        validate_payload(type_name, data)
 
     def _count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n

@@ -168,3 +168,43 @@ def test_a_refused_subscription_is_an_error_the_status_shows() -> None:
             assert "refused the subscription to 'a/#'" in str(exc)
         else:
             raise AssertionError("a refused subscription passed")
+
+
+async def test_a_dead_letter_sent_again_after_node_toml_is_fixed_becomes_a_record(
+        tmp_path: Path) -> None:
+    """A message dead-lettered for a mistake in the mapping is not lost for good: its
+    copy, once node.toml is fixed, is published (once). Still refused, a copy is a
+    duplicate: no second dead letter."""
+    node, bridge = await started(tmp_path)
+    unlabelled = reading(1, label=None)  # the route's fields ask for "label"
+    negative = reading(2, values={"pm25": -3.0, "no2": 20.0})  # the type refuses it
+    try:
+        await bridge.handle([message(unlabelled), message(negative)])
+        await bridge.handle([message(unlabelled), message(negative)])
+        assert bridge.counts["dead_lettered"] == 2 and bridge.counts["duplicates"] == 2
+        assert await feed_records(node) == []
+        assert len(node.storage.bridge_dead_letters("air", 10)) == 2
+    finally:
+        await node.stop()
+    toml = node.data_dir / "node.toml"
+    toml.write_text(toml.read_text().replace('name = "label"\n', ""))
+    node = Node.load(node.data_dir)
+    await node.start(partners=False)
+    bridge = node.bridges.mqtt[0]
+    try:
+        key = message_key("air", TOPIC, unlabelled)
+        assert node.storage.bridge_lookup([key])[key].state == BRIDGE_DEAD
+        await bridge.handle([message(unlabelled), message(negative)])
+        node.storage.barrier().result(5)
+        (rid,) = await feed_records(node)
+        row = node.storage.bridge_lookup([key])[key]
+        assert row.state == BRIDGE_PUBLISHED and row.record_id.hex() == rid
+        neg = message_key("air", TOPIC, negative)
+        assert node.storage.bridge_lookup([neg])[neg].state == BRIDGE_DEAD  # not claimed
+        await bridge.handle([message(unlabelled), message(negative)])
+        assert len(await feed_records(node)) == 1
+        assert bridge.counts["published"] == 1 and bridge.counts["duplicates"] == 3
+        assert bridge.counts["dead_lettered"] == 0
+        assert len(node.storage.bridge_dead_letters("air", 10)) == 2
+    finally:
+        await node.stop()
