@@ -45,9 +45,10 @@ def _load_mapping(path: Path) -> CsvMapping:
     return parse_csv_mapping(doc, str(path))
 
 
-def _rows(f: Any, start_line: int) -> Iterator[tuple[int, dict[str, str] | RowError]]:
-    """``(line, row)`` of each data row at or after ``start_line``; a row that does not
-    fit the header is a RowError."""
+def _rows(f: Any, start_line: int, end_line: int | None = None
+          ) -> Iterator[tuple[int, dict[str, str] | RowError]]:
+    """``(line, row)`` of each data row from ``start_line`` to ``end_line`` (inclusive;
+    None: the end of the file); a row that does not fit the header is a RowError."""
     reader = csv.reader(f)
     try:
         header = next(reader)
@@ -57,6 +58,8 @@ def _rows(f: Any, start_line: int) -> Iterator[tuple[int, dict[str, str] | RowEr
     line = reader.line_num + 1
     for cells in reader:
         at, line = line, reader.line_num + 1
+        if end_line is not None and at > end_line:
+            return
         if at < start_line or not any(c.strip() for c in cells):
             continue
         if len(cells) != width:
@@ -79,15 +82,20 @@ def _rows(f: Any, start_line: int) -> Iterator[tuple[int, dict[str, str] | RowEr
               help="Rows published together (all or none).")
 @click.option("--start-line", default=2, show_default=True, type=click.IntRange(2),
               help="Skip the rows before this line (to resume a run).")
+@click.option("--end-line", default=None, type=click.IntRange(2),
+              help="Stop after this line (with --start-line: publish again only the "
+              "lines of a batch that failed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 def import_csv(data_dir: Path, feed: str, type_name: str, mapping_path: Path,
-               batch_size: int, start_line: int, as_json: bool, file: Path) -> None:
+               batch_size: int, start_line: int, end_line: int | None, as_json: bool,
+               file: Path) -> None:
     """Publish each row of FILE (CSV with a header line, UTF-8) as a record of FEED.
 
     Rows go in batches of --batch-size: a batch with a bad row publishes nothing, and
     its bad rows are reported by line number; the other batches are published. Exit
-    status 1 if any row was not published.
+    status 1 if any row was not published; the report gives the lines of each batch
+    that failed, to publish again (once fixed) with --start-line and --end-line.
     """
     from citynode.cli import _operate, _print_json
     from citynode.operator import Operator
@@ -103,7 +111,7 @@ def import_csv(data_dir: Path, feed: str, type_name: str, mapping_path: Path,
         total = sum(1 for _ in f)
     report: dict[str, Any] = {"published": 0, "batches": 0, "failed_batches": 0,
                               "bad_rows": 0, "refused_rows": 0, "errors": [],
-                              "last_line_published": None}
+                              "last_line_published": None, "failed_lines": []}
 
     def bad(line: int, reason: str, message: str) -> None:
         report["bad_rows"] += 1
@@ -117,21 +125,25 @@ def import_csv(data_dir: Path, feed: str, type_name: str, mapping_path: Path,
             batch: list[tuple[int, str | None, dict[str, Any]]] = []
             failed = False
             count = 0  # rows of the batch, good and bad
-            done = 1
+            first = done = 1  # the batch's first line; the last line read
 
             async def flush() -> None:
                 nonlocal batch, failed, count
                 if failed:
                     report["failed_batches"] += 1
                     report["refused_rows"] += len(batch)
+                    if len(report["failed_lines"]) < _MAX_REPORTED:
+                        report["failed_lines"].append([first, done])
                 elif batch:
                     await _send(op, feed, type_name, batch, report, bad)
                 batch, failed, count = [], False, 0
 
-            for line, row in _rows(f, start_line):
+            for line, row in _rows(f, start_line, end_line):
                 bar.update(line - done)
                 done = line
                 count += 1
+                if count == 1:
+                    first = line
                 try:
                     if isinstance(row, RowError):
                         raise row
@@ -158,8 +170,11 @@ def import_csv(data_dir: Path, feed: str, type_name: str, mapping_path: Path,
         if report["bad_rows"]:
             click.echo(f"not published: {report['bad_rows']} bad row(s), and "
                        f"{report['refused_rows']} good row(s) of the "
-                       f"{report['failed_batches']} batch(es) they were in: fix them and "
-                       "run again on those lines", err=True)
+                       f"{report['failed_batches']} batch(es) they were in: fix them, "
+                       "then publish those lines again (and only those: the other "
+                       "rows are records now) with", err=True)
+            for a, b in report["failed_lines"]:
+                click.echo(f"  --start-line {a} --end-line {b}", err=True)
     if report["bad_rows"]:
         sys.exit(1)
 
@@ -181,6 +196,8 @@ async def _send(op: Any, feed: str, type_name: str,
             f"{batch[-1][0]} refused by the node: {exc.detail or exc}")
         report["failed_batches"] += 1
         report["refused_rows"] += len(batch) - 1
+        if len(report["failed_lines"]) < _MAX_REPORTED:
+            report["failed_lines"].append([batch[0][0], batch[-1][0]])
         return
     report["published"] += len(batch)
     report["batches"] += 1

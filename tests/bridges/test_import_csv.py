@@ -108,6 +108,28 @@ def test_a_bad_row_fails_its_batch_only_and_is_reported_by_line(
     assert len(held(d)) == 13
 
 
+def test_a_failed_batch_in_the_middle_is_published_again_alone(
+        setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """The report says which lines to run again; --start-line with --end-line publishes
+    those, and not the batches after them a second time."""
+    d, m = setup
+    rows = [row(i) for i in range(9)]
+    rows[4] = row(4, "n/a")  # line 6: the second batch of three (lines 5-7) fails
+    f = tmp_path / "air.csv"
+    f.write_text(HEADER + "".join(rows))
+    r = run(d, m, f, "--batch-size", "3", "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout)["failed_lines"] == [[5, 7]]
+    assert len(held(d)) == 6
+    r = run(d, m, f, "--batch-size", "3", "--start-line", "5", "--end-line", "7")
+    assert r.exit_code == 1 and "line 6:" in r.stderr and "line 9" not in r.stderr
+    assert "--start-line 5 --end-line 7" in r.stderr and len(held(d)) == 6
+    rows[4] = row(4)
+    f.write_text(HEADER + "".join(rows))
+    r = run(d, m, f, "--batch-size", "3", "--json", "--start-line", "5", "--end-line", "7")
+    assert r.exit_code == 0 and json.loads(r.stdout)["published"] == 3
+    assert sorted(x["subject"] for x in held(d)) == [f"station-DKI{i}" for i in range(9)]
+
+
 def test_the_node_refusing_a_batch_publishes_none_of_it(setup: tuple[Path, Path],
                                                       tmp_path: Path) -> None:
     d, m = setup
