@@ -15,8 +15,11 @@ Rules:
 * **Retries.** 5xx, 408, 429 and connection failures are retried after a backoff that
   doubles from ``retry_min_seconds`` up to ``retry_max_seconds``, times a random
   factor in [0.5, 1) (jitter: many nodes do not retry in step); a ``Retry-After`` in
-  seconds is honoured up to ``retry_max_seconds``. Any other 4xx is a refusal for good:
-  the record is kept as refused (``citynode sinks``) and its lane goes on.
+  seconds is honoured up to ``retry_max_seconds``. So are 401, 403, 404, 405 and 407:
+  they refuse the sink itself (its token, its URL), not the event, and would refuse
+  every record alike; they wait for the operator to fix node.toml or the receiver.
+  Any other 4xx is a refusal for good: the record is kept as refused
+  (``citynode sinks``) and its lane goes on.
 * **Bounded.** At most ``_MAX_PENDING`` records wait in a sink's outbox; beyond that the
   cursor stops (the records stay in the database) until the receiver catches up.
 """
@@ -60,13 +63,20 @@ class Outcome:
     after: float | None = None
 
 
+# Answers about the endpoint or the credentials, not the event (see the docstring).
+_SINK_REFUSED = frozenset({401, 403, 404, 405, 407})
+
+
 def outcome_of_status(status: int, text: str, retry_after: str | None) -> Outcome:
     """The outcome of an HTTP answer (see the module docstring)."""
     if 200 <= status < 300:
         return Outcome(True)
     after = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
-    retry = status >= 500 or status in (408, 429)
-    return Outcome(False, retry, f"HTTP {status}: {text[:300]}", after)
+    error = f"HTTP {status}: {text[:300]}"
+    if status in _SINK_REFUSED:
+        error += " (the receiver refuses the sink itself: check its url and token_file)"
+    retry = status >= 500 or status in (408, 429) or status in _SINK_REFUSED
+    return Outcome(False, retry, error, after)
 
 
 class Sink:

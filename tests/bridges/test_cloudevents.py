@@ -255,6 +255,28 @@ async def _count(r: Receiver, ids: list[str], times: int) -> bool:
     return all(acked.count(i) == times for i in ids)
 
 
+async def test_a_wrong_url_is_waited_out_not_a_refusal_of_every_record(
+        node_with_sink: Make, receiver: Receiver, tmp_path: Path) -> None:
+    """A 404 (or 401, 403...) speaks of the sink, not the event: its records wait, the
+    status says what to check, and once node.toml is fixed they all arrive, in order."""
+    wrong = receiver.url.replace("/events", "/event")
+    n = await node_with_sink(sink_toml(wrong))
+    ids = await publish(n, "air-quality", 4)
+
+    async def retried() -> bool:
+        return (await n.sinks.status())["sinks"][0]["retries"] >= 2
+    await eventually(retried, timeout=30, interval=0.05)
+    st = (await n.sinks.status())["sinks"][0]
+    assert (st["pending"], st["refused"], st["refused_held"]) == (4, 0, 0)
+    assert "HTTP 404" in st["last_error"] and "check its url" in st["last_error"]
+    await n.stop()
+    toml = tmp_path / "jakarta" / "node.toml"
+    toml.write_text(toml.read_text().replace(wrong, receiver.url))
+    n = await node_with_sink(fresh=False)
+    await all_acked(receiver, ids)
+    assert receiver.acked_ids() == ids
+
+
 async def test_a_sink_whose_token_file_is_missing_stops_the_start(
         tmp_path: Path, receiver: Receiver) -> None:
     """A secret file not there at start is a mistake in node.toml: said at once, by
