@@ -12,6 +12,7 @@ says the lines to fix, and ``--start-line`` resumes after the last batch publish
 
 from __future__ import annotations
 
+import codecs
 import csv
 import sys
 import tomllib
@@ -68,6 +69,29 @@ def _rows(f: Any, start_line: int, end_line: int | None = None
         yield at, dict(zip(header, cells, strict=True))
 
 
+def _check_utf8(path: Path) -> None:
+    """Raise click.ClickException, naming the line, if ``path`` is not UTF-8 (before
+    anything is published: exports from spreadsheets are often Windows-1252)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                # (exc.object: the chunk after the bytes of a character cut in two)
+                line += exc.object[:exc.start].count(b"\n")
+                raise click.ClickException(
+                    f"{path}: line {line} is not UTF-8 (byte {exc.object[exc.start]:#04x}): save "
+                    "the file as UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8") from exc
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise click.ClickException(f"{path}: line {line} is not UTF-8 (it ends in "
+                                       "the middle of a character)") from exc
+
+
 @import_group.command("csv")
 @click.option("-d", "--dir", "data_dir", envvar="CITYNODE_DIR", required=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -102,6 +126,7 @@ def import_csv(data_dir: Path, feed: str, type_name: str, mapping_path: Path,
 
     mapping = _load_mapping(mapping_path)
     csv.field_size_limit(_MAX_CELL)
+    _check_utf8(file)
     with open(file, encoding="utf-8-sig", newline="") as f:
         header = next(csv.reader(f), [])
         missing = sorted(mapping.needs() - set(header))

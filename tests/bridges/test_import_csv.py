@@ -182,3 +182,15 @@ def test_mapping_rules() -> None:
 
 def test_help_is_documented() -> None:
     assert "bad rows are reported by line number" in ok("import", "csv", "--help").stdout
+
+
+def test_a_file_not_in_utf8_is_one_error_naming_the_line(setup: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """A spreadsheet's Windows-1252 export: said before anything is published."""
+    d, m = setup
+    f = tmp_path / "air.csv"
+    f.write_bytes((HEADER + row(0) + row(1)).encode() +
+                  'DKI2,"Caf\u00e9",12,20,2026-12-07 07:02,106.82,-6.19\n'.encode("cp1252"))
+    err = one_line_error(run(d, m, f))
+    assert "line 4 is not UTF-8 (byte 0xe9)" in err and "iconv" in err
+    assert held(d) == []
