@@ -1357,9 +1357,19 @@ class Storage:
         reported_by: str | None,
         at_ms: int,
     ) -> Future[bool]:
-        """Keep a (verified) fork proof. The future's result is False if already known."""
+        """Keep a (verified) fork or split-view proof. The future's result is False if
+        already known, or if a proof of the same ``kind`` at the same (origin, feed,
+        seq) is held: one proves the fork, and a hostile origin signing conflicting
+        statements of one size without end (a checkpoint every few seconds) must not
+        grow this table without bound. Proofs held are thus at most one per kind and
+        seq (a size, for a split view) of a feed, no more than the checkpoints held."""
 
         def run(conn: sqlite3.Connection) -> bool:
+            if conn.execute(
+                "SELECT 1 FROM fork_proofs WHERE origin = ? AND feed = ? AND seq = ?"
+                " AND kind = ? LIMIT 1", (origin, feed, seq, kind),
+            ).fetchone() is not None:
+                return False
             cur = conn.execute(
                 "INSERT INTO fork_proofs (origin, feed, seq, kind, proof, found_at, reported_by)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (proof) DO NOTHING",

@@ -1395,7 +1395,11 @@ class Replica:
 
     def _proof(self, origin: bytes, feed: str, seq: int, kind: str, enc: bytes,
                source: bytes | None, out: list[Action], *, echo: bool) -> bool:
-        h = hashlib.sha256(enc).digest()
+        # One proof of a kind per (origin, feed, seq) is news; another of the same point
+        # (an origin signing conflicting statements of one size again and again) proves
+        # nothing more: not stored, forwarded or reported again.
+        h = hashlib.sha256(b"\0".join([origin, feed.encode(), str(seq).encode(),
+                                        kind.encode()])).digest()
         if h in self.proofs:
             return False
         self.proofs[h] = None

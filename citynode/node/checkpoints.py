@@ -115,14 +115,17 @@ class Checkpoints:
         """Sign a checkpoint of every own feed that grew since its last one (when
         ``grown``) and of every own feed with a cadence whose last statement is half a
         cadence old (a heartbeat, grown or not), store it, and send it to the
-        partners."""
+        partners. An own feed this node holds a fork or split-view proof against is
+        never signed on again, not even a heartbeat: each new statement of it would
+        only show partners one more split view (and say "alive" of a feed that is
+        not)."""
         made = []
         me = self.key.public_key
         now = self.now_ms()
         cadenced = {f: fc.cadence_seconds for f, fc in self.config.feeds.items()
                     if fc.cadence_seconds is not None}
         own = {f for (o, f) in list(self.replica.heads) if o == me} | set(cadenced)
-        for feed in sorted(own):
+        for feed in sorted(own - set(self.replica.own_forked)):
             # The head on disk, not in memory: while a publish is being committed the
             # memory runs ahead, and a checkpoint covers committed records only (under
             # steady publishing, waiting for the two to meet could wait forever).

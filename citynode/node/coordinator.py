@@ -414,7 +414,13 @@ class Node:
             out["database_error"] = self.storage.corrupt
         # A restored node serves and relays, but signs nothing on its own feeds yet:
         # say so (and whom it waits for), without calling the node unready.
-        out["own_publishing"] = not self.replica.restored
+        # Nor on an own feed it holds a fork proof against (for good): when that is
+        # every own feed it has (declared or published on), it publishes nothing.
+        me = self.public_key
+        own = set(self.config.feeds) | {f for (o, f) in list(self.replica.heads) if o == me}
+        forked = sorted(self.publisher.forked)
+        out["own_publishing"] = not self.replica.restored and not (own and own <= set(forked))
+        out["own_forked"] = forked
         if self.replica.restored:
             out["restored_awaiting"] = [self._partner_name(k)
                                         for k in self.replica.awaiting_confirmation()]

@@ -197,6 +197,12 @@ def test_equivocation_becomes_a_proof_sent_to_partners() -> None:
     # The same proof again from a partner: kept once, not forwarded again.
     proof = of(rp.StoreProof, acts)[0].proof  # type: ignore[attr-defined]
     assert r.on_proof(P, ORIGIN.public_key, "f", 1, "fork", proof) == []
+    # Another proof of the same point (a third record at seq 1, a split view signed
+    # again with a new time): proves nothing more, not kept, forwarded or reported.
+    assert r.on_proof(P, ORIGIN.public_key, "f", 1, "fork", b"another" + proof) == []
+    sv = r.on_proof(P, ORIGIN.public_key, "f", 1, "split-view", b"sv-1")
+    assert of(rp.StoreProof, sv) and of(rp.ForkFound, sv)
+    assert r.on_proof(P, ORIGIN.public_key, "f", 1, "split-view", b"sv-2") == []
 
 
 def test_sync_session_between_two_replicas() -> None:

@@ -880,10 +880,16 @@ def test_fork_proofs_dedupe(st: Storage) -> None:
     assert st.add_fork_proof(A, "f", 3, "fork", b"proof-1", "cn1rep", T0).result(5) is True
     assert st.add_fork_proof(A, "f", 3, "fork", b"proof-1", None, T0 + 5).result(5) is False
     assert st.add_fork_proof(A, "f", 4, "split", b"proof-2", None, T0 + 9).result(5) is True
+    # Another proof of the same kind at the same (origin, feed, seq) proves nothing
+    # more: a stream of conflicting statements of one size must not grow the table.
+    assert st.add_fork_proof(A, "f", 3, "fork", b"proof-3", None, T0 + 10).result(5) is False
+    assert st.add_fork_proof(A, "f", 4, "split", b"proof-4", None, T0 + 11).result(5) is False
+    assert st.add_fork_proof(A, "g", 4, "split", b"proof-5", None, T0 + 12).result(5) is True
     rows = st.fork_proofs()
     assert [(r.origin, r.feed, r.seq, r.kind, r.proof, r.found_at, r.reported_by)
             for r in rows] == [(A, "f", 3, "fork", b"proof-1", T0, "cn1rep"),
-                               (A, "f", 4, "split", b"proof-2", T0 + 9, None)]
+                               (A, "f", 4, "split", b"proof-2", T0 + 9, None),
+                               (A, "g", 4, "split", b"proof-5", T0 + 12, None)]
 
 
 def test_checkpoints_and_meta(st: Storage) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
+from citynode.config import FeedConfig
 from citynode.core import checkpoints as cps
 from citynode.core.keys import Verifier
 from citynode.core.records import record_id
@@ -237,3 +239,45 @@ async def test_liveness_statements_backwards_or_from_the_future_are_refused(
         await client.close()
     states = {(s["origin"], s["feed"]): s for s in b.node.checkpoints.states()}
     assert states[(pk, "w")]["signed_size"] == 3 and states[(pk, "w")]["head"] == 3
+
+
+async def test_a_forked_own_feed_is_never_signed_again_and_one_proof_is_kept(
+        inproc: Make) -> None:
+    """Once a node holds a split-view proof against its own feed it signs no further
+    checkpoint of it, not even a heartbeat (each would be one more split view at its
+    partners); and a partner shown conflicting statements of one size again and again
+    keeps one proof of it, not one per statement (hostile input must not grow storage
+    without bound)."""
+    await show_split_view(a := await inproc("Surabaya"),
+                          b := await inproc("Singapore"))
+    me = a.node.public_key
+
+    async def a_knows() -> bool:
+        await asyncio.sleep(0)
+        return "w" in a.node.publisher.forked
+
+    await eventually(a_knows, timeout=20)
+    # A cadence of 2 s: a heartbeat is due every second, grown or not.
+    cfg = a.node.checkpoints.config
+    a.node.checkpoints.config = replace(
+        cfg, feeds={**cfg.feeds, "w": FeedConfig("w", cadence_seconds=2)})
+    before = a.node.checkpoints.newest(me, "w")
+    await asyncio.sleep(1.2)
+    assert await a.node.checkpoints.checkpoint_now() == []
+    assert a.node.checkpoints.newest(me, "w") == before
+    ready = await a.node.readiness()
+    assert ready[1]["own_publishing"] is False  # its only own feed is forked
+    assert ready[1]["own_forked"] == ["w"]
+    # More conflicting statements of size 4, each a different envelope (a new time).
+    client = PeerClient(a.node.key, b.url, node_id=b.node.node_id,
+                        fingerprint=b.node.identity.cert_fingerprint)
+    try:
+        for i in range(3):
+            forged = cps.sign_checkpoint(a.node.key, "w", 4, bytes([8 + i]) * 32,
+                                         a.node.now_ms() + 1 + i)
+            out = await client.request("POST", "/v1/checkpoints", forged.envelope)
+            assert b'"split-view"' in out
+    finally:
+        await client.close()
+    rows = [r for r in b.node.storage.fork_proofs() if r.kind == "split-view"]
+    assert len(rows) == 1 and rows[0].seq == 4
