@@ -4,9 +4,10 @@ Everything here is pure: the node's shell (citynode/node/alerts.py) takes a
 :class:`Snapshot` of what it sees, :func:`conditions` turns it into the conditions
 that hold, and a :class:`Tracker` turns successive sets of conditions into events: a
 condition that appears *fires* once, stays quiet while it holds, and *resolves* once
-when it clears (no storm). :func:`alert_body` gives an event's JSON bytes, signed
-with the node key over ``DOMAIN_ALERT || body`` (:func:`signature_header`), and
-:func:`verify_alert` is what a receiver runs.
+when it clears (no storm). A resolved event says
+what is well again in its own words (:func:`resolved_message`). :func:`alert_body`
+gives an event's JSON bytes, signed with the node key over ``DOMAIN_ALERT || body``
+(:func:`signature_header`), and :func:`verify_alert` is what a receiver runs.
 
 Conditions (``alert`` codes, stable):
 
@@ -50,6 +51,7 @@ __all__ = [
     "Tracker",
     "alert_body",
     "conditions",
+    "resolved_message",
     "signature_header",
     "verify_alert",
 ]
@@ -89,12 +91,14 @@ class Condition:
 @dataclass(frozen=True, slots=True)
 class Event:
     """A condition that fired (``status`` "firing") or cleared ("resolved") at ``time``
-    (ms); ``since``: when it fired."""
+    (ms); ``since``: when it fired. ``message``: the line for a human (the condition's
+    when firing, :func:`resolved_message` when resolved)."""
 
     condition: Condition
     status: str
     time: int
     since: int
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +182,36 @@ def conditions(s: Snapshot, t: Thresholds) -> list[Condition]:
     return out
 
 
+def resolved_message(c: Condition, s: Snapshot | None, cleared_ms: int) -> str:
+    """The line of a resolved event of ``c``, which held until ``cleared_ms`` (the first
+    check it no longer held), said from ``s`` (the snapshot it resolves in; None: not
+    known). Never raises."""
+    sub = c.subject
+    if c.code == "partner_down":
+        last_ok = sub.get("last_ok")
+        down_from = last_ok if isinstance(last_ok, int) else None
+        seen = next((p for p in (s.partners if s else ()) if p.node_id == c.key), None)
+        if down_from is None and s is not None:
+            down_from = s.started_ms
+        took = f" after {max(0, cleared_ms - down_from) // 1000} s" if down_from is not None else ""
+        if s is not None and seen is None:
+            return f"partner {sub.get('name')} is no longer a partner (was unreachable)"
+        return f"partner {sub.get('name')} reachable again{took}"
+    if c.code == "feed_late":
+        state = next((f.state for f in (s.own_feeds if s else ()) if f.feed == c.key), None)
+        now = f" ({state})" if state else ""
+        return f"own feed {c.key!r} signed on again{now}, within its cadence"
+    if c.code == "disk_low":
+        if s is None:
+            return "disk space back above the threshold in the data dir"
+        return f"disk space back to {s.free_percent:.1f}% free in the data dir"
+    if c.code == "invalid_spike":
+        n = f"{s.invalid_last_minute} inputs" if s is not None else "inputs"
+        return (f"{n} refused in the last minute, back under the threshold of "
+                f"{sub.get('threshold')}")
+    return f"{c.code} of {c.key} no longer holds"
+
+
 class Tracker:
     """Dedup: each condition fires once while it holds and resolves once when it
     clears. Holds at most ``max_active`` conditions (further ones are ignored until
@@ -187,18 +221,23 @@ class Tracker:
         self.active: dict[str, tuple[Condition, int]] = {}
         self.max_active = max_active
 
-    def update(self, held: Iterable[Condition], now_ms: int) -> list[Event]:
-        """The events that take the tracked set to ``held``: new ones fire, gone ones
-        resolve; those still holding say nothing."""
+    def update(self, held: Iterable[Condition], now_ms: int,
+               snapshot: Snapshot | None = None) -> list[Event]:
+        """The events that take the tracked set to ``held`` (found in ``snapshot``,
+        which words the resolved events): new ones fire, gone ones resolve; those
+        still holding say nothing."""
         now = {c.id: c for c in held}
         out: list[Event] = []
         for cid in [c for c in self.active if c not in now]:
             cond, since = self.active.pop(cid)
-            out.append(Event(cond, "resolved", now_ms, since))
+            out.append(Event(cond, "resolved", now_ms, since,
+                             resolved_message(cond, snapshot, now_ms)))
         for cid, cond in now.items():
-            if cid not in self.active and len(self.active) < self.max_active:
+            if cid in self.active:
+                self.active[cid] = (cond, self.active[cid][1])
+            elif len(self.active) < self.max_active:
                 self.active[cid] = (cond, now_ms)
-                out.append(Event(cond, "firing", now_ms, now_ms))
+                out.append(Event(cond, "firing", now_ms, now_ms, cond.message))
         return out
 
 
@@ -225,7 +264,7 @@ def alert_body(node: str, ev: Event) -> bytes:
     c = ev.condition
     doc = {"kind": ALERT_KIND, "version": VERSION, "node": node, "alert": c.code,
            "severity": SEVERITY.get(c.code, "warning"), "status": ev.status,
-           "subject": c.subject, "message": c.message, "time": ev.time,
+           "subject": c.subject, "message": ev.message or c.message, "time": ev.time,
            "since": ev.since, "id": c.id}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False).encode("utf-8")

@@ -150,13 +150,14 @@ class Alerts:
         """Take a snapshot, and queue an alert to every URL for each condition that
         fired or resolved since the last check."""
         snap = await self.snapshot()
-        events = self.tracker.update(ca.conditions(snap, self.thresholds), snap.now_ms)
+        events = self.tracker.update(ca.conditions(snap, self.thresholds), snap.now_ms,
+                                     snap)
         for ev in events:
             code = ev.condition.code
             self.metrics.alerts.labels(code, ev.status).inc()
             (log.warning if ev.status == "firing" else log.info)(
                 "alert", extra=fields(alert=code, status=ev.status, id=ev.condition.id,
-                                      message=ev.condition.message))
+                                      message=ev.message))
             body = ca.alert_body(self.node, ev)
             for i in range(len(self._clients)):
                 self._enqueue(_Delivery(i, body, code, due_ms=snap.now_ms))

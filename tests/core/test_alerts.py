@@ -75,6 +75,36 @@ def test_tracker_fires_once_and_resolves_once() -> None:
     assert [e.status for e in tr.update([down, disk], NOW + 5)] == ["firing"]
 
 
+def test_resolved_events_say_what_is_well_again() -> None:
+    tr = ca.Tracker()
+    s = ca.Snapshot(now_ms=NOW, started_ms=NOW - 10**6,
+                    partners=[ca.PartnerSeen("cn1p", "Beta", False, NOW - 70_000)],
+                    own_feeds=[ca.OwnFeed("air", 10, "silent", NOW - 30_000)],
+                    free_percent=5.0, invalid_last_minute=9)
+    fired = tr.update(ca.conditions(s, T), NOW, s)
+    assert {e.message for e in fired} == {c.message for c in ca.conditions(s, T)}
+    later = NOW + 13_000
+    well = ca.Snapshot(now_ms=later, started_ms=NOW - 10**6,
+                       partners=[ca.PartnerSeen("cn1p", "Beta", True, later - 500)],
+                       own_feeds=[ca.OwnFeed("air", 10, "live", later)],
+                       free_percent=42.25, invalid_last_minute=1)
+    out = {e.condition.code: e for e in tr.update(ca.conditions(well, T), later, well)}
+    assert {e.status for e in out.values()} == {"resolved"}
+    # Down from its last good exchange (NOW - 70 s) until the check that saw it up.
+    assert out["partner_down"].message == "partner Beta reachable again after 83 s"
+    assert out["disk_low"].message == "disk space back to 42.2% free in the data dir"
+    assert out["feed_late"].message == "own feed 'air' signed on again (live), within its cadence"
+    assert out["invalid_spike"].message == (
+        "1 inputs refused in the last minute, back under the threshold of 5")
+    body = json.loads(ca.alert_body("cn1me", out["partner_down"]))
+    assert body["status"] == "resolved" and body["message"] == out["partner_down"].message
+    # A partner removed while down resolves too, saying so.
+    tr.update(ca.conditions(s, T), later + 1, s)
+    gone = ca.Snapshot(now_ms=later + 2, started_ms=NOW - 10**6, free_percent=50.0)
+    out = {e.condition.code: e for e in tr.update([], later + 2, gone)}
+    assert "no longer a partner" in out["partner_down"].message
+
+
 def test_tracker_is_bounded() -> None:
     tr = ca.Tracker(max_active=2)
     conds = [ca.Condition("fork", str(i), {}, "") for i in range(5)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,10 @@ async def test_partner_down_is_alerted_once_after_retries_then_resolved(
             return bool(receiver.of("partner_down", "resolved"))
 
         await eventually(resolved, timeout=30)
-        assert receiver.of("partner_down", "resolved")[0]["id"] == alert["id"]
+        [back] = receiver.of("partner_down", "resolved")
+        assert back["id"] == alert["id"] and back["since"] == alert["since"]
+        # Its own words, not the firing message again.
+        assert re.fullmatch(r"partner Berlin reachable again after \d+ s", back["message"])
         assert len(receiver.of("partner_down")) == 1
     finally:
         await b.close()
@@ -196,6 +200,9 @@ async def test_disk_low_is_alerted_and_resolved(small_fs: Path, receiver: Receiv
 
         await eventually(resolved, timeout=20)
         assert len(receiver.of("disk_low")) == 1 and receiver.bad == []
+        [back] = receiver.of("disk_low", "resolved")
+        assert re.fullmatch(r"disk space back to \d+\.\d% free in the data dir",
+                            back["message"])
     finally:
         filler.unlink(missing_ok=True)
         await a.close()
