@@ -199,6 +199,7 @@ class AlertsConfig:
     disk_free_percent: float = 10.0
     invalid_rate_per_minute: int = 100
     check_interval_seconds: float = 30.0
+    resolve_after_seconds: float = 60.0
     retry_attempts: int = 6
     retry_base_seconds: float = 2.0
     queue_max: int = 1000
@@ -535,6 +536,9 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
              "than this were refused as invalid in the last minute.", _range(1, 10**9)),
         _Key("check_interval_seconds", "float", 30.0, "Seconds between checks of the "
              "alert conditions.", _range(0.05, 3600)),
+        _Key("resolve_after_seconds", "float", 60.0, "An alert resolves once its "
+             "condition has stayed clear this long (hysteresis: a partner answering once "
+             "between failures does not resolve and fire again).", _range(0, 86400)),
         _Key("retry_attempts", "int", 6, "Attempts to deliver one alert to one URL before "
              "giving up (logged and counted).", _range(1, 20)),
         _Key("retry_base_seconds", "float", 2.0, "Wait before the first retry; each "

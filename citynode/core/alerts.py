@@ -4,7 +4,9 @@ Everything here is pure: the node's shell (citynode/node/alerts.py) takes a
 :class:`Snapshot` of what it sees, :func:`conditions` turns it into the conditions
 that hold, and a :class:`Tracker` turns successive sets of conditions into events: a
 condition that appears *fires* once, stays quiet while it holds, and *resolves* once
-when it clears (no storm). A resolved event says
+when it has stayed clear for ``clear_ms`` (no storm; hysteresis: a partner that
+answers once between two failed exchanges, or a disk that flaps around its
+threshold, does not resolve and fire again at every check). A resolved event says
 what is well again in its own words (:func:`resolved_message`). :func:`alert_body`
 gives an event's JSON bytes, signed with the node key over ``DOMAIN_ALERT || body``
 (:func:`signature_header`), and :func:`verify_alert` is what a receiver runs.
@@ -213,30 +215,40 @@ def resolved_message(c: Condition, s: Snapshot | None, cleared_ms: int) -> str:
 
 
 class Tracker:
-    """Dedup: each condition fires once while it holds and resolves once when it
-    clears. Holds at most ``max_active`` conditions (further ones are ignored until
-    room is made: a flood of forks must not grow memory without bound)."""
+    """Dedup with hysteresis: each condition fires once while it holds and resolves
+    once it has not held for ``clear_ms`` (checked at each update: a condition that
+    holds again within that time simply goes on firing, no event). Holds at most
+    ``max_active`` conditions (further ones are ignored until room is made: a flood of
+    forks must not grow memory without bound)."""
 
-    def __init__(self, max_active: int = 10_000) -> None:
-        self.active: dict[str, tuple[Condition, int]] = {}
+    def __init__(self, max_active: int = 10_000, clear_ms: int = 0) -> None:
+        #: condition id -> (the condition as last held, when it fired, when it was
+        #: first seen clear since it last held: None while it holds).
+        self.active: dict[str, tuple[Condition, int, int | None]] = {}
         self.max_active = max_active
+        self.clear_ms = clear_ms
 
     def update(self, held: Iterable[Condition], now_ms: int,
                snapshot: Snapshot | None = None) -> list[Event]:
         """The events that take the tracked set to ``held`` (found in ``snapshot``,
-        which words the resolved events): new ones fire, gone ones resolve; those
-        still holding say nothing."""
+        which words the resolved events): new ones fire, ones clear for ``clear_ms``
+        resolve; the others say nothing."""
         now = {c.id: c for c in held}
         out: list[Event] = []
         for cid in [c for c in self.active if c not in now]:
-            cond, since = self.active.pop(cid)
-            out.append(Event(cond, "resolved", now_ms, since,
-                             resolved_message(cond, snapshot, now_ms)))
+            cond, since, clear = self.active[cid]
+            clear = now_ms if clear is None else clear
+            if now_ms - clear >= self.clear_ms:
+                del self.active[cid]
+                out.append(Event(cond, "resolved", now_ms, since,
+                                 resolved_message(cond, snapshot, clear)))
+            else:
+                self.active[cid] = (cond, since, clear)
         for cid, cond in now.items():
             if cid in self.active:
-                self.active[cid] = (cond, self.active[cid][1])
+                self.active[cid] = (cond, self.active[cid][1], None)
             elif len(self.active) < self.max_active:
-                self.active[cid] = (cond, now_ms)
+                self.active[cid] = (cond, now_ms, None)
                 out.append(Event(cond, "firing", now_ms, now_ms, cond.message))
         return out
 

@@ -85,7 +85,7 @@ class Alerts:
             partner_down_ms=int(self.cfg.partner_down_minutes * 60_000),
             disk_free_percent=self.cfg.disk_free_percent,
             invalid_per_minute=self.cfg.invalid_rate_per_minute)
-        self.tracker = ca.Tracker()
+        self.tracker = ca.Tracker(clear_ms=int(self.cfg.resolve_after_seconds * 1000))
         self.queue: deque[_Delivery] = deque()
         self._rate = ca.RateWindow()
         self._forks: list[tuple[str, str, int, str]] = []

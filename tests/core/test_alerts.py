@@ -75,6 +75,21 @@ def test_tracker_fires_once_and_resolves_once() -> None:
     assert [e.status for e in tr.update([down, disk], NOW + 5)] == ["firing"]
 
 
+def test_tracker_resolves_only_after_the_condition_stayed_clear() -> None:
+    """Hysteresis: a partner seen up once between two failed exchanges does not resolve
+    and fire again; it resolves once it has been clear for clear_ms."""
+    tr = ca.Tracker(clear_ms=10_000)
+    down = ca.Condition("partner_down", "cn1p", {"partner": "cn1p"}, "down")
+    assert [e.status for e in tr.update([down], NOW)] == ["firing"]
+    assert tr.update([], NOW + 1_000) == []          # up once ...
+    assert tr.update([down], NOW + 2_000) == []      # ... and down again: still firing
+    assert tr.update([], NOW + 3_000) == []          # clear from here
+    assert tr.update([], NOW + 12_999) == []
+    (ev,) = tr.update([], NOW + 13_000)
+    assert (ev.status, ev.since) == ("resolved", NOW)
+    assert [e.status for e in tr.update([down], NOW + 14_000)] == ["firing"]
+
+
 def test_resolved_events_say_what_is_well_again() -> None:
     tr = ca.Tracker()
     s = ca.Snapshot(now_ms=NOW, started_ms=NOW - 10**6,

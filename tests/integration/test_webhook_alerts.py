@@ -81,7 +81,11 @@ def alert_settings(url: str, **more: Any) -> dict[tuple[str, str], Any]:
     s: dict[tuple[str, str], Any] = {
         ("alerts", "webhook_urls"): [url], ("alerts", "allow_http_loopback"): True,
         ("alerts", "check_interval_seconds"): 0.1, ("alerts", "retry_base_seconds"): 0.05,
-        ("alerts", "partner_down_minutes"): 0.02,  # 1.2 s
+        # 3 s: well above a failed exchange's back-off (at most 1 s) and the pull
+        # interval, so a partner that is up is never taken for down between two
+        # exchanges, even on a loaded machine.
+        ("alerts", "partner_down_minutes"): 0.05,
+        ("alerts", "resolve_after_seconds"): 0.5,
         ("federation", "pull_interval_seconds"): 0.5,
         ("federation", "backoff_max_seconds"): 1.0,
     }
@@ -99,7 +103,8 @@ async def start(d: Path) -> InProc:
 async def test_partner_down_is_alerted_once_after_retries_then_resolved(
         tmp_path: Path, receiver: Receiver) -> None:
     receiver.fail_first = 2
-    a = await start(make_node_dir(tmp_path, "Athens", settings=alert_settings(receiver.url)))
+    a = await start(make_node_dir(tmp_path, "Athens", settings=alert_settings(
+        receiver.url, resolve_after_seconds=2.0)))
     b = await start(make_node_dir(tmp_path, "Berlin"))
     try:
         await b.node.add_partner(a.url, a.node.node_id)
@@ -140,6 +145,7 @@ async def test_partner_down_is_alerted_once_after_retries_then_resolved(
         assert back["id"] == alert["id"] and back["since"] == alert["since"]
         # Its own words, not the firing message again.
         assert re.fullmatch(r"partner Berlin reachable again after \d+ s", back["message"])
+        # Up for resolve_after_seconds before it resolved: not fired again since.
         assert len(receiver.of("partner_down")) == 1
     finally:
         await b.close()
