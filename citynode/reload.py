@@ -58,15 +58,18 @@ def is_live(key: str) -> bool:
 
 def diff_config(old: Config, new: Config) -> ConfigDiff:
     """What differs from ``old`` (running) to ``new`` (node.toml), in key order. A feed
-    added or removed is one change keyed ``feeds.<name>``; a changed feed is one change
-    per setting."""
+    added or removed is one change keyed ``feeds.<name>`` whose new (added) or old
+    (removed) value is every setting of its table, by key relative to it (the operator
+    sees what now applies, e.g. to a feed published before it had a table); a changed
+    feed is one change per setting."""
     a, b = _flat(old), _flat(new)
     added = set(new.feeds) - set(old.feeds)
     removed = set(old.feeds) - set(new.feeds)
     out: list[Change] = []
     for name in sorted(added | removed):
-        out.append(Change(f"feeds.{name}", "absent" if name in added else "present",
-                          "added" if name in added else "removed", True))
+        settings = _settings(new.feeds[name] if name in added else old.feeds[name])
+        out.append(Change(f"feeds.{name}", None if name in added else settings,
+                          settings if name in added else None, True))
     whole = {f"feeds.{n}." for n in added | removed}
     for key in sorted(set(a) | set(b)):
         if any(key.startswith(p) for p in whole):
@@ -91,7 +94,10 @@ def live_config(running: Config, new: Config) -> Config:
 
 
 def shown(value: object) -> object:
-    """A setting's value as a log field: bytes in hex, sets sorted, tuples as lists."""
+    """A setting's value as a log field: bytes in hex, sets sorted, tuples as lists,
+    mappings (a feed's settings) as objects of shown values."""
+    if isinstance(value, Mapping):
+        return {str(k): shown(v) for k, v in value.items()}
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, frozenset | set):
@@ -101,6 +107,12 @@ def shown(value: object) -> object:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
+
+
+def _settings(feed: object) -> dict[str, object]:
+    """Every setting of one ``[feeds.<name>]`` table, by key relative to it (the name
+    is the change's key already)."""
+    return {k: v for k, v in _flat(feed).items() if k != "name"}
 
 
 def _flat(value: object, prefix: str = "") -> dict[str, object]:

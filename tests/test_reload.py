@@ -4,6 +4,7 @@ partner links follow the stored partners)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from citynode.config import parse_config
 from citynode.identity import load_identity
 from citynode.node import Node
-from citynode.reload import Change, diff_config, live_config
+from citynode.reload import Change, diff_config, live_config, shown
 from citynode.storage import PartnerRow
 from tests.conftest import make_node_dir
 
@@ -41,10 +42,17 @@ def test_feed_settings_apply_live_and_are_named_one_by_one() -> None:
 def test_a_feed_added_or_removed_is_one_change() -> None:
     old = parse_config(MIN + AIR)
     new = parse_config(MIN + '[feeds.traffic]\naccess = "partners"\n')
-    assert diff_config(old, new).changes == (
-        Change("feeds.air", "present", "removed", True),
-        Change("feeds.traffic", "absent", "added", True),
-    )
+    removed, added = diff_config(old, new).changes
+    assert (removed.key, removed.new, removed.live) == ("feeds.air", None, True)
+    assert (added.key, added.old, added.live) == ("feeds.traffic", None, True)
+    # The settings that now apply (or applied) are named, not just "added".
+    assert isinstance(removed.old, dict) and isinstance(added.new, dict)
+    assert removed.old["access"] == "public" and removed.old["license"] == "CC-BY-4.0"
+    assert added.new["access"] == "partners" and added.new["license"] is None
+    assert "name" not in added.new
+    logged = shown(added.new)
+    assert isinstance(logged, dict) and logged["access"] == "partners"
+    assert json.loads(json.dumps(logged)) == logged  # a plain JSON log field
 
 
 def test_settings_that_size_the_process_need_a_restart() -> None:
