@@ -652,6 +652,11 @@ class RestoreResult:
     data_dir: Path
     moved_aside: Path | None
     secrets_from_dir: bool  # the backup had no secrets: the data dir's own were kept
+    #: (uid, gid) owning the restored files: those of the data dir it replaced (or, if
+    #: new, of its parent) when restored as root, else the restoring user's.
+    owner: tuple[int, int] = (-1, -1)
+    #: The owner the files were given to keep the data dir's (None: left as created).
+    chowned: tuple[int, int] | None = None
 
 
 @contextlib.contextmanager
@@ -780,13 +785,34 @@ def restore_backup(
                     f"{file}: its node key is node {ident.node_id}, its manifest names "
                     f"{m.node_id}: refusing the file", "wrong_node")
             _restore_db(tmp, m, file)
+            chowned = _keep_owner(tmp, data_dir)
             _fsync_dir(tmp / "tls")
             _fsync_dir(tmp)
             aside = _place(tmp, data_dir, present, now)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return RestoreResult(m, data_dir, aside, not m.secrets)
+    st = data_dir.stat()
+    return RestoreResult(m, data_dir, aside, not m.secrets, (st.st_uid, st.st_gid), chowned)
+
+
+def _keep_owner(tmp: Path, data_dir: Path) -> tuple[int, int] | None:
+    """Run as root, give every file of ``tmp`` (the restored dir) the owner of the data
+    dir it replaces, or of its parent if there is none yet: a restore run with sudo
+    into a service user's data dir must leave a dir that user can run (systemd's
+    ``User=citynode``), not one owned by root with mode 0700. Returns the (uid, gid)
+    given, or None when not root or root owns it already (nothing to change). Symlinks
+    are not followed (there are none; a restore writes regular files)."""
+    if os.geteuid() != 0:
+        return None
+    st = (data_dir if data_dir.exists() else data_dir.parent).stat()
+    if (st.st_uid, st.st_gid) == (0, 0):
+        return None
+    for root, dirs, files in os.walk(tmp):
+        for name in (*dirs, *files):
+            os.chown(Path(root) / name, st.st_uid, st.st_gid, follow_symlinks=False)
+    os.chown(tmp, st.st_uid, st.st_gid, follow_symlinks=False)
+    return st.st_uid, st.st_gid
 
 
 def _restore_db(tmp: Path, m: Manifest, file: Path) -> None:

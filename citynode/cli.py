@@ -921,10 +921,45 @@ def restore(data_dir: Path, file: Path, replace: bool) -> None:
         click.echo(f"the old files are in {out.moved_aside}")
     if out.secrets_from_dir:
         click.echo("kept the node key, operator token and TLS key of the data dir")
+    click.echo(_ownership_note(data_dir, out.owner, out.chowned))
     click.echo("The node will sign nothing on its own feeds until every partner confirms its "
                "heads (after `citynode run`, once each partner has had a good exchange with it). "
                "If no partner ever held its records, start it with "
                "`citynode run --accept-fork-risk`.")
+
+
+def _ownership_note(data_dir: Path, owner: tuple[int, int],
+                    chowned: tuple[int, int] | None) -> str:
+    """Who owns the restored files, and the exact ``chown -R`` line when the node's
+    service user (``citynode service systemd``) may not be able to run them."""
+    import shlex
+
+    who = f"{_user_name(owner[0])}:{_group_name(owner[1])}"
+    if chowned is not None:
+        return f"the restored files are owned by {who}, as {data_dir} was"
+    if owner[0] == 0:
+        return (f"the restored files are owned by root: if the node runs as a service "
+                f"user, give them to it before starting it: "
+                f"chown -R citynode:citynode {shlex.quote(str(data_dir))}")
+    return f"the restored files are owned by {who}"
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 _BAR_BYTES = 64 * 1024 * 1024  # a progress bar for databases this large or larger

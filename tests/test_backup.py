@@ -7,10 +7,12 @@ partner up or down is tests/integration/test_backup_restore.py.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import io
 import json
 import os
+import pwd
 import shutil
 import sqlite3
 import stat
@@ -552,3 +554,32 @@ def test_cli_backup_refusals(made: dict[str, Path], tmp_path: Path) -> None:
             input="one\ntwo\n")  # the two passphrases differ: asked again, then no input
     assert r.exit_code != 0 and not (tmp_path / "x.cnbackup").exists()
     assert list(tmp_path.iterdir()) == []  # no .part, no database copy left behind
+
+
+def test_a_root_restore_keeps_the_owner_of_the_data_dir(made: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """Run as root (sudo) into a service user's data dir, a restore gives the restored
+    files that user, so the unit's ``User=`` can still run the node."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("changing owners needs root, and CI runs as root")
+        pytest.skip("changing owners needs root (CI runs this test)")
+    nobody = pwd.getpwnam("nobody")
+    d = tmp_path / "jakarta"
+    shutil.copytree(made["dir"], d)
+    for p in [d, *d.rglob("*")]:
+        os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    file = tmp_path / "cli.cnbackup"
+    assert cli("backup", "-d", str(made["dir"]), str(file)).exit_code == 0
+    r = cli("restore", "-d", str(d), "--replace", str(file))
+    assert r.exit_code == 0, r.output
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [d, *d.rglob("*")]}
+    assert owners == {(nobody.pw_uid, nobody.pw_gid)}
+    assert f"owned by nobody:{grp.getgrgid(nobody.pw_gid).gr_name}" in r.stdout
+    # Into a new dir under a root-owned parent: left to root, and the exact line said.
+    new = tmp_path / "root-owned" / "jakarta"
+    new.parent.mkdir()
+    r = cli("restore", "-d", str(new), str(made["sealed"]), env={bk.PASSPHRASE_ENV: PW})
+    assert r.exit_code == 0, r.output
+    assert new.stat().st_uid == 0
+    assert f"chown -R citynode:citynode {new}" in r.stdout
