@@ -539,6 +539,17 @@
     if (!on && state.opTimer) { clearInterval(state.opTimer); state.opTimer = null; }
   }
 
+  // A partner's last error, with when it happened; one older than its last good
+  // exchange is history (the partner is fine since): said so, and shown muted.
+  function errorCell(p, now) {
+    if (!p.last_error) return cell("—", "wrap");
+    const when = p.last_error_ms ? ago(now - p.last_error_ms) + " ago" : "time unknown";
+    const stale = Boolean(p.last_error_ms && p.last_ok_ms && p.last_ok_ms > p.last_error_ms);
+    const td = cell((stale ? "before the last success: " : "") + p.last_error + " (" + when + ")", stale ? "wrap muted err-stale" : "wrap err-recent");
+    if (p.last_error_ms) td.title = "at " + iso(p.last_error_ms);
+    return td;
+  }
+
   function drawOperator(v) {
     state.csrf = v.csrf || state.csrf;
     const now = v.now_ms;
@@ -549,7 +560,7 @@
     for (const p of v.partners) {
       const inv = Object.entries(p.invalid || {}).map(([k, n]) => k + ": " + n).join(", ") || "0";
       const stateCell = cell(p.up ? "up" : "down", p.up ? "up" : "down");
-      const err = cell(p.last_error || "—", "wrap");
+      const err = errorCell(p, now);
       pb.appendChild(row([(p.name || "") + " " + short(p.node_id), stateCell, p.last_ok_ms ? ago(now - p.last_ok_ms) + " ago" : "never", p.failures, p.queue, inv, p.clock_offset_s === null || p.clock_offset_s === undefined ? "—" : fmt(p.clock_offset_s, 1) + " s", err]));
     }
     const fb = $("#op-feeds tbody");

@@ -41,6 +41,7 @@ class PartnerLink:
         self.failures = 0
         self.last_ok_ms: int | None = None
         self.last_error: str | None = None
+        self.last_error_ms: int | None = None  # when last_error happened
         self.invalid: dict[str, int] = {}
         self.clock_warned: int | None = None  # the clock offset last logged
 
@@ -53,6 +54,7 @@ class PartnerLink:
             "failures": self.failures,
             "last_ok_ms": self.last_ok_ms,
             "last_error": self.last_error,
+            "last_error_ms": self.last_error_ms,
             "queue": queued,
             "invalid": dict(self.invalid),
             # The partner's clock minus ours (s), from its latest answer: past
@@ -199,7 +201,7 @@ class Partners:
         if ok:
             link.up, link.failures, link.last_ok_ms = True, 0, self.now_ms()
         else:
-            link.up, link.last_error = False, err
+            link.up, link.last_error, link.last_error_ms = False, err, self.now_ms()
             link.failures += 1
         self.metrics.partner_up.labels(link.row.name).set(1 if link.up else 0)
         self._check_clock(link)

@@ -6,7 +6,8 @@ The browser trusts exactly the node's certificate (by its public key hash, for t
 test's profile only), loads the console, and the test checks: no console error and no
 CSP violation; the map's markers are the stations published (with the AQI the EPA
 breakpoints give); a record published at the partner shows on the live view within
-2 s; the operator view is guarded by the sign-in, and signing out leaves no console
+2 s; the operator view is guarded by the sign-in, says when a partner's last error was (and
+shows it as history once the partner is up again), and signing out leaves no console
 cookie in the browser. It saves desktop and phone-width screenshots to
 ``build/screenshots/`` in the checkout (``SCREENSHOTS``; ``CITYNODE_SCREENSHOT_DIR``
 moves them; ``CITYNODE_SCREENSHOT=1`` also copies them to docs/console.png and
@@ -21,6 +22,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -321,6 +323,20 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     if os.environ.get("CITYNODE_SCREENSHOT") == "1":
         shutil.copy(shots / "console-desktop.png", REPO / "docs" / "console.png")
         shutil.copy(shots / "console-phone.png", REPO / "docs" / "console-phone.png")
+
+    # A partner's last error says when it was; once the partner is up again it is
+    # shown as history (older than the last good exchange), not as a current error.
+    surabaya.stop()
+    b.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#op-partners td.err-recent"),
+           timeout=60, what="the stopped partner's error")
+    recent = b.driver.find_element(By.CSS_SELECTOR, "#op-partners td.err-recent").text
+    assert re.search(r"\((\d+ (s|min)) ago\)$", recent), recent
+    await cluster.start([surabaya])
+    b.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#op-partners td.err-stale"),
+           timeout=90, what="the partner up again, its error shown as history")
+    stale = b.driver.find_element(By.CSS_SELECTOR, "#op-partners td.err-stale")
+    assert stale.text.startswith("before the last success: ") and " ago)" in stale.text
+    assert stale.get_attribute("title").startswith("at 20")
 
     # Sign out: the view closes, the old session is refused, the cookies are gone
     # (both were there: the session's and its CSRF token's).
