@@ -375,11 +375,30 @@
         // One reading alone: an hour either side (uPlot would widen it to years).
         scales: { x: { time: true, range: (u, lo, hi) => (u.data[0].length === 1 ? [u.data[0][0] - 3600, u.data[0][0] + 3600] : [lo, hi]) } },
         series: [{}, ...names.map((n) => ({ label: POLLUTANTS[n].label, stroke: SERIES_COLOURS[n], width: 1.5, spanGaps: true, points: { size: 5 } }))],
-        axes: [{}, { size: 46 }],
+        axes: [{ incrs: TIME_INCRS, values: clockTicks }, { size: 46 }],
       }, data, p.chart);
     } else {
       p.u.setData(data);
     }
+  }
+
+  // The time axis of every plot: whole-second steps only (readings come seconds apart at
+  // most; a sub-second step labels one second many times), labelled as local clock
+  // times. The labels drawn are also kept as text on the chart (data-x-ticks).
+  const TIME_INCRS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 172800, 604800, 2592000];
+  function clockTicks(u, splits) {
+    const span = u.scales.x.max - u.scales.x.min;
+    const labels = splits.map((s) => clockTime(s, span));
+    if (u.root.parentNode) u.root.parentNode.dataset.xTicks = labels.join("|");
+    return labels;
+  }
+  function clockTime(sec, span) {
+    const d = new Date(sec * 1000);
+    const p2 = (n) => String(n).padStart(2, "0");
+    const hm = p2(d.getHours()) + ":" + p2(d.getMinutes());
+    // Over two days or more: the date and the minute; otherwise the time to the second.
+    if (span >= 172800) return p2(d.getMonth() + 1) + "-" + p2(d.getDate()) + " " + hm;
+    return hm + ":" + p2(d.getSeconds());
   }
 
   function resizePlots() {

@@ -6,7 +6,8 @@ The browser trusts exactly the node's certificate (by its public key hash, for t
 test's profile only), loads the console, and the test checks: no console error and no
 CSP violation; the map's markers are the stations published (with the AQI the EPA
 breakpoints give); a record published at the partner shows on the live view within
-2 s; the operator view is guarded by the sign-in, says when a partner's last error was (and
+2 s; every plot's time axis is labelled in clock times at whole-second steps; the
+operator view is guarded by the sign-in, says when a partner's last error was (and
 shows it as history once the partner is up again), and signing out leaves no console
 cookie in the browser. It saves desktop and phone-width screenshots to
 ``build/screenshots/`` in the checkout (``SCREENSHOTS``; ``CITYNODE_SCREENSHOT_DIR``
@@ -269,6 +270,20 @@ async def test_console_in_chromium(cluster: Cluster, browsers: list[Browser],
     caption = b.driver.find_element(By.CSS_SELECTOR, f'#plots figure[data-station="{wono}"]'
                                     " figcaption").text
     assert caption.startswith("2 readings") and "latest 20.0" in caption
+    # Every plot's time axis is labelled in clock times, at whole-second steps: two
+    # readings seconds apart used to get sub-second ticks (one second labelled many
+    # times, or fractions).
+    # One plot a row (the widest plots, the most ticks): a few seconds over ~900 px.
+    b.driver.set_window_size(960, 900)
+    time.sleep(0.6)  # the plots resize after a short debounce
+    ticks = b.js("return [...document.querySelectorAll('#plots .chart')].map(c =>"
+                 " c.dataset.xTicks || '')")
+    b.driver.set_window_size(1280, 900)
+    time.sleep(0.6)
+    assert len(ticks) == 5 and all(ticks), ticks
+    for labels in (t.split("|") for t in ticks):
+        assert all(re.fullmatch(r"\d\d:\d\d:\d\d", x) for x in labels), labels
+        assert len(set(labels)) == len(labels), labels
 
     assert errors_in(b.logs()) == []
 
