@@ -299,3 +299,76 @@ async def test_restore_with_two_partners_down_then_up(tmp_path: Path) -> None:
         c.stop()
     for n in (a, b, cc):
         no_forks(n)
+
+
+def query(n: LocalNode, sql: str) -> list[Any]:
+    """Rows of ``sql`` on ``n``'s database (read beside the running node)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{n.dir / 'citynode.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return list(db.execute(sql))
+    finally:
+        db.close()
+
+
+def proof_counts(n: LocalNode) -> dict[str, int]:
+    """Fork and split-view proofs held by ``n``, by kind."""
+    return dict(query(n, "SELECT kind, count(*) FROM fork_proofs GROUP BY kind"))
+
+
+async def own_statement_time(a: LocalNode) -> int:
+    """When ``a`` signed its newest checkpoint or heartbeat of its own feed FEED."""
+    out = await a.api("GET", "/v1/liveness")
+    [t] = [f["signed_time"] for f in out["feeds"]
+           if f["origin"] == a.node_id and f["feed"] == FEED]
+    return int(t)
+
+
+async def test_a_fork_forced_with_accept_fork_risk_is_proven_once_not_again_and_again(
+        tmp_path: Path) -> None:
+    """The operator's explicit risk taken wrongly: A, restored from a stale backup and
+    run with --accept-fork-risk, re-signs seqs B holds. B proves the fork (and the split
+    view of A's checkpoints) and tells A, which then signs nothing more on that feed,
+    not even heartbeats (its feed has a cadence of 2 s: one every second): the proofs
+    held stop growing (they grew by one split view per heartbeat, without end)."""
+    c = Cluster(tmp_path)
+    a, b = c.create(["A", "B"], settings=FAST)
+    with (a.dir / "node.toml").open("a") as f:
+        f.write(f"\n[feeds.{FEED}]\ncadence_seconds = 2\n")
+    stale = tmp_path / "a-stale.cnbackup"
+    try:
+        await c.start()
+        await c.link(a, b)
+        await a.publish(FEED, TYPE, [{"n": i} for i in range(2)])
+        await holds(b, a, 2)
+        citynode("backup", "-d", str(a.dir), str(stale))
+        await a.publish(FEED, TYPE, [{"n": 2 + i} for i in range(2)])
+        await holds(b, a, 4)
+        await asyncio.sleep(2.5)  # B holds A's checkpoint (and heartbeats) of size 4
+        await stop(a, b)
+        await restore_and_start(a, stale, "--accept-fork-risk")
+        got = await a.publish(FEED, TYPE, [{"n": 100 + i} for i in range(2)])
+        assert (got["first_seq"], got["last_seq"]) == (3, 4)
+        b.start()
+        await b.wait_ready()
+
+        async def a_knows() -> bool:
+            ready = await a.api("GET", "/readyz")
+            return bool(ready.get("own_forked"))
+
+        await eventually(a_knows, timeout=60)
+        ready = await a.api("GET", "/readyz")
+        assert ready["own_forked"] == [FEED] and ready["own_publishing"] is False
+        assert proof_counts(b)
+        await asyncio.sleep(3)  # what was in flight lands
+        before = proof_counts(b), proof_counts(a)
+        signed = await own_statement_time(a)
+        await asyncio.sleep(8)  # eight heartbeats' worth
+        assert await own_statement_time(a) == signed  # A signed none
+        assert (proof_counts(b), proof_counts(a)) == before
+        # At most one proof of each kind per seq (size) of the one feed.
+        assert all(n <= 4 for n in before[0].values()), before
+    finally:
+        await c.close()
+        c.stop()
