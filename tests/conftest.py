@@ -153,3 +153,25 @@ def damage_table(db: Path, table: str = "records", *, where: str = "root") -> No
             (page,) = struct.unpack(">I", root[cell: cell + 4])
         f.seek((page - 1) * page_size)
         f.write(b"\xa5" * page_size)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A real PostgreSQL server for this test session (tests/pg.py), stopped at its end.
+    Fails (never skips) when PostgreSQL is not installed."""
+    from tests.pg import PgServer
+
+    try:
+        server = PgServer().start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """The URL of a new empty database on the session's PostgreSQL server."""
+    return str(pg_server.create_database())
