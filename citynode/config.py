@@ -53,6 +53,7 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "NodeConfig",
+    "StorageConfig",
     "TlsConfig",
     "is_dns_name",
     "load_config",
@@ -206,6 +207,13 @@ class AlertsConfig:
     timeout_seconds: float = 10.0
 
 
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: where the records live (README "When one box is not enough")."""
+
+    url: str = ""  # empty: SQLite, DIR/citynode.db
+
+
 def _no_feeds() -> Mapping[str, FeedConfig]:
     return MappingProxyType({})
 
@@ -223,6 +231,7 @@ class Config:
     feeds: Mapping[str, FeedConfig] = field(default_factory=_no_feeds)
     log: LogConfig = field(default_factory=LogConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     #: ``[[bridges.mqtt]]`` ...: parsed and checked by citynode/bridges/config.py.
     bridges: BridgesConfig = field(default_factory=BridgesConfig)
     #: ``[[sinks.cloudevents]]`` ...: parsed and checked by citynode/sinks/config.py.
@@ -375,6 +384,12 @@ def _check_url(v: str) -> str | None:
     return None
 
 
+def _check_storage_url(v: str) -> str | None:
+    if v and not v.startswith(("postgresql://", "postgres://")):
+        return f'must be empty (SQLite) or start with "postgresql://", got {_show(v)}'
+    return None
+
+
 def _check_hosts(v: list[str]) -> str | None:
     if not v:
         return "must list at least one host name or IP address"
@@ -520,6 +535,12 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _Key("format", "str", "auto", '"json" (one object a line), "text", or "auto" '
              "(text on a terminal, else json).", _choice(LOG_FORMATS)),
     ),
+    "storage": (
+        _Key("url", "str", "", 'Empty: SQLite in DIR/citynode.db (one process, one box). '
+             '"postgresql://USER@HOST:PORT/DBNAME": a PostgreSQL database, which several '
+             "`citynode run` processes of this node may share (put the password in "
+             "~/.pgpass or PGPASSWORD, not here).", _check_storage_url),
+    ),
     "alerts": (
         _Key("webhook_urls", "strs", [], "https:// URLs that receive signed JSON alerts "
              "(a fork or split view, a partner down, an own feed late, the disk nearly "
@@ -596,7 +617,7 @@ _EGRESS_KEYS: tuple[_Key, ...] = (
 
 # Section order in the file; [feeds.*] comes after [log] when rendered.
 _SECTIONS = ("node", "tls", "limits", "federation", "checkpoints", "log", "alerts",
-             "feeds")
+             "storage", "feeds")
 
 _KIND_TEXT = {
     "str": "a string",
@@ -707,11 +728,14 @@ class _Loader:
             "[checkpoints]", doc.get("checkpoints", {}), _SCHEMA["checkpoints"]))
         log = LogConfig(**self.section("[log]", doc.get("log", {}), _SCHEMA["log"]))
         alerts = self.alerts(doc.get("alerts", {}))
+        storage = StorageConfig(**self.section("[storage]", doc.get("storage", {}),
+                                               _SCHEMA["storage"]))
         feeds = self.feeds(doc.get("feeds", {}))
         bridges = parse_bridges(doc.get("bridges", {}), self.source, limits.max_body_bytes)
         return Config(node=node, tls=tls, limits=limits, federation=federation,
                       checkpoints=checkpoints, feeds=feeds, log=log, alerts=alerts,
-                      bridges=bridges, sinks=parse_sinks(doc.get("sinks", {}), self.source))
+                      storage=storage, bridges=bridges,
+                      sinks=parse_sinks(doc.get("sinks", {}), self.source))
 
     def alerts(self, table: object) -> AlertsConfig:
         v = self.section("[alerts]", table, _SCHEMA["alerts"])

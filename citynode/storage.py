@@ -112,6 +112,7 @@ __all__ = [
     "StoredRow",
     "WriterStats",
     "backup_database",
+    "open_storage",
 ]
 
 T = TypeVar("T")
@@ -726,18 +727,23 @@ def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]", bool, int]
 
+# The SQL of the jobs and reads below is also run by the PostgreSQL backend
+# (citynode/storage_pg.py, which turns ``?`` into its placeholders): keep it to what both
+# engines read alike -- RETURNING instead of lastrowid, explicit rowids, ON CONFLICT, IS
+# DISTINCT FROM, columns of an upsert qualified by their table.
 _INSERT_RECORD = (
-    "INSERT INTO records (chain, seq, type_id, time, lon, lat, received_at, id, envelope)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO records (rowid, chain, seq, type_id, time, lon, lat, received_at, id,"
+    " envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 #: The chain id of ``(origin, feed)`` as a scalar subquery (NULL, matching nothing, for a
 #: feed not held): two parameters, origin and feed.
 _CHAIN_OF = "(SELECT id FROM chains WHERE origin = ? AND feed = ?)"
 _SELECT_CHAIN = "SELECT id, head_seq, head_id FROM chains WHERE origin = ? AND feed = ?"
-_INSERT_CHAIN = ("INSERT INTO chains (origin, feed, head_seq, head_id) VALUES (?, ?, 0, x'')")
+_INSERT_CHAIN = ("INSERT INTO chains (origin, feed, head_seq, head_id) VALUES (?, ?, 0, ?)"
+                 " RETURNING id")
 _UPDATE_HEAD = "UPDATE chains SET head_seq = ?, head_id = ? WHERE id = ?"
 _SELECT_TYPE = "SELECT id FROM types WHERE type = ?"
-_INSERT_TYPE = "INSERT INTO types (type) VALUES (?)"
+_INSERT_TYPE = "INSERT INTO types (type) VALUES (?) RETURNING id"
 _SELECT_HEAD = "SELECT head_seq, head_id FROM chains WHERE origin = ? AND feed = ?"
 _SELECT_IDS = (f"SELECT id FROM records WHERE chain = {_CHAIN_OF} AND seq BETWEEN ? AND ?"
                " ORDER BY seq")
@@ -778,8 +784,8 @@ def _grow_tree(conn: sqlite3.Connection, origin: bytes, feed: str, old: int, new
 
 
 _INSERT_PAYLOAD = "INSERT INTO payloads (rowid, payload) VALUES (?, ?)"
-_INSERT_ERASURE = ("INSERT OR IGNORE INTO erasures (id, origin, feed, seq, by, reason)"
-                   " VALUES (?, ?, ?, ?, ?, ?)")
+_INSERT_ERASURE = ("INSERT INTO erasures (id, origin, feed, seq, by, reason)"
+                   " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 _SELECT_ERASED = "SELECT by FROM erasures WHERE id = ? AND origin = ? AND feed = ? AND seq = ?"
 #: The entries naming a record id (its origin's, or another's: refused on arrival).
 _SELECT_NAMING = "SELECT by, origin, feed, seq FROM erasures WHERE id = ?"
@@ -842,8 +848,8 @@ def _append_job(
             if head is None:
                 row = conn.execute(_SELECT_CHAIN, key).fetchone()
                 if row is None:  # a new feed: its row is written before its records
-                    cur = conn.execute(_INSERT_CHAIN, key)
-                    row = (cur.lastrowid, 0, None)
+                    made = conn.execute(_INSERT_CHAIN, (*key, b"")).fetchone()
+                    row = (made[0], 0, None)
                 head = heads[key] = list(row)
             if head[1] == 0:
                 ok = r.seq == 1 and r.prev is None
@@ -862,15 +868,18 @@ def _append_job(
                 row = conn.execute(_SELECT_TYPE, (r.type,)).fetchone()
                 type_id = types[r.type] = int(
                     row[0] if row is not None
-                    else conn.execute(_INSERT_TYPE, (r.type,)).lastrowid or 0)
+                    else conn.execute(_INSERT_TYPE, (r.type,)).fetchone()[0])
             pt = point_of(r.data)
             lon, lat = (None, None) if pt is None else pt
             rows.append((head[0], r.seq, type_id, r.time, lon, lat, received_at, r.id,
                          encode_record(r.body, r.sig, None)))
+        # rowids given in order, max + 1 (what SQLite would choose; rows are never
+        # deleted): the cursor of pagination and streams. Writers are one at a time
+        # (SQLite's write lock, PostgreSQL's advisory lock), so rowids commit in order.
         first_rowid = int(conn.execute("SELECT coalesce(max(rowid), 0) FROM records")
                           .fetchone()[0]) + 1
-        conn.executemany(_INSERT_RECORD, rows)
-        # rowids are given in order (max + 1: rows are never deleted)
+        conn.executemany(_INSERT_RECORD, [(first_rowid + i, *row)
+                                          for i, row in enumerate(rows)])
         conn.executemany(_INSERT_PAYLOAD, [(first_rowid + i, r.payload)
                                            for i, r in enumerate(records)
                                            if r.payload is not None])
@@ -1084,7 +1093,7 @@ class Storage:
         """:func:`_storage_error`, noting a damaged file (once, in the log too unless the
         caller reports it): a node whose database is corrupt must say so in its
         readiness, not only per request."""
-        err = _storage_error(exc, self.path, action)
+        err = self._translate(exc, action)
         if isinstance(err, DatabaseCorrupt) and self.corrupt is None:
             self.corrupt = str(err)
             if log_it:
@@ -1092,6 +1101,10 @@ class Storage:
 
                 log.error("database corrupt", extra=fields(error=str(err)))
         return err
+
+    def _translate(self, exc: BaseException, action: str) -> StorageError:
+        """The engine's error as ours (:func:`_storage_error`)."""
+        return _storage_error(exc, self.path, action)
 
     def quick_check(self, max_errors: int = 20) -> list[str]:
         """SQLite's ``PRAGMA quick_check``: the damage it finds in the file's structure
@@ -1247,24 +1260,37 @@ class Storage:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # report the original error
                     conn.execute("ROLLBACK")
-            err = self._error(exc, "writing")
-            if err is not exc:
-                err.__cause__ = exc
-            self._batches += 1
-            self._jobs += len(jobs)
-            self._failed_jobs += len(jobs)
-            own = {id(fut): error for fut, _r, error in outcomes if error is not None}
-            if isinstance(err, DiskFull) or any(isinstance(e, DiskFull)
-                                                for e in own.values()):
-                self.disk_full = True
-            for _fn, fut, _d, _w in jobs:
-                fut.set_exception(own.get(id(fut), err))  # a job's own error stays true
+            self._batch_failed(jobs, outcomes, exc)
             return
-        if conn.total_changes > changes:
+        self._batch_committed(outcomes, durable=durable,
+                              wrote=conn.total_changes > changes)
+
+    def _batch_failed(self, jobs: list[_Job],
+                      outcomes: list[tuple[Future[Any], Any, BaseException | None]],
+                      exc: BaseException) -> None:
+        """The batch's transaction did not commit: fail every job (a job's own error
+        stays its own), counting them; note a full disk."""
+        err = self._error(exc, "writing")
+        if err is not exc:
+            err.__cause__ = exc
+        self._batches += 1
+        self._jobs += len(jobs)
+        self._failed_jobs += len(jobs)
+        own = {id(fut): error for fut, _r, error in outcomes if error is not None}
+        if isinstance(err, DiskFull) or any(isinstance(e, DiskFull) for e in own.values()):
+            self.disk_full = True
+        for _fn, fut, _d, _w in jobs:
+            if not fut.done():
+                fut.set_exception(own.get(id(fut), err))
+
+    def _batch_committed(self, outcomes: list[tuple[Future[Any], Any, BaseException | None]],
+                         *, durable: bool, wrote: bool) -> None:
+        """The batch committed: complete each job's future with its own outcome."""
+        if wrote:
             self.disk_full = False  # a write committed: there is room again
         self._batches += 1
         self._durable_batches += durable
-        self._jobs += len(jobs)
+        self._jobs += len(outcomes)
         for fut, result, error in outcomes:
             if error is None:
                 fut.set_result(result)
@@ -1372,7 +1398,7 @@ class Storage:
                 return False
             cur = conn.execute(
                 "INSERT INTO fork_proofs (origin, feed, seq, kind, proof, found_at, reported_by)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (proof) DO NOTHING",
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (origin, feed, seq, kind, proof, at_ms, reported_by),
             )
             return cur.rowcount == 1
@@ -1388,11 +1414,11 @@ class Storage:
         row = (at_ms, _clip(source), _clip(reason), _clip(detail))
 
         def run(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(
-                "INSERT INTO rejected (at, source, reason, detail) VALUES (?, ?, ?, ?)", row
-            )
+            (last,) = conn.execute(
+                "INSERT INTO rejected (at, source, reason, detail) VALUES (?, ?, ?, ?)"
+                " RETURNING id", row).fetchone()
             # ids only grow and are removed from the bottom: this keeps at most ``keep``
-            conn.execute("DELETE FROM rejected WHERE id <= ?", (int(cur.lastrowid or 0) - keep,))
+            conn.execute("DELETE FROM rejected WHERE id <= ?", (int(last) - keep,))
 
         return self._submit(run)
 
@@ -1711,7 +1737,7 @@ class Storage:
         signed before it was restricted)? Scans the feed's rows."""
         return self._one(
             f"SELECT 1 FROM records WHERE chain = {_CHAIN_OF}"
-            " AND type_id IS NOT (SELECT id FROM types WHERE type = ?) LIMIT 1",
+            " AND type_id IS DISTINCT FROM (SELECT id FROM types WHERE type = ?) LIMIT 1",
             (origin, feed, SEALED_TYPE)) is not None
 
     def id_at(self, origin: bytes, feed: str, seq: int) -> bytes | None:
@@ -1975,7 +2001,7 @@ class Storage:
                 "INSERT INTO bridge_messages (key, bridge, state, feed, after_seq, at)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET state = 0,"
                 " feed = excluded.feed, after_seq = excluded.after_seq, at = excluded.at"
-                " WHERE state <> 1", rows)
+                " WHERE bridge_messages.state <> 1", rows)
             conn.execute(
                 "DELETE FROM bridge_messages WHERE key IN (SELECT key FROM bridge_messages"
                 " WHERE at < ? AND bridge = ? LIMIT ?)", (at_ms - keep_ms, bridge, _BRIDGE_PRUNE))
@@ -2017,7 +2043,8 @@ class Storage:
             if gone:
                 conn.execute(
                     "INSERT INTO bridge_counters (bridge, dead_dropped) VALUES (?, ?)"
-                    " ON CONFLICT (bridge) DO UPDATE SET dead_dropped = dead_dropped + ?",
+                    " ON CONFLICT (bridge) DO UPDATE SET"
+                    " dead_dropped = bridge_counters.dead_dropped + ?",
                     (bridge, gone, gone))
 
         return self._submit(run, durable=True)
@@ -2182,6 +2209,27 @@ class OutboxRow:
 _SELECT_PARTNER = (
     "SELECT node_id, public_key, url, name, tls_fingerprint, card, added_at FROM partners"
 )
+
+
+#: The SQLite database's name in a data dir.
+DB_FILE = "citynode.db"
+
+
+def open_storage(data_dir: Path, url: str = "", *, rejected_log_rows: int = 10000
+                 ) -> Storage:
+    """The node's storage as ``[storage] url`` chooses it: SQLite in ``DIR/citynode.db``
+    when ``url`` is empty, else the PostgreSQL database it names
+    (:class:`citynode.storage_pg.PgStorage`: the same methods and answers). Raises
+    :class:`StorageError` as :meth:`Storage.open` and :meth:`PgStorage.open_url` do."""
+    if not url:
+        return Storage.open(Path(data_dir) / DB_FILE, rejected_log_rows=rejected_log_rows)
+    from citynode.storage_pg import PgStorage, is_pg_url, redact
+
+    if not is_pg_url(url):
+        raise StorageError(f'[storage] url must be empty or "postgresql://...", got '
+                           f"{redact(url)!r}")
+    return PgStorage.open_url(url, rejected_log_rows=rejected_log_rows)
+
 
 
 class _Names:

@@ -83,8 +83,23 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "citynode.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def st(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Storage]:
+    """The storage on each engine: SQLite in a file, PostgreSQL on the session's real
+    server (tests/pg.py), a new database each test."""
+    if request.param == "sqlite":
+        s = Storage.open(db_path)
+    else:
+        from citynode.storage_pg import PgStorage
+
+        s = PgStorage.open_url(request.getfixturevalue("pg_url"))
+    yield s
+    s.close()
+
+
 @pytest.fixture
-def st(db_path: Path) -> Iterator[Storage]:
+def sqlite_st(db_path: Path) -> Iterator[Storage]:
+    """SQLite only: for what is SQLite's own (pragmas, query plans, its file)."""
     s = Storage.open(db_path)
     yield s
     s.close()
@@ -93,6 +108,25 @@ def st(db_path: Path) -> Iterator[Storage]:
 def raw(path: Path) -> sqlite3.Connection:
     """A connection of "another process" (the test's own, outside Storage)."""
     return sqlite3.connect(path, isolation_level=None, timeout=0.1)
+
+
+def count_elsewhere(s: Storage, table: str) -> int:
+    """Rows of ``table`` as a connection of "another process" sees them, on either
+    engine (a new connection of the test's own, outside Storage)."""
+    from citynode.storage_pg import PgStorage
+
+    if isinstance(s, PgStorage):
+        import psycopg
+
+        with psycopg.connect(s.url) as c:
+            row = c.execute(f"SELECT count(*) FROM {table}").fetchone()
+            assert row is not None
+            return int(row[0])
+    c = raw(s.path)
+    try:
+        return int(c.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        c.close()
 
 
 @contextmanager
@@ -253,7 +287,7 @@ def test_the_tree_on_disk_gives_the_roots_and_proofs_of_the_tree_in_memory(
                 assert tree.consistency_proof(m, n) == log.consistency_proof(m, n), (m, n)
     assert st.tree(B, "t", 600).root() == cps.root_of(_ids(chain(1, "t", 600)))
     # about one stored hash per 256 records: the leaves are the ids already held
-    assert raw(st.path).execute("SELECT count(*) FROM merkle").fetchone()[0] == 4
+    assert count_elsewhere(st, "merkle") == 4
 
 
 def test_higher_stored_levels_fold_from_lower_ones(
@@ -280,7 +314,7 @@ def test_a_failed_append_leaves_no_subtree_behind(st: Storage) -> None:
     st.append(recs[:200]).result(5)
     bad = (*recs[200:299], make(0, "f", 999, recs[298].id))  # does not extend the chain
     assert isinstance(error_of(st.append(bad)), ChainError)
-    assert raw(st.path).execute("SELECT count(*) FROM merkle").fetchone()[0] == 0
+    assert count_elsewhere(st, "merkle") == 0
     st.append(recs[200:]).result(5)
     assert st.tree(A, "f", 300).root() == cps.root_of(_ids(recs))
 
@@ -419,7 +453,8 @@ def test_migration_to_v3_keeps_every_record_cursor_and_tree(
         assert s.range(A, "old", 519, 522, 10) == [r.envelope for r in recs[518:522]]
 
 
-def test_tree_reads_are_index_searches(st: Storage) -> None:
+def test_tree_reads_are_index_searches(sqlite_st: Storage) -> None:
+    st = sqlite_st
     st.append(chain(0, "f", 5)).result(5)
     c = raw(st.path)
     for sql, params in ((storage_mod._SELECT_IDS, (A, "f", 1, 4)),
@@ -480,7 +515,7 @@ def test_locked_by_another_process(db_path: Path) -> None:
 # --------------------------------------------------------------------------- records
 
 
-def test_append_heads_lookup_and_range(db_path: Path, st: Storage) -> None:
+def test_append_heads_lookup_and_range(st: Storage) -> None:
     a, b = chain(0, "air", 30), chain(1, "air", 10)
     noise = chain(0, "noise", 4)
     assert st.max_rowid() == 0
@@ -489,9 +524,7 @@ def test_append_heads_lookup_and_range(db_path: Path, st: Storage) -> None:
     st.append(noise + a[20:]).result(5)  # one job over two feeds
 
     # acknowledged means committed: another connection sees it
-    c = raw(db_path)
-    assert c.execute("SELECT count(*) FROM records").fetchone()[0] == 44
-    c.close()
+    assert count_elsewhere(st, "records") == 44
 
     assert st.heads() == {(A, "air"): (30, a[-1].id), (B, "air"): (10, b[-1].id),
                           (A, "noise"): (4, noise[-1].id)}
@@ -685,12 +718,13 @@ def test_own_durable_writes_overtake_partner_batches_queued_before_them(st: Stor
 
 def test_failing_job_rolls_back_alone_after_writing(st: Storage) -> None:
     def write_then_fail(conn: Any) -> None:
-        conn.execute("INSERT INTO meta (key, value) VALUES ('half', x'00')")
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half', ?)", (b"\0",))
         raise ValueError("job bug")
 
     def write_then_sql_error(conn: Any) -> None:
-        conn.execute("INSERT INTO meta (key, value) VALUES ('half2', x'00')")
-        conn.execute("INSERT INTO meta (key, value) VALUES ('half2', x'01')")  # duplicate key
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half2', ?)", (b"\0",))
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half2', ?)",  # duplicate key
+                     (b"\1",))
 
     with writer_held(st):
         before = st.set_meta("before", b"1")
@@ -702,7 +736,9 @@ def test_failing_job_rolls_back_alone_after_writing(st: Storage) -> None:
     assert isinstance(error_of(bad), ValueError)
     err = error_of(bad_sql)
     assert isinstance(err, StorageError)
-    assert isinstance(err.__cause__, sqlite3.IntegrityError)
+    import psycopg
+
+    assert isinstance(err.__cause__, sqlite3.IntegrityError | psycopg.IntegrityError)
     assert st.get_meta("before") == b"1"
     assert st.get_meta("half") is None
     assert st.get_meta("half2") is None
@@ -710,7 +746,15 @@ def test_failing_job_rolls_back_alone_after_writing(st: Storage) -> None:
 
 
 def test_durable_batches_commit_with_synchronous_full(st: Storage) -> None:
+    """SQLite: synchronous FULL, else NORMAL; PostgreSQL: synchronous_commit on (the
+    commit waits for the server's WAL flush), else off."""
+    from citynode.storage_pg import PgStorage
+
+    pg = isinstance(st, PgStorage)
+
     def sync_mode(conn: Any) -> int:
+        if pg:
+            return {"on": 2, "off": 1}[conn.execute("SHOW synchronous_commit").fetchone()[0]]
         return int(conn.execute("PRAGMA synchronous").fetchone()[0])
 
     full, normal = 2, 1
@@ -807,7 +851,12 @@ def test_concurrent_reads_from_threads_during_writes(st: Storage) -> None:
     assert errors == []
     for s in seen:
         assert s and s == sorted(s)  # a thread never sees the head go back
-    assert len(st._readers) >= 4  # one connection per thread
+    from citynode.storage_pg import PgStorage
+
+    if isinstance(st, PgStorage):  # readers took connections of the pool at once
+        assert st._pool.get_stats()["connections_num"] >= 2
+    else:
+        assert len(st._readers) >= 4  # one connection per thread
     assert st.head(KEYS[2].public_key, "busy") == (600, recs[-1].id)
 
 
