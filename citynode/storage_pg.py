@@ -72,6 +72,9 @@ CHANNEL = "citynode_records"
 READ_TIMEOUT_S = 60.0
 _CONNECT_TIMEOUT_S = 10
 _POOL_MAX = 16
+#: A read waits this long for a connection (all busy, or the server down) before it
+#: fails with a StorageError.
+_POOL_WAIT_S = 5.0
 
 
 def is_pg_url(url: str) -> bool:
@@ -371,12 +374,12 @@ class PgStorage(Storage):
             _migrate(wconn, where)
             timeout_ms = int(READ_TIMEOUT_S * 1000)
             pool: ConnectionPool[Any] = ConnectionPool(
-                url, min_size=1, max_size=_POOL_MAX, open=True, timeout=30,
+                url, min_size=1, max_size=_POOL_MAX, open=True, timeout=_POOL_WAIT_S,
                 kwargs={"autocommit": True, "connect_timeout": _CONNECT_TIMEOUT_S,
                         "application_name": "citynode",
                         "options": f"-c statement_timeout={timeout_ms}"
                                    " -c default_transaction_read_only=on"},
-                check=ConnectionPool.check_connection, name="citynode-readers")
+                name="citynode-readers")
         except BaseException as exc:
             if wconn is not None:
                 wconn.close()
@@ -522,35 +525,39 @@ class PgStorage(Storage):
                 self._reads -= 1
                 self._reads_done.notify_all()
 
+    def _read(self, fetch: Callable[[_Conn], Any], time_limit: float | None) -> Any:
+        """Run ``fetch`` on a read connection. A connection the server dropped (a
+        restart, a failover) is found on use, not checked before each read (a round
+        trip each): the read is run once more on a fresh one (reads are idempotent)."""
+        for attempt in (1, 2):
+            with self._reading() as c:
+                raw = c.raw
+                try:
+                    if time_limit is None:
+                        return fetch(c)
+                    with raw.transaction():
+                        raw.execute("SELECT set_config('statement_timeout', %s, true)",
+                                    (str(max(1, int(time_limit * 1000))),))
+                        return fetch(c)
+                except psycopg.errors.QueryCanceled as exc:
+                    raise QueryTooSlow(
+                        f"the query ran longer than {time_limit or READ_TIMEOUT_S:g} s and "
+                        "was stopped: narrow it (an origin, a feed, a time range) or ask "
+                        "for fewer rows") from exc
+                except psycopg.OperationalError as exc:
+                    if attempt == 1 and raw.broken:
+                        continue
+                    raise self._error(exc, "reading") from exc
+                except (psycopg.Error, OverflowError) as exc:
+                    raise self._error(exc, "reading") from exc
+        raise AssertionError("unreachable")
+
     def _all(self, sql: str, params: Sequence[Any] = (),
              time_limit: float | None = None) -> list[Any]:
-        with self._reading() as c:
-            raw = c.raw
-            try:
-                if time_limit is None:
-                    return list(c.execute(sql, params).fetchall())
-                with raw.transaction():
-                    raw.execute("SELECT set_config('statement_timeout', %s, true)",
-                                (str(max(1, int(time_limit * 1000))),))
-                    return list(c.execute(sql, params).fetchall())
-            except psycopg.errors.QueryCanceled as exc:
-                raise QueryTooSlow(
-                    f"the query ran longer than {time_limit or READ_TIMEOUT_S:g} s and was "
-                    "stopped: narrow it (an origin, a feed, a time range) or ask for fewer "
-                    "rows") from exc
-            except (psycopg.Error, OverflowError) as exc:
-                raise self._error(exc, "reading") from exc
+        return list(self._read(lambda c: c.execute(sql, params).fetchall(), time_limit))
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        with self._reading() as c:
-            try:
-                return c.execute(sql, params).fetchone()
-            except psycopg.errors.QueryCanceled as exc:
-                raise QueryTooSlow(
-                    f"the query ran longer than {READ_TIMEOUT_S:g} s and was stopped"
-                ) from exc
-            except (psycopg.Error, OverflowError) as exc:
-                raise self._error(exc, "reading") from exc
+        return self._read(lambda c: c.execute(sql, params).fetchone(), None)
 
     # ------------------------------------------------------------------ notifications
 
