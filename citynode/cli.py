@@ -22,6 +22,7 @@ from citynode.errors import CitynodeError
 T = TypeVar("T")
 if TYPE_CHECKING:
     from citynode.operator import Operator
+    from citynode.storage import Storage
 
 __all__ = ["main"]
 
@@ -107,6 +108,16 @@ def _require_dir(data_dir: Path) -> None:
     from citynode.operator import require_data_dir
 
     require_data_dir(data_dir)
+
+
+def _open_storage(data_dir: Path) -> Storage:
+    """The data dir's storage, SQLite or PostgreSQL as its ``[storage] url`` says."""
+    from citynode.config import load_config
+    from citynode.storage import open_storage
+
+    cfg = load_config(data_dir / "node.toml")
+    return open_storage(data_dir, cfg.storage.url,
+                        rejected_log_rows=cfg.limits.rejected_log_rows)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -284,10 +295,9 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
     from citynode.core.keys import parse_node_id
     from citynode.identity import load_identity
     from citynode.render import row_json
-    from citynode.storage import Storage
 
     _require_dir(data_dir)
-    st = Storage.open(data_dir / "citynode.db")
+    st = _open_storage(data_dir)
     try:
         rows = st.query(
             RecordFilter(origin=parse_node_id(origin) if origin else None,
@@ -322,11 +332,10 @@ def feeds(data_dir: Path, as_json: bool) -> None:
     heard nothing since it stopped)."""
     from citynode.core.keys import node_id
     from citynode.render import iso_time
-    from citynode.storage import Storage
 
     _require_dir(data_dir)
     live = {(f["origin"], f["feed"]): f for f in _operate(data_dir, lambda n: n.liveness())}
-    st = Storage.open(data_dir / "citynode.db")
+    st = _open_storage(data_dir)
     try:
         rows = st.feeds()
     finally:
@@ -429,12 +438,11 @@ def partner_add(data_dir: Path, url: str, pid: str) -> None:
 @JSON_OPTION
 def partner_list(data_dir: Path, as_json: bool) -> None:
     """List partners, with live state when the node is running."""
-    from citynode.storage import Storage
 
     # Stored partners from the database, their live state from the node (none when it
     # is not running: a node started for this command has no partner tasks).
     live = {p["node_id"]: p for p in _operate(data_dir, lambda node: node.partners())}
-    st = Storage.open(data_dir / "citynode.db")
+    st = _open_storage(data_dir)
     try:
         rows = st.partners()
     finally:
@@ -497,7 +505,7 @@ def check(data_dir: Path, as_json: bool) -> None:
     from citynode.config import load_config
     from citynode.errors import ConfigError, KeyFileError, StorageError
     from citynode.identity import load_identity
-    from citynode.storage import SCHEMA_VERSION, Storage
+    from citynode.storage import SCHEMA_VERSION
 
     _require_dir(data_dir)
     try:
@@ -505,7 +513,7 @@ def check(data_dir: Path, as_json: bool) -> None:
         skipped = ""
     except KeyFileError as exc:  # a sealed key with no passphrase given, a backup copy
         own, skipped = None, str(exc)
-    st = Storage.open(data_dir / "citynode.db")
+    st = _open_storage(data_dir)
     try:
         # The file's own structure first: a damaged page can hide records from the
         # record checks, which read through the indexes.
@@ -564,10 +572,9 @@ def forks(data_dir: Path, as_json: bool) -> None:
     """List equivocation proofs: origins that signed two different records for one seq."""
     from citynode.core.keys import node_id
     from citynode.render import b64, iso_time
-    from citynode.storage import Storage
 
     _require_dir(data_dir)
-    st = Storage.open(data_dir / "citynode.db")
+    st = _open_storage(data_dir)
     try:
         rows = st.fork_proofs()
     finally:
@@ -684,10 +691,9 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
     from citynode.core import checkpoints as cps
     from citynode.core.keys import Verifier, parse_node_id
     from citynode.core.records import decode_record, parse_body
-    from citynode.storage import Storage
 
     _require_dir(data_dir)
-    st = Storage.open(data_dir / "citynode.db")
+    st = _open_storage(data_dir)
     try:
         def tree(o: bytes, f: str, n: int) -> cps.StoredTree:
             """The feed's tree of size ``n``, read from disk (O(log n) reads a proof)."""

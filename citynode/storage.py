@@ -1151,6 +1151,23 @@ class Storage:
             self._wconn.execute("PRAGMA optimize")
         self._wconn.close()  # the last connection: SQLite checkpoints and removes the WAL
 
+    # ------------------------------------------------------------------ processes
+
+    #: Several node processes may share this database (PostgreSQL); SQLite: one (the
+    #: data dir's run lock).
+    shared = False
+
+    def lead(self) -> bool:
+        """Does this process hold the leadership of the processes sharing the database
+        (it alone signs own records, plans syncs, makes checkpoints)? Blocking: call it
+        in a thread, again and again (it also keeps the leadership held). SQLite: one
+        process, always the leader."""
+        return True
+
+    def listen(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(max rowid)`` when another process sharing the database
+        commits records. SQLite: no other process writes, so never."""
+
     def __enter__(self) -> Storage:
         return self
 

@@ -66,6 +66,7 @@ __all__ = ["PG_MIGRATIONS", "READ_TIMEOUT_S", "WRITE_LOCK", "PgStorage", "is_pg_
 #: Advisory lock keys (one 64-bit space per database): the writers' and migrations'.
 WRITE_LOCK = 0x636E6F6401
 MIGRATE_LOCK = 0x636E6F6402
+LEADER_LOCK = 0x636E6F6403
 #: The channel of :meth:`PgStorage.listen`.
 CHANNEL = "citynode_records"
 #: No read runs longer than this on the server, whatever asked for it.
@@ -341,6 +342,52 @@ def _connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
                            application_name="citynode", **kwargs)
 
 
+#: The leader's connection notices a vanished server within about 10 s, and the server
+#: a vanished leader (a cut network: a killed process closes its socket at once, and
+#: the server frees its locks then).
+_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 4, "keepalives_interval": 2,
+              "keepalives_count": 3,
+              "options": "-c tcp_keepalives_idle=4 -c tcp_keepalives_interval=2"
+                         " -c tcp_keepalives_count=3"}
+
+
+class _Leadership:
+    """A session-level advisory lock (:data:`LEADER_LOCK`) on a connection of its own:
+    held while that session lives. The server frees it when the process dies (its
+    socket closes) or its session is lost; then another process takes it."""
+
+    def __init__(self, url: str, where: str) -> None:
+        self.url, self.where = url, where
+        self.conn: psycopg.Connection[Any] | None = None
+        self.held = False
+        self._lock = threading.Lock()
+
+    def hold(self) -> bool:
+        with self._lock:
+            try:
+                if self.conn is None or self.conn.closed or self.conn.broken:
+                    self.drop()
+                    self.conn = _connect(self.url, autocommit=True, **_KEEPALIVE)
+                if self.held:
+                    self.conn.execute("SELECT 1")  # the session lives: the lock is ours
+                    return True
+                row = self.conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                        (LEADER_LOCK,)).fetchone()
+                self.held = bool(row and row[0])
+            except psycopg.Error as exc:
+                if self.held:
+                    log.error("leadership lost: %s", _pg_error(exc, self.where, "leading"))
+                self.drop()
+            return self.held
+
+    def drop(self) -> None:
+        self.held = False
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = None
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -353,6 +400,7 @@ class PgStorage(Storage):
         self.url = url
         self.where = redact(url)
         self._pool = pool
+        self._leadership = _Leadership(url, self.where)
         self._pg = wconn
         # The base class keeps a path for messages and the writer thread's name.
         super().__init__(Path(self.where), wconn, rejected_log_rows, 0)  # type: ignore[arg-type]
@@ -417,6 +465,8 @@ class PgStorage(Storage):
         self._pool.close()
         self._pg.close()
         self._stop_listening()
+        with self._leadership._lock:
+            self._leadership.drop()
 
     # ------------------------------------------------------------------ writer
 
@@ -560,6 +610,15 @@ class PgStorage(Storage):
         return self._read(lambda c: c.execute(sql, params).fetchone(), None)
 
     # ------------------------------------------------------------------ notifications
+
+    shared = True
+
+    def lead(self) -> bool:
+        """Hold (or take, if free) the leadership of the processes sharing this
+        database: True while this process holds it. Blocking; never raises."""
+        if self._closed:
+            return False
+        return self._leadership.hold()
 
     _listener: threading.Thread | None = None
     _listen_conn: psycopg.Connection[Any] | None = None

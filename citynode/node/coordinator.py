@@ -15,8 +15,12 @@
         ├── reads        what readers are served from storage
         ├── bridges      MQTT in (citynode/bridges/): publish through the publisher
         ├── sinks        CloudEvents / NGSI-LD out (citynode/sinks/): woken on commits
-        └── alerts       signed webhook alerts on forks, partners down, late feeds,
+        ├── alerts       signed webhook alerts on forks, partners down, late feeds,
                          a full disk, invalid input (one task)
+        └── leader       of several processes sharing one PostgreSQL database, the one
+                         that runs the singleton work (signing, the replica's timer,
+                         checkpoints, retention, bridges, sinks, alerts); SQLite: always
+                         this one
 
 Each role is reached through its public methods; the HTTP layer calls roles, never
 storage. Storage is the only database code; the node is the only place tasks start.
@@ -40,7 +44,7 @@ from citynode.core.keys import Verifier
 from citynode.core.keys import node_id as cards_node_id
 from citynode.core.records import Record, RecordPolicy
 from citynode.core.replica import Replica
-from citynode.errors import ConfigError, StorageError
+from citynode.errors import ConfigError, PublishRefused, StorageError
 from citynode.identity import Identity, load_identity
 from citynode.logs import fields
 from citynode.metrics import Metrics
@@ -49,6 +53,7 @@ from citynode.node.alerts import Alerts
 from citynode.node.checkpoints import Checkpoints
 from citynode.node.gossip import Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
+from citynode.node.leader import Leader
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
@@ -57,7 +62,7 @@ from citynode.node.retention import Retention
 from citynode.node.streams import Streams, Subscriber
 from citynode.reload import ConfigDiff, diff_config, live_config, shown
 from citynode.sinks.service import Sinks
-from citynode.storage import PartnerRow, Storage
+from citynode.storage import PartnerRow, Storage, open_storage
 
 __all__ = ["DB_NAME", "Node"]
 
@@ -133,6 +138,10 @@ class Node:
                              partners=self.partners, checkpoints=self.checkpoints,
                              replica=self.replica, storage=storage, metrics=self.metrics,
                              now_ms=self.now_ms)
+        self.leader = Leader(storage=storage, gained=self._lead_gained, lost=self._lead_lost)
+        self._singletons: set[asyncio.Task[Any]] = set()
+        self._background = False  # start(partners=True): a serving node, not a CLI one
+        self._refreshing = False
         self._wire()
 
     def _partner_name(self, key: bytes) -> str:
@@ -189,13 +198,73 @@ class Node:
         data_dir = Path(data_dir)
         config = load_config(data_dir / "node.toml")
         identity = load_identity(data_dir, passphrase)
-        storage = Storage.open(
-            data_dir / DB_NAME, rejected_log_rows=config.limits.rejected_log_rows
-        )
+        storage = open_storage(data_dir, config.storage.url,
+                               rejected_log_rows=config.limits.rejected_log_rows)
         return cls(data_dir, config, identity, storage, clock=clock)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    # ------------------------------------------------------------------ leadership
+
+    async def _lead_gained(self) -> None:
+        """This process leads: its heads catch up with the database (a write of the
+        previous leader's still under way lands first), then the singleton work starts."""
+        await asyncio.wrap_future(self.storage.barrier())
+        await self._refresh_heads()
+        if not self._background:
+            return
+        spawn = self._spawn_singleton
+        spawn(self.gossip.run(), "replica-timer")
+        spawn(self.checkpoints.run(), "checkpoints")
+        self.bridges.start(spawn)  # [[bridges.*]]: a task each
+        await self.sinks.start(spawn)  # [[sinks.*]]: a task each
+        spawn(self.retention.run(), "prune")
+        if self.alerts.enabled:  # [alerts] webhook_urls
+            spawn(self.alerts.run(), "alerts")
+        # Signed (and kept) now, not first when served: an export of our own feeds
+        # carries it, and tells the feeds' access levels from it.
+        self.policy.card()
+
+    def _lead_lost(self) -> None:
+        for t in list(self._singletons):
+            t.cancel()
+
+    def _spawn_singleton(self, coro: Coroutine[Any, Any, Any], name: str
+                         ) -> asyncio.Task[Any]:
+        t = self.spawn(coro, name)
+        self._singletons.add(t)
+        t.add_done_callback(self._singletons.discard)
+        return t
+
+    def _heard(self) -> None:
+        """Another process committed records (LISTEN/NOTIFY): live streams read them;
+        the chain heads follow (one refresh at a time); sinks (on the leader) send them."""
+        self.streams.wake()
+        self.sinks.committed(())
+        if not self._refreshing:
+            self._refreshing = True
+            self.spawn(self._refresh_heads(), "refresh-heads")
+
+    async def _refresh_heads(self) -> None:
+        """Move the replica's heads forward to what the database holds (never back:
+        what this process has on its way is ahead of the database for a moment)."""
+        try:
+            heads = await in_thread(self.storage.heads)
+            newer = {k: v for k, v in heads.items()
+                     if (h := self.replica.head(k)) is None or h.seq < v[0]}
+            if newer:
+                self.replica.load(newer)
+                self.metrics.feeds.set(len(self.replica.heads))
+        finally:
+            self._refreshing = False
+
+    def _check_leading(self) -> None:
+        if not self.leader.leading:
+            raise PublishRefused(
+                "this process does not lead the processes sharing the database, so it "
+                "signs nothing: publish through the leader (its /v1/admin/status says "
+                '"leader": true), or retry in a few seconds if it just went down')
 
     async def start(self, *, partners: bool = True, accept_fork_risk: bool = False) -> None:
         """Load state and (unless ``partners=False``, for one-shot CLI commands) start the
@@ -224,17 +293,18 @@ class Node:
         await self.policy.load_cards()
         await self.checkpoints.load_liveness()
         await self.streams.start()
-        if partners:
-            self.spawn(self.gossip.run(), "replica-timer")
-            self.spawn(self.checkpoints.run(), "checkpoints")
-            self.bridges.start(self.spawn)  # [[bridges.*]]: a task each
-            await self.sinks.start(self.spawn)  # [[sinks.*]]: a task each
-            self.spawn(self.retention.run(), "prune")
-            if self.alerts.enabled:  # [alerts] webhook_urls
-                self.spawn(self.alerts.run(), "alerts")
-            # Signed (and kept) now, not first when served: an export of our own feeds
-            # carries it, and tells the feeds' access levels from it.
-            self.policy.card()
+        self._background = partners
+        if self.storage.shared:
+            # Records other processes commit: streams here see them, heads follow.
+            loop = asyncio.get_running_loop()
+
+            def heard(_rowid: int) -> None:  # in the storage's listening thread
+                loop.call_soon_threadsafe(self._heard)
+
+            self.storage.listen(heard)
+        await self.leader.try_once()
+        if partners and self.storage.shared:
+            self.spawn(self.leader.run(), "leader")
         self.ready = True
         self.metrics.feeds.set(len(self.replica.heads))
         log.info(
@@ -325,11 +395,14 @@ class Node:
 
     async def publish(self, feed: str, type_name: str, items: Sequence[dict[str, Any]], *,
                       subjects: Sequence[str | None] | None = None) -> list[Record]:
-        """See :meth:`Publisher.publish`."""
+        """See :meth:`Publisher.publish`; refused (PublishRefused) on a process that
+        does not lead (several processes sharing one database)."""
+        self._check_leading()
         return await self.publisher.publish(feed, type_name, items, subjects=subjects)
 
     async def erase(self, ids: Sequence[bytes], reason: str) -> Record:
-        """See :meth:`Publisher.erase`."""
+        """See :meth:`Publisher.erase` (and :meth:`publish`)."""
+        self._check_leading()
         return await self.publisher.erase(ids, reason)
 
     async def prune(self, now_ms: int | None = None) -> int:
@@ -387,6 +460,7 @@ class Node:
         return {
             "node_id": self.node_id,
             "name": self.config.node.name,
+            "leader": self.leader.leading,
             "feeds": len(self.replica.heads),
             "pending": len(self.replica.pending),
             "own_blocked": dict(self.publisher.blocked),

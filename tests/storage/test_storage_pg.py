@@ -5,6 +5,7 @@ error and the node resumes by itself. (Everything else: test_storage.py, on both
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -176,9 +177,17 @@ def test_a_lost_server_is_a_clear_error_and_the_storage_resumes_by_itself() -> N
             server._run("pg_ctl", "-D", str(server.data), "-l", str(server.root / "log"),
                         "-o", f"-c listen_addresses=127.0.0.1 -c port={server.port} "
                         f"-c unix_socket_directories={server.root}", "-w", "start")
-            s.append(chain(0, "f", 3)[2:], durable=True).result(15)
-            assert s.head(A, "f") == (3, chain(0, "f", 3)[-1].id)
+            s.append(chain(0, "f", 3)[2:], durable=True).result(15)  # reconnects at once
             assert s.writable(5)
+            # Read connections come back as the pool reconnects (with a back-off).
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert s.head(A, "f") == (3, chain(0, "f", 3)[-1].id)
+                    break
+                except StorageError:
+                    assert time.monotonic() < deadline, "reads did not resume"
+                    time.sleep(0.5)
         finally:
             s.close()
     finally:
