@@ -799,6 +799,49 @@ def policy_check(data_dir: Path, feed: str, type_name: str, subject: str | None,
 
 
 @main.group()
+def storage() -> None:
+    """Where the records live: SQLite in the data dir (the default) or PostgreSQL
+    ([storage] url in node.toml; README "When one box is not enough")."""
+
+
+@storage.command("migrate")
+@DIR_OPTION
+@click.option("--to", "url", required=True,
+              help="The PostgreSQL database: postgresql://USER@HOST:PORT/DBNAME (an "
+                   "empty one, or one an interrupted migrate left).")
+def storage_migrate(data_dir: Path, url: str) -> None:
+    """Copy this node's SQLite database (DIR/citynode.db) into PostgreSQL, keeping every
+    record, cursor and id. Stop the node first. Interrupted, it goes on where it
+    stopped when run again; the database is refused by nodes until the copy is
+    complete. Then set [storage] url in node.toml, and run `citynode check`."""
+    from citynode.runner import is_running
+    from citynode.storage import DB_FILE, Storage
+    from citynode.storage_pg import copy_from_sqlite, is_pg_url, redact
+
+    _require_dir(data_dir)
+    if not is_pg_url(url):
+        raise click.BadParameter('must start with "postgresql://"', param_hint="--to")
+    if is_running(data_dir):
+        raise click.ClickException(f"{data_dir} is in use by a running node: stop it "
+                                   "first (the copy must see a database at rest)")
+    if not (data_dir / DB_FILE).is_file():
+        raise click.ClickException(f"no SQLite database in {data_dir}: nothing to copy")
+    src = Storage.open(data_dir / DB_FILE)
+    try:
+        def progress(done: int, total: int) -> None:
+            if sys.stderr.isatty():
+                click.echo(f"\r{done}/{total} records", nl=False, err=True)
+
+        n = copy_from_sqlite(src, url, progress)
+        total = src.count()
+    finally:
+        src.close()
+    click.echo(f"copied {n} record(s) ({total} held) into {redact(url)}.\n"
+               f'Now set in {data_dir / "node.toml"}:\n  [storage]\n  url = "{redact(url)}"\n'
+               f"then run `citynode check -d {data_dir}`.")
+
+
+@main.group()
 def service() -> None:
     """Run the node as a system service."""
 

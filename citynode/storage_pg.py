@@ -406,10 +406,13 @@ class PgStorage(Storage):
         super().__init__(Path(self.where), wconn, rejected_log_rows, 0)  # type: ignore[arg-type]
 
     @classmethod
-    def open_url(cls, url: str, *, rejected_log_rows: int = 10000) -> PgStorage:
+    def open_url(cls, url: str, *, rejected_log_rows: int = 10000,
+                 allow_migrating: bool = False) -> PgStorage:
         """Connect to the PostgreSQL database at ``url`` and bring its schema to
         SCHEMA_VERSION. Raises :class:`StorageError` if it cannot be reached, is not a
-        citynode database, or has a newer schema than this code."""
+        citynode database, has a newer schema than this code, or a copy from SQLite
+        into it is unfinished (``citynode storage migrate``; unless
+        ``allow_migrating``)."""
         where = redact(url)
         try:
             pg_conninfo.conninfo_to_dict(url)
@@ -420,6 +423,11 @@ class PgStorage(Storage):
         try:
             wconn = _connect(url, autocommit=True)
             _migrate(wconn, where)
+            if not allow_migrating and wconn.execute(
+                    "SELECT 1 FROM meta WHERE key = %s", (MIGRATING,)).fetchone():
+                raise StorageError(
+                    f"{where} holds an unfinished copy of an SQLite node: run `citynode "
+                    "storage migrate` again to finish it before using the database")
             timeout_ms = int(READ_TIMEOUT_S * 1000)
             pool: ConnectionPool[Any] = ConnectionPool(
                 url, min_size=1, max_size=_POOL_MAX, open=True, timeout=_POOL_WAIT_S,
@@ -667,3 +675,100 @@ class PgStorage(Storage):
             self._listen_stop.set()
             self._listener.join(timeout=5)
             self._listener = None
+
+
+# --------------------------------------------------------------------------- moving a node
+
+#: Set in the target's meta while a copy from SQLite is under way: a node refuses to
+#: open the database until the copy is complete.
+MIGRATING = "migrating-from-sqlite"
+_COPY_CHUNK = 5000
+#: Tables copied whole after the records, in an order their references allow.
+_SMALL_TABLES = ("partners", "fork_proofs", "rejected", "checkpoints", "meta", "merkle",
+                 "bridge_messages", "bridge_dead_letters", "bridge_counters", "erasures",
+                 "card_history")
+#: Tables whose integer ids are generated: their sequences go past the ids copied.
+_IDENTITY_TABLES = ("chains", "types", "fork_proofs", "rejected", "bridge_dead_letters")
+
+
+def copy_from_sqlite(src: Storage, url: str,
+                     progress: Callable[[int, int], None] | None = None) -> int:
+    """Copy every row of the SQLite storage ``src`` (a node that is not running) into
+    the PostgreSQL database at ``url``, keeping rowids (streams' and readers' cursors
+    stay valid) and ids. Returns the records copied by this call.
+
+    Resumable: records go in chunks of 5000, each committed with everything it needs,
+    in rowid order; a new call goes on after the highest rowid the target holds. Until
+    the copy ends the target is marked (:data:`MIGRATING`) and :meth:`PgStorage.open_url`
+    refuses it. A target holding records of another origin than a copy is refused.
+    ``progress(records copied, records held by the source)`` after each chunk.
+    Raises :class:`StorageError`."""
+    with PgStorage.open_url(url, allow_migrating=True):
+        pass  # the schema, created or brought up to date
+    where = redact(url)
+    try:
+        with _connect(url, autocommit=True) as conn:
+            c = _Conn(conn)
+            with conn.transaction():
+                mark = conn.execute("SELECT value FROM meta WHERE key = %s",
+                                    (MIGRATING,)).fetchone()
+                held = conn.execute("SELECT count(*) FROM records").fetchone()
+                if mark is None and held and held[0]:
+                    raise StorageError(
+                        f"{where} already holds {held[0]} records and is not a copy under "
+                        "way: migrate into an empty database")
+                conn.execute("INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT"
+                             " DO NOTHING", (MIGRATING, str(src.path).encode()))
+            total = src.count()
+
+            def rows(table: str, where_sql: str = "", params: Sequence[Any] = ()
+                     ) -> tuple[list[str], list[Any]]:
+                cols = [r[1] for r in src._all(f"PRAGMA table_info({table})")]
+                return cols, src._all(f"SELECT {', '.join(cols)} FROM {table} {where_sql}",
+                                      params)
+
+            def put(table: str, cols: list[str], data: list[Any], conflict: str) -> None:
+                c.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES"
+                              f" ({', '.join('?' * len(cols))}) {conflict}", data)
+
+            # Chains (heads as the source holds them: it does not run) and types: what
+            # records refer to. Heads are final: a chunk's records never exceed them.
+            with conn.transaction():
+                for table in ("chains", "types"):
+                    cols, data = rows(table)
+                    put(table, cols, data, "ON CONFLICT DO NOTHING")
+            done = 0
+            last = conn.execute("SELECT coalesce(max(rowid), 0) FROM records").fetchone()
+            after = int(last[0]) if last else 0
+            had = conn.execute("SELECT count(*) FROM records").fetchone()
+            copied = int(had[0]) if had else 0
+            while True:
+                cols, data = rows("records", "WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                                  (after, _COPY_CHUNK))
+                if not data:
+                    break
+                hi = data[-1][cols.index("rowid")]
+                pcols, pdata = rows("payloads", "WHERE rowid > ? AND rowid <= ?", (after, hi))
+                with conn.transaction():
+                    put("records", cols, data, "")
+                    put("payloads", pcols, pdata, "")
+                after = hi
+                done += len(data)
+                if progress is not None:
+                    progress(copied + done, total)
+            with conn.transaction():
+                for table in _SMALL_TABLES:
+                    cols, data = rows(table)
+                    if table == "meta":
+                        # The source file's identity is no database's here.
+                        data = [r for r in data if r[0] not in ("file-identity",
+                                                                "writable-probe")]
+                    put(table, cols, data, "ON CONFLICT DO NOTHING")
+                for table in _IDENTITY_TABLES:
+                    conn.execute(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                        f" greatest((SELECT max(id) FROM {table}), 1))")
+                conn.execute("DELETE FROM meta WHERE key = %s", (MIGRATING,))
+            return done
+    except psycopg.Error as exc:
+        raise _pg_error(exc, where, "copying the database") from exc
