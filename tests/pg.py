@@ -65,8 +65,9 @@ class PgServer:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                                f"{done.stdout}\n{done.stderr}")
 
-    def start(self) -> PgServer:
-        """initdb + pg_ctl start; raises RuntimeError saying why it could not."""
+    def start(self, *, durable: bool = False) -> PgServer:
+        """initdb + pg_ctl start; raises RuntimeError saying why it could not.
+        ``durable``: fsync as a production server does (benchmarks), not off."""
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
         # trust on loopback: a throwaway server only this machine reaches, for tests.
@@ -77,9 +78,10 @@ class PgServer:
         # fsync off: a test server whose data dies with the session; every other
         # setting is the default (synchronous_commit on: commits wait for the WAL).
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                f"-c unix_socket_directories={self.root} -c fsync=off "
-                "-c full_page_writes=off -c max_connections=300 "
+                f"-c unix_socket_directories={self.root} -c max_connections=300 "
                 "-c shared_buffers=32MB")
+        if not durable:
+            opts += " -c fsync=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"),
                   "-o", opts, "-w", "-t", "60", "start")
         self.started = True

@@ -1,0 +1,302 @@
+"""Storage engines compared: SQLite and PostgreSQL under the same load, as it grows.
+
+``scripts/bench-storage --engines`` loads ``--records`` records (default 1M; documented to
+run at 10M) of ``--feeds`` feeds of ``--origins`` origins into each engine, through the
+ingest path's storage half on one process (strict decode + verify + hash, then
+``Storage.append`` in batches of 1,000), and prints for each engine, at 100k records and
+at the end:
+
+* ingest rate, and its ratio to the one-core pipeline limit measured in the same run
+  (the same work into SQLite, on a fresh database, over the first 20k records);
+* query p99: ``Storage.query`` of one origin's feed over a one-hour time range (the
+  reads of ``/v1/records?origin=&feed=&since=&until=``), 300 random ones;
+* stream catch-up rate: pages of 1,000 by cursor from the start, as a stream that
+  resumes from ``after=0`` reads them (up to 200k records);
+* bytes on disk per record (SQLite: the file after a clean close; PostgreSQL: the
+  tables and indexes, ``pg_total_relation_size``).
+
+Then, for PostgreSQL, ingest with 2 and 3 node processes sharing the database (each its
+own origins; ``--multi-records`` in all). PostgreSQL runs on a throwaway server this
+script starts (tests/pg.py: Debian's postgresql, fsync on) unless ``--pg-url`` names one.
+
+Targets (issue 17): PostgreSQL ingest at least 0.5 x SQLite's on one process; query p99
+growing no faster than log N from 100k to the end. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench_data import PAYLOAD  # scripts/ is on sys.path when run as a script
+
+from citynode.core.filters import RecordFilter
+from citynode.core.keys import SigningKey, Verifier
+from citynode.core.records import Record, decode_record, open_record, record_id, sign_record
+from citynode.storage import Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = 1_760_000_000_000
+STEP_MS = 1000  # records of a feed are a second apart
+BATCH = 1000
+
+
+def keys(origins: int, first: int = 0) -> list[SigningKey]:
+    return [SigningKey((first + o + 1).to_bytes(4, "big") * 8) for o in range(origins)]
+
+
+def envelopes(n: int, feeds: int, origin_keys: list[SigningKey]) -> Iterator[list[bytes]]:
+    """Batches of envelopes, round-robin over the feeds (``feeds`` per origin), each
+    feed's records in seq order: ``n`` records in all. Signed as they are needed (not
+    held: 1M envelopes are ~500 MB)."""
+    chains = [(k, f"feed-{f}") for k in origin_keys for f in range(feeds)]
+    state: dict[int, tuple[int, bytes | None]] = {}
+    done = 0
+    while done < n:
+        out = []
+        # a batch is BATCH consecutive records of one feed (a partner's push of one feed)
+        c = (done // BATCH) % len(chains)
+        key, feed = chains[c]
+        seq, prev = state.get(c, (0, None))
+        for _ in range(min(BATCH, n - done)):
+            seq += 1
+            r = sign_record(key, feed=feed, seq=seq, prev=prev, time_ms=T0 + seq * STEP_MS,
+                            type="AirQualityObserved", data=dict(PAYLOAD, pm25=float(seq % 90)))
+            prev = r.id
+            out.append(r.envelope)
+        state[c] = (seq, prev)
+        done += len(out)
+        yield out
+
+
+def verified(envs: list[bytes], v: Verifier) -> list[Record]:
+    now = T0 + 10**12
+    out = []
+    for env in envs:
+        body, sig, payload = decode_record(env)
+        out.append(open_record(body, sig, payload, now_ms=now, verifier=v,
+                               rid=record_id(body)))
+    return out
+
+
+def pipeline_limit(batches: list[list[bytes]]) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        st = Storage.open(Path(d) / "limit.db")
+        v = Verifier()
+        t = time.perf_counter()
+        for envs in batches:
+            st.append(verified(envs, v)).result()
+        rate = sum(map(len, batches)) / (time.perf_counter() - t)
+        st.close()
+    return rate
+
+
+def query_p99(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
+              samples: int = 300) -> float:
+    rnd = random.Random(7)
+    per_feed = max(1, held // (len(origin_keys) * feeds))
+    times = []
+    for _ in range(samples):
+        k = rnd.choice(origin_keys)
+        f = f"feed-{rnd.randrange(feeds)}"
+        start = T0 + rnd.randrange(1, per_feed + 1) * STEP_MS
+        flt = RecordFilter(origin=k.public_key, feed=f, since_ms=start,
+                           until_ms=start + 3600 * 1000)
+        t = time.perf_counter()
+        st.query(flt, limit=100)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[int(0.99 * (len(times) - 1))] * 1000
+
+
+def catch_up_rate(st: Storage, cap: int = 200_000) -> float:
+    t = time.perf_counter()
+    after, n = 0, 0
+    while n < cap:
+        rows = st.query(after_rowid=after, limit=1000)
+        if not rows:
+            break
+        n += len(rows)
+        after = rows[-1].rowid
+    return n / (time.perf_counter() - t)
+
+
+def pg_bytes(st: Storage) -> int:
+    row = st._one(
+        "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class AS c JOIN pg_namespace"
+        " AS n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
+        " AND c.relkind = 'r'")
+    return int(row[0] or 0)
+
+
+def open_engine(engine: str, where: str) -> Storage:
+    if engine == "sqlite":
+        return Storage.open(Path(where))
+    from citynode.storage_pg import PgStorage
+
+    return PgStorage.open_url(where)
+
+
+def load(engine: str, where: str, n: int, feeds: int, origins: int,
+         marks: list[int]) -> dict[int, dict[str, float]]:
+    """Load ``n`` records into a new database; measure at each mark."""
+    ks = keys(origins)
+    st = open_engine(engine, where)
+    v = Verifier()
+    out: dict[int, dict[str, float]] = {}
+    done, busy = 0, 0.0  # ingest time only (not signing, not the measurements)
+    window_done, window_busy = 0, 0.0
+    try:
+        for envs in envelopes(n, feeds, ks):
+            t = time.perf_counter()
+            st.append(verified(envs, v)).result()
+            dt = time.perf_counter() - t
+            busy += dt
+            window_busy += dt
+            done += len(envs)
+            window_done += len(envs)
+            if done in marks:
+                size = (pg_bytes(st) if engine == "postgresql"
+                        else st.db_size_bytes())
+                out[done] = {"ingest_per_s": window_done / window_busy,
+                             "query_p99_ms": query_p99(st, ks, feeds, done),
+                             "catch_up_per_s": catch_up_rate(st),
+                             "bytes_per_record": size / done}
+                window_done, window_busy = 0, 0.0
+                m = out[done]
+                print(f"  {engine:10} {done:>10,}: ingest {m['ingest_per_s']:7.0f}/s, "
+                      f"query p99 {m['query_p99_ms']:6.2f} ms, catch-up "
+                      f"{m['catch_up_per_s']:7.0f}/s, {m['bytes_per_record']:6.0f} B/record",
+                      flush=True)
+    finally:
+        st.close()
+    if engine == "sqlite":  # the file after a clean close (the WAL folded in)
+        out[n]["bytes_per_record"] = Path(where).stat().st_size / n
+    return out
+
+
+def _worker(url: str, n: int, feeds: int, first: int, go: Any, q: Any) -> None:
+    from citynode.storage_pg import PgStorage
+
+    batches = list(envelopes(n, feeds, keys(1, first)))  # signed before the clock starts
+    st = PgStorage.open_url(url)
+    v = Verifier()
+    q.put("ready")
+    go.wait()
+    t = time.perf_counter()
+    for envs in batches:
+        st.append(verified(envs, v)).result()
+    q.put((n, t, time.perf_counter()))
+    st.close()
+
+
+def multi(url: str, procs: int, n: int, feeds: int) -> float:
+    """Records/s of ``procs`` processes ingesting into one database at once (each its
+    own origin's feeds, signed before the start)."""
+    ctx = multiprocessing.get_context("spawn")
+    go, q = ctx.Event(), ctx.Queue()
+    ps = [ctx.Process(target=_worker, args=(url, n // procs, feeds, 1000 + p, go, q))
+          for p in range(procs)]
+    for p in ps:
+        p.start()
+    for _ in ps:
+        assert q.get(timeout=1200) == "ready"
+    go.set()
+    res = [q.get(timeout=1200) for _ in ps]
+    for p in ps:
+        p.join()
+    total = sum(r[0] for r in res)
+    return float(total / (max(r[2] for r in res) - min(r[1] for r in res)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--feeds", type=int, default=10, help="feeds per origin")
+    ap.add_argument("--origins", type=int, default=10)
+    ap.add_argument("--multi-records", type=int, default=100_000,
+                    help="records loaded by 2 and 3 processes (PostgreSQL)")
+    ap.add_argument("--pg-url", default=None, help="a PostgreSQL database to use (empty); "
+                    "default: a throwaway server started here")
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    n = args.records
+    marks = sorted({m for m in (100_000, n) if m <= n})
+    sample = list(envelopes(min(20_000, n), args.feeds, keys(args.origins)))
+    limit = pipeline_limit(sample)
+    del sample
+    print(f"one-core pipeline limit (decode + verify + SQLite append): {limit:.0f} records/s")
+    server = None
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    multi_rates: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        try:
+            if args.pg_url:
+                urls = [args.pg_url]
+            else:
+                sys.path.insert(0, str(ROOT))
+                from tests.pg import PgServer
+
+                server = PgServer().start(durable=True)
+                urls = [server.create_database("bench") for _ in range(3)]
+            results["sqlite"] = load("sqlite", str(Path(d) / "bench.db"), n, args.feeds,
+                                     args.origins, marks)
+            results["postgresql"] = load("postgresql", urls[0], n, args.feeds,
+                                         args.origins, marks)
+            if server is not None:
+                for procs, url in ((2, urls[1]), (3, urls[2])):
+                    multi_rates[procs] = multi(url, procs, args.multi_records, args.feeds)
+                    print(f"  postgresql with {procs} processes: ingest "
+                          f"{multi_rates[procs]:7.0f}/s "
+                          f"({multi_rates[procs] / limit:.2f} x the one-core limit)",
+                          flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+    first, last = marks[0], marks[-1]
+    growth_allowed = math.log(last) / math.log(first) if last > first else 1.0
+    figures: dict[str, Any] = {"bench": "engines", "records": n,
+                               "pipeline_limit_per_s": round(limit)}
+    for engine, at in results.items():
+        figures[engine] = {
+            str(k): {"ingest_per_s": round(v["ingest_per_s"]),
+                     "ingest_ratio_to_limit": round(v["ingest_per_s"] / limit, 3),
+                     "query_p99_ms": round(v["query_p99_ms"], 3),
+                     "catch_up_per_s": round(v["catch_up_per_s"]),
+                     "bytes_per_record": round(v["bytes_per_record"], 1)}
+            for k, v in at.items()}
+        g = at[last]["query_p99_ms"] / at[first]["query_p99_ms"]
+        figures[engine]["query_p99_growth"] = round(g, 3)
+        print(f"{engine}: ingest {at[last]['ingest_per_s'] / limit:.2f} x limit at "
+              f"{last:,}; query p99 {at[first]['query_p99_ms']:.2f} -> "
+              f"{at[last]['query_p99_ms']:.2f} ms ({g:.2f} x; log N grows "
+              f"{growth_allowed:.2f} x); bytes/record {at[first]['bytes_per_record']:.0f} -> "
+              f"{at[last]['bytes_per_record']:.0f}")
+    pg_vs_sqlite = (results["postgresql"][last]["ingest_per_s"]
+                    / results["sqlite"][last]["ingest_per_s"])
+    print(f"PostgreSQL ingest / SQLite ingest on one process: {pg_vs_sqlite:.2f} "
+          "(target >= 0.5)")
+    figures["postgresql_multi_ingest_per_s"] = {str(k): round(v)
+                                               for k, v in multi_rates.items()}
+    figures["pg_over_sqlite_ingest"] = round(pg_vs_sqlite, 3)
+    figures["pass"] = {
+        "pg_ingest_ge_half_sqlite": pg_vs_sqlite >= 0.5,
+        # measured growth within log N's, with 50% for a shared machine's noise
+        "query_p99_log_n": {e: at[last]["query_p99_ms"] / at[first]["query_p99_ms"]
+                            <= growth_allowed * 1.5 for e, at in results.items()},
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
