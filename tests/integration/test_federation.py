@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from citynode.cli import main as cli_main
-from citynode.cluster import Cluster, LocalNode
+from citynode.cluster import Cluster, LocalNode, set_config
 from citynode.core.keys import parse_node_id
 from citynode.errors import PeerError, PeerRejected
 from tests.conftest import InProc, eventually
@@ -164,11 +164,19 @@ async def test_line_of_four_relays_end_to_end(cluster: Cluster) -> None:
     assert pushed is not None and float(pushed[1]) >= 10, metrics[:2000]
 
 
-async def test_middle_node_sigkilled_while_both_ends_publish(cluster: Cluster) -> None:
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_middle_node_sigkilled_while_both_ends_publish(
+        cluster: Cluster, engine: str, request: pytest.FixtureRequest) -> None:
     """B, the second node of the line A-B-C-D, is SIGKILLed while A and D publish, then
-    restarted: every node ends with every record, once, and `check` finds no problem."""
+    restarted: every node ends with every record, once, and `check` finds no problem.
+    PostgreSQL leg: B (killed) and C keep their records in PostgreSQL, each its own
+    database, A and D in SQLite: the two engines relay to each other."""
     nodes = cluster.create(["A", "B", "C", "D"], settings=FAST)
     a, b, c, d = nodes
+    if engine == "postgresql":
+        server = request.getfixturevalue("pg_server")
+        for n in (b, c):
+            set_config(n.dir / "node.toml", "storage", "url", server.create_database())
     await cluster.start()
     for x, y in [(a, b), (b, c), (c, d)]:
         await cluster.link(x, y)
