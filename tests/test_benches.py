@@ -62,6 +62,11 @@ CASES = {
                        "--offered-seconds", "1"],
                       {"p50_ms", "p99_ms", "records_per_s", "copies_per_record",
                        "loaded_p99_ms", "ratio_to_ceiling", "verified_per_record"}),
+    "bench_engines.py": (["--records", "2000", "--multi-records", "600", "--feeds", "1",
+                          "--origins", "2"],
+                         {"records", "pipeline_limit_per_s", "sqlite", "postgresql",
+                          "postgresql_multi_ingest_per_s", "pg_over_sqlite_ingest",
+                          "pass"}),
     "bench_storage.py": (["--records", "3000", "--batch", "500", "--window", "1000"],
                          {"records", "envelope_bytes_per_record", "rss_mb", "rss_peak_mb",
                           "rate_start_per_s", "rate_per_s", "rate_ratio",
@@ -91,6 +96,13 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
         p = figures["prune"]
         assert p["payloads_dropped"] == p["pruned"] == p["records"] == 3000
         assert p["db_bytes_after"] < p["db_bytes_before"]
+    if script == "bench_engines.py":
+        # Both engines loaded and measured; PostgreSQL with 2 and 3 processes too.
+        for engine in ("sqlite", "postgresql"):
+            m = figures[engine]["2000"]
+            assert m["ingest_per_s"] > 0 and m["query_p99_ms"] > 0
+            assert m["catch_up_per_s"] > 0 and m["bytes_per_record"] > 100
+        assert set(figures["postgresql_multi_ingest_per_s"]) == {"2", "3"}
     if script == "bench_bridge.py":
         # Every message became exactly one record (the bridge's promise, measured).
         assert figures["exactly_once"] is True

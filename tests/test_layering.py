@@ -30,7 +30,8 @@ FORBIDDEN_MODULES = frozenset({
     # the same spirit: dynamic imports, files, processes, networks, native code
     "importlib", "builtins", "glob", "gzip", "bz2", "lzma", "zipfile", "tarfile", "mmap",
     "fcntl", "ctypes", "sys", "socketserver", "smtplib", "ftplib", "webbrowser",
-    "_thread", "sched", "queue", "click", "rich", "prometheus_client",
+    "_thread", "sched", "queue", "click", "rich", "prometheus_client", "psycopg",
+    "psycopg_pool",
 })
 FORBIDDEN_CALLS = frozenset({"open", "input", "print", "eval", "exec", "__import__"})
 CLOCK_METHODS = frozenset({"now", "utcnow", "today"})
