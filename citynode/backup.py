@@ -325,6 +325,12 @@ def make_backup(
         raise BackupError(f"{file.parent} is not a directory: create it, or choose "
                           "another place for the backup", "io")
     cfg = load_config(data_dir / CONFIG)
+    if cfg.storage.url:
+        # Its records are in PostgreSQL, which city IT backs up with its own tools.
+        raise BackupError(
+            "this node keeps its records in PostgreSQL ([storage] url): back the database "
+            "up with PostgreSQL's tools (pg_dump, or base backups and WAL archiving), and "
+            "the data dir's key and certificate as files", "not_sqlite")
     ident = load_identity(data_dir)  # the node id; checks the secret files' modes too
     created_s = time.time()
     created_ms = int(created_s * 1000)

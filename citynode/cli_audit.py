@@ -98,14 +98,19 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
     they also hold records signed in clear before they were restricted).
     """
     from citynode.bundle import export_from_storage
+    from citynode.config import load_config
     from citynode.core.keys import parse_node_id
     from citynode.core.types import ERASURE_FEED
-    from citynode.storage import Storage
+    from citynode.storage import open_storage
 
     with _one_line_errors():
         key = parse_node_id(origin)
         db = data_dir / "citynode.db"
-        if not db.is_file():
+        try:
+            url = load_config(data_dir / "node.toml").storage.url
+        except CitynodeError:  # no (valid) node.toml: the SQLite file decides
+            url = ""
+        if not url and not db.is_file():
             raise click.ClickException(
                 f"{data_dir} holds no citynode database: check -d (run `citynode init` "
                 "and `citynode run` first)"
@@ -114,7 +119,7 @@ def export_cmd(data_dir: Path, origin: str, feeds: tuple[str, ...], out: Path, f
             raise click.ClickException(f"{out} exists: remove it, choose another --out, "
                                        "or add --force")
         own = _own_levels(data_dir, key)
-        st = Storage.open(db)
+        st = open_storage(data_dir, url)  # [storage] url: SQLite or PostgreSQL
         try:
             card = _pick_card(st, key)
             held = [r.feed for r in st.feeds() if r.origin == key]

@@ -337,18 +337,20 @@ class _Conn:
         return cur
 
 
+#: Every connection notices a server gone silent (a cut network, a failed machine)
+#: within about 10 s instead of TCP's many minutes: the write or read under way fails
+#: with a StorageError and the next one reconnects.
+_CLIENT_KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 4,
+                                     "keepalives_interval": 2, "keepalives_count": 3}
+#: And the server notices a leader gone silent the same way, and frees its lock (a
+#: killed process closes its socket at once: freed then).
+_KEEPALIVE = {"options": "-c tcp_keepalives_idle=4 -c tcp_keepalives_interval=2"
+                         " -c tcp_keepalives_count=3"}
+
+
 def _connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(url, connect_timeout=_CONNECT_TIMEOUT_S,
-                           application_name="citynode", **kwargs)
-
-
-#: The leader's connection notices a vanished server within about 10 s, and the server
-#: a vanished leader (a cut network: a killed process closes its socket at once, and
-#: the server frees its locks then).
-_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 4, "keepalives_interval": 2,
-              "keepalives_count": 3,
-              "options": "-c tcp_keepalives_idle=4 -c tcp_keepalives_interval=2"
-                         " -c tcp_keepalives_count=3"}
+                           application_name="citynode", **_CLIENT_KEEPALIVE, **kwargs)
 
 
 class _Leadership:
@@ -432,7 +434,7 @@ class PgStorage(Storage):
             pool: ConnectionPool[Any] = ConnectionPool(
                 url, min_size=1, max_size=_POOL_MAX, open=True, timeout=_POOL_WAIT_S,
                 kwargs={"autocommit": True, "connect_timeout": _CONNECT_TIMEOUT_S,
-                        "application_name": "citynode",
+                        "application_name": "citynode", **_CLIENT_KEEPALIVE,
                         "options": f"-c statement_timeout={timeout_ms}"
                                    " -c default_transaction_read_only=on"},
                 name="citynode-readers")

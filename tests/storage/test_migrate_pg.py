@@ -123,3 +123,18 @@ def test_storage_migrate_then_check_on_postgresql(tmp_path: Path, pg_url: str) -
     assert report["records"] == json.loads(before.stdout)["records"]
     again = cli("storage", "migrate", "-d", str(d), "--to", pg_url)
     assert again.returncode != 0 and "not a copy under way" in again.stderr
+
+
+def test_backup_of_a_node_on_postgresql_points_to_postgresql_tools(
+        tmp_path: Path, pg_url: str) -> None:
+    from citynode.backup import make_backup
+    from citynode.cluster import set_config
+    from citynode.errors import BackupError
+    from tests.conftest import make_node_dir
+
+    d = make_node_dir(tmp_path, "Jakarta")
+    set_config(d / "node.toml", "storage", "url", pg_url)
+    with pytest.raises(BackupError, match="pg_dump") as err:
+        make_backup(d, tmp_path / "node.backup")
+    assert err.value.reason == "not_sqlite"
+    assert not (tmp_path / "node.backup").exists()
