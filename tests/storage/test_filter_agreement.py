@@ -96,17 +96,39 @@ def filters(draw: hs.DrawFn) -> RecordFilter:
                         to_seq=seq_to)
 
 
-@pytest.fixture(scope="module")
-def corpus() -> Iterator[tuple[Storage, list[Record], list[StoredRow]]]:
-    """300 records (some sealed, some without a usable location) in a real database."""
+def _corpus(st: Storage) -> tuple[Storage, list[Record], list[StoredRow]]:
     rng = random.Random(11)
     recs = _records(lambda _kind, choices: rng.choice(list(choices)), 300)
+    for start in range(0, len(recs), 50):
+        st.append(recs[start:start + 50]).result(10)
+    return st, recs, st.query(limit=1000)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def corpus(request: pytest.FixtureRequest
+           ) -> Iterator[tuple[Storage, list[Record], list[StoredRow]]]:
+    """300 records (some sealed, some without a usable location) in a real database, on
+    each engine (PostgreSQL: a database of the session's server, tests/pg.py)."""
+    if request.param == "postgresql":
+        from citynode.storage_pg import PgStorage
+
+        st: Storage = PgStorage.open_url(request.getfixturevalue("pg_server")
+                                         .create_database())
+        yield _corpus(st)
+        st.close()
+        return
     with tempfile.TemporaryDirectory() as d:
         st = Storage.open(Path(d) / "citynode.db")
-        for start in range(0, len(recs), 50):
-            st.append(recs[start:start + 50]).result(10)
-        rows = st.query(limit=1000)
-        yield st, recs, rows
+        yield _corpus(st)
+        st.close()
+
+
+@pytest.fixture(scope="module")
+def sqlite_corpus() -> Iterator[tuple[Storage, list[Record], list[StoredRow]]]:
+    """The corpus in SQLite only: for its query plans."""
+    with tempfile.TemporaryDirectory() as d:
+        st = Storage.open(Path(d) / "citynode.db")
+        yield _corpus(st)
         st.close()
 
 
@@ -183,12 +205,12 @@ def test_sql_and_memory_agree_on_generated_records(data: hs.DataObject) -> None:
             st.close()
 
 
-def test_the_indexes_serve_the_filters(corpus: Any) -> None:
+def test_the_indexes_serve_the_filters(sqlite_corpus: Any) -> None:
     """EXPLAIN QUERY PLAN: one feed is found in ``chains`` by its unique (origin, feed),
     then walks the (chain, seq) index in seq order (no sort); a type is found in
     ``types``, then walks the (type, time) index; an origin its chains; a box the
     (lon, lat) index. Origin, feed and type are never compared row by row."""
-    st = corpus[0]
+    st = sqlite_corpus[0]
     a = ORIGINS[0]
     find_chain = "SEARCH c USING COVERING INDEX sqlite_autoindex_chains_1 (origin=? AND feed=?)"
     # Each row's payload, if held, by its rowid (one primary-key search per row).
