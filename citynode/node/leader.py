@@ -21,7 +21,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from citynode.logs import fields
 from citynode.node._base import in_thread
 from citynode.storage import Storage
 
@@ -63,7 +62,6 @@ class Leader:
             elif not held and self.leading:
                 self.leading = False
                 log.error("leadership lost: signing and the other singleton work stop "
-                          "here (another process takes over)",
-                          extra=fields(database=str(self.storage.path)))
+                          "here (another process takes over)")
                 self._lost()
             await asyncio.sleep(INTERVAL_S)

@@ -192,3 +192,28 @@ def test_a_lost_server_is_a_clear_error_and_the_storage_resumes_by_itself() -> N
             s.close()
     finally:
         server.stop()
+
+
+def test_one_process_leads_and_another_takes_over_when_its_session_ends(
+        pg_url: str) -> None:
+    """The leadership is a session's advisory lock: one of two storages holds it, keeps
+    it while its session lives, and loses it to the other when that session ends (as
+    when the process is killed, or the network cuts it off)."""
+    one, two = PgStorage.open_url(pg_url), PgStorage.open_url(pg_url)
+    try:
+        assert one.lead() and not two.lead()
+        assert one.lead() and not two.lead()  # held, not taken again
+        conn = one._leadership.conn
+        assert conn is not None
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        deadline = time.monotonic() + 5  # the backend ends (and frees it) a moment later
+        while not two.lead():
+            assert time.monotonic() < deadline, "the lock was not freed"
+            time.sleep(0.05)
+        assert not one.lead()  # its session is gone, and so is the lock
+        two.close()  # closing gives the leadership up
+        assert one.lead()
+    finally:
+        one.close()
+        two.close()
