@@ -220,10 +220,26 @@ def _create_v6(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_SCHEMA_V6)
 
 
+def _migrate_liveness(conn: psycopg.Connection[Any]) -> None:
+    """Schema v7 (storage._migrate_liveness): the newest liveness statement per feed."""
+    conn.execute(
+        """CREATE TABLE liveness (
+            origin BYTEA NOT NULL,
+            feed TEXT COLLATE "C" NOT NULL,
+            size BIGINT NOT NULL,
+            time BIGINT NOT NULL,
+            root BYTEA NOT NULL,
+            envelope BYTEA NOT NULL,
+            grew_at BIGINT NOT NULL,
+            PRIMARY KEY (origin, feed)
+        )""")
+
+
 #: Migration to schema version N (the version numbers of ``storage.MIGRATIONS``). The
 #: first one a new database runs creates the whole schema of its version; later ones
 #: mirror SQLite's, one for one. Each runs in the transaction that records its version.
-PG_MIGRATIONS: dict[int, Callable[[psycopg.Connection[Any]], None]] = {6: _create_v6}
+PG_MIGRATIONS: dict[int, Callable[[psycopg.Connection[Any]], None]] = {
+    6: _create_v6, 7: _migrate_liveness}
 
 
 def _migrate(conn: psycopg.Connection[Any], where: str) -> int:
@@ -688,7 +704,7 @@ _COPY_CHUNK = 5000
 #: Tables copied whole after the records, in an order their references allow.
 _SMALL_TABLES = ("partners", "fork_proofs", "rejected", "checkpoints", "meta", "merkle",
                  "bridge_messages", "bridge_dead_letters", "bridge_counters", "erasures",
-                 "card_history")
+                 "card_history", "liveness")
 #: Tables whose integer ids are generated: their sequences go past the ids copied.
 _IDENTITY_TABLES = ("chains", "types", "fork_proofs", "rejected", "bridge_dead_letters")
 

@@ -38,6 +38,7 @@ def fill(st: Storage) -> None:
     for i in range(3):
         st.log_rejected("peer", "bad_signature", f"detail {i}", T0 + i).result(5)
     st.add_card_history(A, T0, b"card-envelope").result(5)
+    st.put_liveness(A, "air", 300, T0 + 300_000, b"r" * 32, b"statement", T0).result(5)
     st.bridge_claim("mqtt", [(b"k" * 32, "air", 3)], T0, 3600_000).result(5)
     st.bridge_dead_letter("mqtt", b"d" * 32, "air", "topic/x", "bad_payload", "why",
                           b"excerpt", 7, T0, 10).result(5)
@@ -58,6 +59,7 @@ def same(a: Storage, b: Storage) -> None:
     assert a.bridge_lookup([b"k" * 32, b"d" * 32]) == b.bridge_lookup([b"k" * 32, b"d" * 32])
     assert a.bridge_dead_letters() == b.bridge_dead_letters()
     assert a.tree(A, "air", 300).root() == b.tree(A, "air", 300).root()
+    assert a.liveness(10) == b.liveness(10) != []
 
 
 def test_an_interrupted_copy_resumes_and_the_copy_is_the_same_node(
