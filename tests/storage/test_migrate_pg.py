@@ -62,6 +62,16 @@ def same(a: Storage, b: Storage) -> None:
     assert a.liveness(10) == b.liveness(10) != []
 
 
+def test_every_table_is_copied(tmp_path: Path) -> None:
+    """A table added to the schema (storage.MIGRATIONS) must be copied too."""
+    from tests.storage.test_storage_pg import columns_sqlite
+
+    with Storage.open(tmp_path / "citynode.db"):
+        pass
+    copied = {"chains", "types", "records", "payloads", *storage_pg._SMALL_TABLES}
+    assert set(columns_sqlite(tmp_path / "citynode.db")) == copied
+
+
 def test_an_interrupted_copy_resumes_and_the_copy_is_the_same_node(
         tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     src = Storage.open(tmp_path / "citynode.db")
