@@ -1,18 +1,31 @@
 """The bridges' storage: message identities (claimed, published, dead) and their age
-bound, on a real SQLite file."""
+bound, on a real SQLite file and on a real PostgreSQL server (tests/pg.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from citynode.storage import BRIDGE_CLAIMED, BRIDGE_DEAD, BRIDGE_PUBLISHED, Storage
 
 HOUR = 3_600_000
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    if request.param == "sqlite":
+        yield Storage.open(tmp_path / "db")
+    else:
+        from citynode.storage_pg import PgStorage
+
+        yield PgStorage.open_url(request.getfixturevalue("pg_url"))
+
+
 def test_identities_move_from_claimed_to_published_or_dead_and_age_out(
-        tmp_path: Path) -> None:
-    with Storage.open(tmp_path / "db") as st:
+        engine: Storage) -> None:
+    with engine as st:
         a, b, c, old = (bytes([n]) * 32 for n in range(4))
         st.bridge_claim("air", [(old, "f", 0)], 1000, HOUR).result(5)
         st.bridge_claim("air", [(a, "f", 3), (b, "f", 3)], 2000, HOUR).result(5)

@@ -1037,3 +1037,33 @@ def test_card_history_keeps_the_newest_64_of_each_node(db_path: Path) -> None:
         assert len(kept) == storage_mod.CARD_HISTORY_MAX
         assert s.card_history(b"\x09" * 32) == [b"card-b"]
         assert s.card_history(b"\x08" * 32) == []
+
+
+def test_a_sinks_outbox_keeps_order_retries_and_refusals(st: Storage) -> None:
+    # Schema v8 (the sinks' cursor, outbox and lanes) on each engine: what a sink
+    # takes on once, in order per lane, waiting lanes and refusals kept.
+    st.append(chain(0, "f", 3) + chain(1, "g", 2)).result(5)
+    rows = st.query(limit=10)
+    taken = [(r.id, r.rowid, r.feed) for r in rows]
+    assert st.sink_cursor("ce") is None
+    st.sink_enqueue("ce", taken, rows[-1].rowid).result(5)
+    st.sink_enqueue("ce", taken[:2], rows[1].rowid).result(5)  # twice: once, cursor kept
+    assert st.sink_cursor("ce") == rows[-1].rowid and st.sink_pending("ce") == 5
+    due = st.sink_due("ce", T0, lanes=10, per_lane=2)
+    assert sorted([[o.record_id for o in lane] for lane in due]) == sorted(
+        [[rows[0].id, rows[1].id], [rows[3].id, rows[4].id]])
+    f_lane = next(lane for lane in due if lane[0].lane == "f")
+    g_lane = next(lane for lane in due if lane[0].lane == "g")
+    assert f_lane[0].envelope == chain(0, "f", 3)[0].envelope
+    st.sink_settle("ce", [f_lane[0].id], [(f_lane[1].id, "f", 1, T0 + 500, "HTTP 503")],
+                   [(g_lane[0].id, "HTTP 400")], ["f", "g"]).result(5)
+    # Lane f waits until T0 + 500 (its head to retry); lane g goes on after a refusal.
+    assert st.sink_next_due("ce") == 0
+    assert [[o.record_id for o in lane] for lane in st.sink_due("ce", T0, 10, 5)] == [
+        [rows[4].id]]
+    later = st.sink_due("ce", T0 + 500, 10, 5)
+    assert [[o.record_id for o in lane] for lane in later] == [
+        [rows[4].id], [rows[1].id, rows[2].id]]
+    assert later[1][0].attempts == 1
+    assert st.sink_counts() == {"ce": (3, 1)}
+    assert st.sink_dead("ce", 5) == [(rows[3].id, 1, "HTTP 400")]
