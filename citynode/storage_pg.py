@@ -263,11 +263,18 @@ def _migrate_sinks(conn: psycopg.Connection[Any]) -> None:
         CREATE INDEX sink_lanes_due ON sink_lanes (sink, next_at)""")
 
 
+def _migrate_chain_time(conn: psycopg.Connection[Any]) -> None:
+    """Schema v9 (storage._migrate_chain_time): records by (chain, time), a time range
+    inside one feed one index range."""
+    conn.execute("CREATE INDEX records_chain_time ON records (chain, time)")
+
+
 #: Migration to schema version N (the version numbers of ``storage.MIGRATIONS``). The
 #: first one a new database runs creates the whole schema of its version; later ones
 #: mirror SQLite's, one for one. Each runs in the transaction that records its version.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.Connection[Any]], None]] = {
-    6: _create_v6, 7: _migrate_liveness, 8: _migrate_sinks}
+    6: _create_v6, 7: _migrate_liveness, 8: _migrate_sinks,
+    9: _migrate_chain_time}
 
 
 def _migrate(conn: psycopg.Connection[Any], where: str) -> int:

@@ -217,3 +217,29 @@ def test_one_process_leads_and_another_takes_over_when_its_session_ends(
     finally:
         one.close()
         two.close()
+
+
+def test_a_time_range_inside_one_feed_is_an_index_range(pg: PgStorage) -> None:
+    # Schema v9: a feed of 200k records (rows written directly: the plan, not the
+    # records, is under test; ANALYZE as autovacuum would), and a one-hour range deep
+    # inside it is read through (chain, time), not by walking the feed by seq.
+    from citynode.core.filters import RecordFilter
+    from citynode.storage import _query_sql
+
+    with psycopg.connect(pg.url, autocommit=True) as c:
+        c.execute("INSERT INTO chains (id, origin, feed, head_seq, head_id)"
+                  " VALUES (1, %s, 'f', 200000, %s), (2, %s, 'g', 1000, %s)",
+                  (A, b"h" * 32, b"b" * 32, b"h" * 32))
+        c.execute("INSERT INTO types (id, type) VALUES (1, 't')")
+        c.execute("INSERT INTO records (rowid, chain, seq, type_id, time, received_at, id,"
+                  " envelope) SELECT s, 1 + (s % 2), s, 1, 1000 * s, 0,"
+                  " sha256(int8send(s)), ''::bytea FROM generate_series(1, 200000) s")
+        c.execute("ANALYZE")
+        sql, params = _query_sql(RecordFilter(origin=A, feed="f", since_ms=150_000_000,
+                                              until_ms=153_600_000), 0, 100, None)
+        plan = "\n".join(r[0] for r in c.execute(
+            "EXPLAIN " + sql.replace("?", "%s"), params))
+    assert "records_chain_time" in plan and "records_chain_seq" not in plan, plan
+    rows = pg.query(RecordFilter(origin=A, feed="f", since_ms=150_000_000,
+                                 until_ms=153_600_000), limit=100)
+    assert [r.seq for r in rows] == list(range(150_000, 150_200, 2))
