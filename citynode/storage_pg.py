@@ -517,9 +517,8 @@ class PgStorage(Storage):
             if self._closed:
                 return
             self._closed = True
-            from citynode.storage import _STOP
-
-            self._queue.put(_STOP)
+            self._stopping = True  # the writer finishes what is queued, then exits
+            self._jobs_ready.notify()
         self._thread.join()
         with self._lock:
             self._reads_done.wait_for(lambda: self._reads == 0, timeout=60)
