@@ -342,7 +342,8 @@ def plaintext(rec: Record, key: SigningKey) -> Any:
 
     if rec.sealed is None:
         raise InvalidRecord("record is not sealed", "bad_sealed")
-    return open_payload(rec.sealed, origin=rec.origin, feed=rec.feed, seq=rec.seq, key=key)
+    return open_payload(rec.sealed, origin=rec.origin, signer=rec.signer, feed=rec.feed,
+                        seq=rec.seq, key=key)
 
 
 def _opened(rec: Record, key: SigningKey) -> Record:

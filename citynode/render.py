@@ -88,8 +88,8 @@ def record_json(rec: Record, *, rowid: int | None = None,
         if rec.type == SEALED_TYPE and key is not None and is_recipient(rec.sealed,
                                                                        key.public_key):
             try:
-                inner = open_payload(rec.sealed, origin=rec.origin, feed=rec.feed,
-                                     seq=rec.seq, key=key)
+                inner = open_payload(rec.sealed, origin=rec.origin, signer=rec.signer,
+                                     feed=rec.feed, seq=rec.seq, key=key)
             except CitynodeError as exc:
                 out["decrypt_error"] = str(exc)
             else:

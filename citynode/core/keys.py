@@ -66,7 +66,8 @@ def node_id(public_key: bytes) -> str:
 
 
 def parse_node_id(text: str) -> bytes:
-    """Return the 32-byte public key a node id stands for.
+    """Return the 32 bytes a node id stands for: the public key of a ``cn1`` id, the
+    identity ``D`` of a ``cn2`` one (core/keylog.py; the same reading rules).
 
     Tolerates surrounding ASCII whitespace (space, tab, CR, LF) and upper-case base32
     letters. Raises :class:`InvalidNodeId` (with what is wrong) if the id is malformed
@@ -76,8 +77,13 @@ def parse_node_id(text: str) -> bytes:
     if not isinstance(text, str):
         raise InvalidNodeId("a node id is a string")
     s = text.strip(_ID_WHITESPACE)  # ASCII characters only: no Unicode rule applies
+    if s.startswith("cn2"):
+        from citynode.core.keylog import parse_identity_id  # keylog imports this module
+
+        return parse_identity_id(s)
     if not s.startswith(NODE_ID_PREFIX):
-        raise InvalidNodeId(f"node id {s[:16]!r}... does not start with {NODE_ID_PREFIX!r}")
+        raise InvalidNodeId(f"node id {s[:16]!r}... does not start with {NODE_ID_PREFIX!r}"
+                            " or 'cn2'")
     # Refused before any case folding: Unicode upper-cases U+0131 to "I" and U+017F to
     # "S" (and str.strip() would drop U+00A0), so two different strings would name one
     # node.

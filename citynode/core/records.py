@@ -13,7 +13,11 @@ body")::
     seq          int       1, 2, 3 ... per (origin, feed)
     time         int       milliseconds since the Unix epoch, UTC
     type         str       payload type (core/types.py)
-    version      int       body format version, 2
+    version      int       body format version: 2 (a ``cn1`` origin: ``origin`` is the
+                           signing key) or 3 (a ``cn2`` origin, below)
+    key          bin(32)   version 3 only: the signing key; ``origin`` is then the
+                           identity ``D`` (core/keylog.py), and the record is valid only
+                           if the origin's key log lets ``key`` sign (feed, seq)
 
 A record of a restricted feed carries ``sealed_digest`` (the SHA-256 of the canonical
 ``sealed`` map, core/sealed.py) INSTEAD of ``type`` and ``data_digest``. Such a
@@ -37,7 +41,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import nacl.utils
 
@@ -51,9 +55,11 @@ __all__ = [
     "DEFAULT_FUTURE_TOLERANCE_MS",
     "FEED_NAME_RULE",
     "FORMAT_VERSION",
+    "IDENTITY_FORMAT_VERSION",
     "MAX_PAYLOAD_BYTES",
     "SALT_BYTES",
     "SEALED_TYPE",
+    "KeyStates",
     "Record",
     "RecordPolicy",
     "check_feed_name",
@@ -77,6 +83,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
+#: Body version of a record of a version 2 identity (``cn2``): it carries ``key``.
+IDENTITY_FORMAT_VERSION = 3
 DEFAULT_FUTURE_TOLERANCE_MS = 15 * 60 * 1000
 #: The largest payload (the canonical bytes of ``data`` or ``sealed``) a node accepts:
 #: the size limit of a body before the payload moved out of it.
@@ -95,9 +103,26 @@ _OPTIONAL = frozenset({"prev"})
 _ALLOWED = _REQUIRED | _OPTIONAL
 _SEALED_REQUIRED = frozenset({"feed", "origin", "sealed_digest", "seq", "time", "version"})
 _SEALED_ALLOWED = _SEALED_REQUIRED | {"prev"}
+_KEY = frozenset({"key"})  # required in a body of version 3, refused in version 2
 #: ``Record.type`` of a sealed record: relays cannot know the real type. Not a valid
 #: payload type name (built-ins are CamelCase, custom ones dotted), so it cannot clash.
 SEALED_TYPE = "sealed"
+
+
+class _Verdict(Protocol):
+    valid: bool
+    reason: str
+
+
+class _KeyState(Protocol):
+    def key_verdict(self, key: bytes, feed: str, seq: int,
+                    record_id: bytes | None = None) -> _Verdict: ...
+
+
+#: Looks up the held key state of an origin identity (``None``: no log held). A
+#: ``keylog.KeyState`` fits; typed structurally because core/keylog.py imports this
+#: module.
+KeyStates = Callable[[bytes], "_KeyState | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +165,12 @@ class Record(NamedTuple):
     sealed: dict[str, Any] | None = None
     payload: bytes | None = None
     digest: bytes = b""
+    key: bytes | None = None  # the signing key of a body of version 3; None: ``origin``
+
+    @property
+    def signer(self) -> bytes:
+        """The key that signed: ``key`` for a version 3 body, else ``origin``."""
+        return self.origin if self.key is None else self.key
 
     @property
     def envelope(self) -> bytes:
@@ -341,15 +372,18 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
     if type(fields) is not dict:
         raise EncodingError("a record body is a map", "bad_field")
     version = fields.get("version")
-    if version != FORMAT_VERSION or type(version) is not int:
+    if version not in (FORMAT_VERSION, IDENTITY_FORMAT_VERSION) or type(version) is not int:
         raise _fail(
-            f"unknown body format version {version!r}: this node reads version "
-            f"{FORMAT_VERSION}; upgrade citynode if the origin is newer",
+            f"unknown body format version {version!r}: this node reads versions "
+            f"{FORMAT_VERSION} and {IDENTITY_FORMAT_VERSION}; upgrade citynode if the "
+            "origin is newer",
             "unknown_version",
         )
     keys = fields.keys()
     sealed = "sealed_digest" in fields
     required, allowed = (_SEALED_REQUIRED, _SEALED_ALLOWED) if sealed else (_REQUIRED, _ALLOWED)
+    if version == IDENTITY_FORMAT_VERSION:
+        required, allowed = required | _KEY, allowed | _KEY
     if not keys >= required:
         missing = ", ".join(sorted(required - keys))
         raise _fail(f"body lacks required field(s): {missing}", "missing_field")
@@ -361,7 +395,9 @@ def parse_body(body: bytes, policy: RecordPolicy = DEFAULT_POLICY) -> dict[str, 
         raise _fail(f"body has unknown field(s): {', '.join(sorted(extra))}", "unknown_field")
     origin = fields["origin"]
     if type(origin) is not bytes or len(origin) != 32:
-        raise _fail("origin must be a 32-byte public key")
+        raise _fail("origin must be a 32-byte public key or identity")
+    if "key" in fields and (type(fields["key"]) is not bytes or len(fields["key"]) != 32):
+        raise _fail("key must be a 32-byte public key")
     feed = check_feed_name(fields["feed"])
     seq = fields["seq"]
     if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
@@ -415,7 +451,7 @@ def check_payload(f: dict[str, Any], payload: bytes, policy: RecordPolicy = DEFA
                             "payload_mismatch")
     value = encoding.decode(payload, policy.body_limits)
     if sealed:
-        check_sealed_shape(value, origin=f["origin"])
+        check_sealed_shape(value, origin=f.get("key", f["origin"]))
         return value
     _check_payload_map(value)
     if policy.check_payload or f["type"] == ERASURE_TYPE:
@@ -454,7 +490,7 @@ def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
     if "sealed_digest" in f:
         return Record(rid, body, sig, f["origin"], f["feed"], f["seq"], f.get("prev"),
                       f["time"], SEALED_TYPE, {}, None, None, value, payload,
-                      f["sealed_digest"])
+                      f["sealed_digest"], f.get("key"))
     held = type(value) is dict
     return Record(
         rid,
@@ -472,7 +508,45 @@ def record_from_fields(rid: bytes, body: bytes, sig: bytes, f: dict[str, Any],
         None,
         payload,
         f["data_digest"],
+        f.get("key"),
     )
+
+
+def check_key(f: dict[str, Any], rid: bytes, key_states: KeyStates | None) -> None:
+    """For a body of version 3 (``f`` parsed, its signature by ``key`` verified): the
+    origin's held key log must let ``key`` sign (feed, seq), whatever the record's
+    time. Raises :class:`InvalidRecord` with the verdict as reason: ``unknown_key``
+    (no log held, or a key it does not know: fetch the origin's log, then retry),
+    ``before_key``, ``beyond_last_good``, ``wrong_head``, ``identity_dead`` (final).
+    A body of version 2 (a ``cn1`` origin, signed by ``origin``) passes."""
+    key = f.get("key")
+    if key is None:
+        return
+    state = key_states(f["origin"]) if key_states is not None else None
+    if state is None:
+        raise InvalidRecord("no key log is held for this record's origin: fetch it, then "
+                            "retry", "unknown_key")
+    v = state.key_verdict(key, f["feed"], f["seq"], rid)
+    if v.valid:
+        return
+    r = v.reason
+    # Spelled out so that each reason code is a literal (tests/test_protocol_doc.py).
+    raise InvalidRecord(_VERDICT_TEXT.get(r, r),
+                        "before_key" if r == "before_key" else
+                        "beyond_last_good" if r == "beyond_last_good" else
+                        "wrong_head" if r == "wrong_head" else
+                        "identity_dead" if r == "identity_dead" else "unknown_key")
+
+
+_VERDICT_TEXT = {
+    "unknown_key": "signed by a key the origin's key log held here does not name: fetch "
+                   "the origin's log, then retry",
+    "before_key": "signed by a key that came in force after this position",
+    "beyond_last_good": "signed by a retired key beyond the last head it may sign "
+                        "(a rotation or a recovery closed it), whatever time it claims",
+    "wrong_head": "not the record the origin's key event names as this key's last",
+    "identity_dead": "the origin's recovery key was used twice: its identity is dead",
+}
 
 
 def open_record(
@@ -485,6 +559,7 @@ def open_record(
     policy: RecordPolicy = DEFAULT_POLICY,
     rid: bytes | None = None,
     accept: Callable[[bytes], bool] | None = None,
+    key_states: KeyStates | None = None,
 ) -> Record:
     """Verify a record completely and return it.
 
@@ -497,6 +572,8 @@ def open_record(
     Raises :class:`InvalidRecord` (or a subclass) with a specific ``reason``; nothing
     else. ``accept``, when given, is the trust policy: a record whose origin it refuses
     fails with reason ``untrusted_origin`` before its signature is checked.
+    A body of version 3 is verified by its ``key``, then by :func:`check_key` against
+    ``key_states`` (none given: ``unknown_key``).
     """
     if type(sig) is not bytes or len(sig) != 64:
         raise EncodingError("signature must be 64 bytes", "bad_envelope")
@@ -506,9 +583,10 @@ def open_record(
         raise InvalidRecord("origin is not trusted by this node's policy", "untrusted_origin")
     _check_time(f["time"], now_ms, policy)
     value = check_payload(f, payload, policy) if payload is not None else None
-    verifier.verify(f["origin"], DOMAIN_RECORD, body, sig)
-    return record_from_fields(rid if rid is not None else record_id(body), body, sig, f,
-                              payload, value)
+    verifier.verify(f.get("key", f["origin"]), DOMAIN_RECORD, body, sig)
+    rid = rid if rid is not None else record_id(body)
+    check_key(f, rid, key_states)
+    return record_from_fields(rid, body, sig, f, payload, value)
 
 
 def open_records(
@@ -518,6 +596,7 @@ def open_records(
     verifier: Verifier,
     policy: RecordPolicy = DEFAULT_POLICY,
     accept: Callable[[bytes], bool] | None = None,
+    key_states: KeyStates | None = None,
 ) -> list[Record | InvalidRecord]:
     """:func:`open_record` for a batch of ``(body, sig, payload or None, rid or None)``:
     the same checks and verdicts, one result per item in order -- the :class:`Record`,
@@ -548,15 +627,21 @@ def open_records(
     verify = verifier.verify
     good = []
     for item in checked:
+        f = item[4]
         try:
-            verify(item[4]["origin"], DOMAIN_RECORD, item[1], item[2])
+            verify(f.get("key", f["origin"]), DOMAIN_RECORD, item[1], item[2])
         except InvalidRecord as exc:
             out[item[0]] = exc
             continue
         good.append(item)
     for i, body, sig, rid, f, payload, value in good:
-        out[i] = record_from_fields(rid if rid is not None else record_id(body), body, sig, f,
-                                    payload, value)
+        rid = rid if rid is not None else record_id(body)
+        try:
+            check_key(f, rid, key_states)
+        except InvalidRecord as exc:
+            out[i] = exc
+            continue
+        out[i] = record_from_fields(rid, body, sig, f, payload, value)
     return out
 
 
@@ -589,15 +674,17 @@ def make_body(
     dataschema: str | None = None,
     sealed: dict[str, Any] | None = None,
     salt: bytes | None = None,
+    key: bytes | None = None,
 ) -> tuple[bytes, bytes]:
     """Encode a record body canonically and its payload (no signing): a plain one
     (``type`` + ``data``, salted with ``salt`` or fresh random bytes) or a sealed one
     (``sealed`` only: its nonces and ephemeral keys are random already, so no salt).
-    Returns ``(body, payload)``.
+    With ``key`` (the signing key), ``origin`` is a ``cn2`` identity and the body is
+    of version 3. Returns ``(body, payload)``.
     Raises :class:`InvalidRecord` if a field or the payload is invalid, so nothing
     invalid is ever signed."""
     fields: dict[str, Any] = {
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if key is None else IDENTITY_FORMAT_VERSION,
         "origin": origin,
         "feed": feed,
         "seq": seq,
@@ -616,6 +703,8 @@ def make_body(
         fields["data_digest"] = payload_digest(payload)
     if prev is not None:
         fields["prev"] = prev
+    if key is not None:
+        fields["key"] = key
     body = encoding.encode(fields)
     # the same checks a receiver makes: never sign what others reject
     check_payload(parse_body(body), payload)
@@ -635,23 +724,29 @@ def sign_record(
     dataschema: str | None = None,
     readers: Iterable[bytes] | None = None,
     salt: bytes | None = None,
+    identity: bytes | None = None,
 ) -> Record:
     """Build, validate and sign a record of ``key``'s node. With ``readers`` (public
     keys) the payload is sealed to them and to us (a restricted feed). Raises
     :class:`InvalidRecord` (typically :class:`PayloadError`) if the payload does not
     match ``type``: nothing invalid is signed or sealed. ``salt`` (tests and vectors
-    only) fixes the payload salt of a plain record; by default it is random."""
+    only) fixes the payload salt of a plain record; by default it is random.
+    ``identity`` (a ``cn2`` node's ``D``): the record names it as origin and ``key`` as
+    its signing key (body version 3); None: a ``cn1`` record whose origin is ``key``."""
+    origin = key.public_key if identity is None else identity
+    named = None if identity is None else key.public_key
     if readers is not None:
         from citynode.core.sealed import seal_payload
 
         blob = seal_payload(origin_key=key.public_key, feed=feed, seq=seq, type=type,
                             data=data, subject=subject, dataschema=dataschema,
-                            recipients=readers)
-        body, payload = make_body(origin=key.public_key, feed=feed, seq=seq, prev=prev,
-                                  time_ms=time_ms, sealed=blob)
+                            recipients=readers, ad_origin=identity)
+        body, payload = make_body(origin=origin, feed=feed, seq=seq, prev=prev,
+                                  time_ms=time_ms, sealed=blob, key=named)
     else:
         body, payload = make_body(
-            origin=key.public_key,
+            key=named,
+            origin=origin,
             feed=feed,
             seq=seq,
             prev=prev,

@@ -197,21 +197,23 @@ def seal_payload(
     dataschema: str | None,
     recipients: Iterable[bytes],
     _rng: Rng | None = None,
+    ad_origin: bytes | None = None,
 ) -> dict[str, Any]:
     """Encrypt a payload for ``recipients`` and return the ``sealed`` body value.
 
     ``origin_key`` is the publishing node's Ed25519 public key; it is always added to
     the recipients (so a node can read its own feed, e.g. after a restore from its
-    partners). Duplicate recipients are merged. The payload is checked with
-    :func:`validate_payload` first, so nothing invalid is ever sealed. ``_rng`` is for
-    test vectors only: it is called for the content key (32), the nonce (24) and one
-    ephemeral secret (32) per recipient in sorted key order.
+    partners). ``ad_origin``: the record's ``origin`` when it is not that key (a
+    ``cn2`` identity), bound in the associated data. Duplicate recipients are merged.
+    The payload is checked with :func:`validate_payload` first, so nothing invalid is
+    ever sealed. ``_rng`` is for test vectors only: it is called for the content key
+    (32), the nonce (24) and one ephemeral secret (32) per recipient in sorted key order.
 
     Raises :class:`PayloadError` if ``data`` does not match ``type``, and
     :class:`InvalidRecord` (``bad_field``) for malformed fields or (``bad_sealed``) for
     a malformed recipient key or more than ``MAX_RECIPIENTS`` recipients in all.
     """
-    ad = associated_data(origin_key, feed, seq)
+    ad = associated_data(origin_key if ad_origin is None else ad_origin, feed, seq)
     inner: dict[str, Any] = {"type": type, "data": data}
     if subject is not None:
         inner["subject"] = subject
@@ -317,12 +319,14 @@ def open_payload(
     key: SigningKey,
     limits: encoding.Limits = encoding.DEFAULT_LIMITS,
     check_payload: bool = True,
+    signer: bytes | None = None,
 ) -> Inner:
     """Decrypt the payload of a sealed record for the node holding ``key``.
 
     Call it only on a record already verified (:func:`open_record`): the record
     signature is what authenticates the origin; ``origin``, ``feed`` and ``seq`` are the
-    record's own, and the ciphertext opens only in that place. The plaintext is decoded
+    record's own, and the ciphertext opens only in that place; ``signer`` is the record's
+    signing key when it is not ``origin`` (a ``cn2`` origin). The plaintext is decoded
     strictly within ``limits`` and, if ``check_payload``, validated against its type.
 
     Raises :class:`AccessDenied` if this node is not a recipient;
@@ -332,7 +336,7 @@ def open_payload(
     :class:`PayloadError` if the payload does not match its type. Nothing else.
     """
     ad = associated_data(origin, feed, seq)
-    check_sealed_shape(sealed, origin=origin)
+    check_sealed_shape(sealed, origin=origin if signer is None else signer)
     box = next((entry[1] for entry in sealed["to"] if entry[0] == key.public_key), None)
     if box is None:
         raise AccessDenied("this node is not a recipient of the record")

@@ -290,7 +290,8 @@ def test_signed_records_always_open(data: dict[str, Any], seq: int, t: int, feed
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"version": 3}, "unknown_version"),
+        ({"version": 4}, "unknown_version"),
+        ({"version": 3}, "missing_field"),  # version 3 (a cn2 origin) carries key
         ({"version": 1}, "unknown_version"),
         ({"version": 0}, "unknown_version"),
         ({"version": True}, "unknown_version"),

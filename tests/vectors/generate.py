@@ -888,8 +888,18 @@ def invalid_cases() -> list[Case]:
     # --- body fields
     out.append(case(
         "fields/unknown-version",
-        "version 3: a verifier of version 2 cannot know what version 3 means.",
-        enc(fields(version=3)), expect=err("unknown_version"),
+        "version 4: a verifier of versions 2 and 3 cannot know what version 4 means.",
+        enc(fields(version=4)), expect=err("unknown_version"),
+    ))
+    out.append(case(
+        "fields/version-3-without-key",
+        "A body of version 3 (a cn2 origin) without its 'key' field: missing_field.",
+        enc(fields(version=3)), expect=err("missing_field"),
+    ))
+    out.append(case(
+        "fields/version-2-with-key",
+        "A body of version 2 (a cn1 origin, its own key) with a 'key' field: unknown_field.",
+        enc({**fields(), "key": KEY_A.public_key}), expect=err("unknown_field"),
     ))
     v1 = enc(fields(version=1, data={"reading": 42, "unit": "dB"}))
     out.append(case(

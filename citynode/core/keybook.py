@@ -1,0 +1,111 @@
+"""The key logs a node holds: at most one per identity, replaced only as
+:func:`keylog.compare_logs` decides (docs/PROTOCOL.md, "Two logs of one identity").
+
+A node asks this book three questions: the key state of an origin (to verify its
+version 3 records, :func:`citynode.core.records.check_key`), the key that signs an
+identity's cards, requests and checkpoints now (its current key; for a ``cn1`` id, the
+id's own key), and how to print an identity (``cn2`` if a log is held, else ``cn1``).
+
+A ``cn1`` identity has no log: its 32 bytes are its key. A ``cn2`` identity ``D`` is a
+hash, so nobody can sign under it as if it were a key: treating an identity whose log
+is not held as a key is safe (its signatures simply never verify).
+
+Pure: no I/O, no clock (``now_ms`` is a parameter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from citynode.core import keylog
+from citynode.core.keys import Verifier, node_id
+
+__all__ = ["HeldLog", "KeyBook"]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLog:
+    """One identity's log as held: its folded state, its events, and the equivocation
+    proof kept if the identity forked or died."""
+
+    state: keylog.KeyState
+    events: tuple[keylog.KeyEvent, ...]
+    proof: keylog.EquivocationProof | None = None
+
+    @property
+    def wire(self) -> bytes:
+        """The log's wire bytes (``keylog.encode_log``)."""
+        return keylog.encode_log(self.events)
+
+
+class KeyBook:
+    """Identity -> :class:`HeldLog`. Not thread-safe: one owner (the node's event loop)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[bytes, HeldLog] = {}
+
+    def __contains__(self, identity: bytes) -> bool:
+        return identity in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def identities(self) -> list[bytes]:
+        """Every identity whose log is held."""
+        return list(self._held)
+
+    def held(self, identity: bytes) -> HeldLog | None:
+        """The log held of ``identity``, or None."""
+        return self._held.get(identity)
+
+    def state(self, identity: bytes) -> keylog.KeyState | None:
+        """The key state of ``identity`` (None: no log held). Fits
+        :data:`citynode.core.records.KeyStates`."""
+        h = self._held.get(identity)
+        return None if h is None else h.state
+
+    def current_key(self, identity: bytes) -> bytes:
+        """The key that signs for ``identity`` now: its log's current key, or the
+        identity itself when no log is held (a ``cn1`` id is its key)."""
+        h = self._held.get(identity)
+        return identity if h is None else h.state.key
+
+    def name(self, identity: bytes) -> str:
+        """The printable id: ``cn2`` when a log is held, else ``cn1``."""
+        return keylog.identity_id(identity) if identity in self._held else node_id(identity)
+
+    def offer(self, identity: bytes, log: bytes | Sequence[bytes], *, verifier: Verifier,
+              now_ms: int | None = None) -> keylog.LogDecision:
+        """Verify ``log`` from ``identity`` alone and decide it against the held log.
+
+        Returns the :class:`keylog.LogDecision`; the book holds the received log when
+        the decision ``accept``\\ s it (or when none was held), and keeps the proof and
+        the dead state of a ``dead`` one. A refused log (``decision.error`` set) changes
+        nothing, so it never stops records valid under the held log.
+        Raises :class:`InvalidRecord` (or a subclass) if the log does not verify.
+        """
+        state, events = keylog.verified_events(identity, log, verifier=verifier,
+                                               now_ms=now_ms)
+        held = self._held.get(identity)
+        if held is None:
+            self._held[identity] = HeldLog(state, tuple(events))
+            return keylog.LogDecision("extends", state)
+        decision = keylog.compare_logs(held.events, events, held_state=held.state,
+                                       received_state=state)
+        if decision.accept:
+            self._held[identity] = HeldLog(decision.state, tuple(events), held.proof)
+        elif decision.outcome == "dead":
+            self._held[identity] = HeldLog(decision.state, held.events, decision.proof)
+        elif decision.outcome == "key-fork" and held.proof is None:
+            self._held[identity] = HeldLog(held.state, held.events, decision.proof)
+        return decision
+
+    def restore(self, identity: bytes, log: bytes, *, verifier: Verifier) -> None:
+        """Hold ``log`` as stored by this node earlier (verified again, no clock).
+        Raises :class:`InvalidRecord` if it does not verify."""
+        state, events = keylog.verified_events(identity, log, verifier=verifier)
+        self._held[identity] = HeldLog(state, tuple(events))
+

@@ -1,0 +1,143 @@
+"""Records of a cn2 origin (body version 3) verified against the key logs a node holds
+(citynode.core.keybook): the key valid for a position signs it, a retired key's
+records beyond its heads are refused whatever time they claim, an unknown log is
+``unknown_key``, and a refused log never replaces the held one. No event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from citynode.core import keylog
+from citynode.core.keybook import KeyBook
+from citynode.core.keylog import Head, identity_of, incept, recover, rotate
+from citynode.core.keys import SigningKey, Verifier, parse_node_id
+from citynode.core.records import IDENTITY_FORMAT_VERSION, open_record, open_records, sign_record
+from citynode.core.sealed import open_payload
+from citynode.errors import InvalidRecord
+
+T0 = 1_735_689_600_000
+K = [SigningKey(bytes([0x10 + i]) * 32) for i in range(6)]
+Q = [SigningKey(bytes([0x40 + i]) * 32) for i in range(3)]
+THIEF = SigningKey(bytes([0x66]) * 32)
+V = Verifier()
+NOW = T0 + 10**9
+
+
+def _rec(key: SigningKey, ident: bytes, seq: int, prev: bytes | None, t: int = T0,
+         readers: list[bytes] | None = None):
+    return sign_record(key, feed="air", seq=seq, prev=prev, time_ms=t, type="org.example.T",
+                       data={"n": seq}, identity=ident, readers=readers)
+
+
+def _open(rec, book: KeyBook):
+    return open_record(rec.body, rec.sig, rec.payload, now_ms=NOW, verifier=V,
+                       key_states=book.state)
+
+
+def _chain(key: SigningKey, ident: bytes, n: int, start: int = 1, prev: bytes | None = None,
+           t: int = T0):
+    out = []
+    for s in range(start, start + n):
+        r = _rec(key, ident, s, prev, t)
+        out.append(r)
+        prev = r.id
+    return out
+
+
+def test_v3_record_verifies_under_held_log_and_is_unknown_key_without() -> None:
+    inc = incept(K[0], K[1].public_key, Q[0].public_key, T0)
+    ident = identity_of(inc.body)
+    assert parse_node_id(keylog.identity_id(ident)) == ident
+    rec = _rec(K[0], ident, 1, None)
+    assert rec.origin == ident and rec.key == K[0].public_key and rec.signer == K[0].public_key
+    assert rec.fields()["version"] == IDENTITY_FORMAT_VERSION
+    book = KeyBook()
+    with pytest.raises(InvalidRecord) as exc:
+        _open(rec, book)
+    assert exc.value.reason == "unknown_key"
+    assert book.offer(ident, keylog.encode_log([inc]), verifier=V).outcome == "extends"
+    assert _open(rec, book).id == rec.id
+    assert book.current_key(ident) == K[0].public_key
+    assert book.name(ident).startswith("cn2")
+    # a cn1 identity has no log: it is its own key
+    assert book.current_key(K[3].public_key) == K[3].public_key
+    assert book.name(K[3].public_key).startswith("cn1")
+
+
+def test_rotation_then_theft_and_recovery() -> None:
+    inc = incept(K[0], K[1].public_key, Q[0].public_key, T0)
+    ident = identity_of(inc.body)
+    s0 = keylog.verify_log(ident, [inc.envelope], verifier=V)
+    old = _chain(K[0], ident, 3)
+    rot = rotate(s0, K[1], K[2].public_key, T0 + 10, {"air": Head(3, old[-1].id)})
+    s1 = keylog.apply_event(s0, rot)
+    new = _chain(K[1], ident, 2, start=4, prev=old[-1].id, t=T0 + 20)
+    book = KeyBook()
+    book.offer(ident, keylog.encode_log([inc]), verifier=V)
+    # the new key is unknown until the rotation is held: fetch the log, then retry
+    res = open_records([(r.body, r.sig, r.payload, None) for r in new], now_ms=NOW,
+                       verifier=V, key_states=book.state)
+    assert [getattr(x, "reason", None) for x in res] == ["unknown_key", "unknown_key"]
+    assert book.offer(ident, keylog.encode_log([inc, rot]), verifier=V).outcome == "extends"
+    for r in old + new:
+        assert _open(r, book).id == r.id  # every record under the key valid for it
+    # K0, retired at seq 3, signs seq 4 dated before the rotation: refused anyway
+    late = _rec(K[0], ident, 4, old[-1].id, T0 - 5)
+    with pytest.raises(InvalidRecord) as exc:
+        _open(late, book)
+    assert exc.value.reason == "beyond_last_good"
+    # K1 is stolen; the thief writes seqs 6.. dated early; the owner recovers at head 5
+    forged = _chain(K[1], ident, 2, start=6, prev=new[-1].id, t=T0 + 1)
+    rec_ev = recover(s1, Q[0], K[3].public_key, K[4].public_key, Q[1].public_key, T0 + 30,
+                     {"air": Head(5, new[-1].id)})
+    assert _open(forged[0], book).id == forged[0].id  # valid until the recovery is held
+    d = book.offer(ident, keylog.encode_log([inc, rot, rec_ev]), verifier=V)
+    assert d.outcome == "extends"
+    for r in forged:
+        with pytest.raises(InvalidRecord) as exc:
+            _open(r, book)
+        assert exc.value.reason == "beyond_last_good"
+    for r in old + new:
+        assert _open(r, book).id == r.id
+    assert book.current_key(ident) == K[3].public_key
+    # a stale log (the rotation only) is refused and changes nothing
+    d = book.offer(ident, keylog.encode_log([inc, rot]), verifier=V)
+    assert d.outcome == "stale" and d.error is not None and d.error.reason == "stale_key_log"
+    assert book.current_key(ident) == K[3].public_key
+    # a thief's key is unknown_key
+    fake = _rec(THIEF, ident, 6, new[-1].id)
+    with pytest.raises(InvalidRecord) as exc:
+        _open(fake, book)
+    assert exc.value.reason == "unknown_key"
+
+
+def test_sealed_v3_record_opens_for_reader_and_binds_origin() -> None:
+    inc = incept(K[0], K[1].public_key, Q[0].public_key, T0)
+    ident = identity_of(inc.body)
+    book = KeyBook()
+    book.offer(ident, [inc.envelope], verifier=V)
+    reader = K[5]
+    rec = _rec(K[0], ident, 1, None, readers=[reader.public_key])
+    got = _open(rec, book)
+    inner = open_payload(got.sealed, origin=got.origin, signer=got.signer, feed=got.feed,
+                         seq=got.seq, key=reader)
+    assert inner.data == {"n": 1}
+    with pytest.raises(InvalidRecord):  # the associated data binds the identity D
+        open_payload(got.sealed, origin=K[0].public_key, signer=got.signer, feed=got.feed,
+                     seq=got.seq, key=reader)
+
+
+def test_v2_body_with_key_and_v3_without_are_refused() -> None:
+    from citynode.core import encoding
+    from citynode.core.keys import DOMAIN_RECORD
+
+    rec = sign_record(K[0], feed="air", seq=1, prev=None, time_ms=T0, type="org.example.T",
+                      data={"n": 1})
+    f = rec.fields()
+    for version, extra, reason in ((2, {"key": K[0].public_key}, "unknown_field"),
+                                   (3, {}, "missing_field")):
+        body = encoding.encode({**f, "version": version, **extra})
+        with pytest.raises(InvalidRecord) as exc:
+            open_record(body, K[0].sign(DOMAIN_RECORD, body), rec.payload, now_ms=NOW,
+                        verifier=V, key_states=KeyBook().state)
+        assert exc.value.reason == reason
