@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from citynode.bundle import (
     iter_bundle,
     read_item_at,
 )
+from citynode.core import keylog
 from citynode.core.cards import NodeCard, check_terms_document, open_card
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.checkpoints import (
@@ -43,10 +44,12 @@ from citynode.core.checkpoints import (
     verify_split_view,
 )
 from citynode.core.erasure import past_retention, retention_in_force
+from citynode.core.keybook import KeyBook
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
     RecordPolicy,
+    check_key,
     check_payload,
     decode_record,
     open_record,
@@ -86,12 +89,27 @@ class CheckReport:
                 "ok": not self.problems}
 
 
+def stored_key_logs(st: Storage, problems: list[str] | None = None) -> KeyBook:
+    """The key logs a node kept (its own and its cn2 origins'), verified again; one that
+    does not verify is left out (and said in ``problems``)."""
+    keys = KeyBook()
+    for name, log in st.meta_prefixed("keylog:"):
+        try:
+            keys.restore(bytes.fromhex(name.removeprefix("keylog:")), log,
+                         verifier=Verifier())
+        except (ValueError, InvalidRecord) as exc:
+            if problems is not None:
+                problems.append(f"the key log kept as {name} does not verify: {exc}")
+    return keys
+
+
 def check_storage(st: Storage, *, progress: bool = False, batch: int = 2000) -> CheckReport:
     """Re-verify every stored record (signature, canonical encoding, payload, chain link,
     seq contiguity) and every feed head. Never raises for a bad record: reports it."""
     rep = CheckReport()
     verifier = Verifier()
     policy = RecordPolicy(check_payload=True)
+    keys = stored_key_logs(st, rep.problems)
     feeds = st.feeds()
     bar = None
     if progress:
@@ -114,7 +132,8 @@ def check_storage(st: Storage, *, progress: bool = False, batch: int = 2000) -> 
                     try:
                         body, sig, payload = decode_record(env)
                         rec = open_record(body, sig, payload, now_ms=_NO_FUTURE,
-                                          verifier=verifier, policy=policy)
+                                          verifier=verifier, policy=policy,
+                                          key_states=keys.state)
                     except InvalidRecord as exc:
                         rep.problems.append(f"{name} seq {expect_seq}: {exc} [{exc.reason}]")
                         expect_seq += 1
@@ -262,6 +281,8 @@ class AuditReport:
     kind_counts: dict[str, int] = field(default_factory=dict)  # every finding, kept or not
     severity_counts: dict[str, int] = field(
         default_factory=lambda: {ERROR: 0, WARNING: 0, INFO: 0})
+    #: A cn2 origin's key events and each key's window (empty for a cn1 origin).
+    key_history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -311,6 +332,7 @@ class AuditReport:
             "pruned": sum(f.pruned for f in self.feeds.values()),
             "tombstones": [t.to_json() for t in self.tombstones],
             "terms": terms_periods(self.cards),
+            "key_history": self.key_history,
             "errors": self.severity_counts[ERROR],
             "warnings": self.severity_counts[WARNING],
             "finding_counts": dict(sorted(self.kind_counts.items())),
@@ -339,6 +361,11 @@ class AuditReport:
         out = [f"bundle {self.path}", f"origin {self.origin}"]
         if self.card is not None:
             out.append(f"card   {self.card.name} ({self.card.url}), signed by the origin")
+        for ev in self.key_history:
+            heads = ", ".join(f"{f}={n}" for f, n in sorted(ev["heads"].items()))
+            out.append(f"key event {ev['seq']}: {ev['type']} to key {ev['key'][:16]}..."
+                       + (f" (the key before signed up to {heads})" if heads else "")
+                       + (f"; retired by {ev['retired_by']}" if ev["retired_by"] else ""))
         rate = f" ({self.record_items / self.seconds:,.0f} records/s)" if self.seconds else ""
         out.append(
             f"read {self.record_items} record(s) in {self.items} item(s), "
@@ -414,7 +441,8 @@ _Cand = tuple[bytes, dict[str, Any], bytes, bytes, int, bytes, bool, tuple[Any, 
 _BATCH = 256  # records per verification job when verifying on worker threads
 
 
-def _verify_batch(origin: bytes, cands: list[_Cand]) -> tuple[list[InvalidRecord | None], int]:
+def _verify_batch(origin: bytes, cands: list[_Cand], keys: KeyBook | None = None
+                  ) -> tuple[list[InvalidRecord | None], int]:
     """Verify the signatures of a batch (on a worker thread: libsodium releases the GIL).
     Returns one error or None per candidate, and the number of verifications made."""
     verifier = Verifier()
@@ -424,11 +452,20 @@ def _verify_batch(origin: bytes, cands: list[_Cand]) -> tuple[list[InvalidRecord
             out.append(None)  # a repeat: decided when its first copy is
             continue
         try:
-            verifier.verify(origin, DOMAIN_RECORD, c[2], c[3])
+            _verify_one(verifier, origin, c, keys)
             out.append(None)
         except InvalidRecord as exc:
             out.append(exc)
     return out, verifier.count
+
+
+def _verify_one(verifier: Verifier, origin: bytes, c: _Cand, keys: KeyBook | None) -> None:
+    """A record's signature: by ``origin`` (body version 2), or by its ``key`` and then
+    the key verdict of the origin's longest key log the audit holds (version 3: a
+    record beyond a retired key's heads is refused, whatever time it claims)."""
+    f = c[1]
+    verifier.verify(f.get("key", origin), DOMAIN_RECORD, c[2], c[3])
+    check_key(f, c[0], None if keys is None else keys.state)
 
 
 class _Audit:
@@ -442,6 +479,7 @@ class _Audit:
         self.now_ms = now_ms
         self.limits = limits
         self.verifier = Verifier()
+        self.keys = KeyBook()  # the origin's longest key log seen (a cn2 origin)
         self.extra_signatures = 0  # made on worker threads
         self.feeds: dict[str, _Feed] = {}
         self.seen: set[bytes] = set()  # ids of valid records: never verified again
@@ -516,14 +554,14 @@ class _Audit:
 
     def settle(self, c: _Cand, error: InvalidRecord | None) -> None:
         """Place a candidate whose signature was checked (in bundle order)."""
-        rid, f, body, sig, offset, env, repeat, info = c
+        rid, f, _body, _sig, offset, env, repeat, info = c
         if repeat:
             if rid in self.seen:
                 self.rep.add(WARNING, "duplicate", f["feed"], f["seq"],
                              "the same record appears twice in the bundle")
                 return
             try:  # the first copy was invalid: this one is checked on its own
-                self.verifier.verify(self.expected, DOMAIN_RECORD, body, sig)
+                _verify_one(self.verifier, self.expected, c, self.keys)
                 error = None
             except InvalidRecord as exc:
                 error = exc
@@ -575,8 +613,17 @@ def audit_bundle(
     workers: int = 0,
     limits: BundleLimits = DEFAULT_BUNDLE_LIMITS,
     terms_documents: Mapping[str, bytes] | None = None,
+    key_logs: Sequence[bytes] = (),
 ) -> AuditReport:
     """Verify a bundle offline against the origin's node id (obtained out of band).
+
+    A ``cn2`` origin's records are checked under the key valid for each (version 3
+    bodies): the key logs of the bundle's cards and ``key_logs`` (e.g. the origin's
+    current log, fetched from any node: it verifies from the id alone) are verified and
+    the longest kept as ``keylog.compare_logs`` decides; the report lists the key
+    history (``key_history``), and every record beyond a retired key's heads -- the
+    forgeries of a stolen key that a recovery cut off -- is an error
+    (``beyond_last_good``), whatever time it claims. A log refused is a finding.
 
     Needs nothing but the file: no network, no data dir. Checks, streaming, each record
     verified once (its id is looked up before any signature work): the header names the
@@ -626,7 +673,9 @@ def audit_bundle(
             for c, err in zip(cands, errors, strict=True):
                 a.settle(c, err)
 
-    parse, settle, verify = a.parse, a.settle, a.verifier.verify
+    parse, settle = a.parse, a.settle
+    for i, log in enumerate(key_logs):
+        _take_log(rep, a.keys, expected, log, f"key log {i + 1} given")
     batch: list[_Cand] = []
     records = 0
     next_progress = 0
@@ -646,14 +695,15 @@ def audit_bundle(
                     err: InvalidRecord | None = None
                     if not c[6]:
                         try:
-                            verify(expected, DOMAIN_RECORD, c[2], c[3])
+                            _verify_one(a.verifier, expected, c, a.keys)
                         except InvalidRecord as exc:
                             err = exc
                     settle(c, err)
                     continue
                 batch.append(c)
                 if len(batch) >= _BATCH:
-                    inflight.append((batch, pool.submit(_verify_batch, expected, batch)))
+                    inflight.append((batch, pool.submit(_verify_batch, expected, batch,
+                                                        a.keys)))
                     batch = []
                     drain(workers + 1)  # bounded memory; keeps every worker busy
             elif kind == HEADER:
@@ -668,6 +718,8 @@ def audit_bundle(
                             "is wrong: check it with that city's operators)")
             elif kind == CARD:
                 _audit_card(rep, item, expected, a.verifier, now_ms)
+                if rep.card is not None and rep.card.keylog is not None:
+                    _take_log(rep, a.keys, expected, rep.card.keylog, "the bundle's card")
             elif kind == CHECKPOINT:
                 _audit_checkpoint(rep, item, expected, a.verifier, now_ms, a.feed)
             elif kind in (FORK, SPLIT_VIEW):
@@ -683,7 +735,8 @@ def audit_bundle(
         if pool is not None:
             try:
                 if batch:
-                    inflight.append((batch, pool.submit(_verify_batch, expected, batch)))
+                    inflight.append((batch, pool.submit(_verify_batch, expected, batch,
+                                                        a.keys)))
                 drain(0)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -773,6 +826,35 @@ def _finish(a: _Audit) -> None:
             "it was left out (export leaves feeds in clear that are not public out unless "
             "asked) or removed; for an audit of it, ask for a bundle that holds it "
             f"(citynode export ... --feed {name}, or --include-partners)")
+
+
+def _take_log(rep: AuditReport, keys: KeyBook, expected: bytes, log: bytes, where: str
+              ) -> None:
+    """Offer a key log of the origin to the audit's book; a refused one is a finding."""
+    try:
+        d = keys.offer(expected, log, verifier=Verifier())
+    except InvalidRecord as exc:
+        rep.add(ERROR, "bad_key_log", None, None, f"{where}: the key log is refused: {exc}")
+        return
+    if d.error is not None and d.outcome != "stale":
+        rep.add(ERROR, "bad_key_log", None, None, f"{where}: {d.error} [{d.error.reason}]")
+    held = keys.held(expected)
+    if held is not None:
+        rep.key_history = _key_history(held.state, held.events)
+
+
+def _key_history(state: keylog.KeyState, events: Sequence[keylog.KeyEvent]
+                 ) -> list[dict[str, Any]]:
+    """The key history for the report: each event, and each key's window."""
+    out: list[dict[str, Any]] = []
+    for e in events:
+        w = next((w for w in state.keys if w.key == e.key), None)
+        out.append({"seq": e.seq, "type": e.type, "time": e.time, "key": e.key.hex(),
+                    "heads": {f: h.seq for f, h in e.heads.items()},
+                    "retired_by": w.retired_by if w is not None else "superseded",
+                    "until": ({f: h.seq for f, h in w.end.items()}
+                              if w is not None and w.end is not None else None)})
+    return out
 
 
 def _audit_card(rep: AuditReport, item: Item, expected: bytes, verifier: Verifier,

@@ -83,6 +83,10 @@ SECRETS = "secrets.sealed"
 DB = "citynode.db"
 #: The data dir's secret files, as the secrets member names them.
 SECRET_FILES = ("node.key", "operator.token", "tls/key.pem")
+#: The rest of a cn2 node's key material, with node.key as one unit: the key log (whose
+#: key in force node.key must be) and the next key (a cn1 node has neither). Never the
+#: recovery file: it belongs offline.
+KEY_FILES = ("keylog", "node.next.key")
 _MEMBERS = (CONFIG, CERT, SECRETS, DB)  # after the manifest, in this order
 
 _SMALL_MAX = 1024 * 1024  # manifest, config, certificate, sealed secrets
@@ -262,7 +266,8 @@ def open_secrets(data: bytes, m: Manifest, passphrase: str, where: str) -> dict[
     if node != m.node_id or created != m.created_ms:
         raise _refusal(f"{where}: the sealed secrets belong to another backup (node {node})",
                    "wrong_node")
-    if set(out) != set(SECRET_FILES) or any(len(v) > _SMALL_MAX for v in out.values()):
+    if not set(SECRET_FILES) <= set(out) <= set(SECRET_FILES + KEY_FILES) or \
+            any(len(v) > _SMALL_MAX for v in out.values()):
         raise _refusal(f"{where}: the sealed secrets do not hold {', '.join(SECRET_FILES)}",
                    "damaged")
     return out
@@ -339,7 +344,7 @@ def make_backup(
     small = {CONFIG: (data_dir / CONFIG).read_bytes(), CERT: ident.cert_pem}
     if passphrase is not None:
         small[SECRETS] = seal_secrets(
-            {name: _read_small(data_dir / name) for name in SECRET_FILES},
+            {name: _read_small(data_dir / name) for name in _secret_files(data_dir)},
             node_id=ident.node_id, created_ms=created_ms, passphrase=passphrase,
             opslimit=kdf_opslimit, memlimit=kdf_memlimit)
     if not (data_dir / DB).exists():  # a node never started: an empty database
@@ -686,8 +691,14 @@ def _not_running(data_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _secret_files(data_dir: Path) -> tuple[str, ...]:
+    """The secret files a backup of ``data_dir`` seals (with a cn2 node's key files)."""
+    return SECRET_FILES + tuple(f for f in KEY_FILES if (data_dir / f).exists())
+
+
 def _own_key_id(data_dir: Path) -> str | None:
-    """The node id of ``data_dir``'s node.key, or None if it has none."""
+    """The node id of ``data_dir``'s node.key (its key log's, for a cn2 node), or None
+    if it has none."""
     from citynode.core.keys import SigningKey, unseal_secret_key
     from citynode.identity import PASSPHRASE_ENV as KEY_PASSPHRASE_ENV
 
@@ -699,6 +710,12 @@ def _own_key_id(data_dir: Path) -> str | None:
                                  os.environ.get(KEY_PASSPHRASE_ENV) or None)
     except KeyFileError as exc:
         raise KeyFileError(f"{path}: {exc}") from exc
+    log_path = data_dir / "keylog"
+    if log_path.exists():
+        from citynode.core import keylog
+        from citynode.identity import keylog_identity
+
+        return keylog.identity_id(keylog_identity(_read_small(log_path)))
     return SigningKey(seed).node_id
 
 
@@ -766,7 +783,7 @@ def restore_backup(
                         f"{file} is a backup of node {m.node_id}, but {data_dir} holds "
                         f"the key of node {own_id}: refusing to mix two nodes",
                         "wrong_node")
-            m_secrets = {k: small[k] for k in SECRET_FILES if k in small}
+            m_secrets = {k: small[k] for k in SECRET_FILES + KEY_FILES if k in small}
             _write(tmp / CONFIG, small[CONFIG], 0o640)
             if m.secrets:
                 cert = small[CERT]
@@ -775,7 +792,7 @@ def restore_backup(
             else:
                 # The secrets stay with the data dir, and its TLS key with its own
                 # certificate (the pair partners pin).
-                for name in SECRET_FILES:
+                for name in SECRET_FILES + KEY_FILES:
                     if (data_dir / name).exists():
                         _write(tmp / name, _read_small(data_dir / name), 0o600)
                 cert_path = data_dir / "tls" / "cert.pem"

@@ -145,23 +145,48 @@ def main(ctx: click.Context) -> None:
 @click.option("--host", "hosts", multiple=True,
               help="Extra host name or IP for the TLS certificate (repeatable).")
 @click.option("--passphrase", is_flag=True,
-              help="Protect the node key with a passphrase (asked for now; give it in "
+              help="Protect the node keys with a passphrase (asked for now; give it in "
                    "CITYNODE_PASSPHRASE when the node starts).")
+@click.option("--recovery-passphrase", is_flag=True,
+              help="Choose the passphrase of the recovery file (asked for now); by "
+                   "default a random one is made and printed once.")
 def init(data_dir: Path, name: str, listen: str, public_url: str | None,
-         hosts: tuple[str, ...], passphrase: bool) -> None:
-    """Create a new node: key, TLS certificate, operator token and node.toml."""
+         hosts: tuple[str, ...], passphrase: bool, recovery_passphrase: bool) -> None:
+    """Create a new node: its keys and identity (with recovery material to move
+    offline), TLS certificate, operator token and node.toml."""
     from citynode.datadir import init_data_dir
 
     pw = (click.prompt("Passphrase", hide_input=True, confirmation_prompt=True)
           if passphrase else None)
+    rpw = (click.prompt("Recovery passphrase", hide_input=True, confirmation_prompt=True)
+           if recovery_passphrase else None)
     ident, cfg = init_data_dir(data_dir, name=name, listen=listen, public_url=public_url,
-                               hosts=hosts, passphrase=pw)
+                               hosts=hosts, passphrase=pw, recovery_passphrase=rpw)
     url = cfg.node.public_url
     click.echo(f"created node {name} in {data_dir}")
     click.echo(f"node id: {ident.node_id}")
+    _recovery_notice(ident.recovery_path, ident.recovery_phrase, ident.recovery_passphrase)
     click.echo("A partner city adds this node with:")
     click.echo(f"  citynode partner add {url} --id {ident.node_id} -d THEIR_DIR")
     click.echo(f"Start it with: citynode run -d {data_dir}")
+
+
+def _recovery_notice(path: Path | None, phrase: str | None, passphrase: str | None) -> None:
+    """Tell the operator, loudly, that the recovery material belongs offline."""
+    if path is None:
+        return
+    click.echo("")
+    click.echo("!! RECOVERY MATERIAL: MOVE IT OFFLINE NOW !!")
+    click.echo(f"  {path} recovers this node's identity if its key is lost or stolen")
+    click.echo("  (citynode key recover). The running node does not need it: move it to")
+    click.echo("  offline storage and delete it here. Anyone holding it and its passphrase")
+    click.echo("  can take over this identity.")
+    if passphrase:
+        click.echo(f"  Its passphrase (write it down, it is not stored): {passphrase}")
+    if phrase:
+        click.echo("  Or keep this recovery phrase on paper (it is the recovery key itself):")
+        click.echo(f"  {phrase}")
+    click.echo("")
 
 
 @main.command()
@@ -416,6 +441,81 @@ def bridges(data_dir: Path, limit: int, as_json: bool) -> None:
 
 
 @main.group()
+def key() -> None:
+    """Rotate this node's signing key, or recover its identity after a compromise."""
+
+
+@key.command("rotate")
+@DIR_OPTION
+def key_rotate(data_dir: Path) -> None:
+    """Switch to the next signing key (committed to in advance), with no downtime.
+
+    Partners follow by themselves: the node id does not change. The node writes the new
+    keys and its key log in DIR; node.next.key then holds a fresh next key.
+    """
+    _require_dir(data_dir)
+    out = _operate(data_dir, lambda node: node.rotate_key())
+    click.echo(f"rotated: {out['node_id']} now signs with key {out['key']} "
+               f"(key event {out['seq']})")
+
+
+def _last_good(values: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        feed, sep, seq = v.partition("=")
+        if not sep or not seq.isdigit() or int(seq) < 1 or feed in out:
+            raise click.BadParameter(f"{v!r}: give FEED=SEQ once per feed, SEQ >= 1",
+                                     param_hint="--last-good")
+        out[feed] = int(seq)
+    return out
+
+
+@key.command("recover")
+@DIR_OPTION
+@click.option("--recovery", "recovery_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The recovery file `citynode init` wrote.")
+@click.option("--phrase", is_flag=True,
+              help="Type the recovery phrase (crq1-...) instead of giving a file.")
+@click.option("--last-good", "last_good", multiple=True, metavar="FEED=SEQ",
+              help="Per feed, the last record you made yourself (repeatable). Records "
+                   "the old key signed beyond it, and on any feed not named, become "
+                   "invalid everywhere, whatever time they claim.")
+def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
+                last_good: tuple[str, ...]) -> None:
+    """Take the identity back after its signing key was stolen or lost.
+
+    Works without the current key: the recovery key signs a recovery naming a new
+    signing key and the last good record of each feed. The recovery file's passphrase
+    is read from CITYNODE_RECOVERY_PASSPHRASE, else asked for; the new recovery file
+    (the recovery key changes on use) is sealed with the same passphrase.
+    """
+    import os
+
+    from citynode.core import keylog
+
+    _require_dir(data_dir)
+    if (recovery_file is None) == (not phrase):
+        raise click.UsageError("give --recovery FILE or --phrase")
+    rpw = os.environ.get("CITYNODE_RECOVERY_PASSPHRASE") or click.prompt(
+        "Recovery passphrase", hide_input=True)
+    if recovery_file is not None:
+        try:
+            text = recovery_file.read_bytes()
+        except OSError as exc:
+            raise click.ClickException(f"cannot read {recovery_file}: {exc.strerror}") \
+                from None
+        _ident, seed = keylog.unseal_recovery(text, rpw)
+    else:
+        seed = keylog.parse_recovery_phrase(click.prompt("Recovery phrase"))
+    heads = _last_good(last_good)
+    out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw))
+    click.echo(f"recovered: {out['node_id']} now signs with key {out['key']} "
+               f"(key event {out['seq']})")
+    _recovery_notice(Path(out["recovery_path"]), out["recovery_phrase"], None)
+    click.echo("The previous recovery file and phrase are used up: destroy them.")
+
+
+@main.group()
 def partner() -> None:
     """Add, list and remove partner nodes."""
 
@@ -509,7 +609,7 @@ def check(data_dir: Path, as_json: bool) -> None:
 
     _require_dir(data_dir)
     try:
-        own: bytes | None = load_identity(data_dir).key.public_key
+        own: bytes | None = load_identity(data_dir).identity
         skipped = ""
     except KeyFileError as exc:  # a sealed key with no passphrase given, a backup copy
         own, skipped = None, str(exc)
@@ -688,6 +788,7 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
     with signed_by_origin saying for each size whether the origin signed a
     checkpoint of it that agrees (else the root is only what this node's records give).
     """
+    from citynode.audit import stored_key_logs
     from citynode.core import checkpoints as cps
     from citynode.core.keys import Verifier, parse_node_id
     from citynode.core.records import decode_record, parse_body
@@ -721,7 +822,8 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
                     "no checkpoint covers this record yet: its origin signs one every "
                     "[checkpoints] interval_seconds (60 s by default); try again then")
             size, cp_env = held[-1]
-            cp = cps.open_checkpoint(cp_env, verifier=Verifier())
+            cp = cps.open_checkpoint(cp_env, verifier=Verifier(),
+                                     key_states=stored_key_logs(st).state)
             mlog = tree(fl["origin"], fl["feed"], size)
             path = mlog.inclusion_proof(fl["seq"] - 1, size)
             cps.verify_inclusion(bytes.fromhex(rid), fl["seq"] - 1, size, path, cp.root)
@@ -741,7 +843,8 @@ def proof(data_dir: Path, rid: str | None, origin: str | None, feed: str | None,
         anchored = {}
         for label, n in (("old", old), ("new", new)):
             if n in signed:
-                cp = cps.open_checkpoint(signed[n], verifier=Verifier())
+                cp = cps.open_checkpoint(signed[n], verifier=Verifier(),
+                                         key_states=stored_key_logs(st).state)
                 if (cp.origin, cp.feed, cp.root) != (o, feed, mlog.root(n)):
                     raise click.ClickException(
                         f"the origin's signed checkpoint of size {n} does not match the "

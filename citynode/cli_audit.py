@@ -210,7 +210,7 @@ def _own_levels(data_dir: Path, origin: bytes) -> dict[str, str]:
     from citynode.identity import load_identity
 
     try:
-        if load_identity(data_dir).key.public_key != origin:
+        if load_identity(data_dir).identity != origin:
             return {}
         feeds = load_config(data_dir / "node.toml").feeds
     except CitynodeError:
@@ -301,7 +301,8 @@ def _progress_bar(path: Path) -> Iterator[Callable[[int, int], None] | None]:
 @click.command("audit")
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--origin", required=True,
-              help="The origin's node id (cn1...), obtained from that city out of band.")
+              help="The origin's node id (cn2... or cn1...), obtained from that city out "
+                   "of band.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="Threads verifying signatures besides the reading thread "
@@ -309,8 +310,13 @@ def _progress_bar(path: Path) -> Iterator[Callable[[int, int], None] | None]:
 @click.option("--terms", "terms", multiple=True, metavar="FEED=FILE",
               help="Check FILE (the terms document fetched from FEED's terms_url) "
                    "against the terms digest the origin's card signed. Repeatable.")
+@click.option("--key-log", "key_logs", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A key log of a cn2 origin (GET /v1/keylog?origin=ID from any node; it "
+                   "verifies from the id alone), newer than the bundle's card: records "
+                   "beyond a later recovery's last good heads are then flagged. Repeatable.")
 def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None,
-              terms: tuple[str, ...]) -> None:
+              terms: tuple[str, ...], key_logs: tuple[Path, ...]) -> None:
     """Verify BUNDLE offline against ORIGIN's node id: every signature, chain link,
     checkpoint root and proof. Needs no data dir and no network. With --terms, each
     terms document given is checked against its feed's signed terms digest
@@ -322,9 +328,10 @@ def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None,
 
     documents = _terms_documents(terms)
     with _one_line_errors(), _progress_bar(bundle) as progress:
+        logs = [p.read_bytes() for p in key_logs]
         report = audit_bundle(bundle, origin, now_ms=_now_ms(), progress=progress,
                               workers=default_workers() if workers is None else workers,
-                              terms_documents=documents)
+                              terms_documents=documents, key_logs=logs)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     elif sys.stdout.isatty():

@@ -73,6 +73,8 @@ class LocalNode:
     #: (libfaketime's): for fault scenarios only.
     wrap: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    #: The passphrase of the recovery file ``citynode init`` wrote (tests recover with it).
+    recovery_passphrase: str = field(default="", repr=False)
     _http: HttpClient | None = field(default=None, repr=False)
     _raw: aiohttp.ClientSession | None = field(default=None, repr=False)
 
@@ -218,7 +220,7 @@ class Cluster:
             for (section, key), value in (settings or {}).items():
                 set_config(d / "node.toml", section, key, value)
             n = LocalNode(name, d, port, ident.node_id, ident.token, ident.cert_fingerprint,
-                          host=host)
+                          host=host, recovery_passphrase=ident.recovery_passphrase or "")
             self.nodes[name] = n
             out.append(n)
         return out

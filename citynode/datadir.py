@@ -41,6 +41,7 @@ def init_data_dir(
     public_url: str | None = None,
     hosts: tuple[str, ...] | list[str] = (),
     passphrase: str | None = None,
+    recovery_passphrase: str | None = None,
     **kdf: int,
 ) -> tuple[Identity, Config]:
     """Create a node in ``data_dir``: key, TLS certificate, operator token, node.toml.
@@ -61,7 +62,8 @@ def init_data_dir(
     all_hosts = [h for h in dict.fromkeys(names) if h and not _is_wildcard(h)]
     text = render_config(name=name, listen=listen, public_url=url, hosts=all_hosts)
     config = parse_config(text, str(data_dir / "node.toml"))
-    ident = create_identity(data_dir, name=name, hosts=all_hosts, passphrase=passphrase, **kdf)
+    ident = create_identity(data_dir, name=name, hosts=all_hosts, passphrase=passphrase,
+                            recovery_passphrase=recovery_passphrase, **kdf)
     path = data_dir / "node.toml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     with os.fdopen(fd, "w") as f:

@@ -2,7 +2,14 @@
 
 Layout (docs/ARCHITECTURE.md)::
 
-    DIR/node.key        Ed25519 secret key (citynode key file, optionally passphrase-sealed), 0600
+    DIR/node.key        Ed25519 secret key in force (citynode key file, optionally
+                        passphrase-sealed), 0600
+    DIR/node.next.key   the next signing key, committed to by the key log (same sealing),
+                        0600: needed only to rotate (``citynode key rotate``)
+    DIR/keylog          the node's key log (public: its cn2 id is the digest of its
+                        inception); a directory without it is a cn1 node (id = key)
+    DIR/recovery.key    written by ``citynode init`` only: the recovery key, sealed with
+                        the recovery passphrase; the operator moves it OFFLINE
     DIR/operator.token  bearer token for the operator API, 0600
     DIR/tls/cert.pem    self-signed certificate for the node's host names (public)
     DIR/tls/key.pem     its private key (ECDSA P-256, PKCS#8), 0600
@@ -36,8 +43,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from citynode.config import is_dns_name
-from citynode.core.keys import SigningKey, seal_secret_key, unseal_secret_key
-from citynode.errors import ConfigError, KeyFileError
+from citynode.core import keylog
+from citynode.core.keys import NodeKey, SigningKey, Verifier, seal_secret_key, unseal_secret_key
+from citynode.errors import CitynodeError, ConfigError, KeyFileError
 
 __all__ = [
     "PASSPHRASE_ENV",
@@ -53,6 +61,9 @@ __all__ = [
 PASSPHRASE_ENV = "CITYNODE_PASSPHRASE"
 
 KEY_FILE = "node.key"
+NEXT_KEY_FILE = "node.next.key"
+KEYLOG_FILE = "keylog"
+RECOVERY_FILE = "recovery.key"
 TOKEN_FILE = "operator.token"
 TLS_DIR = "tls"
 CERT_FILE = "cert.pem"
@@ -67,13 +78,22 @@ class Identity:
     ``node_id`` and ``cert_fingerprint`` instead.
     """
 
-    key: SigningKey
+    key: NodeKey  # signs with the key in force; ``key.identity`` is what partners pin
     node_id: str
     token: str = field(repr=False)
     cert_path: Path
     key_path: Path
     cert_fingerprint: bytes  # SHA-256 of the DER certificate; partners pin it
     cert_pem: bytes = field(repr=False)
+    recovery_path: Path | None = None  # create_identity only: the file to move offline
+    recovery_phrase: str | None = field(default=None, repr=False)  # create_identity only
+    recovery_passphrase: str | None = field(default=None, repr=False)  # when generated
+    passphrase: str | None = field(default=None, repr=False)  # unseals node.next.key
+
+    @property
+    def identity(self) -> bytes:
+        """The 32 bytes partners pin: ``D`` of a cn2 node, the key of a cn1 one."""
+        return self.key.identity
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,12 +257,20 @@ def create_identity(
     passphrase: str | None = None,
     kdf_opslimit: int = nacl.pwhash.argon2id.OPSLIMIT_MODERATE,
     kdf_memlimit: int = nacl.pwhash.argon2id.MEMLIMIT_MODERATE,
+    recovery_passphrase: str | None = None,
+    now_ms: int | None = None,
 ) -> Identity:
     """Create a new node identity in ``dir`` and return it.
 
-    Creates ``dir`` (mode 0700) if needed, a new Ed25519 node key (sealed with
-    ``passphrase`` via Argon2id if one is given; ``kdf_*`` tune Argon2id), a random
-    operator token and a self-signed TLS certificate for ``name`` and ``hosts``.
+    Creates ``dir`` (mode 0700) if needed, a version 2 (``cn2``) identity: the signing
+    key K0, the next key K1 and the recovery key Q0, and the inception that commits to
+    K1 and Q0 (docs/PROTOCOL.md, "Key events and witnesses"). K0 and K1 are sealed with
+    ``passphrase`` via Argon2id if one is given (``kdf_*`` tune Argon2id); Q0 is always
+    sealed, with ``recovery_passphrase`` or, if None, a random one returned in
+    ``recovery_passphrase`` (with ``recovery_phrase``, the seed for paper) for the
+    operator to write down. Then a random operator token and a self-signed TLS
+    certificate for ``name`` and ``hosts``. ``now_ms`` dates the inception (default:
+    the system clock).
 
     node.key is written last and never overwritten, so an interrupted run leaves no key
     and can simply be run again (it replaces the token and certificate it left behind).
@@ -254,10 +282,23 @@ def create_identity(
         raise KeyFileError(f"{key_file} already exists: this directory already holds a node "
                            "identity (refusing to replace it)")
     cert_pem, tls_key_pem = make_tls_certificate(name, hosts)
-    key = SigningKey.generate()
+    k0, k1, q0 = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    t = now_ms if now_ms is not None else int(datetime.datetime.now(datetime.UTC)
+                                              .timestamp() * 1000)
+    inception = keylog.incept(k0, k1.public_key, q0.public_key, t)
+    ident_d = keylog.identity_of(inception.body)
+    log = keylog.encode_log([inception])
+    generated = None
+    if not recovery_passphrase:
+        generated = recovery_passphrase = "-".join(secrets.token_hex(3) for _ in range(5))
+    recovery = keylog.seal_recovery(q0.seed, ident_d, recovery_passphrase,
+                                    opslimit=kdf_opslimit, memlimit=kdf_memlimit)
+    key = NodeKey(k0.seed, ident_d, keylog.identity_id(ident_d), log)
     token = secrets.token_urlsafe(32)
     sealed = seal_secret_key(key.seed, passphrase, opslimit=kdf_opslimit,
                              memlimit=kdf_memlimit)
+    sealed_next = seal_secret_key(k1.seed, passphrase, opslimit=kdf_opslimit,
+                                  memlimit=kdf_memlimit)
     tls_dir = dir / TLS_DIR
     cert_path, tls_key_path = tls_dir / CERT_FILE, tls_dir / TLS_KEY_FILE
     try:
@@ -267,6 +308,9 @@ def create_identity(
         _replace(tls_key_path, tls_key_pem, 0o600)
         _replace(cert_path, cert_pem, 0o644)
         _fsync_dir(tls_dir)
+        _replace(dir / RECOVERY_FILE, recovery, 0o600)
+        _replace(dir / NEXT_KEY_FILE, sealed_next, 0o600)
+        _replace(dir / KEYLOG_FILE, log, 0o644)
         _write_new(key_file, sealed, 0o600)
         _fsync_dir(dir)
     except FileExistsError as exc:
@@ -283,6 +327,9 @@ def create_identity(
         key_path=tls_key_path,
         cert_fingerprint=cert_fingerprint(cert_pem),
         cert_pem=cert_pem,
+        recovery_path=dir / RECOVERY_FILE,
+        recovery_phrase=keylog.recovery_phrase(q0.seed),
+        recovery_passphrase=generated,
     )
 
 
@@ -340,9 +387,10 @@ def load_identity(dir: Path | str, passphrase: str | None = None) -> Identity:
 
     sealed = _read(key_file, dir, secret=True)
     try:
-        key = SigningKey(unseal_secret_key(sealed, passphrase))
+        seed = unseal_secret_key(sealed, passphrase)
     except KeyFileError as exc:
         raise KeyFileError(f"{key_file}: {exc}") from exc
+    key = _node_key(dir, seed, passphrase)
 
     try:
         token = _read(token_file, dir, secret=True).decode("ascii").strip()
@@ -373,4 +421,110 @@ def load_identity(dir: Path | str, passphrase: str | None = None) -> Identity:
         key_path=tls_key_path,
         cert_fingerprint=cert.fingerprint(hashes.SHA256()),
         cert_pem=cert_pem,
+        passphrase=passphrase,
     )
+
+
+def _node_key(dir: Path, seed: bytes, passphrase: str | None = None) -> NodeKey:
+    """The node key of ``dir``: a cn2 one when ``dir`` holds a key log (which must
+    verify, and whose key in force must be ``seed``'s), else a cn1 one."""
+    path = dir / KEYLOG_FILE
+    if not path.exists():
+        return NodeKey(seed)
+    log = _read(path, dir, secret=False)
+    try:
+        state = keylog.verify_log(keylog_identity(log), log, verifier=Verifier())
+    except CitynodeError as exc:
+        raise KeyFileError(f"{path} is not a valid key log: {exc}") from exc
+    key = NodeKey(seed, state.identity, state.node_id, log)
+    if key.public_key != state.key and _finish_key_change(dir, state):
+        return _node_key(dir, unseal_secret_key(_read(dir / KEY_FILE, dir, secret=True),
+                                                passphrase))
+    if key.public_key != state.key:
+        raise KeyFileError(f"{dir / KEY_FILE} is not the key in force in {path}: restore "
+                           "both from the same backup (or finish `citynode key rotate`)")
+    return key
+
+
+def keylog_identity(log: bytes) -> bytes:
+    """The identity a key log founds: the digest of its first event's body (its
+    inception). Only that event is checked here. Raises :class:`InvalidRecord`."""
+    first = keylog.open_event(keylog.decode_log(log)[0], verifier=Verifier())
+    return keylog.identity_of(first.body)
+
+
+def save_key_log(dir: Path, log: bytes) -> None:
+    """Replace ``dir``/keylog atomically (after a rotation or a recovery)."""
+    _replace(dir / KEYLOG_FILE, log, 0o644)
+    _fsync_dir(dir)
+
+
+def replace_secret(dir: Path, name: str, data: bytes) -> None:
+    """Replace the secret file ``dir``/``name`` atomically, mode 0600."""
+    _replace(dir / name, data, 0o600)
+    _fsync_dir(dir)
+
+
+def read_secret(dir: Path, name: str) -> bytes:
+    """Read the secret file ``dir``/``name`` (refused if group or others can read it)."""
+    return _read(dir / name, dir, secret=True)
+
+
+_STAGED = ".staged"  # suffix of a key file written before the key log that needs it
+
+
+def _finish_key_change(dir: Path, state: keylog.KeyState) -> bool:
+    """A rotation or a recovery stopped after its key log was written: the staged key
+    files it left (``node.key.staged``, ``node.next.key.staged``) are put in place.
+    Returns whether there was one to finish."""
+    staged = dir / (KEY_FILE + _STAGED)
+    if not staged.exists():
+        return False
+    for name in (NEXT_KEY_FILE, KEY_FILE):
+        src = dir / (name + _STAGED)
+        if src.exists():
+            os.replace(src, dir / name)
+    _fsync_dir(dir)
+    return True
+
+
+def write_key_change(dir: Path, log: bytes, key_seed: bytes, next_seed: bytes,
+                     passphrase: str | None, **kdf: int) -> None:
+    """Put a key change (rotation or recovery) on disk so that a crash at any point
+    leaves a node that starts: the new signing and next keys are staged first, then the
+    key log that puts them in force is written, then the staged files replace the old
+    ones (:func:`load_identity` finishes that last step if it was cut short).
+    ``kdf``: ``opslimit``/``memlimit`` for sealing. Raises :class:`KeyFileError`."""
+    try:
+        _replace(dir / (NEXT_KEY_FILE + _STAGED), seal_secret_key(next_seed, passphrase, **kdf),
+                 0o600)
+        _replace(dir / (KEY_FILE + _STAGED), seal_secret_key(key_seed, passphrase, **kdf),
+                 0o600)
+        _fsync_dir(dir)
+        _replace(dir / KEYLOG_FILE, log, 0o644)
+        _fsync_dir(dir)
+        for name in (NEXT_KEY_FILE, KEY_FILE):
+            os.replace(dir / (name + _STAGED), dir / name)
+        _fsync_dir(dir)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write the new keys in {dir}: {exc.strerror or exc}") \
+            from exc
+
+
+def read_next_key(dir: Path, passphrase: str | None) -> SigningKey:
+    """The next signing key sealed in ``dir`` (node.next.key). Raises :class:`KeyFileError`."""
+    path = dir / NEXT_KEY_FILE
+    try:
+        return SigningKey(unseal_secret_key(_read(path, dir, secret=True), passphrase))
+    except KeyFileError as exc:
+        raise KeyFileError(f"{path}: {exc}") from exc
+
+
+def write_recovery_file(dir: Path, seed: bytes, identity: bytes, passphrase: str,
+                        **kdf: int) -> Path:
+    """Write a new recovery file (after a recovery: the recovery key rotates on use)
+    to ``dir``/recovery.key, mode 0600. Returns its path."""
+    path = dir / RECOVERY_FILE
+    _replace(path, keylog.seal_recovery(seed, identity, passphrase, **kdf), 0o600)
+    _fsync_dir(dir)
+    return path

@@ -114,6 +114,21 @@ class Operator:
         another node's feed since it stopped: those are "unknown"."""
         return list((await self._call("GET", "/v1/liveness"))["feeds"])
 
+    async def rotate_key(self) -> dict[str, Any]:
+        """Rotate the node's signing key (``POST /v1/admin/key/rotate``)."""
+        out: dict[str, Any] = await self._call("POST", "/v1/admin/key/rotate")
+        return out
+
+    async def recover_key(self, recovery_seed: bytes, last_good: dict[str, int],
+                          recovery_passphrase: str) -> dict[str, Any]:
+        """Recover the node's identity with its recovery key
+        (``POST /v1/admin/key/recover``)."""
+        body = json.dumps({"recovery_seed": recovery_seed.hex(), "last_good": last_good,
+                           "recovery_passphrase": recovery_passphrase}).encode()
+        out: dict[str, Any] = await self._call("POST", "/v1/admin/key/recover", body,
+                                               content_type=JSON)
+        return out
+
     async def add_partner(self, url: str, partner_id: str) -> str:
         """Add the partner at ``url`` whose card must be signed by ``partner_id``;
         return its name."""

@@ -1360,6 +1360,35 @@ class Storage:
         return self._submit(_append_job(recs, at), durable=durable, weight=len(recs),
                             origins=frozenset(r.origin for r in recs))
 
+    def truncate(self, origin: bytes, feed: str, keep_seq: int) -> Future[int]:
+        """Drop every record of a feed above ``keep_seq`` -- records a key log now refuses
+        (a stolen key's, cut off by its owner's recovery) -- with their payloads, the
+        Merkle subtrees and checkpoints that cover them; the head becomes the record at
+        ``keep_seq`` (the feed is forgotten at 0). Returns how many records went."""
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(_SELECT_CHAIN, (origin, feed)).fetchone()
+            if row is None or row[1] <= keep_seq:
+                return 0
+            chain = row[0]
+            conn.execute("DELETE FROM payloads WHERE rowid IN (SELECT rowid FROM records"
+                         " WHERE chain = ? AND seq > ?)", (chain, keep_seq))
+            gone = conn.execute("DELETE FROM records WHERE chain = ? AND seq > ?",
+                                (chain, keep_seq)).rowcount
+            conn.execute("DELETE FROM merkle WHERE origin = ? AND feed = ?"
+                         " AND ((idx + 1) << height) > ?", (origin, feed, keep_seq))
+            conn.execute("DELETE FROM checkpoints WHERE origin = ? AND feed = ? AND size > ?",
+                         (origin, feed, keep_seq))
+            if keep_seq == 0:
+                conn.execute("DELETE FROM chains WHERE id = ?", (chain,))
+            else:
+                head = conn.execute("SELECT id FROM records WHERE chain = ? AND seq = ?",
+                                    (chain, keep_seq)).fetchone()
+                conn.execute("UPDATE chains SET head_seq = ?, head_id = ? WHERE id = ?",
+                             (keep_seq, head[0], chain))
+            return int(gone)
+
+        return self._submit(run, durable=True)
+
     def prune(self, origin: bytes, feed: str, before_ms: int, *, since_ms: int = 0,
               after_seq: int = 0, limit: int = 5000) -> Future[tuple[int, int | None]]:
         """Drop the payloads of a feed's records dated in ``[since_ms, before_ms)`` (the
@@ -1919,6 +1948,12 @@ class Storage:
             (origin, feed),
         )
         return [(s, r, e) for s, r, e in rows]
+
+    def meta_prefixed(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every node-wide ``(key, value)`` whose key starts with ``prefix``."""
+        return [(k, v) for k, v in self._all(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ? ORDER BY key",
+            (prefix, prefix + "\uffff"))]
 
     def get_meta(self, key: str) -> bytes | None:
         """A node-wide value, or None if unset."""

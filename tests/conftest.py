@@ -18,6 +18,21 @@ from citynode.datadir import init_data_dir
 from citynode.node import Node
 from citynode.transport.server import serve
 
+
+def key_states(*dirs: Path) -> Callable[[bytes], Any]:
+    """The key states of the cn2 nodes of these data dirs (their ``keylog`` files, as
+    they are now): what a verifier needs beside a record of a cn2 origin."""
+    from citynode.core.keybook import KeyBook
+    from citynode.core.keys import Verifier
+    from citynode.identity import keylog_identity
+
+    book = KeyBook()
+    for d in dirs:
+        log = (d / "keylog").read_bytes()
+        book.restore(keylog_identity(log), log, verifier=Verifier())
+    return book.state
+
+
 FAST_KDF = {"kdf_opslimit": argon2id.OPSLIMIT_MIN, "kdf_memlimit": argon2id.MEMLIMIT_MIN}
 
 

@@ -27,7 +27,7 @@ from citynode.core.keys import Verifier
 from citynode.core.records import decode_record, open_record
 from citynode.node import Node
 from citynode.transport.server import serve
-from tests.conftest import InProc, eventually, make_node_dir
+from tests.conftest import InProc, eventually, key_states, make_node_dir
 
 Make = Callable[..., Awaitable[InProc]]
 
@@ -149,9 +149,14 @@ def test_init_creates_files_with_private_modes(tmp_path: Path) -> None:
     r = ok("init", "-d", str(d), "--name", "Surabaya", "--listen", "127.0.0.1:18601",
            "--host", "citynode.surabaya.example")
     node_id = ok("id", "-d", str(d)).stdout.strip()
-    assert node_id.startswith("cn1") and f"node id: {node_id}" in r.stdout
+    # A cn2 id: the digest of the node's inception, not a key (issue 12).
+    assert node_id.startswith("cn2") and f"node id: {node_id}" in r.stdout
     assert f"citynode partner add https://127.0.0.1:18601 --id {node_id}" in r.stdout
-    modes = {"node.key": 0o600, "operator.token": 0o600, "tls/key.pem": 0o600,
+    # The recovery material is announced loudly, with its passphrase and the phrase.
+    assert "MOVE IT OFFLINE" in r.stdout and str(d / "recovery.key") in r.stdout
+    assert "crq1-" in r.stdout
+    modes = {"node.key": 0o600, "node.next.key": 0o600, "recovery.key": 0o600,
+             "keylog": 0o644, "operator.token": 0o600, "tls/key.pem": 0o600,
              "node.toml": 0o640}
     for name, mode in modes.items():
         assert (d / name).stat().st_mode & 0o777 == mode, name
@@ -371,7 +376,7 @@ def test_records_filters_and_cursor_paging(node_dir: Path, tmp_path: Path) -> No
     # Each record carries its signed envelope: verify it independently of the node.
     for r in ok_json("records", "-d", d, "--json")["records"]:
         rec = open_record(*decode_record(base64.b64decode(r["envelope"])),
-                          now_ms=2**60, verifier=Verifier())
+                          now_ms=2**60, verifier=Verifier(), key_states=key_states(Path(d)))
         assert rec.id.hex() == r["id"] and rec.seq == r["seq"]
 
     assert "7 record(s)" in ok("records", "-d", d).stdout  # the table
@@ -612,7 +617,8 @@ async def test_subscribe_prints_n_verified_json_lines(inproc: Make) -> None:
         assert {"id", "cursor", "origin"} <= j.keys()
         assert (j["id"], j["origin"], j["seq"]) == (rec.id.hex(), n.node.node_id, rec.seq)
         opened = open_record(*decode_record(base64.b64decode(j["envelope"])),
-                             now_ms=2**60, verifier=Verifier())
+                             now_ms=2**60, verifier=Verifier(),
+                             key_states=n.node.policy.keys.state)
         assert opened.id == rec.id
         cursors.append(j["cursor"])
     assert cursors == sorted(cursors) and len(set(cursors)) == 3
@@ -673,7 +679,8 @@ def test_a_forked_own_feed_is_never_signed_on_again(node_dir: Path) -> None:
             assert prev is not None
             other = sign_record(node.key, feed="air", seq=2,
                                 prev=open_record(*decode_record(prev), now_ms=2**62,
-                                                 verifier=Verifier()).id,
+                                                 verifier=Verifier(),
+                                                 key_states=node.policy.keys.state).id,
                                 time_ms=node.now_ms(), type=AIR_TYPE, data=air(99.0))
             assert await node.checkpoints.ingest_proof(
                 ForkProof(held, other.envelope).encode(), "test")

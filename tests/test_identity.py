@@ -79,8 +79,11 @@ def test_modes_are_tight_even_with_an_open_umask(tmp_path: Path) -> None:
     for name in SECRETS:
         assert _mode(d / name) == 0o600, name
     assert _mode(d / "tls" / "cert.pem") == 0o644
+    assert _mode(d / "node.next.key") == _mode(d / "recovery.key") == 0o600
+    assert _mode(d / "keylog") == 0o644  # public: the id is its inception's digest
     assert sorted(p.name for p in d.rglob("*")) == sorted(
-        ["node.key", "operator.token", "tls", "cert.pem", "key.pem"]
+        ["node.key", "node.next.key", "recovery.key", "keylog", "operator.token", "tls",
+         "cert.pem", "key.pem"]
     )  # no temp files left behind
 
 
@@ -294,3 +297,36 @@ def test_seed_never_in_repr(tmp_path: Path) -> None:
     made = _create(tmp_path / "data")
     assert made.key.seed.hex() not in repr(made)
     assert isinstance(made.key, SigningKey)
+
+
+def test_init_makes_a_cn2_identity_whose_recovery_material_recovers_it(tmp_path: Path) -> None:
+    from citynode.core import keylog
+    from citynode.core.keys import SigningKey, Verifier, parse_node_id, unseal_secret_key
+
+    d = tmp_path / "data"
+    made = _create(d)
+    assert made.node_id.startswith("cn2") and len(made.node_id) == 59
+    assert parse_node_id(made.node_id) == made.identity == made.key.identity
+    state = keylog.verify_log(made.node_id, (d / "keylog").read_bytes(), verifier=Verifier())
+    assert state.key == made.key.public_key  # K0 signs; the id is not a key
+    assert made.identity != made.key.public_key
+    assert made.recovery_path == d / "recovery.key"
+    assert made.recovery_passphrase and made.recovery_phrase
+    ident, seed = keylog.unseal_recovery(made.recovery_path.read_bytes(),
+                                         made.recovery_passphrase)
+    assert ident == made.identity
+    assert keylog.parse_recovery_phrase(made.recovery_phrase) == seed
+    assert keylog.commit_key(SigningKey(seed).public_key) == state.recovery
+    # the next key on disk is the one the inception committed to
+    nxt = SigningKey(unseal_secret_key((d / "node.next.key").read_bytes(), None))
+    assert keylog.commit_key(nxt.public_key) == state.next
+    loaded = load_identity(d)
+    assert loaded.node_id == made.node_id and loaded.key.log == made.key.log
+
+
+def test_a_key_that_is_not_the_logs_key_in_force_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    _create(d)
+    (d / "node.key").write_bytes((d / "node.next.key").read_bytes())
+    with pytest.raises(KeyFileError, match="not the key in force"):
+        load_identity(d)

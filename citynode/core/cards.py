@@ -55,7 +55,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from citynode.core import encoding
-from citynode.core.keys import DOMAIN_CARD, SigningKey, Verifier, node_id, parse_node_id
+from citynode.core.keylog import identity_id, verify_log
+from citynode.core.keys import DOMAIN_CARD, NodeKey, SigningKey, Verifier, node_id, parse_node_id
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
     check_feed_name,
@@ -110,7 +111,7 @@ CARD_LIMITS = encoding.Limits(max_bytes=1024 * 1024 - 1024, max_depth=3, max_ite
 _FIELDS = frozenset(
     {"feeds", "kind", "name", "node", "partners", "software", "time", "url", "version"}
 )
-_OPTIONAL = frozenset({"tls"})
+_OPTIONAL = frozenset({"tls", "keylog"})
 _FEED_KEYS = frozenset({"name", "access"})
 _FEED_OPTIONAL = frozenset({"attribution", "cadence_s", "license", "policy",
                             "retention_days", "terms_digest", "terms_url"})
@@ -181,6 +182,7 @@ class NodeCard:
     time: int
     body: bytes = field(repr=False)
     sig: bytes = field(repr=False)
+    keylog: bytes | None = field(default=None, repr=False)  # a cn2 node's key log
 
     @property
     def envelope(self) -> bytes:
@@ -189,8 +191,9 @@ class NodeCard:
 
     @property
     def node_id(self) -> str:
-        """The printable id (``cn1...``) of the node that signed the card."""
-        return node_id(self.node)
+        """The printable id of the node that signed the card: ``cn2...`` when the card
+        carries a key log, else ``cn1...``."""
+        return identity_id(self.node) if self.keylog is not None else node_id(self.node)
 
     def vouches_for(self, public_key: bytes) -> bool:
         """True if ``public_key`` is one of this node's partners (O(log n))."""
@@ -301,7 +304,10 @@ def _parse_body(body: bytes) -> NodeCard:
         raise _fail(f"card has unknown field(s): {extra}", "unknown_field")
     node = f["node"]
     if type(node) is not bytes or len(node) != 32:
-        raise _fail("card node must be a 32-byte public key")
+        raise _fail("card node must be a 32-byte public key or identity")
+    log = f.get("keylog")
+    if log is not None and (type(log) is not bytes or not log):
+        raise _fail("card keylog must be the key log's wire bytes")
     name = _check_text("name", f["name"], MAX_NAME)
     url = f["url"]
     if type(url) is not str or len(url) > MAX_URL or not _URL_RE.fullmatch(url):
@@ -320,7 +326,7 @@ def _parse_body(body: bytes) -> NodeCard:
     if type(t) is not int or not 0 <= t <= _MAX_TIME:
         raise _fail("card time must be a non-negative integer (milliseconds since the epoch)")
     return NodeCard(node, name, url, tls, _parse_feeds(f["feeds"]),
-                    _parse_partners(f["partners"], node), software, t, body, b"")
+                    _parse_partners(f["partners"], node), software, t, body, b"", log)
 
 
 def _parse_feeds(feeds: Any) -> tuple[CardFeed, ...]:
@@ -363,7 +369,8 @@ def make_card(
     software: str,
     now_ms: int,
 ) -> NodeCard:
-    """Build and sign the card of ``key``'s node, dated ``now_ms``.
+    """Build and sign the card of ``key``'s node, dated ``now_ms`` (a :class:`NodeKey`
+    of a ``cn2`` node: the card names its identity and carries its key log).
 
     ``feeds`` are :class:`CardFeed` (or ``(name, access[, retention_days])``) and ``partners``
     public keys, in any order (the card holds them sorted). Raises
@@ -378,7 +385,7 @@ def make_card(
     fields: dict[str, Any] = {
         "kind": "card",
         "version": CARD_VERSION,
-        "node": key.public_key,
+        "node": key.identity if isinstance(key, NodeKey) else key.public_key,
         "name": name,
         "url": url,
         "feeds": feed_list,
@@ -388,6 +395,8 @@ def make_card(
     }
     if tls_fingerprint is not None:
         fields["tls"] = tls_fingerprint
+    if isinstance(key, NodeKey) and key.log is not None:
+        fields["keylog"] = key.log
     body = encoding.encode(fields)
     card = _parse_body(body)
     sig = key.sign(DOMAIN_CARD, body)
@@ -422,7 +431,12 @@ def _open(
             "node's clock",
             "future_time",
         )
-    verifier.verify(card.node, DOMAIN_CARD, body, sig)
+    signer = card.node
+    if card.keylog is not None:
+        # A cn2 card proves its key: the log folds from the id alone, and the card is
+        # signed by the key in force at its end.
+        signer = verify_log(card.node, card.keylog, verifier=verifier, now_ms=now_ms).key
+    verifier.verify(signer, DOMAIN_CARD, body, sig)
     # Compared after the signature so that "signed by" in the message is a fact.
     if expected is not None and card.node != expected:
         raise SignatureError(
@@ -475,6 +489,8 @@ def card_to_json(card: NodeCard) -> dict[str, Any]:
         "partners": [node_id(pk) for pk in card.partners],
         "software": card.software,
         "time": card.time,
+        **({"keylog": base64.b64encode(card.keylog).decode("ascii")}
+           if card.keylog is not None else {}),
         "body": base64.b64encode(card.body).decode("ascii"),
         "sig": base64.b64encode(card.sig).decode("ascii"),
     }

@@ -27,6 +27,7 @@ from citynode.core import encoding
 from citynode.core.keys import Verifier
 from citynode.core.records import (
     DEFAULT_POLICY,
+    KeyStates,
     Record,
     RecordPolicy,
     decode_record,
@@ -149,8 +150,10 @@ def verify_fork_proof(
     *,
     now_ms: int | None = None,
     policy: RecordPolicy = DEFAULT_POLICY,
+    key_states: KeyStates | None = None,
 ) -> tuple[Record, Record]:
     """Check that ``proof`` proves its origin equivocated; return the two records.
+    Records of a ``cn2`` origin are checked against its log (``key_states``).
 
     Both envelopes must verify (signature, canonical body); ``now_ms=None`` skips the
     future-time check, since a proof stays true whenever it is read. Raises
@@ -163,7 +166,7 @@ def verify_fork_proof(
         try:
             body, sig, payload = decode_record(env)
             recs.append(open_record(body, sig, payload, now_ms=now_ms, verifier=verifier,
-                                    policy=policy))
+                                    policy=policy, key_states=key_states))
         except InvalidRecord as exc:
             raise InvalidProof(f"record {name} of the fork proof is invalid: {exc}") from exc
     a, b = recs

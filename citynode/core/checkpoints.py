@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from citynode.core import encoding
-from citynode.core.keys import DOMAIN_CHECKPOINT, SigningKey, Verifier
+from citynode.core.keys import DOMAIN_CHECKPOINT, NodeKey, SigningKey, Verifier
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
+    KeyStates,
     check_feed_name,
     decode_envelope,
     encode_envelope,
@@ -680,6 +681,7 @@ class Checkpoint:
     time: int
     body: bytes
     sig: bytes
+    key: bytes | None = None  # the signing key of a cn2 origin; None: origin signed
 
     @property
     def envelope(self) -> bytes:
@@ -710,12 +712,14 @@ def parse_checkpoint_body(body: bytes) -> dict[str, Any]:
     if not keys >= _FIELDS:
         raise _bad(f"checkpoint lacks field(s): {', '.join(sorted(_FIELDS - keys))}",
                    "missing_field")
-    if not keys <= _FIELDS:
-        raise _bad(f"checkpoint has unknown field(s): {', '.join(sorted(keys - _FIELDS))}",
-                   "unknown_field")
+    if not keys <= _FIELDS | {"key"}:
+        extra = ", ".join(sorted(keys - _FIELDS - {"key"}))
+        raise _bad(f"checkpoint has unknown field(s): {extra}", "unknown_field")
     origin = f["origin"]
     if type(origin) is not bytes or len(origin) != 32:
         raise _bad("checkpoint origin must be a 32-byte public key")
+    if "key" in f and (type(f["key"]) is not bytes or len(f["key"]) != 32):
+        raise _bad("checkpoint key must be a 32-byte public key")
     check_feed_name(f["feed"])
     size = f["size"]
     if type(size) is not int or not 0 <= size < MAX_TREE_SIZE:
@@ -737,8 +741,14 @@ def open_checkpoint(
     verifier: Verifier,
     now_ms: int | None = None,
     future_tolerance_ms: int = DEFAULT_FUTURE_TOLERANCE_MS,
+    key_states: KeyStates | None = None,
 ) -> Checkpoint:
     """Verify a checkpoint envelope completely and return it.
+
+    A checkpoint of a ``cn2`` origin carries ``key``: it is verified by that key, which
+    the origin's log held (``key_states``) must let sign the feed up to ``size``, or
+    have come in force after it (a new key vouches for older records); a retired key
+    beyond its heads, or one the log does not name, is refused with that verdict.
 
     Checks, cheapest first: envelope shape, strict canonical body within limits, every
     field (feed name rules as for records), time not beyond ``now_ms +
@@ -759,8 +769,18 @@ def open_checkpoint(
             f"{future_tolerance_ms // 1000} s): check the origin's clock",
             "future_time",
         )
-    verifier.verify(f["origin"], DOMAIN_CHECKPOINT, body, sig)
-    return Checkpoint(f["origin"], f["feed"], f["size"], f["root"], f["time"], body, sig)
+    key = f.get("key")
+    verifier.verify(f["origin"] if key is None else key, DOMAIN_CHECKPOINT, body, sig)
+    if key is not None:
+        state = key_states(f["origin"]) if key_states is not None else None
+        v = None if state is None else state.key_verdict(key, f["feed"], f["size"])
+        if v is None or not (v.valid or v.reason == "before_key"):
+            r = "unknown_key" if v is None else v.reason
+            raise InvalidRecord(
+                f"checkpoint signed by a key its origin's log does not let sign it ({r})",
+                "beyond_last_good" if r == "beyond_last_good" else
+                "identity_dead" if r == "identity_dead" else "unknown_key")
+    return Checkpoint(f["origin"], f["feed"], f["size"], f["root"], f["time"], body, sig, key)
 
 
 def sign_checkpoint(
@@ -769,18 +789,23 @@ def sign_checkpoint(
     """Build and sign a checkpoint of ``key``'s node. Runs the receiver's field checks
     first, so nothing others would reject is ever signed; raises :class:`InvalidRecord`
     for a bad feed name, size, root or time."""
-    body = encoding.encode({
+    ident = key.record_identity if isinstance(key, NodeKey) else None
+    fields: dict[str, Any] = {
         "kind": "checkpoint",
         "version": CHECKPOINT_VERSION,
-        "origin": key.public_key,
+        "origin": key.public_key if ident is None else ident,
         "feed": feed,
         "size": size,
         "root": root,
         "time": time_ms,
-    })
+    }
+    if ident is not None:
+        fields["key"] = key.public_key
+    body = encoding.encode(fields)
     parse_checkpoint_body(body)
     sig = key.sign(DOMAIN_CHECKPOINT, body)
-    return Checkpoint(key.public_key, feed, size, root, time_ms, body, sig)
+    return Checkpoint(fields["origin"], feed, size, root, time_ms, body, sig,
+                      None if ident is None else key.public_key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -830,7 +855,7 @@ class SplitViewProof:
 
 
 def verify_split_view(
-    proof: SplitViewProof, verifier: Verifier
+    proof: SplitViewProof, verifier: Verifier, key_states: KeyStates | None = None,
 ) -> tuple[Checkpoint, Checkpoint]:
     """Check that ``proof`` proves its origin signed two roots for one feed and size;
     return the two checkpoints.
@@ -841,7 +866,7 @@ def verify_split_view(
     cps = []
     for name, env in (("a", proof.a), ("b", proof.b)):
         try:
-            cps.append(open_checkpoint(env, verifier=verifier))
+            cps.append(open_checkpoint(env, verifier=verifier, key_states=key_states))
         except InvalidRecord as exc:
             raise InvalidProof(f"checkpoint {name} of the split-view proof is invalid: {exc}") \
                 from exc

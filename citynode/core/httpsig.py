@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import nacl.utils
 
-from citynode.core.keys import DOMAIN_REQUEST, SigningKey, Verifier, node_id, parse_node_id
+from citynode.core.keys import DOMAIN_REQUEST, SigningKey, Verifier, canonical_id, parse_node_id
 from citynode.errors import (
     AccessDenied,
     ClockSkew,
@@ -275,16 +275,10 @@ def _canonical_node_id(text: str, what: str) -> str:
         raise ValueError(f"{what} must be a node id (cn1...): {exc}") from exc
 
 
-@functools.lru_cache(maxsize=64)
-def _id_of(public_key: bytes) -> str:
-    # Cached: node_id encodes base32 on every call, and a node signs with one key.
-    return node_id(public_key)
-
-
 @functools.lru_cache(maxsize=256)
 def _canonical(text: str) -> str:
     # Cached: a node signs for, and is the target of, the same few ids on every request.
-    return node_id(parse_node_id(text))
+    return canonical_id(text)
 
 
 def sign_request(
@@ -324,7 +318,7 @@ def sign_request(
     params = _serialize_params(
         [
             ("created", now_ms // 1000),
-            ("keyid", _id_of(key.public_key)),
+            ("keyid", key.node_id),
             ("nonce", nonce),
             ("alg", ALG),
             (_TAG, target),
@@ -479,7 +473,7 @@ def _key_of(keyid: str) -> bytes:
         public_key = parse_node_id(keyid)
     except InvalidNodeId as exc:
         raise AccessDenied(f"the signature keyid is not a node id: {exc}") from exc
-    if keyid != node_id(public_key):
+    if keyid != canonical_id(keyid):
         raise AccessDenied("the signature keyid is not a node id in its canonical form")
     return public_key
 
@@ -530,8 +524,11 @@ def verify_request(
     expected_target: str,
     authorize: Callable[[bytes], bool] | None = None,
     max_future_ms: int = MAX_FUTURE_SKEW_MS,
+    key_of: Callable[[bytes], bytes] | None = None,
 ) -> bytes:
-    """Check the signature of a received request; return the sender's public key.
+    """Check the signature of a received request; return the sender's public key (for a
+    ``cn2`` keyid: its identity ``D``, the signature checked with ``key_of(D)``, the
+    current key of the log held of it; without ``key_of``, the 32 bytes of the id).
 
     ``method`` and ``path_qs`` are as received (the raw, still percent-encoded target
     with its query string); ``headers`` is any mapping, looked up without regard to
@@ -607,7 +604,8 @@ def verify_request(
 
     base = signature_base(method, path_qs, h["content-digest"].strip(" \t"), si.text)
     try:
-        verifier.verify(public_key, DOMAIN_REQUEST, base, sig)
+        verifier.verify(public_key if key_of is None else key_of(public_key),
+                        DOMAIN_REQUEST, base, sig)
     except SignatureError as exc:
         raise AccessDenied(
             f"request signature does not verify against the key of {keyid}: the request "

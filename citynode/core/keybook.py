@@ -42,10 +42,21 @@ class HeldLog:
 class KeyBook:
     """Identity -> :class:`HeldLog`. Not thread-safe: one owner (the node's event loop)."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_owner")
 
     def __init__(self) -> None:
         self._held: dict[bytes, HeldLog] = {}
+        self._owner: dict[bytes, bytes] = {}  # signing key -> identity, over every log
+
+    def _hold(self, identity: bytes, held: HeldLog) -> None:
+        self._held[identity] = held
+        for w in held.state.keys:
+            self._owner[w.key] = identity
+
+    def owner(self, key: bytes) -> bytes:
+        """The identity whose held log names ``key`` as a signing key, else ``key``
+        itself (a cn1 node's key is its identity)."""
+        return self._owner.get(key, key)
 
     def __contains__(self, identity: bytes) -> bool:
         return identity in self._held
@@ -91,21 +102,21 @@ class KeyBook:
                                                now_ms=now_ms)
         held = self._held.get(identity)
         if held is None:
-            self._held[identity] = HeldLog(state, tuple(events))
+            self._hold(identity, HeldLog(state, tuple(events)))
             return keylog.LogDecision("extends", state)
         decision = keylog.compare_logs(held.events, events, held_state=held.state,
                                        received_state=state)
         if decision.accept:
-            self._held[identity] = HeldLog(decision.state, tuple(events), held.proof)
+            self._hold(identity, HeldLog(decision.state, tuple(events), held.proof))
         elif decision.outcome == "dead":
-            self._held[identity] = HeldLog(decision.state, held.events, decision.proof)
+            self._hold(identity, HeldLog(decision.state, held.events, decision.proof))
         elif decision.outcome == "key-fork" and held.proof is None:
-            self._held[identity] = HeldLog(held.state, held.events, decision.proof)
+            self._hold(identity, HeldLog(held.state, held.events, decision.proof))
         return decision
 
     def restore(self, identity: bytes, log: bytes, *, verifier: Verifier) -> None:
         """Hold ``log`` as stored by this node earlier (verified again, no clock).
         Raises :class:`InvalidRecord` if it does not verify."""
         state, events = keylog.verified_events(identity, log, verifier=verifier)
-        self._held[identity] = HeldLog(state, tuple(events))
+        self._hold(identity, HeldLog(state, tuple(events)))
 

@@ -38,6 +38,7 @@ from citynode.core.keys import (
     _ID_WHITESPACE,
     SigningKey,
     Verifier,
+    note_identity,
     seal_secret_key,
     unseal_secret_key,
 )
@@ -456,6 +457,7 @@ def apply_event(state: KeyState, event: KeyEvent, *, now_ms: int | None = None,
 
 def _inception_state(event: KeyEvent) -> KeyState:
     assert event.recovery is not None
+    note_identity(identity_of(event.body))  # printed as cn2 from now on
     return KeyState(identity_of(event.body), 0, event.id, event.time, event.key, event.next,
                     event.recovery, (KeyWindow(event.key, 0, {}),), {})
 

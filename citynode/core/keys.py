@@ -33,9 +33,12 @@ __all__ = [
     "DOMAIN_REQUEST",
     "DOMAIN_VOUCH",
     "NODE_ID_PREFIX",
+    "NodeKey",
     "SigningKey",
     "Verifier",
+    "canonical_id",
     "node_id",
+    "note_identity",
     "parse_node_id",
     "seal_secret_key",
     "unseal_secret_key",
@@ -57,10 +60,28 @@ def _checksum(public_key: bytes) -> bytes:
     return hashlib.sha256(_ID_CHECKSUM_DOMAIN + public_key).digest()[:3]
 
 
+#: The 32-byte values known to be cn2 identities (``D``, never a key): a key log of
+#: each verified in this process (core/keybook.py, NodeKey). Only printing reads it:
+#: programs compare the 32 bytes, and a value is a key or a digest, never both.
+_CN2_IDENTITIES: set[bytes] = set()
+
+
+def note_identity(identity: bytes) -> None:
+    """Remember that ``identity`` is a cn2 identity (a verified key log founds it), so
+    :func:`node_id` prints it as ``cn2...``."""
+    _CN2_IDENTITIES.add(identity)
+
+
 def node_id(public_key: bytes) -> str:
-    """Return the printable node id of a 32-byte Ed25519 public key."""
+    """Return the printable node id of 32 bytes: ``cn2...`` for an identity whose key
+    log was verified in this process (:func:`note_identity`), else the ``cn1`` id of
+    an Ed25519 public key."""
     if len(public_key) != 32:
         raise InvalidNodeId(f"a public key is 32 bytes, not {len(public_key)}")
+    if public_key in _CN2_IDENTITIES:
+        from citynode.core.keylog import identity_id  # keylog imports this module
+
+        return identity_id(public_key)
     raw = public_key + _checksum(public_key)
     return NODE_ID_PREFIX + base64.b32encode(raw).decode("ascii").lower()
 
@@ -141,6 +162,53 @@ class SigningKey:
 
     def __repr__(self) -> str:  # never print the seed
         return f"SigningKey({self.node_id})"
+
+
+class NodeKey(SigningKey):
+    """The signing key of a node identity: signs with the key in force now
+    (``public_key`` is that key) and names the node by ``identity`` and ``node_id``.
+
+    For a ``cn1`` node the identity is the key itself; for a ``cn2`` node it is ``D``
+    (core/keylog.py), and :meth:`switch` puts the next key in force on a rotation or a
+    recovery, so every holder of this object signs with the new key from then on.
+    """
+
+    __slots__ = ("_id", "identity", "log")
+
+    def __init__(self, seed: bytes, identity: bytes | None = None, name: str | None = None,
+                 log: bytes | None = None) -> None:
+        super().__init__(seed)
+        self.identity: bytes = self.public_key if identity is None else identity
+        if log is not None:
+            note_identity(self.identity)
+        self._id = name if name is not None else node_id(self.identity)
+        self.log: bytes | None = log  # the key log's wire bytes (cn2 only)
+
+    @property
+    def node_id(self) -> str:
+        return self._id
+
+    @property
+    def record_identity(self) -> bytes | None:
+        """What records name as origin when it is not the signing key (``D``), else None."""
+        return None if self.log is None else self.identity
+
+    def switch(self, seed: bytes, log: bytes) -> None:
+        """Sign with ``seed``'s key from now on; ``log`` is the key log that puts it in
+        force. Raises :class:`KeyFileError` for a malformed seed."""
+        new = SigningKey(seed)
+        self._sk, self.public_key, self.log = new._sk, new.public_key, log
+
+
+def canonical_id(text: str) -> str:
+    """``text`` as a canonical node id (``cn1`` or ``cn2``, lower case, trimmed).
+    Raises :class:`InvalidNodeId`."""
+    raw = parse_node_id(text)
+    if text.strip(_ID_WHITESPACE).startswith("cn2"):
+        from citynode.core.keylog import identity_id
+
+        return identity_id(raw)
+    return node_id(raw)
 
 
 def verify(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> None:

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple, Protocol
 import nacl.utils
 
 from citynode.core import encoding
-from citynode.core.keys import DOMAIN_RECORD, SigningKey, Verifier
+from citynode.core.keys import DOMAIN_RECORD, NodeKey, SigningKey, Verifier
 from citynode.core.sealed import check_sealed_shape
 from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, validate_payload
 from citynode.errors import EncodingError, InvalidRecord
@@ -110,8 +110,10 @@ SEALED_TYPE = "sealed"
 
 
 class _Verdict(Protocol):
-    valid: bool
-    reason: str
+    @property
+    def valid(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
 
 
 class _KeyState(Protocol):
@@ -731,8 +733,11 @@ def sign_record(
     :class:`InvalidRecord` (typically :class:`PayloadError`) if the payload does not
     match ``type``: nothing invalid is signed or sealed. ``salt`` (tests and vectors
     only) fixes the payload salt of a plain record; by default it is random.
-    ``identity`` (a ``cn2`` node's ``D``): the record names it as origin and ``key`` as
-    its signing key (body version 3); None: a ``cn1`` record whose origin is ``key``."""
+    ``identity`` (a ``cn2`` node's ``D``; by default that of a :class:`NodeKey` of a
+    ``cn2`` node): the record names it as origin and ``key`` as its signing key (body
+    version 3); None: a ``cn1`` record whose origin is ``key``."""
+    if identity is None and isinstance(key, NodeKey):
+        identity = key.record_identity
     origin = key.public_key if identity is None else identity
     named = None if identity is None else key.public_key
     if readers is not None:

@@ -578,6 +578,17 @@ class Replica:
                 del self.heads[key]
                 self.chains.remove(*key)
 
+    def cut(self, key: FeedKey, head: tuple[int, bytes] | None) -> None:
+        """Storage dropped chain ``key``'s records above ``head`` (records its origin's
+        key log now refuses: a stolen key's, cut off by a recovery); the head goes back
+        to ``head``, or the chain is forgotten (None)."""
+        if head is not None:
+            self._set_head(key, *head)
+        elif key in self.heads:
+            del self.heads[key]
+            self.chains.remove(*key)
+        self._tree = None
+
     def add_partner(self, peer: bytes, first_sync_ms: int) -> None:
         """A new partner; the first round with it is due at ``first_sync_ms`` (call
         ``tick``)."""

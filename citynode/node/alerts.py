@@ -73,7 +73,7 @@ class Alerts:
                  storage: Storage, metrics: Metrics, now_ms: Callable[[], int]) -> None:
         self.cfg = config.alerts
         self.key = key
-        self.node = node_id(key.public_key)
+        self.node = key.node_id
         self.data_dir = data_dir
         self.partners = partners
         self.checkpoints = checkpoints
@@ -133,7 +133,7 @@ class Alerts:
             self._forks_seen = len(self.replica.forked)
             rows = await in_thread(self.storage.fork_proofs)
             self._forks = [(node_id(r.origin), r.feed, r.seq, r.kind) for r in rows]
-        me = self.key.public_key
+        me = getattr(self.key, "identity", self.key.public_key)
         own = [ca.OwnFeed(str(s["feed"]), s["cadence_s"],  # type: ignore[arg-type]
                           str(s["state"]), s["signed_time"])  # type: ignore[arg-type]
                for s in self.checkpoints.states() if s["origin"] == me]

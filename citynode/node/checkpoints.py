@@ -120,7 +120,7 @@ class Checkpoints:
         only show partners one more split view (and say "alive" of a feed that is
         not)."""
         made = []
-        me = self.key.public_key
+        me = self.policy.public_key
         now = self.now_ms()
         cadenced = {f: fc.cadence_seconds for f, fc in self.config.feeds.items()
                     if fc.cadence_seconds is not None}
@@ -269,7 +269,8 @@ class Checkpoints:
 
     async def _ingest_checkpoint(self, env: bytes, src: bytes | None) -> str:
         now = self.now_ms()
-        cp = cps.open_checkpoint(env, verifier=self.verifier, now_ms=now)
+        cp = cps.open_checkpoint(env, verifier=self.verifier, now_ms=now,
+                                 key_states=self.policy.keys.state)
         if not self.policy.accepts_origin(cp.origin):
             raise InvalidRecord("checkpoint of an origin this node does not trust",
                                 "untrusted_origin")
@@ -286,7 +287,7 @@ class Checkpoints:
                 return "new"
             return "known"
         proof = cps.SplitViewProof(mine, env).canonical()
-        cps.verify_split_view(proof, self.verifier)
+        cps.verify_split_view(proof, self.verifier, self.policy.keys.state)
         # Built here (from the partner's checkpoint and ours): every partner that may
         # be told gets it, the one that showed us the checkpoint too.
         await self._on_proof(None, cp.origin, cp.feed, cp.size, "split-view",
@@ -312,11 +313,11 @@ class Checkpoints:
             proof = ForkProof.decode(data)
         except InvalidProof:
             sv = cps.SplitViewProof.decode(data)
-            ca, _cb = cps.verify_split_view(sv, self.verifier)
+            ca, _cb = cps.verify_split_view(sv, self.verifier, self.policy.keys.state)
             origin, feed, seq, kind = ca.origin, ca.feed, ca.size, "split-view"
             enc = sv.canonical().encode()
         else:
-            a, b = verify_fork_proof(proof, self.verifier)
+            a, b = verify_fork_proof(proof, self.verifier, key_states=self.policy.keys.state)
             proof, seq = canonical_fork_proof(a, b)
             origin, feed, kind, enc = a.origin, a.feed, "fork", proof.encode()
         if not self.policy.accepts_origin(origin):

@@ -37,14 +37,14 @@ from typing import Any
 
 from citynode.bridges.service import Bridges
 from citynode.config import Config, load_config
-from citynode.core import cards, erasure
+from citynode.core import cards, erasure, keylog
 from citynode.core.chain import FeedHead
 from citynode.core.encoding import Limits
 from citynode.core.keys import Verifier
-from citynode.core.keys import node_id as cards_node_id
 from citynode.core.records import Record, RecordPolicy
 from citynode.core.replica import Replica
-from citynode.errors import ConfigError, PublishRefused, StorageError
+from citynode.errors import (CitynodeError, ConfigError, InvalidRecord, PublishRefused,
+                             StorageError)
 from citynode.identity import Identity, load_identity
 from citynode.logs import fields
 from citynode.metrics import Metrics
@@ -54,6 +54,7 @@ from citynode.node.checkpoints import Checkpoints
 from citynode.node.gossip import Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
 from citynode.node.leader import Leader
+from citynode.node.keychange import KeyChanges
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
@@ -80,7 +81,7 @@ class Node:
         self.config = config
         self.identity = identity
         self.key = identity.key
-        self.public_key = identity.key.public_key
+        self.public_key = identity.identity  # what partners pin: D of a cn2 node
         self.node_id = identity.node_id
         self.storage = storage
         self.clock = clock
@@ -142,11 +143,14 @@ class Node:
         self._singletons: set[asyncio.Task[Any]] = set()
         self._background = False  # start(partners=True): a serving node, not a CLI one
         self._refreshing = False
+        self.keychanges = KeyChanges(data_dir=data_dir, identity=identity, policy=self.policy,
+                                     publisher=self.publisher, partners=self.partners,
+                                     storage=storage, now_ms=self.now_ms, spawn=self.spawn)
         self._wire()
 
     def _partner_name(self, key: bytes) -> str:
         link = self.partners.get(key)
-        return link.row.name if link is not None else cards_node_id(key)
+        return link.row.name if link is not None else self.policy.name(key)
 
     def _wire(self) -> None:
         """Connect the roles' outputs to the roles that act on them."""
@@ -163,10 +167,35 @@ class Node:
         self.ingest_role.on_commit = g.committed
         self.ingest_role.on_new_feed = g.cards_stale
         self.ingest_role.on_history_wanted = g.history_wanted
+        self.ingest_role.fetch_key_log = self._fetch_key_log
+        self.policy.on_log_refused = self._log_refused
+        self.policy.on_recovery = self._recovered
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
         self.checkpoints.cadence_of = self.policy.cadence_of
         g.on_wake = self._committed
+
+    async def _fetch_key_log(self, link: PartnerLink, origin: bytes) -> bool:
+        """Fetch ``origin``'s key log from ``link``'s partner and offer it: True if a
+        log was taken (its records are then verified again)."""
+        try:
+            data = await link.client.key_log(keylog.identity_id(origin))
+        except CitynodeError as exc:
+            log.info("no key log from partner", extra=fields(
+                partner=link.row.name, origin=keylog.identity_id(origin), error=str(exc)))
+            return False
+        d = self.policy.offer_log(origin, data, link.key)
+        return d is not None and d.accept
+
+    def _recovered(self, identity: bytes) -> None:
+        """A key log with a recovery was taken: drop what it cuts off, in a task."""
+        self.spawn(self.keychanges.purge(identity), "purge-recovered")
+
+    def _log_refused(self, source: bytes | None, exc: InvalidRecord) -> None:
+        """A received key log refused: counted on the partner it came from, with the
+        reason code the core gave."""
+        link = self.partners.get(source) if source is not None else None
+        self.ingest_role.count_invalid(link, exc.reason, f"key log: {exc}")
 
     def _card_news(self, origin: bytes) -> None:
         """A card that changes what may be relayed of ``origin``'s records held: its
@@ -288,6 +317,8 @@ class Node:
         self.replica.load(heads, [(f.origin, f.feed, f.seq) for f in forks])
         for f in forks:
             self.publisher.note_fork(f.origin, f.feed, f.seq)
+        # Key logs first: a partner's requests verify with its log's key in force.
+        await self.policy.load_key_logs()
         if partners:
             await self.partners.start()
         await self.policy.load_cards()

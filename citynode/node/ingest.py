@@ -74,6 +74,8 @@ _LOG_RATE_KEYS_MAX = 10_000
 _REFUSED_UNCHECKED = {
     "quota": "origin over its daily quota (refused before checking signatures)",
 }
+#: Key logs fetched from the sender of one batch whose records name unknown keys.
+MAX_LOG_FETCHES = 4
 #: ``(index in the batch, record id, body, signature, payload or None)``
 _Item = tuple[int, bytes, bytes, bytes, bytes | None]
 #: Items verified together with other ingests': ``(items, now_ms, accept, result)``
@@ -152,6 +154,8 @@ class Ingest:
         self._gates: dict[bytes, asyncio.Semaphore] = {}
         # (source, reason) -> (second, rows logged in it, items not logged since a row)
         self._log_rate: dict[tuple[str, str], tuple[int, int, int]] = {}
+        #: Fetch ``origin``'s key log from a partner and offer it; True if it was taken.
+        self.fetch_key_log: Callable[[PartnerLink, bytes], Awaitable[bool]] = _no_log
 
     async def ingest(self, envelopes: Sequence[bytes], *, source: PartnerLink | None = None,
                      via: str = "push") -> IngestResult:
@@ -200,6 +204,8 @@ class Ingest:
         try:
             key = source.key if source is not None else None
             verified = await self._open(todo, now, res, key)
+            if source is not None:
+                verified = await self._retry_unknown_keys(verified, todo, now, source)
             if waits:
                 # The other ingest's verdict (a result, never an exception: see
                 # _release). A copy whose first check failed is checked here: its
@@ -336,6 +342,36 @@ class Ingest:
                      {item.id for _i, item in verified if isinstance(item, Record)})
         return verified
 
+    async def _retry_unknown_keys(self, verified: list[tuple[int, Record | InvalidRecord]],
+                                  todo: list[_Item], now: int, source: PartnerLink
+                                  ) -> list[tuple[int, Record | InvalidRecord]]:
+        """Records refused as ``unknown_key`` (signed by a key the log held of their
+        origin does not name, or no log held): fetch their origins' logs from the
+        partner that sent them (at most :data:`MAX_LOG_FETCHES` per batch), and verify
+        them again if one was taken. A log refused changes nothing."""
+        unknown = [(n, i) for n, (i, r) in enumerate(verified)
+                   if isinstance(r, InvalidRecord) and r.reason == "unknown_key"]
+        if not unknown:
+            return verified
+        items = {t[0]: t for t in todo}
+        origins: dict[bytes, None] = {}
+        for _n, i in unknown:
+            try:
+                origins[parse_body(items[i][2], self.record_policy)["origin"]] = None
+            except (InvalidRecord, KeyError):
+                continue
+        taken = False
+        for origin in list(origins)[:MAX_LOG_FETCHES]:
+            taken = await self.fetch_key_log(source, origin) or taken
+        if not taken:
+            return verified
+        again = await in_thread(self._verify, [items[i] for _n, i in unknown], now,
+                                self.policy.trust_check())
+        out = list(verified)
+        for (n, _i), item in zip(unknown, again, strict=True):
+            out[n] = item
+        return out
+
     def _beyond_head(self, body: bytes) -> bool:
         """Is this a record the database cannot hold: one whose seq is above the head
         held of its chain? Chains are stored contiguous from seq 1, and heads move in
@@ -465,7 +501,7 @@ class Ingest:
         results = open_records(((body, sig, payload, rid)
                                 for _, rid, body, sig, payload in items), now_ms=now,
                                verifier=self.verifier, policy=self.record_policy,
-                               accept=accept)
+                               accept=accept, key_states=self.policy.keys.state)
         return [(t[0], r) for t, r in zip(items, results, strict=True)]
 
     # ------------------------------------------------------------------ one check per record
@@ -565,3 +601,7 @@ class Ingest:
 
 async def _nothing(actions: Sequence[rp.Action]) -> None:
     return None
+
+
+async def _no_log(source: PartnerLink, origin: bytes) -> bool:
+    return False

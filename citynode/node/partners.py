@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from citynode.config import Config
-from citynode.core.keys import SigningKey, parse_node_id
+from citynode.core.keys import SigningKey, canonical_id, parse_node_id
 from citynode.errors import PeerError, PeerRejected
 from citynode.logs import fields
 from citynode.metrics import Metrics
@@ -143,7 +143,8 @@ class Partners:
         from citynode.transport.client import fetch_card
 
         pk = parse_node_id(partner_id)
-        if pk == self.key.public_key:
+        partner_id = canonical_id(partner_id)
+        if pk == getattr(self.key, "identity", self.key.public_key):
             raise PeerError("that is this node's own id")
         card = await fetch_card(url, partner_id, now_ms=self.now_ms())
         row = PartnerRow(
@@ -155,11 +156,13 @@ class Partners:
             card=card.envelope,
             added_at=self.now_ms(),
         )
+        # The card (and a cn2 partner's key log in it) before the partner can call: its
+        # requests verify with the log's key in force.
+        learn_card(card.envelope, pk)
         await asyncio.wrap_future(self.storage.put_partner(row))
         old = self.links.pop(pk, None)
         if old is not None:
             await self.close(old)
-        learn_card(card.envelope, pk)
         self.open(row)
         return row
 

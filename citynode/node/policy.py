@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 from citynode import __version__
 from citynode.config import Config
-from citynode.core import access, cards, sync
+from citynode.core import access, cards, keylog, sync
 from citynode.core.chain import ForkProof
-from citynode.core.keys import SigningKey, Verifier, node_id, parse_node_id
+from citynode.core.keybook import KeyBook
+from citynode.core.keys import NodeKey, Verifier, node_id, parse_node_id
 from citynode.core.records import Record, sealed_of
 from citynode.core.replica import Replica
 from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
@@ -46,8 +47,20 @@ class Policy:
                  partners: Callable[[], frozenset[bytes]]) -> None:
         self.config = config
         self.identity = identity
-        self.key: SigningKey = identity.key
-        self.public_key = identity.key.public_key
+        self.key: NodeKey = identity.key
+        self.public_key = identity.identity  # what partners pin (D of a cn2 node)
+        #: The key logs held, one per cn2 identity (ours included).
+        self.keys = KeyBook()
+        if self.key.log is not None:
+            self.keys.restore(self.public_key, self.key.log, verifier=verifier)
+            # Kept with the others: `citynode check` verifies our records offline by it.
+            storage.set_meta("keylog:" + self.public_key.hex(), self.key.log)
+        #: A key log with a recovery was taken: ``(identity)`` (records the recovery cut
+        #: off are then dropped).
+        self.on_recovery: Callable[[bytes], None] = lambda identity: None
+        #: A received key log was refused: ``(source partner or None, error)``.
+        self.on_log_refused: Callable[[bytes | None, InvalidRecord], None] = \
+            lambda source, exc: None
         self.storage = storage
         self.replica = replica
         self.verifier = verifier
@@ -91,7 +104,7 @@ class Policy:
             return self._card
         tls = self.identity.cert_fingerprint if self.config.tls.enabled else None
         want = (self.config.node.name, self.config.node.public_url, tls, feeds,
-                tuple(sorted(self.partners())), f"citynode/{__version__}")
+                tuple(sorted(self.partners())), f"citynode/{__version__}", self.key.log)
         held = self._card if self._card is not None else self._stored_own_card()
         if held is not None and _content(held) == want:
             self._card = held
@@ -154,6 +167,9 @@ class Policy:
             return 0
         now = self.now_ms()
         opened = await in_thread(lambda: [self._open(e, None, now) for e in fresh])
+        for c in opened:
+            if c is not None and c.keylog is not None:
+                self.offer_log(c.node, c.keylog, None)
         return sum(self._keep(c, e) for c, e in zip(opened, fresh, strict=True)
                    if c is not None)
 
@@ -163,7 +179,79 @@ class Policy:
         if env in self._card_envs:
             return False  # seen exactly this one: no need to verify it again
         c = self._open(env, expected_key, self.now_ms())
+        if c is not None and c.keylog is not None:
+            self.offer_log(c.node, c.keylog, expected_key)
         return c is not None and self._keep(c, env)
+
+    # ------------------------------------------------------------------ key logs
+
+    def offer_log(self, identity: bytes, log: bytes, source: bytes | None
+                  ) -> keylog.LogDecision | None:
+        """Verify a received key log of ``identity`` and hold it if
+        :func:`keylog.compare_logs` says so (kept in storage). A log that does not verify,
+        or that the decision refuses, is counted on ``source`` (the partner it came
+        from) with its reason and changes nothing: records valid under the held log
+        stay valid. Returns the decision, or None for a log that did not verify."""
+        if identity == self.public_key and log == self.key.log:
+            return None  # ours, as we hold it
+        before = self.keys.held(identity)
+        try:
+            decision = self.keys.offer(identity, log, verifier=self.verifier,
+                                       now_ms=self.now_ms())
+        except (InvalidRecord, ValueError) as exc:
+            err = exc if isinstance(exc, InvalidRecord) else InvalidRecord(str(exc))
+            self.on_log_refused(source, err)
+            return None
+        if decision.error is not None:
+            self.on_log_refused(source, decision.error)
+        if decision.outcome in ("extends", "recovered", "dead", "key-fork"):
+            held = self.keys.held(identity)
+            if held is not None and any(e.type == "recovery" and (
+                    before is None or e.body not in {b.body for b in before.events})
+                    for e in held.events):
+                self.on_recovery(identity)  # a recovery new here: drop what it cut off
+            if held is not None:
+                self.storage.set_meta("keylog:" + identity.hex(), held.wire)
+                if held.proof is not None:
+                    self.storage.set_meta("keyproof:" + identity.hex(), held.proof.encode())
+            self._forget_derived()
+        return decision
+
+    async def load_key_logs(self) -> None:
+        """At start: hold the key logs kept (verified again)."""
+        for name, data in await in_thread(self.storage.meta_prefixed, "keylog:"):
+            try:
+                ident = bytes.fromhex(name.removeprefix("keylog:"))
+                if ident != self.public_key:
+                    self.keys.restore(ident, data, verifier=self.verifier)
+            except (ValueError, CitynodeError) as exc:
+                log.info("ignored a kept key log that does not verify",
+                         extra=fields(error=str(exc)))
+
+    def own_log_changed(self) -> None:
+        """Our key log changed (a rotation or a recovery): hold it, and sign a new card
+        (which carries it) when next asked."""
+        assert self.key.log is not None
+        self.keys.restore(self.public_key, self.key.log, verifier=self.verifier)
+        self.storage.set_meta("keylog:" + self.public_key.hex(), self.key.log)
+        self._card_stale = True
+        self._forget_derived()
+
+    def _who(self, recipients: frozenset[bytes] | None) -> frozenset[bytes] | None:
+        """A sealed record's recipients (keys) as the identities partners are pinned
+        by (a cn2 reader's key belongs to its identity)."""
+        if recipients is None or not len(self.keys):
+            return recipients
+        return frozenset(self.keys.owner(k) for k in recipients)
+
+    def identity_of_key(self, key: bytes) -> bytes:
+        """The identity a signing key belongs to among the logs held (a reader's sealed
+        recipient key), else the key itself (a cn1 node)."""
+        return self.keys.owner(key)
+
+    def name(self, identity: bytes) -> str:
+        """The printable id of ``identity`` (``cn2`` if its log is held)."""
+        return self.keys.name(identity)
 
     def _open(self, env: bytes, expected_key: bytes | None, now: int | None
               ) -> cards.NodeCard | None:
@@ -407,7 +495,7 @@ class Policy:
         """Access policy on the push path, for this record (sealed or not)."""
         pol = self.feed_policy(rec.origin, rec.feed)
         if pol.access == access.RESTRICTED:
-            pol = access.for_record(pol, sealed_to(rec.sealed))
+            pol = access.for_record(pol, self._who(sealed_to(rec.sealed)))
         return access.may_relay(pol, rec.origin, partner)
 
     def may_relay_envelope(self, partner: bytes, origin: bytes, feed: str,
@@ -415,7 +503,7 @@ class Policy:
         """As :meth:`may_send`, for a stored envelope (the fetch path)."""
         pol = self.feed_policy(origin, feed)
         if pol.access == access.RESTRICTED:
-            pol = access.for_record(pol, readers_of(envelope))
+            pol = access.for_record(pol, self._who(readers_of(envelope)))
         return access.may_relay(pol, origin, partner)
 
     def may_pass(self, partner: bytes, origin: bytes, feed: str,
@@ -432,7 +520,7 @@ class Policy:
             except InvalidProof:  # a split view: checkpoints, no record
                 return access.may_relay(pol, origin, partner)
             # Both records: the proof carries either one in clear if it is.
-            return all(access.may_relay(access.for_record(pol, readers_of(env)), origin,
+            return all(access.may_relay(access.for_record(pol, self._who(readers_of(env))), origin,
                                         partner) for env in (fp.a, fp.b))
         return access.may_relay(pol, origin, partner)
 
@@ -444,7 +532,7 @@ class Policy:
         (for a restricted feed: its origin's readers, or none known here)."""
         pol = self.feed_policy(origin, feed)
         if pol.access == access.RESTRICTED and envelope is not None:
-            pol = access.for_record(pol, readers_of(envelope))
+            pol = access.for_record(pol, self._who(readers_of(envelope)))
         return access.may_read(pol, origin, caller)
 
     def may_list(self, origin: bytes, feed: str, caller: bytes | None) -> bool:
@@ -468,7 +556,7 @@ class Policy:
 
 def _content(c: cards.NodeCard) -> tuple[object, ...]:
     """What a card states, apart from when it was signed."""
-    return (c.name, c.url, c.tls, c.feeds, c.partners, c.software)
+    return (c.name, c.url, c.tls, c.feeds, c.partners, c.software, c.keylog)
 
 
 def readers_of(envelope: bytes) -> frozenset[bytes] | None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from citynode.config import Config
 from citynode.core import access, egress
 from citynode.core import replica as rp
 from citynode.core.chain import FeedHead
-from citynode.core.keys import SigningKey, Verifier, parse_node_id
+from citynode.core.keys import NodeKey, Verifier, parse_node_id
 from citynode.core.records import (
     Record,
     RecordPolicy,
@@ -37,18 +37,20 @@ from citynode.node.policy import Policy
 
 __all__ = ["Publisher"]
 
+T = TypeVar("T")
+
 log = logging.getLogger("citynode.node")
 
 
 class Publisher:
     """Sign, chain and durably commit records of this node's own feeds."""
 
-    def __init__(self, *, config: Config, key: SigningKey, replica: rp.Replica, ingest: Ingest,
+    def __init__(self, *, config: Config, key: NodeKey, replica: rp.Replica, ingest: Ingest,
                  policy: Policy, partners: Partners, metrics: Metrics, verifier: Verifier,
                  record_policy: RecordPolicy) -> None:
         self.config = config
         self.key = key
-        self.public_key = key.public_key
+        self.public_key = key.identity
         self.replica = replica
         self.ingest = ingest
         self.policy = policy
@@ -57,6 +59,9 @@ class Publisher:
         self.verifier = verifier
         self.record_policy = record_policy
         self._locks: dict[str, asyncio.Lock] = {}
+        # Cleared while the signing key changes (rotate_key): no publish starts then.
+        self._no_rotation = asyncio.Event()
+        self._no_rotation.set()
 
     async def publish(self, feed: str, type_name: str, items: Sequence[dict[str, Any]], *,
                       subjects: Sequence[str | None] | None = None) -> list[Record]:
@@ -72,6 +77,9 @@ class Publisher:
             raise PayloadError("nothing to publish: give at least one payload", "missing_field")
         self._refuse_if_blocked(feed)
         await self._await_first_sync()
+        await self._no_rotation.wait()
+        # No await between the wait and taking the lock's place: a key change that
+        # begins now finds this feed's lock and waits for this publish.
         lock = self._locks.setdefault(feed, asyncio.Lock())
         async with lock:
             self.replica.check_publish(feed)
@@ -84,7 +92,8 @@ class Publisher:
             fc = self.config.feeds.get(feed)
             # Erasure requests are never sealed: every node holding what they name must
             # read them.
-            readers = ([parse_node_id(r) for r in fc.readers]
+            # A cn2 reader's records are sealed to its key in force (its log held).
+            readers = ([self.policy.keys.current_key(parse_node_id(r)) for r in fc.readers]
                        if fc is not None and fc.access == access.RESTRICTED
                        and feed != ERASURE_FEED else None)
             recs = await in_thread(self._sign_batch, feed, type_name, items, subjects, head,
@@ -122,7 +131,7 @@ class Publisher:
                     data, subject = leaving.data, leaving.subject
                 r = sign_record(self.key, feed=feed, seq=seq, prev=prev, time_ms=now,
                                 type=type_name, data=data, readers=readers,
-                                subject=subject)
+                                subject=subject, identity=self.key.record_identity)
                 size = max(len(r.body), len(r.payload or b""))
                 if size > limit:
                     # The limit every node applies on ingest (to the body and to the
@@ -139,6 +148,23 @@ class Publisher:
             prev = r.id
             out.append(r)
         return out
+
+    async def with_signing_stopped(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run ``step`` while no own record is being signed: new publishes wait, and
+        every feed's publish under way finishes first (a rotation takes the heads and
+        switches keys in one step: docs/PROTOCOL.md, "Intended wiring")."""
+        self._no_rotation.clear()
+        locks = [self._locks[f] for f in sorted(self._locks)]
+        try:
+            for lk in locks:
+                await lk.acquire()
+            try:
+                return await step()
+            finally:
+                for lk in locks:
+                    lk.release()
+        finally:
+            self._no_rotation.set()
 
     async def erase(self, ids: Sequence[bytes], reason: str) -> Record:
         """Publish an erasure request for records of ours (``ids``): every node holding

@@ -28,6 +28,8 @@ from citynode.transport.web import (
 __all__ = [
     "admin_bridges",
     "admin_erase",
+    "admin_key_recover",
+    "admin_key_rotate",
     "admin_partner_delete",
     "admin_partners",
     "admin_status",
@@ -82,6 +84,34 @@ async def publish(request: web.Request) -> web.Response:
         {"ids": [r.id.hex() for r in recs], "first_seq": recs[0].seq, "last_seq": recs[-1].seq,
          "access": node.feed_access(feed)}
     )
+
+
+async def admin_key_rotate(request: web.Request) -> web.Response:
+    """``POST``: rotate this node's signing key to the pre-committed next one
+    (``citynode key rotate``); answers ``{node_id, seq, key}``."""
+    require_operator(request)
+    return web.json_response(await request.app[NODE_KEY].keychanges.rotate())
+
+
+async def admin_key_recover(request: web.Request) -> web.Response:
+    """``POST {"recovery_seed": hex, "last_good": {feed: seq}, "recovery_passphrase":
+    text}``: recover this node's identity with its recovery key (``citynode key
+    recover``); answers ``{node_id, seq, key, recovery_path, recovery_phrase}``."""
+    require_operator(request)
+    body = await read_body(request)
+    try:
+        req = json.loads(body)
+        seed = bytes.fromhex(str(req["recovery_seed"]))
+        last_good = {str(f): int(s) for f, s in dict(req["last_good"]).items()}
+        rpw = str(req["recovery_passphrase"])
+        if len(seed) != 32 or not rpw or any(s < 1 for s in last_good.values()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise web.HTTPBadRequest(
+            text='send {"recovery_seed": "<64 hex>", "last_good": {"feed": seq, ...}, '
+                 '"recovery_passphrase": "..."}') from None
+    out = await request.app[NODE_KEY].keychanges.recover(seed, last_good, rpw)
+    return web.json_response(out)
 
 
 async def admin_erase(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ from citynode.transport.web import (
     may_read_feed,
     origin_arg,
     pack,
+    read_body,
     read_check,
     record_filter,
     signed_caller,
@@ -36,11 +37,13 @@ __all__ = [
     "card",
     "consistency_proof",
     "get_checkpoints",
+    "get_key_log",
     "get_record",
     "healthz",
     "inclusion_proof",
     "list_feeds",
     "list_records",
+    "post_key_log",
     "readyz",
 ]
 
@@ -225,10 +228,11 @@ def _check_anchor(cp_env: bytes | None, root: bytes, size: int) -> None:
     showed a different tree of this size somewhere: a split view)."""
     if cp_env is None:
         return
-    from citynode.core.checkpoints import open_checkpoint
-    from citynode.core.keys import Verifier
+    from citynode.core.checkpoints import parse_checkpoint_body
+    from citynode.core.records import decode_envelope
 
-    if open_checkpoint(cp_env, verifier=Verifier()).root != root:
+    # Stored only after it verified (with its origin's key log, for a cn2 origin).
+    if parse_checkpoint_body(decode_envelope(cp_env)[0])["root"] != root:
         raise web.HTTPConflict(
             text=f"the origin's signed checkpoint of size {size} disagrees with the records "
                  "held here: a split view (`citynode forks` lists such proofs)")
@@ -260,3 +264,38 @@ async def consistency_proof(request: web.Request) -> web.Response:
                                   "old_checkpoint": b64(held[old]) if old in held else None,
                                   "new_checkpoint": b64(held[new]) if new in held else None})
     return web.Response(body=encode_consistency(old, new, path), content_type=MSGPACK)
+
+
+async def get_key_log(request: web.Request) -> web.Response:
+    """The key log held of a cn2 identity (``?origin=cn2...``), as its wire bytes
+    (docs/PROTOCOL.md, "Key events"): public, as the id it verifies from. 404 if none
+    is held (a cn1 id never has one)."""
+    node = request.app[NODE_KEY]
+    origin = origin_arg(request)
+    if origin is None:
+        raise web.HTTPBadRequest(text="a key log needs ?origin=cn2...")
+    held = node.policy.keys.held(origin)
+    if held is None:
+        raise web.HTTPNotFound(text="no key log of that identity here")
+    return web.Response(body=held.wire, content_type=MSGPACK)
+
+
+async def post_key_log(request: web.Request) -> web.Response:
+    """A key log offered for a cn2 identity (``?origin=cn2...``): verified from the id
+    alone and held as ``compare_logs`` decides. Only for a partner or an identity whose
+    log is held already (nobody can fill memory with logs of made-up identities); a
+    refused log is counted with its reason and changes nothing. Answers
+    ``{"outcome": ...}``."""
+    node = request.app[NODE_KEY]
+    origin = origin_arg(request)
+    if origin is None:
+        raise web.HTTPBadRequest(text="a key log needs ?origin=cn2...")
+    if origin not in node.policy.keys and node.partners.get(origin) is None:
+        raise web.HTTPNotFound(text="not a partner, and no key log of it is held here")
+    from citynode.core.keylog import MAX_LOG_BYTES
+
+    body = await read_body(request)
+    if len(body) > MAX_LOG_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_LOG_BYTES, actual_size=len(body))
+    d = node.policy.offer_log(origin, body, origin if node.partners.get(origin) else None)
+    return pack({"outcome": "refused" if d is None else d.outcome})

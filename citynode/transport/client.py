@@ -112,6 +112,21 @@ class PeerClient:
         return _envelopes(out, self.base_url, cards.MAX_CARDS_KEPT + 1,
                           cards.CARD_LIMITS.max_bytes)
 
+    async def key_log(self, origin_id: str) -> bytes:
+        """The key log the partner holds of the ``cn2`` id ``origin_id`` (its wire bytes,
+        unverified, at most a log's size). PeerRejected (404) if it holds none."""
+        from citynode.core.keylog import MAX_LOG_BYTES
+
+        return await self.request("GET", f"/v1/keylog?origin={origin_id}", signed=False,
+                                  max_bytes=MAX_LOG_BYTES + 16)
+
+    async def offer_key_log(self, origin_id: str, log: bytes) -> dict[str, Any]:
+        """POST a key log of ``origin_id`` (ours, after a rotation or a recovery): the
+        partner verifies it from the id alone. Returns its decision."""
+        out = await self.request("POST", f"/v1/keylog?origin={origin_id}", log,
+                                 signed=False)
+        return _map(out, self.base_url)
+
     async def card_history(self, origin_id: str) -> list[bytes]:
         """The cards the partner holds of ``origin_id`` (its card history, oldest first),
         unverified: at most MAX_HISTORY_CARDS of at most a card's size each, and no more

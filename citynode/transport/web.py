@@ -306,6 +306,7 @@ def _verify(request: web.Request, body: bytes,
         verifier=node.verifier,
         expected_target=node.node_id,
         authorize=authorize,
+        key_of=node.policy.keys.current_key,
     )
 
 

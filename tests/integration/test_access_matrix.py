@@ -58,11 +58,12 @@ from citynode.core.checkpoints import (
     verify_consistency,
     verify_inclusion,
 )
+from citynode.core.keybook import KeyBook
 from citynode.core.keys import SigningKey, Verifier, parse_node_id
 from citynode.core.records import Record, decode_record, open_record, with_payload
 from citynode.core.sealed import is_recipient
 from citynode.errors import PeerRejected
-from citynode.identity import load_identity
+from citynode.identity import keylog_identity, load_identity
 from citynode.transport.client import PeerClient
 from tests.conftest import eventually
 
@@ -141,6 +142,9 @@ async def _world(cluster: Cluster, running: list[str]) -> World:
     keys: dict[str, SigningKey | None] = {
         name: load_identity(nodes[name].dir).key for name in ("origin", "relay", "partner",
                                                               "reader")}
+    for n in nodes.values():
+        log = (n.dir / "keylog").read_bytes()
+        _KEYS.restore(keylog_identity(log), log, verifier=Verifier())
     keys["anonymous"] = None
     keys["stranger"] = SigningKey.generate()
     return World(nodes, keys)
@@ -201,9 +205,13 @@ async def _get(n: LocalNode, key: SigningKey | None, path_qs: str, accept: str =
         return r.status, await r.read()
 
 
+_KEYS = KeyBook()  # the key logs of the world's nodes (all cn2)
+
+
 def _open(env: bytes) -> Record:
     body, sig, payload = decode_record(env)
-    return open_record(body, sig, payload, now_ms=2**62, verifier=Verifier())
+    return open_record(body, sig, payload, now_ms=2**62, verifier=Verifier(),
+                       key_states=_KEYS.state)
 
 
 def _payload_problem(rec: Record, feed: str, key: SigningKey | None) -> str | None:
@@ -364,7 +372,8 @@ async def _read_cells(w: World, m: Matrix, at: str, caller: str, base: Baseline)
             if got[0] != 200:
                 return f"expected 200, got {got}"
             held = json.loads(got[1])["checkpoints"]
-            cps = [open_checkpoint(base64.b64decode(c["envelope"]), verifier=Verifier())
+            cps = [open_checkpoint(base64.b64decode(c["envelope"]), verifier=Verifier(),
+                                   key_states=_KEYS.state)
                    for c in held]
             if not cps or any((c.origin, c.feed) != (parse_node_id(origin), feed) for c in cps):
                 return f"expected the origin's checkpoints of {feed}, got {held}"
@@ -381,7 +390,8 @@ async def _read_cells(w: World, m: Matrix, at: str, caller: str, base: Baseline)
             if got[0] != 200:
                 return f"expected 200, got {got}"
             p = json.loads(got[1])
-            cp = open_checkpoint(base64.b64decode(p["checkpoint"]), verifier=Verifier())
+            cp = open_checkpoint(base64.b64decode(p["checkpoint"]), verifier=Verifier(),
+                                 key_states=_KEYS.state)
             if (cp.origin, cp.feed, cp.size) != (parse_node_id(origin), feed, p["size"]):
                 return f"proof anchored on another checkpoint: {p}"
             verify_inclusion(rid, p["index"], p["size"], [bytes.fromhex(h) for h in p["path"]],

@@ -20,6 +20,7 @@ from citynode.core.keys import Verifier
 from citynode.core.records import decode_record, open_record
 from citynode.errors import PeerError, PeerRejected
 from citynode.transport.client import fetch_card
+from tests.conftest import key_states
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,8 @@ async def test_run_serves_card_publish_and_reads(cluster: Cluster) -> None:
     assert [x["seq"] for x in page2["records"]] == [4, 5] and page2["next"] is None
     raw = msgpack.unpackb(await n.api("GET", "/v1/records?limit=10", operator=False, raw=True))
     v = Verifier()
-    recs = [open_record(*decode_record(e), now_ms=2**60, verifier=v) for e in raw["records"]]
+    recs = [open_record(*decode_record(e), now_ms=2**60, verifier=v,
+                        key_states=key_states(n.dir)) for e in raw["records"]]
     assert [r.id.hex() for r in recs] == out["ids"]
     assert recs[1].prev == recs[0].id
     one = await n.api("GET", f"/v1/records/{out['ids'][2]}", operator=False)

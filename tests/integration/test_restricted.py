@@ -16,7 +16,7 @@ from citynode.core.keys import Verifier
 from citynode.core.records import open_record
 from citynode.errors import AccessDenied, PeerRejected
 from citynode.identity import load_identity
-from tests.conftest import eventually
+from tests.conftest import eventually, key_states
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +77,8 @@ async def test_relay_forwards_what_it_cannot_read(cluster: Cluster) -> None:
         for r in (rec, *got, streamed):
             assert r.id.hex() == rid and r.sealed is not None
             assert r.type == "CyberSecurityNotice" and r.data["severity"] == "high"
-            assert open_record(r.body, r.sig, r.payload, now_ms=2**62,
-                               verifier=Verifier()).id == r.id
+            assert open_record(r.body, r.sig, r.payload, now_ms=2**62, verifier=Verifier(),
+                               key_states=key_states(a.dir, b.dir, c.dir)).id == r.id
         inner = plaintext(rec, seoul_key)
         assert inner.type == "CyberSecurityNotice" and inner.data["severity"] == "high"
         with pytest.raises(AccessDenied):

@@ -54,7 +54,8 @@ async def test_checkpoints_gossip_and_prove(inproc: Make) -> None:
     await eventually(b_has_both, timeout=20)
     # An inclusion proof served by the replica verifies against the origin's signature.
     p = await _get(b, f"/v1/proofs/inclusion?id={ids[4].hex()}")
-    cp = cps.open_checkpoint(base64.b64decode(p["checkpoint"]), verifier=Verifier())
+    cp = cps.open_checkpoint(base64.b64decode(p["checkpoint"]), verifier=Verifier(),
+                             key_states=a.node.policy.keys.state)
     assert cp.size == 13 and cp.origin == a.node.public_key
     cps.verify_inclusion(ids[4], p["index"], p["size"], [bytes.fromhex(x) for x in p["path"]],
                          cp.root)
@@ -101,7 +102,8 @@ async def test_split_view_is_detected_and_kept(inproc: Make) -> None:
     assert b'"split-view"' in out
     (row,) = b.node.storage.fork_proofs()
     assert row.kind == "split-view" and row.seq == 4
-    ca, cb = cps.verify_split_view(cps.SplitViewProof.decode(row.proof), Verifier())
+    ca, cb = cps.verify_split_view(cps.SplitViewProof.decode(row.proof), Verifier(),
+                                   b.node.policy.keys.state)
     assert {ca.root, cb.root} == {honest.root, b"\x07" * 32}
     # ... and B forwards the proof to its partners (A here).
 

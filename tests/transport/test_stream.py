@@ -138,7 +138,8 @@ async def _sse(n: InProc, query: str, want: int, out: list[tuple[int, str, int]]
                     out.append((int(fields[b"id"]), rec["feed"], rec["data"]["n"]))
                 else:  # ?format=envelope: the signed envelope alone, verified here
                     opened = open_record(*decode_record(base64.b64decode(fields[b"data"])),
-                                         now_ms=2**62, verifier=Verifier())
+                                         now_ms=2**62, verifier=Verifier(),
+                                         key_states=n.node.policy.keys.state)
                     out.append((int(fields[b"id"]), opened.feed, opened.data["n"]))
 
 

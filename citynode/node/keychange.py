@@ -1,0 +1,193 @@
+"""Changing this node's signing key: a planned rotation (``citynode key rotate``) and a
+recovery after a compromise (``citynode key recover``), as docs/PROTOCOL.md ("Intended
+wiring") describes.
+
+A rotation is one step while no own record is being signed: take the head of every own
+feed, sign the rotation with the pre-committed next key, write the keys and the log
+(crash-safe: identity.write_key_change), and sign with the new key from then on.
+Nothing waits on the network, so there is no downtime; partners learn the new log from
+the node's card, from ``POST /v1/keylog`` sent right after, or when a record signed by
+the new key makes them fetch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from citynode.core import keylog
+from citynode.core.keylog import Head
+from citynode.core.keys import SigningKey
+from citynode.core.records import decode_record, parse_body, record_id
+from citynode.errors import CitynodeError, ConfigError
+from citynode.identity import Identity, read_next_key, write_key_change, write_recovery_file
+from citynode.logs import fields
+from citynode.node._base import Spawn, in_thread
+from citynode.node.partners import Partners
+from citynode.node.policy import Policy
+from citynode.node.publishing import Publisher
+from citynode.storage import Storage
+
+__all__ = ["KeyChanges"]
+
+log = logging.getLogger("citynode.node")
+
+
+class KeyChanges:
+    """Rotations and recoveries of this node's own key log."""
+
+    def __init__(self, *, data_dir: Path, identity: Identity, policy: Policy,
+                 publisher: Publisher, partners: Partners, storage: Storage,
+                 now_ms: Callable[[], int], spawn: Spawn) -> None:
+        self.data_dir = data_dir
+        self.identity = identity
+        self.key = identity.key
+        self.policy = policy
+        self.publisher = publisher
+        self.partners = partners
+        self.storage = storage
+        self.now_ms = now_ms
+        self.spawn = spawn
+
+    def _state(self) -> keylog.KeyState:
+        if self.key.log is None:
+            raise ConfigError("this node has a cn1 id (its key is its identity): it has no "
+                              "key log to rotate or recover; make a new node with "
+                              "`citynode init` for a cn2 id")
+        return keylog.verify_log(self.key.identity, self.key.log,
+                                 verifier=self.policy.verifier)
+
+    def _own_heads(self) -> dict[str, Head]:
+        me = self.key.identity
+        return {f: Head(h.seq, h.id) for (o, f), h in list(self.publisher.replica.heads.items())
+                if o == me and h.seq >= 1}
+
+    async def rotate(self) -> dict[str, Any]:
+        """Rotate to the pre-committed next key; return ``{node_id, seq, key}``.
+        Raises :class:`ConfigError` (a cn1 node), :class:`KeyFileError`."""
+        state = self._state()
+        nxt = await in_thread(read_next_key, self.data_dir, self.identity.passphrase)
+        if keylog.commit_key(nxt.public_key) != state.next:
+            raise ConfigError(f"{self.data_dir}/node.next.key is not the key this node's log "
+                              "committed to: restore it from the same backup as node.key")
+
+        async def step() -> keylog.KeyEvent:
+            after = SigningKey.generate()
+            ev = keylog.rotate(state, nxt, after.public_key, max(self.now_ms(), state.time),
+                               self._own_heads())
+            wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
+            await in_thread(write_key_change, self.data_dir, wire, nxt.seed, after.seed,
+                            self.identity.passphrase)
+            self.key.switch(nxt.seed, wire)
+            self.policy.own_log_changed()
+            return ev
+
+        ev = await self.publisher.with_signing_stopped(step)
+        log.warning("signing key rotated", extra=fields(node=self.key.node_id, seq=ev.seq,
+                                                        key=ev.key.hex()))
+        self._announce()
+        return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex()}
+
+    async def recover(self, recovery_seed: bytes, last_good: dict[str, int],
+                      recovery_passphrase: str) -> dict[str, Any]:
+        """Recover with the recovery key: after the last event of the log this node
+        made (its own keylog file), a recovery naming per feed the last good record
+        (``last_good``: feed -> seq, each held here), a new signing key, next key and
+        recovery key. Records the superseded key signed beyond those heads are invalid
+        everywhere. Writes a new recovery file (the recovery key rotates on use),
+        sealed with ``recovery_passphrase``. Returns ``{node_id, seq, key,
+        recovery_path, recovery_phrase}``; records held here beyond the heads (the
+        thief's, fetched from partners) are dropped. Raises :class:`ConfigError` for a
+        wrong recovery key or a last-good record not held."""
+        state = self._state()
+        q = SigningKey(recovery_seed)
+        if keylog.commit_key(q.public_key) != state.recovery:
+            raise ConfigError("that recovery key is not the one this node's log commits to "
+                              "(an older recovery file?)")
+        me = self.key.identity
+        heads: dict[str, Head] = {}
+        for feed, seq in sorted(last_good.items()):
+            rid = await in_thread(self.storage.id_at, me, feed, seq)
+            if rid is None:
+                raise ConfigError(f"--last-good {feed}={seq}: no record of this node at that "
+                                  "position is held here")
+            heads[feed] = Head(seq, rid)
+
+        async def step() -> tuple[keylog.KeyEvent, SigningKey]:
+            new, after, q_next = (SigningKey.generate() for _ in range(3))
+            ev = keylog.recover(state, q, new.public_key, after.public_key, q_next.public_key,
+                                max(self.now_ms(), state.time), heads)
+            wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
+            # The new recovery file first: a recovery whose next recovery key is lost
+            # would leave the identity unrecoverable.
+            await in_thread(write_recovery_file, self.data_dir, q_next.seed, me,
+                            recovery_passphrase)
+            await in_thread(write_key_change, self.data_dir, wire, new.seed, after.seed,
+                            self.identity.passphrase)
+            self.key.switch(new.seed, wire)
+            self.policy.own_log_changed()
+            return ev, q_next
+
+        ev, q_next = await self.publisher.with_signing_stopped(step)
+        log.warning("identity recovered with the recovery key", extra=fields(
+            node=self.key.node_id, seq=ev.seq, heads={f: h.seq for f, h in heads.items()}))
+        # Our own copies of what the thief signed (fetched from partners) go too.
+        await self.purge(me)
+        self._announce()
+        return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex(),
+                "recovery_path": str(self.data_dir / "recovery.key"),
+                "recovery_phrase": keylog.recovery_phrase(q_next.seed)}
+
+    async def purge(self, identity: bytes) -> int:
+        """Drop the records held of ``identity`` that its key log (just taken, with a
+        recovery) now refuses -- beyond a retired key's heads -- from the first such
+        record of each feed on (its successors chain to it). Returns how many went."""
+        state = self.policy.keys.state(identity)
+        if state is None:
+            return 0
+        replica = self.publisher.replica
+        gone = 0
+        for (o, feed), h in list(replica.heads.items()):
+            if o != identity:
+                continue
+            base = state.established.get(feed)
+            seq = base.seq if base is not None else 0
+            if h.seq <= seq:
+                continue
+            bad = None
+            for env in await in_thread(self.storage.range, o, feed, seq + 1, h.seq, h.seq):
+                body, _sig, _payload = decode_record(env)
+                f = parse_body(body)
+                v = state.key_verdict(f.get("key", o), feed, f["seq"], record_id(body))
+                if not v.valid:
+                    bad = f["seq"]
+                    break
+            if bad is None:
+                continue
+            n = await asyncio.wrap_future(self.storage.truncate(o, feed, bad - 1))
+            kept = await in_thread(self.storage.head, o, feed)
+            replica.cut((o, feed), kept)
+            gone += n
+            log.warning("dropped records a recovery cut off", extra=fields(
+                origin=self.policy.name(o), feed=feed, from_seq=bad, records=n))
+        return gone
+
+    def _announce(self) -> None:
+        """Send our new log to every partner now (they would also learn it from our
+        card or from our next record); a partner that is down learns it later."""
+        wire = self.key.log
+        if wire is None:
+            return
+        for link in self.partners.links.values():
+            self.spawn(self._offer(link.client, link.row.name, wire), "announce-keylog")
+
+    async def _offer(self, client: Any, name: str, wire: bytes) -> None:
+        try:
+            out = await client.offer_key_log(self.key.node_id, wire)
+        except CitynodeError as exc:
+            log.info("key log not delivered", extra=fields(partner=name, error=str(exc)))
+            return
+        log.info("key log delivered", extra=fields(partner=name, outcome=out.get("outcome")))

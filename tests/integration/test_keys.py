@@ -1,0 +1,205 @@
+"""Identity that outlives its keys, with real ``citynode run`` processes over HTTPS
+(issue 12, point 8): a node rotates while publishing and its partners follow with no
+re-pinning; a stolen key's forgeries are refused everywhere once the owner recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from citynode.cli import main as cli_main
+from citynode.cluster import Cluster, LocalNode
+from citynode.core import keylog
+from citynode.core.keys import Verifier
+from citynode.errors import PeerRejected
+from tests.conftest import eventually
+from tests.integration.test_federation import FAST, TYPE, converge, expected, rec, stop_all
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    r = CliRunner().invoke(cli_main, list(args), env=env)
+    return r.exit_code, r.output
+
+
+async def partner_ids(n: LocalNode) -> list[str]:
+    return sorted(p["node_id"] for p in (await n.api("GET", "/v1/admin/partners"))["partners"])
+
+
+async def key_log_at(n: LocalNode, origin: str) -> keylog.KeyState | None:
+    s = await n.session()
+    async with s.get(f"{n.url}/v1/keylog?origin={origin}") as r:
+        if r.status == 404:
+            return None
+        assert r.status == 200, await r.text()
+        return keylog.verify_log(origin, await r.read(), verifier=Verifier())
+
+
+async def test_middle_city_rotates_while_publishing_and_nobody_repins(
+        cluster: Cluster) -> None:
+    a, b, c = cluster.create(["A", "B", "C"], settings=FAST)
+    await cluster.start()
+    for x, y in [(a, b), (b, c)]:
+        await cluster.link(x, y)
+    assert b.node_id.startswith("cn2")
+    pins = {n.name: await partner_ids(n) for n in (a, c)}
+    published = [0]
+    rotated = asyncio.Event()
+
+    async def publisher() -> None:
+        after = 0
+        while after < 4:
+            i = published[0]
+            out = await b.publish("test", TYPE, [rec(i + j) for j in range(5)])
+            assert out["first_seq"] == i + 1
+            published[0] += 5
+            after += rotated.is_set()
+            await asyncio.sleep(0.05)
+
+    async def rotate() -> None:
+        await eventually(lambda: _reached(c, b, 10), timeout=30)
+        rc, out = await asyncio.to_thread(cli, "key", "rotate", "-d", str(b.dir))
+        assert rc == 0, out
+        assert f"rotated: {b.node_id}" in out
+        rotated.set()
+
+    await asyncio.gather(publisher(), rotate())
+    n = published[0]
+    await converge([a, b, c], expected({(b.node_id, "test"): n}), timeout=60)
+    # The far end holds B's new log (one rotation), and its records under both keys.
+    for other in (a, c):
+        st = await key_log_at(other, b.node_id)
+        assert st is not None and st.seq == 1 and len(st.keys) == 2
+    # Nobody re-pinned: the partner lists hold the same ids.
+    for x in (a, c):
+        assert await partner_ids(x) == pins[x.name]
+    # Records both before and after the rotation verify at C under the key valid for them.
+    page = await c.api("GET", f"/v1/records?origin={b.node_id}&feed=test&limit=1000",
+                       operator=True)
+    assert [r["seq"] for r in page["records"]] == list(range(1, n + 1))
+    await stop_all([a, b, c])
+    for x in (a, b, c):
+        rc, out = await asyncio.to_thread(cli, "check", "-d", str(x.dir))
+        assert rc == 0, out
+
+
+async def _reached(n: LocalNode, origin: LocalNode, seq: int) -> bool:
+    for f in await n.feeds():
+        if f["origin"] == origin.node_id and f["feed"] == "test":
+            return int(f["seq"]) >= seq
+    return False
+
+
+def _sign_forgeries(key: Any, head: dict[str, Any], n: int, time_ms: int) -> list[bytes]:
+    """A thief holding a copy of a node's key signs ``n`` records after ``head`` (seq,
+    id hex), dated ``time_ms`` and earlier (before the honest ones)."""
+    from citynode.core.records import sign_record
+
+    out, prev, seq = [], bytes.fromhex(head["id"]), int(head["seq"])
+    for i in range(n):
+        seq += 1
+        r = sign_record(key, feed="test", seq=seq, prev=prev, time_ms=time_ms - i,
+                        type=TYPE, data={"n": -seq, "station": "FORGED"})
+        out.append(r.envelope)
+        prev = r.id
+    return out
+
+
+async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """B's key is stolen; the thief pushes forgeries to C (later seqs, earlier times)
+    and C takes them (the key is B's key in force). B recovers with its recovery file,
+    naming seq 6 as last good: every node drops the forgeries and refuses them when
+    pushed again, an audit of a bundle taken before the recovery flags them (given the
+    log after it), and B publishes on from seq 7 under its new key."""
+    from citynode.core.keys import NodeKey, parse_node_id, unseal_secret_key
+    from citynode.transport.client import PeerClient
+
+    a, b, c = cluster.create(["A", "B", "C"], settings=FAST)
+    await cluster.start()
+    for x, y in [(a, b), (b, c)]:
+        await cluster.link(x, y)
+    await b.publish("test", TYPE, [rec(i) for i in range(6)])
+    await converge([a, b, c], expected({(b.node_id, "test"): 6}), timeout=60)
+    page = await c.api("GET", f"/v1/records?origin={b.node_id}&feed=test&limit=1000",
+                       operator=True)
+    last = page["records"][-1]
+    assert last["seq"] == 6
+    # The thief copies B's node.key and pushes to C, signing requests as B.
+    seed = unseal_secret_key((b.dir / "node.key").read_bytes(), None)
+    log_before = (b.dir / "keylog").read_bytes()
+    thief = NodeKey(seed, parse_node_id(b.node_id), b.node_id, log_before)
+    forged = _sign_forgeries(thief, last, 3, int(last["time"]) - 3_600_000)
+    client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
+    try:
+        out = await client.push(forged)
+    finally:
+        await client.close()
+    assert out["accepted"] == 3, out  # the key is B's key in force: C cannot tell yet
+    await eventually(lambda: _reached(c, b, 9), timeout=10)
+    # An auditor takes a bundle of B's records from C before the recovery.
+    bundle = tmp_path / "before.bundle"
+    rc, text = await asyncio.to_thread(cli, "export", "-d", str(c.dir), "--origin", b.node_id,
+                                       "--out", str(bundle))
+    assert rc == 0, text
+    # The owner recovers, naming seq 6 as the last record it made itself.
+    rc, text = await asyncio.to_thread(
+        cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
+        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+    assert rc == 0, text
+    assert "MOVE IT OFFLINE" in text and "recovered: " + b.node_id in text
+
+    async def forgeries_gone() -> bool:
+        for x in (a, b, c):
+            st = await key_log_at(x, b.node_id)
+            if st is None or st.seq != 1 or not await _at(x, b, 6):
+                return False
+        return True
+
+    try:
+        await eventually(forgeries_gone, timeout=60)
+    except pytest.fail.Exception:
+        seen = {}
+        for x in (a, b, c):
+            st = await key_log_at(x, b.node_id)
+            seen[x.name] = (None if st is None else st.seq, await x.feeds(), x.tail_log(8))
+        pytest.fail(f"the forgeries were not dropped everywhere: {seen}")
+    # Pushed again (the thief still signs requests with the stolen key): refused, at
+    # the request (the stolen key no longer signs for B) or as records.
+    client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
+    try:
+        with pytest.raises(PeerRejected):
+            await client.push(forged)
+    finally:
+        await client.close()
+    # B publishes on under its new key; everyone takes it after the honest six.
+    await b.publish("test", TYPE, [rec(100)])
+    await converge([a, b, c], expected({(b.node_id, "test"): 7}), timeout=60)
+    # The audit of the bundle taken before the recovery, given the log after it, flags
+    # the three forgeries and accepts the six honest records.
+    log_after = tmp_path / "keylog"
+    log_after.write_bytes((b.dir / "keylog").read_bytes())
+    rc, text = await asyncio.to_thread(cli, "audit", str(bundle), "--origin", b.node_id,
+                                       "--key-log", str(log_after), "--json")
+    assert rc == 1, text
+    report = json.loads(text)
+    bad = [f for f in report["findings"] if f["kind"] == "beyond_last_good"]
+    assert sorted(f["seq"] for f in bad) == [7, 8, 9], report["findings"]
+    assert [e["type"] for e in report["key_history"]] == ["inception", "recovery"]
+    # Without the newer log the same bundle verifies: only the recovery reveals them.
+    rc, text = await asyncio.to_thread(cli, "audit", str(bundle), "--origin", b.node_id)
+    assert rc == 0, text
+    await stop_all([a, b, c])
+
+
+async def _at(n: LocalNode, origin: LocalNode, seq: int) -> bool:
+    for f in await n.feeds():
+        if f["origin"] == origin.node_id and f["feed"] == "test":
+            return int(f["seq"]) == seq
+    return False
