@@ -721,9 +721,9 @@ def audit_bundle(
                 if rep.card is not None and rep.card.keylog is not None:
                     _take_log(rep, a.keys, expected, rep.card.keylog, "the bundle's card")
             elif kind == CHECKPOINT:
-                _audit_checkpoint(rep, item, expected, a.verifier, now_ms, a.feed)
+                _audit_checkpoint(rep, item, expected, a.verifier, now_ms, a.feed, a.keys)
             elif kind in (FORK, SPLIT_VIEW):
-                _audit_proof(rep, item, expected, a.verifier)
+                _audit_proof(rep, item, expected, a.verifier, a.keys)
             elif kind == END:
                 rep.complete = True
     except InvalidRecord as exc:
@@ -796,7 +796,7 @@ def _finish(a: _Audit) -> None:
             f"{n} record(s) signed by another origin ({node_id(other)}): not part of "
             f"{rep.origin}'s history (not verified)")
     for name in sorted(a.feeds):
-        _finish_feed(rep, a.path, name, a.feeds[name], a.verifier, a.limits)
+        _finish_feed(rep, a.path, name, a.feeds[name], a.verifier, a.limits, a.keys)
     _finish_tombstones(a)
     for name, seq, first_offset, env in a.conflicts:
         if rep.kind_counts.get("equivocation", 0) >= MAX_FINDINGS_PER_KIND:
@@ -804,7 +804,7 @@ def _finish(a: _Audit) -> None:
             continue
         first = read_item_at(a.path, first_offset, limits=a.limits).data
         try:
-            verify_fork_proof(ForkProof(first, env), a.verifier)
+            verify_fork_proof(ForkProof(first, env), a.verifier, key_states=a.keys.state)
         except InvalidProof as exc:  # cannot happen for two valid records; say so if it does
             add(ERROR, "equivocation", name, seq, f"two records at this seq: {exc}")
             continue
@@ -902,10 +902,11 @@ def terms_periods(cards: list[NodeCard]) -> dict[str, list[dict[str, Any]]]:
 
 def _audit_checkpoint(
     rep: AuditReport, item: Item, expected: bytes, verifier: Verifier, now_ms: int,
-    feed_state: Callable[[str], _Feed],
+    feed_state: Callable[[str], _Feed], keys: KeyBook,
 ) -> None:
     try:
-        cp = open_checkpoint(item.data, verifier=verifier)  # time checked below
+        cp = open_checkpoint(item.data, verifier=verifier,  # time checked below
+                             key_states=keys.state)
     except InvalidRecord as exc:
         rep.add(ERROR, "bad_checkpoint", None, None,
                 f"checkpoint at byte {item.offset} is invalid: {exc} [{exc.reason}]")
@@ -924,14 +925,17 @@ def _audit_checkpoint(
     st.audit.checkpoints += 1
 
 
-def _audit_proof(rep: AuditReport, item: Item, expected: bytes, verifier: Verifier) -> None:
+def _audit_proof(rep: AuditReport, item: Item, expected: bytes, verifier: Verifier,
+                 keys: KeyBook) -> None:
     try:
         if item.kind == FORK:
-            a, _b = verify_fork_proof(ForkProof.decode(item.data), verifier)
+            a, _b = verify_fork_proof(ForkProof.decode(item.data), verifier,
+                                      key_states=keys.state)
             origin, feed, seq = a.origin, a.feed, a.seq
             what = f"fork proof: the origin signed two histories of this feed at seq {seq}"
         else:
-            ca, _cb = verify_split_view(SplitViewProof.decode(item.data), verifier)
+            ca, _cb = verify_split_view(SplitViewProof.decode(item.data), verifier,
+                                        keys.state)
             origin, feed, seq = ca.origin, ca.feed, None
             what = (f"split-view proof: the origin signed two roots for size {ca.size} of "
                     "this feed")
@@ -985,7 +989,7 @@ def _finish_tombstones(a: _Audit) -> None:
 
 def _finish_feed(
     rep: AuditReport, path: str | os.PathLike[str], name: str, st: _Feed,
-    verifier: Verifier, limits: BundleLimits,
+    verifier: Verifier, limits: BundleLimits, keys: KeyBook,
 ) -> None:
     """Chain, gap, order and checkpoint checks of one feed, once every item was read."""
     fa, held = st.audit, st.held
@@ -1044,7 +1048,8 @@ def _finish_feed(
             env_lo = read_item_at(path, held[s - 1][1], limits=limits).data
             env_hi = read_item_at(path, held[s][1], limits=limits).data
             try:
-                verify_fork_proof(ForkProof(env_lo, env_hi), verifier)
+                verify_fork_proof(ForkProof(env_lo, env_hi), verifier,
+                                  key_states=keys.state)
                 how += " (fork proof verified)"
             except InvalidProof as exc:
                 how = str(exc)
@@ -1061,7 +1066,8 @@ def _finish_feed(
         other = by_size.get(cp.size)
         if other is not None and other.root != cp.root:
             try:
-                verify_split_view(SplitViewProof(other.envelope, cp.envelope), verifier)
+                verify_split_view(SplitViewProof(other.envelope, cp.envelope), verifier,
+                                  keys.state)
                 rep.add(ERROR, "split_view", name, None,
                         f"two checkpoints of size {cp.size} with different roots: the "
                         "origin showed two histories (split-view proof verified)")

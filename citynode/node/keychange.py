@@ -1,6 +1,6 @@
 """Changing this node's signing key: a planned rotation (``citynode key rotate``) and a
-recovery after a compromise (``citynode key recover``), as docs/PROTOCOL.md ("Intended
-wiring") describes.
+recovery after a compromise (``citynode key recover``), as docs/PROTOCOL.md ("Wiring")
+describes.
 
 A rotation is one step while no own record is being signed: take the head of every own
 feed, sign the rotation with the pre-committed next key, write the keys and the log

@@ -152,7 +152,7 @@ class Publisher:
     async def with_signing_stopped(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run ``step`` while no own record is being signed: new publishes wait, and
         every feed's publish under way finishes first (a rotation takes the heads and
-        switches keys in one step: docs/PROTOCOL.md, "Intended wiring")."""
+        switches keys in one step: docs/PROTOCOL.md, "Wiring")."""
         self._no_rotation.clear()
         locks = [self._locks[f] for f in sorted(self._locks)]
         try:

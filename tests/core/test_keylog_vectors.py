@@ -217,3 +217,31 @@ def test_mutated_events_and_logs_only_ever_raise_our_errors(
             attempt()
     with contextlib.suppress(InvalidProof):
         verify_equivocation(ident, EquivocationProof.decode(mutated), verifier=Verifier())
+
+
+@pytest.mark.parametrize("case", KEYLOG["records"], ids=lambda c: c["name"])
+def test_record_of_a_cn2_origin_vector(case: dict[str, Any]) -> None:
+    """A record of body version 3 is valid only under the key its origin's log lets
+    sign that position (docs/PROTOCOL.md, "Records of a cn2 origin")."""
+    from citynode.core.records import decode_record, open_record
+
+    log = next(c for c in KEYLOG["logs"] if c["name"] == case["log"])
+    state = keylog.verify_log(log["node_id"], [bytes.fromhex(e) for e in log["events_hex"]],
+                              verifier=Verifier())
+    body, sig, payload = decode_record(bytes.fromhex(case["envelope_hex"]))
+
+    def opened() -> Any:
+        return open_record(body, sig, payload, now_ms=case["now_ms"], verifier=Verifier(),
+                           key_states=lambda origin: state if origin == state.identity
+                           else None)
+
+    if case["expect"] == "valid":
+        assert opened().origin == state.identity
+    else:
+        with pytest.raises(InvalidRecord) as exc:
+            opened()
+        assert exc.value.reason == case["expect"]["error"]
+    # Without the origin's log the verdict is always to fetch it (or the signature).
+    with pytest.raises(InvalidRecord) as exc:
+        open_record(body, sig, payload, now_ms=case["now_ms"], verifier=Verifier())
+    assert exc.value.reason in ("unknown_key", "bad_signature")

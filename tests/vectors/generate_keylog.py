@@ -329,6 +329,22 @@ def wide_logs() -> list[dict[str, Any]]:
              "expect": state(1, K[1], K[2], Q[0], rot)}]
 
 
+DOMAIN_RECORD = b"citynode/record/v1\x00"
+
+
+def record_v3(signer: SigningKey, named: SigningKey, feed: str, seq: int, time: int
+              ) -> bytes:
+    """The envelope of a record of D (body version 3) naming ``named`` as its key,
+    signed by ``signer``; a fixed salt."""
+    payload = encoding.encode({"data": {"n": seq}, "salt": bytes(16)})
+    body = {"data_digest": sha(payload), "feed": feed, "key": named.public_key,
+            "origin": D, "seq": seq, "time": time, "type": "org.example.Test", "version": 3}
+    if seq > 1:
+        body["prev"] = rid(seq - 1)
+    b = encoding.encode(body)
+    return encoding.encode([b, signer.sign(DOMAIN_RECORD, b), payload])
+
+
 def keylog_file() -> dict[str, Any]:
     forged_k1 = _resigned(R1, K[0])  # the stolen current key signs the planned rotation
     forged_x = rotation(INC, X, X, X, T0 + 60_000, {})  # or rotates to the thief's key
@@ -409,6 +425,31 @@ def keylog_file() -> dict[str, Any]:
          "recovery_equivocation", encoding.encode(dead_proof)),
     ]
     checksum = sha(ID_CHECKSUM_DOMAIN + D)[:3]
+    # Records of D (body version 3) against the log 'recovery-after-theft' (air: K0 up
+    # to 10, K1 up to 15, then K4). Built field by field here, not by the code under
+    # test; prev is a stand-in (chains are another check).
+    records = [
+        ("k0-valid", "K0 signs air seq 5, inside its window.", K[0], K[0], "air", 5, T0,
+         "valid"),
+        ("k1-valid", "K1 signs air seq 14, inside its window (10, 15].", K[1], K[1], "air",
+         14, T0 + 100_000, "valid"),
+        ("k4-valid", "K4, put in force by the recovery, signs air seq 16.", K[4], K[4],
+         "air", 16, T0 + 200_000, "valid"),
+        ("k0-beyond", "K0 signs air seq 12, after the rotation closed it at 10.", K[0], K[0],
+         "air", 12, T0, "beyond_last_good"),
+        ("stolen-k1-backdated", "The thief's K1 signs air seq 16 dated a day before the "
+         "inception: beyond the recovery's last good head 15, whatever its time.", K[1],
+         K[1], "air", 16, T0 - 86_400_000, "beyond_last_good"),
+        ("stolen-k1-unnamed-feed", "The thief's K1 signs water seq 1, a feed the recovery "
+         "did not name: nothing of K1 there stays valid.", K[1], K[1], "water", 1,
+         T0 + 100_000, "beyond_last_good"),
+        ("thief-key", "A key of no window (the thief's own) signs air seq 16.", X, X, "air",
+         16, T0 + 100_000, "unknown_key"),
+        ("k1-before", "K1 signs air seq 10, K0's position.", K[1], K[1], "air", 10, T0,
+         "before_key"),
+        ("wrong-signer", "The body names K4 as key but K1 signed it.", K[1], K[4], "air", 16,
+         T0 + 200_000, "bad_signature"),
+    ]
     return {
         "about": (
             "citynode key log vectors (docs/PROTOCOL.md, 'Key events and witnesses'). "
@@ -416,7 +457,9 @@ def keylog_file() -> dict[str, Any]:
             "verified from 'node_id' alone at now_ms; expect the folded state (seq, "
             "current key, next and recovery commitments, id of the last event) or "
             "{error: reason}. 'verdicts': key_verdict(key, feed, seq, record id) after "
-            "the log 'recovery-after-theft' (record_time is never read). 'compare': a "
+            "the log 'recovery-after-theft' (record_time is never read). 'records': "
+            "record envelopes of D (body version 3) verified at now_ms against the state "
+            "of 'log': 'valid' or {error: reason}. 'compare': a "
             "held and a received log (both valid) and the decision; 'proof_hex' the "
             "equivocation proof, branches in byte order. The 'signature/*' logs also give "
             "signer_hex, the key that signs their last event (its key, or a recovery's "
@@ -451,6 +494,10 @@ def keylog_file() -> dict[str, Any]:
         "verdicts": [{"log": "recovery-after-theft", "key_hex": k, "feed": f, "seq": s,
                       "record_id_hex": None if r is None else r.hex(), "record_time": t,
                       "expect": x} for k, f, s, r, t, x in verdicts],
+        "records": [{"name": n, "description": d, "log": "recovery-after-theft",
+                     "envelope_hex": record_v3(signer, named, f, q, t).hex(),
+                     "now_ms": NOW, "expect": x if x == "valid" else err(x)}
+                    for n, d, signer, named, f, q, t, x in records],
         "compare": [{"name": n, "held_hex": hexes(*h), "received_hex": hexes(*r),
                      "outcome": o, "reason": why,
                      "proof_hex": None if p is None else p.hex()}
