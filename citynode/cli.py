@@ -496,6 +496,7 @@ def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
     _require_dir(data_dir)
     if (recovery_file is None) == (not phrase):
         raise click.UsageError("give --recovery FILE or --phrase")
+    heads = _last_good(last_good)
     rpw = os.environ.get("CITYNODE_RECOVERY_PASSPHRASE") or click.prompt(
         "Recovery passphrase", hide_input=True)
     if recovery_file is not None:
@@ -507,7 +508,6 @@ def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
         _ident, seed = keylog.unseal_recovery(text, rpw)
     else:
         seed = keylog.parse_recovery_phrase(click.prompt("Recovery phrase"))
-    heads = _last_good(last_good)
     out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw))
     click.echo(f"recovered: {out['node_id']} now signs with key {out['key']} "
                f"(key event {out['seq']})")

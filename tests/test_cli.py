@@ -1026,3 +1026,46 @@ def test_erase_drops_the_payload_keeps_the_record_and_refuses_what_it_cannot_era
     assert recs[ids[1]]["data"]["pm25"] == 2.0  # the other record named is untouched
     r = cli("erase", "-d", d, "--id", "xyz", "--reason", "x")
     assert r.exit_code == 2 and "not a record id" in r.output
+
+
+# ---------------------------------------------------------------------------- key
+
+
+def test_key_rotate_on_a_stopped_node_keeps_the_id_and_every_record(node_dir: Path) -> None:
+    from citynode.core import keylog
+    from citynode.core.keys import Verifier
+
+    d = str(node_dir)
+    node_id = ok("id", "-d", d).stdout.strip()
+    before = publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(3)])
+    next_key = (node_dir / "node.next.key").read_bytes()
+    r = ok("key", "rotate", "-d", d)
+    assert f"rotated: {node_id}" in r.stdout
+    assert ok("id", "-d", d).stdout.strip() == node_id  # nobody re-pins
+    # K1 (the key committed to) signs now; node.next.key holds a fresh K2.
+    assert (node_dir / "node.key").read_bytes() == next_key
+    assert (node_dir / "node.next.key").read_bytes() != next_key
+    state = keylog.verify_log(node_id, (node_dir / "keylog").read_bytes(), verifier=Verifier())
+    assert state.seq == 1 and state.established["air"].seq == 3
+    after = publish(node_dir, "air", AIR_TYPE, [air(9.0)])
+    assert record_ids(node_dir) == before + after
+    ok("check", "-d", d)  # every record verifies under the key valid for it
+    # A second rotation uses the next key the first one committed to.
+    ok("key", "rotate", "-d", d)
+    assert keylog.verify_log(node_id, (node_dir / "keylog").read_bytes(),
+                             verifier=Verifier()).seq == 2
+
+
+def test_key_recover_refuses_a_wrong_recovery_passphrase_and_a_missing_record(
+        node_dir: Path) -> None:
+    d = str(node_dir)
+    publish(node_dir, "air", AIR_TYPE, [air(1.0)])
+    line = one_line_error(cli("key", "recover", "-d", d, "--recovery",
+                              str(node_dir / "recovery.key"), "--last-good", "air=1",
+                              env={"CITYNODE_RECOVERY_PASSPHRASE": "wrong"}))
+    assert "passphrase" in line
+    r = cli("key", "recover", "-d", d, "--last-good", "air=1")
+    assert r.exit_code == 2 and "--recovery FILE or --phrase" in r.output
+    r = cli("key", "recover", "-d", d, "--recovery", str(node_dir / "recovery.key"),
+            "--last-good", "air")
+    assert r.exit_code == 2 and "FEED=SEQ" in r.output
