@@ -324,6 +324,9 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
     _require_dir(data_dir)
     st = _open_storage(data_dir)
     try:
+        from citynode.audit import stored_key_logs
+
+        stored_key_logs(st)  # so ids print as cn2 (recipients: the holders of their keys)
         rows = st.query(
             RecordFilter(origin=parse_node_id(origin) if origin else None,
                          feed=feed, type=type_name),

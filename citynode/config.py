@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from citynode.bridges.config import BRIDGES_HELP, BridgesConfig, parse_bridges
 from citynode.core.cards import MAX_CADENCE_S, CardFeed, check_card_feed
 from citynode.core.egress import DEFAULT_TEXT_ATTRIBUTES, OPEN, EgressPolicy, parse_policy
-from citynode.core.keys import node_id, parse_node_id
+from citynode.core.keys import canonical_id
 from citynode.core.records import check_feed_name
 from citynode.errors import ConfigError, InvalidNodeId, InvalidRecord
 from citynode.sinks.config import SINKS_HELP, SinksConfig, parse_sinks
@@ -793,7 +793,7 @@ class _Loader:
             readers: list[str] = []
             for i, text in enumerate(v["readers"]):
                 try:
-                    canonical = node_id(parse_node_id(text))
+                    canonical = canonical_id(text)
                 except InvalidNodeId as exc:
                     raise self.fail(f"{where} readers[{i}]", str(exc)) from exc
                 if canonical in readers:
@@ -953,7 +953,7 @@ _FEEDS_EXAMPLE = """\
 #
 # [feeds.cyber-notices]
 # access = "restricted"
-# readers = ["cn1...", "cn1..."]   # node ids of the partners allowed to read it
+# readers = ["cn2...", "cn2..."]   # node ids of the partners allowed to read it
 """
 
 

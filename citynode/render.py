@@ -12,7 +12,7 @@ import datetime as _dt
 import functools
 from typing import Any
 
-from citynode.core.keys import SigningKey, node_id
+from citynode.core.keys import SigningKey, key_holder_id, node_id
 from citynode.core.records import (
     SEALED_TYPE,
     Record,
@@ -79,7 +79,7 @@ def record_json(rec: Record, *, rowid: int | None = None,
         "envelope": b64(envelope if envelope is not None else rec.envelope),
     }
     if rec.sealed is not None:
-        out["sealed"] = {"to": [node_id(r[0]) for r in rec.sealed.get("to", ())],
+        out["sealed"] = {"to": [key_holder_id(r[0]) for r in rec.sealed.get("to", ())],
                          "ciphertext_bytes": len(rec.sealed.get("ct", b""))}
         if rec.type != SEALED_TYPE:  # already opened (citynode.client does it for readers)
             out["decrypted"] = True

@@ -34,13 +34,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from citynode.core.keys import SigningKey, node_id, parse_node_id, verify
-from citynode.errors import InvalidNodeId, SignatureError
+from citynode.core.keys import SigningKey, parse_node_id, verify
+from citynode.errors import InvalidNodeId, InvalidRecord, SignatureError
 
 __all__ = [
     "ALERT_KIND",
     "CODES",
     "DOMAIN_ALERT",
+    "KEYLOG_HEADER",
     "LATE_STATES",
     "SIGNATURE_HEADER",
     "Condition",
@@ -64,6 +65,10 @@ ALERT_KIND = "citynode.alert"
 VERSION = 1
 #: The HTTP header carrying the signature: ``keyid=<node id>, sig=<base64>``.
 SIGNATURE_HEADER = "Citynode-Signature"
+#: The HTTP header carrying a cn2 node's key log (standard base64 of its wire bytes): a
+#: receiver verifies it from the node id alone and checks the signature by its key in
+#: force.
+KEYLOG_HEADER = "Citynode-Key-Log"
 CODES = ("fork", "split_view", "partner_down", "feed_late", "disk_low", "invalid_spike")
 SEVERITY = {"fork": "critical", "split_view": "critical", "partner_down": "warning",
             "feed_late": "warning", "disk_low": "critical", "invalid_spike": "warning"}
@@ -72,7 +77,7 @@ LATE_STATES = frozenset({"silent", "dead"})
 #: The window of the invalid-input rate.
 RATE_WINDOW_MS = 60_000
 _MAX_SIGNATURE_HEADER = 256
-_HEADER_RE = re.compile(r"keyid=(cn1[a-z2-7]{56}), sig=([A-Za-z0-9+/]{86}==)")
+_HEADER_RE = re.compile(r"keyid=(cn[12][a-z2-7]{56}), sig=([A-Za-z0-9+/]{86}==)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,18 +288,24 @@ def alert_body(node: str, ev: Event) -> bytes:
 
 
 def signature_header(key: SigningKey, body: bytes) -> str:
-    """The value of :data:`SIGNATURE_HEADER` for ``body`` signed by ``key``."""
+    """The value of :data:`SIGNATURE_HEADER` for ``body`` signed by ``key`` (its node's
+    id: a :class:`NodeKey` of a cn2 node names its cn2 id; send its log beside, in
+    :data:`KEYLOG_HEADER`)."""
     sig = base64.b64encode(key.sign(DOMAIN_ALERT, body)).decode("ascii")
-    return f"keyid={node_id(key.public_key)}, sig={sig}"
+    return f"keyid={key.node_id}, sig={sig}"
 
 
-def verify_alert(body: bytes, header: str, *, expected_node: str | None) -> Any:
+def verify_alert(body: bytes, header: str, *, expected_node: str | None,
+                 key_log: bytes | None = None) -> Any:
     """Check an alert as a receiver does: the header's signature over
     ``DOMAIN_ALERT || body`` by the key of its ``keyid``, which must be the body's
     ``node`` and ``expected_node``. A receiver passes the node id it trusts; passing
     None (explicitly: there is no default) accepts an alert signed by ANY node that
     names itself, and is only for tools that check the node afterwards. Returns the
     parsed body.
+
+    A cn2 ``keyid`` needs ``key_log`` (the :data:`KEYLOG_HEADER` value, decoded): the
+    signature is checked by the key in force at its end.
 
     Raises :class:`SignatureError` for anything that does not verify."""
     m = _HEADER_RE.fullmatch(header.strip()) if len(header) <= _MAX_SIGNATURE_HEADER else None
@@ -306,6 +317,17 @@ def verify_alert(body: bytes, header: str, *, expected_node: str | None) -> Any:
         raise SignatureError("alert signed by a malformed node id", "bad_signature") from exc
     if expected_node is not None and m.group(1) != expected_node:
         raise SignatureError("alert signed by another node", "bad_signature")
+    if m.group(1).startswith("cn2"):
+        from citynode.core.keylog import verify_log
+        from citynode.core.keys import Verifier
+
+        if key_log is None:
+            raise SignatureError("alert of a cn2 node without its key log", "bad_signature")
+        try:
+            key = verify_log(key, key_log, verifier=Verifier()).key
+        except InvalidRecord as exc:
+            raise SignatureError(f"alert with a key log that does not verify: {exc}",
+                                 "bad_signature") from exc
     verify(key, DOMAIN_ALERT, body, base64.b64decode(m.group(2)))
     try:
         doc = json.loads(body)

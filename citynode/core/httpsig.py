@@ -61,6 +61,7 @@ __all__ = [
     "ALG",
     "COMPONENTS",
     "DEFAULT_MAX_AGE_MS",
+    "KEYLOG_HEADER",
     "LABEL",
     "MAX_FUTURE_SKEW_MS",
     "MAX_HEADER_LEN",
@@ -273,6 +274,13 @@ def _canonical_node_id(text: str, what: str) -> str:
         return _canonical(text)
     except InvalidNodeId as exc:
         raise ValueError(f"{what} must be a node id (cn1...): {exc}") from exc
+
+
+#: A signed read of a cn2 node MAY carry its key log (standard base64 of the wire bytes):
+#: a receiver holding no log of the signer verifies the request by that log's key in
+#: force (after the log verifies from the signer's id alone).
+KEYLOG_HEADER = "Citynode-Key-Log"
+MAX_KEYLOG_HEADER = 64 * 1024
 
 
 @functools.lru_cache(maxsize=256)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from citynode.core import keylog
-from citynode.core.keys import Verifier, node_id
+from citynode.core.keys import Verifier, node_id, note_key
 
 __all__ = ["HeldLog", "KeyBook"]
 
@@ -52,6 +52,7 @@ class KeyBook:
         self._held[identity] = held
         for w in held.state.keys:
             self._owner[w.key] = identity
+            note_key(w.key, identity)
 
     def owner(self, key: bytes) -> bytes:
         """The identity whose held log names ``key`` as a signing key, else ``key``

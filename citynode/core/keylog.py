@@ -457,7 +457,6 @@ def apply_event(state: KeyState, event: KeyEvent, *, now_ms: int | None = None,
 
 def _inception_state(event: KeyEvent) -> KeyState:
     assert event.recovery is not None
-    note_identity(identity_of(event.body))  # printed as cn2 from now on
     return KeyState(identity_of(event.body), 0, event.id, event.time, event.key, event.next,
                     event.recovery, (KeyWindow(event.key, 0, {}),), {})
 
@@ -503,6 +502,7 @@ def _fold(identity: bytes, events: Sequence[KeyEvent], now_ms: int | None) -> Ke
     state = _inception_state(first)
     if state.identity != identity:
         raise _fail("the inception does not hash to this node id", "wrong_identity")
+    note_identity(identity)  # printed as cn2 from now on (the id asked for, nothing else)
     if now_ms is not None and first.time > now_ms + DEFAULT_FUTURE_TOLERANCE_MS:
         raise _fail("key event is dated in the future: check the origin's clock",
                     "future_time")

@@ -37,8 +37,10 @@ __all__ = [
     "SigningKey",
     "Verifier",
     "canonical_id",
+    "key_holder_id",
     "node_id",
     "note_identity",
+    "note_key",
     "parse_node_id",
     "seal_secret_key",
     "unseal_secret_key",
@@ -64,6 +66,23 @@ def _checksum(public_key: bytes) -> bytes:
 #: each verified in this process (core/keybook.py, NodeKey). Only printing reads it:
 #: programs compare the 32 bytes, and a value is a key or a digest, never both.
 _CN2_IDENTITIES: set[bytes] = set()
+
+
+#: Signing key -> the cn2 identity whose verified log names it (for printing only).
+_KEY_OWNERS: dict[bytes, bytes] = {}
+
+
+def note_key(key: bytes, identity: bytes) -> None:
+    """Remember that a verified key log of ``identity`` names ``key`` (see
+    :func:`key_holder_id`)."""
+    _KEY_OWNERS[key] = identity
+
+
+def key_holder_id(key: bytes) -> str:
+    """The printable id of the node holding ``key``: the cn2 id of the identity whose
+    verified log names it (a sealed record's recipient is a key), else the cn1 id."""
+    owner = _KEY_OWNERS.get(key)
+    return node_id(key if owner is None else owner)
 
 
 def note_identity(identity: bytes) -> None:

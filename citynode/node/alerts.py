@@ -14,6 +14,7 @@ with exponential back-off up to ``retry_attempts``. Failures are logged and coun
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 from collections import deque
@@ -62,7 +63,11 @@ class _Signed:
         self.key = key
 
     def headers(self, method: str, path_qs: str, body: bytes) -> dict[str, str]:
-        return {ca.SIGNATURE_HEADER: ca.signature_header(self.key, body)}
+        out = {ca.SIGNATURE_HEADER: ca.signature_header(self.key, body)}
+        log = getattr(self.key, "log", None)
+        if log is not None:
+            out[ca.KEYLOG_HEADER] = base64.b64encode(log).decode("ascii")
+        return out
 
 
 class Alerts:

@@ -18,7 +18,7 @@ from citynode.config import Config
 from citynode.core import access, egress
 from citynode.core import replica as rp
 from citynode.core.chain import FeedHead
-from citynode.core.keys import NodeKey, Verifier, parse_node_id
+from citynode.core.keys import NodeKey, Verifier, canonical_id, parse_node_id
 from citynode.core.records import (
     Record,
     RecordPolicy,
@@ -27,7 +27,7 @@ from citynode.core.records import (
     stored_record,
 )
 from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, MAX_ERASURE_ENTRIES
-from citynode.errors import InvalidRecord, PayloadError, PublishRefused
+from citynode.errors import CitynodeError, InvalidRecord, PayloadError, PublishRefused
 from citynode.logs import fields
 from citynode.metrics import Metrics
 from citynode.node._base import in_thread
@@ -92,8 +92,7 @@ class Publisher:
             fc = self.config.feeds.get(feed)
             # Erasure requests are never sealed: every node holding what they name must
             # read them.
-            # A cn2 reader's records are sealed to its key in force (its log held).
-            readers = ([self.policy.keys.current_key(parse_node_id(r)) for r in fc.readers]
+            readers = (await self._reader_keys(fc.readers)
                        if fc is not None and fc.access == access.RESTRICTED
                        and feed != ERASURE_FEED else None)
             recs = await in_thread(self._sign_batch, feed, type_name, items, subjects, head,
@@ -111,6 +110,32 @@ class Publisher:
             # kept now, so an export made before anyone asks for the card has it.
             self.policy.card()
         return recs
+
+    async def _reader_keys(self, readers: Sequence[str]) -> list[bytes]:
+        """The keys to seal to: a cn1 reader's id is its key; a cn2 reader's records are
+        sealed to its key in force, from the log held here or, if none is, from the
+        first partner that holds one. Raises :class:`PayloadError` (``bad_sealed``) for a
+        cn2 reader whose log no partner holds."""
+        out = []
+        for r in readers:
+            ident = parse_node_id(r)
+            if r.strip().startswith("cn2") and ident not in self.policy.keys:
+                for link in list(self.partners.links.values()):
+                    try:
+                        data = await link.client.key_log(canonical_id(r))
+                    except CitynodeError:
+                        continue
+                    self.policy.offer_log(ident, data, link.key)
+                    if ident in self.policy.keys:
+                        break
+                if ident not in self.policy.keys:
+                    raise PayloadError(
+                        f"reader {r}: its key log is not known here, and no partner holds "
+                        "it (its records are sealed to the key it names): add the reader "
+                        "as a partner, or publish again once a partner knows it",
+                        "bad_sealed")
+            out.append(self.policy.keys.current_key(ident))
+        return out
 
     def _sign_batch(self, feed: str, type_name: str, items: Sequence[dict[str, Any]],
                     subjects: Sequence[str | None] | None, head: FeedHead | None, now: int,

@@ -19,6 +19,7 @@ Everything that makes an HTTP request goes through :class:`HttpClient`, which ow
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import ssl
@@ -87,8 +88,14 @@ class NodeSignature:
     def headers(self, method: str, path_qs: str, body: bytes) -> dict[str, str]:
         if self.target is None:
             raise PeerError("cannot sign a request before the node's id is known")
-        return httpsig.sign_request(self.key, method, path_qs, body,
-                                    int(self._clock() * 1000), target=self.target)
+        out = httpsig.sign_request(self.key, method, path_qs, body,
+                                   int(self._clock() * 1000), target=self.target)
+        log = getattr(self.key, "log", None)
+        if log is not None and method == "GET":
+            # A signed read may reach a node that holds no log of us (we are nobody's
+            # partner there): it verifies this one from our id alone.
+            out[httpsig.KEYLOG_HEADER] = base64.b64encode(log).decode("ascii")
+        return out
 
 
 # ---------------------------------------------------------------------------- errors

@@ -11,6 +11,7 @@ parameters, and the three kinds of authentication:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import functools
@@ -25,7 +26,7 @@ from typing import Any, NoReturn, TypeVar
 import msgpack
 from aiohttp import web
 
-from citynode.core import httpsig, sync
+from citynode.core import httpsig, keylog, sync
 from citynode.core.filters import FILTER_PARAMS, RecordFilter, parse_filter
 from citynode.core.keys import parse_node_id
 from citynode.errors import (
@@ -291,7 +292,8 @@ def _limit_rate(request: web.Request, key: bytes, *, take: bool) -> None:
 def _verify(request: web.Request, body: bytes,
             headers: Mapping[str, str] | httpsig.SignatureHeaders,
             replay: httpsig.ReplayCache,
-            authorize: Callable[[bytes], bool] | None = None) -> bytes:
+            authorize: Callable[[bytes], bool] | None = None,
+            key_of: Callable[[bytes], bytes] | None = None) -> bytes:
     """httpsig.verify_request with this node's clock, id and limits."""
     node = request.app[NODE_KEY]
     return httpsig.verify_request(
@@ -306,7 +308,7 @@ def _verify(request: web.Request, body: bytes,
         verifier=node.verifier,
         expected_target=node.node_id,
         authorize=authorize,
-        key_of=node.policy.keys.current_key,
+        key_of=key_of if key_of is not None else node.policy.keys.current_key,
     )
 
 
@@ -425,7 +427,41 @@ async def signed_caller(request: web.Request) -> bytes | None:
     """
     if "Signature" not in request.headers and "Signature-Input" not in request.headers:
         return None
-    return _verify(request, b"", request.headers, request.app[READ_REPLAY_KEY])
+    return _verify(request, b"", request.headers, request.app[READ_REPLAY_KEY],
+                   key_of=_reader_key_of(request))
+
+
+#: Logs of signed readers (no partners) held in memory at most; beyond, they are verified
+#: per request and not held.
+MAX_READER_LOGS = 10_000
+
+
+def _reader_key_of(request: web.Request) -> Callable[[bytes], bytes]:
+    """The key a signed read is verified by: the key in force of the log held of its
+    signer, else of the log the request carries (:data:`httpsig.KEYLOG_HEADER`), which
+    must verify from the signer's id alone (held in memory, bounded: never stored)."""
+    node = request.app[NODE_KEY]
+    held = node.policy.keys
+
+    def key_of(identity: bytes) -> bytes:
+        if identity in held:
+            return held.current_key(identity)
+        text = request.headers.get(httpsig.KEYLOG_HEADER)
+        if text is None or len(text) > httpsig.MAX_KEYLOG_HEADER:
+            return identity
+        try:
+            log = base64.b64decode(text, validate=True)
+            if len(held) < MAX_READER_LOGS:
+                # Held in memory (not stored): the access rules match a sealed record's
+                # recipient keys to this reader by its log.
+                held.offer(identity, log, verifier=node.verifier, now_ms=node.now_ms())
+                return held.current_key(identity)
+            return keylog.verify_log(identity, log, verifier=node.verifier,
+                                     now_ms=node.now_ms()).key
+        except (ValueError, CitynodeError) as exc:
+            raise AccessDenied(f"the request's key log does not verify: {exc}") from exc
+
+    return key_of
 
 
 def decrypt_key(request: web.Request) -> Any:

@@ -59,7 +59,7 @@ from citynode.core.checkpoints import (
     verify_inclusion,
 )
 from citynode.core.keybook import KeyBook
-from citynode.core.keys import SigningKey, Verifier, parse_node_id
+from citynode.core.keys import NodeKey, SigningKey, Verifier, parse_node_id
 from citynode.core.records import Record, decode_record, open_record, with_payload
 from citynode.core.sealed import is_recipient
 from citynode.errors import PeerRejected
@@ -139,6 +139,14 @@ async def _world(cluster: Cluster, running: list[str]) -> World:
     await cluster.link(o, p)
     if "reader" in running:
         await cluster.link(p, r)
+    else:
+        # A reader that is nobody's partner: Origin's operator imports its key log (its
+        # records are sealed to the key the log names).
+        s = await o.session()
+        async with s.post(f"{o.url}/v1/keylog?origin={r.node_id}",
+                          data=(r.dir / "keylog").read_bytes(),
+                          headers={"Authorization": f"Bearer {o.token}"}) as resp:
+            assert resp.status == 200, await resp.text()
     keys: dict[str, SigningKey | None] = {
         name: load_identity(nodes[name].dir).key for name in ("origin", "relay", "partner",
                                                               "reader")}
@@ -200,6 +208,8 @@ async def _get(n: LocalNode, key: SigningKey | None, path_qs: str, accept: str =
     if key is not None:
         headers.update(httpsig.sign_request(key, "GET", path_qs, b"", _now_ms(),
                                             target=n.node_id))
+        if isinstance(key, NodeKey) and key.log is not None:  # as the Client sends it
+            headers[httpsig.KEYLOG_HEADER] = base64.b64encode(key.log).decode("ascii")
     s = await n.session()
     async with s.get(URL(n.url + path_qs, encoded=True), headers=headers) as r:
         return r.status, await r.read()
@@ -455,6 +465,8 @@ async def _follow(w: World, s: Stream) -> None:
     if key is not None:
         headers.update(httpsig.sign_request(key, "GET", path, b"", _now_ms(),
                                             target=n.node_id))
+        if isinstance(key, NodeKey) and key.log is not None:  # as the Client sends it
+            headers[httpsig.KEYLOG_HEADER] = base64.b64encode(key.log).decode("ascii")
     sess = await n.session()
     async with sess.get(URL(n.url + path, encoded=True), headers=headers) as r:
         if r.status != 200:

@@ -161,6 +161,9 @@ async def test_an_erasure_reaches_every_holder_and_retention_prunes_at_partners(
     assert answer[:3] == [reports[0].envelope, encode_record(victim.body, victim.sig, None),
                           reports[2].envelope] and answer[3:] == [request.envelope]
     d = await node("Dessau", settings={("federation", "accept"): "any"})
+    # The origin's key log ahead of its records (as a partner would send it).
+    assert a.node.key.log is not None
+    d.node.policy.offer_log(origin, a.node.key.log, None)
     res = await d.node.ingest(answer)
     assert res.rejected == [] and res.accepted + res.pending == 4, res
     assert d.node.storage.get_envelope(victim.id) == encode_record(victim.body, victim.sig,

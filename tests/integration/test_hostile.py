@@ -249,7 +249,7 @@ async def test_equivocation_keeps_the_first_and_spreads_the_proof(
             p = ForkProof.decode(base64.b64decode(entry["proof"]))
             # the canonical proof: both records without their payloads
             assert {p.a, p.b} == {encode_record(r.body, r.sig, None) for r in (first, second)}
-            a, b = verify_fork_proof(p, Verifier())
+            a, b = verify_fork_proof(p, Verifier(), key_states=ar.x.node.policy.keys.state)
             assert {a.id, b.id} == {first.id, second.id}
 
         forks_h = cli_json("forks", "-d", str(h.dir))["forks"]

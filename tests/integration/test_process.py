@@ -144,7 +144,7 @@ def test_init_prints_id_and_partner_command(tmp_path: Path) -> None:
     r = cli("init", "-d", str(d), "--name", "Jakarta", "--listen", "127.0.0.1:18500")
     assert r.returncode == 0, r.stderr
     node_id = cli("id", "-d", str(d)).stdout.strip()
-    assert node_id.startswith("cn1") and node_id in r.stdout
+    assert node_id.startswith("cn2") and node_id in r.stdout
     assert f"citynode partner add https://127.0.0.1:18500 --id {node_id}" in r.stdout
     for name, mode in [("node.key", 0o600), ("operator.token", 0o600), ("tls/key.pem", 0o600)]:
         assert (d / name).stat().st_mode & 0o777 == mode

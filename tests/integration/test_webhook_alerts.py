@@ -6,6 +6,7 @@ its cadence. Seconds-scale thresholds ([alerts] in node.toml)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from citynode.cluster import free_ports
-from citynode.core.alerts import SIGNATURE_HEADER, verify_alert
+from citynode.core.alerts import KEYLOG_HEADER, SIGNATURE_HEADER, verify_alert
 from citynode.core.keys import SigningKey, node_id
 from citynode.core.records import sign_record
 from citynode.errors import SignatureError
@@ -36,8 +37,8 @@ class Receiver:
         self.fail_first = fail_first
         self.requests = 0
         self.alerts: list[dict[str, Any]] = []
-        #: The raw (body, signature header) of each alert in ``alerts``, same order.
-        self.raw: list[tuple[bytes, str]] = []
+        #: The raw (body, signature header, key log) of each alert in ``alerts``.
+        self.raw: list[tuple[bytes, str, bytes | None]] = []
         self.bad: list[str] = []
         self.url = ""
 
@@ -50,8 +51,10 @@ class Receiver:
             # Any node the tests start may alert here; each alert's `node` is checked by
             # the test that expects it.
             header = request.headers.get(SIGNATURE_HEADER, "")
-            self.alerts.append(verify_alert(body, header, expected_node=None))
-            self.raw.append((body, header))
+            text = request.headers.get(KEYLOG_HEADER)
+            log = base64.b64decode(text) if text else None
+            self.alerts.append(verify_alert(body, header, expected_node=None, key_log=log))
+            self.raw.append((body, header, log))
         except Exception as exc:  # the test asserts none came
             self.bad.append(repr(exc))
             return web.Response(status=400)
@@ -265,14 +268,16 @@ async def test_an_own_feed_late_against_its_cadence_is_alerted_then_resolved(
         assert alert["subject"]["feed"] == "air" and alert["subject"]["cadence_s"] == 1
         assert alert["subject"]["state"] in ("silent", "dead")
         # The receiver's view: the raw request verifies against THIS node's id ...
-        body, header = receiver.raw[receiver.alerts.index(alert)]
-        assert verify_alert(body, header, expected_node=a.node.node_id)["id"] == alert["id"]
+        body, header, log = receiver.raw[receiver.alerts.index(alert)]
+        assert verify_alert(body, header, expected_node=a.node.node_id,
+                            key_log=log)["id"] == alert["id"]
         # ... and not against another node's, nor with one byte changed.
         with pytest.raises(SignatureError):
-            verify_alert(body, header, expected_node=node_id(SigningKey.generate().public_key))
+            verify_alert(body, header, expected_node=node_id(SigningKey.generate().public_key),
+                         key_log=log)
         with pytest.raises(SignatureError):
             verify_alert(body.replace(b'"air"', b'"aiR"'), header,
-                         expected_node=a.node.node_id)
+                         expected_node=a.node.node_id, key_log=log)
         await asyncio.sleep(1.0)  # ten more checks: still late, not alerted again
         assert len(receiver.of("feed_late")) == 1
 
@@ -305,8 +310,8 @@ async def test_a_split_view_of_a_held_feed_is_alerted(tmp_path: Path,
 
         await eventually(alerted, timeout=20)
         [alert] = receiver.of("split_view")
-        body, header = receiver.raw[receiver.alerts.index(alert)]
-        verify_alert(body, header, expected_node=b.node.node_id)
+        body, header, log = receiver.raw[receiver.alerts.index(alert)]
+        verify_alert(body, header, expected_node=b.node.node_id, key_log=log)
         assert alert["severity"] == "critical" and alert["node"] == b.node.node_id
         assert alert["subject"] == {"origin": a.node.node_id, "feed": "w", "seq": 4}
         assert receiver.of("fork") == [] and receiver.bad == []
