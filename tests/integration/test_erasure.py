@@ -308,6 +308,10 @@ async def test_an_erasure_request_naming_another_origins_record_is_refused_and_c
 
     # The request first, the record after: refused when the record arrives.
     c = await node("Celle", settings={("federation", "accept"): "any"})
+    # The origins' key logs ahead of their records (as partners would send them).
+    for origin in (a, b):
+        assert origin.node.key.log is not None
+        c.node.policy.offer_log(origin.node.public_key, origin.node.key.log, None)
     first = await c.node.ingest([foreign.envelope])
     assert first.accepted == 1
     assert c.node.metrics.rejected.labels("erasure_not_origin")._value.get() == 0

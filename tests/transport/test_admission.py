@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from citynode.core import httpsig
-from citynode.core.keys import SigningKey
+from citynode.core.keys import SigningKey, node_id
 from citynode.core.records import sign_record
 from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
@@ -84,7 +84,7 @@ async def test_a_partner_over_its_request_rate_gets_429_and_is_counted(inproc: M
             h = httpsig.sign_request(stranger, "GET", "/v1/cards", b"", a.node.now_ms(),
                                      target=a.node.node_id)
             h["Signature-Input"] = h["Signature-Input"].replace(
-                httpsig.node_id(stranger.public_key), b.node.node_id)
+                node_id(stranger.public_key), b.node.node_id)
             async with a.session.get(f"{a.url}/v1/cards", headers=h) as r:
                 assert r.status == 403, await r.text()
         for _ in range(3):  # the burst
