@@ -43,8 +43,7 @@ from citynode.core.encoding import Limits
 from citynode.core.keys import Verifier
 from citynode.core.records import Record, RecordPolicy
 from citynode.core.replica import Replica
-from citynode.errors import (CitynodeError, ConfigError, InvalidRecord, PublishRefused,
-                             StorageError)
+from citynode.errors import CitynodeError, ConfigError, InvalidRecord, PublishRefused, StorageError
 from citynode.identity import Identity, load_identity
 from citynode.logs import fields
 from citynode.metrics import Metrics
@@ -53,8 +52,8 @@ from citynode.node.alerts import Alerts
 from citynode.node.checkpoints import Checkpoints
 from citynode.node.gossip import Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
-from citynode.node.leader import Leader
 from citynode.node.keychange import KeyChanges
+from citynode.node.leader import Leader
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
