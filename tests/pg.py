@@ -43,6 +43,17 @@ def pg_bin() -> Path:
     raise RuntimeError(INSTALL_HINT)
 
 
+def _runuser() -> str:
+    """util-linux's ``runuser``: in /usr/sbin, which a non-login root PATH (CI's, a
+    fresh clone's check) may lack, so looked for there too. Raises RuntimeError."""
+    found = shutil.which("runuser") or shutil.which(
+        "runuser", path=os.pathsep.join(("/usr/sbin", "/sbin")))
+    if found is None:
+        raise RuntimeError("runuser (util-linux) not found: it runs PostgreSQL as the "
+                           "postgres user when the tests run as root")
+    return found
+
+
 class PgServer:
     """One PostgreSQL server for a test session (or a test that needs its own)."""
 
@@ -58,7 +69,7 @@ class PgServer:
     def _run(self, *args: str, timeout: float = 120) -> None:
         cmd = [str(self.bin / args[0]), *args[1:]]
         if self.as_root:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            cmd = [_runuser(), "-u", "postgres", "--", *cmd]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               check=False)
         if done.returncode != 0:
