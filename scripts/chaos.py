@@ -328,6 +328,22 @@ def cut(ns: str, other_ip: str, on: bool) -> None:
         nft(ns, "flush", "chain", "inet", "chaos", "cut")
 
 
+async def publish_once_ready(node: LocalNode, items: list[dict[str, Any]],
+                             timeout: float = 30.0) -> dict[str, Any]:
+    """Publish ``items`` on ``node``, retrying while it answers 409 ``publish_refused``
+    because its first exchange with a partner has not ended yet; any other refusal,
+    or still refused after ``timeout`` s, raises."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out: dict[str, Any] = await node.publish(FEED, TYPE, items)
+            return out
+        except PeerRejected as exc:
+            if exc.reason != "publish_refused" or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
 async def partition(base: Path, rounds: int, rng: random.Random) -> dict[str, Any]:
     """A and B in namespaces, 20 ms +- 5 ms each way (tc netem; where the kernel has
     no netem, a userspace relay delaying the data of each connection: :func:`delay_links`)
@@ -350,7 +366,11 @@ async def partition(base: Path, rounds: int, rng: random.Random) -> dict[str, An
             await c.start()
             await c.link(a, b)
             heals: list[float] = []
-            published = 0
+            # The first record goes while the link is whole: until A's first exchange
+            # with a new partner has ended, A refuses to sign (own-feed safety at start),
+            # and a cut at once could hold that exchange past the publish wait.
+            await publish_once_ready(a, [{"n": 0}])
+            published = 1
             for _ in range(rounds):
                 cut(nsa, ips[1], True)
                 cut(nsb, ips[0], True)
