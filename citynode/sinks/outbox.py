@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -79,7 +80,7 @@ def outcome_of_status(status: int, text: str, retry_after: str | None) -> Outcom
     return Outcome(False, retry, error, after)
 
 
-class Sink:
+class Sink(abc.ABC):
     """One ``[[sinks.*]]``: :meth:`run` until cancelled; :meth:`wake` on new records.
     A subclass gives :meth:`send` (the delivery of one lane's records)."""
 
@@ -98,6 +99,7 @@ class Sink:
 
     # ------------------------------------------------------------------ the subclass's
 
+    @abc.abstractmethod
     async def send(self, session: aiohttp.ClientSession, rows: list[OutboxRow]
                    ) -> list[Outcome]:
         """Deliver ``rows`` (one lane's, in order); the outcomes of a prefix of them (the
