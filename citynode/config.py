@@ -55,6 +55,7 @@ __all__ = [
     "NodeConfig",
     "StorageConfig",
     "TlsConfig",
+    "WitnessConfig",
     "is_dns_name",
     "load_config",
     "parse_config",
@@ -152,6 +153,27 @@ class CheckpointsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WitnessConfig:
+    """``[witness]``: whose checkpoints this node cosigns, and whose cosignatures it
+    requires before it calls a checkpoint trusted (docs/PROTOCOL.md, "Cosignatures")."""
+
+    #: Cosign partners' checkpoints at all.
+    cosign: bool = True
+    #: Node ids of the partners whose checkpoints are cosigned; empty: every partner.
+    cosign_for: tuple[str, ...] = ()
+    #: Node ids of the witnesses whose cosignatures count towards ``quorum``.
+    require: tuple[str, ...] = ()
+    #: Cosignatures of distinct ``require`` witnesses a checkpoint needs to be trusted
+    #: (0: all of them).
+    quorum: int = 0
+
+    @property
+    def k(self) -> int:
+        """The quorum in force: ``quorum``, or every witness named when it is 0."""
+        return self.quorum or len(self.require)
+
+
+@dataclass(frozen=True, slots=True)
 class FeedConfig:
     """``[feeds.<name>]``: who may read one of our feeds."""
 
@@ -228,6 +250,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    witness: WitnessConfig = field(default_factory=WitnessConfig)
     feeds: Mapping[str, FeedConfig] = field(default_factory=_no_feeds)
     log: LogConfig = field(default_factory=LogConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
@@ -529,6 +552,20 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _Key("interval_seconds", "float", 60.0, "Seconds between signed checkpoints "
              "(Merkle tree heads) of what this node holds.", _range(1, 86400)),
     ),
+    "witness": (
+        _Key("cosign", "bool", True, "Act as a witness: cosign the checkpoints partners "
+             "send when they are consistent with the last one cosigned of their feed, "
+             "keep and send the cosignatures to every partner, and refuse (and prove) a "
+             "split view."),
+        _Key("cosign_for", "strs", [], "Node ids of the partners whose checkpoints are "
+             "cosigned (empty: every partner)."),
+        _Key("require", "strs", [], "Node ids of the witnesses whose cosignatures this "
+             "node requires: a checkpoint with fewer than quorum of them is shown as not "
+             "trusted (status, /v1/cosignatures, the citynode_checkpoints_untrusted "
+             "metric)."),
+        _Key("quorum", "int", 0, "Cosignatures by distinct witnesses of require a "
+             "checkpoint needs to be trusted (0: all of them).", _range(0, 64)),
+    ),
     "log": (
         _Key("level", "str", "info", 'Least severe messages logged: "debug", "info", '
              '"warning", "error" or "critical".', _choice(LOG_LEVELS)),
@@ -616,7 +653,8 @@ _EGRESS_KEYS: tuple[_Key, ...] = (
 )
 
 # Section order in the file; [feeds.*] comes after [log] when rendered.
-_SECTIONS = ("node", "tls", "limits", "federation", "checkpoints", "log", "alerts",
+_SECTIONS = ("node", "tls", "limits", "federation", "checkpoints", "witness", "log",
+             "alerts",
              "storage", "feeds")
 
 _KIND_TEXT = {
@@ -726,6 +764,7 @@ class _Loader:
             "[federation]", doc.get("federation", {}), _SCHEMA["federation"]))
         checkpoints = CheckpointsConfig(**self.section(
             "[checkpoints]", doc.get("checkpoints", {}), _SCHEMA["checkpoints"]))
+        witness = self.witness(doc.get("witness", {}))
         log = LogConfig(**self.section("[log]", doc.get("log", {}), _SCHEMA["log"]))
         alerts = self.alerts(doc.get("alerts", {}))
         storage = StorageConfig(**self.section("[storage]", doc.get("storage", {}),
@@ -733,9 +772,29 @@ class _Loader:
         feeds = self.feeds(doc.get("feeds", {}))
         bridges = parse_bridges(doc.get("bridges", {}), self.source, limits.max_body_bytes)
         return Config(node=node, tls=tls, limits=limits, federation=federation,
-                      checkpoints=checkpoints, feeds=feeds, log=log, alerts=alerts,
+                      checkpoints=checkpoints, witness=witness, feeds=feeds, log=log,
+                      alerts=alerts,
                       storage=storage, bridges=bridges,
                       sinks=parse_sinks(doc.get("sinks", {}), self.source))
+
+    def witness(self, table: object) -> WitnessConfig:
+        v = self.section("[witness]", table, _SCHEMA["witness"])
+        for name in ("cosign_for", "require"):
+            ids: list[str] = []
+            for i, text in enumerate(v[name]):
+                try:
+                    canonical = canonical_id(text)
+                except InvalidNodeId as exc:
+                    raise self.fail(f"[witness] {name}[{i}]", str(exc)) from exc
+                if canonical in ids:
+                    raise self.fail(f"[witness] {name}[{i}]",
+                                    f"repeats {name}[{ids.index(canonical)}]")
+                ids.append(canonical)
+            v[name] = tuple(ids)
+        if v["quorum"] > len(v["require"]):
+            raise self.fail("[witness] quorum", f"is {v['quorum']}, but require names "
+                            f"{len(v['require'])} witness(es)")
+        return WitnessConfig(**v)
 
     def alerts(self, table: object) -> AlertsConfig:
         v = self.section("[alerts]", table, _SCHEMA["alerts"])

@@ -684,12 +684,33 @@ def _migrate_chain_time(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE INDEX records_chain_time ON records (chain, time)")
 
 
+def _migrate_cosignatures(db: sqlite_utils.Database) -> None:
+    """Schema v10, witness cosignatures (issue 12): per checkpoint held (origin, feed,
+    size, root), the verified cosignature envelope of each witness (one per witness;
+    the first kept), with its signed time. Stored only when it covers a checkpoint held
+    here, so the table is bounded by the checkpoints held times the witnesses known.
+    Plain SQL, mirrored by the other backend."""
+    db.conn.execute(
+        """CREATE TABLE cosignatures (
+            origin BLOB NOT NULL,
+            feed TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            root BLOB NOT NULL,
+            witness BLOB NOT NULL,
+            time INTEGER NOT NULL,
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (origin, feed, size, root, witness)
+        )""")
+    db.conn.execute("CREATE INDEX cosignatures_witness ON cosignatures"
+                    " (witness, origin, feed, size)")
+
+
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5,
     6: _migrate_card_history, 7: _migrate_liveness, 8: _migrate_sinks,
-    9: _migrate_chain_time}
+    9: _migrate_chain_time, 10: _migrate_cosignatures}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1520,6 +1541,21 @@ class Storage:
 
         return self._submit(run)
 
+    def put_cosignature(self, origin: bytes, feed: str, size: int, root: bytes,
+                        witness: bytes, time: int, envelope: bytes) -> Future[bool]:
+        """Keep a (verified) witness cosignature of the checkpoint (origin, feed, size,
+        root). The result is False if one of that witness for that checkpoint is held
+        (the first one stays)."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO cosignatures (origin, feed, size, root, witness, time, envelope)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (origin, feed, size, root, witness, time, envelope))
+            return cur.rowcount == 1
+
+        return self._submit(run)
+
     def put_liveness(self, origin: bytes, feed: str, size: int, time: int, root: bytes,
                      envelope: bytes, grew_at: int) -> Future[None]:
         """Keep the newest liveness statement of a feed (verified by the caller) and
@@ -1948,6 +1984,30 @@ class Storage:
             (origin, feed),
         )
         return [(s, r, e) for s, r, e in rows]
+
+    def cosignatures(self, origin: bytes, feed: str, size: int | None = None,
+                     limit: int = 10_000) -> list[tuple[int, bytes, bytes, bytes]]:
+        """``(size, root, witness, envelope)`` of the cosignatures held of a feed's
+        checkpoints (of one ``size`` if given), by size then witness; at most ``limit``."""
+        if size is None:
+            rows = self._all(
+                "SELECT size, root, witness, envelope FROM cosignatures WHERE origin = ?"
+                " AND feed = ? ORDER BY size, witness LIMIT ?", (origin, feed, limit))
+        else:
+            rows = self._all(
+                "SELECT size, root, witness, envelope FROM cosignatures WHERE origin = ?"
+                " AND feed = ? AND size = ? ORDER BY witness LIMIT ?",
+                (origin, feed, size, limit))
+        return [(s, r, w, e) for s, r, w, e in rows]
+
+    def last_cosigned(self, witness: bytes, origin: bytes, feed: str
+                      ) -> tuple[int, bytes] | None:
+        """``(size, root)`` of the largest checkpoint of a feed ``witness`` cosigned, as
+        held here (a witness's own: the last one it vouched for), or None."""
+        row = self._one(
+            "SELECT size, root FROM cosignatures WHERE witness = ? AND origin = ? AND"
+            " feed = ? ORDER BY size DESC LIMIT 1", (witness, origin, feed))
+        return None if row is None else (int(row[0]), bytes(row[1]))
 
     def meta_prefixed(self, prefix: str) -> list[tuple[str, bytes]]:
         """Every node-wide ``(key, value)`` whose key starts with ``prefix``."""

@@ -269,12 +269,28 @@ def _migrate_chain_time(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE INDEX records_chain_time ON records (chain, time)")
 
 
+def _migrate_cosignatures(conn: psycopg.Connection[Any]) -> None:
+    """Schema v10 (storage._migrate_cosignatures): witness cosignatures of checkpoints."""
+    conn.execute(
+        """CREATE TABLE cosignatures (
+            origin BYTEA NOT NULL,
+            feed TEXT COLLATE "C" NOT NULL,
+            size BIGINT NOT NULL,
+            root BYTEA NOT NULL,
+            witness BYTEA NOT NULL,
+            time BIGINT NOT NULL,
+            envelope BYTEA NOT NULL,
+            PRIMARY KEY (origin, feed, size, root, witness)
+        );
+        CREATE INDEX cosignatures_witness ON cosignatures (witness, origin, feed, size)""")
+
+
 #: Migration to schema version N (the version numbers of ``storage.MIGRATIONS``). The
 #: first one a new database runs creates the whole schema of its version; later ones
 #: mirror SQLite's, one for one. Each runs in the transaction that records its version.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.Connection[Any]], None]] = {
     6: _create_v6, 7: _migrate_liveness, 8: _migrate_sinks,
-    9: _migrate_chain_time}
+    9: _migrate_chain_time, 10: _migrate_cosignatures}
 
 
 def _migrate(conn: psycopg.Connection[Any], where: str) -> int:
@@ -738,7 +754,8 @@ _COPY_CHUNK = 5000
 #: Tables copied whole after the records, in an order their references allow.
 _SMALL_TABLES = ("partners", "fork_proofs", "rejected", "checkpoints", "meta", "merkle",
                  "bridge_messages", "bridge_dead_letters", "bridge_counters", "erasures",
-                 "card_history", "liveness", "sink_cursors", "sink_outbox", "sink_lanes")
+                 "card_history", "liveness", "sink_cursors", "sink_outbox", "sink_lanes",
+                 "cosignatures")
 #: Tables whose integer ids are generated: their sequences go past the ids copied.
 _IDENTITY_TABLES = ("chains", "types", "fork_proofs", "rejected", "bridge_dead_letters",
                     "sink_outbox")

@@ -38,6 +38,7 @@ from citynode.core.checkpoints import (
     open_checkpoint,
     verify_consistency,
 )
+from citynode.core.keylog import KeyState
 from citynode.core.keys import SigningKey, Verifier
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
@@ -60,6 +61,7 @@ __all__ = [
     "sign_cosignature",
     "split_view",
     "verify_witness_equivocation",
+    "witness_keys",
 ]
 
 #: Signature prefix of a cosignature body.
@@ -191,6 +193,18 @@ def cosign(key: SigningKey, witness: bytes, cp: Checkpoint, time_ms: int, *,
             raise _fail("the checkpoint is not consistent with the last one cosigned",
                         "not_consistent") from exc
     return sign_cosignature(key, witness, cp, time_ms)
+
+
+def witness_keys(identity: bytes, state: KeyState | None) -> frozenset[bytes]:
+    """The keys a cosignature of the witness ``identity`` may be signed by, for
+    :func:`check_quorum`: a cn1 witness's key (its identity; ``state`` None, no log);
+    for a cn2 witness, every key of its verified log ``state`` that a recovery did not
+    cut off (the cosignatures of a stolen key count for nothing), none if it is dead."""
+    if state is None:
+        return frozenset({identity})
+    if state.dead:
+        return frozenset()
+    return frozenset(w.key for w in state.keys if w.retired_by in (None, "rotation"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,10 @@ class Checkpoints:
         self.verifier = verifier
         self.now_ms = now_ms
         self.on_fork: Callable[[bytes, str, int], None] = lambda origin, feed, seq: None
+        #: Told of every partner's checkpoint verified: (checkpoint, partner, verdict:
+        #: "new", "known" or "split-view"); the witness role's.
+        self.on_verified: Callable[[cps.Checkpoint, bytes | None, str], None] = \
+            lambda cp, src, verdict: None
         #: The cadence of a feed from the card in force (ours: node.toml); None: none.
         self.cadence_of: Callable[[bytes, str], int | None] = lambda origin, feed: None
         #: Per (origin, feed): the newest liveness statement held (core/liveness.py).
@@ -284,15 +288,23 @@ class Checkpoints:
                 self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
             if verdict == "new" or (new and verdict != "stale"):
                 await self.execute(self.replica.on_checkpoint(src, cp.origin, cp.feed, env))
+                self.on_verified(cp, src, "new")
                 return "new"
+            self.on_verified(cp, src, "known")
             return "known"
-        proof = cps.SplitViewProof(mine, env).canonical()
-        cps.verify_split_view(proof, self.verifier, self.policy.keys.state)
-        # Built here (from the partner's checkpoint and ours): every partner that may
-        # be told gets it, the one that showed us the checkpoint too.
-        await self._on_proof(None, cp.origin, cp.feed, cp.size, "split-view",
-                             proof.encode())
+        await self.keep_split_view(mine, env)
+        self.on_verified(cp, src, "split-view")
         return "split-view"
+
+    async def keep_split_view(self, a: bytes, b: bytes) -> bool:
+        """Keep and forward the split-view proof of two checkpoint envelopes (one
+        origin, feed and size, two roots). Built here, from a partner's checkpoint and
+        ours: every partner that may be told gets it, the one that showed us the
+        checkpoint too. True if it was new. Raises InvalidProof if it proves nothing."""
+        proof = cps.SplitViewProof(a, b).canonical()
+        ca, _cb = cps.verify_split_view(proof, self.verifier, self.policy.keys.state)
+        return await self._on_proof(None, ca.origin, ca.feed, ca.size, "split-view",
+                                    proof.encode())
 
     async def _on_proof(self, src: bytes | None, origin: bytes, feed: str, seq: int,
                         kind: str, enc: bytes) -> bool:

@@ -11,6 +11,7 @@
         ├── ingest       verify records (threads) + hand them to the replica; commits
         ├── publisher    sign own records (the replica says if and at which seq)
         ├── checkpoints  Merkle checkpoints, verify fork and split-view proofs
+        ├── witness      cosign partners' checkpoints, exchange cosignatures, quorum
         ├── streams      live tail for SSE streams
         ├── reads        what readers are served from storage
         ├── bridges      MQTT in (citynode/bridges/): publish through the publisher
@@ -60,6 +61,7 @@ from citynode.node.publishing import Publisher
 from citynode.node.reads import Reads
 from citynode.node.retention import Retention
 from citynode.node.streams import Streams, Subscriber
+from citynode.node.witness import Witness
 from citynode.reload import ConfigDiff, diff_config, live_config, shown
 from citynode.sinks.service import Sinks
 from citynode.storage import PartnerRow, Storage, open_storage
@@ -122,6 +124,10 @@ class Node:
                              publisher=self.publisher, checkpoints=self.checkpoints,
                              storage=storage, metrics=self.metrics, now_ms=self.now_ms,
                              spawn=self.spawn)
+        self.witness = Witness(config=config, key=self.key, policy=self.policy,
+                               partners=self.partners, checkpoints=self.checkpoints,
+                               storage=storage, metrics=self.metrics,
+                               verifier=self.verifier, now_ms=self.now_ms, spawn=self.spawn)
         self.streams = Streams(storage=storage, metrics=self.metrics, spawn=self.spawn)
         self.reads = Reads(config=config, storage=storage, policy=self.policy)
         self.bridges = Bridges(config=config, data_dir=data_dir, origin=self.public_key,
@@ -172,6 +178,7 @@ class Node:
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
         self.checkpoints.cadence_of = self.policy.cadence_of
+        self.checkpoints.on_verified = self.witness.checkpoint_seen
         g.on_wake = self._committed
 
     async def _fetch_key_log(self, link: PartnerLink, origin: bytes) -> bool:
@@ -245,6 +252,7 @@ class Node:
         spawn = self._spawn_singleton
         spawn(self.gossip.run(), "replica-timer")
         spawn(self.checkpoints.run(), "checkpoints")
+        spawn(self.witness.run(), "witness")
         self.bridges.start(spawn)  # [[bridges.*]]: a task each
         await self.sinks.start(spawn)  # [[sinks.*]]: a task each
         spawn(self.retention.run(), "prune")
@@ -499,6 +507,7 @@ class Node:
             "restored_awaiting": [self._partner_name(k)
                                   for k in self.replica.awaiting_confirmation()],
             "partners": self.partners.status(),
+            "witness": self.witness.status(),
         }
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:

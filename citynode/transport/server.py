@@ -5,6 +5,7 @@ authenticate, call the node's roles, render. The routes live by caller:
 * ``api_stream``: live Server-Sent Event streams;
 * ``api_operator``: publish, partners, sync, status, metrics (operator token);
 * ``api_partner``: the partner protocol (signed requests);
+* ``api_witness``: witness cosignatures (posted by partners, read by anyone allowed);
 * ``api_console``: the web console at ``/`` (docs/CONSOLE.md);
 * ``web``: what they share (errors, bodies, parameters, authentication).
 
@@ -41,6 +42,7 @@ from citynode.transport import (
     api_partner,
     api_public,
     api_stream,
+    api_witness,
 )
 from citynode.transport.limits import AddressCounts, PartnerRates
 from citynode.transport.web import (
@@ -115,6 +117,8 @@ def build_app(node: Node) -> web.Application:
     r.add_post("/v1/proofs", api_partner.proofs)
     r.add_post("/v1/checkpoints", api_partner.post_checkpoint)
     r.add_get("/v1/checkpoints", api_public.get_checkpoints)
+    r.add_post("/v1/cosignatures", api_witness.post_cosignatures)
+    r.add_get("/v1/cosignatures", api_witness.get_cosignatures)
     r.add_get("/v1/proofs/inclusion", api_public.inclusion_proof)
     r.add_get("/v1/proofs/consistency", api_public.consistency_proof)
     api_console.add_routes(app)  # the web console at / (docs/CONSOLE.md)

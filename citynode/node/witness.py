@@ -1,0 +1,389 @@
+"""The witness role: cosign partners' checkpoints, keep and exchange cosignatures, refuse
+and prove split views, and say which checkpoints have the quorum of cosignatures this
+node requires (docs/PROTOCOL.md, "Cosignatures"; the decisions are core/cosign.py's).
+
+* A checkpoint a partner sent that verified and was kept (the checkpoints role calls
+  :meth:`Witness.checkpoint_seen`) is queued, one per (origin, feed), newest kept; one
+  task (:meth:`Witness.run`) cosigns what is queued: with the last checkpoint this node
+  cosigned of that feed and a consistency proof from its size (computed from the
+  records held, else fetched from the partner that sent it, else from the origin), it
+  runs ``cosign``; a cosignature is stored and sent to every partner that may be told
+  of the feed (``POST /v1/cosignatures``, a cosigned checkpoint).
+* A cosigned checkpoint from a partner (:meth:`Witness.ingest`): the checkpoint is
+  taken as any checkpoint (the checkpoints role: a different root at a size held is a
+  split view, kept as proof, alerted and forwarded), then each cosignature verified:
+  by a known witness (a partner, or a witness ``[witness] require`` names), with a key
+  accepted for it, about exactly that checkpoint. Only verified cosignatures of a
+  checkpoint held here are stored; each refusal is counted on the partner by reason.
+* Trust: a checkpoint is trusted when cosignatures of at least ``[witness] quorum``
+  distinct witnesses of ``[witness] require`` are held of it (:meth:`Witness.trust`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from citynode.config import Config
+from citynode.core import checkpoints as cps
+from citynode.core import cosign as cs
+from citynode.core.keys import NodeKey, SigningKey, Verifier, parse_node_id
+from citynode.errors import (
+    CitynodeError,
+    EncodingError,
+    InvalidProof,
+    InvalidRecord,
+    PeerError,
+)
+from citynode.logs import fields
+from citynode.metrics import Metrics
+from citynode.node._base import Spawn, in_thread
+from citynode.node.checkpoints import Checkpoints
+from citynode.node.partners import Partners
+from citynode.node.policy import Policy
+from citynode.storage import Storage
+
+__all__ = ["MAX_QUEUED", "Witness"]
+
+log = logging.getLogger("citynode.node")
+
+#: Feeds whose newest checkpoint waits to be cosigned, at most (one each).
+MAX_QUEUED = 10_000
+#: Feeds whose trust (quorum met or not) is tracked for status and the metric.
+MAX_TRACKED = 100_000
+#: Attempts to deliver one cosigned checkpoint to one partner.
+DELIVERY_ATTEMPTS = 4
+#: Refusals of the witness's decision that say nothing against the partner that sent
+#: the checkpoint: an honest, older checkpoint arriving late.
+_NOT_COUNTED = frozenset({"checkpoint_regress"})
+
+
+def _identity(key: SigningKey) -> bytes:
+    return key.identity if isinstance(key, NodeKey) else key.public_key
+
+
+class Witness:
+    """Cosign, keep and exchange cosignatures; see the module docstring."""
+
+    def __init__(self, *, config: Config, key: SigningKey, policy: Policy,
+                 partners: Partners, checkpoints: Checkpoints, storage: Storage,
+                 metrics: Metrics, verifier: Verifier, now_ms: Callable[[], int],
+                 spawn: Spawn) -> None:
+        self.config = config
+        self.key = key
+        self.me = _identity(key)
+        self.policy = policy
+        self.partners = partners
+        self.checkpoints = checkpoints
+        self.storage = storage
+        self.verifier = verifier
+        self.now_ms = now_ms
+        self.spawn = spawn
+        w = config.witness
+        self.cosign_for = frozenset(parse_node_id(i) for i in w.cosign_for)
+        self.require = tuple(parse_node_id(i) for i in w.require)
+        self.k = w.k
+        self._queue: dict[tuple[bytes, str], tuple[cps.Checkpoint, bytes | None]] = {}
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        #: (origin, feed) -> (size, witnesses required holding a cosignature, trusted)
+        self.tracked: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
+        self.counts: dict[str, int] = {}
+        r = metrics.registry
+        self.m_cosigned = Counter("citynode_cosignatures_signed",
+                                  "Checkpoints this node cosigned as a witness", registry=r)
+        self.m_received = Counter("citynode_cosignatures_received",
+                                  "Cosignatures received from partners, by result",
+                                  ["result"], registry=r)
+        self.m_refused = Counter("citynode_cosign_refused",
+                                 "Checkpoints this node refused to cosign, by reason",
+                                 ["reason"], registry=r)
+        self.m_untrusted = Gauge("citynode_checkpoints_untrusted",
+                                 "Feeds whose newest checkpoint lacks the [witness] quorum "
+                                 "of cosignatures", registry=r)
+
+    # ------------------------------------------------------------------ who
+
+    def cosigns_for(self, origin: bytes) -> bool:
+        """Whether this node cosigns ``origin``'s checkpoints: ``[witness] cosign``, and
+        ``origin`` is a partner (one ``cosign_for`` names, when it names any)."""
+        if not self.config.witness.cosign or origin == self.me:
+            return False
+        if self.partners.get(origin) is None:
+            return False
+        return not self.cosign_for or origin in self.cosign_for
+
+    def keys_of(self, witness: bytes) -> frozenset[bytes]:
+        """The keys a cosignature of ``witness`` may be signed by: a cn1 witness's key
+        (its id); for a cn2 witness, every key of its log held that was not cut off by
+        a recovery (a stolen key's cosignatures count for nothing), none if it died."""
+        return cs.witness_keys(witness, self.policy.keys.state(witness))
+
+    def known_witness(self, witness: bytes) -> bool:
+        """A cosignature is taken from a partner, a witness ``require`` names, or this
+        node; from anyone else it is ``not_witness``."""
+        return (witness == self.me or witness in self.require
+                or self.partners.get(witness) is not None)
+
+    # ------------------------------------------------------------------ cosigning
+
+    def checkpoint_seen(self, cp: cps.Checkpoint, src: bytes | None, verdict: str) -> None:
+        """The checkpoints role verified ``cp`` from partner ``src``: ``verdict`` "new",
+        "known" or "split-view". A split view is counted on ``src`` (this node never
+        cosigns it); any other is queued for cosigning (newest per feed) and its trust
+        looked at again."""
+        if verdict == "split-view":
+            self._count(src, "split_view")
+            self.m_refused.labels("split_view").inc()
+            return
+        if self.require:
+            self.spawn(self.refresh(cp.origin, cp.feed), "witness-trust")
+        if not self.cosigns_for(cp.origin):
+            return
+        key = (cp.origin, cp.feed)
+        queued = self._queue.get(key)
+        if queued is None and len(self._queue) >= MAX_QUEUED:
+            return
+        if queued is None or queued[0].size <= cp.size:
+            self._queue[key] = (cp, src)
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Cosign what is queued, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Cosign every checkpoint queued now (one at a time)."""
+        while self._queue:
+            key = next(iter(self._queue))
+            cp, src = self._queue.pop(key)
+            try:
+                await self.cosign(cp, src)
+            except CitynodeError as exc:  # storage: the next checkpoint tries again
+                log.warning("cosigning failed", extra=fields(error=str(exc)))
+
+    async def _last(self, origin: bytes, feed: str) -> cps.Checkpoint | None:
+        """The checkpoint this node cosigned last of a feed, as held (None: never)."""
+        last = await in_thread(self.storage.last_cosigned, self.me, origin, feed)
+        if last is None:
+            return None
+        size, root = last
+        env = next((e for s, r, e in await self.checkpoints.held(origin, feed)
+                    if s == size and r == root), None)
+        if env is None:  # cannot happen: a cosignature is stored with its checkpoint
+            return None
+        return cps.open_checkpoint(env, verifier=self.verifier,
+                                   key_states=self.policy.keys.state)
+
+    async def cosign(self, cp: cps.Checkpoint, src: bytes | None) -> str:
+        """Cosign ``cp`` (verified, of a feed this node cosigns) if the witness's
+        decision allows: returns "cosigned", "known" (this head is cosigned already),
+        "no_proof" (no consistency proof could be had: tried again with the next
+        checkpoint) or the refusal's reason code (``split_view``, ``not_consistent``
+        counted on ``src``; ``checkpoint_regress``, an older one arriving late, not)."""
+        async with self._lock:
+            last = await self._last(cp.origin, cp.feed)
+            if last is not None and (last.size, last.root) == (cp.size, cp.root):
+                return "known"
+            proof: Sequence[bytes] = ()
+            if last is not None and 0 < last.size < cp.size:
+                got = await self._proof(cp, last.size, src)
+                if got is None:
+                    return "no_proof"
+                proof = got
+            now = self.now_ms()
+            try:
+                c = cs.cosign(self.key, self.me, cp, now, last=last, proof=proof)
+            except InvalidRecord as exc:
+                self.m_refused.labels(exc.reason).inc()
+                if exc.reason == "split_view" and last is not None:
+                    await self.checkpoints.keep_split_view(last.envelope, cp.envelope)
+                if exc.reason not in _NOT_COUNTED:
+                    self._count(src, exc.reason)
+                    log.warning("checkpoint not cosigned", extra=fields(
+                        origin=self.policy.name(cp.origin), feed=cp.feed, size=cp.size,
+                        reason=exc.reason))
+                return exc.reason
+            await asyncio.wrap_future(self.storage.put_cosignature(
+                cp.origin, cp.feed, cp.size, cp.root, self.me, c.time, c.envelope))
+            self.m_cosigned.inc()
+        await self.refresh(cp.origin, cp.feed)
+        self.send(cp, (c.envelope,))
+        return "cosigned"
+
+    async def _proof(self, cp: cps.Checkpoint, old: int, src: bytes | None
+                     ) -> Sequence[bytes] | None:
+        """The consistency proof from ``old`` to ``cp.size``: from the records held
+        when they reach ``cp.size`` (a proof from another history fails the check, as
+        it must), else asked of ``src``, then of the origin. None if none could be had."""
+        head = await in_thread(self.storage.head, cp.origin, cp.feed)
+        if head is not None and head[0] >= cp.size:
+            path, _old_root, _new_root = await self.checkpoints.consistency(
+                cp.origin, cp.feed, old, cp.size)
+            return path
+        origin_id = self.policy.keys.name(cp.origin)
+        path_qs = (f"/v1/proofs/consistency?origin={origin_id}&feed={cp.feed}"
+                   f"&old={old}&new={cp.size}")
+        for who in dict.fromkeys([k for k in (src, cp.origin) if k is not None]):
+            link = self.partners.get(who)
+            if link is None:
+                continue
+            try:
+                data = await link.client.request("GET", path_qs, max_bytes=4096)
+                proof = cps.decode_consistency(data)
+            except (PeerError, InvalidProof) as exc:
+                log.info("no consistency proof from partner", extra=fields(
+                    partner=link.row.name, error=str(exc)))
+                continue
+            if (proof.old_size, proof.new_size) == (old, cp.size):
+                return proof.path
+        return None
+
+    def send(self, cp: cps.Checkpoint, cosignatures: Sequence[bytes]) -> None:
+        """Send a cosigned checkpoint to every partner that may be told of its feed
+        (not its origin's own partners only: witnesses meet through any partner)."""
+        payload = cs.CosignedCheckpoint(cp.envelope, tuple(cosignatures)).encode()
+        for link in list(self.partners.links.values()):
+            if self.policy.may_pass(link.key, cp.origin, cp.feed):
+                self.spawn(self._deliver(link.key, payload), "send-cosignature")
+
+    async def _deliver(self, partner: bytes, payload: bytes) -> None:
+        wait = 1.0
+        refusals = 0
+        for _ in range(DELIVERY_ATTEMPTS):
+            link = self.partners.get(partner)
+            if link is None:
+                return
+            left = await self.partners.deliver(link, "/v1/cosignatures", payload, refusals)
+            if left is None:
+                return
+            refusals = left
+            await asyncio.sleep(wait)
+            wait *= 2
+
+    # ------------------------------------------------------------------ from partners
+
+    async def ingest(self, body: bytes, src: bytes | None) -> dict[str, Any]:
+        """A cosigned checkpoint from partner ``src``: take the checkpoint (as
+        ``POST /v1/checkpoints`` does), then verify and keep its cosignatures. Returns
+        ``{"result": the checkpoint's verdict, "stored": n, "known": n, "rejected":
+        {reason: n}}``. Raises InvalidRecord (counted on ``src``) if the body is not a
+        cosigned checkpoint (at most :data:`cs.MAX_COSIGNATURES`) or the checkpoint is
+        refused."""
+        try:
+            cc = cs.CosignedCheckpoint.decode(body)
+        except EncodingError as exc:
+            self._count(src, exc.reason)
+            self.m_received.labels("malformed").inc()
+            raise
+        verdict = await self.checkpoints.ingest_checkpoint(cc.checkpoint, src)
+        cp = cps.open_checkpoint(cc.checkpoint, verifier=self.verifier,
+                                 key_states=self.policy.keys.state)
+        now = self.now_ms()
+        tolerance = self.config.limits.future_tolerance_seconds * 1000
+        stored = known = 0
+        rejected: dict[str, int] = {}
+        for env in cc.cosignatures:
+            reason = None
+            try:
+                c = cs.open_cosignature(env, verifier=self.verifier, now_ms=now,
+                                        future_tolerance_ms=tolerance)
+            except InvalidRecord as exc:
+                reason = exc.reason
+            else:
+                if not self.known_witness(c.witness):
+                    reason = "not_witness"
+                elif c.key not in self.keys_of(c.witness):
+                    reason = "wrong_key"
+                elif not c.covers(cp):
+                    reason = "wrong_checkpoint"
+            if reason is not None:
+                rejected[reason] = rejected.get(reason, 0) + 1
+                self._count(src, reason)
+                self.m_received.labels(reason).inc()
+                continue
+            if verdict == "split-view" or c.witness == self.me:
+                # Of a checkpoint not held here (the other side of a split view, whose
+                # proof is kept): nothing to attach it to. Our own: held already.
+                known += 1
+                continue
+            new = await asyncio.wrap_future(self.storage.put_cosignature(
+                cp.origin, cp.feed, cp.size, cp.root, c.witness, c.time, c.envelope))
+            stored += new
+            known += not new
+            self.m_received.labels("stored" if new else "known").inc()
+        if stored:
+            await self.refresh(cp.origin, cp.feed)
+        return {"result": verdict, "stored": stored, "known": known, "rejected": rejected}
+
+    def _count(self, src: bytes | None, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.partners.count_invalid(self.partners.get(src) if src else None, reason)
+
+    # ------------------------------------------------------------------ trust
+
+    async def cosigned(self, origin: bytes, feed: str, size: int | None = None
+                       ) -> list[dict[str, Any]]:
+        """The checkpoints held of a feed (of one ``size`` if given) with their
+        cosignatures: ``{"size", "root", "checkpoint", "cosignatures": [(witness,
+        envelope)], "trusted"}`` by size; ``trusted`` None when no witness is required."""
+        held = await self.checkpoints.held(origin, feed)
+        rows = await in_thread(self.storage.cosignatures, origin, feed, size)
+        out = []
+        for s, root, env in held:
+            if size is not None and s != size:
+                continue
+            sigs = [(w, e) for cs_size, r, w, e in rows if cs_size == s and r == root]
+            out.append({"size": s, "root": root, "checkpoint": env, "cosignatures": sigs,
+                        "trusted": self.trusted_by({w for w, _e in sigs})})
+        return out
+
+    def trusted_by(self, witnesses: set[bytes]) -> bool | None:
+        """Whether cosignatures held by ``witnesses`` (verified when stored) meet the
+        quorum; None when ``[witness] require`` names nobody."""
+        if not self.require:
+            return None
+        return len(witnesses & set(self.require)) >= self.k
+
+    async def trust(self, origin: bytes, feed: str) -> tuple[int, int, bool] | None:
+        """``(size, required witnesses that cosigned it, trusted)`` of the newest
+        checkpoint held of a feed; None if none is held or no witness is required."""
+        if not self.require:
+            return None
+        held = await self.checkpoints.held(origin, feed)
+        if not held:
+            return None
+        size, root, _env = held[-1]
+        rows = await in_thread(self.storage.cosignatures, origin, feed, size)
+        got = {w for _s, r, w, _e in rows if r == root} & set(self.require)
+        return size, len(got), len(got) >= self.k
+
+    async def refresh(self, origin: bytes, feed: str) -> None:
+        """Look at a feed's trust again (status, the untrusted metric)."""
+        t = await self.trust(origin, feed)
+        if t is None:
+            return
+        if (origin, feed) in self.tracked or len(self.tracked) < MAX_TRACKED:
+            self.tracked[(origin, feed)] = t
+        self.m_untrusted.set(sum(1 for v in self.tracked.values() if not v[2]))
+
+    def status(self) -> dict[str, Any]:
+        """What ``/v1/admin/status`` shows under ``witness``."""
+        untrusted = [{"origin": self.policy.name(o), "feed": f, "size": s, "cosigned": n}
+                     for (o, f), (s, n, ok) in sorted(self.tracked.items()) if not ok]
+        return {
+            "cosign": self.config.witness.cosign,
+            "require": [self.policy.name(w) for w in self.require],
+            "quorum": self.k,
+            "refused": dict(sorted(self.counts.items())),
+            "untrusted": untrusted[:100],
+            "untrusted_count": len(untrusted),
+        }
+
