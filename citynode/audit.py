@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 from citynode.bundle import (
     CARD,
     CHECKPOINT,
+    COSIGNATURE,
     DEFAULT_BUNDLE_LIMITS,
     END,
     FORK,
     HEADER,
+    KEY_LOG,
     RECORD,
     SPLIT_VIEW,
     BundleHeader,
@@ -33,7 +35,7 @@ from citynode.bundle import (
     iter_bundle,
     read_item_at,
 )
-from citynode.core import keylog
+from citynode.core import cosign, encoding, keylog
 from citynode.core.cards import NodeCard, check_terms_document, open_card
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.checkpoints import (
@@ -51,6 +53,7 @@ from citynode.core.records import (
     RecordPolicy,
     check_key,
     check_payload,
+    decode_envelope,
     decode_record,
     open_record,
     parse_body,
@@ -283,6 +286,10 @@ class AuditReport:
         default_factory=lambda: {ERROR: 0, WARNING: 0, INFO: 0})
     #: A cn2 origin's key events and each key's window (empty for a cn1 origin).
     key_history: list[dict[str, Any]] = field(default_factory=list)
+    #: The witness check (``--witness ... --quorum K``): None when not asked for; else
+    #: ``{"witnesses": [ids], "quorum": k, "checkpoints": [{"feed", "size",
+    #: "witnesses": [ids counted], "ok"}]}``.
+    witness: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -333,6 +340,7 @@ class AuditReport:
             "tombstones": [t.to_json() for t in self.tombstones],
             "terms": terms_periods(self.cards),
             "key_history": self.key_history,
+            "witness": self.witness,
             "errors": self.severity_counts[ERROR],
             "warnings": self.severity_counts[WARNING],
             "finding_counts": dict(sorted(self.kind_counts.items())),
@@ -380,6 +388,14 @@ class AuditReport:
                    "them)" if f.erased or f.pruned else "")
             )
         out.append(f"coverage: {self.coverage_text()}")
+        if self.witness is not None:
+            wit = self.witness
+            out.append(f"witnesses: quorum {wit['quorum']} of {len(wit['witnesses'])} "
+                       f"({', '.join(wit['witnesses'])})")
+            for c in wit["checkpoints"][:100]:
+                out.append(f"  checkpoint {c['feed']} size {c['size']}: "
+                           f"{len(c['witnesses'])} of {wit['quorum']} cosignature(s) "
+                           f"{'-- quorum met' if c['ok'] else '-- NO QUORUM'}")
         for t in self.tombstones[:100]:
             why = (f"erased by {t.by.hex()[:16]}...: {t.reason}" if t.by is not None
                    else f"pruned ({t.reason})")
@@ -492,6 +508,8 @@ class _Audit:
         self.tombstones: list[tuple[str, int, bytes, int]] = []
         # (feed, seq, id) -> (erasure request id, reason), of the origin's valid requests
         self.erasures: dict[tuple[str, int, bytes], tuple[bytes, str]] = {}
+        self.cosignatures: list[bytes] = []  # cosignature envelopes, checked at the end
+        self.key_logs: list[bytes] = []  # witnesses' key logs carried
 
     def feed(self, name: str) -> _Feed:
         st = self.feeds.get(name)
@@ -614,6 +632,9 @@ def audit_bundle(
     limits: BundleLimits = DEFAULT_BUNDLE_LIMITS,
     terms_documents: Mapping[str, bytes] | None = None,
     key_logs: Sequence[bytes] = (),
+    witnesses: Sequence[str] = (),
+    quorum: int = 0,
+    witness_key_logs: Sequence[bytes] = (),
 ) -> AuditReport:
     """Verify a bundle offline against the origin's node id (obtained out of band).
 
@@ -647,12 +668,24 @@ def audit_bundle(
     terms document, e.g. fetched from the feed's ``terms_url``) are checked against the
     terms digest the origin's card signed (:func:`check_terms`).
 
+    ``witnesses`` (node ids, out of band) and ``quorum`` (0: all of them): the newest
+    checkpoint of each feed must carry cosignatures of at least ``quorum`` distinct
+    witnesses named (``core.cosign.check_quorum``; a cn2 witness's keys from its key log,
+    carried in the bundle or among ``witness_key_logs``), else ``no_quorum`` (an error, also for
+    a feed with no checkpoint); each checkpoint's count is reported
+    (:attr:`AuditReport.witness`); cosignatures not counted are findings with the
+    reason, and one witness key cosigning two roots of one size is
+    ``witness_equivocation``.
+
     Never raises for anything inside the bundle (it becomes a finding); raises
     :class:`InvalidNodeId` for a malformed ``origin_node_id`` and
     :class:`CitynodeError` if the file cannot be read.
     """
     expected = parse_node_id(origin_node_id)
     oid = node_id(expected)
+    named = list(dict.fromkeys(parse_node_id(w) for w in witnesses))
+    if quorum < 0 or quorum > len(named) or (quorum and not named):
+        raise ValueError(f"a quorum of {quorum} with {len(named)} witness(es) named")
     started = time.perf_counter()
     rep = AuditReport(os.fspath(path), oid, now_ms)
     try:
@@ -724,6 +757,10 @@ def audit_bundle(
                 _audit_checkpoint(rep, item, expected, a.verifier, now_ms, a.feed, a.keys)
             elif kind in (FORK, SPLIT_VIEW):
                 _audit_proof(rep, item, expected, a.verifier, a.keys)
+            elif kind == COSIGNATURE:
+                a.cosignatures.append(item.data)
+            elif kind == KEY_LOG:
+                a.key_logs.append(item.data)
             elif kind == END:
                 rep.complete = True
     except InvalidRecord as exc:
@@ -742,6 +779,8 @@ def audit_bundle(
                 pool.shutdown(wait=True, cancel_futures=True)
     rep.record_items = records
     _finish(a)
+    if named:
+        _finish_witnesses(a, named, quorum or len(named), witness_key_logs)
     check_terms(rep, terms_documents or {})
     # One order whatever the threading: bundle-level first, then by feed and seq.
     rank = {ERROR: 0, WARNING: 1, INFO: 2}
@@ -826,6 +865,86 @@ def _finish(a: _Audit) -> None:
             "it was left out (export leaves feeds in clear that are not public out unless "
             "asked) or removed; for an audit of it, ask for a bundle that holds it "
             f"(citynode export ... --feed {name}, or --include-partners)")
+
+
+def _finish_witnesses(a: _Audit, named: list[bytes], k: int, given: Sequence[bytes]
+                      ) -> None:
+    """The witness check (see :func:`audit_bundle`): the witnesses' keys from the key
+    logs carried or given (each tried against each cn2 witness named: a log verifies
+    from its id alone, so a wrong one is simply not taken), then each checkpoint's
+    cosignatures through ``cosign.check_quorum``."""
+    rep, add = a.rep, a.rep.add
+    book = KeyBook()
+    for w in named:
+        for log in [*a.key_logs, *given]:
+            try:
+                book.offer(w, log, verifier=Verifier())
+            except InvalidRecord:
+                continue
+    keys = {w: cosign.witness_keys(w, book.state(w)) for w in named}
+    names = [book.name(w) for w in named]
+    by_feed: dict[str, list[Checkpoint]] = {}
+    for name, st in a.feeds.items():
+        by_feed[name] = sorted(st.checkpoints, key=lambda c: (c.size, c.time))
+    opened: list[cosign.Cosignature] = []
+    for env in a.cosignatures:
+        try:
+            opened.append(cosign.open_cosignature(env, verifier=a.verifier))
+        except InvalidRecord:
+            continue  # counted below, against the checkpoint it claims (or not at all)
+    out: list[dict[str, Any]] = []
+    for feed in sorted(by_feed):
+        cps = by_feed[feed]
+        if not cps:
+            if a.feeds[feed].audit.records:
+                add(ERROR, "no_quorum", feed, None,
+                    "the bundle carries no checkpoint of this feed: no witness vouches "
+                    "for any of its records")
+            continue
+        for i, cp in enumerate(cps):
+            envs = [env for env in a.cosignatures if _claims(env, cp)]
+            q = cosign.check_quorum(cp, envs, keys, k, verifier=a.verifier,
+                                    now_ms=a.now_ms)
+            counted = sorted(book.name(w) for w in q.witnesses)
+            out.append({"feed": feed, "size": cp.size, "root": cp.root.hex(),
+                        "witnesses": counted, "ok": q.ok})
+            for _j, reason in q.rejected:
+                if reason in ("not_witness", "duplicate"):
+                    continue  # another witness's (not named here), or one twice
+                add(WARNING, "cosignature_refused", feed, None,
+                    f"a cosignature of the checkpoint of size {cp.size} is not counted: "
+                    f"{reason}")
+            if i == len(cps) - 1 and not q.ok:
+                add(ERROR, "no_quorum", feed, None,
+                    f"the newest checkpoint (size {cp.size}) carries {len(q.witnesses)} "
+                    f"valid cosignature(s) of the witnesses named, {k} required"
+                    + (f" (counted: {', '.join(counted)})" if counted else ""))
+    # One witness key vouching for two roots at one size: that witness equivocated.
+    seen: dict[tuple[bytes, bytes, str, int], cosign.Cosignature] = {}
+    for c in opened:
+        if c.origin != a.expected:
+            continue
+        first = seen.setdefault((c.key, c.origin, c.feed, c.size), c)
+        if first.root != c.root and c.witness == first.witness:
+            try:
+                cosign.verify_witness_equivocation(first.envelope, c.envelope,
+                                                   verifier=a.verifier)
+            except InvalidProof:
+                continue
+            add(ERROR, "witness_equivocation", c.feed, None,
+                f"witness {book.name(c.witness)} cosigned two roots of size {c.size}")
+    rep.witness = {"witnesses": names, "quorum": k, "checkpoints": out}
+
+
+def _claims(env: bytes, cp: Checkpoint) -> bool:
+    """Whether a cosignature envelope names ``cp``'s origin, feed and size (so that its
+    verdict is reported against that checkpoint; ``check_quorum`` decides the rest)."""
+    try:
+        f = encoding.decode(decode_envelope(env)[0])
+    except InvalidRecord:
+        return False
+    return (type(f) is dict and f.get("origin") == cp.origin and f.get("feed") == cp.feed
+            and f.get("size") == cp.size)
 
 
 def _take_log(rep: AuditReport, keys: KeyBook, expected: bytes, log: bytes, where: str

@@ -19,12 +19,17 @@ card           ``{env: bin, kind}`` -- the origin's signed card envelopes: its  
 record         ``{env: bin, kind}`` -- a record envelope, feeds in name order,  any
                seq order within a feed
 checkpoint     ``{env: bin, kind}`` -- a signed checkpoint envelope             any
+cosignature    ``{env: bin, kind}`` -- a witness's cosignature envelope of a    any
+               checkpoint the bundle carries (docs/PROTOCOL.md, "Cosignatures")
+key-log        ``{env: bin, kind}`` -- a cn2 witness's key log (its wire bytes) any
+               so the auditor can check its cosignatures from its id alone
 fork           the :class:`~citynode.core.chain.ForkProof` encoding             any
                ``{a: bin, b: bin, kind: "fork"}``
 split-view     the :class:`~citynode.core.checkpoints.SplitViewProof` encoding  any
                ``{a: bin, b: bin, kind: "split-view"}``
 end            ``{cards, checkpoints, forks, kind, records, split_views}``      last, 1
-               -- item counts, so a truncated or spliced file is detected
+               -- item counts, so a truncated or spliced file is detected; with
+               ``cosignatures`` and ``key_logs`` too when the bundle holds any
 =============  ==============================================================  =========
 
 Nothing in the bundle is trusted because of the bundle: the header and the end item are
@@ -55,7 +60,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUNDLE_VERSION",
+    "COSIGNATURE",
     "DEFAULT_BUNDLE_LIMITS",
+    "KEY_LOG",
     "MAGIC",
     "BundleCounts",
     "BundleEnd",
@@ -76,9 +83,14 @@ MAX_FEEDS = 1000
 HEADER, CARD, RECORD, CHECKPOINT, FORK, SPLIT_VIEW, END = (
     "header", "card", "record", "checkpoint", "fork", "split-view", "end",
 )
-_ENV_KINDS = frozenset({CARD, RECORD, CHECKPOINT})
+COSIGNATURE, KEY_LOG = "cosignature", "key-log"
+_ENV_KINDS = frozenset({CARD, RECORD, CHECKPOINT, COSIGNATURE, KEY_LOG})
 _PROOF_KINDS = frozenset({FORK, SPLIT_VIEW})
 _END_FIELDS = ("cards", "checkpoints", "forks", "records", "split_views")
+#: End-item counts written only when not 0 (a bundle without witnesses is as before).
+_END_OPTIONAL = ("cosignatures", "key_logs")
+#: Key-log items a bundle may hold (the witnesses' logs).
+MAX_KEY_LOG_ITEMS = 1000
 #: Card items a bundle may hold: the card history kept (64) and the current card.
 MAX_CARD_ITEMS = 65
 
@@ -98,6 +110,7 @@ class BundleLimits:
     max_records: int = 50_000_000  # the audit keeps about 250 bytes per record
     max_checkpoints: int = 10_000_000
     max_proofs: int = 100_000  # fork and split-view items together
+    max_cosignatures: int = 200_000  # the audit keeps them (about 250 bytes each)
 
 
 DEFAULT_BUNDLE_LIMITS = BundleLimits()
@@ -122,10 +135,13 @@ class BundleCounts:
     forks: int = 0
     split_views: int = 0
     cards: int = 0
+    cosignatures: int = 0
+    key_logs: int = 0
 
     def to_json(self) -> dict[str, int]:
         return {"records": self.records, "checkpoints": self.checkpoints,
-                "forks": self.forks, "split_views": self.split_views, "cards": self.cards}
+                "forks": self.forks, "split_views": self.split_views, "cards": self.cards,
+                "cosignatures": self.cosignatures, "key_logs": self.key_logs}
 
 
 BundleEnd = BundleCounts
@@ -192,6 +208,8 @@ def write_bundle(
     checkpoints: Iterable[bytes] = (),
     forks: Iterable[bytes | ForkProof] = (),
     split_views: Iterable[bytes | SplitViewProof] = (),
+    cosignatures: Iterable[bytes] = (),
+    key_logs: Iterable[bytes] = (),
     now_ms: int,
     limits: BundleLimits = DEFAULT_BUNDLE_LIMITS,
 ) -> BundleCounts:
@@ -200,8 +218,10 @@ def write_bundle(
     ``feeds`` maps each feed name to its record envelopes in seq order (any iterable:
     consumed once, in feed-name order, so a storage cursor streams straight to disk).
     ``checkpoints`` are checkpoint envelopes; ``forks`` / ``split_views`` proofs or their
-    encodings. Only the format is checked (envelope layout, proof encodings, feed names,
-    item sizes), not signatures: the writer exports what it holds, the auditor verifies.
+    encodings; ``cosignatures`` witnesses' cosignature envelopes and ``key_logs`` their
+    key logs (at most :data:`MAX_KEY_LOG_ITEMS`). Only the format is checked (envelope
+    layout, proof encodings, feed names, item sizes), not signatures: the writer
+    exports what it holds, the auditor verifies.
 
     The file is written to ``<path>.part`` and renamed into place after an fsync, so
     ``path`` never holds half a bundle. Raises :class:`InvalidRecord` for input a reader
@@ -217,7 +237,7 @@ def write_bundle(
         check_feed_name(name)
     target = Path(path)
     tmp = target.with_name(target.name + ".part")
-    counts = {k: 0 for k in _END_FIELDS}
+    counts = {k: 0 for k in (*_END_FIELDS, *_END_OPTIONAL)}
     try:
         with open(tmp, "wb", buffering=1024 * 1024) as f:
             f.write(MAGIC)
@@ -244,13 +264,23 @@ def write_bundle(
                 decode_envelope(env)
                 f.write(_frame(encoding.encode({"kind": CHECKPOINT, "env": env}), limits))
                 counts["checkpoints"] += 1
+            for env in cosignatures:
+                decode_envelope(env)
+                f.write(_frame(encoding.encode({"kind": COSIGNATURE, "env": env}), limits))
+                counts["cosignatures"] += 1
+            for log in key_logs:
+                if counts["key_logs"] >= MAX_KEY_LOG_ITEMS:
+                    raise _bad(f"a bundle holds at most {MAX_KEY_LOG_ITEMS} key logs")
+                f.write(_frame(encoding.encode({"kind": KEY_LOG, "env": log}), limits))
+                counts["key_logs"] += 1
             for fork in forks:
                 f.write(_frame(_proof_bytes(fork, FORK), limits))
                 counts["forks"] += 1
             for split in split_views:
                 f.write(_frame(_proof_bytes(split, SPLIT_VIEW), limits))
                 counts["split_views"] += 1
-            f.write(_frame(encoding.encode({"kind": END, **counts}), limits))
+            end = {k: n for k, n in counts.items() if k in _END_FIELDS or n}
+            f.write(_frame(encoding.encode({"kind": END, **end}), limits))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -327,12 +357,15 @@ def _parse_header(v: dict[str, Any]) -> BundleHeader:
 
 
 def _parse_end(v: dict[str, Any]) -> BundleCounts:
-    if set(v) != {"kind", *_END_FIELDS}:
-        raise _bad(f"bundle end item must be {{{', '.join(sorted(['kind', *_END_FIELDS]))}}}")
-    for k in _END_FIELDS:
-        if type(v[k]) is not int or v[k] < 0:
-            raise _bad(f"bundle end item {k} must be a non-negative integer")
-    return BundleCounts(**{k: v[k] for k in _END_FIELDS})
+    if not {"kind", *_END_FIELDS} <= set(v) <= {"kind", *_END_FIELDS, *_END_OPTIONAL}:
+        raise _bad(f"bundle end item must be {{{', '.join(sorted(['kind', *_END_FIELDS]))}}}"
+                   f" (and {', '.join(_END_OPTIONAL)} when not 0)")
+    for k in (*_END_FIELDS, *_END_OPTIONAL):
+        if k in v and (type(v[k]) is not int or v[k] < 0 or (k in _END_OPTIONAL
+                                                             and v[k] == 0)):
+            raise _bad(f"bundle end item {k} must be a "
+                       f"{'positive' if k in _END_OPTIONAL else 'non-negative'} integer")
+    return BundleCounts(**{k: v[k] for k in (*_END_FIELDS, *_END_OPTIONAL) if k in v})
 
 
 def _parse_item(data: bytes, offset: int, limits: BundleLimits) -> Item:
@@ -405,7 +438,7 @@ def _iter(f: IO[bytes], limits: BundleLimits) -> Iterator[Item]:
                    "'citynode-bundle-v1')")
     offset = len(MAGIC)
     max_item = limits.max_item_bytes
-    counts = dict.fromkeys(_END_FIELDS, 0)
+    counts = dict.fromkeys((*_END_FIELDS, *_END_OPTIONAL), 0)
     records = 0
     read = f.read
     first = True
@@ -450,6 +483,16 @@ def _iter(f: IO[bytes], limits: BundleLimits) -> Iterator[Item]:
             if counts["checkpoints"] > limits.max_checkpoints:
                 raise _bad(f"the bundle holds more than {limits.max_checkpoints} "
                            "checkpoints", "too_large")
+        elif kind == COSIGNATURE:
+            counts["cosignatures"] += 1
+            if counts["cosignatures"] > limits.max_cosignatures:
+                raise _bad(f"the bundle holds more than {limits.max_cosignatures} "
+                           "cosignatures", "too_large")
+        elif kind == KEY_LOG:
+            counts["key_logs"] += 1
+            if counts["key_logs"] > MAX_KEY_LOG_ITEMS:
+                raise _bad(f"the bundle holds more than {MAX_KEY_LOG_ITEMS} key logs",
+                           "too_large")
         elif kind in _PROOF_KINDS:
             counts["forks" if kind == FORK else "split_views"] += 1
             if counts["forks"] + counts["split_views"] > limits.max_proofs:
@@ -462,7 +505,8 @@ def _iter(f: IO[bytes], limits: BundleLimits) -> Iterator[Item]:
             got = BundleCounts(**counts)
             if got != end:
                 diff = ", ".join(f"{k} {getattr(end, k)} listed but {getattr(got, k)} read"
-                                 for k in _END_FIELDS if getattr(end, k) != getattr(got, k))
+                                 for k in (*_END_FIELDS, *_END_OPTIONAL)
+                                 if getattr(end, k) != getattr(got, k))
                 raise _bad(f"the bundle's end item does not match its content ({diff}): "
                            "items were removed or added", "bad_counts")
             if read(1):
@@ -537,7 +581,9 @@ def export_from_storage(
 ) -> ExportSummary:
     """Write a bundle of ``origin``'s records held in ``storage``: every record of
     each feed in seq order, every checkpoint held of those feeds whose size is at most
-    the records written of its feed, and every fork / split-view proof held against them.
+    the records written of its feed, the witnesses' cosignatures held of those
+    checkpoints and the key logs held of those witnesses, and every fork / split-view
+    proof held against them.
 
     A checkpoint of size N proves the origin published seq 1..N, so the audit fails a
     bundle whose records stop before N; a replica may hold a checkpoint newer than its
@@ -590,20 +636,40 @@ def export_from_storage(
         written[name] = n
 
     wanted = set(names)
-    held_cps = [(name, size, env) for name in names
-                for size, _r, env in storage.checkpoints(origin, name)]
+    held_cps = [(name, size, root, env) for name in names
+                for size, root, env in storage.checkpoints(origin, name)]
     skipped_cps = 0
+    cps_written: set[tuple[str, int, bytes]] = set()
 
     def checkpoints() -> Iterator[bytes]:
         # Consumed after the records (bundle order). Storage keeps each chain contiguous
         # from seq 1 and only appends, so the bundle holds seq 1..written[name] of a feed
         # (at least 1..held[name], the head read above, were it consumed before).
         nonlocal skipped_cps
-        for name, size, env in held_cps:
+        for name, size, root, env in held_cps:
             if size <= written.get(name, held[name]):
+                cps_written.add((name, size, root))
                 yield env
             else:
                 skipped_cps += 1
+
+    witnesses: set[bytes] = set()
+
+    def cosignatures() -> Iterator[bytes]:
+        # Consumed after the checkpoints: those of the checkpoints written only.
+        for name in names:
+            for size, root, witness, env in storage.cosignatures(origin, name):
+                if (name, size, root) in cps_written:
+                    witnesses.add(witness)
+                    yield env
+
+    def key_logs() -> Iterator[bytes]:
+        # Consumed after the cosignatures: the logs held of their (cn2) witnesses.
+        for witness in sorted(witnesses)[:MAX_KEY_LOG_ITEMS]:
+            log = storage.get_meta(f"keylog:{witness.hex()}")
+            # One that cannot fit an item stays out (the auditor may give it: --key-log).
+            if log is not None and len(log) + 64 <= DEFAULT_BUNDLE_LIMITS.max_item_bytes:
+                yield log
 
     forks: list[bytes] = []
     splits: list[bytes] = []
@@ -620,7 +686,8 @@ def export_from_storage(
     counts = write_bundle(
         path, origin=origin, card=card, card_history=storage.card_history(origin),
         feeds={n: records(n) for n in names},
-        checkpoints=checkpoints(), forks=forks, split_views=splits, now_ms=now_ms,
+        checkpoints=checkpoints(), forks=forks, split_views=splits,
+        cosignatures=cosignatures(), key_logs=key_logs(), now_ms=now_ms,
     )
     try:
         size = os.path.getsize(path)

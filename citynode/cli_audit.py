@@ -315,23 +315,43 @@ def _progress_bar(path: Path) -> Iterator[Callable[[int, int], None] | None]:
               help="A key log of a cn2 origin (GET /v1/keylog?origin=ID from any node; it "
                    "verifies from the id alone), newer than the bundle's card: records "
                    "beyond a later recovery's last good heads are then flagged. Repeatable.")
+@click.option("--witness", "witnesses", multiple=True, metavar="ID",
+              help="A witness's node id (out of band): the newest checkpoint of each feed "
+                   "must carry cosignatures of --quorum of the witnesses named. "
+                   "Repeatable.")
+@click.option("--quorum", type=click.IntRange(0, 64), default=0,
+              help="Cosignatures of distinct --witness ids required (default: all).")
+@click.option("--witness-key-log", "witness_key_logs", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A cn2 witness's key log (GET /v1/keylog?origin=ID), when the bundle "
+                   "does not carry it. Repeatable.")
 def audit_cmd(bundle: Path, origin: str, as_json: bool, workers: int | None,
-              terms: tuple[str, ...], key_logs: tuple[Path, ...]) -> None:
+              terms: tuple[str, ...], key_logs: tuple[Path, ...],
+              witnesses: tuple[str, ...], quorum: int,
+              witness_key_logs: tuple[Path, ...]) -> None:
     """Verify BUNDLE offline against ORIGIN's node id: every signature, chain link,
     checkpoint root and proof. Needs no data dir and no network. With --terms, each
     terms document given is checked against its feed's signed terms digest
-    (terms_mismatch if it differs).
+    (terms_mismatch if it differs). With --witness (and --quorum), the checkpoints'
+    witness cosignatures are checked: a feed whose newest checkpoint lacks the quorum,
+    or a split view in the bundle, fails the audit.
 
     Exits with status 1 if anything fails.
     """
     from citynode.audit import audit_bundle
 
     documents = _terms_documents(terms)
+    if quorum > len(set(witnesses)):
+        raise click.BadParameter(f"{quorum} cosignatures required of "
+                                 f"{len(set(witnesses))} witness(es) named: name at least "
+                                 f"{quorum} with --witness", param_hint="--quorum")
     with _one_line_errors(), _progress_bar(bundle) as progress:
         logs = [p.read_bytes() for p in key_logs]
+        wlogs = [p.read_bytes() for p in witness_key_logs]
         report = audit_bundle(bundle, origin, now_ms=_now_ms(), progress=progress,
                               workers=default_workers() if workers is None else workers,
-                              terms_documents=documents, key_logs=logs)
+                              terms_documents=documents, key_logs=logs,
+                              witnesses=witnesses, quorum=quorum, witness_key_logs=wlogs)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     elif sys.stdout.isatty():
