@@ -137,7 +137,10 @@ class Witness:
         cosigns it); any other is queued for cosigning (newest per feed) and its trust
         looked at again."""
         if verdict == "split-view":
-            self._count(src, "split_view")
+            # The origin signed both: counted on it (when a partner), not on the
+            # partner that passed one of them on.
+            origin_link = self.partners.get(cp.origin)
+            self._count(cp.origin if origin_link is not None else src, "split_view")
             self.m_refused.labels("split_view").inc()
             return
         if self.require:
@@ -206,7 +209,9 @@ class Witness:
                 if exc.reason == "split_view" and last is not None:
                     await self.checkpoints.keep_split_view(last.envelope, cp.envelope)
                 if exc.reason not in _NOT_COUNTED:
-                    self._count(src, exc.reason)
+                    # The origin's doing (it signed both), counted on it when a partner.
+                    self._count(cp.origin if self.partners.get(cp.origin) else src,
+                                exc.reason)
                     log.warning("checkpoint not cosigned", extra=fields(
                         origin=self.policy.name(cp.origin), feed=cp.feed, size=cp.size,
                         reason=exc.reason))

@@ -1,0 +1,229 @@
+"""Witnesses between real in-process nodes over HTTPS (issue 12, point 4): partners
+cosign an origin's checkpoints, exchange the cosignatures, refuse and prove split views,
+and refuse bad cosignatures with a reason counted on the partner that sent them."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from citynode.audit import audit_bundle
+from citynode.bundle import export_from_storage
+from citynode.core import checkpoints as cps
+from citynode.core import cosign as cs
+from citynode.core.keys import SigningKey, Verifier
+from citynode.errors import PeerRejected
+from citynode.transport.client import PeerClient
+from tests.conftest import InProc, eventually
+
+Make = Callable[..., Awaitable[InProc]]
+TYPE = "org.example.Test"
+
+
+async def link(x: InProc, y: InProc) -> None:
+    await x.node.add_partner(y.url, y.node.node_id)
+    await y.node.add_partner(x.url, x.node.node_id)
+
+
+def cosigners(n: InProc, origin: InProc, feed: str, size: int) -> set[bytes]:
+    """The witnesses whose cosignatures ``n`` holds of ``origin``'s checkpoint."""
+    return {w for s, _r, w, _e in n.node.storage.cosignatures(origin.node.public_key, feed)
+            if s == size}
+
+
+async def three(inproc: Make, **settings: Any) -> tuple[InProc, InProc, InProc]:
+    """Origin A and witnesses W1, W2, each a partner of the two others."""
+    a = await inproc("Origin")
+    w1 = await inproc("Witness1", settings=settings.get("w1"))
+    w2 = await inproc("Witness2", settings=settings.get("w2"))
+    for x, y in [(a, w1), (a, w2), (w1, w2)]:
+        await link(x, y)
+    return a, w1, w2
+
+
+async def test_witnesses_cosign_exchange_and_an_audit_counts_the_quorum(
+        inproc: Make, tmp_path: Path) -> None:
+    a, w1, w2 = await three(inproc)
+    me1, me2 = w1.node.public_key, w2.node.public_key
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(5)])
+    (cp5,) = await a.node.checkpoints.checkpoint_now()
+
+    async def both_everywhere(size: int) -> bool:
+        for n in (w1, w2):
+            await n.node.witness.drain()
+        return all(cosigners(n, a, "air", size) == {me1, me2} for n in (a, w1, w2))
+
+    await eventually(lambda: both_everywhere(5), timeout=30)
+    # A larger checkpoint: cosigned only with a consistency proof from size 5.
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(5, 9)])
+    (cp9,) = await a.node.checkpoints.checkpoint_now()
+    await eventually(lambda: both_everywhere(9), timeout=30)
+    for n in (w1, w2):
+        assert n.node.storage.last_cosigned(n.node.public_key, a.node.public_key,
+                                            "air") == (9, cp9.root)
+    # The public read: each checkpoint with its cosignatures (msgpack: cosigned
+    # checkpoints that verify with check_quorum).
+    async with w1.session.get(f"{w1.url}/v1/cosignatures?origin={a.node.node_id}&feed=air"
+                              "&size=9", headers={"Accept": "application/json"}) as r:
+        assert r.status == 200, await r.text()
+        listed = (await r.json())["checkpoints"]
+    assert [c["size"] for c in listed] == [9] and listed[0]["trusted"] is None
+    assert base64.b64decode(listed[0]["checkpoint"]) == cp9.envelope
+    envs = [base64.b64decode(c["envelope"]) for c in listed[0]["cosignatures"]]
+    book = w1.node.policy.keys
+    keys = {w: cs.witness_keys(w, book.state(w)) for w in (me1, me2)}
+    assert keys[me1] == {w1.node.key.public_key} != {me1}  # cn2: the key, not the id
+    q = cs.check_quorum(cp9, envs, keys, 2, verifier=Verifier())
+    assert q.ok and q.witnesses == {me1, me2}
+    # An export from a witness carries the cosignatures; the audit counts them.
+    out = tmp_path / "a.bundle"
+    s = export_from_storage(w1.node.storage, a.node.public_key, ["air"], out,
+                            card=None, now_ms=a.node.now_ms())
+    assert s.counts.checkpoints == 2 and s.counts.cosignatures == 4
+    rep = audit_bundle(out, a.node.node_id, now_ms=a.node.now_ms(),
+                       witnesses=[w1.node.node_id, w2.node.node_id], quorum=2)
+    assert rep.ok, rep.render_text()
+    assert rep.witness is not None
+    assert [(c["size"], c["ok"]) for c in rep.witness["checkpoints"]] == [(5, True),
+                                                                        (9, True)]
+    third = SigningKey(b"\x03" * 32)
+    rep = audit_bundle(out, a.node.node_id, now_ms=a.node.now_ms(),
+                       witnesses=[w1.node.node_id, third.node_id], quorum=2)
+    assert not rep.ok and "no_quorum" in rep.kinds()
+    assert cp5.size == 5
+
+
+async def test_trust_follows_the_required_witnesses(inproc: Make) -> None:
+    a = await inproc("Origin")
+    w1 = await inproc("Witness1")
+    await link(a, w1)
+    # A second node requires W1 (and, first, an unknown witness too).
+    other = SigningKey(b"\x05" * 32).node_id
+    r = await inproc("Reader", settings={("witness", "require"): [w1.node.node_id, other],
+                                         ("witness", "quorum"): 1,
+                                         ("witness", "cosign"): False})
+    await link(r, w1)
+    await link(r, a)
+    await a.node.publish("air", TYPE, [{"n": 1}])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+
+    async def trusted() -> bool:
+        await w1.node.witness.drain()
+        t = await r.node.witness.trust(a.node.public_key, "air")
+        return t is not None and t[2]
+
+    await eventually(trusted, timeout=30)
+    await r.node.witness.refresh(a.node.public_key, "air")
+    st = r.node.status()["witness"]
+    assert st["quorum"] == 1 and st["untrusted_count"] == 0
+    assert not r.node.witness.cosigns_for(a.node.public_key)  # cosign = false
+    assert cosigners(r, a, "air", cp.size) == {w1.node.public_key}
+    metrics = r.node.metrics.render().decode()
+    assert "citynode_checkpoints_untrusted 0.0" in metrics
+
+
+async def show(a: InProc, to: InProc, root: bytes, size: int = 4) -> cps.Checkpoint:
+    """``a``'s key signs a tree of ``size`` with ``root`` and shows it to ``to`` only."""
+    cp = cps.sign_checkpoint(a.node.key, "w", size, root, a.node.now_ms())
+    client = PeerClient(a.node.key, to.url, node_id=to.node.node_id,
+                        fingerprint=to.node.identity.cert_fingerprint)
+    try:
+        out = json.loads(await client.request("POST", "/v1/checkpoints", cp.envelope))
+        assert out["result"] == "new"
+    finally:
+        await client.close()
+    return cp
+
+
+async def test_a_split_view_between_witnesses_ends_proven_at_both(inproc: Make) -> None:
+    """The origin shows one root of size 4 to W1 and another to W2: each cosigns what
+    it was shown, and once they exchange cosignatures both hold the split-view proof,
+    refuse to cosign the other, and count it on the origin."""
+    a, w1, w2 = await three(inproc)
+    x1 = await show(a, w1, b"\x07" * 32)
+    x2 = await show(a, w2, b"\x08" * 32)
+
+    async def both_proven() -> bool:
+        for n in (w1, w2):
+            await n.node.witness.drain()
+        return all(any(r.kind == "split-view" and r.seq == 4
+                       for r in n.node.storage.fork_proofs()) for n in (w1, w2))
+
+    await eventually(both_proven, timeout=30)
+    for n, mine, other in [(w1, x1, x2), (w2, x2, x1)]:
+        (row,) = [r for r in n.node.storage.fork_proofs() if r.kind == "split-view"]
+        ca, cb = cps.verify_split_view(cps.SplitViewProof.decode(row.proof), Verifier(),
+                                       n.node.policy.keys.state)
+        assert {ca.root, cb.root} == {x1.root, x2.root}
+        # It cosigned what it was shown first, never the other root.
+        assert cosigners(n, a, "w", 4) == {n.node.public_key}
+        held = n.node.storage.cosignatures(a.node.public_key, "w")
+        assert {r for _s, r, _w, _e in held} == {mine.root}
+        link_a = n.node.partners.get(a.node.public_key)
+        assert link_a is not None and link_a.invalid.get("split_view", 0) >= 1
+        assert other.root not in {r for _s, r, _e in n.node.storage.checkpoints(
+            a.node.public_key, "w")}
+        assert n.node.witness.status()["refused"].get("split_view", 0) >= 1
+
+
+async def post(sender: InProc, to: InProc, body: bytes) -> dict[str, Any]:
+    client = PeerClient(sender.node.key, to.url, node_id=to.node.node_id,
+                        fingerprint=to.node.identity.cert_fingerprint)
+    try:
+        return dict(json.loads(await client.request("POST", "/v1/cosignatures", body)))
+    finally:
+        await client.close()
+
+
+async def test_bad_cosignatures_are_refused_with_reasons_counted_on_the_partner(
+        inproc: Make) -> None:
+    off = {("witness", "cosign"): False}  # only the cosignatures posted here
+    a, w1, w2 = await three(inproc, w1=off, w2=off)
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3)])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+    now = a.node.now_ms()
+    w2key = w2.node.key
+    me2 = w2.node.public_key
+    stranger = SigningKey(b"\x09" * 32)
+    good = cs.sign_cosignature(w2key, me2, cp, now)
+    bad_sig = bytearray(good.envelope)
+    bad_sig[-1] ^= 1
+    other = cps.sign_checkpoint(a.node.key, "air", 2, b"\x01" * 32, now)
+    cases = {
+        "not_witness": cs.sign_cosignature(stranger, stranger.public_key, cp, now).envelope,
+        "bad_cosignature": bytes(bad_sig),
+        "future_time": cs.sign_cosignature(w2key, me2, cp, now + 3_600_000).envelope,
+        "wrong_checkpoint": cs.sign_cosignature(w2key, me2, other, now).envelope,
+        "wrong_key": cs.sign_cosignature(stranger, me2, cp, now).envelope,
+    }
+    body = cs.CosignedCheckpoint(cp.envelope, tuple(cases.values())).encode()
+    out = await post(w2, w1, body)
+    assert out["stored"] == 0
+    assert out["rejected"] == dict.fromkeys(cases, 1)
+    link = w1.node.partners.get(me2)
+    assert link is not None
+    assert {k: link.invalid.get(k) for k in cases} == dict.fromkeys(cases, 1)
+    assert w1.node.storage.cosignatures(a.node.public_key, "air") == []
+    # An oversized batch (65 cosignatures) or garbage: refused whole, counted.
+    reasons = []
+    for junk in [cs.CosignedCheckpoint(cp.envelope, (good.envelope,) * 65).encode(),
+                 b"\x93\x01\x02"]:
+        try:
+            await post(w2, w1, junk)
+        except PeerRejected as exc:
+            assert exc.status == 400
+            reasons.append(exc.reason)
+        else:
+            raise AssertionError("a malformed batch was taken")
+    assert reasons[0] == "bad_field"
+    for reason in set(reasons):
+        assert link.invalid.get(reason) == reasons.count(reason)
+    # ... and the same partner's honest cosignature still goes through, once.
+    out = await post(w2, w1, cs.CosignedCheckpoint(cp.envelope, (good.envelope,)).encode())
+    assert out["stored"] == 1 and out["rejected"] == {}
+    out = await post(w2, w1, cs.CosignedCheckpoint(cp.envelope, (good.envelope,)).encode())
+    assert out["stored"] == 0 and out["known"] == 1
+    assert cosigners(w1, a, "air", 3) == {me2}
