@@ -40,7 +40,9 @@ TABLES = {"records", "chains", "types", "partners", "fork_proofs", "rejected", "
           # v7: the newest liveness statement of each feed, kept across restarts
           "liveness",
           # v8: the sinks' cursors and outboxes (issue 15)
-          "sink_cursors", "sink_outbox", "sink_lanes"}
+          "sink_cursors", "sink_outbox", "sink_lanes",
+          # v10: witness cosignatures of checkpoints (issue 12)
+          "cosignatures"}
 
 
 def make(
@@ -939,6 +941,23 @@ def test_fork_proofs_dedupe(st: Storage) -> None:
             for r in rows] == [(A, "f", 3, "fork", b"proof-1", T0, "cn1rep"),
                                (A, "f", 4, "split", b"proof-2", T0 + 9, None),
                                (A, "g", 4, "split", b"proof-5", T0 + 12, None)]
+
+
+def test_cosignatures_kept_one_per_witness_and_the_last_cosigned(st: Storage) -> None:
+    W1, W2 = b"\x01" * 32, b"\x02" * 32
+    assert st.last_cosigned(W1, A, "f") is None
+    assert st.put_cosignature(A, "f", 4, b"r4", W1, 10, b"c1").result(5) is True
+    assert st.put_cosignature(A, "f", 4, b"r4", W1, 11, b"again").result(5) is False
+    assert st.put_cosignature(A, "f", 4, b"r4", W2, 12, b"c2").result(5) is True
+    assert st.put_cosignature(A, "f", 8, b"r8", W1, 13, b"c3").result(5) is True
+    assert st.put_cosignature(B, "f", 9, b"b9", W1, 14, b"c4").result(5) is True
+    assert st.cosignatures(A, "f") == [(4, b"r4", W1, b"c1"), (4, b"r4", W2, b"c2"),
+                                       (8, b"r8", W1, b"c3")]
+    assert st.cosignatures(A, "f", 4, limit=1) == [(4, b"r4", W1, b"c1")]
+    assert st.cosignatures(A, "g") == []
+    assert st.last_cosigned(W1, A, "f") == (8, b"r8")
+    assert st.last_cosigned(W2, A, "f") == (4, b"r4")
+    assert st.last_cosigned(W2, B, "f") is None
 
 
 def test_checkpoints_and_meta(st: Storage) -> None:
