@@ -526,3 +526,23 @@ def test_bad_feed_terms_name_their_key(body: str, where: str, what: str) -> None
     msg = _err(MIN + f"[feeds.air]\n{body}\n")
     assert msg.startswith(f"node.toml: {where}"), msg
     assert what in msg, msg
+
+
+def test_witness_section_names_witnesses_by_canonical_id() -> None:
+    """[witness] (issue 12): whose checkpoints to cosign and whose cosignatures a
+    checkpoint needs; ids in canonical form, a quorum of 0 meaning all of them."""
+    a, b = SigningKey(b"\x21" * 32).node_id, SigningKey(b"\x22" * 32).node_id
+    cfg = parse_config(MIN)
+    assert cfg.witness.cosign and cfg.witness.cosign_for == () and cfg.witness.k == 0
+    cfg = parse_config(MIN + f'\n[witness]\ncosign_for = [" {a} "]\n'
+                       f'require = ["{a}", "{b}"]\n')
+    assert cfg.witness.cosign_for == (a,) and cfg.witness.require == (a, b)
+    assert cfg.witness.quorum == 0 and cfg.witness.k == 2
+    assert parse_config(MIN + f'\n[witness]\nrequire = ["{a}", "{b}"]\nquorum = 1\n'
+                        ).witness.k == 1
+    assert "[witness] quorum: is 2, but require names 1 witness(es)" in _err(
+        MIN + f'\n[witness]\nrequire = ["{a}"]\nquorum = 2\n')
+    assert "[witness] require[1]: repeats" in _err(
+        MIN + f'\n[witness]\nrequire = ["{a}", "{a}"]\n')
+    assert "[witness] cosign_for[0]" in _err(MIN + '\n[witness]\ncosign_for = ["cn1nope"]\n')
+    assert "did you mean quorum" in _err(MIN + '\n[witness]\nquorom = 1\n')
