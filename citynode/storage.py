@@ -2000,6 +2000,17 @@ class Storage:
                 (origin, feed, size, limit))
         return [(s, r, w, e) for s, r, w, e in rows]
 
+    def latest_cosigned(self, witness: bytes, limit: int
+                        ) -> list[tuple[bytes, str, int, bytes, bytes]]:
+        """Per feed, the largest checkpoint ``witness`` cosigned: ``(origin, feed, size,
+        root, cosignature envelope)``, at most ``limit``."""
+        rows = self._all(
+            "SELECT c.origin, c.feed, c.size, c.root, c.envelope FROM cosignatures c"
+            " WHERE c.witness = ? AND c.size = (SELECT max(d.size) FROM cosignatures d"
+            " WHERE d.witness = c.witness AND d.origin = c.origin AND d.feed = c.feed)"
+            " ORDER BY c.origin, c.feed LIMIT ?", (witness, limit))
+        return [(o, f, s, r, e) for o, f, s, r, e in rows]
+
     def last_cosigned(self, witness: bytes, origin: bytes, feed: str
                       ) -> tuple[int, bytes] | None:
         """``(size, root)`` of the largest checkpoint of a feed ``witness`` cosigned, as

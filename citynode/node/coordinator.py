@@ -161,7 +161,7 @@ class Node:
         """Connect the roles' outputs to the roles that act on them."""
         g = self.gossip
         self.partners.on_change = self.policy.partners_changed
-        self.partners.on_open = g.link_opened
+        self.partners.on_open = self._link_opened
         self.partners.on_close = g.link_closed
         self.partners.on_sync_now = g.sync_now
         self.partners.queued = self.replica.queued
@@ -180,6 +180,10 @@ class Node:
         self.checkpoints.cadence_of = self.policy.cadence_of
         self.checkpoints.on_verified = self.witness.checkpoint_seen
         g.on_wake = self._committed
+
+    def _link_opened(self, link: PartnerLink) -> None:
+        self.gossip.link_opened(link)
+        self.witness.link_opened(link.key)
 
     async def _fetch_key_log(self, link: PartnerLink, origin: bytes) -> bool:
         """Fetch ``origin``'s key log from ``link``'s partner and offer it: True if a

@@ -55,6 +55,8 @@ log = logging.getLogger("citynode.node")
 MAX_QUEUED = 10_000
 #: Feeds whose trust (quorum met or not) is tracked for status and the metric.
 MAX_TRACKED = 100_000
+#: Feeds whose last cosigned checkpoint is sent to a partner whose link opens.
+HELD_MAX = 500
 #: Attempts to deliver one cosigned checkpoint to one partner.
 DELIVERY_ATTEMPTS = 4
 #: Refusals of the witness's decision that say nothing against the partner that sent
@@ -90,6 +92,7 @@ class Witness:
         self._queue: dict[tuple[bytes, str], tuple[cps.Checkpoint, bytes | None]] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self.running = False  # run() under way: this process witnesses (the leader)
         #: (origin, feed) -> (size, witnesses required holding a cosignature, trusted)
         self.tracked: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
         self.counts: dict[str, int] = {}
@@ -157,6 +160,7 @@ class Witness:
 
     async def run(self) -> None:
         """Cosign what is queued, until cancelled."""
+        self.running = True
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -258,6 +262,23 @@ class Witness:
         for link in list(self.partners.links.values()):
             if self.policy.may_pass(link.key, cp.origin, cp.feed):
                 self.spawn(self._deliver(link.key, payload), "send-cosignature")
+
+    def link_opened(self, key: bytes) -> None:
+        """A partner link opened while this node witnesses: witnesses meet. It is sent
+        the last checkpoint this node cosigned of each feed it may be told of, with the
+        cosignature, so that a split view between the two shows at once."""
+        if self.running:
+            self.spawn(self._send_held(key), "send-cosignatures")
+
+    async def _send_held(self, key: bytes) -> None:
+        rows = await in_thread(self.storage.latest_cosigned, self.me, HELD_MAX)
+        for origin, feed, size, root, cosig in rows:
+            if not self.policy.may_pass(key, origin, feed):
+                continue
+            env = next((e for s, r, e in await self.checkpoints.held(origin, feed)
+                        if s == size and r == root), None)
+            if env is not None:
+                await self._deliver(key, cs.CosignedCheckpoint(env, (cosig,)).encode())
 
     async def _deliver(self, partner: bytes, payload: bytes) -> None:
         wait = 1.0
