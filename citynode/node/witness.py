@@ -176,29 +176,47 @@ class Witness:
             except CitynodeError as exc:  # storage: the next checkpoint tries again
                 log.warning("cosigning failed", extra=fields(error=str(exc)))
 
-    async def _last(self, origin: bytes, feed: str) -> cps.Checkpoint | None:
-        """The checkpoint this node cosigned last of a feed, as held (None: never)."""
+    async def _last(self, origin: bytes, feed: str
+                    ) -> tuple[cps.Checkpoint | None, bool]:
+        """The checkpoint this node cosigned last of a feed, as held (None: never), and
+        whether it is held: a cosignature is stored only with its checkpoint, so False
+        means the database lost it (then nothing is cosigned: this node could no longer
+        tell a split view)."""
         last = await in_thread(self.storage.last_cosigned, self.me, origin, feed)
         if last is None:
-            return None
+            return None, True
         size, root = last
         env = next((e for s, r, e in await self.checkpoints.held(origin, feed)
                     if s == size and r == root), None)
-        if env is None:  # cannot happen: a cosignature is stored with its checkpoint
-            return None
+        if env is None:
+            return None, False
         return cps.open_checkpoint(env, verifier=self.verifier,
-                                   key_states=self.policy.keys.state)
+                                   key_states=self.policy.keys.state), True
 
     async def cosign(self, cp: cps.Checkpoint, src: bytes | None) -> str:
         """Cosign ``cp`` (verified, of a feed this node cosigns) if the witness's
         decision allows: returns "cosigned", "known" (this head is cosigned already),
         "no_proof" (no consistency proof could be had: tried again with the next
-        checkpoint) or the refusal's reason code (``split_view``, ``not_consistent``
-        counted on ``src``; ``checkpoint_regress``, an older one arriving late, not)."""
+        checkpoint), "lost" (the checkpoint last cosigned is no longer held) or the
+        refusal's reason code (``split_view``, ``not_consistent`` counted on the origin,
+        or on ``src`` when the origin is no partner; ``checkpoint_regress``, an older
+        one arriving late, not). The checkpoint is kept with its cosignature."""
         async with self._lock:
-            last = await self._last(cp.origin, cp.feed)
+            last, intact = await self._last(cp.origin, cp.feed)
+            if not intact:
+                log.warning("the checkpoint last cosigned is not held: not cosigning",
+                            extra=fields(origin=self.policy.name(cp.origin), feed=cp.feed))
+                return "lost"
             if last is not None and (last.size, last.root) == (cp.size, cp.root):
                 return "known"
+            held = next(((r, e) for s, r, e in await self.checkpoints.held(
+                cp.origin, cp.feed) if s == cp.size), None)
+            if held is not None and held[0] != cp.root and (
+                    last is None or last.size < cp.size):
+                # Another root of this size is held (not cosigned): a split view all
+                # the same; cosign's own check covers the one it cosigned.
+                last = cps.open_checkpoint(held[1], verifier=self.verifier,
+                                           key_states=self.policy.keys.state)
             proof: Sequence[bytes] = ()
             if last is not None and 0 < last.size < cp.size:
                 got = await self._proof(cp, last.size, src)
@@ -220,6 +238,9 @@ class Witness:
                         origin=self.policy.name(cp.origin), feed=cp.feed, size=cp.size,
                         reason=exc.reason))
                 return exc.reason
+            if held is None:
+                await asyncio.wrap_future(self.storage.put_checkpoint(
+                    cp.origin, cp.feed, cp.size, cp.root, cp.envelope))
             await asyncio.wrap_future(self.storage.put_cosignature(
                 cp.origin, cp.feed, cp.size, cp.root, self.me, c.time, c.envelope))
             self.m_cosigned.inc()

@@ -227,3 +227,73 @@ async def test_bad_cosignatures_are_refused_with_reasons_counted_on_the_partner(
     out = await post(w2, w1, cs.CosignedCheckpoint(cp.envelope, (good.envelope,)).encode())
     assert out["stored"] == 0 and out["known"] == 1
     assert cosigners(w1, a, "air", 3) == {me2}
+
+
+async def test_a_witness_without_the_records_fetches_the_proof_and_refuses_a_bad_one(
+        inproc: Make) -> None:
+    """W lists A as a partner, A does not list W: W holds none of A's records (A sends
+    it nothing) and asks A for each consistency proof (a signed public read). A tree
+    that does not extend the one cosigned is refused, counted on A; an older checkpoint
+    arriving late is refused without counting."""
+    a = await inproc("Origin")
+    w = await inproc("Witness")
+    await w.node.add_partner(a.url, a.node.node_id)
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3)])
+    (cp3,) = await a.node.checkpoints.checkpoint_now()
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3, 8)])
+    (cp8,) = await a.node.checkpoints.checkpoint_now()
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(8, 10)])
+    bogus = cps.sign_checkpoint(a.node.key, "air", 10, b"\x05" * 32, a.node.now_ms())
+    role = w.node.witness
+    assert role.cosigns_for(a.node.public_key) and not role.cosigns_for(w.node.public_key)
+    assert await role.cosign(cp3, a.node.public_key) == "cosigned"
+    assert await role.cosign(cp3, a.node.public_key) == "known"
+    assert w.node.storage.head(a.node.public_key, "air") is None  # no records here
+    assert await role.cosign(cp8, a.node.public_key) == "cosigned"
+    # Each checkpoint cosigned is kept with its cosignature.
+    assert [s for s, _r, _e in w.node.storage.checkpoints(a.node.public_key, "air")] == [
+        3, 8]
+    assert w.node.storage.last_cosigned(w.node.public_key, a.node.public_key,
+                                        "air") == (8, cp8.root)
+    assert await role.cosign(bogus, a.node.public_key) == "not_consistent"
+    assert await role.cosign(cp3, a.node.public_key) == "checkpoint_regress"
+    link = w.node.partners.get(a.node.public_key)
+    assert link is not None and link.invalid.get("not_consistent") == 1
+    assert "checkpoint_regress" not in link.invalid
+    assert role.status()["refused"] == {"not_consistent": 1}
+    assert w.node.storage.latest_cosigned(w.node.public_key, 10) == [
+        (a.node.public_key, "air", 8, cp8.root, w.node.storage.cosignatures(
+            a.node.public_key, "air", 8)[0][3])]
+    # No partner to ask, no records: not cosigned now, nothing counted.
+    w.node.partners.links.pop(a.node.public_key)
+    cp10 = cps.sign_checkpoint(a.node.key, "air", 10, b"\x06" * 32, a.node.now_ms())
+    assert await role.cosign(cp10, a.node.public_key) == "no_proof"
+    assert not role.cosigns_for(a.node.public_key)
+
+
+async def test_the_queue_keeps_the_newest_checkpoint_of_each_feed_it_witnesses(
+        inproc: Make) -> None:
+    a = await inproc("Origin")
+    b = await inproc("Other")
+    w = await inproc("Witness", settings={("witness", "cosign_for"): [a.node.node_id]})
+    await link(a, w)
+    await link(b, w)
+    role = w.node.witness
+    assert role.cosigns_for(a.node.public_key) and not role.cosigns_for(b.node.public_key)
+    now = a.node.now_ms()
+    c1 = cps.sign_checkpoint(a.node.key, "q", 1, b"\x01" * 32, now)
+    c2 = cps.sign_checkpoint(a.node.key, "q", 2, b"\x02" * 32, now)
+    theirs = cps.sign_checkpoint(b.node.key, "q", 1, b"\x01" * 32, now)
+    mine = cps.sign_checkpoint(w.node.key, "q", 1, b"\x01" * 32, now)
+    # Synchronous: the cosigning task runs only when this test next awaits.
+    role.checkpoint_seen(c2, a.node.public_key, "new")
+    role.checkpoint_seen(c1, a.node.public_key, "known")  # older: the newer one stays
+    role.checkpoint_seen(theirs, b.node.public_key, "new")  # not in cosign_for
+    role.checkpoint_seen(mine, a.node.public_key, "new")  # our own: never cosigned
+    assert {k: v[0].size for k, v in role._queue.items()} == {(a.node.public_key, "q"): 2}
+    role._queue.clear()
+    # A split view is counted on the origin, not on the partner that passed it on.
+    role.checkpoint_seen(c1, b.node.public_key, "split-view")
+    la, lb = w.node.partners.get(a.node.public_key), w.node.partners.get(b.node.public_key)
+    assert la is not None and lb is not None
+    assert la.invalid.get("split_view") == 1 and "split_view" not in lb.invalid
