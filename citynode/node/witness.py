@@ -55,6 +55,8 @@ log = logging.getLogger("citynode.node")
 MAX_QUEUED = 10_000
 #: Feeds whose trust (quorum met or not) is tracked for status and the metric.
 MAX_TRACKED = 100_000
+#: Checkpoints of one feed listed with their cosignatures (``GET /v1/cosignatures``).
+MAX_LISTED = 1000
 #: Feeds whose last cosigned checkpoint is sent to a partner whose link opens.
 HELD_MAX = 500
 #: Attempts to deliver one cosigned checkpoint to one partner.
@@ -333,25 +335,21 @@ class Witness:
         verdict = await self.checkpoints.ingest_checkpoint(cc.checkpoint, src)
         cp = cps.open_checkpoint(cc.checkpoint, verifier=self.verifier,
                                  key_states=self.policy.keys.state)
-        now = self.now_ms()
-        tolerance = self.config.limits.future_tolerance_seconds * 1000
+        # The signatures (up to 64) off the event loop: a partner's batch never holds
+        # up what this node does for the others.
+        opened = await in_thread(self._open_all, cc.cosignatures)
         stored = known = 0
         rejected: dict[str, int] = {}
-        for env in cc.cosignatures:
-            reason = None
-            try:
-                c = cs.open_cosignature(env, verifier=self.verifier, now_ms=now,
-                                        future_tolerance_ms=tolerance)
-            except InvalidRecord as exc:
-                reason = exc.reason
-            else:
+        for c, reason in opened:
+            if c is not None:
                 if not self.known_witness(c.witness):
                     reason = "not_witness"
                 elif c.key not in self.keys_of(c.witness):
                     reason = "wrong_key"
                 elif not c.covers(cp):
                     reason = "wrong_checkpoint"
-            if reason is not None:
+            if c is None or reason is not None:
+                reason = reason or "bad_cosignature"
                 rejected[reason] = rejected.get(reason, 0) + 1
                 self._count(src, reason)
                 self.m_received.labels(reason).inc()
@@ -370,6 +368,21 @@ class Witness:
             await self.refresh(cp.origin, cp.feed)
         return {"result": verdict, "stored": stored, "known": known, "rejected": rejected}
 
+    def _open_all(self, envelopes: Sequence[bytes]
+                  ) -> list[tuple[cs.Cosignature | None, str | None]]:
+        """Open each cosignature with the clock (in a worker thread): the cosignature,
+        or None and the reason it was refused."""
+        now = self.now_ms()
+        tolerance = self.config.limits.future_tolerance_seconds * 1000
+        out: list[tuple[cs.Cosignature | None, str | None]] = []
+        for env in envelopes:
+            try:
+                out.append((cs.open_cosignature(env, verifier=self.verifier, now_ms=now,
+                                                future_tolerance_ms=tolerance), None))
+            except InvalidRecord as exc:
+                out.append((None, exc.reason))
+        return out
+
     def _count(self, src: bytes | None, reason: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.partners.count_invalid(self.partners.get(src) if src else None, reason)
@@ -378,10 +391,13 @@ class Witness:
 
     async def cosigned(self, origin: bytes, feed: str, size: int | None = None
                        ) -> list[dict[str, Any]]:
-        """The checkpoints held of a feed (of one ``size`` if given) with their
+        """The checkpoints held of a feed (of one ``size`` if given, else the newest
+        :data:`MAX_LISTED`) with their
         cosignatures: ``{"size", "root", "checkpoint", "cosignatures": [(witness,
         envelope)], "trusted"}`` by size; ``trusted`` None when no witness is required."""
         held = await self.checkpoints.held(origin, feed)
+        if size is None:
+            held = held[-MAX_LISTED:]
         rows = await in_thread(self.storage.cosignatures, origin, feed, size)
         out = []
         for s, root, env in held:
