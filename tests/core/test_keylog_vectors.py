@@ -27,7 +27,7 @@ from citynode.core.keylog import (
     verify_equivocation,
     verify_log,
 )
-from citynode.core.keys import Verifier
+from citynode.core.keys import SigningKey, Verifier
 from citynode.errors import InvalidProof, InvalidRecord
 
 VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors"
@@ -144,6 +144,25 @@ def test_split_view_vector() -> None:
     proof = split_view(a, b, verifier=Verifier())
     assert proof is not None and proof.encode().hex() == sv["proof_hex"]
     verify_split_view(SplitViewProof.decode(bytes.fromhex(sv["proof_hex"])), Verifier())
+
+
+@pytest.mark.parametrize("case", COSIGN["decisions"],
+                         ids=[c["name"] for c in COSIGN["decisions"]])
+def test_witness_decision_vector(case: dict[str, Any]) -> None:
+    """The witness's decision (cosign.cosign) on a checkpoint, given the one it cosigned
+    last and a consistency proof: cosign, or refuse with the vector's reason."""
+    cp = open_checkpoint(bytes.fromhex(case["checkpoint_hex"]), verifier=Verifier())
+    last = (None if case["last_hex"] is None
+            else open_checkpoint(bytes.fromhex(case["last_hex"]), verifier=Verifier()))
+    proof = [bytes.fromhex(h) for h in case["proof_hex"]]
+    w = SigningKey(bytes([0x66]) * 32)
+    if case["reason"] is None:
+        c = cosign.cosign(w, w.public_key, cp, COSIGN["now_ms"], last=last, proof=proof)
+        assert c.covers(cp)
+    else:
+        with pytest.raises(InvalidRecord) as info:
+            cosign.cosign(w, w.public_key, cp, COSIGN["now_ms"], last=last, proof=proof)
+        assert info.value.reason == case["reason"]
 
 
 # --------------------------------------------------------------------------- the doc

@@ -532,6 +532,17 @@ def _cosig(signer: SigningKey, witness: bytes, size: int, root: bytes, time: int
     return envelope(body, signer.sign(DOMAIN_COSIGNATURE, body))
 
 
+def _consistency(m: int, d: list[bytes], complete: bool = True) -> list[bytes]:
+    """RFC 9162 section 2.1.4.1 SUBPROOF(m, D[n], b), from the definition."""
+    n = len(d)
+    if m == n:
+        return [] if complete else [_mth(d)]
+    k = 1 << ((n - 1).bit_length() - 1)
+    if m <= k:
+        return _consistency(m, d[:k], complete) + [_mth(d[k:])]
+    return _consistency(m - k, d[k:], False) + [_mth(d[:k])]
+
+
 def cosign_file() -> dict[str, Any]:
     leaves = [sha(b"citynode vector leaf %d" % i) for i in range(7)]
     root = _mth(leaves)
@@ -564,6 +575,19 @@ def cosign_file() -> dict[str, Any]:
     ]
     a, b = sorted([cp, cp_other])
     split = encoding.encode({"kind": "split-view", "a": a, "b": b})
+    cp4 = _checkpoint(4, _mth(leaves[:4]), T0 + 50_000)
+    cp7_bogus = _checkpoint(7, sha(b"a tree that does not extend the one of size 4"),
+                            T0 + 62_000)
+    p47 = _consistency(4, leaves)
+    decisions = [
+        ("first", None, cp, [], None),
+        ("same-head-again", cp, cp, [], None),
+        ("consistent-growth", cp4, cp, p47, None),
+        ("smaller", cp, cp4, [], "checkpoint_regress"),
+        ("split-view", cp, cp_other, [], "split_view"),
+        ("not-consistent", cp4, cp7_bogus, p47, "not_consistent"),
+        ("proof-of-another-size", cp4, cp, _consistency(3, leaves), "not_consistent"),
+    ]
     return {
         "about": (
             "citynode cosignature vectors (docs/PROTOCOL.md, 'Key events and witnesses'). "
@@ -573,7 +597,10 @@ def cosign_file() -> dict[str, Any]:
             "named by its key, the key accepted for it) at now_ms, with quorum k: "
             "'ok', the witnesses counted and the [index, reason] of each not counted. "
             "'split_view': W0 cosigned one root at size 7 and W2 another; the proof is "
-            "the origin's two checkpoints in byte order."
+            "the origin's two checkpoints in byte order. 'decisions': the witness's "
+            "decision on 'checkpoint_hex' given the checkpoint it cosigned last "
+            "('last_hex', null: none) and the RFC 9162 consistency proof from its size "
+            "('proof_hex'): cosign (reason null) or refuse with 'reason'."
         ),
         "generator": "tests/vectors/generate_keylog.py",
         "now_ms": NOW,
@@ -591,6 +618,10 @@ def cosign_file() -> dict[str, Any]:
                   "cosignatures_hex": [cosigs["w2-other-root"].hex()]},
             "proof_hex": split.hex(),
         },
+        "decisions": [{"name": n, "last_hex": None if last is None else last.hex(),
+                       "checkpoint_hex": new.hex(), "proof_hex": [h.hex() for h in pr],
+                       "reason": why}
+                      for n, last, new, pr, why in decisions],
     }
 
 
