@@ -4,6 +4,7 @@ and refuse bad cosignatures with a reason counted on the partner that sent them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -297,3 +298,47 @@ async def test_the_queue_keeps_the_newest_checkpoint_of_each_feed_it_witnesses(
     la, lb = w.node.partners.get(a.node.public_key), w.node.partners.get(b.node.public_key)
     assert la is not None and lb is not None
     assert la.invalid.get("split_view") == 1 and "split_view" not in lb.invalid
+
+
+async def test_a_checkpoint_short_of_the_quorum_is_shown_untrusted(inproc: Make) -> None:
+    a = await inproc("Origin")
+    w1 = await inproc("Witness1")
+    other = SigningKey(b"\x06" * 32).node_id  # a required witness that never cosigns
+    r = await inproc("Reader", settings={("witness", "require"): [w1.node.node_id, other],
+                                         ("witness", "cosign"): False})
+    for x, y in [(a, w1), (r, w1), (r, a)]:
+        await link(x, y)
+    await a.node.publish("air", TYPE, [{"n": 1}, {"n": 2}])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+
+    async def one_of_two() -> bool:
+        await w1.node.witness.drain()
+        return await r.node.witness.trust(a.node.public_key, "air") == (cp.size, 1, False)
+
+    await eventually(one_of_two, timeout=30)
+    await r.node.witness.refresh(a.node.public_key, "air")
+    st = r.node.status()["witness"]
+    assert st["quorum"] == 2 and st["untrusted_count"] == 1
+    assert st["untrusted"] == [{"origin": a.node.node_id, "feed": "air", "size": cp.size,
+                                "cosigned": 1}]
+    assert "citynode_checkpoints_untrusted 1.0" in r.node.metrics.render().decode()
+    (row,) = await r.node.witness.cosigned(a.node.public_key, "air", cp.size)
+    assert row["trusted"] is False and [w for w, _e in row["cosignatures"]] == [
+        w1.node.public_key]
+
+
+async def test_another_root_held_at_the_size_is_a_split_view_to_the_witness(
+        inproc: Make) -> None:
+    """A root of some size held (not cosigned) and another of that size to cosign: the
+    witness refuses it as a split view and keeps the proof."""
+    a = await inproc("Origin")
+    w = await inproc("Witness", settings={("witness", "cosign"): False})
+    await link(a, w)
+    now = a.node.now_ms()
+    x = cps.sign_checkpoint(a.node.key, "z", 2, b"\x0a" * 32, now)
+    y = cps.sign_checkpoint(a.node.key, "z", 2, b"\x0b" * 32, now)
+    await asyncio.wrap_future(w.node.storage.put_checkpoint(
+        a.node.public_key, "z", 2, x.root, x.envelope))
+    assert await w.node.witness.cosign(y, a.node.public_key) == "split_view"
+    assert [r.kind for r in w.node.storage.fork_proofs()] == ["split-view"]
+    assert w.node.storage.cosignatures(a.node.public_key, "z") == []
