@@ -886,12 +886,21 @@ def _finish_witnesses(a: _Audit, named: list[bytes], k: int, given: Sequence[byt
     by_feed: dict[str, list[Checkpoint]] = {}
     for name, st in a.feeds.items():
         by_feed[name] = sorted(st.checkpoints, key=lambda c: (c.size, c.time))
-    opened: list[cosign.Cosignature] = []
+    # One pass over the cosignatures, no signature checked yet: by the checkpoint
+    # position they claim, and by (key, witness, position) -> root for equivocations.
+    claims: dict[tuple[str, int], list[bytes]] = {}
+    roots: dict[tuple[bytes, bytes, str, int], dict[bytes, bytes]] = {}
     for env in a.cosignatures:
-        try:
-            opened.append(cosign.open_cosignature(env, verifier=a.verifier))
-        except InvalidRecord:
-            continue  # counted below, against the checkpoint it claims (or not at all)
+        f = _fields(env)
+        if f is None or f.get("origin") != a.expected:
+            continue
+        feed, size = f.get("feed"), f.get("size")
+        if type(feed) is not str or type(size) is not int:
+            continue
+        claims.setdefault((feed, size), []).append(env)
+        key, witness, root = f.get("key"), f.get("witness"), f.get("root")
+        if type(key) is bytes and type(witness) is bytes and type(root) is bytes:
+            roots.setdefault((key, witness, feed, size), {}).setdefault(root, env)
     out: list[dict[str, Any]] = []
     for feed in sorted(by_feed):
         cps = by_feed[feed]
@@ -902,9 +911,8 @@ def _finish_witnesses(a: _Audit, named: list[bytes], k: int, given: Sequence[byt
                     "for any of its records")
             continue
         for i, cp in enumerate(cps):
-            envs = [env for env in a.cosignatures if _claims(env, cp)]
-            q = cosign.check_quorum(cp, envs, keys, k, verifier=a.verifier,
-                                    now_ms=a.now_ms)
+            q = cosign.check_quorum(cp, claims.get((feed, cp.size), []), keys, k,
+                                    verifier=a.verifier, now_ms=a.now_ms)
             counted = sorted(book.name(w) for w in q.witnesses)
             out.append({"feed": feed, "size": cp.size, "root": cp.root.hex(),
                         "witnesses": counted, "ok": q.ok})
@@ -920,31 +928,37 @@ def _finish_witnesses(a: _Audit, named: list[bytes], k: int, given: Sequence[byt
                     f"valid cosignature(s) of the witnesses named, {k} required"
                     + (f" (counted: {', '.join(counted)})" if counted else ""))
     # One witness key vouching for two roots at one size: that witness equivocated.
-    seen: dict[tuple[bytes, bytes, str, int], cosign.Cosignature] = {}
-    for c in opened:
-        if c.origin != a.expected:
+    for (_key, witness, feed, size), by_root in roots.items():
+        if len(by_root) < 2:
             continue
-        first = seen.setdefault((c.key, c.origin, c.feed, c.size), c)
-        if first.root != c.root and c.witness == first.witness:
+        valid: list[bytes] = []
+        for env in by_root.values():  # two that verify, of different roots
             try:
-                cosign.verify_witness_equivocation(first.envelope, c.envelope,
-                                                   verifier=a.verifier)
-            except InvalidProof:
+                cosign.open_cosignature(env, verifier=a.verifier)
+            except InvalidRecord:
                 continue
-            add(ERROR, "witness_equivocation", c.feed, None,
-                f"witness {book.name(c.witness)} cosigned two roots of size {c.size}")
+            valid.append(env)
+            if len(valid) == 2:
+                break
+        if len(valid) < 2:
+            continue
+        try:
+            cosign.verify_witness_equivocation(valid[0], valid[1], verifier=a.verifier)
+        except InvalidProof:
+            continue
+        add(ERROR, "witness_equivocation", feed, None,
+            f"witness {book.name(witness)} cosigned two roots of size {size}")
     rep.witness = {"witnesses": names, "quorum": k, "checkpoints": out}
 
 
-def _claims(env: bytes, cp: Checkpoint) -> bool:
-    """Whether a cosignature envelope names ``cp``'s origin, feed and size (so that its
-    verdict is reported against that checkpoint; ``check_quorum`` decides the rest)."""
+def _fields(env: bytes) -> dict[Any, Any] | None:
+    """A cosignature envelope's body fields, decoded but not verified (None: not even
+    that), to sort it to the checkpoint it claims; ``check_quorum`` verifies."""
     try:
         f = encoding.decode(decode_envelope(env)[0])
     except InvalidRecord:
-        return False
-    return (type(f) is dict and f.get("origin") == cp.origin and f.get("feed") == cp.feed
-            and f.get("size") == cp.size)
+        return None
+    return f if type(f) is dict else None
 
 
 def _take_log(rep: AuditReport, keys: KeyBook, expected: bytes, log: bytes, where: str
