@@ -94,7 +94,9 @@ class Witness:
         self._queue: dict[tuple[bytes, str], tuple[cps.Checkpoint, bytes | None]] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self.running = False  # run() under way: this process witnesses (the leader)
+        #: run() under way: this process witnesses (the leader, when several share a
+        #: PostgreSQL database); only then are checkpoints queued and links greeted.
+        self.running = False
         #: (origin, feed) -> (size, witnesses required holding a cosignature, trusted)
         self.tracked: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
         self.counts: dict[str, int] = {}
@@ -150,7 +152,9 @@ class Witness:
             return
         if self.require:
             self.spawn(self.refresh(cp.origin, cp.feed), "witness-trust")
-        if not self.cosigns_for(cp.origin):
+        if not self.running or not self.cosigns_for(cp.origin):
+            # Not queued where nothing cosigns (a process that does not lead: the
+            # leader's own partners' requests reach it too).
             return
         key = (cp.origin, cp.feed)
         queued = self._queue.get(key)
@@ -163,10 +167,13 @@ class Witness:
     async def run(self) -> None:
         """Cosign what is queued, until cancelled."""
         self.running = True
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self.drain()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.drain()
+        finally:
+            self.running = False
 
     async def drain(self) -> None:
         """Cosign every checkpoint queued now (one at a time)."""

@@ -287,6 +287,11 @@ async def test_the_queue_keeps_the_newest_checkpoint_of_each_feed_it_witnesses(
     theirs = cps.sign_checkpoint(b.node.key, "q", 1, b"\x01" * 32, now)
     mine = cps.sign_checkpoint(w.node.key, "q", 1, b"\x01" * 32, now)
     # Synchronous: the cosigning task runs only when this test next awaits.
+    assert role.running  # the leader's witness task
+    role.running = False  # as in a process that does not lead: nothing is queued
+    role.checkpoint_seen(c2, a.node.public_key, "new")
+    assert role._queue == {}
+    role.running = True
     role.checkpoint_seen(c2, a.node.public_key, "new")
     role.checkpoint_seen(c1, a.node.public_key, "known")  # older: the newer one stays
     role.checkpoint_seen(theirs, b.node.public_key, "new")  # not in cosign_for
