@@ -45,6 +45,10 @@ async def get_cosignatures(request: web.Request) -> web.Response:
     if not await may_read_feed(request, caller, origin, feed):
         raise web.HTTPNotFound(text="no such feed here")
     rows = await node.witness.cosigned(origin, feed, size)
+    if not rows and node.seq((origin, feed)) == 0:
+        # As GET /v1/checkpoints: a feed of which nothing is held looks like one the
+        # caller may not read.
+        raise web.HTTPNotFound(text="no such feed here")
     if wants_json(request):
         keys = node.policy.keys
         return web.json_response({"checkpoints": [{

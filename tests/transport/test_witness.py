@@ -347,3 +347,32 @@ async def test_another_root_held_at_the_size_is_a_split_view_to_the_witness(
     assert await w.node.witness.cosign(y, a.node.public_key) == "split_view"
     assert [r.kind for r in w.node.storage.fork_proofs()] == ["split-view"]
     assert w.node.storage.cosignatures(a.node.public_key, "z") == []
+
+
+async def test_the_cosignatures_read_in_msgpack_and_its_refusals(inproc: Make) -> None:
+    import msgpack
+
+    a = await inproc("Origin")
+    w = await inproc("Witness")
+    await link(a, w)
+    await a.node.publish("air", TYPE, [{"n": 1}])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+
+    async def cosigned() -> bool:
+        await w.node.witness.drain()
+        return cosigners(a, a, "air", cp.size) == {w.node.public_key}
+
+    await eventually(cosigned, timeout=30)
+    base = f"{a.url}/v1/cosignatures?origin={a.node.node_id}"
+    async with a.session.get(base + "&feed=air") as r:
+        assert r.status == 200 and r.content_type == "application/msgpack"
+        (item,) = msgpack.unpackb(await r.read())
+    cc = cs.CosignedCheckpoint.decode(item)
+    assert cc.checkpoint == cp.envelope and len(cc.cosignatures) == 1
+    keys = {w.node.public_key: cs.witness_keys(w.node.public_key,
+                                               a.node.policy.keys.state(w.node.public_key))}
+    assert cs.check_quorum(cp, cc.cosignatures, keys, 1, verifier=Verifier()).ok
+    for query, status in [("&feed=nothing", 404), ("", 400), ("&feed=air&size=x", 400),
+                          ("&feed=air&size=99", 200)]:
+        async with a.session.get(base + query) as r:
+            assert r.status == status, (query, await r.text())

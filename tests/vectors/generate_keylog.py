@@ -539,8 +539,8 @@ def _consistency(m: int, d: list[bytes], complete: bool = True) -> list[bytes]:
         return [] if complete else [_mth(d)]
     k = 1 << ((n - 1).bit_length() - 1)
     if m <= k:
-        return _consistency(m, d[:k], complete) + [_mth(d[k:])]
-    return _consistency(m - k, d[k:], False) + [_mth(d[:k])]
+        return [*_consistency(m, d[:k], complete), _mth(d[k:])]
+    return [*_consistency(m - k, d[k:], False), _mth(d[:k])]
 
 
 def cosign_file() -> dict[str, Any]:
