@@ -43,6 +43,7 @@ from citynode.core.records import MAX_SEQ, check_feed_name
 from citynode.errors import EncodingError
 
 __all__ = [
+    "EMPTY_FP",
     "ENTRIES",
     "FINAL",
     "FINGERPRINT",
@@ -105,6 +106,10 @@ def fingerprint(count: int, total: int) -> bytes:
     sum)``. A sum, so a range's fingerprint costs one addition per item, not a tree."""
     data = _FP_DOMAIN + count.to_bytes(8, "big") + (total % _MOD).to_bytes(16, "big")
     return hashlib.sha256(data).digest()[:FP_BYTES]
+
+
+#: The fingerprint of no items (a range where a side holds nothing).
+EMPTY_FP = fingerprint(0, 0)
 
 
 class ChainSet:
@@ -373,12 +378,35 @@ def respond(mine: ChainSet, msg: list[Range], diff: Diff, *,
     lower_i = 0
     lower_key = b""
     budget_r, budget_e = max_ranges, max_entries
+    # The last range of the answer when it is a SKIP or an empty ENTRIES ("I hold
+    # nothing here"), as (bound, mode, whether we hold nothing in it), not in ``out``
+    # yet: the next such range may only move its bound. Consecutive skips are merged;
+    # so are consecutive ranges where we hold nothing (an empty ENTRIES if any of them
+    # is one: over a skip where we hold nothing, the sender holds nothing either). A
+    # message of thousands of ranges over key space where we hold nothing is answered
+    # in a few ranges per chain we hold, not as many ranges (building and encoding that
+    # answer held the event loop for tens of milliseconds: scripts/chaos --scenario
+    # hostile).
+    tail: tuple[bytes | None, int, bool] | None = None
+
+    def flush() -> None:
+        nonlocal tail
+        if tail is not None:
+            out.append(Range(tail[0], tail[1]))
+            tail = None
+
+    def emit_empty(bound: bytes | None, mode: int, none_here: bool) -> None:
+        nonlocal tail, budget_r
+        if tail is not None and (mode == tail[1] == SKIP or (none_here and tail[2])):
+            tail = (bound, max(mode, tail[1]), none_here and tail[2])  # (ENTRIES > SKIP)
+            return
+        flush()
+        budget_r -= 1
+        tail = (bound, mode, none_here)
 
     def emit(r: Range) -> None:
         nonlocal budget_r, budget_e
-        if r.mode == SKIP and out and out[-1].mode == SKIP:
-            out[-1] = r  # merge consecutive skips: one bound says it all
-            return
+        flush()
         out.append(r)
         budget_r -= 1
         budget_e -= len(r.entries)
@@ -387,11 +415,13 @@ def respond(mine: ChainSet, msg: list[Range], diff: Diff, *,
         hi = mine.index(r.bound)
         lo = lower_i
         if r.mode == SKIP:
-            emit(Range(r.bound, SKIP))
+            emit_empty(r.bound, SKIP, hi == lo)
         elif r.mode == FINGERPRINT:
             n = hi - lo
-            if mine.fp(lo, hi) == r.fp:
-                emit(Range(r.bound, SKIP))
+            if n == 0:  # we hold nothing in it (no hashing: a constant)
+                emit_empty(r.bound, SKIP if r.fp == EMPTY_FP else ENTRIES, True)
+            elif mine.fp(lo, hi) == r.fp:
+                emit_empty(r.bound, SKIP, False)
             elif n <= LEAF and budget_e >= n and budget_r >= 1:
                 emit(Range(r.bound, ENTRIES, entries=tuple(mine.items(lo, hi))))
             elif budget_r >= SPLIT + 1 and n > LEAF:
@@ -422,13 +452,15 @@ def respond(mine: ChainSet, msg: list[Range], diff: Diff, *,
             elif back:
                 emit(Range(r.bound, FINGERPRINT, fp=mine.fp(lo, hi)))
             else:
-                emit(Range(r.bound, SKIP))
+                emit_empty(r.bound, SKIP, hi == lo)
         else:  # FINAL
             _learn(diff, mine, r.entries)
-            emit(Range(r.bound, SKIP))
+            emit_empty(r.bound, SKIP, hi == lo)
         lower_i = hi
         if r.bound is not None:
             lower_key = r.bound
+    if tail is not None and tail[1] != SKIP:
+        flush()
     while out and out[-1].mode == SKIP:
         out.pop()  # the rest of the key space is implied: nothing to say
     return out

@@ -99,6 +99,47 @@ def test_answers_stay_within_budget() -> None:
     assert len(msg) <= 5 and sum(len(r.entries) for r in msg) <= 3
 
 
+def test_many_ranges_where_we_hold_nothing_get_a_short_answer() -> None:
+    """A message of 4,096 fingerprint ranges (the most one may hold) against 100 chains:
+    consecutive ranges where we hold nothing are answered as one ("none here": empty
+    ENTRIES; SKIP where their fingerprint says they hold none either), so the answer has
+    a few ranges per chain held, not 4,096; and it says the same as one range each."""
+    rng = random.Random(11)
+    ours = chains(rng, 20)
+    mine = rc.ChainSet(ours)
+    bounds = sorted({rng.randbytes(8) for _ in range(rc.MAX_RANGES)})[:rc.MAX_RANGES - 1]
+    fps = [rc.EMPTY_FP if rng.random() < 0.2 else rng.randbytes(16) for _ in bounds]
+    msg = [rc.Range(b, rc.FINGERPRINT, fp=fp) for b, fp in zip(bounds, fps, strict=True)]
+    msg.append(rc.Range(None, rc.FINGERPRINT, fp=rng.randbytes(16)))
+    msg = rc.decode_message(rc.encode_message(msg))
+    answer = rc.respond(mine, msg, rc.Diff())
+    assert len(answer) <= 2 * len(ours) + 1, len(answer)
+    # What the answer says of each key: its bound's range, and the items in it.
+    lower = b""
+    told: set[bytes] = set()
+    for r in answer:
+        inside = [k for k in (rc.key_bytes(*c) for c in ours)
+                  if k >= lower and (r.bound is None or k < r.bound)]
+        if r.mode == rc.ENTRIES:
+            assert sorted(inside) == [e[0] for e in r.entries], "an ENTRIES range omits items"
+            told.update(inside)
+        else:
+            assert r.mode == rc.SKIP and not inside, r  # a skip covers none of ours here
+        lower = r.bound if r.bound is not None else lower
+    # every chain we hold lies in a range they sent a different fingerprint for: told
+    assert told == {rc.key_bytes(*c) for c in ours}
+
+
+def test_session_with_a_side_holding_few_finds_the_differences() -> None:
+    rng = random.Random(12)
+    a = chains(rng, 400)
+    b = {k: a[k] for k in rng.sample(sorted(a), 7)}
+    da, db, _nbytes, _n = session(a, b)
+    assert {k for k, v in db.theirs.items() if v[0]} == set(a) - set(b)
+    da2, db2, _nbytes, _n = session(b, a)
+    assert {k for k, v in da2.theirs.items() if v[0]} == set(a) - set(b)
+
+
 # ----------------------------------------------------------------------------- hostile
 
 
