@@ -27,7 +27,13 @@ from __future__ import annotations
 __all__ = ["WORK_BURST_S", "AddressCounts", "PartnerRates", "TokenBucket", "WorkBudget"]
 
 #: Seconds of event-loop time a partner may save up and spend at once (its burst).
-WORK_BURST_S = 1.0
+#: Work is charged after it is done, so this is also how long a partner's requests may
+#: hold the event loop back to back before it is refused: at 1 s, a hostile partner
+#: opened with a second of costly requests (reconciliation messages of 4,096 ranges)
+#: while every honest request waited (scripts/chaos --scenario hostile: the attack's
+#: first seconds had its worst latencies). An honest partner's request costs a few
+#: milliseconds.
+WORK_BURST_S = 0.25
 
 
 class TokenBucket:

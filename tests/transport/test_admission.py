@@ -207,6 +207,7 @@ async def test_a_partner_over_its_share_of_the_loop_or_its_pushes_in_flight_wait
     place."""
     import time
 
+    from citynode.transport.limits import WORK_BURST_S
     from citynode.transport.web import RATES_KEY
 
     a = await inproc("Jakarta", settings={("limits", "partner_loop_share"): 0.5})
@@ -242,7 +243,7 @@ async def test_a_partner_over_its_share_of_the_loop_or_its_pushes_in_flight_wait
                 assert (await clients[0].push(bt))["accepted"] == 100
         # the decoding and placing of those batches was charged to b
         assert rates.busy_wait(b.node.public_key, time.monotonic()) == 0.0
-        assert rates._work[b.node.public_key]._balance < 1.0
+        assert rates._work[b.node.public_key]._balance < WORK_BURST_S
         # in debt: refused for its share until paid back, counted
         rates.charge(b.node.public_key, 3.0, time.monotonic())
         try:
