@@ -134,9 +134,9 @@ def test_session_with_a_side_holding_few_finds_the_differences() -> None:
     rng = random.Random(12)
     a = chains(rng, 400)
     b = {k: a[k] for k in rng.sample(sorted(a), 7)}
-    da, db, _nbytes, _n = session(a, b)
+    _da, db, _nbytes, _n = session(a, b)
     assert {k for k, v in db.theirs.items() if v[0]} == set(a) - set(b)
-    da2, db2, _nbytes, _n = session(b, a)
+    da2, _db2, _nbytes, _n = session(b, a)
     assert {k for k, v in da2.theirs.items() if v[0]} == set(a) - set(b)
 
 
