@@ -590,8 +590,9 @@ async def relay(base: Path) -> dict[str, Any]:
 HOSTILE_RATE = 20.0  # records/s A publishes, one a request, while B's stream times them
 HOSTILE_QUOTA = 5000  # A's per-origin quota (records a day): H's flood must stop there
 #: The quota of the short run (--small): reached within its 12 s on a loaded machine,
-#: where a partner's pushes are admitted one or two at a time.
-HOSTILE_QUOTA_SMALL = 1000
+#: where a partner's pushes are admitted one or two at a time and its share of A's
+#: event loop (5%) lets about a hundred of its records a second be checked and stored.
+HOSTILE_QUOTA_SMALL = 400
 #: An absolute allowance on top of the 2x p99 target: on a small shared machine the
 #: attacker's own CPU (signing thousands of records a second) competes with the honest
 #: nodes for the same cores, which no node-side defence can give back.
@@ -599,6 +600,13 @@ HOSTILE_P99_SLACK_S = 0.1
 #: H attacks from another address than the honest nodes and clients (all on 127.0.0.1),
 #: as a remote attacker does: the per-address connection cap is then its alone.
 HOSTILE_SOURCE = "127.0.0.2"
+#: H runs at the lowest CPU priority (``nice`` 19; HOSTILE_NICE=0 in the environment:
+#: at the scenario's own). A remote attacker signs its flood on its own machine; here
+#: it shares two cores with A and B, and at their priority its signing (about half a
+#: core) slowed both honest nodes whatever A did to refuse it. The attack still runs
+#: at full pressure: H's flood exceeds A's quota many times over and its requests are
+#: refused for their load (``hostile.counts`` and ``refused_by_reason`` show it).
+HOSTILE_NICE = int(os.environ.get("HOSTILE_NICE", "19"))
 
 
 def rss_kb(pid: int) -> int:
@@ -644,6 +652,12 @@ async def _stream_times(b: LocalNode, origin: LocalNode, sent: dict[int, float],
                     raise AssertionError(f"record {n} received but never sent")
 
 
+def _lower_priority() -> None:
+    """In the hostile partner's process, before it runs: :data:`HOSTILE_NICE`."""
+    if HOSTILE_NICE:
+        os.nice(HOSTILE_NICE)
+
+
 async def _hostile_run(base: Path, seconds: float, attack: bool,
                        quota: int = HOSTILE_QUOTA) -> dict[str, Any]:
     names = ["A", "B", "H"] if attack else ["A", "B"]
@@ -667,7 +681,8 @@ async def _hostile_run(base: Path, seconds: float, attack: bool,
                 "--conns", "200", "--source", HOSTILE_SOURCE,
                 *os.environ.get("HOSTILE_ARGS", "").split(),
                 stdout=asyncio.subprocess.PIPE,
-                stderr=open(h.dir / "hostile.log", "wb"))  # noqa: SIM115
+                stderr=open(h.dir / "hostile.log", "wb"),  # noqa: SIM115
+                preexec_fn=_lower_priority)
             await h.wait_ready()
             await a.add_partner(h)
             await h.add_partner(a)
@@ -735,6 +750,13 @@ async def _hostile_run(base: Path, seconds: float, attack: bool,
             out.update(await _what_a_holds_of(a, b, c.nodes["H"], quota,
                                               set(out["hostile"].get("proven_forks", []))))
         out["own_forked"] = len((await a.api("GET", "/v1/admin/status"))["own_forked"])
+        # the honest pair refused nothing of each other (not even for load: the attacker
+        # alone pays for the attack)
+        out["honest_refusals"] = {
+            f"{x.name} of {y.name}": p["invalid"]
+            for x, y in ((a, b), (b, a))
+            for p in (await x.api("GET", "/v1/admin/partners"))["partners"]
+            if p["node_id"] == y.node_id and p["invalid"]}
         await c.close()
         c.stop()
         out["check_failures"] = (not check_ok(a)) + (not check_ok(b))
@@ -824,6 +846,8 @@ async def hostile(base: Path, seconds: float, rounds: int = 1,
             "flood", "forks", "gaps", "frontiers", "replay", "slowloris", "ghosts"}
             for _c, w in pairs),
         "a_alive": all(w["a_alive"] and c["a_alive"] for c, w in pairs),
+        "honest_not_refused": not any(c["honest_refusals"] or w["honest_refusals"]
+                                      for c, w in pairs),
     }
     out: dict[str, Any] = {"seconds_each": seconds, "rounds": rounds}
     if rounds == 1:
@@ -833,6 +857,10 @@ async def hostile(base: Path, seconds: float, rounds: int = 1,
     return {**out,
             "p99_ratio": round(statistics.median(ratios), 2),
             "p99_ratios": [round(r, 2) for r in ratios],
+            # the issue's target as it reads (median ratio at most 2, no allowance); the
+            # check in ``targets`` adds HOSTILE_P99_SLACK_S per round
+            "p99_ratio_within_2x": statistics.median(ratios) <= 2.0,
+            "hostile_nice": HOSTILE_NICE,
             "rss_ratio": round(statistics.median(rss_ratios), 2),
             "rss_ratios": [round(r, 2) for r in rss_ratios],
             "refused_by_reason": [w["refused_by_reason"] for _c, w in pairs],

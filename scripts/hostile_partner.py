@@ -136,7 +136,11 @@ class Hostile:
     # ---- attacks ----------------------------------------------------------------------
 
     async def flood(self) -> None:
-        """Valid records of feed ``flood``, 200 a batch, back to back."""
+        """Valid records of feed ``flood``, 200 a batch, back to back; a batch the
+        target refused for our load (or did not answer) goes again 0.2 s later, so that
+        the chain stays whole and the target stores the flood up to its quota (a batch
+        skipped left a gap, and every later one waited ahead of it: the flood stopped
+        growing at the first 429)."""
         prev: bytes | None = None
         seq = 0
         while self.live():
@@ -146,7 +150,8 @@ class Hostile:
                 r = self.sign("flood", seq, prev, {"n": seq, "pad": "f" * 64})
                 prev = r.id
                 batch.append(r.envelope)
-            await self.push("flood", batch)
+            while await self.push("flood", batch) is None and self.live():
+                await asyncio.sleep(0.2)
 
     async def forks(self) -> None:
         """Two records for seq 1 of a fresh feed, each pushed alone, then a third try."""
