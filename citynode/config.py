@@ -502,8 +502,8 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
              _range(1, 1_000_000)),
         _Key("partner_loop_share", "float", 0.05, "Share of this node's time (its event "
              "loop: decoding batches, answering reconciliation messages) the requests of "
-             "one partner may take on average, with one second saved up at most. A "
-             "partner over it is answered 429 (over_loop_share) until it is back under, "
+             "one partner may take on average, with a quarter of a second saved up at "
+             "most. A partner over it is answered 429 (over_loop_share) until it is back under, "
              "so that no partner's costly requests can slow what this node does for the "
              "others. An honest partner takes about 1%.", _range(0, 1, lo_open=True)),
         _Key("partner_max_in_flight", "int", 8, "Signed requests of one partner under way "
