@@ -1883,8 +1883,11 @@ class Storage:
         """
         if limit <= 0 or (only_feeds is not None and not only_feeds):
             return []
-        sql, params = _query_sql(where, after_rowid, limit, only_feeds)
+        sql, params = self._query_sql(where, after_rowid, limit, only_feeds)
         return self._stored_rows(self._all(sql, params, time_limit))
+
+    #: The statement of :meth:`query` (an engine may shape it for its planner).
+    _query_sql = staticmethod(_query_sql)
 
     def erased_rows(self, by: bytes, ids: Sequence[bytes]) -> list[StoredRow]:
         """The rows of ``ids`` (at most 1000, what an erasure request names) whose

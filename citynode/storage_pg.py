@@ -49,6 +49,7 @@ import psycopg.errors
 from psycopg import conninfo as pg_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from citynode.core.filters import RecordFilter
 from citynode.errors import (
     CitynodeError,
     DatabaseCorrupt,
@@ -56,7 +57,7 @@ from citynode.errors import (
     QueryTooSlow,
     StorageError,
 )
-from citynode.storage import SCHEMA_VERSION, Storage, _Job
+from citynode.storage import _SELECT_ROW, SCHEMA_VERSION, Storage, _Job, _query_sql
 
 log = logging.getLogger("citynode.storage")
 
@@ -457,6 +458,33 @@ class _Leadership:
             self.conn = None
 
 
+# --------------------------------------------------------------------------- reads
+
+_ROW_COLS = ("rowid", "id", "chain", "seq", "type_id", "time", "lon", "lat", "received_at",
+             "envelope")
+_PG_INNER = ("SELECT " + ", ".join(f"r.{c}" for c in _ROW_COLS) + ", r.erased_by"
+             " FROM records AS r LEFT JOIN chains AS c ON c.id = r.chain"
+             " LEFT JOIN types AS t ON t.id = r.type_id")
+
+
+def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
+                  only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
+    """:meth:`Storage.query`'s statement (``storage._query_sql``: the same conditions,
+    order and limit) with the payloads joined after the LIMIT, not before: PostgreSQL
+    joins before it sorts, so a time range of one feed sorted by seq looked up the
+    payload of every record in the range, not of the ``limit`` returned (EXPLAIN
+    ANALYZE: a 1-hour range of 1,800 records made 1,800 payload lookups for 100 rows)."""
+    sql, params = _query_sql(where, after_rowid, limit, only_feeds)
+    if not sql.startswith(_SELECT_ROW):
+        raise AssertionError("storage._query_sql changed its SELECT: update _pg_query_sql")
+    order = "seq" if where.one_feed else "rowid"
+    inner = _PG_INNER + sql[len(_SELECT_ROW):]
+    outer = ("SELECT " + ", ".join(f"q.{c}" for c in _ROW_COLS) + ", p.payload, q.erased_by"
+             f" FROM ({inner}) AS q LEFT JOIN payloads AS p ON p.rowid = q.rowid"
+             f" ORDER BY q.{order}")
+    return outer, params
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -618,13 +646,14 @@ class PgStorage(Storage):
                    only_feeds: Sequence[tuple[bytes, str]] | None = None) -> list[str]:
         """PostgreSQL's ``EXPLAIN`` of :meth:`query` with these arguments, line by line."""
         from citynode.core.filters import ALL_RECORDS
-        from citynode.storage import _query_sql
 
-        sql, params = _query_sql(where or ALL_RECORDS, after_rowid, max(limit, 1),
-                                 only_feeds or None)
+        sql, params = _pg_query_sql(where or ALL_RECORDS, after_rowid, max(limit, 1),
+                                    only_feeds or None)
         return [str(r[0]) for r in self._all("EXPLAIN " + sql, params)]
 
     # ------------------------------------------------------------------ reads
+
+    _query_sql = staticmethod(_pg_query_sql)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Any]:
