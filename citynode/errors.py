@@ -22,6 +22,7 @@ tree and users see one clear line.
     ├── BackupError                  a backup cannot be made, verified or restored (``.reason``)
     ├── QueryTooSlow                 a reader's query ran past its time limit and was stopped
     ├── PublishRefused               this node will not sign on a feed right now (see message)
+    │   └── NoLeader                 a process sharing the database cannot reach the leader
     ├── UnmappableMessage            a bridge's message cannot become a payload (``.reason``)
     ├── AccessDenied                 the caller may not read or write this
     │   └── ReplayedRequest          a signed request seen before (``.public_key``: signer)
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidProof",
     "InvalidRecord",
     "KeyFileError",
+    "NoLeader",
     "PayloadError",
     "PeerError",
     "PeerRejected",
@@ -184,6 +186,11 @@ class PublishRefused(CitynodeError):
     """This node will not sign on the feed now, to avoid ever signing two different
     records with the same seq (for example, a partner holds newer records of ours
     than we do, as after a restore from an old backup)."""
+
+
+class NoLeader(PublishRefused):
+    """This process does not lead the processes sharing one database, and the leader
+    could not be reached to hand the request on to: retry in a few seconds (HTTP 503)."""
 
 
 class UnmappableMessage(CitynodeError):

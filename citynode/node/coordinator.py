@@ -54,7 +54,7 @@ from citynode.node.checkpoints import Checkpoints
 from citynode.node.gossip import Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
 from citynode.node.keychange import KeyChanges
-from citynode.node.leader import Leader
+from citynode.node.leader import Leader, own_address
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
@@ -144,7 +144,10 @@ class Node:
                              partners=self.partners, checkpoints=self.checkpoints,
                              replica=self.replica, storage=storage, metrics=self.metrics,
                              now_ms=self.now_ms)
-        self.leader = Leader(storage=storage, gained=self._lead_gained, lost=self._lead_lost)
+        self.leader = Leader(
+            storage=storage, gained=self._lead_gained, lost=self._lead_lost,
+            address=((own_address(config), identity.cert_fingerprint) if storage.shared
+                     else None))
         self._singletons: set[asyncio.Task[Any]] = set()
         self._background = False  # start(partners=True): a serving node, not a CLI one
         self._refreshing = False
@@ -304,7 +307,8 @@ class Node:
             raise PublishRefused(
                 "this process does not lead the processes sharing the database, so it "
                 "signs nothing: publish through the leader (its /v1/admin/status says "
-                '"leader": true), or retry in a few seconds if it just went down')
+                '"leader": true; the HTTP API hands a publish on to it), or retry in a few '
+                "seconds if it just went down")
 
     async def start(self, *, partners: bool = True, accept_fork_risk: bool = False) -> None:
         """Load state and (unless ``partners=False``, for one-shot CLI commands) start the
@@ -370,6 +374,7 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # Only now: no task of ours is using a partner's connection any more.
         await self.partners.close_all()
+        await self.leader.close()
         await asyncio.get_running_loop().run_in_executor(None, self.storage.close)
         log.info("node stopped", extra=fields(node=self.node_id))
 

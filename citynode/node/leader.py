@@ -13,40 +13,152 @@ under the writers' lock, then the UNIQUE index on (chain, seq)). A leader cut of
 the database cannot store what it signs, so nothing it signed then leaves the process.
 
 With SQLite there is one process; it always leads.
+
+A client may publish (or erase) through any process: a follower hands the request on
+to the leader (:meth:`Leader.forward`), whose address the leader writes in the database
+when it takes over (:meth:`Leader.announce`: its own ``[node] listen`` address and TLS
+certificate fingerprint, under meta key :data:`ADDRESS_KEY`). The leader's answer goes
+back to the client as it is. A request already handed on is never handed on again (no
+loop while the leadership moves): it is refused (409), and a leader that cannot be
+reached is a 503 to retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
+import aiohttp
+
+from citynode.config import Config
+from citynode.errors import NoLeader, StorageError
 from citynode.node._base import in_thread
 from citynode.storage import Storage
 
-__all__ = ["INTERVAL_S", "Leader"]
+__all__ = ["ADDRESS_KEY", "FORWARDED_HEADER", "INTERVAL_S", "Forwarded", "Leader",
+           "own_address"]
 
 log = logging.getLogger("citynode.node")
 
 #: How often a follower tries to take the leadership, and the leader checks it holds it.
 INTERVAL_S = 0.5
+#: The meta row where the leader writes how the other processes reach it.
+ADDRESS_KEY = "leader-address"
+#: Set on a request a follower hands on to the leader: never handed on again.
+FORWARDED_HEADER = "Citynode-Forwarded"
+#: How long a follower waits for the leader's answer to a request it handed on (a
+#: publish of 100,000 items takes a while on a loaded leader).
+FORWARD_TIMEOUT_S = 120.0
+#: The request headers handed on (the operator's token, the body's type).
+_HANDED_ON = ("Authorization", "Content-Type", "Accept")
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """The leader's answer to a request a follower handed on."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+def own_address(config: Config) -> str:
+    """The URL at which the other processes reach this one: its ``[node] listen``
+    address (``https`` unless ``[tls] enabled = false``); a wildcard host (0.0.0.0,
+    ::) is this machine's name. Not ``public_url``: behind a load balancer every
+    process has the same one."""
+    host, port = config.node.listen_host, config.node.listen_port
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if config.tls.enabled else "http"
+    return f"{scheme}://{host}:{port}"
 
 
 class Leader:
     """Holds (or waits for) the leadership; starts and stops the singleton work."""
 
     def __init__(self, *, storage: Storage, gained: Callable[[], Awaitable[None]],
-                 lost: Callable[[], None]) -> None:
+                 lost: Callable[[], None], address: tuple[str, bytes] | None = None
+                 ) -> None:
+        """``address``: this process's URL and TLS certificate fingerprint, written for
+        the others while it leads (None: it is alone, SQLite)."""
         self.storage = storage
         self._gained = gained
         self._lost = lost
+        self._address = address
+        self._announced = False
         self.leading = False
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _announce(self) -> None:
+        """Write where the other processes reach this one, the leader; retried at the
+        next check while the database refuses (never raises)."""
+        if self._address is None or self._announced:
+            return
+        url, fingerprint = self._address
+        value = json.dumps({"url": url, "cert_sha256": fingerprint.hex()}).encode()
+        try:
+            await asyncio.wrap_future(self.storage.set_meta(ADDRESS_KEY, value))
+        except StorageError as exc:
+            log.warning("cannot write the leader's address yet: %s", exc)
+            return
+        self._announced = True
+
+    async def leader_address(self) -> tuple[str, bytes | None]:
+        """The leader's URL and TLS certificate fingerprint, as it wrote them. Raises
+        :class:`NoLeader` if none did."""
+        raw = await in_thread(self.storage.get_meta, ADDRESS_KEY)
+        try:
+            got = json.loads(raw or b"")
+            url = str(got["url"])
+            fp = bytes.fromhex(str(got["cert_sha256"])) if got.get("cert_sha256") else None
+        except (ValueError, KeyError, TypeError):
+            raise NoLeader("no process leads the processes sharing the database yet "
+                           "(none has written its address): retry in a few seconds") from None
+        return url, fp
+
+    async def forward(self, method: str, path_qs: str, headers: Mapping[str, str],
+                      body: bytes) -> Forwarded:
+        """Hand a request this process cannot serve (it does not lead) on to the leader,
+        and return its answer. Raises :class:`NoLeader` when the leader cannot be
+        reached or does not answer in time (the request may or may not have been
+        carried out: a publish is retried by the client, as after any lost answer)."""
+        url, fp = await self.leader_address()
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S))
+        sent = {k: v for k, v in headers.items() if k in _HANDED_ON}
+        sent[FORWARDED_HEADER] = "1"
+        try:
+            # Pinned: the processes of one node serve one certificate (its data dir's).
+            ssl: aiohttp.Fingerprint | bool = aiohttp.Fingerprint(fp) if fp else True
+            async with self._session.request(method, url + path_qs, data=body,
+                                             headers=sent, ssl=ssl) as r:
+                return Forwarded(r.status, await r.read(),
+                                 r.headers.get("Content-Type", "application/json"))
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            why = str(exc) or type(exc).__name__
+            raise NoLeader(f"the leading process at {url} did not answer ({why}): retry "
+                           "in a few seconds (if it just went down, another takes over)"
+                           ) from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def try_once(self) -> bool:
         """Take the leadership if it is free (at start, before anything is served)."""
         if await in_thread(self.storage.lead) and not self.leading:
             self.leading = True
             log.info("leading the processes that share the database")
+            await self._announce()
             await self._gained()
         return self.leading
 
@@ -58,9 +170,13 @@ class Leader:
                 self.leading = True
                 log.info("took over the leadership of the processes that share the "
                          "database")
+                await self._announce()
                 await self._gained()
+            elif held:
+                await self._announce()
             elif not held and self.leading:
                 self.leading = False
+                self._announced = False
                 log.error("leadership lost: signing and the other singleton work stop "
                           "here (another process takes over)")
                 self._lost()

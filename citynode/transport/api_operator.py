@@ -12,9 +12,12 @@ from aiohttp import web
 from citynode.core.cards import card_to_json
 from citynode.core.keys import node_id
 from citynode.core.liveness import STATES
+from citynode.errors import NoLeader
+from citynode.node.leader import FORWARDED_HEADER
 from citynode.render import parse_json_items
 from citynode.transport.web import (
     NODE_KEY,
+    error_response,
     is_operator,
     origin_arg,
     pack,
@@ -55,6 +58,27 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=node.metrics.render(), content_type="text/plain")
 
 
+async def _to_leader(request: web.Request, body: bytes) -> web.Response | None:
+    """On a process that does not lead (several sharing one database), the leader's
+    answer to this request, handed on to it (node/leader.py); None on the leader. A
+    request handed on already is not handed on again. No leader to hand it on to: 503
+    ``no_leader``, with Retry-After (a takeover takes a few seconds)."""
+    leader = request.app[NODE_KEY].leader
+    if leader.leading:
+        return None
+    try:
+        if request.headers.get(FORWARDED_HEADER):
+            raise NoLeader("the process this was handed on to does not lead any more: "
+                           "retry in a few seconds")
+        out = await leader.forward(request.method, request.path_qs, request.headers, body)
+    except NoLeader as exc:
+        resp = error_response(503, "no_leader", str(exc))
+        resp.headers["Retry-After"] = "2"
+        return resp
+    return web.Response(status=out.status, body=out.body,
+                        headers={"Content-Type": out.content_type})
+
+
 @takes("feed", "type", "subject")
 async def publish(request: web.Request) -> web.Response:
     require_operator(request)
@@ -64,6 +88,8 @@ async def publish(request: web.Request) -> web.Response:
     if not feed or not type_name:
         raise web.HTTPBadRequest(text="publish needs ?feed=...&type=...")
     body = await read_body(request)
+    if (answer := await _to_leader(request, body)) is not None:
+        return answer
     try:
         items = parse_json_items(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -120,6 +146,8 @@ async def admin_erase(request: web.Request) -> web.Response:
     ids."""
     require_operator(request)
     body = await read_body(request)
+    if (answer := await _to_leader(request, body)) is not None:
+        return answer
     try:
         req = json.loads(body)
         ids = [bytes.fromhex(str(i)) for i in req["ids"]]

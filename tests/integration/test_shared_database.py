@@ -1,6 +1,7 @@
 """Three ``citynode run`` processes of one node on one PostgreSQL database: one leads
-(signs), all serve, streams everywhere see every record, and when the leader is killed
-mid-publish another takes over within seconds without ever signing a seq twice."""
+(signs), all serve (a publish sent to a follower is handed on to the leader), streams
+everywhere see every record, and when the leader is killed mid-publish another takes
+over within seconds without ever signing a seq twice."""
 
 from __future__ import annotations
 
@@ -92,19 +93,18 @@ async def test_three_processes_one_database_the_leader_killed_mid_publish(
     leader = leaders[0]
     followers = [n for n in nodes if n is not leader]
 
-    # Followers serve, but sign nothing.
-    with pytest.raises(PeerRejected, match="does not lead"):
-        await followers[0].publish("air", "AirQualityObserved", [_item(0)])
-
     # Live streams on both followers, opened before anything is published.
     total = 30
     seen: dict[str, set[int]] = {n.name: set() for n in followers}
     streams = [asyncio.create_task(_collect(n, seen[n.name], total)) for n in followers]
     await asyncio.sleep(0.5)
 
+    # Any process takes a publish: a follower hands it on to the leader, which signs.
     acked: list[str] = []
     for i in range(10):
-        out = await leader.publish("air", "AirQualityObserved", [_item(i)])
+        via = followers[i % 2] if i in (0, 1, 5) else leader
+        out = await via.publish("air", "AirQualityObserved", [_item(i)])
+        assert out["first_seq"] == i + 1
         acked += out["ids"]
 
     # Mid-publish: a burst of publishes under way when the leader is killed.
@@ -161,3 +161,57 @@ async def test_three_processes_one_database_the_leader_killed_mid_publish(
     report = json.loads(done.stdout)
     assert report["ok"] and report["records"] >= total
     print(f"takeover after kill -9 of the leader: {took:.2f} s")
+
+
+async def test_a_publish_to_a_follower_is_handed_on_to_the_leader(
+        cluster: Cluster, tmp_path: Path, pg_url: str) -> None:
+    nodes = _processes(cluster, tmp_path, pg_url)
+    await cluster.start()
+    (leader,) = await _leaders(nodes)
+    followers = [n for n in nodes if n is not leader]
+
+    # Publish and erase through the followers: the leader signs, the client gets its
+    # answer as if it had asked the leader.
+    out = await followers[0].publish("air", "AirQualityObserved", [_item(0), _item(1)])
+    assert (out["first_seq"], out["last_seq"]) == (1, 2)
+    out2 = await followers[1].publish("air", "AirQualityObserved", [_item(2)])
+    assert out2["first_seq"] == 3
+    erased = await followers[1].api("POST", "/v1/admin/erase", json_body={
+        "ids": [out["ids"][0]], "reason": "test"})
+    assert erased["seq"] >= 1 and erased["erased"] == [out["ids"][0]]
+    # The leader's own answer passes through as it is, errors included.
+    with pytest.raises(PeerRejected) as bad:
+        await followers[0].api("POST", "/v1/admin/erase", json_body={"ids": ["zz"]})
+    assert bad.value.status == 400
+    # A wrong operator token is refused (by the follower, before handing anything on).
+    s = await followers[0].session()
+    async with s.post(followers[0].url + "/v1/publish?feed=air&type=AirQualityObserved",
+                      data=b"{}\n", headers={"Authorization": "Bearer wrong"}) as r:
+        assert r.status == 403
+
+    # A request already handed on is never handed on again (no loop while the
+    # leadership moves): 503, retry.
+    async with s.post(followers[0].url + "/v1/publish?feed=air&type=AirQualityObserved",
+                      data=json.dumps(_item(9)).encode() + b"\n",
+                      headers={"Authorization": f"Bearer {followers[0].token}",
+                               "Citynode-Forwarded": "1"}) as r:
+        assert r.status == 503
+        assert (await r.json())["error"] == "no_leader"
+        assert r.headers["Retry-After"] == "2"
+
+    # The leader stopped: until another takes over and writes its address, a follower
+    # cannot hand on (503); then it hands on to the new leader.
+    leader.kill()
+    deadline = time.monotonic() + TAKEOVER_S
+    while True:
+        try:
+            out = await followers[0].publish("air", "AirQualityObserved", [_item(3)])
+            break
+        except PeerRejected as exc:
+            assert exc.status == 503 and exc.reason == "no_leader", exc
+            assert time.monotonic() < deadline, "no process took over"
+            await asyncio.sleep(0.2)
+    assert out["first_seq"] == 4  # the erasure request went to a feed of its own
+    with PgStorage.open_url(pg_url) as st:
+        envs = st.range(parse_node_id(leader.node_id), "air", 1, 100, 100)
+    assert [stored_record(e).seq for e in envs] == [1, 2, 3, 4]
