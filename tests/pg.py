@@ -65,6 +65,7 @@ class PgServer:
         self.as_root = os.geteuid() == 0
         self._n = itertools.count(1)
         self.started = False
+        self._opts = ""
 
     def _run(self, *args: str, timeout: float = 120) -> None:
         cmd = [str(self.bin / args[0]), *args[1:]]
@@ -93,10 +94,21 @@ class PgServer:
                 "-c shared_buffers=32MB")
         if not durable:
             opts += " -c fsync=off -c full_page_writes=off"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"),
-                  "-o", opts, "-w", "-t", "60", "start")
-        self.started = True
+        self._opts = opts
+        self.resume()
         return self
+
+    def pause(self) -> None:
+        """``pg_ctl stop -m fast``, keeping the data: the server goes away under the
+        clients (they see their connections end), as in a database failover."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.started = False
+
+    def resume(self) -> None:
+        """``pg_ctl start`` on the same data, port and settings (after :meth:`pause`)."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"),
+                  "-o", self._opts, "-w", "-t", "60", "start")
+        self.started = True
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

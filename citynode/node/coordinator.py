@@ -253,6 +253,7 @@ class Node:
         """This process leads: its heads catch up with the database (a write of the
         previous leader's still under way lands first), then the singleton work starts."""
         await asyncio.wrap_future(self.storage.barrier())
+        await self._own_heads_as_stored()
         await self._refresh_heads()
         if not self._background:
             return
@@ -268,6 +269,22 @@ class Node:
         # Signed (and kept) now, not first when served: an export of our own feeds
         # carries it, and tells the feeds' access levels from it.
         self.policy.card()
+
+    async def _own_heads_as_stored(self) -> None:
+        """Own feeds' heads back to what the database holds. A publish whose write failed
+        takes its head back to the stored one (Ingest's rewind), but reads it from the
+        database: with the database away (a failover) that read fails too and the head
+        stays ahead of what is stored, so every later record would be refused as not
+        extending the chain. Leadership is lost with the database and taken again when
+        it is back: from here on the leader signs after what is stored. (Nothing of ours
+        is on its way now: the barrier above let every earlier write land or fail.)"""
+        stored = await in_thread(self.storage.heads)
+        for key, head in list(self.replica.heads.items()):
+            if key[0] == self.public_key and (key not in stored or stored[key][0] < head.seq):
+                log.warning("own feed's head taken back to the database's (a write of it "
+                            "failed)", extra=fields(feed=key[1], held=head.seq,
+                                                    stored=stored.get(key, (0,))[0]))
+                self.replica.cut(key, stored.get(key))
 
     def _lead_lost(self) -> None:
         for t in list(self._singletons):

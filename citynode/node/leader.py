@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from citynode.config import Config
-from citynode.errors import NoLeader, StorageError
+from citynode.errors import CitynodeError, NoLeader, StorageError
 from citynode.node._base import in_thread
 from citynode.storage import Storage
 
@@ -171,7 +171,12 @@ class Leader:
                 log.info("took over the leadership of the processes that share the "
                          "database")
                 await self._announce()
-                await self._gained()
+                try:
+                    await self._gained()
+                except CitynodeError as exc:  # the database went away again: next time
+                    log.warning("taking over failed; retrying: %s", exc)
+                    self.leading = False
+                    self._lost()
             elif held:
                 await self._announce()
             elif not held and self.leading:

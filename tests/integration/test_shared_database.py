@@ -23,6 +23,7 @@ from citynode.core.keys import parse_node_id
 from citynode.core.records import stored_record
 from citynode.errors import PeerError, PeerRejected
 from citynode.storage_pg import PgStorage
+from tests.pg import PgServer
 
 pytestmark = pytest.mark.integration
 
@@ -215,3 +216,45 @@ async def test_a_publish_to_a_follower_is_handed_on_to_the_leader(
     with PgStorage.open_url(pg_url) as st:
         envs = st.range(parse_node_id(leader.node_id), "air", 1, 100, 100)
     assert [stored_record(e).seq for e in envs] == [1, 2, 3, 4]
+
+
+async def test_the_database_away_writes_refused_clearly_then_resumed_by_itself(
+        cluster: Cluster) -> None:
+    """A failover seen from the node: the server stops under it (pg_ctl stop -m fast),
+    publishes are refused with a 503 saying why, and once it is back they work again,
+    with no restart of citynode and no seq lost or signed twice."""
+    server = PgServer().start()
+    try:
+        url = server.create_database("failover")
+        (node,) = cluster.create(["Jakarta"], settings={("storage", "url"): url})
+        await cluster.start()
+        assert (await node.publish("air", "AirQualityObserved", [_item(0)]))["first_seq"] == 1
+
+        server.pause()
+        for i in range(3):  # each refused, none acknowledged
+            with pytest.raises(PeerRejected) as refused:
+                await node.publish("air", "AirQualityObserved", [_item(10 + i)])
+            assert refused.value.status == 503, refused.value
+            assert refused.value.reason in ("storage", "no_leader"), refused.value
+            assert "retry" in str(refused.value) or "refused until" in str(refused.value)
+        assert node.proc is not None and node.proc.poll() is None, "the node must not exit"
+
+        server.resume()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                out = await node.publish("air", "AirQualityObserved", [_item(1)])
+                break
+            except PeerRejected as exc:
+                assert exc.status == 503, exc
+                assert time.monotonic() < deadline, f"publish not resumed: {exc}"
+                await asyncio.sleep(0.3)
+        assert out["first_seq"] == 2  # nothing refused took a seq
+        assert node.proc is not None and node.proc.poll() is None
+        with PgStorage.open_url(url) as st:
+            envs = st.range(parse_node_id(node.node_id), "air", 1, 100, 100)
+        recs = [stored_record(e) for e in envs]
+        assert [r.seq for r in recs] == [1, 2] and recs[1].prev == recs[0].id
+    finally:
+        cluster.stop()  # before the server: the node's stop needs no database
+        server.stop()
