@@ -22,6 +22,7 @@ from citynode.cluster import Cluster, LocalNode, free_ports, set_config
 from citynode.core.keys import parse_node_id
 from citynode.core.records import stored_record
 from citynode.errors import PeerError, PeerRejected
+from citynode.sinks.receiver import Receiver
 from citynode.storage_pg import PgStorage
 from tests.pg import PgServer
 
@@ -38,10 +39,15 @@ def _item(i: int) -> dict[str, Any]:
             "name": f"station {i}"}
 
 
-def _processes(cluster: Cluster, tmp_path: Path, url: str) -> list[LocalNode]:
+def _processes(cluster: Cluster, tmp_path: Path, url: str, toml: str = ""
+               ) -> list[LocalNode]:
     """One node's data dir (its key, certificate, token) three times, each process on
-    its own port, all with ``[storage] url`` on the same database."""
+    its own port, all with ``[storage] url`` on the same database (and ``toml`` added
+    to node.toml)."""
     (first,) = cluster.create(["Jakarta"], settings={("storage", "url"): url})
+    if toml:
+        with open(first.dir / "node.toml", "a") as f:
+            f.write(toml)
     out = [first]
     for i, port in enumerate(free_ports(2), 2):
         d = tmp_path / f"jakarta-{i}"
@@ -258,3 +264,61 @@ async def test_the_database_away_writes_refused_clearly_then_resumed_by_itself(
     finally:
         cluster.stop()  # before the server: the node's stop needs no database
         server.stop()
+
+
+async def test_a_sink_is_delivered_by_the_leader_alone_and_goes_on_after_a_takeover(
+        cluster: Cluster, tmp_path: Path, pg_url: str) -> None:
+    """Every process has the sink in its node.toml; only the leader delivers (sinks are
+    singleton work), so each record reaches the receiver once, not once per process;
+    after the leader is killed the new leader goes on from the shared outbox."""
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        nodes = _processes(cluster, tmp_path, pg_url, f"""
+[[sinks.cloudevents]]
+name = "bus"
+url = "{receiver.url}"
+filter = "type=AirQualityObserved"
+retry_min_seconds = 0.05
+retry_max_seconds = 0.4
+""")
+        await cluster.start()
+        (leader,) = await _leaders(nodes)
+        followers = [n for n in nodes if n is not leader]
+
+        async def published(via: list[LocalNode], start: int, count: int) -> list[str]:
+            ids: list[str] = []
+            for i in range(start, start + count):
+                out = await via[i % len(via)].publish("air", "AirQualityObserved", [_item(i)])
+                ids += out["ids"]
+            return ids
+
+        async def delivered(ids: list[str], st: PgStorage) -> None:
+            deadline = time.monotonic() + 30
+            while not (set(ids) <= set(receiver.acked_ids())
+                       and st.sink_counts().get("bus", (0, 0))[0] == 0):
+                assert time.monotonic() < deadline, (
+                    f"{len(set(ids) - set(receiver.acked_ids()))} not delivered")
+                await asyncio.sleep(0.1)
+
+        with PgStorage.open_url(pg_url) as st:
+            ids = await published(nodes, 0, 12)  # through every process
+            await delivered(ids, st)
+            await asyncio.sleep(1.0)  # a second deliverer, were there one, shows here
+            assert receiver.acked_ids() == ids
+            assert all(receiver.seen[i] == 1 for i in ids), receiver.seen
+
+            leader.kill()
+            deadline = time.monotonic() + TAKEOVER_S
+            while not (new := await _leaders(followers)):
+                assert time.monotonic() < deadline, "no process took over"
+                await asyncio.sleep(0.1)
+            ids += await published(followers, 12, 8)
+            await delivered(ids, st)
+            await asyncio.sleep(1.0)
+        assert len(new) == 1
+        assert receiver.acked_ids() == ids  # in order, once each, across the takeover
+        assert all(receiver.seen[i] == 1 for i in ids), receiver.seen
+        assert receiver.errors == []
+    finally:
+        await receiver.stop()
