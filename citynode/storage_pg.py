@@ -485,6 +485,25 @@ def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
     return outer, params
 
 
+# --------------------------------------------------------------------------- checks
+
+#: How long one whole-table check of :meth:`PgStorage.quick_check` may run.
+_CHECK_TIME_LIMIT_S = 3600.0
+#: (count query, finding) of :meth:`PgStorage.quick_check`: rows that break what the
+#: writer keeps true in every transaction (counts of 0 when the database is whole).
+_CONSISTENCY = (
+    ("SELECT count(*) FROM chains AS c WHERE NOT EXISTS (SELECT 1 FROM records AS r"
+     " WHERE r.chain = c.id AND r.seq = c.head_seq AND r.id = c.head_id)",
+     "{n} feed(s) whose head is not a record held"),
+    ("SELECT count(*) FROM records AS r JOIN chains AS c ON c.id = r.chain"
+     " WHERE r.seq > c.head_seq",
+     "{n} record(s) past their feed's head"),
+    ("SELECT count(*) FROM payloads AS p WHERE NOT EXISTS (SELECT 1 FROM records AS r"
+     " WHERE r.rowid = p.rowid)",
+     "{n} payload(s) without their record"),
+)
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -547,12 +566,45 @@ class PgStorage(Storage):
         return _pg_error(exc, self.where, action)
 
     def quick_check(self, max_errors: int = 20) -> list[str]:
-        """PostgreSQL checks its own pages (checksums, amcheck is the DBA's): here, that
-        the server answers and holds this schema. Empty if so."""
+        """What SQLite's quick_check finds in a file, on the server: findings (at most
+        ``max_errors``), empty if none. PostgreSQL keeps its pages whole itself (WAL,
+        data checksums when the cluster has them); here, that the database holds this
+        schema, no index is left invalid (an interrupted build), every feed's head is a
+        record held and no record lies past it, no payload is left without its record,
+        and -- when the DBA installed the ``amcheck`` extension -- every B-tree index of
+        the schema passes ``bt_index_check``. The records themselves are re-verified by
+        ``citynode check`` (audit.check_storage), on both engines. Raises
+        :class:`StorageError` if the server cannot be reached."""
         row = self._one("SELECT max(version) FROM citynode_schema")
         if row is None or row[0] != SCHEMA_VERSION:
             return [f"schema version {row[0] if row else None}, expected {SCHEMA_VERSION}"]
-        return []
+        out: list[str] = []
+        for (name,) in self._all(
+                "SELECT i.indexrelid::regclass::text FROM pg_index AS i JOIN pg_class AS c"
+                " ON c.oid = i.indrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = current_schema() AND NOT (i.indisvalid AND i.indisready)"
+                " ORDER BY 1"):
+            out.append(f"index {name} is invalid (a build was interrupted): REINDEX it")
+        # Whole-table checks: as long as they take (the 60 s read bound is for readers).
+        slow = _CHECK_TIME_LIMIT_S
+        for sql, what in _CONSISTENCY:
+            (n,), = self._all(sql, (), slow)
+            if n:
+                out.append(what.format(n=n))
+        if self._one("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'"):
+            for (name,) in self._all(
+                    "SELECT c.relname FROM pg_index AS i JOIN pg_class AS c ON"
+                    " c.oid = i.indexrelid JOIN pg_am AS a ON a.oid = c.relam JOIN"
+                    " pg_namespace AS n ON n.oid = c.relnamespace WHERE a.amname = 'btree'"
+                    " AND n.nspname = current_schema() AND i.indisvalid ORDER BY 1"):
+                try:
+                    self._all("SELECT bt_index_check(c.oid) FROM pg_class AS c JOIN"
+                              " pg_namespace AS n ON n.oid = c.relnamespace WHERE"
+                              " c.relname = ? AND n.nspname = current_schema()",
+                              (name,), slow)
+                except StorageError as exc:
+                    out.append(f"index {name}: {exc}")
+        return out[:max_errors]
 
     def close(self) -> None:
         """Finish every write already submitted, stop the writer, close the

@@ -222,9 +222,9 @@ def test_one_process_leads_and_another_takes_over_when_its_session_ends(
 def test_a_time_range_inside_one_feed_is_an_index_range(pg: PgStorage) -> None:
     # Schema v9: a feed of 200k records (rows written directly: the plan, not the
     # records, is under test; ANALYZE as autovacuum would), and a one-hour range deep
-    # inside it is read through (chain, time), not by walking the feed by seq.
+    # inside it is read through (chain, time), not by walking the feed by seq; the
+    # payloads are joined to the 100 rows returned, not to every row in range.
     from citynode.core.filters import RecordFilter
-    from citynode.storage import _query_sql
 
     with psycopg.connect(pg.url, autocommit=True) as c:
         c.execute("INSERT INTO chains (id, origin, feed, head_seq, head_id)"
@@ -234,12 +234,55 @@ def test_a_time_range_inside_one_feed_is_an_index_range(pg: PgStorage) -> None:
         c.execute("INSERT INTO records (rowid, chain, seq, type_id, time, received_at, id,"
                   " envelope) SELECT s, 1 + (s % 2), s, 1, 1000 * s, 0,"
                   " sha256(int8send(s)), ''::bytea FROM generate_series(1, 200000) s")
+        c.execute("INSERT INTO payloads (rowid, payload) SELECT s, int8send(s)"
+                  " FROM generate_series(1, 200000) s")
         c.execute("ANALYZE")
-        sql, params = _query_sql(RecordFilter(origin=A, feed="f", since_ms=150_000_000,
-                                              until_ms=153_600_000), 0, 100, None)
-        plan = "\n".join(r[0] for r in c.execute(
-            "EXPLAIN " + sql.replace("?", "%s"), params))
+        sql, params = pg._query_sql(RecordFilter(origin=A, feed="f", since_ms=150_000_000,
+                                                 until_ms=153_600_000), 0, 100, None)
+        (top,), = c.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.replace("?", "%s"),
+                            params).fetchone()
+    plan = str(top)
     assert "records_chain_time" in plan and "records_chain_seq" not in plan, plan
+
+    def paths(node: dict[str, Any], above: tuple[str, ...] = ()
+              ) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+        yield above, node
+        for child in node.get("Plans", []):
+            yield from paths(child, (*above, node["Node Type"]))
+
+    nodes = list(paths(top["Plan"]))
+    (payloads,) = [(above, n) for above, n in nodes if n.get("Relation Name") == "payloads"]
+    (records,) = [(above, n) for above, n in nodes if n.get("Relation Name") == "records"]
+    assert "Limit" in records[0] and "Limit" not in payloads[0], plan
+    assert payloads[1]["Actual Rows"] * payloads[1]["Actual Loops"] == 100, plan
     rows = pg.query(RecordFilter(origin=A, feed="f", since_ms=150_000_000,
                                  until_ms=153_600_000), limit=100)
     assert [r.seq for r in rows] == list(range(150_000, 150_200, 2))
+
+
+def test_check_finds_damage_in_a_postgresql_database(pg: PgStorage) -> None:
+    """``citynode check`` on PostgreSQL: the structure the writer keeps (quick_check:
+    heads, payloads, valid indexes, amcheck's B-tree check when installed) and every
+    record re-verified (audit.check_storage, as on SQLite)."""
+    from citynode.audit import check_storage
+
+    pg.append(chain(0, "f", 5)).result(5)
+    assert pg.quick_check() == []
+    with psycopg.connect(pg.url, autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+    assert pg.quick_check() == []  # every B-tree index checked, and whole
+    assert check_storage(pg).problems == []
+
+    with psycopg.connect(pg.url, autocommit=True) as c:
+        c.execute("UPDATE chains SET head_seq = 4")  # a head behind its records
+        c.execute("INSERT INTO payloads (rowid, payload) VALUES (999999, 'x')")
+        # The signature's last byte flipped in the stored envelope of seq 2 (the
+        # tombstone: body, signature, then the nil where the payload goes).
+        c.execute("UPDATE records SET envelope = set_byte(envelope, length(envelope) - 2,"
+                  " get_byte(envelope, length(envelope) - 2) # 1) WHERE seq = 2")
+    found = pg.quick_check()
+    assert found == ["1 feed(s) whose head is not a record held",
+                     "1 record(s) past their feed's head",
+                     "1 payload(s) without their record"], found
+    problems = check_storage(pg).problems
+    assert any("seq 2" in p for p in problems), problems
