@@ -57,7 +57,7 @@ from citynode.errors import (
     QueryTooSlow,
     StorageError,
 )
-from citynode.storage import _SELECT_ROW, SCHEMA_VERSION, Storage, _Job, _query_sql
+from citynode.storage import _RESTORED, _SELECT_ROW, SCHEMA_VERSION, Storage, _Job, _query_sql
 
 log = logging.getLogger("citynode.storage")
 
@@ -485,6 +485,50 @@ def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
     return outer, params
 
 
+# --------------------------------------------------------------------------- identity
+
+#: Meta key: which database, of which server history, this one was when last opened.
+DATABASE_IDENTITY = "database-identity"
+
+
+def _note_database_identity(conn: psycopg.Connection[Any]) -> None:
+    """Mark the database restored if it is not the one last opened: SQLite's file
+    identity (storage._note_file_identity), for a server. A database restored from
+    ``pg_dump`` is a new database (its OID differs from the one it names); a base
+    backup recovered to a point in time, or a standby promoted by a failover, runs on a
+    new timeline of the server's history (and a new cluster has a new system
+    identifier). Any of them may lack records this node signed and partners hold; the
+    mark makes the node wait for its partners' confirmation before signing on its own
+    feeds. (A server restarted, or the same database reopened, keeps all three.) The
+    system identifier and timeline need the right to read the server's control data
+    (superuser or ``pg_monitor`` role); without it only the OID is compared."""
+    with conn.transaction():
+        (oid,), = conn.execute("SELECT oid FROM pg_database WHERE datname ="
+                               " current_database()").fetchall()
+        now = str(oid)
+        try:
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT (SELECT system_identifier FROM pg_control_system()),"
+                    " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+            if row is not None:
+                now += f" {row[0]} {row[1]}"
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        held = conn.execute("SELECT value FROM meta WHERE key = %s",
+                            (DATABASE_IDENTITY,)).fetchone()
+        if held is not None and bytes(held[0]).decode() != now:
+            was = bytes(held[0]).decode().split(" ")
+            # Only what both readings have is compared (the rights may differ).
+            if any(a != b for a, b in zip(was, now.split(" "), strict=False)):
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO"
+                    " NOTHING", (_RESTORED, b"the database is not the one last opened (a "
+                                 b"restore, or a failover to another server's history)"))
+        conn.execute("INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO"
+                     " UPDATE SET value = excluded.value", (DATABASE_IDENTITY, now.encode()))
+
+
 # --------------------------------------------------------------------------- checks
 
 #: How long one whole-table check of :meth:`PgStorage.quick_check` may run.
@@ -544,6 +588,7 @@ class PgStorage(Storage):
                 raise StorageError(
                     f"{where} holds an unfinished copy of an SQLite node: run `citynode "
                     "storage migrate` again to finish it before using the database")
+            _note_database_identity(wconn)
             timeout_ms = int(READ_TIMEOUT_S * 1000)
             pool: ConnectionPool[Any] = ConnectionPool(
                 url, min_size=1, max_size=_POOL_MAX, open=True, timeout=_POOL_WAIT_S,

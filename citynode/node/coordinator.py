@@ -151,6 +151,9 @@ class Node:
         self._singletons: set[asyncio.Task[Any]] = set()
         self._background = False  # start(partners=True): a serving node, not a CLI one
         self._refreshing = False
+        #: The highest seq of each own feed this process saw committed: a database that
+        #: holds less lost records it acknowledged (see _own_heads_as_stored).
+        self._own_stored: dict[str, int] = {}
         self.keychanges = KeyChanges(data_dir=data_dir, identity=identity, policy=self.policy,
                                      publisher=self.publisher, partners=self.partners,
                                      storage=storage, now_ms=self.now_ms, spawn=self.spawn)
@@ -219,6 +222,8 @@ class Node:
     def _committed(self, recs: Sequence[Record]) -> None:
         self.streams.wake()
         for r in recs:
+            if r.origin == self.public_key and r.seq > self._own_stored.get(r.feed, 0):
+                self._own_stored[r.feed] = r.seq
             if erasure.is_erasure(r) and self.streams.subscribers:
                 # Live streams may have sent what this request just erased: tell them.
                 named = [e.id for e in erasure.erasures_in([r])]
@@ -279,6 +284,22 @@ class Node:
         it is back: from here on the leader signs after what is stored. (Nothing of ours
         is on its way now: the barrier above let every earlier write land or fail.)"""
         stored = await in_thread(self.storage.heads)
+        lost = {feed: (seq, stored.get((self.public_key, feed), (0,))[0])
+                for feed, seq in self._own_stored.items()
+                if stored.get((self.public_key, feed), (0,))[0] < seq}
+        if lost and not self.replica.restored:
+            # Records committed and acknowledged here are gone from the database: a
+            # failover to a standby that had not received them (asynchronous
+            # replication), or a restore. Partners may hold them: signing those seqs
+            # again would fork our feeds. As after a restore, own feeds wait for every
+            # partner to confirm (and hand back what they hold).
+            why = ("the database lost records this node had stored (a failover to a "
+                   "standby that was behind, or a restore): " + ", ".join(
+                       f"{f} held up to seq {s}, now {d}" for f, (s, d) in sorted(lost.items())))
+            log.error("database behind what this node stored: own feeds wait for the "
+                      "partners' confirmation before signing", extra=fields(why=why))
+            await asyncio.wrap_future(self.storage.mark_restored(why))
+            self.replica.mark_restored()
         for key, head in list(self.replica.heads.items()):
             if key[0] == self.public_key and (key not in stored or stored[key][0] < head.seq):
                 log.warning("own feed's head taken back to the database's (a write of it "

@@ -286,3 +286,23 @@ def test_check_finds_damage_in_a_postgresql_database(pg: PgStorage) -> None:
                      "1 payload(s) without their record"], found
     problems = check_storage(pg).problems
     assert any("seq 2" in p for p in problems), problems
+
+
+def test_a_database_copied_or_restored_is_marked_restored(pg_server: Any,
+                                                        pg_url: str) -> None:
+    """As SQLite's copied-back file: a database that is not the one last opened (here
+    a copy made from it, as a pg_dump restored into a new database is) counts as
+    restored, so the node waits for its partners before signing on its own feeds.
+    Reopening the same database does not."""
+    with PgStorage.open_url(pg_url) as st:
+        st.append(chain(0, "f", 3)).result(5)
+    with PgStorage.open_url(pg_url) as st:
+        assert st.restored() is None  # the same database, reopened
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_server.url(), autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}_copy" TEMPLATE "{name}"')
+    with PgStorage.open_url(f"{pg_url}_copy") as copy:
+        assert copy.restored() is not None and "not the one last opened" in copy.restored()
+        assert copy.head(A, "f") == (3, chain(0, "f", 3)[-1].id)
+    with PgStorage.open_url(pg_url) as st:
+        assert st.restored() is None
