@@ -322,3 +322,58 @@ retry_max_seconds = 0.4
         assert receiver.errors == []
     finally:
         await receiver.stop()
+
+
+async def test_a_database_rolled_back_under_the_node_is_treated_as_restored(
+        cluster: Cluster) -> None:
+    """A failover to a standby that had not received the last commits, as the node
+    lives it: the server comes back holding fewer of the node's records than the node
+    acknowledged. The node does not sign those seqs again (partners may hold them): it
+    marks the database restored and refuses to publish until partners confirm."""
+    server = PgServer().start()
+    try:
+        url = server.create_database("rollback")
+        (node,) = cluster.create(["Jakarta"], settings={("storage", "url"): url})
+        await cluster.start()
+        assert (await node.publish("air", "AirQualityObserved", [_item(0)]))["first_seq"] == 1
+        # A copy of the server as it is now (cold: stopped): the standby "behind".
+        server.pause()
+        behind = server.root / "behind"
+        subprocess.run(["cp", "-a", str(server.data), str(behind)], check=True)
+        server.resume()
+        for i in (1, 2):  # acknowledged, then lost with the failover
+            await asyncio.sleep(0.5)  # (the node's connections are back)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    out = await node.publish("air", "AirQualityObserved", [_item(i)])
+                    break
+                except PeerRejected as exc:
+                    assert exc.status == 503 and time.monotonic() < deadline, exc
+                    await asyncio.sleep(0.3)
+            assert out["first_seq"] == i + 1
+        server.pause()
+        shutil.rmtree(server.data)
+        behind.rename(server.data)
+        server.resume()
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await node.publish("air", "AirQualityObserved", [_item(9)])
+                raise AssertionError("signed again on a database that lost seqs 2 and 3")
+            except PeerRejected as exc:
+                if exc.status == 409:
+                    assert exc.reason == "publish_refused" and "restored" in str(exc), exc
+                    break
+                assert exc.status == 503 and time.monotonic() < deadline, exc
+                await asyncio.sleep(0.3)
+        assert node.proc is not None and node.proc.poll() is None
+        with PgStorage.open_url(url) as st:
+            assert st.head(parse_node_id(node.node_id), "air") is not None
+            assert st.head(parse_node_id(node.node_id), "air")[0] == 1
+            why = st.restored()
+        assert why is not None and "lost records" in why, why
+    finally:
+        cluster.stop()
+        server.stop()
