@@ -150,3 +150,34 @@ def test_backup_of_a_node_on_postgresql_points_to_postgresql_tools(
         make_backup(d, tmp_path / "node.backup")
     assert err.value.reason == "not_sqlite"
     assert not (tmp_path / "node.backup").exists()
+
+
+def test_a_backup_restored_onto_postgresql_stays_marked_restored(
+        tmp_path: Path, pg_url: str) -> None:
+    """Restoring a node whose records go to PostgreSQL: `citynode restore` (the
+    backup's SQLite database, checked, marked restored), then `citynode storage migrate`
+    into PostgreSQL. The mark moves with the records (the node waits for its partners
+    before signing), and `citynode check` passes on PostgreSQL."""
+    from citynode.backup import make_backup, restore_backup
+    from citynode.cluster import set_config
+    from tests.conftest import make_node_dir
+
+    d = make_node_dir(tmp_path, "Jakarta")
+    with Storage.open(d / "citynode.db") as st:
+        st.append(chain(0, "air", 30)).result(5)
+    from nacl.pwhash import argon2id
+
+    make_backup(d, tmp_path / "node.backup", passphrase="pw",
+                kdf_opslimit=argon2id.OPSLIMIT_MIN, kdf_memlimit=argon2id.MEMLIMIT_MIN)
+    target = tmp_path / "restored"  # a new machine's empty data dir
+    restore_backup(tmp_path / "node.backup", target, passphrase=lambda: "pw")
+    done = cli("storage", "migrate", "-d", str(target), "--to", pg_url)
+    assert done.returncode == 0, done.stderr
+    set_config(target / "node.toml", "storage", "url", pg_url)
+    with PgStorage.open_url(pg_url) as st:
+        assert st.count() == 30
+        why = st.restored()
+        assert why is not None and "citynode restore" in why, why
+    checked = cli("check", "-d", str(target), "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["records"] == 30
