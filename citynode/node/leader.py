@@ -53,8 +53,9 @@ FORWARDED_HEADER = "Citynode-Forwarded"
 #: How long a follower waits for the leader's answer to a request it handed on (a
 #: publish of 100,000 items takes a while on a loaded leader).
 FORWARD_TIMEOUT_S = 120.0
-#: The request headers handed on (the operator's token, the body's type).
-_HANDED_ON = ("Authorization", "Content-Type", "Accept")
+#: The request headers handed on (the operator's token, the body's type, an NGSI
+#: notification's context and format).
+_HANDED_ON = ("Authorization", "Content-Type", "Accept", "Link", "Ngsiv2-AttrsFormat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,8 @@ class Leader:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S))
-        sent = {k: v for k, v in headers.items() if k in _HANDED_ON}
+        wanted = {h.lower() for h in _HANDED_ON}
+        sent = {k: v for k, v in headers.items() if k.lower() in wanted}
         sent[FORWARDED_HEADER] = "1"
         try:
             # Pinned: the processes of one node serve one certificate (its data dir's).

@@ -41,6 +41,7 @@ __all__ = [
     "liveness",
     "metrics",
     "publish",
+    "to_leader",
 ]
 
 async def metrics(request: web.Request) -> web.Response:
@@ -58,7 +59,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=node.metrics.render(), content_type="text/plain")
 
 
-async def _to_leader(request: web.Request, body: bytes) -> web.Response | None:
+async def to_leader(request: web.Request, body: bytes) -> web.Response | None:
     """On a process that does not lead (several sharing one database), the leader's
     answer to this request, handed on to it (node/leader.py); None on the leader. A
     request handed on already is not handed on again. No leader to hand it on to: 503
@@ -88,7 +89,7 @@ async def publish(request: web.Request) -> web.Response:
     if not feed or not type_name:
         raise web.HTTPBadRequest(text="publish needs ?feed=...&type=...")
     body = await read_body(request)
-    if (answer := await _to_leader(request, body)) is not None:
+    if (answer := await to_leader(request, body)) is not None:
         return answer
     try:
         items = parse_json_items(body.decode("utf-8"))
@@ -116,6 +117,8 @@ async def admin_key_rotate(request: web.Request) -> web.Response:
     """``POST``: rotate this node's signing key to the pre-committed next one
     (``citynode key rotate``); answers ``{node_id, seq, key}``."""
     require_operator(request)
+    if (answer := await to_leader(request, await read_body(request))) is not None:
+        return answer
     return web.json_response(await request.app[NODE_KEY].keychanges.rotate())
 
 
@@ -125,6 +128,8 @@ async def admin_key_recover(request: web.Request) -> web.Response:
     recover``); answers ``{node_id, seq, key, recovery_path, recovery_phrase}``."""
     require_operator(request)
     body = await read_body(request)
+    if (answer := await to_leader(request, body)) is not None:
+        return answer
     try:
         req = json.loads(body)
         seed = bytes.fromhex(str(req["recovery_seed"]))
@@ -146,7 +151,7 @@ async def admin_erase(request: web.Request) -> web.Response:
     ids."""
     require_operator(request)
     body = await read_body(request)
-    if (answer := await _to_leader(request, body)) is not None:
+    if (answer := await to_leader(request, body)) is not None:
         return answer
     try:
         req = json.loads(body)

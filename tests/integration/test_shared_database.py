@@ -186,6 +186,10 @@ async def test_a_publish_to_a_follower_is_handed_on_to_the_leader(
     erased = await followers[1].api("POST", "/v1/admin/erase", json_body={
         "ids": [out["ids"][0]], "reason": "test"})
     assert erased["seq"] >= 1 and erased["erased"] == [out["ids"][0]]
+    batch = await followers[0].api(
+        "POST", "/v1/bridges/publish?feed=air&type=AirQualityObserved",
+        body=json.dumps({"subject": "s1", "data": _item(3)}).encode() + b"\n")
+    assert batch["first_seq"] == 4
     # The leader's own answer passes through as it is, errors included.
     with pytest.raises(PeerRejected) as bad:
         await followers[0].api("POST", "/v1/admin/erase", json_body={"ids": ["zz"]})
@@ -212,16 +216,16 @@ async def test_a_publish_to_a_follower_is_handed_on_to_the_leader(
     deadline = time.monotonic() + TAKEOVER_S
     while True:
         try:
-            out = await followers[0].publish("air", "AirQualityObserved", [_item(3)])
+            out = await followers[0].publish("air", "AirQualityObserved", [_item(4)])
             break
         except PeerRejected as exc:
             assert exc.status == 503 and exc.reason == "no_leader", exc
             assert time.monotonic() < deadline, "no process took over"
             await asyncio.sleep(0.2)
-    assert out["first_seq"] == 4  # the erasure request went to a feed of its own
+    assert out["first_seq"] == 5  # the erasure request went to a feed of its own
     with PgStorage.open_url(pg_url) as st:
         envs = st.range(parse_node_id(leader.node_id), "air", 1, 100, 100)
-    assert [stored_record(e).seq for e in envs] == [1, 2, 3, 4]
+    assert [stored_record(e).seq for e in envs] == [1, 2, 3, 4, 5]
 
 
 async def test_the_database_away_writes_refused_clearly_then_resumed_by_itself(
