@@ -14,13 +14,13 @@ the database cannot store what it signs, so nothing it signed then leaves the pr
 
 With SQLite there is one process; it always leads.
 
-A client may publish (or erase) through any process: a follower hands the request on
-to the leader (:meth:`Leader.forward`), whose address the leader writes in the database
-when it takes over (:meth:`Leader.announce`: its own ``[node] listen`` address and TLS
+A client may publish (or erase, or change the key) through any process: a follower
+hands the request on to the leader (:meth:`Leader.forward`), whose address the leader
+writes in the database when it takes over (its own ``[node] listen`` address and TLS
 certificate fingerprint, under meta key :data:`ADDRESS_KEY`). The leader's answer goes
 back to the client as it is. A request already handed on is never handed on again (no
-loop while the leadership moves): it is refused (409), and a leader that cannot be
-reached is a 503 to retry.
+loop while the leadership moves); that, and a leader that cannot be reached, is a 503
+``no_leader`` to retry (transport/api_operator.py).
 """
 
 from __future__ import annotations
