@@ -124,6 +124,10 @@ APPLICATION_ID = 0x636E6F64
 _BUSY_TIMEOUT_MS = 5000
 _MAX_BATCH_JOBS = 1000
 _MAX_BATCH_WEIGHT = 20000  # records (or other jobs) per transaction
+#: A non-durable append of at most this many records may be written on its caller's
+#: thread when the writer is idle (Storage.append's ``inline``): a few records take less
+#: time to write than the two thread hops of queueing them.
+INLINE_MAX_RECORDS = 8
 _IN_CHUNK = 500  # at most this many ``?`` in one ``IN (...)``
 _IN_BUCKETS = (1, 8, 64, _IN_CHUNK)  # pad IN lists to these sizes: few distinct statements
 _ITER_CHUNK = 1000
@@ -1028,6 +1032,10 @@ class Storage:
         self._reads = 0
         self._reads_done = threading.Condition(self._lock)
         self._sync_full = False
+        # A batch is being written (by the writer thread, or inline by a caller: see
+        # :meth:`_run_inline`): the one write connection is in use.
+        self._busy = False
+        self._inline_jobs = 0
         self._batches = 0
         self._durable_batches = 0
         #: The last write failed for a full disk, and none has committed since.
@@ -1232,8 +1240,9 @@ class Storage:
         Durable jobs first; a normal batch holds only jobs queued before every durable
         job waiting, and follows a durable batch when both wait (none starves)."""
         with self._jobs_ready:
-            self._jobs_ready.wait_for(lambda: bool(self._urgent or self._normal
-                                                   or self._stopping))
+            # Not while a caller writes inline (the one connection is in use).
+            self._jobs_ready.wait_for(lambda: not self._busy and bool(
+                self._urgent or self._normal or self._stopping))
             if not self._urgent and not self._normal:
                 return None
             urgent = bool(self._urgent) and (not self._normal or not self._last_urgent
@@ -1256,6 +1265,7 @@ class Storage:
                             del self._normal_origins[o]
             self._last_urgent = urgent
             self._queued -= len(batch)
+            self._busy = True
             return batch
 
     def _writer(self) -> None:
@@ -1270,6 +1280,44 @@ class Storage:
                 for _fn, fut, _d, _w in batch:
                     if not fut.done():
                         fut.set_exception(err)
+            finally:
+                with self._lock:
+                    self._busy = False
+
+    def _run_inline(self, fn: Callable[[sqlite3.Connection], T], weight: int
+                    ) -> Future[T] | None:
+        """Run a small non-durable write job on the calling thread, now, if the writer
+        is idle (nothing queued, no batch under way); None if it is not (the caller
+        queues the job). Returns the job's completed future.
+
+        Why: a partner pushing live sends one record per request. Queued, its write
+        cost two thread hops (wake the writer; wake the event loop with the result),
+        each a scheduler wake-up and a GIL hand-over: on a loaded 2-core machine they
+        took longer than the write (scripts/bench-ingest --batch 1: 260 us from submit
+        to the writer starting, mean). The job is the same, in a transaction of its
+        own, committed before the future completes: the order of writes and their
+        durability (synchronous=NORMAL: only durable jobs, which fsync, never run
+        here) are unchanged. Only this engine's own writer runs inline: another
+        engine's (PostgreSQL) writes are network round trips."""
+        if type(self)._run_batch is not Storage._run_batch:
+            return None
+        with self._lock:
+            if self._busy or self._closed or self._urgent or self._normal:
+                return None
+            self._busy = True
+            self._submitted += 1
+            self._inline_jobs += 1
+        fut: Future[T] = Future()
+        try:
+            self._run_batch([(fn, fut, False, weight)])
+        except BaseException as exc:  # as the writer: never leave the future open
+            if not fut.done():
+                fut.set_exception(self._error(exc, "writing"))
+        finally:
+            with self._lock:
+                self._busy = False
+                self._jobs_ready.notify()  # jobs queued meanwhile by other threads
+        return fut
 
     def _run_batch(self, batch: list[_Job]) -> None:
         conn = self._wconn
@@ -1360,6 +1408,7 @@ class Storage:
         *,
         durable: bool = False,
         received_at_ms: int | None = None,
+        inline: bool = False,
     ) -> Future[list[tuple[bytes, str, int, str]]]:
         """Store verified ``records`` and advance their feeds' heads, atomically.
 
@@ -1374,11 +1423,19 @@ class Storage:
         ``prev == head.id``); the writer re-checks that in the transaction and fails the
         whole job with :class:`ChainError` otherwise (nothing of it is stored). ``durable``
         makes the commit survive power loss (use it for the node's own records).
-        ``received_at_ms`` defaults to the wall clock now.
+        ``received_at_ms`` defaults to the wall clock now. ``inline``: a non-durable
+        append of at most :data:`INLINE_MAX_RECORDS` records may be written on the
+        calling thread when the writer is idle (the future is then complete on return;
+        see :meth:`_run_inline`).
         """
         recs = tuple(records)
         at = _now_ms() if received_at_ms is None else received_at_ms
-        return self._submit(_append_job(recs, at), durable=durable, weight=len(recs),
+        job = _append_job(recs, at)
+        if inline and not durable and len(recs) <= INLINE_MAX_RECORDS:
+            done = self._run_inline(job, len(recs))
+            if done is not None:
+                return done
+        return self._submit(job, durable=durable, weight=len(recs),
                             origins=frozenset(r.origin for r in recs))
 
     def truncate(self, origin: bytes, feed: str, keep_seq: int) -> Future[int]:

@@ -10,24 +10,39 @@ figure that matters is requests per second, so the run also times, with the same
 client and the same number in flight, signed requests the node answers without
 ingesting anything (``GET /v1/cards``: TLS, HTTP, the request signature checked, a
 small msgpack answer), and prints the ingest rate as a ratio to that floor too.
-``--concurrency N`` keeps N requests in flight on N connections (each client holds at
-most 8: ``ceil(N / 8)`` clients); give ``--origins >= N`` so that N pushers have a
-chain each (the records of one chain are pushed in order, one request at a time).
+``--concurrency N`` keeps N requests in flight on N connections; give ``--origins >= N``
+so that N pushers have a chain each (the records of one chain are pushed in order, one
+request at a time).
+
+The client shares the machine's cores with the node: what is measured must be the node.
+By default (``--client wire``) each pusher holds one keep-alive HTTPS connection (the
+node's certificate pinned, as PeerClient does) and writes HTTP/1.1 itself; every request
+is still signed afresh (citynode.transport.http.NodeSignature: the node verifies a new
+signature, date and nonce each time) and every answer read and checked. aiohttp's
+client cost more per request than the node's whole ingest of one record (about 500 us
+of a core) and set the rate at one in flight. ``--client peer`` pushes with PeerClient
+(the node's own client to its partners: at most 8 connections each, so
+``ceil(N / 8)`` clients).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import ssl
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import msgpack
 from bench_data import PAYLOAD  # scripts/ is on sys.path when run as a script
 from nacl.pwhash import argon2id
+from yarl import URL
 
 from citynode.cluster import Cluster, free_ports
 from citynode.core.keys import SigningKey, Verifier
@@ -36,7 +51,82 @@ from citynode.datadir import init_data_dir
 from citynode.node import Node
 from citynode.storage import Storage
 from citynode.transport.client import PeerClient
+from citynode.transport.http import NodeSignature
 from citynode.transport.server import serve
+
+_MAX_ANSWER = 4 * 1024 * 1024
+
+
+class WireClient:
+    """One keep-alive HTTPS connection to a node, HTTP/1.1 written by hand: the same
+    signed requests as PeerClient (a fresh signature, date and nonce each), at a
+    fraction of its cost on the client's side. The certificate is pinned (SHA-256 of
+    its DER bytes, as aiohttp.Fingerprint)."""
+
+    def __init__(self, key: SigningKey, url: str, *, node_id: str,
+                 fingerprint: bytes) -> None:
+        u = URL(url)
+        self.host, self.port = u.host or "127.0.0.1", u.port or 443
+        self.auth = NodeSignature(key, node_id)
+        self.fingerprint = fingerprint
+        self.ctx = ssl.create_default_context()
+        self.ctx.check_hostname = False  # pinned below instead, as PeerClient
+        self.ctx.verify_mode = ssl.CERT_NONE
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ctx)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        if hashlib.sha256(der).digest() != self.fingerprint:
+            writer.close()
+            raise SystemExit("the node's certificate is not the one pinned")
+        self.reader, self.writer = reader, writer
+        return reader, writer
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> bytes:
+        """Send one signed request; return the body of its 200 answer (else exit)."""
+        if self.reader is None or self.writer is None:
+            reader, writer = await self._connect()
+        else:
+            reader, writer = self.reader, self.writer
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
+                "Accept: application/msgpack", "Accept-Encoding: identity",
+                f"Content-Length: {len(body)}"]
+        if body:
+            head.append("Content-Type: application/msgpack")
+        head += [f"{k}: {v}" for k, v in self.auth.headers(method, path, body).items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body)
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = None
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        if length is None or length > _MAX_ANSWER:
+            raise SystemExit(f"{path}: answer without a usable Content-Length")
+        data = await reader.readexactly(length)
+        if status != 200:
+            raise SystemExit(f"{path}: {status} {data[:300]!r}")
+        return data
+
+    async def push(self, envelopes: list[bytes]) -> dict[str, Any]:
+        out = msgpack.unpackb(await self.request(
+            "POST", "/v1/push", msgpack.packb(envelopes, use_bin_type=True)), raw=False)
+        assert isinstance(out, dict)
+        return out
+
+    async def cards(self) -> list[bytes]:
+        out = msgpack.unpackb(await self.request("GET", "/v1/cards"), raw=False)
+        assert isinstance(out, list)
+        return out
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
 
 
 def make_feeds(n: int, origins: int) -> list[list[bytes]]:
@@ -114,14 +204,19 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         await cluster.start()
         await target.api("POST", "/v1/admin/partners",
                          json_body={"url": f"https://127.0.0.1:{lport}", "id": loader.node_id})
-        # PeerClient keeps at most 8 connections: one client per 8 pushers, so that
-        # every pusher has a connection of its own (N in flight means N on the wire).
-        clients = [PeerClient(loader.key, target.url, node_id=target.node_id,
-                              fingerprint=target.fingerprint, timeout=120)
-                   for _ in range((len(groups) + 7) // 8)]
+        # Every pusher has a connection of its own (N in flight means N on the wire):
+        # one WireClient each, or one PeerClient per 8 pushers (it keeps at most 8).
+        per = 1 if args.client == "wire" else 8
+        clients: list[WireClient] | list[PeerClient] = (
+            [WireClient(loader.key, target.url, node_id=target.node_id,
+                        fingerprint=target.fingerprint) for _ in groups]
+            if args.client == "wire" else
+            [PeerClient(loader.key, target.url, node_id=target.node_id,
+                        fingerprint=target.fingerprint, timeout=120)
+             for _ in range((len(groups) + 7) // 8)])
 
         async def pusher(k: int, my_feeds: list[list[bytes]]) -> int:
-            client = clients[k // 8]
+            client = clients[k // per]
             done = 0
             for envs in my_feeds:
                 for i in range(0, len(envs), args.batch):
@@ -132,7 +227,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             return done
 
         async def floor_requests(k: int, n: int) -> None:
-            client = clients[k // 8]
+            client = clients[k // per]
             for _ in range(n):
                 await client.cards()
 
@@ -186,6 +281,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--publish", type=int, default=20_000)
     ap.add_argument("--publish-batch", type=int, default=1000)
+    ap.add_argument("--client", choices=("wire", "peer"), default="wire",
+                    help="the pushers' client: one hand-written HTTP/1.1 keep-alive "
+                         "connection each (default), or PeerClient (aiohttp)")
     args = ap.parse_args()
     if args.records is None:
         args.records = 5_000 if args.batch == 1 else 50_000
@@ -193,7 +291,8 @@ def main() -> None:
     ratio = r["ingest"] / r["limit"]
     floor = r["floor"]
     print(f"records pushed: {r['records']:.0f} from {args.origins} origins, batches of "
-          f"{args.batch}, {r['in_flight']} concurrent pushes over HTTPS")
+          f"{args.batch}, {r['in_flight']} concurrent pushes over HTTPS "
+          f"({args.client} client)")
     print(f"node ingest (verified + committed): {r['ingest']:9.0f} records/s")
     print(f"one-core pipeline limit (no HTTP):  {r['limit']:9.0f} records/s")
     print(f"ratio:                              {ratio:9.3f}  (target >= 0.75)")
@@ -208,7 +307,7 @@ def main() -> None:
     print(f"bulk publish (sign + durable commit): {r['publish']:7.0f} records/s")
     print(json.dumps({
         "bench": "ingest", "records": int(r["records"]), "batch": args.batch,
-        "in_flight": r["in_flight"], "origins": args.origins,
+        "in_flight": r["in_flight"], "origins": args.origins, "client": args.client,
         "ingest_per_s": round(r["ingest"]), "pipeline_limit_per_s": round(r["limit"]),
         "ratio": round(ratio, 3),
         "noop_requests_per_s": round(floor) if floor else None,

@@ -46,6 +46,10 @@ CASES = {
                                    "--concurrency", "4", "--publish", "0"],
                                   {"ingest_per_s", "noop_requests_per_s", "ratio_to_noop",
                                    "in_flight"}),
+    "bench_ingest.py --batch 1 --client peer": (
+        ["--records", "40", "--origins", "4", "--batch", "1", "--concurrency", "4",
+         "--publish", "0", "--client", "peer"],
+        {"ingest_per_s", "noop_requests_per_s", "client"}),
     "bench_stream.py": (["--subscribers", "4", "--procs", "2", "--rate", "200",
                          "--seconds", "1.5", "--idle-timeout", "20"],
                         {"p50_ms", "p99_ms", "first_sub_p99_ms", "last_sub_p99_ms",

@@ -540,13 +540,18 @@ class Ingest:
         (before returning to the event loop, so writes reach the writer in the order
         their heads moved), and commit them in a task of the node's: await it shielded,
         so that a client that disconnects does not leave memory and database apart."""
-        fut = self.storage.append(recs, durable=durable)
+        # A few records from a partner are written right here when the writer is idle
+        # (their commit then costs no thread hop: Storage.append's ``inline``); the
+        # node's own (durable: an fsync) always go to the writer thread.
+        fut = self.storage.append(recs, durable=durable, inline=not durable)
         return self.spawn(self._commit_now(recs, durable, source, fut), "commit")
 
     async def _commit_now(self, recs: list[Record], durable: bool,
                           source: PartnerLink | None, fut: Future[Any]) -> None:
         try:
-            mismatched = await asyncio.wrap_future(fut)
+            # Written inline already (Storage.append): no trip through the event loop's
+            # wake-up pipe for its result.
+            mismatched = fut.result() if fut.done() else await asyncio.wrap_future(fut)
         except CitynodeError:
             # The write failed (a full disk; or a bug the writer refused). The replica's
             # heads of these chains are ahead of the database: take them back to what

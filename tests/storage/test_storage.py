@@ -791,6 +791,40 @@ def test_durable_batches_commit_with_synchronous_full(st: Storage) -> None:
     assert st.stats().durable_batches == d0 + 3
 
 
+def test_a_small_append_is_written_inline_only_when_the_writer_is_idle(st: Storage) -> None:
+    """A few non-durable records with nothing queued are committed on the caller's
+    thread (the future is complete on return, the write readable); queued behind a
+    busy writer they wait their turn (order kept); durable ones and larger ones always
+    go to the writer thread; a failing inline append fails alone. PostgreSQL never
+    writes inline (a write there is a network round trip)."""
+    from citynode.storage_pg import PgStorage
+
+    pg = isinstance(st, PgStorage)
+    x = chain(0, "x", 12)
+    n0 = st._inline_jobs
+    first = st.append(x[:1], inline=True)
+    if not pg:
+        assert first.done() and st._inline_jobs == n0 + 1
+        assert st.has_ids([x[0].id]) == {x[0].id}
+    assert first.result(5) == []
+    with writer_held(st):
+        queued = st.append(x[1:2], inline=True)  # the writer is busy: queued
+        assert not queued.done()
+    assert queued.result(5) == []
+    n1 = st._inline_jobs
+    assert error_of(st.append(x[2:3], durable=True, inline=True)) is None
+    big = x[3:3 + storage_mod.INLINE_MAX_RECORDS + 1]
+    assert error_of(st.append(big, inline=True)) is None
+    assert st._inline_jobs == n1  # neither was written inline
+    bad = st.append([make(0, "x", 99, bytes(32))], inline=True)
+    assert isinstance(error_of(bad), ChainError)
+    after = st.append(x[3 + len(big):], inline=True)
+    assert after.result(5) == []
+    assert st.head(A, "x") == (12, x[-1].id)
+    assert st._inline_jobs == (n1 if pg else n1 + 2)
+    assert st.stats().queued == 0
+
+
 def test_cancelled_job_is_not_run(st: Storage) -> None:
     with writer_held(st):
         fut = st.set_meta("gone", b"1")
