@@ -496,10 +496,9 @@ def claimed_signer(
     :func:`verify_request` on the body (pass both the :func:`read_signature` of the
     headers to parse them once). Raises :class:`AccessDenied`."""
     si = read_signature(headers).params
-    try:
-        key = parse_node_id(si.keyid)
-    except InvalidNodeId as exc:
-        raise AccessDenied(f"the signature keyid is not a node id: {exc}") from exc
+    # Cached (parsing an id took ~20 us of every partner request); a keyid that is not
+    # canonical is refused here rather than by verify_request after the body is read.
+    key = _key_of(si.keyid)
     _check_created(si.keyid, si.created * 1000, now_ms, max_age_ms, max_future_ms)
     return key
 

@@ -290,14 +290,14 @@ class Gossip:
                          [w for a, w in zip(actions, waits, strict=True)
                           if isinstance(a, rp.Store | rp.Lookup | rp.StoreProof)])
 
-    def _store(self, a: rp.Action) -> asyncio.Task[None] | None:
+    def _store(self, a: rp.Action) -> asyncio.Future[None] | None:
         assert isinstance(a, rp.Store)
         return self.ingest.start_commit(list(a.records), durable=a.durable,
                                         source=self.partners.get(a.source)
                                         if a.source else None)
 
     async def _slow(self, actions: Sequence[rp.Action],
-                    waits: Sequence[asyncio.Task[None] | None]) -> None:
+                    waits: Sequence[asyncio.Future[None] | None]) -> None:
         for a, w in zip(actions, waits, strict=True):
             if w is not None:
                 await asyncio.shield(w)

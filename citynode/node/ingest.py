@@ -535,23 +535,33 @@ class Ingest:
                 fut.set_result(False)
 
     def start_commit(self, recs: list[Record], *, durable: bool,
-                     source: PartnerLink | None) -> asyncio.Task[None]:
+                     source: PartnerLink | None) -> asyncio.Future[None]:
         """Queue the write of records whose heads the replica already advanced, now
         (before returning to the event loop, so writes reach the writer in the order
         their heads moved), and commit them in a task of the node's: await it shielded,
-        so that a client that disconnects does not leave memory and database apart."""
+        so that a client that disconnects does not leave memory and database apart.
+        The future returned is done already when the records were written inline."""
         # A few records from a partner are written right here when the writer is idle
         # (their commit then costs no thread hop: Storage.append's ``inline``); the
         # node's own (durable: an fsync) always go to the writer thread.
         fut = self.storage.append(recs, durable=durable, inline=not durable)
+        if fut.done() and fut.exception() is None:
+            # Committed: what follows the commit runs now, not in a task (three trips
+            # round the event loop for every record pushed live).
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            try:
+                self._committed(recs, durable, source, fut.result())
+            except Exception as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+            return done
         return self.spawn(self._commit_now(recs, durable, source, fut), "commit")
 
     async def _commit_now(self, recs: list[Record], durable: bool,
                           source: PartnerLink | None, fut: Future[Any]) -> None:
         try:
-            # Written inline already (Storage.append): no trip through the event loop's
-            # wake-up pipe for its result.
-            mismatched = fut.result() if fut.done() else await asyncio.wrap_future(fut)
+            mismatched = await asyncio.wrap_future(fut)
         except CitynodeError:
             # The write failed (a full disk; or a bug the writer refused). The replica's
             # heads of these chains are ahead of the database: take them back to what
@@ -560,6 +570,11 @@ class Ingest:
             # disk does not stop it
             self.replica.rewind(recs, await in_thread(self.storage.heads))
             raise
+        self._committed(recs, durable, source, mismatched)
+
+    def _committed(self, recs: list[Record], durable: bool, source: PartnerLink | None,
+                   mismatched: list[tuple[bytes, str, int, str]]) -> None:
+        """The write of ``recs`` committed: count them, and tell the listeners."""
         self.metrics.stored.labels("own" if durable else "replica").inc(len(recs))
         self.metrics.feeds.set(len(self.replica.heads))
         if mismatched:

@@ -258,6 +258,11 @@ class HttpClient:
         self._limit = limit
         self._unix = unix_socket
         self._session: aiohttp.ClientSession | None = None
+        # Per-request timeouts by their total (immutable: made once each).
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+        # The latest Date header read, and the clock offset it gave (a node answers
+        # many requests a second with the same Date: parsed once).
+        self._date: tuple[str, float] | None = None
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -321,10 +326,16 @@ class HttpClient:
                                      content_type if content_type is not None
                                      else (MSGPACK if body else None), auth)
         total = self.timeout if timeout == -1.0 else timeout
+        limits = self._timeouts.get(total)
+        if limits is None:
+            if len(self._timeouts) >= 16:
+                self._timeouts.clear()  # (a bound: callers pass a few values)
+            limits = self._timeouts[total] = aiohttp.ClientTimeout(
+                total=total, sock_connect=self._connect_timeout)
         try:
             async with self._sess().request(
                 method, url, data=body or None, headers=headers, allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout),
+                timeout=limits,
             ) as resp:
                 await self._answered(resp)
                 data = await _read_bounded(resp, max_bytes)
@@ -350,12 +361,16 @@ class HttpClient:
         """Keep the other side's clock offset from its answer's Date header."""
         if date is None:
             return
-        from email.utils import parsedate_to_datetime
+        if self._date is not None and self._date[0] == date:
+            theirs = self._date[1]
+        else:
+            from email.utils import parsedate_to_datetime
 
-        try:
-            theirs = parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return  # not a date: nothing learned
+            try:
+                theirs = parsedate_to_datetime(date).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return  # not a date: nothing learned
+            self._date = (date, theirs)
         self.clock_offset_s = round(theirs - self._clock())
 
     async def events(

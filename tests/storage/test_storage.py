@@ -825,6 +825,32 @@ def test_a_small_append_is_written_inline_only_when_the_writer_is_idle(st: Stora
     assert st.stats().queued == 0
 
 
+def test_commits_never_checkpoint_a_thread_of_its_own_does(db_path: Path) -> None:
+    """The writer's commits do not copy the WAL into the database file (that made one
+    live record's commit in ~120 take milliseconds); the checkpointer thread does,
+    shortly after commits, and stops with the storage."""
+    s = Storage.open(db_path)
+    try:
+        assert s._wconn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        size0 = db_path.stat().st_size
+        for r in chain(0, "ck", 40):
+            s.append([r], inline=True).result(5)
+        for _ in range(100):  # the checkpointer runs within CHECKPOINT_INTERVAL_S
+            if db_path.stat().st_size > size0:
+                break
+            threading.Event().wait(0.05)
+        assert db_path.stat().st_size > size0
+        assert s._checkpointer is not None and s._checkpointer.is_alive()
+    finally:
+        s.close()
+    assert s._checkpointer is not None and not s._checkpointer.is_alive()
+    s = Storage.open(db_path)  # everything committed is there
+    try:
+        assert s.head(A, "ck") == (40, chain(0, "ck", 40)[-1].id)
+    finally:
+        s.close()
+
+
 def test_cancelled_job_is_not_run(st: Storage) -> None:
     with writer_held(st):
         fut = st.set_meta("gone", b"1")
