@@ -128,6 +128,8 @@ _MAX_BATCH_WEIGHT = 20000  # records (or other jobs) per transaction
 #: thread when the writer is idle (Storage.append's ``inline``): a few records take less
 #: time to write than the two thread hops of queueing them.
 INLINE_MAX_RECORDS = 8
+#: ... and at most this many records in all are written inline in one transaction.
+INLINE_MAX_BATCH = 128
 #: How often, at most, the checkpointer thread copies committed WAL frames into the
 #: database file (only after commits: an idle node does nothing).
 CHECKPOINT_INTERVAL_S = 0.1
@@ -1334,11 +1336,12 @@ class Storage:
                 with self._lock:
                     self._busy = False
 
-    def _run_inline(self, fn: Callable[[sqlite3.Connection], T], weight: int
-                    ) -> Future[T] | None:
-        """Run a small non-durable write job on the calling thread, now, if the writer
+    def _run_inline(self, jobs: list[tuple[Callable[[sqlite3.Connection], Any], int]]
+                    ) -> list[Future[Any]] | None:
+        """Run small non-durable write jobs ``(job, weight)`` on the calling thread, now,
+        in one transaction (each in its savepoint, as the writer does), if the writer
         is idle (nothing queued, no batch under way); None if it is not (the caller
-        queues the job). Returns the job's completed future.
+        queues the jobs). Returns the jobs' completed futures.
 
         Why: a partner pushing live sends one record per request. Queued, its write
         cost two thread hops (wake the writer; wake the event loop with the result),
@@ -1355,19 +1358,22 @@ class Storage:
             if self._busy or self._closed or self._urgent or self._normal:
                 return None
             self._busy = True
-            self._submitted += 1
-            self._inline_jobs += 1
-        fut: Future[T] = Future()
+            self._submitted += len(jobs)
+            self._inline_jobs += len(jobs)
+        batch: list[_Job] = [(fn, Future(), False, weight) for fn, weight in jobs]
         try:
-            self._run_batch([(fn, fut, False, weight)])
-        except BaseException as exc:  # as the writer: never leave the future open
-            if not fut.done():
-                fut.set_exception(self._error(exc, "writing"))
+            self._run_batch(batch)
+        except BaseException as exc:  # as the writer: never leave a future open
+            err = self._error(exc, "writing")
+            for _fn, fut, _d, _w in batch:
+                if not fut.done():
+                    fut.set_exception(err)
         finally:
             with self._lock:
                 self._busy = False
-                self._jobs_ready.notify()  # jobs queued meanwhile by other threads
-        return fut
+                if self._urgent or self._normal:  # queued meanwhile by other threads
+                    self._jobs_ready.notify()
+        return [j[1] for j in batch]
 
     def _run_batch(self, batch: list[_Job]) -> None:
         conn = self._wconn
@@ -1479,15 +1485,31 @@ class Storage:
         calling thread when the writer is idle (the future is then complete on return;
         see :meth:`_run_inline`).
         """
+        if inline and not durable:
+            return self.append_each([records], received_at_ms=received_at_ms)[0]
         recs = tuple(records)
         at = _now_ms() if received_at_ms is None else received_at_ms
-        job = _append_job(recs, at)
-        if inline and not durable and len(recs) <= INLINE_MAX_RECORDS:
-            done = self._run_inline(job, len(recs))
+        return self._submit(_append_job(recs, at), durable=durable, weight=len(recs),
+                            origins=frozenset(r.origin for r in recs))
+
+    def append_each(self, batches: Sequence[Sequence[Record]], *,
+                    received_at_ms: int | None = None
+                    ) -> list[Future[list[tuple[bytes, str, int, str]]]]:
+        """:meth:`append` (non-durable) of each of ``batches``, in order, as separate
+        jobs (one failing fails alone). When they are at most
+        :data:`INLINE_MAX_RECORDS` records each and :data:`INLINE_MAX_BATCH` in all and
+        the writer is idle, they are written on the calling thread, in one transaction
+        (their futures complete on return: see :meth:`_run_inline`); else queued."""
+        at = _now_ms() if received_at_ms is None else received_at_ms
+        recs = [tuple(b) for b in batches]
+        jobs = [(_append_job(r, at), len(r)) for r in recs]
+        if all(len(r) <= INLINE_MAX_RECORDS for r in recs) and \
+                sum(len(r) for r in recs) <= INLINE_MAX_BATCH:
+            done = self._run_inline(jobs)
             if done is not None:
                 return done
-        return self._submit(job, durable=durable, weight=len(recs),
-                            origins=frozenset(r.origin for r in recs))
+        return [self._submit(job, weight=w, origins=frozenset(x.origin for x in r))
+                for (job, w), r in zip(jobs, recs, strict=True)]
 
     def truncate(self, origin: bytes, feed: str, keep_seq: int) -> Future[int]:
         """Drop every record of a feed above ``keep_seq`` -- records a key log now refuses

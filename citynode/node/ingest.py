@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,7 +53,7 @@ from citynode.metrics import Metrics
 from citynode.node._base import FeedKey, Spawn, in_thread
 from citynode.node.partners import PartnerLink, Partners
 from citynode.node.policy import Policy
-from citynode.storage import Storage
+from citynode.storage import INLINE_MAX_RECORDS, Storage
 
 __all__ = ["INLINE_VERIFY_MAX", "Ingest", "IngestResult"]
 
@@ -150,6 +151,10 @@ class Ingest:
         self._drainer: asyncio.Task[None] | None = None
         # Records held ahead of a gap: id -> (chain, seq), to find their copies by id.
         self._ahead: dict[bytes, tuple[FeedKey, int]] = {}
+        # Partner writes of a few records gathered this turn of the event loop, with
+        # the future each one's Store waits on (see start_commit).
+        self._gathered: list[tuple[list[Record], PartnerLink | None,
+                                   asyncio.Future[None]]] = []
         # Per partner, the batches it may have in worker threads (see _open).
         self._gates: dict[bytes, asyncio.Semaphore] = {}
         # (source, reason) -> (second, rows logged in it, items not logged since a row)
@@ -540,23 +545,54 @@ class Ingest:
         (before returning to the event loop, so writes reach the writer in the order
         their heads moved), and commit them in a task of the node's: await it shielded,
         so that a client that disconnects does not leave memory and database apart.
-        The future returned is done already when the records were written inline."""
-        # A few records from a partner are written right here when the writer is idle
-        # (their commit then costs no thread hop: Storage.append's ``inline``); the
-        # node's own (durable: an fsync) always go to the writer thread.
-        fut = self.storage.append(recs, durable=durable, inline=not durable)
-        if fut.done() and fut.exception() is None:
-            # Committed: what follows the commit runs now, not in a task (three trips
-            # round the event loop for every record pushed live).
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            try:
-                self._committed(recs, durable, source, fut.result())
-            except Exception as exc:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
+
+        A few records from a partner are gathered instead, with the others of this turn
+        of the event loop, and written together at its end (see :meth:`_write_gathered`);
+        any other write first sends those gathered before it on their way (order kept)."""
+        if not durable and len(recs) <= INLINE_MAX_RECORDS:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            if not self._gathered:
+                loop.call_soon(self._write_gathered)
+            self._gathered.append((recs, source, done))
             return done
+        self._write_gathered()
+        fut = self.storage.append(recs, durable=durable)
         return self.spawn(self._commit_now(recs, durable, source, fut), "commit")
+
+    def _write_gathered(self) -> None:
+        """Write the few-record partner writes gathered this turn of the event loop,
+        in order, each a job of its own: right here, in one transaction, when the writer
+        is idle (Storage.append_each), else queued for it (then together in its next
+        batch). Either way they share one commit.
+
+        Why: a partner pushing live sends one record per request. Queued one by one,
+        each write cost two thread hops (wake the writer, wake the event loop with the
+        result), longer than the write on a loaded 2-core machine (scripts/bench-ingest
+        --batch 1 at 1 in flight); written one by one on the event loop, 64 partners'
+        pushes at once lost the writer's group commit. What follows each commit runs
+        here too, not in a task: no trips round the event loop."""
+        gathered, self._gathered = self._gathered, []
+        if not gathered:
+            return
+        try:
+            futs = self.storage.append_each([recs for recs, _s, _d in gathered])
+        except Exception as exc:  # closed (the node stops): no Store waits forever
+            for _r, _s, done in gathered:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (recs, source, done), fut in zip(gathered, futs, strict=True):
+            if fut.done() and fut.exception() is None:
+                try:
+                    self._committed(recs, False, source, fut.result())
+                except Exception as exc:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(None)
+            else:
+                task = self.spawn(self._commit_now(recs, False, source, fut), "commit")
+                task.add_done_callback(functools.partial(_copy_outcome, done))
 
     async def _commit_now(self, recs: list[Record], durable: bool,
                           source: PartnerLink | None, fut: Future[Any]) -> None:
@@ -617,6 +653,20 @@ class Ingest:
         if skipped:
             detail = f"({skipped} more like it not logged) {detail}"
         self.storage.log_rejected(src, reason, detail[:500], now)
+
+
+def _copy_outcome(done: asyncio.Future[None], task: asyncio.Task[None]) -> None:
+    """Give ``done`` the outcome of ``task`` (unless ``done`` was settled already)."""
+    if done.done():
+        return
+    if task.cancelled():
+        done.cancel()
+    else:
+        exc = task.exception()
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
 
 async def _nothing(actions: Sequence[rp.Action]) -> None:

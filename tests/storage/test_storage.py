@@ -825,6 +825,32 @@ def test_a_small_append_is_written_inline_only_when_the_writer_is_idle(st: Stora
     assert st.stats().queued == 0
 
 
+def test_appends_of_one_turn_are_written_inline_together_each_failing_alone(
+        st: Storage) -> None:
+    """append_each: several partners' few-record writes, in order, in one transaction
+    when the writer is idle (SQLite), each its own job (a chain error fails that one
+    only); behind a busy writer they are queued in order, and land in one batch."""
+    from citynode.storage_pg import PgStorage
+
+    pg = isinstance(st, PgStorage)
+    x, y = chain(0, "ex", 4), chain(1, "ey", 4)
+    b0, n0 = st.stats().batches, st._inline_jobs
+    futs = st.append_each([x[:1], y[:2], [make(0, "ex", 9, bytes(32))], x[1:2]])
+    if not pg:
+        assert all(f.done() for f in futs)
+        assert st._inline_jobs == n0 + 4 and st.stats().batches == b0 + 1
+    assert [error_of(f) is None for f in futs] == [True, True, False, True]
+    assert isinstance(error_of(futs[2]), ChainError)
+    with writer_held(st):
+        queued = st.append_each([x[2:3], y[2:], x[3:]])
+        assert not any(f.done() for f in queued)
+        b1 = st.stats().batches
+    assert all(f.result(5) == [] for f in queued)
+    assert st.stats().batches == b1 + 2  # the held batch, then the three together
+    assert st.head(A, "ex") == (4, x[-1].id)
+    assert st.head(chain(1, "ey", 1)[0].origin, "ey") == (4, y[-1].id)
+
+
 def test_commits_never_checkpoint_a_thread_of_its_own_does(db_path: Path) -> None:
     """The writer's commits do not copy the WAL into the database file (that made one
     live record's commit in ~120 take milliseconds); the checkpointer thread does,
