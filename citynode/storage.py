@@ -13,7 +13,10 @@ write connection. It takes every job queued (up to a bound), runs them in one tr
 only then completes each job's :class:`concurrent.futures.Future`. A batch holding a
 ``durable`` job (the node's own records) commits with ``PRAGMA synchronous=FULL``;
 others with ``NORMAL`` (in WAL mode: safe against a crash of the process, not of the
-machine).
+machine). The one exception: a few non-durable appends asked for ``inline`` while the
+writer is idle are run the same way on the caller's thread, the writer waiting
+meanwhile (:meth:`Storage._run_inline`). No commit checkpoints the WAL: a thread of its
+own does, with a connection of its own (:meth:`Storage._start_checkpointer`).
 
 Durable jobs go first: the node's own publishes (acknowledged only once on disk) must not
 wait behind partners' batches queued before them (issue 16: a hostile partner's flood).
