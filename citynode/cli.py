@@ -519,6 +519,35 @@ def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
 
 
 @main.group()
+def tls() -> None:
+    """Renew this node's TLS certificate with no window where partners refuse it."""
+
+
+@tls.command("renew")
+@DIR_OPTION
+@click.option("--switch", is_flag=True,
+              help="Serve the certificate staged by a previous `tls renew` from now on.")
+def tls_renew(data_dir: Path, switch: bool) -> None:
+    """Renew the TLS certificate in two steps.
+
+    First `citynode tls renew`: a new certificate for the same name and hosts is
+    staged, and the node's card names it next to the one in force (partners accept
+    either from then on). Once partners hold that card (they refresh it every pull
+    interval), `citynode tls renew --switch`: the node serves the new certificate from
+    its next connection on, with no restart, and its card names it alone.
+    """
+    _require_dir(data_dir)
+    out = _operate(data_dir, lambda node: node.renew_tls(switch))
+    if switch:
+        click.echo(f"switched: the node serves TLS certificate {out['tls']}")
+    else:
+        click.echo(f"staged: TLS certificate {out['tls_next']}, named in the card next to "
+                   f"{out['tls']}")
+        click.echo(f"Partners pick up the card within a pull interval; then run "
+                   f"`citynode tls renew --switch -d {data_dir}`.")
+
+
+@main.group()
 def partner() -> None:
     """Add, list and remove partner nodes."""
 

@@ -13,6 +13,9 @@ Layout (docs/ARCHITECTURE.md)::
     DIR/operator.token  bearer token for the operator API, 0600
     DIR/tls/cert.pem    self-signed certificate for the node's host names (public)
     DIR/tls/key.pem     its private key (ECDSA P-256, PKCS#8), 0600
+    DIR/tls/next-cert.pem, DIR/tls/next-key.pem
+                        during a TLS renewal (``citynode tls renew``): the certificate
+                        the node switches to, named in its card next to the one in force
 
 Secret files are created with mode 0600 from the first instant (``os.open`` with
 ``O_EXCL``), and :func:`load_identity` refuses any secret file that group or others can
@@ -55,7 +58,10 @@ __all__ = [
     "create_identity",
     "fingerprint_hex",
     "load_identity",
+    "load_tls",
     "make_tls_certificate",
+    "stage_tls_renewal",
+    "switch_tls",
 ]
 
 PASSPHRASE_ENV = "CITYNODE_PASSPHRASE"
@@ -68,6 +74,8 @@ TOKEN_FILE = "operator.token"
 TLS_DIR = "tls"
 CERT_FILE = "cert.pem"
 TLS_KEY_FILE = "key.pem"
+NEXT_CERT_FILE = "next-cert.pem"
+NEXT_TLS_KEY_FILE = "next-key.pem"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -89,6 +97,8 @@ class Identity:
     recovery_phrase: str | None = field(default=None, repr=False)  # create_identity only
     recovery_passphrase: str | None = field(default=None, repr=False)  # when generated
     passphrase: str | None = field(default=None, repr=False)  # unseals node.next.key
+    #: During a TLS renewal: SHA-256 of the certificate the node switches to.
+    next_cert_fingerprint: bytes | None = None
 
     @property
     def identity(self) -> bytes:
@@ -399,6 +409,42 @@ def load_identity(dir: Path | str, passphrase: str | None = None) -> Identity:
     if not token or any(c.isspace() for c in token):
         raise KeyFileError(f"{token_file} is corrupt: expected one token on one line")
 
+    fp, cert_pem, next_fp = load_tls(dir)
+    return Identity(
+        key=key,
+        node_id=key.node_id,
+        token=token,
+        cert_path=cert_path,
+        key_path=tls_key_path,
+        cert_fingerprint=fp,
+        cert_pem=cert_pem,
+        passphrase=passphrase,
+        next_cert_fingerprint=next_fp,
+    )
+
+
+def load_tls(dir: Path) -> tuple[bytes, bytes, bytes | None]:
+    """The TLS certificates of ``dir``: ``(fingerprint, PEM)`` of the one in force and
+    the fingerprint of the one a renewal staged (None if none), each checked against
+    its key. Finishes a switch cut short. Raises :class:`KeyFileError`."""
+    tls_dir = dir / TLS_DIR
+    try:
+        _finish_tls_switch(dir)
+    except OSError as exc:
+        raise KeyFileError(f"cannot finish the TLS switch in {tls_dir}: "
+                           f"{exc.strerror or exc}") from exc
+    cert, cert_pem = _tls_pair(dir, tls_dir / CERT_FILE, tls_dir / TLS_KEY_FILE)
+    next_fp = None
+    if (tls_dir / NEXT_CERT_FILE).exists():
+        nxt = _tls_pair(dir, tls_dir / NEXT_CERT_FILE, tls_dir / NEXT_TLS_KEY_FILE)[0]
+        next_fp = nxt.fingerprint(hashes.SHA256())
+    return cert.fingerprint(hashes.SHA256()), cert_pem, next_fp
+
+
+def _tls_pair(dir: Path, cert_path: Path, tls_key_path: Path
+              ) -> tuple[x509.Certificate, bytes]:
+    """The certificate at ``cert_path`` (parsed, and its file's bytes), checked to be
+    the one of the private key at ``tls_key_path``. Raises :class:`KeyFileError`."""
     tls_key_pem = _read(tls_key_path, dir, secret=True)
     cert_pem = _read(cert_path, dir, secret=False)
     try:
@@ -413,16 +459,64 @@ def load_identity(dir: Path | str, passphrase: str | None = None) -> Identity:
     if tls_key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise KeyFileError(f"{tls_key_path} is not the key of {cert_path}: restore both "
                            "from the same backup")
-    return Identity(
-        key=key,
-        node_id=key.node_id,
-        token=token,
-        cert_path=cert_path,
-        key_path=tls_key_path,
-        cert_fingerprint=cert.fingerprint(hashes.SHA256()),
-        cert_pem=cert_pem,
-        passphrase=passphrase,
-    )
+    return cert, cert_pem
+
+
+def stage_tls_renewal(dir: Path, *, days: int = 3650) -> bytes:
+    """Write the certificate a TLS renewal switches to (``tls/next-cert.pem`` and its
+    key), for the same name and hosts as the one in force, valid ``days``. Returns its
+    fingerprint. Until :func:`switch_tls` the node keeps serving the one in force and
+    its card names both. Raises :class:`KeyFileError` if one is staged already (switch
+    to it first) or a file cannot be read or written."""
+    tls_dir = dir / TLS_DIR
+    if (tls_dir / NEXT_CERT_FILE).exists():
+        raise KeyFileError(f"{tls_dir / NEXT_CERT_FILE} exists: a renewed certificate is "
+                           "staged already (switch to it with `citynode tls renew --switch`)")
+    cert = _tls_pair(dir, tls_dir / CERT_FILE, tls_dir / TLS_KEY_FILE)[0]
+    name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise KeyFileError(f"{tls_dir / CERT_FILE} names no host (no SubjectAltName)") \
+            from exc
+    hosts = [str(n.value) for n in sans if isinstance(n, x509.IPAddress | x509.DNSName)]
+    cert_pem, key_pem = make_tls_certificate(str(name), hosts, days=days)
+    try:
+        # The key first: a certificate staged without its key would not load.
+        _replace(tls_dir / NEXT_TLS_KEY_FILE, key_pem, 0o600)
+        _replace(tls_dir / NEXT_CERT_FILE, cert_pem, 0o644)
+        _fsync_dir(tls_dir)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write in {tls_dir}: {exc.strerror or exc}") from exc
+    return cert_fingerprint(cert_pem)
+
+
+def switch_tls(dir: Path) -> bytes:
+    """Put the staged certificate (:func:`stage_tls_renewal`) in force: it replaces
+    ``tls/cert.pem`` and ``tls/key.pem``. Returns its fingerprint. Crash-safe: the pair
+    is renamed key first, and :func:`load_identity` finishes a switch cut short between
+    the two. Raises :class:`KeyFileError` if none is staged."""
+    tls_dir = dir / TLS_DIR
+    if not (tls_dir / NEXT_CERT_FILE).exists():
+        raise KeyFileError("no renewed certificate is staged: run `citynode tls renew` "
+                           "first, and switch once partners hold the card naming it")
+    cert = _tls_pair(dir, tls_dir / NEXT_CERT_FILE, tls_dir / NEXT_TLS_KEY_FILE)[0]
+    try:
+        os.replace(tls_dir / NEXT_TLS_KEY_FILE, tls_dir / TLS_KEY_FILE)
+        os.replace(tls_dir / NEXT_CERT_FILE, tls_dir / CERT_FILE)
+        _fsync_dir(tls_dir)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write in {tls_dir}: {exc.strerror or exc}") from exc
+    return cert.fingerprint(hashes.SHA256())
+
+
+def _finish_tls_switch(dir: Path) -> None:
+    """A :func:`switch_tls` stopped after its first rename: the staged key is in force
+    while its certificate is still staged. Put the certificate in place too."""
+    tls_dir = dir / TLS_DIR
+    if (tls_dir / NEXT_CERT_FILE).exists() and not (tls_dir / NEXT_TLS_KEY_FILE).exists():
+        os.replace(tls_dir / NEXT_CERT_FILE, tls_dir / CERT_FILE)
+        _fsync_dir(tls_dir)
 
 
 def _node_key(dir: Path, seed: bytes, passphrase: str | None = None) -> NodeKey:

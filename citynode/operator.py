@@ -129,6 +129,14 @@ class Operator:
                                                content_type=JSON)
         return out
 
+    async def renew_tls(self, switch: bool) -> dict[str, Any]:
+        """Stage a new TLS certificate, or switch to the staged one
+        (``POST /v1/admin/tls/renew``)."""
+        body = json.dumps({"switch": switch}).encode()
+        out: dict[str, Any] = await self._call("POST", "/v1/admin/tls/renew", body,
+                                               content_type=JSON)
+        return out
+
     async def add_partner(self, url: str, partner_id: str) -> str:
         """Add the partner at ``url`` whose card must be signed by ``partner_id``;
         return its name."""

@@ -330,3 +330,40 @@ def test_a_key_that_is_not_the_logs_key_in_force_is_refused(tmp_path: Path) -> N
     (d / "node.key").write_bytes((d / "node.next.key").read_bytes())
     with pytest.raises(KeyFileError, match="not the key in force"):
         load_identity(d)
+
+
+def test_tls_renewal_stages_then_switches_for_the_same_hosts(tmp_path: Path) -> None:
+    from citynode.identity import stage_tls_renewal, switch_tls
+
+    ident = _create(tmp_path)
+    with pytest.raises(KeyFileError, match="no renewed certificate is staged"):
+        switch_tls(tmp_path)
+    nxt = stage_tls_renewal(tmp_path)
+    assert nxt != ident.cert_fingerprint
+    staged = load_identity(tmp_path)
+    assert (staged.cert_fingerprint, staged.next_cert_fingerprint) == (
+        ident.cert_fingerprint, nxt)
+    assert _mode(tmp_path / "tls" / "next-key.pem") == 0o600
+    with pytest.raises(KeyFileError, match="staged already"):
+        stage_tls_renewal(tmp_path)
+    new = x509.load_pem_x509_certificate((tmp_path / "tls" / "next-cert.pem").read_bytes())
+    old = x509.load_pem_x509_certificate(ident.cert_pem)
+    san = x509.SubjectAlternativeName
+    assert new.extensions.get_extension_for_class(san).value == \
+        old.extensions.get_extension_for_class(san).value
+    assert new.subject == old.subject
+    assert switch_tls(tmp_path) == nxt
+    after = load_identity(tmp_path)
+    assert (after.cert_fingerprint, after.next_cert_fingerprint) == (nxt, None)
+    assert not (tmp_path / "tls" / "next-cert.pem").exists()
+
+
+def test_a_tls_switch_cut_short_is_finished_at_load(tmp_path: Path) -> None:
+    from citynode.identity import stage_tls_renewal
+
+    _create(tmp_path)
+    nxt = stage_tls_renewal(tmp_path)
+    tls = tmp_path / "tls"
+    os.replace(tls / "next-key.pem", tls / "key.pem")  # the switch's first rename only
+    ident = load_identity(tmp_path)
+    assert (ident.cert_fingerprint, ident.next_cert_fingerprint) == (nxt, None)

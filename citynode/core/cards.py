@@ -20,6 +20,9 @@ The card body is a canonical msgpack map (docs/PROTOCOL.md, "Node card")::
     tls       bin(32)   SHA-256 of the DER TLS certificate to pin; absent when TLS is
                         terminated by a proxy with a CA-issued certificate (then the
                         ``url`` must be https and the CA chain is checked instead)
+    tls_next  bin(32)   optional, only with ``tls``: the certificate the node will switch
+                        to (``citynode tls renew``); partners accept either while a card
+                        names both, so the switch has no window where they refuse it
     url       str       where the node is reached: ``https://`` or ``http://`` URL, at
                         most 512 ASCII characters; ``tls`` requires ``https://``
     version   int       2
@@ -111,7 +114,7 @@ CARD_LIMITS = encoding.Limits(max_bytes=1024 * 1024 - 1024, max_depth=3, max_ite
 _FIELDS = frozenset(
     {"feeds", "kind", "name", "node", "partners", "software", "time", "url", "version"}
 )
-_OPTIONAL = frozenset({"tls", "keylog"})
+_OPTIONAL = frozenset({"tls", "tls_next", "keylog"})
 _FEED_KEYS = frozenset({"name", "access"})
 _FEED_OPTIONAL = frozenset({"attribution", "cadence_s", "license", "policy",
                             "retention_days", "terms_digest", "terms_url"})
@@ -183,6 +186,13 @@ class NodeCard:
     body: bytes = field(repr=False)
     sig: bytes = field(repr=False)
     keylog: bytes | None = field(default=None, repr=False)  # a cn2 node's key log
+    tls_next: bytes | None = None  # the certificate a renewal switches to (with ``tls``)
+
+    @property
+    def tls_pins(self) -> frozenset[bytes]:
+        """Every TLS certificate fingerprint a partner accepts from this node now: the
+        one in force and, during a renewal, the next one (empty: no pinning)."""
+        return frozenset(fp for fp in (self.tls, self.tls_next) if fp is not None)
 
     @property
     def envelope(self) -> bytes:
@@ -321,12 +331,18 @@ def _parse_body(body: bytes) -> NodeCard:
             raise _fail("card tls must be the 32-byte SHA-256 of the DER certificate")
         if not url.startswith("https://"):
             raise _fail("card has a TLS fingerprint but an http:// url: use https://")
+    tls_next = f.get("tls_next")
+    if tls_next is not None and (type(tls_next) is not bytes or len(tls_next) != 32
+                                 or tls is None or tls_next == tls):
+        raise _fail("card tls_next must be the 32-byte SHA-256 of another DER certificate "
+                    "than tls, and comes with tls")
     software = _check_text("software", f["software"], MAX_SOFTWARE)
     t = f["time"]
     if type(t) is not int or not 0 <= t <= _MAX_TIME:
         raise _fail("card time must be a non-negative integer (milliseconds since the epoch)")
     return NodeCard(node, name, url, tls, _parse_feeds(f["feeds"]),
-                    _parse_partners(f["partners"], node), software, t, body, b"", log)
+                    _parse_partners(f["partners"], node), software, t, body, b"", log,
+                    tls_next)
 
 
 def _parse_feeds(feeds: Any) -> tuple[CardFeed, ...]:
@@ -368,6 +384,7 @@ def make_card(
     partners: Iterable[bytes],
     software: str,
     now_ms: int,
+    tls_next: bytes | None = None,
 ) -> NodeCard:
     """Build and sign the card of ``key``'s node, dated ``now_ms`` (a :class:`NodeKey`
     of a ``cn2`` node: the card names its identity and carries its key log).
@@ -375,7 +392,8 @@ def make_card(
     ``feeds`` are :class:`CardFeed` (or ``(name, access[, retention_days])``) and ``partners``
     public keys, in any order (the card holds them sorted). Raises
     :class:`InvalidRecord` if any field is invalid or repeated, with the same checks a
-    receiver makes, so nothing is signed that partners would reject.
+    receiver makes, so nothing is signed that partners would reject. ``tls_next``: the
+    fingerprint of the certificate a TLS renewal switches to (with ``tls_fingerprint``).
     """
     try:
         feed_list = [_card_feed(f).to_body() for f in sorted(feeds, key=lambda f: f[0])]
@@ -395,6 +413,8 @@ def make_card(
     }
     if tls_fingerprint is not None:
         fields["tls"] = tls_fingerprint
+    if tls_next is not None:
+        fields["tls_next"] = tls_next
     if isinstance(key, NodeKey) and key.log is not None:
         fields["keylog"] = key.log
     body = encoding.encode(fields)
@@ -485,6 +505,7 @@ def card_to_json(card: NodeCard) -> dict[str, Any]:
         "name": card.name,
         "url": card.url,
         "tls": card.tls.hex() if card.tls is not None else None,
+        **({"tls_next": card.tls_next.hex()} if card.tls_next is not None else {}),
         "feeds": [f.to_json() for f in card.feeds],
         "partners": [node_id(pk) for pk in card.partners],
         "software": card.software,

@@ -172,6 +172,7 @@ class Node:
         self.partners.on_sync_now = g.sync_now
         self.partners.queued = self.replica.queued
         self.policy.on_card = g.card_learnt
+        self.policy.on_card_kept = self.partners.follow_card
         self.policy.on_card_news = self._card_news
         self.policy.on_access_change = self.replica.access_changed
         self.ingest_role.execute = g.execute

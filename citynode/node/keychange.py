@@ -1,6 +1,6 @@
 """Changing this node's signing key: a planned rotation (``citynode key rotate``) and a
 recovery after a compromise (``citynode key recover``), as docs/PROTOCOL.md ("Wiring")
-describes.
+describes; and its TLS certificate (``citynode tls renew``).
 
 A rotation is one step while no own record is being signed: take the head of every own
 feed, sign the rotation with the pre-committed next key, write the keys and the log
@@ -13,7 +13,9 @@ the new key makes them fetch it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,15 @@ from citynode.core.keylog import Head
 from citynode.core.keys import SigningKey
 from citynode.core.records import decode_record, parse_body, record_id
 from citynode.errors import CitynodeError, ConfigError
-from citynode.identity import Identity, read_next_key, write_key_change, write_recovery_file
+from citynode.identity import (
+    Identity,
+    load_tls,
+    read_next_key,
+    stage_tls_renewal,
+    switch_tls,
+    write_key_change,
+    write_recovery_file,
+)
 from citynode.logs import fields
 from citynode.node._base import Spawn, in_thread
 from citynode.node.partners import Partners
@@ -51,6 +61,41 @@ class KeyChanges:
         self.storage = storage
         self.now_ms = now_ms
         self.spawn = spawn
+        #: The TLS contexts the server accepts connections with (a renewal loads the
+        #: new certificate into them: new connections get it, with no restart).
+        self.tls_contexts: list[ssl.SSLContext] = []
+
+    def serve_tls(self, ctx: ssl.SSLContext) -> None:
+        """The server accepts connections with ``ctx``: a TLS switch reloads it."""
+        self.tls_contexts.append(ctx)
+
+    async def renew_tls(self, switch: bool) -> dict[str, Any]:
+        """A TLS renewal in two steps, with no window where a partner refuses this node.
+        Without ``switch``: a new certificate is staged and our card names it next to
+        the one in force (partners then accept either). With ``switch``: the staged
+        certificate is put in force, served from the next connection on, and our card
+        names it alone. Returns ``{tls, tls_next}`` (hex; None when absent). Raises
+        :class:`ConfigError` when this node does not serve TLS, :class:`KeyFileError`
+        (nothing staged to switch to, one staged already, a file not written)."""
+        if not self.policy.config.tls.enabled:
+            raise ConfigError("this node does not serve TLS itself ([tls] enabled = "
+                              "false): renew the proxy's certificate instead")
+        if switch:
+            await in_thread(switch_tls, self.data_dir)
+        else:
+            await in_thread(stage_tls_renewal, self.data_dir)
+        fp, pem, next_fp = await in_thread(load_tls, self.data_dir)
+        self.identity = dataclasses.replace(self.identity, cert_fingerprint=fp, cert_pem=pem,
+                                            next_cert_fingerprint=next_fp)
+        if switch:
+            for ctx in self.tls_contexts:
+                ctx.load_cert_chain(self.identity.cert_path, self.identity.key_path)
+        self.policy.tls_changed(self.identity)
+        card = self.policy.card()
+        log.warning("TLS certificate switched" if switch else "TLS certificate renewal "
+                    "staged (switch once partners hold the new card)", extra=fields(
+                        tls=_hex(card.tls), tls_next=_hex(card.tls_next)))
+        return {"tls": _hex(card.tls), "tls_next": _hex(card.tls_next)}
 
     def _state(self) -> keylog.KeyState:
         if self.key.log is None:
@@ -191,3 +236,7 @@ class KeyChanges:
             log.info("key log not delivered", extra=fields(partner=name, error=str(exc)))
             return
         log.info("key log delivered", extra=fields(partner=name, outcome=out.get("outcome")))
+
+
+def _hex(fp: bytes | None) -> str | None:
+    return fp.hex() if fp is not None else None

@@ -9,11 +9,13 @@ What is queued for a partner, what it holds and when to sync with it are the rep
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from citynode.config import Config
+from citynode.core.cards import NodeCard
 from citynode.core.keys import SigningKey, canonical_id, parse_node_id
 from citynode.errors import PeerError, PeerRejected
 from citynode.logs import fields
@@ -57,6 +59,9 @@ class PartnerLink:
             "last_error_ms": self.last_error_ms,
             "queue": queued,
             "invalid": dict(self.invalid),
+            # The TLS certificates accepted from it (two during its renewal).
+            "tls": sorted(fp.hex() for fp in self.client.pins.fingerprints)
+            if self.client.pins is not None else [],
             # The partner's clock minus ours (s), from its latest answer: past
             # [limits] future_tolerance_seconds, records and requests are refused.
             "clock_offset_s": self.client.clock_offset_s,
@@ -165,6 +170,25 @@ class Partners:
             await self.close(old)
         self.open(row)
         return row
+
+    def follow_card(self, card: NodeCard) -> None:
+        """A newer card of ``card.node`` was verified: if it is a partner pinned by TLS
+        fingerprint, pin what the card names from now on (during a renewal the
+        certificate in force and the next one: ``citynode tls renew``), and keep the
+        card and its certificate with the partner (what the link opens with after a
+        restart). The card is signed by the partner's key in force, as the first one
+        was: nobody else can move the pins. A card without a TLS fingerprint (a proxy
+        with a CA-issued certificate) changes nothing here."""
+        link = self.links.get(card.node)
+        pins = link.client.pins if link is not None else None
+        if link is None or pins is None or not card.tls_pins or \
+                pins.fingerprints == card.tls_pins:
+            return
+        log.info("partner's TLS certificates pinned from its card", extra=fields(
+            partner=link.row.name, tls=sorted(fp.hex() for fp in card.tls_pins)))
+        pins.set(card.tls_pins)
+        link.row = dataclasses.replace(link.row, tls_fingerprint=card.tls, card=card.envelope)
+        self.storage.put_partner(link.row)
 
     async def reload(self) -> tuple[list[PartnerRow], list[PartnerRow]]:
         """Make the links match the stored partners (the table changed behind the node's

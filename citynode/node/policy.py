@@ -69,6 +69,9 @@ class Policy:
         self.on_card_news: Callable[[bytes], None] = lambda origin: None
         #: Every card learnt (newer than the one held): ``(node, its partners)``.
         self.on_card: Callable[[bytes, frozenset[bytes]], None] = lambda node, ps: None
+        #: Every card learnt (newer than the one held), whole: partners follow its TLS
+        #: pins.
+        self.on_card_kept: Callable[[cards.NodeCard], None] = lambda card: None
         #: Cards or partners changed what may be sent where.
         self.on_access_change: Callable[[], None] = lambda: None
         self.cards_seen: dict[bytes, bytes] = {}  # public key -> card envelope
@@ -103,15 +106,18 @@ class Policy:
         if self._card is not None and not self._card_stale and self._card.feeds == feeds:
             return self._card
         tls = self.identity.cert_fingerprint if self.config.tls.enabled else None
+        tls_next = self.identity.next_cert_fingerprint if tls is not None else None
         want = (self.config.node.name, self.config.node.public_url, tls, feeds,
-                tuple(sorted(self.partners())), f"citynode/{__version__}", self.key.log)
+                tuple(sorted(self.partners())), f"citynode/{__version__}", self.key.log,
+                tls_next)
         held = self._card if self._card is not None else self._stored_own_card()
         if held is not None and _content(held) == want:
             self._card = held
         else:
             self._card = cards.make_card(
                 self.key, name=want[0], url=want[1], tls_fingerprint=tls, feeds=feeds,
-                partners=want[4], software=want[5], now_ms=self.now_ms())
+                partners=want[4], software=want[5], now_ms=self.now_ms(),
+                tls_next=tls_next)
             self.storage.set_meta("card:" + self.public_key.hex(), self._card.envelope)
             self._add_history(self._card)
         self._card_stale = False
@@ -134,6 +140,12 @@ class Policy:
         changed."""
         self.config = config
         self._forget_derived()
+
+    def tls_changed(self, identity: Identity) -> None:
+        """Our TLS certificates changed (``citynode tls renew``): ``identity`` names
+        them; our card is signed again when next asked."""
+        self.identity = identity
+        self._card_stale = True
 
     def partners_changed(self) -> None:
         """A partner was added or removed: our card (if its partners changed) and what was
@@ -289,6 +301,7 @@ class Policy:
         self.vouch.add_card(c.node, set(c.partners))
         self._forget_derived()
         self.on_card(c.node, frozenset(c.partners))
+        self.on_card_kept(c)
         if (prev is None or prev.feeds != c.feeds or prev.partners != c.partners) and (
                 self._feeds_of(c.node)):
             # Records of that node we hold and may have held back (a feed its old card
@@ -556,7 +569,7 @@ class Policy:
 
 def _content(c: cards.NodeCard) -> tuple[object, ...]:
     """What a card states, apart from when it was signed."""
-    return (c.name, c.url, c.tls, c.feeds, c.partners, c.software, c.keylog)
+    return (c.name, c.url, c.tls, c.feeds, c.partners, c.software, c.keylog, c.tls_next)
 
 
 def readers_of(envelope: bytes) -> frozenset[bytes] | None:

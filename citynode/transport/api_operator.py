@@ -37,6 +37,7 @@ __all__ = [
     "admin_partners",
     "admin_status",
     "admin_sync",
+    "admin_tls_renew",
     "card_history",
     "liveness",
     "metrics",
@@ -143,6 +144,21 @@ async def admin_key_recover(request: web.Request) -> web.Response:
                  '"recovery_passphrase": "..."}') from None
     out = await request.app[NODE_KEY].keychanges.recover(seed, last_good, rpw)
     return web.json_response(out)
+
+
+async def admin_tls_renew(request: web.Request) -> web.Response:
+    """``POST {"switch": bool}``: stage a new TLS certificate (named in the card next
+    to the one in force), or switch to the staged one (``citynode tls renew``);
+    answers ``{tls, tls_next}``, the fingerprints the card now names."""
+    require_operator(request)
+    body = await read_body(request)
+    try:
+        switch = json.loads(body or b"{}").get("switch", False)
+        if type(switch) is not bool:
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise web.HTTPBadRequest(text='send {"switch": false} or {"switch": true}') from None
+    return web.json_response(await request.app[NODE_KEY].keychanges.renew_tls(switch))
 
 
 async def admin_erase(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ from citynode.transport.http import (
     HttpClient,
     NoAuth,
     NodeSignature,
+    Pins,
 )
 
 __all__ = ["PeerClient", "fetch_card"]
@@ -58,7 +59,9 @@ class PeerClient:
         self.max_batch = max_batch  # envelopes accepted in one fetch answer
         self.node_id = node_id  # the partner's: every request is signed for it alone
         self.base_url = base_url.rstrip("/")
-        self._http = HttpClient(self.base_url, fingerprint=fingerprint,
+        #: The partner's TLS certificate fingerprints accepted (None: not pinned).
+        self.pins = Pins([fingerprint]) if fingerprint is not None else None
+        self._http = HttpClient(self.base_url, fingerprint=self.pins,
                                 auth=NodeSignature(key, node_id, clock), timeout=timeout,
                                 limit=8, clock=clock, local_addr=local_addr)
 
@@ -182,7 +185,8 @@ async def fetch_card(
         resp.body, expected_node_id=expected_node_id, verifier=Verifier(), now_ms=now_ms
     )
     if base.startswith("https://"):
-        async with HttpClient(base, fingerprint=card.tls, timeout=timeout) as pinned:
+        pins = Pins(card.tls_pins) if card.tls_pins else None
+        async with HttpClient(base, fingerprint=pins, timeout=timeout) as pinned:
             await pinned.request("GET", "/healthz", accept="application/json",
                                  max_bytes=64 * 1024)
     return card

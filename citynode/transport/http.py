@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import aiohttp
@@ -43,6 +44,40 @@ MAX_RESPONSE = 64 * 1024 * 1024  # default bound of one answer's body
 MAX_EVENT = 1024 * 1024  # default bound of one server-sent event
 _MAX_ERROR_BODY = 16 * 1024  # an error body is a short JSON object
 _REASON = re.compile(r"[a-z0-9_]{1,64}")
+
+
+# ------------------------------------------------------------------------------ pins
+
+
+class Pins(aiohttp.Fingerprint):
+    """TLS pinned to any of a set of SHA-256 certificate fingerprints, which the owner
+    may change while the client runs (:meth:`set`): a partner's card names its
+    certificate and, during a renewal (``citynode tls renew``), the next one; a newer
+    card moves the pins without closing the client. Raises ``ValueError`` for an empty
+    set or a fingerprint that is not 32 bytes."""
+
+    def __init__(self, fingerprints: Iterable[bytes]) -> None:
+        fps = frozenset(fingerprints)
+        super().__init__(min(fps) if fps else b"")
+        self.fingerprints = fps
+        self.set(fps)
+
+    def set(self, fingerprints: Iterable[bytes]) -> None:
+        """Accept exactly ``fingerprints`` from the next TLS handshake on (connections
+        already open stay open: they proved a pinned certificate when they opened)."""
+        fps = frozenset(fingerprints)
+        if not fps or any(len(fp) != 32 for fp in fps):
+            raise ValueError("pin one or more 32-byte SHA-256 certificate fingerprints")
+        self.fingerprints = fps
+
+    def check(self, transport: asyncio.Transport) -> None:
+        if not transport.get_extra_info("sslcontext"):
+            return
+        der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        got = hashlib.sha256(der).digest()
+        if got not in self.fingerprints:
+            host, port, *_ = transport.get_extra_info("peername")
+            raise aiohttp.ServerFingerprintMismatch(min(self.fingerprints), got, host, port)
 
 
 # ------------------------------------------------------------------------------ auth
@@ -218,7 +253,8 @@ class Response(NamedTuple):
 class HttpClient:
     """Requests to one node (``base_url``), through one session.
 
-    ``fingerprint``: pin the TLS certificate to this SHA-256 digest; else, with
+    ``fingerprint``: pin the TLS certificate to this SHA-256 digest (or to any of a
+    :class:`Pins`, which its owner may change); else, with
     ``verify``, validate it against the system CAs; ``verify=False`` checks nothing
     (only for a first, unpinned card fetch whose content is verified by signature).
     ``unix_socket``: connect to this socket path instead of the URL's host.
@@ -231,7 +267,7 @@ class HttpClient:
         self,
         base_url: str,
         *,
-        fingerprint: bytes | None = None,
+        fingerprint: bytes | Pins | None = None,
         verify: bool = True,
         auth: Auth | None = None,
         timeout: float | None = 30.0,
@@ -253,7 +289,8 @@ class HttpClient:
         self.where = self.base_url if where == "" else where
         self._connect_timeout = connect_timeout if timeout is None else min(connect_timeout,
                                                                             timeout)
-        self._ssl: Any = (aiohttp.Fingerprint(fingerprint) if fingerprint is not None
+        self._ssl: Any = (fingerprint if isinstance(fingerprint, Pins)
+                          else aiohttp.Fingerprint(fingerprint) if fingerprint is not None
                           else bool(verify))
         self._limit = limit
         self._unix = unix_socket

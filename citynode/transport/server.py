@@ -101,6 +101,7 @@ def build_app(node: Node) -> web.Application:
     r.add_post("/v1/admin/erase", api_operator.admin_erase)
     r.add_post("/v1/admin/key/rotate", api_operator.admin_key_rotate)
     r.add_post("/v1/admin/key/recover", api_operator.admin_key_recover)
+    r.add_post("/v1/admin/tls/renew", api_operator.admin_tls_renew)
     r.add_get("/v1/admin/status", api_operator.admin_status)
     r.add_get("/v1/admin/bridges", api_operator.admin_bridges)
     r.add_post("/v1/admin/sync", api_operator.admin_sync)
@@ -130,6 +131,7 @@ def ssl_context(node: Node) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(node.identity.cert_path, node.identity.key_path)
+    node.keychanges.serve_tls(ctx)  # `citynode tls renew --switch` loads the new one
     return ctx
 
 

@@ -556,3 +556,35 @@ def test_terms_document_must_match_its_digest() -> None:
     with pytest.raises(InvalidRecord) as info:
         check_terms_document(TERMS, TERMS_DOC)
     assert info.value.reason == "no_terms"
+
+
+def test_a_renewal_card_names_both_certificates_and_round_trips() -> None:
+    nxt = hashlib.sha256(b"the next DER certificate").digest()
+    card = _card(tls_next=nxt)
+    assert card.tls_pins == {FPR, nxt}
+    opened = open_card(card.envelope, expected_node_id=KEY.node_id, verifier=V)
+    assert (opened.tls, opened.tls_next) == (FPR, nxt)
+    j = card_to_json(card)
+    assert j["tls_next"] == nxt.hex()
+    assert card_from_json(j, expected_node_id=KEY.node_id, verifier=V).tls_next == nxt
+    assert "tls_next" not in card_to_json(_card())
+    assert _card().tls_pins == {FPR}
+    assert _card(tls_fingerprint=None, url="http://node.example.org").tls_pins == frozenset()
+
+
+@pytest.mark.parametrize("kw", [
+    {"tls_next": FPR},  # the one in force again
+    {"tls_next": b"\x01" * 31},
+    {"tls_next": b"\x01" * 32, "tls_fingerprint": None, "url": "http://node.example.org"},
+])
+def test_a_bad_next_certificate_is_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRecord, match="tls_next") as exc:
+        _card(**kw)
+    assert exc.value.reason == "bad_card"
+
+
+def test_json_card_may_not_add_a_next_certificate_it_did_not_sign() -> None:
+    j = card_to_json(_card())
+    j["tls_next"] = "00" * 32
+    with pytest.raises(InvalidRecord, match="do not match"):
+        card_from_json(j, expected_node_id=KEY.node_id, verifier=V)
