@@ -6,6 +6,9 @@ Layout (docs/ARCHITECTURE.md)::
                         passphrase-sealed), 0600
     DIR/node.next.key   the next signing key, committed to by the key log (same sealing),
                         0600: needed only to rotate (``citynode key rotate``)
+    DIR/node.retired.key  the signing keys a rotation or a recovery retired, one sealed
+                        key per line (same sealing as node.key), 0600: they open
+                        restricted records sealed to this node before it rotated
     DIR/keylog          the node's key log (public: its cn2 id is the digest of its
                         inception); a directory without it is a cn1 node (id = key)
     DIR/recovery.key    written by ``citynode init`` only: the recovery key, sealed with
@@ -68,6 +71,7 @@ PASSPHRASE_ENV = "CITYNODE_PASSPHRASE"
 
 KEY_FILE = "node.key"
 NEXT_KEY_FILE = "node.next.key"
+RETIRED_KEYS_FILE = "node.retired.key"
 KEYLOG_FILE = "keylog"
 RECOVERY_FILE = "recovery.key"
 TOKEN_FILE = "operator.token"
@@ -530,7 +534,8 @@ def _node_key(dir: Path, seed: bytes, passphrase: str | None = None) -> NodeKey:
         state = keylog.verify_log(keylog_identity(log), log, verifier=Verifier())
     except CitynodeError as exc:
         raise KeyFileError(f"{path} is not a valid key log: {exc}") from exc
-    key = NodeKey(seed, state.identity, state.node_id, log)
+    key = NodeKey(seed, state.identity, state.node_id, log,
+                  _retired_keys(dir, state, passphrase))
     if key.public_key != state.key and _finish_key_change(dir, state):
         return _node_key(dir, unseal_secret_key(_read(dir / KEY_FILE, dir, secret=True),
                                                 passphrase))
@@ -538,6 +543,27 @@ def _node_key(dir: Path, seed: bytes, passphrase: str | None = None) -> NodeKey:
         raise KeyFileError(f"{dir / KEY_FILE} is not the key in force in {path}: restore "
                            "both from the same backup (or finish `citynode key rotate`)")
     return key
+
+
+def _retired_keys(dir: Path, state: keylog.KeyState, passphrase: str | None
+                  ) -> tuple[SigningKey, ...]:
+    """The retired signing keys kept in ``dir`` that the log names, apart from the key
+    in force (a crash may leave it there before its rotation is written)."""
+    path = dir / RETIRED_KEYS_FILE
+    if not path.exists():
+        return ()
+    named = {w.key for w in state.keys} - {state.key}
+    out = []
+    for line in _read(path, dir, secret=True).splitlines():
+        if not line.strip():
+            continue
+        try:
+            k = SigningKey(unseal_secret_key(line, passphrase))
+        except KeyFileError as exc:
+            raise KeyFileError(f"{path}: {exc}") from exc
+        if k.public_key in named:
+            out.append(k)
+    return tuple(out)
 
 
 def keylog_identity(log: bytes) -> bytes:
@@ -583,13 +609,20 @@ def _finish_key_change(dir: Path, state: keylog.KeyState) -> bool:
 
 
 def write_key_change(dir: Path, log: bytes, key_seed: bytes, next_seed: bytes,
-                     passphrase: str | None, **kdf: int) -> None:
+                     passphrase: str | None, retired_seed: bytes | None = None,
+                     **kdf: int) -> None:
     """Put a key change (rotation or recovery) on disk so that a crash at any point
-    leaves a node that starts: the new signing and next keys are staged first, then the
-    key log that puts them in force is written, then the staged files replace the old
-    ones (:func:`load_identity` finishes that last step if it was cut short).
+    leaves a node that starts: the key it retires (``retired_seed``, kept to open what
+    was sealed to it) joins node.retired.key, the new signing and next keys are staged,
+    then the key log that puts them in force is written, then the staged files replace
+    the old ones (:func:`load_identity` finishes that last step if it was cut short).
     ``kdf``: ``opslimit``/``memlimit`` for sealing. Raises :class:`KeyFileError`."""
     try:
+        if retired_seed is not None:
+            path = dir / RETIRED_KEYS_FILE
+            kept = _read(path, dir, secret=True) if path.exists() else b""
+            kept += b"\n" if kept and not kept.endswith(b"\n") else b""
+            _replace(path, kept + seal_secret_key(retired_seed, passphrase, **kdf), 0o600)
         _replace(dir / (NEXT_KEY_FILE + _STAGED), seal_secret_key(next_seed, passphrase, **kdf),
                  0o600)
         _replace(dir / (KEY_FILE + _STAGED), seal_secret_key(key_seed, passphrase, **kdf),

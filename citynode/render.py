@@ -18,7 +18,7 @@ from citynode.core.records import (
     Record,
     stored_record,
 )
-from citynode.core.sealed import is_recipient, open_payload
+from citynode.core.sealed import open_payload, reader_key
 from citynode.errors import CitynodeError
 
 __all__ = [
@@ -85,8 +85,8 @@ def record_json(rec: Record, *, rowid: int | None = None,
             out["decrypted"] = True
         else:
             del out["data"]
-        if rec.type == SEALED_TYPE and key is not None and is_recipient(rec.sealed,
-                                                                       key.public_key):
+        if rec.type == SEALED_TYPE and key is not None and \
+                reader_key(rec.sealed, key) is not None:
             try:
                 inner = open_payload(rec.sealed, origin=rec.origin, signer=rec.signer,
                                      feed=rec.feed, seq=rec.seq, key=key)

@@ -367,3 +367,35 @@ def test_a_tls_switch_cut_short_is_finished_at_load(tmp_path: Path) -> None:
     os.replace(tls / "next-key.pem", tls / "key.pem")  # the switch's first rename only
     ident = load_identity(tmp_path)
     assert (ident.cert_fingerprint, ident.next_cert_fingerprint) == (nxt, None)
+
+
+def test_a_rotation_keeps_the_retired_key_sealed_like_node_key(tmp_path: Path) -> None:
+    from citynode.core import keylog
+    from citynode.core.keys import Verifier
+    from citynode.identity import read_next_key, write_key_change
+
+    ident = _create(tmp_path, "pw")
+    old = ident.key.public_key
+    state = keylog.verify_log(ident.identity, ident.key.log or b"", verifier=Verifier())
+    nxt, after = read_next_key(tmp_path, "pw"), SigningKey.generate()
+    ev = keylog.rotate(state, nxt, after.public_key, state.time + 1, {})
+    wire = keylog.encode_log([*keylog.decode_log(ident.key.log or b""), ev.envelope])
+    write_key_change(tmp_path, wire, nxt.seed, after.seed, "pw", ident.key.seed,
+                     opslimit=1, memlimit=8192)
+    path = tmp_path / "node.retired.key"
+    assert _mode(path) == 0o600
+    text = path.read_text()
+    assert text.startswith("citynode-secret-key-v1 argon2id ") and " plain " not in text
+    key = load_identity(tmp_path, "pw").key
+    assert key.public_key == nxt.public_key
+    assert [k.public_key for k in key.reading_keys()] == [nxt.public_key, old]
+
+
+def test_switch_retires_the_key_in_force() -> None:
+    from citynode.core.keys import NodeKey
+
+    k = NodeKey(b"\x01" * 32, b"\x09" * 32, "cn2x", b"log0")
+    old = k.public_key
+    k.switch(b"\x02" * 32, b"log1")
+    assert k.public_key == SigningKey(b"\x02" * 32).public_key
+    assert [r.public_key for r in k.reading_keys()] == [k.public_key, old]

@@ -173,6 +173,10 @@ class SigningKey:
         """Return the 64-byte Ed25519 signature of ``domain || message``."""
         return self._sk.sign(domain + message).signature
 
+    def reading_keys(self) -> tuple[SigningKey, ...]:
+        """The keys that open payloads sealed to this key's holder: this one."""
+        return (self,)
+
     def x25519_secret(self) -> bytes:
         """The X25519 secret key derived from this Ed25519 key (for sealed payloads)."""
         return nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
@@ -192,11 +196,14 @@ class NodeKey(SigningKey):
     recovery, so every holder of this object signs with the new key from then on.
     """
 
-    __slots__ = ("_id", "identity", "log")
+    __slots__ = ("_id", "identity", "log", "retired")
 
     def __init__(self, seed: bytes, identity: bytes | None = None, name: str | None = None,
-                 log: bytes | None = None) -> None:
+                 log: bytes | None = None, retired: tuple[SigningKey, ...] = ()) -> None:
         super().__init__(seed)
+        #: The keys this identity signed with before (a rotation or a recovery retired
+        #: them): they still open the payloads sealed to them.
+        self.retired: tuple[SigningKey, ...] = retired
         self.identity: bytes = self.public_key if identity is None else identity
         if log is not None:
             note_identity(self.identity)
@@ -212,11 +219,19 @@ class NodeKey(SigningKey):
         """What records name as origin when it is not the signing key (``D``), else None."""
         return None if self.log is None else self.identity
 
+    def reading_keys(self) -> tuple[SigningKey, ...]:
+        """The keys that open payloads sealed to this identity: the key in force, then
+        the retired ones (records sealed to a reader before it rotated)."""
+        return (self, *self.retired)
+
     def switch(self, seed: bytes, log: bytes) -> None:
         """Sign with ``seed``'s key from now on; ``log`` is the key log that puts it in
-        force. Raises :class:`KeyFileError` for a malformed seed."""
+        force. The key in force until now joins :attr:`retired`. Raises
+        :class:`KeyFileError` for a malformed seed."""
         new = SigningKey(seed)
+        old = SigningKey(self.seed)
         self._sk, self.public_key, self.log = new._sk, new.public_key, log
+        self.retired = (*self.retired, old)
 
 
 def canonical_id(text: str) -> str:

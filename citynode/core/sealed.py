@@ -63,6 +63,7 @@ __all__ = [
     "check_sealed_shape",
     "is_recipient",
     "open_payload",
+    "reader_key",
     "recipients_of",
     "seal_payload",
 ]
@@ -310,6 +311,15 @@ def is_recipient(sealed: Any, public_key: bytes) -> bool:
     return public_key in recipients_of(sealed)
 
 
+def reader_key(sealed: Any, key: SigningKey) -> SigningKey | None:
+    """The key of ``key``'s holder that ``sealed`` is sealed to: ``key`` itself or, for a
+    node whose key rotated, a retired key of its identity (``reading_keys``); None if
+    the holder is not a recipient. Raises :class:`InvalidRecord` (``bad_sealed``) if
+    ``sealed`` is malformed."""
+    to = recipients_of(sealed)
+    return next((k for k in key.reading_keys() if k.public_key in to), None)
+
+
 def open_payload(
     sealed: Any,
     *,
@@ -329,7 +339,9 @@ def open_payload(
     signing key when it is not ``origin`` (a ``cn2`` origin). The plaintext is decoded
     strictly within ``limits`` and, if ``check_payload``, validated against its type.
 
-    Raises :class:`AccessDenied` if this node is not a recipient;
+    ``key`` opens the payloads sealed to it or to one of its ``reading_keys`` (a retired
+    key of a node that rotated). Raises :class:`AccessDenied` if this node is not a
+    recipient;
     :class:`InvalidRecord` (``bad_sealed``) if ``sealed`` is malformed, the sealed key,
     commitment or ciphertext do not check out (altered, moved from another record, or a
     faulty origin), or the plaintext is not a canonical inner map;
@@ -337,9 +349,12 @@ def open_payload(
     """
     ad = associated_data(origin, feed, seq)
     check_sealed_shape(sealed, origin=origin if signer is None else signer)
-    box = next((entry[1] for entry in sealed["to"] if entry[0] == key.public_key), None)
-    if box is None:
+    # The key in force, or a retired one of the same identity (sealed before a rotation).
+    mine = reader_key(sealed, key)
+    if mine is None:
         raise AccessDenied("this node is not a recipient of the record")
+    key = mine
+    box = next(entry[1] for entry in sealed["to"] if entry[0] == key.public_key)
     try:
         content_key = nacl.bindings.crypto_box_seal_open(
             box, _ed_to_x(key.public_key), key.x25519_secret()

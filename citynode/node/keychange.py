@@ -125,7 +125,7 @@ class KeyChanges:
                                self._own_heads())
             wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
             await in_thread(write_key_change, self.data_dir, wire, nxt.seed, after.seed,
-                            self.identity.passphrase)
+                            self.identity.passphrase, self.key.seed)
             self.key.switch(nxt.seed, wire)
             self.policy.own_log_changed()
             return ev
@@ -171,7 +171,7 @@ class KeyChanges:
             await in_thread(write_recovery_file, self.data_dir, q_next.seed, me,
                             recovery_passphrase)
             await in_thread(write_key_change, self.data_dir, wire, new.seed, after.seed,
-                            self.identity.passphrase)
+                            self.identity.passphrase, self.key.seed)
             self.key.switch(new.seed, wire)
             self.policy.own_log_changed()
             return ev, q_next
