@@ -84,9 +84,10 @@ DB = "citynode.db"
 #: The data dir's secret files, as the secrets member names them.
 SECRET_FILES = ("node.key", "operator.token", "tls/key.pem")
 #: The rest of a cn2 node's key material, with node.key as one unit: the key log (whose
-#: key in force node.key must be) and the next key (a cn1 node has neither). Never the
-#: recovery file: it belongs offline.
-KEY_FILES = ("keylog", "node.next.key")
+#: key in force node.key must be), the next key and the keys rotations retired (they open
+#: restricted records sealed before; a cn1 node has none of them). Never the recovery
+#: file: it belongs offline.
+KEY_FILES = ("keylog", "node.next.key", "node.retired.key")
 _MEMBERS = (CONFIG, CERT, SECRETS, DB)  # after the manifest, in this order
 
 _SMALL_MAX = 1024 * 1024  # manifest, config, certificate, sealed secrets
