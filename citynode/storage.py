@@ -1517,13 +1517,26 @@ class Storage:
     def truncate(self, origin: bytes, feed: str, keep_seq: int) -> Future[int]:
         """Drop every record of a feed above ``keep_seq`` -- records a key log now refuses
         (a stolen key's, cut off by its owner's recovery) -- with their payloads, the
-        Merkle subtrees and checkpoints that cover them; the head becomes the record at
-        ``keep_seq`` (the feed is forgotten at 0). Returns how many records went."""
+        Merkle subtrees and checkpoints that cover them, the liveness statement kept of
+        the feed if it counts them, the erasure entries naming their positions, and,
+        when they are erasure requests, what they erased (the entries they made; the
+        records they erased are no longer marked erased by them, and read as pruned:
+        their payloads are gone); the head becomes the record at ``keep_seq`` (the feed
+        is forgotten at 0). Returns how many records went."""
         def run(conn: sqlite3.Connection) -> int:
             row = conn.execute(_SELECT_CHAIN, (origin, feed)).fetchone()
             if row is None or row[1] <= keep_seq:
                 return 0
             chain = row[0]
+            if feed == ERASURE_FEED:
+                tail = "SELECT id FROM records WHERE chain = ? AND seq > ?"
+                conn.execute(f"DELETE FROM erasures WHERE by IN ({tail})", (chain, keep_seq))
+                conn.execute(f"UPDATE records SET erased_by = NULL WHERE erased_by IN ({tail})",
+                             (chain, keep_seq))
+            conn.execute("DELETE FROM erasures WHERE origin = ? AND feed = ? AND seq > ?",
+                         (origin, feed, keep_seq))
+            conn.execute("DELETE FROM liveness WHERE origin = ? AND feed = ? AND size > ?",
+                         (origin, feed, keep_seq))
             conn.execute("DELETE FROM payloads WHERE rowid IN (SELECT rowid FROM records"
                          " WHERE chain = ? AND seq > ?)", (chain, keep_seq))
             gone = conn.execute("DELETE FROM records WHERE chain = ? AND seq > ?",

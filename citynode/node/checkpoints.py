@@ -207,6 +207,15 @@ class Checkpoints:
                                       fl.grew_at).add_done_callback(_log_failed_write)
         return verdict
 
+    def rewind(self, origin: bytes, feed: str, size: int) -> None:
+        """Records of a feed above ``size`` were dropped (a recovery cut them off):
+        forget the liveness statement held of it if it counts them (storage forgot it
+        with the records), so the feed's next honest checkpoint, of fewer records, is
+        taken rather than refused as ``checkpoint_smaller``."""
+        fl = self.liveness.get((origin, feed))
+        if fl is not None and fl.newest is not None and fl.newest.size > size:
+            del self.liveness[(origin, feed)]
+
     def newest(self, origin: bytes, feed: str) -> bytes | None:
         """The envelope of the newest liveness statement held of a feed, if any."""
         fl = self.liveness.get((origin, feed))

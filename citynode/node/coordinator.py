@@ -157,6 +157,7 @@ class Node:
         self.keychanges = KeyChanges(data_dir=data_dir, identity=identity, policy=self.policy,
                                      publisher=self.publisher, partners=self.partners,
                                      storage=storage, now_ms=self.now_ms, spawn=self.spawn)
+        self.keychanges.on_truncated = self.checkpoints.rewind
         self._wire()
 
     def _partner_name(self, key: bytes) -> str:

@@ -61,6 +61,8 @@ class KeyChanges:
         self.storage = storage
         self.now_ms = now_ms
         self.spawn = spawn
+        #: Records of ``(origin, feed)`` above ``seq`` were dropped by :meth:`purge`.
+        self.on_truncated: Callable[[bytes, str, int], None] = lambda o, feed, seq: None
         #: The TLS contexts the server accepts connections with (a renewal loads the
         #: new certificate into them: new connections get it, with no restart).
         self.tls_contexts: list[ssl.SSLContext] = []
@@ -215,6 +217,7 @@ class KeyChanges:
             n = await asyncio.wrap_future(self.storage.truncate(o, feed, bad - 1))
             kept = await in_thread(self.storage.head, o, feed)
             replica.cut((o, feed), kept)
+            self.on_truncated(o, feed, bad - 1)
             gone += n
             log.warning("dropped records a recovery cut off", extra=fields(
                 origin=self.policy.name(o), feed=feed, from_seq=bad, records=n))

@@ -118,10 +118,15 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     naming seq 6 as last good: every node drops the forgeries and refuses them when
     pushed again, an audit of a bundle taken before the recovery flags them (given the
     log after it), and B publishes on from seq 7 under its new key."""
+    import time
+
+    from citynode.core.checkpoints import root_of, sign_checkpoint
     from citynode.core.keys import NodeKey, parse_node_id, unseal_secret_key
+    from citynode.core.records import decode_record, record_id
     from citynode.transport.client import PeerClient
 
-    a, b, c = cluster.create(["A", "B", "C"], settings=FAST)
+    a, b, c = cluster.create(["A", "B", "C"], settings={
+        **FAST, ("checkpoints", "interval_seconds"): 1.0})
     await cluster.start()
     for x, y in [(a, b), (b, c)]:
         await cluster.link(x, y)
@@ -143,6 +148,17 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
         await client.close()
     assert out["accepted"] == 3, out  # the key is B's key in force: C cannot tell yet
     await eventually(lambda: _reached(c, b, 9), timeout=10)
+    # ... and a checkpoint of the nine, signed now: C takes it as B's newest liveness
+    # statement (an honest one of fewer records would then be "smaller").
+    ids = [bytes.fromhex(r["id"]) for r in page["records"]] + [
+        record_id(decode_record(e)[0]) for e in forged]
+    cp = sign_checkpoint(thief, "test", 9, root_of(ids), int(time.time() * 1000))
+    client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
+    try:
+        await client.request("POST", "/v1/checkpoints", cp.envelope)
+    finally:
+        await client.close()
+    assert await _signed_size(c, b) == 9
     # An auditor takes a bundle of B's records from C before the recovery.
     bundle = tmp_path / "before.bundle"
     rc, text = await asyncio.to_thread(cli, "export", "-d", str(c.dir), "--origin", b.node_id,
@@ -181,6 +197,9 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     # B publishes on under its new key; everyone takes it after the honest six.
     await b.publish("test", TYPE, [rec(100)])
     await converge([a, b, c], expected({(b.node_id, "test"): 7}), timeout=60)
+    # The forged checkpoint went with the records it counted: B's honest checkpoint of
+    # seven is C's liveness statement of the feed (not refused as smaller than nine).
+    await eventually(lambda: _signed_size_is(c, b, 7), timeout=30)
     # The audit of the bundle taken before the recovery, given the log after it, flags
     # the three forgeries and accepts the six honest records.
     log_after = tmp_path / "keylog"
@@ -196,6 +215,17 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     rc, text = await asyncio.to_thread(cli, "audit", str(bundle), "--origin", b.node_id)
     assert rc == 0, text
     await stop_all([a, b, c])
+
+
+async def _signed_size(n: LocalNode, origin: LocalNode) -> int | None:
+    for f in (await n.api("GET", "/v1/liveness"))["feeds"]:
+        if f["origin"] == origin.node_id and f["feed"] == "test":
+            return int(f["signed_size"]) if f["signed_size"] is not None else None
+    return None
+
+
+async def _signed_size_is(n: LocalNode, origin: LocalNode, size: int) -> bool:
+    return await _signed_size(n, origin) == size
 
 
 async def _at(n: LocalNode, origin: LocalNode, seq: int) -> bool:
