@@ -14,6 +14,12 @@ The ```sh auditor-recipe-key-log block (key logs of version 2 identities) is run
 way on every log of tests/vectors/keylog.json, the signature/* ones (the same Ed25519
 edge cases, as key events) included: its verdict equals the node's, except for the
 faults the doc says it does not check (heads going back, the clock), which it accepts.
+
+Records of a cn2 origin (body version 3, tests/vectors/keylog.json ``records``) are
+checked as the doc says: the key log recipe first, then the record recipe in the same
+directory, which checks the signature by the key the body names and that key's window
+(unknown_key, before_key, beyond_last_good, wrong_head): its verdict equals the node's
+on each.
 """
 
 from __future__ import annotations
@@ -229,3 +235,70 @@ def test_openssl_alone_accepts_exactly_the_key_event_equation_holders(
         case["equation_holds"] and s_in_range)
     if case["equation_holds"] and s_in_range and "error" in case["expect"]:
         assert _node_reason(case) == "bad_signature"  # openssl takes it, the node does not
+
+
+# --------------------------------------------------------------------------- cn2 records
+
+V3_RECORDS: list[dict[str, Any]] = json.loads(
+    (ROOT / "tests" / "vectors" / "keylog.json").read_text(encoding="utf-8")
+)["records"]
+_LOGS_BY_NAME = {c["name"]: c for c in KEY_LOGS}
+
+
+def _v3_node_reason(case: dict[str, Any]) -> str | None:
+    """None if the node accepts the record of a cn2 origin under its log, else why."""
+    log = _LOGS_BY_NAME[case["log"]]
+    state = keylog.verify_log(log["node_id"], [bytes.fromhex(h) for h in log["events_hex"]],
+                              verifier=Verifier())
+    body, sig, payload = decode_record(bytes.fromhex(case["envelope_hex"]))
+    try:
+        open_record(body, sig, payload, now_ms=case["now_ms"], verifier=Verifier(),
+                    key_states=lambda origin: state if origin == state.identity else None)
+    except InvalidRecord as exc:
+        return exc.reason
+    return None
+
+
+def test_the_cn2_record_vectors_cover_every_key_verdict() -> None:
+    reasons = {_v3_node_reason(c) for c in V3_RECORDS}
+    assert reasons == {None, "bad_signature", "unknown_key", "before_key",
+                       "beyond_last_good", "wrong_head"}
+    assert all(_v3_node_reason(c) == (None if c["expect"] == "valid"
+                                      else c["expect"]["error"]) for c in V3_RECORDS)
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+@pytest.mark.parametrize("case", V3_RECORDS, ids=lambda c: c["name"])
+def test_recipe_verdict_on_a_cn2_record_equals_the_nodes(tmp_path: Path, shell: str,
+                                                         case: dict[str, Any]) -> None:
+    """The key log recipe, then the record recipe in the same directory, as the doc
+    says: the record is checked under the key its body names, in that key's window."""
+    reason = _v3_node_reason(case)
+    log = _LOGS_BY_NAME[case["log"]]
+    envs = [bytes.fromhex(h) for h in log["events_hex"]]
+    (tmp_path / "keylog.bin").write_bytes(msgpack.packb(envs, use_bin_type=True))
+    p = _run(shell, _recipe("sh auditor-recipe-key-log"), tmp_path, log["node_id"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    (tmp_path / "envelope.bin").write_bytes(bytes.fromhex(case["envelope_hex"]))
+    p = _run(shell, _recipe(), tmp_path, log["node_id"])
+    out = p.stdout + p.stderr
+    assert (p.returncode == 0) == (reason is None), (
+        f"node: {reason or 'valid'}; recipe {'accepted' if p.returncode == 0 else 'refused'}:"
+        f"\n{out}")
+    if reason is None:
+        assert "Signature Verified Successfully" in p.stdout
+        body = decode_record(bytes.fromhex(case["envelope_hex"]))[0]
+        assert f"{hashlib.sha256(body).hexdigest()} *body.bin" in p.stdout
+        assert " may sign " in p.stdout
+    elif reason == "bad_signature":
+        assert "Signature Verification Failure" in out
+    else:
+        assert "Signature Verified Successfully" in p.stdout  # authentic, wrong place
+        assert f"{reason}:" in out
+
+
+def test_the_record_recipe_needs_the_logs_recipe_first(tmp_path: Path) -> None:
+    case = V3_RECORDS[0]
+    (tmp_path / "envelope.bin").write_bytes(bytes.fromhex(case["envelope_hex"]))
+    p = _run("sh", _recipe(), tmp_path, _LOGS_BY_NAME[case["log"]]["node_id"])
+    assert p.returncode != 0 and "verify the key log" in p.stdout

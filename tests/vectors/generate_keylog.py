@@ -447,6 +447,9 @@ def keylog_file() -> dict[str, Any]:
          16, T0 + 100_000, "unknown_key"),
         ("k1-before", "K1 signs air seq 10, K0's position.", K[1], K[1], "air", 10, T0,
          "before_key"),
+        ("k0-wrong-head", "K0 signs air seq 10, the head its rotation closed it at, but "
+         "not the record the rotation named there.", K[0], K[0], "air", 10, T0,
+         "wrong_head"),
         ("wrong-signer", "The body names K4 as key but K1 signed it.", K[1], K[4], "air", 16,
          T0 + 200_000, "bad_signature"),
     ]
