@@ -47,7 +47,7 @@ from citynode.core.checkpoints import (
 )
 from citynode.core.erasure import past_retention, retention_in_force
 from citynode.core.keybook import KeyBook
-from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
+from citynode.core.keys import DOMAIN_RECORD, Verifier, canonical_id, node_id, parse_node_id
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
     RecordPolicy,
@@ -124,7 +124,7 @@ def check_storage(st: Storage, *, progress: bool = False, batch: int = 2000) -> 
     try:
         for f in feeds:
             rep.feeds += 1
-            name = f"{node_id(f.origin)[:14]}…/{f.feed}"
+            name = f"{keys.name(f.origin)[:14]}…/{f.feed}"
             expect_seq, prev_id = 1, None
             while True:
                 envs = st.range(f.origin, f.feed, expect_seq, expect_seq + batch - 1, batch)
@@ -322,7 +322,9 @@ class AuditReport:
             "bundle": self.path,
             "origin": self.origin,
             "header": None if h is None else {
-                "version": h.version, "origin": node_id(h.origin), "created": h.created,
+                "version": h.version, "created": h.created,
+                "origin": self.origin if h.origin == parse_node_id(self.origin)
+                else node_id(h.origin),
                 "feeds": list(h.feeds)},
             "card": None if self.card is None else {
                 "name": self.card.name, "url": self.card.url, "time": self.card.time},
@@ -682,7 +684,7 @@ def audit_bundle(
     :class:`CitynodeError` if the file cannot be read.
     """
     expected = parse_node_id(origin_node_id)
-    oid = node_id(expected)
+    oid = canonical_id(origin_node_id)  # cn1 or cn2, as the auditor was given it
     named = list(dict.fromkeys(parse_node_id(w) for w in witnesses))
     if quorum < 0 or quorum > len(named) or (quorum and not named):
         raise ValueError(f"a quorum of {quorum} with {len(named)} witness(es) named")

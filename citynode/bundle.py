@@ -50,6 +50,7 @@ from citynode.core import encoding
 from citynode.core.cards import open_card
 from citynode.core.chain import ForkProof
 from citynode.core.checkpoints import SplitViewProof
+from citynode.core.keylog import identity_id
 from citynode.core.keys import Verifier, node_id
 from citynode.core.records import check_feed_name, decode_envelope, decode_record
 from citynode.core.types import ERASURE_FEED
@@ -603,7 +604,9 @@ def export_from_storage(
     or nothing is held of ``origin``, :class:`InvalidRecord` for a card of another node,
     :class:`StorageError` from reads.
     """
-    oid = node_id(origin)
+    # A cn2 origin (its key log kept here) by its cn2 id, as its operators give it.
+    oid = (identity_id(origin) if storage.get_meta("keylog:" + origin.hex()) is not None
+           else node_id(origin))
     held = {f.feed: f.count for f in storage.feeds() if f.origin == origin}
     if feeds is None:
         names = sorted(held)

@@ -326,14 +326,14 @@ def records(data_dir: Path, origin: str | None, feed: str | None, type_name: str
     try:
         from citynode.audit import stored_key_logs
 
-        stored_key_logs(st)  # so ids print as cn2 (recipients: the holders of their keys)
+        names = stored_key_logs(st)  # so readers print as cn2 (the holders of their keys)
         rows = st.query(
             RecordFilter(origin=parse_node_id(origin) if origin else None,
                          feed=feed, type=type_name),
             after_rowid=after, limit=limit,
         )
         key = load_identity(data_dir).key
-        recs = [row_json(r, key=key) for r in rows]
+        recs = [row_json(r, key=key, names=names) for r in rows]
     finally:
         st.close()
     if as_json:
@@ -358,7 +358,7 @@ def feeds(data_dir: Path, as_json: bool) -> None:
     The state (live, silent, lagging, withheld, dead, unknown) is the running node's;
     of a node that is not running, from the newest liveness statements it kept (it
     heard nothing since it stopped)."""
-    from citynode.core.keys import node_id
+    from citynode.audit import stored_key_logs
     from citynode.render import iso_time
 
     _require_dir(data_dir)
@@ -366,10 +366,11 @@ def feeds(data_dir: Path, as_json: bool) -> None:
     st = _open_storage(data_dir)
     try:
         rows = st.feeds()
+        names = stored_key_logs(st)  # cn2 origins print as cn2, as the node names them
     finally:
         st.close()
     out: list[dict[str, Any]] = [
-        {"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "count": r.count,
+        {"origin": names.name(r.origin), "feed": r.feed, "seq": r.seq, "count": r.count,
          "head": r.head.hex(), "last_time": r.last_time} for r in rows]
     held = {(o["origin"], o["feed"]) for o in out}
     # Feeds heard of (a signed statement, a card) of which no record is held.
@@ -702,17 +703,18 @@ def check(data_dir: Path, as_json: bool) -> None:
 @JSON_OPTION
 def forks(data_dir: Path, as_json: bool) -> None:
     """List equivocation proofs: origins that signed two different records for one seq."""
-    from citynode.core.keys import node_id
+    from citynode.audit import stored_key_logs
     from citynode.render import b64, iso_time
 
     _require_dir(data_dir)
     st = _open_storage(data_dir)
     try:
         rows = st.fork_proofs()
+        names = stored_key_logs(st)
     finally:
         st.close()
     out: list[dict[str, Any]] = [
-        {"origin": node_id(r.origin), "feed": r.feed, "seq": r.seq, "kind": r.kind,
+        {"origin": names.name(r.origin), "feed": r.feed, "seq": r.seq, "kind": r.kind,
          "found_at": r.found_at, "reported_by": r.reported_by, "proof": b64(r.proof)}
         for r in rows]
     if as_json:

@@ -203,9 +203,9 @@ class Client:
         signed after the cached history was fetched may be under a newer card: the
         history is fetched again then (at most every 30 s per origin, for a live
         stream)."""
-        from citynode.core.keys import node_id
+        from citynode.core.keylog import origin_id
 
-        origin = node_id(rec.origin)
+        origin = origin_id(rec.origin, rec.signer)
         at = self._cards_at.get(origin)
         refresh = at is not None and rec.time >= at * 1000 and time.time() - at >= 30
         return terms_in_force(await self.card_history(origin, refresh=refresh), rec.feed,

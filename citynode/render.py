@@ -12,7 +12,9 @@ import datetime as _dt
 import functools
 from typing import Any
 
-from citynode.core.keys import SigningKey, key_holder_id, node_id
+from citynode.core.keybook import CN1_NAMES, Names
+from citynode.core.keylog import origin_id
+from citynode.core.keys import SigningKey
 from citynode.core.records import (
     SEALED_TYPE,
     Record,
@@ -54,21 +56,23 @@ def jsonable(v: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=4096)
-def _node_id(key: bytes) -> str:
-    return node_id(key)
+def _origin_id(origin: bytes, signer: bytes | None) -> str:
+    return origin_id(origin, signer)
 
 
 def record_json(rec: Record, *, rowid: int | None = None,
                 key: SigningKey | None = None, envelope: bytes | None = None,
-                erased: tuple[bytes, str] | None = None) -> dict[str, Any]:
-    """The JSON view of a verified record. A sealed record shows its recipients; with
+                erased: tuple[bytes, str] | None = None,
+                names: Names = CN1_NAMES) -> dict[str, Any]:
+    """The JSON view of a verified record. A sealed record shows its recipients (named
+    by ``names``: the ``cn2`` id of a reader whose log the caller holds); with
     ``key`` of one of them it is decrypted, and ``type``/``data`` are the plaintext.
     A tombstone (payload removed) has no ``data``; it says why: ``"erased": {"by":
     erasure request id, "reason": text}`` (``erased``) or else ``"pruned": true``
     (past its feed's retention)."""
     out: dict[str, Any] = {
         "id": rec.id.hex(),
-        "origin": _node_id(rec.origin),
+        "origin": _origin_id(rec.origin, rec.signer),
         "feed": rec.feed,
         "seq": rec.seq,
         "prev": rec.prev.hex() if rec.prev else None,
@@ -79,7 +83,8 @@ def record_json(rec: Record, *, rowid: int | None = None,
         "envelope": b64(envelope if envelope is not None else rec.envelope),
     }
     if rec.sealed is not None:
-        out["sealed"] = {"to": [key_holder_id(r[0]) for r in rec.sealed.get("to", ())],
+        out["sealed"] = {"to": [names.holder_name(r[0])
+                                for r in rec.sealed.get("to", ())],
                          "ciphertext_bytes": len(rec.sealed.get("ct", b""))}
         if rec.type != SEALED_TYPE:  # already opened (citynode.client does it for readers)
             out["decrypted"] = True
@@ -115,21 +120,23 @@ def record_json(rec: Record, *, rowid: int | None = None,
 
 def stored_record_json(envelope: bytes, *, rowid: int | None = None,
                        key: SigningKey | None = None,
-                       erased: tuple[bytes, str] | None = None) -> dict[str, Any]:
+                       erased: tuple[bytes, str] | None = None,
+                       names: Names = CN1_NAMES) -> dict[str, Any]:
     """JSON view of an envelope read from our own database (verified when it was stored;
-    decoded again here, not re-verified). ``erased``: see :func:`record_json`."""
+    decoded again here, not re-verified). ``erased``, ``names``: see
+    :func:`record_json`."""
     return record_json(stored_record(envelope), rowid=rowid, key=key, envelope=envelope,
-                       erased=erased)
+                       erased=erased, names=names)
 
 
-def row_json(row: Any, *, key: SigningKey | None = None, cursor: bool = True
-             ) -> dict[str, Any]:
+def row_json(row: Any, *, key: SigningKey | None = None, cursor: bool = True,
+             names: Names = CN1_NAMES) -> dict[str, Any]:
     """JSON view of a stored row (:class:`citynode.storage.StoredRow`), tombstones
-    saying why their payload is gone."""
+    saying why their payload is gone. ``names``: see :func:`record_json`."""
     by = getattr(row, "erased_by", None)  # rows of other shapes carry full records
     erased = (by, row.erased_reason) if by is not None else None
     return stored_record_json(row.envelope, rowid=row.rowid if cursor else None, key=key,
-                              erased=erased)
+                              erased=erased, names=names)
 
 
 def parse_json_items(text: str) -> list[dict[str, Any]]:

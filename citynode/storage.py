@@ -82,7 +82,7 @@ from citynode.core.checkpoints import (
 )
 from citynode.core.erasure import entry_effect, erasures_in
 from citynode.core.filters import ALL_RECORDS, RecordFilter
-from citynode.core.keys import node_id
+from citynode.core.keylog import origin_id
 from citynode.core.records import (
     SEALED_TYPE,
     Record,
@@ -900,8 +900,9 @@ def _append_job(
             if not ok:
                 held = "nothing" if head[1] == 0 else f"up to seq {head[1]}"
                 raise ChainError(
-                    f"record seq {r.seq} of feed {r.feed!r} of {node_id(r.origin)} does "
-                    f"not extend the chain held ({held}): not stored",
+                    f"record seq {r.seq} of feed {r.feed!r} of "
+                    f"{origin_id(r.origin, r.signer)} does not extend the chain held "
+                    f"({held}): not stored",
                     "bad_chain",
                 )
             head[1], head[2] = r.seq, r.id

@@ -5,6 +5,8 @@ A node asks this book three questions: the key state of an origin (to verify its
 version 3 records, :func:`citynode.core.records.check_key`), the key that signs an
 identity's cards, requests and checkpoints now (its current key; for a ``cn1`` id, the
 id's own key), and how to print an identity (``cn2`` if a log is held, else ``cn1``).
+It is the one place that knows which 32-byte values are identities: whoever prints
+ids passes its book (:class:`Names`); nothing is remembered per process.
 
 A ``cn1`` identity has no log: its 32 bytes are its key. A ``cn2`` identity ``D`` is a
 hash, so nobody can sign under it as if it were a key: treating an identity whose log
@@ -17,11 +19,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from citynode.core import keylog
-from citynode.core.keys import Verifier, node_id, note_key
+from citynode.core.keys import Verifier, node_id
 
-__all__ = ["HeldLog", "KeyBook"]
+__all__ = ["CN1_NAMES", "HeldLog", "KeyBook", "Names"]
+
+
+class Names(Protocol):
+    """How a caller prints 32-byte values it cannot tell apart itself: an identity
+    (:meth:`name`) and the holder of a signing key (:meth:`holder_name`). A
+    :class:`KeyBook` is one; :data:`CN1_NAMES` knows no identity."""
+
+    def name(self, identity: bytes) -> str: ...
+
+    def holder_name(self, key: bytes) -> str: ...
+
+
+class _Cn1Names:
+    """Names knowing no ``cn2`` identity: every value printed as a ``cn1`` id."""
+
+    def name(self, identity: bytes) -> str:
+        return node_id(identity)
+
+    def holder_name(self, key: bytes) -> str:
+        return node_id(key)
+
+
+#: Names for a caller holding no key log.
+CN1_NAMES: Names = _Cn1Names()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +79,6 @@ class KeyBook:
         self._held[identity] = held
         for w in held.state.keys:
             self._owner[w.key] = identity
-            note_key(w.key, identity)
 
     def owner(self, key: bytes) -> bytes:
         """The identity whose held log names ``key`` as a signing key, else ``key``
@@ -88,6 +114,12 @@ class KeyBook:
     def name(self, identity: bytes) -> str:
         """The printable id: ``cn2`` when a log is held, else ``cn1``."""
         return keylog.identity_id(identity) if identity in self._held else node_id(identity)
+
+    def holder_name(self, key: bytes) -> str:
+        """The printable id of the node holding signing key ``key`` (a sealed record's
+        recipient): the ``cn2`` id of the identity whose held log names it, else the
+        ``cn1`` id of the key."""
+        return self.name(self.owner(key))
 
     def offer(self, identity: bytes, log: bytes | Sequence[bytes], *, verifier: Verifier,
               now_ms: int | None = None) -> keylog.LogDecision:

@@ -38,7 +38,7 @@ from citynode.core.keys import (
     _ID_WHITESPACE,
     SigningKey,
     Verifier,
-    note_identity,
+    node_id,
     seal_secret_key,
     unseal_secret_key,
 )
@@ -77,6 +77,7 @@ __all__ = [
     "identity_of",
     "incept",
     "open_event",
+    "origin_id",
     "parse_event_body",
     "parse_identity_id",
     "parse_recovery_phrase",
@@ -142,6 +143,13 @@ def identity_of(inception_body: bytes) -> bytes:
 
 def _id_checksum(identity: bytes) -> bytes:
     return _sha256(_ID_CHECKSUM_DOMAIN + identity).digest()[:3]
+
+
+def origin_id(origin: bytes, signer: bytes | None) -> str:
+    """The printable id of a record's or checkpoint's origin: a ``cn2`` id when it
+    names the key that signed it (``signer``: body version 3, whose origin is an
+    identity ``D``), else the ``cn1`` id of the origin key that signed it."""
+    return identity_id(origin) if signer is not None else node_id(origin)
 
 
 def identity_id(identity: bytes) -> str:
@@ -502,7 +510,6 @@ def _fold(identity: bytes, events: Sequence[KeyEvent], now_ms: int | None) -> Ke
     state = _inception_state(first)
     if state.identity != identity:
         raise _fail("the inception does not hash to this node id", "wrong_identity")
-    note_identity(identity)  # printed as cn2 from now on (the id asked for, nothing else)
     if now_ms is not None and first.time > now_ms + DEFAULT_FUTURE_TOLERANCE_MS:
         raise _fail("key event is dated in the future: check the origin's clock",
                     "future_time")

@@ -37,10 +37,7 @@ __all__ = [
     "SigningKey",
     "Verifier",
     "canonical_id",
-    "key_holder_id",
     "node_id",
-    "note_identity",
-    "note_key",
     "parse_node_id",
     "seal_secret_key",
     "unseal_secret_key",
@@ -62,45 +59,15 @@ def _checksum(public_key: bytes) -> bytes:
     return hashlib.sha256(_ID_CHECKSUM_DOMAIN + public_key).digest()[:3]
 
 
-#: The 32-byte values known to be cn2 identities (``D``, never a key): a key log of
-#: each verified in this process (core/keybook.py, NodeKey). Only printing reads it:
-#: programs compare the 32 bytes, and a value is a key or a digest, never both.
-_CN2_IDENTITIES: set[bytes] = set()
-
-
-#: Signing key -> the cn2 identity whose verified log names it (for printing only).
-_KEY_OWNERS: dict[bytes, bytes] = {}
-
-
-def note_key(key: bytes, identity: bytes) -> None:
-    """Remember that a verified key log of ``identity`` names ``key`` (see
-    :func:`key_holder_id`)."""
-    _KEY_OWNERS[key] = identity
-
-
-def key_holder_id(key: bytes) -> str:
-    """The printable id of the node holding ``key``: the cn2 id of the identity whose
-    verified log names it (a sealed record's recipient is a key), else the cn1 id."""
-    owner = _KEY_OWNERS.get(key)
-    return node_id(key if owner is None else owner)
-
-
-def note_identity(identity: bytes) -> None:
-    """Remember that ``identity`` is a cn2 identity (a verified key log founds it), so
-    :func:`node_id` prints it as ``cn2...``."""
-    _CN2_IDENTITIES.add(identity)
-
-
 def node_id(public_key: bytes) -> str:
-    """Return the printable node id of 32 bytes: ``cn2...`` for an identity whose key
-    log was verified in this process (:func:`note_identity`), else the ``cn1`` id of
-    an Ed25519 public key."""
+    """Return the ``cn1`` id of an Ed25519 public key (32 bytes). The bytes alone do not
+    say whether they are a key or a ``cn2`` identity ``D``: whoever knows (a key log
+    held, a record of body version 3) names an identity with
+    :func:`citynode.core.keylog.identity_id`, or asks a
+    :class:`citynode.core.keybook.KeyBook`. Raises :class:`InvalidNodeId` for a value
+    that is not 32 bytes."""
     if len(public_key) != 32:
         raise InvalidNodeId(f"a public key is 32 bytes, not {len(public_key)}")
-    if public_key in _CN2_IDENTITIES:
-        from citynode.core.keylog import identity_id  # keylog imports this module
-
-        return identity_id(public_key)
     raw = public_key + _checksum(public_key)
     return NODE_ID_PREFIX + base64.b32encode(raw).decode("ascii").lower()
 
@@ -205,8 +172,10 @@ class NodeKey(SigningKey):
         #: them): they still open the payloads sealed to them.
         self.retired: tuple[SigningKey, ...] = retired
         self.identity: bytes = self.public_key if identity is None else identity
-        if log is not None:
-            note_identity(self.identity)
+        if name is None and log is not None:
+            from citynode.core.keylog import identity_id  # keylog imports this module
+
+            name = identity_id(self.identity)
         self._id = name if name is not None else node_id(self.identity)
         self.log: bytes | None = log  # the key log's wire bytes (cn2 only)
 

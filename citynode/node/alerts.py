@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 from citynode.config import Config
 from citynode.core import alerts as ca
-from citynode.core.keys import SigningKey, node_id
+from citynode.core.keybook import CN1_NAMES, Names
+from citynode.core.keys import SigningKey
 from citynode.core.replica import Replica
 from citynode.errors import PeerError, PeerRejected
 from citynode.logs import fields
@@ -75,8 +76,10 @@ class Alerts:
 
     def __init__(self, *, config: Config, key: SigningKey, data_dir: Path,
                  partners: Partners, checkpoints: Checkpoints, replica: Replica,
-                 storage: Storage, metrics: Metrics, now_ms: Callable[[], int]) -> None:
+                 storage: Storage, metrics: Metrics, now_ms: Callable[[], int],
+                 names: Names = CN1_NAMES) -> None:
         self.cfg = config.alerts
+        self.names = names  # how origins print (the node's key logs: cn2 ids)
         self.key = key
         self.node = key.node_id
         self.data_dir = data_dir
@@ -137,7 +140,7 @@ class Alerts:
             # Proofs are only added: re-read their kinds when the set grew.
             self._forks_seen = len(self.replica.forked)
             rows = await in_thread(self.storage.fork_proofs)
-            self._forks = [(node_id(r.origin), r.feed, r.seq, r.kind) for r in rows]
+            self._forks = [(self.names.name(r.origin), r.feed, r.seq, r.kind) for r in rows]
         me = getattr(self.key, "identity", self.key.public_key)
         own = [ca.OwnFeed(str(s["feed"]), s["cadence_s"],  # type: ignore[arg-type]
                           str(s["state"]), s["signed_time"])  # type: ignore[arg-type]

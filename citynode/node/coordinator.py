@@ -143,7 +143,7 @@ class Node:
         self.alerts = Alerts(config=config, key=self.key, data_dir=data_dir,
                              partners=self.partners, checkpoints=self.checkpoints,
                              replica=self.replica, storage=storage, metrics=self.metrics,
-                             now_ms=self.now_ms)
+                             now_ms=self.now_ms, names=self.policy.keys)
         self.leader = Leader(
             storage=storage, gained=self._lead_gained, lost=self._lead_lost,
             address=((own_address(config), identity.cert_fingerprint) if storage.shared

@@ -26,7 +26,6 @@ from citynode.config import Config
 from citynode.core import replica as rp
 from citynode.core import sync
 from citynode.core.chain import ForkProof
-from citynode.core.keys import node_id
 from citynode.core.records import (
     Record,
     decode_record,
@@ -150,14 +149,14 @@ class Gossip:
         if not await self.policy.lacks_history(origin, time_ms):
             return
         try:
-            envs = await link.client.card_history(node_id(origin))
+            envs = await link.client.card_history(self.policy.name(origin))
         except PeerError as exc:
             log.info("card history not fetched", extra=fields(
-                partner=link.row.name, origin=node_id(origin), error=str(exc)))
+                partner=link.row.name, origin=self.policy.name(origin), error=str(exc)))
             return
         n = await self.policy.learn_history(origin, envs)
         log.debug("card history fetched", extra=fields(
-            partner=link.row.name, origin=node_id(origin), cards=n))
+            partner=link.row.name, origin=self.policy.name(origin), cards=n))
 
     # ------------------------------------------------------------------ the timer task
 
@@ -321,11 +320,12 @@ class Gossip:
             if a.kind == "fork":
                 log.warning("equivocation detected: the origin signed two different "
                             "records for one seq",
-                            extra=fields(origin=node_id(a.origin), feed=a.feed, seq=a.seq))
+                            extra=fields(origin=self.policy.name(a.origin), feed=a.feed, seq=a.seq))
             else:
                 log.warning("split view: the origin signed two different checkpoints of "
                             "one size",
-                            extra=fields(origin=node_id(a.origin), feed=a.feed, size=a.seq))
+                            extra=fields(origin=self.policy.name(a.origin), feed=a.feed,
+                                         size=a.seq))
             self.publisher.note_fork(a.origin, a.feed, a.seq)
         elif isinstance(a, rp.Paused):
             log.warning("publishing paused", extra=fields(feed=a.feed, reason=a.reason))
@@ -334,7 +334,7 @@ class Gossip:
         elif isinstance(a, rp.Confirmed):
             self.storage.clear_restored()
             log.info("every partner confirmed this restored node's heads: publishing allowed",
-                     extra=fields(partner=node_id(a.peer)))
+                     extra=fields(partner=self.policy.name(a.peer)))
         else:
             self._send(a)
 

@@ -448,7 +448,7 @@ class Policy:
     def untrusted(self, origin: bytes) -> InvalidRecord:
         """The refusal of a record of an origin the trust policy does not accept."""
         return InvalidRecord(
-            f"origin {node_id(origin)} is not trusted by this node's policy "
+            f"origin {self.name(origin)} is not trusted by this node's policy "
             f"({self.config.federation.accept})", "untrusted_origin")
 
     def knows_key(self, key: bytes) -> bool:

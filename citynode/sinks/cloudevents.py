@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from citynode.core.keys import node_id
+from citynode.core.keylog import origin_id
 from citynode.core.records import Record, stored_record
 from citynode.errors import InvalidRecord
 from citynode.render import iso_time, jsonable
@@ -49,9 +49,10 @@ _SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 
 
 @functools.lru_cache(maxsize=4096)
-def source_of(origin: bytes, feed: str) -> str:
-    """``urn:citynode:<origin node id>:<feed>`` (cached: one per feed, every event)."""
-    return f"urn:citynode:{node_id(origin)}:{feed}"
+def source_of(origin: bytes, feed: str, signer: bytes | None = None) -> str:
+    """``urn:citynode:<origin node id>:<feed>`` (cached: one per feed, every event);
+    ``signer``: the record's signing key when it names one (a cn2 origin)."""
+    return f"urn:citynode:{origin_id(origin, signer)}:{feed}"
 
 
 def event_attributes(rec: Record, envelope: bytes) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def event_attributes(rec: Record, envelope: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {
         "specversion": "1.0",
         "id": rec.id.hex(),
-        "source": source_of(rec.origin, rec.feed),
+        "source": source_of(rec.origin, rec.feed, rec.signer),
         "type": EVENT_TYPE,
         "time": iso_time(rec.time),
         "datacontenttype": "application/json",

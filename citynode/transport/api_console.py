@@ -51,7 +51,6 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from citynode import __version__
-from citynode.core.keys import node_id
 from citynode.identity import check_token
 from citynode.logs import fields
 from citynode.transport.web import NODE_KEY, error_response, in_thread
@@ -520,7 +519,7 @@ async def operator_view(request: web.Request) -> web.Response:
         cadence = _cadence_seconds(cfg) if own else node.policy.cadence_of(r.origin, r.feed)
         age_s = max(0.0, (now - r.last_time) / 1000)
         feeds.append({
-            "origin": node_id(r.origin), "feed": r.feed, "own": own, "seq": r.seq,
+            "origin": node.policy.name(r.origin), "feed": r.feed, "own": own, "seq": r.seq,
             "head": r.head.hex(), "count": r.count, "last_time": r.last_time,
             "age_s": age_s, "access": node.feed_access(r.feed) if own else None,
             "cadence_s": cadence,
@@ -533,7 +532,7 @@ async def operator_view(request: web.Request) -> web.Response:
             checkpoints.append({"feed": r.feed, "size": size, "head": r.seq,
                                 "behind": max(0, r.seq - size),
                                 "root": held[-1][1].hex() if held else None})
-    forks = [{"origin": node_id(f.origin), "feed": f.feed, "seq": f.seq, "kind": f.kind,
+    forks = [{"origin": node.policy.name(f.origin), "feed": f.feed, "seq": f.seq, "kind": f.kind,
               "found_at": f.found_at, "reported_by": f.reported_by}
              for f in await in_thread(node.storage.fork_proofs)]
     node.metrics.db_size.set(await node.reads.db_size())

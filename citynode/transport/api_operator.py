@@ -10,7 +10,6 @@ from typing import cast
 from aiohttp import web
 
 from citynode.core.cards import card_to_json
-from citynode.core.keys import node_id
 from citynode.core.liveness import STATES
 from citynode.errors import NoLeader
 from citynode.node.leader import FORWARDED_HEADER
@@ -55,7 +54,7 @@ async def metrics(request: web.Request) -> web.Response:
         counts[str(f["state"])] += 1
     for state, n in counts.items():
         node.metrics.liveness.labels(state).set(n)
-    node.metrics.set_feed_states([(node_id(cast(bytes, f["origin"])), str(f["feed"]),
+    node.metrics.set_feed_states([(node.policy.name(cast(bytes, f["origin"])), str(f["feed"]),
                                    str(f["state"])) for f in states], node.node_id)
     return web.Response(body=node.metrics.render(), content_type="text/plain")
 
@@ -242,7 +241,7 @@ async def liveness(request: web.Request) -> web.Response:
         if not operator and not node.policy.may_list(origin, feed, caller):
             continue
         terms = node.policy.current_terms(origin, feed)
-        out.append({**f, "origin": node_id(origin),
+        out.append({**f, "origin": node.policy.name(origin),
                     "terms": terms.terms() if terms is not None else None,
                     "retention_days": terms.retention_days if terms is not None else None})
     return web.json_response({"feeds": out})

@@ -86,7 +86,7 @@ async def get_record(request: web.Request) -> web.Response:
     if wants_json(request):
         erased = await node.reads.erasure_of(rid) if env[-1] == 0xC0 else None
         return web.json_response(stored_record_json(env, key=decrypt_key(request),
-                                                    erased=erased))
+                                                    erased=erased, names=node.policy.keys))
     return web.Response(body=env, content_type=MSGPACK)
 
 
@@ -101,8 +101,8 @@ async def _readable_feeds(request: web.Request, caller: bytes | None
         caller)]
 
 
-def _render_page(rows: list[Any], key: Any) -> list[dict[str, Any]]:
-    return [row_json(r, key=key) for r in rows]
+def _render_page(rows: list[Any], key: Any, names: Any) -> list[dict[str, Any]]:
+    return [row_json(r, key=key, names=names) for r in rows]
 
 
 @takes(*FILTER_PARAMS, "after", "limit", "format")
@@ -129,7 +129,7 @@ async def list_records(request: web.Request) -> web.Response:
         return await ngsi_ld_page(request, rows, nxt)
     if wants_json(request):
         # Rendering a page can take a while (large payloads): not on the event loop.
-        page = await in_thread(_render_page, rows, decrypt_key(request))
+        page = await in_thread(_render_page, rows, decrypt_key(request), node.policy.keys)
         # Issue 13: each record with the terms in force when it was signed.
         terms = await node.policy.terms_json([(r.origin, r.feed, r.time) for r in rows])
         for item, t in zip(page, terms, strict=True):
@@ -139,14 +139,12 @@ async def list_records(request: web.Request) -> web.Response:
 
 
 async def list_feeds(request: web.Request) -> web.Response:
-    from citynode.core.keys import node_id
-
     node = request.app[NODE_KEY]
     caller = await signed_caller(request)
     rows = await node.reads.listable_feeds(caller, operator=is_operator(request))
     out = [
         {
-            "origin": node_id(r.origin),
+            "origin": node.policy.name(r.origin),
             "feed": r.feed,
             "seq": r.seq,
             "head": r.head.hex(),

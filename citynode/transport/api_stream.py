@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from citynode.core.keys import node_id
+from citynode.core.keybook import CN1_NAMES, Names
 from citynode.errors import (
     QueryTooSlow,
 )
@@ -36,10 +36,11 @@ __all__ = [
     "stream",
 ]
 
-def sse_event(row: Any, key: Any = None) -> str:
+def sse_event(row: Any, key: Any = None, names: Names = CN1_NAMES) -> str:
     """One Server-Sent Event for a stored row: ``id`` (its cursor), ``event: record`` and
-    the JSON record as ``data`` (JSON has no raw newlines, so one data line)."""
-    data = json.dumps(row_json(row, key=key, cursor=False))
+    the JSON record as ``data`` (JSON has no raw newlines, so one data line);
+    ``names``: who the recipients of a sealed record are (the node's key logs)."""
+    data = json.dumps(row_json(row, key=key, cursor=False, names=names))
     # CRLF, as aiohttp-sse frames its keep-alive pings on the same stream.
     return f"id: {row.rowid}\r\nevent: record\r\ndata: {data}\r\n\r\n"
 
@@ -65,7 +66,7 @@ class _TermsInForce:
             k = (origin, feed)
             if k not in self.sent or self.sent[k] != t:
                 self.sent[k] = t
-                entry = {"origin": node_id(origin), "feed": feed,
+                entry = {"origin": self.node.policy.name(origin), "feed": feed,
                          "terms": None if t is None
                          else {x: y for x, y in t.items() if x != "card_time"},
                          "card_time": None if t is None else t["card_time"]}
@@ -158,9 +159,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if envelope_only:
         render = sse_envelope_event
     elif key is not None:
-        render = functools.partial(sse_event, key=key)
+        render = functools.partial(sse_event, key=key, names=node.policy.keys)
     else:
-        render = sse_event
+        render = functools.partial(sse_event, names=node.policy.keys)
     # Streams that see the same rows share the tail's matching and rendering (the
     # operator's, decrypting with its key, is a group of its own).
     group = None if key is not None else (where, caller, is_operator(request), fmt)

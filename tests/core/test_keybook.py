@@ -141,3 +141,40 @@ def test_v2_body_with_key_and_v3_without_are_refused() -> None:
             open_record(body, K[0].sign(DOMAIN_RECORD, body), rec.payload, now_ms=NOW,
                         verifier=V, key_states=KeyBook().state)
         assert exc.value.reason == reason
+
+
+def test_how_an_id_prints_depends_on_the_book_asked_not_on_what_was_verified_before() -> None:
+    from citynode.core.keybook import CN1_NAMES
+    from citynode.core.keylog import identity_id, origin_id
+    from citynode.core.keys import node_id
+
+    inc = incept(K[0], K[1].public_key, Q[0].public_key, T0)
+    d = identity_of(inc.body)
+    book, other = KeyBook(), KeyBook()
+    book.offer(d, [inc.envelope], verifier=V)
+    keylog.verify_log(d, [inc.envelope], verifier=V)  # verified again, elsewhere
+    # The book that holds the log names D (and the holder of its key) cn2; another book,
+    # the bare function and the names that know no log say what the 32 bytes are alone.
+    assert book.name(d) == identity_id(d) and book.holder_name(K[0].public_key) == \
+        identity_id(d)
+    assert other.name(d) == node_id(d) == CN1_NAMES.name(d)
+    assert node_id(d).startswith("cn1") and other.holder_name(K[0].public_key) == \
+        node_id(K[0].public_key)
+    # A record names its kind itself: version 3 (a signing key named) is a cn2 origin.
+    rec = _rec(K[0], d, 1, None)
+    assert origin_id(rec.origin, rec.signer) == identity_id(d)
+    assert origin_id(K[0].public_key, None) == node_id(K[0].public_key)
+
+
+def test_the_core_keeps_no_table_of_identities() -> None:
+    """No module of keys, key logs or key books holds a mutable table (what printed ids
+    used to depend on), apart from keylog's constant field sets per event type."""
+    import citynode.core.keybook as kb
+    import citynode.core.keylog as kl
+    import citynode.core.keys as ks
+
+    tables = {(mod.__name__, name) for mod in (ks, kl, kb)
+              for name, value in vars(mod).items()
+              if isinstance(value, set | dict | list) and not name.startswith("__")}
+    assert tables == {("citynode.core.keylog", "_FIELDS")}
+    assert all(isinstance(v, frozenset) for v in kl._FIELDS.values())
