@@ -205,7 +205,7 @@ class Client:
         stream)."""
         from citynode.core.keylog import origin_id
 
-        origin = origin_id(rec.origin, rec.signer)
+        origin = origin_id(rec.origin, rec.key)
         at = self._cards_at.get(origin)
         refresh = at is not None and rec.time >= at * 1000 and time.time() - at >= 30
         return terms_in_force(await self.card_history(origin, refresh=refresh), rec.feed,

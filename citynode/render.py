@@ -56,8 +56,8 @@ def jsonable(v: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=4096)
-def _origin_id(origin: bytes, signer: bytes | None) -> str:
-    return origin_id(origin, signer)
+def _origin_id(origin: bytes, key: bytes | None) -> str:
+    return origin_id(origin, key)
 
 
 def record_json(rec: Record, *, rowid: int | None = None,
@@ -72,7 +72,7 @@ def record_json(rec: Record, *, rowid: int | None = None,
     (past its feed's retention)."""
     out: dict[str, Any] = {
         "id": rec.id.hex(),
-        "origin": _origin_id(rec.origin, rec.signer),
+        "origin": _origin_id(rec.origin, rec.key),
         "feed": rec.feed,
         "seq": rec.seq,
         "prev": rec.prev.hex() if rec.prev else None,

@@ -901,7 +901,7 @@ def _append_job(
                 held = "nothing" if head[1] == 0 else f"up to seq {head[1]}"
                 raise ChainError(
                     f"record seq {r.seq} of feed {r.feed!r} of "
-                    f"{origin_id(r.origin, r.signer)} does not extend the chain held "
+                    f"{origin_id(r.origin, r.key)} does not extend the chain held "
                     f"({held}): not stored",
                     "bad_chain",
                 )

@@ -145,11 +145,11 @@ def _id_checksum(identity: bytes) -> bytes:
     return _sha256(_ID_CHECKSUM_DOMAIN + identity).digest()[:3]
 
 
-def origin_id(origin: bytes, signer: bytes | None) -> str:
-    """The printable id of a record's or checkpoint's origin: a ``cn2`` id when it
-    names the key that signed it (``signer``: body version 3, whose origin is an
-    identity ``D``), else the ``cn1`` id of the origin key that signed it."""
-    return identity_id(origin) if signer is not None else node_id(origin)
+def origin_id(origin: bytes, key: bytes | None) -> str:
+    """The printable id of a record's or checkpoint's origin: a ``cn2`` id when the body
+    names the key that signed it (``key``, e.g. ``Record.key``: body version 3, whose
+    origin is an identity ``D``), else (None) the ``cn1`` id of the origin key."""
+    return identity_id(origin) if key is not None else node_id(origin)
 
 
 def identity_id(identity: bytes) -> str:

@@ -49,10 +49,10 @@ _SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 
 
 @functools.lru_cache(maxsize=4096)
-def source_of(origin: bytes, feed: str, signer: bytes | None = None) -> str:
+def source_of(origin: bytes, feed: str, key: bytes | None = None) -> str:
     """``urn:citynode:<origin node id>:<feed>`` (cached: one per feed, every event);
-    ``signer``: the record's signing key when it names one (a cn2 origin)."""
-    return f"urn:citynode:{origin_id(origin, signer)}:{feed}"
+    ``key``: the signing key the record names (version 3: a cn2 origin), else None."""
+    return f"urn:citynode:{origin_id(origin, key)}:{feed}"
 
 
 def event_attributes(rec: Record, envelope: bytes) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def event_attributes(rec: Record, envelope: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {
         "specversion": "1.0",
         "id": rec.id.hex(),
-        "source": source_of(rec.origin, rec.feed, rec.signer),
+        "source": source_of(rec.origin, rec.feed, rec.key),
         "type": EVENT_TYPE,
         "time": iso_time(rec.time),
         "datacontenttype": "application/json",

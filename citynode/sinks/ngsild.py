@@ -64,7 +64,7 @@ def entity_id(rec: Record) -> str:
             not any(c.isspace() for c in rec.subject):
         return rec.subject
     tail = quote(rec.subject, safe=_URN_SAFE) if rec.subject is not None else str(rec.seq)
-    return (f"urn:ngsi-ld:{quote(rec.type, safe=_URN_SAFE)}:{origin_id(rec.origin, rec.signer)}:"
+    return (f"urn:ngsi-ld:{quote(rec.type, safe=_URN_SAFE)}:{origin_id(rec.origin, rec.key)}:"
             f"{quote(rec.feed, safe=_URN_SAFE)}:{tail}")
 
 
@@ -113,7 +113,7 @@ def entity_of(rec: Record, envelope: bytes) -> dict[str, Any]:
                     name.startswith("citynode") or _BAD_NAME_RE.search(name):
                 continue
             ent[name] = _attribute(name, value, observed)
-    prov = {"citynodeOrigin": origin_id(rec.origin, rec.signer), "citynodeFeed": rec.feed,
+    prov = {"citynodeOrigin": origin_id(rec.origin, rec.key), "citynodeFeed": rec.feed,
             "citynodeSeq": rec.seq, "citynodeRecordId": rec.id.hex(),
             "citynodeSignature": base64.b64encode(rec.sig).decode("ascii"),
             "citynodeEnvelope": base64.b64encode(envelope).decode("ascii")}

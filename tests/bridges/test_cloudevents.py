@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from citynode.core.keys import Verifier, node_id
+from citynode.core.keylog import origin_id
+from citynode.core.keys import Verifier
 from citynode.core.records import decode_record, open_record
 from citynode.errors import ConfigError
 from citynode.node import Node
@@ -132,7 +133,7 @@ async def test_events_conform_and_carry_a_verifiable_record(
         # it fetches once from GET /v1/keylog; here the node's own held log)
         rec = open_record(body, sig, payload, now_ms=n.now_ms(), verifier=Verifier(),
                           key_states=n.policy.keys.state)
-        assert rec.id.hex() == e.get_id() and node_id(rec.origin) == n.node_id
+        assert rec.id.hex() == e.get_id() and origin_id(rec.origin, rec.key) == n.node_id
         assert rec.data == data and rec.subject == e.get_subject()
         assert e.get_time() is not None
     # nothing of the other type was sent

@@ -162,7 +162,7 @@ def test_how_an_id_prints_depends_on_the_book_asked_not_on_what_was_verified_bef
         node_id(K[0].public_key)
     # A record names its kind itself: version 3 (a signing key named) is a cn2 origin.
     rec = _rec(K[0], d, 1, None)
-    assert origin_id(rec.origin, rec.signer) == identity_id(d)
+    assert origin_id(rec.origin, rec.key) == identity_id(d)
     assert origin_id(K[0].public_key, None) == node_id(K[0].public_key)
 
 

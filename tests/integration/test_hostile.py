@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from citynode.cli import main as cli_main
 from citynode.cluster import Cluster, LocalNode, set_config
 from citynode.core.chain import ForkProof, verify_fork_proof
-from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
+from citynode.core.keylog import origin_id
+from citynode.core.keys import DOMAIN_RECORD, Verifier, parse_node_id
 from citynode.core.records import Record, encode_record, make_body, sign_record
 from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
@@ -273,7 +274,7 @@ async def test_equivocation_keeps_the_first_and_spreads_the_proof(
         assert len(forks_h) == 1, forks_h
         for n in (h, y):
             assert total(await metrics(n), "citynode_forks_detected_total") == 1, n.name
-    assert node_id(first.origin) == ar.xid
+    assert origin_id(first.origin, first.key) == ar.xid
 
 
 async def test_oversized_and_garbage_batches_are_rejected_and_counted(
