@@ -20,7 +20,7 @@ import pytest
 from citynode import storage as storage_mod
 from citynode.audit import check_storage, stored_key_logs
 from citynode.core import checkpoints as cps
-from citynode.core.keys import Verifier, node_id
+from citynode.core.keys import Verifier
 from citynode.core.records import decode_record
 from citynode.errors import StorageError
 from citynode.storage import SCHEMA_VERSION, Storage
@@ -47,23 +47,23 @@ def test_an_earlier_release_database_opens_migrated_and_intact(db: Path, tmp_pat
         report = check_storage(st)
         assert report.problems == [] and report.records == sum(
             h[2] for h in facts["heads"].values())
-        heads = {f"{node_id(f.origin)}/{f.feed}": [f.seq, f.head.hex(), f.count]
+        # From schema 10 on the fixture's node is cn2: its checkpoints verify under the
+        # key log it keeps, and its id prints as cn2 by that log.
+        book = stored_key_logs(st)
+        heads = {f"{book.name(f.origin)}/{f.feed}": [f.seq, f.head.hex(), f.count]
                  for f in st.feeds()}
         assert heads == facts["heads"]
         verifier = Verifier()
-        # From schema 10 on the fixture's node is cn2: its checkpoints verify under the
-        # key log it keeps.
-        book = stored_key_logs(st)
         for f in st.feeds():
             held = st.checkpoints(f.origin, f.feed)
-            want = facts["checkpoints"][f"{node_id(f.origin)}/{f.feed}"]
+            want = facts["checkpoints"][f"{book.name(f.origin)}/{f.feed}"]
             assert [[size, root.hex()] for size, root, _e in held] == want
             for size, root, env in held:
                 assert cps.open_checkpoint(env, verifier=verifier,
                                            key_states=book.state).root == root
                 ids = [decode_record(e)[0] for e in st.range(f.origin, f.feed, 1, size, size)]
                 assert cps.root_of(hashlib.sha256(b).digest() for b in ids) == root
-        kept = {f"{node_id(o)}/{f}": [size, t] for o, f, size, t, _r, _e, _g
+        kept = {f"{book.name(o)}/{f}": [size, t] for o, f, size, t, _r, _e, _g
                 in st.liveness(1000)}
         assert kept == facts.get("liveness", {})  # none before schema 7
         for rid in facts["erased"]:
