@@ -1770,8 +1770,9 @@ class Storage:
         return [r[0] for r in self._all(
             "SELECT envelope FROM card_history WHERE node = ? ORDER BY time", (node,))]
 
-    def set_meta(self, key: str, value: bytes) -> Future[None]:
-        """Set a node-wide value (insert or replace)."""
+    def set_meta(self, key: str, value: bytes, *, durable: bool = False) -> Future[None]:
+        """Set a node-wide value (insert or replace); ``durable``: committed as an own
+        record is (it survives a crash of the database server, not only of the node)."""
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -1780,7 +1781,7 @@ class Storage:
                 (key, value),
             )
 
-        return self._submit(run)
+        return self._submit(run, durable=durable)
 
     # ------------------------------------------------------------------ restored mark
 
@@ -1792,8 +1793,9 @@ class Storage:
         return value.decode("utf-8", "replace") if value is not None else None
 
     def mark_restored(self, why: str) -> Future[None]:
-        """Mark the database restored (``citynode restore`` does)."""
-        return self.set_meta(_RESTORED, why.encode())
+        """Mark the database restored (``citynode restore`` does); durable: a mark
+        lost in a crash would let own feeds be signed again on seqs partners hold."""
+        return self.set_meta(_RESTORED, why.encode(), durable=True)
 
     def clear_restored(self) -> Future[None]:
         """A partner confirmed this node's heads (or the operator took the risk)."""
@@ -1801,7 +1803,7 @@ class Storage:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM meta WHERE key = ?", (_RESTORED,))
 
-        return self._submit(run)
+        return self._submit(run, durable=True)
 
     def barrier(self) -> Future[None]:
         """Done once every write queued before it has landed (it writes nothing: it

@@ -15,10 +15,11 @@ What differs is below the jobs:
   cursor of streams never skips a row committed late) and a chain is re-checked under
   the lock. The UNIQUE index on (chain, seq) is the last guard: two processes can never
   store two records at one position of a feed.
-* Durable before acknowledging: a batch holding a durable job commits with
-  ``synchronous_commit = on`` (the commit waits for the server's WAL flush); others with
-  ``off`` (safe against a crash of the node, not of the database server), as SQLite's
-  FULL and NORMAL.
+* Durable before acknowledging: a batch holding a durable job (own records, the
+  restored mark, the leader's address) commits with ``synchronous_commit = on`` (the
+  server's WAL flush, and a synchronous standby's when one is configured); others with
+  ``local`` (the server's own WAL flush: safe against a crash of the node and of the
+  server; a failover may lose the last of them), at least SQLite's NORMAL.
 * Bounded reads: every read connection has a ``statement_timeout``
   (:data:`READ_TIMEOUT_S`), and a query with its own ``time_limit`` sets a shorter one
   for its transaction; the server stops the statement (:class:`QueryTooSlow`).
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -68,6 +70,12 @@ __all__ = ["PG_MIGRATIONS", "READ_TIMEOUT_S", "WRITE_LOCK", "PgStorage", "is_pg_
 WRITE_LOCK = 0x636E6F6401
 MIGRATE_LOCK = 0x636E6F6402
 LEADER_LOCK = 0x636E6F6403
+#: ``synchronous_commit`` of a batch without a durable job (partners' records, sink
+#: outbox, cursors): ``local`` waits for the server's own WAL flush, not a synchronous
+#: standby's -- nothing committed is lost in a crash of the node or of the database
+#: server (``off`` could lose the last few hundred ms of them in a server crash); a
+#: failover to a standby may lose the last of them, which partners send again.
+NON_DURABLE_COMMIT = "local"
 #: The channel of :meth:`PgStorage.listen`.
 CHANNEL = "citynode_records"
 #: No read runs longer than this on the server, whatever asked for it.
@@ -299,6 +307,10 @@ def _migrate(conn: psycopg.Connection[Any], where: str) -> int:
     (several processes may start at once). Returns the version it had (0: new).
     Raises StorageError if it is newer than this code or not a citynode database."""
     with conn.transaction():
+        # A migration (an index built on a large table) takes as long as it takes: no
+        # writer's bounds here.
+        conn.execute("SET LOCAL lock_timeout = 0")
+        conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS citynode_schema (version INTEGER NOT NULL)")
         row = conn.execute("SELECT max(version) FROM citynode_schema").fetchone()
@@ -410,24 +422,49 @@ class _Conn:
 #: with a StorageError and the next one reconnects.
 _CLIENT_KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 4,
                                      "keepalives_interval": 2, "keepalives_count": 3}
-#: And the server notices a leader gone silent the same way, and frees its lock (a
-#: killed process closes its socket at once: freed then).
-_KEEPALIVE = {"options": "-c tcp_keepalives_idle=4 -c tcp_keepalives_interval=2"
-                         " -c tcp_keepalives_count=3"}
+#: And the server notices a client gone silent the same way, on every connection, and
+#: ends its session (a killed process closes its socket at once: ended then).
+_SERVER_KEEPALIVE = ("-c tcp_keepalives_idle=4 -c tcp_keepalives_interval=2"
+                     " -c tcp_keepalives_count=3")
+#: A writer stopped inside its transaction (SIGSTOP, a hung thread) holds the writers'
+#: lock: the server ends such a session after this long idle in its transaction (its
+#: commit then fails, it never lands late), and a writer waits at most this long for
+#: the lock before its batch is retried (:data:`_LOCK_TRIES` times) or fails.
+WRITER_IDLE_S = 10.0
+_LOCK_TRIES = 3
+#: A leader that has not renewed its lease (the heartbeat on its leadership session)
+#: for this long is stopped by a follower (pg_terminate_backend on every session of
+#: that process): a leader frozen with its sockets still open (SIGSTOP, a hung event
+#: loop) -- which TCP keepalives never notice, its kernel answers them -- cannot hold
+#: the leadership, nor the writers' lock, for ever. A terminated leader's write under
+#: way fails with its session: it never lands after the takeover.
+LEASE_S = 10.0
+_WRITER_OPTIONS = (f"{_SERVER_KEEPALIVE}"
+                   f" -c idle_in_transaction_session_timeout={int(WRITER_IDLE_S * 1000)}"
+                   f" -c lock_timeout={int(WRITER_IDLE_S * 1000)}")
 
 
-def _connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
+def _connect(url: str, tag: str = "", options: str = _SERVER_KEEPALIVE, **kwargs: Any
+             ) -> psycopg.Connection[Any]:
+    """A connection named ``citynode TAG`` (every session of one storage carries its
+    tag: a follower can end them all, :class:`_Leadership`)."""
     return psycopg.connect(url, connect_timeout=_CONNECT_TIMEOUT_S,
-                           application_name="citynode", **_CLIENT_KEEPALIVE, **kwargs)
+                           application_name=f"citynode {tag}".strip(),
+                           options=options, **_CLIENT_KEEPALIVE, **kwargs)
 
 
 class _Leadership:
     """A session-level advisory lock (:data:`LEADER_LOCK`) on a connection of its own:
     held while that session lives. The server frees it when the process dies (its
-    socket closes) or its session is lost; then another process takes it."""
+    socket closes) or its session is lost; then another process takes it.
 
-    def __init__(self, url: str, where: str) -> None:
-        self.url, self.where = url, where
+    The lease: the holder renews it at every check (a statement on that session, whose
+    ``state_change`` in ``pg_stat_activity`` is the server's own clock); a follower that
+    finds it older than :data:`LEASE_S` ends every session of the holder's storage
+    (same ``application_name``) and takes the lock at a later check."""
+
+    def __init__(self, url: str, where: str, tag: str) -> None:
+        self.url, self.where, self.tag = url, where, tag
         self.conn: psycopg.Connection[Any] | None = None
         self.held = False
         self._lock = threading.Lock()
@@ -437,18 +474,44 @@ class _Leadership:
             try:
                 if self.conn is None or self.conn.closed or self.conn.broken:
                     self.drop()
-                    self.conn = _connect(self.url, autocommit=True, **_KEEPALIVE)
+                    self.conn = _connect(self.url, self.tag, autocommit=True)
                 if self.held:
                     self.conn.execute("SELECT 1")  # the session lives: the lock is ours
                     return True
                 row = self.conn.execute("SELECT pg_try_advisory_lock(%s)",
                                         (LEADER_LOCK,)).fetchone()
                 self.held = bool(row and row[0])
+                if not self.held:
+                    self._end_stale_holder()
             except psycopg.Error as exc:
                 if self.held:
                     log.error("leadership lost: %s", _pg_error(exc, self.where, "leading"))
                 self.drop()
             return self.held
+
+    def _end_stale_holder(self) -> None:
+        """End every session of a leader that stopped renewing its lease."""
+        assert self.conn is not None
+        row = self.conn.execute(
+            "SELECT a.pid, a.application_name FROM pg_locks AS l JOIN pg_stat_activity"
+            " AS a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname ="
+            " current_database()) AND l.classid = %s AND l.objid = %s AND l.objsubid = 1"
+            " AND a.state = 'idle' AND a.state_change < clock_timestamp()"
+            " - make_interval(secs => %s)",
+            (LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF, LEASE_S)).fetchone()
+        if row is None:
+            return
+        pid, name = row
+        # Its writer too (same name): a commit it has under way fails, never lands.
+        ended = self.conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM"
+            " pg_stat_activity WHERE ((application_name = %s AND %s <> 'citynode')"
+            " OR pid = %s) AND pid <> pg_backend_pid()", (name, name, pid)).fetchone()
+        log.error("the leading process stopped renewing its lease (no sign of life for "
+                  "%.0f s, its sockets still open: stopped or hung): its %s database "
+                  "session(s) ended, another process takes over", LEASE_S,
+                  ended[0] if ended else 0)
 
     def drop(self) -> None:
         self.held = False
@@ -555,12 +618,13 @@ class PgStorage(Storage):
     """:class:`Storage` on PostgreSQL. Make one with :meth:`open_url`."""
 
     def __init__(self, url: str, wconn: psycopg.Connection[Any], rejected_log_rows: int,
-                 pool: ConnectionPool[Any]) -> None:
+                 pool: ConnectionPool[Any], tag: str) -> None:
         """Internal: use :meth:`open_url`."""
         self.url = url
+        self.tag = tag
         self.where = redact(url)
         self._pool = pool
-        self._leadership = _Leadership(url, self.where)
+        self._leadership = _Leadership(url, self.where, tag)
         self._pg = wconn
         # The base class keeps a path for messages and the writer thread's name.
         super().__init__(Path(self.where), wconn, rejected_log_rows, 0)  # type: ignore[arg-type]
@@ -580,8 +644,10 @@ class PgStorage(Storage):
             raise StorageError(f"[storage] url {where} is not a valid PostgreSQL URL: "
                                f"{exc}") from exc
         wconn: psycopg.Connection[Any] | None = None
+        # Names every session of this storage (its leadership lease, :class:`_Leadership`).
+        tag = secrets.token_hex(6)
         try:
-            wconn = _connect(url, autocommit=True)
+            wconn = _connect(url, tag, _WRITER_OPTIONS, autocommit=True)
             _migrate(wconn, where)
             if not allow_migrating and wconn.execute(
                     "SELECT 1 FROM meta WHERE key = %s", (MIGRATING,)).fetchone():
@@ -593,8 +659,8 @@ class PgStorage(Storage):
             pool: ConnectionPool[Any] = ConnectionPool(
                 url, min_size=1, max_size=_POOL_MAX, open=True, timeout=_POOL_WAIT_S,
                 kwargs={"autocommit": True, "connect_timeout": _CONNECT_TIMEOUT_S,
-                        "application_name": "citynode", **_CLIENT_KEEPALIVE,
-                        "options": f"-c statement_timeout={timeout_ms}"
+                        "application_name": f"citynode {tag}", **_CLIENT_KEEPALIVE,
+                        "options": f"{_SERVER_KEEPALIVE} -c statement_timeout={timeout_ms}"
                                    " -c default_transaction_read_only=on"},
                 name="citynode-readers")
         except BaseException as exc:
@@ -605,7 +671,7 @@ class PgStorage(Storage):
             if isinstance(exc, psycopg.Error | PoolTimeout):
                 raise _pg_error(exc, where, "opening the database") from exc
             raise
-        return cls(url, wconn, rejected_log_rows, pool)
+        return cls(url, wconn, rejected_log_rows, pool, tag)
 
     def _translate(self, exc: BaseException, action: str) -> StorageError:
         return _pg_error(exc, self.where, action)
@@ -677,7 +743,7 @@ class PgStorage(Storage):
         if self._pg.closed or self._pg.broken:
             with contextlib.suppress(psycopg.Error):
                 self._pg.close()
-            self._pg = _connect(self.url, autocommit=True)
+            self._pg = _connect(self.url, self.tag, _WRITER_OPTIONS, autocommit=True)
             log.warning("database connection re-established")
         return self._pg
 
@@ -693,9 +759,9 @@ class PgStorage(Storage):
             c = _Conn(conn)
             with conn.transaction():
                 # One writer at a time among every process sharing the database.
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                self._write_lock(conn)
                 conn.execute("SELECT set_config('synchronous_commit', %s, true)",
-                             ("on" if durable else "off",))
+                             ("on" if durable else NON_DURABLE_COMMIT,))
                 before = conn.execute("SELECT coalesce(max(rowid), 0) FROM records"
                                       ).fetchone()
                 for fn, fut, _d, _w in jobs:
@@ -722,6 +788,24 @@ class PgStorage(Storage):
             self._batch_failed(jobs, outcomes, exc)
             return
         self._batch_committed(outcomes, durable=durable, wrote=wrote)
+
+    def _write_lock(self, conn: psycopg.Connection[Any]) -> None:
+        """Take the writers' lock in the transaction under way: each wait is bounded
+        (``lock_timeout``, :data:`WRITER_IDLE_S`) and retried in a savepoint, at most
+        :data:`_LOCK_TRIES` times (a writer stopped holding it is ended by the server
+        meanwhile); then raises psycopg's LockNotAvailable (the batch fails with a
+        StorageError, 503, to retry)."""
+        for attempt in range(1, _LOCK_TRIES + 1):
+            try:
+                with conn.transaction():  # a savepoint: the lock stays the transaction's
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                return
+            except psycopg.errors.LockNotAvailable:
+                if attempt == _LOCK_TRIES:
+                    raise
+                log.warning("the writers' lock is held for over %.0f s by another "
+                            "process sharing the database: waiting again (%d/%d)",
+                            WRITER_IDLE_S, attempt, _LOCK_TRIES)
 
     def reclaim(self, max_pages: int = 0) -> Future[int]:
         """PostgreSQL's autovacuum gives pruned and erased payloads' space back (and
@@ -838,7 +922,7 @@ class PgStorage(Storage):
         def run() -> None:
             while not stop.is_set():
                 try:
-                    conn = _connect(self.url, autocommit=True)
+                    conn = _connect(self.url, self.tag, autocommit=True)
                 except psycopg.Error as exc:
                     log.warning("cannot listen for new records: %s", _pg_error(
                         exc, self.where, "listening"))
