@@ -561,6 +561,44 @@ class Replica:
         for origin, feed, seq in forks:
             self._note_fork(origin, feed, seq)
 
+    def advance_heads(self, heads: Mapping[FeedKey, tuple[int, bytes]], now_ms: int
+                      ) -> list[Action]:
+        """Heads another process sharing the database committed (LISTEN/NOTIFY): each
+        chain's head moves forward to it (never back: what this process has on its way
+        is ahead of the database for a moment). The pending buffer follows: records
+        at or below the new head leave it (a different record at a seq held is checked
+        as a possible fork: a Lookup), and a pending run that now extends the chain is
+        stored (a Store, as if it had just arrived)."""
+        out: list[Action] = []
+        to_store: list[Record] = []
+        for key, (seq, hid) in heads.items():
+            h = self.heads.get(key)
+            if h is not None and h.seq >= seq:
+                continue
+            self._set_head(key, seq, hid)
+            ready = self.pending.take_ready(key, seq, hid)
+            for r in ready:
+                if not self._charge(r, now_ms):
+                    out.append(Rejected(None, "quota", "origin over its daily quota"))
+                    break  # the rest is fetched again another day
+                self.inflight.add(r.id)
+                to_store.append(r)
+                self._set_head(key, r.seq, r.id)
+        self._check_conflicts(out)
+        if to_store:
+            out.insert(0, Store(tuple(to_store), False, None))
+            self._release_own_blocks(out)
+        return out
+
+    def _check_conflicts(self, out: list[Action]) -> None:
+        """Pending records found not to fit their chain: a possible fork is looked up."""
+        for rec in self.pending.take_conflicts():
+            h = self.heads.get((rec.origin, rec.feed))
+            d = classify(rec, h, h.id if h and rec.seq == h.seq else None)
+            if d.verdict is Verdict.EQUIVOCATION:
+                self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
+                                 ("fork", rec, None), out)
+
     def rewind(self, records: Iterable[Record],
                stored: Mapping[FeedKey, tuple[int, bytes]]) -> None:
         """A Store of these records failed (the disk is full, say): they are no longer on
@@ -890,12 +928,7 @@ class Replica:
                 self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
                                  ("fork", rec, peer), out)
                 outcomes.append("equivocation")
-        for rec in self.pending.take_conflicts():
-            h = self.heads.get((rec.origin, rec.feed))
-            d = classify(rec, h, h.id if h and rec.seq == h.seq else None)
-            if d.verdict is Verdict.EQUIVOCATION:
-                self._ask_lookup(rec.origin, rec.feed, d.conflicts_with_seq or rec.seq,
-                                 ("fork", rec, None), out)
+        self._check_conflicts(out)
         if to_store:
             out.insert(0, Store(tuple(to_store), False, peer))
             self._release_own_blocks(out)
