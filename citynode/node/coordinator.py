@@ -44,7 +44,13 @@ from citynode.core.encoding import Limits
 from citynode.core.keys import Verifier
 from citynode.core.records import Record, RecordPolicy
 from citynode.core.replica import Replica
-from citynode.errors import CitynodeError, ConfigError, InvalidRecord, PublishRefused, StorageError
+from citynode.errors import (
+    CitynodeError,
+    ConfigError,
+    InvalidRecord,
+    NoLeader,
+    StorageError,
+)
 from citynode.identity import Identity, load_identity
 from citynode.logs import fields
 from citynode.metrics import Metrics
@@ -331,20 +337,24 @@ class Node:
 
     async def _refresh_heads(self) -> None:
         """Move the replica's heads forward to what the database holds (never back:
-        what this process has on its way is ahead of the database for a moment)."""
+        what this process has on its way is ahead of the database for a moment), and
+        its pending buffer with them (Replica.advance_heads)."""
         try:
             heads = await in_thread(self.storage.heads)
             newer = {k: v for k, v in heads.items()
                      if (h := self.replica.head(k)) is None or h.seq < v[0]}
             if newer:
-                self.replica.load(newer)
+                # Pending records the other process's commit made fit (or stale) go.
+                actions = self.replica.advance_heads(newer, self.now_ms())
                 self.metrics.feeds.set(len(self.replica.heads))
+                if actions:
+                    await self.gossip.execute(actions)
         finally:
             self._refreshing = False
 
     def _check_leading(self) -> None:
         if not self.leader.leading:
-            raise PublishRefused(
+            raise NoLeader(
                 "this process does not lead the processes sharing the database, so it "
                 "signs nothing: publish through the leader (its /v1/admin/status says "
                 '"leader": true; the HTTP API hands a publish on to it), or retry in a few '
@@ -482,7 +492,7 @@ class Node:
 
     async def publish(self, feed: str, type_name: str, items: Sequence[dict[str, Any]], *,
                       subjects: Sequence[str | None] | None = None) -> list[Record]:
-        """See :meth:`Publisher.publish`; refused (PublishRefused) on a process that
+        """See :meth:`Publisher.publish`; refused (NoLeader, 503) on a process that
         does not lead (several processes sharing one database)."""
         self._check_leading()
         return await self.publisher.publish(feed, type_name, items, subjects=subjects)

@@ -94,7 +94,12 @@ class Leader:
         self._lost = lost
         self._address = address
         self._announced = False
+        #: True once the takeover is done (heads read from the database): only then
+        #: does this process sign.
         self.leading = False
+        #: True while this process, holding the lock, brings itself up to the
+        #: database: writes sent to it then are answered 503 (retry), not signed.
+        self.taking_over = False
         self._session: aiohttp.ClientSession | None = None
 
     async def _announce(self) -> None:
@@ -105,7 +110,8 @@ class Leader:
         url, fingerprint = self._address
         value = json.dumps({"url": url, "cert_sha256": fingerprint.hex()}).encode()
         try:
-            await asyncio.wrap_future(self.storage.set_meta(ADDRESS_KEY, value))
+            await asyncio.wrap_future(self.storage.set_meta(ADDRESS_KEY, value,
+                                                           durable=True))
         except StorageError as exc:
             log.warning("cannot write the leader's address yet: %s", exc)
             return
@@ -155,13 +161,30 @@ class Leader:
             await self._session.close()
             self._session = None
 
+    async def _take_over(self, *, at_start: bool) -> None:
+        """Bring this process up to the database, then lead: ``leading`` (which lets
+        this process sign, and makes the others hand writes on to it once its address
+        is written) is set only when :meth:`_gained` is done, so nothing is signed
+        against heads the takeover is still reading. A takeover that fails (the
+        database went away again) is retried at the next check."""
+        self.taking_over = True
+        try:
+            await self._gained()
+        except CitynodeError as exc:
+            log.warning("taking over failed; retrying: %s", exc)
+            self._lost()
+            return
+        finally:
+            self.taking_over = False
+        self.leading = True
+        log.info("took over the leadership of the processes that share the database"
+                 if not at_start else "leading the processes that share the database")
+        await self._announce()
+
     async def try_once(self) -> bool:
         """Take the leadership if it is free (at start, before anything is served)."""
-        if await in_thread(self.storage.lead) and not self.leading:
-            self.leading = True
-            log.info("leading the processes that share the database")
-            await self._announce()
-            await self._gained()
+        if not self.leading and await in_thread(self.storage.lead):
+            await self._take_over(at_start=True)
         return self.leading
 
     async def run(self) -> None:
@@ -169,16 +192,7 @@ class Leader:
         while True:
             held = await in_thread(self.storage.lead)
             if held and not self.leading:
-                self.leading = True
-                log.info("took over the leadership of the processes that share the "
-                         "database")
-                await self._announce()
-                try:
-                    await self._gained()
-                except CitynodeError as exc:  # the database went away again: next time
-                    log.warning("taking over failed; retrying: %s", exc)
-                    self.leading = False
-                    self._lost()
+                await self._take_over(at_start=False)
             elif held:
                 await self._announce()
             elif not held and self.leading:

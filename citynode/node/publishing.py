@@ -27,7 +27,14 @@ from citynode.core.records import (
     stored_record,
 )
 from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, MAX_ERASURE_ENTRIES
-from citynode.errors import CitynodeError, InvalidRecord, PayloadError, PublishRefused
+from citynode.errors import (
+    ChainError,
+    CitynodeError,
+    InvalidRecord,
+    NoLeader,
+    PayloadError,
+    PublishRefused,
+)
 from citynode.logs import fields
 from citynode.metrics import Metrics
 from citynode.node._base import in_thread
@@ -114,7 +121,14 @@ class Publisher:
             # after releasing it, so concurrent publishes share one durable commit.
             waiter = asyncio.ensure_future(self.ingest.execute(actions))
             await asyncio.sleep(0)  # let the write be queued before the lock is free
-        await waiter
+        try:
+            await waiter
+        except ChainError as exc:
+            # Another process stored at these seqs first (the leadership moved while
+            # this was on its way): nothing of ours was stored, the head is back at
+            # the database's (Ingest's rewind), and a retry signs after it.
+            raise NoLeader(f"not stored, retry: the database's chain moved on while this "
+                           f"was written ({exc})") from exc
         self.metrics.published.inc(len(recs))
         if head is None and feed not in self.config.feeds:
             # A new feed: the card that lists it (and its access level) is signed and

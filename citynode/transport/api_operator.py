@@ -68,6 +68,9 @@ async def to_leader(request: web.Request, body: bytes) -> web.Response | None:
     if leader.leading:
         return None
     try:
+        if leader.taking_over:
+            raise NoLeader("this process is taking over the leadership (reading the "
+                           "database's chain heads): retry in a moment")
         if request.headers.get(FORWARDED_HEADER):
             raise NoLeader("the process this was handed on to does not lead any more: "
                            "retry in a few seconds")

@@ -39,6 +39,7 @@ from citynode.errors import (
     InvalidNodeId,
     InvalidProof,
     InvalidRecord,
+    NoLeader,
     PayloadError,
     PeerError,
     PublishRefused,
@@ -127,6 +128,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(403, "clock_skew", str(exc))
     except AccessDenied as exc:
         return error_response(403, "access_denied", str(exc))
+    except NoLeader as exc:  # (a PublishRefused) a takeover under way: retry
+        resp = error_response(503, "no_leader", str(exc))
+        resp.headers["Retry-After"] = "2"
+        return resp
     except PublishRefused as exc:
         return error_response(409, "publish_refused", str(exc))
     except QueryTooSlow as exc:
