@@ -37,6 +37,8 @@ What differs is below the jobs:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import re
 import secrets
@@ -971,6 +973,30 @@ _IDENTITY_TABLES = ("chains", "types", "fork_proofs", "rejected", "bridge_dead_l
                     "sink_outbox")
 
 
+def source_fingerprint(src: Storage) -> str:
+    """What a resumed copy must find unchanged in its source: every chain's head, the
+    records and payloads held (a prune drops payloads), the erasures and the highest
+    rowid -- hashed (hex)."""
+    h = hashlib.sha256()
+    for row in src._all("SELECT id, origin, feed, head_seq, head_id FROM chains ORDER BY id"):
+        h.update(repr(row).encode())
+    for table in ("records", "payloads", "erasures"):
+        (n,), = src._all(f"SELECT count(*) FROM {table}")
+        h.update(f"{table}={n};".encode())
+    (top,), = src._all("SELECT coalesce(max(rowid), 0) FROM records")
+    h.update(f"top={top}".encode())
+    return h.hexdigest()
+
+
+def _mark_fingerprint(value: bytes) -> str | None:
+    """The source's fingerprint a MIGRATING mark holds (None: a mark without one)."""
+    try:
+        got = json.loads(value)
+        return str(got["fingerprint"]) if isinstance(got, dict) else None
+    except (ValueError, KeyError):
+        return None
+
+
 def copy_from_sqlite(src: Storage, url: str,
                      progress: Callable[[int, int], None] | None = None) -> int:
     """Copy every row of the SQLite storage ``src`` (a node that is not running) into
@@ -982,7 +1008,9 @@ def copy_from_sqlite(src: Storage, url: str,
     the copy ends the target is marked (:data:`MIGRATING`) and :meth:`PgStorage.open_url`
     refuses it. A target holding records of another origin than a copy is refused.
     ``progress(records copied, records held by the source)`` after each chunk.
-    Raises :class:`StorageError`."""
+    A copy is resumed only from the source it began with, unchanged
+    (:func:`source_fingerprint`, kept in the mark). Raises :class:`StorageError`, also
+    when the source changed since the copy began (its target would be damaged)."""
     with PgStorage.open_url(url, allow_migrating=True):
         pass  # the schema, created or brought up to date
     where = redact(url)
@@ -997,8 +1025,16 @@ def copy_from_sqlite(src: Storage, url: str,
                     raise StorageError(
                         f"{where} already holds {held[0]} records and is not a copy under "
                         "way: migrate into an empty database")
+                fingerprint = source_fingerprint(src)
+                if mark is not None and _mark_fingerprint(bytes(mark[0])) != fingerprint:
+                    raise StorageError(
+                        f"{where} holds an unfinished copy of {src.path} taken when it held "
+                        "other records (the node ran, published, pruned or erased since the "
+                        "copy began): the copy cannot be finished from it. Drop the database, "
+                        "create it again and migrate from scratch (with the node stopped)")
                 conn.execute("INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT"
-                             " DO NOTHING", (MIGRATING, str(src.path).encode()))
+                             " DO NOTHING", (MIGRATING, json.dumps(
+                                 {"source": str(src.path), "fingerprint": fingerprint}).encode()))
             total = src.count()
 
             def rows(table: str, where_sql: str = "", params: Sequence[Any] = ()

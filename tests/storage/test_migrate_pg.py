@@ -181,3 +181,39 @@ def test_a_backup_restored_onto_postgresql_stays_marked_restored(
     checked = cli("check", "-d", str(target), "--json")
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["records"] == 30
+
+
+def test_a_copy_is_not_resumed_from_a_source_that_changed_since_it_began(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node ran between the interrupted copy and its resumption (it published, or
+    pruned): finishing the copy would leave records past their feed's head."""
+    src = Storage.open(tmp_path / "citynode.db")
+    try:
+        fill(src)
+        monkeypatch.setattr(storage_pg, "_COPY_CHUNK", 100)
+
+        def cut(done: int, total: int) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            copy_from_sqlite(src, pg_url, cut)
+        air = chain(0, "air", 310)
+        src.append(air[300:]).result(5)  # published meanwhile
+        with pytest.raises(StorageError, match="other records"):
+            copy_from_sqlite(src, pg_url)
+        with pytest.raises(StorageError, match="unfinished copy"):
+            PgStorage.open_url(pg_url)  # still refused: never a damaged database
+    finally:
+        src.close()
+
+
+def test_the_source_fingerprint_sees_a_prune_and_an_append(tmp_path: Path) -> None:
+    with Storage.open(tmp_path / "citynode.db") as src:
+        fill(src)
+        first = storage_pg.source_fingerprint(src)
+        assert storage_pg.source_fingerprint(src) == first
+        src.prune(A, "air", T0 + 20).result(5)
+        pruned = storage_pg.source_fingerprint(src)
+        assert pruned != first
+        src.append(chain(0, "air", 301)[300:]).result(5)
+        assert storage_pg.source_fingerprint(src) not in (first, pruned)
