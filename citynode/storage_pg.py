@@ -37,6 +37,7 @@ What differs is below the jobs:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,6 +79,10 @@ LEADER_LOCK = 0x636E6F6403
 #: server (``off`` could lose the last few hundred ms of them in a server crash); a
 #: failover to a standby may lose the last of them, which partners send again.
 NON_DURABLE_COMMIT = "local"
+#: A time range of one feed holding this many records or more is read by walking the
+#: feed by seq (stopping at the query's limit), a smaller one through (chain, time) and
+#: sorted (at most this many rows).
+WIDE_RANGE = 5000
 #: The channel of :meth:`PgStorage.listen`.
 CHANNEL = "citynode_records"
 #: No read runs longer than this on the server, whatever asked for it.
@@ -533,16 +538,35 @@ _PG_INNER = ("SELECT " + ", ".join(f"r.{c}" for c in _ROW_COLS) + ", r.erased_by
 
 
 def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
-                  only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
+                  only_feeds: Sequence[tuple[bytes, str]] | None, *, seq_walk: bool = False
+                  ) -> tuple[str, list[Any]]:
     """:meth:`Storage.query`'s statement (``storage._query_sql``: the same conditions,
     order and limit) with the payloads joined after the LIMIT, not before: PostgreSQL
     joins before it sorts, so a time range of one feed sorted by seq looked up the
     payload of every record in the range, not of the ``limit`` returned (EXPLAIN
     ANALYZE: a 1-hour range of 1,800 records made 1,800 payload lookups for 100 rows)."""
+    chain: list[Any] = []
+    if where.one_feed and seq_walk:
+        # ``seq_walk`` (one feed, no time range or a wide one: PgStorage._query_sql):
+        # the chain's id is looked up first (an InitPlan), so the chain is an index
+        # condition and the order comes from (chain, seq): the walk stops after
+        # ``limit`` rows. Through the join to chains the order could not come from an
+        # index: every record in range was read and sorted for 100 (review of #17:
+        # 25k rows of a feed for since=1). A narrow range keeps the join: read through
+        # (chain, time), then sorted. Within one chain rowid order is seq order.
+        chain = [where.origin, where.feed]
+        where = dataclasses.replace(where, origin=None, feed=None)
     sql, params = _query_sql(where, after_rowid, limit, only_feeds)
-    if not sql.startswith(_SELECT_ROW):
+    if not sql.startswith(_SELECT_ROW) or (not sql.endswith(" ORDER BY r.rowid LIMIT ?"
+                                                           ) and chain):
         raise AssertionError("storage._query_sql changed its SELECT: update _pg_query_sql")
-    order = "seq" if where.one_feed else "rowid"
+    order = "rowid"
+    if chain:
+        order = "seq"
+        sql = (sql.replace(" WHERE ", " WHERE r.chain = (SELECT id FROM chains WHERE"
+                                      " origin = ? AND feed = ?) AND ", 1)
+               [:-len(" ORDER BY r.rowid LIMIT ?")] + " ORDER BY r.seq LIMIT ?")
+        params = [*chain, *params]
     inner = _PG_INNER + sql[len(_SELECT_ROW):]
     outer = ("SELECT " + ", ".join(f"q.{c}" for c in _ROW_COLS) + ", p.payload, q.erased_by"
              f" FROM ({inner}) AS q LEFT JOIN payloads AS p ON p.rowid = q.rowid"
@@ -830,13 +854,35 @@ class PgStorage(Storage):
         """PostgreSQL's ``EXPLAIN`` of :meth:`query` with these arguments, line by line."""
         from citynode.core.filters import ALL_RECORDS
 
-        sql, params = _pg_query_sql(where or ALL_RECORDS, after_rowid, max(limit, 1),
-                                    only_feeds or None)
+        sql, params = self._query_sql(where or ALL_RECORDS, after_rowid, max(limit, 1),
+                                      only_feeds or None)
         return [str(r[0]) for r in self._all("EXPLAIN " + sql, params)]
 
     # ------------------------------------------------------------------ reads
 
-    _query_sql = staticmethod(_pg_query_sql)
+    def _query_sql(self, where: RecordFilter, after_rowid: int, limit: int,
+                   only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
+        """:func:`_pg_query_sql`, walking the feed by seq when it names one feed with no
+        time range or a wide one (:data:`WIDE_RANGE` rows or more, counted through the
+        (chain, time) index, no further than that): PostgreSQL's planner takes time and
+        seq for independent, and walked a whole feed by seq for a narrow range deep in
+        it, or sorted a whole feed for a wide one."""
+        walk = False
+        if where.one_feed:
+            walk = True
+            if where.since_ms is not None or where.until_ms is not None:
+                conds = ["r.chain = (SELECT id FROM chains WHERE origin = ? AND feed = ?)"]
+                params: list[Any] = [where.origin, where.feed]
+                if where.since_ms is not None:
+                    conds.append("r.time >= ?")
+                    params.append(where.since_ms)
+                if where.until_ms is not None:
+                    conds.append("r.time < ?")
+                    params.append(where.until_ms)
+                (n,) = self._one(f"SELECT count(*) FROM (SELECT 1 FROM records AS r WHERE"
+                                 f" {' AND '.join(conds)} LIMIT {WIDE_RANGE}) AS x", params)
+                walk = int(n) >= WIDE_RANGE
+        return _pg_query_sql(where, after_rowid, limit, only_feeds, seq_walk=walk)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Any]:
