@@ -37,7 +37,6 @@ What differs is below the jobs:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -451,6 +450,42 @@ _WRITER_OPTIONS = (f"{_SERVER_KEEPALIVE}"
                    f" -c lock_timeout={int(WRITER_IDLE_S * 1000)}")
 
 
+class _Seldom(logging.Filter):
+    """Lets a repeated warning through once, then once every :data:`REPEAT_S` with how
+    many were held back: a database away for minutes is a few lines, not one a second
+    from every thread that retries (the pool's reconnections, the listener)."""
+
+    REPEAT_S = 30.0
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self._last: dict[str, tuple[float, int]] = {}
+        self._mutex = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        key = next((p for p in self.prefixes if msg.startswith(p)), None)
+        if key is None:
+            return True
+        now = record.created
+        with self._mutex:
+            at, held = self._last.get(key, (0.0, 0))
+            if now - at < self.REPEAT_S:
+                self._last[key] = (at, held + 1)
+                return False
+            self._last[key] = (now, 0)
+        if held:
+            record.msg = f"{msg} ({held} more like it in the last {self.REPEAT_S:.0f} s)"
+            record.args = None
+        return True
+
+
+_SELDOM = _Seldom(("error connecting in 'citynode-readers'", "cannot listen for new records"))
+logging.getLogger("psycopg.pool").addFilter(_SELDOM)
+log.addFilter(_SELDOM)
+
+
 def _connect(url: str, tag: str = "", options: str = _SERVER_KEEPALIVE, **kwargs: Any
              ) -> psycopg.Connection[Any]:
     """A connection named ``citynode TAG`` (every session of one storage carries its
@@ -545,7 +580,10 @@ def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
     joins before it sorts, so a time range of one feed sorted by seq looked up the
     payload of every record in the range, not of the ``limit`` returned (EXPLAIN
     ANALYZE: a 1-hour range of 1,800 records made 1,800 payload lookups for 100 rows)."""
-    chain: list[Any] = []
+    sql, params = _query_sql(where, after_rowid, limit, only_feeds)
+    if not sql.startswith(_SELECT_ROW):
+        raise AssertionError("storage._query_sql changed its SELECT: update _pg_query_sql")
+    order = "seq" if where.one_feed else "rowid"
     if where.one_feed and seq_walk:
         # ``seq_walk`` (one feed, no time range or a wide one: PgStorage._query_sql):
         # the chain's id is looked up first (an InitPlan), so the chain is an index
@@ -553,20 +591,13 @@ def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
         # ``limit`` rows. Through the join to chains the order could not come from an
         # index: every record in range was read and sorted for 100 (review of #17:
         # 25k rows of a feed for since=1). A narrow range keeps the join: read through
-        # (chain, time), then sorted. Within one chain rowid order is seq order.
-        chain = [where.origin, where.feed]
-        where = dataclasses.replace(where, origin=None, feed=None)
-    sql, params = _query_sql(where, after_rowid, limit, only_feeds)
-    if not sql.startswith(_SELECT_ROW) or (not sql.endswith(" ORDER BY r.rowid LIMIT ?"
-                                                           ) and chain):
-        raise AssertionError("storage._query_sql changed its SELECT: update _pg_query_sql")
-    order = "rowid"
-    if chain:
-        order = "seq"
-        sql = (sql.replace(" WHERE ", " WHERE r.chain = (SELECT id FROM chains WHERE"
-                                      " origin = ? AND feed = ?) AND ", 1)
-               [:-len(" ORDER BY r.rowid LIMIT ?")] + " ORDER BY r.seq LIMIT ?")
-        params = [*chain, *params]
+        # (chain, time), then sorted. (The same parameters, in the same order.)
+        named = " AND origin = ? AND feed = ?"
+        if sql.count(named) != 1:
+            raise AssertionError("storage._query_sql changed its conditions: update "
+                                 "_pg_query_sql")
+        sql = sql.replace(named, " AND r.chain = (SELECT c1.id FROM chains AS c1 WHERE"
+                                 " c1.origin = ? AND c1.feed = ?)")
     inner = _PG_INNER + sql[len(_SELECT_ROW):]
     outer = ("SELECT " + ", ".join(f"q.{c}" for c in _ROW_COLS) + ", p.payload, q.erased_by"
              f" FROM ({inner}) AS q LEFT JOIN payloads AS p ON p.rowid = q.rowid"

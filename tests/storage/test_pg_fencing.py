@@ -109,3 +109,20 @@ def test_a_leader_that_stops_renewing_its_lease_is_ended_and_replaced(
         w.execute("COMMIT")
     assert b.get_meta("late") is None
     assert not a.lead()  # it wakes and finds the leadership gone
+
+
+def test_an_outage_is_a_few_warnings_not_one_a_second() -> None:
+    import logging
+
+    f = storage_pg._Seldom(("cannot listen",))
+
+    def rec(at: float, msg: str = "cannot listen for new records: down") -> logging.LogRecord:
+        r = logging.LogRecord("citynode.storage", logging.WARNING, __file__, 1, msg, None,
+                              None)
+        r.created = at
+        return r
+
+    passed = [r for r in (rec(1000.0 + t) for t in range(0, 90)) if f.filter(r)]
+    assert [r.created for r in passed] == [1000.0, 1030.0, 1060.0]
+    assert "(29 more like it in the last 30 s)" in passed[1].getMessage()
+    assert f.filter(rec(1001.0, "something else"))  # other messages untouched
