@@ -749,14 +749,15 @@ def test_failing_job_rolls_back_alone_after_writing(st: Storage) -> None:
 
 def test_durable_batches_commit_with_synchronous_full(st: Storage) -> None:
     """SQLite: synchronous FULL, else NORMAL; PostgreSQL: synchronous_commit on (the
-    commit waits for the server's WAL flush), else off."""
+    commit waits for the server's WAL flush, and a synchronous standby's), else local
+    (the server's own WAL flush: a crash of the server loses none of it)."""
     from citynode.storage_pg import PgStorage
 
     pg = isinstance(st, PgStorage)
 
     def sync_mode(conn: Any) -> int:
         if pg:
-            return {"on": 2, "off": 1}[conn.execute("SHOW synchronous_commit").fetchone()[0]]
+            return {"on": 2, "local": 1}[conn.execute("SHOW synchronous_commit").fetchone()[0]]
         return int(conn.execute("PRAGMA synchronous").fetchone()[0])
 
     full, normal = 2, 1
