@@ -445,6 +445,8 @@ _LOCK_TRIES = 3
 #: the leadership, nor the writers' lock, for ever. A terminated leader's write under
 #: way fails with its session: it never lands after the takeover.
 LEASE_S = 10.0
+#: How often the leader renews its lease.
+RENEW_S = 0.5
 _WRITER_OPTIONS = (f"{_SERVER_KEEPALIVE}"
                    f" -c idle_in_transaction_session_timeout={int(WRITER_IDLE_S * 1000)}"
                    f" -c lock_timeout={int(WRITER_IDLE_S * 1000)}")
@@ -510,6 +512,20 @@ class _Leadership:
         self.conn: psycopg.Connection[Any] | None = None
         self.held = False
         self._lock = threading.Lock()
+        self._beating: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _heartbeat(self) -> None:
+        """Renew the lease every :data:`RENEW_S` while held, in a thread of its own: a
+        leader whose event loop or executor is busy (slow reads) is not taken for a
+        frozen one; a stopped process (SIGSTOP) stops this thread too."""
+        while not self._stop.wait(RENEW_S):
+            with self._lock:
+                if not self.held or self.conn is None:
+                    continue
+                # A failure: hold() finds the session gone and says so.
+                with contextlib.suppress(psycopg.Error):
+                    self.conn.execute("SELECT 1")
 
     def hold(self) -> bool:
         with self._lock:
@@ -525,6 +541,10 @@ class _Leadership:
                 self.held = bool(row and row[0])
                 if not self.held:
                     self._end_stale_holder()
+                elif self._beating is None:
+                    self._beating = threading.Thread(target=self._heartbeat, daemon=True,
+                                                     name="citynode-leader-lease")
+                    self._beating.start()
             except psycopg.Error as exc:
                 if self.held:
                     log.error("leadership lost: %s", _pg_error(exc, self.where, "leading"))
@@ -789,6 +809,7 @@ class PgStorage(Storage):
         self._pool.close()
         self._pg.close()
         self._stop_listening()
+        self._leadership._stop.set()  # no more renewals
         with self._leadership._lock:
             self._leadership.drop()
 

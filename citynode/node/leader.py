@@ -171,8 +171,10 @@ class Leader:
         try:
             await self._gained()
         except CitynodeError as exc:
-            log.warning("taking over failed; retrying: %s", exc)
             self._lost()
+            if at_start:
+                raise  # the node does not start (as before: the caller says why)
+            log.warning("taking over failed; retrying: %s", exc)
             return
         finally:
             self.taking_over = False
