@@ -164,6 +164,7 @@ class Node:
                                      publisher=self.publisher, partners=self.partners,
                                      storage=storage, now_ms=self.now_ms, spawn=self.spawn)
         self.keychanges.on_truncated = self.checkpoints.rewind
+        self.keychanges.on_tls_switched = self.leader.readdress
         self._wire()
 
     def _partner_name(self, key: bytes) -> str:

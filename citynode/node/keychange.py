@@ -63,6 +63,9 @@ class KeyChanges:
         self.spawn = spawn
         #: Records of ``(origin, feed)`` above ``seq`` were dropped by :meth:`purge`.
         self.on_truncated: Callable[[bytes, str, int], None] = lambda o, feed, seq: None
+        #: Told the new certificate's fingerprint after a TLS switch (the leader's
+        #: address written for processes that share the database names it).
+        self.on_tls_switched: Callable[[bytes], None] = lambda fingerprint: None
         #: The TLS contexts the server accepts connections with (a renewal loads the
         #: new certificate into them: new connections get it, with no restart).
         self.tls_contexts: list[ssl.SSLContext] = []
@@ -92,6 +95,7 @@ class KeyChanges:
         if switch:
             for ctx in self.tls_contexts:
                 ctx.load_cert_chain(self.identity.cert_path, self.identity.key_path)
+            self.on_tls_switched(fp)
         self.policy.tls_changed(self.identity)
         card = self.policy.card()
         log.warning("TLS certificate switched" if switch else "TLS certificate renewal "

@@ -102,6 +102,14 @@ class Leader:
         self.taking_over = False
         self._session: aiohttp.ClientSession | None = None
 
+    def readdress(self, fingerprint: bytes) -> None:
+        """This process now serves another TLS certificate (``citynode tls renew
+        --switch``): the address written for the others names it from the next check on
+        (else a follower's hand-on, pinned to the old fingerprint, would fail)."""
+        if self._address is not None and self._address[1] != fingerprint:
+            self._address = (self._address[0], fingerprint)
+            self._announced = False
+
     async def _announce(self) -> None:
         """Write where the other processes reach this one, the leader; retried at the
         next check while the database refuses (never raises)."""
