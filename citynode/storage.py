@@ -1628,6 +1628,16 @@ class Storage:
 
         return self._submit(run)
 
+    def drop_fork_proofs(self, ids: list[int]) -> Future[int]:
+        """Forget the proofs with these row ids: proofs that no longer hold (a key event
+        of their origin settled the window they were in). Returns how many went."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            return sum(conn.execute("DELETE FROM fork_proofs WHERE id = ?", (i,)).rowcount
+                       for i in ids)
+
+        return self._submit(run)
+
     def log_rejected(self, source: str, reason: str, detail: str, at_ms: int) -> Future[None]:
         """Add to the rejected-input log, keeping only its newest ``rejected_log_rows``.
 

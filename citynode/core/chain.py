@@ -174,6 +174,16 @@ def verify_fork_proof(
         raise InvalidProof("the two records are not of the same origin and feed")
     if a.id == b.id:
         raise InvalidProof("the two records are the same record")
+    state = key_states(a.origin) if key_states is not None else None
+    if (state is not None and a.key is not None and b.key is not None
+            and state.settled(a.key, a.feed, a.seq) is not None
+            and state.settled(b.key, b.feed, b.seq) is not None):
+        # A key event that retired the signing key(s) named the feed's head: the chain
+        # ending there is the history, and at most one of the two records is on it.
+        raise InvalidProof("both records lie where a key event of their origin settled the "
+                           "feed's history (a retired key's window): at most one is on the "
+                           "chain it names, so they prove no fork of the identity",
+                           "settled_by_key_event")
     if a.seq == b.seq:
         return a, b
     lo, hi = (a, b) if a.seq < b.seq else (b, a)

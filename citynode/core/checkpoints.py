@@ -873,6 +873,17 @@ def verify_split_view(
     a, b = cps
     if a.origin != b.origin:
         raise InvalidProof("the two checkpoints are signed by different origins")
+    state = key_states(a.origin) if key_states is not None else None
+    if state is not None and any(c.key is not None and c.feed == a.feed
+                                 and state.settled(c.key, c.feed, c.size) is not None
+                                 for c in (a, b)):
+        # A key event retired that key and named the feed's head past this size: the
+        # chain ending there is the history, and the retired key's word on it is no
+        # longer the identity's (a thief may hold it).
+        raise InvalidProof("a checkpoint of the proof is by a retired key at a size a key "
+                           "event of its origin settled (the named head is the history "
+                           "there): it proves no split view of the identity",
+                           "settled_by_key_event")
     if a.feed != b.feed:
         raise InvalidProof(f"the two checkpoints are of different feeds ({a.feed!r}, {b.feed!r})")
     if a.size != b.size:

@@ -383,6 +383,28 @@ class KeyState:
             return KeyVerdict(False, "wrong_head")
         return KeyVerdict(True, "valid")
 
+    def settled(self, key: bytes, feed: str, seq: int) -> Head | None:
+        """The head a key event named for ``key`` on ``feed`` when position ``seq`` lies
+        in ``key``'s closed window there (``start < seq <= end``), else None (a key in
+        force, a position outside the window, an unknown key).
+
+        A key event that retires a key *settles* its window: the identity's history
+        there is the chain that ends at the named head (the record with that id, and
+        the records its ``prev`` links reach back to). At most one of two records at
+        one seq, or two checkpoints of one size, can be on it, so a conflict the
+        retired key signed inside its window (a thief's, before the recovery) is not a
+        fork of the identity: fork and split-view proofs made of such statements do
+        not hold (:func:`citynode.core.chain.verify_fork_proof`,
+        :func:`citynode.core.checkpoints.verify_split_view`), and a node drops the
+        records there that are off the named chain."""
+        w = self._index.get(key)
+        if w is None or w.end is None:
+            return None
+        end = w.end.get(feed)
+        if end is None or not w.start.get(feed, Head(0, b"")).seq < seq <= end.seq:
+            return None
+        return end
+
     def killed(self) -> KeyState:
         """This state with the identity dead: the current key's window closes at the
         established heads (it keeps nothing it signed beyond them), no key is current."""

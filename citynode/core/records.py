@@ -120,6 +120,8 @@ class _KeyState(Protocol):
     def key_verdict(self, key: bytes, feed: str, seq: int,
                     record_id: bytes | None = None) -> _Verdict: ...
 
+    def settled(self, key: bytes, feed: str, seq: int) -> object | None: ...
+
 
 #: Looks up the held key state of an origin identity (``None``: no log held). A
 #: ``keylog.KeyState`` fits; typed structurally because core/keylog.py imports this

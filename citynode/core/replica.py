@@ -1457,6 +1457,17 @@ class Replica:
                 out.append(SendProof(p.key, enc))
         return True
 
+    def unfork(self, origin: bytes, feed: str, still: Iterable[int] = ()) -> None:
+        """The proofs held against (``origin``, ``feed``) no longer hold (a key event of
+        the origin settled the retired key's window they were in): the feed is not
+        forked any more, unless proofs at the seqs ``still`` remain. Our own feed:
+        publishing on it resumes."""
+        self.forked.discard((origin, feed))
+        if origin == self.me:
+            self.own_forked.pop(feed, None)
+        for seq in still:
+            self._note_fork(origin, feed, seq)
+
     def _note_fork(self, origin: bytes, feed: str, seq: int) -> None:
         self.forked.add((origin, feed))
         if origin == self.me:

@@ -66,6 +66,9 @@ class Checkpoints:
         #: "new", "known" or "split-view"); the witness role's.
         self.on_verified: Callable[[cps.Checkpoint, bytes | None, str], None] = \
             lambda cp, src, verdict: None
+        #: A fork among a retired key's records inside its window was found: cut the
+        #: origin's held chains back to what its key events confirm.
+        self.on_settled: Callable[[bytes], None] = lambda origin: None
         #: The cadence of a feed from the card in force (ours: node.toml); None: none.
         self.cadence_of: Callable[[bytes, str], int | None] = lambda origin, feed: None
         #: Per (origin, feed): the newest liveness statement held (core/liveness.py).
@@ -301,7 +304,13 @@ class Checkpoints:
                 return "new"
             self.on_verified(cp, src, "known")
             return "known"
-        await self.keep_split_view(mine, env)
+        try:
+            await self.keep_split_view(mine, env)
+        except InvalidProof as exc:
+            if exc.reason != "settled_by_key_event":
+                raise
+            self.on_verified(cp, src, "known")
+            return "known"  # a retired key's word inside its settled window: no split view
         self.on_verified(cp, src, "split-view")
         return "split-view"
 
@@ -351,7 +360,21 @@ class Checkpoints:
     async def keep_proof(self, origin: bytes, feed: str, seq: int, kind: str,
                          enc: bytes, src: bytes | None) -> bool:
         """Store a proof the replica found new (a StoreProof); True if the database did
-        not hold it yet."""
+        not hold it yet. A fork the replica found among a retired key's records inside
+        its window is no fork of the identity (``settled_by_key_event``: a key event
+        named the chain there): not kept, the feed is not forked, and ``on_settled``
+        asks to cut the held chain back to what the key event confirms (the record that
+        showed the fork is on the named chain, what is held is not)."""
+        if kind == "fork" and self.policy.keys.state(origin) is not None:
+            try:
+                verify_fork_proof(ForkProof.decode(enc), self.verifier,
+                                  key_states=self.policy.keys.state)
+            except InvalidProof as exc:
+                if exc.reason != "settled_by_key_event":
+                    raise
+                self.replica.unfork(origin, feed)
+                self.on_settled(origin)
+                return False
         by = self.partners.get(src) if src is not None else None
         new = await asyncio.wrap_future(self.storage.add_fork_proof(
             origin, feed, seq, kind, enc, by.row.node_id if by else "local", self.now_ms()))

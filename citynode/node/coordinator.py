@@ -192,6 +192,7 @@ class Node:
         self.policy.on_recovery = self._recovered
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
+        self.checkpoints.on_settled = self._settled
         self.checkpoints.cadence_of = self.policy.cadence_of
         self.checkpoints.on_verified = self.witness.checkpoint_seen
         g.on_wake = self._committed
@@ -211,6 +212,11 @@ class Node:
             return False
         d = self.policy.offer_log(origin, data, link.key)
         return d is not None and d.accept
+
+    def _settled(self, identity: bytes) -> None:
+        """A record on a chain a key event named showed that what is held inside the
+        retired key's window is off it: cut back, in a task."""
+        self.spawn(self.keychanges.purge(identity, unconfirmed=True), "purge-settled")
 
     def _recovered(self, identity: bytes) -> None:
         """A key log with a recovery was taken: drop what it cuts off, in a task."""

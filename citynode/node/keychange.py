@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from citynode.core import keylog
+from citynode.core.chain import ForkProof, verify_fork_proof
+from citynode.core.checkpoints import SplitViewProof, verify_split_view
 from citynode.core.keylog import Head
 from citynode.core.keys import SigningKey
 from citynode.core.records import decode_record, parse_body, record_id
-from citynode.errors import CitynodeError, ConfigError
+from citynode.errors import CitynodeError, ConfigError, InvalidProof
 from citynode.identity import (
     Identity,
     load_tls,
@@ -192,40 +194,98 @@ class KeyChanges:
                 "recovery_path": str(self.data_dir / "recovery.key"),
                 "recovery_phrase": keylog.recovery_phrase(q_next.seed)}
 
-    async def purge(self, identity: bytes) -> int:
+    async def purge(self, identity: bytes, *, unconfirmed: bool = False) -> int:
         """Drop the records held of ``identity`` that its key log (just taken, with a
-        recovery) now refuses -- beyond a retired key's heads -- from the first such
-        record of each feed on (its successors chain to it). Returns how many went."""
+        rotation or a recovery) now refuses, and the proofs it refutes:
+
+        * beyond a retired key's heads: from the first such record of each feed on (its
+          successors chain to it);
+        * inside a retired key's window, off the chain that ends at the head its key
+          event named (docs/PROTOCOL.md, "Settled windows"): a held chain whose record
+          at a named head's seq is not that record is cut back to the highest named
+          head it does hold; with ``unconfirmed`` (a record at a named head was seen
+          not to link to what is held), a held head inside a window, which no named
+          head confirms, is cut back the same way (partners serve the named chain);
+        * fork and split-view proofs made of a retired key's statements inside its
+          window (``settled_by_key_event``): forgotten, and the feed is not forked
+          any more (our own: publishing resumes).
+
+        Returns how many records went."""
         state = self.policy.keys.state(identity)
         if state is None:
             return 0
+        await self._drop_refuted_proofs(identity)
         replica = self.publisher.replica
         gone = 0
         for (o, feed), h in list(replica.heads.items()):
             if o != identity:
                 continue
+            keep = await self._settled_keep(state, o, feed, h.seq, unconfirmed)
             base = state.established.get(feed)
             seq = base.seq if base is not None else 0
-            if h.seq <= seq:
+            if h.seq > seq:
+                for env in await in_thread(self.storage.range, o, feed, seq + 1, h.seq,
+                                           h.seq):
+                    body, _sig, _payload = decode_record(env)
+                    f = parse_body(body)
+                    v = state.key_verdict(f.get("key", o), feed, f["seq"], record_id(body))
+                    if not v.valid:
+                        keep = f["seq"] - 1 if keep is None else min(keep, f["seq"] - 1)
+                        break
+            if keep is None:
                 continue
-            bad = None
-            for env in await in_thread(self.storage.range, o, feed, seq + 1, h.seq, h.seq):
-                body, _sig, _payload = decode_record(env)
-                f = parse_body(body)
-                v = state.key_verdict(f.get("key", o), feed, f["seq"], record_id(body))
-                if not v.valid:
-                    bad = f["seq"]
-                    break
-            if bad is None:
-                continue
-            n = await asyncio.wrap_future(self.storage.truncate(o, feed, bad - 1))
+            n = await asyncio.wrap_future(self.storage.truncate(o, feed, keep))
             kept = await in_thread(self.storage.head, o, feed)
             replica.cut((o, feed), kept)
-            self.on_truncated(o, feed, bad - 1)
+            self.on_truncated(o, feed, keep)
             gone += n
-            log.warning("dropped records a recovery cut off", extra=fields(
-                origin=self.policy.name(o), feed=feed, from_seq=bad, records=n))
+            log.warning("dropped records a key event cut off", extra=fields(
+                origin=self.policy.name(o), feed=feed, from_seq=keep + 1, records=n))
         return gone
+
+    async def _settled_keep(self, state: keylog.KeyState, origin: bytes, feed: str,
+                            held: int, unconfirmed: bool) -> int | None:
+        """The seq to cut ``feed`` back to so that what is held inside retired keys'
+        windows is on the chains their key events named, or None (nothing to cut)."""
+        named = sorted({w.end[feed] for w in state.keys if w.end is not None
+                        and feed in w.end and state.settled(w.key, feed, w.end[feed].seq)
+                        is not None}, key=lambda hd: hd.seq)
+        confirmed = 0
+        for hd in named:
+            if hd.seq > held:
+                # The held chain ends inside a window whose named head is not held yet.
+                return confirmed if unconfirmed and held > confirmed else None
+            if await in_thread(self.storage.id_at, origin, feed, hd.seq) != hd.id:
+                return confirmed  # off the named chain from somewhere above `confirmed`
+            confirmed = hd.seq  # held chains are linked: all below it is on it too
+        return None
+
+    async def _drop_refuted_proofs(self, identity: bytes) -> None:
+        """Forget the proofs against ``identity`` that its key log now refutes
+        (``settled_by_key_event``) and clear the fork state they put a feed in."""
+        rows = [r for r in await in_thread(self.storage.fork_proofs) if r.origin == identity]
+        refuted = []
+        for r in rows:
+            try:
+                if r.kind == "fork":
+                    verify_fork_proof(ForkProof.decode(r.proof), self.policy.verifier,
+                                      key_states=self.policy.keys.state)
+                else:
+                    verify_split_view(SplitViewProof.decode(r.proof), self.policy.verifier,
+                                      self.policy.keys.state)
+            except InvalidProof as exc:
+                if exc.reason == "settled_by_key_event":
+                    refuted.append(r)
+        if not refuted:
+            return
+        await asyncio.wrap_future(self.storage.drop_fork_proofs([r.id for r in refuted]))
+        gone = {r.id for r in refuted}
+        for feed in sorted({r.feed for r in refuted}):
+            self.publisher.replica.unfork(identity, feed, [
+                r.seq for r in rows if r.feed == feed and r.id not in gone])
+            log.warning("fork proofs dropped: a key event of the origin settled the "
+                        "retired key's window they were in", extra=fields(
+                            origin=self.policy.name(identity), feed=feed))
 
     def _announce(self) -> None:
         """Send our new log to every partner now (they would also learn it from our

@@ -218,10 +218,11 @@ class Policy:
             self.on_log_refused(source, decision.error)
         if decision.outcome in ("extends", "recovered", "dead", "key-fork"):
             held = self.keys.held(identity)
-            if held is not None and any(e.type == "recovery" and (
+            if held is not None and any(e.type != "inception" and (
                     before is None or e.body not in {b.body for b in before.events})
                     for e in held.events):
-                self.on_recovery(identity)  # a recovery new here: drop what it cut off
+                # A rotation or recovery new here: drop what it cuts off or refutes.
+                self.on_recovery(identity)
             if held is not None:
                 self.storage.set_meta("keylog:" + identity.hex(), held.wire)
                 if held.proof is not None:

@@ -264,3 +264,32 @@ def test_record_of_a_cn2_origin_vector(case: dict[str, Any]) -> None:
     with pytest.raises(InvalidRecord) as exc:
         open_record(body, sig, payload, now_ms=case["now_ms"], verifier=Verifier())
     assert exc.value.reason in ("unknown_key", "bad_signature")
+
+
+@pytest.mark.parametrize("case", KEYLOG["settled"], ids=lambda c: c["name"])
+def test_settled_window_vector(case: dict[str, Any]) -> None:
+    """A key event settles a retired key's window: its fork and split-view proofs
+    inside it prove nothing (docs/PROTOCOL.md, "Settled windows")."""
+    from citynode.core.chain import ForkProof, verify_fork_proof
+
+    log = next(c for c in KEYLOG["logs"] if c["name"] == case["log"])
+    state = keylog.verify_log(log["node_id"], [bytes.fromhex(e) for e in log["events_hex"]],
+                              verifier=Verifier())
+
+    def states(origin: bytes) -> keylog.KeyState | None:
+        return state if origin == state.identity else None
+
+    data = bytes.fromhex(case["proof_hex"])
+
+    def check() -> None:
+        if case["kind"] == "fork":
+            verify_fork_proof(ForkProof.decode(data), Verifier(), key_states=states)
+        else:
+            verify_split_view(SplitViewProof.decode(data), Verifier(), states)
+
+    if case["expect"] == "valid":
+        check()
+    else:
+        with pytest.raises(InvalidProof) as exc:
+            check()
+        assert exc.value.reason == case["expect"]["error"]

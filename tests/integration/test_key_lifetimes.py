@@ -233,3 +233,69 @@ async def _at(n: LocalNode, origin: LocalNode, seq: int) -> bool:
         if f["origin"] == origin.node_id and f["feed"] == "test":
             return int(f["seq"]) == seq
     return False
+
+
+async def _forks(n: LocalNode) -> list[dict[str, Any]]:
+    rc, out = await asyncio.to_thread(cli, "forks", "-d", str(n.dir), "--json")
+    assert rc == 0, out
+    forks: list[dict[str, Any]] = json.loads(out)["forks"]
+    return forks
+
+
+async def test_a_thiefs_fork_below_the_last_good_head_does_not_outlive_the_recovery(
+        cluster: Cluster) -> None:
+    """Before the recovery the thief signs a second seq 5 (below the head the owner
+    will name) and pushes it to C: a fork proof of B spreads to A, B and C, and B stops
+    publishing on the feed. The recovery names test=6: its chain is B's history there,
+    the proof no longer holds, every node drops it and B publishes on (docs/PROTOCOL.md,
+    "Settled windows")."""
+    from citynode.core.keys import NodeKey, parse_node_id, unseal_secret_key
+    from citynode.core.records import sign_record
+    from citynode.transport.client import PeerClient
+
+    a, b, c = cluster.create(["A", "B", "C"], settings=FAST)
+    await cluster.start()
+    for x, y in [(a, b), (b, c)]:
+        await cluster.link(x, y)
+    await b.publish("test", TYPE, [rec(i) for i in range(6)])
+    await converge([a, b, c], expected({(b.node_id, "test"): 6}), timeout=60)
+    page = await c.api("GET", f"/v1/records?origin={b.node_id}&feed=test&limit=100",
+                       operator=True)
+    r4 = page["records"][3]
+    seed = unseal_secret_key((b.dir / "node.key").read_bytes(), None)
+    thief = NodeKey(seed, parse_node_id(b.node_id), b.node_id,
+                    (b.dir / "keylog").read_bytes())
+    alt5 = sign_record(thief, feed="test", seq=5, prev=bytes.fromhex(r4["id"]),
+                       time_ms=int(r4["time"]) + 1, type=TYPE, data={"n": 555})
+    client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
+    try:
+        assert (await client.push([alt5.envelope]))["forks"] == 1
+    finally:
+        await client.close()
+
+    async def forked_everywhere() -> bool:
+        return all([await _forks(x) for x in (a, b, c)])
+
+    await eventually(forked_everywhere, timeout=30)
+    with pytest.raises(Exception, match="forked"):
+        await b.publish("test", TYPE, [rec(50)])
+    rc, text = await asyncio.to_thread(
+        cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
+        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+    assert rc == 0, text
+
+    async def no_forks() -> bool:
+        return not any([await _forks(x) for x in (a, b, c)])
+
+    await eventually(no_forks, timeout=60)
+    await b.publish("test", TYPE, [rec(100)])
+    await converge([a, b, c], expected({(b.node_id, "test"): 7}), timeout=60)
+    # Pushed again after the recovery, the thief's seq 5 makes no fork anywhere.
+    client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
+    try:
+        with pytest.raises(PeerRejected):
+            await client.push([alt5.envelope])
+    finally:
+        await client.close()
+    assert not await _forks(c)
+    await stop_all([a, b, c])

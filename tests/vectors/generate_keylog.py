@@ -332,17 +332,83 @@ def wide_logs() -> list[dict[str, Any]]:
 DOMAIN_RECORD = b"citynode/record/v1\x00"
 
 
-def record_v3(signer: SigningKey, named: SigningKey, feed: str, seq: int, time: int
-              ) -> bytes:
+def record_v3(signer: SigningKey, named: SigningKey, feed: str, seq: int, time: int,
+              n: int | None = None, prev: bytes | None = None) -> bytes:
     """The envelope of a record of D (body version 3) naming ``named`` as its key,
-    signed by ``signer``; a fixed salt."""
-    payload = encoding.encode({"data": {"n": seq}, "salt": bytes(16)})
+    signed by ``signer``; a fixed salt; data ``{"n": n}`` (default: the seq); ``prev``
+    the stand-in id of the seq before unless given."""
+    payload = encoding.encode({"data": {"n": seq if n is None else n}, "salt": bytes(16)})
     body = {"data_digest": sha(payload), "feed": feed, "key": named.public_key,
             "origin": D, "seq": seq, "time": time, "type": "org.example.Test", "version": 3}
     if seq > 1:
-        body["prev"] = rid(seq - 1)
+        body["prev"] = rid(seq - 1) if prev is None else prev
     b = encoding.encode(body)
     return encoding.encode([b, signer.sign(DOMAIN_RECORD, b), payload])
+
+
+def checkpoint_v3(key: SigningKey, size: int, root: bytes, time: int) -> bytes:
+    """A checkpoint of D's feed air (a cn2 origin: it names its signing ``key``)."""
+    f = {"kind": "checkpoint", "version": 1, "origin": D, "feed": "air", "size": size,
+         "root": root, "time": time, "key": key.public_key}
+    body = encoding.encode(f)
+    return envelope(body, key.sign(DOMAIN_CHECKPOINT, body))
+
+
+def settled_cases() -> list[dict[str, Any]]:
+    """Fork and split-view proofs of D against a log: statements of a retired key
+    inside the window a key event closed prove nothing about the identity (the chain
+    ending at the named head is its history there); the key in force still answers
+    for its own."""
+    def fork(a: bytes, b: bytes) -> bytes:
+        x, y = sorted((a, b))
+        return encoding.encode({"kind": "fork", "a": x, "b": y})
+
+    def split(a: bytes, b: bytes) -> bytes:
+        x, y = sorted((a, b))
+        return encoding.encode({"kind": "split-view", "a": x, "b": y})
+
+    def r(key: SigningKey, seq: int, n: int, prev: bytes | None = None) -> bytes:
+        return record_v3(key, key, "air", seq, T0 + seq, n, prev)
+
+    settled = err("settled_by_key_event")
+    root = [sha(b"citynode vector root %d" % i) for i in range(3)]
+    cases = [
+        ("k0-fork-before-any-key-event", "Two K0 records at air seq 5 while K0 is in force: "
+         "a fork of the identity.", "inception", "fork", fork(r(K[0], 5, 5), r(K[0], 5, 55)),
+         "valid"),
+        ("k0-fork-after-rotation-and-recovery", "The same two records once R1 named air "
+         "head 10 (K0's window closed): at most one is on the chain ending at it.",
+         "recovery-after-theft", "fork", fork(r(K[0], 5, 5), r(K[0], 5, 55)), settled),
+        ("stolen-k1-fork-backdated", "The thief's K1 signs a second air seq 12, dated a day "
+         "before the inception, inside the window (10, 15] the recovery settled.",
+         "recovery-after-theft", "fork",
+         fork(r(K[1], 12, 12), record_v3(K[1], K[1], "air", 12, T0 - 86_400_000, 1212)),
+         settled),
+        ("stolen-k1-prev-mismatch", "K1's seq 13 not linking to K1's seq 12, both inside "
+         "the settled window.", "recovery-after-theft", "fork",
+         fork(r(K[1], 12, 12), r(K[1], 13, 13, sha(b"off the chain"))), settled),
+        ("k4-fork", "Two K4 records at air seq 16: K4 is in force, its fork stands.",
+         "recovery-after-theft", "fork", fork(r(K[4], 16, 16), r(K[4], 16, 1616)), "valid"),
+        ("k0-split-view-in-force", "Two K0 checkpoints of air at size 5 with different "
+         "roots while K0 is in force.", "inception", "split-view",
+         split(checkpoint_v3(K[0], 5, root[0], T0 + 1),
+               checkpoint_v3(K[0], 5, root[1], T0 + 2)), "valid"),
+        ("stolen-k1-split-view", "Two K1 checkpoints of air at size 12 with different "
+         "roots: the recovery settled (10, 15].", "recovery-after-theft", "split-view",
+         split(checkpoint_v3(K[1], 12, root[0], NOW), checkpoint_v3(K[1], 12, root[1], NOW)),
+         settled),
+        ("stolen-k1-against-k4", "K1's checkpoint at size 12 against K4's of the same size "
+         "(a new key vouches for older records): the retired key's word is not the "
+         "identity's.", "recovery-after-theft", "split-view",
+         split(checkpoint_v3(K[1], 12, root[0], NOW), checkpoint_v3(K[4], 12, root[1], NOW)),
+         settled),
+        ("k4-split-view", "Two K4 checkpoints at size 16: K4 answers for them.",
+         "recovery-after-theft", "split-view",
+         split(checkpoint_v3(K[4], 16, root[0], NOW), checkpoint_v3(K[4], 16, root[2], NOW)),
+         "valid"),
+    ]
+    return [{"name": n, "description": d, "log": log, "kind": k, "proof_hex": p.hex(),
+             "expect": x} for n, d, log, k, p, x in cases]
 
 
 def keylog_file() -> dict[str, Any]:
@@ -462,7 +528,10 @@ def keylog_file() -> dict[str, Any]:
             "{error: reason}. 'verdicts': key_verdict(key, feed, seq, record id) after "
             "the log 'recovery-after-theft' (record_time is never read). 'records': "
             "record envelopes of D (body version 3) verified at now_ms against the state "
-            "of 'log': 'valid' or {error: reason}. 'compare': a "
+            "of 'log': 'valid' or {error: reason}. 'settled': fork and split-view "
+            "proofs of D (kind, proof_hex) verified against the state of 'log': 'valid' "
+            "or {error: reason}; a retired key's statements inside the window a key "
+            "event closed prove nothing ('settled_by_key_event'). 'compare': a "
             "held and a received log (both valid) and the decision; 'proof_hex' the "
             "equivocation proof, branches in byte order. The 'signature/*' logs also give "
             "signer_hex, the key that signs their last event (its key, or a recovery's "
@@ -501,6 +570,7 @@ def keylog_file() -> dict[str, Any]:
                      "envelope_hex": record_v3(signer, named, f, q, t).hex(),
                      "now_ms": NOW, "expect": x if x == "valid" else err(x)}
                     for n, d, signer, named, f, q, t, x in records],
+        "settled": settled_cases(),
         "compare": [{"name": n, "held_hex": hexes(*h), "received_hex": hexes(*r),
                      "outcome": o, "reason": why,
                      "proof_hex": None if p is None else p.hex()}
