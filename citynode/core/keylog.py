@@ -302,15 +302,23 @@ def open_event(envelope_bytes: bytes, *, verifier: Verifier) -> KeyEvent:
     :data:`MAX_EVENT_BYTES`, every field, and the signature by the event's signer (the
     named ``key`` for inception and rotation, ``recovery_key`` for recovery) over
     ``DOMAIN_KEY_EVENT || body``. Raises :class:`InvalidRecord` (or a subclass)."""
+    return _signed(_unsigned(envelope_bytes), verifier)
+
+
+def _unsigned(envelope_bytes: object) -> KeyEvent:
+    """An event envelope opened up to (not including) its signature."""
     if not isinstance(envelope_bytes, (bytes, bytearray, memoryview)):
         raise EncodingError("a key event envelope is bytes", "bad_envelope")
     body, sig = decode_envelope(bytes(envelope_bytes), _EVENT_LIMITS)
     f = parse_event_body(body)
-    signer = f["recovery_key"] if f["type"] == "recovery" else f["key"]
-    verifier.verify(signer, DOMAIN_KEY_EVENT, body, sig)
     return KeyEvent(f["type"], f["seq"], f["time"], f["key"], f["next"], f.get("identity"),
                     f.get("prev"), f.get("recovery"), f.get("recovery_key"),
                     f.get("heads", {}), body, sig)
+
+
+def _signed(event: KeyEvent, verifier: Verifier) -> KeyEvent:
+    verifier.verify(event.signer, DOMAIN_KEY_EVENT, event.body, event.sig)
+    return event
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,14 +523,35 @@ def _identity_arg(identity: bytes | str) -> bytes:
     return parse_identity_id(identity) if isinstance(identity, str) else identity
 
 
-def _open_all(envelopes: Sequence[bytes], verifier: Verifier) -> list[KeyEvent]:
+def _open_all(envelopes: Sequence[bytes], verifier: Verifier,
+              identity: bytes | None = None) -> list[KeyEvent]:
+    """Open every event, cheapest checks first, so that a hostile log costs no
+    signature verification it can be refused without: its size and count, every body
+    (fields, no signature), then, given the ``identity``, the structure of the chain
+    (event 0 an inception hashing to it, each next event at the next seq, of this
+    identity, naming the id of the one before), and only then every signature."""
     if not envelopes:
         raise _fail("a key log holds at least its inception", "key_event_order")
     if len(envelopes) > MAX_LOG_EVENTS:
         raise _fail(f"a key log holds at most {MAX_LOG_EVENTS} events", "too_many_items")
     if sum(len(e) for e in envelopes) > MAX_LOG_BYTES:
         raise _fail(f"a key log is at most {MAX_LOG_BYTES} bytes", "too_large")
-    return [open_event(e, verifier=verifier) for e in envelopes]
+    events = [_unsigned(e) for e in envelopes]
+    if identity is not None:
+        if events[0].type != "inception":
+            raise _fail("a key log starts with its inception", "key_event_order")
+        if identity_of(events[0].body) != identity:
+            raise _fail("the inception does not hash to this node id", "wrong_identity")
+        for before, e in zip(events, events[1:], strict=False):
+            if e.seq != before.seq + 1:
+                raise _fail(f"key event seq {e.seq} does not follow seq {before.seq}",
+                            "key_event_order")
+            if e.identity != identity:
+                raise _fail("key event belongs to another identity", "wrong_identity")
+            if e.prev != before.id:
+                raise _fail(f"key event {e.seq} does not name the id of event "
+                            f"{before.seq} as prev", "bad_prev")
+    return [_signed(e, verifier) for e in events]
 
 
 def _fold(identity: bytes, events: Sequence[KeyEvent], now_ms: int | None) -> KeyState:
@@ -544,12 +573,15 @@ def verify_log(identity: bytes | str, log: bytes | Sequence[bytes], *, verifier:
                now_ms: int | None = None) -> KeyState:
     """Verify a whole key log from the identity alone (32 bytes, or its ``cn2`` id) and
     return the folded state. ``log`` is the wire bytes or the list of envelopes.
-    Every event is opened (:func:`open_event`) before any is applied, so a bad
-    signature anywhere is ``bad_signature`` whatever else is wrong. Raises
+    Cheapest checks first (docs/PROTOCOL.md, "Folding a log"): size and count, every
+    event's fields, the chain's structure from the id (``wrong_identity``,
+    ``key_event_order``, ``bad_prev``), then every signature (``bad_signature``), then
+    the fold (:func:`apply_event`). Raises
     :class:`InvalidRecord` (or a subclass) with the reason of the first failure, or
     :class:`InvalidNodeId` for a malformed id."""
     envelopes = decode_log(log) if isinstance(log, bytes) else log
-    return _fold(_identity_arg(identity), _open_all(envelopes, verifier), now_ms)
+    ident = _identity_arg(identity)
+    return _fold(ident, _open_all(envelopes, verifier, ident), now_ms)
 
 
 def verified_events(identity: bytes | str, log: bytes | Sequence[bytes], *,
@@ -558,8 +590,9 @@ def verified_events(identity: bytes | str, log: bytes | Sequence[bytes], *,
     """As :func:`verify_log`, also returning the opened events (for
     :func:`compare_logs`)."""
     envelopes = decode_log(log) if isinstance(log, bytes) else log
-    events = _open_all(envelopes, verifier)
-    return _fold(_identity_arg(identity), events, now_ms), events
+    ident = _identity_arg(identity)
+    events = _open_all(envelopes, verifier, ident)
+    return _fold(ident, events, now_ms), events
 
 
 # ---------------------------------------------------------------------------------------

@@ -464,3 +464,24 @@ def test_recovery_phrase_round_trips_and_catches_typos() -> None:
     for bad in (typo, phrase[:-4], phrase.replace("a", "\u0430", 1) + "a"):
         with pytest.raises(KeyFileError):
             parse_recovery_phrase(bad)
+
+
+def test_a_hostile_log_is_refused_before_any_signature_is_checked() -> None:
+    """Cheapest first: a log of many events whose inception does not hash to the id,
+    or whose chain does not link, costs no signature verification."""
+    h = History()
+    for i in range(1, 6):
+        h.add(rotate(h.state, K[i], K[i + 1].public_key, T0 + i, {}))
+    envs = h.envelopes()
+    other = identity_of(incept(X, K[1].public_key, Q[0].public_key, T0).body)
+    v = Verifier()  # counts the signatures it checks
+    with pytest.raises(InvalidRecord) as exc:
+        verify_log(other, envs, verifier=v)
+    assert reason(exc) == "wrong_identity" and v.count == 0
+    broken = [*envs[:3], *envs[4:]]  # a gap: seq 4 after seq 2
+    with pytest.raises(InvalidRecord) as exc:
+        verify_log(h.identity, broken, verifier=v)
+    assert reason(exc) == "key_event_order" and v.count == 0
+    # The whole log verifies with one signature per event.
+    verify_log(h.identity, envs, verifier=v)
+    assert v.count == len(envs)
