@@ -25,7 +25,8 @@ tree and users see one clear line.
     │   └── NoLeader                 a process sharing the database cannot reach the leader
     ├── UnmappableMessage            a bridge's message cannot become a payload (``.reason``)
     ├── AccessDenied                 the caller may not read or write this
-    │   └── ReplayedRequest          a signed request seen before (``.public_key``: signer)
+    │   ├── ReplayedRequest          a signed request seen before (``.public_key``: signer)
+    │   └── UnknownSigner            signed by a cn2 identity whose key log is not held
     └── PeerError                    talking to another node failed
         └── PeerRejected             the other node answered with an error status
                                      (``.status``, ``.reason``, ``.detail``)
@@ -62,6 +63,7 @@ __all__ = [
     "ReplayedRequest",
     "SignatureError",
     "StorageError",
+    "UnknownSigner",
     "UnmappableMessage",
 ]
 
@@ -206,6 +208,13 @@ class UnmappableMessage(CitynodeError):
 class AccessDenied(CitynodeError):
     """The caller is not allowed to do this (wrong operator token, not a partner,
     not a recipient of a restricted feed, stale or replayed request signature)."""
+
+
+class UnknownSigner(AccessDenied):
+    """A request signed by a ``cn2`` identity whose key log this node does not hold (and
+    the request carries none): the node cannot tell which key signs for it. Answered
+    401 ``unknown_key``; the sender offers its log (``POST /v1/keylog?origin=<its
+    id>``) and sends the request again (transport/http.py does it once, by itself)."""
 
 
 class ReplayedRequest(AccessDenied):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -542,7 +543,7 @@ def _open_all(envelopes: Sequence[bytes], verifier: Verifier,
             raise _fail("a key log starts with its inception", "key_event_order")
         if identity_of(events[0].body) != identity:
             raise _fail("the inception does not hash to this node id", "wrong_identity")
-        for before, e in zip(events, events[1:], strict=False):
+        for before, e in itertools.pairwise(events):
             if e.seq != before.seq + 1:
                 raise _fail(f"key event seq {e.seq} does not follow seq {before.seq}",
                             "key_event_order")

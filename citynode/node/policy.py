@@ -197,8 +197,8 @@ class Policy:
 
     # ------------------------------------------------------------------ key logs
 
-    def offer_log(self, identity: bytes, log: bytes, source: bytes | None
-                  ) -> keylog.LogDecision | None:
+    def offer_log(self, identity: bytes, log: bytes, source: bytes | None,
+                  verifier: Verifier | None = None) -> keylog.LogDecision | None:
         """Verify a received key log of ``identity`` and hold it if
         :func:`keylog.compare_logs` says so (kept in storage). A log that does not verify,
         or that the decision refuses, is counted on ``source`` (the partner it came
@@ -208,7 +208,7 @@ class Policy:
             return None  # ours, as we hold it
         before = self.keys.held(identity)
         try:
-            decision = self.keys.offer(identity, log, verifier=self.verifier,
+            decision = self.keys.offer(identity, log, verifier=verifier or self.verifier,
                                        now_ms=self.now_ms())
         except (InvalidRecord, ValueError) as exc:
             err = exc if isinstance(exc, InvalidRecord) else InvalidRecord(str(exc))

@@ -127,7 +127,7 @@ class PeerClient:
         """POST a key log of ``origin_id`` (ours, after a rotation or a recovery): the
         partner verifies it from the id alone. Returns its decision."""
         out = await self.request("POST", f"/v1/keylog?origin={origin_id}", log,
-                                 signed=False)
+                                 signed=True)
         return _map(out, self.base_url)
 
     async def card_history(self, origin_id: str) -> list[bytes]:

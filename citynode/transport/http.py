@@ -125,12 +125,31 @@ class NodeSignature:
             raise PeerError("cannot sign a request before the node's id is known")
         out = httpsig.sign_request(self.key, method, path_qs, body,
                                    int(self._clock() * 1000), target=self.target)
-        log = getattr(self.key, "log", None)
-        if log is not None and method == "GET":
+        log = self.key_log
+        if log is not None and method == "GET" and len(log) <= INLINE_KEY_LOG:
             # A signed read may reach a node that holds no log of us (we are nobody's
-            # partner there): it verifies this one from our id alone.
+            # partner there): it verifies this one from our id alone. Only a small log
+            # rides along (servers refuse header fields over 8 KiB): a node that holds
+            # no log of us and gets none answers 401 unknown_key, and HttpClient offers
+            # the log (POST /v1/keylog) and sends the request again.
             out[httpsig.KEYLOG_HEADER] = base64.b64encode(log).decode("ascii")
         return out
+
+    @property
+    def key_log(self) -> bytes | None:
+        """The signer's key log (wire bytes; a ``cn2`` node), or None (a ``cn1`` key)."""
+        log = getattr(self.key, "log", None)
+        return log if isinstance(log, bytes) else None
+
+    @property
+    def node_id(self) -> str:
+        """The signer's printable id."""
+        return str(self.key.node_id)
+
+
+#: A key log at most this long (bytes; base64 adds a third) rides in the header of a
+#: signed read; a longer one is offered on a 401 ``unknown_key`` (POST /v1/keylog).
+INLINE_KEY_LOG = 4096
 
 
 # ---------------------------------------------------------------------------- errors
@@ -358,7 +377,42 @@ class HttpClient:
         Raises :class:`PeerRejected` for any other status (``status``, ``reason``), and
         :class:`PeerError` for an answer over ``max_bytes``, a timeout (``timeout``
         seconds for the whole exchange; default the client's) or any failure to talk.
+
+        A request signed by a ``cn2`` node that the other node answers 401
+        ``unknown_key`` (it holds no key log of the signer, and the log was too long to
+        ride along) is sent once more after offering the log (:meth:`offer_own_log`).
         """
+        try:
+            return await self._request(method, path_qs, body, accept, content_type, auth,
+                                       max_bytes, timeout)
+        except PeerRejected as exc:
+            if not await self._offered_log_for(exc, auth):
+                raise
+        return await self._request(method, path_qs, body, accept, content_type, auth,
+                                   max_bytes, timeout)
+
+    async def _offered_log_for(self, exc: PeerRejected, auth: Auth | None) -> bool:
+        """Whether ``exc`` asks for our key log and it was offered (so: retry once)."""
+        signer = auth or self.auth
+        if (exc.status != 401 or exc.reason != "unknown_key"
+                or not isinstance(signer, NodeSignature) or signer.key_log is None):
+            return False
+        await self.offer_own_log(signer)
+        return True
+
+    async def offer_own_log(self, signer: NodeSignature) -> None:
+        """POST the signer's key log to the other node (``/v1/keylog?origin=<its id>``,
+        signed), which verifies it from the id alone and then knows the signer's key.
+        Raises :class:`PeerRejected` if it refuses the log (with the reason code)."""
+        log = signer.key_log
+        if log is None:
+            raise ValueError("a cn1 key has no key log to offer")
+        await self._request("POST", f"/v1/keylog?origin={signer.node_id}", log, MSGPACK,
+                            MSGPACK, signer, 64 * 1024, -1.0)
+
+    async def _request(self, method: str, path_qs: str, body: bytes, accept: str,
+                       content_type: str | None, auth: Auth | None, max_bytes: int,
+                       timeout: float | None) -> Response:
         url, headers = self._prepare(method, path_qs, body, accept,
                                      content_type if content_type is not None
                                      else (MSGPACK if body else None), auth)
@@ -424,6 +478,23 @@ class HttpClient:
         for an error status, and :class:`PeerError` for an event over
         ``max_event_bytes`` or a broken connection.
         """
+        try:
+            async for event in self._events(method, path_qs, accept, auth,
+                                            max_event_bytes, opened):
+                yield event
+            return
+        except PeerRejected as exc:
+            # Only an answer's status raises it, before any event: as request(), a
+            # signer whose log the node lacks offers it and asks once more.
+            if not await self._offered_log_for(exc, auth):
+                raise
+        async for event in self._events(method, path_qs, accept, auth, max_event_bytes,
+                                        opened):
+            yield event
+
+    async def _events(self, method: str, path_qs: str, accept: str, auth: Auth | None,
+                      max_event_bytes: int, opened: Callable[[], None] | None
+                      ) -> AsyncIterator[dict[str, str]]:
         url, headers = self._prepare(method, path_qs, b"", accept, None, auth)
         try:
             async with self._sess().request(

@@ -46,6 +46,7 @@ from citynode.errors import (
     QueryTooSlow,
     ReplayedRequest,
     StorageError,
+    UnknownSigner,
 )
 from citynode.identity import check_token
 from citynode.logs import fields
@@ -72,6 +73,7 @@ __all__ = [
     "read_check",
     "record_filter",
     "refuse",
+    "request_signer",
     "require_operator",
     "require_partner",
     "signed_caller",
@@ -126,6 +128,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(400, "invalid", str(exc))
     except ClockSkew as exc:
         return error_response(403, "clock_skew", str(exc))
+    except UnknownSigner as exc:
+        return error_response(401, "unknown_key", str(exc))
     except AccessDenied as exc:
         return error_response(403, "access_denied", str(exc))
     except NoLeader as exc:  # (a PublishRefused) a takeover under way: retry
@@ -437,6 +441,20 @@ async def signed_caller(request: web.Request) -> bytes | None:
                    key_of=_reader_key_of(request))
 
 
+def request_signer(request: web.Request, body: bytes,
+                   key_of: Callable[[bytes], bytes]) -> bytes | None:
+    """The identity that signed this request (its signature checked with ``key_of``),
+    or None when it is unsigned or its signature does not verify: for telling who sent
+    something that needs no signature (whom to count a refusal against)."""
+    if "Signature" not in request.headers:
+        return None
+    try:
+        return _verify(request, body, request.headers, request.app[READ_REPLAY_KEY],
+                       key_of=key_of)
+    except AccessDenied:
+        return None
+
+
 #: Logs of signed readers (no partners) held in memory at most; beyond, they are verified
 #: per request and not held.
 MAX_READER_LOGS = 10_000
@@ -454,6 +472,12 @@ def _reader_key_of(request: web.Request) -> Callable[[bytes], bytes]:
             return held.current_key(identity)
         text = request.headers.get(httpsig.KEYLOG_HEADER)
         if text is None or len(text) > httpsig.MAX_KEYLOG_HEADER:
+            keyid = httpsig.read_signature(request.headers).params.keyid
+            if keyid.startswith(keylog.IDENTITY_PREFIX):
+                # A hash, not a key: without its log nothing verifies. Say so, so
+                # that the sender offers its log (POST /v1/keylog) and retries.
+                raise UnknownSigner(f"this node holds no key log of {keyid}: offer it "
+                                    f"(POST /v1/keylog?origin={keyid}), then retry")
             return identity
         try:
             log = base64.b64decode(text, validate=True)
