@@ -482,20 +482,28 @@ def _last_good(values: tuple[str, ...]) -> dict[str, int]:
               help="Type the recovery phrase (crq1-...) instead of giving a file.")
 @click.option("--last-good", "last_good", multiple=True, metavar="FEED=SEQ",
               help="Per feed, the last record you made yourself (repeatable). Records "
-                   "the old key signed beyond it, and on any feed not named, become "
-                   "invalid everywhere, whatever time they claim.")
+                   "the old key signed beyond it become invalid everywhere, whatever "
+                   "time they claim.")
+@click.option("--drop-feed", "drop_feeds", multiple=True, metavar="FEED",
+              help="A feed on which nothing the old key signed is kept (repeatable). "
+                   "Every own feed the old key signed on must be named, with "
+                   "--last-good or --drop-feed.")
 def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
-                last_good: tuple[str, ...]) -> None:
+                last_good: tuple[str, ...], drop_feeds: tuple[str, ...]) -> None:
     """Take the identity back after its signing key was stolen or lost.
 
     Works without the current key: the recovery key signs a recovery naming a new
-    signing key and the last good record of each feed. The recovery file's passphrase
-    is read from CITYNODE_RECOVERY_PASSPHRASE, else asked for; the new recovery file
-    (the recovery key changes on use) is sealed with the same passphrase.
+    signing key and the last good record of each feed. Every own feed the old key
+    signed on is named: --last-good FEED=SEQ keeps it up to SEQ, --drop-feed FEED keeps
+    nothing the old key signed there (a recovery cannot be undone). The recovery
+    file's passphrase is read from CITYNODE_RECOVERY_PASSPHRASE, else asked for; the
+    new recovery file (the recovery key changes on use) is sealed with the same
+    passphrase.
     """
     import os
 
     from citynode.core import keylog
+    from citynode.identity import keylog_identity
 
     _require_dir(data_dir)
     if (recovery_file is None) == (not phrase):
@@ -509,10 +517,18 @@ def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
         except OSError as exc:
             raise click.ClickException(f"cannot read {recovery_file}: {exc.strerror}") \
                 from None
-        _ident, seed = keylog.unseal_recovery(text, rpw)
+        ident, seed = keylog.unseal_recovery(text, rpw)
+        try:
+            mine = keylog_identity((data_dir / "keylog").read_bytes())
+        except OSError:
+            mine = None  # a cn1 node: the node says it has no log to recover
+        if mine is not None and ident != mine:
+            raise click.ClickException(
+                f"{recovery_file} recovers {keylog.identity_id(ident)}, not this node "
+                f"({keylog.identity_id(mine)}): give the recovery file of this node")
     else:
         seed = keylog.parse_recovery_phrase(click.prompt("Recovery phrase"))
-    out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw))
+    out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw, drop_feeds))
     click.echo(f"recovered: {out['node_id']} now signs with key {out['key']} "
                f"(key event {out['seq']})")
     _recovery_notice(Path(out["recovery_path"]), out["recovery_phrase"], None)

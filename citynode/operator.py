@@ -120,10 +120,12 @@ class Operator:
         return out
 
     async def recover_key(self, recovery_seed: bytes, last_good: dict[str, int],
-                          recovery_passphrase: str) -> dict[str, Any]:
+                          recovery_passphrase: str,
+                          drop_feeds: tuple[str, ...] = ()) -> dict[str, Any]:
         """Recover the node's identity with its recovery key
         (``POST /v1/admin/key/recover``)."""
         body = json.dumps({"recovery_seed": recovery_seed.hex(), "last_good": last_good,
+                           "drop_feeds": list(drop_feeds),
                            "recovery_passphrase": recovery_passphrase}).encode()
         out: dict[str, Any] = await self._call("POST", "/v1/admin/key/recover", body,
                                                content_type=JSON)

@@ -1069,3 +1069,44 @@ def test_key_recover_refuses_a_wrong_recovery_passphrase_and_a_missing_record(
     r = cli("key", "recover", "-d", d, "--recovery", str(node_dir / "recovery.key"),
             "--last-good", "air")
     assert r.exit_code == 2 and "FEED=SEQ" in r.output
+
+
+def test_key_recover_names_every_own_feed_and_checks_the_files_identity(
+        tmp_path: Path) -> None:
+    """A recovery cannot be undone: every own feed the old key signed on is named,
+    --last-good FEED=SEQ or --drop-feed FEED, else nothing happens and one line says
+    which feeds are missing (S5). A recovery file of another node is refused naming
+    both ids (N3)."""
+    from citynode.datadir import init_data_dir
+    from tests.conftest import FAST_KDF
+
+    d = tmp_path / "b"
+    init_data_dir(d, name="B", listen="127.0.0.1:1", recovery_passphrase="pw", **FAST_KDF)
+    other = tmp_path / "c"
+    init_data_dir(other, name="C", listen="127.0.0.1:2", recovery_passphrase="pw",
+                  **FAST_KDF)
+    publish(d, "air", AIR_TYPE, [air(1.0), air(2.0)])
+    publish(d, "water", AIR_TYPE, [air(3.0)])
+    env = {"CITYNODE_RECOVERY_PASSPHRASE": "pw"}
+    before = record_ids(d)
+    line = one_line_error(cli("key", "recover", "-d", str(d), "--recovery",
+                              str(d / "recovery.key"), "--last-good", "air=2", env=env))
+    assert "1 own feed(s) not named: water;" in line and "--drop-feed" in line
+    line = one_line_error(cli("key", "recover", "-d", str(d), "--recovery",
+                              str(d / "recovery.key"), env=env))
+    assert "2 own feed(s) not named: air, water" in line
+    assert record_ids(d) == before  # nothing happened
+    line = one_line_error(cli("key", "recover", "-d", str(d), "--recovery",
+                              str(d / "recovery.key"), "--last-good", "air=2",
+                              "--drop-feed", "air", env=env))
+    assert "both" in line
+    b_id, c_id = ok("id", "-d", str(d)).stdout.strip(), ok("id", "-d", str(other)).stdout.strip()
+    line = one_line_error(cli("key", "recover", "-d", str(d), "--recovery",
+                              str(other / "recovery.key"), "--last-good", "air=2",
+                              "--drop-feed", "water", env=env))
+    assert c_id in line and b_id in line
+    r = ok("key", "recover", "-d", str(d), "--recovery", str(d / "recovery.key"),
+           "--last-good", "air=2", "--drop-feed", "water", env=env)
+    assert f"recovered: {b_id}" in r.stdout
+    assert record_ids(d, "--feed", "air") == before[:2]
+    assert record_ids(d, "--feed", "water") == []

@@ -145,7 +145,8 @@ class KeyChanges:
         return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex()}
 
     async def recover(self, recovery_seed: bytes, last_good: dict[str, int],
-                      recovery_passphrase: str) -> dict[str, Any]:
+                      recovery_passphrase: str,
+                      drop: frozenset[str] = frozenset()) -> dict[str, Any]:
         """Recover with the recovery key: after the last event of the log this node
         made (its own keylog file), a recovery naming per feed the last good record
         (``last_good``: feed -> seq, each held here), a new signing key, next key and
@@ -153,13 +154,29 @@ class KeyChanges:
         everywhere. Writes a new recovery file (the recovery key rotates on use),
         sealed with ``recovery_passphrase``. Returns ``{node_id, seq, key,
         recovery_path, recovery_phrase}``; records held here beyond the heads (the
-        thief's, fetched from partners) are dropped. Raises :class:`ConfigError` for a
-        wrong recovery key or a last-good record not held."""
+        thief's, fetched from partners) are dropped. Every own feed the superseded key
+        signed on must be decided: named in ``last_good``, or in ``drop`` (keep nothing
+        it signed there): a recovery cannot be undone, so nothing is dropped by
+        omission. Raises :class:`ConfigError` for a wrong recovery key, a last-good
+        record not held, or a feed not decided (or decided twice)."""
         state = self._state()
         q = SigningKey(recovery_seed)
         if keylog.commit_key(q.public_key) != state.recovery:
             raise ConfigError("that recovery key is not the one this node's log commits to "
                               "(an older recovery file?)")
+        both = sorted(set(last_good) & drop)
+        if both:
+            raise ConfigError(f"feed(s) {', '.join(both)} given both --last-good and "
+                              "--drop-feed: keep records up to a seq, or none")
+        undecided = sorted(
+            f for f, h in self._own_heads().items() if f not in last_good and f not in drop
+            and h.seq > state.established.get(f, Head(0, b"")).seq)
+        if undecided:
+            shown = ", ".join(undecided[:10]) + (" ..." if len(undecided) > 10 else "")
+            raise ConfigError(
+                f"{len(undecided)} own feed(s) not named: {shown}; give --last-good "
+                "FEED=SEQ (the last record you made yourself) or --drop-feed FEED (keep "
+                "nothing the old key signed there) for each: a recovery cannot be undone")
         me = self.key.identity
         heads: dict[str, Head] = {}
         for feed, seq in sorted(last_good.items()):
