@@ -148,24 +148,44 @@ def main(ctx: click.Context) -> None:
               help="Protect the node keys with a passphrase (asked for now; give it in "
                    "CITYNODE_PASSPHRASE when the node starts).")
 @click.option("--recovery-passphrase", is_flag=True,
-              help="Choose the passphrase of the recovery file (asked for now); by "
-                   "default a random one is made and printed once.")
+              help="Choose the passphrase of the recovery file (asked for now; or give it "
+                   "in CITYNODE_RECOVERY_PASSPHRASE); by default a random one is made and "
+                   "printed once, on a terminal only.")
+@click.option("--print-recovery", is_flag=True,
+              help="Print the recovery phrase (and a generated recovery passphrase) even "
+                   "when the output is not a terminal, where it may end up in a log.")
 def init(data_dir: Path, name: str, listen: str, public_url: str | None,
-         hosts: tuple[str, ...], passphrase: bool, recovery_passphrase: bool) -> None:
+         hosts: tuple[str, ...], passphrase: bool, recovery_passphrase: bool,
+         print_recovery: bool) -> None:
     """Create a new node: its keys and identity (with recovery material to move
-    offline), TLS certificate, operator token and node.toml."""
+    offline), TLS certificate, operator token and node.toml.
+
+    Secret recovery material (the phrase, a generated passphrase) is printed only to a
+    terminal, or with --print-recovery. Otherwise choose the recovery passphrase
+    (--recovery-passphrase or CITYNODE_RECOVERY_PASSPHRASE): only the sealed file
+    recovery.key is written, to be moved off this machine.
+    """
+    import os
+
     from citynode.datadir import init_data_dir
 
+    show = print_recovery or sys.stdout.isatty()
     pw = (click.prompt("Passphrase", hide_input=True, confirmation_prompt=True)
           if passphrase else None)
     rpw = (click.prompt("Recovery passphrase", hide_input=True, confirmation_prompt=True)
-           if recovery_passphrase else None)
+           if recovery_passphrase else os.environ.get("CITYNODE_RECOVERY_PASSPHRASE") or None)
+    if rpw is None and not show:
+        raise click.ClickException(
+            "the output is not a terminal, so a generated recovery passphrase printed "
+            "here could end up in a log: choose one (--recovery-passphrase, or "
+            "CITYNODE_RECOVERY_PASSPHRASE), or pass --print-recovery")
     ident, cfg = init_data_dir(data_dir, name=name, listen=listen, public_url=public_url,
                                hosts=hosts, passphrase=pw, recovery_passphrase=rpw)
     url = cfg.node.public_url
     click.echo(f"created node {name} in {data_dir}")
     click.echo(f"node id: {ident.node_id}")
-    _recovery_notice(ident.recovery_path, ident.recovery_phrase, ident.recovery_passphrase)
+    _recovery_notice(ident.recovery_path, ident.recovery_phrase if show else None,
+                     ident.recovery_passphrase if show else None)
     click.echo("A partner city adds this node with:")
     click.echo(f"  citynode partner add {url} --id {ident.node_id} -d THEIR_DIR")
     click.echo(f"Start it with: citynode run -d {data_dir}")
@@ -186,6 +206,10 @@ def _recovery_notice(path: Path | None, phrase: str | None, passphrase: str | No
     if phrase:
         click.echo("  Or keep this recovery phrase on paper (it is the recovery key itself):")
         click.echo(f"  {phrase}")
+    else:
+        click.echo("  (The recovery phrase is printed to a terminal only, or with "
+                   "--print-recovery.)")
+    click.echo("  `citynode check` reminds you while the file is still in the data dir.")
     click.echo("")
 
 
@@ -531,7 +555,8 @@ def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
     out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw, drop_feeds))
     click.echo(f"recovered: {out['node_id']} now signs with key {out['key']} "
                f"(key event {out['seq']})")
-    _recovery_notice(Path(out["recovery_path"]), out["recovery_phrase"], None)
+    _recovery_notice(Path(out["recovery_path"]),
+                     out["recovery_phrase"] if sys.stdout.isatty() else None, None)
     click.echo("The previous recovery file and phrase are used up: destroy them.")
 
 
@@ -710,6 +735,10 @@ def check(data_dir: Path, as_json: bool) -> None:
                        + ("other cities' feeds" if own else "feeds") + " (`citynode forks`)")
         if own is None:
             click.echo(f"note: own feeds not checked for forks ({skipped})")
+        if (data_dir / "recovery.key").exists():
+            click.echo(f"warning: {data_dir / 'recovery.key'} is still on this machine: "
+                       "move it offline (a break-in that finds it and its passphrase "
+                       "takes the identity for good)")
     if report.problems:
         sys.exit(1)
 

@@ -147,7 +147,7 @@ def test_every_command_is_documented() -> None:
 def test_init_creates_files_with_private_modes(tmp_path: Path) -> None:
     d = tmp_path / "sby"
     r = ok("init", "-d", str(d), "--name", "Surabaya", "--listen", "127.0.0.1:18601",
-           "--host", "citynode.surabaya.example")
+           "--host", "citynode.surabaya.example", "--print-recovery")
     node_id = ok("id", "-d", str(d)).stdout.strip()
     # A cn2 id: the digest of the node's inception, not a key (issue 12).
     assert node_id.startswith("cn2") and f"node id: {node_id}" in r.stdout
@@ -169,7 +169,8 @@ def test_init_creates_files_with_private_modes(tmp_path: Path) -> None:
 def test_init_refuses_an_existing_node_and_changes_nothing(node_dir: Path) -> None:
     key = (node_dir / "node.key").read_bytes()
     toml = (node_dir / "node.toml").read_bytes()
-    line = one_line_error(cli("init", "-d", str(node_dir), "--name", "Other"))
+    line = one_line_error(cli("init", "-d", str(node_dir), "--name", "Other",
+                              "--print-recovery"))
     assert "already holds a node" in line and str(node_dir) in line
     assert (node_dir / "node.key").read_bytes() == key
     assert (node_dir / "node.toml").read_bytes() == toml
@@ -184,8 +185,8 @@ def test_init_bad_listen_is_one_line_and_leaves_nothing(
     tmp_path: Path, listen: str, says: str
 ) -> None:
     d = tmp_path / "bad"
-    line = one_line_error(cli("init", "-d", str(d), "--name", "X", "--listen", listen),
-                          codes=(1, 2))
+    line = one_line_error(cli("init", "-d", str(d), "--name", "X", "--listen", listen,
+                              "--print-recovery"), codes=(1, 2))
     assert says in line
     assert not (d / "node.key").exists() and not (d / "node.toml").exists()
 
@@ -1110,3 +1111,26 @@ def test_key_recover_names_every_own_feed_and_checks_the_files_identity(
     assert f"recovered: {b_id}" in r.stdout
     assert record_ids(d, "--feed", "air") == before[:2]
     assert record_ids(d, "--feed", "water") == []
+
+
+def test_init_prints_secret_recovery_material_to_a_terminal_only(tmp_path: Path) -> None:
+    """Not a terminal (a log, a CI job): no generated passphrase, no phrase. Without a
+    chosen passphrase init refuses and makes nothing; with one it writes the sealed
+    file and says where; `check` warns while that file stays in the data dir (S4)."""
+    d = tmp_path / "x"
+    line = one_line_error(cli("init", "-d", str(d), "--name", "X", "--listen",
+                              "127.0.0.1:18602"))
+    assert "not a terminal" in line and "--print-recovery" in line
+    assert not d.exists() or not (d / "node.key").exists()
+    r = ok("init", "-d", str(d), "--name", "X", "--listen", "127.0.0.1:18602",
+           env={"CITYNODE_RECOVERY_PASSPHRASE": "chosen passphrase"})
+    assert "crq1-" not in r.stdout and "chosen passphrase" not in r.stdout
+    assert str(d / "recovery.key") in r.stdout and "MOVE IT OFFLINE" in r.stdout
+    from citynode.core import keylog
+
+    ident, _seed = keylog.unseal_recovery((d / "recovery.key").read_bytes(),
+                                          "chosen passphrase")
+    assert keylog.identity_id(ident) == ok("id", "-d", str(d)).stdout.strip()
+    assert "recovery.key is still on this machine" in ok("check", "-d", str(d)).stdout
+    (d / "recovery.key").rename(tmp_path / "offline.key")
+    assert "still on this machine" not in ok("check", "-d", str(d)).stdout

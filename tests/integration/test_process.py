@@ -141,7 +141,8 @@ async def test_second_run_on_same_dir_is_refused(cluster: Cluster) -> None:
 
 def test_init_prints_id_and_partner_command(tmp_path: Path) -> None:
     d = tmp_path / "jkt"
-    r = cli("init", "-d", str(d), "--name", "Jakarta", "--listen", "127.0.0.1:18500")
+    r = cli("init", "-d", str(d), "--name", "Jakarta", "--listen", "127.0.0.1:18500",
+            "--print-recovery")  # the output is a pipe: secrets only when asked
     assert r.returncode == 0, r.stderr
     node_id = cli("id", "-d", str(d)).stdout.strip()
     assert node_id.startswith("cn2") and node_id in r.stdout
