@@ -290,6 +290,24 @@ class AuditReport:
     #: ``{"witnesses": [ids], "quorum": k, "checkpoints": [{"feed", "size",
     #: "witnesses": [ids counted], "ok"}]}``.
     witness: dict[str, Any] | None = None
+    #: Whether a key log was given besides the bundle's (``--key-log``): without one,
+    #: recoveries after the bundle's card cannot be seen.
+    key_log_given: bool = False
+
+    @property
+    def key_log_text(self) -> str | None:
+        """The key log the audit judged by (its last event's date, its size), with a
+        warning when no newer log was given; None for a cn1 origin."""
+        if not self.key_history:
+            return None
+        last = self.key_history[-1]
+        text = (f"key log as of {iso_time(last['time'])} ({len(self.key_history)} "
+                f"event(s), last: {last['type']})")
+        if not self.key_log_given:
+            text += (": WARNING: only the bundle's own log was used; pass --key-log with "
+                     "the city's newest log (GET /v1/keylog?origin=ID) to see recoveries "
+                     "since")
+        return text
 
     @property
     def ok(self) -> bool:
@@ -343,6 +361,9 @@ class AuditReport:
             "terms": terms_periods(self.cards),
             "key_history": self.key_history,
             "witness": self.witness,
+            "key_log": None if not self.key_history else {
+                "as_of": self.key_history[-1]["time"], "events": len(self.key_history),
+                "given": self.key_log_given, "note": self.key_log_text},
             "errors": self.severity_counts[ERROR],
             "warnings": self.severity_counts[WARNING],
             "finding_counts": dict(sorted(self.kind_counts.items())),
@@ -371,6 +392,8 @@ class AuditReport:
         out = [f"bundle {self.path}", f"origin {self.origin}"]
         if self.card is not None:
             out.append(f"card   {self.card.name} ({self.card.url}), signed by the origin")
+        if self.key_log_text is not None:
+            out.append(self.key_log_text)
         for ev in self.key_history:
             heads = ", ".join(f"{f}={n}" for f, n in sorted(ev["heads"].items()))
             out.append(f"key event {ev['seq']}: {ev['type']} to key {ev['key'][:16]}..."
@@ -711,6 +734,7 @@ def audit_bundle(
     parse, settle = a.parse, a.settle
     for i, log in enumerate(key_logs):
         _take_log(rep, a.keys, expected, log, f"key log {i + 1} given")
+    rep.key_log_given = bool(key_logs)
     batch: list[_Cand] = []
     records = 0
     next_progress = 0

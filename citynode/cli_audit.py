@@ -247,6 +247,9 @@ def _rich_report(report: Any) -> None:
     if report.card is not None:
         console.print(f"[bold]card[/]   {escape(report.card.name)} "
                       f"({escape(report.card.url)}), signed by the origin")
+    if report.key_log_text is not None:
+        console.print(escape(report.key_log_text),
+                      style=None if report.key_log_given else "bold yellow")
     rate = f", {report.record_items / report.seconds:,.0f} records/s" if report.seconds else ""
     console.print(f"{report.record_items} record(s), {report.signatures} signature(s) "
                   f"verified in {report.seconds:.2f} s{rate}"

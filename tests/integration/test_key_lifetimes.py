@@ -211,9 +211,13 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     bad = [f for f in report["findings"] if f["kind"] == "beyond_last_good"]
     assert sorted(f["seq"] for f in bad) == [7, 8, 9], report["findings"]
     assert [e["type"] for e in report["key_history"]] == ["inception", "recovery"]
-    # Without the newer log the same bundle verifies: only the recovery reveals them.
+    assert "WARNING" not in report["key_log"]["note"] and report["key_log"]["given"]
+    # Without the newer log the same bundle verifies: only the recovery reveals them,
+    # and the report says which log it judged by and how to see recoveries since.
     rc, text = await asyncio.to_thread(cli, "audit", str(bundle), "--origin", b.node_id)
     assert rc == 0, text
+    assert "key log as of " in text and "(1 event(s), last: inception)" in text
+    assert "pass --key-log with the city's newest log" in text
     await stop_all([a, b, c])
 
 
