@@ -393,6 +393,9 @@ class Node:
         await self.policy.load_key_logs()
         if partners:
             await self.partners.start()
+            # A data dir restored from a backup older than a rotation: take the newer
+            # own log from partners (or stop signing, saying what to do).
+            self.spawn(self.keychanges.catch_up(), "own-key-log")
         await self.policy.load_cards()
         await self.checkpoints.load_liveness()
         await self.streams.start()

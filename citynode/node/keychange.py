@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import ssl
 from collections.abc import Callable
@@ -118,14 +119,96 @@ class KeyChanges:
         return {f: Head(h.seq, h.id) for (o, f), h in list(self.publisher.replica.heads.items())
                 if o == me and h.seq >= 1}
 
+    async def newer_own_log(self) -> tuple[str, bytes, keylog.KeyState] | None:
+        """The newest log of this node's own identity that a partner holds, when it
+        goes further than the one in this data dir (``extends``: this data dir was
+        restored from a backup taken before a rotation; ``recovered``): ``(partner
+        name, wire bytes, its state)``, or None (none newer, none reachable)."""
+        if self.key.log is None:
+            return None
+        me = self.key.identity
+        held_state, held = keylog.verified_events(me, self.key.log,
+                                                  verifier=self.policy.verifier)
+
+        async def ask(link: Any) -> tuple[str, bytes, keylog.KeyState] | None:
+            try:
+                data = await asyncio.wait_for(link.client.key_log(self.key.node_id), 10)
+                st, evs = await in_thread(functools.partial(
+                    keylog.verified_events, me, data, verifier=self.policy.verifier,
+                    now_ms=self.now_ms()))
+            except (CitynodeError, TimeoutError):
+                return None  # unreachable, none held, or a log that does not verify
+            d = keylog.compare_logs(held, evs, held_state=held_state, received_state=st)
+            return (link.row.name, data, st) if d.accept else None
+
+        found = [f for f in await asyncio.gather(
+            *(ask(link) for link in list(self.partners.links.values()))) if f is not None]
+        return max(found, key=lambda f: f[2].seq, default=None)
+
+    async def catch_up(self) -> None:
+        """At start: when a partner holds a newer log of this identity than this data
+        dir (a restore from a backup taken before a rotation), take it. If the key it
+        puts in force is here (node.next.key: one rotation since the backup), sign with
+        it from now on; else sign nothing (:attr:`Publisher.key_refusal`) and say
+        exactly what to do. Either way a later rotation from the stale log (a second
+        event at one seq: a key fork) cannot happen."""
+        found = await self.newer_own_log()
+        if found is None:
+            return
+        name, wire, st = found
+        own = keylog.verify_log(self.key.identity, self.key.log or b"",
+                                verifier=self.policy.verifier)
+        try:
+            nxt: SigningKey | None = await in_thread(read_next_key, self.data_dir,
+                                                     self.identity.passphrase)
+        except CitynodeError:
+            nxt = None
+        if nxt is not None and nxt.public_key == st.key and st.seq == own.seq + 1:
+            # The key in force is the next key this backup holds: take the log and sign
+            # with it. The next key the log commits to was made after the backup: it
+            # is not here, so the next rotation must be a recovery.
+            async def step() -> None:
+                await in_thread(write_key_change, self.data_dir, wire, nxt.seed, nxt.seed,
+                                self.identity.passphrase, self.key.seed)
+                self.key.switch(nxt.seed, wire)
+                self.policy.own_log_changed()
+
+            await self.publisher.with_signing_stopped(step)
+            log.warning("this data dir held an older key log than partner %s: took its "
+                        "newer log and signs with the key in force (node.next.key); the "
+                        "next key it commits to is not here, so change keys next with "
+                        "`citynode key recover`", name, extra=fields(seq=st.seq))
+            return
+        why = (f"this data dir holds key log seq {own.seq} but partner {name} holds this "
+               f"node's log at seq {st.seq} (a restore from a backup taken before a "
+               "rotation?), and the key in force there is not in this data dir: restore "
+               "the newest backup with secrets, or take the identity back with `citynode "
+               "key recover`; nothing is signed until then")
+        self.publisher.key_refusal = why
+        log.error("signing stopped: " + why)
+
     async def rotate(self) -> dict[str, Any]:
         """Rotate to the pre-committed next key; return ``{node_id, seq, key}``.
-        Raises :class:`ConfigError` (a cn1 node), :class:`KeyFileError`."""
+        Refused when a partner holds a newer log of this identity (a stale data dir
+        would sign a second rotation at one seq: a key fork). Raises
+        :class:`ConfigError` (a cn1 node, a stale log), :class:`KeyFileError`."""
         state = self._state()
+        if self.publisher.key_refusal is not None:
+            raise ConfigError(self.publisher.key_refusal)
+        newer = await self.newer_own_log()
+        if newer is not None:
+            raise ConfigError(
+                f"partner {newer[0]} holds this node's key log at seq {newer[2].seq}, newer "
+                f"than this data dir's (seq {state.seq}): it was restored from an older "
+                "backup. Start the node (it takes the newer log when it holds the key in "
+                "force) or restore the newest backup; rotating now would sign a second "
+                "key event at one seq (a key fork)")
         nxt = await in_thread(read_next_key, self.data_dir, self.identity.passphrase)
         if keylog.commit_key(nxt.public_key) != state.next:
             raise ConfigError(f"{self.data_dir}/node.next.key is not the key this node's log "
-                              "committed to: restore it from the same backup as node.key")
+                              "committed to: restore it from the same backup as node.key; "
+                              "if it is lost (a backup older than the last rotation), "
+                              "change keys with `citynode key recover`")
 
         async def step() -> keylog.KeyEvent:
             after = SigningKey.generate()

@@ -72,6 +72,9 @@ class Publisher:
         # Cleared while the signing key changes (rotate_key): no publish starts then.
         self._no_rotation = asyncio.Event()
         self._no_rotation.set()
+        #: Why nothing may be signed at all (the data dir holds an older key log than
+        #: the partners, and not the key in force: KeyChanges.catch_up), or None.
+        self.key_refusal: str | None = None
 
     async def publish(self, feed: str, type_name: str, items: Sequence[dict[str, Any]], *,
                       subjects: Sequence[str | None] | None = None) -> list[Record]:
@@ -275,6 +278,8 @@ class Publisher:
     def _refuse_if_blocked(self, feed: str) -> None:
         """Raise PublishRefused if this node holds proof it signed two histories of
         ``feed``, or a partner holds newer records of it than this node does."""
+        if self.key_refusal is not None:
+            raise PublishRefused(self.key_refusal)
         if feed in self.replica.own_forked or feed in self.replica.own_blocked:
             self.replica.check_publish(feed)
 

@@ -372,3 +372,64 @@ async def test_a_fork_forced_with_accept_fork_risk_is_proven_once_not_again_and_
     finally:
         await c.close()
         c.stop()
+
+
+def _citynode_fails(*args: str) -> str:
+    """``citynode ARGS`` exits 1 with one error line: that line."""
+    r = subprocess.run([sys.executable, "-m", "citynode", *args], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr.strip()
+
+
+async def test_a_backup_from_before_rotations_takes_the_newer_log_or_stops_signing(
+        tmp_path: Path) -> None:
+    """A backup taken before a rotation, restored: the node takes its newer key log
+    from its partner and signs with the key in force (node.next.key of the backup),
+    and refuses to rotate (the next key it commits to is not in the backup). From a
+    backup older than two rotations the key in force is not held: nothing is signed,
+    and the refusal says what to do; `key rotate` refuses too instead of signing a
+    second event at one seq (a key fork) (S6)."""
+    c = Cluster(tmp_path / "c")
+    a, b = c.create(["A", "B"], settings=FAST)
+    env = {"CITYNODE_BACKUP_PASSPHRASE": PASSPHRASE}
+    one, two = tmp_path / "one.cnbackup", tmp_path / "two.cnbackup"
+    try:
+        await c.start()
+        await c.link(a, b)
+        await a.publish(FEED, TYPE, [{"n": i} for i in range(3)])
+        await holds(b, a, 3)
+        citynode("backup", "-d", str(a.dir), "--with-secrets", str(two), env=env)
+        citynode("key", "rotate", "-d", str(a.dir))
+        citynode("backup", "-d", str(a.dir), "--with-secrets", str(one), env=env)
+        citynode("key", "rotate", "-d", str(a.dir))
+        await a.publish(FEED, TYPE, [{"n": 3}])
+        await holds(b, a, 4)
+        # Two rotations since backup `two`: the key in force is not in it.
+        await stop(a)
+        citynode("restore", "-d", str(a.dir), "--replace", str(two), env=env)
+        a.start()
+        await a.wait_ready()
+
+        async def says_what_to_do() -> bool:
+            with pytest.raises(PeerRejected) as e:
+                await a.publish(FEED, TYPE, [{"n": -1}])
+            return "key recover" in e.value.detail and "seq 2" in e.value.detail
+
+        await eventually(says_what_to_do, timeout=30)
+        line = _citynode_fails("key", "rotate", "-d", str(a.dir))
+        assert "key recover" in line, line
+        # One rotation since backup `one`: its node.next.key is the key in force.
+        await stop(a)
+        citynode("restore", "-d", str(a.dir), "--replace", str(one), env=env)
+        a.start()
+        await a.wait_ready()
+        got = await next_publish(a)
+        assert got["first_seq"] == 5
+        await holds(b, a, 5)  # B takes it: signed by the key in force
+        line = _citynode_fails("key", "rotate", "-d", str(a.dir))
+        assert "key recover" in line, line
+    finally:
+        await c.close()
+        c.stop()
+    no_forks(b)
