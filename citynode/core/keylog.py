@@ -362,6 +362,8 @@ class KeyState:
     keys: tuple[KeyWindow, ...]  # in the order they came in force; the last is current
     established: Mapping[str, Head]  # heads fixed by the rotations and recoveries so far
     dead: bool = False  # the recovery key equivocated: nothing new is valid
+    #: The recovery keys recoveries revealed: like signing keys, never used again.
+    revealed: frozenset[bytes] = frozenset()
     _index: dict[bytes, KeyWindow] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -424,7 +426,7 @@ class KeyState:
                            "equivocation")
         return KeyState(self.identity, self.seq, self.head_id, self.time, self.key,
                         self.next, self.recovery, (*self.keys[:-1], closed),
-                        self.established, dead=True)
+                        self.established, dead=True, revealed=self.revealed)
 
 
 def _check_heads(state: KeyState, heads: Mapping[str, Head]) -> dict[str, Head]:
@@ -480,18 +482,23 @@ def apply_event(state: KeyState, event: KeyEvent, *, now_ms: int | None = None,
             raise _fail("recovery not signed by the recovery key committed to",
                         "bad_recovery")
         recovery = event.recovery
-    if (event.key in state._index or event.key == event.recovery_key
+    if (event.key in state._index or event.key in state.revealed
+            or event.key == event.recovery_key
             or (event.recovery_key is not None
-                and event.recovery == commit_key(event.recovery_key))):
-        raise _fail("key event names a signing key already used by this identity",
-                    "key_reused")
+                and (event.recovery_key in state._index
+                     or event.recovery == commit_key(event.recovery_key)))):
+        raise _fail("key event names a key already used by this identity (a signing key "
+                    "or a revealed recovery key: each is used once)", "key_reused")
     established = _check_heads(state, event.heads)
     cur = state.keys[-1]
     retired = KeyWindow(cur.key, cur.since, cur.start, established,
                         "rotation" if event.type == "rotation" else "recovery")
     new = KeyWindow(event.key, event.seq, established)
+    revealed = (state.revealed if event.recovery_key is None
+                else state.revealed | {event.recovery_key})
     return KeyState(state.identity, event.seq, event.id, event.time, event.key, event.next,
-                    recovery, (*state.keys[:-1], retired, new), established)
+                    recovery, (*state.keys[:-1], retired, new), established,
+                    revealed=revealed)
 
 
 def _inception_state(event: KeyEvent) -> KeyState:

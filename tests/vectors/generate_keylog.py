@@ -448,6 +448,16 @@ def keylog_file() -> dict[str, Any]:
          err("heads_regress")),
         ("key-reused", "A recovery naming K0 again as its signing key.",
          [INC, recovery(INC, Q[0], K[0], K[5], Q[1], T0 + 1, {})], err("key_reused")),
+        ("rotation-to-revealed-recovery-key", "A recovery that commits its next key to "
+         "Q0, the recovery key it reveals, then a rotation to Q0: every key the log "
+         "reveals is used once.",
+         [INC, (rq := recovery(INC, Q[0], K[4], Q[0], Q[1], T0 + 1, {})),
+          rotation(rq, Q[0], Q[0], K[5], T0 + 2, {})], err("key_reused")),
+        ("recovery-by-a-signing-key", "A recovery putting K4 in force and committing to K4 "
+         "as the next recovery key, then a recovery by K4: a key that signed cannot "
+         "recover.",
+         [INC, (rk := recovery(INC, Q[0], K[4], K[5], K[4], T0 + 1, {})),
+          recovery(rk, K[4], K[6], K[7], Q[1], T0 + 2, {})], err("key_reused")),
         ("future-dated", "A rotation dated beyond now_ms + 900000.",
          [INC, rotation(INC, K[1], K[1], K[2], NOW + 900_001, {})], err("future_time")),
         ("other-inception", "An inception of another identity.",
