@@ -151,12 +151,16 @@ def main(ctx: click.Context) -> None:
               help="Choose the passphrase of the recovery file (asked for now; or give it "
                    "in CITYNODE_RECOVERY_PASSPHRASE); by default a random one is made and "
                    "printed once, on a terminal only.")
+@click.option("--next-key-on-disk", is_flag=True,
+              help="Keep the next signing key sealed like node.key, so `key rotate` runs "
+                   "unattended. A break-in then takes both keys and can rotate this "
+                   "identity to its own key: only the recovery key takes it back.")
 @click.option("--print-recovery", is_flag=True,
               help="Print the recovery phrase (and a generated recovery passphrase) even "
                    "when the output is not a terminal, where it may end up in a log.")
 def init(data_dir: Path, name: str, listen: str, public_url: str | None,
          hosts: tuple[str, ...], passphrase: bool, recovery_passphrase: bool,
-         print_recovery: bool) -> None:
+         next_key_on_disk: bool, print_recovery: bool) -> None:
     """Create a new node: its keys and identity (with recovery material to move
     offline), TLS certificate, operator token and node.toml.
 
@@ -180,12 +184,20 @@ def init(data_dir: Path, name: str, listen: str, public_url: str | None,
             "here could end up in a log: choose one (--recovery-passphrase, or "
             "CITYNODE_RECOVERY_PASSPHRASE), or pass --print-recovery")
     ident, cfg = init_data_dir(data_dir, name=name, listen=listen, public_url=public_url,
-                               hosts=hosts, passphrase=pw, recovery_passphrase=rpw)
+                               hosts=hosts, passphrase=pw, recovery_passphrase=rpw,
+                               next_key_on_disk=next_key_on_disk)
     url = cfg.node.public_url
     click.echo(f"created node {name} in {data_dir}")
     click.echo(f"node id: {ident.node_id}")
     _recovery_notice(ident.recovery_path, ident.recovery_phrase if show else None,
                      ident.recovery_passphrase if show else None)
+    if next_key_on_disk:
+        click.echo("warning: node.next.key is sealed like node.key (--next-key-on-disk): a "
+                   "break-in that takes the data dir can rotate this identity to its own "
+                   "key; only the recovery key takes it back")
+    else:
+        click.echo("node.next.key is sealed with the recovery passphrase: `citynode key "
+                   "rotate` asks for it (a stolen node.key cannot rotate)")
     click.echo("A partner city adds this node with:")
     click.echo(f"  citynode partner add {url} --id {ident.node_id} -d THEIR_DIR")
     click.echo(f"Start it with: citynode run -d {data_dir}")
@@ -475,14 +487,47 @@ def key() -> None:
 
 @key.command("rotate")
 @DIR_OPTION
-def key_rotate(data_dir: Path) -> None:
+@click.option("--next-key", "next_key", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The sealed next key file, if moved off DIR "
+                                 "(default DIR/node.next.key).")
+def key_rotate(data_dir: Path, next_key: Path | None) -> None:
     """Switch to the next signing key (committed to in advance), with no downtime.
 
-    Partners follow by themselves: the node id does not change. The node writes the new
-    keys and its key log in DIR; node.next.key then holds a fresh next key.
+    Partners follow by themselves: the node id does not change. The next key is sealed
+    with its own passphrase (the recovery passphrase unless chosen otherwise; never
+    stored on the node), read from CITYNODE_NEXT_KEY_PASSPHRASE or asked for, so that a
+    break-in that takes node.key cannot rotate; the fresh next key is sealed with the
+    same passphrase into DIR/node.next.key. A node made with `init --next-key-on-disk`
+    rotates without it.
     """
+    import os
+
+    from citynode.core.keys import unseal_secret_key
+    from citynode.identity import next_key_on_disk
+
     _require_dir(data_dir)
-    out = _operate(data_dir, lambda node: node.rotate_key())
+    if next_key is None and next_key_on_disk(data_dir):
+        out = _operate(data_dir, lambda node: node.rotate_key())
+    else:
+        path = next_key or data_dir / "node.next.key"
+        try:
+            sealed = path.read_bytes()
+        except OSError as exc:
+            raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+        npw = os.environ.get("CITYNODE_NEXT_KEY_PASSPHRASE")
+        if npw is None and b" argon2id " in sealed[:40] and os.environ.get(
+                "CITYNODE_PASSPHRASE") is not None:
+            npw = os.environ["CITYNODE_PASSPHRASE"]  # --next-key-on-disk with a passphrase
+        if npw is None:
+            npw = click.prompt("Next key passphrase", hide_input=True)
+        seed = unseal_secret_key(sealed, npw)
+        out = _operate(data_dir, lambda node: node.rotate_key(seed, npw))
+    if out.get("adopted"):
+        click.echo(f"took the newer key log of {out['node_id']} (key event {out['seq']}) "
+                   f"from a partner: this data dir was restored from an older backup; it "
+                   f"now signs with key {out['key']}. Change keys next with `citynode key "
+                   "recover` (the next key that log commits to is not in this backup)")
+        return
     click.echo(f"rotated: {out['node_id']} now signs with key {out['key']} "
                f"(key event {out['seq']})")
 
@@ -735,6 +780,12 @@ def check(data_dir: Path, as_json: bool) -> None:
                        + ("other cities' feeds" if own else "feeds") + " (`citynode forks`)")
         if own is None:
             click.echo(f"note: own feeds not checked for forks ({skipped})")
+        from citynode.identity import next_key_on_disk
+
+        if next_key_on_disk(data_dir):
+            click.echo("warning: node.next.key is not sealed (init --next-key-on-disk): a "
+                       "break-in that reads the data dir can rotate this identity to its "
+                       "own key")
         if (data_dir / "recovery.key").exists():
             click.echo(f"warning: {data_dir / 'recovery.key'} is still on this machine: "
                        "move it offline (a break-in that finds it and its passphrase "

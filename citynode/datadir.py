@@ -42,13 +42,16 @@ def init_data_dir(
     hosts: tuple[str, ...] | list[str] = (),
     passphrase: str | None = None,
     recovery_passphrase: str | None = None,
+    next_key_on_disk: bool = False,
     **kdf: int,
 ) -> tuple[Identity, Config]:
     """Create a node in ``data_dir``: key, TLS certificate, operator token, node.toml.
 
     Everything is validated before anything is written, so a bad argument leaves no
-    half-made node. Raises :class:`ConfigError` (bad arguments, or a node already
-    there) or :class:`KeyFileError`.
+    half-made node. The next key is sealed with the recovery passphrase unless
+    ``next_key_on_disk`` (see :func:`citynode.identity.create_identity`). Raises
+    :class:`ConfigError` (bad arguments, or a node already there) or
+    :class:`KeyFileError`.
     """
     if (data_dir / "node.toml").exists() or (data_dir / "node.key").exists():
         raise ConfigError(f"{data_dir} already holds a node: choose another directory")
@@ -63,7 +66,8 @@ def init_data_dir(
     text = render_config(name=name, listen=listen, public_url=url, hosts=all_hosts)
     config = parse_config(text, str(data_dir / "node.toml"))
     ident = create_identity(data_dir, name=name, hosts=all_hosts, passphrase=passphrase,
-                            recovery_passphrase=recovery_passphrase, **kdf)
+                            recovery_passphrase=recovery_passphrase,
+                            next_key_on_disk=next_key_on_disk, **kdf)
     path = data_dir / "node.toml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     with os.fdopen(fd, "w") as f:

@@ -4,8 +4,12 @@ Layout (docs/ARCHITECTURE.md)::
 
     DIR/node.key        Ed25519 secret key in force (citynode key file, optionally
                         passphrase-sealed), 0600
-    DIR/node.next.key   the next signing key, committed to by the key log (same sealing),
-                        0600: needed only to rotate (``citynode key rotate``)
+    DIR/node.next.key   the next signing key, committed to by the key log, 0600: needed
+                        only to rotate (``citynode key rotate``). By default sealed with
+                        the recovery passphrase, which is never on this machine, so a
+                        break-in that takes node.key cannot rotate the identity to a key
+                        of its own; sealed like node.key only with ``init
+                        --next-key-on-disk`` (unattended rotation, at that cost)
     DIR/node.retired.key  the signing keys a rotation or a recovery retired, one sealed
                         key per line (same sealing as node.key), 0600: they open
                         restricted records sealed to this node before it rotated
@@ -273,13 +277,16 @@ def create_identity(
     kdf_memlimit: int = nacl.pwhash.argon2id.MEMLIMIT_MODERATE,
     recovery_passphrase: str | None = None,
     now_ms: int | None = None,
+    next_key_on_disk: bool = False,
 ) -> Identity:
     """Create a new node identity in ``dir`` and return it.
 
     Creates ``dir`` (mode 0700) if needed, a version 2 (``cn2``) identity: the signing
     key K0, the next key K1 and the recovery key Q0, and the inception that commits to
-    K1 and Q0 (docs/PROTOCOL.md, "Key events and witnesses"). K0 and K1 are sealed with
-    ``passphrase`` via Argon2id if one is given (``kdf_*`` tune Argon2id); Q0 is always
+    K1 and Q0 (docs/PROTOCOL.md, "Key events and witnesses"). K0 is sealed with
+    ``passphrase`` via Argon2id if one is given (``kdf_*`` tune Argon2id); K1 is sealed
+    with the recovery passphrase (kept off the machine: a stolen node.key cannot rotate),
+    or, with ``next_key_on_disk``, like K0 (unattended rotation); Q0 is always
     sealed, with ``recovery_passphrase`` or, if None, a random one returned in
     ``recovery_passphrase`` (with ``recovery_phrase``, the seed for paper) for the
     operator to write down. Then a random operator token and a self-signed TLS
@@ -311,7 +318,8 @@ def create_identity(
     token = secrets.token_urlsafe(32)
     sealed = seal_secret_key(key.seed, passphrase, opslimit=kdf_opslimit,
                              memlimit=kdf_memlimit)
-    sealed_next = seal_secret_key(k1.seed, passphrase, opslimit=kdf_opslimit,
+    sealed_next = seal_secret_key(k1.seed, passphrase if next_key_on_disk
+                                  else recovery_passphrase, opslimit=kdf_opslimit,
                                   memlimit=kdf_memlimit)
     tls_dir = dir / TLS_DIR
     cert_path, tls_key_path = tls_dir / CERT_FILE, tls_dir / TLS_KEY_FILE
@@ -610,21 +618,23 @@ def _finish_key_change(dir: Path, state: keylog.KeyState) -> bool:
 
 def write_key_change(dir: Path, log: bytes, key_seed: bytes, next_seed: bytes,
                      passphrase: str | None, retired_seed: bytes | None = None,
-                     **kdf: int) -> None:
+                     next_passphrase: str | None = None, **kdf: int) -> None:
     """Put a key change (rotation or recovery) on disk so that a crash at any point
     leaves a node that starts: the key it retires (``retired_seed``, kept to open what
     was sealed to it) joins node.retired.key, the new signing and next keys are staged,
     then the key log that puts them in force is written, then the staged files replace
     the old ones (:func:`load_identity` finishes that last step if it was cut short).
-    ``kdf``: ``opslimit``/``memlimit`` for sealing. Raises :class:`KeyFileError`."""
+    ``next_passphrase`` seals the new next key (None: ``passphrase``, as node.key: a
+    node whose next key is on disk). ``kdf``: ``opslimit``/``memlimit`` for sealing.
+    Raises :class:`KeyFileError`."""
     try:
         if retired_seed is not None:
             path = dir / RETIRED_KEYS_FILE
             kept = _read(path, dir, secret=True) if path.exists() else b""
             kept += b"\n" if kept and not kept.endswith(b"\n") else b""
             _replace(path, kept + seal_secret_key(retired_seed, passphrase, **kdf), 0o600)
-        _replace(dir / (NEXT_KEY_FILE + _STAGED), seal_secret_key(next_seed, passphrase, **kdf),
-                 0o600)
+        _replace(dir / (NEXT_KEY_FILE + _STAGED),
+                 seal_secret_key(next_seed, next_passphrase or passphrase, **kdf), 0o600)
         _replace(dir / (KEY_FILE + _STAGED), seal_secret_key(key_seed, passphrase, **kdf),
                  0o600)
         _fsync_dir(dir)
@@ -655,3 +665,13 @@ def write_recovery_file(dir: Path, seed: bytes, identity: bytes, passphrase: str
     _replace(path, keylog.seal_recovery(seed, identity, passphrase, **kdf), 0o600)
     _fsync_dir(dir)
     return path
+
+
+def next_key_on_disk(dir: Path) -> bool:
+    """Whether node.next.key opens without a passphrase (``init --next-key-on-disk``
+    and no node passphrase): then whoever reads the data dir can rotate the identity
+    to a key of its own. False when it is sealed, or absent (moved offline)."""
+    try:
+        return (dir / NEXT_KEY_FILE).read_bytes().split(b" ", 2)[1:2] == [b"plain"]
+    except OSError:
+        return False

@@ -114,9 +114,17 @@ class Operator:
         another node's feed since it stopped: those are "unknown"."""
         return list((await self._call("GET", "/v1/liveness"))["feeds"])
 
-    async def rotate_key(self) -> dict[str, Any]:
-        """Rotate the node's signing key (``POST /v1/admin/key/rotate``)."""
-        out: dict[str, Any] = await self._call("POST", "/v1/admin/key/rotate")
+    async def rotate_key(self, next_seed: bytes | None = None,
+                         next_passphrase: str | None = None) -> dict[str, Any]:
+        """Rotate the node's signing key (``POST /v1/admin/key/rotate``): to the next
+        key in node.next.key, or to ``next_seed`` (unsealed here), the fresh next key
+        then sealed with ``next_passphrase``."""
+        if next_seed is None:
+            out: dict[str, Any] = await self._call("POST", "/v1/admin/key/rotate")
+            return out
+        body = json.dumps({"next_seed": next_seed.hex(),
+                           "next_passphrase": next_passphrase}).encode()
+        out = await self._call("POST", "/v1/admin/key/rotate", body, content_type=JSON)
         return out
 
     async def recover_key(self, recovery_seed: bytes, last_good: dict[str, int],

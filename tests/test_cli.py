@@ -1032,27 +1032,51 @@ def test_erase_drops_the_payload_keeps_the_record_and_refuses_what_it_cannot_era
 # ---------------------------------------------------------------------------- key
 
 
-def test_key_rotate_on_a_stopped_node_keeps_the_id_and_every_record(node_dir: Path) -> None:
+@pytest.mark.parametrize("on_disk", [False, True], ids=["next-key-offline", "on-disk"])
+def test_key_rotate_on_a_stopped_node_keeps_the_id_and_every_record(
+        tmp_path: Path, on_disk: bool) -> None:
+    """By default the next key is sealed with the recovery passphrase, which the node
+    never holds: rotating needs it (a break-in that takes node.key and the data dir
+    cannot rotate, S2). With `init --next-key-on-disk` it rotates unattended, and
+    `check` warns about what that gives a break-in."""
     from citynode.core import keylog
-    from citynode.core.keys import Verifier
+    from citynode.core.keys import Verifier, unseal_secret_key
+    from citynode.datadir import init_data_dir
+    from tests.conftest import FAST_KDF
 
+    node_dir = tmp_path / "n"
+    init_data_dir(node_dir, name="N", listen="127.0.0.1:1", recovery_passphrase="pw",
+                  next_key_on_disk=on_disk, **FAST_KDF)
     d = str(node_dir)
+    env = {} if on_disk else {"CITYNODE_NEXT_KEY_PASSPHRASE": "pw"}
     node_id = ok("id", "-d", d).stdout.strip()
     before = publish(node_dir, "air", AIR_TYPE, [air(float(i)) for i in range(3)])
-    next_key = (node_dir / "node.next.key").read_bytes()
-    r = ok("key", "rotate", "-d", d)
+    next_key = unseal_secret_key((node_dir / "node.next.key").read_bytes(),
+                                 None if on_disk else "pw")
+    if not on_disk:
+        # Whoever has the data dir but not the passphrase cannot rotate.
+        line = one_line_error(cli("key", "rotate", "-d", d,
+                                  env={"CITYNODE_NEXT_KEY_PASSPHRASE": "a guess"}))
+        assert "passphrase" in line
+        assert "not sealed" not in ok("check", "-d", d).stdout
+    else:
+        assert "node.next.key is not sealed" in ok("check", "-d", d).stdout
+    r = ok("key", "rotate", "-d", d, env=env)
     assert f"rotated: {node_id}" in r.stdout
     assert ok("id", "-d", d).stdout.strip() == node_id  # nobody re-pins
-    # K1 (the key committed to) signs now; node.next.key holds a fresh K2.
-    assert (node_dir / "node.key").read_bytes() == next_key
-    assert (node_dir / "node.next.key").read_bytes() != next_key
+    # K1 (the key committed to) signs now; node.next.key holds a fresh K2, sealed as
+    # the one before.
+    assert unseal_secret_key((node_dir / "node.key").read_bytes(), None) == next_key
+    k2 = unseal_secret_key((node_dir / "node.next.key").read_bytes(),
+                           None if on_disk else "pw")
+    assert k2 != next_key
     state = keylog.verify_log(node_id, (node_dir / "keylog").read_bytes(), verifier=Verifier())
     assert state.seq == 1 and state.established["air"].seq == 3
     after = publish(node_dir, "air", AIR_TYPE, [air(9.0)])
     assert record_ids(node_dir) == before + after
     ok("check", "-d", d)  # every record verifies under the key valid for it
     # A second rotation uses the next key the first one committed to.
-    ok("key", "rotate", "-d", d)
+    ok("key", "rotate", "-d", d, env=env)
     assert keylog.verify_log(node_id, (node_dir / "keylog").read_bytes(),
                              verifier=Verifier()).seq == 2
 
@@ -1111,6 +1135,13 @@ def test_key_recover_names_every_own_feed_and_checks_the_files_identity(
     assert f"recovered: {b_id}" in r.stdout
     assert record_ids(d, "--feed", "air") == before[:2]
     assert record_ids(d, "--feed", "water") == []
+    # The new next key is sealed with the recovery passphrase, as the one before (S2).
+    from citynode.core.keys import unseal_secret_key
+    from citynode.errors import KeyFileError
+
+    unseal_secret_key((d / "node.next.key").read_bytes(), "pw")
+    with pytest.raises(KeyFileError):
+        unseal_secret_key((d / "node.next.key").read_bytes(), None)
 
 
 def test_init_prints_secret_recovery_material_to_a_terminal_only(tmp_path: Path) -> None:

@@ -27,10 +27,11 @@ from citynode.core.checkpoints import SplitViewProof, verify_split_view
 from citynode.core.keylog import Head
 from citynode.core.keys import SigningKey
 from citynode.core.records import decode_record, parse_body, record_id
-from citynode.errors import CitynodeError, ConfigError, InvalidProof
+from citynode.errors import CitynodeError, ConfigError, InvalidProof, KeyFileError
 from citynode.identity import (
     Identity,
     load_tls,
+    next_key_on_disk,
     read_next_key,
     stage_tls_renewal,
     switch_tls,
@@ -164,38 +165,59 @@ class KeyChanges:
         except CitynodeError:
             nxt = None
         if nxt is not None and nxt.public_key == st.key and st.seq == own.seq + 1:
-            # The key in force is the next key this backup holds: take the log and sign
-            # with it. The next key the log commits to was made after the backup: it
-            # is not here, so the next rotation must be a recovery.
-            async def step() -> None:
-                await in_thread(write_key_change, self.data_dir, wire, nxt.seed, nxt.seed,
-                                self.identity.passphrase, self.key.seed)
-                self.key.switch(nxt.seed, wire)
-                self.policy.own_log_changed()
-
-            await self.publisher.with_signing_stopped(step)
-            log.warning("this data dir held an older key log than partner %s: took its "
-                        "newer log and signs with the key in force (node.next.key); the "
-                        "next key it commits to is not here, so change keys next with "
-                        "`citynode key recover`", name, extra=fields(seq=st.seq))
+            await self._adopt(name, wire, st, nxt)
             return
-        why = (f"this data dir holds key log seq {own.seq} but partner {name} holds this "
-               f"node's log at seq {st.seq} (a restore from a backup taken before a "
-               "rotation?), and the key in force there is not in this data dir: restore "
-               "the newest backup with secrets, or take the identity back with `citynode "
-               "key recover`; nothing is signed until then")
+        why = (f"nothing is signed: partner {name} holds this node's key log at seq "
+               f"{st.seq}, this data dir seq {own.seq} (an older backup?), without the "
+               "key in force: `citynode key rotate` takes the next key if it is that key, "
+               "else restore the newest backup or `citynode key recover`")
         self.publisher.key_refusal = why
         log.error("signing stopped: " + why)
 
-    async def rotate(self) -> dict[str, Any]:
+    async def _adopt(self, name: str, wire: bytes, st: keylog.KeyState,
+                     nxt: SigningKey, next_passphrase: str | None = None) -> None:
+        """Take a partner's newer own log whose key in force is ``nxt`` (this data dir's
+        next key: one rotation since its backup) and sign with it from now on. The
+        next key that log commits to was made after the backup and is not here: the
+        next change of keys must be a recovery."""
+        async def step() -> None:
+            await in_thread(write_key_change, self.data_dir, wire, nxt.seed, nxt.seed,
+                            self.identity.passphrase, self.key.seed, next_passphrase)
+            self.key.switch(nxt.seed, wire)
+            self.policy.own_log_changed()
+
+        await self.publisher.with_signing_stopped(step)
+        self.publisher.key_refusal = None
+        log.warning("this data dir held an older key log than partner %s: took its newer "
+                    "log and signs with the key in force (this data dir's next key); the "
+                    "next key it commits to is not here, so change keys next with "
+                    "`citynode key recover`", name, extra=fields(seq=st.seq))
+
+    async def rotate(self, next_seed: bytes | None = None,
+                     next_passphrase: str | None = None) -> dict[str, Any]:
         """Rotate to the pre-committed next key; return ``{node_id, seq, key}``.
-        Refused when a partner holds a newer log of this identity (a stale data dir
-        would sign a second rotation at one seq: a key fork). Raises
-        :class:`ConfigError` (a cn1 node, a stale log), :class:`KeyFileError`."""
+
+        The next key is ``next_seed`` when given (the operator unsealed it off the
+        node: it is kept sealed with a passphrase the node never holds), and the fresh
+        next key is then sealed with ``next_passphrase``; else node.next.key, which
+        opens with the node's own passphrase only on a node made with ``init
+        --next-key-on-disk``. Refused when a partner holds a newer log of this
+        identity (a stale data dir would sign a second rotation at one seq: a key
+        fork). Raises :class:`ConfigError` (a cn1 node, a stale log, a next key the
+        node cannot open), :class:`KeyFileError`."""
         state = self._state()
+        newer = await self.newer_own_log()
+        if (newer is not None and next_seed is not None and next_passphrase
+                and SigningKey(next_seed).public_key == newer[2].key
+                and newer[2].seq == state.seq + 1):
+            # Restored from a backup taken one rotation ago: the next key given is the
+            # key in force; take the newer log instead of rotating again.
+            await self._adopt(newer[0], newer[1], newer[2], SigningKey(next_seed),
+                              next_passphrase)
+            return {"node_id": self.key.node_id, "seq": newer[2].seq,
+                    "key": newer[2].key.hex(), "adopted": True}
         if self.publisher.key_refusal is not None:
             raise ConfigError(self.publisher.key_refusal)
-        newer = await self.newer_own_log()
         if newer is not None:
             raise ConfigError(
                 f"partner {newer[0]} holds this node's key log at seq {newer[2].seq}, newer "
@@ -203,7 +225,19 @@ class KeyChanges:
                 "backup. Start the node (it takes the newer log when it holds the key in "
                 "force) or restore the newest backup; rotating now would sign a second "
                 "key event at one seq (a key fork)")
-        nxt = await in_thread(read_next_key, self.data_dir, self.identity.passphrase)
+        if next_seed is not None:
+            if not next_passphrase:
+                raise ConfigError("give the passphrase to seal the new next key with")
+            nxt = SigningKey(next_seed)
+        else:
+            try:
+                nxt = await in_thread(read_next_key, self.data_dir, self.identity.passphrase)
+            except KeyFileError as exc:
+                raise ConfigError(
+                    f"{exc}: the next key is sealed with its own passphrase (the recovery "
+                    "passphrase, unless chosen otherwise), which this node does not hold: "
+                    "run `citynode key rotate` where you can type it "
+                    "(CITYNODE_NEXT_KEY_PASSPHRASE), or give --next-key FILE") from exc
         if keylog.commit_key(nxt.public_key) != state.next:
             raise ConfigError(f"{self.data_dir}/node.next.key is not the key this node's log "
                               "committed to: restore it from the same backup as node.key; "
@@ -216,7 +250,8 @@ class KeyChanges:
                                self._own_heads())
             wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
             await in_thread(write_key_change, self.data_dir, wire, nxt.seed, after.seed,
-                            self.identity.passphrase, self.key.seed)
+                            self.identity.passphrase, self.key.seed,
+                            next_passphrase if next_seed is not None else None)
             self.key.switch(nxt.seed, wire)
             self.policy.own_log_changed()
             return ev
@@ -269,6 +304,8 @@ class KeyChanges:
                                   "position is held here")
             heads[feed] = Head(seq, rid)
 
+        on_disk = await in_thread(next_key_on_disk, self.data_dir)
+
         async def step() -> tuple[keylog.KeyEvent, SigningKey]:
             new, after, q_next = (SigningKey.generate() for _ in range(3))
             ev = keylog.recover(state, q, new.public_key, after.public_key, q_next.public_key,
@@ -278,8 +315,11 @@ class KeyChanges:
             # would leave the identity unrecoverable.
             await in_thread(write_recovery_file, self.data_dir, q_next.seed, me,
                             recovery_passphrase)
+            # The new next key is sealed as the one before: with the recovery
+            # passphrase (off this machine), unless it was kept on disk.
             await in_thread(write_key_change, self.data_dir, wire, new.seed, after.seed,
-                            self.identity.passphrase, self.key.seed)
+                            self.identity.passphrase, self.key.seed,
+                            None if on_disk else recovery_passphrase)
             self.key.switch(new.seed, wire)
             self.policy.own_log_changed()
             return ev, q_next

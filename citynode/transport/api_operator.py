@@ -117,12 +117,27 @@ async def publish(request: web.Request) -> web.Response:
 
 
 async def admin_key_rotate(request: web.Request) -> web.Response:
-    """``POST``: rotate this node's signing key to the pre-committed next one
-    (``citynode key rotate``); answers ``{node_id, seq, key}``."""
+    """``POST`` (empty, or ``{"next_seed": hex, "next_passphrase": text}``): rotate this
+    node's signing key to the pre-committed next one (``citynode key rotate``), read
+    from node.next.key, or given unsealed by the operator with the passphrase to seal
+    the fresh next key with; answers ``{node_id, seq, key}``."""
     require_operator(request)
-    if (answer := await to_leader(request, await read_body(request))) is not None:
+    body = await read_body(request)
+    if (answer := await to_leader(request, body)) is not None:
         return answer
-    return web.json_response(await request.app[NODE_KEY].keychanges.rotate())
+    seed, npw = None, None
+    if body:
+        try:
+            req = json.loads(body)
+            seed = bytes.fromhex(str(req["next_seed"]))
+            npw = str(req["next_passphrase"])
+            if len(seed) != 32 or not npw:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(
+                text='send nothing, or {"next_seed": "<64 hex>", "next_passphrase": "..."}'
+            ) from None
+    return web.json_response(await request.app[NODE_KEY].keychanges.rotate(seed, npw))
 
 
 async def admin_key_recover(request: web.Request) -> web.Response:

@@ -374,10 +374,10 @@ async def test_a_fork_forced_with_accept_fork_risk_is_proven_once_not_again_and_
         c.stop()
 
 
-def _citynode_fails(*args: str) -> str:
+def _citynode_fails(*args: str, env: dict[str, str] | None = None) -> str:
     """``citynode ARGS`` exits 1 with one error line: that line."""
     r = subprocess.run([sys.executable, "-m", "citynode", *args], capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, env={**os.environ, **(env or {})})
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     return r.stderr.strip()
 
@@ -400,9 +400,10 @@ async def test_a_backup_from_before_rotations_takes_the_newer_log_or_stops_signi
         await a.publish(FEED, TYPE, [{"n": i} for i in range(3)])
         await holds(b, a, 3)
         citynode("backup", "-d", str(a.dir), "--with-secrets", str(two), env=env)
-        citynode("key", "rotate", "-d", str(a.dir))
+        npw = {"CITYNODE_NEXT_KEY_PASSPHRASE": a.recovery_passphrase}
+        citynode("key", "rotate", "-d", str(a.dir), env=npw)
         citynode("backup", "-d", str(a.dir), "--with-secrets", str(one), env=env)
-        citynode("key", "rotate", "-d", str(a.dir))
+        citynode("key", "rotate", "-d", str(a.dir), env=npw)
         await a.publish(FEED, TYPE, [{"n": 3}])
         await holds(b, a, 4)
         # Two rotations since backup `two`: the key in force is not in it.
@@ -417,17 +418,22 @@ async def test_a_backup_from_before_rotations_takes_the_newer_log_or_stops_signi
             return "key recover" in e.value.detail and "seq 2" in e.value.detail
 
         await eventually(says_what_to_do, timeout=30)
-        line = _citynode_fails("key", "rotate", "-d", str(a.dir))
+        line = _citynode_fails("key", "rotate", "-d", str(a.dir), env=npw)
         assert "key recover" in line, line
         # One rotation since backup `one`: its node.next.key is the key in force.
         await stop(a)
         citynode("restore", "-d", str(a.dir), "--replace", str(one), env=env)
         a.start()
         await a.wait_ready()
+        await eventually(says_what_to_do, timeout=30)
+        # Its next key (sealed with its own passphrase, which the node does not hold)
+        # is the key in force: `key rotate` takes the newer log instead of rotating.
+        r = citynode("key", "rotate", "-d", str(a.dir), env=npw)
+        assert "took the newer key log" in r.stdout, r.stdout
         got = await next_publish(a)
         assert got["first_seq"] == 5
         await holds(b, a, 5)  # B takes it: signed by the key in force
-        line = _citynode_fails("key", "rotate", "-d", str(a.dir))
+        line = _citynode_fails("key", "rotate", "-d", str(a.dir), env=npw)
         assert "key recover" in line, line
     finally:
         await c.close()

@@ -64,7 +64,9 @@ async def test_middle_city_rotates_while_publishing_and_nobody_repins(
 
     async def rotate() -> None:
         await eventually(lambda: _reached(c, b, 10), timeout=30)
-        rc, out = await asyncio.to_thread(cli, "key", "rotate", "-d", str(b.dir))
+        rc, out = await asyncio.to_thread(
+            cli, "key", "rotate", "-d", str(b.dir),
+            env={"CITYNODE_NEXT_KEY_PASSPHRASE": b.recovery_passphrase})
         assert rc == 0, out
         assert f"rotated: {b.node_id}" in out
         rotated.set()

@@ -34,8 +34,9 @@ async def test_a_reader_that_rotates_gets_new_records_sealed_to_its_new_key(
     key0 = load_identity(b.dir).key.public_key
     old_id = (await a.publish("cyber-notices", "CyberSecurityNotice", [NOTICE]))["ids"][0]
 
-    rc = await asyncio.to_thread(CliRunner().invoke, cli_main, ["key", "rotate", "-d",
-                                                                str(b.dir)])
+    rc = await asyncio.to_thread(
+        CliRunner().invoke, cli_main, ["key", "rotate", "-d", str(b.dir)],
+        env={"CITYNODE_NEXT_KEY_PASSPHRASE": b.recovery_passphrase})
     assert rc.exit_code == 0, rc.output
     key1 = load_identity(b.dir).key.public_key
     assert key1 != key0

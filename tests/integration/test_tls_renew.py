@@ -24,8 +24,8 @@ from tests.integration.test_federation import FAST, TYPE, converge, expected, re
 pytestmark = pytest.mark.integration
 
 
-def cli(*args: str) -> tuple[int, str]:
-    r = CliRunner().invoke(cli_main, list(args))
+def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    r = CliRunner().invoke(cli_main, list(args), env=env)
     return r.exit_code, r.output
 
 
@@ -113,7 +113,9 @@ async def test_tls_renewal_and_key_rotation_under_traffic(cluster: Cluster) -> N
     async def rotate() -> None:
         before = keylog.verify_log(a.node_id, (await card_of(a)).keylog or b"",
                                    verifier=Verifier())
-        rc, out = await asyncio.to_thread(cli, "key", "rotate", "-d", str(a.dir))
+        rc, out = await asyncio.to_thread(
+            cli, "key", "rotate", "-d", str(a.dir),
+            env={"CITYNODE_NEXT_KEY_PASSPHRASE": a.recovery_passphrase})
         assert rc == 0, out
         card = await card_of(a)
         state = keylog.verify_log(a.node_id, card.keylog or b"", verifier=Verifier())
