@@ -557,8 +557,14 @@ def _last_good(values: tuple[str, ...]) -> dict[str, int]:
               help="A feed on which nothing the old key signed is kept (repeatable). "
                    "Every own feed the old key signed on must be named, with "
                    "--last-good or --drop-feed.")
+@click.option("--next-recovery", "next_recovery", default=None, metavar="PUBFILE|HEX",
+              help="The public key of the next recovery key, made on another machine "
+                   "with `citynode key recovery-new` (its .pub file, or the hex): the "
+                   "recommended way after a break-in, as no recovery secret is then made "
+                   "on this host.")
 def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
-                last_good: tuple[str, ...], drop_feeds: tuple[str, ...]) -> None:
+                last_good: tuple[str, ...], drop_feeds: tuple[str, ...],
+                next_recovery: str | None) -> None:
     """Take the identity back after its signing key was stolen or lost.
 
     Works without the current key: the recovery key signs a recovery naming a new
@@ -597,12 +603,72 @@ def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
                 f"({keylog.identity_id(mine)}): give the recovery file of this node")
     else:
         seed = keylog.parse_recovery_phrase(click.prompt("Recovery phrase"))
-    out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw, drop_feeds))
+    q_next = _public_key_arg(next_recovery) if next_recovery is not None else None
+    out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw, drop_feeds,
+                                                           q_next))
     click.echo(f"recovered: {out['node_id']} now signs with key {out['key']} "
                f"(key event {out['seq']})")
+    if out["recovery_path"] is None:
+        click.echo("The next recovery key is the one made offline (its public key was "
+                   "given): keep that file offline. The previous recovery file and phrase "
+                   "are used up: destroy them.")
+        return
     _recovery_notice(Path(out["recovery_path"]),
                      out["recovery_phrase"] if sys.stdout.isatty() else None, None)
     click.echo("The previous recovery file and phrase are used up: destroy them.")
+
+
+def _public_key_arg(text: str) -> bytes:
+    """A public key given as 64 hex digits, or as a file holding them (a .pub file of
+    `key recovery-new`). Raises click.BadParameter."""
+    raw = text.strip()
+    if len(raw) != 64 or any(c not in "0123456789abcdefABCDEF" for c in raw):
+        try:
+            raw = Path(text).read_text(encoding="ascii").split()[0]
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise click.BadParameter(f"{text!r} is neither 64 hex digits nor a readable "
+                                     "public key file", param_hint="--next-recovery") from exc
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise click.BadParameter(f"{text!r}: a public key is 64 hex digits",
+                                 param_hint="--next-recovery")
+    return key
+
+
+@key.command("recovery-new")
+@click.option("--id", "node_id", required=True, help="The node's cn2 id.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the sealed recovery file (FILE.pub gets its public key).")
+def key_recovery_new(node_id: str, out: Path) -> None:
+    """Make the next recovery key on another machine (run it offline, not on the node):
+    a sealed recovery file and its public key (OUT.pub), for `citynode key recover
+    --next-recovery OUT.pub`, so the node never sees the new recovery secret. The
+    passphrase is read from CITYNODE_RECOVERY_PASSPHRASE, else asked for."""
+    import os
+
+    from citynode.core import keylog
+    from citynode.core.keys import SigningKey
+
+    identity = keylog.parse_identity_id(node_id)
+    pw = os.environ.get("CITYNODE_RECOVERY_PASSPHRASE") or click.prompt(
+        "Passphrase for the new recovery file", hide_input=True, confirmation_prompt=True)
+    q = SigningKey.generate()
+    pub = out.with_name(out.name + ".pub")
+    if out.exists() or pub.exists():
+        raise click.ClickException(f"{out} or {pub} exists already: choose another --out")
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(keylog.seal_recovery(q.seed, identity, pw))
+        pub.write_text(q.public_key.hex() + "\n", encoding="ascii")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}") from None
+    click.echo(f"wrote {out} (sealed; keep it offline) and {pub} (its public key: "
+               f"{q.public_key.hex()})")
+    click.echo(f"On the node: citynode key recover ... --next-recovery {pub}")
 
 
 @main.group()

@@ -129,12 +129,17 @@ class Operator:
 
     async def recover_key(self, recovery_seed: bytes, last_good: dict[str, int],
                           recovery_passphrase: str,
-                          drop_feeds: tuple[str, ...] = ()) -> dict[str, Any]:
+                          drop_feeds: tuple[str, ...] = (),
+                          next_recovery_key: bytes | None = None) -> dict[str, Any]:
         """Recover the node's identity with its recovery key
-        (``POST /v1/admin/key/recover``)."""
-        body = json.dumps({"recovery_seed": recovery_seed.hex(), "last_good": last_good,
-                           "drop_feeds": list(drop_feeds),
-                           "recovery_passphrase": recovery_passphrase}).encode()
+        (``POST /v1/admin/key/recover``); ``next_recovery_key``: the public key of a
+        recovery key made on another machine (no recovery secret is made here)."""
+        req: dict[str, Any] = {"recovery_seed": recovery_seed.hex(), "last_good": last_good,
+                               "drop_feeds": list(drop_feeds),
+                               "recovery_passphrase": recovery_passphrase}
+        if next_recovery_key is not None:
+            req["next_recovery_key"] = next_recovery_key.hex()
+        body = json.dumps(req).encode()
         out: dict[str, Any] = await self._call("POST", "/v1/admin/key/recover", body,
                                                content_type=JSON)
         return out

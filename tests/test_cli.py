@@ -1165,3 +1165,43 @@ def test_init_prints_secret_recovery_material_to_a_terminal_only(tmp_path: Path)
     assert "recovery.key is still on this machine" in ok("check", "-d", str(d)).stdout
     (d / "recovery.key").rename(tmp_path / "offline.key")
     assert "still on this machine" not in ok("check", "-d", str(d)).stdout
+
+
+def test_recover_with_a_next_recovery_key_made_offline(tmp_path: Path) -> None:
+    """After a break-in the next recovery key is made on another machine (`key
+    recovery-new`): the node gets only its public key, writes no recovery secret, and
+    the file made offline recovers the identity next time (S3)."""
+    from citynode.core import keylog
+    from citynode.core.keys import Verifier
+    from citynode.datadir import init_data_dir
+    from tests.conftest import FAST_KDF
+
+    d = tmp_path / "b"
+    init_data_dir(d, name="B", listen="127.0.0.1:1", recovery_passphrase="pw", **FAST_KDF)
+    node_id = ok("id", "-d", str(d)).stdout.strip()
+    publish(d, "air", AIR_TYPE, [air(1.0)])
+    offline = tmp_path / "offline" / "next-recovery.key"
+    offline.parent.mkdir()
+    env = {"CITYNODE_RECOVERY_PASSPHRASE": "pw"}
+    r = ok("key", "recovery-new", "--id", node_id, "--out", str(offline), env=env)
+    pub = offline.with_name("next-recovery.key.pub")
+    assert pub.read_text().strip() in r.stdout
+    before = (d / "recovery.key").read_bytes()
+    r = ok("key", "recover", "-d", str(d), "--recovery", str(d / "recovery.key"),
+           "--last-good", "air=1", "--next-recovery", str(pub), env=env)
+    assert "made offline" in r.stdout and "crq1-" not in r.stdout
+    assert (d / "recovery.key").read_bytes() == before  # no new secret written here
+    state = keylog.verify_log(node_id, (d / "keylog").read_bytes(), verifier=Verifier())
+    assert state.recovery == keylog.commit_key(bytes.fromhex(pub.read_text().strip()))
+    # The offline file is the recovery key now; the hex form is taken too.
+    publish(d, "air", AIR_TYPE, [air(2.0)])
+    other = tmp_path / "offline" / "third.key"
+    ok("key", "recovery-new", "--id", node_id, "--out", str(other), env=env)
+    third = other.with_name("third.key.pub").read_text().strip()
+    ok("key", "recover", "-d", str(d), "--recovery", str(offline), "--last-good", "air=2",
+       "--next-recovery", third, env=env)
+    state = keylog.verify_log(node_id, (d / "keylog").read_bytes(), verifier=Verifier())
+    assert state.seq == 2 and state.recovery == keylog.commit_key(bytes.fromhex(third))
+    r = cli("key", "recover", "-d", str(d), "--recovery", str(other), "--last-good", "air=2",
+            "--next-recovery", "nothing-like-a-key", env=env)
+    assert r.exit_code == 2 and "--next-recovery" in r.output

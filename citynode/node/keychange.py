@@ -264,7 +264,8 @@ class KeyChanges:
 
     async def recover(self, recovery_seed: bytes, last_good: dict[str, int],
                       recovery_passphrase: str,
-                      drop: frozenset[str] = frozenset()) -> dict[str, Any]:
+                      drop: frozenset[str] = frozenset(),
+                      next_recovery_key: bytes | None = None) -> dict[str, Any]:
         """Recover with the recovery key: after the last event of the log this node
         made (its own keylog file), a recovery naming per feed the last good record
         (``last_good``: feed -> seq, each held here), a new signing key, next key and
@@ -275,8 +276,14 @@ class KeyChanges:
         thief's, fetched from partners) are dropped. Every own feed the superseded key
         signed on must be decided: named in ``last_good``, or in ``drop`` (keep nothing
         it signed there): a recovery cannot be undone, so nothing is dropped by
-        omission. Raises :class:`ConfigError` for a wrong recovery key, a last-good
-        record not held, or a feed not decided (or decided twice)."""
+        omission. With ``next_recovery_key`` (a public key: the next recovery key made
+        on another machine, `citynode key recovery-new`) the recovery commits to it and
+        no recovery secret is made or written here (``recovery_path`` and
+        ``recovery_phrase`` are None): the way to recover after a break-in, since this
+        host may still be watched. Raises :class:`ConfigError` for a wrong recovery
+        key, a last-good record not held, or a feed not decided (or decided twice)."""
+        if next_recovery_key is not None and len(next_recovery_key) != 32:
+            raise ConfigError("the next recovery key is a 32-byte Ed25519 public key")
         state = self._state()
         q = SigningKey(recovery_seed)
         if keylog.commit_key(q.public_key) != state.recovery:
@@ -306,15 +313,20 @@ class KeyChanges:
 
         on_disk = await in_thread(next_key_on_disk, self.data_dir)
 
-        async def step() -> tuple[keylog.KeyEvent, SigningKey]:
-            new, after, q_next = (SigningKey.generate() for _ in range(3))
-            ev = keylog.recover(state, q, new.public_key, after.public_key, q_next.public_key,
+        async def step() -> tuple[keylog.KeyEvent, SigningKey | None]:
+            new, after = SigningKey.generate(), SigningKey.generate()
+            q_next, q_pub = None, next_recovery_key
+            if q_pub is None:
+                q_next = SigningKey.generate()
+                q_pub = q_next.public_key
+            ev = keylog.recover(state, q, new.public_key, after.public_key, q_pub,
                                 max(self.now_ms(), state.time), heads)
             wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
             # The new recovery file first: a recovery whose next recovery key is lost
             # would leave the identity unrecoverable.
-            await in_thread(write_recovery_file, self.data_dir, q_next.seed, me,
-                            recovery_passphrase)
+            if q_next is not None:
+                await in_thread(write_recovery_file, self.data_dir, q_next.seed, me,
+                                recovery_passphrase)
             # The new next key is sealed as the one before: with the recovery
             # passphrase (off this machine), unless it was kept on disk.
             await in_thread(write_key_change, self.data_dir, wire, new.seed, after.seed,
@@ -331,8 +343,10 @@ class KeyChanges:
         await self.purge(me)
         self._announce()
         return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex(),
-                "recovery_path": str(self.data_dir / "recovery.key"),
-                "recovery_phrase": keylog.recovery_phrase(q_next.seed)}
+                "recovery_path": None if q_next is None
+                else str(self.data_dir / "recovery.key"),
+                "recovery_phrase": None if q_next is None
+                else keylog.recovery_phrase(q_next.seed)}
 
     async def purge(self, identity: bytes, *, unconfirmed: bool = False) -> int:
         """Drop the records held of ``identity`` that its key log (just taken, with a

@@ -142,8 +142,10 @@ async def admin_key_rotate(request: web.Request) -> web.Response:
 
 async def admin_key_recover(request: web.Request) -> web.Response:
     """``POST {"recovery_seed": hex, "last_good": {feed: seq}, "drop_feeds": [feed],
-    "recovery_passphrase": text}``: recover this node's identity with its recovery key
-    (``citynode key recover``); answers ``{node_id, seq, key, recovery_path, recovery_phrase}``."""
+    "recovery_passphrase": text, "next_recovery_key": hex (optional)}``: recover this
+    node's identity with its recovery key (``citynode key recover``); answers
+    ``{node_id, seq, key, recovery_path, recovery_phrase}`` (both None when the next
+    recovery key was made elsewhere and only its public key given)."""
     require_operator(request)
     body = await read_body(request)
     if (answer := await to_leader(request, body)) is not None:
@@ -154,13 +156,16 @@ async def admin_key_recover(request: web.Request) -> web.Response:
         last_good = {str(f): int(s) for f, s in dict(req["last_good"]).items()}
         rpw = str(req["recovery_passphrase"])
         drop = frozenset(str(f) for f in list(req.get("drop_feeds", [])))
+        nrk = req.get("next_recovery_key")
+        next_recovery = None if nrk is None else bytes.fromhex(str(nrk))
         if len(seed) != 32 or not rpw or any(s < 1 for s in last_good.values()):
             raise ValueError
     except (ValueError, KeyError, TypeError):
         raise web.HTTPBadRequest(
             text='send {"recovery_seed": "<64 hex>", "last_good": {"feed": seq, ...}, '
                  '"drop_feeds": ["feed", ...], "recovery_passphrase": "..."}') from None
-    out = await request.app[NODE_KEY].keychanges.recover(seed, last_good, rpw, drop)
+    out = await request.app[NODE_KEY].keychanges.recover(seed, last_good, rpw, drop,
+                                                         next_recovery)
     return web.json_response(out)
 
 
