@@ -17,6 +17,7 @@ Pure: no I/O, no clock (``now_ms`` is a parameter).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,18 +68,36 @@ class HeldLog:
 
 
 class KeyBook:
-    """Identity -> :class:`HeldLog`. Not thread-safe: one owner (the node's event loop)."""
+    """Identity -> :class:`HeldLog`. Not thread-safe: one owner (the node's event loop).
 
-    __slots__ = ("_held", "_owner")
+    Logs are *pinned* (partners', stored ones, any offered without ``transient``: kept
+    until replaced) or *transient* (strangers', learnt from a signed read or an offer:
+    at most ``max_transient``, the least recently used dropped first). A transient
+    offer never displaces a pinned log, and a pinned offer of a transient identity pins
+    it, so strangers cannot push partners or granted readers out."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_held", "_owner", "_transient", "max_transient")
+
+    def __init__(self, max_transient: int = 10_000) -> None:
         self._held: dict[bytes, HeldLog] = {}
         self._owner: dict[bytes, bytes] = {}  # signing key -> identity, over every log
+        self._transient: OrderedDict[bytes, None] = OrderedDict()  # LRU order
+        self.max_transient = max_transient
 
     def _hold(self, identity: bytes, held: HeldLog) -> None:
         self._held[identity] = held
         for w in held.state.keys:
             self._owner[w.key] = identity
+
+    def _forget(self, identity: bytes) -> None:
+        held = self._held.pop(identity)
+        for w in held.state.keys:
+            if self._owner.get(w.key) == identity:
+                del self._owner[w.key]
+
+    def pinned(self, identity: bytes) -> bool:
+        """Whether a log of ``identity`` is held and pinned (not transient)."""
+        return identity in self._held and identity not in self._transient
 
     def owner(self, key: bytes) -> bytes:
         """The identity whose held log names ``key`` as a signing key, else ``key``
@@ -107,9 +126,14 @@ class KeyBook:
 
     def current_key(self, identity: bytes) -> bytes:
         """The key that signs for ``identity`` now: its log's current key, or the
-        identity itself when no log is held (a ``cn1`` id is its key)."""
+        identity itself when no log is held (a ``cn1`` id is its key). A transient log
+        asked for is used: it is dropped last."""
         h = self._held.get(identity)
-        return identity if h is None else h.state.key
+        if h is None:
+            return identity
+        if identity in self._transient:
+            self._transient.move_to_end(identity)
+        return h.state.key
 
     def name(self, identity: bytes) -> str:
         """The printable id: ``cn2`` when a log is held, else ``cn1``."""
@@ -122,20 +146,29 @@ class KeyBook:
         return self.name(self.owner(key))
 
     def offer(self, identity: bytes, log: bytes | Sequence[bytes], *, verifier: Verifier,
-              now_ms: int | None = None) -> keylog.LogDecision:
+              now_ms: int | None = None, transient: bool = False) -> keylog.LogDecision:
         """Verify ``log`` from ``identity`` alone and decide it against the held log.
 
         Returns the :class:`keylog.LogDecision`; the book holds the received log when
         the decision ``accept``\\ s it (or when none was held), and keeps the proof and
         the dead state of a ``dead`` one. A refused log (``decision.error`` set) changes
         nothing, so it never stops records valid under the held log.
+        ``transient``: a stranger's log (see the class): held in the bounded LRU unless
+        the identity is pinned already. Without it, the identity is pinned.
         Raises :class:`InvalidRecord` (or a subclass) if the log does not verify.
         """
         state, events = keylog.verified_events(identity, log, verifier=verifier,
                                                now_ms=now_ms)
         held = self._held.get(identity)
+        if not transient:
+            self._transient.pop(identity, None)
+        elif held is None or identity in self._transient:
+            self._transient[identity] = None
+            self._transient.move_to_end(identity)
         if held is None:
             self._hold(identity, HeldLog(state, tuple(events)))
+            while len(self._transient) > self.max_transient:
+                self._forget(self._transient.popitem(last=False)[0])
             return keylog.LogDecision("extends", state)
         decision = keylog.compare_logs(held.events, events, held_state=held.state,
                                        received_state=state)
@@ -148,8 +181,9 @@ class KeyBook:
         return decision
 
     def restore(self, identity: bytes, log: bytes, *, verifier: Verifier) -> None:
-        """Hold ``log`` as stored by this node earlier (verified again, no clock).
-        Raises :class:`InvalidRecord` if it does not verify."""
+        """Hold ``log`` as stored by this node earlier (verified again, no clock),
+        pinned. Raises :class:`InvalidRecord` if it does not verify."""
         state, events = keylog.verified_events(identity, log, verifier=verifier)
+        self._transient.pop(identity, None)
         self._hold(identity, HeldLog(state, tuple(events)))
 

@@ -24,7 +24,6 @@ from citynode.core.records import (
 from citynode.errors import InvalidNodeId, InvalidRecord
 from citynode.render import b64, row_json, stored_record_json
 from citynode.transport.web import (
-    MAX_READER_LOGS,
     MSGPACK,
     NODE_KEY,
     decrypt_key,
@@ -295,7 +294,8 @@ async def post_key_log(request: web.Request) -> web.Response:
     checks first) and held as ``compare_logs`` decides. The log of a partner, of an
     identity whose log is held already, or offered by the operator is kept (stored);
     any other (a reader's own log, offered after a 401 ``unknown_key``) is held in
-    memory while there is room (:data:`MAX_READER_LOGS`). A refused log changes
+    memory among strangers' logs (at most ``web.MAX_READER_LOGS``, least recently used
+    dropped first, never a partner's). A refused log changes
     nothing; it is counted against its *sender* (the partner that signed the request,
     else nobody's tally, the remote address in the rejected log), never against the
     origin it names, and answered ``{"error": reason, "message": ...}`` (400: it does
@@ -329,17 +329,15 @@ async def post_key_log(request: web.Request) -> web.Response:
             node.partners.get(sender) if sender else None, refused.reason,
             f"key log of {keylog.identity_id(origin)} from {request.remote}: {refused}")
         return error_response(400, refused.reason, str(refused))
-    if origin in held or node.partners.get(origin) is not None or is_operator(request):
+    if held.pinned(origin) or node.partners.get(origin) is not None or is_operator(request):
         d = node.policy.offer_log(origin, body, sender, verifier=vouched)
         if d is not None and d.error is not None:
             return error_response(409, d.error.reason, str(d.error))
         return pack({"outcome": "same" if d is None else d.outcome})
-    if len(held) >= MAX_READER_LOGS:
-        return error_response(503, "busy", "this node holds as many logs of non-partners "
-                              "as it may: retry later")
-    # Held in memory (not stored): the access rules match a sealed record's recipient
+    # Held in memory (not stored), among strangers' logs (bounded, least recently used
+    # first out, never a partner's): the access rules match a sealed record's recipient
     # keys to this reader by its log, and its signed reads verify by it.
-    d = held.offer(origin, body, verifier=vouched, now_ms=node.now_ms())
+    d = held.offer(origin, body, verifier=vouched, now_ms=node.now_ms(), transient=True)
     if d.error is not None:
         return error_response(409, d.error.reason, str(d.error))
     return pack({"outcome": d.outcome})

@@ -455,8 +455,8 @@ def request_signer(request: web.Request, body: bytes,
         return None
 
 
-#: Logs of signed readers (no partners) held in memory at most; beyond, they are verified
-#: per request and not held.
+#: Logs of strangers (signed readers that are no partners) held in memory at most
+#: (core/keybook.py: KeyBook.max_transient; the least recently used go first).
 MAX_READER_LOGS = 10_000
 
 
@@ -481,13 +481,12 @@ def _reader_key_of(request: web.Request) -> Callable[[bytes], bytes]:
             return identity
         try:
             log = base64.b64decode(text, validate=True)
-            if len(held) < MAX_READER_LOGS:
-                # Held in memory (not stored): the access rules match a sealed record's
-                # recipient keys to this reader by its log.
-                held.offer(identity, log, verifier=node.verifier, now_ms=node.now_ms())
-                return held.current_key(identity)
-            return keylog.verify_log(identity, log, verifier=node.verifier,
-                                     now_ms=node.now_ms()).key
+            # Held in memory (not stored), among strangers' logs (bounded, least
+            # recently used dropped first, never a partner's): the access rules match a
+            # sealed record's recipient keys to this reader by its log.
+            held.offer(identity, log, verifier=node.verifier, now_ms=node.now_ms(),
+                       transient=True)
+            return held.current_key(identity)
         except (ValueError, CitynodeError) as exc:
             raise AccessDenied(f"the request's key log does not verify: {exc}") from exc
 

@@ -178,3 +178,34 @@ def test_the_core_keeps_no_table_of_identities() -> None:
               if isinstance(value, set | dict | list) and not name.startswith("__")}
     assert tables == {("citynode.core.keylog", "_FIELDS")}
     assert all(isinstance(v, frozenset) for v in kl._FIELDS.values())
+
+
+def _identity(n: int) -> tuple[bytes, bytes]:
+    """A one-event log of a fresh identity: (identity, wire)."""
+    k = SigningKey(bytes([0x20 + n]) * 32)
+    ev = incept(k, SigningKey(bytes([0x60 + n]) * 32).public_key, SigningKey(b"\x7f" * 32)
+                .public_key, T0)
+    return identity_of(ev.body), keylog.encode_log([ev])
+
+
+def test_strangers_logs_are_a_bounded_lru_that_never_drops_a_pinned_log() -> None:
+    """S7: partners' (pinned) logs stay; strangers' (transient) ones are at most
+    max_transient, the least recently used dropped first; a stranger's offer does not
+    unpin, and a pinned offer of a stranger pins it."""
+    book = KeyBook(max_transient=2)
+    v = Verifier()
+    (p, pw), (a, aw), (b, bw), (c, cw), (d, dw) = (_identity(i) for i in range(5))
+    book.offer(p, pw, verifier=v)  # a partner's
+    book.offer(p, pw, verifier=v, transient=True)  # offered again by a stranger: stays
+    for ident, wire in ((a, aw), (b, bw)):
+        book.offer(ident, wire, verifier=v, transient=True)
+    assert book.pinned(p) and not book.pinned(a) and a in book and b in book
+    book.current_key(a)  # a is used: b is now the least recently used
+    book.offer(c, cw, verifier=v, transient=True)
+    assert b not in book and a in book and c in book and p in book
+    assert book.owner(SigningKey(bytes([0x22]) * 32).public_key) != b  # keys forgotten
+    book.offer(c, cw, verifier=v)  # c becomes a partner: pinned
+    book.offer(d, dw, verifier=v, transient=True)
+    book.offer(b, bw, verifier=v, transient=True)
+    assert book.pinned(c) and book.pinned(p) and len(book) == 4
+    assert a not in book and {d, b} <= set(book.identities())
