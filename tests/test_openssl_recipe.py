@@ -302,3 +302,46 @@ def test_the_record_recipe_needs_the_logs_recipe_first(tmp_path: Path) -> None:
     (tmp_path / "envelope.bin").write_bytes(bytes.fromhex(case["envelope_hex"]))
     p = _run("sh", _recipe(), tmp_path, _LOGS_BY_NAME[case["log"]]["node_id"])
     assert p.returncode != 0 and "verify the key log" in p.stdout
+
+
+def _refused_by_node_and_recipe(tmp_path: Path, shell: str, node_id: str,
+                                wire: bytes) -> str:
+    """The node refuses the log ``wire``; so does the recipe: its output."""
+    with pytest.raises(InvalidRecord) as exc:
+        keylog.verify_log(node_id, wire, verifier=Verifier())
+    (tmp_path / "keylog.bin").write_bytes(wire)
+    p = _run(shell, _recipe("sh auditor-recipe-key-log"), tmp_path, node_id)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "key log refused" in out, (exc.value.reason, out)
+    return out
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_the_key_log_recipe_is_as_strict_as_the_node_on_encoding(tmp_path: Path,
+                                                                 shell: str) -> None:
+    """N4: a log array with a longer header than needed, and an inception whose seq is
+    the string "0" (re-signed: a valid signature), pass a lenient msgpack decoder;
+    the node refuses both, and so does the recipe."""
+    from citynode.core.keys import SigningKey
+
+    inc = next(c for c in KEY_LOGS if c["name"] == "inception")
+    env = bytes.fromhex(inc["events_hex"][0])
+    canonical = msgpack.packb([env], use_bin_type=True)
+    assert canonical[0] == 0x91
+    long_header = b"\xdc\x00\x01" + canonical[1:]  # array16 of one item
+    assert msgpack.unpackb(long_header) == [env]  # lenient decoders take it
+    out = _refused_by_node_and_recipe(tmp_path, shell, inc["node_id"], long_header)
+    assert "not a canonical array" in out
+    # seq as a string, signed by K0: a body a lenient decoder prints as "0".
+    k0 = SigningKey(bytes.fromhex(json.loads(
+        (ROOT / "tests" / "vectors" / "keylog.json").read_text(encoding="utf-8")
+    )["seeds"]["K0"]))
+    body, _sig = decode_envelope(env, Limits(max_bytes=keylog.MAX_EVENT_BYTES))
+    fields = msgpack.unpackb(body)
+    fields["seq"] = "0"
+    bad = msgpack.packb(dict(sorted(fields.items())), use_bin_type=True)
+    sig = k0.sign(keylog.DOMAIN_KEY_EVENT, bad)
+    wire = msgpack.packb([msgpack.packb([bad, sig], use_bin_type=True)], use_bin_type=True)
+    node_id = keylog.identity_id(keylog.identity_of(bad))
+    out = _refused_by_node_and_recipe(tmp_path, shell, node_id, wire)
+    assert "fields of their types" in out
