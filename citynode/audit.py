@@ -862,6 +862,7 @@ def _finish(a: _Audit) -> None:
             f"{rep.origin}'s history (not verified)")
     for name in sorted(a.feeds):
         _finish_feed(rep, a.path, name, a.feeds[name], a.verifier, a.limits, a.keys)
+    _finish_settled(a)
     _finish_tombstones(a)
     for name, seq, first_offset, env in a.conflicts:
         if rep.kind_counts.get("equivocation", 0) >= MAX_FINDINGS_PER_KIND:
@@ -1109,6 +1110,30 @@ def _audit_proof(rep: AuditReport, item: Item, expected: bytes, verifier: Verifi
         return
     rep.add(ERROR, "equivocation" if item.kind == FORK else "split_view", feed, seq,
             f"{what} (carried in the bundle, verified)")
+
+
+def _finish_settled(a: _Audit) -> None:
+    """A key event settled a retired key's window at a named head (docs/PROTOCOL.md,
+    "Settled windows"): the records there count only on the chain that ends at it.
+    A feed whose records held from seq 1 end inside such a window, below its head,
+    cannot be checked against that chain (a thief's chain of the same seqs would
+    verify record by record): ``settled_unconfirmed``, a warning naming the head."""
+    state = a.keys.state(a.expected)
+    if state is None:
+        return
+    for name, fa in sorted(a.rep.feeds.items()):
+        if not fa.contiguous:
+            continue
+        for w in state.keys:
+            hd = state.settled(w.key, name, fa.contiguous)
+            if hd is not None and hd.seq > fa.contiguous:
+                a.rep.add(WARNING, "settled_unconfirmed", name, fa.contiguous,
+                          f"a key event names seq {hd.seq} (id {hd.id.hex()[:16]}...) as "
+                          f"the last record of a retired key; the bundle holds this feed "
+                          f"only up to seq {fa.contiguous}, inside that window, so its "
+                          "records there cannot be checked against the named chain: "
+                          f"audit a bundle that holds seq {hd.seq}")
+                break
 
 
 def _finish_tombstones(a: _Audit) -> None:

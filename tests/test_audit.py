@@ -1040,3 +1040,41 @@ def test_check_storage_still_reports_clean_chains(tmp_path: Path) -> None:
     finally:
         st.close()
     assert (rep.records, rep.feeds, rep.problems) == (15, 3, [])
+
+
+def test_a_chain_ending_inside_a_settled_window_is_flagged_unconfirmed(
+        tmp_path: Path) -> None:
+    """B1: a recovery names seq 6 as the retired key's last record. A bundle holding a
+    thief's chain 1..5 under that key verifies record by record; since it ends below
+    the named head, the audit says the records cannot be checked against the named
+    chain (settled_unconfirmed). A bundle holding the honest chain through seq 6
+    confirms it."""
+    from citynode.core import keylog
+    from citynode.core.keys import NodeKey, Verifier
+
+    k0, k1, q0, new, nxt, q1 = (SigningKey(bytes([i]) * 32) for i in (1, 2, 0x40, 5, 6, 7))
+    inc = keylog.incept(k0, k1.public_key, q0.public_key, T0)
+    ident = keylog.identity_of(inc.body)
+    nk = NodeKey(k0.seed, ident, keylog.identity_id(ident), keylog.encode_log([inc]))
+
+    def signed(n: int, tag: str) -> list[Record]:
+        out, prev = [], None
+        for seq in range(1, n + 1):
+            out.append(sign_record(nk, feed="noise", seq=seq, prev=prev, time_ms=T0 + seq,
+                                   type="org.example.Test", data={"n": seq, "tag": tag}))
+            prev = out[-1].id
+        return out
+
+    honest, thief = signed(6, "honest"), signed(5, "thief")
+    st0 = keylog.verify_log(ident, [inc.envelope], verifier=Verifier())
+    rec = keylog.recover(st0, q0, new.public_key, nxt.public_key, q1.public_key, T0 + 100,
+                         {"noise": (6, honest[5].id)})
+    log = keylog.encode_log([inc, rec])
+    forged = write(tmp_path / "thief.bundle", {"noise": [r.envelope for r in thief]},
+                   origin=ident)
+    rep = audit_bundle(forged, nk.node_id, now_ms=NOW, key_logs=[log])
+    assert "settled_unconfirmed" in warnings(rep) and not errors(rep)
+    good = write(tmp_path / "honest.bundle", {"noise": [r.envelope for r in honest]},
+                 origin=ident)
+    rep = audit_bundle(good, nk.node_id, now_ms=NOW, key_logs=[log])
+    assert "settled_unconfirmed" not in warnings(rep) and not errors(rep)
