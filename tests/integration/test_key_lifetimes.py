@@ -103,7 +103,7 @@ def _sign_forgeries(key: Any, head: dict[str, Any], n: int, time_ms: int) -> lis
     id hex), dated ``time_ms`` and earlier (before the honest ones)."""
     from citynode.core.records import sign_record
 
-    out, prev, seq = [], bytes.fromhex(head["id"]), int(head["seq"])
+    out, prev, seq = [], bytes.fromhex(head["id"]) or None, int(head["seq"])
     for i in range(n):
         seq += 1
         r = sign_record(key, feed="test", seq=seq, prev=prev, time_ms=time_ms - i,
@@ -305,3 +305,51 @@ async def test_a_thiefs_fork_below_the_last_good_head_does_not_outlive_the_recov
         await client.close()
     assert not await _forks(c)
     await stop_all([a, b, c])
+
+
+async def test_a_thiefs_chain_below_the_named_head_is_replaced_by_the_named_one(
+        cluster: Cluster) -> None:
+    """C holds none of B's records when the thief pushes its own chain 1..5 (B's key
+    in force then: C takes it). B recovers naming its honest seq 6: when C meets that
+    record, whose prev is not C's seq 5, the fork it shows is settled by the recovery,
+    so C drops the chain it cannot confirm and takes B's named one (docs/PROTOCOL.md,
+    "Settled windows")."""
+    from citynode.core.keys import NodeKey, parse_node_id, unseal_secret_key
+    from citynode.transport.client import PeerClient
+
+    b, c = cluster.create(["B", "C"], settings=FAST)
+    await cluster.start()
+    await cluster.link(b, c)
+    await c.close()
+    c.stop()
+    await b.publish("test", TYPE, [rec(i) for i in range(6)])
+    honest = (await b.api("GET", f"/v1/records?origin={b.node_id}&feed=test&limit=100",
+                          operator=True))["records"]
+    seed = unseal_secret_key((b.dir / "node.key").read_bytes(), None)
+    thief = NodeKey(seed, parse_node_id(b.node_id), b.node_id,
+                    (b.dir / "keylog").read_bytes())
+    await b.close()
+    b.stop()
+    c.start()
+    await c.wait_ready()
+    forged = _sign_forgeries(thief, {"seq": 0, "id": ""}, 5, int(honest[0]["time"]))
+    client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
+    try:
+        assert (await client.push(forged))["accepted"] == 5
+    finally:
+        await client.close()
+    rc, text = await asyncio.to_thread(
+        cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
+        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+    assert rc == 0, text
+    b.start()
+    await b.wait_ready()
+
+    async def named_chain_at_c() -> bool:
+        page = await c.api("GET", f"/v1/records?origin={b.node_id}&feed=test&limit=100",
+                           operator=True)
+        return [r["id"] for r in page["records"]] == [r["id"] for r in honest]
+
+    await eventually(named_chain_at_c, timeout=60)
+    assert not await _forks(c)
+    await stop_all([b, c])
