@@ -659,10 +659,13 @@ def export_from_storage(
     witnesses: set[bytes] = set()
 
     def cosignatures() -> Iterator[bytes]:
-        # Consumed after the checkpoints: those of the checkpoints written only.
-        for name in names:
-            for size, root, witness, env in storage.cosignatures(origin, name):
-                if (name, size, root) in cps_written:
+        # Consumed after the checkpoints: those of exactly the checkpoints written,
+        # one checkpoint at a time (at most 64 each), so none is cut short by others.
+        for name, size, root, _env in held_cps:
+            if (name, size, root) not in cps_written:
+                continue
+            for _s, r, witness, env in storage.cosignatures(origin, name, size):
+                if r == root:
                     witnesses.add(witness)
                     yield env
 

@@ -1546,6 +1546,10 @@ class Storage:
                          " AND ((idx + 1) << height) > ?", (origin, feed, keep_seq))
             conn.execute("DELETE FROM checkpoints WHERE origin = ? AND feed = ? AND size > ?",
                          (origin, feed, keep_seq))
+            # Their cosignatures with them: a witness then rebases on the last good
+            # checkpoint it cosigned at or below the cut (not "lost" for good).
+            conn.execute("DELETE FROM cosignatures WHERE origin = ? AND feed = ?"
+                         " AND size > ?", (origin, feed, keep_seq))
             if keep_seq == 0:
                 conn.execute("DELETE FROM chains WHERE id = ?", (chain,))
             else:
@@ -1701,13 +1705,16 @@ class Storage:
     def put_cosignature(self, origin: bytes, feed: str, size: int, root: bytes,
                         witness: bytes, time: int, envelope: bytes) -> Future[bool]:
         """Keep a (verified) witness cosignature of the checkpoint (origin, feed, size,
-        root). The result is False if one of that witness for that checkpoint is held
-        (the first one stays)."""
+        root). One of that witness for that checkpoint held is replaced only by a later
+        one (a witness that rotated signs its checkpoints again with its new key); the
+        result is False if nothing changed."""
 
         def run(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "INSERT INTO cosignatures (origin, feed, size, root, witness, time, envelope)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (origin, feed, size, root,"
+                " witness) DO UPDATE SET time = excluded.time, envelope = excluded.envelope"
+                " WHERE excluded.time > cosignatures.time",
                 (origin, feed, size, root, witness, time, envelope))
             return cur.rowcount == 1
 
@@ -2147,19 +2154,23 @@ class Storage:
         )
         return [(s, r, e) for s, r, e in rows]
 
-    def cosignatures(self, origin: bytes, feed: str, size: int | None = None,
-                     limit: int = 10_000) -> list[tuple[int, bytes, bytes, bytes]]:
+    def cosignatures(self, origin: bytes, feed: str, size: int | None = None, *,
+                     min_size: int = 0, per_checkpoint: int = 64,
+                     limit: int = 100_000) -> list[tuple[int, bytes, bytes, bytes]]:
         """``(size, root, witness, envelope)`` of the cosignatures held of a feed's
-        checkpoints (of one ``size`` if given), by size then witness; at most ``limit``."""
-        if size is None:
-            rows = self._all(
-                "SELECT size, root, witness, envelope FROM cosignatures WHERE origin = ?"
-                " AND feed = ? ORDER BY size, witness LIMIT ?", (origin, feed, limit))
-        else:
-            rows = self._all(
-                "SELECT size, root, witness, envelope FROM cosignatures WHERE origin = ?"
-                " AND feed = ? AND size = ? ORDER BY witness LIMIT ?",
-                (origin, feed, size, limit))
+        checkpoints (of one ``size`` if given, else of those of at least ``min_size``),
+        by size then witness: at most ``per_checkpoint`` per checkpoint (the first by
+        witness), at most ``limit`` in all. Callers ask for exactly the checkpoints
+        they use (one size, or the newest from ``min_size``), so none is cut short by
+        older ones."""
+        where = "origin = ? AND feed = ? AND " + ("size = ?" if size is not None
+                                                  else "size >= ?")
+        rows = self._all(
+            "SELECT size, root, witness, envelope FROM (SELECT size, root, witness,"
+            " envelope, ROW_NUMBER() OVER (PARTITION BY size, root ORDER BY witness) AS n"
+            f" FROM cosignatures WHERE {where}) AS t WHERE n <= ?"
+            " ORDER BY size, witness LIMIT ?",
+            (origin, feed, size if size is not None else min_size, per_checkpoint, limit))
         return [(s, r, w, e) for s, r, w, e in rows]
 
     def latest_cosigned(self, witness: bytes, limit: int

@@ -95,13 +95,84 @@ def test_a_cn2_witness_needs_its_key_log(tmp_path: Path) -> None:
     # ... given out of band, it counts; a log that is not D's is simply not taken.
     other = keylog.encode_log([keylog.incept(W1, K2.public_key, Q0.public_key, T0)])
     assert audit(path, [W0.node_id, D_ID], 2, witness_key_logs=[other, LOG]).ok
-    # A cosignature by the key the log has since rotated away from still counts.
+    # Only the key in force now counts: a cosignature by the key the log has since
+    # rotated away from is wrong_key (a leaked old key, whatever time it claims, mints
+    # nothing; the witness cosigns its checkpoints again with its new key).
     old = sigs(env, (W0, W0.public_key), (K0, D))
-    assert audit(bundle(tmp_path, old, key_logs=[LOG]), [W0.node_id, D_ID], 2).ok
+    rep = audit(bundle(tmp_path, old, key_logs=[LOG]), [W0.node_id, D_ID], 2)
+    assert not rep.ok and "no_quorum" in errors(rep)
+    assert any(f.message.endswith("wrong_key") for f in rep.findings
+               if f.kind == "cosignature_refused")
     assert cs.witness_keys(D, keylog.verify_log(D, LOG, verifier=Verifier())) == {
-        K0.public_key, K1.public_key}
+        K1.public_key}
     assert cs.witness_keys(W0.public_key, None) == {W0.public_key}
+    # Before the rotation K0 was in force: then it counts.
     assert audit(bundle(tmp_path, old, key_logs=[LOG_BEFORE]), [W0.node_id, D_ID], 2).ok
+
+
+def test_a_rotated_or_recovered_away_key_never_counts_again() -> None:
+    """B1: K0, retired by a rotation, then a recovery: a thief holding K0 cosigns a
+    checkpoint dated now (or backdated before the rotation): it does not count."""
+    k3, k4, q1 = (SigningKey(bytes([60 + i]) * 32) for i in range(3))
+    st = keylog.verify_log(D, LOG, verifier=Verifier())
+    rec = keylog.recover(st, Q0, k3.public_key, k4.public_key, q1.public_key, T0 + 2000, {})
+    st2 = keylog.verify_log(D, [INCEPTION.envelope, ROTATION.envelope, rec.envelope],
+                            verifier=Verifier())
+    keys = cs.witness_keys(D, st2)
+    assert keys == {k3.public_key}
+    cp = cp_of(newest())
+    for key, time in ((K0, NOW), (K0, T0 + 1), (K1, NOW)):
+        forged = cs.sign_cosignature(key, D, cp, time).envelope
+        q = cs.check_quorum(cp, [forged], {D: keys}, 1, verifier=Verifier(), now_ms=NOW)
+        assert not q.ok and q.rejected == ((0, "wrong_key"),)
+    good = cs.sign_cosignature(k3, D, cp, NOW).envelope
+    assert cs.check_quorum(cp, [good], {D: keys}, 1, verifier=Verifier(), now_ms=NOW).ok
+
+
+def test_strangers_cannot_crowd_out_named_witnesses_and_one_key_counts_once() -> None:
+    """S4: 64 cosignatures of witnesses not named, then the named ones: the cap applies
+    after filtering, so the named ones count. One key named for two witnesses (the same
+    key under two identities) counts once."""
+    cp = cp_of(newest())
+    strangers = [cs.sign_cosignature(s, s.public_key, cp, NOW).envelope
+                 for s in (SigningKey(bytes([i]) * 32) for i in range(100, 170))]
+    named = sigs(newest(), (W0, W0.public_key), (W1, W1.public_key))
+    q = cs.check_quorum(cp, [*strangers, *named],
+                        {W0.public_key: {W0.public_key}, W1.public_key: {W1.public_key}},
+                        2, verifier=Verifier(), now_ms=NOW)
+    assert q.ok and q.witnesses == {W0.public_key, W1.public_key}
+    assert {r for _i, r in q.rejected} == {"not_witness"}
+    # More than 64 of the named: the rest are too_many_items (not verified).
+    many = {s.public_key: {s.public_key} for s in (SigningKey(bytes([i]) * 32)
+                                                  for i in range(100, 170))}
+    q = cs.check_quorum(cp, strangers, many, 1, verifier=Verifier(), now_ms=NOW)
+    assert len(q.witnesses) == cs.MAX_COSIGNATURES
+    assert [r for _i, r in q.rejected] == ["too_many_items"] * (70 - cs.MAX_COSIGNATURES)
+    # One key, two identities named for it.
+    twice = [cs.sign_cosignature(W0, W0.public_key, cp, NOW).envelope,
+             cs.sign_cosignature(W0, W1.public_key, cp, NOW).envelope]
+    q = cs.check_quorum(cp, twice, {W0.public_key: {W0.public_key},
+                                    W1.public_key: {W0.public_key}}, 2,
+                        verifier=Verifier(), now_ms=NOW)
+    assert not q.ok and q.rejected == ((1, "duplicate"),)
+
+
+def test_a_cosigned_checkpoint_encodes_at_most_64_chosen_deterministically() -> None:
+    """S4: encode refuses what decode would; select_cosignatures keeps the preferred
+    witnesses, then the others by witness bytes, whatever order they came in."""
+    env = newest()
+    cp = cp_of(env)
+    signers = [SigningKey(bytes([i]) * 32) for i in range(100, 170)]
+    envs = [cs.sign_cosignature(s, s.public_key, cp, NOW).envelope for s in signers]
+    with pytest.raises(ValueError):
+        cs.CosignedCheckpoint(env, tuple(envs)).encode()
+    want = signers[-1].public_key
+    a = cs.select_cosignatures(envs, {want})
+    assert a == cs.select_cosignatures(list(reversed(envs)), {want})
+    assert len(a) == cs.MAX_COSIGNATURES and cs.cosignature_fields(a[0]) == (
+        want, want)
+    decoded = cs.CosignedCheckpoint.decode(cs.CosignedCheckpoint(env, a).encode())
+    assert decoded.cosignatures == a
 
 
 def test_bad_cosignatures_do_not_count_and_say_why(tmp_path: Path) -> None:

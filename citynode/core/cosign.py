@@ -57,7 +57,9 @@ __all__ = [
     "Quorum",
     "check_quorum",
     "cosign",
+    "cosignature_fields",
     "open_cosignature",
+    "select_cosignatures",
     "sign_cosignature",
     "split_view",
     "verify_witness_equivocation",
@@ -198,13 +200,45 @@ def cosign(key: SigningKey, witness: bytes, cp: Checkpoint, time_ms: int, *,
 def witness_keys(identity: bytes, state: KeyState | None) -> frozenset[bytes]:
     """The keys a cosignature of the witness ``identity`` may be signed by, for
     :func:`check_quorum`: a cn1 witness's key (its identity; ``state`` None, no log);
-    for a cn2 witness, every key of its verified log ``state`` that a recovery did not
-    cut off (the cosignatures of a stolen key count for nothing), none if it is dead."""
+    for a cn2 witness, only the key in force now in its verified log ``state`` (none if
+    it is dead). A key the witness rotated away from or a recovery cut off counts for
+    nothing, whatever ``time`` its cosignatures claim (a signer's time can be
+    backdated): a witness that rotates cosigns its latest checkpoints again with the new
+    key, so quorums hold across its rotations."""
     if state is None:
         return frozenset({identity})
     if state.dead:
         return frozenset()
-    return frozenset(w.key for w in state.keys if w.retired_by in (None, "rotation"))
+    return frozenset({state.key})
+
+
+def cosignature_fields(envelope: bytes) -> tuple[bytes, bytes] | None:
+    """``(witness, key)`` a cosignature envelope names, decoded and its fields checked
+    but its signature NOT verified (None if it does not decode): to sort or filter
+    cosignatures before the costly check, or to re-read one verified when stored."""
+    try:
+        body, _sig = decode_envelope(bytes(envelope), _BODY_LIMITS)
+        f = _parse_body(body)
+    except InvalidRecord:
+        return None
+    return f["witness"], f["key"]
+
+
+def select_cosignatures(envelopes: Sequence[bytes], prefer: Collection[bytes] = ()
+                        ) -> tuple[bytes, ...]:
+    """At most :data:`MAX_COSIGNATURES` of ``envelopes``, chosen deterministically:
+    one per witness, those of the witnesses in ``prefer`` first, then by witness bytes
+    (envelopes that do not decode go last, then are dropped first)."""
+    best: dict[bytes, bytes] = {}
+    bad: list[bytes] = []
+    for env in envelopes:
+        wk = cosignature_fields(env)
+        if wk is None:
+            bad.append(env)
+        elif wk[0] not in best:
+            best[wk[0]] = bytes(env)
+    order = sorted(best, key=lambda w: (w not in prefer, w))
+    return tuple([best[w] for w in order] + sorted(bad))[:MAX_COSIGNATURES]
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,21 +266,32 @@ def check_quorum(cp: Checkpoint, cosignatures: Sequence[bytes],
                  witnesses: Mapping[bytes, Collection[bytes]], k: int, *,
                  verifier: Verifier, now_ms: int | None = None) -> Quorum:
     """Count the cosignatures of ``cp`` by the named ``witnesses`` (identity -> the
-    keys accepted for it: for a cn1 witness its key, for a cn2 one the current key of
-    its key log). Each witness counts once. Reasons for a cosignature not counted: the
-    :func:`open_cosignature` ones (``bad_cosignature``, ``future_time``, field codes),
-    ``not_witness`` (its witness is not named), ``wrong_key`` (a named witness, but not a
-    key accepted for it), ``wrong_checkpoint`` (about another origin, feed, size or
-    root), ``duplicate`` (that witness is already counted). At most
-    :data:`MAX_COSIGNATURES` are looked at (the rest: ``too_many_items``)."""
+    keys accepted for it: :func:`witness_keys`, for a cn1 witness its key, for a cn2 one
+    only the key in force now in its key log). Each witness counts once, and one key
+    counts for one witness only. First every cosignature is decoded (no signature
+    checked) and those of witnesses not named set aside (``not_witness``); of the rest,
+    the first :data:`MAX_COSIGNATURES` are verified (the others: ``too_many_items``), so
+    strangers cannot crowd out the named witnesses. Reasons, in this order of
+    precedence: the :func:`open_cosignature` ones (layout and field codes,
+    ``future_time``, ``bad_cosignature``), ``not_witness`` (its witness is not named),
+    ``too_many_items``, ``wrong_key`` (a named witness, but not a key accepted for it),
+    ``wrong_checkpoint`` (about another origin, feed, size or root), ``duplicate`` (that
+    witness, or that key for another witness, is already counted)."""
     if k < 1:
         raise ValueError("a quorum is at least 1")
     counted: set[bytes] = set()
+    counted_keys: set[bytes] = set()
     rejected: list[tuple[int, str]] = []
+    looked = 0
     for i, env in enumerate(cosignatures):
-        if i >= MAX_COSIGNATURES:
+        wk = cosignature_fields(env)
+        if wk is not None and wk[0] not in witnesses:
+            rejected.append((i, "not_witness"))
+            continue
+        if looked >= MAX_COSIGNATURES:
             rejected.append((i, "too_many_items"))
             continue
+        looked += 1
         try:
             c = open_cosignature(env, verifier=verifier, now_ms=now_ms)
         except InvalidRecord as exc:
@@ -258,10 +303,11 @@ def check_quorum(cp: Checkpoint, cosignatures: Sequence[bytes],
             rejected.append((i, "wrong_key"))
         elif not c.covers(cp):
             rejected.append((i, "wrong_checkpoint"))
-        elif c.witness in counted:
+        elif c.witness in counted or c.key in counted_keys:
             rejected.append((i, "duplicate"))
         else:
             counted.add(c.witness)
+            counted_keys.add(c.key)
     return Quorum(k, frozenset(counted), tuple(rejected))
 
 
@@ -275,7 +321,11 @@ class CosignedCheckpoint:
     cosignatures: tuple[bytes, ...]
 
     def encode(self) -> bytes:
-        """Canonical msgpack ``{"checkpoint": bin, "cosignatures": [bin, ...]}``."""
+        """Canonical msgpack ``{"checkpoint": bin, "cosignatures": [bin, ...]}``.
+        Raises ValueError beyond :data:`MAX_COSIGNATURES` (what :meth:`decode` takes):
+        choose them with :func:`select_cosignatures`."""
+        if len(self.cosignatures) > MAX_COSIGNATURES:
+            raise ValueError(f"at most {MAX_COSIGNATURES} cosignatures per checkpoint")
         return encoding.encode({"checkpoint": self.checkpoint,
                                 "cosignatures": list(self.cosignatures)})
 

@@ -22,6 +22,8 @@ node requires (docs/PROTOCOL.md, "Cosignatures"; the decisions are core/cosign.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,6 +61,11 @@ MAX_TRACKED = 100_000
 MAX_LISTED = 1000
 #: Feeds whose last cosigned checkpoint is sent to a partner whose link opens.
 HELD_MAX = 500
+#: Seconds between looks at whether this node's signing key changed (a rotation or a
+#: recovery): then its latest cosignatures are made again with the new key.
+REKEY_POLL = 2.0
+#: Cosignatures read per checkpoint listed, before the 64 sent are chosen.
+_PER_CHECKPOINT = 2 * cs.MAX_COSIGNATURES
 #: Attempts to deliver one cosigned checkpoint to one partner.
 DELIVERY_ATTEMPTS = 4
 #: Refusals of the witness's decision that say nothing against the partner that sent
@@ -99,6 +106,8 @@ class Witness:
         self.running = False
         #: (origin, feed) -> (size, witnesses required holding a cosignature, trusted)
         self.tracked: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
+        self._untrusted = 0  # of tracked, not trusted (kept as tracked changes)
+        self._signed_with = key.public_key
         self.counts: dict[str, int] = {}
         r = metrics.registry
         self.m_cosigned = Counter("citynode_cosignatures_signed",
@@ -126,8 +135,9 @@ class Witness:
 
     def keys_of(self, witness: bytes) -> frozenset[bytes]:
         """The keys a cosignature of ``witness`` may be signed by: a cn1 witness's key
-        (its id); for a cn2 witness, every key of its log held that was not cut off by
-        a recovery (a stolen key's cosignatures count for nothing), none if it died."""
+        (its id); for a cn2 witness only the key in force now in its log held (a key
+        rotated away from or cut off by a recovery counts for nothing), none if it
+        died (``cosign.witness_keys``)."""
         return cs.witness_keys(witness, self.policy.keys.state(witness))
 
     def known_witness(self, witness: bytes) -> bool:
@@ -167,10 +177,19 @@ class Witness:
     async def run(self) -> None:
         """Cosign what is queued, until cancelled."""
         self.running = True
+        for w in self.require:
+            if w != self.me and self.partners.get(w) is None:
+                # Cosignatures reach this node only from its partners' own witnessing.
+                log.warning("a required witness is not a partner: its cosignatures "
+                            "never reach this node, add it as a partner",
+                            extra=fields(witness=self.policy.name(w)))
         try:
             while True:
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), REKEY_POLL)
                 self._wake.clear()
+                if self.key.public_key != self._signed_with:
+                    await self.rekey()
                 await self.drain()
         finally:
             self.running = False
@@ -184,6 +203,38 @@ class Witness:
                 await self.cosign(cp, src)
             except CitynodeError as exc:  # storage: the next checkpoint tries again
                 log.warning("cosigning failed", extra=fields(error=str(exc)))
+
+    async def rekey(self) -> int:
+        """This node's signing key changed: cosign again, with the key in force now, the
+        last checkpoint it cosigned of each feed (only that key's cosignatures count),
+        keep and send each. Returns how many."""
+        self._signed_with = new_key = self.key.public_key
+        rows = await in_thread(self.storage.latest_cosigned, self.me, MAX_QUEUED)
+        n = 0
+        for origin, feed, size, root, cosig in rows:
+            wk = cs.cosignature_fields(cosig)
+            if wk is not None and wk[1] == new_key:
+                continue
+            env = next((e for s, r, e in await self.checkpoints.held(origin, feed)
+                        if s == size and r == root), None)
+            if env is None:
+                continue
+            try:
+                cp = cps.open_checkpoint(env, verifier=self.verifier,
+                                         key_states=self.policy.keys.state)
+            except InvalidRecord:
+                continue  # the origin's key log now refuses it
+            async with self._lock:
+                c = cs.sign_cosignature(self.key, self.me, cp, self.now_ms())
+                await asyncio.wrap_future(self.storage.put_cosignature(
+                    origin, feed, size, root, self.me, c.time, c.envelope))
+            n += 1
+            await self.refresh(origin, feed)
+            self.send(cp, (c.envelope,))
+        if n:
+            log.warning("checkpoints cosigned again with the new key",
+                        extra=fields(count=n))
+        return n
 
     async def _last(self, origin: bytes, feed: str
                     ) -> tuple[cps.Checkpoint | None, bool]:
@@ -215,6 +266,8 @@ class Witness:
             if not intact:
                 log.warning("the checkpoint last cosigned is not held: not cosigning",
                             extra=fields(origin=self.policy.name(cp.origin), feed=cp.feed))
+                self.m_refused.labels("lost").inc()
+                self.counts["lost"] = self.counts.get("lost", 0) + 1
                 return "lost"
             if last is not None and (last.size, last.root) == (cp.size, cp.root):
                 return "known"
@@ -403,17 +456,32 @@ class Witness:
         cosignatures: ``{"size", "root", "checkpoint", "cosignatures": [(witness,
         envelope)], "trusted"}`` by size; ``trusted`` None when no witness is required."""
         held = await self.checkpoints.held(origin, feed)
-        if size is None:
-            held = held[-MAX_LISTED:]
-        rows = await in_thread(self.storage.cosignatures, origin, feed, size)
+        held = held[-MAX_LISTED:] if size is None else [h for h in held if h[0] == size]
+        if not held:
+            return []
+        # Exactly the checkpoints listed (one size, or the newest from the oldest
+        # listed), a bounded number each.
+        rows = await in_thread(functools.partial(
+            self.storage.cosignatures, origin, feed, size, min_size=held[0][0],
+            per_checkpoint=_PER_CHECKPOINT, limit=len(held) * _PER_CHECKPOINT))
+        by_cp: dict[tuple[int, bytes], dict[bytes, bytes]] = {}
+        for cs_size, r, w, e in rows:
+            by_cp.setdefault((cs_size, r), {})[w] = e
         out = []
         for s, root, env in held:
-            if size is not None and s != size:
-                continue
-            sigs = [(w, e) for cs_size, r, w, e in rows if cs_size == s and r == root]
+            got = by_cp.get((s, root), {})
+            chosen = set(cs.select_cosignatures(list(got.values()), self.require))
+            sigs = [(w, e) for w, e in got.items() if e in chosen]
             out.append({"size": s, "root": root, "checkpoint": env, "cosignatures": sigs,
-                        "trusted": self.trusted_by({w for w, _e in sigs})})
+                        "trusted": self.trusted_by({w for w, e in sigs
+                                                    if self._counts_for(w, e)})})
         return out
+
+    def _counts_for(self, witness: bytes, envelope: bytes) -> bool:
+        """Whether a cosignature held (verified when stored) still counts: signed by a
+        key accepted for its witness now (its key log may have moved on since)."""
+        wk = cs.cosignature_fields(envelope)
+        return wk is not None and wk[0] == witness and wk[1] in self.keys_of(witness)
 
     def trusted_by(self, witnesses: set[bytes]) -> bool | None:
         """Whether cosignatures held by ``witnesses`` (verified when stored) meet the
@@ -431,8 +499,10 @@ class Witness:
         if not held:
             return None
         size, root, _env = held[-1]
-        rows = await in_thread(self.storage.cosignatures, origin, feed, size)
-        got = {w for _s, r, w, _e in rows if r == root} & set(self.require)
+        rows = await in_thread(functools.partial(
+            self.storage.cosignatures, origin, feed, size, per_checkpoint=_PER_CHECKPOINT))
+        got = {w for _s, r, w, e in rows
+               if r == root and w in self.require and self._counts_for(w, e)}
         return size, len(got), len(got) >= self.k
 
     async def refresh(self, origin: bytes, feed: str) -> None:
@@ -440,9 +510,12 @@ class Witness:
         t = await self.trust(origin, feed)
         if t is None:
             return
-        if (origin, feed) in self.tracked or len(self.tracked) < MAX_TRACKED:
-            self.tracked[(origin, feed)] = t
-        self.m_untrusted.set(sum(1 for v in self.tracked.values() if not v[2]))
+        key = (origin, feed)
+        before = self.tracked.get(key)
+        if before is not None or len(self.tracked) < MAX_TRACKED:
+            self._untrusted += (not t[2]) - (before is not None and not before[2])
+            self.tracked[key] = t
+        self.m_untrusted.set(self._untrusted)
 
     def status(self) -> dict[str, Any]:
         """What ``/v1/admin/status`` shows under ``witness``."""
