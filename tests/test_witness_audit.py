@@ -270,3 +270,53 @@ def test_the_writer_bounds_key_logs_and_the_reader_counts_new_items(tmp_path: Pa
 
     assert set(msgpack.unpackb(end.data)) == {"kind", "cards", "checkpoints", "forks",
                                               "records", "split_views"}
+
+
+def test_export_carries_the_newest_checkpoints_cosignatures_past_10000_rows(
+        tmp_path: Path) -> None:
+    """B2: a feed holding more than 10,000 cosignature rows (here 259 older checkpoints
+    with 40 each) still exports the cosignatures of its newest checkpoint, and the
+    listing reads the checkpoints asked for, not the oldest rows."""
+    from citynode.bundle import export_from_storage
+    from citynode.storage import Storage
+
+    n, strangers = 260, 40
+    recs = chain(0, "noise", n)
+    st = Storage.open(tmp_path / "c.db")
+    pending: list[Any] = []
+    try:
+        st.append(list(recs), durable=True).result(30)
+        for size in range(1, n + 1):
+            env = cp_env(recs, size)
+            cp = cp_of(env)
+            st.put_checkpoint(cp.origin, cp.feed, size, cp.root, env).result(30)
+            if size == 1:  # witnesses not named: signed once, stored under each size
+                others = [cs.sign_cosignature(k, k.public_key, cp, NOW - 1000).envelope
+                          for k in (SigningKey(bytes([100 + i]) * 32)
+                                    for i in range(strangers))]
+            if size < n:  # older ones: many rows (storage does not verify)
+                for i, e in enumerate(others):
+                    pending.append(st.put_cosignature(cp.origin, cp.feed, size, cp.root,
+                                                      bytes([i]) * 32, NOW, e))
+            else:
+                for k in (W0, W1):
+                    c = cs.sign_cosignature(k, k.public_key, cp, NOW - 1000)
+                    pending.append(st.put_cosignature(cp.origin, cp.feed, size, cp.root,
+                                                      k.public_key, c.time, c.envelope))
+        for f in pending:
+            f.result(60)
+        rows = st.cosignatures(KEY.public_key, "noise", min_size=n)
+        assert sorted(w for _s, _r, w, _e in rows) == sorted([W0.public_key,
+                                                              W1.public_key])
+        out = tmp_path / "b.bundle"
+        later = NOW + n * 60_000  # the records are a minute apart
+        export_from_storage(st, KEY.public_key, ["noise"], out, card=card_env(),
+                            now_ms=later)
+    finally:
+        st.close()
+    kinds = [i.kind for i in iter_bundle(out)]
+    assert kinds.count(COSIGNATURE) == (n - 1) * strangers + 2 > 10_000
+    rep = audit_bundle(out, KEY.node_id, now_ms=later,
+                       witnesses=[W0.node_id, W1.node_id], quorum=2)
+    assert rep.ok, rep.render_text()
+    assert rep.witness is not None and rep.witness["checkpoints"][-1]["size"] == n

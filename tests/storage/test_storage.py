@@ -1034,13 +1034,22 @@ def test_cosignatures_kept_one_per_witness_and_the_last_cosigned(st: Storage) ->
     W1, W2 = b"\x01" * 32, b"\x02" * 32
     assert st.last_cosigned(W1, A, "f") is None
     assert st.put_cosignature(A, "f", 4, b"r4", W1, 10, b"c1").result(5) is True
-    assert st.put_cosignature(A, "f", 4, b"r4", W1, 11, b"again").result(5) is False
+    # One per witness: another of the same or an earlier time does not replace it ...
+    assert st.put_cosignature(A, "f", 4, b"r4", W1, 10, b"again").result(5) is False
+    assert st.put_cosignature(A, "f", 4, b"r4", W1, 9, b"older").result(5) is False
     assert st.put_cosignature(A, "f", 4, b"r4", W2, 12, b"c2").result(5) is True
     assert st.put_cosignature(A, "f", 8, b"r8", W1, 13, b"c3").result(5) is True
     assert st.put_cosignature(B, "f", 9, b"b9", W1, 14, b"c4").result(5) is True
     assert st.cosignatures(A, "f") == [(4, b"r4", W1, b"c1"), (4, b"r4", W2, b"c2"),
                                        (8, b"r8", W1, b"c3")]
     assert st.cosignatures(A, "f", 4, limit=1) == [(4, b"r4", W1, b"c1")]
+    # ... a later one does (a witness that rotated cosigns again with its new key).
+    assert st.put_cosignature(A, "f", 4, b"r4", W1, 11, b"c1new").result(5) is True
+    assert st.cosignatures(A, "f", 4) == [(4, b"r4", W1, b"c1new"), (4, b"r4", W2, b"c2")]
+    # Of the checkpoints from min_size only; at most per_checkpoint each.
+    assert st.cosignatures(A, "f", min_size=5) == [(8, b"r8", W1, b"c3")]
+    assert st.cosignatures(A, "f", per_checkpoint=1) == [(4, b"r4", W1, b"c1new"),
+                                                         (8, b"r8", W1, b"c3")]
     assert st.cosignatures(A, "g") == []
     assert st.last_cosigned(W1, A, "f") == (8, b"r8")
     assert st.last_cosigned(W2, A, "f") == (4, b"r4")

@@ -15,6 +15,7 @@ from citynode.audit import audit_bundle
 from citynode.bundle import export_from_storage
 from citynode.core import checkpoints as cps
 from citynode.core import cosign as cs
+from citynode.core import encoding
 from citynode.core.keys import SigningKey, Verifier
 from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
@@ -210,7 +211,9 @@ async def test_bad_cosignatures_are_refused_with_reasons_counted_on_the_partner(
     assert w1.node.storage.cosignatures(a.node.public_key, "air") == []
     # An oversized batch (65 cosignatures) or garbage: refused whole, counted.
     reasons = []
-    for junk in [cs.CosignedCheckpoint(cp.envelope, (good.envelope,) * 65).encode(),
+    # (encode refuses 65 itself: built by hand, as a hostile partner would.)
+    for junk in [encoding.encode({"checkpoint": cp.envelope,
+                                  "cosignatures": [good.envelope] * 65}),
                  b"\x93\x01\x02"]:
         try:
             await post(w2, w1, junk)
@@ -376,3 +379,80 @@ async def test_the_cosignatures_read_in_msgpack_and_its_refusals(inproc: Make) -
                           ("&feed=air&size=99", 200)]:
         async with a.session.get(base + query) as r:
             assert r.status == status, (query, await r.text())
+
+
+async def test_a_rotating_witness_cosigns_again_and_the_quorum_holds(inproc: Make) -> None:
+    """B1/S3: after a witness rotates, only its new key counts (a node that required it
+    stops counting the old cosignature as soon as it holds the new log); the witness
+    cosigns its latest checkpoint again with the new key and the quorum holds."""
+    a = await inproc("Origin")
+    w1 = await inproc("Witness1")
+    r = await inproc("Reader", settings={("witness", "require"): [w1.node.node_id],
+                                         ("witness", "quorum"): 1,
+                                         ("witness", "cosign"): False})
+    for x, y in [(a, w1), (r, w1), (r, a)]:
+        await link(x, y)
+    await a.node.publish("air", TYPE, [{"n": 1}, {"n": 2}])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+    me = w1.node.public_key
+
+    async def held_by(key: bytes) -> bool:
+        await w1.node.witness.drain()
+        rows = r.node.storage.cosignatures(a.node.public_key, "air", cp.size)
+        t = await r.node.witness.trust(a.node.public_key, "air")
+        return (t is not None and t[2] and len(rows) == 1
+                and cs.cosignature_fields(rows[0][3]) == (me, key))
+
+    old_key = w1.node.key.public_key
+    await eventually(lambda: held_by(old_key), timeout=30)
+    (row,) = r.node.storage.cosignatures(a.node.public_key, "air", cp.size)
+    old_env = row[3]
+    await w1.node.keychanges.rotate()
+    new_key = w1.node.key.public_key
+    assert new_key != old_key
+    await eventually(lambda: held_by(new_key), timeout=30)
+    # The old one, as held before, no longer counts at the reader or in a quorum.
+    assert not r.node.witness._counts_for(me, old_env)
+    keys = {me: cs.witness_keys(me, r.node.policy.keys.state(me))}
+    assert keys[me] == {new_key}
+    q = cs.check_quorum(cp, [old_env], keys, 1, verifier=Verifier())
+    assert not q.ok and q.rejected == ((0, "wrong_key"),)
+    # The witness's own row was replaced too.
+    (own,) = w1.node.storage.cosignatures(a.node.public_key, "air", cp.size)
+    assert cs.cosignature_fields(own[3]) == (me, new_key)
+
+
+async def test_a_cut_feed_rebases_the_witness_and_lost_is_counted(inproc: Make) -> None:
+    """S2: a recovery's cut (Storage.truncate) drops the cosignatures above it with the
+    checkpoints: the witness goes on from the last checkpoint it cosigned at or below
+    the cut. A cosigned checkpoint no longer held is "lost", counted and shown."""
+    a = await inproc("Origin")
+    w = await inproc("Witness")
+    await link(a, w)
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3)])
+    (cp3,) = await a.node.checkpoints.checkpoint_now()
+    me, origin = w.node.public_key, a.node.public_key
+
+    async def cosigned(size: int) -> bool:
+        await w.node.witness.drain()
+        last = w.node.storage.last_cosigned(me, origin, "air")
+        return last is not None and last[0] == size
+
+    await eventually(lambda: cosigned(3), timeout=30)
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3, 6)])
+    (cp6,) = await a.node.checkpoints.checkpoint_now()
+    await eventually(lambda: cosigned(6), timeout=30)
+    assert await asyncio.wrap_future(w.node.storage.truncate(origin, "air", 3)) == 3
+    assert w.node.storage.last_cosigned(me, origin, "air") == (3, cp3.root)
+    assert w.node.storage.cosignatures(origin, "air", min_size=4) == []
+    # Not lost: the next checkpoint is cosigned from size 3 (the proof fetched).
+    assert await w.node.witness.cosign(cp6, origin) == "cosigned"
+    # A cosignature of a checkpoint not held: lost, counted, in status and the metric.
+    junk = cs.sign_cosignature(w.node.key, me, cps.sign_checkpoint(
+        a.node.key, "air", 9, b"\x09" * 32, a.node.now_ms()), a.node.now_ms())
+    await asyncio.wrap_future(w.node.storage.put_cosignature(
+        origin, "air", 9, b"\x09" * 32, me, junk.time, junk.envelope))
+    assert await w.node.witness.cosign(cp6, origin) == "lost"
+    assert w.node.status()["witness"]["refused"].get("lost") == 1
+    assert 'citynode_cosign_refused_total{reason="lost"} 1.0' in \
+        w.node.metrics.render().decode()
