@@ -284,8 +284,12 @@ def check_quorum(cp: Checkpoint, cosignatures: Sequence[bytes],
     rejected: list[tuple[int, str]] = []
     looked = 0
     for i, env in enumerate(cosignatures):
-        wk = cosignature_fields(env)
-        if wk is not None and wk[0] not in witnesses:
+        try:  # decoding only (no signature): cheap, so done for every one
+            named = _parse_body(decode_envelope(bytes(env), _BODY_LIMITS)[0])["witness"]
+        except InvalidRecord as exc:
+            rejected.append((i, exc.reason))
+            continue
+        if named not in witnesses:
             rejected.append((i, "not_witness"))
             continue
         if looked >= MAX_COSIGNATURES:

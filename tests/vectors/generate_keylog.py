@@ -644,6 +644,10 @@ def cosign_file() -> dict[str, Any]:
         "w2-id-stranger-key": _cosig(stranger, w2.public_key, 7, root, T0 + 70_000),
         "w2-other-root": _cosig(w2, w2.public_key, 7, other, T0 + 70_000),
         "w0-future": _cosig(w0, w0.public_key, 7, root, NOW + 900_001),
+        # The cn2 witness D (log INC, R1, R2: K2 in force): by its key in force, and by
+        # K1, which R2 rotated away from (only the key in force counts).
+        "d-current": _cosig(K[2], D, 7, root, T0 + 70_000),
+        "d-rotated-key": _cosig(K[1], D, 7, root, T0 + 70_000),
     }
     quorum = [
         ("three-of-three", ["w0", "w1", "w2"], 3, ["W0", "W1", "W2"], []),
@@ -655,6 +659,12 @@ def cosign_file() -> dict[str, Any]:
         ("other-checkpoint", ["w0", "w2-other-root"], 2, ["W0"], [[1, "wrong_checkpoint"]]),
         ("one-witness-twice", ["w1", "w1"], 2, ["W1"], [[1, "duplicate"]]),
         ("future-dated", ["w0-future", "w1"], 1, ["W1"], [[0, "future_time"]]),
+        ("cn2-witness", ["w0", "d-current"], 2, ["D", "W0"], []),
+        ("cn2-rotated-key", ["d-rotated-key", "w0"], 2, ["W0"], [[0, "wrong_key"]]),
+        ("too-many-items", ["w0"] * 64 + ["w1"], 2, ["W0"],
+         [*([i, "duplicate"] for i in range(1, 64)), [64, "too_many_items"]]),
+        ("strangers-set-aside", ["stranger"] * 64 + ["w1"], 1, ["W1"],
+         [[i, "not_witness"] for i in range(64)]),
     ]
     a, b = sorted([cp, cp_other])
     split = encoding.encode({"kind": "split-view", "a": a, "b": b})
@@ -670,6 +680,7 @@ def cosign_file() -> dict[str, Any]:
         ("split-view", cp, cp_other, [], "split_view"),
         ("not-consistent", cp4, cp7_bogus, p47, "not_consistent"),
         ("proof-of-another-size", cp4, cp, _consistency(3, leaves), "not_consistent"),
+        ("from-size-0", _checkpoint(0, sha(b""), T0 + 40_000), cp, [], None),
     ]
     return {
         "about": (
@@ -677,7 +688,9 @@ def cosign_file() -> dict[str, Any]:
             "'checkpoint_hex' is origin K0's checkpoint of feed air at size 7; "
             "'cosignatures' name envelopes; each 'quorum' case checks the named "
             "cosignatures of that checkpoint against the witnesses W0, W1, W2 (each "
-            "named by its key, the key accepted for it) at now_ms, with quorum k: "
+            "named by its key, the key accepted for it) and the cn2 witness D (the key "
+            "accepted for it: only the one in force at the end of its log "
+            "'witness_logs'.D) at now_ms, with quorum k: "
             "'ok', the witnesses counted and the [index, reason] of each not counted. "
             "'split_view': W0 cosigned one root at size 7 and W2 another; the proof is "
             "the origin's two checkpoints in byte order. 'decisions': the witness's "
@@ -689,6 +702,7 @@ def cosign_file() -> dict[str, Any]:
         "now_ms": NOW,
         "origin_hex": K[0].public_key.hex(),
         "witnesses": {f"W{i}": w.public_key.hex() for i, w in enumerate(WITNESSES)},
+        "witness_logs": {"D": {"identity_hex": D.hex(), "log_hex": hexes(INC, R1, R2)}},
         "checkpoint_hex": cp.hex(),
         "cosignatures": {n: e.hex() for n, e in cosigs.items()},
         "quorum": [{"name": n, "cosignatures": c, "k": k,
