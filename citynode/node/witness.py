@@ -524,6 +524,10 @@ class Witness:
         return {
             "cosign": self.config.witness.cosign,
             "require": [self.policy.name(w) for w in self.require],
+            # Cosignatures travel one hop (a witness to its partners): a required
+            # witness that is no partner never counts here.
+            "require_not_partners": [self.policy.name(w) for w in self.require
+                                     if w != self.me and self.partners.get(w) is None],
             "quorum": self.k,
             "refused": dict(sorted(self.counts.items())),
             "untrusted": untrusted[:100],

@@ -16,7 +16,7 @@ from citynode.bundle import export_from_storage
 from citynode.core import checkpoints as cps
 from citynode.core import cosign as cs
 from citynode.core import encoding
-from citynode.core.keys import SigningKey, Verifier
+from citynode.core.keys import SigningKey, Verifier, parse_node_id
 from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
 from tests.conftest import InProc, eventually
@@ -327,6 +327,8 @@ async def test_a_checkpoint_short_of_the_quorum_is_shown_untrusted(inproc: Make)
     await r.node.witness.refresh(a.node.public_key, "air")
     st = r.node.status()["witness"]
     assert st["quorum"] == 2 and st["untrusted_count"] == 1
+    # The required witness that is no partner is named: its cosignatures never come.
+    assert st["require_not_partners"] == [r.node.policy.name(parse_node_id(other))]
     assert st["untrusted"] == [{"origin": a.node.node_id, "feed": "air", "size": cp.size,
                                 "cosigned": 1}]
     assert "citynode_checkpoints_untrusted 1.0" in r.node.metrics.render().decode()
