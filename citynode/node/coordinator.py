@@ -188,6 +188,7 @@ class Node:
         self.ingest_role.on_new_feed = g.cards_stale
         self.ingest_role.on_history_wanted = g.history_wanted
         self.ingest_role.fetch_key_log = self._fetch_key_log
+        self.witness.fetch_key_log = self._fetch_key_log
         self.policy.on_log_refused = self._log_refused
         self.policy.on_recovery = self._recovered
         self.checkpoints.execute = g.execute

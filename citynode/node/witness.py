@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -66,6 +66,9 @@ HELD_MAX = 500
 REKEY_POLL = 2.0
 #: Cosignatures read per checkpoint listed, before the 64 sent are chosen.
 _PER_CHECKPOINT = 2 * cs.MAX_COSIGNATURES
+#: Key logs fetched per cosigned checkpoint received, for witnesses whose key is not
+#: the one held (a rotation whose log has not arrived yet, a log never held).
+MAX_LOG_FETCHES = 4
 #: Attempts to deliver one cosigned checkpoint to one partner.
 DELIVERY_ATTEMPTS = 4
 #: Refusals of the witness's decision that say nothing against the partner that sent
@@ -109,6 +112,8 @@ class Witness:
         self._untrusted = 0  # of tracked, not trusted (kept as tracked changes)
         self._signed_with = key.public_key
         self.counts: dict[str, int] = {}
+        #: Fetch a key log from a partner and offer it (the coordinator's; True if taken).
+        self.fetch_key_log: Callable[[Any, bytes], Awaitable[bool]] | None = None
         r = metrics.registry
         self.m_cosigned = Counter("citynode_cosignatures_signed",
                                   "Checkpoints this node cosigned as a witness", registry=r)
@@ -400,11 +405,14 @@ class Witness:
         opened = await in_thread(self._open_all, cc.cosignatures)
         stored = known = 0
         rejected: dict[str, int] = {}
+        fetched: set[bytes] = set()
         for c, reason in opened:
             if c is not None:
                 if not self.known_witness(c.witness):
                     reason = "not_witness"
-                elif c.key not in self.keys_of(c.witness):
+                elif c.key not in self.keys_of(c.witness) and not (
+                        await self._learn_key(c.witness, src, fetched)
+                        and c.key in self.keys_of(c.witness)):
                     reason = "wrong_key"
                 elif not c.covers(cp):
                     reason = "wrong_checkpoint"
@@ -427,6 +435,22 @@ class Witness:
         if stored:
             await self.refresh(cp.origin, cp.feed)
         return {"result": verdict, "stored": stored, "known": known, "rejected": rejected}
+
+    async def _learn_key(self, witness: bytes, src: bytes | None,
+                         fetched: set[bytes]) -> bool:
+        """A cosignature of ``witness`` by a key not accepted for it: the log held may
+        be behind (it rotated) or none is held (a required witness that is no partner).
+        Fetch its log from the witness, else from ``src`` (at most
+        :data:`MAX_LOG_FETCHES` witnesses per batch): True if a log was taken."""
+        if (self.fetch_key_log is None or witness in fetched
+                or len(fetched) >= MAX_LOG_FETCHES):
+            return False
+        fetched.add(witness)
+        for who in dict.fromkeys(k for k in (witness, src) if k is not None):
+            link = self.partners.get(who)
+            if link is not None and await self.fetch_key_log(link, witness):
+                return True
+        return False
 
     def _open_all(self, envelopes: Sequence[bytes]
                   ) -> list[tuple[cs.Cosignature | None, str | None]]:

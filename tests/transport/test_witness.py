@@ -458,3 +458,35 @@ async def test_a_cut_feed_rebases_the_witness_and_lost_is_counted(inproc: Make) 
     assert w.node.status()["witness"]["refused"].get("lost") == 1
     assert 'citynode_cosign_refused_total{reason="lost"} 1.0' in \
         w.node.metrics.render().decode()
+
+
+async def test_a_cosignature_by_a_witness_whose_log_is_not_held_fetches_the_log(
+        inproc: Make) -> None:
+    """A required cn2 witness whose key log this node does not hold (no partner here):
+    its cosignature, passed on by a partner, makes the node fetch the log from that
+    partner, then counts (instead of wrong_key)."""
+    a = await inproc("Origin")
+    w1 = await inproc("Witness1")
+    await link(a, w1)
+    me = w1.node.public_key
+    await a.node.publish("air", TYPE, [{"n": 1}])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+
+    async def at_origin() -> bool:
+        await w1.node.witness.drain()
+        return me in cosigners(a, a, "air", cp.size)
+
+    await eventually(at_origin, timeout=30)
+    (row,) = [x for x in a.node.storage.cosignatures(a.node.public_key, "air", cp.size)
+              if x[2] == me]
+    # The reader is made now, partner of the origin only: it knows W1 by its id.
+    r = await inproc("Reader", settings={("witness", "require"): [w1.node.node_id],
+                                         ("witness", "quorum"): 1,
+                                         ("witness", "cosign"): False})
+    await r.node.add_partner(a.url, a.node.node_id)
+    assert r.node.policy.keys.state(me) is None
+    await a.node.add_partner(r.url, r.node.node_id)
+    out = await post(a, r, cs.CosignedCheckpoint(cp.envelope, (row[3],)).encode())
+    assert out["stored"] == 1 and out["rejected"] == {}, out
+    assert r.node.policy.keys.state(me) is not None
+    assert await r.node.witness.trust(a.node.public_key, "air") == (cp.size, 1, True)
