@@ -189,12 +189,23 @@ class Witness:
                             "never reach this node, add it as a partner",
                             extra=fields(witness=self.policy.name(w)))
         try:
+            # A key changed while this node was down (or before its cosignatures were
+            # made again): the same as a change seen while running.
+            try:
+                await self.rekey()
+            except CitynodeError as exc:
+                log.warning("cosigning again with the new key failed",
+                            extra=fields(error=str(exc)))
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), REKEY_POLL)
                 self._wake.clear()
                 if self.key.public_key != self._signed_with:
-                    await self.rekey()
+                    try:
+                        await self.rekey()
+                    except CitynodeError as exc:
+                        log.warning("cosigning again with the new key failed",
+                                    extra=fields(error=str(exc)))
                 await self.drain()
         finally:
             self.running = False
