@@ -37,11 +37,14 @@ FAST_KDF = {"kdf_opslimit": argon2id.OPSLIMIT_MIN, "kdf_memlimit": argon2id.MEML
 
 
 def make_node_dir(base: Path, name: str, port: int | None = None,
-                  settings: dict[tuple[str, str], Any] | None = None) -> Path:
-    """``citynode init`` a data dir (fast KDF) and apply config settings."""
+                  settings: dict[tuple[str, str], Any] | None = None,
+                  next_key_on_disk: bool = False) -> Path:
+    """``citynode init`` a data dir (fast KDF) and apply config settings.
+    ``next_key_on_disk``: as ``init --next-key-on-disk`` (the node rotates unattended)."""
     port = port or free_ports(1)[0]
     d = base / name.lower()
-    init_data_dir(d, name=name, listen=f"127.0.0.1:{port}", **FAST_KDF)
+    init_data_dir(d, name=name, listen=f"127.0.0.1:{port}", next_key_on_disk=next_key_on_disk,
+                  **FAST_KDF)
     for (section, key), value in (settings or {}).items():
         set_config(d / "node.toml", section, key, value)
     return d
@@ -82,10 +85,13 @@ async def inproc(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[InProc
     made: list[InProc] = []
 
     async def make(name: str, settings: dict[tuple[str, str], Any] | None = None,
-                   feeds: dict[str, str] | None = None) -> InProc:
+                   feeds: dict[str, str] | None = None,
+                   next_key_on_disk: bool = False) -> InProc:
         """``feeds``: feed name -> access level, written to node.toml (so the node's card
-        lists them, as it lists every feed it publishes through its own API)."""
-        d = make_node_dir(tmp_path, name, settings=settings)
+        lists them, as it lists every feed it publishes through its own API).
+        ``next_key_on_disk``: the node can rotate unattended (``keychanges.rotate()``)."""
+        d = make_node_dir(tmp_path, name, settings=settings,
+                          next_key_on_disk=next_key_on_disk)
         with open(d / "node.toml", "a") as f:
             for feed, level in (feeds or {}).items():
                 f.write(f'\n[feeds.{feed}]\naccess = "{level}"\n')

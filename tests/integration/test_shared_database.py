@@ -293,7 +293,20 @@ retry_max_seconds = 0.4
         async def published(via: list[LocalNode], start: int, count: int) -> list[str]:
             ids: list[str] = []
             for i in range(start, start + count):
-                out = await via[i % len(via)].publish("air", "AirQualityObserved", [_item(i)])
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        out = await via[i % len(via)].publish("air", "AirQualityObserved",
+                                                              [_item(i)])
+                        break
+                    except PeerRejected as exc:
+                        # Right after a takeover a follower may still hand on to the
+                        # killed leader's address: 503 no_leader, Retry-After (a client
+                        # retries; the dead process carried nothing out).
+                        if exc.status != 503 or exc.reason != "no_leader":
+                            raise
+                        assert time.monotonic() < deadline, "no_leader for 20 s"
+                        await asyncio.sleep(0.2)
                 ids += out["ids"]
             return ids
 

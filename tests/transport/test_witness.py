@@ -388,7 +388,7 @@ async def test_a_rotating_witness_cosigns_again_and_the_quorum_holds(inproc: Mak
     stops counting the old cosignature as soon as it holds the new log); the witness
     cosigns its latest checkpoint again with the new key and the quorum holds."""
     a = await inproc("Origin")
-    w1 = await inproc("Witness1")
+    w1 = await inproc("Witness1", next_key_on_disk=True)  # rotates unattended
     r = await inproc("Reader", settings={("witness", "require"): [w1.node.node_id],
                                          ("witness", "quorum"): 1,
                                          ("witness", "cosign"): False})
