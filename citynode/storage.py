@@ -88,6 +88,7 @@ from citynode.core.records import (
     Record,
     decode_record,
     encode_record,
+    is_tombstone,
     with_payload,
 )
 from citynode.core.types import ERASURE_FEED, ERASURE_TYPE, point_of
@@ -176,7 +177,7 @@ class StoredRow:
     def tombstone(self) -> bool:
         """True if the payload is not held (erased, or pruned when ``erased_by`` is
         None)."""
-        return self.envelope[-1] == 0xC0
+        return is_tombstone(self.envelope)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ __all__ = [
     "decode_record",
     "encode_envelope",
     "encode_record",
+    "is_tombstone",
     "make_body",
     "make_payload",
     "open_record",
@@ -235,6 +236,22 @@ def encode_record(body: bytes, sig: bytes, payload: bytes | None) -> bytes:
     directly: it is made for every record pushed or served)."""
     tail = b"\xc0" if payload is None else _bin_header(len(payload)) + payload
     return b"\x93" + _bin_header(len(body)) + body + b"\xc4\x40" + sig + tail
+
+
+def is_tombstone(envelope: bytes) -> bool:
+    """Whether a canonical record envelope (read from our own storage, or decoded
+    already) carries no payload: its last element is nil. Reads the body's bin header
+    only. The last byte alone cannot tell: a payload may end in ``c0`` too (its random
+    salt does, one record in 256), and a tombstone is exactly ``c0`` right after the
+    signature."""
+    h = envelope[1]
+    if h == 0xC4:
+        end = 3 + envelope[2]
+    elif h == 0xC5:
+        end = 4 + int.from_bytes(envelope[2:4], "big")
+    else:
+        end = 6 + int.from_bytes(envelope[2:6], "big")
+    return len(envelope) == end + 67
 
 
 def tombstone_of(envelope: bytes) -> bytes:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from citynode.config import Config
 from citynode.core import sync
 from citynode.core.filters import ALL_RECORDS, RecordFilter
-from citynode.core.records import decode_record, parse_body, record_id
+from citynode.core.records import decode_record, is_tombstone, parse_body, record_id
 from citynode.core.types import ERASURE_FEED
 from citynode.node._base import in_thread
 from citynode.node.policy import Policy, readers_of
@@ -87,7 +87,7 @@ class Reads:
         among them (if the requester may be sent it): a node takes a tombstone only with
         its origin's request held or in the same batch, so it is sent along. The answer
         stays within ``max_batch_records`` (records at the end wait for the next fetch)."""
-        tombs = [e for e in envs if e[-1] == 0xC0]
+        tombs = [e for e in envs if is_tombstone(e)]
         if not tombs:
             return envs
 

@@ -19,6 +19,7 @@ from citynode.core.keylog import MAX_LOG_BYTES
 from citynode.core.keys import Verifier
 from citynode.core.records import (
     decode_record,
+    is_tombstone,
     parse_body,
 )
 from citynode.errors import InvalidNodeId, InvalidRecord
@@ -94,7 +95,7 @@ async def get_record(request: web.Request) -> web.Response:
         # Same answer as a missing record: do not confirm that it exists.
         raise web.HTTPNotFound(text="no such record here")
     if wants_json(request):
-        erased = await node.reads.erasure_of(rid) if env[-1] == 0xC0 else None
+        erased = await node.reads.erasure_of(rid) if is_tombstone(env) else None
         return web.json_response(stored_record_json(env, key=decrypt_key(request),
                                                     erased=erased, names=node.policy.keys))
     return web.Response(body=env, content_type=MSGPACK)
