@@ -9,12 +9,18 @@ node requires (docs/PROTOCOL.md, "Cosignatures"; the decisions are core/cosign.p
   records held, else fetched from the partner that sent it, else from the origin), it
   runs ``cosign``; a cosignature is stored and sent to every partner that may be told
   of the feed (``POST /v1/cosignatures``, a cosigned checkpoint).
+* Relaying: a cosignature received that verified and was stored here for the first
+  time is passed on, as records are gossiped, to every partner that may be told of the
+  feed but the sender and its witness (:meth:`Witness.relay`), so a node requires
+  witnesses that are not its partners and witnesses meet through any path.
 * A cosigned checkpoint from a partner (:meth:`Witness.ingest`): the checkpoint is
   taken as any checkpoint (the checkpoints role: a different root at a size held is a
   split view, kept as proof, alerted and forwarded), then each cosignature verified:
   by a known witness (a partner, or a witness ``[witness] require`` names), with a key
-  accepted for it, about exactly that checkpoint. Only verified cosignatures of a
-  checkpoint held here are stored; each refusal is counted on the partner by reason.
+  accepted for it, about exactly that checkpoint. One of a witness this node does not
+  know is dropped before its signature is checked (counted ``not_witness`` only when
+  the sender claims it as its own). Only verified cosignatures of a checkpoint held
+  here are stored (and relayed); each refusal is counted on the partner by reason.
 * Trust: a checkpoint is trusted when cosignatures of at least ``[witness] quorum``
   distinct witnesses of ``[witness] require`` are held of it (:meth:`Witness.trust`).
 """
@@ -33,7 +39,7 @@ from prometheus_client import Counter, Gauge
 from citynode.config import Config
 from citynode.core import checkpoints as cps
 from citynode.core import cosign as cs
-from citynode.core.keys import NodeKey, SigningKey, Verifier, parse_node_id
+from citynode.core.keys import NodeKey, SigningKey, Verifier, canonical_id, parse_node_id
 from citynode.errors import (
     CitynodeError,
     EncodingError,
@@ -151,6 +157,14 @@ class Witness:
         return (witness == self.me or witness in self.require
                 or self.partners.get(witness) is not None)
 
+    def require_log_missing(self) -> list[str]:
+        """The cn2 witnesses ``[witness] require`` names whose key log is not held (as
+        written in node.toml): none of their cosignatures verifies here yet."""
+        return [name for name, w in zip(self.config.witness.require, self.require,
+                                        strict=True)
+                if canonical_id(name).startswith("cn2")
+                and self.policy.keys.state(w) is None]
+
     # ------------------------------------------------------------------ cosigning
 
     def checkpoint_seen(self, cp: cps.Checkpoint, src: bytes | None, verdict: str) -> None:
@@ -182,12 +196,11 @@ class Witness:
     async def run(self) -> None:
         """Cosign what is queued, until cancelled."""
         self.running = True
-        for w in self.require:
-            if w != self.me and self.partners.get(w) is None:
-                # Cosignatures reach this node only from its partners' own witnessing.
-                log.warning("a required witness is not a partner: its cosignatures "
-                            "never reach this node, add it as a partner",
-                            extra=fields(witness=self.policy.name(w)))
+        for name in self.require_log_missing():
+            # Its cosignatures still arrive (relayed): its key log is fetched from the
+            # partner that passes the first one on.
+            log.info("the key log of a required witness is not held yet",
+                     extra=fields(witness=name))
         try:
             # A key changed while this node was down (or before its cosignatures were
             # made again): the same as a change seen while running.
@@ -413,10 +426,28 @@ class Witness:
                                  key_states=self.policy.keys.state)
         # The signatures (up to 64) off the event loop: a partner's batch never holds
         # up what this node does for the others.
-        opened = await in_thread(self._open_all, cc.cosignatures)
-        stored = known = 0
+        # Cheaply, before any signature is checked: a cosignature of a witness this
+        # node does not know is dropped. Passed on by a relay (a partner that knows the
+        # witness), it says nothing against the relay and is not counted; claimed by the
+        # sender as its own, the sender is no witness here (``not_witness``, counted).
+        to_open: list[bytes] = []
+        ignored = 0
         rejected: dict[str, int] = {}
+        for env in cc.cosignatures:
+            wk = cs.cosignature_fields(env)
+            if wk is None or self.known_witness(wk[0]):
+                to_open.append(env)
+            elif src is not None and wk[0] == src:
+                self._refuse(src, "not_witness", rejected)
+            else:
+                ignored += 1
+                self.m_received.labels("ignored").inc()
+        # The signatures (up to 64) off the event loop: a partner's batch never holds
+        # up what this node does for the others.
+        opened = await in_thread(self._open_all, to_open)
+        stored = known = 0
         fetched: set[bytes] = set()
+        fresh: list[tuple[bytes, bytes]] = []  # (witness, envelope) stored now
         for c, reason in opened:
             if c is not None:
                 if not self.known_witness(c.witness):
@@ -429,9 +460,11 @@ class Witness:
                     reason = "wrong_checkpoint"
             if c is None or reason is not None:
                 reason = reason or "bad_cosignature"
-                rejected[reason] = rejected.get(reason, 0) + 1
-                self._count(src, reason)
-                self.m_received.labels(reason).inc()
+                # A relay checked the key against the log it holds, which may be older
+                # or newer than this node's: a key judged differently is not its fault.
+                counted = not (reason == "wrong_key" and c is not None
+                               and c.witness != src)
+                self._refuse(src if counted else None, reason, rejected)
                 continue
             if verdict == "split-view" or c.witness == self.me:
                 # Of a checkpoint not held here (the other side of a split view, whose
@@ -443,9 +476,36 @@ class Witness:
             stored += new
             known += not new
             self.m_received.labels("stored" if new else "known").inc()
+            if new:
+                fresh.append((c.witness, c.envelope))
         if stored:
             await self.refresh(cp.origin, cp.feed)
-        return {"result": verdict, "stored": stored, "known": known, "rejected": rejected}
+            self.relay(cp, fresh, src)
+        return {"result": verdict, "stored": stored, "known": known, "ignored": ignored,
+                "rejected": rejected}
+
+    def _refuse(self, src: bytes | None, reason: str, rejected: dict[str, int]) -> None:
+        """A cosignature refused for ``reason``: in the answer and the metric, and
+        counted on ``src`` (None: on nobody, only in the status)."""
+        rejected[reason] = rejected.get(reason, 0) + 1
+        self._count(src, reason)
+        self.m_received.labels(reason).inc()
+
+    def relay(self, cp: cps.Checkpoint, fresh: Sequence[tuple[bytes, bytes]],
+              src: bytes | None) -> None:
+        """Pass on cosignatures this node verified and stored just now (``(witness,
+        envelope)``, at most :data:`cs.MAX_COSIGNATURES`) as records are gossiped: to
+        every partner that may be told of the feed, except the one that sent them and,
+        for each cosignature, its own witness (both hold it). A cosignature is relayed
+        once, when first stored (one already held is not passed on again), so it
+        crosses each link at most once each way and the flood ends."""
+        for link in list(self.partners.links.values()):
+            if link.key == src or not self.policy.may_pass(link.key, cp.origin, cp.feed):
+                continue
+            envs = tuple(e for w, e in fresh if w != link.key)[:cs.MAX_COSIGNATURES]
+            if envs:
+                payload = cs.CosignedCheckpoint(cp.envelope, envs).encode()
+                self.spawn(self._deliver(link.key, payload), "relay-cosignature")
 
     async def _learn_key(self, witness: bytes, src: bytes | None,
                          fetched: set[bytes]) -> bool:
@@ -559,10 +619,9 @@ class Witness:
         return {
             "cosign": self.config.witness.cosign,
             "require": [self.policy.name(w) for w in self.require],
-            # Cosignatures travel one hop (a witness to its partners): a required
-            # witness that is no partner never counts here.
-            "require_not_partners": [self.policy.name(w) for w in self.require
-                                     if w != self.me and self.partners.get(w) is None],
+            # Its cosignatures cannot be checked until its key log is held (fetched
+            # with the first one relayed here).
+            "require_key_log_missing": self.require_log_missing(),
             "quorum": self.k,
             "refused": dict(sorted(self.counts.items())),
             "untrusted": untrusted[:100],

@@ -15,8 +15,8 @@ from citynode.audit import audit_bundle
 from citynode.bundle import export_from_storage
 from citynode.core import checkpoints as cps
 from citynode.core import cosign as cs
-from citynode.core import encoding
-from citynode.core.keys import SigningKey, Verifier, parse_node_id
+from citynode.core import encoding, keylog
+from citynode.core.keys import SigningKey, Verifier
 from citynode.errors import PeerRejected
 from citynode.transport.client import PeerClient
 from tests.conftest import InProc, eventually
@@ -194,20 +194,23 @@ async def test_bad_cosignatures_are_refused_with_reasons_counted_on_the_partner(
     bad_sig = bytearray(good.envelope)
     bad_sig[-1] ^= 1
     other = cps.sign_checkpoint(a.node.key, "air", 2, b"\x01" * 32, now)
+    # A witness W1 does not know, passed on by W2 (a relay, as any partner may be):
+    # dropped before its signature is checked, and nothing against W2.
+    unknown = cs.sign_cosignature(stranger, stranger.public_key, cp, now).envelope
     cases = {
-        "not_witness": cs.sign_cosignature(stranger, stranger.public_key, cp, now).envelope,
         "bad_cosignature": bytes(bad_sig),
         "future_time": cs.sign_cosignature(w2key, me2, cp, now + 3_600_000).envelope,
         "wrong_checkpoint": cs.sign_cosignature(w2key, me2, other, now).envelope,
         "wrong_key": cs.sign_cosignature(stranger, me2, cp, now).envelope,
     }
-    body = cs.CosignedCheckpoint(cp.envelope, tuple(cases.values())).encode()
+    body = cs.CosignedCheckpoint(cp.envelope, (*cases.values(), unknown)).encode()
     out = await post(w2, w1, body)
-    assert out["stored"] == 0
+    assert out["stored"] == 0 and out["ignored"] == 1
     assert out["rejected"] == dict.fromkeys(cases, 1)
     link = w1.node.partners.get(me2)
     assert link is not None
     assert {k: link.invalid.get(k) for k in cases} == dict.fromkeys(cases, 1)
+    assert "not_witness" not in link.invalid
     assert w1.node.storage.cosignatures(a.node.public_key, "air") == []
     # An oversized batch (65 cosignatures) or garbage: refused whole, counted.
     reasons = []
@@ -311,7 +314,8 @@ async def test_the_queue_keeps_the_newest_checkpoint_of_each_feed_it_witnesses(
 async def test_a_checkpoint_short_of_the_quorum_is_shown_untrusted(inproc: Make) -> None:
     a = await inproc("Origin")
     w1 = await inproc("Witness1")
-    other = SigningKey(b"\x06" * 32).node_id  # a required witness that never cosigns
+    # A required cn2 witness that never cosigns, whose key log is never held.
+    other = keylog.identity_id(b"\x06" * 32)
     r = await inproc("Reader", settings={("witness", "require"): [w1.node.node_id, other],
                                          ("witness", "cosign"): False})
     for x, y in [(a, w1), (r, w1), (r, a)]:
@@ -327,8 +331,9 @@ async def test_a_checkpoint_short_of_the_quorum_is_shown_untrusted(inproc: Make)
     await r.node.witness.refresh(a.node.public_key, "air")
     st = r.node.status()["witness"]
     assert st["quorum"] == 2 and st["untrusted_count"] == 1
-    # The required witness that is no partner is named: its cosignatures never come.
-    assert st["require_not_partners"] == [r.node.policy.name(parse_node_id(other))]
+    # The required witness whose key log is not held is named (W1's came with its
+    # partnership): none of its cosignatures could be checked yet.
+    assert st["require_key_log_missing"] == [other]
     assert st["untrusted"] == [{"origin": a.node.node_id, "feed": "air", "size": cp.size,
                                 "cosigned": 1}]
     assert "citynode_checkpoints_untrusted 1.0" in r.node.metrics.render().decode()
@@ -490,3 +495,40 @@ async def test_a_cosignature_by_a_witness_whose_log_is_not_held_fetches_the_log(
     assert out["stored"] == 1 and out["rejected"] == {}, out
     assert r.node.policy.keys.state(me) is not None
     assert await r.node.witness.trust(a.node.public_key, "air") == (cp.size, 1, True)
+
+
+async def test_cosignatures_are_relayed_to_a_reader_that_requires_non_partners(
+        inproc: Make) -> None:
+    """W1 and W2 witness A and are partners of A only (not of each other); R is a
+    partner of A only and requires W1 and W2 (quorum 2). A passes on each witness's
+    cosignature it verified: R fetches the witnesses' key logs from A and ends
+    trusting A's checkpoint. Neither witness knows the other (no partner, not
+    required): what A relays of it is dropped unchecked, and not held against A."""
+    a = await inproc("Origin")
+    w1 = await inproc("Witness1")
+    w2 = await inproc("Witness2")
+    for w in (w1, w2):
+        await link(a, w)
+    r = await inproc("Reader", settings={
+        ("witness", "require"): [w1.node.node_id, w2.node.node_id],
+        ("witness", "quorum"): 2, ("witness", "cosign"): False})
+    await link(a, r)
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3)])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+    both = {w1.node.public_key, w2.node.public_key}
+
+    async def everywhere() -> bool:
+        for w in (w1, w2):
+            await w.node.witness.drain()
+        return all(cosigners(n, a, "air", cp.size) == both for n in (a, r))
+
+    await eventually(everywhere, timeout=30)
+    assert await r.node.witness.trust(a.node.public_key, "air") == (cp.size, 2, True)
+    st = r.node.status()["witness"]
+    assert st["require_key_log_missing"] == []
+    for w, other in [(w1, w2), (w2, w1)]:
+        assert other.node.public_key not in cosigners(w, a, "air", cp.size)
+    # Relayed by A, an honest relay: nothing counted against it anywhere.
+    for n in (r, w1, w2):
+        p = n.node.partners.get(a.node.public_key)
+        assert p is not None and not p.invalid, p.invalid
