@@ -67,22 +67,27 @@ def mth(ids: list[bytes]) -> bytes:
     return hashlib.sha256(b"\x01" + mth(ids[:k]) + mth(ids[k:])).digest()
 
 
+@pytest.mark.parametrize("via_relay", [False, True], ids=["direct", "via-relay"])
 async def test_two_checkpoints_of_one_size_shown_to_two_witnesses(
-        cluster: Cluster, tmp_path: Path) -> None:
+        cluster: Cluster, tmp_path: Path, via_relay: bool) -> None:
     """A's key (held by a test process, as a thief or a lying operator would) signs two
     trees of size 4: the honest one shown to W1, another shown to W2, which are not
     partners yet (and A is down: nothing relays one to the other). Each cosigns what
-    it was shown. Then W1 and W2 become partners: as they exchange cosignatures, both
-    end holding the split-view proof, and an audit of W1's bundle with a quorum of 2
-    fails."""
+    it was shown. Then W1 and W2 meet: become partners, or (``via_relay``) both become
+    partners of M, a node that witnesses nothing and relays their cosigned
+    checkpoints. Both end holding the split-view proof (M too), and an audit of W1's
+    bundle with a quorum of 2 fails."""
     # A signs no checkpoint of its own here: only the two the test shows.
     slow = {**FAST, ("checkpoints", "interval_seconds"): 3600.0}
-    a, w1, w2 = cluster.create(["A", "W1", "W2"], settings=slow)
+    a, w1, w2, *relay = cluster.create(["A", "W1", "W2", "M"][:4 if via_relay else 3],
+                                       settings=slow)
+    for m in relay:
+        set_config(m.dir / "node.toml", "witness", "cosign", False)
     await cluster.start()
-    for x, y in [(a, w1), (a, w2)]:
+    for x, y in [(a, w1), (a, w2), *((a, m) for m in relay)]:
         await cluster.link(x, y)
     await a.publish("test", TYPE, [rec(i) for i in range(4)])
-    await converge([a, w1, w2], expected({(a.node_id, "test"): 4}), timeout=60)
+    await converge([a, w1, w2, *relay], expected({(a.node_id, "test"): 4}), timeout=60)
     page = await w1.api("GET", f"/v1/records?origin={a.node_id}&feed=test&limit=10",
                         operator=True)
     ids = [bytes.fromhex(r["id"]) for r in page["records"]]
@@ -107,10 +112,11 @@ async def test_two_checkpoints_of_one_size_shown_to_two_witnesses(
         await eventually(lambda n=n: _only(n, a), timeout=30)
     assert await forks_at(w1) == [] and await forks_at(w2) == []
     # The witnesses meet.
-    await cluster.link(w1, w2)
+    for x, y in [(w1, m) for m in relay] + [(m, w2) for m in relay] or [(w1, w2)]:
+        await cluster.link(x, y)
 
     async def both_hold_the_proof() -> bool:
-        held = [await forks_at(n) for n in (w1, w2)]
+        held = [await forks_at(n) for n in (w1, w2, *relay)]
         return all(any(f["kind"] == "split-view" and f["seq"] == 4
                        and f["origin"] == a.node_id for f in fs) for fs in held)
 
@@ -123,9 +129,14 @@ async def test_two_checkpoints_of_one_size_shown_to_two_witnesses(
         return bool(st["witness"]["refused"].get("split_view", 0) >= 1)
 
     # Each refused the other's root, counted on the origin: it holds its own only.
+    # (Via M, whichever root M took first is the one it relays on: the other reaches
+    # the far witness as the proof alone, never to be cosigned.)
     for n in (w1, w2):
-        await eventually(lambda n=n: refused(n), timeout=30)
+        if not via_relay:
+            await eventually(lambda n=n: refused(n), timeout=30)
         assert await cosigned_by(n, a, 4) == {n.node_id}
+        if via_relay:
+            continue
         link = next(p for p in (await n.api("GET", "/v1/admin/partners"))["partners"]
                     if p["node_id"] == a.node_id)
         assert link["invalid"].get("split_view", 0) >= 1, link
@@ -138,7 +149,7 @@ async def test_two_checkpoints_of_one_size_shown_to_two_witnesses(
     rc, report = await export_and_audit(w1, a, [w1, w2], 1, tmp_path / "w1.bundle")
     kinds = {f["kind"] for f in report["findings"] if f["severity"] == "error"}
     assert rc == 1 and kinds == {"split_view"}, report["findings"]
-    await stop_all([w1, w2])
+    await stop_all([w1, w2, *relay])
 
 
 async def _only(n: LocalNode, origin: LocalNode) -> bool:
@@ -174,3 +185,40 @@ async def test_an_honest_origin_s_checkpoints_meet_a_quorum_of_two(
     newest = [c for c in report["witness"]["checkpoints"] if c["size"] == 5]
     assert newest and newest[-1]["ok"] and len(newest[-1]["witnesses"]) == 2
     await stop_all([a, w1, w2])
+
+
+async def test_a_reader_trusts_by_witnesses_that_are_not_its_partners(
+        cluster: Cluster) -> None:
+    """W1 and W2 witness A and are A's partners only; the reader R is a partner of A
+    only and requires W1 and W2 with a quorum of 2. A relays each cosignature it
+    verified: R fetches the witnesses' key logs from A, and A's checkpoint ends trusted
+    at R, with nothing counted against A."""
+    a, w1, w2, r = cluster.create(["A", "W1", "W2", "R"], settings={
+        **FAST, ("checkpoints", "interval_seconds"): 1.0})
+    set_config(r.dir / "node.toml", "witness", "require", [w1.node_id, w2.node_id])
+    set_config(r.dir / "node.toml", "witness", "quorum", 2)
+    set_config(r.dir / "node.toml", "witness", "cosign", False)
+    await cluster.start()
+    for x, y in [(a, w1), (a, w2), (a, r)]:
+        await cluster.link(x, y)
+    await a.publish("test", TYPE, [rec(i) for i in range(5)])
+    await converge([a, w1, w2, r], expected({(a.node_id, "test"): 5}), timeout=60)
+
+    async def trusted_at_r() -> bool:
+        if await cosigned_by(r, a, 5) != {w1.node_id, w2.node_id}:
+            return False
+        st = (await r.api("GET", "/v1/admin/status"))["witness"]
+        return bool(st["untrusted_count"] == 0)
+
+    await eventually(trusted_at_r, timeout=60)
+    s = await r.session()
+    async with s.get(f"{r.url}/v1/cosignatures?origin={a.node_id}&feed=test&size=5",
+                     headers={"Accept": "application/json"}) as resp:
+        (row,) = (await resp.json())["checkpoints"]
+    assert row["trusted"] is True
+    st = (await r.api("GET", "/v1/admin/status"))["witness"]
+    assert st["quorum"] == 2 and st["require_key_log_missing"] == [], st
+    link = next(p for p in (await r.api("GET", "/v1/admin/partners"))["partners"]
+                if p["node_id"] == a.node_id)
+    assert link["invalid"] == {}, link
+    await stop_all([a, w1, w2, r])
