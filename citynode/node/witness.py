@@ -152,8 +152,9 @@ class Witness:
         return cs.witness_keys(witness, self.policy.keys.state(witness))
 
     def known_witness(self, witness: bytes) -> bool:
-        """A cosignature is taken from a partner, a witness ``require`` names, or this
-        node; from anyone else it is ``not_witness``."""
+        """A cosignature is taken (and relayed) from a partner, a witness ``require``
+        names, or this node; anyone else's is dropped unchecked (``not_witness`` when
+        the sender sent it as its own)."""
         return (witness == self.me or witness in self.require
                 or self.partners.get(witness) is not None)
 

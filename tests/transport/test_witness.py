@@ -531,4 +531,5 @@ async def test_cosignatures_are_relayed_to_a_reader_that_requires_non_partners(
     # Relayed by A, an honest relay: nothing counted against it anywhere.
     for n in (r, w1, w2):
         p = n.node.partners.get(a.node.public_key)
-        assert p is not None and not p.invalid, p.invalid
+        assert p is not None
+        assert not p.invalid, p.invalid
