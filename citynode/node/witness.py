@@ -379,9 +379,29 @@ class Witness:
     def link_opened(self, key: bytes) -> None:
         """A partner link opened while this node witnesses: witnesses meet. It is sent
         the last checkpoint this node cosigned of each feed it may be told of, with the
-        cosignature, so that a split view between the two shows at once."""
+        cosignature, so that a split view between the two shows at once; then the
+        newest checkpoint held of each such feed with the cosignatures held of it (the
+        relayed ones too: a partner that joins after a quiet feed's last checkpoint
+        still learns who vouched for it)."""
         if self.running:
             self.spawn(self._send_held(key), "send-cosignatures")
+
+    async def _send_newest(self, key: bytes) -> None:
+        feeds = [f for f in list(self.checkpoints.replica.heads)
+                 if self.policy.may_pass(key, *f)][:HELD_MAX]
+        for origin, feed in feeds:
+            held = await self.checkpoints.held(origin, feed)
+            if not held:
+                continue
+            size, root, env = held[-1]
+            rows = await in_thread(functools.partial(
+                self.storage.cosignatures, origin, feed, size,
+                per_checkpoint=_PER_CHECKPOINT))
+            envs = [e for _s, r, w, e in rows
+                    if r == root and w != key and self._counts_for(w, e)]
+            if envs:
+                await self._deliver(key, cs.CosignedCheckpoint(
+                    env, cs.select_cosignatures(envs, self.require)).encode())
 
     async def _send_held(self, key: bytes) -> None:
         rows = await in_thread(self.storage.latest_cosigned, self.me, HELD_MAX)
@@ -392,6 +412,7 @@ class Witness:
                         if s == size and r == root), None)
             if env is not None:
                 await self._deliver(key, cs.CosignedCheckpoint(env, (cosig,)).encode())
+        await self._send_newest(key)
 
     async def _deliver(self, partner: bytes, payload: bytes) -> None:
         wait = 1.0

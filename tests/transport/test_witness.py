@@ -533,3 +533,36 @@ async def test_cosignatures_are_relayed_to_a_reader_that_requires_non_partners(
         p = n.node.partners.get(a.node.public_key)
         assert p is not None
         assert not p.invalid, p.invalid
+
+
+async def test_a_reader_that_links_after_the_cosigning_is_sent_the_relayed_ones(
+        inproc: Make) -> None:
+    """A's checkpoint is cosigned by W1 and W2 (partners of A only) before the reader
+    R exists; R, requiring both, becomes A's partner afterwards and A publishes
+    nothing more: A sends R its newest checkpoint with the cosignatures it holds of it,
+    and R trusts it."""
+    a = await inproc("Origin")
+    w1 = await inproc("Witness1")
+    w2 = await inproc("Witness2")
+    for w in (w1, w2):
+        await link(a, w)
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3)])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+    both = {w1.node.public_key, w2.node.public_key}
+
+    async def at_origin() -> bool:
+        for w in (w1, w2):
+            await w.node.witness.drain()
+        return cosigners(a, a, "air", cp.size) == both
+
+    await eventually(at_origin, timeout=30)
+    r = await inproc("Reader", settings={
+        ("witness", "require"): [w1.node.node_id, w2.node.node_id],
+        ("witness", "quorum"): 2, ("witness", "cosign"): False})
+    await link(a, r)
+
+    async def trusted() -> bool:
+        return await r.node.witness.trust(a.node.public_key, "air") == (cp.size, 2, True)
+
+    await eventually(trusted, timeout=30)
+    assert cosigners(r, a, "air", cp.size) == both
