@@ -492,7 +492,9 @@ async def test_a_cosignature_by_a_witness_whose_log_is_not_held_fetches_the_log(
     assert r.node.policy.keys.state(me) is None
     await a.node.add_partner(r.url, r.node.node_id)
     out = await post(a, r, cs.CosignedCheckpoint(cp.envelope, (row[3],)).encode())
-    assert out["stored"] == 1 and out["rejected"] == {}, out
+    # A may have sent it first, as its link to R opened (the newest checkpoint with the
+    # cosignatures held): then this one is known. Either way the log was fetched.
+    assert out["stored"] + out["known"] == 1 and out["rejected"] == {}, out
     assert r.node.policy.keys.state(me) is not None
     assert await r.node.witness.trust(a.node.public_key, "air") == (cp.size, 1, True)
 
