@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,7 @@ class Node:
         self.keychanges = KeyChanges(data_dir=data_dir, identity=identity, policy=self.policy,
                                      publisher=self.publisher, partners=self.partners,
                                      storage=storage, now_ms=self.now_ms, spawn=self.spawn)
-        self.keychanges.on_truncated = self.checkpoints.rewind
+        self.keychanges.on_truncated = self._truncated
         self.keychanges.on_tls_switched = self.leader.readdress
         self._wire()
 
@@ -185,6 +185,7 @@ class Node:
         self.policy.on_access_change = self.replica.access_changed
         self.ingest_role.execute = g.execute
         self.ingest_role.on_commit = g.committed
+        self.ingest_role.before_rewind = self._lost_on_rewind
         self.ingest_role.on_new_feed = g.cards_stale
         self.ingest_role.on_history_wanted = g.history_wanted
         self.ingest_role.fetch_key_log = self._fetch_key_log
@@ -300,28 +301,61 @@ class Node:
         it is back: from here on the leader signs after what is stored. (Nothing of ours
         is on its way now: the barrier above let every earlier write land or fail.)"""
         stored = await in_thread(self.storage.heads)
-        lost = {feed: (seq, stored.get((self.public_key, feed), (0,))[0])
-                for feed, seq in self._own_stored.items()
-                if stored.get((self.public_key, feed), (0,))[0] < seq}
-        if lost and not self.replica.restored:
-            # Records committed and acknowledged here are gone from the database: a
-            # failover to a standby that had not received them (asynchronous
-            # replication), or a restore. Partners may hold them: signing those seqs
-            # again would fork our feeds. As after a restore, own feeds wait for every
-            # partner to confirm (and hand back what they hold).
-            why = ("the database lost records this node had stored (a failover to a "
-                   "standby that was behind, or a restore): " + ", ".join(
-                       f"{f} held up to seq {s}, now {d}" for f, (s, d) in sorted(lost.items())))
-            log.error("database behind what this node stored: own feeds wait for the "
-                      "partners' confirmation before signing", extra=fields(why=why))
+        why = self._lost_own(stored)
+        if why is not None:
             await asyncio.wrap_future(self.storage.mark_restored(why))
-            self.replica.mark_restored()
         for key, head in list(self.replica.heads.items()):
             if key[0] == self.public_key and (key not in stored or stored[key][0] < head.seq):
                 log.warning("own feed's head taken back to the database's (a write of it "
                             "failed)", extra=fields(feed=key[1], held=head.seq,
                                                     stored=stored.get(key, (0,))[0]))
                 self.replica.cut(key, stored.get(key))
+
+    def _lost_own(self, stored: Mapping[tuple[bytes, str], tuple[int, bytes]]
+                  ) -> str | None:
+        """If the database (heads ``stored``) holds less of an own feed than this process
+        saw committed and acknowledged, own signing stops at once (the replica is
+        marked restored) and the reason is returned, for the caller to keep in the
+        database (again: keeping it may have failed before); else None.
+
+        Records committed and acknowledged here are gone: a failover to a standby that
+        had not received them (asynchronous replication), or a restore. Partners may
+        hold them: signing those seqs again would fork our feeds. As after a restore,
+        own feeds wait for every partner to confirm (and hand back what they hold)."""
+        lost = {feed: (seq, stored.get((self.public_key, feed), (0,))[0])
+                for feed, seq in self._own_stored.items()
+                if stored.get((self.public_key, feed), (0,))[0] < seq}
+        if not lost:
+            return None
+        why = ("the database lost records this node had stored (a failover to a "
+               "standby that was behind, or a restore): " + ", ".join(
+                   f"{f} held up to seq {s}, now {d}" for f, (s, d) in sorted(lost.items())))
+        if not self.replica.restored:
+            self.replica.mark_restored()
+            log.error("database behind what this node stored: own feeds wait for the "
+                      "partners' confirmation before signing", extra=fields(why=why))
+        return why
+
+    def _lost_on_rewind(self, stored: Mapping[tuple[bytes, str], tuple[int, bytes]]
+                        ) -> None:
+        """A write failed and heads go back to the database's: the database may be
+        another now (a failover found by this write before leadership moved)."""
+        why = self._lost_own(stored)
+        if why is not None:
+            self.spawn(self._keep_restored(why), "mark-restored")
+
+    async def _keep_restored(self, why: str) -> None:
+        try:
+            await asyncio.wrap_future(self.storage.mark_restored(why))
+        except CitynodeError as exc:  # signing stays stopped here; said again at takeover
+            log.warning("cannot mark the database restored yet: %s", exc)
+
+    def _truncated(self, origin: bytes, feed: str, seq: int) -> None:
+        """A recovery cut a feed back to ``seq``: for an own feed, what was committed
+        above it is not 'lost' by the database."""
+        if origin == self.public_key and self._own_stored.get(feed, 0) > seq:
+            self._own_stored[feed] = seq
+        self.checkpoints.rewind(origin, feed, seq)
 
     def _lead_lost(self) -> None:
         for t in list(self._singletons):

@@ -31,7 +31,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +144,11 @@ class Ingest:
         #: the card in force then (its retention) may be one not held yet.
         self.on_history_wanted: Callable[[PartnerLink, bytes, int], None] = \
             lambda link, origin, time: None
+        #: A write failed and the chains' heads go back to the database's (given): told
+        #: first, so a database found behind what was committed before (a failover to a
+        #: standby that was behind) stops own signing instead of re-signing those seqs.
+        self.before_rewind: Callable[[Mapping[tuple[bytes, str], tuple[int, bytes]]],
+                                     None] = lambda stored: None
         # Record ids being checked by an ingest now, with the future of its verdict.
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._ingesting = 0  # ingests under way
@@ -604,7 +609,9 @@ class Ingest:
             # it holds, once every write queued before ours has landed.
             await asyncio.wrap_future(self.storage.barrier())  # writes nothing: a full
             # disk does not stop it
-            self.replica.rewind(recs, await in_thread(self.storage.heads))
+            stored = await in_thread(self.storage.heads)
+            self.before_rewind(stored)
+            self.replica.rewind(recs, stored)
             raise
         self._committed(recs, durable, source, mismatched)
 
