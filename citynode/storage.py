@@ -720,10 +720,19 @@ def _migrate_cosignatures(db: sqlite_utils.Database) -> None:
 
 #: Migration to schema version N, for N = 1, 2, ... Each runs inside the transaction that
 #: also sets ``PRAGMA user_version`` to N. Append only; never edit a released one.
+def _migrate_type_rowid(db: sqlite_utils.Database) -> None:
+    """Schema v11: records by type in rowid order (an SQLite index holds the rowid after
+    its columns), so that a page of one type (``/v1/records?type=``, ordered by rowid)
+    is one index range stopping at LIMIT. With only (type_id, time) a rare type walked
+    the whole table by rowid to fill a page. Plain SQL, mirrored by the other
+    backend."""
+    db.conn.execute("CREATE INDEX records_type ON records (type_id)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5,
     6: _migrate_card_history, 7: _migrate_liveness, 8: _migrate_sinks,
-    9: _migrate_chain_time, 10: _migrate_cosignatures}
+    9: _migrate_chain_time, 10: _migrate_cosignatures, 11: _migrate_type_rowid}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1002,6 +1011,24 @@ def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
     order = "r.seq" if where.one_feed else "r.rowid"
     params.append(limit)
     return f"{_SELECT_ROW} WHERE {' AND '.join(conds)} ORDER BY {order} LIMIT ?", params
+
+
+def _sqlite_query_sql(where: RecordFilter, after_rowid: int, limit: int,
+                     only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
+    """:func:`_query_sql` as SQLite runs it: a type with a time range and nothing else
+    is read through (type_id, time), the range, then sorted. Its (type_id) index walks
+    the type in rowid order, which serves a type alone (stopping at LIMIT), but SQLite
+    took it for a window too, reading every record of the type after the cursor to
+    find a narrow window late in the table (schema v11)."""
+    sql, params = _query_sql(where, after_rowid, limit, only_feeds)
+    if (where.type is not None and (where.since_ms is not None or where.until_ms is not None)
+            and where.origin is None and where.feed is None and where.bbox is None
+            and only_feeds is None):
+        table = "FROM records AS r LEFT JOIN"
+        if sql.count(table) != 1:
+            raise AssertionError("_SELECT_ROW changed: update _sqlite_query_sql")
+        sql = sql.replace(table, "FROM records AS r INDEXED BY records_type_time LEFT JOIN")
+    return sql, params
 
 
 # --------------------------------------------------------------------------- storage
@@ -2054,7 +2081,7 @@ class Storage:
         return self._stored_rows(self._all(sql, params, time_limit))
 
     #: The statement of :meth:`query` (an engine may shape it for its planner).
-    _query_sql = staticmethod(_query_sql)
+    _query_sql = staticmethod(_sqlite_query_sql)
 
     def erased_rows(self, by: bytes, ids: Sequence[bytes]) -> list[StoredRow]:
         """The rows of ``ids`` (at most 1000, what an erasure request names) whose
@@ -2090,7 +2117,7 @@ class Storage:
     ) -> list[str]:
         """How SQLite would run :meth:`query` with these arguments: the ``detail`` lines
         of ``EXPLAIN QUERY PLAN`` (to check that a filter is served by an index)."""
-        sql, params = _query_sql(where, after_rowid, max(limit, 1), only_feeds or None)
+        sql, params = self._query_sql(where, after_rowid, max(limit, 1), only_feeds or None)
         return [str(r[3]) for r in self._all("EXPLAIN QUERY PLAN " + sql, params)]
 
     def feeds(self) -> list[FeedRow]:

@@ -300,12 +300,19 @@ def _migrate_cosignatures(conn: psycopg.Connection[Any]) -> None:
         CREATE INDEX cosignatures_witness ON cosignatures (witness, origin, feed, size)""")
 
 
+def _migrate_type_rowid(conn: psycopg.Connection[Any]) -> None:
+    """Schema v11 (storage._migrate_type_rowid): records by type in rowid order, the
+    order of a page of one type (PostgreSQL names the rowid column; SQLite's index holds
+    it implicitly)."""
+    conn.execute("CREATE INDEX records_type ON records (type_id, rowid)")
+
+
 #: Migration to schema version N (the version numbers of ``storage.MIGRATIONS``). The
 #: first one a new database runs creates the whole schema of its version; later ones
 #: mirror SQLite's, one for one. Each runs in the transaction that records its version.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.Connection[Any]], None]] = {
     6: _create_v6, 7: _migrate_liveness, 8: _migrate_sinks,
-    9: _migrate_chain_time, 10: _migrate_cosignatures}
+    9: _migrate_chain_time, 10: _migrate_cosignatures, 11: _migrate_type_rowid}
 
 
 def _migrate(conn: psycopg.Connection[Any], where: str) -> int:
@@ -593,8 +600,8 @@ _PG_INNER = ("SELECT " + ", ".join(f"r.{c}" for c in _ROW_COLS) + ", r.erased_by
 
 
 def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
-                  only_feeds: Sequence[tuple[bytes, str]] | None, *, seq_walk: bool = False
-                  ) -> tuple[str, list[Any]]:
+                  only_feeds: Sequence[tuple[bytes, str]] | None, *, seq_walk: bool = False,
+                  type_id: int | None = None) -> tuple[str, list[Any]]:
     """:meth:`Storage.query`'s statement (``storage._query_sql``: the same conditions,
     order and limit) with the payloads joined after the LIMIT, not before: PostgreSQL
     joins before it sorts, so a time range of one feed sorted by seq looked up the
@@ -618,6 +625,20 @@ def _pg_query_sql(where: RecordFilter, after_rowid: int, limit: int,
                                  "_pg_query_sql")
         sql = sql.replace(named, " AND r.chain = (SELECT c1.id FROM chains AS c1 WHERE"
                                  " c1.origin = ? AND c1.feed = ?)")
+    if type_id is not None:
+        # ``type_id`` (a type with no feed and no time range: PgStorage._query_sql): the
+        # type by its id, a value the planner weighs with the column's statistics, so
+        # that (type_id, rowid) -- schema v11 -- serves a rare type as one index range in
+        # the ORDER BY's order, stopping at LIMIT. Through the join to types (or an
+        # InitPlan: a value unknown when planning) PostgreSQL walked the table by rowid
+        # to fill a page of a rare type (review of #17).
+        named = " AND type = ?"
+        if sql.count(named) != 1:
+            raise AssertionError("storage._query_sql changed its conditions: update "
+                                 "_pg_query_sql")
+        at = sql[:sql.index(named)].count("?")
+        sql = sql.replace(named, " AND r.type_id = ?")
+        params[at] = type_id
     inner = _PG_INNER + sql[len(_SELECT_ROW):]
     outer = ("SELECT " + ", ".join(f"q.{c}" for c in _ROW_COLS) + ", p.payload, q.erased_by"
              f" FROM ({inner}) AS q LEFT JOIN payloads AS p ON p.rowid = q.rowid"
@@ -934,7 +955,14 @@ class PgStorage(Storage):
                 (n,) = self._one(f"SELECT count(*) FROM (SELECT 1 FROM records AS r WHERE"
                                  f" {' AND '.join(conds)} LIMIT {WIDE_RANGE}) AS x", params)
                 walk = int(n) >= WIDE_RANGE
-        return _pg_query_sql(where, after_rowid, limit, only_feeds, seq_walk=walk)
+        type_id = None
+        if (where.type is not None and not where.one_feed and where.since_ms is None
+                and where.until_ms is None):
+            row = self._one("SELECT id FROM types WHERE type = ?", (where.type,))
+            # (an unknown type keeps the join: it matches nothing, at once)
+            type_id = None if row is None else int(row[0])
+        return _pg_query_sql(where, after_rowid, limit, only_feeds, seq_walk=walk,
+                             type_id=type_id)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Any]:

@@ -75,3 +75,39 @@ def test_a_narrow_range_of_one_feed_is_still_read_through_its_time_index(
     scans = [n for n in _nodes(plan) if n.get("Relation Name") == "records"]
     read = sum(n["Actual Rows"] * n["Actual Loops"] for n in scans)
     assert read <= 2000, plan  # the range (1800 records), not the feed
+
+
+def _read(plan: dict[str, Any]) -> int:
+    """Rows of ``records`` the plan read (over every loop)."""
+    return sum(n["Actual Rows"] * n["Actual Loops"] for n in _nodes(plan)
+               if n.get("Relation Name") == "records")
+
+
+def test_a_page_of_one_type_reads_the_rows_returned_not_the_type(
+        pg: PgStorage) -> None:  # noqa: F811
+    # Schema v11's (type_id, rowid) index, with the type's id looked up first: a page of
+    # a type alone is one index range in rowid order, stopping at LIMIT -- for a rare
+    # type (1 record in 1000, the last ones deep in the table) as for a common one.
+    _fill(pg.url)
+    with psycopg.connect(pg.url, autocommit=True) as c:
+        c.execute("INSERT INTO types (id, type) VALUES (2, 'rare')")
+        c.execute("UPDATE records SET type_id = 2 WHERE rowid % 1000 = 0")
+        c.execute("ANALYZE")
+    for name, first in (("rare", 1000), ("t", 1)):
+        f = RecordFilter(type=name)
+        plan = _plan(pg, f)
+        assert not [n for n in _nodes(plan) if n["Node Type"] == "Sort"], plan
+        # (a common type may as well walk the primary key, keeping 999 rows in 1000)
+        scans = [n.get("Index Name") for n in _nodes(plan)
+                 if n.get("Relation Name") == "records"]
+        assert scans == ["records_type"] or (name == "t" and scans == ["records_pkey"]), plan
+        assert _read(plan) <= 200, f"{_read(plan)} rows read for 100 of {name}: {plan}"
+        rows = pg.query(f, limit=100)
+        assert len(rows) == 100 and rows[0].rowid == first
+        assert all(r.type == name for r in rows)
+        page = pg.query(f, after_rowid=rows[-1].rowid, limit=100)
+        assert [r.rowid for r in page] == sorted(r.rowid for r in page)
+        assert page[0].rowid > rows[-1].rowid and all(r.type == name for r in page)
+    deep = _plan(pg, RecordFilter(type="rare"), after=150_000)
+    assert _read(deep) <= 200, deep
+
