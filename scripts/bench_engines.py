@@ -7,19 +7,30 @@ ingest path's storage half on one process (strict decode + verify + hash, then
 at the end:
 
 * ingest rate, and its ratio to the one-core pipeline limit measured in the same run
-  (the same work into SQLite, on a fresh database, over the first 20k records);
-* query p99: ``Storage.query`` of one origin's feed over a 10-minute time range placed
-  inside the feed (the reads of ``/v1/records?origin=&feed=&since=&until=``, limit
-  100), the median of 3 rounds' p99 of 2,000 random queries after a warm-up, measured
-  on the same database as it grows (PostgreSQL: ANALYZE first, as autovacuum would);
+  (decode + strict verify + hash of the first 20k records, no storage: the append is
+  what is measured against it), measured before the first phase and again after each,
+  each phase compared with the mean of the two around it, so that a shared machine's
+  drifting load weighs on both alike;
+* query p99: ``Storage.query`` of one origin's feed, limit 100, of three kinds in turn
+  (``KINDS``): a 10-minute time range placed inside the feed (the reads of
+  ``/v1/records?origin=&feed=&since=&until=``), a wide range deep in the feed
+  (``since`` in its last 10%, no ``until``), and the feed with no range; the median of
+  3 rounds' p99 of 2,000 random queries after a warm-up, measured on the same database
+  as it grows (PostgreSQL: ANALYZE first, as autovacuum would);
 * stream catch-up rate: pages of 1,000 by cursor from the start, as a stream that
-  resumes from ``after=0`` reads them (up to 200k records);
+  resumes from ``after=0`` reads them (the first 200k records: a rate, the same for
+  any 200k of a larger table, see ``CATCH_UP_CAP``);
 * bytes on disk per record (SQLite: the file after a clean close; PostgreSQL: the
   tables and indexes, ``pg_total_relation_size``).
 
-Then, for PostgreSQL, ingest with 2 and 3 node processes sharing the database (each its
-own origins; ``--multi-records`` in all). PostgreSQL runs on a throwaway server this
-script starts (tests/pg.py: Debian's postgresql, fsync on) unless ``--pg-url`` names one.
+Then, for PostgreSQL, the same four figures with 2 and 3 node processes sharing one
+new database (``--multi-records`` in all; compare with one process at ``--first``, the
+same size by default): a process is what a citynode process holds of storage, its own
+``PgStorage`` (connections, writer); each ingests its own origin's feeds at once, then
+all serve the query mix at once (p99 over all their queries), then all catch up from
+the start at once (records/s of all together, and of each). PostgreSQL runs on a
+throwaway server this script starts (tests/pg.py: Debian's postgresql, fsync on) unless
+``--pg-url`` names one (then no 2- and 3-process runs: they need new databases).
 
 Targets (issue 17): PostgreSQL ingest at least 0.5 x SQLite's on one process; query p99
 growing no faster than log N from 100k to the end: the p99 at the end over the p99 at
@@ -104,35 +115,55 @@ def verified(envs: list[bytes], v: Verifier) -> list[Record]:
 
 
 def pipeline_limit(batches: list[list[bytes]]) -> float:
-    with tempfile.TemporaryDirectory() as d:
-        st = Storage.open(Path(d) / "limit.db")
-        v = Verifier()
-        t = time.perf_counter()
-        for envs in batches:
-            st.append(verified(envs, v)).result()
-        rate = sum(map(len, batches)) / (time.perf_counter() - t)
-        st.close()
-    return rate
+    """Records/s of one core's decode + strict verify + hash of ``batches`` (no storage:
+    the append is one of the things measured against this limit)."""
+    v = Verifier()
+    t = time.perf_counter()
+    for envs in batches:
+        verified(envs, v)
+    return sum(map(len, batches)) / (time.perf_counter() - t)
+
+
+#: The kinds of query whose p99 is measured, in turn: a 10-minute range inside a feed;
+#: a wide range deep in it (``since`` in its last 10%, no ``until``: the reads of a
+#: client catching up on the last weeks of a years-long feed); the feed with no range.
+KINDS = ("window", "wide_deep", "no_range")
 
 
 def _query_round(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
                  samples: int, rnd: random.Random) -> float:
-    """p99 (ms) of ``samples`` random queries: one origin's feed over WINDOW_S seconds
-    (WINDOW_S records) placed wholly inside the feed, limit 100."""
+    """p99 (ms) of ``samples`` random queries of one origin's feed, limit 100, of the
+    :data:`KINDS` in turn (see :func:`_query_times`)."""
+    times = _query_times(st, origin_keys, feeds, held, samples, rnd)
+    times.sort()
+    return times[int(0.99 * (len(times) - 1))] * 1000
+
+
+def _query_times(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
+                 samples: int, rnd: random.Random) -> list[float]:
+    """Seconds of each of ``samples`` random queries of one origin's feed, limit 100:
+    of the :data:`KINDS` in turn, a WINDOW_S-second range wholly inside the feed, a
+    range from a time in the feed's last 10% on, the feed with no range."""
     per_feed = max(1, held // (len(origin_keys) * feeds))
     window = min(WINDOW_S, per_feed)
     times = []
-    for _ in range(samples):
+    for i in range(samples):
         k = rnd.choice(origin_keys)
         f = f"feed-{rnd.randrange(feeds)}"
-        start = T0 + rnd.randrange(1, per_feed - window + 2) * STEP_MS
-        flt = RecordFilter(origin=k.public_key, feed=f, since_ms=start,
-                           until_ms=start + window * STEP_MS)
+        kind = KINDS[i % len(KINDS)]
+        if kind == "window":
+            start = T0 + rnd.randrange(1, per_feed - window + 2) * STEP_MS
+            flt = RecordFilter(origin=k.public_key, feed=f, since_ms=start,
+                               until_ms=start + window * STEP_MS)
+        elif kind == "wide_deep":
+            start = T0 + rnd.randrange(per_feed - per_feed // 10, per_feed + 1) * STEP_MS
+            flt = RecordFilter(origin=k.public_key, feed=f, since_ms=start)
+        else:
+            flt = RecordFilter(origin=k.public_key, feed=f)
         t = time.perf_counter()
         st.query(flt, limit=100)
         times.append(time.perf_counter() - t)
-    times.sort()
-    return times[int(0.99 * (len(times) - 1))] * 1000
+    return times
 
 
 def query_p99(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
@@ -186,7 +217,15 @@ def fill(engine: str, where: str, n: int, feeds: int, origins: int) -> None:
         st.close()
 
 
-def catch_up_rate(st: Storage, cap: int = 200_000) -> float:
+#: Rows a catch-up read measures: a rate, not a total. Each page is one range of the
+#: rowid index from a cursor, whatever the cursor's depth, so the first 200k rows of a
+#: 1M or 10M table read at the rate of any other 200k (and the run stays minutes long).
+CATCH_UP_CAP = 200_000
+
+
+def catch_up_rate(st: Storage, cap: int = CATCH_UP_CAP) -> float:
+    """Records/s of a stream catching up from ``after=0`` by pages of 1,000 (up to
+    ``cap`` records)."""
     t = time.perf_counter()
     after, n = 0, 0
     while n < cap:
@@ -258,38 +297,97 @@ def load(engine: str, where: str, n: int, feeds: int, origins: int,
     return out
 
 
-def _worker(url: str, n: int, feeds: int, first: int, go: Any, q: Any) -> None:
+def _node_process(url: str, n: int, feeds: int, first: int, procs: int, samples: int,
+                  rounds: int, go: list[Any], q: Any) -> None:
+    """One node process's storage half on the shared database: its own connections and
+    writer (a :class:`PgStorage`), ingesting ``n`` records of its own origin's ``feeds``
+    feeds (partners' pushes, verified as the ingest path does), then, at each signal,
+    serving ``rounds`` rounds of ``samples`` queries over every process's feeds, then
+    one stream's catch-up read. Results go to ``q``."""
     from citynode.storage_pg import PgStorage
 
     batches = list(envelopes(n, feeds, keys(1, first)))  # signed before the clock starts
     st = PgStorage.open_url(url)
     v = Verifier()
-    q.put("ready")
-    go.wait()
-    t = time.perf_counter()
-    for envs in batches:
-        st.append(verified(envs, v)).result()
-    q.put((n, t, time.perf_counter()))
-    st.close()
+    try:
+        q.put("ready")
+        go[0].wait()
+        t = time.perf_counter()
+        for envs in batches:
+            st.append(verified(envs, v)).result()
+        q.put(("ingest", n, t, time.perf_counter()))
+        del batches
+        go[1].wait()
+        every = [keys(1, 1000 + p)[0] for p in range(procs)]
+        rnd = random.Random(first)
+        _query_times(st, every, feeds, n * procs, max(1, samples // 10), rnd)  # warm-up
+        q.put(("query", [_query_times(st, every, feeds, n * procs, samples, rnd)
+                         for _ in range(rounds)]))
+        go[2].wait()
+        t = time.perf_counter()
+        after, got = 0, 0
+        while got < CATCH_UP_CAP:
+            rows = st.query(after_rowid=after, limit=1000)
+            if not rows:
+                break
+            got += len(rows)
+            after = rows[-1].rowid
+        q.put(("catch_up", got, t, time.perf_counter()))
+    finally:
+        st.close()
 
 
-def multi(url: str, procs: int, n: int, feeds: int) -> float:
-    """Records/s of ``procs`` processes ingesting into one database at once (each its
-    own origin's feeds, signed before the start)."""
+def multi(url: str, procs: int, n: int, feeds: int, samples: int,
+          rounds: int) -> dict[str, float]:
+    """``procs`` node processes on one database (:func:`_node_process`), in three
+    phases each started at once in every process: ingest (records/s of all, first start
+    to last end), queries (the median round's p99 of every process's queries of that
+    round, ms), catch-up (records/s of all the readers together, and of each), then the
+    database's bytes per record."""
+    from citynode.storage_pg import PgStorage
+
     ctx = multiprocessing.get_context("spawn")
-    go, q = ctx.Event(), ctx.Queue()
-    ps = [ctx.Process(target=_worker, args=(url, n // procs, feeds, 1000 + p, go, q))
+    go, q = [ctx.Event() for _ in range(3)], ctx.Queue()
+    ps = [ctx.Process(target=_node_process,
+                      args=(url, n // procs, feeds, 1000 + p, procs, samples, rounds, go, q))
           for p in range(procs)]
     for p in ps:
         p.start()
-    for _ in ps:
-        assert q.get(timeout=1200) == "ready"
-    go.set()
-    res = [q.get(timeout=1200) for _ in ps]
-    for p in ps:
-        p.join()
-    total = sum(r[0] for r in res)
-    return float(total / (max(r[2] for r in res) - min(r[1] for r in res)))
+    try:
+        for _ in ps:
+            assert q.get(timeout=1200) == "ready"
+        go[0].set()
+        ing = [q.get(timeout=3600) for _ in ps]
+        st = PgStorage.open_url(url)
+        try:
+            # the planner's statistics, as autovacuum's analyze keeps them
+            cast(Any, st)._read(lambda c: c.execute("ANALYZE"), None)
+            size = pg_bytes(st)
+        finally:
+            st.close()
+        go[1].set()
+        qs = [q.get(timeout=3600)[1] for _ in ps]
+        go[2].set()
+        cu = [q.get(timeout=3600) for _ in ps]
+    except BaseException:
+        for p in ps:  # not left waiting for a signal that will not come
+            p.terminate()
+        raise
+    finally:
+        for p in ps:
+            p.join(timeout=60)
+    total = sum(r[1] for r in ing)
+    p99s = []
+    for r in range(rounds):
+        times = sorted(t for per_proc in qs for t in per_proc[r])
+        p99s.append(times[int(0.99 * (len(times) - 1))] * 1000)
+    read = sum(r[1] for r in cu)
+    return {"records": total,
+            "ingest_per_s": total / (max(r[3] for r in ing) - min(r[2] for r in ing)),
+            "query_p99_ms": statistics.median(p99s),
+            "catch_up_per_s": read / (max(r[3] for r in cu) - min(r[2] for r in cu)),
+            "catch_up_per_reader_per_s": statistics.median(r[1] / (r[3] - r[2]) for r in cu),
+            "bytes_per_record": size / total}
 
 
 def main() -> None:
@@ -313,13 +411,25 @@ def main() -> None:
     n = args.records
     marks = sorted({m for m in (args.first, n) if m <= n})
     sample = list(envelopes(min(20_000, n), args.feeds, keys(args.origins)))
-    limit = pipeline_limit(sample)
-    del sample
-    print(f"one-core pipeline limit (decode + verify + SQLite append): {limit:.0f} records/s")
+    # The limit is measured again around each phase, and each phase's figures are
+    # compared with the mean of the measurements on either side of it: a shared
+    # machine's load drifts over a run of an hour, and both then see the same drift.
+    limits = [pipeline_limit(sample)]
+    print(f"one-core pipeline limit (decode + verify + hash of {sum(map(len, sample)):,}"
+          f" records, no storage): {limits[0]:.0f} records/s; measured again after each"
+          " phase below", flush=True)
     server = None
     results: dict[str, dict[int, dict[str, float]]] = {}
     side: dict[str, tuple[float, float]] = {}
-    multi_rates: dict[int, float] = {}
+    multi_rates: dict[int, dict[str, float]] = {}
+    phase_limit: dict[str, float] = {}
+
+    def measured(phase: str) -> None:
+        limits.append(pipeline_limit(sample))
+        phase_limit[phase] = (limits[-2] + limits[-1]) / 2
+        print(f"  one-core pipeline limit after {phase}: {limits[-1]:.0f} records/s",
+              flush=True)
+
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         try:
             if args.pg_url:
@@ -333,8 +443,10 @@ def main() -> None:
             q = (args.query_samples, args.query_rounds)
             results["sqlite"] = load("sqlite", str(Path(d) / "bench.db"), n, args.feeds,
                                      args.origins, marks, *q)
+            measured("sqlite")
             results["postgresql"] = load("postgresql", urls[0], n, args.feeds,
                                          args.origins, marks, *q)
+            measured("postgresql")
             first, last = marks[0], marks[-1]
             if last > first and len(urls) > 3:
                 for engine, small, large in (
@@ -349,26 +461,42 @@ def main() -> None:
                           f"{first:,}: {a:.2f} ms, {last:,}: {b:.2f} ms ({b / a:.2f} x)",
                           flush=True)
             if server is not None:
+                print(f"  postgresql with 2 and 3 node processes on one database (a"
+                      f" process: its own PgStorage -- connections, writer -- as a"
+                      f" citynode process has; each ingests its own origin's"
+                      f" {args.feeds} feeds, {args.multi_records:,} records in all; then"
+                      f" all serve queries at once; then all catch up at once):",
+                      flush=True)
                 for procs, url in ((2, urls[1]), (3, urls[2])):
-                    multi_rates[procs] = multi(url, procs, args.multi_records, args.feeds)
-                    print(f"  postgresql with {procs} processes: ingest "
-                          f"{multi_rates[procs]:7.0f}/s "
-                          f"({multi_rates[procs] / limit:.2f} x the one-core limit)",
-                          flush=True)
+                    m = multi(url, procs, args.multi_records, args.feeds,
+                              args.query_samples, args.query_rounds)
+                    multi_rates[procs] = m
+                    measured(f"{procs} processes")
+                    lim = phase_limit[f"{procs} processes"]
+                    print(f"  postgresql {procs} processes {int(m['records']):>10,}: ingest "
+                          f"{m['ingest_per_s']:7.0f}/s ({m['ingest_per_s'] / lim:.2f} x the"
+                          f" one-core limit), query p99 {m['query_p99_ms']:6.2f} ms, "
+                          f"catch-up {m['catch_up_per_s']:7.0f}/s ({procs} readers; "
+                          f"{m['catch_up_per_reader_per_s']:.0f}/s each), "
+                          f"{m['bytes_per_record']:6.0f} B/record", flush=True)
         finally:
             if server is not None:
                 server.stop()
     first, last = marks[0], marks[-1]
     growth_allowed = math.log(last) / math.log(first) if last > first else 1.0
+    limit = statistics.mean(limits)
     figures: dict[str, Any] = {"bench": "engines", "records": n,
                                "pipeline_limit_per_s": round(limit),
+                               "pipeline_limit_samples_per_s": [round(x) for x in limits],
+                               "query_kinds": list(KINDS),
                                "query_p99_log_n_growth": round(growth_allowed, 3),
                                "query_p99_noise_tolerance": NOISE}
     growth: dict[str, float] = {}
     for engine, at in results.items():
         figures[engine] = {
             str(k): {"ingest_per_s": round(v["ingest_per_s"]),
-                     "ingest_ratio_to_limit": round(v["ingest_per_s"] / limit, 3),
+                     "ingest_ratio_to_limit": round(v["ingest_per_s"]
+                                                    / phase_limit[engine], 3),
                      "query_p99_ms": round(v["query_p99_ms"], 3),
                      "catch_up_per_s": round(v["catch_up_per_s"]),
                      "bytes_per_record": round(v["bytes_per_record"], 1)}
@@ -383,7 +511,8 @@ def main() -> None:
             growth[engine] = b / a
         else:
             growth[engine] = g
-        print(f"{engine}: ingest {at[last]['ingest_per_s'] / limit:.2f} x limit at "
+        print(f"{engine}: ingest {at[last]['ingest_per_s'] / phase_limit[engine]:.2f} x"
+              f" limit at "
               f"{last:,}; query p99 {at[first]['query_p99_ms']:.2f} -> "
               f"{at[last]['query_p99_ms']:.2f} ms as reached ({g:.2f} x), side by side "
               f"{growth[engine]:.2f} x; log N grows {growth_allowed:.2f} x (allowed with "
@@ -393,8 +522,18 @@ def main() -> None:
                     / results["sqlite"][last]["ingest_per_s"])
     print(f"PostgreSQL ingest / SQLite ingest on one process: {pg_vs_sqlite:.2f} "
           "(target >= 0.5)")
-    figures["postgresql_multi_ingest_per_s"] = {str(k): round(v)
+    figures["postgresql_multi_ingest_per_s"] = {str(k): round(v["ingest_per_s"])
                                                for k, v in multi_rates.items()}
+    figures["postgresql_processes"] = {
+        str(k): {"records": int(v["records"]),
+                 "ingest_per_s": round(v["ingest_per_s"]),
+                 "ingest_ratio_to_limit": round(v["ingest_per_s"]
+                                                / phase_limit[f"{k} processes"], 3),
+                 "query_p99_ms": round(v["query_p99_ms"], 3),
+                 "catch_up_per_s": round(v["catch_up_per_s"]),
+                 "catch_up_per_reader_per_s": round(v["catch_up_per_reader_per_s"]),
+                 "bytes_per_record": round(v["bytes_per_record"], 1)}
+        for k, v in multi_rates.items()}
     figures["pg_over_sqlite_ingest"] = round(pg_vs_sqlite, 3)
     figures["pass"] = {
         "pg_ingest_ge_half_sqlite": pg_vs_sqlite >= 0.5,

@@ -107,6 +107,15 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
             assert m["ingest_per_s"] > 0 and m["query_p99_ms"] > 0
             assert m["catch_up_per_s"] > 0 and m["bytes_per_record"] > 100
         assert set(figures["postgresql_multi_ingest_per_s"]) == {"2", "3"}
+        # ... with the same four figures measured by 2 and 3 processes at once.
+        assert set(figures["postgresql_processes"]) == {"2", "3"}
+        for m in figures["postgresql_processes"].values():
+            assert m["records"] == 600 and m["ingest_per_s"] > 0
+            assert m["query_p99_ms"] > 0 and m["bytes_per_record"] > 100
+            assert m["catch_up_per_s"] > 0 and m["catch_up_per_reader_per_s"] > 0
+        # The limit is decode + verify + hash, measured around each of the 4 phases.
+        assert len(figures["pipeline_limit_samples_per_s"]) == 5
+        assert figures["query_kinds"] == ["window", "wide_deep", "no_range"]
     if script == "bench_bridge.py":
         # Every message became exactly one record (the bridge's promise, measured).
         assert figures["exactly_once"] is True
