@@ -223,9 +223,9 @@ def fill(engine: str, where: str, n: int, feeds: int, origins: int) -> None:
 CATCH_UP_CAP = 200_000
 
 
-def catch_up_rate(st: Storage, cap: int = CATCH_UP_CAP) -> float:
-    """Records/s of a stream catching up from ``after=0`` by pages of 1,000 (up to
-    ``cap`` records)."""
+def catch_up(st: Storage, cap: int = CATCH_UP_CAP) -> tuple[int, float, float]:
+    """A stream catching up from ``after=0`` by pages of 1,000 (up to ``cap`` records):
+    ``(records read, start, end)`` (``time.perf_counter``)."""
     t = time.perf_counter()
     after, n = 0, 0
     while n < cap:
@@ -234,7 +234,13 @@ def catch_up_rate(st: Storage, cap: int = CATCH_UP_CAP) -> float:
             break
         n += len(rows)
         after = rows[-1].rowid
-    return n / (time.perf_counter() - t)
+    return n, t, time.perf_counter()
+
+
+def catch_up_rate(st: Storage) -> float:
+    """Records/s of :func:`catch_up`."""
+    n, t, end = catch_up(st)
+    return n / (end - t)
 
 
 def pg_bytes(st: Storage) -> int:
@@ -324,15 +330,7 @@ def _node_process(url: str, n: int, feeds: int, first: int, procs: int, samples:
         q.put(("query", [_query_times(st, every, feeds, n * procs, samples, rnd)
                          for _ in range(rounds)]))
         go[2].wait()
-        t = time.perf_counter()
-        after, got = 0, 0
-        while got < CATCH_UP_CAP:
-            rows = st.query(after_rowid=after, limit=1000)
-            if not rows:
-                break
-            got += len(rows)
-            after = rows[-1].rowid
-        q.put(("catch_up", got, t, time.perf_counter()))
+        q.put(("catch_up", *catch_up(st)))
     finally:
         st.close()
 
