@@ -1358,15 +1358,21 @@ class Storage:
             if batch is None:
                 break
             try:
-                self._run_batch(batch)
-            except BaseException as exc:  # never leave a caller waiting forever
-                err = self._error(exc, "writing")
-                for _fn, fut, _d, _w in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+                self._run_guarded(batch)
             finally:
                 with self._lock:
                     self._busy = False
+
+    def _run_guarded(self, batch: list[_Job]) -> None:
+        """Run ``batch``; whatever happens, no job's future is left open (a caller
+        waiting forever is worse than any error)."""
+        try:
+            self._run_batch(batch)
+        except BaseException as exc:
+            err = self._error(exc, "writing")
+            for _fn, fut, _d, _w in batch:
+                if not fut.done():
+                    fut.set_exception(err)
 
     def _run_inline(self, jobs: list[tuple[Callable[[sqlite3.Connection], Any], int]]
                     ) -> list[Future[Any]] | None:
@@ -1394,12 +1400,7 @@ class Storage:
             self._inline_jobs += len(jobs)
         batch: list[_Job] = [(fn, Future(), False, weight) for fn, weight in jobs]
         try:
-            self._run_batch(batch)
-        except BaseException as exc:  # as the writer: never leave a future open
-            err = self._error(exc, "writing")
-            for _fn, fut, _d, _w in batch:
-                if not fut.done():
-                    fut.set_exception(err)
+            self._run_guarded(batch)
         finally:
             with self._lock:
                 self._busy = False
