@@ -1731,6 +1731,27 @@ class Storage:
 
         return self._submit(run)
 
+    def drop_checkpoints(self, origin: bytes, feed: str,
+                         refused: Sequence[tuple[int, bytes, bytes]]) -> Future[int]:
+        """Forget these checkpoints of a feed, ``(size, root, envelope)`` each --
+        statements its origin's key log now refuses (a stolen key's, beyond the heads a
+        recovery named) -- with the cosignatures of them and the liveness statement kept
+        of the feed if it is one of them. Durable. Returns how many checkpoints went."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            gone = 0
+            for size, root, env in refused:
+                gone += conn.execute(
+                    "DELETE FROM checkpoints WHERE origin = ? AND feed = ? AND size = ?"
+                    " AND root = ?", (origin, feed, size, root)).rowcount
+                conn.execute("DELETE FROM cosignatures WHERE origin = ? AND feed = ?"
+                             " AND size = ? AND root = ?", (origin, feed, size, root))
+                conn.execute("DELETE FROM liveness WHERE origin = ? AND feed = ?"
+                             " AND envelope = ?", (origin, feed, env))
+            return gone
+
+        return self._submit(run, durable=True)
+
     def put_cosignature(self, origin: bytes, feed: str, size: int, root: bytes,
                         witness: bytes, time: int, envelope: bytes) -> Future[bool]:
         """Keep a (verified) witness cosignature of the checkpoint (origin, feed, size,

@@ -73,6 +73,8 @@ class Checkpoints:
         self.cadence_of: Callable[[bytes, str], int | None] = lambda origin, feed: None
         #: Per (origin, feed): the newest liveness statement held (core/liveness.py).
         self.liveness: dict[tuple[bytes, str], lv.FeedLiveness] = {}
+        #: Checkpoints of one feed are taken one at a time (striped: bounded memory).
+        self._feed_locks = [asyncio.Lock() for _ in range(64)]
         # The gossip role's: carry out actions (and wait for those touching storage).
         self.execute: Callable[[Sequence[rp.Action]], Awaitable[None]] = _nothing
 
@@ -219,6 +221,52 @@ class Checkpoints:
         if fl is not None and fl.newest is not None and fl.newest.size > size:
             del self.liveness[(origin, feed)]
 
+    async def drop_refused(self, identity: bytes) -> int:
+        """``identity``'s key log changed (a recovery): forget the checkpoints held of
+        its feeds that the log now refuses (signed by a key beyond the heads it named,
+        or by one it no longer names), and the liveness statement if it is one --
+        whether or not the records they count were ever held here. Kept, a stolen
+        key's checkpoint of more records than the honest chain would make the origin's
+        next honest checkpoints look smaller (refused as ``checkpoint_smaller``), and
+        the origin itself, holding one of its own feed, would sign no checkpoint until
+        it grew past that size. Returns how many checkpoints went."""
+        state = self.policy.keys.state(identity)
+        if state is None:
+            return 0
+        now = self.now_ms()
+        gone = 0
+        feeds = {f for (o, f) in [*self.replica.heads, *self.liveness] if o == identity}
+        for feed in sorted(feeds):
+            base = state.established.get(feed)
+            above = base.seq if base is not None else 0
+            # Only statements beyond the heads its key events fixed can be refused now.
+            refused = [(s, r, e) for s, r, e in await self.held(identity, feed)
+                       if s > above and self._refused(e, now)]
+            fl = self.liveness.get((identity, feed))
+            if fl is not None and fl.newest is not None and self._refused(
+                    fl.newest.envelope, now):
+                del self.liveness[(identity, feed)]
+                n = fl.newest
+                if not any(e == n.envelope for _s, _r, e in refused):
+                    refused.append((n.size, n.root, n.envelope))
+            if refused:
+                gone += await asyncio.wrap_future(
+                    self.storage.drop_checkpoints(identity, feed, refused))
+                log.warning("dropped checkpoints a key event refuses", extra=fields(
+                    origin=self.policy.name(identity), feed=feed,
+                    sizes=sorted(s for s, _r, _e in refused)))
+        return gone
+
+    def _refused(self, env: bytes, now: int) -> bool:
+        """True if the checkpoint ``env`` is signed by a key its origin's log, as held
+        now, does not let sign it."""
+        try:
+            cps.open_checkpoint(env, verifier=self.verifier, now_ms=now,
+                                key_states=self.policy.keys.state)
+        except InvalidRecord as exc:
+            return exc.reason in _KEY_REFUSALS
+        return False
+
     def newest(self, origin: bytes, feed: str) -> bytes | None:
         """The envelope of the newest liveness statement held of a feed, if any."""
         fl = self.liveness.get((origin, feed))
@@ -290,29 +338,43 @@ class Checkpoints:
         if not self.policy.accepts_origin(cp.origin):
             raise InvalidRecord("checkpoint of an origin this node does not trust",
                                 "untrusted_origin")
-        held = await self.held(cp.origin, cp.feed)
-        mine = next((e for s, r, e in held if s == cp.size and r != cp.root), None)
-        if mine is None:
-            # Evidence of a split view first (above): going backwards in time does not
-            # hide it. Then the liveness rules; a refusal changes nothing.
-            verdict = self._observe(cp.origin, cp.feed, cp, now)
-            new = await asyncio.wrap_future(
-                self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
-            if verdict == "new" or (new and verdict != "stale"):
-                await self.execute(self.replica.on_checkpoint(src, cp.origin, cp.feed, env))
-                self.on_verified(cp, src, "new")
-                return "new"
-            self.on_verified(cp, src, "known")
-            return "known"
-        try:
-            await self.keep_split_view(mine, env)
-        except InvalidProof as exc:
-            if exc.reason != "settled_by_key_event":
-                raise
-            self.on_verified(cp, src, "known")
-            return "known"  # a retired key's word inside its settled window: no split view
+        # One feed's checkpoints one at a time: two roots of one size arriving together
+        # (the two sides of a split view, from two partners) would each find no other
+        # held, both be taken as new and passed on, and the split view go unproven here.
+        async with self._feed_locks[hash((cp.origin, cp.feed)) % len(self._feed_locks)]:
+            mine = await self._other_root(cp)
+            if mine is None:
+                # Evidence of a split view first (above): going backwards in time does
+                # not hide it. Then the liveness rules; a refusal changes nothing.
+                verdict = self._observe(cp.origin, cp.feed, cp, now)
+                new = await asyncio.wrap_future(
+                    self.storage.put_checkpoint(cp.origin, cp.feed, cp.size, cp.root, env))
+                # Not kept: one of this size is held. Another process on a shared
+                # database may have kept another root of it meanwhile.
+                mine = None if new else await self._other_root(cp)
+                if mine is None:
+                    if verdict == "new" or (new and verdict != "stale"):
+                        await self.execute(
+                            self.replica.on_checkpoint(src, cp.origin, cp.feed, env))
+                        self.on_verified(cp, src, "new")
+                        return "new"
+                    self.on_verified(cp, src, "known")
+                    return "known"
+            try:
+                await self.keep_split_view(mine, env)
+            except InvalidProof as exc:
+                if exc.reason != "settled_by_key_event":
+                    raise
+                self.on_verified(cp, src, "known")
+                return "known"  # a retired key's word inside its settled window
         self.on_verified(cp, src, "split-view")
         return "split-view"
+
+    async def _other_root(self, cp: cps.Checkpoint) -> bytes | None:
+        """The envelope of a checkpoint held of ``cp``'s feed and size with another
+        root (a split view), if any."""
+        held = await self.held(cp.origin, cp.feed)
+        return next((e for s, r, e in held if s == cp.size and r != cp.root), None)
 
     async def keep_split_view(self, a: bytes, b: bytes) -> bool:
         """Keep and forward the split-view proof of two checkpoint envelopes (one
@@ -412,6 +474,10 @@ class Checkpoints:
             if self.policy.may_pass(link.key, f.origin, f.feed, f.proof):
                 out.append(("proof", f.proof))
         return out
+
+
+#: Reasons :func:`cps.open_checkpoint` refuses a checkpoint for its signing key.
+_KEY_REFUSALS = frozenset({"beyond_last_good", "identity_dead", "unknown_key"})
 
 
 async def _nothing(actions: Sequence[rp.Action]) -> None:

@@ -164,6 +164,7 @@ class Node:
                                      publisher=self.publisher, partners=self.partners,
                                      storage=storage, now_ms=self.now_ms, spawn=self.spawn)
         self.keychanges.on_truncated = self._truncated
+        self.keychanges.on_purged = self.checkpoints.drop_refused
         self.keychanges.on_tls_switched = self.leader.readdress
         self._wire()
 

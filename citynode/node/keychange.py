@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,8 @@ class KeyChanges:
         self.spawn = spawn
         #: Records of ``(origin, feed)`` above ``seq`` were dropped by :meth:`purge`.
         self.on_truncated: Callable[[bytes, str, int], None] = lambda o, feed, seq: None
+        #: After a purge of an identity: forget the checkpoints its key log now refuses.
+        self.on_purged: Callable[[bytes], Awaitable[int]] = _none
         #: Told the new certificate's fingerprint after a TLS switch (the leader's
         #: address written for processes that share the database names it).
         self.on_tls_switched: Callable[[bytes], None] = lambda fingerprint: None
@@ -363,6 +365,8 @@ class KeyChanges:
         * fork and split-view proofs made of a retired key's statements inside its
           window (``settled_by_key_event``): forgotten, and the feed is not forked
           any more (our own: publishing resumes).
+        * checkpoints of its feeds the log refuses, held with or without the records
+          they count (``on_purged``: the checkpoints role).
 
         Returns how many records went."""
         state = self.policy.keys.state(identity)
@@ -395,6 +399,9 @@ class KeyChanges:
             gone += n
             log.warning("dropped records a key event cut off", extra=fields(
                 origin=self.policy.name(o), feed=feed, from_seq=keep + 1, records=n))
+        # Statements too: a stolen key's checkpoint may be held here without the
+        # records it counts (it travels on its own).
+        await self.on_purged(identity)
         return gone
 
     async def _settled_keep(self, state: keylog.KeyState, origin: bytes, feed: str,
@@ -457,6 +464,10 @@ class KeyChanges:
             log.info("key log not delivered", extra=fields(partner=name, error=str(exc)))
             return
         log.info("key log delivered", extra=fields(partner=name, outcome=out.get("outcome")))
+
+
+async def _none(identity: bytes) -> int:
+    return 0
 
 
 def _hex(fp: bytes | None) -> str | None:

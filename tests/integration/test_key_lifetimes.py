@@ -113,6 +113,26 @@ def _sign_forgeries(key: Any, head: dict[str, Any], n: int, time_ms: int) -> lis
     return out
 
 
+async def _post_forged_checkpoint(thief: Any, to: LocalNode, honest: list[dict[str, Any]],
+                                  forged: list[bytes]) -> None:
+    """The thief signs, now, a checkpoint of the honest records then the forged ones
+    and posts it to ``to``, signing the request as their origin."""
+    import time
+
+    from citynode.core.checkpoints import root_of, sign_checkpoint
+    from citynode.core.records import decode_record, record_id
+    from citynode.transport.client import PeerClient
+
+    ids = [bytes.fromhex(r["id"]) for r in honest] + [
+        record_id(decode_record(e)[0]) for e in forged]
+    cp = sign_checkpoint(thief, "test", len(ids), root_of(ids), int(time.time() * 1000))
+    client = PeerClient(thief, to.url, node_id=to.node_id, fingerprint=to.fingerprint)
+    try:
+        await client.request("POST", "/v1/checkpoints", cp.envelope)
+    finally:
+        await client.close()
+
+
 async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
         cluster: Cluster, tmp_path: Path) -> None:
     """B's key is stolen; the thief pushes forgeries to C (later seqs, earlier times)
@@ -120,11 +140,8 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     naming seq 6 as last good: every node drops the forgeries and refuses them when
     pushed again, an audit of a bundle taken before the recovery flags them (given the
     log after it), and B publishes on from seq 7 under its new key."""
-    import time
 
-    from citynode.core.checkpoints import root_of, sign_checkpoint
     from citynode.core.keys import NodeKey, parse_node_id, unseal_secret_key
-    from citynode.core.records import decode_record, record_id
     from citynode.transport.client import PeerClient
 
     a, b, c = cluster.create(["A", "B", "C"], settings={
@@ -152,14 +169,7 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     await eventually(lambda: _reached(c, b, 9), timeout=10)
     # ... and a checkpoint of the nine, signed now: C takes it as B's newest liveness
     # statement (an honest one of fewer records would then be "smaller").
-    ids = [bytes.fromhex(r["id"]) for r in page["records"]] + [
-        record_id(decode_record(e)[0]) for e in forged]
-    cp = sign_checkpoint(thief, "test", 9, root_of(ids), int(time.time() * 1000))
-    client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
-    try:
-        await client.request("POST", "/v1/checkpoints", cp.envelope)
-    finally:
-        await client.close()
+    await _post_forged_checkpoint(thief, c, page["records"], forged)
     assert await _signed_size(c, b) == 9
     # An auditor takes a bundle of B's records from C before the recovery.
     bundle = tmp_path / "before.bundle"
@@ -221,6 +231,57 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     assert "key log as of " in text and "(1 event(s), last: inception)" in text
     assert "pass --key-log with the city's newest log" in text
     await stop_all([a, b, c])
+
+
+async def test_a_stolen_keys_checkpoint_held_without_its_records_goes_at_recovery(
+        cluster: Cluster) -> None:
+    """A thief's checkpoint of more records than B's honest chain travels on its own:
+    A takes it (without the records it counts) and passes it on to B. B recovers
+    naming seq 6: both forget it, so B's next honest checkpoint (of seven) is signed at
+    B and taken at A, not refused as smaller than the thief's nine."""
+
+    from citynode.core.keys import NodeKey, parse_node_id, unseal_secret_key
+
+    a, b = cluster.create(["A", "B"], settings={
+        **FAST, ("checkpoints", "interval_seconds"): 1.0})
+    await cluster.start()
+    await cluster.link(a, b)
+    await b.publish("test", TYPE, [rec(i) for i in range(6)])
+    await converge([a, b], expected({(b.node_id, "test"): 6}), timeout=60)
+    await eventually(lambda: _signed_size_is(a, b, 6), timeout=30)
+    page = await a.api("GET", f"/v1/records?origin={b.node_id}&feed=test&limit=1000",
+                       operator=True)
+    seed = unseal_secret_key((b.dir / "node.key").read_bytes(), None)
+    thief = NodeKey(seed, parse_node_id(b.node_id), b.node_id,
+                    (b.dir / "keylog").read_bytes())
+    forged = _sign_forgeries(thief, page["records"][-1], 3,
+                             int(page["records"][-1]["time"]) - 3_600_000)
+    await _post_forged_checkpoint(thief, a, page["records"], forged)
+    # A holds it (B's key in force) and passes it on: B holds it of its own feed.
+    for x in (a, b):
+        await eventually(lambda x=x: _signed_size_is(x, b, 9), timeout=30)
+    assert await _at(a, b, 6) and await _at(b, b, 6)
+    rc, text = await asyncio.to_thread(
+        cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
+        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+    assert rc == 0, text
+
+    async def forgotten() -> bool:
+        for x in (a, b):
+            st = await key_log_at(x, b.node_id)
+            if st is None or st.seq != 1 or await _signed_size(x, b) == 9:
+                return False
+        return True
+
+    await eventually(forgotten, timeout=60)
+    await b.publish("test", TYPE, [rec(100)])
+    await converge([a, b], expected({(b.node_id, "test"): 7}), timeout=60)
+    for x in (a, b):
+        await eventually(lambda x=x: _signed_size_is(x, b, 7), timeout=30)
+    await stop_all([a, b])
+    for x in (a, b):
+        rc, out = await asyncio.to_thread(cli, "check", "-d", str(x.dir))
+        assert rc == 0, out
 
 
 async def _signed_size(n: LocalNode, origin: LocalNode) -> int | None:

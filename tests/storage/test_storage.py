@@ -1056,6 +1056,25 @@ def test_cosignatures_kept_one_per_witness_and_the_last_cosigned(st: Storage) ->
     assert st.last_cosigned(W2, B, "f") is None
 
 
+def test_refused_checkpoints_go_with_their_cosignatures_and_liveness(st: Storage) -> None:
+    """drop_checkpoints (a recovery refuses a stolen key's statements): only the named
+    checkpoints go, with their cosignatures and the liveness statement if it is one."""
+    W1 = b"\x01" * 32
+    for size, root in ((6, b"r6"), (9, b"r9")):
+        assert st.put_checkpoint(A, "f", size, root, b"env" + root).result(5) is True
+        assert st.put_cosignature(A, "f", size, root, W1, 10, b"c" + root).result(5)
+    assert st.put_checkpoint(B, "f", 9, b"b9", b"envb9").result(5) is True
+    st.put_liveness(A, "f", 9, T0, b"r9", b"envr9", T0).result(5)
+    st.put_liveness(B, "f", 9, T0, b"b9", b"envb9", T0).result(5)
+    # Named by size and root: a checkpoint of that size with another root stays.
+    assert st.drop_checkpoints(A, "f", [(9, b"other", b"envother")]).result(5) == 0
+    assert st.drop_checkpoints(A, "f", [(9, b"r9", b"envr9")]).result(5) == 1
+    assert st.checkpoints(A, "f") == [(6, b"r6", b"envr6")]
+    assert st.cosignatures(A, "f") == [(6, b"r6", W1, b"cr6")]
+    assert [(o, size) for o, _f, size, *_ in st.liveness(10)] == [(B, 9)]
+    assert st.checkpoints(B, "f") == [(9, b"b9", b"envb9")]
+
+
 def test_checkpoints_and_meta(st: Storage) -> None:
     assert st.put_checkpoint(A, "f", 8, b"r8", b"env8").result(5) is True
     assert st.put_checkpoint(A, "f", 4, b"r4", b"env4").result(5) is True

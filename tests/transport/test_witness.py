@@ -140,6 +140,26 @@ async def show(a: InProc, to: InProc, root: bytes, size: int = 4) -> cps.Checkpo
     return cp
 
 
+async def test_two_roots_of_one_size_arriving_together_are_a_split_view(
+        inproc: Make) -> None:
+    """The two sides of a split view reaching a node at the same moment (from two
+    partners): one is taken, the other proves the split view -- not both taken as new
+    and passed on (each finding no other held yet)."""
+    a = await inproc("Origin")
+    w = await inproc("Witness")
+    await link(a, w)
+    now = a.node.now_ms()
+    x1, x2 = (cps.sign_checkpoint(a.node.key, "w", 4, root, now)
+              for root in (b"\x07" * 32, b"\x08" * 32))
+    got = await asyncio.gather(*(w.node.checkpoints.ingest_checkpoint(x.envelope, None)
+                                 for x in (x1, x2)))
+    assert sorted(got) == ["new", "split-view"]
+    (held,) = [r for s, r, _e in w.node.storage.checkpoints(a.node.public_key, "w")
+               if s == 4]
+    assert held == (x1.root if got[0] == "new" else x2.root)
+    assert [(r.kind, r.seq) for r in w.node.storage.fork_proofs()] == [("split-view", 4)]
+
+
 async def test_a_split_view_between_witnesses_ends_proven_at_both(inproc: Make) -> None:
     """The origin shows one root of size 4 to W1 and another to W2: each cosigns what
     it was shown, and once they exchange cosignatures both hold the split-view proof,
