@@ -241,10 +241,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             await asyncio.gather(*(floor_requests(k, n_floor) for k in range(len(groups))))
             floor = n_floor * len(groups) / (time.perf_counter() - t)
             floor_cpu = (cpu_seconds(pid) - c) / (n_floor * len(groups))
-        c, t = cpu_seconds(pid), time.perf_counter()
+        c, t, mine = cpu_seconds(pid), time.perf_counter(), time.process_time()
         accepted = sum(await asyncio.gather(*(pusher(k, g) for k, g in enumerate(groups))))
         ingest = accepted / (time.perf_counter() - t)
         ingest_cpu = (cpu_seconds(pid) - c) / (accepted / args.batch)
+        client_cpu = (time.process_time() - mine) / (accepted / args.batch)
         if accepted != total:
             raise SystemExit(f"only {accepted} of {total} accepted")
         held = sum(f["count"] for f in await target.feeds())
@@ -269,7 +270,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     limit = max(limit_before, pipeline_limit(feeds, args.batch))
     return {"ingest": ingest, "limit": limit, "publish": publish, "records": total,
             "floor": floor, "in_flight": len(groups), "ingest_cpu": ingest_cpu,
-            "floor_cpu": floor_cpu}
+            "floor_cpu": floor_cpu, "client_cpu": client_cpu}
 
 
 def main() -> None:
@@ -304,6 +305,7 @@ def main() -> None:
               + (f"  (target {target} records/s)" if target else ""))
     print(f"node CPU per push request: {r['ingest_cpu'] * 1e6:9.0f} us"
           + (f"; per no-op request: {r['floor_cpu'] * 1e6:.0f} us" if floor else ""))
+    print(f"client CPU per push request (signing, TLS, HTTP): {r['client_cpu'] * 1e6:9.0f} us")
     print(f"bulk publish (sign + durable commit): {r['publish']:7.0f} records/s")
     print(json.dumps({
         "bench": "ingest", "records": int(r["records"]), "batch": args.batch,
@@ -314,6 +316,7 @@ def main() -> None:
         "ratio_to_noop": round(r["ingest"] / floor, 3) if floor else None,
         "node_cpu_us_per_push": round(r["ingest_cpu"] * 1e6),
         "node_cpu_us_per_noop": round(r["floor_cpu"] * 1e6) if floor else None,
+        "client_cpu_us_per_push": round(r["client_cpu"] * 1e6),
         "publish_per_s": round(r["publish"]),
         "python": sys.version.split()[0],
     }))

@@ -557,9 +557,15 @@ class Ingest:
         if not durable and len(recs) <= INLINE_MAX_RECORDS:
             loop = asyncio.get_running_loop()
             done: asyncio.Future[None] = loop.create_future()
-            if not self._gathered:
+            alone = not self._gathered and self._ingesting <= 1
+            if not self._gathered and not alone:
                 loop.call_soon(self._write_gathered)
             self._gathered.append((recs, source, done))
+            if alone:
+                # No other ingest under way: nothing could join this write by the end
+                # of the turn, and waiting for it cost a trip round the event loop on
+                # every record a partner pushes live (scripts/bench-ingest --batch 1).
+                self._write_gathered()
             return done
         self._write_gathered()
         fut = self.storage.append(recs, durable=durable)
