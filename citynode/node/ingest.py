@@ -160,6 +160,8 @@ class Ingest:
         # the future each one's Store waits on (see start_commit).
         self._gathered: list[tuple[list[Record], PartnerLink | None,
                                    asyncio.Future[None]]] = []
+        # A write was made at once in this turn of the event loop (see start_commit).
+        self._turn_busy = False
         # Per partner, the batches it may have in worker threads (see _open).
         self._gates: dict[bytes, asyncio.Semaphore] = {}
         # (source, reason) -> (second, rows logged in it, items not logged since a row)
@@ -557,19 +559,27 @@ class Ingest:
         if not durable and len(recs) <= INLINE_MAX_RECORDS:
             loop = asyncio.get_running_loop()
             done: asyncio.Future[None] = loop.create_future()
-            alone = not self._gathered and self._ingesting <= 1
+            alone = not self._gathered and self._ingesting <= 1 and not self._turn_busy
             if not self._gathered and not alone:
                 loop.call_soon(self._write_gathered)
             self._gathered.append((recs, source, done))
             if alone:
-                # No other ingest under way: nothing could join this write by the end
+                # No other ingest under way, and none written at once earlier in this
+                # turn of the event loop: most likely nothing joins this write by the end
                 # of the turn, and waiting for it cost a trip round the event loop on
                 # every record a partner pushes live (scripts/bench-ingest --batch 1).
+                # A second one in the same turn means requests are queueing: it, and the
+                # others after it, are gathered (one commit for all of them).
+                self._turn_busy = True
+                loop.call_soon(self._turn_over)
                 self._write_gathered()
             return done
         self._write_gathered()
         fut = self.storage.append(recs, durable=durable)
         return self.spawn(self._commit_now(recs, durable, source, fut), "commit")
+
+    def _turn_over(self) -> None:
+        self._turn_busy = False
 
     def _write_gathered(self) -> None:
         """Write the few-record partner writes gathered this turn of the event loop,
