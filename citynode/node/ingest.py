@@ -160,6 +160,8 @@ class Ingest:
         # the future each one's Store waits on (see start_commit).
         self._gathered: list[tuple[list[Record], PartnerLink | None,
                                    asyncio.Future[None]]] = []
+        # Metrics' children by (metric, label) (see _labelled).
+        self._children: dict[tuple[int, str], Any] = {}
         # A write was made at once in this turn of the event loop (see start_commit).
         self._turn_busy = False
         # Per partner, the batches it may have in worker threads (see _open).
@@ -186,7 +188,7 @@ class Ingest:
         # per origin today, and the items refused for it, by reason.
         budget: dict[bytes, tuple[int, int]] = {}
         refused: dict[str, list[int]] = {}
-        self.metrics.received.labels(via).inc(len(envelopes))
+        self._labelled(self.metrics.received, via).inc(len(envelopes))
         for i, env in enumerate(envelopes):
             try:
                 body, sig, payload = decode_record(env, self.record_policy.body_limits)
@@ -230,7 +232,7 @@ class Ingest:
                         again.append(item)
                 verified += await self._open(again, now, res, key)
             if not verified:
-                self.metrics.duplicates.labels(via).inc(res.duplicates)
+                self._labelled(self.metrics.duplicates, via).inc(res.duplicates)
                 return res
             return await self._place(verified, res, source, via, now)
         finally:
@@ -462,7 +464,7 @@ class Ingest:
         await self.execute(actions)
         # Counted at the end: a copy that arrived by two paths at once is found out
         # only after both were verified.
-        self.metrics.duplicates.labels(via).inc(res.duplicates)
+        self._labelled(self.metrics.duplicates, via).inc(res.duplicates)
         return res
 
     async def _erased(self, verified: list[tuple[int, Record | InvalidRecord]]
@@ -634,11 +636,21 @@ class Ingest:
     def _committed(self, recs: list[Record], durable: bool, source: PartnerLink | None,
                    mismatched: list[tuple[bytes, str, int, str]]) -> None:
         """The write of ``recs`` committed: count them, and tell the listeners."""
-        self.metrics.stored.labels("own" if durable else "replica").inc(len(recs))
+        self._labelled(self.metrics.stored, "own" if durable else "replica").inc(len(recs))
         self.metrics.feeds.set(len(self.replica.heads))
         if mismatched:
             self.count_erasure_mismatches(mismatched, source)
         self.on_commit(recs, source)
+
+    def _labelled(self, metric: Any, label: str) -> Any:
+        """``metric.labels(label)``, looked up once per label (labels() costs a few
+        microseconds and a lock: several times on every record pushed live)."""
+        child = self._children.get((id(metric), label))
+        if child is None:
+            if len(self._children) >= 256:
+                self._children.clear()  # (a bound: a few metrics x a few labels)
+            child = self._children[(id(metric), label)] = metric.labels(label)
+        return child
 
     # ------------------------------------------------------------------ refusals
 
