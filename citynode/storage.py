@@ -729,10 +729,66 @@ def _migrate_type_rowid(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE INDEX records_type ON records (type_id)")
 
 
+#: Fills ``records.tmax`` and ``records.tmax_all`` (schema v12) of every row held from the
+#: rows' times, in one pass of window functions (both engines run it: plain SQL).
+BACKFILL_TIME_BOUNDS = (
+    "UPDATE records SET tmax = w.t, tmax_all = w.g FROM (SELECT rowid AS rid,"
+    " max(time) OVER (PARTITION BY chain ORDER BY seq) AS t,"
+    " max(time) OVER (ORDER BY rowid) AS g FROM records) AS w WHERE records.rowid = w.rid")
+
+
+def _migrate_time_bounds(db: sqlite_utils.Database) -> None:
+    """Schema v12: running maxima of time, so that ``since`` is a lower bound on position.
+
+    A record's time does not grow with its seq (the protocol does not require it: a
+    record may carry an old time after newer ones, or a far-ahead one early), so no seq
+    can be derived from a time by searching (chain, time). ``tmax`` is the greatest time
+    of the feed's records up to this one in seq order (itself included), ``tmax_all``
+    the greatest time of every record up to this one in rowid order (the order of
+    queries without a feed). Each is monotone in its order, so the first position whose
+    maximum is at least ``since`` -- one search of (chain, tmax, seq) or (tmax_all) --
+    is a sound start: every record before it has a time below ``since``. A query reads
+    on from there with its own ``time >= since`` condition, instead of from the start of
+    the feed or table (its cost grew with N: issue 17). Deleting rows (a truncated tail)
+    keeps both sound: each stays at least the time of every row held before it. The
+    writer sets both on every insert (:func:`_append_job`); a wrong one could hide
+    records, so :meth:`Storage.quick_check` (``citynode check``) verifies them. Plain
+    SQL, mirrored by the other backend."""
+    conn = db.conn
+    conn.execute("ALTER TABLE records ADD COLUMN tmax INTEGER")
+    conn.execute("ALTER TABLE records ADD COLUMN tmax_all INTEGER")
+    conn.execute(BACKFILL_TIME_BOUNDS)
+    for sql in _V12_INDEXES:
+        conn.execute(sql)
+
+
+#: Records whose running maxima of time (schema v12) are wrong: missing, below the
+#: record's own time, or below the previous record's (in the feed by seq; in the table
+#: by rowid). A lower one could hide records from queries with ``since``; higher ones
+#: (left by a deleted row) only cost reading. Both engines run it (quick_check).
+CHECK_TIME_BOUNDS = (
+    "SELECT count(*) FROM (SELECT time, tmax, tmax_all,"
+    " lag(tmax) OVER (PARTITION BY chain ORDER BY seq) AS before,"
+    " lag(tmax_all) OVER (ORDER BY rowid) AS before_all FROM records) AS x"
+    " WHERE tmax IS NULL OR tmax_all IS NULL OR tmax < time OR tmax_all < time"
+    " OR tmax < before OR tmax_all < before_all")
+#: What :data:`CHECK_TIME_BOUNDS` found, said to the operator.
+TIME_BOUNDS_WRONG = (
+    "{n} record(s) with a wrong running maximum of time (records.tmax/tmax_all, schema "
+    "v12): queries with a time range could miss records; report it, and restore the "
+    "database from a backup")
+
+
+#: Schema v12's indexes (SQLite's holds the rowid after its columns).
+_V12_INDEXES = ("CREATE INDEX records_chain_tmax ON records (chain, tmax, seq)",
+                "CREATE INDEX records_tmax_all ON records (tmax_all)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4, 5: _migrate_v5,
     6: _migrate_card_history, 7: _migrate_liveness, 8: _migrate_sinks,
-    9: _migrate_chain_time, 10: _migrate_cosignatures, 11: _migrate_type_rowid}
+    9: _migrate_chain_time, 10: _migrate_cosignatures, 11: _migrate_type_rowid,
+    12: _migrate_time_bounds}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -785,8 +841,12 @@ _Job = tuple[Callable[[sqlite3.Connection], Any], "Future[Any]", bool, int]
 # DISTINCT FROM, columns of an upsert qualified by their table.
 _INSERT_RECORD = (
     "INSERT INTO records (rowid, chain, seq, type_id, time, lon, lat, received_at, id,"
-    " envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " envelope, tmax, tmax_all) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: The running maximum of time (schema v12) at a feed's position.
+_SELECT_TMAX = "SELECT tmax FROM records WHERE chain = ? AND seq = ?"
+#: The last row in rowid order, and the running maximum of time of the table there.
+_SELECT_LAST = "SELECT rowid, tmax_all FROM records ORDER BY rowid DESC LIMIT 1"
 #: The chain id of ``(origin, feed)`` as a scalar subquery (NULL, matching nothing, for a
 #: feed not held): two parameters, origin and feed.
 _CHAIN_OF = "(SELECT id FROM chains WHERE origin = ? AND feed = ?)"
@@ -891,6 +951,8 @@ def _append_job(
         # (origin, feed) -> {seq: id} of this job's records: the new leaves of its tree,
         # gathered in the one pass (not one scan of the job per feed it holds).
         fresh_by_key: dict[tuple[bytes, str], dict[int, bytes]] = {}
+        # (origin, feed) -> the feed's running maximum of time at its head (schema v12)
+        tmax: dict[tuple[bytes, str], int | None] = {}
         types: dict[str, int] = {}
         rows = []
         for r in records:
@@ -903,6 +965,11 @@ def _append_job(
                     made = conn.execute(_INSERT_CHAIN, (*key, b"")).fetchone()
                     row = (made[0], 0, None)
                 head = heads[key] = list(row)
+                # A feed's records are appended in seq order (the chain check below:
+                # each extends the head), so the previous position's row is the head's.
+                at_head = (None if head[1] == 0 else
+                           conn.execute(_SELECT_TMAX, (head[0], head[1])).fetchone())
+                tmax[key] = None if at_head is None else at_head[0]
             if head[1] == 0:
                 ok = r.seq == 1 and r.prev is None
             else:
@@ -924,15 +991,22 @@ def _append_job(
                     else conn.execute(_INSERT_TYPE, (r.type,)).fetchone()[0])
             pt = point_of(r.data)
             lon, lat = (None, None) if pt is None else pt
+            before = tmax[key]
+            t = tmax[key] = r.time if before is None else max(before, r.time)
             rows.append((head[0], r.seq, type_id, r.time, lon, lat, received_at, r.id,
-                         encode_record(r.body, r.sig, None)))
+                         encode_record(r.body, r.sig, None), t))
         # rowids given in order, max + 1 (what SQLite would choose; rows are never
         # deleted): the cursor of pagination and streams. Writers are one at a time
-        # (SQLite's write lock, PostgreSQL's advisory lock), so rowids commit in order.
-        first_rowid = int(conn.execute("SELECT coalesce(max(rowid), 0) FROM records")
-                          .fetchone()[0]) + 1
-        conn.executemany(_INSERT_RECORD, [(first_rowid + i, *row)
-                                          for i, row in enumerate(rows)])
+        # (SQLite's write lock, PostgreSQL's advisory lock), so rowids commit in order,
+        # and the table's running maximum of time goes on from the last row's.
+        last = conn.execute(_SELECT_LAST).fetchone()
+        first_rowid = 1 if last is None else int(last[0]) + 1
+        top = None if last is None else last[1]
+        inserts = []
+        for i, row in enumerate(rows):
+            top = row[3] if top is None else max(top, row[3])
+            inserts.append((first_rowid + i, *row, top))
+        conn.executemany(_INSERT_RECORD, inserts)
         conn.executemany(_INSERT_PAYLOAD, [(first_rowid + i, r.payload)
                                            for i, r in enumerate(records)
                                            if r.payload is not None])
@@ -987,14 +1061,48 @@ _SELECT_REASON = "SELECT reason FROM erasures WHERE id = ? AND by = ?"
 _ENV_FROM = "records AS r LEFT JOIN payloads AS p ON p.rowid = r.rowid"
 
 
+#: The first position of a feed whose running maximum of time (schema v12) is at least
+#: ``since``: no record of the feed before it has a time at or after ``since`` (NULL, so
+#: nothing, when no record has). Three parameters: origin, feed, since.
+SINCE_SEQ = ("r.seq >= (SELECT b.seq FROM records AS b WHERE b.chain = (SELECT c2.id FROM"
+             " chains AS c2 WHERE c2.origin = ? AND c2.feed = ?) AND b.tmax >= ?"
+             " ORDER BY b.tmax, b.seq LIMIT 1)")
+#: The same in rowid order over the whole table, merged with the cursor into one lower
+#: bound of the rowid (SQLite searches its primary key from one of them only: given two,
+#: it took the cursor's and filtered the rest). Three parameters: the cursor, twice, and
+#: since.
+SINCE_ROWID = ("r.rowid > (SELECT CASE WHEN b.rowid - 1 > ? THEN b.rowid - 1 ELSE ? END"
+               " FROM records AS b WHERE b.tmax_all >= ? ORDER BY b.tmax_all, b.rowid"
+               " LIMIT 1)")
+
+
+def _since_bound(where: RecordFilter, only_feeds: Sequence[tuple[bytes, str]] | None
+                 ) -> str | None:
+    """The condition that starts a query with ``since`` at a sound lower bound of its
+    order (schema v12, :func:`_migrate_time_bounds`): one feed's seq (the order of a
+    query of one feed), or the rowid (the order of every other) for a query that names
+    no origin and no feed -- one naming them is served by its chains' indexes, and the
+    table-wide bound would say nothing of them. None: no bound added."""
+    if where.one_feed:
+        return SINCE_SEQ
+    if where.origin is None and where.feed is None and only_feeds is None:
+        return SINCE_ROWID
+    return None
+
+
 def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
                only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
     """The statement of :meth:`Storage.query`. Raises StorageError for a cursor out of
     range."""
     if not (0 <= after_rowid < 2**63):
         raise StorageError("cursor out of range")
-    conds = ["r.rowid > ?"]
-    params: list[Any] = [after_rowid]
+    bound = None if where.since_ms is None else _since_bound(where, only_feeds)
+    if bound == SINCE_ROWID:
+        conds = [SINCE_ROWID]
+        params: list[Any] = [after_rowid, after_rowid, where.since_ms]
+    else:
+        conds = ["r.rowid > ?"]
+        params = [after_rowid]
     if only_feeds is not None:
         # each pair is searched in chains' (origin, feed) index, however many chains
         conds.append("r.chain IN (SELECT c.id FROM (VALUES "
@@ -1006,6 +1114,9 @@ def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
     filter_conds, filter_params = where.sql()
     conds += filter_conds
     params += filter_params
+    if bound == SINCE_SEQ:
+        conds.append(SINCE_SEQ)
+        params += [where.origin, where.feed, where.since_ms]
     # Within one feed seq order is rowid order, and ordering by seq lets SQLite walk
     # the (origin, feed, seq) index instead of sorting.
     order = "r.seq" if where.one_feed else "r.rowid"
@@ -1014,20 +1125,34 @@ def _query_sql(where: RecordFilter, after_rowid: int, limit: int,
 
 
 def _sqlite_query_sql(where: RecordFilter, after_rowid: int, limit: int,
-                     only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
-    """:func:`_query_sql` as SQLite runs it: a type with a time range and nothing else
-    is read through (type_id, time), the range, then sorted. Its (type_id) index walks
-    the type in rowid order, which serves a type alone (stopping at LIMIT), but SQLite
-    took it for a window too, reading every record of the type after the cursor to
-    find a narrow window late in the table (schema v11)."""
+                     only_feeds: Sequence[tuple[bytes, str]] | None, *,
+                     by_time: bool = False) -> tuple[str, list[Any]]:
+    """:func:`_query_sql` as SQLite runs it, its index chosen where SQLite's planner
+    guesses wrong:
+
+    * a type with a time range and nothing else is read through (type_id, time), the
+      range, then sorted. Its (type_id) index walks the type in rowid order, which serves
+      a type alone (stopping at LIMIT), but SQLite took it for a window too, reading
+      every record of the type after the cursor to find a narrow window late in the
+      table (schema v11);
+    * one feed with a time range is walked in seq order through (chain, seq) from the
+      bound of :data:`SINCE_SEQ` (schema v12), stopping at LIMIT; or, with ``by_time``
+      (fewer records in range than the limit: :meth:`Storage._few_in_range`), read
+      through (chain, time) and sorted: a walk would go on to the feed's end looking for
+      more. SQLite's own choice did not depend on how many records the range holds."""
     sql, params = _query_sql(where, after_rowid, limit, only_feeds)
+    index = None
     if (where.type is not None and (where.since_ms is not None or where.until_ms is not None)
             and where.origin is None and where.feed is None and where.bbox is None
             and only_feeds is None):
+        index = "records_type_time"
+    elif where.one_feed and (where.since_ms is not None or where.until_ms is not None):
+        index = "records_chain_time" if by_time else "records_chain_seq"
+    if index is not None:
         table = "FROM records AS r LEFT JOIN"
         if sql.count(table) != 1:
             raise AssertionError("_SELECT_ROW changed: update _sqlite_query_sql")
-        sql = sql.replace(table, "FROM records AS r INDEXED BY records_type_time LEFT JOIN")
+        sql = sql.replace(table, f"FROM records AS r INDEXED BY {index} LEFT JOIN")
     return sql, params
 
 
@@ -1227,7 +1352,9 @@ class Storage:
     def quick_check(self, max_errors: int = 20) -> list[str]:
         """SQLite's ``PRAGMA quick_check``: the damage it finds in the file's structure
         (pages, b-trees, records), at most ``max_errors`` lines; empty if none. Reads
-        the whole file. Damage that stops the check is a finding too. Raises
+        the whole file. A whole file's records are then checked for their running
+        maxima of time (:data:`CHECK_TIME_BOUNDS`: a wrong one could hide records).
+        Damage that stops the check is a finding too. Raises
         :class:`StorageError` if it cannot run for another reason (storage closed, I/O)."""
         with self._reading() as conn:
             try:
@@ -1242,7 +1369,9 @@ class Storage:
         lines = [ln.strip() for r in rows for ln in str(r[0]).splitlines()
                  if ln.strip() and not ln.startswith("***")][:max_errors]
         if lines == ["ok"]:
-            return []
+            # The file is whole: the rows the writer keeps consistent are checked too.
+            (n,) = self._one(CHECK_TIME_BOUNDS)
+            return [TIME_BOUNDS_WRONG.format(n=n)] if n else []
         if self.corrupt is None:
             self.corrupt = (f"{self.path} is damaged ({lines[0]}): restore it from a "
                             "backup or move it away")
@@ -2102,8 +2231,35 @@ class Storage:
         sql, params = self._query_sql(where, after_rowid, limit, only_feeds)
         return self._stored_rows(self._all(sql, params, time_limit))
 
-    #: The statement of :meth:`query` (an engine may shape it for its planner).
-    _query_sql = staticmethod(_sqlite_query_sql)
+    def _query_sql(self, where: RecordFilter, after_rowid: int, limit: int,
+                   only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
+        """The statement of :meth:`query` (an engine shapes it for its planner)."""
+        return _sqlite_query_sql(where, after_rowid, limit, only_feeds,
+                                 by_time=self._few_in_range(where, after_rowid, limit))
+
+    def _few_in_range(self, where: RecordFilter, after_rowid: int, limit: int) -> bool:
+        """Does ``where``, naming one feed and a time range, match fewer than ``limit``
+        records after the cursor? Counted through (chain, time), no further than
+        ``limit``. Then the range is read whole and sorted (at most ``limit`` rows);
+        otherwise the feed is walked in seq order from the bound of :data:`SINCE_SEQ`,
+        stopping at LIMIT: a walk finding fewer than ``limit`` would go on to the feed's
+        end. False for every other filter."""
+        if not where.one_feed or (where.since_ms is None and where.until_ms is None):
+            return False
+        conds = [f"chain = {_CHAIN_OF}"]
+        params: list[Any] = [where.origin, where.feed]
+        if after_rowid:
+            conds.append("rowid > ?")
+            params.append(after_rowid)
+        if where.since_ms is not None:
+            conds.append("time >= ?")
+            params.append(where.since_ms)
+        if where.until_ms is not None:
+            conds.append("time < ?")
+            params.append(where.until_ms)
+        (n,) = self._one("SELECT count(*) FROM (SELECT 1 FROM records WHERE"
+                         f" {' AND '.join(conds)} LIMIT {int(limit)}) AS x", params)
+        return int(n) < limit
 
     def erased_rows(self, by: bytes, ids: Sequence[bytes]) -> list[StoredRow]:
         """The rows of ``ids`` (at most 1000, what an erasure request names) whose

@@ -61,7 +61,17 @@ from citynode.errors import (
     QueryTooSlow,
     StorageError,
 )
-from citynode.storage import _RESTORED, _SELECT_ROW, SCHEMA_VERSION, Storage, _Job, _query_sql
+from citynode.storage import (
+    _RESTORED,
+    _SELECT_ROW,
+    BACKFILL_TIME_BOUNDS,
+    CHECK_TIME_BOUNDS,
+    SCHEMA_VERSION,
+    TIME_BOUNDS_WRONG,
+    Storage,
+    _Job,
+    _query_sql,
+)
 
 log = logging.getLogger("citynode.storage")
 
@@ -78,10 +88,6 @@ LEADER_LOCK = 0x636E6F6403
 #: server (``off`` could lose the last few hundred ms of them in a server crash); a
 #: failover to a standby may lose the last of them, which partners send again.
 NON_DURABLE_COMMIT = "local"
-#: A time range of one feed holding this many records or more is read by walking the
-#: feed by seq (stopping at the query's limit), a smaller one through (chain, time) and
-#: sorted (at most this many rows).
-WIDE_RANGE = 5000
 #: The channel of :meth:`PgStorage.listen`.
 CHANNEL = "citynode_records"
 #: No read runs longer than this on the server, whatever asked for it.
@@ -307,12 +313,24 @@ def _migrate_type_rowid(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE INDEX records_type ON records (type_id, rowid)")
 
 
+def _migrate_time_bounds(conn: psycopg.Connection[Any]) -> None:
+    """Schema v12 (storage._migrate_time_bounds): each record's running maximum of time
+    in its feed (seq order) and in the table (rowid order), filled from the rows held,
+    and indexed so that a ``since`` is a lower bound on position (PostgreSQL names the
+    rowid column; SQLite's index holds it implicitly)."""
+    conn.execute("ALTER TABLE records ADD COLUMN tmax BIGINT, ADD COLUMN tmax_all BIGINT")
+    conn.execute(BACKFILL_TIME_BOUNDS)
+    conn.execute("CREATE INDEX records_chain_tmax ON records (chain, tmax, seq)")
+    conn.execute("CREATE INDEX records_tmax_all ON records (tmax_all, rowid)")
+
+
 #: Migration to schema version N (the version numbers of ``storage.MIGRATIONS``). The
 #: first one a new database runs creates the whole schema of its version; later ones
 #: mirror SQLite's, one for one. Each runs in the transaction that records its version.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.Connection[Any]], None]] = {
     6: _create_v6, 7: _migrate_liveness, 8: _migrate_sinks,
-    9: _migrate_chain_time, 10: _migrate_cosignatures, 11: _migrate_type_rowid}
+    9: _migrate_chain_time, 10: _migrate_cosignatures, 11: _migrate_type_rowid,
+    12: _migrate_time_bounds}
 
 
 def _migrate(conn: psycopg.Connection[Any], where: str) -> int:
@@ -706,6 +724,7 @@ _CONSISTENCY = (
     ("SELECT count(*) FROM payloads AS p WHERE NOT EXISTS (SELECT 1 FROM records AS r"
      " WHERE r.rowid = p.rowid)",
      "{n} payload(s) without their record"),
+    (CHECK_TIME_BOUNDS, TIME_BOUNDS_WRONG),
 )
 
 
@@ -780,7 +799,8 @@ class PgStorage(Storage):
         data checksums when the cluster has them); here, that the database holds this
         schema, no index is left invalid (an interrupted build), every feed's head is a
         record held and no record lies past it, no payload is left without its record,
-        and -- when the DBA installed the ``amcheck`` extension -- every B-tree index of
+        every record's running maxima of time are right (schema v12), and -- when
+        the DBA installed the ``amcheck`` extension -- every B-tree index of
         the schema passes ``bt_index_check``. The records themselves are re-verified by
         ``citynode check`` (audit.check_storage), on both engines. Raises
         :class:`StorageError` if the server cannot be reached."""
@@ -936,25 +956,14 @@ class PgStorage(Storage):
     def _query_sql(self, where: RecordFilter, after_rowid: int, limit: int,
                    only_feeds: Sequence[tuple[bytes, str]] | None) -> tuple[str, list[Any]]:
         """:func:`_pg_query_sql`, walking the feed by seq when it names one feed with no
-        time range or a wide one (:data:`WIDE_RANGE` rows or more, counted through the
-        (chain, time) index, no further than that): PostgreSQL's planner takes time and
-        seq for independent, and walked a whole feed by seq for a narrow range deep in
-        it, or sorted a whole feed for a wide one."""
-        walk = False
-        if where.one_feed:
-            walk = True
-            if where.since_ms is not None or where.until_ms is not None:
-                conds = ["r.chain = (SELECT id FROM chains WHERE origin = ? AND feed = ?)"]
-                params: list[Any] = [where.origin, where.feed]
-                if where.since_ms is not None:
-                    conds.append("r.time >= ?")
-                    params.append(where.since_ms)
-                if where.until_ms is not None:
-                    conds.append("r.time < ?")
-                    params.append(where.until_ms)
-                (n,) = self._one(f"SELECT count(*) FROM (SELECT 1 FROM records AS r WHERE"
-                                 f" {' AND '.join(conds)} LIMIT {WIDE_RANGE}) AS x", params)
-                walk = int(n) >= WIDE_RANGE
+        time range, or one holding at least ``limit`` records after the cursor
+        (:meth:`Storage._few_in_range`), from the bound of ``storage.SINCE_SEQ`` (schema
+        v12): PostgreSQL's planner takes time and seq for independent, and walked a whole
+        feed by seq for a narrow range deep in it, or sorted a whole feed for a wide one.
+        A range holding fewer is read through (chain, time) and sorted."""
+        # One feed: walked by seq (from the bound of storage.SINCE_SEQ with a ``since``),
+        # unless its time range holds fewer records than the limit.
+        walk = where.one_feed and not self._few_in_range(where, after_rowid, limit)
         type_id = None
         if (where.type is not None and not where.one_feed and where.since_ms is None
                 and where.until_ms is None):

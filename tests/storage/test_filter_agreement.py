@@ -225,11 +225,26 @@ def test_the_indexes_serve_the_filters(sqlite_corpus: Any) -> None:
     assert seqs == [find_chain,
                     "SEARCH r USING INDEX records_chain_seq (chain=? AND seq>? AND seq<?)",
                     payload]
-    in_hour = st.query_plan(RecordFilter(origin=a, feed="air", since_ms=T0,
-                                         until_ms=T0 + 3_600_000))
-    assert in_hour == [find_chain, "SEARCH r USING INDEX records_chain_time"
-                       " (chain=? AND time>? AND time<?)", payload,
-                       "USE TEMP B-TREE FOR ORDER BY"]
+    # A time range of one feed starts at the first position whose running maximum of
+    # time reaches ``since`` (schema v12: one search of (chain, tmax, seq)) ...
+    since_seq = ["SCALAR SUBQUERY 2",
+                 "SEARCH b USING COVERING INDEX records_chain_tmax (chain=? AND tmax>?)",
+                 "SCALAR SUBQUERY 1",
+                 "SEARCH c2 USING COVERING INDEX sqlite_autoindex_chains_1"
+                 " (origin=? AND feed=?)"]
+    hour = RecordFilter(origin=a, feed="air", since_ms=T0, until_ms=T0 + 3_600_000)
+    assert len(st.query(hour, limit=1000)) == 29
+    # ... holding fewer records than the limit (29 < 100), it is read through (chain,
+    # time) and sorted: a walk by seq would go on to the feed's end looking for more;
+    assert st.query_plan(hour) == [find_chain, "SEARCH r USING INDEX records_chain_time"
+                                   " (chain=? AND time>? AND time<?)", *since_seq, payload,
+                                   "USE TEMP B-TREE FOR ORDER BY"]
+    # holding as many or more (29 >= 10), the feed is walked in seq order from the
+    # bound (no sort), stopping at LIMIT.
+    for f in (hour, RecordFilter(origin=a, feed="air", since_ms=T0)):
+        assert st.query_plan(f, limit=10) == [
+            find_chain, "SEARCH r USING INDEX records_chain_seq (chain=? AND seq>?)",
+            *since_seq, payload]
     find_type = "SEARCH t USING COVERING INDEX sqlite_autoindex_types_1 (type=?)"
     # A type alone (schema v11): its (type_id) index holds the rowid after the type, so
     # a page is one index range in the ORDER BY's order, stopping at LIMIT (no sort: a
@@ -244,21 +259,30 @@ def test_the_indexes_serve_the_filters(sqlite_corpus: Any) -> None:
                                       until_ms=T0 + 9))[:2] == [
         find_type, "SEARCH r USING INDEX records_type_time (type_id=? AND time>? AND time<?)"]
     # An origin's records in rowid order: sorted whichever index of its chains is
-    # walked ((chain, seq) or (chain, time): SQLite takes either, at the same cost).
+    # walked ((chain, seq), (chain, time) or (chain, tmax, seq): SQLite takes any, at the
+    # same cost).
     by_origin = st.query_plan(RecordFilter(origin=a))
     assert by_origin[0] == "SEARCH c USING COVERING INDEX sqlite_autoindex_chains_1 (origin=?)"
     assert by_origin[1] in ("SEARCH r USING INDEX records_chain_seq (chain=?)",
-                            "SEARCH r USING INDEX records_chain_time (chain=?)")
+                            "SEARCH r USING INDEX records_chain_time (chain=?)",
+                            "SEARCH r USING INDEX records_chain_tmax (chain=?)")
     assert st.query_plan(RecordFilter(bbox=BBox(10, -10, 20, 10)))[0] == (
         "SEARCH r USING INDEX records_lon_lat (lon>? AND lon<?)")
     # A time window alone is walked in rowid order, as in schema v2 (whose index on time
-    # no plan chose: v3 has none); no join is made for names the filter does not use.
+    # no plan chose: v3 has none), from the first rowid whose running maximum of time
+    # (over the table) reaches ``since``, merged with the cursor into one bound (schema
+    # v12); no join is made for names the filter does not use.
+    since_rowid = ["SCALAR SUBQUERY 1",
+                   "SEARCH b USING COVERING INDEX records_tmax_all (tmax_all>?)"]
     assert st.query_plan(RecordFilter(since_ms=T0, until_ms=T0 + 9)) == [
+        "SEARCH r USING INTEGER PRIMARY KEY (rowid>?)", *since_rowid, payload]
+    assert st.query_plan(RecordFilter(until_ms=T0 + 9)) == [
         "SEARCH r USING INTEGER PRIMARY KEY (rowid>?)", payload]
     # A reader limited to one feed: searched by a feed index, whatever the filter adds
     # (either of the chain's indexes: the rows are sorted by rowid after, either way).
     by_chain = ("SEARCH r USING INDEX records_chain_seq (chain=?)",
                 "SEARCH r USING INDEX records_chain_time (chain=?)",
+                "SEARCH r USING INDEX records_chain_tmax (chain=?)",
                 "SEARCH r USING INDEX records_chain_time (chain=? AND time>?)")
     for f in (RecordFilter(), RecordFilter(bbox=BBox(170, -10, -170, 10)),
               RecordFilter(since_ms=T0)):

@@ -187,7 +187,7 @@ def test_new_database_has_the_latest_schema_wal_and_mode_0600(db_path: Path) -> 
         assert wal.exists()
         assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
         c = raw(db_path)
-        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 11
+        assert c.execute("PRAGMA user_version").fetchone()[0] == storage_mod.SCHEMA_VERSION == 12
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA application_id").fetchone()[0] == storage_mod.APPLICATION_ID
         c.close()
