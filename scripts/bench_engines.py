@@ -11,12 +11,14 @@ at the end:
   what is measured against it), measured before the first phase and again after each,
   each phase compared with the mean of the two around it, so that a shared machine's
   drifting load weighs on both alike;
-* query p99: ``Storage.query`` of one origin's feed, limit 100, of three kinds in turn
-  (``KINDS``): a 10-minute time range placed inside the feed (the reads of
+* query p99: ``Storage.query``, limit 100, of four kinds in turn (``KINDS``): of one
+  origin's feed, a 10-minute time range placed inside the feed (the reads of
   ``/v1/records?origin=&feed=&since=&until=``), a wide range deep in the feed
-  (``since`` in its last 10%, no ``until``), and the feed with no range; the median of
+  (``since`` in its last 10%, no ``until``), and the feed with no range; and of every
+  feed, a time alone as deep (``/v1/records?since=``, in rowid order); the median of
   3 rounds' p99 of 2,000 random queries after a warm-up, measured on the same database
-  as it grows (PostgreSQL: ANALYZE first, as autovacuum would);
+  as it grows (PostgreSQL: ANALYZE first, as autovacuum would), of all kinds together
+  and of each kind;
 * stream catch-up rate: pages of 1,000 by cursor from the start, as a stream that
   resumes from ``after=0`` reads them (the first 200k records: a rate, the same for
   any 200k of a larger table, see ``CATCH_UP_CAP``);
@@ -126,24 +128,48 @@ def pipeline_limit(batches: list[list[bytes]]) -> float:
 
 #: The kinds of query whose p99 is measured, in turn: a 10-minute range inside a feed;
 #: a wide range deep in it (``since`` in its last 10%, no ``until``: the reads of a
-#: client catching up on the last weeks of a years-long feed); the feed with no range.
-KINDS = ("window", "wide_deep", "no_range")
+#: client catching up on the last weeks of a years-long feed); the feed with no range;
+#: a time as deep with no origin or feed (every feed's records since then, in rowid
+#: order: schema v12's table-wide bound).
+KINDS = ("window", "wide_deep", "no_range", "time_deep")
+#: The key of the p99 of all kinds together.
+ALL = "all"
 
 
-def _query_round(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
-                 samples: int, rnd: random.Random) -> float:
-    """p99 (ms) of ``samples`` random queries of one origin's feed, limit 100, of the
-    :data:`KINDS` in turn (see :func:`_query_times`)."""
-    times = _query_times(st, origin_keys, feeds, held, samples, rnd)
-    times.sort()
+def _p99(times: list[float]) -> float:
+    """The 99th percentile of ``times`` (seconds), in ms."""
+    times = sorted(times)
     return times[int(0.99 * (len(times) - 1))] * 1000
 
 
+def _p99s(times: list[tuple[str, float]]) -> dict[str, float]:
+    """p99 (ms) of all of ``times`` (:data:`ALL`) and of each kind's."""
+    out = {ALL: _p99([t for _k, t in times])}
+    for kind in KINDS:
+        mine = [t for k, t in times if k == kind]
+        if mine:
+            out[kind] = _p99(mine)
+    return out
+
+
+def _query_round(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
+                 samples: int, rnd: random.Random) -> dict[str, float]:
+    """p99 (ms) of ``samples`` random queries, limit 100, of the :data:`KINDS` in turn
+    (see :func:`_query_times`): of all (:data:`ALL`), and of each kind."""
+    return _p99s(_query_times(st, origin_keys, feeds, held, samples, rnd))
+
+
+def _median(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """The median round's p99 of all kinds, and of each kind."""
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+
 def _query_times(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
-                 samples: int, rnd: random.Random) -> list[float]:
-    """Seconds of each of ``samples`` random queries of one origin's feed, limit 100:
-    of the :data:`KINDS` in turn, a WINDOW_S-second range wholly inside the feed, a
-    range from a time in the feed's last 10% on, the feed with no range."""
+                 samples: int, rnd: random.Random) -> list[tuple[str, float]]:
+    """``(kind, seconds)`` of each of ``samples`` random queries, limit 100: of the
+    :data:`KINDS` in turn, of one origin's feed a WINDOW_S-second range wholly inside
+    the feed, a range from a time in the feed's last 10% on, the feed with no range;
+    and every feed's records from a time as deep."""
     per_feed = max(1, held // (len(origin_keys) * feeds))
     window = min(WINDOW_S, per_feed)
     times = []
@@ -158,16 +184,19 @@ def _query_times(st: Storage, origin_keys: list[SigningKey], feeds: int, held: i
         elif kind == "wide_deep":
             start = T0 + rnd.randrange(per_feed - per_feed // 10, per_feed + 1) * STEP_MS
             flt = RecordFilter(origin=k.public_key, feed=f, since_ms=start)
+        elif kind == "time_deep":
+            start = T0 + rnd.randrange(per_feed - per_feed // 10, per_feed + 1) * STEP_MS
+            flt = RecordFilter(since_ms=start)
         else:
             flt = RecordFilter(origin=k.public_key, feed=f)
         t = time.perf_counter()
         st.query(flt, limit=100)
-        times.append(time.perf_counter() - t)
+        times.append((kind, time.perf_counter() - t))
     return times
 
 
 def query_p99(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
-              samples: int, rounds: int) -> float:
+              samples: int, rounds: int) -> dict[str, float]:
     """p99 of ``Storage.query`` of one origin's feed over a time range (limit 100), in
     ms: the median of ``rounds`` rounds' p99 of ``samples`` random queries each, after
     a warm-up round of ``samples // 10`` (caches and the server's plans warm, as on a
@@ -177,12 +206,13 @@ def query_p99(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
     records at 100k, which made the query look as if it grew with N)."""
     rnd = random.Random(7)
     _query_round(st, origin_keys, feeds, held, max(1, samples // 10), rnd)
-    return statistics.median(_query_round(st, origin_keys, feeds, held, samples, rnd)
-                             for _ in range(rounds))
+    return _median([_query_round(st, origin_keys, feeds, held, samples, rnd)
+                    for _ in range(rounds)])
 
 
 def side_by_side(engine: str, small: str, large: str, sizes: tuple[int, int], feeds: int,
-                 origins: int, samples: int, rounds: int) -> tuple[float, float]:
+                 origins: int, samples: int, rounds: int
+                 ) -> tuple[dict[str, float], dict[str, float]]:
     """Query p99 (ms) of a database of ``sizes[0]`` records and one of ``sizes[1]``,
     measured in alternating rounds (the median round of each), so that both see the
     same load of a shared machine: the figures measured as each size was reached are
@@ -196,11 +226,11 @@ def side_by_side(engine: str, small: str, large: str, sizes: tuple[int, int], fe
         rnds = [random.Random(11), random.Random(11)]
         for st, held, rnd in zip(stores, sizes, rnds, strict=True):
             _query_round(st, ks, feeds, held, max(1, samples // 10), rnd)
-        got: list[list[float]] = [[], []]
+        got: list[list[dict[str, float]]] = [[], []]
         for _ in range(rounds):
             for i in (0, 1):
                 got[i].append(_query_round(stores[i], ks, feeds, sizes[i], samples, rnds[i]))
-        return statistics.median(got[0]), statistics.median(got[1])
+        return _median(got[0]), _median(got[1])
     finally:
         for st in stores:
             st.close()
@@ -285,16 +315,19 @@ def load(engine: str, where: str, n: int, feeds: int, origins: int,
                     cast(Any, st)._read(lambda c: c.execute("ANALYZE"), None)
                 size = (pg_bytes(st) if engine == "postgresql"
                         else st.db_size_bytes())
+                p99 = query_p99(st, ks, feeds, done, samples, rounds)
                 out[done] = {"ingest_per_s": window_done / window_busy,
-                             "query_p99_ms": query_p99(st, ks, feeds, done, samples,
-                                                       rounds),
+                             "query_p99_ms": p99[ALL],
                              "catch_up_per_s": catch_up_rate(st),
-                             "bytes_per_record": size / done}
+                             "bytes_per_record": size / done,
+                             **{f"query_p99_ms_{k}": p99[k] for k in KINDS}}
                 window_done, window_busy = 0, 0.0
                 m = out[done]
                 print(f"  {engine:10} {done:>10,}: ingest {m['ingest_per_s']:7.0f}/s, "
                       f"query p99 {m['query_p99_ms']:6.2f} ms, catch-up "
-                      f"{m['catch_up_per_s']:7.0f}/s, {m['bytes_per_record']:6.0f} B/record",
+                      f"{m['catch_up_per_s']:7.0f}/s, {m['bytes_per_record']:6.0f} B/record"
+                      f" (p99 by kind: " + ", ".join(
+                          f"{k} {p99[k]:.2f}" for k in KINDS) + " ms)",
                       flush=True)
     finally:
         st.close()
@@ -375,14 +408,11 @@ def multi(url: str, procs: int, n: int, feeds: int, samples: int,
         for p in ps:
             p.join(timeout=60)
     total = sum(r[1] for r in ing)
-    p99s = []
-    for r in range(rounds):
-        times = sorted(t for per_proc in qs for t in per_proc[r])
-        p99s.append(times[int(0.99 * (len(times) - 1))] * 1000)
+    p99s = [_p99s([t for per_proc in qs for t in per_proc[r]]) for r in range(rounds)]
     read = sum(r[1] for r in cu)
     return {"records": total,
             "ingest_per_s": total / (max(r[3] for r in ing) - min(r[2] for r in ing)),
-            "query_p99_ms": statistics.median(p99s),
+            "query_p99_ms": _median(p99s)[ALL],
             "catch_up_per_s": read / (max(r[3] for r in cu) - min(r[2] for r in cu)),
             "catch_up_per_reader_per_s": statistics.median(r[1] / (r[3] - r[2]) for r in cu),
             "bytes_per_record": size / total}
@@ -418,7 +448,7 @@ def main() -> None:
           " phase below", flush=True)
     server = None
     results: dict[str, dict[int, dict[str, float]]] = {}
-    side: dict[str, tuple[float, float]] = {}
+    side: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
     multi_rates: dict[int, dict[str, float]] = {}
     phase_limit: dict[str, float] = {}
 
@@ -456,8 +486,10 @@ def main() -> None:
                                         max(5, args.query_rounds))
                     side[engine] = (a, b)
                     print(f"  {engine:10} query p99 side by side (alternating rounds): "
-                          f"{first:,}: {a:.2f} ms, {last:,}: {b:.2f} ms ({b / a:.2f} x)",
-                          flush=True)
+                          f"{first:,}: {a[ALL]:.2f} ms, {last:,}: {b[ALL]:.2f} ms"
+                          f" ({b[ALL] / a[ALL]:.2f} x); by kind: " + ", ".join(
+                              f"{k} {a[k]:.2f} -> {b[k]:.2f} ms ({b[k] / a[k]:.2f} x)"
+                              for k in KINDS), flush=True)
             if server is not None:
                 print(f"  postgresql with 2 and 3 node processes on one database (a"
                       f" process: its own PgStorage -- connections, writer -- as a"
@@ -490,6 +522,8 @@ def main() -> None:
                                "query_p99_log_n_growth": round(growth_allowed, 3),
                                "query_p99_noise_tolerance": NOISE}
     growth: dict[str, float] = {}
+    # (engine, kind) -> p99 growth of that kind (side by side when measured)
+    kind_growth: dict[str, dict[str, float]] = {}
     for engine, at in results.items():
         figures[engine] = {
             str(k): {"ingest_per_s": round(v["ingest_per_s"]),
@@ -497,18 +531,28 @@ def main() -> None:
                                                     / phase_limit[engine], 3),
                      "query_p99_ms": round(v["query_p99_ms"], 3),
                      "catch_up_per_s": round(v["catch_up_per_s"]),
-                     "bytes_per_record": round(v["bytes_per_record"], 1)}
+                     "bytes_per_record": round(v["bytes_per_record"], 1),
+                     "query_p99_by_kind_ms": {kind: round(v[f"query_p99_ms_{kind}"], 3)
+                                              for kind in KINDS}}
             for k, v in at.items()}
         g = at[last]["query_p99_ms"] / at[first]["query_p99_ms"]
         figures[engine]["query_p99_growth"] = round(g, 3)
+        kind_growth[engine] = {kind: at[last][f"query_p99_ms_{kind}"]
+                               / at[first][f"query_p99_ms_{kind}"] for kind in KINDS}
         if engine in side:
-            a, b = side[engine]
-            figures[engine]["query_p99_side_by_side_ms"] = {str(first): round(a, 3),
-                                                            str(last): round(b, 3)}
-            figures[engine]["query_p99_side_by_side_growth"] = round(b / a, 3)
-            growth[engine] = b / a
+            small_p99, large_p99 = side[engine]
+            figures[engine]["query_p99_side_by_side_ms"] = {
+                str(first): round(small_p99[ALL], 3), str(last): round(large_p99[ALL], 3)}
+            growth[engine] = large_p99[ALL] / small_p99[ALL]
+            figures[engine]["query_p99_side_by_side_growth"] = round(growth[engine], 3)
+            figures[engine]["query_p99_side_by_side_by_kind_ms"] = {
+                kind: {str(first): round(small_p99[kind], 3), str(last): round(large_p99[kind], 3)}
+                for kind in KINDS}
+            kind_growth[engine] = {kind: large_p99[kind] / small_p99[kind] for kind in KINDS}
         else:
             growth[engine] = g
+        figures[engine]["query_p99_growth_by_kind"] = {
+            kind: round(x, 3) for kind, x in kind_growth[engine].items()}
         print(f"{engine}: ingest {at[last]['ingest_per_s'] / phase_limit[engine]:.2f} x"
               f" limit at "
               f"{last:,}; query p99 {at[first]['query_p99_ms']:.2f} -> "
@@ -538,6 +582,10 @@ def main() -> None:
         # growth (side by side when measured) within log N's, with NOISE for a shared
         # machine's noise
         "query_p99_log_n": {e: g <= growth_allowed * NOISE for e, g in growth.items()},
+        # and each kind's alone (a kind growing with N is not hidden by the others)
+        "query_p99_log_n_by_kind": {
+            e: {kind: x <= growth_allowed * NOISE for kind, x in per.items()}
+            for e, per in kind_growth.items()},
     }
     print(json.dumps(figures))
 

@@ -115,7 +115,11 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
             assert m["catch_up_per_s"] > 0 and m["catch_up_per_reader_per_s"] > 0
         # The limit is decode + verify + hash, measured around each of the 4 phases.
         assert len(figures["pipeline_limit_samples_per_s"]) == 5
-        assert figures["query_kinds"] == ["window", "wide_deep", "no_range"]
+        assert figures["query_kinds"] == ["window", "wide_deep", "no_range", "time_deep"]
+        kinds = set(figures["query_kinds"])
+        for engine in ("sqlite", "postgresql"):  # each kind measured and judged alone
+            assert set(figures[engine]["2000"]["query_p99_by_kind_ms"]) == kinds
+            assert set(figures["pass"]["query_p99_log_n_by_kind"][engine]) == kinds
     if script == "bench_bridge.py":
         # Every message became exactly one record (the bridge's promise, measured).
         assert figures["exactly_once"] is True
