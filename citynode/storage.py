@@ -50,6 +50,12 @@ the erasure request that removed a record's payload (NULL for a pruned one).
 
 Liveness (schema v7): ``liveness`` keeps the newest verified liveness statement of each
 (origin, feed) (core/liveness.py), so a restarted node knows every feed's state at once.
+
+Time bounds (schema v12): a record's time does not grow with its seq, so ``records``
+keeps running maxima of time -- ``tmax`` over the feed's records up to it in seq order,
+``tmax_all`` over every record up to it in rowid order -- and a query with ``since``
+starts at the first position whose maximum reaches it (:func:`_migrate_time_bounds`),
+not at the start of the feed or table.
 """
 
 from __future__ import annotations
