@@ -292,3 +292,34 @@ def test_migration_from_schema_11_fills_the_maxima_postgresql(
     finally:
         pg.close()
         lite.close()
+
+
+def test_citynode_check_reports_a_wrong_running_maximum(tmp_path: Path) -> None:
+    """`citynode check` (quick_check) says so, and fails: a lower maximum could hide
+    records from every query with since."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import make_node_dir
+
+    d = make_node_dir(tmp_path, "Jakarta")
+    with Storage.open(d / "citynode.db") as s:
+        _load(s, _corpus())
+
+    def check() -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-m", "citynode", "check", "-d", str(d),
+                              "--json"], capture_output=True, text=True, timeout=120)
+        report: dict[str, Any] = json.loads(out.stdout)
+        assert (out.returncode == 0) == report["ok"], out.stderr
+        return report
+
+    assert check()["ok"]
+    c = sqlite3.connect(d / "citynode.db", isolation_level=None)
+    try:
+        c.execute("UPDATE records SET tmax = tmax - 1000000000 WHERE rowid = 5")
+    finally:
+        c.close()
+    report = check()
+    assert not report["ok"]
+    assert f"database file damaged: {TIME_BOUNDS_WRONG.format(n=1)}" in report["problems"]
