@@ -781,8 +781,9 @@ CHECK_TIME_BOUNDS = (
 #: What :data:`CHECK_TIME_BOUNDS` found, said to the operator.
 TIME_BOUNDS_WRONG = (
     "{n} record(s) with a wrong running maximum of time (records.tmax/tmax_all, schema "
-    "v12): queries with a time range could miss records; report it, and restore the "
-    "database from a backup")
+    "v12): queries with a time range could miss records; stop every process of the "
+    "node and run `citynode storage rebuild-time-bounds` (it sets them again from the "
+    "records held), and report it")
 
 
 #: Schema v12's indexes (SQLite's holds the rowid after its columns).
@@ -1865,6 +1866,18 @@ class Storage:
             return cur.rowcount == 1
 
         return self._submit(run)
+
+    def rebuild_time_bounds(self) -> Future[int]:
+        """Set every record's running maxima of time (schema v12) again from the records
+        held: the repair of what :meth:`quick_check` reports as wrong. One transaction,
+        durable. Returns how many records it read."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute(BACKFILL_TIME_BOUNDS)
+            (n,), = conn.execute("SELECT count(*) FROM records").fetchall()
+            return int(n)
+
+        return self._submit(run, durable=True)
 
     def drop_checkpoints(self, origin: bytes, feed: str,
                          refused: Sequence[tuple[int, bytes, bytes]]) -> Future[int]:

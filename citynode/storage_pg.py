@@ -320,6 +320,11 @@ def _migrate_time_bounds(conn: psycopg.Connection[Any]) -> None:
     rowid column; SQLite's index holds it implicitly)."""
     conn.execute("ALTER TABLE records ADD COLUMN tmax BIGINT, ADD COLUMN tmax_all BIGINT")
     conn.execute(BACKFILL_TIME_BOUNDS)
+    # A process of the older code still running on this database (a rolling upgrade)
+    # would insert rows without them, and the writer after it take a missing maximum
+    # for "no earlier record": the bound would then skip rows. Refused instead.
+    conn.execute("ALTER TABLE records ALTER COLUMN tmax SET NOT NULL,"
+                 " ALTER COLUMN tmax_all SET NOT NULL")
     conn.execute("CREATE INDEX records_chain_tmax ON records (chain, tmax, seq)")
     conn.execute("CREATE INDEX records_tmax_all ON records (tmax_all, rowid)")
 

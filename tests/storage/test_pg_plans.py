@@ -30,9 +30,11 @@ def _fill(url: str, time_sql: str = "1000 * s") -> None:
                   " VALUES (1, %s, 'f', %s, %s), (2, %s, 'g', 1000, %s)",
                   (A, N, b"h" * 32, b"b" * 32, b"h" * 32))
         c.execute("INSERT INTO types (id, type) VALUES (1, 't')")
+        # (tmax and tmax_all are NOT NULL: 0 until the backfill sets them.)
         c.execute("INSERT INTO records (rowid, chain, seq, type_id, time, received_at, id,"
-                  f" envelope) SELECT s, 1 + (s %% 2), s, 1, {time_sql}, 0,"
-                  " sha256(int8send(s)), ''::bytea FROM generate_series(1, %s) s", (N,))
+                  f" envelope, tmax, tmax_all) SELECT s, 1 + (s %% 2), s, 1, {time_sql}, 0,"
+                  " sha256(int8send(s)), ''::bytea, 0, 0 FROM generate_series(1, %s) s",
+                  (N,))
         c.execute(BACKFILL_TIME_BOUNDS)
         c.execute("INSERT INTO payloads (rowid, payload) SELECT s, int8send(s)"
                   " FROM generate_series(1, %s) s", (N,))

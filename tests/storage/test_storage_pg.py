@@ -123,8 +123,9 @@ def test_a_position_of_a_feed_holds_one_record_whatever_the_processes(pg_url: st
         assert one.count() == 5 == two.count()
         with psycopg.connect(pg_url) as c, pytest.raises(psycopg.errors.UniqueViolation):
             c.execute("INSERT INTO records (rowid, chain, seq, type_id, time, received_at,"
-                      " id, envelope) SELECT rowid + 100, chain, seq, type_id, time,"
-                      " received_at, id, envelope FROM records WHERE seq = 3")
+                      " id, envelope, tmax, tmax_all) SELECT rowid + 100, chain, seq,"
+                      " type_id, time, received_at, id, envelope, tmax, tmax_all"
+                      " FROM records WHERE seq = 3")
     finally:
         one.close()
         two.close()
@@ -239,8 +240,8 @@ def test_a_time_range_inside_one_feed_is_an_index_range(pg: PgStorage) -> None:
                   (A, b"h" * 32, b"b" * 32, b"h" * 32))
         c.execute("INSERT INTO types (id, type) VALUES (1, 't')")
         c.execute("INSERT INTO records (rowid, chain, seq, type_id, time, received_at, id,"
-                  " envelope) SELECT s, 1 + (s % 2), s, 1, 1000 * s, 0,"
-                  " sha256(int8send(s)), ''::bytea FROM generate_series(1, 200000) s")
+                  " envelope, tmax, tmax_all) SELECT s, 1 + (s % 2), s, 1, 1000 * s, 0,"
+                  " sha256(int8send(s)), ''::bytea, 0, 0 FROM generate_series(1, 200000) s")
         c.execute(BACKFILL_TIME_BOUNDS)
         c.execute("INSERT INTO payloads (rowid, payload) SELECT s, int8send(s)"
                   " FROM generate_series(1, 200000) s")
