@@ -194,6 +194,24 @@ def test_hostile_counts_and_sizes_are_bounded() -> None:
         rc.decode_message(encoding.encode([[None, 2, [[K, "BAD FEED", 1, H]]]]))
 
 
+def test_too_many_ranges_are_refused_from_the_array_header() -> None:
+    """Issue 16: a message declaring more ranges than allowed is refused from its first
+    bytes (nothing after the header is needed: here there is nothing after it), and
+    each form of array header counts; a message within the bound decodes as before,
+    its ranges equal to those built by hand."""
+    for header in (bytes([0x90 | 11]), b"\xdc" + (11).to_bytes(2, "big"),
+                   b"\xdd" + (5000).to_bytes(4, "big")):
+        with pytest.raises(EncodingError) as exc:
+            rc.decode_message(header, max_ranges=10)
+        assert exc.value.reason == "too_many_items"
+    msg = [rc.Range(b"\x00", rc.SKIP), rc.Range(b"\x00\x01", rc.FINGERPRINT, fp=b"f" * 16),
+           rc.Range(None, rc.ENTRIES, entries=((K + b"f", 1, H),))]
+    assert rc.decode_message(rc.encode_message(msg), max_ranges=3) == msg
+    with pytest.raises(EncodingError) as exc:  # the header is only a hint: still checked
+        rc.decode_message(bytes([0x92]) + encoding.encode([None, 0, None]))
+    assert exc.value.reason == "malformed"
+
+
 def test_random_bytes_never_crash() -> None:
     rng = random.Random(7)
     good = rc.encode_message(rc.initial(rc.ChainSet(chains(rng, 3))))
