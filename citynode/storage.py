@@ -24,6 +24,8 @@ A durable job overtakes the other jobs waiting, except those writing a chain of 
 origins (a chain is written in the order its heads moved); no job overtakes a durable
 one queued before it (so :meth:`Storage.barrier` still waits for everything before it);
 and while both kinds wait, batches alternate, so partners' writes are never starved.
+Partners' batches are small (about a thousand records a commit), so a durable job that
+arrives while one commits waits for that little.
 
 Invariants the schema relies on:
 
@@ -134,6 +136,13 @@ APPLICATION_ID = 0x636E6F64
 _BUSY_TIMEOUT_MS = 5000
 _MAX_BATCH_JOBS = 1000
 _MAX_BATCH_WEIGHT = 20000  # records (or other jobs) per transaction
+#: ... and at most this many in a batch of the normal lane (partners' writes): a durable
+#: job (an own publish, acknowledged only once on disk) that arrives while one commits
+#: waits for this much at most, plus one job (a job is never split). A commit of 1,000
+#: records takes a few milliseconds; 20,000 held an own publish for a large part of a
+#: second (issue 16: a hostile partner's flood). Commits of the normal lane do not
+#: fsync (synchronous=NORMAL), so smaller ones cost partners' writes little.
+_MAX_NORMAL_BATCH_WEIGHT = 1000
 #: A non-durable append of at most this many records may be written on its caller's
 #: thread when the writer is idle (Storage.append's ``inline``): a few records take less
 #: time to write than the two thread hops of queueing them.
@@ -1458,7 +1467,8 @@ class Storage:
     def _next_batch(self) -> list[_Job] | None:
         """Wait for jobs and take the next batch (None: closed and nothing is left).
         Durable jobs first; a normal batch holds only jobs queued before every durable
-        job waiting, and follows a durable batch when both wait (none starves)."""
+        job waiting, at most :data:`_MAX_NORMAL_BATCH_WEIGHT` (or one heavier job), and
+        follows a durable batch when both wait (none starves)."""
         with self._jobs_ready:
             # Not while a caller writes inline (the one connection is in use).
             self._jobs_ready.wait_for(lambda: not self._busy and bool(
@@ -1471,7 +1481,10 @@ class Storage:
             before = self._urgent[0][0] if self._urgent and not urgent else None
             batch: list[_Job] = []
             weight = 0
-            while lane and len(batch) < _MAX_BATCH_JOBS and weight < _MAX_BATCH_WEIGHT:
+            cap = _MAX_BATCH_WEIGHT if urgent else _MAX_NORMAL_BATCH_WEIGHT
+            while lane and len(batch) < _MAX_BATCH_JOBS and weight < cap:
+                if batch and weight + lane[0][1][3] > cap:
+                    break  # (a job heavier than the rest of the cap goes next, alone)
                 n, job, origins = lane[0]
                 if before is not None and n > before:
                     break

@@ -718,6 +718,36 @@ def test_own_durable_writes_overtake_partner_batches_queued_before_them(st: Stor
     assert st.heads()[(A, "own")][0] == 2 and st.count() == 3 * 50 + 2 + 3
 
 
+def test_an_own_write_waits_for_one_small_partner_commit_at_most(st: Storage) -> None:
+    """Issue 16: partners' writes commit in bounded batches (about a thousand records),
+    so an own durable write that arrives while one commits waits for that batch only,
+    not for everything partners have queued; the rest of theirs all land after it."""
+    done: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def block(conn: Any) -> None:  # a partner batch being committed, held here
+        started.set()
+        release.wait(10)
+
+    def note(name: str, fut: Future[Any]) -> Future[Any]:
+        fut.add_done_callback(lambda _f: done.append(name))
+        return fut
+
+    with writer_held(st):  # the partners' jobs queue up meanwhile
+        held = note("held", st._submit(block))
+        partner = [note(f"partner{i}", st.append(chain(1, f"p{i}", 400))) for i in range(5)]
+    assert started.wait(5)
+    own = note("own", st.append(chain(0, "own", 1), durable=True))
+    release.set()
+    for fut in (held, *partner, own):
+        assert error_of(fut) is None
+    # held + partner0 + partner1 (801 records) were the batch under way: the own write
+    # comes right after it, before partner2..4 (each 400 more: another batch or two).
+    assert done.index("own") == done.index("partner1") + 1
+    assert done.index("own") < min(done.index(f"partner{i}") for i in range(2, 5))
+    assert st.count() == 5 * 400 + 1
+
+
 def test_failing_job_rolls_back_alone_after_writing(st: Storage) -> None:
     def write_then_fail(conn: Any) -> None:
         conn.execute("INSERT INTO meta (key, value) VALUES ('half', ?)", (b"\0",))
