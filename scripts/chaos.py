@@ -826,10 +826,12 @@ async def hostile(base: Path, seconds: float, rounds: int = 1,
     round nothing invalid stored at A or B, ``citynode check`` clean, every refusal
     counted per partner at A."""
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    loads: list[float] = []
     for k in range(rounds):
         calm = await _hostile_run(base / f"calm{k}", seconds, attack=False, quota=quota)
         war = await _hostile_run(base / f"attacked{k}", seconds, attack=True, quota=quota)
         pairs.append((calm, war))
+        loads.append(round(os.getloadavg()[0], 2))
     ratios = [w["p99_ms"] / max(c["p99_ms"], 1.0) for c, w in pairs]
     rss_ratios = [w["rss_peak_mb"] / c["rss_peak_mb"] for c, w in pairs]
     within = [w["p99_ms"] <= 2 * c["p99_ms"] + 1000 * HOSTILE_P99_SLACK_S for c, w in pairs]
@@ -857,6 +859,11 @@ async def hostile(base: Path, seconds: float, rounds: int = 1,
     return {**out,
             "p99_ratio": round(statistics.median(ratios), 2),
             "p99_ratios": [round(r, 2) for r in ratios],
+            # every round at a glance: [p99 without, p99 with] (ms), and the load average
+            # of the machine when the round ended (other work on it moves both sides)
+            "p99_ms_by_round": [[c["p99_ms"], w["p99_ms"]] for c, w in pairs],
+            "ack_p99_ms_by_round": [[c["ack_p99_ms"], w["ack_p99_ms"]] for c, w in pairs],
+            "load_by_round": loads,
             # the issue's target as it reads (median ratio at most 2, no allowance); the
             # check in ``targets`` adds HOSTILE_P99_SLACK_S per round
             "p99_ratio_within_2x": statistics.median(ratios) <= 2.0,
