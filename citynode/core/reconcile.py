@@ -40,6 +40,7 @@ from typing import Any
 
 from citynode.core import encoding
 from citynode.core.records import MAX_SEQ, check_feed_name
+from citynode.core.sync import announced_length
 from citynode.errors import EncodingError
 
 __all__ = [
@@ -272,7 +273,7 @@ def decode_message(data: bytes, *, max_ranges: int = MAX_RANGES,
     if len(data) > MAX_MESSAGE_BYTES:
         raise EncodingError(f"reconcile message of {len(data)} bytes is over the limit",
                             "too_large")
-    declared = _array_length(data)
+    declared = announced_length(data)
     if declared is not None and declared > max_ranges:
         # Refused from its first bytes: decoding 4,097 ranges to count them cost a
         # partner's message several milliseconds of the event loop for nothing.
@@ -330,21 +331,6 @@ def decode_message(data: bytes, *, max_ranges: int = MAX_RANGES,
         if bound is not None:
             lower = bound
     return out
-
-
-def _array_length(data: bytes) -> int | None:
-    """The element count an array header at the start of ``data`` declares (None: it
-    does not start with one). Only a hint: the decoder still checks everything."""
-    if not data:
-        return None
-    b = data[0]
-    if 0x90 <= b <= 0x9F:
-        return b & 0x0F
-    if b == 0xDC and len(data) >= 3:
-        return int.from_bytes(data[1:3], "big")
-    if b == 0xDD and len(data) >= 5:
-        return int.from_bytes(data[1:5], "big")
-    return None
 
 
 def _range(bound: bytes | None, mode: int, fp: bytes | None,
