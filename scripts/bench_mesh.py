@@ -1,7 +1,8 @@
 """Mesh benchmark: 10 ``citynode run`` processes in a degree-3 partial mesh over HTTPS.
 
 Prints publish-to-all latency (p50, p99) of single records on an idle mesh and at an
-offered load (``--offered-rate`` records/s), sustained fully-replicated records per
+offered load (``--offered-rate`` records/s) with its breakdown by hops from the
+publisher and the CPU the nodes used meanwhile, sustained fully-replicated records per
 second and its ratio to the machine's ceiling, copies received per record needed, and
 record signatures verified per record needed (a relay verifies each record once). Every node
 verifies every record it stores, so the mesh's throughput is bounded by the machine:
@@ -88,6 +89,61 @@ async def metric_sum(nodes: list[LocalNode], name: str) -> float:
     return total
 
 
+def arrivals_by_hops(published: dict[str, tuple[int, float, float]],
+                     seen: dict[str, dict[str, float]], edges: list[tuple[int, int]],
+                     names: list[str]) -> dict[str, tuple[float, float]]:
+    """Per-hop breakdown: for the nodes ``d`` links away from a record's publisher (0:
+    the publisher itself, its own stream), the p50 and p99 of the time from the publish
+    call to the record's arrival there, in ms; "call": the publish call itself."""
+    nbrs: dict[int, list[int]] = {i: [] for i in range(len(names))}
+    for a, b in edges:
+        nbrs[a].append(b)
+        nbrs[b].append(a)
+    times: dict[str, list[float]] = {"call": []}
+    for rid, (k, t0, t1) in published.items():
+        dist, level = {k: 0}, [k]
+        while level:
+            nxt = []
+            for a in level:
+                for b in nbrs[a]:
+                    if b not in dist:
+                        dist[b] = dist[a] + 1
+                        nxt.append(b)
+            level = nxt
+        times["call"].append((t1 - t0) * 1000)
+        for i, name in enumerate(names):
+            if name in seen.get(rid, {}):
+                times.setdefault(str(dist[i]), []).append((seen[rid][name] - t0) * 1000)
+    out: dict[str, tuple[float, float]] = {}
+    for d, v in times.items():
+        v.sort()
+        out[d] = (statistics.median(v), v[min(len(v) - 1, int(len(v) * 0.99))])
+    return out
+
+
+def cpu_seconds(nodes: list[LocalNode]) -> float:
+    """CPU time (user + system) the node processes have used so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for n in nodes:
+        if n.proc is None:
+            continue
+        try:
+            fields = Path(f"/proc/{n.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, all) CPU time of the whole machine so far, in ticks (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
 def raw_verify_rate(rounds: int = 5) -> float:
     """Ed25519 verifications per second on one core: the best of ``rounds`` short
     runs (the machines are shared: the best run is closest to what a core can do)."""
@@ -152,15 +208,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # 2. Latency under an offered load: single records published at a steady rate,
         # round-robin over the nodes, each timed from its publish call to everywhere.
         loaded: list[float] = []
+        # record id -> (publishing node, publish call started, answered)
+        t0s: dict[str, tuple[int, float, float]] = {}
 
         async def one(k: int, i: int) -> None:
             t0 = time.perf_counter()
             out = await nodes[k].publish("latency", "org.example.Bench", [{"n": i}])
             rid = out["ids"][0]
+            t0s[rid] = (k, t0, time.perf_counter())
             await asyncio.wait_for(watcher.expect(rid).wait(), 60)
             loaded.append(max(watcher.seen[rid].values()) - t0)
 
         offered = []
+        cpu0, busy0, bench0 = cpu_seconds(nodes), machine_busy(), time.process_time()
         start = time.perf_counter()
         for i in range(int(args.offered_rate * args.offered_seconds)):
             delay = start + i / args.offered_rate - time.perf_counter()
@@ -168,6 +228,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(delay)
             offered.append(asyncio.create_task(one(i % len(nodes), 10_000 + i)))
         await asyncio.gather(*offered)
+        span = time.perf_counter() - start
+        busy1 = machine_busy()
+        loaded_cpu = {
+            # the nodes' CPU per record offered, and their share of the machine's cores
+            "nodes_ms_per_record": (cpu_seconds(nodes) - cpu0) * 1000 / len(loaded),
+            "nodes_cores": (cpu_seconds(nodes) - cpu0) / span,
+            "bench_cores": (time.process_time() - bench0) / span,
+            "machine_busy": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+        }
+        by_hops = arrivals_by_hops(t0s, watcher.seen, edges, [n.name for n in nodes])
+        if args.dump:
+            with open(args.dump, "w") as fh:
+                json.dump({"published": t0s, "seen": {r: watcher.seen[r] for r in t0s},
+                           "edges": edges, "names": [n.name for n in nodes]}, fh)
         loaded.sort()
         lp50 = statistics.median(loaded) * 1000
         lp99 = loaded[min(len(loaded) - 1, int(len(loaded) * 0.99))] * 1000
@@ -217,7 +291,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "records": total,
             "copies": recv / needed, "fetched": fetched, "dups": dups,
             "stored_ok": stored == needed, "verified": verified / needed,
-            "loaded_p50_ms": lp50, "loaded_p99_ms": lp99, "loaded_n": len(loaded)}
+            "loaded_p50_ms": lp50, "loaded_p99_ms": lp99, "loaded_n": len(loaded),
+            "loaded_cpu": loaded_cpu, "by_hops": by_hops}
 
 
 def main() -> None:
@@ -229,6 +304,9 @@ def main() -> None:
     ap.add_argument("--offered-rate", type=float, default=100.0,
                     help="records/s published (round-robin) for the loaded latency")
     ap.add_argument("--offered-seconds", type=float, default=10.0)
+    ap.add_argument("--dump", metavar="PATH",
+                    help="write the loaded phase's arrival times (per record, per node) "
+                    "as JSON to PATH")
     args = ap.parse_args()
     raw = raw_verify_rate()
     r = asyncio.run(run(args))
@@ -245,6 +323,12 @@ def main() -> None:
     print(f"publish-to-all latency at an offered load of {args.offered_rate:g} records/s "
           f"({r['loaded_n']} records): p50 {r['loaded_p50_ms']:.1f} ms, "
           f"p99 {r['loaded_p99_ms']:.1f} ms (target p99 <= 50 ms)")
+    print("  by hops from the publisher, p50 / p99 ms: " + ", ".join(
+        f"{d} {p50:.0f} / {p99:.0f}" for d, (p50, p99) in r["by_hops"].items()))
+    c = r["loaded_cpu"]
+    print(f"  meanwhile: the {args.nodes} nodes used {c['nodes_cores']:.2f} of {cores} cores "
+          f"({c['nodes_ms_per_record']:.1f} ms CPU per record, all nodes together), this "
+          f"bench {c['bench_cores']:.2f}; the machine was {100 * c['machine_busy']:.0f}% busy")
     print(f"sustained, fully replicated:  {r['rate']:.0f} records/s over {r['records']:.0f} "
           "records")
     print(f"  machine ceiling (every node verifies every record): {cores} cores x "
@@ -263,6 +347,11 @@ def main() -> None:
         "loaded_offered_per_s": args.offered_rate,
         "loaded_p50_ms": round(r["loaded_p50_ms"], 2),
         "loaded_p99_ms": round(r["loaded_p99_ms"], 2),
+        "loaded_by_hops_p50_p99_ms": {d: [round(a, 1), round(b, 1)]
+                                      for d, (a, b) in r["by_hops"].items()},
+        "loaded_nodes_cpu_ms_per_record": round(c["nodes_ms_per_record"], 2),
+        "loaded_nodes_cores": round(c["nodes_cores"], 2),
+        "loaded_machine_busy": round(c["machine_busy"], 3),
         "records_per_s": round(r["rate"]),
         "ceiling_records_per_s": round(ceiling),
         "ratio_to_ceiling": round(r["rate"] / ceiling, 3),
