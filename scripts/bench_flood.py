@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -33,7 +34,8 @@ def rss_mb(node: LocalNode) -> float:
 
 
 async def run(a: argparse.Namespace) -> dict[str, object]:
-    c = Cluster(Path(tempfile.mkdtemp(prefix="citynode-flood-")))
+    base = Path(tempfile.mkdtemp(prefix="citynode-flood-"))
+    c = Cluster(base)
     (node,) = c.create(["A"])
     await c.start()
     published = failed = 0
@@ -65,6 +67,7 @@ async def run(a: argparse.Namespace) -> dict[str, object]:
     finally:
         await c.close()
         c.stop()
+        shutil.rmtree(base, ignore_errors=True)
     at_first = next(r for t, r in samples if t >= first)
     flood_end = [r for t, r in samples if t <= a.seconds][-1]
     idle = samples[-1][1]

@@ -32,6 +32,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import ssl
 import sys
 import tempfile
@@ -266,6 +267,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         cluster.stop()
         await runner.cleanup()
         await loader.stop()
+        shutil.rmtree(base, ignore_errors=True)
     # The machines are shared and noisy: the limit is the best of a run before and after.
     limit = max(limit_before, pipeline_limit(feeds, args.batch))
     return {"ingest": ingest, "limit": limit, "publish": publish, "records": total,

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -287,6 +288,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await cluster.close()
         cluster.stop()
+        # Ten nodes' data dirs (hundreds of MB after a long run): left behind, every run
+        # filled /tmp.
+        shutil.rmtree(base, ignore_errors=True)
     return {"p50_ms": p50, "p99_ms": p99, "hop50_ms": hop50, "publish50_ms": pub50, "rate": rate,
             "records": total,
             "copies": recv / needed, "fetched": fetched, "dups": dups,

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,8 @@ def main() -> int:
     total = sum(int(r["inputs"]) for r in results)  # type: ignore[call-overload]
     crashes = sum(int(r["crashes"]) for r in results)  # type: ignore[call-overload]
     print(f"total {total:,} inputs, {crashes} crashes")
+    if a.work is None and not crashes:
+        shutil.rmtree(work, ignore_errors=True)  # kept when it holds crashes to look at
     print(json.dumps({"bench": "fuzz", "inputs": total, "crashes": crashes,
                       "targets": {str(r["target"]): {k: r[k] for k in
                                                      ("inputs", "per_s", "coverage", "crashes")}

@@ -190,8 +190,21 @@ def t_checkpoint(data: bytes) -> None:
     _verdict(lambda: chain.verify_fork_proof(chain.ForkProof.decode(data), verifier))
 
 
-_BUNDLE_DIR = Path(tempfile.mkdtemp(prefix="citynode-fuzz-", dir="/dev/shm"
-                                    if os.path.isdir("/dev/shm") else None))
+_SHM = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+@contextlib.contextmanager
+def _bundle_file(data: bytes | None = None) -> Iterator[Path]:
+    """A file of this process's for a bundle (in memory where /dev/shm is), removed
+    after use: made at import, a directory each was left behind by every fuzzing and
+    test process (libFuzzer ends its process without Python's exit handlers)."""
+    path = Path(_SHM) / f"citynode-fuzz-{os.getpid()}.cnb"
+    if data is not None:
+        path.write_bytes(data)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def t_bundle(data: bytes) -> None:
@@ -199,14 +212,13 @@ def t_bundle(data: bytes) -> None:
     does: the format reader and the auditor agree on what is a bundle."""
     from citynode import audit, bundle
 
-    path = _BUNDLE_DIR / "b.cnb"
-    path.write_bytes(data)
+    with _bundle_file(data) as path:
 
-    def read_all() -> int:
-        return sum(1 for _ in bundle.iter_bundle(path))
+        def read_all() -> int:
+            return sum(1 for _ in bundle.iter_bundle(path))
 
-    read = _verdict(read_all)
-    report = _verdict(lambda: audit.audit_bundle(path, _SEED_ORIGIN, now_ms=NOW_MS))
+        read = _verdict(read_all)
+        report = _verdict(lambda: audit.audit_bundle(path, _SEED_ORIGIN, now_ms=NOW_MS))
     if read[0] == "refused" and report[0] == "ok" and report[1].ok:
         raise Disagreement(f"the reader refuses ({read[1]}) a bundle the audit passes")
 
@@ -222,10 +234,10 @@ def _seed_bundle() -> bytes:
 
     chain = json.loads((ROOT / "tests" / "vectors" / "chain.json").read_text())["records"]
     envs = [bytes.fromhex(chain[k]["envelope_hex"]) for k in ("r1", "r2", "r3")]
-    path = _BUNDLE_DIR / "seed.cnb"
-    bundle.write_bundle(path, origin=parse_node_id(_SEED_ORIGIN), card=None,
-                        feeds={"chain": envs}, now_ms=NOW_MS)
-    return path.read_bytes()
+    with _bundle_file() as path:
+        bundle.write_bundle(path, origin=parse_node_id(_SEED_ORIGIN), card=None,
+                            feeds={"chain": envs}, now_ms=NOW_MS)
+        return path.read_bytes()
 
 
 def t_config(data: bytes) -> None:
