@@ -16,9 +16,11 @@ at the end:
   ``/v1/records?origin=&feed=&since=&until=``), a wide range deep in the feed
   (``since`` in its last 10%, no ``until``), and the feed with no range; and of every
   feed, a time alone as deep (``/v1/records?since=``, in rowid order); the median of
-  3 rounds' p99 of 2,000 random queries after a warm-up, measured on the same database
-  as it grows (PostgreSQL: ANALYZE first, as autovacuum would), of all kinds together
-  and of each kind;
+  3 rounds' p99 of 4,000 random queries (1,000 of each kind: a kind's p99 is its 10th
+  slowest, not its 5th of 500) after a warm-up, measured on the same database as it
+  grows (PostgreSQL: ANALYZE first, as autovacuum would), of all kinds together and of
+  each kind; and the growth again with a database of 100k and the one of N side by
+  side, query by query in turn (``side_by_side``);
 * stream catch-up rate: pages of 1,000 by cursor from the start, as a stream that
   resumes from ``after=0`` reads them (the first 200k records: a rate, the same for
   any 200k of a larger table, see ``CATCH_UP_CAP``);
@@ -164,15 +166,15 @@ def _median(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
-def _query_times(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
-                 samples: int, rnd: random.Random) -> list[tuple[str, float]]:
-    """``(kind, seconds)`` of each of ``samples`` random queries, limit 100: of the
-    :data:`KINDS` in turn, of one origin's feed a WINDOW_S-second range wholly inside
-    the feed, a range from a time in the feed's last 10% on, the feed with no range;
-    and every feed's records from a time as deep."""
+def _queries(origin_keys: list[SigningKey], feeds: int, held: int, samples: int,
+             rnd: random.Random) -> list[tuple[str, RecordFilter]]:
+    """``(kind, filter)`` of ``samples`` random queries: of the :data:`KINDS` in turn, of
+    one origin's feed a WINDOW_S-second range wholly inside the feed, a range from a time
+    in the feed's last 10% on, the feed with no range; and every feed's records from a
+    time as deep."""
     per_feed = max(1, held // (len(origin_keys) * feeds))
     window = min(WINDOW_S, per_feed)
-    times = []
+    out = []
     for i in range(samples):
         k = rnd.choice(origin_keys)
         f = f"feed-{rnd.randrange(feeds)}"
@@ -189,10 +191,23 @@ def _query_times(st: Storage, origin_keys: list[SigningKey], feeds: int, held: i
             flt = RecordFilter(since_ms=start)
         else:
             flt = RecordFilter(origin=k.public_key, feed=f)
-        t = time.perf_counter()
-        st.query(flt, limit=100)
-        times.append((kind, time.perf_counter() - t))
-    return times
+        out.append((kind, flt))
+    return out
+
+
+def _timed(st: Storage, flt: RecordFilter) -> float:
+    """Seconds ``st.query(flt, limit=100)`` took."""
+    t = time.perf_counter()
+    st.query(flt, limit=100)
+    return time.perf_counter() - t
+
+
+def _query_times(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
+                 samples: int, rnd: random.Random) -> list[tuple[str, float]]:
+    """``(kind, seconds)`` of each of ``samples`` random queries, limit 100
+    (:func:`_queries`)."""
+    return [(kind, _timed(st, flt))
+            for kind, flt in _queries(origin_keys, feeds, held, samples, rnd)]
 
 
 def query_p99(st: Storage, origin_keys: list[SigningKey], feeds: int, held: int,
@@ -214,9 +229,14 @@ def side_by_side(engine: str, small: str, large: str, sizes: tuple[int, int], fe
                  origins: int, samples: int, rounds: int
                  ) -> tuple[dict[str, float], dict[str, float]]:
     """Query p99 (ms) of a database of ``sizes[0]`` records and one of ``sizes[1]``,
-    measured in alternating rounds (the median round of each), so that both see the
-    same load of a shared machine: the figures measured as each size was reached are
-    minutes apart, and a busy neighbour then weighs on one of them only."""
+    measured side by side, so that both see the same load of a shared machine: the
+    figures measured as each size was reached are minutes apart, and a busy neighbour
+    then weighs on one of them only. Each round times ``samples`` queries of each size
+    query by query in turn (one of the smaller, one of the larger, ...), not a round of
+    one size then a round of the other: a p99 is a kind's 1% slowest queries, which a
+    neighbour's burst of a few seconds made 10 x slower in whichever size's round it
+    fell (0.8 ms in one round, 24 ms in the next, at a load average of 5). The median
+    round's p99 of each size."""
     ks = keys(origins)
     stores = [open_engine(engine, small), open_engine(engine, large)]
     try:
@@ -228,8 +248,15 @@ def side_by_side(engine: str, small: str, large: str, sizes: tuple[int, int], fe
             _query_round(st, ks, feeds, held, max(1, samples // 10), rnd)
         got: list[list[dict[str, float]]] = [[], []]
         for _ in range(rounds):
+            qs = [_queries(ks, feeds, sizes[i], samples, rnds[i]) for i in (0, 1)]
+            times: list[list[tuple[str, float]]] = [[], []]
+            # query by query, the two sizes in turn: a neighbour's burst of a few ms
+            # (the p99 of a kind is its 1% slowest) then falls on both sizes alike
+            for pair in zip(*qs, strict=True):
+                for i, (kind, flt) in enumerate(pair):
+                    times[i].append((kind, _timed(stores[i], flt)))
             for i in (0, 1):
-                got[i].append(_query_round(stores[i], ks, feeds, sizes[i], samples, rnds[i]))
+                got[i].append(_p99s(times[i]))
         return _median(got[0]), _median(got[1])
     finally:
         for st in stores:
@@ -430,7 +457,7 @@ def main() -> None:
                     help="records loaded by 2 and 3 processes (PostgreSQL)")
     ap.add_argument("--pg-url", default=None, help="a PostgreSQL database to use (empty); "
                     "default: a throwaway server started here")
-    ap.add_argument("--query-samples", type=int, default=2000,
+    ap.add_argument("--query-samples", type=int, default=4000,
                     help="queries per round of the query p99")
     ap.add_argument("--query-rounds", type=int, default=3,
                     help="rounds of the query p99 (the median round's p99 is printed)")
@@ -485,7 +512,7 @@ def main() -> None:
                                         args.origins, args.query_samples,
                                         max(5, args.query_rounds))
                     side[engine] = (a, b)
-                    print(f"  {engine:10} query p99 side by side (alternating rounds): "
+                    print(f"  {engine:10} query p99 side by side (query by query in turn): "
                           f"{first:,}: {a[ALL]:.2f} ms, {last:,}: {b[ALL]:.2f} ms"
                           f" ({b[ALL] / a[ALL]:.2f} x); by kind: " + ", ".join(
                               f"{k} {a[k]:.2f} -> {b[k]:.2f} ms ({b[k] / a[k]:.2f} x)"
