@@ -67,7 +67,7 @@ CASES = {
                       {"p50_ms", "p99_ms", "records_per_s", "copies_per_record",
                        "loaded_p99_ms", "ratio_to_ceiling", "verified_per_record"}),
     "bench_engines.py": (["--records", "2000", "--multi-records", "600", "--feeds", "1",
-                          "--origins", "2"],
+                          "--origins", "2", "--first", "1000", "--query-samples", "400"],
                          {"records", "pipeline_limit_per_s", "sqlite", "postgresql",
                           "postgresql_multi_ingest_per_s", "pg_over_sqlite_ingest",
                           "pass"}),
@@ -120,6 +120,10 @@ def test_bench_runs_and_prints_its_json(script: str, tmp_path: Path) -> None:
         for engine in ("sqlite", "postgresql"):  # each kind measured and judged alone
             assert set(figures[engine]["2000"]["query_p99_by_kind_ms"]) == kinds
             assert set(figures["pass"]["query_p99_log_n_by_kind"][engine]) == kinds
+            # both sizes side by side, query by query in turn, each kind at each size
+            by_kind = figures[engine]["query_p99_side_by_side_by_kind_ms"]
+            assert set(by_kind) == kinds
+            assert all(set(v) == {"1000", "2000"} for v in by_kind.values())
     if script == "bench_bridge.py":
         # Every message became exactly one record (the bridge's promise, measured).
         assert figures["exactly_once"] is True
