@@ -17,8 +17,7 @@ done for it.
 * :class:`AddressCounts`: connections open per IP address, at most
   ``max_connections_per_address`` (the trusted reverse proxy's address excepted: every
   client comes through it); and at most :data:`IN_DEBT_CONNECTIONS` from the address of
-  a partner that keeps sending while in debt (refused more times than it may have
-  requests under way), until its debt is paid: the TLS and HTTP work of a
+  a partner refused for its load, until its debt is paid: the TLS and HTTP work of a
   request answered 429 happens before any handler can charge it, so a partner that
   kept sending them spent the node's time outside its share. Refused at ``accept``, a
   connection costs no handshake.
@@ -128,7 +127,6 @@ class PartnerRates:
         self._buckets: dict[bytes, TokenBucket] = {}
         self._work: dict[bytes, WorkBudget] = {}
         self._busy: dict[tuple[bytes, str], int] = {}
-        self._refused: dict[bytes, int] = {}  # requests refused since the debt began
         self.configure(rate, burst, share, in_flight)
 
     def configure(self, rate: float, burst: int, share: float = 1.0,
@@ -149,18 +147,7 @@ class PartnerRates:
     def busy_wait(self, key: bytes, now: float) -> float:
         """Seconds until ``key``'s work budget is back at zero (0.0: now)."""
         w = self._work.get(key)
-        wait = 0.0 if w is None else w.wait(now)
-        if wait == 0.0:
-            self._refused.pop(key, None)  # out of debt: a new count next time
-        return wait
-
-    def refused_in_debt(self, key: bytes) -> int:
-        """Count one more request of ``key`` refused while it is in debt; return how
-        many were since its debt began (the count ends once :meth:`busy_wait` finds it
-        paid). A node that waits its Retry-After is refused about as many times as it
-        had requests under way; one that keeps sending is refused again and again."""
-        n = self._refused[key] = self._refused.get(key, 0) + 1
-        return n
+        return 0.0 if w is None else w.wait(now)
 
     def charge(self, key: bytes, seconds: float, now: float) -> None:
         """``key``'s request took ``seconds`` of the event loop."""
@@ -206,8 +193,6 @@ class PartnerRates:
             del self._buckets[key]
         for key in [k for k in self._work if k not in keep]:
             del self._work[key]
-        for key in [k for k in self._refused if k not in keep]:
-            del self._refused[key]
 
     def __len__(self) -> int:
         return len(self._buckets)

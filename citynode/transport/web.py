@@ -265,9 +265,9 @@ async def partners_middleware(request: web.Request, handler: Handler) -> web.Str
 def refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float, *,
            hold: bool = False) -> NoReturn:
     """Count a refusal of the partner ``key`` for its load (``reason``) and raise the
-    429 that says so, with Retry-After in whole seconds. ``hold``: the partner keeps
-    sending while in debt of loop time; its address is held to fewer connections
-    meanwhile (see :func:`_hold_address`)."""
+    429 that says so, with Retry-After in whole seconds. ``hold``: the partner is in
+    debt of loop time; its address is held to fewer connections meanwhile (see
+    :func:`_hold_address`)."""
     node = request.app[NODE_KEY]
     link = node.partners.get(key)
     msg = f"{msg}: retry after {wait:.2f} s"
@@ -317,13 +317,9 @@ def _limit_rate(request: web.Request, key: bytes, *, take: bool) -> None:
     now = time.monotonic()
     wait = rates.busy_wait(key, now)
     if wait > 0.0:
-        # Its address is held to fewer connections only once it keeps sending: a node
-        # that waits its Retry-After is refused at most once per request it had under
-        # way, and an honest partner sharing its address is left alone.
         refuse(request, key, "over_loop_share",
                 f"this partner's requests took more than {lim.partner_loop_share:g} of "
-                "this node's time", wait,
-                hold=rates.refused_in_debt(key) > lim.partner_max_in_flight)
+                "this node's time", wait, hold=True)
     wait = rates.take(key, now) if take else rates.wait(key, now)
     if wait > 0.0:
         refuse(request, key, "rate_limited",

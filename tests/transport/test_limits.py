@@ -92,20 +92,6 @@ def test_an_address_held_to_fewer_connections_until_a_time() -> None:
     assert c.cap_of("203.0.113.1", 301.0) == 1
 
 
-def test_refusals_in_debt_are_counted_until_the_debt_is_paid() -> None:
-    r = PartnerRates(rate=1.0, burst=1, share=0.5)
-    a, b = b"a" * 32, b"b" * 32
-    r.charge(a, 1.25, 0.0)  # 1 s of debt at 0.5 s a second: paid at t = 2
-    assert r.busy_wait(a, 0.0) == pytest.approx(2.0)
-    assert [r.refused_in_debt(a) for _ in range(3)] == [1, 2, 3]
-    assert r.refused_in_debt(b) == 1  # each key its own count
-    assert r.busy_wait(a, 1.0) > 0.0 and r.refused_in_debt(a) == 4  # still in debt
-    assert r.busy_wait(a, 2.0) == 0.0  # paid: the count starts again
-    assert r.refused_in_debt(a) == 1
-    r.forget({a})
-    assert r.refused_in_debt(b) == 1  # a removed partner's count is dropped
-
-
 def test_requests_in_flight_are_counted_per_key_and_kind() -> None:
     r = PartnerRates(rate=1.0, burst=1, in_flight=2)
     a, b = b"a" * 32, b"b" * 32
