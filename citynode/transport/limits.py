@@ -16,11 +16,7 @@ done for it.
   (``partner_max_in_flight``), which also bounds the bodies held for it in memory.
 * :class:`AddressCounts`: connections open per IP address, at most
   ``max_connections_per_address`` (the trusted reverse proxy's address excepted: every
-  client comes through it); and at most :data:`IN_DEBT_CONNECTIONS` from the address of
-  a partner refused for its load, until its debt is paid: the TLS and HTTP work of a
-  request answered 429 happens before any handler can charge it, so a partner that
-  kept sending them spent the node's time outside its share. Refused at ``accept``, a
-  connection costs no handshake.
+  client comes through it).
 
 No I/O and no clock of its own: time is a parameter (monotonic seconds), so the tests
 run without an event loop.
@@ -28,8 +24,7 @@ run without an event loop.
 
 from __future__ import annotations
 
-__all__ = ["IN_DEBT_CONNECTIONS", "WORK_BURST_S", "AddressCounts", "PartnerRates", "TokenBucket",
-           "WorkBudget"]
+__all__ = ["WORK_BURST_S", "AddressCounts", "PartnerRates", "TokenBucket", "WorkBudget"]
 
 #: Seconds of event-loop time a partner may save up and spend at once (its burst).
 #: Work is charged after it is done, so this is also how long a partner's requests may
@@ -39,15 +34,6 @@ __all__ = ["IN_DEBT_CONNECTIONS", "WORK_BURST_S", "AddressCounts", "PartnerRates
 #: first seconds had its worst latencies). An honest partner's request costs a few
 #: milliseconds.
 WORK_BURST_S = 0.25
-
-#: Connections at most from the address of a partner refused for its load (429), until
-#: it may be served again: enough for a node that waits its Retry-After (it pushes one
-#: batch at a time), not for a pool of connections each costing a TLS read, an HTTP
-#: parse and a 429 per request (scripts/chaos --scenario hostile).
-IN_DEBT_CONNECTIONS = 2
-#: Addresses held to :data:`IN_DEBT_CONNECTIONS` at once, at most (a bound: they are
-#: partners' addresses, a few).
-_MAX_LIMITED = 1024
 
 
 class TokenBucket:
@@ -199,8 +185,7 @@ class PartnerRates:
 
 
 class AddressCounts:
-    """Connections open per address, each at most ``cap`` (``exempt``: none), or fewer
-    for a while (:meth:`limit`)."""
+    """Connections open per address, each at most ``cap`` (``exempt``: none)."""
 
     def __init__(self, cap: int, exempt: frozenset[str] = frozenset()) -> None:
         if cap < 1:
@@ -208,46 +193,17 @@ class AddressCounts:
         self.cap = cap
         self.exempt = exempt
         self._open: dict[str, int] = {}
-        self._limited: dict[str, tuple[int, float]] = {}  # addr -> (cap, until)
 
-    def limit(self, addr: str | None, cap: int, now: float, until: float) -> None:
-        """Hold ``addr`` to at most ``cap`` connections from ``now`` until ``until``
-        (monotonic seconds; a later call replaces it). Nothing for an unknown or exempt
-        address, nor past :data:`_MAX_LIMITED` addresses held at once."""
-        if addr is None or addr in self.exempt:
-            return
-        if addr not in self._limited and len(self._limited) >= _MAX_LIMITED:
-            for a in [a for a, (_c, t) in self._limited.items() if t <= now]:
-                del self._limited[a]
-            if len(self._limited) >= _MAX_LIMITED:
-                return
-        self._limited[addr] = (max(1, cap), until)
-
-    def cap_of(self, addr: str, now: float) -> int:
-        """The connections ``addr`` may have open at ``now``."""
-        held = self._limited.get(addr)
-        if held is None:
-            return self.cap
-        if now >= held[1]:
-            del self._limited[addr]
-            return self.cap
-        return min(self.cap, held[0])
-
-    def full(self, addr: str | None, now: float) -> bool:
-        """Whether a new connection from ``addr`` would be over its cap at ``now``."""
-        if addr is None or addr in self.exempt:
-            return False
-        return self._open.get(addr, 0) >= self.cap_of(addr, now)
-
-    def admit(self, addr: str | None, now: float = 0.0) -> bool:
+    def admit(self, addr: str | None) -> bool:
         """Count one more connection from ``addr`` and return True, or return False
-        (counting nothing) when its cap at ``now`` are open from it already. An unknown
-        address (None: not an IP socket) and an exempt one are always admitted."""
+        (counting nothing) when ``cap`` are open from it already. An unknown address
+        (None: not an IP socket) and an exempt one are always admitted."""
         if addr is None or addr in self.exempt:
             return True
-        if self.full(addr, now):
+        n = self._open.get(addr, 0)
+        if n >= self.cap:
             return False
-        self._open[addr] = self._open.get(addr, 0) + 1
+        self._open[addr] = n + 1
         return True
 
     def release(self, addr: str | None) -> None:

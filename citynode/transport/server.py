@@ -28,7 +28,6 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +46,6 @@ from citynode.transport import (
 )
 from citynode.transport.limits import AddressCounts, PartnerRates
 from citynode.transport.web import (
-    ADDRESSES_KEY,
     NODE_KEY,
     RATES_KEY,
     READ_REPLAY_KEY,
@@ -82,12 +80,6 @@ def build_app(node: Node) -> web.Application:
     lim = node.config.limits
     app[RATES_KEY] = PartnerRates(lim.partner_requests_per_second, lim.partner_request_burst,
                                   lim.partner_loop_share, lim.partner_max_in_flight)
-    proxy = node.config.tls.trusted_proxy
-    # (the peer address is compared as Python writes it: normalise the configured one)
-    proxy = str(ipaddress.ip_address(proxy)) if proxy else ""
-    # (not capped at max_connections: above it, that cap is reached first)
-    app[ADDRESSES_KEY] = AddressCounts(lim.max_connections_per_address,
-                                       frozenset({proxy}) if proxy else frozenset())
     # Signed reads: strangers (any key) get a cache of their own, so that a flood of
     # them cannot refuse the partners and readers this node knows.
     app[READ_REPLAY_KEY] = httpsig.SplitReplayCache(node.policy.knows_key,
@@ -201,7 +193,7 @@ def _cap_connections(server: Any, cap: int, refused: Callable[[], None],
         if per_address is not None:
             peer = transport.get_extra_info("peername")
             addr = str(peer[0]) if isinstance(peer, tuple) and peer else None
-            if not per_address.admit(addr, time.monotonic()):
+            if not per_address.admit(addr):
                 refused_address()
                 transport.close()
                 return
@@ -246,7 +238,12 @@ async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
         keepalive_timeout=75.0,  # aiohttp's default keeps idle connections for an hour
     )
     await runner.setup()
-    per_address = runner.app[ADDRESSES_KEY]
+    proxy = node.config.tls.trusted_proxy
+    # (the peer address is compared as Python writes it: normalise the configured one)
+    proxy = str(ipaddress.ip_address(proxy)) if proxy else ""
+    # (not capped at max_connections: above it, that cap is reached first)
+    per_address = AddressCounts(lim.max_connections_per_address,
+                                frozenset({proxy}) if proxy else frozenset())
     _cap_connections(runner.server, lim.max_connections, node.metrics.connections_refused.inc,
                      lim.read_timeout_seconds, node.metrics.connections_stalled.inc,
                      per_address, node.metrics.connections_refused_address.inc)
@@ -259,8 +256,7 @@ async def serve(node: Node, *, host: str, port: int) -> web.AppRunner:
 
 class _Listener(socket.socket):
     """A listening socket whose ``accept`` closes each connection from an address that
-    has its cap of connections open already (fewer for a partner refused for its load:
-    :meth:`AddressCounts.limit`), before anything is read from it: no TLS
+    has its cap of connections open already, before anything is read from it: no TLS
     handshake is spent on it (a refused client that connects again at once otherwise
     cost a handshake each time: scripts/chaos --scenario hostile). Connections still in
     their handshake are not counted yet: the cap in ``connection_made`` catches those
@@ -276,7 +272,8 @@ class _Listener(socket.socket):
             conn, addr = super().accept()
             counts = self.counts
             if counts is not None and isinstance(addr, tuple) and addr and \
-                    counts.full(str(addr[0]), time.monotonic()):
+                    addr[0] not in counts.exempt and \
+                    counts.open_from(str(addr[0])) >= counts.cap:
                 conn.close()
                 self.refused()
                 continue

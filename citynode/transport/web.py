@@ -52,7 +52,7 @@ from citynode.identity import check_token
 from citynode.logs import fields
 from citynode.node import Node
 from citynode.node.policy import Policy
-from citynode.transport.limits import IN_DEBT_CONNECTIONS, AddressCounts, PartnerRates
+from citynode.transport.limits import PartnerRates
 
 __all__ = [
     "FILTERS",
@@ -91,9 +91,6 @@ REPLAY_KEY: web.AppKey[httpsig.ReplayCache] = web.AppKey("replay", httpsig.Repla
 #: Each partner's token bucket of signed requests ([limits] partner_requests_per_second),
 #: share of the event loop and requests under way (transport/limits.py).
 RATES_KEY: web.AppKey[PartnerRates] = web.AppKey("rates", PartnerRates)
-#: Connections open per address, and the addresses held to fewer for a while: partners
-#: refused for their load (transport/limits.py; the server's listener counts them).
-ADDRESSES_KEY: web.AppKey[AddressCounts] = web.AppKey("addresses", AddressCounts)
 #: The key of the partner whose verified request the current one is (counted as under
 #: way), in the request's own task (a context variable: aiohttp 3.9 has no typed
 #: request keys, and a string key warns on newer ones).
@@ -262,12 +259,9 @@ async def partners_middleware(request: web.Request, handler: Handler) -> web.Str
         _ADMITTED.reset(token)
 
 
-def refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float, *,
-           hold: bool = False) -> NoReturn:
+def refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float) -> NoReturn:
     """Count a refusal of the partner ``key`` for its load (``reason``) and raise the
-    429 that says so, with Retry-After in whole seconds. ``hold``: the partner is in
-    debt of loop time; its address is held to fewer connections meanwhile (see
-    :func:`_hold_address`)."""
+    429 that says so, with Retry-After in whole seconds."""
     node = request.app[NODE_KEY]
     link = node.partners.get(key)
     msg = f"{msg}: retry after {wait:.2f} s"
@@ -276,31 +270,9 @@ def refuse(request: web.Request, key: bytes, reason: str, msg: str, wait: float,
     rates = request.app[RATES_KEY]
     if len(rates) > len(node.partners.links) + 16:
         rates.forget(set(node.partners.links))  # partners removed since
-    exc = web.HTTPTooManyRequests(
+    raise web.HTTPTooManyRequests(
         text=json.dumps({"error": reason, "message": msg}), content_type=JSON,
         headers={"Retry-After": str(max(1, math.ceil(wait)))})
-    if hold and _hold_address(request, wait):
-        exc.force_close()  # (one connection of more than it may keep now)
-    raise exc
-
-
-def _hold_address(request: web.Request, wait: float) -> bool:
-    """Hold the address a partner refused for its load connects from to
-    :data:`IN_DEBT_CONNECTIONS` connections until it may be served again (at least a
-    second): its further connections are closed at ``accept``, before any TLS or HTTP
-    work (which no handler can charge to it). True if this connection is one more
-    than that (it is closed after its 429). Nothing for the trusted proxy's address."""
-    counts = request.app.get(ADDRESSES_KEY)
-    transport = request.transport
-    if counts is None or transport is None:
-        return False
-    peer = transport.get_extra_info("peername")
-    addr = str(peer[0]) if isinstance(peer, tuple) and peer else None
-    if addr is None or addr in counts.exempt:
-        return False
-    now = time.monotonic()
-    counts.limit(addr, IN_DEBT_CONNECTIONS, now, now + max(1.0, wait))
-    return counts.open_from(addr) > IN_DEBT_CONNECTIONS
 
 
 def _limit_rate(request: web.Request, key: bytes, *, take: bool) -> None:
@@ -319,7 +291,7 @@ def _limit_rate(request: web.Request, key: bytes, *, take: bool) -> None:
     if wait > 0.0:
         refuse(request, key, "over_loop_share",
                 f"this partner's requests took more than {lim.partner_loop_share:g} of "
-                "this node's time", wait, hold=True)
+                "this node's time", wait)
     wait = rates.take(key, now) if take else rates.wait(key, now)
     if wait > 0.0:
         refuse(request, key, "rate_limited",

@@ -258,63 +258,6 @@ async def test_a_partner_over_its_share_of_the_loop_or_its_pushes_in_flight_wait
             await c.close()
 
 
-async def test_a_partner_in_debt_of_loop_time_is_held_to_few_connections(
-        inproc: Make) -> None:
-    """Issue 16: a partner answered 429 ``over_loop_share`` has its address held to
-    IN_DEBT_CONNECTIONS connections until its debt is paid: a further connection from it
-    is closed on arrival, before its TLS handshake (the TLS and HTTP work of a refused
-    request is charged to nobody), and counted; another address is served meanwhile;
-    once the debt is paid the address connects again."""
-    import time
-
-    from citynode.transport.limits import IN_DEBT_CONNECTIONS
-    from citynode.transport.web import RATES_KEY
-
-    a = await inproc("Jakarta", settings={("limits", "partner_loop_share"): 0.5})
-    b = await inproc("Surabaya")
-    await a.node.add_partner(b.url, b.node.node_id)
-    client = PeerClient(b.node.key, a.url, node_id=a.node.node_id,
-                        fingerprint=a.node.identity.cert_fingerprint)
-
-    async def connect(src: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", a.port, ssl=_tls(),
-                                             local_addr=(src, 0))
-
-    refused = a.node.metrics.connections_refused_address
-    held = [await connect("127.0.0.1") for _ in range(IN_DEBT_CONNECTIONS)]
-    try:
-        await client.cards()  # served: not in debt
-        _r0, w0 = await connect("127.0.0.1")  # nor held: more connections are taken
-        w0.close()
-        assert refused._value.get() == 0
-        a.runner.app[RATES_KEY].charge(b.node.public_key, 1.0, time.monotonic())
-        with pytest.raises(PeerRejected) as exc:
-            await client.cards()
-        assert exc.value.status == 429 and exc.value.reason == "over_loop_share"
-        with pytest.raises(ConnectionError):  # closed as it arrives
-            await asyncio.wait_for(connect("127.0.0.1"), 5)
-        assert refused._value.get() == 1
-        reader, writer = await connect("127.0.0.2")  # another address: served
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
-        writer.close()
-
-        async def connects_again() -> bool:
-            try:
-                _r, w = await asyncio.wait_for(connect("127.0.0.1"), 5)
-            except ConnectionError:
-                return False
-            w.close()
-            return True
-
-        await eventually(connects_again, timeout=20)  # its debt (1.5 s) paid
-        await client.cards()  # served again (a 429 would raise)
-    finally:
-        await client.close()
-        for _r, w in held:
-            w.close()
-
-
 async def test_an_honest_node_answered_429_waits_its_retry_after_and_keeps_the_partner_up(
         inproc: Make) -> None:
     """An honest node's gossip takes a partner's 429 as "busy, retry after Retry-After":

@@ -65,33 +65,6 @@ def test_address_counts_cap_each_address_and_exempt_the_proxy() -> None:
         AddressCounts(0)
 
 
-def test_an_address_held_to_fewer_connections_until_a_time() -> None:
-    """limit(): fewer connections for one address until ``until`` (the cap again
-    after), never more than the cap; the proxy and unknown addresses are never held;
-    a later hold replaces the earlier; the holds kept are bounded."""
-    from citynode.transport import limits
-
-    c = AddressCounts(4, exempt=frozenset({"10.0.0.1"}))
-    assert c.admit("192.0.2.7", 0.0) and c.admit("192.0.2.7", 0.0)
-    c.limit("192.0.2.7", 1, now=0.0, until=10.0)
-    assert c.full("192.0.2.7", 5.0) and not c.admit("192.0.2.7", 5.0)
-    assert not c.full("192.0.2.8", 5.0)  # another address
-    assert not c.full("192.0.2.7", 10.0)  # the hold is over: the cap (4) again
-    assert c.cap_of("192.0.2.7", 11.0) == 4
-    c.limit("192.0.2.7", 99, now=11.0, until=20.0)
-    assert c.cap_of("192.0.2.7", 12.0) == 4  # never above the cap
-    c.limit("192.0.2.7", 3, now=12.0, until=15.0)
-    assert c.cap_of("192.0.2.7", 13.0) == 3  # replaced
-    c.limit("10.0.0.1", 1, now=0.0, until=10.0)
-    c.limit(None, 1, now=0.0, until=10.0)
-    assert c.admit("10.0.0.1", 1.0) and c.admit("10.0.0.1", 1.0)  # the proxy: never held
-    for i in range(limits._MAX_LIMITED + 10):
-        c.limit(f"198.51.{i // 256}.{i % 256}", 1, now=100.0, until=200.0)
-    assert len(c._limited) <= limits._MAX_LIMITED
-    c.limit("203.0.113.1", 1, now=300.0, until=400.0)  # the expired ones make room
-    assert c.cap_of("203.0.113.1", 301.0) == 1
-
-
 def test_requests_in_flight_are_counted_per_key_and_kind() -> None:
     r = PartnerRates(rate=1.0, burst=1, in_flight=2)
     a, b = b"a" * 32, b"b" * 32
