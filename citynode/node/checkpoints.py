@@ -237,21 +237,23 @@ class Checkpoints:
         gone = 0
         feeds = {f for (o, f) in [*self.replica.heads, *self.liveness] if o == identity}
         for feed in sorted(feeds):
-            base = state.established.get(feed)
-            above = base.seq if base is not None else 0
-            # Only statements beyond the heads its key events fixed can be refused now.
-            refused = [(s, r, e) for s, r, e in await self.held(identity, feed)
-                       if s > above and self._refused(e, now)]
-            fl = self.liveness.get((identity, feed))
-            if fl is not None and fl.newest is not None and self._refused(
-                    fl.newest.envelope, now):
-                del self.liveness[(identity, feed)]
-                n = fl.newest
-                if not any(e == n.envelope for _s, _r, e in refused):
-                    refused.append((n.size, n.root, n.envelope))
-            if refused:
-                gone += await asyncio.wrap_future(
-                    self.storage.drop_checkpoints(identity, feed, refused))
+            # One taken of this feed meanwhile is stored first, or judged again after.
+            async with self._feed_lock(identity, feed):
+                base = state.established.get(feed)
+                above = base.seq if base is not None else 0
+                # Only statements beyond the heads its key events fixed can be refused.
+                refused = [(s, r, e) for s, r, e in await self.held(identity, feed)
+                           if s > above and self._refused(e, now)]
+                fl = self.liveness.get((identity, feed))
+                if fl is not None and fl.newest is not None and self._refused(
+                        fl.newest.envelope, now):
+                    del self.liveness[(identity, feed)]
+                    n = fl.newest
+                    if not any(e == n.envelope for _s, _r, e in refused):
+                        refused.append((n.size, n.root, n.envelope))
+                if refused:
+                    gone += await asyncio.wrap_future(
+                        self.storage.drop_checkpoints(identity, feed, refused))
                 log.warning("dropped checkpoints a key event refuses", extra=fields(
                     origin=self.policy.name(identity), feed=feed,
                     sizes=sorted(s for s, _r, _e in refused)))
@@ -341,9 +343,15 @@ class Checkpoints:
         # One feed's checkpoints one at a time: two roots of one size arriving together
         # (the two sides of a split view, from two partners) would each find no other
         # held, both be taken as new and passed on, and the split view go unproven here.
-        async with self._feed_locks[hash((cp.origin, cp.feed)) % len(self._feed_locks)]:
+        async with self._feed_lock(cp.origin, cp.feed):
             mine = await self._other_root(cp)
             if mine is None:
+                # The key log may have changed since the checkpoint was opened (a
+                # recovery, its purge waiting for this lock): judged again, with no
+                # await before it is observed, so the purge finds what it must drop.
+                if cp.key is not None and self._refused(env, now):
+                    raise InvalidRecord("checkpoint signed by a key its origin's log no "
+                                        "longer lets sign it", "beyond_last_good")
                 # Evidence of a split view first (above): going backwards in time does
                 # not hide it. Then the liveness rules; a refusal changes nothing.
                 verdict = self._observe(cp.origin, cp.feed, cp, now)
@@ -369,6 +377,10 @@ class Checkpoints:
                 return "known"  # a retired key's word inside its settled window
         self.on_verified(cp, src, "split-view")
         return "split-view"
+
+    def _feed_lock(self, origin: bytes, feed: str) -> asyncio.Lock:
+        """The lock a feed's checkpoints are taken and dropped under (striped)."""
+        return self._feed_locks[hash((origin, feed)) % len(self._feed_locks)]
 
     async def _other_root(self, cp: cps.Checkpoint) -> bytes | None:
         """The envelope of a checkpoint held of ``cp``'s feed and size with another

@@ -11,13 +11,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from citynode.audit import audit_bundle
 from citynode.bundle import export_from_storage
 from citynode.core import checkpoints as cps
 from citynode.core import cosign as cs
 from citynode.core import encoding, keylog
 from citynode.core.keys import SigningKey, Verifier
-from citynode.errors import PeerRejected
+from citynode.errors import InvalidRecord, PeerRejected
 from citynode.transport.client import PeerClient
 from tests.conftest import InProc, eventually
 
@@ -158,6 +160,41 @@ async def test_two_roots_of_one_size_arriving_together_are_a_split_view(
                if s == 4]
     assert held == (x1.root if got[0] == "new" else x2.root)
     assert [(r.kind, r.seq) for r in w.node.storage.fork_proofs()] == [("split-view", 4)]
+
+
+async def test_a_checkpoint_taken_while_a_recovery_purges_is_judged_by_the_new_log(
+        inproc: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint opened under the key log before a recovery, still being taken when
+    the recovery's purge runs, is judged again under the feed's lock: refused, never
+    stored after the purge (where it would stand as the feed's liveness statement)."""
+    a = await inproc("Origin")
+    w = await inproc("Witness")
+    await link(a, w)
+    ck = w.node.checkpoints
+    cp = cps.sign_checkpoint(a.node.key, "w", 9, b"\x11" * 32, a.node.now_ms())
+    assert cp.key is not None  # signed by a key the origin's log names (cn2)
+    parked, go = asyncio.Event(), asyncio.Event()
+    held = ck.held
+
+    async def slow_held(origin: bytes, feed: str) -> list[tuple[int, bytes, bytes]]:
+        parked.set()
+        await go.wait()
+        return await held(origin, feed)
+
+    monkeypatch.setattr(ck, "held", slow_held)
+    taking = asyncio.ensure_future(ck.ingest_checkpoint(cp.envelope, None))
+    await parked.wait()  # opened (the log let that key sign it) and holding the lock
+    monkeypatch.setattr(ck, "held", held)
+    # The recovery lands: from now on the log refuses that key's statement.
+    monkeypatch.setattr(ck, "_refused", lambda env, now: True)
+    purge = asyncio.ensure_future(ck.drop_refused(a.node.public_key))
+    go.set()
+    with pytest.raises(InvalidRecord) as err:
+        await taking
+    assert err.value.reason == "beyond_last_good"
+    await purge
+    assert w.node.storage.checkpoints(a.node.public_key, "w") == []
+    assert ck.newest(a.node.public_key, "w") is None
 
 
 async def test_a_split_view_between_witnesses_ends_proven_at_both(inproc: Make) -> None:
