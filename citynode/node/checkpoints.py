@@ -254,9 +254,9 @@ class Checkpoints:
                 if refused:
                     gone += await asyncio.wrap_future(
                         self.storage.drop_checkpoints(identity, feed, refused))
-                log.warning("dropped checkpoints a key event refuses", extra=fields(
-                    origin=self.policy.name(identity), feed=feed,
-                    sizes=sorted(s for s, _r, _e in refused)))
+                    log.warning("dropped checkpoints a key event refuses", extra=fields(
+                        origin=self.policy.name(identity), feed=feed,
+                        sizes=sorted(s for s, _r, _e in refused)))
         return gone
 
     def _refused(self, env: bytes, now: int) -> bool:
