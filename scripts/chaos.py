@@ -593,9 +593,11 @@ HOSTILE_QUOTA = 5000  # A's per-origin quota (records a day): H's flood must sto
 #: where a partner's pushes are admitted one or two at a time and its share of A's
 #: event loop (5%) lets about a hundred of its records a second be checked and stored.
 HOSTILE_QUOTA_SMALL = 400
-#: An absolute allowance on top of the 2x p99 target: on a small shared machine the
-#: attacker's own CPU (signing thousands of records a second) competes with the honest
-#: nodes for the same cores, which no node-side defence can give back.
+#: An absolute allowance on top of the 2x p99, printed as a figure of its own
+#: (``p99_within_2x_plus_allowance``): on a small shared machine the attacker's own CPU
+#: (signing thousands of records a second) competes with the honest nodes for the same
+#: cores, which no node-side defence can give back. The target in ``targets`` (and so
+#: ``ok``) is the issue's, 2x with no allowance.
 HOSTILE_P99_SLACK_S = 0.1
 #: H attacks from another address than the honest nodes and clients (all on 127.0.0.1),
 #: as a remote attacker does: the per-address connection cap is then its alone.
@@ -821,10 +823,10 @@ async def hostile(base: Path, seconds: float, rounds: int = 1,
     (scripts/hostile_partner.py) partnered with A and running every attack; ``rounds``
     such pairs, one after the other (calm, attacked, calm, attacked ...), so that the
     load of whatever else runs on the machine falls on both sides of each ratio. Targets
-    (on the median of the rounds' ratios): p99 with H within 2x of without (plus a small
-    absolute allowance); A's peak RSS within +50% of the run without H; and in every
-    round nothing invalid stored at A or B, ``citynode check`` clean, every refusal
-    counted per partner at A."""
+    (on the median of the rounds' ratios): p99 with H within 2x of without (and, as a
+    figure only, within 2x plus HOSTILE_P99_SLACK_S); A's peak RSS within +50% of the
+    run without H; and in every round nothing invalid stored at A or B, ``citynode
+    check`` clean, every refusal counted per partner at A."""
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     loads: list[float] = []
     for k in range(rounds):
@@ -835,10 +837,11 @@ async def hostile(base: Path, seconds: float, rounds: int = 1,
     ratios = [w["p99_ms"] / max(c["p99_ms"], 1.0) for c, w in pairs]
     rss_ratios = [w["rss_peak_mb"] / c["rss_peak_mb"] for c, w in pairs]
     within = [w["p99_ms"] <= 2 * c["p99_ms"] + 1000 * HOSTILE_P99_SLACK_S for c, w in pairs]
+    ratios_ok = statistics.median(ratios) <= 2.0
     missed = [uncounted(w.get("hostile", {}).get("counts", {}), w["refused_by_reason"])
               for _c, w in pairs]
     checks = {
-        "p99_within_2x": sum(within) * 2 > rounds,
+        "p99_within_2x": ratios_ok,
         "rss_within_1.5x": statistics.median(rss_ratios) <= 1.5,
         "nothing_invalid_stored": not any(w["invalid_stored"] for _c, w in pairs),
         "refusals_counted": all(sum(w["refused_by_reason"].values()) > 0 and not m
@@ -864,9 +867,10 @@ async def hostile(base: Path, seconds: float, rounds: int = 1,
             "p99_ms_by_round": [[c["p99_ms"], w["p99_ms"]] for c, w in pairs],
             "ack_p99_ms_by_round": [[c["ack_p99_ms"], w["ack_p99_ms"]] for c, w in pairs],
             "load_by_round": loads,
-            # the issue's target as it reads (median ratio at most 2, no allowance); the
-            # check in ``targets`` adds HOSTILE_P99_SLACK_S per round
-            "p99_ratio_within_2x": statistics.median(ratios) <= 2.0,
+            # the issue's target as it reads (median ratio at most 2, no allowance), as
+            # in ``targets``; and, for a loaded machine, with HOSTILE_P99_SLACK_S more
+            "p99_ratio_within_2x": ratios_ok,
+            "p99_within_2x_plus_allowance": sum(within) * 2 > rounds,
             "hostile_nice": HOSTILE_NICE,
             "rss_ratio": round(statistics.median(rss_ratios), 2),
             "rss_ratios": [round(r, 2) for r in rss_ratios],
