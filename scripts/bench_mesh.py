@@ -6,8 +6,11 @@ publisher and the CPU the nodes used meanwhile, sustained fully-replicated recor
 second and its ratio to the machine's ceiling, copies received per record needed, and
 record signatures verified per record needed (a relay verifies each record once). Every node
 verifies every record it stores, so the mesh's throughput is bounded by the machine:
-the ceiling printed alongside is cores x raw verify rate / (nodes - 1). Last line: one
-JSON object.
+the ceiling printed alongside is cores x raw verify rate / (nodes - 1). So is the
+ceiling of a node's own storage pipeline, measured in the same run: strict decode,
+record id, verify and store (SQLite, in batches of ``--batch``) on one core, with no
+network at all, times cores / (nodes - 1) -- what the mesh could reach if sending,
+receiving and relaying cost nothing. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import aiohttp
 import nacl.bindings
+from bench_ingest import make_feeds, pipeline_limit  # scripts/ is on sys.path
 
 from citynode.cluster import Cluster, LocalNode
 from citynode.core.keys import DOMAIN_RECORD, SigningKey
@@ -313,10 +317,15 @@ def main() -> None:
                     "as JSON to PATH")
     args = ap.parse_args()
     raw = raw_verify_rate()
+    feeds = make_feeds(4000, 8)
+    pipe = pipeline_limit(feeds, args.batch)
     r = asyncio.run(run(args))
-    raw = max(raw, raw_verify_rate())  # before and after the run, as the rest is noisy
+    # before and after the run, as the rest is noisy
+    raw = max(raw, raw_verify_rate())
+    pipe = max(pipe, pipeline_limit(feeds, args.batch))
     cores = os.cpu_count() or 1
     ceiling = cores * raw / (args.nodes - 1)
+    pipe_ceiling = cores * pipe / (args.nodes - 1)
     print(f"{args.nodes} nodes, degree-3 mesh ({len(mesh_edges(args.nodes))} links), HTTPS")
     print(f"publish-to-all latency, idle: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms "
           "(targets 10 / 50 ms)")
@@ -338,6 +347,11 @@ def main() -> None:
     print(f"  machine ceiling (every node verifies every record): {cores} cores x "
           f"{raw:.0f} verify/s / {args.nodes - 1} = {ceiling:.0f} records/s")
     print(f"  ratio to the ceiling: {r['rate'] / ceiling:.3f} (target >= 0.6)")
+    print(f"  storage-pipeline ceiling (decode + id + verify + store, batches of "
+          f"{args.batch}, no network): {cores} cores x {pipe:.0f} records/s / "
+          f"{args.nodes - 1} = {pipe_ceiling:.0f} records/s, ratio "
+          f"{pipe_ceiling / ceiling:.3f} to the verify ceiling; the mesh reached "
+          f"{r['rate'] / pipe_ceiling:.3f} of it")
     print(f"record signatures verified per record needed: {r['verified']:.3f} (a relay "
           "verifies a record once: target <= 1.0)")
     print(f"copies received per record needed: {r['copies']:.2f} (target <= 1.2); fetched: "
@@ -359,6 +373,10 @@ def main() -> None:
         "records_per_s": round(r["rate"]),
         "ceiling_records_per_s": round(ceiling),
         "ratio_to_ceiling": round(r["rate"] / ceiling, 3),
+        "pipeline_per_s": round(pipe),
+        "pipeline_ceiling_records_per_s": round(pipe_ceiling),
+        "pipeline_ceiling_ratio": round(pipe_ceiling / ceiling, 3),
+        "ratio_to_pipeline_ceiling": round(r["rate"] / pipe_ceiling, 3),
         "verified_per_record": round(r["verified"], 3), "copies_per_record": round(r["copies"], 3),
         "fetched_per_record": {v: round(x, 3) for v, x in r["fetched"].items()},
         "duplicates_per_record": {v: round(x, 3) for v, x in r["dups"].items()},
