@@ -317,7 +317,7 @@ def main() -> None:
                     "as JSON to PATH")
     args = ap.parse_args()
     raw = raw_verify_rate()
-    feeds = make_feeds(4000, 8)
+    feeds = make_feeds(max(800, min(4000, args.records)), 8)
     pipe = pipeline_limit(feeds, args.batch)
     r = asyncio.run(run(args))
     # before and after the run, as the rest is noisy
