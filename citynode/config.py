@@ -121,6 +121,7 @@ class LimitsConfig:
     partner_requests_per_second: float = 50.0
     partner_request_burst: int = 200
     partner_loop_share: float = 0.05
+    partner_reconcile_ranges_per_second: float = 1024.0
     partner_max_in_flight: int = 8
     partner_max_pushes_in_flight: int = 2
     future_tolerance_seconds: int = 900
@@ -506,6 +507,13 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
              "most. A partner over it is answered 429 (over_loop_share) until it is back under, "
              "so that no partner's costly requests can slow what this node does for the "
              "others. An honest partner takes about 1%.", _range(0, 1, lo_open=True)),
+        _Key("partner_reconcile_ranges_per_second", "float", 1024.0, "Ranges of "
+             "reconciliation messages (POST /v1/reconcile) one partner may send per second "
+             "on average, with four messages of the most ranges (4 x 4096) saved up at "
+             "most. Each message is answered in one piece of this node's time, about 2 us "
+             "a range; beyond, it is answered 429 (reconcile_rate) before it is decoded. "
+             "Two nodes in sync exchange one range a session, a cold sync of thousands of "
+             "chains a few thousand.", _range(1, 1_000_000)),
         _Key("partner_max_in_flight", "int", 8, "Signed requests of one partner under way "
              "at once, at most (a node's client of a partner keeps at most 8); more are "
              "answered 429 (too_many_in_flight).", _range(1, 10_000)),

@@ -4,6 +4,8 @@ What they mean for replication is the replica's (through the gossip role)."""
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 from aiohttp import web
 
@@ -11,6 +13,7 @@ from citynode.core import sync
 from citynode.core.reconcile import MAX_MESSAGE_BYTES
 from citynode.errors import InvalidRecord
 from citynode.node import Node, PartnerLink
+from citynode.transport.limits import RECONCILE_RANGE_BURST
 from citynode.transport.web import (
     MSGPACK,
     NODE_KEY,
@@ -82,6 +85,7 @@ async def reconcile(request: web.Request) -> web.Response:
     link = node.partners.get(key)
     if link is None:  # removed while its request ran
         raise web.HTTPForbidden(text="not a partner of this node")
+    _limit_ranges(request, key, body)
     try:
         with charged(request):
             answer = node.gossip.on_reconcile(key, body)
@@ -89,6 +93,25 @@ async def reconcile(request: web.Request) -> web.Response:
         node.ingest_role.count_invalid(link, exc.reason, str(exc))
         raise
     return web.Response(body=answer, content_type=MSGPACK)
+
+
+def _limit_ranges(request: web.Request, key: bytes, body: bytes) -> None:
+    """Raise 429 ``reconcile_rate`` if the ranges this message announces (its array
+    header: read before anything is decoded) are over what the partner ``key`` may still
+    send ([limits] partner_reconcile_ranges_per_second, four full messages saved up at
+    most); the refusal is counted on the partner. A message is answered in one piece
+    of the event loop, so its ranges, not its count, are what it costs: answered back to
+    back, the largest held every other request back for milliseconds each."""
+    node = request.app[NODE_KEY]
+    rates = request.app[RATES_KEY]
+    rates.configure_ranges(node.config.limits.partner_reconcile_ranges_per_second,
+                           RECONCILE_RANGE_BURST)
+    n = sync.announced_length(body) or 1  # not an array: one (its decode refuses it)
+    wait = rates.take_ranges(key, n, time.monotonic())
+    if wait > 0.0:
+        refuse(request, key, "reconcile_rate",
+               f"more than {rates.ranges_rate:g} reconciliation ranges a second from this "
+               f"partner ({RECONCILE_RANGE_BURST} at once)", wait)
 
 
 def _frontier(node: Node, link: PartnerLink, body: bytes) -> sync.Frontier:

@@ -35,6 +35,16 @@ __all__ = ["WORK_BURST_S", "AddressCounts", "PartnerRates", "TokenBucket", "Work
 #: milliseconds.
 WORK_BURST_S = 0.25
 
+#: Ranges of reconciliation messages one partner may send a second, on average
+#: ([limits] partner_reconcile_ranges_per_second), and saved up at most (four messages
+#: of the most ranges one may hold, MAX_RANGES): each range costs the answering node
+#: about 2 us of its event loop in one piece, so a message of 4,096 held it about 8 ms,
+#: and a hostile partner sending them back to back (scripts/chaos --scenario hostile)
+#: stalled every honest request that came meanwhile. Two nodes in sync exchange one
+#: range a session; a cold sync of thousands of chains a few thousand.
+RECONCILE_RANGES_PER_S = 1024.0
+RECONCILE_RANGE_BURST = 4 * 4096
+
 
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
@@ -60,6 +70,16 @@ class TokenBucket:
         """Seconds until one token is there (0.0: one is there now). Takes nothing."""
         self._refill(now)
         return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
+
+    def take_n(self, n: int, now: float) -> float:
+        """Take ``n`` tokens (at most ``burst``: more are counted as ``burst``) and
+        return 0.0, or return the seconds until that many are there (taking nothing)."""
+        self._refill(now)
+        need = float(min(max(n, 1), self.burst))
+        if self._tokens >= need:
+            self._tokens -= need
+            return 0.0
+        return (need - self._tokens) / self.rate
 
     def take(self, now: float) -> float:
         """Take one token and return 0.0, or return the seconds until one is there
@@ -110,7 +130,9 @@ class PartnerRates:
         :data:`WORK_BURST_S` saved up at most); ``in_flight``: its requests under way
         at once, at most. Raises ValueError for limits out of range."""
         self.rate, self.burst, self.share, self.in_flight = 0.0, 0, 0.0, 0  # (configure)
+        self.ranges_rate, self.ranges_burst = RECONCILE_RANGES_PER_S, RECONCILE_RANGE_BURST
         self._buckets: dict[bytes, TokenBucket] = {}
+        self._ranges: dict[bytes, TokenBucket] = {}
         self._work: dict[bytes, WorkBudget] = {}
         self._busy: dict[tuple[bytes, str], int] = {}
         self.configure(rate, burst, share, in_flight)
@@ -173,12 +195,31 @@ class PartnerRates:
         """Spend one of ``key``'s tokens (0.0), or the seconds until it has one."""
         return self._bucket(key, now).take(now)
 
+    def configure_ranges(self, rate: float, burst: int) -> None:
+        """Take new reconciliation-range limits (a reloaded config): the buckets start
+        again, full. Raises ValueError for limits out of range."""
+        if (rate, burst) == (self.ranges_rate, self.ranges_burst):
+            return
+        TokenBucket(rate, burst, 0.0)
+        self.ranges_rate, self.ranges_burst = rate, burst
+        self._ranges.clear()
+
+    def take_ranges(self, key: bytes, n: int, now: float) -> float:
+        """Spend ``n`` of ``key``'s reconciliation-range tokens (0.0), or return the
+        seconds until it has them (spending nothing)."""
+        b = self._ranges.get(key)
+        if b is None:
+            b = self._ranges[key] = TokenBucket(self.ranges_rate, self.ranges_burst, now)
+        return b.take_n(n, now)
+
     def forget(self, keep: set[bytes]) -> None:
         """Drop the buckets and budgets of keys not in ``keep`` (partners removed)."""
         for key in [k for k in self._buckets if k not in keep]:
             del self._buckets[key]
         for key in [k for k in self._work if k not in keep]:
             del self._work[key]
+        for key in [k for k in self._ranges if k not in keep]:
+            del self._ranges[key]
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -325,3 +325,53 @@ async def test_a_frontier_announcing_too_many_entries_is_refused_before_its_body
         writer.close()
     assert a.node.metrics.rejected.labels("too_many_items")._value.get() == before + 2
     assert a.node.links[b.node.public_key].invalid == {"too_many_items": 2}
+
+
+async def test_a_partner_over_its_reconciliation_ranges_gets_429_and_is_counted(
+        inproc: Make) -> None:
+    """partner_reconcile_ranges_per_second: a message is answered in one piece of the
+    event loop, so the ranges a partner's messages announce are bounded (four of the
+    largest saved up). Past them a message is answered 429 ``reconcile_rate`` before
+    it is decoded, counted on the partner, with a Retry-After; once the bucket has
+    refilled, the partner is answered again."""
+    import os
+    import time
+
+    from citynode.core import reconcile
+    from citynode.transport.limits import RECONCILE_RANGE_BURST
+
+    a = await inproc("Jakarta", settings={
+        ("limits", "partner_reconcile_ranges_per_second"): 4096.0,
+        ("limits", "partner_loop_share"): 1.0})
+    b = await inproc("Surabaya")
+    await a.node.add_partner(b.url, b.node.node_id)
+    bounds = sorted({os.urandom(8) for _ in range(reconcile.MAX_RANGES)})
+    while len(bounds) < reconcile.MAX_RANGES:  # (8 random bytes: never in practice)
+        bounds = sorted(set(bounds) | {os.urandom(8)})
+    many = reconcile.encode_message(
+        [reconcile.Range(x, reconcile.FINGERPRINT, fp=os.urandom(16)) for x in bounds[:-1]]
+        + [reconcile.Range(None, reconcile.FINGERPRINT, fp=os.urandom(16))])
+    small = reconcile.encode_message([reconcile.Range(None, reconcile.FINGERPRINT,
+                                                      fp=b"\x00" * 16)])
+    client = PeerClient(b.node.key, a.url, node_id=a.node.node_id,
+                        fingerprint=a.node.identity.cert_fingerprint)
+    link = a.node.links[b.node.public_key]
+    try:
+        answered = 0
+        t0 = time.monotonic()
+        with pytest.raises(PeerRejected) as info:
+            for _ in range(RECONCILE_RANGE_BURST // reconcile.MAX_RANGES + 3):
+                await client.reconcile(many)
+                answered += 1
+        # the burst, and what refilled at 4,096 a second while they were answered
+        assert answered >= RECONCILE_RANGE_BURST // reconcile.MAX_RANGES, answered
+        assert answered <= (RECONCILE_RANGE_BURST // reconcile.MAX_RANGES
+                            + int(time.monotonic() - t0) + 1), answered
+        assert info.value.status == 429 and info.value.reason == "reconcile_rate"
+        assert info.value.retry_after_s is not None and info.value.retry_after_s >= 1
+        assert link.invalid.get("reconcile_rate") == 1
+        # a one-range message needs one token: it is answered once a little refilled
+        await asyncio.sleep(0.05)
+        assert isinstance(await client.reconcile(small), bytes)
+    finally:
+        await client.close()
