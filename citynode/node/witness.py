@@ -151,12 +151,25 @@ class Witness:
         died (``cosign.witness_keys``)."""
         return cs.witness_keys(witness, self.policy.keys.state(witness))
 
-    def known_witness(self, witness: bytes) -> bool:
-        """A cosignature is taken (and relayed) from a partner, a witness ``require``
-        names, or this node; anyone else's is dropped unchecked (``not_witness`` when
-        the sender sent it as its own)."""
-        return (witness == self.me or witness in self.require
-                or self.partners.get(witness) is not None)
+    def known_witness(self, witness: bytes, origin: bytes) -> bool:
+        """Whether this node has a reason to take (verify, keep and relay) a
+        cosignature by ``witness`` of a checkpoint of ``origin``: its own; one of a
+        witness ``[witness] require`` names (a partner or not: its cosignatures arrive
+        relayed); or one of a partner when this node takes part in witnessing, that is
+        it cosigns (``cosign = true``: witnesses meet, keep and pass on each other's
+        cosignatures) or ``origin`` is this node (it gathers its own checkpoints'
+        cosignatures, serves and relays them, and its bundles carry them). An origin
+        never witnesses its own checkpoint: it signed it already, and its cosignature
+        would stand for a second, independent observer. Anyone else's is dropped
+        unchecked (``not_witness``, counted when the sender sent it as its own)."""
+        if witness == self.me:
+            return True
+        if witness == origin:
+            return False
+        if witness in self.require:
+            return True
+        return ((self.config.witness.cosign or origin == self.me)
+                and self.partners.get(witness) is not None)
 
     def require_log_missing(self) -> list[str]:
         """The cn2 witnesses ``[witness] require`` names whose key log is not held (as
@@ -457,7 +470,7 @@ class Witness:
         rejected: dict[str, int] = {}
         for env in cc.cosignatures:
             wk = cs.cosignature_fields(env)
-            if wk is None or self.known_witness(wk[0]):
+            if wk is None or self.known_witness(wk[0], cp.origin):
                 to_open.append(env)
             elif src is not None and wk[0] == src:
                 self._refuse(src, "not_witness", rejected)
@@ -472,7 +485,7 @@ class Witness:
         fresh: list[tuple[bytes, bytes]] = []  # (witness, envelope) stored now
         for c, reason in opened:
             if c is not None:
-                if not self.known_witness(c.witness):
+                if not self.known_witness(c.witness, cp.origin):
                     reason = "not_witness"
                 elif c.key not in self.keys_of(c.witness) and not (
                         await self._learn_key(c.witness, src, fetched)

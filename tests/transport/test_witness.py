@@ -240,7 +240,10 @@ async def post(sender: InProc, to: InProc, body: bytes) -> dict[str, Any]:
 async def test_bad_cosignatures_are_refused_with_reasons_counted_on_the_partner(
         inproc: Make) -> None:
     off = {("witness", "cosign"): False}  # only the cosignatures posted here
-    a, w1, w2 = await three(inproc, w1=off, w2=off)
+    # W1 is a witness (of another origin only, so it cosigns nothing of A's): it takes
+    # its partners' cosignatures, and judges each.
+    elsewhere = {("witness", "cosign_for"): [SigningKey(b"\x0b" * 32).node_id]}
+    a, w1, w2 = await three(inproc, w1=elsewhere, w2=off)
     await a.node.publish("air", TYPE, [{"n": i} for i in range(3)])
     (cp,) = await a.node.checkpoints.checkpoint_now()
     now = a.node.now_ms()
@@ -291,6 +294,59 @@ async def test_bad_cosignatures_are_refused_with_reasons_counted_on_the_partner(
     out = await post(w2, w1, cs.CosignedCheckpoint(cp.envelope, (good.envelope,)).encode())
     assert out["stored"] == 0 and out["known"] == 1
     assert cosigners(w1, a, "air", 3) == {me2}
+
+
+async def test_a_cosignature_of_a_non_witness_is_refused_and_counted_on_its_sender(
+        inproc: Make) -> None:
+    """Review S1: W1 cosigns nothing and requires nobody, so it has no reason to take a
+    partner's cosignature: W2's own is refused ``not_witness`` before its signature is
+    checked, counted on W2, and neither stored nor relayed. A node never takes the
+    origin's cosignature of its own checkpoint either (it would pose as a second
+    observer), even from a witness it requires; while a witness it requires, or any
+    partner's when it is the origin, is taken."""
+    off = {("witness", "cosign"): False}
+    a, w1, w2 = await three(inproc, w1=off, w2=off)
+    me1, me2 = w1.node.public_key, w2.node.public_key
+    await a.node.publish("air", TYPE, [{"n": i} for i in range(3)])
+    (cp,) = await a.node.checkpoints.checkpoint_now()
+    now = a.node.now_ms()
+    own = cs.sign_cosignature(w2.node.key, me2, cp, now)
+    out = await post(w2, w1, cs.CosignedCheckpoint(cp.envelope, (own.envelope,)).encode())
+    assert out["rejected"] == {"not_witness": 1} and out["stored"] == 0, out
+    w2_link = w1.node.partners.get(me2)
+    assert w2_link is not None and w2_link.invalid == {"not_witness": 1}
+    assert not w1.node.witness.known_witness(me2, a.node.public_key)
+    assert w1.node.storage.cosignatures(a.node.public_key, "air") == []
+    assert w1.node.status()["witness"]["refused"] == {"not_witness": 1}
+    # The origin's cosignature of its own checkpoint: refused from the origin itself,
+    # counted on it; passed on by W2 (a relay), dropped and counted on nobody.
+    selfie = cs.sign_cosignature(a.node.key, a.node.public_key, cp, now).envelope
+    body = cs.CosignedCheckpoint(cp.envelope, (selfie,)).encode()
+    out = await post(a, w1, body)
+    assert out["rejected"] == {"not_witness": 1}, out
+    a_link = w1.node.partners.get(a.node.public_key)
+    assert a_link is not None and a_link.invalid == {"not_witness": 1}
+    out = await post(w2, w1, body)
+    assert out["rejected"] == {} and out["ignored"] == 1, out
+    assert w2_link.invalid == {"not_witness": 1}
+    # The origin takes its partners' cosignatures of its checkpoints (it serves and
+    # relays them), whatever its own [witness] settings.
+    out = await post(w2, a, cs.CosignedCheckpoint(cp.envelope, (own.envelope,)).encode())
+    assert out["stored"] == 1 and out["rejected"] == {}, out
+    assert cosigners(a, a, "air", cp.size) == {me2}
+    # A node requiring W2 takes its cosignature, but never the origin's own, even when
+    # it requires the origin too.
+    r = await inproc("Reader", settings={
+        ("witness", "require"): [w2.node.node_id, a.node.node_id],
+        ("witness", "quorum"): 1, ("witness", "cosign"): False})
+    await link(r, a)
+    await link(r, w2)
+    out = await post(a, r, body)
+    assert out["rejected"] == {"not_witness": 1}, out
+    out = await post(w2, r, cs.CosignedCheckpoint(cp.envelope, (own.envelope,)).encode())
+    assert out["rejected"] == {}, out
+    assert cosigners(r, a, "air", cp.size) == {me2}
+    assert me1 not in cosigners(r, a, "air", cp.size)
 
 
 async def test_a_witness_without_the_records_fetches_the_proof_and_refuses_a_bad_one(
