@@ -38,9 +38,11 @@ from citynode.core.chain import (
     verify_fork_proof,
 )
 from citynode.core.egress import EgressPolicy
-from citynode.core.keylog import identity_id, parse_identity_id
+from citynode.core.encoding import Limits
+from citynode.core.keybook import KeyBook
+from citynode.core.keylog import decode_log, identity_id, identity_of, parse_identity_id
 from citynode.core.keys import DOMAIN_RECORD, Verifier, node_id, parse_node_id
-from citynode.core.records import decode_record, open_record
+from citynode.core.records import decode_envelope, decode_record, open_record
 from citynode.errors import InvalidNodeId, InvalidProof, InvalidRecord, SignatureError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,18 +299,35 @@ def test_consistency_proof_vector(case: dict[str, Any]) -> None:
                                    if m != n - 1 else b"\0" * 32, new, path)
 
 
+def _held_log(case: dict[str, Any]) -> KeyBook:
+    """The key book of a checkpoint vector's verifier, as a node keeps it: the one key
+    log it holds (``log_hex``, offered for the identity its inception founds), or
+    none."""
+    book = KeyBook()
+    if case.get("log_hex") is not None:
+        log = bytes.fromhex(case["log_hex"])
+        ident = identity_of(decode_envelope(decode_log(log)[0], Limits())[0])
+        assert book.offer(ident, log, verifier=Verifier()).error is None
+    return book
+
+
 @pytest.mark.parametrize("case", CHECKPOINTS["checkpoints"], ids=lambda c: c["name"])
 def test_checkpoint_vector(case: dict[str, Any]) -> None:
     env = bytes.fromhex(case["envelope_hex"])
     expect = case["expect"]
+    states = _held_log(case).state
     if "error" in expect:
         with pytest.raises(InvalidRecord) as e:
-            cps.open_checkpoint(env, verifier=Verifier(), now_ms=case["now_ms"])
+            cps.open_checkpoint(env, verifier=Verifier(), now_ms=case["now_ms"],
+                                key_states=states)
         assert e.value.reason == expect["error"]
         return
-    cp = cps.open_checkpoint(env, verifier=Verifier(), now_ms=case["now_ms"])
-    assert (node_id(cp.origin), cp.feed, cp.size, cp.root.hex(), cp.time) == (
+    cp = cps.open_checkpoint(env, verifier=Verifier(), now_ms=case["now_ms"],
+                             key_states=states)
+    name = node_id(cp.origin) if cp.key is None else identity_id(cp.origin)
+    assert (name, cp.feed, cp.size, cp.root.hex(), cp.time) == (
         expect["origin"], expect["feed"], expect["size"], expect["root_hex"], expect["time"])
+    assert (cp.key.hex() if cp.key is not None else None) == expect.get("key_hex")
     assert cp.envelope == env
     assert cp.root == bytes.fromhex(CHECKPOINTS["trees"][cp.size]["root_hex"])
 

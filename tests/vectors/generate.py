@@ -28,15 +28,24 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import struct
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from citynode.core import encoding
 from citynode.core.cards import CardFeed, card_to_json, make_card
-from citynode.core.keys import DOMAIN_CARD, DOMAIN_CHECKPOINT, DOMAIN_RECORD, SigningKey, node_id
+from citynode.core.keys import (
+    DOMAIN_CARD,
+    DOMAIN_CHECKPOINT,
+    DOMAIN_RECORD,
+    NodeKey,
+    SigningKey,
+    node_id,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -1929,6 +1938,109 @@ def _signed_card(feeds: list[dict[str, Any]]) -> bytes:
     return signed_envelope(body, KEY_A.sign(DOMAIN_CARD, body))
 
 
+def _identity_vectors() -> ModuleType:
+    """generate_keylog.py, for the version 2 identity D of its worked example (K0 = A's
+    key, seed 01 * 32) and its events: the inception, R1 (K0 -> K1, K1 = B's key, air
+    head 10) and the recovery REC after R1 (K1 retired at air head 15, K4 in force)."""
+    spec = importlib.util.spec_from_file_location("citynode_keylog_vectors",
+                                                  HERE / "generate_keylog.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _log(*events: Any) -> bytes:
+    """A key log's wire bytes: the canonical array of the event envelopes."""
+    return enc([e.env for e in events])
+
+
+def _cn2_card(signer: SigningKey, node: bytes, **over: Any) -> bytes:
+    """A card envelope naming ``node`` (a cn2 identity D, unless told otherwise), with
+    the fields in ``over`` (``keylog`` among them; a value None leaves the field out),
+    signed as is by ``signer``."""
+    f: dict[str, Any] = {"feeds": [{"access": "public", "name": "air"}], "kind": "card",
+                         "name": "Example City", "node": node,
+                         "partners": [KEY_C.public_key], "software": "citynode/0.1.0",
+                         "time": T0, "tls": bytes(range(32)),
+                         "url": "https://node.example.org", "version": 2, **over}
+    body = enc({k: v for k, v in f.items() if v is not None})
+    return signed_envelope(body, signer.sign(DOMAIN_CARD, body))
+
+
+def cn2_card_cases(kv: ModuleType) -> tuple[list[tuple[str, str, bytes, str | None, Any]],
+                                             list[tuple[str, str, dict[str, Any], str, Any]]]:
+    """Cards of a cn2 node (docs/PROTOCOL.md, "Card body", "Verifying a card"): ``node``
+    is the identity D, ``keylog`` its key log, and the card is signed by the key in
+    force at the end of that log. Returns the open cases and the JSON cases."""
+    d, k = kv.D, kv.K
+    did = kv.cn2(d)
+    log1 = _log(kv.INC, kv.R1)  # K0 -> K1: K1 in force
+    # An event dated after now_ms + 900 s: the log is refused with the card.
+    late = kv.rotation(kv.INC, k[1], k[1], k[2], NOW + TOLERANCE_MS + 1, {})
+    other = kv.Ev(KEY_C, {"type": "inception", "seq": 0, "time": T0,
+                          "key": KEY_C.public_key, "next": kv.commit(k[2]),
+                          "recovery": kv.commit(kv.Q[0])})
+    good = _cn2_card(k[1], d, keylog=log1)
+    cn1_a = node_id(KEY_A.public_key)
+    open_cases: list[tuple[str, str, bytes, str | None, Any]] = [
+        ("cn2/valid", "A card of identity D (keylog.json 'example'): node = D, keylog = "
+         "[inception, R1], signed by K1, the key in force at the log's end; opened for "
+         "D's cn2 id.", good, did, "valid"),
+        ("cn2/valid-no-id", "The same card with no expected id.", good, None, "valid"),
+        ("cn2/signed-by-retired-key", "Signed by K0 (A's key), which R1 retired: the "
+         "embedded log does not name it as the key in force.",
+         _cn2_card(k[0], d, keylog=log1), did, err("bad_signature")),
+        ("cn2/signed-by-a-key-the-log-never-names", "Signed by a thief's key X, with D's "
+         "valid log.", _cn2_card(kv.X, d, keylog=log1), did, err("bad_signature")),
+        ("cn2/inception-alone", "Signed by K0 with the log [inception] alone: valid on "
+         "its own (K0 is in force at that log's end). A node that holds a longer log of "
+         "D judges the card by that log ('Using cards').",
+         _cn2_card(k[0], d, keylog=_log(kv.INC)), did, "valid"),
+        ("cn2/no-keylog", "node = D without a keylog, signed by K1: without a log the "
+         "card is checked against node as a key, and D is no key.",
+         _cn2_card(k[1], d), did, err("bad_signature")),
+        ("cn2/wrong-node", "The valid cn2 card, fetched for A's cn1 id.", good, cn1_a,
+         err("wrong_node")),
+        ("cn2/keylog-not-bin", "keylog as a string.", _cn2_card(k[1], d, keylog="log"),
+         did, err("bad_card")),
+        ("cn2/keylog-empty", "keylog as an empty bin.", _cn2_card(k[1], d, keylog=b""),
+         did, err("bad_card")),
+        ("cn2/keylog-not-a-log", "keylog the bytes 01: not an array of event envelopes.",
+         _cn2_card(k[1], d, keylog=b"\x01"), did, err("bad_field")),
+        ("cn2/keylog-of-another-identity", "A log whose inception does not hash to D.",
+         _cn2_card(KEY_C, d, keylog=_log(other)), did, err("wrong_identity")),
+        ("cn2/keylog-event-from-the-future", "A log whose rotation is dated 1 ms beyond "
+         "now_ms + 900 s (the card itself is dated T0).",
+         _cn2_card(k[1], d, keylog=_log(kv.INC, late)), did, err("future_time")),
+        ("cn2/keylog-on-a-key", "node = A's key (a cn1 card) with D's log: the log "
+         "does not fold from that node.", _cn2_card(k[1], KEY_A.public_key, keylog=log1),
+         None, err("wrong_identity")),
+        ("cn2/unknown-field", "The unknown-field rule holds for cn2 cards too: a field "
+         "outside the table.", _cn2_card(k[1], d, keylog=log1, keys=b"x"), did,
+         err("unknown_field")),
+    ]
+    card = make_card(NodeKey(k[1].seed, d, did, log1), name="Example City",
+                     url="https://node.example.org", tls_fingerprint=bytes(range(32)),
+                     feeds=[("air", "public")], partners=[KEY_C.public_key],
+                     software="citynode/0.1.0", now_ms=T0)
+    assert card.envelope == good  # make_card writes the body built here by hand
+    j = card_to_json(card)
+    bad_card = err("bad_card")
+    json_cases: list[tuple[str, str, dict[str, Any], str, Any]] = [
+        ("cn2/valid", "The JSON form of the cn2 card: node is D's cn2 id, keylog the "
+         "log's bytes in standard base64.", j, did, "valid"),
+        ("cn2/node-as-cn1", "node written as the cn1 form of D's 32 bytes.",
+         {**j, "node": node_id(d)}, did, bad_card),
+        ("cn2/keylog-left-out", "The readable form without its keylog member.",
+         {x: v for x, v in j.items() if x != "keylog"}, did, bad_card),
+        ("cn2/keylog-differs", "A keylog member that is not the signed log (the "
+         "inception alone).", {**j, "keylog": base64.b64encode(_log(kv.INC)).decode()},
+         did, bad_card),
+    ]
+    return open_cases, json_cases
+
+
 def cards_file() -> dict[str, Any]:
     card = make_card(KEY_A, name="Example City", url="https://node.example.org",
                      tls_fingerprint=bytes(range(32)),
@@ -1973,6 +2085,8 @@ def cards_file() -> dict[str, Any]:
         ("cadence-1.0", "That card with cadence_s 1.0.",
          {**one, "feeds": [{**one["feeds"][0], "cadence_s": 1.0}]}, bad_card),
     ]
+    json_cases.append(("version-true", "version true: a JSON boolean is not the integer "
+                       "2 signed.", {**j, "version": True}, bad_card))
     nid = node_id(KEY_A.public_key)
     bad_id = nid[:-1] + ("a" if nid[-1] != "a" else "b")
     open_cases: list[tuple[str, str, bytes, str | None, Any]] = [
@@ -2032,6 +2146,8 @@ def cards_file() -> dict[str, Any]:
                                       "terms_digest": bytes(32), "attribution": "\u00e9" * 512,
                                       "policy": bytes(32), "cadence_s": 604800}]),
                        None, "valid"))
+    cn2_open, cn2_json = cn2_card_cases(_identity_vectors())
+    open_cases += cn2_open
     return {
         "about": (
             "citynode node card vectors (docs/PROTOCOL.md, 'Node cards'). 'open': verify "
@@ -2043,7 +2159,9 @@ def cards_file() -> dict[str, Any]:
             "whose feed terms break a rule (bad_card) or sit on every bound (valid). "
             "'policy_digest': the egress policy settings of the example's air feed and "
             "its digest. 'terms_documents': documents checked against the cert feed's "
-            "terms_digest."
+            "terms_digest. 'cn2/*' cases are cards of a version 2 identity D (the one of "
+            "keylog.json 'example'): node = D, keylog = its key log, signed by the key in "
+            "force at the log's end."
         ),
         "generator": "tests/vectors/generate.py",
         "now_ms": NOW,
@@ -2061,8 +2179,10 @@ def cards_file() -> dict[str, Any]:
             for n, d, e, i, x in open_cases
         ],
         "json": [
-            {"name": n, "description": d, "json": v, "expected_node_id": nid, "expect": x}
-            for n, d, v, x in json_cases
+            *({"name": n, "description": d, "json": v, "expected_node_id": nid,
+               "expect": x} for n, d, v, x in json_cases),
+            *({"name": n, "description": d, "json": v, "expected_node_id": i, "expect": x}
+              for n, d, v, i, x in cn2_json),
         ],
     }
 
@@ -2169,6 +2289,66 @@ def liveness_cases(root7: bytes) -> list[dict[str, Any]]:
     ]
 
 
+def cn2_checkpoint_cases(kv: ModuleType, leaves: list[bytes]) -> list[dict[str, Any]]:
+    """Checkpoints of the version 2 identity D (feed air), each with the key log of D
+    the verifier holds (``log_hex``; null: none): a checkpoint names its signing key in
+    ``key``, verified by that key, whose key verdict at (air, size) in the held log must
+    be valid or before_key (docs/PROTOCOL.md, "Verifying a checkpoint")."""
+    d, k = kv.D, kv.K
+    log1 = _log(kv.INC, kv.R1)  # K0 -> K1 at air head 10
+    log_rec = _log(kv.INC, kv.R1, kv.REC)  # K1 retired at air head 15, K4 in force
+
+    def cp(signer: SigningKey, size: int, **over: Any) -> bytes:
+        f = {"feed": "air", "key": signer.public_key, "kind": "checkpoint", "origin": d,
+             "root": _mth(leaves[:size]) if size <= len(leaves) else _sha(b"%d" % size),
+             "size": size, "time": T0 + 60_000, "version": 1, **over}
+        body = enc({n: v for n, v in f.items() if v is not None})
+        return signed_envelope(body, signer.sign(DOMAIN_CHECKPOINT, body))
+
+    def ok(signer: SigningKey, size: int) -> dict[str, Any]:
+        return {"origin": kv.cn2(d), "key_hex": signer.public_key.hex(), "feed": "air",
+                "size": size, "root_hex": _mth(leaves[:size]).hex(), "time": T0 + 60_000}
+
+    cases: list[tuple[str, str, bytes, bytes | None, Any]] = [
+        ("cn2/key-in-force", "Signed by K1, in force in the held log [inception, R1] "
+         "(its window on air starts above 10): size 12.", cp(k[1], 12), log1,
+         ok(k[1], 12)),
+        ("cn2/new-key-vouches-for-older-records", "Signed by K1 at size 7, below the head "
+         "10 its window starts at: before_key, accepted.", cp(k[1], 7), log1, ok(k[1], 7)),
+        ("cn2/retired-key-at-its-head", "Signed by K0 at size 10: inside the window R1 "
+         "closed at air 10.", cp(k[0], 10), log1, ok(k[0], 10)),
+        ("cn2/retired-key-beyond-its-head", "Signed by K0 at size 11, beyond the head R1 "
+         "named.", cp(k[0], 11), log1, err("beyond_last_good")),
+        ("cn2/retired-key-on-a-feed-its-event-did-not-name", "Signed by K0 on feed water, "
+         "which R1 does not name: K0 signed nothing valid there.",
+         cp(k[0], 3, feed="water"), log1, err("beyond_last_good")),
+        ("cn2/stolen-key-after-recovery", "Signed by K1 at size 16, with the held log "
+         "[inception, R1, recovery]: the recovery kept K1's air records up to 15 only, "
+         "whatever time the checkpoint claims.", cp(k[1], 16, time=T0 + 1), log_rec,
+         err("beyond_last_good")),
+        ("cn2/key-in-force-after-recovery", "Signed by K4, in force after the recovery, "
+         "at size 13 (before_key: K4's window starts above 15).", cp(k[4], 13), log_rec,
+         ok(k[4], 13)),
+        ("cn2/key-the-log-does-not-name", "Signed by a thief's key X.", cp(kv.X, 12),
+         log1, err("unknown_key")),
+        ("cn2/no-log-held", "Signed by K1, but the verifier holds no log of D.",
+         cp(k[1], 12), None, err("unknown_key")),
+        ("cn2/signed-by-another-key-than-key", "key = K1, signed by K0: the signature is "
+         "checked by key, before any verdict.", cp(k[0], 12, key=k[1].public_key), log1,
+         err("bad_signature")),
+        ("cn2/no-key-field", "origin = D without key, signed by K1: checked against D as "
+         "a key, which it is not.", cp(k[1], 12, key=None), log1, err("bad_signature")),
+        ("cn2/key-31-bytes", "key of 31 bytes.", cp(k[1], 12, key=bytes(31)), log1,
+         err("bad_field")),
+        ("cn1-with-key-field", "A checkpoint of A's cn1 origin (its key) that names A's "
+         "key as key, signed by it: only a held log lets a key sign, and a cn1 origin has "
+         "none.", cp(KEY_A, 12, origin=KEY_A.public_key), None, err("unknown_key")),
+    ]
+    return [{"name": n, "description": desc, "envelope_hex": e.hex(), "now_ms": NOW,
+             "log_hex": None if log is None else log.hex(), "expect": x}
+            for n, desc, e, log, x in cases]
+
+
 def checkpoints_file() -> dict[str, Any]:
     leaves = [_sha(b"citynode vector leaf %d" % i) for i in range(13)]
     trees = [{"size": n, "root_hex": _mth(leaves[:n]).hex()} for n in range(14)]
@@ -2194,7 +2374,9 @@ def checkpoints_file() -> dict[str, Any]:
             "the Merkle tree hash of the first 'size' leaves, 'inclusion' PATH(index, "
             "D[size]) and 'consistency' PROOF(old_size, D[new_size]) of RFC 9162 (hashes "
             "in proof order). 'checkpoints' are envelopes signed with the checkpoint "
-            "domain prefix by node A, verified at now_ms; 'split_views' proofs hold two "
+            "domain prefix by node A, verified at now_ms (the 'cn2/*' ones by a key of the "
+            "version 2 identity D of keylog.json 'example', with 'log_hex' the key log of "
+            "the origin the verifier holds, null: none); 'split_views' proofs hold two "
             "valid checkpoints of one feed and size with different roots, in byte order. "
             "'liveness': a held statement, one offered, and the verdict (docs/PROTOCOL.md, "
             "'Liveness')."
@@ -2218,6 +2400,7 @@ def checkpoints_file() -> dict[str, Any]:
                                          kind="record").hex()},
             {"name": "root-not-32-bytes", "now_ms": NOW, "expect": err("bad_field"),
              "envelope_hex": _checkpoint(KEY_A, "air-quality", 7, root7[:31], T0).hex()},
+            *cn2_checkpoint_cases(_identity_vectors(), leaves),
         ],
         "liveness": liveness_cases(root7),
         "split_views": [
