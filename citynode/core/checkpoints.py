@@ -17,14 +17,17 @@ A **checkpoint** is a signed statement by an origin: "my feed F had N records an
 tree root was R at time T". Its body is a canonical msgpack map::
 
     feed     str      feed name (same rules as records)
+    key      bin(32)  optional: the signing key of a cn2 origin (one its key log holds)
     kind     str      "checkpoint"
-    origin   bin(32)  the signing node's Ed25519 public key
+    origin   bin(32)  a cn1 origin's Ed25519 public key (which signs), or a cn2
+                      origin's identity D (then ``key`` signs)
     root     bin(32)  MTH of the first ``size`` record ids of the feed
     size     int      number of leaves, 0 <= size < 2**62
     time     int      milliseconds since the Unix epoch, UTC
     version  int      1
 
-signed with Ed25519 over ``DOMAIN_CHECKPOINT || body``, in the envelope
+signed with Ed25519 (by ``key`` when present, else ``origin``) over
+``DOMAIN_CHECKPOINT || body``, in the envelope
 ``[body: bin, signature: bin(64)]`` exactly as records are. Two valid checkpoints of one
 origin and feed at the same size with different roots form a :class:`SplitViewProof`:
 the origin showed two different histories.
@@ -753,7 +756,9 @@ def open_checkpoint(
     Checks, cheapest first: envelope shape, strict canonical body within limits, every
     field (feed name rules as for records), time not beyond ``now_ms +
     future_tolerance_ms`` (skipped when ``now_ms`` is None, as for proofs read later),
-    then the signature over ``DOMAIN_CHECKPOINT || body`` by ``origin``. Raises
+    the signature over ``DOMAIN_CHECKPOINT || body`` by ``key`` (else ``origin``), then
+    ``key``'s verdict (no state of the origin, as for every cn1 origin:
+    ``unknown_key``). Raises
     :class:`InvalidRecord` or a subclass (:class:`EncodingError`,
     :class:`SignatureError`) with a ``reason``; nothing else.
     """

@@ -16,11 +16,13 @@ node requires (docs/PROTOCOL.md, "Cosignatures"; the decisions are core/cosign.p
 * A cosigned checkpoint from a partner (:meth:`Witness.ingest`): the checkpoint is
   taken as any checkpoint (the checkpoints role: a different root at a size held is a
   split view, kept as proof, alerted and forwarded), then each cosignature verified:
-  by a known witness (a partner, or a witness ``[witness] require`` names), with a key
-  accepted for it, about exactly that checkpoint. One of a witness this node does not
-  know is dropped before its signature is checked (counted ``not_witness`` only when
-  the sender claims it as its own). Only verified cosignatures of a checkpoint held
-  here are stored (and relayed); each refusal is counted on the partner by reason.
+  by a witness this node has a reason to take (:meth:`Witness.known_witness`: itself,
+  one ``[witness] require`` names, or a partner when this node cosigns or is the
+  origin; never the origin itself), with a key accepted for it, about exactly that
+  checkpoint. Any other is dropped before its signature is checked (refused
+  ``not_witness`` and counted only when the sender claims it as its own). Only
+  verified cosignatures of a checkpoint held here are stored (and relayed); each
+  refusal is counted on the partner by reason.
 * Trust: a checkpoint is trusted when cosignatures of at least ``[witness] quorum``
   distinct witnesses of ``[witness] require`` are held of it (:meth:`Witness.trust`).
 """
