@@ -20,7 +20,8 @@ node requires (docs/PROTOCOL.md, "Cosignatures"; the decisions are core/cosign.p
   one ``[witness] require`` names, or a partner when this node cosigns or is the
   origin; never the origin itself), with a key accepted for it, about exactly that
   checkpoint. Any other is dropped before its signature is checked (refused
-  ``not_witness`` and counted only when the sender claims it as its own). Only
+  ``not_witness`` when the sender claims it as its own; counted on the sender only
+  when the sender is the checkpoint's origin vouching for itself). Only
   verified cosignatures of a checkpoint held here are stored (and relayed); each
   refusal is counted on the partner by reason.
 * Trust: a checkpoint is trusted when cosignatures of at least ``[witness] quorum``
@@ -163,7 +164,8 @@ class Witness:
         cosignatures, serves and relays them, and its bundles carry them). An origin
         never witnesses its own checkpoint: it signed it already, and its cosignature
         would stand for a second, independent observer. Anyone else's is dropped
-        unchecked (``not_witness``, counted when the sender sent it as its own)."""
+        unchecked (``not_witness`` when the sender sent it as its own; counted on it only
+        when it is the origin)."""
         if witness == self.me:
             return True
         if witness == origin:
@@ -466,7 +468,7 @@ class Witness:
         # Cheaply, before any signature is checked: a cosignature of a witness this
         # node does not know is dropped. Passed on by a relay (a partner that knows the
         # witness), it says nothing against the relay and is not counted; claimed by the
-        # sender as its own, the sender is no witness here (``not_witness``, counted).
+        # sender as its own, the sender is no witness here (``not_witness``).
         to_open: list[bytes] = []
         ignored = 0
         rejected: dict[str, int] = {}
@@ -475,7 +477,14 @@ class Witness:
             if wk is None or self.known_witness(wk[0], cp.origin):
                 to_open.append(env)
             elif src is not None and wk[0] == src:
-                self._refuse(src, "not_witness", rejected)
+                # Refused ``not_witness`` in the answer either way; counted on the
+                # sender only when it is the checkpoint's origin vouching for itself,
+                # which no honest node does. An honest witness sends its cosignatures to
+                # every partner, and one that has no use for them (it neither cosigns
+                # nor requires that witness) is no fault of the sender's: counted, it
+                # raised invalid-input alerts on honest partners.
+                self._refuse(src if wk[0] == cp.origin else None, "not_witness",
+                             rejected)
             else:
                 ignored += 1
                 self.m_received.labels("ignored").inc()
