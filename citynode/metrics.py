@@ -61,6 +61,11 @@ class Metrics:
         )
         self.db_size = Gauge("citynode_db_size_bytes", "Size of the database file", registry=r)
         self.feeds = Gauge("citynode_feeds", "Feeds held (own and replicated)", registry=r)
+        self.own_forgeries = Gauge(
+            "citynode_own_forgeries", "Own feeds of which a record signed with this node's "
+            "key that it never signed was seen (the key may be stolen: citynode key recover)",
+            registry=r,
+        )
         self.liveness = Gauge(
             "citynode_feed_liveness", "Feeds held or heard of, by liveness state (live, "
             "silent, lagging, withheld, dead, unknown: docs/PROTOCOL.md, Liveness)",

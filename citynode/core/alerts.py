@@ -21,7 +21,10 @@ Conditions (``alert`` codes, stable):
 * ``disk_low``      free space of the data dir below the threshold, or the database
   refused a write for a full disk;
 * ``invalid_spike`` more input refused (records, messages) in the last minute than the
-  threshold.
+  threshold;
+* ``key_stolen``    records of an own feed signed with this node's key that it never
+  signed were seen (refused as ``own_forgery``): resolves when they no longer count
+  (an own key event, or a restart).
 """
 
 from __future__ import annotations
@@ -69,9 +72,11 @@ SIGNATURE_HEADER = "Citynode-Signature"
 #: receiver verifies it from the node id alone and checks the signature by its key in
 #: force.
 KEYLOG_HEADER = "Citynode-Key-Log"
-CODES = ("fork", "split_view", "partner_down", "feed_late", "disk_low", "invalid_spike")
+CODES = ("fork", "split_view", "partner_down", "feed_late", "disk_low", "invalid_spike",
+         "key_stolen")
 SEVERITY = {"fork": "critical", "split_view": "critical", "partner_down": "warning",
-            "feed_late": "warning", "disk_low": "critical", "invalid_spike": "warning"}
+            "feed_late": "warning", "disk_low": "critical", "invalid_spike": "warning",
+            "key_stolen": "critical"}
 #: Liveness states of an own feed that count as late against its cadence.
 LATE_STATES = frozenset({"silent", "dead"})
 #: The window of the invalid-input rate.
@@ -129,7 +134,9 @@ class Snapshot:
     """What the node sees at ``now_ms``. ``forks``: (origin node id, feed, seq, kind)
     of every proof held; ``started_ms``: when the node started (a partner never
     reached counts as down from then); ``free_percent``: of the data dir's file
-    system; ``invalid_last_minute``: input refused in the last minute."""
+    system; ``invalid_last_minute``: input refused in the last minute;
+    ``own_forgeries``: (feed, highest seq, sent by) of records of own feeds signed with
+    this node's key that it never signed."""
 
     now_ms: int
     started_ms: int
@@ -139,6 +146,7 @@ class Snapshot:
     free_percent: float = 100.0
     disk_full: bool = False
     invalid_last_minute: int = 0
+    own_forgeries: Sequence[tuple[str, int, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +188,12 @@ def conditions(s: Snapshot, t: Thresholds) -> list[Condition]:
                               "disk_full": s.disk_full},
                              f"disk {'full' if s.disk_full else 'nearly full'}: "
                              f"{s.free_percent:.1f}% free in the data dir"))
+    for feed, seq, sender in s.own_forgeries:
+        out.append(Condition("key_stolen", feed, {"feed": feed, "seq": seq, "from": sender},
+                             f"records signed with this node's key that it never signed "
+                             f"(own feed {feed!r} up to seq {seq}, from {sender}): the key "
+                             "may be stolen; run `citynode key recover` naming this node's "
+                             "own heads as --last-good"))
     if s.invalid_last_minute > t.invalid_per_minute:
         out.append(Condition("invalid_spike", "input",
                              {"count": s.invalid_last_minute, "window_s": 60,
@@ -212,6 +226,9 @@ def resolved_message(c: Condition, s: Snapshot | None, cleared_ms: int) -> str:
         if s is None:
             return "disk space back above the threshold in the data dir"
         return f"disk space back to {s.free_percent:.1f}% free in the data dir"
+    if c.code == "key_stolen":
+        return (f"no record of own feed {c.key!r} signed with a key this node did not "
+                "use counts any more (a key event of this node, or a restart)")
     if c.code == "invalid_spike":
         n = f"{s.invalid_last_minute} inputs" if s is not None else "inputs"
         return (f"{n} refused in the last minute, back under the threshold of "

@@ -14,6 +14,7 @@ Inputs (methods; each returns a list of actions, ``on_records`` also the outcome
 * ``on_card(node, partners, now)``: a verified, newer node card.
 * ``on_records(p | None, records, now, via)``: records the shell VERIFIED (a push, the
   answer to a Fetch, a graft, a local import); returns outcomes and actions.
+* ``mark_restored()``, ``mark_catching_up()``: own feeds may be behind partners'.
 * ``on_committed(records, source, now)``: the shell committed a Store.
 * ``on_push_result(p, dup, now)`` / ``on_push_failed(p, now)``: the Push in flight.
 * ``on_announce(p, heads, now)``: a partner's lazy push (heads only).
@@ -40,7 +41,7 @@ Actions (frozen dataclasses): :class:`Store`, :class:`Push`, :class:`Announce`,
 :class:`Fetch`, :class:`Graft`, :class:`SendSync`, :class:`Lookup`,
 :class:`StoreProof`, :class:`SendProof`, :class:`SendCheckpoint`, :class:`SendHeld`,
 :class:`WakeStreams`, :class:`Rejected`, :class:`ForkFound`, :class:`Paused`,
-:class:`Resumed`.
+:class:`Resumed`, :class:`Confirmed`, :class:`CaughtUp`, :class:`OwnForgery`.
 
 Rules kept from the node: trust policy and access policy are injected predicates;
 quota is charged only for records stored (each one, also those released from the
@@ -52,7 +53,12 @@ answer prunes the origin to lazy, a graft makes it eager again); a chain that pu
 are extending is not pulled; own-feed safety (a partner claiming later records of our
 own feed pauses publishing on it until they are here, or until an answer shows the claim
 false: a failed fetch proves nothing and keeps it paused; a fork proof against our own
-feed stops it for good; no signing before every partner's first round ended).
+feed stops it for good; no signing before every partner's first round ended). Only a
+node that may lack records of its own feeds (restored, or a new database: ``adopting``)
+takes them back from partners: any other node never signed a record of its own feed
+beyond its head, so one that arrives was signed with its key elsewhere (a stolen key):
+it is refused (``own_forgery``), kept as evidence in :attr:`Replica.own_forgeries`
+(:class:`OwnForgery`), and publishing goes on from the node's own head.
 
 Everything a partner claims is hostile until shown: claims on chains it may not be told
 of (``may_pass``) are ignored; what is kept per partner about chains not held here (its
@@ -89,10 +95,13 @@ from citynode.errors import ChainError, InvalidProof, PublishRefused
 __all__ = [
     "Action",
     "Announce",
+    "CaughtUp",
+    "Confirmed",
     "Fetch",
     "ForkFound",
     "Graft",
     "Lookup",
+    "OwnForgery",
     "Paused",
     "Push",
     "RecentIds",
@@ -310,15 +319,39 @@ class Resumed:
 
 @dataclass(frozen=True, slots=True)
 class Confirmed:
-    """A restored node's heads were confirmed by ``peer``'s first good round: the shell
-    clears the durable "restored" mark, and own feeds may be signed on again."""
+    """A restored node's heads were confirmed by ``peer``'s first good round: own feeds
+    may be signed on again (those still being fetched back stay paused). The durable
+    "restored" mark stays until :class:`CaughtUp`."""
 
     peer: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """A node that took back records of its own feeds from partners (restored, or a new
+    database) has caught up: its heads were confirmed (when restored), every partner's
+    first round since start ended and no claim on its own feeds is being fetched. The
+    shell clears the durable "restored" mark. From now on a record of an own feed
+    beyond its head is one it never signed (:class:`OwnForgery`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnForgery:
+    """``peer`` (None: local) sent a record of our own ``feed`` at ``seq``, validly
+    signed with our key, that this node never signed (it is beyond our head, and this
+    node is not catching up on its own feeds): our signing key is in other hands.
+    Refused (counted as ``own_forgery``); given once per feed each time the highest seq
+    seen grows."""
+
+    peer: bytes | None
+    feed: str
+    seq: int
+    record_id: bytes
+
+
 Action = (Store | Push | Announce | Fetch | Graft | SendSync | Lookup | StoreProof
           | SendProof | SendCheckpoint | SendHeld | WakeStreams | Rejected | ForkFound
-          | Paused | Resumed | Confirmed)
+          | Paused | Resumed | Confirmed | CaughtUp | OwnForgery)
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,6 +499,15 @@ class Replica:
         #: nothing, so nothing is signed on them until every partner's good round has
         #: confirmed the heads (:class:`Confirmed`). See :meth:`mark_restored`.
         self.restored = False
+        #: This node may lack records of its own feeds that partners hold (it was
+        #: restored, or its database is new): it takes them back. Cleared when caught up
+        #: (:class:`CaughtUp`). A node that is not adopting never stores a record of its
+        #: own feed beyond its head: it did not sign it (:class:`OwnForgery`).
+        self.adopting = False
+        #: feed -> (highest seq, partner, record id) of records of our own feeds signed
+        #: with our key that this node never signed (evidence of a stolen key).
+        self.own_forgeries: dict[str, tuple[int, bytes | None, bytes]] = {}
+        self._probes: dict[str, int] = {}  # own feed -> claimed seq fetched as evidence
         self._awaiting: set[bytes] = set()  # partners that have not confirmed yet
         self._confirmed_by: bytes | None = None  # the last partner that did
         self.chains = rc.ChainSet()
@@ -523,7 +565,22 @@ class Replica:
         removed no longer counts. With no partner at all nothing can confirm: the
         operator decides (``--accept-fork-risk``)."""
         self.restored = True
+        self.adopting = True
         self._awaiting = set(self.partners)
+
+    def mark_catching_up(self) -> None:
+        """This node may lack records of its own feeds (its database holds none: new, or
+        lost and made again): it takes back what partners hold of them, until every
+        partner's first round since start ended and no claim is being fetched
+        (:class:`CaughtUp`). Publishing waits for those first rounds anyway."""
+        self.adopting = True
+
+    def own_key_changed(self) -> None:
+        """This node signed a key event (a rotation or a recovery naming its own heads):
+        records beyond those heads signed with the retired key are refused by the key
+        log now, so the evidence kept of forgeries no longer stands for a live threat."""
+        self.own_forgeries.clear()
+        self._probes.clear()
 
     def awaiting_confirmation(self) -> list[bytes]:
         """Partners a restored node still waits for (empty when not restored)."""
@@ -533,6 +590,12 @@ class Replica:
         if self.restored and not self._awaiting and self._confirmed_by is not None:
             self.restored = False
             out.append(Confirmed(self._confirmed_by))
+        # The durable mark goes only once the records partners hold of our own feeds
+        # are here: a restart meanwhile must still take them back, not refuse them.
+        if (self.adopting and not self.restored and not self._own_claims
+                and not self.first_round_pending()):
+            self.adopting = False
+            out.append(CaughtUp())
 
     def first_round_pending(self) -> list[bytes]:
         """Partners whose first sync round since start has not ended (publishing waits)."""
@@ -898,6 +961,11 @@ class Replica:
                 out.append(Rejected(peer, "untrusted_origin", "origin not trusted"))
                 continue
             head = self.heads.get(key)
+            if (rec.origin == self.me and not self.adopting
+                    and rec.seq > (head.seq if head is not None else 0)):
+                self._forgery(peer, rec, out)
+                outcomes.append("rejected:own_forgery")
+                continue
             # At our head the id is known: an old copy is a duplicate, not a Lookup.
             d = classify(rec, head, head.id if head and rec.seq == head.seq else None)
             if d.verdict is Verdict.EXTENDS:
@@ -1037,6 +1105,8 @@ class Replica:
             mine = self.heads.get(key)
             if (mine is not None and mine.seq >= seq) or key in p.graft_pending:
                 continue
+            if key[0] == self.me and not self.adopting:
+                continue  # nothing of our own beyond our head is ours (see _consider)
             if not self.config.trusted(key[0]):
                 continue
             if len(p.graft_pending) >= self.config.max_grafts:
@@ -1203,6 +1273,8 @@ class Replica:
             mseq = mine.seq if mine else 0
             if key[0] == self.me:
                 self._own_claim(p, key[1], seq, head, mseq, now_ms, out)
+                if seq > mseq and not self.adopting:
+                    continue  # nothing of it beyond our head is ours: not pulled
             if seq > mseq:
                 if not self.config.trusted(key[0]) or self._over_quota(key, now_ms):
                     continue
@@ -1227,7 +1299,7 @@ class Replica:
             # publishing on that feed stays paused until it is here).
             self._awaiting.discard(p.key)
             self._confirmed_by = p.key
-            self._confirm_if_done(out)
+        self._confirm_if_done(out)
         p.failures = 0
         p.overflowed = False
         if not p.held_sent:  # the first GOOD round: one that failed sent nothing
@@ -1265,6 +1337,15 @@ class Replica:
             h = self.heads.get(w.key)
             have = h.seq if h else 0
             p = self.partners.get(peer)
+            if w.origin == self.me and not self.adopting:
+                # An evidence fetch (see _own_claim): a record shown was refused as a
+                # forgery on arrival; none shown (an answer, not a failure) is a claim
+                # the partner cannot back.
+                if self._probes.pop(w.feed, None) is not None and not failed and got == 0:
+                    out.append(Rejected(peer, "false_claim",
+                                        f"claims our feed {w.feed!r} up to seq {w.to_seq} "
+                                        "but does not show that record signed by us"))
+                continue
             own = w.origin == self.me and w.feed in self._own_claims
             if own and failed:
                 self._own_fetch_failed(w.feed, peer, target, have, now_ms)
@@ -1292,9 +1373,36 @@ class Replica:
 
     # ------------------------------------------------------------------ own feeds
 
+    def _forgery(self, peer: bytes | None, rec: Record, out: list[Action]) -> None:
+        """``rec``, of our own feed beyond our head, reached a node that is not catching
+        up on its own feeds: signed with our key, never by us. Refused and kept as
+        evidence; publishing goes on from our own head."""
+        out.append(Rejected(peer, "own_forgery",
+                            f"a record of this node's own feed {rec.feed!r} at seq "
+                            f"{rec.seq}, signed with its key, that it never signed (its "
+                            "head there is lower): the key may be stolen"))
+        old = self.own_forgeries.get(rec.feed)
+        if old is None or old[0] < rec.seq:
+            if old is None and len(self.own_forgeries) >= self.config.max_grafts:
+                return  # bounded: the evidence of a few feeds says enough
+            self.own_forgeries[rec.feed] = (rec.seq, peer, rec.id)
+            out.append(OwnForgery(peer, rec.feed, rec.seq, rec.id))
+
     def _own_claim(self, p: _Partner, feed: str, seq: int, head: bytes, have: int,
                    now_ms: int, out: list[Action]) -> None:
         if have >= seq:
+            return
+        if not self.adopting:
+            # We hold every record we signed: a claim beyond our head is either false
+            # or records signed with our key elsewhere. Publishing goes on from our
+            # head; the claimed record alone is fetched, as signed evidence either way.
+            seen = self.own_forgeries.get(feed)
+            if (seen is not None and seen[0] >= seq) or self._probes.get(feed, 0) >= seq:
+                return
+            if len(self._probes) >= self.config.max_grafts and feed not in self._probes:
+                return  # bounded; a later round asks again
+            self._probes[feed] = seq
+            out.append(Fetch(p.key, (Want(self.me, feed, seq, seq),), "own"))
             return
         claim = self._own_claims.get(feed)
         if self._own_targets.get(feed, 0) >= seq and (
@@ -1333,6 +1441,7 @@ class Replica:
         if have > seq or (h is not None and have == seq and h.id == head):
             del self._own_claims[feed]
             self._release_own_blocks(out)
+            self._confirm_if_done(out)
             return
         if have < seq and self.fetching.get((self.me, feed)) is None:
             del self._own_claims[feed]
@@ -1341,6 +1450,7 @@ class Replica:
                                 "show that record signed by us"))
             self._own_targets[feed] = have
             self._release_own_blocks(out)
+            self._confirm_if_done(out)
 
     def _release_own_blocks(self, out: list[Action]) -> None:
         for feed in list(self.own_blocked):

@@ -148,11 +148,20 @@ class Alerts:
         partners = [ca.PartnerSeen(link.row.node_id, link.row.name, link.up,
                                    link.last_ok_ms)
                     for link in list(self.partners.links.values())]
+        forged = [(feed, seq, self._sender(peer)) for feed, (seq, peer, _rid)
+                  in sorted(self.replica.own_forgeries.items())]
         free = await in_thread(_free_percent, self.data_dir)
         return ca.Snapshot(
             now_ms=now, started_ms=self._started_ms, partners=partners, own_feeds=own,
             forks=self._forks, free_percent=free, disk_full=self.storage.disk_full,
-            invalid_last_minute=self._rate.add(now, self.metrics.rejected_total()))
+            invalid_last_minute=self._rate.add(now, self.metrics.rejected_total()),
+            own_forgeries=forged)
+
+    def _sender(self, peer: bytes | None) -> str:
+        if peer is None:
+            return "local"
+        link = self.partners.get(peer)
+        return link.row.name if link is not None else self.names.name(peer)
 
     async def check(self) -> list[ca.Event]:
         """Take a snapshot, and queue an alert to every URL for each condition that

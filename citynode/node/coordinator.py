@@ -414,6 +414,9 @@ class Node:
         restored = await loop.run_in_executor(None, self.storage.restored)
         if restored is not None and accept_fork_risk:
             await asyncio.wrap_future(self.storage.clear_restored())
+            # Still behind, maybe: what partners hold of its own feeds is taken back
+            # (not refused as forgeries) until it caught up.
+            self.replica.mark_catching_up()
             log.warning("database restored, and --accept-fork-risk given: signing on own "
                         "feeds without a partner's confirmation", extra=fields(why=restored))
         elif restored is not None:
@@ -423,6 +426,12 @@ class Node:
         heads = await loop.run_in_executor(None, self.storage.heads)
         forks = await loop.run_in_executor(None, self.storage.fork_proofs)
         self.replica.load(heads, [(f.origin, f.feed, f.seq) for f in forks])
+        if not any(o == self.public_key for o, _f in heads):
+            # No record of its own feeds here (a new database, or one lost and made
+            # again): what partners hold of them may be its own, taken back until it
+            # caught up. Any other node holds every record it signed, so one of its own
+            # feeds beyond its head is refused as a forgery (core/replica.py).
+            self.replica.mark_catching_up()
         for f in forks:
             self.publisher.note_fork(f.origin, f.feed, f.seq)
         # Key logs first: a partner's requests verify with its log's key in force.
@@ -609,6 +618,7 @@ class Node:
             "own_blocked": dict(self.publisher.blocked),
             "own_forked": dict(self.publisher.forked),
             "restored_unconfirmed": self.replica.restored,
+            "own_forgeries": self._own_forgeries(),
             "restored_awaiting": [self._partner_name(k)
                                   for k in self.replica.awaiting_confirmation()],
             "partners": self.partners.status(),
@@ -642,4 +652,15 @@ class Node:
         if self.replica.restored:
             out["restored_awaiting"] = [self._partner_name(k)
                                         for k in self.replica.awaiting_confirmation()]
+        if self.replica.own_forgeries:
+            out["own_forgeries"] = self._own_forgeries()
         return ok, out
+
+    def _own_forgeries(self) -> dict[str, Any]:
+        """Own feeds of which a record signed with this node's key, never by this node,
+        was seen: the highest seq, who sent it, and what to do (empty: none)."""
+        return {feed: {"seq": seq, "record": rid.hex(),
+                       "from": self._partner_name(peer) if peer is not None else "local",
+                       "do": "the node key may be stolen: run `citynode key recover` "
+                             "naming this node's own heads as --last-good"}
+                for feed, (seq, peer, rid) in sorted(self.replica.own_forgeries.items())}

@@ -366,9 +366,21 @@ class Gossip:
         elif isinstance(a, rp.Resumed):
             log.info("publishing resumed", extra=fields(feed=a.feed))
         elif isinstance(a, rp.Confirmed):
-            self.storage.clear_restored()
             log.info("every partner confirmed this restored node's heads: publishing allowed",
                      extra=fields(partner=self.policy.name(a.peer)))
+        elif isinstance(a, rp.CaughtUp):
+            # Only now: a restart while own records were still being taken back must
+            # take the rest back too, not refuse them as records it never signed.
+            self.storage.clear_restored()
+            log.info("own feeds caught up with the partners: records of them beyond this "
+                     "node's heads are no longer taken back")
+        elif isinstance(a, rp.OwnForgery):
+            log.error("records signed with this node's key that it never signed: the key "
+                      "may be stolen; run `citynode key recover` naming this node's own "
+                      "heads as last good (refused, publishing goes on from this node's head)",
+                      extra=fields(feed=a.feed, seq=a.seq, record=a.record_id.hex(),
+                                   partner=self.policy.name(a.peer) if a.peer else None))
+            self.metrics.own_forgeries.set(len(self.replica.own_forgeries))
         else:
             self._send(a)
 

@@ -122,6 +122,21 @@ class KeyChanges:
         return {f: Head(h.seq, h.id) for (o, f), h in list(self.publisher.replica.heads.items())
                 if o == me and h.seq >= 1}
 
+    def _heads_held(self, heads: dict[str, Head]) -> None:
+        """In a worker thread: raise :class:`ConfigError` unless every head a rotation
+        would name is the record this node's own database holds at that seq. A key
+        event fixes its heads for good (a later recovery cannot name lower ones:
+        ``heads_regress``), so it names only records this node signed and stored, never
+        a head that came from anywhere else."""
+        me = self.key.identity
+        for feed, h in sorted(heads.items()):
+            if self.storage.id_at(me, feed, h.seq) != h.id:
+                raise ConfigError(
+                    f"not rotating: the head of own feed {feed!r} (seq {h.seq}) is not a "
+                    "record this node's database holds; a key event names only heads "
+                    "this node signed (see `citynode status`; if its key may be stolen, "
+                    "run `citynode key recover`)")
+
     async def newer_own_log(self) -> tuple[str, bytes, keylog.KeyState] | None:
         """The newest log of this node's own identity that a partner holds, when it
         goes further than the one in this data dir (``extends``: this data dir was
@@ -247,15 +262,20 @@ class KeyChanges:
                               "change keys with `citynode key recover`")
 
         async def step() -> keylog.KeyEvent:
+            heads = self._own_heads()
+            # Publishes queue their write before letting go of the feed: let it land.
+            await asyncio.wrap_future(self.storage.barrier())
+            await in_thread(self._heads_held, heads)
             after = SigningKey.generate()
             ev = keylog.rotate(state, nxt, after.public_key, max(self.now_ms(), state.time),
-                               self._own_heads())
+                               heads)
             wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
             await in_thread(write_key_change, self.data_dir, wire, nxt.seed, after.seed,
                             self.identity.passphrase, self.key.seed,
                             next_passphrase if next_seed is not None else None)
             self.key.switch(nxt.seed, wire)
             self.policy.own_log_changed()
+            self.publisher.replica.own_key_changed()
             return ev
 
         ev = await self.publisher.with_signing_stopped(step)
@@ -336,6 +356,7 @@ class KeyChanges:
                             None if on_disk else recovery_passphrase)
             self.key.switch(new.seed, wire)
             self.policy.own_log_changed()
+            self.publisher.replica.own_key_changed()
             return ev, q_next
 
         ev, q_next = await self.publisher.with_signing_stopped(step)

@@ -56,6 +56,20 @@ def test_feed_late_disk_low_invalid_spike_fork_and_split_view() -> None:
                              disk_full=True)) == ["disk_low:data_dir"]
 
 
+def test_key_stolen_says_what_to_do_and_resolves_when_the_evidence_goes() -> None:
+    s = ca.Snapshot(now_ms=NOW, started_ms=NOW, own_forgeries=[("air", 9, "Beta")])
+    (c,) = ca.conditions(s, T)
+    assert (c.id, ca.SEVERITY[c.code]) == ("key_stolen:air", "critical")
+    assert c.subject == {"feed": "air", "seq": 9, "from": "Beta"}
+    assert "records signed with this node's key that it never signed" in c.message
+    assert "citynode key recover" in c.message
+    tr = ca.Tracker()
+    assert [e.status for e in tr.update([c], NOW, s)] == ["firing"]
+    clear = ca.Snapshot(now_ms=NOW + 1, started_ms=NOW)
+    (ev,) = tr.update(ca.conditions(clear, T), NOW + 1, clear)
+    assert ev.status == "resolved" and "'air'" in ev.message
+
+
 def test_tracker_fires_once_and_resolves_once() -> None:
     tr = ca.Tracker()
     down = ca.Condition("partner_down", "cn1p", {"partner": "cn1p"}, "down")

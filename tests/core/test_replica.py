@@ -161,24 +161,52 @@ def test_announce_then_graft_after_delay() -> None:
 
 
 def test_publish_waits_for_first_rounds_and_own_feed_safety() -> None:
+    """A restored node: a partner's first round claims seq 5 of our feed, publishing
+    pauses and we fetch it; it shows nothing: a false claim, counted, publishing goes
+    on."""
     r = replica()
-    with pytest.raises(PublishRefused):
-        r.check_publish("mine")
-    for peer in (P, Q):
-        r.on_frontier(peer, {}, T)
     mine = chain(ME, 2, feed="mine")
-    acts = r.publish(mine, T)
-    assert of(rp.Store, acts)[0].durable  # type: ignore[attr-defined]
-    # A partner claims seq 5 of our feed: publishing pauses, we fetch it from them.
-    acts = r.on_frontier(P, {(ME.public_key, "mine"): (5, b"\x09" * 32)}, T)
-    assert of(rp.Paused, acts) and of(rp.Fetch, acts)
+    r.load({(ME.public_key, "mine"): (2, mine[1].id)})
+    r.mark_restored()
     with pytest.raises(PublishRefused):
         r.check_publish("mine")
-    # It shows nothing: a false claim, counted, and publishing resumes.
+    r.on_frontier(Q, {}, T)
+    acts = r.on_frontier(P, {(ME.public_key, "mine"): (5, b"\x09" * 32)}, T)
+    assert of(rp.Paused, acts) and of(rp.Fetch, acts) and of(rp.Confirmed, acts)
+    with pytest.raises(PublishRefused):
+        r.check_publish("mine")
     (fetch,) = of(rp.Fetch, acts)
     acts = r.on_fetch_done(P, fetch.wants, 0, T)  # type: ignore[attr-defined]
     assert [a.reason for a in of(rp.Rejected, acts)] == ["false_claim"]  # type: ignore[attr-defined]
+    assert of(rp.CaughtUp, acts) and not r.adopting  # the durable mark may go now
     r.check_publish("mine")
+    assert r.next_link("mine") == (3, mine[1].id)
+
+
+def test_a_node_never_restored_does_not_pause_on_a_claim_and_asks_for_evidence() -> None:
+    """A node that holds every record it signed (not restored, database not new): a
+    claim on its own feed beyond its head pauses nothing; the claimed record alone is
+    fetched, as evidence; none shown is a false claim."""
+    r = replica()
+    with pytest.raises(PublishRefused):
+        r.check_publish("mine")  # no signing before every partner's first round
+    _ready(r)
+    mine = chain(ME, 2, feed="mine")
+    acts = r.publish(mine, T)
+    assert of(rp.Store, acts)[0].durable  # type: ignore[attr-defined]
+    r.on_committed(mine, None, T)
+    acts = r.on_frontier(P, {(ME.public_key, "mine"): (5, b"\x09" * 32)}, T)
+    assert not of(rp.Paused, acts)
+    r.check_publish("mine")
+    (fetch,) = of(rp.Fetch, acts)
+    assert [(w.from_seq, w.to_seq) for w in fetch.wants] == [(5, 5)]  # type: ignore[attr-defined]
+    # The same claim again while it is asked: not asked twice; nothing pulled later.
+    assert not of(rp.Fetch, r.on_frontier(P, {(ME.public_key, "mine"): (5, b"\x09" * 32)}, T))
+    assert not of(rp.Fetch, r.tick(T + 60_000))
+    acts = r.on_fetch_done(P, fetch.wants, 0, T)  # type: ignore[attr-defined]
+    assert [a.reason for a in of(rp.Rejected, acts)] == ["false_claim"]  # type: ignore[attr-defined]
+    assert not of(rp.Fetch, acts) and not r.own_forgeries
+    assert r.next_link("mine") == (3, mine[1].id)
 
 
 def test_equivocation_becomes_a_proof_sent_to_partners() -> None:
@@ -248,10 +276,10 @@ def test_own_feed_claim_stays_paused_when_the_fetch_merely_failed() -> None:
     fail (timeout, network): that proves nothing, so publishing stays paused, the fetch
     is retried, and when the records come publishing resumes at the right seq."""
     r = replica(settle_ms=100, own_fetch_retries=2)
-    _ready(r)
     mine = chain(ME, 4, feed="mine")
-    r.publish(mine[:2], T)
-    r.on_committed(mine[:2], None, T)
+    r.load({(ME.public_key, "mine"): (2, mine[1].id)})
+    r.mark_restored()
+    r.on_frontier(Q, {}, T)
     acts = r.on_frontier(P, {(ME.public_key, "mine"): (4, mine[3].id)}, T)
     assert of(rp.Paused, acts)
     (fetch,) = of(rp.Fetch, acts)
@@ -372,18 +400,22 @@ def test_a_long_range_is_fetched_in_answers_of_at_most_batch() -> None:
 
 
 def test_own_feed_claim_longer_than_one_answer_is_not_called_false() -> None:
+    """A node whose database is new (lost and made again): it takes back what a
+    partner holds of its own feed, in several answers, then has caught up."""
     r = replica(batch=2)
-    for peer in (P, Q):
-        r.on_frontier(peer, {}, T)
+    r.mark_catching_up()
+    r.on_frontier(Q, {}, T)
     mine = chain(ME, 4, feed="mine")
     r.on_frontier(P, {(ME.public_key, "mine"): (4, mine[3].id)}, T)
     for step in range(2):
         part = mine[2 * step:2 * step + 2]
-        _, acts = r.on_records(P, part, T, "own")
+        outcomes, acts = r.on_records(P, part, T, "own")
+        assert outcomes == ["stored"] * 2
         r.on_committed(part, P, T)
         acts = r.on_fetch_done(P, [Want(ME.public_key, "mine", 2 * step + 1, 2 * step + 2)],
                                2, T)
         assert not of(rp.Rejected, acts)
+    assert of(rp.CaughtUp, acts) and not r.adopting
     r.check_publish("mine")  # caught up: publishing resumes
 
 
@@ -669,3 +701,88 @@ def test_a_busy_partner_is_retried_after_its_wait_without_a_failure_counted() ->
     assert r.partners[P].failures == 0 and r.partners[P].next_sync == T + 5000
     r.on_sync_failed(P, T)
     assert r.partners[P].failures == 1
+
+
+def test_records_of_its_own_feed_a_node_never_signed_are_refused_and_kept_as_evidence(
+        ) -> None:
+    """Review M3: a node that was not restored holds every record it signed, so a record
+    of its own feed beyond its head, validly signed with its key, is a forgery (its
+    key is in other hands): refused as own_forgery (counted on the partner that sent
+    it), never stored nor held pending; publishing goes on from the node's own head."""
+    r = replica(tree=False)
+    _ready(r)
+    mine = chain(ME, 2, feed="mine")
+    r.publish(mine, T)
+    r.on_committed(mine, None, T)
+    thief = [sign_record(ME, feed="mine", seq=3 + i, prev=p, time_ms=T - 1000 - i,
+                         type="org.example.Test", data={"n": -1})
+             for i, p in [(0, mine[1].id)]]
+    more = chain(ME, 2, feed="mine", start=4, prev=thief[0].id)
+    outcomes, acts = r.on_records(P, thief + more, T)
+    assert outcomes == ["rejected:own_forgery"] * 3
+    assert {(a.peer, a.reason) for a in of(rp.Rejected, acts)} == {(P, "own_forgery")}  # type: ignore[attr-defined]
+    assert not of(rp.Store, acts) and not of(rp.Push, acts)
+    assert [a.seq for a in of(rp.OwnForgery, acts)] == [3, 4, 5]  # type: ignore[attr-defined]
+    assert r.own_forgeries["mine"] == (5, P, more[1].id)
+    # One far ahead (a gap) is not held pending either.
+    far = chain(ME, 1, feed="mine", start=9, prev=b"\x05" * 32)
+    outcomes, acts = r.on_records(Q, far, T)
+    assert outcomes == ["rejected:own_forgery"] and len(r.pending) == 0
+    assert r.own_forgeries["mine"][:2] == (9, Q)
+    # A record seen again at no higher seq: counted, no new evidence given.
+    outcomes, acts = r.on_records(P, more[:1], T)
+    assert outcomes == ["rejected:own_forgery"] and not of(rp.OwnForgery, acts)
+    # The partners' claims at seqs already shown start no fetch and pause nothing.
+    acts = r.on_frontier(P, {(ME.public_key, "mine"): (5, more[1].id)}, T)
+    acts += r.on_announce(P, {(ME.public_key, "mine"): (5, more[1].id)}, T)
+    acts += r.tick(T + 60_000)
+    assert not of(rp.Fetch, acts) and not of(rp.Paused, acts)
+    # Publishing goes on from our own head, not the thief's.
+    r.check_publish("mine")
+    assert r.next_link("mine") == (3, mine[1].id)
+    ours = chain(ME, 1, feed="mine", start=3, prev=mine[1].id)
+    assert of(rp.Store, r.publish(ours, T))
+    # A key event of ours (the recovery naming our heads) retires that evidence.
+    r.own_key_changed()
+    assert not r.own_forgeries
+
+
+def test_a_restored_node_takes_its_records_back_then_refuses_what_it_never_signed(
+        ) -> None:
+    """A restored node takes back its own records partners hold (it may lack some it
+    signed), until its heads are confirmed and those records are here (CaughtUp: the
+    shell clears the durable mark then, not before); from then on a record beyond its
+    head is a forgery."""
+    r = replica(tree=False)
+    mine = chain(ME, 5, feed="mine")
+    r.load({(ME.public_key, "mine"): (2, mine[1].id)})
+    r.mark_restored()
+    r.on_frontier(Q, {}, T)
+    acts = r.on_frontier(P, {(ME.public_key, "mine"): (4, mine[3].id)}, T)
+    assert of(rp.Confirmed, acts) and not of(rp.CaughtUp, acts) and r.adopting
+    (fetch,) = of(rp.Fetch, acts)
+    outcomes, acts = r.on_records(P, mine[2:4], T, "own")
+    assert outcomes == ["stored"] * 2 and of(rp.Resumed, acts)
+    r.on_committed(mine[2:4], P, T)
+    acts = r.on_fetch_done(P, fetch.wants, 2, T)  # type: ignore[attr-defined]
+    assert of(rp.CaughtUp, acts) and not r.adopting
+    outcomes, acts = r.on_records(P, mine[4:], T)
+    assert outcomes == ["rejected:own_forgery"] and of(rp.OwnForgery, acts)
+
+
+def test_a_new_database_takes_back_own_records_until_the_first_rounds_end() -> None:
+    """A node whose database holds no record of its own (new, or lost and made again)
+    takes back what partners hold of its feeds until every partner's first round
+    ended; with no partner at all it has caught up at once."""
+    alone = rp.Replica(rp.ReplicaConfig(self_key=ME.public_key))
+    alone.mark_catching_up()
+    assert of(rp.CaughtUp, alone.tick(T)) and not alone.adopting
+    r = replica(tree=False)
+    r.mark_catching_up()
+    mine = chain(ME, 2, feed="mine")
+    outcomes, _acts = r.on_records(P, mine, T)  # pushed before any round ended
+    assert outcomes == ["stored"] * 2 and not of(rp.CaughtUp, r.tick(T))
+    r.on_committed(mine, P, T)
+    r.on_frontier(P, {}, T)
+    assert r.adopting
+    assert of(rp.CaughtUp, r.on_frontier(Q, {}, T)) and not r.adopting
