@@ -43,6 +43,9 @@ async def key_log_at(n: LocalNode, origin: str) -> keylog.KeyState | None:
 
 async def test_middle_city_rotates_while_publishing_and_nobody_repins(
         cluster: Cluster) -> None:
+    """B, in the middle of the line A-B-C, rotates while publishing; then A, at the end,
+    rotates too, so its new key log reaches C only through B (two hops). Everyone
+    follows, nobody re-pins, and no partner counts any input as invalid meanwhile."""
     a, b, c = cluster.create(["A", "B", "C"], settings=FAST)
     await cluster.start()
     for x, y in [(a, b), (b, c)]:
@@ -85,10 +88,32 @@ async def test_middle_city_rotates_while_publishing_and_nobody_repins(
     page = await c.api("GET", f"/v1/records?origin={b.node_id}&feed=test&limit=1000",
                        operator=True)
     assert [r["seq"] for r in page["records"]] == list(range(1, n + 1))
+    # The end city rotates between two publishes: C, two hops away, takes A's new log
+    # (through B) and A's records under both keys.
+    await a.publish("test", TYPE, [rec(i) for i in range(3)])
+    rc, out = await asyncio.to_thread(
+        cli, "key", "rotate", "-d", str(a.dir),
+        env={"CITYNODE_NEXT_KEY_PASSPHRASE": a.recovery_passphrase})
+    assert rc == 0, out
+    await a.publish("test", TYPE, [rec(i) for i in range(3, 6)])
+    await converge([a, b, c], expected({(b.node_id, "test"): n, (a.node_id, "test"): 6}),
+                   timeout=60)
+    st = await key_log_at(c, a.node_id)
+    assert st is not None and st.seq == 1 and len(st.keys) == 2
+    assert await partner_ids(c) == pins["C"]
+    # No partner counted anything as invalid through both switches.
+    for x, y in [(a, b), (b, a), (b, c), (c, b)]:
+        assert await _invalid_on(x, y) == {}, (x.name, y.name)
     await stop_all([a, b, c])
     for x in (a, b, c):
         rc, out = await asyncio.to_thread(cli, "check", "-d", str(x.dir))
         assert rc == 0, out
+
+
+async def _invalid_on(n: LocalNode, partner: LocalNode) -> dict[str, int]:
+    """What ``n`` counts as invalid input from ``partner``, by reason."""
+    rows = (await n.api("GET", "/v1/admin/partners"))["partners"]
+    return dict(next(p["invalid"] for p in rows if p["node_id"] == partner.node_id))
 
 
 async def _reached(n: LocalNode, origin: LocalNode, seq: int) -> bool:
@@ -136,10 +161,13 @@ async def _post_forged_checkpoint(thief: Any, to: LocalNode, honest: list[dict[s
 async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
         cluster: Cluster, tmp_path: Path) -> None:
     """B's key is stolen; the thief pushes forgeries to C (later seqs, earlier times)
-    and C takes them (the key is B's key in force). B recovers with its recovery file,
-    naming seq 6 as last good: every node drops the forgeries and refuses them when
-    pushed again, an audit of a bundle taken before the recovery flags them (given the
-    log after it), and B publishes on from seq 7 under its new key."""
+    and C takes them (the key is B's key in force), and relays them to A. B, which was
+    never restored, refuses them (own_forgery), says its key may be stolen and stays at
+    its own head (review M3). B recovers with its recovery file, naming seq 6 as last
+    good: every node drops the forgeries and refuses them when pushed again, by the
+    thief or relayed by honest C, an audit of a bundle taken before the recovery flags
+    them (given the log after it) and nothing else, and B publishes on from seq 7
+    under its new key."""
 
     from citynode.core.keys import NodeKey, parse_node_id, unseal_secret_key
     from citynode.transport.client import PeerClient
@@ -147,7 +175,7 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     a, b, c = cluster.create(["A", "B", "C"], settings={
         **FAST, ("checkpoints", "interval_seconds"): 1.0})
     await cluster.start()
-    for x, y in [(a, b), (b, c)]:
+    for x, y in [(a, b), (b, c), (a, c)]:
         await cluster.link(x, y)
     await b.publish("test", TYPE, [rec(i) for i in range(6)])
     await converge([a, b, c], expected({(b.node_id, "test"): 6}), timeout=60)
@@ -167,6 +195,22 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
         await client.close()
     assert out["accepted"] == 3, out  # the key is B's key in force: C cannot tell yet
     await eventually(lambda: _reached(c, b, 9), timeout=10)
+    # B never signed them and was not restored: it refuses them (from A, which C relayed
+    # them to, or fetched from C as evidence of C's claim), keeps its own head, and
+    # says what to do; its status and metrics show it.
+    async def b_saw_forgeries() -> bool:
+        status = await b.api("GET", "/v1/admin/status")
+        return status["own_forgeries"].get("test", {}).get("seq") == 9
+
+    await eventually(b_saw_forgeries, timeout=30)
+    status = await b.api("GET", "/v1/admin/status")
+    assert "citynode key recover" in status["own_forgeries"]["test"]["do"]
+    assert status["own_blocked"] == {} and await _at(b, b, 6)
+    refused = {p["name"]: p["invalid"].get("own_forgery", 0)
+               for p in (await b.api("GET", "/v1/admin/partners"))["partners"]}
+    assert sum(refused.values()) >= 1, refused
+    assert "citynode_own_forgeries 1.0" in (await b.api("GET", "/metrics", raw=True)).decode()
+    assert "records signed with this node's key that it never signed" in b.tail_log(200)
     # ... and a checkpoint of the nine, signed now: C takes it as B's newest liveness
     # statement (an honest one of fewer records would then be "smaller").
     await _post_forged_checkpoint(thief, c, page["records"], forged)
@@ -198,6 +242,7 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
             st = await key_log_at(x, b.node_id)
             seen[x.name] = (None if st is None else st.seq, await x.feeds(), x.tail_log(8))
         pytest.fail(f"the forgeries were not dropped everywhere: {seen}")
+    assert (await b.api("GET", "/v1/admin/status"))["own_forgeries"] == {}
     # Pushed again (the thief still signs requests with the stolen key): refused, at
     # the request (the stolen key no longer signs for B) or as records.
     client = PeerClient(thief, c.url, node_id=c.node_id, fingerprint=c.fingerprint)
@@ -206,6 +251,19 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
             await client.push(forged)
     finally:
         await client.close()
+    # Relayed by an honest partner (C signs the push with its own key): the records
+    # themselves are judged, refused at A as beyond the last-good head, counted on C.
+    before = (await _invalid_on(a, c)).get("beyond_last_good", 0)
+    relay = NodeKey(unseal_secret_key((c.dir / "node.key").read_bytes(), None),
+                    parse_node_id(c.node_id), c.node_id, (c.dir / "keylog").read_bytes())
+    client = PeerClient(relay, a.url, node_id=a.node_id, fingerprint=a.fingerprint)
+    try:
+        out = await client.push(forged)
+    finally:
+        await client.close()
+    assert out["accepted"] == 0 and out["rejected"] == [
+        [i, "beyond_last_good"] for i in range(3)], out
+    assert (await _invalid_on(a, c)).get("beyond_last_good", 0) == before + 3
     # B publishes on under its new key; everyone takes it after the honest six.
     await b.publish("test", TYPE, [rec(100)])
     await converge([a, b, c], expected({(b.node_id, "test"): 7}), timeout=60)
@@ -222,6 +280,9 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     report = json.loads(text)
     bad = [f for f in report["findings"] if f["kind"] == "beyond_last_good"]
     assert sorted(f["seq"] for f in bad) == [7, 8, 9], report["findings"]
+    # ... and nothing about the honest records up to the last-good head.
+    assert not [f for f in report["findings"]
+                if f.get("seq") is not None and f["seq"] <= 6], report["findings"]
     assert [e["type"] for e in report["key_history"]] == ["inception", "recovery"]
     assert "WARNING" not in report["key_log"]["note"] and report["key_log"]["given"]
     # Without the newer log the same bundle verifies: only the recovery reveals them,
