@@ -504,6 +504,10 @@ class Replica:
         #: (:class:`CaughtUp`). A node that is not adopting never stores a record of its
         #: own feed beyond its head: it did not sign it (:class:`OwnForgery`).
         self.adopting = False
+        #: This process signs the node's own records (it leads the processes sharing a
+        #: database; always, alone). One that does not leaves records of own feeds
+        #: beyond its heads to the leader, which takes them back or judges them.
+        self.signing = True
         #: feed -> (highest seq, partner, record id) of records of our own feeds signed
         #: with our key that this node never signed (evidence of a stolen key).
         self.own_forgeries: dict[str, tuple[int, bytes | None, bytes]] = {}
@@ -961,11 +965,14 @@ class Replica:
                 out.append(Rejected(peer, "untrusted_origin", "origin not trusted"))
                 continue
             head = self.heads.get(key)
-            if (rec.origin == self.me and not self.adopting
-                    and rec.seq > (head.seq if head is not None else 0)):
-                self._forgery(peer, rec, out)
-                outcomes.append("rejected:own_forgery")
-                continue
+            if rec.origin == self.me and rec.seq > (head.seq if head is not None else 0):
+                if not self.signing:
+                    outcomes.append("ignored")  # the leader's to take back or refuse
+                    continue
+                if not self.adopting:
+                    self._forgery(peer, rec, out)
+                    outcomes.append("rejected:own_forgery")
+                    continue
             # At our head the id is known: an old copy is a duplicate, not a Lookup.
             d = classify(rec, head, head.id if head and rec.seq == head.seq else None)
             if d.verdict is Verdict.EXTENDS:

@@ -105,6 +105,8 @@ class Node:
         )
         self.replica = Replica(replica_config(config, self.public_key, lambda: self.policy,
                                               self._partner_name))
+        # Processes sharing a database: own records are the leader's (_lead_gained).
+        self.replica.signing = not storage.shared
         self.partners = Partners(config=config, key=self.key, storage=storage,
                                  metrics=self.metrics, clock=clock, now_ms=self.now_ms,
                                  spawn=self.spawn)
@@ -278,6 +280,7 @@ class Node:
         await asyncio.wrap_future(self.storage.barrier())
         await self._own_heads_as_stored()
         await self._refresh_heads()
+        self.replica.signing = True
         if not self._background:
             return
         spawn = self._spawn_singleton
@@ -359,6 +362,7 @@ class Node:
         self.checkpoints.rewind(origin, feed, seq)
 
     def _lead_lost(self) -> None:
+        self.replica.signing = False
         for t in list(self._singletons):
             t.cancel()
 

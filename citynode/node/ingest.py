@@ -442,10 +442,6 @@ class Ingest:
                 self.on_new_feed(source)  # a feed newer than the card we hold: refresh
             recs.append(item)
             index.append(i)
-        if self.storage.shared and not self.replica.adopting:
-            res.loop_s += time.perf_counter() - t0
-            await self._own_heads_from_database(recs, now)
-            t0 = time.perf_counter()
         outcomes, actions = self.replica.on_records(
             source.key if source is not None else None, recs, now, via)
         for i, rec, outcome in zip(index, recs, outcomes, strict=True):
@@ -470,22 +466,6 @@ class Ingest:
         # only after both were verified.
         self._labelled(self.metrics.duplicates, via).inc(res.duplicates)
         return res
-
-    async def _own_heads_from_database(self, recs: Sequence[Record], now: int) -> None:
-        """Processes sharing one database: another process (the leader) signs our own
-        records, and this one's heads learn of them a moment later (LISTEN/NOTIFY). A
-        record of an own feed beyond the head here is judged against the database's
-        head first, so one the leader signed is never taken for a forgery."""
-        me = self.replica.me
-        keys = {(r.origin, r.feed) for r in recs if r.origin == me and r.seq > (
-            h.seq if (h := self.replica.head((r.origin, r.feed))) is not None else 0)}
-        if not keys:
-            return
-        held = await in_thread(lambda: {k: self.storage.head(*k) for k in keys})
-        newer = {k: v for k, v in held.items() if v is not None and (
-            (h := self.replica.head(k)) is None or h.seq < v[0])}
-        if newer:
-            await self.execute(self.replica.advance_heads(newer, now))
 
     async def _erased(self, verified: list[tuple[int, Record | InvalidRecord]]
                       ) -> dict[bytes, bytes]:

@@ -786,3 +786,16 @@ def test_a_new_database_takes_back_own_records_until_the_first_rounds_end() -> N
     r.on_frontier(P, {}, T)
     assert r.adopting
     assert of(rp.CaughtUp, r.on_frontier(Q, {}, T)) and not r.adopting
+
+
+def test_a_process_that_does_not_sign_leaves_its_own_records_beyond_its_head_alone(
+        ) -> None:
+    """Processes sharing a database: only the leader signs, takes back or judges records
+    of the node's own feeds beyond its heads; another process ignores them (no store,
+    no forgery counted: the leader's heads may simply be ahead of its own)."""
+    r = replica(tree=False)
+    _ready(r)
+    r.signing = False
+    mine = chain(ME, 2, feed="mine")
+    outcomes, acts = r.on_records(P, mine, T)
+    assert outcomes == ["ignored"] * 2 and not acts and not r.own_forgeries
