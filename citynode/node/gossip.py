@@ -375,11 +375,13 @@ class Gossip:
             log.info("own feeds caught up with the partners: records of them beyond this "
                      "node's heads are no longer taken back")
         elif isinstance(a, rp.OwnForgery):
+            link = self.partners.get(a.peer) if a.peer is not None else None
             log.error("records signed with this node's key that it never signed: the key "
                       "may be stolen; run `citynode key recover` naming this node's own "
                       "heads as last good (refused, publishing goes on from this node's head)",
                       extra=fields(feed=a.feed, seq=a.seq, record=a.record_id.hex(),
-                                   partner=self.policy.name(a.peer) if a.peer else None))
+                                   partner=link.row.name if link is not None
+                                   else self.policy.name(a.peer) if a.peer else "local"))
             self.metrics.own_forgeries.set(len(self.replica.own_forgeries))
         else:
             self._send(a)
