@@ -686,7 +686,10 @@ class Replica:
     def cut(self, key: FeedKey, head: tuple[int, bytes] | None) -> None:
         """Storage dropped chain ``key``'s records above ``head`` (records its origin's
         key log now refuses: a stolen key's, cut off by a recovery); the head goes back
-        to ``head``, or the chain is forgotten (None)."""
+        to ``head``, or the chain is forgotten (None). The ids recently stored are
+        forgotten too (rare: a recovery): a copy of a dropped record arriving again is
+        verified, and refused, not answered as a duplicate held."""
+        self._recent.clear()
         if head is not None:
             self._set_head(key, *head)
         elif key in self.heads:

@@ -799,3 +799,17 @@ def test_a_process_that_does_not_sign_leaves_its_own_records_beyond_its_head_alo
     mine = chain(ME, 2, feed="mine")
     outcomes, acts = r.on_records(P, mine, T)
     assert outcomes == ["ignored"] * 2 and not acts and not r.own_forgeries
+
+
+def test_records_cut_by_a_recovery_are_not_taken_for_duplicates_when_they_come_again(
+        ) -> None:
+    """A recovery drops a stolen key's records (Replica.cut): their copies arriving
+    again must reach verification (and be refused there), not be answered as held."""
+    r = replica(tree=False)
+    recs = chain(ORIGIN, 3)
+    r.on_records(P, recs, T)
+    r.on_committed(recs, P, T)
+    assert r.known(recs[2].id)
+    r.cut((ORIGIN.public_key, "f"), (1, recs[0].id))
+    assert not r.known(recs[1].id) and not r.known(recs[2].id)
+    assert r.on_records(Q, recs[1:], T)[0] == ["stored", "stored"]

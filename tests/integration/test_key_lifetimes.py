@@ -195,6 +195,7 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
         await client.close()
     assert out["accepted"] == 3, out  # the key is B's key in force: C cannot tell yet
     await eventually(lambda: _reached(c, b, 9), timeout=10)
+    await eventually(lambda: _reached(a, b, 9), timeout=30)  # C relayed them to A
     # B never signed them and was not restored: it refuses them (from A, which C relayed
     # them to, or fetched from C as evidence of C's claim), keeps its own head, and
     # says what to do; its status and metrics show it.
@@ -252,7 +253,8 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     finally:
         await client.close()
     # Relayed by an honest partner (C signs the push with its own key): the records
-    # themselves are judged, refused at A as beyond the last-good head, counted on C.
+    # themselves are judged (A held them before the recovery: not answered as copies
+    # held), refused at A as beyond the last-good head, counted on C.
     before = (await _invalid_on(a, c)).get("beyond_last_good", 0)
     relay = NodeKey(unseal_secret_key((c.dir / "node.key").read_bytes(), None),
                     parse_node_id(c.node_id), c.node_id, (c.dir / "keylog").read_bytes())
