@@ -57,7 +57,7 @@ from citynode.metrics import Metrics
 from citynode.node._base import in_thread
 from citynode.node.alerts import Alerts
 from citynode.node.checkpoints import Checkpoints
-from citynode.node.gossip import Gossip, Progress, replica_config
+from citynode.node.gossip import CATCHING_UP, Gossip, Progress, replica_config
 from citynode.node.ingest import Ingest
 from citynode.node.keychange import KeyChanges
 from citynode.node.leader import Leader, own_address
@@ -340,6 +340,14 @@ class Node:
                       "partners' confirmation before signing", extra=fields(why=why))
         return why
 
+    async def _catching_up(self, held: bytes | None, why: str) -> None:
+        """Take back records of own feeds from partners until caught up, also across a
+        restart (a durable mark, :data:`CATCHING_UP`, emptied at CaughtUp)."""
+        self.replica.mark_catching_up()
+        if not held:
+            await asyncio.wrap_future(self.storage.set_meta(CATCHING_UP, why.encode(),
+                                                            durable=True))
+
     def _lost_on_rewind(self, stored: Mapping[tuple[bytes, str], tuple[int, bytes]]
                         ) -> None:
         """A write failed and heads go back to the database's: the database may be
@@ -416,11 +424,12 @@ class Node:
         mark instead (the operator's explicit choice)."""
         loop = asyncio.get_running_loop()
         restored = await loop.run_in_executor(None, self.storage.restored)
+        catching = await loop.run_in_executor(None, self.storage.get_meta, CATCHING_UP)
         if restored is not None and accept_fork_risk:
             await asyncio.wrap_future(self.storage.clear_restored())
             # Still behind, maybe: what partners hold of its own feeds is taken back
             # (not refused as forgeries) until it caught up.
-            self.replica.mark_catching_up()
+            await self._catching_up(catching, "restored, started with --accept-fork-risk")
             log.warning("database restored, and --accept-fork-risk given: signing on own "
                         "feeds without a partner's confirmation", extra=fields(why=restored))
         elif restored is not None:
@@ -430,12 +439,13 @@ class Node:
         heads = await loop.run_in_executor(None, self.storage.heads)
         forks = await loop.run_in_executor(None, self.storage.fork_proofs)
         self.replica.load(heads, [(f.origin, f.feed, f.seq) for f in forks])
-        if not any(o == self.public_key for o, _f in heads):
+        if not any(o == self.public_key for o, _f in heads) or catching:
             # No record of its own feeds here (a new database, or one lost and made
-            # again): what partners hold of them may be its own, taken back until it
-            # caught up. Any other node holds every record it signed, so one of its own
-            # feeds beyond its head is refused as a forgery (core/replica.py).
-            self.replica.mark_catching_up()
+            # again), or a start before it caught up: what partners hold of them may be
+            # its own, taken back until it caught up. Any other node holds every record
+            # it signed, so one of its own feeds beyond its head is refused as a forgery
+            # (core/replica.py).
+            await self._catching_up(catching, "no record of its own feeds held at start")
         for f in forks:
             self.publisher.note_fork(f.origin, f.feed, f.seq)
         # Key logs first: a partner's requests verify with its log's key in force.

@@ -42,9 +42,15 @@ from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
 from citynode.storage import Storage
 
-__all__ = ["Gossip", "Progress", "replica_config"]
+__all__ = ["CATCHING_UP", "Gossip", "Progress", "replica_config"]
 
 log = logging.getLogger("citynode.node")
+
+#: Meta key: this node takes back records of its own feeds that partners hold (its
+#: database held none at a start, or it was restored and started with
+#: --accept-fork-risk) until it caught up; empty once caught up. (The "restored" mark
+#: covers a restore: it goes at the same moment.)
+CATCHING_UP = "own-catching-up"
 
 Progress = Callable[[int, int], None]
 
@@ -372,6 +378,7 @@ class Gossip:
             # Only now: a restart while own records were still being taken back must
             # take the rest back too, not refuse them as records it never signed.
             self.storage.clear_restored()
+            self.storage.set_meta(CATCHING_UP, b"", durable=True)
             log.info("own feeds caught up with the partners: records of them beyond this "
                      "node's heads are no longer taken back")
         elif isinstance(a, rp.OwnForgery):

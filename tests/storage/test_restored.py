@@ -3,6 +3,7 @@ own feeds until a partner confirms its heads (issue 16: a stale copy re-signed s
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -73,3 +74,37 @@ async def test_a_restored_node_refuses_to_sign_unless_the_operator_takes_the_ris
     assert await _publish_refused(d)  # still marked: refusing is not confirming
     assert not await _publish_refused(d, accept_fork_risk=True)
     assert not await _publish_refused(d)  # the mark is gone for good
+
+
+async def test_a_node_that_held_no_own_record_takes_them_back_until_caught_up_across_restarts(
+        tmp_path: Path) -> None:
+    """Review M3: only a node that may lack records of its own feeds takes them back from
+    partners. One whose database held none at a start (new, or lost and made again)
+    does, until it has caught up (CaughtUp), also after a restart meanwhile: the mark
+    is durable. Once caught up, a restart does not take them back any more."""
+    from citynode.core import replica as rp
+    from citynode.node.gossip import CATCHING_UP
+
+    d = make_node_dir(tmp_path, "Quito")
+    node = Node.load(d)
+    await node.start(partners=False)  # no round ever ends here: not caught up
+    try:
+        assert node.replica.adopting
+        await node.publish("air", "org.example.Test", [{"n": 1}])
+    finally:
+        await node.stop()
+    node = Node.load(d)
+    await node.start(partners=False)
+    try:
+        assert node.replica.adopting  # it holds a record of its own now, yet not caught up
+        await node.gossip.execute([rp.CaughtUp()])
+        await asyncio.wrap_future(node.storage.barrier())
+        assert node.storage.get_meta(CATCHING_UP) == b""
+    finally:
+        await node.stop()
+    node = Node.load(d)
+    await node.start(partners=False)
+    try:
+        assert not node.replica.adopting
+    finally:
+        await node.stop()
