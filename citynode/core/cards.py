@@ -55,9 +55,10 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from citynode.core import encoding
+from citynode.core.keybook import HeldLog
 from citynode.core.keylog import identity_id, verify_log
 from citynode.core.keys import DOMAIN_CARD, NodeKey, SigningKey, Verifier, node_id, parse_node_id
 from citynode.core.records import (
@@ -74,11 +75,13 @@ __all__ = [
     "CARD_VERSION",
     "MAX_CADENCE_S",
     "CardFeed",
+    "CardUse",
     "NodeCard",
     "card_from_json",
     "card_to_json",
     "check_card_feed",
     "check_terms_document",
+    "judge_card_key",
     "make_card",
     "open_card",
     "terms_in_force",
@@ -187,6 +190,9 @@ class NodeCard:
     sig: bytes = field(repr=False)
     keylog: bytes | None = field(default=None, repr=False)  # a cn2 node's key log
     tls_next: bytes | None = None  # the certificate a renewal switches to (with ``tls``)
+    #: The key that signed the card: ``node`` for a cn1 card, the key in force at the end
+    #: of its ``keylog`` for a cn2 card (None only for a body not verified yet).
+    signer: bytes | None = field(default=None, repr=False)
 
     @property
     def tls_pins(self) -> frozenset[bytes]:
@@ -420,7 +426,7 @@ def make_card(
     body = encoding.encode(fields)
     card = _parse_body(body)
     sig = key.sign(DOMAIN_CARD, body)
-    return replace(card, sig=sig)
+    return replace(card, sig=sig, signer=key.public_key)
 
 
 def _card_feed(f: CardFeed | tuple[str, str] | tuple[str, str, int | None]) -> CardFeed:
@@ -464,7 +470,7 @@ def _open(
             f"({node_id(expected)}): check the id with that city's operators",
             "wrong_node",
         )
-    return replace(card, sig=sig)
+    return replace(card, sig=sig, signer=signer)
 
 
 def open_card(
@@ -488,6 +494,63 @@ def open_card(
     expected = _expected_key(expected_node_id)
     body, sig = decode_envelope(envelope, CARD_LIMITS)
     return _open(body, sig, expected, verifier, now_ms)
+
+
+#: :func:`judge_card_key`'s verdicts: what a verified card may be used for.
+CardUse = Literal["current", "past"]
+
+
+def judge_card_key(card: NodeCard, held: HeldLog | None) -> CardUse:
+    """Judge a verified card (:func:`open_card`) by the key log the receiver HOLDS for
+    its node -- after offering it the card's own ``keylog`` (``KeyBook.offer``): the
+    held log is the card's if that offer took it, else the one that refused it
+    (docs/PROTOCOL.md, "Key events and witnesses", Wiring: Cards).
+
+    A card's own log only proves which key it claims: a thief holding a key that a
+    recovery retired still has a log that puts that key in force (the log before the
+    recovery). So:
+
+    * ``"current"``: a card without ``keylog`` (its ``node`` is its key), a ``held`` of
+      None (nothing held but the card's own log), or a card signed by the key in force
+      in ``held``: it may be the node's card -- kept, served, replace an older card on
+      ``time``, move TLS pins.
+    * ``"past"``: signed by a key that a *rotation* of ``held`` retired, and dated no
+      later than that rotation: the node's honest card of before the rotation. It may
+      stand in the node's card history (the terms of its older records, its bundles),
+      never as its card.
+
+    Raises :class:`InvalidRecord` reason ``key_not_in_force`` otherwise: a key a
+    recovery retired (whatever the card's time: the thief can backdate it), a key the
+    identity died with, a key ``held`` does not name (a branch it supersedes or refuses)
+    or a rotation's retired key on a card dated after that rotation. Pure.
+    """
+    if card.keylog is None or held is None:
+        return "current"
+    if card.signer is None:
+        raise ValueError("judge_card_key judges a verified card (open_card)")
+    state = held.state
+    if card.node != state.identity:
+        raise ValueError("judge_card_key judges a card by its own node's key log")
+    keys = state.keys
+    i = next((i for i, w in enumerate(keys) if w.key == card.signer), None)
+    if i is not None and keys[i].end is None and not state.dead:
+        return "current"
+    who = f"the card of {identity_id(card.node)} dated {card.time}"
+    if i is None:
+        raise InvalidRecord(
+            f"{who} is signed by a key the key log held here does not name (of a branch "
+            "that log supersedes or refused): not the node's card", "key_not_in_force")
+    w = keys[i]
+    if w.retired_by == "rotation" and i + 1 < len(keys):
+        at = next((e.time for e in held.events if e.seq == keys[i + 1].since), None)
+        if at is not None and card.time <= at:
+            return "past"
+        raise InvalidRecord(
+            f"{who} is signed by a key that the rotation at key event seq "
+            f"{keys[i + 1].since} retired before that date", "key_not_in_force")
+    raise InvalidRecord(
+        f"{who} is signed by a key that a recovery retired (or the identity died with): "
+        "whatever its date, the holder of that key may be a thief", "key_not_in_force")
 
 
 def _expected_key(expected_node_id: str | None) -> bytes | None:

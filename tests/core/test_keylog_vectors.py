@@ -16,8 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from citynode.core import cosign, keylog
+from citynode.core.cards import judge_card_key, open_card
 from citynode.core.checkpoints import SplitViewProof, open_checkpoint, verify_split_view
 from citynode.core.cosign import CosignedCheckpoint, check_quorum, split_view
+from citynode.core.keybook import KeyBook
 from citynode.core.keylog import (
     EquivocationProof,
     compare_logs,
@@ -77,6 +79,8 @@ def test_vectors_cover_the_required_cases() -> None:
             "wrong_head"} == {v["expect"] for v in KEYLOG["verdicts"]}
     assert {c["outcome"] for c in KEYLOG["compare"]} == {
         "stale", "same", "extends", "recovered", "superseded", "key-fork", "dead"}
+    assert {str(c["expect"]) for c in KEYLOG["cards"]} == {
+        "current", "past", str({"error": "key_not_in_force"})}
 
 
 @pytest.mark.parametrize("case", KEYLOG["logs"], ids=[c["name"] for c in KEYLOG["logs"]])
@@ -120,6 +124,27 @@ def test_compare_vector(case: dict[str, Any]) -> None:
         proof = EquivocationProof.decode(bytes.fromhex(case["proof_hex"]))
         after = verify_equivocation(ident, proof, verifier=Verifier())
         assert after.dead == (case["outcome"] == "dead")
+
+
+@pytest.mark.parametrize("case", KEYLOG["cards"], ids=[c["name"] for c in KEYLOG["cards"]])
+def test_card_key_vector(case: dict[str, Any]) -> None:
+    """A card of D, verified, its log offered to the log held, then judged by the log
+    held (docs/PROTOCOL.md, Wiring: Cards)."""
+    ident = KEYLOG["example"]["node_id"]
+    book = KeyBook()
+    book.restore(parse_identity_id(ident), keylog.encode_log(
+        _envs(LOGS[case["held"]]["events_hex"])), verifier=Verifier())
+    card = open_card(bytes.fromhex(case["card_hex"]), expected_node_id=ident,
+                     verifier=Verifier(), now_ms=case["now_ms"])
+    assert card.keylog is not None
+    book.offer(card.node, card.keylog, verifier=Verifier(), now_ms=case["now_ms"])
+    expect = case["expect"]
+    if isinstance(expect, dict):
+        with pytest.raises(InvalidRecord) as e:
+            judge_card_key(card, book.held(card.node))
+        assert e.value.reason == expect["error"], str(e.value)
+    else:
+        assert judge_card_key(card, book.held(card.node)) == expect
 
 
 @pytest.mark.parametrize("case", COSIGN["quorum"], ids=[c["name"] for c in COSIGN["quorum"]])

@@ -7,8 +7,9 @@ events and witnesses (version 2 identity)").
 * ``keylog.json``  the worked example of a cn2 id; key logs to verify from the id alone
   (valid histories, a forged rotation by a stolen key, a recovery without the recovery
   key, and one log per structural fault) with the expected state or reason; key
-  verdicts after a recovery (backdated records by the superseded key); and pairs of
-  logs (held, received) with the expected decision;
+  verdicts after a recovery (backdated records by the superseded key); pairs of
+  logs (held, received) with the expected decision; and cards of the identity judged
+  by the log held (a card signed by a key a recovery retired is refused);
   The ``signature/*`` logs carry key events signed by hand on the edge of the strict
   Ed25519 rules (small-order keys and R, non-canonical encodings, S out of range), with
   the curve arithmetic of ``generate.py``; ``equation_holds`` says whether the plain
@@ -411,6 +412,54 @@ def settled_cases() -> list[dict[str, Any]]:
              "expect": x} for n, d, log, k, p, x in cases]
 
 
+DOMAIN_CARD = b"citynode/card/v1\x00"
+
+
+def card_v2(signer: SigningKey, log: list[Ev], time: int) -> bytes:
+    """The envelope of a card of D (version 2) carrying ``log`` (its wire bytes: a
+    msgpack array of the event envelopes), no feeds, no partners, signed by
+    ``signer``."""
+    body = encoding.encode({
+        "feeds": [], "keylog": encoding.encode([e.env for e in log]), "kind": "card",
+        "name": "D", "node": D, "partners": [], "software": "citynode/0.1.0",
+        "time": time, "url": "https://d.example", "version": 2})
+    return envelope(body, signer.sign(DOMAIN_CARD, body))
+
+
+def card_cases() -> list[dict[str, Any]]:
+    """Cards of D judged by the log the receiver holds after offering it the card's own
+    log (docs/PROTOCOL.md, Wiring: Cards): "current" (signed by the key in force: the
+    node's card), "past" (by a key a rotation retired, dated no later than that
+    rotation: card history only) or refused, key_not_in_force."""
+    refused = err("key_not_in_force")
+    cases = [
+        ("k4-after-recovery", "K4, put in force by the recovery, signs D's card.",
+         "recovery-after-theft", K[4], [INC, R1, REC], NOW, "current"),
+        ("stolen-k1-after-recovery", "The thief's K1 signs a card carrying the log of "
+         "before the recovery (it verifies from the id alone and puts K1 in force), dated "
+         "after the recovery: the receiver keeps its log and refuses the card.",
+         "recovery-after-theft", K[1], [INC, R1], NOW, refused),
+        ("stolen-k1-backdated", "The same, dated before the recovery (the thief can "
+         "backdate): a key a recovery retired signs no card, whatever its time.",
+         "recovery-after-theft", K[1], [INC, R1], T0 + 100_000, refused),
+        ("thief-rotation-branch", "K2 signs a card carrying the thief's rotation, which "
+         "the recovery held supersedes: K2 is no key of the held log.",
+         "recovery-after-theft", K[2], [INC, R1, THIEF], NOW, refused),
+        ("k0-at-its-rotation", "K0 signs a card dated at the time of R1, the rotation "
+         "that retired it: its honest card of before the rotation, history only.",
+         "recovery-after-theft", K[0], [INC], T0 + 60_000, "past"),
+        ("k0-after-its-rotation", "K0 signs a card dated 1 ms after R1 retired it.",
+         "recovery-after-theft", K[0], [INC], T0 + 60_001, refused),
+        ("k1-extends-held", "K1 signs a card whose log extends the held one (the "
+         "inception): the log is taken, K1 is in force.", "inception", K[1], [INC, R1],
+         T0 + 70_000, "current"),
+        ("k1-before-r2", "K1 signs a card dated before R2 retired it (held: two "
+         "rotations).", "two-rotations", K[1], [INC, R1], T0 + 100_000, "past"),
+    ]
+    return [{"name": n, "description": d, "held": h, "card_hex": card_v2(k, log, t).hex(),
+             "now_ms": NOW, "expect": x} for n, d, h, k, log, t, x in cases]
+
+
 def keylog_file() -> dict[str, Any]:
     forged_k1 = _resigned(R1, K[0])  # the stolen current key signs the planned rotation
     forged_x = rotation(INC, X, X, X, T0 + 60_000, {})  # or rotates to the thief's key
@@ -543,7 +592,11 @@ def keylog_file() -> dict[str, Any]:
             "or {error: reason}; a retired key's statements inside the window a key "
             "event closed prove nothing ('settled_by_key_event'). 'compare': a "
             "held and a received log (both valid) and the decision; 'proof_hex' the "
-            "equivocation proof, branches in byte order. The 'signature/*' logs also give "
+            "equivocation proof, branches in byte order. 'cards': a card of D (card_hex, "
+            "verified at now_ms) judged by the log 'held' after offering it the card's "
+            "own log: 'current' (signed by the key in force), 'past' (by a key a "
+            "rotation retired, dated no later than that rotation: card history only) "
+            "or {error: 'key_not_in_force'}. The 'signature/*' logs also give "
             "signer_hex, the key that signs their last event (its key, or a recovery's "
             "recovery_key), and equation_holds: whether the plain RFC 8032 equation "
             "encode([S]B - [h]A) == R holds for it (S as an integer), i.e. whether only "
@@ -581,6 +634,7 @@ def keylog_file() -> dict[str, Any]:
                      "now_ms": NOW, "expect": x if x == "valid" else err(x)}
                     for n, d, signer, named, f, q, t, x in records],
         "settled": settled_cases(),
+        "cards": card_cases(),
         "compare": [{"name": n, "held_hex": hexes(*h), "received_hex": hexes(*r),
                      "outcome": o, "reason": why,
                      "proof_hex": None if p is None else p.hex()}
