@@ -36,7 +36,7 @@ from citynode.bundle import (
     read_item_at,
 )
 from citynode.core import cosign, encoding, keylog
-from citynode.core.cards import NodeCard, check_terms_document, open_card
+from citynode.core.cards import NodeCard, check_terms_document, judge_card_key, open_card
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.checkpoints import (
     Checkpoint,
@@ -46,7 +46,7 @@ from citynode.core.checkpoints import (
     verify_split_view,
 )
 from citynode.core.erasure import past_retention, retention_in_force
-from citynode.core.keybook import KeyBook
+from citynode.core.keybook import HeldLog, KeyBook
 from citynode.core.keys import DOMAIN_RECORD, Verifier, canonical_id, node_id, parse_node_id
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
@@ -804,6 +804,7 @@ def audit_bundle(
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
     rep.record_items = records
+    _judge_cards(rep, a.keys.held(expected))
     _finish(a)
     if named:
         _finish_witnesses(a, named, quorum or len(named), witness_key_logs)
@@ -1037,6 +1038,27 @@ def _audit_card(rep: AuditReport, item: Item, expected: bytes, verifier: Verifie
     rep.cards = sorted([*(c for c in rep.cards if c.time != card.time), card],
                        key=lambda c: c.time)
     rep.card = rep.cards[-1]
+
+
+def _judge_cards(rep: AuditReport, held: HeldLog | None) -> None:
+    """Judge the origin's cards by the key log the audit prefers (the one
+    ``compare_logs`` let it hold, of the logs given and the bundle's cards):
+    :func:`citynode.core.cards.judge_card_key`. A card signed by a key not in force
+    there -- a key a recovery retired, as a thief holding it would sign with the log of
+    before the recovery -- is an error (``key_not_in_force``) and is not the origin's
+    card: neither ``rep.card`` nor part of the card history the terms come from."""
+    kept = []
+    for c in rep.cards:
+        try:
+            judge_card_key(c, held)
+        except InvalidRecord as exc:
+            rep.add(ERROR, "key_not_in_force", None, None,
+                    f"the bundle's card dated {iso_time(c.time)} is refused: {exc} "
+                    "(judged by the key log in the key history below)")
+            continue
+        kept.append(c)
+    rep.cards = kept
+    rep.card = kept[-1] if kept else None
 
 
 def terms_periods(cards: list[NodeCard]) -> dict[str, list[dict[str, Any]]]:

@@ -194,6 +194,7 @@ class Node:
         self.ingest_role.fetch_key_log = self._fetch_key_log
         self.witness.fetch_key_log = self._fetch_key_log
         self.policy.on_log_refused = self._log_refused
+        self.policy.on_card_refused = self._card_refused
         self.policy.on_recovery = self._recovered
         self.checkpoints.execute = g.execute
         self.checkpoints.on_fork = self.publisher.note_fork
@@ -232,6 +233,12 @@ class Node:
         reason code the core gave."""
         link = self.partners.get(source) if source is not None else None
         self.ingest_role.count_invalid(link, exc.reason, f"key log: {exc}")
+
+    def _card_refused(self, source: bytes | None, exc: InvalidRecord) -> None:
+        """A card signed by a key not in force refused: counted on the partner that
+        served it."""
+        link = self.partners.get(source) if source is not None else None
+        self.ingest_role.count_invalid(link, exc.reason, f"card: {exc}")
 
     def _card_news(self, origin: bytes) -> None:
         """A card that changes what may be relayed of ``origin``'s records held: its
@@ -583,7 +590,7 @@ class Node:
 
     async def add_partner(self, url: str, partner_id: str) -> PartnerRow:
         """See :meth:`Partners.add`."""
-        return await self.partners.add(url, partner_id, self.policy.learn_card)
+        return await self.partners.add(url, partner_id, self.policy.check_partner_card)
 
     async def remove_partner(self, partner_id: str) -> bool:
         return await self.partners.remove(partner_id)

@@ -507,7 +507,7 @@ class Gossip:
                 self.config.federation.pull_interval_seconds / 2:
             return
         self._cards_at[link.key] = now
-        await self.policy.learn_cards(await link.client.cards())
+        await self.policy.learn_cards(await link.client.cards(), link.key)
 
     async def _reconcile(self, link: PartnerLink, payload: bytes) -> None:
         """One message of our reconciliation session with a partner; its answer goes to

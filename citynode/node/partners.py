@@ -142,9 +142,12 @@ class Partners:
         self.on_change()
 
     async def add(self, url: str, partner_id: str,
-                  learn_card: Callable[[bytes, bytes], bool]) -> PartnerRow:
+                  learn_card: Callable[[bytes, bytes], None]) -> PartnerRow:
         """Fetch and verify the card at ``url`` (must be signed by ``partner_id``), pin its
-        TLS fingerprint, store the partner and start exchanging records."""
+        TLS fingerprint, store the partner and start exchanging records.
+        ``learn_card(card, key)`` learns the card and its key log, and raises
+        (:class:`InvalidRecord` ``key_not_in_force``) if the card is signed by a key not
+        in force in the log held of that node: nothing is pinned or stored then."""
         from citynode.transport.client import fetch_card
 
         pk = parse_node_id(partner_id)
@@ -172,13 +175,15 @@ class Partners:
         return row
 
     def follow_card(self, card: NodeCard) -> None:
-        """A newer card of ``card.node`` was verified: if it is a partner pinned by TLS
+        """A newer card of ``card.node`` was kept: if it is a partner pinned by TLS
         fingerprint, pin what the card names from now on (during a renewal the
         certificate in force and the next one: ``citynode tls renew``), and keep the
         card and its certificate with the partner (what the link opens with after a
-        restart). The card is signed by the partner's key in force, as the first one
-        was: nobody else can move the pins. A card without a TLS fingerprint (a proxy
-        with a CA-issued certificate) changes nothing here."""
+        restart). Only a card signed by the key in force in the key log held of the
+        partner comes here (the policy judges it first, ``cards.judge_card_key``): a
+        card signed by a key a rotation or a recovery retired -- a thief's, with the
+        log of before the recovery -- never moves the pins. A card without a TLS
+        fingerprint (a proxy with a CA-issued certificate) changes nothing here."""
         link = self.links.get(card.node)
         pins = link.client.pins if link is not None else None
         if link is None or pins is None or not card.tls_pins or \

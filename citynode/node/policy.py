@@ -16,7 +16,7 @@ from citynode import __version__
 from citynode.config import Config
 from citynode.core import access, cards, keylog, sync
 from citynode.core.chain import ForkProof
-from citynode.core.keybook import KeyBook
+from citynode.core.keybook import HeldLog, KeyBook
 from citynode.core.keys import NodeKey, Verifier, node_id, parse_node_id
 from citynode.core.records import Record, sealed_of
 from citynode.core.replica import Replica
@@ -61,6 +61,10 @@ class Policy:
         #: A received key log was refused: ``(source partner or None, error)``.
         self.on_log_refused: Callable[[bytes | None, InvalidRecord], None] = \
             lambda source, exc: None
+        #: A card signed by a key not in force was refused: ``(source partner or None,
+        #: error)`` (reason ``key_not_in_force``).
+        self.on_card_refused: Callable[[bytes | None, InvalidRecord], None] = \
+            lambda source, exc: None
         self.storage = storage
         self.replica = replica
         self.verifier = verifier
@@ -78,6 +82,9 @@ class Policy:
         self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
         self.vouch = sync.VouchGraph()
         self._card_envs: set[bytes] = set()  # the envelopes in cards_seen
+        #: Envelopes refused as signed by a key not in force (bounded): a retired key
+        #: stays retired, so they are not verified (nor counted) again.
+        self._cards_refused: set[bytes] = set()
         self._cards_bytes = 0
         self._card: cards.NodeCard | None = None
         self._card_stale = False  # partners changed: compare our card's content again
@@ -166,34 +173,79 @@ class Policy:
         pinned is otherwise unknown, so not relayed or listed)."""
         for row in await in_thread(self.storage.partners):
             if row.card:
-                self.learn_card(row.card, row.public_key)
+                self.learn_card(row.card, row.public_key, restore=True)
         for env in await in_thread(self.storage.cards, MAX_CARDS):
-            self.learn_card(env)  # verified again; an older one is ignored
+            self.learn_card(env, restore=True)  # verified again; an older one is ignored
 
-    async def learn_cards(self, envelopes: list[bytes]) -> int:
-        """Learn the cards a partner served: those not seen before are verified in a
-        worker thread (a partner may serve thousands: their signature checks must not
-        hold the event loop), then kept when newer. Returns how many were kept."""
-        fresh = [e for e in dict.fromkeys(envelopes) if e not in self._card_envs]
+    async def learn_cards(self, envelopes: list[bytes], source: bytes | None = None) -> int:
+        """Learn the cards a partner (``source``) served: those not seen before are
+        verified in a worker thread (a partner may serve thousands: their signature checks
+        must not hold the event loop), a cn2 card's key log offered, the card judged by
+        the log then held (:func:`cards.judge_card_key`), and kept when signed by the key
+        in force and newer. A card signed by a key not in force is refused and counted on
+        ``source`` (``key_not_in_force``). Returns how many were kept."""
+        fresh = [e for e in dict.fromkeys(envelopes)
+                 if e not in self._card_envs and e not in self._cards_refused]
         if not fresh:
             return 0
         now = self.now_ms()
         opened = await in_thread(lambda: [self._open(e, None, now) for e in fresh])
-        for c in opened:
-            if c is not None and c.keylog is not None:
-                self.offer_log(c.node, c.keylog, None)
-        return sum(self._keep(c, e) for c, e in zip(opened, fresh, strict=True)
-                   if c is not None)
+        kept = 0
+        for c, e in zip(opened, fresh, strict=True):
+            if c is not None and self._judge(c, source, offer=True) == "current":
+                kept += self._keep(c, e)
+        return kept
 
-    def learn_card(self, env: bytes, expected_key: bytes | None = None) -> bool:
-        """Verify and keep a node card newer than the one held. Returns whether it was
-        kept; an invalid card is logged and ignored (never raises)."""
-        if env in self._card_envs:
+    def learn_card(self, env: bytes, expected_key: bytes | None = None, *,
+                   restore: bool = False) -> bool:
+        """Verify and keep a node card newer than the one held, if it is signed by the
+        key in force in the key log held of its node (after offering it the card's own
+        log). ``restore``: a card this node kept before (its partners' rows, storage):
+        also taken when a rotation since retired its key, if it is dated before that
+        rotation (the node's card until a newer one comes). Returns whether it was kept;
+        an invalid card is logged and ignored (never raises)."""
+        if env in self._card_envs or env in self._cards_refused:
             return False  # seen exactly this one: no need to verify it again
         c = self._open(env, expected_key, self.now_ms())
-        if c is not None and c.keylog is not None:
+        if c is None:
+            return False
+        # Not counted: a card kept here before, or fetched by the operator's partner add.
+        use = self._judge(c, None, offer=True, log_source=expected_key, count=False)
+        return (use == "current" or (restore and use == "past")) and self._keep(c, env)
+
+    def check_partner_card(self, env: bytes, expected_key: bytes) -> None:
+        """``citynode partner add``: the card fetched from the partner's URL (verified,
+        signed by ``expected_key``'s node) is learnt, its key log offered; raises
+        :class:`InvalidRecord` (``key_not_in_force``) if it is signed by a key not in
+        force in the key log then held of that node (a recovery retired it: the URL may
+        be a thief's), so that its TLS certificate is never pinned."""
+        c = cards.open_card(env, expected_node_id=node_id(expected_key),
+                            verifier=self.verifier, now_ms=self.now_ms())
+        if c.keylog is not None:
             self.offer_log(c.node, c.keylog, expected_key)
-        return c is not None and self._keep(c, env)
+        cards.judge_card_key(c, self.keys.held(c.node))
+        self.learn_card(env, expected_key)
+
+    def _judge(self, c: cards.NodeCard, source: bytes | None, *, offer: bool,
+               log_source: bytes | None = None, count: bool = True
+               ) -> cards.CardUse | None:
+        """What a verified card may be used for (:func:`cards.judge_card_key`), by the
+        key log held of its node after offering it the card's own log (``offer``; a
+        refusal of that log counted on ``log_source``). None: refused -- logged,
+        remembered (not verified again) and, with ``count``, counted on ``source``."""
+        if offer and c.keylog is not None:
+            self.offer_log(c.node, c.keylog, log_source)
+        try:
+            return cards.judge_card_key(c, self.keys.held(c.node))
+        except InvalidRecord as exc:
+            if len(self._cards_refused) >= MAX_CARDS:
+                self._cards_refused.clear()  # bounded: at worst judged (counted) again
+            self._cards_refused.add(c.envelope)
+            log.info("refused a card signed by a key not in force", extra=fields(
+                node=self.name(c.node), time=c.time, error=str(exc)))
+            if count:
+                self.on_card_refused(source, exc)
+            return None
 
     # ------------------------------------------------------------------ key logs
 
@@ -227,8 +279,30 @@ class Policy:
                 self.storage.set_meta("keylog:" + identity.hex(), held.wire)
                 if held.proof is not None:
                     self.storage.set_meta("keyproof:" + identity.hex(), held.proof.encode())
+            self._history.pop(identity, None)  # judged again by the new log when read
+            self._drop_card_not_in_force(identity)
             self._forget_derived()
         return decision
+
+    def _drop_card_not_in_force(self, identity: bytes) -> None:
+        """The log held of ``identity`` changed: the card held of it, if the new log
+        refuses it (a recovery retired its key: it may be a thief's, kept while that
+        key was in force), is no longer held nor served."""
+        c = self.card_info.get(identity)
+        if c is None:
+            return
+        try:
+            cards.judge_card_key(c, self.keys.held(identity))
+        except InvalidRecord as exc:
+            log.warning("dropped the card held of a node: a key event retired the key "
+                        "that signed it", extra=fields(node=self.name(identity),
+                                                       error=str(exc)))
+            env = self.cards_seen.pop(identity)
+            del self.card_info[identity]
+            self._card_envs.discard(env)
+            self._cards_bytes -= len(env)
+            self._cards_refused.add(env)
+            self.vouch.remove(identity)
 
     async def load_key_logs(self) -> None:
         """At start: hold the key logs kept (verified again)."""
@@ -337,11 +411,13 @@ class Policy:
             return hist
         envs = await in_thread(self.storage.card_history, origin)
 
+        held = None if origin == self.public_key else self.keys.held(origin)
+
         def parse() -> tuple[cards.NodeCard, ...]:
             out = []
             for e in envs:
                 c = self._open(e, origin, None)
-                if c is not None:
+                if c is not None and _usable(c, held):
                     out.append(c)
             return tuple(out)
 
@@ -362,9 +438,12 @@ class Policy:
 
     async def learn_history(self, origin: bytes, envelopes: list[bytes]) -> int:
         """Keep the cards of ``origin``'s card history a partner served: each verified
-        (in a worker thread) as signed by ``origin`` and not dated in the future; the
-        others are logged and ignored. The newest also replaces the card held if it is
-        newer. Returns how many verified."""
+        (in a worker thread) as signed by ``origin`` and not dated in the future, and
+        judged by the key log held of ``origin`` (:func:`cards.judge_card_key`); the
+        others are logged and ignored. (A history is old cards: an honest partner serves
+        the cards its origin signed before a recovery, so a refusal here is not counted
+        on it.) The newest also replaces the card held if it is newer and signed by the
+        key in force. Returns how many were taken."""
         if origin == self.public_key:
             return 0  # we sign our own
         envs = list(dict.fromkeys(envelopes))
@@ -374,8 +453,11 @@ class Policy:
         for c, env in zip(opened, envs, strict=True):
             if c is None:
                 continue
+            use = self._judge(c, None, offer=False, count=False)
+            if use is None:
+                continue
             n += 1
-            if not self._keep(c, env):
+            if use == "past" or not self._keep(c, env):
                 self._add_history(c)  # an older card: for the terms of older records
         return n
 
@@ -571,6 +653,17 @@ class Policy:
 def _content(c: cards.NodeCard) -> tuple[object, ...]:
     """What a card states, apart from when it was signed."""
     return (c.name, c.url, c.tls, c.feeds, c.partners, c.software, c.keylog, c.tls_next)
+
+
+def _usable(c: cards.NodeCard, held: HeldLog | None) -> bool:
+    """May this card of the history kept stand for its node's terms, judged by the key
+    log held now? A card kept while its key was in force, which a recovery retired
+    since, may be a thief's: it no longer counts. (Our own history: ``held`` None.)"""
+    try:
+        cards.judge_card_key(c, held)
+    except InvalidRecord:
+        return False
+    return True
 
 
 def readers_of(envelope: bytes) -> frozenset[bytes] | None:
