@@ -300,7 +300,10 @@ async def post_key_log(request: web.Request) -> web.Response:
     nothing; it is counted against its *sender* (the partner that signed the request,
     else nobody's tally, the remote address in the rejected log), never against the
     origin it names, and answered ``{"error": reason, "message": ...}`` (400: it does
-    not verify; 409: it does not replace the log held). Answers ``{"outcome": ...}``."""
+    not verify; 409: it does not replace the log held). The sender is told by the key
+    in force in the log held of it, never by the key of the posted log: only a log
+    that is taken may vouch for the key that signed its own request. Answers
+    ``{"outcome": ...}``."""
     node = request.app[NODE_KEY]
     origin = origin_arg(request)
     if origin is None:
@@ -313,17 +316,21 @@ async def post_key_log(request: web.Request) -> web.Response:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_LOG_BYTES, actual_size=len(body))
     held = node.policy.keys
     vouched = Vouched()
-    state: keylog.KeyState | None = None
     refused: InvalidRecord | None = None
     try:
         async with _log_slots():
-            state = await in_thread(functools.partial(
+            await in_thread(functools.partial(
                 keylog.verify_log, origin, body, verifier=vouched, now_ms=node.now_ms()))
     except (InvalidRecord, InvalidNodeId) as exc:
         refused = exc if isinstance(exc, InvalidRecord) else InvalidRecord(str(exc))
-    posted_key = state.key if state is not None else None
-    signer = request_signer(request, body, lambda i: posted_key if i == origin
-                            and posted_key is not None else held.current_key(i))
+    # Who sent it, by the key in force in the log HELD of each signer, never by the
+    # posted log's: a partner that replays its own older log signs with its current key
+    # and is counted for it; the holder of a key that log retired (a thief, with the log
+    # of before the recovery) is nobody's partner here, so nothing is counted on the
+    # partner it names. (The origin's own new log, after a rotation not seen here, comes
+    # signed by the key it puts in force: taken, it needs no sender; refused, it could
+    # be anyone's.)
+    signer = request_signer(request, body, held.current_key)
     sender = signer if signer is not None and node.partners.get(signer) else None
     if refused is not None:
         node.ingest_role.count_invalid(
