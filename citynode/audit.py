@@ -36,7 +36,13 @@ from citynode.bundle import (
     read_item_at,
 )
 from citynode.core import cosign, encoding, keylog
-from citynode.core.cards import NodeCard, check_terms_document, judge_card_key, open_card
+from citynode.core.cards import (
+    NodeCard,
+    check_terms_document,
+    judge_card_key,
+    open_card,
+    signer_retired_at,
+)
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.checkpoints import (
     Checkpoint,
@@ -1044,17 +1050,29 @@ def _judge_cards(rep: AuditReport, held: HeldLog | None) -> None:
     """Judge the origin's cards by the key log the audit prefers (the one
     ``compare_logs`` let it hold, of the logs given and the bundle's cards):
     :func:`citynode.core.cards.judge_card_key`. A card signed by a key not in force
-    there -- a key a recovery retired, as a thief holding it would sign with the log of
-    before the recovery -- is an error (``key_not_in_force``) and is not the origin's
-    card: neither ``rep.card`` nor part of the card history the terms come from."""
+    there is not the origin's card: neither ``rep.card`` nor part of the card history
+    the terms come from. Dated after the key event that retired its key (the origin
+    signs with the new key from then on), or signed by a key that log does not name or
+    the identity died with, it is an error (``key_not_in_force``): a thief's, such as
+    one signed by a key a recovery retired with the log of before the recovery. Signed
+    by a key a recovery retired and dated before that recovery, it is a warning
+    (``retired_key_card``): the origin's own from before the compromise, or a thief's
+    backdated -- nobody can tell, so it is not used."""
     kept = []
     for c in rep.cards:
         try:
             judge_card_key(c, held)
         except InvalidRecord as exc:
-            rep.add(ERROR, "key_not_in_force", None, None,
-                    f"the bundle's card dated {iso_time(c.time)} is refused: {exc} "
-                    "(judged by the key log in the key history below)")
+            at = None if held is None else signer_retired_at(c, held)
+            if at is not None and c.time <= at:
+                rep.add(WARNING, "retired_key_card", None, None,
+                        f"the bundle's card dated {iso_time(c.time)} is not used: it is "
+                        f"signed by a key a recovery retired on {iso_time(at)} (the "
+                        "origin's card of before the compromise, or a thief's backdated)")
+            else:
+                rep.add(ERROR, "key_not_in_force", None, None,
+                        f"the bundle's card dated {iso_time(c.time)} is refused: {exc} "
+                        "(judged by the key log in the key history)")
             continue
         kept.append(c)
     rep.cards = kept

@@ -84,6 +84,7 @@ __all__ = [
     "judge_card_key",
     "make_card",
     "open_card",
+    "signer_retired_at",
     "terms_in_force",
     "terms_key",
 ]
@@ -540,10 +541,9 @@ def judge_card_key(card: NodeCard, held: HeldLog | None) -> CardUse:
         raise InvalidRecord(
             f"{who} is signed by a key the key log held here does not name (of a branch "
             "that log supersedes or refused): not the node's card", "key_not_in_force")
-    w = keys[i]
-    if w.retired_by == "rotation" and i + 1 < len(keys):
-        at = next((e.time for e in held.events if e.seq == keys[i + 1].since), None)
-        if at is not None and card.time <= at:
+    retired = _retired(held, i)
+    if retired is not None and retired[0] == "rotation":
+        if card.time <= retired[1]:
             return "past"
         raise InvalidRecord(
             f"{who} is signed by a key that the rotation at key event seq "
@@ -551,6 +551,29 @@ def judge_card_key(card: NodeCard, held: HeldLog | None) -> CardUse:
     raise InvalidRecord(
         f"{who} is signed by a key that a recovery retired (or the identity died with): "
         "whatever its date, the holder of that key may be a thief", "key_not_in_force")
+
+
+def signer_retired_at(card: NodeCard, held: HeldLog) -> int | None:
+    """The time of the key event of ``held`` (a rotation or a recovery) that retired the
+    key that signed the verified ``card``; None if that key is in force, is not in
+    ``held``, or the identity died with it. What an auditor tells a card refused by
+    :func:`judge_card_key` with: one dated after that event cannot be the node's
+    (it switched keys there), one dated before may be (or a thief's, backdated). Pure."""
+    i = next((i for i, w in enumerate(held.state.keys) if w.key == card.signer), None)
+    retired = None if i is None else _retired(held, i)
+    return None if retired is None else retired[1]
+
+
+def _retired(held: HeldLog, i: int) -> tuple[str, int] | None:
+    """How and when the ``i``-th key of ``held`` was retired: (``"rotation"`` or
+    ``"recovery"``, the time of that key event), or None (in force, or closed by the
+    identity's death)."""
+    keys = held.state.keys
+    w = keys[i]
+    if w.retired_by not in ("rotation", "recovery") or i + 1 >= len(keys):
+        return None
+    at = next((e.time for e in held.events if e.seq == keys[i + 1].since), None)
+    return None if at is None else (w.retired_by, at)
 
 
 def _expected_key(expected_node_id: str | None) -> bytes | None:

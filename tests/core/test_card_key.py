@@ -70,3 +70,27 @@ def test_judging_needs_a_verified_card_of_the_held_logs_node() -> None:
     other.restore(keylog.identity_of(inc.body), keylog.encode_log([inc]), verifier=Verifier())
     with pytest.raises(ValueError):
         cards.judge_card_key(card, other.held(keylog.identity_of(inc.body)))
+
+
+def test_signer_retired_at_is_the_time_of_the_event_that_retired_the_key() -> None:
+    """What the audit tells a refused card by: K0 retired by the rotation at T0 + 10, K1
+    by the recovery at T0 + 30, K3 in force, a stranger's key in no window."""
+    ident, events = _logs()
+    s1 = keylog.verify_log(ident, keylog.encode_log(events), verifier=Verifier())
+    rec = keylog.recover(s1, Q[0], K[3].public_key, K[4].public_key, Q[1].public_key,
+                         T0 + 30, {})
+    book = KeyBook()
+    book.restore(ident, keylog.encode_log([*events, rec]), verifier=Verifier())
+    held = book.held(ident)
+    assert held is not None
+    log0, log1, log2 = (keylog.encode_log(events[:1]), keylog.encode_log(events),
+                        keylog.encode_log([*events, rec]))
+    want = [(K[0], log0, T0 + 10), (K[1], log1, T0 + 30), (K[3], log2, None)]
+    for key, log, at in want:
+        card = _card(NodeKey(key.seed, ident, None, log), T0 + 5)
+        assert cards.signer_retired_at(card, held) == at
+    k0_late = _card(NodeKey(K[0].seed, ident, None, log0), T0 + 11)
+    with pytest.raises(InvalidRecord):
+        cards.judge_card_key(k0_late, held)
+    assert cards.judge_card_key(_card(NodeKey(K[0].seed, ident, None, log0), T0 + 10),
+                                held) == "past"
