@@ -9,6 +9,7 @@ feeds -- and caches what it derives from them until either changes.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -82,8 +83,8 @@ class Policy:
         self.card_info: dict[bytes, cards.NodeCard] = {}  # public key -> parsed card
         self.vouch = sync.VouchGraph()
         self._card_envs: set[bytes] = set()  # the envelopes in cards_seen
-        #: Envelopes refused as signed by a key not in force (bounded): a retired key
-        #: stays retired, so they are not verified (nor counted) again.
+        #: SHA-256 of the envelopes refused as signed by a key not in force (bounded): a
+        #: retired key stays retired, so they are not verified (nor counted) again.
         self._cards_refused: set[bytes] = set()
         self._cards_bytes = 0
         self._card: cards.NodeCard | None = None
@@ -185,7 +186,7 @@ class Policy:
         in force and newer. A card signed by a key not in force is refused and counted on
         ``source`` (``key_not_in_force``). Returns how many were kept."""
         fresh = [e for e in dict.fromkeys(envelopes)
-                 if e not in self._card_envs and e not in self._cards_refused]
+                 if e not in self._card_envs and _digest(e) not in self._cards_refused]
         if not fresh:
             return 0
         now = self.now_ms()
@@ -204,7 +205,7 @@ class Policy:
         also taken when a rotation since retired its key, if it is dated before that
         rotation (the node's card until a newer one comes). Returns whether it was kept;
         an invalid card is logged and ignored (never raises)."""
-        if env in self._card_envs or env in self._cards_refused:
+        if env in self._card_envs or _digest(env) in self._cards_refused:
             return False  # seen exactly this one: no need to verify it again
         c = self._open(env, expected_key, self.now_ms())
         if c is None:
@@ -240,7 +241,7 @@ class Policy:
         except InvalidRecord as exc:
             if len(self._cards_refused) >= MAX_CARDS:
                 self._cards_refused.clear()  # bounded: at worst judged (counted) again
-            self._cards_refused.add(c.envelope)
+            self._cards_refused.add(_digest(c.envelope))
             log.info("refused a card signed by a key not in force", extra=fields(
                 node=self.name(c.node), time=c.time, error=str(exc)))
             if count:
@@ -301,7 +302,7 @@ class Policy:
             del self.card_info[identity]
             self._card_envs.discard(env)
             self._cards_bytes -= len(env)
-            self._cards_refused.add(env)
+            self._cards_refused.add(_digest(env))
             self.vouch.remove(identity)
 
     async def load_key_logs(self) -> None:
@@ -653,6 +654,10 @@ class Policy:
 def _content(c: cards.NodeCard) -> tuple[object, ...]:
     """What a card states, apart from when it was signed."""
     return (c.name, c.url, c.tls, c.feeds, c.partners, c.software, c.keylog, c.tls_next)
+
+
+def _digest(envelope: bytes) -> bytes:
+    return hashlib.sha256(envelope).digest()
 
 
 def _usable(c: cards.NodeCard, held: HeldLog | None) -> bool:
