@@ -151,78 +151,81 @@ def main(ctx: click.Context) -> None:
               help="Choose the passphrase of the recovery file (asked for now; or give it "
                    "in CITYNODE_RECOVERY_PASSPHRASE); by default a random one is made and "
                    "printed once, on a terminal only.")
+@click.option("--next-key-passphrase", is_flag=True,
+              help="Choose the passphrase node.next.key is sealed with, which `key rotate` "
+                   "asks for (asked for now; or give it in CITYNODE_NEXT_KEY_PASSPHRASE); "
+                   "by default a random one is made and printed once, on a terminal only. "
+                   "It is not the recovery passphrase, which never comes near the node.")
 @click.option("--next-key-on-disk", is_flag=True,
               help="Keep the next signing key sealed like node.key, so `key rotate` runs "
                    "unattended. A break-in then takes both keys and can rotate this "
                    "identity to its own key: only the recovery key takes it back.")
 @click.option("--print-recovery", is_flag=True,
-              help="Print the recovery phrase (and a generated recovery passphrase) even "
-                   "when the output is not a terminal, where it may end up in a log.")
+              help="Print the recovery phrase (and generated passphrases) even when the "
+                   "output is not a terminal, where it may end up in a log.")
 def init(data_dir: Path, name: str, listen: str, public_url: str | None,
          hosts: tuple[str, ...], passphrase: bool, recovery_passphrase: bool,
-         next_key_on_disk: bool, print_recovery: bool) -> None:
+         next_key_passphrase: bool, next_key_on_disk: bool, print_recovery: bool) -> None:
     """Create a new node: its keys and identity (with recovery material to move
     offline), TLS certificate, operator token and node.toml.
 
-    Secret recovery material (the phrase, a generated passphrase) is printed only to a
+    Secret recovery material (the phrase, generated passphrases) is printed only to a
     terminal, or with --print-recovery. Otherwise choose the recovery passphrase
-    (--recovery-passphrase or CITYNODE_RECOVERY_PASSPHRASE): only the sealed file
-    recovery.key is written, to be moved off this machine.
+    (--recovery-passphrase or CITYNODE_RECOVERY_PASSPHRASE) and the next-key passphrase
+    (--next-key-passphrase or CITYNODE_NEXT_KEY_PASSPHRASE): only the sealed files are
+    written, and recovery.key is to be moved off this machine.
     """
     import os
 
+    from citynode.cli_keys import NEXT_KEY_ENV, RECOVERY_ENV, ask_secret, recovery_notice
     from citynode.datadir import init_data_dir
 
+    if next_key_on_disk and next_key_passphrase:
+        raise click.UsageError("--next-key-on-disk seals the next key like node.key: it "
+                               "takes no --next-key-passphrase")
     show = print_recovery or sys.stdout.isatty()
-    pw = (click.prompt("Passphrase", hide_input=True, confirmation_prompt=True)
+    pw = (ask_secret("Passphrase", "node key passphrase", None, confirm=True)
           if passphrase else None)
-    rpw = (click.prompt("Recovery passphrase", hide_input=True, confirmation_prompt=True)
-           if recovery_passphrase else os.environ.get("CITYNODE_RECOVERY_PASSPHRASE") or None)
-    if rpw is None and not show:
+    rpw = (ask_secret("Recovery passphrase", "recovery passphrase", None, confirm=True)
+           if recovery_passphrase else os.environ.get(RECOVERY_ENV) or None)
+    npw = None
+    if not next_key_on_disk:
+        npw = (ask_secret("Next-key passphrase", "next-key passphrase", None, confirm=True)
+               if next_key_passphrase else os.environ.get(NEXT_KEY_ENV) or None)
+    missing = [f"the {what} (--{flag}, or {env})" for what, flag, env, value in [
+        ("recovery passphrase", "recovery-passphrase", RECOVERY_ENV, rpw),
+        ("next-key passphrase", "next-key-passphrase", NEXT_KEY_ENV,
+         npw or next_key_on_disk)] if not value]
+    if missing and not show:
         raise click.ClickException(
-            "the output is not a terminal, so a generated recovery passphrase printed "
-            "here could end up in a log: choose one (--recovery-passphrase, or "
-            "CITYNODE_RECOVERY_PASSPHRASE), or pass --print-recovery")
+            "the output is not a terminal, so a generated passphrase printed here could "
+            f"end up in a log: choose {' and '.join(missing)}, or pass --print-recovery")
+    if rpw is not None and rpw == npw:
+        raise click.ClickException(
+            "choose a next-key passphrase other than the recovery passphrase: the next-key "
+            "one is typed on the node at each rotation, the recovery one must never be")
     ident, cfg = init_data_dir(data_dir, name=name, listen=listen, public_url=public_url,
                                hosts=hosts, passphrase=pw, recovery_passphrase=rpw,
-                               next_key_on_disk=next_key_on_disk)
+                               next_passphrase=npw, next_key_on_disk=next_key_on_disk)
     url = cfg.node.public_url
     click.echo(f"created node {name} in {data_dir}")
     click.echo(f"node id: {ident.node_id}")
-    _recovery_notice(ident.recovery_path, ident.recovery_phrase if show else None,
-                     ident.recovery_passphrase if show else None)
+    recovery_notice(ident.recovery_path, ident.recovery_phrase if show else None,
+                    ident.recovery_passphrase if show else None)
     if next_key_on_disk:
         click.echo("warning: node.next.key is sealed like node.key (--next-key-on-disk): a "
                    "break-in that takes the data dir can rotate this identity to its own "
                    "key; only the recovery key takes it back")
     else:
-        click.echo("node.next.key is sealed with the recovery passphrase: `citynode key "
-                   "rotate` asks for it (a stolen node.key cannot rotate)")
+        click.echo("node.next.key is sealed with the next-key passphrase: `citynode key "
+                   f"rotate` asks for it, or reads {NEXT_KEY_ENV} (a stolen node.key cannot "
+                   "rotate)")
+        if ident.next_passphrase and show:
+            click.echo(f"  The next-key passphrase (write it down, it is not stored): "
+                       f"{ident.next_passphrase}")
     click.echo("A partner city adds this node with:")
     click.echo(f"  citynode partner add {url} --id {ident.node_id} -d THEIR_DIR")
     click.echo(f"Start it with: citynode run -d {data_dir}")
-
-
-def _recovery_notice(path: Path | None, phrase: str | None, passphrase: str | None) -> None:
-    """Tell the operator, loudly, that the recovery material belongs offline."""
-    if path is None:
-        return
-    click.echo("")
-    click.echo("!! RECOVERY MATERIAL: MOVE IT OFFLINE NOW !!")
-    click.echo(f"  {path} recovers this node's identity if its key is lost or stolen")
-    click.echo("  (citynode key recover). The running node does not need it: move it to")
-    click.echo("  offline storage and delete it here. Anyone holding it and its passphrase")
-    click.echo("  can take over this identity.")
-    if passphrase:
-        click.echo(f"  Its passphrase (write it down, it is not stored): {passphrase}")
-    if phrase:
-        click.echo("  Or keep this recovery phrase on paper (it is the recovery key itself):")
-        click.echo(f"  {phrase}")
-    else:
-        click.echo("  (The recovery phrase is printed to a terminal only, or with "
-                   "--print-recovery.)")
-    click.echo("  `citynode check` reminds you while the file is still in the data dir.")
-    click.echo("")
 
 
 @main.command()
@@ -478,197 +481,6 @@ def bridges(data_dir: Path, limit: int, as_json: bool) -> None:
     _table("dead letters", ["at", "bridge", "topic", "reason", "bytes", "detail"],
            [[iso_time(d["at_ms"]), d["bridge"], d["topic"], d["reason"], d["size"],
              d["detail"]] for d in out["dead_letters"]])
-
-
-@main.group()
-def key() -> None:
-    """Rotate this node's signing key, or recover its identity after a compromise."""
-
-
-@key.command("rotate")
-@DIR_OPTION
-@click.option("--next-key", "next_key", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="The sealed next key file, if moved off DIR "
-                                 "(default DIR/node.next.key).")
-def key_rotate(data_dir: Path, next_key: Path | None) -> None:
-    """Switch to the next signing key (committed to in advance), with no downtime.
-
-    Partners follow by themselves: the node id does not change. The next key is sealed
-    with its own passphrase (the recovery passphrase unless chosen otherwise; never
-    stored on the node), read from CITYNODE_NEXT_KEY_PASSPHRASE or asked for, so that a
-    break-in that takes node.key cannot rotate; the fresh next key is sealed with the
-    same passphrase into DIR/node.next.key. A node made with `init --next-key-on-disk`
-    rotates without it.
-    """
-    import os
-
-    from citynode.core.keys import unseal_secret_key
-    from citynode.identity import next_key_on_disk
-
-    _require_dir(data_dir)
-    if next_key is None and next_key_on_disk(data_dir):
-        out = _operate(data_dir, lambda node: node.rotate_key())
-    else:
-        path = next_key or data_dir / "node.next.key"
-        try:
-            sealed = path.read_bytes()
-        except OSError as exc:
-            raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
-        npw = os.environ.get("CITYNODE_NEXT_KEY_PASSPHRASE")
-        if npw is None and b" argon2id " in sealed[:40] and os.environ.get(
-                "CITYNODE_PASSPHRASE") is not None:
-            npw = os.environ["CITYNODE_PASSPHRASE"]  # --next-key-on-disk with a passphrase
-        if npw is None:
-            npw = click.prompt("Next key passphrase", hide_input=True)
-        seed = unseal_secret_key(sealed, npw)
-        out = _operate(data_dir, lambda node: node.rotate_key(seed, npw))
-    if out.get("adopted"):
-        click.echo(f"took the newer key log of {out['node_id']} (key event {out['seq']}) "
-                   f"from a partner: this data dir was restored from an older backup; it "
-                   f"now signs with key {out['key']}. Change keys next with `citynode key "
-                   "recover` (the next key that log commits to is not in this backup)")
-        return
-    click.echo(f"rotated: {out['node_id']} now signs with key {out['key']} "
-               f"(key event {out['seq']})")
-
-
-def _last_good(values: tuple[str, ...]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        feed, sep, seq = v.partition("=")
-        if not sep or not seq.isdigit() or int(seq) < 1 or feed in out:
-            raise click.BadParameter(f"{v!r}: give FEED=SEQ once per feed, SEQ >= 1",
-                                     param_hint="--last-good")
-        out[feed] = int(seq)
-    return out
-
-
-@key.command("recover")
-@DIR_OPTION
-@click.option("--recovery", "recovery_file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="The recovery file `citynode init` wrote.")
-@click.option("--phrase", is_flag=True,
-              help="Type the recovery phrase (crq1-...) instead of giving a file.")
-@click.option("--last-good", "last_good", multiple=True, metavar="FEED=SEQ",
-              help="Per feed, the last record you made yourself (repeatable). Records "
-                   "the old key signed beyond it become invalid everywhere, whatever "
-                   "time they claim.")
-@click.option("--drop-feed", "drop_feeds", multiple=True, metavar="FEED",
-              help="A feed on which nothing the old key signed is kept (repeatable). "
-                   "Every own feed the old key signed on must be named, with "
-                   "--last-good or --drop-feed.")
-@click.option("--next-recovery", "next_recovery", default=None, metavar="PUBFILE|HEX",
-              help="The public key of the next recovery key, made on another machine "
-                   "with `citynode key recovery-new` (its .pub file, or the hex): the "
-                   "recommended way after a break-in, as no recovery secret is then made "
-                   "on this host.")
-def key_recover(data_dir: Path, recovery_file: Path | None, phrase: bool,
-                last_good: tuple[str, ...], drop_feeds: tuple[str, ...],
-                next_recovery: str | None) -> None:
-    """Take the identity back after its signing key was stolen or lost.
-
-    Works without the current key: the recovery key signs a recovery naming a new
-    signing key and the last good record of each feed. Every own feed the old key
-    signed on is named: --last-good FEED=SEQ keeps it up to SEQ, --drop-feed FEED keeps
-    nothing the old key signed there (a recovery cannot be undone). The recovery
-    file's passphrase is read from CITYNODE_RECOVERY_PASSPHRASE, else asked for; the
-    new recovery file (the recovery key changes on use) is sealed with the same
-    passphrase.
-    """
-    import os
-
-    from citynode.core import keylog
-    from citynode.identity import keylog_identity
-
-    _require_dir(data_dir)
-    if (recovery_file is None) == (not phrase):
-        raise click.UsageError("give --recovery FILE or --phrase")
-    heads = _last_good(last_good)
-    rpw = os.environ.get("CITYNODE_RECOVERY_PASSPHRASE") or click.prompt(
-        "Recovery passphrase", hide_input=True)
-    if recovery_file is not None:
-        try:
-            text = recovery_file.read_bytes()
-        except OSError as exc:
-            raise click.ClickException(f"cannot read {recovery_file}: {exc.strerror}") \
-                from None
-        ident, seed = keylog.unseal_recovery(text, rpw)
-        try:
-            mine = keylog_identity((data_dir / "keylog").read_bytes())
-        except OSError:
-            mine = None  # a cn1 node: the node says it has no log to recover
-        if mine is not None and ident != mine:
-            raise click.ClickException(
-                f"{recovery_file} recovers {keylog.identity_id(ident)}, not this node "
-                f"({keylog.identity_id(mine)}): give the recovery file of this node")
-    else:
-        seed = keylog.parse_recovery_phrase(click.prompt("Recovery phrase"))
-    q_next = _public_key_arg(next_recovery) if next_recovery is not None else None
-    out = _operate(data_dir, lambda node: node.recover_key(seed, heads, rpw, drop_feeds,
-                                                           q_next))
-    click.echo(f"recovered: {out['node_id']} now signs with key {out['key']} "
-               f"(key event {out['seq']})")
-    if out["recovery_path"] is None:
-        click.echo("The next recovery key is the one made offline (its public key was "
-                   "given): keep that file offline. The previous recovery file and phrase "
-                   "are used up: destroy them.")
-        return
-    _recovery_notice(Path(out["recovery_path"]),
-                     out["recovery_phrase"] if sys.stdout.isatty() else None, None)
-    click.echo("The previous recovery file and phrase are used up: destroy them.")
-
-
-def _public_key_arg(text: str) -> bytes:
-    """A public key given as 64 hex digits, or as a file holding them (a .pub file of
-    `key recovery-new`). Raises click.BadParameter."""
-    raw = text.strip()
-    if len(raw) != 64 or any(c not in "0123456789abcdefABCDEF" for c in raw):
-        try:
-            raw = Path(text).read_text(encoding="ascii").split()[0]
-        except (OSError, UnicodeDecodeError, IndexError) as exc:
-            raise click.BadParameter(f"{text!r} is neither 64 hex digits nor a readable "
-                                     "public key file", param_hint="--next-recovery") from exc
-    try:
-        key = bytes.fromhex(raw)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise click.BadParameter(f"{text!r}: a public key is 64 hex digits",
-                                 param_hint="--next-recovery")
-    return key
-
-
-@key.command("recovery-new")
-@click.option("--id", "node_id", required=True, help="The node's cn2 id.")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the sealed recovery file (FILE.pub gets its public key).")
-def key_recovery_new(node_id: str, out: Path) -> None:
-    """Make the next recovery key on another machine (run it offline, not on the node):
-    a sealed recovery file and its public key (OUT.pub), for `citynode key recover
-    --next-recovery OUT.pub`, so the node never sees the new recovery secret. The
-    passphrase is read from CITYNODE_RECOVERY_PASSPHRASE, else asked for."""
-    import os
-
-    from citynode.core import keylog
-    from citynode.core.keys import SigningKey
-
-    identity = keylog.parse_identity_id(node_id)
-    pw = os.environ.get("CITYNODE_RECOVERY_PASSPHRASE") or click.prompt(
-        "Passphrase for the new recovery file", hide_input=True, confirmation_prompt=True)
-    q = SigningKey.generate()
-    pub = out.with_name(out.name + ".pub")
-    if out.exists() or pub.exists():
-        raise click.ClickException(f"{out} or {pub} exists already: choose another --out")
-    try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(keylog.seal_recovery(q.seed, identity, pw))
-        pub.write_text(q.public_key.hex() + "\n", encoding="ascii")
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}") from None
-    click.echo(f"wrote {out} (sealed; keep it offline) and {pub} (its public key: "
-               f"{q.public_key.hex()})")
-    click.echo(f"On the node: citynode key recover ... --next-recovery {pub}")
 
 
 @main.group()
@@ -1372,6 +1184,9 @@ def _register_audit_commands() -> None:
 
     main.add_command(import_group, "import")
     main.add_command(sinks_group, "sinks")
+    from citynode.cli_keys import key_group  # key rotate, key recover-*
+
+    main.add_command(key_group, "key")
 
 
 _register_audit_commands()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -75,6 +76,10 @@ class LocalNode:
     env: dict[str, str] = field(default_factory=dict)
     #: The passphrase of the recovery file ``citynode init`` wrote (tests recover with it).
     recovery_passphrase: str = field(default="", repr=False)
+    #: The passphrase node.next.key is sealed with (``key rotate``, a recovery's new
+    #: next key). The same as the recovery one here, for tests only: ``citynode init``
+    #: refuses that (the next-key one is typed on the node, the recovery one never).
+    next_passphrase: str = field(default="", repr=False)
     _http: HttpClient | None = field(default=None, repr=False)
     _raw: aiohttp.ClientSession | None = field(default=None, repr=False)
 
@@ -213,14 +218,16 @@ class Cluster:
         out = []
         for name, port, host in zip(names, ports, addrs, strict=True):
             d = self.base / name.lower().replace(" ", "-")
+            pw = secrets.token_hex(8)
             ident, _cfg = init_data_dir(
                 d, name=name, listen=f"{host}:{port}", hosts=[host],
+                recovery_passphrase=pw, next_passphrase=pw,
                 kdf_opslimit=argon2id.OPSLIMIT_MIN, kdf_memlimit=argon2id.MEMLIMIT_MIN,
             )
             for (section, key), value in (settings or {}).items():
                 set_config(d / "node.toml", section, key, value)
             n = LocalNode(name, d, port, ident.node_id, ident.token, ident.cert_fingerprint,
-                          host=host, recovery_passphrase=ident.recovery_passphrase or "")
+                          host=host, recovery_passphrase=pw, next_passphrase=pw)
             self.nodes[name] = n
             out.append(n)
         return out

@@ -43,13 +43,15 @@ def init_data_dir(
     passphrase: str | None = None,
     recovery_passphrase: str | None = None,
     next_key_on_disk: bool = False,
+    next_passphrase: str | None = None,
     **kdf: int,
 ) -> tuple[Identity, Config]:
     """Create a node in ``data_dir``: key, TLS certificate, operator token, node.toml.
 
     Everything is validated before anything is written, so a bad argument leaves no
-    half-made node. The next key is sealed with the recovery passphrase unless
-    ``next_key_on_disk`` (see :func:`citynode.identity.create_identity`). Raises
+    half-made node. The next key is sealed with ``next_passphrase`` (a random one,
+    returned in the identity, if None), or like node.key with ``next_key_on_disk``
+    (see :func:`citynode.identity.create_identity`). Raises
     :class:`ConfigError` (bad arguments, or a node already there) or
     :class:`KeyFileError`.
     """
@@ -67,7 +69,8 @@ def init_data_dir(
     config = parse_config(text, str(data_dir / "node.toml"))
     ident = create_identity(data_dir, name=name, hosts=all_hosts, passphrase=passphrase,
                             recovery_passphrase=recovery_passphrase,
-                            next_key_on_disk=next_key_on_disk, **kdf)
+                            next_key_on_disk=next_key_on_disk,
+                            next_passphrase=next_passphrase, **kdf)
     path = data_dir / "node.toml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     with os.fdopen(fd, "w") as f:

@@ -6,10 +6,12 @@ Layout (docs/ARCHITECTURE.md)::
                         passphrase-sealed), 0600
     DIR/node.next.key   the next signing key, committed to by the key log, 0600: needed
                         only to rotate (``citynode key rotate``). By default sealed with
-                        the recovery passphrase, which is never on this machine, so a
+                        the next-key passphrase, which is never stored on this machine
+                        (asked at each rotation, or CITYNODE_NEXT_KEY_PASSPHRASE), so a
                         break-in that takes node.key cannot rotate the identity to a key
                         of its own; sealed like node.key only with ``init
-                        --next-key-on-disk`` (unattended rotation, at that cost)
+                        --next-key-on-disk`` (unattended rotation, at that cost). It is
+                        not the recovery passphrase: that one never comes near the node
     DIR/node.retired.key  the signing keys a rotation or a recovery retired, one sealed
                         key per line (same sealing as node.key), 0600: they open
                         restricted records sealed to this node before it rotated
@@ -17,6 +19,10 @@ Layout (docs/ARCHITECTURE.md)::
                         inception); a directory without it is a cn1 node (id = key)
     DIR/recovery.key    written by ``citynode init`` only: the recovery key, sealed with
                         the recovery passphrase; the operator moves it OFFLINE
+    DIR/recovery.pending  between ``citynode key recover-prepare`` and ``key recover
+                        --event``: the new signing key (sealed like node.key), the new
+                        next key (sealed like node.next.key) and the request the
+                        recovery key signs offline, 0600
     DIR/operator.token  bearer token for the operator API, 0600
     DIR/tls/cert.pem    self-signed certificate for the node's host names (public)
     DIR/tls/key.pem     its private key (ECDSA P-256, PKCS#8), 0600
@@ -78,6 +84,7 @@ NEXT_KEY_FILE = "node.next.key"
 RETIRED_KEYS_FILE = "node.retired.key"
 KEYLOG_FILE = "keylog"
 RECOVERY_FILE = "recovery.key"
+RECOVERY_PENDING_FILE = "recovery.pending"
 TOKEN_FILE = "operator.token"
 TLS_DIR = "tls"
 CERT_FILE = "cert.pem"
@@ -104,6 +111,8 @@ class Identity:
     recovery_path: Path | None = None  # create_identity only: the file to move offline
     recovery_phrase: str | None = field(default=None, repr=False)  # create_identity only
     recovery_passphrase: str | None = field(default=None, repr=False)  # when generated
+    #: create_identity only, when generated: the passphrase node.next.key is sealed with.
+    next_passphrase: str | None = field(default=None, repr=False)
     passphrase: str | None = field(default=None, repr=False)  # unseals node.next.key
     #: During a TLS renewal: SHA-256 of the certificate the node switches to.
     next_cert_fingerprint: bytes | None = None
@@ -278,6 +287,7 @@ def create_identity(
     recovery_passphrase: str | None = None,
     now_ms: int | None = None,
     next_key_on_disk: bool = False,
+    next_passphrase: str | None = None,
 ) -> Identity:
     """Create a new node identity in ``dir`` and return it.
 
@@ -285,11 +295,14 @@ def create_identity(
     key K0, the next key K1 and the recovery key Q0, and the inception that commits to
     K1 and Q0 (docs/PROTOCOL.md, "Key events and witnesses"). K0 is sealed with
     ``passphrase`` via Argon2id if one is given (``kdf_*`` tune Argon2id); K1 is sealed
-    with the recovery passphrase (kept off the machine: a stolen node.key cannot rotate),
-    or, with ``next_key_on_disk``, like K0 (unattended rotation); Q0 is always
-    sealed, with ``recovery_passphrase`` or, if None, a random one returned in
+    with ``next_passphrase`` (never stored on the machine: a stolen node.key cannot
+    rotate) or, if None, a random one returned in ``next_passphrase``; with
+    ``next_key_on_disk``, K1 is sealed like K0 instead (unattended rotation). Q0 is
+    always sealed, with ``recovery_passphrase`` or, if None, a random one returned in
     ``recovery_passphrase`` (with ``recovery_phrase``, the seed for paper) for the
-    operator to write down. Then a random operator token and a self-signed TLS
+    operator to write down. The two passphrases are separate: the next-key one is
+    typed on the node at each rotation, the recovery one only where the recovery
+    file is (``citynode key recover-sign``). Then a random operator token and a self-signed TLS
     certificate for ``name`` and ``hosts``. ``now_ms`` dates the inception (default:
     the system clock).
 
@@ -314,12 +327,16 @@ def create_identity(
         generated = recovery_passphrase = "-".join(secrets.token_hex(3) for _ in range(5))
     recovery = keylog.seal_recovery(q0.seed, ident_d, recovery_passphrase,
                                     opslimit=kdf_opslimit, memlimit=kdf_memlimit)
+    generated_next = None
+    if next_key_on_disk:
+        next_passphrase = passphrase
+    elif not next_passphrase:
+        generated_next = next_passphrase = "-".join(secrets.token_hex(3) for _ in range(5))
     key = NodeKey(k0.seed, ident_d, keylog.identity_id(ident_d), log)
     token = secrets.token_urlsafe(32)
     sealed = seal_secret_key(key.seed, passphrase, opslimit=kdf_opslimit,
                              memlimit=kdf_memlimit)
-    sealed_next = seal_secret_key(k1.seed, passphrase if next_key_on_disk
-                                  else recovery_passphrase, opslimit=kdf_opslimit,
+    sealed_next = seal_secret_key(k1.seed, next_passphrase, opslimit=kdf_opslimit,
                                   memlimit=kdf_memlimit)
     tls_dir = dir / TLS_DIR
     cert_path, tls_key_path = tls_dir / CERT_FILE, tls_dir / TLS_KEY_FILE
@@ -352,6 +369,7 @@ def create_identity(
         recovery_path=dir / RECOVERY_FILE,
         recovery_phrase=keylog.recovery_phrase(q0.seed),
         recovery_passphrase=generated,
+        next_passphrase=generated_next,
     )
 
 
@@ -616,25 +634,31 @@ def _finish_key_change(dir: Path, state: keylog.KeyState) -> bool:
     return True
 
 
-def write_key_change(dir: Path, log: bytes, key_seed: bytes, next_seed: bytes,
+def write_key_change(dir: Path, log: bytes, key_seed: bytes, next_seed: bytes | None,
                      passphrase: str | None, retired_seed: bytes | None = None,
-                     next_passphrase: str | None = None, **kdf: int) -> None:
+                     next_passphrase: str | None = None, *,
+                     sealed_next: bytes | None = None, **kdf: int) -> None:
     """Put a key change (rotation or recovery) on disk so that a crash at any point
     leaves a node that starts: the key it retires (``retired_seed``, kept to open what
     was sealed to it) joins node.retired.key, the new signing and next keys are staged,
     then the key log that puts them in force is written, then the staged files replace
     the old ones (:func:`load_identity` finishes that last step if it was cut short).
     ``next_passphrase`` seals the new next key (None: ``passphrase``, as node.key: a
-    node whose next key is on disk). ``kdf``: ``opslimit``/``memlimit`` for sealing.
-    Raises :class:`KeyFileError`."""
+    node whose next key is on disk); ``sealed_next``, when given, is the new next key
+    sealed already (a recovery: sealed at ``key recover-prepare``, with a passphrase
+    this process never held) and ``next_seed`` is ignored. ``kdf``:
+    ``opslimit``/``memlimit`` for sealing. Raises :class:`KeyFileError`."""
+    if sealed_next is None:
+        if next_seed is None:
+            raise KeyFileError("a key change needs the new next key")
+        sealed_next = seal_secret_key(next_seed, next_passphrase or passphrase, **kdf)
     try:
         if retired_seed is not None:
             path = dir / RETIRED_KEYS_FILE
             kept = _read(path, dir, secret=True) if path.exists() else b""
             kept += b"\n" if kept and not kept.endswith(b"\n") else b""
             _replace(path, kept + seal_secret_key(retired_seed, passphrase, **kdf), 0o600)
-        _replace(dir / (NEXT_KEY_FILE + _STAGED),
-                 seal_secret_key(next_seed, next_passphrase or passphrase, **kdf), 0o600)
+        _replace(dir / (NEXT_KEY_FILE + _STAGED), sealed_next, 0o600)
         _replace(dir / (KEY_FILE + _STAGED), seal_secret_key(key_seed, passphrase, **kdf),
                  0o600)
         _fsync_dir(dir)
@@ -657,14 +681,51 @@ def read_next_key(dir: Path, passphrase: str | None) -> SigningKey:
         raise KeyFileError(f"{path}: {exc}") from exc
 
 
-def write_recovery_file(dir: Path, seed: bytes, identity: bytes, passphrase: str,
-                        **kdf: int) -> Path:
-    """Write a new recovery file (after a recovery: the recovery key rotates on use)
-    to ``dir``/recovery.key, mode 0600. Returns its path."""
-    path = dir / RECOVERY_FILE
-    _replace(path, keylog.seal_recovery(seed, identity, passphrase, **kdf), 0o600)
+def write_recovery_pending(dir: Path, data: bytes) -> None:
+    """Write ``dir``/recovery.pending (``citynode key recover-prepare``), mode 0600."""
+    try:
+        _replace(dir / RECOVERY_PENDING_FILE, data, 0o600)
+        _fsync_dir(dir)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {dir / RECOVERY_PENDING_FILE}: "
+                           f"{exc.strerror or exc}") from exc
+
+
+def read_recovery_pending(dir: Path) -> bytes | None:
+    """The bytes of ``dir``/recovery.pending, or None when no recovery is prepared.
+    Raises :class:`KeyFileError` (unreadable, or group or others can read it)."""
+    path = dir / RECOVERY_PENDING_FILE
+    if not path.exists():
+        return None
+    return _read(path, dir, secret=True)
+
+
+def drop_recovery_pending(dir: Path) -> bool:
+    """Remove ``dir``/recovery.pending; whether there was one."""
+    try:
+        (dir / RECOVERY_PENDING_FILE).unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise KeyFileError(f"cannot remove {dir / RECOVERY_PENDING_FILE}: "
+                           f"{exc.strerror or exc}") from exc
     _fsync_dir(dir)
-    return path
+    return True
+
+
+def write_new_recovery_file(path: Path, seed: bytes, identity: bytes, passphrase: str,
+                            **kdf: int) -> None:
+    """Write a new recovery file at ``path`` (the recovery key rotates on use), mode
+    0600 from the first instant; never over an existing file (it may be the recovery
+    key in force). Raises :class:`KeyFileError`."""
+    try:
+        _write_new(path, keylog.seal_recovery(seed, identity, passphrase, **kdf), 0o600)
+        _fsync_dir(path.parent)
+    except FileExistsError as exc:
+        raise KeyFileError(f"{path} exists already: move it away first (it may be a "
+                           "recovery key in force)") from exc
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def next_key_on_disk(dir: Path) -> bool:

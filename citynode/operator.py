@@ -21,6 +21,7 @@ running node is only asked to start its next rounds at once.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -127,19 +128,28 @@ class Operator:
         out = await self._call("POST", "/v1/admin/key/rotate", body, content_type=JSON)
         return out
 
-    async def recover_key(self, recovery_seed: bytes, last_good: dict[str, int],
-                          recovery_passphrase: str,
-                          drop_feeds: tuple[str, ...] = (),
-                          next_recovery_key: bytes | None = None) -> dict[str, Any]:
-        """Recover the node's identity with its recovery key
-        (``POST /v1/admin/key/recover``); ``next_recovery_key``: the public key of a
-        recovery key made on another machine (no recovery secret is made here)."""
-        req: dict[str, Any] = {"recovery_seed": recovery_seed.hex(), "last_good": last_good,
-                               "drop_feeds": list(drop_feeds),
-                               "recovery_passphrase": recovery_passphrase}
-        if next_recovery_key is not None:
-            req["next_recovery_key"] = next_recovery_key.hex()
-        body = json.dumps(req).encode()
+    async def prepare_recovery(self, last_good: dict[str, int],
+                               drop_feeds: tuple[str, ...] = (),
+                               next_passphrase: str | None = None) -> bytes:
+        """Step 1 of a recovery (``POST /v1/admin/key/recover/prepare``): the node makes
+        its new keys, the next one sealed with ``next_passphrase``, and stops signing;
+        returns the request file's bytes for the recovery key to sign away from the
+        node (citynode/recovery.py). No recovery secret goes to the node."""
+        body = json.dumps({"last_good": last_good, "drop_feeds": list(drop_feeds),
+                           "next_passphrase": next_passphrase}).encode()
+        out = await self._call("POST", "/v1/admin/key/recover/prepare", body,
+                               content_type=JSON)
+        return (json.dumps(out, indent=1) + "\n").encode()
+
+    async def cancel_recovery(self) -> bool:
+        """Forget a prepared recovery; the node signs again. Whether there was one."""
+        out = await self._call("DELETE", "/v1/admin/key/recover/prepare")
+        return bool(out["cancelled"])
+
+    async def apply_recovery(self, envelope: bytes) -> dict[str, Any]:
+        """Step 3 of a recovery (``POST /v1/admin/key/recover``): the signed recovery
+        event, and only it, goes to the node; answers ``{node_id, seq, key}``."""
+        body = json.dumps({"event": base64.b64encode(envelope).decode("ascii")}).encode()
         out: dict[str, Any] = await self._call("POST", "/v1/admin/key/recover", body,
                                                content_type=JSON)
         return out

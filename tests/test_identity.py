@@ -318,12 +318,15 @@ def test_init_makes_a_cn2_identity_whose_recovery_material_recovers_it(tmp_path:
     assert keylog.parse_recovery_phrase(made.recovery_phrase) == seed
     assert keylog.commit_key(SigningKey(seed).public_key) == state.recovery
     # the next key on disk is the one the inception committed to, sealed with the
-    # recovery passphrase (never on the machine): node.key alone cannot rotate
+    # next-key passphrase (never on the machine): node.key alone cannot rotate; that
+    # passphrase is not the recovery one (typed on the node, the recovery one never is)
+    assert made.next_passphrase and made.next_passphrase != made.recovery_passphrase
     nxt = SigningKey(unseal_secret_key((d / "node.next.key").read_bytes(),
-                                       made.recovery_passphrase))
+                                       made.next_passphrase))
     assert keylog.commit_key(nxt.public_key) == state.next
-    with pytest.raises(KeyFileError):
-        unseal_secret_key((d / "node.next.key").read_bytes(), None)
+    for other in (None, made.recovery_passphrase):
+        with pytest.raises(KeyFileError):
+            unseal_secret_key((d / "node.next.key").read_bytes(), other)
     loaded = load_identity(d)
     assert loaded.node_id == made.node_id and loaded.key.log == made.key.log
 
@@ -331,7 +334,7 @@ def test_init_makes_a_cn2_identity_whose_recovery_material_recovers_it(tmp_path:
 def test_a_key_that_is_not_the_logs_key_in_force_is_refused(tmp_path: Path) -> None:
     d = tmp_path / "data"
     made = _create(d)
-    nxt = unseal_secret_key((d / "node.next.key").read_bytes(), made.recovery_passphrase)
+    nxt = unseal_secret_key((d / "node.next.key").read_bytes(), made.next_passphrase)
     (d / "node.key").write_bytes(seal_secret_key(nxt, None))
     with pytest.raises(KeyFileError, match="not the key in force"):
         load_identity(d)
@@ -382,7 +385,7 @@ def test_a_rotation_keeps_the_retired_key_sealed_like_node_key(tmp_path: Path) -
     ident = _create(tmp_path, "pw")
     old = ident.key.public_key
     state = keylog.verify_log(ident.identity, ident.key.log or b"", verifier=Verifier())
-    nxt, after = read_next_key(tmp_path, ident.recovery_passphrase), SigningKey.generate()
+    nxt, after = read_next_key(tmp_path, ident.next_passphrase), SigningKey.generate()
     ev = keylog.rotate(state, nxt, after.public_key, state.time + 1, {})
     wire = keylog.encode_log([*keylog.decode_log(ident.key.log or b""), ev.envelope])
     write_key_change(tmp_path, wire, nxt.seed, after.seed, "pw", ident.key.seed,

@@ -83,6 +83,7 @@ __all__ = [
     "parse_identity_id",
     "parse_recovery_phrase",
     "recover",
+    "recover_committed",
     "recovery_phrase",
     "rotate",
     "seal_recovery",
@@ -807,10 +808,23 @@ def recover(state: KeyState, recovery_key: SigningKey, new_key: bytes, next_key:
     per feed the last good record. Feeds not named keep no record by the superseded
     key beyond the heads established before it. Raises :class:`InvalidRecord` if
     ``state`` would refuse it."""
+    return recover_committed(state, recovery_key, new_key, commit_key(next_key),
+                             next_recovery_key, time_ms, heads)
+
+
+def recover_committed(state: KeyState, recovery_key: SigningKey, new_key: bytes,
+                      next_commitment: bytes, next_recovery_key: bytes, time_ms: int,
+                      heads: Mapping[str, Head | tuple[int, bytes]]) -> KeyEvent:
+    """:func:`recover` given the commitment to the next key (:func:`commit_key` of it)
+    instead of the key: how a recovery is signed away from the node, which made the
+    new keys and shows only the new key and that commitment. Raises
+    :class:`InvalidRecord` if ``state`` would refuse it."""
+    if len(next_commitment) != 32:
+        raise _fail("a next-key commitment is 32 bytes")
     ev = _sign(recovery_key, {
         "type": "recovery", "seq": state.seq + 1, "time": time_ms,
         "identity": state.identity, "prev": state.head_id, "key": new_key,
-        "next": commit_key(next_key), "recovery": commit_key(next_recovery_key),
+        "next": next_commitment, "recovery": commit_key(next_recovery_key),
         "recovery_key": recovery_key.public_key, "heads": _heads_value(heads)})
     apply_event(state, ev)
     return ev

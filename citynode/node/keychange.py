@@ -8,6 +8,11 @@ feed, sign the rotation with the pre-committed next key, write the keys and the 
 Nothing waits on the network, so there is no downtime; partners learn the new log from
 the node's card, from ``POST /v1/keylog`` sent right after, or when a record signed by
 the new key makes them fetch it.
+
+A recovery is signed away from this node (citynode/recovery.py): the recovery secret
+never enters this process. The node prepares the new keys and a request
+(:meth:`KeyChanges.prepare_recovery`), signs nothing until the signed event comes back,
+and then applies it (:meth:`KeyChanges.apply_recovery`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -25,24 +31,33 @@ from citynode.core import keylog
 from citynode.core.chain import ForkProof, verify_fork_proof
 from citynode.core.checkpoints import SplitViewProof, verify_split_view
 from citynode.core.keylog import Head
-from citynode.core.keys import SigningKey
+from citynode.core.keys import SigningKey, seal_secret_key, unseal_secret_key
 from citynode.core.records import decode_record, parse_body, record_id
-from citynode.errors import CitynodeError, ConfigError, InvalidProof, KeyFileError
+from citynode.errors import (
+    CitynodeError,
+    ConfigError,
+    InvalidProof,
+    InvalidRecord,
+    KeyFileError,
+)
 from citynode.identity import (
     Identity,
+    drop_recovery_pending,
     load_tls,
     next_key_on_disk,
     read_next_key,
+    read_recovery_pending,
     stage_tls_renewal,
     switch_tls,
     write_key_change,
-    write_recovery_file,
+    write_recovery_pending,
 )
 from citynode.logs import fields
 from citynode.node._base import Spawn, in_thread
 from citynode.node.partners import Partners
 from citynode.node.policy import Policy
 from citynode.node.publishing import Publisher
+from citynode.recovery import RecoveryRequest
 from citynode.storage import Storage
 
 __all__ = ["KeyChanges"]
@@ -75,6 +90,11 @@ class KeyChanges:
         #: The TLS contexts the server accepts connections with (a renewal loads the
         #: new certificate into them: new connections get it, with no restart).
         self.tls_contexts: list[ssl.SSLContext] = []
+        if (data_dir / "recovery.pending").exists():
+            # Prepared before a restart: still nothing is signed until it is applied.
+            publisher.key_refusal = _PENDING
+        #: What stopped signing before a recovery was prepared (a cancel restores it).
+        self._refusal_before: str | None = None
 
     def serve_tls(self, ctx: ssl.SSLContext) -> None:
         """The server accepts connections with ``ctx``: a TLS switch reloads it."""
@@ -204,7 +224,8 @@ class KeyChanges:
             self.policy.own_log_changed()
 
         await self.publisher.with_signing_stopped(step)
-        self.publisher.key_refusal = None
+        if self.publisher.key_refusal != _PENDING:
+            self.publisher.key_refusal = None
         log.warning("this data dir held an older key log than partner %s: took its newer "
                     "log and signs with the key in force (this data dir's next key); the "
                     "next key it commits to is not here, so change keys next with "
@@ -251,10 +272,9 @@ class KeyChanges:
                 nxt = await in_thread(read_next_key, self.data_dir, self.identity.passphrase)
             except KeyFileError as exc:
                 raise ConfigError(
-                    f"{exc}: the next key is sealed with its own passphrase (the recovery "
-                    "passphrase, unless chosen otherwise), which this node does not hold: "
-                    "run `citynode key rotate` where you can type it "
-                    "(CITYNODE_NEXT_KEY_PASSPHRASE), or give --next-key FILE") from exc
+                    f"{exc}: the next key is sealed with the next-key passphrase, which "
+                    "this node does not hold: run `citynode key rotate` on a terminal or "
+                    "with CITYNODE_NEXT_KEY_PASSPHRASE, or give --next-key FILE") from exc
         if keylog.commit_key(nxt.public_key) != state.next:
             raise ConfigError(f"{self.data_dir}/node.next.key is not the key this node's log "
                               "committed to: restore it from the same backup as node.key; "
@@ -284,33 +304,28 @@ class KeyChanges:
         self._announce()
         return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex()}
 
-    async def recover(self, recovery_seed: bytes, last_good: dict[str, int],
-                      recovery_passphrase: str,
-                      drop: frozenset[str] = frozenset(),
-                      next_recovery_key: bytes | None = None) -> dict[str, Any]:
-        """Recover with the recovery key: after the last event of the log this node
-        made (its own keylog file), a recovery naming per feed the last good record
-        (``last_good``: feed -> seq, each held here), a new signing key, next key and
-        recovery key. Records the superseded key signed beyond those heads are invalid
-        everywhere. Writes a new recovery file (the recovery key rotates on use),
-        sealed with ``recovery_passphrase``. Returns ``{node_id, seq, key,
-        recovery_path, recovery_phrase}``; records held here beyond the heads (the
-        thief's, fetched from partners) are dropped. Every own feed the superseded key
-        signed on must be decided: named in ``last_good``, or in ``drop`` (keep nothing
-        it signed there): a recovery cannot be undone, so nothing is dropped by
-        omission. With ``next_recovery_key`` (a public key: the next recovery key made
-        on another machine, `citynode key recovery-new`) the recovery commits to it and
-        no recovery secret is made or written here (``recovery_path`` and
-        ``recovery_phrase`` are None): the way to recover after a break-in, since this
-        host may still be watched. Raises :class:`ConfigError` for a wrong recovery
-        key, a last-good record not held, or a feed not decided (or decided twice)."""
-        if next_recovery_key is not None and len(next_recovery_key) != 32:
-            raise ConfigError("the next recovery key is a 32-byte Ed25519 public key")
+    async def prepare_recovery(self, last_good: dict[str, int],
+                               drop: frozenset[str] = frozenset(),
+                               next_passphrase: str | None = None) -> dict[str, Any]:
+        """Step 1 of a recovery (citynode/recovery.py): make the new signing key and
+        next key here, keep them in recovery.pending (the signing key sealed like
+        node.key, the next key with ``next_passphrase``, or like node.key on a node
+        whose next key is on disk) and return the request for the recovery key to
+        sign elsewhere (:meth:`RecoveryRequest.encode`'s JSON object). No recovery
+        secret is needed or seen here. ``last_good``: feed -> seq of the last good
+        record, each held here; ``drop``: feeds on which the old key keeps nothing.
+        Every own feed the superseded key signed on must be decided, in one or the
+        other: a recovery cannot be undone, so nothing is dropped by omission. From
+        now until the recovery is applied or cancelled this node signs nothing (what
+        it signed meanwhile with the old key would be beyond the heads named). A
+        second prepare replaces the first (its request can no longer be applied).
+        Raises :class:`ConfigError` (a cn1 node, a dead identity, a record not held, a
+        feed not decided or decided twice, no passphrase for the next key),
+        :class:`KeyFileError`."""
         state = self._state()
-        q = SigningKey(recovery_seed)
-        if keylog.commit_key(q.public_key) != state.recovery:
-            raise ConfigError("that recovery key is not the one this node's log commits to "
-                              "(an older recovery file?)")
+        if state.dead:
+            raise ConfigError("this identity is dead (its recovery key was used twice): "
+                              "no recovery can take it back; make a new node")
         both = sorted(set(last_good) & drop)
         if both:
             raise ConfigError(f"feed(s) {', '.join(both)} given both --last-good and "
@@ -332,44 +347,123 @@ class KeyChanges:
                 raise ConfigError(f"--last-good {feed}={seq}: no record of this node at that "
                                   "position is held here")
             heads[feed] = Head(seq, rid)
-
+            # Refused now rather than after the operator's trip to the recovery key.
+            old = state.established.get(feed)
+            if old is not None and (seq < old.seq or (seq == old.seq and rid != old.id)):
+                raise ConfigError(f"--last-good {feed}={seq} goes back on the head a key "
+                                  f"event of this node settled (seq {old.seq}): name a "
+                                  "later record")
         on_disk = await in_thread(next_key_on_disk, self.data_dir)
+        if not on_disk and not next_passphrase:
+            raise ConfigError("give the passphrase to seal the new next key with (the "
+                              "next-key passphrase: CITYNODE_NEXT_KEY_PASSPHRASE)")
+        new, after = SigningKey.generate(), SigningKey.generate()
+        req = RecoveryRequest(me, self.key.log or b"", heads, tuple(sorted(drop)),
+                              new.public_key, keylog.commit_key(after.public_key),
+                              self.now_ms())
+        def write() -> None:
+            pending = {"key": seal_secret_key(new.seed, self.identity.passphrase).decode(),
+                       "next": seal_secret_key(after.seed, None if on_disk
+                                               else next_passphrase).decode(),
+                       "request": req.encode().decode()}
+            write_recovery_pending(self.data_dir, json.dumps(pending).encode())
 
-        async def step() -> tuple[keylog.KeyEvent, SigningKey | None]:
-            new, after = SigningKey.generate(), SigningKey.generate()
-            q_next, q_pub = None, next_recovery_key
-            if q_pub is None:
-                q_next = SigningKey.generate()
-                q_pub = q_next.public_key
-            ev = keylog.recover(state, q, new.public_key, after.public_key, q_pub,
-                                max(self.now_ms(), state.time), heads)
+        await in_thread(write)
+        if self.publisher.key_refusal != _PENDING:
+            self._refusal_before = self.publisher.key_refusal
+        self.publisher.key_refusal = _PENDING
+        log.warning("recovery prepared: nothing is signed until it is applied (citynode "
+                    "key recover --event) or cancelled", extra=fields(
+                        heads={f: h.seq for f, h in heads.items()}, dropped=sorted(drop),
+                        key=new.public_key.hex()))
+        out: dict[str, Any] = json.loads(req.encode())
+        return out
+
+    async def cancel_recovery(self) -> bool:
+        """Forget a prepared recovery (its keys and request) and sign again; whether
+        there was one."""
+        gone = await in_thread(drop_recovery_pending, self.data_dir)
+        if self.publisher.key_refusal == _PENDING:
+            self.publisher.key_refusal = self._refusal_before
+        if gone:
+            log.warning("prepared recovery cancelled: signing with the key in force again")
+        return gone
+
+    async def apply_recovery(self, envelope: bytes) -> dict[str, Any]:
+        """Step 3 of a recovery (citynode/recovery.py): apply the recovery event signed
+        away from this node. It must extend the key log held here, be signed by the
+        recovery key that log commits to, and name the keys and heads prepared here
+        (:meth:`prepare_recovery`). Then, as for any recovery: the prepared keys go in
+        force, records held beyond the heads (the thief's, fetched from partners) are
+        dropped, and partners get the new log at once. Returns ``{node_id, seq, key}``
+        (and ``already``: True when this very event is the held log's last one: applied
+        before). Raises :class:`ConfigError` saying what does not fit."""
+        state = self._state()
+        try:
+            ev = keylog.open_event(envelope, verifier=self.policy.verifier)
+        except InvalidRecord as exc:
+            raise ConfigError(f"the recovery event does not verify: {exc}") from exc
+        if ev.type != "recovery":
+            raise ConfigError(f"that is a key event of type {ev.type}, not a recovery")
+        if ev.identity != state.identity:
+            raise ConfigError(f"that recovery is of {keylog.identity_id(ev.identity or b'')}"
+                              f", not of this node ({state.node_id})")
+        if ev.id == state.head_id:
+            return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex(),
+                    "already": True}
+        raw = await in_thread(read_recovery_pending, self.data_dir)
+        if raw is None:
+            raise ConfigError("no recovery is prepared on this node: run `citynode key "
+                              "recover-prepare` here, sign its request with `citynode key "
+                              "recover-sign`, then give that event")
+        try:
+            pending = json.loads(raw)
+            req = RecoveryRequest.parse(str(pending["request"]).encode(),
+                                        "recovery.pending")
+            sealed_key = str(pending["key"]).encode()
+            sealed_next = str(pending["next"]).encode()
+        except (ValueError, KeyError, TypeError, KeyFileError) as exc:
+            raise ConfigError(f"{self.data_dir}/recovery.pending is damaged ({exc}): prepare "
+                              "the recovery again") from exc
+        if ev.key != req.key or ev.next != req.next:
+            raise ConfigError("that recovery names other keys than the ones prepared here "
+                              "(prepared again since?): sign the newest request of "
+                              "`citynode key recover-prepare`")
+        if dict(ev.heads) != req.heads:
+            raise ConfigError("that recovery names other heads than the request prepared "
+                              "here: sign the request as the node wrote it")
+        try:
+            keylog.apply_event(state, ev, now_ms=self.now_ms())
+        except InvalidRecord as exc:
+            raise ConfigError(_refusal(exc, state)) from exc
+        try:
+            seed = await in_thread(unseal_secret_key, sealed_key, self.identity.passphrase)
+        except KeyFileError as exc:
+            raise ConfigError(f"{self.data_dir}/recovery.pending: the new key does not open "
+                              f"with this node's passphrase ({exc})") from exc
+        if SigningKey(seed).public_key != req.key:
+            raise ConfigError(f"{self.data_dir}/recovery.pending is damaged: prepare the "
+                              "recovery again")
+
+        async def step() -> None:
             wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
-            # The new recovery file first: a recovery whose next recovery key is lost
-            # would leave the identity unrecoverable.
-            if q_next is not None:
-                await in_thread(write_recovery_file, self.data_dir, q_next.seed, me,
-                                recovery_passphrase)
-            # The new next key is sealed as the one before: with the recovery
-            # passphrase (off this machine), unless it was kept on disk.
-            await in_thread(write_key_change, self.data_dir, wire, new.seed, after.seed,
-                            self.identity.passphrase, self.key.seed,
-                            None if on_disk else recovery_passphrase)
-            self.key.switch(new.seed, wire)
+            await in_thread(functools.partial(
+                write_key_change, self.data_dir, wire, seed, None, self.identity.passphrase,
+                self.key.seed, sealed_next=sealed_next))
+            await in_thread(drop_recovery_pending, self.data_dir)
+            self.key.switch(seed, wire)
             self.policy.own_log_changed()
             self.publisher.replica.own_key_changed()
-            return ev, q_next
 
-        ev, q_next = await self.publisher.with_signing_stopped(step)
+        await self.publisher.with_signing_stopped(step)
+        if self.publisher.key_refusal == _PENDING:
+            self.publisher.key_refusal = None
         log.warning("identity recovered with the recovery key", extra=fields(
-            node=self.key.node_id, seq=ev.seq, heads={f: h.seq for f, h in heads.items()}))
+            node=self.key.node_id, seq=ev.seq, heads={f: h.seq for f, h in ev.heads.items()}))
         # Our own copies of what the thief signed (fetched from partners) go too.
-        await self.purge(me)
+        await self.purge(self.key.identity)
         self._announce()
-        return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex(),
-                "recovery_path": None if q_next is None
-                else str(self.data_dir / "recovery.key"),
-                "recovery_phrase": None if q_next is None
-                else keylog.recovery_phrase(q_next.seed)}
+        return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex()}
 
     async def purge(self, identity: bytes, *, unconfirmed: bool = False) -> int:
         """Drop the records held of ``identity`` that its key log (just taken, with a
@@ -489,6 +583,27 @@ class KeyChanges:
 
 async def _none(identity: bytes) -> int:
     return 0
+
+
+#: Why nothing is signed between ``key recover-prepare`` and ``key recover --event``.
+_PENDING = ("a recovery is prepared (citynode key recover-prepare): nothing is signed "
+            "until it is applied (`citynode key recover --event FILE`) or cancelled "
+            "(`citynode key recover-prepare --cancel`)")
+
+
+def _refusal(exc: InvalidRecord, state: keylog.KeyState) -> str:
+    """One line for a recovery event the held log refuses."""
+    if exc.reason in ("key_event_order", "bad_prev"):
+        return (f"that recovery does not follow this node's key log (key event "
+                f"{state.seq}): the log changed since the request was made; prepare and "
+                "sign again")
+    if exc.reason == "bad_recovery":
+        return ("that recovery is not signed by the recovery key this node's log commits "
+                "to (an older recovery file?)")
+    if exc.reason == "future_time":
+        return ("that recovery is dated in the future: check the clock of the machine "
+                "that signed it, and sign again")
+    return f"that recovery does not fit this node's key log: {exc}"
 
 
 def _hex(fp: bytes | None) -> str | None:

@@ -4,12 +4,15 @@ list)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import cast
 
 from aiohttp import web
 
 from citynode.core.cards import card_to_json
+from citynode.core.keylog import MAX_EVENT_BYTES
 from citynode.core.liveness import STATES
 from citynode.errors import NoLeader
 from citynode.node.leader import FORWARDED_HEADER
@@ -31,6 +34,7 @@ __all__ = [
     "admin_bridges",
     "admin_erase",
     "admin_key_recover",
+    "admin_key_recover_prepare",
     "admin_key_rotate",
     "admin_partner_delete",
     "admin_partners",
@@ -140,32 +144,60 @@ async def admin_key_rotate(request: web.Request) -> web.Response:
     return web.json_response(await request.app[NODE_KEY].keychanges.rotate(seed, npw))
 
 
+async def admin_key_recover_prepare(request: web.Request) -> web.Response:
+    """``POST {"last_good": {feed: seq}, "drop_feeds": [feed], "next_passphrase": text
+    or null}``: step 1 of a recovery (``citynode key recover-prepare``): the node makes
+    its new signing and next keys and answers the request for the recovery key to sign
+    away from it (citynode/recovery.py); it signs nothing until the recovery is applied
+    or cancelled. ``DELETE``: cancel a prepared recovery (``{"cancelled": bool}``). No
+    recovery secret is ever sent here."""
+    require_operator(request)
+    body = await read_body(request)
+    if (answer := await to_leader(request, body)) is not None:
+        return answer
+    keychanges = request.app[NODE_KEY].keychanges
+    if request.method == "DELETE":
+        return web.json_response({"cancelled": await keychanges.cancel_recovery()})
+    try:
+        req = json.loads(body)
+        last_good = {str(f): s for f, s in dict(req["last_good"]).items()}
+        drop = frozenset(str(f) for f in list(req.get("drop_feeds", [])))
+        npw = req.get("next_passphrase")
+        if (any(type(s) is not int or s < 1 for s in last_good.values())
+                or (npw is not None and (not isinstance(npw, str) or not npw))
+                or "recovery_seed" in req):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise web.HTTPBadRequest(
+            text='send {"last_good": {"feed": seq, ...}, "drop_feeds": ["feed", ...], '
+                 '"next_passphrase": "..." or null} (never a recovery key)') from None
+    return web.json_response(await keychanges.prepare_recovery(last_good, drop, npw))
+
+
 async def admin_key_recover(request: web.Request) -> web.Response:
-    """``POST {"recovery_seed": hex, "last_good": {feed: seq}, "drop_feeds": [feed],
-    "recovery_passphrase": text, "next_recovery_key": hex (optional)}``: recover this
-    node's identity with its recovery key (``citynode key recover``); answers
-    ``{node_id, seq, key, recovery_path, recovery_phrase}`` (both None when the next
-    recovery key was made elsewhere and only its public key given)."""
+    """``POST {"event": base64}``: step 3 of a recovery (``citynode key recover
+    --event``): apply the recovery event signed away from the node (``citynode key
+    recover-sign``) for the request this node prepared; answers ``{node_id, seq,
+    key}``. The recovery key itself is never sent here: a body naming
+    ``recovery_seed`` is refused, 400."""
     require_operator(request)
     body = await read_body(request)
     if (answer := await to_leader(request, body)) is not None:
         return answer
     try:
         req = json.loads(body)
-        seed = bytes.fromhex(str(req["recovery_seed"]))
-        last_good = {str(f): int(s) for f, s in dict(req["last_good"]).items()}
-        rpw = str(req["recovery_passphrase"])
-        drop = frozenset(str(f) for f in list(req.get("drop_feeds", [])))
-        nrk = req.get("next_recovery_key")
-        next_recovery = None if nrk is None else bytes.fromhex(str(nrk))
-        if len(seed) != 32 or not rpw or any(s < 1 for s in last_good.values()):
+        if "recovery_seed" in req:
+            raise web.HTTPBadRequest(
+                text="the recovery key never goes to the node: prepare the recovery here "
+                     "(citynode key recover-prepare), sign its request where the recovery "
+                     "file is (citynode key recover-sign), and send the signed event")
+        envelope = base64.b64decode(str(req["event"]), validate=True)
+        if not envelope or len(envelope) > MAX_EVENT_BYTES + 128:
             raise ValueError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, binascii.Error):
         raise web.HTTPBadRequest(
-            text='send {"recovery_seed": "<64 hex>", "last_good": {"feed": seq, ...}, '
-                 '"drop_feeds": ["feed", ...], "recovery_passphrase": "..."}') from None
-    out = await request.app[NODE_KEY].keychanges.recover(seed, last_good, rpw, drop,
-                                                         next_recovery)
+            text='send {"event": "<base64 of the signed recovery event>"}') from None
+    out = await request.app[NODE_KEY].keychanges.apply_recovery(envelope)
     return web.json_response(out)
 
 

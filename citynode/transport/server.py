@@ -101,6 +101,8 @@ def build_app(node: Node) -> web.Application:
     r.add_post("/v1/admin/erase", api_operator.admin_erase)
     r.add_post("/v1/admin/key/rotate", api_operator.admin_key_rotate)
     r.add_post("/v1/admin/key/recover", api_operator.admin_key_recover)
+    r.add_post("/v1/admin/key/recover/prepare", api_operator.admin_key_recover_prepare)
+    r.add_delete("/v1/admin/key/recover/prepare", api_operator.admin_key_recover_prepare)
     r.add_post("/v1/admin/tls/renew", api_operator.admin_tls_renew)
     r.add_get("/v1/admin/status", api_operator.admin_status)
     r.add_get("/v1/admin/bridges", api_operator.admin_bridges)
