@@ -668,6 +668,10 @@ def check(data_dir: Path, as_json: bool) -> None:
             click.echo(f"warning: {data_dir / 'recovery.key'} is still on this machine: "
                        "move it offline (a break-in that finds it and its passphrase "
                        "takes the identity for good)")
+        if (data_dir / "recovery.pending").exists():
+            click.echo("warning: a recovery is prepared (key recover-prepare): nothing is "
+                       "signed until `citynode key recover --event` applies it or "
+                       "`citynode key recover-prepare --cancel` drops it")
     if report.problems:
         sys.exit(1)
 

@@ -187,6 +187,7 @@ def test_recovery_signed_offline_never_gives_the_node_the_recovery_key(
     assert base64.b64decode(request["keylog"]) == (node / "keylog").read_bytes()
     assert "signs nothing" in r.stdout
     assert "recovery is prepared" in publish_refused(node)
+    assert "a recovery is prepared" in ok("check", "-d", d).stdout
     assert not (node / "recovery.key").exists()  # nothing of the recovery key came back
 
     event = tmp_path / "event.json"
@@ -209,6 +210,7 @@ def test_recovery_signed_offline_never_gives_the_node_the_recovery_key(
     ident, q1 = keylog.unseal_recovery(new_rfile.read_bytes(), RPW)
     assert keylog.identity_id(ident) == node_id
 
+    pending = (node / "recovery.pending").read_bytes()
     r = ok("key", "recover", "-d", d, "--event", str(event))
     assert f"recovered: {node_id} now signs with key {request['key']}" in r.stdout
     state = state_of(node)
@@ -224,9 +226,14 @@ def test_recovery_signed_offline_never_gives_the_node_the_recovery_key(
     assert record_ids(node, "--feed", "air") == kept
     assert record_ids(node, "--feed", "water") == []
     assert not (node / "recovery.pending").exists()
-    # The same event again changes nothing; the node signs again, and rotates with
-    # the next-key passphrase given at prepare.
+    # Cut short after the keys were written and before the prepared ones were dropped:
+    # the node signs nothing, and giving the event again finishes it, changing nothing
+    # else. Then it signs, and rotates with the next-key passphrase given at prepare.
+    (node / "recovery.pending").write_bytes(pending)
+    os.chmod(node / "recovery.pending", 0o600)
+    assert "recovery is prepared" in publish_refused(node)
     assert "already applied" in ok("key", "recover", "-d", d, "--event", str(event)).stdout
+    assert state_of(node).seq == 1 and not (node / "recovery.pending").exists()
     publish(node, "air", AIR_TYPE, [air(5.0)])
     ok("key", "rotate", "-d", d, env=npw2)
     assert state_of(node).seq == 2

@@ -409,6 +409,10 @@ class KeyChanges:
             raise ConfigError(f"that recovery is of {keylog.identity_id(ev.identity or b'')}"
                               f", not of this node ({state.node_id})")
         if ev.id == state.head_id:
+            # Applied before (perhaps cut short before its prepared keys were dropped).
+            await in_thread(drop_recovery_pending, self.data_dir)
+            if self.publisher.key_refusal == _PENDING:
+                self.publisher.key_refusal = None
             return {"node_id": self.key.node_id, "seq": ev.seq, "key": ev.key.hex(),
                     "already": True}
         raw = await in_thread(read_recovery_pending, self.data_dir)
