@@ -453,7 +453,10 @@ def _recover_here(data_dir: Path, recovery_file: Path | None, phrase: bool,
     from citynode.identity import write_new_recovery_file
     from citynode.recovery import RecoveryRequest, describe, sign_request
 
-    rpw = ask_secret("Recovery passphrase", "recovery passphrase", RECOVERY_ENV)
+    # The file's passphrase, which also seals the new recovery file made here (none is
+    # with --next-recovery: then a phrase needs no passphrase at all).
+    rpw = (ask_secret("Recovery passphrase", "recovery passphrase", RECOVERY_ENV)
+           if recovery_file is not None or next_recovery is None else None)
     ident, seed = _unseal_recovery(recovery_file, phrase, rpw)
     mine = _data_dir_identity(data_dir)
     if ident is not None and mine is not None and ident != mine:
@@ -470,7 +473,9 @@ def _recover_here(data_dir: Path, recovery_file: Path | None, phrase: bool,
     next_pub = q_next.public_key if q_next is not None else q_pub
     assert next_pub is not None
     staged = data_dir / "recovery.key.next"
-    _settle_staged(data_dir, staged, rpw)
+    if q_next is not None:
+        assert rpw is not None
+        _settle_staged(data_dir, staged, rpw)
 
     async def recover(node: Operator) -> dict[str, Any]:
         req = RecoveryRequest.parse(await node.prepare_recovery(heads, drop_feeds, npw))
@@ -485,6 +490,7 @@ def _recover_here(data_dir: Path, recovery_file: Path | None, phrase: bool,
                 # that is nowhere would leave the identity unrecoverable, and the file
                 # in use is kept until the recovery is applied. (Once the event is
                 # sent it stays whatever happens: the node may have applied it.)
+                assert rpw is not None
                 write_new_recovery_file(staged, q_next.seed, req.identity, rpw)
         except CitynodeError:
             await node.cancel_recovery()

@@ -435,3 +435,30 @@ def test_recover_with_a_next_recovery_key_made_offline(tmp_path: Path) -> None:
     r = cli("key", "recover", "-d", d, "--recovery", str(third), "--last-good", "air=2",
             "--next-recovery", "nothing-like-a-key", env={**REC, **npw2})
     assert r.exit_code == 2 and "--next-recovery" in r.output
+
+
+def test_the_recovery_phrase_on_paper_signs_as_the_file_does(tmp_path: Path) -> None:
+    """With only the phrase (the file lost): `recover-sign --phrase` writes the new
+    recovery file where told; the one-step form takes a phrase too, and with
+    --next-recovery needs no recovery passphrase at all."""
+    node = make(tmp_path)
+    d = str(node)
+    node_id = ok("id", "-d", d).stdout.strip()
+    publish(node, "air", AIR_TYPE, [air(1.0)])
+    _ident, q0 = keylog.unseal_recovery((node / "recovery.key").read_bytes(), RPW)
+    (node / "recovery.key").unlink()
+    npw2 = {"CITYNODE_NEXT_KEY_PASSPHRASE": "n2"}
+    req, event, new = (tmp_path / n for n in ("request.json", "event.json", "new.key"))
+    ok("key", "recover-prepare", "-d", d, "--last-good", "air=1", "--out", str(req), env=npw2)
+    ok("key", "recover-sign", "--request", str(req), "--phrase", "--new-recovery", str(new),
+       "--out", str(event), "--yes", input=keylog.recovery_phrase(q0) + "\n", env=REC)
+    ok("key", "recover", "-d", d, "--event", str(event))
+    _ident, q1 = keylog.unseal_recovery(new.read_bytes(), RPW)
+    assert state_of(node).recovery == keylog.commit_key(SigningKey(q1).public_key)
+    third = tmp_path / "third.key"
+    ok("key", "recovery-new", "--id", node_id, "--out", str(third), env=REC)
+    pub = third.with_name("third.key.pub").read_text().strip()
+    ok("key", "recover", "-d", d, "--phrase", "--last-good", "air=1", "--next-recovery", pub,
+       input=keylog.recovery_phrase(q1) + "\n", env=npw2)
+    state = state_of(node)
+    assert state.seq == 2 and state.recovery == keylog.commit_key(bytes.fromhex(pub))
