@@ -23,6 +23,13 @@ from tests.integration.test_federation import FAST, TYPE, converge, expected, re
 pytestmark = pytest.mark.integration
 
 
+
+def recover_env(b: LocalNode) -> dict[str, str]:
+    """The passphrases a one-step `key recover` reads: the recovery file's, and one for
+    the new next key (its own, not the recovery passphrase)."""
+    return {"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase,
+            "CITYNODE_NEXT_KEY_PASSPHRASE": "next-key-after-recovery"}
+
 def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     r = CliRunner().invoke(cli_main, list(args), env=env)
     return r.exit_code, r.output
@@ -224,7 +231,7 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
     # The owner recovers, naming seq 6 as the last record it made itself.
     rc, text = await asyncio.to_thread(
         cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
-        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+        "--last-good", "test=6", env=recover_env(b))
     assert rc == 0, text
     assert "MOVE IT OFFLINE" in text and "recovered: " + b.node_id in text
 
@@ -332,7 +339,7 @@ async def test_a_stolen_keys_checkpoint_held_without_its_records_goes_at_recover
     assert await _at(a, b, 6) and await _at(b, b, 6)
     rc, text = await asyncio.to_thread(
         cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
-        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+        "--last-good", "test=6", env=recover_env(b))
     assert rc == 0, text
 
     async def forgotten() -> bool:
@@ -417,7 +424,7 @@ async def test_a_thiefs_fork_below_the_last_good_head_does_not_outlive_the_recov
         await b.publish("test", TYPE, [rec(50)])
     rc, text = await asyncio.to_thread(
         cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
-        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+        "--last-good", "test=6", env=recover_env(b))
     assert rc == 0, text
 
     async def no_forks() -> bool:
@@ -470,7 +477,7 @@ async def test_a_thiefs_chain_below_the_named_head_is_replaced_by_the_named_one(
         await client.close()
     rc, text = await asyncio.to_thread(
         cli, "key", "recover", "-d", str(b.dir), "--recovery", str(b.dir / "recovery.key"),
-        "--last-good", "test=6", env={"CITYNODE_RECOVERY_PASSPHRASE": b.recovery_passphrase})
+        "--last-good", "test=6", env=recover_env(b))
     assert rc == 0, text
     b.start()
     await b.wait_ready()
