@@ -269,11 +269,13 @@ def check_quorum(cp: Checkpoint, cosignatures: Sequence[bytes],
     keys accepted for it: :func:`witness_keys`, for a cn1 witness its key, for a cn2 one
     only the key in force now in its key log). Each witness counts once, and one key
     counts for one witness only. First every cosignature is decoded (no signature
-    checked) and those of witnesses not named set aside (``not_witness``); of the rest,
+    checked) and those of witnesses not named, or of the checkpoint's own origin, set
+    aside (``not_witness``); of the rest,
     the first :data:`MAX_COSIGNATURES` are verified (the others: ``too_many_items``), so
     strangers cannot crowd out the named witnesses. Reasons, in this order of
     precedence: the :func:`open_cosignature` ones (layout and field codes,
-    ``future_time``, ``bad_cosignature``), ``not_witness`` (its witness is not named),
+    ``future_time``, ``bad_cosignature``), ``not_witness`` (its witness is not named, or
+    is the origin),
     ``too_many_items``, ``wrong_key`` (a named witness, but not a key accepted for it),
     ``wrong_checkpoint`` (about another origin, feed, size or root), ``duplicate`` (that
     witness, or that key for another witness, is already counted)."""
@@ -289,7 +291,10 @@ def check_quorum(cp: Checkpoint, cosignatures: Sequence[bytes],
         except InvalidRecord as exc:
             rejected.append((i, exc.reason))
             continue
-        if named not in witnesses:
+        if named not in witnesses or named == cp.origin:
+            # An origin never witnesses its own checkpoint: it signed it already, and
+            # its cosignature would stand for a second, independent observer (nodes
+            # refuse it too, citynode/node/witness.py), even when an auditor names it.
             rejected.append((i, "not_witness"))
             continue
         if looked >= MAX_COSIGNATURES:

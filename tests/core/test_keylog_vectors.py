@@ -159,6 +159,10 @@ def test_quorum_vector(case: dict[str, Any]) -> None:
                                  verifier=Verifier())
         witnesses[ident] = cosign.witness_keys(ident, held)
         names[ident] = n
+    if case.get("origin_named"):
+        origin = bytes.fromhex(COSIGN["origin_hex"])
+        witnesses[origin] = frozenset({origin})
+        names[origin] = "K0"
     cosigs = [bytes.fromhex(COSIGN["cosignatures"][n]) for n in case["cosignatures"]]
     q = check_quorum(cp, cosigs, witnesses, case["k"], verifier=Verifier(),
                      now_ms=COSIGN["now_ms"])

@@ -702,6 +702,8 @@ def cosign_file() -> dict[str, Any]:
         # K1, which R2 rotated away from (only the key in force counts).
         "d-current": _cosig(K[2], D, 7, root, T0 + 70_000),
         "d-rotated-key": _cosig(K[1], D, 7, root, T0 + 70_000),
+        # The origin K0 cosigning its own checkpoint: never counted, even when named.
+        "origin-self": _cosig(K[0], K[0].public_key, 7, root, T0 + 70_000),
     }
     quorum = [
         ("three-of-three", ["w0", "w1", "w2"], 3, ["W0", "W1", "W2"], []),
@@ -720,6 +722,10 @@ def cosign_file() -> dict[str, Any]:
         ("strangers-set-aside", ["stranger"] * 64 + ["w1"], 1, ["W1"],
          [[i, "not_witness"] for i in range(64)]),
     ]
+    # Cases where the auditor names the origin K0 as a witness too.
+    origin_named = {"origin-named-as-witness"}
+    quorum.append(("origin-named-as-witness", ["origin-self", "w0"], 2, ["W0"],
+                   [[0, "not_witness"]]))
     a, b = sorted([cp, cp_other])
     split = encoding.encode({"kind": "split-view", "a": a, "b": b})
     cp4 = _checkpoint(4, _mth(leaves[:4]), T0 + 50_000)
@@ -744,7 +750,9 @@ def cosign_file() -> dict[str, Any]:
             "cosignatures of that checkpoint against the witnesses W0, W1, W2 (each "
             "named by its key, the key accepted for it) and the cn2 witness D (the key "
             "accepted for it: only the one in force at the end of its log "
-            "'witness_logs'.D) at now_ms, with quorum k: "
+            "'witness_logs'.D) at now_ms, with quorum k (with 'origin_named': the "
+            "origin K0 is named as a witness too, by its key: its own cosignature "
+            "is still never counted); "
             "'ok', the witnesses counted and the [index, reason] of each not counted. "
             "'split_view': W0 cosigned one root at size 7 and W2 another; the proof is "
             "the origin's two checkpoints in byte order. 'decisions': the witness's "
@@ -760,6 +768,7 @@ def cosign_file() -> dict[str, Any]:
         "checkpoint_hex": cp.hex(),
         "cosignatures": {n: e.hex() for n, e in cosigs.items()},
         "quorum": [{"name": n, "cosignatures": c, "k": k,
+                    **({"origin_named": True} if n in origin_named else {}),
                     "expect": {"ok": len(counted) >= k, "witnesses": counted,
                                "rejected": rej}}
                    for n, c, k, counted, rej in quorum],
