@@ -627,8 +627,9 @@ def export_from_storage(
         names = sorted([*names, ERASURE_FEED])
     card_feeds: tuple[str, ...] = ()
     if card is not None:
-        card_feeds = tuple(f.name for f in open_card(card, expected_node_id=oid,
-                                                      verifier=Verifier()).feeds)
+        opened = open_card(card, expected_node_id=None, expected_key=origin,
+                           verifier=Verifier())
+        card_feeds = tuple(f.name for f in opened.feeds)
     written: dict[str, int] = {}
 
     def records(name: str) -> Iterator[bytes]:

@@ -52,7 +52,7 @@ def _pick_card(st: Any, origin: bytes) -> bytes | None:
     """The newest valid card of ``origin`` this node holds (partner row or cards seen),
     or None."""
     from citynode.core.cards import open_card
-    from citynode.core.keys import Verifier, node_id
+    from citynode.core.keys import Verifier
 
     candidates: list[bytes] = []
     row = st.partner_by_key(origin)
@@ -65,7 +65,8 @@ def _pick_card(st: Any, origin: bytes) -> bytes | None:
     verifier = Verifier()
     for env in candidates:
         try:
-            card = open_card(env, expected_node_id=node_id(origin), verifier=verifier)
+            card = open_card(env, expected_node_id=None, expected_key=origin,
+                             verifier=verifier)
         except CitynodeError:
             continue  # a stored card that no longer verifies is not exported
         if best is None or card.time > best[0]:
@@ -225,11 +226,12 @@ def _not_public(card: bytes | None, origin: bytes, feeds: list[str],
     takes unknown access as public). ``own``: this node's own levels from node.toml,
     which win when they are not public (a feed made partners-only since the card)."""
     from citynode.core.cards import open_card
-    from citynode.core.keys import Verifier, node_id
+    from citynode.core.keys import Verifier
 
     access: dict[str, str] = {}
     if card is not None:
-        opened = open_card(card, expected_node_id=node_id(origin), verifier=Verifier())
+        opened = open_card(card, expected_node_id=None, expected_key=origin,
+                           verifier=Verifier())
         access = {f.name: f.access for f in opened.feeds}
     access.update({f: a for f, a in (own or {}).items() if a != "public"})
     return [(f, access.get(f, "unknown")) for f in feeds if access.get(f) != "public"]

@@ -445,11 +445,12 @@ def _card_feed(f: CardFeed | tuple[str, str] | tuple[str, str, int | None]) -> C
 def _open(
     body: bytes,
     sig: bytes,
-    expected: bytes | None,
+    expected: tuple[bytes, bool | None] | None,
     verifier: Verifier,
     now_ms: int | None,
 ) -> NodeCard:
-    """Steps 3-8 of verifying a card; ``expected`` is the parsed expected key."""
+    """Steps 3-9 of verifying a card; ``expected`` is the parsed expected id (its 32
+    bytes, and whether it is a ``cn2`` id; None: the bytes alone are compared)."""
     card = _parse_body(body)
     if now_ms is not None and card.time > now_ms + DEFAULT_FUTURE_TOLERANCE_MS:
         raise InvalidRecord(
@@ -465,10 +466,14 @@ def _open(
         signer = verify_log(card.node, card.keylog, verifier=verifier, now_ms=now_ms).key
     verifier.verify(signer, DOMAIN_CARD, body, sig)
     # Compared after the signature so that "signed by" in the message is a fact.
-    if expected is not None and card.node != expected:
+    # The id's type too: the cn1 form of an identity D (or the cn2 form of a key) is
+    # another string for no node, and would let two strings name one.
+    if expected is not None and (card.node != expected[0] or (
+            expected[1] is not None and expected[1] != (card.keylog is not None))):
+        given = identity_id(expected[0]) if expected[1] else node_id(expected[0])
         raise SignatureError(
             f"the card at this URL is signed by {card.node_id}, not by the id you gave "
-            f"({node_id(expected)}): check the id with that city's operators",
+            f"({given}): check the id with that city's operators",
             "wrong_node",
         )
     return replace(card, sig=sig, signer=signer)
@@ -480,19 +485,26 @@ def open_card(
     expected_node_id: str | None,
     verifier: Verifier,
     now_ms: int | None = None,
+    expected_key: bytes | None = None,
 ) -> NodeCard:
     """Verify a card envelope completely and return the card.
 
     Checks, in order: ``expected_node_id`` is a well-formed id (else
     :class:`InvalidNodeId`), the envelope and body decode strictly within
     :data:`CARD_LIMITS`, every field, the card is not dated more than 15 minutes after
-    ``now_ms`` (when given), the signature by the card's own key, and finally that key
-    is the expected one. Raises :class:`InvalidRecord` (:class:`EncodingError`,
-    :class:`SignatureError` -- reason ``"wrong_node"`` for another node's card).
+    ``now_ms`` (when given), the signature by the card's own key, and finally that the
+    card is the expected node's: its 32 bytes and its type (a ``cn1`` id names a card
+    without ``keylog``, a ``cn2`` id one with it). ``expected_key`` instead: the 32
+    bytes alone, for a caller that holds a node's bytes, not an id someone typed (a
+    partner row, a bundle's origin). Raises :class:`InvalidRecord`
+    (:class:`EncodingError`, :class:`SignatureError` -- reason ``"wrong_node"`` for
+    another node's card).
     """
     # The caller's own input first: a malformed id is the caller's mistake, whatever
     # the partner sent.
     expected = _expected_key(expected_node_id)
+    if expected is None and expected_key is not None:
+        expected = (expected_key, None)
     body, sig = decode_envelope(envelope, CARD_LIMITS)
     return _open(body, sig, expected, verifier, now_ms)
 
@@ -576,8 +588,17 @@ def _retired(held: HeldLog, i: int) -> tuple[str, int] | None:
     return None if at is None else (w.retired_by, at)
 
 
-def _expected_key(expected_node_id: str | None) -> bytes | None:
-    return None if expected_node_id is None else parse_node_id(expected_node_id)
+def _expected_key(expected_node_id: str | None) -> tuple[bytes, bool | None] | None:
+    """The 32 bytes an expected id names, and whether it is a ``cn2`` id (a ``cn1`` id
+    names a key, a ``cn2`` one an identity: the same 32 bytes under the other prefix
+    name no node). Raises :class:`InvalidNodeId`."""
+    if expected_node_id is None:
+        return None
+    return (parse_node_id(expected_node_id),
+            expected_node_id.strip(_ID_SPACE).startswith("cn2"))
+
+
+_ID_SPACE = " \t\r\n"  # what parse_node_id tolerates around an id
 
 
 def card_to_json(card: NodeCard) -> dict[str, Any]:

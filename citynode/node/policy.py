@@ -18,7 +18,7 @@ from citynode.config import Config
 from citynode.core import access, cards, keylog, sync
 from citynode.core.chain import ForkProof
 from citynode.core.keybook import HeldLog, KeyBook
-from citynode.core.keys import NodeKey, Verifier, node_id, parse_node_id
+from citynode.core.keys import NodeKey, Verifier, parse_node_id
 from citynode.core.records import Record, sealed_of
 from citynode.core.replica import Replica
 from citynode.errors import CitynodeError, InvalidProof, InvalidRecord
@@ -220,7 +220,7 @@ class Policy:
         :class:`InvalidRecord` (``key_not_in_force``) if it is signed by a key not in
         force in the key log then held of that node (a recovery retired it: the URL may
         be a thief's), so that its TLS certificate is never pinned."""
-        c = cards.open_card(env, expected_node_id=node_id(expected_key),
+        c = cards.open_card(env, expected_node_id=None, expected_key=expected_key,
                             verifier=self.verifier, now_ms=self.now_ms())
         if c.keylog is not None:
             self.offer_log(c.node, c.keylog, expected_key)
@@ -347,7 +347,8 @@ class Policy:
         try:
             return cards.open_card(
                 env,
-                expected_node_id=node_id(expected_key) if expected_key else None,
+                expected_node_id=None,
+                expected_key=expected_key or None,
                 verifier=self.verifier,
                 now_ms=now,
             )

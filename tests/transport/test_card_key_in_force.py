@@ -12,6 +12,7 @@ In-process nodes, real HTTPS, real SQLite."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from citynode.audit import audit_bundle
 from citynode.bundle import export_from_storage
 from citynode.cluster import free_ports, set_config
 from citynode.core import cards, keylog
-from citynode.core.keys import NodeKey, unseal_secret_key
+from citynode.core.keys import NodeKey, SigningKey, unseal_secret_key
 from citynode.datadir import init_data_dir
 from citynode.errors import InvalidRecord
 from citynode.node import Node
+from citynode.recovery import RecoveryRequest, sign_request
 from citynode.transport.server import serve
 from tests.conftest import FAST_KDF, InProc
 from tests.transport.test_witness import link
@@ -70,8 +72,14 @@ def _forge(thief: NodeKey, c: InProc, tls: bytes) -> cards.NodeCard:
 
 
 async def _recover(b: InProc, bdir: Path, last_good: dict[str, int]) -> None:
-    _ident, qseed = keylog.unseal_recovery((bdir / "recovery.key").read_bytes(), PW)
-    await b.node.keychanges.recover(qseed, last_good, PW)
+    """B recovers in the three steps (citynode/recovery.py): the node prepares, the
+    recovery file signs away from it, the node applies the signed event."""
+    ident, qseed = keylog.unseal_recovery((bdir / "recovery.key").read_bytes(), PW)
+    request = await b.node.keychanges.prepare_recovery(last_good, frozenset(), "npw")
+    req = RecoveryRequest.parse(json.dumps(request).encode())
+    ev, _state = sign_request(req, ident, qseed, SigningKey.generate().public_key,
+                              b.node.now_ms())
+    await b.node.keychanges.apply_recovery(ev.envelope)
 
 
 async def test_a_card_signed_by_a_key_a_recovery_retired_is_refused(tmp_path: Path) -> None:

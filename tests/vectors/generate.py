@@ -2002,6 +2002,9 @@ def cn2_card_cases(kv: ModuleType) -> tuple[list[tuple[str, str, bytes, str | No
          _cn2_card(k[1], d), did, err("bad_signature")),
         ("cn2/wrong-node", "The valid cn2 card, fetched for A's cn1 id.", good, cn1_a,
          err("wrong_node")),
+        ("cn2/expected-id-of-another-type", "The valid cn2 card, fetched for the cn1 id "
+         "of D's 32 bytes: the same bytes under the other prefix name no node (a cn1 id "
+         "names a key), so the id's type is compared too.", good, node_id(d), err("wrong_node")),
         ("cn2/keylog-not-bin", "keylog as a string.", _cn2_card(k[1], d, keylog="log"),
          did, err("bad_card")),
         ("cn2/keylog-empty", "keylog as an empty bin.", _cn2_card(k[1], d, keylog=b""),
