@@ -234,7 +234,13 @@ def init(data_dir: Path, name: str, listen: str, public_url: str | None,
               help="The database was restored (from a backup or a copy) and no partner "
                    "can confirm its heads: sign on own feeds anyway. If a partner holds "
                    "later records of this node, its feeds fork for good.")
-def run(data_dir: Path, accept_fork_risk: bool) -> None:
+@click.option("--restored", is_flag=True,
+              help="This data dir was rolled back or copied back outside `citynode "
+                   "restore` (a machine snapshot, cp -a): mark its database restored, so "
+                   "it takes back from partners the records of its own feeds they hold "
+                   "beyond its heads and signs nothing on them until every partner "
+                   "confirmed.")
+def run(data_dir: Path, accept_fork_risk: bool, restored: bool) -> None:
     """Serve the node (HTTPS) until stopped with SIGTERM or Ctrl-C.
 
     A node whose database was restored (by `citynode restore`, or its file copied back
@@ -243,7 +249,10 @@ def run(data_dir: Path, accept_fork_risk: bool) -> None:
     """
     from citynode.runner import run_node
 
-    run_node(data_dir, accept_fork_risk=accept_fork_risk)
+    if restored and accept_fork_risk:
+        raise click.UsageError("--restored and --accept-fork-risk say opposite things: "
+                               "give one")
+    run_node(data_dir, accept_fork_risk=accept_fork_risk, restored=restored)
 
 
 @main.command("id")

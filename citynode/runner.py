@@ -71,7 +71,8 @@ def is_running(data_dir: Path) -> bool:
     return False
 
 
-async def _serve(data_dir: Path, accept_fork_risk: bool = False) -> None:
+async def _serve(data_dir: Path, accept_fork_risk: bool = False,
+                 restored: bool = False) -> None:
     from citynode.node import Node
     from citynode.transport.server import serve
 
@@ -85,7 +86,7 @@ async def _serve(data_dir: Path, accept_fork_risk: bool = False) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: node.spawn(_reload(node), "reload"))
     runner = None
     try:
-        await node.start(accept_fork_risk=accept_fork_risk)
+        await node.start(accept_fork_risk=accept_fork_risk, rolled_back=restored)
         runner = await serve(node, host=host, port=port)
         log.info(
             "serving",
@@ -114,13 +115,14 @@ async def _reload(node: Node) -> None:
         logging.getLogger().setLevel(node.config.log.level.upper())
 
 
-def run_node(data_dir: Path, *, accept_fork_risk: bool = False) -> None:
+def run_node(data_dir: Path, *, accept_fork_risk: bool = False,
+             restored: bool = False) -> None:
     """Serve the node until SIGTERM/SIGINT; shut down gracefully. Raises CitynodeError.
-    ``accept_fork_risk``: sign on own feeds at once even if the database was restored
-    (see :meth:`Node.start`)."""
+    ``accept_fork_risk``: sign on own feeds at once even if the database was restored;
+    ``restored``: mark it restored first (see :meth:`Node.start`)."""
     from citynode.logs import setup_logging
 
     cfg = load_config(data_dir / "node.toml")
     setup_logging(cfg.log.level, cfg.log.format)
     with run_lock(data_dir):
-        asyncio.run(_serve(data_dir, accept_fork_risk))
+        asyncio.run(_serve(data_dir, accept_fork_risk, restored))

@@ -191,9 +191,12 @@ def conditions(s: Snapshot, t: Thresholds) -> list[Condition]:
     for feed, seq, sender in s.own_forgeries:
         out.append(Condition("key_stolen", feed, {"feed": feed, "seq": seq, "from": sender},
                              f"records signed with this node's key that it never signed "
-                             f"(own feed {feed!r} up to seq {seq}, from {sender}): the key "
-                             "may be stolen; run `citynode key recover` naming this node's "
-                             "own heads as --last-good"))
+                             f"(own feed {feed!r} up to seq {seq}, from {sender}), or lost "
+                             "in a rollback of its data: the key may be stolen; run "
+                             "`citynode key recover` naming this node's own heads as "
+                             "--last-good (if its data dir was rolled back or copied back "
+                             "instead, restart it with `citynode run --restored`); nothing "
+                             "is signed on that feed meanwhile"))
     if s.invalid_last_minute > t.invalid_per_minute:
         out.append(Condition("invalid_spike", "input",
                              {"count": s.invalid_last_minute, "window_s": 60,

@@ -58,7 +58,9 @@ node that may lack records of its own feeds (restored, or a new database: ``adop
 takes them back from partners: any other node never signed a record of its own feed
 beyond its head, so one that arrives was signed with its key elsewhere (a stolen key):
 it is refused (``own_forgery``), kept as evidence in :attr:`Replica.own_forgeries`
-(:class:`OwnForgery`), and publishing goes on from the node's own head.
+(:class:`OwnForgery`), and nothing more is signed on that feed until an own key event
+(the recovery) or a start marked restored: the node cannot tell it from one of its own
+that an unnoticed rollback of its data dir lost, and re-signing that seq forks it.
 
 Everything a partner claims is hostile until shown: claims on chains it may not be told
 of (``may_pass``) are ignored; what is kept per partner about chains not held here (its
@@ -596,8 +598,11 @@ class Replica:
             out.append(Confirmed(self._confirmed_by))
         # The durable mark goes only once the records partners hold of our own feeds
         # are here: a restart meanwhile must still take them back, not refuse them.
+        # Not with no partner at all: a database lost with its partner rows has nobody
+        # to take its records back from yet; the partners the operator adds again do
+        # (their copies of our records are ours, not forgeries).
         if (self.adopting and not self.restored and not self._own_claims
-                and not self.first_round_pending()):
+                and self.partners and not self.first_round_pending()):
             self.adopting = False
             out.append(CaughtUp())
 
@@ -1385,8 +1390,12 @@ class Replica:
 
     def _forgery(self, peer: bytes | None, rec: Record, out: list[Action]) -> None:
         """``rec``, of our own feed beyond our head, reached a node that is not catching
-        up on its own feeds: signed with our key, never by us. Refused and kept as
-        evidence; publishing goes on from our own head."""
+        up on its own feeds: signed with our key, and not held here. Refused and kept as
+        evidence, and nothing more is signed on that feed (:meth:`check_publish`): from
+        here the node cannot tell a thief's record from one of its own that a rollback
+        of its data dir (a snapshot, a copy) lost, and signing that seq again would fork
+        its feed either way. A recovery (the key was stolen) or a start with
+        ``--restored`` (the data was rolled back: its records are taken back) ends it."""
         out.append(Rejected(peer, "own_forgery",
                             f"a record of this node's own feed {rec.feed!r} at seq "
                             f"{rec.seq}, signed with its key, that it never signed (its "
@@ -1403,9 +1412,10 @@ class Replica:
         if have >= seq:
             return
         if not self.adopting:
-            # We hold every record we signed: a claim beyond our head is either false
-            # or records signed with our key elsewhere. Publishing goes on from our
-            # head; the claimed record alone is fetched, as signed evidence either way.
+            # We hold every record we signed (unless rolled back unnoticed): a claim
+            # beyond our head is either false or records signed with our key elsewhere.
+            # The claimed record alone is fetched, as signed evidence either way (shown,
+            # it stops signing on that feed: _forgery).
             seen = self.own_forgeries.get(feed)
             if (seen is not None and seen[0] >= seq) or self._probes.get(feed, 0) >= seq:
                 return
@@ -1482,6 +1492,15 @@ class Replica:
                 "name, and tell the partner cities why")
         if feed in self.own_blocked:
             raise PublishRefused(self.own_blocked[feed])
+        if feed in self.own_forgeries:
+            seq = self.own_forgeries[feed][0]
+            raise PublishRefused(
+                f"feed {feed!r}: a partner showed a record of it at seq {seq}, signed with "
+                "this node's key, beyond what this node holds. Either this node's data was "
+                "rolled back (a snapshot, a copy): restart it with `citynode run "
+                "--restored` to take its records back; or its key is stolen: run "
+                "`citynode key recover` naming its own heads. Nothing is signed on this "
+                "feed until then (signing that seq again would fork it)")
         if self.restored:
             waiting = ", ".join(self.config.name_of(k) for k in sorted(self._awaiting))
             raise PublishRefused(

@@ -422,14 +422,20 @@ class Node:
                 '"leader": true; the HTTP API hands a publish on to it), or retry in a few '
                 "seconds if it just went down")
 
-    async def start(self, *, partners: bool = True, accept_fork_risk: bool = False) -> None:
+    async def start(self, *, partners: bool = True, accept_fork_risk: bool = False,
+                    rolled_back: bool = False) -> None:
         """Load state and (unless ``partners=False``, for one-shot CLI commands) start the
         partner tasks. The HTTP server is the caller's.
 
         A database marked restored (Storage.restored) makes the replica refuse to sign
         on own feeds until a partner confirms the heads; ``accept_fork_risk`` clears the
-        mark instead (the operator's explicit choice)."""
+        mark instead (the operator's explicit choice); ``rolled_back`` sets it first (the
+        operator says the data dir was rolled back outside ``citynode restore``)."""
         loop = asyncio.get_running_loop()
+        if rolled_back:
+            await asyncio.wrap_future(self.storage.mark_restored(
+                "the operator started it with `citynode run --restored` (its data dir "
+                "was rolled back or copied back)"))
         restored = await loop.run_in_executor(None, self.storage.restored)
         catching = await loop.run_in_executor(None, self.storage.get_meta, CATCHING_UP)
         if restored is not None and accept_fork_risk:

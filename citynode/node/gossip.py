@@ -383,9 +383,11 @@ class Gossip:
                      "node's heads are no longer taken back")
         elif isinstance(a, rp.OwnForgery):
             link = self.partners.get(a.peer) if a.peer is not None else None
-            log.error("records signed with this node's key that it never signed: the key "
-                      "may be stolen; run `citynode key recover` naming this node's own "
-                      "heads as last good (refused, publishing goes on from this node's head)",
+            log.error("records signed with this node's key beyond what it holds: the key "
+                      "may be stolen (run `citynode key recover` naming this node's own "
+                      "heads as last good), or its data dir was rolled back (restart it "
+                      "with `citynode run --restored`); refused, and nothing is signed on "
+                      "that feed meanwhile",
                       extra=fields(feed=a.feed, seq=a.seq, record=a.record_id.hex(),
                                    partner=link.row.name if link is not None
                                    else self.policy.name(a.peer) if a.peer else "local"))

@@ -737,14 +737,18 @@ def test_records_of_its_own_feed_a_node_never_signed_are_refused_and_kept_as_evi
     acts += r.on_announce(P, {(ME.public_key, "mine"): (5, more[1].id)}, T)
     acts += r.tick(T + 60_000)
     assert not of(rp.Fetch, acts) and not of(rp.Paused, acts)
-    # Publishing goes on from our own head, not the thief's.
+    # Nothing is signed on that feed meanwhile: the node cannot tell a thief's record
+    # from one of its own a rollback lost, and signing seq 3 again forks it either way.
+    with pytest.raises(PublishRefused, match="key recover"):
+        r.check_publish("mine")
+    # A key event of ours (the recovery naming our heads) retires that evidence, and
+    # publishing goes on from our own head, not the thief's.
+    r.own_key_changed()
+    assert not r.own_forgeries
     r.check_publish("mine")
     assert r.next_link("mine") == (3, mine[1].id)
     ours = chain(ME, 1, feed="mine", start=3, prev=mine[1].id)
     assert of(rp.Store, r.publish(ours, T))
-    # A key event of ours (the recovery naming our heads) retires that evidence.
-    r.own_key_changed()
-    assert not r.own_forgeries
 
 
 def test_a_restored_node_takes_its_records_back_then_refuses_what_it_never_signed(
@@ -773,10 +777,19 @@ def test_a_restored_node_takes_its_records_back_then_refuses_what_it_never_signe
 def test_a_new_database_takes_back_own_records_until_the_first_rounds_end() -> None:
     """A node whose database holds no record of its own (new, or lost and made again)
     takes back what partners hold of its feeds until every partner's first round
-    ended; with no partner at all it has caught up at once."""
-    alone = rp.Replica(rp.ReplicaConfig(self_key=ME.public_key))
+    ended. With no partner at all it has not caught up: a database lost with its
+    partner rows takes its records back from the partners the operator adds again
+    (review 12b: it refused them as forgeries and signed a second seq 1)."""
+    mine = chain(ME, 5, feed="mine")  # signed before the database was lost
+    alone = rp.Replica(rp.ReplicaConfig(self_key=ME.public_key, tree=False))
     alone.mark_catching_up()
-    assert of(rp.CaughtUp, alone.tick(T)) and not alone.adopting
+    assert not of(rp.CaughtUp, alone.tick(T)) and alone.adopting
+    alone.add_partner(P, T)  # citynode partner add, again
+    alone.on_frontier(P, {(ME.public_key, "mine"): (5, mine[4].id)}, T)
+    outcomes, acts = alone.on_records(P, mine, T)
+    assert outcomes == ["stored"] * 5 and not of(rp.OwnForgery, acts)
+    alone.on_committed(mine, P, T)
+    assert alone.next_link("mine") == (6, mine[4].id)
     r = replica(tree=False)
     r.mark_catching_up()
     mine = chain(ME, 2, feed="mine")
@@ -786,6 +799,35 @@ def test_a_new_database_takes_back_own_records_until_the_first_rounds_end() -> N
     r.on_frontier(P, {}, T)
     assert r.adopting
     assert of(rp.CaughtUp, r.on_frontier(Q, {}, T)) and not r.adopting
+
+
+def test_own_records_beyond_the_head_stop_signing_on_that_feed_until_it_is_resolved(
+        ) -> None:
+    """A node that is not taking back its own records cannot tell a thief's record of
+    its feed beyond its head from one of its own that a rollback of its data dir lost
+    (a snapshot, cp -a: review 12b). Either way signing that seq again forks the feed:
+    the record is refused (own_forgery, kept as evidence) and nothing is signed on that
+    feed until the key is recovered (an own key event) or the node is started with
+    ``--restored`` (marked restored: it takes the records back)."""
+    mine = chain(ME, 4, feed="mine")  # signed before the rollback
+    r = replica(tree=False)
+    r.load({(ME.public_key, "mine"): (2, mine[1].id)})  # the rolled-back database
+    _ready(r)
+    outcomes, acts = r.on_records(P, mine[2:], T)
+    assert outcomes == ["rejected:own_forgery"] * 2 and of(rp.OwnForgery, acts)
+    with pytest.raises(PublishRefused, match="--restored"):
+        r.check_publish("mine")
+    r.check_publish("other")  # another feed is not concerned
+    r.own_key_changed()  # a recovery naming the node's own heads
+    r.check_publish("mine")
+    # Restarted with --restored instead: the same records are taken back.
+    again = replica(tree=False)
+    again.load({(ME.public_key, "mine"): (2, mine[1].id)})
+    again.mark_restored()
+    acts = again.on_frontier(P, {(ME.public_key, "mine"): (4, mine[3].id)}, T)
+    assert of(rp.Fetch, acts)
+    outcomes, _acts = again.on_records(P, mine[2:], T, "own")
+    assert outcomes == ["stored"] * 2
 
 
 def test_a_process_that_does_not_sign_leaves_its_own_records_beyond_its_head_alone(

@@ -76,6 +76,28 @@ async def test_a_restored_node_refuses_to_sign_unless_the_operator_takes_the_ris
     assert not await _publish_refused(d)  # the mark is gone for good
 
 
+async def test_the_operator_marks_a_rolled_back_data_dir_restored_at_start(
+        tmp_path: Path) -> None:
+    """`citynode run --restored`: a data dir rolled back unnoticed (a machine snapshot,
+    cp -a into the same inode) is marked restored by the operator, durably, so the node
+    takes back its own records partners hold and signs nothing on its own feeds until
+    they confirmed (review 12b: it refused them as forgeries and re-signed their seqs)."""
+    d = make_node_dir(tmp_path, "Jakarta")
+    assert not await _publish_refused(d)
+    assert await _publish_refused(d, rolled_back=True)
+    assert await _publish_refused(d)  # kept in the database until partners confirm
+    st = Storage.open(d / "citynode.db")
+    try:
+        assert "--restored" in (st.restored() or "")
+    finally:
+        st.close()
+    from click.testing import CliRunner
+
+    from citynode.cli import main
+    out = CliRunner().invoke(main, ["run", "-d", str(d), "--restored", "--accept-fork-risk"])
+    assert out.exit_code == 2 and "opposite" in out.output, out.output
+
+
 async def test_a_node_that_held_no_own_record_takes_them_back_until_caught_up_across_restarts(
         tmp_path: Path) -> None:
     """Review M3: only a node that may lack records of its own feeds takes them back from
