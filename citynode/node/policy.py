@@ -244,7 +244,13 @@ class Policy:
             self._cards_refused.add(_digest(c.envelope))
             log.info("refused a card signed by a key not in force", extra=fields(
                 node=self.name(c.node), time=c.time, error=str(exc)))
-            if count:
+            # Counted on the sender only for a card no honest history holds: one dated
+            # after the key event that retired its key. One dated before may be the
+            # origin's own card of then, which an honest partner that has not learnt
+            # the key event yet still serves (review 12b).
+            held = self.keys.held(c.node)
+            retired_at = None if held is None else cards.signer_retired_at(c, held)
+            if count and retired_at is not None and c.time > retired_at:
                 self.on_card_refused(source, exc)
             return None
 

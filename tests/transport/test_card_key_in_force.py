@@ -218,3 +218,37 @@ async def test_a_thiefs_card_kept_before_the_recovery_is_dropped_by_it(
     finally:
         for n in (c, b):
             await n.close()
+
+
+async def test_an_honest_partner_serving_the_origins_card_of_before_its_recovery_is_not_counted(
+        tmp_path: Path) -> None:
+    """Review 12b: T, honest, still holds B's own card of before B's recovery (signed
+    with B's key then in force) and serves it. C, holding B's recovered log, refuses it
+    (a recovery retired its key) but does not count it on T: a card dated before the
+    key event that retired its key may be the origin's own of then. (A card dated after
+    it, as the thief's above, is counted.)"""
+    (b, bdir), (c, _cdir) = await _start(tmp_path, "B"), await _start(tmp_path, "C")
+    t, _tdir = await _start(tmp_path, "T", {("federation", "pull_interval_seconds"): 3600.0,
+                                           ("federation", "accept"): "partners"})
+    try:
+        await link(c, t)  # C never held B's old card
+        await b.node.publish("test", "org.example.Test", [{"n": i} for i in range(3)])
+        d = b.node.key.identity
+        honest = b.node.policy.card()  # B's own card, signed with its key in force
+        assert await t.node.policy.learn_cards([honest.envelope]) == 1
+        await _recover(b, bdir, {"test": 3})
+        assert c.node.policy.learn_card(b.node.policy.card().envelope)  # the new log
+
+        async def c_holds() -> bool:
+            st = c.node.policy.keys.state(d)
+            return st is not None and st.seq == 1
+
+        await _until(c_holds, "C holds B's recovered log")
+        link_t = c.node.partners.get(t.node.public_key)
+        assert link_t is not None
+        await c.node.gossip.learn_cards(link_t, force=True)
+        assert "key_not_in_force" not in link_t.invalid, link_t.invalid
+        assert c.node.policy.card_info[d].signer == b.node.key.public_key  # B's new card
+    finally:
+        for n in (t, c, b):
+            await n.close()
