@@ -172,10 +172,16 @@ class Policy:
         learned since and kept. A relay restarted while an origin is down must judge that
         origin's feeds by the newest card it had (a feed added after the partner was
         pinned is otherwise unknown, so not relayed or listed)."""
-        for row in await in_thread(self.storage.partners):
+        # Both read before any is learnt: keeping a card writes it back as the node's
+        # newest ("card:" meta), so the pinned one, learnt first, could overwrite the
+        # newer one kept before the stored cards were read (a race the restarted
+        # relay of test_federation lost under load).
+        rows = await in_thread(self.storage.partners)
+        stored = await in_thread(self.storage.cards, MAX_CARDS)
+        for row in rows:
             if row.card:
                 self.learn_card(row.card, row.public_key, restore=True)
-        for env in await in_thread(self.storage.cards, MAX_CARDS):
+        for env in stored:
             self.learn_card(env, restore=True)  # verified again; an older one is ignored
 
     async def learn_cards(self, envelopes: list[bytes], source: bytes | None = None) -> int:

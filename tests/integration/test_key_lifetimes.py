@@ -218,7 +218,7 @@ async def test_stolen_key_forgeries_are_refused_everywhere_after_recovery(
                for p in (await b.api("GET", "/v1/admin/partners"))["partners"]}
     assert sum(refused.values()) >= 1, refused
     assert "citynode_own_forgeries 1.0" in (await b.api("GET", "/metrics", raw=True)).decode()
-    assert "records signed with this node's key that it never signed" in b.tail_log(200)
+    assert "records signed with this node's key beyond what it holds" in b.tail_log(200)
     # ... and a checkpoint of the nine, signed now: C takes it as B's newest liveness
     # statement (an honest one of fewer records would then be "smaller").
     await _post_forged_checkpoint(thief, c, page["records"], forged)
