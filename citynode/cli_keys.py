@@ -215,6 +215,38 @@ def _write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` (which must not exist yet) and make it and its directory entry
+    durable (fsync) before returning."""
+    _write_new(path, data, 0o600)
+    try:
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise click.ClickException(f"cannot make {path} durable: {exc.strerror} (nothing "
+                                   "was signed out)") from None
+
+
+def _emit_again(marker: Path, event: bytes, out: Path) -> None:
+    """The recovery file signed this very request already: give out the same event."""
+    if out.exists() and _read_small(out, "the event") == event:
+        click.echo(f"already signed for this request: the event is {out} (and {marker}); "
+                   "nothing new was signed")
+        return
+    if out.exists():
+        raise click.ClickException(f"{out} exists already: choose another --out (this "
+                                   f"request's event, signed already, is in {marker})")
+    _write_new(out, event)
+    click.echo(f"already signed for this request: wrote the same event again to {out} "
+               f"(from {marker}); nothing new was signed. On the node: citynode key "
+               f"recover -d DIR --event {out.name}")
+
+
 def _unseal_recovery(recovery_file: Path | None, phrase: bool,
                      passphrase: str | None) -> tuple[bytes | None, bytes]:
     """``(identity the file names, or None for a phrase; recovery seed)``."""
@@ -266,8 +298,14 @@ def key_recover_prepare(data_dir: Path, last_good: tuple[str, ...],
         if last_good or drop_feeds or out is not None:
             raise click.UsageError("--cancel takes no other option than -d")
         gone = _operate(data_dir, lambda node: node.cancel_recovery())
-        click.echo("cancelled: the node signs again with the key in force" if gone
-                   else "no recovery was prepared on this node")
+        if not gone:
+            click.echo("no recovery was prepared on this node")
+            return
+        click.echo("cancelled: the node signs again with the key in force")
+        click.echo("If recover-sign already signed an event for that request, it cannot be "
+                   "applied any more: destroy every copy of it. Never sign another event "
+                   "with that recovery key unless you are certain the first is destroyed: "
+                   "two recovery events of one recovery key kill the identity for good.")
         return
     if out is None:
         raise click.UsageError("give --out REQUEST (or --cancel)")
@@ -317,10 +355,23 @@ def key_recover_sign(request_file: Path, recovery_file: Path | None, phrase: boo
     signed recovery event to OUT. The recovery key changes on use: the next one is the
     one of --next-recovery (made with `key recovery-new`), or a new recovery file
     written here (sealed with the same passphrase) that replaces the used one.
+
+    A recovery key signs ONE event: two recovery events of one key kill the identity
+    for good. So the event is first kept beside the recovery file (FILE.signed, on disk
+    before OUT is written), and this file then signs no other event; given the same
+    request again it writes that same event. A phrase keeps no such record: sign once
+    with it.
     """
     from citynode.core.keys import SigningKey
     from citynode.identity import write_new_recovery_file
-    from citynode.recovery import RecoveryRequest, describe, encode_event, sign_request
+    from citynode.recovery import (
+        RecoveryRequest,
+        describe,
+        encode_event,
+        parse_event,
+        sign_request,
+        signed_for,
+    )
 
     if (recovery_file is None) == (not phrase):
         raise click.UsageError("give --recovery FILE or --phrase")
@@ -329,6 +380,25 @@ def key_recover_sign(request_file: Path, recovery_file: Path | None, phrase: boo
     if next_recovery is None and new_recovery is None and recovery_file is None:
         raise click.UsageError("with --phrase, give --new-recovery PATH (or --next-recovery)")
     req = RecoveryRequest.parse(_read_small(request_file, "the request"), str(request_file))
+    marker = Path(str(recovery_file) + ".signed") if recovery_file is not None else None
+    if marker is not None and (marker.exists() or marker.is_symlink()):
+        done = _read_small(marker, "the used-marker")
+        _ident_m, env = parse_event(done, str(marker))
+        fits = signed_for(req, env)
+        if fits:
+            _emit_again(marker, done, out)
+            return
+        if fits is False:
+            raise click.ClickException(
+                f"{recovery_file} signed a recovery event already ({marker} holds it), for "
+                "another request: apply that event on the node (`citynode key recover "
+                f"--event {marker.name}`); a second event of one recovery key kills the "
+                f"identity for good. Only if every copy of it is certainly destroyed "
+                f"(and it was never applied), delete {marker} to sign another")
+    elif phrase:
+        click.echo("A recovery phrase keeps no record of its use: sign ONE recovery event "
+                   "with it. Two events of one recovery key (from two requests) kill the "
+                   "identity for good.")
     rpw = (ask_secret("Recovery passphrase", "recovery passphrase", RECOVERY_ENV)
            if recovery_file is not None else None)
     ident, seed = _unseal_recovery(recovery_file, phrase, rpw)
@@ -363,9 +433,21 @@ def key_recover_sign(request_file: Path, recovery_file: Path | None, phrase: boo
         # The next recovery key first: an event committing to a key that is nowhere
         # would leave the identity unrecoverable.
         write_new_recovery_file(new_recovery, q_next.seed, req.identity, rpw)
-    _write_new(out, encode_event(ev, req.identity))
+    event = encode_event(ev, req.identity)
+    if marker is not None:
+        # Durable before any event leaves this command: this key then signs no other.
+        try:
+            _write_durably(marker, event)
+        except click.ClickException:
+            if q_next is not None and new_recovery is not None:
+                new_recovery.unlink(missing_ok=True)  # committed to by no event given out
+            raise
+    _write_new(out, event)
     click.echo(f"signed: wrote {out} (key event {ev.seq} of {req.node_id}); on the node: "
                f"citynode key recover -d DIR --event {out.name}")
+    if marker is not None:
+        click.echo(f"{recovery_file} is used: {marker} keeps this event, and the file "
+                   "signs no other. Never sign twice with one recovery key.")
     if q_next is not None:
         from citynode.core import keylog
 
@@ -453,6 +535,14 @@ def _recover_here(data_dir: Path, recovery_file: Path | None, phrase: bool,
     from citynode.identity import write_new_recovery_file
     from citynode.recovery import RecoveryRequest, describe, sign_request
 
+    marker = Path(str(recovery_file) + ".signed") if recovery_file is not None else None
+    if marker is not None and (marker.exists() or marker.is_symlink()):
+        # recover-sign signed an event with this file already: a second one (this
+        # request's) would kill the identity if the first is ever applied.
+        raise click.ClickException(
+            f"{recovery_file} signed a recovery event already ({marker} holds it): apply "
+            f"that one (`citynode key recover -d {data_dir} --event {marker}`); a second "
+            "event of one recovery key kills the identity for good")
     # The file's passphrase, which also seals the new recovery file made here (none is
     # with --next-recovery: then a phrase needs no passphrase at all).
     rpw = (ask_secret("Recovery passphrase", "recovery passphrase", RECOVERY_ENV)

@@ -17,6 +17,12 @@ can sign a second recovery: two uses of one recovery key kill the identity for g
 3. ``citynode key recover --event`` on the node: verifies the event against the log it
    holds and the keys it prepared, then applies it.
 
+A recovery key signs ONE event. An event signed and not yet applied is in no key log, so
+the log a request carries cannot show it; ``recover-sign`` therefore keeps a used-marker
+beside the recovery file (``FILE.signed``, the event itself, on disk before the event is
+given out) and signs nothing else with that file (:func:`signed_for`). A phrase on paper
+carries no marker: whoever signs with it must sign once.
+
 Both files are small JSON documents (``kind``, ``version`` 1); the event inside is the
 key event of docs/PROTOCOL.md, byte for byte. This module holds their formats and the
 signing step; it does no I/O.
@@ -45,6 +51,7 @@ __all__ = [
     "encode_event",
     "parse_event",
     "sign_request",
+    "signed_for",
 ]
 
 REQUEST_KIND = "citynode-recovery-request"
@@ -236,3 +243,23 @@ def parse_event(data: bytes, what: str = "the recovery event") -> tuple[bytes, b
     if len(env) > keylog.MAX_EVENT_BYTES + 128:
         raise KeyFileError(f"{what}: the event is larger than a key event can be")
     return identity, env
+
+
+def signed_for(req: RecoveryRequest, envelope: bytes) -> bool | None:
+    """What the recovery event ``envelope`` (a used-marker's: the recovery key signed
+    it already) is to ``req``: True when it is the event for this very request (the
+    same identity, place in the key log, keys and heads: giving it out again is safe);
+    None when the request's key log holds it already (applied: the key is used up,
+    :func:`sign_request` says so); False when it is another event (signing ``req``
+    would make a second one). Raises :class:`ConfigError` when the marker holds no
+    key event or the request's log does not verify."""
+    try:
+        ev = keylog.open_event(envelope, verifier=Verifier())
+        state = keylog.verify_log(req.identity, req.log, verifier=Verifier())
+    except CitynodeError as exc:
+        raise ConfigError(f"the used-marker or the request does not verify: {exc}") from exc
+    if envelope in keylog.decode_log(req.log):
+        return None
+    return (ev.type == "recovery" and ev.identity == req.identity
+            and ev.seq == state.seq + 1 and ev.prev == state.head_id
+            and ev.key == req.key and ev.next == req.next and dict(ev.heads) == req.heads)

@@ -296,10 +296,26 @@ def test_recover_event_must_fit_what_this_node_prepared(tmp_path: Path) -> None:
     assert "recovery request: sign it first" in line
     ok("key", "recover-sign", "--request", str(req), "--recovery", str(node / "recovery.key"),
        "--out", str(event), "--yes", env=REC)
-    # Prepared again since (new keys): the event signed for the first request is refused.
+    # Prepared again while one is prepared: refused (an event may be signed for the
+    # first request already: a second one would kill the identity).
+    line = one_line_error(cli("key", "recover-prepare", "-d", d, "--last-good", "air=1",
+                              "--out", str(tmp_path / "again.json"), env=npw2))
+    assert "prepared already" in line and "--cancel" in line and "destroyed" in line
+    assert not (tmp_path / "again.json").exists()
+    # Cancelled, then prepared again (new keys): the event signed for the first request
+    # is refused, and nothing says to sign again; the recovery file signs no other.
+    r = ok("key", "recover-prepare", "-d", d, "--cancel")
+    assert "destroy every copy" in r.stdout and "Never sign another" in r.stdout
     ok("key", "recover-prepare", "-d", d, "--last-good", "air=1", "--out", str(req), env=npw2)
     line = one_line_error(cli("key", "recover", "-d", d, "--event", str(event)))
     assert "other keys than the ones prepared here" in line
+    assert "Do not sign another" in line and "newest" not in line
+    line = one_line_error(cli("key", "recover-sign", "--request", str(req), "--recovery",
+                              str(node / "recovery.key"), "--new-recovery",
+                              str(tmp_path / "n2.key"), "--out", str(tmp_path / "e2.json"),
+                              "--yes", env=REC))
+    assert "signed a recovery event already" in line and "recovery.key.signed" in line
+    assert not (tmp_path / "e2.json").exists() and not (tmp_path / "n2.key").exists()
     ok("key", "recover-prepare", "-d", d, "--cancel")
     line = one_line_error(cli("key", "recover", "-d", d, "--event", str(event)))
     assert "no recovery is prepared" in line
@@ -314,6 +330,57 @@ def test_recover_event_must_fit_what_this_node_prepared(tmp_path: Path) -> None:
     line = one_line_error(cli("key", "recover-prepare", "-d", d, "--last-good", "air=2",
                               "--out", str(req)))
     assert "no terminal" in line and "CITYNODE_NEXT_KEY_PASSPHRASE" in line
+
+
+def test_a_recovery_file_signs_one_event(tmp_path: Path) -> None:
+    """Review 12b: two recovery events of one recovery key kill the identity, and an
+    event signed but not applied is in no key log. `recover-sign` keeps the event beside
+    the recovery file (FILE.signed) before giving it out; the same request signed again
+    gives the very same event (and no new recovery key), another request is refused."""
+    node = make(tmp_path)
+    d = str(node)
+    publish(node, "air", AIR_TYPE, [air(1.0), air(2.0)])
+    rfile = offline(node, tmp_path)
+    marker = rfile.with_name("recovery.key.signed")
+    npw2 = {"CITYNODE_NEXT_KEY_PASSPHRASE": "n2"}
+    req, event, again = (tmp_path / n for n in ("request.json", "event.json", "again.json"))
+    ok("key", "recover-prepare", "-d", d, "--last-good", "air=2", "--out", str(req), env=npw2)
+    sign = ("key", "recover-sign", "--request", str(req), "--recovery", str(rfile), "--yes")
+    r = ok(*sign, "--out", str(event), env=REC)
+    assert marker.read_bytes() == event.read_bytes()
+    assert "Never sign twice" in r.stdout
+    assert os.stat(marker).st_mode & 0o077 == 0
+    nxt = rfile.with_name("recovery.key.next")
+    first_next = nxt.read_bytes()
+    # The same request again (the event file lost on the way): the same event, no new
+    # recovery key, no passphrase needed.
+    r = ok(*sign, "--out", str(again))
+    assert "already signed for this request" in r.stdout
+    assert again.read_bytes() == event.read_bytes() and nxt.read_bytes() == first_next
+    r = ok(*sign, "--out", str(event))
+    assert "already signed for this request" in r.stdout and str(event) in r.stdout
+    # Another request of the same node (here: altered heads) would be a second event.
+    other = json.loads(req.read_text())
+    other["heads"] = {"air": {"seq": 1, "id": record_ids(node)[0]}}
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps(other))
+    line = one_line_error(cli("key", "recover-sign", "--request", str(bad), "--recovery",
+                              str(rfile), "--new-recovery", str(tmp_path / "n.key"),
+                              "--out", str(tmp_path / "e2.json"), "--yes", env=REC))
+    assert "signed a recovery event already" in line and "kills the identity" in line
+    assert not (tmp_path / "e2.json").exists() and not (tmp_path / "n.key").exists()
+    # Nor in one step, here.
+    line = one_line_error(cli("key", "recover", "-d", d, "--recovery", str(rfile),
+                              "--last-good", "air=1", env={**REC, **npw2}))
+    assert "signed a recovery event already" in line and "--event" in line
+    assert state_of(node).seq == 0
+    ok("key", "recover", "-d", d, "--event", str(again))
+    assert state_of(node).seq == 1
+    # Applied: the file is used up (the key log shows it).
+    line = one_line_error(cli("key", "recover-sign", "--request", str(bad), "--recovery",
+                              str(rfile), "--new-recovery", str(tmp_path / "n.key"),
+                              "--out", str(tmp_path / "e2.json"), "--yes", env=REC))
+    assert "signed a recovery event already" in line
 
 
 def test_recover_prepare_names_every_own_feed(tmp_path: Path) -> None:
@@ -450,8 +517,11 @@ def test_the_recovery_phrase_on_paper_signs_as_the_file_does(tmp_path: Path) -> 
     npw2 = {"CITYNODE_NEXT_KEY_PASSPHRASE": "n2"}
     req, event, new = (tmp_path / n for n in ("request.json", "event.json", "new.key"))
     ok("key", "recover-prepare", "-d", d, "--last-good", "air=1", "--out", str(req), env=npw2)
-    ok("key", "recover-sign", "--request", str(req), "--phrase", "--new-recovery", str(new),
-       "--out", str(event), "--yes", input=keylog.recovery_phrase(q0) + "\n", env=REC)
+    r = ok("key", "recover-sign", "--request", str(req), "--phrase", "--new-recovery",
+           str(new), "--out", str(event), "--yes", input=keylog.recovery_phrase(q0) + "\n",
+           env=REC)
+    # Paper keeps no record of its use: the operator is told to sign once.
+    assert "keeps no record of its use: sign ONE" in r.stdout
     ok("key", "recover", "-d", d, "--event", str(event))
     _ident, q1 = keylog.unseal_recovery(new.read_bytes(), RPW)
     assert state_of(node).recovery == keylog.commit_key(SigningKey(q1).public_key)

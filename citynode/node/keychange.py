@@ -208,7 +208,12 @@ class KeyChanges:
                f"{st.seq}, this data dir seq {own.seq} (an older backup?), without the "
                "key in force: `citynode key rotate` takes the next key if it is that key, "
                "else restore the newest backup or `citynode key recover`")
-        self.publisher.key_refusal = why
+        if self.publisher.key_refusal == _PENDING:
+            # A recovery prepared before this restart still holds signing; a cancel
+            # brings this reason back, applying it puts a key this node holds in force.
+            self._refusal_before = why
+        else:
+            self.publisher.key_refusal = why
         log.error("signing stopped: " + why)
 
     async def _adopt(self, name: str, wire: bytes, st: keylog.KeyState,
@@ -317,61 +322,87 @@ class KeyChanges:
         Every own feed the superseded key signed on must be decided, in one or the
         other: a recovery cannot be undone, so nothing is dropped by omission. From
         now until the recovery is applied or cancelled this node signs nothing (what
-        it signed meanwhile with the old key would be beyond the heads named). A
-        second prepare replaces the first (its request can no longer be applied).
-        Raises :class:`ConfigError` (a cn1 node, a dead identity, a record not held, a
-        feed not decided or decided twice, no passphrase for the next key),
-        :class:`KeyFileError`."""
+        it signed meanwhile with the old key would be beyond the heads named): the
+        heads are read and signing is stopped in one step, after every publish under
+        way finished (:meth:`Publisher.with_signing_stopped`), as for a rotation.
+        A second prepare while one is prepared is refused: an event may already be
+        signed for the first request, and a second event of one recovery key kills
+        the identity. Refused too on a node whose database several processes share
+        (the prepared keys live in one process's data dir). Raises
+        :class:`ConfigError` (a cn1 node, a dead identity, one prepared already, a
+        shared database, a record not held, a feed not decided or decided twice, no
+        passphrase for the next key), :class:`KeyFileError`."""
         state = self._state()
         if state.dead:
             raise ConfigError("this identity is dead (its recovery key was used twice): "
                               "no recovery can take it back; make a new node")
+        if self.storage.shared:
+            raise ConfigError("not preparing a recovery: several processes share this "
+                              "node's database; stop all but one and prepare the recovery "
+                              "on that one")
+        if await in_thread(read_recovery_pending, self.data_dir) is not None:
+            raise ConfigError(_PREPARED_ALREADY)
         both = sorted(set(last_good) & drop)
         if both:
             raise ConfigError(f"feed(s) {', '.join(both)} given both --last-good and "
                               "--drop-feed: keep records up to a seq, or none")
-        undecided = sorted(
-            f for f, h in self._own_heads().items() if f not in last_good and f not in drop
-            and h.seq > state.established.get(f, Head(0, b"")).seq)
-        if undecided:
-            shown = ", ".join(undecided[:10]) + (" ..." if len(undecided) > 10 else "")
-            raise ConfigError(
-                f"{len(undecided)} own feed(s) not named: {shown}; give --last-good "
-                "FEED=SEQ (the last record you made yourself) or --drop-feed FEED (keep "
-                "nothing the old key signed there) for each: a recovery cannot be undone")
         me = self.key.identity
-        heads: dict[str, Head] = {}
-        for feed, seq in sorted(last_good.items()):
-            rid = await in_thread(self.storage.id_at, me, feed, seq)
-            if rid is None:
-                raise ConfigError(f"--last-good {feed}={seq}: no record of this node at that "
-                                  "position is held here")
-            heads[feed] = Head(seq, rid)
-            # Refused now rather than after the operator's trip to the recovery key.
-            old = state.established.get(feed)
-            if old is not None and (seq < old.seq or (seq == old.seq and rid != old.id)):
-                raise ConfigError(f"--last-good {feed}={seq} goes back on the head a key "
-                                  f"event of this node settled (seq {old.seq}): name a "
-                                  "later record")
         on_disk = await in_thread(next_key_on_disk, self.data_dir)
         if not on_disk and not next_passphrase:
             raise ConfigError("give the passphrase to seal the new next key with (the "
                               "next-key passphrase: CITYNODE_NEXT_KEY_PASSPHRASE)")
-        new, after = SigningKey.generate(), SigningKey.generate()
-        req = RecoveryRequest(me, self.key.log or b"", heads, tuple(sorted(drop)),
-                              new.public_key, keylog.commit_key(after.public_key),
-                              self.now_ms())
-        def write() -> None:
-            pending = {"key": seal_secret_key(new.seed, self.identity.passphrase).decode(),
-                       "next": seal_secret_key(after.seed, None if on_disk
-                                               else next_passphrase).decode(),
-                       "request": req.encode().decode()}
-            write_recovery_pending(self.data_dir, json.dumps(pending).encode())
 
-        await in_thread(write)
-        if self.publisher.key_refusal != _PENDING:
-            self._refusal_before = self.publisher.key_refusal
-        self.publisher.key_refusal = _PENDING
+        async def step() -> tuple[dict[str, Head], RecoveryRequest, SigningKey]:
+            # Publishes under way have finished and none starts: the heads read here
+            # are the last this key signs until the recovery is applied or cancelled.
+            await asyncio.wrap_future(self.storage.barrier())
+            cur = self._state()  # a rotation may have landed since
+            undecided = sorted(
+                f for f, h in self._own_heads().items() if f not in last_good
+                and f not in drop and h.seq > cur.established.get(f, Head(0, b"")).seq)
+            if undecided:
+                shown = ", ".join(undecided[:10]) + (" ..." if len(undecided) > 10 else "")
+                raise ConfigError(
+                    f"{len(undecided)} own feed(s) not named: {shown}; give --last-good "
+                    "FEED=SEQ (the last record you made yourself) or --drop-feed FEED "
+                    "(keep nothing the old key signed there) for each: a recovery cannot "
+                    "be undone")
+            heads: dict[str, Head] = {}
+            for feed, seq in sorted(last_good.items()):
+                rid = await in_thread(self.storage.id_at, me, feed, seq)
+                if rid is None:
+                    raise ConfigError(f"--last-good {feed}={seq}: no record of this node "
+                                      "at that position is held here")
+                heads[feed] = Head(seq, rid)
+                # Refused now rather than after the operator's trip to the recovery key.
+                old = cur.established.get(feed)
+                if old is not None and (seq < old.seq
+                                        or (seq == old.seq and rid != old.id)):
+                    raise ConfigError(f"--last-good {feed}={seq} goes back on the head a "
+                                      f"key event of this node settled (seq {old.seq}): "
+                                      "name a later record")
+            new, after = SigningKey.generate(), SigningKey.generate()
+            req = RecoveryRequest(me, self.key.log or b"", heads, tuple(sorted(drop)),
+                                  new.public_key, keylog.commit_key(after.public_key),
+                                  self.now_ms())
+
+            def write() -> None:
+                pending = {"key": seal_secret_key(new.seed,
+                                                  self.identity.passphrase).decode(),
+                           "next": seal_secret_key(after.seed, None if on_disk
+                                                   else next_passphrase).decode(),
+                           "request": req.encode().decode()}
+                write_recovery_pending(self.data_dir, json.dumps(pending).encode())
+
+            if await in_thread(read_recovery_pending, self.data_dir) is not None:
+                raise ConfigError(_PREPARED_ALREADY)  # prepared meanwhile
+            await in_thread(write)
+            if self.publisher.key_refusal != _PENDING:
+                self._refusal_before = self.publisher.key_refusal
+            self.publisher.key_refusal = _PENDING
+            return heads, req, new
+
+        heads, req, new = await self.publisher.with_signing_stopped(step)
         log.warning("recovery prepared: nothing is signed until it is applied (citynode "
                     "key recover --event) or cancelled", extra=fields(
                         heads={f: h.seq for f, h in heads.items()}, dropped=sorted(drop),
@@ -427,15 +458,16 @@ class KeyChanges:
             sealed_key = str(pending["key"]).encode()
             sealed_next = str(pending["next"]).encode()
         except (ValueError, KeyError, TypeError, KeyFileError) as exc:
-            raise ConfigError(f"{self.data_dir}/recovery.pending is damaged ({exc}): prepare "
-                              "the recovery again") from exc
+            raise ConfigError(f"{self.data_dir}/recovery.pending is damaged ({exc}): this "
+                              "event cannot be applied here. " + _NEVER_TWICE) from exc
         if ev.key != req.key or ev.next != req.next:
             raise ConfigError("that recovery names other keys than the ones prepared here "
-                              "(prepared again since?): sign the newest request of "
-                              "`citynode key recover-prepare`")
+                              "(signed for a request cancelled since?): it cannot be "
+                              "applied here. " + _NEVER_TWICE)
         if dict(ev.heads) != req.heads:
             raise ConfigError("that recovery names other heads than the request prepared "
-                              "here: sign the request as the node wrote it")
+                              "here (the request was altered on its way): it cannot be "
+                              "applied here. " + _NEVER_TWICE)
         try:
             keylog.apply_event(state, ev, now_ms=self.now_ms())
         except InvalidRecord as exc:
@@ -446,8 +478,8 @@ class KeyChanges:
             raise ConfigError(f"{self.data_dir}/recovery.pending: the new key does not open "
                               f"with this node's passphrase ({exc})") from exc
         if SigningKey(seed).public_key != req.key:
-            raise ConfigError(f"{self.data_dir}/recovery.pending is damaged: prepare the "
-                              "recovery again")
+            raise ConfigError(f"{self.data_dir}/recovery.pending is damaged: this event "
+                              "cannot be applied here. " + _NEVER_TWICE)
 
         async def step() -> None:
             wire = keylog.encode_log([*keylog.decode_log(self.key.log or b""), ev.envelope])
@@ -589,6 +621,17 @@ async def _none(identity: bytes) -> int:
     return 0
 
 
+#: What an event that cannot be applied means for the recovery key that signed it.
+_NEVER_TWICE = ("Do not sign another event with that recovery key unless you are certain "
+                "every copy of this one is destroyed: two recovery events of one recovery "
+                "key kill the identity for good")
+
+#: Why a second ``key recover-prepare`` is refused.
+_PREPARED_ALREADY = (
+    "a recovery is prepared already: apply the event recover-sign signed for its request "
+    "(`citynode key recover --event FILE`), or cancel it first (`citynode key "
+    "recover-prepare --cancel`; an event already signed for it must then be destroyed)")
+
 #: Why nothing is signed between ``key recover-prepare`` and ``key recover --event``.
 _PENDING = ("a recovery is prepared (citynode key recover-prepare): nothing is signed "
             "until it is applied (`citynode key recover --event FILE`) or cancelled "
@@ -599,14 +642,15 @@ def _refusal(exc: InvalidRecord, state: keylog.KeyState) -> str:
     """One line for a recovery event the held log refuses."""
     if exc.reason in ("key_event_order", "bad_prev"):
         return (f"that recovery does not follow this node's key log (key event "
-                f"{state.seq}): the log changed since the request was made; prepare and "
-                "sign again")
+                f"{state.seq}): the log changed since the request was made, so it cannot "
+                "be applied here. " + _NEVER_TWICE)
     if exc.reason == "bad_recovery":
         return ("that recovery is not signed by the recovery key this node's log commits "
                 "to (an older recovery file?)")
     if exc.reason == "future_time":
-        return ("that recovery is dated in the future: check the clock of the machine "
-                "that signed it, and sign again")
+        return ("that recovery is dated in the future (the clock of the machine that "
+                "signed it is ahead): give it again once this node's clock has passed its "
+                "time; do not sign another")
     return f"that recovery does not fit this node's key log: {exc}"
 
 

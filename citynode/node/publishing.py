@@ -95,6 +95,10 @@ class Publisher:
         # begins now finds this feed's lock and waits for this publish.
         lock = self._locks.setdefault(feed, asyncio.Lock())
         async with lock:
+            # Again: a key change that held this publish may have stopped signing (a
+            # recovery prepared meanwhile: KeyChanges.prepare_recovery).
+            if self.key_refusal is not None:
+                raise PublishRefused(self.key_refusal)
             self.replica.check_publish(feed)
             seq, prev = self.replica.next_link(feed)
             head = FeedHead(seq - 1, prev) if prev is not None else None

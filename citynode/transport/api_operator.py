@@ -161,7 +161,11 @@ async def admin_key_recover_prepare(request: web.Request) -> web.Response:
     try:
         req = json.loads(body)
         last_good = {str(f): s for f, s in dict(req["last_good"]).items()}
-        drop = frozenset(str(f) for f in list(req.get("drop_feeds", [])))
+        drops = req.get("drop_feeds", [])
+        # A list of names only: list("abc") would drop feeds a, b and c.
+        if not isinstance(drops, list) or not all(isinstance(f, str) for f in drops):
+            raise ValueError
+        drop = frozenset(drops)
         npw = req.get("next_passphrase")
         if (any(type(s) is not int or s < 1 for s in last_good.values())
                 or (npw is not None and (not isinstance(npw, str) or not npw))
