@@ -119,7 +119,7 @@ async def test_prepare_reads_the_heads_and_stops_signing_in_one_step(tmp_path: P
     old key."""
     d = tmp_path / "b"
     init_data_dir(d, name="B", listen=f"127.0.0.1:{free_ports(1)[0]}",
-                  recovery_passphrase="rpw", next_passphrase="npw", **FAST_KDF)
+                  recovery_passphrase="rpw", next_key_on_disk=True, **FAST_KDF)
     n = await start(d)
     try:
         me = n.node.public_key
@@ -128,7 +128,7 @@ async def test_prepare_reads_the_heads_and_stops_signing_in_one_step(tmp_path: P
             n.node.publish("noise", TYPE, [{"db": i} for i in range(1000)]))
         await asyncio.sleep(0)  # past its checks, signing in a worker thread
         prepare = asyncio.ensure_future(n.node.keychanges.prepare_recovery(
-            {"noise": 3}, frozenset(), "npw2"))
+            {"noise": 3}, frozenset()))  # nothing slow to seal: a short prepare
         early = asyncio.ensure_future(n.node.publish("noise", TYPE, [{"db": -1}]))
         # Once the prepare has stopped new publishes (Publisher.with_signing_stopped),
         # one more: it waits, and must then be refused, not signed with the old key.
