@@ -337,9 +337,12 @@ class KeyChanges:
             raise ConfigError("this identity is dead (its recovery key was used twice): "
                               "no recovery can take it back; make a new node")
         if self.storage.shared:
-            raise ConfigError("not preparing a recovery: several processes share this "
-                              "node's database; stop all but one and prepare the recovery "
-                              "on that one")
+            # storage.shared: PostgreSQL, whether one process runs on it or several.
+            raise ConfigError("not preparing a recovery: several processes may share this "
+                              "node's database (PostgreSQL) and the prepared keys would "
+                              "live in this process's data dir only (another process "
+                              "taking the lead would sign with the old key and know of no "
+                              "recovery): not supported yet on a shared database")
         if await in_thread(read_recovery_pending, self.data_dir) is not None:
             raise ConfigError(_PREPARED_ALREADY)
         both = sorted(set(last_good) & drop)
