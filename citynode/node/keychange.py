@@ -327,22 +327,25 @@ class KeyChanges:
         way finished (:meth:`Publisher.with_signing_stopped`), as for a rotation.
         A second prepare while one is prepared is refused: an event may already be
         signed for the first request, and a second event of one recovery key kills
-        the identity. Refused too on a node whose database several processes share
-        (the prepared keys live in one process's data dir). Raises
+        the identity. On a database several processes share, the prepared keys live in
+        this process's data dir only: the others must be stopped until it is applied
+        (a warning says so). Raises
         :class:`ConfigError` (a cn1 node, a dead identity, one prepared already, a
-        shared database, a record not held, a feed not decided or decided twice, no
+        record not held, a feed not decided or decided twice, no
         passphrase for the next key), :class:`KeyFileError`."""
         state = self._state()
         if state.dead:
             raise ConfigError("this identity is dead (its recovery key was used twice): "
                               "no recovery can take it back; make a new node")
         if self.storage.shared:
-            # storage.shared: PostgreSQL, whether one process runs on it or several.
-            raise ConfigError("not preparing a recovery: several processes may share this "
-                              "node's database (PostgreSQL) and the prepared keys would "
-                              "live in this process's data dir only (another process "
-                              "taking the lead would sign with the old key and know of no "
-                              "recovery): not supported yet on a shared database")
+            # storage.shared: PostgreSQL, whether one process runs on it or several. The
+            # prepared keys live in this process's data dir only: another process taking
+            # the lead would sign with the old key and know of no recovery. A single
+            # process (the usual PostgreSQL node) is not concerned; several must be
+            # stopped but this one until the recovery is applied (README).
+            log.warning("recovery prepared on a shared database: stop every other "
+                        "process of this node until it is applied (the prepared keys "
+                        "live in this process's data dir only)")
         if await in_thread(read_recovery_pending, self.data_dir) is not None:
             raise ConfigError(_PREPARED_ALREADY)
         both = sorted(set(last_good) & drop)
