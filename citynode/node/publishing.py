@@ -122,8 +122,15 @@ class Publisher:
             else:
                 recs = await in_thread(self._sign_batch, feed, type_name, items, subjects,
                                        head, now, readers)
-            # The replica refuses (PublishRefused) if own-feed safety changed meanwhile.
-            actions = self.replica.publish(recs, self.ingest.now_ms())
+            # The replica refuses (PublishRefused) if own-feed safety changed meanwhile,
+            # and ChainError if the feed's head moved while these were signed: another
+            # process's records, heard from a database shared with it (a takeover under
+            # way). Nothing was stored: a retry signs after the new head.
+            try:
+                actions = self.replica.publish(recs, self.ingest.now_ms())
+            except ChainError as exc:
+                raise NoLeader(f"not stored, retry: this feed's head moved while the "
+                               f"records were signed ({exc})") from exc
             # The write is queued now, in chain order while we hold the lock; waited for
             # after releasing it, so concurrent publishes share one durable commit.
             waiter = asyncio.ensure_future(self.ingest.execute(actions))
