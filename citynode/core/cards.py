@@ -60,7 +60,15 @@ from typing import Any, Literal, NamedTuple
 from citynode.core import encoding
 from citynode.core.keybook import HeldLog
 from citynode.core.keylog import identity_id, verify_log
-from citynode.core.keys import DOMAIN_CARD, NodeKey, SigningKey, Verifier, node_id, parse_node_id
+from citynode.core.keys import (
+    DOMAIN_CARD,
+    NodeKey,
+    SigningKey,
+    Verifier,
+    is_identity_id,
+    node_id,
+    parse_node_id,
+)
 from citynode.core.records import (
     DEFAULT_FUTURE_TOLERANCE_MS,
     check_feed_name,
@@ -595,10 +603,8 @@ def _expected_key(expected_node_id: str | None) -> tuple[bytes, bool | None] | N
     if expected_node_id is None:
         return None
     return (parse_node_id(expected_node_id),
-            expected_node_id.strip(_ID_SPACE).startswith("cn2"))
+            is_identity_id(expected_node_id))
 
-
-_ID_SPACE = " \t\r\n"  # what parse_node_id tolerates around an id
 
 
 def card_to_json(card: NodeCard) -> dict[str, Any]:

@@ -37,6 +37,7 @@ __all__ = [
     "SigningKey",
     "Verifier",
     "canonical_id",
+    "is_identity_id",
     "node_id",
     "parse_node_id",
     "seal_secret_key",
@@ -203,11 +204,17 @@ class NodeKey(SigningKey):
         self.retired = (*self.retired, old)
 
 
+def is_identity_id(text: str) -> bool:
+    """Whether ``text`` (a node id as given, trimmed as :func:`parse_node_id` trims it)
+    is a ``cn2`` id: it names an identity, not a key. Checks nothing else."""
+    return text.strip(_ID_WHITESPACE).startswith("cn2")
+
+
 def canonical_id(text: str) -> str:
     """``text`` as a canonical node id (``cn1`` or ``cn2``, lower case, trimmed).
     Raises :class:`InvalidNodeId`."""
     raw = parse_node_id(text)
-    if text.strip(_ID_WHITESPACE).startswith("cn2"):
+    if is_identity_id(text):
         from citynode.core.keylog import identity_id
 
         return identity_id(raw)
